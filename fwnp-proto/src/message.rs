@@ -1,0 +1,770 @@
+//! The messages of FWNP/1, as `spec/fwnp.cddl` defines them.
+//!
+//! These are plain values: [`crate::codec`] turns them into CBOR and back, [`crate::validate`]
+//! checks the rules the schema cannot express.
+
+use std::net::IpAddr;
+
+/// The only protocol version this crate speaks.
+pub const VERSION: u16 = 1;
+
+/// The ALPN protocol id of FWNP/1 over QUIC.
+pub const ALPN: &[u8] = b"fwnp/1";
+
+/// Largest encoded message a peer must accept, in bytes.
+pub const MAX_MESSAGE_SIZE: usize = 16 * 1024;
+
+/// Deepest nesting of arrays and maps a decoder accepts (the message map is depth 1).
+pub const MAX_NESTING_DEPTH: usize = 8;
+
+/// Largest lifetime a request may ask for: seven days. Larger asks are refused with
+/// [`ResultCode::LifetimeOutOfRange`]; smaller ones are clamped to policy.
+pub const MAX_LIFETIME_SECS: u32 = 7 * 24 * 3600;
+
+/// First key available to extensions; keys below it are assigned by the specification.
+pub const FIRST_EXTENSION_KEY: u64 = 64;
+
+/// A lease's identifier: 128 opaque bits chosen by the gateway.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub [u8; 16]);
+
+impl std::fmt::Debug for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeaseId({self})")
+    }
+}
+
+impl std::fmt::Display for LeaseId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for LeaseId {
+    type Err = ParseLeaseIdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 32 || !s.is_ascii() {
+            return Err(ParseLeaseIdError);
+        }
+        let mut id = [0u8; 16];
+        for (i, byte) in id.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| ParseLeaseIdError)?;
+        }
+        Ok(LeaseId(id))
+    }
+}
+
+/// A lease id that is not 32 hexadecimal digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a lease id is 32 hexadecimal digits")]
+pub struct ParseLeaseIdError;
+
+/// Identifies one lifetime of the gateway's lease state; it changes only when state was lost.
+pub type Epoch = u64;
+
+/// Transport protocols an opening may name, by their IANA protocol numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// TCP, 6.
+    Tcp,
+    /// UDP, 17.
+    Udp,
+    /// SCTP, 132.
+    Sctp,
+    /// UDP-Lite, 136.
+    UdpLite,
+}
+
+impl Protocol {
+    /// The IANA protocol number, as carried on the wire and in the kernel.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+            Protocol::UdpLite => 136,
+        }
+    }
+
+    /// The protocol with this IANA number, if FWNP/1 knows it.
+    pub fn from_number(n: u64) -> Option<Self> {
+        Some(match n {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            136 => Protocol::UdpLite,
+            _ => return None,
+        })
+    }
+
+    /// The lower-case name used in policy files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+            Protocol::UdpLite => "udplite",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An address family, for an opening that names no address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// IPv4, 4 on the wire.
+    Ipv4,
+    /// IPv6, 6 on the wire.
+    Ipv6,
+}
+
+/// An inclusive range of ports; a single port has `first == last`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    /// The first port of the range.
+    pub first: u16,
+    /// The last port of the range, at least `first` once validated.
+    pub last: u16,
+}
+
+impl PortRange {
+    /// One port.
+    pub fn single(port: u16) -> Self {
+        PortRange { first: port, last: port }
+    }
+
+    /// How many ports the range holds (0 only for a reversed range).
+    pub fn len(&self) -> u32 {
+        (u32::from(self.last) + 1).saturating_sub(u32::from(self.first))
+    }
+
+    /// Whether the range is reversed and so holds no port.
+    pub fn is_empty(&self) -> bool {
+        self.last < self.first
+    }
+
+    /// Whether `other` lies entirely within this range.
+    pub fn contains_range(&self, other: &PortRange) -> bool {
+        self.first <= other.first && other.last <= self.last
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// A remote network allowed to connect: an address and a prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Prefix {
+    /// The network address.
+    pub addr: IpAddr,
+    /// The prefix length, at most 32 for IPv4 and 128 for IPv6 once validated.
+    pub len: u8,
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+/// What is to be opened: a protocol with ports, or an application from the gateway's catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// A protocol and a port or port range (keys 1, 2 and 3).
+    Ports {
+        /// The transport protocol.
+        protocol: Protocol,
+        /// The port or ports.
+        ports: PortRange,
+    },
+    /// An application id (key 7).
+    App(String),
+}
+
+/// What a host asks to open (the CDDL `opening`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Opening {
+    /// Ports or an application.
+    pub target: Target,
+    /// The host address to open (key 4); `None` means the default of the spec.
+    pub host: Option<IpAddr>,
+    /// With no host address, which family (key 5).
+    pub family: Option<Family>,
+    /// Only these remote prefixes may connect (key 6); empty means any.
+    pub remotes: Vec<Prefix>,
+}
+
+/// One concrete entry of what the gateway granted (the CDDL `grant`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Grant {
+    /// The transport protocol.
+    pub protocol: Protocol,
+    /// The port or ports.
+    pub ports: PortRange,
+    /// The host address opened.
+    pub host: IpAddr,
+    /// Only these remote prefixes may connect; empty means any.
+    pub remotes: Vec<Prefix>,
+    /// The application this entry was expanded from, if any.
+    pub app: Option<String>,
+}
+
+/// What the host tells about the application, for audit (the CDDL `app-info`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct AppInfo {
+    /// The application's name.
+    pub name: Option<String>,
+    /// The executable's path.
+    pub executable: Option<String>,
+    /// The user id it runs as.
+    pub uid: Option<u32>,
+    /// Its process id.
+    pub pid: Option<u32>,
+}
+
+/// Capability bits exchanged in Hello and Welcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities(pub u64);
+
+impl Capabilities {
+    /// Port ranges in openings.
+    pub const PORT_RANGES: u64 = 1 << 0;
+    /// Remote prefixes in openings.
+    pub const REMOTE_PREFIXES: u64 = 1 << 1;
+    /// Application ids in openings.
+    pub const APPLICATIONS: u64 = 1 << 2;
+    /// Notices on gateway-opened unidirectional streams.
+    pub const NOTICES: u64 = 1 << 3;
+    /// Third-party requests (a host address the host does not hold).
+    pub const THIRD_PARTY: u64 = 1 << 4;
+    /// Everything this version defines.
+    pub const ALL: u64 = 0b1_1111;
+
+    /// Whether every bit of `flags` is set.
+    pub fn has(self, flags: u64) -> bool {
+        self.0 & flags == flags
+    }
+}
+
+/// Keys every message may carry (CDDL `common`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Common {
+    /// Request id chosen by the client and echoed in the answer (key 1).
+    pub request_id: Option<u64>,
+    /// Keys the receiver must understand (key 2). A decoded message only keeps those this
+    /// implementation understands; the decoder refuses the others.
+    pub critical: Vec<u64>,
+}
+
+/// Hello, type 1: the first request of every connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Common keys.
+    pub common: Common,
+    /// Versions the client speaks, most preferred first.
+    pub versions: Vec<u16>,
+    /// Capabilities the client supports.
+    pub capabilities: Capabilities,
+    /// Software name and version.
+    pub software: Option<String>,
+}
+
+/// Limits the gateway announces in Welcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message the gateway accepts, in bytes.
+    pub max_message_size: u32,
+    /// Concurrent request streams per connection.
+    pub max_streams: u32,
+    /// Smallest lifetime the gateway grants.
+    pub min_lifetime: u32,
+    /// Largest lifetime the gateway grants.
+    pub max_lifetime: u32,
+    /// Concurrent leases this host may hold, if limited.
+    pub max_leases: Option<u32>,
+}
+
+/// Welcome, type 2: the answer to Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// Common keys.
+    pub common: Common,
+    /// The version chosen.
+    pub version: u16,
+    /// Capabilities the gateway supports for this host.
+    pub capabilities: Capabilities,
+    /// The gateway's limits.
+    pub limits: Limits,
+    /// The gateway's epoch.
+    pub epoch: Epoch,
+    /// The gateway's time, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The identity the gateway authenticated.
+    pub identity: String,
+    /// The addresses this host may open without third-party rights.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Open, type 3: ask for an opening.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    /// Common keys.
+    pub common: Common,
+    /// What to open.
+    pub opening: Opening,
+    /// The lifetime asked, in seconds; `None` or 0 asks for the policy's default.
+    pub lifetime: Option<u32>,
+    /// What the host tells about the application.
+    pub app: Option<AppInfo>,
+}
+
+/// Renew, type 4: extend a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renew {
+    /// Common keys.
+    pub common: Common,
+    /// The lease to renew.
+    pub lease: LeaseId,
+    /// The lifetime asked, in seconds; `None` or 0 asks for the lease's own lifetime.
+    pub lifetime: Option<u32>,
+}
+
+/// Release, type 5: end a lease now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Common keys.
+    pub common: Common,
+    /// The lease to release.
+    pub lease: LeaseId,
+}
+
+/// List, type 6: ask for the host's live leases.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct List {
+    /// Common keys.
+    pub common: Common,
+}
+
+/// Granted, type 16: the answer to a successful Open or Renew.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    /// Common keys.
+    pub common: Common,
+    /// The lease.
+    pub lease: LeaseId,
+    /// What was granted, one entry per protocol and port range.
+    pub grants: Vec<Grant>,
+    /// The lifetime granted, in seconds.
+    pub lifetime: u32,
+    /// Expiry on the gateway's clock, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+    /// Renew after this many seconds.
+    pub renew_after: u32,
+    /// The gateway's epoch.
+    pub epoch: Epoch,
+    /// Whether the grant is narrower than what was asked.
+    pub narrowed: bool,
+}
+
+/// Denied, type 17: the answer to a request that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denied {
+    /// Common keys.
+    pub common: Common,
+    /// Why.
+    pub code: ResultCode,
+    /// A human-readable reason.
+    pub reason: Option<String>,
+    /// Retry after this many seconds.
+    pub retry_after: Option<u32>,
+    /// The lease the request named.
+    pub lease: Option<LeaseId>,
+    /// The critical keys that were not understood.
+    pub unsupported: Vec<u64>,
+}
+
+/// One live lease in a Leases answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseInfo {
+    /// The lease.
+    pub lease: LeaseId,
+    /// What it grants.
+    pub grants: Vec<Grant>,
+    /// Remaining lifetime, in seconds.
+    pub remaining: u32,
+    /// Expiry on the gateway's clock, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+    /// What the host told about the application when it asked.
+    pub app: Option<AppInfo>,
+}
+
+/// Leases, type 18: the answer to List.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leases {
+    /// Common keys.
+    pub common: Common,
+    /// The host's live leases.
+    pub leases: Vec<LeaseInfo>,
+    /// The gateway's epoch.
+    pub epoch: Epoch,
+}
+
+/// Released, type 19: the answer to a successful Release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Common keys.
+    pub common: Common,
+    /// The lease released.
+    pub lease: LeaseId,
+}
+
+/// Why the gateway revoked a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RevokeReason {
+    /// An operator revoked it, 1.
+    Operator,
+    /// The policy changed and no longer allows it, 2.
+    PolicyChanged,
+    /// The host's credential was revoked, 3.
+    CredentialRevoked,
+    /// The gateway needed the resources, 4.
+    ResourcePressure,
+}
+
+impl RevokeReason {
+    /// The number on the wire.
+    pub fn number(self) -> u64 {
+        match self {
+            RevokeReason::Operator => 1,
+            RevokeReason::PolicyChanged => 2,
+            RevokeReason::CredentialRevoked => 3,
+            RevokeReason::ResourcePressure => 4,
+        }
+    }
+
+    /// The reason with this number, if FWNP/1 defines it.
+    pub fn from_number(n: u64) -> Option<Self> {
+        Some(match n {
+            1 => RevokeReason::Operator,
+            2 => RevokeReason::PolicyChanged,
+            3 => RevokeReason::CredentialRevoked,
+            4 => RevokeReason::ResourcePressure,
+            _ => return None,
+        })
+    }
+}
+
+/// Revoked, type 32: a notice that the gateway ended a lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Common keys.
+    pub common: Common,
+    /// The lease revoked.
+    pub lease: LeaseId,
+    /// Why.
+    pub reason: RevokeReason,
+    /// A human-readable explanation.
+    pub text: Option<String>,
+}
+
+/// EpochChanged, type 33: a notice that the gateway lost its lease state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochChanged {
+    /// Common keys.
+    pub common: Common,
+    /// The new epoch.
+    pub epoch: Epoch,
+}
+
+/// GoingAway, type 34: a notice that the gateway is about to close the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GoingAway {
+    /// Common keys.
+    pub common: Common,
+    /// Reconnect after this many seconds.
+    pub reconnect_after: Option<u32>,
+    /// A human-readable reason.
+    pub reason: Option<String>,
+}
+
+/// Every FWNP/1 message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(missing_docs)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Open(Open),
+    Renew(Renew),
+    Release(Release),
+    List(List),
+    Granted(Granted),
+    Denied(Denied),
+    Leases(Leases),
+    Released(Released),
+    Revoked(Revoked),
+    EpochChanged(EpochChanged),
+    GoingAway(GoingAway),
+}
+
+/// The message type numbers (key 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[allow(missing_docs)]
+pub enum MessageType {
+    Hello = 1,
+    Welcome = 2,
+    Open = 3,
+    Renew = 4,
+    Release = 5,
+    List = 6,
+    Granted = 16,
+    Denied = 17,
+    Leases = 18,
+    Released = 19,
+    Revoked = 32,
+    EpochChanged = 33,
+    GoingAway = 34,
+}
+
+impl MessageType {
+    /// The type with this number, if FWNP/1 defines it.
+    pub fn from_number(n: u64) -> Option<Self> {
+        use MessageType::*;
+        Some(match n {
+            1 => Hello,
+            2 => Welcome,
+            3 => Open,
+            4 => Renew,
+            5 => Release,
+            6 => List,
+            16 => Granted,
+            17 => Denied,
+            18 => Leases,
+            19 => Released,
+            32 => Revoked,
+            33 => EpochChanged,
+            34 => GoingAway,
+            _ => return None,
+        })
+    }
+}
+
+impl Message {
+    /// The message's type.
+    pub fn message_type(&self) -> MessageType {
+        match self {
+            Message::Hello(_) => MessageType::Hello,
+            Message::Welcome(_) => MessageType::Welcome,
+            Message::Open(_) => MessageType::Open,
+            Message::Renew(_) => MessageType::Renew,
+            Message::Release(_) => MessageType::Release,
+            Message::List(_) => MessageType::List,
+            Message::Granted(_) => MessageType::Granted,
+            Message::Denied(_) => MessageType::Denied,
+            Message::Leases(_) => MessageType::Leases,
+            Message::Released(_) => MessageType::Released,
+            Message::Revoked(_) => MessageType::Revoked,
+            Message::EpochChanged(_) => MessageType::EpochChanged,
+            Message::GoingAway(_) => MessageType::GoingAway,
+        }
+    }
+
+    /// The common keys of the message.
+    pub fn common(&self) -> &Common {
+        match self {
+            Message::Hello(m) => &m.common,
+            Message::Welcome(m) => &m.common,
+            Message::Open(m) => &m.common,
+            Message::Renew(m) => &m.common,
+            Message::Release(m) => &m.common,
+            Message::List(m) => &m.common,
+            Message::Granted(m) => &m.common,
+            Message::Denied(m) => &m.common,
+            Message::Leases(m) => &m.common,
+            Message::Released(m) => &m.common,
+            Message::Revoked(m) => &m.common,
+            Message::EpochChanged(m) => &m.common,
+            Message::GoingAway(m) => &m.common,
+        }
+    }
+}
+
+/// Result codes carried by Denied (key 3), with what a client should do about each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ResultCode {
+    /// 1: no version in common; the connection is then closed.
+    UnsupportedVersion,
+    /// 2: not a well-formed request; do not retry unchanged.
+    MalformedRequest,
+    /// 3: a critical key was not understood; retry without it.
+    UnsupportedOption,
+    /// 4: an option is malformed (a bad prefix, a reversed range); correct it.
+    MalformedOption,
+    /// 5: this host may not make this request at all.
+    NotAuthorized,
+    /// 6: the host address is not one the host holds, and it has no third-party rights.
+    AddressMismatch,
+    /// 7: policy does not allow this opening; the reason says which rule.
+    DeniedByPolicy,
+    /// 8: the gateway is out of resources; retry after the hint.
+    NoResources,
+    /// 9: the host holds as many leases as policy allows; release one first.
+    QuotaExceeded,
+    /// 10: too many requests; retry after the hint.
+    RateLimited,
+    /// 11: no such lease for this host; open anew.
+    UnknownLease,
+    /// 12: the lifetime asked is above the protocol's maximum.
+    LifetimeOutOfRange,
+    /// 13: the application id is not in the gateway's catalogue.
+    UnknownApplication,
+    /// 14: a request came before Hello on this connection.
+    HelloRequired,
+}
+
+impl ResultCode {
+    /// Every code, in number order.
+    pub const ALL: [ResultCode; 14] = [
+        ResultCode::UnsupportedVersion,
+        ResultCode::MalformedRequest,
+        ResultCode::UnsupportedOption,
+        ResultCode::MalformedOption,
+        ResultCode::NotAuthorized,
+        ResultCode::AddressMismatch,
+        ResultCode::DeniedByPolicy,
+        ResultCode::NoResources,
+        ResultCode::QuotaExceeded,
+        ResultCode::RateLimited,
+        ResultCode::UnknownLease,
+        ResultCode::LifetimeOutOfRange,
+        ResultCode::UnknownApplication,
+        ResultCode::HelloRequired,
+    ];
+
+    /// The number on the wire.
+    pub fn number(self) -> u64 {
+        match self {
+            ResultCode::UnsupportedVersion => 1,
+            ResultCode::MalformedRequest => 2,
+            ResultCode::UnsupportedOption => 3,
+            ResultCode::MalformedOption => 4,
+            ResultCode::NotAuthorized => 5,
+            ResultCode::AddressMismatch => 6,
+            ResultCode::DeniedByPolicy => 7,
+            ResultCode::NoResources => 8,
+            ResultCode::QuotaExceeded => 9,
+            ResultCode::RateLimited => 10,
+            ResultCode::UnknownLease => 11,
+            ResultCode::LifetimeOutOfRange => 12,
+            ResultCode::UnknownApplication => 13,
+            ResultCode::HelloRequired => 14,
+        }
+    }
+
+    /// The code with this number, if FWNP/1 defines it.
+    pub fn from_number(n: u64) -> Option<Self> {
+        ResultCode::ALL.into_iter().find(|c| c.number() == n)
+    }
+
+    /// The name used in the specification's registry and in the audit trail.
+    pub fn name(self) -> &'static str {
+        match self {
+            ResultCode::UnsupportedVersion => "unsupported-version",
+            ResultCode::MalformedRequest => "malformed-request",
+            ResultCode::UnsupportedOption => "unsupported-option",
+            ResultCode::MalformedOption => "malformed-option",
+            ResultCode::NotAuthorized => "not-authorized",
+            ResultCode::AddressMismatch => "address-mismatch",
+            ResultCode::DeniedByPolicy => "denied-by-policy",
+            ResultCode::NoResources => "no-resources",
+            ResultCode::QuotaExceeded => "quota-exceeded",
+            ResultCode::RateLimited => "rate-limited",
+            ResultCode::UnknownLease => "unknown-lease",
+            ResultCode::LifetimeOutOfRange => "lifetime-out-of-range",
+            ResultCode::UnknownApplication => "unknown-application",
+            ResultCode::HelloRequired => "hello-required",
+        }
+    }
+
+    /// Whether the same request may succeed later without change.
+    pub fn is_transient(self) -> bool {
+        matches!(self, ResultCode::NoResources | ResultCode::RateLimited)
+    }
+}
+
+impl std::fmt::Display for ResultCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// QUIC application error codes, for closing a stream or the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum QuicErrorCode {
+    /// 0x0: orderly close.
+    NoError,
+    /// 0x1: the peer broke a rule of the framing (a second item, a wrong stream direction).
+    ProtocolViolation,
+    /// 0x2: a message over the size limit.
+    MessageTooLarge,
+    /// 0x3: the sender failed internally.
+    InternalError,
+    /// 0x4: the gateway is shutting down.
+    GoingAway,
+    /// 0x5: no version in common.
+    VersionMismatch,
+    /// 0x6: a request stream was not finished in time.
+    RequestTimeout,
+    /// 0x7: too many connections or streams.
+    ExcessiveLoad,
+}
+
+impl QuicErrorCode {
+    /// The code on the wire.
+    pub fn code(self) -> u32 {
+        match self {
+            QuicErrorCode::NoError => 0x0,
+            QuicErrorCode::ProtocolViolation => 0x1,
+            QuicErrorCode::MessageTooLarge => 0x2,
+            QuicErrorCode::InternalError => 0x3,
+            QuicErrorCode::GoingAway => 0x4,
+            QuicErrorCode::VersionMismatch => 0x5,
+            QuicErrorCode::RequestTimeout => 0x6,
+            QuicErrorCode::ExcessiveLoad => 0x7,
+        }
+    }
+
+    /// The code with this number, if FWNP/1 defines it.
+    pub fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            0x0 => QuicErrorCode::NoError,
+            0x1 => QuicErrorCode::ProtocolViolation,
+            0x2 => QuicErrorCode::MessageTooLarge,
+            0x3 => QuicErrorCode::InternalError,
+            0x4 => QuicErrorCode::GoingAway,
+            0x5 => QuicErrorCode::VersionMismatch,
+            0x6 => QuicErrorCode::RequestTimeout,
+            0x7 => QuicErrorCode::ExcessiveLoad,
+            _ => return None,
+        })
+    }
+}
