@@ -5,3 +5,6 @@
 //! This crate is glue around `fwnp-proto`, which makes every decision that needs no IO.
 //! Not yet implemented: the service, policy, store and admin API arrive with their own work.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod policy;
