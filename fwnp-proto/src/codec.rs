@@ -1,1 +1,1426 @@
-//! (placeholder: filled by the codec work)
+//! The CBOR codec of FWNP/1: [`encode`] a [`Message`] as deterministic CBOR, [`decode`] bytes
+//! from the network into a [`Message`], strictly and within fixed bounds.
+//!
+//! # What each layer refuses
+//!
+//! Decoding is about *form*: is this one well-formed CBOR item of at most
+//! [`MAX_MESSAGE_SIZE`] bytes, nested at most [`MAX_NESTING_DEPTH`] deep, without tags, whose
+//! maps have unique unsigned integer keys, and does every key this implementation knows carry a
+//! value of the type and numeric range `spec/fwnp.cddl` gives it (a port is at most 65535, a
+//! lease id is 16 bytes, a protocol is 6, 17, 132 or 136...)? Decoding also applies the
+//! must-understand rule (`critical`, key 2) and the opening's shape rule (ports *or* an
+//! application id). Unknown keys are ignored, in the message map and in every nested map.
+//!
+//! Decoding does not judge *meaning*: port 0, a reversed port range, a prefix with host bits
+//! set, an IPv4 prefix longer than 32, a host address of the wrong family, an app id with a
+//! forbidden character, a lifetime above [`crate::MAX_LIFETIME_SECS`], text lengths and empty
+//! version lists all decode, and [`crate::validate`] refuses them. A gateway therefore calls
+//! [`decode`] and then [`crate::validate::validate_request`], and answers a failure of either
+//! with a Denied carrying [`DecodeError::result_code`] or
+//! [`crate::validate::ValidationError::result_code`].
+//!
+//! # Encoding
+//!
+//! [`encode`] builds a [`ciborium::Value`] map with integer keys in ascending order and lets
+//! ciborium serialise it, which gives RFC 8949 section 4.2.1 core deterministic encoding: the
+//! shortest form of every integer and length, definite lengths only. Absent optional keys are
+//! left out, and so are `critical` when empty, `narrowed` when false, a remote prefix list when
+//! empty (it means "any") and Denied's list of unsupported keys when empty. Key 3 of an opening
+//! or grant (the last port) is written only when it differs from the first port.
+//!
+//! # Decoding
+//!
+//! [`decode`] does not use a general-purpose deserialiser: a small parser written for this
+//! protocol checks the size before reading anything, counts nesting before descending (so its
+//! recursion is never deeper than [`MAX_NESTING_DEPTH`] calls, whatever the input), refuses a
+//! tag as soon as it sees its header (a general decoder would turn tags 2 and 3 into integers
+//! silently), never allocates more than the input could hold, and accepts every well-formed
+//! item the rules allow, indefinite lengths and non-shortest integers included.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use ciborium::Value;
+
+use crate::message::*;
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Where in a message a decoding error was found: the map whose key is at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Place {
+    /// The top-level map, before its type (key 0) is known.
+    Envelope,
+    /// The top-level map of a message of this type.
+    Message(MessageType),
+    /// An opening (Open key 3).
+    Opening,
+    /// A grant (in Granted key 4 or a lease-info's key 2).
+    Grant,
+    /// An app-info map (Open key 5, lease-info key 5).
+    AppInfo,
+    /// The limits map (Welcome key 5).
+    Limits,
+    /// A lease-info map (Leases key 3).
+    LeaseInfo,
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Envelope => f.write_str("message"),
+            Place::Message(t) => write!(f, "{} message", t.name()),
+            Place::Opening => f.write_str("opening"),
+            Place::Grant => f.write_str("grant"),
+            Place::AppInfo => f.write_str("app-info"),
+            Place::Limits => f.write_str("limits"),
+            Place::LeaseInfo => f.write_str("lease-info"),
+        }
+    }
+}
+
+/// Why bytes are not an acceptable FWNP/1 message.
+///
+/// Every variant maps to the result code a gateway answers with ([`DecodeError::result_code`])
+/// and has a stable short name ([`DecodeError::kind`]) used by the test vectors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The input is longer than the limit; nothing was parsed.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Bytes received.
+        size: usize,
+        /// The limit, [`MAX_MESSAGE_SIZE`].
+        limit: usize,
+    },
+    /// Arrays and maps are nested deeper than the limit (the message map is depth 1).
+    #[error("arrays and maps nested deeper than {limit}")]
+    NestingTooDeep {
+        /// The limit, [`MAX_NESTING_DEPTH`].
+        limit: usize,
+    },
+    /// The input is not well-formed CBOR (truncated, a reserved header, a stray break, text
+    /// that is not UTF-8...).
+    #[error("not well-formed CBOR at byte {offset}: {reason}")]
+    InvalidCbor {
+        /// Where the parser stopped.
+        offset: usize,
+        /// What was wrong.
+        reason: &'static str,
+    },
+    /// Bytes follow the message's CBOR item.
+    #[error("{extra} bytes after the message")]
+    TrailingBytes {
+        /// How many.
+        extra: usize,
+    },
+    /// A CBOR tag appears somewhere in the item; FWNP/1 uses none.
+    #[error("CBOR tag {tag} is not allowed")]
+    TagNotAllowed {
+        /// The tag number.
+        tag: u64,
+    },
+    /// The top-level item is not a map.
+    #[error("a message is a CBOR map")]
+    NotAMap,
+    /// A map defined by FWNP has a key that is not an unsigned integer.
+    #[error("{at} has a key that is not an unsigned integer")]
+    KeyNotUnsigned {
+        /// The map.
+        at: Place,
+    },
+    /// A map defined by FWNP has the same key twice.
+    #[error("{at} has key {key} twice")]
+    DuplicateKey {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+    },
+    /// Key 0 names a message type FWNP/1 does not define.
+    #[error("unknown message type {0}")]
+    UnknownMessageType(u64),
+    /// A mandatory key is absent.
+    #[error("{at} lacks mandatory key {key}")]
+    MissingKey {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+    },
+    /// A key's value has the wrong CBOR type.
+    #[error("key {key} of {at} must be {expected}")]
+    WrongType {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+        /// What the schema allows there.
+        expected: &'static str,
+    },
+    /// A number is outside the range or the registry the schema gives it.
+    #[error("key {key} of {at} holds {value}, which is not {expected}")]
+    OutOfRange {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+        /// The value found (for a negative integer, its absolute value minus one is not
+        /// shown: negative integers are [`DecodeError::WrongType`]).
+        value: u64,
+        /// What the schema allows there.
+        expected: &'static str,
+    },
+    /// A byte string has the wrong length (a lease id, an address).
+    #[error("key {key} of {at} is {len} bytes long, not {expected}")]
+    WrongLength {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+        /// The length found.
+        len: usize,
+        /// What the schema allows there.
+        expected: &'static str,
+    },
+    /// An opening carries both ports (keys 1 to 3) and an application id (key 7).
+    #[error("an opening names ports (keys 1-3) and an application (key 7); it may name only one")]
+    ConflictingTarget,
+    /// An opening carries neither ports (keys 1 and 2) nor an application id (key 7).
+    #[error("an opening names neither ports (keys 1, 2) nor an application (key 7)")]
+    MissingTarget,
+    /// The message lists in `critical` (key 2) keys this implementation does not know.
+    #[error("unsupported critical keys {0:?}")]
+    UnsupportedCritical(Vec<u64>),
+}
+
+impl DecodeError {
+    /// The result code a gateway answers this error with in a Denied.
+    ///
+    /// Faults inside an opening or a grant (and an opening's shape) are `malformed-option`;
+    /// unknown critical keys are `unsupported-option`; everything else is `malformed-request`.
+    /// (An oversized request on a stream is not answered at all: the gateway resets the stream
+    /// with `MessageTooLarge`; the mapping is given for callers that decode from elsewhere.)
+    pub fn result_code(&self) -> ResultCode {
+        match self {
+            DecodeError::UnsupportedCritical(_) => ResultCode::UnsupportedOption,
+            DecodeError::ConflictingTarget | DecodeError::MissingTarget => {
+                ResultCode::MalformedOption
+            }
+            DecodeError::KeyNotUnsigned { at }
+            | DecodeError::DuplicateKey { at, .. }
+            | DecodeError::MissingKey { at, .. }
+            | DecodeError::WrongType { at, .. }
+            | DecodeError::OutOfRange { at, .. }
+            | DecodeError::WrongLength { at, .. }
+                if matches!(at, Place::Opening | Place::Grant) =>
+            {
+                ResultCode::MalformedOption
+            }
+            _ => ResultCode::MalformedRequest,
+        }
+    }
+
+    /// A stable short name of the variant, as used in `spec/vectors/`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too-large",
+            DecodeError::NestingTooDeep { .. } => "nesting-too-deep",
+            DecodeError::InvalidCbor { .. } => "invalid-cbor",
+            DecodeError::TrailingBytes { .. } => "trailing-bytes",
+            DecodeError::TagNotAllowed { .. } => "tag-not-allowed",
+            DecodeError::NotAMap => "not-a-map",
+            DecodeError::KeyNotUnsigned { .. } => "key-not-unsigned",
+            DecodeError::DuplicateKey { .. } => "duplicate-key",
+            DecodeError::UnknownMessageType(_) => "unknown-message-type",
+            DecodeError::MissingKey { .. } => "missing-key",
+            DecodeError::WrongType { .. } => "wrong-type",
+            DecodeError::OutOfRange { .. } => "out-of-range",
+            DecodeError::WrongLength { .. } => "wrong-length",
+            DecodeError::ConflictingTarget => "conflicting-target",
+            DecodeError::MissingTarget => "missing-target",
+            DecodeError::UnsupportedCritical(_) => "unsupported-critical",
+        }
+    }
+
+    /// The critical keys not understood, for Denied key 7 (empty for other errors).
+    pub fn unsupported_keys(&self) -> &[u64] {
+        match self {
+            DecodeError::UnsupportedCritical(keys) => keys,
+            _ => &[],
+        }
+    }
+}
+
+impl MessageType {
+    /// The message's name in the specification (`hello`, `epoch-changed`...).
+    pub fn name(self) -> &'static str {
+        match self {
+            MessageType::Hello => "hello",
+            MessageType::Welcome => "welcome",
+            MessageType::Open => "open",
+            MessageType::Renew => "renew",
+            MessageType::Release => "release",
+            MessageType::List => "list",
+            MessageType::Granted => "granted",
+            MessageType::Denied => "denied",
+            MessageType::Leases => "leases",
+            MessageType::Released => "released",
+            MessageType::Revoked => "revoked",
+            MessageType::EpochChanged => "epoch-changed",
+            MessageType::GoingAway => "going-away",
+        }
+    }
+
+    /// The number on the wire (key 0).
+    pub fn number(self) -> u64 {
+        self as u64
+    }
+
+    /// The highest top-level key FWNP/1 defines for this type; every key up to it is known.
+    pub fn highest_known_key(self) -> u64 {
+        match self {
+            MessageType::Hello => 5,
+            MessageType::Welcome => 9,
+            MessageType::Open => 5,
+            MessageType::Renew => 4,
+            MessageType::Release => 3,
+            MessageType::List => 2,
+            MessageType::Granted => 9,
+            MessageType::Denied => 7,
+            MessageType::Leases => 4,
+            MessageType::Released => 3,
+            MessageType::Revoked => 5,
+            MessageType::EpochChanged => 3,
+            MessageType::GoingAway => 4,
+        }
+    }
+
+    /// Whether a client sends this message to the gateway.
+    pub fn is_request(self) -> bool {
+        matches!(
+            self,
+            MessageType::Hello
+                | MessageType::Open
+                | MessageType::Renew
+                | MessageType::Release
+                | MessageType::List
+        )
+    }
+
+    /// Whether the gateway sends this message as a notice on a unidirectional stream.
+    pub fn is_notice(self) -> bool {
+        matches!(
+            self,
+            MessageType::Revoked | MessageType::EpochChanged | MessageType::GoingAway
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Encoding
+
+/// Encodes a message as deterministic CBOR.
+///
+/// The encoder writes what it is given: it does not validate (a reversed range is written as
+/// it is), so that tests can produce invalid requests. Use [`crate::validate`] first where it
+/// matters.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    encode_into(msg, &mut out);
+    out
+}
+
+/// Appends the deterministic CBOR encoding of a message to `out`.
+pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
+    let value = to_value(msg);
+    // Serialising a `Value` into a `Vec` has no failure path: the writer cannot fail and a
+    // `Value` holds nothing serde could refuse.
+    ciborium::into_writer(&value, out).expect("serialising a CBOR value into memory cannot fail");
+}
+
+/// The length in bytes of the message's encoding.
+pub fn encoded_len(msg: &Message) -> usize {
+    encode(msg).len()
+}
+
+/// The message as a [`ciborium::Value`] map with integer keys in ascending order.
+pub fn to_value(msg: &Message) -> Value {
+    let t = msg.message_type();
+    let mut m = MapBuilder::new();
+    m.uint(0, t.number());
+    let common = msg.common();
+    m.opt_uint(1, common.request_id);
+    if !common.critical.is_empty() {
+        m.value(
+            2,
+            Value::Array(common.critical.iter().map(|k| uint(*k)).collect()),
+        );
+    }
+    match msg {
+        Message::Hello(h) => {
+            m.value(
+                3,
+                Value::Array(h.versions.iter().map(|v| uint(u64::from(*v))).collect()),
+            );
+            m.uint(4, h.capabilities.0);
+            m.opt_text(5, h.software.as_deref());
+        }
+        Message::Welcome(w) => {
+            m.uint(3, u64::from(w.version));
+            m.uint(4, w.capabilities.0);
+            m.value(5, limits_value(&w.limits));
+            m.uint(6, w.epoch);
+            m.uint(7, w.time_ms);
+            m.text(8, &w.identity);
+            m.value(
+                9,
+                Value::Array(w.addresses.iter().map(|a| addr_value(*a)).collect()),
+            );
+        }
+        Message::Open(o) => {
+            m.value(3, opening_value(&o.opening));
+            m.opt_uint(4, o.lifetime.map(u64::from));
+            if let Some(app) = &o.app {
+                m.value(5, app_info_value(app));
+            }
+        }
+        Message::Renew(r) => {
+            m.bytes(3, &r.lease.0);
+            m.opt_uint(4, r.lifetime.map(u64::from));
+        }
+        Message::Release(r) => m.bytes(3, &r.lease.0),
+        Message::List(_) => {}
+        Message::Granted(g) => {
+            m.bytes(3, &g.lease.0);
+            m.value(4, Value::Array(g.grants.iter().map(grant_value).collect()));
+            m.uint(5, u64::from(g.lifetime));
+            m.uint(6, g.expires_ms);
+            m.uint(7, u64::from(g.renew_after));
+            m.uint(8, g.epoch);
+            if g.narrowed {
+                m.value(9, Value::Bool(true));
+            }
+        }
+        Message::Denied(d) => {
+            m.uint(3, d.code.number());
+            m.opt_text(4, d.reason.as_deref());
+            m.opt_uint(5, d.retry_after.map(u64::from));
+            if let Some(lease) = &d.lease {
+                m.bytes(6, &lease.0);
+            }
+            if !d.unsupported.is_empty() {
+                m.value(
+                    7,
+                    Value::Array(d.unsupported.iter().map(|k| uint(*k)).collect()),
+                );
+            }
+        }
+        Message::Leases(l) => {
+            m.value(
+                3,
+                Value::Array(l.leases.iter().map(lease_info_value).collect()),
+            );
+            m.uint(4, l.epoch);
+        }
+        Message::Released(r) => m.bytes(3, &r.lease.0),
+        Message::Revoked(r) => {
+            m.bytes(3, &r.lease.0);
+            m.uint(4, r.reason.number());
+            m.opt_text(5, r.text.as_deref());
+        }
+        Message::EpochChanged(e) => m.uint(3, e.epoch),
+        Message::GoingAway(g) => {
+            m.opt_uint(3, g.reconnect_after.map(u64::from));
+            m.opt_text(4, g.reason.as_deref());
+        }
+    }
+    m.finish()
+}
+
+/// Collects map entries; callers add keys in ascending order, which the deterministic encoding
+/// requires (for unsigned integers numeric order is also the order of their encodings).
+struct MapBuilder(Vec<(Value, Value)>);
+
+impl MapBuilder {
+    fn new() -> Self {
+        MapBuilder(Vec::with_capacity(10))
+    }
+
+    fn value(&mut self, key: u64, value: Value) {
+        debug_assert!(
+            self.0.last().is_none_or(|(k, _)| k
+                .as_integer()
+                .is_some_and(|k| u64::try_from(k).is_ok_and(|k| k < key))),
+            "map keys must be added in ascending order"
+        );
+        self.0.push((uint(key), value));
+    }
+
+    fn uint(&mut self, key: u64, value: u64) {
+        self.value(key, uint(value));
+    }
+
+    fn opt_uint(&mut self, key: u64, value: Option<u64>) {
+        if let Some(v) = value {
+            self.uint(key, v);
+        }
+    }
+
+    fn text(&mut self, key: u64, value: &str) {
+        self.value(key, Value::Text(value.to_owned()));
+    }
+
+    fn opt_text(&mut self, key: u64, value: Option<&str>) {
+        if let Some(v) = value {
+            self.text(key, v);
+        }
+    }
+
+    fn bytes(&mut self, key: u64, value: &[u8]) {
+        self.value(key, Value::Bytes(value.to_vec()));
+    }
+
+    fn finish(self) -> Value {
+        Value::Map(self.0)
+    }
+}
+
+fn uint(n: u64) -> Value {
+    Value::Integer(n.into())
+}
+
+fn addr_value(addr: IpAddr) -> Value {
+    match addr {
+        IpAddr::V4(a) => Value::Bytes(a.octets().to_vec()),
+        IpAddr::V6(a) => Value::Bytes(a.octets().to_vec()),
+    }
+}
+
+fn prefixes_value(prefixes: &[Prefix]) -> Value {
+    Value::Array(
+        prefixes
+            .iter()
+            .map(|p| Value::Array(vec![addr_value(p.addr), uint(u64::from(p.len))]))
+            .collect(),
+    )
+}
+
+fn ports_into(m: &mut MapBuilder, protocol: Protocol, ports: PortRange) {
+    m.uint(1, u64::from(protocol.number()));
+    m.uint(2, u64::from(ports.first));
+    if ports.last != ports.first {
+        m.uint(3, u64::from(ports.last));
+    }
+}
+
+fn opening_value(o: &Opening) -> Value {
+    let mut m = MapBuilder::new();
+    if let Target::Ports { protocol, ports } = &o.target {
+        ports_into(&mut m, *protocol, *ports);
+    }
+    if let Some(host) = o.host {
+        m.value(4, addr_value(host));
+    }
+    if let Some(family) = o.family {
+        m.uint(5, family.number());
+    }
+    if !o.remotes.is_empty() {
+        m.value(6, prefixes_value(&o.remotes));
+    }
+    if let Target::App(app) = &o.target {
+        m.text(7, app);
+    }
+    m.finish()
+}
+
+fn grant_value(g: &Grant) -> Value {
+    let mut m = MapBuilder::new();
+    ports_into(&mut m, g.protocol, g.ports);
+    m.value(4, addr_value(g.host));
+    if !g.remotes.is_empty() {
+        m.value(6, prefixes_value(&g.remotes));
+    }
+    m.opt_text(7, g.app.as_deref());
+    m.finish()
+}
+
+fn app_info_value(a: &AppInfo) -> Value {
+    let mut m = MapBuilder::new();
+    m.opt_text(1, a.name.as_deref());
+    m.opt_text(2, a.executable.as_deref());
+    m.opt_uint(3, a.uid.map(u64::from));
+    m.opt_uint(4, a.pid.map(u64::from));
+    m.finish()
+}
+
+fn limits_value(l: &Limits) -> Value {
+    let mut m = MapBuilder::new();
+    m.uint(1, u64::from(l.max_message_size));
+    m.uint(2, u64::from(l.max_streams));
+    m.uint(3, u64::from(l.min_lifetime));
+    m.uint(4, u64::from(l.max_lifetime));
+    m.opt_uint(5, l.max_leases.map(u64::from));
+    m.finish()
+}
+
+fn lease_info_value(l: &LeaseInfo) -> Value {
+    let mut m = MapBuilder::new();
+    m.bytes(1, &l.lease.0);
+    m.value(2, Value::Array(l.grants.iter().map(grant_value).collect()));
+    m.uint(3, u64::from(l.remaining));
+    m.uint(4, l.expires_ms);
+    if let Some(app) = &l.app {
+        m.value(5, app_info_value(app));
+    }
+    m.finish()
+}
+
+impl Family {
+    /// The number on the wire (key 5 of an opening).
+    pub fn number(self) -> u64 {
+        match self {
+            Family::Ipv4 => 4,
+            Family::Ipv6 => 6,
+        }
+    }
+
+    /// The family with this number, if FWNP/1 defines it.
+    pub fn from_number(n: u64) -> Option<Self> {
+        match n {
+            4 => Some(Family::Ipv4),
+            6 => Some(Family::Ipv6),
+            _ => None,
+        }
+    }
+
+    /// The family of an address.
+    pub fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing CBOR into a small tree
+
+/// One parsed CBOR data item. Tags never get here (the parser refuses them), and floats and
+/// unassigned simple values are kept only as markers: FWNP/1 uses neither, so they are only
+/// ever acceptable as the value of an ignored key.
+#[derive(Debug)]
+enum Item {
+    Uint(u64),
+    Negative,
+    Bytes(Vec<u8>),
+    Text(String),
+    Array(Vec<Item>),
+    Map(Vec<(Item, Item)>),
+    Bool(bool),
+    Null,
+    Undefined,
+    Simple,
+    Float,
+}
+
+struct Parser<'a> {
+    input: &'a [u8],
+    pos: usize,
+}
+
+/// What a header says: the major type and its argument, or an indefinite length.
+#[derive(Clone, Copy)]
+enum Arg {
+    Value(u64),
+    Indefinite,
+}
+
+const BREAK: u8 = 0xff;
+
+impl<'a> Parser<'a> {
+    fn invalid(&self, reason: &'static str) -> DecodeError {
+        DecodeError::InvalidCbor {
+            offset: self.pos,
+            reason,
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.input.len().saturating_sub(self.pos)
+    }
+
+    fn byte(&mut self) -> Result<u8, DecodeError> {
+        let b = *self
+            .input
+            .get(self.pos)
+            .ok_or_else(|| self.invalid("unexpected end of input"))?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.input.get(self.pos).copied()
+    }
+
+    fn take(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|len| *len <= self.remaining())
+            .ok_or_else(|| self.invalid("length beyond the end of input"))?;
+        let start = self.pos;
+        self.pos += len;
+        self.input
+            .get(start..start + len)
+            .ok_or_else(|| self.invalid("length beyond the end of input"))
+    }
+
+    /// Reads a header: the major type (0 to 7), the additional information and its argument.
+    fn header(&mut self) -> Result<(u8, u8, Arg), DecodeError> {
+        let initial = self.byte()?;
+        let major = initial >> 5;
+        let info = initial & 0x1f;
+        let arg = match info {
+            0..=23 => Arg::Value(u64::from(info)),
+            24 => Arg::Value(u64::from(self.byte()?)),
+            25 => Arg::Value(be_uint(self.take(2)?)),
+            26 => Arg::Value(be_uint(self.take(4)?)),
+            27 => Arg::Value(be_uint(self.take(8)?)),
+            28..=30 => {
+                self.pos -= 1;
+                return Err(self.invalid("reserved additional information 28-30"));
+            }
+            _ => Arg::Indefinite,
+        };
+        Ok((major, info, arg))
+    }
+
+    /// Parses one item whose container is at depth `parent_depth` (0 for the top level).
+    fn item(&mut self, parent_depth: usize) -> Result<Item, DecodeError> {
+        let start = self.pos;
+        let (major, info, arg) = self.header()?;
+        match (major, arg) {
+            (0, Arg::Value(n)) => Ok(Item::Uint(n)),
+            (1, Arg::Value(_)) => Ok(Item::Negative),
+            (2, Arg::Value(len)) => Ok(Item::Bytes(self.take(len)?.to_vec())),
+            (3, Arg::Value(len)) => {
+                let bytes = self.take(len)?;
+                let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidCbor {
+                    offset: start,
+                    reason: "text string is not UTF-8",
+                })?;
+                Ok(Item::Text(text.to_owned()))
+            }
+            (2 | 3, Arg::Indefinite) => self.chunked_string(major, start),
+            (4 | 5, _) => {
+                let depth = parent_depth + 1;
+                if depth > MAX_NESTING_DEPTH {
+                    return Err(DecodeError::NestingTooDeep {
+                        limit: MAX_NESTING_DEPTH,
+                    });
+                }
+                if major == 4 {
+                    self.array(arg, depth)
+                } else {
+                    self.map(arg, depth)
+                }
+            }
+            (6, Arg::Value(tag)) => Err(DecodeError::TagNotAllowed { tag }),
+            (7, Arg::Value(n)) => match info {
+                20 => Ok(Item::Bool(false)),
+                21 => Ok(Item::Bool(true)),
+                22 => Ok(Item::Null),
+                23 => Ok(Item::Undefined),
+                0..=19 => Ok(Item::Simple),
+                // A one-byte simple value below 32 is ill-formed (RFC 8949 section 3.3).
+                24 if n < 32 => {
+                    self.pos = start;
+                    Err(self.invalid("two-byte simple value below 32"))
+                }
+                24 => Ok(Item::Simple),
+                _ => Ok(Item::Float),
+            },
+            (7, Arg::Indefinite) => {
+                self.pos = start;
+                Err(self.invalid("break outside an indefinite-length item"))
+            }
+            _ => {
+                self.pos = start;
+                Err(self.invalid("indefinite length on an integer or a tag"))
+            }
+        }
+    }
+
+    /// An indefinite-length byte or text string: definite chunks of the same type, then break.
+    fn chunked_string(&mut self, major: u8, start: usize) -> Result<Item, DecodeError> {
+        let mut bytes = Vec::new();
+        loop {
+            if self.peek() == Some(BREAK) {
+                self.pos += 1;
+                break;
+            }
+            let chunk_start = self.pos;
+            let (chunk_major, _, arg) = self.header()?;
+            let len = match arg {
+                Arg::Value(len) if chunk_major == major => len,
+                _ => {
+                    self.pos = chunk_start;
+                    return Err(self.invalid(
+                        "chunk of an indefinite-length string is not a definite string of its type",
+                    ));
+                }
+            };
+            let chunk = self.take(len)?;
+            if major == 3 && std::str::from_utf8(chunk).is_err() {
+                return Err(DecodeError::InvalidCbor {
+                    offset: chunk_start,
+                    reason: "text string is not UTF-8",
+                });
+            }
+            bytes.extend_from_slice(chunk);
+        }
+        if major == 2 {
+            Ok(Item::Bytes(bytes))
+        } else {
+            String::from_utf8(bytes)
+                .map(Item::Text)
+                .map_err(|_| DecodeError::InvalidCbor {
+                    offset: start,
+                    reason: "text string is not UTF-8",
+                })
+        }
+    }
+
+    fn array(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
+        let mut items = Vec::new();
+        match arg {
+            Arg::Value(count) => {
+                // Every item takes at least one byte: a count beyond the input is truncation,
+                // found here before anything is allocated for it.
+                if count > self.remaining() as u64 {
+                    return Err(self.invalid("array longer than the input"));
+                }
+                for _ in 0..count {
+                    items.push(self.item(depth)?);
+                }
+            }
+            Arg::Indefinite => loop {
+                if self.peek() == Some(BREAK) {
+                    self.pos += 1;
+                    break;
+                }
+                items.push(self.item(depth)?);
+            },
+        }
+        Ok(Item::Array(items))
+    }
+
+    fn map(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
+        let mut entries = Vec::new();
+        match arg {
+            Arg::Value(count) => {
+                if count > (self.remaining() / 2) as u64 {
+                    return Err(self.invalid("map longer than the input"));
+                }
+                for _ in 0..count {
+                    let key = self.item(depth)?;
+                    let value = self.item(depth)?;
+                    entries.push((key, value));
+                }
+            }
+            Arg::Indefinite => loop {
+                if self.peek() == Some(BREAK) {
+                    self.pos += 1;
+                    break;
+                }
+                let key = self.item(depth)?;
+                if self.peek() == Some(BREAK) {
+                    return Err(self.invalid("map ends after a key without its value"));
+                }
+                let value = self.item(depth)?;
+                entries.push((key, value));
+            },
+        }
+        Ok(Item::Map(entries))
+    }
+}
+
+fn be_uint(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+}
+
+/// Parses exactly one CBOR item from `bytes`, with the size, nesting, tag and trailing-bytes
+/// rules applied.
+fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE_SIZE,
+        });
+    }
+    let mut parser = Parser {
+        input: bytes,
+        pos: 0,
+    };
+    let item = parser.item(0)?;
+    if parser.remaining() > 0 {
+        return Err(DecodeError::TrailingBytes {
+            extra: parser.remaining(),
+        });
+    }
+    Ok(item)
+}
+
+// ---------------------------------------------------------------------------------------------
+// From the tree to messages
+
+/// The entries of a map FWNP defines, with its keys checked (unsigned, unique).
+struct Fields<'a> {
+    at: Place,
+    entries: BTreeMap<u64, &'a Item>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(at: Place, entries: &'a [(Item, Item)]) -> Result<Self, DecodeError> {
+        let mut map = BTreeMap::new();
+        for (key, value) in entries {
+            let Item::Uint(key) = key else {
+                return Err(DecodeError::KeyNotUnsigned { at });
+            };
+            if map.insert(*key, value).is_some() {
+                return Err(DecodeError::DuplicateKey { at, key: *key });
+            }
+        }
+        Ok(Fields { at, entries: map })
+    }
+
+    /// The map in `item`, which is the value of `key` in `self`.
+    fn nested(&self, key: u64, item: &'a Item, at: Place) -> Result<Fields<'a>, DecodeError> {
+        match item {
+            Item::Map(entries) => Fields::new(at, entries),
+            _ => Err(self.wrong_type(key, "a map")),
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<&'a Item> {
+        self.entries.get(&key).copied()
+    }
+
+    fn require(&self, key: u64) -> Result<&'a Item, DecodeError> {
+        self.get(key)
+            .ok_or(DecodeError::MissingKey { at: self.at, key })
+    }
+
+    fn wrong_type(&self, key: u64, expected: &'static str) -> DecodeError {
+        DecodeError::WrongType {
+            at: self.at,
+            key,
+            expected,
+        }
+    }
+
+    fn out_of_range(&self, key: u64, value: u64, expected: &'static str) -> DecodeError {
+        DecodeError::OutOfRange {
+            at: self.at,
+            key,
+            value,
+            expected,
+        }
+    }
+
+    fn wrong_length(&self, key: u64, len: usize, expected: &'static str) -> DecodeError {
+        DecodeError::WrongLength {
+            at: self.at,
+            key,
+            len,
+            expected,
+        }
+    }
+
+    // Conversions of one item, the value of `key` (or an element of its array).
+
+    fn as_uint(&self, key: u64, item: &Item) -> Result<u64, DecodeError> {
+        match item {
+            Item::Uint(n) => Ok(*n),
+            _ => Err(self.wrong_type(key, "an unsigned integer")),
+        }
+    }
+
+    fn as_u32(&self, key: u64, item: &Item) -> Result<u32, DecodeError> {
+        let n = self.as_uint(key, item)?;
+        u32::try_from(n).map_err(|_| self.out_of_range(key, n, "at most 2^32-1"))
+    }
+
+    fn as_u16(&self, key: u64, item: &Item, expected: &'static str) -> Result<u16, DecodeError> {
+        let n = self.as_uint(key, item)?;
+        u16::try_from(n).map_err(|_| self.out_of_range(key, n, expected))
+    }
+
+    fn as_text(&self, key: u64, item: &'a Item) -> Result<&'a str, DecodeError> {
+        match item {
+            Item::Text(t) => Ok(t),
+            _ => Err(self.wrong_type(key, "a text string")),
+        }
+    }
+
+    fn as_array(
+        &self,
+        key: u64,
+        item: &'a Item,
+        expected: &'static str,
+    ) -> Result<&'a [Item], DecodeError> {
+        match item {
+            Item::Array(items) => Ok(items),
+            _ => Err(self.wrong_type(key, expected)),
+        }
+    }
+
+    fn as_lease_id(&self, key: u64, item: &Item) -> Result<LeaseId, DecodeError> {
+        match item {
+            Item::Bytes(b) => <[u8; 16]>::try_from(b.as_slice())
+                .map(LeaseId)
+                .map_err(|_| self.wrong_length(key, b.len(), "16")),
+            _ => Err(self.wrong_type(key, "a byte string (lease id)")),
+        }
+    }
+
+    fn as_addr(&self, key: u64, item: &Item) -> Result<IpAddr, DecodeError> {
+        match item {
+            Item::Bytes(b) => {
+                if let Ok(v4) = <[u8; 4]>::try_from(b.as_slice()) {
+                    Ok(IpAddr::V4(Ipv4Addr::from(v4)))
+                } else if let Ok(v6) = <[u8; 16]>::try_from(b.as_slice()) {
+                    Ok(IpAddr::V6(Ipv6Addr::from(v6)))
+                } else {
+                    Err(self.wrong_length(key, b.len(), "4 or 16"))
+                }
+            }
+            _ => Err(self.wrong_type(key, "a byte string (address)")),
+        }
+    }
+
+    fn as_prefixes(&self, key: u64, item: &Item) -> Result<Vec<Prefix>, DecodeError> {
+        const EXPECTED: &str = "an array of [address, length] prefixes";
+        let items = self.as_array(key, item, EXPECTED)?;
+        let mut prefixes = Vec::with_capacity(items.len());
+        for prefix in items {
+            let [addr, len] = self.as_array(key, prefix, EXPECTED)? else {
+                return Err(self.wrong_type(key, EXPECTED));
+            };
+            let addr = self.as_addr(key, addr)?;
+            let len = self.as_uint(key, len)?;
+            let len = u8::try_from(len)
+                .ok()
+                .filter(|l| *l <= 128)
+                .ok_or_else(|| self.out_of_range(key, len, "a prefix length, at most 128"))?;
+            prefixes.push(Prefix { addr, len });
+        }
+        Ok(prefixes)
+    }
+
+    fn as_bool(&self, key: u64, item: &Item) -> Result<bool, DecodeError> {
+        match item {
+            Item::Bool(b) => Ok(*b),
+            _ => Err(self.wrong_type(key, "a boolean")),
+        }
+    }
+
+    fn as_uint_list(&self, key: u64, item: &Item) -> Result<Vec<u64>, DecodeError> {
+        self.as_array(key, item, "an array of unsigned integers")?
+            .iter()
+            .map(|k| match k {
+                Item::Uint(n) => Ok(*n),
+                _ => Err(self.wrong_type(key, "an array of unsigned integers")),
+            })
+            .collect()
+    }
+
+    // Typed getters by key.
+
+    fn uint(&self, key: u64) -> Result<u64, DecodeError> {
+        self.as_uint(key, self.require(key)?)
+    }
+
+    fn opt_uint(&self, key: u64) -> Result<Option<u64>, DecodeError> {
+        self.get(key).map(|v| self.as_uint(key, v)).transpose()
+    }
+
+    fn u32(&self, key: u64) -> Result<u32, DecodeError> {
+        self.as_u32(key, self.require(key)?)
+    }
+
+    fn opt_u32(&self, key: u64) -> Result<Option<u32>, DecodeError> {
+        self.get(key).map(|v| self.as_u32(key, v)).transpose()
+    }
+
+    fn port(&self, key: u64) -> Result<u16, DecodeError> {
+        self.as_u16(key, self.require(key)?, "a port, at most 65535")
+    }
+
+    fn opt_port(&self, key: u64) -> Result<Option<u16>, DecodeError> {
+        self.get(key)
+            .map(|v| self.as_u16(key, v, "a port, at most 65535"))
+            .transpose()
+    }
+
+    fn text(&self, key: u64) -> Result<String, DecodeError> {
+        self.as_text(key, self.require(key)?).map(str::to_owned)
+    }
+
+    fn opt_text(&self, key: u64) -> Result<Option<String>, DecodeError> {
+        self.get(key)
+            .map(|v| self.as_text(key, v).map(str::to_owned))
+            .transpose()
+    }
+
+    fn lease_id(&self, key: u64) -> Result<LeaseId, DecodeError> {
+        self.as_lease_id(key, self.require(key)?)
+    }
+
+    fn protocol(&self, key: u64) -> Result<Protocol, DecodeError> {
+        let n = self.uint(key)?;
+        Protocol::from_number(n)
+            .ok_or_else(|| self.out_of_range(key, n, "a protocol: 6, 17, 132 or 136"))
+    }
+
+    fn app_info(&self, key: u64) -> Result<Option<AppInfo>, DecodeError> {
+        let Some(item) = self.get(key) else {
+            return Ok(None);
+        };
+        let f = self.nested(key, item, Place::AppInfo)?;
+        Ok(Some(AppInfo {
+            name: f.opt_text(1)?,
+            executable: f.opt_text(2)?,
+            uid: f.opt_u32(3)?,
+            pid: f.opt_u32(4)?,
+        }))
+    }
+
+    fn grants(&self, key: u64) -> Result<Vec<Grant>, DecodeError> {
+        let items = self.as_array(key, self.require(key)?, "an array of grants")?;
+        items
+            .iter()
+            .map(|item| {
+                let g = self.nested(key, item, Place::Grant)?;
+                decode_grant(&g)
+            })
+            .collect()
+    }
+}
+
+fn decode_ports(f: &Fields<'_>) -> Result<(Protocol, PortRange), DecodeError> {
+    let protocol = f.protocol(1)?;
+    let first = f.port(2)?;
+    let last = f.opt_port(3)?.unwrap_or(first);
+    Ok((protocol, PortRange { first, last }))
+}
+
+fn decode_grant(f: &Fields<'_>) -> Result<Grant, DecodeError> {
+    let (protocol, ports) = decode_ports(f)?;
+    Ok(Grant {
+        protocol,
+        ports,
+        host: f.as_addr(4, f.require(4)?)?,
+        remotes: f
+            .get(6)
+            .map(|v| f.as_prefixes(6, v))
+            .transpose()?
+            .unwrap_or_default(),
+        app: f.opt_text(7)?,
+    })
+}
+
+fn decode_opening(f: &Fields<'_>) -> Result<Opening, DecodeError> {
+    let has_ports = [1, 2, 3].iter().any(|k| f.get(*k).is_some());
+    let has_app = f.get(7).is_some();
+    let target = match (has_ports, has_app) {
+        (true, true) => return Err(DecodeError::ConflictingTarget),
+        (false, false) => return Err(DecodeError::MissingTarget),
+        (true, false) => {
+            let (protocol, ports) = decode_ports(f)?;
+            Target::Ports { protocol, ports }
+        }
+        (false, true) => Target::App(f.text(7)?),
+    };
+    let family = match f.opt_uint(5)? {
+        None => None,
+        Some(n) => {
+            Some(Family::from_number(n).ok_or_else(|| f.out_of_range(5, n, "a family: 4 or 6"))?)
+        }
+    };
+    Ok(Opening {
+        target,
+        host: f.get(4).map(|v| f.as_addr(4, v)).transpose()?,
+        family,
+        remotes: f
+            .get(6)
+            .map(|v| f.as_prefixes(6, v))
+            .transpose()?
+            .unwrap_or_default(),
+    })
+}
+
+/// Decodes one FWNP/1 message, strictly and within the limits of the protocol.
+///
+/// See the [module documentation](self) for what decoding refuses and what it leaves to
+/// [`crate::validate`].
+pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    let item = parse(bytes)?;
+    let Item::Map(entries) = &item else {
+        return Err(DecodeError::NotAMap);
+    };
+    let envelope = Fields::new(Place::Envelope, entries)?;
+    let type_number = envelope.uint(0)?;
+    let t = MessageType::from_number(type_number)
+        .ok_or(DecodeError::UnknownMessageType(type_number))?;
+    let f = Fields {
+        at: Place::Message(t),
+        entries: envelope.entries,
+    };
+
+    // Must-understand first: a key we do not know may change the meaning of the others.
+    let critical = f
+        .get(2)
+        .map(|v| f.as_uint_list(2, v))
+        .transpose()?
+        .unwrap_or_default();
+    let mut unsupported: Vec<u64> = Vec::new();
+    for key in &critical {
+        if *key > t.highest_known_key() && !unsupported.contains(key) {
+            unsupported.push(*key);
+        }
+    }
+    if !unsupported.is_empty() {
+        return Err(DecodeError::UnsupportedCritical(unsupported));
+    }
+    let common = Common {
+        request_id: f.opt_uint(1)?,
+        critical,
+    };
+
+    Ok(match t {
+        MessageType::Hello => {
+            let versions = f
+                .as_array(3, f.require(3)?, "an array of versions")?
+                .iter()
+                .map(|v| f.as_u16(3, v, "a version, at most 65535"))
+                .collect::<Result<_, _>>()?;
+            Message::Hello(Hello {
+                common,
+                versions,
+                capabilities: Capabilities(f.opt_uint(4)?.unwrap_or(0)),
+                software: f.opt_text(5)?,
+            })
+        }
+        MessageType::Welcome => {
+            let limits = f.nested(5, f.require(5)?, Place::Limits)?;
+            let addresses = f
+                .as_array(9, f.require(9)?, "an array of addresses")?
+                .iter()
+                .map(|a| f.as_addr(9, a))
+                .collect::<Result<_, _>>()?;
+            Message::Welcome(Welcome {
+                common,
+                version: f.as_u16(3, f.require(3)?, "a version, at most 65535")?,
+                capabilities: Capabilities(f.uint(4)?),
+                limits: Limits {
+                    max_message_size: limits.u32(1)?,
+                    max_streams: limits.u32(2)?,
+                    min_lifetime: limits.u32(3)?,
+                    max_lifetime: limits.u32(4)?,
+                    max_leases: limits.opt_u32(5)?,
+                },
+                epoch: f.uint(6)?,
+                time_ms: f.uint(7)?,
+                identity: f.text(8)?,
+                addresses,
+            })
+        }
+        MessageType::Open => {
+            let opening = f.nested(3, f.require(3)?, Place::Opening)?;
+            Message::Open(Open {
+                common,
+                opening: decode_opening(&opening)?,
+                lifetime: f.opt_u32(4)?,
+                app: f.app_info(5)?,
+            })
+        }
+        MessageType::Renew => Message::Renew(Renew {
+            common,
+            lease: f.lease_id(3)?,
+            lifetime: f.opt_u32(4)?,
+        }),
+        MessageType::Release => Message::Release(Release {
+            common,
+            lease: f.lease_id(3)?,
+        }),
+        MessageType::List => Message::List(List { common }),
+        MessageType::Granted => Message::Granted(Granted {
+            common,
+            lease: f.lease_id(3)?,
+            grants: f.grants(4)?,
+            lifetime: f.u32(5)?,
+            expires_ms: f.uint(6)?,
+            renew_after: f.u32(7)?,
+            epoch: f.uint(8)?,
+            narrowed: f
+                .get(9)
+                .map(|v| f.as_bool(9, v))
+                .transpose()?
+                .unwrap_or(false),
+        }),
+        MessageType::Denied => {
+            let n = f.uint(3)?;
+            let code = ResultCode::from_number(n)
+                .ok_or_else(|| f.out_of_range(3, n, "a registered result code"))?;
+            Message::Denied(Denied {
+                common,
+                code,
+                reason: f.opt_text(4)?,
+                retry_after: f.opt_u32(5)?,
+                lease: f.get(6).map(|v| f.as_lease_id(6, v)).transpose()?,
+                unsupported: f
+                    .get(7)
+                    .map(|v| f.as_uint_list(7, v))
+                    .transpose()?
+                    .unwrap_or_default(),
+            })
+        }
+        MessageType::Leases => {
+            let leases = f
+                .as_array(3, f.require(3)?, "an array of lease-info maps")?
+                .iter()
+                .map(|item| {
+                    let l = f.nested(3, item, Place::LeaseInfo)?;
+                    Ok(LeaseInfo {
+                        lease: l.lease_id(1)?,
+                        grants: l.grants(2)?,
+                        remaining: l.u32(3)?,
+                        expires_ms: l.uint(4)?,
+                        app: l.app_info(5)?,
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Message::Leases(Leases {
+                common,
+                leases,
+                epoch: f.uint(4)?,
+            })
+        }
+        MessageType::Released => Message::Released(Released {
+            common,
+            lease: f.lease_id(3)?,
+        }),
+        MessageType::Revoked => {
+            let n = f.uint(4)?;
+            let reason = RevokeReason::from_number(n)
+                .ok_or_else(|| f.out_of_range(4, n, "a registered revoke reason"))?;
+            Message::Revoked(Revoked {
+                common,
+                lease: f.lease_id(3)?,
+                reason,
+                text: f.opt_text(5)?,
+            })
+        }
+        MessageType::EpochChanged => Message::EpochChanged(EpochChanged {
+            common,
+            epoch: f.uint(3)?,
+        }),
+        MessageType::GoingAway => Message::GoingAway(GoingAway {
+            common,
+            reconnect_after: f.opt_u32(3)?,
+            reason: f.opt_text(4)?,
+        }),
+    })
+}
+
+/// The request id (key 1) of bytes that may not decode, so that a Denied answering them can
+/// still echo it. `None` when the bytes are not a parseable map with an unsigned key 1.
+pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
+    let Ok(Item::Map(entries)) = parse(bytes) else {
+        return None;
+    };
+    entries.iter().find_map(|(k, v)| match (k, v) {
+        (Item::Uint(1), Item::Uint(id)) => Some(*id),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn list_round_trip() {
+        let msg = Message::List(List {
+            common: Common {
+                request_id: Some(7),
+                critical: vec![],
+            },
+        });
+        let bytes = encode(&msg);
+        assert_eq!(bytes, hex("a200060107"));
+        assert_eq!(decode(&bytes), Ok(msg));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_recursion() {
+        // 16 KiB of nested arrays: refused at depth 9, long before the stack could suffer.
+        let bytes = vec![0x81u8; MAX_MESSAGE_SIZE];
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::NestingTooDeep {
+                limit: MAX_NESTING_DEPTH
+            })
+        );
+        let bytes = vec![0x9fu8; MAX_MESSAGE_SIZE];
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::NestingTooDeep {
+                limit: MAX_NESTING_DEPTH
+            })
+        );
+        let bytes = vec![0x81u8; 100_000];
+        assert!(matches!(
+            decode(&bytes),
+            Err(DecodeError::TooLarge { size: 100_000, .. })
+        ));
+    }
+
+    #[test]
+    fn huge_declared_lengths_are_truncation() {
+        for input in [
+            "9b7fffffffffffffff",
+            "bb7fffffffffffffff",
+            "5b7fffffffffffffff",
+            "7bffffffffffffffff",
+        ] {
+            assert!(
+                matches!(decode(&hex(input)), Err(DecodeError::InvalidCbor { .. })),
+                "{input}"
+            );
+        }
+    }
+
+    #[test]
+    fn tags_are_refused_even_bignums() {
+        assert_eq!(
+            decode(&hex("c24101")),
+            Err(DecodeError::TagNotAllowed { tag: 2 })
+        );
+        assert_eq!(
+            decode(&hex("a2000601c24101")),
+            Err(DecodeError::TagNotAllowed { tag: 2 })
+        );
+    }
+}

@@ -1,1 +1,513 @@
-//! (placeholder: filled by the validate work)
+//! The rules of FWNP/1 that the schema cannot express, checked on decoded messages.
+//!
+//! [`crate::codec::decode`] checks form: types, numeric ranges, registries, the opening's shape
+//! and the must-understand rule. This module checks meaning, and is what a gateway runs after
+//! decoding a request and before looking at policy:
+//!
+//! | rule | function | result code |
+//! | --- | --- | --- |
+//! | port 0, reversed range (`last < first`) | [`validate_ports`] | malformed-option |
+//! | prefix longer than 32 (IPv4) or 128 (IPv6), host bits set | [`validate_prefix`] | malformed-option |
+//! | host address and family disagree; a remote prefix of the other family | [`validate_opening`] | malformed-option |
+//! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
+//! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
+//! | Hello with no version | [`validate_request`] | malformed-request |
+//! | Hello without version 1 | [`validate_request`] | unsupported-version |
+//! | text longer than the schema allows (name 256, executable 1024, reason 512, software 128 bytes) | [`validate_app_info`], [`validate_message`] | malformed-request |
+//! | an answer or notice sent as a request | [`validate_request`] | malformed-request |
+//!
+//! The same functions serve a client checking what a gateway sent ([`validate_message`]) and
+//! the gateway checking its own policy and catalogue ([`validate_grant`], [`validate_app_id`]).
+
+use std::net::IpAddr;
+
+use crate::message::*;
+
+/// A decoded message, or a part of one, that breaks a rule of FWNP/1.
+///
+/// Every variant maps to the result code a gateway answers with ([`ValidationError::result_code`])
+/// and has a stable short name ([`ValidationError::kind`]) used by the test vectors.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// Port 0 in an opening or a grant.
+    #[error("port 0 cannot be opened")]
+    PortZero,
+    /// A port range whose last port is below its first.
+    #[error("port range {first}-{last} is reversed")]
+    ReversedRange {
+        /// The first port.
+        first: u16,
+        /// The last port.
+        last: u16,
+    },
+    /// A prefix length above 32 for IPv4 or 128 for IPv6.
+    #[error("prefix length {len} is too long for {addr} (at most {max})")]
+    PrefixTooLong {
+        /// The network address.
+        addr: IpAddr,
+        /// The length given.
+        len: u8,
+        /// The longest length of the family.
+        max: u8,
+    },
+    /// A prefix whose address has bits set beyond its length (10.0.0.1/24).
+    #[error("prefix {0} has host bits set")]
+    HostBitsSet(Prefix),
+    /// An opening's host address and family disagree.
+    #[error("host address {host} is not of the family asked")]
+    FamilyMismatch {
+        /// The host address.
+        host: IpAddr,
+    },
+    /// A remote prefix is not of the host address's family.
+    #[error("remote prefix {prefix} is not of the opening's family ({family:?})")]
+    RemoteFamilyMismatch {
+        /// The prefix.
+        prefix: Prefix,
+        /// The family of the host address (or, with none, of the family asked).
+        family: Family,
+    },
+    /// An application id that is not 1 to 64 bytes.
+    #[error("an application id is 1 to 64 bytes, not {len}")]
+    AppIdLength {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// An application id with a byte outside `[a-z0-9._-]`.
+    #[error("an application id holds only a-z, 0-9, '.', '_' and '-', not {found:?}")]
+    AppIdCharacter {
+        /// The first character outside the set.
+        found: char,
+    },
+    /// A lifetime asked above [`MAX_LIFETIME_SECS`].
+    #[error("lifetime {asked} s is above the maximum of {max} s")]
+    LifetimeOutOfRange {
+        /// The lifetime asked, in seconds.
+        asked: u32,
+        /// [`MAX_LIFETIME_SECS`].
+        max: u32,
+    },
+    /// A Hello with an empty version list.
+    #[error("Hello lists no version")]
+    NoVersions,
+    /// A Hello whose versions do not include the one this implementation speaks.
+    #[error("no version in common: offered {offered:?}, this gateway speaks {VERSION}")]
+    UnsupportedVersion {
+        /// The versions the client offered.
+        offered: Vec<u16>,
+    },
+    /// A text field outside the length the schema allows.
+    #[error("{field} is {len} bytes long; allowed {min} to {max}")]
+    TextLength {
+        /// Which field, as `message.field`.
+        field: &'static str,
+        /// Its length in bytes.
+        len: usize,
+        /// The shortest allowed.
+        min: usize,
+        /// The longest allowed.
+        max: usize,
+    },
+    /// A list the schema requires to be non-empty is empty.
+    #[error("{field} must not be empty")]
+    EmptyList {
+        /// Which list, as `message.field`.
+        field: &'static str,
+    },
+    /// A message that is not a request arrived where a request was expected.
+    #[error("a {0:?} message is not a request")]
+    NotARequest(MessageType),
+}
+
+impl ValidationError {
+    /// The result code a gateway answers this error with in a Denied.
+    pub fn result_code(&self) -> ResultCode {
+        match self {
+            ValidationError::PortZero
+            | ValidationError::ReversedRange { .. }
+            | ValidationError::PrefixTooLong { .. }
+            | ValidationError::HostBitsSet(_)
+            | ValidationError::FamilyMismatch { .. }
+            | ValidationError::RemoteFamilyMismatch { .. }
+            | ValidationError::AppIdLength { .. }
+            | ValidationError::AppIdCharacter { .. } => ResultCode::MalformedOption,
+            ValidationError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
+            ValidationError::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
+            ValidationError::NoVersions
+            | ValidationError::TextLength { .. }
+            | ValidationError::EmptyList { .. }
+            | ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
+        }
+    }
+
+    /// A stable short name of the variant, as used in `spec/vectors/`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ValidationError::PortZero => "port-zero",
+            ValidationError::ReversedRange { .. } => "reversed-range",
+            ValidationError::PrefixTooLong { .. } => "prefix-too-long",
+            ValidationError::HostBitsSet(_) => "host-bits-set",
+            ValidationError::FamilyMismatch { .. } => "family-mismatch",
+            ValidationError::RemoteFamilyMismatch { .. } => "remote-family-mismatch",
+            ValidationError::AppIdLength { .. } => "app-id-length",
+            ValidationError::AppIdCharacter { .. } => "app-id-character",
+            ValidationError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
+            ValidationError::NoVersions => "no-versions",
+            ValidationError::UnsupportedVersion { .. } => "unsupported-version",
+            ValidationError::TextLength { .. } => "text-length",
+            ValidationError::EmptyList { .. } => "empty-list",
+            ValidationError::NotARequest(_) => "not-a-request",
+        }
+    }
+
+    /// Whether the gateway closes the connection after answering (with QUIC code
+    /// [`QuicErrorCode::VersionMismatch`]): true only for a Hello with no common version.
+    pub fn closes_connection(&self) -> Option<QuicErrorCode> {
+        match self {
+            ValidationError::UnsupportedVersion { .. } => Some(QuicErrorCode::VersionMismatch),
+            _ => None,
+        }
+    }
+}
+
+/// Longest application name in app-info, bytes.
+pub const MAX_APP_NAME_LEN: usize = 256;
+/// Longest executable path in app-info, bytes.
+pub const MAX_EXECUTABLE_LEN: usize = 1024;
+/// Longest reason text (Denied, Revoked, GoingAway), bytes.
+pub const MAX_REASON_LEN: usize = 512;
+/// Longest software description in Hello, bytes.
+pub const MAX_SOFTWARE_LEN: usize = 128;
+/// Longest authenticated identity in Welcome, bytes.
+pub const MAX_IDENTITY_LEN: usize = 512;
+/// Longest application id, bytes.
+pub const MAX_APP_ID_LEN: usize = 64;
+
+/// A port range of an opening or a grant: no port 0, not reversed.
+pub fn validate_ports(ports: &PortRange) -> Result<(), ValidationError> {
+    if ports.first == 0 || ports.last == 0 {
+        return Err(ValidationError::PortZero);
+    }
+    if ports.last < ports.first {
+        return Err(ValidationError::ReversedRange {
+            first: ports.first,
+            last: ports.last,
+        });
+    }
+    Ok(())
+}
+
+/// A remote prefix: a length within its family, no host bits set.
+pub fn validate_prefix(prefix: &Prefix) -> Result<(), ValidationError> {
+    let (bits, width): (u128, u8) = match prefix.addr {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    if prefix.len > width {
+        return Err(ValidationError::PrefixTooLong {
+            addr: prefix.addr,
+            len: prefix.len,
+            max: width,
+        });
+    }
+    let host_bits = u32::from(width - prefix.len);
+    let host_mask = 1u128.checked_shl(host_bits).map_or(u128::MAX, |m| m - 1);
+    if bits & host_mask != 0 {
+        return Err(ValidationError::HostBitsSet(*prefix));
+    }
+    Ok(())
+}
+
+/// An application id: 1 to 64 bytes of `[a-z0-9._-]`.
+pub fn validate_app_id(app: &str) -> Result<(), ValidationError> {
+    if app.is_empty() || app.len() > MAX_APP_ID_LEN {
+        return Err(ValidationError::AppIdLength { len: app.len() });
+    }
+    match app
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(found) => Err(ValidationError::AppIdCharacter { found }),
+        None => Ok(()),
+    }
+}
+
+/// A lifetime asked in Open or Renew: absent or 0 (the default), or at most
+/// [`MAX_LIFETIME_SECS`].
+pub fn validate_lifetime(lifetime: Option<u32>) -> Result<(), ValidationError> {
+    match lifetime {
+        Some(asked) if asked > MAX_LIFETIME_SECS => Err(ValidationError::LifetimeOutOfRange {
+            asked,
+            max: MAX_LIFETIME_SECS,
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn validate_remotes(family: Option<Family>, remotes: &[Prefix]) -> Result<(), ValidationError> {
+    for prefix in remotes {
+        validate_prefix(prefix)?;
+        if let Some(family) = family
+            && family != Family::of(prefix.addr)
+        {
+            return Err(ValidationError::RemoteFamilyMismatch {
+                prefix: *prefix,
+                family,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// An opening: its ports or app id, its host address against its family, its remote prefixes
+/// against the host address's family.
+pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
+    match &opening.target {
+        Target::Ports { ports, .. } => validate_ports(ports)?,
+        Target::App(app) => validate_app_id(app)?,
+    }
+    if let (Some(host), Some(family)) = (opening.host, opening.family)
+        && Family::of(host) != family
+    {
+        return Err(ValidationError::FamilyMismatch { host });
+    }
+    // With no host address but a family, the family tells what the prefixes must be.
+    validate_remotes(
+        opening.host.map(Family::of).or(opening.family),
+        &opening.remotes,
+    )
+}
+
+/// A grant: the same rules as an opening, with its concrete host address.
+pub fn validate_grant(grant: &Grant) -> Result<(), ValidationError> {
+    validate_ports(&grant.ports)?;
+    validate_remotes(Some(Family::of(grant.host)), &grant.remotes)?;
+    if let Some(app) = &grant.app {
+        validate_app_id(app)?;
+    }
+    Ok(())
+}
+
+fn text_len(
+    field: &'static str,
+    text: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), ValidationError> {
+    if text.len() < min || text.len() > max {
+        return Err(ValidationError::TextLength {
+            field,
+            len: text.len(),
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn opt_text_len(
+    field: &'static str,
+    text: Option<&str>,
+    max: usize,
+) -> Result<(), ValidationError> {
+    text.map_or(Ok(()), |t| text_len(field, t, 0, max))
+}
+
+/// What a host tells about its application: the text lengths.
+pub fn validate_app_info(app: &AppInfo) -> Result<(), ValidationError> {
+    opt_text_len("app-info.name", app.name.as_deref(), MAX_APP_NAME_LEN)?;
+    opt_text_len(
+        "app-info.executable",
+        app.executable.as_deref(),
+        MAX_EXECUTABLE_LEN,
+    )
+}
+
+/// A Hello: versions listed, version 1 among them, the software text's length.
+pub fn validate_hello(hello: &Hello) -> Result<(), ValidationError> {
+    if hello.versions.is_empty() {
+        return Err(ValidationError::NoVersions);
+    }
+    opt_text_len(
+        "hello.software",
+        hello.software.as_deref(),
+        MAX_SOFTWARE_LEN,
+    )?;
+    if !hello.versions.contains(&VERSION) {
+        return Err(ValidationError::UnsupportedVersion {
+            offered: hello.versions.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// A message a client sent to the gateway (Hello, Open, Renew, Release, List); any other type
+/// is [`ValidationError::NotARequest`].
+pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
+    match msg {
+        Message::Hello(h) => validate_hello(h),
+        Message::Open(o) => {
+            validate_opening(&o.opening)?;
+            validate_lifetime(o.lifetime)?;
+            o.app.as_ref().map_or(Ok(()), validate_app_info)
+        }
+        Message::Renew(r) => validate_lifetime(r.lifetime),
+        Message::Release(_) | Message::List(_) => Ok(()),
+        other => Err(ValidationError::NotARequest(other.message_type())),
+    }
+}
+
+/// Any message: requests as [`validate_request`], answers and notices as a client checks them
+/// (grants concrete and well-formed, lists non-empty where the schema says so, text lengths).
+pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
+    match msg {
+        Message::Hello(_)
+        | Message::Open(_)
+        | Message::Renew(_)
+        | Message::Release(_)
+        | Message::List(_) => validate_request(msg),
+        Message::Welcome(w) => text_len("welcome.identity", &w.identity, 1, MAX_IDENTITY_LEN),
+        Message::Granted(g) => validate_grants("granted.grants", &g.grants),
+        Message::Denied(d) => opt_text_len("denied.reason", d.reason.as_deref(), MAX_REASON_LEN),
+        Message::Leases(l) => l.leases.iter().try_for_each(|info| {
+            validate_grants("lease-info.grants", &info.grants)?;
+            info.app.as_ref().map_or(Ok(()), validate_app_info)
+        }),
+        Message::Released(_) | Message::EpochChanged(_) => Ok(()),
+        Message::Revoked(r) => opt_text_len("revoked.reason", r.text.as_deref(), MAX_REASON_LEN),
+        Message::GoingAway(g) => {
+            opt_text_len("going-away.reason", g.reason.as_deref(), MAX_REASON_LEN)
+        }
+    }
+}
+
+fn validate_grants(field: &'static str, grants: &[Grant]) -> Result<(), ValidationError> {
+    if grants.is_empty() {
+        return Err(ValidationError::EmptyList { field });
+    }
+    grants.iter().try_for_each(validate_grant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefix(s: &str) -> Prefix {
+        let (addr, len) = s.split_once('/').unwrap();
+        Prefix {
+            addr: addr.parse().unwrap(),
+            len: len.parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(validate_prefix(&prefix("10.0.0.0/24")), Ok(()));
+        assert_eq!(validate_prefix(&prefix("0.0.0.0/0")), Ok(()));
+        assert_eq!(validate_prefix(&prefix("10.0.0.1/32")), Ok(()));
+        assert_eq!(validate_prefix(&prefix("::/0")), Ok(()));
+        assert_eq!(validate_prefix(&prefix("2001:db8::1/128")), Ok(()));
+        assert_eq!(
+            validate_prefix(&prefix("10.0.0.1/24")),
+            Err(ValidationError::HostBitsSet(prefix("10.0.0.1/24")))
+        );
+        assert_eq!(
+            validate_prefix(&prefix("1.0.0.0/0")),
+            Err(ValidationError::HostBitsSet(prefix("1.0.0.0/0")))
+        );
+        assert!(matches!(
+            validate_prefix(&prefix("10.0.0.0/33")),
+            Err(ValidationError::PrefixTooLong { max: 32, .. })
+        ));
+        assert!(matches!(
+            validate_prefix(&prefix("2001:db8::/129")),
+            Err(ValidationError::PrefixTooLong { max: 128, .. })
+        ));
+        assert!(matches!(
+            validate_prefix(&prefix("2001:db8::1/64")),
+            Err(ValidationError::HostBitsSet(_))
+        ));
+    }
+
+    #[test]
+    fn app_ids() {
+        assert_eq!(validate_app_id("https"), Ok(()));
+        assert_eq!(validate_app_id("a.b_c-9"), Ok(()));
+        assert_eq!(validate_app_id(&"a".repeat(64)), Ok(()));
+        assert_eq!(
+            validate_app_id(""),
+            Err(ValidationError::AppIdLength { len: 0 })
+        );
+        assert_eq!(
+            validate_app_id(&"a".repeat(65)),
+            Err(ValidationError::AppIdLength { len: 65 })
+        );
+        assert_eq!(
+            validate_app_id("HTTPS"),
+            Err(ValidationError::AppIdCharacter { found: 'H' })
+        );
+        assert_eq!(
+            validate_app_id("a b"),
+            Err(ValidationError::AppIdCharacter { found: ' ' })
+        );
+        assert_eq!(
+            validate_app_id("é"),
+            Err(ValidationError::AppIdCharacter { found: 'é' })
+        );
+    }
+
+    #[test]
+    fn ports_and_lifetimes() {
+        assert_eq!(validate_ports(&PortRange::single(65535)), Ok(()));
+        assert_eq!(
+            validate_ports(&PortRange::single(0)),
+            Err(ValidationError::PortZero)
+        );
+        assert_eq!(
+            validate_ports(&PortRange { first: 9, last: 8 }),
+            Err(ValidationError::ReversedRange { first: 9, last: 8 })
+        );
+        assert_eq!(validate_lifetime(None), Ok(()));
+        assert_eq!(validate_lifetime(Some(0)), Ok(()));
+        assert_eq!(validate_lifetime(Some(MAX_LIFETIME_SECS)), Ok(()));
+        assert_eq!(
+            validate_lifetime(Some(MAX_LIFETIME_SECS + 1)),
+            Err(ValidationError::LifetimeOutOfRange {
+                asked: MAX_LIFETIME_SECS + 1,
+                max: MAX_LIFETIME_SECS
+            })
+        );
+    }
+
+    #[test]
+    fn opening_families() {
+        let mut o = Opening {
+            target: Target::Ports {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(443),
+            },
+            host: Some("192.0.2.1".parse().unwrap()),
+            family: Some(Family::Ipv6),
+            remotes: vec![],
+        };
+        assert!(matches!(
+            validate_opening(&o),
+            Err(ValidationError::FamilyMismatch { .. })
+        ));
+        o.family = Some(Family::Ipv4);
+        assert_eq!(validate_opening(&o), Ok(()));
+        o.remotes = vec![prefix("2001:db8::/32")];
+        assert!(matches!(
+            validate_opening(&o),
+            Err(ValidationError::RemoteFamilyMismatch { .. })
+        ));
+        o.host = None;
+        assert!(matches!(
+            validate_opening(&o),
+            Err(ValidationError::RemoteFamilyMismatch { .. })
+        ));
+        o.family = None;
+        assert_eq!(validate_opening(&o), Ok(()));
+    }
+}
