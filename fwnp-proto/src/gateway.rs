@@ -1,1 +1,895 @@
-//! (placeholder: filled by the gateway work)
+//! The gateway's decisions that need no IO: version negotiation, host address resolution,
+//! lifetime clamping, and the in-memory [`LeaseBook`] with idempotent re-open, quotas,
+//! ownership, renewal, release, revocation and expiry.
+//!
+//! Policy evaluation is not here: the daemon evaluates its policy and passes in the facts it
+//! produced ([`PolicyFacts`], [`LifetimePolicy`]). Storage, the kernel filter and the audit trail
+//! are not here either: every operation returns exactly what changed (a new lease, an extended
+//! one, a renewal, a removal, with the lease record), so the daemon can program the kernel,
+//! write its store and audit from that.
+//!
+//! Time is `now_ms`, Unix milliseconds on the gateway's clock, passed in: the gateway persists
+//! expiries, so they are wall-clock values. Lease ids come from the RNG passed in.
+//!
+//! The book is built for a million leases: leases are found by id in a hash map, by host in a
+//! per-host ordered set, by (host, grants) for idempotent re-open in a hash index, and by expiry
+//! in an ordered set, so that every operation costs O(log n) (or O(1)) and nothing scans the
+//! whole book. Call [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so
+//! that a lease past its expiry is never counted, renewed or extended.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use rand::Rng;
+
+use crate::message::{
+    AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo,
+    MAX_LIFETIME_SECS, Open, Opening, ResultCode, RevokeReason, Revoked, VERSION,
+};
+
+/// Why the gateway refuses a request; each variant maps to one [`ResultCode`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Hello lists no version at all.
+    #[error("hello lists no protocol version")]
+    NoVersions,
+    /// Hello lists no version this gateway speaks.
+    #[error("no version in common: the client speaks {offered:?}, the gateway speaks {VERSION}")]
+    UnsupportedVersion {
+        /// The versions the client offered.
+        offered: Vec<u16>,
+    },
+    /// The lifetime asked is above [`MAX_LIFETIME_SECS`].
+    #[error("lifetime {asked} s is above the protocol maximum of {MAX_LIFETIME_SECS} s")]
+    LifetimeOutOfRange {
+        /// The lifetime asked, in seconds.
+        asked: u32,
+    },
+    /// The opening names a host address this host may not open, and it has no third-party
+    /// rights.
+    #[error("host address {address} is not one this host may open")]
+    AddressMismatch {
+        /// The address asked.
+        address: IpAddr,
+    },
+    /// The opening names no address and the host holds none (of the family asked).
+    #[error("the host holds no address{} it may open", family_text(*.family))]
+    NoAddress {
+        /// The family asked, if any.
+        family: Option<Family>,
+    },
+    /// The policy granted nothing for this opening.
+    #[error("policy grants nothing for this opening")]
+    NothingGranted,
+    /// The host already holds as many live leases as policy allows.
+    #[error("the host holds {held} leases, the most policy allows is {max}")]
+    QuotaExceeded {
+        /// Live leases the host holds.
+        held: usize,
+        /// The most it may hold.
+        max: u32,
+    },
+    /// No lease with this id belongs to this host (it may not exist at all, or belong to
+    /// another host: the answer is the same).
+    #[error("no such lease for this host")]
+    UnknownLease,
+    /// The RNG kept producing ids already in use.
+    #[error("no free lease id could be drawn")]
+    NoFreeLeaseId,
+}
+
+fn family_text(family: Option<Family>) -> &'static str {
+    match family {
+        Some(Family::Ipv4) => " of family IPv4",
+        Some(Family::Ipv6) => " of family IPv6",
+        None => "",
+    }
+}
+
+impl Refusal {
+    /// The result code a Denied answer carries for this refusal.
+    pub fn code(&self) -> ResultCode {
+        match self {
+            Refusal::NoVersions => ResultCode::MalformedRequest,
+            Refusal::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
+            Refusal::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
+            Refusal::AddressMismatch { .. } | Refusal::NoAddress { .. } => {
+                ResultCode::AddressMismatch
+            }
+            Refusal::NothingGranted => ResultCode::DeniedByPolicy,
+            Refusal::QuotaExceeded { .. } => ResultCode::QuotaExceeded,
+            Refusal::UnknownLease => ResultCode::UnknownLease,
+            Refusal::NoFreeLeaseId => ResultCode::NoResources,
+        }
+    }
+
+    /// The Denied answer for this refusal, echoing `request_id` and naming `lease` if the
+    /// request named one.
+    pub fn to_denied(&self, request_id: Option<u64>, lease: Option<LeaseId>) -> Denied {
+        Denied {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            code: self.code(),
+            reason: Some(self.to_string()),
+            retry_after: None,
+            lease,
+            unsupported: Vec::new(),
+        }
+    }
+}
+
+/// Chooses the version for a Hello: [`VERSION`] if the client speaks it.
+pub fn negotiate_version(hello: &Hello) -> Result<u16, Refusal> {
+    if hello.versions.is_empty() {
+        return Err(Refusal::NoVersions);
+    }
+    if hello.versions.contains(&VERSION) {
+        Ok(VERSION)
+    } else {
+        Err(Refusal::UnsupportedVersion {
+            offered: hello.versions.clone(),
+        })
+    }
+}
+
+/// The host address an opening opens, given the addresses the host may open (its certificate's
+/// IP SANs, or its connection's source address) and whether policy grants it third-party
+/// rights.
+///
+/// A named address must be one of `allowed`, unless `third_party`. With no address, the first
+/// allowed address of the family asked (or of any family) is used.
+pub fn resolve_host_address(
+    opening: &Opening,
+    allowed: &[IpAddr],
+    third_party: bool,
+) -> Result<IpAddr, Refusal> {
+    if let Some(address) = opening.host {
+        return if third_party || allowed.contains(&address) {
+            Ok(address)
+        } else {
+            Err(Refusal::AddressMismatch { address })
+        };
+    }
+    let family_matches = |a: &&IpAddr| match opening.family {
+        Some(Family::Ipv4) => a.is_ipv4(),
+        Some(Family::Ipv6) => a.is_ipv6(),
+        None => true,
+    };
+    allowed
+        .iter()
+        .find(family_matches)
+        .copied()
+        .ok_or(Refusal::NoAddress {
+            family: opening.family,
+        })
+}
+
+/// The lifetime bounds policy sets for an opening, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LifetimePolicy {
+    /// The shortest lifetime granted.
+    pub min: u32,
+    /// The longest lifetime granted (values above [`MAX_LIFETIME_SECS`] count as it).
+    pub max: u32,
+    /// The lifetime granted to an Open that asks for none (or 0).
+    pub default: u32,
+}
+
+/// A lifetime after clamping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClampedLifetime {
+    /// The lifetime granted, in seconds (at least 1).
+    pub secs: u32,
+    /// Whether it differs from what was asked (or, with no ask, from the fallback).
+    pub narrowed: bool,
+}
+
+/// Checks an asked lifetime against the protocol's maximum. `None` and 0 both mean "no ask"
+/// and give `None`.
+pub fn check_asked_lifetime(asked: Option<u32>) -> Result<Option<u32>, Refusal> {
+    // The validation module owns this rule for decoded messages too; the book re-checks so that
+    // it never grants beyond the protocol's maximum whatever the caller validated.
+    match asked {
+        None | Some(0) => Ok(None),
+        Some(secs) if secs > MAX_LIFETIME_SECS => Err(Refusal::LifetimeOutOfRange { asked: secs }),
+        Some(secs) => Ok(Some(secs)),
+    }
+}
+
+/// Clamps `asked` (or, with no ask, `fallback`: the policy's default for an Open, the lease's own
+/// lifetime for a Renew) to `[policy.min, policy.max]`, itself within
+/// `[1, MAX_LIFETIME_SECS]`. An ask above [`MAX_LIFETIME_SECS`] is refused.
+pub fn clamp_lifetime(
+    asked: Option<u32>,
+    fallback: u32,
+    policy: LifetimePolicy,
+) -> Result<ClampedLifetime, Refusal> {
+    let wanted = check_asked_lifetime(asked)?.unwrap_or(fallback);
+    // Written out instead of `u32::clamp`, which panics when a policy has min > max: then the
+    // max wins, the safer of the two.
+    let max = policy.max.clamp(1, MAX_LIFETIME_SECS);
+    let min = policy.min.max(1);
+    let secs = wanted.max(min).min(max);
+    Ok(ClampedLifetime {
+        secs,
+        narrowed: secs != wanted,
+    })
+}
+
+/// What policy decided for one Open, as facts the book applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyFacts {
+    /// What policy grants, concrete (resolved host address included).
+    pub grants: Vec<Grant>,
+    /// Whether the grants are narrower than the opening asked (ports or prefixes).
+    pub grants_narrowed: bool,
+    /// The lifetime bounds and default.
+    pub lifetime: LifetimePolicy,
+    /// The most live leases the host may hold; `None` for no limit.
+    pub max_leases: Option<u32>,
+}
+
+/// One lease in the gateway's book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The lease id.
+    pub id: LeaseId,
+    /// The identity of the host that owns it.
+    pub host: Arc<str>,
+    /// What it grants, in canonical order (sorted, without duplicates).
+    pub grants: Vec<Grant>,
+    /// The lifetime last granted, in seconds (a Renew asking for none gets it again).
+    pub lifetime: u32,
+    /// When it was created, Unix milliseconds.
+    pub created_ms: u64,
+    /// When it expires, Unix milliseconds.
+    pub expires_ms: u64,
+    /// What the host told about the application.
+    pub app: Option<Box<AppInfo>>,
+}
+
+impl Lease {
+    /// The renew-after hint: half the lifetime, in seconds.
+    pub fn renew_after(&self) -> u32 {
+        self.lifetime / 2
+    }
+
+    /// The seconds left at `now_ms` (0 once expired), rounded down.
+    pub fn remaining_secs(&self, now_ms: u64) -> u32 {
+        u32::try_from(self.expires_ms.saturating_sub(now_ms) / 1000).unwrap_or(u32::MAX)
+    }
+
+    /// The entry of a Leases answer for this lease.
+    pub fn to_lease_info(&self, now_ms: u64) -> LeaseInfo {
+        LeaseInfo {
+            lease: self.id,
+            grants: self.grants.clone(),
+            remaining: self.remaining_secs(now_ms),
+            expires_ms: self.expires_ms,
+            app: self.app.as_deref().cloned(),
+        }
+    }
+
+    /// The Granted answer for this lease.
+    pub fn to_granted(&self, request_id: Option<u64>, epoch: Epoch, narrowed: bool) -> Granted {
+        Granted {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            lease: self.id,
+            grants: self.grants.clone(),
+            lifetime: self.lifetime,
+            expires_ms: self.expires_ms,
+            renew_after: self.renew_after(),
+            epoch,
+            narrowed,
+        }
+    }
+
+    /// The Revoked notice to push to the owning host.
+    pub fn to_revoked(&self, reason: RevokeReason, text: Option<String>) -> Revoked {
+        Revoked {
+            common: Common::default(),
+            lease: self.id,
+            reason,
+            text,
+        }
+    }
+}
+
+/// A granted lease and whether it is narrower than asked: what the Granted answer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseGrant {
+    /// The lease, as it is in the book after the operation.
+    pub lease: Lease,
+    /// Whether lifetime, ports or prefixes are narrower than asked.
+    pub narrowed: bool,
+}
+
+impl LeaseGrant {
+    /// The Granted answer.
+    pub fn to_granted(&self, request_id: Option<u64>, epoch: Epoch) -> Granted {
+        self.lease.to_granted(request_id, epoch, self.narrowed)
+    }
+}
+
+/// What an Open did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpenOutcome {
+    /// A new lease: the kernel gets new elements, the store a new row.
+    NewLease(LeaseGrant),
+    /// The host already held a live lease with exactly these grants: it was extended (same
+    /// id, expiry `max(old, now + lifetime)`), and no quota was used.
+    Extended {
+        /// The lease after extension.
+        grant: LeaseGrant,
+        /// Its expiry before, Unix milliseconds.
+        previous_expires_ms: u64,
+    },
+}
+
+impl OpenOutcome {
+    /// The lease and its narrowed flag, whichever happened.
+    pub fn grant(&self) -> &LeaseGrant {
+        match self {
+            OpenOutcome::NewLease(grant) | OpenOutcome::Extended { grant, .. } => grant,
+        }
+    }
+}
+
+/// What a Renew did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// The lease after renewal.
+    pub grant: LeaseGrant,
+    /// Its expiry before, Unix milliseconds.
+    pub previous_expires_ms: u64,
+}
+
+/// What [`LeaseBook::restore`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Leases now live in the book.
+    pub restored: usize,
+    /// Leases already past their expiry: not loaded; the daemon records them as expired.
+    pub expired: Vec<Lease>,
+    /// Leases whose id was already in the book: not loaded.
+    pub duplicates: Vec<Lease>,
+}
+
+/// Lease ids sharing one (host, grants) fingerprint; almost always exactly one.
+#[derive(Debug, Clone)]
+enum IdList {
+    One(LeaseId),
+    Many(Vec<LeaseId>),
+}
+
+impl IdList {
+    fn ids(&self) -> &[LeaseId] {
+        match self {
+            IdList::One(id) => std::slice::from_ref(id),
+            IdList::Many(ids) => ids,
+        }
+    }
+}
+
+/// The gateway's live leases, indexed by id, host, (host, grants) and expiry.
+#[derive(Debug, Default)]
+pub struct LeaseBook {
+    leases: HashMap<LeaseId, Lease>,
+    /// (expires_ms, id): the next lease to expire is the first.
+    expiry: BTreeSet<(u64, LeaseId)>,
+    /// Each host's lease ids; the key is the one shared `Arc` of that host's identity.
+    hosts: HashMap<Arc<str>, BTreeSet<LeaseId>>,
+    /// Fingerprint of (host, grants) to the leases that have it, for idempotent re-open.
+    by_opening: HashMap<u64, IdList>,
+    /// Keys the fingerprints, so that a host cannot aim collisions at another's leases.
+    fingerprint_keys: RandomState,
+}
+
+impl LeaseBook {
+    /// An empty book.
+    pub fn new() -> Self {
+        LeaseBook::default()
+    }
+
+    /// How many live leases the book holds.
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Whether the book holds no lease.
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    /// How many hosts hold at least one lease.
+    pub fn host_count(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// The lease with this id, whoever owns it (for the operator's tools; requests from hosts
+    /// go through [`owned`](Self::owned)).
+    pub fn get(&self, id: &LeaseId) -> Option<&Lease> {
+        self.leases.get(id)
+    }
+
+    /// The lease with this id if `host` owns it.
+    pub fn owned(&self, host: &str, id: &LeaseId) -> Option<&Lease> {
+        self.leases.get(id).filter(|lease| &*lease.host == host)
+    }
+
+    /// How many leases `host` holds.
+    pub fn lease_count(&self, host: &str) -> usize {
+        self.hosts.get(host).map_or(0, BTreeSet::len)
+    }
+
+    /// The leases `host` holds, ordered by id.
+    pub fn leases_of<'a>(&'a self, host: &str) -> impl Iterator<Item = &'a Lease> + 'a {
+        self.hosts
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.leases.get(id))
+    }
+
+    /// Every lease, in no particular order (for reconciliation and policy reload).
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    /// The earliest expiry in the book, Unix milliseconds: when to call
+    /// [`expire_due`](Self::expire_due) next.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiry.first().map(|(at, _)| *at)
+    }
+
+    /// Removes and returns every lease whose expiry is at or before `now_ms`, earliest first.
+    pub fn expire_due(&mut self, now_ms: u64) -> Vec<Lease> {
+        let mut expired = Vec::new();
+        while let Some(&(at, id)) = self.expiry.first() {
+            if at > now_ms {
+                break;
+            }
+            match self.remove(&id) {
+                Some(lease) => expired.push(lease),
+                // An index entry without its lease cannot happen; drop it rather than loop.
+                None => {
+                    self.expiry.pop_first();
+                }
+            }
+        }
+        expired
+    }
+
+    /// Handles an Open from `host` at `now_ms`, with the facts its policy produced for it.
+    ///
+    /// In order: the asked lifetime is checked and clamped; an empty grant list is refused; a
+    /// live lease of the same host with exactly the same grants is extended (no quota used);
+    /// otherwise the quota is checked and a new lease with a fresh random id is created.
+    pub fn open<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        open: &Open,
+        facts: &PolicyFacts,
+        rng: &mut R,
+    ) -> Result<OpenOutcome, Refusal> {
+        let lifetime = clamp_lifetime(open.lifetime, facts.lifetime.default, facts.lifetime)?;
+        if facts.grants.is_empty() {
+            return Err(Refusal::NothingGranted);
+        }
+        let narrowed = facts.grants_narrowed || lifetime.narrowed;
+        let grants = canonical_grants(&facts.grants);
+        let new_expiry = expiry_after(now_ms, lifetime.secs);
+        let fingerprint = self.fingerprint(host, &grants);
+
+        if let Some(id) = self.find_same(fingerprint, host, &grants) {
+            let previous_expires_ms = self.leases.get(&id).map_or(0, |l| l.expires_ms);
+            let expires_ms = previous_expires_ms.max(new_expiry);
+            self.set_expiry(&id, expires_ms);
+            if let Some(lease) = self.leases.get_mut(&id) {
+                lease.lifetime = lifetime.secs;
+                if let Some(app) = &open.app {
+                    lease.app = Some(Box::new(app.clone()));
+                }
+                let grant = LeaseGrant {
+                    lease: lease.clone(),
+                    narrowed,
+                };
+                return Ok(OpenOutcome::Extended {
+                    grant,
+                    previous_expires_ms,
+                });
+            }
+        }
+
+        if let Some(max) = facts.max_leases {
+            let held = self.lease_count(host);
+            if held >= usize::try_from(max).unwrap_or(usize::MAX) {
+                return Err(Refusal::QuotaExceeded { held, max });
+            }
+        }
+        let id = self.fresh_id(rng)?;
+        let lease = Lease {
+            id,
+            host: self.intern_host(host),
+            grants,
+            lifetime: lifetime.secs,
+            created_ms: now_ms,
+            expires_ms: new_expiry,
+            app: open.app.clone().map(Box::new),
+        };
+        self.insert_indexed(lease.clone(), fingerprint);
+        Ok(OpenOutcome::NewLease(LeaseGrant { lease, narrowed }))
+    }
+
+    /// Handles a Renew from `host` of lease `id` asking for `asked` seconds (`None` or 0: the
+    /// lease's own lifetime), clamped again by the current policy's bounds. The lease then
+    /// expires `now + lifetime`. A lease that is not this host's, does not exist or is past its
+    /// expiry is unknown-lease.
+    pub fn renew(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        id: &LeaseId,
+        asked: Option<u32>,
+        policy: LifetimePolicy,
+    ) -> Result<Renewed, Refusal> {
+        check_asked_lifetime(asked)?;
+        let lease = self.live_owned(now_ms, host, id)?;
+        let lifetime = clamp_lifetime(asked, lease.lifetime, policy)?;
+        let previous_expires_ms = lease.expires_ms;
+        self.set_expiry(id, expiry_after(now_ms, lifetime.secs));
+        let lease = self.leases.get_mut(id).ok_or(Refusal::UnknownLease)?;
+        lease.lifetime = lifetime.secs;
+        let grant = LeaseGrant {
+            lease: lease.clone(),
+            narrowed: lifetime.narrowed,
+        };
+        Ok(Renewed {
+            grant,
+            previous_expires_ms,
+        })
+    }
+
+    /// Handles a Release from `host` of lease `id`: removes it and returns it. A lease that is
+    /// not this host's, does not exist or is past its expiry is unknown-lease.
+    pub fn release(&mut self, now_ms: u64, host: &str, id: &LeaseId) -> Result<Lease, Refusal> {
+        self.live_owned(now_ms, host, id)?;
+        self.remove(id).ok_or(Refusal::UnknownLease)
+    }
+
+    /// Revokes lease `id` (an operator or a policy change): removes it and returns it, so the
+    /// daemon can remove its elements and push [`Lease::to_revoked`] to its host.
+    pub fn revoke(&mut self, id: &LeaseId) -> Option<Lease> {
+        self.remove(id)
+    }
+
+    /// Loads leases from the store at start. Those already expired at `now_ms` are not loaded
+    /// and are returned as expired; quotas are not applied (they were when the leases were
+    /// granted).
+    pub fn restore(
+        &mut self,
+        now_ms: u64,
+        leases: impl IntoIterator<Item = Lease>,
+    ) -> RestoreReport {
+        let mut report = RestoreReport::default();
+        for mut lease in leases {
+            if lease.expires_ms <= now_ms {
+                report.expired.push(lease);
+                continue;
+            }
+            if self.leases.contains_key(&lease.id) {
+                report.duplicates.push(lease);
+                continue;
+            }
+            lease.grants = canonical_grants(&lease.grants);
+            lease.host = self.intern_host(&lease.host);
+            let fingerprint = self.fingerprint(&lease.host, &lease.grants);
+            self.insert_indexed(lease, fingerprint);
+            report.restored += 1;
+        }
+        report
+    }
+
+    fn live_owned(&self, now_ms: u64, host: &str, id: &LeaseId) -> Result<&Lease, Refusal> {
+        self.owned(host, id)
+            .filter(|lease| lease.expires_ms > now_ms)
+            .ok_or(Refusal::UnknownLease)
+    }
+
+    fn fingerprint(&self, host: &str, grants: &[Grant]) -> u64 {
+        self.fingerprint_keys.hash_one((host, grants))
+    }
+
+    /// The live lease of `host` with exactly `grants`, if any.
+    fn find_same(&self, fingerprint: u64, host: &str, grants: &[Grant]) -> Option<LeaseId> {
+        let ids = self.by_opening.get(&fingerprint)?;
+        ids.ids().iter().copied().find(|id| {
+            self.leases
+                .get(id)
+                .is_some_and(|lease| &*lease.host == host && lease.grants == grants)
+        })
+    }
+
+    fn fresh_id<R: Rng + ?Sized>(&self, rng: &mut R) -> Result<LeaseId, Refusal> {
+        // With 128 random bits a collision is not expected in the life of the universe; the
+        // bound only keeps a broken RNG from hanging the gateway.
+        for _ in 0..16 {
+            let id = LeaseId(rng.random());
+            if !self.leases.contains_key(&id) {
+                return Ok(id);
+            }
+        }
+        Err(Refusal::NoFreeLeaseId)
+    }
+
+    /// The shared `Arc` of this host's identity, so a million leases do not hold a million
+    /// copies of a few thousand names.
+    fn intern_host(&self, host: &str) -> Arc<str> {
+        match self.hosts.get_key_value(host) {
+            Some((name, _)) => Arc::clone(name),
+            None => Arc::from(host),
+        }
+    }
+
+    fn insert_indexed(&mut self, lease: Lease, fingerprint: u64) {
+        let id = lease.id;
+        self.expiry.insert((lease.expires_ms, id));
+        self.hosts
+            .entry(Arc::clone(&lease.host))
+            .or_default()
+            .insert(id);
+        match self.by_opening.get_mut(&fingerprint) {
+            None => {
+                self.by_opening.insert(fingerprint, IdList::One(id));
+            }
+            Some(list) => {
+                let mut ids = list.ids().to_vec();
+                ids.push(id);
+                *list = IdList::Many(ids);
+            }
+        }
+        self.leases.insert(id, lease);
+    }
+
+    fn set_expiry(&mut self, id: &LeaseId, expires_ms: u64) {
+        if let Some(lease) = self.leases.get_mut(id) {
+            self.expiry.remove(&(lease.expires_ms, *id));
+            lease.expires_ms = expires_ms;
+            self.expiry.insert((expires_ms, *id));
+        }
+    }
+
+    fn remove(&mut self, id: &LeaseId) -> Option<Lease> {
+        let lease = self.leases.remove(id)?;
+        self.expiry.remove(&(lease.expires_ms, *id));
+        if let Some(ids) = self.hosts.get_mut(&lease.host) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.hosts.remove(&lease.host);
+            }
+        }
+        let fingerprint = self.fingerprint(&lease.host, &lease.grants);
+        let now_empty = match self.by_opening.get_mut(&fingerprint) {
+            Some(IdList::One(one)) => one == id,
+            Some(IdList::Many(ids)) => {
+                ids.retain(|other| other != id);
+                if let [last] = ids.as_slice() {
+                    let last = *last;
+                    self.by_opening.insert(fingerprint, IdList::One(last));
+                    false
+                } else {
+                    ids.is_empty()
+                }
+            }
+            None => false,
+        };
+        if now_empty {
+            self.by_opening.remove(&fingerprint);
+        }
+        Some(lease)
+    }
+}
+
+/// Grants in canonical form: each grant's remote prefixes sorted and deduplicated, the grants
+/// sorted and deduplicated, so that the same opening always compares equal.
+pub fn canonical_grants(grants: &[Grant]) -> Vec<Grant> {
+    let mut out: Vec<Grant> = grants
+        .iter()
+        .map(|grant| {
+            let mut grant = grant.clone();
+            grant.remotes.sort();
+            grant.remotes.dedup();
+            grant
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn expiry_after(now_ms: u64, secs: u32) -> u64 {
+    now_ms.saturating_add(u64::from(secs) * 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{Capabilities, PortRange, Prefix, Protocol, Target};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const POLICY: LifetimePolicy = LifetimePolicy {
+        min: 60,
+        max: 3600,
+        default: 600,
+    };
+
+    fn hello(versions: Vec<u16>) -> Hello {
+        Hello {
+            common: Common::default(),
+            versions,
+            capabilities: Capabilities::default(),
+            software: None,
+        }
+    }
+
+    fn opening(host: Option<IpAddr>, family: Option<Family>) -> Opening {
+        Opening {
+            target: Target::Ports {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(80),
+            },
+            host,
+            family,
+            remotes: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn version_negotiation() {
+        assert_eq!(negotiate_version(&hello(vec![3, 1])), Ok(1));
+        assert_eq!(
+            negotiate_version(&hello(vec![2])).map_err(|r| r.code()),
+            Err(ResultCode::UnsupportedVersion)
+        );
+        assert_eq!(negotiate_version(&hello(vec![])), Err(Refusal::NoVersions));
+    }
+
+    #[test]
+    fn lifetime_clamping() {
+        let c = |asked, fallback| clamp_lifetime(asked, fallback, POLICY);
+        assert_eq!(
+            c(None, 600),
+            Ok(ClampedLifetime {
+                secs: 600,
+                narrowed: false
+            })
+        );
+        assert_eq!(
+            c(Some(0), 600),
+            Ok(ClampedLifetime {
+                secs: 600,
+                narrowed: false
+            })
+        );
+        assert_eq!(
+            c(Some(120), 600),
+            Ok(ClampedLifetime {
+                secs: 120,
+                narrowed: false
+            })
+        );
+        assert_eq!(
+            c(Some(10), 600),
+            Ok(ClampedLifetime {
+                secs: 60,
+                narrowed: true
+            })
+        );
+        assert_eq!(
+            c(Some(7200), 600),
+            Ok(ClampedLifetime {
+                secs: 3600,
+                narrowed: true
+            })
+        );
+        assert_eq!(c(Some(MAX_LIFETIME_SECS), 600).map(|l| l.secs), Ok(3600));
+        assert_eq!(
+            c(Some(MAX_LIFETIME_SECS + 1), 600),
+            Err(Refusal::LifetimeOutOfRange {
+                asked: MAX_LIFETIME_SECS + 1
+            })
+        );
+        // A policy with min > max must not panic; the max wins.
+        let odd = LifetimePolicy {
+            min: 500,
+            max: 100,
+            default: 300,
+        };
+        assert_eq!(clamp_lifetime(None, 300, odd).map(|l| l.secs), Ok(100));
+        // A zero lifetime is never granted.
+        let zero = LifetimePolicy {
+            min: 0,
+            max: 0,
+            default: 0,
+        };
+        assert_eq!(clamp_lifetime(None, 0, zero).map(|l| l.secs), Ok(1));
+    }
+
+    #[test]
+    fn host_address_resolution() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10));
+        let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
+        let allowed = [v4, v6];
+        assert_eq!(
+            resolve_host_address(&opening(Some(v6), None), &allowed, false),
+            Ok(v6)
+        );
+        assert_eq!(
+            resolve_host_address(&opening(Some(other), None), &allowed, false),
+            Err(Refusal::AddressMismatch { address: other })
+        );
+        assert_eq!(
+            resolve_host_address(&opening(Some(other), None), &allowed, true),
+            Ok(other)
+        );
+        assert_eq!(
+            resolve_host_address(&opening(None, None), &allowed, false),
+            Ok(v4)
+        );
+        assert_eq!(
+            resolve_host_address(&opening(None, Some(Family::Ipv6)), &allowed, false),
+            Ok(v6)
+        );
+        let err = resolve_host_address(&opening(None, Some(Family::Ipv6)), &[v4], false);
+        assert_eq!(err.map_err(|r| r.code()), Err(ResultCode::AddressMismatch));
+        assert!(resolve_host_address(&opening(None, None), &[], true).is_err());
+    }
+
+    #[test]
+    fn canonical_grants_sort_and_dedup() {
+        let host = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        let p = |a: u8| Prefix {
+            addr: IpAddr::V4(Ipv4Addr::new(198, 51, 100, a)),
+            len: 32,
+        };
+        let g = |port: u16, remotes: Vec<Prefix>| Grant {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            host,
+            remotes,
+            app: None,
+        };
+        let messy = vec![g(443, vec![p(2), p(1), p(2)]), g(80, vec![]), g(80, vec![])];
+        let clean = canonical_grants(&messy);
+        assert_eq!(clean, vec![g(80, vec![]), g(443, vec![p(1), p(2)])]);
+    }
+
+    #[test]
+    fn refusal_to_denied_carries_code_and_reason() {
+        let denied = Refusal::QuotaExceeded { held: 3, max: 3 }.to_denied(Some(9), None);
+        assert_eq!(denied.code, ResultCode::QuotaExceeded);
+        assert_eq!(denied.common.request_id, Some(9));
+        assert!(denied.reason.is_some_and(|r| r.contains('3')));
+    }
+
+    #[test]
+    fn lease_record_stays_small() {
+        // The book holds up to a million of these; keep the inline record compact.
+        assert!(
+            std::mem::size_of::<Lease>() <= 96,
+            "{}",
+            std::mem::size_of::<Lease>()
+        );
+    }
+}

@@ -1,1 +1,878 @@
-//! (placeholder: filled by the lease work)
+//! The client's lease state machine: one [`LeaseMachine`] per opening a host holds.
+//!
+//! The machine asks for a lease (Open), renews it inside the renewal window the gateway's hint
+//! defines, retries with exponential backoff when answers are lost, re-opens when the gateway
+//! forgot the lease (unknown-lease, or a new epoch), and ends in exactly one of the terminal
+//! states: released, expired, revoked, failed (the Open was denied) or lost (the re-open was
+//! denied).
+//!
+//! Like `quinn-proto`'s connection, it does no IO and reads no clock. Its owner (the host agent)
+//! drives it:
+//!
+//! - [`LeaseMachine::poll_transmit`] gives the next request to send, if one is due; each request
+//!   carries a fresh request id and goes on its own stream;
+//! - [`LeaseMachine::handle_answer`] takes the answer of that stream (Granted, Denied, Released),
+//!   [`LeaseMachine::handle_notice`] a notice (Revoked, EpochChanged);
+//! - [`LeaseMachine::poll_timeout`] says when to call [`LeaseMachine::handle_timeout`] next;
+//! - [`LeaseMachine::poll_event`] tells what happened, for the application and for the host's
+//!   mirror of the lease (add on Granted, refresh on Renewed, remove on the terminal events);
+//! - [`LeaseMachine::release`], [`LeaseMachine::connection_lost`] and
+//!   [`LeaseMachine::epoch_observed`] report what the owner learned.
+//!
+//! The schedule follows the protocol's rules: after a Granted at `t` with lifetime `L` and hint
+//! `H`, renew at a uniformly random instant of `[t + H, t + H + L/8]`, never later than
+//! `t + 7L/8`; wait [`REQUEST_TIMEOUT`] for an answer; on a lost answer, a lost connection or a
+//! transient denial retry after [`FIRST_RETRY_DELAY`], doubling each time, capped at
+//! [`MAX_RETRY_DELAY`] and at the time left before expiry, each delay jittered by
+//! +-[`RETRY_JITTER`], a rate-limited answer's retry-after being the least delay; keep trying
+//! until the lease expires.
+//!
+//! The local expiry is counted from the moment the request was *sent*, not answered: the
+//! gateway granted the lease after that moment, so the host's mirror never outlives the
+//! gateway's lease.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::message::{
+    AppInfo, Common, Denied, Epoch, Grant, Granted, LeaseId, Message, Open, Opening, Release,
+    Renew, ResultCode, RevokeReason,
+};
+
+/// How long an answer is awaited before the request counts as lost.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The delay before the first retry of a failed request.
+pub const FIRST_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// The longest delay between two attempts.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// The relative jitter applied to every retry delay: each delay is multiplied by a factor drawn
+/// uniformly from `[1 - RETRY_JITTER, 1 + RETRY_JITTER]`.
+pub const RETRY_JITTER: f64 = 0.2;
+
+/// Where a lease machine stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseState {
+    /// The first Open is being sent or retried; nothing is granted yet.
+    Requesting,
+    /// A lease is held; the next Renew is scheduled (or, after a refused renewal, the lease
+    /// runs to its expiry).
+    Active,
+    /// A Renew is in flight or waiting to be retried; the lease is still held.
+    Renewing,
+    /// The gateway forgot the lease (unknown-lease or a new epoch): a fresh Open of the same
+    /// opening is in flight or waiting to be retried. The old lease stays mirrored until its
+    /// expiry.
+    Reopening,
+    /// Released by the owner (terminal). A Release may still be in flight.
+    Released,
+    /// The lease reached its expiry without being renewed (terminal).
+    Expired,
+    /// The gateway revoked the lease (terminal; no automatic re-open).
+    Revoked(RevokeReason),
+    /// The first Open was denied with a non-transient code (terminal).
+    Failed(ResultCode),
+    /// The lease was gone at the gateway and its re-open was denied (terminal).
+    Lost(ResultCode),
+}
+
+impl LeaseState {
+    /// Whether the machine reached one of its final states.
+    pub fn is_terminal(self) -> bool {
+        !matches!(
+            self,
+            LeaseState::Requesting
+                | LeaseState::Active
+                | LeaseState::Renewing
+                | LeaseState::Reopening
+        )
+    }
+}
+
+/// Why a held lease is being opened again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReopenCause {
+    /// A Renew was answered unknown-lease.
+    UnknownLease,
+    /// The gateway's epoch changed (it lost its lease state).
+    EpochChanged {
+        /// The epoch the lease was granted under.
+        old: Epoch,
+        /// The epoch observed.
+        new: Epoch,
+    },
+}
+
+/// A lease as the client holds it: what the mirror installs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantedLease {
+    /// The lease id chosen by the gateway.
+    pub id: LeaseId,
+    /// What was granted.
+    pub grants: Vec<Grant>,
+    /// The lifetime granted, in seconds.
+    pub lifetime: u32,
+    /// The gateway's renew-after hint, in seconds.
+    pub renew_after: u32,
+    /// The local expiry: the moment the granting request was sent plus the lifetime. The
+    /// mirror must not hold the lease past it.
+    pub expires_at: Instant,
+    /// The expiry on the gateway's clock, Unix milliseconds.
+    pub expires_ms: u64,
+    /// The gateway epoch the lease was granted under.
+    pub epoch: Epoch,
+    /// Whether the gateway granted less than asked.
+    pub narrowed: bool,
+    /// When the granting answer arrived.
+    pub granted_at: Instant,
+}
+
+/// What happened to a lease, for the application and the mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaseEvent {
+    /// A lease was granted: the mirror adds it. `replaces` names the lease it takes the place of
+    /// after a re-open (the mirror removes that one).
+    Granted {
+        /// The lease.
+        lease: GrantedLease,
+        /// The previous lease id, when this grant is the answer to a re-open.
+        replaces: Option<LeaseId>,
+    },
+    /// The lease was renewed: the mirror refreshes its expiry (and its grants, if they changed).
+    Renewed {
+        /// The lease after renewal.
+        lease: GrantedLease,
+    },
+    /// The first Open was denied for good (state [`LeaseState::Failed`]).
+    Denied {
+        /// Why.
+        code: ResultCode,
+        /// The gateway's reason text.
+        reason: Option<String>,
+        /// The gateway's retry-after hint, in seconds.
+        retry_after: Option<u32>,
+    },
+    /// A Renew was denied for good with a code other than unknown-lease: the lease stays
+    /// mirrored until its expiry, then [`LeaseEvent::Expired`] follows. No further renewal is
+    /// attempted.
+    RenewRefused {
+        /// The lease.
+        lease: LeaseId,
+        /// Why.
+        code: ResultCode,
+        /// The gateway's reason text.
+        reason: Option<String>,
+    },
+    /// The gateway forgot the lease; a fresh Open of the same opening follows. The mirror keeps
+    /// the old lease until its expiry.
+    Reopening {
+        /// The lease the gateway forgot.
+        previous: LeaseId,
+        /// Why the lease is opened again.
+        cause: ReopenCause,
+    },
+    /// The re-open was denied (state [`LeaseState::Lost`]): the mirror removes the lease.
+    Lost {
+        /// The lease that was lost.
+        previous: LeaseId,
+        /// Why the re-open was denied.
+        code: ResultCode,
+        /// The gateway's reason text.
+        reason: Option<String>,
+    },
+    /// The lease reached its local expiry: the mirror removes it.
+    Expired {
+        /// The lease.
+        lease: LeaseId,
+    },
+    /// The gateway revoked the lease: the mirror removes it.
+    Revoked {
+        /// The lease.
+        lease: LeaseId,
+        /// Why.
+        reason: RevokeReason,
+        /// The gateway's explanation.
+        text: Option<String>,
+    },
+    /// The owner released the lease: the mirror removes it now. `lease` is `None` when nothing
+    /// was granted yet.
+    Released {
+        /// The lease released, if one was held.
+        lease: Option<LeaseId>,
+    },
+}
+
+/// Which request is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestKind {
+    Open,
+    Renew,
+    Release,
+}
+
+/// The request sent and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    kind: RequestKind,
+    request_id: u64,
+    sent_at: Instant,
+    deadline: Instant,
+    /// The lease a Renew or Release names.
+    lease: Option<LeaseId>,
+}
+
+/// A Release still to deliver after the lease was released locally.
+#[derive(Debug, Clone, Copy)]
+struct Releasing {
+    lease: LeaseId,
+    /// Retries stop here: past the old expiry the gateway drops the lease by itself.
+    until: Instant,
+}
+
+/// The client's state machine for one opening. See the [module documentation](self).
+#[derive(Debug)]
+pub struct LeaseMachine {
+    opening: Opening,
+    asked_lifetime: Option<u32>,
+    app: Option<AppInfo>,
+    state: LeaseState,
+    /// The lease held, while the mirror should hold it.
+    lease: Option<GrantedLease>,
+    /// When the next request is due; `None` while one is in flight or nothing is to be sent.
+    send_at: Option<Instant>,
+    pending: Option<Pending>,
+    releasing: Option<Releasing>,
+    /// Released while an Open was in flight: a lease it yields is released at once.
+    release_on_grant: bool,
+    /// Failed attempts since the last success, for the backoff.
+    attempt: u32,
+    next_request_id: u64,
+    events: VecDeque<LeaseEvent>,
+    ignored: u64,
+}
+
+impl LeaseMachine {
+    /// A machine that asks for `opening` with `lifetime` (seconds; `None` for the policy's
+    /// default), telling `app` for the audit trail. The first Open is due at `now`.
+    ///
+    /// The request ids of this machine start at a random value drawn from `rng` and count up,
+    /// so machines sharing a connection do not reuse each other's ids.
+    pub fn new<R: Rng + ?Sized>(
+        now: Instant,
+        opening: Opening,
+        lifetime: Option<u32>,
+        app: Option<AppInfo>,
+        rng: &mut R,
+    ) -> Self {
+        LeaseMachine {
+            opening,
+            asked_lifetime: lifetime,
+            app,
+            state: LeaseState::Requesting,
+            lease: None,
+            send_at: Some(now),
+            pending: None,
+            releasing: None,
+            release_on_grant: false,
+            attempt: 0,
+            next_request_id: rng.random(),
+            events: VecDeque::new(),
+            ignored: 0,
+        }
+    }
+
+    /// The opening this machine asks for.
+    pub fn opening(&self) -> &Opening {
+        &self.opening
+    }
+
+    /// Where the machine stands.
+    pub fn state(&self) -> LeaseState {
+        self.state
+    }
+
+    /// The lease the mirror should hold now, if any: present in Active, Renewing and Reopening
+    /// (the old lease, until its expiry), absent otherwise.
+    pub fn lease(&self) -> Option<&GrantedLease> {
+        self.lease.as_ref()
+    }
+
+    /// The id of the lease held, if any.
+    pub fn lease_id(&self) -> Option<LeaseId> {
+        self.lease.as_ref().map(|l| l.id)
+    }
+
+    /// What the held lease grants (empty when none is held).
+    pub fn grants(&self) -> &[Grant] {
+        self.lease.as_ref().map_or(&[], |l| l.grants.as_slice())
+    }
+
+    /// The local expiry of the held lease, if any.
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.lease.as_ref().map(|l| l.expires_at)
+    }
+
+    /// When the next Renew is scheduled, while the lease is Active and renewable.
+    pub fn renew_at(&self) -> Option<Instant> {
+        match self.state {
+            LeaseState::Active => self.send_at,
+            _ => None,
+        }
+    }
+
+    /// How many answers and notices were ignored because they did not belong to this machine
+    /// (a wrong request id or lease id, an unexpected type, nothing in flight).
+    pub fn ignored_messages(&self) -> u64 {
+        self.ignored
+    }
+
+    /// Whether the machine is terminal and has nothing left to send or wait for: its owner may
+    /// drop it.
+    pub fn is_finished(&self) -> bool {
+        self.state.is_terminal()
+            && self.pending.is_none()
+            && self.send_at.is_none()
+            && self.events.is_empty()
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<LeaseEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next deadline at which [`handle_timeout`](Self::handle_timeout) (or, for a due
+    /// request, [`poll_transmit`](Self::poll_transmit)) has work: the renewal time, a retry, an
+    /// answer timeout, the lease's expiry or the end of Release retries.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Option<Instant>| {
+            if let Some(t) = t {
+                next = Some(next.map_or(t, |n| n.min(t)));
+            }
+        };
+        consider(self.send_at);
+        consider(self.pending.map(|p| p.deadline));
+        if !self.state.is_terminal() {
+            consider(self.expires_at());
+        }
+        consider(self.releasing.map(|r| r.until));
+        next
+    }
+
+    /// The next request to send, if one is due at `now`. The answer is awaited for
+    /// [`REQUEST_TIMEOUT`]; if the owner cannot send it, it calls
+    /// [`connection_lost`](Self::connection_lost) (or lets the timeout expire).
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<Message> {
+        if self.pending.is_some() {
+            return None;
+        }
+        let due = self.send_at?;
+        if due > now {
+            return None;
+        }
+        // Past the expiry nothing is worth sending; handle_timeout ends the lease.
+        if !self.state.is_terminal() && self.expires_at().is_some_and(|e| now >= e) {
+            return None;
+        }
+        let (kind, lease) = match self.state {
+            LeaseState::Requesting | LeaseState::Reopening => (RequestKind::Open, None),
+            LeaseState::Active | LeaseState::Renewing => {
+                self.state = LeaseState::Renewing;
+                (RequestKind::Renew, self.lease_id())
+            }
+            LeaseState::Released => match self.releasing {
+                Some(r) if now < r.until => (RequestKind::Release, Some(r.lease)),
+                _ => {
+                    self.send_at = None;
+                    self.releasing = None;
+                    return None;
+                }
+            },
+            _ => {
+                self.send_at = None;
+                return None;
+            }
+        };
+        let request_id = self.next_request_id;
+        self.next_request_id = self.next_request_id.wrapping_add(1);
+        let common = Common {
+            request_id: Some(request_id),
+            critical: Vec::new(),
+        };
+        let message = match (kind, lease) {
+            (RequestKind::Open, _) => Message::Open(Open {
+                common,
+                opening: self.opening.clone(),
+                lifetime: self.asked_lifetime,
+                app: self.app.clone(),
+            }),
+            (RequestKind::Renew, Some(lease)) => Message::Renew(Renew {
+                common,
+                lease,
+                lifetime: self.asked_lifetime,
+            }),
+            (RequestKind::Release, Some(lease)) => Message::Release(Release { common, lease }),
+            // A Renew or Release always names a lease; without one there is nothing to send.
+            _ => {
+                self.send_at = None;
+                return None;
+            }
+        };
+        self.send_at = None;
+        self.pending = Some(Pending {
+            kind,
+            request_id,
+            sent_at: now,
+            deadline: now + REQUEST_TIMEOUT,
+            lease,
+        });
+        Some(message)
+    }
+
+    /// Processes the timers due at `now`: the lease's expiry, an answer timeout, the end of
+    /// Release retries.
+    pub fn handle_timeout<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        if matches!(
+            self.state,
+            LeaseState::Active | LeaseState::Renewing | LeaseState::Reopening
+        ) && let Some(lease) = &self.lease
+            && now >= lease.expires_at
+        {
+            let id = lease.id;
+            self.lease = None;
+            self.pending = None;
+            self.send_at = None;
+            self.state = LeaseState::Expired;
+            self.events.push_back(LeaseEvent::Expired { lease: id });
+            return;
+        }
+        if let Some(r) = self.releasing
+            && now >= r.until
+        {
+            self.releasing = None;
+            self.pending = None;
+            self.send_at = None;
+        }
+        if let Some(p) = self.pending
+            && now >= p.deadline
+        {
+            self.request_failed(now, None, rng);
+        }
+    }
+
+    /// Takes the answer to a request: Granted, Denied or Released. Anything that does not
+    /// belong to the request in flight is ignored and counted.
+    ///
+    /// An answer whose request id differs from the request in flight is ignored; one without a
+    /// request id is taken as the answer to the request in flight (its stream says so).
+    pub fn handle_answer<R: Rng + ?Sized>(&mut self, now: Instant, answer: &Message, rng: &mut R) {
+        let Some(pending) = self.pending else {
+            self.ignored += 1;
+            return;
+        };
+        if answer
+            .common()
+            .request_id
+            .is_some_and(|id| id != pending.request_id)
+        {
+            self.ignored += 1;
+            return;
+        }
+        match answer {
+            Message::Granted(granted) => self.on_granted(now, pending, granted, rng),
+            Message::Denied(denied) => self.on_denied(now, pending, denied, rng),
+            Message::Released(released)
+                if pending.kind == RequestKind::Release
+                    && pending.lease == Some(released.lease) =>
+            {
+                self.pending = None;
+                self.releasing = None;
+                self.send_at = None;
+            }
+            _ => self.ignored += 1,
+        }
+    }
+
+    /// Takes a notice: Revoked for this machine's lease ends it; EpochChanged is
+    /// [`epoch_observed`](Self::epoch_observed). Others are ignored and counted.
+    pub fn handle_notice(&mut self, now: Instant, notice: &Message) {
+        match notice {
+            Message::Revoked(revoked) => {
+                let held = matches!(
+                    self.state,
+                    LeaseState::Active | LeaseState::Renewing | LeaseState::Reopening
+                ) && self.lease_id() == Some(revoked.lease);
+                if held {
+                    self.lease = None;
+                    self.pending = None;
+                    self.send_at = None;
+                    self.state = LeaseState::Revoked(revoked.reason);
+                    self.events.push_back(LeaseEvent::Revoked {
+                        lease: revoked.lease,
+                        reason: revoked.reason,
+                        text: revoked.text.clone(),
+                    });
+                } else if self.releasing.is_some_and(|r| r.lease == revoked.lease) {
+                    // Already released locally; the gateway ended it too: stop the Release.
+                    self.releasing = None;
+                    self.pending = None;
+                    self.send_at = None;
+                } else {
+                    self.ignored += 1;
+                }
+            }
+            Message::EpochChanged(changed) => self.epoch_observed(now, changed.epoch),
+            _ => self.ignored += 1,
+        }
+    }
+
+    /// The owner saw the gateway's epoch (in a Welcome, a Granted, a Leases answer or an
+    /// EpochChanged notice). If a lease is held under another epoch, the gateway lost it: a
+    /// fresh Open of the same opening is sent at once, and the old lease stays mirrored until
+    /// its expiry.
+    pub fn epoch_observed(&mut self, now: Instant, epoch: Epoch) {
+        if !matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+            return;
+        }
+        let Some(lease) = &self.lease else { return };
+        if lease.epoch != epoch {
+            let cause = ReopenCause::EpochChanged {
+                old: lease.epoch,
+                new: epoch,
+            };
+            self.begin_reopen(now, cause);
+        }
+    }
+
+    /// The connection carrying the request in flight was lost: the request counts as failed and
+    /// is retried on the backoff schedule.
+    pub fn connection_lost<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        if self.pending.is_some() {
+            self.request_failed(now, None, rng);
+        }
+    }
+
+    /// The owner releases the opening. The lease is Released locally at once (the
+    /// [`LeaseEvent::Released`] event tells the mirror to remove it); a Release is sent and
+    /// retried until the old expiry at most.
+    pub fn release(&mut self, now: Instant) {
+        let previous = self.state;
+        match previous {
+            LeaseState::Requesting | LeaseState::Reopening => {
+                // A lease the Open in flight may still yield must be released when it comes.
+                let open_in_flight = self.pending.is_some_and(|p| p.kind == RequestKind::Open);
+                self.release_on_grant = open_in_flight;
+                if !open_in_flight {
+                    self.pending = None;
+                }
+                self.send_at = None;
+                // After unknown-lease or an epoch change the old lease is not at the gateway:
+                // nothing to release there.
+                let lease = self.lease.take().map(|l| l.id);
+                self.state = LeaseState::Released;
+                self.events.push_back(LeaseEvent::Released { lease });
+            }
+            LeaseState::Active | LeaseState::Renewing => {
+                let Some(lease) = self.lease.take() else {
+                    return;
+                };
+                self.pending = None;
+                self.attempt = 0;
+                self.releasing = Some(Releasing {
+                    lease: lease.id,
+                    until: lease.expires_at,
+                });
+                self.send_at = Some(now);
+                self.state = LeaseState::Released;
+                self.events.push_back(LeaseEvent::Released {
+                    lease: Some(lease.id),
+                });
+            }
+            _ => {}
+        }
+    }
+
+    fn begin_reopen(&mut self, now: Instant, cause: ReopenCause) {
+        let Some(lease) = &self.lease else { return };
+        let previous = lease.id;
+        self.pending = None;
+        self.attempt = 0;
+        self.state = LeaseState::Reopening;
+        self.send_at = Some(now);
+        self.events
+            .push_back(LeaseEvent::Reopening { previous, cause });
+    }
+
+    fn on_granted<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        pending: Pending,
+        granted: &Granted,
+        rng: &mut R,
+    ) {
+        let fresh = GrantedLease {
+            id: granted.lease,
+            grants: granted.grants.clone(),
+            lifetime: granted.lifetime,
+            renew_after: granted.renew_after,
+            expires_at: pending.sent_at + Duration::from_secs(u64::from(granted.lifetime)),
+            expires_ms: granted.expires_ms,
+            epoch: granted.epoch,
+            narrowed: granted.narrowed,
+            granted_at: now,
+        };
+        match (pending.kind, self.state) {
+            (RequestKind::Open, LeaseState::Requesting | LeaseState::Reopening) => {
+                let replaces = self.lease.take().map(|l| l.id);
+                self.pending = None;
+                self.attempt = 0;
+                self.send_at = Some(renewal_instant(now, &fresh, rng));
+                self.state = LeaseState::Active;
+                self.lease = Some(fresh.clone());
+                self.events.push_back(LeaseEvent::Granted {
+                    lease: fresh,
+                    replaces,
+                });
+            }
+            (RequestKind::Open, LeaseState::Released) if self.release_on_grant => {
+                // Released while this Open was in flight: give the lease straight back.
+                self.pending = None;
+                self.release_on_grant = false;
+                self.attempt = 0;
+                self.releasing = Some(Releasing {
+                    lease: fresh.id,
+                    until: fresh.expires_at,
+                });
+                self.send_at = Some(now);
+            }
+            (RequestKind::Renew, LeaseState::Renewing) if pending.lease == Some(granted.lease) => {
+                self.pending = None;
+                self.attempt = 0;
+                self.send_at = Some(renewal_instant(now, &fresh, rng));
+                self.state = LeaseState::Active;
+                self.lease = Some(fresh.clone());
+                self.events.push_back(LeaseEvent::Renewed { lease: fresh });
+            }
+            _ => self.ignored += 1,
+        }
+    }
+
+    fn on_denied<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        pending: Pending,
+        denied: &Denied,
+        rng: &mut R,
+    ) {
+        if let (Some(named), Some(asked)) = (denied.lease, pending.lease)
+            && named != asked
+        {
+            self.ignored += 1;
+            return;
+        }
+        // hello-required means the connection was not ready: like a lost answer, retry.
+        if denied.code.is_transient() || denied.code == ResultCode::HelloRequired {
+            let retry_after = denied
+                .retry_after
+                .map(|s| Duration::from_secs(u64::from(s)));
+            self.request_failed(now, retry_after, rng);
+            return;
+        }
+        self.pending = None;
+        self.send_at = None;
+        match (pending.kind, self.state) {
+            (RequestKind::Open, LeaseState::Requesting) => {
+                self.state = LeaseState::Failed(denied.code);
+                self.events.push_back(LeaseEvent::Denied {
+                    code: denied.code,
+                    reason: denied.reason.clone(),
+                    retry_after: denied.retry_after,
+                });
+            }
+            (RequestKind::Open, LeaseState::Reopening) => {
+                let previous = self.lease.take().map(|l| l.id);
+                self.state = LeaseState::Lost(denied.code);
+                if let Some(previous) = previous {
+                    self.events.push_back(LeaseEvent::Lost {
+                        previous,
+                        code: denied.code,
+                        reason: denied.reason.clone(),
+                    });
+                }
+            }
+            (RequestKind::Open, LeaseState::Released) => self.release_on_grant = false,
+            (RequestKind::Renew, LeaseState::Renewing) => {
+                if denied.code == ResultCode::UnknownLease {
+                    self.begin_reopen(now, ReopenCause::UnknownLease);
+                } else if let Some(lease) = &self.lease {
+                    // The lease lives on at the gateway until its expiry; it is not renewed.
+                    self.state = LeaseState::Active;
+                    self.events.push_back(LeaseEvent::RenewRefused {
+                        lease: lease.id,
+                        code: denied.code,
+                        reason: denied.reason.clone(),
+                    });
+                }
+            }
+            // unknown-lease: already gone; anything else: the gateway's expiry ends it.
+            (RequestKind::Release, _) => self.releasing = None,
+            _ => self.ignored += 1,
+        }
+    }
+
+    /// The request in flight failed (timeout, lost connection, transient denial): schedule the
+    /// next attempt, or give up where there is nothing left to try for.
+    fn request_failed<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        retry_after: Option<Duration>,
+        rng: &mut R,
+    ) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let limit = match self.state {
+            LeaseState::Requesting => None,
+            LeaseState::Renewing | LeaseState::Reopening => self.expires_at(),
+            LeaseState::Released if pending.kind == RequestKind::Release => match self.releasing {
+                Some(r) => Some(r.until),
+                None => return,
+            },
+            LeaseState::Released => {
+                // An Open in flight at release time: its lease, if any, will expire by itself.
+                self.release_on_grant = false;
+                return;
+            }
+            _ => return,
+        };
+        let delay = retry_delay(
+            self.attempt,
+            limit.map(|l| l.saturating_duration_since(now)),
+            rng,
+        );
+        let delay = retry_after.map_or(delay, |min| delay.max(min));
+        self.attempt = self.attempt.saturating_add(1);
+        self.send_at = Some(now + delay);
+    }
+}
+
+/// The window, as offsets from the Granted, in which a lease of `lifetime` seconds with the
+/// gateway's hint `renew_after` (0: none, then half the lifetime) is renewed:
+/// `[H, H + L/8]`, both ends capped at `7L/8`.
+pub fn renewal_window(lifetime: u32, renew_after: u32) -> (Duration, Duration) {
+    let lifetime = Duration::from_secs(u64::from(lifetime));
+    let hint = if renew_after == 0 {
+        lifetime / 2
+    } else {
+        Duration::from_secs(u64::from(renew_after))
+    };
+    let latest = lifetime * 7 / 8;
+    let start = hint.min(latest);
+    let end = (hint + lifetime / 8).min(latest);
+    (start, end)
+}
+
+/// A uniformly random instant of the renewal window of `lease`, granted at `granted_at`.
+fn renewal_instant<R: Rng + ?Sized>(
+    granted_at: Instant,
+    lease: &GrantedLease,
+    rng: &mut R,
+) -> Instant {
+    let (start, end) = renewal_window(lease.lifetime, lease.renew_after);
+    let span = u64::try_from((end - start).as_nanos()).unwrap_or(u64::MAX);
+    granted_at + start + Duration::from_nanos(rng.random_range(0..=span))
+}
+
+/// The un-jittered delay before retry number `attempt` (0 for the first retry): 1 s doubling,
+/// capped at [`MAX_RETRY_DELAY`] and at `time_left` when the lease has an expiry.
+pub fn retry_base_delay(attempt: u32, time_left: Option<Duration>) -> Duration {
+    // 2^6 s is already above the cap; stopping the shift there avoids overflow.
+    let doubled = FIRST_RETRY_DELAY * (1u32 << attempt.min(6));
+    let capped = doubled.min(MAX_RETRY_DELAY);
+    time_left.map_or(capped, |left| capped.min(left))
+}
+
+/// The jittered delay before retry number `attempt`.
+fn retry_delay<R: Rng + ?Sized>(
+    attempt: u32,
+    time_left: Option<Duration>,
+    rng: &mut R,
+) -> Duration {
+    let factor = rng.random_range((1.0 - RETRY_JITTER)..=(1.0 + RETRY_JITTER));
+    retry_base_delay(attempt, time_left).mul_f64(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    #[test]
+    fn window_is_half_to_five_eighths_with_the_usual_hint() {
+        let (start, end) = renewal_window(800, 400);
+        assert_eq!(start, Duration::from_secs(400));
+        assert_eq!(end, Duration::from_secs(500));
+    }
+
+    #[test]
+    fn window_without_hint_uses_half_the_lifetime() {
+        assert_eq!(
+            renewal_window(80, 0),
+            (Duration::from_secs(40), Duration::from_secs(50))
+        );
+    }
+
+    #[test]
+    fn window_never_passes_seven_eighths() {
+        let (start, end) = renewal_window(800, 790);
+        assert_eq!(start, Duration::from_secs(700));
+        assert_eq!(end, Duration::from_secs(700));
+        let (start, end) = renewal_window(800, 650);
+        assert_eq!(start, Duration::from_secs(650));
+        assert_eq!(end, Duration::from_secs(700));
+    }
+
+    #[test]
+    fn base_delay_doubles_and_caps() {
+        let secs: Vec<u64> = (0..10)
+            .map(|a| retry_base_delay(a, None).as_secs())
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]);
+        assert_eq!(retry_base_delay(u32::MAX, None), MAX_RETRY_DELAY);
+        assert_eq!(
+            retry_base_delay(5, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
+    }
+
+    #[test]
+    fn jittered_delay_stays_within_twenty_percent() {
+        let mut rng = StdRng::seed_from_u64(7);
+        for attempt in 0..8 {
+            let base = retry_base_delay(attempt, None);
+            for _ in 0..200 {
+                let d = retry_delay(attempt, None, &mut rng);
+                assert!(
+                    d >= base.mul_f64(0.8) && d <= base.mul_f64(1.2),
+                    "{d:?} vs {base:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn terminal_states() {
+        assert!(!LeaseState::Requesting.is_terminal());
+        assert!(!LeaseState::Reopening.is_terminal());
+        assert!(LeaseState::Released.is_terminal());
+        assert!(LeaseState::Lost(ResultCode::DeniedByPolicy).is_terminal());
+    }
+}
