@@ -1,0 +1,337 @@
+//! Read queries: leases, the audit trail, the usage report.
+
+use std::collections::{BTreeMap, HashSet};
+
+use fwnp_proto::{LeaseId, PortRange, Protocol};
+use rusqlite::types::Value;
+use rusqlite::{Connection, params_from_iter};
+
+use super::codec::{AUDIT_COLUMNS, LEASE_COLUMNS, audit_from_row, lease_from_row, lease_id};
+use super::error::StoreError;
+use super::types::{
+    AuditPage, AuditQuery, AuditRecord, LeaseFilter, LeaseRecord, Order, ReportQuery, ReportRow, app_label,
+};
+use super::MAX_PAGE;
+
+/// SQL conditions joined by AND, with their numbered parameters.
+struct Conditions {
+    sql: Vec<String>,
+    params: Vec<Value>,
+}
+
+impl Conditions {
+    fn new() -> Self {
+        Conditions { sql: Vec::new(), params: Vec::new() }
+    }
+
+    /// Add a parameter and return its placeholder.
+    fn param(&mut self, value: Value) -> String {
+        self.params.push(value);
+        format!("?{}", self.params.len())
+    }
+
+    fn push(&mut self, condition: String) {
+        self.sql.push(condition);
+    }
+
+    fn where_clause(&self) -> String {
+        if self.sql.is_empty() { String::new() } else { format!(" WHERE {}", self.sql.join(" AND ")) }
+    }
+
+    /// Identity exact, or as a GLOB pattern when it holds a glob character.
+    fn host(&mut self, column: &str, pattern: &str) {
+        let p = self.param(Value::Text(pattern.into()));
+        if pattern.contains(['*', '?', '[']) {
+            self.push(format!("{column} GLOB {p}"));
+        } else {
+            self.push(format!("{column} = {p}"));
+        }
+    }
+}
+
+fn int(value: u64) -> Result<Value, StoreError> {
+    i64::try_from(value)
+        .map(Value::Integer)
+        .map_err(|_| StoreError::InvalidInput { what: format!("{value} in a query (above 2^63)") })
+}
+
+fn collect<T>(
+    conn: &Connection,
+    sql: &str,
+    params: &[Value],
+    op: &'static str,
+    decode: fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
+) -> Result<Vec<T>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(StoreError::sqlite(op))?;
+    let mut rows = stmt.query(params_from_iter(params.iter())).map_err(StoreError::sqlite(op))?;
+    let mut out = Vec::new();
+    while let Some(row) = rows.next().map_err(StoreError::sqlite(op))? {
+        out.push(decode(row)?);
+    }
+    Ok(out)
+}
+
+pub(crate) fn live_leases(conn: &Connection) -> Result<Vec<LeaseRecord>, StoreError> {
+    let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms");
+    collect(conn, &sql, &[], "query live leases", lease_from_row)
+}
+
+pub(crate) fn live_lease_count(conn: &Connection) -> Result<u64, StoreError> {
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM leases WHERE state = 'live'", [], |r| r.get(0))
+        .map_err(StoreError::sqlite("count live leases"))?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+pub(crate) fn lease(conn: &Connection, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+    let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1");
+    let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::sqlite("query lease"))?;
+    let mut rows = stmt.query([&id.0[..]]).map_err(StoreError::sqlite("query lease"))?;
+    match rows.next().map_err(StoreError::sqlite("query lease"))? {
+        Some(row) => lease_from_row(row).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A condition on a JSON grants column: some grant covers `port` (and is of `protocol`).
+fn grant_condition(c: &mut Conditions, column: &str, port: Option<u16>, protocol: Option<Protocol>) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(port) = port {
+        let p = c.param(Value::Integer(i64::from(port)));
+        parts.push(format!("json_extract(g.value, '$.f') <= {p} AND json_extract(g.value, '$.l') >= {p}"));
+    }
+    if let Some(protocol) = protocol {
+        let p = c.param(Value::Integer(i64::from(protocol.number())));
+        parts.push(format!("json_extract(g.value, '$.p') = {p}"));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!("EXISTS (SELECT 1 FROM json_each({column}) AS g WHERE {})", parts.join(" AND ")))
+}
+
+pub(crate) fn leases(conn: &Connection, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
+    let mut c = Conditions::new();
+    if !filter.include_ended {
+        c.push("state = 'live'".into());
+    }
+    if let Some(host) = &filter.host {
+        c.host("identity", host);
+    }
+    if let Some(app) = &filter.app {
+        let p = c.param(Value::Text(app.clone()));
+        c.push(format!(
+            "(app_name = {p} OR app_exe = {p} OR EXISTS (SELECT 1 FROM json_each(grants) AS g \
+             WHERE json_extract(g.value, '$.a') = {p}))"
+        ));
+    }
+    if let Some(cond) = grant_condition(&mut c, "grants", filter.port, filter.protocol) {
+        c.push(cond);
+    }
+    let mut sql = format!("SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms", c.where_clause());
+    if let Some(limit) = filter.limit {
+        let p = c.param(int(limit as u64)?);
+        sql.push_str(&format!(" LIMIT {p}"));
+    }
+    collect(conn, &sql, &c.params, "query leases", lease_from_row)
+}
+
+pub(crate) fn audit(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+    let mut c = Conditions::new();
+    if let Some(host) = &q.host {
+        c.host("identity", host);
+    }
+    if let Some(app) = &q.app {
+        let p = c.param(Value::Text(app.clone()));
+        c.push(format!("(app_name = {p} OR app_exe = {p} OR app_id = {p})"));
+    }
+    if let Some(port) = q.port {
+        let p = c.param(Value::Integer(i64::from(port)));
+        c.push(format!(
+            "((port_first <= {p} AND port_last >= {p}) OR (grants IS NOT NULL AND EXISTS \
+             (SELECT 1 FROM json_each(grants) AS g WHERE json_extract(g.value, '$.f') <= {p} \
+             AND json_extract(g.value, '$.l') >= {p})))"
+        ));
+    }
+    if !q.outcomes.is_empty() {
+        let ps: Vec<String> = q.outcomes.iter().map(|o| c.param(Value::Text(o.name().into()))).collect();
+        c.push(format!("outcome IN ({})", ps.join(", ")));
+    }
+    if !q.kinds.is_empty() {
+        let ps: Vec<String> = q.kinds.iter().map(|k| c.param(Value::Text(k.name().into()))).collect();
+        c.push(format!("kind IN ({})", ps.join(", ")));
+    }
+    if let Some(lease) = q.lease {
+        let p = c.param(Value::Blob(lease.0.to_vec()));
+        c.push(format!("lease = {p}"));
+    }
+    if let Some(since) = q.since_ms {
+        let p = c.param(int(since)?);
+        c.push(format!("time_ms >= {p}"));
+    }
+    if let Some(until) = q.until_ms {
+        let p = c.param(int(until)?);
+        c.push(format!("time_ms < {p}"));
+    }
+    let direction = match q.order {
+        Order::NewestFirst => "DESC",
+        Order::OldestFirst => "ASC",
+    };
+    if let Some(cursor) = q.cursor {
+        let p = c.param(int(cursor)?);
+        match q.order {
+            Order::NewestFirst => c.push(format!("id < {p}")),
+            Order::OldestFirst => c.push(format!("id > {p}")),
+        }
+    }
+    let limit = if q.limit == 0 { MAX_PAGE } else { q.limit.min(MAX_PAGE) };
+    let p = c.param(int(limit as u64)?);
+    let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit{} ORDER BY id {direction} LIMIT {p}", c.where_clause());
+    let events: Vec<AuditRecord> = collect(conn, &sql, &c.params, "query audit", audit_from_row)?;
+    let next_cursor = if events.len() == limit { events.last().map(|e| e.id) } else { None };
+    Ok(AuditPage { events, next_cursor })
+}
+
+type ReportKey = (String, Option<String>, Option<u8>, Option<(u16, u16)>, Option<String>);
+
+#[derive(Default)]
+struct ReportAcc {
+    granted: u64,
+    denied: u64,
+    leases: HashSet<LeaseId>,
+    held: Vec<u64>,
+    max_lifetime_asked: Option<u32>,
+    first_ms: u64,
+    last_ms: u64,
+}
+
+pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<Vec<ReportRow>, StoreError> {
+    const OP: &str = "query report";
+    let mut c = Conditions::new();
+    c.push("a.kind = 'decision'".into());
+    c.push("a.outcome IN ('granted', 'denied')".into());
+    c.push("a.has_request = 1".into());
+    c.push("a.identity IS NOT NULL".into());
+    if let Some(since) = q.since_ms {
+        let p = c.param(int(since)?);
+        c.push(format!("a.time_ms >= {p}"));
+    }
+    if let Some(until) = q.until_ms {
+        let p = c.param(int(until)?);
+        c.push(format!("a.time_ms < {p}"));
+    }
+    if let Some(host) = &q.host {
+        c.host("a.identity", host);
+    }
+    let sql = format!(
+        "SELECT a.identity, a.app_name, a.app_exe, a.protocol, a.port_first, a.port_last, a.app_id, \
+         a.outcome, a.lease, a.lifetime_asked, a.time_ms, l.created_ms, l.expires_ms, l.ended_ms \
+         FROM audit AS a LEFT JOIN leases AS l ON l.id = a.lease{}",
+        c.where_clause()
+    );
+    let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite(OP))?;
+    let mut rows = stmt.query(params_from_iter(c.params.iter())).map_err(StoreError::sqlite(OP))?;
+    let mut groups: BTreeMap<ReportKey, ReportAcc> = BTreeMap::new();
+    let get = |row: &rusqlite::Row<'_>, i: usize| -> Result<Option<i64>, StoreError> {
+        row.get::<_, Option<i64>>(i).map_err(StoreError::sqlite(OP))
+    };
+    while let Some(row) = rows.next().map_err(StoreError::sqlite(OP))? {
+        let identity: String = row.get(0).map_err(StoreError::sqlite(OP))?;
+        let name: Option<String> = row.get(1).map_err(StoreError::sqlite(OP))?;
+        let exe: Option<String> = row.get(2).map_err(StoreError::sqlite(OP))?;
+        let app = app_label(Some(&fwnp_proto::AppInfo { name, executable: exe, uid: None, pid: None })).map(String::from);
+        let protocol = get(row, 3)?
+            .map(|n| u8::try_from(n).map_err(|_| StoreError::corrupt(format!("protocol number {n}"))))
+            .transpose()?;
+        let ports = match (get(row, 4)?, get(row, 5)?) {
+            (Some(f), Some(l)) => Some((
+                u16::try_from(f).map_err(|_| StoreError::corrupt(format!("port {f}")))?,
+                u16::try_from(l).map_err(|_| StoreError::corrupt(format!("port {l}")))?,
+            )),
+            _ => None,
+        };
+        let app_id: Option<String> = row.get(6).map_err(StoreError::sqlite(OP))?;
+        let outcome: String = row.get(7).map_err(StoreError::sqlite(OP))?;
+        let lease: Option<Vec<u8>> = row.get(8).map_err(StoreError::sqlite(OP))?;
+        let lifetime_asked = get(row, 9)?.and_then(|v| u32::try_from(v).ok());
+        let time_ms = get(row, 10)?.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        let held = match (get(row, 11)?, get(row, 12)?, get(row, 13)?) {
+            (Some(created), Some(expires), ended) => {
+                let end = ended.unwrap_or_else(|| expires.min(i64::try_from(now_ms).unwrap_or(i64::MAX)));
+                Some(u64::try_from(end.saturating_sub(created)).unwrap_or(0))
+            }
+            _ => None,
+        };
+        let acc = groups.entry((identity, app, protocol, ports, app_id)).or_insert_with(|| ReportAcc {
+            first_ms: time_ms,
+            last_ms: time_ms,
+            ..ReportAcc::default()
+        });
+        acc.first_ms = acc.first_ms.min(time_ms);
+        acc.last_ms = acc.last_ms.max(time_ms);
+        acc.max_lifetime_asked = acc.max_lifetime_asked.max(lifetime_asked);
+        if outcome == "granted" {
+            acc.granted += 1;
+            if let Some(blob) = lease {
+                let id = lease_id(&blob)?;
+                if acc.leases.insert(id)
+                    && let Some(held) = held
+                {
+                    acc.held.push(held);
+                }
+            }
+        } else {
+            acc.denied += 1;
+        }
+    }
+    let mut out = Vec::with_capacity(groups.len());
+    for ((identity, app, protocol, ports, app_id), mut acc) in groups {
+        acc.held.sort_unstable();
+        let protocol = protocol
+            .map(|n| Protocol::from_number(u64::from(n)).ok_or_else(|| StoreError::corrupt(format!("protocol {n}"))))
+            .transpose()?;
+        out.push(ReportRow {
+            identity,
+            app,
+            protocol,
+            ports: ports.map(|(first, last)| PortRange { first, last }),
+            app_id,
+            requests: acc.granted + acc.denied,
+            granted: acc.granted,
+            denied: acc.denied,
+            leases: acc.leases.len() as u64,
+            total_held_ms: acc.held.iter().sum(),
+            median_held_ms: percentile(&acc.held, 50),
+            p90_held_ms: percentile(&acc.held, 90),
+            max_lifetime_asked: acc.max_lifetime_asked,
+            first_ms: acc.first_ms,
+            last_ms: acc.last_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// Nearest-rank percentile of sorted values; 0 for none.
+fn percentile(sorted: &[u64], pct: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (sorted.len() * pct).div_ceil(100).max(1);
+    sorted.get(rank - 1).copied().unwrap_or(0)
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        assert_eq!(percentile(&[], 50), 0);
+        assert_eq!(percentile(&[7], 90), 7);
+        let v: Vec<u64> = (1..=10).collect();
+        assert_eq!(percentile(&v, 50), 5);
+        assert_eq!(percentile(&v, 90), 9);
+        assert_eq!(percentile(&v, 100), 10);
+    }
+}

@@ -1,0 +1,159 @@
+//! The database schema, its version, and the epoch kept in the `meta` table.
+
+use rusqlite::{Connection, OptionalExtension};
+
+use super::error::StoreError;
+
+/// The newest schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Schema version 1. Times are milliseconds since the Unix epoch; lifetimes are seconds.
+/// Names (states, kinds, outcomes) are stored as text so that an operator with `sqlite3` can
+/// read the trail directly; the code decodes them strictly.
+pub(crate) const SCHEMA_V1: &str = r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value ANY
+) STRICT;
+
+CREATE TABLE leases (
+    id                 BLOB PRIMARY KEY NOT NULL,
+    identity           TEXT NOT NULL,
+    peer               TEXT,
+    grants             TEXT NOT NULL,
+    app_name           TEXT,
+    app_exe            TEXT,
+    app_uid            INTEGER,
+    app_pid            INTEGER,
+    requested_lifetime INTEGER,
+    granted_lifetime   INTEGER NOT NULL,
+    created_ms         INTEGER NOT NULL,
+    renewed_ms         INTEGER,
+    expires_ms         INTEGER NOT NULL,
+    state              TEXT NOT NULL,
+    ended_ms           INTEGER,
+    end_by             TEXT,
+    end_reason         TEXT,
+    revoke_reason      INTEGER
+) STRICT;
+CREATE INDEX leases_live_by_expiry ON leases (expires_ms) WHERE state = 'live';
+CREATE INDEX leases_by_identity ON leases (identity);
+CREATE INDEX leases_ended_by_time ON leases (ended_ms) WHERE state <> 'live';
+
+CREATE TABLE audit (
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    time_ms          INTEGER NOT NULL,
+    kind             TEXT NOT NULL,
+    outcome          TEXT,
+    identity         TEXT,
+    peer             TEXT,
+    lease            BLOB,
+    has_request      INTEGER NOT NULL DEFAULT 0,
+    protocol         INTEGER,
+    port_first       INTEGER,
+    port_last        INTEGER,
+    app_id           TEXT,
+    host             TEXT,
+    remotes          TEXT,
+    lifetime_asked   INTEGER,
+    app_name         TEXT,
+    app_exe          TEXT,
+    app_uid          INTEGER,
+    app_pid          INTEGER,
+    grants           TEXT,
+    lifetime_granted INTEGER,
+    rule             TEXT,
+    reason           TEXT,
+    code             INTEGER,
+    actor            TEXT
+) STRICT;
+CREATE INDEX audit_by_time ON audit (time_ms);
+CREATE INDEX audit_by_identity ON audit (identity, id);
+CREATE INDEX audit_by_lease ON audit (lease) WHERE lease IS NOT NULL;
+"#;
+
+/// What [`prepare`] found or made.
+pub(crate) struct Prepared {
+    pub(crate) epoch: u64,
+    pub(crate) created_ms: u64,
+    pub(crate) new_state: bool,
+}
+
+/// Create the schema and the epoch in an empty database, or check an existing one.
+pub(crate) fn prepare(conn: &mut Connection, now_ms: u64) -> Result<Prepared, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(StoreError::sqlite("begin schema transaction"))?;
+    let has_meta: bool = tx
+        .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'meta'", [], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map_err(StoreError::sqlite("look for the meta table"))?
+        > 0;
+    if !has_meta {
+        let other_tables: i64 = tx
+            .query_row("SELECT count(*) FROM sqlite_schema WHERE type = 'table'", [], |r| r.get(0))
+            .map_err(StoreError::sqlite("count tables"))?;
+        if other_tables > 0 {
+            return Err(StoreError::corrupt(
+                "the database has tables but no meta table: it is not an FWNP store",
+            ));
+        }
+        tx.execute_batch(SCHEMA_V1).map_err(StoreError::sqlite("create schema"))?;
+        let epoch = loop {
+            // Zero is kept out so that "no epoch" can never be confused with a real one.
+            let candidate: u64 = rand::random();
+            if candidate != 0 {
+                break candidate;
+            }
+        };
+        let created = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1), ('epoch', ?2), ('created_ms', ?3)",
+            rusqlite::params![SCHEMA_VERSION, epoch_to_i64(epoch), created],
+        )
+        .map_err(StoreError::sqlite("write meta"))?;
+        tx.commit().map_err(StoreError::sqlite("commit schema"))?;
+        return Ok(Prepared { epoch, created_ms: now_ms, new_state: true });
+    }
+    let version = meta_integer(&tx, "schema_version")?;
+    let version = u32::try_from(version)
+        .map_err(|_| StoreError::corrupt(format!("schema_version {version} is not a version number")))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+    }
+    if version < 1 {
+        return Err(StoreError::corrupt(format!("schema_version {version} never existed")));
+    }
+    // Version 1 is the first; later versions add their migrations here, in order, inside
+    // this transaction.
+    let epoch = epoch_from_i64(meta_integer(&tx, "epoch")?);
+    if epoch == 0 {
+        return Err(StoreError::corrupt("the epoch is 0"));
+    }
+    let created_ms = u64::try_from(meta_integer(&tx, "created_ms")?)
+        .map_err(|_| StoreError::corrupt("created_ms is negative"))?;
+    tx.commit().map_err(StoreError::sqlite("commit schema check"))?;
+    Ok(Prepared { epoch, created_ms, new_state: false })
+}
+
+fn meta_integer(conn: &Connection, key: &str) -> Result<i64, StoreError> {
+    let value: Option<rusqlite::types::Value> = conn
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+        .optional()
+        .map_err(StoreError::sqlite("read meta"))?;
+    match value {
+        Some(rusqlite::types::Value::Integer(v)) => Ok(v),
+        Some(other) => Err(StoreError::corrupt(format!("meta {key} is not an integer: {other:?}"))),
+        None => Err(StoreError::corrupt(format!("meta {key} is missing"))),
+    }
+}
+
+/// The epoch is a u64; SQLite integers are i64: store the same 64 bits.
+fn epoch_to_i64(epoch: u64) -> i64 {
+    i64::from_ne_bytes(epoch.to_ne_bytes())
+}
+
+fn epoch_from_i64(value: i64) -> u64 {
+    u64::from_ne_bytes(value.to_ne_bytes())
+}

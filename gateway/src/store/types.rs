@@ -1,0 +1,642 @@
+//! The values the store keeps and answers with.
+
+use std::net::{IpAddr, SocketAddr};
+
+use fwnp_proto::{AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target};
+use serde_json::{Map, Value, json};
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseState {
+    /// Granted and not yet ended.
+    Live,
+    /// The host released it.
+    Released,
+    /// Its lifetime ran out.
+    Expired,
+    /// The gateway or an operator ended it.
+    Revoked,
+}
+
+impl LeaseState {
+    /// The name stored in the database and shown to operators.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseState::Live => "live",
+            LeaseState::Released => "released",
+            LeaseState::Expired => "expired",
+            LeaseState::Revoked => "revoked",
+        }
+    }
+
+    /// The state with this name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "live" => LeaseState::Live,
+            "released" => LeaseState::Released,
+            "expired" => LeaseState::Expired,
+            "revoked" => LeaseState::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseEnd {
+    /// The host released it.
+    Released,
+    /// Its lifetime ran out.
+    Expired,
+    /// It was revoked, for this reason.
+    Revoked(RevokeReason),
+}
+
+impl LeaseEnd {
+    /// The state the lease is left in.
+    pub fn state(self) -> LeaseState {
+        match self {
+            LeaseEnd::Released => LeaseState::Released,
+            LeaseEnd::Expired => LeaseState::Expired,
+            LeaseEnd::Revoked(_) => LeaseState::Revoked,
+        }
+    }
+}
+
+/// A lease to insert: everything known when it was granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLease {
+    /// Its id.
+    pub id: LeaseId,
+    /// The identity of the host that holds it.
+    pub identity: String,
+    /// The host's address and port when it asked.
+    pub peer: Option<SocketAddr>,
+    /// What was granted.
+    pub grants: Vec<Grant>,
+    /// What the host told about the application.
+    pub app: Option<AppInfo>,
+    /// The lifetime asked, in seconds (`None`: the policy's default).
+    pub requested_lifetime: Option<u32>,
+    /// The lifetime granted, in seconds.
+    pub granted_lifetime: u32,
+    /// When it was granted, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    /// When it expires, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// How and when a stored lease ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseEnding {
+    /// How.
+    pub end: LeaseEnd,
+    /// When, milliseconds since the Unix epoch.
+    pub ended_ms: u64,
+    /// Who ended it: the host's identity, `gateway`, or the operator.
+    pub by: Option<String>,
+    /// Why, in words.
+    pub why: Option<String>,
+}
+
+/// A lease as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRecord {
+    /// Its id.
+    pub id: LeaseId,
+    /// The identity of the host that holds it.
+    pub identity: String,
+    /// The host's address and port when it asked.
+    pub peer: Option<SocketAddr>,
+    /// What was granted.
+    pub grants: Vec<Grant>,
+    /// What the host told about the application.
+    pub app: Option<AppInfo>,
+    /// The lifetime asked, in seconds.
+    pub requested_lifetime: Option<u32>,
+    /// The lifetime granted (at the last renewal), in seconds.
+    pub granted_lifetime: u32,
+    /// When it was granted.
+    pub created_ms: u64,
+    /// When it was last renewed or extended.
+    pub renewed_ms: Option<u64>,
+    /// When it expires (or expired).
+    pub expires_ms: u64,
+    /// Where it is in its life.
+    pub state: LeaseState,
+    /// How it ended, once it has.
+    pub ending: Option<LeaseEnding>,
+}
+
+impl LeaseRecord {
+    /// Milliseconds left before expiry at `now_ms`; 0 once past it or ended.
+    pub fn remaining_ms(&self, now_ms: u64) -> u64 {
+        if self.state == LeaseState::Live { self.expires_ms.saturating_sub(now_ms) } else { 0 }
+    }
+
+    /// How long the lease has been (or was) held at `now_ms`, in milliseconds.
+    pub fn held_ms(&self, now_ms: u64) -> u64 {
+        let end = match &self.ending {
+            Some(ending) => ending.ended_ms,
+            None => now_ms.min(self.expires_ms),
+        };
+        end.saturating_sub(self.created_ms)
+    }
+
+    /// The application's label: its name, else its executable.
+    pub fn app_label(&self) -> Option<&str> {
+        app_label(self.app.as_ref())
+    }
+
+    /// A JSON form for the admin API and `fwnpctl --json`.
+    pub fn to_json(&self, now_ms: u64) -> Value {
+        let mut map = Map::new();
+        map.insert("id".into(), json!(self.id.to_string()));
+        map.insert("identity".into(), json!(self.identity));
+        insert_opt(&mut map, "peer", self.peer.map(|p| p.to_string()));
+        map.insert("grants".into(), grants_json(&self.grants));
+        if let Some(app) = &self.app {
+            map.insert("app".into(), app_json(app));
+        }
+        insert_opt(&mut map, "requested_lifetime", self.requested_lifetime);
+        map.insert("granted_lifetime".into(), json!(self.granted_lifetime));
+        map.insert("created_ms".into(), json!(self.created_ms));
+        insert_opt(&mut map, "renewed_ms", self.renewed_ms);
+        map.insert("expires_ms".into(), json!(self.expires_ms));
+        map.insert("remaining_ms".into(), json!(self.remaining_ms(now_ms)));
+        map.insert("state".into(), json!(self.state.name()));
+        if let Some(ending) = &self.ending {
+            map.insert("ended_ms".into(), json!(ending.ended_ms));
+            if let LeaseEnd::Revoked(reason) = ending.end {
+                map.insert("revoke_reason".into(), json!(revoke_reason_name(reason)));
+            }
+            insert_opt(&mut map, "ended_by", ending.by.clone());
+            insert_opt(&mut map, "end_reason", ending.why.clone());
+        }
+        Value::Object(map)
+    }
+}
+
+/// The kind of an audit event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AuditKind {
+    /// A request arrived (Open, Renew, Release, List).
+    Request,
+    /// Policy decided an Open: outcome granted or denied, with the rule and the reason.
+    Decision,
+    /// A lease was granted (created or extended by a repeated Open).
+    Grant,
+    /// A lease was renewed.
+    Renewal,
+    /// The host released a lease.
+    Release,
+    /// A lease expired.
+    Expiry,
+    /// A lease was revoked.
+    Revocation,
+    /// A peer failed to authenticate.
+    AuthFailure,
+    /// The policy was reloaded (or a reload was refused).
+    PolicyReload,
+    /// The kernel's filter was reconciled with the store.
+    Reconcile,
+}
+
+impl AuditKind {
+    /// Every kind.
+    pub const ALL: [AuditKind; 10] = [
+        AuditKind::Request,
+        AuditKind::Decision,
+        AuditKind::Grant,
+        AuditKind::Renewal,
+        AuditKind::Release,
+        AuditKind::Expiry,
+        AuditKind::Revocation,
+        AuditKind::AuthFailure,
+        AuditKind::PolicyReload,
+        AuditKind::Reconcile,
+    ];
+
+    /// The name stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuditKind::Request => "request",
+            AuditKind::Decision => "decision",
+            AuditKind::Grant => "grant",
+            AuditKind::Renewal => "renewal",
+            AuditKind::Release => "release",
+            AuditKind::Expiry => "expiry",
+            AuditKind::Revocation => "revocation",
+            AuditKind::AuthFailure => "auth-failure",
+            AuditKind::PolicyReload => "policy-reload",
+            AuditKind::Reconcile => "reconcile",
+        }
+    }
+
+    /// The kind with this name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        AuditKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl std::fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The outcome of an audit event. Expired, released and revoked are distinct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Granted (an Open, or a repeated Open extending a lease).
+    Granted,
+    /// Denied, with a result code.
+    Denied,
+    /// Renewed.
+    Renewed,
+    /// Released by the host.
+    Released,
+    /// Expired.
+    Expired,
+    /// Revoked.
+    Revoked,
+    /// Failed inside the gateway (the kernel or the store refused).
+    Error,
+}
+
+impl Outcome {
+    /// Every outcome.
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Granted,
+        Outcome::Denied,
+        Outcome::Renewed,
+        Outcome::Released,
+        Outcome::Expired,
+        Outcome::Revoked,
+        Outcome::Error,
+    ];
+
+    /// The name stored and shown.
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Granted => "granted",
+            Outcome::Denied => "denied",
+            Outcome::Renewed => "renewed",
+            Outcome::Released => "released",
+            Outcome::Expired => "expired",
+            Outcome::Revoked => "revoked",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// The outcome with this name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Outcome::ALL.into_iter().find(|o| o.name() == name)
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a request asked for, as recorded in the audit trail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestSummary {
+    /// The protocol, for a port opening.
+    pub protocol: Option<Protocol>,
+    /// The ports, for a port opening.
+    pub ports: Option<PortRange>,
+    /// The application id, for an application opening.
+    pub app_id: Option<String>,
+    /// The host address named.
+    pub host: Option<IpAddr>,
+    /// The remote prefixes asked for; empty means any.
+    pub remotes: Vec<Prefix>,
+    /// The lifetime asked, in seconds.
+    pub lifetime: Option<u32>,
+}
+
+impl RequestSummary {
+    /// The summary of an Open of `opening` for `lifetime` seconds.
+    pub fn from_opening(opening: &Opening, lifetime: Option<u32>) -> Self {
+        let (protocol, ports, app_id) = match &opening.target {
+            Target::Ports { protocol, ports } => (Some(*protocol), Some(*ports), None),
+            Target::App(id) => (None, None, Some(id.clone())),
+        };
+        RequestSummary { protocol, ports, app_id, host: opening.host, remotes: opening.remotes.clone(), lifetime }
+    }
+
+    /// The opening in the command line's words: `tcp/8080`, `udp/5000-5010`, `app:https`.
+    pub fn opening_label(&self) -> Option<String> {
+        opening_label(self.protocol, self.ports, self.app_id.as_deref())
+    }
+}
+
+/// One audit event, as the daemon records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// When, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// What happened.
+    pub kind: AuditKind,
+    /// How it ended, where that applies (a bare request has none).
+    pub outcome: Option<Outcome>,
+    /// The host's identity, once authenticated.
+    pub identity: Option<String>,
+    /// The peer's address and port.
+    pub peer: Option<SocketAddr>,
+    /// The lease concerned.
+    pub lease: Option<LeaseId>,
+    /// What was asked.
+    pub request: Option<RequestSummary>,
+    /// What the host told about the application.
+    pub app: Option<AppInfo>,
+    /// What was granted (grant and renewal events).
+    pub grants: Vec<Grant>,
+    /// The lifetime granted, in seconds.
+    pub granted_lifetime: Option<u32>,
+    /// The policy rule that decided.
+    pub rule: Option<String>,
+    /// Why, in words: policy's reason, the revocation's text, the failure.
+    pub reason: Option<String>,
+    /// The result code of a denial.
+    pub code: Option<ResultCode>,
+    /// Who acted, when not the host: `gateway`, `operator`, `policy-reload`.
+    pub actor: Option<String>,
+}
+
+impl AuditEvent {
+    /// An event of `kind` at `time_ms` with nothing else filled in.
+    pub fn new(time_ms: u64, kind: AuditKind) -> Self {
+        AuditEvent {
+            time_ms,
+            kind,
+            outcome: None,
+            identity: None,
+            peer: None,
+            lease: None,
+            request: None,
+            app: None,
+            grants: Vec::new(),
+            granted_lifetime: None,
+            rule: None,
+            reason: None,
+            code: None,
+            actor: None,
+        }
+    }
+
+    /// The application's label: its name, else its executable.
+    pub fn app_label(&self) -> Option<&str> {
+        app_label(self.app.as_ref())
+    }
+}
+
+/// A stored audit event with its id (increasing in commit order; never reused).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// The event's id, usable as a pagination and follow cursor.
+    pub id: u64,
+    /// The event.
+    pub event: AuditEvent,
+}
+
+impl AuditRecord {
+    /// A JSON form for the admin API and `fwnpctl audit --json`.
+    pub fn to_json(&self) -> Value {
+        let e = &self.event;
+        let mut map = Map::new();
+        map.insert("id".into(), json!(self.id));
+        map.insert("time_ms".into(), json!(e.time_ms));
+        map.insert("kind".into(), json!(e.kind.name()));
+        insert_opt(&mut map, "outcome", e.outcome.map(Outcome::name));
+        insert_opt(&mut map, "identity", e.identity.clone());
+        insert_opt(&mut map, "peer", e.peer.map(|p| p.to_string()));
+        insert_opt(&mut map, "lease", e.lease.map(|l| l.to_string()));
+        if let Some(request) = &e.request {
+            let mut r = Map::new();
+            insert_opt(&mut r, "opening", request.opening_label());
+            insert_opt(&mut r, "host", request.host.map(|h| h.to_string()));
+            if !request.remotes.is_empty() {
+                r.insert("remotes".into(), json!(request.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()));
+            }
+            insert_opt(&mut r, "lifetime", request.lifetime);
+            map.insert("request".into(), Value::Object(r));
+        }
+        if let Some(app) = &e.app {
+            map.insert("app".into(), app_json(app));
+        }
+        if !e.grants.is_empty() {
+            map.insert("grants".into(), grants_json(&e.grants));
+        }
+        insert_opt(&mut map, "granted_lifetime", e.granted_lifetime);
+        insert_opt(&mut map, "rule", e.rule.clone());
+        insert_opt(&mut map, "reason", e.reason.clone());
+        insert_opt(&mut map, "code", e.code.map(ResultCode::name));
+        insert_opt(&mut map, "actor", e.actor.clone());
+        Value::Object(map)
+    }
+}
+
+/// Which leases to list. The default lists live leases of every host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseFilter {
+    /// The host's identity: exact, or a glob (`*`, `?`, `[...]`, as SQLite's GLOB) such as
+    /// `fwnp://host/web-*`.
+    pub host: Option<String>,
+    /// The application: its name or executable as the host told, or a catalogue app id.
+    pub app: Option<String>,
+    /// A port that one of the lease's grants covers.
+    pub port: Option<u16>,
+    /// A protocol of one of the lease's grants (together with `port`, of the same grant).
+    pub protocol: Option<Protocol>,
+    /// Include released, expired and revoked leases too.
+    pub include_ended: bool,
+    /// At most this many (all when `None`).
+    pub limit: Option<usize>,
+}
+
+/// The order of audit results.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Order {
+    /// Most recent first (the default for `fwnpctl audit`).
+    #[default]
+    NewestFirst,
+    /// Oldest first (following).
+    OldestFirst,
+}
+
+/// An audit query. Every filter that is set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditQuery {
+    /// The host's identity: exact, or a glob as in [`LeaseFilter::host`].
+    pub host: Option<String>,
+    /// The application: name or executable the host told, or the app id asked.
+    pub app: Option<String>,
+    /// A port the request asked for or a grant covered.
+    pub port: Option<u16>,
+    /// Only these outcomes (any when empty).
+    pub outcomes: Vec<Outcome>,
+    /// Only these kinds (any when empty).
+    pub kinds: Vec<AuditKind>,
+    /// Only events of this lease.
+    pub lease: Option<LeaseId>,
+    /// Events at or after this time (milliseconds since the Unix epoch).
+    pub since_ms: Option<u64>,
+    /// Events before this time.
+    pub until_ms: Option<u64>,
+    /// Continue after this event id in the chosen order (the previous page's `next_cursor`).
+    pub cursor: Option<u64>,
+    /// At most this many events (the store caps it at [`super::MAX_PAGE`]; 0 means the cap).
+    pub limit: usize,
+    /// The order.
+    pub order: Order,
+}
+
+/// One page of audit events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    /// The events, in the order asked.
+    pub events: Vec<AuditRecord>,
+    /// The cursor for the next page, when this one was full.
+    pub next_cursor: Option<u64>,
+}
+
+/// The window and scope of a usage report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportQuery {
+    /// Decisions at or after this time.
+    pub since_ms: Option<u64>,
+    /// Decisions before this time.
+    pub until_ms: Option<u64>,
+    /// Only this host (exact or glob).
+    pub host: Option<String>,
+}
+
+/// What one host asked for one application and one opening, over the report's window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRow {
+    /// The host's identity.
+    pub identity: String,
+    /// The application's name (else executable) as the host told; `None` if it told nothing.
+    pub app: Option<String>,
+    /// The protocol asked, for a port opening.
+    pub protocol: Option<Protocol>,
+    /// The ports asked, for a port opening.
+    pub ports: Option<PortRange>,
+    /// The application id asked, for an application opening.
+    pub app_id: Option<String>,
+    /// Opens decided (granted + denied).
+    pub requests: u64,
+    /// Opens granted.
+    pub granted: u64,
+    /// Opens denied.
+    pub denied: u64,
+    /// Distinct leases those grants created or extended.
+    pub leases: u64,
+    /// Time those leases were held, added up, in milliseconds.
+    pub total_held_ms: u64,
+    /// The median time a lease was held.
+    pub median_held_ms: u64,
+    /// The 90th percentile of the time a lease was held.
+    pub p90_held_ms: u64,
+    /// The longest lifetime asked, in seconds.
+    pub max_lifetime_asked: Option<u32>,
+    /// The first decision in the window.
+    pub first_ms: u64,
+    /// The last decision in the window.
+    pub last_ms: u64,
+}
+
+impl ReportRow {
+    /// The opening in the command line's words: `tcp/8080`, `app:https`.
+    pub fn opening_label(&self) -> String {
+        opening_label(self.protocol, self.ports, self.app_id.as_deref()).unwrap_or_else(|| "-".into())
+    }
+
+    /// A JSON form for the admin API and `fwnpctl report --json`.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "identity": self.identity,
+            "app": self.app,
+            "opening": self.opening_label(),
+            "requests": self.requests,
+            "granted": self.granted,
+            "denied": self.denied,
+            "leases": self.leases,
+            "total_held_ms": self.total_held_ms,
+            "median_held_ms": self.median_held_ms,
+            "p90_held_ms": self.p90_held_ms,
+            "max_lifetime_asked": self.max_lifetime_asked,
+            "first_ms": self.first_ms,
+            "last_ms": self.last_ms,
+        })
+    }
+}
+
+pub(crate) fn opening_label(protocol: Option<Protocol>, ports: Option<PortRange>, app_id: Option<&str>) -> Option<String> {
+    match (protocol, ports, app_id) {
+        (Some(protocol), Some(ports), _) => Some(format!("{protocol}/{ports}")),
+        (_, _, Some(app)) => Some(format!("app:{app}")),
+        _ => None,
+    }
+}
+
+pub(crate) fn app_label(app: Option<&AppInfo>) -> Option<&str> {
+    let app = app?;
+    app.name.as_deref().or(app.executable.as_deref())
+}
+
+pub(crate) fn revoke_reason_name(reason: RevokeReason) -> &'static str {
+    match reason {
+        RevokeReason::Operator => "operator",
+        RevokeReason::PolicyChanged => "policy-changed",
+        RevokeReason::CredentialRevoked => "credential-revoked",
+        RevokeReason::ResourcePressure => "resource-pressure",
+        _ => "other",
+    }
+}
+
+fn insert_opt<T: Into<Value>>(map: &mut Map<String, Value>, key: &str, value: Option<T>) {
+    if let Some(value) = value {
+        map.insert(key.into(), value.into());
+    }
+}
+
+fn app_json(app: &AppInfo) -> Value {
+    let mut map = Map::new();
+    insert_opt(&mut map, "name", app.name.clone());
+    insert_opt(&mut map, "executable", app.executable.clone());
+    insert_opt(&mut map, "uid", app.uid);
+    insert_opt(&mut map, "pid", app.pid);
+    Value::Object(map)
+}
+
+fn grants_json(grants: &[Grant]) -> Value {
+    Value::Array(
+        grants
+            .iter()
+            .map(|g| {
+                let mut map = Map::new();
+                map.insert("protocol".into(), json!(g.protocol.name()));
+                map.insert("ports".into(), json!(g.ports.to_string()));
+                map.insert("host".into(), json!(g.host.to_string()));
+                if !g.remotes.is_empty() {
+                    map.insert("remotes".into(), json!(g.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()));
+                }
+                insert_opt(&mut map, "app", g.app.clone());
+                Value::Object(map)
+            })
+            .collect(),
+    )
+}

@@ -1,0 +1,566 @@
+//! The single writer: one thread owns the read-write connection and commits everything queued
+//! since its last transaction as one transaction (group commit).
+//!
+//! Each job (the operations of one `commit` or `record` call) is applied atomically: a job of
+//! several operations runs inside its own savepoint, so a job that fails (a duplicate lease id,
+//! a renewal of a lease that is no longer live) is rolled back alone and the other jobs of the
+//! transaction still commit. A caller of [`StoreWriter::commit`] is answered only after the
+//! transaction holding its job has committed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use fwnp_proto::LeaseId;
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::codec::{app_columns, encode_grants, encode_prefixes, to_i64};
+use super::error::StoreError;
+use super::types::{AuditEvent, LeaseEnd, NewLease};
+
+/// One change to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WriteOp {
+    /// Store a new live lease.
+    InsertLease(NewLease),
+    /// Extend a live lease (a Renew, or a repeated Open of the same opening).
+    RenewLease {
+        /// The lease.
+        id: LeaseId,
+        /// When it was renewed.
+        renewed_ms: u64,
+        /// Its new expiry.
+        expires_ms: u64,
+        /// The lifetime granted this time, in seconds.
+        granted_lifetime: u32,
+    },
+    /// End a live lease.
+    EndLease {
+        /// The lease.
+        id: LeaseId,
+        /// Released, expired or revoked (with the protocol's reason).
+        end: LeaseEnd,
+        /// When.
+        ended_ms: u64,
+        /// Who ended it: the host's identity, `gateway`, the operator.
+        by: Option<String>,
+        /// Why, in words.
+        why: Option<String>,
+    },
+    /// Append an audit event.
+    Audit(Box<AuditEvent>),
+    /// Delete up to `max_rows` of the oldest audit events older than `before_ms`.
+    DeleteAuditBefore {
+        /// The cut-off time.
+        before_ms: u64,
+        /// How many rows at most, so one deletion never holds the writer for long.
+        max_rows: u32,
+    },
+    /// Delete up to `max_rows` leases that ended before `before_ms`.
+    DeleteEndedLeasesBefore {
+        /// The cut-off time.
+        before_ms: u64,
+        /// How many rows at most.
+        max_rows: u32,
+    },
+}
+
+impl WriteOp {
+    /// An audit event as an operation.
+    pub fn audit(event: AuditEvent) -> Self {
+        WriteOp::Audit(Box::new(event))
+    }
+}
+
+/// Counters of the writer, for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Transactions committed (or attempted).
+    pub transactions: u64,
+    /// Jobs (calls of `commit` or `record`) processed.
+    pub jobs: u64,
+    /// Operations processed.
+    pub ops: u64,
+    /// Jobs that failed.
+    pub failed_jobs: u64,
+    /// The most jobs one transaction held.
+    pub largest_batch: u64,
+    /// Operations queued and not yet processed.
+    pub pending_ops: usize,
+}
+
+pub(crate) enum Reply {
+    Async(oneshot::Sender<Result<u64, StoreError>>),
+    Blocking(std::sync::mpsc::SyncSender<Result<u64, StoreError>>),
+    None,
+}
+
+pub(crate) struct Job {
+    ops: Vec<WriteOp>,
+    reply: Reply,
+}
+
+pub(crate) enum Msg {
+    Write(Job),
+    Close,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    jobs: AtomicU64,
+    ops: AtomicU64,
+    failed_jobs: AtomicU64,
+    largest_batch: AtomicU64,
+    pending_ops: AtomicUsize,
+}
+
+#[derive(Debug)]
+pub(crate) struct WriterShared {
+    sender: mpsc::UnboundedSender<Msg>,
+    counters: Counters,
+    max_pending_ops: usize,
+    audit_watch: watch::Sender<u64>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Msg::Write(job) => write!(f, "Write({} ops)", job.ops.len()),
+            Msg::Close => f.write_str("Close"),
+        }
+    }
+}
+
+/// A handle to the store's writer thread; cheap to clone and share between tasks.
+#[derive(Debug, Clone)]
+pub struct StoreWriter {
+    shared: Arc<WriterShared>,
+}
+
+impl StoreWriter {
+    /// Apply `ops` atomically, together with whatever else is queued, and return once they are
+    /// committed (durable as [`super::Synchronous`] says). Ops of one call either all apply
+    /// or none does.
+    pub async fn commit(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        self.commit_counted(ops).await.map(|_| ())
+    }
+
+    /// As [`StoreWriter::commit`], returning how many rows the operations changed.
+    pub(crate) async fn commit_counted(&self, ops: Vec<WriteOp>) -> Result<u64, StoreError> {
+        if ops.is_empty() {
+            return Ok(0);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(ops, Reply::Async(tx))?;
+        rx.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// As [`StoreWriter::commit`], blocking the calling thread: for threads outside the async
+    /// runtime (start-up code, tools, tests). Do not call it from an async task.
+    pub fn commit_blocking(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.enqueue(ops, Reply::Blocking(tx))?;
+        rx.recv().map_err(|_| StoreError::WriterStopped)?.map(|_| ())
+    }
+
+    /// Queue `ops` without waiting for them (audit rows that need not hold up an answer).
+    /// Refused with [`StoreError::Overloaded`] when more operations than the configured limit
+    /// are already queued, so a flood cannot grow memory without bound; a failure of the write
+    /// itself is logged.
+    pub fn record(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let pending = self.shared.counters.pending_ops.load(Ordering::Relaxed);
+        if pending.saturating_add(ops.len()) > self.shared.max_pending_ops {
+            return Err(StoreError::Overloaded { pending });
+        }
+        self.enqueue(ops, Reply::None)
+    }
+
+    /// Queue one audit event without waiting (see [`StoreWriter::record`]).
+    pub fn record_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.record(vec![WriteOp::audit(event)])
+    }
+
+    /// Delete audit events and ended leases older than `before_ms`, in slices of
+    /// `slice` rows so that grants keep flowing meanwhile. Returns (audit rows, leases) deleted.
+    pub async fn prune(&self, before_ms: u64, slice: u32) -> Result<(u64, u64), StoreError> {
+        let slice = slice.max(1);
+        let mut audit_rows = 0;
+        loop {
+            let n = self.commit_counted(vec![WriteOp::DeleteAuditBefore { before_ms, max_rows: slice }]).await?;
+            audit_rows += n;
+            if n < u64::from(slice) {
+                break;
+            }
+        }
+        let mut leases = 0;
+        loop {
+            let n =
+                self.commit_counted(vec![WriteOp::DeleteEndedLeasesBefore { before_ms, max_rows: slice }]).await?;
+            leases += n;
+            if n < u64::from(slice) {
+                break;
+            }
+        }
+        Ok((audit_rows, leases))
+    }
+
+    /// The writer's counters.
+    pub fn stats(&self) -> WriterStats {
+        let c = &self.shared.counters;
+        WriterStats {
+            transactions: c.transactions.load(Ordering::Relaxed),
+            jobs: c.jobs.load(Ordering::Relaxed),
+            ops: c.ops.load(Ordering::Relaxed),
+            failed_jobs: c.failed_jobs.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            pending_ops: c.pending_ops.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The id of the newest committed audit event; changes as events commit (for following).
+    pub fn audit_watch(&self) -> watch::Receiver<u64> {
+        self.shared.audit_watch.subscribe()
+    }
+
+    fn enqueue(&self, ops: Vec<WriteOp>, reply: Reply) -> Result<(), StoreError> {
+        let n = ops.len();
+        self.shared.counters.pending_ops.fetch_add(n, Ordering::Relaxed);
+        if self.shared.sender.send(Msg::Write(Job { ops, reply })).is_err() {
+            self.shared.counters.pending_ops.fetch_sub(n, Ordering::Relaxed);
+            return Err(StoreError::WriterStopped);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn close(&self) {
+        // An error means the thread is already gone, which is what closing wants.
+        let _ = self.shared.sender.send(Msg::Close);
+    }
+}
+
+/// Start the writer thread on `conn`.
+pub(crate) fn spawn(
+    conn: Connection,
+    max_batch_ops: usize,
+    max_pending_ops: usize,
+    last_audit_id: u64,
+) -> Result<(StoreWriter, std::thread::JoinHandle<()>), StoreError> {
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let (audit_watch, _) = watch::channel(last_audit_id);
+    let shared = Arc::new(WriterShared { sender, counters: Counters::default(), max_pending_ops, audit_watch });
+    let thread_shared = Arc::clone(&shared);
+    let handle = std::thread::Builder::new()
+        .name("fwnp-store-writer".into())
+        .spawn(move || run(conn, &thread_shared, receiver, max_batch_ops.max(1)))
+        .map_err(|source| StoreError::Io { op: "start writer thread", path: "fwnp-store-writer".into(), source })?;
+    Ok((StoreWriter { shared }, handle))
+}
+
+fn run(conn: Connection, shared: &WriterShared, mut receiver: mpsc::UnboundedReceiver<Msg>, max_batch_ops: usize) {
+    while let Some(first) = receiver.blocking_recv() {
+        let mut batch = Vec::new();
+        let mut ops = 0usize;
+        let mut closing = false;
+        let take = |msg: Msg, batch: &mut Vec<Job>, ops: &mut usize| match msg {
+            Msg::Write(job) => {
+                *ops += job.ops.len();
+                batch.push(job);
+                false
+            }
+            Msg::Close => true,
+        };
+        closing |= take(first, &mut batch, &mut ops);
+        while !closing && ops < max_batch_ops {
+            match receiver.try_recv() {
+                Ok(msg) => closing |= take(msg, &mut batch, &mut ops),
+                Err(_) => break,
+            }
+        }
+        execute(&conn, shared, batch);
+        if closing {
+            // Refuse new work, then finish what was queued before the close.
+            receiver.close();
+            let mut rest = Vec::new();
+            while let Ok(msg) = receiver.try_recv() {
+                if let Msg::Write(job) = msg {
+                    rest.push(job);
+                }
+            }
+            execute(&conn, shared, rest);
+            break;
+        }
+    }
+}
+
+fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
+    if batch.is_empty() {
+        return;
+    }
+    let op_count: usize = batch.iter().map(|j| j.ops.len()).sum();
+    let mut results: Vec<Result<u64, StoreError>> = Vec::with_capacity(batch.len());
+    let mut newest_audit: Vec<Option<i64>> = Vec::with_capacity(batch.len());
+    match conn.execute_batch("BEGIN IMMEDIATE") {
+        Err(e) => {
+            let err = StoreError::sqlite("begin transaction")(e);
+            results.extend(batch.iter().map(|_| Err(err.duplicate())));
+        }
+        Ok(()) => {
+            let mut aborted: Option<StoreError> = None;
+            for job in &batch {
+                match apply_job(conn, &job.ops) {
+                    Ok((changed, audit_id)) => {
+                        results.push(Ok(changed));
+                        newest_audit.push(audit_id);
+                    }
+                    Err(e) => {
+                        // Most errors undo only the failed statement or savepoint; some (disk
+                        // full, I/O) make SQLite roll back the whole transaction.
+                        let whole_transaction_lost = conn.is_autocommit();
+                        if whole_transaction_lost {
+                            aborted = Some(e);
+                            break;
+                        }
+                        results.push(Err(e));
+                        newest_audit.push(None);
+                    }
+                }
+            }
+            let failure = match aborted {
+                Some(e) => Some(e),
+                None => conn.execute_batch("COMMIT").err().map(StoreError::sqlite("commit")),
+            };
+            if let Some(err) = failure {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+                results = batch.iter().map(|_| Err(err.duplicate())).collect();
+                newest_audit.clear();
+            }
+        }
+    }
+    let c = &shared.counters;
+    c.transactions.fetch_add(1, Ordering::Relaxed);
+    c.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    c.ops.fetch_add(op_count as u64, Ordering::Relaxed);
+    c.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+    c.pending_ops.fetch_sub(op_count, Ordering::Relaxed);
+    if let Some(newest) = newest_audit.into_iter().flatten().max().and_then(|id| u64::try_from(id).ok()) {
+        shared.audit_watch.send_if_modified(|current| {
+            let newer = newest > *current;
+            if newer {
+                *current = newest;
+            }
+            newer
+        });
+    }
+    for (job, result) in batch.into_iter().zip(results) {
+        if result.is_err() {
+            c.failed_jobs.fetch_add(1, Ordering::Relaxed);
+        }
+        match job.reply {
+            // A caller that stopped waiting no longer cares.
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::None => {
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "store: an unawaited write failed");
+                }
+            }
+        }
+    }
+}
+
+/// Apply one job atomically; returns rows changed and the id of its newest audit row.
+fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
+    if let [op] = ops {
+        // A single statement is atomic by itself: a failed one changes nothing.
+        return apply(conn, op);
+    }
+    conn.prepare_cached("SAVEPOINT job")
+        .and_then(|mut s| s.execute([]))
+        .map_err(StoreError::sqlite("begin job savepoint"))?;
+    let mut changed = 0;
+    let mut newest = None;
+    for op in ops {
+        match apply(conn, op) {
+            Ok((n, audit_id)) => {
+                changed += n;
+                newest = audit_id.or(newest);
+            }
+            Err(e) => {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+                }
+                return Err(e);
+            }
+        }
+    }
+    conn.prepare_cached("RELEASE job")
+        .and_then(|mut s| s.execute([]))
+        .map_err(StoreError::sqlite("release job savepoint"))?;
+    Ok((changed, newest))
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreError> {
+    match op {
+        WriteOp::InsertLease(lease) => insert_lease(conn, lease).map(|n| (n, None)),
+        WriteOp::RenewLease { id, renewed_ms, expires_ms, granted_lifetime } => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, granted_lifetime = ?4 \
+                     WHERE id = ?1 AND state = 'live'",
+                )
+                .map_err(StoreError::sqlite("prepare renew lease"))?;
+            let n = stmt
+                .execute(params![
+                    &id.0[..],
+                    to_i64(*renewed_ms, "renewal time")?,
+                    to_i64(*expires_ms, "expiry time")?,
+                    granted_lifetime
+                ])
+                .map_err(StoreError::sqlite("renew lease"))?;
+            if n == 0 {
+                return Err(StoreError::LeaseNotLive { id: *id });
+            }
+            Ok((n as u64, None))
+        }
+        WriteOp::EndLease { id, end, ended_ms, by, why } => {
+            let revoke_reason = match end {
+                LeaseEnd::Revoked(reason) => Some(reason.number() as i64),
+                _ => None,
+            };
+            let mut stmt = conn
+                .prepare_cached(
+                    "UPDATE leases SET state = ?2, ended_ms = ?3, end_by = ?4, end_reason = ?5, \
+                     revoke_reason = ?6 WHERE id = ?1 AND state = 'live'",
+                )
+                .map_err(StoreError::sqlite("prepare end lease"))?;
+            let n = stmt
+                .execute(params![
+                    &id.0[..],
+                    end.state().name(),
+                    to_i64(*ended_ms, "end time")?,
+                    by,
+                    why,
+                    revoke_reason
+                ])
+                .map_err(StoreError::sqlite("end lease"))?;
+            if n == 0 {
+                return Err(StoreError::LeaseNotLive { id: *id });
+            }
+            Ok((n as u64, None))
+        }
+        WriteOp::Audit(event) => insert_audit(conn, event).map(|id| (1, Some(id))),
+        WriteOp::DeleteAuditBefore { before_ms, max_rows } => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "DELETE FROM audit WHERE id IN \
+                     (SELECT id FROM audit WHERE time_ms < ?1 ORDER BY time_ms LIMIT ?2)",
+                )
+                .map_err(StoreError::sqlite("prepare prune audit"))?;
+            let n = stmt
+                .execute(params![to_i64(*before_ms, "retention cut-off")?, max_rows])
+                .map_err(StoreError::sqlite("prune audit"))?;
+            Ok((n as u64, None))
+        }
+        WriteOp::DeleteEndedLeasesBefore { before_ms, max_rows } => {
+            let mut stmt = conn
+                .prepare_cached(
+                    "DELETE FROM leases WHERE rowid IN (SELECT rowid FROM leases \
+                     WHERE state <> 'live' AND ended_ms < ?1 ORDER BY ended_ms LIMIT ?2)",
+                )
+                .map_err(StoreError::sqlite("prepare prune leases"))?;
+            let n = stmt
+                .execute(params![to_i64(*before_ms, "retention cut-off")?, max_rows])
+                .map_err(StoreError::sqlite("prune leases"))?;
+            Ok((n as u64, None))
+        }
+    }
+}
+
+fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> {
+    let grants = encode_grants(&lease.grants);
+    let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO leases (id, identity, peer, grants, app_name, app_exe, app_uid, app_pid, \
+             requested_lifetime, granted_lifetime, created_ms, expires_ms, state) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live')",
+        )
+        .map_err(StoreError::sqlite("prepare insert lease"))?;
+    let result = stmt.execute(params![
+        &lease.id.0[..],
+        lease.identity,
+        lease.peer.map(|p| p.to_string()),
+        grants,
+        app_name,
+        app_exe,
+        app_uid,
+        app_pid,
+        lease.requested_lifetime,
+        lease.granted_lifetime,
+        to_i64(lease.created_ms, "creation time")?,
+        to_i64(lease.expires_ms, "expiry time")?,
+    ]);
+    match result {
+        Ok(n) => Ok(n as u64),
+        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            Err(StoreError::DuplicateLease { id: lease.id })
+        }
+        Err(e) => Err(StoreError::sqlite("insert lease")(e)),
+    }
+}
+
+fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
+    let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
+    let request = e.request.as_ref();
+    let grants = if e.grants.is_empty() { None } else { Some(encode_grants(&e.grants)) };
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO audit (time_ms, kind, outcome, identity, peer, lease, has_request, protocol, \
+             port_first, port_last, app_id, host, remotes, lifetime_asked, app_name, app_exe, app_uid, \
+             app_pid, grants, lifetime_granted, rule, reason, code, actor) VALUES (?1, ?2, ?3, ?4, ?5, \
+             ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+        )
+        .map_err(StoreError::sqlite("prepare insert audit"))?;
+    stmt.execute(params![
+        to_i64(e.time_ms, "event time")?,
+        e.kind.name(),
+        e.outcome.map(|o| o.name()),
+        e.identity,
+        e.peer.map(|p| p.to_string()),
+        e.lease.as_ref().map(|l| &l.0[..]),
+        request.is_some(),
+        request.and_then(|r| r.protocol).map(|p| p.number()),
+        request.and_then(|r| r.ports).map(|p| p.first),
+        request.and_then(|r| r.ports).map(|p| p.last),
+        request.and_then(|r| r.app_id.as_deref()),
+        request.and_then(|r| r.host).map(|h| h.to_string()),
+        request.and_then(|r| encode_prefixes(&r.remotes)),
+        request.and_then(|r| r.lifetime),
+        app_name,
+        app_exe,
+        app_uid,
+        app_pid,
+        grants,
+        e.granted_lifetime,
+        e.rule,
+        e.reason,
+        e.code.map(|c| c.number() as i64),
+        e.actor,
+    ])
+    .map_err(StoreError::sqlite("insert audit"))?;
+    Ok(conn.last_insert_rowid())
+}
