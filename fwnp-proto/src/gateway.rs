@@ -193,13 +193,12 @@ pub struct ClampedLifetime {
 /// Checks an asked lifetime against the protocol's maximum. `None` and 0 both mean "no ask"
 /// and give `None`.
 pub fn check_asked_lifetime(asked: Option<u32>) -> Result<Option<u32>, Refusal> {
-    // The validation module owns this rule for decoded messages too; the book re-checks so that
-    // it never grants beyond the protocol's maximum whatever the caller validated.
-    match asked {
-        None | Some(0) => Ok(None),
-        Some(secs) if secs > MAX_LIFETIME_SECS => Err(Refusal::LifetimeOutOfRange { asked: secs }),
-        Some(secs) => Ok(Some(secs)),
-    }
+    // The daemon validates decoded requests already; the book checks again with the same rule
+    // so that it never grants beyond the protocol's maximum whatever the caller did.
+    crate::validate::validate_lifetime(asked).map_err(|_| Refusal::LifetimeOutOfRange {
+        asked: asked.unwrap_or(0),
+    })?;
+    Ok(asked.filter(|&secs| secs != 0))
 }
 
 /// Clamps `asked` (or, with no ask, `fallback`: the policy's default for an Open, the lease's own

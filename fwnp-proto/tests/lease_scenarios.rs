@@ -1,0 +1,953 @@
+//! Lease scenarios with simulated time: a client `LeaseMachine` talks to the gateway's
+//! `LeaseBook` through a simulated link that can drop requests, lose answers, delay both and be
+//! cut. Every message crosses the link as CBOR (encoded and decoded again), and time only moves
+//! when the harness moves it, so each scenario runs in microseconds and repeats exactly for a
+//! given seed.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
+
+use fwnp_proto::codec;
+use fwnp_proto::gateway::{LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts};
+use fwnp_proto::lease::{
+    FIRST_RETRY_DELAY, LeaseEvent, LeaseMachine, LeaseState, MAX_RETRY_DELAY, REQUEST_TIMEOUT,
+    ReopenCause, renewal_window,
+};
+use fwnp_proto::{
+    Common, Denied, EpochChanged, Grant, Granted, LeaseId, Message, Opening, PortRange, Protocol,
+    Released, ResultCode, RevokeReason, Target,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+const HOST: &str = "fwnp://host/web-01";
+const HOST_ADDR: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+/// The gateway's wall clock at simulation start, Unix milliseconds.
+const GATEWAY_CLOCK_START_MS: u64 = 1_700_000_000_000;
+
+fn tcp_opening(port: u16) -> Opening {
+    Opening {
+        target: Target::Ports {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+        },
+        host: None,
+        family: None,
+        remotes: Vec::new(),
+    }
+}
+
+/// Passes a message through the codec, as the real link does.
+fn over_the_wire(message: &Message) -> Message {
+    codec::decode(&codec::encode(message)).expect("a message this crate built decodes")
+}
+
+/// The gateway side: the pure lease book plus the few facts a policy would give.
+struct SimGateway {
+    book: LeaseBook,
+    epoch: u64,
+    policy: LifetimePolicy,
+    max_leases: Option<u32>,
+    /// Answers to give instead of processing the next requests (Denied with a code).
+    scripted_denials: VecDeque<(ResultCode, Option<u32>)>,
+    /// When set, Renew answers are refused with this code (the lease itself is untouched).
+    refuse_renewals: Option<ResultCode>,
+    rng: StdRng,
+    t0: Instant,
+}
+
+impl SimGateway {
+    fn new(seed: u64, t0: Instant) -> Self {
+        SimGateway {
+            book: LeaseBook::new(),
+            epoch: 0xE0,
+            policy: LifetimePolicy {
+                min: 60,
+                max: 3600,
+                default: 600,
+            },
+            max_leases: Some(16),
+            scripted_denials: VecDeque::new(),
+            refuse_renewals: None,
+            rng: StdRng::seed_from_u64(seed ^ 0x5eed),
+            t0,
+        }
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        let elapsed = u64::try_from(now.duration_since(self.t0).as_millis()).unwrap_or(u64::MAX);
+        GATEWAY_CLOCK_START_MS + elapsed
+    }
+
+    /// The gateway restarts without its state: empty book, new epoch.
+    fn lose_state(&mut self) {
+        self.book = LeaseBook::new();
+        self.epoch += 1;
+    }
+
+    fn denied(request_id: Option<u64>, code: ResultCode, retry_after: Option<u32>) -> Message {
+        Message::Denied(Denied {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            code,
+            reason: Some(code.name().to_string()),
+            retry_after,
+            lease: None,
+            unsupported: Vec::new(),
+        })
+    }
+
+    fn handle(&mut self, now: Instant, request: &Message) -> Message {
+        let now_ms = self.now_ms(now);
+        self.book.expire_due(now_ms);
+        let request_id = request.common().request_id;
+        if let Some((code, retry_after)) = self.scripted_denials.pop_front() {
+            return Self::denied(request_id, code, retry_after);
+        }
+        match request {
+            Message::Open(open) => {
+                let Target::Ports { protocol, ports } = open.opening.target.clone() else {
+                    return Self::denied(request_id, ResultCode::UnknownApplication, None);
+                };
+                let facts = PolicyFacts {
+                    grants: vec![Grant {
+                        protocol,
+                        ports,
+                        host: HOST_ADDR,
+                        remotes: open.opening.remotes.clone(),
+                        app: None,
+                    }],
+                    grants_narrowed: false,
+                    lifetime: self.policy,
+                    max_leases: self.max_leases,
+                };
+                match self.book.open(now_ms, HOST, open, &facts, &mut self.rng) {
+                    Ok(outcome) => {
+                        Message::Granted(outcome.grant().to_granted(request_id, self.epoch))
+                    }
+                    Err(refusal) => Message::Denied(refusal.to_denied(request_id, None)),
+                }
+            }
+            Message::Renew(renew) => {
+                if let Some(code) = self.refuse_renewals {
+                    return Self::denied(request_id, code, None);
+                }
+                match self
+                    .book
+                    .renew(now_ms, HOST, &renew.lease, renew.lifetime, self.policy)
+                {
+                    Ok(renewed) => {
+                        Message::Granted(renewed.grant.to_granted(request_id, self.epoch))
+                    }
+                    Err(refusal) => {
+                        Message::Denied(refusal.to_denied(request_id, Some(renew.lease)))
+                    }
+                }
+            }
+            Message::Release(release) => match self.book.release(now_ms, HOST, &release.lease) {
+                Ok(lease) => Message::Released(Released {
+                    common: Common {
+                        request_id,
+                        critical: Vec::new(),
+                    },
+                    lease: lease.id,
+                }),
+                Err(refusal) => Message::Denied(refusal.to_denied(request_id, Some(release.lease))),
+            },
+            _ => Self::denied(request_id, ResultCode::MalformedRequest, None),
+        }
+    }
+}
+
+/// What travels to the client: an answer on a request stream or a notice.
+#[derive(Debug, Clone)]
+enum ToClient {
+    Answer(Message),
+    Notice(Message),
+}
+
+/// The simulated link between host and gateway.
+#[derive(Default)]
+struct Link {
+    /// One-way delay.
+    delay: Duration,
+    /// Requests vanish on the way to the gateway.
+    drop_requests: bool,
+    /// The gateway processes requests but its answers vanish.
+    drop_answers: bool,
+    /// The connection is down: nothing can be sent, and in-flight items are gone.
+    cut: bool,
+    to_gateway: Vec<(Instant, Message)>,
+    to_client: Vec<(Instant, ToClient)>,
+}
+
+impl Link {
+    fn next_delivery(&self) -> Option<Instant> {
+        self.to_gateway
+            .iter()
+            .map(|(t, _)| *t)
+            .chain(self.to_client.iter().map(|(t, _)| *t))
+            .min()
+    }
+
+    fn take_due<T>(queue: &mut Vec<(Instant, T)>, now: Instant) -> Vec<T> {
+        let mut due = Vec::new();
+        let mut kept = Vec::new();
+        for (at, item) in queue.drain(..) {
+            if at <= now {
+                due.push((at, item))
+            } else {
+                kept.push((at, item))
+            }
+        }
+        *queue = kept;
+        due.sort_by_key(|(at, _)| *at);
+        due.into_iter().map(|(_, item)| item).collect()
+    }
+}
+
+/// The whole scenario: one client machine, one gateway, one link, one clock.
+struct Sim {
+    now: Instant,
+    t0: Instant,
+    client: LeaseMachine,
+    gateway: SimGateway,
+    link: Link,
+    rng: StdRng,
+    /// Every request the client produced, with the time it was produced.
+    sent: Vec<(Instant, Message)>,
+    /// Every request that reached the gateway.
+    received: Vec<(Instant, Message)>,
+    /// Every event the client reported.
+    events: Vec<(Instant, LeaseEvent)>,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        Self::with_opening(seed, tcp_opening(8080), None)
+    }
+
+    fn with_opening(seed: u64, opening: Opening, lifetime: Option<u32>) -> Self {
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let client = LeaseMachine::new(t0, opening, lifetime, None, &mut rng);
+        Sim {
+            now: t0,
+            t0,
+            client,
+            gateway: SimGateway::new(seed, t0),
+            link: Link {
+                delay: Duration::from_millis(20),
+                ..Link::default()
+            },
+            rng,
+            sent: Vec::new(),
+            received: Vec::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn at(&self, secs: f64) -> Instant {
+        self.t0 + Duration::from_secs_f64(secs)
+    }
+
+    /// Does everything due at `self.now`, until nothing more is.
+    fn process_now(&mut self) {
+        let now = self.now;
+        for _ in 0..1000 {
+            let mut progressed = false;
+            if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                self.client.handle_timeout(now, &mut self.rng);
+            }
+            while let Some(request) = self.client.poll_transmit(now) {
+                progressed = true;
+                self.sent.push((now, request.clone()));
+                if self.link.cut {
+                    // The agent cannot send: the request fails at once.
+                    self.client.connection_lost(now, &mut self.rng);
+                } else if !self.link.drop_requests {
+                    self.link
+                        .to_gateway
+                        .push((now + self.link.delay, over_the_wire(&request)));
+                }
+            }
+            for request in Link::take_due(&mut self.link.to_gateway, now) {
+                progressed = true;
+                self.received.push((now, request.clone()));
+                let answer = self.gateway.handle(now, &request);
+                if !self.link.drop_answers && !self.link.cut {
+                    let answer = ToClient::Answer(over_the_wire(&answer));
+                    self.link.to_client.push((now + self.link.delay, answer));
+                }
+            }
+            for item in Link::take_due(&mut self.link.to_client, now) {
+                progressed = true;
+                match item {
+                    ToClient::Answer(answer) => {
+                        self.client.handle_answer(now, &answer, &mut self.rng)
+                    }
+                    ToClient::Notice(notice) => self.client.handle_notice(now, &notice),
+                }
+            }
+            while let Some(event) = self.client.poll_event() {
+                progressed = true;
+                self.events.push((now, event));
+            }
+            if !progressed {
+                return;
+            }
+        }
+        panic!("no quiescence at {:?}", now - self.t0);
+    }
+
+    /// Runs the simulation until `until`, jumping from one deadline to the next.
+    fn run_until(&mut self, until: Instant) {
+        for _ in 0..1_000_000 {
+            self.process_now();
+            let next = [self.client.poll_timeout(), self.link.next_delivery()]
+                .into_iter()
+                .flatten()
+                .min();
+            match next {
+                Some(next) if next <= until => {
+                    // A deadline at or before now that processing did not clear would loop.
+                    assert!(
+                        next > self.now,
+                        "deadline {:?} does not advance",
+                        next - self.t0
+                    );
+                    self.now = next;
+                }
+                _ => {
+                    self.now = until;
+                    self.process_now();
+                    return;
+                }
+            }
+        }
+        panic!("simulation did not reach its end");
+    }
+
+    fn run_for(&mut self, secs: f64) {
+        let until = self.now + Duration::from_secs_f64(secs);
+        self.run_until(until);
+    }
+
+    /// The gateway pushes a notice to the client.
+    fn push_notice(&mut self, notice: Message) {
+        let at = self.now + self.link.delay;
+        self.link
+            .to_client
+            .push((at, ToClient::Notice(over_the_wire(&notice))));
+    }
+
+    /// The connection goes down: in-flight items are lost and the client is told.
+    fn cut(&mut self) {
+        self.link.cut = true;
+        self.link.to_gateway.clear();
+        self.link.to_client.clear();
+        self.client.connection_lost(self.now, &mut self.rng);
+    }
+
+    fn sent_of(&self, kind: fn(&Message) -> bool) -> Vec<Instant> {
+        self.sent
+            .iter()
+            .filter(|(_, m)| kind(m))
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    fn events_matching(&self, kind: fn(&LeaseEvent) -> bool) -> Vec<(Instant, LeaseEvent)> {
+        self.events
+            .iter()
+            .filter(|(_, e)| kind(e))
+            .cloned()
+            .collect()
+    }
+
+    fn granted_lease(&self) -> LeaseId {
+        self.client.lease_id().expect("a lease is held")
+    }
+}
+
+fn is_open(m: &Message) -> bool {
+    matches!(m, Message::Open(_))
+}
+fn is_renew(m: &Message) -> bool {
+    matches!(m, Message::Renew(_))
+}
+fn is_release(m: &Message) -> bool {
+    matches!(m, Message::Release(_))
+}
+fn is_expired(e: &LeaseEvent) -> bool {
+    matches!(e, LeaseEvent::Expired { .. })
+}
+fn is_granted(e: &LeaseEvent) -> bool {
+    matches!(e, LeaseEvent::Granted { .. })
+}
+
+fn secs_between(a: Instant, b: Instant) -> f64 {
+    b.duration_since(a).as_secs_f64()
+}
+
+#[test]
+fn first_open_is_granted_and_mirrors_the_gateway() {
+    let mut sim = Sim::new(1);
+    sim.run_for(1.0);
+    assert_eq!(sim.client.state(), LeaseState::Active);
+    let lease = sim.client.lease().expect("granted").clone();
+    let at_gateway = sim
+        .gateway
+        .book
+        .get(&lease.id)
+        .expect("the gateway holds it");
+    assert_eq!(lease.grants, at_gateway.grants);
+    assert_eq!(lease.lifetime, 600);
+    assert_eq!(lease.renew_after, 300);
+    assert_eq!(lease.epoch, sim.gateway.epoch);
+    // Local expiry counts from the send (t0), the gateway's from its receipt 20 ms later:
+    // the mirror never outlives the gateway's lease.
+    assert_eq!(lease.expires_at, sim.t0 + Duration::from_secs(600));
+    assert_eq!(at_gateway.expires_ms, GATEWAY_CLOCK_START_MS + 20 + 600_000);
+    assert_eq!(sim.client.ignored_messages(), 0);
+}
+
+#[test]
+fn renewals_fall_inside_the_window_for_many_seeds() {
+    let mut renew_offsets = Vec::new();
+    for seed in 0..200 {
+        let mut sim = Sim::new(seed);
+        sim.run_for(3000.0);
+        assert_eq!(sim.client.state(), LeaseState::Active, "seed {seed}");
+        assert!(sim.events_matching(is_expired).is_empty(), "seed {seed}");
+        // Each Granted or Renewed at t is followed by a Renew in [t + H, t + H + L/8].
+        let renews = sim.sent_of(is_renew);
+        let grants: Vec<(Instant, u32, u32)> = sim
+            .events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                LeaseEvent::Granted { lease, .. } | LeaseEvent::Renewed { lease } => {
+                    Some((*t, lease.lifetime, lease.renew_after))
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(
+            grants.len() >= 5,
+            "seed {seed}: only {} grants in 3000 s",
+            grants.len()
+        );
+        for (t, lifetime, hint) in grants {
+            let Some(&renew) = renews.iter().find(|&&r| r > t) else {
+                continue;
+            };
+            let (start, end) = renewal_window(lifetime, hint);
+            assert_eq!(
+                (start, end),
+                (Duration::from_secs(300), Duration::from_secs(375))
+            );
+            assert!(
+                renew >= t + start && renew <= t + end,
+                "seed {seed}: renew outside window"
+            );
+            renew_offsets.push(renew.duration_since(t));
+        }
+    }
+    // The jitter is real: the instants spread over the window rather than sitting at one point.
+    let min = renew_offsets.iter().min().copied().unwrap_or_default();
+    let max = renew_offsets.iter().max().copied().unwrap_or_default();
+    assert!(
+        max - min > Duration::from_secs(60),
+        "spread {:?}",
+        max - min
+    );
+    let mut distinct = renew_offsets.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > renew_offsets.len() * 9 / 10);
+}
+
+#[test]
+fn lost_answers_are_retried_with_doubling_jittered_capped_delays() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(seed);
+        sim.link.drop_answers = true;
+        sim.run_for(1200.0);
+        let opens = sim.sent_of(is_open);
+        assert!(opens.len() > 12, "seed {seed}: {} attempts", opens.len());
+        for (n, pair) in opens.windows(2).enumerate() {
+            // The answer is awaited 5 s, then the retry waits min(2^n, 60) s +-20 %.
+            let gap = pair[1].duration_since(pair[0]);
+            let base = (FIRST_RETRY_DELAY * 2u32.pow(n.min(10) as u32)).min(MAX_RETRY_DELAY);
+            let low = REQUEST_TIMEOUT + base.mul_f64(0.8);
+            let high = REQUEST_TIMEOUT + base.mul_f64(1.2);
+            assert!(
+                gap >= low && gap <= high,
+                "seed {seed} retry {n}: {gap:?} not in [{low:?}, {high:?}]"
+            );
+        }
+        // Every attempt is a fresh request with its own id.
+        let mut ids: Vec<u64> = sim
+            .sent
+            .iter()
+            .filter_map(|(_, m)| m.common().request_id)
+            .collect();
+        let all = ids.len();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), all);
+        // The gateway extended one lease each time instead of creating duplicates.
+        assert_eq!(sim.gateway.book.len(), 1);
+        // Once the answers come through, the lease is granted and the backoff starts over.
+        sim.link.drop_answers = false;
+        sim.run_for(120.0);
+        assert_eq!(sim.client.state(), LeaseState::Active, "seed {seed}");
+        assert_eq!(sim.gateway.book.lease_count(HOST), 1);
+    }
+}
+
+#[test]
+fn renewal_retries_are_capped_by_the_time_left() {
+    for seed in 0..20 {
+        let mut sim = Sim::with_opening(seed, tcp_opening(8080), Some(120));
+        sim.run_for(1.0);
+        let expires_at = sim.client.expires_at().expect("granted");
+        sim.link.drop_requests = true;
+        sim.run_for(200.0);
+        let renews = sim.sent_of(is_renew);
+        assert!(renews.len() >= 3, "seed {seed}");
+        for pair in renews.windows(2) {
+            // A retry never waits longer than 1.2 x the time left when the previous failed.
+            let failed_at = pair[0] + REQUEST_TIMEOUT;
+            let left = expires_at.saturating_duration_since(failed_at);
+            let waited = pair[1].duration_since(failed_at);
+            assert!(
+                waited <= left.mul_f64(1.2),
+                "seed {seed}: waited {waited:?}, left {left:?}"
+            );
+        }
+        assert!(
+            renews.iter().all(|&t| t < expires_at),
+            "seed {seed}: renew sent after expiry"
+        );
+    }
+}
+
+#[test]
+fn expiry_while_the_gateway_is_unreachable_happens_exactly_at_expiry() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(seed);
+        sim.run_for(10.0);
+        let lease = sim.client.lease().expect("granted").clone();
+        sim.cut();
+        // Just before expiry the mirror still holds the lease and no Expired was reported.
+        sim.run_until(lease.expires_at - Duration::from_millis(1));
+        assert!(
+            sim.events_matching(is_expired).is_empty(),
+            "seed {seed}: expired early"
+        );
+        assert_eq!(sim.client.lease_id(), Some(lease.id));
+        assert!(matches!(
+            sim.client.state(),
+            LeaseState::Renewing | LeaseState::Active
+        ));
+        sim.run_until(lease.expires_at + Duration::from_secs(600));
+        let expired = sim.events_matching(is_expired);
+        assert_eq!(expired.len(), 1, "seed {seed}");
+        assert_eq!(
+            expired[0].0, lease.expires_at,
+            "seed {seed}: expiry not exact"
+        );
+        assert_eq!(expired[0].1, LeaseEvent::Expired { lease: lease.id });
+        assert_eq!(sim.client.state(), LeaseState::Expired);
+        assert_eq!(sim.client.lease(), None);
+        assert!(sim.client.is_finished());
+        assert_eq!(sim.client.poll_timeout(), None);
+        // Retries went on until the expiry and stopped there.
+        let renews = sim.sent_of(is_renew);
+        assert!(renews.len() >= 5, "seed {seed}: {} attempts", renews.len());
+        assert!(renews.iter().all(|&t| t < lease.expires_at));
+    }
+}
+
+#[test]
+fn revocation_is_terminal() {
+    let mut sim = Sim::new(3);
+    sim.run_for(10.0);
+    let id = sim.granted_lease();
+    let lease = sim.gateway.book.revoke(&id).expect("the gateway holds it");
+    sim.push_notice(Message::Revoked(
+        lease.to_revoked(RevokeReason::Operator, Some("maintenance".into())),
+    ));
+    let sent_before = sim.sent.len();
+    sim.run_for(5000.0);
+    assert_eq!(
+        sim.client.state(),
+        LeaseState::Revoked(RevokeReason::Operator)
+    );
+    let revoked: Vec<_> = sim.events_matching(|e| matches!(e, LeaseEvent::Revoked { .. }));
+    assert_eq!(
+        revoked[0].1,
+        LeaseEvent::Revoked {
+            lease: id,
+            reason: RevokeReason::Operator,
+            text: Some("maintenance".into())
+        }
+    );
+    assert_eq!(sim.client.lease(), None);
+    assert_eq!(sim.sent.len(), sent_before, "no re-open after a revocation");
+    assert!(sim.client.is_finished());
+}
+
+#[test]
+fn a_revoked_notice_for_another_lease_is_ignored() {
+    let mut sim = Sim::new(4);
+    sim.run_for(10.0);
+    let other = LeaseId([0xAB; 16]);
+    sim.push_notice(Message::Revoked(fwnp_proto::Revoked {
+        common: Common::default(),
+        lease: other,
+        reason: RevokeReason::PolicyChanged,
+        text: None,
+    }));
+    sim.run_for(1.0);
+    assert_eq!(sim.client.state(), LeaseState::Active);
+    assert_eq!(sim.client.ignored_messages(), 1);
+}
+
+#[test]
+fn epoch_change_reopens_and_keeps_the_mirror_until_the_answer() {
+    let mut sim = Sim::new(5);
+    sim.run_for(100.0);
+    let old = sim.client.lease().expect("granted").clone();
+    sim.gateway.lose_state();
+    let new_epoch = sim.gateway.epoch;
+    sim.push_notice(Message::EpochChanged(EpochChanged {
+        common: Common::default(),
+        epoch: new_epoch,
+    }));
+    let notice_at = sim.now + sim.link.delay;
+    // Stop right after the notice: the re-open is in flight, the old lease still mirrored.
+    sim.run_until(notice_at);
+    assert_eq!(sim.client.state(), LeaseState::Reopening);
+    assert_eq!(sim.client.lease_id(), Some(old.id));
+    let opens = sim.sent_of(is_open);
+    assert_eq!(
+        opens.last(),
+        Some(&notice_at),
+        "the fresh Open goes out at once"
+    );
+    sim.run_for(1.0);
+    assert_eq!(sim.client.state(), LeaseState::Active);
+    let new = sim.client.lease().expect("re-granted").clone();
+    assert_ne!(new.id, old.id);
+    assert_eq!(new.epoch, new_epoch);
+    assert!(sim.gateway.book.get(&new.id).is_some());
+    let reopening = sim.events_matching(|e| matches!(e, LeaseEvent::Reopening { .. }));
+    assert_eq!(
+        reopening[0].1,
+        LeaseEvent::Reopening {
+            previous: old.id,
+            cause: ReopenCause::EpochChanged {
+                old: old.epoch,
+                new: new_epoch
+            }
+        }
+    );
+    let granted = sim.events_matching(is_granted);
+    assert!(matches!(&granted[1].1, LeaseEvent::Granted { replaces: Some(r), .. } if *r == old.id));
+}
+
+#[test]
+fn epoch_change_while_unreachable_keeps_the_mirror_only_until_the_old_expiry() {
+    let mut sim = Sim::new(6);
+    sim.run_for(100.0);
+    let old = sim.client.lease().expect("granted").clone();
+    sim.cut();
+    sim.client.epoch_observed(sim.now, old.epoch + 1);
+    sim.run_until(old.expires_at - Duration::from_millis(1));
+    assert_eq!(sim.client.state(), LeaseState::Reopening);
+    assert_eq!(sim.client.lease_id(), Some(old.id));
+    sim.run_for(10.0);
+    assert_eq!(sim.client.state(), LeaseState::Expired);
+    assert_eq!(sim.events_matching(is_expired)[0].0, old.expires_at);
+    // The same epoch again changes nothing.
+    let mut calm = Sim::new(6);
+    calm.run_for(100.0);
+    let epoch = calm.client.lease().expect("granted").epoch;
+    calm.client.epoch_observed(calm.now, epoch);
+    assert_eq!(calm.client.state(), LeaseState::Active);
+}
+
+#[test]
+fn release_is_local_at_once_and_reaches_the_gateway() {
+    let mut sim = Sim::new(7);
+    sim.run_for(50.0);
+    let id = sim.granted_lease();
+    let now = sim.now;
+    sim.client.release(now);
+    // Locally released before anything is sent or answered.
+    assert_eq!(sim.client.state(), LeaseState::Released);
+    assert_eq!(sim.client.lease(), None);
+    assert_eq!(
+        sim.client.poll_event(),
+        Some(LeaseEvent::Released { lease: Some(id) })
+    );
+    sim.run_for(1.0);
+    assert_eq!(sim.sent_of(is_release), vec![now]);
+    assert!(sim.gateway.book.get(&id).is_none());
+    assert!(sim.client.is_finished());
+    assert_eq!(sim.client.poll_timeout(), None);
+}
+
+#[test]
+fn a_lost_release_is_retried_until_the_old_expiry_at_most() {
+    let mut sim = Sim::new(8);
+    sim.run_for(50.0);
+    let lease = sim.client.lease().expect("granted").clone();
+    sim.link.drop_requests = true;
+    let now = sim.now;
+    sim.client.release(now);
+    sim.run_for(2000.0);
+    let releases = sim.sent_of(is_release);
+    assert!(releases.len() > 5);
+    assert!(releases.iter().all(|&t| t < lease.expires_at));
+    assert!(sim.client.is_finished());
+    // The gateway still holds it: its own expiry ends it.
+    let now_ms = sim.gateway.now_ms(sim.now);
+    assert_eq!(sim.gateway.book.expire_due(now_ms).len(), 1);
+}
+
+#[test]
+fn release_while_the_open_is_in_flight_gives_the_lease_back() {
+    let mut sim = Sim::new(9);
+    sim.link.delay = Duration::from_millis(500);
+    sim.run_until(sim.at(0.1));
+    assert_eq!(sim.sent_of(is_open).len(), 1);
+    let now = sim.now;
+    sim.client.release(now);
+    assert_eq!(
+        sim.client.poll_event(),
+        Some(LeaseEvent::Released { lease: None })
+    );
+    sim.run_for(5.0);
+    // The Granted that arrived after the release was answered with a Release.
+    assert_eq!(sim.sent_of(is_release).len(), 1);
+    assert!(sim.gateway.book.is_empty());
+    assert!(sim.events_matching(is_granted).is_empty());
+    assert!(sim.client.is_finished());
+}
+
+#[test]
+fn unknown_lease_on_renew_reopens_once() {
+    let mut sim = Sim::new(10);
+    sim.run_for(10.0);
+    let old = sim.granted_lease();
+    // The gateway forgot the lease without telling (same epoch).
+    sim.gateway.book.revoke(&old).expect("held");
+    sim.run_for(400.0);
+    assert_eq!(sim.client.state(), LeaseState::Active);
+    let new = sim.granted_lease();
+    assert_ne!(new, old);
+    assert_eq!(sim.sent_of(is_open).len(), 2, "exactly one fresh Open");
+    let reopening = sim.events_matching(|e| matches!(e, LeaseEvent::Reopening { .. }));
+    assert_eq!(
+        reopening.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        vec![LeaseEvent::Reopening {
+            previous: old,
+            cause: ReopenCause::UnknownLease
+        }]
+    );
+    assert!(matches!(
+        sim.events_matching(is_granted).last(),
+        Some((_, LeaseEvent::Granted { replaces: Some(r), .. })) if *r == old
+    ));
+}
+
+#[test]
+fn a_denied_reopen_is_reported_lost() {
+    let mut sim = Sim::new(11);
+    sim.run_for(10.0);
+    let old = sim.granted_lease();
+    sim.gateway.book.revoke(&old).expect("held");
+    // The Renew meets unknown-lease; the re-open then meets a quota of zero.
+    sim.gateway.max_leases = Some(0);
+    sim.run_for(400.0);
+    assert_eq!(
+        sim.client.state(),
+        LeaseState::Lost(ResultCode::QuotaExceeded)
+    );
+    let lost = sim.events_matching(|e| matches!(e, LeaseEvent::Lost { .. }));
+    assert!(
+        matches!(&lost[0].1, LeaseEvent::Lost { previous, code: ResultCode::QuotaExceeded, .. } if *previous == old)
+    );
+    assert_eq!(sim.client.lease(), None);
+    assert_eq!(sim.sent_of(is_open).len(), 2, "one re-open, no more");
+}
+
+#[test]
+fn rate_limited_retry_after_is_honoured() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(seed);
+        sim.gateway
+            .scripted_denials
+            .push_back((ResultCode::RateLimited, Some(30)));
+        sim.run_for(100.0);
+        let opens = sim.sent_of(is_open);
+        assert_eq!(opens.len(), 2, "seed {seed}");
+        // The Denied arrived 40 ms after the first Open; the retry waits at least 30 s more.
+        let denied_at = opens[0] + Duration::from_millis(40);
+        assert!(secs_between(denied_at, opens[1]) >= 30.0, "seed {seed}");
+        assert!(
+            secs_between(denied_at, opens[1]) <= 30.0 + 1e-9,
+            "seed {seed}"
+        );
+        assert_eq!(sim.client.state(), LeaseState::Active);
+    }
+}
+
+#[test]
+fn no_resources_is_retried_on_the_backoff_schedule() {
+    let mut sim = Sim::new(12);
+    for _ in 0..3 {
+        sim.gateway
+            .scripted_denials
+            .push_back((ResultCode::NoResources, None));
+    }
+    sim.run_for(100.0);
+    let opens = sim.sent_of(is_open);
+    assert_eq!(opens.len(), 4);
+    for (n, pair) in opens.windows(2).enumerate() {
+        let base = FIRST_RETRY_DELAY * 2u32.pow(n as u32);
+        let gap = pair[1].duration_since(pair[0]) - Duration::from_millis(40);
+        assert!(
+            gap >= base.mul_f64(0.8) && gap <= base.mul_f64(1.2),
+            "retry {n}: {gap:?}"
+        );
+    }
+    assert_eq!(sim.client.state(), LeaseState::Active);
+}
+
+#[test]
+fn a_non_transient_denial_of_the_open_fails_without_retry() {
+    let mut sim = Sim::new(13);
+    sim.gateway
+        .scripted_denials
+        .push_back((ResultCode::DeniedByPolicy, None));
+    sim.run_for(1000.0);
+    assert_eq!(
+        sim.client.state(),
+        LeaseState::Failed(ResultCode::DeniedByPolicy)
+    );
+    assert_eq!(sim.sent_of(is_open).len(), 1);
+    assert_eq!(
+        sim.events
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect::<Vec<_>>(),
+        vec![LeaseEvent::Denied {
+            code: ResultCode::DeniedByPolicy,
+            reason: Some("denied-by-policy".into()),
+            retry_after: None
+        }]
+    );
+    assert!(sim.client.is_finished());
+}
+
+#[test]
+fn a_refused_renewal_keeps_the_lease_until_expiry() {
+    let mut sim = Sim::new(14);
+    sim.run_for(10.0);
+    let lease = sim.client.lease().expect("granted").clone();
+    sim.gateway.refuse_renewals = Some(ResultCode::DeniedByPolicy);
+    sim.run_for(2000.0);
+    assert_eq!(sim.sent_of(is_renew).len(), 1, "no retry after a refusal");
+    let refused = sim.events_matching(|e| matches!(e, LeaseEvent::RenewRefused { .. }));
+    assert_eq!(refused.len(), 1);
+    assert_eq!(sim.events_matching(is_expired)[0].0, lease.expires_at);
+}
+
+#[test]
+fn answers_that_do_not_belong_are_ignored_and_counted() {
+    let mut sim = Sim::new(15);
+    sim.run_for(10.0);
+    let lease = sim.client.lease().expect("granted").clone();
+    let now = sim.now;
+    let stray_granted = Message::Granted(Granted {
+        common: Common {
+            request_id: Some(42),
+            critical: Vec::new(),
+        },
+        lease: LeaseId([9; 16]),
+        grants: Vec::new(),
+        lifetime: 1,
+        expires_ms: 0,
+        renew_after: 0,
+        epoch: 0,
+        narrowed: false,
+    });
+    let stray_released = Message::Released(Released {
+        common: Common::default(),
+        lease: lease.id,
+    });
+    let stray_open = sim.sent[0].1.clone();
+    for stray in [&stray_granted, &stray_released, &stray_open] {
+        sim.client.handle_answer(now, stray, &mut sim.rng);
+    }
+    sim.client.handle_notice(now, &stray_open);
+    assert_eq!(sim.client.ignored_messages(), 4);
+    assert_eq!(sim.client.lease(), Some(&lease));
+    assert_eq!(sim.client.state(), LeaseState::Active);
+    // A Granted for another lease answering our Renew (right request id) is ignored too.
+    let mut sim = Sim::new(16);
+    sim.run_for(10.0);
+    let renew_at = sim.client.renew_at().expect("scheduled");
+    sim.link.drop_requests = true;
+    sim.run_until(renew_at);
+    let (_, renew) = sim.sent.last().cloned().expect("renew sent");
+    let Message::Granted(mut wrong) = stray_granted else {
+        unreachable!()
+    };
+    wrong.common.request_id = renew.common().request_id;
+    let now = sim.now;
+    sim.client
+        .handle_answer(now, &Message::Granted(wrong), &mut sim.rng);
+    assert_eq!(sim.client.ignored_messages(), 1);
+    assert_eq!(sim.client.state(), LeaseState::Renewing);
+}
+
+#[test]
+fn idempotent_reopen_through_the_link_returns_the_same_lease() {
+    // Two machines asking for the same opening from the same host get the same lease.
+    let mut sim = Sim::new(17);
+    sim.run_for(1.0);
+    let first = sim.granted_lease();
+    let mut rng = StdRng::seed_from_u64(99);
+    let mut second = LeaseMachine::new(sim.now, tcp_opening(8080), None, None, &mut rng);
+    let open = second.poll_transmit(sim.now).expect("open due");
+    let answer = sim.gateway.handle(sim.now, &over_the_wire(&open));
+    second.handle_answer(sim.now, &over_the_wire(&answer), &mut rng);
+    assert_eq!(second.lease_id(), Some(first));
+    assert_eq!(sim.gateway.book.lease_count(HOST), 1);
+    assert!(matches!(
+        sim.gateway.book.open(
+            sim.gateway.now_ms(sim.now),
+            HOST,
+            &match open {
+                Message::Open(o) => o,
+                _ => unreachable!(),
+            },
+            &PolicyFacts {
+                grants: sim.gateway.book.get(&first).expect("held").grants.clone(),
+                grants_narrowed: false,
+                lifetime: sim.gateway.policy,
+                max_leases: Some(1),
+            },
+            &mut rng,
+        ),
+        Ok(OpenOutcome::Extended { .. })
+    ));
+}
