@@ -1,0 +1,445 @@
+//! The batcher: many async callers, one thread that owns the [`Netfilter`] and turns whatever
+//! is queued into one transaction, and a watch that repairs our table when someone else
+//! flushes or deletes it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{broadcast, oneshot};
+
+use crate::nl::*;
+use crate::sys::{NetlinkSocket, thread_id};
+use crate::{Change, Error, Layout, Netfilter, Opening, ReconcileReport};
+
+/// Settings of a [`Batcher`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatcherConfig {
+    /// Most changes in one transaction; what is queued beyond waits for the next one.
+    pub max_batch: usize,
+    /// How often the table's structure is checked, as a safety net beside the events.
+    pub check_interval: Duration,
+    /// Listen to nf_tables events to notice at once that someone else changed our table.
+    pub watch_events: bool,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig { max_batch: 4096, check_interval: Duration::from_secs(1), watch_events: true }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Element transactions sent (one per batch; a batch retried without a bad element counts once).
+    pub batches: u64,
+    /// Changes handled.
+    pub changes: u64,
+    /// Changes that ended in an error.
+    pub failed_changes: u64,
+    /// Size of the last batch, in changes.
+    pub last_batch_size: usize,
+    /// Largest batch so far.
+    pub max_batch_size: usize,
+    /// Time the last batch took in the kernel (send to last acknowledgement).
+    pub last_batch_latency: Duration,
+    /// Total time spent in batches.
+    pub total_batch_time: Duration,
+    /// Repairs made (see [`RepairEvent`]).
+    pub repairs: u64,
+}
+
+/// Why a repair was looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RepairTrigger {
+    /// Another process changed our table (nf_tables event).
+    ForeignChange,
+    /// The event socket overflowed, so changes may have gone unseen.
+    EventsLost,
+    /// The periodic check.
+    PeriodicCheck,
+    /// A change failed because the table was missing.
+    TableMissing,
+}
+
+/// A repair of our table after someone else changed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairEvent {
+    /// When the repair was made.
+    pub at: SystemTime,
+    /// What led to it.
+    pub trigger: RepairTrigger,
+    /// Whether the table was recreated from the layout (missing or damaged).
+    pub table_recreated: bool,
+    /// Elements put back.
+    pub restored: usize,
+    /// Elements removed (present but not desired).
+    pub removed: usize,
+    /// Elements whose timeout was set back to the desired expiry.
+    pub refreshed: usize,
+    /// Set if the repair failed; it is tried again at the next check.
+    pub error: Option<String>,
+}
+
+enum Command {
+    Change(Change, oneshot::Sender<Result<(), Error>>),
+    Reconcile(Vec<(Opening, Duration)>, oneshot::Sender<Result<ReconcileReport, Error>>),
+    Kill(Opening, oneshot::Sender<Result<usize, Error>>),
+    Foreign(RepairTrigger),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Async front of a [`Netfilter`]: collects changes from many callers, sends one transaction
+/// per batch and tells each caller whether its own change landed. It keeps the desired state
+/// (layout and live elements with their expiry instants) and repairs the table from it when
+/// someone else flushes or deletes it. Cloning gives another handle on the same thread.
+#[derive(Debug, Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Command>,
+    stats: Arc<Mutex<BatchStats>>,
+    repairs: broadcast::Sender<RepairEvent>,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Command::Change(c, _) => write!(f, "Change({c:?})"),
+            Command::Reconcile(d, _) => write!(f, "Reconcile({} openings)", d.len()),
+            Command::Kill(o, _) => write!(f, "Kill({o:?})"),
+            Command::Foreign(t) => write!(f, "Foreign({t:?})"),
+            Command::Shutdown(_) => write!(f, "Shutdown"),
+        }
+    }
+}
+
+impl Batcher {
+    /// Starts the batcher's thread with a handle and the layout it keeps. The table is not
+    /// applied here: apply or reconcile first (the first periodic check recreates a missing
+    /// table, with no elements). The event socket is opened in the caller's network namespace,
+    /// which must be the handle's.
+    pub fn start(netfilter: Netfilter, layout: Layout, config: BatcherConfig) -> Result<Self, Error> {
+        crate::layout::validate(&layout)?;
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(Mutex::new(BatchStats::default()));
+        let (repairs, _) = broadcast::channel(64);
+        let our_tid = Arc::new(AtomicU32::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = if config.watch_events {
+            let socket = NetlinkSocket::open()?;
+            socket.join_group(NFNLGRP_NFTABLES)?;
+            let _ = socket.set_buffers(1 << 20, 16 << 20);
+            socket.set_recv_timeout(Some(Duration::from_millis(200)))?;
+            let (tx, table, tid, stop) = (tx.clone(), layout.table().to_string(), our_tid.clone(), stop.clone());
+            Some(
+                std::thread::Builder::new()
+                    .name("fwnp-nft-events".into())
+                    .spawn(move || watch_events(socket, &table, &tid, &stop, &tx))?,
+            )
+        } else {
+            None
+        };
+        let worker = Worker {
+            nf: netfilter,
+            layout,
+            config,
+            desired: HashMap::new(),
+            stats: stats.clone(),
+            repairs: repairs.clone(),
+        };
+        std::thread::Builder::new().name("fwnp-nft-batcher".into()).spawn(move || {
+            our_tid.store(thread_id(), Ordering::Relaxed);
+            worker.run(rx);
+            stop.store(true, Ordering::Relaxed);
+            if let Some(w) = watcher {
+                let _ = w.join();
+            }
+        })?;
+        Ok(Batcher { tx, stats, repairs })
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| Error::BatcherStopped)?;
+        answer.await.map_err(|_| Error::BatcherStopped)?
+    }
+
+    /// Adds an opening that expires after `timeout`; returns once the kernel holds it.
+    pub async fn add(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
+        self.call(|r| Command::Change(Change::Add(opening, timeout), r)).await
+    }
+
+    /// Sets an opening's remaining time to `timeout` (and creates it if it had expired).
+    pub async fn renew(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
+        self.call(|r| Command::Change(Change::Renew(opening, timeout), r)).await
+    }
+
+    /// Removes an opening at once.
+    pub async fn remove(&self, opening: Opening) -> Result<(), Error> {
+        self.call(|r| Command::Change(Change::Remove(opening), r)).await
+    }
+
+    /// Any change, for callers that hold [`Change`] values.
+    pub async fn change(&self, change: Change) -> Result<(), Error> {
+        self.call(|r| Command::Change(change, r)).await
+    }
+
+    /// Makes `desired` the whole desired state and brings the kernel to it (see
+    /// [`Netfilter::reconcile`]).
+    pub async fn reconcile(&self, desired: Vec<(Opening, Duration)>) -> Result<ReconcileReport, Error> {
+        self.call(|r| Command::Reconcile(desired, r)).await
+    }
+
+    /// Ends the live connections of an opening (see [`Netfilter::kill_connections`]).
+    pub async fn kill_connections(&self, opening: Opening) -> Result<usize, Error> {
+        self.call(|r| Command::Kill(opening, r)).await
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> BatchStats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Subscribes to repair events.
+    pub fn repairs(&self) -> broadcast::Receiver<RepairEvent> {
+        self.repairs.subscribe()
+    }
+
+    /// Stops the thread after the changes already queued; other handles then get
+    /// [`Error::BatcherStopped`]. The table and its elements stay in the kernel.
+    pub async fn shutdown(self) {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(reply)).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+struct Worker {
+    nf: Netfilter,
+    layout: Layout,
+    config: BatcherConfig,
+    /// Live openings (canonical) and when they expire.
+    desired: HashMap<Opening, Instant>,
+    stats: Arc<Mutex<BatchStats>>,
+    repairs: broadcast::Sender<RepairEvent>,
+}
+
+impl Worker {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut next_check = Instant::now() + self.config.check_interval;
+        let mut deferred: Option<Command> = None;
+        loop {
+            let command = match deferred.take() {
+                Some(c) => c,
+                None => match rx.recv_timeout(next_check.saturating_duration_since(Instant::now())) {
+                    Ok(c) => c,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.check(RepairTrigger::PeriodicCheck);
+                        next_check = Instant::now() + self.config.check_interval;
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+            };
+            match command {
+                Command::Change(change, reply) => {
+                    let mut batch = vec![(change, reply)];
+                    // Drain what is queued: under load batches grow, latency stays low.
+                    while batch.len() < self.config.max_batch.max(1) {
+                        match rx.try_recv() {
+                            Ok(Command::Change(c, r)) => batch.push((c, r)),
+                            Ok(other) => {
+                                deferred = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.commit(batch);
+                }
+                Command::Reconcile(desired, reply) => {
+                    let now = Instant::now();
+                    self.desired.clear();
+                    for (opening, timeout) in &desired {
+                        if let Ok(canonical) = opening.canonical() {
+                            self.desired.insert(canonical, now + *timeout);
+                        }
+                    }
+                    let _ = reply.send(self.nf.reconcile(&self.layout, &desired));
+                }
+                Command::Kill(opening, reply) => {
+                    let _ = reply.send(self.nf.kill_connections(&opening));
+                }
+                Command::Foreign(trigger) => {
+                    // Collapse a burst of events into one check.
+                    while let Ok(Command::Foreign(_)) = rx.try_recv() {}
+                    self.check(trigger);
+                }
+                Command::Shutdown(reply) => {
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+            if Instant::now() >= next_check {
+                self.check(RepairTrigger::PeriodicCheck);
+                next_check = Instant::now() + self.config.check_interval;
+            }
+        }
+    }
+
+    fn commit(&mut self, batch: Vec<(Change, oneshot::Sender<Result<(), Error>>)>) {
+        let changes: Vec<Change> = batch.iter().map(|(c, _)| c.clone()).collect();
+        let started = Instant::now();
+        let mut results = match self.nf.commit(&self.layout, &changes) {
+            Ok(results) => results,
+            Err(e) => changes.iter().map(|_| Err(e.clone())).collect(),
+        };
+        // Our table vanished under us: repair it, then try those changes once more.
+        let missing: Vec<usize> = (0..results.len())
+            .filter(|i| matches!(results[*i], Err(Error::TableMissing { .. })))
+            .collect();
+        if !missing.is_empty() {
+            self.check(RepairTrigger::TableMissing);
+            let again: Vec<Change> = missing.iter().map(|i| changes[*i].clone()).collect();
+            if let Ok(second) = self.nf.commit(&self.layout, &again) {
+                for (i, result) in missing.into_iter().zip(second) {
+                    results[i] = result;
+                }
+            }
+        }
+        let elapsed = started.elapsed();
+        let now = Instant::now();
+        let mut failed = 0;
+        for ((change, reply), result) in batch.into_iter().zip(results) {
+            match (&change, &result) {
+                (Change::Add(o, t) | Change::Renew(o, t), Ok(())) => {
+                    if let Ok(c) = o.canonical() {
+                        self.desired.insert(c, now + *t);
+                    }
+                }
+                (Change::Remove(o), Ok(()) | Err(Error::ElementMissing(_))) => {
+                    if let Ok(c) = o.canonical() {
+                        self.desired.remove(&c);
+                    }
+                }
+                _ => {}
+            }
+            if result.is_err() {
+                failed += 1;
+            }
+            let _ = reply.send(result);
+        }
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.batches += 1;
+            stats.changes += changes.len() as u64;
+            stats.failed_changes += failed;
+            stats.last_batch_size = changes.len();
+            stats.max_batch_size = stats.max_batch_size.max(changes.len());
+            stats.last_batch_latency = elapsed;
+            stats.total_batch_time += elapsed;
+        }
+    }
+
+    /// The desired elements with their remaining time; expired ones are forgotten.
+    fn remaining(&mut self) -> Vec<(Opening, Duration)> {
+        let now = Instant::now();
+        self.desired.retain(|_, expiry| *expiry > now);
+        self.desired.iter().map(|(o, expiry)| (o.clone(), expiry.saturating_duration_since(now))).collect()
+    }
+
+    /// Checks the table and repairs it. The periodic check compares the structure only (cheap);
+    /// a foreign change also compares the elements.
+    fn check(&mut self, trigger: RepairTrigger) {
+        let present = match self.nf.table_present(&self.layout) {
+            Ok(present) => present,
+            Err(e) => {
+                tracing::warn!(error = %e, "checking the nftables table failed");
+                return;
+            }
+        };
+        let desired = self.remaining();
+        let mut event = RepairEvent {
+            at: SystemTime::now(),
+            trigger,
+            table_recreated: false,
+            restored: 0,
+            removed: 0,
+            refreshed: 0,
+            error: None,
+        };
+        if !present {
+            event.table_recreated = true;
+            match self.nf.apply(&self.layout, &desired) {
+                Ok(()) => event.restored = desired.len(),
+                Err(e) => event.error = Some(e.to_string()),
+            }
+        } else if trigger != RepairTrigger::PeriodicCheck {
+            match self.nf.reconcile(&self.layout, &desired) {
+                Ok(report) => {
+                    event.table_recreated = report.table_recreated;
+                    event.restored = report.added.len();
+                    event.removed = report.removed.len();
+                    event.refreshed = report.refreshed;
+                    if event.restored + event.removed + event.refreshed == 0 && !event.table_recreated {
+                        return;
+                    }
+                }
+                Err(e) => event.error = Some(e.to_string()),
+            }
+        } else {
+            return;
+        }
+        tracing::warn!(?event, table = self.layout.table(), "repaired the nftables table");
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.repairs += 1;
+        }
+        let _ = self.repairs.send(event);
+    }
+}
+
+/// Follows nf_tables events: when a generation that touched our table was committed by
+/// another thread or process, asks the worker to check.
+fn watch_events(socket: NetlinkSocket, table: &str, our_tid: &AtomicU32, stop: &AtomicBool, tx: &mpsc::Sender<Command>) {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut touched = false;
+    while !stop.load(Ordering::Relaxed) {
+        let n = match socket.recv(&mut buf, false) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                touched = false;
+                if tx.send(Command::Foreign(RepairTrigger::EventsLost)).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "nftables event socket failed; relying on the periodic check");
+                return;
+            }
+        };
+        for m in messages(&buf[..n]) {
+            if m.msg_type >> 8 != NFNL_SUBSYS_NFTABLES {
+                continue;
+            }
+            let kind = m.msg_type & 0xff;
+            if kind == NFT_MSG_NEWGEN {
+                let pid = m.nft_attrs().find(NFTA_GEN_PROC_PID).and_then(be_u32);
+                let ours = pid == Some(our_tid.load(Ordering::Relaxed));
+                if touched && !ours && tx.send(Command::Foreign(RepairTrigger::ForeignChange)).is_err() {
+                    return;
+                }
+                touched = false;
+            } else if m.nfgen_family() == Some(NFPROTO_INET) {
+                // Attribute 1 names the table in table, chain, rule, set, element and object
+                // messages alike.
+                if m.nft_attrs().find(1).map(c_string).as_deref() == Some(table) {
+                    touched = true;
+                }
+            }
+        }
+    }
+}
