@@ -7,5 +7,8 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod identity;
+pub mod pki;
 pub mod policy;
+pub mod tls;
 pub mod store;

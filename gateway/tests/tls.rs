@@ -1,0 +1,962 @@
+//! The trust layer over real QUIC: certificates made by `pki` (and by the `openssl` command),
+//! the gateway's and the host's TLS configurations from `tls`, and the identity the gateway reads
+//! from `identity`. Endpoints listen on 127.0.0.1 only; every handshake is bounded in time.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fwnp_gateway::identity::{
+    IdentityError, IdentityKind, PeerIdentity, Serial, allowed_addresses,
+};
+use fwnp_gateway::pki::{self, PkiError, RevocationReason, Validity};
+use fwnp_gateway::tls::{
+    self, ClientOptions, ClientTlsFiles, ServerOptions, ServerTlsFiles, TlsError,
+};
+use quinn::{Connection, ConnectionError, Endpoint, TransportErrorCode};
+use rustls::AlertDescription;
+
+const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const GATEWAY_NAME: &str = "gateway.test";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A directory removed when the test ends, whatever the outcome.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "fwnp-tls-{label}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A CA with a gateway certificate, as `fwnpctl pki init` + `pki issue gateway` make them.
+struct TestCa {
+    dir: TempDir,
+}
+
+impl TestCa {
+    fn new(label: &str) -> Self {
+        let dir = TempDir::new(label);
+        pki::init_ca(
+            dir.path(),
+            &format!("FWNP Test CA {label}"),
+            Validity::days(2),
+        )
+        .expect("init CA");
+        pki::issue_gateway(
+            dir.path(),
+            "gateway",
+            &[GATEWAY_NAME.to_owned()],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            Validity::days(2),
+        )
+        .expect("issue gateway");
+        TestCa { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.path().join(name)
+    }
+
+    fn server_files(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.file("gateway.pem"),
+            key: self.file("gateway.key"),
+            ca: self.file("ca.pem"),
+            crl: Some(self.file("crl.pem")),
+        }
+    }
+
+    fn client_files(&self, host: &str) -> ClientTlsFiles {
+        ClientTlsFiles {
+            cert: self.file(&format!("{host}.pem")),
+            key: self.file(&format!("{host}.key")),
+            ca: self.file("ca.pem"),
+        }
+    }
+
+    fn host(
+        &self,
+        name: &str,
+        ips: &[IpAddr],
+        uris: &[&str],
+        dns: &[&str],
+    ) -> pki::IssuedCertificate {
+        let uris: Vec<String> = uris.iter().map(|s| s.to_string()).collect();
+        let dns: Vec<String> = dns.iter().map(|s| s.to_string()).collect();
+        pki::issue_host(self.path(), name, ips, &uris, &dns, Validity::days(1)).expect("issue host")
+    }
+}
+
+fn server(files: &ServerTlsFiles) -> Endpoint {
+    let config =
+        tls::server_config_from_files(files, &ServerOptions::default()).expect("server config");
+    Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind server")
+}
+
+fn client_config(files: &ClientTlsFiles) -> quinn::ClientConfig {
+    tls::client_config_from_files(files, &ClientOptions::default()).expect("client config")
+}
+
+/// What both ends saw of one connection attempt.
+struct Attempt {
+    server: Result<Connection, ConnectionError>,
+    client: Result<Connection, ConnectionError>,
+}
+
+async fn attempt(
+    server: &Endpoint,
+    client_config: quinn::ClientConfig,
+    server_name: &str,
+) -> Attempt {
+    let address = server.local_addr().expect("server address");
+    let client = Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).expect("bind client");
+    let connecting = client
+        .connect_with(client_config, address, server_name)
+        .expect("connect");
+    let accept = async {
+        let incoming = server.accept().await.expect("server endpoint open");
+        incoming.await
+    };
+    let (server_result, client_result) =
+        tokio::time::timeout(STEP_TIMEOUT, async { tokio::join!(accept, connecting) })
+            .await
+            .expect("handshake did not finish within the timeout");
+    Attempt {
+        server: server_result,
+        client: client_result,
+    }
+}
+
+/// The crypto error code of an alert, as QUIC carries it.
+fn alert_code(alert: AlertDescription) -> TransportErrorCode {
+    TransportErrorCode::crypto(u8::from(alert))
+}
+
+/// Asserts that the gateway refused the handshake with `alert` and a reason containing `reason`,
+/// and that the host saw the connection closed with the same code.
+async fn assert_refused(attempt: Attempt, alert: AlertDescription, reason: &str) {
+    match &attempt.server {
+        Err(ConnectionError::TransportError(error)) => {
+            assert_eq!(error.code, alert_code(alert), "server error: {error}");
+            assert!(
+                error.reason.contains(reason),
+                "server reason {:?} lacks {reason:?}",
+                error.reason
+            );
+        }
+        Err(other) => panic!("server failed with {other:?}, expected a TLS alert {alert:?}"),
+        Ok(connection) => panic!(
+            "server accepted a connection it should refuse (peer {:?})",
+            PeerIdentity::from_connection(connection)
+        ),
+    }
+    let client_error = match attempt.client {
+        Err(error) => error,
+        // In TLS 1.3 the client may finish its side before the server has judged its certificate:
+        // the refusal then arrives as the connection's close.
+        Ok(connection) => tokio::time::timeout(STEP_TIMEOUT, connection.closed())
+            .await
+            .expect("client close timed out"),
+    };
+    match client_error {
+        ConnectionError::ConnectionClosed(close) => assert_eq!(close.error_code, alert_code(alert)),
+        other => panic!("client saw {other:?}, expected the gateway's close with {alert:?}"),
+    }
+}
+
+/// Asserts that both ends connected, that one request stream round-trips, and returns the
+/// identity the gateway reads.
+async fn assert_connected(attempt: Attempt) -> (Result<PeerIdentity, IdentityError>, SocketAddr) {
+    let server = attempt.server.expect("server accepted");
+    let client = attempt.client.expect("client connected");
+    assert_eq!(
+        server
+            .handshake_data()
+            .and_then(|data| data.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|data| data.protocol),
+        Some(fwnp_proto::ALPN.to_vec())
+    );
+    let exchange = async {
+        let (mut send, mut receive) = client.open_bi().await.expect("open stream");
+        send.write_all(b"hello").await.expect("write");
+        send.finish().expect("finish");
+        let (mut server_send, mut server_receive) =
+            server.accept_bi().await.expect("accept stream");
+        let request = server_receive.read_to_end(64).await.expect("read request");
+        server_send.write_all(&request).await.expect("write answer");
+        server_send.finish().expect("finish answer");
+        receive.read_to_end(64).await.expect("read answer")
+    };
+    let echoed = tokio::time::timeout(STEP_TIMEOUT, exchange)
+        .await
+        .expect("stream exchange timed out");
+    assert_eq!(echoed, b"hello");
+    let source = server.remote_address();
+    let identity = PeerIdentity::from_connection(&server);
+    client.close(0u32.into(), b"done");
+    (identity, source)
+}
+
+#[tokio::test]
+async fn a_good_host_connects_and_the_gateway_reads_its_uri_identity_and_ip_sans() {
+    let ca = TestCa::new("uri");
+    let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 5));
+    let issued = ca.host(
+        "web-01",
+        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), v6],
+        &[],
+        &[],
+    );
+    let server = server(&ca.server_files());
+    let (identity, source) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("web-01")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "fwnp://host/web-01");
+    assert_eq!(identity.kind, IdentityKind::Uri);
+    assert_eq!(
+        identity.ip_sans,
+        vec![IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), v6]
+    );
+    assert_eq!(identity.serial, issued.serial);
+    assert_eq!(identity.fingerprint, issued.fingerprint);
+    assert!(identity.not_after > SystemTime::now());
+    assert_eq!(allowed_addresses(&identity, source.ip()), identity.ip_sans);
+}
+
+#[tokio::test]
+async fn spiffe_id_is_the_identity_and_without_ip_sans_the_source_address_is_allowed() {
+    let ca = TestCa::new("spiffe");
+    ca.host(
+        "spiffe-host",
+        &[],
+        &["spiffe://example.org/ns/prod/sa/web"],
+        &["ignored.example.org"],
+    );
+    let server = server(&ca.server_files());
+    let (identity, source) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("spiffe-host")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "spiffe://example.org/ns/prod/sa/web");
+    assert_eq!(identity.kind, IdentityKind::Uri);
+    assert!(identity.ip_sans.is_empty());
+    assert_eq!(
+        allowed_addresses(&identity, source.ip()),
+        vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]
+    );
+}
+
+#[tokio::test]
+async fn dns_san_is_the_identity_when_there_is_no_uri() {
+    let ca = TestCa::new("dns");
+    ca.host(
+        "dns-host",
+        &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9))],
+        &[],
+        &["Host-7.Example.org"],
+    );
+    let server = server(&ca.server_files());
+    let (identity, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("dns-host")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "host-7.example.org");
+    assert_eq!(identity.kind, IdentityKind::Dns);
+    assert_eq!(
+        identity.ip_sans,
+        vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9))]
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_without_uri_or_dns_san_passes_tls_but_has_no_identity() {
+    let ca = TestCa::new("nosan");
+    // Made with rcgen directly: pki never issues such a certificate.
+    let ca_pem = std::fs::read_to_string(ca.file("ca.pem")).expect("read ca");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
+            .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(IpAddr::V4(Ipv4Addr::new(
+        10, 9, 9, 9,
+    )))];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42, 0x01]));
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(ca.file("nosan.pem"), certificate.pem()).expect("write cert");
+    std::fs::write(ca.file("nosan.key"), key.serialize_pem()).expect("write key");
+
+    let server = server(&ca.server_files());
+    let (identity, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("nosan")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    assert!(
+        matches!(identity, Err(IdentityError::NoIdentity)),
+        "got {identity:?}"
+    );
+}
+
+#[tokio::test]
+async fn refused_without_a_client_certificate() {
+    let ca = TestCa::new("nocert");
+    let server = server(&ca.server_files());
+    let roots = tls::load_ca_certificates(&ca.file("ca.pem")).expect("roots");
+    let mut store = rustls::RootCertStore::empty();
+    for root in roots {
+        store.add(root).expect("add root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(store)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![fwnp_proto::ALPN.to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(config).expect("quic"),
+    ));
+    let outcome = attempt(&server, config, GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::CertificateRequired,
+        "peer sent no certificates",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn refused_with_a_certificate_from_another_ca() {
+    let ca = TestCa::new("mine");
+    let other = TestCa::new("other");
+    other.host("stranger", &[], &[], &[]);
+    let server = server(&ca.server_files());
+    // The stranger trusts our gateway (so the refusal is the gateway's, not the host's).
+    let files = ClientTlsFiles {
+        ca: ca.file("ca.pem"),
+        ..other.client_files("stranger")
+    };
+    let outcome = attempt(&server, client_config(&files), GATEWAY_NAME).await;
+    assert_refused(outcome, AlertDescription::UnknownCA, "UnknownIssuer").await;
+}
+
+#[tokio::test]
+async fn refused_with_an_expired_certificate() {
+    let ca = TestCa::new("expired");
+    let day = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    let validity = Validity {
+        not_before: now - 3 * day,
+        not_after: now - day,
+    };
+    pki::issue_host(ca.path(), "old-host", &[], &[], &[], validity).expect("issue expired");
+    let server = server(&ca.server_files());
+    let outcome = attempt(
+        &server,
+        client_config(&ca.client_files("old-host")),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(
+        outcome,
+        AlertDescription::CertificateExpired,
+        "certificate expired",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn refused_once_revoked_and_the_crl_reloads_without_restart() {
+    let ca = TestCa::new("revoked");
+    let issued = ca.host("doomed", &[], &[], &[]);
+    ca.host("survivor", &[], &[], &[]);
+    let files = ca.server_files();
+    let server = server(&files);
+
+    let (identity, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("doomed")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(identity.expect("identity").identity, "fwnp://host/doomed");
+
+    let revocation = pki::revoke(
+        ca.path(),
+        &issued.cert_path,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
+    assert!(revocation.newly_revoked);
+    assert_eq!(revocation.serial, issued.serial);
+    assert_eq!(revocation.revoked_count, 1);
+    let again = pki::revoke(
+        ca.path(),
+        &issued.cert_path,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke again");
+    assert!(!again.newly_revoked);
+    assert_eq!(again.revoked_count, 1);
+    let crls = tls::load_crls(&ca.file("crl.pem")).expect("load crl");
+    let revoked = fwnp_gateway::identity::revoked_serials(&crls).expect("parse crl");
+    assert_eq!(
+        revoked.into_iter().collect::<Vec<Serial>>(),
+        vec![issued.serial.clone()]
+    );
+    let listed = pki::revoked_list(ca.path()).expect("index");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].2, RevocationReason::KeyCompromise);
+
+    // Before the reload the endpoint still uses the old CRL.
+    let (before, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("doomed")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    assert!(before.is_ok());
+
+    tls::reload_server_config(&server, &files, &ServerOptions::default()).expect("reload");
+    let outcome = attempt(
+        &server,
+        client_config(&ca.client_files("doomed")),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(outcome, AlertDescription::CertificateRevoked, "Revoked").await;
+
+    // Other hosts of the same CA are unaffected.
+    let (other, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("survivor")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(other.expect("identity").identity, "fwnp://host/survivor");
+
+    // A broken CRL file is refused with its name, and the running configuration stays.
+    std::fs::write(
+        ca.file("broken-crl.pem"),
+        "-----BEGIN X509 CRL-----\nAAAA\n",
+    )
+    .expect("write");
+    let broken = ServerTlsFiles {
+        crl: Some(ca.file("broken-crl.pem")),
+        ..files.clone()
+    };
+    let error = tls::reload_server_config(&server, &broken, &ServerOptions::default())
+        .expect_err("broken CRL accepted");
+    assert!(
+        matches!(&error, TlsError::Pem { path, .. } if path.ends_with("broken-crl.pem")),
+        "got {error:?}"
+    );
+    let outcome = attempt(
+        &server,
+        client_config(&ca.client_files("doomed")),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(outcome, AlertDescription::CertificateRevoked, "Revoked").await;
+}
+
+#[tokio::test]
+async fn refused_with_a_wrong_alpn() {
+    let ca = TestCa::new("alpn");
+    ca.host("web", &[], &[], &[]);
+    let server = server(&ca.server_files());
+    let files = ca.client_files("web");
+    let mut store = rustls::RootCertStore::empty();
+    for root in tls::load_ca_certificates(&files.ca).expect("roots") {
+        store.add(root).expect("add root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(tls::crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(store)
+        .with_client_auth_cert(
+            tls::load_certificates(&files.cert).expect("cert"),
+            tls::load_private_key(&files.key).expect("key"),
+        )
+        .expect("client auth");
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    let config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(config).expect("quic"),
+    ));
+    let outcome = attempt(&server, config, GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::NoApplicationProtocol,
+        "peer doesn't support any known protocol",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_host_refuses_a_gateway_under_another_name() {
+    let ca = TestCa::new("name");
+    ca.host("web", &[], &[], &[]);
+    let server = server(&ca.server_files());
+    let outcome = attempt(
+        &server,
+        client_config(&ca.client_files("web")),
+        "not-the-gateway.test",
+    )
+    .await;
+    match outcome.client {
+        Err(ConnectionError::TransportError(error)) => {
+            assert_eq!(
+                error.code,
+                alert_code(AlertDescription::BadCertificate),
+                "{error}"
+            );
+            assert!(
+                error.reason.contains("not-the-gateway.test")
+                    || error.reason.contains("NotValidForName"),
+                "{}",
+                error.reason
+            );
+        }
+        other => panic!(
+            "client should refuse the gateway's certificate, got {:?}",
+            other.map(|c| c.remote_address())
+        ),
+    }
+    match outcome.server {
+        Err(ConnectionError::ConnectionClosed(close)) => assert_eq!(
+            close.error_code,
+            alert_code(AlertDescription::BadCertificate)
+        ),
+        other => panic!(
+            "server should see the host's alert, got {:?}",
+            other.map(|c| c.remote_address())
+        ),
+    }
+}
+
+#[tokio::test]
+async fn csr_issuance_keeps_the_hosts_key() {
+    let ca = TestCa::new("csr-ca");
+    let host_dir = TempDir::new("csr-host");
+    let csr_path = pki::create_csr(host_dir.path(), "csr-host").expect("create csr");
+    let key_path = host_dir.path().join("csr-host.key");
+    let key_before = std::fs::read(&key_path).expect("read key");
+    assert_eq!(
+        std::fs::metadata(&key_path)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let issued = pki::issue_from_csr(
+        ca.path(),
+        &csr_path,
+        "csr-host",
+        &[IpAddr::V4(Ipv4Addr::new(10, 7, 7, 7))],
+        &["spiffe://example.org/host/csr".to_owned()],
+        &[],
+        Validity::days(1),
+    )
+    .expect("issue from csr");
+    assert_eq!(issued.key_path, None);
+    assert!(
+        !ca.file("csr-host.key").exists(),
+        "the CA must not make a key for a CSR"
+    );
+    assert_eq!(std::fs::read(&key_path).expect("read key"), key_before);
+
+    // The host's own key and the CA's certificate belong together: the handshake proves it.
+    let files = ClientTlsFiles {
+        cert: issued.cert_path.clone(),
+        key: key_path,
+        ca: ca.file("ca.pem"),
+    };
+    let server = server(&ca.server_files());
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&files), GATEWAY_NAME).await).await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "spiffe://example.org/host/csr");
+    assert_eq!(
+        identity.ip_sans,
+        vec![IpAddr::V4(Ipv4Addr::new(10, 7, 7, 7))]
+    );
+
+    // Another host's key does not go with this certificate.
+    ca.host("other", &[], &[], &[]);
+    let mismatched = ClientTlsFiles {
+        key: ca.file("other.key"),
+        ..files
+    };
+    assert!(matches!(
+        tls::client_config_from_files(&mismatched, &ClientOptions::default()),
+        Err(TlsError::CertificateAndKey(_))
+    ));
+}
+
+#[tokio::test]
+async fn pki_files_modes_and_refusals() {
+    let ca = TestCa::new("files");
+    for key in ["ca.key", "gateway.key"] {
+        assert_eq!(
+            std::fs::metadata(ca.file(key))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600,
+            "{key}"
+        );
+    }
+    let issued = ca.host("web", &[], &[], &[]);
+    assert_eq!(
+        issued.key_path.as_deref(),
+        Some(ca.file("web.key").as_path())
+    );
+    assert_eq!(
+        std::fs::metadata(ca.file("web.key"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600
+    );
+    assert_eq!(
+        pki::fingerprint_file(&ca.file("web.pem")).expect("fingerprint"),
+        issued.fingerprint
+    );
+    assert_eq!(issued.fingerprint.to_string().len(), 95);
+
+    assert!(matches!(
+        pki::init_ca(ca.path(), "again", Validity::days(1)),
+        Err(PkiError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        pki::issue_host(ca.path(), "web", &[], &[], &[], Validity::days(1)),
+        Err(PkiError::AlreadyExists { .. })
+    ));
+    assert!(matches!(
+        pki::issue_host(ca.path(), "../escape", &[], &[], &[], Validity::days(1)),
+        Err(PkiError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        pki::issue_host(
+            ca.path(),
+            "bad-uri",
+            &[],
+            &["spiffe://UPPER/x".to_owned()],
+            &[],
+            Validity::days(1)
+        ),
+        Err(PkiError::InvalidUri { .. })
+    ));
+    let other = TestCa::new("files-other");
+    let stranger = other.host("stranger", &[], &[], &[]);
+    assert!(matches!(
+        pki::revoke(
+            ca.path(),
+            &stranger.cert_path,
+            RevocationReason::Unspecified
+        ),
+        Err(PkiError::NotIssuedByThisCa { .. })
+    ));
+}
+
+#[tokio::test]
+async fn loading_errors_name_the_file_and_the_problem() {
+    let ca = TestCa::new("load");
+    let missing = ca.file("missing.pem");
+    assert!(
+        matches!(tls::load_certificates(&missing), Err(TlsError::Read { path, .. }) if path == missing)
+    );
+    assert!(matches!(
+        tls::load_private_key(&ca.file("ca.pem")),
+        Err(TlsError::Missing { path, .. }) if path == ca.file("ca.pem")
+    ));
+    assert!(matches!(
+        tls::load_certificates(&ca.file("ca.key")),
+        Err(TlsError::Missing { path, .. }) if path == ca.file("ca.key")
+    ));
+    std::fs::write(
+        ca.file("truncated.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n",
+    )
+    .expect("write");
+    assert!(matches!(
+        tls::load_certificates(&ca.file("truncated.pem")),
+        Err(TlsError::Pem { .. })
+    ));
+    assert!(matches!(
+        tls::load_crls(&ca.file("ca.pem")),
+        Err(TlsError::Missing { .. })
+    ));
+    let error = tls::load_private_key(&ca.file("ca.pem")).expect_err("cert as key");
+    assert!(error.to_string().contains("ca.pem"), "{error}");
+}
+
+fn openssl_available() -> bool {
+    std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .map(|output| output.status.success())
+        .unwrap_or(false)
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let output = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[tokio::test]
+async fn certificates_made_with_openssl_work_the_same_way() {
+    if !openssl_available() {
+        eprintln!("SKIPPED: the `openssl` command is not installed");
+        return;
+    }
+    let ours = TestCa::new("ossl-gw");
+    let dir = TempDir::new("openssl");
+    let path = dir.path();
+    std::fs::write(
+        path.join("ca.cnf"),
+        "[req]\ndistinguished_name = dn\nprompt = no\nx509_extensions = ca_ext\n\
+         [dn]\nO = Elsewhere\nCN = OpenSSL Test CA\n\
+         [ca_ext]\nbasicConstraints = critical, CA:TRUE\nkeyUsage = critical, keyCertSign, cRLSign\n\
+         subjectKeyIdentifier = hash\n",
+    )
+    .expect("write ca.cnf");
+    std::fs::write(
+        path.join("host.cnf"),
+        "[host]\nbasicConstraints = CA:FALSE\nkeyUsage = critical, digitalSignature\n\
+         extendedKeyUsage = clientAuth\nsubjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n\
+         subjectAltName = URI:spiffe://openssl.example/host/a, IP:127.0.0.1, IP:2001:db8::7\n",
+    )
+    .expect("write host.cnf");
+    // An EC CA and an RSA host key, both PKCS#8 as openssl writes them.
+    openssl(
+        path,
+        &[
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+            "ca.key",
+        ],
+    );
+    openssl(
+        path,
+        &[
+            "req", "-new", "-x509", "-key", "ca.key", "-days", "2", "-config", "ca.cnf", "-out",
+            "ca.pem",
+        ],
+    );
+    openssl(
+        path,
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "host.key",
+        ],
+    );
+    openssl(
+        path,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "host.key",
+            "-subj",
+            "/CN=openssl-host",
+            "-out",
+            "host.csr",
+        ],
+    );
+    openssl(
+        path,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "host.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-set_serial",
+            "0x0A1B2C3D",
+            "-days",
+            "1",
+            "-extfile",
+            "host.cnf",
+            "-extensions",
+            "host",
+            "-out",
+            "host.pem",
+        ],
+    );
+
+    // The gateway trusts the openssl CA; its CRL is signed by pki for that CA.
+    pki::write_crl(path, Duration::from_secs(3600)).expect("CRL for an openssl CA");
+    let files = ServerTlsFiles {
+        ca: path.join("ca.pem"),
+        crl: Some(path.join("crl.pem")),
+        ..ours.server_files()
+    };
+    let server = server(&files);
+    let client_files = ClientTlsFiles {
+        cert: path.join("host.pem"),
+        key: path.join("host.key"),
+        ca: ours.file("ca.pem"),
+    };
+
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&client_files), GATEWAY_NAME).await).await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "spiffe://openssl.example/host/a");
+    assert_eq!(
+        identity.ip_sans,
+        vec![
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
+        ]
+    );
+    assert_eq!(identity.serial, Serial::parse("0A1B2C3D").expect("serial"));
+    // The fingerprint is the one openssl prints.
+    let output = std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-fingerprint",
+            "-sha256",
+            "-in",
+            "host.pem",
+        ])
+        .current_dir(path)
+        .output()
+        .expect("openssl fingerprint");
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        printed.trim().ends_with(&identity.fingerprint.to_string()),
+        "{printed} vs {}",
+        identity.fingerprint
+    );
+
+    // pki can revoke the openssl certificate, and the gateway then refuses it.
+    pki::revoke(path, &path.join("host.pem"), RevocationReason::Superseded)
+        .expect("revoke openssl cert");
+    tls::reload_server_config(&server, &files, &ServerOptions::default()).expect("reload");
+    let outcome = attempt(&server, client_config(&client_files), GATEWAY_NAME).await;
+    assert_refused(outcome, AlertDescription::CertificateRevoked, "Revoked").await;
+
+    // A CSR made by openssl is signed by pki; the host keeps its openssl key.
+    openssl(
+        path,
+        &[
+            "req",
+            "-new",
+            "-key",
+            "host.key",
+            "-subj",
+            "/CN=openssl-host-2",
+            "-out",
+            "host2.csr",
+        ],
+    );
+    let issued = pki::issue_from_csr(
+        ours.path(),
+        &path.join("host2.csr"),
+        "openssl-host-2",
+        &[],
+        &[],
+        &[],
+        Validity::days(1),
+    )
+    .expect("sign openssl CSR");
+    let files = ours.server_files();
+    let server = self::server(&files);
+    let client_files = ClientTlsFiles {
+        cert: issued.cert_path,
+        key: path.join("host.key"),
+        ca: ours.file("ca.pem"),
+    };
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&client_files), GATEWAY_NAME).await).await;
+    assert_eq!(
+        identity.expect("identity").identity,
+        "fwnp://host/openssl-host-2"
+    );
+}
