@@ -13,8 +13,8 @@ use super::pattern::IdentityPattern;
 use super::raw::{DurationValue, RawDefaults, RawPolicy, RawRateLimit, RawRule, StringList};
 use super::syntax::{Item, Net, is_app_id, is_name, parse_duration, parse_prefix};
 use super::{
-    Action, Application, CompiledGroup, CompiledRule, Defaults, GroupSpec, LifetimeBounds,
-    Policy, PolicyError, PolicyErrorKind, PolicyWarning, PortSpan, RateLimit, RuleRef, RuleSpec,
+    Action, Application, CompiledGroup, CompiledRule, Defaults, GroupSpec, LifetimeBounds, Policy,
+    PolicyError, PolicyErrorKind, PolicyWarning, PortSpan, RateLimit, RuleRef, RuleSpec,
 };
 
 /// Largest `max_leases`, `requests_per_second` and `burst` a file may set.
@@ -82,7 +82,10 @@ pub(super) fn compile(text: &str, origin: &str) -> Result<Policy, PolicyError> {
     let mut warnings = Vec::new();
     for group in &groups {
         let index = groups.iter().position(|g| std::ptr::eq(g, group));
-        if !rules.iter().any(|r| index.is_some_and(|i| r.groups.contains(&i))) {
+        if !rules
+            .iter()
+            .any(|r| index.is_some_and(|i| r.groups.contains(&i)))
+        {
             warnings.push(PolicyWarning {
                 line: group.line,
                 message: format!("group {:?} is used by no rule", group.spec.name),
@@ -114,17 +117,15 @@ fn duration(
 ) -> Result<u32, PolicyError> {
     let span = value.span();
     let secs: u64 = match value.get_ref() {
-        DurationValue::Text(text) => parse_duration(text)
-            .map(u64::from)
-            .map_err(|error| {
-                source.error(
-                    &span,
-                    PolicyErrorKind::Duration {
-                        text: text.clone(),
-                        error,
-                    },
-                )
-            })?,
+        DurationValue::Text(text) => parse_duration(text).map(u64::from).map_err(|error| {
+            source.error(
+                &span,
+                PolicyErrorKind::Duration {
+                    text: text.clone(),
+                    error,
+                },
+            )
+        })?,
         DurationValue::Seconds(n) => {
             u64::try_from(*n).map_err(|_| source.error(&span, PolicyErrorKind::NegativeDuration))?
         }
@@ -366,7 +367,9 @@ fn compile_applications(
                     }
                 }
                 Item::App(_) => {
-                    return Err(source.error(span, PolicyErrorKind::NestedApplication(text.clone())));
+                    return Err(
+                        source.error(span, PolicyErrorKind::NestedApplication(text.clone()))
+                    );
                 }
             }
         }
@@ -550,8 +553,14 @@ fn compile_rules(
         if action == Action::Deny {
             let allow_only: [(&'static str, Option<Range<usize>>); 6] = [
                 ("lifetime", rule.lifetime.as_ref().map(Spanned::span)),
-                ("min_lifetime", rule.min_lifetime.as_ref().map(Spanned::span)),
-                ("max_lifetime", rule.max_lifetime.as_ref().map(Spanned::span)),
+                (
+                    "min_lifetime",
+                    rule.min_lifetime.as_ref().map(Spanned::span),
+                ),
+                (
+                    "max_lifetime",
+                    rule.max_lifetime.as_ref().map(Spanned::span),
+                ),
                 ("max_leases", rule.max_leases.as_ref().map(Spanned::span)),
                 ("third_party", rule.third_party.as_ref().map(Spanned::span)),
                 (
@@ -673,7 +682,10 @@ mod tests {
         ]);
         assert_eq!(
             joined,
-            vec![span(Protocol::Tcp, 8000, 8200), span(Protocol::Tcp, 8202, 8300)]
+            vec![
+                span(Protocol::Tcp, 8000, 8200),
+                span(Protocol::Tcp, 8202, 8300)
+            ]
         );
     }
 

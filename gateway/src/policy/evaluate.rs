@@ -210,15 +210,19 @@ pub(super) fn decide<T: Tracer>(policy: &Policy, request: &Request<'_>, trace: &
 
     for rule in &policy.rules {
         let rule_ref = &rule.rule_ref;
-        let in_groups = rule.groups.iter().any(|&g| {
-            memo.is_member(&policy.groups, g, &identity, request.addresses)
-        });
+        let in_groups = rule
+            .groups
+            .iter()
+            .any(|&g| memo.is_member(&policy.groups, g, &identity, request.addresses));
         if !in_groups {
             if T::ON {
                 trace.step(
                     Some(rule_ref),
                     StepOutcome::NoMatch,
-                    format!("the host is in none of its groups ({})", rule_groups_text(policy, rule)),
+                    format!(
+                        "the host is in none of its groups ({})",
+                        rule_groups_text(policy, rule)
+                    ),
                 );
             }
             continue;
@@ -469,10 +473,7 @@ pub(super) fn still_allows(
                 Some(application) if !application.entries.contains(&entry) => {
                     return Err(fail(
                         None,
-                        format!(
-                            "application {id:?} no longer includes {}",
-                            SpanText(&entry)
-                        ),
+                        format!("application {id:?} no longer includes {}", SpanText(&entry)),
                     ));
                 }
                 Some(_) => {}
@@ -501,7 +502,9 @@ pub(super) fn still_allows(
                     .unwrap_or_default();
                 return Err(fail(
                     decision.rule,
-                    format!("the lease admits any remote; the policy now admits only {narrowed_to}"),
+                    format!(
+                        "the lease admits any remote; the policy now admits only {narrowed_to}"
+                    ),
                 ));
             }
             Verdict::Denied(_) => return Err(fail(decision.rule, decision.reason)),
@@ -514,7 +517,11 @@ pub(super) fn limits_for(policy: &Policy, identity: &str, addresses: &[IpAddr]) 
     let view = IdentityView::new(identity);
     let mut memo = GroupMemo::new();
     let mut limits: Option<HostLimits> = None;
-    for rule in policy.rules.iter().filter(|r| r.spec.action == Action::Allow) {
+    for rule in policy
+        .rules
+        .iter()
+        .filter(|r| r.spec.action == Action::Allow)
+    {
         if !rule
             .groups
             .iter()

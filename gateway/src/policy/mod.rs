@@ -545,7 +545,11 @@ impl fmt::Display for PolicyError {
         if self.line == 0 {
             write!(f, "{}: {}", self.origin, self.kind)
         } else {
-            write!(f, "{}:{}:{}: {}", self.origin, self.line, self.column, self.kind)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.origin, self.line, self.column, self.kind
+            )
         }
     }
 }
@@ -726,8 +730,8 @@ impl Policy {
             column: 0,
             kind,
         };
-        let metadata =
-            std::fs::metadata(path).map_err(|e| whole_file(PolicyErrorKind::Read(e.to_string())))?;
+        let metadata = std::fs::metadata(path)
+            .map_err(|e| whole_file(PolicyErrorKind::Read(e.to_string())))?;
         if metadata.len() > MAX_POLICY_FILE_SIZE {
             return Err(whole_file(PolicyErrorKind::TooLarge(metadata.len())));
         }

@@ -102,7 +102,13 @@ impl Segment {
 /// Wildcard match of `*` (any run of bytes) over one segment, linear-time with one backtrack
 /// point, as classic glob matchers do.
 fn glob(pattern: &[u8], text: &[u8], fold: bool) -> bool {
-    let same = |p: u8, t: u8| if fold { p == t.to_ascii_lowercase() } else { p == t };
+    let same = |p: u8, t: u8| {
+        if fold {
+            p == t.to_ascii_lowercase()
+        } else {
+            p == t
+        }
+    };
     let (mut p, mut t) = (0usize, 0usize);
     let mut star: Option<(usize, usize)> = None;
     while let Some(&tc) = text.get(t) {
@@ -125,7 +131,9 @@ fn glob(pattern: &[u8], text: &[u8], fold: bool) -> bool {
             },
         }
     }
-    pattern.get(p..).is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
+    pattern
+        .get(p..)
+        .is_some_and(|rest| rest.iter().all(|&b| b == b'*'))
 }
 
 /// Segments before the `**` (or all of them), and those after it when there is one.
@@ -165,13 +173,13 @@ impl Segments {
             Some(tail) if count < self.head.len() + 1 + tail.len() => return false,
             _ => {}
         }
-        let head_ok = text
-            .split(separator)
-            .zip(&self.head)
-            .enumerate()
-            .all(|(index, (segment, pattern))| {
-                pattern.matches(segment, fold_all || (fold_first && index == 0))
-            });
+        let head_ok =
+            text.split(separator)
+                .zip(&self.head)
+                .enumerate()
+                .all(|(index, (segment, pattern))| {
+                    pattern.matches(segment, fold_all || (fold_first && index == 0))
+                });
         if !head_ok {
             return false;
         }
@@ -359,8 +367,14 @@ mod tests {
         assert!(matches(middle, "spiffe://example.org/ns/x/web"));
         assert!(!matches(middle, "spiffe://example.org/web"));
         assert!(matches("spiffe://**", "spiffe://td/a"));
-        assert!(matches("spiffe://*.example.org/x", "spiffe://prod.example.org/x"));
-        assert!(!matches("spiffe://*.example.org/x", "spiffe://example.org/x"));
+        assert!(matches(
+            "spiffe://*.example.org/x",
+            "spiffe://prod.example.org/x"
+        ));
+        assert!(!matches(
+            "spiffe://*.example.org/x",
+            "spiffe://example.org/x"
+        ));
     }
 
     #[test]
@@ -389,7 +403,10 @@ mod tests {
         assert_eq!(err("spiffe://x//a"), PatternError::EmptySegment);
         assert_eq!(err("spiffe://x/a/"), PatternError::EmptySegment);
         assert_eq!(err("a..b"), PatternError::EmptySegment);
-        assert_eq!(err("sp*ffe://x/a"), PatternError::BadScheme("sp*ffe".into()));
+        assert_eq!(
+            err("sp*ffe://x/a"),
+            PatternError::BadScheme("sp*ffe".into())
+        );
         assert_eq!(err("web/01"), PatternError::BadDnsCharacter('/'));
     }
 }

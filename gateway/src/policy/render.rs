@@ -228,7 +228,10 @@ pub(super) fn summary(policy: &Policy) -> PolicySummary {
             .map(|(id, app)| {
                 (
                     id.clone(),
-                    app.entries.iter().map(|e| SpanText(e).to_string()).collect(),
+                    app.entries
+                        .iter()
+                        .map(|e| SpanText(e).to_string())
+                        .collect(),
                 )
             })
             .collect(),
@@ -291,7 +294,11 @@ impl Display for PolicySummary {
             }
             writeln!(f)?;
         }
-        writeln!(f, "rules (first match wins, then default deny): {}", self.rules.len())?;
+        writeln!(
+            f,
+            "rules (first match wins, then default deny): {}",
+            self.rules.len()
+        )?;
         for r in &self.rules {
             let spec = &r.spec;
             write!(
@@ -402,7 +409,11 @@ impl PolicyBuilder {
         }
         if let Some(d) = &self.defaults {
             out.push_str("[defaults]\n");
-            let _ = writeln!(out, "lifetime = {}", toml_string(&format_duration(d.lifetime_secs)));
+            let _ = writeln!(
+                out,
+                "lifetime = {}",
+                toml_string(&format_duration(d.lifetime_secs))
+            );
             let _ = writeln!(
                 out,
                 "min_lifetime = {}",

@@ -421,9 +421,9 @@ fn parse_port(text: &str) -> Result<u16, ItemError> {
 pub fn is_app_id(text: &str) -> bool {
     !text.is_empty()
         && text.len() <= MAX_APP_ID_LEN
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-'))
+        && text.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+        })
 }
 
 /// Whether the text is a valid group or rule name: 1 to 64 bytes of `[A-Za-z0-9._-]`.
@@ -446,10 +446,19 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(5400));
         assert_eq!(parse_duration("7d"), Ok(604_800));
         assert_eq!(parse_duration(""), Err(DurationError::Empty));
-        assert_eq!(parse_duration("30"), Err(DurationError::MissingUnit("30".into())));
-        assert_eq!(parse_duration("3x"), Err(DurationError::UnknownUnit("x".into())));
+        assert_eq!(
+            parse_duration("30"),
+            Err(DurationError::MissingUnit("30".into()))
+        );
+        assert_eq!(
+            parse_duration("3x"),
+            Err(DurationError::UnknownUnit("x".into()))
+        );
         assert_eq!(parse_duration("h"), Err(DurationError::MissingNumber));
-        assert_eq!(parse_duration("99999999999999999999999s"), Err(DurationError::TooLong));
+        assert_eq!(
+            parse_duration("99999999999999999999999s"),
+            Err(DurationError::TooLong)
+        );
         assert_eq!(parse_duration("50000d"), Err(DurationError::TooLong));
         for secs in [0, 1, 59, 60, 61, 3600, 5400, 86_399, 90_061, u32::MAX] {
             assert_eq!(parse_duration(&format_duration(secs)), Ok(secs), "{secs}");
@@ -470,9 +479,18 @@ mod tests {
                 network: parse_prefix("10.0.0.0/24").unwrap()
             })
         );
-        assert!(matches!(parse_prefix("10.0.0.0/33"), Err(PrefixError::LengthTooLong { .. })));
-        assert!(matches!(parse_prefix("10.0.0.0/+8"), Err(PrefixError::BadLength(_))));
-        assert!(matches!(parse_prefix("web/8"), Err(PrefixError::NotAnAddress(_))));
+        assert!(matches!(
+            parse_prefix("10.0.0.0/33"),
+            Err(PrefixError::LengthTooLong { .. })
+        ));
+        assert!(matches!(
+            parse_prefix("10.0.0.0/+8"),
+            Err(PrefixError::BadLength(_))
+        ));
+        assert!(matches!(
+            parse_prefix("web/8"),
+            Err(PrefixError::NotAnAddress(_))
+        ));
         assert!(parse_prefix("0.0.0.0/0").is_ok());
         assert!(parse_prefix("::/0").is_ok());
     }
@@ -499,20 +517,38 @@ mod tests {
     fn items_parse_and_print() {
         let item: Item = "tcp/443".parse().unwrap();
         assert_eq!(item, Item::port(Protocol::Tcp, 443));
-        assert_eq!("udp/5000-5100".parse::<Item>().unwrap().to_string(), "udp/5000-5100");
+        assert_eq!(
+            "udp/5000-5100".parse::<Item>().unwrap().to_string(),
+            "udp/5000-5100"
+        );
         assert_eq!("tcp/*".parse::<Item>().unwrap().to_string(), "tcp/*");
         assert_eq!("tcp/1-65535".parse::<Item>().unwrap().to_string(), "tcp/*");
-        assert_eq!("app:https".parse::<Item>().unwrap(), Item::App("https".into()));
+        assert_eq!(
+            "app:https".parse::<Item>().unwrap(),
+            Item::App("https".into())
+        );
         assert_eq!("tcp/0".parse::<Item>(), Err(ItemError::PortZero));
         assert_eq!("tcp/0-10".parse::<Item>(), Err(ItemError::PortZero));
         assert_eq!(
             "tcp/8100-8000".parse::<Item>(),
-            Err(ItemError::ReversedRange { first: 8100, last: 8000 })
+            Err(ItemError::ReversedRange {
+                first: 8100,
+                last: 8000
+            })
         );
-        assert_eq!("tcp/65536".parse::<Item>(), Err(ItemError::BadPort("65536".into())));
-        assert_eq!("icmp/1".parse::<Item>(), Err(ItemError::UnknownProtocol("icmp".into())));
+        assert_eq!(
+            "tcp/65536".parse::<Item>(),
+            Err(ItemError::BadPort("65536".into()))
+        );
+        assert_eq!(
+            "icmp/1".parse::<Item>(),
+            Err(ItemError::UnknownProtocol("icmp".into()))
+        );
         assert_eq!("tcp".parse::<Item>(), Err(ItemError::MissingPorts));
-        assert_eq!("app:HTTPS".parse::<Item>(), Err(ItemError::BadAppId("HTTPS".into())));
+        assert_eq!(
+            "app:HTTPS".parse::<Item>(),
+            Err(ItemError::BadAppId("HTTPS".into()))
+        );
         assert_eq!("".parse::<Item>(), Err(ItemError::Empty));
     }
 }
