@@ -1,0 +1,318 @@
+//! The async batcher on the real kernel: callers learn whether their own change landed, many
+//! changes share a transaction, and a table flushed or deleted by someone else (with the `nft`
+//! binary, as a firewall reload would) is detected and repaired.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
+use fwnp_netfilter::{
+    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Refuse, RepairEvent,
+};
+use tokio::sync::broadcast;
+
+/// How long a repair may take after a foreign change (events first, periodic check as the net).
+const REPAIR_LIMIT: Duration = Duration::from_secs(5);
+
+/// Starts a batcher in `ns` (its threads and sockets live there) for `layout`, with the table
+/// applied (empty).
+fn start(ns: &Netns, layout: &Layout, config: BatcherConfig) -> Batcher {
+    ns.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.apply(layout, &[]).expect("apply");
+        Batcher::start(nf, layout.clone(), config).expect("batcher")
+    })
+}
+
+async fn next_repair(rx: &mut broadcast::Receiver<RepairEvent>) -> Option<RepairEvent> {
+    tokio::time::timeout(REPAIR_LIMIT, rx.recv())
+        .await
+        .ok()?
+        .ok()
+}
+
+fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Opening> {
+    ns.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.elements(layout)
+            .expect("elements")
+            .into_iter()
+            .map(|(o, _)| o)
+            .collect()
+    })
+}
+
+#[test]
+fn callers_learn_their_own_outcome_and_changes_share_batches() {
+    if !require_root("callers_learn_their_own_outcome_and_changes_share_batches") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    runtime().block_on(async {
+        assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+        batcher
+            .add(tcp(topo.host_v4, 8080), Duration::from_secs(30))
+            .await
+            .expect("add");
+        // Returned means in the kernel: no waiting needed.
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+
+        // 500 callers at once: each learns its own outcome; one of them is a duplicate.
+        let mut tasks = tokio::task::JoinSet::new();
+        for port in 10_000..10_500u16 {
+            let batcher = batcher.clone();
+            let host = if port % 2 == 0 {
+                topo.host_v4
+            } else {
+                topo.host_v6
+            };
+            tasks.spawn(async move {
+                let result = batcher.add(tcp(host, port), Duration::from_secs(30)).await;
+                (port, result)
+            });
+        }
+        let dup = batcher.clone();
+        let host_v4 = topo.host_v4;
+        tasks.spawn(async move {
+            (
+                8080,
+                dup.add(tcp(host_v4, 8080), Duration::from_secs(30)).await,
+            )
+        });
+        let mut outcomes = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            outcomes.push(joined.expect("task"));
+        }
+        for (port, result) in &outcomes {
+            if *port == 8080 {
+                assert!(matches!(result, Err(Error::ElementExists(_))), "{result:?}");
+            } else {
+                assert!(result.is_ok(), "port {port}: {result:?}");
+            }
+        }
+        let stats = batcher.stats();
+        assert_eq!(stats.changes, 502, "{stats:?}");
+        assert_eq!(stats.failed_changes, 1, "{stats:?}");
+        assert!(stats.batches < 100, "no batching: {stats:?}");
+        assert!(stats.max_batch_size > 1, "{stats:?}");
+        assert_eq!(elements_in(&topo.gateway, &layout).len(), 501);
+
+        // Remove and renew through the batcher; a second remove is reported missing.
+        batcher
+            .remove(tcp(topo.host_v4, 8080))
+            .await
+            .expect("remove");
+        assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+        let again = batcher.remove(tcp(topo.host_v4, 8080)).await;
+        assert!(matches!(again, Err(Error::ElementMissing(_))), "{again:?}");
+        batcher
+            .add(tcp(topo.host_v4, 8081), Duration::from_secs(2))
+            .await
+            .expect("add");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        batcher
+            .renew(tcp(topo.host_v4, 8081), Duration::from_secs(5))
+            .await
+            .expect("renew");
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8081),
+            "closed although renewed"
+        );
+
+        batcher.clone().shutdown().await;
+        let stopped = batcher
+            .add(tcp(topo.host_v4, 8082), Duration::from_secs(5))
+            .await;
+        assert!(matches!(stopped, Err(Error::BatcherStopped)), "{stopped:?}");
+        // The kernel keeps what the batcher left.
+        assert!(outside_tcp(&topo, topo.host_v4, 8081));
+    });
+}
+
+/// Someone runs `nft` in the gateway namespace: `script` breaks our table.
+fn foreign_change_is_repaired(test: &str, breaker: &[&str], config: BatcherConfig) {
+    if !require_root(test) {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, config);
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        let leases = [tcp(topo.host_v4, 8080), tcp(topo.host_v6, 8080)];
+        for lease in &leases {
+            batcher
+                .add(lease.clone(), Duration::from_secs(60))
+                .await
+                .expect("add");
+        }
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+
+        let broken_at = Instant::now();
+        topo.gateway.exec_checked(breaker).expect("nft");
+        let event = next_repair(&mut repairs).await;
+        let event = event.unwrap_or_else(|| panic!("no repair within {REPAIR_LIMIT:?}"));
+        let took = broken_at.elapsed();
+        assert!(event.error.is_none(), "{event:?}");
+        assert!(event.table_recreated, "{event:?}");
+        assert_eq!(event.restored, leases.len(), "{event:?}");
+        // Traffic is back: leased ports open, the rest refused again.
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8080),
+            "lease lost after repair"
+        );
+        assert!(
+            outside_tcp(&topo, topo.host_v6, 8080),
+            "lease lost after repair"
+        );
+        assert!(
+            !outside_tcp(&topo, topo.host_v4, 8081),
+            "table not back after repair"
+        );
+        assert_eq!(
+            elements_in(&topo.gateway, &layout),
+            leases.iter().cloned().collect()
+        );
+        assert!(batcher.stats().repairs >= 1);
+        eprintln!("{test}: repaired after {took:?}: {event:?}");
+        batcher.shutdown().await;
+    });
+}
+
+#[test]
+fn nft_flush_ruleset_is_detected_and_repaired() {
+    foreign_change_is_repaired(
+        "nft_flush_ruleset_is_detected_and_repaired",
+        &["nft", "flush", "ruleset"],
+        BatcherConfig::default(),
+    );
+}
+
+#[test]
+fn nft_delete_table_is_detected_and_repaired() {
+    foreign_change_is_repaired(
+        "nft_delete_table_is_detected_and_repaired",
+        &["nft", "delete", "table", "inet", "fwnp"],
+        BatcherConfig::default(),
+    );
+}
+
+#[test]
+fn without_events_the_periodic_check_repairs() {
+    foreign_change_is_repaired(
+        "without_events_the_periodic_check_repairs",
+        &["nft", "flush", "ruleset"],
+        BatcherConfig {
+            watch_events: false,
+            check_interval: Duration::from_millis(500),
+            ..BatcherConfig::default()
+        },
+    );
+}
+
+#[test]
+fn a_flushed_chain_is_detected_and_repaired() {
+    foreign_change_is_repaired(
+        "a_flushed_chain_is_detected_and_repaired",
+        &["nft", "flush", "chain", "inet", "fwnp", "guard"],
+        BatcherConfig::default(),
+    );
+}
+
+#[test]
+fn foreign_element_changes_are_put_right() {
+    if !require_root("foreign_element_changes_are_put_right") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        batcher
+            .add(tcp(topo.host_v4, 8080), Duration::from_secs(60))
+            .await
+            .expect("add");
+        topo.gateway
+            .exec_checked(&[
+                "nft",
+                "delete",
+                "element",
+                "inet",
+                "fwnp",
+                "lease4",
+                "{ 198.51.100.2 . tcp . 8080 }",
+            ])
+            .expect("nft delete element");
+        topo.gateway
+            .exec_checked(&[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "fwnp",
+                "lease4",
+                "{ 198.51.100.2 . tcp . 8081 timeout 1h }",
+            ])
+            .expect("nft add element");
+        let event = next_repair(&mut repairs).await.expect("a repair event");
+        assert!(!event.table_recreated, "{event:?}");
+        // The two nft commands may be seen together or apart.
+        let mut restored = event.restored;
+        let mut removed = event.removed;
+        if restored + removed < 2 {
+            let second = next_repair(&mut repairs)
+                .await
+                .expect("a second repair event");
+            restored += second.restored;
+            removed += second.removed;
+        }
+        assert_eq!((restored, removed), (1, 1));
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        batcher.shutdown().await;
+    });
+}
+
+#[test]
+fn batcher_reconcile_sets_the_desired_state() {
+    if !require_root("batcher_reconcile_sets_the_desired_state") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    runtime().block_on(async {
+        batcher
+            .add(tcp(topo.host_v4, 8081), Duration::from_secs(60))
+            .await
+            .expect("add");
+        let desired = vec![(tcp(topo.host_v4, 8080), Duration::from_secs(60))];
+        let report = batcher.reconcile(desired).await.expect("reconcile");
+        assert_eq!(report.added, vec![tcp(topo.host_v4, 8080)], "{report:?}");
+        assert_eq!(report.removed, vec![tcp(topo.host_v4, 8081)], "{report:?}");
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        // The reconciled state is what a repair restores.
+        let mut repairs = batcher.repairs();
+        topo.gateway
+            .exec_checked(&["nft", "flush", "ruleset"])
+            .expect("nft flush ruleset");
+        let event = next_repair(&mut repairs).await.expect("repair");
+        assert_eq!(event.restored, 1, "{event:?}");
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        batcher.shutdown().await;
+    });
+}
