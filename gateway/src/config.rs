@@ -434,3 +434,14 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         assert!(reason.contains("guard nothing"), "{reason}");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../examples/gateway.toml");
+        let config = super::GatewayConfig::parse(text, "examples/gateway.toml").expect("valid");
+        assert_eq!(config.filter.protected.len(), 2);
+        assert_eq!(config.metrics, Some("127.0.0.1:9771".parse().expect("address")));
+    }
+}

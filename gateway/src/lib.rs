@@ -2,13 +2,23 @@
 //! against the operator's policy, programs its nftables filter through `fwnp-netfilter`, keeps
 //! leases and the audit trail in SQLite, and serves the operator's `fwnpctl`.
 //!
-//! This crate is glue around `fwnp-proto`, which makes every decision that needs no IO.
-//! Not yet implemented: the service, policy, store and admin API arrive with their own work.
+//! This crate is glue around `fwnp-proto`, which makes every decision that needs no IO: the
+//! modules here read files, hold sockets and talk to the kernel and the database. The map:
+//! [`config`] and [`policy`] are what the operator writes; [`pki`], [`identity`] and [`tls`]
+//! are who may connect; [`server`] moves the bytes of the protocol and [`service`] answers
+//! them; [`store`] keeps leases and the audit trail; [`admin`] and [`metrics`] serve the
+//! operator; [`daemon`] starts and stops it all.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod daemon;
+pub mod explain;
+pub mod metrics;
+pub mod server;
+pub mod service;
+pub mod policy;
 pub mod identity;
 pub mod pki;
-pub mod policy;
 pub mod tls;
 pub mod store;

@@ -1,0 +1,142 @@
+//! The admin API: HTTP with JSON on a Unix socket that only root can open, so that
+//! `curl --unix-socket /run/fwnp/gateway.sock http://fwnp/v1/status` works and `fwnpctl` needs
+//! nothing but the socket. Routes (all answer JSON; errors as `{"error": "..."}` with a 4xx or
+//! 5xx status):
+//!
+//! | method and path | what |
+//! | --- | --- |
+//! | `GET /v1/status` | epoch, counts, uptime, policy file |
+//! | `GET /v1/leases?host=&app=&port=&protocol=` | live leases with time left |
+//! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
+//! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=` | audit records; `wait` long-polls for records after `after` (follow) |
+//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases |
+//! | `POST /v1/policy/explain` body `{"host": ID, "addresses": [...], "open": "tcp/8080", "from": [...], "address": ...}` | the decision, the rule, the reason, the trace |
+//! | `GET /v1/report?since=&until=` | what hosts and applications asked for, and a suggested policy |
+//! | `GET /metrics` | the Prometheus metrics, also here for hosts without a metrics port |
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::service::Service;
+
+/// An admin request that failed, with the HTTP status it maps to.
+#[derive(Debug)]
+pub struct AdminError {
+    /// The status.
+    pub status: StatusCode,
+    /// What went wrong, for the operator.
+    pub message: String,
+}
+
+impl AdminError {
+    /// A request the operator can correct (400).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        AdminError { status: StatusCode::BAD_REQUEST, message: message.into() }
+    }
+    /// Something that does not exist (404).
+    pub fn not_found(message: impl Into<String>) -> Self {
+        AdminError { status: StatusCode::NOT_FOUND, message: message.into() }
+    }
+    /// A failure of the gateway itself (500).
+    pub fn internal(message: impl Into<String>) -> Self {
+        AdminError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+type AdminResult = Result<Json<Value>, AdminError>;
+
+/// Binds the admin socket, readable and writable by root only, and serves it until the task
+/// is dropped.
+pub async fn serve(path: &Path, service: Arc<Service>) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // A socket left by a gateway that died: nothing listens on it any more.
+    if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
+        std::fs::remove_file(path)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    axum::serve(listener, router(service)).await
+}
+
+/// The routes, for serving and for tests.
+pub fn router(service: Arc<Service>) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/leases", get(leases))
+        .route("/v1/leases/{id}/revoke", post(revoke))
+        .route("/v1/audit", get(audit))
+        .route("/v1/policy/reload", post(reload))
+        .route("/v1/policy/explain", post(explain))
+        .route("/v1/report", get(report))
+        .route("/metrics", get(metrics))
+        .with_state(service)
+}
+
+async fn status(State(service): State<Arc<Service>>) -> AdminResult {
+    Ok(Json(service.status_json()))
+}
+
+async fn leases(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> AdminResult {
+    service.leases_json(&query).map(Json)
+}
+
+async fn revoke(
+    State(service): State<Arc<Service>>,
+    UrlPath(id): UrlPath<String>,
+    body: Option<Json<Value>>,
+) -> AdminResult {
+    let lease = id.parse().map_err(|_| AdminError::bad_request(format!("{id:?} is not a lease id")))?;
+    let reason = body
+        .as_ref()
+        .and_then(|Json(v)| v.get("reason"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    service.revoke_by_operator(lease, reason).await.map(Json)
+}
+
+async fn audit(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> AdminResult {
+    service.audit_json(&query).await.map(Json)
+}
+
+async fn reload(State(service): State<Arc<Service>>) -> AdminResult {
+    service.reload_policy().await.map(Json)
+}
+
+async fn explain(State(service): State<Arc<Service>>, Json(body): Json<Value>) -> AdminResult {
+    service.explain_json(&body).map(Json)
+}
+
+async fn report(
+    State(service): State<Arc<Service>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> AdminResult {
+    service.report_json(&query).map(Json)
+}
+
+async fn metrics(State(service): State<Arc<Service>>) -> String {
+    service.metrics.render()
+}

@@ -1,0 +1,64 @@
+//! `fwnp-gateway --config PATH`: the FWNP gateway daemon, in the foreground, with structured
+//! logs on standard error. SIGHUP reloads the policy (and the CRL); SIGTERM and SIGINT stop it,
+//! telling connected hosts it is going away. Leases survive a stop: the kernel keeps their
+//! elements until they expire, and the next start restores them from the store.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The FWNP gateway: authenticates hosts over QUIC, checks their requests against policy,
+/// opens the firewall for what it grants, and keeps leases and the audit trail.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The configuration file (see gateway/examples/gateway.toml).
+    #[arg(long, short, default_value = "/etc/fwnp/gateway.toml")]
+    config: PathBuf,
+    /// Check the configuration and the policy, then exit.
+    #[arg(long)]
+    check: bool,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    fwnp_gateway::daemon::init_logging(args.log_json);
+    let config = match fwnp_gateway::config::GatewayConfig::load(&args.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("fwnp-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.check {
+        return match fwnp_gateway::daemon::check(&config) {
+            Ok(()) => {
+                println!("{}: configuration and policy are valid", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fwnp-gateway: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("fwnp-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fwnp_gateway::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fwnp-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

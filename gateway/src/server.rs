@@ -1,0 +1,228 @@
+//! The QUIC side of the gateway: connections, streams and framing, as `spec/fwnp.md` lays them
+//! out. One request per client-opened bidirectional stream, one answer back, then FIN; notices
+//! on gateway-opened unidirectional streams. What a request means is [`crate::service`]'s
+//! business; this module only moves bytes and enforces the transport's limits.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fwnp_proto::{MAX_MESSAGE_SIZE, Message, QuicErrorCode, ResultCode};
+use quinn::{ReadToEndError, VarInt};
+use tracing::{debug, info, warn};
+
+use crate::identity::PeerIdentity;
+use crate::service::Service;
+
+/// How long a connection may go without a Hello before it is closed.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn code(c: QuicErrorCode) -> VarInt {
+    VarInt::from_u32(c.code())
+}
+
+/// One authenticated connection, as the service sees it.
+#[derive(Debug)]
+pub struct Session {
+    /// A number unique within this gateway process, for logs.
+    pub id: u64,
+    /// Who the certificate says the peer is; `None` when the certificate names no identity,
+    /// in which case every request is refused with not-authorized.
+    pub peer: Option<PeerIdentity>,
+    /// Why the certificate names no usable identity.
+    pub identity_error: Option<String>,
+    /// The source address of the connection.
+    pub remote: SocketAddr,
+    /// Whether Hello was answered with Welcome on this connection.
+    pub welcomed: AtomicBool,
+    connection: quinn::Connection,
+}
+
+impl Session {
+    /// The identity, or a placeholder for audit when the certificate named none.
+    pub fn identity(&self) -> &str {
+        self.peer.as_ref().map_or("(no identity)", |p| p.identity.as_str())
+    }
+
+    /// Sends a notice on a new unidirectional stream; a failure only means the host is gone,
+    /// which the lease's own expiry then handles.
+    pub async fn notify(&self, notice: &Message) {
+        let bytes = fwnp_proto::codec::encode(notice);
+        let result = async {
+            let mut stream = self.connection.open_uni().await?;
+            stream.write_all(&bytes).await?;
+            stream.finish()?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        }
+        .await;
+        if let Err(e) = result {
+            debug!(session = self.id, identity = self.identity(), "notice not delivered: {e}");
+        }
+    }
+
+    /// Closes the connection with a protocol error code.
+    pub fn close(&self, reason: QuicErrorCode, text: &str) {
+        self.connection.close(code(reason), text.as_bytes());
+    }
+}
+
+/// The live connections, by identity: used to push notices and to cap connections per identity.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    by_identity: Mutex<HashMap<String, Vec<Arc<Session>>>>,
+    next_id: AtomicU64,
+}
+
+impl Sessions {
+    /// The sessions of one identity.
+    pub fn of(&self, identity: &str) -> Vec<Arc<Session>> {
+        self.lock().get(identity).cloned().unwrap_or_default()
+    }
+
+    /// How many connections are open.
+    pub fn count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Every live session.
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.lock().values().flatten().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
+        // A panic elsewhere while holding the lock leaves a map that is still consistent.
+        self.by_identity.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, session: &Arc<Session>, limit: u32) -> bool {
+        let mut map = self.lock();
+        let list = map.entry(session.identity().to_owned()).or_default();
+        if list.len() >= limit as usize {
+            return false;
+        }
+        list.push(session.clone());
+        true
+    }
+
+    fn remove(&self, session: &Session) {
+        let mut map = self.lock();
+        if let Some(list) = map.get_mut(session.identity()) {
+            list.retain(|s| s.id != session.id);
+            if list.is_empty() {
+                map.remove(session.identity());
+            }
+        }
+    }
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let service = service.clone();
+        tokio::spawn(async move { handle_connection(incoming, service).await });
+    }
+}
+
+async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
+    let remote = incoming.remote_address();
+    let connection = match incoming.await {
+        Ok(connection) => connection,
+        Err(e) => {
+            // Refused certificates end here: the TLS handshake failed.
+            service.auth_failure(remote, &e.to_string());
+            return;
+        }
+    };
+    let (peer, identity_error) = match PeerIdentity::from_connection(&connection).map_err(|e| e.to_string()) {
+        Ok(peer) => (Some(peer), None),
+        Err(reason) => {
+            service.auth_failure(remote, &reason);
+            (None, Some(reason))
+        }
+    };
+    let session = Arc::new(Session {
+        id: service.sessions.next_id.fetch_add(1, Ordering::Relaxed),
+        peer,
+        identity_error,
+        remote,
+        welcomed: AtomicBool::new(false),
+        connection: connection.clone(),
+    });
+    if !service.sessions.insert(&session, service.config.limits.max_connections_per_identity) {
+        warn!(identity = session.identity(), %remote, "too many connections for this identity");
+        session.close(QuicErrorCode::ExcessiveLoad, "too many connections for this identity");
+        return;
+    }
+    info!(session = session.id, identity = session.identity(), %remote, "connected");
+    service.metrics.connections.inc();
+    let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);
+    tokio::pin!(hello_deadline);
+    loop {
+        tokio::select! {
+            stream = connection.accept_bi() => match stream {
+                Ok((send, recv)) => {
+                    let service = service.clone();
+                    let session = session.clone();
+                    tokio::spawn(async move { handle_stream(send, recv, session, service).await });
+                }
+                Err(e) => { debug!(session = session.id, "closed: {e}"); break; }
+            },
+            _ = &mut hello_deadline, if !session.welcomed.load(Ordering::Acquire) => {
+                session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
+                break;
+            }
+            stream = connection.accept_uni() => {
+                if stream.is_ok() {
+                    session.close(QuicErrorCode::ProtocolViolation, "clients do not open unidirectional streams");
+                }
+                break;
+            }
+        }
+    }
+    service.metrics.connections.dec();
+    service.sessions.remove(&session);
+    info!(session = session.id, identity = session.identity(), "disconnected");
+}
+
+async fn handle_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    session: Arc<Session>,
+    service: Arc<Service>,
+) {
+    let timeout: Duration = service.config.limits.request_timeout;
+    let bytes = match tokio::time::timeout(timeout, recv.read_to_end(MAX_MESSAGE_SIZE)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(ReadToEndError::TooLong)) => {
+            let _ = recv.stop(code(QuicErrorCode::MessageTooLarge));
+            let _ = send.reset(code(QuicErrorCode::MessageTooLarge));
+            service.metrics.request(ResultCode::MalformedRequest.name());
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!(session = session.id, "request stream failed: {e}");
+            return;
+        }
+        Err(_) => {
+            let _ = recv.stop(code(QuicErrorCode::RequestTimeout));
+            let _ = send.reset(code(QuicErrorCode::RequestTimeout));
+            return;
+        }
+    };
+    let answer = service.handle(&session, &bytes).await;
+    let close_after = matches!(
+        &answer,
+        Message::Denied(d) if d.code == ResultCode::UnsupportedVersion
+    );
+    let encoded = fwnp_proto::codec::encode(&answer);
+    if send.write_all(&encoded).await.is_ok() {
+        let _ = send.finish();
+    }
+    if close_after {
+        // Let the answer leave before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+        session.close(QuicErrorCode::VersionMismatch, "no version in common");
+    }
+}

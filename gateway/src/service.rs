@@ -1,0 +1,1002 @@
+//! What the gateway does with each request: the glue between the protocol's pure logic
+//! (`fwnp_proto::gateway`), the operator's [`Policy`], the kernel filter (`fwnp_netfilter`) and
+//! the [`Store`].
+//!
+//! The order of an Open is fixed, because it decides what a host can rely on: decode and
+//! validate, rate limit, resolve the address, ask policy, take the lease in the book, program
+//! the kernel and wait for its acknowledgement, commit the lease to the store and wait for that,
+//! and only then answer Granted. A failure after the book took the lease gives the lease back
+//! and answers no-resources, so a host never holds a lease the kernel or the store lacks.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fwnp_netfilter::{Batcher, Opening as Element};
+use fwnp_proto::codec::{self, DecodeError};
+use fwnp_proto::gateway::{
+    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
+    resolve_host_address,
+};
+use fwnp_proto::validate::validate_request;
+use fwnp_proto::{
+    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List, Message,
+    Open, Release, Released, Renew, ResultCode, RevokeReason, Welcome, MAX_MESSAGE_SIZE,
+};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::admin::AdminError;
+use crate::config::GatewayConfig;
+use crate::identity::{PeerIdentity, allowed_addresses};
+use crate::metrics::Metrics;
+use crate::policy::{Policy, Request as PolicyRequest, Verdict};
+use crate::server::{Session, Sessions};
+use crate::store::{
+    AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
+    Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
+};
+
+/// How long a request id is remembered per identity, so that a retried request gets the answer
+/// the first one got instead of acting twice.
+const REQUEST_ID_WINDOW: Duration = Duration::from_secs(60);
+
+/// The gateway's state and its answers to every request.
+#[derive(Debug)]
+pub struct Service {
+    /// The configuration it was started with.
+    pub config: GatewayConfig,
+    /// Live connections.
+    pub sessions: Sessions,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    policy: RwLock<Arc<Policy>>,
+    limiter: RwLock<Option<Arc<DefaultKeyedRateLimiter<String>>>>,
+    book: Mutex<LeaseBook>,
+    expiry_changed: tokio::sync::Notify,
+    store: Store,
+    filter: Option<Batcher>,
+    epoch: Epoch,
+    rng: Mutex<StdRng>,
+    answered: moka::sync::Cache<(String, u64), (Arc<[u8]>, Message)>,
+    started: Instant,
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The policy file is unusable.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The store could not be opened or read.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The kernel filter could not be set up.
+    #[error("filter: {0}")]
+    Filter(#[from] fwnp_netfilter::Error),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent before anything can panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
+    Denied {
+        common: Common { request_id, critical: Vec::new() },
+        code,
+        reason: Some(reason.into()),
+        retry_after: None,
+        lease: None,
+        unsupported: Vec::new(),
+    }
+}
+
+/// The kernel elements of a grant: one per remote prefix, or one for any remote.
+pub fn elements_of(grant: &Grant) -> Vec<Element> {
+    let element = |remote| Element {
+        host: grant.host,
+        protocol: grant.protocol,
+        ports: grant.ports,
+        remote,
+    };
+    if grant.remotes.is_empty() {
+        vec![element(None)]
+    } else {
+        grant.remotes.iter().map(|p| element(Some(*p))).collect()
+    }
+}
+
+fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
+    grants.iter().flat_map(elements_of).collect()
+}
+
+fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
+    Duration::from_millis(expires_ms.saturating_sub(now_ms))
+}
+
+fn limiter_for(policy: &Policy) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
+    policy.rate_limit().map(|limit| {
+        let quota = Quota::with_period(limit.replenish_interval())
+            .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
+            .allow_burst(limit.burst);
+        Arc::new(DefaultKeyedRateLimiter::keyed(quota))
+    })
+}
+
+impl Service {
+    /// Opens the store, loads the policy, sets up the filter (when one is given) and restores
+    /// the leases of the previous run into the book and the kernel.
+    pub async fn start(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+    ) -> Result<Arc<Service>, StartError> {
+        let policy = Policy::load(&config.policy)?;
+        for warning in policy.warnings() {
+            warn!("policy {}:{}: {}", policy.origin(), warning.line, warning.message);
+        }
+        let mut options = crate::store::StoreOptions::default();
+        if config.store.synchronous_full {
+            options.synchronous = crate::store::Synchronous::Full;
+        }
+        let store = Store::open_with(&config.state_dir, options)?;
+        let epoch = store.epoch();
+        let limiter = limiter_for(&policy);
+        let service = Arc::new(Service {
+            sessions: Sessions::default(),
+            metrics: Metrics::new(),
+            policy: RwLock::new(Arc::new(policy)),
+            limiter: RwLock::new(limiter),
+            book: Mutex::new(LeaseBook::new()),
+            expiry_changed: tokio::sync::Notify::new(),
+            store,
+            filter,
+            epoch,
+            rng: Mutex::new(StdRng::from_os_rng()),
+            answered: moka::sync::Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(REQUEST_ID_WINDOW)
+                .build(),
+            started: Instant::now(),
+            config,
+        });
+        service.restore().await?;
+        Ok(service)
+    }
+
+    /// The gateway's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The store, for the daemon's housekeeping.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    async fn restore(&self) -> Result<(), StartError> {
+        let now = now_ms();
+        let restored = self.store.restore(now).await?;
+        let leases = restored.live.iter().map(|r| fwnp_proto::gateway::Lease {
+            id: r.id,
+            host: Arc::from(r.identity.as_str()),
+            grants: r.grants.clone(),
+            lifetime: r.granted_lifetime,
+            created_ms: r.created_ms,
+            expires_ms: r.expires_ms,
+            app: r.app.clone().map(Box::new),
+        });
+        let report = lock(&self.book).restore(now, leases);
+        let desired: Vec<(Element, Duration)> = {
+            let book = lock(&self.book);
+            book.iter()
+                .flat_map(|l| {
+                    let left = remaining(l.expires_ms, now);
+                    elements_of_all(&l.grants).into_iter().map(move |e| (e, left))
+                })
+                .collect()
+        };
+        self.metrics.live_leases.set(lock(&self.book).len() as i64);
+        info!(
+            restored = report.restored,
+            expired = restored.expired.len(),
+            epoch = format_args!("{:016x}", self.epoch),
+            new_state = self.store.is_new_state(),
+            "leases restored"
+        );
+        if let Some(filter) = &self.filter {
+            let changes = filter.reconcile(desired).await?;
+            let mut event = AuditEvent::new(now, AuditKind::Reconcile);
+            event.actor = Some("gateway".into());
+            event.reason = Some(format!(
+                "start: {} leases restored, {} expired while stopped; kernel: {} added, {} removed, {} refreshed{}",
+                report.restored,
+                restored.expired.len(),
+                changes.added.len(),
+                changes.removed.len(),
+                changes.refreshed,
+                if changes.table_recreated { ", table created" } else { "" },
+            ));
+            self.record(event);
+        }
+        Ok(())
+    }
+
+    /// Records an audit event without holding up an answer; a full queue loses the event
+    /// with a warning rather than stalling the service.
+    fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.store.writer().record_audit(event) {
+            warn!("audit event not recorded: {e}");
+        }
+    }
+
+    /// Records a failed authentication (a refused handshake or a certificate with no identity).
+    pub fn auth_failure(&self, peer: SocketAddr, reason: &str) {
+        warn!(%peer, "authentication failed: {reason}");
+        let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+        event.outcome = Some(Outcome::Error);
+        event.peer = Some(peer);
+        event.reason = Some(reason.to_owned());
+        self.record(event);
+        self.metrics.request("auth-failure");
+    }
+
+    /// Answers one request: the bytes of one stream, decoded here.
+    pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
+        let started = Instant::now();
+        let msg = match codec::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => return self.refuse_undecodable(session, bytes, &e),
+        };
+        let request_id = msg.common().request_id;
+        let Some(peer) = &session.peer else {
+            let reason = session.identity_error.as_deref().unwrap_or("no identity");
+            self.metrics.request(ResultCode::NotAuthorized.name());
+            return Message::Denied(denied(
+                request_id,
+                ResultCode::NotAuthorized,
+                format!("the certificate names no host identity: {reason}"),
+            ));
+        };
+        if let Err(e) = validate_request(&msg) {
+            return self.refuse(session, &msg, e.result_code(), e.to_string(), None);
+        }
+        let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
+        let answer = match msg {
+            Message::Hello(_) if welcomed => {
+                return self.refuse(
+                    session,
+                    &msg,
+                    ResultCode::MalformedRequest,
+                    "Hello was already answered on this connection".into(),
+                    None,
+                );
+            }
+            Message::Hello(hello) => return self.hello(session, peer, &hello),
+            _ if !welcomed => {
+                return self.refuse(
+                    session,
+                    &msg,
+                    ResultCode::HelloRequired,
+                    "the first request of a connection is Hello".into(),
+                    None,
+                );
+            }
+            _ if !matches!(
+                msg,
+                Message::Open(_) | Message::Renew(_) | Message::Release(_) | Message::List(_)
+            ) =>
+            {
+                return self.refuse(
+                    session,
+                    &msg,
+                    ResultCode::MalformedRequest,
+                    format!("{:?} is not a request", msg.message_type()),
+                    None,
+                );
+            }
+            _ => {
+                if let Some(retry_after) = self.rate_limited(&peer.identity) {
+                    let mut d = denied(
+                        request_id,
+                        ResultCode::RateLimited,
+                        "too many requests from this host",
+                    );
+                    d.retry_after = Some(retry_after);
+                    self.metrics.request(ResultCode::RateLimited.name());
+                    self.audit_denied(session, &msg, ResultCode::RateLimited, "rate limited", None);
+                    return Message::Denied(d);
+                }
+                // A retried request (same id, same bytes) gets the first answer again instead
+                // of acting twice; a different request reusing an id is simply handled.
+                if let Some(id) = request_id {
+                    if let Some((previous_bytes, answer)) = self.answered.get(&(peer.identity.clone(), id)) {
+                        if *previous_bytes == *bytes {
+                            return answer;
+                        }
+                    }
+                }
+                match &msg {
+                    Message::Open(open) => self.open(session, peer, open, started).await,
+                    Message::Renew(renew) => self.renew(session, peer, renew).await,
+                    Message::Release(release) => self.release(session, peer, release).await,
+                    Message::List(list) => self.list(peer, list),
+                    _ => unreachable!("matched above"),
+                }
+            }
+        };
+        if let Some(id) = request_id {
+            self.answered.insert((peer.identity.clone(), id), (Arc::from(bytes), answer.clone()));
+        }
+        answer
+    }
+
+    fn rate_limited(&self, identity: &str) -> Option<u32> {
+        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        match limiter.check_key(&identity.to_owned()) {
+            Ok(()) => None,
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ));
+                Some(u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1))
+            }
+        }
+    }
+
+    fn refuse_undecodable(&self, session: &Session, bytes: &[u8], e: &DecodeError) -> Message {
+        let code = e.result_code();
+        self.metrics.request(code.name());
+        let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
+        event.outcome = Some(Outcome::Denied);
+        event.identity = session.peer.as_ref().map(|p| p.identity.clone());
+        event.peer = Some(session.remote);
+        event.code = Some(code);
+        event.reason = Some(format!("undecodable request ({} bytes): {e}", bytes.len()));
+        self.record(event);
+        let mut d = denied(codec::peek_request_id(bytes), code, e.to_string());
+        d.unsupported = e.unsupported_keys().to_vec();
+        Message::Denied(d)
+    }
+
+    fn audit_denied(
+        &self,
+        session: &Session,
+        msg: &Message,
+        code: ResultCode,
+        reason: &str,
+        rule: Option<String>,
+    ) {
+        let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
+        event.outcome = Some(Outcome::Denied);
+        event.identity = Some(session.identity().to_owned());
+        event.peer = Some(session.remote);
+        event.code = Some(code);
+        event.reason = Some(reason.to_owned());
+        event.rule = rule;
+        match msg {
+            Message::Open(open) => {
+                event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+                event.app = open.app.clone();
+            }
+            Message::Renew(renew) => event.lease = Some(renew.lease),
+            Message::Release(release) => event.lease = Some(release.lease),
+            _ => {}
+        }
+        self.record(event);
+    }
+
+    fn refuse(
+        &self,
+        session: &Session,
+        msg: &Message,
+        code: ResultCode,
+        reason: String,
+        rule: Option<String>,
+    ) -> Message {
+        self.metrics.request(code.name());
+        self.audit_denied(session, msg, code, &reason, rule);
+        let mut d = denied(msg.common().request_id, code, reason);
+        d.lease = match msg {
+            Message::Renew(r) => Some(r.lease),
+            Message::Release(r) => Some(r.lease),
+            _ => None,
+        };
+        Message::Denied(d)
+    }
+
+    fn hello(&self, session: &Session, peer: &PeerIdentity, hello: &Hello) -> Message {
+        let request = Message::Hello(hello.clone());
+        let version = match negotiate_version(hello) {
+            Ok(version) => version,
+            Err(refusal) => {
+                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+            }
+        };
+        let addresses = allowed_addresses(peer, session.remote.ip());
+        let limits = self.policy().limits_for(&peer.identity, &addresses);
+        let mut capabilities = Capabilities::PORT_RANGES
+            | Capabilities::REMOTE_PREFIXES
+            | Capabilities::APPLICATIONS
+            | Capabilities::NOTICES;
+        if limits.third_party {
+            capabilities |= Capabilities::THIRD_PARTY;
+        }
+        session.welcomed.store(true, std::sync::atomic::Ordering::Release);
+        self.metrics.request("welcome");
+        info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
+        Message::Welcome(Welcome {
+            common: Common { request_id: hello.common.request_id, critical: Vec::new() },
+            version,
+            capabilities: Capabilities(capabilities & hello.capabilities.0.max(capabilities)),
+            limits: Limits {
+                max_message_size: MAX_MESSAGE_SIZE as u32,
+                max_streams: self.config.limits.max_streams,
+                min_lifetime: limits.lifetime.min_secs,
+                max_lifetime: limits.lifetime.max_secs,
+                max_leases: Some(limits.max_leases),
+            },
+            epoch: self.epoch,
+            time_ms: now_ms(),
+            identity: peer.identity.clone(),
+            addresses,
+        })
+    }
+
+    async fn open(
+        &self,
+        session: &Session,
+        peer: &PeerIdentity,
+        open: &Open,
+        started: Instant,
+    ) -> Message {
+        let request = Message::Open(open.clone());
+        let now = now_ms();
+        let addresses = allowed_addresses(peer, session.remote.ip());
+        // Resolve as if third-party were allowed; policy then decides whether this host may
+        // open an address it does not hold.
+        let host_address = match resolve_host_address(&open.opening, &addresses, true) {
+            Ok(address) => address,
+            Err(refusal) => {
+                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+            }
+        };
+        let policy = self.policy();
+        let decision = policy.evaluate(&PolicyRequest::for_opening(
+            &peer.identity,
+            &addresses,
+            host_address,
+            &open.opening,
+            open.lifetime,
+        ));
+        let rule = decision.rule.as_ref().map(|r| r.name.to_string());
+        let allowance = match &decision.verdict {
+            Verdict::Allowed(allowance) => allowance,
+            Verdict::Denied(code) => {
+                return self.refuse(session, &request, *code, decision.reason.clone(), rule);
+            }
+        };
+        let facts = PolicyFacts {
+            grants: allowance.grants.clone(),
+            grants_narrowed: allowance.remotes_narrowed,
+            lifetime: LifetimePolicy {
+                min: allowance.lifetime.min_secs,
+                max: allowance.lifetime.max_secs,
+                default: allowance.lifetime.default_secs,
+            },
+            max_leases: Some(allowance.max_leases),
+        };
+        let outcome = {
+            let mut book = lock(&self.book);
+            let mut rng = lock(&self.rng);
+            book.open(now, &peer.identity, open, &facts, &mut *rng)
+        };
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(refusal) => {
+                return self.refuse(session, &request, refusal.code(), refusal.to_string(), rule);
+            }
+        };
+        let grant = outcome.grant().clone();
+        let lease = &grant.lease;
+        let left = remaining(lease.expires_ms, now);
+        let elements = elements_of_all(&lease.grants);
+        let (kernel, store_op, kind, outcome_name) = match &outcome {
+            OpenOutcome::NewLease(_) => (
+                self.program(elements.iter().map(|e| (e.clone(), Some(left)))).await,
+                WriteOp::InsertLease(NewLease {
+                    id: lease.id,
+                    identity: peer.identity.clone(),
+                    peer: Some(session.remote),
+                    grants: lease.grants.clone(),
+                    app: open.app.clone(),
+                    requested_lifetime: open.lifetime.filter(|&l| l != 0),
+                    granted_lifetime: lease.lifetime,
+                    created_ms: lease.created_ms,
+                    expires_ms: lease.expires_ms,
+                }),
+                AuditKind::Grant,
+                Outcome::Granted,
+            ),
+            OpenOutcome::Extended { .. } => (
+                self.refresh(&elements, left).await,
+                WriteOp::RenewLease {
+                    id: lease.id,
+                    renewed_ms: now,
+                    expires_ms: lease.expires_ms,
+                    granted_lifetime: lease.lifetime,
+                },
+                AuditKind::Grant,
+                Outcome::Granted,
+            ),
+        };
+        let mut event = AuditEvent::new(now, kind);
+        event.outcome = Some(outcome_name);
+        event.identity = Some(peer.identity.clone());
+        event.peer = Some(session.remote);
+        event.lease = Some(lease.id);
+        event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+        event.app = open.app.clone();
+        event.grants = lease.grants.clone();
+        event.granted_lifetime = Some(lease.lifetime);
+        event.rule = rule.clone();
+        event.reason = Some(match &outcome {
+            OpenOutcome::NewLease(_) => decision.reason.clone(),
+            OpenOutcome::Extended { .. } => format!("{} (extends the live lease)", decision.reason),
+        });
+        if let Err(e) = kernel {
+            return self.give_back(session, &request, &outcome, &elements, format!("kernel: {e}")).await;
+        }
+        if let Err(e) = self.store.writer().commit(vec![store_op, WriteOp::audit(event)]).await {
+            return self.give_back(session, &request, &outcome, &elements, format!("store: {e}")).await;
+        }
+        if matches!(outcome, OpenOutcome::NewLease(_)) {
+            self.metrics.live_leases.inc();
+            self.expiry_changed.notify_one();
+        }
+        self.metrics.request("granted");
+        self.metrics.grant_latency.observe(started.elapsed().as_secs_f64());
+        Message::Granted(grant.to_granted(open.common.request_id, self.epoch))
+    }
+
+    /// Undoes a lease the book took when the kernel or the store failed.
+    async fn give_back(
+        &self,
+        session: &Session,
+        request: &Message,
+        outcome: &OpenOutcome,
+        elements: &[Element],
+        why: String,
+    ) -> Message {
+        warn!(identity = session.identity(), "lease not granted: {why}");
+        if let OpenOutcome::NewLease(grant) = outcome {
+            lock(&self.book).revoke(&grant.lease.id);
+            for element in elements {
+                if let Some(filter) = &self.filter {
+                    let _ = filter.remove(element.clone()).await;
+                }
+            }
+        }
+        let mut answer = self.refuse(
+            session,
+            request,
+            ResultCode::NoResources,
+            format!("the gateway could not program the opening ({why})"),
+            None,
+        );
+        if let Message::Denied(d) = &mut answer {
+            d.retry_after = Some(5);
+        }
+        answer
+    }
+
+    /// Adds elements to the kernel; a failure removes those that landed.
+    async fn program(
+        &self,
+        elements: impl Iterator<Item = (Element, Option<Duration>)>,
+    ) -> Result<(), fwnp_netfilter::Error> {
+        let Some(filter) = &self.filter else { return Ok(()) };
+        let mut added = Vec::new();
+        for (element, timeout) in elements {
+            let timeout = timeout.unwrap_or(Duration::from_secs(1));
+            match filter.add(element.clone(), timeout).await {
+                Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => added.push(element),
+                Err(e) => {
+                    for element in added {
+                        let _ = filter.remove(element).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives elements a new timeout; one missing from the kernel is added again.
+    async fn refresh(&self, elements: &[Element], timeout: Duration) -> Result<(), fwnp_netfilter::Error> {
+        let Some(filter) = &self.filter else { return Ok(()) };
+        for element in elements {
+            match filter.renew(element.clone(), timeout).await {
+                Ok(()) => {}
+                Err(fwnp_netfilter::Error::ElementMissing(_)) => {
+                    filter.add(element.clone(), timeout).await?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_elements(&self, grants: &[Grant], kill: bool) {
+        let Some(filter) = &self.filter else { return };
+        for element in elements_of_all(grants) {
+            match filter.remove(element.clone()).await {
+                Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)) => {}
+                Err(e) => warn!("removing {element:?} from the kernel failed: {e}"),
+            }
+            if kill {
+                if let Err(e) = filter.kill_connections(element.clone()).await {
+                    warn!("ending the connections of {element:?} failed: {e}");
+                }
+            }
+        }
+    }
+
+    async fn renew(&self, session: &Session, peer: &PeerIdentity, renew: &Renew) -> Message {
+        let request = Message::Renew(renew.clone());
+        let now = now_ms();
+        let bounds = {
+            let book = lock(&self.book);
+            book.owned(&peer.identity, &renew.lease).map(|lease| lease.grants.clone())
+        };
+        let Some(grants) = bounds else {
+            return self.refuse(session, &request, ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+        };
+        // The current policy bounds the renewed lifetime: a policy that shortened the maximum
+        // applies at the next renewal.
+        let addresses = allowed_addresses(peer, session.remote.ip());
+        let policy = self.policy();
+        if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
+            // The policy changed under a live lease: end it now rather than at expiry.
+            self.revoke(&renew.lease, RevokeReason::PolicyChanged, "gateway", Some(e.to_string())).await;
+            return self.refuse(session, &request, ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
+        }
+        let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
+        let renewed = lock(&self.book).renew(
+            now,
+            &peer.identity,
+            &renew.lease,
+            renew.lifetime,
+            LifetimePolicy { min: limits.min_secs, max: limits.max_secs, default: limits.default_secs },
+        );
+        let renewed = match renewed {
+            Ok(renewed) => renewed,
+            Err(refusal) => {
+                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+            }
+        };
+        let lease = &renewed.grant.lease;
+        let left = remaining(lease.expires_ms, now);
+        if let Err(e) = self.refresh(&elements_of_all(&lease.grants), left).await {
+            warn!(lease = %lease.id, "renewal not programmed: {e}");
+            let mut answer = self.refuse(session, &request, ResultCode::NoResources, format!("kernel: {e}"), None);
+            if let Message::Denied(d) = &mut answer {
+                d.retry_after = Some(1);
+            }
+            return answer;
+        }
+        let mut event = AuditEvent::new(now, AuditKind::Renewal);
+        event.outcome = Some(Outcome::Renewed);
+        event.identity = Some(peer.identity.clone());
+        event.peer = Some(session.remote);
+        event.lease = Some(lease.id);
+        event.grants = lease.grants.clone();
+        event.granted_lifetime = Some(lease.lifetime);
+        let ops = vec![
+            WriteOp::RenewLease {
+                id: lease.id,
+                renewed_ms: now,
+                expires_ms: lease.expires_ms,
+                granted_lifetime: lease.lifetime,
+            },
+            WriteOp::audit(event),
+        ];
+        if let Err(e) = self.store.writer().commit(ops).await {
+            return self.refuse(session, &request, ResultCode::NoResources, format!("store: {e}"), None);
+        }
+        self.metrics.request("renewed");
+        Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
+    }
+
+    async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
+        let request = Message::Release(release.clone());
+        let now = now_ms();
+        let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+            }
+        };
+        self.metrics.live_leases.dec();
+        self.metrics.lease_ends.with_label_values(&["released"]).inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
+        self.end_lease(&lease, LeaseEnd::Released, Some(peer.identity.clone()), None, Some(session.remote)).await;
+        self.metrics.request("released");
+        Message::Released(Released {
+            common: Common { request_id: release.common.request_id, critical: Vec::new() },
+            lease: lease.id,
+        })
+    }
+
+    async fn end_lease(
+        &self,
+        lease: &fwnp_proto::gateway::Lease,
+        end: LeaseEnd,
+        by: Option<String>,
+        why: Option<String>,
+        peer: Option<SocketAddr>,
+    ) {
+        let now = now_ms();
+        let (kind, outcome) = match end {
+            LeaseEnd::Released => (AuditKind::Release, Outcome::Released),
+            LeaseEnd::Expired => (AuditKind::Expiry, Outcome::Expired),
+            LeaseEnd::Revoked(_) => (AuditKind::Revocation, Outcome::Revoked),
+        };
+        let mut event = AuditEvent::new(now, kind);
+        event.outcome = Some(outcome);
+        event.identity = Some(lease.host.to_string());
+        event.peer = peer;
+        event.lease = Some(lease.id);
+        event.grants = lease.grants.clone();
+        event.app = lease.app.as_deref().cloned();
+        event.actor = by.clone();
+        event.reason = why.clone();
+        let ops = vec![
+            WriteOp::EndLease { id: lease.id, end, ended_ms: now, by, why },
+            WriteOp::audit(event),
+        ];
+        if let Err(e) = self.store.writer().commit(ops).await {
+            warn!(lease = %lease.id, "lease end not stored: {e}");
+        }
+    }
+
+    fn list(&self, peer: &PeerIdentity, list: &List) -> Message {
+        let now = now_ms();
+        let leases = lock(&self.book)
+            .leases_of(&peer.identity)
+            .filter(|l| l.expires_ms > now)
+            .map(|l| l.to_lease_info(now))
+            .collect();
+        self.metrics.request("listed");
+        Message::Leases(Leases {
+            common: Common { request_id: list.common.request_id, critical: Vec::new() },
+            leases,
+            epoch: self.epoch,
+        })
+    }
+
+    /// Ends leases whose time is up, in the kernel (where the element's own timeout has
+    /// usually done it already) and in the store; runs until the service is dropped.
+    pub async fn run_expiry(self: Arc<Self>) {
+        loop {
+            let next = lock(&self.book).next_expiry();
+            let wait = match next {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.expiry_changed.notified() => continue,
+            }
+            let due = lock(&self.book).expire_due(now_ms());
+            for lease in due {
+                self.metrics.live_leases.dec();
+                self.metrics.lease_ends.with_label_values(&["expired"]).inc();
+                self.remove_elements(&lease.grants, false).await;
+                self.end_lease(&lease, LeaseEnd::Expired, Some("gateway".into()), Some("lifetime ended".into()), None).await;
+            }
+        }
+    }
+
+    /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
+    pub async fn revoke(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<fwnp_proto::gateway::Lease> {
+        let lease = lock(&self.book).revoke(id)?;
+        self.metrics.live_leases.dec();
+        self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
+        self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
+        let notice = Message::Revoked(lease.to_revoked(reason, text));
+        for session in self.sessions.of(&lease.host) {
+            session.notify(&notice).await;
+        }
+        info!(lease = %lease.id, host = %lease.host, by, "revoked");
+        Some(lease)
+    }
+
+    /// Loads the policy file again; if it is valid, it replaces the old one and every live
+    /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
+    pub async fn reload_policy(&self) -> Result<Value, AdminError> {
+        let policy = Policy::load(&self.config.policy)
+            .map_err(|e| AdminError::bad_request(format!("policy not reloaded, the old one stays in force: {e}")))?;
+        let policy = Arc::new(policy);
+        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        let leases: Vec<_> = lock(&self.book).iter().cloned().collect();
+        let mut revoked = Vec::new();
+        for lease in leases {
+            let addresses: Vec<IpAddr> = lease.grants.iter().map(|g| g.host).collect();
+            if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants) {
+                if self.revoke(&lease.id, RevokeReason::PolicyChanged, "policy-reload", Some(e.to_string())).await.is_some() {
+                    revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
+                }
+            }
+        }
+        let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
+        event.actor = Some("operator".into());
+        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
+        self.record(event);
+        info!(revoked = revoked.len(), "policy reloaded");
+        Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
+    }
+
+    /// The admin API's revoke.
+    pub async fn revoke_by_operator(&self, id: LeaseId, reason: Option<String>) -> Result<Value, AdminError> {
+        let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
+        match self.revoke(&id, RevokeReason::Operator, "operator", Some(text)).await {
+            Some(lease) => Ok(json!({ "revoked": lease.id.to_string(), "host": &*lease.host })),
+            None => Err(AdminError::not_found(format!("no live lease {id}"))),
+        }
+    }
+
+    /// The admin API's status.
+    pub fn status_json(&self) -> Value {
+        let book = lock(&self.book);
+        let filter = self.filter.as_ref().map(|f| {
+            let stats = f.stats();
+            json!({
+                "table": self.config.filter.table,
+                "batches": stats.batches,
+                "changes": stats.changes,
+                "failed_changes": stats.failed_changes,
+                "repairs": stats.repairs,
+            })
+        });
+        json!({
+            "epoch": format!("{:016x}", self.epoch),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "live_leases": book.len(),
+            "hosts_with_leases": book.host_count(),
+            "connections": self.sessions.count(),
+            "policy": self.policy().origin(),
+            "filter": filter,
+            "store": self.store.path().display().to_string(),
+        })
+    }
+
+    /// The admin API's lease listing.
+    pub fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+        let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
+        if let Some(port) = query.get("port") {
+            filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+        }
+        if let Some(protocol) = query.get("protocol") {
+            filter.protocol = Some(parse_protocol(protocol)?);
+        }
+        let now = now_ms();
+        let leases: Vec<LeaseRecord> = self.store.leases(&filter).map_err(|e| AdminError::internal(e.to_string()))?;
+        Ok(json!({ "leases": leases.iter().map(|l| l.to_json(now)).collect::<Vec<_>>() }))
+    }
+
+    /// The admin API's audit query; `wait` long-polls for events after `after`.
+    pub async fn audit_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+        let mut q = AuditQuery::default();
+        let now = now_ms();
+        q.host = query.get("host").cloned();
+        q.app = query.get("app").cloned();
+        if let Some(port) = query.get("port") {
+            q.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+        }
+        if let Some(outcomes) = query.get("outcome") {
+            for name in outcomes.split(',') {
+                q.outcomes.push(Outcome::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown outcome {name:?}")))?);
+            }
+        }
+        if let Some(kinds) = query.get("kind") {
+            for name in kinds.split(',') {
+                q.kinds.push(AuditKind::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown kind {name:?}")))?);
+            }
+        }
+        q.since_ms = query.get("since").map(|s| time_arg(s, now)).transpose()?;
+        q.until_ms = query.get("until").map(|s| time_arg(s, now)).transpose()?;
+        q.limit = match query.get("limit") {
+            Some(l) => l.parse().map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
+            None => 100,
+        };
+        if query.get("order").map(String::as_str) == Some("oldest") {
+            q.order = Order::OldestFirst;
+        }
+        if let Some(after) = query.get("after") {
+            let after: u64 = after.parse().map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
+            let wait = match query.get("wait") {
+                Some(w) => crate::config::parse_duration(w).map_err(AdminError::bad_request)?.min(Duration::from_secs(60)),
+                None => Duration::ZERO,
+            };
+            let mut watch = self.store.audit_watch();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let events = self.store.audit_follow(after, &q, q.limit.max(1)).map_err(|e| AdminError::internal(e.to_string()))?;
+                if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+                    let last = events.last().map_or(after, |e| e.id);
+                    return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
+                }
+                if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+                    continue;
+                }
+            }
+        }
+        if let Some(cursor) = query.get("cursor") {
+            q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
+        }
+        let page = self.store.audit(&q).map_err(|e| AdminError::internal(e.to_string()))?;
+        Ok(json!({
+            "events": page.events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
+            "next_cursor": page.next_cursor,
+        }))
+    }
+
+    /// The admin API's explain: the decision the current policy makes for a described request.
+    pub fn explain_json(&self, body: &Value) -> Result<Value, AdminError> {
+        let policy = self.policy();
+        crate::explain::explain_json(&policy, body).map_err(AdminError::bad_request)
+    }
+
+    /// The admin API's usage report.
+    pub fn report_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+        let now = now_ms();
+        let q = ReportQuery {
+            since_ms: query.get("since").map(|s| time_arg(s, now)).transpose()?,
+            until_ms: query.get("until").map(|s| time_arg(s, now)).transpose()?,
+            host: query.get("host").cloned(),
+        };
+        let rows = self.store.report(&q, now).map_err(|e| AdminError::internal(e.to_string()))?;
+        Ok(json!({ "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>() }))
+    }
+
+    /// Tells every connected host the gateway is going away.
+    pub async fn going_away(&self, reconnect_after: u32) {
+        let notice = Message::GoingAway(fwnp_proto::GoingAway {
+            common: Common::default(),
+            reconnect_after: Some(reconnect_after),
+            reason: Some("the gateway is stopping".into()),
+        });
+        for session in self.sessions.all() {
+            session.notify(&notice).await;
+        }
+    }
+}
+
+fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
+    use fwnp_proto::Protocol;
+    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
+        .into_iter()
+        .find(|p| p.name() == text)
+        .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
+}
+
+/// A time argument: milliseconds since the Unix epoch, or a duration ago such as `1h`.
+fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let ago = crate::config::parse_duration(text).map_err(AdminError::bad_request)?;
+    Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)))
+}
