@@ -16,7 +16,9 @@
 //!   an earlier session.
 //! - QUIC transport: idle timeout 30 s; the client sends keep-alive PINGs every 10 s; clients may
 //!   open a bounded number of bidirectional streams (one per request) and no unidirectional
-//!   stream; the gateway may open unidirectional streams (notices) towards the client.
+//!   stream; the gateway may open unidirectional streams (notices) towards the client, and no
+//!   bidirectional one. Connection migration is off by default (see
+//!   [`ServerOptions::allow_migration`]).
 //!
 //! # Reloading the CRL
 //!
@@ -135,6 +137,16 @@ pub struct ServerOptions {
     /// Refuse every certificate when a CRL's nextUpdate has passed. Off by default, so an
     /// operator who forgets to re-sign the CRL does not lock every host out.
     pub enforce_crl_expiry: bool,
+    /// Unidirectional streams a client may open. FWNP/1 clients open none, so the default 0
+    /// makes QUIC flow control refuse them outright (a peer that sends on one anyway is closed
+    /// with STREAM_LIMIT_ERROR). Set 1 to accept such a stream and close the connection with
+    /// the protocol's own ProtocolViolation code instead.
+    pub max_concurrent_uni_streams_from_client: u32,
+    /// Let a client's connection move to a new source address (QUIC connection migration, NAT
+    /// rebinding). Off by default: the source address can be what a host is allowed to open, so
+    /// it must not change under an authenticated connection; a host whose address changes
+    /// reconnects instead.
+    pub allow_migration: bool,
 }
 
 impl Default for ServerOptions {
@@ -144,6 +156,8 @@ impl Default for ServerOptions {
             idle_timeout: IDLE_TIMEOUT,
             allow_unknown_revocation_status: false,
             enforce_crl_expiry: false,
+            max_concurrent_uni_streams_from_client: 0,
+            allow_migration: false,
         }
     }
 }
@@ -215,9 +229,12 @@ pub fn server_config(
     transport
         .max_idle_timeout(Some(idle_timeout(options.idle_timeout)?))
         .max_concurrent_bidi_streams(VarInt::from_u32(options.max_concurrent_bidi_streams))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .max_concurrent_uni_streams(VarInt::from_u32(
+            options.max_concurrent_uni_streams_from_client,
+        ));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
+    config.migration(options.allow_migration);
     Ok(config)
 }
 

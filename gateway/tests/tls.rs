@@ -217,6 +217,29 @@ async fn assert_connected(attempt: Attempt) -> (Result<PeerIdentity, IdentityErr
         .await
         .expect("stream exchange timed out");
     assert_eq!(echoed, b"hello");
+    // Notices: the gateway may open unidirectional streams towards the host...
+    let notice = async {
+        let mut send = server.open_uni().await.expect("open notice stream");
+        send.write_all(b"notice").await.expect("write notice");
+        send.finish().expect("finish notice");
+        let mut receive = client.accept_uni().await.expect("accept notice stream");
+        receive.read_to_end(64).await.expect("read notice")
+    };
+    let notice = tokio::time::timeout(STEP_TIMEOUT, notice)
+        .await
+        .expect("notice exchange timed out");
+    assert_eq!(notice, b"notice");
+    // ...but the host may open none, and the gateway opens no request stream towards the host.
+    let refused_uni = tokio::time::timeout(Duration::from_millis(200), client.open_uni()).await;
+    assert!(
+        refused_uni.is_err(),
+        "the host could open a unidirectional stream"
+    );
+    let refused_bi = tokio::time::timeout(Duration::from_millis(200), server.open_bi()).await;
+    assert!(
+        refused_bi.is_err(),
+        "the gateway could open a bidirectional stream"
+    );
     let source = server.remote_address();
     let identity = PeerIdentity::from_connection(&server);
     client.close(0u32.into(), b"done");
@@ -548,6 +571,25 @@ async fn refused_with_a_wrong_alpn() {
         outcome,
         AlertDescription::NoApplicationProtocol,
         "peer doesn't support any known protocol",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn refused_with_a_server_certificate_used_as_a_client_certificate() {
+    let ca = TestCa::new("purpose");
+    let server = server(&ca.server_files());
+    // gateway.pem carries the server-auth usage only.
+    let files = ClientTlsFiles {
+        cert: ca.file("gateway.pem"),
+        key: ca.file("gateway.key"),
+        ca: ca.file("ca.pem"),
+    };
+    let outcome = attempt(&server, client_config(&files), GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::UnsupportedCertificate,
+        "certificate does not allow extended key usage",
     )
     .await;
 }
