@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +49,10 @@ pub const CA_KEY_FILE: &str = "ca.key";
 pub const CRL_FILE: &str = "crl.pem";
 /// File name of the revocation index in a CA directory.
 pub const CRL_INDEX_FILE: &str = "crl.index";
+/// A sensible default lifetime of a CA certificate, in days (for `fwnpctl pki init`).
+pub const DEFAULT_CA_VALIDITY_DAYS: u32 = 3650;
+/// A sensible default lifetime of a gateway or host certificate, in days.
+pub const DEFAULT_LEAF_VALIDITY_DAYS: u32 = 365;
 /// How long a freshly signed CRL says it is current (its nextUpdate). The gateway does not refuse
 /// a CRL past its nextUpdate (rustls' default); re-sign with [`write_crl`] to refresh it anyway.
 pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -286,13 +290,13 @@ pub struct Revocation {
     pub revoked_count: usize,
 }
 
-/// Creates a CA in `dir` (created if missing): a self-signed CA certificate `ca.pem`, its key
+/// Creates a CA in `dir` (created mode 0700 if missing): a self-signed CA certificate `ca.pem`, its key
 /// `ca.key` (0600), an empty signed CRL `crl.pem` and its index. Refuses to overwrite an existing
 /// CA.
 pub fn init_ca(dir: &Path, name: &str, validity: Validity) -> Result<IssuedCertificate, PkiError> {
     check_common_name(name)?;
     let (not_before, not_after) = validity.check()?;
-    fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
+    create_private_dir(dir)?;
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     for path in [
@@ -385,7 +389,7 @@ pub fn issue_host(
 /// that keeps its key and sends only the CSR to the CA. Returns the CSR path.
 pub fn create_csr(dir: &Path, name: &str) -> Result<PathBuf, PkiError> {
     check_file_name(name)?;
-    fs::create_dir_all(dir).map_err(|source| io_error(dir, source))?;
+    create_private_dir(dir)?;
     let key_path = dir.join(format!("{name}.key"));
     let csr_path = dir.join(format!("{name}.csr"));
     refuse_existing(&key_path)?;
@@ -934,6 +938,16 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
         }
     }
     Some(output)
+}
+
+/// Creates a directory (and its parents) readable only by its owner, as it will hold private
+/// keys; an existing directory is left as it is.
+fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| io_error(dir, source))
 }
 
 fn refuse_existing(path: &Path) -> Result<(), PkiError> {

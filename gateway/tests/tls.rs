@@ -699,6 +699,17 @@ async fn csr_issuance_keeps_the_hosts_key() {
 
 #[tokio::test]
 async fn pki_files_modes_and_refusals() {
+    let parent = TempDir::new("files-new");
+    let fresh = parent.path().join("ca");
+    pki::init_ca(&fresh, "Fresh CA", Validity::days(1)).expect("init in a new dir");
+    assert_eq!(
+        std::fs::metadata(&fresh)
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o700
+    );
     let ca = TestCa::new("files");
     for key in ["ca.key", "gateway.key"] {
         assert_eq!(
