@@ -24,7 +24,8 @@
 //! [`encode`] builds a [`ciborium::Value`] map with integer keys in ascending order and lets
 //! ciborium serialise it, which gives RFC 8949 section 4.2.1 core deterministic encoding: the
 //! shortest form of every integer and length, definite lengths only. Absent optional keys are
-//! left out, and so are `critical` when empty, `narrowed` when false, a remote prefix list when
+//! left out, and so are `critical` when empty, `narrowed` when false, Hello's capabilities
+//! when 0, a remote prefix list when
 //! empty (it means "any") and Denied's list of unsupported keys when empty. Key 3 of an opening
 //! or grant (the last port) is written only when it differs from the first port.
 //!
@@ -366,7 +367,10 @@ pub fn to_value(msg: &Message) -> Value {
                 3,
                 Value::Array(h.versions.iter().map(|v| uint(u64::from(*v))).collect()),
             );
-            m.uint(4, h.capabilities.0);
+            // Absent and 0 mean the same (no capability); the deterministic form omits it.
+            if h.capabilities.0 != 0 {
+                m.uint(4, h.capabilities.0);
+            }
             m.opt_text(5, h.software.as_deref());
         }
         Message::Welcome(w) => {

@@ -1,0 +1,1394 @@
+//! The generator of `spec/vectors/`: every vector is written here from Rust values (or from
+//! hand-made bytes where the point is a non-canonical or ill-formed input), with its expected
+//! outcome stated, not computed by the codec under test.
+//!
+//! Regenerate the files after changing a vector:
+//!
+//! ```text
+//! cargo test -p fwnp-proto --test vector_generator -- --ignored write_vectors
+//! ```
+//!
+//! `committed_vectors_are_current` fails when the committed files and this generator disagree.
+//! `tests/vectors.rs` and `tests/cddl.rs` check the committed files themselves.
+
+mod common;
+
+use std::net::IpAddr;
+
+use ciborium::Value;
+use fwnp_proto::codec::{encode, to_value};
+use fwnp_proto::*;
+use serde_json::{Value as Json, json};
+
+const LEASE_A: LeaseId = LeaseId([
+    0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
+]);
+const LEASE_B: LeaseId = LeaseId([
+    0xf0, 0xe1, 0xd2, 0xc3, 0xb4, 0xa5, 0x96, 0x87, 0x78, 0x69, 0x5a, 0x4b, 0x3c, 0x2d, 0x1e, 0x0f,
+]);
+const EPOCH: u64 = 0x5eed_cafe_f00d_0001;
+const NOW_MS: u64 = 1_795_000_000_000;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn prefix(s: &str) -> Prefix {
+    let (a, l) = s.split_once('/').unwrap();
+    Prefix {
+        addr: ip(a),
+        len: l.parse().unwrap(),
+    }
+}
+
+fn rid(n: u64) -> Common {
+    Common {
+        request_id: Some(n),
+        critical: vec![],
+    }
+}
+
+fn tcp(first: u16, last: u16) -> Target {
+    Target::Ports {
+        protocol: Protocol::Tcp,
+        ports: PortRange { first, last },
+    }
+}
+
+fn opening(target: Target) -> Opening {
+    Opening {
+        target,
+        host: None,
+        family: None,
+        remotes: vec![],
+    }
+}
+
+fn open(opening: Opening, lifetime: Option<u32>) -> Message {
+    Message::Open(Open {
+        common: rid(2),
+        opening,
+        lifetime,
+        app: None,
+    })
+}
+
+fn open_tcp_443() -> Message {
+    open(
+        Opening {
+            host: Some(ip("192.0.2.10")),
+            ..opening(tcp(443, 443))
+        },
+        Some(600),
+    )
+}
+
+fn grant(protocol: Protocol, first: u16, last: u16, host: &str) -> Grant {
+    Grant {
+        protocol,
+        ports: PortRange { first, last },
+        host: ip(host),
+        remotes: vec![],
+        app: None,
+    }
+}
+
+fn granted(grants: Vec<Grant>, narrowed: bool) -> Message {
+    Message::Granted(Granted {
+        common: rid(2),
+        lease: LEASE_A,
+        grants,
+        lifetime: 600,
+        expires_ms: NOW_MS + 600_000,
+        renew_after: 300,
+        epoch: EPOCH,
+        narrowed,
+    })
+}
+
+fn denied(code: ResultCode) -> Message {
+    Message::Denied(Denied {
+        common: rid(2),
+        code,
+        reason: None,
+        retry_after: None,
+        lease: None,
+        unsupported: vec![],
+    })
+}
+
+// Editing a message's CBOR value to make inputs no encoder of ours would write.
+
+fn u(n: u64) -> Value {
+    Value::Integer(n.into())
+}
+
+fn cbor(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    ciborium::into_writer(v, &mut out).unwrap();
+    out
+}
+
+fn entries(v: &mut Value) -> &mut Vec<(Value, Value)> {
+    match v {
+        Value::Map(m) => m,
+        _ => panic!("not a map"),
+    }
+}
+
+/// Sets `key` to `value` in a map, keeping keys in ascending order when they are integers.
+fn set(v: &mut Value, key: u64, value: Value) {
+    let m = entries(v);
+    m.retain(|(k, _)| k.as_integer() != Some(key.into()));
+    let at = m
+        .iter()
+        .position(|(k, _)| {
+            k.as_integer()
+                .is_some_and(|k| i128::from(k) > i128::from(key))
+        })
+        .unwrap_or(m.len());
+    m.insert(at, (u(key), value));
+}
+
+fn remove(v: &mut Value, key: u64) {
+    entries(v).retain(|(k, _)| k.as_integer() != Some(key.into()));
+}
+
+fn get(v: &mut Value, key: u64) -> &mut Value {
+    entries(v)
+        .iter_mut()
+        .find(|(k, _)| k.as_integer() == Some(key.into()))
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
+/// The CBOR of `msg` after `edit` changed its value.
+fn edited(msg: &Message, edit: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut v = to_value(msg);
+    edit(&mut v);
+    cbor(&v)
+}
+
+fn h(s: &str) -> Vec<u8> {
+    hex::decode(s.replace([' ', '\n'], "")).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+
+enum Expect {
+    /// Decodes to this message, which re-encodes canonically.
+    Valid { msg: Message, schema_valid: bool },
+    Invalid {
+        layer: &'static str,
+        error: &'static str,
+        code: ResultCode,
+        schema_valid: bool,
+    },
+}
+
+struct Vector {
+    name: String,
+    description: String,
+    bytes: Vec<u8>,
+    diagnostic: Option<String>,
+    expect: Expect,
+}
+
+fn valid(name: &str, description: &str, msg: Message) -> Vector {
+    Vector {
+        name: name.into(),
+        description: description.into(),
+        bytes: encode(&msg),
+        diagnostic: None,
+        expect: Expect::Valid {
+            msg,
+            schema_valid: true,
+        },
+    }
+}
+
+/// A valid vector whose input is not the canonical encoding of `msg`.
+fn valid_from(
+    name: &str,
+    description: &str,
+    bytes: Vec<u8>,
+    msg: Message,
+    schema_valid: bool,
+) -> Vector {
+    Vector {
+        name: name.into(),
+        description: description.into(),
+        bytes,
+        diagnostic: None,
+        expect: Expect::Valid { msg, schema_valid },
+    }
+}
+
+fn invalid(
+    name: &str,
+    description: &str,
+    bytes: Vec<u8>,
+    layer: &'static str,
+    error: &'static str,
+    code: ResultCode,
+    schema_valid: bool,
+) -> Vector {
+    Vector {
+        name: name.into(),
+        description: description.into(),
+        bytes,
+        diagnostic: None,
+        expect: Expect::Invalid {
+            layer,
+            error,
+            code,
+            schema_valid,
+        },
+    }
+}
+
+fn decode_err(
+    name: &str,
+    d: &str,
+    bytes: Vec<u8>,
+    error: &'static str,
+    code: ResultCode,
+    schema: bool,
+) -> Vector {
+    invalid(name, d, bytes, "decode", error, code, schema)
+}
+
+fn validate_err(
+    name: &str,
+    d: &str,
+    bytes: Vec<u8>,
+    error: &'static str,
+    code: ResultCode,
+    schema: bool,
+) -> Vector {
+    invalid(name, d, bytes, "validate", error, code, schema)
+}
+
+use ResultCode as R;
+
+#[allow(clippy::vec_init_then_push)]
+fn vectors() -> Vec<Vector> {
+    let mut v = Vec::new();
+
+    // --- Every message type, canonical. ---------------------------------------------------
+    v.push(valid(
+        "hello",
+        "Hello offering version 1 with every capability and a software string.",
+        Message::Hello(Hello {
+            common: rid(1),
+            versions: vec![1],
+            capabilities: Capabilities(Capabilities::ALL),
+            software: Some("fwnp-agent/0.1.0".into()),
+        }),
+    ));
+    v.push(valid_from(
+        "hello-minimal",
+        "Hello with only its mandatory keys: capabilities absent means 0, and 0 is not written.",
+        h("a2 00 01 03 81 01"),
+        Message::Hello(Hello {
+            common: Common::default(),
+            versions: vec![1],
+            capabilities: Capabilities(0),
+            software: None,
+        }),
+        true,
+    ));
+    v.push(valid(
+        "welcome",
+        "Welcome with limits (lease limit given) and one IPv4 and one IPv6 address the host may open.",
+        Message::Welcome(Welcome {
+            common: rid(1),
+            version: 1,
+            capabilities: Capabilities(Capabilities::ALL),
+            limits: Limits {
+                max_message_size: 16384,
+                max_streams: 16,
+                min_lifetime: 30,
+                max_lifetime: 86400,
+                max_leases: Some(32),
+            },
+            epoch: EPOCH,
+            time_ms: NOW_MS,
+            identity: "fwnp://host/web-01".into(),
+            addresses: vec![ip("192.0.2.10"), ip("2001:db8::10")],
+        }),
+    ));
+    v.push(valid(
+        "welcome-no-lease-limit",
+        "Welcome with no lease limit (limits key 5 absent), no address list entries and a SPIFFE identity.",
+        Message::Welcome(Welcome {
+            common: Common::default(),
+            version: 1,
+            capabilities: Capabilities(Capabilities::PORT_RANGES),
+            limits: Limits {
+                max_message_size: 16384,
+                max_streams: 4,
+                min_lifetime: 60,
+                max_lifetime: 604800,
+                max_leases: None,
+            },
+            epoch: 1,
+            time_ms: NOW_MS,
+            identity: "spiffe://example.org/host/web-01".into(),
+            addresses: vec![],
+        }),
+    ));
+    v.push(valid(
+        "open-tcp-port",
+        "Open tcp/443 on an IPv4 host address for 600 s, with every app-info field.",
+        Message::Open(Open {
+            common: rid(2),
+            opening: Opening {
+                host: Some(ip("192.0.2.10")),
+                ..opening(tcp(443, 443))
+            },
+            lifetime: Some(600),
+            app: Some(AppInfo {
+                name: Some("nginx".into()),
+                executable: Some("/usr/sbin/nginx".into()),
+                uid: Some(33),
+                pid: Some(4242),
+            }),
+        }),
+    ));
+    v.push(valid(
+        "open-port-range",
+        "Open udp/60000-61000 with no host address and no lifetime (the policy's default).",
+        open(
+            opening(Target::Ports {
+                protocol: Protocol::Udp,
+                ports: PortRange {
+                    first: 60000,
+                    last: 61000,
+                },
+            }),
+            None,
+        ),
+    ));
+    v.push(valid(
+        "open-app-id",
+        "Open the catalogue application \"https\" on the host's IPv6 address (family 6, no address).",
+        open(
+            Opening { family: Some(Family::Ipv6), ..opening(Target::App("https".into())) },
+            Some(3600),
+        ),
+    ));
+    v.push(valid(
+        "open-ipv6-remotes",
+        "Open sctp/5000 on an IPv6 host address for two IPv6 remote prefixes.",
+        open(
+            Opening {
+                host: Some(ip("2001:db8::10")),
+                remotes: vec![prefix("2001:db8:1::/48"), prefix("2001:db8:2::7/128")],
+                ..opening(Target::Ports {
+                    protocol: Protocol::Sctp,
+                    ports: PortRange::single(5000),
+                })
+            },
+            Some(600),
+        ),
+    ));
+    v.push(valid(
+        "open-ipv4-remotes",
+        "Open udplite/9000 with family 4 for two IPv4 remote prefixes, one of them 0.0.0.0/0.",
+        open(
+            Opening {
+                family: Some(Family::Ipv4),
+                remotes: vec![prefix("198.51.100.0/24"), prefix("0.0.0.0/0")],
+                ..opening(Target::Ports {
+                    protocol: Protocol::UdpLite,
+                    ports: PortRange::single(9000),
+                })
+            },
+            None,
+        ),
+    ));
+    v.push(valid(
+        "open-port-65535",
+        "Open tcp/65535, the highest port.",
+        open(opening(tcp(65535, 65535)), Some(60)),
+    ));
+    v.push(valid(
+        "open-full-range",
+        "Open tcp/1-65535, the widest range allowed.",
+        open(opening(tcp(1, 65535)), Some(60)),
+    ));
+    v.push(valid_from(
+        "open-single-port-range",
+        "Open tcp/8080-8080 written with key 3 equal to key 2: a one-port range; the canonical form leaves key 3 out.",
+        h("a3 00 03 01 02 03 a3 01 06 02 19 1f90 03 19 1f90"),
+        Message::Open(Open {
+            common: rid(2),
+            opening: opening(tcp(8080, 8080)),
+            lifetime: None,
+            app: None,
+        }),
+        true,
+    ));
+    v.push(valid(
+        "open-lifetime-maximum",
+        "Open asking for exactly the maximum lifetime, 604800 s.",
+        open(opening(tcp(22, 22)), Some(MAX_LIFETIME_SECS)),
+    ));
+    v.push(valid(
+        "renew",
+        "Renew a lease for 900 s.",
+        Message::Renew(Renew {
+            common: rid(3),
+            lease: LEASE_A,
+            lifetime: Some(900),
+        }),
+    ));
+    v.push(valid(
+        "renew-lifetime-zero",
+        "Renew a lease with lifetime 0: the lease's own granted lifetime.",
+        Message::Renew(Renew {
+            common: rid(3),
+            lease: LEASE_A,
+            lifetime: Some(0),
+        }),
+    ));
+    v.push(valid(
+        "release",
+        "Release a lease.",
+        Message::Release(Release {
+            common: rid(4),
+            lease: LEASE_B,
+        }),
+    ));
+    v.push(valid(
+        "list",
+        "List the host's leases.",
+        Message::List(List { common: rid(5) }),
+    ));
+    v.push(valid(
+        "granted",
+        "Granted, narrowed, for the app \"https\": tcp/443 and udp/443 on an IPv4 address, restricted to one remote prefix.",
+        granted(
+            vec![
+                Grant {
+                    remotes: vec![prefix("203.0.113.0/24")],
+                    app: Some("https".into()),
+                    ..grant(Protocol::Tcp, 443, 443, "192.0.2.10")
+                },
+                Grant {
+                    remotes: vec![prefix("203.0.113.0/24")],
+                    app: Some("https".into()),
+                    ..grant(Protocol::Udp, 443, 443, "192.0.2.10")
+                },
+            ],
+            true,
+        ),
+    ));
+    v.push(valid(
+        "granted-range-ipv6",
+        "Granted, not narrowed (key 9 absent), a udp range on an IPv6 address.",
+        granted(
+            vec![grant(Protocol::Udp, 60000, 61000, "2001:db8::10")],
+            false,
+        ),
+    ));
+    v.push(valid_from(
+        "granted-narrowed-false",
+        "Granted with key 9 written as false; the canonical form leaves it out.",
+        edited(
+            &granted(vec![grant(Protocol::Tcp, 80, 80, "192.0.2.10")], false),
+            |m| set(m, 9, Value::Bool(false)),
+        ),
+        granted(vec![grant(Protocol::Tcp, 80, 80, "192.0.2.10")], false),
+        true,
+    ));
+
+    // --- Denied with each result code. -----------------------------------------------------
+    for code in ResultCode::ALL {
+        let mut d = Denied {
+            common: rid(2),
+            code,
+            reason: None,
+            retry_after: None,
+            lease: None,
+            unsupported: vec![],
+        };
+        let description = match code {
+            R::UnsupportedVersion => {
+                d.common.request_id = Some(1);
+                d.reason = Some("this gateway speaks version 1".into());
+                "Denied unsupported-version, answering a Hello offering no version 1."
+            }
+            R::MalformedRequest => "Denied malformed-request.",
+            R::UnsupportedOption => {
+                d.unsupported = vec![64, 4096];
+                "Denied unsupported-option, listing the critical keys not understood (key 7)."
+            }
+            R::MalformedOption => {
+                d.reason = Some("prefix 10.0.0.1/24 has host bits set".into());
+                "Denied malformed-option with a reason."
+            }
+            R::NotAuthorized => "Denied not-authorized.",
+            R::AddressMismatch => {
+                d.reason = Some("192.0.2.99 is not an address of this host".into());
+                "Denied address-mismatch with a reason."
+            }
+            R::DeniedByPolicy => {
+                d.reason = Some("rule web-servers allows tcp/80,443 only".into());
+                "Denied denied-by-policy with the rule in the reason."
+            }
+            R::NoResources => {
+                d.retry_after = Some(30);
+                "Denied no-resources with retry-after 30 s."
+            }
+            R::QuotaExceeded => "Denied quota-exceeded.",
+            R::RateLimited => {
+                d.retry_after = Some(5);
+                "Denied rate-limited with retry-after 5 s."
+            }
+            R::UnknownLease => {
+                d.common.request_id = Some(3);
+                d.lease = Some(LEASE_A);
+                "Denied unknown-lease naming the lease (key 6)."
+            }
+            R::LifetimeOutOfRange => "Denied lifetime-out-of-range.",
+            R::UnknownApplication => {
+                d.reason = Some("no application \"minecraft\" in the catalogue".into());
+                "Denied unknown-application."
+            }
+            R::HelloRequired => {
+                d.common.request_id = None;
+                "Denied hello-required, with no request id."
+            }
+            _ => unreachable!("every code is listed"),
+        };
+        v.push(valid(
+            &format!("denied-{}", code.name()),
+            description,
+            Message::Denied(d),
+        ));
+    }
+
+    v.push(valid(
+        "leases",
+        "Leases: two live leases, one with app-info.",
+        Message::Leases(Leases {
+            common: rid(5),
+            leases: vec![
+                LeaseInfo {
+                    lease: LEASE_A,
+                    grants: vec![grant(Protocol::Tcp, 443, 443, "192.0.2.10")],
+                    remaining: 420,
+                    expires_ms: NOW_MS + 420_000,
+                    app: Some(AppInfo {
+                        name: Some("nginx".into()),
+                        uid: Some(33),
+                        ..AppInfo::default()
+                    }),
+                },
+                LeaseInfo {
+                    lease: LEASE_B,
+                    grants: vec![Grant {
+                        remotes: vec![prefix("2001:db8:1::/48")],
+                        ..grant(Protocol::Udp, 5353, 5353, "2001:db8::10")
+                    }],
+                    remaining: 30,
+                    expires_ms: NOW_MS + 30_000,
+                    app: None,
+                },
+            ],
+            epoch: EPOCH,
+        }),
+    ));
+    v.push(valid(
+        "leases-empty",
+        "Leases with no live lease.",
+        Message::Leases(Leases {
+            common: rid(5),
+            leases: vec![],
+            epoch: EPOCH,
+        }),
+    ));
+    v.push(valid(
+        "released",
+        "Released, the answer to Release.",
+        Message::Released(Released {
+            common: rid(4),
+            lease: LEASE_B,
+        }),
+    ));
+    v.push(valid(
+        "revoked-operator",
+        "Revoked notice: an operator revoked the lease, with a text.",
+        Message::Revoked(Revoked {
+            common: Common::default(),
+            lease: LEASE_A,
+            reason: RevokeReason::Operator,
+            text: Some("maintenance window".into()),
+        }),
+    ));
+    v.push(valid(
+        "revoked-policy-changed",
+        "Revoked notice: the policy no longer allows the lease.",
+        Message::Revoked(Revoked {
+            common: Common::default(),
+            lease: LEASE_B,
+            reason: RevokeReason::PolicyChanged,
+            text: None,
+        }),
+    ));
+    v.push(valid(
+        "epoch-changed",
+        "EpochChanged notice with an epoch above 2^53 (JSON readers must keep 64-bit integers exact).",
+        Message::EpochChanged(EpochChanged { common: Common::default(), epoch: u64::MAX - 1 }),
+    ));
+    v.push(valid(
+        "going-away",
+        "GoingAway notice: reconnect after 10 s, with a reason.",
+        Message::GoingAway(GoingAway {
+            common: Common::default(),
+            reconnect_after: Some(10),
+            reason: Some("gateway restarting".into()),
+        }),
+    ));
+    v.push(valid(
+        "going-away-empty",
+        "GoingAway notice with no optional key.",
+        Message::GoingAway(GoingAway {
+            common: Common::default(),
+            reconnect_after: None,
+            reason: None,
+        }),
+    ));
+
+    // --- Extensibility: unknown keys, critical. --------------------------------------------
+    let list = Message::List(List { common: rid(5) });
+    v.push(valid_from(
+        "unknown-extension-keys",
+        "List with unknown extension keys 64 (a map with a text key) and 1000 (an array): ignored.",
+        edited(&list, |m| {
+            set(m, 64, Value::Map(vec![(Value::Text("x".into()), u(1))]));
+            set(
+                m,
+                1000,
+                Value::Array(vec![u(1), Value::Text("two".into()), Value::Bool(true)]),
+            );
+        }),
+        list.clone(),
+        true,
+    ));
+    v.push(valid_from(
+        "unknown-key-below-64",
+        "Open with unknown key 20 in the message map: ignored (keys below 64 that this version does not assign are reserved for later revisions; a version-1 sender never writes them, so the bytes do not match the schema).",
+        edited(&open_tcp_443(), |m| set(m, 20, Value::Text("later".into()))),
+        open_tcp_443(),
+        false,
+    ));
+    v.push(valid_from(
+        "unknown-extension-keys-nested",
+        "Open with unknown extension keys inside the opening (key 64) and inside app-info (key 99): ignored.",
+        edited(
+            &Message::Open(Open { app: Some(AppInfo::default()), ..match open_tcp_443() { Message::Open(o) => o, _ => unreachable!() } }),
+            |m| {
+                set(get(m, 3), 64, Value::Bytes(vec![1, 2, 3]));
+                set(get(m, 5), 99, Value::Null);
+            },
+        ),
+        Message::Open(Open { app: Some(AppInfo::default()), ..match open_tcp_443() { Message::Open(o) => o, _ => unreachable!() } }),
+        true,
+    ));
+    v.push(valid_from(
+        "unknown-key-below-64-nested",
+        "Open whose opening carries unknown key 30 and whose message map carries unknown key 63: ignored (not in the version-1 schema).",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 30, u(1));
+            set(m, 63, u(0));
+        }),
+        open_tcp_443(),
+        false,
+    ));
+    let mut critical_known = open_tcp_443();
+    if let Message::Open(o) = &mut critical_known {
+        o.common.critical = vec![4];
+    }
+    v.push(valid(
+        "critical-known-key",
+        "Open listing key 4 (lifetime) in critical: a key this decoder knows, so the message is accepted and critical kept.",
+        critical_known,
+    ));
+    v.push(valid_from(
+        "extension-depth-8",
+        "List whose extension key 64 holds arrays nested to depth 8 in all (the message map is depth 1): the deepest accepted.",
+        edited(&list, |m| {
+            let mut deep = u(0);
+            for _ in 0..7 {
+                deep = Value::Array(vec![deep]);
+            }
+            set(m, 64, deep);
+        }),
+        list.clone(),
+        true,
+    ));
+
+    // --- Non-canonical but well-formed inputs. ---------------------------------------------
+    v.push(valid_from(
+        "indefinite-lengths",
+        "Open written with indefinite-length maps, an indefinite-length array of remote prefixes and a chunked app-info name: accepted, re-encoded with definite lengths.",
+        h("bf 00 03 01 02
+           03 bf 01 06 02 19 01bb 06 9f 82 44 c6336400 18 18 ff ff
+           05 bf 01 7f 62 6e67 63 696e78 ff ff
+           ff"),
+        Message::Open(Open {
+            common: rid(2),
+            opening: Opening { remotes: vec![prefix("198.51.100.0/24")], ..opening(tcp(443, 443)) },
+            lifetime: None,
+            app: Some(AppInfo { name: Some("nginx".into()), ..AppInfo::default() }),
+        }),
+        true,
+    ));
+    v.push(valid_from(
+        "non-shortest-integers",
+        "Renew written with integers and lengths in longer forms than needed: accepted, re-encoded in shortest form.",
+        h("b9 0004 18 00 18 04 19 0001 1b 0000000000000007 18 03 58 10 00112233445566778899aabbccddeeff 19 0004 1a 00000384"),
+        Message::Renew(Renew { common: rid(7), lease: LEASE_A, lifetime: Some(900) }),
+        true,
+    ));
+    v.push(valid_from(
+        "keys-out-of-order",
+        "Release with its keys in descending order: accepted (order is not checked), re-encoded in ascending order.",
+        h("a3 03 50 f0e1d2c3b4a5968778695a4b3c2d1e0f 01 04 00 05"),
+        Message::Release(Release { common: rid(4), lease: LEASE_B }),
+        true,
+    ));
+
+    // --- Decoding errors. --------------------------------------------------------------------
+    let mut too_large = to_value(&list);
+    set(&mut too_large, 64, Value::Bytes(vec![0; MAX_MESSAGE_SIZE]));
+    let too_large = cbor(&too_large);
+    v.push(decode_err(
+        "too-large",
+        &format!(
+            "A List of {} bytes (extension key 64 holds 16384 zero bytes): refused before parsing.",
+            too_large.len()
+        ),
+        too_large,
+        "too-large",
+        R::MalformedRequest,
+        true,
+    ));
+    v.push(decode_err(
+        "nesting-too-deep",
+        "List whose extension key 64 holds arrays nested to depth 9 in all: one level too deep.",
+        edited(&list, |m| {
+            let mut deep = u(0);
+            for _ in 0..8 {
+                deep = Value::Array(vec![deep]);
+            }
+            set(m, 64, deep);
+        }),
+        "nesting-too-deep",
+        R::MalformedRequest,
+        true,
+    ));
+    let mut deep = vec![0x81u8; MAX_MESSAGE_SIZE - 1];
+    deep.push(0x00);
+    v.push(decode_err(
+        "nesting-16k-arrays",
+        "16383 nested one-element arrays around 0, 16 KiB in all: refused at depth 9 without recursing further.",
+        deep,
+        "nesting-too-deep",
+        R::MalformedRequest,
+        false,
+    ));
+    let mut trailing = encode(&list);
+    trailing.push(0x00);
+    v.push(decode_err(
+        "trailing-bytes",
+        "A List followed by one more byte (the CBOR item 0).",
+        trailing,
+        "trailing-bytes",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "tag-in-extension",
+        "List whose extension key 64 holds a tagged value 1(0): tags are refused anywhere, even where the schema allows any value.",
+        edited(&list, |m| set(m, 64, Value::Tag(1, Box::new(u(0))))),
+        "tag-not-allowed",
+        R::MalformedRequest,
+        true,
+    ));
+    v.push(decode_err(
+        "tag-bignum-port",
+        "Open whose port is the bignum 2(h'01bb'): tags are refused, bignums included.",
+        edited(&open_tcp_443(), |m| {
+            set(
+                get(m, 3),
+                2,
+                Value::Tag(2, Box::new(Value::Bytes(vec![1, 0xbb]))),
+            )
+        }),
+        "tag-not-allowed",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "duplicate-key",
+        "List with key 1 (request id) twice.",
+        h("a3 00 06 01 05 01 06"),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "not-a-map",
+        "An array [6] instead of a map.",
+        h("81 06"),
+        "not-a-map",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "key-not-unsigned",
+        "List with a text key \"x\" in the message map.",
+        h("a2 00 06 61 78 01"),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "key-negative",
+        "List with the negative key -1.",
+        h("a2 00 06 20 01"),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "unknown-message-type",
+        "A message of type 7, which FWNP/1 does not define.",
+        h("a2 00 07 01 01"),
+        "unknown-message-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "missing-type",
+        "A map without key 0.",
+        h("a1 01 05"),
+        "missing-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "missing-lease-id",
+        "Release without its mandatory key 3 (the lease id).",
+        h("a2 00 05 01 04"),
+        "missing-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "missing-port",
+        "Open whose opening has a protocol but no port (key 2).",
+        edited(&open_tcp_443(), |m| remove(get(m, 3), 2)),
+        "missing-key",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "wrong-type-lease-id",
+        "Renew whose lease id is a text string.",
+        edited(
+            &Message::Renew(Renew {
+                common: rid(3),
+                lease: LEASE_A,
+                lifetime: None,
+            }),
+            |m| set(m, 3, Value::Text(LEASE_A.to_string())),
+        ),
+        "wrong-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "wrong-type-port",
+        "Open whose port is the text \"443\".",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 2, Value::Text("443".into()))
+        }),
+        "wrong-type",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "wrong-type-negative-lifetime",
+        "Open whose lifetime is -1.",
+        edited(&open_tcp_443(), |m| {
+            set(m, 4, Value::Integer((-1i64).into()))
+        }),
+        "wrong-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "port-65536",
+        "Open of tcp/65536: above the highest port.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 2, u(65536))),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "unknown-protocol",
+        "Open with protocol 1 (ICMP), which FWNP/1 does not open.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 1, u(1))),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "lifetime-above-u32",
+        "Open asking for a lifetime of 2^32 s, which does not fit the schema's 32 bits.",
+        edited(&open_tcp_443(), |m| set(m, 4, u(1 << 32))),
+        "out-of-range",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "unknown-family",
+        "Open with family 5.",
+        edited(&open_tcp_443(), |m| {
+            remove(get(m, 3), 4);
+            set(get(m, 3), 5, u(5));
+        }),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "unknown-result-code",
+        "Denied with result code 99, which the registry does not define.",
+        edited(&denied(R::NotAuthorized), |m| set(m, 3, u(99))),
+        "out-of-range",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "unknown-revoke-reason",
+        "Revoked with reason 9, which the registry does not define.",
+        edited(
+            &Message::Revoked(Revoked {
+                common: Common::default(),
+                lease: LEASE_A,
+                reason: RevokeReason::Operator,
+                text: None,
+            }),
+            |m| set(m, 4, u(9)),
+        ),
+        "out-of-range",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "prefix-length-above-128",
+        "Open with a remote prefix of length 129.",
+        edited(&open_tcp_443(), |m| {
+            set(
+                get(m, 3),
+                6,
+                Value::Array(vec![Value::Array(vec![
+                    Value::Bytes(vec![198, 51, 100, 0]),
+                    u(129),
+                ])]),
+            )
+        }),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "lease-id-15-bytes",
+        "Release whose lease id is 15 bytes long.",
+        edited(
+            &Message::Release(Release {
+                common: rid(4),
+                lease: LEASE_B,
+            }),
+            |m| set(m, 3, Value::Bytes(LEASE_B.0[..15].to_vec())),
+        ),
+        "wrong-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "address-5-bytes",
+        "Open whose host address is 5 bytes long.",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 4, Value::Bytes(vec![192, 0, 2, 10, 0]))
+        }),
+        "wrong-length",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-ports-and-app",
+        "Open whose opening names both tcp/443 (keys 1, 2) and the application \"https\" (key 7).",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 7, Value::Text("https".into()))
+        }),
+        "conflicting-target",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-no-target",
+        "Open whose opening names only a host address: neither ports nor an application.",
+        edited(&open_tcp_443(), |m| {
+            remove(get(m, 3), 1);
+            remove(get(m, 3), 2);
+        }),
+        "missing-target",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "critical-unknown-key",
+        "Open carrying extension key 64 and listing 64 and 70 in critical: the decoder does not know them and refuses the message; Denied key 7 lists [64, 70].",
+        edited(&open_tcp_443(), |m| {
+            set(m, 2, Value::Array(vec![u(64), u(70)]));
+            set(m, 64, Value::Text("must understand".into()));
+        }),
+        "unsupported-critical",
+        R::UnsupportedOption,
+        true,
+    ));
+    v.push(decode_err(
+        "truncated",
+        "An Open cut short in the middle of its opening.",
+        encode(&open_tcp_443())[..9].to_vec(),
+        "invalid-cbor",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "empty-input",
+        "Zero bytes.",
+        vec![],
+        "invalid-cbor",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "text-not-utf8",
+        "Hello whose software text holds the byte 0xff.",
+        h("a3 00 01 03 81 01 05 63 61 ff 62"),
+        "invalid-cbor",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "reserved-additional-info",
+        "List whose request id has additional information 28, which RFC 8949 reserves.",
+        h("a2 00 06 01 1c"),
+        "invalid-cbor",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "stray-break",
+        "A definite-length map holding a break code where a value belongs.",
+        h("a2 00 06 01 ff"),
+        "invalid-cbor",
+        R::MalformedRequest,
+        false,
+    ));
+
+    // --- Validation errors (decode succeeds). ------------------------------------------------
+    v.push(validate_err(
+        "port-zero",
+        "Open of tcp/0: well-formed, but port 0 cannot be opened.",
+        encode(&open(opening(tcp(0, 0)), None)),
+        "port-zero",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "reversed-range",
+        "Open of tcp/9000-8000: the last port is below the first.",
+        encode(&open(opening(tcp(9000, 8000)), None)),
+        "reversed-range",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "prefix-host-bits",
+        "Open with remote prefix 10.0.0.1/24: host bits set beyond the length.",
+        encode(&open(
+            Opening {
+                remotes: vec![prefix("10.0.0.1/24")],
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "host-bits-set",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "prefix-ipv4-33",
+        "Open with remote prefix 10.0.0.0/33: longer than an IPv4 address.",
+        encode(&open(
+            Opening {
+                remotes: vec![prefix("10.0.0.0/33")],
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "prefix-too-long",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "family-mismatch",
+        "Open with an IPv4 host address and family 6.",
+        encode(&open(
+            Opening {
+                host: Some(ip("192.0.2.10")),
+                family: Some(Family::Ipv6),
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "family-mismatch",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "remote-family-mismatch",
+        "Open with an IPv6 host address and an IPv4 remote prefix.",
+        encode(&open(
+            Opening {
+                host: Some(ip("2001:db8::10")),
+                remotes: vec![prefix("198.51.100.0/24")],
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "remote-family-mismatch",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "app-id-uppercase",
+        "Open of the application \"HTTPS\": app ids are lower case.",
+        encode(&open(opening(Target::App("HTTPS".into())), None)),
+        "app-id-character",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "app-id-too-long",
+        "Open of an application id of 65 bytes.",
+        encode(&open(opening(Target::App("a".repeat(65))), None)),
+        "app-id-length",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(validate_err(
+        "lifetime-above-maximum",
+        "Open asking for 604801 s, one second above the maximum lifetime.",
+        encode(&open(opening(tcp(22, 22)), Some(MAX_LIFETIME_SECS + 1))),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
+        true,
+    ));
+    v.push(validate_err(
+        "renew-lifetime-above-maximum",
+        "Renew asking for 4294967295 s.",
+        encode(&Message::Renew(Renew {
+            common: rid(3),
+            lease: LEASE_A,
+            lifetime: Some(u32::MAX),
+        })),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
+        true,
+    ));
+    v.push(validate_err(
+        "hello-no-versions",
+        "Hello with an empty version list.",
+        encode(&Message::Hello(Hello {
+            common: rid(1),
+            versions: vec![],
+            capabilities: Capabilities(0),
+            software: None,
+        })),
+        "no-versions",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(validate_err(
+        "hello-unsupported-version",
+        "Hello offering only versions 2 and 3: answered Denied unsupported-version, then the connection is closed with VersionMismatch (0x5).",
+        encode(&Message::Hello(Hello { common: rid(1), versions: vec![2, 3], capabilities: Capabilities(0), software: None })),
+        "unsupported-version",
+        R::UnsupportedVersion,
+        true,
+    ));
+    v.push(validate_err(
+        "software-too-long",
+        "Hello whose software text is 129 bytes (at most 128).",
+        encode(&Message::Hello(Hello {
+            common: rid(1),
+            versions: vec![1],
+            capabilities: Capabilities(0),
+            software: Some("x".repeat(129)),
+        })),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(validate_err(
+        "granted-port-zero",
+        "Granted with a grant of port 0.",
+        encode(&granted(
+            vec![grant(Protocol::Tcp, 0, 0, "192.0.2.10")],
+            false,
+        )),
+        "port-zero",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "granted-no-grants",
+        "Granted with an empty grant list.",
+        encode(&granted(vec![], false)),
+        "empty-list",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(validate_err(
+        "denied-reason-too-long",
+        "Denied whose reason is 513 bytes (at most 512).",
+        encode(&Message::Denied(Denied {
+            reason: Some("r".repeat(513)),
+            ..match denied(R::DeniedByPolicy) {
+                Message::Denied(d) => d,
+                _ => unreachable!(),
+            }
+        })),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v
+}
+
+fn render(vector: &Vector) -> Json {
+    let diagnostic = match &vector.diagnostic {
+        Some(d) => d.clone(),
+        None => {
+            // Deeply nested inputs need a deep stack for the (recursive) notation printer.
+            let bytes = vector.bytes.clone();
+            std::thread::Builder::new()
+                .stack_size(512 << 20)
+                .spawn(move || common::diagnostic(&bytes))
+                .unwrap()
+                .join()
+                .unwrap()
+                .unwrap_or_else(|why| format!("not well-formed CBOR: {why}"))
+        }
+    };
+    let outcome = match &vector.expect {
+        Expect::Valid { msg, schema_valid } => json!({
+            "valid": {
+                "decoded": common::message_json(msg),
+                "canonical_hex": hex::encode(encode(msg)),
+                "schema_valid": schema_valid,
+            }
+        }),
+        Expect::Invalid {
+            layer,
+            error,
+            code,
+            schema_valid,
+        } => json!({
+            "invalid": {
+                "layer": layer,
+                "error": error,
+                "result_code": code.name(),
+                "schema_valid": schema_valid,
+            }
+        }),
+    };
+    let mut out = json!({
+        "name": vector.name,
+        "description": vector.description,
+        "hex": hex::encode(&vector.bytes),
+        "diagnostic": diagnostic,
+    });
+    if let (Json::Object(out), Json::Object(outcome)) = (&mut out, outcome) {
+        out.extend(outcome);
+    }
+    out
+}
+
+/// (file name, file contents) of every vector.
+fn files() -> Vec<(String, String)> {
+    let all = vectors();
+    let mut names = std::collections::HashSet::new();
+    all.iter()
+        .enumerate()
+        .map(|(i, vector)| {
+            assert!(
+                names.insert(vector.name.clone()),
+                "duplicate vector name {}",
+                vector.name
+            );
+            let text = serde_json::to_string_pretty(&render(vector)).unwrap() + "\n";
+            (format!("{:03}-{}.json", i + 1, vector.name), text)
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "writes spec/vectors/; run it after changing a vector"]
+fn write_vectors() {
+    let dir = common::vectors_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for (name, text) in files() {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn committed_vectors_are_current() {
+    let committed: Vec<(String, String)> = common::load_vectors()
+        .into_iter()
+        .map(|(name, _)| {
+            let text = std::fs::read_to_string(common::vectors_dir().join(&name)).unwrap();
+            (name, text)
+        })
+        .collect();
+    let generated = files();
+    let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
+    let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        committed_names, generated_names,
+        "vector files differ from the generator's; regenerate"
+    );
+    for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
+        assert!(
+            committed == generated,
+            "{name} differs from the generator's output; regenerate"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Checks every committed vector of `spec/vectors/` against the codec and the validation rules
+//! (the format is described in `spec/vectors/README.md`).
+//!
+//! Valid vectors: the input decodes, passes `validate_message`, renders to the expected JSON
+//! and re-encodes to `canonical_hex`; the canonical bytes decode to the same message again.
+//! Invalid vectors: the input fails in the expected layer with the expected error kind, and the
+//! error maps to the expected result code.
+
+mod common;
+
+use fwnp_proto::codec::{decode, encode};
+use fwnp_proto::validate::validate_message;
+use serde_json::Value as Json;
+
+fn check(name: &str, vector: &Json) -> Result<(), String> {
+    let bytes = common::vector_bytes(name, vector);
+    for field in ["name", "description", "diagnostic"] {
+        if !vector[field].is_string() {
+            return Err(format!("field {field} missing"));
+        }
+    }
+    let stem = name.trim_end_matches(".json");
+    if stem.get(4..) != vector["name"].as_str() {
+        return Err(format!(
+            "file name {name} does not end with the vector's name"
+        ));
+    }
+    match (vector.get("valid"), vector.get("invalid")) {
+        (Some(valid), None) => {
+            let msg = decode(&bytes).map_err(|e| format!("decode failed: {e} ({})", e.kind()))?;
+            validate_message(&msg).map_err(|e| format!("validation failed: {e}"))?;
+            let rendered = common::message_json(&msg);
+            if rendered != valid["decoded"] {
+                return Err(format!(
+                    "decoded to\n{}\nexpected\n{}",
+                    serde_json::to_string_pretty(&rendered).unwrap(),
+                    serde_json::to_string_pretty(&valid["decoded"]).unwrap()
+                ));
+            }
+            let canonical = hex::encode(encode(&msg));
+            if Some(canonical.as_str()) != valid["canonical_hex"].as_str() {
+                return Err(format!(
+                    "re-encoded to {canonical}, expected {}",
+                    valid["canonical_hex"]
+                ));
+            }
+            let again = decode(&encode(&msg)).map_err(|e| format!("canonical form fails: {e}"))?;
+            if again != msg {
+                return Err("the canonical form decodes to another message".into());
+            }
+            if !valid["schema_valid"].is_boolean() {
+                return Err("valid.schema_valid missing".into());
+            }
+            Ok(())
+        }
+        (None, Some(invalid)) => {
+            let (layer, kind, code) = match decode(&bytes) {
+                Err(e) => ("decode", e.kind(), e.result_code()),
+                Ok(msg) => match validate_message(&msg) {
+                    Err(e) => ("validate", e.kind(), e.result_code()),
+                    Ok(()) => return Err(format!("accepted as {msg:?}")),
+                },
+            };
+            let got = (layer, kind, code.name());
+            let expected = (
+                invalid["layer"].as_str().unwrap_or("?"),
+                invalid["error"].as_str().unwrap_or("?"),
+                invalid["result_code"].as_str().unwrap_or("?"),
+            );
+            if got != expected {
+                return Err(format!("failed with {got:?}, expected {expected:?}"));
+            }
+            if !invalid["schema_valid"].is_boolean() {
+                return Err("invalid.schema_valid missing".into());
+            }
+            Ok(())
+        }
+        _ => Err("a vector has exactly one of \"valid\" and \"invalid\"".into()),
+    }
+}
+
+#[test]
+fn every_vector_gives_its_expected_outcome() {
+    let vectors = common::load_vectors();
+    assert!(vectors.len() >= 40, "only {} vectors", vectors.len());
+    let failures: Vec<String> = vectors
+        .iter()
+        .filter_map(|(name, v)| check(name, v).err().map(|e| format!("{name}: {e}")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} vectors fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn vectors_cover_every_message_type_and_result_code() {
+    let vectors = common::load_vectors();
+    let decoded_types: Vec<&str> = vectors
+        .iter()
+        .filter_map(|(_, v)| v["valid"]["decoded"]["type"].as_str())
+        .collect();
+    for t in [
+        "hello",
+        "welcome",
+        "open",
+        "renew",
+        "release",
+        "list",
+        "granted",
+        "denied",
+        "leases",
+        "released",
+        "revoked",
+        "epoch-changed",
+        "going-away",
+    ] {
+        assert!(decoded_types.contains(&t), "no valid vector of type {t}");
+    }
+    for code in fwnp_proto::ResultCode::ALL {
+        let carried = vectors.iter().any(|(_, v)| {
+            v["valid"]["decoded"]["type"] == "denied"
+                && v["valid"]["decoded"]["code"] == code.name()
+        });
+        assert!(carried, "no Denied vector carries {code}");
+    }
+}
+
+#[test]
+fn invalid_vectors_decode_layer_matches_the_decoder_alone() {
+    // A vector marked layer=decode must fail in `decode` itself, whatever validation would say.
+    for (name, v) in common::load_vectors() {
+        if v["invalid"]["layer"] == "decode" {
+            assert!(
+                decode(&common::vector_bytes(&name, &v)).is_err(),
+                "{name} decodes"
+            );
+        }
+    }
+}
