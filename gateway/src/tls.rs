@@ -277,6 +277,98 @@ pub fn client_config(
     Ok(config)
 }
 
+/// Why a TLS handshake was refused, read from the QUIC error of a failed connection (the TLS
+/// alert it carries). The gateway records it as the reason of an authentication failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HandshakeRefusal {
+    /// The client presented no certificate (`certificate_required`).
+    NoClientCertificate,
+    /// The certificate does not chain to a configured CA, or its revocation status is unknown
+    /// (`unknown_ca`).
+    UnknownIssuer,
+    /// The certificate has expired or is not yet valid (`certificate_expired`).
+    Expired,
+    /// A configured CRL revokes the certificate (`certificate_revoked`).
+    Revoked,
+    /// The certificate's extended key usage does not allow this role, e.g. a server certificate
+    /// presented by a client (`unsupported_certificate`).
+    WrongKeyUsage,
+    /// The certificate is malformed or not valid for the name connected to (`bad_certificate`).
+    BadCertificate,
+    /// A signature did not verify or uses an unsupported algorithm (`decrypt_error`).
+    BadSignature,
+    /// The peer does not speak `fwnp/1` (`no_application_protocol`).
+    NoApplicationProtocol,
+    /// The peer does not support TLS 1.3 (`protocol_version`).
+    ProtocolVersion,
+    /// Another TLS alert, by number.
+    OtherAlert(u8),
+}
+
+impl HandshakeRefusal {
+    /// A short kebab-case name for logs, metrics labels and the audit trail.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::NoClientCertificate => "no-client-certificate",
+            Self::UnknownIssuer => "unknown-issuer",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::WrongKeyUsage => "wrong-key-usage",
+            Self::BadCertificate => "bad-certificate",
+            Self::BadSignature => "bad-signature",
+            Self::NoApplicationProtocol => "no-application-protocol",
+            Self::ProtocolVersion => "protocol-version",
+            Self::OtherAlert(_) => "tls-alert",
+        }
+    }
+
+    fn from_alert(alert: u8) -> Self {
+        use rustls::AlertDescription as Alert;
+        match Alert::from(alert) {
+            Alert::CertificateRequired => Self::NoClientCertificate,
+            Alert::UnknownCA => Self::UnknownIssuer,
+            Alert::CertificateExpired => Self::Expired,
+            Alert::CertificateRevoked => Self::Revoked,
+            Alert::UnsupportedCertificate => Self::WrongKeyUsage,
+            Alert::BadCertificate => Self::BadCertificate,
+            Alert::DecryptError => Self::BadSignature,
+            Alert::NoApplicationProtocol => Self::NoApplicationProtocol,
+            Alert::ProtocolVersion => Self::ProtocolVersion,
+            _ => Self::OtherAlert(alert),
+        }
+    }
+}
+
+impl std::fmt::Display for HandshakeRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::OtherAlert(alert) => write!(f, "tls-alert-{alert}"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// The TLS refusal behind a failed QUIC connection, whether this side refused (a local
+/// `TransportError`) or the peer did (a received `CONNECTION_CLOSE`); `None` when the connection
+/// failed for another reason (timeout, reset, application close).
+pub fn handshake_refusal(error: &quinn::ConnectionError) -> Option<HandshakeRefusal> {
+    let code = match error {
+        quinn::ConnectionError::TransportError(error) => error.code,
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        _ => return None,
+    };
+    let code = u64::from(code);
+    // QUIC carries a TLS alert as the transport error 0x100 + alert (RFC 9001 section 4.8).
+    if (0x100..=0x1ff).contains(&code) {
+        u8::try_from(code - 0x100)
+            .ok()
+            .map(HandshakeRefusal::from_alert)
+    } else {
+        None
+    }
+}
+
 /// The files the gateway's TLS configuration is built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerTlsFiles {

@@ -14,7 +14,7 @@ use fwnp_gateway::identity::{
 };
 use fwnp_gateway::pki::{self, PkiError, RevocationReason, Validity};
 use fwnp_gateway::tls::{
-    self, ClientOptions, ClientTlsFiles, ServerOptions, ServerTlsFiles, TlsError,
+    self, ClientOptions, ClientTlsFiles, HandshakeRefusal, ServerOptions, ServerTlsFiles, TlsError,
 };
 use quinn::{Connection, ConnectionError, Endpoint, TransportErrorCode};
 use rustls::AlertDescription;
@@ -164,6 +164,14 @@ async fn assert_refused(attempt: Attempt, alert: AlertDescription, reason: &str)
     match &attempt.server {
         Err(ConnectionError::TransportError(error)) => {
             assert_eq!(error.code, alert_code(alert), "server error: {error}");
+            assert_eq!(
+                attempt
+                    .server
+                    .as_ref()
+                    .err()
+                    .and_then(tls::handshake_refusal),
+                Some(expected_refusal(alert))
+            );
             assert!(
                 error.reason.contains(reason),
                 "server reason {:?} lacks {reason:?}",
@@ -185,8 +193,28 @@ async fn assert_refused(attempt: Attempt, alert: AlertDescription, reason: &str)
             .expect("client close timed out"),
     };
     match client_error {
-        ConnectionError::ConnectionClosed(close) => assert_eq!(close.error_code, alert_code(alert)),
+        ConnectionError::ConnectionClosed(ref close) => {
+            assert_eq!(close.error_code, alert_code(alert));
+            assert_eq!(
+                tls::handshake_refusal(&client_error),
+                Some(expected_refusal(alert))
+            );
+        }
         other => panic!("client saw {other:?}, expected the gateway's close with {alert:?}"),
+    }
+}
+
+/// The refusal each alert stands for (written out here to check the library's mapping).
+fn expected_refusal(alert: AlertDescription) -> HandshakeRefusal {
+    match alert {
+        AlertDescription::CertificateRequired => HandshakeRefusal::NoClientCertificate,
+        AlertDescription::UnknownCA => HandshakeRefusal::UnknownIssuer,
+        AlertDescription::CertificateExpired => HandshakeRefusal::Expired,
+        AlertDescription::CertificateRevoked => HandshakeRefusal::Revoked,
+        AlertDescription::UnsupportedCertificate => HandshakeRefusal::WrongKeyUsage,
+        AlertDescription::BadCertificate => HandshakeRefusal::BadCertificate,
+        AlertDescription::NoApplicationProtocol => HandshakeRefusal::NoApplicationProtocol,
+        other => panic!("no expectation written for {other:?}"),
     }
 }
 
