@@ -490,7 +490,7 @@ impl LeaseBook {
         let new_expiry = expiry_after(now_ms, lifetime.secs);
         let fingerprint = self.fingerprint(host, &grants);
 
-        if let Some(id) = self.find_same(fingerprint, host, &grants) {
+        if let Some(id) = self.find_same(now_ms, fingerprint, host, &grants) {
             let previous_expires_ms = self.leases.get(&id).map_or(0, |l| l.expires_ms);
             let expires_ms = previous_expires_ms.max(new_expiry);
             self.set_expiry(&id, expires_ms);
@@ -609,13 +609,21 @@ impl LeaseBook {
         self.fingerprint_keys.hash_one((host, grants))
     }
 
-    /// The live lease of `host` with exactly `grants`, if any.
-    fn find_same(&self, fingerprint: u64, host: &str, grants: &[Grant]) -> Option<LeaseId> {
+    /// The live lease of `host` with exactly `grants`, if any. A lease past its expiry that
+    /// [`expire_due`](Self::expire_due) has not reaped yet is not extended: its kernel element may
+    /// already be gone, and the expiry must be reported as such.
+    fn find_same(
+        &self,
+        now_ms: u64,
+        fingerprint: u64,
+        host: &str,
+        grants: &[Grant],
+    ) -> Option<LeaseId> {
         let ids = self.by_opening.get(&fingerprint)?;
         ids.ids().iter().copied().find(|id| {
-            self.leases
-                .get(id)
-                .is_some_and(|lease| &*lease.host == host && lease.grants == grants)
+            self.leases.get(id).is_some_and(|lease| {
+                lease.expires_ms > now_ms && &*lease.host == host && lease.grants == grants
+            })
         })
     }
 
