@@ -134,6 +134,12 @@ pub struct ServerOptions {
     /// when CRLs are configured, a certificate whose revocation status is unknown is refused.
     /// (Without any CRL configured, revocation is not checked at all.)
     pub allow_unknown_revocation_status: bool,
+    /// Check the revocation of intermediate CA certificates too, not only of the host's own
+    /// certificate. Off by default: CAs with an intermediate (step-ca, for one) publish the CRL of
+    /// the intermediate, which covers host certificates; checking the intermediate as well needs
+    /// the root's CRL in the CRL file, and without it every host would be refused as of unknown
+    /// revocation status.
+    pub check_intermediate_revocation: bool,
     /// Refuse every certificate when a CRL's nextUpdate has passed. Off by default, so an
     /// operator who forgets to re-sign the CRL does not lock every host out.
     pub enforce_crl_expiry: bool,
@@ -155,6 +161,7 @@ impl Default for ServerOptions {
             max_concurrent_bidi_streams: DEFAULT_MAX_CONCURRENT_BIDI_STREAMS,
             idle_timeout: IDLE_TIMEOUT,
             allow_unknown_revocation_status: false,
+            check_intermediate_revocation: false,
             enforce_crl_expiry: false,
             max_concurrent_uni_streams_from_client: 0,
             allow_migration: false,
@@ -204,6 +211,9 @@ pub fn server_config(
     let roots = Arc::new(root_store(ca_roots, Path::new("<memory>"))?);
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).with_crls(crls);
+    if !options.check_intermediate_revocation {
+        verifier = verifier.only_check_end_entity_revocation();
+    }
     if options.allow_unknown_revocation_status {
         verifier = verifier.allow_unknown_revocation_status();
     }

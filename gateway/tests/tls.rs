@@ -1041,3 +1041,123 @@ async fn certificates_made_with_openssl_work_the_same_way() {
         "fwnp://host/openssl-host-2"
     );
 }
+
+#[tokio::test]
+async fn a_ca_with_an_intermediate_and_its_own_crl_works_the_same_way() {
+    // Laid out as step-ca does: a root, an intermediate that signs host certificates and the
+    // CRL, and host certificates with an empty subject and only SANs.
+    let ours = TestCa::new("int-gw");
+    let dir = TempDir::new("intermediate");
+    let path = dir.path();
+    let ca_params = |name: &str, constraint: rcgen::BasicConstraints| {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(constraint);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+    };
+    let root_params = ca_params("Elsewhere Root CA", rcgen::BasicConstraints::Unconstrained);
+    let root_key = rcgen::KeyPair::generate().expect("root key");
+    let root = root_params.self_signed(&root_key).expect("root");
+    let root_issuer = rcgen::Issuer::new(root_params, root_key);
+    let intermediate_params = ca_params(
+        "Elsewhere Intermediate CA",
+        rcgen::BasicConstraints::Constrained(0),
+    );
+    let intermediate_key = rcgen::KeyPair::generate().expect("intermediate key");
+    let intermediate = intermediate_params
+        .signed_by(&intermediate_key, &root_issuer)
+        .expect("intermediate");
+    let intermediate_issuer = rcgen::Issuer::new(intermediate_params, intermediate_key);
+
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.distinguished_name = rcgen::DistinguishedName::new();
+    leaf.subject_alt_names = vec![
+        rcgen::SanType::URI("spiffe://step.example/host/b".try_into().expect("uri")),
+        rcgen::SanType::DnsName("b.step.example".try_into().expect("dns")),
+    ];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    leaf.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x77, 0x01]));
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf_cert = leaf
+        .signed_by(&leaf_key, &intermediate_issuer)
+        .expect("leaf");
+    // The host presents its certificate followed by the intermediate; the gateway trusts the root.
+    std::fs::write(path.join("host.pem"), leaf_cert.pem() + &intermediate.pem())
+        .expect("write chain");
+    std::fs::write(path.join("host.key"), leaf_key.serialize_pem()).expect("write key");
+    std::fs::write(path.join("root.pem"), root.pem()).expect("write root");
+
+    let crl = |revoked: &[u8]| {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from_slice(&[revoked.len() as u8 + 1]),
+            issuing_distribution_point: None,
+            revoked_certs: if revoked.is_empty() {
+                vec![]
+            } else {
+                vec![rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(revoked),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }]
+            },
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&intermediate_issuer)
+            .expect("sign crl")
+            .pem()
+            .expect("crl pem")
+    };
+    std::fs::write(path.join("crl.pem"), crl(&[])).expect("write crl");
+
+    let files = ServerTlsFiles {
+        ca: path.join("root.pem"),
+        crl: Some(path.join("crl.pem")),
+        ..ours.server_files()
+    };
+    let client_files = ClientTlsFiles {
+        cert: path.join("host.pem"),
+        key: path.join("host.key"),
+        ca: ours.file("ca.pem"),
+    };
+    let server = server(&files);
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&client_files), GATEWAY_NAME).await).await;
+    let identity = identity.expect("identity");
+    assert_eq!(identity.identity, "spiffe://step.example/host/b");
+    assert_eq!(identity.serial, Serial::parse("7701").expect("serial"));
+
+    // Checking the intermediate too needs the root's CRL, which is not given: refused.
+    let whole_chain = ServerOptions {
+        check_intermediate_revocation: true,
+        ..ServerOptions::default()
+    };
+    server.set_server_config(Some(
+        tls::server_config_from_files(&files, &whole_chain).expect("config"),
+    ));
+    let outcome = attempt(&server, client_config(&client_files), GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::UnknownCA,
+        "UnknownRevocationStatus",
+    )
+    .await;
+
+    // The intermediate's CRL revoking the host: refused as revoked.
+    std::fs::write(path.join("crl.pem"), crl(&[0x77, 0x01])).expect("rewrite crl");
+    tls::reload_server_config(&server, &files, &ServerOptions::default()).expect("reload");
+    let outcome = attempt(&server, client_config(&client_files), GATEWAY_NAME).await;
+    assert_refused(outcome, AlertDescription::CertificateRevoked, "Revoked").await;
+}
