@@ -169,8 +169,7 @@ pub enum DecodeError {
         at: Place,
         /// The key.
         key: u64,
-        /// The value found (for a negative integer, its absolute value minus one is not
-        /// shown: negative integers are [`DecodeError::WrongType`]).
+        /// The value found.
         value: u64,
         /// What the schema allows there.
         expected: &'static str,
@@ -253,71 +252,6 @@ impl DecodeError {
             DecodeError::UnsupportedCritical(keys) => keys,
             _ => &[],
         }
-    }
-}
-
-impl MessageType {
-    /// The message's name in the specification (`hello`, `epoch-changed`...).
-    pub fn name(self) -> &'static str {
-        match self {
-            MessageType::Hello => "hello",
-            MessageType::Welcome => "welcome",
-            MessageType::Open => "open",
-            MessageType::Renew => "renew",
-            MessageType::Release => "release",
-            MessageType::List => "list",
-            MessageType::Granted => "granted",
-            MessageType::Denied => "denied",
-            MessageType::Leases => "leases",
-            MessageType::Released => "released",
-            MessageType::Revoked => "revoked",
-            MessageType::EpochChanged => "epoch-changed",
-            MessageType::GoingAway => "going-away",
-        }
-    }
-
-    /// The number on the wire (key 0).
-    pub fn number(self) -> u64 {
-        self as u64
-    }
-
-    /// The highest top-level key FWNP/1 defines for this type; every key up to it is known.
-    pub fn highest_known_key(self) -> u64 {
-        match self {
-            MessageType::Hello => 5,
-            MessageType::Welcome => 9,
-            MessageType::Open => 5,
-            MessageType::Renew => 4,
-            MessageType::Release => 3,
-            MessageType::List => 2,
-            MessageType::Granted => 9,
-            MessageType::Denied => 7,
-            MessageType::Leases => 4,
-            MessageType::Released => 3,
-            MessageType::Revoked => 5,
-            MessageType::EpochChanged => 3,
-            MessageType::GoingAway => 4,
-        }
-    }
-
-    /// Whether a client sends this message to the gateway.
-    pub fn is_request(self) -> bool {
-        matches!(
-            self,
-            MessageType::Hello
-                | MessageType::Open
-                | MessageType::Renew
-                | MessageType::Release
-                | MessageType::List
-        )
-    }
-
-    /// Whether the gateway sends this message as a notice on a unidirectional stream.
-    pub fn is_notice(self) -> bool {
-        matches!(
-            self,
-            MessageType::Revoked | MessageType::EpochChanged | MessageType::GoingAway
-        )
     }
 }
 
@@ -581,33 +515,6 @@ fn lease_info_value(l: &LeaseInfo) -> Value {
         m.value(5, app_info_value(app));
     }
     m.finish()
-}
-
-impl Family {
-    /// The number on the wire (key 5 of an opening).
-    pub fn number(self) -> u64 {
-        match self {
-            Family::Ipv4 => 4,
-            Family::Ipv6 => 6,
-        }
-    }
-
-    /// The family with this number, if FWNP/1 defines it.
-    pub fn from_number(n: u64) -> Option<Self> {
-        match n {
-            4 => Some(Family::Ipv4),
-            6 => Some(Family::Ipv6),
-            _ => None,
-        }
-    }
-
-    /// The family of an address.
-    pub fn of(addr: IpAddr) -> Self {
-        match addr {
-            IpAddr::V4(_) => Family::Ipv4,
-            IpAddr::V6(_) => Family::Ipv6,
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
