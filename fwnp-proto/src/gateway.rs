@@ -26,7 +26,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::message::{
-    AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo,
+    AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo, Leases,
     MAX_LIFETIME_SECS, Open, Opening, ResultCode, RevokeReason, Revoked, VERSION,
 };
 
@@ -397,6 +397,38 @@ impl LeaseBook {
     /// An empty book.
     pub fn new() -> Self {
         LeaseBook::default()
+    }
+
+    /// An empty book with room for `leases` leases, so that a gateway restoring or expecting
+    /// many leases does not rehash its indexes while serving.
+    pub fn with_capacity(leases: usize) -> Self {
+        LeaseBook {
+            leases: HashMap::with_capacity(leases),
+            by_opening: HashMap::with_capacity(leases),
+            ..LeaseBook::default()
+        }
+    }
+
+    /// The Leases answer to a List from `host`: its live leases, ordered by id.
+    pub fn leases_answer(
+        &self,
+        now_ms: u64,
+        host: &str,
+        request_id: Option<u64>,
+        epoch: Epoch,
+    ) -> Leases {
+        Leases {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            leases: self
+                .leases_of(host)
+                .filter(|lease| lease.expires_ms > now_ms)
+                .map(|lease| lease.to_lease_info(now_ms))
+                .collect(),
+            epoch,
+        }
     }
 
     /// How many live leases the book holds.

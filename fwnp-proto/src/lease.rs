@@ -30,6 +30,56 @@
 //! The local expiry is counted from the moment the request was *sent*, not answered: the
 //! gateway granted the lease after that moment, so the host's mirror never outlives the
 //! gateway's lease.
+//!
+//! The owner also tells the machine what it learns from the connection: every epoch it sees
+//! (Welcome after a reconnect, Granted or Leases of other leases, EpochChanged) goes to
+//! [`LeaseMachine::epoch_observed`]; a closed connection to [`LeaseMachine::connection_lost`].
+//! GoingAway and Welcome are the owner's business, not the machine's.
+//!
+//! ```
+//! use std::time::{Duration, Instant};
+//! use fwnp_proto::lease::{LeaseEvent, LeaseMachine, LeaseState};
+//! use fwnp_proto::{Common, Granted, LeaseId, Message, Opening, PortRange, Protocol, Target};
+//! use rand::{SeedableRng, rngs::StdRng};
+//!
+//! let mut rng = StdRng::seed_from_u64(1);
+//! let opening = Opening {
+//!     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+//!     host: None,
+//!     family: None,
+//!     remotes: Vec::new(),
+//! };
+//! let start = Instant::now();
+//! let mut lease = LeaseMachine::new(start, opening, Some(600), None, &mut rng);
+//!
+//! // The Open is due at once; the owner sends it on a new stream.
+//! let Some(Message::Open(open)) = lease.poll_transmit(start) else { unreachable!() };
+//!
+//! // The gateway's answer comes back 30 ms later.
+//! let answered = start + Duration::from_millis(30);
+//! let granted = Message::Granted(Granted {
+//!     common: Common { request_id: open.common.request_id, critical: Vec::new() },
+//!     lease: LeaseId([7; 16]),
+//!     grants: Vec::new(),
+//!     lifetime: 600,
+//!     expires_ms: 1_700_000_600_000,
+//!     renew_after: 300,
+//!     epoch: 42,
+//!     narrowed: false,
+//! });
+//! lease.handle_answer(answered, &granted, &mut rng);
+//! assert_eq!(lease.state(), LeaseState::Active);
+//! assert!(matches!(lease.poll_event(), Some(LeaseEvent::Granted { .. })));
+//! assert_eq!(lease.expires_at(), Some(start + Duration::from_secs(600)));
+//!
+//! // Nothing to send until the renewal instant, somewhere in [t + 300 s, t + 375 s].
+//! let renew_at = lease.poll_timeout().unwrap();
+//! assert!(renew_at >= answered + Duration::from_secs(300));
+//! assert!(renew_at <= answered + Duration::from_secs(375));
+//! assert!(lease.poll_transmit(renew_at - Duration::from_millis(1)).is_none());
+//! lease.handle_timeout(renew_at, &mut rng);
+//! assert!(matches!(lease.poll_transmit(renew_at), Some(Message::Renew(_))));
+//! ```
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};

@@ -618,7 +618,14 @@ fn restore_loads_live_leases_and_reports_the_expired() {
     assert!(
         matches!(outcome, OpenOutcome::Extended { ref grant, .. } if grant.lease.id == live.id)
     );
-    // The List answer for it.
+    // The List answer for it, and nothing of the other host's.
+    let answer = book.leases_answer(NOW + 1500, HOST_A, Some(5), 99);
+    assert_eq!(answer.epoch, 99);
+    assert_eq!(answer.common.request_id, Some(5));
+    assert_eq!(
+        answer.leases.iter().map(|l| l.lease).collect::<Vec<_>>(),
+        vec![live.id]
+    );
     let info = book.get(&live.id).expect("live").to_lease_info(NOW + 1500);
     assert_eq!(info.remaining, 598);
     assert_eq!(info.app.and_then(|a| a.name), Some("nginx".into()));

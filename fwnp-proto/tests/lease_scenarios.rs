@@ -951,3 +951,31 @@ fn idempotent_reopen_through_the_link_returns_the_same_lease() {
         Ok(OpenOutcome::Extended { .. })
     ));
 }
+
+#[test]
+fn a_connection_lost_during_a_renew_retries_without_waiting_for_the_timeout() {
+    for seed in 0..20 {
+        let mut sim = Sim::new(seed);
+        sim.link.delay = Duration::from_millis(200);
+        sim.run_for(1.0);
+        let renew_at = sim.client.renew_at().expect("scheduled");
+        // The Renew leaves, then the connection drops before its answer.
+        sim.run_until(renew_at + Duration::from_millis(100));
+        assert_eq!(sim.client.state(), LeaseState::Renewing);
+        sim.cut();
+        let lost_at = sim.now;
+        let retry_at = sim.client.poll_timeout().expect("a retry is scheduled");
+        let delay = retry_at.duration_since(lost_at);
+        assert!(delay >= FIRST_RETRY_DELAY.mul_f64(0.8) && delay <= FIRST_RETRY_DELAY.mul_f64(1.2));
+        // The connection comes back before the retry: the renewal goes through.
+        sim.link.cut = false;
+        sim.run_for(5.0);
+        assert_eq!(sim.client.state(), LeaseState::Active, "seed {seed}");
+        assert_eq!(sim.sent_of(is_renew).len(), 2);
+        assert!(
+            sim.events_matching(|e| matches!(e, LeaseEvent::Renewed { .. }))
+                .len()
+                == 1
+        );
+    }
+}
