@@ -37,6 +37,9 @@ pub struct Session {
     pub remote: SocketAddr,
     /// Whether Hello was answered with Welcome on this connection.
     pub welcomed: AtomicBool,
+    /// Whether the client's Hello set the NOTICES capability: only then may notices be sent
+    /// (spec section 5.3), and never before Welcome.
+    pub notices: AtomicBool,
     connection: quinn::Connection,
 }
 
@@ -49,6 +52,9 @@ impl Session {
     /// Sends a notice on a new unidirectional stream; a failure only means the host is gone,
     /// which the lease's own expiry then handles.
     pub async fn notify(&self, notice: &Message) {
+        if !self.notices.load(Ordering::Acquire) {
+            return;
+        }
         let bytes = fwnp_proto::codec::encode(notice);
         let result = async {
             let mut stream = self.connection.open_uni().await?;
@@ -148,6 +154,7 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
         identity_error,
         remote,
         welcomed: AtomicBool::new(false),
+        notices: AtomicBool::new(false),
         connection: connection.clone(),
     });
     if !service.sessions.insert(&session, service.config.limits.max_connections_per_identity) {

@@ -431,13 +431,17 @@ impl Service {
         if limits.third_party {
             capabilities |= Capabilities::THIRD_PARTY;
         }
+        session
+            .notices
+            .store(hello.capabilities.has(Capabilities::NOTICES), std::sync::atomic::Ordering::Release);
         session.welcomed.store(true, std::sync::atomic::Ordering::Release);
         self.metrics.request("welcome");
         info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
         Message::Welcome(Welcome {
             common: Common { request_id: hello.common.request_id, critical: Vec::new() },
             version,
-            capabilities: Capabilities(capabilities & hello.capabilities.0.max(capabilities)),
+            // What the gateway offers this host; the client's bits are informational (spec 14).
+            capabilities: Capabilities(capabilities),
             limits: Limits {
                 max_message_size: MAX_MESSAGE_SIZE as u32,
                 max_streams: self.config.limits.max_streams,

@@ -1,0 +1,1234 @@
+//! The gateway's service over real QUIC with real certificates: every message of the protocol,
+//! every error path the spec names, identity and address rules, ownership, idempotent re-open,
+//! quotas, rate limits, policy reload and operator revocation with their notices, expiry by the
+//! gateway's own timer, and the audit trail of it all.
+//!
+//! The service runs with its kernel filter disabled (no root needed); `tests/netns.rs` runs the
+//! real daemon against the real kernel. Every gateway listens on 127.0.0.1 only.
+
+mod common;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
+
+use common::*;
+use fwnp_gateway::pki::{self, RevocationReason};
+use fwnp_gateway::store::{AuditKind, LeaseFilter, LeaseState, Outcome};
+use fwnp_gateway::tls::{ClientTlsFiles, ServerOptions};
+use fwnp_proto::{
+    Capabilities, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol, QuicErrorCode,
+    ResultCode, RevokeReason,
+};
+use serde_json::json;
+
+/// The policy most tests use: hosts named `fwnp://host/*` may open the https application and
+/// tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by a
+/// named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
+/// 203.0.113.0/24 that they do not hold.
+const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[applications]
+https = ["tcp/443", "udp/443"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[group]]
+name = "balancers"
+identities = ["fwnp://host/lb-*"]
+
+[[rule]]
+name = "no-telnet"
+description = "telnet stays closed"
+groups = ["hosts"]
+deny = "tcp/23"
+
+[[rule]]
+name = "balancer-pool"
+groups = ["balancers"]
+allow = "tcp/8000-8999"
+third_party = true
+third_party_addresses = ["203.0.113.0/24"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]
+"#;
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+
+#[tokio::test]
+async fn hello_is_answered_with_welcome_naming_identity_addresses_epoch_and_limits() {
+    let gw = TestGateway::start("welcome", POLICY).await;
+    let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+
+    // Identity from the URI SAN, addresses from the IP SANs, in certificate order.
+    let files = gw.pki.host(
+        "web-01",
+        &[HOST_A, v6],
+        &["spiffe://example.org/host/web-01"],
+        &["web-01.example.org"],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.version, 1);
+    assert_eq!(welcome.identity, "spiffe://example.org/host/web-01");
+    assert_eq!(welcome.addresses, vec![HOST_A, v6]);
+    assert_eq!(welcome.epoch, gw.service.epoch());
+    assert_eq!(
+        welcome.common.request_id,
+        Some(1),
+        "the request id is echoed"
+    );
+    assert_eq!(welcome.limits.max_message_size, MAX_MESSAGE_SIZE as u32);
+    assert_eq!(
+        welcome.limits.max_streams, 16,
+        "the configured stream limit"
+    );
+    let now = fwnp_gateway::store::now_ms();
+    assert!(
+        welcome.time_ms.abs_diff(now) < 5_000,
+        "gateway time {} vs {now}",
+        welcome.time_ms
+    );
+    for flag in [
+        Capabilities::PORT_RANGES,
+        Capabilities::REMOTE_PREFIXES,
+        Capabilities::APPLICATIONS,
+        Capabilities::NOTICES,
+    ] {
+        assert!(
+            welcome.capabilities.has(flag),
+            "capability {flag:#x} missing in {:?}",
+            welcome.capabilities
+        );
+    }
+    // This host is not a balancer: no third-party rights.
+    assert!(!welcome.capabilities.has(Capabilities::THIRD_PARTY));
+
+    // The default identity of pki (fwnp://host/NAME); no IP SAN: the source address.
+    let (plain, welcome) = gw.welcomed_host("web-02", &[]).await;
+    assert_eq!(welcome.identity, "fwnp://host/web-02");
+    assert_eq!(welcome.addresses, vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    // The limits of the rules that apply to this host.
+    assert_eq!(welcome.limits.min_lifetime, 1);
+    assert_eq!(welcome.limits.max_lifetime, 3600);
+    assert_eq!(welcome.limits.max_leases, Some(3));
+    drop(plain);
+
+    // A DNS SAN is the identity when there is no URI SAN.
+    let files = gw.pki.host("web-03", &[], &[], &["Web-03.Example.org"]);
+    let client = Client::connect(gw.addr, &files).await;
+    assert_eq!(client.hello().await.identity, "web-03.example.org");
+
+    // A balancer learns that it has third-party rights.
+    let (_lb, welcome) = gw.welcomed_host("lb-01", &[HOST_B]).await;
+    assert!(
+        welcome.capabilities.has(Capabilities::THIRD_PARTY),
+        "{:?}",
+        welcome.capabilities
+    );
+}
+
+#[tokio::test]
+async fn welcome_announces_the_gateways_capabilities_whatever_the_hello_offers() {
+    let gw = TestGateway::start("caps", POLICY).await;
+    let gateway_offers = Capabilities::PORT_RANGES
+        | Capabilities::REMOTE_PREFIXES
+        | Capabilities::APPLICATIONS
+        | Capabilities::NOTICES;
+    // Whatever a client announces (its bits are informational, spec section 14), Welcome says
+    // what the gateway supports and offers this host: here everything but THIRD_PARTY.
+    for (n, offered) in [
+        0,
+        Capabilities::THIRD_PARTY,
+        Capabilities::NOTICES,
+        Capabilities::ALL,
+        1 << 40,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let client = gw.host(&format!("web-{n}"), &[HOST_A]).await;
+        let welcome = match client.request(&hello_msg(Some(9), &[1], offered)).await {
+            Message::Welcome(w) => w,
+            other => panic!("expected Welcome, got {other:?}"),
+        };
+        assert_eq!(
+            welcome.capabilities,
+            Capabilities(gateway_offers),
+            "Hello offered {offered:#x}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
+    let gw = TestGateway::start("hello-first", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    for request in [
+        open_msg(Some(1), tcp(7001), None),
+        Message::List(fwnp_proto::List {
+            common: common(Some(2)),
+        }),
+        Message::Release(fwnp_proto::Release {
+            common: common(Some(3)),
+            lease: fwnp_proto::LeaseId([7; 16]),
+        }),
+    ] {
+        let d = denied(client.request(&request).await);
+        assert_eq!(d.code, ResultCode::HelloRequired, "{d:?}");
+        assert_eq!(d.common.request_id, request.common().request_id);
+    }
+    assert!(
+        gw.service.store().live_leases().expect("leases").is_empty(),
+        "nothing was opened"
+    );
+
+    client.hello().await;
+    let d = denied(
+        client
+            .request(&hello_msg(Some(50), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    assert_eq!(d.common.request_id, Some(50));
+    // The connection keeps working after the refused second Hello.
+    granted(client.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
+async fn open_list_reopen_renew_release() {
+    let gw = TestGateway::start("flow", POLICY).await;
+    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
+
+    // Open, asking more than the rule's maximum: clamped to 1 h and marked narrowed.
+    let g = granted(client.open(tcp(7001), Some(7200)).await);
+    assert_eq!(g.lifetime, 3600);
+    assert!(g.narrowed, "a clamped lifetime is a narrowed grant");
+    assert_eq!(g.renew_after, 1800);
+    assert_eq!(g.epoch, welcome.epoch);
+    assert_eq!(g.grants.len(), 1);
+    let grant = &g.grants[0];
+    assert_eq!(
+        (grant.protocol, grant.ports, grant.host),
+        (Protocol::Tcp, PortRange::single(7001), HOST_A)
+    );
+    assert!(grant.remotes.is_empty());
+    let now = fwnp_gateway::store::now_ms();
+    assert!(
+        g.expires_ms > now + 3_590_000 && g.expires_ms <= now + 3_600_000,
+        "expires {} now {now}",
+        g.expires_ms
+    );
+
+    // Asking nothing gives the default lifetime, not narrowed.
+    let udp = granted(client.open(port(Protocol::Udp, 7002), None).await);
+    assert_eq!(udp.lifetime, 600);
+    assert!(!udp.narrowed);
+    assert_ne!(udp.lease, g.lease);
+
+    // List shows both with their remaining time.
+    let leases = client.list().await;
+    assert_eq!(leases.epoch, welcome.epoch);
+    let ids: HashSet<_> = leases.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(ids, HashSet::from([g.lease, udp.lease]));
+    let listed = leases
+        .leases
+        .iter()
+        .find(|l| l.lease == g.lease)
+        .expect("listed");
+    assert_eq!(listed.grants, g.grants);
+    assert!(
+        (3590..=3600).contains(&listed.remaining),
+        "remaining {}",
+        listed.remaining
+    );
+
+    // The same Open again: the same lease, extended, not a new one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let again = granted(client.open(tcp(7001), Some(7200)).await);
+    assert_eq!(again.lease, g.lease, "re-open must not create a duplicate");
+    assert!(again.expires_ms >= g.expires_ms);
+    assert_eq!(client.list().await.leases.len(), 2);
+    let stored = gw.service.store().live_leases().expect("leases");
+    assert_eq!(stored.len(), 2, "the store holds no duplicate either");
+
+    // Renew: a new expiry, same lease and grants.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let renewed = granted(client.renew(g.lease, Some(60)).await);
+    assert_eq!(renewed.lease, g.lease);
+    assert_eq!(renewed.grants, g.grants);
+    assert_eq!(renewed.lifetime, 60);
+    assert_eq!(renewed.renew_after, 30);
+    assert_eq!(renewed.epoch, welcome.epoch);
+    let now = fwnp_gateway::store::now_ms();
+    assert!(
+        renewed.expires_ms > now + 55_000 && renewed.expires_ms <= now + 60_000,
+        "a Renew sets the expiry"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let renewed_again = granted(client.renew(g.lease, None).await);
+    assert_eq!(
+        renewed_again.lifetime, 60,
+        "Renew without a lifetime keeps the lease's own"
+    );
+    assert!(
+        renewed_again.expires_ms > renewed.expires_ms,
+        "the expiry moves forward"
+    );
+    let record = gw
+        .service
+        .store()
+        .lease(g.lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(
+        record.expires_ms, renewed_again.expires_ms,
+        "the store has the new expiry"
+    );
+
+    // Release, then the lease is gone for Renew, Release and List.
+    match client.release(g.lease).await {
+        Message::Released(r) => assert_eq!(r.lease, g.lease),
+        other => panic!("expected Released, got {other:?}"),
+    }
+    let d = denied(client.renew(g.lease, None).await);
+    assert_eq!(d.code, ResultCode::UnknownLease);
+    assert_eq!(d.lease, Some(g.lease));
+    assert_eq!(
+        denied(client.release(g.lease).await).code,
+        ResultCode::UnknownLease
+    );
+    let ids: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(ids, vec![udp.lease]);
+    let record = gw
+        .service
+        .store()
+        .lease(g.lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(record.state, LeaseState::Released);
+
+    // A lease survives its connection: a new connection of the same host lists and releases it.
+    drop(client);
+    let (again, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let listed: Vec<_> = again.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![udp.lease]);
+    assert!(matches!(
+        again.release(udp.lease).await,
+        Message::Released(_)
+    ));
+}
+
+#[tokio::test]
+async fn only_the_owner_may_renew_release_or_list_a_lease() {
+    let gw = TestGateway::start("owner", POLICY).await;
+    let (a, _) = gw.welcomed_host("web-a", &[HOST_A]).await;
+    let (b, _) = gw.welcomed_host("web-b", &[HOST_B]).await;
+    let lease = granted(a.open(tcp(7100), None).await).lease;
+
+    let renew = denied(b.renew(lease, None).await);
+    assert_eq!(renew.code, ResultCode::UnknownLease);
+    let release = denied(b.release(lease).await);
+    assert_eq!(release.code, ResultCode::UnknownLease);
+    // Indistinguishable from a lease that does not exist.
+    let missing = denied(b.release(fwnp_proto::LeaseId([0x5a; 16])).await);
+    assert_eq!(missing.code, release.code);
+    assert_eq!(
+        missing.reason, release.reason,
+        "the reason must not tell the two cases apart"
+    );
+    assert!(b.list().await.leases.is_empty(), "B does not see A's lease");
+
+    // A's lease is untouched.
+    assert_eq!(a.list().await.leases.len(), 1);
+    granted(a.renew(lease, None).await);
+    assert!(matches!(a.release(lease).await, Message::Released(_)));
+}
+
+#[tokio::test]
+async fn denied_by_policy_names_the_rule_and_no_match_says_so() {
+    let gw = TestGateway::start("denied", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+
+    let d = denied(client.open(tcp(23), None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy);
+    let reason = d.reason.expect("a reason");
+    assert!(
+        reason.contains("no-telnet"),
+        "the reason names the rule: {reason}"
+    );
+
+    let d = denied(client.open(tcp(9999), None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy);
+    assert!(d.reason.is_some());
+
+    // The decision is in the audit trail with its rule.
+    gw.wait_audit(&[AuditKind::Decision], None, |records| {
+        records.iter().any(|r| {
+            r.event.outcome == Some(Outcome::Denied)
+                && r.event.code == Some(ResultCode::DeniedByPolicy)
+                && r.event.rule.as_deref() == Some("no-telnet")
+                && r.event.identity.as_deref() == Some("fwnp://host/web-01")
+        })
+    })
+    .await;
+    assert!(client.list().await.leases.is_empty());
+}
+
+#[tokio::test]
+async fn an_application_id_expands_from_the_catalogue() {
+    let gw = TestGateway::start("apps", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+
+    let g = granted(client.open(app("https"), None).await);
+    let mut got: Vec<_> = g
+        .grants
+        .iter()
+        .map(|grant| (grant.protocol, grant.ports, grant.host, grant.app.clone()))
+        .collect();
+    got.sort();
+    let mut want = vec![
+        (
+            Protocol::Tcp,
+            PortRange::single(443),
+            HOST_A,
+            Some("https".to_owned()),
+        ),
+        (
+            Protocol::Udp,
+            PortRange::single(443),
+            HOST_A,
+            Some("https".to_owned()),
+        ),
+    ];
+    want.sort();
+    assert_eq!(got, want);
+    // One lease for the whole application, and re-asking for it is the same lease.
+    assert_eq!(
+        granted(client.open(app("https"), None).await).lease,
+        g.lease
+    );
+    assert_eq!(client.list().await.leases.len(), 1);
+
+    let d = denied(client.open(app("gopher"), None).await);
+    assert_eq!(d.code, ResultCode::UnknownApplication, "{d:?}");
+}
+
+#[tokio::test]
+async fn addresses_the_host_does_not_hold_need_third_party_rights() {
+    let gw = TestGateway::start("addresses", POLICY).await;
+    let (web, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let mut other = tcp(7001);
+    other.host = Some(HOST_B);
+    let d = denied(web.open(other.clone(), None).await);
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+    // Its own address, named explicitly, is fine.
+    let mut own = tcp(7001);
+    own.host = Some(HOST_A);
+    assert_eq!(granted(web.open(own, None).await).grants[0].host, HOST_A);
+    // No IPv6 address at all: a family it does not hold.
+    let mut v6 = tcp(7002);
+    v6.family = Some(fwnp_proto::Family::Ipv6);
+    assert_eq!(
+        denied(web.open(v6, None).await).code,
+        ResultCode::AddressMismatch
+    );
+
+    // A balancer may open an address of its pool that it does not hold...
+    let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
+    let pool = v4(203, 0, 113, 5);
+    let mut opening = tcp(8080);
+    opening.host = Some(pool);
+    let g = granted(lb.open(opening, None).await);
+    assert_eq!(g.grants[0].host, pool);
+    let record = gw
+        .service
+        .store()
+        .lease(g.lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(
+        record.identity, "fwnp://host/lb-01",
+        "the asker owns a third-party lease"
+    );
+    // ...but not one outside it.
+    let mut outside = tcp(8080);
+    outside.host = Some(v4(198, 51, 100, 7));
+    assert_eq!(
+        denied(lb.open(outside, None).await).code,
+        ResultCode::AddressMismatch
+    );
+}
+
+#[tokio::test]
+async fn lifetimes_above_seven_days_are_out_of_range() {
+    let gw = TestGateway::start("lifetime", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let d = denied(client.open(tcp(7001), Some(MAX_LIFETIME_SECS + 1)).await);
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // Exactly seven days is in range and clamped by policy.
+    let g = granted(client.open(tcp(7001), Some(MAX_LIFETIME_SECS)).await);
+    assert_eq!(g.lifetime, 3600);
+    let d = denied(client.renew(g.lease, Some(MAX_LIFETIME_SECS + 1)).await);
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // A lifetime below the minimum is raised to it (0 never means delete).
+    let short = granted(client.open(tcp(7002), Some(0)).await);
+    assert_eq!(short.lifetime, 600, "0 asks for the default");
+}
+
+#[tokio::test]
+async fn the_quota_counts_new_leases_only() {
+    let gw = TestGateway::start("quota", POLICY).await;
+    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    assert_eq!(welcome.limits.max_leases, Some(3));
+    let first = granted(client.open(tcp(7001), None).await).lease;
+    granted(client.open(tcp(7002), None).await);
+    granted(client.open(tcp(7003), None).await);
+    let d = denied(client.open(tcp(7004), None).await);
+    assert_eq!(d.code, ResultCode::QuotaExceeded, "{d:?}");
+    // Re-opening a held lease is not a new lease: still granted at the quota.
+    assert_eq!(granted(client.open(tcp(7001), None).await).lease, first);
+    // Releasing one makes room.
+    assert!(matches!(client.release(first).await, Message::Released(_)));
+    granted(client.open(tcp(7004), None).await);
+    // The quota is per host: another host is not affected.
+    let (other, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    granted(other.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
+async fn too_many_requests_are_rate_limited_with_a_retry_after() {
+    let policy = format!("{POLICY}\n[rate_limit]\nrequests_per_second = 1\nburst = 3\n");
+    let gw = TestGateway::start("rate", &policy).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        answers.push(
+            client
+                .request(&Message::List(fwnp_proto::List {
+                    common: common(client.next_id()),
+                }))
+                .await,
+        );
+    }
+    let limited: Vec<_> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Message::Denied(d) if d.code == ResultCode::RateLimited => Some(d.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(answers[0], Message::Leases(_)),
+        "the first requests pass: {answers:?}"
+    );
+    assert!(
+        limited.len() >= 2,
+        "requests beyond the burst are limited: {answers:?}"
+    );
+    for d in &limited {
+        let retry = d.retry_after.expect("rate-limited carries retry-after");
+        assert!((1..=2).contains(&retry), "retry-after {retry}");
+    }
+    // Another identity has its own budget.
+    let (other, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    other.list().await;
+    // After the retry-after, the host may ask again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client.list().await;
+    gw.wait_audit(&[AuditKind::Decision], None, |records| {
+        records
+            .iter()
+            .any(|r| r.event.code == Some(ResultCode::RateLimited))
+    })
+    .await;
+}
+
+/// Re-encodes a message with extra entries in its top-level map.
+fn with_extra_keys(message: &Message, extra: Vec<(u64, ciborium::Value)>) -> Vec<u8> {
+    let bytes = fwnp_proto::codec::encode(message);
+    let value: ciborium::Value =
+        ciborium::from_reader(bytes.as_slice()).expect("our own encoding parses");
+    let ciborium::Value::Map(mut entries) = value else {
+        panic!("a message is a map")
+    };
+    for (key, v) in extra {
+        entries.push((ciborium::Value::Integer(key.into()), v));
+    }
+    let mut out = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Map(entries), &mut out).expect("encode");
+    out
+}
+
+#[tokio::test]
+async fn malformed_items_and_unknown_critical_keys_are_denied() {
+    let gw = TestGateway::start("malformed", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+
+    for (what, bytes) in [
+        ("truncated map", vec![0xa2, 0x00, 0x03]),
+        ("a stray break", vec![0xff]),
+        ("an empty stream", vec![]),
+        ("not a map", vec![0x83, 0x01, 0x02, 0x03]),
+        ("unknown message type", vec![0xa1, 0x00, 0x18, 0x63]),
+    ] {
+        let d = denied(client.request_bytes(&bytes).await);
+        assert_eq!(d.code, ResultCode::MalformedRequest, "{what}: {d:?}");
+    }
+    // Trailing bytes after a valid request.
+    let mut bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List {
+        common: common(Some(77)),
+    }));
+    bytes.push(0x00);
+    let d = denied(client.request_bytes(&bytes).await);
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    // A readable request id of a refused item is echoed (spec section 6.6): {0: 99, 1: 78}.
+    let d = denied(
+        client
+            .request_bytes(&[0xa2, 0x00, 0x18, 0x63, 0x01, 0x18, 0x4e])
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    assert_eq!(d.common.request_id, Some(78));
+    // A request that is valid CBOR but lacks a mandatory key: Open without its opening.
+    let d = denied(
+        client
+            .request_bytes(&[0xa2, 0x00, 0x03, 0x01, 0x18, 0x4f])
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest, "{d:?}");
+    assert_eq!(d.common.request_id, Some(79));
+
+    // An opening with port 0 is a malformed option.
+    let d = denied(client.open(tcp(0), None).await);
+    assert_eq!(d.code, ResultCode::MalformedOption);
+
+    // An unknown key is ignored...
+    let open = open_msg(Some(80), tcp(7001), None);
+    let g = granted(
+        client
+            .request_bytes(&with_extra_keys(
+                &open,
+                vec![(70, ciborium::Value::Text("x".into()))],
+            ))
+            .await,
+    );
+    assert_eq!(g.common.request_id, Some(80));
+    // ...unless it is listed as critical.
+    let critical = ciborium::Value::Array(vec![
+        ciborium::Value::Integer(70.into()),
+        ciborium::Value::Integer(71.into()),
+    ]);
+    let bytes = with_extra_keys(
+        &open_msg(Some(81), tcp(7002), None),
+        vec![
+            (2, critical),
+            (70, ciborium::Value::Text("x".into())),
+            (71, ciborium::Value::Bool(true)),
+        ],
+    );
+    let d = denied(client.request_bytes(&bytes).await);
+    assert_eq!(d.code, ResultCode::UnsupportedOption, "{d:?}");
+    assert_eq!(d.unsupported, vec![70, 71]);
+    assert_eq!(d.common.request_id, Some(81));
+    // Nothing was opened by the refused request.
+    let ports: Vec<_> = client
+        .list()
+        .await
+        .leases
+        .iter()
+        .map(|l| l.grants[0].ports.first)
+        .collect();
+    assert_eq!(ports, vec![7001]);
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_reset_without_an_answer() {
+    let gw = TestGateway::start("oversized", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let bytes = vec![0x40u8; MAX_MESSAGE_SIZE + 600];
+    match client.exchange(&bytes).await {
+        Exchange::Reset(code) | Exchange::Stopped(code) => {
+            assert_eq!(
+                code,
+                u64::from(QuicErrorCode::MessageTooLarge.code()),
+                "code {code:#x}"
+            )
+        }
+        other => panic!("expected a reset with MessageTooLarge, got {other:?}"),
+    }
+    // Exactly the limit is accepted (and then judged on its content).
+    let mut exact = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List {
+        common: common(Some(5)),
+    }));
+    exact.resize(MAX_MESSAGE_SIZE, 0);
+    let d = denied(client.request_bytes(&exact).await);
+    assert_eq!(d.code, ResultCode::MalformedRequest, "trailing bytes");
+    // The connection survives.
+    client.list().await;
+}
+
+#[tokio::test]
+async fn an_unsupported_version_is_denied_then_the_connection_closes() {
+    let gw = TestGateway::start("version", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    let d = denied(
+        client
+            .request(&hello_msg(Some(3), &[2, 7], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::UnsupportedVersion);
+    assert_eq!(d.common.request_id, Some(3));
+    let closed = client
+        .closed_within(STEP)
+        .await
+        .expect("the gateway closes the connection");
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::VersionMismatch.code())),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_opens_a_unidirectional_stream_is_closed_with_protocol_violation() {
+    // By default the gateway grants no unidirectional stream at all (the spec's transport
+    // parameter): the stream cannot even be opened.
+    let gw = TestGateway::start("uni-default", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    client.hello().await;
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(500), client.connection.open_uni()).await;
+    assert!(
+        blocked.is_err(),
+        "a unidirectional stream was opened although the gateway allows none"
+    );
+
+    // With one allowed, the gateway closes the connection when one arrives.
+    let options = GatewayOptions {
+        server: ServerOptions {
+            max_concurrent_uni_streams_from_client: 1,
+            ..ServerOptions::default()
+        },
+    };
+    let gw = TestGateway::start_with("uni", POLICY, options).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    client.hello().await;
+    let mut stream = tokio::time::timeout(STEP, client.connection.open_uni())
+        .await
+        .expect("in time")
+        .expect("open uni");
+    let _ = stream.write_all(b"\xa1\x00\x06").await;
+    let _ = stream.finish();
+    let closed = client
+        .closed_within(STEP)
+        .await
+        .expect("the gateway closes the connection");
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::ProtocolViolation.code())),
+        "{closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_gets_the_first_answer() {
+    let gw = TestGateway::start("replay", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let lease = granted(client.open(tcp(7001), None).await).lease;
+
+    let release = fwnp_proto::codec::encode(&Message::Release(fwnp_proto::Release {
+        common: common(Some(4242)),
+        lease,
+    }));
+    let first = client.request_bytes(&release).await;
+    assert!(matches!(first, Message::Released(_)), "{first:?}");
+    // A retry of the same request (same id, same bytes): the same answer, not unknown-lease.
+    let second = client.request_bytes(&release).await;
+    assert_eq!(second, first);
+    // Also on another connection of the same identity.
+    let (again, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    assert_eq!(again.request_bytes(&release).await, first);
+    // The same id with other content is a new request.
+    let other = fwnp_proto::codec::encode(&Message::Renew(fwnp_proto::Renew {
+        common: common(Some(4242)),
+        lease,
+        lifetime: None,
+    }));
+    assert_eq!(
+        denied(client.request_bytes(&other).await).code,
+        ResultCode::UnknownLease
+    );
+    // Another identity with the same id and bytes is not answered from this host's window.
+    let (b, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    assert_eq!(
+        denied(b.request_bytes(&release).await).code,
+        ResultCode::UnknownLease
+    );
+    // Only one release happened.
+    let releases = gw
+        .wait_audit(&[AuditKind::Release], Some(lease), |r| !r.is_empty())
+        .await;
+    assert_eq!(releases.len(), 1);
+}
+
+/// The policy without the UDP ports of `hosts-web`.
+fn policy_without_udp() -> String {
+    POLICY.replace(
+        r#"allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]"#,
+        r#"allow = ["app:https", "tcp/7000-7999"]"#,
+    )
+}
+
+#[tokio::test]
+async fn a_policy_reload_revokes_what_it_no_longer_allows_and_notifies_the_host() {
+    let gw = TestGateway::start("reload", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let kept = granted(client.open(tcp(7001), None).await).lease;
+    let doomed = granted(client.open(port(Protocol::Udp, 7001), None).await).lease;
+
+    // A broken file is refused and the old policy stays in force.
+    write_policy(&gw.policy_path, "[[rule]]\nname = \"broken\"\n");
+    let error = gw
+        .service
+        .reload_policy()
+        .await
+        .expect_err("a broken policy is refused");
+    assert_eq!(error.status.as_u16(), 400);
+    assert!(
+        error.message.contains("old one stays in force"),
+        "{}",
+        error.message
+    );
+    assert!(
+        client
+            .next_notice(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "nothing revoked"
+    );
+    granted(client.open(port(Protocol::Udp, 7002), None).await);
+    assert_eq!(client.list().await.leases.len(), 3);
+    // The same through the admin API.
+    let (status, body) = gw.admin("POST", "/v1/policy/reload", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("old one stays in force")),
+        "{body}"
+    );
+    assert_eq!(client.list().await.leases.len(), 3);
+
+    // A valid file without UDP: the UDP leases are revoked and the host is told.
+    write_policy(&gw.policy_path, &policy_without_udp());
+    let result = gw.service.reload_policy().await.expect("reload");
+    assert_eq!(
+        result["revoked"].as_array().map(Vec::len),
+        Some(2),
+        "{result}"
+    );
+    let mut revoked = HashSet::new();
+    for _ in 0..2 {
+        match client.next_notice(STEP).await {
+            Some(Message::Revoked(r)) => {
+                assert_eq!(r.reason, RevokeReason::PolicyChanged);
+                assert!(r.text.is_some());
+                revoked.insert(r.lease);
+            }
+            other => panic!("expected a Revoked notice, got {other:?}"),
+        }
+    }
+    assert!(revoked.contains(&doomed));
+    let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![kept]);
+    assert_eq!(
+        denied(client.renew(doomed, None).await).code,
+        ResultCode::UnknownLease
+    );
+    let record = gw
+        .service
+        .store()
+        .lease(doomed)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(record.state, LeaseState::Revoked);
+    // The new policy is in force for new requests.
+    assert_eq!(
+        denied(client.open(port(Protocol::Udp, 7001), None).await).code,
+        ResultCode::DeniedByPolicy
+    );
+
+    // Through the admin API: a policy without tcp/7000-7999 revokes the last one.
+    write_policy(
+        &gw.policy_path,
+        &policy_without_udp().replace(r#", "tcp/7000-7999""#, ""),
+    );
+    let (status, body) = gw.admin("POST", "/v1/policy/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["revoked"][0]["lease"],
+        json!(kept.to_string()),
+        "{body}"
+    );
+    match client.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => {
+            assert_eq!(r.lease, kept);
+            assert_eq!(r.reason, RevokeReason::PolicyChanged);
+        }
+        other => panic!("expected a Revoked notice, got {other:?}"),
+    }
+    assert!(client.list().await.leases.is_empty());
+    gw.wait_audit(&[AuditKind::PolicyReload], None, |r| r.len() >= 2)
+        .await;
+}
+
+#[tokio::test]
+async fn an_operator_revocation_through_the_admin_api_notifies_the_host() {
+    let gw = TestGateway::start("revoke", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let (bystander, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    let lease = granted(client.open(tcp(7001), None).await).lease;
+    let other = granted(bystander.open(tcp(7001), None).await).lease;
+
+    let (status, body) = gw
+        .admin("GET", "/v1/leases?host=fwnp://host/web-01", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["leases"][0]["id"], json!(lease.to_string()), "{body}");
+
+    let path = format!("/v1/leases/{lease}/revoke");
+    let (status, body) = gw
+        .admin(
+            "POST",
+            &path,
+            Some(&json!({"reason": "maintenance window"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], json!(lease.to_string()));
+    match client.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => {
+            assert_eq!(r.lease, lease);
+            assert_eq!(r.reason, RevokeReason::Operator);
+            assert_eq!(r.text.as_deref(), Some("maintenance window"));
+        }
+        other => panic!("expected a Revoked notice, got {other:?}"),
+    }
+    assert!(client.list().await.leases.is_empty());
+    // Only the owner hears of it, and the other host's lease is untouched.
+    assert!(
+        bystander
+            .next_notice(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+    assert_eq!(bystander.list().await.leases.len(), 1);
+    // Revoking again: not found. A malformed id: bad request.
+    let (status, _) = gw.admin("POST", &path, Some(&json!({}))).await;
+    assert_eq!(status, 404);
+    let (status, _) = gw
+        .admin("POST", "/v1/leases/not-a-lease/revoke", Some(&json!({})))
+        .await;
+    assert_eq!(status, 400);
+    let records = gw
+        .wait_audit(&[AuditKind::Revocation], Some(lease), |r| !r.is_empty())
+        .await;
+    assert_eq!(records[0].event.outcome, Some(Outcome::Revoked));
+    assert_eq!(records[0].event.actor.as_deref(), Some("operator"));
+    assert_eq!(
+        records[0].event.reason.as_deref(),
+        Some("maintenance window")
+    );
+    let _ = other;
+}
+
+#[tokio::test]
+async fn notices_go_only_to_hosts_that_asked_for_them() {
+    let gw = TestGateway::start("no-notices", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    let caps = Capabilities::ALL & !Capabilities::NOTICES;
+    assert!(matches!(
+        client.request(&hello_msg(Some(1), &[1], caps)).await,
+        Message::Welcome(_)
+    ));
+    let lease = granted(client.open(tcp(7001), None).await).lease;
+    // A second connection of the same host that did not even say Hello.
+    let silent = gw.host("web-01", &[HOST_A]).await;
+    let (status, body) = gw
+        .admin(
+            "POST",
+            &format!("/v1/leases/{lease}/revoke"),
+            Some(&json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        client
+            .next_notice(Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a host without the NOTICES capability was sent a notice"
+    );
+    assert!(
+        silent
+            .next_notice(Duration::from_millis(100))
+            .await
+            .is_none(),
+        "a connection without Welcome was sent a notice"
+    );
+}
+
+#[tokio::test]
+async fn the_gateways_timer_expires_leases_and_the_audit_tells_every_ending_apart() {
+    let gw = TestGateway::start("expiry", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+
+    let short = granted(client.open(tcp(7001), Some(2)).await);
+    assert_eq!(short.lifetime, 2);
+    assert_eq!(short.renew_after, 1);
+    let released = granted(client.open(tcp(7002), None).await).lease;
+    let revoked = granted(client.open(tcp(7003), None).await).lease;
+    granted(client.renew(released, Some(120)).await);
+    assert!(matches!(
+        client.release(released).await,
+        Message::Released(_)
+    ));
+    let (status, _) = gw
+        .admin(
+            "POST",
+            &format!("/v1/leases/{revoked}/revoke"),
+            Some(&json!({"reason": "test"})),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // The gateway's own timer ends the short lease: no request is needed.
+    let expired = gw
+        .wait_audit(&[AuditKind::Expiry], Some(short.lease), |r| !r.is_empty())
+        .await;
+    let ended_at = expired[0].event.time_ms;
+    assert!(
+        ended_at >= short.expires_ms,
+        "expired at {ended_at}, before its expiry {}",
+        short.expires_ms
+    );
+    assert!(
+        ended_at < short.expires_ms + 2_000,
+        "expired late: {ended_at} vs {}",
+        short.expires_ms
+    );
+    assert_eq!(expired[0].event.outcome, Some(Outcome::Expired));
+    let record = gw
+        .service
+        .store()
+        .lease(short.lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(record.state, LeaseState::Expired);
+    assert!(client.list().await.leases.is_empty());
+    assert_eq!(
+        denied(client.renew(short.lease, None).await).code,
+        ResultCode::UnknownLease
+    );
+
+    // Every ending is its own outcome in the audit trail, also through the admin API.
+    let outcome_of = |lease: fwnp_proto::LeaseId, kind: AuditKind| {
+        gw.audit(&[kind], Some(lease))
+            .iter()
+            .filter_map(|r| r.event.outcome)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        outcome_of(released, AuditKind::Grant),
+        vec![Outcome::Granted]
+    );
+    assert_eq!(
+        outcome_of(released, AuditKind::Renewal),
+        vec![Outcome::Renewed]
+    );
+    assert_eq!(
+        outcome_of(released, AuditKind::Release),
+        vec![Outcome::Released]
+    );
+    assert_eq!(
+        outcome_of(revoked, AuditKind::Revocation),
+        vec![Outcome::Revoked]
+    );
+    assert_eq!(
+        outcome_of(short.lease, AuditKind::Expiry),
+        vec![Outcome::Expired]
+    );
+    for outcome in ["granted", "renewed", "released", "expired", "revoked"] {
+        let (status, body) = gw
+            .admin(
+                "GET",
+                &format!("/v1/audit?outcome={outcome}&host=fwnp://host/web-01"),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let events = body["events"].as_array().expect("events");
+        assert!(!events.is_empty(), "no {outcome} event: {body}");
+        assert!(
+            events.iter().all(|e| e["outcome"] == json!(outcome)),
+            "{body}"
+        );
+    }
+    let ended: Vec<_> = gw
+        .service
+        .store()
+        .leases(&LeaseFilter {
+            include_ended: true,
+            ..LeaseFilter::default()
+        })
+        .expect("leases")
+        .into_iter()
+        .map(|l| (l.id, l.state))
+        .collect();
+    assert!(
+        ended.contains(&(released, LeaseState::Released)),
+        "{ended:?}"
+    );
+    assert!(ended.contains(&(revoked, LeaseState::Revoked)), "{ended:?}");
+    assert!(
+        ended.contains(&(short.lease, LeaseState::Expired)),
+        "{ended:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_renewed_lease_does_not_expire_at_its_first_expiry() {
+    let gw = TestGateway::start("renew-expiry", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let g = granted(client.open(tcp(7001), Some(2)).await);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    granted(client.renew(g.lease, Some(30)).await);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        client.list().await.leases.len(),
+        1,
+        "the renewal moved the expiry"
+    );
+    assert!(gw.audit(&[AuditKind::Expiry], Some(g.lease)).is_empty());
+    // And a second short lease opened after the long one still expires on time.
+    let later = granted(client.open(tcp(7002), Some(1)).await);
+    gw.wait_audit(&[AuditKind::Expiry], Some(later.lease), |r| !r.is_empty())
+        .await;
+}
+
+#[tokio::test]
+async fn refused_connections_are_audited_as_authentication_failures() {
+    let gw = TestGateway::start("auth", POLICY).await;
+    let other = Pki::new("stranger");
+
+    // A certificate from another CA (which trusts our gateway, so the refusal is the gateway's).
+    let mut stranger = other.host("stranger", &[], &[], &[]);
+    stranger.ca = gw.pki.file("ca.pem");
+    assert!(
+        Client::try_connect(gw.addr, &stranger).await.is_err(),
+        "another CA's host was accepted"
+    );
+
+    // An expired certificate.
+    let expired = gw.pki.expired_host("old-host");
+    assert!(
+        Client::try_connect(gw.addr, &expired).await.is_err(),
+        "an expired certificate was accepted"
+    );
+
+    // A revoked certificate, once the endpoint has the new CRL.
+    let doomed: ClientTlsFiles = gw.pki.host("doomed", &[HOST_A], &[], &[]);
+    pki::revoke(gw.pki.path(), &doomed.cert, RevocationReason::KeyCompromise).expect("revoke");
+    fwnp_gateway::tls::reload_server_config(
+        &gw.endpoint,
+        &gw.pki.server_files(),
+        &ServerOptions::default(),
+    )
+    .expect("reload the CRL");
+    assert!(
+        Client::try_connect(gw.addr, &doomed).await.is_err(),
+        "a revoked certificate was accepted"
+    );
+
+    let failures = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| r.len() >= 3)
+        .await;
+    for failure in &failures {
+        assert_eq!(failure.event.outcome, Some(Outcome::Error));
+        let peer = failure.event.peer.expect("the peer address is recorded");
+        assert_eq!(peer.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(failure.event.reason.is_some());
+    }
+    let reasons: Vec<String> = failures
+        .iter()
+        .filter_map(|f| f.event.reason.clone())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("UnknownIssuer") || r.contains("unknown")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.to_lowercase().contains("expired")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("Revoked") || r.contains("revoked")),
+        "{reasons:?}"
+    );
+
+    // A good host still gets in.
+    gw.welcomed_host("web-01", &[HOST_A]).await;
+}
+
+#[tokio::test]
+async fn a_certificate_naming_no_identity_gets_not_authorized() {
+    let gw = TestGateway::start("no-identity", POLICY).await;
+    // Made with rcgen directly: pki never issues a certificate without URI or DNS SAN.
+    let ca_pem = std::fs::read_to_string(gw.pki.file("ca.pem")).expect("read ca");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(gw.pki.file("ca.key")).expect("read key"),
+    )
+    .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(HOST_A)];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&[0x42, 0x02]));
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(gw.pki.file("nameless.pem"), certificate.pem()).expect("write cert");
+    std::fs::write(gw.pki.file("nameless.key"), key.serialize_pem()).expect("write key");
+
+    let client = Client::connect(gw.addr, &gw.pki.host_files("nameless")).await;
+    let d = denied(
+        client
+            .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    let d = denied(client.open(tcp(7001), None).await);
+    assert_eq!(d.code, ResultCode::NotAuthorized);
+    assert!(gw.service.store().live_leases().expect("leases").is_empty());
+    gw.wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
+        .await;
+}
