@@ -5,6 +5,7 @@
 
 mod common;
 
+use cddl::validator::cbor_value::Value as CborValue;
 use serde_json::Value as Json;
 
 fn normative_schema() -> String {
@@ -43,50 +44,54 @@ fn checkable_schema(schema: &str) -> String {
 /// Removes, recursively, every map entry with an unsigned key of 64 or more. Refuses a map
 /// with a duplicate key: it is not a valid CBOR map (RFC 8949 section 5.6), so no schema
 /// matches it (the crate itself would check whichever entry it met).
-fn strip_extension_entries(value: &mut ciborium::Value) -> Result<(), String> {
+fn strip_extension_entries(value: &mut CborValue) -> Result<(), String> {
     match value {
-        ciborium::Value::Map(entries) => {
+        CborValue::Map(entries) => {
             for (i, (k, _)) in entries.iter().enumerate() {
                 if entries[..i].iter().any(|(earlier, _)| earlier == k) {
                     return Err(format!("duplicate map key {k:?}"));
                 }
             }
-            entries.retain(|(k, _)| !k.as_integer().is_some_and(|k| i128::from(k) >= 64));
+            entries.retain(|(k, _)| !matches!(k, CborValue::Integer(k) if i128::from(*k) >= 64));
             for (k, v) in entries {
                 strip_extension_entries(k)?;
                 strip_extension_entries(v)?;
             }
             Ok(())
         }
-        ciborium::Value::Array(items) => items.iter_mut().try_for_each(strip_extension_entries),
-        ciborium::Value::Tag(_, inner) => strip_extension_entries(inner),
+        CborValue::Array(items) => items.iter_mut().try_for_each(strip_extension_entries),
+        CborValue::Tag(_, inner) => strip_extension_entries(inner),
         _ => Ok(()),
     }
 }
 
-/// Vectors the tool chain cannot judge, with the reason; for them the test asserts that the
-/// tool still gets it wrong, so that the exception is removed once it is fixed.
-const TOOL_CANNOT_SEE: &[(&str, &str)] = &[(
-    "tag-bignum-port",
-    "ciborium, through which the cddl crate reads CBOR, turns a tag-2 bignum into a plain \
-     integer, so 2(h'01bb') passes as the uint 443 although CDDL's uint is major type 0 only",
-)];
-
-/// Whether `bytes`, one CBOR data item, matches the schema.
-fn matches_schema(checkable_schema: &str, bytes: &[u8]) -> Result<(), String> {
-    let mut rest = bytes;
-    let mut value: ciborium::Value =
-        ciborium::from_reader(&mut rest).map_err(|e| format!("not one CBOR item: {e}"))?;
-    if !rest.is_empty() {
-        return Err(format!(
-            "{} bytes after the item: a message is one item",
-            rest.len()
-        ));
-    }
+/// Whether `bytes`, one CBOR data item, matches the (checkable) schema.
+fn matches_schema(schema: &cddl::ast::CDDL<'_>, bytes: &[u8]) -> Result<(), String> {
+    use cddl::validator::Validator;
+    // The crate reads only the first item and ignores what follows; a message is one item.
+    common::diagnostic(bytes).map_err(|why| format!("not one well-formed CBOR item: {why}"))?;
+    let mut value = cddl::validator::cbor_value::decode_cbor(bytes).map_err(|e| e.to_string())?;
     strip_extension_entries(&mut value)?;
-    let mut stripped = Vec::new();
-    ciborium::into_writer(&value, &mut stripped).map_err(|e| e.to_string())?;
-    cddl::validate_cbor_from_slice(checkable_schema, &stripped, None).map_err(|e| e.to_string())
+    let mut validator = cddl::validator::cbor::CBORValidator::new(schema, value, None);
+    validator.validate().map_err(|e| e.to_string())
+}
+
+/// Runs `check` with the parsed schema on a thread with a large stack: the validator recurses
+/// over the CBOR it is given.
+fn with_schema(check: impl FnOnce(&cddl::ast::CDDL<'_>) + Send) {
+    let text = schema();
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn_scoped(scope, || {
+                let parsed = cddl::cddl_from_str(&text, true).expect("the schema parses");
+                check(&parsed);
+            })
+            .expect("thread starts");
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
 }
 
 #[test]
@@ -97,36 +102,17 @@ fn schema_parses() {
 
 #[test]
 fn vectors_match_the_schema_as_marked() {
-    let schema = schema();
+    with_schema(vectors_match_as_marked);
+}
+
+fn vectors_match_as_marked(schema: &cddl::ast::CDDL<'_>) {
     let mut failures = Vec::new();
     let mut checked = 0;
     for (name, vector) in common::load_vectors() {
         let expected = schema_valid(&vector).unwrap_or_else(|| panic!("{name}: no schema_valid"));
         let bytes = common::vector_bytes(&name, &vector);
-        // The validator is recursive over the CBOR it is given; run it where a deep input
-        // cannot exhaust the stack of the test thread.
-        let schema_for_thread = schema.clone();
-        let outcome = std::thread::Builder::new()
-            .stack_size(256 << 20)
-            .spawn(move || matches_schema(&schema_for_thread, &bytes))
-            .expect("thread starts")
-            .join();
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(_) => Err("the validator panicked".to_owned()),
-        };
+        let outcome = matches_schema(schema, &bytes);
         checked += 1;
-        if let Some((_, why)) = TOOL_CANNOT_SEE
-            .iter()
-            .find(|(n, _)| name.get(4..) == Some(&format!("{n}.json")[..]))
-        {
-            if outcome.is_ok() == expected {
-                failures.push(format!(
-                    "{name}: now judged right; remove its exception ({why})"
-                ));
-            }
-            continue;
-        }
         match (expected, outcome) {
             (true, Err(why)) => failures.push(format!("{name}: should match the schema: {why}")),
             (false, Ok(())) => failures.push(format!("{name}: should not match the schema")),
@@ -146,14 +132,17 @@ fn vectors_match_the_schema_as_marked() {
 fn every_valid_vector_in_the_canonical_form_matches_the_schema() {
     // The canonical re-encoding is what a version-1 sender writes: it must match the schema
     // even where the input did not (unknown keys below 64 are dropped by re-encoding).
-    let schema = schema();
+    with_schema(canonical_forms_match);
+}
+
+fn canonical_forms_match(schema: &cddl::ast::CDDL<'_>) {
     let mut failures = Vec::new();
     for (name, vector) in common::load_vectors() {
         let Some(canonical) = vector["valid"]["canonical_hex"].as_str() else {
             continue;
         };
         let bytes = hex::decode(canonical).expect("canonical_hex is hex");
-        if let Err(why) = matches_schema(&schema, &bytes) {
+        if let Err(why) = matches_schema(schema, &bytes) {
             failures.push(format!("{name}: {why}"));
         }
     }
