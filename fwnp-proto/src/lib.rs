@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod gateway;
 pub mod lease;
+pub mod local;
 pub mod message;
 pub mod validate;
 
