@@ -248,7 +248,7 @@ impl Diag<'_> {
             31 => (0, 0, ""),
             _ => return Err("reserved additional information".into()),
         };
-        let ind = if info >= 24 && info <= 27 && arg < min && major != 7 {
+        let ind = if (24..=27).contains(&info) && arg < min && major != 7 {
             ind
         } else {
             ""
