@@ -489,6 +489,25 @@ impl Service {
                 return self.refuse(session, &request, *code, decision.reason.clone(), rule);
             }
         };
+        // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
+        // grants can make before taking a lease for them.
+        let largest = codec::encode(&Message::Granted(fwnp_proto::Granted {
+            common: Common { request_id: open.common.request_id, critical: Vec::new() },
+            lease: LeaseId([0xff; 16]),
+            grants: allowance.grants.clone(),
+            lifetime: u32::MAX,
+            expires_ms: u64::MAX,
+            renew_after: u32::MAX,
+            epoch: Epoch::MAX,
+            narrowed: true,
+        }))
+        .len();
+        if largest > MAX_MESSAGE_SIZE {
+            let reason = format!(
+                "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
+            );
+            return self.refuse(session, &request, ResultCode::DeniedByPolicy, reason, rule);
+        }
         let facts = PolicyFacts {
             grants: allowance.grants.clone(),
             grants_narrowed: allowance.remotes_narrowed,
@@ -717,6 +736,8 @@ impl Service {
         if let Err(e) = self.store.writer().commit(ops).await {
             return self.refuse(session, &request, ResultCode::NoResources, format!("store: {e}"), None);
         }
+        // A Renew may shorten the lease: the timer must look at the new expiry.
+        self.expiry_changed.notify_one();
         self.metrics.request("renewed");
         Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
     }
@@ -780,12 +801,23 @@ impl Service {
             .filter(|l| l.expires_ms > now)
             .map(|l| l.to_lease_info(now))
             .collect();
-        self.metrics.request("listed");
-        Message::Leases(Leases {
+        let mut answer = Leases {
             common: Common { request_id: list.common.request_id, critical: Vec::new() },
             leases,
             epoch: self.epoch,
-        })
+        };
+        if !fit_leases(&mut answer) {
+            self.metrics.request(ResultCode::NoResources.name());
+            let mut d = denied(
+                list.common.request_id,
+                ResultCode::NoResources,
+                "the list of leases does not fit in one answer",
+            );
+            d.retry_after = Some(60);
+            return Message::Denied(d);
+        }
+        self.metrics.request("listed");
+        Message::Leases(answer)
     }
 
     /// Ends leases whose time is up, in the kernel (where the element's own timeout has
@@ -837,7 +869,16 @@ impl Service {
         let leases: Vec<_> = lock(&self.book).iter().cloned().collect();
         let mut revoked = Vec::new();
         for lease in leases {
-            let addresses: Vec<IpAddr> = lease.grants.iter().map(|g| g.host).collect();
+            // Judge the lease by the addresses its host holds (as Open and Renew do), known
+            // from its live connections; a third-party grant's address is not one of them. With
+            // the host offline, its grants' addresses stand in, and its next Renew judges it
+            // by the real ones.
+            let addresses: Vec<IpAddr> = self
+                .sessions
+                .of(&lease.host)
+                .iter()
+                .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
+                .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants) {
                 if self.revoke(&lease.id, RevokeReason::PolicyChanged, "policy-reload", Some(e.to_string())).await.is_some() {
                     revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
@@ -986,6 +1027,40 @@ impl Service {
             session.notify(&notice).await;
         }
     }
+}
+
+/// Makes a Leases answer fit in MAX_MESSAGE_SIZE (spec 5.4) by leaving out the application
+/// information of as few leases as needed, from the end; false when even without any it does
+/// not fit (a partial list is never sent: a client removes what the list does not show).
+fn fit_leases(answer: &mut Leases) -> bool {
+    let size = |answer: &Leases| codec::encode(&Message::Leases(answer.clone())).len();
+    if size(answer) <= MAX_MESSAGE_SIZE {
+        return true;
+    }
+    let without = |answer: &Leases, k: usize| {
+        let mut trimmed = answer.clone();
+        let n = trimmed.leases.len();
+        for lease in trimmed.leases.iter_mut().skip(n - k) {
+            lease.app = None;
+        }
+        trimmed
+    };
+    let n = answer.leases.len();
+    if size(&without(answer, n)) > MAX_MESSAGE_SIZE {
+        return false;
+    }
+    // The size only falls as k grows: find the smallest k that fits.
+    let (mut low, mut high) = (0, n);
+    while low < high {
+        let mid = (low + high) / 2;
+        if size(&without(answer, mid)) <= MAX_MESSAGE_SIZE {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    *answer = without(answer, high);
+    true
 }
 
 fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {

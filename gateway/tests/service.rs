@@ -725,6 +725,7 @@ async fn a_client_that_opens_a_unidirectional_stream_is_closed_with_protocol_vio
             max_concurrent_uni_streams_from_client: 1,
             ..ServerOptions::default()
         },
+        ..GatewayOptions::default()
     };
     let gw = TestGateway::start_with("uni", POLICY, options).await;
     let client = gw.host("web-01", &[HOST_A]).await;
@@ -1231,4 +1232,252 @@ async fn a_certificate_naming_no_identity_gets_not_authorized() {
     assert!(gw.service.store().live_leases().expect("leases").is_empty());
     gw.wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
+}
+
+#[tokio::test]
+async fn a_policy_reload_judges_third_party_leases_by_the_hosts_own_addresses() {
+    let gw = TestGateway::start("reload-third-party", POLICY).await;
+    let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
+    let pool = v4(203, 0, 113, 5);
+    let mut opening = tcp(8080);
+    opening.host = Some(pool);
+    let third_party = granted(lb.open(opening, None).await).lease;
+    let mut own = tcp(8081);
+    own.host = Some(HOST_B);
+    let own = granted(lb.open(own, None).await).lease;
+
+    // The new policy still allows the ports, but no longer for addresses the host does not hold.
+    write_policy(
+        &gw.policy_path,
+        &POLICY.replace(
+            "third_party = true\nthird_party_addresses = [\"203.0.113.0/24\"]\n",
+            "",
+        ),
+    );
+    let result = gw.service.reload_policy().await.expect("reload");
+    let revoked: Vec<_> = result["revoked"]
+        .as_array()
+        .expect("revoked")
+        .iter()
+        .map(|r| r["lease"].clone())
+        .collect();
+    assert_eq!(
+        revoked,
+        vec![json!(third_party.to_string())],
+        "only the third-party lease loses its ground: {result}"
+    );
+    match lb.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => assert_eq!(r.lease, third_party),
+        other => panic!("expected a Revoked notice, got {other:?}"),
+    }
+    let listed: Vec<_> = lb.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![own]);
+}
+
+#[tokio::test]
+async fn a_renewal_that_shortens_a_lease_moves_the_expiry_timer() {
+    let gw = TestGateway::start("shorten", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let lease = granted(client.open(tcp(7001), Some(600)).await).lease;
+    let renewed = granted(client.renew(lease, Some(1)).await);
+    assert_eq!(renewed.lifetime, 1);
+    // The gateway's timer must end it about a second later, not ten minutes later.
+    let records = gw
+        .wait_audit(&[AuditKind::Expiry], Some(lease), |r| !r.is_empty())
+        .await;
+    assert!(records[0].event.time_ms >= renewed.expires_ms);
+    let record = gw
+        .service
+        .store()
+        .lease(lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(record.state, LeaseState::Expired);
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_per_identity_are_closed_with_excessive_load() {
+    let options = GatewayOptions {
+        max_connections_per_identity: Some(2),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("conn-limit", POLICY, options).await;
+    let (first, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let (_second, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let closed = match Client::try_connect(gw.addr, &gw.pki.host_files("web-01")).await {
+        Err(e) => e,
+        Ok(third) => third
+            .closed_within(STEP)
+            .await
+            .expect("the third connection is closed"),
+    };
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::ExcessiveLoad.code())),
+        "{closed:?}"
+    );
+    // Another identity is not affected, and the first connections still work.
+    gw.welcomed_host("web-02", &[HOST_B]).await;
+    first.list().await;
+    // Once one closes, the identity may connect again.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Ok(again) = Client::try_connect(gw.addr, &gw.pki.host_files("web-01")).await {
+            again.hello().await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed slot never became usable"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_not_finished_in_time_is_reset_with_request_timeout() {
+    let options = GatewayOptions {
+        request_timeout: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("req-timeout", POLICY, options).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let (mut send, mut recv) = client.connection.open_bi().await.expect("open a stream");
+    // Half a request and no FIN.
+    send.write_all(&[0xa2, 0x00]).await.expect("write");
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(STEP, recv.read_to_end(MAX_MESSAGE_SIZE))
+        .await
+        .expect("the gateway gave up in time");
+    match outcome {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code))) => {
+            assert_eq!(
+                code.into_inner(),
+                u64::from(QuicErrorCode::RequestTimeout.code())
+            )
+        }
+        other => panic!("expected a reset with RequestTimeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // The connection lives on.
+    client.list().await;
+}
+
+#[tokio::test]
+async fn a_connection_without_hello_is_closed_after_ten_seconds() {
+    let gw = TestGateway::start("hello-timeout", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    let started = std::time::Instant::now();
+    let closed = client
+        .closed_within(Duration::from_secs(15))
+        .await
+        .expect("closed");
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::RequestTimeout.code())),
+        "{closed:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+    // A host that said Hello is not closed by that timer.
+    let (welcomed, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    assert!(
+        welcomed
+            .closed_within(Duration::from_millis(100))
+            .await
+            .is_none()
+    );
+}
+
+fn app_info(n: usize) -> fwnp_proto::AppInfo {
+    fwnp_proto::AppInfo {
+        name: Some(format!("{n:0>200}")),
+        executable: Some(format!("/opt/{}", "x".repeat(1000))),
+        uid: Some(1000),
+        pid: Some(4000 + n as u32),
+    }
+}
+
+#[tokio::test]
+async fn a_list_that_would_exceed_the_size_limit_drops_application_information() {
+    let policy = POLICY.replace("max_leases = 3", "max_leases = 40");
+    let gw = TestGateway::start("big-list", &policy).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let count = 20;
+    for n in 0..count {
+        let mut open = open_msg(client.next_id(), tcp(7000 + n as u16), None);
+        if let Message::Open(o) = &mut open {
+            o.app = Some(app_info(n));
+        }
+        granted(client.request(&open).await);
+    }
+    // The application information is in the audit trail...
+    let grants = gw.audit(&[AuditKind::Grant], None);
+    assert_eq!(grants.len(), count);
+    assert!(
+        grants
+            .iter()
+            .all(|g| g.event.app.as_ref().and_then(|a| a.uid) == Some(1000))
+    );
+    // ...and List answers within the limit, with every lease (spec section 5.4: no partial
+    // list; application information is left out as needed).
+    let bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List {
+        common: common(Some(1)),
+    }));
+    match client.exchange(&bytes).await {
+        Exchange::Answer(answer) => {
+            assert!(answer.len() <= MAX_MESSAGE_SIZE, "{} bytes", answer.len());
+            match fwnp_proto::codec::decode(&answer).expect("decodes") {
+                Message::Leases(leases) => {
+                    assert_eq!(leases.leases.len(), count);
+                    assert!(
+                        leases.leases.iter().any(|l| l.app.is_some()),
+                        "as much as fits is kept"
+                    );
+                }
+                other => panic!("expected Leases, got {other:?}"),
+            }
+        }
+        other => panic!("no usable answer: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_grant_that_would_exceed_the_size_limit_is_denied_instead() {
+    let gw = TestGateway::start("big-grant", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    // 1200 remote prefixes fit in a request; the https application doubles them in the grant.
+    let remotes: Vec<fwnp_proto::Prefix> = (0..1200u32)
+        .map(|i| fwnp_proto::Prefix {
+            addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))),
+            len: 24,
+        })
+        .collect();
+    let mut opening = app("https");
+    opening.remotes = remotes;
+    let request = fwnp_proto::codec::encode(&open_msg(Some(5), opening, None));
+    assert!(
+        request.len() <= MAX_MESSAGE_SIZE,
+        "the request itself fits: {}",
+        request.len()
+    );
+    match client.exchange(&request).await {
+        Exchange::Answer(answer) => {
+            assert!(
+                answer.len() <= MAX_MESSAGE_SIZE,
+                "an answer of {} bytes",
+                answer.len()
+            );
+            let d = denied(fwnp_proto::codec::decode(&answer).expect("decodes"));
+            assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+        }
+        other => panic!("no usable answer: {other:?}"),
+    }
+    assert!(
+        client.list().await.leases.is_empty(),
+        "no lease is left behind"
+    );
 }

@@ -205,6 +205,10 @@ request_timeout = "10s"
 pub(crate) struct GatewayOptions {
     /// The QUIC and TLS options.
     pub(crate) server: ServerOptions,
+    /// Replaces the configured request timeout (10 s).
+    pub(crate) request_timeout: Option<Duration>,
+    /// Replaces the configured connections per identity (4).
+    pub(crate) max_connections_per_identity: Option<u32>,
 }
 
 /// A gateway service (filter disabled) served on 127.0.0.1 with its expiry timer and its admin
@@ -240,7 +244,14 @@ impl TestGateway {
         let policy_path = dir.path().join("policy.toml");
         write_policy(&policy_path, policy);
         let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
-        let config = GatewayConfig::parse(&text, "test-gateway.toml").expect("valid test config");
+        let mut config =
+            GatewayConfig::parse(&text, "test-gateway.toml").expect("valid test config");
+        if let Some(timeout) = options.request_timeout {
+            config.limits.request_timeout = timeout;
+        }
+        if let Some(max) = options.max_connections_per_identity {
+            config.limits.max_connections_per_identity = max;
+        }
         let admin_socket = config.admin_socket.clone();
         let service = Service::start(config, None).await.expect("service starts");
         let server_config = tls::server_config_from_files(&pki.server_files(), &options.server)
