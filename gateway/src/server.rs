@@ -68,6 +68,29 @@ impl Session {
         }
     }
 
+    /// Sends a notice like [`Session::notify`] and waits, at most `within`, until the host has
+    /// acknowledged all of it: for a notice followed by closing the connection, which would
+    /// drop data not yet delivered.
+    pub async fn notify_delivered(&self, notice: &Message, within: Duration) {
+        if !self.notices.load(Ordering::Acquire) {
+            return;
+        }
+        let bytes = fwnp_proto::codec::encode(notice);
+        let result = tokio::time::timeout(within, async {
+            let mut stream = self.connection.open_uni().await?;
+            stream.write_all(&bytes).await?;
+            stream.finish()?;
+            stream.stopped().await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        })
+        .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(session = self.id, identity = self.identity(), "notice not delivered: {e}"),
+            Err(_) => debug!(session = self.id, identity = self.identity(), "notice not acknowledged in time"),
+        }
+    }
+
     /// Closes the connection with a protocol error code.
     pub fn close(&self, reason: QuicErrorCode, text: &str) {
         self.connection.close(code(reason), text.as_bytes());

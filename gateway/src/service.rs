@@ -1023,9 +1023,14 @@ impl Service {
             reconnect_after: Some(reconnect_after),
             reason: Some("the gateway is stopping".into()),
         });
+        // The connections are closed right after this: wait (briefly, all hosts at once) until
+        // each host has the notice, since closing drops what is not yet delivered.
+        let mut deliveries = tokio::task::JoinSet::new();
         for session in self.sessions.all() {
-            session.notify(&notice).await;
+            let notice = notice.clone();
+            deliveries.spawn(async move { session.notify_delivered(&notice, Duration::from_secs(1)).await });
         }
+        while deliveries.join_next().await.is_some() {}
     }
 }
 

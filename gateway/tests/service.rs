@@ -1481,3 +1481,128 @@ async fn a_grant_that_would_exceed_the_size_limit_is_denied_instead() {
         "no lease is left behind"
     );
 }
+
+/// The daemon as a child process, killed and reaped when dropped.
+struct Daemon(Option<std::process::Child>);
+
+impl Daemon {
+    fn signal(&self, name: &str) {
+        let pid = self.0.as_ref().expect("running").id().to_string();
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
+    /// Waits at most `within` for the process to exit.
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.0.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.0 = None;
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
+    let pki = Pki::new("daemon");
+    let dir = TempDir::new("daemon");
+    write_policy(&dir.path().join("policy.toml"), POLICY);
+    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{free_port}");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
+    )
+    .expect("write config");
+    let admin_socket = dir.path().join("admin.sock");
+    let mut daemon = Daemon(Some(
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("start fwnp-gateway"),
+    ));
+    let deadline = std::time::Instant::now() + STEP;
+    while std::os::unix::net::UnixStream::connect(&admin_socket).is_err() {
+        assert!(
+            daemon.wait_exit(Duration::ZERO).is_none(),
+            "fwnp-gateway exited at start"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fwnp-gateway did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let files = pki.host("web-01", &[HOST_A], &[], &[]);
+    let client = Client::connect(listen.parse().expect("address"), &files).await;
+    client.hello().await;
+    let kept = granted(client.open(tcp(7001), None).await).lease;
+    let doomed = granted(client.open(port(Protocol::Udp, 7001), None).await).lease;
+
+    // SIGHUP reloads the policy and revokes what it no longer allows.
+    write_policy(&dir.path().join("policy.toml"), &policy_without_udp());
+    daemon.signal("HUP");
+    match client.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => {
+            assert_eq!(r.lease, doomed);
+            assert_eq!(r.reason, RevokeReason::PolicyChanged);
+        }
+        other => panic!("expected a Revoked notice after SIGHUP, got {other:?}"),
+    }
+    let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![kept]);
+
+    // SIGTERM: GoingAway, then the connection closes with GoingAway, and the daemon exits 0.
+    daemon.signal("TERM");
+    match client.next_notice(STEP).await {
+        Some(Message::GoingAway(g)) => assert!(g.reconnect_after.is_some(), "{g:?}"),
+        other => panic!("expected GoingAway, got {other:?}"),
+    }
+    let closed = client.closed_within(STEP).await.expect("closed");
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::GoingAway.code())),
+        "{closed:?}"
+    );
+    let status = tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon exits");
+    assert!(status.success(), "{status}");
+    assert!(!admin_socket.exists(), "the admin socket is removed");
+
+    // The lease outlives the daemon: the store still holds it as live.
+    let store = fwnp_gateway::store::Store::open(dir.path().join("state")).expect("open the store");
+    let live: Vec<_> = store
+        .live_leases()
+        .expect("leases")
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(live, vec![kept]);
+}
