@@ -253,6 +253,36 @@ impl DecodeError {
             _ => &[],
         }
     }
+
+    /// The Denied that answers a request failing with this error: its result code, the error
+    /// as the reason, the unsupported critical keys, and the request id (use
+    /// [`peek_request_id`] on the request's bytes to find it).
+    pub fn to_denied(&self, request_id: Option<u64>) -> Denied {
+        Denied {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            code: self.result_code(),
+            reason: Some(reason_text(&self.to_string())),
+            retry_after: None,
+            lease: None,
+            unsupported: self.unsupported_keys().to_vec(),
+        }
+    }
+}
+
+/// A reason text cut to the 512 bytes the schema allows, on a character boundary.
+pub(crate) fn reason_text(text: &str) -> String {
+    const MAX: usize = 512;
+    if text.len() <= MAX {
+        return text.to_owned();
+    }
+    let mut end = MAX;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1321,6 +1351,20 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    #[test]
+    fn decode_errors_answer_with_their_unsupported_keys() {
+        let err = DecodeError::UnsupportedCritical(vec![64, 70]);
+        let denied = err.to_denied(Some(3));
+        assert_eq!(denied.code, ResultCode::UnsupportedOption);
+        assert_eq!(denied.unsupported, vec![64, 70]);
+        assert_eq!(denied.common.request_id, Some(3));
+        assert_eq!(peek_request_id(&hex("a2000601")), None, "truncated");
+        assert_eq!(
+            peek_request_id(&hex("a20007011b0000000100000000")),
+            Some(1 << 32)
+        );
     }
 
     #[test]

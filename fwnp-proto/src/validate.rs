@@ -161,8 +161,24 @@ impl ValidationError {
         }
     }
 
-    /// Whether the gateway closes the connection after answering (with QUIC code
-    /// [`QuicErrorCode::VersionMismatch`]): true only for a Hello with no common version.
+    /// The Denied that answers a request failing with this error: its result code, the error
+    /// as the reason, and the request's id.
+    pub fn to_denied(&self, request_id: Option<u64>) -> Denied {
+        Denied {
+            common: Common {
+                request_id,
+                critical: Vec::new(),
+            },
+            code: self.result_code(),
+            reason: Some(crate::codec::reason_text(&self.to_string())),
+            retry_after: None,
+            lease: None,
+            unsupported: Vec::new(),
+        }
+    }
+
+    /// The QUIC code with which the gateway closes the connection after answering, if it does:
+    /// [`QuicErrorCode::VersionMismatch`] for a Hello with no common version, else none.
     pub fn closes_connection(&self) -> Option<QuicErrorCode> {
         match self {
             ValidationError::UnsupportedVersion { .. } => Some(QuicErrorCode::VersionMismatch),
@@ -477,6 +493,29 @@ mod tests {
                 asked: MAX_LIFETIME_SECS + 1,
                 max: MAX_LIFETIME_SECS
             })
+        );
+    }
+
+    #[test]
+    fn denied_answers_carry_the_code_and_a_bounded_reason() {
+        let err = ValidationError::UnsupportedVersion {
+            offered: vec![65535; 200],
+        };
+        let denied = err.to_denied(Some(9));
+        assert_eq!(denied.code, ResultCode::UnsupportedVersion);
+        assert_eq!(denied.common.request_id, Some(9));
+        let reason = denied.reason.unwrap();
+        assert!(reason.len() <= MAX_REASON_LEN && reason.starts_with("no version in common"));
+        assert_eq!(
+            err.closes_connection(),
+            Some(QuicErrorCode::VersionMismatch)
+        );
+        assert_eq!(ValidationError::PortZero.closes_connection(), None);
+        let long = format!("x{}", "é".repeat(300));
+        assert_eq!(
+            crate::codec::reason_text(&long).len(),
+            511,
+            "cut on a character boundary"
         );
     }
 
