@@ -217,6 +217,9 @@ impl Batcher {
     }
 }
 
+/// How often expired openings are dropped from the desired state when idle.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(30);
+
 struct Worker {
     nf: Netfilter,
     layout: Layout,
@@ -231,6 +234,7 @@ impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut next_check = Instant::now() + self.config.check_interval;
         let mut deferred: Option<Command> = None;
+        let mut last_prune = Instant::now();
         loop {
             let command = match deferred.take() {
                 Some(c) => c,
@@ -239,6 +243,12 @@ impl Worker {
                     Err(RecvTimeoutError::Timeout) => {
                         self.check(RepairTrigger::PeriodicCheck);
                         next_check = Instant::now() + self.config.check_interval;
+                        if last_prune.elapsed() >= PRUNE_INTERVAL {
+                            // Forget openings the kernel has expired by itself.
+                            let now = Instant::now();
+                            self.desired.retain(|_, expiry| *expiry > now);
+                            last_prune = now;
+                        }
                         continue;
                     }
                     Err(RecvTimeoutError::Disconnected) => return,
@@ -360,6 +370,9 @@ impl Worker {
                 return;
             }
         };
+        if present && trigger == RepairTrigger::PeriodicCheck {
+            return;
+        }
         let desired = self.remaining();
         let mut event = RepairEvent {
             at: SystemTime::now(),

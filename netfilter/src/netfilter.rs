@@ -97,6 +97,8 @@ fn bump(seq: &mut u32) -> u32 {
 struct TxnOutcome {
     /// One acknowledgement per message, in message order.
     acks: Vec<Ack>,
+    /// What each message did, parallel to `acks`.
+    ops: Vec<Op>,
     /// An error the kernel reported against the whole batch (commit failure, no memory).
     batch_error: Option<Ack>,
 }
@@ -241,7 +243,7 @@ impl Netfilter {
                 ack.unwrap_or(Ack { errno: libc::ECANCELED, seq: meta.seq, message: None, bad_attr_offset: None })
             })
             .collect();
-        Ok(TxnOutcome { acks, batch_error })
+        Ok(TxnOutcome { acks, ops: txn.metas.iter().map(|m| m.op).collect(), batch_error })
     }
 
     /// A dump request; returns the raw datagrams of the answer. An interrupted dump (the
@@ -1041,8 +1043,8 @@ fn first_error(outcome: &TxnOutcome, table: &str) -> Error {
         return from_ack(Op::CreateTable, batch, table, None, None);
     }
     // ECANCELED marks acks that never came; prefer a real refusal.
-    match outcome.acks.iter().find(|a| a.errno != 0 && a.errno != libc::ECANCELED) {
-        Some(ack) => Error::Kernel { op: "transaction", errno: ack.errno, message: ack.message.clone().unwrap_or_default() },
+    match outcome.acks.iter().zip(&outcome.ops).find(|(a, _)| a.errno != 0 && a.errno != libc::ECANCELED) {
+        Some((ack, op)) => from_ack(*op, ack, table, None, None),
         None => Error::UnexpectedReply("transaction failed without an error".into()),
     }
 }
