@@ -2,6 +2,8 @@
 //! unchanged, its encoding is deterministic, and decoding arbitrary or mutated bytes never
 //! panics and, when it succeeds, yields a message that re-encodes stably.
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use fwnp_proto::codec::{DecodeError, decode, encode};
@@ -459,6 +461,34 @@ proptest! {
             }
         }
         check_arbitrary(&bytes)?;
+    }
+
+    #[test]
+    fn decoder_and_notation_printer_agree_on_well_formedness(
+        msg in message(),
+        edits in proptest::collection::vec((any::<proptest::sample::Index>(), any::<u8>()), 0..4),
+    ) {
+        // Two independent walkers of CBOR: the decoder and the diagnostic-notation printer of
+        // the vector tests. Where the decoder stops for a reason of its own (depth, tags, size),
+        // the question is moot; otherwise they must agree on what is well-formed.
+        let mut bytes = encode(&msg);
+        for (at, byte) in edits {
+            let len = bytes.len();
+            bytes[at.index(len)] = byte;
+        }
+        let decoded = decode(&bytes);
+        let moot = matches!(
+            decoded,
+            Err(DecodeError::NestingTooDeep { .. } | DecodeError::TagNotAllowed { .. } | DecodeError::TooLarge { .. })
+        );
+        if !moot {
+            let ill_formed = matches!(
+                decoded,
+                Err(DecodeError::InvalidCbor { .. } | DecodeError::TrailingBytes { .. })
+            );
+            let printed = common::diagnostic(&bytes);
+            prop_assert_eq!(ill_formed, printed.is_err(), "decoder {:?}, printer {:?}", decoded, printed);
+        }
     }
 
     #[test]

@@ -327,6 +327,7 @@ impl Diag<'_> {
                 21 => self.out += "true",
                 22 => self.out += "null",
                 23 => self.out += "undefined",
+                24 if arg < 32 => return Err("two-byte simple value below 32".into()),
                 0..=19 | 24 => self.out += &format!("simple({arg})"),
                 25 => self.out += &float(half_to_f64(arg as u16)),
                 26 => self.out += &float(f64::from(f32::from_bits(arg as u32))),
