@@ -25,9 +25,9 @@
 //! ciborium serialise it, which gives RFC 8949 section 4.2.1 core deterministic encoding: the
 //! shortest form of every integer and length, definite lengths only. Absent optional keys are
 //! left out, and so are `critical` when empty, `narrowed` when false, Hello's capabilities
-//! when 0, a remote prefix list when
-//! empty (it means "any") and Denied's list of unsupported keys when empty. Key 3 of an opening
-//! or grant (the last port) is written only when it differs from the first port.
+//! when 0 (absent means none), a remote prefix list when empty (it means "any") and Denied's
+//! list of unsupported keys when empty. Key 3 of an opening or grant (the last port) is
+//! written only when it differs from the first port.
 //!
 //! # Decoding
 //!
