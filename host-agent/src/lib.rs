@@ -1,6 +1,25 @@
-//! The FWNP host agent: it holds the host's identity, keeps one QUIC connection to the gateway,
-//! serves local applications over a Unix socket, renews their leases while they hold them and
-//! mirrors every grant into the host's own nftables table.
+//! The FWNP host agent, `fwnp-agent`: it holds the host's identity, keeps one QUIC connection
+//! to the gateway, serves local applications over a Unix socket (the local API of
+//! `spec/local-api.md`), renews their leases while they hold them and mirrors every grant into
+//! the host's own nftables table.
 //!
-//! Not yet implemented: the agent arrives with its own work.
+//! The protocol's decisions live in `fwnp-proto` (one [`fwnp_proto::lease::LeaseMachine`] per
+//! application lease, the local API's frames in [`fwnp_proto::local`]); the kernel belongs to
+//! `fwnp-netfilter`. This crate is the glue: [`config`] reads what the operator writes;
+//! [`link`] keeps the connection to the gateway; [`server`] accepts applications and learns who
+//! they are; [`ports`] verifies that the port an application asks for is its own; [`mirror`]
+//! keeps the host table; [`core`] owns the leases and ties it together; [`daemon`] starts and
+//! stops it all.
+//!
+//! It is not a firewall manager: it touches only its own table, and only for leases the gateway
+//! granted.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod core;
+pub mod daemon;
+pub mod link;
+pub mod mirror;
+pub mod ports;
+pub mod server;
+pub mod state;

@@ -1,0 +1,559 @@
+//! The agent's configuration file (`fwnp-agent --config PATH`), documented by example in
+//! `host-agent/examples/agent.toml`.
+//!
+//! Parsing refuses unknown keys and every value it cannot use, naming the line, the column and
+//! the reason, so that a typo never silently turns into a default.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fwnp_netfilter::{AlwaysAllowed, HostMode};
+use fwnp_proto::{PortRange, Prefix, Protocol};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A configuration file that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, a key is unknown, or a value cannot be used.
+    #[error("{origin}:{line}:{column}: {reason}")]
+    Invalid {
+        /// The file, as named to the parser.
+        origin: String,
+        /// Line, from 1.
+        line: usize,
+        /// Column, from 1.
+        column: usize,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What the host mirrors into its own nftables table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorMode {
+    /// New inbound connections pass only if a mirrored lease or an always-allowed entry admits
+    /// them.
+    Enforce,
+    /// The table is installed and counts what it would drop, but accepts everything.
+    Monitor,
+    /// No host table at all: the agent never touches the kernel.
+    Off,
+}
+
+impl MirrorMode {
+    /// The mode's name in the configuration and in Status answers.
+    pub fn name(self) -> &'static str {
+        match self {
+            MirrorMode::Enforce => "enforce",
+            MirrorMode::Monitor => "monitor",
+            MirrorMode::Off => "off",
+        }
+    }
+
+    /// The host layout's mode, unless the mirror is off.
+    pub fn host_mode(self) -> Option<HostMode> {
+        match self {
+            MirrorMode::Enforce => Some(HostMode::Enforce),
+            MirrorMode::Monitor => Some(HostMode::Monitor),
+            MirrorMode::Off => None,
+        }
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The gateway and the host's credentials.
+    pub gateway: GatewayConfig,
+    /// The local API.
+    pub local: LocalConfig,
+    /// The host's own table.
+    pub mirror: MirrorConfig,
+    /// Where the agent keeps its small state file.
+    pub state_dir: PathBuf,
+}
+
+/// How to reach the gateway, and who the host is.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// `HOST:PORT` of the gateway's QUIC service; resolved at each connection attempt.
+    pub address: String,
+    /// The name the gateway's certificate must carry (DNS SAN, or an IP SAN written as an
+    /// address).
+    pub server_name: String,
+    /// The host's certificate chain (PEM).
+    pub certificate: PathBuf,
+    /// The host's private key (PEM).
+    pub key: PathBuf,
+    /// The deployment's CA certificates the gateway's certificate must chain to (PEM).
+    pub ca: PathBuf,
+}
+
+/// The local API's socket and who may use it.
+#[derive(Debug, Clone)]
+pub struct LocalConfig {
+    /// The Unix socket path.
+    pub socket: PathBuf,
+    /// User ids that may use the agent (root always may).
+    pub allowed_uids: Vec<u32>,
+    /// Group ids whose members (primary or supplementary) may use the agent.
+    pub allowed_gids: Vec<u32>,
+    /// Whether a port opening requires the port to be bound by the caller or its descendants.
+    pub verify_port_owner: bool,
+    /// How long the agent waits for the caller to bind the port.
+    pub port_owner_grace: Duration,
+}
+
+/// The host table.
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    /// Enforce, monitor or off.
+    pub mode: MirrorMode,
+    /// The table's name, in family `inet`.
+    pub table: String,
+    /// Inbound traffic that always passes.
+    pub always_allowed: Vec<AlwaysAllowed>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    state_dir: PathBuf,
+    gateway: RawGateway,
+    #[serde(default)]
+    local: RawLocal,
+    #[serde(default)]
+    mirror: RawMirror,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    address: Spanned<String>,
+    server_name: Spanned<String>,
+    certificate: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLocal {
+    #[serde(default = "default_socket")]
+    socket: PathBuf,
+    #[serde(default)]
+    allowed_users: Vec<Spanned<toml::Value>>,
+    #[serde(default)]
+    allowed_groups: Vec<Spanned<toml::Value>>,
+    #[serde(default = "yes")]
+    verify_port_owner: bool,
+    #[serde(default = "default_grace")]
+    port_owner_grace: Spanned<String>,
+}
+
+impl Default for RawLocal {
+    fn default() -> Self {
+        RawLocal {
+            socket: default_socket(),
+            allowed_users: Vec::new(),
+            allowed_groups: Vec::new(),
+            verify_port_owner: true,
+            port_owner_grace: default_grace(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMirror {
+    #[serde(default = "default_mode")]
+    mode: Spanned<String>,
+    #[serde(default = "default_table")]
+    table: Spanned<String>,
+    #[serde(default)]
+    always_allowed: Vec<RawAllowed>,
+}
+
+impl Default for RawMirror {
+    fn default() -> Self {
+        RawMirror {
+            mode: default_mode(),
+            table: default_table(),
+            always_allowed: Vec::new(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAllowed {
+    from: Spanned<String>,
+    protocol: Option<Spanned<String>>,
+    ports: Option<Spanned<toml::Value>>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_socket() -> PathBuf {
+    PathBuf::from(fwnp_proto::local::DEFAULT_SOCKET_PATH)
+}
+fn default_grace() -> Spanned<String> {
+    Spanned::new(0..0, "2s".to_owned())
+}
+fn default_mode() -> Spanned<String> {
+    Spanned::new(0..0, "enforce".to_owned())
+}
+fn default_table() -> Spanned<String> {
+    Spanned::new(0..0, "fwnp_host".to_owned())
+}
+
+/// The longest grace period accepted: an application waits this long for its answer.
+const MAX_GRACE: Duration = Duration::from_secs(30);
+
+impl AgentConfig {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks a configuration held in memory; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        Self::parse_with(text, origin, Path::new("/etc"))
+    }
+
+    /// As [`AgentConfig::parse`], resolving user and group names in `etc/passwd` and
+    /// `etc/group` under `etc` (tests point it elsewhere).
+    pub fn parse_with(text: &str, origin: &str, etc: &Path) -> Result<Self, ConfigError> {
+        let at = |span: std::ops::Range<usize>, reason: String| {
+            let (line, column) = line_column(text, span.start);
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line,
+                column,
+                reason,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let span = e.span().unwrap_or(0..0);
+            at(span, e.message().to_owned())
+        })?;
+
+        let address = raw.gateway.address.get_ref();
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
+            _ => {
+                return Err(at(
+                    raw.gateway.address.span(),
+                    format!(
+                        "gateway address {address:?}: expected HOST:PORT, e.g. \"gateway.example.org:4433\""
+                    ),
+                ));
+            }
+        }
+        if raw.gateway.server_name.get_ref().is_empty() {
+            return Err(at(
+                raw.gateway.server_name.span(),
+                "server_name must name the gateway's certificate".to_owned(),
+            ));
+        }
+
+        let mut allowed_uids = Vec::new();
+        for user in &raw.local.allowed_users {
+            let uid = id_of(user.get_ref(), &etc.join("passwd"), "user")
+                .map_err(|reason| at(user.span(), reason))?;
+            allowed_uids.push(uid);
+        }
+        let mut allowed_gids = Vec::new();
+        for group in &raw.local.allowed_groups {
+            let gid = id_of(group.get_ref(), &etc.join("group"), "group")
+                .map_err(|reason| at(group.span(), reason))?;
+            allowed_gids.push(gid);
+        }
+        let grace = parse_duration(raw.local.port_owner_grace.get_ref())
+            .map_err(|reason| at(raw.local.port_owner_grace.span(), reason))?;
+        if grace > MAX_GRACE {
+            return Err(at(
+                raw.local.port_owner_grace.span(),
+                format!("port_owner_grace is at most {}s", MAX_GRACE.as_secs()),
+            ));
+        }
+        if raw.local.socket.as_os_str().is_empty() || !raw.local.socket.is_absolute() {
+            return Err(at(
+                0..0,
+                "[local] socket must be an absolute path".to_owned(),
+            ));
+        }
+
+        let mode = match raw.mirror.mode.get_ref().as_str() {
+            "enforce" => MirrorMode::Enforce,
+            "monitor" => MirrorMode::Monitor,
+            "off" => MirrorMode::Off,
+            other => {
+                return Err(at(
+                    raw.mirror.mode.span(),
+                    format!("mode = {other:?}: expected \"enforce\", \"monitor\" or \"off\""),
+                ));
+            }
+        };
+        let table = raw.mirror.table.get_ref();
+        if table.is_empty()
+            || table.len() > 64
+            || !table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(at(
+                raw.mirror.table.span(),
+                format!("table name {table:?}: 1 to 64 letters, digits, '_' or '-'"),
+            ));
+        }
+        let mut always_allowed = Vec::new();
+        for entry in &raw.mirror.always_allowed {
+            let remote = parse_prefix(entry.from.get_ref())
+                .map_err(|reason| at(entry.from.span(), reason))?;
+            let protocol = match &entry.protocol {
+                None => None,
+                Some(p) => Some(parse_protocol(p.get_ref()).map_err(|r| at(p.span(), r))?),
+            };
+            let ports = match &entry.ports {
+                None => None,
+                Some(p) => Some(parse_ports(p.get_ref()).map_err(|r| at(p.span(), r))?),
+            };
+            if ports.is_some()
+                && !matches!(
+                    protocol,
+                    Some(Protocol::Tcp | Protocol::Udp | Protocol::Sctp | Protocol::UdpLite)
+                )
+            {
+                return Err(at(
+                    entry.from.span(),
+                    "an always-allowed entry with ports needs a protocol".to_owned(),
+                ));
+            }
+            always_allowed.push(AlwaysAllowed {
+                remote,
+                protocol,
+                ports,
+            });
+        }
+
+        Ok(AgentConfig {
+            gateway: GatewayConfig {
+                address: address.clone(),
+                server_name: raw.gateway.server_name.get_ref().clone(),
+                certificate: raw.gateway.certificate,
+                key: raw.gateway.key,
+                ca: raw.gateway.ca,
+            },
+            local: LocalConfig {
+                socket: raw.local.socket,
+                allowed_uids,
+                allowed_gids,
+                verify_port_owner: raw.local.verify_port_owner,
+                port_owner_grace: grace,
+            },
+            mirror: MirrorConfig {
+                mode,
+                table: table.clone(),
+                always_allowed,
+            },
+            state_dir: raw.state_dir,
+        })
+    }
+}
+
+/// Line and column (both from 1) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.as_bytes().get(..offset.min(text.len())).unwrap_or(&[]);
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, column)
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
+}
+
+/// A prefix such as `10.1.0.0/16`; a bare address is a host prefix; host bits set beyond the
+/// length are refused, as the protocol refuses them.
+fn parse_prefix(text: &str) -> Result<Prefix, String> {
+    let net: ipnet::IpNet = match text.parse() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<IpAddr>() {
+            Ok(addr) => ipnet::IpNet::from(addr),
+            Err(_) => return Err(format!("{text:?} is not an address prefix")),
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set beyond /{}; did you mean {}?",
+            net.prefix_len(),
+            net.trunc()
+        ));
+    }
+    Ok(Prefix {
+        addr: net.addr(),
+        len: net.prefix_len(),
+    })
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    match text {
+        "tcp" => Ok(Protocol::Tcp),
+        "udp" => Ok(Protocol::Udp),
+        "sctp" => Ok(Protocol::Sctp),
+        "udplite" => Ok(Protocol::UdpLite),
+        other => Err(format!(
+            "protocol {other:?}: expected \"tcp\", \"udp\", \"sctp\" or \"udplite\""
+        )),
+    }
+}
+
+/// `22`, `"22"` or `"8000-8100"`.
+fn parse_ports(value: &toml::Value) -> Result<PortRange, String> {
+    let port = |n: i64| -> Result<u16, String> {
+        u16::try_from(n)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("port {n} is not between 1 and 65535"))
+    };
+    let range = match value {
+        toml::Value::Integer(n) => PortRange::single(port(*n)?),
+        toml::Value::String(s) => {
+            let number = |t: &str| -> Result<u16, String> {
+                t.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("ports {s:?}: expected a port or FIRST-LAST"))
+                    .and_then(port)
+            };
+            match s.split_once('-') {
+                Some((first, last)) => PortRange {
+                    first: number(first)?,
+                    last: number(last)?,
+                },
+                None => PortRange::single(number(s)?),
+            }
+        }
+        _ => return Err("ports: expected a port number or a \"FIRST-LAST\" string".to_owned()),
+    };
+    if range.last < range.first {
+        return Err(format!(
+            "port range {}-{} is reversed",
+            range.first, range.last
+        ));
+    }
+    Ok(range)
+}
+
+/// A user or group given by number or by name, looked up in a passwd or group file.
+fn id_of(value: &toml::Value, file: &Path, what: &str) -> Result<u32, String> {
+    match value {
+        toml::Value::Integer(n) => {
+            u32::try_from(*n).map_err(|_| format!("{what} id {n} is out of range"))
+        }
+        toml::Value::String(name) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("{what} {name:?}: cannot read {}: {e}", file.display()))?;
+            text.lines()
+                .filter_map(|line| {
+                    let mut fields = line.split(':');
+                    let entry = fields.next()?;
+                    let id = fields.nth(1)?.parse::<u32>().ok()?;
+                    (entry == name).then_some(id)
+                })
+                .next()
+                .ok_or_else(|| format!("no {what} named {name:?} in {}", file.display()))
+        }
+        _ => Err(format!("{what}: expected a name or a numeric id")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"state_dir = "/var/lib/fwnp-agent"
+
+[gateway]
+address = "gateway.example.org:4433"
+server_name = "gateway.example.org"
+certificate = "/etc/fwnp/pki/web-01.pem"
+key = "/etc/fwnp/pki/web-01.key"
+ca = "/etc/fwnp/pki/ca.pem"
+"#;
+
+    fn error_of(text: &str) -> (usize, String) {
+        match AgentConfig::parse(text, "agent.toml") {
+            Err(ConfigError::Invalid { line, reason, .. }) => (line, reason),
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let config = AgentConfig::parse(GOOD, "agent.toml").expect("valid");
+        assert_eq!(config.local.socket, PathBuf::from("/run/fwnp/agent.sock"));
+        assert!(config.local.verify_port_owner);
+        assert_eq!(config.local.port_owner_grace, Duration::from_secs(2));
+        assert_eq!(config.mirror.mode, MirrorMode::Enforce);
+        assert_eq!(config.mirror.table, "fwnp_host");
+        assert!(config.local.allowed_uids.is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_line_and_reason() {
+        let (line, reason) = error_of(&GOOD.replace("gateway.example.org:4433", "gateway"));
+        assert_eq!(line, 4);
+        assert!(reason.contains("HOST:PORT"), "{reason}");
+
+        let (line, reason) = error_of(&format!("{GOOD}\n[mirror]\nmode = \"strict\"\n"));
+        assert_eq!(line, 11);
+        assert!(reason.contains("monitor"), "{reason}");
+
+        let (line, reason) = error_of(&GOOD.replace("state_dir", "stat_dir"));
+        assert_eq!(line, 1);
+        assert!(reason.contains("stat_dir"), "{reason}");
+    }
+}
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("../examples/agent.toml");
+        let dir = std::env::temp_dir().join(format!("fwnp-agent-etc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("group"), "root:x:0:\nfwnp:x:977:alice\n").unwrap();
+        std::fs::write(dir.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        let config = AgentConfig::parse_with(text, "examples/agent.toml", &dir).expect("valid");
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(config.local.allowed_gids, vec![977]);
+        assert_eq!(config.mirror.always_allowed.len(), 3);
+        assert_eq!(
+            config.mirror.always_allowed[2].ports,
+            Some(PortRange {
+                first: 161,
+                last: 162
+            })
+        );
+        assert_eq!(config.gateway.server_name, "gateway.example.org");
+    }
+}

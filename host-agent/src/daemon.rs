@@ -1,0 +1,123 @@
+//! Starting and stopping the agent: logging, the state directory, the host table, the link to
+//! the gateway, the local socket and the core, then readiness for systemd; SIGTERM or SIGINT
+//! release every lease and stop.
+
+use std::sync::Arc;
+
+use fwnp_gateway::tls::{ClientOptions, ClientTlsFiles, client_config_from_files};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::AgentConfig;
+use crate::core::Core;
+use crate::link::{self, LinkSettings};
+use crate::mirror::{Mirror, describe_allowed};
+use crate::server;
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The state directory could not be created.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The host's certificate, key or CA could not be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] fwnp_gateway::tls::TlsError),
+    /// The host table could not be installed.
+    #[error("host table: {0}")]
+    Mirror(#[from] fwnp_netfilter::Error),
+    /// The local socket could not be set up.
+    #[error("local socket: {0}")]
+    Socket(#[from] server::ServerError),
+    /// A signal handler could not be installed.
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Sets up tracing on standard error (`RUST_LOG` filters; default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
+    let config = Arc::new(config);
+    crate::state::prepare(&config.state_dir).map_err(|source| DaemonError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    })?;
+    if let Some(last) = crate::state::load(&config.state_dir) {
+        info!(
+            epoch = format_args!("{:016x}", last.epoch),
+            identity = %last.identity,
+            "last run's gateway"
+        );
+    }
+    let client_config = client_config_from_files(
+        &ClientTlsFiles {
+            cert: config.gateway.certificate.clone(),
+            key: config.gateway.key.clone(),
+            ca: config.gateway.ca.clone(),
+        },
+        &ClientOptions::default(),
+    )?;
+    let mirror = Mirror::start(&config.mirror).await?;
+    info!(
+        mode = config.mirror.mode.name(),
+        table = %config.mirror.table,
+        always_allowed = ?describe_allowed(&config.mirror.always_allowed),
+        "mirror ready"
+    );
+    let listener = server::bind(&config.local)?;
+
+    let (tx, rx) = mpsc::unbounded_channel();
+    let core = Core::new(config.clone(), mirror, tx.clone());
+    let core_task = tokio::spawn(core.run(rx));
+    tokio::spawn(link::run(
+        LinkSettings {
+            address: config.gateway.address.clone(),
+            server_name: config.gateway.server_name.clone(),
+            client_config,
+        },
+        tx.clone(),
+    ));
+    tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(socket = %config.local.socket.display(), gateway = %config.gateway.address, "ready");
+
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let (done, stopped) = oneshot::channel();
+    if tx.send(crate::core::CoreInput::Shutdown(done)).is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stopped).await;
+    }
+    drop(tx);
+    if let Err(e) = std::fs::remove_file(&config.local.socket) {
+        warn!("removing the socket: {e}");
+    }
+    core_task.abort();
+    info!("stopped");
+    Ok(())
+}

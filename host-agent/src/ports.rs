@@ -1,0 +1,398 @@
+//! Port owner verification: before the agent asks the gateway to open a port for an
+//! application, it checks that the port is bound by a socket of that application (the process
+//! that asked, or one of its descendants), so that one program cannot open the firewall for a
+//! port another program serves.
+//!
+//! How: the kernel's socket tables for the agent's network namespace (`/proc/net/tcp`, `tcp6`,
+//! `udp`, `udp6`, `udplite`, `udplite6`, `sctp/eps`) give the sockets bound on the port (for TCP
+//! only listening ones) and their inodes; `/proc/PID/fd` links (`socket:[INODE]`) say which
+//! processes hold them; `/proc/*/stat` gives the parent of every process, hence the caller's
+//! descendants. The rules:
+//!
+//! - every socket bound on the port (on any port of a range) must be held by the caller or a
+//!   descendant; one that is not (even if shared with the caller, as with `SO_REUSEPORT` across
+//!   programs) means another program serves it: refused, naming that process;
+//! - a socket held by both the caller and someone else (an inherited listening socket, systemd
+//!   socket activation) counts as the caller's;
+//! - if no socket is bound yet, the agent polls for a grace period (the application may bind
+//!   right after asking), then refuses saying nobody listens.
+//!
+//! Reading another user's `/proc/PID/fd` needs privileges the agent has as root; as another
+//! user, processes it cannot read are simply not seen (and a port they hold is reported as
+//! bound by an unknown process).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fwnp_proto::{PortRange, Protocol};
+
+/// How often the socket tables are read again during the grace period.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Who holds the sockets bound on a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Every socket bound on the port is held by the caller or a descendant; `pid` is one
+    /// process that holds one.
+    Caller {
+        /// A process of the caller's tree holding the socket.
+        pid: u32,
+    },
+    /// A socket bound on the port is held by this process, outside the caller's tree.
+    Other {
+        /// The port concerned.
+        port: u16,
+        /// The process.
+        pid: u32,
+        /// Its command name (`/proc/PID/comm`).
+        comm: String,
+    },
+    /// A socket is bound on the port but no process the agent can see holds it.
+    Unknown {
+        /// The port concerned.
+        port: u16,
+    },
+    /// Nothing is bound on the port.
+    Unbound,
+}
+
+/// Why a port opening is refused (local code port-not-owned).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PortNotOwned {
+    /// Another process binds the port.
+    #[error("{protocol}/{port} is bound by pid {pid} ({comm}), not by the caller")]
+    Other {
+        /// The protocol.
+        protocol: Protocol,
+        /// The port.
+        port: u16,
+        /// The owner.
+        pid: u32,
+        /// The owner's command name.
+        comm: String,
+    },
+    /// A socket no visible process holds binds the port.
+    #[error("{protocol}/{port} is bound by a socket no visible process holds, not by the caller")]
+    Unknown {
+        /// The protocol.
+        protocol: Protocol,
+        /// The port.
+        port: u16,
+    },
+    /// Nothing bound the port within the grace period.
+    #[error("nobody listens on {protocol}/{ports} (waited {waited:?} for the caller to bind it)")]
+    Nobody {
+        /// The protocol.
+        protocol: Protocol,
+        /// The ports.
+        ports: PortRange,
+        /// How long the agent waited.
+        waited: Duration,
+    },
+    /// The socket tables could not be read.
+    #[error("cannot read the socket tables: {0}")]
+    Unreadable(String),
+}
+
+/// The socket tables and processes of one `/proc`.
+#[derive(Debug, Clone)]
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        ProcFs {
+            root: PathBuf::from("/proc"),
+        }
+    }
+}
+
+impl ProcFs {
+    /// The `/proc` mounted at `root`.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        ProcFs { root: root.into() }
+    }
+
+    /// The inodes of sockets bound on `ports` for `protocol` in the reader's network namespace,
+    /// with their port. For TCP only listening sockets count.
+    pub fn bound_sockets(
+        &self,
+        protocol: Protocol,
+        ports: PortRange,
+    ) -> std::io::Result<Vec<(u16, u64)>> {
+        let net = self.root.join("net");
+        let mut found = Vec::new();
+        match protocol {
+            Protocol::Tcp | Protocol::Udp | Protocol::UdpLite => {
+                let (files, listen_only): (&[&str], bool) = match protocol {
+                    Protocol::Tcp => (&["tcp", "tcp6"], true),
+                    Protocol::Udp => (&["udp", "udp6"], false),
+                    _ => (&["udplite", "udplite6"], false),
+                };
+                let mut any = false;
+                for file in files {
+                    let text = match std::fs::read_to_string(net.join(file)) {
+                        Ok(text) => text,
+                        // IPv6 (or UDP-Lite) may be absent from the kernel.
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e),
+                    };
+                    any = true;
+                    found.extend(parse_inet_table(&text, ports, listen_only));
+                }
+                if !any && protocol != Protocol::UdpLite {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("no {protocol} socket table under {}", net.display()),
+                    ));
+                }
+            }
+            Protocol::Sctp => match std::fs::read_to_string(net.join("sctp/eps")) {
+                Ok(text) => found.extend(parse_sctp_eps(&text, ports)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            },
+            // A protocol FWNP learns later: nothing known to be bound.
+            _ => {}
+        }
+        found.sort_unstable();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// `pid` and all its descendants.
+    pub fn process_tree(&self, pid: u32) -> HashSet<u32> {
+        let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+        for (child, parent) in self.parents() {
+            children.entry(parent).or_default().push(child);
+        }
+        let mut tree = HashSet::from([pid]);
+        let mut todo = vec![pid];
+        // Bounded by the number of processes: each is pushed at most once.
+        while let Some(p) = todo.pop() {
+            for c in children.get(&p).into_iter().flatten() {
+                if tree.insert(*c) {
+                    todo.push(*c);
+                }
+            }
+        }
+        tree
+    }
+
+    /// (pid, parent pid) of every process.
+    fn parents(&self) -> Vec<(u32, u32)> {
+        self.pids()
+            .filter_map(|pid| {
+                let stat =
+                    std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+                Some((pid, parse_ppid(&stat)?))
+            })
+            .collect()
+    }
+
+    fn pids(&self) -> impl Iterator<Item = u32> + use<> {
+        std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+    }
+
+    /// The socket inodes `pid` holds open.
+    pub fn socket_inodes(&self, pid: u32) -> HashSet<u64> {
+        let dir = self.root.join(pid.to_string()).join("fd");
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let link = std::fs::read_link(entry.ok()?.path()).ok()?;
+                socket_inode(&link)
+            })
+            .collect()
+    }
+
+    /// The command name of `pid`.
+    pub fn comm(&self, pid: u32) -> String {
+        std::fs::read_to_string(self.root.join(pid.to_string()).join("comm"))
+            .map(|c| c.trim_end().to_owned())
+            .unwrap_or_else(|_| "?".to_owned())
+    }
+
+    /// Who holds the sockets bound on `ports`, as seen now.
+    pub fn ownership(
+        &self,
+        caller: u32,
+        protocol: Protocol,
+        ports: PortRange,
+    ) -> std::io::Result<Ownership> {
+        let bound = self.bound_sockets(protocol, ports)?;
+        if bound.is_empty() {
+            return Ok(Ownership::Unbound);
+        }
+        let tree = self.process_tree(caller);
+        let mut held_by: HashMap<u64, u32> = HashMap::new();
+        for pid in &tree {
+            for inode in self.socket_inodes(*pid) {
+                held_by.entry(inode).or_insert(*pid);
+            }
+        }
+        let mut holder = None;
+        for (port, inode) in &bound {
+            match held_by.get(inode) {
+                Some(pid) => holder = holder.or(Some(*pid)),
+                None => return Ok(self.foreign_owner(*port, *inode, &tree)),
+            }
+        }
+        Ok(holder.map_or(Ownership::Unbound, |pid| Ownership::Caller { pid }))
+    }
+
+    /// The process outside `tree` that holds `inode`.
+    fn foreign_owner(&self, port: u16, inode: u64, tree: &HashSet<u32>) -> Ownership {
+        for pid in self.pids().filter(|p| !tree.contains(p)) {
+            if self.socket_inodes(pid).contains(&inode) {
+                return Ownership::Other {
+                    port,
+                    pid,
+                    comm: self.comm(pid),
+                };
+            }
+        }
+        Ownership::Unknown { port }
+    }
+
+    /// Waits up to `grace` for `ports` to be bound by the caller's tree; returns the holder's
+    /// pid, or why the opening is refused. Refuses at once when another process holds a socket
+    /// on the port.
+    pub async fn verify(
+        &self,
+        caller: u32,
+        protocol: Protocol,
+        ports: PortRange,
+        grace: Duration,
+    ) -> Result<u32, PortNotOwned> {
+        let started = Instant::now();
+        loop {
+            let procfs = self.clone();
+            let seen =
+                tokio::task::spawn_blocking(move || procfs.ownership(caller, protocol, ports))
+                    .await
+                    .map_err(|e| PortNotOwned::Unreadable(e.to_string()))?
+                    .map_err(|e| PortNotOwned::Unreadable(e.to_string()))?;
+            match seen {
+                Ownership::Caller { pid } => return Ok(pid),
+                Ownership::Other { port, pid, comm } => {
+                    return Err(PortNotOwned::Other {
+                        protocol,
+                        port,
+                        pid,
+                        comm,
+                    });
+                }
+                Ownership::Unknown { port } => {
+                    return Err(PortNotOwned::Unknown { protocol, port });
+                }
+                Ownership::Unbound => {
+                    let waited = started.elapsed();
+                    if waited >= grace {
+                        return Err(PortNotOwned::Nobody {
+                            protocol,
+                            ports,
+                            waited,
+                        });
+                    }
+                    tokio::time::sleep(POLL_INTERVAL.min(grace - waited)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The parent pid in the text of `/proc/PID/stat`: the fourth field, counted after the command
+/// name, which is in parentheses and may itself hold spaces and parentheses.
+fn parse_ppid(stat: &str) -> Option<u32> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The inode of a `/proc/PID/fd` link `socket:[INODE]`.
+fn socket_inode(link: &Path) -> Option<u64> {
+    let text = link.to_str()?;
+    text.strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// (port, inode) of the sockets of a `/proc/net/{tcp,udp,...}{,6}` table whose local port lies
+/// in `ports`; with `listen_only`, only sockets in state LISTEN (0A).
+fn parse_inet_table(text: &str, ports: PortRange, listen_only: bool) -> Vec<(u16, u64)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            let state = fields.get(3)?;
+            let inode = fields.get(9)?.parse::<u64>().ok()?;
+            let port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            let in_range = ports.first <= port && port <= ports.last;
+            // Inode 0: a socket in TIME_WAIT or being torn down, held by nobody.
+            (in_range && inode != 0 && (!listen_only || *state == "0A")).then_some((port, inode))
+        })
+        .collect()
+}
+
+/// (port, inode) of the SCTP endpoints of `/proc/net/sctp/eps` whose port lies in `ports`.
+fn parse_sctp_eps(text: &str, ports: PortRange) -> Vec<(u16, u64)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields.get(5)?.parse::<u16>().ok()?;
+            let inode = fields.get(7)?.parse::<u64>().ok()?;
+            (ports.first <= port && port <= ports.last && inode != 0).then_some((port, inode))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_tables() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 100 0 0 10 0\n\
+   2: 00000000:0016 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 77 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(
+            parse_inet_table(tcp, PortRange::single(8080), true),
+            vec![(8080, 4242)]
+        );
+        assert_eq!(
+            parse_inet_table(tcp, PortRange::single(8080), false),
+            vec![(8080, 4242), (8080, 4343)]
+        );
+        assert_eq!(
+            parse_inet_table(
+                tcp,
+                PortRange {
+                    first: 1,
+                    last: 100
+                },
+                true
+            ),
+            vec![(22, 77)]
+        );
+        let eps = " ENDPT     SOCK   STY SST HBKT LPORT   UID INODE LADDRS\n\
+ ffff8881  ffff8882 2   10  5    9000      0 31337 10.0.0.1\n";
+        assert_eq!(
+            parse_sctp_eps(eps, PortRange::single(9000)),
+            vec![(9000, 31337)]
+        );
+        assert_eq!(parse_ppid("12 (a) b) c) S 7 12 12 0"), Some(7));
+        assert_eq!(socket_inode(Path::new("socket:[99]")), Some(99));
+        assert_eq!(socket_inode(Path::new("pipe:[99]")), None);
+    }
+}
