@@ -55,7 +55,8 @@ pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
+/// The TLS files named by the configuration.
+pub fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
     ServerTlsFiles {
         cert: config.certificate.clone(),
         key: config.key.clone(),
@@ -64,8 +65,15 @@ fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
     }
 }
 
-fn server_options(config: &GatewayConfig) -> ServerOptions {
-    ServerOptions { max_concurrent_bidi_streams: config.limits.max_streams, ..ServerOptions::default() }
+/// The TLS and transport options the gateway serves with.
+pub fn server_options(config: &GatewayConfig) -> ServerOptions {
+    ServerOptions {
+        max_concurrent_bidi_streams: config.limits.max_streams,
+        // One is allowed so that a client that opens one is told precisely what it did wrong
+        // (ProtocolViolation) instead of a bare transport-level stream-limit error.
+        max_concurrent_uni_streams_from_client: 1,
+        ..ServerOptions::default()
+    }
 }
 
 /// The gateway's nftables layout from its configuration.

@@ -1,0 +1,549 @@
+//! `fwnp-load`: the FWNP load generator. Many simulated hosts, each with its own certificate and
+//! QUIC connection, send an open/renew/release mix to a real `fwnp-gateway` and the tool reports
+//! what the gateway sustained and how long each answer took.
+//!
+//! It sets everything up itself: a throw-away CA and certificates, a policy that allows the
+//! simulated hosts, and the gateway process with its SQLite store; with `--netns` the gateway
+//! runs in a fresh network namespace with its nftables filter on, so every grant goes through
+//! the kernel as in production. Output is a table, or one JSON object with `--json`.
+//!
+//! ```text
+//! fwnp-load --hosts 200 --duration 20s                 closed loop: as fast as the gateway goes
+//! fwnp-load --rate 1000 --duration 30s                 open loop at 1,000 requests/s
+//! fwnp-load --netns --prefill 1000000 --duration 0s    a million live leases, then memory
+//! ```
+#![forbid(unsafe_code)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use fwnp_gateway::pki;
+use fwnp_gateway::tls::{ClientOptions, client_config};
+use fwnp_proto::codec::{decode, encode};
+use fwnp_proto::{
+    Capabilities, Common, Hello, LeaseId, Message, Open, Opening, PortRange, Protocol, Release,
+    Renew, Target,
+};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+/// Drives a real fwnp-gateway with simulated hosts and reports throughput and latency.
+#[derive(Debug, Parser, Clone)]
+#[command(version, about)]
+struct Args {
+    /// Simulated hosts, each with its own certificate and QUIC connection.
+    #[arg(long, default_value_t = 100)]
+    hosts: usize,
+    /// Requests per second for an open loop; without it, a closed loop as fast as answers come.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Requests in flight per host in the closed loop.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// How long to measure.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Percentages of open, renew and release in the mix.
+    #[arg(long, default_value = "60,30,10")]
+    mix: String,
+    /// Open this many leases before measuring (spread over the hosts), e.g. to measure memory.
+    #[arg(long, default_value_t = 0)]
+    prefill: u64,
+    /// Lifetime asked for each lease, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    lifetime: u32,
+    /// Run the gateway in a fresh network namespace with its nftables filter on (needs root).
+    #[arg(long)]
+    netns: bool,
+    /// The fwnp-gateway binary (default: beside this one).
+    #[arg(long)]
+    gateway_bin: Option<PathBuf>,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the working directory (certificates, configs, store, gateway log).
+    #[arg(long)]
+    keep: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    open: u32,
+    renew: u32,
+}
+
+fn parse_mix(text: &str) -> Result<Mix, String> {
+    let parts: Vec<u32> = text
+        .split(',')
+        .map(|p| p.trim().parse::<u32>().map_err(|_| format!("--mix {text:?}: three numbers")))
+        .collect::<Result<_, _>>()?;
+    match parts[..] {
+        [open, renew, release] if open + renew + release == 100 && open > 0 => {
+            Ok(Mix { open, renew })
+        }
+        _ => Err(format!("--mix {text:?}: open,renew,release percentages adding up to 100, open > 0")),
+    }
+}
+
+/// The namespace the gateway runs in with `--netns`; removed on drop.
+struct Namespace(String);
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// The gateway process; killed on drop.
+struct Gateway {
+    child: Child,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Gateway {
+    fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+struct Host {
+    connection: quinn::Connection,
+    address: IpAddr,
+    next_port: AtomicU64,
+    held: Mutex<Vec<LeaseId>>,
+}
+
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    granted: AtomicU64,
+    renewed: AtomicU64,
+    released: AtomicU64,
+    denied: AtomicU64,
+    failed: AtomicU64,
+}
+
+enum Kind {
+    Open,
+    Renew,
+    Release,
+}
+
+fn host_address(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8))
+}
+
+fn free_udp_port() -> std::io::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::error::Error>> {
+    let ca = dir.join("pki");
+    pki::init_ca(&ca, "fwnp-load CA", pki::Validity::days(2))?;
+    pki::issue_gateway(&ca, "gateway", &["gateway.load".to_owned()], &[], pki::Validity::days(2))?;
+    for i in 0..args.hosts {
+        pki::issue_host(&ca, &format!("load-{i}"), &[host_address(i)], &[], &[], pki::Validity::days(2))?;
+    }
+    let per_host = (args.prefill / args.hosts.max(1) as u64 + 100_000).min(u64::from(u32::MAX));
+    std::fs::write(
+        dir.join("policy.toml"),
+        format!(
+            "[defaults]\nlifetime = \"1h\"\nmin_lifetime = \"10s\"\nmax_lifetime = \"2h\"\nmax_leases = {per_host}\n\n\
+             [[group]]\nname = \"load\"\nidentities = [\"fwnp://host/load-*\"]\n\n\
+             [[rule]]\nname = \"load-any-tcp\"\ngroups = [\"load\"]\nallow = [\"tcp/*\"]\n"
+        ),
+    )?;
+    let filter = if args.netns {
+        "[filter]\nenabled = true\nprotected = [\"10.200.0.0/14\"]\n"
+    } else {
+        "[filter]\nenabled = false\n"
+    };
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!(
+            "listen = [\"127.0.0.1:{port}\"]\ncertificate = \"{ca}/gateway.pem\"\nkey = \"{ca}/gateway.key\"\n\
+             ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/state\"\n\
+             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\nmax_streams = 1024\n",
+            ca = ca.display(),
+            d = dir.display(),
+        ),
+    )?;
+    Ok(())
+}
+
+fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: u64) -> Message {
+    let common = Common { request_id: Some(id), critical: Vec::new() };
+    match (kind, lease) {
+        (Kind::Renew, Some(lease)) => {
+            Message::Renew(Renew { common, lease, lifetime: Some(lifetime) })
+        }
+        (Kind::Release, Some(lease)) => Message::Release(Release { common, lease }),
+        _ => {
+            let port = 1 + (host.next_port.fetch_add(1, Ordering::Relaxed) % 65_535) as u16;
+            Message::Open(Open {
+                common,
+                opening: Opening {
+                    target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(port) },
+                    host: Some(host.address),
+                    family: None,
+                    remotes: Vec::new(),
+                },
+                lifetime: Some(lifetime),
+                app: None,
+            })
+        }
+    }
+}
+
+async fn exchange(connection: &quinn::Connection, msg: &Message) -> Result<Message, String> {
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(&encode(msg)).await.map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    let bytes = recv.read_to_end(fwnp_proto::MAX_MESSAGE_SIZE).await.map_err(|e| e.to_string())?;
+    decode(&bytes).map_err(|e| e.to_string())
+}
+
+/// One request of the mix against one host; returns whether it was answered.
+async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mut rand::rngs::StdRng) -> bool {
+    let roll = rng.random_range(0..100);
+    let kind = if roll < mix.open {
+        Kind::Open
+    } else if roll < mix.open + mix.renew {
+        Kind::Renew
+    } else {
+        Kind::Release
+    };
+    let lease = match kind {
+        Kind::Open => None,
+        Kind::Renew | Kind::Release => {
+            let mut held = host.held.lock().await;
+            if held.is_empty() {
+                None
+            } else {
+                let i = rng.random_range(0..held.len());
+                Some(if matches!(kind, Kind::Release) { held.swap_remove(i) } else { held[i] })
+            }
+        }
+    };
+    let kind = if lease.is_none() { Kind::Open } else { kind };
+    let msg = request(&kind, host, lease, lifetime, rng.random());
+    counters.sent.fetch_add(1, Ordering::Relaxed);
+    match exchange(&host.connection, &msg).await {
+        Ok(Message::Granted(g)) => {
+            if matches!(kind, Kind::Open) {
+                counters.granted.fetch_add(1, Ordering::Relaxed);
+                host.held.lock().await.push(g.lease);
+            } else {
+                counters.renewed.fetch_add(1, Ordering::Relaxed);
+            }
+            true
+        }
+        Ok(Message::Released(_)) => {
+            counters.released.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Ok(_) => {
+            counters.denied.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+        Err(_) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fwnp-load: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fwnp-load: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let mix = parse_mix(&args.mix)?;
+    if args.hosts == 0 || args.hosts > 1 << 18 {
+        return Err("--hosts: 1 to 262144".into());
+    }
+    if args.netns && !nix_is_root() {
+        return Err("--netns needs root (network namespaces and nftables)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("fwnp-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let port = free_udp_port()?;
+    eprintln!("fwnp-load: making {} host certificates in {}", args.hosts, dir.display());
+    write_setup(&dir, &args, port)?;
+
+    let gateway_bin = match &args.gateway_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("fwnp-gateway"),
+    };
+    let log = std::fs::File::create(dir.join("gateway.log"))?;
+    let namespace = if args.netns {
+        let name = format!("fwnp-load-{}", std::process::id());
+        let status = Command::new("ip").args(["netns", "add", &name]).status()?;
+        if !status.success() {
+            return Err(format!("ip netns add {name} failed").into());
+        }
+        let ns = Namespace(name);
+        Command::new("ip").args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]).status()?;
+        Some(ns)
+    } else {
+        None
+    };
+    let mut command = match &namespace {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.0]).arg(&gateway_bin);
+            c
+        }
+        None => Command::new(&gateway_bin),
+    };
+    command
+        .arg("--config")
+        .arg(dir.join("gateway.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log);
+    let gateway = Gateway { child: command.spawn()? };
+
+    // The client's UDP socket must live where the gateway listens: in its namespace.
+    let socket = match &namespace {
+        Some(ns) => {
+            let entry = Path::new("/run/netns").join(&ns.0);
+            socket_in_namespace(&entry)?
+        }
+        None => UdpSocket::bind("127.0.0.1:0")?,
+    };
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let ca_dir = dir.join("pki");
+    let ca_roots = fwnp_gateway::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
+
+    // Wait for the gateway to listen, then connect every host.
+    let mut hosts = Vec::with_capacity(args.hosts);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..args.hosts {
+        let chain = fwnp_gateway::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
+        let key = fwnp_gateway::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
+        let config = client_config(chain, key, &ca_roots, &ClientOptions::default())?;
+        let connection = loop {
+            let attempt = async {
+                let connection = endpoint.connect_with(config.clone(), gateway_addr, "gateway.load")?.await?;
+                let hello = Message::Hello(Hello {
+                    common: Common::default(),
+                    versions: vec![fwnp_proto::VERSION],
+                    capabilities: Capabilities(Capabilities::ALL),
+                    software: Some("fwnp-load".into()),
+                });
+                match exchange(&connection, &hello).await? {
+                    Message::Welcome(_) => Ok::<_, Box<dyn std::error::Error>>(connection),
+                    other => Err(format!("Hello answered with {other:?}").into()),
+                }
+            };
+            match attempt.await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    if i == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(format!("the gateway did not answer in 30 s: {e} (see {})", dir.join("gateway.log").display()).into()),
+            }
+        };
+        hosts.push(Arc::new(Host {
+            connection,
+            address: host_address(i),
+            next_port: AtomicU64::new(0),
+            held: Mutex::new(Vec::new()),
+        }));
+    }
+    let rss_idle = gateway.rss_kib();
+
+    // Prefill: opens only, as fast as the gateway takes them.
+    let prefill_started = Instant::now();
+    if args.prefill > 0 {
+        let counters = Arc::new(Counters::default());
+        let remaining = Arc::new(AtomicU64::new(args.prefill));
+        let mut tasks = Vec::new();
+        for (h, host) in hosts.iter().enumerate() {
+            for c in 0..args.concurrency {
+                let host = host.clone();
+                let counters = counters.clone();
+                let remaining = remaining.clone();
+                let lifetime = args.lifetime;
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64);
+                    let only_open = Mix { open: 100, renew: 0 };
+                    while remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1)).is_ok() {
+                        if !one(&host, only_open, lifetime, &counters, &mut rng).await {
+                            break;
+                        }
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        let secs = prefill_started.elapsed().as_secs_f64();
+        eprintln!(
+            "fwnp-load: prefill: {} granted in {secs:.1} s ({:.0}/s), {} denied, {} failed",
+            counters.granted.load(Ordering::Relaxed),
+            counters.granted.load(Ordering::Relaxed) as f64 / secs,
+            counters.denied.load(Ordering::Relaxed),
+            counters.failed.load(Ordering::Relaxed),
+        );
+    }
+    let prefill_secs = prefill_started.elapsed().as_secs_f64();
+    let rss_after_prefill = gateway.rss_kib();
+
+    // Measurement.
+    let counters = Arc::new(Counters::default());
+    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let started = Instant::now();
+    let end = started + args.duration;
+    let mut tasks = Vec::new();
+    match args.rate {
+        None => {
+            for (h, host) in hosts.iter().enumerate() {
+                for c in 0..args.concurrency {
+                    let host = host.clone();
+                    let counters = counters.clone();
+                    let histogram = histogram.clone();
+                    let lifetime = args.lifetime;
+                    tasks.push(tokio::spawn(async move {
+                        let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
+                        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                        while Instant::now() < end {
+                            let t = Instant::now();
+                            if one(&host, mix, lifetime, &counters, &mut rng).await {
+                                let _ = local.record(t.elapsed().as_micros() as u64);
+                            }
+                        }
+                        let _ = histogram.lock().map(|mut h| h.add(&local));
+                    }));
+                }
+            }
+        }
+        Some(rate) => {
+            // Open loop: requests leave on schedule whatever the answers do, and latency counts
+            // from the scheduled time, so a slow gateway cannot hide its queueing.
+            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+            let mut n: u64 = 0;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            loop {
+                let scheduled = started + interval.mul_f64(n as f64);
+                if scheduled >= end {
+                    break;
+                }
+                tokio::time::sleep_until(scheduled.into()).await;
+                let host = hosts[(n as usize) % hosts.len()].clone();
+                let counters = counters.clone();
+                let histogram = histogram.clone();
+                let lifetime = args.lifetime;
+                let seed = rng.random();
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    if one(&host, mix, lifetime, &counters, &mut rng).await {
+                        let _ = histogram.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                    }
+                }));
+                n += 1;
+            }
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let rss_end = gateway.rss_kib();
+    let h = histogram.lock().map_err(|_| "histogram lock")?.clone();
+    let answered = counters.granted.load(Ordering::Relaxed)
+        + counters.renewed.load(Ordering::Relaxed)
+        + counters.released.load(Ordering::Relaxed)
+        + counters.denied.load(Ordering::Relaxed);
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let report = json!({
+        "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
+        "target_rate": args.rate,
+        "hosts": args.hosts,
+        "concurrency_per_host": args.concurrency,
+        "kernel_filter": args.netns,
+        "duration_s": secs,
+        "sent": counters.sent.load(Ordering::Relaxed),
+        "answered_per_s": answered as f64 / secs,
+        "grants_per_s": counters.granted.load(Ordering::Relaxed) as f64 / secs,
+        "granted": counters.granted.load(Ordering::Relaxed),
+        "renewed": counters.renewed.load(Ordering::Relaxed),
+        "released": counters.released.load(Ordering::Relaxed),
+        "denied": counters.denied.load(Ordering::Relaxed),
+        "failed": counters.failed.load(Ordering::Relaxed),
+        "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
+        "prefill": { "leases": args.prefill, "seconds": prefill_secs },
+        "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    drop(gateway);
+    drop(namespace);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+/// A UDP socket bound to 127.0.0.1 inside the network namespace at `entry`, created on a
+/// thread that entered it (a socket stays in the namespace it was made in).
+fn socket_in_namespace(entry: &Path) -> std::io::Result<UdpSocket> {
+    let entry = entry.to_owned();
+    std::thread::spawn(move || -> std::io::Result<UdpSocket> {
+        let file = std::fs::File::open(&entry)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        UdpSocket::bind("127.0.0.1:0")
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+}
