@@ -1606,3 +1606,200 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
         .collect();
     assert_eq!(live, vec![kept]);
 }
+
+#[tokio::test]
+async fn hello_picks_version_one_from_a_list() {
+    let gw = TestGateway::start("versions", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    match client
+        .request(&hello_msg(Some(1), &[3, 2, 1], Capabilities::ALL))
+        .await
+    {
+        Message::Welcome(w) => assert_eq!(w.version, 1),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn concurrent_identical_opens_make_one_lease_and_the_quota_holds_under_concurrency() {
+    let gw = TestGateway::start("concurrent", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let same = (0..10).map(|_| client.open(tcp(7001), None));
+    let answers = futures_join_all(same).await;
+    let ids: HashSet<_> = answers.into_iter().map(|a| granted(a).lease).collect();
+    assert_eq!(
+        ids.len(),
+        1,
+        "identical concurrent Opens made several leases: {ids:?}"
+    );
+    // Eight different ports at once with a quota of 3 (one already held): exactly 2 more.
+    let different = (0..8).map(|n| client.open(tcp(7100 + n), None));
+    let answers = futures_join_all(different).await;
+    let granted_count = answers
+        .iter()
+        .filter(|a| matches!(a, Message::Granted(_)))
+        .count();
+    let quota = answers
+        .iter()
+        .filter(|a| matches!(a, Message::Denied(d) if d.code == ResultCode::QuotaExceeded))
+        .count();
+    assert_eq!((granted_count, quota), (2, 6), "{answers:?}");
+    assert_eq!(gw.service.store().live_leases().expect("leases").len(), 3);
+}
+
+/// Runs the futures concurrently on this task and collects their outputs in order.
+async fn futures_join_all<F: std::future::Future>(
+    futures: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (future, output) in pinned.iter_mut().zip(outputs.iter_mut()) {
+            if output.is_none() {
+                match future.as_mut().poll(cx) {
+                    std::task::Poll::Ready(value) => *output = Some(value),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rule_with_remote_prefixes_narrows_an_open_that_names_none() {
+    let policy = POLICY.replace(
+        "[[rule]]\nname = \"hosts-web\"",
+        "[[rule]]\nname = \"admin-ssh\"\ngroups = [\"hosts\"]\nallow = \"tcp/22\"\nfrom = [\"198.51.100.0/24\"]\n\n[[rule]]\nname = \"hosts-web\"",
+    );
+    let gw = TestGateway::start("narrow", &policy).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let g = granted(client.open(tcp(22), None).await);
+    assert!(g.narrowed);
+    let from = fwnp_proto::Prefix {
+        addr: v4(198, 51, 100, 0),
+        len: 24,
+    };
+    assert_eq!(g.grants[0].remotes, vec![from]);
+    // Asking within the rule's prefixes keeps what was asked, and is not narrowed.
+    let mut within = tcp(22);
+    within.remotes = vec![fwnp_proto::Prefix {
+        addr: v4(198, 51, 100, 128),
+        len: 25,
+    }];
+    let g2 = granted(client.open(within.clone(), None).await);
+    assert!(!g2.narrowed);
+    assert_eq!(g2.grants[0].remotes, within.remotes);
+    assert_ne!(g2.lease, g.lease, "other remotes are another opening");
+    // Outside them: denied.
+    let mut outside = tcp(22);
+    outside.remotes = vec![fwnp_proto::Prefix {
+        addr: v4(192, 0, 2, 0),
+        len: 24,
+    }];
+    assert_eq!(
+        denied(client.open(outside, None).await).code,
+        ResultCode::DeniedByPolicy
+    );
+}
+
+#[tokio::test]
+async fn the_transport_allows_the_request_streams_welcome_announces() {
+    let gw = TestGateway::start("streams", POLICY).await;
+    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let limit = welcome.limits.max_streams as usize;
+    // Open unfinished request streams until the transport refuses one. The Hello stream's
+    // credit comes back only in quinn's batched MAX_STREAMS updates (every 1/8 of the window),
+    // so at least the limit less that batch and the Hello stream is available, never more
+    // than the limit.
+    let mut held = Vec::new();
+    while held.len() <= limit {
+        match tokio::time::timeout(Duration::from_millis(500), client.connection.open_bi()).await {
+            Ok(Ok((mut send, recv))) => {
+                send.write_all(&[0xa1]).await.expect("write");
+                held.push((send, recv));
+            }
+            Ok(Err(e)) => panic!("connection lost: {e}"),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        held.len() <= limit,
+        "the transport allows more streams than Welcome announced ({limit})"
+    );
+    assert!(
+        held.len() + 1 + limit / 8 >= limit,
+        "only {} of {limit} streams",
+        held.len()
+    );
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
+    let gw = TestGateway::start("renew-revoke", POLICY).await;
+    let pool = v4(203, 0, 113, 9);
+    let lease = {
+        let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
+        let mut opening = tcp(8080);
+        opening.host = Some(pool);
+        granted(lb.open(opening, None).await).lease
+    };
+    // The balancer is offline when the policy takes its third-party rights away.
+    let deadline = tokio::time::Instant::now() + STEP;
+    while gw.service.sessions.count() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write_policy(
+        &gw.policy_path,
+        &POLICY.replace(
+            "third_party = true\nthird_party_addresses = [\"203.0.113.0/24\"]\n",
+            "",
+        ),
+    );
+    gw.service.reload_policy().await.expect("reload");
+    // At its next Renew the gateway judges it with the host's real addresses.
+    let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
+    // (With the host offline the reload could not know the host's addresses, so the lease
+    // was kept; the kernel element still ends at its expiry.)
+    assert!(
+        lb.list().await.leases.iter().any(|l| l.lease == lease),
+        "kept until the host is seen"
+    );
+    let d = denied(lb.renew(lease, None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    assert_eq!(d.lease, Some(lease));
+    match lb.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => {
+            assert_eq!(r.lease, lease);
+            assert_eq!(r.reason, RevokeReason::PolicyChanged);
+        }
+        other => panic!("expected a Revoked notice, got {other:?}"),
+    }
+    assert!(lb.list().await.leases.is_empty(), "the lease is gone");
+    let record = gw
+        .service
+        .store()
+        .lease(lease)
+        .expect("query")
+        .expect("stored");
+    assert_eq!(record.state, LeaseState::Revoked);
+    assert_eq!(
+        denied(lb.renew(lease, None).await).code,
+        ResultCode::UnknownLease
+    );
+}

@@ -253,8 +253,14 @@ impl TestGateway {
             config.limits.max_connections_per_identity = max;
         }
         let admin_socket = config.admin_socket.clone();
+        let max_streams = config.limits.max_streams;
         let service = Service::start(config, None).await.expect("service starts");
-        let server_config = tls::server_config_from_files(&pki.server_files(), &options.server)
+        // The transport allows exactly the request streams Welcome announces, as the daemon.
+        let server_options = ServerOptions {
+            max_concurrent_bidi_streams: max_streams,
+            ..options.server.clone()
+        };
+        let server_config = tls::server_config_from_files(&pki.server_files(), &server_options)
             .expect("server TLS config");
         let endpoint =
             quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
