@@ -11,7 +11,9 @@ use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseState, NewLease, Order, Outcome,
     ReportQuery, RequestSummary, SCHEMA_VERSION, Store, StoreError, WriteOp,
 };
-use fwnp_proto::{AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target};
+use fwnp_proto::{
+    AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
+};
 
 /// A fresh directory under the system's temporary directory, removed on drop.
 struct TempDir(PathBuf);
@@ -20,7 +22,8 @@ impl TempDir {
     fn new(tag: &str) -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = std::env::temp_dir().join(format!("fwnp-store-{tag}-{}-{n}", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("fwnp-store-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
         TempDir(path)
     }
@@ -48,20 +51,35 @@ fn grant(protocol: Protocol, first: u16, last: u16) -> Grant {
         protocol,
         ports: PortRange { first, last },
         host: "192.0.2.10".parse().unwrap(),
-        remotes: vec![Prefix { addr: "198.51.100.0".parse().unwrap(), len: 24 }],
+        remotes: vec![Prefix {
+            addr: "198.51.100.0".parse().unwrap(),
+            len: 24,
+        }],
         app: None,
     }
 }
 
 fn app(name: &str) -> AppInfo {
-    AppInfo { name: Some(name.into()), executable: Some(format!("/usr/bin/{name}")), uid: Some(1000), pid: Some(4242) }
+    AppInfo {
+        name: Some(name.into()),
+        executable: Some(format!("/usr/bin/{name}")),
+        uid: Some(1000),
+        pid: Some(4242),
+    }
 }
 
 fn peer() -> SocketAddr {
     "192.0.2.10:50123".parse().unwrap()
 }
 
-fn new_lease(n: u32, identity: &str, grants: Vec<Grant>, app_name: &str, created_ms: u64, lifetime: u32) -> NewLease {
+fn new_lease(
+    n: u32,
+    identity: &str,
+    grants: Vec<Grant>,
+    app_name: &str,
+    created_ms: u64,
+    lifetime: u32,
+) -> NewLease {
     NewLease {
         id: id(n),
         identity: identity.into(),
@@ -75,7 +93,14 @@ fn new_lease(n: u32, identity: &str, grants: Vec<Grant>, app_name: &str, created
     }
 }
 
-fn decision(time_ms: u64, identity: &str, protocol: Protocol, port: u16, app_name: &str, outcome: Outcome) -> AuditEvent {
+fn decision(
+    time_ms: u64,
+    identity: &str,
+    protocol: Protocol,
+    port: u16,
+    app_name: &str,
+    outcome: Outcome,
+) -> AuditEvent {
     let mut e = AuditEvent::new(time_ms, AuditKind::Decision);
     e.outcome = Some(outcome);
     e.identity = Some(identity.into());
@@ -87,7 +112,11 @@ fn decision(time_ms: u64, identity: &str, protocol: Protocol, port: u16, app_nam
         ..RequestSummary::default()
     });
     e.app = Some(app(app_name));
-    e.rule = Some(if outcome == Outcome::Granted { "web".into() } else { "default-deny".into() });
+    e.rule = Some(if outcome == Outcome::Granted {
+        "web".into()
+    } else {
+        "default-deny".into()
+    });
     if outcome == Outcome::Denied {
         e.code = Some(ResultCode::DeniedByPolicy);
         e.reason = Some("no rule allows it".into());
@@ -96,7 +125,11 @@ fn decision(time_ms: u64, identity: &str, protocol: Protocol, port: u16, app_nam
 }
 
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(future)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
 }
 
 #[test]
@@ -110,8 +143,14 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
     let file = dir.join("fwnp.sqlite3");
     assert_eq!(store.path(), file);
     assert!(file.is_file());
-    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     drop(store);
 
     let again = Store::open(&dir).unwrap();
@@ -121,7 +160,9 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
 
     // The database really is in WAL mode.
     let raw = rusqlite::Connection::open(&file).unwrap();
-    let mode: String = raw.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = raw
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
     drop(raw);
 
@@ -139,8 +180,16 @@ fn lease_lifecycle() {
     let w = store.writer().clone();
     let mut with_app = grant(Protocol::Tcp, 443, 443);
     with_app.app = Some("https".into());
-    let lease = new_lease(1, "fwnp://host/web-01", vec![with_app, grant(Protocol::Udp, 5000, 5010)], "nginx", 1_000, 600);
-    w.commit_blocking(vec![WriteOp::InsertLease(lease.clone())]).unwrap();
+    let lease = new_lease(
+        1,
+        "fwnp://host/web-01",
+        vec![with_app, grant(Protocol::Udp, 5000, 5010)],
+        "nginx",
+        1_000,
+        600,
+    );
+    w.commit_blocking(vec![WriteOp::InsertLease(lease.clone())])
+        .unwrap();
 
     let stored = store.lease(id(1)).unwrap().expect("stored");
     assert_eq!(stored.identity, lease.identity);
@@ -157,10 +206,18 @@ fn lease_lifecycle() {
 
     // A second insert of the same id is refused and changes nothing.
     let dup = w.commit_blocking(vec![WriteOp::InsertLease(lease.clone())]);
-    assert!(matches!(dup, Err(StoreError::DuplicateLease { id: dup_id }) if dup_id == id(1)), "{dup:?}");
+    assert!(
+        matches!(dup, Err(StoreError::DuplicateLease { id: dup_id }) if dup_id == id(1)),
+        "{dup:?}"
+    );
 
-    w.commit_blocking(vec![WriteOp::RenewLease { id: id(1), renewed_ms: 300_000, expires_ms: 900_000, granted_lifetime: 600 }])
-        .unwrap();
+    w.commit_blocking(vec![WriteOp::RenewLease {
+        id: id(1),
+        renewed_ms: 300_000,
+        expires_ms: 900_000,
+        granted_lifetime: 600,
+    }])
+    .unwrap();
     let renewed = store.lease(id(1)).unwrap().unwrap();
     assert_eq!(renewed.renewed_ms, Some(300_000));
     assert_eq!(renewed.expires_ms, 900_000);
@@ -183,16 +240,48 @@ fn lease_lifecycle() {
     assert!(store.live_leases().unwrap().is_empty());
 
     // An ended lease can be neither renewed nor ended again.
-    let renew = w.commit_blocking(vec![WriteOp::RenewLease { id: id(1), renewed_ms: 1, expires_ms: 2, granted_lifetime: 1 }]);
-    assert!(matches!(renew, Err(StoreError::LeaseNotLive { .. })), "{renew:?}");
-    let end = w.commit_blocking(vec![WriteOp::EndLease { id: id(1), end: LeaseEnd::Expired, ended_ms: 1, by: None, why: None }]);
-    assert!(matches!(end, Err(StoreError::LeaseNotLive { .. })), "{end:?}");
-    let unknown = w.commit_blocking(vec![WriteOp::RenewLease { id: id(99), renewed_ms: 1, expires_ms: 2, granted_lifetime: 1 }]);
-    assert!(matches!(unknown, Err(StoreError::LeaseNotLive { .. })), "{unknown:?}");
+    let renew = w.commit_blocking(vec![WriteOp::RenewLease {
+        id: id(1),
+        renewed_ms: 1,
+        expires_ms: 2,
+        granted_lifetime: 1,
+    }]);
+    assert!(
+        matches!(renew, Err(StoreError::LeaseNotLive { .. })),
+        "{renew:?}"
+    );
+    let end = w.commit_blocking(vec![WriteOp::EndLease {
+        id: id(1),
+        end: LeaseEnd::Expired,
+        ended_ms: 1,
+        by: None,
+        why: None,
+    }]);
+    assert!(
+        matches!(end, Err(StoreError::LeaseNotLive { .. })),
+        "{end:?}"
+    );
+    let unknown = w.commit_blocking(vec![WriteOp::RenewLease {
+        id: id(99),
+        renewed_ms: 1,
+        expires_ms: 2,
+        granted_lifetime: 1,
+    }]);
+    assert!(
+        matches!(unknown, Err(StoreError::LeaseNotLive { .. })),
+        "{unknown:?}"
+    );
 
     // Revocation keeps the protocol's reason, who and why.
-    w.commit_blocking(vec![WriteOp::InsertLease(new_lease(2, "fwnp://host/web-01", vec![grant(Protocol::Tcp, 22, 22)], "sshd", 1_000, 60))])
-        .unwrap();
+    w.commit_blocking(vec![WriteOp::InsertLease(new_lease(
+        2,
+        "fwnp://host/web-01",
+        vec![grant(Protocol::Tcp, 22, 22)],
+        "sshd",
+        1_000,
+        60,
+    ))])
+    .unwrap();
     w.commit_blocking(vec![WriteOp::EndLease {
         id: id(2),
         end: LeaseEnd::Revoked(RevokeReason::PolicyChanged),
@@ -216,21 +305,55 @@ fn a_job_is_atomic_and_does_not_spoil_its_neighbours() {
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     block_on(async {
-        let lease = new_lease(7, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "app", 0, 60);
+        let lease = new_lease(
+            7,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 80, 80)],
+            "app",
+            0,
+            60,
+        );
         // Queued together, so one group commit holds both jobs.
         let bad = w.commit(vec![
             WriteOp::InsertLease(lease.clone()),
-            WriteOp::audit(decision(1, "fwnp://host/a", Protocol::Tcp, 80, "app", Outcome::Granted)),
+            WriteOp::audit(decision(
+                1,
+                "fwnp://host/a",
+                Protocol::Tcp,
+                80,
+                "app",
+                Outcome::Granted,
+            )),
             WriteOp::InsertLease(lease.clone()),
         ]);
-        let good = w.commit(vec![WriteOp::InsertLease(new_lease(8, "fwnp://host/a", vec![grant(Protocol::Tcp, 81, 81)], "app", 0, 60))]);
+        let good = w.commit(vec![WriteOp::InsertLease(new_lease(
+            8,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 81, 81)],
+            "app",
+            0,
+            60,
+        ))]);
         let (bad, good) = tokio::join!(bad, good);
-        assert!(matches!(bad, Err(StoreError::DuplicateLease { .. })), "{bad:?}");
+        assert!(
+            matches!(bad, Err(StoreError::DuplicateLease { .. })),
+            "{bad:?}"
+        );
         good.unwrap();
     });
-    assert!(store.lease(id(7)).unwrap().is_none(), "the failed job left its first insert behind");
+    assert!(
+        store.lease(id(7)).unwrap().is_none(),
+        "the failed job left its first insert behind"
+    );
     assert!(store.lease(id(8)).unwrap().is_some());
-    assert!(store.audit(&AuditQuery::default()).unwrap().events.is_empty(), "the failed job left its audit row");
+    assert!(
+        store
+            .audit(&AuditQuery::default())
+            .unwrap()
+            .events
+            .is_empty(),
+        "the failed job left its audit row"
+    );
     assert_eq!(store.writer().stats().careful_redos, 1);
 }
 
@@ -243,14 +366,48 @@ fn restore_after_restart_returns_live_leases_and_expires_the_overdue() {
         epoch = store.epoch();
         let w = store.writer().clone();
         w.commit_blocking(vec![
-            WriteOp::InsertLease(new_lease(1, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "web", 10_000, 60)),
-            WriteOp::InsertLease(new_lease(2, "fwnp://host/b", vec![grant(Protocol::Tcp, 81, 81)], "web", 10_000, 600)),
-            WriteOp::InsertLease(new_lease(3, "fwnp://host/c", vec![grant(Protocol::Udp, 53, 53)], "dns", 10_000, 3600)),
-            WriteOp::InsertLease(new_lease(4, "fwnp://host/d", vec![grant(Protocol::Udp, 54, 54)], "dns", 10_000, 3600)),
+            WriteOp::InsertLease(new_lease(
+                1,
+                "fwnp://host/a",
+                vec![grant(Protocol::Tcp, 80, 80)],
+                "web",
+                10_000,
+                60,
+            )),
+            WriteOp::InsertLease(new_lease(
+                2,
+                "fwnp://host/b",
+                vec![grant(Protocol::Tcp, 81, 81)],
+                "web",
+                10_000,
+                600,
+            )),
+            WriteOp::InsertLease(new_lease(
+                3,
+                "fwnp://host/c",
+                vec![grant(Protocol::Udp, 53, 53)],
+                "dns",
+                10_000,
+                3600,
+            )),
+            WriteOp::InsertLease(new_lease(
+                4,
+                "fwnp://host/d",
+                vec![grant(Protocol::Udp, 54, 54)],
+                "dns",
+                10_000,
+                3600,
+            )),
         ])
         .unwrap();
-        w.commit_blocking(vec![WriteOp::EndLease { id: id(4), end: LeaseEnd::Released, ended_ms: 20_000, by: None, why: None }])
-            .unwrap();
+        w.commit_blocking(vec![WriteOp::EndLease {
+            id: id(4),
+            end: LeaseEnd::Released,
+            ended_ms: 20_000,
+            by: None,
+            why: None,
+        }])
+        .unwrap();
         // Dropping the store stands for the gateway stopping.
     }
     let store = Store::open(tmp.path()).unwrap();
@@ -259,7 +416,11 @@ fn restore_after_restart_returns_live_leases_and_expires_the_overdue() {
     let now = 10_000 + 120_000; // lease 1 (60 s) is overdue, 2 and 3 are not
     let restored = block_on(store.restore(now)).unwrap();
     let live: Vec<LeaseId> = restored.live.iter().map(|l| l.id).collect();
-    assert_eq!(live, vec![id(2), id(3)], "soonest expiry first, ended leases left out");
+    assert_eq!(
+        live,
+        vec![id(2), id(3)],
+        "soonest expiry first, ended leases left out"
+    );
     assert_eq!(restored.expired.len(), 1);
     assert_eq!(restored.expired[0].id, id(1));
     assert_eq!(restored.expired[0].state, LeaseState::Expired);
@@ -270,7 +431,10 @@ fn restore_after_restart_returns_live_leases_and_expires_the_overdue() {
     assert_eq!(store.live_lease_count().unwrap(), 2);
 
     let expiries = store
-        .audit(&AuditQuery { outcomes: vec![Outcome::Expired], ..AuditQuery::default() })
+        .audit(&AuditQuery {
+            outcomes: vec![Outcome::Expired],
+            ..AuditQuery::default()
+        })
         .unwrap()
         .events;
     assert_eq!(expiries.len(), 1);
@@ -290,39 +454,160 @@ fn lease_queries_filter_by_host_app_port_and_protocol() {
     store
         .writer()
         .commit_blocking(vec![
-            WriteOp::InsertLease(new_lease(1, "fwnp://host/web-01", vec![https, https_udp], "nginx", 0, 600)),
-            WriteOp::InsertLease(new_lease(2, "fwnp://host/web-02", vec![grant(Protocol::Tcp, 8000, 8100)], "gunicorn", 0, 300)),
-            WriteOp::InsertLease(new_lease(3, "fwnp://host/db-01", vec![grant(Protocol::Tcp, 5432, 5432)], "postgres", 0, 900)),
-            WriteOp::InsertLease(new_lease(4, "fwnp://host/web-01", vec![grant(Protocol::Udp, 8080, 8080)], "old", 0, 100)),
+            WriteOp::InsertLease(new_lease(
+                1,
+                "fwnp://host/web-01",
+                vec![https, https_udp],
+                "nginx",
+                0,
+                600,
+            )),
+            WriteOp::InsertLease(new_lease(
+                2,
+                "fwnp://host/web-02",
+                vec![grant(Protocol::Tcp, 8000, 8100)],
+                "gunicorn",
+                0,
+                300,
+            )),
+            WriteOp::InsertLease(new_lease(
+                3,
+                "fwnp://host/db-01",
+                vec![grant(Protocol::Tcp, 5432, 5432)],
+                "postgres",
+                0,
+                900,
+            )),
+            WriteOp::InsertLease(new_lease(
+                4,
+                "fwnp://host/web-01",
+                vec![grant(Protocol::Udp, 8080, 8080)],
+                "old",
+                0,
+                100,
+            )),
         ])
         .unwrap();
     store
         .writer()
-        .commit_blocking(vec![WriteOp::EndLease { id: id(4), end: LeaseEnd::Expired, ended_ms: 100_000, by: None, why: None }])
+        .commit_blocking(vec![WriteOp::EndLease {
+            id: id(4),
+            end: LeaseEnd::Expired,
+            ended_ms: 100_000,
+            by: None,
+            why: None,
+        }])
         .unwrap();
-    let ids = |filter: LeaseFilter| -> Vec<LeaseId> { store.leases(&filter).unwrap().into_iter().map(|l| l.id).collect() };
+    let ids = |filter: LeaseFilter| -> Vec<LeaseId> {
+        store
+            .leases(&filter)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.id)
+            .collect()
+    };
 
-    assert_eq!(ids(LeaseFilter::default()), vec![id(2), id(1), id(3)], "live only, soonest expiry first");
-    assert_eq!(ids(LeaseFilter { include_ended: true, ..LeaseFilter::default() }), vec![id(4), id(2), id(1), id(3)]);
-    assert_eq!(ids(LeaseFilter { host: Some("fwnp://host/web-01".into()), ..LeaseFilter::default() }), vec![id(1)]);
-    assert_eq!(ids(LeaseFilter { host: Some("fwnp://host/web-*".into()), ..LeaseFilter::default() }), vec![id(2), id(1)]);
-    assert_eq!(ids(LeaseFilter { host: Some("fwnp://host/web".into()), ..LeaseFilter::default() }), Vec::<LeaseId>::new());
-    assert_eq!(ids(LeaseFilter { app: Some("postgres".into()), ..LeaseFilter::default() }), vec![id(3)]);
-    assert_eq!(ids(LeaseFilter { app: Some("https".into()), ..LeaseFilter::default() }), vec![id(1)], "catalogue app id");
-    assert_eq!(ids(LeaseFilter { app: Some("/usr/bin/gunicorn".into()), ..LeaseFilter::default() }), vec![id(2)]);
-    assert_eq!(ids(LeaseFilter { port: Some(8050), ..LeaseFilter::default() }), vec![id(2)], "inside a range");
-    assert_eq!(ids(LeaseFilter { port: Some(443), ..LeaseFilter::default() }), vec![id(1)]);
     assert_eq!(
-        ids(LeaseFilter { port: Some(443), protocol: Some(Protocol::Udp), ..LeaseFilter::default() }),
+        ids(LeaseFilter::default()),
+        vec![id(2), id(1), id(3)],
+        "live only, soonest expiry first"
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            include_ended: true,
+            ..LeaseFilter::default()
+        }),
+        vec![id(4), id(2), id(1), id(3)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            host: Some("fwnp://host/web-01".into()),
+            ..LeaseFilter::default()
+        }),
         vec![id(1)]
     );
-    assert_eq!(ids(LeaseFilter { protocol: Some(Protocol::Udp), ..LeaseFilter::default() }), vec![id(1)]);
     assert_eq!(
-        ids(LeaseFilter { port: Some(5432), protocol: Some(Protocol::Udp), ..LeaseFilter::default() }),
+        ids(LeaseFilter {
+            host: Some("fwnp://host/web-*".into()),
+            ..LeaseFilter::default()
+        }),
+        vec![id(2), id(1)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            host: Some("fwnp://host/web".into()),
+            ..LeaseFilter::default()
+        }),
+        Vec::<LeaseId>::new()
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            app: Some("postgres".into()),
+            ..LeaseFilter::default()
+        }),
+        vec![id(3)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            app: Some("https".into()),
+            ..LeaseFilter::default()
+        }),
+        vec![id(1)],
+        "catalogue app id"
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            app: Some("/usr/bin/gunicorn".into()),
+            ..LeaseFilter::default()
+        }),
+        vec![id(2)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            port: Some(8050),
+            ..LeaseFilter::default()
+        }),
+        vec![id(2)],
+        "inside a range"
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            port: Some(443),
+            ..LeaseFilter::default()
+        }),
+        vec![id(1)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            port: Some(443),
+            protocol: Some(Protocol::Udp),
+            ..LeaseFilter::default()
+        }),
+        vec![id(1)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            protocol: Some(Protocol::Udp),
+            ..LeaseFilter::default()
+        }),
+        vec![id(1)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            port: Some(5432),
+            protocol: Some(Protocol::Udp),
+            ..LeaseFilter::default()
+        }),
         Vec::<LeaseId>::new(),
         "port and protocol must match the same grant"
     );
-    assert_eq!(ids(LeaseFilter { limit: Some(1), ..LeaseFilter::default() }), vec![id(2)]);
+    assert_eq!(
+        ids(LeaseFilter {
+            limit: Some(1),
+            ..LeaseFilter::default()
+        }),
+        vec![id(2)]
+    );
     let json = store.lease(id(2)).unwrap().unwrap().to_json(100_000);
     assert_eq!(json["remaining_ms"], 200_000);
     assert_eq!(json["grants"][0]["ports"], "8000-8100");
@@ -330,7 +615,11 @@ fn lease_queries_filter_by_host_app_port_and_protocol() {
 
 /// Twelve events over three hosts, 1 s apart from t = 1,000,000 ms.
 fn seed_audit(store: &Store) -> Vec<u64> {
-    let hosts = ["fwnp://host/web-01", "fwnp://host/web-02", "fwnp://host/db-01"];
+    let hosts = [
+        "fwnp://host/web-01",
+        "fwnp://host/web-02",
+        "fwnp://host/db-01",
+    ];
     let mut ops = Vec::new();
     for i in 0..12u32 {
         let host = hosts[(i % 3) as usize];
@@ -361,7 +650,10 @@ fn seed_audit(store: &Store) -> Vec<u64> {
     }
     store.writer().commit_blocking(ops).unwrap();
     store
-        .audit(&AuditQuery { order: Order::OldestFirst, ..AuditQuery::default() })
+        .audit(&AuditQuery {
+            order: Order::OldestFirst,
+            ..AuditQuery::default()
+        })
         .unwrap()
         .events
         .iter()
@@ -378,20 +670,102 @@ fn audit_filters_time_ranges_and_round_trip() {
     assert!(all.windows(2).all(|w| w[0] < w[1]));
     let count = |q: AuditQuery| store.audit(&q).unwrap().events.len();
 
-    assert_eq!(count(AuditQuery { host: Some("fwnp://host/web-01".into()), ..AuditQuery::default() }), 4);
-    assert_eq!(count(AuditQuery { host: Some("fwnp://host/web-*".into()), ..AuditQuery::default() }), 8);
-    assert_eq!(count(AuditQuery { app: Some("sshd".into()), ..AuditQuery::default() }), 3);
-    assert_eq!(count(AuditQuery { port: Some(443), ..AuditQuery::default() }), 3, "port asked");
-    assert_eq!(count(AuditQuery { port: Some(5005), ..AuditQuery::default() }), 3, "port granted, from a range");
-    assert_eq!(count(AuditQuery { outcomes: vec![Outcome::Denied], ..AuditQuery::default() }), 3);
-    assert_eq!(count(AuditQuery { outcomes: vec![Outcome::Revoked, Outcome::Renewed], ..AuditQuery::default() }), 6);
-    assert_eq!(count(AuditQuery { outcomes: vec![Outcome::Expired], ..AuditQuery::default() }), 0, "revoked is not expired");
-    assert_eq!(count(AuditQuery { kinds: vec![AuditKind::Decision], ..AuditQuery::default() }), 6);
-    assert_eq!(count(AuditQuery { lease: Some(id(3)), ..AuditQuery::default() }), 1);
+    assert_eq!(
+        count(AuditQuery {
+            host: Some("fwnp://host/web-01".into()),
+            ..AuditQuery::default()
+        }),
+        4
+    );
+    assert_eq!(
+        count(AuditQuery {
+            host: Some("fwnp://host/web-*".into()),
+            ..AuditQuery::default()
+        }),
+        8
+    );
+    assert_eq!(
+        count(AuditQuery {
+            app: Some("sshd".into()),
+            ..AuditQuery::default()
+        }),
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            port: Some(443),
+            ..AuditQuery::default()
+        }),
+        3,
+        "port asked"
+    );
+    assert_eq!(
+        count(AuditQuery {
+            port: Some(5005),
+            ..AuditQuery::default()
+        }),
+        3,
+        "port granted, from a range"
+    );
+    assert_eq!(
+        count(AuditQuery {
+            outcomes: vec![Outcome::Denied],
+            ..AuditQuery::default()
+        }),
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            outcomes: vec![Outcome::Revoked, Outcome::Renewed],
+            ..AuditQuery::default()
+        }),
+        6
+    );
+    assert_eq!(
+        count(AuditQuery {
+            outcomes: vec![Outcome::Expired],
+            ..AuditQuery::default()
+        }),
+        0,
+        "revoked is not expired"
+    );
+    assert_eq!(
+        count(AuditQuery {
+            kinds: vec![AuditKind::Decision],
+            ..AuditQuery::default()
+        }),
+        6
+    );
+    assert_eq!(
+        count(AuditQuery {
+            lease: Some(id(3)),
+            ..AuditQuery::default()
+        }),
+        1
+    );
     // since is inclusive, until exclusive.
-    assert_eq!(count(AuditQuery { since_ms: Some(1_005_000), ..AuditQuery::default() }), 7);
-    assert_eq!(count(AuditQuery { until_ms: Some(1_005_000), ..AuditQuery::default() }), 5);
-    assert_eq!(count(AuditQuery { since_ms: Some(1_002_000), until_ms: Some(1_004_000), ..AuditQuery::default() }), 2);
+    assert_eq!(
+        count(AuditQuery {
+            since_ms: Some(1_005_000),
+            ..AuditQuery::default()
+        }),
+        7
+    );
+    assert_eq!(
+        count(AuditQuery {
+            until_ms: Some(1_005_000),
+            ..AuditQuery::default()
+        }),
+        5
+    );
+    assert_eq!(
+        count(AuditQuery {
+            since_ms: Some(1_002_000),
+            until_ms: Some(1_004_000),
+            ..AuditQuery::default()
+        }),
+        2
+    );
     assert_eq!(
         count(AuditQuery {
             host: Some("fwnp://host/db-01".into()),
@@ -403,11 +777,25 @@ fn audit_filters_time_ranges_and_round_trip() {
 
     // What went in comes out.
     let denied = store
-        .audit(&AuditQuery { outcomes: vec![Outcome::Denied], order: Order::OldestFirst, ..AuditQuery::default() })
+        .audit(&AuditQuery {
+            outcomes: vec![Outcome::Denied],
+            order: Order::OldestFirst,
+            ..AuditQuery::default()
+        })
         .unwrap()
         .events;
     let first = &denied[0].event;
-    assert_eq!(*first, decision(1_001_000, "fwnp://host/web-02", Protocol::Tcp, 22, "sshd", Outcome::Denied));
+    assert_eq!(
+        *first,
+        decision(
+            1_001_000,
+            "fwnp://host/web-02",
+            Protocol::Tcp,
+            22,
+            "sshd",
+            Outcome::Denied
+        )
+    );
     let json = denied[0].to_json();
     assert_eq!(json["outcome"], "denied");
     assert_eq!(json["code"], "denied-by-policy");
@@ -421,7 +809,10 @@ fn request_summary_from_an_opening() {
         target: Target::App("https".into()),
         host: None,
         family: None,
-        remotes: vec![Prefix { addr: "2001:db8::".parse().unwrap(), len: 32 }],
+        remotes: vec![Prefix {
+            addr: "2001:db8::".parse().unwrap(),
+            len: 32,
+        }],
     };
     let summary = RequestSummary::from_opening(&opening, Some(60));
     assert_eq!(summary.app_id.as_deref(), Some("https"));
@@ -430,8 +821,17 @@ fn request_summary_from_an_opening() {
     let store = Store::open(tmp.path()).unwrap();
     let mut e = AuditEvent::new(5, AuditKind::Request);
     e.request = Some(summary.clone());
-    store.writer().commit_blocking(vec![WriteOp::audit(e.clone())]).unwrap();
-    let back = store.audit(&AuditQuery { app: Some("https".into()), ..AuditQuery::default() }).unwrap().events;
+    store
+        .writer()
+        .commit_blocking(vec![WriteOp::audit(e.clone())])
+        .unwrap();
+    let back = store
+        .audit(&AuditQuery {
+            app: Some("https".into()),
+            ..AuditQuery::default()
+        })
+        .unwrap()
+        .events;
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].event, e);
 }
@@ -446,7 +846,14 @@ fn audit_pagination_cursors_cover_everything_once() {
         let mut cursor = None;
         let mut pages = 0;
         loop {
-            let page = store.audit(&AuditQuery { limit: 5, cursor, order, ..AuditQuery::default() }).unwrap();
+            let page = store
+                .audit(&AuditQuery {
+                    limit: 5,
+                    cursor,
+                    order,
+                    ..AuditQuery::default()
+                })
+                .unwrap();
             pages += 1;
             assert!(page.events.len() <= 5);
             seen.extend(page.events.iter().map(|e| e.id));
@@ -465,7 +872,11 @@ fn audit_pagination_cursors_cover_everything_once() {
     }
     // A filtered query pages through only its matches.
     let page = store
-        .audit(&AuditQuery { host: Some("fwnp://host/web-01".into()), limit: 3, ..AuditQuery::default() })
+        .audit(&AuditQuery {
+            host: Some("fwnp://host/web-01".into()),
+            limit: 3,
+            ..AuditQuery::default()
+        })
         .unwrap();
     assert_eq!(page.events.len(), 3);
     let rest = store
@@ -487,11 +898,28 @@ fn follow_sees_new_events_and_the_watch_wakes_up() {
     let all = seed_audit(&store);
     let newest = *all.last().unwrap();
     assert_eq!(*store.audit_watch().borrow(), newest);
-    assert!(store.audit_follow(newest, &AuditQuery::default(), 100).unwrap().is_empty());
-    let after_third = store.audit_follow(all[2], &AuditQuery::default(), 100).unwrap();
-    assert_eq!(after_third.iter().map(|e| e.id).collect::<Vec<_>>(), all[3..].to_vec());
+    assert!(
+        store
+            .audit_follow(newest, &AuditQuery::default(), 100)
+            .unwrap()
+            .is_empty()
+    );
+    let after_third = store
+        .audit_follow(all[2], &AuditQuery::default(), 100)
+        .unwrap();
+    assert_eq!(
+        after_third.iter().map(|e| e.id).collect::<Vec<_>>(),
+        all[3..].to_vec()
+    );
     let denied_after = store
-        .audit_follow(all[2], &AuditQuery { outcomes: vec![Outcome::Denied], ..AuditQuery::default() }, 100)
+        .audit_follow(
+            all[2],
+            &AuditQuery {
+                outcomes: vec![Outcome::Denied],
+                ..AuditQuery::default()
+            },
+            100,
+        )
         .unwrap();
     assert_eq!(denied_after.len(), 2);
 
@@ -504,11 +932,25 @@ fn follow_sees_new_events_and_the_watch_wakes_up() {
         });
         tokio::task::yield_now().await;
         // A fire-and-forget row wakes the follower too.
-        writer.record_audit(decision(2_000_000, "fwnp://host/new", Protocol::Tcp, 25, "smtpd", Outcome::Denied)).unwrap();
-        let seen = tokio::time::timeout(std::time::Duration::from_secs(10), waiter).await.unwrap().unwrap();
+        writer
+            .record_audit(decision(
+                2_000_000,
+                "fwnp://host/new",
+                Protocol::Tcp,
+                25,
+                "smtpd",
+                Outcome::Denied,
+            ))
+            .unwrap();
+        let seen = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(seen > newest);
     });
-    let fresh = store.audit_follow(newest, &AuditQuery::default(), 100).unwrap();
+    let fresh = store
+        .audit_follow(newest, &AuditQuery::default(), 100)
+        .unwrap();
     assert_eq!(fresh.len(), 1);
     assert_eq!(fresh[0].event.identity.as_deref(), Some("fwnp://host/new"));
     // And the id survives a restart: follow cursors stay valid.
@@ -524,14 +966,47 @@ fn retention_deletes_old_audit_rows_and_ended_leases_only() {
     let all = seed_audit(&store); // times 1,000,000 ..= 1,011,000
     let w = store.writer().clone();
     w.commit_blocking(vec![
-        WriteOp::InsertLease(new_lease(1, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "web", 0, 60)),
-        WriteOp::InsertLease(new_lease(2, "fwnp://host/a", vec![grant(Protocol::Tcp, 81, 81)], "web", 0, 60)),
-        WriteOp::InsertLease(new_lease(3, "fwnp://host/a", vec![grant(Protocol::Tcp, 82, 82)], "web", 0, 60)),
+        WriteOp::InsertLease(new_lease(
+            1,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 80, 80)],
+            "web",
+            0,
+            60,
+        )),
+        WriteOp::InsertLease(new_lease(
+            2,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 81, 81)],
+            "web",
+            0,
+            60,
+        )),
+        WriteOp::InsertLease(new_lease(
+            3,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 82, 82)],
+            "web",
+            0,
+            60,
+        )),
     ])
     .unwrap();
     w.commit_blocking(vec![
-        WriteOp::EndLease { id: id(1), end: LeaseEnd::Released, ended_ms: 500_000, by: None, why: None },
-        WriteOp::EndLease { id: id(2), end: LeaseEnd::Expired, ended_ms: 1_500_000, by: None, why: None },
+        WriteOp::EndLease {
+            id: id(1),
+            end: LeaseEnd::Released,
+            ended_ms: 500_000,
+            by: None,
+            why: None,
+        },
+        WriteOp::EndLease {
+            id: id(2),
+            end: LeaseEnd::Expired,
+            ended_ms: 1_500_000,
+            by: None,
+            why: None,
+        },
     ])
     .unwrap();
     // Slices of 2 rows exercise the loop.
@@ -539,21 +1014,37 @@ fn retention_deletes_old_audit_rows_and_ended_leases_only() {
     assert_eq!(audit_rows, 5);
     assert_eq!(leases, 1);
     let left: Vec<u64> = store
-        .audit(&AuditQuery { order: Order::OldestFirst, ..AuditQuery::default() })
+        .audit(&AuditQuery {
+            order: Order::OldestFirst,
+            ..AuditQuery::default()
+        })
         .unwrap()
         .events
         .iter()
         .map(|e| e.id)
         .collect();
     assert_eq!(left, all[5..].to_vec());
-    assert!(store.lease(id(1)).unwrap().is_none(), "ended before the cut-off");
-    assert!(store.lease(id(2)).unwrap().is_some(), "ended after the cut-off");
-    assert!(store.lease(id(3)).unwrap().is_some(), "live leases are never pruned");
+    assert!(
+        store.lease(id(1)).unwrap().is_none(),
+        "ended before the cut-off"
+    );
+    assert!(
+        store.lease(id(2)).unwrap().is_some(),
+        "ended after the cut-off"
+    );
+    assert!(
+        store.lease(id(3)).unwrap().is_some(),
+        "live leases are never pruned"
+    );
     assert_eq!(block_on(w.prune(1_005_000, 100)).unwrap(), (0, 0));
 
     // Ids are never reused, even after everything was deleted.
     block_on(w.prune(u64::MAX / 2, 100)).unwrap();
-    w.commit_blocking(vec![WriteOp::audit(AuditEvent::new(1, AuditKind::PolicyReload))]).unwrap();
+    w.commit_blocking(vec![WriteOp::audit(AuditEvent::new(
+        1,
+        AuditKind::PolicyReload,
+    ))])
+    .unwrap();
     let after = store.audit(&AuditQuery::default()).unwrap().events;
     assert_eq!(after.len(), 1);
     assert!(after[0].id > *all.last().unwrap());
@@ -565,7 +1056,11 @@ fn group_commit_with_many_concurrent_writers() {
     let store = Store::open(tmp.path()).unwrap();
     const TASKS: u32 = 64;
     const EACH: u32 = 50;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async {
         let mut handles = Vec::new();
         for t in 0..TASKS {
@@ -574,12 +1069,21 @@ fn group_commit_with_many_concurrent_writers() {
                 for i in 0..EACH {
                     let n = t * 1000 + i;
                     let host = format!("fwnp://host/h{t}");
-                    let lease = new_lease(n, &host, vec![grant(Protocol::Tcp, 10_000 + i as u16, 10_000 + i as u16)], "svc", 1, 600);
+                    let lease = new_lease(
+                        n,
+                        &host,
+                        vec![grant(Protocol::Tcp, 10_000 + i as u16, 10_000 + i as u16)],
+                        "svc",
+                        1,
+                        600,
+                    );
                     let mut event = AuditEvent::new(1, AuditKind::Grant);
                     event.outcome = Some(Outcome::Granted);
                     event.identity = Some(host.clone());
                     event.lease = Some(id(n));
-                    w.commit(vec![WriteOp::InsertLease(lease), WriteOp::audit(event)]).await.unwrap();
+                    w.commit(vec![WriteOp::InsertLease(lease), WriteOp::audit(event)])
+                        .await
+                        .unwrap();
                     // Once commit returned, a read sees it.
                 }
                 t
@@ -596,7 +1100,10 @@ fn group_commit_with_many_concurrent_writers() {
     assert_eq!(stats.jobs, u64::from(TASKS * EACH));
     assert_eq!(stats.failed_jobs, 0);
     assert_eq!(stats.pending_ops, 0);
-    assert!(stats.transactions < stats.jobs, "no grouping happened: {stats:?}");
+    assert!(
+        stats.transactions < stats.jobs,
+        "no grouping happened: {stats:?}"
+    );
     assert!(stats.largest_batch > 1, "{stats:?}");
     eprintln!("group commit: {stats:?}");
 }
@@ -607,15 +1114,26 @@ fn writer_stops_with_the_store_and_finishes_queued_writes() {
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     for i in 0..100 {
-        w.record_audit(AuditEvent::new(i, AuditKind::AuthFailure)).unwrap();
+        w.record_audit(AuditEvent::new(i, AuditKind::AuthFailure))
+            .unwrap();
     }
     drop(store);
-    let err = w.commit_blocking(vec![WriteOp::audit(AuditEvent::new(1, AuditKind::Reconcile))]);
+    let err = w.commit_blocking(vec![WriteOp::audit(AuditEvent::new(
+        1,
+        AuditKind::Reconcile,
+    ))]);
     assert!(matches!(err, Err(StoreError::WriterStopped)), "{err:?}");
-    assert!(matches!(w.record_audit(AuditEvent::new(1, AuditKind::Reconcile)), Err(StoreError::WriterStopped)));
+    assert!(matches!(
+        w.record_audit(AuditEvent::new(1, AuditKind::Reconcile)),
+        Err(StoreError::WriterStopped)
+    ));
     let store = Store::open(tmp.path()).unwrap();
     let events = store.audit(&AuditQuery::default()).unwrap().events;
-    assert_eq!(events.len(), 100, "queued fire-and-forget rows were lost on close");
+    assert_eq!(
+        events.len(),
+        100,
+        "queued fire-and-forget rows were lost on close"
+    );
 }
 
 #[test]
@@ -623,10 +1141,17 @@ fn newer_schema_is_refused() {
     let tmp = TempDir::new("schema");
     drop(Store::open(tmp.path()).unwrap());
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
-    raw.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
+    raw.execute(
+        "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+        [],
+    )
+    .unwrap();
     drop(raw);
     let err = Store::open(tmp.path()).unwrap_err();
-    assert!(matches!(err, StoreError::SchemaTooNew { found: 99, supported } if supported == SCHEMA_VERSION), "{err:?}");
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 99, supported } if supported == SCHEMA_VERSION),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("99"), "{err}");
 }
 
@@ -641,7 +1166,8 @@ fn damaged_meta_and_foreign_files_are_refused() {
     let tmp = TempDir::new("meta");
     drop(Store::open(tmp.path()).unwrap());
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
-    raw.execute("UPDATE meta SET value = 'x' WHERE key = 'epoch'", []).unwrap();
+    raw.execute("UPDATE meta SET value = 'x' WHERE key = 'epoch'", [])
+        .unwrap();
     drop(raw);
     let err = Store::open(tmp.path()).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
@@ -662,8 +1188,22 @@ fn corrupt_rows_are_errors_not_panics() {
     store
         .writer()
         .commit_blocking(vec![
-            WriteOp::InsertLease(new_lease(1, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "web", 0, 60)),
-            WriteOp::audit(decision(1, "fwnp://host/a", Protocol::Tcp, 80, "web", Outcome::Granted)),
+            WriteOp::InsertLease(new_lease(
+                1,
+                "fwnp://host/a",
+                vec![grant(Protocol::Tcp, 80, 80)],
+                "web",
+                0,
+                60,
+            )),
+            WriteOp::audit(decision(
+                1,
+                "fwnp://host/a",
+                Protocol::Tcp,
+                80,
+                "web",
+                Outcome::Granted,
+            )),
         ])
         .unwrap();
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
@@ -676,8 +1216,13 @@ fn corrupt_rows_are_errors_not_panics() {
 
     damage("UPDATE leases SET grants = 'not json at all'");
     let err = expect_corrupt("grants");
-    assert!(err.to_string().contains(&id(1).to_string()), "the error names the lease: {err}");
-    damage(r#"UPDATE leases SET grants = '[{"p":6,"f":80,"l":80,"h":"192.0.2.1","r":["10.0.0.0/99"]}]'"#);
+    assert!(
+        err.to_string().contains(&id(1).to_string()),
+        "the error names the lease: {err}"
+    );
+    damage(
+        r#"UPDATE leases SET grants = '[{"p":6,"f":80,"l":80,"h":"192.0.2.1","r":["10.0.0.0/99"]}]'"#,
+    );
     expect_corrupt("prefix");
     damage(r#"UPDATE leases SET grants = '[{"p":6,"f":80,"l":80,"h":"192.0.2.1"}]'"#);
     assert_eq!(store.live_leases().unwrap().len(), 1, "repaired");
@@ -692,20 +1237,39 @@ fn corrupt_rows_are_errors_not_panics() {
     damage("UPDATE leases SET id = zeroblob(16), state = 'zombie'");
     // An unknown state is not live, so the live query does not see it; a direct one does.
     assert!(store.live_leases().unwrap().is_empty());
-    let err = store.leases(&LeaseFilter { include_ended: true, ..LeaseFilter::default() }).unwrap_err();
+    let err = store
+        .leases(&LeaseFilter {
+            include_ended: true,
+            ..LeaseFilter::default()
+        })
+        .unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
     damage("UPDATE leases SET state = 'revoked', ended_ms = 5, revoke_reason = 77");
-    let err = store.leases(&LeaseFilter { include_ended: true, ..LeaseFilter::default() }).unwrap_err();
+    let err = store
+        .leases(&LeaseFilter {
+            include_ended: true,
+            ..LeaseFilter::default()
+        })
+        .unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 
     for (sql, what) in [
         ("UPDATE audit SET kind = 'teleport'", "kind"),
-        ("UPDATE audit SET kind = 'decision', outcome = 'maybe'", "outcome"),
+        (
+            "UPDATE audit SET kind = 'decision', outcome = 'maybe'",
+            "outcome",
+        ),
         ("UPDATE audit SET outcome = 'granted', code = 999", "code"),
         ("UPDATE audit SET code = NULL, protocol = 250", "protocol"),
         ("UPDATE audit SET protocol = 6, port_first = 70000", "port"),
-        ("UPDATE audit SET port_first = 80, lease = x'00'", "lease id"),
-        ("UPDATE audit SET lease = NULL, remotes = '[\"bad\"]'", "remotes"),
+        (
+            "UPDATE audit SET port_first = 80, lease = x'00'",
+            "lease id",
+        ),
+        (
+            "UPDATE audit SET lease = NULL, remotes = '[\"bad\"]'",
+            "remotes",
+        ),
     ] {
         damage(sql);
         let err = store.audit(&AuditQuery::default()).unwrap_err();
@@ -722,7 +1286,14 @@ fn report_counts_requests_and_lease_durations() {
     let mut ops = Vec::new();
     // Three grants of tcp/443 for nginx, held 100 s, 200 s and (still live) 300 s so far.
     for (n, start, held_s) in [(1u32, 0u64, 100u64), (2, 1_000_000, 200), (3, 2_000_000, 0)] {
-        ops.push(WriteOp::InsertLease(new_lease(n, web, vec![grant(Protocol::Tcp, 443, 443)], "nginx", start, 600)));
+        ops.push(WriteOp::InsertLease(new_lease(
+            n,
+            web,
+            vec![grant(Protocol::Tcp, 443, 443)],
+            "nginx",
+            start,
+            600,
+        )));
         let mut e = decision(start, web, Protocol::Tcp, 443, "nginx", Outcome::Granted);
         e.lease = Some(id(n));
         ops.push(WriteOp::audit(e));
@@ -737,35 +1308,105 @@ fn report_counts_requests_and_lease_durations() {
         }
     }
     // A repeated Open that extended lease 3 counts as a request, not as a second lease.
-    let mut again = decision(2_100_000, web, Protocol::Tcp, 443, "nginx", Outcome::Granted);
+    let mut again = decision(
+        2_100_000,
+        web,
+        Protocol::Tcp,
+        443,
+        "nginx",
+        Outcome::Granted,
+    );
     again.lease = Some(id(3));
     ops.push(WriteOp::audit(again));
-    ops.push(WriteOp::audit(decision(50, web, Protocol::Tcp, 22, "sshd", Outcome::Denied)));
-    ops.push(WriteOp::audit(decision(60, web, Protocol::Tcp, 22, "sshd", Outcome::Denied)));
-    ops.push(WriteOp::audit(decision(70, "fwnp://host/db-01", Protocol::Tcp, 5432, "postgres", Outcome::Denied)));
+    ops.push(WriteOp::audit(decision(
+        50,
+        web,
+        Protocol::Tcp,
+        22,
+        "sshd",
+        Outcome::Denied,
+    )));
+    ops.push(WriteOp::audit(decision(
+        60,
+        web,
+        Protocol::Tcp,
+        22,
+        "sshd",
+        Outcome::Denied,
+    )));
+    ops.push(WriteOp::audit(decision(
+        70,
+        "fwnp://host/db-01",
+        Protocol::Tcp,
+        5432,
+        "postgres",
+        Outcome::Denied,
+    )));
     // Outside the window.
-    ops.push(WriteOp::audit(decision(9_000_000, web, Protocol::Udp, 53, "dns", Outcome::Denied)));
+    ops.push(WriteOp::audit(decision(
+        9_000_000,
+        web,
+        Protocol::Udp,
+        53,
+        "dns",
+        Outcome::Denied,
+    )));
     w.commit_blocking(ops).unwrap();
 
     let now = 2_300_000;
-    let rows = store.report(&ReportQuery { since_ms: Some(0), until_ms: Some(5_000_000), host: None }, now).unwrap();
+    let rows = store
+        .report(
+            &ReportQuery {
+                since_ms: Some(0),
+                until_ms: Some(5_000_000),
+                host: None,
+            },
+            now,
+        )
+        .unwrap();
     assert_eq!(rows.len(), 3, "{rows:#?}");
     let db = &rows[0];
-    assert_eq!((db.identity.as_str(), db.app.as_deref(), db.opening_label().as_str()), ("fwnp://host/db-01", Some("postgres"), "tcp/5432"));
-    assert_eq!((db.requests, db.granted, db.denied, db.leases), (1, 0, 1, 0));
-    let nginx = rows.iter().find(|r| r.app.as_deref() == Some("nginx")).unwrap();
+    assert_eq!(
+        (
+            db.identity.as_str(),
+            db.app.as_deref(),
+            db.opening_label().as_str()
+        ),
+        ("fwnp://host/db-01", Some("postgres"), "tcp/5432")
+    );
+    assert_eq!(
+        (db.requests, db.granted, db.denied, db.leases),
+        (1, 0, 1, 0)
+    );
+    let nginx = rows
+        .iter()
+        .find(|r| r.app.as_deref() == Some("nginx"))
+        .unwrap();
     assert_eq!(nginx.opening_label(), "tcp/443");
-    assert_eq!((nginx.requests, nginx.granted, nginx.denied, nginx.leases), (4, 4, 0, 3));
+    assert_eq!(
+        (nginx.requests, nginx.granted, nginx.denied, nginx.leases),
+        (4, 4, 0, 3)
+    );
     assert_eq!(nginx.total_held_ms, 600_000);
     assert_eq!(nginx.median_held_ms, 200_000);
     assert_eq!(nginx.p90_held_ms, 300_000);
     assert_eq!(nginx.max_lifetime_asked, Some(600));
     assert_eq!((nginx.first_ms, nginx.last_ms), (0, 2_100_000));
-    let ssh = rows.iter().find(|r| r.app.as_deref() == Some("sshd")).unwrap();
+    let ssh = rows
+        .iter()
+        .find(|r| r.app.as_deref() == Some("sshd"))
+        .unwrap();
     assert_eq!((ssh.requests, ssh.granted, ssh.denied), (2, 0, 2));
 
     let only_db = store
-        .report(&ReportQuery { since_ms: None, until_ms: None, host: Some("fwnp://host/db-*".into()) }, now)
+        .report(
+            &ReportQuery {
+                since_ms: None,
+                until_ms: None,
+                host: Some("fwnp://host/db-*".into()),
+            },
+            now,
+        )
         .unwrap();
     assert_eq!(only_db.len(), 1);
     let everything = store.report(&ReportQuery::default(), now).unwrap();
@@ -778,10 +1419,19 @@ fn record_refuses_when_the_queue_is_over_its_limit() {
     let mut options = fwnp_gateway::store::StoreOptions::default();
     options.max_pending_ops = 0;
     let store = Store::open_with(tmp.path(), options).unwrap();
-    let err = store.writer().record_audit(AuditEvent::new(1, AuditKind::AuthFailure)).unwrap_err();
+    let err = store
+        .writer()
+        .record_audit(AuditEvent::new(1, AuditKind::AuthFailure))
+        .unwrap_err();
     assert!(matches!(err, StoreError::Overloaded { .. }), "{err:?}");
     // Awaited commits are never refused for load: they wait instead.
-    store.writer().commit_blocking(vec![WriteOp::audit(AuditEvent::new(1, AuditKind::AuthFailure))]).unwrap();
+    store
+        .writer()
+        .commit_blocking(vec![WriteOp::audit(AuditEvent::new(
+            1,
+            AuditKind::AuthFailure,
+        ))])
+        .unwrap();
 }
 
 const CRASH_DIR_VAR: &str = "FWNP_STORE_CRASH_DIR";
@@ -791,12 +1441,23 @@ const CRASH_DIR_VAR: &str = "FWNP_STORE_CRASH_DIR";
 #[test]
 #[ignore = "helper: run in a child process by committed_writes_survive_a_killed_process"]
 fn crash_child() {
-    let Some(dir) = std::env::var_os(CRASH_DIR_VAR) else { return };
+    let Some(dir) = std::env::var_os(CRASH_DIR_VAR) else {
+        return;
+    };
     let store = Store::open(PathBuf::from(dir)).unwrap();
     let w = store.writer().clone();
     for batch in 0..10u32 {
         let ops = (0..100u32)
-            .map(|i| WriteOp::InsertLease(new_lease(batch * 100 + i, "fwnp://host/crash", vec![grant(Protocol::Tcp, 80, 80)], "web", 1, 600)))
+            .map(|i| {
+                WriteOp::InsertLease(new_lease(
+                    batch * 100 + i,
+                    "fwnp://host/crash",
+                    vec![grant(Protocol::Tcp, 80, 80)],
+                    "web",
+                    1,
+                    600,
+                ))
+            })
             .collect();
         w.commit_blocking(ops).unwrap();
     }
@@ -808,16 +1469,29 @@ fn committed_writes_survive_a_killed_process() {
     let tmp = TempDir::new("crash");
     let exe = std::env::current_exe().unwrap();
     let status = std::process::Command::new(exe)
-        .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CRASH_DIR_VAR, tmp.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
         .unwrap();
-    assert!(!status.success(), "the child was meant to abort: {status:?}");
+    assert!(
+        !status.success(),
+        "the child was meant to abort: {status:?}"
+    );
     let store = Store::open(tmp.path()).unwrap();
     assert!(!store.is_new_state());
-    assert_eq!(store.live_lease_count().unwrap(), 1000, "a committed lease was lost");
+    assert_eq!(
+        store.live_lease_count().unwrap(),
+        1000,
+        "a committed lease was lost"
+    );
 }
 
 /// The write rate through the group-commit writer:
@@ -829,7 +1503,11 @@ fn write_rate() {
     let store = Store::open(tmp.path()).unwrap();
     const GRANTS: u32 = 100_000;
     const CONCURRENT: u32 = 512;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let started = Instant::now();
     runtime.block_on(async {
         let mut handles = Vec::new();
@@ -840,10 +1518,18 @@ fn write_rate() {
                 while n < GRANTS {
                     let host = format!("fwnp://host/h{}", n % 1000);
                     let port = 1024 + (n % 50_000) as u16;
-                    let mut lease = new_lease(n, &host, vec![grant(Protocol::Tcp, port, port)], "svc", 1_000, 600);
+                    let mut lease = new_lease(
+                        n,
+                        &host,
+                        vec![grant(Protocol::Tcp, port, port)],
+                        "svc",
+                        1_000,
+                        600,
+                    );
                     lease.id.0[4..8].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
                     let lease_id = lease.id;
-                    let mut decided = decision(1_000, &host, Protocol::Tcp, port, "svc", Outcome::Granted);
+                    let mut decided =
+                        decision(1_000, &host, Protocol::Tcp, port, "svc", Outcome::Granted);
                     decided.lease = Some(lease_id);
                     let mut granted = AuditEvent::new(1_000, AuditKind::Grant);
                     granted.outcome = Some(Outcome::Granted);
@@ -853,7 +1539,9 @@ fn write_rate() {
                     granted.granted_lifetime = Some(600);
                     // The request row need not hold up the answer; the lease and grant must.
                     w.record(vec![WriteOp::audit(decided)]).unwrap();
-                    w.commit(vec![WriteOp::InsertLease(lease), WriteOp::audit(granted)]).await.unwrap();
+                    w.commit(vec![WriteOp::InsertLease(lease), WriteOp::audit(granted)])
+                        .await
+                        .unwrap();
                     n += CONCURRENT;
                 }
             }));

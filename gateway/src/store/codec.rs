@@ -53,15 +53,26 @@ pub(crate) fn decode_grants(text: &str) -> Result<Vec<Grant>, StoreError> {
     forms
         .into_iter()
         .map(|form| {
-            let protocol = Protocol::from_number(u64::from(form.p))
-                .ok_or_else(|| StoreError::corrupt(format!("grant with unknown protocol number {}", form.p)))?;
+            let protocol = Protocol::from_number(u64::from(form.p)).ok_or_else(|| {
+                StoreError::corrupt(format!("grant with unknown protocol number {}", form.p))
+            })?;
             if form.f == 0 || form.l < form.f {
-                return Err(StoreError::corrupt(format!("grant with invalid ports {}-{}", form.f, form.l)));
+                return Err(StoreError::corrupt(format!(
+                    "grant with invalid ports {}-{}",
+                    form.f, form.l
+                )));
             }
-            let remotes = form.r.iter().map(|p| parse_prefix(p)).collect::<Result<Vec<_>, _>>()?;
+            let remotes = form
+                .r
+                .iter()
+                .map(|p| parse_prefix(p))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Grant {
                 protocol,
-                ports: PortRange { first: form.f, last: form.l },
+                ports: PortRange {
+                    first: form.f,
+                    last: form.l,
+                },
                 host: form.h,
                 remotes,
                 app: form.a.map(std::borrow::Cow::into_owned),
@@ -79,8 +90,11 @@ pub(crate) fn encode_prefixes(prefixes: &[Prefix]) -> Option<String> {
 }
 
 pub(crate) fn decode_prefixes(text: &str) -> Result<Vec<Prefix>, StoreError> {
-    let texts: Vec<String> = serde_json::from_str(text)
-        .map_err(|e| StoreError::corrupt(format!("remote prefixes are not a JSON array of strings: {e}")))?;
+    let texts: Vec<String> = serde_json::from_str(text).map_err(|e| {
+        StoreError::corrupt(format!(
+            "remote prefixes are not a JSON array of strings: {e}"
+        ))
+    })?;
     texts.iter().map(|t| parse_prefix(t)).collect()
 }
 
@@ -98,7 +112,9 @@ pub(crate) fn parse_prefix(text: &str) -> Result<Prefix, StoreError> {
 
 /// Milliseconds or other unsigned values go into SQLite's signed 64-bit integers.
 pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
-    i64::try_from(value).map_err(|_| StoreError::InvalidInput { what: format!("{what} {value} (above 2^63)") })
+    i64::try_from(value).map_err(|_| StoreError::InvalidInput {
+        what: format!("{what} {value} (above 2^63)"),
+    })
 }
 
 fn from_i64(value: i64, what: &str) -> Result<u64, StoreError> {
@@ -106,7 +122,8 @@ fn from_i64(value: i64, what: &str) -> Result<u64, StoreError> {
 }
 
 fn from_i64_u32(value: i64, what: &str) -> Result<u32, StoreError> {
-    u32::try_from(value).map_err(|_| StoreError::corrupt(format!("{what} is out of range ({value})")))
+    u32::try_from(value)
+        .map_err(|_| StoreError::corrupt(format!("{what} is out of range ({value})")))
 }
 
 pub(crate) fn lease_id(blob: &[u8]) -> Result<LeaseId, StoreError> {
@@ -117,11 +134,16 @@ pub(crate) fn lease_id(blob: &[u8]) -> Result<LeaseId, StoreError> {
 }
 
 fn peer(text: Option<String>) -> Result<Option<SocketAddr>, StoreError> {
-    text.map(|t| t.parse().map_err(|_| StoreError::corrupt(format!("invalid peer address {t:?}"))))
-        .transpose()
+    text.map(|t| {
+        t.parse()
+            .map_err(|_| StoreError::corrupt(format!("invalid peer address {t:?}")))
+    })
+    .transpose()
 }
 
-pub(crate) fn app_columns(app: Option<&AppInfo>) -> (Option<&str>, Option<&str>, Option<u32>, Option<u32>) {
+pub(crate) fn app_columns(
+    app: Option<&AppInfo>,
+) -> (Option<&str>, Option<&str>, Option<u32>, Option<u32>) {
     match app {
         Some(a) => (a.name.as_deref(), a.executable.as_deref(), a.uid, a.pid),
         None => (None, None, None, None),
@@ -146,7 +168,11 @@ fn app_from(
 }
 
 /// Read a column, turning type mismatches into [`StoreError::Corrupt`].
-fn col<T: rusqlite::types::FromSql>(row: &Row<'_>, index: usize, what: &'static str) -> Result<T, StoreError> {
+fn col<T: rusqlite::types::FromSql>(
+    row: &Row<'_>,
+    index: usize,
+    what: &'static str,
+) -> Result<T, StoreError> {
     row.get(index).map_err(StoreError::sqlite(what))
 }
 
@@ -162,8 +188,9 @@ pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
     let grants_text: String = col(row, 3, W)?;
     let grants = decode_grants(&grants_text).map_err(|e| in_lease(id, e))?;
     let state_text: String = col(row, 13, W)?;
-    let state = LeaseState::from_name(&state_text)
-        .ok_or_else(|| StoreError::corrupt(format!("lease {id} has unknown state {state_text:?}")))?;
+    let state = LeaseState::from_name(&state_text).ok_or_else(|| {
+        StoreError::corrupt(format!("lease {id} has unknown state {state_text:?}"))
+    })?;
     let ended_ms: Option<i64> = col(row, 14, W)?;
     let revoke_reason: Option<i64> = col(row, 17, W)?;
     let ending = match state {
@@ -174,9 +201,14 @@ pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
                 LeaseState::Expired => LeaseEnd::Expired,
                 _ => {
                     let number = revoke_reason.unwrap_or(0);
-                    let reason = u64::try_from(number).ok().and_then(RevokeReason::from_number).ok_or_else(|| {
-                        StoreError::corrupt(format!("revoked lease {id} has unknown revoke reason {number}"))
-                    })?;
+                    let reason = u64::try_from(number)
+                        .ok()
+                        .and_then(RevokeReason::from_number)
+                        .ok_or_else(|| {
+                            StoreError::corrupt(format!(
+                                "revoked lease {id} has unknown revoke reason {number}"
+                            ))
+                        })?;
                     LeaseEnd::Revoked(reason)
                 }
             };
@@ -197,12 +229,21 @@ pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
         identity: col(row, 1, W)?,
         peer: peer(col(row, 2, W)?).map_err(|e| in_lease(id, e))?,
         grants,
-        app: app_from(col(row, 4, W)?, col(row, 5, W)?, col(row, 6, W)?, col(row, 7, W)?)
-            .map_err(|e| in_lease(id, e))?,
-        requested_lifetime: requested.map(|v| from_i64_u32(v, "requested lifetime")).transpose()?,
+        app: app_from(
+            col(row, 4, W)?,
+            col(row, 5, W)?,
+            col(row, 6, W)?,
+            col(row, 7, W)?,
+        )
+        .map_err(|e| in_lease(id, e))?,
+        requested_lifetime: requested
+            .map(|v| from_i64_u32(v, "requested lifetime"))
+            .transpose()?,
         granted_lifetime: from_i64_u32(col(row, 9, W)?, "granted lifetime")?,
         created_ms: from_i64(col(row, 10, W)?, "lease creation time")?,
-        renewed_ms: renewed.map(|v| from_i64(v, "lease renewal time")).transpose()?,
+        renewed_ms: renewed
+            .map(|v| from_i64(v, "lease renewal time"))
+            .transpose()?,
         expires_ms: from_i64(col(row, 12, W)?, "lease expiry time")?,
         state,
         ending,
@@ -211,7 +252,9 @@ pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
 
 fn in_lease(id: LeaseId, err: StoreError) -> StoreError {
     match err {
-        StoreError::Corrupt { what } => StoreError::Corrupt { what: format!("lease {id}: {what}") },
+        StoreError::Corrupt { what } => StoreError::Corrupt {
+            what: format!("lease {id}: {what}"),
+        },
         other => other,
     }
 }
@@ -225,7 +268,9 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
     const W: &str = "read audit";
     let id = from_i64(col(row, 0, W)?, "audit id")?;
     let with_id = |e: StoreError| match e {
-        StoreError::Corrupt { what } => StoreError::Corrupt { what: format!("audit event {id}: {what}") },
+        StoreError::Corrupt { what } => StoreError::Corrupt {
+            what: format!("audit event {id}: {what}"),
+        },
         other => other,
     };
     let inner = || -> Result<AuditEvent, StoreError> {
@@ -234,7 +279,10 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
             .ok_or_else(|| StoreError::corrupt(format!("unknown kind {kind_text:?}")))?;
         let outcome_text: Option<String> = col(row, 3, W)?;
         let outcome = outcome_text
-            .map(|t| Outcome::from_name(&t).ok_or_else(|| StoreError::corrupt(format!("unknown outcome {t:?}"))))
+            .map(|t| {
+                Outcome::from_name(&t)
+                    .ok_or_else(|| StoreError::corrupt(format!("unknown outcome {t:?}")))
+            })
             .transpose()?;
         let lease_blob: Option<Vec<u8>> = col(row, 6, W)?;
         let has_request: i64 = col(row, 24, W)?;
@@ -253,16 +301,23 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
             let ports = match (first, last) {
                 (Some(f), Some(l)) => {
                     let port = |v: i64| {
-                        u16::try_from(v).map_err(|_| StoreError::corrupt(format!("port {v} out of range")))
+                        u16::try_from(v)
+                            .map_err(|_| StoreError::corrupt(format!("port {v} out of range")))
                     };
-                    Some(PortRange { first: port(f)?, last: port(l)? })
+                    Some(PortRange {
+                        first: port(f)?,
+                        last: port(l)?,
+                    })
                 }
                 (None, None) => None,
                 _ => return Err(StoreError::corrupt("a port range with only one end")),
             };
             let host: Option<String> = col(row, 11, W)?;
             let host = host
-                .map(|h| h.parse().map_err(|_| StoreError::corrupt(format!("invalid host address {h:?}"))))
+                .map(|h| {
+                    h.parse()
+                        .map_err(|_| StoreError::corrupt(format!("invalid host address {h:?}")))
+                })
                 .transpose()?;
             let remotes: Option<String> = col(row, 12, W)?;
             let lifetime: Option<i64> = col(row, 13, W)?;
@@ -271,8 +326,14 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
                 ports,
                 app_id: col(row, 10, W)?,
                 host,
-                remotes: remotes.as_deref().map(decode_prefixes).transpose()?.unwrap_or_default(),
-                lifetime: lifetime.map(|v| from_i64_u32(v, "lifetime asked")).transpose()?,
+                remotes: remotes
+                    .as_deref()
+                    .map(decode_prefixes)
+                    .transpose()?
+                    .unwrap_or_default(),
+                lifetime: lifetime
+                    .map(|v| from_i64_u32(v, "lifetime asked"))
+                    .transpose()?,
             })
         } else {
             None
@@ -296,16 +357,30 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
             peer: peer(col(row, 5, W)?)?,
             lease: lease_blob.as_deref().map(lease_id).transpose()?,
             request,
-            app: app_from(col(row, 14, W)?, col(row, 15, W)?, col(row, 16, W)?, col(row, 17, W)?)?,
-            grants: grants.as_deref().map(decode_grants).transpose()?.unwrap_or_default(),
-            granted_lifetime: granted_lifetime.map(|v| from_i64_u32(v, "lifetime granted")).transpose()?,
+            app: app_from(
+                col(row, 14, W)?,
+                col(row, 15, W)?,
+                col(row, 16, W)?,
+                col(row, 17, W)?,
+            )?,
+            grants: grants
+                .as_deref()
+                .map(decode_grants)
+                .transpose()?
+                .unwrap_or_default(),
+            granted_lifetime: granted_lifetime
+                .map(|v| from_i64_u32(v, "lifetime granted"))
+                .transpose()?,
             rule: col(row, 20, W)?,
             reason: col(row, 21, W)?,
             code,
             actor: col(row, 23, W)?,
         })
     };
-    Ok(AuditRecord { id, event: inner().map_err(with_id)? })
+    Ok(AuditRecord {
+        id,
+        event: inner().map_err(with_id)?,
+    })
 }
 
 #[cfg(test)]
@@ -319,12 +394,18 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(443),
                 host: "192.0.2.7".parse().unwrap(),
-                remotes: vec![Prefix { addr: "198.51.100.0".parse().unwrap(), len: 24 }],
+                remotes: vec![Prefix {
+                    addr: "198.51.100.0".parse().unwrap(),
+                    len: 24,
+                }],
                 app: Some("https".into()),
             },
             Grant {
                 protocol: Protocol::Udp,
-                ports: PortRange { first: 5000, last: 5010 },
+                ports: PortRange {
+                    first: 5000,
+                    last: 5010,
+                },
                 host: "2001:db8::1".parse().unwrap(),
                 remotes: vec![],
                 app: None,
@@ -352,14 +433,20 @@ mod tests {
             r#"[{"p":6,"f":1,"l":1,"h":"192.0.2.1","r":["10.0.0.0/33"]}]"#,
             r#"[{"p":6,"f":1,"l":1,"h":"192.0.2.1","r":["10.0.0.0"]}]"#,
         ] {
-            assert!(matches!(decode_grants(bad), Err(StoreError::Corrupt { .. })), "{bad:?} decoded");
+            assert!(
+                matches!(decode_grants(bad), Err(StoreError::Corrupt { .. })),
+                "{bad:?} decoded"
+            );
         }
     }
 
     #[test]
     fn lease_ids_must_be_sixteen_bytes() {
         assert!(lease_id(&[7; 16]).is_ok());
-        assert!(matches!(lease_id(&[7; 15]), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            lease_id(&[7; 15]),
+            Err(StoreError::Corrupt { .. })
+        ));
         assert!(matches!(lease_id(&[]), Err(StoreError::Corrupt { .. })));
     }
 }

@@ -112,9 +112,10 @@ impl StoreError {
                     ),
                 },
             },
-            StoreError::SchemaTooNew { found, supported } => {
-                StoreError::SchemaTooNew { found: *found, supported: *supported }
-            }
+            StoreError::SchemaTooNew { found, supported } => StoreError::SchemaTooNew {
+                found: *found,
+                supported: *supported,
+            },
             StoreError::Corrupt { what } => StoreError::Corrupt { what: what.clone() },
             StoreError::WriterStopped => StoreError::WriterStopped,
             StoreError::Overloaded { pending } => StoreError::Overloaded { pending: *pending },

@@ -10,17 +10,20 @@
 //! that need not hold up an answer.
 //!
 //! # What is durable when
-//! The database runs in WAL mode. With `synchronous = normal` (the default), a committed
-//! transaction is in the WAL file when `commit` returns: it survives the gateway's process being
-//! killed (SIGKILL, a crash), but the last transactions before a power failure or kernel crash
-//! may be lost, because the WAL is synced to disk only at checkpoints. The database itself is
-//! never corrupted by either. With `synchronous = full` ([`Synchronous::Full`]) the WAL is also
-//! synced at each commit, so a committed transaction survives power loss, at the price of an
-//! `fsync` per group commit. The gateway answers Granted after `commit` returns, so with
-//! `normal` a Granted lease survives a gateway crash; after a power failure the kernel's own
-//! element timeouts still close every opening on time, and hosts re-request on the new epoch...
-//! except that the epoch is kept, so a host whose lease was lost is told `unknown-lease` at its
-//! next renewal and opens again (the protocol's rule for that answer).
+//! The database runs in WAL mode. With `synchronous = normal` (the default), a transaction is
+//! written to the WAL file (not yet synced) when `commit` returns: it survives the gateway's
+//! process being killed (SIGKILL, a panic, an abort), because the data is in the kernel's page
+//! cache, but the last transactions before a power failure or a kernel crash may be lost, since
+//! the WAL is synced to disk only at checkpoints. Neither event corrupts the database. With
+//! `synchronous = full` ([`Synchronous::Full`]) the WAL is also synced at every commit, so a
+//! committed transaction survives power loss too, at the price of one `fsync` per group commit
+//! (shared by every job of the group).
+//!
+//! The gateway answers Granted only after `commit` returns, so with `normal` a Granted lease
+//! survives a crash of the gateway. After a power failure a lease granted just before it may be
+//! missing from the store: the reconcile at start-up then removes its kernel element (the
+//! element's own timeout would close it anyway), and the host, renewing it, is told
+//! `unknown-lease` and opens it again, as the protocol prescribes.
 //!
 //! # Reading
 //! Queries use separate read-only connections from a small pool; in WAL mode they never block
@@ -49,8 +52,8 @@ use tokio::sync::watch;
 pub use error::StoreError;
 pub use schema::SCHEMA_VERSION;
 pub use types::{
-    AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter, LeaseRecord,
-    LeaseState, NewLease, Order, Outcome, ReportQuery, ReportRow, RequestSummary,
+    AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,
+    LeaseRecord, LeaseState, NewLease, Order, Outcome, ReportQuery, ReportRow, RequestSummary,
 };
 pub use writer::{StoreWriter, WriteOp, WriterStats};
 
@@ -159,17 +162,23 @@ impl Store {
     /// Open (or create) the store in `state_dir`. The directory is created with mode 0700 if
     /// missing, the database file with mode 0600. A database written by a newer schema is
     /// refused with [`StoreError::SchemaTooNew`].
-    pub fn open_with(state_dir: impl AsRef<Path>, options: StoreOptions) -> Result<Store, StoreError> {
+    pub fn open_with(
+        state_dir: impl AsRef<Path>,
+        options: StoreOptions,
+    ) -> Result<Store, StoreError> {
         let dir = state_dir.as_ref();
         create_private_dir(dir)?;
         let path = dir.join(DATABASE_FILE);
         create_private_file(&path)?;
         let mut conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| not_a_database(&path, e, "open database"))?;
-        configure_writer(&conn, &options).map_err(|e| not_a_database(&path, e, "configure database"))?;
+        configure_writer(&conn, &options)
+            .map_err(|e| not_a_database(&path, e, "configure database"))?;
         let prepared = schema::prepare(&mut conn, now_ms()).map_err(|e| match e {
             StoreError::Sqlite { op, source } => not_a_database(&path, source, op),
             other => other,
@@ -232,9 +241,13 @@ impl Store {
     /// At start-up: the live leases, after recording those already past their expiry at
     /// `now_ms` as expired (with an expiry audit event each).
     pub async fn restore(&self, now_ms: u64) -> Result<Restored, StoreError> {
-        let (expired, live): (Vec<_>, Vec<_>) =
-            self.live_leases()?.into_iter().partition(|lease| lease.expires_ms <= now_ms);
-        let expired = self.expire(expired, now_ms, "expired while the gateway was stopped").await?;
+        let (expired, live): (Vec<_>, Vec<_>) = self
+            .live_leases()?
+            .into_iter()
+            .partition(|lease| lease.expires_ms <= now_ms);
+        let expired = self
+            .expire(expired, now_ms, "expired while the gateway was stopped")
+            .await?;
         Ok(Restored { live, expired })
     }
 
@@ -311,7 +324,12 @@ impl Store {
 
     /// Events after `after_id`, oldest first, matching the filters of `query` (its cursor
     /// and order are ignored): the "follow" primitive. Returns at most `limit` events.
-    pub fn audit_follow(&self, after_id: u64, query: &AuditQuery, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+    pub fn audit_follow(
+        &self,
+        after_id: u64,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
         let mut q = query.clone();
         q.cursor = Some(after_id);
         q.order = Order::OldestFirst;
@@ -325,8 +343,16 @@ impl Store {
         self.with_reader(|conn| query::report(conn, query, now_ms))
     }
 
-    fn with_reader<T>(&self, f: impl FnOnce(&Connection) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let pooled = self.inner.readers.lock().ok().and_then(|mut pool| pool.pop());
+    fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = self
+            .inner
+            .readers
+            .lock()
+            .ok()
+            .and_then(|mut pool| pool.pop());
         let conn = match pooled {
             Some(conn) => conn,
             None => self.open_reader()?,
@@ -346,7 +372,8 @@ impl Store {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(StoreError::sqlite("open read connection"))?;
-        conn.busy_timeout(self.inner.options.busy_timeout).map_err(StoreError::sqlite("set busy timeout"))?;
+        conn.busy_timeout(self.inner.options.busy_timeout)
+            .map_err(StoreError::sqlite("set busy timeout"))?;
         conn.set_prepared_statement_cache_capacity(32);
         Ok(conn)
     }
@@ -375,9 +402,15 @@ fn configure_writer(conn: &Connection, options: &StoreOptions) -> Result<(), rus
 fn not_a_database(path: &Path, e: rusqlite::Error, op: &'static str) -> StoreError {
     match &e {
         rusqlite::Error::SqliteFailure(code, _)
-            if matches!(code.code, rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt) =>
+            if matches!(
+                code.code,
+                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+            ) =>
         {
-            StoreError::corrupt(format!("{} is not a readable SQLite database ({op}: {e})", path.display()))
+            StoreError::corrupt(format!(
+                "{} is not a readable SQLite database ({op}: {e})",
+                path.display()
+            ))
         }
         _ => StoreError::Sqlite { op, source: e },
     }
@@ -392,21 +425,37 @@ fn create_private_dir(dir: &Path) -> Result<(), StoreError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| StoreError::Io { op: "create state directory", path: dir.into(), source })
+        .map_err(|source| StoreError::Io {
+            op: "create state directory",
+            path: dir.into(),
+            source,
+        })
 }
 
 fn create_private_file(path: &Path) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     // Create the file ourselves so that it (and the -wal and -shm files SQLite derives from it)
     // is readable by the gateway's user only: the audit trail names hosts and applications.
-    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(source) => Err(StoreError::Io { op: "create database file", path: path.into(), source }),
+        Err(source) => Err(StoreError::Io {
+            op: "create database file",
+            path: path.into(),
+            source,
+        }),
     }
 }
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -6,12 +6,13 @@ use fwnp_proto::{LeaseId, PortRange, Protocol};
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
+use super::MAX_PAGE;
 use super::codec::{AUDIT_COLUMNS, LEASE_COLUMNS, audit_from_row, lease_from_row, lease_id};
 use super::error::StoreError;
 use super::types::{
-    AuditPage, AuditQuery, AuditRecord, LeaseFilter, LeaseRecord, Order, ReportQuery, ReportRow, app_label,
+    AuditPage, AuditQuery, AuditRecord, LeaseFilter, LeaseRecord, Order, ReportQuery, ReportRow,
+    app_label,
 };
-use super::MAX_PAGE;
 
 /// SQL conditions joined by AND, with their numbered parameters.
 struct Conditions {
@@ -21,7 +22,10 @@ struct Conditions {
 
 impl Conditions {
     fn new() -> Self {
-        Conditions { sql: Vec::new(), params: Vec::new() }
+        Conditions {
+            sql: Vec::new(),
+            params: Vec::new(),
+        }
     }
 
     /// Add a parameter and return its placeholder.
@@ -35,7 +39,11 @@ impl Conditions {
     }
 
     fn where_clause(&self) -> String {
-        if self.sql.is_empty() { String::new() } else { format!(" WHERE {}", self.sql.join(" AND ")) }
+        if self.sql.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", self.sql.join(" AND "))
+        }
     }
 
     /// Identity exact, or as a GLOB pattern when it holds a glob character.
@@ -52,7 +60,9 @@ impl Conditions {
 fn int(value: u64) -> Result<Value, StoreError> {
     i64::try_from(value)
         .map(Value::Integer)
-        .map_err(|_| StoreError::InvalidInput { what: format!("{value} in a query (above 2^63)") })
+        .map_err(|_| StoreError::InvalidInput {
+            what: format!("{value} in a query (above 2^63)"),
+        })
 }
 
 fn collect<T>(
@@ -63,7 +73,9 @@ fn collect<T>(
     decode: fn(&rusqlite::Row<'_>) -> Result<T, StoreError>,
 ) -> Result<Vec<T>, StoreError> {
     let mut stmt = conn.prepare_cached(sql).map_err(StoreError::sqlite(op))?;
-    let mut rows = stmt.query(params_from_iter(params.iter())).map_err(StoreError::sqlite(op))?;
+    let mut rows = stmt
+        .query(params_from_iter(params.iter()))
+        .map_err(StoreError::sqlite(op))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next().map_err(StoreError::sqlite(op))? {
         out.push(decode(row)?);
@@ -72,21 +84,30 @@ fn collect<T>(
 }
 
 pub(crate) fn live_leases(conn: &Connection) -> Result<Vec<LeaseRecord>, StoreError> {
-    let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms");
+    let sql =
+        format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms");
     collect(conn, &sql, &[], "query live leases", lease_from_row)
 }
 
 pub(crate) fn live_lease_count(conn: &Connection) -> Result<u64, StoreError> {
     let n: i64 = conn
-        .query_row("SELECT count(*) FROM leases WHERE state = 'live'", [], |r| r.get(0))
+        .query_row(
+            "SELECT count(*) FROM leases WHERE state = 'live'",
+            [],
+            |r| r.get(0),
+        )
         .map_err(StoreError::sqlite("count live leases"))?;
     Ok(u64::try_from(n).unwrap_or(0))
 }
 
 pub(crate) fn lease(conn: &Connection, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
     let sql = format!("SELECT {LEASE_COLUMNS} FROM leases WHERE id = ?1");
-    let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::sqlite("query lease"))?;
-    let mut rows = stmt.query([&id.0[..]]).map_err(StoreError::sqlite("query lease"))?;
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(StoreError::sqlite("query lease"))?;
+    let mut rows = stmt
+        .query([&id.0[..]])
+        .map_err(StoreError::sqlite("query lease"))?;
     match rows.next().map_err(StoreError::sqlite("query lease"))? {
         Some(row) => lease_from_row(row).map(Some),
         None => Ok(None),
@@ -94,11 +115,18 @@ pub(crate) fn lease(conn: &Connection, id: LeaseId) -> Result<Option<LeaseRecord
 }
 
 /// A condition on a JSON grants column: some grant covers `port` (and is of `protocol`).
-fn grant_condition(c: &mut Conditions, column: &str, port: Option<u16>, protocol: Option<Protocol>) -> Option<String> {
+fn grant_condition(
+    c: &mut Conditions,
+    column: &str,
+    port: Option<u16>,
+    protocol: Option<Protocol>,
+) -> Option<String> {
     let mut parts = Vec::new();
     if let Some(port) = port {
         let p = c.param(Value::Integer(i64::from(port)));
-        parts.push(format!("json_extract(g.value, '$.f') <= {p} AND json_extract(g.value, '$.l') >= {p}"));
+        parts.push(format!(
+            "json_extract(g.value, '$.f') <= {p} AND json_extract(g.value, '$.l') >= {p}"
+        ));
     }
     if let Some(protocol) = protocol {
         let p = c.param(Value::Integer(i64::from(protocol.number())));
@@ -107,10 +135,16 @@ fn grant_condition(c: &mut Conditions, column: &str, port: Option<u16>, protocol
     if parts.is_empty() {
         return None;
     }
-    Some(format!("EXISTS (SELECT 1 FROM json_each({column}) AS g WHERE {})", parts.join(" AND ")))
+    Some(format!(
+        "EXISTS (SELECT 1 FROM json_each({column}) AS g WHERE {})",
+        parts.join(" AND ")
+    ))
 }
 
-pub(crate) fn leases(conn: &Connection, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
+pub(crate) fn leases(
+    conn: &Connection,
+    filter: &LeaseFilter,
+) -> Result<Vec<LeaseRecord>, StoreError> {
     let mut c = Conditions::new();
     if !filter.include_ended {
         c.push("state = 'live'".into());
@@ -128,7 +162,10 @@ pub(crate) fn leases(conn: &Connection, filter: &LeaseFilter) -> Result<Vec<Leas
     if let Some(cond) = grant_condition(&mut c, "grants", filter.port, filter.protocol) {
         c.push(cond);
     }
-    let mut sql = format!("SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms", c.where_clause());
+    let mut sql = format!(
+        "SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms",
+        c.where_clause()
+    );
     if let Some(limit) = filter.limit {
         let p = c.param(int(limit as u64)?);
         sql.push_str(&format!(" LIMIT {p}"));
@@ -154,11 +191,19 @@ pub(crate) fn audit(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, Stor
         ));
     }
     if !q.outcomes.is_empty() {
-        let ps: Vec<String> = q.outcomes.iter().map(|o| c.param(Value::Text(o.name().into()))).collect();
+        let ps: Vec<String> = q
+            .outcomes
+            .iter()
+            .map(|o| c.param(Value::Text(o.name().into())))
+            .collect();
         c.push(format!("outcome IN ({})", ps.join(", ")));
     }
     if !q.kinds.is_empty() {
-        let ps: Vec<String> = q.kinds.iter().map(|k| c.param(Value::Text(k.name().into()))).collect();
+        let ps: Vec<String> = q
+            .kinds
+            .iter()
+            .map(|k| c.param(Value::Text(k.name().into())))
+            .collect();
         c.push(format!("kind IN ({})", ps.join(", ")));
     }
     if let Some(lease) = q.lease {
@@ -184,15 +229,35 @@ pub(crate) fn audit(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, Stor
             Order::OldestFirst => c.push(format!("id > {p}")),
         }
     }
-    let limit = if q.limit == 0 { MAX_PAGE } else { q.limit.min(MAX_PAGE) };
+    let limit = if q.limit == 0 {
+        MAX_PAGE
+    } else {
+        q.limit.min(MAX_PAGE)
+    };
     let p = c.param(int(limit as u64)?);
-    let sql = format!("SELECT {AUDIT_COLUMNS} FROM audit{} ORDER BY id {direction} LIMIT {p}", c.where_clause());
+    let sql = format!(
+        "SELECT {AUDIT_COLUMNS} FROM audit{} ORDER BY id {direction} LIMIT {p}",
+        c.where_clause()
+    );
     let events: Vec<AuditRecord> = collect(conn, &sql, &c.params, "query audit", audit_from_row)?;
-    let next_cursor = if events.len() == limit { events.last().map(|e| e.id) } else { None };
-    Ok(AuditPage { events, next_cursor })
+    let next_cursor = if events.len() == limit {
+        events.last().map(|e| e.id)
+    } else {
+        None
+    };
+    Ok(AuditPage {
+        events,
+        next_cursor,
+    })
 }
 
-type ReportKey = (String, Option<String>, Option<u8>, Option<(u16, u16)>, Option<String>);
+type ReportKey = (
+    String,
+    Option<String>,
+    Option<u8>,
+    Option<(u16, u16)>,
+    Option<String>,
+);
 
 #[derive(Default)]
 struct ReportAcc {
@@ -205,7 +270,11 @@ struct ReportAcc {
     last_ms: u64,
 }
 
-pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<Vec<ReportRow>, StoreError> {
+pub(crate) fn report(
+    conn: &Connection,
+    q: &ReportQuery,
+    now_ms: u64,
+) -> Result<Vec<ReportRow>, StoreError> {
     const OP: &str = "query report";
     let mut c = Conditions::new();
     c.push("a.kind = 'decision'".into());
@@ -230,7 +299,9 @@ pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<
         c.where_clause()
     );
     let mut stmt = conn.prepare(&sql).map_err(StoreError::sqlite(OP))?;
-    let mut rows = stmt.query(params_from_iter(c.params.iter())).map_err(StoreError::sqlite(OP))?;
+    let mut rows = stmt
+        .query(params_from_iter(c.params.iter()))
+        .map_err(StoreError::sqlite(OP))?;
     let mut groups: BTreeMap<ReportKey, ReportAcc> = BTreeMap::new();
     let get = |row: &rusqlite::Row<'_>, i: usize| -> Result<Option<i64>, StoreError> {
         row.get::<_, Option<i64>>(i).map_err(StoreError::sqlite(OP))
@@ -239,9 +310,17 @@ pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<
         let identity: String = row.get(0).map_err(StoreError::sqlite(OP))?;
         let name: Option<String> = row.get(1).map_err(StoreError::sqlite(OP))?;
         let exe: Option<String> = row.get(2).map_err(StoreError::sqlite(OP))?;
-        let app = app_label(Some(&fwnp_proto::AppInfo { name, executable: exe, uid: None, pid: None })).map(String::from);
+        let app = app_label(Some(&fwnp_proto::AppInfo {
+            name,
+            executable: exe,
+            uid: None,
+            pid: None,
+        }))
+        .map(String::from);
         let protocol = get(row, 3)?
-            .map(|n| u8::try_from(n).map_err(|_| StoreError::corrupt(format!("protocol number {n}"))))
+            .map(|n| {
+                u8::try_from(n).map_err(|_| StoreError::corrupt(format!("protocol number {n}")))
+            })
             .transpose()?;
         let ports = match (get(row, 4)?, get(row, 5)?) {
             (Some(f), Some(l)) => Some((
@@ -254,19 +333,24 @@ pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<
         let outcome: String = row.get(7).map_err(StoreError::sqlite(OP))?;
         let lease: Option<Vec<u8>> = row.get(8).map_err(StoreError::sqlite(OP))?;
         let lifetime_asked = get(row, 9)?.and_then(|v| u32::try_from(v).ok());
-        let time_ms = get(row, 10)?.and_then(|v| u64::try_from(v).ok()).unwrap_or(0);
+        let time_ms = get(row, 10)?
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0);
         let held = match (get(row, 11)?, get(row, 12)?, get(row, 13)?) {
             (Some(created), Some(expires), ended) => {
-                let end = ended.unwrap_or_else(|| expires.min(i64::try_from(now_ms).unwrap_or(i64::MAX)));
+                let end =
+                    ended.unwrap_or_else(|| expires.min(i64::try_from(now_ms).unwrap_or(i64::MAX)));
                 Some(u64::try_from(end.saturating_sub(created)).unwrap_or(0))
             }
             _ => None,
         };
-        let acc = groups.entry((identity, app, protocol, ports, app_id)).or_insert_with(|| ReportAcc {
-            first_ms: time_ms,
-            last_ms: time_ms,
-            ..ReportAcc::default()
-        });
+        let acc = groups
+            .entry((identity, app, protocol, ports, app_id))
+            .or_insert_with(|| ReportAcc {
+                first_ms: time_ms,
+                last_ms: time_ms,
+                ..ReportAcc::default()
+            });
         acc.first_ms = acc.first_ms.min(time_ms);
         acc.last_ms = acc.last_ms.max(time_ms);
         acc.max_lifetime_asked = acc.max_lifetime_asked.max(lifetime_asked);
@@ -288,7 +372,10 @@ pub(crate) fn report(conn: &Connection, q: &ReportQuery, now_ms: u64) -> Result<
     for ((identity, app, protocol, ports, app_id), mut acc) in groups {
         acc.held.sort_unstable();
         let protocol = protocol
-            .map(|n| Protocol::from_number(u64::from(n)).ok_or_else(|| StoreError::corrupt(format!("protocol {n}"))))
+            .map(|n| {
+                Protocol::from_number(u64::from(n))
+                    .ok_or_else(|| StoreError::corrupt(format!("protocol {n}")))
+            })
             .transpose()?;
         out.push(ReportRow {
             identity,
@@ -319,7 +406,6 @@ fn percentile(sorted: &[u64], pct: usize) -> u64 {
     let rank = (sorted.len() * pct).div_ceil(100).max(1);
     sorted.get(rank - 1).copied().unwrap_or(0)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -2,7 +2,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use fwnp_proto::{AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target};
+use fwnp_proto::{
+    AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
+};
 use serde_json::{Map, Value, json};
 
 /// Where a lease is in its life.
@@ -137,7 +139,11 @@ pub struct LeaseRecord {
 impl LeaseRecord {
     /// Milliseconds left before expiry at `now_ms`; 0 once past it or ended.
     pub fn remaining_ms(&self, now_ms: u64) -> u64 {
-        if self.state == LeaseState::Live { self.expires_ms.saturating_sub(now_ms) } else { 0 }
+        if self.state == LeaseState::Live {
+            self.expires_ms.saturating_sub(now_ms)
+        } else {
+            0
+        }
     }
 
     /// How long the lease has been (or was) held at `now_ms`, in milliseconds.
@@ -333,7 +339,14 @@ impl RequestSummary {
             Target::Ports { protocol, ports } => (Some(*protocol), Some(*ports), None),
             Target::App(id) => (None, None, Some(id.clone())),
         };
-        RequestSummary { protocol, ports, app_id, host: opening.host, remotes: opening.remotes.clone(), lifetime }
+        RequestSummary {
+            protocol,
+            ports,
+            app_id,
+            host: opening.host,
+            remotes: opening.remotes.clone(),
+            lifetime,
+        }
     }
 
     /// The opening in the command line's words: `tcp/8080`, `udp/5000-5010`, `app:https`.
@@ -428,7 +441,16 @@ impl AuditRecord {
             insert_opt(&mut r, "opening", request.opening_label());
             insert_opt(&mut r, "host", request.host.map(|h| h.to_string()));
             if !request.remotes.is_empty() {
-                r.insert("remotes".into(), json!(request.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()));
+                r.insert(
+                    "remotes".into(),
+                    json!(
+                        request
+                            .remotes
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                    ),
+                );
             }
             insert_opt(&mut r, "lifetime", request.lifetime);
             map.insert("request".into(), Value::Object(r));
@@ -561,7 +583,8 @@ pub struct ReportRow {
 impl ReportRow {
     /// The opening in the command line's words: `tcp/8080`, `app:https`.
     pub fn opening_label(&self) -> String {
-        opening_label(self.protocol, self.ports, self.app_id.as_deref()).unwrap_or_else(|| "-".into())
+        opening_label(self.protocol, self.ports, self.app_id.as_deref())
+            .unwrap_or_else(|| "-".into())
     }
 
     /// A JSON form for the admin API and `fwnpctl report --json`.
@@ -584,7 +607,11 @@ impl ReportRow {
     }
 }
 
-pub(crate) fn opening_label(protocol: Option<Protocol>, ports: Option<PortRange>, app_id: Option<&str>) -> Option<String> {
+pub(crate) fn opening_label(
+    protocol: Option<Protocol>,
+    ports: Option<PortRange>,
+    app_id: Option<&str>,
+) -> Option<String> {
     match (protocol, ports, app_id) {
         (Some(protocol), Some(ports), _) => Some(format!("{protocol}/{ports}")),
         (_, _, Some(app)) => Some(format!("app:{app}")),
@@ -632,7 +659,10 @@ fn grants_json(grants: &[Grant]) -> Value {
                 map.insert("ports".into(), json!(g.ports.to_string()));
                 map.insert("host".into(), json!(g.host.to_string()));
                 if !g.remotes.is_empty() {
-                    map.insert("remotes".into(), json!(g.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()));
+                    map.insert(
+                        "remotes".into(),
+                        json!(g.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
+                    );
                 }
                 insert_opt(&mut map, "app", g.app.clone());
                 Value::Object(map)

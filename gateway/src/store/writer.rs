@@ -173,7 +173,9 @@ impl StoreWriter {
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.enqueue(ops, Reply::Blocking(tx))?;
-        rx.recv().map_err(|_| StoreError::WriterStopped)?.map(|_| ())
+        rx.recv()
+            .map_err(|_| StoreError::WriterStopped)?
+            .map(|_| ())
     }
 
     /// Queue `ops` without waiting for them (audit rows that need not hold up an answer).
@@ -202,7 +204,12 @@ impl StoreWriter {
         let slice = slice.max(1);
         let mut audit_rows = 0;
         loop {
-            let n = self.commit_counted(vec![WriteOp::DeleteAuditBefore { before_ms, max_rows: slice }]).await?;
+            let n = self
+                .commit_counted(vec![WriteOp::DeleteAuditBefore {
+                    before_ms,
+                    max_rows: slice,
+                }])
+                .await?;
             audit_rows += n;
             if n < u64::from(slice) {
                 break;
@@ -210,8 +217,12 @@ impl StoreWriter {
         }
         let mut leases = 0;
         loop {
-            let n =
-                self.commit_counted(vec![WriteOp::DeleteEndedLeasesBefore { before_ms, max_rows: slice }]).await?;
+            let n = self
+                .commit_counted(vec![WriteOp::DeleteEndedLeasesBefore {
+                    before_ms,
+                    max_rows: slice,
+                }])
+                .await?;
             leases += n;
             if n < u64::from(slice) {
                 break;
@@ -242,9 +253,20 @@ impl StoreWriter {
 
     fn enqueue(&self, ops: Vec<WriteOp>, reply: Reply) -> Result<(), StoreError> {
         let n = ops.len();
-        self.shared.counters.pending_ops.fetch_add(n, Ordering::Relaxed);
-        if self.shared.sender.send(Msg::Write(Job { ops, reply })).is_err() {
-            self.shared.counters.pending_ops.fetch_sub(n, Ordering::Relaxed);
+        self.shared
+            .counters
+            .pending_ops
+            .fetch_add(n, Ordering::Relaxed);
+        if self
+            .shared
+            .sender
+            .send(Msg::Write(Job { ops, reply }))
+            .is_err()
+        {
+            self.shared
+                .counters
+                .pending_ops
+                .fetch_sub(n, Ordering::Relaxed);
             return Err(StoreError::WriterStopped);
         }
         Ok(())
@@ -265,16 +287,30 @@ pub(crate) fn spawn(
 ) -> Result<(StoreWriter, std::thread::JoinHandle<()>), StoreError> {
     let (sender, receiver) = mpsc::unbounded_channel();
     let (audit_watch, _) = watch::channel(last_audit_id);
-    let shared = Arc::new(WriterShared { sender, counters: Counters::default(), max_pending_ops, audit_watch });
+    let shared = Arc::new(WriterShared {
+        sender,
+        counters: Counters::default(),
+        max_pending_ops,
+        audit_watch,
+    });
     let thread_shared = Arc::clone(&shared);
     let handle = std::thread::Builder::new()
         .name("fwnp-store-writer".into())
         .spawn(move || run(conn, &thread_shared, receiver, max_batch_ops.max(1)))
-        .map_err(|source| StoreError::Io { op: "start writer thread", path: "fwnp-store-writer".into(), source })?;
+        .map_err(|source| StoreError::Io {
+            op: "start writer thread",
+            path: "fwnp-store-writer".into(),
+            source,
+        })?;
     Ok((StoreWriter { shared }, handle))
 }
 
-fn run(conn: Connection, shared: &WriterShared, mut receiver: mpsc::UnboundedReceiver<Msg>, max_batch_ops: usize) {
+fn run(
+    conn: Connection,
+    shared: &WriterShared,
+    mut receiver: mpsc::UnboundedReceiver<Msg>,
+    max_batch_ops: usize,
+) {
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = Vec::new();
         let mut ops = 0usize;
@@ -328,7 +364,11 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
                 BatchRun::RedoCarefully => (
                     batch
                         .iter()
-                        .map(|_| Err(StoreError::corrupt("a job failed twice without a savepoint")))
+                        .map(|_| {
+                            Err(StoreError::corrupt(
+                                "a job failed twice without a savepoint",
+                            ))
+                        })
                         .collect(),
                     Vec::new(),
                 ),
@@ -336,13 +376,20 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
         }
     };
     let c = &shared.counters;
-    c.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    c.busy_us
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     c.transactions.fetch_add(1, Ordering::Relaxed);
     c.jobs.fetch_add(batch.len() as u64, Ordering::Relaxed);
     c.ops.fetch_add(op_count as u64, Ordering::Relaxed);
-    c.largest_batch.fetch_max(batch.len() as u64, Ordering::Relaxed);
+    c.largest_batch
+        .fetch_max(batch.len() as u64, Ordering::Relaxed);
     c.pending_ops.fetch_sub(op_count, Ordering::Relaxed);
-    if let Some(newest) = newest_audit.into_iter().flatten().max().and_then(|id| u64::try_from(id).ok()) {
+    if let Some(newest) = newest_audit
+        .into_iter()
+        .flatten()
+        .max()
+        .and_then(|id| u64::try_from(id).ok())
+    {
         shared.audit_watch.send_if_modified(|current| {
             let newer = newest > *current;
             if newer {
@@ -382,7 +429,10 @@ enum BatchRun {
 }
 
 fn count_redo(shared: &WriterShared) {
-    shared.counters.careful_redos.fetch_add(1, Ordering::Relaxed);
+    shared
+        .counters
+        .careful_redos
+        .fetch_add(1, Ordering::Relaxed);
 }
 
 /// Run the jobs of `batch` in one transaction. In careful mode each job of several operations
@@ -394,13 +444,20 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
         if !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        BatchRun::Done(batch.iter().map(|_| Err(err.duplicate())).collect(), Vec::new())
+        BatchRun::Done(
+            batch.iter().map(|_| Err(err.duplicate())).collect(),
+            Vec::new(),
+        )
     };
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         return fail_all(StoreError::sqlite("begin transaction")(e));
     }
     for job in batch {
-        let result = if careful { apply_job(conn, &job.ops) } else { apply_ops(conn, &job.ops) };
+        let result = if careful {
+            apply_job(conn, &job.ops)
+        } else {
+            apply_ops(conn, &job.ops)
+        };
         match result {
             Ok((changed, audit_id)) => {
                 results.push(Ok(changed));
@@ -473,7 +530,12 @@ fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
 fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreError> {
     match op {
         WriteOp::InsertLease(lease) => insert_lease(conn, lease).map(|n| (n, None)),
-        WriteOp::RenewLease { id, renewed_ms, expires_ms, granted_lifetime } => {
+        WriteOp::RenewLease {
+            id,
+            renewed_ms,
+            expires_ms,
+            granted_lifetime,
+        } => {
             let mut stmt = conn
                 .prepare_cached(
                     "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, granted_lifetime = ?4 \
@@ -493,7 +555,13 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             }
             Ok((n as u64, None))
         }
-        WriteOp::EndLease { id, end, ended_ms, by, why } => {
+        WriteOp::EndLease {
+            id,
+            end,
+            ended_ms,
+            by,
+            why,
+        } => {
             let revoke_reason = match end {
                 LeaseEnd::Revoked(reason) => Some(reason.number() as i64),
                 _ => None,
@@ -520,7 +588,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             Ok((n as u64, None))
         }
         WriteOp::Audit(event) => insert_audit(conn, event).map(|id| (1, Some(id))),
-        WriteOp::DeleteAuditBefore { before_ms, max_rows } => {
+        WriteOp::DeleteAuditBefore {
+            before_ms,
+            max_rows,
+        } => {
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM audit WHERE id IN \
@@ -532,7 +603,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
                 .map_err(StoreError::sqlite("prune audit"))?;
             Ok((n as u64, None))
         }
-        WriteOp::DeleteEndedLeasesBefore { before_ms, max_rows } => {
+        WriteOp::DeleteEndedLeasesBefore {
+            before_ms,
+            max_rows,
+        } => {
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM leases WHERE rowid IN (SELECT rowid FROM leases \
@@ -573,7 +647,9 @@ fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> 
     ]);
     match result {
         Ok(n) => Ok(n as u64),
-        Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             Err(StoreError::DuplicateLease { id: lease.id })
         }
         Err(e) => Err(StoreError::sqlite("insert lease")(e)),
@@ -583,7 +659,11 @@ fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> 
 fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
     let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
     let request = e.request.as_ref();
-    let grants = if e.grants.is_empty() { None } else { Some(encode_grants(&e.grants)) };
+    let grants = if e.grants.is_empty() {
+        None
+    } else {
+        Some(encode_grants(&e.grants))
+    };
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO audit (time_ms, kind, outcome, identity, peer, lease, has_request, protocol, \
