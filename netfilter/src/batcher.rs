@@ -88,8 +88,22 @@ enum Command {
     Change(Change, oneshot::Sender<Result<(), Error>>),
     Reconcile(Vec<(Opening, Duration)>, oneshot::Sender<Result<ReconcileReport, Error>>),
     Kill(Opening, oneshot::Sender<Result<usize, Error>>),
+    Apply(Layout, oneshot::Sender<Result<(), Error>>),
     Foreign(RepairTrigger),
     Shutdown(oneshot::Sender<()>),
+    /// The last handle was dropped.
+    Stop,
+}
+
+/// Shared by all clones of a handle; when the last one goes, the thread stops. (The event
+/// watcher holds a sender too, so the channel alone would never disconnect.)
+#[derive(Debug)]
+struct Alive(mpsc::Sender<Command>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let _ = self.0.send(Command::Stop);
+    }
 }
 
 /// Async front of a [`Netfilter`]: collects changes from many callers, sends one transaction
@@ -99,6 +113,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Command>,
+    _alive: Arc<Alive>,
     stats: Arc<Mutex<BatchStats>>,
     repairs: broadcast::Sender<RepairEvent>,
 }
@@ -109,8 +124,10 @@ impl std::fmt::Debug for Command {
             Command::Change(c, _) => write!(f, "Change({c:?})"),
             Command::Reconcile(d, _) => write!(f, "Reconcile({} openings)", d.len()),
             Command::Kill(o, _) => write!(f, "Kill({o:?})"),
+            Command::Apply(l, _) => write!(f, "Apply({})", l.table()),
             Command::Foreign(t) => write!(f, "Foreign({t:?})"),
             Command::Shutdown(_) => write!(f, "Shutdown"),
+            Command::Stop => write!(f, "Stop"),
         }
     }
 }
@@ -127,12 +144,13 @@ impl Batcher {
         let (repairs, _) = broadcast::channel(64);
         let our_tid = Arc::new(AtomicU32::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let watched = Arc::new(Mutex::new(layout.table().to_string()));
         let watcher = if config.watch_events {
             let socket = NetlinkSocket::open()?;
             socket.join_group(NFNLGRP_NFTABLES)?;
             let _ = socket.set_buffers(1 << 20, 16 << 20);
             socket.set_recv_timeout(Some(Duration::from_millis(200)))?;
-            let (tx, table, tid, stop) = (tx.clone(), layout.table().to_string(), our_tid.clone(), stop.clone());
+            let (tx, table, tid, stop) = (tx.clone(), watched.clone(), our_tid.clone(), stop.clone());
             Some(
                 std::thread::Builder::new()
                     .name("fwnp-nft-events".into())
@@ -148,6 +166,7 @@ impl Batcher {
             desired: HashMap::new(),
             stats: stats.clone(),
             repairs: repairs.clone(),
+            watched,
         };
         std::thread::Builder::new().name("fwnp-nft-batcher".into()).spawn(move || {
             our_tid.store(thread_id(), Ordering::Relaxed);
@@ -157,7 +176,8 @@ impl Batcher {
                 let _ = w.join();
             }
         })?;
-        Ok(Batcher { tx, stats, repairs })
+        let alive = Arc::new(Alive(tx.clone()));
+        Ok(Batcher { tx, _alive: alive, stats, repairs })
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
@@ -197,6 +217,12 @@ impl Batcher {
         self.call(|r| Command::Kill(opening, r)).await
     }
 
+    /// Replaces the layout (a new mode, other protected networks...) and applies it with the
+    /// live elements, in one transaction. On error the old layout stays the one kept.
+    pub async fn apply(&self, layout: Layout) -> Result<(), Error> {
+        self.call(|r| Command::Apply(layout, r)).await
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> BatchStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
@@ -228,6 +254,8 @@ struct Worker {
     desired: HashMap<Opening, Instant>,
     stats: Arc<Mutex<BatchStats>>,
     repairs: broadcast::Sender<RepairEvent>,
+    /// The table the event watcher looks for.
+    watched: Arc<Mutex<String>>,
 }
 
 impl Worker {
@@ -283,6 +311,23 @@ impl Worker {
                 Command::Kill(opening, reply) => {
                     let _ = reply.send(self.nf.kill_connections(&opening));
                 }
+                Command::Apply(layout, reply) => {
+                    let elements = self.remaining();
+                    let result = self.nf.apply(&layout, &elements);
+                    if result.is_ok() {
+                        if layout.table() != self.layout.table() {
+                            // The old table is no longer ours to keep: leave no stale copy.
+                            if let Err(e) = self.nf.delete_table(&self.layout) {
+                                tracing::warn!(error = %e, table = self.layout.table(), "could not delete the previous table");
+                            }
+                        }
+                        if let Ok(mut watched) = self.watched.lock() {
+                            *watched = layout.table().to_string();
+                        }
+                        self.layout = layout;
+                    }
+                    let _ = reply.send(result);
+                }
                 Command::Foreign(trigger) => {
                     // Collapse a burst of events into one check.
                     while let Ok(Command::Foreign(_)) = rx.try_recv() {}
@@ -292,6 +337,7 @@ impl Worker {
                     let _ = reply.send(());
                     return;
                 }
+                Command::Stop => return,
             }
             if Instant::now() >= next_check {
                 self.check(RepairTrigger::PeriodicCheck);
@@ -415,7 +461,7 @@ impl Worker {
 
 /// Follows nf_tables events: when a generation that touched our table was committed by
 /// another thread or process, asks the worker to check.
-fn watch_events(socket: NetlinkSocket, table: &str, our_tid: &AtomicU32, stop: &AtomicBool, tx: &mpsc::Sender<Command>) {
+fn watch_events(socket: NetlinkSocket, table: &Mutex<String>, our_tid: &AtomicU32, stop: &AtomicBool, tx: &mpsc::Sender<Command>) {
     let mut buf = vec![0u8; 256 * 1024];
     let mut touched = false;
     while !stop.load(Ordering::Relaxed) {
@@ -449,7 +495,8 @@ fn watch_events(socket: NetlinkSocket, table: &str, our_tid: &AtomicU32, stop: &
             } else if m.nfgen_family() == Some(NFPROTO_INET) {
                 // Attribute 1 names the table in table, chain, rule, set, element and object
                 // messages alike.
-                if m.nft_attrs().find(1).map(c_string).as_deref() == Some(table) {
+                let name = m.nft_attrs().find(1).map(c_string);
+                if name.is_some_and(|n| table.lock().is_ok_and(|t| *t == n)) {
                     touched = true;
                 }
             }

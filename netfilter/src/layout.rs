@@ -227,11 +227,10 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
         Layout::Host(h) => {
             for entry in &h.always_allowed {
                 validate_prefix(&entry.remote)?;
-                if let Some(ports) = entry.ports {
-                    if ports.is_empty() {
+                if let Some(ports) = entry.ports
+                    && ports.is_empty() {
                         return Err(Error::InvalidLayout(format!("reversed port range {ports}")));
                     }
-                }
             }
         }
     }

@@ -143,7 +143,7 @@ struct ElementWrite<'a> {
 
 fn millis(d: Duration) -> u64 {
     // Round up: a lease of 1.5 ms must not become 1 ms, nor 0 (which means "never expires").
-    let ms = d.as_millis().saturating_add(u128::from(d.subsec_nanos() % 1_000_000 != 0));
+    let ms = d.as_millis().saturating_add(u128::from(!d.subsec_nanos().is_multiple_of(1_000_000)));
     u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
@@ -278,11 +278,10 @@ impl Netfilter {
                     match m.msg_type {
                         NLMSG_DONE => done = true,
                         NLMSG_ERROR => {
-                            if let Some(ack) = parse_ack(&m) {
-                                if ack.errno != 0 {
+                            if let Some(ack) = parse_ack(&m)
+                                && ack.errno != 0 {
                                     return Ok(Err(ack));
                                 }
-                            }
                             done = true;
                         }
                         _ => {}
@@ -467,14 +466,13 @@ impl Netfilter {
             if let Some(end) = &w.key.key_end {
                 txn.b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
             }
-            if w.op != ElementOp::Remove {
-                if let Some(timeout) = w.timeout {
+            if w.op != ElementOp::Remove
+                && let Some(timeout) = w.timeout {
                     txn.b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
                     if w.op == ElementOp::Refresh {
                         txn.b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
                     }
                 }
-            }
             txn.b.nest_end(elem);
             if let Some(meta) = txn.metas.last_mut() {
                 meta.changes.push(w.change);
@@ -1098,6 +1096,85 @@ mod tests {
         assert_eq!(millis(Duration::from_nanos(1)), 1);
         assert!(check_timeout(Duration::ZERO).is_err());
         assert!(check_timeout(Duration::from_secs(1)).is_ok());
+    }
+
+    fn writes_for(keys: &[ElementKey], op: ElementOp) -> Vec<ElementWrite<'_>> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| ElementWrite { change: i, key, op, timeout: Some(Duration::from_secs(60)) })
+            .collect()
+    }
+
+    fn keys(count: u32) -> Vec<ElementKey> {
+        (0..count)
+            .map(|i| {
+                encode(&Opening {
+                    host: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+                    protocol: Protocol::Tcp,
+                    ports: PortRange::single(80),
+                    remote: None,
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn element_messages_respect_the_attribute_limit_and_the_batch_budget() {
+        // Opening a netlink socket needs no privilege; nothing is sent here.
+        let mut nf = Netfilter::open().expect("netlink socket");
+        nf.max_batch_bytes = 1 << 20;
+        let keys = keys(5000);
+        let writes = writes_for(&keys, ElementOp::AddExclusive);
+        let mut txn = nf.new_txn();
+        assert_eq!(nf.write_elements(&mut txn, "fwnp", &writes), 5000);
+        let mut seen = 0;
+        for m in messages(txn.b.as_bytes()).skip(1) {
+            let nest = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS).expect("element list");
+            assert!(nest.len() + 4 <= usize::from(u16::MAX), "nest of {} bytes", nest.len());
+            seen += Attrs::new(nest).count();
+        }
+        assert_eq!(seen, 5000);
+        assert!(txn.metas.len() >= 3, "{} messages: the elements were not split", txn.metas.len());
+        let carried: Vec<usize> = txn.metas.iter().flat_map(|m| m.changes.iter().copied()).collect();
+        assert_eq!(carried, (0..5000).collect::<Vec<_>>());
+
+        // A small budget stops early; the transaction stays within it.
+        nf.max_batch_bytes = 64 * 1024;
+        let mut txn = nf.new_txn();
+        let taken = nf.write_elements(&mut txn, "fwnp", &writes);
+        assert!(taken > 500 && taken < 5000, "took {taken}");
+        assert!(txn.b.len() <= 64 * 1024);
+    }
+
+    #[test]
+    fn singled_out_changes_get_their_own_messages() {
+        let mut nf = Netfilter::open().expect("netlink socket");
+        let keys = keys(20);
+        let writes = writes_for(&keys, ElementOp::Remove);
+        let singles: HashSet<usize> = (0..10).collect();
+        let mut txn = nf.new_txn();
+        assert_eq!(nf.write_elements_split(&mut txn, "fwnp", &writes, &singles), 20);
+        // Ten single messages, then one for the other ten.
+        assert_eq!(txn.metas.len(), 11);
+        assert!(txn.metas[..10].iter().all(|m| m.changes.len() == 1 && m.element_offsets.len() == 1));
+        assert_eq!(txn.metas[10].changes.len(), 10);
+    }
+
+    #[test]
+    fn a_delete_and_add_renewal_is_never_cut() {
+        let mut nf = Netfilter::open().expect("netlink socket");
+        let keys = keys(2000);
+        let mut writes = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            writes.push(ElementWrite { change: i, key, op: ElementOp::Remove, timeout: None });
+            writes.push(ElementWrite { change: i, key, op: ElementOp::AddExclusive, timeout: Some(Duration::from_secs(9)) });
+        }
+        nf.max_batch_bytes = 32 * 1024;
+        let mut txn = nf.new_txn();
+        let taken = nf.write_elements(&mut txn, "fwnp", &writes);
+        assert!(taken < writes.len());
+        assert_eq!(taken % 2, 0, "a renewal was split after {taken} writes");
     }
 
     #[test]
