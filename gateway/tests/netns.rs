@@ -84,7 +84,7 @@ impl Lab {
     fn new(label: &str, echo_ports: &[u16]) -> Lab {
         let topology = Topology::new().expect("build the namespaces");
         let pki = Pki::with_gateway_ips(label, &[topology.gateway_inside_v4]);
-        let host_files = pki.host("web-01", &[topology.host_v4], &[], &[]);
+        let host_files = pki.host("web-01", &[topology.host_v4, topology.host_v6], &[], &[]);
         let dir = TempDir::new(label);
         write_policy(&dir.path().join("policy.toml"), POLICY);
         let listen = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
@@ -173,6 +173,11 @@ impl Lab {
         })
     }
 
+    /// Whether a TCP connection from outside to `to` gets through within `within`.
+    fn outside_reaches_addr(&self, to: SocketAddr, within: Duration) -> bool {
+        tokio::task::block_in_place(|| lab::tcp_connects(&self.topology.outside, to, None, within))
+    }
+
     /// Polls until the outside reaches (or no longer reaches) `port`, at most `limit`.
     fn wait_reachability(&self, port: u16, reachable: bool, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
@@ -240,10 +245,13 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
     {
         return;
     }
-    let lab = Lab::new("nskernel", &[7001, 7002, 7003]);
+    let lab = Lab::new("nskernel", &[7001, 7002, 7003, 7004, 7005]);
     let (client, welcome) = lab.connect().await;
     assert_eq!(welcome.identity, "fwnp://host/web-01");
-    assert_eq!(welcome.addresses, vec![lab.topology.host_v4]);
+    assert_eq!(
+        welcome.addresses,
+        vec![lab.topology.host_v4, lab.topology.host_v6]
+    );
 
     // Closed before any lease (the echo server is listening: the gateway drops the SYNs).
     assert!(
@@ -306,6 +314,62 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
         });
     }
     assert!(expired_recorded, "the expiry is not in the audit trail");
+
+    // Renew and re-open refresh the kernel's timeout: a 2 s opening renewed (or opened again)
+    // for longer stays open past its first expiry.
+    let renewed = opened(client.open(tcp(7004), Some(2)).await);
+    let reopened = opened(client.open(tcp(7005), Some(2)).await);
+    let first_granted = Instant::now();
+    assert_eq!(
+        granted(client.renew(renewed.lease, Some(30)).await).lifetime,
+        30
+    );
+    assert_eq!(
+        opened(client.open(tcp(7005), Some(30)).await).lease,
+        reopened.lease
+    );
+    while first_granted.elapsed() < Duration::from_millis(3500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lab.outside_reaches(7004, FIRST_SYN),
+        "the renewal did not reach the kernel"
+    );
+    assert!(
+        lab.outside_reaches(7005, FIRST_SYN),
+        "the re-open did not reach the kernel"
+    );
+    assert!(lab.kernel_has(7004) && lab.kernel_has(7005));
+    assert!(matches!(
+        client.release(renewed.lease).await,
+        Message::Released(_)
+    ));
+    assert!(matches!(
+        client.release(reopened.lease).await,
+        Message::Released(_)
+    ));
+    assert!(!lab.outside_reaches(7004, REFUSED) && !lab.kernel_has(7005));
+
+    // IPv6 works the same way: the host's IPv6 address, asked by family.
+    let v6_port = SocketAddr::new(lab.topology.host_v6, 7001);
+    assert!(!lab.outside_reaches_addr(v6_port, REFUSED));
+    let mut opening = tcp(7001);
+    opening.family = Some(fwnp_proto::Family::Ipv6);
+    let v6 = opened(client.open(opening, None).await);
+    assert_eq!(v6.grants[0].host, lab.topology.host_v6);
+    assert!(
+        lab.outside_reaches_addr(v6_port, FIRST_SYN),
+        "the IPv6 opening was not in force"
+    );
+    assert!(
+        !lab.outside_reaches(7001, REFUSED),
+        "the IPv6 lease opened IPv4 too"
+    );
+    assert!(matches!(
+        client.release(v6.lease).await,
+        Message::Released(_)
+    ));
+    assert!(!lab.outside_reaches_addr(v6_port, REFUSED));
 
     // Revocation through the admin API closes it and tells the host.
     let revoked = opened(client.open(tcp(7003), None).await);
