@@ -316,3 +316,117 @@ fn batcher_reconcile_sets_the_desired_state() {
         batcher.shutdown().await;
     });
 }
+
+/// The handles of the rules of `chain` in `inet fwnp` whose statements include one of `verdicts`.
+fn rule_handles(ns: &Netns, chain: &str, verdicts: &[&str]) -> Vec<u64> {
+    let out = ns
+        .exec_checked(&["nft", "-a", "-j", "list", "chain", "inet", "fwnp", chain])
+        .expect("nft list chain");
+    let value: serde_json::Value = serde_json::from_str(&out).expect("nft's JSON");
+    value["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("rule"))
+        .filter(|rule| {
+            rule["expr"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|stmt| verdicts.iter().any(|verdict| stmt.get(*verdict).is_some()))
+        })
+        .filter_map(|rule| rule["handle"].as_u64())
+        .collect()
+}
+
+/// Someone turns our refusals into accepts, keeping the number of rules: the port is wide open
+/// although no lease admits it. The batcher must notice (the nf_tables events name our table)
+/// and put the table back.
+#[test]
+fn a_rule_of_ours_replaced_by_someone_else_is_detected_and_repaired() {
+    if !require_root("a_rule_of_ours_replaced_by_someone_else_is_detected_and_repaired") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+    let handles = rule_handles(&topo.gateway, "guard", &["reject", "drop"]);
+    assert!(!handles.is_empty(), "no refusal rule found in chain guard");
+    for handle in handles {
+        topo.gateway
+            .exec_checked(&[
+                "nft",
+                "replace",
+                "rule",
+                "inet",
+                "fwnp",
+                "guard",
+                "handle",
+                &handle.to_string(),
+                "accept",
+            ])
+            .expect("nft replace rule");
+    }
+    // The replacement took effect: the port is open without a lease.
+    assert!(
+        outside_tcp(&topo, topo.host_v4, 8081),
+        "the replaced rule still refuses"
+    );
+    let closed_again = until(REPAIR_LIMIT, false, || {
+        outside_tcp(&topo, topo.host_v4, 8081)
+    });
+    // The read-back check itself should see it too.
+    let present = topo.gateway.run(|| {
+        Netfilter::open()
+            .expect("netfilter handle")
+            .table_present(&layout)
+            .expect("table_present")
+    });
+    runtime().block_on(batcher.shutdown());
+    assert!(
+        closed_again.is_some(),
+        "tcp/8081 stayed open {REPAIR_LIMIT:?} after our refusal rules were replaced by accept \
+         (table_present says {present})"
+    );
+}
+
+/// Someone sets our base chain's policy to drop: every forwarded packet that is not guarded is
+/// now dropped, although the layout says the table never takes over unprotected traffic.
+#[test]
+fn a_changed_chain_policy_is_detected_and_repaired() {
+    if !require_root("a_changed_chain_policy_is_detected_and_repaired") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.outside, 9000).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    let host_to_outside = || {
+        fwnp_netfilter::lab::tcp_connects(
+            &topo.host,
+            std::net::SocketAddr::new(topo.outside_v4, 9000),
+            None,
+            PROBE,
+        )
+    };
+    assert!(host_to_outside());
+    topo.gateway
+        .nft_script("chain inet fwnp forward { policy drop; }\n")
+        .expect("nft chain policy");
+    assert!(!host_to_outside(), "the policy change had no effect");
+    let open_again = until(REPAIR_LIMIT, true, host_to_outside);
+    let present = topo.gateway.run(|| {
+        Netfilter::open()
+            .expect("netfilter handle")
+            .table_present(&layout)
+            .expect("table_present")
+    });
+    runtime().block_on(batcher.shutdown());
+    assert!(
+        open_again.is_some(),
+        "unprotected traffic stayed dropped {REPAIR_LIMIT:?} after our chain's policy was set \
+         to drop (table_present says {present})"
+    );
+}
