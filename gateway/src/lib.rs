@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admin_client;
 pub mod config;
 pub mod daemon;
 pub mod explain;
@@ -18,6 +19,7 @@ pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod policy;
+pub mod report;
 pub mod identity;
 pub mod pki;
 pub mod tls;

@@ -1013,7 +1013,10 @@ impl Service {
             host: query.get("host").cloned(),
         };
         let rows = self.store.report(&q, now).map_err(|e| AdminError::internal(e.to_string()))?;
-        Ok(json!({ "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>() }))
+        Ok(json!({
+            "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
+            "suggested_policy": crate::report::suggest_policy(&rows),
+        }))
     }
 
     /// Tells every connected host the gateway is going away.

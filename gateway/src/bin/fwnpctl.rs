@@ -1,0 +1,673 @@
+//! `fwnpctl`: the operator's and auditor's command line for FWNP.
+#![forbid(unsafe_code)]
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
+use fwnp_gateway::pki::{self, RevocationReason, Validity};
+use fwnp_gateway::policy::Policy;
+use serde_json::{Value, json};
+
+const EXIT_NEGATIVE: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+const EXIT_FAILED: u8 = 4;
+
+/// Operate and audit an FWNP gateway: certificates, policy, live leases, the audit trail.
+///
+/// Most commands talk to the running gateway over its admin socket (root only); `pki`,
+/// `policy check` and `policy explain --policy FILE` work on files and need no gateway.
+///
+/// Exit codes: 0 success; 1 a negative answer (invalid policy, request denied by `explain`,
+/// no such lease); 2 usage error; 3 the gateway's admin socket cannot be reached; 4 any other
+/// failure (files, certificates).
+#[derive(Debug, Parser)]
+#[command(name = "fwnpctl", version, about, long_about)]
+struct Cli {
+    /// The gateway's admin socket.
+    #[arg(long, global = true, env = "FWNP_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+    admin: PathBuf,
+    /// Print JSON for machines instead of tables for people.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Certificates: a CA for the deployment, gateway and host certificates, revocation.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Check, explain and reload the policy.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Live leases with the time they have left.
+    ///
+    /// Example: fwnpctl leases --host 'fwnp://host/web-*' --port 443
+    Leases {
+        /// Host identity, exact or a glob such as 'fwnp://host/web-*'.
+        #[arg(long)]
+        host: Option<String>,
+        /// Application: its name or executable as the host told, or an application id.
+        #[arg(long)]
+        app: Option<String>,
+        /// A port one of the lease's grants covers.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only grants of this protocol (tcp, udp, sctp, udplite).
+        #[arg(long)]
+        protocol: Option<String>,
+    },
+    /// Revoke a live lease now: the kernel closes it and its host is told.
+    Revoke {
+        /// The lease id (32 hexadecimal digits, as `fwnpctl leases` shows).
+        id: String,
+        /// Why, recorded in the audit trail and sent to the host.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The audit trail: every request, decision, renewal, release, expiry and revocation.
+    ///
+    /// Examples: fwnpctl audit --since 1h --outcome denied
+    ///           fwnpctl audit --host 'fwnp://host/web-01' --follow
+    Audit {
+        /// Only events since this long ago (e.g. 1h, 7d) or since this Unix time in ms.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only events before this long ago or this Unix time in ms.
+        #[arg(long)]
+        until: Option<String>,
+        /// Host identity, exact or glob.
+        #[arg(long)]
+        host: Option<String>,
+        /// Application name, executable or id.
+        #[arg(long)]
+        app: Option<String>,
+        /// A port asked for or granted.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only these outcomes: granted, denied, renewed, released, expired, revoked, error.
+        #[arg(long, value_delimiter = ',')]
+        outcome: Vec<String>,
+        /// Only these kinds of event (request, decision, grant, renewal, release, expiry,
+        /// revocation, auth-failure, policy-reload, reconcile).
+        #[arg(long, value_delimiter = ',')]
+        kind: Vec<String>,
+        /// At most this many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Keep printing new events as they happen (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// What each host and application asked for, how often and how long, and a suggested
+    /// policy in the policy file's own format: which ports do applications really need?
+    Report {
+        /// The window: since this long ago.
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Only this host (exact or glob).
+        #[arg(long)]
+        host: Option<String>,
+        /// Print only the suggested policy.
+        #[arg(long)]
+        policy_only: bool,
+    },
+    /// The gateway's epoch, counts and uptime.
+    Status,
+    /// Shell completions, e.g. `fwnpctl completions bash > /etc/bash_completion.d/fwnpctl`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PkiCommand {
+    /// Create the deployment's CA (ca.pem, ca.key mode 0600, an empty crl.pem) in DIR.
+    Init {
+        /// The CA directory, e.g. /etc/fwnp/pki.
+        dir: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "FWNP CA")]
+        name: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = pki::DEFAULT_CA_VALIDITY_DAYS)]
+        days: u32,
+    },
+    /// Issue a certificate signed by the CA: `pki issue gateway NAME` or `pki issue host NAME`.
+    Issue {
+        /// gateway or host.
+        role: Role,
+        /// The certificate's name: files NAME.pem and NAME.key in the CA directory; a host's
+        /// identity is fwnp://host/NAME unless --uri or --dns say otherwise.
+        name: String,
+        /// The CA directory.
+        #[arg(long, env = "FWNP_PKI_DIR", default_value = "/etc/fwnp/pki")]
+        dir: PathBuf,
+        /// DNS names (a gateway: the names hosts connect to; a host: identity fallback).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// IP addresses (a host: the addresses it may open; a gateway: where hosts reach it).
+        #[arg(long)]
+        ip: Vec<IpAddr>,
+        /// URI identities for a host, e.g. spiffe://example.org/host/web-01.
+        #[arg(long)]
+        uri: Vec<String>,
+        /// Sign this CSR instead of making a key (the host keeps its key).
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = pki::DEFAULT_LEAF_VALIDITY_DAYS)]
+        days: u32,
+    },
+    /// Revoke a certificate: it is added to the CRL (crl.pem) the gateway reads on reload.
+    Revoke {
+        /// The certificate (PEM).
+        cert: PathBuf,
+        /// The CA directory.
+        #[arg(long, env = "FWNP_PKI_DIR", default_value = "/etc/fwnp/pki")]
+        dir: PathBuf,
+        /// unspecified, key-compromise, affiliation-changed, superseded, cessation-of-operation...
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// The certificates revoked so far.
+    Revoked {
+        /// The CA directory.
+        #[arg(long, env = "FWNP_PKI_DIR", default_value = "/etc/fwnp/pki")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Role {
+    Gateway,
+    Host,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file: every mistake with its line and reason.
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// The decision for a request, the rule that made it and why, step by step.
+    ///
+    /// Example: fwnpctl policy explain --host fwnp://host/web-01 --address 10.1.0.5 --open tcp/443
+    Explain {
+        /// The host's identity.
+        #[arg(long)]
+        host: String,
+        /// What it asks to open: tcp/8080, udp/5000-5010 or app:https.
+        #[arg(long)]
+        open: String,
+        /// The host address to open (and the address the host holds).
+        #[arg(long)]
+        address: IpAddr,
+        /// Remote prefixes it asks for.
+        #[arg(long)]
+        from: Vec<String>,
+        /// Lifetime asked, e.g. 10m.
+        #[arg(long = "for")]
+        lifetime: Option<String>,
+        /// Evaluate this file instead of asking the running gateway.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// Make the gateway load its policy file again; live leases it no longer allows are revoked.
+    Reload,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("fwnpctl: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(Failure::Admin(e)) => {
+            eprintln!("fwnpctl: {e}");
+            ExitCode::from(match e {
+                AdminClientError::Connect { .. } => EXIT_UNREACHABLE,
+                AdminClientError::Refused { status: 404, .. } => EXIT_NEGATIVE,
+                _ => EXIT_FAILED,
+            })
+        }
+        Err(Failure::Other(message)) => {
+            eprintln!("fwnpctl: {message}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+enum Failure {
+    Admin(AdminClientError),
+    Other(String),
+}
+
+impl From<AdminClientError> for Failure {
+    fn from(e: AdminClientError) -> Self {
+        Failure::Admin(e)
+    }
+}
+
+impl From<pki::PkiError> for Failure {
+    fn from(e: pki::PkiError) -> Self {
+        Failure::Other(e.to_string())
+    }
+}
+
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
+        .collect();
+    if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    let admin = AdminClient::new(&cli.admin);
+    let json_out = cli.json;
+    match cli.command {
+        Command::Pki(command) => pki_command(command, json_out),
+        Command::Policy(PolicyCommand::Check { file }) => Ok(policy_check(&file, json_out)),
+        Command::Policy(PolicyCommand::Explain { host, open, address, from, lifetime, policy }) => {
+            let lifetime = match lifetime {
+                Some(text) => Some(
+                    humantime::parse_duration(&text)
+                        .map_err(|e| Failure::Other(format!("--for {text:?}: {e}")))?
+                        .as_secs(),
+                ),
+                None => None,
+            };
+            let body = json!({ "host": host, "open": open, "address": address.to_string(), "from": from, "lifetime": lifetime });
+            let answer = match policy {
+                Some(file) => {
+                    let policy = Policy::load(&file).map_err(|e| Failure::Other(e.to_string()))?;
+                    fwnp_gateway::explain::explain_json(&policy, &body).map_err(Failure::Other)?
+                }
+                None => admin.post("/v1/policy/explain", &body).await?,
+            };
+            if json_out {
+                println!("{answer}");
+            } else {
+                println!("{}", answer.get("text").and_then(Value::as_str).unwrap_or_default());
+            }
+            let allowed = answer.get("allowed").and_then(Value::as_bool).unwrap_or(false);
+            Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NEGATIVE) })
+        }
+        Command::Policy(PolicyCommand::Reload) => {
+            let answer = admin.post("/v1/policy/reload", &json!({})).await?;
+            if json_out {
+                println!("{answer}");
+            } else {
+                let revoked = answer.get("revoked").and_then(Value::as_array).cloned().unwrap_or_default();
+                println!("policy {} loaded; {} live leases revoked", answer["policy"].as_str().unwrap_or("?"), revoked.len());
+                for r in revoked {
+                    println!("  revoked {} ({}): {}", r["lease"].as_str().unwrap_or("?"), r["host"].as_str().unwrap_or("?"), r["why"].as_str().unwrap_or(""));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Leases { host, app, port, protocol } => {
+            let q = query(&[("host", host), ("app", app), ("port", port.map(|p| p.to_string())), ("protocol", protocol)]);
+            let answer = admin.get(&format!("/v1/leases{q}")).await?;
+            if json_out {
+                println!("{answer}");
+            } else {
+                print_leases(&answer);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { id, reason } => {
+            let answer = admin.post(&format!("/v1/leases/{}/revoke", percent_encode(&id)), &json!({ "reason": reason })).await?;
+            if json_out {
+                println!("{answer}");
+            } else {
+                println!("revoked {} held by {}", answer["revoked"].as_str().unwrap_or("?"), answer["host"].as_str().unwrap_or("?"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit { since, until, host, app, port, outcome, kind, limit, follow } => {
+            let base = [
+                ("host", host),
+                ("app", app),
+                ("port", port.map(|p| p.to_string())),
+                ("outcome", (!outcome.is_empty()).then(|| outcome.join(","))),
+                ("kind", (!kind.is_empty()).then(|| kind.join(","))),
+                ("until", until),
+            ];
+            let mut first = base.to_vec();
+            first.push(("since", since));
+            first.push(("limit", Some(limit.to_string())));
+            let answer = admin.get(&format!("/v1/audit{}", query(&first))).await?;
+            let mut events: Vec<Value> = answer["events"].as_array().cloned().unwrap_or_default();
+            events.reverse(); // oldest first on screen, like a log
+            let mut last = events.iter().filter_map(|e| e["id"].as_u64()).max().unwrap_or(0);
+            print_audit(&events, json_out, true);
+            if follow {
+                if last == 0 {
+                    // Nothing matched yet: follow from the newest event of any kind.
+                    let newest = admin.get("/v1/audit?limit=1").await?;
+                    last = newest["events"][0]["id"].as_u64().unwrap_or(0);
+                }
+                loop {
+                    let mut pairs = base.to_vec();
+                    pairs.push(("after", Some(last.to_string())));
+                    pairs.push(("wait", Some("30s".into())));
+                    pairs.push(("order", Some("oldest".into())));
+                    let answer = admin.get(&format!("/v1/audit{}", query(&pairs))).await?;
+                    let events = answer["events"].as_array().cloned().unwrap_or_default();
+                    print_audit(&events, json_out, false);
+                    last = answer["next_after"].as_u64().unwrap_or(last);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { since, host, policy_only } => {
+            let answer = admin.get(&format!("/v1/report{}", query(&[("since", Some(since)), ("host", host)]))).await?;
+            if json_out {
+                println!("{answer}");
+            } else {
+                if !policy_only {
+                    print_report(&answer);
+                    println!();
+                    println!("# Suggested policy:");
+                }
+                print!("{}", answer["suggested_policy"].as_str().unwrap_or_default());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            let answer = admin.get("/v1/status").await?;
+            if json_out {
+                println!("{answer}");
+            } else if let Some(map) = answer.as_object() {
+                for (k, v) in map {
+                    println!("{k:<18} {}", if let Some(s) = v.as_str() { s.to_owned() } else { v.to_string() });
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "fwnpctl", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn pki_command(command: PkiCommand, json_out: bool) -> Result<ExitCode, Failure> {
+    let report = |issued: &pki::IssuedCertificate| {
+        if json_out {
+            println!(
+                "{}",
+                json!({
+                    "certificate": issued.cert_path.display().to_string(),
+                    "key": issued.key_path.as_ref().map(|p| p.display().to_string()),
+                    "serial": issued.serial.as_str(),
+                    "sha256": issued.fingerprint.to_string(),
+                })
+            );
+        } else {
+            println!("certificate  {}", issued.cert_path.display());
+            if let Some(key) = &issued.key_path {
+                println!("key          {} (mode 0600)", key.display());
+            }
+            println!("serial       {}", issued.serial.as_str());
+            println!("sha256       {}", issued.fingerprint);
+        }
+    };
+    match command {
+        PkiCommand::Init { dir, name, days } => {
+            report(&pki::init_ca(&dir, &name, Validity::days(days))?);
+        }
+        PkiCommand::Issue { role, name, dir, dns, ip, uri, csr, days } => {
+            let validity = Validity::days(days);
+            let issued = match (role, csr) {
+                (Role::Gateway, None) => pki::issue_gateway(&dir, &name, &dns, &ip, validity)?,
+                (Role::Host, None) => pki::issue_host(&dir, &name, &ip, &uri, &dns, validity)?,
+                (Role::Host, Some(csr)) => pki::issue_from_csr(&dir, &csr, &name, &ip, &uri, &dns, validity)?,
+                (Role::Gateway, Some(_)) => {
+                    return Err(Failure::Other("--csr is for host certificates".into()));
+                }
+            };
+            report(&issued);
+        }
+        PkiCommand::Revoke { cert, dir, reason } => {
+            let reason: RevocationReason = reason.parse().map_err(|e: pki::UnknownRevocationReason| Failure::Other(e.to_string()))?;
+            let revocation = pki::revoke(&dir, &cert, reason)?;
+            if json_out {
+                println!("{}", json!({ "serial": revocation.serial.as_str(), "newly_revoked": revocation.newly_revoked, "crl": revocation.crl_path.display().to_string(), "revoked_count": revocation.revoked_count }));
+            } else {
+                println!(
+                    "{} serial {}; {} now lists {} certificates. Reload the gateway (fwnpctl policy reload, or SIGHUP) to apply it.",
+                    if revocation.newly_revoked { "revoked" } else { "already revoked:" },
+                    revocation.serial.as_str(),
+                    revocation.crl_path.display(),
+                    revocation.revoked_count
+                );
+            }
+        }
+        PkiCommand::Revoked { dir } => {
+            let list = pki::revoked_list(&dir)?;
+            if json_out {
+                let rows: Vec<Value> = list
+                    .iter()
+                    .map(|(serial, when, reason)| json!({ "serial": serial.as_str(), "revoked_at": humantime::format_rfc3339_seconds(*when).to_string(), "reason": reason.as_str() }))
+                    .collect();
+                println!("{}", Value::Array(rows));
+            } else {
+                table(
+                    &["SERIAL", "REVOKED", "REASON"],
+                    list.iter()
+                        .map(|(serial, when, reason)| vec![serial.as_str().to_owned(), humantime::format_rfc3339_seconds(*when).to_string(), reason.as_str().to_owned()])
+                        .collect(),
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_check(file: &Path, json_out: bool) -> ExitCode {
+    match Policy::load(file) {
+        Ok(policy) => {
+            if json_out {
+                println!("{}", json!({ "valid": true, "summary": policy.summary(), "warnings": policy.warnings() }));
+            } else {
+                println!("{}: valid", file.display());
+                let summary = policy.summary();
+                if let Ok(Value::Object(map)) = serde_json::to_value(&summary) {
+                    for key in ["groups", "rules", "applications"] {
+                        if let Some(Value::Array(items)) = map.get(key) {
+                            println!("  {} {key}", items.len());
+                        }
+                    }
+                }
+                for warning in policy.warnings() {
+                    println!("{}:{}: warning: {}", file.display(), warning.line, warning.message);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json_out {
+                println!("{}", json!({ "valid": false, "error": e.to_string() }));
+            } else {
+                eprintln!("{e}");
+            }
+            ExitCode::from(EXIT_NEGATIVE)
+        }
+    }
+}
+
+fn time_left(ms: u64) -> String {
+    let secs = ms / 1000;
+    if secs >= 3600 {
+        format!("{}h{:02}m", secs / 3600, secs % 3600 / 60)
+    } else if secs >= 60 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{secs}s")
+    }
+}
+
+fn when(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn grants_text(grants: &Value) -> String {
+    grants
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|g| {
+                    let mut text = format!(
+                        "{}/{} on {}",
+                        g["protocol"].as_str().unwrap_or("?"),
+                        g["ports"].as_str().map(str::to_owned).unwrap_or_else(|| g["ports"].to_string()),
+                        g["host"].as_str().unwrap_or("?")
+                    );
+                    if let Some(remotes) = g["remotes"].as_array().filter(|r| !r.is_empty()) {
+                        let list: Vec<&str> = remotes.iter().filter_map(Value::as_str).collect();
+                        text.push_str(&format!(" from {}", list.join(",")));
+                    }
+                    text
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+        .unwrap_or_default()
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let text: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
+            .collect();
+        println!("{}", text.join("  "));
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+fn print_leases(answer: &Value) {
+    let leases = answer["leases"].as_array().cloned().unwrap_or_default();
+    if leases.is_empty() {
+        println!("no live leases");
+        return;
+    }
+    table(
+        &["LEASE", "HOST", "APP", "LEFT", "GRANTS"],
+        leases
+            .iter()
+            .map(|l| {
+                vec![
+                    l["id"].as_str().unwrap_or("?").to_owned(),
+                    l["identity"].as_str().unwrap_or("?").to_owned(),
+                    l["app"]["name"].as_str().or_else(|| l["app"]["executable"].as_str()).unwrap_or("-").to_owned(),
+                    time_left(l["remaining_ms"].as_u64().unwrap_or(0)),
+                    grants_text(&l["grants"]),
+                ]
+            })
+            .collect(),
+    );
+}
+
+fn print_audit(events: &[Value], json_out: bool, header: bool) {
+    if json_out {
+        for e in events {
+            println!("{e}");
+        }
+        return;
+    }
+    if header && events.is_empty() {
+        println!("no matching events");
+        return;
+    }
+    for e in events {
+        let mut parts = vec![
+            when(e["time_ms"].as_u64().unwrap_or(0)),
+            format!("{:<12}", e["kind"].as_str().unwrap_or("?")),
+            format!("{:<9}", e["outcome"].as_str().unwrap_or("-")),
+            e["identity"].as_str().unwrap_or("-").to_owned(),
+        ];
+        if let Some(label) = e["request"]["opening"].as_str() {
+            parts.push(label.to_owned());
+        } else if e["grants"].is_array() {
+            parts.push(grants_text(&e["grants"]));
+        }
+        if let Some(lease) = e["lease"].as_str() {
+            parts.push(format!("lease {lease}"));
+        }
+        if let Some(rule) = e["rule"].as_str() {
+            parts.push(format!("rule {rule}"));
+        }
+        if let Some(code) = e["code"].as_str() {
+            parts.push(format!("[{code}]"));
+        }
+        if let Some(reason) = e["reason"].as_str() {
+            parts.push(format!("- {reason}"));
+        }
+        println!("{}", parts.join(" "));
+    }
+}
+
+fn print_report(answer: &Value) {
+    let rows = answer["rows"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no requests in the window");
+        return;
+    }
+    table(
+        &["HOST", "APP", "OPENING", "ASKED", "GRANTED", "DENIED", "LEASES", "MEDIAN HELD", "P90 HELD"],
+        rows.iter()
+            .map(|r| {
+                vec![
+                    r["identity"].as_str().unwrap_or("?").to_owned(),
+                    r["app"].as_str().unwrap_or("-").to_owned(),
+                    r["opening"].as_str().unwrap_or("?").to_owned(),
+                    r["requests"].to_string(),
+                    r["granted"].to_string(),
+                    r["denied"].to_string(),
+                    r["leases"].to_string(),
+                    time_left(r["median_held_ms"].as_u64().unwrap_or(0)),
+                    time_left(r["p90_held_ms"].as_u64().unwrap_or(0)),
+                ]
+            })
+            .collect(),
+    );
+}
