@@ -681,3 +681,57 @@ fn netfilter_without_a_table_says_so() {
         assert!(matches!(zero[0], Err(Error::InvalidTimeout(_))), "{zero:?}");
     });
 }
+
+#[test]
+fn overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working() {
+    if !require_root("overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working")
+    {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8000, 8010, 8015]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    let ttl = Duration::from_secs(30);
+    let first = tcp_range(topo.host_v4, 8000, 8010);
+    let results = nf
+        .commit(&layout, &[Change::Add(first.clone(), ttl)])
+        .expect("commit");
+    assert!(results[0].is_ok(), "{results:?}");
+    let overlapping = tcp_range(topo.host_v4, 8005, 8020);
+    let narrower_source = tcp_from(topo.host_v4, 8003, prefix_str("192.0.2.0/26"));
+    let disjoint = tcp_range(topo.host_v4, 8011, 8020);
+    let results = nf
+        .commit(
+            &layout,
+            &[
+                Change::Add(overlapping.clone(), ttl),
+                Change::Add(narrower_source.clone(), ttl),
+                Change::Add(disjoint.clone(), ttl),
+            ],
+        )
+        .expect("commit");
+    // The crate's documented contract: an overlap that is not the same element is a conflict,
+    // not "exists" (a caller treats "exists" as already done, but this element is not there).
+    assert!(
+        matches!(&results[0], Err(Error::ElementConflicts(o)) if *o == overlapping),
+        "overlapping range: {:?}",
+        results[0]
+    );
+    assert!(
+        matches!(&results[1], Err(Error::ElementConflicts(o)) if *o == narrower_source),
+        "source-restricted port inside the range: {:?}",
+        results[1]
+    );
+    assert!(results[2].is_ok(), "disjoint range: {:?}", results[2]);
+    let listed: BTreeSet<Opening> = nf
+        .elements(&layout)
+        .expect("elements")
+        .into_iter()
+        .map(|(o, _)| o)
+        .collect();
+    assert_eq!(listed, [first, disjoint].into_iter().collect());
+    for port in [8000, 8010, 8015] {
+        assert!(outside_tcp(&topo, topo.host_v4, port), "{port} refused");
+    }
+}
