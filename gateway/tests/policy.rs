@@ -1218,10 +1218,10 @@ proptest! {
         let mut bytes = std::fs::read(example_path()).unwrap();
         let index = position.index(bytes.len());
         if cut { bytes.truncate(index) } else { bytes[index] = byte }
-        if let Ok(text) = String::from_utf8(bytes) {
-            if let Err(e) = Policy::from_str(&text, "mutated.toml") {
-                prop_assert!(e.line >= 1, "{}", e);
-            }
+        if let Ok(text) = String::from_utf8(bytes)
+            && let Err(e) = Policy::from_str(&text, "mutated.toml")
+        {
+            prop_assert!(e.line >= 1, "{}", e);
         }
     }
 
@@ -1264,6 +1264,63 @@ proptest! {
                 Ok(())
             );
         }
+    }
+}
+
+#[test]
+fn pathological_files_are_refused_without_harm() {
+    let deep_array = format!(
+        "[applications]\nx = {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert!(Policy::from_str(&deep_array, "deep.toml").is_err());
+    let deep_table = format!("x = {}{}\n", "{a = ".repeat(50_000), "}".repeat(50_000));
+    assert!(Policy::from_str(&deep_table, "deep.toml").is_err());
+    let dotted = format!("{} = 1\n", vec!["a"; 100_000].join("."));
+    assert!(Policy::from_str(&dotted, "dotted.toml").is_err());
+    let long_name = format!(
+        "[[group]]\nname = \"{}\"\naddresses = \"::/0\"\n",
+        "g".repeat(1_000_000)
+    );
+    let e = Policy::from_str(&long_name, "long.toml").unwrap_err();
+    assert_eq!((e.line, e.column), (2, 8));
+    // A huge identity and many addresses are judged like any other.
+    let p = example();
+    let identity = format!("spiffe://example.org/{}", "x/".repeat(100_000));
+    let addresses: Vec<IpAddr> = (0..10_000u32)
+        .map(|i| IpAddr::from((0x0a00_0000 + i).to_be_bytes()))
+        .collect();
+    let target = target("tcp/443");
+    let d = p.evaluate(&Request {
+        identity: &identity,
+        addresses: &addresses,
+        host_address: addresses[0],
+        target: &target,
+        remotes: &[],
+        lifetime: Some(u32::MAX),
+    });
+    assert_denied(&d, ResultCode::DeniedByPolicy, None);
+}
+
+#[test]
+fn policies_can_be_shared_between_threads() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<Policy>();
+    shareable::<Decision>();
+    let p = std::sync::Arc::new(example());
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let p = p.clone();
+            std::thread::spawn(move || {
+                ask("fwnp://host/web-1", &["192.0.2.1"], "app:https")
+                    .to(&p)
+                    .is_allowed()
+            })
+        })
+        .collect();
+    for handle in handles {
+        assert!(handle.join().unwrap());
     }
 }
 

@@ -210,6 +210,19 @@ pub(super) fn decide<T: Tracer>(policy: &Policy, request: &Request<'_>, trace: &
 
     for rule in &policy.rules {
         let rule_ref = &rule.rule_ref;
+        // Without a trace the cheap port check goes first: most rules fail it, and then the
+        // host's groups need not be computed. The decision is the same in either order; only
+        // a rule with third-party rights must still be looked at for a third-party request,
+        // since it decides between address-mismatch and denied-by-policy.
+        if !T::ON {
+            let ports_fit = match rule.spec.action {
+                Action::Deny => deny_hit(rule, entries, request.remotes).is_some(),
+                Action::Allow => entries.iter().all(|e| covers(rule, e)),
+            };
+            if !ports_fit && !(third_party && rule.spec.third_party) {
+                continue;
+            }
+        }
         let in_groups = rule
             .groups
             .iter()

@@ -164,15 +164,48 @@ impl Segments {
         Ok(Segments { head, tail })
     }
 
-    /// Matches `text` split at `separator`; `fold_first` folds case in the first segment only
-    /// (the URI authority), `fold_all` in every segment (DNS).
-    fn matches(&self, text: &str, separator: char, fold_first: bool, fold_all: bool) -> bool {
-        let count = text.split(separator).count();
-        match &self.tail {
+    /// Matches a split identity; `fold_first` folds case in the first segment only (the URI
+    /// authority), `fold_all` in every segment (DNS).
+    fn matches(&self, split: &Split<'_>, fold_first: bool, fold_all: bool) -> bool {
+        let count = split.count;
+        let tail_len = self.tail.as_ref().map(Vec::len);
+        match tail_len {
             None if count != self.head.len() => return false,
-            Some(tail) if count < self.head.len() + 1 + tail.len() => return false,
+            Some(tail_len) if count < self.head.len() + 1 + tail_len => return false,
             _ => {}
         }
+        let fold = |index: usize| fold_all || (fold_first && index == 0);
+        match split.parts() {
+            Some(parts) => {
+                let head_ok = parts
+                    .iter()
+                    .zip(&self.head)
+                    .enumerate()
+                    .all(|(index, (segment, pattern))| pattern.matches(segment, fold(index)));
+                head_ok
+                    && match (&self.tail, tail_len) {
+                        (Some(tail), Some(tail_len)) => {
+                            // The segments `**` stands for must not be empty either.
+                            let middle_end = count - tail_len;
+                            parts
+                                .get(self.head.len()..middle_end)
+                                .is_some_and(|middle| middle.iter().all(|s| !s.is_empty()))
+                                && parts.get(middle_end..).is_some_and(|rest| {
+                                    rest.iter().zip(tail).all(|(segment, pattern)| {
+                                        pattern.matches(segment, fold_all)
+                                    })
+                                })
+                        }
+                        _ => true,
+                    }
+            }
+            None => self.matches_long(split, fold_first, fold_all),
+        }
+    }
+
+    /// [`Segments::matches`] for identities with more segments than [`Split`] keeps.
+    fn matches_long(&self, split: &Split<'_>, fold_first: bool, fold_all: bool) -> bool {
+        let (text, separator, count) = (split.text, split.separator, split.count);
         let head_ok =
             text.split(separator)
                 .zip(&self.head)
@@ -186,7 +219,6 @@ impl Segments {
         match &self.tail {
             None => true,
             Some(tail) => {
-                // The `**` segments between head and tail must not be empty either.
                 let middle_ok = text
                     .split(separator)
                     .skip(self.head.len())
@@ -199,6 +231,43 @@ impl Segments {
                         .all(|(segment, pattern)| pattern.matches(segment, fold_all))
             }
         }
+    }
+}
+
+/// How many segments of an identity are kept split on the stack.
+const SPLIT_SEGMENTS: usize = 16;
+
+/// An identity's text split once per request at its separator, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Split<'a> {
+    text: &'a str,
+    separator: char,
+    /// The first segments (all of them when `count <= SPLIT_SEGMENTS`).
+    first: [&'a str; SPLIT_SEGMENTS],
+    count: usize,
+}
+
+impl<'a> Split<'a> {
+    fn new(text: &'a str, separator: char) -> Split<'a> {
+        let mut first = [""; SPLIT_SEGMENTS];
+        let mut count = 0;
+        for segment in text.split(separator) {
+            if let Some(slot) = first.get_mut(count) {
+                *slot = segment;
+            }
+            count += 1;
+        }
+        Split {
+            text,
+            separator,
+            first,
+            count,
+        }
+    }
+
+    /// All segments, if they fit.
+    fn parts(&self) -> Option<&[&'a str]> {
+        self.first.get(..self.count)
     }
 }
 
@@ -289,10 +358,10 @@ impl IdentityPattern {
     pub(crate) fn matches(&self, identity: &IdentityView<'_>) -> bool {
         match (&self.kind, identity) {
             (Kind::Uri { scheme, segments }, IdentityView::Uri { scheme: s, rest }) => {
-                scheme.eq_ignore_ascii_case(s) && segments.matches(rest, '/', true, false)
+                scheme.eq_ignore_ascii_case(s) && segments.matches(rest, true, false)
             }
-            (Kind::Dns(segments), IdentityView::Dns(name)) => {
-                segments.matches(name, '.', true, true)
+            (Kind::Dns(segments), IdentityView::Dns(labels)) => {
+                segments.matches(labels, true, true)
             }
             _ => false,
         }
@@ -308,17 +377,23 @@ impl fmt::Display for IdentityPattern {
 /// An identity split once per request into what patterns look at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum IdentityView<'a> {
-    /// `SCHEME://REST`.
-    Uri { scheme: &'a str, rest: &'a str },
-    /// A DNS name without its trailing dot.
-    Dns(&'a str),
+    /// `SCHEME://REST`, REST split at `/`.
+    Uri { scheme: &'a str, rest: Split<'a> },
+    /// A DNS name without its trailing dot, split at `.`.
+    Dns(Split<'a>),
 }
 
 impl<'a> IdentityView<'a> {
     pub(crate) fn new(identity: &'a str) -> IdentityView<'a> {
         match identity.split_once("://") {
-            Some((scheme, rest)) => IdentityView::Uri { scheme, rest },
-            None => IdentityView::Dns(identity.strip_suffix('.').unwrap_or(identity)),
+            Some((scheme, rest)) => IdentityView::Uri {
+                scheme,
+                rest: Split::new(rest, '/'),
+            },
+            None => {
+                let name = identity.strip_suffix('.').unwrap_or(identity);
+                IdentityView::Dns(Split::new(name, '.'))
+            }
         }
     }
 }
@@ -375,6 +450,22 @@ mod tests {
             "spiffe://*.example.org/x",
             "spiffe://example.org/x"
         ));
+    }
+
+    #[test]
+    fn long_identities_match_like_short_ones() {
+        let deep = format!("spiffe://example.org/{}web", "a/".repeat(40));
+        assert!(matches("spiffe://example.org/**/web", &deep));
+        assert!(matches("spiffe://example.org/a/**", &deep));
+        assert!(!matches("spiffe://example.org/b/**", &deep));
+        assert!(!matches("spiffe://example.org/**/db", &deep));
+        assert!(!matches("spiffe://example.org/a/*", &deep));
+        let holed = format!("spiffe://example.org/{}/web", "a/".repeat(40));
+        assert!(!matches("spiffe://example.org/**/web", &holed));
+        let labels = format!("{}example.org", "x.".repeat(30));
+        assert!(matches("**.example.org", &labels));
+        assert!(matches("X.**", &labels));
+        assert!(!matches("*.example.org", &labels));
     }
 
     #[test]
