@@ -1500,7 +1500,13 @@ fn committed_writes_survive_a_killed_process() {
 #[ignore = "measurement; run in release mode"]
 fn write_rate() {
     let tmp = TempDir::new("rate");
-    let store = Store::open(tmp.path()).unwrap();
+    let mut options = fwnp_gateway::store::StoreOptions::default();
+    // FWNP_STORE_SYNC=full measures synchronous = full (an fsync per group commit).
+    if std::env::var("FWNP_STORE_SYNC").as_deref() == Ok("full") {
+        options.synchronous = fwnp_gateway::store::Synchronous::Full;
+    }
+    eprintln!("synchronous = {:?}", options.synchronous);
+    let store = Store::open_with(tmp.path(), options).unwrap();
     const GRANTS: u32 = 100_000;
     const CONCURRENT: u32 = 512;
     let runtime = tokio::runtime::Builder::new_multi_thread()
