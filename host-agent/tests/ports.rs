@@ -98,11 +98,17 @@ fn a_port_bound_by_someone_else_names_the_owner() {
     }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let refused = runtime
-        .block_on(procfs.verify(caller, Protocol::Tcp, PortRange::single(port), Duration::from_secs(2)))
+        .block_on(procfs.verify(
+            caller,
+            Protocol::Tcp,
+            PortRange::single(port),
+            Duration::from_secs(2),
+        ))
         .expect_err("refused");
     let text = refused.to_string();
     assert!(
-        text.contains(&format!("tcp/{port} is bound by pid {me}")) && text.contains("not by the caller"),
+        text.contains(&format!("tcp/{port} is bound by pid {me}"))
+            && text.contains("not by the caller"),
         "{text}"
     );
 }
@@ -115,7 +121,9 @@ fn a_socket_held_by_a_descendant_counts_as_the_caller() {
     let child = ChildGuard(
         Command::new("sleep")
             .arg("30")
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(listener)))
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                listener,
+            )))
             .spawn()
             .expect("start sleep"),
     );
@@ -152,9 +160,15 @@ fn nobody_binding_within_the_grace_period_is_refused() {
         ))
         .expect_err("refused");
     let waited = started.elapsed();
-    assert!(matches!(refused, PortNotOwned::Nobody { .. }), "{refused:?}");
+    assert!(
+        matches!(refused, PortNotOwned::Nobody { .. }),
+        "{refused:?}"
+    );
     assert!(refused.to_string().contains("nobody listens"), "{refused}");
-    assert!(waited >= Duration::from_millis(500) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
 }
 
 #[test]

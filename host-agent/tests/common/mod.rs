@@ -1,0 +1,416 @@
+//! Shared helpers of the agent's integration tests: temporary directories, a PKI made with the
+//! gateway's own `pki` module, the real `fwnp-agent` binary as a child process, and a raw
+//! local-API client that speaks the frames of `fwnp_proto::local` over the agent's Unix socket.
+//! Every wait is bounded.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use fwnp_gateway::pki::{self, Validity};
+use fwnp_proto::local::{
+    FRAME_HEADER_LEN, LocalMessage, Status, Watch, decode_frame_body, encode_frame, frame_body_len,
+};
+use fwnp_proto::{
+    Common, LeaseId, List, Message, Open, Opening, PortRange, Protocol, Release, Target,
+};
+
+/// The bound of every single step (a start, an answer).
+pub(crate) const STEP: Duration = Duration::from_secs(10);
+/// The DNS name in the gateway's certificate.
+pub(crate) const GATEWAY_NAME: &str = "gateway.test";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A directory removed when dropped.
+#[derive(Debug)]
+pub(crate) struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory named after `label`, the pid and a counter.
+    pub(crate) fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(format!(
+            "fwnp-agent-{label}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A CA with a gateway certificate (for [`GATEWAY_NAME`] and `gateway_ips`) and host
+/// certificates issued on demand.
+#[derive(Debug)]
+pub(crate) struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    pub(crate) fn new(label: &str, gateway_ips: &[IpAddr]) -> Self {
+        let dir = TempDir::new(&format!("pki-{label}"));
+        pki::init_ca(
+            dir.path(),
+            &format!("FWNP Agent Test CA {label}"),
+            Validity::days(2),
+        )
+        .expect("init CA");
+        pki::issue_gateway(
+            dir.path(),
+            "gateway",
+            &[GATEWAY_NAME.to_owned()],
+            gateway_ips,
+            Validity::days(2),
+        )
+        .expect("issue the gateway certificate");
+        Pki { dir }
+    }
+
+    pub(crate) fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues a host certificate `fwnp://host/NAME` with `ips`.
+    pub(crate) fn host(&self, name: &str, ips: &[IpAddr]) {
+        pki::issue_host(
+            self.dir.path(),
+            name,
+            ips,
+            &[format!("fwnp://host/{name}")],
+            &[],
+            Validity::days(1),
+        )
+        .expect("issue a host certificate");
+    }
+}
+
+/// The configuration text of an agent.
+pub(crate) fn agent_config(
+    pki: &Pki,
+    host: &str,
+    dir: &Path,
+    gateway: &str,
+    mode: &str,
+    users: &str,
+    grace: &str,
+) -> String {
+    format!(
+        r#"state_dir = "{state}"
+
+[gateway]
+address = "{gateway}"
+server_name = "{GATEWAY_NAME}"
+certificate = "{cert}"
+key = "{key}"
+ca = "{ca}"
+
+[local]
+socket = "{socket}"
+allowed_users = [{users}]
+verify_port_owner = true
+port_owner_grace = "{grace}"
+
+[mirror]
+mode = "{mode}"
+table = "fwnp_host"
+"#,
+        state = dir.join("state").display(),
+        cert = pki.file(&format!("{host}.pem")).display(),
+        key = pki.file(&format!("{host}.key")).display(),
+        ca = pki.file("ca.pem").display(),
+        socket = dir.join("agent.sock").display(),
+    )
+}
+
+/// The user id of this process (from `/proc/self/status`).
+pub(crate) fn my_uid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read status");
+    status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|u| u.parse().ok())
+        .expect("a Uid line")
+}
+
+/// A child process, killed (SIGKILL) and reaped when dropped.
+#[derive(Debug)]
+pub(crate) struct ProcessGuard(pub Option<Child>);
+
+impl ProcessGuard {
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Whether it has exited already (with its status).
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for ProcessGuard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `command` (the agent, already configured) and waits until its socket accepts.
+pub(crate) fn wait_for_socket(process: &mut ProcessGuard, socket: &Path) {
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(status) = process.exited() {
+            panic!("the process exited at start: {status}");
+        }
+        if UnixStream::connect(socket).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no socket at {} within {STEP:?}",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The agent binary with `--config`, logs to stderr.
+pub(crate) fn agent_command(config: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fwnp-agent"));
+    command
+        .arg("--config")
+        .arg(config)
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::null());
+    command
+}
+
+/// A raw local-API client: frames of `fwnp_proto::local` over the agent's socket.
+#[derive(Debug)]
+pub(crate) struct LocalClient {
+    pub(crate) stream: UnixStream,
+    next_id: u64,
+    /// Frames received while waiting for something else (events, other answers).
+    pub(crate) backlog: Vec<LocalMessage>,
+}
+
+impl LocalClient {
+    pub(crate) fn connect(socket: &Path) -> Self {
+        let stream = UnixStream::connect(socket).expect("connect to the agent");
+        LocalClient {
+            stream,
+            next_id: 1,
+            backlog: Vec::new(),
+        }
+    }
+
+    pub(crate) fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub(crate) fn send(&mut self, message: &LocalMessage) {
+        self.stream
+            .write_all(&encode_frame(message))
+            .expect("write a frame");
+    }
+
+    /// The next frame within `within`; `None` on timeout; panics on a closed connection or a
+    /// frame that does not decode.
+    pub(crate) fn recv(&mut self, within: Duration) -> Option<LocalMessage> {
+        self.stream.set_read_timeout(Some(within)).expect("timeout");
+        let mut header = [0u8; FRAME_HEADER_LEN];
+        match self.stream.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => panic!("reading from the agent: {e}"),
+        }
+        let len = frame_body_len(header).expect("a valid frame header from the agent");
+        let mut body = vec![0u8; len];
+        self.stream.set_read_timeout(Some(STEP)).expect("timeout");
+        self.stream.read_exact(&mut body).expect("a whole frame");
+        Some(decode_frame_body(&body).expect("the agent's frame decodes"))
+    }
+
+    /// Whether the agent closed the connection within `within`.
+    pub(crate) fn closed_within(&mut self, within: Duration) -> bool {
+        self.stream.set_read_timeout(Some(within)).expect("timeout");
+        let mut byte = [0u8; 1];
+        matches!(self.stream.read(&mut byte), Ok(0))
+    }
+
+    /// The answer to `request_id`, keeping other frames in the backlog.
+    pub(crate) fn answer(&mut self, request_id: u64, within: Duration) -> LocalMessage {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| m.request_id() == Some(request_id))
+        {
+            return self.backlog.remove(i);
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no answer to request {request_id} within {within:?}"
+            );
+            if let Some(message) = self.recv(left) {
+                if message.request_id() == Some(request_id)
+                    && !matches!(message, LocalMessage::Event(_))
+                {
+                    return message;
+                }
+                self.backlog.push(message);
+            }
+        }
+    }
+
+    /// Sends `message` (whose request id is set here) and returns its answer.
+    pub(crate) fn request(&mut self, message: LocalMessage, within: Duration) -> LocalMessage {
+        let id = message.request_id().expect("requests carry an id");
+        self.send(&message);
+        self.answer(id, within)
+    }
+
+    pub(crate) fn open(
+        &mut self,
+        protocol: Protocol,
+        port: u16,
+        lifetime: Option<u32>,
+        within: Duration,
+    ) -> LocalMessage {
+        let id = self.next_id();
+        self.request(open_msg(id, protocol, port, lifetime), within)
+    }
+
+    pub(crate) fn release(&mut self, lease: LeaseId) -> LocalMessage {
+        let id = self.next_id();
+        self.request(
+            LocalMessage::Wire(Message::Release(Release {
+                common: common(id),
+                lease,
+            })),
+            STEP,
+        )
+    }
+
+    pub(crate) fn list(&mut self) -> fwnp_proto::Leases {
+        let id = self.next_id();
+        match self.request(
+            LocalMessage::Wire(Message::List(List { common: common(id) })),
+            STEP,
+        ) {
+            LocalMessage::Wire(Message::Leases(leases)) => leases,
+            other => panic!("List answered with {other:?}"),
+        }
+    }
+
+    pub(crate) fn status(&mut self) -> fwnp_proto::local::StatusAnswer {
+        let id = self.next_id();
+        match self.request(LocalMessage::Status(Status { common: common(id) }), STEP) {
+            LocalMessage::StatusAnswer(answer) => answer,
+            other => panic!("Status answered with {other:?}"),
+        }
+    }
+
+    pub(crate) fn watch(&mut self, lease: Option<LeaseId>) {
+        let id = self.next_id();
+        match self.request(
+            LocalMessage::Watch(Watch {
+                common: common(id),
+                lease,
+            }),
+            STEP,
+        ) {
+            LocalMessage::Watching(_) => {}
+            other => panic!("Watch answered with {other:?}"),
+        }
+    }
+
+    /// The next Event (from the backlog first) within `within`.
+    pub(crate) fn event(&mut self, within: Duration) -> Option<fwnp_proto::local::Event> {
+        if let Some(i) = self
+            .backlog
+            .iter()
+            .position(|m| matches!(m, LocalMessage::Event(_)))
+        {
+            if let LocalMessage::Event(e) = self.backlog.remove(i) {
+                return Some(e);
+            }
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.recv(left)? {
+                LocalMessage::Event(e) => return Some(e),
+                other => self.backlog.push(other),
+            }
+        }
+    }
+}
+
+pub(crate) fn common(id: u64) -> Common {
+    Common {
+        request_id: Some(id),
+        critical: Vec::new(),
+    }
+}
+
+pub(crate) fn open_msg(
+    id: u64,
+    protocol: Protocol,
+    port: u16,
+    lifetime: Option<u32>,
+) -> LocalMessage {
+    LocalMessage::Wire(Message::Open(Open {
+        common: common(id),
+        opening: Opening {
+            target: Target::Ports {
+                protocol,
+                ports: PortRange::single(port),
+            },
+            host: None,
+            family: None,
+            remotes: Vec::new(),
+        },
+        lifetime,
+        app: None,
+    }))
+}
