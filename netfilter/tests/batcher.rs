@@ -430,3 +430,106 @@ fn a_changed_chain_policy_is_detected_and_repaired() {
          to drop (table_present says {present})"
     );
 }
+
+/// A repair puts back live leases with the time they have left, and never an expired one:
+/// the system fails closed.
+#[test]
+fn a_repair_restores_remaining_time_and_never_an_expired_lease() {
+    if !require_root("a_repair_restores_remaining_time_and_never_an_expired_lease") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        let short = tcp(topo.host_v4, 8080);
+        let long = tcp(topo.host_v4, 8081);
+        batcher
+            .add(short.clone(), Duration::from_millis(800))
+            .await
+            .expect("add");
+        batcher
+            .add(long.clone(), Duration::from_secs(20))
+            .await
+            .expect("add");
+        let added = Instant::now();
+        let expired = until(Duration::from_secs(3), false, || {
+            outside_tcp(&topo, topo.host_v4, 8080)
+        });
+        assert!(expired.is_some(), "the short lease did not expire");
+        topo.gateway
+            .exec_checked(&["nft", "flush", "ruleset"])
+            .expect("nft flush ruleset");
+        let event = next_repair(&mut repairs).await.expect("repair");
+        assert_eq!(event.restored, 1, "{event:?}");
+        assert!(
+            !outside_tcp(&topo, topo.host_v4, 8080),
+            "an expired lease came back"
+        );
+        assert!(outside_tcp(&topo, topo.host_v4, 8081));
+        let listed = topo.gateway.run(|| {
+            Netfilter::open()
+                .expect("netfilter handle")
+                .elements(&layout)
+                .expect("elements")
+        });
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        let (opening, remaining) = &listed[0];
+        assert_eq!(*opening, long);
+        let left = Duration::from_secs(20).saturating_sub(added.elapsed());
+        assert!(
+            // The kernel keeps time in jiffies: allow it a few of them above.
+            *remaining <= left + Duration::from_millis(50)
+                && *remaining + Duration::from_secs(1) >= left,
+            "restored with {remaining:?}, {left:?} were left"
+        );
+        batcher.shutdown().await;
+    });
+}
+
+/// A change that reaches the kernel while our table is gone (before any event was handled)
+/// still lands: the batcher repairs the table and sends the change again.
+#[test]
+fn a_change_racing_a_flush_still_lands() {
+    if !require_root("a_change_racing_a_flush_still_lands") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    // No events and a slow periodic check: only the change itself can notice.
+    let config = BatcherConfig {
+        watch_events: false,
+        check_interval: Duration::from_secs(3600),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    runtime().block_on(async {
+        batcher
+            .add(tcp(topo.host_v4, 8080), Duration::from_secs(30))
+            .await
+            .expect("add");
+        topo.gateway
+            .exec_checked(&["nft", "delete", "table", "inet", "fwnp"])
+            .expect("nft delete table");
+        let result = batcher
+            .add(tcp(topo.host_v4, 8081), Duration::from_secs(30))
+            .await;
+        assert!(result.is_ok(), "{result:?}");
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8080),
+            "earlier lease not restored"
+        );
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8081),
+            "the racing change was lost"
+        );
+        assert!(
+            !outside_tcp(&topo, topo.host_v6, 8080),
+            "the table is not back"
+        );
+        batcher.shutdown().await;
+    });
+}
