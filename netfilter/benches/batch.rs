@@ -88,11 +88,10 @@ impl Run {
     }
 }
 
-fn through_batcher(all: &[Opening]) -> Run {
+fn through_batcher(all: &[Opening], name: &'static str, config: BatcherConfig) -> Run {
     let (ns, nf) = prepared("fwbb");
     let mut reader = ns.run(|| Netfilter::open().expect("netfilter handle"));
-    let batcher =
-        ns.run(|| Batcher::start(nf, layout(), BatcherConfig::default()).expect("batcher"));
+    let batcher = ns.run(|| Batcher::start(nf, layout(), config).expect("batcher"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -116,7 +115,7 @@ fn through_batcher(all: &[Opening]) -> Run {
         assert_eq!(failed, 0, "{failed} adds failed through the batcher");
         let stats = batcher.stats();
         println!(
-            "batcher: {} batches, largest {} changes, kernel time {:?}",
+            "{name}: {} batches, largest {} changes, kernel time {:?}",
             stats.batches, stats.max_batch_size, stats.total_batch_time
         );
         batcher.shutdown().await;
@@ -124,7 +123,7 @@ fn through_batcher(all: &[Opening]) -> Run {
     });
     let (read_back, read_back_time) = count_in(&mut reader);
     Run {
-        name: "batcher",
+        name,
         elapsed,
         read_back,
         read_back_time,
@@ -191,14 +190,24 @@ fn main() {
     let chunk = env_usize("FWNP_BENCH_CHUNK", 5_000);
     let all = openings(count);
     println!("loading {count} elements with a {ELEMENT_TIMEOUT:?} timeout each, three ways");
+    // The batcher as the daemons run it (watching nf_tables events, so that the kernel also
+    // sends a notification per element), and without the event watch (periodic check only).
     let runs = [
-        through_batcher(&all),
+        through_batcher(&all, "batcher", BatcherConfig::default()),
         through_commit(&all, chunk),
         through_nft(&all),
+        through_batcher(
+            &all,
+            "batcher (no event watch)",
+            BatcherConfig {
+                watch_events: false,
+                ..BatcherConfig::default()
+            },
+        ),
     ];
     for run in &runs {
         println!(
-            "{:>8}: {:>8.3} s, {:>9.0} elements/s; read back {} in {:.3} s",
+            "{:>24}: {:>7.3} s, {:>9.0} elements/s; read back {} in {:.3} s",
             run.name,
             run.elapsed.as_secs_f64(),
             run.rate(count),
@@ -207,18 +216,25 @@ fn main() {
         );
         assert_eq!(run.read_back, count, "{} lost elements", run.name);
     }
-    let [batcher, commit, nft] = &runs;
+    let [batcher, commit, nft, quiet] = &runs;
     let ratio_batcher = batcher.rate(count) / nft.rate(count);
     let ratio_commit = commit.rate(count) / nft.rate(count);
-    println!("batcher / nft -f: {ratio_batcher:.2}x; commit / nft -f: {ratio_commit:.2}x");
+    let ratio_quiet = quiet.rate(count) / nft.rate(count);
+    println!(
+        "batcher / nft -f: {ratio_batcher:.2}x; commit / nft -f: {ratio_commit:.2}x; \
+         batcher without event watch / nft -f: {ratio_quiet:.2}x"
+    );
     println!(
         "{{\"elements\":{count},\"commit_chunk\":{chunk},\"batcher_elements_per_s\":{:.0},\
          \"commit_elements_per_s\":{:.0},\"nft_elements_per_s\":{:.0},\
+         \"batcher_no_events_elements_per_s\":{:.0},\
          \"batcher_vs_nft\":{ratio_batcher:.3},\"commit_vs_nft\":{ratio_commit:.3},\
+         \"batcher_no_events_vs_nft\":{ratio_quiet:.3},\
          \"batcher_s\":{:.4},\"commit_s\":{:.4},\"nft_s\":{:.4},\"read_back_s\":{:.4}}}",
         batcher.rate(count),
         commit.rate(count),
         nft.rate(count),
+        quiet.rate(count),
         batcher.elapsed.as_secs_f64(),
         commit.elapsed.as_secs_f64(),
         nft.elapsed.as_secs_f64(),

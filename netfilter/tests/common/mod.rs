@@ -149,7 +149,11 @@ pub fn nft_objects(ruleset: &serde_json::Value, kind: &str, table: &str) -> Vec<
         .filter_map(|item| item.get(kind))
         .filter(|obj| {
             // A table names itself in "name"; everything else names its table in "table".
-            let owner = if kind == "table" { &obj["name"] } else { &obj["table"] };
+            let owner = if kind == "table" {
+                &obj["name"]
+            } else {
+                &obj["table"]
+            };
             owner == table && obj["family"] == "inet"
         })
         .cloned()
