@@ -64,6 +64,7 @@ pub struct Service {
     rng: Mutex<StdRng>,
     answered: moka::sync::Cache<(String, u64), (Arc<[u8]>, Message)>,
     started: Instant,
+    endpoints: Mutex<Vec<quinn::Endpoint>>,
 }
 
 /// Why the service could not start.
@@ -163,6 +164,7 @@ impl Service {
                 .time_to_live(REQUEST_ID_WINDOW)
                 .build(),
             started: Instant::now(),
+            endpoints: Mutex::new(Vec::new()),
             config,
         });
         service.restore().await?;
@@ -271,7 +273,7 @@ impl Service {
             return self.refuse(session, &msg, e.result_code(), e.to_string(), None);
         }
         let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
-        let answer = match msg {
+        match msg {
             Message::Hello(_) if welcomed => {
                 return self.refuse(
                     session,
@@ -291,19 +293,6 @@ impl Service {
                     None,
                 );
             }
-            _ if !matches!(
-                msg,
-                Message::Open(_) | Message::Renew(_) | Message::Release(_) | Message::List(_)
-            ) =>
-            {
-                return self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::MalformedRequest,
-                    format!("{:?} is not a request", msg.message_type()),
-                    None,
-                );
-            }
             _ => {
                 if let Some(retry_after) = self.rate_limited(&peer.identity) {
                     let mut d = denied(
@@ -316,26 +305,44 @@ impl Service {
                     self.audit_denied(session, &msg, ResultCode::RateLimited, "rate limited", None);
                     return Message::Denied(d);
                 }
-                // A retried request (same id, same bytes) gets the first answer again instead
-                // of acting twice; a different request reusing an id is simply handled.
-                if let Some(id) = request_id {
-                    if let Some((previous_bytes, answer)) = self.answered.get(&(peer.identity.clone(), id)) {
-                        if *previous_bytes == *bytes {
-                            return answer;
-                        }
-                    }
-                }
                 match &msg {
                     Message::Open(open) => self.open(session, peer, open, started).await,
                     Message::Renew(renew) => self.renew(session, peer, renew).await,
-                    Message::Release(release) => self.release(session, peer, release).await,
+                    Message::Release(release) => self.release_once(session, peer, release, bytes).await,
                     Message::List(list) => self.list(peer, list),
-                    _ => unreachable!("matched above"),
+                    other => self.refuse(
+                        session,
+                        other,
+                        ResultCode::MalformedRequest,
+                        format!("{} is not a request", other.message_type().name()),
+                        None,
+                    ),
                 }
             }
-        };
-        if let Some(id) = request_id {
-            self.answered.insert((peer.identity.clone(), id), (Arc::from(bytes), answer.clone()));
+        }
+    }
+
+    /// Release, remembering its answer for a while: a Release whose answer was lost and that
+    /// is sent again must get Released again, not unknown-lease. Opens and Renews need no such
+    /// memory, since doing them twice has the effect of doing them once.
+    async fn release_once(
+        &self,
+        session: &Session,
+        peer: &PeerIdentity,
+        release: &Release,
+        bytes: &[u8],
+    ) -> Message {
+        let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
+        if let Some(key) = &key {
+            if let Some((previous, answer)) = self.answered.get(key) {
+                if *previous == *bytes {
+                    return answer;
+                }
+            }
+        }
+        let answer = self.release(session, peer, release).await;
+        if let (Some(key), Message::Released(_)) = (key, &answer) {
+            self.answered.insert(key, (Arc::from(bytes), answer.clone()));
         }
         answer
     }
@@ -856,6 +863,24 @@ impl Service {
         }
         info!(lease = %lease.id, host = %lease.host, by, "revoked");
         Some(lease)
+    }
+
+    /// Registers a QUIC endpoint that serves this service, so that [`Service::reload_tls`]
+    /// (on SIGHUP and through the admin API) re-reads its TLS files and CRL.
+    pub fn add_endpoint(&self, endpoint: quinn::Endpoint) {
+        lock(&self.endpoints).push(endpoint);
+    }
+
+    /// Re-reads the TLS files (the CRL above all) for new connections on every registered
+    /// endpoint; a bad file leaves the old configuration in force.
+    pub fn reload_tls(&self) -> Result<(), String> {
+        let files = crate::daemon::tls_files(&self.config);
+        let options = crate::daemon::server_options(&self.config);
+        for endpoint in lock(&self.endpoints).iter() {
+            crate::tls::reload_server_config(endpoint, &files, &options)
+                .map_err(|e| format!("TLS files not reloaded, the old ones stay in force: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
