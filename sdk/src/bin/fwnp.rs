@@ -82,7 +82,7 @@ struct Cli {
 enum Command {
     /// Open a port (or an application) and hold it while CMD runs, or until interrupted
     #[command(after_help = OPEN_HELP)]
-    Open(OpenArgs),
+    Open(Box<OpenArgs>),
     /// List the live leases the agent reports, with their time left
     Leases {
         /// Print JSON for machines instead of a table
@@ -580,23 +580,24 @@ async fn leases(socket: &Option<PathBuf>, json: bool) -> u8 {
         println!("no live leases");
         return EXIT_OK;
     }
-    println!("{:<32}  {:>9}  {:<24}  OPENING", "ID", "TIME LEFT", "APP");
+    println!("{:<32}  {:>9}  {:<40}  APP", "ID", "TIME LEFT", "OPENING");
     for lease in &leases {
+        // The agent records the application's command line, which can be long.
         let app = lease
             .app
             .as_ref()
-            .and_then(|a| {
-                a.name
-                    .clone()
-                    .map(|n| a.pid.map_or(n.clone(), |pid| format!("{n} ({pid})")))
+            .map(|a| {
+                let name: String = a.name.as_deref().unwrap_or("-").chars().take(60).collect();
+                a.pid
+                    .map_or(name.clone(), |pid| format!("pid {pid} {name}"))
             })
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<32}  {:>9}  {:<24}  {}",
+            "{:<32}  {:>9}  {:<40}  {}",
             lease.id.to_string(),
             time_left(lease.remaining),
-            app,
-            grants_text(&lease.grants)
+            grants_text(&lease.grants),
+            app
         );
     }
     EXIT_OK
@@ -706,7 +707,7 @@ async fn release_by_id(socket: &Option<PathBuf>, id: LeaseId) -> u8 {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Open(args) => open(&cli.socket, args).await,
+        Command::Open(args) => open(&cli.socket, *args).await,
         Command::Leases { json } => leases(&cli.socket, json).await,
         Command::Release { id } => release_by_id(&cli.socket, id).await,
         Command::Status { json } => status(&cli.socket, json).await,
@@ -724,7 +725,7 @@ mod tests {
 
     fn open_args(args: &[&str]) -> OpenArgs {
         match parse(args).unwrap().command {
-            Command::Open(open) => open,
+            Command::Open(open) => *open,
             other => panic!("{other:?}"),
         }
     }
