@@ -9,7 +9,7 @@
 //! | `GET /v1/leases?host=&app=&port=&protocol=` | live leases with time left |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=` | audit records; `wait` long-polls for records after `after` (follow) |
-//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases |
+//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL |
 //! | `POST /v1/policy/explain` body `{"host": ID, "addresses": [...], "open": "tcp/8080", "from": [...], "address": ...}` | the decision, the rule, the reason, the trace |
 //! | `GET /v1/report?since=&until=` | what hosts and applications asked for, and a suggested policy |
 //! | `GET /metrics` | the Prometheus metrics, also here for hosts without a metrics port |
@@ -123,7 +123,14 @@ async fn audit(
 }
 
 async fn reload(State(service): State<Arc<Service>>) -> AdminResult {
-    service.reload_policy().await.map(Json)
+    // The CRL is re-read with the policy, as on SIGHUP.
+    let tls = service.reload_tls();
+    let mut result = service.reload_policy().await?;
+    result["tls"] = match tls {
+        Ok(()) => json!("reloaded"),
+        Err(e) => json!({ "error": e }),
+    };
+    Ok(Json(result))
 }
 
 async fn explain(State(service): State<Arc<Service>>, Json(body): Json<Value>) -> AdminResult {

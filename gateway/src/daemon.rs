@@ -118,6 +118,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
             .map_err(|source| DaemonError::Io { what: format!("listen on {addr}"), source })?;
         info!(%addr, "listening (QUIC, ALPN fwnp/1)");
         tokio::spawn(crate::server::serve(endpoint.clone(), service.clone()));
+        service.add_endpoint(endpoint.clone());
         endpoints.push(endpoint);
     }
     let admin_path = config.admin_socket.clone();
@@ -169,10 +170,8 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
                     Ok(result) => info!("SIGHUP: {result}"),
                     Err(e) => error!("SIGHUP: {}", e.message),
                 }
-                for endpoint in &endpoints {
-                    if let Err(e) = crate::tls::reload_server_config(endpoint, &tls_files(&config), &server_options(&config)) {
-                        error!("SIGHUP: TLS files not reloaded, the old ones stay in force: {e}");
-                    }
+                if let Err(e) = service.reload_tls() {
+                    error!("SIGHUP: {e}");
                 }
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
             }

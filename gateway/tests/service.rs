@@ -1580,6 +1580,41 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
     let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
     assert_eq!(listed, vec![kept]);
 
+    // SIGHUP also re-reads the CRL: a revoked host is refused from then on.
+    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
+    let doomed = pki.host("doomed", &[HOST_B], &[], &[]);
+    Client::connect(gateway_addr, &doomed).await.hello().await;
+    pki::revoke(pki.path(), &doomed.cert, RevocationReason::KeyCompromise).expect("revoke");
+    daemon.signal("HUP");
+    let deadline = std::time::Instant::now() + STEP;
+    while Client::try_connect(gateway_addr, &doomed).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the revoked host is still accepted after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // So does the admin API's reload, as the example configuration says.
+    let doomed_too = pki.host("doomed-too", &[HOST_B], &[], &[]);
+    Client::connect(gateway_addr, &doomed_too)
+        .await
+        .hello()
+        .await;
+    pki::revoke(
+        pki.path(),
+        &doomed_too.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
+    let (status, body) = admin_request(&admin_socket, "POST", "/v1/policy/reload", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        Client::try_connect(gateway_addr, &doomed_too)
+            .await
+            .is_err(),
+        "the revoked host is still accepted after the admin API's reload"
+    );
+
     // SIGTERM: GoingAway, then the connection closes with GoingAway, and the daemon exits 0.
     daemon.signal("TERM");
     match client.next_notice(STEP).await {
