@@ -22,7 +22,11 @@ use crate::opening::Opening;
 
 /// How long a request waits for the agent's answer unless [`Client::with_request_timeout`]
 /// says otherwise. Generous, because an Open waits for the gateway and, when the agent checks
-/// who binds the port, for a short grace period.
+/// who binds the port, for a grace period (at most 30 s by the agent's configuration).
+///
+/// ```
+/// assert!(fwnp_sdk::DEFAULT_REQUEST_TIMEOUT > std::time::Duration::from_secs(30));
+/// ```
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the host agent says about itself, from [`Client::status`].
