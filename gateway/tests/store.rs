@@ -926,10 +926,7 @@ fn follow_sees_new_events_and_the_watch_wakes_up() {
     block_on(async {
         let mut watch = store.audit_watch();
         let writer = store.writer().clone();
-        let waiter = tokio::spawn(async move {
-            let seen = *watch.wait_for(|id| *id > newest).await.unwrap();
-            seen
-        });
+        let waiter = tokio::spawn(async move { *watch.wait_for(|id| *id > newest).await.unwrap() });
         tokio::task::yield_now().await;
         // A fire-and-forget row wakes the follower too.
         writer

@@ -121,7 +121,8 @@ pub struct Restored {
 }
 
 /// The store: a handle shared by the daemon's tasks (clones share one database and writer).
-/// Dropping the last clone finishes the queued writes and stops the writer thread.
+/// Dropping the last clone finishes the queued writes and stops the writer thread (it blocks
+/// until then, so drop it outside the async runtime's worker threads, or at shutdown).
 #[derive(Debug, Clone)]
 pub struct Store {
     inner: Arc<Inner>,
