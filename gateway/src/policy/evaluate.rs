@@ -219,7 +219,8 @@ pub(super) fn decide<T: Tracer>(policy: &Policy, request: &Request<'_>, trace: &
                 Action::Deny => deny_hit(rule, entries, request.remotes).is_some(),
                 Action::Allow => entries.iter().all(|e| covers(rule, e)),
             };
-            if !ports_fit && !(third_party && rule.spec.third_party) {
+            let may_matter = ports_fit || (third_party && rule.spec.third_party);
+            if !may_matter {
                 continue;
             }
         }
