@@ -339,12 +339,66 @@ fn rule_handles(ns: &Netns, chain: &str, verdicts: &[&str]) -> Vec<u64> {
         .collect()
 }
 
+/// Turns every refusal rule of our chain `guard` into an accept, keeping the number of rules.
+fn replace_refusals_with_accept(ns: &Netns) {
+    let handles = rule_handles(ns, "guard", &["reject", "drop"]);
+    assert!(!handles.is_empty(), "no refusal rule found in chain guard");
+    for handle in handles {
+        ns.exec_checked(&[
+            "nft",
+            "replace",
+            "rule",
+            "inet",
+            "fwnp",
+            "guard",
+            "handle",
+            &handle.to_string(),
+            "accept",
+        ])
+        .expect("nft replace rule");
+    }
+}
+
+fn set_forward_policy_drop(ns: &Netns) {
+    ns.nft_script("chain inet fwnp forward { policy drop; }\n")
+        .expect("nft chain policy");
+}
+
 /// Someone turns our refusals into accepts, keeping the number of rules: the port is wide open
-/// although no lease admits it. The batcher must notice (the nf_tables events name our table)
-/// and put the table back.
+/// although no lease admits it. The read-back check must see it, and reconcile put it right.
 #[test]
-fn a_rule_of_ours_replaced_by_someone_else_is_detected_and_repaired() {
-    if !require_root("a_rule_of_ours_replaced_by_someone_else_is_detected_and_repaired") {
+fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_it() {
+    if !require_root(
+        "a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_it",
+    ) {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+    replace_refusals_with_accept(&topo.gateway);
+    assert!(
+        outside_tcp(&topo, topo.host_v4, 8081),
+        "the replaced rules still refuse"
+    );
+    assert!(
+        !nf.table_present(&layout).expect("table_present"),
+        "table_present does not see that our refusal rules now accept"
+    );
+    let report = nf.reconcile(&layout, &[]).expect("reconcile");
+    assert!(report.table_recreated, "{report:?}");
+    assert!(
+        !outside_tcp(&topo, topo.host_v4, 8081),
+        "still open after reconcile"
+    );
+}
+
+/// The same, with the batcher running: the nf_tables events name our table, so it repairs.
+#[test]
+fn a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher() {
+    if !require_root("a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher") {
         return;
     }
     let topo = topology();
@@ -352,57 +406,32 @@ fn a_rule_of_ours_replaced_by_someone_else_is_detected_and_repaired() {
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     assert!(!outside_tcp(&topo, topo.host_v4, 8081));
-    let handles = rule_handles(&topo.gateway, "guard", &["reject", "drop"]);
-    assert!(!handles.is_empty(), "no refusal rule found in chain guard");
-    for handle in handles {
-        topo.gateway
-            .exec_checked(&[
-                "nft",
-                "replace",
-                "rule",
-                "inet",
-                "fwnp",
-                "guard",
-                "handle",
-                &handle.to_string(),
-                "accept",
-            ])
-            .expect("nft replace rule");
-    }
-    // The replacement took effect: the port is open without a lease.
-    assert!(
-        outside_tcp(&topo, topo.host_v4, 8081),
-        "the replaced rule still refuses"
-    );
-    let closed_again = until(REPAIR_LIMIT, false, || {
-        outside_tcp(&topo, topo.host_v4, 8081)
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        replace_refusals_with_accept(&topo.gateway);
+        let event = next_repair(&mut repairs).await;
+        let event = event.unwrap_or_else(|| {
+            panic!("no repair {REPAIR_LIMIT:?} after our refusal rules were replaced by accept")
+        });
+        assert!(event.table_recreated && event.error.is_none(), "{event:?}");
+        assert!(
+            !outside_tcp(&topo, topo.host_v4, 8081),
+            "still open after the repair"
+        );
+        batcher.shutdown().await;
     });
-    // The read-back check itself should see it too.
-    let present = topo.gateway.run(|| {
-        Netfilter::open()
-            .expect("netfilter handle")
-            .table_present(&layout)
-            .expect("table_present")
-    });
-    runtime().block_on(batcher.shutdown());
-    assert!(
-        closed_again.is_some(),
-        "tcp/8081 stayed open {REPAIR_LIMIT:?} after our refusal rules were replaced by accept \
-         (table_present says {present})"
-    );
 }
 
 /// Someone sets our base chain's policy to drop: every forwarded packet that is not guarded is
-/// now dropped, although the layout says the table never takes over unprotected traffic.
+/// dropped, although the table must never take over traffic it was not configured to protect.
 #[test]
-fn a_changed_chain_policy_is_detected_and_repaired() {
-    if !require_root("a_changed_chain_policy_is_detected_and_repaired") {
+fn a_changed_chain_policy_fails_the_check_and_is_repaired() {
+    if !require_root("a_changed_chain_policy_fails_the_check_and_is_repaired") {
         return;
     }
     let topo = topology();
     let _server = TcpEchoServer::start(&topo.outside, 9000).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     let host_to_outside = || {
         fwnp_netfilter::lab::tcp_connects(
             &topo.host,
@@ -411,24 +440,33 @@ fn a_changed_chain_policy_is_detected_and_repaired() {
             PROBE,
         )
     };
+    // Without a batcher: the check sees it.
+    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
     assert!(host_to_outside());
-    topo.gateway
-        .nft_script("chain inet fwnp forward { policy drop; }\n")
-        .expect("nft chain policy");
+    set_forward_policy_drop(&topo.gateway);
     assert!(!host_to_outside(), "the policy change had no effect");
-    let open_again = until(REPAIR_LIMIT, true, host_to_outside);
-    let present = topo.gateway.run(|| {
-        Netfilter::open()
-            .expect("netfilter handle")
-            .table_present(&layout)
-            .expect("table_present")
-    });
-    runtime().block_on(batcher.shutdown());
     assert!(
-        open_again.is_some(),
-        "unprotected traffic stayed dropped {REPAIR_LIMIT:?} after our chain's policy was set \
-         to drop (table_present says {present})"
+        !nf.table_present(&layout).expect("table_present"),
+        "table_present does not see our chain's policy changed to drop"
     );
+    nf.apply(&layout, &[]).expect("apply");
+    assert!(host_to_outside());
+    // With a batcher: it repairs.
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        set_forward_policy_drop(&topo.gateway);
+        let event = next_repair(&mut repairs).await;
+        assert!(
+            event.is_some(),
+            "no repair {REPAIR_LIMIT:?} after our chain's policy was set to drop"
+        );
+        assert!(
+            host_to_outside(),
+            "unprotected traffic still dropped after the repair"
+        );
+        batcher.shutdown().await;
+    });
 }
 
 /// A repair puts back live leases with the time they have left, and never an expired one:
