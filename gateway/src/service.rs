@@ -168,6 +168,13 @@ impl Service {
             config,
         });
         service.restore().await?;
+        // The policy may have changed while the gateway was stopped: no restored lease it no
+        // longer allows may stay open.
+        let policy = service.policy();
+        let revoked = service.revoke_disallowed(&policy, "gateway-start").await;
+        if !revoked.is_empty() {
+            info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
+        }
         Ok(service)
     }
 
@@ -586,7 +593,23 @@ impl Service {
         if let Err(e) = kernel {
             return self.give_back(session, &request, &outcome, &elements, format!("kernel: {e}")).await;
         }
-        if let Err(e) = self.store.writer().commit(vec![store_op, WriteOp::audit(event)]).await {
+        // Two records: the policy decision on the request (what `fwnpctl report` counts), and
+        // the grant itself, committed with the lease.
+        let mut decided = AuditEvent::new(now, AuditKind::Decision);
+        decided.outcome = Some(Outcome::Granted);
+        decided.identity = event.identity.clone();
+        decided.peer = event.peer;
+        decided.lease = event.lease;
+        decided.request = event.request.clone();
+        decided.app = event.app.clone();
+        decided.rule = event.rule.clone();
+        decided.reason = event.reason.clone();
+        if let Err(e) = self
+            .store
+            .writer()
+            .commit(vec![store_op, WriteOp::audit(decided), WriteOp::audit(event)])
+            .await
+        {
             return self.give_back(session, &request, &outcome, &elements, format!("store: {e}")).await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
@@ -891,6 +914,18 @@ impl Service {
         let policy = Arc::new(policy);
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
+        let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
+        event.actor = Some("operator".into());
+        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
+        self.record(event);
+        info!(revoked = revoked.len(), "policy reloaded");
+        Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
+    }
+
+    /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
+    /// what it revoked, for the admin API.
+    async fn revoke_disallowed(&self, policy: &Policy, by: &str) -> Vec<Value> {
         let leases: Vec<_> = lock(&self.book).iter().cloned().collect();
         let mut revoked = Vec::new();
         for lease in leases {
@@ -905,17 +940,12 @@ impl Service {
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants) {
-                if self.revoke(&lease.id, RevokeReason::PolicyChanged, "policy-reload", Some(e.to_string())).await.is_some() {
+                if self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some() {
                     revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
                 }
             }
         }
-        let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
-        event.actor = Some("operator".into());
-        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
-        self.record(event);
-        info!(revoked = revoked.len(), "policy reloaded");
-        Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
+        revoked
     }
 
     /// The admin API's revoke.
