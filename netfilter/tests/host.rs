@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use fwnp_netfilter::lab::{TcpEchoServer, UdpEchoServer, require_root, tcp_connects};
-use fwnp_netfilter::{AlwaysAllowed, Change, HostMode, PortRange, Protocol};
+use fwnp_netfilter::{
+    AlwaysAllowed, Batcher, BatcherConfig, Change, HostMode, Netfilter, PortRange, Protocol,
+};
 
 fn admin_segment() -> Vec<AlwaysAllowed> {
     vec![
@@ -189,4 +191,68 @@ fn monitor_mode_accepts_and_counts() {
     let accepted_after = nft_counter_packets(&topo.host, "fwnp_host", "accepted").expect("nft");
     assert!(accepted_after > accepted_before);
     assert_eq!(unmatched(&mut nf), unmatched_before);
+}
+
+/// The host agent's rollout: start in monitor mode, switch to enforce through the batcher; the
+/// mirrored leases survive the switch, an invalid layout is refused and changes nothing, and a
+/// repair restores the layout in force, not the first one.
+#[test]
+fn batcher_switches_monitor_to_enforce_keeping_leases() {
+    if !require_root("batcher_switches_monitor_to_enforce_keeping_leases") {
+        return;
+    }
+    let topo = topology();
+    let _tcp = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let monitor = host_layout(HostMode::Monitor, Vec::new());
+    let enforce = host_layout(HostMode::Enforce, Vec::new());
+    let batcher = topo.host.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.apply(&monitor, &[]).expect("apply");
+        Batcher::start(nf, monitor.clone(), BatcherConfig::default()).expect("batcher")
+    });
+    runtime().block_on(async {
+        batcher
+            .add(tcp(topo.host_v4, 8080), Duration::from_secs(30))
+            .await
+            .expect("add");
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8081),
+            "monitor mode refused"
+        );
+        batcher.apply(enforce.clone()).await.expect("apply enforce");
+        assert!(
+            outside_tcp(&topo, topo.host_v4, 8080),
+            "lease lost in the switch"
+        );
+        assert!(
+            !outside_tcp(&topo, topo.host_v4, 8081),
+            "enforce mode admits everything"
+        );
+        // A layout that cannot be built is refused, and the one in force stays.
+        let invalid = host_layout(
+            HostMode::Enforce,
+            vec![AlwaysAllowed {
+                remote: prefix_str("192.0.2.0/40"),
+                protocol: None,
+                ports: None,
+            }],
+        );
+        let refused = batcher.apply(invalid).await;
+        assert!(refused.is_err(), "an IPv4 prefix of length 40 was accepted");
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        // A repair restores enforce mode with the lease.
+        let mut repairs = batcher.repairs();
+        topo.host
+            .exec_checked(&["nft", "flush", "ruleset"])
+            .expect("nft flush ruleset");
+        let event = tokio::time::timeout(Duration::from_secs(5), repairs.recv()).await;
+        assert!(matches!(event, Ok(Ok(_))), "no repair: {event:?}");
+        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(
+            !outside_tcp(&topo, topo.host_v4, 8081),
+            "repair restored monitor mode"
+        );
+        batcher.shutdown().await;
+    });
 }
