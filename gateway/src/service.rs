@@ -87,11 +87,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A reason cut to the protocol's limit on a character boundary, so that a long policy reason
+/// or error text never makes an answer invalid.
+pub fn fit_reason(reason: impl Into<String>) -> String {
+    let mut reason = reason.into();
+    let max = fwnp_proto::validate::MAX_REASON_LEN;
+    if reason.len() > max {
+        let mut cut = max - 3;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
+}
+
 fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
     Denied {
         common: Common { request_id, critical: Vec::new() },
         code,
-        reason: Some(reason.into()),
+        reason: Some(fit_reason(reason)),
         retry_after: None,
         lease: None,
         unsupported: Vec::new(),
@@ -880,7 +896,7 @@ impl Service {
         self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
         self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
         self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
-        let notice = Message::Revoked(lease.to_revoked(reason, text));
+        let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
         for session in self.sessions.of(&lease.host) {
             session.notify(&notice).await;
         }
@@ -1141,4 +1157,21 @@ fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
     }
     let ago = crate::config::parse_duration(text).map_err(AdminError::bad_request)?;
     Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fit_reason;
+
+    #[test]
+    fn reasons_are_cut_to_the_protocol_limit_on_a_char_boundary() {
+        let max = fwnp_proto::validate::MAX_REASON_LEN;
+        assert_eq!(fit_reason("short"), "short");
+        let long = "é".repeat(max);
+        let cut = fit_reason(long);
+        assert!(cut.len() <= max, "{} bytes", cut.len());
+        assert!(cut.ends_with("..."));
+        let exact = "a".repeat(max);
+        assert_eq!(fit_reason(exact.clone()), exact);
+    }
 }
