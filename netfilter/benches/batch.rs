@@ -1,4 +1,5 @@
-//! How fast elements with timeouts reach the kernel: through the [`Batcher`], through
+//! How fast elements with timeouts reach the kernel: through the [`Batcher`] (with and without
+//! its nf_tables event watch), through
 //! [`Netfilter::commit`] in chunks, and with `nft -f` from a file, in one run on one machine.
 //!
 //! Each path gets a fresh network namespace with the same gateway layout, loads the same
@@ -189,7 +190,7 @@ fn main() {
     let count = env_usize("FWNP_BENCH_ELEMENTS", 100_000);
     let chunk = env_usize("FWNP_BENCH_CHUNK", 5_000);
     let all = openings(count);
-    println!("loading {count} elements with a {ELEMENT_TIMEOUT:?} timeout each, three ways");
+    println!("loading {count} elements with a {ELEMENT_TIMEOUT:?} timeout each, four ways");
     // The batcher as the daemons run it (watching nf_tables events, so that the kernel also
     // sends a notification per element), and without the event watch (periodic check only).
     let runs = [
