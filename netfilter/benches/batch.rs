@@ -1,6 +1,6 @@
 //! How fast elements with timeouts reach the kernel: through the [`Batcher`] (with and without
-//! its nf_tables event watch), through
-//! [`Netfilter::commit`] in chunks, and with `nft -f` from a file, in one run on one machine.
+//! its nf_tables event watch), through [`Netfilter::commit`] in chunks, and with `nft -f` from a
+//! file, in one run on one machine.
 //!
 //! Each path gets a fresh network namespace with the same gateway layout, loads the same
 //! elements (100,000 by default, each with a one-hour timeout) and is timed from the first
