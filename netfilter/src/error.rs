@@ -24,8 +24,8 @@ pub enum Error {
     /// A remove found no such element (ENOENT).
     #[error("the element for {0:?} does not exist")]
     ElementMissing(Opening),
-    /// An interval element overlaps another element of the same host and protocol without being
-    /// identical to it (ENOTEMPTY from the interval set backend).
+    /// An interval element (port range or source prefix) overlaps another element of the same
+    /// host and protocol without being identical to it; the interval backend refuses overlaps.
     #[error("the element for {0:?} overlaps another element")]
     ElementConflicts(Opening),
     /// The kernel refused a message as too large (EMSGSIZE).

@@ -152,6 +152,33 @@ pub(crate) struct Expected {
     pub(crate) chains: Vec<(String, usize)>,
     pub(crate) sets: Vec<&'static str>,
     pub(crate) counters: Vec<&'static str>,
+    /// Base chains' hook, priority, policy and type; `None` for regular chains.
+    pub(crate) chain_props: Vec<(String, Option<ChainProps>)>,
+    /// Every rule: its chain and the contents of its expression list.
+    pub(crate) rules: Vec<(String, Vec<u8>)>,
+    /// Every set: name, flags, key length.
+    pub(crate) set_props: Vec<(&'static str, u32, u32)>,
+}
+
+/// What makes a base chain: where it hooks and what it does with what no rule decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChainProps {
+    pub(crate) hooknum: u32,
+    pub(crate) priority: u32,
+    pub(crate) policy: u32,
+}
+
+impl Expected {
+    pub(crate) fn empty() -> Self {
+        Expected {
+            chains: Vec::new(),
+            sets: Vec::new(),
+            counters: Vec::new(),
+            chain_props: Vec::new(),
+            rules: Vec::new(),
+            set_props: Vec::new(),
+        }
+    }
 }
 
 /// Which message of a transaction this is, for error reports.
@@ -235,6 +262,14 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// The number the kernel reports a 32-bit register by: one that starts a 16-byte register is
+/// named as that (NFT_REG32_04 is NFT_REG_2). Sending the same name lets the read-back compare
+/// bytes.
+fn register_name(reg32: u32) -> u32 {
+    let offset = reg32.saturating_sub(REG32_00);
+    if offset % 4 == 0 { REG_1 + offset / 4 } else { reg32 }
 }
 
 /// One rule under construction: a list of expressions.
@@ -371,10 +406,10 @@ impl RuleBuilder<'_> {
         let proto_reg = REG32_00 + len / 4;
         self.nfproto(set.family);
         self.payload(NFT_PAYLOAD_NETWORK, daddr, len, REG_1);
-        self.meta(NFT_META_L4PROTO, proto_reg);
-        self.payload(NFT_PAYLOAD_TRANSPORT, 2, 2, proto_reg + 1);
+        self.meta(NFT_META_L4PROTO, register_name(proto_reg));
+        self.payload(NFT_PAYLOAD_TRANSPORT, 2, 2, register_name(proto_reg + 1));
         if set.kind == SetKind::Range {
-            self.payload(NFT_PAYLOAD_NETWORK, saddr, len, proto_reg + 2);
+            self.payload(NFT_PAYLOAD_NETWORK, saddr, len, register_name(proto_reg + 2));
         }
         self.expr("lookup", |b| {
             b.put_str(1, set.name()); // NFTA_LOOKUP_SET
@@ -404,10 +439,12 @@ impl RuleBuilder<'_> {
         });
     }
 
-    fn reject(&mut self, kind: u32, code: u8) {
+    fn reject(&mut self, kind: u32, code: Option<u8>) {
         self.expr("reject", |b| {
             b.put_u32(1, kind); // NFTA_REJECT_TYPE
-            b.put(2, &[code]); // NFTA_REJECT_ICMP_CODE
+            if let Some(code) = code {
+                b.put(2, &[code]); // NFTA_REJECT_ICMP_CODE
+            }
         });
     }
 }
@@ -471,6 +508,7 @@ impl<S: Sequencer> TableWriter<'_, S> {
         }
         self.b.end_msg(m);
         self.expected.sets.push(set.name());
+        self.expected.set_props.push((set.name(), flags, set.key_len() as u32));
     }
 
     fn chain(&mut self, name: &str, hook: Option<u32>) {
@@ -488,6 +526,8 @@ impl<S: Sequencer> TableWriter<'_, S> {
         }
         self.b.end_msg(m);
         self.expected.chains.push((name.to_string(), 0));
+        let props = hook.map(|hooknum| ChainProps { hooknum, priority: 0, policy: NF_ACCEPT });
+        self.expected.chain_props.push((name.to_string(), props));
     }
 
     fn rule(&mut self, chain: &str, exprs: impl FnOnce(&mut RuleBuilder<'_>)) {
@@ -503,6 +543,8 @@ impl<S: Sequencer> TableWriter<'_, S> {
         let list = self.b.nest_start(NFTA_RULE_EXPRESSIONS);
         exprs(&mut RuleBuilder { b: self.b });
         self.b.nest_end(list);
+        let contents = self.b.as_bytes().get(list + 4..).unwrap_or(&[]).to_vec();
+        self.expected.rules.push((chain.to_string(), contents));
         self.b.end_msg(m);
         if let Some(entry) = self.expected.chains.iter_mut().find(|(name, _)| name == chain) {
             entry.1 += 1;
@@ -536,7 +578,7 @@ pub(crate) fn write_table<S: Sequencer>(layout: &Layout, b: &mut Builder, seq: &
         b,
         seq,
         table: layout.table(),
-        expected: Expected { chains: Vec::new(), sets: Vec::new(), counters: Vec::new() },
+        expected: Expected::empty(),
     };
     w.table();
     for name in layout.counter_names() {
@@ -596,11 +638,11 @@ fn write_gateway<S: Sequencer>(w: &mut TableWriter<'_, S>, g: &GatewayLayout) {
             w.rule("guard", |r| {
                 r.l4proto(IPPROTO_TCP);
                 r.counter("refused");
-                r.reject(NFT_REJECT_TCP_RST, 0);
+                r.reject(NFT_REJECT_TCP_RST, None);
             });
             w.rule("guard", |r| {
                 r.counter("refused");
-                r.reject(NFT_REJECT_ICMPX_UNREACH, NFT_REJECT_ICMPX_ADMIN_PROHIBITED);
+                r.reject(NFT_REJECT_ICMPX_UNREACH, Some(NFT_REJECT_ICMPX_ADMIN_PROHIBITED));
             });
         }
     }
@@ -702,6 +744,15 @@ mod tests {
         // lo, established, ICMPv6 ND, 1 always-allowed, 4 lease lookups, unmatched.
         assert_eq!(expected.chains, vec![("input".to_string(), 9)]);
         assert_eq!(expected.counters, vec!["established", "always_allowed", "accepted", "unmatched"]);
+    }
+
+    #[test]
+    fn registers_are_named_as_the_kernel_reports_them() {
+        assert_eq!(register_name(8), 1);
+        assert_eq!(register_name(9), 9);
+        assert_eq!(register_name(12), 2);
+        assert_eq!(register_name(14), 14);
+        assert_eq!(register_name(16), 3);
     }
 
     #[test]

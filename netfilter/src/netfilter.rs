@@ -8,7 +8,7 @@ use fwnp_proto::message::{PortRange, Protocol};
 
 use crate::error::{TABLE_ATTR_OFFSET, from_ack};
 use crate::key::{ALL_SETS, ElementKey, SetId, decode, encode};
-use crate::layout::{Expected, Layout, Op, Sequencer, write_table};
+use crate::layout::{ChainProps, Expected, Layout, Op, Sequencer, write_table};
 use crate::nl::*;
 use crate::reconcile::plan;
 use crate::sys::NetlinkSocket;
@@ -502,6 +502,9 @@ impl Netfilter {
             return Ok(None);
         }
         let mut chains: Vec<(String, usize)> = Vec::new();
+        let mut chain_props = Vec::new();
+        let mut rules = Vec::new();
+        let mut set_props = Vec::new();
         for datagram in self.dump_ok(NFT_MSG_GETCHAIN, table, NFTA_CHAIN_TABLE)? {
             for m in messages(&datagram) {
                 if m.msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWCHAIN {
@@ -511,8 +514,15 @@ impl Netfilter {
                 if attrs.clone().find(NFTA_CHAIN_TABLE).map(c_string).as_deref() != Some(table) {
                     continue;
                 }
-                if let Some(name) = attrs.find(NFTA_CHAIN_NAME) {
+                if let Some(name) = attrs.clone().find(NFTA_CHAIN_NAME) {
+                    let hook = attrs.clone().find(NFTA_CHAIN_HOOK);
+                    let props = hook.map(|hook| ChainProps {
+                        hooknum: Attrs::new(hook).find(NFTA_HOOK_HOOKNUM).and_then(be_u32).unwrap_or(u32::MAX),
+                        priority: Attrs::new(hook).find(NFTA_HOOK_PRIORITY).and_then(be_u32).unwrap_or(u32::MAX),
+                        policy: attrs.clone().find(NFTA_CHAIN_POLICY).and_then(be_u32).unwrap_or(u32::MAX),
+                    });
                     chains.push((c_string(name), 0));
+                    chain_props.push((c_string(name), props));
                 }
             }
         }
@@ -525,7 +535,8 @@ impl Netfilter {
                 if attrs.clone().find(NFTA_RULE_TABLE).map(c_string).as_deref() != Some(table) {
                     continue;
                 }
-                let chain = attrs.find(NFTA_RULE_CHAIN).map(c_string).unwrap_or_default();
+                let chain = attrs.clone().find(NFTA_RULE_CHAIN).map(c_string).unwrap_or_default();
+                rules.push((chain.clone(), attrs.find(NFTA_RULE_EXPRESSIONS).unwrap_or(&[]).to_vec()));
                 match chains.iter_mut().find(|(name, _)| *name == chain) {
                     Some(entry) => entry.1 += 1,
                     None => chains.push((chain, 1)),
@@ -542,9 +553,13 @@ impl Netfilter {
                 if attrs.clone().find(NFTA_SET_TABLE).map(c_string).as_deref() != Some(table) {
                     continue;
                 }
-                if let Some(set) = attrs.find(NFTA_SET_NAME).map(c_string) {
+                if let Some(set) = attrs.clone().find(NFTA_SET_NAME).map(c_string) {
                     // Names we do not know cannot be ours: reported as a mismatch below.
-                    sets.push(SetId::from_name(&set).map(|s| s.name()).unwrap_or("(foreign set)"));
+                    let name = SetId::from_name(&set).map(|s| s.name()).unwrap_or("(foreign set)");
+                    sets.push(name);
+                    let flags = attrs.clone().find(NFTA_SET_FLAGS).and_then(be_u32).unwrap_or(0);
+                    let key_len = attrs.find(NFTA_SET_KEY_LEN).and_then(be_u32).unwrap_or(0);
+                    set_props.push((name, flags, key_len));
                 }
             }
         }
@@ -555,7 +570,7 @@ impl Netfilter {
                 crate::layout::ALL_COUNTER_NAMES.iter().copied().find(|n| *n == c.name).unwrap_or("(foreign counter)")
             })
             .collect();
-        Ok(Some(Expected { chains, sets, counters }))
+        Ok(Some(Expected { chains, sets, counters, chain_props, rules, set_props }))
     }
 
     fn dump_ok(&mut self, msg: u16, table: &str, table_attr: u16) -> Result<Vec<Vec<u8>>, Error> {
@@ -642,18 +657,7 @@ impl Netfilter {
         let table = layout.table().to_string();
         let mut out = Vec::new();
         for set in ALL_SETS {
-            let (t, s) = (table.clone(), set.name());
-            let datagrams = match self.dump(NFT_MSG_GETSETELEM, NFPROTO_INET, |b| {
-                b.put_str(NFTA_SET_ELEM_LIST_TABLE, &t);
-                b.put_str(NFTA_SET_ELEM_LIST_SET, s);
-            })? {
-                Ok(d) => d,
-                Err(ack) if ack.errno == libc::ENOENT => return Err(Error::TableMissing { table }),
-                Err(ack) => return Err(from_ack(Op::AddElement, &ack, &table, None, None)),
-            };
-            for datagram in &datagrams {
-                parse_elements(datagram, set, &mut out);
-            }
+            out.extend(self.elements_of(&table, set)?);
         }
         Ok(out)
     }
@@ -836,6 +840,20 @@ impl Netfilter {
                             error = Error::TableMissing { table: table.to_string() };
                         }
                     }
+                    if let Error::ElementExists(opening) = &error {
+                        // The interval backend answers EEXIST for an overlap as well as for
+                        // the same element: only an identical element is "exists".
+                        if let Ok(key) = encode(opening) {
+                            if key.key_end.is_some() {
+                                let identical = self
+                                    .get_element(table, &key)?
+                                    .is_some_and(|found| found.key_end == key.key_end);
+                                if !identical {
+                                    error = Error::ElementConflicts(opening.clone());
+                                }
+                            }
+                        }
+                    }
                     if error.is_table_wide() {
                         for &j in &meta.changes {
                             results[j] = Some(Err(error.clone()));
@@ -935,11 +953,7 @@ impl Netfilter {
         let mut txn = self.new_txn();
         self.write_probe(&mut txn, table, &key, long, long);
         let renewed = self.run(txn)?.ok();
-        let remaining = self
-            .elements_of(table, key.set)?
-            .into_iter()
-            .find(|(o, _)| *o == probe)
-            .map(|(_, remaining)| remaining);
+        let remaining = self.get_element(table, &key)?.and_then(|found| found.remaining);
         let mut txn = self.new_txn();
         let writes = [ElementWrite { change: 0, key: &key, op: ElementOp::Remove, timeout: None }];
         self.write_elements(&mut txn, table, &writes);
@@ -962,6 +976,51 @@ impl Netfilter {
         txn.b.nest_end(elem);
         txn.b.nest_end(nest);
         txn.b.end_msg(msg);
+    }
+
+    /// Looks one element up (GETSETELEM without dump): `None` if absent. For an interval set the
+    /// kernel may answer with an element that merely contains the key; compare `key_end`.
+    fn get_element(&mut self, table: &str, key: &ElementKey) -> Result<Option<FoundElement>, Error> {
+        let seq = bump(&mut self.seq);
+        let mut b = Builder::new();
+        let msg = b.begin_nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_INET);
+        b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
+        b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
+        let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
+        let elem = b.nest_start(NFTA_LIST_ELEM);
+        b.put_data_value(NFTA_SET_ELEM_KEY, &key.key);
+        if let Some(end) = &key.key_end {
+            b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
+        }
+        b.nest_end(elem);
+        b.nest_end(nest);
+        b.end_msg(msg);
+        self.socket.send(b.as_bytes())?;
+        let mut found = None;
+        for _ in 0..16 {
+            let n = self.socket.recv(&mut self.recv_buf, false)?;
+            for m in messages(&self.recv_buf[..n]) {
+                if m.seq != seq {
+                    continue;
+                }
+                if let Some(ack) = parse_ack(&m) {
+                    return match ack.errno {
+                        0 => Ok(found),
+                        libc::ENOENT => Ok(None),
+                        _ => Err(from_ack(Op::AddElement, &ack, table, None, None)),
+                    };
+                }
+                let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else { continue };
+                for (_, elem) in Attrs::new(list) {
+                    let attrs = Attrs::new(elem);
+                    found = Some(FoundElement {
+                        key_end: attrs.clone().find(NFTA_SET_ELEM_KEY_END).and_then(data_value).map(<[u8]>::to_vec),
+                        remaining: attrs.find(NFTA_SET_ELEM_EXPIRATION).and_then(be_u64).map(Duration::from_millis),
+                    });
+                }
+            }
+        }
+        Err(Error::UnexpectedReply("no answer to an element query".into()))
     }
 
     fn elements_of(&mut self, table: &str, set: SetId) -> Result<Vec<(Opening, Duration)>, Error> {
@@ -996,6 +1055,13 @@ impl Netfilter {
 
 pub(crate) fn next_seq(seq: &mut u32) -> u32 {
     bump(seq)
+}
+
+/// An element found by [`Netfilter::get_element`].
+#[derive(Debug, Clone)]
+struct FoundElement {
+    key_end: Option<Vec<u8>>,
+    remaining: Option<Duration>,
 }
 
 /// Parses the NEWSETELEM messages of a dump datagram into openings with remaining times.
@@ -1047,6 +1113,39 @@ fn first_error(outcome: &TxnOutcome, table: &str) -> Error {
     }
 }
 
+/// Whether a rule's expressions as the kernel reports them are the ones we sent: same
+/// expressions in the same order, and every attribute we sent present with the same value
+/// (the kernel adds attributes of its own, such as a bitwise operation or lookup flags).
+pub(crate) fn expressions_match(sent: &[u8], reported: &[u8]) -> bool {
+    let sent: Vec<&[u8]> = Attrs::new(sent).filter(|(t, _)| *t == NFTA_LIST_ELEM).map(|(_, d)| d).collect();
+    let reported: Vec<&[u8]> = Attrs::new(reported).filter(|(t, _)| *t == NFTA_LIST_ELEM).map(|(_, d)| d).collect();
+    if sent.len() != reported.len() {
+        return false;
+    }
+    sent.iter().zip(&reported).all(|(s, r)| {
+        let name = Attrs::new(s).find(NFTA_EXPR_NAME).map(c_string);
+        if name != Attrs::new(r).find(NFTA_EXPR_NAME).map(c_string) {
+            return false;
+        }
+        let s_data = Attrs::new(s).find(NFTA_EXPR_DATA).unwrap_or(&[]);
+        let r_data = Attrs::new(r).find(NFTA_EXPR_DATA).unwrap_or(&[]);
+        // The lookup's set id only names a set within the creating transaction.
+        let write_only = |t: u16| name.as_deref() == Some("lookup") && t == 4;
+        attrs_subset(s_data, r_data, &write_only, 0)
+    })
+}
+
+fn attrs_subset(sent: &[u8], reported: &[u8], write_only: &dyn Fn(u16) -> bool, depth: usize) -> bool {
+    Attrs::new(sent).all(|(t, value)| {
+        if depth == 0 && write_only(t) {
+            return true;
+        }
+        let Some(other) = Attrs::new(reported).find(t) else { return false };
+        // Equal bytes, or (for a nest) the same subset relation one level down.
+        other == value || (depth < 3 && Attrs::new(value).count() > 0 && attrs_subset(value, other, &|_| false, depth + 1))
+    })
+}
+
 fn expected_structure(layout: &Layout) -> Result<Expected, Error> {
     struct Null(u32);
     impl Sequencer for Null {
@@ -1074,6 +1173,40 @@ fn compare_structure(expected: &Expected, actual: &Expected) -> Result<(), Strin
     a_sets.sort_unstable();
     if e_sets != a_sets {
         return Err(format!("sets {a_sets:?}, expected {e_sets:?}"));
+    }
+    let mut e_props = expected.chain_props.clone();
+    let mut a_props = actual.chain_props.clone();
+    e_props.sort_by(|a, b| a.0.cmp(&b.0));
+    a_props.sort_by(|a, b| a.0.cmp(&b.0));
+    if e_props != a_props {
+        return Err(format!("base chains {a_props:?}, expected {e_props:?}"));
+    }
+    let mut e_set_props = expected.set_props.clone();
+    let mut a_set_props = actual.set_props.clone();
+    e_set_props.sort_unstable();
+    a_set_props.sort_unstable();
+    let sets_match = e_set_props.len() == a_set_props.len()
+        && e_set_props.iter().zip(&a_set_props).all(|(e, a)| e.0 == a.0 && a.1 & e.1 == e.1 && e.2 == a.2);
+    if !sets_match {
+        return Err(format!("sets (flags, key length) {a_set_props:?}, expected {e_set_props:?}"));
+    }
+    for (chain, _) in &expected.chains {
+        let wanted: Vec<&Vec<u8>> = expected.rules.iter().filter(|(c, _)| c == chain).map(|(_, r)| r).collect();
+        let found: Vec<&Vec<u8>> = actual.rules.iter().filter(|(c, _)| c == chain).map(|(_, r)| r).collect();
+        for (position, (w, f)) in wanted.iter().zip(&found).enumerate() {
+            if !expressions_match(w, f) {
+                let names = |bytes: &[u8]| -> Vec<String> {
+                    Attrs::new(bytes)
+                        .filter_map(|(_, e)| Attrs::new(e).find(NFTA_EXPR_NAME).map(c_string))
+                        .collect()
+                };
+                return Err(format!(
+                    "rule {position} of chain {chain} differs from the layout: {:?}, expected {:?}",
+                    names(f),
+                    names(w)
+                ));
+            }
+        }
     }
     let mut e_counters = expected.counters.clone();
     let mut a_counters = actual.counters.clone();
@@ -1177,12 +1310,46 @@ mod tests {
         assert_eq!(taken % 2, 0, "a renewal was split after {taken} writes");
     }
 
+    fn expression_list(exprs: &[(&str, &[(u16, &[u8])])]) -> Vec<u8> {
+        let mut b = Builder::new();
+        for (name, attrs) in exprs {
+            let elem = b.nest_start(NFTA_LIST_ELEM);
+            b.put_str(NFTA_EXPR_NAME, name);
+            let data = b.nest_start(NFTA_EXPR_DATA);
+            for (t, v) in *attrs {
+                b.put(*t, v);
+            }
+            b.nest_end(data);
+            b.nest_end(elem);
+        }
+        b.into_bytes()
+    }
+
+    #[test]
+    fn read_back_rules_match_what_was_sent() {
+        let sent = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]), ("lookup", &[(1, b"lease4\0"), (4, &[0, 0, 0, 1])])]);
+        // The kernel adds attributes of its own and drops the lookup's set id.
+        let reported = expression_list(&[
+            ("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1]), (6, &[0, 0, 0, 0])]),
+            ("lookup", &[(1, b"lease4\0"), (5, &[0, 0, 0, 0])]),
+        ]);
+        assert!(expressions_match(&sent, &reported));
+        // A value changed, an expression replaced, an expression missing: all differ.
+        let changed = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 2])]), ("lookup", &[(1, b"lease4\0")])]);
+        assert!(!expressions_match(&sent, &changed));
+        let replaced = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]), ("immediate", &[])]);
+        assert!(!expressions_match(&sent, &replaced));
+        let shorter = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])])]);
+        assert!(!expressions_match(&sent, &shorter));
+    }
+
     #[test]
     fn structure_comparison_ignores_order() {
         let a = Expected {
             chains: vec![("a".into(), 1), ("b".into(), 2)],
             sets: vec!["lease4", "range4"],
             counters: vec!["x", "y"],
+            ..Expected::empty()
         };
         let mut b = a.clone();
         b.chains.reverse();
