@@ -1512,6 +1512,36 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Starts `fwnp-gateway --config CONFIG` and waits until its admin socket answers.
+    async fn start(config: &std::path::Path, admin_socket: &std::path::Path) -> Daemon {
+        let mut daemon = Daemon(Some(
+            std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+                .arg("--config")
+                .arg(config)
+                .env(
+                    "RUST_LOG",
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                )
+                .spawn()
+                .expect("start fwnp-gateway"),
+        ));
+        let deadline = std::time::Instant::now() + STEP;
+        while std::os::unix::net::UnixStream::connect(admin_socket).is_err() {
+            assert!(
+                daemon.wait_exit(Duration::ZERO).is_none(),
+                "fwnp-gateway exited at start"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "fwnp-gateway did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        daemon
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
@@ -1538,29 +1568,7 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
     )
     .expect("write config");
     let admin_socket = dir.path().join("admin.sock");
-    let mut daemon = Daemon(Some(
-        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .spawn()
-            .expect("start fwnp-gateway"),
-    ));
-    let deadline = std::time::Instant::now() + STEP;
-    while std::os::unix::net::UnixStream::connect(&admin_socket).is_err() {
-        assert!(
-            daemon.wait_exit(Duration::ZERO).is_none(),
-            "fwnp-gateway exited at start"
-        );
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fwnp-gateway did not come up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut daemon = Daemon::start(&config, &admin_socket).await;
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
     let client = Client::connect(listen.parse().expect("address"), &files).await;
     client.hello().await;
@@ -1836,5 +1844,59 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
     assert_eq!(
         denied(lb.renew(lease, None).await).code,
         ResultCode::UnknownLease
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
+    let pki = Pki::new("restart-policy");
+    let dir = TempDir::new("restart-policy");
+    let policy = dir.path().join("policy.toml");
+    write_policy(&policy, POLICY);
+    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{free_port}");
+    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
+    )
+    .expect("write config");
+    let admin_socket = dir.path().join("admin.sock");
+    let files = pki.host("web-01", &[HOST_A], &[], &[]);
+
+    let mut daemon = Daemon::start(&config, &admin_socket).await;
+    let (kept, doomed) = {
+        let client = Client::connect(gateway_addr, &files).await;
+        client.hello().await;
+        let kept = granted(client.open(tcp(7001), None).await).lease;
+        let doomed = granted(client.open(port(Protocol::Udp, 7001), None).await).lease;
+        (kept, doomed)
+    };
+    daemon.signal("TERM");
+    tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
+
+    // The operator changes the policy while the gateway is down, then starts it.
+    write_policy(&policy, &policy_without_udp());
+    let _daemon = Daemon::start(&config, &admin_socket).await;
+    let client = Client::connect(gateway_addr, &files).await;
+    client.hello().await;
+    let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(
+        listed,
+        vec![kept],
+        "a lease the policy no longer allows survived the restart"
+    );
+    let (status, body) =
+        admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e["lease"] == json!(doomed.to_string()))),
+        "no revocation recorded: {body}"
     );
 }
