@@ -245,7 +245,10 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
     {
         return;
     }
-    let lab = Lab::new("nskernel", &[7001, 7002, 7003, 7004, 7005]);
+    let lab = Lab::new(
+        "nskernel",
+        &[7001, 7002, 7003, 7004, 7005, 7006, 7007, 7008],
+    );
     let (client, welcome) = lab.connect().await;
     assert_eq!(welcome.identity, "fwnp://host/web-01");
     assert_eq!(
@@ -349,6 +352,31 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
         Message::Released(_)
     ));
     assert!(!lab.outside_reaches(7004, REFUSED) && !lab.kernel_has(7005));
+
+    // A port range: its ports pass, the next one does not.
+    let range = fwnp_proto::Opening {
+        target: fwnp_proto::Target::Ports {
+            protocol: fwnp_proto::Protocol::Tcp,
+            ports: fwnp_proto::PortRange {
+                first: 7006,
+                last: 7007,
+            },
+        },
+        host: None,
+        family: None,
+        remotes: Vec::new(),
+    };
+    let ranged = opened(client.open(range, None).await);
+    assert!(lab.outside_reaches(7006, FIRST_SYN) && lab.outside_reaches(7007, FIRST_SYN));
+    assert!(
+        !lab.outside_reaches(7008, REFUSED),
+        "the range opened the next port too"
+    );
+    assert!(matches!(
+        client.release(ranged.lease).await,
+        Message::Released(_)
+    ));
+    assert!(!lab.outside_reaches(7006, REFUSED) && !lab.outside_reaches(7007, REFUSED));
 
     // IPv6 works the same way: the host's IPv6 address, asked by family.
     let v6_port = SocketAddr::new(lab.topology.host_v6, 7001);
