@@ -145,5 +145,5 @@ async fn report(
 }
 
 async fn metrics(State(service): State<Arc<Service>>) -> String {
-    service.metrics.render()
+    service.render_metrics()
 }

@@ -145,7 +145,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
                 "/metrics",
                 axum::routing::get(move || {
                     let service = service.clone();
-                    async move { service.metrics.render() }
+                    async move { service.render_metrics() }
                 }),
             );
             if let Err(e) = axum::serve(listener, app).await {

@@ -1,7 +1,8 @@
 //! Prometheus metrics of the gateway, served as text on the configured address.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -14,10 +15,18 @@ pub struct Metrics {
     pub live_leases: IntGauge,
     /// Time from a request's arrival to its Granted answer.
     pub grant_latency: Histogram,
-    /// Changes per kernel batch.
-    pub batch_size: Histogram,
-    /// Time per kernel batch.
-    pub batch_latency: Histogram,
+    /// Netlink transactions sent to the kernel.
+    pub kernel_batches: IntCounter,
+    /// Element changes sent in them (divided by the batches: the mean batch size).
+    pub kernel_changes: IntCounter,
+    /// Element changes the kernel refused.
+    pub kernel_failed_changes: IntCounter,
+    /// Time spent in the kernel's transactions (divided by the batches: the mean latency).
+    pub kernel_batch_seconds: Counter,
+    /// Changes in the most recent transaction.
+    pub kernel_last_batch_size: IntGauge,
+    /// Repairs of the table after someone else changed it.
+    pub kernel_repairs: IntCounter,
     /// Open QUIC connections.
     pub connections: IntGauge,
     /// Lease endings, by how they ended.
@@ -49,16 +58,23 @@ impl Metrics {
                 .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("valid")),
         )
         .expect("valid metric");
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new("kernel_batch_size", "Element changes per netlink transaction")
-                .buckets(prometheus::exponential_buckets(1.0, 2.0, 14).expect("valid")),
-        )
-        .expect("valid metric");
-        let batch_latency = Histogram::with_opts(
-            HistogramOpts::new("kernel_batch_seconds", "Time per netlink transaction")
-                .buckets(prometheus::exponential_buckets(0.000_05, 2.0, 16).expect("valid")),
-        )
-        .expect("valid metric");
+        let kernel_batches = IntCounter::new("kernel_batches_total", "Netlink transactions sent")
+            .expect("valid metric");
+        let kernel_changes =
+            IntCounter::new("kernel_changes_total", "Element changes sent to the kernel")
+                .expect("valid metric");
+        let kernel_failed_changes =
+            IntCounter::new("kernel_failed_changes_total", "Element changes the kernel refused")
+                .expect("valid metric");
+        let kernel_batch_seconds =
+            Counter::new("kernel_batch_seconds_total", "Time spent in netlink transactions")
+                .expect("valid metric");
+        let kernel_last_batch_size =
+            IntGauge::new("kernel_last_batch_size", "Element changes in the latest transaction")
+                .expect("valid metric");
+        let kernel_repairs =
+            IntCounter::new("kernel_repairs_total", "Repairs of the table after outside changes")
+                .expect("valid metric");
         let connections =
             IntGauge::new("connections", "Open QUIC connections").expect("valid metric");
         let lease_ends = IntCounterVec::new(
@@ -70,8 +86,12 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(live_leases.clone()),
             Box::new(grant_latency.clone()),
-            Box::new(batch_size.clone()),
-            Box::new(batch_latency.clone()),
+            Box::new(kernel_batches.clone()),
+            Box::new(kernel_changes.clone()),
+            Box::new(kernel_failed_changes.clone()),
+            Box::new(kernel_batch_seconds.clone()),
+            Box::new(kernel_last_batch_size.clone()),
+            Box::new(kernel_repairs.clone()),
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
         ] {
@@ -82,8 +102,12 @@ impl Metrics {
             requests,
             live_leases,
             grant_latency,
-            batch_size,
-            batch_latency,
+            kernel_batches,
+            kernel_changes,
+            kernel_failed_changes,
+            kernel_batch_seconds,
+            kernel_last_batch_size,
+            kernel_repairs,
             connections,
             lease_ends,
         }
@@ -94,6 +118,26 @@ impl Metrics {
         self.requests.with_label_values(&[outcome]).inc();
     }
 
+    /// Brings the kernel counters up to the batcher's own (they only grow).
+    pub fn observe_batcher(&self, stats: &fwnp_netfilter::BatchStats) {
+        fn catch_up(counter: &IntCounter, total: u64) {
+            let now = counter.get();
+            if total > now {
+                counter.inc_by(total - now);
+            }
+        }
+        catch_up(&self.kernel_batches, stats.batches);
+        catch_up(&self.kernel_changes, stats.changes);
+        catch_up(&self.kernel_failed_changes, stats.failed_changes);
+        catch_up(&self.kernel_repairs, stats.repairs);
+        let seconds = stats.total_batch_time.as_secs_f64();
+        let now = self.kernel_batch_seconds.get();
+        if seconds > now {
+            self.kernel_batch_seconds.inc_by(seconds - now);
+        }
+        self.kernel_last_batch_size.set(i64::try_from(stats.last_batch_size).unwrap_or(i64::MAX));
+    }
+
     /// The metrics in Prometheus's text format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -102,5 +146,33 @@ impl Metrics {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+    use std::time::Duration;
+
+    #[test]
+    fn kernel_counters_follow_the_batcher_and_render() {
+        let metrics = Metrics::new();
+        let mut stats = fwnp_netfilter::BatchStats {
+            batches: 3,
+            changes: 120,
+            last_batch_size: 40,
+            total_batch_time: Duration::from_millis(6),
+            ..Default::default()
+        };
+        metrics.observe_batcher(&stats);
+        stats.batches = 5;
+        stats.changes = 150;
+        metrics.observe_batcher(&stats);
+        metrics.request("granted");
+        let text = metrics.render();
+        assert!(text.contains("fwnp_kernel_batches_total 5"), "{text}");
+        assert!(text.contains("fwnp_kernel_changes_total 150"), "{text}");
+        assert!(text.contains("fwnp_kernel_last_batch_size 40"), "{text}");
+        assert!(text.contains("fwnp_requests_total{outcome=\"granted\"} 1"), "{text}");
     }
 }

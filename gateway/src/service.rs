@@ -973,6 +973,20 @@ impl Service {
         }
     }
 
+    /// Copies the kernel batcher's counters into the metrics (called before each scrape and
+    /// periodically).
+    pub fn sample_filter_metrics(&self) {
+        if let Some(filter) = &self.filter {
+            self.metrics.observe_batcher(&filter.stats());
+        }
+    }
+
+    /// The metrics in Prometheus's text format, with the kernel counters brought up to date.
+    pub fn render_metrics(&self) -> String {
+        self.sample_filter_metrics();
+        self.metrics.render()
+    }
+
     /// The admin API's status.
     pub fn status_json(&self) -> Value {
         let book = lock(&self.book);
