@@ -163,6 +163,8 @@ enum Command {
         opening: fwnp_proto::Opening,
         lifetime: Option<u32>,
         app: Option<AppInfo>,
+        /// The opening client's request timeout, kept by the lease for its release.
+        timeout: Duration,
         reply: Reply,
     },
     /// Release a lease held by a handle of this client.
@@ -284,6 +286,7 @@ impl Client {
                 opening,
                 lifetime,
                 app,
+                timeout: self.timeout,
                 reply,
             })
             .await?
@@ -425,6 +428,7 @@ enum Pending {
     Watch(Reply),
     Open {
         sent_at: Instant,
+        timeout: Duration,
         reply: Reply,
     },
     Release {
@@ -509,6 +513,7 @@ impl Connection {
                 opening,
                 lifetime,
                 app,
+                timeout,
                 reply,
             } => (
                 LocalMessage::Wire(Message::Open(Open {
@@ -519,6 +524,7 @@ impl Connection {
                 })),
                 Pending::Open {
                     sent_at: Instant::now(),
+                    timeout,
                     reply,
                 },
             ),
@@ -645,10 +651,14 @@ impl Connection {
                 };
                 let _ = reply.send(result);
             }
-            Pending::Open { sent_at, reply } => {
+            Pending::Open {
+                sent_at,
+                timeout,
+                reply,
+            } => {
                 let result = match message {
                     LocalMessage::Wire(Message::Granted(granted)) => {
-                        self.granted(granted, sent_at).map(Answer::Opened)
+                        self.granted(granted, sent_at, timeout).map(Answer::Opened)
                     }
                     LocalMessage::Denied(d) => Err(Error::from_denied(d)),
                     other => Err(wrong(&other)),
@@ -712,15 +722,17 @@ impl Connection {
     }
 
     /// A Granted answer to an Open: the new lease handle, routed for events.
-    fn granted(&mut self, granted: Granted, sent_at: Instant) -> Result<Lease, Error> {
+    fn granted(
+        &mut self,
+        granted: Granted,
+        sent_at: Instant,
+        timeout: Duration,
+    ) -> Result<Lease, Error> {
         let Some(inner) = self.inner.upgrade() else {
             // Nobody is left to hold the lease; closing the connection releases it.
             return Err(Error::Closed);
         };
-        let client = Client {
-            inner,
-            timeout: DEFAULT_REQUEST_TIMEOUT,
-        };
+        let client = Client { inner, timeout };
         let lifetime = Duration::from_secs(u64::from(granted.lifetime));
         self.next_handle += 1;
         let shared = Arc::new(LeaseShared::new(

@@ -394,3 +394,40 @@ async fn status_leases_and_release_print_what_the_agent_answers() {
     assert_eq!(out.code, Some(1), "{}", out.stderr);
     assert!(out.stderr.contains("fwnpctl revoke"), "{}", out.stderr);
 }
+
+#[tokio::test]
+async fn sigterm_to_fwnp_reaches_the_command_and_the_lease_is_released() {
+    let agent = Harness::start();
+    let mut child = fwnp(&agent)
+        .args(["open", "tcp/8080", "--", "sh", "-c", "exec sleep 30"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until fwnp says it holds the lease.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
+    while !said
+        .iter()
+        .any(|l: &String| l.contains("held while sh runs"))
+    {
+        let line = tokio::time::timeout(Duration::from_secs(10), stderr.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("fwnp ended before holding the lease");
+        said.push(line);
+    }
+    let id = agent.live()[0];
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    // CMD died of the forwarded SIGTERM; fwnp reports it as a shell would, after releasing.
+    assert_eq!(status.code(), Some(128 + 15), "{said:?}");
+    assert_eq!(releases(&agent.received()), vec![id]);
+}
