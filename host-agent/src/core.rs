@@ -138,8 +138,9 @@ struct Held {
     mirrored: Option<LeaseId>,
     /// This machine replaces another whose lease the gateway forgot.
     reopen_of: Option<LeaseId>,
-    /// Release requests of the application, answered once the mirror let go.
-    release_requests: Vec<u64>,
+    /// Release requests of the application (request id, the lease id it named), answered once
+    /// the mirror let go.
+    release_requests: Vec<(u64, LeaseId)>,
     /// The lifetime the application asked for.
     lifetime: Option<u32>,
 }
@@ -649,19 +650,11 @@ impl Core {
                 self.emit(key, lease, EventKind::Revoked, None, Some(text), None, None);
             }
             LeaseEvent::Released { lease } => {
-                let requests: Vec<u64> = std::mem::take(&mut held.release_requests);
+                let requests = std::mem::take(&mut held.release_requests);
                 let conn = held.conn;
                 let known = lease.or(held.ids.last().copied());
                 let mirrored = held.mirrored.take();
-                let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| {
-                    (
-                        c,
-                        requests
-                            .iter()
-                            .map(|r| (*r, known.unwrap_or(LeaseId([0; 16]))))
-                            .collect::<Vec<_>>(),
-                    )
-                });
+                let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| (c, requests));
                 match mirrored {
                     Some(m) => {
                         let (done, removed) = oneshot::channel();
@@ -806,7 +799,7 @@ impl Core {
                     return;
                 };
                 if let Some(held) = self.leases.get_mut(&key) {
-                    held.release_requests.push(request_id);
+                    held.release_requests.push((request_id, release.lease));
                     held.machine.release(now);
                 }
                 self.drive(key, now);

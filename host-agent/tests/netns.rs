@@ -1,0 +1,460 @@
+//! The real `fwnp-agent` with the real `fwnp-gateway` and the real kernel, in network
+//! namespaces: the gateway runs in the gateway namespace of a [`Topology`] and guards the host's
+//! network; the agent runs in the host namespace with its table in enforce mode; the test is
+//! the application (a raw local-API client, with its echo server bound in the host namespace)
+//! and the outside world.
+//!
+//! Proves with real TCP traffic: closed before a lease at both the gateway and the host; open
+//! from outside once Granted; closed at both after Release; closed when the application's
+//! connection goes without releasing; a revocation removes the host's mirror and tells the
+//! application; a port another process owns is refused naming it.
+//!
+//! Needs root: skipped otherwise, and failing instead when FWNP_REQUIRE_NETNS=1.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fwnp_netfilter::lab::{self, Netns, TcpEchoServer, Topology};
+use fwnp_proto::local::{EventKind, LocalCode, LocalMessage};
+use fwnp_proto::{Granted, Message, Protocol};
+
+/// The gateway's QUIC port, inside its own namespace.
+const GATEWAY_PORT: u16 = 4433;
+/// Below TCP's first SYN retransmission: a connection made within it went through with its
+/// first SYN, so the opening was in force when it was sent.
+const FIRST_SYN: Duration = Duration::from_millis(800);
+/// Long enough to be sure a dropped SYN is not answered.
+const REFUSED: Duration = Duration::from_millis(1200);
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "60s"
+min_lifetime = "1s"
+max_lifetime = "1h"
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "web"
+groups = ["hosts"]
+allow = "tcp/7000-7999"
+"#;
+
+/// The `fwnp-gateway` binary of this workspace, built once per test run (it belongs to another
+/// package, so Cargo does not build it for these tests).
+fn gateway_binary() -> PathBuf {
+    static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BINARY.get_or_init(build_gateway).clone()
+}
+
+fn build_gateway() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/<profile>/deps/netns-HASH
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test binary lives in target/<profile>/deps");
+    let target_dir = profile_dir.parent().expect("target directory");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .current_dir(workspace)
+        .args(["build", "-p", "fwnp-gateway", "--bin", "fwnp-gateway"])
+        .env("CARGO_TARGET_DIR", target_dir);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo build for fwnp-gateway");
+    assert!(status.success(), "building fwnp-gateway failed");
+    let binary = profile_dir.join("fwnp-gateway");
+    assert!(binary.exists(), "no {}", binary.display());
+    binary
+}
+
+fn gateway_config(pki: &Pki, dir: &Path, listen: &str) -> String {
+    format!(
+        r#"listen = ["{listen}"]
+certificate = "{cert}"
+key = "{key}"
+ca = "{ca}"
+policy = "{policy}"
+state_dir = "{state}"
+admin_socket = "{admin}"
+
+[filter]
+enabled = true
+table = "fwnp"
+protected = ["198.51.100.0/24", "fd00:2::/64"]
+refuse = "drop"
+"#,
+        cert = pki.file("gateway.pem").display(),
+        key = pki.file("gateway.key").display(),
+        ca = pki.file("ca.pem").display(),
+        policy = dir.join("policy.toml").display(),
+        state = dir.join("state").display(),
+        admin = dir.join("admin.sock").display(),
+    )
+}
+
+/// Everything a test needs. Fields drop in declaration order: the daemons first, then the echo
+/// servers, then the namespaces, then the files.
+struct Lab {
+    agent: ProcessGuard,
+    gateway: ProcessGuard,
+    echo: Vec<TcpEchoServer>,
+    topology: Topology,
+    socket: PathBuf,
+    admin_socket: PathBuf,
+    _pki: Pki,
+    _dir: TempDir,
+}
+
+impl Lab {
+    fn new(label: &str, echo_ports: &[u16]) -> Lab {
+        let gateway_bin = gateway_binary();
+        let topology = Topology::new().expect("build the namespaces");
+        let pki = Pki::new(label, &[topology.gateway_inside_v4]);
+        pki.host("web-01", &[topology.host_v4, topology.host_v6]);
+        let dir = TempDir::new(label);
+        std::fs::write(dir.path().join("policy.toml"), POLICY).expect("write policy");
+        let gateway_addr = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
+        let gateway_config_path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &gateway_config_path,
+            gateway_config(&pki, dir.path(), &gateway_addr),
+        )
+        .expect("write gateway config");
+        let agent_config_path = dir.path().join("agent.toml");
+        std::fs::write(
+            &agent_config_path,
+            agent_config(
+                &pki,
+                "web-01",
+                dir.path(),
+                &gateway_addr,
+                "enforce",
+                "",
+                "1s",
+            ),
+        )
+        .expect("write agent config");
+        let echo = echo_ports
+            .iter()
+            .map(|p| TcpEchoServer::start(&topology.host, *p).expect("echo server"))
+            .collect();
+        let admin_socket = dir.path().join("admin.sock");
+        let socket = dir.path().join("agent.sock");
+        let mut lab = Lab {
+            agent: ProcessGuard(None),
+            gateway: ProcessGuard(None),
+            echo,
+            topology,
+            socket,
+            admin_socket,
+            _pki: pki,
+            _dir: dir,
+        };
+
+        let mut command = Command::new(gateway_bin);
+        command.arg("--config").arg(&gateway_config_path).env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        lab.gateway.0 = Some(
+            lab.topology
+                .gateway
+                .spawn(&mut command)
+                .expect("start fwnp-gateway"),
+        );
+        wait_for_socket(&mut lab.gateway, &lab.admin_socket.clone());
+
+        let mut command = agent_command(&agent_config_path);
+        lab.agent.0 = Some(
+            lab.topology
+                .host
+                .spawn(&mut command)
+                .expect("start fwnp-agent"),
+        );
+        wait_for_socket(&mut lab.agent, &lab.socket.clone());
+        let mut client = lab.client();
+        let deadline = Instant::now() + STEP;
+        while !client.status().connected {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not connect to the gateway"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        lab
+    }
+
+    fn client(&self) -> LocalClient {
+        LocalClient::connect(&self.socket)
+    }
+
+    fn host_port(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.topology.host_v4, port)
+    }
+
+    /// Whether a connection from `ns` to the host's `port` gets through within `within`.
+    fn reaches(&self, ns: &Netns, port: u16, within: Duration) -> bool {
+        lab::tcp_connects(ns, self.host_port(port), None, within)
+    }
+
+    /// From outside, through the gateway's forward filter and the host's input filter.
+    fn outside_reaches(&self, port: u16, within: Duration) -> bool {
+        self.reaches(&self.topology.outside, port, within)
+    }
+
+    /// From the gateway namespace itself: its own output is not forwarded, so only the host's
+    /// table decides.
+    fn host_admits(&self, port: u16, within: Duration) -> bool {
+        self.reaches(&self.topology.gateway, port, within)
+    }
+
+    fn table(&self, ns: &Netns, table: &str) -> String {
+        ns.exec_checked(&["nft", "list", "table", "inet", table])
+            .unwrap_or_default()
+    }
+
+    fn gateway_has(&self, port: u16) -> bool {
+        has_element(
+            &self.table(&self.topology.gateway, "fwnp"),
+            &self.topology.host_v4.to_string(),
+            port,
+        )
+    }
+
+    fn host_has(&self, port: u16) -> bool {
+        has_element(
+            &self.table(&self.topology.host, "fwnp_host"),
+            &self.topology.host_v4.to_string(),
+            port,
+        )
+    }
+
+    /// Polls `condition` for up to `limit`.
+    fn eventually(&self, limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+        lab::wait_until(limit, Duration::from_millis(100), &mut condition)
+    }
+
+    /// Revokes a lease through the gateway's admin API.
+    fn revoke(&self, lease: &str) {
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(&self.admin_socket).expect("admin socket");
+        stream.set_read_timeout(Some(STEP)).expect("timeout");
+        let body = r#"{"reason":"test revocation"}"#;
+        write!(
+            stream,
+            "POST /v1/leases/{lease}/revoke HTTP/1.1\r\nHost: fwnp\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send the revoke");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        assert!(response.starts_with("HTTP/1.1 200"), "revoke: {response}");
+    }
+}
+
+/// Whether an nft listing holds an element `host . tcp . port` (nft prints the protocol by
+/// name or number), with no digit following the port.
+fn has_element(table: &str, host: &str, port: u16) -> bool {
+    ["tcp", "6"].iter().any(|proto| {
+        let needle = format!("{host} . {proto} . {port}");
+        table
+            .match_indices(&needle)
+            .any(|(at, _)| !table[at + needle.len()..].starts_with(|c: char| c.is_ascii_digit()))
+    })
+}
+
+fn granted(answer: LocalMessage) -> Granted {
+    match answer {
+        LocalMessage::Wire(Message::Granted(g)) => g,
+        other => panic!("expected Granted, got {other:?}"),
+    }
+}
+
+#[test]
+fn an_application_opens_uses_and_releases_a_port() {
+    if !lab::require_root("an_application_opens_uses_and_releases_a_port") {
+        return;
+    }
+    let lab = Lab::new("e2e", &[7000, 7001]);
+    let mut app = lab.client();
+    let status = app.status();
+    assert_eq!(status.identity.as_deref(), Some("fwnp://host/web-01"));
+    assert_eq!(status.mirror_mode, "enforce");
+
+    // Before any lease: closed at the gateway and at the host, though the server listens.
+    assert!(
+        !lab.outside_reaches(7000, REFUSED),
+        "open from outside without a lease"
+    );
+    assert!(
+        !lab.host_admits(7000, REFUSED),
+        "the host admits the port without a lease"
+    );
+
+    // Granted only once both the gateway's and the host's kernel hold the opening: the very
+    // first SYN from outside gets through.
+    let g = granted(app.open(Protocol::Tcp, 7000, Some(60), STEP));
+    assert!(
+        lab.outside_reaches(7000, FIRST_SYN),
+        "not open from outside after Granted"
+    );
+    assert!(lab.gateway_has(7000) && lab.host_has(7000));
+    assert_eq!(g.grants.len(), 1);
+    assert_eq!(g.grants[0].host, lab.topology.host_v4);
+    assert_eq!(g.lifetime, 60);
+    // Only that port.
+    assert!(!lab.outside_reaches(7001, REFUSED));
+    let leases = app.list();
+    assert_eq!(leases.leases.len(), 1);
+    assert_eq!(leases.leases[0].lease, g.lease);
+    let info = leases.leases[0]
+        .app
+        .clone()
+        .expect("application information");
+    assert_eq!(info.pid, Some(std::process::id()));
+    assert_eq!(info.uid, Some(my_uid()));
+    assert!(info.executable.is_some_and(|e| e.contains("netns")));
+
+    // Release: closed again at both.
+    assert!(matches!(
+        app.release(g.lease),
+        LocalMessage::Wire(Message::Released(r)) if r.lease == g.lease
+    ));
+    assert!(
+        !lab.host_has(7000),
+        "the host's mirror outlived the release"
+    );
+    assert!(
+        !lab.host_admits(7000, REFUSED),
+        "the host still admits the port"
+    );
+    assert!(
+        lab.eventually(STEP, || !lab.gateway_has(7000)),
+        "the gateway's element outlived the release"
+    );
+    assert!(
+        !lab.outside_reaches(7000, REFUSED),
+        "still open from outside"
+    );
+    assert!(app.list().leases.is_empty());
+}
+
+#[test]
+fn leases_end_with_the_application_connection_and_revocation_reaches_it() {
+    if !lab::require_root("leases_end_with_the_application_connection_and_revocation_reaches_it") {
+        return;
+    }
+    let lab = Lab::new("e2eclose", &[7100, 7101]);
+
+    // The application goes away without releasing: its lease goes with it.
+    let mut app = lab.client();
+    let g = granted(app.open(Protocol::Tcp, 7100, Some(300), STEP));
+    assert!(lab.outside_reaches(7100, FIRST_SYN));
+    drop(app);
+    assert!(
+        lab.eventually(STEP, || !lab.host_has(7100) && !lab.gateway_has(7100)),
+        "lease {} outlived its application",
+        g.lease
+    );
+    assert!(!lab.outside_reaches(7100, REFUSED));
+    assert_eq!(lab.client().status().leases, 0);
+
+    // The operator revokes: the mirror goes, and the application hears it.
+    let mut app = lab.client();
+    app.watch(None);
+    let g = granted(app.open(Protocol::Tcp, 7101, Some(300), STEP));
+    assert!(lab.outside_reaches(7101, FIRST_SYN));
+    lab.revoke(&g.lease.to_string());
+    let event = app.event(STEP).expect("an event after the revocation");
+    assert_eq!(event.kind, EventKind::Revoked);
+    assert_eq!(event.lease, g.lease);
+    assert!(
+        lab.eventually(STEP, || !lab.host_has(7101)),
+        "the host's mirror outlived the revocation"
+    );
+    assert!(!lab.host_admits(7101, REFUSED));
+    assert!(!lab.outside_reaches(7101, REFUSED));
+}
+
+/// Runs the helper below in a child process (this test binary again) that asks for `port`.
+fn ask_from_child(socket: &Path, port: u16) -> (u64, String) {
+    let output = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "helper_ask_for_port",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FWNP_TEST_SOCKET", socket)
+        .env("FWNP_TEST_PORT", port.to_string())
+        .output()
+        .expect("run the helper");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("ANSWER ").map(|(_, rest)| rest))
+        .unwrap_or_else(|| panic!("the helper printed no answer: {stdout}"));
+    let (code, reason) = line.split_once(' ').unwrap_or((line, ""));
+    (code.parse().expect("a code"), reason.to_owned())
+}
+
+/// Not a test on its own: the child side of [`ask_from_child`].
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_ask_for_port() {
+    let (Ok(socket), Ok(port)) = (
+        std::env::var("FWNP_TEST_SOCKET"),
+        std::env::var("FWNP_TEST_PORT"),
+    ) else {
+        return;
+    };
+    let mut client = LocalClient::connect(Path::new(&socket));
+    match client.open(Protocol::Tcp, port.parse().expect("port"), Some(60), STEP) {
+        LocalMessage::Denied(d) => println!(
+            "ANSWER {} {}",
+            d.code.number(),
+            d.reason.unwrap_or_default()
+        ),
+        other => println!("ANSWER 0 {other:?}"),
+    }
+}
+
+#[test]
+fn a_port_owned_by_another_process_is_refused_naming_it() {
+    if !lab::require_root("a_port_owned_by_another_process_is_refused_naming_it") {
+        return;
+    }
+    let lab = Lab::new("e2eowner", &[7200]);
+    // The echo server on 7200 belongs to this test process; a child of it asks for the port.
+    let (code, reason) = ask_from_child(&lab.socket, 7200);
+    assert_eq!(code, LocalCode::PortNotOwned.number(), "{reason}");
+    assert!(
+        reason.contains(&format!(
+            "tcp/7200 is bound by pid {} (",
+            std::process::id()
+        )),
+        "{reason}"
+    );
+    assert!(!lab.gateway_has(7200) && !lab.host_has(7200));
+    assert!(!lab.outside_reaches(7200, REFUSED));
+    // The owner itself may.
+    let mut app = lab.client();
+    granted(app.open(Protocol::Tcp, 7200, Some(60), STEP));
+    assert!(lab.outside_reaches(7200, FIRST_SYN));
+    assert_eq!(lab.echo.len(), 1);
+}
