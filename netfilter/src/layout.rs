@@ -269,7 +269,7 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
 /// bytes.
 fn register_name(reg32: u32) -> u32 {
     let offset = reg32.saturating_sub(REG32_00);
-    if offset % 4 == 0 { REG_1 + offset / 4 } else { reg32 }
+    if offset.is_multiple_of(4) { REG_1 + offset / 4 } else { reg32 }
 }
 
 /// One rule under construction: a list of expressions.

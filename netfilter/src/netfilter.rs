@@ -843,8 +843,8 @@ impl Netfilter {
                     if let Error::ElementExists(opening) = &error {
                         // The interval backend answers EEXIST for an overlap as well as for
                         // the same element: only an identical element is "exists".
-                        if let Ok(key) = encode(opening) {
-                            if key.key_end.is_some() {
+                        if let Ok(key) = encode(opening)
+                            && key.key_end.is_some() {
                                 let identical = self
                                     .get_element(table, &key)?
                                     .is_some_and(|found| found.key_end == key.key_end);
@@ -852,7 +852,6 @@ impl Netfilter {
                                     error = Error::ElementConflicts(opening.clone());
                                 }
                             }
-                        }
                     }
                     if error.is_table_wide() {
                         for &j in &meta.changes {
@@ -1310,7 +1309,9 @@ mod tests {
         assert_eq!(taken % 2, 0, "a renewal was split after {taken} writes");
     }
 
-    fn expression_list(exprs: &[(&str, &[(u16, &[u8])])]) -> Vec<u8> {
+    type Expression<'a> = (&'a str, &'a [(u16, &'a [u8])]);
+
+    fn expression_list(exprs: &[Expression<'_>]) -> Vec<u8> {
         let mut b = Builder::new();
         for (name, attrs) in exprs {
             let elem = b.nest_start(NFTA_LIST_ELEM);
