@@ -351,7 +351,9 @@ impl Opening {
     }
 
     /// The application's name, for the gateway's audit trail (at most 256 bytes). The agent
-    /// adds what it knows itself (executable, uid, pid) from the socket's peer credentials.
+    /// fills in what it knows itself (executable, uid, pid) from the socket's peer credentials,
+    /// and the local API lets it override what the application says: the name recorded may be
+    /// the process's own (its command line) rather than this one.
     ///
     /// ```
     /// let opening = fwnp_sdk::Opening::tcp(8080).name("inventory-api");
