@@ -22,8 +22,9 @@
 //!   conntrack (ctnetlink) and the nf_tables event stream are not libnftnl's business at all;
 //! - with our own encoding every byte is unit-tested against what `nft --debug=netlink` sends,
 //!   and there is no C library to build against. The only `unsafe` code is the socket itself:
-//!   six syscalls in `src/sys.rs`, each with a `// SAFETY:` comment (the crate root denies
-//!   `unsafe_code` and only that module allows it).
+//!   the few syscalls in `src/sys.rs` (socket, bind, setsockopt, getsockopt, sendto, recv,
+//!   gettid), each with a `// SAFETY:` comment (the crate root denies `unsafe_code` and only
+//!   that module allows it).
 //!
 //! # Tables
 //!
@@ -34,8 +35,13 @@
 //! ranges and source prefixes, "any source" being the whole address space. The running kernel
 //! (6.18) accepts per-element timeouts in the interval sets, so ranges are held as single
 //! elements rather than a bounded expansion into ports: a lease for 10,000 ports is one element.
-//! Interval elements of one host and protocol must not overlap unless identical: such an add
-//! fails with [`Error::ElementConflicts`].
+//! Interval elements of one host and protocol must not overlap unless identical: the kernel
+//! answers EEXIST for both, and the crate tells them apart ([`Error::ElementExists`] for the
+//! same element, [`Error::ElementConflicts`] for an overlap).
+//!
+//! Reading a table back compares its base chains (hook, priority, policy), its sets (flags, key
+//! length), its counters and every rule's expressions with the layout, so a rule replaced or a
+//! policy changed by someone else counts as damage, not only a deleted table.
 //!
 //! The gateway's chain `forward` (policy accept) passes established and related traffic, sends
 //! guarded traffic (towards `protected` prefixes and/or arriving on `inbound_interfaces`) to
