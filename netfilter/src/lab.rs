@@ -324,10 +324,10 @@ fn checked_output(what: &str, output: Output) -> io::Result<String> {
 ///
 /// | namespace | interface | IPv4 | IPv6 |
 /// | --- | --- | --- | --- |
-/// | outside | `[OUTSIDE_IF]` | 192.0.2.2/24 and 192.0.2.66/24 | fd00:1::2/64 and fd00:1::1:2/64 |
-/// | gateway | `[GATEWAY_OUTSIDE_IF]` | 192.0.2.1/24 | fd00:1::1/64 |
-/// | gateway | `[GATEWAY_INSIDE_IF]` | 198.51.100.1/24 | fd00:2::1/64 |
-/// | host | `[HOST_IF]` | 198.51.100.2/24 and 198.51.100.3/24 | fd00:2::2/64 and fd00:2::3/64 |
+/// | outside | [`OUTSIDE_IF`] | 192.0.2.2/24 and 192.0.2.66/24 | fd00:1::2/64 and fd00:1::1:2/64 |
+/// | gateway | [`GATEWAY_OUTSIDE_IF`] | 192.0.2.1/24 | fd00:1::1/64 |
+/// | gateway | [`GATEWAY_INSIDE_IF`] | 198.51.100.1/24 | fd00:2::1/64 |
+/// | host | [`HOST_IF`] | 198.51.100.2/24 and 198.51.100.3/24 | fd00:2::2/64 and fd00:2::3/64 |
 ///
 /// The second outside address lies outside 192.0.2.0/26 and fd00:1::/112, so a lease restricted
 /// to one of those prefixes admits the first outside address and not the second. The second host
@@ -507,12 +507,12 @@ impl Topology {
         Ok(())
     }
 
-    /// The protected host's main address of the family of `like`.
+    /// The protected host's main address, IPv6 if `v6`, else IPv4.
     pub fn host_addr(&self, v6: bool) -> IpAddr {
         if v6 { self.host_v6 } else { self.host_v4 }
     }
 
-    /// The outside's main address of the family asked.
+    /// The outside's main address, IPv6 if `v6`, else IPv4.
     pub fn outside_addr(&self, v6: bool) -> IpAddr {
         if v6 { self.outside_v6 } else { self.outside_v4 }
     }
