@@ -241,6 +241,7 @@ impl TempDir {
             .mode(0o700)
             .create(&path)
             .map_err(io_err(format!("creating {}", path.display())))?;
+        register(Resource::Dir(path.clone()));
         Ok(TempDir { path })
     }
 
@@ -252,8 +253,76 @@ impl TempDir {
 
 impl Drop for TempDir {
     fn drop(&mut self) {
+        unregister(&Resource::Dir(self.path.clone()));
         if let Err(err) = std::fs::remove_dir_all(&self.path) {
             eprintln!("lab: could not remove {}: {err}", self.path.display());
+        }
+    }
+}
+
+/// What the lab has created, for [`emergency_cleanup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resource {
+    Netns(String),
+    Dir(PathBuf),
+}
+
+/// Every namespace and directory created through this library and not yet removed.
+static CREATED: std::sync::Mutex<Vec<Resource>> = std::sync::Mutex::new(Vec::new());
+
+fn register(resource: Resource) {
+    if let Ok(mut created) = CREATED.lock() {
+        created.push(resource);
+    }
+}
+
+fn unregister(resource: &Resource) {
+    if let Ok(mut created) = CREATED.lock() {
+        created.retain(|r| r != resource);
+    }
+}
+
+/// Removes everything this process created through this library and has not removed yet:
+/// kills the processes in its namespaces, deletes the namespaces and the temporary
+/// directories. For a signal handler that is about to exit the process, when the owners'
+/// `Drop` guards will not run; harmless to call twice.
+pub fn emergency_cleanup() {
+    let created = match CREATED.lock() {
+        Ok(mut created) => std::mem::take(&mut *created),
+        Err(_) => return,
+    };
+    for resource in created.iter().rev() {
+        match resource {
+            Resource::Netns(name) => {
+                let pids = Command::new("ip")
+                    .args(["netns", "pids", name])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                let own = std::process::id();
+                for pid in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    if u32::try_from(pid).is_ok_and(|pid| pid != own) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = Command::new("ip")
+                    .args(["netns", "del", name])
+                    .stdin(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            Resource::Dir(path) => {
+                let _ = std::fs::remove_dir_all(path);
+            }
         }
     }
 }
@@ -310,10 +379,27 @@ pub struct Site {
 /// The prefixes behind the gateway, which its filter protects.
 pub const PROTECTED: [&str; 2] = ["198.51.100.0/24", "fd00:2::/64"];
 
+impl Drop for Site {
+    fn drop(&mut self) {
+        // The namespaces delete themselves when their fields drop, right after this.
+        let names = std::iter::once(&self.outside)
+            .chain(std::iter::once(&self.gateway))
+            .chain(self.hosts.iter().map(|h| &h.netns))
+            .map(|ns| Resource::Netns(ns.name().to_string()));
+        for name in names.collect::<Vec<_>>() {
+            unregister(&name);
+        }
+    }
+}
+
 impl Site {
     /// Builds the namespaces and links for `hosts` hosts named `NAME_PREFIX-01`, `-02`...
     pub fn new(hosts: usize, name_prefix: &str) -> Result<Self, LabError> {
-        let ns = |prefix: &str| Netns::new(prefix).map_err(io_err("creating a namespace"));
+        let ns = |prefix: &str| {
+            let netns = Netns::new(prefix).map_err(io_err("creating a namespace"))?;
+            register(Resource::Netns(netns.name().to_string()));
+            Ok::<_, LabError>(netns)
+        };
         let outside = ns("fwlo")?;
         let gateway = ns("fwlg")?;
         let mut site = Site {

@@ -17,8 +17,8 @@ use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use fwnp_interop_tests::{
-    AuditEntry, Binaries, Lab, LabError, LabOptions, TcpEchoServer, echo_exchange, netns_command,
-    tcp_connects, wait_until,
+    AuditEntry, Binaries, Lab, LabError, LabOptions, TcpEchoServer, echo_exchange,
+    emergency_cleanup, netns_command, tcp_connects, wait_until,
 };
 use fwnp_sdk::{Client, LeaseEvent, Opening};
 
@@ -118,31 +118,40 @@ fn main() -> ExitCode {
         let started = Instant::now();
         // The story owns the lab: when a signal wins, the story is dropped, and with it the
         // daemons, namespaces and files (their Drop guards).
-        tokio::select! {
-            result = story(bins) => match result {
-                Ok(steps) => {
-                    println!(
-                        "\nAll {steps} steps behaved as expected ({:.1} s). Everything the lab \
-                         created has been removed.",
-                        started.elapsed().as_secs_f64()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(failure) => {
-                    println!("\n{failure}");
-                    println!("Everything the lab created has been removed.");
-                    ExitCode::from(STEP_FAILED)
-                }
-            },
-            _ = interrupt.recv() => {
-                eprintln!("\nfwnp-lab: interrupted; everything it created has been removed");
-                ExitCode::from(INTERRUPTED)
+        // The story runs on a worker thread and owns the lab, whose Drop guards clean up when
+        // it ends. A signal is handled here at once, even while the story is in a blocking
+        // step: everything the lab created is removed from the library's record of it, then
+        // the process exits.
+        let story = tokio::spawn(story(bins));
+        let interrupted = tokio::select! {
+            result = story => {
+                return match result {
+                    Ok(Ok(steps)) => {
+                        println!(
+                            "\nAll {steps} steps behaved as expected ({:.1} s). Everything the \
+                             lab created has been removed.",
+                            started.elapsed().as_secs_f64()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Ok(Err(failure)) => {
+                        println!("\n{failure}");
+                        println!("Everything the lab created has been removed.");
+                        ExitCode::from(STEP_FAILED)
+                    }
+                    Err(panic) => {
+                        emergency_cleanup();
+                        println!("\nthe lab itself failed: {panic}");
+                        ExitCode::from(STEP_FAILED)
+                    }
+                };
             }
-            _ = terminate.recv() => {
-                eprintln!("\nfwnp-lab: terminated; everything it created has been removed");
-                ExitCode::from(INTERRUPTED)
-            }
-        }
+            _ = interrupt.recv() => "interrupted",
+            _ = terminate.recv() => "terminated",
+        };
+        tokio::task::block_in_place(emergency_cleanup);
+        eprintln!("\nfwnp-lab: {interrupted}; everything it created has been removed");
+        std::process::exit(i32::from(INTERRUPTED));
     })
 }
 
