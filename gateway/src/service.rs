@@ -62,6 +62,7 @@ pub struct Service {
     filter: Option<Batcher>,
     epoch: Epoch,
     rng: Mutex<StdRng>,
+    rate_limit_audited: moka::sync::Cache<String, ()>,
     answered: moka::sync::Cache<(String, u64), (Arc<[u8]>, Message)>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
@@ -175,6 +176,10 @@ impl Service {
             filter,
             epoch,
             rng: Mutex::new(StdRng::from_os_rng()),
+            rate_limit_audited: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
             answered: moka::sync::Cache::builder()
                 .max_capacity(1_000_000)
                 .time_to_live(REQUEST_ID_WINDOW)
@@ -278,6 +283,13 @@ impl Service {
     /// Answers one request: the bytes of one stream, decoded here.
     pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
         let started = Instant::now();
+        // Every request of an authenticated host counts against its rate, whatever it holds:
+        // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
+        if let Some(peer) = &session.peer {
+            if let Some(retry_after) = self.rate_limited(&peer.identity) {
+                return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
+            }
+        }
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
             Err(e) => return self.refuse_undecodable(session, bytes, &e),
@@ -317,22 +329,11 @@ impl Service {
                 );
             }
             _ => {
-                if let Some(retry_after) = self.rate_limited(&peer.identity) {
-                    let mut d = denied(
-                        request_id,
-                        ResultCode::RateLimited,
-                        "too many requests from this host",
-                    );
-                    d.retry_after = Some(retry_after);
-                    self.metrics.request(ResultCode::RateLimited.name());
-                    self.audit_denied(session, &msg, ResultCode::RateLimited, "rate limited", None);
-                    return Message::Denied(d);
-                }
                 match &msg {
                     Message::Open(open) => self.open(session, peer, open, started).await,
                     Message::Renew(renew) => self.renew(session, peer, renew).await,
                     Message::Release(release) => self.release_once(session, peer, release, bytes).await,
-                    Message::List(list) => self.list(peer, list),
+                    Message::List(list) => self.list(session, peer, list),
                     other => self.refuse(
                         session,
                         other,
@@ -368,6 +369,25 @@ impl Service {
             self.answered.insert(key, (Arc::from(bytes), answer.clone()));
         }
         answer
+    }
+
+    /// A rate-limited request. The audit trail gets one record per identity per second of
+    /// refusals, not one per refused request, so that a flood cannot flood the trail.
+    fn refuse_rate_limited(&self, session: &Session, identity: &str, bytes: &[u8], retry_after: u32) -> Message {
+        self.metrics.request(ResultCode::RateLimited.name());
+        if !self.rate_limit_audited.contains_key(identity) {
+            self.rate_limit_audited.insert(identity.to_owned(), ());
+            let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
+            event.outcome = Some(Outcome::Denied);
+            event.identity = Some(identity.to_owned());
+            event.peer = Some(session.remote);
+            event.code = Some(ResultCode::RateLimited);
+            event.reason = Some("rate limited (further refusals within a second are not recorded)".into());
+            self.record(event);
+        }
+        let mut d = denied(codec::peek_request_id(bytes), ResultCode::RateLimited, "too many requests from this host");
+        d.retry_after = Some(retry_after);
+        Message::Denied(d)
     }
 
     fn rate_limited(&self, identity: &str) -> Option<u32> {
@@ -840,8 +860,13 @@ impl Service {
         }
     }
 
-    fn list(&self, peer: &PeerIdentity, list: &List) -> Message {
+    fn list(&self, session: &Session, peer: &PeerIdentity, list: &List) -> Message {
         let now = now_ms();
+        let mut event = AuditEvent::new(now, AuditKind::Request);
+        event.identity = Some(peer.identity.clone());
+        event.peer = Some(session.remote);
+        event.reason = Some("list".into());
+        self.record(event);
         let leases = lock(&self.book)
             .leases_of(&peer.identity)
             .filter(|l| l.expires_ms > now)
