@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
-use crate::link::{GatewayEvent, exchange};
+use crate::link::{ExchangeError, GatewayEvent, exchange};
 use crate::mirror::{Mirror, MirrorError, elements_of};
 use crate::ports::{PortNotOwned, ProcFs};
 
@@ -494,9 +494,14 @@ impl Core {
             let connection = connection.clone();
             let tx = self.tx.clone();
             tokio::spawn(async move {
-                let result = exchange(&connection, &request)
-                    .await
-                    .map_err(|e| e.to_string());
+                let result = exchange(&connection, &request).await;
+                if let Err(ExchangeError::Timeout(after)) = &result {
+                    // A gateway that leaves a request unanswered this long is gone (killed, or
+                    // the path is broken): do not wait for the idle timeout, reconnect now.
+                    warn!("no answer from the gateway within {after:?}; reconnecting");
+                    connection.close(0u32.into(), b"request timed out");
+                }
+                let result = result.map_err(|e| e.to_string());
                 let _ = tx.send(CoreInput::Answer { key, result });
             });
         }

@@ -115,6 +115,7 @@ struct Lab {
     topology: Topology,
     socket: PathBuf,
     admin_socket: PathBuf,
+    gateway_command: (PathBuf, PathBuf),
     _pki: Pki,
     _dir: TempDir,
 }
@@ -161,22 +162,12 @@ impl Lab {
             topology,
             socket,
             admin_socket,
+            gateway_command: (gateway_bin, gateway_config_path),
             _pki: pki,
             _dir: dir,
         };
 
-        let mut command = Command::new(gateway_bin);
-        command.arg("--config").arg(&gateway_config_path).env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        );
-        lab.gateway.0 = Some(
-            lab.topology
-                .gateway
-                .spawn(&mut command)
-                .expect("start fwnp-gateway"),
-        );
-        wait_for_socket(&mut lab.gateway, &lab.admin_socket.clone());
+        lab.start_gateway();
 
         let mut command = agent_command(&agent_config_path);
         lab.agent.0 = Some(
@@ -196,6 +187,24 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(50));
         }
         lab
+    }
+
+    /// Starts the gateway in its namespace and waits for its admin socket.
+    fn start_gateway(&mut self) {
+        let _ = std::fs::remove_file(&self.admin_socket);
+        let (binary, config) = &self.gateway_command;
+        let mut command = Command::new(binary);
+        command.arg("--config").arg(config).env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        self.gateway.0 = Some(
+            self.topology
+                .gateway
+                .spawn(&mut command)
+                .expect("start fwnp-gateway"),
+        );
+        wait_for_socket(&mut self.gateway, &self.admin_socket.clone());
     }
 
     fn client(&self) -> LocalClient {
@@ -457,4 +466,101 @@ fn a_port_owned_by_another_process_is_refused_naming_it() {
     granted(app.open(Protocol::Tcp, 7200, Some(60), STEP));
     assert!(lab.outside_reaches(7200, FIRST_SYN));
     assert_eq!(lab.echo.len(), 1);
+}
+
+#[test]
+fn the_agent_resyncs_after_a_gateway_restart_and_keeps_the_opening() {
+    if !lab::require_root("the_agent_resyncs_after_a_gateway_restart_and_keeps_the_opening") {
+        return;
+    }
+    gateway_restart("e2erestart", 7300, false, 20);
+}
+
+#[test]
+fn the_agent_recovers_from_a_gateway_killed_without_notice() {
+    if !lab::require_root("the_agent_recovers_from_a_gateway_killed_without_notice") {
+        return;
+    }
+    gateway_restart("e2ekillgw", 7500, true, 30);
+}
+
+/// Opens a lease of `lifetime` seconds, stops the gateway (SIGTERM, or SIGKILL with `kill`:
+/// then the agent only learns it from an unanswered renewal), starts it again with its state,
+/// and checks that the lease is renewed over the new connection and the opening survives its
+/// first lifetime at both the gateway and the host.
+fn gateway_restart(label: &str, port: u16, kill: bool, lifetime: u32) {
+    let mut lab = Lab::new(label, &[port]);
+    let mut app = lab.client();
+    app.watch(None);
+    let g = granted(app.open(Protocol::Tcp, port, Some(lifetime), STEP));
+    let granted_at = Instant::now();
+    let lifetime = Duration::from_secs(u64::from(lifetime));
+    assert!(lab.outside_reaches(port, FIRST_SYN));
+
+    if kill {
+        lab.gateway.kill();
+    } else {
+        lab.gateway.terminate();
+    }
+    lab.start_gateway();
+    // The application hears that the agent lost the gateway (at once after a GoingAway; after
+    // a kill, when the renewal goes unanswered), and then the renewal over the new connection.
+    let deadline = granted_at + lifetime;
+    let mut unreachable = false;
+    let renewed = loop {
+        match app.event(deadline.saturating_duration_since(Instant::now())) {
+            Some(e) if e.kind == EventKind::GatewayUnreachable => unreachable = true,
+            Some(e) if e.kind == EventKind::Renewed && e.lease == g.lease => break e,
+            Some(e) if e.kind.is_terminal() => panic!("the lease ended: {e:?}"),
+            Some(_) => {}
+            None => panic!("no renewal before the lease's end"),
+        }
+    };
+    assert!(
+        unreachable,
+        "no gateway-unreachable event before the renewal"
+    );
+    assert!(lab.client().status().connected);
+    assert!(
+        renewed
+            .expires_in_ms
+            .is_some_and(|ms| ms > lifetime.as_millis() as u64 / 2),
+        "{renewed:?}"
+    );
+    std::thread::sleep((lifetime + Duration::from_secs(1)).saturating_sub(granted_at.elapsed()));
+    assert!(
+        lab.outside_reaches(port, FIRST_SYN),
+        "the opening did not survive the restart"
+    );
+    assert!(lab.gateway_has(port) && lab.host_has(port));
+    assert_eq!(app.list().leases.first().map(|l| l.lease), Some(g.lease));
+}
+
+#[test]
+fn openings_of_a_killed_agent_close_at_lease_end_on_both_sides() {
+    if !lab::require_root("openings_of_a_killed_agent_close_at_lease_end_on_both_sides") {
+        return;
+    }
+    let mut lab = Lab::new("e2ekill", &[7400]);
+    let mut app = lab.client();
+    granted(app.open(Protocol::Tcp, 7400, Some(4), STEP));
+    let granted_at = Instant::now();
+    lab.agent.kill();
+    // Nobody renews: open until the lease's end, closed after it, at both.
+    assert!(
+        lab.outside_reaches(7400, FIRST_SYN),
+        "closed before the lease ended"
+    );
+    assert!(
+        lab.eventually(Duration::from_secs(10), || !lab.host_has(7400)
+            && !lab.gateway_has(7400)),
+        "the openings outlived the lease"
+    );
+    assert!(
+        granted_at.elapsed() >= Duration::from_secs(3),
+        "closed too early: {:?}",
+        granted_at.elapsed()
+    );
+    assert!(!lab.outside_reaches(7400, REFUSED));
+    assert!(!lab.host_admits(7400, REFUSED));
 }

@@ -162,6 +162,24 @@ impl ProcessGuard {
         }
     }
 
+    /// Sends SIGTERM and waits (bounded) for the process to exit; kills it if it does not.
+    pub(crate) fn terminate(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + STEP;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.0 = None;
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.kill();
+    }
+
     pub(crate) fn pid(&self) -> u32 {
         self.0.as_ref().map(|c| c.id()).unwrap_or(0)
     }
