@@ -385,10 +385,9 @@ impl LocalClient {
             .backlog
             .iter()
             .position(|m| matches!(m, LocalMessage::Event(_)))
+            && let LocalMessage::Event(e) = self.backlog.remove(i)
         {
-            if let LocalMessage::Event(e) = self.backlog.remove(i) {
-                return Some(e);
-            }
+            return Some(e);
         }
         let deadline = Instant::now() + within;
         loop {
