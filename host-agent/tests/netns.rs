@@ -564,3 +564,49 @@ fn openings_of_a_killed_agent_close_at_lease_end_on_both_sides() {
     assert!(!lab.outside_reaches(7400, REFUSED));
     assert!(!lab.host_admits(7400, REFUSED));
 }
+
+#[test]
+fn a_new_gateway_epoch_reopens_the_lease_under_a_new_id() {
+    if !lab::require_root("a_new_gateway_epoch_reopens_the_lease_under_a_new_id") {
+        return;
+    }
+    let mut lab = Lab::new("e2eepoch", &[7600]);
+    let mut app = lab.client();
+    app.watch(None);
+    let g = granted(app.open(Protocol::Tcp, 7600, Some(120), STEP));
+    assert!(lab.outside_reaches(7600, FIRST_SYN));
+    let old_epoch = lab.client().status().epoch.expect("an epoch");
+
+    // The gateway loses its state: stopped, store deleted, started again with a new epoch.
+    lab.gateway.terminate();
+    std::fs::remove_dir_all(lab._dir.path().join("state")).expect("remove the gateway's store");
+    lab.start_gateway();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reopened = loop {
+        match app.event(deadline.saturating_duration_since(Instant::now())) {
+            Some(e) if e.kind == EventKind::Reopened => break e,
+            Some(e) if e.kind.is_terminal() => panic!("the lease ended: {e:?}"),
+            Some(_) => {}
+            None => panic!("no reopened event after the epoch change"),
+        }
+    };
+    assert_eq!(reopened.lease, g.lease);
+    let new_id = reopened.new_lease.expect("the new lease id");
+    assert_ne!(new_id, g.lease);
+    let status = lab.client().status();
+    assert!(status.epoch.is_some_and(|e| e != old_epoch), "{status:?}");
+    assert!(
+        lab.outside_reaches(7600, FIRST_SYN),
+        "not open after the re-open"
+    );
+    assert_eq!(app.list().leases.first().map(|l| l.lease), Some(new_id));
+
+    // The application still releases it by the id it was granted.
+    assert!(matches!(
+        app.release(g.lease),
+        LocalMessage::Wire(Message::Released(_))
+    ));
+    assert!(lab.eventually(STEP, || !lab.gateway_has(7600) && !lab.host_has(7600)));
+    assert!(!lab.outside_reaches(7600, REFUSED));
+}
