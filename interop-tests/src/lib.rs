@@ -974,6 +974,16 @@ always_allowed = []
         self.agents.get_mut(index).and_then(Option::as_mut)
     }
 
+    /// The last `lines` lines of every daemon's log, for failure messages.
+    pub fn log_tails(&self, lines: usize) -> String {
+        let mut out = String::new();
+        let daemons = self.gateway.iter().chain(self.agents.iter().flatten());
+        for daemon in daemons {
+            out += &format!("--- {} ---\n{}\n", daemon.name, daemon.log_tail(lines));
+        }
+        out
+    }
+
     /// A `fwnpctl` command aimed at the lab's gateway.
     pub fn fwnpctl_command(&self) -> Command {
         let mut command = Command::new(&self.bins.fwnpctl);
