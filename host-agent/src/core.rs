@@ -134,8 +134,8 @@ struct Held {
     open_request: Option<(u64, Instant)>,
     /// Every lease id this lease had (re-opens give new ones); the last is the current one.
     ids: Vec<LeaseId>,
-    /// The lease id whose elements the mirror holds for this lease.
-    mirrored: Option<LeaseId>,
+    /// Whether the mirror holds elements for this lease (under its key).
+    mirrored: bool,
     /// This machine replaces another whose lease the gateway forgot.
     reopen_of: Option<LeaseId>,
     /// Release requests of the application (request id, the lease id it named), answered once
@@ -388,21 +388,24 @@ impl Core {
             // gateway holds for this host (openings of an earlier run stay until their leases
             // end; nothing renews them unless an application asks again).
             self.synced_once = true;
-            let holders: Vec<_> = listed
+            let mut holders: Vec<_> = self
                 .leases
                 .iter()
-                .map(|l| {
-                    (
-                        l.lease,
-                        elements_of(&l.grants),
-                        now + Duration::from_secs(u64::from(l.remaining)),
-                    )
-                })
-                .chain(self.leases.values().filter_map(|h| {
+                .filter_map(|(key, h)| {
                     let lease = h.machine.lease()?;
-                    Some((lease.id, elements_of(&lease.grants), lease.expires_at))
-                }))
+                    Some((*key, elements_of(&lease.grants), lease.expires_at))
+                })
                 .collect();
+            for listed in &listed.leases {
+                // A lease of an earlier run: held under a number of its own until it ends.
+                let holder = self.next_key;
+                self.next_key += 1;
+                holders.push((
+                    holder,
+                    elements_of(&listed.grants),
+                    now + Duration::from_secs(u64::from(listed.remaining)),
+                ));
+            }
             let mirror = self.mirror.clone();
             tokio::spawn(async move {
                 if let Err(e) = mirror.reconcile(holders).await {
@@ -457,10 +460,9 @@ impl Core {
             &mut self.rng,
         );
         held.reopen_of = Some(old);
-        if held.mirrored == Some(old) {
-            held.mirrored = None;
+        if std::mem::take(&mut held.mirrored) {
+            self.mirror.drop_lease(key, None);
         }
-        self.mirror.drop_lease(old, None);
     }
 
     fn on_notice(&mut self, notice: Message, now: Instant) {
@@ -488,8 +490,33 @@ impl Core {
         while let Some(event) = held.machine.poll_event() {
             events.push(event);
         }
+        let mut request = match &self.link {
+            LinkState::Up { .. } => held.machine.poll_transmit(now),
+            LinkState::Down => None,
+        };
+        // The gateway merges identical openings of one host into one lease: when two
+        // applications hold it, the one that lets go must not end it for the other.
+        if let Some(Message::Release(release)) = &request
+            && self.shared(key, release.lease)
+        {
+            debug!(lease = %release.lease, "lease still held by another application; not released at the gateway");
+            let answer = Message::Released(Released {
+                common: release.common.clone(),
+                lease: release.lease,
+            });
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.handle_answer(now, &answer, &mut self.rng);
+                request = None;
+            }
+        }
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        while let Some(event) = held.machine.poll_event() {
+            events.push(event);
+        }
         if let LinkState::Up { connection } = &self.link
-            && let Some(request) = held.machine.poll_transmit(now)
+            && let Some(request) = request
         {
             let connection = connection.clone();
             let tx = self.tx.clone();
@@ -524,7 +551,6 @@ impl Core {
         match event {
             LeaseEvent::Granted { lease, replaces } => {
                 let replaces = replaces.or(held.reopen_of.take());
-                let known_as = held.ids.last().copied();
                 if !held.ids.contains(&lease.id) {
                     held.ids.push(lease.id);
                 }
@@ -539,19 +565,16 @@ impl Core {
                         result,
                     });
                 });
+                // Under the same holder, a re-opened lease's elements replace the old ones.
                 self.mirror.hold(
-                    lease.id,
+                    key,
                     elements_of(&lease.grants),
                     lease.expires_at,
                     Some(done),
                 );
-                held.mirrored = Some(lease.id);
+                held.mirrored = true;
                 if let Some(old) = replaces {
-                    if old != lease.id {
-                        self.mirror.drop_lease(old, None);
-                    }
                     let expires_in = lease.expires_at.saturating_duration_since(now);
-                    let _ = known_as;
                     self.emit(
                         key,
                         old,
@@ -568,8 +591,8 @@ impl Core {
             }
             LeaseEvent::Renewed { lease } => {
                 self.mirror
-                    .hold(lease.id, elements_of(&lease.grants), lease.expires_at, None);
-                held.mirrored = Some(lease.id);
+                    .hold(key, elements_of(&lease.grants), lease.expires_at, None);
+                held.mirrored = true;
                 let expires_in = lease.expires_at.saturating_duration_since(now);
                 self.emit(
                     key,
@@ -658,12 +681,13 @@ impl Core {
                 let requests = std::mem::take(&mut held.release_requests);
                 let conn = held.conn;
                 let known = lease.or(held.ids.last().copied());
-                let mirrored = held.mirrored.take();
+                let mirrored = std::mem::take(&mut held.mirrored);
                 let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| (c, requests));
                 match mirrored {
-                    Some(m) => {
+                    true => {
                         let (done, removed) = oneshot::channel();
-                        self.mirror.drop_lease(m, Some(done));
+                        self.mirror.drop_lease(key, Some(done));
+                        let m = known.unwrap_or(LeaseId([0; 16]));
                         let tx = self.tx.clone();
                         tokio::spawn(async move {
                             if let Ok(Err(e)) = removed.await {
@@ -674,7 +698,7 @@ impl Core {
                             }
                         });
                     }
-                    None => {
+                    false => {
                         if let Some((conn, requests)) = answer_to {
                             let _ = self.tx.send(CoreInput::MirrorReleased { conn, requests });
                         }
@@ -686,6 +710,13 @@ impl Core {
             }
             other => debug!(?other, "lease event"),
         }
+    }
+
+    /// Whether a machine other than `key` holds `lease` live.
+    fn shared(&self, key: u64, lease: LeaseId) -> bool {
+        self.leases.iter().any(|(k, h)| {
+            *k != key && !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
+        })
     }
 
     fn epoch_seen(&mut self, epoch: Epoch, from: u64, now: Instant) {
@@ -700,9 +731,9 @@ impl Core {
 
     fn forget_mirror(&mut self, key: u64) {
         if let Some(held) = self.leases.get_mut(&key)
-            && let Some(lease) = held.mirrored.take()
+            && std::mem::take(&mut held.mirrored)
         {
-            self.mirror.drop_lease(lease, None);
+            self.mirror.drop_lease(key, None);
         }
     }
 
@@ -971,7 +1002,7 @@ impl Core {
                 app,
                 open_request: Some((request_id, now + OPEN_WAIT)),
                 ids: Vec::new(),
-                mirrored: None,
+                mirrored: false,
                 reopen_of: None,
                 release_requests: Vec::new(),
                 lifetime,

@@ -4,10 +4,11 @@
 //!
 //! The mirror is one task that takes its orders in sequence, so that an add, a renewal and a
 //! removal of the same lease reach the kernel in the order the agent decided them. Elements are
-//! counted by the leases that hold them: two leases granting the same opening (the same
-//! application asking twice, or an old lease kept until its expiry beside its re-opened
-//! successor) share one element, whose timeout is the latest expiry of its holders, and which
-//! goes only when its last holder goes.
+//! counted by the leases that hold them: two leases granting the same opening share one
+//! element, whose timeout is the latest expiry of its holders, and which
+//! goes only when its last holder goes. Holders are the agent's application leases, not gateway
+//! lease ids: two applications whose identical openings the gateway merged into one lease still
+//! hold their elements separately.
 //!
 //! With mirror mode `off` the task keeps the same books and never touches the kernel.
 
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use fwnp_netfilter::{
     AlwaysAllowed, Batcher, BatcherConfig, Error as NfError, HostLayout, Layout, Netfilter, Opening,
 };
-use fwnp_proto::{Grant, LeaseId};
+use fwnp_proto::Grant;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -45,6 +46,10 @@ pub fn elements_of(grants: &[Grant]) -> Vec<Opening> {
     out
 }
 
+/// Who holds elements in the mirror: the agent's number for one application lease (which keeps
+/// it across re-opens under new lease ids), or for a lease of an earlier run.
+pub type Holder = u64;
+
 /// A failure of the mirror.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -59,17 +64,17 @@ pub enum MirrorError {
 
 enum Order {
     Hold {
-        lease: LeaseId,
+        lease: Holder,
         elements: Vec<Opening>,
         expires_at: Instant,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     },
     Drop {
-        lease: LeaseId,
+        lease: Holder,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     },
     Reconcile {
-        holders: Vec<(LeaseId, Vec<Opening>, Instant)>,
+        holders: Vec<(Holder, Vec<Opening>, Instant)>,
         done: oneshot::Sender<Result<(), MirrorError>>,
     },
     Count(oneshot::Sender<usize>),
@@ -152,7 +157,7 @@ impl Mirror {
     /// hears whether the kernel took it.
     pub fn hold(
         &self,
-        lease: LeaseId,
+        lease: Holder,
         elements: Vec<Opening>,
         expires_at: Instant,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
@@ -172,7 +177,7 @@ impl Mirror {
     /// Lets go of everything `lease` holds; elements no other lease holds are removed.
     pub fn drop_lease(
         &self,
-        lease: LeaseId,
+        lease: Holder,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     ) {
         if let Err(mpsc::error::SendError(Order::Drop { done: Some(d), .. })) =
@@ -185,7 +190,7 @@ impl Mirror {
     /// Makes `holders` the whole mirror, in the books and in the kernel.
     pub async fn reconcile(
         &self,
-        holders: Vec<(LeaseId, Vec<Opening>, Instant)>,
+        holders: Vec<(Holder, Vec<Opening>, Instant)>,
     ) -> Result<(), MirrorError> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -216,8 +221,8 @@ impl Mirror {
 /// The books: which leases hold which elements until when.
 #[derive(Default)]
 struct Books {
-    leases: HashMap<LeaseId, (Vec<Opening>, Instant)>,
-    holders: HashMap<Opening, BTreeSet<LeaseId>>,
+    leases: HashMap<Holder, (Vec<Opening>, Instant)>,
+    holders: HashMap<Opening, BTreeSet<Holder>>,
 }
 
 impl Books {
@@ -317,7 +322,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Order>, batcher: Option<Batcher>) {
 async fn hold(
     books: &mut Books,
     batcher: Option<&Batcher>,
-    lease: LeaseId,
+    lease: Holder,
     elements: Vec<Opening>,
     expires_at: Instant,
 ) -> Result<(), MirrorError> {
@@ -368,7 +373,7 @@ async fn hold(
 async fn release(
     books: &mut Books,
     batcher: Option<&Batcher>,
-    lease: LeaseId,
+    lease: Holder,
 ) -> Result<(), MirrorError> {
     let Some((elements, _)) = books.leases.remove(&lease) else {
         return Ok(());
@@ -390,7 +395,7 @@ async fn release(
 async fn unhold(
     books: &mut Books,
     batcher: Option<&Batcher>,
-    lease: LeaseId,
+    lease: Holder,
     element: &Opening,
 ) -> Result<(), NfError> {
     let Some(holders) = books.holders.get_mut(element) else {

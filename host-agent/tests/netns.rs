@@ -463,9 +463,28 @@ fn a_port_owned_by_another_process_is_refused_naming_it() {
     assert!(!lab.outside_reaches(7200, REFUSED));
     // The owner itself may.
     let mut app = lab.client();
-    granted(app.open(Protocol::Tcp, 7200, Some(60), STEP));
+    let first = granted(app.open(Protocol::Tcp, 7200, Some(60), STEP));
     assert!(lab.outside_reaches(7200, FIRST_SYN));
     assert_eq!(lab.echo.len(), 1);
+
+    // A second connection of the same application asks for the same opening: the gateway
+    // merges it into the same lease. One letting go does not close it for the other.
+    let mut second = lab.client();
+    let again = granted(second.open(Protocol::Tcp, 7200, Some(60), STEP));
+    assert_eq!(again.lease, first.lease);
+    drop(app);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lab.outside_reaches(7200, FIRST_SYN),
+        "closed for the application still holding it"
+    );
+    assert!(lab.gateway_has(7200) && lab.host_has(7200));
+    assert!(matches!(
+        second.release(again.lease),
+        LocalMessage::Wire(Message::Released(_))
+    ));
+    assert!(lab.eventually(STEP, || !lab.gateway_has(7200) && !lab.host_has(7200)));
+    assert!(!lab.outside_reaches(7200, REFUSED));
 }
 
 #[test]
