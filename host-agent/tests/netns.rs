@@ -69,7 +69,9 @@ fn build_gateway() -> PathBuf {
     let mut build = Command::new(env!("CARGO"));
     build
         .current_dir(workspace)
-        .args(["build", "-p", "fwnp-gateway", "--bin", "fwnp-gateway"])
+        // The same build as `cargo test --workspace` (features unify the same way), so that
+        // under it this finds everything fresh instead of rebuilding with other features.
+        .args(["test", "--workspace", "--no-run"])
         .env("CARGO_TARGET_DIR", target_dir);
     if profile_dir.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
