@@ -342,8 +342,8 @@ impl GatewayConfig {
     }
 }
 
-/// Line and column (both from 1) of a byte offset.
-pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+/// Line and column (both from 1) of a byte offset, for errors that point into a file.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text.as_bytes()[..offset.min(text.len())];
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
     let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
@@ -351,13 +351,13 @@ pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// A duration such as `30s`, `10m`, `1h 30m` or `90d`.
-pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
 }
 
 /// A prefix such as `10.1.0.0/16` or `2001:db8::/32`; a bare address is a host prefix. Host
 /// bits set beyond the length are refused, as the protocol refuses them.
-pub(crate) fn parse_prefix(text: &str) -> Result<Prefix, String> {
+pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
     let net: ipnet::IpNet = match text.parse() {
         Ok(net) => net,
         Err(_) => match text.parse::<std::net::IpAddr>() {

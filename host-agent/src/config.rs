@@ -4,40 +4,18 @@
 //! Parsing refuses unknown keys and every value it cannot use, naming the line, the column and
 //! the reason, so that a typo never silently turns into a default.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fwnp_netfilter::{AlwaysAllowed, HostMode};
-use fwnp_proto::{PortRange, Prefix, Protocol};
+use fwnp_proto::{PortRange, Protocol};
 use serde::Deserialize;
 use toml::Spanned;
 
-/// A configuration file that cannot be used, with where and why.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, a key is unknown, or a value cannot be used.
-    #[error("{origin}:{line}:{column}: {reason}")]
-    Invalid {
-        /// The file, as named to the parser.
-        origin: String,
-        /// Line, from 1.
-        line: usize,
-        /// Column, from 1.
-        column: usize,
-        /// What is wrong.
-        reason: String,
-    },
-}
+/// A configuration file that cannot be used, with where and why (the gateway's own type: both
+/// daemons report their files the same way).
+pub use fwnp_gateway::config::ConfigError;
+use fwnp_gateway::config::{line_column, parse_duration, parse_prefix};
 
 /// What the host mirrors into its own nftables table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -376,41 +354,6 @@ impl AgentConfig {
             state_dir: raw.state_dir,
         })
     }
-}
-
-/// Line and column (both from 1) of a byte offset.
-fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.as_bytes().get(..offset.min(text.len())).unwrap_or(&[]);
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-    (line, column)
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
-}
-
-/// A prefix such as `10.1.0.0/16`; a bare address is a host prefix; host bits set beyond the
-/// length are refused, as the protocol refuses them.
-fn parse_prefix(text: &str) -> Result<Prefix, String> {
-    let net: ipnet::IpNet = match text.parse() {
-        Ok(net) => net,
-        Err(_) => match text.parse::<IpAddr>() {
-            Ok(addr) => ipnet::IpNet::from(addr),
-            Err(_) => return Err(format!("{text:?} is not an address prefix")),
-        },
-    };
-    if net.trunc() != net {
-        return Err(format!(
-            "{text:?} has host bits set beyond /{}; did you mean {}?",
-            net.prefix_len(),
-            net.trunc()
-        ));
-    }
-    Ok(Prefix {
-        addr: net.addr(),
-        len: net.prefix_len(),
-    })
 }
 
 fn parse_protocol(text: &str) -> Result<Protocol, String> {
