@@ -71,6 +71,19 @@ struct Args {
     /// Keep the working directory (certificates, configs, store, gateway log).
     #[arg(long)]
     keep: bool,
+    /// Run the gateway on these CPUs only (`taskset -c` syntax, e.g. `0` or `0,1`), so that
+    /// it and this generator do not compete for the same cores.
+    #[arg(long)]
+    gateway_cpus: Option<String>,
+    /// Run this generator on these CPUs only (same syntax).
+    #[arg(long)]
+    cpus: Option<String>,
+    /// Worker threads of the gateway's runtime (default: one per core).
+    #[arg(long)]
+    gateway_threads: Option<usize>,
+    /// Worker threads of this generator's runtime (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +127,10 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    fn cpu_seconds(&self) -> Option<f64> {
+        cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
     fn rss_kib(&self) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status
@@ -270,9 +287,67 @@ async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mu
     }
 }
 
+/// User plus system CPU time of a process, from its `/proc/PID/stat`.
+fn cpu_seconds_of(stat_path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    // The command name may hold spaces: fields are counted after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().filter(|t| *t > 0)?;
+    Some((utime + stime) as f64 / ticks as f64)
+}
+
+/// Parses a CPU list such as `0`, `0,1` or `0-3` into CPU numbers.
+fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
+    let mut cpus = Vec::new();
+    for part in text.split(',') {
+        let bad = || format!("CPU list {text:?}: numbers and ranges such as 0,2-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                if b < a {
+                    return Err(bad());
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.trim().parse().map_err(|_| bad())?),
+        }
+    }
+    Ok(cpus)
+}
+
+/// Pins this process (all threads created after the call) to `cpus`.
+fn pin_self(cpus: &[usize]) -> Result<(), String> {
+    let mut set = nix::sched::CpuSet::new();
+    for &cpu in cpus {
+        set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| format!("pinning to {cpus:?}: {e}"))
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    if let Some(cpus) = &args.cpus {
+        // Before the runtime exists, so that every worker thread inherits the mask.
+        if let Err(e) = parse_cpus(cpus).and_then(|c| pin_self(&c)) {
+            eprintln!("fwnp-load: --cpus: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    if let Some(cpus) = &args.gateway_cpus {
+        if let Err(e) = parse_cpus(cpus) {
+            eprintln!("fwnp-load: --gateway-cpus: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = args.threads {
+        builder.worker_threads(threads.max(1));
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fwnp-load: {e}");
@@ -322,11 +397,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut command = match &namespace {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0]).arg(&gateway_bin);
+            c.args(["netns", "exec", &ns.0]);
             c
         }
-        None => Command::new(&gateway_bin),
+        None => Command::new("env"),
     };
+    // `ip netns exec`, `env` and `taskset` all exec what follows, so the child's pid is the
+    // gateway's own (for its RSS and CPU time).
+    if let Some(cpus) = &args.gateway_cpus {
+        command.args(["taskset", "-c", cpus]);
+    }
+    command.arg(&gateway_bin);
+    if let Some(threads) = args.gateway_threads {
+        command.env("TOKIO_WORKER_THREADS", threads.max(1).to_string());
+    }
     command
         .arg("--config")
         .arg(dir.join("gateway.toml"))
@@ -432,6 +516,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let prefill_secs = prefill_started.elapsed().as_secs_f64();
     let rss_after_prefill = gateway.rss_kib();
+    let gateway_cpu_before = gateway.cpu_seconds();
+    let load_cpu_before = cpu_seconds_of("/proc/self/stat");
 
     // Measurement.
     let counters = Arc::new(Counters::default());
@@ -493,6 +579,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let rss_end = gateway.rss_kib();
+    // Cores used while measuring: how much of the machine each side took.
+    let cores = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
+    let gateway_cores = cores(gateway.cpu_seconds(), gateway_cpu_before);
+    let load_cores = cores(cpu_seconds_of("/proc/self/stat"), load_cpu_before);
     let h = histogram.lock().map_err(|_| "histogram lock")?.clone();
     let answered = counters.granted.load(Ordering::Relaxed)
         + counters.renewed.load(Ordering::Relaxed)
@@ -515,7 +605,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "denied": counters.denied.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
         "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
-        "prefill": { "leases": args.prefill, "seconds": prefill_secs },
+        "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
+        "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
+        "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
+        "threads": { "gateway": args.gateway_threads, "generator": args.threads },
+        "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
     });
     if args.json {
