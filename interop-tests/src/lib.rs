@@ -207,6 +207,27 @@ impl Binaries {
                 command.args(["--profile", other]);
             }
         }
+        // What cargo set for the running test (the package's name, manifest, output
+        // directories) must not reach the inner build: build scripts that watch such variables
+        // would rebuild their crates every time.
+        for (key, _) in std::env::vars_os() {
+            let Some(key) = key.to_str() else { continue };
+            let from_outer_cargo = key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_")
+                || key.starts_with("CARGO_CFG_")
+                || matches!(
+                    key,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                        | "CARGO_TARGET_TMPDIR"
+                        | "OUT_DIR"
+                );
+            if from_outer_cargo {
+                command.env_remove(key);
+            }
+        }
         let shown = format!("{command:?}");
         let status = command
             .stdin(Stdio::null())
