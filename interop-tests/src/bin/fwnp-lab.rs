@@ -368,8 +368,10 @@ async fn story(bins: Binaries) -> Result<usize, Failure> {
     ));
     for grant in lease.grants() {
         story.saw(format!(
-            "  grant: {:?} {} on {}",
-            grant.protocol, grant.ports, grant.host
+            "  grant: {}/{} on {}",
+            format!("{:?}", grant.protocol).to_lowercase(),
+            grant.ports,
+            grant.host
         ));
     }
     story.saw(format!(
