@@ -1257,3 +1257,39 @@ impl LongConnection {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GATEWAY_TABLE: &str = "table inet fwnp {\n\tset v4 {\n\t\telements = { 198.51.100.11 . tcp . 8080 timeout 1m expires 59s, 198.51.100.12 . 6 . 443 timeout 30s }\n\t}\n\tset v6 {\n\t\telements = { fd00:2::b . tcp . 8002 timeout 30s }\n\t}\n}\n";
+
+    #[test]
+    fn table_has_finds_exactly_the_element_asked() {
+        let v4: IpAddr = "198.51.100.11".parse().expect("address");
+        let other: IpAddr = "198.51.100.12".parse().expect("address");
+        let v6: IpAddr = "fd00:2::b".parse().expect("address");
+        assert!(table_has(GATEWAY_TABLE, Some(v4), "tcp", 8080));
+        assert!(
+            table_has(GATEWAY_TABLE, Some(other), "tcp", 443),
+            "numeric protocol"
+        );
+        assert!(table_has(GATEWAY_TABLE, Some(v6), "tcp", 8002));
+        assert!(
+            !table_has(GATEWAY_TABLE, Some(v4), "tcp", 808),
+            "a prefix of the port"
+        );
+        assert!(
+            !table_has(GATEWAY_TABLE, Some(v4), "udp", 8080),
+            "another protocol"
+        );
+        assert!(
+            !table_has(GATEWAY_TABLE, Some(other), "tcp", 8080),
+            "another host"
+        );
+        // Without an address (the host's own table), any element with that protocol and port.
+        assert!(table_has(GATEWAY_TABLE, None, "tcp", 8002));
+        assert!(!table_has(GATEWAY_TABLE, None, "tcp", 800));
+        assert!(!table_has("", None, "tcp", 8080));
+    }
+}
