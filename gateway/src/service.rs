@@ -130,6 +130,17 @@ pub fn elements_of(grant: &Grant) -> Vec<Element> {
     }
 }
 
+/// Whether a Granted carrying `grants` certainly fits in MAX_MESSAGE_SIZE, judged without
+/// encoding it: a Granted's fixed part is under 100 bytes; a grant's own fields (protocol, two
+/// ports, a 16-byte address, keys and map overhead) under 64 bytes plus its application name;
+/// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
+fn certainly_fits(grants: &[Grant]) -> bool {
+    let bound = grants.iter().fold(100usize, |sum, g| {
+        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len)).saturating_add(24usize.saturating_mul(g.remotes.len()))
+    });
+    bound < MAX_MESSAGE_SIZE
+}
+
 fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
     grants.iter().flat_map(elements_of).collect()
 }
@@ -513,7 +524,8 @@ impl Service {
         open: &Open,
         started: Instant,
     ) -> Message {
-        let request = Message::Open(open.clone());
+        // Built only when refused: the audit record of a refusal describes the request.
+        let request = || Message::Open(open.clone());
         let now = now_ms();
         let addresses = allowed_addresses(peer, session.remote.ip());
         // Resolve as if third-party were allowed; policy then decides whether this host may
@@ -521,7 +533,7 @@ impl Service {
         let host_address = match resolve_host_address(&open.opening, &addresses, true) {
             Ok(address) => address,
             Err(refusal) => {
-                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
             }
         };
         let policy = self.policy();
@@ -536,12 +548,13 @@ impl Service {
         let allowance = match &decision.verdict {
             Verdict::Allowed(allowance) => allowance,
             Verdict::Denied(code) => {
-                return self.refuse(session, &request, *code, decision.reason.clone(), rule);
+                return self.refuse(session, &request(), *code, decision.reason.clone(), rule);
             }
         };
         // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
-        // grants can make before taking a lease for them.
-        let largest = codec::encode(&Message::Granted(fwnp_proto::Granted {
+        // grants can make before taking a lease for them. Few grants with few prefixes cannot
+        // come near the limit, so the common case skips the encoding.
+        let largest = if certainly_fits(&allowance.grants) { 0 } else { codec::encode(&Message::Granted(fwnp_proto::Granted {
             common: Common { request_id: open.common.request_id, critical: Vec::new() },
             lease: LeaseId([0xff; 16]),
             grants: allowance.grants.clone(),
@@ -551,12 +564,12 @@ impl Service {
             epoch: Epoch::MAX,
             narrowed: true,
         }))
-        .len();
+        .len() };
         if largest > MAX_MESSAGE_SIZE {
             let reason = format!(
                 "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
             );
-            return self.refuse(session, &request, ResultCode::DeniedByPolicy, reason, rule);
+            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, reason, rule);
         }
         let facts = PolicyFacts {
             grants: allowance.grants.clone(),
@@ -576,7 +589,7 @@ impl Service {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(refusal) => {
-                return self.refuse(session, &request, refusal.code(), refusal.to_string(), rule);
+                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), rule);
             }
         };
         let grant = outcome.grant().clone();
@@ -627,7 +640,7 @@ impl Service {
             OpenOutcome::Extended { .. } => format!("{} (extends the live lease)", decision.reason),
         });
         if let Err(e) = kernel {
-            return self.give_back(session, &request, &outcome, &elements, format!("kernel: {e}")).await;
+            return self.give_back(session, &request(), &outcome, &elements, format!("kernel: {e}")).await;
         }
         // Two records: the policy decision on the request (what `fwnpctl report` counts), and
         // the grant itself, committed with the lease.
@@ -646,7 +659,7 @@ impl Service {
             .commit(vec![store_op, WriteOp::audit(decided), WriteOp::audit(event)])
             .await
         {
-            return self.give_back(session, &request, &outcome, &elements, format!("store: {e}")).await;
+            return self.give_back(session, &request(), &outcome, &elements, format!("store: {e}")).await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
             self.metrics.live_leases.inc();
@@ -694,18 +707,41 @@ impl Service {
         elements: impl Iterator<Item = (Element, Option<Duration>)>,
     ) -> Result<(), fwnp_netfilter::Error> {
         let Some(filter) = &self.filter else { return Ok(()) };
-        let mut added = Vec::new();
+        let elements: Vec<(Element, Duration)> =
+            elements.map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1)))).collect();
+        if let [(element, timeout)] = &elements[..] {
+            // The common case, one element: no task to spawn.
+            return match filter.add(element.clone(), *timeout).await {
+                Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => Ok(()),
+                Err(e) => Err(e),
+            };
+        }
+        // All elements are queued at once, so that they share one kernel transaction instead
+        // of waiting for a round trip each.
+        let mut pending = tokio::task::JoinSet::new();
         for (element, timeout) in elements {
-            let timeout = timeout.unwrap_or(Duration::from_secs(1));
-            match filter.add(element.clone(), timeout).await {
-                Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => added.push(element),
-                Err(e) => {
-                    for element in added {
-                        let _ = filter.remove(element).await;
-                    }
-                    return Err(e);
-                }
+            let filter = filter.clone();
+            pending.spawn(async move {
+                let result = filter.add(element.clone(), timeout).await;
+                (element, result)
+            });
+        }
+        let mut added = Vec::new();
+        let mut failure = None;
+        while let Some(joined) = pending.join_next().await {
+            match joined {
+                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => added.push(element),
+                Ok((_, Err(e))) => failure = Some(e),
+                // A task that did not finish (the runtime is shutting down) is a batcher that
+                // will never answer.
+                Err(_) => failure = Some(fwnp_netfilter::Error::BatcherStopped),
             }
+        }
+        if let Some(e) = failure {
+            for element in added {
+                let _ = filter.remove(element).await;
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -741,14 +777,15 @@ impl Service {
     }
 
     async fn renew(&self, session: &Session, peer: &PeerIdentity, renew: &Renew) -> Message {
-        let request = Message::Renew(renew.clone());
+        // Built only when refused: the audit record of a refusal describes the request.
+        let request = || Message::Renew(renew.clone());
         let now = now_ms();
         let bounds = {
             let book = lock(&self.book);
             book.owned(&peer.identity, &renew.lease).map(|lease| lease.grants.clone())
         };
         let Some(grants) = bounds else {
-            return self.refuse(session, &request, ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+            return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
         };
         // The current policy bounds the renewed lifetime: a policy that shortened the maximum
         // applies at the next renewal.
@@ -757,7 +794,7 @@ impl Service {
         if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
             // The policy changed under a live lease: end it now rather than at expiry.
             self.revoke(&renew.lease, RevokeReason::PolicyChanged, "gateway", Some(e.to_string())).await;
-            return self.refuse(session, &request, ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
+            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
         }
         let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
         let renewed = lock(&self.book).renew(
@@ -770,14 +807,14 @@ impl Service {
         let renewed = match renewed {
             Ok(renewed) => renewed,
             Err(refusal) => {
-                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
             }
         };
         let lease = &renewed.grant.lease;
         let left = remaining(lease.expires_ms, now);
         if let Err(e) = self.refresh(&elements_of_all(&lease.grants), left).await {
             warn!(lease = %lease.id, "renewal not programmed: {e}");
-            let mut answer = self.refuse(session, &request, ResultCode::NoResources, format!("kernel: {e}"), None);
+            let mut answer = self.refuse(session, &request(), ResultCode::NoResources, format!("kernel: {e}"), None);
             if let Message::Denied(d) = &mut answer {
                 d.retry_after = Some(1);
             }
@@ -800,7 +837,7 @@ impl Service {
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
-            return self.refuse(session, &request, ResultCode::NoResources, format!("store: {e}"), None);
+            return self.refuse(session, &request(), ResultCode::NoResources, format!("store: {e}"), None);
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
@@ -809,12 +846,13 @@ impl Service {
     }
 
     async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
-        let request = Message::Release(release.clone());
+        // Built only when refused: the audit record of a refusal describes the request.
+        let request = || Message::Release(release.clone());
         let now = now_ms();
         let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
             Ok(lease) => lease,
             Err(refusal) => {
-                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
+                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
             }
         };
         self.metrics.live_leases.dec();
