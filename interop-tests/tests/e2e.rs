@@ -448,13 +448,15 @@ async fn agent_sigkill_closes_openings_at_lease_end() {
 
     let killed = Instant::now();
     lab.kill_agent(0);
+    // The kernels keep the opening until the lease's end: a dead agent closes nothing early.
+    let v4 = lab.site.hosts[0].v4;
+    assert!(lab.gateway_has(v4, "tcp", 8001) && lab.host_has(0, "tcp", 8001));
     match next_non_renewal(&mut lease, SETTLE).await {
         Some(LeaseEvent::Disconnected) | None => {}
         Some(other) => panic!("expected the SDK to see the agent go, got {other}"),
     }
     // Nobody renews: the opening closes at the lease's end on both sides (the gateway's timer
-    // and the kernel's element timeouts), not before.
-    let v4 = lab.site.hosts[0].v4;
+    // and the kernel's element timeouts).
     assert!(
         eventually(Duration::from_secs(8), || !lab.gateway_has(v4, "tcp", 8001)
             && !lab.host_has(0, "tcp", 8001)),
