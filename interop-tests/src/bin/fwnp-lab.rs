@@ -609,7 +609,7 @@ async fn story(bins: Binaries) -> Result<usize, Failure> {
         .lines()
         .chain(String::from_utf8_lossy(&output.stderr).lines())
     {
-        story.saw(format!("  fwnp: {line}"));
+        story.saw(format!("  {line}"));
     }
     if !output.status.success() {
         return Err(story.fail(
