@@ -138,10 +138,58 @@ struct Inner {
     readers: Mutex<Vec<Connection>>,
     writer: StoreWriter,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The checkpoint thread: dropping the sender stops it.
+    checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
+}
+
+/// How often the checkpoint thread copies the WAL into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Runs WAL checkpoints on a connection of its own, so that the writer never does: a
+/// checkpoint syncs the WAL and the database file (several milliseconds each on a disk), and
+/// every grant waiting for the writer's commit would wait for it too. A passive checkpoint
+/// runs beside the writer's transactions without blocking them.
+fn spawn_checkpointer(
+    path: &Path,
+    options: &StoreOptions,
+) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(StoreError::sqlite("open checkpoint connection"))?;
+    conn.busy_timeout(options.busy_timeout)
+        .map_err(StoreError::sqlite("set busy timeout"))?;
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let handle = std::thread::Builder::new()
+        .name("fwnp-store-checkpoint".into())
+        .spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(CHECKPOINT_INTERVAL)
+            {
+                // A busy or failed checkpoint is tried again at the next interval; the WAL
+                // only grows meanwhile.
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            }
+        })
+        .map_err(|source| StoreError::Io {
+            op: "start checkpoint thread",
+            path: "fwnp-store-checkpoint".into(),
+            source,
+        })?;
+    Ok((stop, handle))
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        let checkpointer = match self.checkpointer.get_mut() {
+            Ok(slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some((stop, handle)) = checkpointer {
+            drop(stop);
+            let _ = handle.join();
+        }
         self.writer.close();
         let handle = match self.thread.get_mut() {
             Ok(slot) => slot.take(),
@@ -187,6 +235,13 @@ impl Store {
         let last_audit_id: i64 = conn
             .query_row("SELECT coalesce(max(id), 0) FROM audit", [], |r| r.get(0))
             .map_err(StoreError::sqlite("read newest audit id"))?;
+        // With a checkpoint thread, the writer's commits no longer checkpoint; without one
+        // (it could not start), they still do, as SQLite does by default.
+        let checkpointer = spawn_checkpointer(&path, &options).ok();
+        if checkpointer.is_some() {
+            conn.pragma_update(None, "wal_autocheckpoint", 0)
+                .map_err(StoreError::sqlite("turn off automatic checkpoints"))?;
+        }
         let (writer, thread) = writer::spawn(
             conn,
             options.max_batch_ops,
@@ -203,6 +258,7 @@ impl Store {
                 readers: Mutex::new(Vec::new()),
                 writer,
                 thread: Mutex::new(Some(thread)),
+                checkpointer: Mutex::new(checkpointer),
             }),
         })
     }
