@@ -69,12 +69,31 @@ fn build_gateway() -> PathBuf {
     let mut build = Command::new(env!("CARGO"));
     build
         .current_dir(workspace)
-        // The same build as `cargo test --workspace` (features unify the same way), so that
-        // under it this finds everything fresh instead of rebuilding with other features.
-        .args(["test", "--workspace", "--no-run"])
+        // The same build the lab and the end-to-end suite run, so their artifacts are shared.
+        .args(["build", "--bins", "-p", "fwnp-gateway", "-p", "fwnp-agent", "-p", "fwnp-sdk"])
         .env("CARGO_TARGET_DIR", target_dir);
     if profile_dir.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
+    }
+    // What cargo set for this test (package name, manifest, output directories) must not reach
+    // the inner build, or crates whose build scripts watch such variables rebuild every time.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || key.starts_with("CARGO_CFG_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+            )
+        {
+            build.env_remove(key);
+        }
     }
     let status = build.status().expect("run cargo build for fwnp-gateway");
     assert!(status.success(), "building fwnp-gateway failed");
