@@ -307,8 +307,28 @@ impl Netfilter {
         let start = b.begin_nft(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_INET);
         b.put_str(NFTA_TABLE_NAME, table);
         b.end_msg(start);
-        self.socket.send(b.as_bytes())?;
         let mut found = false;
+        let exists = self.query(&b, seq, Op::CreateTable, table, "a table query", |m| {
+            if m.msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
+                found = true;
+            }
+        })?;
+        Ok(exists && found)
+    }
+
+    /// Sends one request (not a dump) and hands every reply of its sequence number to
+    /// `on_reply` until the kernel's acknowledgement: `Ok(true)` when it succeeded,
+    /// `Ok(false)` when the object asked for does not exist (ENOENT).
+    fn query(
+        &mut self,
+        request: &Builder,
+        seq: u32,
+        op: Op,
+        table: &str,
+        what: &str,
+        mut on_reply: impl FnMut(&Message<'_>),
+    ) -> Result<bool, Error> {
+        self.socket.send(request.as_bytes())?;
         for _ in 0..16 {
             let n = self.socket.recv(&mut self.recv_buf, false)?;
             for m in messages(&self.recv_buf[..n]) {
@@ -317,17 +337,15 @@ impl Netfilter {
                 }
                 if let Some(ack) = parse_ack(&m) {
                     return match ack.errno {
-                        0 => Ok(found),
+                        0 => Ok(true),
                         libc::ENOENT => Ok(false),
-                        _ => Err(from_ack(Op::CreateTable, &ack, table, None, None)),
+                        _ => Err(from_ack(op, &ack, table, None, None)),
                     };
                 }
-                if m.msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWTABLE {
-                    found = true;
-                }
+                on_reply(&m);
             }
         }
-        Err(Error::UnexpectedReply("no answer to a table query".into()))
+        Err(Error::UnexpectedReply(format!("no answer to {what}")))
     }
 
     /// Replaces our table atomically: one transaction deletes it if present and creates the
@@ -994,32 +1012,18 @@ impl Netfilter {
         b.nest_end(elem);
         b.nest_end(nest);
         b.end_msg(msg);
-        self.socket.send(b.as_bytes())?;
         let mut found = None;
-        for _ in 0..16 {
-            let n = self.socket.recv(&mut self.recv_buf, false)?;
-            for m in messages(&self.recv_buf[..n]) {
-                if m.seq != seq {
-                    continue;
-                }
-                if let Some(ack) = parse_ack(&m) {
-                    return match ack.errno {
-                        0 => Ok(found),
-                        libc::ENOENT => Ok(None),
-                        _ => Err(from_ack(Op::AddElement, &ack, table, None, None)),
-                    };
-                }
-                let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else { continue };
-                for (_, elem) in Attrs::new(list) {
-                    let attrs = Attrs::new(elem);
-                    found = Some(FoundElement {
-                        key_end: attrs.clone().find(NFTA_SET_ELEM_KEY_END).and_then(data_value).map(<[u8]>::to_vec),
-                        remaining: attrs.find(NFTA_SET_ELEM_EXPIRATION).and_then(be_u64).map(Duration::from_millis),
-                    });
-                }
+        let exists = self.query(&b, seq, Op::AddElement, table, "an element query", |m| {
+            let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else { return };
+            for (_, elem) in Attrs::new(list) {
+                let attrs = Attrs::new(elem);
+                found = Some(FoundElement {
+                    key_end: attrs.clone().find(NFTA_SET_ELEM_KEY_END).and_then(data_value).map(<[u8]>::to_vec),
+                    remaining: attrs.find(NFTA_SET_ELEM_EXPIRATION).and_then(be_u64).map(Duration::from_millis),
+                });
             }
-        }
-        Err(Error::UnexpectedReply("no answer to an element query".into()))
+        })?;
+        Ok(if exists { found } else { None })
     }
 
     fn elements_of(&mut self, table: &str, set: SetId) -> Result<Vec<(Opening, Duration)>, Error> {
