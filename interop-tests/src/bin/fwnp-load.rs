@@ -522,6 +522,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Measurement.
     let counters = Arc::new(Counters::default());
     let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let lateness = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let started = Instant::now();
     let end = started + args.duration;
     let mut tasks = Vec::new();
@@ -549,29 +550,46 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         Some(rate) => {
             // Open loop: requests leave on schedule whatever the answers do, and latency counts
-            // from the scheduled time, so a slow gateway cannot hide its queueing.
+            // from the scheduled time, so a slow gateway cannot hide its queueing. The schedule
+            // is kept by a thread of its own sleeping to the microsecond: the runtime's timers
+            // tick in whole milliseconds and would add up to one to every request's latency.
+            // How late each request still started is measured and reported on its own.
             let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let mut n: u64 = 0;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-            loop {
-                let scheduled = started + interval.mul_f64(n as f64);
-                if scheduled >= end {
-                    break;
-                }
-                tokio::time::sleep_until(scheduled.into()).await;
-                let host = hosts[(n as usize) % hosts.len()].clone();
-                let counters = counters.clone();
-                let histogram = histogram.clone();
-                let lifetime = args.lifetime;
-                let seed = rng.random();
-                tasks.push(tokio::spawn(async move {
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                    if one(&host, mix, lifetime, &counters, &mut rng).await {
-                        let _ = histogram.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+            let runtime = tokio::runtime::Handle::current();
+            let hosts = hosts.clone();
+            let counters = counters.clone();
+            let histogram = histogram.clone();
+            let lateness = lateness.clone();
+            let lifetime = args.lifetime;
+            let dispatcher = std::thread::Builder::new().name("fwnp-load-schedule".into()).spawn(move || {
+                let mut tasks = Vec::new();
+                let mut n: u64 = 0;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+                loop {
+                    let scheduled = started + interval.mul_f64(n as f64);
+                    if scheduled >= end {
+                        break;
                     }
-                }));
-                n += 1;
-            }
+                    std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
+                    let host = hosts[(n as usize) % hosts.len()].clone();
+                    let counters = counters.clone();
+                    let histogram = histogram.clone();
+                    let lateness = lateness.clone();
+                    let seed = rng.random();
+                    tasks.push(runtime.spawn(async move {
+                        let _ = lateness.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                        if one(&host, mix, lifetime, &counters, &mut rng).await {
+                            let _ = histogram.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                        }
+                    }));
+                    n += 1;
+                }
+                tasks
+            })?;
+            tasks = tokio::task::spawn_blocking(move || dispatcher.join())
+                .await?
+                .map_err(|_| "the schedule thread panicked")?;
         }
     }
     for t in tasks {
@@ -605,6 +623,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "denied": counters.denied.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
         "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
+        // Open loop only: how long after its scheduled time each request started, which the
+        // latency includes; the generator's share, not the gateway's.
+        "schedule_lateness_ms": args.rate.map(|_| {
+            let l = lateness.lock().map(|l| l.clone()).unwrap_or_else(|e| e.into_inner().clone());
+            json!({ "p50": l.value_at_quantile(0.5) as f64 / 1000.0, "p99": l.value_at_quantile(0.99) as f64 / 1000.0, "max": l.max() as f64 / 1000.0 })
+        }),
         "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
         "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
