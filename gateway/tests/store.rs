@@ -93,6 +93,7 @@ fn new_lease(
     }
 }
 
+/// The event an Open's answer leaves: a grant, or a decision that refused it.
 fn decision(
     time_ms: u64,
     identity: &str,
@@ -101,7 +102,8 @@ fn decision(
     app_name: &str,
     outcome: Outcome,
 ) -> AuditEvent {
-    let mut e = AuditEvent::new(time_ms, AuditKind::Decision);
+    let kind = if outcome == Outcome::Granted { AuditKind::Grant } else { AuditKind::Decision };
+    let mut e = AuditEvent::new(time_ms, kind);
     e.outcome = Some(outcome);
     e.identity = Some(identity.into());
     e.peer = Some(peer());
@@ -732,6 +734,13 @@ fn audit_filters_time_ranges_and_round_trip() {
     assert_eq!(
         count(AuditQuery {
             kinds: vec![AuditKind::Decision],
+            ..AuditQuery::default()
+        }),
+        3
+    );
+    assert_eq!(
+        count(AuditQuery {
+            kinds: vec![AuditKind::Decision, AuditKind::Grant],
             ..AuditQuery::default()
         }),
         6
@@ -1531,17 +1540,12 @@ fn write_rate() {
                     );
                     lease.id.0[4..8].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
                     let lease_id = lease.id;
-                    let mut decided =
+                    // One event per grant, committed with the lease, as the gateway writes.
+                    let mut granted =
                         decision(1_000, &host, Protocol::Tcp, port, "svc", Outcome::Granted);
-                    decided.lease = Some(lease_id);
-                    let mut granted = AuditEvent::new(1_000, AuditKind::Grant);
-                    granted.outcome = Some(Outcome::Granted);
-                    granted.identity = Some(host);
                     granted.lease = Some(lease_id);
                     granted.grants = lease.grants.clone();
                     granted.granted_lifetime = Some(600);
-                    // The request row need not hold up the answer; the lease and grant must.
-                    w.record(vec![WriteOp::audit(decided)]).unwrap();
                     w.commit(vec![WriteOp::InsertLease(lease), WriteOp::audit(granted)])
                         .await
                         .unwrap();
@@ -1558,7 +1562,7 @@ fn write_rate() {
     let stats = store.writer().stats();
     let rate = f64::from(GRANTS) / elapsed.as_secs_f64();
     eprintln!(
-        "{GRANTS} grants (1 lease + 2 audit rows each) in {:.2} s: {rate:.0} grants/s, {} transactions, largest batch {} jobs, writer busy {:.2} s, writer thread CPU {:.2} s ({:.0} grants per CPU-second)",
+        "{GRANTS} grants (1 lease + 1 audit row each) in {:.2} s: {rate:.0} grants/s, {} transactions, largest batch {} jobs, writer busy {:.2} s, writer thread CPU {:.2} s ({:.0} grants per CPU-second)",
         elapsed.as_secs_f64(),
         stats.transactions,
         stats.largest_batch,

@@ -277,7 +277,8 @@ pub(crate) fn report(
 ) -> Result<Vec<ReportRow>, StoreError> {
     const OP: &str = "query report";
     let mut c = Conditions::new();
-    c.push("a.kind = 'decision'".into());
+    // An Open's answer is one event: a grant, or a decision that refused it.
+    c.push("a.kind IN ('decision', 'grant')".into());
     c.push("a.outcome IN ('granted', 'denied')".into());
     c.push("a.has_request = 1".into());
     c.push("a.identity IS NOT NULL".into());

@@ -195,9 +195,10 @@ impl LeaseRecord {
 pub enum AuditKind {
     /// A request arrived (Open, Renew, Release, List).
     Request,
-    /// Policy decided an Open: outcome granted or denied, with the rule and the reason.
+    /// An Open was refused (outcome denied), with the code, the rule and the reason.
     Decision,
-    /// A lease was granted (created or extended by a repeated Open).
+    /// An Open was granted: a lease created, or a live one extended by a repeated Open. One
+    /// event holds the request, the rule and reason that allowed it, and the lease's grants.
     Grant,
     /// A lease was renewed.
     Renewal,
