@@ -802,17 +802,22 @@ fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
             limit: MAX_MESSAGE_SIZE,
         });
     }
+    let (item, extra) = parse_first(bytes)?;
+    if extra > 0 {
+        return Err(DecodeError::TrailingBytes { extra });
+    }
+    Ok(item)
+}
+
+/// Parses the first CBOR item of `bytes` (at most [`MAX_MESSAGE_SIZE`] of them, as [`parse`]
+/// checks) and says how many bytes follow it.
+fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
     let mut parser = Parser {
         input: bytes,
         pos: 0,
     };
     let item = parser.item(0)?;
-    if parser.remaining() > 0 {
-        return Err(DecodeError::TrailingBytes {
-            extra: parser.remaining(),
-        });
-    }
-    Ok(item)
+    Ok((item, parser.remaining()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1279,9 +1284,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 }
 
 /// The request id (key 1) of bytes that may not decode, so that a Denied answering them can
-/// still echo it. `None` when the bytes are not a parseable map with an unsigned key 1.
+/// still echo it: bytes refused for what follows a well-formed map (trailing bytes) still
+/// name their request. `None` when the bytes do not start with a parseable map with an
+/// unsigned key 1, or are over [`MAX_MESSAGE_SIZE`].
 pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
-    let Ok(Item::Map(entries)) = parse(bytes) else {
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return None;
+    }
+    let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
         return None;
     };
     entries.iter().find_map(|(k, v)| match (k, v) {
@@ -1365,6 +1375,11 @@ mod tests {
             peek_request_id(&hex("a20007011b0000000100000000")),
             Some(1 << 32)
         );
+        // Refused for its trailing bytes, the request still names its id.
+        let trailing = hex("a2000601070000");
+        assert!(matches!(decode(&trailing), Err(DecodeError::TrailingBytes { extra: 2 })));
+        assert_eq!(peek_request_id(&trailing), Some(7));
+        assert_eq!(peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]), None, "oversized");
     }
 
     #[test]
