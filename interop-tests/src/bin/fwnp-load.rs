@@ -287,6 +287,14 @@ async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mu
     }
 }
 
+/// UDP datagrams sent and received over every host's connection so far.
+fn datagrams(hosts: &[Arc<Host>]) -> (u64, u64) {
+    hosts.iter().fold((0, 0), |(tx, rx), h| {
+        let stats = h.connection.stats();
+        (tx + stats.udp_tx.datagrams, rx + stats.udp_rx.datagrams)
+    })
+}
+
 /// User plus system CPU time of a process, from its `/proc/PID/stat`.
 fn cpu_seconds_of(stat_path: &str) -> Option<f64> {
     let stat = std::fs::read_to_string(stat_path).ok()?;
@@ -523,6 +531,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let counters = Arc::new(Counters::default());
     let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let lateness = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let datagrams_before = datagrams(&hosts);
     let started = Instant::now();
     let end = started + args.duration;
     let mut tasks = Vec::new();
@@ -596,6 +605,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let _ = t.await;
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let datagrams_after = datagrams(&hosts);
     let rss_end = gateway.rss_kib();
     // Cores used while measuring: how much of the machine each side took.
     let cores = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
@@ -635,6 +645,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
         "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
+        // UDP datagrams each way per answered request, as the hosts' QUIC stacks counted them.
+        "datagrams_per_request": {
+            "to_gateway": (datagrams_after.0 - datagrams_before.0) as f64 / answered.max(1) as f64,
+            "from_gateway": (datagrams_after.1 - datagrams_before.1) as f64 / answered.max(1) as f64,
+        },
     });
     if args.json {
         println!("{report}");
