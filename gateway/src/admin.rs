@@ -98,7 +98,7 @@ async fn leases(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> AdminResult {
-    service.leases_json(&query).map(Json)
+    service.leases_json(&query).await.map(Json)
 }
 
 async fn revoke(
@@ -150,7 +150,7 @@ async fn report(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> AdminResult {
-    service.report_json(&query).map(Json)
+    service.report_json(&query).await.map(Json)
 }
 
 async fn metrics(State(service): State<Arc<Service>>) -> String {

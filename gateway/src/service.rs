@@ -1211,8 +1211,22 @@ impl Service {
         })
     }
 
+    /// Runs a read of the store on tokio's blocking threads: SQLite answers synchronously, and a
+    /// long query (a wide audit search, a report over months) on a runtime worker would hold up
+    /// the QUIC connections and timers that share it.
+    async fn read_store<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| AdminError::internal(format!("the store read did not finish: {e}")))?
+            .map_err(|e| AdminError::internal(e.to_string()))
+    }
+
     /// The admin API's lease listing.
-    pub fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+    pub async fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
         let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
         if let Some(port) = query.get("port") {
             filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
@@ -1221,7 +1235,7 @@ impl Service {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
         let now = now_ms();
-        let leases: Vec<LeaseRecord> = self.store.leases(&filter).map_err(|e| AdminError::internal(e.to_string()))?;
+        let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
         Ok(json!({ "leases": leases.iter().map(|l| l.to_json(now)).collect::<Vec<_>>() }))
     }
 
@@ -1262,7 +1276,8 @@ impl Service {
             let mut watch = self.store.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
-                let events = self.store.audit_follow(after, &q, q.limit.max(1)).map_err(|e| AdminError::internal(e.to_string()))?;
+                let (query, limit) = (q.clone(), q.limit.max(1));
+                let events = self.read_store(move |store| store.audit_follow(after, &query, limit)).await?;
                 if !events.is_empty() || tokio::time::Instant::now() >= deadline {
                     let last = events.last().map_or(after, |e| e.id);
                     return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
@@ -1275,7 +1290,7 @@ impl Service {
         if let Some(cursor) = query.get("cursor") {
             q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
         }
-        let page = self.store.audit(&q).map_err(|e| AdminError::internal(e.to_string()))?;
+        let page = self.read_store(move |store| store.audit(&q)).await?;
         Ok(json!({
             "events": page.events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
             "next_cursor": page.next_cursor,
@@ -1289,14 +1304,14 @@ impl Service {
     }
 
     /// The admin API's usage report.
-    pub fn report_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+    pub async fn report_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
         let now = now_ms();
         let q = ReportQuery {
             since_ms: query.get("since").map(|s| time_arg(s, now)).transpose()?,
             until_ms: query.get("until").map(|s| time_arg(s, now)).transpose()?,
             host: query.get("host").cloned(),
         };
-        let rows = self.store.report(&q, now).map_err(|e| AdminError::internal(e.to_string()))?;
+        let rows = self.read_store(move |store| store.report(&q, now)).await?;
         Ok(json!({
             "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
             "suggested_policy": crate::report::suggest_policy(&rows),
