@@ -9,7 +9,7 @@
 //! | `GET /v1/leases?host=&app=&port=&protocol=` | live leases with time left |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=` | audit records; `wait` long-polls for records after `after` (follow) |
-//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL |
+//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL, ending what revoked certificates hold |
 //! | `POST /v1/policy/explain` body `{"host": ID, "addresses": [...], "open": "tcp/8080", "from": [...], "address": ...}` | the decision, the rule, the reason, the trace |
 //! | `GET /v1/report?since=&until=` | what hosts and applications asked for, and a suggested policy |
 //! | `GET /metrics` | the Prometheus metrics, also here for hosts without a metrics port |
@@ -98,7 +98,7 @@ async fn leases(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> AdminResult {
-    service.leases_json(&query).map(Json)
+    service.leases_json(&query).await.map(Json)
 }
 
 async fn revoke(
@@ -123,14 +123,23 @@ async fn audit(
 }
 
 async fn reload(State(service): State<Arc<Service>>) -> AdminResult {
-    // The CRL is re-read with the policy, as on SIGHUP.
-    let tls = service.reload_tls();
-    let mut result = service.reload_policy().await?;
-    result["tls"] = match tls {
-        Ok(()) => json!("reloaded"),
-        Err(e) => json!({ "error": e }),
-    };
-    Ok(Json(result))
+    // On a task of its own, so that it runs to its end even if the operator's client goes away:
+    // stopped between revoking a host's leases and closing its connection, it would leave the
+    // connection open.
+    let reload = tokio::spawn(async move {
+        // The CRL is re-read with the policy, as on SIGHUP.
+        let tls = service.reload_tls().await;
+        let mut result = service.reload_policy().await?;
+        match tls {
+            Ok(closed) => {
+                result["tls"] = json!("reloaded");
+                result["closed_connections"] = json!(closed);
+            }
+            Err(e) => result["tls"] = json!({ "error": e.to_string() }),
+        }
+        Ok(Json(result))
+    });
+    reload.await.map_err(|e| AdminError::internal(format!("the reload did not finish: {e}")))?
 }
 
 async fn explain(State(service): State<Arc<Service>>, Json(body): Json<Value>) -> AdminResult {
@@ -141,7 +150,7 @@ async fn report(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
 ) -> AdminResult {
-    service.report_json(&query).map(Json)
+    service.report_json(&query).await.map(Json)
 }
 
 async fn metrics(State(service): State<Arc<Service>>) -> String {

@@ -170,7 +170,7 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
                     Ok(result) => info!("SIGHUP: {result}"),
                     Err(e) => error!("SIGHUP: {}", e.message),
                 }
-                if let Err(e) = service.reload_tls() {
+                if let Err(e) = service.reload_tls().await {
                     error!("SIGHUP: {e}");
                 }
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -40,6 +40,9 @@ pub struct Session {
     /// Whether the client's Hello set the NOTICES capability: only then may notices be sent
     /// (spec section 5.3), and never before Welcome.
     pub notices: AtomicBool,
+    /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
+    /// connection is about to be closed, and no further request on it is served.
+    pub credential_revoked: AtomicBool,
     connection: quinn::Connection,
 }
 
@@ -178,6 +181,7 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
         remote,
         welcomed: AtomicBool::new(false),
         notices: AtomicBool::new(false),
+        credential_revoked: AtomicBool::new(false),
         connection: connection.clone(),
     });
     if !service.sessions.insert(&session, service.config.limits.max_connections_per_identity) {

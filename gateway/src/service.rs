@@ -8,7 +8,7 @@
 //! and only then answer Granted. A failure after the book took the lease gives the lease back
 //! and answers no-resources, so a host never holds a lease the kernel or the store lacks.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -22,7 +22,8 @@ use fwnp_proto::gateway::{
 use fwnp_proto::validate::validate_request;
 use fwnp_proto::{
     Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List, Message,
-    Open, Release, Released, Renew, ResultCode, RevokeReason, Welcome, MAX_MESSAGE_SIZE,
+    Open, QuicErrorCode, Release, Released, Renew, ResultCode, RevokeReason, Welcome,
+    MAX_MESSAGE_SIZE,
 };
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
@@ -32,7 +33,7 @@ use tracing::{info, warn};
 
 use crate::admin::AdminError;
 use crate::config::GatewayConfig;
-use crate::identity::{PeerIdentity, allowed_addresses};
+use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Request as PolicyRequest, Verdict};
 use crate::server::{Session, Sessions};
@@ -44,6 +45,11 @@ use crate::store::{
 /// How long a request id is remembered per identity, so that a retried request gets the answer
 /// the first one got instead of acting twice.
 const REQUEST_ID_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long the Revoked notices of a host whose certificate was revoked may take to reach it
+/// before its connection is closed: closing drops what is not yet delivered, and a host that
+/// does not acknowledge must not keep the connection open.
+const CREDENTIAL_NOTICE_WAIT: Duration = Duration::from_secs(1);
 
 /// The gateway's state and its answers to every request.
 #[derive(Debug)]
@@ -66,6 +72,18 @@ pub struct Service {
     answered: moka::sync::Cache<(String, u64), (Arc<[u8]>, Message)>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
+}
+
+/// Why [`Service::reload_tls`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsReloadError {
+    /// A TLS file (certificate, key, CA or CRL) is unusable.
+    #[error("TLS files not reloaded, the old ones stay in force: {0}")]
+    Files(#[from] crate::tls::TlsError),
+    /// The CRL's list of revoked certificates cannot be read.
+    #[error("TLS files not reloaded, the old ones stay in force: {0}")]
+    Crl(#[from] crate::identity::IdentityError),
 }
 
 /// Why the service could not start.
@@ -294,6 +312,16 @@ impl Service {
     /// Answers one request: the bytes of one stream, decoded here.
     pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
         let started = Instant::now();
+        // The connection is closed as soon as its host has the Revoked notices: until then it
+        // may take nothing new, since nothing would revoke it again.
+        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+            self.metrics.request(ResultCode::NotAuthorized.name());
+            return Message::Denied(denied(
+                codec::peek_request_id(bytes),
+                ResultCode::NotAuthorized,
+                "the certificate of this connection has been revoked",
+            ));
+        }
         // Every request of an authenticated host counts against its rate, whatever it holds:
         // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
         if let Some(peer) = &session.peer {
@@ -940,17 +968,25 @@ impl Service {
 
     /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
     pub async fn revoke(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<fwnp_proto::gateway::Lease> {
+        let (lease, notice) = self.end_revoked(id, reason, by, text).await?;
+        for session in self.sessions.of(&lease.host) {
+            session.notify(&notice).await;
+        }
+        Some(lease)
+    }
+
+    /// [`Service::revoke`] without sending the notice: the lease leaves the book, the kernel and
+    /// the store, and its Revoked notice is returned, for a caller that must know when the host
+    /// has it.
+    async fn end_revoked(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<(fwnp_proto::gateway::Lease, Message)> {
         let lease = lock(&self.book).revoke(id)?;
         self.metrics.live_leases.dec();
         self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
         self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
         self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
         let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
-        for session in self.sessions.of(&lease.host) {
-            session.notify(&notice).await;
-        }
         info!(lease = %lease.id, host = %lease.host, by, "revoked");
-        Some(lease)
+        Some((lease, notice))
     }
 
     /// Registers a QUIC endpoint that serves this service, so that [`Service::reload_tls`]
@@ -960,15 +996,115 @@ impl Service {
     }
 
     /// Re-reads the TLS files (the CRL above all) for new connections on every registered
-    /// endpoint; a bad file leaves the old configuration in force.
-    pub fn reload_tls(&self) -> Result<(), String> {
+    /// endpoint, then ends what the certificates the CRL lists still hold through connections
+    /// made before it: their hosts' live leases are revoked with `credential-revoked`, unless
+    /// the host is also connected with a certificate the CRL does not list, and those
+    /// connections are closed with `NoError` once the notices are delivered. Returns the
+    /// connections it closed, for the admin API. A bad file leaves the old configuration in
+    /// force and closes nothing.
+    pub async fn reload_tls(&self) -> Result<Vec<Value>, TlsReloadError> {
         let files = crate::daemon::tls_files(&self.config);
         let options = crate::daemon::server_options(&self.config);
+        // Read before anything is replaced, so that an unreadable CRL changes nothing. The
+        // configuration below reads the file again: should it change in between, the next
+        // reload settles the difference.
+        let revoked = match &files.crl {
+            Some(path) => crate::identity::revoked_serials(&crate::tls::load_crls(path)?)?,
+            None => BTreeSet::new(),
+        };
         for endpoint in lock(&self.endpoints).iter() {
-            crate::tls::reload_server_config(endpoint, &files, &options)
-                .map_err(|e| format!("TLS files not reloaded, the old ones stay in force: {e}"))?;
+            crate::tls::reload_server_config(endpoint, &files, &options)?;
         }
-        Ok(())
+        Ok(self.end_revoked_credentials(&revoked).await)
+    }
+
+    /// Ends what revoked certificates still hold (spec 8.12 and 17.4). TLS checks revocation at
+    /// the handshake only, so a connection made before the CRL listed its certificate would go
+    /// on, and with it the renewals of its host's leases.
+    ///
+    /// For each identity with a live connection whose certificate serial is in `revoked`: its
+    /// live leases are revoked with `credential-revoked` and the Revoked notices sent; once its
+    /// hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections are closed with
+    /// `NoError`, each recorded as an authentication failure. An identity that also has a
+    /// connection with a certificate not in `revoked` (a host that already rolled to a new
+    /// certificate) keeps its leases: only its revoked connections close.
+    ///
+    /// Leases of an identity with no live connection are left to expire: they cannot be renewed,
+    /// since every new handshake with the revoked certificate fails.
+    async fn end_revoked_credentials(&self, revoked: &BTreeSet<Serial>) -> Vec<Value> {
+        if revoked.is_empty() {
+            return Vec::new();
+        }
+        let mut by_identity: BTreeMap<String, IdentityConnections> = BTreeMap::new();
+        for session in self.sessions.all() {
+            // A certificate that names no identity holds no lease and is refused every request.
+            let Some(peer) = &session.peer else { continue };
+            let entry = by_identity.entry(peer.identity.clone()).or_default();
+            if !revoked.contains(&peer.serial) {
+                entry.rolled = true;
+            } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                // Not already being ended by a reload running at the same time.
+                entry.revoked.push((session.clone(), peer.serial.clone()));
+            }
+        }
+        let mut deliveries = tokio::task::JoinSet::new();
+        let mut closing = Vec::new();
+        for (identity, IdentityConnections { revoked: sessions, rolled }) in by_identity {
+            if sessions.is_empty() {
+                continue;
+            }
+            let mut leases_revoked = 0usize;
+            if !rolled {
+                let serials: BTreeSet<&str> = sessions.iter().map(|(_, serial)| serial.as_str()).collect();
+                let text = format!(
+                    "the certificate (serial {}) was revoked",
+                    serials.into_iter().collect::<Vec<_>>().join(", ")
+                );
+                let leases: Vec<LeaseId> = lock(&self.book).leases_of(&identity).map(|l| l.id).collect();
+                for id in leases {
+                    let Some((_, notice)) = self
+                        .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text.clone()))
+                        .await
+                    else {
+                        continue;
+                    };
+                    leases_revoked += 1;
+                    // All at once: the wait is for the slowest host, not the sum of them.
+                    for (session, _) in &sessions {
+                        let (session, notice) = (session.clone(), notice.clone());
+                        deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
+                    }
+                }
+            }
+            closing.push((identity, sessions, rolled, leases_revoked));
+        }
+        while deliveries.join_next().await.is_some() {}
+        let mut closed = Vec::new();
+        for (identity, sessions, rolled, leases_revoked) in closing {
+            for (session, serial) in sessions {
+                session.close(QuicErrorCode::NoError, "certificate revoked");
+                let what = if rolled {
+                    "its leases stay with the identity's connection under another certificate".to_owned()
+                } else {
+                    format!("the identity's {leases_revoked} live leases revoked")
+                };
+                warn!(session = session.id, identity = %identity, %serial, remote = %session.remote, "connection closed, its certificate was revoked: {what}");
+                let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+                event.outcome = Some(Outcome::Revoked);
+                event.identity = Some(identity.clone());
+                event.peer = Some(session.remote);
+                event.actor = Some("gateway".into());
+                event.reason = Some(format!("certificate serial {serial} revoked: connection closed; {what}"));
+                self.record(event);
+                closed.push(json!({
+                    "host": &identity,
+                    "serial": serial.as_str(),
+                    "peer": session.remote.to_string(),
+                    "leases_revoked": leases_revoked,
+                }));
+            }
+        }
+        closed
     }
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
@@ -1061,8 +1197,22 @@ impl Service {
         })
     }
 
+    /// Runs a read of the store on tokio's blocking threads: SQLite answers synchronously, and a
+    /// long query (a wide audit search, a report over months) on a runtime worker would hold up
+    /// the QUIC connections and timers that share it.
+    async fn read_store<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| AdminError::internal(format!("the store read did not finish: {e}")))?
+            .map_err(|e| AdminError::internal(e.to_string()))
+    }
+
     /// The admin API's lease listing.
-    pub fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+    pub async fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
         let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
         if let Some(port) = query.get("port") {
             filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
@@ -1071,7 +1221,7 @@ impl Service {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
         let now = now_ms();
-        let leases: Vec<LeaseRecord> = self.store.leases(&filter).map_err(|e| AdminError::internal(e.to_string()))?;
+        let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
         Ok(json!({ "leases": leases.iter().map(|l| l.to_json(now)).collect::<Vec<_>>() }))
     }
 
@@ -1112,7 +1262,8 @@ impl Service {
             let mut watch = self.store.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
-                let events = self.store.audit_follow(after, &q, q.limit.max(1)).map_err(|e| AdminError::internal(e.to_string()))?;
+                let (query, limit) = (q.clone(), q.limit.max(1));
+                let events = self.read_store(move |store| store.audit_follow(after, &query, limit)).await?;
                 if !events.is_empty() || tokio::time::Instant::now() >= deadline {
                     let last = events.last().map_or(after, |e| e.id);
                     return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
@@ -1125,7 +1276,7 @@ impl Service {
         if let Some(cursor) = query.get("cursor") {
             q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
         }
-        let page = self.store.audit(&q).map_err(|e| AdminError::internal(e.to_string()))?;
+        let page = self.read_store(move |store| store.audit(&q)).await?;
         Ok(json!({
             "events": page.events.iter().map(|e| e.to_json()).collect::<Vec<_>>(),
             "next_cursor": page.next_cursor,
@@ -1139,14 +1290,14 @@ impl Service {
     }
 
     /// The admin API's usage report.
-    pub fn report_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
+    pub async fn report_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
         let now = now_ms();
         let q = ReportQuery {
             since_ms: query.get("since").map(|s| time_arg(s, now)).transpose()?,
             until_ms: query.get("until").map(|s| time_arg(s, now)).transpose()?,
             host: query.get("host").cloned(),
         };
-        let rows = self.store.report(&q, now).map_err(|e| AdminError::internal(e.to_string()))?;
+        let rows = self.read_store(move |store| store.report(&q, now)).await?;
         Ok(json!({
             "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
             "suggested_policy": crate::report::suggest_policy(&rows),
@@ -1169,6 +1320,15 @@ impl Service {
         }
         while deliveries.join_next().await.is_some() {}
     }
+}
+
+/// What a CRL reload finds of one identity's live connections.
+#[derive(Debug, Default)]
+struct IdentityConnections {
+    /// Those whose certificate the CRL revokes, with its serial.
+    revoked: Vec<(Arc<Session>, Serial)>,
+    /// Whether one has a certificate the CRL does not list: the host rolled to a new one.
+    rolled: bool,
 }
 
 /// Makes a Leases answer fit in MAX_MESSAGE_SIZE (spec 5.4) by leaving out the application

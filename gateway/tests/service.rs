@@ -1201,6 +1201,223 @@ async fn refused_connections_are_audited_as_authentication_failures() {
     gw.welcomed_host("web-01", &[HOST_A]).await;
 }
 
+/// How the gateway closed a connection: the application error code and the reason text.
+fn application_close(error: &quinn::ConnectionError) -> Option<(u64, String)> {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => Some((
+            close.error_code.into_inner(),
+            String::from_utf8_lossy(&close.reason).into_owned(),
+        )),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its_connection() {
+    let gw = TestGateway::start("crl-live", POLICY).await;
+    // As the daemon does, so that the reload re-reads the CRL for this endpoint too.
+    gw.service.add_endpoint(gw.endpoint.clone());
+    let doomed_files = gw.pki.host("doomed", &[HOST_A], &[], &[]);
+    let doomed = Client::connect(gw.addr, &doomed_files).await;
+    doomed.hello().await;
+    let lease = granted(doomed.open(tcp(7001), None).await).lease;
+    // A host with a good certificate, connected, and one whose certificate is revoked too but
+    // that is not connected: neither loses anything now.
+    let (bystander, _) = gw.welcomed_host("web-01", &[HOST_B]).await;
+    let kept = granted(bystander.open(tcp(7002), None).await).lease;
+    let offline_files = gw.pki.host("offline", &[v4(192, 0, 2, 30)], &[], &[]);
+    let offline_lease = {
+        let offline = Client::connect(gw.addr, &offline_files).await;
+        offline.hello().await;
+        granted(offline.open(tcp(7003), None).await).lease
+    };
+    let deadline = tokio::time::Instant::now() + STEP;
+    while !gw.service.sessions.of("fwnp://host/offline").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never saw the offline host go"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let revocation = pki::revoke(
+        gw.pki.path(),
+        &doomed_files.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
+    pki::revoke(
+        gw.pki.path(),
+        &offline_files.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
+    let closed = gw.service.reload_tls().await.expect("reload");
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0]["host"], json!("fwnp://host/doomed"));
+    assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
+    assert_eq!(closed[0]["leases_revoked"], json!(1));
+
+    // The host is told first, then the connection is closed with NoError.
+    match doomed.next_notice(STEP).await {
+        Some(Message::Revoked(r)) => {
+            assert_eq!(r.lease, lease);
+            assert_eq!(r.reason, RevokeReason::CredentialRevoked);
+            let text = r.text.unwrap_or_default();
+            assert!(text.contains(revocation.serial.as_str()), "{text}");
+        }
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    let ended = doomed.closed_within(STEP).await.expect("closed");
+    assert_eq!(
+        application_close(&ended),
+        Some((
+            u64::from(QuicErrorCode::NoError.code()),
+            "certificate revoked".to_owned()
+        )),
+        "{ended:?}"
+    );
+
+    // The lease is gone from the service and revoked in the store.
+    let record = gw
+        .service
+        .store()
+        .lease(lease)
+        .expect("store")
+        .expect("the lease is stored");
+    assert_eq!(record.state, LeaseState::Revoked);
+    assert_eq!(
+        record.to_json(0)["revoke_reason"],
+        json!("credential-revoked")
+    );
+    let live: HashSet<_> = gw
+        .service
+        .store()
+        .live_leases()
+        .expect("leases")
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(live, HashSet::from([kept, offline_lease]));
+    assert_eq!(gw.service.status_json()["live_leases"], json!(2));
+    let revocations = gw.audit(&[AuditKind::Revocation], Some(lease));
+    assert_eq!(revocations.len(), 1);
+    assert_eq!(revocations[0].event.actor.as_deref(), Some("gateway"));
+    let failures = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
+        .await;
+    assert_eq!(failures.len(), 1, "one record per closed connection");
+    assert_eq!(
+        failures[0].event.identity.as_deref(),
+        Some("fwnp://host/doomed")
+    );
+    assert_eq!(failures[0].event.outcome, Some(Outcome::Revoked));
+    assert!(
+        failures[0]
+            .event
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(revocation.serial.as_str())),
+        "{:?}",
+        failures[0].event.reason
+    );
+
+    // A new handshake with the certificate is refused.
+    assert!(
+        Client::try_connect(gw.addr, &doomed_files).await.is_err(),
+        "the revoked certificate was accepted again"
+    );
+    // The other host has noticed nothing.
+    assert!(
+        bystander
+            .next_notice(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "the other host got a notice"
+    );
+    let listed: Vec<_> = bystander
+        .list()
+        .await
+        .leases
+        .iter()
+        .map(|l| l.lease)
+        .collect();
+    assert_eq!(listed, vec![kept]);
+}
+
+#[tokio::test]
+async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_its_certificate() {
+    let gw = TestGateway::start("crl-rolled", POLICY).await;
+    gw.service.add_endpoint(gw.endpoint.clone());
+    // The same identity under two certificates: the old one and its replacement.
+    let old_files = gw.pki.host("web-01", &[HOST_A], &[], &[]);
+    let new_files = gw
+        .pki
+        .host("web-01-renewed", &[HOST_A], &["fwnp://host/web-01"], &[]);
+    let old = Client::connect(gw.addr, &old_files).await;
+    assert_eq!(old.hello().await.identity, "fwnp://host/web-01");
+    let first = granted(old.open(tcp(7001), None).await).lease;
+    let new = Client::connect(gw.addr, &new_files).await;
+    assert_eq!(new.hello().await.identity, "fwnp://host/web-01");
+    let second = granted(new.open(tcp(7002), None).await).lease;
+
+    let revocation =
+        pki::revoke(gw.pki.path(), &old_files.cert, RevocationReason::Superseded).expect("revoke");
+    let closed = gw.service.reload_tls().await.expect("reload");
+    assert_eq!(closed.len(), 1, "{closed:?}");
+    assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
+    assert_eq!(closed[0]["leases_revoked"], json!(0));
+
+    // The old connection closes, without notices; the new one goes on with both leases.
+    let ended = old.closed_within(STEP).await.expect("closed");
+    assert_eq!(
+        application_close(&ended),
+        Some((
+            u64::from(QuicErrorCode::NoError.code()),
+            "certificate revoked".to_owned()
+        )),
+        "{ended:?}"
+    );
+    assert!(
+        old.next_notice(Duration::from_millis(200)).await.is_none(),
+        "the old connection got a notice"
+    );
+    assert!(
+        new.next_notice(Duration::from_millis(200)).await.is_none(),
+        "the new connection got a notice"
+    );
+    let mut listed: Vec<_> = new.list().await.leases.iter().map(|l| l.lease).collect();
+    listed.sort();
+    let mut expected = vec![first, second];
+    expected.sort();
+    assert_eq!(listed, expected);
+    assert_eq!(
+        gw.service.store().live_lease_count().expect("count"),
+        2,
+        "the leases stay in the store"
+    );
+    assert!(gw.audit(&[AuditKind::Revocation], None).is_empty());
+    let failures = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
+        .await;
+    assert_eq!(failures.len(), 1);
+    assert!(
+        failures[0]
+            .event
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(revocation.serial.as_str())),
+        "{:?}",
+        failures[0].event.reason
+    );
+    assert!(
+        Client::try_connect(gw.addr, &old_files).await.is_err(),
+        "the revoked certificate was accepted again"
+    );
+    // The new certificate still connects.
+    Client::connect(gw.addr, &new_files).await.hello().await;
+}
+
 #[tokio::test]
 async fn a_certificate_naming_no_identity_gets_not_authorized() {
     let gw = TestGateway::start("no-identity", POLICY).await;
