@@ -51,6 +51,10 @@ const REQUEST_ID_WINDOW: Duration = Duration::from_secs(60);
 /// does not acknowledge must not keep the connection open.
 const CREDENTIAL_NOTICE_WAIT: Duration = Duration::from_secs(1);
 
+/// A Release's bytes and the answer it got, remembered under (identity, request id) so that a
+/// retry is answered alike.
+type AnsweredRelease = (Arc<[u8]>, Message);
+
 /// The gateway's state and its answers to every request.
 #[derive(Debug)]
 pub struct Service {
@@ -69,7 +73,7 @@ pub struct Service {
     epoch: Epoch,
     rng: Mutex<StdRng>,
     rate_limit_audited: moka::sync::Cache<String, ()>,
-    answered: moka::sync::Cache<(String, u64), (Arc<[u8]>, Message)>,
+    answered: moka::sync::Cache<(String, u64), AnsweredRelease>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
 }
@@ -324,11 +328,10 @@ impl Service {
         }
         // Every request of an authenticated host counts against its rate, whatever it holds:
         // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
-        if let Some(peer) = &session.peer {
-            if let Some(retry_after) = self.rate_limited(&peer.identity) {
+        if let Some(peer) = &session.peer
+            && let Some(retry_after) = self.rate_limited(&peer.identity) {
                 return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
             }
-        }
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
             Err(e) => return self.refuse_undecodable(session, bytes, &e),
@@ -349,23 +352,23 @@ impl Service {
         let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
         match msg {
             Message::Hello(_) if welcomed => {
-                return self.refuse(
+                self.refuse(
                     session,
                     &msg,
                     ResultCode::MalformedRequest,
                     "Hello was already answered on this connection".into(),
                     None,
-                );
+                )
             }
-            Message::Hello(hello) => return self.hello(session, peer, &hello),
+            Message::Hello(hello) => self.hello(session, peer, &hello),
             _ if !welcomed => {
-                return self.refuse(
+                self.refuse(
                     session,
                     &msg,
                     ResultCode::HelloRequired,
                     "the first request of a connection is Hello".into(),
                     None,
-                );
+                )
             }
             _ => {
                 match &msg {
@@ -396,13 +399,11 @@ impl Service {
         bytes: &[u8],
     ) -> Message {
         let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
-        if let Some(key) = &key {
-            if let Some((previous, answer)) = self.answered.get(key) {
-                if *previous == *bytes {
+        if let Some(key) = &key
+            && let Some((previous, answer)) = self.answered.get(key)
+                && *previous == *bytes {
                     return answer;
                 }
-            }
-        }
         let answer = self.release(session, peer, release).await;
         if let (Some(key), Message::Released(_)) = (key, &answer) {
             self.answered.insert(key, (Arc::from(bytes), answer.clone()));
@@ -782,11 +783,10 @@ impl Service {
                 Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)) => {}
                 Err(e) => warn!("removing {element:?} from the kernel failed: {e}"),
             }
-            if kill {
-                if let Err(e) = filter.kill_connections(element.clone()).await {
+            if kill
+                && let Err(e) = filter.kill_connections(element.clone()).await {
                     warn!("ending the connections of {element:?} failed: {e}");
                 }
-            }
         }
     }
 
@@ -1140,11 +1140,10 @@ impl Service {
                 .iter()
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
-            if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants) {
-                if self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some() {
+            if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
+                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some() {
                     revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
                 }
-            }
         }
         revoked
     }

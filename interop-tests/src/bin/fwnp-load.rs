@@ -344,12 +344,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
-    if let Some(cpus) = &args.gateway_cpus {
-        if let Err(e) = parse_cpus(cpus) {
+    if let Some(cpus) = &args.gateway_cpus
+        && let Err(e) = parse_cpus(cpus) {
             eprintln!("fwnp-load: --gateway-cpus: {e}");
             return std::process::ExitCode::FAILURE;
         }
-    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(threads) = args.threads {
