@@ -1182,8 +1182,10 @@ impl Service {
                 "changes": stats.changes,
                 "failed_changes": stats.failed_changes,
                 "repairs": stats.repairs,
+                "batch_time_us": u64::try_from(stats.total_batch_time.as_micros()).unwrap_or(u64::MAX),
             })
         });
+        let writer = self.store.writer().stats();
         json!({
             "epoch": format!("{:016x}", self.epoch),
             "uptime_secs": self.started.elapsed().as_secs(),
@@ -1193,6 +1195,17 @@ impl Service {
             "policy": self.policy().origin(),
             "filter": filter,
             "store": self.store.path().display().to_string(),
+            // Group commit at work: operations per transaction is what keeps the store's cost
+            // per grant down under load.
+            "store_writer": {
+                "transactions": writer.transactions,
+                "jobs": writer.jobs,
+                "ops": writer.ops,
+                "failed_jobs": writer.failed_jobs,
+                "largest_batch": writer.largest_batch,
+                "pending_ops": writer.pending_ops,
+                "busy_us": writer.busy_us,
+            },
         })
     }
 

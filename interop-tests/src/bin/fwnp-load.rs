@@ -287,6 +287,41 @@ async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mu
     }
 }
 
+/// The gateway's status (`fwnpctl status --json`, from beside the gateway binary), or `None`
+/// when it cannot be had: the report then goes without it.
+fn gateway_status(gateway_bin: &Path, dir: &Path) -> Option<serde_json::Value> {
+    let output = Command::new(gateway_bin.with_file_name("fwnpctl"))
+        .arg("--admin")
+        .arg(dir.join("admin.sock"))
+        .args(["--json", "status"])
+        .output()
+        .ok()?;
+    serde_json::from_slice(&output.stdout).ok()
+}
+
+/// Kernel batches and store transactions between two status snapshots: how many, how many
+/// changes or operations each held on average, and the time spent in them.
+fn batching(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> serde_json::Value {
+    let (Some(before), Some(after)) = (before, after) else {
+        return serde_json::Value::Null;
+    };
+    let delta = |path: &[&str]| {
+        let get = |v: &serde_json::Value| path.iter().try_fold(v, |v, k| v.get(k)).and_then(serde_json::Value::as_u64);
+        get(after).zip(get(before)).map(|(a, b)| a.saturating_sub(b))
+    };
+    let per = |n: Option<u64>, d: Option<u64>| n.zip(d.filter(|d| *d > 0)).map(|(n, d)| n as f64 / d as f64);
+    let (batches, changes) = (delta(&["filter", "batches"]), delta(&["filter", "changes"]));
+    let (transactions, ops) = (delta(&["store_writer", "transactions"]), delta(&["store_writer", "ops"]));
+    json!({
+        "kernel_batches": batches,
+        "kernel_changes_per_batch": per(changes, batches),
+        "kernel_busy_s": delta(&["filter", "batch_time_us"]).map(|us| us as f64 / 1e6),
+        "store_transactions": transactions,
+        "store_ops_per_transaction": per(ops, transactions),
+        "store_busy_s": delta(&["store_writer", "busy_us"]).map(|us| us as f64 / 1e6),
+    })
+}
+
 /// UDP datagrams sent and received over every host's connection so far.
 fn datagrams(hosts: &[Arc<Host>]) -> (u64, u64) {
     hosts.iter().fold((0, 0), |(tx, rx), h| {
@@ -531,6 +566,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let lateness = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let datagrams_before = datagrams(&hosts);
+    let status_before = gateway_status(&gateway_bin, &dir);
     let started = Instant::now();
     let end = started + args.duration;
     let mut tasks = Vec::new();
@@ -605,6 +641,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     let datagrams_after = datagrams(&hosts);
+    let status_after = gateway_status(&gateway_bin, &dir);
     let rss_end = gateway.rss_kib();
     // Cores used while measuring: how much of the machine each side took.
     let cores = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
@@ -644,6 +681,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
         "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
+        // How the gateway batched while measuring, from its status before and after.
+        "gateway_batching": batching(status_before.as_ref(), status_after.as_ref()),
         // UDP datagrams each way per answered request, as the hosts' QUIC stacks counted them.
         "datagrams_per_request": {
             "to_gateway": (datagrams_after.0 - datagrams_before.0) as f64 / answered.max(1) as f64,
