@@ -77,7 +77,7 @@ fn new_lease(outcome: Result<OpenOutcome, Refusal>) -> LeaseId {
 }
 
 #[test]
-fn a_new_lease_gets_a_random_id_and_the_granted_answer_says_everything() {
+fn a_new_lease_gets_a_fresh_id_and_the_granted_answer_says_everything() {
     let mut book = LeaseBook::new();
     let mut rng = rng();
     let open = open_tcp(443, Some(120));
@@ -109,6 +109,26 @@ fn a_new_lease_gets_a_random_id_and_the_granted_answer_says_everything() {
     assert_ne!(second, grant.lease.id);
     assert_eq!(book.len(), 2);
     assert_eq!(book.lease_count(HOST_A), 2);
+}
+
+#[test]
+fn lease_ids_start_with_their_creation_time_and_end_in_random_bits() {
+    let mut book = LeaseBook::new();
+    let mut rng = rng();
+    let mut ids = Vec::new();
+    // Two in the same millisecond, then one a millisecond and one a day later.
+    for (i, now) in [NOW, NOW, NOW + 1, NOW + 86_400_000].into_iter().enumerate() {
+        let port = 1000 + i as u16;
+        ids.push(new_lease(book.open(now, HOST_A, &open_tcp(port, None), &facts(ADDR_A, port, None), &mut rng)));
+    }
+    for (id, now) in ids.iter().zip([NOW, NOW, NOW + 1, NOW + 86_400_000]) {
+        assert_eq!(id.0[..6], now.to_be_bytes()[2..], "{id}");
+    }
+    // Made later, sorted later: a store's index of ids grows at its end.
+    assert!(ids[1] < ids[2] && ids[2] < ids[3], "{ids:?}");
+    // Within one millisecond the 80 random bits tell them apart.
+    assert_ne!(ids[0], ids[1]);
+    assert_ne!(ids[0].0[6..], ids[1].0[6..]);
 }
 
 #[test]

@@ -1538,7 +1538,9 @@ fn write_rate() {
                         1_000,
                         600,
                     );
-                    lease.id.0[4..8].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
+                    // Ids as the gateway makes them: in order of creation, then random bits.
+                    lease.id.0[..6].copy_from_slice(&u64::from(n).to_be_bytes()[2..]);
+                    lease.id.0[6..10].copy_from_slice(&n.wrapping_mul(2_654_435_761).to_le_bytes());
                     let lease_id = lease.id;
                     // One event per grant, committed with the lease, as the gateway writes.
                     let mut granted =
