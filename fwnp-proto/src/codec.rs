@@ -796,12 +796,6 @@ fn be_uint(bytes: &[u8]) -> u64 {
 /// Parses exactly one CBOR item from `bytes`, with the size, nesting, tag and trailing-bytes
 /// rules applied.
 fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
-    if bytes.len() > MAX_MESSAGE_SIZE {
-        return Err(DecodeError::TooLarge {
-            size: bytes.len(),
-            limit: MAX_MESSAGE_SIZE,
-        });
-    }
     let (item, extra) = parse_first(bytes)?;
     if extra > 0 {
         return Err(DecodeError::TrailingBytes { extra });
@@ -809,9 +803,15 @@ fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
     Ok(item)
 }
 
-/// Parses the first CBOR item of `bytes` (at most [`MAX_MESSAGE_SIZE`] of them, as [`parse`]
-/// checks) and says how many bytes follow it.
+/// Parses the first CBOR item of `bytes`, which may be at most [`MAX_MESSAGE_SIZE`] long, and
+/// says how many bytes follow it.
 fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE_SIZE,
+        });
+    }
     let mut parser = Parser {
         input: bytes,
         pos: 0,
@@ -1288,9 +1288,6 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 /// name their request. `None` when the bytes do not start with a parseable map with an
 /// unsigned key 1, or are over [`MAX_MESSAGE_SIZE`].
 pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
-    if bytes.len() > MAX_MESSAGE_SIZE {
-        return None;
-    }
     let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
         return None;
     };

@@ -24,27 +24,6 @@ const REFUSED: Duration = Duration::from_millis(1200);
 /// Bound of every poll for a change that should follow an action.
 const SETTLE: Duration = Duration::from_secs(5);
 
-const POLICY: &str = r#"
-[defaults]
-lifetime = "30s"
-min_lifetime = "1s"
-max_lifetime = "5m"
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[rule]]
-name = "web"
-groups = ["hosts"]
-allow = "tcp/8000-8999"
-
-[[rule]]
-name = "extra"
-groups = ["hosts"]
-allow = "tcp/9000-9999"
-"#;
-
 /// The policy after the operator's change: the "extra" rule is gone.
 const POLICY_WITHOUT_EXTRA: &str = r#"
 [defaults]
@@ -62,6 +41,11 @@ groups = ["hosts"]
 allow = "tcp/8000-8999"
 "#;
 
+/// The policy the lab starts with: the one above and an "extra" rule.
+fn policy() -> String {
+    format!("{POLICY_WITHOUT_EXTRA}\n[[rule]]\nname = \"extra\"\ngroups = [\"hosts\"]\nallow = \"tcp/9000-9999\"\n")
+}
+
 /// The binaries, built once per test process.
 fn binaries() -> Binaries {
     static BUILT: OnceLock<Result<Binaries, String>> = OnceLock::new();
@@ -76,7 +60,7 @@ fn start_lab(label: &str, hosts: usize) -> Lab {
         label: label.into(),
         hosts,
         host_prefix: "web".into(),
-        policy: POLICY.into(),
+        policy: policy(),
         verify_port_owner: true,
     };
     let bins = binaries();
