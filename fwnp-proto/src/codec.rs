@@ -1297,6 +1297,45 @@ pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
     })
 }
 
+/// Makes a Leases answer fit in [`MAX_MESSAGE_SIZE`] as spec Section 5.4 prescribes: it leaves
+/// out the application information (lease-info key 5) of as few leases as needed, from the end
+/// of the list. Returns false, leaving `answer` as it was, when even without any application
+/// information the list does not fit: the sender then answers Denied `no-resources`, because a
+/// partial list would make the client drop what it does not show.
+pub fn fit_leases(answer: &mut Leases) -> bool {
+    fn size(answer: &Leases) -> usize {
+        encode(&Message::Leases(answer.clone())).len()
+    }
+    // The answer with the application information of its last `k` leases left out.
+    fn without_last(answer: &Leases, k: usize) -> Leases {
+        let mut trimmed = answer.clone();
+        let keep = trimmed.leases.len() - k;
+        for lease in &mut trimmed.leases[keep..] {
+            lease.app = None;
+        }
+        trimmed
+    }
+    if size(answer) <= MAX_MESSAGE_SIZE {
+        return true;
+    }
+    let n = answer.leases.len();
+    if size(&without_last(answer, n)) > MAX_MESSAGE_SIZE {
+        return false;
+    }
+    // The size only falls as k grows: the smallest k that fits, by bisection.
+    let (mut low, mut high) = (0, n);
+    while low < high {
+        let mid = (low + high) / 2;
+        if size(&without_last(answer, mid)) <= MAX_MESSAGE_SIZE {
+            high = mid;
+        } else {
+            low = mid + 1;
+        }
+    }
+    *answer = without_last(answer, high);
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1389,5 +1428,73 @@ mod tests {
             decode(&hex("a2000601c24101")),
             Err(DecodeError::TagNotAllowed { tag: 2 })
         );
+    }
+
+    /// A Leases answer of `n` leases, each with application information of about
+    /// `app_bytes` bytes.
+    fn leases_answer(n: usize, app_bytes: usize) -> Leases {
+        let leases = (0..n)
+            .map(|i| LeaseInfo {
+                lease: LeaseId([i as u8; 16]),
+                grants: vec![Grant {
+                    protocol: Protocol::Tcp,
+                    ports: PortRange::single(8000 + i as u16),
+                    host: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+                    remotes: vec![],
+                    app: None,
+                }],
+                remaining: 600,
+                expires_ms: 1_800_000_000_000,
+                app: Some(AppInfo {
+                    name: Some("n".repeat(app_bytes / 2)),
+                    executable: Some("/".repeat(app_bytes / 2)),
+                    uid: Some(1000),
+                    pid: Some(4242),
+                }),
+            })
+            .collect();
+        Leases { common: Common { request_id: Some(9), critical: vec![] }, leases, epoch: 77 }
+    }
+
+    fn encoded_size(answer: &Leases) -> usize {
+        encode(&Message::Leases(answer.clone())).len()
+    }
+
+    #[test]
+    fn a_list_that_fits_is_left_alone() {
+        let mut answer = leases_answer(10, 1000);
+        let before = answer.clone();
+        assert!(encoded_size(&answer) <= MAX_MESSAGE_SIZE);
+        assert!(fit_leases(&mut answer));
+        assert_eq!(answer, before);
+    }
+
+    #[test]
+    fn a_long_list_loses_application_information_from_its_end_only_as_needed() {
+        let mut answer = leases_answer(40, 1200);
+        let before = answer.clone();
+        assert!(encoded_size(&answer) > MAX_MESSAGE_SIZE);
+        assert!(fit_leases(&mut answer));
+        assert!(encoded_size(&answer) <= MAX_MESSAGE_SIZE);
+        // Every lease is still listed, unchanged but for its application information.
+        assert_eq!(answer.leases.len(), before.leases.len());
+        for (fitted, original) in answer.leases.iter().zip(&before.leases) {
+            assert_eq!(LeaseInfo { app: None, ..fitted.clone() }, LeaseInfo { app: None, ..original.clone() });
+        }
+        // Those that kept it come first, and giving it back to one more would not fit.
+        let kept = answer.leases.iter().take_while(|l| l.app.is_some()).count();
+        assert!(answer.leases[kept..].iter().all(|l| l.app.is_none()));
+        assert!(kept > 0 && kept < before.leases.len());
+        let mut one_more = answer.clone();
+        one_more.leases[kept].app = before.leases[kept].app.clone();
+        assert!(encoded_size(&one_more) > MAX_MESSAGE_SIZE);
+    }
+
+    #[test]
+    fn a_list_too_long_even_without_application_information_is_refused_untouched() {
+        let mut answer = leases_answer(400, 100);
+        let before = answer.clone();
+        assert!(!fit_leases(&mut answer));
+        assert_eq!(answer, before);
     }
 }

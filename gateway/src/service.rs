@@ -929,7 +929,7 @@ impl Service {
             leases,
             epoch: self.epoch,
         };
-        if !fit_leases(&mut answer) {
+        if !codec::fit_leases(&mut answer) {
             self.metrics.request(ResultCode::NoResources.name());
             let mut d = denied(
                 list.common.request_id,
@@ -1341,40 +1341,6 @@ struct IdentityConnections {
     revoked: Vec<(Arc<Session>, Serial)>,
     /// Whether one has a certificate the CRL does not list: the host rolled to a new one.
     rolled: bool,
-}
-
-/// Makes a Leases answer fit in MAX_MESSAGE_SIZE (spec 5.4) by leaving out the application
-/// information of as few leases as needed, from the end; false when even without any it does
-/// not fit (a partial list is never sent: a client removes what the list does not show).
-fn fit_leases(answer: &mut Leases) -> bool {
-    let size = |answer: &Leases| codec::encode(&Message::Leases(answer.clone())).len();
-    if size(answer) <= MAX_MESSAGE_SIZE {
-        return true;
-    }
-    let without = |answer: &Leases, k: usize| {
-        let mut trimmed = answer.clone();
-        let n = trimmed.leases.len();
-        for lease in trimmed.leases.iter_mut().skip(n - k) {
-            lease.app = None;
-        }
-        trimmed
-    };
-    let n = answer.leases.len();
-    if size(&without(answer, n)) > MAX_MESSAGE_SIZE {
-        return false;
-    }
-    // The size only falls as k grows: find the smallest k that fits.
-    let (mut low, mut high) = (0, n);
-    while low < high {
-        let mid = (low + high) / 2;
-        if size(&without(answer, mid)) <= MAX_MESSAGE_SIZE {
-            high = mid;
-        } else {
-            low = mid + 1;
-        }
-    }
-    *answer = without(answer, high);
-    true
 }
 
 fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {

@@ -91,6 +91,9 @@ pub struct LocalConfig {
     pub verify_port_owner: bool,
     /// How long the agent waits for the caller to bind the port.
     pub port_owner_grace: Duration,
+    /// How long leases of an earlier run of the agent (still live at the gateway after a
+    /// restart) wait for an application to ask for them again before the agent releases them.
+    pub earlier_run_grace: Duration,
 }
 
 /// The host table.
@@ -138,6 +141,8 @@ struct RawLocal {
     verify_port_owner: bool,
     #[serde(default = "default_grace")]
     port_owner_grace: Spanned<String>,
+    #[serde(default = "default_earlier_run_grace")]
+    earlier_run_grace: Spanned<String>,
 }
 
 impl Default for RawLocal {
@@ -148,6 +153,7 @@ impl Default for RawLocal {
             allowed_groups: Vec::new(),
             verify_port_owner: true,
             port_owner_grace: default_grace(),
+            earlier_run_grace: default_earlier_run_grace(),
         }
     }
 }
@@ -190,6 +196,9 @@ fn default_socket() -> PathBuf {
 fn default_grace() -> Spanned<String> {
     Spanned::new(0..0, "2s".to_owned())
 }
+fn default_earlier_run_grace() -> Spanned<String> {
+    Spanned::new(0..0, "15s".to_owned())
+}
 fn default_mode() -> Spanned<String> {
     Spanned::new(0..0, "enforce".to_owned())
 }
@@ -199,6 +208,8 @@ fn default_table() -> Spanned<String> {
 
 /// The longest grace period accepted: an application waits this long for its answer.
 const MAX_GRACE: Duration = Duration::from_secs(30);
+/// An earlier run's leases are openings nobody asked for since: they wait at most this long.
+const MAX_EARLIER_RUN_GRACE: Duration = Duration::from_secs(600);
 
 impl AgentConfig {
     /// Reads and checks a configuration file.
@@ -269,6 +280,14 @@ impl AgentConfig {
             return Err(at(
                 raw.local.port_owner_grace.span(),
                 format!("port_owner_grace is at most {}s", MAX_GRACE.as_secs()),
+            ));
+        }
+        let earlier_run_grace = parse_duration(raw.local.earlier_run_grace.get_ref())
+            .map_err(|reason| at(raw.local.earlier_run_grace.span(), reason))?;
+        if earlier_run_grace > MAX_EARLIER_RUN_GRACE {
+            return Err(at(
+                raw.local.earlier_run_grace.span(),
+                format!("earlier_run_grace is at most {}s", MAX_EARLIER_RUN_GRACE.as_secs()),
             ));
         }
         if raw.local.socket.as_os_str().is_empty() || !raw.local.socket.is_absolute() {
@@ -345,6 +364,7 @@ impl AgentConfig {
                 allowed_gids,
                 verify_port_owner: raw.local.verify_port_owner,
                 port_owner_grace: grace,
+                earlier_run_grace,
             },
             mirror: MirrorConfig {
                 mode,
@@ -454,6 +474,7 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert_eq!(config.local.socket, PathBuf::from("/run/fwnp/agent.sock"));
         assert!(config.local.verify_port_owner);
         assert_eq!(config.local.port_owner_grace, Duration::from_secs(2));
+        assert_eq!(config.local.earlier_run_grace, Duration::from_secs(15));
         assert_eq!(config.mirror.mode, MirrorMode::Enforce);
         assert_eq!(config.mirror.table, "fwnp_host");
         assert!(config.local.allowed_uids.is_empty());
@@ -468,6 +489,11 @@ ca = "/etc/fwnp/pki/ca.pem"
         let (line, reason) = error_of(&format!("{GOOD}\n[mirror]\nmode = \"strict\"\n"));
         assert_eq!(line, 11);
         assert!(reason.contains("monitor"), "{reason}");
+
+        let (line, reason) =
+            error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
+        assert_eq!(line, 11);
+        assert!(reason.contains("at most 600s"), "{reason}");
 
         let (line, reason) = error_of(&GOOD.replace("state_dir", "stat_dir"));
         assert_eq!(line, 1);

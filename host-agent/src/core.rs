@@ -119,6 +119,15 @@ pub enum CoreInput {
     Shutdown(oneshot::Sender<()>),
 }
 
+/// A lease of an earlier run of the agent that the gateway still listed when this run first
+/// connected. Its application lost its connection when that run ended.
+struct EarlierLease {
+    /// The mirror's holder number for its elements.
+    holder: u64,
+    lease: LeaseId,
+    expires_at: Instant,
+}
+
 /// The state of the link as the core sees it.
 enum LinkState {
     Down,
@@ -163,6 +172,10 @@ pub struct Core {
     epoch: Option<Epoch>,
     identity: Option<String>,
     synced_once: bool,
+    /// Leases of an earlier run, until `earlier_run_until`: then those no application asked for
+    /// again are released.
+    earlier_run: Vec<EarlierLease>,
+    earlier_run_until: Option<Instant>,
     conns: HashMap<ConnId, LocalConn>,
     leases: HashMap<u64, Held>,
     next_key: u64,
@@ -194,6 +207,8 @@ impl Core {
             epoch: None,
             identity: None,
             synced_once: false,
+            earlier_run: Vec::new(),
+            earlier_run_until: None,
             conns: HashMap::new(),
             leases: HashMap::new(),
             next_key: 1,
@@ -232,6 +247,9 @@ impl Core {
                 next = next.min(deadline);
             }
         }
+        if let Some(until) = self.earlier_run_until {
+            next = next.min(until);
+        }
         if matches!(self.link, LinkState::Down) {
             // Due sends wait for the link; do not spin on them.
             next = next.max(now + IDLE_TICK);
@@ -240,6 +258,11 @@ impl Core {
     }
 
     fn on_timer(&mut self, now: Instant) {
+        if self.earlier_run_until.is_some_and(|until| until <= now) {
+            // Nobody waits for these releases: each ends by itself (bounded by the exchange's
+            // own timeout).
+            drop(self.end_earlier_run(now));
+        }
         let keys: Vec<u64> = self.leases.keys().copied().collect();
         for key in keys {
             let Some(held) = self.leases.get_mut(&key) else {
@@ -385,8 +408,9 @@ impl Core {
         let at_gateway: HashSet<LeaseId> = listed.leases.iter().map(|l| l.lease).collect();
         if !self.synced_once {
             // The first connection since start: the host table is made to match what the
-            // gateway holds for this host (openings of an earlier run stay until their leases
-            // end; nothing renews them unless an application asks again).
+            // gateway holds for this host. Openings of an earlier run stay for a grace period,
+            // so that an application that asks again gets the same lease back without its
+            // opening ever closing; then the agent releases the others.
             self.synced_once = true;
             let mut holders: Vec<_> = self
                 .leases
@@ -400,11 +424,21 @@ impl Core {
                 // A lease of an earlier run: held under a number of its own until it ends.
                 let holder = self.next_key;
                 self.next_key += 1;
-                holders.push((
+                let expires_at = now + Duration::from_secs(u64::from(listed.remaining));
+                holders.push((holder, elements_of(&listed.grants), expires_at));
+                self.earlier_run.push(EarlierLease {
                     holder,
-                    elements_of(&listed.grants),
-                    now + Duration::from_secs(u64::from(listed.remaining)),
-                ));
+                    lease: listed.lease,
+                    expires_at,
+                });
+            }
+            if !self.earlier_run.is_empty() {
+                info!(
+                    leases = self.earlier_run.len(),
+                    grace = ?self.config.local.earlier_run_grace,
+                    "the gateway holds leases of an earlier run; those no application asks for again will be released"
+                );
+                self.earlier_run_until = Some(now + self.config.local.earlier_run_grace);
             }
             let mirror = self.mirror.clone();
             tokio::spawn(async move {
@@ -712,6 +746,56 @@ impl Core {
         }
     }
 
+    /// Ends the grace period of the earlier run's leases: each is let go in the host table, and
+    /// released at the gateway unless an application asked for the same opening again and the
+    /// gateway gave it this very lease. Returns the release exchanges under way.
+    fn end_earlier_run(&mut self, now: Instant) -> Vec<tokio::task::JoinHandle<()>> {
+        self.earlier_run_until = None;
+        let mut releases = Vec::new();
+        for earlier in std::mem::take(&mut self.earlier_run) {
+            let lease = earlier.lease;
+            // An application's machine holds it now: the mirror keeps the elements under that
+            // machine's number, and the lease is that application's.
+            let taken = self.leases.values().any(|h| {
+                !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
+            });
+            self.mirror.drop_lease(earlier.holder, None);
+            if taken {
+                debug!(%lease, "a lease of an earlier run was asked for again; it stays");
+                continue;
+            }
+            if earlier.expires_at <= now {
+                continue;
+            }
+            let LinkState::Up { connection } = &self.link else {
+                warn!(%lease, "cannot release a lease of an earlier run: the gateway is unreachable; it stays open there until it expires");
+                continue;
+            };
+            let connection = connection.clone();
+            let request = Message::Release(fwnp_proto::Release {
+                common: common(rand::Rng::random(&mut self.rng)),
+                lease,
+            });
+            releases.push(tokio::spawn(async move {
+                match exchange(&connection, &request).await {
+                    Ok(Message::Released(_)) => {
+                        info!(%lease, "released a lease of an earlier run that no application asked for again");
+                    }
+                    Ok(Message::Denied(d)) if d.code == ResultCode::UnknownLease => {
+                        debug!(%lease, "a lease of an earlier run had already ended");
+                    }
+                    Ok(other) => {
+                        warn!(%lease, ?other, "releasing a lease of an earlier run: unexpected answer; it stays open at the gateway until it expires");
+                    }
+                    Err(e) => {
+                        warn!(%lease, "releasing a lease of an earlier run failed ({e}); it stays open at the gateway until it expires");
+                    }
+                }
+            }));
+        }
+        releases
+    }
+
     /// Whether a machine other than `key` holds `lease` live.
     fn shared(&self, key: u64, lease: LeaseId) -> bool {
         self.leases.iter().any(|(k, h)| {
@@ -859,14 +943,28 @@ impl Core {
                         })
                     })
                     .collect();
-                self.send(
-                    conn,
-                    LocalMessage::Wire(Message::Leases(Leases {
-                        common: common(request_id),
-                        leases,
-                        epoch: self.epoch.unwrap_or(0),
-                    })),
-                );
+                let mut answer = Leases {
+                    common: common(request_id),
+                    leases,
+                    epoch: self.epoch.unwrap_or(0),
+                };
+                // The gateway's rule (spec 5.4), since a frame is bounded the same way: shed
+                // application information from the end, and never send a partial list.
+                if !fwnp_proto::codec::fit_leases(&mut answer) {
+                    self.send(
+                        conn,
+                        LocalMessage::Denied(LocalDenied {
+                            common: common(request_id),
+                            code: DenialCode::Wire(ResultCode::NoResources),
+                            reason: Some("the list of leases does not fit in one answer".to_owned()),
+                            retry_after: Some(60),
+                            lease: None,
+                            unsupported: Vec::new(),
+                        }),
+                    );
+                    return;
+                }
+                self.send(conn, LocalMessage::Wire(Message::Leases(answer)));
             }
             LocalMessage::Watch(watch) => {
                 if let Some(local) = self.conns.get_mut(&conn) {
@@ -1118,6 +1216,7 @@ impl Core {
             }
             self.drive(*key, now);
         }
+        let earlier_releases = self.end_earlier_run(now);
         // Give the Release requests a moment to reach the gateway.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.leases.is_empty() {
@@ -1140,6 +1239,9 @@ impl Core {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
+        }
+        for release in earlier_releases {
+            let _ = tokio::time::timeout_at(deadline, release).await;
         }
         self.mirror.shutdown().await;
     }

@@ -137,6 +137,7 @@ struct Lab {
     socket: PathBuf,
     admin_socket: PathBuf,
     gateway_command: (PathBuf, PathBuf),
+    agent_config: PathBuf,
     _pki: Pki,
     _dir: TempDir,
 }
@@ -170,6 +171,10 @@ impl Lab {
             ),
         )
         .expect("write agent config");
+        // Short, so that a test can watch an earlier run's leases go.
+        let mut text = std::fs::read_to_string(&agent_config_path).expect("read agent config");
+        text = text.replace("[mirror]", "earlier_run_grace = \"3s\"\n\n[mirror]");
+        std::fs::write(&agent_config_path, text).expect("write agent config");
         let echo = echo_ports
             .iter()
             .map(|p| TcpEchoServer::start(&topology.host, *p).expect("echo server"))
@@ -184,21 +189,28 @@ impl Lab {
             socket,
             admin_socket,
             gateway_command: (gateway_bin, gateway_config_path),
+            agent_config: agent_config_path,
             _pki: pki,
             _dir: dir,
         };
 
         lab.start_gateway();
+        lab.start_agent();
+        lab
+    }
 
-        let mut command = agent_command(&agent_config_path);
-        lab.agent.0 = Some(
-            lab.topology
+    /// Starts the agent in the host namespace and waits until it is connected to the gateway.
+    fn start_agent(&mut self) {
+        let _ = std::fs::remove_file(&self.socket);
+        let mut command = agent_command(&self.agent_config);
+        self.agent.0 = Some(
+            self.topology
                 .host
                 .spawn(&mut command)
                 .expect("start fwnp-agent"),
         );
-        wait_for_socket(&mut lab.agent, &lab.socket.clone());
-        let mut client = lab.client();
+        wait_for_socket(&mut self.agent, &self.socket.clone());
+        let mut client = self.client();
         let deadline = Instant::now() + STEP;
         while !client.status().connected {
             assert!(
@@ -207,7 +219,6 @@ impl Lab {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        lab
     }
 
     /// Starts the gateway in its namespace and waits for its admin socket.
@@ -649,4 +660,45 @@ fn a_new_gateway_epoch_reopens_the_lease_under_a_new_id() {
     ));
     assert!(lab.eventually(STEP, || !lab.gateway_has(7600) && !lab.host_has(7600)));
     assert!(!lab.outside_reaches(7600, REFUSED));
+}
+
+#[test]
+fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
+    if !lab::require_root("a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again") {
+        return;
+    }
+    let mut lab = Lab::new("e2eearlier", &[7700, 7701]);
+    // Two applications, whose connections end with the agent.
+    let (mut first, mut second) = (lab.client(), lab.client());
+    let kept = granted(first.open(Protocol::Tcp, 7700, Some(60), STEP));
+    let dropped = granted(second.open(Protocol::Tcp, 7701, Some(60), STEP));
+    assert_ne!(kept.lease, dropped.lease);
+    lab.agent.kill();
+    drop((first, second));
+    lab.start_agent();
+    let restarted = Instant::now();
+
+    // Within the grace period one application asks for its opening again: the gateway gives it
+    // the same lease back, and the opening has stayed open throughout.
+    assert!(lab.host_has(7700) && lab.host_has(7701), "the restart closed the host's openings");
+    let mut app = lab.client();
+    let again = granted(app.open(Protocol::Tcp, 7700, Some(60), STEP));
+    assert_eq!(again.lease, kept.lease);
+
+    // Nobody asks for the other: once the grace period (3 s here) is over, it is gone at both,
+    // long before its 60 s lifetime.
+    assert!(
+        lab.eventually(Duration::from_secs(10), || !lab.host_has(7701) && !lab.gateway_has(7701)),
+        "the earlier run's lease outlived the grace period"
+    );
+    assert!(
+        restarted.elapsed() >= Duration::from_secs(2),
+        "released before the grace period ended: {:?}",
+        restarted.elapsed()
+    );
+    assert!(!lab.outside_reaches(7701, REFUSED));
+    // The one asked for again stays, at both, with its application.
+    assert!(lab.outside_reaches(7700, FIRST_SYN), "the lease asked for again was closed");
+    assert!(lab.host_has(7700) && lab.gateway_has(7700));
+    assert_eq!(app.list().leases.iter().map(|l| l.lease).collect::<Vec<_>>(), vec![kept.lease]);
 }
