@@ -128,9 +128,19 @@ impl Sessions {
         self.by_identity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The key a session is counted under: its identity, or for a certificate without one (kept
+    /// only long enough to be told so), its address, so that one such host cannot use up the
+    /// connections of every other.
+    fn key_of(session: &Session) -> String {
+        match &session.peer {
+            Some(peer) => peer.identity.clone(),
+            None => format!("(no identity) {}", session.remote.ip()),
+        }
+    }
+
     fn insert(&self, session: &Arc<Session>, limit: u32) -> bool {
         let mut map = self.lock();
-        let list = map.entry(session.identity().to_owned()).or_default();
+        let list = map.entry(Self::key_of(session)).or_default();
         if list.len() >= limit as usize {
             return false;
         }
@@ -140,10 +150,11 @@ impl Sessions {
 
     fn remove(&self, session: &Session) {
         let mut map = self.lock();
-        if let Some(list) = map.get_mut(session.identity()) {
+        let key = Self::key_of(session);
+        if let Some(list) = map.get_mut(&key) {
             list.retain(|s| s.id != session.id);
             if list.is_empty() {
-                map.remove(session.identity());
+                map.remove(&key);
             }
         }
     }

@@ -1418,10 +1418,9 @@ async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_i
     Client::connect(gw.addr, &new_files).await.hello().await;
 }
 
-#[tokio::test]
-async fn a_certificate_naming_no_identity_gets_not_authorized() {
-    let gw = TestGateway::start("no-identity", POLICY).await;
-    // Made with rcgen directly: pki never issues a certificate without URI or DNS SAN.
+/// A certificate of the gateway's CA with neither URI nor DNS SAN, so naming no identity. Made
+/// with rcgen directly: pki never issues one.
+fn nameless_certificate(gw: &TestGateway) -> ClientTlsFiles {
     let ca_pem = std::fs::read_to_string(gw.pki.file("ca.pem")).expect("read ca");
     let ca_key = rcgen::KeyPair::from_pem(
         &std::fs::read_to_string(gw.pki.file("ca.key")).expect("read key"),
@@ -1436,8 +1435,13 @@ async fn a_certificate_naming_no_identity_gets_not_authorized() {
     let certificate = params.signed_by(&key, &issuer).expect("sign");
     std::fs::write(gw.pki.file("nameless.pem"), certificate.pem()).expect("write cert");
     std::fs::write(gw.pki.file("nameless.key"), key.serialize_pem()).expect("write key");
+    gw.pki.host_files("nameless")
+}
 
-    let client = Client::connect(gw.addr, &gw.pki.host_files("nameless")).await;
+#[tokio::test]
+async fn a_certificate_naming_no_identity_gets_not_authorized() {
+    let gw = TestGateway::start("no-identity", POLICY).await;
+    let client = Client::connect(gw.addr, &nameless_certificate(&gw)).await;
     let d = denied(
         client
             .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
@@ -1510,6 +1514,38 @@ async fn a_renewal_that_shortens_a_lease_moves_the_expiry_timer() {
         .expect("query")
         .expect("stored");
     assert_eq!(record.state, LeaseState::Expired);
+}
+
+#[tokio::test]
+async fn connections_naming_no_identity_are_limited_per_address() {
+    let options = GatewayOptions {
+        max_connections_per_identity: Some(2),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("nameless-limit", POLICY, options).await;
+    let files = nameless_certificate(&gw);
+    let hello = hello_msg(Some(1), &[1], Capabilities::ALL);
+    let first = Client::connect(gw.addr, &files).await;
+    let second = Client::connect(gw.addr, &files).await;
+    for client in [&first, &second] {
+        assert_eq!(denied(client.request(&hello).await).code, ResultCode::NotAuthorized);
+    }
+    // A third from the same address is one too many...
+    let closed = match Client::try_connect(gw.addr, &files).await {
+        Err(e) => e,
+        Ok(third) => third.closed_within(STEP).await.expect("the third connection is closed"),
+    };
+    assert_eq!(
+        application_close_code(&closed),
+        Some(u64::from(QuicErrorCode::ExcessiveLoad.code())),
+        "{closed:?}"
+    );
+    // ...but another address with a nameless certificate is still told why it cannot be served.
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+    let other = Client::connect_from_socket(socket, gw.addr, &files)
+        .await
+        .expect("a connection from another address is accepted");
+    assert_eq!(denied(other.request(&hello).await).code, ResultCode::NotAuthorized);
 }
 
 #[tokio::test]
