@@ -234,11 +234,14 @@ pub enum EventKind {
     Reopened,
     /// 7: renewals are failing for lack of the gateway; the lease is valid until its expiry.
     GatewayUnreachable,
+    /// 8: the gateway refused to renew the lease, for good; it stays valid until its expiry
+    /// (the event carries the time left), then ends with [`EventKind::Expired`].
+    RenewalRefused,
 }
 
 impl EventKind {
     /// Every kind, in number order.
-    pub const ALL: [EventKind; 7] = [
+    pub const ALL: [EventKind; 8] = [
         EventKind::Renewed,
         EventKind::Revoked,
         EventKind::Expired,
@@ -246,6 +249,7 @@ impl EventKind {
         EventKind::Released,
         EventKind::Reopened,
         EventKind::GatewayUnreachable,
+        EventKind::RenewalRefused,
     ];
 
     /// The number on the wire.
@@ -258,6 +262,7 @@ impl EventKind {
             EventKind::Released => 5,
             EventKind::Reopened => 6,
             EventKind::GatewayUnreachable => 7,
+            EventKind::RenewalRefused => 8,
         }
     }
 
@@ -284,6 +289,7 @@ impl EventKind {
             EventKind::Released => "released",
             EventKind::Reopened => "reopened",
             EventKind::GatewayUnreachable => "gateway-unreachable",
+            EventKind::RenewalRefused => "renewal-refused",
         }
     }
 }

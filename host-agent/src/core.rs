@@ -678,6 +678,19 @@ impl Core {
                 reason,
             } => {
                 warn!(%lease, %code, ?reason, "the gateway refused a renewal; the lease ends at its expiry");
+                let expires_in = held
+                    .machine
+                    .expires_at()
+                    .map(|at| at.saturating_duration_since(now));
+                self.emit(
+                    key,
+                    lease,
+                    EventKind::RenewalRefused,
+                    expires_in,
+                    reason,
+                    Some(DenialCode::Wire(code)),
+                    None,
+                );
             }
             LeaseEvent::Reopening { previous, cause } => {
                 info!(%previous, ?cause, "the gateway forgot a lease; opening it again");

@@ -796,6 +796,19 @@ impl Connection {
                     });
                 }
             }
+            EventKind::RenewalRefused => {
+                for route in routes {
+                    let expires = match left {
+                        Some(left) => route.shared.set_expires_in(left),
+                        None => route.shared.expires(),
+                    };
+                    route.send(LeaseEvent::RenewalRefused {
+                        expires,
+                        reason: event.reason.clone(),
+                        code: event.code,
+                    });
+                }
+            }
             EventKind::Reopened => {
                 let Some(new) = event.new_lease else {
                     return;

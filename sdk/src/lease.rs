@@ -62,6 +62,28 @@ pub enum LeaseEvent {
         /// The explanation given.
         reason: Option<String>,
     },
+    /// The gateway refused to renew the lease (for example, the host's credential is no longer
+    /// authorized). The agent does not ask again: the lease stays valid until `expires`, then
+    /// [`LeaseEvent::Expired`] follows. An application that still needs the opening can open it
+    /// again, which the gateway judges afresh.
+    ///
+    /// ```
+    /// use fwnp_sdk::LeaseEvent;
+    /// let event = LeaseEvent::RenewalRefused {
+    ///     expires: std::time::Instant::now(),
+    ///     reason: Some("not authorized".into()),
+    ///     code: None,
+    /// };
+    /// assert!(!event.is_terminal());
+    /// ```
+    RenewalRefused {
+        /// When the lease ends (this host's clock), as [`Lease::expires`] reports it.
+        expires: Instant,
+        /// The explanation given.
+        reason: Option<String>,
+        /// The gateway's code.
+        code: Option<DenialCode>,
+    },
     /// The connection to the agent closed (the agent stopped). The agent releases the leases of
     /// a closed connection, so this lease is over; connect again and reopen.
     Disconnected,
@@ -116,6 +138,14 @@ impl fmt::Display for LeaseEvent {
                 "gateway unreachable, renewals failing (still open until expiry)",
                 reason,
             ),
+            LeaseEvent::RenewalRefused { expires, reason, .. } => {
+                let left = expires.saturating_duration_since(Instant::now()).as_secs();
+                with(
+                    f,
+                    &format!("renewal refused by the gateway (still open, {left} s left)"),
+                    reason,
+                )
+            }
             LeaseEvent::Disconnected => {
                 f.write_str("the connection to the host agent closed; the lease is over")
             }
@@ -178,6 +208,10 @@ impl LeaseShared {
         state.expires = now + left;
         state.gateway_expires = SystemTime::now() + left;
         state.expires
+    }
+
+    pub(crate) fn expires(&self) -> Instant {
+        self.lock().expires
     }
 
     pub(crate) fn is_ended(&self) -> bool {

@@ -224,6 +224,35 @@ async fn events_reach_the_right_lease() {
 }
 
 #[tokio::test]
+async fn a_refused_renewal_is_reported_and_the_lease_stays_until_its_expiry() {
+    let agent = Harness::start();
+    let client = Client::connect_to(&agent.path).await.unwrap();
+    let mut lease = client.open(Opening::tcp(8080)).await.unwrap();
+    let mut refused = event(lease.id(), EventKind::RenewalRefused);
+    refused.expires_in_ms = Some(42_000);
+    refused.reason = Some("the host's credential was revoked".into());
+    refused.code = Some(DenialCode::Wire(ResultCode::NotAuthorized));
+    agent.push(&LocalMessage::Event(refused));
+    let expires = match next(&mut lease).await {
+        Some(LeaseEvent::RenewalRefused { expires, reason, code }) => {
+            assert_eq!(reason.as_deref(), Some("the host's credential was revoked"));
+            assert_eq!(code, Some(DenialCode::Wire(ResultCode::NotAuthorized)));
+            expires
+        }
+        other => panic!("expected a refused renewal, got {other:?}"),
+    };
+    // The time left the agent gave is now the lease's expiry; the lease is still in force.
+    let left = expires.saturating_duration_since(Instant::now());
+    assert!(left > Duration::from_secs(40) && left <= Duration::from_secs(42), "{left:?}");
+    assert_eq!(lease.expires(), expires);
+    assert!(lease.is_active());
+    // Its expiry ends it.
+    agent.push(&LocalMessage::Event(event(lease.id(), EventKind::Expired)));
+    assert_eq!(next(&mut lease).await, Some(LeaseEvent::Expired));
+    assert!(!lease.is_active());
+}
+
+#[tokio::test]
 async fn a_reopened_lease_takes_its_new_id() {
     let agent = Harness::start();
     let client = Client::connect_to(&agent.path).await.unwrap();
