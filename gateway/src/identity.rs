@@ -179,6 +179,9 @@ pub struct PeerIdentity {
     pub ip_sans: Vec<IpAddr>,
     /// The certificate's serial number.
     pub serial: Serial,
+    /// The issuer's distinguished name, as the DER bytes of the certificate: with the serial,
+    /// what a CRL entry names.
+    pub issuer: Vec<u8>,
     /// The SHA-256 fingerprint of the certificate.
     pub fingerprint: Fingerprint,
     /// The end of the certificate's validity.
@@ -232,6 +235,7 @@ impl PeerIdentity {
             kind,
             ip_sans,
             serial: Serial::from_der_bytes(certificate.raw_serial()),
+            issuer: certificate.issuer().as_raw().to_vec(),
             fingerprint: Fingerprint::of_der(der),
             not_after,
         })
@@ -260,20 +264,51 @@ pub fn allowed_addresses(peer: &PeerIdentity, connection_source: IpAddr) -> Vec<
     }
 }
 
-/// The serials listed as revoked in a set of CRLs (DER), for closing live connections whose
-/// certificate a freshly loaded CRL revokes: TLS only checks revocation at the handshake.
-pub fn revoked_serials(
+/// The certificates a set of CRLs lists as revoked, each named as a CRL names it: by its
+/// issuer and its serial. Used to close live connections whose certificate a freshly loaded CRL
+/// revokes, since TLS checks revocation only at the handshake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RevokedCertificates {
+    /// (issuer's distinguished name as DER, serial).
+    entries: std::collections::BTreeSet<(Vec<u8>, Serial)>,
+}
+
+impl RevokedCertificates {
+    /// Whether the certificate of `peer` is listed: same serial, from the same issuer. A serial
+    /// alone could name a certificate of another CA of the trust store.
+    pub fn lists(&self, peer: &PeerIdentity) -> bool {
+        self.entries.contains(&(peer.issuer.clone(), peer.serial.clone()))
+    }
+
+    /// Whether no certificate is listed.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The serials listed, of every issuer, in order.
+    pub fn serials(&self) -> Vec<Serial> {
+        self.entries.iter().map(|(_, serial)| serial.clone()).collect()
+    }
+}
+
+/// Reads the revoked certificates of a set of CRLs (DER). Each CRL's entries are its issuer's
+/// (the indirect-CRL certificate-issuer entry extension is not supported: such a CRL is read
+/// as its issuer's own).
+pub fn revoked_certificates(
     crls: &[CertificateRevocationListDer<'_>],
-) -> Result<std::collections::BTreeSet<Serial>, IdentityError> {
-    let mut serials = std::collections::BTreeSet::new();
+) -> Result<RevokedCertificates, IdentityError> {
+    let mut revoked = RevokedCertificates::default();
     for crl in crls {
         let (_, parsed) = x509_parser::parse_x509_crl(crl.as_ref())
             .map_err(|error| IdentityError::CrlParse(error.to_string()))?;
-        for revoked in parsed.iter_revoked_certificates() {
-            serials.insert(Serial::from_der_bytes(revoked.raw_serial()));
+        let issuer = parsed.issuer().as_raw().to_vec();
+        for entry in parsed.iter_revoked_certificates() {
+            revoked
+                .entries
+                .insert((issuer.clone(), Serial::from_der_bytes(entry.raw_serial())));
         }
     }
-    Ok(serials)
+    Ok(revoked)
 }
 
 fn checked_identity(name: &str) -> Result<&str, IdentityError> {
@@ -318,6 +353,55 @@ mod tests {
     use super::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
+    /// A CA named `name`: its issuer, for signing certificates and CRLs.
+    fn test_ca(name: &str) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let key = rcgen::KeyPair::generate().expect("key");
+        rcgen::Issuer::new(params, key)
+    }
+
+    fn crl_listing(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, serial: &[u8]) -> CertificateRevocationListDer<'static> {
+        let now = rcgen::date_time_ymd(2026, 1, 1);
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: rcgen::date_time_ymd(2036, 1, 1),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: vec![rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(serial),
+                revocation_time: now,
+                reason_code: None,
+                invalidity_date: None,
+            }],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(issuer).expect("sign crl").der().clone()
+    }
+
+    #[test]
+    fn a_crl_revokes_its_own_issuers_certificate_not_another_cas_with_the_same_serial() {
+        let (ours, theirs) = (test_ca("FWNP test CA"), test_ca("Another CA"));
+        let serial = [0x42, 0x17];
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI("fwnp://host/a".try_into().unwrap())];
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = rcgen::KeyPair::generate().expect("key");
+        let certificate = params.signed_by(&key, &ours).expect("sign");
+        let peer = PeerIdentity::from_certificate(certificate.der()).expect("identity");
+        assert_eq!(peer.serial, Serial::from_der_bytes(&serial));
+
+        let by_another_ca = revoked_certificates(&[crl_listing(&theirs, &serial)]).expect("crl");
+        assert_eq!(by_another_ca.serials(), vec![peer.serial.clone()]);
+        assert!(!by_another_ca.lists(&peer), "a serial of another issuer matched");
+        let by_its_ca = revoked_certificates(&[crl_listing(&ours, &serial)]).expect("crl");
+        assert!(by_its_ca.lists(&peer));
+        let both = revoked_certificates(&[crl_listing(&theirs, &serial), crl_listing(&ours, &[1])]).expect("crls");
+        assert!(!both.lists(&peer));
+    }
+
     #[test]
     fn serial_normalisation_drops_sign_byte_and_leading_zeros() {
         assert_eq!(Serial::from_der_bytes(&[0x00, 0x8f, 0x01]).as_str(), "8F01");
@@ -351,6 +435,7 @@ mod tests {
             kind: IdentityKind::Uri,
             ip_sans: vec![],
             serial: Serial::from_der_bytes(&[1]),
+            issuer: Vec::new(),
             fingerprint: Fingerprint([0; 32]),
             not_after: UNIX_EPOCH,
         };

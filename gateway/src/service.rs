@@ -1009,8 +1009,8 @@ impl Service {
         // configuration below reads the file again: should it change in between, the next
         // reload settles the difference.
         let revoked = match &files.crl {
-            Some(path) => crate::identity::revoked_serials(&crate::tls::load_crls(path)?)?,
-            None => BTreeSet::new(),
+            Some(path) => crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?,
+            None => crate::identity::RevokedCertificates::default(),
         };
         for endpoint in lock(&self.endpoints).iter() {
             crate::tls::reload_server_config(endpoint, &files, &options)?;
@@ -1022,16 +1022,16 @@ impl Service {
     /// the handshake only, so a connection made before the CRL listed its certificate would go
     /// on, and with it the renewals of its host's leases.
     ///
-    /// For each identity with a live connection whose certificate serial is in `revoked`: its
-    /// live leases are revoked with `credential-revoked` and the Revoked notices sent; once its
-    /// hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections are closed with
+    /// For each identity with a live connection whose certificate `revoked` lists (issuer and
+    /// serial): its live leases are revoked with `credential-revoked` and the Revoked notices
+    /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections are closed with
     /// `NoError`, each recorded as an authentication failure. An identity that also has a
     /// connection with a certificate not in `revoked` (a host that already rolled to a new
     /// certificate) keeps its leases: only its revoked connections close.
     ///
     /// Leases of an identity with no live connection are left to expire: they cannot be renewed,
     /// since every new handshake with the revoked certificate fails.
-    async fn end_revoked_credentials(&self, revoked: &BTreeSet<Serial>) -> Vec<Value> {
+    async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
         }
@@ -1040,7 +1040,7 @@ impl Service {
             // A certificate that names no identity holds no lease and is refused every request.
             let Some(peer) = &session.peer else { continue };
             let entry = by_identity.entry(peer.identity.clone()).or_default();
-            if !revoked.contains(&peer.serial) {
+            if !revoked.lists(peer) {
                 entry.rolled = true;
             } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 // Not already being ended by a reload running at the same time.

@@ -37,7 +37,7 @@
 //! A bad file leaves the old configuration in force (the error is returned before anything is
 //! replaced). To also end live connections whose certificate the new CRL revokes, compare each
 //! connection's [`PeerIdentity::serial`](crate::identity::PeerIdentity::serial) with
-//! [`revoked_serials`](crate::identity::revoked_serials) of the new CRLs and close the matches;
+//! [`revoked_certificates`](crate::identity::revoked_certificates) of the new CRLs and close the matches;
 //! the gateway's [`Service::reload_tls`](crate::service::Service::reload_tls) does so, after
 //! revoking what those connections' hosts hold.
 
@@ -491,7 +491,7 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
         });
     }
     // Parsed now so that a corrupt CRL is reported with its file name, not later by the verifier.
-    crate::identity::revoked_serials(&crls).map_err(|error| TlsError::Pem {
+    crate::identity::revoked_certificates(&crls).map_err(|error| TlsError::Pem {
         path: path.to_owned(),
         what: "certificate revocation list",
         detail: error.to_string(),
