@@ -200,6 +200,10 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
         session.close(QuicErrorCode::ExcessiveLoad, "too many connections for this identity");
         return;
     }
+    if !service.check_credential(&session).await {
+        service.sessions.remove(&session);
+        return;
+    }
     info!(session = session.id, identity = session.identity(), %remote, "connected");
     service.metrics.connections.inc();
     let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);

@@ -76,6 +76,20 @@ pub struct Service {
     answered: moka::sync::Cache<(String, u64), AnsweredRelease>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
+    /// The certificates the last reloaded CRL lists, for connections whose handshake finished
+    /// under the CRL before it (see [`Service::check_credential`]).
+    revoked_certificates: Mutex<Arc<crate::identity::RevokedCertificates>>,
+}
+
+/// Why the elements of a renewed or extended lease were not refreshed.
+#[derive(Debug, thiserror::Error)]
+enum RefreshError {
+    /// The kernel refused.
+    #[error(transparent)]
+    Kernel(#[from] fwnp_netfilter::Error),
+    /// The lease was revoked while its elements were being refreshed.
+    #[error("the lease ended while it was being renewed")]
+    LeaseEnded,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -219,6 +233,7 @@ impl Service {
                 .build(),
             started: Instant::now(),
             endpoints: Mutex::new(Vec::new()),
+            revoked_certificates: Mutex::new(Arc::default()),
             config,
         });
         service.restore().await?;
@@ -627,7 +642,7 @@ impl Service {
         let elements = elements_of_all(&lease.grants);
         let (kernel, store_op, kind, outcome_name) = match &outcome {
             OpenOutcome::NewLease(_) => (
-                self.program(elements.iter().map(|e| (e.clone(), Some(left)))).await,
+                self.program(elements.iter().map(|e| (e.clone(), Some(left)))).await.map_err(RefreshError::from),
                 WriteOp::InsertLease(NewLease {
                     id: lease.id,
                     identity: peer.identity.clone(),
@@ -643,7 +658,7 @@ impl Service {
                 Outcome::Granted,
             ),
             OpenOutcome::Extended { .. } => (
-                self.refresh(&elements, left).await,
+                self.refresh(&lease.id, &elements, left).await,
                 WriteOp::RenewLease {
                     id: lease.id,
                     renewed_ms: now,
@@ -669,7 +684,11 @@ impl Service {
             OpenOutcome::Extended { .. } => format!("{} (extends the live lease)", decision.reason),
         });
         if let Err(e) = kernel {
-            return self.give_back(session, &request(), &outcome, &elements, format!("kernel: {e}")).await;
+            let why = match e {
+                RefreshError::LeaseEnded => e.to_string(),
+                RefreshError::Kernel(e) => format!("kernel: {e}"),
+            };
+            return self.give_back(session, &request(), &outcome, &elements, why).await;
         }
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease: a second row per grant cost a third of the store's time.
@@ -679,6 +698,14 @@ impl Service {
         if matches!(outcome, OpenOutcome::NewLease(_)) {
             self.metrics.live_leases.inc();
             self.expiry_changed.notify_one();
+        }
+        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+            // A CRL reload revoked this connection's certificate while the lease was being
+            // made, after it had revoked the identity's leases: this one must not outlive it.
+            let text = "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(&lease.id, RevokeReason::CredentialRevoked, "gateway", Some(text.to_owned())).await;
+            self.metrics.request(ResultCode::NotAuthorized.name());
+            return Message::Denied(denied(open.common.request_id, ResultCode::NotAuthorized, text));
         }
         self.metrics.request("granted");
         self.metrics.grant_latency.observe(started.elapsed().as_secs_f64());
@@ -762,7 +789,10 @@ impl Service {
     }
 
     /// Gives elements a new timeout; one missing from the kernel is added again.
-    async fn refresh(&self, elements: &[Element], timeout: Duration) -> Result<(), fwnp_netfilter::Error> {
+    /// Refreshes the timeouts of a live lease's elements (adding any that went missing).
+    /// A revocation may have ended the lease meanwhile and removed its elements before they
+    /// were added back here: then they are removed again, and the answer is `LeaseEnded`.
+    async fn refresh(&self, lease: &LeaseId, elements: &[Element], timeout: Duration) -> Result<(), RefreshError> {
         let Some(filter) = &self.filter else { return Ok(()) };
         for element in elements {
             match filter.renew(element.clone(), timeout).await {
@@ -770,8 +800,16 @@ impl Service {
                 Err(fwnp_netfilter::Error::ElementMissing(_)) => {
                     filter.add(element.clone(), timeout).await?
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
+        }
+        // A revocation takes the lease out of the book before it removes the elements, so a
+        // lease still in the book now cannot have lost them to one.
+        if lock(&self.book).get(lease).is_none() {
+            for element in elements {
+                let _ = filter.remove(element.clone()).await;
+            }
+            return Err(RefreshError::LeaseEnded);
         }
         Ok(())
     }
@@ -826,7 +864,10 @@ impl Service {
         };
         let lease = &renewed.grant.lease;
         let left = remaining(lease.expires_ms, now);
-        if let Err(e) = self.refresh(&elements_of_all(&lease.grants), left).await {
+        if let Err(e) = self.refresh(&lease.id, &elements_of_all(&lease.grants), left).await {
+            if matches!(e, RefreshError::LeaseEnded) {
+                return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+            }
             warn!(lease = %lease.id, "renewal not programmed: {e}");
             let mut answer = self.refuse(session, &request(), ResultCode::NoResources, format!("kernel: {e}"), None);
             if let Message::Denied(d) = &mut answer {
@@ -1015,7 +1056,25 @@ impl Service {
         for endpoint in lock(&self.endpoints).iter() {
             crate::tls::reload_server_config(endpoint, &files, &options)?;
         }
+        // Published before the live connections are looked at: a connection registered too late
+        // to be seen below finds the new list in `check_credential`.
+        let revoked = Arc::new(revoked);
+        *lock(&self.revoked_certificates) = revoked.clone();
         Ok(self.end_revoked_credentials(&revoked).await)
+    }
+
+    /// Called once a new connection is registered: a handshake that began before a CRL reload
+    /// was verified against the old CRL, and the reload may have looked at the live connections
+    /// before this one was among them. If the reloaded CRL lists its certificate, it is ended
+    /// as the reload would have ended it. Returns whether the connection may go on.
+    pub async fn check_credential(&self, session: &Session) -> bool {
+        let Some(peer) = &session.peer else { return true };
+        let revoked = lock(&self.revoked_certificates).clone();
+        if !revoked.lists(peer) {
+            return true;
+        }
+        self.end_revoked_credentials(&revoked).await;
+        false
     }
 
     /// Ends what revoked certificates still hold (spec 8.12 and 17.4). TLS checks revocation at
