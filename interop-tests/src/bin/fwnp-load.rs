@@ -565,6 +565,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let counters = Arc::new(Counters::default());
     let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let lateness = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    // Open loop only: from the moment each request actually started to its answer.
+    let from_start = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let datagrams_before = datagrams(&hosts);
     let status_before = gateway_status(&gateway_bin, &dir);
     let started = Instant::now();
@@ -604,6 +606,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let counters = counters.clone();
             let histogram = histogram.clone();
             let lateness = lateness.clone();
+            let from_start = from_start.clone();
             let lifetime = args.lifetime;
             let dispatcher = std::thread::Builder::new().name("fwnp-load-schedule".into()).spawn(move || {
                 let mut tasks = Vec::new();
@@ -619,12 +622,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     let counters = counters.clone();
                     let histogram = histogram.clone();
                     let lateness = lateness.clone();
+                    let from_start = from_start.clone();
                     let seed = rng.random();
                     tasks.push(runtime.spawn(async move {
-                        let _ = lateness.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                        let start = Instant::now();
+                        let _ = lateness.lock().map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
                         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                         if one(&host, mix, lifetime, &counters, &mut rng).await {
                             let _ = histogram.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                            let _ = from_start.lock().map(|mut h| h.record(start.elapsed().as_micros() as u64));
                         }
                     }));
                     n += 1;
@@ -674,6 +680,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "schedule_lateness_ms": args.rate.map(|_| {
             let l = lateness.lock().map(|l| l.clone()).unwrap_or_else(|e| e.into_inner().clone());
             json!({ "p50": l.value_at_quantile(0.5) as f64 / 1000.0, "p99": l.value_at_quantile(0.99) as f64 / 1000.0, "max": l.max() as f64 / 1000.0 })
+        }),
+        // Open loop only, for diagnosis: latency counted from when each request actually
+        // started rather than from its schedule, so without the generator's own lateness. The
+        // figure to quote is `latency_ms`.
+        "latency_from_start_ms": args.rate.map(|_| {
+            let l = from_start.lock().map(|l| l.clone()).unwrap_or_else(|e| e.into_inner().clone());
+            json!({ "p50": l.value_at_quantile(0.5) as f64 / 1000.0, "p99": l.value_at_quantile(0.99) as f64 / 1000.0, "p999": l.value_at_quantile(0.999) as f64 / 1000.0, "max": l.max() as f64 / 1000.0 })
         }),
         "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
