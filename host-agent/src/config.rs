@@ -274,22 +274,21 @@ impl AgentConfig {
                 .map_err(|reason| at(group.span(), reason))?;
             allowed_gids.push(gid);
         }
-        let grace = parse_duration(raw.local.port_owner_grace.get_ref())
-            .map_err(|reason| at(raw.local.port_owner_grace.span(), reason))?;
-        if grace > MAX_GRACE {
-            return Err(at(
-                raw.local.port_owner_grace.span(),
-                format!("port_owner_grace is at most {}s", MAX_GRACE.as_secs()),
-            ));
-        }
-        let earlier_run_grace = parse_duration(raw.local.earlier_run_grace.get_ref())
-            .map_err(|reason| at(raw.local.earlier_run_grace.span(), reason))?;
-        if earlier_run_grace > MAX_EARLIER_RUN_GRACE {
-            return Err(at(
-                raw.local.earlier_run_grace.span(),
-                format!("earlier_run_grace is at most {}s", MAX_EARLIER_RUN_GRACE.as_secs()),
-            ));
-        }
+        // A duration of at most `max`, or the line and reason.
+        let bounded = |value: &Spanned<String>, name: &str, max: Duration| {
+            let duration =
+                parse_duration(value.get_ref()).map_err(|reason| at(value.span(), reason))?;
+            if duration > max {
+                return Err(at(value.span(), format!("{name} is at most {}s", max.as_secs())));
+            }
+            Ok(duration)
+        };
+        let grace = bounded(&raw.local.port_owner_grace, "port_owner_grace", MAX_GRACE)?;
+        let earlier_run_grace = bounded(
+            &raw.local.earlier_run_grace,
+            "earlier_run_grace",
+            MAX_EARLIER_RUN_GRACE,
+        )?;
         if raw.local.socket.as_os_str().is_empty() || !raw.local.socket.is_absolute() {
             return Err(at(
                 0..0,
