@@ -85,7 +85,7 @@ impl Lab {
         let topology = Topology::new().expect("build the namespaces");
         let pki = Pki::with_gateway_ips(label, &[topology.gateway_inside_v4]);
         let host_files = pki.host("web-01", &[topology.host_v4, topology.host_v6], &[], &[]);
-        let dir = TempDir::new(label);
+        let dir = temp_dir(label);
         write_policy(&dir.path().join("policy.toml"), POLICY);
         let listen = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
         let filter = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\", \"fd00:2::/64\"]\nrefuse = \"drop\"";

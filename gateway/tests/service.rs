@@ -1807,7 +1807,7 @@ impl Drop for Daemon {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
     let pki = Pki::new("daemon");
-    let dir = TempDir::new("daemon");
+    let dir = temp_dir("daemon");
     write_policy(&dir.path().join("policy.toml"), POLICY);
     let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
@@ -2103,7 +2103,7 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
     let pki = Pki::new("restart-policy");
-    let dir = TempDir::new("restart-policy");
+    let dir = temp_dir("restart-policy");
     let policy = dir.path().join("policy.toml");
     write_policy(&policy, POLICY);
     let free_port = std::net::UdpSocket::bind("127.0.0.1:0")

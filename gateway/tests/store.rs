@@ -3,8 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use fwnp_gateway::store::{
@@ -15,28 +14,14 @@ use fwnp_proto::{
     AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
 
+use tempfile::TempDir;
+
 /// A fresh directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path =
-            std::env::temp_dir().join(format!("fwnp-store-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fwnp-store-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 fn id(n: u32) -> LeaseId {
@@ -136,7 +121,7 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 #[test]
 fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
-    let tmp = TempDir::new("epoch");
+    let tmp = temp_dir("epoch");
     let dir = tmp.path().join("state").join("gateway");
     let store = Store::open(&dir).unwrap();
     assert!(store.is_new_state());
@@ -169,7 +154,7 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
     drop(raw);
 
     // Losing the state means a new epoch.
-    let other = TempDir::new("epoch-other");
+    let other = temp_dir("epoch-other");
     let fresh = Store::open(other.path()).unwrap();
     assert!(fresh.is_new_state());
     assert_ne!(fresh.epoch(), epoch);
@@ -177,7 +162,7 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
 
 #[test]
 fn lease_lifecycle() {
-    let tmp = TempDir::new("lifecycle");
+    let tmp = temp_dir("lifecycle");
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     let mut with_app = grant(Protocol::Tcp, 443, 443);
@@ -303,7 +288,7 @@ fn lease_lifecycle() {
 
 #[test]
 fn a_job_is_atomic_and_does_not_spoil_its_neighbours() {
-    let tmp = TempDir::new("atomic");
+    let tmp = temp_dir("atomic");
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     block_on(async {
@@ -361,7 +346,7 @@ fn a_job_is_atomic_and_does_not_spoil_its_neighbours() {
 
 #[test]
 fn restore_after_restart_returns_live_leases_and_expires_the_overdue() {
-    let tmp = TempDir::new("restore");
+    let tmp = temp_dir("restore");
     let epoch;
     {
         let store = Store::open(tmp.path()).unwrap();
@@ -447,7 +432,7 @@ fn restore_after_restart_returns_live_leases_and_expires_the_overdue() {
 
 #[test]
 fn lease_queries_filter_by_host_app_port_and_protocol() {
-    let tmp = TempDir::new("lease-query");
+    let tmp = temp_dir("lease-query");
     let store = Store::open(tmp.path()).unwrap();
     let mut https = grant(Protocol::Tcp, 443, 443);
     https.app = Some("https".into());
@@ -665,7 +650,7 @@ fn seed_audit(store: &Store) -> Vec<u64> {
 
 #[test]
 fn audit_filters_time_ranges_and_round_trip() {
-    let tmp = TempDir::new("audit");
+    let tmp = temp_dir("audit");
     let store = Store::open(tmp.path()).unwrap();
     let all = seed_audit(&store);
     assert_eq!(all.len(), 12);
@@ -826,7 +811,7 @@ fn request_summary_from_an_opening() {
     let summary = RequestSummary::from_opening(&opening, Some(60));
     assert_eq!(summary.app_id.as_deref(), Some("https"));
     assert_eq!(summary.opening_label().as_deref(), Some("app:https"));
-    let tmp = TempDir::new("summary");
+    let tmp = temp_dir("summary");
     let store = Store::open(tmp.path()).unwrap();
     let mut e = AuditEvent::new(5, AuditKind::Request);
     e.request = Some(summary.clone());
@@ -847,7 +832,7 @@ fn request_summary_from_an_opening() {
 
 #[test]
 fn audit_pagination_cursors_cover_everything_once() {
-    let tmp = TempDir::new("pages");
+    let tmp = temp_dir("pages");
     let store = Store::open(tmp.path()).unwrap();
     let all = seed_audit(&store);
     for order in [Order::NewestFirst, Order::OldestFirst] {
@@ -902,7 +887,7 @@ fn audit_pagination_cursors_cover_everything_once() {
 
 #[test]
 fn follow_sees_new_events_and_the_watch_wakes_up() {
-    let tmp = TempDir::new("follow");
+    let tmp = temp_dir("follow");
     let store = Store::open(tmp.path()).unwrap();
     let all = seed_audit(&store);
     let newest = *all.last().unwrap();
@@ -967,7 +952,7 @@ fn follow_sees_new_events_and_the_watch_wakes_up() {
 
 #[test]
 fn retention_deletes_old_audit_rows_and_ended_leases_only() {
-    let tmp = TempDir::new("retention");
+    let tmp = temp_dir("retention");
     let store = Store::open(tmp.path()).unwrap();
     let all = seed_audit(&store); // times 1,000,000 ..= 1,011,000
     let w = store.writer().clone();
@@ -1058,7 +1043,7 @@ fn retention_deletes_old_audit_rows_and_ended_leases_only() {
 
 #[test]
 fn group_commit_with_many_concurrent_writers() {
-    let tmp = TempDir::new("group");
+    let tmp = temp_dir("group");
     let store = Store::open(tmp.path()).unwrap();
     const TASKS: u32 = 64;
     const EACH: u32 = 50;
@@ -1116,7 +1101,7 @@ fn group_commit_with_many_concurrent_writers() {
 
 #[test]
 fn writer_stops_with_the_store_and_finishes_queued_writes() {
-    let tmp = TempDir::new("stop");
+    let tmp = temp_dir("stop");
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     for i in 0..100 {
@@ -1144,7 +1129,7 @@ fn writer_stops_with_the_store_and_finishes_queued_writes() {
 
 #[test]
 fn newer_schema_is_refused() {
-    let tmp = TempDir::new("schema");
+    let tmp = temp_dir("schema");
     drop(Store::open(tmp.path()).unwrap());
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
     raw.execute(
@@ -1163,13 +1148,13 @@ fn newer_schema_is_refused() {
 
 #[test]
 fn damaged_meta_and_foreign_files_are_refused() {
-    let tmp = TempDir::new("foreign");
+    let tmp = temp_dir("foreign");
     std::fs::create_dir_all(tmp.path()).unwrap();
     std::fs::write(tmp.path().join("fwnp.sqlite3"), vec![0x42u8; 8192]).unwrap();
     let err = Store::open(tmp.path()).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 
-    let tmp = TempDir::new("meta");
+    let tmp = temp_dir("meta");
     drop(Store::open(tmp.path()).unwrap());
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
     raw.execute("UPDATE meta SET value = 'x' WHERE key = 'epoch'", [])
@@ -1178,7 +1163,7 @@ fn damaged_meta_and_foreign_files_are_refused() {
     let err = Store::open(tmp.path()).unwrap_err();
     assert!(matches!(err, StoreError::Corrupt { .. }), "{err:?}");
 
-    let tmp = TempDir::new("other-db");
+    let tmp = temp_dir("other-db");
     std::fs::create_dir_all(tmp.path()).unwrap();
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
     raw.execute("CREATE TABLE t (x INTEGER)", []).unwrap();
@@ -1189,7 +1174,7 @@ fn damaged_meta_and_foreign_files_are_refused() {
 
 #[test]
 fn corrupt_rows_are_errors_not_panics() {
-    let tmp = TempDir::new("corrupt");
+    let tmp = temp_dir("corrupt");
     let store = Store::open(tmp.path()).unwrap();
     store
         .writer()
@@ -1285,7 +1270,7 @@ fn corrupt_rows_are_errors_not_panics() {
 
 #[test]
 fn report_counts_requests_and_lease_durations() {
-    let tmp = TempDir::new("report");
+    let tmp = temp_dir("report");
     let store = Store::open(tmp.path()).unwrap();
     let w = store.writer().clone();
     let web = "fwnp://host/web-01";
@@ -1421,7 +1406,7 @@ fn report_counts_requests_and_lease_durations() {
 
 #[test]
 fn record_refuses_when_the_queue_is_over_its_limit() {
-    let tmp = TempDir::new("overload");
+    let tmp = temp_dir("overload");
     let mut options = fwnp_gateway::store::StoreOptions::default();
     options.max_pending_ops = 0;
     let store = Store::open_with(tmp.path(), options).unwrap();
@@ -1472,7 +1457,7 @@ fn crash_child() {
 
 #[test]
 fn committed_writes_survive_a_killed_process() {
-    let tmp = TempDir::new("crash");
+    let tmp = temp_dir("crash");
     let exe = std::env::current_exe().unwrap();
     let status = std::process::Command::new(exe)
         .args([
@@ -1505,7 +1490,7 @@ fn committed_writes_survive_a_killed_process() {
 #[test]
 #[ignore = "measurement; run in release mode"]
 fn write_rate() {
-    let tmp = TempDir::new("rate");
+    let tmp = temp_dir("rate");
     let mut options = fwnp_gateway::store::StoreOptions::default();
     // FWNP_STORE_SYNC=full measures synchronous = full (an fsync per group commit).
     if std::env::var("FWNP_STORE_SYNC").as_deref() == Ok("full") {

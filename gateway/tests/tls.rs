@@ -6,7 +6,6 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fwnp_gateway::identity::{
@@ -22,32 +21,15 @@ use rustls::AlertDescription;
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const GATEWAY_NAME: &str = "gateway.test";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A directory removed when the test ends, whatever the outcome.
-struct TempDir(PathBuf);
+use tempfile::TempDir;
 
-impl TempDir {
-    fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "fwnp-tls-{label}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(label: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fwnp-tls-{label}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// A CA with a gateway certificate, as `fwnpctl pki init` + `pki issue gateway` make them.
@@ -57,7 +39,7 @@ struct TestCa {
 
 impl TestCa {
     fn new(label: &str) -> Self {
-        let dir = TempDir::new(label);
+        let dir = temp_dir(label);
         pki::init_ca(
             dir.path(),
             &format!("FWNP Test CA {label}"),
@@ -664,7 +646,7 @@ async fn the_host_refuses_a_gateway_under_another_name() {
 #[tokio::test]
 async fn csr_issuance_keeps_the_hosts_key() {
     let ca = TestCa::new("csr-ca");
-    let host_dir = TempDir::new("csr-host");
+    let host_dir = temp_dir("csr-host");
     let csr_path = pki::create_csr(host_dir.path(), "csr-host").expect("create csr");
     let key_path = host_dir.path().join("csr-host.key");
     let key_before = std::fs::read(&key_path).expect("read key");
@@ -724,7 +706,7 @@ async fn csr_issuance_keeps_the_hosts_key() {
 
 #[tokio::test]
 async fn pki_files_modes_and_refusals() {
-    let parent = TempDir::new("files-new");
+    let parent = temp_dir("files-new");
     let fresh = parent.path().join("ca");
     pki::init_ca(&fresh, "Fresh CA", Validity::days(1)).expect("init in a new dir");
     assert_eq!(
@@ -861,7 +843,7 @@ async fn certificates_made_with_openssl_work_the_same_way() {
         return;
     }
     let ours = TestCa::new("ossl-gw");
-    let dir = TempDir::new("openssl");
+    let dir = temp_dir("openssl");
     let path = dir.path();
     std::fs::write(
         path.join("ca.cnf"),
@@ -1044,7 +1026,7 @@ async fn a_ca_with_an_intermediate_and_its_own_crl_works_the_same_way() {
     // Laid out as step-ca does: a root, an intermediate that signs host certificates and the
     // CRL, and host certificates with an empty subject and only SANs.
     let ours = TestCa::new("int-gw");
-    let dir = TempDir::new("intermediate");
+    let dir = temp_dir("intermediate");
     let path = dir.path();
     let ca_params = |name: &str, constraint: rcgen::BasicConstraints| {
         let mut params = rcgen::CertificateParams::default();

@@ -24,7 +24,7 @@ struct Agent {
 
 impl Agent {
     fn start(label: &str, users: &str, grace: &str) -> Agent {
-        let dir = TempDir::new(label);
+        let dir = temp_dir(label);
         let pki = Pki::new(label, &[]);
         pki.host("web-01", &[]);
         // Port 9 on loopback: nothing answers QUIC there, so the gateway is unreachable.

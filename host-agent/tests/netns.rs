@@ -148,7 +148,7 @@ impl Lab {
         let topology = Topology::new().expect("build the namespaces");
         let pki = Pki::new(label, &[topology.gateway_inside_v4]);
         pki.host("web-01", &[topology.host_v4, topology.host_v6]);
-        let dir = TempDir::new(label);
+        let dir = temp_dir(label);
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("write policy");
         let gateway_addr = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
         let gateway_config_path = dir.path().join("gateway.toml");

@@ -7,7 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fwnp_gateway::config::GatewayConfig;
@@ -28,35 +28,14 @@ pub(crate) const STEP: Duration = Duration::from_secs(10);
 /// The DNS name in the gateway's certificate.
 pub(crate) const GATEWAY_NAME: &str = "gateway.test";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) use tempfile::TempDir;
 
-/// A directory removed when dropped, whatever the outcome of the test.
-#[derive(Debug)]
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory named after `label`, the pid and a counter.
-    pub(crate) fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "fwnp-gw-{label}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    /// Its path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory named after `label`, removed when dropped whatever the outcome of the test.
+pub(crate) fn temp_dir(label: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fwnp-gw-{label}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// A CA (as `fwnpctl pki init` makes it) with a gateway certificate for [`GATEWAY_NAME`] and
@@ -74,7 +53,7 @@ impl Pki {
 
     /// A CA whose gateway certificate names `ips`.
     pub(crate) fn with_gateway_ips(label: &str, ips: &[IpAddr]) -> Self {
-        let dir = TempDir::new(&format!("pki-{label}"));
+        let dir = temp_dir(&format!("pki-{label}"));
         pki::init_ca(
             dir.path(),
             &format!("FWNP Test CA {label}"),
@@ -240,7 +219,7 @@ impl TestGateway {
     /// Starts a gateway with `policy` and `options`.
     pub(crate) async fn start_with(label: &str, policy: &str, options: GatewayOptions) -> Self {
         let pki = Pki::new(label);
-        let dir = TempDir::new(label);
+        let dir = temp_dir(label);
         let policy_path = dir.path().join("policy.toml");
         write_policy(&policy_path, policy);
         let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");

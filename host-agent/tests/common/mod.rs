@@ -9,7 +9,6 @@ use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use fwnp_gateway::pki::{self, Validity};
@@ -25,35 +24,14 @@ pub(crate) const STEP: Duration = Duration::from_secs(10);
 /// The DNS name in the gateway's certificate.
 pub(crate) const GATEWAY_NAME: &str = "gateway.test";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+pub(crate) use tempfile::TempDir;
 
-/// A directory removed when dropped.
-#[derive(Debug)]
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    /// A fresh directory named after `label`, the pid and a counter.
-    pub(crate) fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(format!(
-            "fwnp-agent-{label}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
-    }
-
-    /// Its path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory named after `label`, removed when dropped whatever the outcome of the test.
+pub(crate) fn temp_dir(label: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("fwnp-agent-{label}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// A CA with a gateway certificate (for [`GATEWAY_NAME`] and `gateway_ips`) and host
@@ -65,7 +43,7 @@ pub(crate) struct Pki {
 
 impl Pki {
     pub(crate) fn new(label: &str, gateway_ips: &[IpAddr]) -> Self {
-        let dir = TempDir::new(&format!("pki-{label}"));
+        let dir = temp_dir(&format!("pki-{label}"));
         pki::init_ca(
             dir.path(),
             &format!("FWNP Agent Test CA {label}"),
