@@ -11,6 +11,7 @@
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
@@ -179,9 +180,9 @@ pub struct PeerIdentity {
     pub ip_sans: Vec<IpAddr>,
     /// The certificate's serial number.
     pub serial: Serial,
-    /// The issuer's distinguished name, as the DER bytes of the certificate: with the serial,
-    /// what a CRL entry names.
-    pub issuer: Vec<u8>,
+    /// The certificate as a CRL names it; shared, since each lease remembers the certificate
+    /// that last opened or renewed it.
+    pub certificate: Arc<CertificateName>,
     /// The SHA-256 fingerprint of the certificate.
     pub fingerprint: Fingerprint,
     /// The end of the certificate's validity.
@@ -235,7 +236,10 @@ impl PeerIdentity {
             kind,
             ip_sans,
             serial: Serial::from_der_bytes(certificate.raw_serial()),
-            issuer: certificate.issuer().as_raw().to_vec(),
+            certificate: Arc::new(CertificateName {
+                issuer: certificate.issuer().as_raw().to_vec(),
+                serial: Serial::from_der_bytes(certificate.raw_serial()),
+            }),
             fingerprint: Fingerprint::of_der(der),
             not_after,
         })
@@ -269,15 +273,23 @@ pub fn allowed_addresses(peer: &PeerIdentity, connection_source: IpAddr) -> Vec<
 /// revokes, since TLS checks revocation only at the handshake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RevokedCertificates {
-    /// (issuer's distinguished name as DER, serial).
-    entries: std::collections::BTreeSet<(Vec<u8>, Serial)>,
+    entries: std::collections::BTreeSet<CertificateName>,
+}
+
+/// A certificate as a CRL entry names it: by its issuer and its serial. A serial alone could
+/// name a certificate of another CA of the trust store.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CertificateName {
+    /// The issuer's distinguished name, as the DER bytes of the certificate.
+    pub issuer: Vec<u8>,
+    /// The serial number.
+    pub serial: Serial,
 }
 
 impl RevokedCertificates {
-    /// Whether the certificate of `peer` is listed: same serial, from the same issuer. A serial
-    /// alone could name a certificate of another CA of the trust store.
-    pub fn lists(&self, peer: &PeerIdentity) -> bool {
-        self.entries.contains(&(peer.issuer.clone(), peer.serial.clone()))
+    /// Whether `certificate` is listed.
+    pub fn lists(&self, certificate: &CertificateName) -> bool {
+        self.entries.contains(certificate)
     }
 
     /// Whether no certificate is listed.
@@ -287,7 +299,7 @@ impl RevokedCertificates {
 
     /// The serials listed, of every issuer, in order.
     pub fn serials(&self) -> Vec<Serial> {
-        self.entries.iter().map(|(_, serial)| serial.clone()).collect()
+        self.entries.iter().map(|name| name.serial.clone()).collect()
     }
 }
 
@@ -303,9 +315,10 @@ pub fn revoked_certificates(
             .map_err(|error| IdentityError::CrlParse(error.to_string()))?;
         let issuer = parsed.issuer().as_raw().to_vec();
         for entry in parsed.iter_revoked_certificates() {
-            revoked
-                .entries
-                .insert((issuer.clone(), Serial::from_der_bytes(entry.raw_serial())));
+            revoked.entries.insert(CertificateName {
+                issuer: issuer.clone(),
+                serial: Serial::from_der_bytes(entry.raw_serial()),
+            });
         }
     }
     Ok(revoked)
@@ -395,11 +408,11 @@ mod tests {
 
         let by_another_ca = revoked_certificates(&[crl_listing(&theirs, &serial)]).expect("crl");
         assert_eq!(by_another_ca.serials(), vec![peer.serial.clone()]);
-        assert!(!by_another_ca.lists(&peer), "a serial of another issuer matched");
+        assert!(!by_another_ca.lists(&peer.certificate), "a serial of another issuer matched");
         let by_its_ca = revoked_certificates(&[crl_listing(&ours, &serial)]).expect("crl");
-        assert!(by_its_ca.lists(&peer));
+        assert!(by_its_ca.lists(&peer.certificate));
         let both = revoked_certificates(&[crl_listing(&theirs, &serial), crl_listing(&ours, &[1])]).expect("crls");
-        assert!(!both.lists(&peer));
+        assert!(!both.lists(&peer.certificate));
     }
 
     #[test]
@@ -435,7 +448,10 @@ mod tests {
             kind: IdentityKind::Uri,
             ip_sans: vec![],
             serial: Serial::from_der_bytes(&[1]),
-            issuer: Vec::new(),
+            certificate: Arc::new(CertificateName {
+                issuer: Vec::new(),
+                serial: Serial::from_der_bytes(&[1]),
+            }),
             fingerprint: Fingerprint([0; 32]),
             not_after: UNIX_EPOCH,
         };

@@ -79,6 +79,10 @@ pub struct Service {
     /// The certificates the last reloaded CRL lists, for connections whose handshake finished
     /// under the CRL before it (see [`Service::check_credential`]).
     revoked_certificates: Mutex<Arc<crate::identity::RevokedCertificates>>,
+    /// The certificate that last opened or renewed each live lease, so that a CRL reload can
+    /// revoke the leases of a revoked certificate whose host is not connected. Kept in memory
+    /// only: leases restored at start have no entry until they are renewed.
+    lease_credentials: Mutex<HashMap<LeaseId, Arc<crate::identity::CertificateName>>>,
 }
 
 /// Why the elements of a renewed or extended lease were not refreshed.
@@ -234,6 +238,7 @@ impl Service {
             started: Instant::now(),
             endpoints: Mutex::new(Vec::new()),
             revoked_certificates: Mutex::new(Arc::default()),
+            lease_credentials: Mutex::new(HashMap::new()),
             config,
         });
         service.restore().await?;
@@ -699,6 +704,7 @@ impl Service {
             self.metrics.live_leases.inc();
             self.expiry_changed.notify_one();
         }
+        lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
         if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
             // A CRL reload revoked this connection's certificate while the lease was being
             // made, after it had revoked the identity's leases: this one must not outlive it.
@@ -724,6 +730,7 @@ impl Service {
         warn!(identity = session.identity(), "lease not granted: {why}");
         if let OpenOutcome::NewLease(grant) = outcome {
             lock(&self.book).revoke(&grant.lease.id);
+            lock(&self.lease_credentials).remove(&grant.lease.id);
             for element in elements {
                 if let Some(filter) = &self.filter {
                     let _ = filter.remove(element.clone()).await;
@@ -896,6 +903,7 @@ impl Service {
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
+        lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
         self.metrics.request("renewed");
         Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
     }
@@ -929,6 +937,7 @@ impl Service {
         why: Option<String>,
         peer: Option<SocketAddr>,
     ) {
+        lock(&self.lease_credentials).remove(&lease.id);
         let now = now_ms();
         let (kind, outcome) = match end {
             LeaseEnd::Released => (AuditKind::Release, Outcome::Released),
@@ -1070,7 +1079,7 @@ impl Service {
     pub async fn check_credential(&self, session: &Session) -> bool {
         let Some(peer) = &session.peer else { return true };
         let revoked = lock(&self.revoked_certificates).clone();
-        if !revoked.lists(peer) {
+        if !revoked.lists(&peer.certificate) {
             return true;
         }
         self.end_revoked_credentials(&revoked).await;
@@ -1088,8 +1097,8 @@ impl Service {
     /// connection with a certificate not in `revoked` (a host that already rolled to a new
     /// certificate) keeps its leases: only its revoked connections close.
     ///
-    /// Leases of an identity with no live connection are left to expire: they cannot be renewed,
-    /// since every new handshake with the revoked certificate fails.
+    /// Leases last opened or renewed with a listed certificate whose host is not connected are
+    /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
     async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
@@ -1099,13 +1108,15 @@ impl Service {
             // A certificate that names no identity holds no lease and is refused every request.
             let Some(peer) = &session.peer else { continue };
             let entry = by_identity.entry(peer.identity.clone()).or_default();
-            if !revoked.lists(peer) {
+            if !revoked.lists(&peer.certificate) {
                 entry.rolled = true;
             } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 // Not already being ended by a reload running at the same time.
                 entry.revoked.push((session.clone(), peer.serial.clone()));
             }
         }
+        let rolled: BTreeSet<String> =
+            by_identity.iter().filter(|(_, c)| c.rolled).map(|(identity, _)| identity.clone()).collect();
         let mut deliveries = tokio::task::JoinSet::new();
         let mut closing = Vec::new();
         for (identity, IdentityConnections { revoked: sessions, rolled }) in by_identity {
@@ -1137,6 +1148,7 @@ impl Service {
             }
             closing.push((identity, sessions, rolled, leases_revoked));
         }
+        self.end_leases_of_revoked_certificates(revoked, &rolled).await;
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
         for (identity, sessions, rolled, leases_revoked) in closing {
@@ -1164,6 +1176,42 @@ impl Service {
             }
         }
         closed
+    }
+
+    /// Revokes the live leases last opened or renewed with a certificate `revoked` lists, whose
+    /// host is not connected (the connected ones were handled with their connections), unless
+    /// the identity is connected with a certificate the CRL does not list (it rolled to a new
+    /// one and keeps its leases). Without this, whoever held a stolen key could open leases,
+    /// disconnect, and keep them open after the revocation until they expire.
+    async fn end_leases_of_revoked_certificates(
+        &self,
+        revoked: &crate::identity::RevokedCertificates,
+        rolled: &BTreeSet<String>,
+    ) {
+        let listed: Vec<(LeaseId, Arc<crate::identity::CertificateName>)> = {
+            let book = lock(&self.book);
+            let mut credentials = lock(&self.lease_credentials);
+            // Entries of leases that ended by a path that raced with their renewal.
+            credentials.retain(|id, _| book.get(id).is_some());
+            credentials
+                .iter()
+                .filter(|(_, certificate)| revoked.lists(certificate))
+                .map(|(id, certificate)| (*id, certificate.clone()))
+                .collect()
+        };
+        for (id, certificate) in listed {
+            let Some(identity) = lock(&self.book).get(&id).map(|l| l.host.to_string()) else { continue };
+            if rolled.contains(&identity) {
+                continue;
+            }
+            let text = format!(
+                "the certificate (serial {}) that last opened or renewed it was revoked",
+                certificate.serial.as_str()
+            );
+            if self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await.is_some() {
+                warn!(lease = %id, identity = %identity, serial = %certificate.serial, "lease of a revoked certificate revoked; its host is not connected");
+            }
+        }
     }
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live

@@ -1221,8 +1221,9 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
     let doomed = Client::connect(gw.addr, &doomed_files).await;
     doomed.hello().await;
     let lease = granted(doomed.open(tcp(7001), None).await).lease;
-    // A host with a good certificate, connected, and one whose certificate is revoked too but
-    // that is not connected: neither loses anything now.
+    // A host with a good certificate, connected, which loses nothing, and one whose
+    // certificate is revoked too but that is no longer connected: its lease is revoked all the
+    // same (a stolen key must not keep what it opened by hanging up).
     let (bystander, _) = gw.welcomed_host("web-01", &[HOST_B]).await;
     let kept = granted(bystander.open(tcp(7002), None).await).lease;
     let offline_files = gw.pki.host("offline", &[v4(192, 0, 2, 30)], &[], &[]);
@@ -1298,8 +1299,19 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
         .iter()
         .map(|l| l.id)
         .collect();
-    assert_eq!(live, HashSet::from([kept, offline_lease]));
-    assert_eq!(gw.service.status_json()["live_leases"], json!(2));
+    assert_eq!(live, HashSet::from([kept]));
+    assert_eq!(gw.service.status_json()["live_leases"], json!(1));
+    let offline_record = gw
+        .service
+        .store()
+        .lease(offline_lease)
+        .expect("store")
+        .expect("the offline host's lease is stored");
+    assert_eq!(offline_record.state, LeaseState::Revoked);
+    assert_eq!(
+        offline_record.to_json(0)["revoke_reason"],
+        json!("credential-revoked")
+    );
     let revocations = gw.audit(&[AuditKind::Revocation], Some(lease));
     assert_eq!(revocations.len(), 1);
     assert_eq!(revocations[0].event.actor.as_deref(), Some("gateway"));
