@@ -173,9 +173,11 @@ pub struct Core {
     identity: Option<String>,
     synced_once: bool,
     /// Leases of an earlier run, until `earlier_run_until`: then those no application asked for
-    /// again are released.
+    /// again are released. The end waits for Opens in flight (their answer may be one of these
+    /// leases), but not past `earlier_run_latest`.
     earlier_run: Vec<EarlierLease>,
     earlier_run_until: Option<Instant>,
+    earlier_run_latest: Option<Instant>,
     conns: HashMap<ConnId, LocalConn>,
     leases: HashMap<u64, Held>,
     next_key: u64,
@@ -209,6 +211,7 @@ impl Core {
             synced_once: false,
             earlier_run: Vec::new(),
             earlier_run_until: None,
+            earlier_run_latest: None,
             conns: HashMap::new(),
             leases: HashMap::new(),
             next_key: 1,
@@ -259,9 +262,16 @@ impl Core {
 
     fn on_timer(&mut self, now: Instant) {
         if self.earlier_run_until.is_some_and(|until| until <= now) {
-            // Nobody waits for these releases: each ends by itself (bounded by the exchange's
-            // own timeout).
-            drop(self.end_earlier_run(now));
+            let open_in_flight = self.leases.values().any(|h| h.open_request.is_some());
+            if open_in_flight && self.earlier_run_latest.is_some_and(|latest| now < latest) {
+                // The gateway may be extending one of these leases for that Open right now:
+                // releasing it would end the lease it is about to grant.
+                self.earlier_run_until = Some(now + IDLE_TICK);
+            } else {
+                // Nobody waits for these releases: each ends by itself (bounded by the
+                // exchange's own timeout).
+                drop(self.end_earlier_run(now));
+            }
         }
         let keys: Vec<u64> = self.leases.keys().copied().collect();
         for key in keys {
@@ -438,7 +448,9 @@ impl Core {
                     grace = ?self.config.local.earlier_run_grace,
                     "the gateway holds leases of an earlier run; those no application asks for again will be released"
                 );
-                self.earlier_run_until = Some(now + self.config.local.earlier_run_grace);
+                let until = now + self.config.local.earlier_run_grace;
+                self.earlier_run_until = Some(until);
+                self.earlier_run_latest = Some(until + OPEN_WAIT);
             }
             let mirror = self.mirror.clone();
             tokio::spawn(async move {
@@ -764,6 +776,7 @@ impl Core {
     /// gateway gave it this very lease. Returns the release exchanges under way.
     fn end_earlier_run(&mut self, now: Instant) -> Vec<tokio::task::JoinHandle<()>> {
         self.earlier_run_until = None;
+        self.earlier_run_latest = None;
         let mut releases = Vec::new();
         for earlier in std::mem::take(&mut self.earlier_run) {
             let lease = earlier.lease;
