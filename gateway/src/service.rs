@@ -795,7 +795,6 @@ impl Service {
         Ok(())
     }
 
-    /// Gives elements a new timeout; one missing from the kernel is added again.
     /// Refreshes the timeouts of a live lease's elements (adding any that went missing).
     /// A revocation may have ended the lease meanwhile and removed its elements before they
     /// were added back here: then they are removed again, and the answer is `LeaseEnded`.
@@ -1092,8 +1091,8 @@ impl Service {
     ///
     /// For each identity with a live connection whose certificate `revoked` lists (issuer and
     /// serial): its live leases are revoked with `credential-revoked` and the Revoked notices
-    /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections are closed with
-    /// `NoError`, each recorded as an authentication failure. An identity that also has a
+    /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections
+    /// are closed with `NoError`, each recorded as an authentication failure. An identity that also has a
     /// connection with a certificate not in `revoked` (a host that already rolled to a new
     /// certificate) keeps its leases: only its revoked connections close.
     ///
