@@ -178,10 +178,8 @@ pub struct PeerIdentity {
     /// The certificate's IP address SANs, in certificate order, IPv4-mapped IPv6 addresses
     /// normalised to IPv4.
     pub ip_sans: Vec<IpAddr>,
-    /// The certificate's serial number.
-    pub serial: Serial,
-    /// The certificate as a CRL names it; shared, since each lease remembers the certificate
-    /// that last opened or renewed it.
+    /// The certificate as a CRL names it (issuer and serial number); shared, since each lease
+    /// remembers the certificate that last opened or renewed it.
     pub certificate: Arc<CertificateName>,
     /// The SHA-256 fingerprint of the certificate.
     pub fingerprint: Fingerprint,
@@ -235,7 +233,6 @@ impl PeerIdentity {
             identity,
             kind,
             ip_sans,
-            serial: Serial::from_der_bytes(certificate.raw_serial()),
             certificate: Arc::new(CertificateName {
                 issuer: certificate.issuer().as_raw().to_vec(),
                 serial: Serial::from_der_bytes(certificate.raw_serial()),
@@ -404,10 +401,10 @@ mod tests {
         let key = rcgen::KeyPair::generate().expect("key");
         let certificate = params.signed_by(&key, &ours).expect("sign");
         let peer = PeerIdentity::from_certificate(certificate.der()).expect("identity");
-        assert_eq!(peer.serial, Serial::from_der_bytes(&serial));
+        assert_eq!(peer.certificate.serial, Serial::from_der_bytes(&serial));
 
         let by_another_ca = revoked_certificates(&[crl_listing(&theirs, &serial)]).expect("crl");
-        assert_eq!(by_another_ca.serials(), vec![peer.serial.clone()]);
+        assert_eq!(by_another_ca.serials(), vec![peer.certificate.serial.clone()]);
         assert!(!by_another_ca.lists(&peer.certificate), "a serial of another issuer matched");
         let by_its_ca = revoked_certificates(&[crl_listing(&ours, &serial)]).expect("crl");
         assert!(by_its_ca.lists(&peer.certificate));
@@ -447,7 +444,6 @@ mod tests {
             identity: "fwnp://host/a".into(),
             kind: IdentityKind::Uri,
             ip_sans: vec![],
-            serial: Serial::from_der_bytes(&[1]),
             certificate: Arc::new(CertificateName {
                 issuer: Vec::new(),
                 serial: Serial::from_der_bytes(&[1]),

@@ -349,9 +349,10 @@ impl Service {
         // Every request of an authenticated host counts against its rate, whatever it holds:
         // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
         if let Some(peer) = &session.peer
-            && let Some(retry_after) = self.rate_limited(&peer.identity) {
-                return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
-            }
+            && let Some(retry_after) = self.rate_limited(&peer.identity)
+        {
+            return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
+        }
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
             Err(e) => return self.refuse_undecodable(session, bytes, &e),
@@ -421,9 +422,10 @@ impl Service {
         let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
         if let Some(key) = &key
             && let Some((previous, answer)) = self.answered.get(key)
-                && *previous == *bytes {
-                    return answer;
-                }
+            && *previous == *bytes
+        {
+            return answer;
+        }
         let answer = self.release(session, peer, release).await;
         if let (Some(key), Message::Released(_)) = (key, &answer) {
             self.answered.insert(key, (Arc::from(bytes), answer.clone()));
@@ -730,7 +732,6 @@ impl Service {
         warn!(identity = session.identity(), "lease not granted: {why}");
         if let OpenOutcome::NewLease(grant) = outcome {
             lock(&self.book).revoke(&grant.lease.id);
-            lock(&self.lease_credentials).remove(&grant.lease.id);
             for element in elements {
                 if let Some(filter) = &self.filter {
                     let _ = filter.remove(element.clone()).await;
@@ -827,10 +828,9 @@ impl Service {
                 Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)) => {}
                 Err(e) => warn!("removing {element:?} from the kernel failed: {e}"),
             }
-            if kill
-                && let Err(e) = filter.kill_connections(element.clone()).await {
-                    warn!("ending the connections of {element:?} failed: {e}");
-                }
+            if kill && let Err(e) = filter.kill_connections(element.clone()).await {
+                warn!("ending the connections of {element:?} failed: {e}");
+            }
         }
     }
 
@@ -1092,9 +1092,9 @@ impl Service {
     /// For each identity with a live connection whose certificate `revoked` lists (issuer and
     /// serial): its live leases are revoked with `credential-revoked` and the Revoked notices
     /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections
-    /// are closed with `NoError`, each recorded as an authentication failure. An identity that also has a
-    /// connection with a certificate not in `revoked` (a host that already rolled to a new
-    /// certificate) keeps its leases: only its revoked connections close.
+    /// are closed with `NoError`, each recorded as an authentication failure. An identity that
+    /// also has a connection with a certificate not in `revoked` (a host that already rolled to
+    /// a new certificate) keeps its leases: only its revoked connections close.
     ///
     /// Leases last opened or renewed with a listed certificate whose host is not connected are
     /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
@@ -1111,10 +1111,10 @@ impl Service {
                 entry.rolled = true;
             } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
                 // Not already being ended by a reload running at the same time.
-                entry.revoked.push((session.clone(), peer.serial.clone()));
+                entry.revoked.push((session.clone(), peer.certificate.serial.clone()));
             }
         }
-        let rolled: BTreeSet<String> =
+        let rolled_identities: BTreeSet<String> =
             by_identity.iter().filter(|(_, c)| c.rolled).map(|(identity, _)| identity.clone()).collect();
         let mut deliveries = tokio::task::JoinSet::new();
         let mut closing = Vec::new();
@@ -1147,7 +1147,7 @@ impl Service {
             }
             closing.push((identity, sessions, rolled, leases_revoked));
         }
-        self.end_leases_of_revoked_certificates(revoked, &rolled).await;
+        self.end_leases_of_revoked_certificates(revoked, &rolled_identities).await;
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
         for (identity, sessions, rolled, leases_revoked) in closing {
@@ -1185,9 +1185,9 @@ impl Service {
     async fn end_leases_of_revoked_certificates(
         &self,
         revoked: &crate::identity::RevokedCertificates,
-        rolled: &BTreeSet<String>,
+        rolled_identities: &BTreeSet<String>,
     ) {
-        let listed: Vec<(LeaseId, Arc<crate::identity::CertificateName>)> = {
+        let listed: Vec<(LeaseId, String, Arc<crate::identity::CertificateName>)> = {
             let book = lock(&self.book);
             let mut credentials = lock(&self.lease_credentials);
             // Entries of leases that ended by a path that raced with their renewal.
@@ -1195,14 +1195,13 @@ impl Service {
             credentials
                 .iter()
                 .filter(|(_, certificate)| revoked.lists(certificate))
-                .map(|(id, certificate)| (*id, certificate.clone()))
+                .filter_map(|(id, certificate)| {
+                    let identity = book.get(id)?.host.to_string();
+                    (!rolled_identities.contains(&identity)).then(|| (*id, identity, certificate.clone()))
+                })
                 .collect()
         };
-        for (id, certificate) in listed {
-            let Some(identity) = lock(&self.book).get(&id).map(|l| l.host.to_string()) else { continue };
-            if rolled.contains(&identity) {
-                continue;
-            }
+        for (id, identity, certificate) in listed {
             let text = format!(
                 "the certificate (serial {}) that last opened or renewed it was revoked",
                 certificate.serial.as_str()
@@ -1247,9 +1246,10 @@ impl Service {
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
-                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some() {
-                    revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
-                }
+                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some()
+            {
+                revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
+            }
         }
         revoked
     }

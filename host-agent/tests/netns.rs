@@ -171,10 +171,6 @@ impl Lab {
             ),
         )
         .expect("write agent config");
-        // Short, so that a test can watch an earlier run's leases go.
-        let mut text = std::fs::read_to_string(&agent_config_path).expect("read agent config");
-        text = text.replace("[mirror]", "earlier_run_grace = \"3s\"\n\n[mirror]");
-        std::fs::write(&agent_config_path, text).expect("write agent config");
         let echo = echo_ports
             .iter()
             .map(|p| TcpEchoServer::start(&topology.host, *p).expect("echo server"))

@@ -104,6 +104,8 @@ socket = "{socket}"
 allowed_users = [{users}]
 verify_port_owner = true
 port_owner_grace = "{grace}"
+# Short, so that a test can watch an earlier run's leases go.
+earlier_run_grace = "3s"
 
 [mirror]
 mode = "{mode}"

@@ -322,6 +322,15 @@ fn batching(before: Option<&serde_json::Value>, after: Option<&serde_json::Value
     })
 }
 
+/// The named quantiles and the maximum of a histogram of microseconds, in milliseconds.
+fn quantiles_ms(h: &Histogram<u64>, quantiles: &[(&str, f64)]) -> serde_json::Value {
+    let ms = |us: u64| json!(us as f64 / 1000.0);
+    let mut out: serde_json::Map<String, serde_json::Value> =
+        quantiles.iter().map(|(name, q)| (name.to_string(), ms(h.value_at_quantile(*q)))).collect();
+    out.insert("max".into(), ms(h.max()));
+    serde_json::Value::Object(out)
+}
+
 /// UDP datagrams sent and received over every host's connection so far.
 fn datagrams(hosts: &[Arc<Host>]) -> (u64, u64) {
     hosts.iter().fold((0, 0), |(tx, rx), h| {
@@ -563,10 +572,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // Measurement.
     let counters = Arc::new(Counters::default());
-    let histogram = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-    let lateness = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    // Microseconds, up to a minute.
+    let new_histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map(|h| Arc::new(std::sync::Mutex::new(h)));
+    let histogram = new_histogram()?;
+    let lateness = new_histogram()?;
     // Open loop only: from the moment each request actually started to its answer.
-    let from_start = Arc::new(std::sync::Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let from_start = new_histogram()?;
     let datagrams_before = datagrams(&hosts);
     let status_before = gateway_status(&gateway_bin, &dir);
     let started = Instant::now();
@@ -653,12 +664,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let cores = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
     let gateway_cores = cores(gateway.cpu_seconds(), gateway_cpu_before);
     let load_cores = cores(cpu_seconds_of("/proc/self/stat"), load_cpu_before);
-    let h = histogram.lock().map_err(|_| "histogram lock")?.clone();
+    let snapshot = |m: &std::sync::Mutex<Histogram<u64>>| m.lock().map(|h| h.clone()).unwrap_or_else(|e| e.into_inner().clone());
     let answered = counters.granted.load(Ordering::Relaxed)
         + counters.renewed.load(Ordering::Relaxed)
         + counters.released.load(Ordering::Relaxed)
         + counters.denied.load(Ordering::Relaxed);
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
         "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
         "target_rate": args.rate,
@@ -674,20 +684,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "released": counters.released.load(Ordering::Relaxed),
         "denied": counters.denied.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
-        "latency_ms": { "p50": ms(0.5), "p99": ms(0.99), "p999": ms(0.999), "max": h.max() as f64 / 1000.0 },
+        "latency_ms": quantiles_ms(&snapshot(&histogram), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
         // Open loop only: how long after its scheduled time each request started, which the
         // latency includes; the generator's share, not the gateway's.
-        "schedule_lateness_ms": args.rate.map(|_| {
-            let l = lateness.lock().map(|l| l.clone()).unwrap_or_else(|e| e.into_inner().clone());
-            json!({ "p50": l.value_at_quantile(0.5) as f64 / 1000.0, "p99": l.value_at_quantile(0.99) as f64 / 1000.0, "max": l.max() as f64 / 1000.0 })
-        }),
+        "schedule_lateness_ms": args.rate.map(|_| quantiles_ms(&snapshot(&lateness), &[("p50", 0.5), ("p99", 0.99)])),
         // Open loop only, for diagnosis: latency counted from when each request actually
         // started rather than from its schedule, so without the generator's own lateness. The
         // figure to quote is `latency_ms`.
-        "latency_from_start_ms": args.rate.map(|_| {
-            let l = from_start.lock().map(|l| l.clone()).unwrap_or_else(|e| e.into_inner().clone());
-            json!({ "p50": l.value_at_quantile(0.5) as f64 / 1000.0, "p99": l.value_at_quantile(0.99) as f64 / 1000.0, "p999": l.value_at_quantile(0.999) as f64 / 1000.0, "max": l.max() as f64 / 1000.0 })
-        }),
+        "latency_from_start_ms": args.rate.map(|_| quantiles_ms(&snapshot(&from_start), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)])),
         "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
         "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
