@@ -76,12 +76,14 @@ pub struct Service {
     answered: moka::sync::Cache<(String, u64), AnsweredRelease>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
-    /// The certificates the last reloaded CRL lists, for connections whose handshake finished
-    /// under the CRL before it (see [`Service::check_credential`]).
+    /// The certificates the CRL lists (as read at start or at the last reload), for
+    /// connections whose handshake finished under the CRL before it (see
+    /// [`Service::check_credential`]).
     revoked_certificates: Mutex<Arc<crate::identity::RevokedCertificates>>,
     /// The certificate that last opened or renewed each live lease, so that a CRL reload can
-    /// revoke the leases of a revoked certificate whose host is not connected. Kept in memory
-    /// only: leases restored at start have no entry until they are renewed.
+    /// revoke the leases of a revoked certificate whose host is not connected. The store keeps
+    /// it too (restored at start); leases stored by a gateway of schema 1 have no entry until
+    /// they are renewed.
     lease_credentials: Mutex<HashMap<LeaseId, Arc<crate::identity::CertificateName>>>,
 }
 
@@ -121,6 +123,12 @@ pub enum StartError {
     /// The kernel filter could not be set up.
     #[error("filter: {0}")]
     Filter(#[from] fwnp_netfilter::Error),
+    /// The CRL file is unusable.
+    #[error("CRL: {0}")]
+    CrlFile(#[from] crate::tls::TlsError),
+    /// The CRL's list of revoked certificates cannot be read.
+    #[error("CRL: {0}")]
+    Crl(#[from] crate::identity::IdentityError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -249,6 +257,17 @@ impl Service {
         if !revoked.is_empty() {
             info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
         }
+        // So may the CRL: no restored lease made with a certificate it lists may stay open
+        // (no host is connected yet, so none has rolled to a new certificate).
+        let revoked = match &service.config.crl {
+            Some(path) => crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?,
+            None => crate::identity::RevokedCertificates::default(),
+        };
+        let revoked = Arc::new(revoked);
+        *lock(&service.revoked_certificates) = revoked.clone();
+        if !revoked.is_empty() {
+            service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
+        }
         Ok(service)
     }
 
@@ -279,6 +298,19 @@ impl Service {
             app: r.app.clone().map(Box::new),
         });
         let report = lock(&self.book).restore(now, leases);
+        {
+            // Leases of one certificate share one copy of its name, as they do while it is
+            // connected.
+            let mut shared: HashMap<&crate::identity::CertificateName, Arc<crate::identity::CertificateName>> =
+                HashMap::new();
+            let mut credentials = lock(&self.lease_credentials);
+            for record in &restored.live {
+                if let Some(certificate) = &record.certificate {
+                    let name = shared.entry(certificate).or_insert_with(|| Arc::new(certificate.clone()));
+                    credentials.insert(record.id, name.clone());
+                }
+            }
+        }
         let desired: Vec<(Element, Duration)> = {
             let book = lock(&self.book);
             book.iter()
@@ -660,6 +692,7 @@ impl Service {
                     granted_lifetime: lease.lifetime,
                     created_ms: lease.created_ms,
                     expires_ms: lease.expires_ms,
+                    certificate: Some(peer.certificate.clone()),
                 }),
                 AuditKind::Grant,
                 Outcome::Granted,
@@ -671,6 +704,7 @@ impl Service {
                     renewed_ms: now,
                     expires_ms: lease.expires_ms,
                     granted_lifetime: lease.lifetime,
+                    certificate: Some(peer.certificate.clone()),
                 },
                 AuditKind::Grant,
                 Outcome::Granted,
@@ -894,6 +928,7 @@ impl Service {
                 renewed_ms: now,
                 expires_ms: lease.expires_ms,
                 granted_lifetime: lease.lifetime,
+                certificate: Some(peer.certificate.clone()),
             },
             WriteOp::audit(event),
         ];

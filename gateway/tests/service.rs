@@ -2165,3 +2165,94 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
         "no revocation recorded: {body}"
     );
 }
+
+/// The certificate each lease was last opened or renewed with is stored with it: a CRL that
+/// lists it, whether found at the next start or reloaded after it, revokes the lease of a host
+/// that is not connected, as it would have before the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
+    let pki = Pki::new("restart-crl");
+    let dir = temp_dir("restart-crl");
+    write_policy(&dir.path().join("policy.toml"), POLICY);
+    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free port")
+        .port();
+    let listen = format!("127.0.0.1:{free_port}");
+    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
+    )
+    .expect("write config");
+    let admin_socket = dir.path().join("admin.sock");
+    // Revoked while the gateway is stopped; revoked after it started again; never revoked.
+    let stolen = pki.host("stolen", &[HOST_A], &[], &[]);
+    let lost = pki.host("lost", &[HOST_B], &[], &[]);
+    let good = pki.host("good", &[v4(192, 0, 2, 30)], &[], &[]);
+
+    let mut daemon = Daemon::start(&config, &admin_socket).await;
+    let mut leases = Vec::new();
+    for files in [&stolen, &lost, &good] {
+        let client = Client::connect(gateway_addr, files).await;
+        client.hello().await;
+        leases.push(granted(client.open(tcp(7001), None).await).lease);
+    }
+    let [stolen_lease, lost_lease, good_lease] = leases[..] else { unreachable!() };
+    daemon.signal("TERM");
+    tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
+
+    pki::revoke(pki.path(), &stolen.cert, RevocationReason::KeyCompromise).expect("revoke");
+    let daemon = Daemon::start(&config, &admin_socket).await;
+    let live = |body: serde_json::Value| -> std::collections::BTreeSet<String> {
+        body["leases"]
+            .as_array()
+            .expect("leases")
+            .iter()
+            .filter_map(|l| l["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        live(body),
+        std::collections::BTreeSet::from([lost_lease.to_string(), good_lease.to_string()]),
+        "the lease of the certificate revoked while the gateway was stopped survived its start"
+    );
+
+    pki::revoke(pki.path(), &lost.cert, RevocationReason::KeyCompromise).expect("revoke");
+    daemon.signal("HUP");
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases", None).await;
+        assert_eq!(status, 200, "{body}");
+        if live(body) == std::collections::BTreeSet::from([good_lease.to_string()]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a CRL reloaded after the restart left the offline host's lease live"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) =
+        admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
+    assert_eq!(status, 200, "{body}");
+    let revoked: Vec<(String, String)> = body["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| {
+            (
+                e["lease"].as_str().unwrap_or_default().to_owned(),
+                e["reason"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(revoked.len(), 2, "{revoked:?}");
+    for ((lease, reason), expected) in revoked.iter().zip([stolen_lease, lost_lease]) {
+        assert_eq!(lease, &expected.to_string());
+        assert!(reason.contains("was revoked"), "{reason}");
+    }
+}

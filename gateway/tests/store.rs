@@ -4,8 +4,10 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
+use fwnp_gateway::identity::{CertificateName, Serial};
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseState, NewLease, Order, Outcome,
     ReportQuery, RequestSummary, SCHEMA_VERSION, Store, StoreError, WriteOp,
@@ -53,6 +55,14 @@ fn app(name: &str) -> AppInfo {
     }
 }
 
+/// A certificate as a CRL names it: an issuer (a DER name, opaque to the store) and a serial.
+fn certificate(issuer: &str, serial: &str) -> Arc<CertificateName> {
+    Arc::new(CertificateName {
+        issuer: issuer.as_bytes().to_vec(),
+        serial: Serial::parse(serial).expect("serial"),
+    })
+}
+
 fn peer() -> SocketAddr {
     "192.0.2.10:50123".parse().unwrap()
 }
@@ -75,6 +85,7 @@ fn new_lease(
         granted_lifetime: lifetime,
         created_ms,
         expires_ms: created_ms + u64::from(lifetime) * 1000,
+        certificate: Some(certificate("CN=ca", "1A")),
     }
 }
 
@@ -190,6 +201,7 @@ fn lease_lifecycle() {
     assert_eq!(stored.renewed_ms, None);
     assert_eq!(stored.state, LeaseState::Live);
     assert_eq!(stored.remaining_ms(101_000), 500_000);
+    assert_eq!(stored.certificate.as_ref(), lease.certificate.as_deref());
 
     // A second insert of the same id is refused and changes nothing.
     let dup = w.commit_blocking(vec![WriteOp::InsertLease(lease.clone())]);
@@ -198,16 +210,31 @@ fn lease_lifecycle() {
         "{dup:?}"
     );
 
+    // A renewal without a certificate keeps the stored one; with one, it is the new one (the
+    // host rolled to a new certificate).
+    w.commit_blocking(vec![WriteOp::RenewLease {
+        id: id(1),
+        renewed_ms: 200_000,
+        expires_ms: 800_000,
+        granted_lifetime: 600,
+        certificate: None,
+    }])
+    .unwrap();
+    let renewed = store.lease(id(1)).unwrap().unwrap();
+    assert_eq!(renewed.certificate.as_ref(), lease.certificate.as_deref());
+    let rolled = certificate("CN=ca", "2B");
     w.commit_blocking(vec![WriteOp::RenewLease {
         id: id(1),
         renewed_ms: 300_000,
         expires_ms: 900_000,
         granted_lifetime: 600,
+        certificate: Some(rolled.clone()),
     }])
     .unwrap();
     let renewed = store.lease(id(1)).unwrap().unwrap();
     assert_eq!(renewed.renewed_ms, Some(300_000));
     assert_eq!(renewed.expires_ms, 900_000);
+    assert_eq!(renewed.certificate.as_ref(), Some(&*rolled));
 
     w.commit_blocking(vec![WriteOp::EndLease {
         id: id(1),
@@ -232,6 +259,7 @@ fn lease_lifecycle() {
         renewed_ms: 1,
         expires_ms: 2,
         granted_lifetime: 1,
+        certificate: None,
     }]);
     assert!(
         matches!(renew, Err(StoreError::LeaseNotLive { .. })),
@@ -253,6 +281,7 @@ fn lease_lifecycle() {
         renewed_ms: 1,
         expires_ms: 2,
         granted_lifetime: 1,
+        certificate: None,
     }]);
     assert!(
         matches!(unknown, Err(StoreError::LeaseNotLive { .. })),
@@ -1147,6 +1176,53 @@ fn newer_schema_is_refused() {
 }
 
 #[test]
+fn a_store_of_schema_1_is_migrated_and_keeps_its_leases() {
+    let tmp = temp_dir("migrate");
+    let epoch = {
+        let store = Store::open(tmp.path()).unwrap();
+        let mut lease = new_lease(1, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "web", 0, 60);
+        lease.certificate = None;
+        store
+            .writer()
+            .commit_blocking(vec![WriteOp::InsertLease(lease)])
+            .unwrap();
+        store.epoch()
+    };
+    // Version 1 had no certificate columns.
+    let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
+    raw.execute_batch(
+        "ALTER TABLE leases DROP COLUMN cert_issuer; ALTER TABLE leases DROP COLUMN cert_serial; \
+         UPDATE meta SET value = 1 WHERE key = 'schema_version';",
+    )
+    .unwrap();
+    drop(raw);
+
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.epoch(), epoch, "a migration loses no state");
+    let live = store.live_leases().unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].certificate, None, "nothing is known of a version 1 lease's certificate");
+    let known = certificate("CN=ca", "0C");
+    store
+        .writer()
+        .commit_blocking(vec![WriteOp::RenewLease {
+            id: id(1),
+            renewed_ms: 10,
+            expires_ms: 60_010,
+            granted_lifetime: 60,
+            certificate: Some(known.clone()),
+        }])
+        .unwrap();
+    assert_eq!(store.lease(id(1)).unwrap().unwrap().certificate.as_ref(), Some(&*known));
+    drop(store);
+    let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
+    let version: i64 = raw
+        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, i64::from(SCHEMA_VERSION));
+}
+
+#[test]
 fn damaged_meta_and_foreign_files_are_refused() {
     let tmp = temp_dir("foreign");
     std::fs::create_dir_all(tmp.path()).unwrap();
@@ -1223,7 +1299,11 @@ fn corrupt_rows_are_errors_not_panics() {
     expect_corrupt("uid");
     damage("UPDATE leases SET app_uid = NULL, expires_ms = -1");
     expect_corrupt("expiry");
-    damage("UPDATE leases SET expires_ms = 1, id = x'0102'");
+    damage("UPDATE leases SET expires_ms = 1, cert_serial = NULL");
+    expect_corrupt("issuer without serial");
+    damage("UPDATE leases SET cert_serial = '0x1A'");
+    expect_corrupt("serial not in hex");
+    damage("UPDATE leases SET cert_serial = '1A', id = x'0102'");
     expect_corrupt("id");
     damage("UPDATE leases SET id = zeroblob(16), state = 'zombie'");
     // An unknown state is not live, so the live query does not see it; a direct one does.

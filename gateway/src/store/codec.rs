@@ -14,6 +14,7 @@ use rusqlite::Row;
 use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
+use crate::identity::{CertificateName, Serial};
 use super::types::{
     AuditEvent, AuditKind, AuditRecord, LeaseEnd, LeaseEnding, LeaseRecord, LeaseState, Outcome,
     RequestSummary,
@@ -150,6 +151,32 @@ pub(crate) fn app_columns(
     }
 }
 
+pub(crate) fn certificate_columns(
+    certificate: Option<&CertificateName>,
+) -> (Option<&[u8]>, Option<&str>) {
+    match certificate {
+        Some(c) => (Some(&c.issuer[..]), Some(c.serial.as_str())),
+        None => (None, None),
+    }
+}
+
+/// Both columns or neither; the serial must be the normalised hex form.
+fn certificate_from(
+    issuer: Option<Vec<u8>>,
+    serial: Option<String>,
+) -> Result<Option<CertificateName>, StoreError> {
+    match (issuer, serial) {
+        (None, None) => Ok(None),
+        (Some(issuer), Some(text)) => {
+            let serial = Serial::parse(&text)
+                .filter(|s| s.as_str() == text)
+                .ok_or_else(|| StoreError::corrupt(format!("certificate serial {text:?} is not normalised hex")))?;
+            Ok(Some(CertificateName { issuer, serial }))
+        }
+        _ => Err(StoreError::corrupt("a certificate issuer without its serial, or the reverse")),
+    }
+}
+
 fn app_from(
     name: Option<String>,
     executable: Option<String>,
@@ -179,7 +206,7 @@ fn col<T: rusqlite::types::FromSql>(
 /// The columns [`lease_from_row`] reads, in order.
 pub(crate) const LEASE_COLUMNS: &str = "id, identity, peer, grants, app_name, app_exe, app_uid, app_pid, \
      requested_lifetime, granted_lifetime, created_ms, renewed_ms, expires_ms, state, ended_ms, end_by, \
-     end_reason, revoke_reason";
+     end_reason, revoke_reason, cert_issuer, cert_serial";
 
 pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
     const W: &str = "read lease";
@@ -247,6 +274,8 @@ pub(crate) fn lease_from_row(row: &Row<'_>) -> Result<LeaseRecord, StoreError> {
         expires_ms: from_i64(col(row, 12, W)?, "lease expiry time")?,
         state,
         ending,
+        certificate: certificate_from(col(row, 18, W)?, col(row, 19, W)?)
+            .map_err(|e| in_lease(id, e))?,
     })
 }
 

@@ -5,7 +5,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::error::StoreError;
 
 /// The newest schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Schema version 1. Times are milliseconds since the Unix epoch; lifetimes are seconds.
 ///
@@ -77,6 +77,30 @@ CREATE TABLE audit (
 CREATE INDEX audit_by_time ON audit (time_ms);
 "#;
 
+/// Version 2: each lease remembers the client certificate that last opened or renewed it, as a
+/// CRL names it (the issuer's DER-encoded name and the serial in upper-case hex), so that a CRL
+/// loaded after a restart still finds the leases a revoked certificate made while its host is
+/// offline. Rows of version 1 keep both NULL: nothing is known of their certificate.
+pub(crate) const MIGRATE_TO_V2: &str = r#"
+ALTER TABLE leases ADD COLUMN cert_issuer BLOB;
+ALTER TABLE leases ADD COLUMN cert_serial TEXT;
+UPDATE meta SET value = 2 WHERE key = 'schema_version';
+"#;
+
+/// The migrations, in order, with what each does for error messages: entry `i` takes a store
+/// from version `i + 1` to `i + 2`.
+const MIGRATIONS: &[(&str, &str)] = &[("migrate the schema to version 2", MIGRATE_TO_V2)];
+
+/// Brings a store of schema `version` up to [`SCHEMA_VERSION`], inside the caller's
+/// transaction, so that a failed migration leaves the old store as it was.
+fn migrate(tx: &Connection, version: u32) -> Result<(), StoreError> {
+    let first = usize::try_from(version.saturating_sub(1)).unwrap_or(usize::MAX);
+    for &(what, step) in MIGRATIONS.iter().skip(first) {
+        tx.execute_batch(step).map_err(StoreError::sqlite(what))?;
+    }
+    Ok(())
+}
+
 /// What [`prepare`] found or made.
 pub(crate) struct Prepared {
     pub(crate) epoch: u64,
@@ -120,11 +144,13 @@ pub(crate) fn prepare(conn: &mut Connection, now_ms: u64) -> Result<Prepared, St
             }
         };
         let created = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        // A new store is made as version 1 and migrated like an old one: one path, always run.
         tx.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1), ('epoch', ?2), ('created_ms', ?3)",
-            rusqlite::params![SCHEMA_VERSION, epoch_to_i64(epoch), created],
+            "INSERT INTO meta (key, value) VALUES ('schema_version', 1), ('epoch', ?1), ('created_ms', ?2)",
+            rusqlite::params![epoch_to_i64(epoch), created],
         )
         .map_err(StoreError::sqlite("write meta"))?;
+        migrate(&tx, 1)?;
         tx.commit().map_err(StoreError::sqlite("commit schema"))?;
         return Ok(Prepared {
             epoch,
@@ -147,8 +173,7 @@ pub(crate) fn prepare(conn: &mut Connection, now_ms: u64) -> Result<Prepared, St
             "schema_version {version} never existed"
         )));
     }
-    // Version 1 is the first; later versions add their migrations here, in order, inside
-    // this transaction.
+    migrate(&tx, version)?;
     let epoch = epoch_from_i64(meta_integer(&tx, "epoch")?);
     if epoch == 0 {
         return Err(StoreError::corrupt("the epoch is 0"));

@@ -1,11 +1,14 @@
 //! The values the store keeps and answers with.
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use fwnp_proto::{
     AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
 use serde_json::{Map, Value, json};
+
+use crate::identity::CertificateName;
 
 /// Where a lease is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -92,6 +95,8 @@ pub struct NewLease {
     pub created_ms: u64,
     /// When it expires, milliseconds since the Unix epoch.
     pub expires_ms: u64,
+    /// The client certificate the host asked with, as a CRL names it.
+    pub certificate: Option<Arc<CertificateName>>,
 }
 
 /// How and when a stored lease ended.
@@ -134,6 +139,9 @@ pub struct LeaseRecord {
     pub state: LeaseState,
     /// How it ended, once it has.
     pub ending: Option<LeaseEnding>,
+    /// The client certificate that last opened or renewed it, as a CRL names it (`None` for
+    /// leases stored before the gateway remembered it).
+    pub certificate: Option<CertificateName>,
 }
 
 impl LeaseRecord {

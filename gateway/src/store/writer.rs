@@ -16,7 +16,8 @@ use fwnp_proto::LeaseId;
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::codec::{app_columns, encode_grants, encode_prefixes, to_i64};
+use super::codec::{app_columns, certificate_columns, encode_grants, encode_prefixes, to_i64};
+use crate::identity::CertificateName;
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
 
@@ -36,6 +37,8 @@ pub enum WriteOp {
         expires_ms: u64,
         /// The lifetime granted this time, in seconds.
         granted_lifetime: u32,
+        /// The client certificate the host renewed with, as a CRL names it.
+        certificate: Option<Arc<CertificateName>>,
     },
     /// End a live lease.
     EndLease {
@@ -535,19 +538,25 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             renewed_ms,
             expires_ms,
             granted_lifetime,
+            certificate,
         } => {
+            // A renewal without a certificate keeps the one stored.
             let mut stmt = conn
                 .prepare_cached(
-                    "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, granted_lifetime = ?4 \
+                    "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, granted_lifetime = ?4, \
+                     cert_issuer = coalesce(?5, cert_issuer), cert_serial = coalesce(?6, cert_serial) \
                      WHERE id = ?1 AND state = 'live'",
                 )
                 .map_err(StoreError::sqlite("prepare renew lease"))?;
+            let (issuer, serial) = certificate_columns(certificate.as_deref());
             let n = stmt
                 .execute(params![
                     &id.0[..],
                     to_i64(*renewed_ms, "renewal time")?,
                     to_i64(*expires_ms, "expiry time")?,
-                    granted_lifetime
+                    granted_lifetime,
+                    issuer,
+                    serial
                 ])
                 .map_err(StoreError::sqlite("renew lease"))?;
             if n == 0 {
@@ -624,11 +633,12 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
 fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> {
     let grants = encode_grants(&lease.grants);
     let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
+    let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
     let mut stmt = conn
         .prepare_cached(
             "INSERT INTO leases (id, identity, peer, grants, app_name, app_exe, app_uid, app_pid, \
-             requested_lifetime, granted_lifetime, created_ms, expires_ms, state) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live')",
+             requested_lifetime, granted_lifetime, created_ms, expires_ms, state, cert_issuer, \
+             cert_serial) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live', ?13, ?14)",
         )
         .map_err(StoreError::sqlite("prepare insert lease"))?;
     let result = stmt.execute(params![
@@ -644,6 +654,8 @@ fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> 
         lease.granted_lifetime,
         to_i64(lease.created_ms, "creation time")?,
         to_i64(lease.expires_ms, "expiry time")?,
+        issuer,
+        serial,
     ]);
     match result {
         Ok(n) => Ok(n as u64),
