@@ -1212,6 +1212,39 @@ fn application_close(error: &quinn::ConnectionError) -> Option<(u64, String)> {
     }
 }
 
+/// A handshake in flight during a CRL reload was verified under the old CRL; if its connection
+/// is registered after the reload has looked at the live ones, the reloaded CRL must still end
+/// it. The test endpoint is left out of the reload, so that every handshake is verified under
+/// the old CRL, as that one was.
+#[tokio::test]
+async fn a_connection_verified_under_the_crl_before_a_reload_is_checked_against_the_new_one() {
+    let gw = TestGateway::start("crl-late", POLICY).await;
+    let files = gw.pki.host("late", &[HOST_A], &[], &[]);
+    pki::revoke(gw.pki.path(), &files.cert, RevocationReason::KeyCompromise).expect("revoke");
+    let closed = gw.service.reload_tls().await.expect("reload");
+    assert!(closed.is_empty(), "nobody was connected: {closed:?}");
+
+    let refused = match Client::try_connect(gw.addr, &files).await {
+        Ok(client) => client.closed_within(STEP).await,
+        Err(e) => Some(e),
+    };
+    let refused = refused.expect("the connection of a revoked certificate went on");
+    assert_eq!(
+        application_close(&refused),
+        Some((
+            u64::from(QuicErrorCode::NoError.code()),
+            "certificate revoked".to_owned()
+        )),
+        "not closed by the check of the reloaded CRL: {refused:?}"
+    );
+    let failures = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
+        .await;
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].event.identity.as_deref(), Some("fwnp://host/late"));
+    assert!(gw.service.sessions.of("fwnp://host/late").is_empty());
+}
+
 #[tokio::test]
 async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its_connection() {
     let gw = TestGateway::start("crl-live", POLICY).await;
