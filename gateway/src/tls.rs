@@ -36,8 +36,9 @@
 //!
 //! A bad file leaves the old configuration in force (the error is returned before anything is
 //! replaced). To also end live connections whose certificate the new CRL revokes, compare each
-//! connection's [`PeerIdentity::serial`](crate::identity::PeerIdentity::serial) with
-//! [`revoked_certificates`](crate::identity::revoked_certificates) of the new CRLs and close the matches;
+//! connection's [`PeerIdentity::certificate`](crate::identity::PeerIdentity::certificate)
+//! (issuer and serial) with [`revoked_certificates`](crate::identity::revoked_certificates) of
+//! the new CRLs and close the matches;
 //! the gateway's [`Service::reload_tls`](crate::service::Service::reload_tls) does so, after
 //! revoking what those connections' hosts hold.
 

@@ -33,6 +33,12 @@
 //! # Epoch
 //! A random non-zero 64-bit number created with the database and kept in its `meta` table.
 //! A gateway that starts without its previous database gets a new one ([`Store::is_new_state`]).
+//!
+//! # Schema versions
+//! The `meta` table records the schema version ([`SCHEMA_VERSION`]). A store of an older version
+//! is migrated when it is opened, in the transaction that checks it, so a failed migration leaves
+//! it as it was; a store of a newer version is refused ([`StoreError::SchemaTooNew`]) rather than
+//! misread. Version 2 added each lease's certificate (issuer and serial).
 
 mod codec;
 mod error;
