@@ -2269,6 +2269,16 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The operator sees which certificate holds the lease that is left.
+    let (_, body) = admin_request(&admin_socket, "GET", "/v1/leases", None).await;
+    let good_der = fwnp_gateway::tls::load_certificates(&good.cert).expect("good certificate");
+    let good_serial = fwnp_gateway::identity::PeerIdentity::from_certificate(good_der[0].as_ref())
+        .expect("identity")
+        .certificate
+        .serial
+        .as_str()
+        .to_owned();
+    assert_eq!(body["leases"][0]["certificate_serial"], json!(good_serial), "{body}");
     let (status, body) =
         admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
     assert_eq!(status, 200, "{body}");
