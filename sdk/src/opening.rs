@@ -9,6 +9,21 @@ use fwnp_proto::validate::{self, MAX_APP_NAME_LEN, ValidationError};
 use fwnp_proto::{AppInfo, Family, MAX_LIFETIME_SECS, PortRange, Prefix, Protocol, Target};
 
 /// Why an [`Opening`] cannot be sent: found on this host, before the agent is asked.
+///
+/// ```
+/// use std::time::Duration;
+/// use fwnp_sdk::{Opening, OpeningError};
+///
+/// let err = "tcp/http".parse::<Opening>().unwrap_err();
+/// assert!(matches!(err, OpeningError::BadSpec { .. }), "{err}");
+///
+/// let week_and_a_day = Duration::from_secs(8 * 24 * 3600);
+/// let err = Opening::tcp(8080).lifetime(week_and_a_day).check().unwrap_err();
+/// assert!(matches!(err, OpeningError::LifetimeTooLong { .. }), "{err}");
+///
+/// let err = Opening::tcp(8080).from("198.51.100.7/33").check().unwrap_err();
+/// assert!(matches!(err, OpeningError::BadPrefix { .. }), "{err}");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum OpeningError {
