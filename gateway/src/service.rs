@@ -1373,6 +1373,11 @@ impl Service {
         if let Some(protocol) = query.get("protocol") {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
+        if let Some(serial) = query.get("serial") {
+            filter.certificate_serial = Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
+                AdminError::bad_request(format!("serial {serial:?} is not a certificate serial in hexadecimal"))
+            })?);
+        }
         let now = now_ms();
         let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
         Ok(json!({ "leases": leases.iter().map(|l| l.to_json(now)).collect::<Vec<_>>() }))

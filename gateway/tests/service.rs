@@ -2279,6 +2279,23 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         .as_str()
         .to_owned();
     assert_eq!(body["leases"][0]["certificate_serial"], json!(good_serial), "{body}");
+    // And can list what a certificate holds by its serial, written as a CA tool prints it.
+    let colons: Vec<String> = good_serial
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| String::from_utf8_lossy(pair).to_lowercase())
+        .collect();
+    let (status, body) = admin_request(
+        &admin_socket,
+        "GET",
+        &format!("/v1/leases?serial={}", colons.join(":")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(live(body), std::collections::BTreeSet::from([good_lease.to_string()]));
+    let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
+    assert_eq!(status, 400, "{body}");
     let (status, body) =
         admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
     assert_eq!(status, 200, "{body}");

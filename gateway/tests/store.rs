@@ -486,14 +486,17 @@ fn lease_queries_filter_by_host_app_port_and_protocol() {
                 0,
                 300,
             )),
-            WriteOp::InsertLease(new_lease(
-                3,
-                "fwnp://host/db-01",
-                vec![grant(Protocol::Tcp, 5432, 5432)],
-                "postgres",
-                0,
-                900,
-            )),
+            WriteOp::InsertLease(NewLease {
+                certificate: Some(certificate("CN=ca", "0DB1")),
+                ..new_lease(
+                    3,
+                    "fwnp://host/db-01",
+                    vec![grant(Protocol::Tcp, 5432, 5432)],
+                    "postgres",
+                    0,
+                    900,
+                )
+            }),
             WriteOp::InsertLease(new_lease(
                 4,
                 "fwnp://host/web-01",
@@ -522,6 +525,21 @@ fn lease_queries_filter_by_host_app_port_and_protocol() {
             .map(|l| l.id)
             .collect()
     };
+    // By the certificate that made them (any issuer).
+    assert_eq!(
+        ids(LeaseFilter {
+            certificate_serial: Serial::parse("0d:b1"),
+            ..LeaseFilter::default()
+        }),
+        vec![id(3)]
+    );
+    assert_eq!(
+        ids(LeaseFilter {
+            certificate_serial: Serial::parse("1A"),
+            ..LeaseFilter::default()
+        }),
+        vec![id(2), id(1)]
+    );
 
     assert_eq!(
         ids(LeaseFilter::default()),

@@ -61,6 +61,10 @@ enum Command {
         /// Only grants of this protocol (tcp, udp, sctp, udplite).
         #[arg(long)]
         protocol: Option<String>,
+        /// Only leases last opened or renewed with the certificate of this serial (hexadecimal,
+        /// colons allowed): what revoking it would end.
+        #[arg(long)]
+        serial: Option<String>,
     },
     /// Revoke a live lease now: the kernel closes it and its host is told.
     Revoke {
@@ -328,8 +332,8 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Leases { host, app, port, protocol } => {
-            let q = query(&[("host", host), ("app", app), ("port", port.map(|p| p.to_string())), ("protocol", protocol)]);
+        Command::Leases { host, app, port, protocol, serial } => {
+            let q = query(&[("host", host), ("app", app), ("port", port.map(|p| p.to_string())), ("protocol", protocol), ("serial", serial)]);
             let answer = admin.get(&format!("/v1/leases{q}")).await?;
             if json_out {
                 println!("{answer}");

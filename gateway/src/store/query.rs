@@ -162,6 +162,10 @@ pub(crate) fn leases(
     if let Some(cond) = grant_condition(&mut c, "grants", filter.port, filter.protocol) {
         c.push(cond);
     }
+    if let Some(serial) = &filter.certificate_serial {
+        let p = c.param(Value::Text(serial.as_str().to_owned()));
+        c.push(format!("cert_serial = {p}"));
+    }
     let mut sql = format!(
         "SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms",
         c.where_clause()

@@ -8,7 +8,7 @@ use fwnp_proto::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::identity::CertificateName;
+use crate::identity::{CertificateName, Serial};
 
 /// Where a lease is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -493,6 +493,9 @@ pub struct LeaseFilter {
     pub port: Option<u16>,
     /// A protocol of one of the lease's grants (together with `port`, of the same grant).
     pub protocol: Option<Protocol>,
+    /// The serial of the certificate that last opened or renewed the lease (what a CRL would
+    /// revoke), of any issuer.
+    pub certificate_serial: Option<Serial>,
     /// Include released, expired and revoked leases too.
     pub include_ended: bool,
     /// At most this many (all when `None`).
