@@ -6,7 +6,7 @@
 //! | method and path | what |
 //! | --- | --- |
 //! | `GET /v1/status` | epoch, counts, uptime, policy file |
-//! | `GET /v1/leases?host=&app=&port=&protocol=` | live leases with time left |
+//! | `GET /v1/leases?host=&app=&port=&protocol=&serial=` | live leases with time left (`serial`: of the certificate that last opened or renewed them) |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=` | audit records; `wait` long-polls for records after `after` (follow) |
 //! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL, ending what revoked certificates hold |
