@@ -2296,6 +2296,21 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     assert_eq!(live(body), std::collections::BTreeSet::from([good_lease.to_string()]));
     let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
     assert_eq!(status, 400, "{body}");
+    // The same through the command line, for the operator.
+    let fwnpctl_leases = |serial: &str| {
+        let cli = std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+            .arg("--admin")
+            .arg(&admin_socket)
+            .args(["leases", "--serial", serial])
+            .output()
+            .expect("run fwnpctl");
+        assert!(cli.status.success(), "{cli:?}");
+        String::from_utf8_lossy(&cli.stdout).into_owned()
+    };
+    let out = fwnpctl_leases(&good_serial);
+    assert!(out.contains("fwnp://host/good"), "{out}");
+    let out = fwnpctl_leases("00FF");
+    assert!(!out.contains("fwnp://host/good"), "{out}");
     let (status, body) =
         admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
     assert_eq!(status, 200, "{body}");
