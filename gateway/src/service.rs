@@ -197,6 +197,17 @@ fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
     Duration::from_millis(expires_ms.saturating_sub(now_ms))
 }
 
+/// The certificates the CRL file lists; none without a CRL.
+fn read_revoked_certificates<E>(crl: Option<&std::path::Path>) -> Result<crate::identity::RevokedCertificates, E>
+where
+    E: From<crate::tls::TlsError> + From<crate::identity::IdentityError>,
+{
+    match crl {
+        Some(path) => Ok(crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?),
+        None => Ok(crate::identity::RevokedCertificates::default()),
+    }
+}
+
 fn limiter_for(policy: &Policy) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
     policy.rate_limit().map(|limit| {
         let quota = Quota::with_period(limit.replenish_interval())
@@ -259,11 +270,7 @@ impl Service {
         }
         // So may the CRL: no restored lease made with a certificate it lists may stay open
         // (no host is connected yet, so none has rolled to a new certificate).
-        let revoked = match &service.config.crl {
-            Some(path) => crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?,
-            None => crate::identity::RevokedCertificates::default(),
-        };
-        let revoked = Arc::new(revoked);
+        let revoked = Arc::new(read_revoked_certificates::<StartError>(service.config.crl.as_deref())?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
             service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
@@ -1092,10 +1099,7 @@ impl Service {
         // Read before anything is replaced, so that an unreadable CRL changes nothing. The
         // configuration below reads the file again: should it change in between, the next
         // reload settles the difference.
-        let revoked = match &files.crl {
-            Some(path) => crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?,
-            None => crate::identity::RevokedCertificates::default(),
-        };
+        let revoked = read_revoked_certificates::<TlsReloadError>(files.crl.as_deref())?;
         for endpoint in lock(&self.endpoints).iter() {
             crate::tls::reload_server_config(endpoint, &files, &options)?;
         }

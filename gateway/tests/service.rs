@@ -1810,6 +1810,35 @@ impl Daemon {
     }
 }
 
+/// What a daemon needs, in a fresh directory: a CA, the test policy, and a configuration for a
+/// gateway on a free port of 127.0.0.1 with its filter disabled.
+struct DaemonFiles {
+    pki: Pki,
+    dir: TempDir,
+    addr: std::net::SocketAddr,
+    config: std::path::PathBuf,
+    admin_socket: std::path::PathBuf,
+}
+
+impl DaemonFiles {
+    fn new(label: &str) -> DaemonFiles {
+        let pki = Pki::new(label);
+        let dir = temp_dir(label);
+        write_policy(&dir.path().join("policy.toml"), POLICY);
+        let addr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .expect("a free port");
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(
+            &config,
+            config_text(&pki, dir.path(), &addr.to_string(), "[filter]\nenabled = false"),
+        )
+        .expect("write config");
+        let admin_socket = dir.path().join("admin.sock");
+        DaemonFiles { pki, dir, addr, config, admin_socket }
+    }
+}
+
 impl Daemon {
     /// Starts `fwnp-gateway --config CONFIG` and waits until its admin socket answers.
     async fn start(config: &std::path::Path, admin_socket: &std::path::Path) -> Daemon {
@@ -1851,24 +1880,10 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
-    let pki = Pki::new("daemon");
-    let dir = temp_dir("daemon");
-    write_policy(&dir.path().join("policy.toml"), POLICY);
-    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{free_port}");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
-    )
-    .expect("write config");
-    let admin_socket = dir.path().join("admin.sock");
+    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } = DaemonFiles::new("daemon");
     let mut daemon = Daemon::start(&config, &admin_socket).await;
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
-    let client = Client::connect(listen.parse().expect("address"), &files).await;
+    let client = Client::connect(gateway_addr, &files).await;
     client.hello().await;
     let kept = granted(client.open(tcp(7001), None).await).lease;
     let doomed = granted(client.open(port(Protocol::Udp, 7001), None).await).lease;
@@ -1887,7 +1902,6 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
     assert_eq!(listed, vec![kept]);
 
     // SIGHUP also re-reads the CRL: a revoked host is refused from then on.
-    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
     let doomed = pki.host("doomed", &[HOST_B], &[], &[]);
     Client::connect(gateway_addr, &doomed).await.hello().await;
     pki::revoke(pki.path(), &doomed.cert, RevocationReason::KeyCompromise).expect("revoke");
@@ -2147,23 +2161,9 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
-    let pki = Pki::new("restart-policy");
-    let dir = temp_dir("restart-policy");
+    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } =
+        DaemonFiles::new("restart-policy");
     let policy = dir.path().join("policy.toml");
-    write_policy(&policy, POLICY);
-    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{free_port}");
-    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
-    )
-    .expect("write config");
-    let admin_socket = dir.path().join("admin.sock");
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
 
     let mut daemon = Daemon::start(&config, &admin_socket).await;
@@ -2204,22 +2204,8 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
 /// that is not connected, as it would have before the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
-    let pki = Pki::new("restart-crl");
-    let dir = temp_dir("restart-crl");
-    write_policy(&dir.path().join("policy.toml"), POLICY);
-    let free_port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free port")
-        .port();
-    let listen = format!("127.0.0.1:{free_port}");
-    let gateway_addr: std::net::SocketAddr = listen.parse().expect("address");
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        config_text(&pki, dir.path(), &listen, "[filter]\nenabled = false"),
-    )
-    .expect("write config");
-    let admin_socket = dir.path().join("admin.sock");
+    let DaemonFiles { pki, dir: _dir, addr: gateway_addr, config, admin_socket } =
+        DaemonFiles::new("restart-crl");
     // Revoked while the gateway is stopped; revoked after it started again; never revoked.
     let stolen = pki.host("stolen", &[HOST_A], &[], &[]);
     let lost = pki.host("lost", &[HOST_B], &[], &[]);
