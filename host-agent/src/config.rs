@@ -443,7 +443,13 @@ fn id_of(value: &toml::Value, file: &Path, what: &str) -> Result<u32, String> {
                     (entry == name).then_some(id)
                 })
                 .next()
-                .ok_or_else(|| format!("no {what} named {name:?} in {}", file.display()))
+                .ok_or_else(|| {
+                    format!(
+                        "no {what} named {name:?} in {} (create it, for example with \
+                         `{what}add --system {name}`, or leave it out)",
+                        file.display()
+                    )
+                })
         }
         _ => Err(format!("{what}: expected a name or a numeric id")),
     }
@@ -507,15 +513,15 @@ mod example_tests {
     use super::*;
 
     #[test]
-    fn the_documented_example_parses() {
+    fn the_documented_example_parses_on_a_fresh_machine() {
+        // A fresh machine has no group for FWNP's users: the example must not name one.
         let text = include_str!("../examples/agent.toml");
-        let dir = std::env::temp_dir().join(format!("fwnp-agent-etc-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("group"), "root:x:0:\nfwnp:x:977:alice\n").unwrap();
-        std::fs::write(dir.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
-        let config = AgentConfig::parse_with(text, "examples/agent.toml", &dir).expect("valid");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert_eq!(config.local.allowed_gids, vec![977]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("group"), "root:x:0:\n").unwrap();
+        std::fs::write(dir.path().join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        let config =
+            AgentConfig::parse_with(text, "examples/agent.toml", dir.path()).expect("valid");
+        assert!(config.local.allowed_gids.is_empty());
         assert_eq!(config.mirror.always_allowed.len(), 3);
         assert_eq!(
             config.mirror.always_allowed[2].ports,

@@ -60,7 +60,7 @@ fn bad_files_are_refused_with_line_and_reason() {
         (
             format!("{MINIMAL}[local]\nallowed_groups = [\"no-such-group-fwnp\"]\n"),
             ":9:",
-            "no group named",
+            "groupadd --system no-such-group-fwnp",
         ),
         (
             format!(
