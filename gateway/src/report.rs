@@ -6,9 +6,9 @@
 //! install blindly: it allows each host what it was granted in the window and nothing it was
 //! only denied, with lifetimes sized to how long leases were really held.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::policy::{GroupSpec, Item, PolicyBuilder, RuleSpec};
+use crate::policy::{GroupSpec, Item, Policy, PolicyBuilder, RuleSpec};
 use crate::store::ReportRow;
 
 /// Lifetime bounds a suggestion never goes below or above, in seconds.
@@ -41,12 +41,21 @@ fn name_of(identity: &str) -> String {
 }
 
 /// The suggested policy for the report's rows, as TOML text.
-pub fn suggest_policy(rows: &[ReportRow]) -> String {
+///
+/// Applications are defined as `catalogue` (the policy in force) defines them, so that the
+/// suggestion passes `fwnpctl policy check` on its own; an application the catalogue no longer
+/// holds cannot be defined, and is named in a comment instead of a rule.
+pub fn suggest_policy(rows: &[ReportRow], catalogue: &Policy) -> String {
     // Per host: the items it was granted, and how long its leases were held.
     let mut hosts: BTreeMap<&str, (Vec<Item>, u64, u64)> = BTreeMap::new();
+    let mut undefined: BTreeSet<&str> = BTreeSet::new();
     for row in rows.iter().filter(|r| r.granted > 0) {
         let item = match (&row.app_id, row.protocol, row.ports) {
-            (Some(app), _, _) => Item::App(app.clone()),
+            (Some(app), _, _) if catalogue.application(app).is_some() => Item::App(app.clone()),
+            (Some(app), _, _) => {
+                undefined.insert(app.as_str());
+                continue;
+            }
             (None, Some(protocol), Some(ports)) => Item::Ports { protocol, ports },
             _ => continue,
         };
@@ -62,9 +71,25 @@ pub fn suggest_policy(rows: &[ReportRow]) -> String {
     let mut builder = PolicyBuilder::new()
         .comment("Suggested by `fwnpctl report` from what hosts were granted.")
         .comment("Review before use: it allows each host exactly what it used, nothing more.");
+    for app in &undefined {
+        builder = builder.comment(&format!(
+            "app:{app} was granted, but the policy in force no longer defines it: left out."
+        ));
+    }
     let mut used_names: BTreeMap<String, usize> = BTreeMap::new();
     for (identity, (mut items, p90_held_ms, _)) in hosts {
         items.sort();
+        for item in &items {
+            if let Item::App(app) = item
+                && let Some(entries) = catalogue.application(app)
+            {
+                let entries = entries
+                    .into_iter()
+                    .map(|(protocol, ports)| Item::Ports { protocol, ports })
+                    .collect();
+                builder = builder.application(app, entries);
+            }
+        }
         let base = name_of(identity);
         let count = used_names.entry(base.clone()).or_insert(0);
         *count += 1;
@@ -123,7 +148,7 @@ mod tests {
             // Only ever denied: not suggested.
             row("fwnp://host/db-01", Protocol::Tcp, 22, 0, 0),
         ];
-        let text = suggest_policy(&rows);
+        let text = suggest_policy(&rows, &catalogue());
         let policy = Policy::from_str(&text, "suggested.toml").expect("the suggestion parses");
         let rules: Vec<_> = policy.rules().map(|(r, _)| r.clone()).collect();
         assert_eq!(rules.len(), 2, "{text}");
@@ -145,6 +170,36 @@ mod tests {
             }]
         );
         assert_eq!(db.max_lifetime_secs, Some(14_400));
+    }
+
+    fn catalogue() -> Policy {
+        Policy::from_str(
+            "[applications]\necho = [\"tcp/7000\", \"udp/7000-7010\"]\ngame = [\"udp/27015\"]\n",
+            "catalogue.toml",
+        )
+        .expect("catalogue")
+    }
+
+    #[test]
+    fn applications_are_defined_as_the_policy_in_force_defines_them() {
+        let mut echo = row("fwnp://host/web-01", Protocol::Tcp, 1, 3, 60_000);
+        (echo.protocol, echo.ports, echo.app_id) = (None, None, Some("echo".into()));
+        let mut gone = echo.clone();
+        gone.app_id = Some("retired".into());
+        let text = suggest_policy(&[echo, gone], &catalogue());
+        let policy = Policy::from_str(&text, "suggested.toml").expect("the suggestion parses");
+        assert_eq!(
+            policy.application("echo"),
+            catalogue().application("echo"),
+            "{text}"
+        );
+        assert_eq!(
+            policy.application("game"),
+            None,
+            "only what was used: {text}"
+        );
+        assert!(text.contains("app:retired was granted"), "{text}");
+        assert!(!text.contains("\"app:retired\""), "{text}");
     }
 
     #[test]

@@ -1802,9 +1802,10 @@ impl Service {
             host: query.get("host").cloned(),
         };
         let rows = self.read_store(move |store| store.report(&q, now)).await?;
+        let policy = self.policy();
         Ok(json!({
             "rows": rows.iter().map(|r| r.to_json()).collect::<Vec<_>>(),
-            "suggested_policy": crate::report::suggest_policy(&rows),
+            "suggested_policy": crate::report::suggest_policy(&rows, &policy),
         }))
     }
 

@@ -1,0 +1,121 @@
+//! `fwnpctl report` as an operator uses it: after real hosts asked a real gateway for
+//! applications, port ranges and openings restricted to remote prefixes, the policy the report
+//! suggests passes `fwnpctl policy check`, and allows again what was granted.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Command;
+
+use common::*;
+use fwnp_proto::{PortRange, Prefix, Protocol};
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+max_lifetime = "1h"
+max_leases = 10
+
+[applications]
+echo = ["tcp/7000", "udp/7000-7010"]
+game = ["udp/27015"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts"
+groups = ["hosts"]
+allow = ["app:echo", "app:game", "tcp/8000-8999", "udp/9000-9100"]
+"#;
+
+const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+
+/// Runs fwnpctl. The gateway serves its admin API on this test's runtime, so the test runs on
+/// a multi-threaded one: a blocking wait here must not stop the runtime that answers.
+fn fwnpctl(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+        .args(args)
+        .output()
+        .expect("run fwnpctl");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_suggested_policy_passes_check_and_allows_what_was_granted() {
+    let gw = TestGateway::start("report-policy", POLICY).await;
+    let (web, _) = gw.welcomed_host("web-01", &[HOST]).await;
+    let (db, _) = gw
+        .welcomed_host("db-01", &[IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20))])
+        .await;
+
+    granted(web.open(app("echo"), Some(300)).await);
+    let mut range = port(Protocol::Udp, 9000);
+    if let fwnp_proto::Target::Ports { ports, .. } = &mut range.target {
+        *ports = PortRange {
+            first: 9000,
+            last: 9050,
+        };
+    }
+    granted(web.open(range, Some(300)).await);
+    let mut from = tcp(8080);
+    from.remotes = vec![Prefix {
+        addr: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 0)),
+        len: 24,
+    }];
+    granted(db.open(from, Some(300)).await);
+    granted(db.open(app("game"), Some(300)).await);
+
+    let admin = gw.admin_socket.to_str().expect("utf-8 path");
+    let (ok, suggested, stderr) = fwnpctl(&["--admin", admin, "report", "--policy-only"]);
+    assert!(ok, "{stderr}");
+    for needed in [
+        "[applications]",
+        "app:echo",
+        "app:game",
+        "udp/9000-9050",
+        "tcp/8080",
+    ] {
+        assert!(
+            suggested.contains(needed),
+            "{needed} missing from:\n{suggested}"
+        );
+    }
+    let file = gw.dir().join("suggested.toml");
+    std::fs::write(&file, &suggested).expect("write the suggestion");
+    let (ok, out, stderr) = fwnpctl(&["policy", "check", file.to_str().expect("utf-8 path")]);
+    assert!(
+        ok,
+        "the suggestion fails its own check:\n{suggested}\n{out}{stderr}"
+    );
+
+    // What was granted is allowed again by the suggestion.
+    for (host, address, open) in [
+        ("fwnp://host/web-01", "192.0.2.10", "app:echo"),
+        ("fwnp://host/web-01", "192.0.2.10", "udp/9000-9050"),
+        ("fwnp://host/db-01", "192.0.2.20", "tcp/8080"),
+        ("fwnp://host/db-01", "192.0.2.20", "app:game"),
+    ] {
+        let (ok, out, stderr) = fwnpctl(&[
+            "policy",
+            "explain",
+            "--policy",
+            file.to_str().expect("utf-8 path"),
+            "--host",
+            host,
+            "--address",
+            address,
+            "--open",
+            open,
+        ]);
+        assert!(
+            ok,
+            "{host} {open} is not allowed by the suggestion:\n{suggested}\n{out}{stderr}"
+        );
+    }
+}
