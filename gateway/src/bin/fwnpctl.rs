@@ -746,17 +746,33 @@ fn print_leases(answer: &Value) {
                 vec![
                     l["id"].as_str().unwrap_or("?").to_owned(),
                     l["identity"].as_str().unwrap_or("?").to_owned(),
-                    l["app"]["name"]
-                        .as_str()
-                        .or_else(|| l["app"]["executable"].as_str())
-                        .unwrap_or("-")
-                        .to_owned(),
+                    shortened(
+                        l["app"]["name"]
+                            .as_str()
+                            .or_else(|| l["app"]["executable"].as_str())
+                            .unwrap_or("-"),
+                        APP_COLUMN_WIDTH,
+                    ),
                     time_left(l["remaining_ms"].as_u64().unwrap_or(0)),
                     grants_text(&l["grants"]),
                 ]
             })
             .collect(),
     );
+}
+
+/// The widest the APP column of `fwnpctl leases` gets: an application's name may be a whole
+/// command line, which `--json` gives in full.
+const APP_COLUMN_WIDTH: usize = 32;
+
+/// `text` cut to at most `width` characters, the cut marked with `…`.
+fn shortened(text: &str, width: usize) -> String {
+    if text.chars().count() <= width {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
 }
 
 fn print_audit(events: &[Value], json_out: bool, header: bool) {

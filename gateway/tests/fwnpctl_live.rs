@@ -1,6 +1,7 @@
-//! `fwnpctl report` as an operator uses it: after real hosts asked a real gateway for
-//! applications, port ranges and openings restricted to remote prefixes, the policy the report
-//! suggests passes `fwnpctl policy check`, and allows again what was granted.
+//! `fwnpctl` against a live gateway, as an operator uses it: after real hosts asked a real
+//! gateway for applications, port ranges and openings restricted to remote prefixes, the policy
+//! `fwnpctl report` suggests passes `fwnpctl policy check` and allows again what was granted;
+//! `fwnpctl leases` stays a readable table when an application's name is a long command line.
 
 mod common;
 
@@ -118,4 +119,42 @@ async fn the_suggested_policy_passes_check_and_allows_what_was_granted() {
             "{host} {open} is not allowed by the suggestion:\n{suggested}\n{out}{stderr}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leases_table_stays_narrow_when_an_application_names_itself_by_its_command_line() {
+    let gw = TestGateway::start("leases-table", POLICY).await;
+    let (web, _) = gw.welcomed_host("web-01", &[HOST]).await;
+    let command_line = format!(
+        "/usr/bin/python3 -m http.server 8080 {}",
+        "--verbose ".repeat(21)
+    );
+    let answer = web
+        .request(&fwnp_proto::Message::Open(fwnp_proto::Open {
+            common: common(Some(7)),
+            opening: tcp(8080),
+            lifetime: Some(300),
+            app: Some(fwnp_proto::AppInfo {
+                name: Some(command_line.clone()),
+                ..Default::default()
+            }),
+        }))
+        .await;
+    granted(answer);
+
+    let admin = gw.admin_socket.to_str().expect("utf-8 path");
+    let (ok, table, stderr) = fwnpctl(&["--admin", admin, "leases"]);
+    assert!(ok, "{stderr}");
+    assert!(table.contains("/usr/bin/python3 -m http.server"), "{table}");
+    for line in table.lines() {
+        assert!(
+            line.chars().count() <= 120,
+            "a {}-column line:\n{table}",
+            line.chars().count()
+        );
+    }
+    // The whole name is still there for machines.
+    let (ok, json, stderr) = fwnpctl(&["--admin", admin, "--json", "leases"]);
+    assert!(ok, "{stderr}");
+    assert!(json.contains(command_line.trim_end()), "{json}");
 }
