@@ -381,7 +381,7 @@ impl Lease {
     ///
     /// ```no_run
     /// # async fn f(lease: fwnp_sdk::Lease) {
-    /// println!("epoch {}", lease.epoch());
+    /// println!("epoch {:016x}", lease.epoch());
     /// # }
     /// ```
     pub fn epoch(&self) -> Epoch {

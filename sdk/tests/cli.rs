@@ -358,8 +358,17 @@ async fn status_leases_and_release_print_what_the_agent_answers() {
     let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
     assert_eq!(status["gateway"], "gw.example:4433");
     assert_eq!(status["connected"], true);
-    assert_eq!(status["epoch"], 7);
+    // The epoch is written as the daemons log it: 16 hexadecimal digits.
+    assert_eq!(status["epoch"], "0000000000000007");
     assert_eq!(status["mirror_mode"], "enforce");
+    let mut command = fwnp(&agent);
+    command.arg("status");
+    let out = run(command).await;
+    assert!(
+        out.stdout.contains("epoch:     0000000000000007"),
+        "{}",
+        out.stdout
+    );
 
     let mut command = fwnp(&agent);
     command.args(["leases", "--json"]);

@@ -296,7 +296,7 @@ fn print_lease(lease: &Lease, json: bool) {
             "grants": lease.grants().iter().map(grant_json).collect::<Vec<_>>(),
             "lifetime_secs": lease.lifetime().as_secs(),
             "expires_at_unix_ms": unix_ms(lease.gateway_expires()),
-            "epoch": lease.epoch(),
+            "epoch": format!("{:016x}", lease.epoch()),
             "narrowed": lease.narrowed(),
         });
         println!("{value}");
@@ -620,7 +620,7 @@ fn status_json(status: &AgentStatus) -> serde_json::Value {
         "agent_version": status.agent_version,
         "gateway": status.gateway,
         "connected": status.connected,
-        "epoch": status.epoch,
+        "epoch": status.epoch.map(|e| format!("{e:016x}")),
         "mirror_mode": status.mirror_mode,
         "identity": status.identity,
         "leases": status.leases,
@@ -659,7 +659,7 @@ async fn status(socket: &Option<PathBuf>, json: bool) -> u8 {
             "epoch:     {}",
             status
                 .epoch
-                .map_or_else(|| "unknown".to_owned(), |e| e.to_string())
+                .map_or_else(|| "unknown".to_owned(), |e| format!("{e:016x}"))
         );
         println!("mirror:    {}", status.mirror_mode);
         println!(
