@@ -9,6 +9,8 @@
 //! The socket is bound before the opening is asked for: the agent may check that the port
 //! belongs to the process that asks.
 
+use std::error::Error;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use fwnp_sdk::{Client, Opening};
@@ -17,10 +19,33 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    match serve().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error's text tells the user what to do; its Debug form, which returning the
+            // error from main would print, does not.
+            eprintln!("serve: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
-    let port: u16 = args.next().as_deref().unwrap_or("8080").parse()?;
-    let lifetime = Duration::from_secs(args.next().as_deref().unwrap_or("600").parse()?);
+    let port: u16 = args
+        .next()
+        .as_deref()
+        .unwrap_or("8080")
+        .parse()
+        .map_err(|e| format!("the port: {e}"))?;
+    let lifetime = Duration::from_secs(
+        args.next()
+            .as_deref()
+            .unwrap_or("600")
+            .parse()
+            .map_err(|e| format!("the lifetime in seconds: {e}"))?,
+    );
 
     let listener = TcpListener::bind(("::", port)).await?;
     let client = Client::connect().await?;
