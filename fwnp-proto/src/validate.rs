@@ -31,10 +31,10 @@ use crate::message::*;
 #[non_exhaustive]
 pub enum ValidationError {
     /// Port 0 in an opening or a grant.
-    #[error("port 0 cannot be opened")]
+    #[error("port 0 cannot be opened: ports run from 1 to 65535")]
     PortZero,
     /// A port range whose last port is below its first.
-    #[error("port range {first}-{last} is reversed")]
+    #[error("port range {first}-{last} is reversed: write {last}-{first}")]
     ReversedRange {
         /// The first port.
         first: u16,
@@ -202,14 +202,16 @@ pub const MAX_APP_ID_LEN: usize = 64;
 
 /// A port range of an opening or a grant: no port 0, not reversed.
 pub fn validate_ports(ports: &PortRange) -> Result<(), ValidationError> {
-    if ports.first == 0 || ports.last == 0 {
-        return Err(ValidationError::PortZero);
-    }
+    // A reversed range is named as such even when its last port is 0 (`1-0`): that is the
+    // mistake the writer made.
     if ports.last < ports.first {
         return Err(ValidationError::ReversedRange {
             first: ports.first,
             last: ports.last,
         });
+    }
+    if ports.first == 0 {
+        return Err(ValidationError::PortZero);
     }
     Ok(())
 }

@@ -419,8 +419,8 @@ fn parse_ports(value: &toml::Value) -> Result<PortRange, String> {
     };
     if range.last < range.first {
         return Err(format!(
-            "port range {}-{} is reversed",
-            range.first, range.last
+            "port range {}-{} is reversed: write {}-{}",
+            range.first, range.last, range.last, range.first
         ));
     }
     Ok(range)

@@ -610,5 +610,17 @@ mod tests {
         assert!("tcp/1-".parse::<Opening>().is_err());
         // The form is read; the rule (port 0) is the check's.
         assert!("tcp/0".parse::<Opening>().unwrap().check().is_err());
+        // A range ending at 0 is named as reversed, in the same words as the policy's.
+        let reversed = "udp/1-0".parse::<Opening>().unwrap().check().unwrap_err();
+        assert_eq!(
+            reversed,
+            OpeningError::Invalid(ValidationError::ReversedRange { first: 1, last: 0 })
+        );
+        assert!(
+            reversed
+                .to_string()
+                .contains("port range 1-0 is reversed: write 0-1"),
+            "{reversed}"
+        );
     }
 }

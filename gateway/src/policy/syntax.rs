@@ -277,7 +277,7 @@ pub enum ItemError {
     #[error("port 0 cannot be opened: ports run from 1 to 65535")]
     PortZero,
     /// A range whose last port is below its first.
-    #[error("the range {first}-{last} is reversed: write {last}-{first}")]
+    #[error("port range {first}-{last} is reversed: write {last}-{first}")]
     ReversedRange {
         /// The first port written.
         first: u16,
@@ -397,24 +397,23 @@ pub fn parse_port_range(text: &str) -> Result<PortRange, ItemError> {
     };
     let first = parse_port(first_text)?;
     let last = parse_port(last_text)?;
+    // As the protocol's own check: a reversed range is named as such even when it ends at 0.
     if last < first {
         return Err(ItemError::ReversedRange { first, last });
+    }
+    if first == 0 {
+        return Err(ItemError::PortZero);
     }
     Ok(PortRange { first, last })
 }
 
+/// A number from 0 to 65535 (0 is refused by the caller, with its own error).
 fn parse_port(text: &str) -> Result<u16, ItemError> {
     if text.is_empty() || text.len() > 5 || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ItemError::BadPort(text.to_owned()));
     }
-    let port: u32 = text
-        .parse()
-        .map_err(|_| ItemError::BadPort(text.to_owned()))?;
-    match u16::try_from(port) {
-        Ok(0) => Err(ItemError::PortZero),
-        Ok(port) => Ok(port),
-        Err(_) => Err(ItemError::BadPort(text.to_owned())),
-    }
+    text.parse::<u16>()
+        .map_err(|_| ItemError::BadPort(text.to_owned()))
 }
 
 /// Whether the text is a valid application id: 1 to 64 bytes of `[a-z0-9._-]`.
@@ -529,6 +528,10 @@ mod tests {
         );
         assert_eq!("tcp/0".parse::<Item>(), Err(ItemError::PortZero));
         assert_eq!("tcp/0-10".parse::<Item>(), Err(ItemError::PortZero));
+        assert_eq!(
+            "udp/1-0".parse::<Item>(),
+            Err(ItemError::ReversedRange { first: 1, last: 0 })
+        );
         assert_eq!(
             "tcp/8100-8000".parse::<Item>(),
             Err(ItemError::ReversedRange {
