@@ -112,27 +112,6 @@ pub struct LocalConfig {
     pub idle_timeout: Duration,
 }
 
-impl LocalConfig {
-    /// The defaults of every limit, around `socket` (tests and embedders build on this).
-    pub fn with_socket(socket: PathBuf) -> LocalConfig {
-        LocalConfig {
-            socket,
-            allowed_uids: Vec::new(),
-            allowed_gids: Vec::new(),
-            verify_port_owner: true,
-            port_owner_grace: Duration::from_secs(2),
-            earlier_run_grace: Duration::from_secs(15),
-            owner_check_interval: Duration::from_secs(2),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_user: DEFAULT_MAX_CONNECTIONS_PER_USER,
-            max_output_bytes: DEFAULT_MAX_OUTPUT_BYTES,
-            max_leases_per_connection: DEFAULT_MAX_LEASES_PER_CONNECTION,
-            max_watches: DEFAULT_MAX_WATCHES,
-            idle_timeout: Duration::from_secs(60),
-        }
-    }
-}
-
 /// Default of `max_connections`: well below the descriptor limit the unit sets.
 const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 /// Default of `max_connections_per_user`.
@@ -363,7 +342,10 @@ impl AgentConfig {
             let duration =
                 parse_duration(value.get_ref()).map_err(|reason| at(value.span(), reason))?;
             if duration > max {
-                return Err(at(value.span(), format!("{name} is at most {}s", max.as_secs())));
+                return Err(at(
+                    value.span(),
+                    format!("{name} is at most {}s", max.as_secs()),
+                ));
             }
             Ok(duration)
         };
@@ -424,7 +406,10 @@ impl AgentConfig {
         )?;
         if max_output_bytes < MIN_OUTPUT_BYTES {
             return Err(at(
-                raw.local.max_output_bytes.as_ref().map_or(0..0, |v| v.span()),
+                raw.local
+                    .max_output_bytes
+                    .as_ref()
+                    .map_or(0..0, |v| v.span()),
                 format!("max_output_bytes is at least {MIN_OUTPUT_BYTES} (one largest frame)"),
             ));
         }
@@ -632,6 +617,13 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert!(config.local.verify_port_owner);
         assert_eq!(config.local.port_owner_grace, Duration::from_secs(2));
         assert_eq!(config.local.earlier_run_grace, Duration::from_secs(15));
+        assert_eq!(config.local.owner_check_interval, Duration::from_secs(2));
+        assert_eq!(config.local.max_connections, 1024);
+        assert_eq!(config.local.max_connections_per_user, 64);
+        assert_eq!(config.local.max_output_bytes, 16 * 16_388);
+        assert_eq!(config.local.max_leases_per_connection, 256);
+        assert_eq!(config.local.max_watches, 64);
+        assert_eq!(config.local.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.mirror.mode, MirrorMode::Enforce);
         assert_eq!(config.mirror.table, "fwnp_host");
         assert!(config.local.allowed_uids.is_empty());
@@ -647,10 +639,28 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert_eq!(line, 11);
         assert!(reason.contains("monitor"), "{reason}");
 
-        let (line, reason) =
-            error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
+        let (line, reason) = error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
         assert_eq!(line, 11);
         assert!(reason.contains("at most 600s"), "{reason}");
+
+        for (setting, expected) in [
+            ("owner_check_interval = \"100ms\"", "at least 200ms"),
+            ("owner_check_interval = \"2m\"", "at most 60s"),
+            ("idle_timeout = \"2h\"", "at most 3600s"),
+            ("max_connections = 0", "between 1 and"),
+            (
+                "max_connections = 10\nmax_connections_per_user = 11",
+                "between 1 and 10",
+            ),
+            ("max_output_bytes = 1000", "at least 16388"),
+            ("max_leases_per_connection = -1", "between 1 and 65536"),
+            ("max_watches = 70000", "between 1 and 65536"),
+        ] {
+            let (line, reason) = error_of(&format!("{GOOD}\n[local]\n{setting}\n"));
+            let last = 11 + setting.matches('\n').count();
+            assert_eq!(line, last, "{setting}: {reason}");
+            assert!(reason.contains(expected), "{setting}: {reason}");
+        }
 
         let (line, reason) = error_of(&GOOD.replace("state_dir", "stat_dir"));
         assert_eq!(line, 1);
@@ -672,6 +682,8 @@ mod example_tests {
         let config = AgentConfig::parse_with(text, "examples/agent.toml", &dir).expect("valid");
         let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(config.local.allowed_gids, vec![977]);
+        assert_eq!(config.local.max_output_bytes, 262_208);
+        assert_eq!(config.local.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.mirror.always_allowed.len(), 3);
         assert_eq!(
             config.mirror.always_allowed[2].ports,

@@ -1030,9 +1030,7 @@ impl Core {
         let owned: Vec<(u64, Owner)> = self
             .leases
             .iter()
-            .filter(|(_, h)| {
-                matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
-            })
+            .filter(|(_, h)| matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing))
             .filter_map(|(k, h)| {
                 let owner = h.owner.as_ref()?;
                 (!owner.targets.is_empty()).then(|| (*k, owner.clone()))
@@ -1084,9 +1082,10 @@ impl Core {
             let lease = earlier.lease;
             // An application's machine holds it now: the mirror keeps the elements under that
             // machine's number, and the lease is that application's.
-            let taken = self.leases.values().any(|h| {
-                !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
-            });
+            let taken = self
+                .leases
+                .values()
+                .any(|h| !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease));
             self.mirror.drop_lease(earlier.holder, None);
             if taken {
                 debug!(%lease, "a lease of an earlier run was asked for again; it stays");
@@ -1289,7 +1288,9 @@ impl Core {
                         LocalMessage::Denied(LocalDenied {
                             common: common(request_id),
                             code: DenialCode::Wire(ResultCode::NoResources),
-                            reason: Some("the list of leases does not fit in one answer".to_owned()),
+                            reason: Some(
+                                "the list of leases does not fit in one answer".to_owned(),
+                            ),
                             retry_after: Some(60),
                             lease: None,
                             unsupported: Vec::new(),
@@ -1396,9 +1397,8 @@ impl Core {
             .filter(|h| h.conn == Some(conn) && !h.machine.state().is_terminal())
             .count();
         if held >= self.config.local.max_leases_per_connection {
-            let reason = format!(
-                "this connection holds {held} leases already (max_leases_per_connection)"
-            );
+            let reason =
+                format!("this connection holds {held} leases already (max_leases_per_connection)");
             self.send(
                 conn,
                 LocalMessage::Denied(LocalDenied {

@@ -81,7 +81,9 @@ pub fn bind(config: &LocalConfig) -> Result<UnixListener, ServerError> {
         }
         std::fs::remove_file(path).map_err(|e| io("removing the stale socket", e))?;
     }
-    let file_name = path.file_name().unwrap_or(std::ffi::OsStr::new("agent.sock"));
+    let file_name = path
+        .file_name()
+        .unwrap_or(std::ffi::OsStr::new("agent.sock"));
     let private = dir.join(format!(
         ".{}.{}.{:x}",
         file_name.to_string_lossy(),
@@ -100,8 +102,7 @@ pub fn bind(config: &LocalConfig) -> Result<UnixListener, ServerError> {
         let mode = if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
             0o600
         } else if only_one_group
-            && std::os::unix::fs::chown(&staged, None, config.allowed_gids.first().copied())
-                .is_ok()
+            && std::os::unix::fs::chown(&staged, None, config.allowed_gids.first().copied()).is_ok()
         {
             0o660
         } else {
@@ -178,7 +179,6 @@ impl Outbox {
     pub fn is_closing(&self) -> bool {
         self.state.closing.load(Ordering::Relaxed)
     }
-
 }
 
 impl OutboxState {
@@ -226,7 +226,11 @@ impl Slots {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut map = self.slots.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .slots
+            .per_user
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.uid) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -289,7 +293,14 @@ pub async fn serve(
         }
         debug!(conn, pid = ?peer.pid, uid = peer.uid, authorized = peer.authorized, "local connection");
         if peer.authorized {
-            tokio::spawn(connection(conn, stream, peer, core.clone(), config.clone(), slot));
+            tokio::spawn(connection(
+                conn,
+                stream,
+                peer,
+                core.clone(),
+                config.clone(),
+                slot,
+            ));
         } else {
             tokio::spawn(unauthorized(conn, stream, peer, slot));
         }
@@ -325,10 +336,14 @@ async fn unauthorized(conn: ConnId, stream: UnixStream, peer: Peer, _slot: Slot)
             lease: None,
             unsupported: Vec::new(),
         });
-        let _ = tokio::time::timeout(UNAUTHORIZED_WAIT, writer.write_all(&encode_frame(&denied)))
-            .await;
+        let _ =
+            tokio::time::timeout(UNAUTHORIZED_WAIT, writer.write_all(&encode_frame(&denied))).await;
     }
-    debug!(conn, uid = peer.uid, "closed the connection of a peer that may not use the agent");
+    debug!(
+        conn,
+        uid = peer.uid,
+        "closed the connection of a peer that may not use the agent"
+    );
 }
 
 /// Why a peer may not use the agent.

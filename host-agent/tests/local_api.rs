@@ -314,7 +314,13 @@ fn nofile_of(pid: u32) -> (String, String) {
 fn helper(name: &str, socket: &Path, uid: Option<u32>, env: &[(&str, String)]) -> Command {
     let mut command = Command::new(std::env::current_exe().expect("test binary"));
     command
-        .args([name, "--exact", "--ignored", "--nocapture", "--test-threads=1"])
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("FWNP_TEST_SOCKET", socket);
     for (key, value) in env {
         command.env(key, value);
@@ -381,7 +387,10 @@ fn a_caller_whose_pid_was_reused_is_refused() {
     let mut client = LocalClient::from_stream(std::os::unix::net::UnixStream::from(kept));
     let (code, reason) = denial(&client.open(Protocol::Tcp, port, Some(60), STEP));
     assert_eq!(code, DenialCode::Local(LocalCode::PortNotOwned), "{reason}");
-    assert!(reason.contains(&format!("pid {gone}")) && reason.contains("exited"), "{reason}");
+    assert!(
+        reason.contains(&format!("pid {gone}")) && reason.contains("exited"),
+        "{reason}"
+    );
 }
 
 /// Not a test on its own: connects its standard input (an unconnected Unix socket) to the
@@ -434,7 +443,11 @@ fn a_client_that_does_not_read_is_closed_and_others_are_served() {
     // Meanwhile another client is answered at once.
     let asked = Instant::now();
     assert!(!agent.client().status().connected);
-    assert!(asked.elapsed() < Duration::from_secs(1), "{:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
     assert!(
         flood.closed_after_draining(STEP),
         "the agent kept a client that reads nothing (sent {sent} thousand requests)"
@@ -465,7 +478,10 @@ fn an_unauthorized_peer_gets_one_answer_and_is_closed() {
         .expect("run the helper");
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
-        stdout.contains(&format!("ANSWER {}", LocalCode::AgentNotAuthorized.number())),
+        stdout.contains(&format!(
+            "ANSWER {}",
+            LocalCode::AgentNotAuthorized.number()
+        )),
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
@@ -523,7 +539,10 @@ fn connections_are_capped_per_user_and_idle_ones_closed() {
         std::thread::sleep(Duration::from_millis(300));
     }
     for client in &mut held {
-        assert!(client.closed_within(Duration::from_millis(500)), "an idle connection stayed");
+        assert!(
+            client.closed_within(Duration::from_millis(500)),
+            "an idle connection stayed"
+        );
     }
     assert!(!busy.status().connected);
     // Their slots are free again.
@@ -564,8 +583,14 @@ fn a_flood_of_connections_from_another_user_leaves_the_agent_usable() {
     let asked = Instant::now();
     let mut client = agent.client();
     assert!(!client.status().connected);
-    assert!(asked.elapsed() < Duration::from_secs(2), "{:?}", asked.elapsed());
-    let _ = Command::new("kill").arg(flood_guard_pid.to_string()).status();
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let _ = Command::new("kill")
+        .arg(flood_guard_pid.to_string())
+        .status();
     let _ = flood.wait();
 }
 

@@ -51,7 +51,10 @@ fn a_caller_that_exited_is_refused_and_pid_zero_is_nobody() {
     let port = listener.local_addr().expect("address").port();
     let _ = child.0.kill();
     let _ = child.0.wait();
-    assert!(!caller.is_alive(&procfs), "an exited process counts as alive");
+    assert!(
+        !caller.is_alive(&procfs),
+        "an exited process counts as alive"
+    );
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let refused = runtime
         .block_on(procfs.verify(

@@ -415,6 +415,21 @@ pub(crate) fn common(id: u64) -> Common {
     }
 }
 
+/// An Open of the application id `app`.
+pub(crate) fn open_app_msg(id: u64, app: &str, lifetime: Option<u32>) -> LocalMessage {
+    LocalMessage::Wire(Message::Open(Open {
+        common: common(id),
+        opening: Opening {
+            target: Target::App(app.to_owned()),
+            host: None,
+            family: None,
+            remotes: Vec::new(),
+        },
+        lifetime,
+        app: None,
+    }))
+}
+
 pub(crate) fn open_msg(
     id: u64,
     protocol: Protocol,
