@@ -74,8 +74,9 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
             return;
         }
     };
-    // The gateway link, the netlink socket, the listener and /proc reads need some too.
-    let needed = local.max_connections as u64 + 64;
+    // Each connection holds its socket and its caller's pidfd; the gateway link, the netlink
+    // socket, the listener and /proc reads need some too.
+    let needed = 2 * local.max_connections as u64 + 64;
     if soft < needed {
         warn!(
             limit = soft,
