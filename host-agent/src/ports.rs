@@ -16,6 +16,9 @@
 //!   socket activation) counts as the caller's;
 //! - if no socket is bound yet, the agent polls for a grace period (the application may bind
 //!   right after asking), then refuses saying nobody listens.
+//! - the caller is a [`CallerProcess`], not a bare pid: once the process that connected has
+//!   exited, its pid may be another's, so every check first (and again after the scan) confirms
+//!   that the process still runs under that pid, and refuses otherwise.
 //!
 //! Reading another user's `/proc/PID/fd` needs privileges the agent has as root; as another
 //! user, processes it cannot read are simply not seen (and a port they hold is reported as

@@ -351,6 +351,7 @@ fn a_caller_whose_pid_was_reused_is_refused() {
     let for_child = kept.try_clone().expect("dup");
     let mut child = helper("helper_connect_ask_and_exit", &agent.socket, None, &[])
         .stdin(std::process::Stdio::from(for_child))
+        .stdout(std::process::Stdio::null())
         .spawn()
         .expect("run the helper");
     let exited = child.wait().expect("wait for the helper");
@@ -655,4 +656,30 @@ fn the_socket_is_made_with_its_mode_even_under_an_open_umask() {
         .filter(|n| n.starts_with(".agent.sock"))
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn watches_are_bounded_per_connection() {
+    // The default bound: 64 watches of one lease each.
+    let agent = Agent::start("watches", &my_uid().to_string(), "1s");
+    let mut client = agent.client();
+    for n in 0..64u8 {
+        client.watch(Some(LeaseId([n; 16])));
+    }
+    // The same watch again, and a watch of all leases, take nothing more.
+    client.watch(Some(LeaseId([7; 16])));
+    client.watch(None);
+    let id = client.next_id();
+    let answer = client.request(
+        LocalMessage::Watch(fwnp_proto::local::Watch {
+            common: common(id),
+            lease: Some(LeaseId([200; 16])),
+        }),
+        STEP,
+    );
+    let (code, reason) = denial(&answer);
+    assert_eq!(code, DenialCode::Wire(ResultCode::NoResources), "{reason}");
+    assert!(reason.contains("max_watches"), "{reason}");
+    // The connection still serves.
+    assert!(!client.status().connected);
 }
