@@ -879,3 +879,34 @@ fn a_lease_ends_when_another_process_takes_its_port() {
     assert!(!lab.outside_reaches(7870, REFUSED));
     assert!(app.list().leases.is_empty());
 }
+
+#[test]
+fn leases_are_bounded_per_connection() {
+    if !lab::require_root("leases_are_bounded_per_connection") {
+        return;
+    }
+    let lab = Lab::with_local(
+        "e2eleasecap",
+        &[7880, 7881],
+        "max_leases_per_connection = 1",
+    );
+    let mut app = lab.client();
+    granted(app.open(Protocol::Tcp, 7880, Some(60), STEP));
+    match app.open(Protocol::Tcp, 7881, Some(60), STEP) {
+        LocalMessage::Denied(d) => {
+            assert_eq!(
+                d.code,
+                fwnp_proto::local::DenialCode::Wire(fwnp_proto::ResultCode::NoResources)
+            );
+            assert!(
+                d.reason
+                    .is_some_and(|r| r.contains("max_leases_per_connection")),
+                "no reason"
+            );
+        }
+        other => panic!("a second lease was not refused: {other:?}"),
+    }
+    assert!(!lab.gateway_has(7881) && !lab.host_has(7881));
+    // Another connection has its own bound.
+    granted(lab.client().open(Protocol::Tcp, 7881, Some(60), STEP));
+}
