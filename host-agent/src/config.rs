@@ -94,7 +94,34 @@ pub struct LocalConfig {
     /// How long leases of an earlier run of the agent (still live at the gateway after a
     /// restart) wait for an application to ask for them again before the agent releases them.
     pub earlier_run_grace: Duration,
+    /// How often the ports of verified leases are checked again (besides before each renewal
+    /// and re-open): a lease whose port is no longer the caller's ends.
+    pub owner_check_interval: Duration,
+    /// Local connections open at once, all users together.
+    pub max_connections: usize,
+    /// Local connections open at once by one user id.
+    pub max_connections_per_user: usize,
+    /// Bytes of answers and events queued for one connection that does not read them; past
+    /// this the connection is closed.
+    pub max_output_bytes: usize,
+    /// Leases (held or being requested) of one connection.
+    pub max_leases_per_connection: usize,
+    /// Watches of one connection (a watch of all its leases counts once).
+    pub max_watches: usize,
+    /// A connection that holds no lease and sends nothing for this long is closed.
+    pub idle_timeout: Duration,
 }
+
+/// Default of `max_connections`: well below the descriptor limit the unit sets.
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+/// Default of `max_connections_per_user`.
+const DEFAULT_MAX_CONNECTIONS_PER_USER: usize = 64;
+/// Default of `max_output_bytes`: sixteen of the largest frames.
+const DEFAULT_MAX_OUTPUT_BYTES: usize = 16 * 16_388;
+/// Default of `max_leases_per_connection`.
+const DEFAULT_MAX_LEASES_PER_CONNECTION: usize = 256;
+/// Default of `max_watches`.
+const DEFAULT_MAX_WATCHES: usize = 64;
 
 /// The host table.
 #[derive(Debug, Clone)]
@@ -143,6 +170,15 @@ struct RawLocal {
     port_owner_grace: Spanned<String>,
     #[serde(default = "default_earlier_run_grace")]
     earlier_run_grace: Spanned<String>,
+    #[serde(default = "default_owner_check_interval")]
+    owner_check_interval: Spanned<String>,
+    max_connections: Option<Spanned<i64>>,
+    max_connections_per_user: Option<Spanned<i64>>,
+    max_output_bytes: Option<Spanned<i64>>,
+    max_leases_per_connection: Option<Spanned<i64>>,
+    max_watches: Option<Spanned<i64>>,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: Spanned<String>,
 }
 
 impl Default for RawLocal {
@@ -154,6 +190,13 @@ impl Default for RawLocal {
             verify_port_owner: true,
             port_owner_grace: default_grace(),
             earlier_run_grace: default_earlier_run_grace(),
+            owner_check_interval: default_owner_check_interval(),
+            max_connections: None,
+            max_connections_per_user: None,
+            max_output_bytes: None,
+            max_leases_per_connection: None,
+            max_watches: None,
+            idle_timeout: default_idle_timeout(),
         }
     }
 }
@@ -199,6 +242,12 @@ fn default_grace() -> Spanned<String> {
 fn default_earlier_run_grace() -> Spanned<String> {
     Spanned::new(0..0, "15s".to_owned())
 }
+fn default_owner_check_interval() -> Spanned<String> {
+    Spanned::new(0..0, "2s".to_owned())
+}
+fn default_idle_timeout() -> Spanned<String> {
+    Spanned::new(0..0, "60s".to_owned())
+}
 fn default_mode() -> Spanned<String> {
     Spanned::new(0..0, "enforce".to_owned())
 }
@@ -210,6 +259,20 @@ fn default_table() -> Spanned<String> {
 const MAX_GRACE: Duration = Duration::from_secs(30);
 /// An earlier run's leases are openings nobody asked for since: they wait at most this long.
 const MAX_EARLIER_RUN_GRACE: Duration = Duration::from_secs(600);
+/// Ownership checks more often than this would keep the agent reading `/proc` all the time.
+const MIN_OWNER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// Less often, and a port taken over by another program stays open too long.
+const MAX_OWNER_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// An application needs a moment between connecting and asking.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Past this many connections the descriptor limit of any usual system is near.
+const MAX_CONNECTIONS: usize = 1 << 20;
+/// One largest frame (header and body) must fit.
+const MIN_OUTPUT_BYTES: usize = 16_388;
+const MAX_OUTPUT_BYTES: usize = 64 << 20;
+const MAX_LEASES_PER_CONNECTION: usize = 65_536;
+const MAX_WATCHES: usize = 65_536;
 
 impl AgentConfig {
     /// Reads and checks a configuration file.
@@ -292,6 +355,76 @@ impl AgentConfig {
             "earlier_run_grace",
             MAX_EARLIER_RUN_GRACE,
         )?;
+        let owner_check_interval = bounded(
+            &raw.local.owner_check_interval,
+            "owner_check_interval",
+            MAX_OWNER_CHECK_INTERVAL,
+        )?;
+        if owner_check_interval < MIN_OWNER_CHECK_INTERVAL {
+            return Err(at(
+                raw.local.owner_check_interval.span(),
+                format!(
+                    "owner_check_interval is at least {}ms",
+                    MIN_OWNER_CHECK_INTERVAL.as_millis()
+                ),
+            ));
+        }
+        let idle_timeout = bounded(&raw.local.idle_timeout, "idle_timeout", MAX_IDLE_TIMEOUT)?;
+        if idle_timeout < MIN_IDLE_TIMEOUT {
+            return Err(at(
+                raw.local.idle_timeout.span(),
+                format!("idle_timeout is at least {}s", MIN_IDLE_TIMEOUT.as_secs()),
+            ));
+        }
+        // A count between 1 and `max`, or the line and reason.
+        let count = |value: &Option<Spanned<i64>>, name: &str, default: usize, max: usize| {
+            let Some(value) = value else {
+                return Ok(default);
+            };
+            usize::try_from(*value.get_ref())
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| at(value.span(), format!("{name} is between 1 and {max}")))
+        };
+        let max_connections = count(
+            &raw.local.max_connections,
+            "max_connections",
+            DEFAULT_MAX_CONNECTIONS,
+            MAX_CONNECTIONS,
+        )?;
+        let max_connections_per_user = count(
+            &raw.local.max_connections_per_user,
+            "max_connections_per_user",
+            DEFAULT_MAX_CONNECTIONS_PER_USER,
+            max_connections,
+        )?;
+        let max_output_bytes = count(
+            &raw.local.max_output_bytes,
+            "max_output_bytes",
+            DEFAULT_MAX_OUTPUT_BYTES,
+            MAX_OUTPUT_BYTES,
+        )?;
+        if max_output_bytes < MIN_OUTPUT_BYTES {
+            return Err(at(
+                raw.local
+                    .max_output_bytes
+                    .as_ref()
+                    .map_or(0..0, |v| v.span()),
+                format!("max_output_bytes is at least {MIN_OUTPUT_BYTES} (one largest frame)"),
+            ));
+        }
+        let max_leases_per_connection = count(
+            &raw.local.max_leases_per_connection,
+            "max_leases_per_connection",
+            DEFAULT_MAX_LEASES_PER_CONNECTION,
+            MAX_LEASES_PER_CONNECTION,
+        )?;
+        let max_watches = count(
+            &raw.local.max_watches,
+            "max_watches",
+            DEFAULT_MAX_WATCHES,
+            MAX_WATCHES,
+        )?;
         if raw.local.socket.as_os_str().is_empty() || !raw.local.socket.is_absolute() {
             return Err(at(
                 0..0,
@@ -367,6 +500,13 @@ impl AgentConfig {
                 verify_port_owner: raw.local.verify_port_owner,
                 port_owner_grace: grace,
                 earlier_run_grace,
+                owner_check_interval,
+                max_connections,
+                max_connections_per_user,
+                max_output_bytes,
+                max_leases_per_connection,
+                max_watches,
+                idle_timeout,
             },
             mirror: MirrorConfig {
                 mode,
@@ -483,6 +623,13 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert!(config.local.verify_port_owner);
         assert_eq!(config.local.port_owner_grace, Duration::from_secs(2));
         assert_eq!(config.local.earlier_run_grace, Duration::from_secs(15));
+        assert_eq!(config.local.owner_check_interval, Duration::from_secs(2));
+        assert_eq!(config.local.max_connections, 1024);
+        assert_eq!(config.local.max_connections_per_user, 64);
+        assert_eq!(config.local.max_output_bytes, 16 * 16_388);
+        assert_eq!(config.local.max_leases_per_connection, 256);
+        assert_eq!(config.local.max_watches, 64);
+        assert_eq!(config.local.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.mirror.mode, MirrorMode::Enforce);
         assert_eq!(config.mirror.table, "fwnp_host");
         assert!(config.local.allowed_uids.is_empty());
@@ -501,6 +648,25 @@ ca = "/etc/fwnp/pki/ca.pem"
         let (line, reason) = error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
         assert_eq!(line, 11);
         assert!(reason.contains("at most 600s"), "{reason}");
+
+        for (setting, expected) in [
+            ("owner_check_interval = \"100ms\"", "at least 200ms"),
+            ("owner_check_interval = \"2m\"", "at most 60s"),
+            ("idle_timeout = \"2h\"", "at most 3600s"),
+            ("max_connections = 0", "between 1 and"),
+            (
+                "max_connections = 10\nmax_connections_per_user = 11",
+                "between 1 and 10",
+            ),
+            ("max_output_bytes = 1000", "at least 16388"),
+            ("max_leases_per_connection = -1", "between 1 and 65536"),
+            ("max_watches = 70000", "between 1 and 65536"),
+        ] {
+            let (line, reason) = error_of(&format!("{GOOD}\n[local]\n{setting}\n"));
+            let last = 11 + setting.matches('\n').count();
+            assert_eq!(line, last, "{setting}: {reason}");
+            assert!(reason.contains(expected), "{setting}: {reason}");
+        }
 
         let (line, reason) = error_of(&GOOD.replace("state_dir", "stat_dir"));
         assert_eq!(line, 1);
@@ -522,6 +688,8 @@ mod example_tests {
         let config =
             AgentConfig::parse_with(text, "examples/agent.toml", dir.path()).expect("valid");
         assert!(config.local.allowed_gids.is_empty());
+        assert_eq!(config.local.max_output_bytes, 262_208);
+        assert_eq!(config.local.idle_timeout, Duration::from_secs(60));
         assert_eq!(config.mirror.always_allowed.len(), 3);
         assert_eq!(
             config.mirror.always_allowed[2].ports,

@@ -12,24 +12,25 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fwnp_proto::lease::{LeaseEvent, LeaseMachine, LeaseState};
+use fwnp_proto::lease::{GrantedLease, LeaseEvent, LeaseMachine, LeaseState};
 use fwnp_proto::local::{
     DenialCode, Event, EventKind, LocalCode, LocalDenied, LocalMessage, StatusAnswer, Watching,
     encode_frame,
 };
 use fwnp_proto::{
-    AppInfo, Common, Epoch, Granted, LeaseId, LeaseInfo, Leases, Message, Open, Released,
-    ResultCode, Target,
+    AppInfo, Common, Epoch, Granted, LeaseId, LeaseInfo, Leases, Message, Open, PortRange,
+    Protocol, Released, ResultCode, Target,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
 use crate::link::{ExchangeError, GatewayEvent, exchange};
 use crate::mirror::{Mirror, MirrorError, elements_of};
-use crate::ports::{PortNotOwned, ProcFs};
+use crate::ports::{CallerProcess, PortNotOwned, ProcFs};
+use crate::server::Outbox;
 
 /// How long an application's Open waits for the gateway's answer (across retries) before the
 /// agent answers gateway-unreachable and gives up on it.
@@ -39,6 +40,9 @@ pub const OPEN_WAIT: Duration = Duration::from_secs(20);
 /// the machines' expiries.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
+/// How often the core looks for idle local connections.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
 /// A local connection's number.
 pub type ConnId = u64;
 
@@ -47,6 +51,9 @@ pub type ConnId = u64;
 pub struct Peer {
     /// The process id, when the kernel gave one.
     pub pid: Option<u32>,
+    /// That very process (not just its pid), while it is still running as it was when it
+    /// connected; `None` when it could not be pinned down, and then no port is verified as its.
+    pub process: Option<CallerProcess>,
     /// The user id.
     pub uid: u32,
     /// The primary group id.
@@ -76,7 +83,7 @@ pub enum CoreInput {
         /// Who it is.
         peer: Peer,
         /// Where its outgoing frames go.
-        out: mpsc::UnboundedSender<Vec<u8>>,
+        out: Outbox,
     },
     /// A request frame of a local connection.
     LocalRequest {
@@ -84,6 +91,9 @@ pub enum CoreInput {
         conn: ConnId,
         /// The request.
         message: LocalMessage,
+        /// Held until the core is done with the request: the connection's reader takes one
+        /// per request, so a client cannot queue more than a few.
+        permit: OwnedSemaphorePermit,
     },
     /// A local connection closed.
     LocalClosed {
@@ -98,7 +108,33 @@ pub enum CoreInput {
         open: Box<Open>,
         /// The holder's pid, or why the port is not the caller's.
         result: Result<u32, PortNotOwned>,
+        /// The process the check was for.
+        caller: CallerProcess,
+        /// The request's permit (see `LocalRequest`).
+        permit: OwnedSemaphorePermit,
     },
+    /// The ports of a lease granted for an application id were checked (only then is it
+    /// mirrored and answered).
+    GrantsChecked {
+        /// The machine.
+        key: u64,
+        /// The lease as granted.
+        lease: Box<GrantedLease>,
+        /// The lease it replaces, after a re-open.
+        replaces: Option<LeaseId>,
+        /// The ports checked, or why they are not the caller's.
+        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+    },
+    /// A verified lease's port is no longer its caller's (checked before a renewal or re-open,
+    /// or by the periodic check): the lease ends.
+    OwnerLost {
+        /// The machine.
+        key: u64,
+        /// Why.
+        reason: PortNotOwned,
+    },
+    /// A periodic check of every verified lease finished.
+    OwnerSweepDone,
     /// The mirror took (or refused) a lease's elements.
     MirrorLanded {
         /// The machine.
@@ -152,13 +188,32 @@ struct Held {
     release_requests: Vec<(u64, LeaseId)>,
     /// The lifetime the application asked for.
     lifetime: Option<u32>,
+    /// The verified caller and the ports checked again before each renewal and re-open and
+    /// periodically; `None` when ports are not verified.
+    owner: Option<Owner>,
+    /// Why the agent ended the lease itself, told in the terminal event.
+    ended_by_agent: Option<PortNotOwned>,
+}
+
+/// What a lease's ports are verified against.
+#[derive(Debug, Clone)]
+struct Owner {
+    caller: CallerProcess,
+    /// The ports; empty for an application id until its grants were checked.
+    targets: Vec<(Protocol, PortRange)>,
+    /// An application id: every Granted's ports are checked before it is mirrored.
+    by_grants: bool,
 }
 
 struct LocalConn {
     peer: Peer,
-    out: mpsc::UnboundedSender<Vec<u8>>,
-    /// Watches: `None` for all of the connection's leases, else one lease.
-    watches: Vec<Option<LeaseId>>,
+    out: Outbox,
+    /// Watches of all the connection's leases.
+    watch_all: bool,
+    /// Watches of one lease each.
+    watches: HashSet<LeaseId>,
+    /// The last request, for the idle timeout.
+    last_request: Instant,
 }
 
 /// The core's state.
@@ -181,6 +236,11 @@ pub struct Core {
     conns: HashMap<ConnId, LocalConn>,
     leases: HashMap<u64, Held>,
     next_key: u64,
+    /// The next periodic check of verified leases' ports, and whether one is running.
+    next_owner_sweep: Instant,
+    owner_sweep_running: bool,
+    /// The next look for idle connections.
+    next_idle_sweep: Instant,
 }
 
 impl std::fmt::Debug for Core {
@@ -215,6 +275,9 @@ impl Core {
             conns: HashMap::new(),
             leases: HashMap::new(),
             next_key: 1,
+            next_owner_sweep: Instant::now(),
+            owner_sweep_running: false,
+            next_idle_sweep: Instant::now(),
         }
     }
 
@@ -253,6 +316,12 @@ impl Core {
         if let Some(until) = self.earlier_run_until {
             next = next.min(until);
         }
+        if !self.conns.is_empty() {
+            next = next.min(self.next_idle_sweep);
+        }
+        if !self.owner_sweep_running && self.leases.values().any(|h| h.owner.is_some()) {
+            next = next.min(self.next_owner_sweep);
+        }
         if matches!(self.link, LinkState::Down) {
             // Due sends wait for the link; do not spin on them.
             next = next.max(now + IDLE_TICK);
@@ -261,6 +330,12 @@ impl Core {
     }
 
     fn on_timer(&mut self, now: Instant) {
+        if now >= self.next_idle_sweep {
+            self.close_idle(now);
+        }
+        if now >= self.next_owner_sweep && !self.owner_sweep_running {
+            self.sweep_owners(now);
+        }
         if self.earlier_run_until.is_some_and(|until| until <= now) {
             let open_in_flight = self.leases.values().any(|h| h.open_request.is_some());
             if open_in_flight && self.earlier_run_latest.is_some_and(|latest| now < latest) {
@@ -350,16 +425,36 @@ impl Core {
                     LocalConn {
                         peer,
                         out,
-                        watches: Vec::new(),
+                        watch_all: false,
+                        watches: HashSet::new(),
+                        last_request: now,
                     },
                 );
             }
-            CoreInput::LocalRequest { conn, message } => self.on_request(conn, message, now),
+            CoreInput::LocalRequest {
+                conn,
+                message,
+                permit,
+            } => self.on_request(conn, message, permit, now),
             CoreInput::LocalClosed { conn } => self.on_closed(conn, now),
-            CoreInput::OwnerChecked { conn, open, result } => match result {
+            CoreInput::OwnerChecked {
+                conn,
+                open,
+                result,
+                caller,
+                permit: _,
+            } => match result {
                 Ok(pid) => {
                     debug!(conn, holder = pid, "port owner verified");
-                    self.start_open(conn, *open, now);
+                    let owner = match &open.opening.target {
+                        Target::Ports { protocol, ports } => Some(Owner {
+                            caller,
+                            targets: vec![(*protocol, *ports)],
+                            by_grants: false,
+                        }),
+                        Target::App(_) => None,
+                    };
+                    self.start_open(conn, *open, owner, now);
                 }
                 Err(e) => {
                     let request_id = open.common.request_id.unwrap_or(0);
@@ -373,6 +468,17 @@ impl Core {
             },
             CoreInput::MirrorLanded { key, lease, result } => {
                 self.on_mirror_landed(key, lease, result, now)
+            }
+            CoreInput::GrantsChecked {
+                key,
+                lease,
+                replaces,
+                result,
+            } => self.on_grants_checked(key, *lease, replaces, result, now),
+            CoreInput::OwnerLost { key, reason } => self.end_unowned(key, reason, now),
+            CoreInput::OwnerSweepDone => {
+                self.owner_sweep_running = false;
+                self.next_owner_sweep = now + self.config.local.owner_check_interval;
             }
             CoreInput::MirrorReleased { conn, requests } => {
                 for (request_id, lease) in requests {
@@ -561,12 +667,33 @@ impl Core {
         while let Some(event) = held.machine.poll_event() {
             events.push(event);
         }
+        // A renewal, or a re-open of a lease the gateway forgot, keeps the opening going: the
+        // port must still be the caller's (its program may have closed it, and another bound
+        // it since).
+        let recheck = match &request {
+            Some(Message::Renew(_)) => true,
+            Some(Message::Open(_)) => held.reopen_of.is_some() || !held.ids.is_empty(),
+            _ => false,
+        };
+        let recheck = held
+            .owner
+            .clone()
+            .filter(|o| recheck && !o.targets.is_empty());
         if let LinkState::Up { connection } = &self.link
             && let Some(request) = request
         {
             let connection = connection.clone();
             let tx = self.tx.clone();
+            let procfs = self.procfs.clone();
             tokio::spawn(async move {
+                if let Some(owner) = recheck
+                    && let Err(reason) = procfs
+                        .verify_all(&owner.caller, &owner.targets, Duration::ZERO)
+                        .await
+                {
+                    let _ = tx.send(CoreInput::OwnerLost { key, reason });
+                    return;
+                }
                 let result = exchange(&connection, &request).await;
                 if let Err(ExchangeError::Timeout(after)) = &result {
                     // A gateway that leaves a request unanswered this long is gone (killed, or
@@ -597,43 +724,37 @@ impl Core {
         match event {
             LeaseEvent::Granted { lease, replaces } => {
                 let replaces = replaces.or(held.reopen_of.take());
-                if !held.ids.contains(&lease.id) {
-                    held.ids.push(lease.id);
-                }
-                let tx = self.tx.clone();
-                let (done, landed) = oneshot::channel();
-                let lease_id = lease.id;
-                tokio::spawn(async move {
-                    let result = landed.await.unwrap_or(Err(MirrorError::Stopped));
-                    let _ = tx.send(CoreInput::MirrorLanded {
-                        key,
-                        lease: lease_id,
-                        result,
+                if let Some(owner) = held.owner.as_ref().filter(|o| o.by_grants) {
+                    // An application id's ports are known only now: nothing is mirrored or
+                    // answered before they are checked as a port request's would be.
+                    let caller = owner.caller.clone();
+                    let mut targets: Vec<(Protocol, PortRange)> =
+                        lease.grants.iter().map(|g| (g.protocol, g.ports)).collect();
+                    targets.sort_unstable_by_key(|(p, r)| (p.number(), r.first, r.last));
+                    targets.dedup();
+                    // The first grant may wait for the application to bind, as a port
+                    // request does; a re-open's ports are bound already.
+                    let grace = match held.open_request {
+                        Some(_) => self.config.local.port_owner_grace,
+                        None => Duration::ZERO,
+                    };
+                    let procfs = self.procfs.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let result = procfs
+                            .verify_all(&caller, &targets, grace)
+                            .await
+                            .map(|()| targets);
+                        let _ = tx.send(CoreInput::GrantsChecked {
+                            key,
+                            lease: Box::new(lease),
+                            replaces,
+                            result,
+                        });
                     });
-                });
-                // Under the same holder, a re-opened lease's elements replace the old ones.
-                self.mirror.hold(
-                    key,
-                    elements_of(&lease.grants),
-                    lease.expires_at,
-                    Some(done),
-                );
-                held.mirrored = true;
-                if let Some(old) = replaces {
-                    let expires_in = lease.expires_at.saturating_duration_since(now);
-                    self.emit(
-                        key,
-                        old,
-                        EventKind::Reopened,
-                        Some(expires_in),
-                        None,
-                        None,
-                        Some(lease.id),
-                    );
+                    return;
                 }
-                if self.epoch != Some(lease.epoch) {
-                    self.epoch_seen(lease.epoch, key, now);
-                }
+                self.mirror_granted(key, lease, replaces, now);
             }
             LeaseEvent::Renewed { lease } => {
                 self.mirror
@@ -763,11 +884,190 @@ impl Core {
                         }
                     }
                 }
-                if let Some(lease) = known {
-                    self.emit(key, lease, EventKind::Released, None, None, None, None);
+                let ended_by_agent = self
+                    .leases
+                    .get_mut(&key)
+                    .and_then(|h| h.ended_by_agent.take());
+                match (known, ended_by_agent) {
+                    // The application did not let go: its port stopped being its own.
+                    (Some(lease), Some(reason)) => self.emit(
+                        key,
+                        lease,
+                        EventKind::Lost,
+                        None,
+                        Some(reason.to_string()),
+                        Some(DenialCode::Local(LocalCode::PortNotOwned)),
+                        None,
+                    ),
+                    (Some(lease), None) => {
+                        self.emit(key, lease, EventKind::Released, None, None, None, None)
+                    }
+                    (None, _) => {}
                 }
             }
             other => debug!(?other, "lease event"),
+        }
+    }
+
+    /// Mirrors a granted lease; the Granted goes to the application once the host's table
+    /// holds it.
+    fn mirror_granted(
+        &mut self,
+        key: u64,
+        lease: GrantedLease,
+        replaces: Option<LeaseId>,
+        now: Instant,
+    ) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        if !held.ids.contains(&lease.id) {
+            held.ids.push(lease.id);
+        }
+        let tx = self.tx.clone();
+        let (done, landed) = oneshot::channel();
+        let lease_id = lease.id;
+        tokio::spawn(async move {
+            let result = landed.await.unwrap_or(Err(MirrorError::Stopped));
+            let _ = tx.send(CoreInput::MirrorLanded {
+                key,
+                lease: lease_id,
+                result,
+            });
+        });
+        // Under the same holder, a re-opened lease's elements replace the old ones.
+        self.mirror.hold(
+            key,
+            elements_of(&lease.grants),
+            lease.expires_at,
+            Some(done),
+        );
+        held.mirrored = true;
+        if let Some(old) = replaces {
+            let expires_in = lease.expires_at.saturating_duration_since(now);
+            self.emit(
+                key,
+                old,
+                EventKind::Reopened,
+                Some(expires_in),
+                None,
+                None,
+                Some(lease.id),
+            );
+        }
+        if self.epoch != Some(lease.epoch) {
+            self.epoch_seen(lease.epoch, key, now);
+        }
+    }
+
+    /// The ports of an application id's grant were checked: mirrored, or the lease ends.
+    fn on_grants_checked(
+        &mut self,
+        key: u64,
+        lease: GrantedLease,
+        replaces: Option<LeaseId>,
+        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+        now: Instant,
+    ) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        // Ended meanwhile (released, revoked, timed out): nothing to mirror.
+        if held.machine.lease().is_none_or(|l| l.id != lease.id) {
+            return;
+        }
+        match result {
+            Ok(targets) => {
+                if let Some(owner) = held.owner.as_mut() {
+                    owner.targets = targets;
+                }
+                self.mirror_granted(key, lease, replaces, now);
+            }
+            Err(reason) => {
+                // The application knows a re-opened lease by its old id.
+                for id in [Some(lease.id), replaces].into_iter().flatten() {
+                    if !held.ids.contains(&id) {
+                        held.ids.push(id);
+                    }
+                }
+                self.end_unowned(key, reason, now);
+            }
+        }
+    }
+
+    /// Ends a lease whose port is not (or no longer) its caller's: released at the gateway at
+    /// once, its mirror removed; a pending Open is answered port-not-owned, a held lease ends
+    /// with the event lost (code port-not-owned).
+    fn end_unowned(&mut self, key: u64, reason: PortNotOwned, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        if held.machine.state().is_terminal() {
+            return;
+        }
+        warn!(lease = ?held.machine.lease_id(), pid = ?held.app.pid, "ending a lease: {reason}");
+        let code = match reason {
+            PortNotOwned::Unreadable(_) => DenialCode::Wire(ResultCode::NoResources),
+            _ => DenialCode::Local(LocalCode::PortNotOwned),
+        };
+        if let Some((request_id, _)) = held.open_request.take() {
+            let conn = held.conn;
+            held.machine.release(now);
+            if let Some(conn) = conn {
+                self.deny(conn, request_id, code, reason.to_string(), None);
+            }
+        } else {
+            held.ended_by_agent = Some(reason);
+            held.machine.release(now);
+        }
+        self.drive(key, now);
+    }
+
+    /// Checks the ports of every verified lease again, in one task; a lease whose port is no
+    /// longer its caller's ends.
+    fn sweep_owners(&mut self, now: Instant) {
+        self.next_owner_sweep = now + self.config.local.owner_check_interval;
+        let owned: Vec<(u64, Owner)> = self
+            .leases
+            .iter()
+            .filter(|(_, h)| matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing))
+            .filter_map(|(k, h)| {
+                let owner = h.owner.as_ref()?;
+                (!owner.targets.is_empty()).then(|| (*k, owner.clone()))
+            })
+            .collect();
+        if owned.is_empty() {
+            return;
+        }
+        self.owner_sweep_running = true;
+        let procfs = self.procfs.clone();
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            for (key, owner) in owned {
+                if let Err(reason) = procfs
+                    .verify_all(&owner.caller, &owner.targets, Duration::ZERO)
+                    .await
+                {
+                    let _ = tx.send(CoreInput::OwnerLost { key, reason });
+                }
+            }
+            let _ = tx.send(CoreInput::OwnerSweepDone);
+        });
+    }
+
+    /// Closes connections that hold no lease and sent nothing for the idle timeout.
+    fn close_idle(&mut self, now: Instant) {
+        self.next_idle_sweep = now + IDLE_SWEEP;
+        let idle = self.config.local.idle_timeout;
+        let busy: HashSet<ConnId> = self.leases.values().filter_map(|h| h.conn).collect();
+        for (conn, local) in &self.conns {
+            if !busy.contains(conn)
+                && now.saturating_duration_since(local.last_request) >= idle
+                && !local.out.is_closing()
+            {
+                debug!(conn, "closing an idle local connection");
+                local.out.close();
+            }
         }
     }
 
@@ -908,16 +1208,21 @@ impl Core {
     // -----------------------------------------------------------------------------------------
     // Local connections
 
-    fn on_request(&mut self, conn: ConnId, message: LocalMessage, now: Instant) {
-        let Some(local) = self.conns.get(&conn) else {
+    fn on_request(
+        &mut self,
+        conn: ConnId,
+        message: LocalMessage,
+        permit: OwnedSemaphorePermit,
+        now: Instant,
+    ) {
+        let Some(local) = self.conns.get_mut(&conn) else {
             return;
         };
+        local.last_request = now;
         let request_id = message.request_id().unwrap_or(0);
         if !local.peer.authorized {
-            let reason = format!(
-                "uid {} (gid {}) may not use the FWNP agent; see allowed_users and allowed_groups in its configuration",
-                local.peer.uid, local.peer.gid
-            );
+            // The server does not pass on such peers; should one get here, the same answer.
+            let reason = crate::server::not_authorized_reason(&local.peer);
             self.deny(
                 conn,
                 request_id,
@@ -928,7 +1233,7 @@ impl Core {
             return;
         }
         match message {
-            LocalMessage::Wire(Message::Open(open)) => self.on_open(conn, open, now),
+            LocalMessage::Wire(Message::Open(open)) => self.on_open(conn, open, permit, now),
             LocalMessage::Wire(Message::Release(release)) => {
                 let found = self.leases.iter().find(|(_, h)| {
                     h.conn == Some(conn)
@@ -996,8 +1301,32 @@ impl Core {
                 self.send(conn, LocalMessage::Wire(Message::Leases(answer)));
             }
             LocalMessage::Watch(watch) => {
-                if let Some(local) = self.conns.get_mut(&conn) {
-                    local.watches.push(watch.lease);
+                let max = self.config.local.max_watches;
+                let Some(local) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                match watch.lease {
+                    None => local.watch_all = true,
+                    Some(lease) if local.watches.contains(&lease) => {}
+                    Some(_) if local.watches.len() + usize::from(local.watch_all) >= max => {
+                        self.send(
+                            conn,
+                            LocalMessage::Denied(LocalDenied {
+                                common: common(request_id),
+                                code: DenialCode::Wire(ResultCode::NoResources),
+                                reason: Some(format!(
+                                    "this connection has {max} watches already (max_watches)"
+                                )),
+                                retry_after: None,
+                                lease: watch.lease,
+                                unsupported: Vec::new(),
+                            }),
+                        );
+                        return;
+                    }
+                    Some(lease) => {
+                        local.watches.insert(lease);
+                    }
                 }
                 self.send(
                     conn,
@@ -1039,7 +1368,13 @@ impl Core {
         }
     }
 
-    fn on_open(&mut self, conn: ConnId, mut open: Open, now: Instant) {
+    fn on_open(
+        &mut self,
+        conn: ConnId,
+        mut open: Open,
+        permit: OwnedSemaphorePermit,
+        now: Instant,
+    ) {
         let request_id = open.common.request_id.unwrap_or(0);
         if let Err(e) = fwnp_proto::validate::validate_opening(&open.opening)
             .and_then(|()| fwnp_proto::validate::validate_lifetime(open.lifetime))
@@ -1056,42 +1391,80 @@ impl Core {
         let Some(local) = self.conns.get(&conn) else {
             return;
         };
+        let held = self
+            .leases
+            .values()
+            .filter(|h| h.conn == Some(conn) && !h.machine.state().is_terminal())
+            .count();
+        if held >= self.config.local.max_leases_per_connection {
+            let reason =
+                format!("this connection holds {held} leases already (max_leases_per_connection)");
+            self.send(
+                conn,
+                LocalMessage::Denied(LocalDenied {
+                    common: common(request_id),
+                    code: DenialCode::Wire(ResultCode::NoResources),
+                    reason: Some(reason),
+                    retry_after: Some(60),
+                    lease: None,
+                    unsupported: Vec::new(),
+                }),
+            );
+            return;
+        }
         // What the application says about itself is replaced by what the kernel says.
         open.app = Some(local.peer.app.clone());
-        let pid = local.peer.pid;
-        match (&open.opening.target, pid) {
-            (Target::Ports { protocol, ports }, Some(pid))
-                if self.config.local.verify_port_owner =>
-            {
+        if !self.config.local.verify_port_owner {
+            self.start_open(conn, open, None, now);
+            return;
+        }
+        let Some(caller) = local.peer.process.clone() else {
+            let reason = match local.peer.pid {
+                Some(pid) => format!(
+                    "the calling process (pid {pid}) exited before the agent could identify it, so the port's owner cannot be verified"
+                ),
+                None => "the caller's process id is unknown (another PID namespace?), so the port's owner cannot be verified".to_owned(),
+            };
+            self.deny(
+                conn,
+                request_id,
+                DenialCode::Local(LocalCode::PortNotOwned),
+                reason,
+                None,
+            );
+            return;
+        };
+        match &open.opening.target {
+            Target::Ports { protocol, ports } => {
                 let (protocol, ports) = (*protocol, *ports);
                 let procfs = self.procfs.clone();
                 let grace = self.config.local.port_owner_grace;
                 let tx = self.tx.clone();
                 tokio::spawn(async move {
-                    let result = procfs.verify(pid, protocol, ports, grace).await;
+                    let result = procfs.verify(&caller, protocol, ports, grace).await;
                     let _ = tx.send(CoreInput::OwnerChecked {
                         conn,
                         open: Box::new(open),
                         result,
+                        caller,
+                        permit,
                     });
                 });
             }
-            (Target::Ports { .. }, None) if self.config.local.verify_port_owner => {
-                self.deny(
-                    conn,
-                    request_id,
-                    DenialCode::Local(LocalCode::PortNotOwned),
-                    "the caller's process id is unknown, so the port's owner cannot be verified"
-                        .into(),
-                    None,
-                );
+            // An application id's ports are learnt from the gateway's grants: they are checked
+            // when the Granted arrives, before anything is mirrored or answered.
+            Target::App(_) => {
+                let owner = Owner {
+                    caller,
+                    targets: Vec::new(),
+                    by_grants: true,
+                };
+                self.start_open(conn, open, Some(owner), now);
             }
-            // An application id names ports only the gateway knows: nothing to verify here.
-            _ => self.start_open(conn, open, now),
         }
     }
 
-    fn start_open(&mut self, conn: ConnId, open: Open, now: Instant) {
+    fn start_open(&mut self, conn: ConnId, open: Open, owner: Option<Owner>, now: Instant) {
         let request_id = open.common.request_id.unwrap_or(0);
         if !self.conns.contains_key(&conn) {
             return;
@@ -1133,6 +1506,8 @@ impl Core {
                 reopen_of: None,
                 release_requests: Vec::new(),
                 lifetime,
+                owner,
+                ended_by_agent: None,
             },
         );
         self.drive(key, now);
@@ -1169,7 +1544,8 @@ impl Core {
 
     fn send(&self, conn: ConnId, message: LocalMessage) {
         if let Some(local) = self.conns.get(&conn) {
-            let _ = local.out.send(encode_frame(&message));
+            // A client that does not read is closed by its outbox; its leases go with it.
+            local.out.send(encode_frame(&message));
         }
     }
 
@@ -1213,10 +1589,7 @@ impl Core {
         let Some(local) = self.conns.get(&conn) else {
             return;
         };
-        let watched = local
-            .watches
-            .iter()
-            .any(|w| w.is_none_or(|id| held.ids.contains(&id)));
+        let watched = local.watch_all || held.ids.iter().any(|id| local.watches.contains(id));
         if !watched {
             return;
         }
@@ -1229,7 +1602,7 @@ impl Core {
             code,
             new_lease,
         };
-        let _ = local.out.send(encode_frame(&LocalMessage::Event(event)));
+        local.out.send(encode_frame(&LocalMessage::Event(event)));
     }
 
     async fn shutdown(&mut self, rx: &mut mpsc::UnboundedReceiver<CoreInput>) {

@@ -57,6 +57,39 @@ pub fn init_logging(json: bool) {
     }
 }
 
+/// Raises the soft limit of open files to the hard one (systemd's default soft limit is 1024):
+/// every local connection takes a descriptor, and the connection caps should be what stops
+/// a flood, not the limit.
+fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                warn!("raising the open-file limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            warn!("reading the open-file limit: {e}");
+            return;
+        }
+    };
+    // Each connection holds its socket and its caller's pidfd; the gateway link, the netlink
+    // socket, the listener and /proc reads need some too.
+    let needed = 2 * local.max_connections as u64 + 64;
+    if soft < needed {
+        warn!(
+            limit = soft,
+            max_connections = local.max_connections,
+            "the open-file limit is below max_connections: connections past it fail at accept"
+        );
+    } else {
+        info!(limit = soft, "open-file limit");
+    }
+}
+
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     let config = Arc::new(config);
@@ -86,6 +119,7 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         always_allowed = ?describe_allowed(&config.mirror.always_allowed),
         "mirror ready"
     );
+    raise_descriptor_limit(&config.local);
     let listener = server::bind(&config.local)?;
 
     let (tx, rx) = mpsc::unbounded_channel();

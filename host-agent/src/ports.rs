@@ -16,13 +16,18 @@
 //!   socket activation) counts as the caller's;
 //! - if no socket is bound yet, the agent polls for a grace period (the application may bind
 //!   right after asking), then refuses saying nobody listens.
+//! - the caller is a [`CallerProcess`], not a bare pid: once the process that connected has
+//!   exited, its pid may be another's, so every check first (and again after the scan) confirms
+//!   that the process still runs under that pid, and refuses otherwise.
 //!
 //! Reading another user's `/proc/PID/fd` needs privileges the agent has as root; as another
 //! user, processes it cannot read are simply not seen (and a port they hold is reported as
 //! bound by an unknown process).
 
 use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fwnp_proto::{PortRange, Protocol};
@@ -91,9 +96,61 @@ pub enum PortNotOwned {
         /// How long the agent waited.
         waited: Duration,
     },
+    /// The process that connected to the agent has exited (its pid may now be another
+    /// process's): nothing it asks for can be verified any more.
+    #[error("the calling process (pid {pid}) has exited or been replaced")]
+    CallerGone {
+        /// The pid the caller had.
+        pid: u32,
+    },
     /// The socket tables could not be read.
     #[error("cannot read the socket tables: {0}")]
     Unreadable(String),
+}
+
+/// The process at the other end of a local connection, bound to that very process: a pid alone
+/// may be reused by another once the first exits. The kernel's pidfd of the peer (when it gives
+/// one) says whether that process still lives; its start time (`/proc/PID/stat` field 22) says
+/// whether the pid still names it.
+#[derive(Debug, Clone)]
+pub struct CallerProcess {
+    pid: u32,
+    start_time: u64,
+    pidfd: Option<Arc<OwnedFd>>,
+}
+
+impl CallerProcess {
+    /// The process `pid` as it is now, with the peer's pidfd if the kernel gave one; `None`
+    /// if it has already exited or the pidfd names another process.
+    pub fn identify(procfs: &ProcFs, pid: u32, pidfd: Option<OwnedFd>) -> Option<CallerProcess> {
+        if pid == 0 {
+            return None;
+        }
+        let start_time = procfs.start_time(pid)?;
+        let caller = CallerProcess {
+            pid,
+            start_time,
+            pidfd: pidfd.map(Arc::new),
+        };
+        // Read after the start time: if the pidfd's process still has this pid now, the start
+        // time read before was its own.
+        caller.is_alive(procfs).then_some(caller)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the process is still running under its pid (not exited, not replaced).
+    pub fn is_alive(&self, procfs: &ProcFs) -> bool {
+        if let Some(pidfd) = &self.pidfd
+            && procfs.pidfd_pid(pidfd.as_raw_fd()) != Some(self.pid)
+        {
+            return false;
+        }
+        procfs.start_time(self.pid) == Some(self.start_time)
+    }
 }
 
 /// The socket tables and processes of one `/proc`.
@@ -213,6 +270,21 @@ impl ProcFs {
             .collect()
     }
 
+    /// The start time of `pid` (field 22 of `/proc/PID/stat`, in clock ticks since boot).
+    pub fn start_time(&self, pid: u32) -> Option<u64> {
+        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        parse_start_time(&stat)
+    }
+
+    /// The pid the agent's pidfd `fd` refers to, from `/proc/self/fdinfo`; `None` once that
+    /// process has exited (the kernel shows -1) or when the file cannot be read.
+    fn pidfd_pid(&self, fd: i32) -> Option<u32> {
+        let info =
+            std::fs::read_to_string(self.root.join("self/fdinfo").join(fd.to_string())).ok()?;
+        let line = info.lines().find(|l| l.starts_with("Pid:"))?;
+        line.trim_start_matches("Pid:").trim().parse().ok()
+    }
+
     /// The command name of `pid`.
     pub fn comm(&self, pid: u32) -> String {
         std::fs::read_to_string(self.root.join(pid.to_string()).join("comm"))
@@ -264,10 +336,11 @@ impl ProcFs {
 
     /// Waits up to `grace` for `ports` to be bound by the caller's tree; returns the holder's
     /// pid, or why the opening is refused. Refuses at once when another process holds a socket
-    /// on the port.
+    /// on the port, or when the caller has exited or been replaced (before or during the scan:
+    /// its pid may then name someone else's process).
     pub async fn verify(
         &self,
-        caller: u32,
+        caller: &CallerProcess,
         protocol: Protocol,
         ports: PortRange,
         grace: Duration,
@@ -275,11 +348,21 @@ impl ProcFs {
         let started = Instant::now();
         loop {
             let procfs = self.clone();
-            let seen =
-                tokio::task::spawn_blocking(move || procfs.ownership(caller, protocol, ports))
-                    .await
-                    .map_err(|e| PortNotOwned::Unreadable(e.to_string()))?
-                    .map_err(|e| PortNotOwned::Unreadable(e.to_string()))?;
+            let who = caller.clone();
+            let seen = tokio::task::spawn_blocking(move || {
+                if !who.is_alive(&procfs) {
+                    return Ok(None);
+                }
+                let seen = procfs.ownership(who.pid, protocol, ports)?;
+                // Alive after the scan too: the tree the scan saw was this process's.
+                Ok(who.is_alive(&procfs).then_some(seen))
+            })
+            .await
+            .map_err(|e| PortNotOwned::Unreadable(e.to_string()))?
+            .map_err(|e: std::io::Error| PortNotOwned::Unreadable(e.to_string()))?;
+            let Some(seen) = seen else {
+                return Err(PortNotOwned::CallerGone { pid: caller.pid });
+            };
             match seen {
                 Ownership::Caller { pid } => return Ok(pid),
                 Ownership::Other { port, pid, comm } => {
@@ -307,6 +390,21 @@ impl ProcFs {
             }
         }
     }
+
+    /// [`ProcFs::verify`] for each of `targets` in turn, all within one `grace`.
+    pub async fn verify_all(
+        &self,
+        caller: &CallerProcess,
+        targets: &[(Protocol, PortRange)],
+        grace: Duration,
+    ) -> Result<(), PortNotOwned> {
+        let started = Instant::now();
+        for (protocol, ports) in targets {
+            let left = grace.saturating_sub(started.elapsed());
+            self.verify(caller, *protocol, *ports, left).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The parent pid in the text of `/proc/PID/stat`: the fourth field, counted after the command
@@ -314,6 +412,12 @@ impl ProcFs {
 fn parse_ppid(stat: &str) -> Option<u32> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The start time in the text of `/proc/PID/stat`: field 22, the 20th after the command name.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The inode of a `/proc/PID/fd` link `socket:[INODE]`.
@@ -392,6 +496,8 @@ mod tests {
             vec![(9000, 31337)]
         );
         assert_eq!(parse_ppid("12 (a) b) c) S 7 12 12 0"), Some(7));
+        let stat = "12 (a) b) S 7 12 12 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1 2";
+        assert_eq!(parse_start_time(stat), Some(987654));
         assert_eq!(socket_inode(Path::new("socket:[99]")), Some(99));
         assert_eq!(socket_inode(Path::new("pipe:[99]")), None);
     }

@@ -9,10 +9,11 @@ mod common;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_proto::local::{DenialCode, LocalCode, LocalMessage, TYPE_WATCH};
-use fwnp_proto::{LeaseId, Protocol, ResultCode};
+use fwnp_proto::local::{DenialCode, LocalCode, LocalMessage, TYPE_WATCH, encode_frame};
+use fwnp_proto::{LeaseId, Message, Protocol, ResultCode};
 
 /// An agent started for one test, with its directory.
 struct Agent {
@@ -24,6 +25,18 @@ struct Agent {
 
 impl Agent {
     fn start(label: &str, users: &str, grace: &str) -> Agent {
+        Self::start_with(label, users, grace, "", |command| command)
+    }
+
+    /// With `extra` lines in `[local]`, and the agent's command changed by `wrap` (a command
+    /// that runs it under other limits).
+    fn start_with(
+        label: &str,
+        users: &str,
+        grace: &str,
+        extra: &str,
+        wrap: impl FnOnce(Command) -> Command,
+    ) -> Agent {
         let dir = temp_dir(label);
         let pki = Pki::new(label, &[]);
         pki.host("web-01", &[]);
@@ -36,12 +49,15 @@ impl Agent {
             "off",
             users,
             grace,
-        );
+        )
+        .replace("[mirror]", &format!("{extra}\n\n[mirror]"));
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, text).expect("write config");
         let socket = dir.path().join("agent.sock");
         let mut process = ProcessGuard(Some(
-            agent_command(&config).spawn().expect("start fwnp-agent"),
+            wrap(agent_command(&config))
+                .spawn()
+                .expect("start fwnp-agent"),
         ));
         wait_for_socket(&mut process, &socket);
         Agent {
@@ -261,4 +277,409 @@ fn malformed_frames_are_answered_or_close_the_connection() {
     assert!(!agent.client().status().connected);
     let mut agent = agent;
     assert!(agent.process.exited().is_none(), "the agent survived");
+}
+
+/// `command` run under `prlimit --nofile=SOFT:HARD`, with its arguments and environment.
+fn under_nofile(limits: &'static str) -> impl FnOnce(Command) -> Command {
+    move |inner| {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={limits}"))
+            .arg("--")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .stdin(std::process::Stdio::null());
+        for (key, value) in inner.get_envs() {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        command
+    }
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    (words[3].to_owned(), words[4].to_owned())
+}
+
+/// Runs a helper of this test binary in a child process, as `uid` if given.
+fn helper(name: &str, socket: &Path, uid: Option<u32>, env: &[(&str, String)]) -> Command {
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("FWNP_TEST_SOCKET", socket);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    if let Some(uid) = uid {
+        use std::os::unix::process::CommandExt;
+        command.uid(uid).gid(uid);
+    }
+    command
+}
+
+#[test]
+fn a_caller_whose_pid_was_reused_is_refused() {
+    if !fwnp_netfilter::lab::require_root("a_caller_whose_pid_was_reused_is_refused") {
+        return;
+    }
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+    let agent = Agent::start("pidreuse", &my_uid().to_string(), "1s");
+    // A child connects through a socket this process keeps, asks once (so that the agent has
+    // seen it), and exits.
+    let kept = socket(
+        AddressFamily::Unix,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("a Unix socket");
+    let for_child = kept.try_clone().expect("dup");
+    let mut child = helper("helper_connect_ask_and_exit", &agent.socket, None, &[])
+        .stdin(std::process::Stdio::from(for_child))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("run the helper");
+    let exited = child.wait().expect("wait for the helper");
+    assert!(exited.success(), "the helper failed: {exited}");
+    let gone = child.id();
+
+    // Another process gets the same pid and serves a port: the agent must not take it for the
+    // process that connected.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut listener = Some(listener);
+    let mut server = None;
+    for _ in 0..200 {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (gone - 1).to_string())
+            .expect("write ns_last_pid");
+        let fd = std::os::fd::OwnedFd::from(listener.take().expect("the listener"));
+        let copy = fd.try_clone().expect("dup");
+        let candidate = ProcessGuard(Some(
+            Command::new("sleep")
+                .arg("30")
+                .stdin(std::process::Stdio::from(fd))
+                .spawn()
+                .expect("start sleep"),
+        ));
+        if candidate.pid() == gone {
+            server = Some(candidate);
+            break;
+        }
+        listener = Some(TcpListener::from(copy));
+    }
+    let _server = server.expect("no process got the reused pid in 200 tries");
+    drop(listener);
+
+    let mut client = LocalClient::from_stream(std::os::unix::net::UnixStream::from(kept));
+    let (code, reason) = denial(&client.open(Protocol::Tcp, port, Some(60), STEP));
+    assert_eq!(code, DenialCode::Local(LocalCode::PortNotOwned), "{reason}");
+    assert!(
+        reason.contains(&format!("pid {gone}")) && reason.contains("exited"),
+        "{reason}"
+    );
+}
+
+/// Not a test on its own: connects its standard input (an unconnected Unix socket) to the
+/// agent, asks for the Status, and exits.
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_connect_ask_and_exit() {
+    use std::os::fd::{AsFd, AsRawFd};
+    let Ok(socket) = std::env::var("FWNP_TEST_SOCKET") else {
+        return;
+    };
+    let fd = std::io::stdin()
+        .as_fd()
+        .try_clone_to_owned()
+        .expect("standard input");
+    let address = nix::sys::socket::UnixAddr::new(Path::new(&socket)).expect("address");
+    nix::sys::socket::connect(fd.as_raw_fd(), &address).expect("connect");
+    let mut client = LocalClient::from_stream(std::os::unix::net::UnixStream::from(fd));
+    assert!(!client.status().connected);
+}
+
+#[test]
+fn a_client_that_does_not_read_is_closed_and_others_are_served() {
+    use std::io::Write;
+    let agent = Agent::start_with(
+        "noread",
+        &my_uid().to_string(),
+        "1s",
+        "max_output_bytes = 16388",
+        |c| c,
+    );
+    let mut flood = agent.client();
+    flood
+        .stream
+        .set_write_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // List requests, pipelined, never reading an answer.
+    let list = LocalMessage::Wire(Message::List(fwnp_proto::List { common: common(1) }));
+    let batch: Vec<u8> = std::iter::repeat_n(encode_frame(&list), 1000)
+        .flatten()
+        .collect();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < 300 && started.elapsed() < STEP {
+        if flood.stream.write_all(&batch).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    // Meanwhile another client is answered at once.
+    let asked = Instant::now();
+    assert!(!agent.client().status().connected);
+    assert!(
+        asked.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(
+        flood.closed_after_draining(STEP),
+        "the agent kept a client that reads nothing (sent {sent} thousand requests)"
+    );
+    let rss = rss_kib(agent.process.pid());
+    assert!(rss < 64 * 1024, "the agent grew to {rss} KiB");
+}
+
+/// The resident size of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("a VmRSS line")
+}
+
+#[test]
+fn an_unauthorized_peer_gets_one_answer_and_is_closed() {
+    if my_uid() != 0 {
+        eprintln!("skipped: needs root to ask as another user");
+        return;
+    }
+    let agent = Agent::start("unauthclose", "4242", "1s");
+    let output = helper("helper_unauthorized", &agent.socket, Some(65534), &[])
+        .output()
+        .expect("run the helper");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "ANSWER {}",
+            LocalCode::AgentNotAuthorized.number()
+        )),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("CLOSED after the answer"), "{stdout}");
+    assert!(stdout.contains("CLOSED when silent"), "{stdout}");
+}
+
+/// Not a test on its own: as a user the agent does not allow, asks once and checks that the
+/// connection is closed after the answer; then connects and sends nothing.
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_unauthorized() {
+    let Ok(socket) = std::env::var("FWNP_TEST_SOCKET") else {
+        return;
+    };
+    let mut client = LocalClient::connect(Path::new(&socket));
+    let id = client.next_id();
+    let status = LocalMessage::Status(fwnp_proto::local::Status { common: common(id) });
+    if let LocalMessage::Denied(d) = client.request(status, STEP) {
+        println!("ANSWER {}", d.code.number());
+    }
+    if client.closed_within(STEP) {
+        println!("CLOSED after the answer");
+    }
+    let mut silent = LocalClient::connect(Path::new(&socket));
+    if silent.closed_within(STEP) {
+        println!("CLOSED when silent");
+    }
+}
+
+#[test]
+fn connections_are_capped_per_user_and_idle_ones_closed() {
+    let agent = Agent::start_with(
+        "caps",
+        &my_uid().to_string(),
+        "1s",
+        "max_connections_per_user = 4\nidle_timeout = \"2s\"",
+        |c| c,
+    );
+    // The connection that saw the socket appear at start must be gone before counting.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut held: Vec<LocalClient> = (0..4).map(|_| agent.client()).collect();
+    for client in &mut held {
+        assert!(!client.status().connected);
+    }
+    // The fifth of the same user is closed at once.
+    let mut fifth = agent.client();
+    assert!(fifth.closed_within(STEP), "a fifth connection was kept");
+    // Those that hold no lease and say nothing are closed after the idle timeout; one that
+    // keeps asking stays.
+    let started = Instant::now();
+    let mut busy = held.pop().expect("a client");
+    while started.elapsed() < Duration::from_secs(4) {
+        assert!(!busy.status().connected);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for client in &mut held {
+        assert!(
+            client.closed_within(Duration::from_millis(500)),
+            "an idle connection stayed"
+        );
+    }
+    assert!(!busy.status().connected);
+    // Their slots are free again.
+    assert!(!agent.client().status().connected);
+}
+
+#[test]
+fn a_flood_of_connections_from_another_user_leaves_the_agent_usable() {
+    if my_uid() != 0 {
+        eprintln!("skipped: needs root to connect as another user");
+        return;
+    }
+    // A descriptor limit of 256, soft and hard: the connection caps must keep the agent below it.
+    let agent = Agent::start_with(
+        "fdflood",
+        &my_uid().to_string(),
+        "1s",
+        "max_connections = 160",
+        under_nofile("256:256"),
+    );
+    let mut flood = helper(
+        "helper_hold_connections",
+        &agent.socket,
+        Some(65534),
+        &[("FWNP_TEST_COUNT", "400".to_owned())],
+    )
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .expect("run the helper");
+    let flood_guard_pid = flood.id();
+    // Wait until the helper has made its connections.
+    let out = std::io::BufReader::new(flood.stdout.take().expect("stdout"));
+    let line = std::io::BufRead::lines(out)
+        .map_while(Result::ok)
+        .find(|l| l.contains("CONNECTED"))
+        .expect("the helper's connections");
+    eprintln!("{line}");
+    let asked = Instant::now();
+    let mut client = agent.client();
+    assert!(!client.status().connected);
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let _ = Command::new("kill")
+        .arg(flood_guard_pid.to_string())
+        .status();
+    let _ = flood.wait();
+}
+
+/// Not a test on its own: makes FWNP_TEST_COUNT connections to the agent, says so, and holds
+/// them (sending nothing) for a few seconds.
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_hold_connections() {
+    let (Ok(socket), Ok(count)) = (
+        std::env::var("FWNP_TEST_SOCKET"),
+        std::env::var("FWNP_TEST_COUNT"),
+    ) else {
+        return;
+    };
+    let count: usize = count.parse().expect("a count");
+    let held: Vec<_> = (0..count)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    println!("CONNECTED {}", held.len());
+    std::thread::sleep(Duration::from_secs(8));
+}
+
+#[test]
+fn the_open_file_limit_is_raised_to_the_hard_limit() {
+    let agent = Agent::start_with(
+        "nofile",
+        &my_uid().to_string(),
+        "1s",
+        "",
+        under_nofile("512:4096"),
+    );
+    // prlimit execs the agent: the pid is the agent's.
+    let (soft, hard) = nofile_of(agent.process.pid());
+    assert_eq!((soft.as_str(), hard.as_str()), ("4096", "4096"));
+}
+
+#[test]
+fn the_socket_is_made_with_its_mode_even_under_an_open_umask() {
+    let agent = Agent::start_with("mode", "", "1s", "", |inner| {
+        // The agent inherits umask 0: the socket's mode must not depend on it.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("umask 0; exec \"$@\"")
+            .arg("sh")
+            .arg(inner.get_program())
+            .args(inner.get_args())
+            .stdin(std::process::Stdio::null());
+        command
+    });
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&agent.socket)
+        .expect("the socket")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    // Nothing is left of the private directory it was made in.
+    let dir = agent.socket.parent().expect("directory");
+    let stray: Vec<_> = std::fs::read_dir(dir)
+        .expect("list")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with(".agent.sock"))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+#[test]
+fn watches_are_bounded_per_connection() {
+    // The default bound: 64 watches of one lease each.
+    let agent = Agent::start("watches", &my_uid().to_string(), "1s");
+    let mut client = agent.client();
+    for n in 0..64u8 {
+        client.watch(Some(LeaseId([n; 16])));
+    }
+    // The same watch again, and a watch of all leases, take nothing more.
+    client.watch(Some(LeaseId([7; 16])));
+    client.watch(None);
+    let id = client.next_id();
+    let answer = client.request(
+        LocalMessage::Watch(fwnp_proto::local::Watch {
+            common: common(id),
+            lease: Some(LeaseId([200; 16])),
+        }),
+        STEP,
+    );
+    let (code, reason) = denial(&answer);
+    assert_eq!(code, DenialCode::Wire(ResultCode::NoResources), "{reason}");
+    assert!(reason.contains("max_watches"), "{reason}");
+    // The connection still serves.
+    assert!(!client.status().connected);
 }

@@ -38,6 +38,9 @@ lifetime = "60s"
 min_lifetime = "1s"
 max_lifetime = "1h"
 
+[applications]
+web = ["tcp/7850"]
+
 [[group]]
 name = "hosts"
 identities = ["fwnp://host/*"]
@@ -153,6 +156,11 @@ struct Lab {
 
 impl Lab {
     fn new(label: &str, echo_ports: &[u16]) -> Lab {
+        Self::with_local(label, echo_ports, "")
+    }
+
+    /// With `extra` lines in the agent's `[local]`.
+    fn with_local(label: &str, echo_ports: &[u16], extra: &str) -> Lab {
         let gateway_bin = gateway_binary();
         let topology = Topology::new().expect("build the namespaces");
         let pki = Pki::new(label, &[topology.gateway_inside_v4]);
@@ -177,7 +185,8 @@ impl Lab {
                 "enforce",
                 "",
                 "1s",
-            ),
+            )
+            .replace("[mirror]", &format!("{extra}\n\n[mirror]")),
         )
         .expect("write agent config");
         let echo = echo_ports
@@ -438,7 +447,17 @@ fn leases_end_with_the_application_connection_and_revocation_reaches_it() {
 
 /// Runs the helper below in a child process (this test binary again) that asks for `port`.
 fn ask_from_child(socket: &Path, port: u16) -> (u64, String) {
-    let output = Command::new(std::env::current_exe().expect("test binary"))
+    ask_from_child_for(socket, &port.to_string(), None)
+}
+
+/// The same, by application id.
+fn ask_app_from_child(socket: &Path, app: &str) -> (u64, String) {
+    ask_from_child_for(socket, "0", Some(app))
+}
+
+fn ask_from_child_for(socket: &Path, port: &str, app: Option<&str>) -> (u64, String) {
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command
         .args([
             "helper_ask_for_port",
             "--exact",
@@ -447,9 +466,11 @@ fn ask_from_child(socket: &Path, port: u16) -> (u64, String) {
             "--test-threads=1",
         ])
         .env("FWNP_TEST_SOCKET", socket)
-        .env("FWNP_TEST_PORT", port.to_string())
-        .output()
-        .expect("run the helper");
+        .env("FWNP_TEST_PORT", port);
+    if let Some(app) = app {
+        command.env("FWNP_TEST_APP", app);
+    }
+    let output = command.output().expect("run the helper");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let line = stdout
         .lines()
@@ -470,7 +491,14 @@ fn helper_ask_for_port() {
         return;
     };
     let mut client = LocalClient::connect(Path::new(&socket));
-    match client.open(Protocol::Tcp, port.parse().expect("port"), Some(60), STEP) {
+    let answer = match std::env::var("FWNP_TEST_APP") {
+        Ok(app) => {
+            let id = client.next_id();
+            client.request(open_app_msg(id, &app, Some(60)), STEP)
+        }
+        Err(_) => client.open(Protocol::Tcp, port.parse().expect("port"), Some(60), STEP),
+    };
+    match answer {
         LocalMessage::Denied(d) => println!(
             "ANSWER {} {}",
             d.code.number(),
@@ -722,4 +750,163 @@ fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
             .collect::<Vec<_>>(),
         vec![kept.lease]
     );
+}
+
+#[test]
+fn an_application_id_is_granted_only_for_ports_the_caller_owns() {
+    if !lab::require_root("an_application_id_is_granted_only_for_ports_the_caller_owns") {
+        return;
+    }
+    let lab = Lab::new("e2eappid", &[7850]);
+    // "web" stands for tcp/7850, whose server is this test process; a child of it asks.
+    let (code, reason) = ask_app_from_child(&lab.socket, "web");
+    assert_eq!(code, LocalCode::PortNotOwned.number(), "{reason}");
+    assert!(
+        reason.contains(&format!(
+            "tcp/7850 is bound by pid {} (",
+            std::process::id()
+        )),
+        "{reason}"
+    );
+    // The gateway granted it before the agent could know its ports: released at once.
+    assert!(
+        lab.eventually(STEP, || !lab.gateway_has(7850)),
+        "the gateway kept the lease of a port the caller does not own"
+    );
+    assert!(!lab.host_has(7850));
+    assert!(!lab.outside_reaches(7850, REFUSED));
+    assert_eq!(lab.client().status().leases, 0);
+
+    // The server's own process may.
+    let mut app = lab.client();
+    let id = app.next_id();
+    let g = granted(app.request(open_app_msg(id, "web", Some(60)), STEP));
+    assert_eq!(g.grants.len(), 1);
+    assert_eq!(g.grants[0].ports.first, 7850);
+    assert!(lab.outside_reaches(7850, FIRST_SYN));
+}
+
+/// Kills process `0` (not a child of this one) when dropped.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// Waits for a terminal event of `lease`; it must be lost with port-not-owned.
+fn lost_for_ownership(app: &mut LocalClient, lease: fwnp_proto::LeaseId, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        match app.event(deadline.saturating_duration_since(Instant::now())) {
+            Some(e) if e.kind == EventKind::Lost => {
+                assert_eq!(e.lease, lease);
+                assert_eq!(
+                    e.code,
+                    Some(fwnp_proto::local::DenialCode::Local(
+                        LocalCode::PortNotOwned
+                    )),
+                    "{e:?}"
+                );
+                return;
+            }
+            Some(e) if e.kind.is_terminal() => panic!("the lease ended otherwise: {e:?}"),
+            Some(_) => {}
+            None => panic!("the lease was not ended within {within:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_lease_whose_listener_closed_is_not_renewed() {
+    if !lab::require_root("a_lease_whose_listener_closed_is_not_renewed") {
+        return;
+    }
+    // No periodic check during the test: only the check before the renewal can end it.
+    let mut lab = Lab::with_local("e2erenewown", &[7860], "owner_check_interval = \"60s\"");
+    let mut app = lab.client();
+    app.watch(None);
+    let g = granted(app.open(Protocol::Tcp, 7860, Some(4), STEP));
+    let granted_at = Instant::now();
+    assert!(lab.outside_reaches(7860, FIRST_SYN));
+    // The application closes its listener and keeps the lease.
+    lab.echo.clear();
+    lost_for_ownership(&mut app, g.lease, Duration::from_secs(4));
+    assert!(
+        granted_at.elapsed() < Duration::from_secs(4),
+        "ended only at its expiry"
+    );
+    assert!(lab.eventually(STEP, || !lab.host_has(7860) && !lab.gateway_has(7860)));
+}
+
+#[test]
+fn a_lease_ends_when_another_process_takes_its_port() {
+    if !lab::require_root("a_lease_ends_when_another_process_takes_its_port") {
+        return;
+    }
+    let mut lab = Lab::with_local("e2etakeown", &[7870], "owner_check_interval = \"500ms\"");
+    let mut app = lab.client();
+    app.watch(None);
+    let g = granted(app.open(Protocol::Tcp, 7870, Some(60), STEP));
+    assert!(lab.outside_reaches(7870, FIRST_SYN));
+    // The application closes its listener; another program binds the port.
+    lab.echo.clear();
+    let listener = lab
+        .topology
+        .host
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 7870)))
+        .expect("bind in the host namespace");
+    // Started through a shell that exits at once: the holder is not a descendant of this
+    // process (the caller), as another user's server would not be.
+    let output = Command::new("sh")
+        .args(["-c", "sleep 30 <&0 >/dev/null 2>&1 & echo $!"])
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            listener,
+        )))
+        .output()
+        .expect("start the other program");
+    let other: u32 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("its pid");
+    let _other = KillOnDrop(other);
+    lost_for_ownership(&mut app, g.lease, Duration::from_secs(5));
+    assert!(lab.eventually(STEP, || !lab.host_has(7870) && !lab.gateway_has(7870)));
+    // The other program's port is not reachable from outside.
+    assert!(!lab.outside_reaches(7870, REFUSED));
+    assert!(app.list().leases.is_empty());
+}
+
+#[test]
+fn leases_are_bounded_per_connection() {
+    if !lab::require_root("leases_are_bounded_per_connection") {
+        return;
+    }
+    let lab = Lab::with_local(
+        "e2eleasecap",
+        &[7880, 7881],
+        "max_leases_per_connection = 1",
+    );
+    let mut app = lab.client();
+    granted(app.open(Protocol::Tcp, 7880, Some(60), STEP));
+    match app.open(Protocol::Tcp, 7881, Some(60), STEP) {
+        LocalMessage::Denied(d) => {
+            assert_eq!(
+                d.code,
+                fwnp_proto::local::DenialCode::Wire(fwnp_proto::ResultCode::NoResources)
+            );
+            assert!(
+                d.reason
+                    .is_some_and(|r| r.contains("max_leases_per_connection")),
+                "no reason"
+            );
+        }
+        other => panic!("a second lease was not refused: {other:?}"),
+    }
+    assert!(!lab.gateway_has(7881) && !lab.host_has(7881));
+    // Another connection has its own bound.
+    granted(lab.client().open(Protocol::Tcp, 7881, Some(60), STEP));
 }

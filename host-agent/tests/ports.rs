@@ -5,7 +5,7 @@ use std::net::{TcpListener, UdpSocket};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use fwnp_agent::ports::{Ownership, PortNotOwned, ProcFs};
+use fwnp_agent::ports::{CallerProcess, Ownership, PortNotOwned, ProcFs};
 use fwnp_proto::{PortRange, Protocol};
 
 /// A child process killed and reaped when dropped.
@@ -33,6 +33,42 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind")
         .port()
+}
+
+/// The running process `pid`, as the agent pins down a caller.
+fn identify(pid: u32) -> CallerProcess {
+    CallerProcess::identify(&ProcFs::default(), pid, None).expect("a running process")
+}
+
+#[test]
+fn a_caller_that_exited_is_refused_and_pid_zero_is_nobody() {
+    let procfs = ProcFs::default();
+    let mut child = sleeper();
+    let caller = identify(child.0.id());
+    assert!(caller.is_alive(&procfs));
+    // Bound by this process: the refusal must say the caller is gone, before any owner.
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    assert!(
+        !caller.is_alive(&procfs),
+        "an exited process counts as alive"
+    );
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let refused = runtime
+        .block_on(procfs.verify(
+            &caller,
+            Protocol::Tcp,
+            PortRange::single(port),
+            Duration::from_secs(1),
+        ))
+        .expect_err("refused");
+    assert_eq!(refused, PortNotOwned::CallerGone { pid: caller.pid() });
+    assert!(refused.to_string().contains("has exited"), "{refused}");
+    // Pid 0 (a peer in another PID namespace) is no process: its "descendants" would be all.
+    assert!(CallerProcess::identify(&procfs, 0, None).is_none());
+    drop(listener);
 }
 
 #[test]
@@ -99,7 +135,7 @@ fn a_port_bound_by_someone_else_names_the_owner() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let refused = runtime
         .block_on(procfs.verify(
-            caller,
+            &identify(caller),
             Protocol::Tcp,
             PortRange::single(port),
             Duration::from_secs(2),
@@ -153,7 +189,7 @@ fn nobody_binding_within_the_grace_period_is_refused() {
     let started = Instant::now();
     let refused = runtime
         .block_on(ProcFs::default().verify(
-            std::process::id(),
+            &identify(std::process::id()),
             Protocol::Tcp,
             PortRange::single(port),
             Duration::from_millis(500),
@@ -183,7 +219,7 @@ fn binding_during_the_grace_period_is_accepted() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let holder = runtime
         .block_on(ProcFs::default().verify(
-            std::process::id(),
+            &identify(std::process::id()),
             Protocol::Tcp,
             PortRange::single(port),
             Duration::from_secs(2),

@@ -220,7 +220,11 @@ pub(crate) struct LocalClient {
 
 impl LocalClient {
     pub(crate) fn connect(socket: &Path) -> Self {
-        let stream = UnixStream::connect(socket).expect("connect to the agent");
+        Self::from_stream(UnixStream::connect(socket).expect("connect to the agent"))
+    }
+
+    /// A client over a stream connected already (perhaps by another process).
+    pub(crate) fn from_stream(stream: UnixStream) -> Self {
         LocalClient {
             stream,
             next_id: 1,
@@ -268,6 +272,27 @@ impl LocalClient {
         self.stream.set_read_timeout(Some(within)).expect("timeout");
         let mut byte = [0u8; 1];
         matches!(self.stream.read(&mut byte), Ok(0))
+    }
+
+    /// Whether the agent closed the connection within `within`, discarding whatever it had
+    /// sent before (answers this test does not read).
+    pub(crate) fn closed_after_draining(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            self.stream.set_read_timeout(Some(left)).expect("timeout");
+            match self.stream.read(&mut buffer) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                // A reset is a close too (the agent dropped unread requests).
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
     }
 
     /// The answer to `request_id`, keeping other frames in the backlog.
@@ -388,6 +413,21 @@ pub(crate) fn common(id: u64) -> Common {
         request_id: Some(id),
         critical: Vec::new(),
     }
+}
+
+/// An Open of the application id `app`.
+pub(crate) fn open_app_msg(id: u64, app: &str, lifetime: Option<u32>) -> LocalMessage {
+    LocalMessage::Wire(Message::Open(Open {
+        common: common(id),
+        opening: Opening {
+            target: Target::App(app.to_owned()),
+            host: None,
+            family: None,
+            remotes: Vec::new(),
+        },
+        lifetime,
+        app: None,
+    }))
 }
 
 pub(crate) fn open_msg(
