@@ -149,6 +149,44 @@ async fn a_missing_command_exits_127() {
 }
 
 #[tokio::test]
+async fn a_command_that_exits_0_before_a_refusal_does_not_hide_it() {
+    // The agent answers only after its grace period for the port's socket, which `true`
+    // never binds: by then the command has long exited with 0.
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Wire(Message::Open(o)) => {
+            std::thread::sleep(Duration::from_millis(500));
+            Some(vec![denied(
+                o.common.request_id,
+                DenialCode::Local(LocalCode::PortNotOwned),
+                "nobody listens on tcp/8089",
+                None,
+            )])
+        }
+        _ => None,
+    }));
+    let mut command = fwnp(&agent);
+    command.args(["open", "tcp/8089", "--", "true"]);
+    let out = run(command).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("exited before the opening was granted"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("nobody listens on tcp/8089"),
+        "{}",
+        out.stderr
+    );
+    // A failing command keeps its own status.
+    let mut command = fwnp(&agent);
+    command.args(["open", "tcp/8089", "--", "false"]);
+    let out = run(command).await;
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(!out.stderr.contains("nobody listens"), "{}", out.stderr);
+}
+
+#[tokio::test]
 async fn a_refusal_stops_the_command_and_exits_1() {
     let agent = Harness::with_script(Box::new(|req| match req {
         LocalMessage::Wire(Message::Open(o)) => Some(vec![denied(

@@ -54,7 +54,8 @@ Exit status:
   5    the conversation with the agent failed (connection lost, bad answer, timeout)
   6    `fwnp open` without a command: the lease ended (revoked, expired, lost)
   N    `fwnp open ... -- CMD`: CMD's own exit status; 128+S if CMD died of signal S;
-       126 if CMD could not be executed, 127 if it was not found
+       126 if CMD could not be executed, 127 if it was not found. A CMD that exits with 0
+       before the grant gives the Open's outcome instead (1 if it was refused)
 
 Environment:
   FWNP_AGENT_SOCKET   the agent's socket (default /run/fwnp/agent.sock); --socket wins
@@ -502,7 +503,19 @@ async fn run_command(
             },
             status = child_exit => {
                 eprintln!("fwnp: {} exited before the opening was granted", args.command[0]);
-                return status.map_or(EXIT_AGENT_FAILED, status_code);
+                let code = status.map_or(EXIT_AGENT_FAILED, status_code);
+                if code != EXIT_OK {
+                    return code;
+                }
+                // CMD succeeded, but a success must not hide that nothing was opened: the
+                // answer to the Open decides (a grant that comes now is released at once).
+                return match (&mut request).await {
+                    Ok(lease) => {
+                        release(lease).await;
+                        EXIT_OK
+                    }
+                    Err(e) => fail(&e),
+                };
             }
             received = signals.recv() => {
                 match early_child.as_ref() {
