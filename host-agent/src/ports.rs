@@ -103,6 +103,22 @@ pub enum PortNotOwned {
         /// The pid the caller had.
         pid: u32,
     },
+    /// The caller runs in another network namespace than the agent (a container with a
+    /// network of its own): the agent sees only its own namespace's sockets, so it cannot tell
+    /// whether the caller listens, and the host's table and addresses are not the caller's.
+    #[error(
+        "the caller (pid {pid}) runs in another network namespace ({caller}) than the agent \
+         ({agent}), whose sockets the agent cannot see: run the application in the host's \
+         network namespace (for a container, its host network)"
+    )]
+    OtherNetworkNamespace {
+        /// The caller's pid.
+        pid: u32,
+        /// The caller's namespace, as the kernel names it (`net:[4026531840]`).
+        caller: String,
+        /// The agent's namespace.
+        agent: String,
+    },
     /// The socket tables could not be read.
     #[error("cannot read the socket tables: {0}")]
     Unreadable(String),
@@ -171,6 +187,33 @@ impl ProcFs {
     /// The `/proc` mounted at `root`.
     pub fn at(root: impl Into<PathBuf>) -> Self {
         ProcFs { root: root.into() }
+    }
+
+    /// The network namespace of `pid` (`self` for the reader), as the kernel names it
+    /// (`net:[4026531840]`); `None` if it cannot be read.
+    pub fn network_namespace(&self, pid: &str) -> Option<String> {
+        std::fs::read_link(self.root.join(pid).join("ns/net"))
+            .ok()
+            .map(|link| link.to_string_lossy().into_owned())
+    }
+
+    /// Refuses a caller whose network namespace is not the agent's: its sockets are not in the
+    /// tables this agent reads. A namespace that cannot be read is not refused here: the scan
+    /// decides then.
+    fn same_network_namespace(&self, caller: u32) -> Result<(), PortNotOwned> {
+        match (
+            self.network_namespace(&caller.to_string()),
+            self.network_namespace("self"),
+        ) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                Err(PortNotOwned::OtherNetworkNamespace {
+                    pid: caller,
+                    caller: theirs,
+                    agent: ours,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The inodes of sockets bound on `ports` for `protocol` in the reader's network namespace,
@@ -346,6 +389,7 @@ impl ProcFs {
         grace: Duration,
     ) -> Result<u32, PortNotOwned> {
         let started = Instant::now();
+        self.same_network_namespace(caller.pid)?;
         loop {
             let procfs = self.clone();
             let who = caller.clone();

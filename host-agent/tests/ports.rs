@@ -228,3 +228,52 @@ fn binding_during_the_grace_period_is_accepted() {
     assert_eq!(holder, std::process::id());
     binder.join().expect("binder thread");
 }
+
+#[test]
+fn a_caller_in_another_network_namespace_is_told_why_at_once() {
+    if !fwnp_netfilter::lab::require_root(
+        "a_caller_in_another_network_namespace_is_told_why_at_once",
+    ) {
+        return;
+    }
+    // A process in a network namespace of its own, as in a container, listening there.
+    let child = ChildGuard(
+        Command::new("unshare")
+            .args(["--net", "--", "python3", "-c"])
+            .arg(
+                "import socket,time; s=socket.socket(); s.bind(('127.0.0.1', 7002)); \
+                 s.listen(); time.sleep(30)",
+            )
+            .spawn()
+            .expect("run unshare (util-linux)"),
+    );
+    let procfs = ProcFs::default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while procfs.network_namespace(&child.0.id().to_string()) == procfs.network_namespace("self") {
+        assert!(Instant::now() < deadline, "unshare made no namespace");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let caller = identify(child.0.id());
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let started = Instant::now();
+    let refused = runtime
+        .block_on(procfs.verify(
+            &caller,
+            Protocol::Tcp,
+            PortRange::single(7002),
+            Duration::from_secs(5),
+        ))
+        .expect_err("a port the agent cannot see is not verified");
+    assert!(
+        matches!(refused, PortNotOwned::OtherNetworkNamespace { pid, .. } if pid == child.0.id()),
+        "{refused:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited out the grace period"
+    );
+    assert!(
+        refused.to_string().contains("another network namespace"),
+        "{refused}"
+    );
+}
