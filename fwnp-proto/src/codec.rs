@@ -9,12 +9,14 @@
 //! value of the type and numeric range `spec/fwnp.cddl` gives it (a port is at most 65535, a
 //! lease id is 16 bytes, a protocol is 6, 17, 132 or 136...)? Decoding also applies the
 //! must-understand rule (`critical`, key 2) and the opening's shape rule (ports *or* an
-//! application id). Unknown keys are ignored, in the message map and in every nested map.
+//! application id). An array the schema writes `[+ ...]` must not be empty: an empty list of
+//! remote prefixes would otherwise read as "from any". Unknown keys are ignored, in the message
+//! map and in every nested map.
 //!
 //! Decoding does not judge *meaning*: port 0, a reversed port range, a prefix with host bits
 //! set, an IPv4 prefix longer than 32, a host address of the wrong family, an app id with a
-//! forbidden character, a lifetime above [`crate::MAX_LIFETIME_SECS`], text lengths and empty
-//! version lists all decode, and [`crate::validate`] refuses them. A gateway therefore calls
+//! forbidden character, a lifetime above [`crate::MAX_LIFETIME_SECS`] and text lengths all
+//! decode, and [`crate::validate`] refuses them. A gateway therefore calls
 //! [`decode`] and then [`crate::validate::validate_request`], and answers a failure of either
 //! with a Denied carrying [`DecodeError::result_code`] or
 //! [`crate::validate::ValidationError::result_code`].
@@ -186,6 +188,16 @@ pub enum DecodeError {
         /// What the schema allows there.
         expected: &'static str,
     },
+    /// An array the schema requires to hold at least one element (`[+ ...]`) is empty: the
+    /// versions of a Hello, `critical`, remote prefixes, the grants of Granted or a lease-info,
+    /// Denied's unsupported keys.
+    #[error("key {key} of {at} is an empty array; it must hold at least one element")]
+    EmptyList {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+    },
     /// An opening carries both ports (keys 1 to 3) and an application id (key 7).
     #[error("an opening names ports (keys 1-3) and an application (key 7); it may name only one")]
     ConflictingTarget,
@@ -216,6 +228,7 @@ impl DecodeError {
             | DecodeError::WrongType { at, .. }
             | DecodeError::OutOfRange { at, .. }
             | DecodeError::WrongLength { at, .. }
+            | DecodeError::EmptyList { at, .. }
                 if matches!(at, Place::Opening | Place::Grant) =>
             {
                 ResultCode::MalformedOption
@@ -240,6 +253,7 @@ impl DecodeError {
             DecodeError::WrongType { .. } => "wrong-type",
             DecodeError::OutOfRange { .. } => "out-of-range",
             DecodeError::WrongLength { .. } => "wrong-length",
+            DecodeError::EmptyList { .. } => "empty-list",
             DecodeError::ConflictingTarget => "conflicting-target",
             DecodeError::MissingTarget => "missing-target",
             DecodeError::UnsupportedCritical(_) => "unsupported-critical",
@@ -924,6 +938,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An array that must hold at least one element (`[+ ...]` in the schema).
+    fn as_nonempty_array(
+        &self,
+        key: u64,
+        item: &'a Item,
+        expected: &'static str,
+    ) -> Result<&'a [Item], DecodeError> {
+        match self.as_array(key, item, expected)? {
+            [] => Err(DecodeError::EmptyList { at: self.at, key }),
+            items => Ok(items),
+        }
+    }
+
     fn as_lease_id(&self, key: u64, item: &Item) -> Result<LeaseId, DecodeError> {
         match item {
             Item::Bytes(b) => <[u8; 16]>::try_from(b.as_slice())
@@ -950,7 +977,7 @@ impl<'a> Fields<'a> {
 
     fn as_prefixes(&self, key: u64, item: &Item) -> Result<Vec<Prefix>, DecodeError> {
         const EXPECTED: &str = "an array of [address, length] prefixes";
-        let items = self.as_array(key, item, EXPECTED)?;
+        let items = self.as_nonempty_array(key, item, EXPECTED)?;
         let mut prefixes = Vec::with_capacity(items.len());
         for prefix in items {
             let [addr, len] = self.as_array(key, prefix, EXPECTED)? else {
@@ -974,8 +1001,9 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A `[+ uint]`: `critical`, Denied's unsupported keys.
     fn as_uint_list(&self, key: u64, item: &Item) -> Result<Vec<u64>, DecodeError> {
-        self.as_array(key, item, "an array of unsigned integers")?
+        self.as_nonempty_array(key, item, "an array of unsigned integers")?
             .iter()
             .map(|k| match k {
                 Item::Uint(n) => Ok(*n),
@@ -1046,7 +1074,7 @@ impl<'a> Fields<'a> {
     }
 
     fn grants(&self, key: u64) -> Result<Vec<Grant>, DecodeError> {
-        let items = self.as_array(key, self.require(key)?, "an array of grants")?;
+        let items = self.as_nonempty_array(key, self.require(key)?, "an array of grants")?;
         items
             .iter()
             .map(|item| {
@@ -1150,7 +1178,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     Ok(match t {
         MessageType::Hello => {
             let versions = f
-                .as_array(3, f.require(3)?, "an array of versions")?
+                .as_nonempty_array(3, f.require(3)?, "an array of versions")?
                 .iter()
                 .map(|v| f.as_u16(3, v, "a version, at most 65535"))
                 .collect::<Result<_, _>>()?;

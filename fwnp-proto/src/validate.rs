@@ -11,7 +11,6 @@
 //! | host address and family disagree; a remote prefix of the other family | [`validate_opening`] | malformed-option |
 //! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
 //! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
-//! | Hello with no version | [`validate_request`] | malformed-request |
 //! | Hello without version 1 | [`validate_request`] | unsupported-version |
 //! | text longer than the schema allows (name 256, executable 1024, reason 512, software 128 bytes) | [`validate_app_info`], [`validate_message`] | malformed-request |
 //! | an answer or notice sent as a request | [`validate_request`] | malformed-request |
@@ -88,9 +87,6 @@ pub enum ValidationError {
         /// [`MAX_LIFETIME_SECS`].
         max: u32,
     },
-    /// A Hello with an empty version list.
-    #[error("Hello lists no version")]
-    NoVersions,
     /// A Hello whose versions do not include the one this implementation speaks.
     #[error("no version in common: offered {offered:?}, this gateway speaks {VERSION}")]
     UnsupportedVersion {
@@ -108,12 +104,6 @@ pub enum ValidationError {
         min: usize,
         /// The longest allowed.
         max: usize,
-    },
-    /// A list the schema requires to be non-empty is empty.
-    #[error("{field} must not be empty")]
-    EmptyList {
-        /// Which list, as `message.field`.
-        field: &'static str,
     },
     /// A message that is not a request arrived where a request was expected.
     #[error("a {0:?} message is not a request")]
@@ -134,10 +124,7 @@ impl ValidationError {
             | ValidationError::AppIdCharacter { .. } => ResultCode::MalformedOption,
             ValidationError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             ValidationError::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
-            ValidationError::NoVersions
-            | ValidationError::TextLength { .. }
-            | ValidationError::EmptyList { .. }
-            | ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
+            ValidationError::TextLength { .. } | ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
         }
     }
 
@@ -153,10 +140,8 @@ impl ValidationError {
             ValidationError::AppIdLength { .. } => "app-id-length",
             ValidationError::AppIdCharacter { .. } => "app-id-character",
             ValidationError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
-            ValidationError::NoVersions => "no-versions",
             ValidationError::UnsupportedVersion { .. } => "unsupported-version",
             ValidationError::TextLength { .. } => "text-length",
-            ValidationError::EmptyList { .. } => "empty-list",
             ValidationError::NotARequest(_) => "not-a-request",
         }
     }
@@ -340,11 +325,9 @@ pub fn validate_app_info(app: &AppInfo) -> Result<(), ValidationError> {
     )
 }
 
-/// A Hello: versions listed, version 1 among them, the software text's length.
+/// A Hello: version 1 among its versions (the decoder refuses an empty list), the software
+/// text's length.
 pub fn validate_hello(hello: &Hello) -> Result<(), ValidationError> {
-    if hello.versions.is_empty() {
-        return Err(ValidationError::NoVersions);
-    }
     opt_text_len(
         "hello.software",
         hello.software.as_deref(),
@@ -375,7 +358,8 @@ pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
 }
 
 /// Any message: requests as [`validate_request`], answers and notices as a client checks them
-/// (grants concrete and well-formed, lists non-empty where the schema says so, text lengths).
+/// (grants concrete and well-formed, text lengths). Empty lists the schema forbids are
+/// refused by the decoder.
 pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
     match msg {
         Message::Hello(_)
@@ -384,10 +368,10 @@ pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
         | Message::Release(_)
         | Message::List(_) => validate_request(msg),
         Message::Welcome(w) => text_len("welcome.identity", &w.identity, 1, MAX_IDENTITY_LEN),
-        Message::Granted(g) => validate_grants("granted.grants", &g.grants),
+        Message::Granted(g) => g.grants.iter().try_for_each(validate_grant),
         Message::Denied(d) => opt_text_len("denied.reason", d.reason.as_deref(), MAX_REASON_LEN),
         Message::Leases(l) => l.leases.iter().try_for_each(|info| {
-            validate_grants("lease-info.grants", &info.grants)?;
+            info.grants.iter().try_for_each(validate_grant)?;
             info.app.as_ref().map_or(Ok(()), validate_app_info)
         }),
         Message::Released(_) | Message::EpochChanged(_) => Ok(()),
@@ -396,13 +380,6 @@ pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
             opt_text_len("going-away.reason", g.reason.as_deref(), MAX_REASON_LEN)
         }
     }
-}
-
-fn validate_grants(field: &'static str, grants: &[Grant]) -> Result<(), ValidationError> {
-    if grants.is_empty() {
-        return Err(ValidationError::EmptyList { field });
-    }
-    grants.iter().try_for_each(validate_grant)
 }
 
 #[cfg(test)]

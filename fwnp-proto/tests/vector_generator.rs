@@ -1216,16 +1216,16 @@ fn vectors() -> Vec<Vector> {
         R::LifetimeOutOfRange,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "hello-no-versions",
-        "Hello with an empty version list.",
+        "Hello with an empty version list (key 3 is `[+ version]`).",
         encode(&Message::Hello(Hello {
             common: rid(1),
             versions: vec![],
             capabilities: Capabilities(0),
             software: None,
         })),
-        "no-versions",
+        "empty-list",
         R::MalformedRequest,
         false,
     ));
@@ -1261,9 +1261,9 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "granted-no-grants",
-        "Granted with an empty grant list.",
+        "Granted with an empty grant list (key 4 is `[+ grant]`).",
         encode(&granted(vec![], false)),
         "empty-list",
         R::MalformedRequest,
@@ -1280,6 +1280,44 @@ fn vectors() -> Vec<Vector> {
             }
         })),
         "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+
+    // --- Added after the first 101; their numbers start at 102. -----------------------------
+    assert_eq!(v.len(), 101, "vectors 1 to 101 keep their numbers");
+    v.push(decode_err(
+        "open-remotes-empty",
+        "Open whose opening has an empty list of remote prefixes (key 6 is `[+ prefix]`): refused, never read as \"from any\", which is what an absent key 6 means.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 6, Value::Array(vec![]))),
+        "empty-list",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "critical-empty",
+        "List with an empty critical array (key 2 is `[+ uint]`; a sender with nothing critical leaves the key out).",
+        edited(&list, |m| set(m, 2, Value::Array(vec![]))),
+        "empty-list",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "granted-remotes-empty",
+        "Granted whose grant has an empty list of remote prefixes: a client refuses it rather than open to any source.",
+        edited(
+            &granted(vec![grant(Protocol::Tcp, 80, 80, "192.0.2.10")], false),
+            |m| set(&mut get(m, 4).as_array_mut().unwrap()[0], 6, Value::Array(vec![])),
+        ),
+        "empty-list",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "denied-unsupported-empty",
+        "Denied unsupported-option whose key 7 is an empty array (key 7 is `[+ uint]`).",
+        edited(&denied(R::UnsupportedOption), |m| set(m, 7, Value::Array(vec![]))),
+        "empty-list",
         R::MalformedRequest,
         false,
     ));
