@@ -56,6 +56,13 @@ pub enum Refusal {
         /// The address asked.
         address: IpAddr,
     },
+    /// The opening names an IPv4-mapped IPv6 address, which validation refuses; checked again
+    /// here so that no caller can turn one into an IPv6 opening for an IPv4 host.
+    #[error("{address} is an IPv4-mapped IPv6 address; name the IPv4 address as 4 bytes")]
+    MappedAddress {
+        /// The address asked.
+        address: IpAddr,
+    },
     /// The opening names no address and the host holds none (of the family asked).
     #[error("the host holds no address{} it may open", family_text(*.family))]
     NoAddress {
@@ -100,6 +107,7 @@ impl Refusal {
             Refusal::AddressMismatch { .. } | Refusal::NoAddress { .. } => {
                 ResultCode::AddressMismatch
             }
+            Refusal::MappedAddress { .. } => ResultCode::MalformedOption,
             Refusal::NothingGranted => ResultCode::DeniedByPolicy,
             Refusal::QuotaExceeded { .. } => ResultCode::QuotaExceeded,
             Refusal::UnknownLease => ResultCode::UnknownLease,
@@ -142,14 +150,17 @@ pub fn negotiate_version(hello: &Hello) -> Result<u16, Refusal> {
 /// IP SANs, or its connection's source address) and whether policy grants it third-party
 /// rights.
 ///
-/// A named address must be one of `allowed`, unless `third_party`. With no address, the first
-/// allowed address of the family asked (or of any family) is used.
+/// A named address must be one of `allowed`, unless `third_party`, and is never IPv4-mapped.
+/// With no address, the first allowed address of the family asked (or of any family) is used.
 pub fn resolve_host_address(
     opening: &Opening,
     allowed: &[IpAddr],
     third_party: bool,
 ) -> Result<IpAddr, Refusal> {
     if let Some(address) = opening.host {
+        if crate::validate::validate_address(address).is_err() {
+            return Err(Refusal::MappedAddress { address });
+        }
         return if third_party || allowed.contains(&address) {
             Ok(address)
         } else {

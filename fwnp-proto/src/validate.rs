@@ -9,6 +9,7 @@
 //! | port 0, reversed range (`last < first`) | [`validate_ports`] | malformed-option |
 //! | prefix longer than 32 (IPv4) or 128 (IPv6), host bits set | [`validate_prefix`] | malformed-option |
 //! | host address and family disagree; a remote prefix of the other family | [`validate_opening`] | malformed-option |
+//! | an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as host address or remote prefix | [`validate_opening`], [`validate_grant`] | malformed-option |
 //! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
 //! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
 //! | Hello without version 1 | [`validate_request`] | unsupported-version |
@@ -67,6 +68,13 @@ pub enum ValidationError {
         /// The family of the host address (or, with none, of the family asked).
         family: Family,
     },
+    /// An IPv4-mapped IPv6 address (`::ffff:0:0/96`) where an address is named: IPv4
+    /// addresses travel as 4 bytes, and a mapped one would be opened as IPv6.
+    #[error("{addr} is an IPv4-mapped IPv6 address; name the IPv4 address as 4 bytes")]
+    Ipv4Mapped {
+        /// The address.
+        addr: IpAddr,
+    },
     /// An application id that is not 1 to 64 bytes.
     #[error("an application id is 1 to 64 bytes, not {len}")]
     AppIdLength {
@@ -120,11 +128,14 @@ impl ValidationError {
             | ValidationError::HostBitsSet(_)
             | ValidationError::FamilyMismatch { .. }
             | ValidationError::RemoteFamilyMismatch { .. }
+            | ValidationError::Ipv4Mapped { .. }
             | ValidationError::AppIdLength { .. }
             | ValidationError::AppIdCharacter { .. } => ResultCode::MalformedOption,
             ValidationError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             ValidationError::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
-            ValidationError::TextLength { .. } | ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
+            ValidationError::TextLength { .. } | ValidationError::NotARequest(_) => {
+                ResultCode::MalformedRequest
+            }
         }
     }
 
@@ -137,6 +148,7 @@ impl ValidationError {
             ValidationError::HostBitsSet(_) => "host-bits-set",
             ValidationError::FamilyMismatch { .. } => "family-mismatch",
             ValidationError::RemoteFamilyMismatch { .. } => "remote-family-mismatch",
+            ValidationError::Ipv4Mapped { .. } => "ipv4-mapped-address",
             ValidationError::AppIdLength { .. } => "app-id-length",
             ValidationError::AppIdCharacter { .. } => "app-id-character",
             ValidationError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
@@ -246,8 +258,19 @@ pub fn validate_lifetime(lifetime: Option<u32>) -> Result<(), ValidationError> {
     }
 }
 
+/// An address named in an opening or a grant: not IPv4-mapped (spec Section 9.4 rule 8).
+pub fn validate_address(addr: IpAddr) -> Result<(), ValidationError> {
+    match addr {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Err(ValidationError::Ipv4Mapped { addr })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn validate_remotes(family: Option<Family>, remotes: &[Prefix]) -> Result<(), ValidationError> {
     for prefix in remotes {
+        validate_address(prefix.addr)?;
         validate_prefix(prefix)?;
         if let Some(family) = family
             && family != Family::of(prefix.addr)
@@ -268,6 +291,9 @@ pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
         Target::Ports { ports, .. } => validate_ports(ports)?,
         Target::App(app) => validate_app_id(app)?,
     }
+    if let Some(host) = opening.host {
+        validate_address(host)?;
+    }
     if let (Some(host), Some(family)) = (opening.host, opening.family)
         && Family::of(host) != family
     {
@@ -283,6 +309,7 @@ pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
 /// A grant: the same rules as an opening, with its concrete host address.
 pub fn validate_grant(grant: &Grant) -> Result<(), ValidationError> {
     validate_ports(&grant.ports)?;
+    validate_address(grant.host)?;
     validate_remotes(Some(Family::of(grant.host)), &grant.remotes)?;
     if let Some(app) = &grant.app {
         validate_app_id(app)?;

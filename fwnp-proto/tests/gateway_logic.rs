@@ -117,9 +117,18 @@ fn lease_ids_start_with_their_creation_time_and_end_in_random_bits() {
     let mut rng = rng();
     let mut ids = Vec::new();
     // Two in the same millisecond, then one a millisecond and one a day later.
-    for (i, now) in [NOW, NOW, NOW + 1, NOW + 86_400_000].into_iter().enumerate() {
+    for (i, now) in [NOW, NOW, NOW + 1, NOW + 86_400_000]
+        .into_iter()
+        .enumerate()
+    {
         let port = 1000 + i as u16;
-        ids.push(new_lease(book.open(now, HOST_A, &open_tcp(port, None), &facts(ADDR_A, port, None), &mut rng)));
+        ids.push(new_lease(book.open(
+            now,
+            HOST_A,
+            &open_tcp(port, None),
+            &facts(ADDR_A, port, None),
+            &mut rng,
+        )));
     }
     for (id, now) in ids.iter().zip([NOW, NOW, NOW + 1, NOW + 86_400_000]) {
         assert_eq!(id.0[..6], now.to_be_bytes()[2..], "{id}");
@@ -516,6 +525,46 @@ fn address_mismatch_unless_third_party() {
         resolve_host_address(&open.opening, &[ADDR_A, v6], true),
         Ok(ADDR_B)
     );
+}
+
+/// An IPv4-mapped IPv6 address names an IPv4 host in IPv6 clothing; granting it would program
+/// an IPv6 element for an IPv4 host. It is refused on the way a request really takes: decoded,
+/// validated, and, should a caller skip validation, by the host address resolution itself.
+#[test]
+fn ipv4_mapped_addresses_are_refused_wherever_an_opening_names_an_address() {
+    use fwnp_proto::codec::{decode, encode};
+    use fwnp_proto::validate::validate_request;
+    let mapped: IpAddr = "::ffff:10.1.0.10".parse().unwrap();
+    let ipv4: IpAddr = "10.1.0.10".parse().unwrap();
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    let mut as_host = open_tcp(443, None);
+    as_host.opening.host = Some(mapped);
+    let mut as_remote = open_tcp(443, None);
+    as_remote.opening.host = Some(v6);
+    as_remote.opening.remotes = vec![Prefix {
+        addr: "::ffff:10.0.0.0".parse().unwrap(),
+        len: 104,
+    }];
+    let mut as_remote_no_host = as_remote.clone();
+    as_remote_no_host.opening.host = None;
+    for open in [&as_host, &as_remote, &as_remote_no_host] {
+        let bytes = encode(&fwnp_proto::Message::Open(open.clone()));
+        let decoded = decode(&bytes).expect("a mapped address is well-formed");
+        let refused = validate_request(&decoded).expect_err("a mapped address is refused");
+        assert_eq!(refused.kind(), "ipv4-mapped-address", "{open:?}");
+        assert_eq!(
+            refused.to_denied(open.common.request_id).code,
+            ResultCode::MalformedOption
+        );
+    }
+    // The decision core refuses it too, even for a host with third-party rights, and even when
+    // the host holds the IPv4 address it maps.
+    for third_party in [false, true] {
+        assert_eq!(
+            resolve_host_address(&as_host.opening, &[ipv4, v6], third_party).map_err(|r| r.code()),
+            Err(ResultCode::MalformedOption)
+        );
+    }
 }
 
 #[test]

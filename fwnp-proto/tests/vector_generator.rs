@@ -1316,10 +1316,46 @@ fn vectors() -> Vec<Vector> {
     v.push(decode_err(
         "denied-unsupported-empty",
         "Denied unsupported-option whose key 7 is an empty array (key 7 is `[+ uint]`).",
-        edited(&denied(R::UnsupportedOption), |m| set(m, 7, Value::Array(vec![]))),
+        edited(&denied(R::UnsupportedOption), |m| {
+            set(m, 7, Value::Array(vec![]))
+        }),
         "empty-list",
         R::MalformedRequest,
         false,
+    ));
+    v.push(validate_err(
+        "open-host-ipv4-mapped",
+        "Open whose host address is the IPv4-mapped IPv6 address ::ffff:10.1.0.10: an IPv4 address travels as 4 bytes, never mapped.",
+        encode(&open(
+            Opening { host: Some(ip("::ffff:10.1.0.10")), ..opening(tcp(443, 443)) },
+            None,
+        )),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "open-remote-ipv4-mapped",
+        "Open on an IPv6 host address whose remote prefix ::ffff:10.0.0.0/104 is IPv4-mapped.",
+        encode(&open(
+            Opening {
+                host: Some(ip("2001:db8::10")),
+                remotes: vec![prefix("::ffff:10.0.0.0/104")],
+                ..opening(tcp(443, 443))
+            },
+            None,
+        )),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "granted-host-ipv4-mapped",
+        "Granted whose grant names the IPv4-mapped host address ::ffff:192.0.2.10: a client refuses it.",
+        encode(&granted(vec![grant(Protocol::Tcp, 80, 80, "::ffff:192.0.2.10")], false)),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
     ));
     v
 }

@@ -657,6 +657,57 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
     assert_eq!(ports, vec![7001]);
 }
 
+/// `message` encoded, with the opening's (key 3's) key 6 set to `remotes` as it is.
+fn with_opening_remotes(message: &Message, remotes: ciborium::Value) -> Vec<u8> {
+    let bytes = fwnp_proto::codec::encode(message);
+    let mut value: ciborium::Value =
+        ciborium::from_reader(bytes.as_slice()).expect("our own encoding parses");
+    let opening = value
+        .as_map_mut()
+        .and_then(|m| {
+            m.iter_mut()
+                .find(|(k, _)| *k == ciborium::Value::Integer(3.into()))
+        })
+        .and_then(|(_, v)| v.as_map_mut())
+        .expect("an Open has an opening map");
+    opening.retain(|(k, _)| *k != ciborium::Value::Integer(6.into()));
+    opening.push((ciborium::Value::Integer(6.into()), remotes));
+    let mut out = Vec::new();
+    ciborium::into_writer(&value, &mut out).expect("encode");
+    out
+}
+
+/// Openings the decoder or validation must refuse before any policy sees them: an IPv4-mapped
+/// IPv6 host address (the host holds the IPv4 address it maps, and the policy allows the port)
+/// or remote prefix, and an empty list of remote prefixes, which is not "from any".
+#[tokio::test]
+async fn mapped_addresses_and_empty_remote_lists_are_malformed_options() {
+    let gw = TestGateway::start("mapped", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let mut mapped = tcp(7001);
+    mapped.host = Some("::ffff:192.0.2.10".parse().expect("an address"));
+    let d = denied(client.open(mapped, None).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+
+    let mut mapped_remote = tcp(7002);
+    mapped_remote.remotes = vec![fwnp_proto::Prefix {
+        addr: "::ffff:198.51.100.0".parse().expect("an address"),
+        len: 120,
+    }];
+    let d = denied(client.open(mapped_remote, None).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+
+    let bytes = with_opening_remotes(
+        &open_msg(Some(90), tcp(7003), None),
+        ciborium::Value::Array(vec![]),
+    );
+    let d = denied(client.request_bytes(&bytes).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+    assert_eq!(d.common.request_id, Some(90));
+
+    assert!(client.list().await.leases.is_empty(), "nothing was opened");
+}
+
 #[tokio::test]
 async fn an_oversized_request_is_reset_without_an_answer() {
     let gw = TestGateway::start("oversized", POLICY).await;
