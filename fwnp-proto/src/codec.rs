@@ -204,7 +204,8 @@ pub enum DecodeError {
     /// An opening carries neither ports (keys 1 and 2) nor an application id (key 7).
     #[error("an opening names neither ports (keys 1, 2) nor an application (key 7)")]
     MissingTarget,
-    /// The message lists in `critical` (key 2) keys this implementation does not know.
+    /// The message lists in `critical` (key 2) keys this implementation does not know; they
+    /// are given once each, in ascending order.
     #[error("unsupported critical keys {0:?}")]
     UnsupportedCritical(Vec<u64>),
 }
@@ -1161,12 +1162,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         .map(|v| f.as_uint_list(2, v))
         .transpose()?
         .unwrap_or_default();
-    let mut unsupported: Vec<u64> = Vec::new();
-    for key in &critical {
-        if *key > t.highest_known_key() && !unsupported.contains(key) {
-            unsupported.push(*key);
-        }
-    }
+    // Denied key 7 lists them once each, in ascending order (spec Section 6.5), whatever their
+    // order in `critical`.
+    let unsupported: Vec<u64> = critical
+        .iter()
+        .copied()
+        .filter(|key| *key > t.highest_known_key())
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     if !unsupported.is_empty() {
         return Err(DecodeError::UnsupportedCritical(unsupported));
     }

@@ -183,6 +183,8 @@ enum Expect {
         error: &'static str,
         code: ResultCode,
         schema_valid: bool,
+        /// With `unsupported-critical`: the keys Denied key 7 lists, in ascending order.
+        unsupported: Vec<u64>,
     },
 }
 
@@ -243,8 +245,17 @@ fn invalid(
             error,
             code,
             schema_valid,
+            unsupported: Vec::new(),
         },
     }
+}
+
+/// `vector`, whose refusal names the critical keys `keys` in Denied key 7.
+fn listing_unsupported(mut vector: Vector, keys: &[u64]) -> Vector {
+    if let Expect::Invalid { unsupported, .. } = &mut vector.expect {
+        *unsupported = keys.to_vec();
+    }
+    vector
 }
 
 fn decode_err(
@@ -1053,16 +1064,19 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         false,
     ));
-    v.push(decode_err(
-        "critical-unknown-key",
-        "Open carrying extension key 64 and listing 64 and 70 in critical: the decoder does not know them and refuses the message; Denied key 7 lists [64, 70].",
-        edited(&open_tcp_443(), |m| {
-            set(m, 2, Value::Array(vec![u(64), u(70)]));
-            set(m, 64, Value::Text("must understand".into()));
-        }),
-        "unsupported-critical",
-        R::UnsupportedOption,
-        true,
+    v.push(listing_unsupported(
+        decode_err(
+            "critical-unknown-key",
+            "Open carrying extension key 64 and listing 64 and 70 in critical: the decoder does not know them and refuses the message; Denied key 7 lists [64, 70].",
+            edited(&open_tcp_443(), |m| {
+                set(m, 2, Value::Array(vec![u(64), u(70)]));
+                set(m, 64, Value::Text("must understand".into()));
+            }),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            true,
+        ),
+        &[64, 70],
     ));
     v.push(decode_err(
         "truncated",
@@ -1357,6 +1371,19 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         true,
     ));
+    v.push(listing_unsupported(
+        decode_err(
+            "critical-unknown-keys-unordered",
+            "List whose critical array is [70, 4, 64, 70]: Denied key 7 lists the keys not understood once each and in ascending order, [64, 70], whatever their order in critical (key 4 is not understood either: List assigns no key 4).",
+            edited(&list, |m| {
+                set(m, 2, Value::Array(vec![u(70), u(4), u(64), u(70)]));
+            }),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            true,
+        ),
+        &[4, 64, 70],
+    ));
     v
 }
 
@@ -1388,14 +1415,19 @@ fn render(vector: &Vector) -> Json {
             error,
             code,
             schema_valid,
-        } => json!({
-            "invalid": {
+            unsupported,
+        } => {
+            let mut invalid = json!({
                 "layer": layer,
                 "error": error,
                 "result_code": code.name(),
                 "schema_valid": schema_valid,
+            });
+            if !unsupported.is_empty() {
+                invalid["unsupported"] = json!(unsupported);
             }
-        }),
+            json!({ "invalid": invalid })
+        }
     };
     let mut out = json!({
         "name": vector.name,

@@ -54,13 +54,28 @@ fn check(name: &str, vector: &Json) -> Result<(), String> {
             Ok(())
         }
         (None, Some(invalid)) => {
-            let (layer, kind, code) = match decode(&bytes) {
-                Err(e) => ("decode", e.kind(), e.result_code()),
+            let (layer, kind, code, unsupported) = match decode(&bytes) {
+                Err(e) => (
+                    "decode",
+                    e.kind(),
+                    e.result_code(),
+                    e.to_denied(None).unsupported,
+                ),
                 Ok(msg) => match validate_message(&msg) {
-                    Err(e) => ("validate", e.kind(), e.result_code()),
+                    Err(e) => ("validate", e.kind(), e.result_code(), Vec::new()),
                     Ok(()) => return Err(format!("accepted as {msg:?}")),
                 },
             };
+            // Denied key 7, as the vector gives it (absent: none).
+            let expected_unsupported: Vec<u64> = invalid
+                .get("unsupported")
+                .map(|keys| serde_json::from_value(keys.clone()).unwrap_or_default())
+                .unwrap_or_default();
+            if unsupported != expected_unsupported {
+                return Err(format!(
+                    "Denied key 7 would list {unsupported:?}, expected {expected_unsupported:?}"
+                ));
+            }
             let got = (layer, kind, code.name());
             let expected = (
                 invalid["layer"].as_str().unwrap_or("?"),

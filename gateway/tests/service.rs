@@ -629,8 +629,10 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
             .await,
     );
     assert_eq!(g.common.request_id, Some(80));
-    // ...unless it is listed as critical.
+    // ...unless it is listed as critical; Denied key 7 lists such keys once each, in
+    // ascending order, whatever their order in critical.
     let critical = ciborium::Value::Array(vec![
+        ciborium::Value::Integer(71.into()),
         ciborium::Value::Integer(70.into()),
         ciborium::Value::Integer(71.into()),
     ]);
