@@ -213,8 +213,11 @@ pub enum DecodeError {
 impl DecodeError {
     /// The result code a gateway answers this error with in a Denied.
     ///
-    /// Faults inside an opening or a grant (and an opening's shape) are `malformed-option`;
-    /// unknown critical keys are `unsupported-option`; everything else is `malformed-request`.
+    /// Schema faults inside an opening or a grant (a missing key, a wrong type, a value out of
+    /// range, a wrong length, an empty list) and an opening's shape are `malformed-option`;
+    /// unknown critical keys are `unsupported-option`; everything else is `malformed-request`,
+    /// including the structural faults of a map (a key that is not an unsigned integer, a
+    /// duplicate key) wherever the map is, as spec Section 6.6 says.
     /// (An oversized request on a stream is not answered at all: the gateway resets the stream
     /// with `MessageTooLarge`; the mapping is given for callers that decode from elsewhere.)
     pub fn result_code(&self) -> ResultCode {
@@ -223,9 +226,7 @@ impl DecodeError {
             DecodeError::ConflictingTarget | DecodeError::MissingTarget => {
                 ResultCode::MalformedOption
             }
-            DecodeError::KeyNotUnsigned { at }
-            | DecodeError::DuplicateKey { at, .. }
-            | DecodeError::MissingKey { at, .. }
+            DecodeError::MissingKey { at, .. }
             | DecodeError::WrongType { at, .. }
             | DecodeError::OutOfRange { at, .. }
             | DecodeError::WrongLength { at, .. }

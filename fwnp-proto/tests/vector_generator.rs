@@ -1384,6 +1384,24 @@ fn vectors() -> Vec<Vector> {
         ),
         &[4, 64, 70],
     ));
+    v.push(decode_err(
+        "opening-duplicate-key",
+        "Open whose opening holds key 2 (port) twice: a duplicate key breaks a structural rule (Section 6.3 rule 9), which is malformed-request wherever in the item it is, inside the opening too.",
+        edited(&open_tcp_443(), |m| entries(get(m, 3)).push((u(2), u(443)))),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-key-not-unsigned",
+        "Open whose opening holds the text key \"x\": a key that is not an unsigned integer (Section 6.3 rule 8) is malformed-request, inside the opening too.",
+        edited(&open_tcp_443(), |m| {
+            entries(get(m, 3)).push((Value::Text("x".into()), u(1)))
+        }),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
     v
 }
 
