@@ -1402,7 +1402,37 @@ fn vectors() -> Vec<Vector> {
         R::MalformedRequest,
         false,
     ));
+    let remote = |addr: Vec<u8>, len: u64| {
+        edited(&open_tcp_443(), move |m| {
+            remove(get(m, 3), 4);
+            set(
+                get(m, 3),
+                6,
+                Value::Array(vec![Value::Array(vec![Value::Bytes(addr), u(len)])]),
+            )
+        })
+    };
+    v.push(decode_err(
+        "prefix-length-300",
+        "Open with a remote prefix 198.51.100.0/300: a length above 128 breaks the schema (`uint .le 128`) and is refused by decoding (Section 6.3 rule 13), inside the opening: malformed-option.",
+        remote(vec![198, 51, 100, 0], 300),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "prefix-ipv6-129",
+        "Open with the remote prefix 2001:db8::/129: refused by decoding, like any length above 128.",
+        remote(ip6_bytes("2001:db8::"), 129),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
     v
+}
+
+fn ip6_bytes(s: &str) -> Vec<u8> {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec()
 }
 
 fn render(vector: &Vector) -> Json {
