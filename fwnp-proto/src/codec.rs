@@ -15,8 +15,9 @@
 //!
 //! Decoding does not judge *meaning*: port 0, a reversed port range, a prefix with host bits
 //! set, an IPv4 prefix longer than 32, a host address of the wrong family, an app id with a
-//! forbidden character, a lifetime above [`crate::MAX_LIFETIME_SECS`] and text lengths all
-//! decode, and [`crate::validate`] refuses them. A gateway therefore calls
+//! forbidden character and a lifetime above [`crate::MAX_LIFETIME_SECS`] all decode, and
+//! [`crate::validate`] refuses them. What the schema says is the decoder's to refuse, text
+//! lengths included; what it cannot say is validation's. A gateway therefore calls
 //! [`decode`] and then [`crate::validate::validate_request`], and answers a failure of either
 //! with a Denied carrying [`DecodeError::result_code`] or
 //! [`crate::validate::ValidationError::result_code`].
@@ -46,6 +47,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ciborium::Value;
 
 use crate::message::*;
+use crate::validate::{
+    MAX_APP_NAME_LEN, MAX_EXECUTABLE_LEN, MAX_IDENTITY_LEN, MAX_REASON_LEN, MAX_SOFTWARE_LEN,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -198,6 +202,22 @@ pub enum DecodeError {
         /// The key.
         key: u64,
     },
+    /// A text string outside the length the schema gives it (Hello's software, Welcome's
+    /// identity, app-info's name and executable, a reason text). Application ids are checked
+    /// by validation instead, with their characters.
+    #[error("key {key} of {at} is {len} bytes long; the schema allows {min} to {max}")]
+    TextLength {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+        /// Its length in bytes.
+        len: usize,
+        /// The shortest allowed.
+        min: usize,
+        /// The longest allowed.
+        max: usize,
+    },
     /// An opening carries both ports (keys 1 to 3) and an application id (key 7).
     #[error("an opening names ports (keys 1-3) and an application (key 7); it may name only one")]
     ConflictingTarget,
@@ -231,6 +251,7 @@ impl DecodeError {
             | DecodeError::OutOfRange { at, .. }
             | DecodeError::WrongLength { at, .. }
             | DecodeError::EmptyList { at, .. }
+            | DecodeError::TextLength { at, .. }
                 if matches!(at, Place::Opening | Place::Grant) =>
             {
                 ResultCode::MalformedOption
@@ -256,6 +277,7 @@ impl DecodeError {
             DecodeError::OutOfRange { .. } => "out-of-range",
             DecodeError::WrongLength { .. } => "wrong-length",
             DecodeError::EmptyList { .. } => "empty-list",
+            DecodeError::TextLength { .. } => "text-length",
             DecodeError::ConflictingTarget => "conflicting-target",
             DecodeError::MissingTarget => "missing-target",
             DecodeError::UnsupportedCritical(_) => "unsupported-critical",
@@ -290,7 +312,7 @@ impl DecodeError {
 
 /// A reason text cut to the 512 bytes the schema allows, on a character boundary.
 pub(crate) fn reason_text(text: &str) -> String {
-    const MAX: usize = 512;
+    const MAX: usize = MAX_REASON_LEN;
     if text.len() <= MAX {
         return text.to_owned();
     }
@@ -1052,6 +1074,38 @@ impl<'a> Fields<'a> {
             .transpose()
     }
 
+    /// A text of `min` to `max` bytes, as the schema's `tstr .size (min..max)`.
+    fn bounded_text(&self, key: u64, min: usize, max: usize) -> Result<String, DecodeError> {
+        let text = self.as_text(key, self.require(key)?)?;
+        self.check_text_len(key, text, min, max)
+    }
+
+    /// An optional text of at most `max` bytes.
+    fn opt_bounded_text(&self, key: u64, max: usize) -> Result<Option<String>, DecodeError> {
+        self.get(key)
+            .map(|v| self.check_text_len(key, self.as_text(key, v)?, 0, max))
+            .transpose()
+    }
+
+    fn check_text_len(
+        &self,
+        key: u64,
+        text: &str,
+        min: usize,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        if text.len() < min || text.len() > max {
+            return Err(DecodeError::TextLength {
+                at: self.at,
+                key,
+                len: text.len(),
+                min,
+                max,
+            });
+        }
+        Ok(text.to_owned())
+    }
+
     fn lease_id(&self, key: u64) -> Result<LeaseId, DecodeError> {
         self.as_lease_id(key, self.require(key)?)
     }
@@ -1068,8 +1122,8 @@ impl<'a> Fields<'a> {
         };
         let f = self.nested(key, item, Place::AppInfo)?;
         Ok(Some(AppInfo {
-            name: f.opt_text(1)?,
-            executable: f.opt_text(2)?,
+            name: f.opt_bounded_text(1, MAX_APP_NAME_LEN)?,
+            executable: f.opt_bounded_text(2, MAX_EXECUTABLE_LEN)?,
             uid: f.opt_u32(3)?,
             pid: f.opt_u32(4)?,
         }))
@@ -1191,7 +1245,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 common,
                 versions,
                 capabilities: Capabilities(f.opt_uint(4)?.unwrap_or(0)),
-                software: f.opt_text(5)?,
+                software: f.opt_bounded_text(5, MAX_SOFTWARE_LEN)?,
             })
         }
         MessageType::Welcome => {
@@ -1214,7 +1268,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 },
                 epoch: f.uint(6)?,
                 time_ms: f.uint(7)?,
-                identity: f.text(8)?,
+                identity: f.bounded_text(8, 1, MAX_IDENTITY_LEN)?,
                 addresses,
             })
         }
@@ -1258,7 +1312,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             Message::Denied(Denied {
                 common,
                 code,
-                reason: f.opt_text(4)?,
+                reason: f.opt_bounded_text(4, MAX_REASON_LEN)?,
                 retry_after: f.opt_u32(5)?,
                 lease: f.get(6).map(|v| f.as_lease_id(6, v)).transpose()?,
                 unsupported: f
@@ -1301,7 +1355,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 common,
                 lease: f.lease_id(3)?,
                 reason,
-                text: f.opt_text(5)?,
+                text: f.opt_bounded_text(5, MAX_REASON_LEN)?,
             })
         }
         MessageType::EpochChanged => Message::EpochChanged(EpochChanged {
@@ -1311,7 +1365,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         MessageType::GoingAway => Message::GoingAway(GoingAway {
             common,
             reconnect_after: f.opt_u32(3)?,
-            reason: f.opt_text(4)?,
+            reason: f.opt_bounded_text(4, MAX_REASON_LEN)?,
         }),
     })
 }

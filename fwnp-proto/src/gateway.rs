@@ -124,7 +124,9 @@ impl Refusal {
                 critical: Vec::new(),
             },
             code: self.code(),
-            reason: Some(self.to_string()),
+            // Cut to the schema's 512 bytes: a Hello offering very many versions must not make
+            // a Denied its client cannot decode.
+            reason: Some(crate::codec::reason_text(&self.to_string())),
             retry_after: None,
             lease,
             unsupported: Vec::new(),

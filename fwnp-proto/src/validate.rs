@@ -13,7 +13,6 @@
 //! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
 //! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
 //! | Hello without version 1 | [`validate_request`] | unsupported-version |
-//! | text longer than the schema allows (name 256, executable 1024, reason 512, software 128 bytes) | [`validate_app_info`], [`validate_message`] | malformed-request |
 //! | an answer or notice sent as a request | [`validate_request`] | malformed-request |
 //!
 //! The same functions serve a client checking what a gateway sent ([`validate_message`]) and
@@ -101,18 +100,6 @@ pub enum ValidationError {
         /// The versions the client offered.
         offered: Vec<u16>,
     },
-    /// A text field outside the length the schema allows.
-    #[error("{field} is {len} bytes long; allowed {min} to {max}")]
-    TextLength {
-        /// Which field, as `message.field`.
-        field: &'static str,
-        /// Its length in bytes.
-        len: usize,
-        /// The shortest allowed.
-        min: usize,
-        /// The longest allowed.
-        max: usize,
-    },
     /// A message that is not a request arrived where a request was expected.
     #[error("a {0:?} message is not a request")]
     NotARequest(MessageType),
@@ -133,9 +120,7 @@ impl ValidationError {
             | ValidationError::AppIdCharacter { .. } => ResultCode::MalformedOption,
             ValidationError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             ValidationError::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
-            ValidationError::TextLength { .. } | ValidationError::NotARequest(_) => {
-                ResultCode::MalformedRequest
-            }
+            ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
         }
     }
 
@@ -153,7 +138,6 @@ impl ValidationError {
             ValidationError::AppIdCharacter { .. } => "app-id-character",
             ValidationError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
             ValidationError::UnsupportedVersion { .. } => "unsupported-version",
-            ValidationError::TextLength { .. } => "text-length",
             ValidationError::NotARequest(_) => "not-a-request",
         }
     }
@@ -317,49 +301,9 @@ pub fn validate_grant(grant: &Grant) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn text_len(
-    field: &'static str,
-    text: &str,
-    min: usize,
-    max: usize,
-) -> Result<(), ValidationError> {
-    if text.len() < min || text.len() > max {
-        return Err(ValidationError::TextLength {
-            field,
-            len: text.len(),
-            min,
-            max,
-        });
-    }
-    Ok(())
-}
-
-fn opt_text_len(
-    field: &'static str,
-    text: Option<&str>,
-    max: usize,
-) -> Result<(), ValidationError> {
-    text.map_or(Ok(()), |t| text_len(field, t, 0, max))
-}
-
-/// What a host tells about its application: the text lengths.
-pub fn validate_app_info(app: &AppInfo) -> Result<(), ValidationError> {
-    opt_text_len("app-info.name", app.name.as_deref(), MAX_APP_NAME_LEN)?;
-    opt_text_len(
-        "app-info.executable",
-        app.executable.as_deref(),
-        MAX_EXECUTABLE_LEN,
-    )
-}
-
-/// A Hello: version 1 among its versions (the decoder refuses an empty list), the software
-/// text's length.
+/// A Hello: version 1 among its versions (the decoder refuses an empty list and a software
+/// text too long).
 pub fn validate_hello(hello: &Hello) -> Result<(), ValidationError> {
-    opt_text_len(
-        "hello.software",
-        hello.software.as_deref(),
-        MAX_SOFTWARE_LEN,
-    )?;
     if !hello.versions.contains(&VERSION) {
         return Err(ValidationError::UnsupportedVersion {
             offered: hello.versions.clone(),
@@ -375,8 +319,7 @@ pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
         Message::Hello(h) => validate_hello(h),
         Message::Open(o) => {
             validate_opening(&o.opening)?;
-            validate_lifetime(o.lifetime)?;
-            o.app.as_ref().map_or(Ok(()), validate_app_info)
+            validate_lifetime(o.lifetime)
         }
         Message::Renew(r) => validate_lifetime(r.lifetime),
         Message::Release(_) | Message::List(_) => Ok(()),
@@ -385,7 +328,7 @@ pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
 }
 
 /// Any message: requests as [`validate_request`], answers and notices as a client checks them
-/// (grants concrete and well-formed, text lengths). Empty lists the schema forbids are
+/// (grants concrete and well-formed). Empty lists and text lengths the schema forbids are
 /// refused by the decoder.
 pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
     match msg {
@@ -394,18 +337,17 @@ pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
         | Message::Renew(_)
         | Message::Release(_)
         | Message::List(_) => validate_request(msg),
-        Message::Welcome(w) => text_len("welcome.identity", &w.identity, 1, MAX_IDENTITY_LEN),
         Message::Granted(g) => g.grants.iter().try_for_each(validate_grant),
-        Message::Denied(d) => opt_text_len("denied.reason", d.reason.as_deref(), MAX_REASON_LEN),
-        Message::Leases(l) => l.leases.iter().try_for_each(|info| {
-            info.grants.iter().try_for_each(validate_grant)?;
-            info.app.as_ref().map_or(Ok(()), validate_app_info)
-        }),
-        Message::Released(_) | Message::EpochChanged(_) => Ok(()),
-        Message::Revoked(r) => opt_text_len("revoked.reason", r.text.as_deref(), MAX_REASON_LEN),
-        Message::GoingAway(g) => {
-            opt_text_len("going-away.reason", g.reason.as_deref(), MAX_REASON_LEN)
-        }
+        Message::Leases(l) => l
+            .leases
+            .iter()
+            .try_for_each(|info| info.grants.iter().try_for_each(validate_grant)),
+        Message::Welcome(_)
+        | Message::Denied(_)
+        | Message::Released(_)
+        | Message::Revoked(_)
+        | Message::EpochChanged(_)
+        | Message::GoingAway(_) => Ok(()),
     }
 }
 

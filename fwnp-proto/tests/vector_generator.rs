@@ -1251,9 +1251,9 @@ fn vectors() -> Vec<Vector> {
         R::UnsupportedVersion,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "software-too-long",
-        "Hello whose software text is 129 bytes (at most 128).",
+        "Hello whose software text is 129 bytes (the schema allows 0 to 128): refused by decoding.",
         encode(&Message::Hello(Hello {
             common: rid(1),
             versions: vec![1],
@@ -1283,9 +1283,9 @@ fn vectors() -> Vec<Vector> {
         R::MalformedRequest,
         false,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "denied-reason-too-long",
-        "Denied whose reason is 513 bytes (at most 512).",
+        "Denied whose reason is 513 bytes (reason-text is 0 to 512): refused by decoding.",
         encode(&Message::Denied(Denied {
             reason: Some("r".repeat(513)),
             ..match denied(R::DeniedByPolicy) {
@@ -1426,6 +1426,46 @@ fn vectors() -> Vec<Vector> {
         remote(ip6_bytes("2001:db8::"), 129),
         "out-of-range",
         R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "app-info-name-too-long",
+        "Open whose app-info name is 257 bytes (at most 256): refused by decoding, and malformed-request since app-info is not the opening.",
+        encode(&Message::Open(Open {
+            app: Some(AppInfo { name: Some("n".repeat(257)), ..AppInfo::default() }),
+            ..match open_tcp_443() {
+                Message::Open(o) => o,
+                _ => unreachable!(),
+            }
+        })),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "welcome-identity-empty",
+        "Welcome whose identity is the empty text (the schema allows 1 to 512 bytes).",
+        edited(
+            &Message::Welcome(Welcome {
+                common: rid(1),
+                version: 1,
+                capabilities: Capabilities(0),
+                limits: Limits {
+                    max_message_size: 16384,
+                    max_streams: 16,
+                    min_lifetime: 30,
+                    max_lifetime: 86400,
+                    max_leases: None,
+                },
+                epoch: EPOCH,
+                time_ms: NOW_MS,
+                identity: "fwnp://host/web-01".into(),
+                addresses: vec![],
+            }),
+            |m| set(m, 8, Value::Text(String::new())),
+        ),
+        "text-length",
+        R::MalformedRequest,
         false,
     ));
     v
