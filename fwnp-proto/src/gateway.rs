@@ -944,6 +944,19 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_naming_many_versions_still_makes_a_denied_a_client_can_decode() {
+        let refusal = Refusal::UnsupportedVersion {
+            offered: vec![65535; 300],
+        };
+        let denied = refusal.to_denied(Some(1), None);
+        let bytes = crate::codec::encode(&crate::Message::Denied(denied));
+        assert!(
+            crate::codec::decode(&bytes).is_ok(),
+            "the reason is cut to the schema's 512 bytes"
+        );
+    }
+
+    #[test]
     fn lease_record_stays_small() {
         // The book holds up to a million of these; keep the inline record compact.
         assert!(
