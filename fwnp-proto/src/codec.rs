@@ -218,6 +218,17 @@ pub enum DecodeError {
         /// The longest allowed.
         max: usize,
     },
+    /// An Open or Renew asks for a lifetime (key 4) too large even for 32 bits. Like any
+    /// lifetime asked above [`crate::MAX_LIFETIME_SECS`] (which validation refuses), it is
+    /// answered `lifetime-out-of-range`.
+    #[error(
+        "lifetime {asked} s is above the maximum of {} s",
+        crate::MAX_LIFETIME_SECS
+    )]
+    LifetimeOutOfRange {
+        /// The lifetime asked, in seconds.
+        asked: u64,
+    },
     /// An opening carries both ports (keys 1 to 3) and an application id (key 7).
     #[error("an opening names ports (keys 1-3) and an application (key 7); it may name only one")]
     ConflictingTarget,
@@ -243,6 +254,7 @@ impl DecodeError {
     pub fn result_code(&self) -> ResultCode {
         match self {
             DecodeError::UnsupportedCritical(_) => ResultCode::UnsupportedOption,
+            DecodeError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             DecodeError::ConflictingTarget | DecodeError::MissingTarget => {
                 ResultCode::MalformedOption
             }
@@ -278,6 +290,7 @@ impl DecodeError {
             DecodeError::WrongLength { .. } => "wrong-length",
             DecodeError::EmptyList { .. } => "empty-list",
             DecodeError::TextLength { .. } => "text-length",
+            DecodeError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
             DecodeError::ConflictingTarget => "conflicting-target",
             DecodeError::MissingTarget => "missing-target",
             DecodeError::UnsupportedCritical(_) => "unsupported-critical",
@@ -1054,6 +1067,17 @@ impl<'a> Fields<'a> {
         self.get(key).map(|v| self.as_u32(key, v)).transpose()
     }
 
+    /// The lifetime asked by an Open or Renew: an unsigned integer that, above 32 bits, is
+    /// refused as out of the lifetime's range rather than as malformed (spec Section 6.6).
+    fn asked_lifetime(&self, key: u64) -> Result<Option<u32>, DecodeError> {
+        self.get(key)
+            .map(|v| {
+                let asked = self.as_uint(key, v)?;
+                u32::try_from(asked).map_err(|_| DecodeError::LifetimeOutOfRange { asked })
+            })
+            .transpose()
+    }
+
     fn port(&self, key: u64) -> Result<u16, DecodeError> {
         self.as_u16(key, self.require(key)?, "a port, at most 65535")
     }
@@ -1277,14 +1301,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             Message::Open(Open {
                 common,
                 opening: decode_opening(&opening)?,
-                lifetime: f.opt_u32(4)?,
+                lifetime: f.asked_lifetime(4)?,
                 app: f.app_info(5)?,
             })
         }
         MessageType::Renew => Message::Renew(Renew {
             common,
             lease: f.lease_id(3)?,
-            lifetime: f.opt_u32(4)?,
+            lifetime: f.asked_lifetime(4)?,
         }),
         MessageType::Release => Message::Release(Release {
             common,

@@ -961,10 +961,10 @@ fn vectors() -> Vec<Vector> {
     ));
     v.push(decode_err(
         "lifetime-above-u32",
-        "Open asking for a lifetime of 2^32 s, which does not fit the schema's 32 bits.",
+        "Open asking for a lifetime of 2^32 s: it does not fit the schema's 32 bits, and like every lifetime asked above 604800 s it is answered lifetime-out-of-range, not malformed-request.",
         edited(&open_tcp_443(), |m| set(m, 4, u(1 << 32))),
-        "out-of-range",
-        R::MalformedRequest,
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
         false,
     ));
     v.push(decode_err(
@@ -1466,6 +1466,21 @@ fn vectors() -> Vec<Vector> {
         ),
         "text-length",
         R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "renew-lifetime-u64-max",
+        "Renew asking for a lifetime of 2^64-1 s: lifetime-out-of-range, like any lifetime asked above 604800 s.",
+        edited(
+            &Message::Renew(Renew {
+                common: rid(3),
+                lease: LEASE_A,
+                lifetime: None,
+            }),
+            |m| set(m, 4, u(u64::MAX)),
+        ),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
         false,
     ));
     v

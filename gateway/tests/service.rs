@@ -486,6 +486,14 @@ async fn lifetimes_above_seven_days_are_out_of_range() {
     assert_eq!(g.lifetime, 3600);
     let d = denied(client.renew(g.lease, Some(MAX_LIFETIME_SECS + 1)).await);
     assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // So is one too large for 32 bits: it is still a lifetime above the maximum.
+    let too_long = with_extra_keys(
+        &open_msg(Some(91), tcp(7003), None),
+        vec![(4, ciborium::Value::Integer((1u64 << 32).into()))],
+    );
+    let d = denied(client.request_bytes(&too_long).await);
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange, "{d:?}");
+    assert_eq!(d.common.request_id, Some(91));
     // A lifetime below the minimum is raised to it (0 never means delete).
     let short = granted(client.open(tcp(7002), Some(0)).await);
     assert_eq!(short.lifetime, 600, "0 asks for the default");
