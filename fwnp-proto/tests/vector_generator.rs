@@ -1483,6 +1483,22 @@ fn vectors() -> Vec<Vector> {
         R::LifetimeOutOfRange,
         false,
     ));
+    v.push(decode_err(
+        "open-lifetime-null",
+        "Open whose lifetime (key 4) is null: no key FWNP/1 defines takes null, so this is a value of the wrong type, not an absent key (unlike key 99 of vector 045, which the receiver ignores).",
+        edited(&open_tcp_443(), |m| set(m, 4, Value::Null)),
+        "wrong-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-host-null",
+        "Open whose opening's host address (key 4) is null: a wrong type inside the opening, malformed-option.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 4, Value::Null)),
+        "wrong-type",
+        R::MalformedOption,
+        false,
+    ));
     v
 }
 
