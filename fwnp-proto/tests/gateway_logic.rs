@@ -409,6 +409,32 @@ fn lifetimes_are_clamped_and_narrowed_is_reported() {
     );
 }
 
+/// Spec Section 11.2: a Renew asking 0 (or nothing) gets the lifetime last granted to the
+/// lease, by its Open, an idempotent re-open or a Renew, not the one it was created with.
+#[test]
+fn a_renew_without_a_lifetime_gets_the_lifetime_last_granted() {
+    let mut book = LeaseBook::new();
+    let mut rng = rng();
+    let facts = facts(ADDR_A, 443, None);
+    let id = new_lease(book.open(NOW, HOST_A, &open_tcp(443, Some(1200)), &facts, &mut rng));
+    let renewed = |book: &mut LeaseBook, at: u64, asked: Option<u32>| {
+        book.renew(NOW + at, HOST_A, &id, asked, POLICY)
+            .expect("renewed")
+            .grant
+            .lease
+            .lifetime
+    };
+    // A shorter Renew...
+    assert_eq!(renewed(&mut book, 1_000, Some(120)), 120);
+    // ...is what the next Renew without a lifetime gets, absent or 0.
+    assert_eq!(renewed(&mut book, 2_000, None), 120);
+    assert_eq!(renewed(&mut book, 3_000, Some(0)), 120);
+    // An idempotent re-open grants a lifetime too, and that one is kept.
+    let again = book.open(NOW + 4_000, HOST_A, &open_tcp(443, Some(900)), &facts, &mut rng);
+    assert!(matches!(again, Ok(OpenOutcome::Extended { .. })), "{again:?}");
+    assert_eq!(renewed(&mut book, 5_000, None), 900);
+}
+
 #[test]
 fn renew_extends_from_now_and_is_clamped_by_the_current_policy() {
     let mut book = LeaseBook::new();
