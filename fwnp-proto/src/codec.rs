@@ -1396,16 +1396,22 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 
 /// The request id (key 1) of bytes that may not decode, so that a Denied answering them can
 /// still echo it: bytes refused for what follows a well-formed map (trailing bytes) still
-/// name their request. `None` when the bytes do not start with a parseable map with an
-/// unsigned key 1, or are over [`MAX_MESSAGE_SIZE`].
+/// name their request. `None` when the bytes do not start with a parseable map holding key 1
+/// exactly once with an unsigned integer, or are over [`MAX_MESSAGE_SIZE`]. A map with key 1
+/// twice names no request (spec Section 6.6): echoing the first or the last would be a guess
+/// that another reader could make the other way.
 pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
     let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
         return None;
     };
-    entries.iter().find_map(|(k, v)| match (k, v) {
-        (Item::Uint(1), Item::Uint(id)) => Some(*id),
+    let mut values = entries
+        .iter()
+        .filter(|(k, _)| matches!(k, Item::Uint(1)))
+        .map(|(_, v)| v);
+    match (values.next(), values.next()) {
+        (Some(Item::Uint(id)), None) => Some(*id),
         _ => None,
-    })
+    }
 }
 
 /// Makes a Leases answer fit in [`MAX_MESSAGE_SIZE`] as spec Section 5.4 prescribes: it leaves
@@ -1529,6 +1535,16 @@ mod tests {
             Err(DecodeError::TrailingBytes { extra: 2 })
         ));
         assert_eq!(peek_request_id(&trailing), Some(7));
+        // Key 1 twice names no request id, whichever a reader would keep, even twice the same.
+        assert_eq!(peek_request_id(&hex("a3000601070108")), None);
+        assert_eq!(peek_request_id(&hex("a3000601070107")), None);
+        // Another key twice does not hide a single key 1.
+        let other_twice = hex("a300060006010a");
+        assert!(matches!(
+            decode(&other_twice),
+            Err(DecodeError::DuplicateKey { key: 0, .. })
+        ));
+        assert_eq!(peek_request_id(&other_twice), Some(10));
         assert_eq!(
             peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]),
             None,

@@ -430,8 +430,17 @@ fn a_renew_without_a_lifetime_gets_the_lifetime_last_granted() {
     assert_eq!(renewed(&mut book, 2_000, None), 120);
     assert_eq!(renewed(&mut book, 3_000, Some(0)), 120);
     // An idempotent re-open grants a lifetime too, and that one is kept.
-    let again = book.open(NOW + 4_000, HOST_A, &open_tcp(443, Some(900)), &facts, &mut rng);
-    assert!(matches!(again, Ok(OpenOutcome::Extended { .. })), "{again:?}");
+    let again = book.open(
+        NOW + 4_000,
+        HOST_A,
+        &open_tcp(443, Some(900)),
+        &facts,
+        &mut rng,
+    );
+    assert!(
+        matches!(again, Ok(OpenOutcome::Extended { .. })),
+        "{again:?}"
+    );
     assert_eq!(renewed(&mut book, 5_000, None), 900);
 }
 

@@ -613,6 +613,14 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
     );
     assert_eq!(d.code, ResultCode::MalformedRequest);
     assert_eq!(d.common.request_id, Some(78));
+    // A List with key 1 twice ({0: 6, 1: 78, 1: 79}) has no request id to echo.
+    let d = denied(
+        client
+            .request_bytes(&[0xa3, 0x00, 0x06, 0x01, 0x18, 0x4e, 0x01, 0x18, 0x4f])
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    assert_eq!(d.common.request_id, None, "{d:?}");
     // A request that is valid CBOR but lacks a mandatory key: Open without its opening.
     let d = denied(
         client
