@@ -2386,3 +2386,35 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         assert!(reason.contains("was revoked"), "{reason}");
     }
 }
+
+/// A Hello left unfinished meets two timers of 10 s: its stream's, which starts when the
+/// stream opens, and the connection's Hello timer, which starts at the handshake, before any
+/// stream. The Hello timer fires first: the connection is closed with RequestTimeout, and the
+/// stream ends with the connection rather than with a reset of its own (spec Section 5.2).
+#[tokio::test]
+async fn an_unfinished_hello_ends_with_the_connection_not_a_stream_reset() {
+    let gw = TestGateway::start("hello-stream-timeout", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    let (mut send, mut recv) = client.connection.open_bi().await.expect("open a stream");
+    // Half a Hello and no FIN.
+    send.write_all(&[0xa2, 0x00]).await.expect("write");
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(MAX_MESSAGE_SIZE))
+        .await
+        .expect("the gateway gave up in time");
+    match outcome {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(lost))) => {
+            assert_eq!(
+                application_close_code(&lost),
+                Some(u64::from(QuicErrorCode::RequestTimeout.code())),
+                "{lost:?}"
+            );
+        }
+        other => panic!("expected the connection closed with RequestTimeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "ended too early: {:?}",
+        started.elapsed()
+    );
+}
