@@ -1545,6 +1545,8 @@ mod tests {
             Err(DecodeError::DuplicateKey { key: 0, .. })
         ));
         assert_eq!(peek_request_id(&other_twice), Some(10));
+        // A map the parser refuses (here for a tag in key 64) names no request id either.
+        assert_eq!(peek_request_id(&hex("a3000601071840c100")), None);
         assert_eq!(
             peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]),
             None,
