@@ -143,6 +143,41 @@ fn vectors_cover_every_message_type_and_result_code() {
     }
 }
 
+/// The README defines the layers by the spec's rules: `decode` is Section 6.3, which holds
+/// everything the schema can say, and `validate` is what the schema cannot say. So a vector's
+/// layer and its `schema_valid` agree, but for the rules the README names as exceptions.
+#[test]
+fn the_layer_of_an_invalid_vector_agrees_with_the_schema() {
+    const DECODE_YET_SCHEMA_VALID: [&str; 4] = [
+        "too-large",
+        "nesting-too-deep",
+        "tag-not-allowed",
+        "unsupported-critical",
+    ];
+    const VALIDATE_YET_SCHEMA_INVALID: [&str; 1] = ["app-id-length"];
+    let mut disagreeing = Vec::new();
+    for (name, v) in common::load_vectors() {
+        let invalid = &v["invalid"];
+        let (Some(layer), Some(error), Some(schema_valid)) = (
+            invalid["layer"].as_str(),
+            invalid["error"].as_str(),
+            invalid["schema_valid"].as_bool(),
+        ) else {
+            continue;
+        };
+        let agrees = match (layer, schema_valid) {
+            ("decode", false) | ("validate", true) => true,
+            ("decode", true) => DECODE_YET_SCHEMA_VALID.contains(&error),
+            ("validate", false) => VALIDATE_YET_SCHEMA_INVALID.contains(&error),
+            _ => false,
+        };
+        if !agrees {
+            disagreeing.push(format!("{name}: {layer}, {error}, schema_valid {schema_valid}"));
+        }
+    }
+    assert!(disagreeing.is_empty(), "{}", disagreeing.join("\n"));
+}
+
 #[test]
 fn invalid_vectors_decode_layer_matches_the_decoder_alone() {
     // A vector marked layer=decode must fail in `decode` itself, whatever validation would say.
