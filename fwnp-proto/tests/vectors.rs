@@ -172,7 +172,9 @@ fn the_layer_of_an_invalid_vector_agrees_with_the_schema() {
             _ => false,
         };
         if !agrees {
-            disagreeing.push(format!("{name}: {layer}, {error}, schema_valid {schema_valid}"));
+            disagreeing.push(format!(
+                "{name}: {layer}, {error}, schema_valid {schema_valid}"
+            ));
         }
     }
     assert!(disagreeing.is_empty(), "{}", disagreeing.join("\n"));
