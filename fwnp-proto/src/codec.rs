@@ -9,12 +9,15 @@
 //! value of the type and numeric range `spec/fwnp.cddl` gives it (a port is at most 65535, a
 //! lease id is 16 bytes, a protocol is 6, 17, 132 or 136...)? Decoding also applies the
 //! must-understand rule (`critical`, key 2) and the opening's shape rule (ports *or* an
-//! application id). Unknown keys are ignored, in the message map and in every nested map.
+//! application id). An array the schema writes `[+ ...]` must not be empty: an empty list of
+//! remote prefixes would otherwise read as "from any". Unknown keys are ignored, in the message
+//! map and in every nested map.
 //!
 //! Decoding does not judge *meaning*: port 0, a reversed port range, a prefix with host bits
 //! set, an IPv4 prefix longer than 32, a host address of the wrong family, an app id with a
-//! forbidden character, a lifetime above [`crate::MAX_LIFETIME_SECS`], text lengths and empty
-//! version lists all decode, and [`crate::validate`] refuses them. A gateway therefore calls
+//! forbidden character and a lifetime above [`crate::MAX_LIFETIME_SECS`] all decode, and
+//! [`crate::validate`] refuses them. What the schema says is the decoder's to refuse, text
+//! lengths included; what it cannot say is validation's. A gateway therefore calls
 //! [`decode`] and then [`crate::validate::validate_request`], and answers a failure of either
 //! with a Denied carrying [`DecodeError::result_code`] or
 //! [`crate::validate::ValidationError::result_code`].
@@ -44,6 +47,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ciborium::Value;
 
 use crate::message::*;
+use crate::validate::{
+    MAX_APP_NAME_LEN, MAX_EXECUTABLE_LEN, MAX_IDENTITY_LEN, MAX_REASON_LEN, MAX_SOFTWARE_LEN,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Errors
@@ -186,13 +192,51 @@ pub enum DecodeError {
         /// What the schema allows there.
         expected: &'static str,
     },
+    /// An array the schema requires to hold at least one element (`[+ ...]`) is empty: the
+    /// versions of a Hello, `critical`, remote prefixes, the grants of Granted or a lease-info,
+    /// Denied's unsupported keys.
+    #[error("key {key} of {at} is an empty array; it must hold at least one element")]
+    EmptyList {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+    },
+    /// A text string outside the length the schema gives it (Hello's software, Welcome's
+    /// identity, app-info's name and executable, a reason text). Application ids are checked
+    /// by validation instead, with their characters.
+    #[error("key {key} of {at} is {len} bytes long; the schema allows {min} to {max}")]
+    TextLength {
+        /// The map.
+        at: Place,
+        /// The key.
+        key: u64,
+        /// Its length in bytes.
+        len: usize,
+        /// The shortest allowed.
+        min: usize,
+        /// The longest allowed.
+        max: usize,
+    },
+    /// An Open or Renew asks for a lifetime (key 4) too large even for 32 bits. Like any
+    /// lifetime asked above [`crate::MAX_LIFETIME_SECS`] (which validation refuses), it is
+    /// answered `lifetime-out-of-range`.
+    #[error(
+        "lifetime {asked} s is above the maximum of {} s",
+        crate::MAX_LIFETIME_SECS
+    )]
+    LifetimeOutOfRange {
+        /// The lifetime asked, in seconds.
+        asked: u64,
+    },
     /// An opening carries both ports (keys 1 to 3) and an application id (key 7).
     #[error("an opening names ports (keys 1-3) and an application (key 7); it may name only one")]
     ConflictingTarget,
     /// An opening carries neither ports (keys 1 and 2) nor an application id (key 7).
     #[error("an opening names neither ports (keys 1, 2) nor an application (key 7)")]
     MissingTarget,
-    /// The message lists in `critical` (key 2) keys this implementation does not know.
+    /// The message lists in `critical` (key 2) keys this implementation does not know; they
+    /// are given once each, in ascending order.
     #[error("unsupported critical keys {0:?}")]
     UnsupportedCritical(Vec<u64>),
 }
@@ -200,22 +244,26 @@ pub enum DecodeError {
 impl DecodeError {
     /// The result code a gateway answers this error with in a Denied.
     ///
-    /// Faults inside an opening or a grant (and an opening's shape) are `malformed-option`;
-    /// unknown critical keys are `unsupported-option`; everything else is `malformed-request`.
+    /// Schema faults inside an opening or a grant (a missing key, a wrong type, a value out of
+    /// range, a wrong length, an empty list) and an opening's shape are `malformed-option`;
+    /// unknown critical keys are `unsupported-option`; everything else is `malformed-request`,
+    /// including the structural faults of a map (a key that is not an unsigned integer, a
+    /// duplicate key) wherever the map is, as spec Section 6.6 says.
     /// (An oversized request on a stream is not answered at all: the gateway resets the stream
     /// with `MessageTooLarge`; the mapping is given for callers that decode from elsewhere.)
     pub fn result_code(&self) -> ResultCode {
         match self {
             DecodeError::UnsupportedCritical(_) => ResultCode::UnsupportedOption,
+            DecodeError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             DecodeError::ConflictingTarget | DecodeError::MissingTarget => {
                 ResultCode::MalformedOption
             }
-            DecodeError::KeyNotUnsigned { at }
-            | DecodeError::DuplicateKey { at, .. }
-            | DecodeError::MissingKey { at, .. }
+            DecodeError::MissingKey { at, .. }
             | DecodeError::WrongType { at, .. }
             | DecodeError::OutOfRange { at, .. }
             | DecodeError::WrongLength { at, .. }
+            | DecodeError::EmptyList { at, .. }
+            | DecodeError::TextLength { at, .. }
                 if matches!(at, Place::Opening | Place::Grant) =>
             {
                 ResultCode::MalformedOption
@@ -240,6 +288,9 @@ impl DecodeError {
             DecodeError::WrongType { .. } => "wrong-type",
             DecodeError::OutOfRange { .. } => "out-of-range",
             DecodeError::WrongLength { .. } => "wrong-length",
+            DecodeError::EmptyList { .. } => "empty-list",
+            DecodeError::TextLength { .. } => "text-length",
+            DecodeError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
             DecodeError::ConflictingTarget => "conflicting-target",
             DecodeError::MissingTarget => "missing-target",
             DecodeError::UnsupportedCritical(_) => "unsupported-critical",
@@ -274,7 +325,7 @@ impl DecodeError {
 
 /// A reason text cut to the 512 bytes the schema allows, on a character boundary.
 pub(crate) fn reason_text(text: &str) -> String {
-    const MAX: usize = 512;
+    const MAX: usize = MAX_REASON_LEN;
     if text.len() <= MAX {
         return text.to_owned();
     }
@@ -924,6 +975,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// An array that must hold at least one element (`[+ ...]` in the schema).
+    fn as_nonempty_array(
+        &self,
+        key: u64,
+        item: &'a Item,
+        expected: &'static str,
+    ) -> Result<&'a [Item], DecodeError> {
+        match self.as_array(key, item, expected)? {
+            [] => Err(DecodeError::EmptyList { at: self.at, key }),
+            items => Ok(items),
+        }
+    }
+
     fn as_lease_id(&self, key: u64, item: &Item) -> Result<LeaseId, DecodeError> {
         match item {
             Item::Bytes(b) => <[u8; 16]>::try_from(b.as_slice())
@@ -950,7 +1014,7 @@ impl<'a> Fields<'a> {
 
     fn as_prefixes(&self, key: u64, item: &Item) -> Result<Vec<Prefix>, DecodeError> {
         const EXPECTED: &str = "an array of [address, length] prefixes";
-        let items = self.as_array(key, item, EXPECTED)?;
+        let items = self.as_nonempty_array(key, item, EXPECTED)?;
         let mut prefixes = Vec::with_capacity(items.len());
         for prefix in items {
             let [addr, len] = self.as_array(key, prefix, EXPECTED)? else {
@@ -974,8 +1038,9 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// A `[+ uint]`: `critical`, Denied's unsupported keys.
     fn as_uint_list(&self, key: u64, item: &Item) -> Result<Vec<u64>, DecodeError> {
-        self.as_array(key, item, "an array of unsigned integers")?
+        self.as_nonempty_array(key, item, "an array of unsigned integers")?
             .iter()
             .map(|k| match k {
                 Item::Uint(n) => Ok(*n),
@@ -1002,6 +1067,17 @@ impl<'a> Fields<'a> {
         self.get(key).map(|v| self.as_u32(key, v)).transpose()
     }
 
+    /// The lifetime asked by an Open or Renew: an unsigned integer that, above 32 bits, is
+    /// refused as out of the lifetime's range rather than as malformed (spec Section 6.6).
+    fn asked_lifetime(&self, key: u64) -> Result<Option<u32>, DecodeError> {
+        self.get(key)
+            .map(|v| {
+                let asked = self.as_uint(key, v)?;
+                u32::try_from(asked).map_err(|_| DecodeError::LifetimeOutOfRange { asked })
+            })
+            .transpose()
+    }
+
     fn port(&self, key: u64) -> Result<u16, DecodeError> {
         self.as_u16(key, self.require(key)?, "a port, at most 65535")
     }
@@ -1022,6 +1098,38 @@ impl<'a> Fields<'a> {
             .transpose()
     }
 
+    /// A text of `min` to `max` bytes, as the schema's `tstr .size (min..max)`.
+    fn bounded_text(&self, key: u64, min: usize, max: usize) -> Result<String, DecodeError> {
+        let text = self.as_text(key, self.require(key)?)?;
+        self.check_text_len(key, text, min, max)
+    }
+
+    /// An optional text of at most `max` bytes.
+    fn opt_bounded_text(&self, key: u64, max: usize) -> Result<Option<String>, DecodeError> {
+        self.get(key)
+            .map(|v| self.check_text_len(key, self.as_text(key, v)?, 0, max))
+            .transpose()
+    }
+
+    fn check_text_len(
+        &self,
+        key: u64,
+        text: &str,
+        min: usize,
+        max: usize,
+    ) -> Result<String, DecodeError> {
+        if text.len() < min || text.len() > max {
+            return Err(DecodeError::TextLength {
+                at: self.at,
+                key,
+                len: text.len(),
+                min,
+                max,
+            });
+        }
+        Ok(text.to_owned())
+    }
+
     fn lease_id(&self, key: u64) -> Result<LeaseId, DecodeError> {
         self.as_lease_id(key, self.require(key)?)
     }
@@ -1038,15 +1146,15 @@ impl<'a> Fields<'a> {
         };
         let f = self.nested(key, item, Place::AppInfo)?;
         Ok(Some(AppInfo {
-            name: f.opt_text(1)?,
-            executable: f.opt_text(2)?,
+            name: f.opt_bounded_text(1, MAX_APP_NAME_LEN)?,
+            executable: f.opt_bounded_text(2, MAX_EXECUTABLE_LEN)?,
             uid: f.opt_u32(3)?,
             pid: f.opt_u32(4)?,
         }))
     }
 
     fn grants(&self, key: u64) -> Result<Vec<Grant>, DecodeError> {
-        let items = self.as_array(key, self.require(key)?, "an array of grants")?;
+        let items = self.as_nonempty_array(key, self.require(key)?, "an array of grants")?;
         items
             .iter()
             .map(|item| {
@@ -1133,12 +1241,15 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         .map(|v| f.as_uint_list(2, v))
         .transpose()?
         .unwrap_or_default();
-    let mut unsupported: Vec<u64> = Vec::new();
-    for key in &critical {
-        if *key > t.highest_known_key() && !unsupported.contains(key) {
-            unsupported.push(*key);
-        }
-    }
+    // Denied key 7 lists them once each, in ascending order (spec Section 6.5), whatever their
+    // order in `critical`.
+    let unsupported: Vec<u64> = critical
+        .iter()
+        .copied()
+        .filter(|key| *key > t.highest_known_key())
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     if !unsupported.is_empty() {
         return Err(DecodeError::UnsupportedCritical(unsupported));
     }
@@ -1150,7 +1261,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     Ok(match t {
         MessageType::Hello => {
             let versions = f
-                .as_array(3, f.require(3)?, "an array of versions")?
+                .as_nonempty_array(3, f.require(3)?, "an array of versions")?
                 .iter()
                 .map(|v| f.as_u16(3, v, "a version, at most 65535"))
                 .collect::<Result<_, _>>()?;
@@ -1158,7 +1269,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 common,
                 versions,
                 capabilities: Capabilities(f.opt_uint(4)?.unwrap_or(0)),
-                software: f.opt_text(5)?,
+                software: f.opt_bounded_text(5, MAX_SOFTWARE_LEN)?,
             })
         }
         MessageType::Welcome => {
@@ -1181,7 +1292,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 },
                 epoch: f.uint(6)?,
                 time_ms: f.uint(7)?,
-                identity: f.text(8)?,
+                identity: f.bounded_text(8, 1, MAX_IDENTITY_LEN)?,
                 addresses,
             })
         }
@@ -1190,14 +1301,14 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             Message::Open(Open {
                 common,
                 opening: decode_opening(&opening)?,
-                lifetime: f.opt_u32(4)?,
+                lifetime: f.asked_lifetime(4)?,
                 app: f.app_info(5)?,
             })
         }
         MessageType::Renew => Message::Renew(Renew {
             common,
             lease: f.lease_id(3)?,
-            lifetime: f.opt_u32(4)?,
+            lifetime: f.asked_lifetime(4)?,
         }),
         MessageType::Release => Message::Release(Release {
             common,
@@ -1225,7 +1336,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
             Message::Denied(Denied {
                 common,
                 code,
-                reason: f.opt_text(4)?,
+                reason: f.opt_bounded_text(4, MAX_REASON_LEN)?,
                 retry_after: f.opt_u32(5)?,
                 lease: f.get(6).map(|v| f.as_lease_id(6, v)).transpose()?,
                 unsupported: f
@@ -1268,7 +1379,7 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 common,
                 lease: f.lease_id(3)?,
                 reason,
-                text: f.opt_text(5)?,
+                text: f.opt_bounded_text(5, MAX_REASON_LEN)?,
             })
         }
         MessageType::EpochChanged => Message::EpochChanged(EpochChanged {
@@ -1278,23 +1389,29 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
         MessageType::GoingAway => Message::GoingAway(GoingAway {
             common,
             reconnect_after: f.opt_u32(3)?,
-            reason: f.opt_text(4)?,
+            reason: f.opt_bounded_text(4, MAX_REASON_LEN)?,
         }),
     })
 }
 
 /// The request id (key 1) of bytes that may not decode, so that a Denied answering them can
 /// still echo it: bytes refused for what follows a well-formed map (trailing bytes) still
-/// name their request. `None` when the bytes do not start with a parseable map with an
-/// unsigned key 1, or are over [`MAX_MESSAGE_SIZE`].
+/// name their request. `None` when the bytes do not start with a parseable map holding key 1
+/// exactly once with an unsigned integer, or are over [`MAX_MESSAGE_SIZE`]. A map with key 1
+/// twice names no request (spec Section 6.6): echoing the first or the last would be a guess
+/// that another reader could make the other way.
 pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
     let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
         return None;
     };
-    entries.iter().find_map(|(k, v)| match (k, v) {
-        (Item::Uint(1), Item::Uint(id)) => Some(*id),
+    let mut values = entries
+        .iter()
+        .filter(|(k, _)| matches!(k, Item::Uint(1)))
+        .map(|(_, v)| v);
+    match (values.next(), values.next()) {
+        (Some(Item::Uint(id)), None) => Some(*id),
         _ => None,
-    })
+    }
 }
 
 /// Makes a Leases answer fit in [`MAX_MESSAGE_SIZE`] as spec Section 5.4 prescribes: it leaves
@@ -1418,6 +1535,18 @@ mod tests {
             Err(DecodeError::TrailingBytes { extra: 2 })
         ));
         assert_eq!(peek_request_id(&trailing), Some(7));
+        // Key 1 twice names no request id, whichever a reader would keep, even twice the same.
+        assert_eq!(peek_request_id(&hex("a3000601070108")), None);
+        assert_eq!(peek_request_id(&hex("a3000601070107")), None);
+        // Another key twice does not hide a single key 1.
+        let other_twice = hex("a300060006010a");
+        assert!(matches!(
+            decode(&other_twice),
+            Err(DecodeError::DuplicateKey { key: 0, .. })
+        ));
+        assert_eq!(peek_request_id(&other_twice), Some(10));
+        // A map the parser refuses (here for a tag in key 64) names no request id either.
+        assert_eq!(peek_request_id(&hex("a3000601071840c100")), None);
         assert_eq!(
             peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]),
             None,

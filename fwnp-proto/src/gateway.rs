@@ -56,6 +56,13 @@ pub enum Refusal {
         /// The address asked.
         address: IpAddr,
     },
+    /// The opening names an IPv4-mapped IPv6 address, which validation refuses; checked again
+    /// here so that no caller can turn one into an IPv6 opening for an IPv4 host.
+    #[error("{address} is an IPv4-mapped IPv6 address; name the IPv4 address as 4 bytes")]
+    MappedAddress {
+        /// The address asked.
+        address: IpAddr,
+    },
     /// The opening names no address and the host holds none (of the family asked).
     #[error("the host holds no address{} it may open", family_text(*.family))]
     NoAddress {
@@ -100,6 +107,7 @@ impl Refusal {
             Refusal::AddressMismatch { .. } | Refusal::NoAddress { .. } => {
                 ResultCode::AddressMismatch
             }
+            Refusal::MappedAddress { .. } => ResultCode::MalformedOption,
             Refusal::NothingGranted => ResultCode::DeniedByPolicy,
             Refusal::QuotaExceeded { .. } => ResultCode::QuotaExceeded,
             Refusal::UnknownLease => ResultCode::UnknownLease,
@@ -116,7 +124,9 @@ impl Refusal {
                 critical: Vec::new(),
             },
             code: self.code(),
-            reason: Some(self.to_string()),
+            // Cut to the schema's 512 bytes: a Hello offering very many versions must not make
+            // a Denied its client cannot decode.
+            reason: Some(crate::codec::reason_text(&self.to_string())),
             retry_after: None,
             lease,
             unsupported: Vec::new(),
@@ -142,14 +152,17 @@ pub fn negotiate_version(hello: &Hello) -> Result<u16, Refusal> {
 /// IP SANs, or its connection's source address) and whether policy grants it third-party
 /// rights.
 ///
-/// A named address must be one of `allowed`, unless `third_party`. With no address, the first
-/// allowed address of the family asked (or of any family) is used.
+/// A named address must be one of `allowed`, unless `third_party`, and is never IPv4-mapped.
+/// With no address, the first allowed address of the family asked (or of any family) is used.
 pub fn resolve_host_address(
     opening: &Opening,
     allowed: &[IpAddr],
     third_party: bool,
 ) -> Result<IpAddr, Refusal> {
     if let Some(address) = opening.host {
+        if crate::validate::validate_address(address).is_err() {
+            return Err(Refusal::MappedAddress { address });
+        }
         return if third_party || allowed.contains(&address) {
             Ok(address)
         } else {
@@ -928,6 +941,19 @@ mod tests {
         assert_eq!(denied.code, ResultCode::QuotaExceeded);
         assert_eq!(denied.common.request_id, Some(9));
         assert!(denied.reason.is_some_and(|r| r.contains('3')));
+    }
+
+    #[test]
+    fn a_refusal_naming_many_versions_still_makes_a_denied_a_client_can_decode() {
+        let refusal = Refusal::UnsupportedVersion {
+            offered: vec![65535; 300],
+        };
+        let denied = refusal.to_denied(Some(1), None);
+        let bytes = crate::codec::encode(&crate::Message::Denied(denied));
+        assert!(
+            crate::codec::decode(&bytes).is_ok(),
+            "the reason is cut to the schema's 512 bytes"
+        );
     }
 
     #[test]

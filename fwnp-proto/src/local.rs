@@ -893,7 +893,7 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Granted, List, Open, Opening, PortRange, Protocol, Target};
+    use crate::message::{Grant, Granted, List, Open, Opening, PortRange, Protocol, Target};
     use proptest::prelude::*;
 
     fn common(id: u64) -> Common {
@@ -1088,7 +1088,14 @@ mod tests {
         let granted = LocalMessage::Wire(Message::Granted(Granted {
             common: common(11),
             lease: LeaseId([2; 16]),
-            grants: vec![],
+            // At least one grant: the schema refuses a Granted with none.
+            grants: vec![Grant {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(8080),
+                host: "192.0.2.10".parse().unwrap(),
+                remotes: vec![],
+                app: None,
+            }],
             lifetime: 600,
             expires_ms: 1,
             renew_after: 300,

@@ -9,11 +9,10 @@
 //! | port 0, reversed range (`last < first`) | [`validate_ports`] | malformed-option |
 //! | prefix longer than 32 (IPv4) or 128 (IPv6), host bits set | [`validate_prefix`] | malformed-option |
 //! | host address and family disagree; a remote prefix of the other family | [`validate_opening`] | malformed-option |
+//! | an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as host address or remote prefix | [`validate_opening`], [`validate_grant`] | malformed-option |
 //! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
 //! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
-//! | Hello with no version | [`validate_request`] | malformed-request |
 //! | Hello without version 1 | [`validate_request`] | unsupported-version |
-//! | text longer than the schema allows (name 256, executable 1024, reason 512, software 128 bytes) | [`validate_app_info`], [`validate_message`] | malformed-request |
 //! | an answer or notice sent as a request | [`validate_request`] | malformed-request |
 //!
 //! The same functions serve a client checking what a gateway sent ([`validate_message`]) and
@@ -68,6 +67,13 @@ pub enum ValidationError {
         /// The family of the host address (or, with none, of the family asked).
         family: Family,
     },
+    /// An IPv4-mapped IPv6 address (`::ffff:0:0/96`) where an address is named: IPv4
+    /// addresses travel as 4 bytes, and a mapped one would be opened as IPv6.
+    #[error("{addr} is an IPv4-mapped IPv6 address; name the IPv4 address as 4 bytes")]
+    Ipv4Mapped {
+        /// The address.
+        addr: IpAddr,
+    },
     /// An application id that is not 1 to 64 bytes.
     #[error("an application id is 1 to 64 bytes, not {len}")]
     AppIdLength {
@@ -88,32 +94,11 @@ pub enum ValidationError {
         /// [`MAX_LIFETIME_SECS`].
         max: u32,
     },
-    /// A Hello with an empty version list.
-    #[error("Hello lists no version")]
-    NoVersions,
     /// A Hello whose versions do not include the one this implementation speaks.
     #[error("no version in common: offered {offered:?}, this gateway speaks {VERSION}")]
     UnsupportedVersion {
         /// The versions the client offered.
         offered: Vec<u16>,
-    },
-    /// A text field outside the length the schema allows.
-    #[error("{field} is {len} bytes long; allowed {min} to {max}")]
-    TextLength {
-        /// Which field, as `message.field`.
-        field: &'static str,
-        /// Its length in bytes.
-        len: usize,
-        /// The shortest allowed.
-        min: usize,
-        /// The longest allowed.
-        max: usize,
-    },
-    /// A list the schema requires to be non-empty is empty.
-    #[error("{field} must not be empty")]
-    EmptyList {
-        /// Which list, as `message.field`.
-        field: &'static str,
     },
     /// A message that is not a request arrived where a request was expected.
     #[error("a {0:?} message is not a request")]
@@ -130,14 +115,12 @@ impl ValidationError {
             | ValidationError::HostBitsSet(_)
             | ValidationError::FamilyMismatch { .. }
             | ValidationError::RemoteFamilyMismatch { .. }
+            | ValidationError::Ipv4Mapped { .. }
             | ValidationError::AppIdLength { .. }
             | ValidationError::AppIdCharacter { .. } => ResultCode::MalformedOption,
             ValidationError::LifetimeOutOfRange { .. } => ResultCode::LifetimeOutOfRange,
             ValidationError::UnsupportedVersion { .. } => ResultCode::UnsupportedVersion,
-            ValidationError::NoVersions
-            | ValidationError::TextLength { .. }
-            | ValidationError::EmptyList { .. }
-            | ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
+            ValidationError::NotARequest(_) => ResultCode::MalformedRequest,
         }
     }
 
@@ -150,13 +133,11 @@ impl ValidationError {
             ValidationError::HostBitsSet(_) => "host-bits-set",
             ValidationError::FamilyMismatch { .. } => "family-mismatch",
             ValidationError::RemoteFamilyMismatch { .. } => "remote-family-mismatch",
+            ValidationError::Ipv4Mapped { .. } => "ipv4-mapped-address",
             ValidationError::AppIdLength { .. } => "app-id-length",
             ValidationError::AppIdCharacter { .. } => "app-id-character",
             ValidationError::LifetimeOutOfRange { .. } => "lifetime-out-of-range",
-            ValidationError::NoVersions => "no-versions",
             ValidationError::UnsupportedVersion { .. } => "unsupported-version",
-            ValidationError::TextLength { .. } => "text-length",
-            ValidationError::EmptyList { .. } => "empty-list",
             ValidationError::NotARequest(_) => "not-a-request",
         }
     }
@@ -263,8 +244,19 @@ pub fn validate_lifetime(lifetime: Option<u32>) -> Result<(), ValidationError> {
     }
 }
 
+/// An address named in an opening or a grant: not IPv4-mapped (spec Section 9.4 rule 8).
+pub fn validate_address(addr: IpAddr) -> Result<(), ValidationError> {
+    match addr {
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Err(ValidationError::Ipv4Mapped { addr })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn validate_remotes(family: Option<Family>, remotes: &[Prefix]) -> Result<(), ValidationError> {
     for prefix in remotes {
+        validate_address(prefix.addr)?;
         validate_prefix(prefix)?;
         if let Some(family) = family
             && family != Family::of(prefix.addr)
@@ -285,6 +277,9 @@ pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
         Target::Ports { ports, .. } => validate_ports(ports)?,
         Target::App(app) => validate_app_id(app)?,
     }
+    if let Some(host) = opening.host {
+        validate_address(host)?;
+    }
     if let (Some(host), Some(family)) = (opening.host, opening.family)
         && Family::of(host) != family
     {
@@ -300,6 +295,7 @@ pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
 /// A grant: the same rules as an opening, with its concrete host address.
 pub fn validate_grant(grant: &Grant) -> Result<(), ValidationError> {
     validate_ports(&grant.ports)?;
+    validate_address(grant.host)?;
     validate_remotes(Some(Family::of(grant.host)), &grant.remotes)?;
     if let Some(app) = &grant.app {
         validate_app_id(app)?;
@@ -307,51 +303,9 @@ pub fn validate_grant(grant: &Grant) -> Result<(), ValidationError> {
     Ok(())
 }
 
-fn text_len(
-    field: &'static str,
-    text: &str,
-    min: usize,
-    max: usize,
-) -> Result<(), ValidationError> {
-    if text.len() < min || text.len() > max {
-        return Err(ValidationError::TextLength {
-            field,
-            len: text.len(),
-            min,
-            max,
-        });
-    }
-    Ok(())
-}
-
-fn opt_text_len(
-    field: &'static str,
-    text: Option<&str>,
-    max: usize,
-) -> Result<(), ValidationError> {
-    text.map_or(Ok(()), |t| text_len(field, t, 0, max))
-}
-
-/// What a host tells about its application: the text lengths.
-pub fn validate_app_info(app: &AppInfo) -> Result<(), ValidationError> {
-    opt_text_len("app-info.name", app.name.as_deref(), MAX_APP_NAME_LEN)?;
-    opt_text_len(
-        "app-info.executable",
-        app.executable.as_deref(),
-        MAX_EXECUTABLE_LEN,
-    )
-}
-
-/// A Hello: versions listed, version 1 among them, the software text's length.
+/// A Hello: version 1 among its versions (the decoder refuses an empty list and a software
+/// text too long).
 pub fn validate_hello(hello: &Hello) -> Result<(), ValidationError> {
-    if hello.versions.is_empty() {
-        return Err(ValidationError::NoVersions);
-    }
-    opt_text_len(
-        "hello.software",
-        hello.software.as_deref(),
-        MAX_SOFTWARE_LEN,
-    )?;
     if !hello.versions.contains(&VERSION) {
         return Err(ValidationError::UnsupportedVersion {
             offered: hello.versions.clone(),
@@ -367,8 +321,7 @@ pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
         Message::Hello(h) => validate_hello(h),
         Message::Open(o) => {
             validate_opening(&o.opening)?;
-            validate_lifetime(o.lifetime)?;
-            o.app.as_ref().map_or(Ok(()), validate_app_info)
+            validate_lifetime(o.lifetime)
         }
         Message::Renew(r) => validate_lifetime(r.lifetime),
         Message::Release(_) | Message::List(_) => Ok(()),
@@ -377,7 +330,8 @@ pub fn validate_request(msg: &Message) -> Result<(), ValidationError> {
 }
 
 /// Any message: requests as [`validate_request`], answers and notices as a client checks them
-/// (grants concrete and well-formed, lists non-empty where the schema says so, text lengths).
+/// (grants concrete and well-formed). Empty lists and text lengths the schema forbids are
+/// refused by the decoder.
 pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
     match msg {
         Message::Hello(_)
@@ -385,26 +339,18 @@ pub fn validate_message(msg: &Message) -> Result<(), ValidationError> {
         | Message::Renew(_)
         | Message::Release(_)
         | Message::List(_) => validate_request(msg),
-        Message::Welcome(w) => text_len("welcome.identity", &w.identity, 1, MAX_IDENTITY_LEN),
-        Message::Granted(g) => validate_grants("granted.grants", &g.grants),
-        Message::Denied(d) => opt_text_len("denied.reason", d.reason.as_deref(), MAX_REASON_LEN),
-        Message::Leases(l) => l.leases.iter().try_for_each(|info| {
-            validate_grants("lease-info.grants", &info.grants)?;
-            info.app.as_ref().map_or(Ok(()), validate_app_info)
-        }),
-        Message::Released(_) | Message::EpochChanged(_) => Ok(()),
-        Message::Revoked(r) => opt_text_len("revoked.reason", r.text.as_deref(), MAX_REASON_LEN),
-        Message::GoingAway(g) => {
-            opt_text_len("going-away.reason", g.reason.as_deref(), MAX_REASON_LEN)
-        }
+        Message::Granted(g) => g.grants.iter().try_for_each(validate_grant),
+        Message::Leases(l) => l
+            .leases
+            .iter()
+            .try_for_each(|info| info.grants.iter().try_for_each(validate_grant)),
+        Message::Welcome(_)
+        | Message::Denied(_)
+        | Message::Released(_)
+        | Message::Revoked(_)
+        | Message::EpochChanged(_)
+        | Message::GoingAway(_) => Ok(()),
     }
-}
-
-fn validate_grants(field: &'static str, grants: &[Grant]) -> Result<(), ValidationError> {
-    if grants.is_empty() {
-        return Err(ValidationError::EmptyList { field });
-    }
-    grants.iter().try_for_each(validate_grant)
 }
 
 #[cfg(test)]

@@ -409,6 +409,41 @@ fn lifetimes_are_clamped_and_narrowed_is_reported() {
     );
 }
 
+/// Spec Section 11.2: a Renew asking 0 (or nothing) gets the lifetime last granted to the
+/// lease, by its Open, an idempotent re-open or a Renew, not the one it was created with.
+#[test]
+fn a_renew_without_a_lifetime_gets_the_lifetime_last_granted() {
+    let mut book = LeaseBook::new();
+    let mut rng = rng();
+    let facts = facts(ADDR_A, 443, None);
+    let id = new_lease(book.open(NOW, HOST_A, &open_tcp(443, Some(1200)), &facts, &mut rng));
+    let renewed = |book: &mut LeaseBook, at: u64, asked: Option<u32>| {
+        book.renew(NOW + at, HOST_A, &id, asked, POLICY)
+            .expect("renewed")
+            .grant
+            .lease
+            .lifetime
+    };
+    // A shorter Renew...
+    assert_eq!(renewed(&mut book, 1_000, Some(120)), 120);
+    // ...is what the next Renew without a lifetime gets, absent or 0.
+    assert_eq!(renewed(&mut book, 2_000, None), 120);
+    assert_eq!(renewed(&mut book, 3_000, Some(0)), 120);
+    // An idempotent re-open grants a lifetime too, and that one is kept.
+    let again = book.open(
+        NOW + 4_000,
+        HOST_A,
+        &open_tcp(443, Some(900)),
+        &facts,
+        &mut rng,
+    );
+    assert!(
+        matches!(again, Ok(OpenOutcome::Extended { .. })),
+        "{again:?}"
+    );
+    assert_eq!(renewed(&mut book, 5_000, None), 900);
+}
+
 #[test]
 fn renew_extends_from_now_and_is_clamped_by_the_current_policy() {
     let mut book = LeaseBook::new();
@@ -525,6 +560,46 @@ fn address_mismatch_unless_third_party() {
         resolve_host_address(&open.opening, &[ADDR_A, v6], true),
         Ok(ADDR_B)
     );
+}
+
+/// An IPv4-mapped IPv6 address names an IPv4 host in IPv6 clothing; granting it would program
+/// an IPv6 element for an IPv4 host. It is refused on the way a request really takes: decoded,
+/// validated, and, should a caller skip validation, by the host address resolution itself.
+#[test]
+fn ipv4_mapped_addresses_are_refused_wherever_an_opening_names_an_address() {
+    use fwnp_proto::codec::{decode, encode};
+    use fwnp_proto::validate::validate_request;
+    let mapped: IpAddr = "::ffff:10.1.0.10".parse().unwrap();
+    let ipv4: IpAddr = "10.1.0.10".parse().unwrap();
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    let mut as_host = open_tcp(443, None);
+    as_host.opening.host = Some(mapped);
+    let mut as_remote = open_tcp(443, None);
+    as_remote.opening.host = Some(v6);
+    as_remote.opening.remotes = vec![Prefix {
+        addr: "::ffff:10.0.0.0".parse().unwrap(),
+        len: 104,
+    }];
+    let mut as_remote_no_host = as_remote.clone();
+    as_remote_no_host.opening.host = None;
+    for open in [&as_host, &as_remote, &as_remote_no_host] {
+        let bytes = encode(&fwnp_proto::Message::Open(open.clone()));
+        let decoded = decode(&bytes).expect("a mapped address is well-formed");
+        let refused = validate_request(&decoded).expect_err("a mapped address is refused");
+        assert_eq!(refused.kind(), "ipv4-mapped-address", "{open:?}");
+        assert_eq!(
+            refused.to_denied(open.common.request_id).code,
+            ResultCode::MalformedOption
+        );
+    }
+    // The decision core refuses it too, even for a host with third-party rights, and even when
+    // the host holds the IPv4 address it maps.
+    for third_party in [false, true] {
+        assert_eq!(
+            resolve_host_address(&as_host.opening, &[ipv4, v6], third_party).map_err(|r| r.code()),
+            Err(ResultCode::MalformedOption)
+        );
+    }
 }
 
 #[test]

@@ -183,6 +183,8 @@ enum Expect {
         error: &'static str,
         code: ResultCode,
         schema_valid: bool,
+        /// With `unsupported-critical`: the keys Denied key 7 lists, in ascending order.
+        unsupported: Vec<u64>,
     },
 }
 
@@ -243,8 +245,17 @@ fn invalid(
             error,
             code,
             schema_valid,
+            unsupported: Vec::new(),
         },
     }
+}
+
+/// `vector`, whose refusal names the critical keys `keys` in Denied key 7.
+fn listing_unsupported(mut vector: Vector, keys: &[u64]) -> Vector {
+    if let Expect::Invalid { unsupported, .. } = &mut vector.expect {
+        *unsupported = keys.to_vec();
+    }
+    vector
 }
 
 fn decode_err(
@@ -950,10 +961,10 @@ fn vectors() -> Vec<Vector> {
     ));
     v.push(decode_err(
         "lifetime-above-u32",
-        "Open asking for a lifetime of 2^32 s, which does not fit the schema's 32 bits.",
+        "Open asking for a lifetime of 2^32 s: it does not fit the schema's 32 bits, and like every lifetime asked above 604800 s it is answered lifetime-out-of-range, not malformed-request.",
         edited(&open_tcp_443(), |m| set(m, 4, u(1 << 32))),
-        "out-of-range",
-        R::MalformedRequest,
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
         false,
     ));
     v.push(decode_err(
@@ -1053,16 +1064,19 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         false,
     ));
-    v.push(decode_err(
-        "critical-unknown-key",
-        "Open carrying extension key 64 and listing 64 and 70 in critical: the decoder does not know them and refuses the message; Denied key 7 lists [64, 70].",
-        edited(&open_tcp_443(), |m| {
-            set(m, 2, Value::Array(vec![u(64), u(70)]));
-            set(m, 64, Value::Text("must understand".into()));
-        }),
-        "unsupported-critical",
-        R::UnsupportedOption,
-        true,
+    v.push(listing_unsupported(
+        decode_err(
+            "critical-unknown-key",
+            "Open carrying extension key 64 and listing 64 and 70 in critical: the decoder does not know them and refuses the message; Denied key 7 lists [64, 70].",
+            edited(&open_tcp_443(), |m| {
+                set(m, 2, Value::Array(vec![u(64), u(70)]));
+                set(m, 64, Value::Text("must understand".into()));
+            }),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            true,
+        ),
+        &[64, 70],
     ));
     v.push(decode_err(
         "truncated",
@@ -1216,16 +1230,16 @@ fn vectors() -> Vec<Vector> {
         R::LifetimeOutOfRange,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "hello-no-versions",
-        "Hello with an empty version list.",
+        "Hello with an empty version list (key 3 is `[+ version]`).",
         encode(&Message::Hello(Hello {
             common: rid(1),
             versions: vec![],
             capabilities: Capabilities(0),
             software: None,
         })),
-        "no-versions",
+        "empty-list",
         R::MalformedRequest,
         false,
     ));
@@ -1237,9 +1251,9 @@ fn vectors() -> Vec<Vector> {
         R::UnsupportedVersion,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "software-too-long",
-        "Hello whose software text is 129 bytes (at most 128).",
+        "Hello whose software text is 129 bytes (the schema allows 0 to 128): refused by decoding.",
         encode(&Message::Hello(Hello {
             common: rid(1),
             versions: vec![1],
@@ -1261,17 +1275,17 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         true,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "granted-no-grants",
-        "Granted with an empty grant list.",
+        "Granted with an empty grant list (key 4 is `[+ grant]`).",
         encode(&granted(vec![], false)),
         "empty-list",
         R::MalformedRequest,
         false,
     ));
-    v.push(validate_err(
+    v.push(decode_err(
         "denied-reason-too-long",
-        "Denied whose reason is 513 bytes (at most 512).",
+        "Denied whose reason is 513 bytes (reason-text is 0 to 512): refused by decoding.",
         encode(&Message::Denied(Denied {
             reason: Some("r".repeat(513)),
             ..match denied(R::DeniedByPolicy) {
@@ -1283,7 +1297,213 @@ fn vectors() -> Vec<Vector> {
         R::MalformedRequest,
         false,
     ));
+
+    // --- Added after the first 101; their numbers start at 102. -----------------------------
+    assert_eq!(v.len(), 101, "vectors 1 to 101 keep their numbers");
+    v.push(decode_err(
+        "open-remotes-empty",
+        "Open whose opening has an empty list of remote prefixes (key 6 is `[+ prefix]`): refused, never read as \"from any\", which is what an absent key 6 means.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 6, Value::Array(vec![]))),
+        "empty-list",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "critical-empty",
+        "List with an empty critical array (key 2 is `[+ uint]`; a sender with nothing critical leaves the key out).",
+        edited(&list, |m| set(m, 2, Value::Array(vec![]))),
+        "empty-list",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "granted-remotes-empty",
+        "Granted whose grant has an empty list of remote prefixes: a client refuses it rather than open to any source.",
+        edited(
+            &granted(vec![grant(Protocol::Tcp, 80, 80, "192.0.2.10")], false),
+            |m| set(&mut get(m, 4).as_array_mut().unwrap()[0], 6, Value::Array(vec![])),
+        ),
+        "empty-list",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "denied-unsupported-empty",
+        "Denied unsupported-option whose key 7 is an empty array (key 7 is `[+ uint]`).",
+        edited(&denied(R::UnsupportedOption), |m| {
+            set(m, 7, Value::Array(vec![]))
+        }),
+        "empty-list",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(validate_err(
+        "open-host-ipv4-mapped",
+        "Open whose host address is the IPv4-mapped IPv6 address ::ffff:10.1.0.10: an IPv4 address travels as 4 bytes, never mapped.",
+        encode(&open(
+            Opening { host: Some(ip("::ffff:10.1.0.10")), ..opening(tcp(443, 443)) },
+            None,
+        )),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "open-remote-ipv4-mapped",
+        "Open on an IPv6 host address whose remote prefix ::ffff:10.0.0.0/104 is IPv4-mapped.",
+        encode(&open(
+            Opening {
+                host: Some(ip("2001:db8::10")),
+                remotes: vec![prefix("::ffff:10.0.0.0/104")],
+                ..opening(tcp(443, 443))
+            },
+            None,
+        )),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "granted-host-ipv4-mapped",
+        "Granted whose grant names the IPv4-mapped host address ::ffff:192.0.2.10: a client refuses it.",
+        encode(&granted(vec![grant(Protocol::Tcp, 80, 80, "::ffff:192.0.2.10")], false)),
+        "ipv4-mapped-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(listing_unsupported(
+        decode_err(
+            "critical-unknown-keys-unordered",
+            "List whose critical array is [70, 4, 64, 70]: Denied key 7 lists the keys not understood once each and in ascending order, [64, 70], whatever their order in critical (key 4 is not understood either: List assigns no key 4).",
+            edited(&list, |m| {
+                set(m, 2, Value::Array(vec![u(70), u(4), u(64), u(70)]));
+            }),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            true,
+        ),
+        &[4, 64, 70],
+    ));
+    v.push(decode_err(
+        "opening-duplicate-key",
+        "Open whose opening holds key 2 (port) twice: a duplicate key breaks a structural rule (Section 6.3 rule 9), which is malformed-request wherever in the item it is, inside the opening too.",
+        edited(&open_tcp_443(), |m| entries(get(m, 3)).push((u(2), u(443)))),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-key-not-unsigned",
+        "Open whose opening holds the text key \"x\": a key that is not an unsigned integer (Section 6.3 rule 8) is malformed-request, inside the opening too.",
+        edited(&open_tcp_443(), |m| {
+            entries(get(m, 3)).push((Value::Text("x".into()), u(1)))
+        }),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
+    let remote = |addr: Vec<u8>, len: u64| {
+        edited(&open_tcp_443(), move |m| {
+            remove(get(m, 3), 4);
+            set(
+                get(m, 3),
+                6,
+                Value::Array(vec![Value::Array(vec![Value::Bytes(addr), u(len)])]),
+            )
+        })
+    };
+    v.push(decode_err(
+        "prefix-length-300",
+        "Open with a remote prefix 198.51.100.0/300: a length above 128 breaks the schema (`uint .le 128`) and is refused by decoding (Section 6.3 rule 13), inside the opening: malformed-option.",
+        remote(vec![198, 51, 100, 0], 300),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "prefix-ipv6-129",
+        "Open with the remote prefix 2001:db8::/129: refused by decoding, like any length above 128.",
+        remote(ip6_bytes("2001:db8::"), 129),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "app-info-name-too-long",
+        "Open whose app-info name is 257 bytes (at most 256): refused by decoding, and malformed-request since app-info is not the opening.",
+        encode(&Message::Open(Open {
+            app: Some(AppInfo { name: Some("n".repeat(257)), ..AppInfo::default() }),
+            ..match open_tcp_443() {
+                Message::Open(o) => o,
+                _ => unreachable!(),
+            }
+        })),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "welcome-identity-empty",
+        "Welcome whose identity is the empty text (the schema allows 1 to 512 bytes).",
+        edited(
+            &Message::Welcome(Welcome {
+                common: rid(1),
+                version: 1,
+                capabilities: Capabilities(0),
+                limits: Limits {
+                    max_message_size: 16384,
+                    max_streams: 16,
+                    min_lifetime: 30,
+                    max_lifetime: 86400,
+                    max_leases: None,
+                },
+                epoch: EPOCH,
+                time_ms: NOW_MS,
+                identity: "fwnp://host/web-01".into(),
+                addresses: vec![],
+            }),
+            |m| set(m, 8, Value::Text(String::new())),
+        ),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "renew-lifetime-u64-max",
+        "Renew asking for a lifetime of 2^64-1 s: lifetime-out-of-range, like any lifetime asked above 604800 s.",
+        edited(
+            &Message::Renew(Renew {
+                common: rid(3),
+                lease: LEASE_A,
+                lifetime: None,
+            }),
+            |m| set(m, 4, u(u64::MAX)),
+        ),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
+        false,
+    ));
+    v.push(decode_err(
+        "open-lifetime-null",
+        "Open whose lifetime (key 4) is null: no key FWNP/1 defines takes null, so this is a value of the wrong type, not an absent key (unlike key 99 of vector 045, which the receiver ignores).",
+        edited(&open_tcp_443(), |m| set(m, 4, Value::Null)),
+        "wrong-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "opening-host-null",
+        "Open whose opening's host address (key 4) is null: a wrong type inside the opening, malformed-option.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 4, Value::Null)),
+        "wrong-type",
+        R::MalformedOption,
+        false,
+    ));
     v
+}
+
+fn ip6_bytes(s: &str) -> Vec<u8> {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec()
 }
 
 fn render(vector: &Vector) -> Json {
@@ -1314,14 +1534,19 @@ fn render(vector: &Vector) -> Json {
             error,
             code,
             schema_valid,
-        } => json!({
-            "invalid": {
+            unsupported,
+        } => {
+            let mut invalid = json!({
                 "layer": layer,
                 "error": error,
                 "result_code": code.name(),
                 "schema_valid": schema_valid,
+            });
+            if !unsupported.is_empty() {
+                invalid["unsupported"] = json!(unsupported);
             }
-        }),
+            json!({ "invalid": invalid })
+        }
     };
     let mut out = json!({
         "name": vector.name,

@@ -54,13 +54,28 @@ fn check(name: &str, vector: &Json) -> Result<(), String> {
             Ok(())
         }
         (None, Some(invalid)) => {
-            let (layer, kind, code) = match decode(&bytes) {
-                Err(e) => ("decode", e.kind(), e.result_code()),
+            let (layer, kind, code, unsupported) = match decode(&bytes) {
+                Err(e) => (
+                    "decode",
+                    e.kind(),
+                    e.result_code(),
+                    e.to_denied(None).unsupported,
+                ),
                 Ok(msg) => match validate_message(&msg) {
-                    Err(e) => ("validate", e.kind(), e.result_code()),
+                    Err(e) => ("validate", e.kind(), e.result_code(), Vec::new()),
                     Ok(()) => return Err(format!("accepted as {msg:?}")),
                 },
             };
+            // Denied key 7, as the vector gives it (absent: none).
+            let expected_unsupported: Vec<u64> = invalid
+                .get("unsupported")
+                .map(|keys| serde_json::from_value(keys.clone()).unwrap_or_default())
+                .unwrap_or_default();
+            if unsupported != expected_unsupported {
+                return Err(format!(
+                    "Denied key 7 would list {unsupported:?}, expected {expected_unsupported:?}"
+                ));
+            }
             let got = (layer, kind, code.name());
             let expected = (
                 invalid["layer"].as_str().unwrap_or("?"),
@@ -126,6 +141,43 @@ fn vectors_cover_every_message_type_and_result_code() {
         });
         assert!(carried, "no Denied vector carries {code}");
     }
+}
+
+/// The README defines the layers by the spec's rules: `decode` is Section 6.3, which holds
+/// everything the schema can say, and `validate` is what the schema cannot say. So a vector's
+/// layer and its `schema_valid` agree, but for the rules the README names as exceptions.
+#[test]
+fn the_layer_of_an_invalid_vector_agrees_with_the_schema() {
+    const DECODE_YET_SCHEMA_VALID: [&str; 4] = [
+        "too-large",
+        "nesting-too-deep",
+        "tag-not-allowed",
+        "unsupported-critical",
+    ];
+    const VALIDATE_YET_SCHEMA_INVALID: [&str; 1] = ["app-id-length"];
+    let mut disagreeing = Vec::new();
+    for (name, v) in common::load_vectors() {
+        let invalid = &v["invalid"];
+        let (Some(layer), Some(error), Some(schema_valid)) = (
+            invalid["layer"].as_str(),
+            invalid["error"].as_str(),
+            invalid["schema_valid"].as_bool(),
+        ) else {
+            continue;
+        };
+        let agrees = match (layer, schema_valid) {
+            ("decode", false) | ("validate", true) => true,
+            ("decode", true) => DECODE_YET_SCHEMA_VALID.contains(&error),
+            ("validate", false) => VALIDATE_YET_SCHEMA_INVALID.contains(&error),
+            _ => false,
+        };
+        if !agrees {
+            disagreeing.push(format!(
+                "{name}: {layer}, {error}, schema_valid {schema_valid}"
+            ));
+        }
+    }
+    assert!(disagreeing.is_empty(), "{}", disagreeing.join("\n"));
 }
 
 #[test]

@@ -486,6 +486,14 @@ async fn lifetimes_above_seven_days_are_out_of_range() {
     assert_eq!(g.lifetime, 3600);
     let d = denied(client.renew(g.lease, Some(MAX_LIFETIME_SECS + 1)).await);
     assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // So is one too large for 32 bits: it is still a lifetime above the maximum.
+    let too_long = with_extra_keys(
+        &open_msg(Some(91), tcp(7003), None),
+        vec![(4, ciborium::Value::Integer((1u64 << 32).into()))],
+    );
+    let d = denied(client.request_bytes(&too_long).await);
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange, "{d:?}");
+    assert_eq!(d.common.request_id, Some(91));
     // A lifetime below the minimum is raised to it (0 never means delete).
     let short = granted(client.open(tcp(7002), Some(0)).await);
     assert_eq!(short.lifetime, 600, "0 asks for the default");
@@ -605,6 +613,14 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
     );
     assert_eq!(d.code, ResultCode::MalformedRequest);
     assert_eq!(d.common.request_id, Some(78));
+    // A List with key 1 twice ({0: 6, 1: 78, 1: 79}) has no request id to echo.
+    let d = denied(
+        client
+            .request_bytes(&[0xa3, 0x00, 0x06, 0x01, 0x18, 0x4e, 0x01, 0x18, 0x4f])
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    assert_eq!(d.common.request_id, None, "{d:?}");
     // A request that is valid CBOR but lacks a mandatory key: Open without its opening.
     let d = denied(
         client
@@ -629,8 +645,10 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
             .await,
     );
     assert_eq!(g.common.request_id, Some(80));
-    // ...unless it is listed as critical.
+    // ...unless it is listed as critical; Denied key 7 lists such keys once each, in
+    // ascending order, whatever their order in critical.
     let critical = ciborium::Value::Array(vec![
+        ciborium::Value::Integer(71.into()),
         ciborium::Value::Integer(70.into()),
         ciborium::Value::Integer(71.into()),
     ]);
@@ -655,6 +673,57 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
         .map(|l| l.grants[0].ports.first)
         .collect();
     assert_eq!(ports, vec![7001]);
+}
+
+/// `message` encoded, with the opening's (key 3's) key 6 set to `remotes` as it is.
+fn with_opening_remotes(message: &Message, remotes: ciborium::Value) -> Vec<u8> {
+    let bytes = fwnp_proto::codec::encode(message);
+    let mut value: ciborium::Value =
+        ciborium::from_reader(bytes.as_slice()).expect("our own encoding parses");
+    let opening = value
+        .as_map_mut()
+        .and_then(|m| {
+            m.iter_mut()
+                .find(|(k, _)| *k == ciborium::Value::Integer(3.into()))
+        })
+        .and_then(|(_, v)| v.as_map_mut())
+        .expect("an Open has an opening map");
+    opening.retain(|(k, _)| *k != ciborium::Value::Integer(6.into()));
+    opening.push((ciborium::Value::Integer(6.into()), remotes));
+    let mut out = Vec::new();
+    ciborium::into_writer(&value, &mut out).expect("encode");
+    out
+}
+
+/// Openings the decoder or validation must refuse before any policy sees them: an IPv4-mapped
+/// IPv6 host address (the host holds the IPv4 address it maps, and the policy allows the port)
+/// or remote prefix, and an empty list of remote prefixes, which is not "from any".
+#[tokio::test]
+async fn mapped_addresses_and_empty_remote_lists_are_malformed_options() {
+    let gw = TestGateway::start("mapped", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let mut mapped = tcp(7001);
+    mapped.host = Some("::ffff:192.0.2.10".parse().expect("an address"));
+    let d = denied(client.open(mapped, None).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+
+    let mut mapped_remote = tcp(7002);
+    mapped_remote.remotes = vec![fwnp_proto::Prefix {
+        addr: "::ffff:198.51.100.0".parse().expect("an address"),
+        len: 120,
+    }];
+    let d = denied(client.open(mapped_remote, None).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+
+    let bytes = with_opening_remotes(
+        &open_msg(Some(90), tcp(7003), None),
+        ciborium::Value::Array(vec![]),
+    );
+    let d = denied(client.request_bytes(&bytes).await);
+    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
+    assert_eq!(d.common.request_id, Some(90));
+
+    assert!(client.list().await.leases.is_empty(), "nothing was opened");
 }
 
 #[tokio::test]
@@ -2371,4 +2440,36 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         assert_eq!(lease, &expected.to_string());
         assert!(reason.contains("was revoked"), "{reason}");
     }
+}
+
+/// A Hello left unfinished meets two timers of 10 s: its stream's, which starts when the
+/// stream opens, and the connection's Hello timer, which starts at the handshake, before any
+/// stream. The Hello timer fires first: the connection is closed with RequestTimeout, and the
+/// stream ends with the connection rather than with a reset of its own (spec Section 5.2).
+#[tokio::test]
+async fn an_unfinished_hello_ends_with_the_connection_not_a_stream_reset() {
+    let gw = TestGateway::start("hello-stream-timeout", POLICY).await;
+    let client = gw.host("web-01", &[HOST_A]).await;
+    let (mut send, mut recv) = client.connection.open_bi().await.expect("open a stream");
+    // Half a Hello and no FIN.
+    send.write_all(&[0xa2, 0x00]).await.expect("write");
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(15), recv.read_to_end(MAX_MESSAGE_SIZE))
+        .await
+        .expect("the gateway gave up in time");
+    match outcome {
+        Err(quinn::ReadToEndError::Read(quinn::ReadError::ConnectionLost(lost))) => {
+            assert_eq!(
+                application_close_code(&lost),
+                Some(u64::from(QuicErrorCode::RequestTimeout.code())),
+                "{lost:?}"
+            );
+        }
+        other => panic!("expected the connection closed with RequestTimeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "ended too early: {:?}",
+        started.elapsed()
+    );
 }
