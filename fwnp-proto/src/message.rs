@@ -256,6 +256,34 @@ pub struct Grant {
     pub app: Option<String>,
 }
 
+impl std::fmt::Display for Grant {
+    /// `tcp/7000 on 198.18.1.2`, then ` from PREFIX, PREFIX` when the remotes are restricted and
+    /// ` (app ID)` when the grant stands for an application: what operators read in every tool.
+    ///
+    /// ```
+    /// use fwnp_proto::{Grant, PortRange, Prefix, Protocol};
+    /// let grant = Grant {
+    ///     protocol: Protocol::Tcp,
+    ///     ports: PortRange::single(7000),
+    ///     host: "198.18.1.2".parse().unwrap(),
+    ///     remotes: vec![Prefix { addr: "198.18.0.0".parse().unwrap(), len: 24 }],
+    ///     app: None,
+    /// };
+    /// assert_eq!(grant.to_string(), "tcp/7000 on 198.18.1.2 from 198.18.0.0/24");
+    /// ```
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} on {}", self.protocol, self.ports, self.host)?;
+        for (i, prefix) in self.remotes.iter().enumerate() {
+            f.write_str(if i == 0 { " from " } else { ", " })?;
+            write!(f, "{prefix}")?;
+        }
+        if let Some(app) = &self.app {
+            write!(f, " (app {app})")?;
+        }
+        Ok(())
+    }
+}
+
 /// What the host tells about the application, for audit (the CDDL `app-info`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct AppInfo {

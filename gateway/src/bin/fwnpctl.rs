@@ -692,7 +692,7 @@ fn grants_text(grants: &Value) -> String {
                     );
                     if let Some(remotes) = g["remotes"].as_array().filter(|r| !r.is_empty()) {
                         let list: Vec<&str> = remotes.iter().filter_map(Value::as_str).collect();
-                        text.push_str(&format!(" from {}", list.join(",")));
+                        text.push_str(&format!(" from {}", list.join(", ")));
                     }
                     text
                 })

@@ -248,20 +248,12 @@ fn fail(error: &Error) -> u8 {
     exit_code(error)
 }
 
-fn grant_text(grant: &Grant) -> String {
-    let mut text = format!("{}/{} on {}", grant.protocol, grant.ports, grant.host);
-    if !grant.remotes.is_empty() {
-        let remotes: Vec<String> = grant.remotes.iter().map(|p| p.to_string()).collect();
-        text.push_str(&format!(" from {}", remotes.join(", ")));
-    }
-    if let Some(app) = &grant.app {
-        text.push_str(&format!(" (app {app})"));
-    }
-    text
-}
-
 fn grants_text(grants: &[Grant]) -> String {
-    grants.iter().map(grant_text).collect::<Vec<_>>().join("; ")
+    grants
+        .iter()
+        .map(Grant::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn grant_json(grant: &Grant) -> serde_json::Value {
