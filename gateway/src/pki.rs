@@ -794,7 +794,7 @@ fn uri_san(uri: &str) -> Result<SanType, PkiError> {
         })
     };
     if uri.is_empty() || uri.len() > crate::identity::MAX_IDENTITY_LEN {
-        return invalid("must be 1 to 1024 bytes");
+        return invalid("must be 1 to 512 bytes");
     }
     if !uri.bytes().all(|byte| byte.is_ascii_graphic()) {
         return invalid("only printable ASCII without spaces is allowed");

@@ -1483,6 +1483,142 @@ fn nameless_certificate(gw: &TestGateway) -> ClientTlsFiles {
     gw.pki.host_files("nameless")
 }
 
+/// A certificate of the gateway's CA with the given SANs, saved as host `name`. Made with rcgen
+/// directly: pki issues none with a wildcard, an over-long URI or a DNS name ending in a dot.
+fn certificate_with_sans(
+    gw: &TestGateway,
+    name: &str,
+    sans: Vec<rcgen::SanType>,
+) -> ClientTlsFiles {
+    let ca_pem = std::fs::read_to_string(gw.pki.file("ca.pem")).expect("read ca");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(gw.pki.file("ca.key")).expect("read key"),
+    )
+    .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(gw.pki.file(&format!("{name}.pem")), certificate.pem()).expect("write cert");
+    std::fs::write(gw.pki.file(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    gw.pki.host_files(name)
+}
+
+fn dns_san(name: &str) -> rcgen::SanType {
+    rcgen::SanType::DnsName(name.try_into().expect("IA5 string"))
+}
+
+fn uri_san(uri: &str) -> rcgen::SanType {
+    rcgen::SanType::URI(uri.try_into().expect("IA5 string"))
+}
+
+/// Hosts under `*.wild.example.org` (a pattern) may open tcp/7000-7999.
+const WILD_POLICY: &str = r#"
+[[group]]
+name = "wild"
+identities = ["*.wild.example.org"]
+
+[[rule]]
+name = "wild-web"
+groups = ["wild"]
+allow = "tcp/7000-7999"
+"#;
+
+#[tokio::test]
+async fn a_wildcard_dns_san_names_no_identity_and_gets_nothing() {
+    let gw = TestGateway::start("wildcard", WILD_POLICY).await;
+    let files = certificate_with_sans(
+        &gw,
+        "wildcard",
+        vec![
+            dns_san("*.wild.example.org"),
+            rcgen::SanType::IpAddress(HOST_A),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    let d = denied(
+        client
+            .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("wildcard")),
+        "{d:?}"
+    );
+    let d = denied(client.open(tcp(7001), None).await);
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(gw.service.store().live_leases().expect("leases").is_empty());
+
+    // A host the pattern really covers is served.
+    let files = certificate_with_sans(
+        &gw,
+        "web-01",
+        vec![
+            dns_san("*.wild.example.org"),
+            dns_san("web-01.wild.example.org"),
+            rcgen::SanType::IpAddress(HOST_A),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    assert_eq!(client.hello().await.identity, "web-01.wild.example.org");
+    granted(client.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
+async fn an_identity_over_512_bytes_is_none_and_the_answer_stays_decodable() {
+    let gw = TestGateway::start("long-identity", POLICY).await;
+    let longest = format!("fwnp://host/{}", "a".repeat(500));
+    assert_eq!(longest.len(), 512);
+    let files = certificate_with_sans(&gw, "longest", vec![uri_san(&longest)]);
+    let client = Client::connect(gw.addr, &files).await;
+    assert_eq!(client.hello().await.identity, longest);
+
+    let too_long = format!("{longest}a");
+    let files = certificate_with_sans(
+        &gw,
+        "too-long",
+        vec![uri_san(&too_long), dns_san("web-01.example.org")],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    // `request` decodes the answer as a client does: a Welcome naming a 513-byte identity would
+    // not decode.
+    let d = denied(
+        client
+            .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("512")),
+        "{d:?}"
+    );
+}
+
+#[tokio::test]
+async fn welcome_names_a_dns_identity_without_trailing_dot_and_each_address_once() {
+    let gw = TestGateway::start("dns-dot", POLICY).await;
+    let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 10).to_ipv6_mapped());
+    let ip = rcgen::SanType::IpAddress;
+    let files = certificate_with_sans(
+        &gw,
+        "dotted",
+        vec![
+            dns_san("Web-01.Example.ORG."),
+            ip(HOST_B),
+            ip(HOST_A),
+            ip(mapped),
+            ip(HOST_B),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.identity, "web-01.example.org");
+    assert_eq!(welcome.addresses, vec![HOST_B, HOST_A]);
+}
+
 #[tokio::test]
 async fn a_certificate_naming_no_identity_gets_not_authorized() {
     let gw = TestGateway::start("no-identity", POLICY).await;
