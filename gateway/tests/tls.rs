@@ -425,6 +425,45 @@ async fn refused_with_a_certificate_from_another_ca() {
 }
 
 #[tokio::test]
+async fn refused_as_unknown_ca_with_a_certificate_from_another_ca_of_the_same_name() {
+    // Every `fwnpctl pki init` names its CA `FWNP CA` unless told otherwise.
+    let make = |label: &str| {
+        let dir = temp_dir(label);
+        pki::init_ca(dir.path(), "FWNP CA", Validity::days(2)).expect("init CA");
+        pki::issue_gateway(
+            dir.path(),
+            "gateway",
+            &[GATEWAY_NAME.to_owned()],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            Validity::days(2),
+        )
+        .expect("issue gateway");
+        TestCa { dir }
+    };
+    let (ca, other) = (make("same-name-mine"), make("same-name-other"));
+    let subject = |ca: &TestCa| {
+        let der = tls::load_ca_certificates(&ca.file("ca.pem")).expect("ca")[0].clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+        parsed.subject().to_string()
+    };
+    assert_ne!(subject(&ca), subject(&other), "two CAs share one name");
+    assert!(subject(&ca).contains("FWNP CA"), "{}", subject(&ca));
+    other.host("stranger", &[], &["fwnp://host/stranger"], &[]);
+    let server = server(&ca.server_files());
+    let files = ClientTlsFiles {
+        ca: ca.file("ca.pem"),
+        ..other.client_files("stranger")
+    };
+    let outcome = attempt(&server, client_config(&files), GATEWAY_NAME).await;
+    assert_refused(outcome, AlertDescription::UnknownCA, "UnknownIssuer").await;
+    // Its own CA's hosts still connect, and a certificate issued later still chains to it.
+    ca.host("web-01", &[], &["fwnp://host/web-01"], &[]);
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&ca.client_files("web-01")), GATEWAY_NAME).await).await;
+    assert_eq!(identity.expect("identity").identity, "fwnp://host/web-01");
+}
+
+#[tokio::test]
 async fn refused_with_an_expired_certificate() {
     let ca = TestCa::new("expired");
     let day = Duration::from_secs(24 * 3600);
