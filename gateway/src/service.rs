@@ -268,11 +268,12 @@ impl Service {
         if !revoked.is_empty() {
             info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
         }
-        // So may the CRL: no restored lease made with a certificate it lists may stay open
-        // (no host is connected yet, so none has rolled to a new certificate).
+        // So may the CRL: no restored lease last opened or renewed with a certificate it lists
+        // may stay open.
         let revoked = Arc::new(read_revoked_certificates::<StartError>(service.config.crl.as_deref())?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
+            // No host is connected yet to be told.
             service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
         }
         Ok(service)
@@ -1087,10 +1088,10 @@ impl Service {
     }
 
     /// Re-reads the TLS files (the CRL above all) for new connections on every registered
-    /// endpoint, then ends what the certificates the CRL lists still hold through connections
-    /// made before it: their hosts' live leases are revoked with `credential-revoked`, unless
-    /// the host is also connected with a certificate the CRL does not list, and those
-    /// connections are closed with `NoError` once the notices are delivered. Returns the
+    /// endpoint, then ends what the certificates the CRL lists still hold: the live leases they
+    /// last opened or renewed are revoked with `credential-revoked`, and the connections made
+    /// with them before the reload are closed with `NoError` once the notices are delivered
+    /// ([`Service::end_revoked_credentials`]). Returns the
     /// connections it closed, for the admin API. A bad file leaves the old configuration in
     /// force and closes nothing.
     pub async fn reload_tls(&self) -> Result<Vec<Value>, TlsReloadError> {
@@ -1128,15 +1129,13 @@ impl Service {
     /// the handshake only, so a connection made before the CRL listed its certificate would go
     /// on, and with it the renewals of its host's leases.
     ///
-    /// For each identity with a live connection whose certificate `revoked` lists (issuer and
-    /// serial): its live leases are revoked with `credential-revoked` and the Revoked notices
-    /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections
-    /// are closed with `NoError`, each recorded as an authentication failure. An identity that
-    /// also has a connection with a certificate not in `revoked` (a host that already rolled to
-    /// a new certificate) keeps its leases: only its revoked connections close.
-    ///
-    /// Leases last opened or renewed with a listed certificate whose host is not connected are
-    /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
+    /// Every live lease last opened or renewed with a certificate `revoked` lists (issuer and
+    /// serial) is revoked with `credential-revoked`, whether or not its host is connected, and
+    /// under whichever certificate: the holder of a stolen key could otherwise keep what it
+    /// opened while the real host is connected under its new certificate. The Revoked notices
+    /// go to every connection of the identity; once those under a listed certificate have them
+    /// (at most [`CREDENTIAL_NOTICE_WAIT`]), these are closed with `NoError`, each recorded as an
+    /// authentication failure. Leases last opened or renewed with another certificate stay.
     async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
@@ -1153,49 +1152,42 @@ impl Service {
                 entry.revoked.push((session.clone(), peer.certificate.serial.clone()));
             }
         }
-        let rolled_identities: BTreeSet<String> =
-            by_identity.iter().filter(|(_, c)| c.rolled).map(|(identity, _)| identity.clone()).collect();
+        // A lease whose certificate is not known (stored before leases remembered it) goes with
+        // its identity's revoked connection, unless the identity is also connected under a
+        // certificate the CRL does not list.
+        let unrolled: BTreeSet<String> = by_identity
+            .iter()
+            .filter(|(_, c)| !c.rolled && !c.revoked.is_empty())
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        let ended = self.end_leases_of_revoked_certificates(revoked, &unrolled).await;
+        let mut leases_revoked: BTreeMap<&str, usize> = BTreeMap::new();
         let mut deliveries = tokio::task::JoinSet::new();
-        let mut closing = Vec::new();
-        for (identity, IdentityConnections { revoked: sessions, rolled }) in by_identity {
-            if sessions.is_empty() {
-                continue;
-            }
-            let mut leases_revoked = 0usize;
-            if !rolled {
-                let serials: BTreeSet<&str> = sessions.iter().map(|(_, serial)| serial.as_str()).collect();
-                let text = format!(
-                    "the certificate (serial {}) was revoked",
-                    serials.into_iter().collect::<Vec<_>>().join(", ")
-                );
-                let leases: Vec<LeaseId> = lock(&self.book).leases_of(&identity).map(|l| l.id).collect();
-                for id in leases {
-                    let Some((_, notice)) = self
-                        .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text.clone()))
-                        .await
-                    else {
-                        continue;
-                    };
-                    leases_revoked += 1;
+        for (identity, notice) in &ended {
+            *leases_revoked.entry(identity.as_str()).or_default() += 1;
+            let closing = by_identity.get(identity).map(|c| c.revoked.as_slice()).unwrap_or_default();
+            for session in self.sessions.of(identity) {
+                let notice = notice.clone();
+                if closing.iter().any(|(s, _)| s.id == session.id) {
                     // All at once: the wait is for the slowest host, not the sum of them.
-                    for (session, _) in &sessions {
-                        let (session, notice) = (session.clone(), notice.clone());
-                        deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
-                    }
+                    deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
+                } else {
+                    deliveries.spawn(async move { session.notify(&notice).await });
                 }
             }
-            closing.push((identity, sessions, rolled, leases_revoked));
         }
-        self.end_leases_of_revoked_certificates(revoked, &rolled_identities).await;
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
-        for (identity, sessions, rolled, leases_revoked) in closing {
+        for (identity, IdentityConnections { revoked: sessions, rolled }) in &by_identity {
+            let count = leases_revoked.get(identity.as_str()).copied().unwrap_or(0);
             for (session, serial) in sessions {
                 session.close(QuicErrorCode::NoError, "certificate revoked");
-                let what = if rolled {
-                    "its leases stay with the identity's connection under another certificate".to_owned()
+                let what = if *rolled {
+                    format!(
+                        "{count} live leases of the identity revoked; those of its connection under another certificate stay"
+                    )
                 } else {
-                    format!("the identity's {leases_revoked} live leases revoked")
+                    format!("{count} live leases of the identity revoked")
                 };
                 warn!(session = session.id, identity = %identity, %serial, remote = %session.remote, "connection closed, its certificate was revoked: {what}");
                 let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
@@ -1206,49 +1198,58 @@ impl Service {
                 event.reason = Some(format!("certificate serial {serial} revoked: connection closed; {what}"));
                 self.record(event);
                 closed.push(json!({
-                    "host": &identity,
+                    "host": identity,
                     "serial": serial.as_str(),
                     "peer": session.remote.to_string(),
-                    "leases_revoked": leases_revoked,
+                    "leases_revoked": count,
                 }));
             }
         }
         closed
     }
 
-    /// Revokes the live leases last opened or renewed with a certificate `revoked` lists, whose
-    /// host is not connected (the connected ones were handled with their connections), unless
-    /// the identity is connected with a certificate the CRL does not list (it rolled to a new
-    /// one and keeps its leases). Without this, whoever held a stolen key could open leases,
-    /// disconnect, and keep them open after the revocation until they expire.
+    /// Revokes every live lease last opened or renewed with a certificate `revoked` lists, and
+    /// the leases of `unknown_certificate_identities` whose certificate is not known; returns
+    /// each revoked lease's identity and Revoked notice, for the caller to deliver. Without
+    /// this, whoever held a stolen key could open leases, disconnect (or stay connected beside
+    /// the real host), and keep them open after the revocation until they expire.
     async fn end_leases_of_revoked_certificates(
         &self,
         revoked: &crate::identity::RevokedCertificates,
-        rolled_identities: &BTreeSet<String>,
-    ) {
-        let listed: Vec<(LeaseId, String, Arc<crate::identity::CertificateName>)> = {
+        unknown_certificate_identities: &BTreeSet<String>,
+    ) -> Vec<(String, Message)> {
+        let listed: Vec<(LeaseId, String, String)> = {
             let book = lock(&self.book);
             let mut credentials = lock(&self.lease_credentials);
             // Entries of leases that ended by a path that raced with their renewal.
             credentials.retain(|id, _| book.get(id).is_some());
-            credentials
-                .iter()
-                .filter(|(_, certificate)| revoked.lists(certificate))
-                .filter_map(|(id, certificate)| {
-                    let identity = book.get(id)?.host.to_string();
-                    (!rolled_identities.contains(&identity)).then(|| (*id, identity, certificate.clone()))
+            book.iter()
+                .filter_map(|lease| match credentials.get(&lease.id) {
+                    Some(certificate) if revoked.lists(certificate) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        format!(
+                            "the certificate (serial {}) that last opened or renewed it was revoked",
+                            certificate.serial.as_str()
+                        ),
+                    )),
+                    None if unknown_certificate_identities.contains(&*lease.host) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        "the certificate of its host's connection was revoked".to_owned(),
+                    )),
+                    _ => None,
                 })
                 .collect()
         };
-        for (id, identity, certificate) in listed {
-            let text = format!(
-                "the certificate (serial {}) that last opened or renewed it was revoked",
-                certificate.serial.as_str()
-            );
-            if self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await.is_some() {
-                warn!(lease = %id, identity = %identity, serial = %certificate.serial, "lease of a revoked certificate revoked; its host is not connected");
+        let mut ended = Vec::new();
+        for (id, identity, text) in listed {
+            if let Some((_, notice)) = self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await {
+                warn!(lease = %id, identity = %identity, "lease of a revoked certificate revoked");
+                ended.push((identity, notice));
             }
         }
+        ended
     }
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live

@@ -1391,30 +1391,42 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
 }
 
 #[tokio::test]
-async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_its_certificate() {
-    let gw = TestGateway::start("crl-rolled", POLICY).await;
+async fn a_crl_reload_revokes_the_leases_of_a_stolen_certificate_while_its_host_is_connected_under_a_new_one()
+{
+    let gw = TestGateway::start("crl-rolled", &POLICY.replace("max_leases = 3", "max_leases = 4")).await;
     gw.service.add_endpoint(gw.endpoint.clone());
-    // The same identity under two certificates: the old one and its replacement.
+    // The same identity under two certificates: a stolen one, used by a thief, and the one
+    // the real host rolled to.
     let old_files = gw.pki.host("web-01", &[HOST_A], &[], &[]);
     let new_files = gw
         .pki
         .host("web-01-renewed", &[HOST_A], &["fwnp://host/web-01"], &[]);
-    let old = Client::connect(gw.addr, &old_files).await;
-    assert_eq!(old.hello().await.identity, "fwnp://host/web-01");
-    let first = granted(old.open(tcp(7001), None).await).lease;
-    let new = Client::connect(gw.addr, &new_files).await;
-    assert_eq!(new.hello().await.identity, "fwnp://host/web-01");
-    let second = granted(new.open(tcp(7002), None).await).lease;
+    let thief = Client::connect(gw.addr, &old_files).await;
+    assert_eq!(thief.hello().await.identity, "fwnp://host/web-01");
+    let thiefs = granted(thief.open(tcp(7001), None).await).lease;
+    // A lease of the stolen certificate whose connection is gone.
+    let hung_up = Client::connect(gw.addr, &old_files).await;
+    hung_up.hello().await;
+    let left_behind = granted(hung_up.open(tcp(7003), None).await).lease;
+    hung_up.connection.close(0u32.into(), b"bye");
+    drop(hung_up);
+    let host = Client::connect(gw.addr, &new_files).await;
+    assert_eq!(host.hello().await.identity, "fwnp://host/web-01");
+    let hosts = granted(host.open(tcp(7002), None).await).lease;
+    // A lease the stolen certificate opened and the real host renewed since is the host's.
+    let renewed = granted(thief.open(tcp(7004), None).await).lease;
+    granted(host.renew(renewed, None).await);
 
     let revocation =
-        pki::revoke(gw.pki.path(), &old_files.cert, RevocationReason::Superseded).expect("revoke");
+        pki::revoke(gw.pki.path(), &old_files.cert, RevocationReason::KeyCompromise).expect("revoke");
     let closed = gw.service.reload_tls().await.expect("reload");
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
-    assert_eq!(closed[0]["leases_revoked"], json!(0));
+    assert_eq!(closed[0]["leases_revoked"], json!(2), "{closed:?}");
 
-    // The old connection closes, without notices; the new one goes on with both leases.
-    let ended = old.closed_within(STEP).await.expect("closed");
+    // The thief's connection closes; both leases the stolen certificate last opened or renewed
+    // are revoked, and the real host, connected under its new certificate, is told.
+    let ended = thief.closed_within(STEP).await.expect("closed");
     assert_eq!(
         application_close(&ended),
         Some((
@@ -1423,25 +1435,30 @@ async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_i
         )),
         "{ended:?}"
     );
-    assert!(
-        old.next_notice(Duration::from_millis(200)).await.is_none(),
-        "the old connection got a notice"
-    );
-    assert!(
-        new.next_notice(Duration::from_millis(200)).await.is_none(),
-        "the new connection got a notice"
-    );
-    let mut listed: Vec<_> = new.list().await.leases.iter().map(|l| l.lease).collect();
-    listed.sort();
-    let mut expected = vec![first, second];
+    let mut notified = Vec::new();
+    while let Some(notice) = host.next_notice(Duration::from_millis(500)).await {
+        match notice {
+            Message::Revoked(r) => {
+                assert_eq!(r.reason, RevokeReason::CredentialRevoked, "{r:?}");
+                notified.push(r.lease);
+            }
+            other => panic!("unexpected notice {other:?}"),
+        }
+    }
+    notified.sort();
+    let mut expected = vec![thiefs, left_behind];
     expected.sort();
-    assert_eq!(listed, expected);
-    assert_eq!(
-        gw.service.store().live_lease_count().expect("count"),
-        2,
-        "the leases stay in the store"
-    );
-    assert!(gw.audit(&[AuditKind::Revocation], None).is_empty());
+    assert_eq!(notified, expected);
+    let mut listed: Vec<_> = host.list().await.leases.iter().map(|l| l.lease).collect();
+    listed.sort();
+    let mut kept = vec![hosts, renewed];
+    kept.sort();
+    assert_eq!(listed, kept);
+    assert_eq!(gw.service.store().live_lease_count().expect("count"), 2);
+    let revocations = gw.audit(&[AuditKind::Revocation], None);
+    let mut revoked: Vec<_> = revocations.iter().filter_map(|r| r.event.lease).collect();
+    revoked.sort();
+    assert_eq!(revoked, expected);
     let failures = gw
         .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
