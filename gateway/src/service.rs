@@ -37,6 +37,7 @@ use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Request as PolicyRequest, Verdict};
 use crate::server::{Session, Sessions};
+use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
     Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
@@ -65,7 +66,15 @@ pub struct Service {
     /// Prometheus metrics.
     pub metrics: Metrics,
     policy: RwLock<Arc<Policy>>,
-    limiter: RwLock<Option<Arc<DefaultKeyedRateLimiter<String>>>>,
+    limiter: RwLock<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Handshakes started per source address ([`Service::admit_handshake`]).
+    handshake_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failed handshakes (and certificates naming no identity) per source address and reason.
+    auth_failures: Tally<(IpAddr, String), SocketAddr>,
+    /// Handshakes refused over the per-source limit, per source address.
+    refused_handshakes: Tally<IpAddr, SocketAddr>,
+    /// Lists per host identity.
+    lists: Tally<String, SocketAddr>,
     book: Mutex<LeaseBook>,
     expiry_changed: tokio::sync::Notify,
     store: Store,
@@ -208,13 +217,30 @@ where
     }
 }
 
-fn limiter_for(policy: &Policy) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
-    policy.rate_limit().map(|limit| {
-        let quota = Quota::with_period(limit.replenish_interval())
-            .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
-            .allow_burst(limit.burst);
-        Arc::new(DefaultKeyedRateLimiter::keyed(quota))
-    })
+fn limiter_for(policy: &Policy) -> Arc<DefaultKeyedRateLimiter<String>> {
+    let limit = policy.effective_rate_limit();
+    let quota = Quota::with_period(limit.replenish_interval())
+        .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
+        .allow_burst(limit.burst);
+    Arc::new(DefaultKeyedRateLimiter::keyed(quota))
+}
+
+fn handshake_limiter(config: &GatewayConfig) -> DefaultKeyedRateLimiter<IpAddr> {
+    let at_least_one = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = Quota::per_second(at_least_one(config.limits.handshakes_per_source_per_second))
+        .allow_burst(at_least_one(config.limits.handshake_burst_per_source));
+    DefaultKeyedRateLimiter::keyed(quota)
+}
+
+/// What becomes of a new QUIC connection attempt, before any TLS work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go on with the handshake.
+    Accept,
+    /// Ask the source to prove its address first (QUIC Retry).
+    Retry,
+    /// Refuse it: its source started too many handshakes.
+    Refuse,
 }
 
 impl Service {
@@ -235,11 +261,16 @@ impl Service {
         let store = Store::open_with(&config.state_dir, options)?;
         let epoch = store.epoch();
         let limiter = limiter_for(&policy);
+        let window = config.limits.audit_count_interval;
         let service = Arc::new(Service {
             sessions: Sessions::default(),
             metrics: Metrics::new(),
             policy: RwLock::new(Arc::new(policy)),
             limiter: RwLock::new(limiter),
+            handshake_limiter: handshake_limiter(&config),
+            auth_failures: Tally::new(window),
+            refused_handshakes: Tally::new(window),
+            lists: Tally::new(window),
             book: Mutex::new(LeaseBook::new()),
             expiry_changed: tokio::sync::Notify::new(),
             store,
@@ -276,6 +307,7 @@ impl Service {
             // No host is connected yet to be told.
             service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
         }
+        tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
         Ok(service)
     }
 
@@ -363,14 +395,139 @@ impl Service {
     }
 
     /// Records a failed authentication (a refused handshake or a certificate with no identity).
+    /// Anyone on the network can fail a handshake, as often as they like: the first failure
+    /// from an address for a reason in an interval is logged and recorded, the others of the
+    /// interval are counted into one record at its end ([`Tally`]).
     pub fn auth_failure(&self, peer: SocketAddr, reason: &str) {
+        self.metrics.request("auth-failure");
+        let earlier = match self.auth_failures.event(&(peer.ip(), reason.to_owned()), peer) {
+            TallyVerdict::Counted => return,
+            TallyVerdict::Record(earlier) => earlier,
+        };
+        if let Some(earlier) = earlier {
+            self.record_auth_failures(&earlier);
+        }
         warn!(%peer, "authentication failed: {reason}");
         let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
         event.outcome = Some(Outcome::Error);
         event.peer = Some(peer);
         event.reason = Some(reason.to_owned());
         self.record(event);
-        self.metrics.request("auth-failure");
+    }
+
+    fn record_auth_failures(&self, counted: &Counted<(IpAddr, String), SocketAddr>) {
+        let (address, reason) = &counted.key;
+        let window = humantime::format_duration(self.auth_failures.window());
+        let text = format!(
+            "{} more failed authentications from {address} within {window} of the one recorded: {reason}",
+            counted.more
+        );
+        warn!(peer = %address, count = counted.more, "{text}");
+        let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+        event.outcome = Some(Outcome::Error);
+        event.peer = Some(counted.first);
+        event.reason = Some(text);
+        self.record(event);
+    }
+
+    fn record_refused_handshakes(&self, peer: SocketAddr, more: Option<u64>) {
+        let limits = &self.config.limits;
+        let text = match more {
+            None => format!(
+                "handshake refused: more than {} per second (burst {}) from this address",
+                limits.handshakes_per_source_per_second, limits.handshake_burst_per_source
+            ),
+            Some(more) => format!(
+                "{more} more handshakes refused from {} within {} of the one recorded",
+                peer.ip(),
+                humantime::format_duration(self.refused_handshakes.window())
+            ),
+        };
+        warn!(%peer, "{text}");
+        let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+        event.outcome = Some(Outcome::Denied);
+        event.peer = Some(peer);
+        event.reason = Some(text);
+        self.record(event);
+    }
+
+    fn record_lists(&self, counted: &Counted<String, SocketAddr>) {
+        let mut event = AuditEvent::new(now_ms(), AuditKind::Request);
+        event.identity = Some(counted.key.clone());
+        event.peer = Some(counted.first);
+        event.reason = Some(format!(
+            "list: {} more within {} of the one recorded",
+            counted.more,
+            humantime::format_duration(self.lists.window())
+        ));
+        self.record(event);
+    }
+
+    /// Decides, before any TLS work, what becomes of a connection attempt from `remote`: while
+    /// more than `retry_above_handshakes` handshakes are in progress, a source that has not
+    /// proved its address gets a Retry (spoofed sources never come back); then each source may
+    /// start a bounded number of handshakes per second, and is refused beyond.
+    pub fn admit_handshake(&self, remote: SocketAddr, validated: bool, in_progress: usize) -> Admission {
+        if !validated && in_progress >= self.config.limits.retry_above_handshakes as usize {
+            self.metrics.request("handshake-retry");
+            return Admission::Retry;
+        }
+        if self.handshake_limiter.check_key(&remote.ip()).is_ok() {
+            return Admission::Accept;
+        }
+        self.metrics.request("handshake-refused");
+        match self.refused_handshakes.event(&remote.ip(), remote) {
+            TallyVerdict::Counted => {}
+            TallyVerdict::Record(earlier) => {
+                if let Some(earlier) = earlier {
+                    self.record_refused_handshakes(earlier.first, Some(earlier.more));
+                }
+                self.record_refused_handshakes(remote, None);
+            }
+        }
+        Admission::Refuse
+    }
+
+    /// Writes the counts of the intervals that ended and forgets idle sources, every interval,
+    /// as long as the service lives.
+    async fn run_tallies(service: std::sync::Weak<Service>) {
+        let Some(interval) = service.upgrade().map(|s| s.config.limits.audit_count_interval) else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(service) = service.upgrade() else { return };
+            service.flush_tallies();
+        }
+    }
+
+    fn flush_tallies(&self) {
+        let (failures, failures_beyond) = self.auth_failures.ended();
+        for counted in &failures {
+            self.record_auth_failures(counted);
+        }
+        let (refused, refused_beyond) = self.refused_handshakes.ended();
+        for counted in &refused {
+            self.record_refused_handshakes(counted.first, Some(counted.more));
+        }
+        let (lists, _) = self.lists.ended();
+        for counted in &lists {
+            self.record_lists(counted);
+        }
+        let beyond = failures_beyond + refused_beyond;
+        if beyond > 0 {
+            // Too many sources at once to count each: one line and one record for all of them.
+            let text = format!(
+                "{beyond} failed or refused handshakes from sources beyond the {} counted one by one",
+                crate::tally::MAX_KEYS
+            );
+            warn!("{text}");
+            let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+            event.outcome = Some(Outcome::Error);
+            event.reason = Some(text);
+            self.record(event);
+        }
+        self.handshake_limiter.retain_recent();
     }
 
     /// Answers one request: the bytes of one stream, decoded here.
@@ -386,12 +543,12 @@ impl Service {
                 "the certificate of this connection has been revoked",
             ));
         }
-        // Every request of an authenticated host counts against its rate, whatever it holds:
-        // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
-        if let Some(peer) = &session.peer
-            && let Some(retry_after) = self.rate_limited(&peer.identity)
-        {
-            return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
+        // Every request counts against its host's rate, whatever it holds: undecodable bytes
+        // and repeated Hellos too, so that no request is free to flood with. A certificate
+        // that names no identity is counted by its address, as its connections are.
+        let rate_key = Sessions::key_of(session);
+        if let Some(retry_after) = self.rate_limited(&rate_key) {
+            return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
         }
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
@@ -481,7 +638,7 @@ impl Service {
             self.rate_limit_audited.insert(identity.to_owned(), ());
             let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
             event.outcome = Some(Outcome::Denied);
-            event.identity = Some(identity.to_owned());
+            event.identity = session.peer.as_ref().map(|p| p.identity.clone());
             event.peer = Some(session.remote);
             event.code = Some(ResultCode::RateLimited);
             event.reason = Some("rate limited (further refusals within a second are not recorded)".into());
@@ -493,7 +650,7 @@ impl Service {
     }
 
     fn rate_limited(&self, identity: &str) -> Option<u32> {
-        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone();
         match limiter.check_key(&identity.to_owned()) {
             Ok(()) => None,
             Err(not_until) => {
@@ -1006,11 +1163,18 @@ impl Service {
 
     fn list(&self, session: &Session, peer: &PeerIdentity, list: &List) -> Message {
         let now = now_ms();
-        let mut event = AuditEvent::new(now, AuditKind::Request);
-        event.identity = Some(peer.identity.clone());
-        event.peer = Some(session.remote);
-        event.reason = Some("list".into());
-        self.record(event);
+        // A List changes nothing: the first of a host's in an interval is recorded, the rest
+        // counted into one record at its end, so that Lists cannot flood the trail.
+        if let TallyVerdict::Record(earlier) = self.lists.event(&peer.identity, session.remote) {
+            if let Some(earlier) = earlier {
+                self.record_lists(&earlier);
+            }
+            let mut event = AuditEvent::new(now, AuditKind::Request);
+            event.identity = Some(peer.identity.clone());
+            event.peer = Some(session.remote);
+            event.reason = Some("list".into());
+            self.record(event);
+        }
         let leases = lock(&self.book)
             .leases_of(&peer.identity)
             .filter(|l| l.expires_ms > now)
@@ -1513,7 +1677,20 @@ fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
 
 #[cfg(test)]
 mod tests {
-    use super::fit_reason;
+    use super::{Policy, fit_reason, limiter_for};
+
+    #[test]
+    fn without_a_rate_limit_table_the_default_limit_applies() {
+        let policy = Policy::from_str("[defaults]\nlifetime = \"10m\"\n", "test").expect("policy");
+        assert!(policy.rate_limit().is_none());
+        let limiter = limiter_for(&policy);
+        let key = "fwnp://host/web-01".to_owned();
+        // The burst (2000) passes at once; the default rate adds about one per millisecond.
+        let passed = (0..2100).filter(|_| limiter.check_key(&key).is_ok()).count();
+        assert!((2000..2100).contains(&passed), "{passed} of 2100 passed");
+        // Another identity has a budget of its own.
+        assert!(limiter.check_key(&"fwnp://host/web-02".to_owned()).is_ok());
+    }
 
     #[test]
     fn reasons_are_cut_to_the_protocol_limit_on_a_char_boundary() {

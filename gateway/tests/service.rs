@@ -1201,6 +1201,212 @@ async fn refused_connections_are_audited_as_authentication_failures() {
     gw.welcomed_host("web-01", &[HOST_A]).await;
 }
 
+/// Counts the WARN events logged while it is the thread's subscriber (the tests' runtime runs
+/// every task on the test's thread).
+#[derive(Clone, Default)]
+struct WarnCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl WarnCounter {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `attempts` handshakes from 127.0.0.1 with a certificate of another CA, `parallel` at a time;
+/// returns how many the gateway refused before TLS (the client sees ConnectionRefused).
+async fn failing_handshakes(gw: &TestGateway, attempts: usize, parallel: usize) -> usize {
+    let other = Pki::new("flood-stranger");
+    let mut stranger = other.host("stranger", &[], &[], &[]);
+    stranger.ca = gw.pki.file("ca.pem");
+    let config = fwnp_gateway::tls::client_config_from_files(&stranger, &Default::default())
+        .expect("client TLS config");
+    let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind client");
+    let mut refused = 0;
+    let mut done = 0;
+    while done < attempts {
+        let batch = parallel.min(attempts - done);
+        let results = futures_join_all((0..batch).map(|_| {
+            let connecting = endpoint
+                .connect_with(config.clone(), gw.addr, GATEWAY_NAME)
+                .expect("connect");
+            async move {
+                match tokio::time::timeout(STEP, connecting).await {
+                    Ok(Ok(connection)) => {
+                        // TLS 1.3: the client may finish before the gateway judged it.
+                        tokio::time::timeout(STEP, connection.closed()).await.expect("refusal in time")
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => panic!("a handshake neither finished nor failed in time"),
+                }
+            }
+        }))
+        .await;
+        refused += results
+            .iter()
+            .filter(|e| {
+                matches!(e, quinn::ConnectionError::ConnectionClosed(close)
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+            })
+            .count();
+        done += batch;
+    }
+    endpoint.close(0u32.into(), b"");
+    refused
+}
+
+#[tokio::test]
+async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts() {
+    let warnings = WarnCounter::default();
+    let _log = tracing::subscriber::set_default(
+        tracing_subscriber::layer::SubscriberExt::with(tracing_subscriber::registry(), warnings.clone()),
+    );
+    let options = GatewayOptions {
+        // Every attempt reaches TLS and fails there.
+        handshakes_per_source: Some((100_000, 100_000)),
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("auth-flood", POLICY, options).await;
+    let attempts = 300;
+    let started = std::time::Instant::now();
+    assert_eq!(failing_handshakes(&gw, attempts, 20).await, 0);
+    let windows = started.elapsed().as_secs() + 2;
+    // The first failure of each interval at once, the others as one count when it ends.
+    let accounted = |records: &[fwnp_gateway::store::AuditRecord]| -> u64 {
+        records
+            .iter()
+            .map(|r| {
+                let reason = r.event.reason.as_deref().unwrap_or("");
+                if reason.contains(" more failed authentications") {
+                    reason.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+                } else {
+                    1
+                }
+            })
+            .sum()
+    };
+    let records = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| accounted(r) >= attempts as u64)
+        .await;
+    assert_eq!(accounted(&records), attempts as u64);
+    assert!(
+        records.len() as u64 <= 2 * windows,
+        "{} audit records for one flood over at most {windows} intervals",
+        records.len()
+    );
+    for record in &records {
+        assert_eq!(record.event.peer.map(|p| p.ip()), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    }
+    assert!(
+        warnings.count() as u64 <= 2 * windows,
+        "{} warnings logged for one flood",
+        warnings.count()
+    );
+    // A good host is still served.
+    gw.welcomed_host("web-01", &[HOST_A]).await;
+}
+
+#[tokio::test]
+async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
+    let options = GatewayOptions {
+        handshakes_per_source: Some((5, 10)),
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("handshake-flood", POLICY, options).await;
+    let good = gw.pki.host("web-01", &[HOST_A], &[], &[]);
+    let flood = failing_handshakes(&gw, 300, 30);
+    let host = async {
+        // From another source address, in the middle of the flood.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+        let client = Client::connect_from_socket(socket, gw.addr, &good)
+            .await
+            .expect("the good host is accepted during the flood");
+        client.hello().await
+    };
+    let (refused, welcome) = tokio::join!(flood, host);
+    assert_eq!(welcome.identity, "fwnp://host/web-01");
+    // Beyond the burst (and what a second replenishes), the flood is refused before any TLS.
+    assert!(refused >= 250, "only {refused} of 300 handshakes were refused");
+    let refusals = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| {
+            r.iter().any(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("more handshakes refused")))
+        })
+        .await;
+    let refusals: Vec<_> = refusals
+        .iter()
+        .filter(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("refused")))
+        .collect();
+    assert!(refusals.len() <= 3, "{} records of refused handshakes", refusals.len());
+}
+
+#[tokio::test]
+async fn under_load_a_new_source_must_prove_its_address_with_a_retry_first() {
+    let options = GatewayOptions {
+        // Every handshake counts as "under load".
+        retry_above_handshakes: Some(0),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("retry", POLICY, options).await;
+    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    assert_eq!(welcome.identity, "fwnp://host/web-01");
+    granted(client.open(tcp(7001), None).await);
+    let metrics = gw.service.render_metrics();
+    assert!(
+        metrics.contains("fwnp_requests_total{outcome=\"handshake-retry\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn lists_are_recorded_once_per_interval_with_a_count() {
+    let options = GatewayOptions {
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("list-audit", POLICY, options).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    for _ in 0..50 {
+        client.list().await;
+    }
+    let records = gw
+        .wait_audit(&[AuditKind::Request], None, |r| {
+            r.iter().any(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("more")))
+        })
+        .await;
+    let reasons: Vec<_> = records.iter().filter_map(|r| r.event.reason.clone()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0], "list");
+    assert!(reasons[1].starts_with("list: 49 more"), "{reasons:?}");
+    assert!(records.iter().all(|r| r.event.identity.as_deref() == Some("fwnp://host/web-01")));
+}
+
+#[tokio::test]
+async fn a_certificate_naming_no_identity_is_rate_limited_by_its_address() {
+    let policy = format!("{POLICY}\n[rate_limit]\nrequests_per_second = 1\nburst = 3\n");
+    let gw = TestGateway::start("nameless-rate", &policy).await;
+    let client = Client::connect(gw.addr, &nameless_certificate(&gw)).await;
+    let hello = hello_msg(Some(1), &[1], Capabilities::ALL);
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(denied(client.request(&hello).await).code);
+    }
+    assert_eq!(&codes[..3], &[ResultCode::NotAuthorized; 3], "{codes:?}");
+    assert!(codes[3..].iter().all(|c| *c == ResultCode::RateLimited), "{codes:?}");
+    // A named host has a budget of its own.
+    gw.welcomed_host("web-01", &[HOST_A]).await;
+}
+
 /// How the gateway closed a connection: the application error code and the reason text.
 fn application_close(error: &quinn::ConnectionError) -> Option<(u64, String)> {
     match error {
