@@ -391,6 +391,29 @@ async fn denied_by_policy_names_the_rule_and_no_match_says_so() {
 }
 
 #[tokio::test]
+async fn an_identity_the_policy_does_not_mention_is_welcomed_and_denied_by_policy_not_unauthorized()
+{
+    let gw = TestGateway::start("unmentioned", POLICY).await;
+    // In no group of the policy: `not-authorized` is only for who asks (no identity, revoked).
+    let files = gw.pki.host("stranger", &[HOST_B], &["fwnp://other/stranger"], &[]);
+    let client = Client::connect(gw.addr, &files).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.identity, "fwnp://other/stranger");
+    let d = denied(client.open(tcp(7001), None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    // A reload that names it allows it on the same connection.
+    write_policy(
+        &gw.policy_path,
+        &POLICY.replace(
+            r#"identities = ["fwnp://host/*"]"#,
+            r#"identities = ["fwnp://host/*", "fwnp://other/stranger"]"#,
+        ),
+    );
+    gw.service.reload_policy().await.expect("reload");
+    granted(client.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
 async fn an_application_id_expands_from_the_catalogue() {
     let gw = TestGateway::start("apps", POLICY).await;
     let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;

@@ -640,6 +640,40 @@ async fn refused_with_a_server_certificate_used_as_a_client_certificate() {
     .await;
 }
 
+/// A host certificate of `ca` with the extended key usages `usages` (none: no extension).
+fn host_with_usages(ca: &TestCa, name: &str, usages: Vec<rcgen::ExtendedKeyUsagePurpose>) -> ClientTlsFiles {
+    let ca_pem = std::fs::read_to_string(ca.file("ca.pem")).expect("read ca");
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
+        .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(format!("fwnp://host/{name}").try_into().expect("uri"))];
+    params.extended_key_usages = usages;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(ca.file(&format!("{name}.pem")), certificate.pem()).expect("write cert");
+    std::fs::write(ca.file(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    ca.client_files(name)
+}
+
+#[tokio::test]
+async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_certificate() {
+    let ca = TestCa::new("eku");
+    let server = server(&ca.server_files());
+    let mail = host_with_usages(&ca, "mail", vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection]);
+    let outcome = attempt(&server, client_config(&mail), GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::UnsupportedCertificate,
+        "certificate does not allow extended key usage",
+    )
+    .await;
+    // Without the extension at all, any usage is allowed (spec 3.2).
+    let plain = host_with_usages(&ca, "plain", Vec::new());
+    let (identity, _) = assert_connected(attempt(&server, client_config(&plain), GATEWAY_NAME).await).await;
+    assert_eq!(identity.expect("identity").identity, "fwnp://host/plain");
+}
+
 #[tokio::test]
 async fn the_host_refuses_a_gateway_under_another_name() {
     let ca = TestCa::new("name");
