@@ -86,7 +86,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Tally<K, V> {
                 entry.more = entry.more.saturating_add(1);
                 return Verdict::Counted;
             }
-            let ended = std::mem::replace(entry, Entry { started: now, first, more: 0 });
+            let ended = std::mem::replace(
+                entry,
+                Entry {
+                    started: now,
+                    first,
+                    more: 0,
+                },
+            );
             return Verdict::Record((ended.more > 0).then(|| Counted {
                 key: key.clone(),
                 first: ended.first,
@@ -97,7 +104,14 @@ impl<K: Hash + Eq + Clone, V: Clone> Tally<K, V> {
             state.overflow = state.overflow.saturating_add(1);
             return Verdict::Counted;
         }
-        state.entries.insert(key.clone(), Entry { started: now, first, more: 0 });
+        state.entries.insert(
+            key.clone(),
+            Entry {
+                started: now,
+                first,
+                more: 0,
+            },
+        );
         Verdict::Record(None)
     }
 
@@ -140,7 +154,14 @@ mod tests {
         assert_eq!(tally.ended(), (Vec::new(), 0), "no window has ended yet");
         std::thread::sleep(Duration::from_millis(60));
         let (ended, overflow) = tally.ended();
-        assert_eq!(ended, vec![Counted { key: "a", first: 1, more: 98 }]);
+        assert_eq!(
+            ended,
+            vec![Counted {
+                key: "a",
+                first: 1,
+                more: 98
+            }]
+        );
         assert_eq!(overflow, 0);
         assert_eq!(tally.ended(), (Vec::new(), 0), "a count is handed out once");
         // A new window, ended by the next event of its key rather than by `ended`.
@@ -149,7 +170,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(
             tally.event(&"a", 300),
-            Verdict::Record(Some(Counted { key: "a", first: 200, more: 1 }))
+            Verdict::Record(Some(Counted {
+                key: "a",
+                first: 200,
+                more: 1
+            }))
         );
     }
 
