@@ -210,7 +210,10 @@ struct RawStore {
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore { synchronous: default_synchronous(), audit_retention: default_retention() }
+        RawStore {
+            synchronous: default_synchronous(),
+            audit_retention: default_retention(),
+        }
     }
 }
 
@@ -257,8 +260,10 @@ fn default_retention() -> Spanned<String> {
 impl GatewayConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -266,7 +271,12 @@ impl GatewayConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let at = |span: std::ops::Range<usize>, reason: String| {
             let (line, column) = line_column(text, span.start);
-            ConfigError::Invalid { origin: origin.to_owned(), line, column, reason }
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line,
+                column,
+                reason,
+            }
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
@@ -276,7 +286,10 @@ impl GatewayConfig {
         let mut listen = Vec::with_capacity(raw.listen.len());
         for addr in &raw.listen {
             listen.push(addr.get_ref().parse::<SocketAddr>().map_err(|e| {
-                at(addr.span(), format!("listen address {:?}: {e}", addr.get_ref()))
+                at(
+                    addr.span(),
+                    format!("listen address {:?}: {e}", addr.get_ref()),
+                )
             })?);
         }
         if listen.is_empty() {
@@ -284,7 +297,10 @@ impl GatewayConfig {
         }
         let metrics = match &raw.metrics {
             Some(addr) => Some(addr.get_ref().parse::<SocketAddr>().map_err(|e| {
-                at(addr.span(), format!("metrics address {:?}: {e}", addr.get_ref()))
+                at(
+                    addr.span(),
+                    format!("metrics address {:?}: {e}", addr.get_ref()),
+                )
             })?),
             None => None,
         };
@@ -292,7 +308,9 @@ impl GatewayConfig {
         let table = raw.filter.table.get_ref();
         if table.is_empty()
             || table.len() > 64
-            || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || !table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             return Err(at(
                 raw.filter.table.span(),
@@ -308,7 +326,10 @@ impl GatewayConfig {
             let n = name.get_ref();
             // IFNAMSIZ is 16 with the terminating NUL.
             if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) {
-                return Err(at(name.span(), format!("interface name {n:?} is not valid")));
+                return Err(at(
+                    name.span(),
+                    format!("interface name {n:?} is not valid"),
+                ));
             }
             inbound_interfaces.push(n.clone());
         }
@@ -337,8 +358,14 @@ impl GatewayConfig {
             return Err(at(0..0, "[limits] values must be at least 1".to_owned()));
         }
         for (key, value) in [
-            ("handshakes_per_source_per_second", &raw.limits.handshakes_per_source_per_second),
-            ("handshake_burst_per_source", &raw.limits.handshake_burst_per_source),
+            (
+                "handshakes_per_source_per_second",
+                &raw.limits.handshakes_per_source_per_second,
+            ),
+            (
+                "handshake_burst_per_source",
+                &raw.limits.handshake_burst_per_source,
+            ),
         ] {
             if *value.get_ref() == 0 {
                 return Err(at(value.span(), format!("{key} must be at least 1")));
@@ -387,12 +414,18 @@ impl GatewayConfig {
                 max_connections_per_identity: raw.limits.max_connections_per_identity,
                 max_streams: raw.limits.max_streams,
                 request_timeout,
-                handshakes_per_source_per_second: *raw.limits.handshakes_per_source_per_second.get_ref(),
+                handshakes_per_source_per_second: *raw
+                    .limits
+                    .handshakes_per_source_per_second
+                    .get_ref(),
                 handshake_burst_per_source: *raw.limits.handshake_burst_per_source.get_ref(),
                 retry_above_handshakes: raw.limits.retry_above_handshakes,
                 audit_count_interval,
             },
-            store: StoreConfig { synchronous_full, audit_retention },
+            store: StoreConfig {
+                synchronous_full,
+                audit_retention,
+            },
         })
     }
 }
@@ -421,9 +454,16 @@ pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
         },
     };
     if net.trunc() != net {
-        return Err(format!("{text:?} has host bits set beyond /{}; did you mean {}?", net.prefix_len(), net.trunc()));
+        return Err(format!(
+            "{text:?} has host bits set beyond /{}; did you mean {}?",
+            net.prefix_len(),
+            net.trunc()
+        ));
     }
-    Ok(Prefix { addr: net.addr(), len: net.prefix_len() })
+    Ok(Prefix {
+        addr: net.addr(),
+        len: net.prefix_len(),
+    })
 }
 
 #[cfg(test)]
@@ -453,7 +493,10 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         assert_eq!(config.limits.handshake_burst_per_source, 200);
         assert_eq!(config.limits.retry_above_handshakes, 64);
         assert_eq!(config.limits.audit_count_interval, Duration::from_secs(60));
-        assert_eq!(config.store.audit_retention, Duration::from_secs(90 * 86400));
+        assert_eq!(
+            config.store.audit_retention,
+            Duration::from_secs(90 * 86400)
+        );
         assert_eq!(config.admin_socket, PathBuf::from("/run/fwnp/gateway.sock"));
     }
 
@@ -478,14 +521,19 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         assert_eq!(line, 11);
         assert!(reason.contains("drop"), "{reason}");
 
-        let (line, reason) =
-            error_of(&format!("{GOOD}\n[limits]\nretry_above_handshakes = 8\nhandshake_burst_per_source = 0\n"));
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\nretry_above_handshakes = 8\nhandshake_burst_per_source = 0\n"
+        ));
         assert_eq!(line, 14);
         assert!(reason.contains("handshake_burst_per_source"), "{reason}");
-        let (line, reason) = error_of(&format!("{GOOD}\n[limits]\naudit_count_interval = \"soon\"\n"));
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\naudit_count_interval = \"soon\"\n"
+        ));
         assert_eq!(line, 13);
         assert!(reason.contains("soon"), "{reason}");
-        let (line, reason) = error_of(&format!("{GOOD}\n[limits]\naudit_count_interval = \"1ms\"\n"));
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\naudit_count_interval = \"1ms\"\n"
+        ));
         assert_eq!(line, 13);
         assert!(reason.contains("at least"), "{reason}");
     }
@@ -512,6 +560,9 @@ mod example_tests {
         let text = include_str!("../examples/gateway.toml");
         let config = super::GatewayConfig::parse(text, "examples/gateway.toml").expect("valid");
         assert_eq!(config.filter.protected.len(), 2);
-        assert_eq!(config.metrics, Some("127.0.0.1:9771".parse().expect("address")));
+        assert_eq!(
+            config.metrics,
+            Some("127.0.0.1:9771".parse().expect("address"))
+        );
     }
 }

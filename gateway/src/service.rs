@@ -21,9 +21,9 @@ use fwnp_proto::gateway::{
 };
 use fwnp_proto::validate::validate_request;
 use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List, Message,
-    Open, QuicErrorCode, Release, Released, Renew, ResultCode, RevokeReason, Welcome,
-    MAX_MESSAGE_SIZE,
+    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List,
+    MAX_MESSAGE_SIZE, Message, Open, QuicErrorCode, Release, Released, Renew, ResultCode,
+    RevokeReason, Welcome,
 };
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
@@ -37,11 +37,11 @@ use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Request as PolicyRequest, Verdict};
 use crate::server::{Session, Sessions};
-use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
     Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
 };
+use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 
 /// How long a request id is remembered per identity, so that a retried request gets the answer
 /// the first one got instead of acting twice.
@@ -163,7 +163,10 @@ pub fn fit_reason(reason: impl Into<String>) -> String {
 
 fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
     Denied {
-        common: Common { request_id, critical: Vec::new() },
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
         code,
         reason: Some(fit_reason(reason)),
         retry_after: None,
@@ -193,7 +196,8 @@ pub fn elements_of(grant: &Grant) -> Vec<Element> {
 /// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
 fn certainly_fits(grants: &[Grant]) -> bool {
     let bound = grants.iter().fold(100usize, |sum, g| {
-        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len)).saturating_add(24usize.saturating_mul(g.remotes.len()))
+        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len))
+            .saturating_add(24usize.saturating_mul(g.remotes.len()))
     });
     bound < MAX_MESSAGE_SIZE
 }
@@ -207,12 +211,16 @@ fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
 }
 
 /// The certificates the CRL file lists; none without a CRL.
-fn read_revoked_certificates<E>(crl: Option<&std::path::Path>) -> Result<crate::identity::RevokedCertificates, E>
+fn read_revoked_certificates<E>(
+    crl: Option<&std::path::Path>,
+) -> Result<crate::identity::RevokedCertificates, E>
 where
     E: From<crate::tls::TlsError> + From<crate::identity::IdentityError>,
 {
     match crl {
-        Some(path) => Ok(crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?),
+        Some(path) => Ok(crate::identity::revoked_certificates(
+            &crate::tls::load_crls(path)?,
+        )?),
         None => Ok(crate::identity::RevokedCertificates::default()),
     }
 }
@@ -252,7 +260,12 @@ impl Service {
     ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
         for warning in policy.warnings() {
-            warn!("policy {}:{}: {}", policy.origin(), warning.line, warning.message);
+            warn!(
+                "policy {}:{}: {}",
+                policy.origin(),
+                warning.line,
+                warning.message
+            );
         }
         let mut options = crate::store::StoreOptions::default();
         if config.store.synchronous_full {
@@ -297,15 +310,22 @@ impl Service {
         let policy = service.policy();
         let revoked = service.revoke_disallowed(&policy, "gateway-start").await;
         if !revoked.is_empty() {
-            info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
+            info!(
+                revoked = revoked.len(),
+                "restored leases the policy no longer allows were revoked"
+            );
         }
         // So may the CRL: no restored lease last opened or renewed with a certificate it lists
         // may stay open.
-        let revoked = Arc::new(read_revoked_certificates::<StartError>(service.config.crl.as_deref())?);
+        let revoked = Arc::new(read_revoked_certificates::<StartError>(
+            service.config.crl.as_deref(),
+        )?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
             // No host is connected yet to be told.
-            service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
+            service
+                .end_leases_of_revoked_certificates(&revoked, &BTreeSet::new())
+                .await;
         }
         tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
         Ok(service)
@@ -322,7 +342,10 @@ impl Service {
     }
 
     fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn restore(&self) -> Result<(), StartError> {
@@ -341,12 +364,16 @@ impl Service {
         {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
-            let mut shared: HashMap<&crate::identity::CertificateName, Arc<crate::identity::CertificateName>> =
-                HashMap::new();
+            let mut shared: HashMap<
+                &crate::identity::CertificateName,
+                Arc<crate::identity::CertificateName>,
+            > = HashMap::new();
             let mut credentials = lock(&self.lease_credentials);
             for record in &restored.live {
                 if let Some(certificate) = &record.certificate {
-                    let name = shared.entry(certificate).or_insert_with(|| Arc::new(certificate.clone()));
+                    let name = shared
+                        .entry(certificate)
+                        .or_insert_with(|| Arc::new(certificate.clone()));
                     credentials.insert(record.id, name.clone());
                 }
             }
@@ -356,7 +383,9 @@ impl Service {
             book.iter()
                 .flat_map(|l| {
                     let left = remaining(l.expires_ms, now);
-                    elements_of_all(&l.grants).into_iter().map(move |e| (e, left))
+                    elements_of_all(&l.grants)
+                        .into_iter()
+                        .map(move |e| (e, left))
                 })
                 .collect()
         };
@@ -379,7 +408,11 @@ impl Service {
                 changes.added.len(),
                 changes.removed.len(),
                 changes.refreshed,
-                if changes.table_recreated { ", table created" } else { "" },
+                if changes.table_recreated {
+                    ", table created"
+                } else {
+                    ""
+                },
             ));
             self.record(event);
         }
@@ -400,7 +433,10 @@ impl Service {
     /// interval are counted into one record at its end ([`Tally`]).
     pub fn auth_failure(&self, peer: SocketAddr, reason: &str) {
         self.metrics.request("auth-failure");
-        let earlier = match self.auth_failures.event(&(peer.ip(), reason.to_owned()), peer) {
+        let earlier = match self
+            .auth_failures
+            .event(&(peer.ip(), reason.to_owned()), peer)
+        {
             TallyVerdict::Counted => return,
             TallyVerdict::Record(earlier) => earlier,
         };
@@ -467,7 +503,12 @@ impl Service {
     /// more than `retry_above_handshakes` handshakes are in progress, a source that has not
     /// proved its address gets a Retry (spoofed sources never come back); then each source may
     /// start a bounded number of handshakes per second, and is refused beyond.
-    pub fn admit_handshake(&self, remote: SocketAddr, validated: bool, in_progress: usize) -> Admission {
+    pub fn admit_handshake(
+        &self,
+        remote: SocketAddr,
+        validated: bool,
+        in_progress: usize,
+    ) -> Admission {
         if !validated && in_progress >= self.config.limits.retry_above_handshakes as usize {
             self.metrics.request("handshake-retry");
             return Admission::Retry;
@@ -491,12 +532,17 @@ impl Service {
     /// Writes the counts of the intervals that ended and forgets idle sources, every interval,
     /// as long as the service lives.
     async fn run_tallies(service: std::sync::Weak<Service>) {
-        let Some(interval) = service.upgrade().map(|s| s.config.limits.audit_count_interval) else {
+        let Some(interval) = service
+            .upgrade()
+            .map(|s| s.config.limits.audit_count_interval)
+        else {
             return;
         };
         loop {
             tokio::time::sleep(interval).await;
-            let Some(service) = service.upgrade() else { return };
+            let Some(service) = service.upgrade() else {
+                return;
+            };
             service.flush_tallies();
         }
     }
@@ -535,7 +581,10 @@ impl Service {
         let started = Instant::now();
         // The connection is closed as soon as its host has the Revoked notices: until then it
         // may take nothing new, since nothing would revoke it again.
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             self.metrics.request(ResultCode::NotAuthorized.name());
             return Message::Denied(denied(
                 codec::peek_request_id(bytes),
@@ -569,40 +618,34 @@ impl Service {
         }
         let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
         match msg {
-            Message::Hello(_) if welcomed => {
-                self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::MalformedRequest,
-                    "Hello was already answered on this connection".into(),
-                    None,
-                )
-            }
+            Message::Hello(_) if welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::MalformedRequest,
+                "Hello was already answered on this connection".into(),
+                None,
+            ),
             Message::Hello(hello) => self.hello(session, peer, &hello),
-            _ if !welcomed => {
-                self.refuse(
+            _ if !welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::HelloRequired,
+                "the first request of a connection is Hello".into(),
+                None,
+            ),
+            _ => match &msg {
+                Message::Open(open) => self.open(session, peer, open, started).await,
+                Message::Renew(renew) => self.renew(session, peer, renew).await,
+                Message::Release(release) => self.release_once(session, peer, release, bytes).await,
+                Message::List(list) => self.list(session, peer, list),
+                other => self.refuse(
                     session,
-                    &msg,
-                    ResultCode::HelloRequired,
-                    "the first request of a connection is Hello".into(),
+                    other,
+                    ResultCode::MalformedRequest,
+                    format!("{} is not a request", other.message_type().name()),
                     None,
-                )
-            }
-            _ => {
-                match &msg {
-                    Message::Open(open) => self.open(session, peer, open, started).await,
-                    Message::Renew(renew) => self.renew(session, peer, renew).await,
-                    Message::Release(release) => self.release_once(session, peer, release, bytes).await,
-                    Message::List(list) => self.list(session, peer, list),
-                    other => self.refuse(
-                        session,
-                        other,
-                        ResultCode::MalformedRequest,
-                        format!("{} is not a request", other.message_type().name()),
-                        None,
-                    ),
-                }
-            }
+                ),
+            },
         }
     }
 
@@ -616,7 +659,10 @@ impl Service {
         release: &Release,
         bytes: &[u8],
     ) -> Message {
-        let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
+        let key = release
+            .common
+            .request_id
+            .map(|id| (peer.identity.clone(), id));
         if let Some(key) = &key
             && let Some((previous, answer)) = self.answered.get(key)
             && *previous == *bytes
@@ -625,14 +671,21 @@ impl Service {
         }
         let answer = self.release(session, peer, release).await;
         if let (Some(key), Message::Released(_)) = (key, &answer) {
-            self.answered.insert(key, (Arc::from(bytes), answer.clone()));
+            self.answered
+                .insert(key, (Arc::from(bytes), answer.clone()));
         }
         answer
     }
 
     /// A rate-limited request. The audit trail gets one record per identity per second of
     /// refusals, not one per refused request, so that a flood cannot flood the trail.
-    fn refuse_rate_limited(&self, session: &Session, identity: &str, bytes: &[u8], retry_after: u32) -> Message {
+    fn refuse_rate_limited(
+        &self,
+        session: &Session,
+        identity: &str,
+        bytes: &[u8],
+        retry_after: u32,
+    ) -> Message {
         self.metrics.request(ResultCode::RateLimited.name());
         if !self.rate_limit_audited.contains_key(identity) {
             self.rate_limit_audited.insert(identity.to_owned(), ());
@@ -641,16 +694,25 @@ impl Service {
             event.identity = session.peer.as_ref().map(|p| p.identity.clone());
             event.peer = Some(session.remote);
             event.code = Some(ResultCode::RateLimited);
-            event.reason = Some("rate limited (further refusals within a second are not recorded)".into());
+            event.reason =
+                Some("rate limited (further refusals within a second are not recorded)".into());
             self.record(event);
         }
-        let mut d = denied(codec::peek_request_id(bytes), ResultCode::RateLimited, "too many requests from this host");
+        let mut d = denied(
+            codec::peek_request_id(bytes),
+            ResultCode::RateLimited,
+            "too many requests from this host",
+        );
         d.retry_after = Some(retry_after);
         Message::Denied(d)
     }
 
     fn rate_limited(&self, identity: &str) -> Option<u32> {
-        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         match limiter.check_key(&identity.to_owned()) {
             Ok(()) => None,
             Err(not_until) => {
@@ -740,14 +802,20 @@ impl Service {
         if limits.third_party {
             capabilities |= Capabilities::THIRD_PARTY;
         }
+        session.notices.store(
+            hello.capabilities.has(Capabilities::NOTICES),
+            std::sync::atomic::Ordering::Release,
+        );
         session
-            .notices
-            .store(hello.capabilities.has(Capabilities::NOTICES), std::sync::atomic::Ordering::Release);
-        session.welcomed.store(true, std::sync::atomic::Ordering::Release);
+            .welcomed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.metrics.request("welcome");
         info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
         Message::Welcome(Welcome {
-            common: Common { request_id: hello.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: hello.common.request_id,
+                critical: Vec::new(),
+            },
             version,
             // What the gateway offers this host; the client's bits are informational (spec 14).
             capabilities: Capabilities(capabilities),
@@ -781,7 +849,13 @@ impl Service {
         let host_address = match resolve_host_address(&open.opening, &addresses, true) {
             Ok(address) => address,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let policy = self.policy();
@@ -802,22 +876,35 @@ impl Service {
         // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
         // grants can make before taking a lease for them. Few grants with few prefixes cannot
         // come near the limit, so the common case skips the encoding.
-        let largest = if certainly_fits(&allowance.grants) { 0 } else { codec::encode(&Message::Granted(fwnp_proto::Granted {
-            common: Common { request_id: open.common.request_id, critical: Vec::new() },
-            lease: LeaseId([0xff; 16]),
-            grants: allowance.grants.clone(),
-            lifetime: u32::MAX,
-            expires_ms: u64::MAX,
-            renew_after: u32::MAX,
-            epoch: Epoch::MAX,
-            narrowed: true,
-        }))
-        .len() };
+        let largest = if certainly_fits(&allowance.grants) {
+            0
+        } else {
+            codec::encode(&Message::Granted(fwnp_proto::Granted {
+                common: Common {
+                    request_id: open.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: LeaseId([0xff; 16]),
+                grants: allowance.grants.clone(),
+                lifetime: u32::MAX,
+                expires_ms: u64::MAX,
+                renew_after: u32::MAX,
+                epoch: Epoch::MAX,
+                narrowed: true,
+            }))
+            .len()
+        };
         if largest > MAX_MESSAGE_SIZE {
             let reason = format!(
                 "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
             );
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, reason, rule);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                reason,
+                rule,
+            );
         }
         let facts = PolicyFacts {
             grants: allowance.grants.clone(),
@@ -837,7 +924,13 @@ impl Service {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), rule);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    rule,
+                );
             }
         };
         let grant = outcome.grant().clone();
@@ -846,7 +939,9 @@ impl Service {
         let elements = elements_of_all(&lease.grants);
         let (kernel, store_op, kind, outcome_name) = match &outcome {
             OpenOutcome::NewLease(_) => (
-                self.program(elements.iter().map(|e| (e.clone(), Some(left)))).await.map_err(RefreshError::from),
+                self.program(elements.iter().map(|e| (e.clone(), Some(left))))
+                    .await
+                    .map_err(RefreshError::from),
                 WriteOp::InsertLease(NewLease {
                     id: lease.id,
                     identity: peer.identity.clone(),
@@ -894,28 +989,59 @@ impl Service {
                 RefreshError::LeaseEnded => e.to_string(),
                 RefreshError::Kernel(e) => format!("kernel: {e}"),
             };
-            return self.give_back(session, &request(), &outcome, &elements, why).await;
+            return self
+                .give_back(session, &request(), &outcome, &elements, why)
+                .await;
         }
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease: a second row per grant cost a third of the store's time.
-        if let Err(e) = self.store.writer().commit(vec![store_op, WriteOp::audit(event)]).await {
-            return self.give_back(session, &request(), &outcome, &elements, format!("store: {e}")).await;
+        if let Err(e) = self
+            .store
+            .writer()
+            .commit(vec![store_op, WriteOp::audit(event)])
+            .await
+        {
+            return self
+                .give_back(
+                    session,
+                    &request(),
+                    &outcome,
+                    &elements,
+                    format!("store: {e}"),
+                )
+                .await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
             self.metrics.live_leases.inc();
             self.expiry_changed.notify_one();
         }
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // A CRL reload revoked this connection's certificate while the lease was being
             // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text = "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(&lease.id, RevokeReason::CredentialRevoked, "gateway", Some(text.to_owned())).await;
+            let text =
+                "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(
+                &lease.id,
+                RevokeReason::CredentialRevoked,
+                "gateway",
+                Some(text.to_owned()),
+            )
+            .await;
             self.metrics.request(ResultCode::NotAuthorized.name());
-            return Message::Denied(denied(open.common.request_id, ResultCode::NotAuthorized, text));
+            return Message::Denied(denied(
+                open.common.request_id,
+                ResultCode::NotAuthorized,
+                text,
+            ));
         }
         self.metrics.request("granted");
-        self.metrics.grant_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .grant_latency
+            .observe(started.elapsed().as_secs_f64());
         Message::Granted(grant.to_granted(open.common.request_id, self.epoch))
     }
 
@@ -955,9 +1081,12 @@ impl Service {
         &self,
         elements: impl Iterator<Item = (Element, Option<Duration>)>,
     ) -> Result<(), fwnp_netfilter::Error> {
-        let Some(filter) = &self.filter else { return Ok(()) };
-        let elements: Vec<(Element, Duration)> =
-            elements.map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1)))).collect();
+        let Some(filter) = &self.filter else {
+            return Ok(());
+        };
+        let elements: Vec<(Element, Duration)> = elements
+            .map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1))))
+            .collect();
         if let [(element, timeout)] = &elements[..] {
             // The common case, one element: no task to spawn.
             return match filter.add(element.clone(), *timeout).await {
@@ -979,7 +1108,9 @@ impl Service {
         let mut failure = None;
         while let Some(joined) = pending.join_next().await {
             match joined {
-                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => added.push(element),
+                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => {
+                    added.push(element)
+                }
                 Ok((_, Err(e))) => failure = Some(e),
                 // A task that did not finish (the runtime is shutting down) is a batcher that
                 // will never answer.
@@ -998,8 +1129,15 @@ impl Service {
     /// Refreshes the timeouts of a live lease's elements (adding any that went missing).
     /// A revocation may have ended the lease meanwhile and removed its elements before they
     /// were added back here: then they are removed again, and the answer is `LeaseEnded`.
-    async fn refresh(&self, lease: &LeaseId, elements: &[Element], timeout: Duration) -> Result<(), RefreshError> {
-        let Some(filter) = &self.filter else { return Ok(()) };
+    async fn refresh(
+        &self,
+        lease: &LeaseId,
+        elements: &[Element],
+        timeout: Duration,
+    ) -> Result<(), RefreshError> {
+        let Some(filter) = &self.filter else {
+            return Ok(());
+        };
         for element in elements {
             match filter.renew(element.clone(), timeout).await {
                 Ok(()) => {}
@@ -1039,10 +1177,17 @@ impl Service {
         let now = now_ms();
         let bounds = {
             let book = lock(&self.book);
-            book.owned(&peer.identity, &renew.lease).map(|lease| lease.grants.clone())
+            book.owned(&peer.identity, &renew.lease)
+                .map(|lease| lease.grants.clone())
         };
         let Some(grants) = bounds else {
-            return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::UnknownLease,
+                Refusal::UnknownLease.to_string(),
+                None,
+            );
         };
         // The current policy bounds the renewed lifetime: a policy that shortened the maximum
         // applies at the next renewal.
@@ -1050,8 +1195,20 @@ impl Service {
         let policy = self.policy();
         if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
             // The policy changed under a live lease: end it now rather than at expiry.
-            self.revoke(&renew.lease, RevokeReason::PolicyChanged, "gateway", Some(e.to_string())).await;
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
+            self.revoke(
+                &renew.lease,
+                RevokeReason::PolicyChanged,
+                "gateway",
+                Some(e.to_string()),
+            )
+            .await;
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                e.to_string(),
+                e.rule.map(|r| r.name.to_string()),
+            );
         }
         let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
         let renewed = lock(&self.book).renew(
@@ -1059,22 +1216,47 @@ impl Service {
             &peer.identity,
             &renew.lease,
             renew.lifetime,
-            LifetimePolicy { min: limits.min_secs, max: limits.max_secs, default: limits.default_secs },
+            LifetimePolicy {
+                min: limits.min_secs,
+                max: limits.max_secs,
+                default: limits.default_secs,
+            },
         );
         let renewed = match renewed {
             Ok(renewed) => renewed,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let lease = &renewed.grant.lease;
         let left = remaining(lease.expires_ms, now);
-        if let Err(e) = self.refresh(&lease.id, &elements_of_all(&lease.grants), left).await {
+        if let Err(e) = self
+            .refresh(&lease.id, &elements_of_all(&lease.grants), left)
+            .await
+        {
             if matches!(e, RefreshError::LeaseEnded) {
-                return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    ResultCode::UnknownLease,
+                    Refusal::UnknownLease.to_string(),
+                    None,
+                );
             }
             warn!(lease = %lease.id, "renewal not programmed: {e}");
-            let mut answer = self.refuse(session, &request(), ResultCode::NoResources, format!("kernel: {e}"), None);
+            let mut answer = self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("kernel: {e}"),
+                None,
+            );
             if let Message::Denied(d) = &mut answer {
                 d.retry_after = Some(1);
             }
@@ -1098,13 +1280,23 @@ impl Service {
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
-            return self.refuse(session, &request(), ResultCode::NoResources, format!("store: {e}"), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("store: {e}"),
+                None,
+            );
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
         self.metrics.request("renewed");
-        Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
+        Message::Granted(
+            renewed
+                .grant
+                .to_granted(renew.common.request_id, self.epoch),
+        )
     }
 
     async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
@@ -1114,16 +1306,36 @@ impl Service {
         let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
             Ok(lease) => lease,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["released"]).inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Released, Some(peer.identity.clone()), None, Some(session.remote)).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["released"])
+            .inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
+            .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Released,
+            Some(peer.identity.clone()),
+            None,
+            Some(session.remote),
+        )
+        .await;
         self.metrics.request("released");
         Message::Released(Released {
-            common: Common { request_id: release.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: release.common.request_id,
+                critical: Vec::new(),
+            },
             lease: lease.id,
         })
     }
@@ -1153,7 +1365,13 @@ impl Service {
         event.actor = by.clone();
         event.reason = why.clone();
         let ops = vec![
-            WriteOp::EndLease { id: lease.id, end, ended_ms: now, by, why },
+            WriteOp::EndLease {
+                id: lease.id,
+                end,
+                ended_ms: now,
+                by,
+                why,
+            },
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
@@ -1181,7 +1399,10 @@ impl Service {
             .map(|l| l.to_lease_info(now))
             .collect();
         let mut answer = Leases {
-            common: Common { request_id: list.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: list.common.request_id,
+                critical: Vec::new(),
+            },
             leases,
             epoch: self.epoch,
         };
@@ -1215,15 +1436,31 @@ impl Service {
             let due = lock(&self.book).expire_due(now_ms());
             for lease in due {
                 self.metrics.live_leases.dec();
-                self.metrics.lease_ends.with_label_values(&["expired"]).inc();
+                self.metrics
+                    .lease_ends
+                    .with_label_values(&["expired"])
+                    .inc();
                 self.remove_elements(&lease.grants, false).await;
-                self.end_lease(&lease, LeaseEnd::Expired, Some("gateway".into()), Some("lifetime ended".into()), None).await;
+                self.end_lease(
+                    &lease,
+                    LeaseEnd::Expired,
+                    Some("gateway".into()),
+                    Some("lifetime ended".into()),
+                    None,
+                )
+                .await;
             }
         }
     }
 
     /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
-    pub async fn revoke(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<fwnp_proto::gateway::Lease> {
+    pub async fn revoke(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<fwnp_proto::gateway::Lease> {
         let (lease, notice) = self.end_revoked(id, reason, by, text).await?;
         for session in self.sessions.of(&lease.host) {
             session.notify(&notice).await;
@@ -1234,12 +1471,29 @@ impl Service {
     /// [`Service::revoke`] without sending the notice: the lease leaves the book, the kernel and
     /// the store, and its Revoked notice is returned, for a caller that must know when the host
     /// has it.
-    async fn end_revoked(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<(fwnp_proto::gateway::Lease, Message)> {
+    async fn end_revoked(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<(fwnp_proto::gateway::Lease, Message)> {
         let lease = lock(&self.book).revoke(id)?;
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["revoked"])
+            .inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
+            .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Revoked(reason),
+            Some(by.to_owned()),
+            text.clone(),
+            None,
+        )
+        .await;
         let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
         info!(lease = %lease.id, host = %lease.host, by, "revoked");
         Some((lease, notice))
@@ -1280,7 +1534,9 @@ impl Service {
     /// before this one was among them. If the reloaded CRL lists its certificate, it is ended
     /// as the reload would have ended it. Returns whether the connection may go on.
     pub async fn check_credential(&self, session: &Session) -> bool {
-        let Some(peer) = &session.peer else { return true };
+        let Some(peer) = &session.peer else {
+            return true;
+        };
         let revoked = lock(&self.revoked_certificates).clone();
         if !revoked.lists(&peer.certificate) {
             return true;
@@ -1300,7 +1556,10 @@ impl Service {
     /// go to every connection of the identity; once those under a listed certificate have them
     /// (at most [`CREDENTIAL_NOTICE_WAIT`]), these are closed with `NoError`, each recorded as an
     /// authentication failure. Leases last opened or renewed with another certificate stay.
-    async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
+    async fn end_revoked_credentials(
+        &self,
+        revoked: &crate::identity::RevokedCertificates,
+    ) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
         }
@@ -1311,9 +1570,14 @@ impl Service {
             let entry = by_identity.entry(peer.identity.clone()).or_default();
             if !revoked.lists(&peer.certificate) {
                 entry.rolled = true;
-            } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            } else if !session
+                .credential_revoked
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
                 // Not already being ended by a reload running at the same time.
-                entry.revoked.push((session.clone(), peer.certificate.serial.clone()));
+                entry
+                    .revoked
+                    .push((session.clone(), peer.certificate.serial.clone()));
             }
         }
         // A lease whose certificate is not known (stored before leases remembered it) goes with
@@ -1324,17 +1588,26 @@ impl Service {
             .filter(|(_, c)| !c.rolled && !c.revoked.is_empty())
             .map(|(identity, _)| identity.clone())
             .collect();
-        let ended = self.end_leases_of_revoked_certificates(revoked, &unrolled).await;
+        let ended = self
+            .end_leases_of_revoked_certificates(revoked, &unrolled)
+            .await;
         let mut leases_revoked: BTreeMap<&str, usize> = BTreeMap::new();
         let mut deliveries = tokio::task::JoinSet::new();
         for (identity, notice) in &ended {
             *leases_revoked.entry(identity.as_str()).or_default() += 1;
-            let closing = by_identity.get(identity).map(|c| c.revoked.as_slice()).unwrap_or_default();
+            let closing = by_identity
+                .get(identity)
+                .map(|c| c.revoked.as_slice())
+                .unwrap_or_default();
             for session in self.sessions.of(identity) {
                 let notice = notice.clone();
                 if closing.iter().any(|(s, _)| s.id == session.id) {
                     // All at once: the wait is for the slowest host, not the sum of them.
-                    deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
+                    deliveries.spawn(async move {
+                        session
+                            .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
+                            .await
+                    });
                 } else {
                     deliveries.spawn(async move { session.notify(&notice).await });
                 }
@@ -1342,7 +1615,14 @@ impl Service {
         }
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
-        for (identity, IdentityConnections { revoked: sessions, rolled }) in &by_identity {
+        for (
+            identity,
+            IdentityConnections {
+                revoked: sessions,
+                rolled,
+            },
+        ) in &by_identity
+        {
             let count = leases_revoked.get(identity.as_str()).copied().unwrap_or(0);
             for (session, serial) in sessions {
                 session.close(QuicErrorCode::NoError, "certificate revoked");
@@ -1359,7 +1639,9 @@ impl Service {
                 event.identity = Some(identity.clone());
                 event.peer = Some(session.remote);
                 event.actor = Some("gateway".into());
-                event.reason = Some(format!("certificate serial {serial} revoked: connection closed; {what}"));
+                event.reason = Some(format!(
+                    "certificate serial {serial} revoked: connection closed; {what}"
+                ));
                 self.record(event);
                 closed.push(json!({
                     "host": identity,
@@ -1408,7 +1690,10 @@ impl Service {
         };
         let mut ended = Vec::new();
         for (id, identity, text) in listed {
-            if let Some((_, notice)) = self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await {
+            if let Some((_, notice)) = self
+                .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text))
+                .await
+            {
                 warn!(lease = %id, identity = %identity, "lease of a revoked certificate revoked");
                 ended.push((identity, notice));
             }
@@ -1419,15 +1704,22 @@ impl Service {
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
     /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
     pub async fn reload_policy(&self) -> Result<Value, AdminError> {
-        let policy = Policy::load(&self.config.policy)
-            .map_err(|e| AdminError::bad_request(format!("policy not reloaded, the old one stays in force: {e}")))?;
+        let policy = Policy::load(&self.config.policy).map_err(|e| {
+            AdminError::bad_request(format!(
+                "policy not reloaded, the old one stays in force: {e}"
+            ))
+        })?;
         let policy = Arc::new(policy);
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some("operator".into());
-        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
+        event.reason = Some(format!(
+            "policy {} loaded; {} leases revoked",
+            policy.origin(),
+            revoked.len()
+        ));
         self.record(event);
         info!(revoked = revoked.len(), "policy reloaded");
         Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
@@ -1450,7 +1742,15 @@ impl Service {
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
-                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some()
+                && self
+                    .revoke(
+                        &lease.id,
+                        RevokeReason::PolicyChanged,
+                        by,
+                        Some(e.to_string()),
+                    )
+                    .await
+                    .is_some()
             {
                 revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
             }
@@ -1459,9 +1759,16 @@ impl Service {
     }
 
     /// The admin API's revoke.
-    pub async fn revoke_by_operator(&self, id: LeaseId, reason: Option<String>) -> Result<Value, AdminError> {
+    pub async fn revoke_by_operator(
+        &self,
+        id: LeaseId,
+        reason: Option<String>,
+    ) -> Result<Value, AdminError> {
         let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
-        match self.revoke(&id, RevokeReason::Operator, "operator", Some(text)).await {
+        match self
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
+            .await
+        {
             Some(lease) => Ok(json!({ "revoked": lease.id.to_string(), "host": &*lease.host })),
             None => Err(AdminError::not_found(format!("no live lease {id}"))),
         }
@@ -1535,17 +1842,27 @@ impl Service {
 
     /// The admin API's lease listing.
     pub async fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
-        let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
+        let mut filter = LeaseFilter {
+            host: query.get("host").cloned(),
+            app: query.get("app").cloned(),
+            ..LeaseFilter::default()
+        };
         if let Some(port) = query.get("port") {
-            filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            filter.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(protocol) = query.get("protocol") {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
         if let Some(serial) = query.get("serial") {
-            filter.certificate_serial = Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
-                AdminError::bad_request(format!("serial {serial:?} is not a certificate serial in hexadecimal"))
-            })?);
+            filter.certificate_serial =
+                Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
+                    AdminError::bad_request(format!(
+                        "serial {serial:?} is not a certificate serial in hexadecimal"
+                    ))
+                })?);
         }
         let now = now_ms();
         let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
@@ -1559,49 +1876,76 @@ impl Service {
         q.host = query.get("host").cloned();
         q.app = query.get("app").cloned();
         if let Some(port) = query.get("port") {
-            q.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            q.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(outcomes) = query.get("outcome") {
             for name in outcomes.split(',') {
-                q.outcomes.push(Outcome::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown outcome {name:?}")))?);
+                q.outcomes.push(
+                    Outcome::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown outcome {name:?}"))
+                    })?,
+                );
             }
         }
         if let Some(kinds) = query.get("kind") {
             for name in kinds.split(',') {
-                q.kinds.push(AuditKind::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown kind {name:?}")))?);
+                q.kinds
+                    .push(AuditKind::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown kind {name:?}"))
+                    })?);
             }
         }
         q.since_ms = query.get("since").map(|s| time_arg(s, now)).transpose()?;
         q.until_ms = query.get("until").map(|s| time_arg(s, now)).transpose()?;
         q.limit = match query.get("limit") {
-            Some(l) => l.parse().map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
+            Some(l) => l
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
             None => 100,
         };
         if query.get("order").map(String::as_str) == Some("oldest") {
             q.order = Order::OldestFirst;
         }
         if let Some(after) = query.get("after") {
-            let after: u64 = after.parse().map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
+            let after: u64 = after
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
             let wait = match query.get("wait") {
-                Some(w) => crate::config::parse_duration(w).map_err(AdminError::bad_request)?.min(Duration::from_secs(60)),
+                Some(w) => crate::config::parse_duration(w)
+                    .map_err(AdminError::bad_request)?
+                    .min(Duration::from_secs(60)),
                 None => Duration::ZERO,
             };
             let mut watch = self.store.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let (query, limit) = (q.clone(), q.limit.max(1));
-                let events = self.read_store(move |store| store.audit_follow(after, &query, limit)).await?;
+                let events = self
+                    .read_store(move |store| store.audit_follow(after, &query, limit))
+                    .await?;
                 if !events.is_empty() || tokio::time::Instant::now() >= deadline {
                     let last = events.last().map_or(after, |e| e.id);
-                    return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
+                    return Ok(
+                        json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }),
+                    );
                 }
-                if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, watch.changed())
+                    .await
+                    .is_err()
+                {
                     continue;
                 }
             }
         }
         if let Some(cursor) = query.get("cursor") {
-            q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
+            q.cursor = Some(
+                cursor
+                    .parse()
+                    .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
+            );
         }
         let page = self.read_store(move |store| store.audit(&q)).await?;
         Ok(json!({
@@ -1643,7 +1987,11 @@ impl Service {
         let mut deliveries = tokio::task::JoinSet::new();
         for session in self.sessions.all() {
             let notice = notice.clone();
-            deliveries.spawn(async move { session.notify_delivered(&notice, Duration::from_secs(1)).await });
+            deliveries.spawn(async move {
+                session
+                    .notify_delivered(&notice, Duration::from_secs(1))
+                    .await
+            });
         }
         while deliveries.join_next().await.is_some() {}
     }
@@ -1660,10 +2008,15 @@ struct IdentityConnections {
 
 fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
     use fwnp_proto::Protocol;
-    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
-        .into_iter()
-        .find(|p| p.name() == text)
-        .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
+    [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::UdpLite,
+    ]
+    .into_iter()
+    .find(|p| p.name() == text)
+    .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
 }
 
 /// A time argument: milliseconds since the Unix epoch, or a duration ago such as `1h`.
@@ -1686,7 +2039,9 @@ mod tests {
         let limiter = limiter_for(&policy);
         let key = "fwnp://host/web-01".to_owned();
         // The burst (2000) passes at once; the default rate adds about one per millisecond.
-        let passed = (0..2100).filter(|_| limiter.check_key(&key).is_ok()).count();
+        let passed = (0..2100)
+            .filter(|_| limiter.check_key(&key).is_ok())
+            .count();
         assert!((2000..2100).contains(&passed), "{passed} of 2100 passed");
         // Another identity has a budget of its own.
         assert!(limiter.check_key(&"fwnp://host/web-02".to_owned()).is_ok());

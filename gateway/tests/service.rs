@@ -395,7 +395,9 @@ async fn an_identity_the_policy_does_not_mention_is_welcomed_and_denied_by_polic
 {
     let gw = TestGateway::start("unmentioned", POLICY).await;
     // In no group of the policy: `not-authorized` is only for who asks (no identity, revoked).
-    let files = gw.pki.host("stranger", &[HOST_B], &["fwnp://other/stranger"], &[]);
+    let files = gw
+        .pki
+        .host("stranger", &[HOST_B], &["fwnp://other/stranger"], &[]);
     let client = Client::connect(gw.addr, &files).await;
     let welcome = client.hello().await;
     assert_eq!(welcome.identity, "fwnp://other/stranger");
@@ -1265,7 +1267,9 @@ async fn failing_handshakes(gw: &TestGateway, attempts: usize, parallel: usize) 
                 match tokio::time::timeout(STEP, connecting).await {
                     Ok(Ok(connection)) => {
                         // TLS 1.3: the client may finish before the gateway judged it.
-                        tokio::time::timeout(STEP, connection.closed()).await.expect("refusal in time")
+                        tokio::time::timeout(STEP, connection.closed())
+                            .await
+                            .expect("refusal in time")
                     }
                     Ok(Err(e)) => e,
                     Err(_) => panic!("a handshake neither finished nor failed in time"),
@@ -1289,9 +1293,10 @@ async fn failing_handshakes(gw: &TestGateway, attempts: usize, parallel: usize) 
 #[tokio::test]
 async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts() {
     let warnings = WarnCounter::default();
-    let _log = tracing::subscriber::set_default(
-        tracing_subscriber::layer::SubscriberExt::with(tracing_subscriber::registry(), warnings.clone()),
-    );
+    let _log = tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
+        tracing_subscriber::registry(),
+        warnings.clone(),
+    ));
     let options = GatewayOptions {
         // Every attempt reaches TLS and fails there.
         handshakes_per_source: Some((100_000, 100_000)),
@@ -1310,7 +1315,11 @@ async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts(
             .map(|r| {
                 let reason = r.event.reason.as_deref().unwrap_or("");
                 if reason.contains(" more failed authentications") {
-                    reason.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0)
+                    reason
+                        .split(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
                 } else {
                     1
                 }
@@ -1318,7 +1327,9 @@ async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts(
             .sum()
     };
     let records = gw
-        .wait_audit(&[AuditKind::AuthFailure], None, |r| accounted(r) >= attempts as u64)
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| {
+            accounted(r) >= attempts as u64
+        })
         .await;
     assert_eq!(accounted(&records), attempts as u64);
     assert!(
@@ -1327,7 +1338,10 @@ async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts(
         records.len()
     );
     for record in &records {
-        assert_eq!(record.event.peer.map(|p| p.ip()), Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert_eq!(
+            record.event.peer.map(|p| p.ip()),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
     }
     assert!(
         warnings.count() as u64 <= 2 * windows,
@@ -1351,7 +1365,8 @@ async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
     let host = async {
         // From another source address, in the middle of the flood.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+        let socket =
+            std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
         let client = Client::connect_from_socket(socket, gw.addr, &good)
             .await
             .expect("the good host is accepted during the flood");
@@ -1360,17 +1375,34 @@ async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
     let (refused, welcome) = tokio::join!(flood, host);
     assert_eq!(welcome.identity, "fwnp://host/web-01");
     // Beyond the burst (and what a second replenishes), the flood is refused before any TLS.
-    assert!(refused >= 250, "only {refused} of 300 handshakes were refused");
+    assert!(
+        refused >= 250,
+        "only {refused} of 300 handshakes were refused"
+    );
     let refusals = gw
         .wait_audit(&[AuditKind::AuthFailure], None, |r| {
-            r.iter().any(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("more handshakes refused")))
+            r.iter().any(|r| {
+                r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|t| t.contains("more handshakes refused"))
+            })
         })
         .await;
     let refusals: Vec<_> = refusals
         .iter()
-        .filter(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("refused")))
+        .filter(|r| {
+            r.event
+                .reason
+                .as_deref()
+                .is_some_and(|t| t.contains("refused"))
+        })
         .collect();
-    assert!(refusals.len() <= 3, "{} records of refused handshakes", refusals.len());
+    assert!(
+        refusals.len() <= 3,
+        "{} records of refused handshakes",
+        refusals.len()
+    );
 }
 
 #[tokio::test]
@@ -1404,14 +1436,26 @@ async fn lists_are_recorded_once_per_interval_with_a_count() {
     }
     let records = gw
         .wait_audit(&[AuditKind::Request], None, |r| {
-            r.iter().any(|r| r.event.reason.as_deref().is_some_and(|t| t.contains("more")))
+            r.iter().any(|r| {
+                r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|t| t.contains("more"))
+            })
         })
         .await;
-    let reasons: Vec<_> = records.iter().filter_map(|r| r.event.reason.clone()).collect();
+    let reasons: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.event.reason.clone())
+        .collect();
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert_eq!(reasons[0], "list");
     assert!(reasons[1].starts_with("list: 49 more"), "{reasons:?}");
-    assert!(records.iter().all(|r| r.event.identity.as_deref() == Some("fwnp://host/web-01")));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.event.identity.as_deref() == Some("fwnp://host/web-01"))
+    );
 }
 
 #[tokio::test]
@@ -1425,7 +1469,10 @@ async fn a_certificate_naming_no_identity_is_rate_limited_by_its_address() {
         codes.push(denied(client.request(&hello).await).code);
     }
     assert_eq!(&codes[..3], &[ResultCode::NotAuthorized; 3], "{codes:?}");
-    assert!(codes[3..].iter().all(|c| *c == ResultCode::RateLimited), "{codes:?}");
+    assert!(
+        codes[3..].iter().all(|c| *c == ResultCode::RateLimited),
+        "{codes:?}"
+    );
     // A named host has a budget of its own.
     gw.welcomed_host("web-01", &[HOST_A]).await;
 }
@@ -1470,7 +1517,10 @@ async fn a_connection_verified_under_the_crl_before_a_reload_is_checked_against_
         .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
     assert_eq!(failures.len(), 1);
-    assert_eq!(failures[0].event.identity.as_deref(), Some("fwnp://host/late"));
+    assert_eq!(
+        failures[0].event.identity.as_deref(),
+        Some("fwnp://host/late")
+    );
     assert!(gw.service.sessions.of("fwnp://host/late").is_empty());
 }
 
@@ -1621,8 +1671,12 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
 
 #[tokio::test]
 async fn a_crl_reload_revokes_the_leases_of_a_stolen_certificate_while_its_host_is_connected_under_a_new_one()
-{
-    let gw = TestGateway::start("crl-rolled", &POLICY.replace("max_leases = 3", "max_leases = 4")).await;
+ {
+    let gw = TestGateway::start(
+        "crl-rolled",
+        &POLICY.replace("max_leases = 3", "max_leases = 4"),
+    )
+    .await;
     gw.service.add_endpoint(gw.endpoint.clone());
     // The same identity under two certificates: a stolen one, used by a thief, and the one
     // the real host rolled to.
@@ -1646,8 +1700,12 @@ async fn a_crl_reload_revokes_the_leases_of_a_stolen_certificate_while_its_host_
     let renewed = granted(thief.open(tcp(7004), None).await).lease;
     granted(host.renew(renewed, None).await);
 
-    let revocation =
-        pki::revoke(gw.pki.path(), &old_files.cert, RevocationReason::KeyCompromise).expect("revoke");
+    let revocation = pki::revoke(
+        gw.pki.path(),
+        &old_files.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
     let closed = gw.service.reload_tls().await.expect("reload");
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
@@ -1955,12 +2013,18 @@ async fn connections_naming_no_identity_are_limited_per_address() {
     let first = Client::connect(gw.addr, &files).await;
     let second = Client::connect(gw.addr, &files).await;
     for client in [&first, &second] {
-        assert_eq!(denied(client.request(&hello).await).code, ResultCode::NotAuthorized);
+        assert_eq!(
+            denied(client.request(&hello).await).code,
+            ResultCode::NotAuthorized
+        );
     }
     // A third from the same address is one too many...
     let closed = match Client::try_connect(gw.addr, &files).await {
         Err(e) => e,
-        Ok(third) => third.closed_within(STEP).await.expect("the third connection is closed"),
+        Ok(third) => third
+            .closed_within(STEP)
+            .await
+            .expect("the third connection is closed"),
     };
     assert_eq!(
         application_close_code(&closed),
@@ -1968,11 +2032,15 @@ async fn connections_naming_no_identity_are_limited_per_address() {
         "{closed:?}"
     );
     // ...but another address with a nameless certificate is still told why it cannot be served.
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+    let socket =
+        std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
     let other = Client::connect_from_socket(socket, gw.addr, &files)
         .await
         .expect("a connection from another address is accepted");
-    assert_eq!(denied(other.request(&hello).await).code, ResultCode::NotAuthorized);
+    assert_eq!(
+        denied(other.request(&hello).await).code,
+        ResultCode::NotAuthorized
+    );
 }
 
 #[tokio::test]
@@ -2213,11 +2281,22 @@ impl DaemonFiles {
         let config = dir.path().join("gateway.toml");
         std::fs::write(
             &config,
-            config_text(&pki, dir.path(), &addr.to_string(), "[filter]\nenabled = false"),
+            config_text(
+                &pki,
+                dir.path(),
+                &addr.to_string(),
+                "[filter]\nenabled = false",
+            ),
         )
         .expect("write config");
         let admin_socket = dir.path().join("admin.sock");
-        DaemonFiles { pki, dir, addr, config, admin_socket }
+        DaemonFiles {
+            pki,
+            dir,
+            addr,
+            config,
+            admin_socket,
+        }
     }
 }
 
@@ -2262,7 +2341,13 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } = DaemonFiles::new("daemon");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("daemon");
     let mut daemon = Daemon::start(&config, &admin_socket).await;
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
     let client = Client::connect(gateway_addr, &files).await;
@@ -2543,8 +2628,13 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-policy");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-policy");
     let policy = dir.path().join("policy.toml");
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
 
@@ -2586,8 +2676,13 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
 /// that is not connected, as it would have before the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
-    let DaemonFiles { pki, dir: _dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-crl");
+    let DaemonFiles {
+        pki,
+        dir: _dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-crl");
     // Revoked while the gateway is stopped; revoked after it started again; never revoked.
     let stolen = pki.host("stolen", &[HOST_A], &[], &[]);
     let lost = pki.host("lost", &[HOST_B], &[], &[]);
@@ -2600,7 +2695,9 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         client.hello().await;
         leases.push(granted(client.open(tcp(7001), None).await).lease);
     }
-    let [stolen_lease, lost_lease, good_lease] = leases[..] else { unreachable!() };
+    let [stolen_lease, lost_lease, good_lease] = leases[..] else {
+        unreachable!()
+    };
     daemon.signal("TERM");
     tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
 
@@ -2646,7 +2743,11 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         .serial
         .as_str()
         .to_owned();
-    assert_eq!(body["leases"][0]["certificate_serial"], json!(good_serial), "{body}");
+    assert_eq!(
+        body["leases"][0]["certificate_serial"],
+        json!(good_serial),
+        "{body}"
+    );
     // And can list what a certificate holds by its serial, written as a CA tool prints it.
     let colons: Vec<String> = good_serial
         .as_bytes()
@@ -2661,8 +2762,12 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(live(body), std::collections::BTreeSet::from([good_lease.to_string()]));
-    let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
+    assert_eq!(
+        live(body),
+        std::collections::BTreeSet::from([good_lease.to_string()])
+    );
+    let (status, body) =
+        admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
     assert_eq!(status, 400, "{body}");
     // The same through the command line, for the operator.
     let fwnpctl_leases = |serial: &str| {
@@ -2679,8 +2784,13 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     assert!(out.contains("fwnp://host/good"), "{out}");
     let out = fwnpctl_leases("00FF");
     assert!(!out.contains("fwnp://host/good"), "{out}");
-    let (status, body) =
-        admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
+    let (status, body) = admin_request(
+        &admin_socket,
+        "GET",
+        "/v1/audit?outcome=revoked&order=oldest",
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let revoked: Vec<(String, String)> = body["events"]
         .as_array()

@@ -21,7 +21,6 @@ use rustls::AlertDescription;
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const GATEWAY_NAME: &str = "gateway.test";
 
-
 /// A directory removed when the test ends, whatever the outcome.
 use tempfile::TempDir;
 
@@ -458,8 +457,15 @@ async fn refused_as_unknown_ca_with_a_certificate_from_another_ca_of_the_same_na
     assert_refused(outcome, AlertDescription::UnknownCA, "UnknownIssuer").await;
     // Its own CA's hosts still connect, and a certificate issued later still chains to it.
     ca.host("web-01", &[], &["fwnp://host/web-01"], &[]);
-    let (identity, _) =
-        assert_connected(attempt(&server, client_config(&ca.client_files("web-01")), GATEWAY_NAME).await).await;
+    let (identity, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("web-01")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
     assert_eq!(identity.expect("identity").identity, "fwnp://host/web-01");
 }
 
@@ -641,13 +647,20 @@ async fn refused_with_a_server_certificate_used_as_a_client_certificate() {
 }
 
 /// A host certificate of `ca` with the extended key usages `usages` (none: no extension).
-fn host_with_usages(ca: &TestCa, name: &str, usages: Vec<rcgen::ExtendedKeyUsagePurpose>) -> ClientTlsFiles {
+fn host_with_usages(
+    ca: &TestCa,
+    name: &str,
+    usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> ClientTlsFiles {
     let ca_pem = std::fs::read_to_string(ca.file("ca.pem")).expect("read ca");
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
-        .expect("ca key");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
+            .expect("ca key");
     let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
     let mut params = rcgen::CertificateParams::default();
-    params.subject_alt_names = vec![rcgen::SanType::URI(format!("fwnp://host/{name}").try_into().expect("uri"))];
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("fwnp://host/{name}").try_into().expect("uri"),
+    )];
     params.extended_key_usages = usages;
     let key = rcgen::KeyPair::generate().expect("key");
     let certificate = params.signed_by(&key, &issuer).expect("sign");
@@ -660,7 +673,11 @@ fn host_with_usages(ca: &TestCa, name: &str, usages: Vec<rcgen::ExtendedKeyUsage
 async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_certificate() {
     let ca = TestCa::new("eku");
     let server = server(&ca.server_files());
-    let mail = host_with_usages(&ca, "mail", vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection]);
+    let mail = host_with_usages(
+        &ca,
+        "mail",
+        vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection],
+    );
     let outcome = attempt(&server, client_config(&mail), GATEWAY_NAME).await;
     assert_refused(
         outcome,
@@ -670,7 +687,8 @@ async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_c
     .await;
     // Without the extension at all, any usage is allowed (spec 3.2).
     let plain = host_with_usages(&ca, "plain", Vec::new());
-    let (identity, _) = assert_connected(attempt(&server, client_config(&plain), GATEWAY_NAME).await).await;
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&plain), GATEWAY_NAME).await).await;
     assert_eq!(identity.expect("identity").identity, "fwnp://host/plain");
 }
 
@@ -1027,7 +1045,10 @@ async fn certificates_made_with_openssl_work_the_same_way() {
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
         ]
     );
-    assert_eq!(identity.certificate.serial, Serial::parse("0A1B2C3D").expect("serial"));
+    assert_eq!(
+        identity.certificate.serial,
+        Serial::parse("0A1B2C3D").expect("serial")
+    );
     // The fingerprint is the one openssl prints.
     let output = std::process::Command::new("openssl")
         .args([
@@ -1189,7 +1210,10 @@ async fn a_ca_with_an_intermediate_and_its_own_crl_works_the_same_way() {
         assert_connected(attempt(&server, client_config(&client_files), GATEWAY_NAME).await).await;
     let identity = identity.expect("identity");
     assert_eq!(identity.identity, "spiffe://step.example/host/b");
-    assert_eq!(identity.certificate.serial, Serial::parse("7701").expect("serial"));
+    assert_eq!(
+        identity.certificate.serial,
+        Serial::parse("7701").expect("serial")
+    );
 
     // Checking the intermediate too needs the root's CRL, which is not given: refused.
     let whole_chain = ServerOptions {
