@@ -93,6 +93,17 @@ pub struct LimitsConfig {
     pub max_streams: u32,
     /// How long a request stream may take to arrive whole.
     pub request_timeout: Duration,
+    /// Handshakes one source address may start per second, sustained (`refuse`d beyond).
+    pub handshakes_per_source_per_second: u32,
+    /// Handshakes one source address may start at once after a quiet period.
+    pub handshake_burst_per_source: u32,
+    /// While more handshakes than this are in progress, a source must prove its address (QUIC
+    /// Retry) before its handshake begins; 0 asks every source.
+    pub retry_above_handshakes: u32,
+    /// Repeated events anyone can cause (failed handshakes per source address, handshakes
+    /// refused per source address, Lists per host) are recorded and logged once per interval,
+    /// the rest as one count at its end.
+    pub audit_count_interval: Duration,
 }
 
 /// Store settings.
@@ -164,6 +175,14 @@ struct RawLimits {
     max_streams: u32,
     #[serde(default = "default_request_timeout")]
     request_timeout: Spanned<String>,
+    #[serde(default = "default_handshakes_per_source")]
+    handshakes_per_source_per_second: Spanned<u32>,
+    #[serde(default = "default_handshake_burst")]
+    handshake_burst_per_source: Spanned<u32>,
+    #[serde(default = "default_retry_above")]
+    retry_above_handshakes: u32,
+    #[serde(default = "default_audit_count_interval")]
+    audit_count_interval: Spanned<String>,
 }
 
 impl Default for RawLimits {
@@ -172,6 +191,10 @@ impl Default for RawLimits {
             max_connections_per_identity: default_max_connections(),
             max_streams: default_max_streams(),
             request_timeout: default_request_timeout(),
+            handshakes_per_source_per_second: default_handshakes_per_source(),
+            handshake_burst_per_source: default_handshake_burst(),
+            retry_above_handshakes: default_retry_above(),
+            audit_count_interval: default_audit_count_interval(),
         }
     }
 }
@@ -214,6 +237,18 @@ fn default_max_streams() -> u32 {
 }
 fn default_request_timeout() -> Spanned<String> {
     Spanned::new(0..0, "10s".to_owned())
+}
+fn default_handshakes_per_source() -> Spanned<u32> {
+    Spanned::new(0..0, 50)
+}
+fn default_handshake_burst() -> Spanned<u32> {
+    Spanned::new(0..0, 200)
+}
+fn default_retry_above() -> u32 {
+    64
+}
+fn default_audit_count_interval() -> Spanned<String> {
+    Spanned::new(0..0, "60s".to_owned())
 }
 fn default_synchronous() -> Spanned<String> {
     Spanned::new(0..0, "normal".to_owned())
@@ -322,6 +357,28 @@ impl GatewayConfig {
         if raw.limits.max_streams == 0 || raw.limits.max_connections_per_identity == 0 {
             return Err(at(0..0, "[limits] values must be at least 1".to_owned()));
         }
+        for (key, value) in [
+            (
+                "handshakes_per_source_per_second",
+                &raw.limits.handshakes_per_source_per_second,
+            ),
+            (
+                "handshake_burst_per_source",
+                &raw.limits.handshake_burst_per_source,
+            ),
+        ] {
+            if *value.get_ref() == 0 {
+                return Err(at(value.span(), format!("{key} must be at least 1")));
+            }
+        }
+        let audit_count_interval = parse_duration(raw.limits.audit_count_interval.get_ref())
+            .map_err(|reason| at(raw.limits.audit_count_interval.span(), reason))?;
+        if audit_count_interval < Duration::from_millis(100) {
+            return Err(at(
+                raw.limits.audit_count_interval.span(),
+                "audit_count_interval must be at least 100ms".to_owned(),
+            ));
+        }
         let synchronous_full = match raw.store.synchronous.get_ref().as_str() {
             "normal" => false,
             "full" => true,
@@ -357,6 +414,13 @@ impl GatewayConfig {
                 max_connections_per_identity: raw.limits.max_connections_per_identity,
                 max_streams: raw.limits.max_streams,
                 request_timeout,
+                handshakes_per_source_per_second: *raw
+                    .limits
+                    .handshakes_per_source_per_second
+                    .get_ref(),
+                handshake_burst_per_source: *raw.limits.handshake_burst_per_source.get_ref(),
+                retry_above_handshakes: raw.limits.retry_above_handshakes,
+                audit_count_interval,
             },
             store: StoreConfig {
                 synchronous_full,
@@ -425,6 +489,10 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         assert_eq!(config.filter.table, "fwnp");
         assert!(!config.filter.reject);
         assert_eq!(config.limits.request_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.handshakes_per_source_per_second, 50);
+        assert_eq!(config.limits.handshake_burst_per_source, 200);
+        assert_eq!(config.limits.retry_above_handshakes, 64);
+        assert_eq!(config.limits.audit_count_interval, Duration::from_secs(60));
         assert_eq!(
             config.store.audit_retention,
             Duration::from_secs(90 * 86400)
@@ -452,6 +520,22 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         let (line, reason) = error_of(&format!("{GOOD}refuse = \"maybe\"\n"));
         assert_eq!(line, 11);
         assert!(reason.contains("drop"), "{reason}");
+
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\nretry_above_handshakes = 8\nhandshake_burst_per_source = 0\n"
+        ));
+        assert_eq!(line, 14);
+        assert!(reason.contains("handshake_burst_per_source"), "{reason}");
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\naudit_count_interval = \"soon\"\n"
+        ));
+        assert_eq!(line, 13);
+        assert!(reason.contains("soon"), "{reason}");
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[limits]\naudit_count_interval = \"1ms\"\n"
+        ));
+        assert_eq!(line, 13);
+        assert!(reason.contains("at least"), "{reason}");
     }
 
     #[test]

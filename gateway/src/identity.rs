@@ -1,10 +1,12 @@
 //! Who a peer is, read from its end-entity certificate.
 //!
-//! FWNP/1 names a host by its certificate: the first URI subject alternative name
-//! (`fwnp://host/NAME` or a SPIFFE ID `spiffe://TRUST-DOMAIN/PATH`), else its first DNS name. The
-//! addresses a host may open are its certificate's IP SANs, or, when it has none, the source
-//! address of its QUIC connection. Nothing here assumes the certificate was made by `fwnpctl pki`:
-//! certificates from openssl, step-ca or any other X.509 CA are read the same way.
+//! FWNP/1 names a host by its certificate (spec section 4.1): the first URI subject alternative
+//! name (`fwnp://host/NAME` or a SPIFFE ID `spiffe://TRUST-DOMAIN/PATH`) if it is a valid
+//! identity, else, without any URI SAN, its first DNS name that is a valid identity (no wildcard),
+//! in lower case without a trailing dot. The addresses a host may open are its certificate's IP
+//! SANs, or, when it has none, the source address of its QUIC connection. Nothing here assumes
+//! the certificate was made by `fwnpctl pki`: certificates from openssl, step-ca or any other
+//! X.509 CA are read the same way.
 //!
 //! This module only reads certificates that the TLS layer ([`crate::tls`]) has already verified
 //! against the CA; it does not verify signatures itself.
@@ -17,9 +19,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
 use x509_parser::extensions::GeneralName;
 
-/// The longest identity accepted, in bytes. Identities end up in logs, policy matches and the
-/// audit trail; a bound keeps a hostile certificate from bloating all three.
-pub const MAX_IDENTITY_LEN: usize = 1024;
+/// The longest identity accepted, in bytes: the bound of Welcome's identity (spec section 8.3),
+/// so that every identity the gateway accepts can be reported to its host. Identities also end
+/// up in logs, policy matches and the audit trail; the bound keeps a hostile certificate from
+/// bloating all three.
+pub const MAX_IDENTITY_LEN: usize = fwnp_proto::validate::MAX_IDENTITY_LEN;
+
+/// The longest DNS identity, in bytes, without its trailing dot (RFC 1035's 255 octets on the
+/// wire).
+pub const MAX_DNS_NAME_LEN: usize = 253;
 
 /// Why no identity could be read from a peer certificate.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +45,9 @@ pub enum IdentityError {
     /// The certificate has neither a URI nor a DNS subject alternative name.
     #[error("the peer certificate has no URI or DNS subject alternative name to identify the host")]
     NoIdentity,
-    /// The URI or DNS name chosen as identity is empty, too long, or holds characters that are not
-    /// printable ASCII.
-    #[error("the peer certificate's identity {name:?} is not acceptable: {reason}")]
+    /// The first URI SAN is not a valid identity, or, without a URI SAN, no DNS SAN is (a
+    /// wildcard is never one): the certificate names no identity. `name` is the first refused.
+    #[error("the peer certificate names no valid identity: {name:?} {reason}")]
     InvalidIdentity {
         /// The offending name, as found (lossy for display only).
         name: String,
@@ -171,12 +179,13 @@ pub enum IdentityKind {
 /// What the gateway knows about an authenticated peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerIdentity {
-    /// The host identity: the first URI SAN, else the first DNS SAN (lowercased).
+    /// The host identity: the first URI SAN, else the first valid DNS SAN (lowercased, without
+    /// a trailing dot).
     pub identity: String,
     /// Where [`identity`](Self::identity) came from.
     pub kind: IdentityKind,
-    /// The certificate's IP address SANs, in certificate order, IPv4-mapped IPv6 addresses
-    /// normalised to IPv4.
+    /// The certificate's IP address SANs, in certificate order without duplicates, IPv4-mapped
+    /// IPv6 addresses normalised to IPv4 (before duplicates are dropped).
     pub ip_sans: Vec<IpAddr>,
     /// The certificate as a CRL names it (issuer and serial number); shared, since each lease
     /// remembers the certificate that last opened or renewed it.
@@ -198,27 +207,15 @@ impl PeerIdentity {
             Err(error) => return Err(IdentityError::SubjectAltName(error.to_string())),
         };
 
-        let first_uri = general_names.iter().find_map(|name| match name {
-            GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
-        let first_dns = general_names.iter().find_map(|name| match name {
-            GeneralName::DNSName(dns) => Some(*dns),
-            _ => None,
-        });
-        let (identity, kind) = match (first_uri, first_dns) {
-            (Some(uri), _) => (checked_identity(uri)?.to_owned(), IdentityKind::Uri),
-            (None, Some(dns)) => (
-                checked_identity(dns)?.to_ascii_lowercase(),
-                IdentityKind::Dns,
-            ),
-            (None, None) => return Err(IdentityError::NoIdentity),
-        };
+        let (identity, kind) = identity_of(&general_names)?;
 
-        let mut ip_sans = Vec::new();
+        let mut ip_sans: Vec<IpAddr> = Vec::new();
         for name in &general_names {
             if let GeneralName::IPAddress(bytes) = name {
-                ip_sans.push(ip_from_san(bytes)?);
+                let address = ip_from_san(bytes)?;
+                if !ip_sans.contains(&address) {
+                    ip_sans.push(address);
+                }
             }
         }
 
@@ -324,23 +321,98 @@ pub fn revoked_certificates(
     Ok(revoked)
 }
 
-fn checked_identity(name: &str) -> Result<&str, IdentityError> {
-    let refuse = |reason| {
-        Err(IdentityError::InvalidIdentity {
-            name: name.chars().take(80).collect(),
-            reason,
-        })
+/// The identity the SANs name (spec section 4.1): the first URI SAN if there is one (and it is
+/// valid), else the first DNS SAN that is a valid DNS identity.
+fn identity_of(names: &[GeneralName<'_>]) -> Result<(String, IdentityKind), IdentityError> {
+    let refused = |name: &str, reason| IdentityError::InvalidIdentity {
+        name: name.chars().take(80).collect(),
+        reason,
     };
+    let first_uri = names.iter().find_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    if let Some(uri) = first_uri {
+        // A URI SAN is the name the CA chose for the host: when it is unusable the certificate
+        // names nobody, rather than whoever a DNS SAN of it might name.
+        return match uri_identity_problem(uri) {
+            None => Ok((uri.to_owned(), IdentityKind::Uri)),
+            Some(reason) => Err(refused(uri, reason)),
+        };
+    }
+    let mut first_refused = None;
+    for name in names {
+        if let GeneralName::DNSName(dns) = name {
+            match dns_identity(dns) {
+                Ok(identity) => return Ok((identity, IdentityKind::Dns)),
+                Err(reason) => {
+                    first_refused.get_or_insert_with(|| refused(dns, reason));
+                }
+            }
+        }
+    }
+    Err(first_refused.unwrap_or(IdentityError::NoIdentity))
+}
+
+/// Why `uri` is not a valid URI identity, or `None` if it is one: 1 to [`MAX_IDENTITY_LEN`]
+/// bytes of printable ASCII without spaces, beginning with a scheme (a letter, then letters,
+/// digits, `+`, `-` or `.`), a `:` and at least one more character.
+pub fn uri_identity_problem(uri: &str) -> Option<&'static str> {
+    if uri.is_empty() {
+        return Some("is empty");
+    }
+    if uri.len() > MAX_IDENTITY_LEN {
+        return Some("is longer than 512 bytes");
+    }
+    if !uri.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Some("is not printable ASCII without spaces");
+    }
+    let Some((scheme, rest)) = uri.split_once(':') else {
+        return Some("has no scheme");
+    };
+    let mut scheme_bytes = scheme.bytes();
+    let scheme_ok = scheme_bytes
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic())
+        && scheme_bytes
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'+' | b'-' | b'.'));
+    if !scheme_ok {
+        return Some("has no valid scheme");
+    }
+    if rest.is_empty() {
+        return Some("has nothing after its scheme");
+    }
+    None
+}
+
+/// The DNS identity a dNSName SAN makes (spec section 4.1): without one trailing dot, in lower
+/// case, at most [`MAX_DNS_NAME_LEN`] bytes of labels of 1 to 63 letters, digits and inner
+/// hyphens. A wildcard (`*`) or any other character makes it no identity; the error says why.
+pub fn dns_identity(name: &str) -> Result<String, &'static str> {
+    let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() {
-        return refuse("empty");
+        return Err("is empty");
     }
-    if name.len() > MAX_IDENTITY_LEN {
-        return refuse("longer than 1024 bytes");
+    if name.contains('*') {
+        return Err("is a wildcard, which names no single host");
     }
-    if !name.bytes().all(|byte| byte.is_ascii_graphic()) {
-        return refuse("not printable ASCII without spaces");
+    if name.len() > MAX_DNS_NAME_LEN {
+        return Err("is longer than 253 bytes");
     }
-    Ok(name)
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err("has a label that is empty or longer than 63 bytes");
+        }
+        if !label
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || byte == b'-')
+            || label.starts_with('-')
+            || label.ends_with('-')
+        {
+            return Err("has a label that is not letters, digits and inner hyphens");
+        }
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, IdentityError> {
@@ -357,7 +429,7 @@ pub(crate) fn hex_lower(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-fn hex_upper(bytes: &[u8]) -> String {
+pub(crate) fn hex_upper(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02X}")).collect()
 }
 
@@ -494,14 +566,143 @@ mod tests {
 
     #[test]
     fn identity_checks() {
-        assert!(checked_identity("fwnp://host/a").is_ok());
-        assert!(checked_identity("").is_err());
-        assert!(checked_identity("a b").is_err());
-        assert!(checked_identity("a\u{7}").is_err());
-        assert!(checked_identity(&"a".repeat(MAX_IDENTITY_LEN + 1)).is_err());
+        assert_eq!(uri_identity_problem("fwnp://host/a"), None);
+        assert_eq!(uri_identity_problem("urn:x"), None);
+        for bad in [
+            "",
+            "a b",
+            "a\u{7}",
+            "no-scheme",
+            "1x:y",
+            ":y",
+            "fwnp:",
+            "f_x://h",
+        ] {
+            assert!(uri_identity_problem(bad).is_some(), "{bad:?} accepted");
+        }
+        let longest = format!("fwnp://host/{}", "a".repeat(MAX_IDENTITY_LEN - 12));
+        assert_eq!(longest.len(), MAX_IDENTITY_LEN);
+        assert_eq!(uri_identity_problem(&longest), None);
+        assert!(uri_identity_problem(&format!("{longest}a")).is_some());
         assert!(matches!(
             ip_from_san(&[1, 2, 3]),
             Err(IdentityError::BadIpAddressSan(3))
         ));
+    }
+
+    #[test]
+    fn dns_identities_are_lower_case_without_trailing_dot_and_never_wildcards() {
+        assert_eq!(
+            dns_identity("Web-01.Example.ORG.").as_deref(),
+            Ok("web-01.example.org")
+        );
+        assert_eq!(dns_identity("web-01").as_deref(), Ok("web-01"));
+        for bad in [
+            "*.wild.example.org",
+            "*",
+            "a.*.b",
+            "",
+            ".",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a_b.c",
+            "a b",
+            "a.b..",
+            "é.example",
+        ] {
+            assert!(dns_identity(bad).is_err(), "{bad:?} accepted");
+        }
+        let label = "a".repeat(63);
+        let longest = [&label[..], &label[..], &label[..], &"b".repeat(61)].join(".");
+        assert_eq!(longest.len(), MAX_DNS_NAME_LEN);
+        assert!(dns_identity(&longest).is_ok());
+        assert!(dns_identity(&format!("{longest}.")).is_ok());
+        assert!(dns_identity(&format!("c{longest}")).is_err());
+        assert!(dns_identity(&"a".repeat(64)).is_err());
+    }
+
+    /// A certificate with `sans`, signed by a throwaway CA.
+    fn certificate_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
+        let ca = test_ca("FWNP identity test CA");
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = rcgen::KeyPair::generate().expect("key");
+        params.signed_by(&key, &ca).expect("sign").der().to_vec()
+    }
+
+    fn dns(name: &str) -> rcgen::SanType {
+        rcgen::SanType::DnsName(name.try_into().expect("ia5"))
+    }
+
+    fn uri(name: &str) -> rcgen::SanType {
+        rcgen::SanType::URI(name.try_into().expect("ia5"))
+    }
+
+    #[test]
+    fn the_identity_follows_the_san_rules() {
+        let read = |sans| PeerIdentity::from_certificate(&certificate_with(sans));
+        // A wildcard names nobody; nor does a certificate whose only DNS name is one.
+        let wildcard = read(vec![dns("*.wild.example.org")]);
+        assert!(
+            matches!(wildcard, Err(IdentityError::InvalidIdentity { .. })),
+            "{wildcard:?}"
+        );
+        // The first valid DNS name after invalid ones, lower case, without its trailing dot.
+        let peer = read(vec![
+            dns("*.wild.example.org"),
+            dns("bad_name.example"),
+            dns("Web-01.Example.org."),
+            dns("web-02.example.org"),
+        ])
+        .expect("identity");
+        assert_eq!(
+            (peer.identity.as_str(), peer.kind),
+            ("web-01.example.org", IdentityKind::Dns)
+        );
+        // The first URI wins over DNS names, and an invalid first URI names nobody: neither the
+        // next URI nor a DNS name stands in for it.
+        let peer = read(vec![
+            dns("web-01.example.org"),
+            uri("fwnp://host/a"),
+            uri("fwnp://host/b"),
+        ])
+        .expect("identity");
+        assert_eq!(
+            (peer.identity.as_str(), peer.kind),
+            ("fwnp://host/a", IdentityKind::Uri)
+        );
+        let over_long = format!("fwnp://host/{}", "a".repeat(MAX_IDENTITY_LEN));
+        for first in ["no-scheme", over_long.as_str()] {
+            let refused = read(vec![
+                uri(first),
+                uri("fwnp://host/b"),
+                dns("web-01.example.org"),
+            ]);
+            assert!(
+                matches!(refused, Err(IdentityError::InvalidIdentity { .. })),
+                "{first:?}: {refused:?}"
+            );
+        }
+        // An identity of exactly the longest length is one, and fits Welcome.
+        let longest = format!("fwnp://host/{}", "a".repeat(MAX_IDENTITY_LEN - 12));
+        assert_eq!(
+            read(vec![uri(&longest)]).expect("identity").identity,
+            longest
+        );
+        // IP SANs: certificate order, IPv4-mapped ones as IPv4, without duplicates.
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 7).to_ipv6_mapped());
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+        let ip = rcgen::SanType::IpAddress;
+        let peer = read(vec![
+            uri("fwnp://host/a"),
+            ip(v6),
+            ip(v4),
+            ip(mapped),
+            ip(v6),
+        ])
+        .expect("identity");
+        assert_eq!(peer.ip_sans, vec![v6, v4]);
     }
 }

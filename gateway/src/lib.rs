@@ -6,7 +6,7 @@
 //! modules here read files, hold sockets and talk to the kernel and the database. The map:
 //! [`config`] and [`policy`] are what the operator writes; [`pki`], [`identity`] and [`tls`]
 //! are who may connect; [`server`] moves the bytes of the protocol and [`service`] answers
-//! them; [`store`] keeps leases and the audit trail; [`admin`] and [`metrics`] serve the
+//! them; [`store`] keeps leases and the audit trail, [`tally`] bounds what floods put in it; [`admin`] and [`metrics`] serve the
 //! operator; [`daemon`] starts and stops it all.
 #![forbid(unsafe_code)]
 
@@ -23,4 +23,5 @@ pub mod report;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tally;
 pub mod tls;

@@ -292,7 +292,7 @@ pub struct Revocation {
 
 /// Creates a CA in `dir` (created mode 0700 if missing): a self-signed CA certificate `ca.pem`, its key
 /// `ca.key` (0600), an empty signed CRL `crl.pem` and its index. Refuses to overwrite an existing
-/// CA.
+/// CA. The CA's name is `CN=name` plus its key identifier as `serialNumber`, unique to the CA.
 pub fn init_ca(dir: &Path, name: &str, validity: Validity) -> Result<IssuedCertificate, PkiError> {
     check_common_name(name)?;
     let (not_before, not_after) = validity.check()?;
@@ -308,8 +308,11 @@ pub fn init_ca(dir: &Path, name: &str, validity: Validity) -> Result<IssuedCerti
         refuse_existing(path)?;
     }
 
+    let key = KeyPair::generate()?;
+    let key_id = subject_key_id(&key);
     let mut params = CertificateParams::default();
-    params.distinguished_name = distinguished_name(name);
+    params.distinguished_name = ca_distinguished_name(name, &key_id)?;
+    params.key_identifier_method = rcgen::KeyIdMethod::PreSpecified(key_id);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -319,7 +322,6 @@ pub fn init_ca(dir: &Path, name: &str, validity: Validity) -> Result<IssuedCerti
     params.not_before = not_before;
     params.not_after = not_after;
     params.serial_number = Some(random_serial()?);
-    let key = KeyPair::generate()?;
     let certificate = params.self_signed(&key)?;
 
     write_new_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
@@ -738,6 +740,30 @@ impl CrlIndex {
     }
 }
 
+/// The key identifier of a CA key: the first 20 bytes of the SHA-256 digest of its public key
+/// (RFC 7093 method 1), as the subject key identifier of the CA certificate states it.
+fn subject_key_id(key: &KeyPair) -> Vec<u8> {
+    let digest = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+    digest.as_ref()[..20].to_vec()
+}
+
+/// A CA's name: the common name the operator chose, and the CA's key identifier as the
+/// `serialNumber` attribute. Hosts and gateways find a certificate's CA by its issuer name: two
+/// CAs of the same common name (every `pki init` without `--name` makes an `FWNP CA`) would
+/// otherwise be confused, and a certificate of the one would fail against the other with a bad
+/// signature (`decrypt_error`) instead of as an unknown CA (`unknown_ca`).
+fn ca_distinguished_name(name: &str, key_id: &[u8]) -> Result<DistinguishedName, PkiError> {
+    /// id-at-serialNumber (X.520).
+    const SERIAL_NUMBER: [u64; 4] = [2, 5, 4, 5];
+    let mut distinguished_name = distinguished_name(name);
+    let key_id: rcgen::string::PrintableString = crate::identity::hex_upper(key_id).try_into()?;
+    distinguished_name.push(
+        DnType::CustomDnType(SERIAL_NUMBER.to_vec()),
+        rcgen::DnValue::PrintableString(key_id),
+    );
+    Ok(distinguished_name)
+}
+
 fn distinguished_name(name: &str) -> DistinguishedName {
     let mut distinguished_name = DistinguishedName::new();
     distinguished_name.push(DnType::CommonName, name);
@@ -794,7 +820,7 @@ fn uri_san(uri: &str) -> Result<SanType, PkiError> {
         })
     };
     if uri.is_empty() || uri.len() > crate::identity::MAX_IDENTITY_LEN {
-        return invalid("must be 1 to 1024 bytes");
+        return invalid("must be 1 to 512 bytes");
     }
     if !uri.bytes().all(|byte| byte.is_ascii_graphic()) {
         return invalid("only printable ASCII without spaces is allowed");

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use quinn::{ReadToEndError, VarInt};
 use tracing::{debug, info, warn};
 
 use crate::identity::PeerIdentity;
-use crate::service::Service;
+use crate::service::{Admission, Service};
 
 /// How long a connection may go without a Hello before it is closed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -145,7 +145,7 @@ impl Sessions {
     /// The key a session is counted under: its identity, or for a certificate without one (kept
     /// only long enough to be told so), its address, so that one such host cannot use up the
     /// connections of every other.
-    fn key_of(session: &Session) -> String {
+    pub(crate) fn key_of(session: &Session) -> String {
         match &session.peer {
             Some(peer) => peer.identity.clone(),
             None => format!("(no identity) {}", session.remote.ip()),
@@ -174,17 +174,58 @@ impl Sessions {
     }
 }
 
-/// Accepts connections until the endpoint is closed.
+/// Accepts connections until the endpoint is closed. Before any TLS work, each attempt is
+/// admitted, sent a Retry or refused ([`Service::admit_handshake`]): a flood of handshakes from
+/// one source, or from spoofed ones, cannot take the gateway's CPU from good hosts.
 pub async fn serve(endpoint: quinn::Endpoint, service: Arc<Service>) {
+    let in_progress = Arc::new(AtomicUsize::new(0));
     while let Some(incoming) = endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let validated = incoming.remote_address_validated();
+        match service.admit_handshake(remote, validated, in_progress.load(Ordering::Acquire)) {
+            Admission::Accept => {}
+            Admission::Retry if incoming.may_retry() => {
+                // Only fails for an attempt that cannot be retried, checked just above.
+                let _ = incoming.retry();
+                continue;
+            }
+            Admission::Retry => {}
+            Admission::Refuse => {
+                incoming.refuse();
+                continue;
+            }
+        }
         let service = service.clone();
-        tokio::spawn(async move { handle_connection(incoming, service).await });
+        let guard = InProgress::enter(&in_progress);
+        tokio::spawn(async move { handle_connection(incoming, service, guard).await });
     }
 }
 
-async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
+/// One handshake in progress, counted until dropped.
+struct InProgress(Arc<AtomicUsize>);
+
+impl InProgress {
+    fn enter(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        InProgress(count.clone())
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    service: Arc<Service>,
+    handshake: InProgress,
+) {
     let remote = incoming.remote_address();
-    let connection = match incoming.await {
+    let handshaken = incoming.await;
+    drop(handshake);
+    let connection = match handshaken {
         Ok(connection) => connection,
         Err(e) => {
             // Refused certificates end here: the TLS handshake failed.

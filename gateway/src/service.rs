@@ -41,6 +41,7 @@ use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
     Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
 };
+use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 
 /// How long a request id is remembered per identity, so that a retried request gets the answer
 /// the first one got instead of acting twice.
@@ -65,7 +66,15 @@ pub struct Service {
     /// Prometheus metrics.
     pub metrics: Metrics,
     policy: RwLock<Arc<Policy>>,
-    limiter: RwLock<Option<Arc<DefaultKeyedRateLimiter<String>>>>,
+    limiter: RwLock<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Handshakes started per source address ([`Service::admit_handshake`]).
+    handshake_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failed handshakes (and certificates naming no identity) per source address and reason.
+    auth_failures: Tally<(IpAddr, String), SocketAddr>,
+    /// Handshakes refused over the per-source limit, per source address.
+    refused_handshakes: Tally<IpAddr, SocketAddr>,
+    /// Lists per host identity.
+    lists: Tally<String, SocketAddr>,
     book: Mutex<LeaseBook>,
     expiry_changed: tokio::sync::Notify,
     store: Store,
@@ -216,13 +225,30 @@ where
     }
 }
 
-fn limiter_for(policy: &Policy) -> Option<Arc<DefaultKeyedRateLimiter<String>>> {
-    policy.rate_limit().map(|limit| {
-        let quota = Quota::with_period(limit.replenish_interval())
-            .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
-            .allow_burst(limit.burst);
-        Arc::new(DefaultKeyedRateLimiter::keyed(quota))
-    })
+fn limiter_for(policy: &Policy) -> Arc<DefaultKeyedRateLimiter<String>> {
+    let limit = policy.effective_rate_limit();
+    let quota = Quota::with_period(limit.replenish_interval())
+        .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
+        .allow_burst(limit.burst);
+    Arc::new(DefaultKeyedRateLimiter::keyed(quota))
+}
+
+fn handshake_limiter(config: &GatewayConfig) -> DefaultKeyedRateLimiter<IpAddr> {
+    let at_least_one = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = Quota::per_second(at_least_one(config.limits.handshakes_per_source_per_second))
+        .allow_burst(at_least_one(config.limits.handshake_burst_per_source));
+    DefaultKeyedRateLimiter::keyed(quota)
+}
+
+/// What becomes of a new QUIC connection attempt, before any TLS work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go on with the handshake.
+    Accept,
+    /// Ask the source to prove its address first (QUIC Retry).
+    Retry,
+    /// Refuse it: its source started too many handshakes.
+    Refuse,
 }
 
 impl Service {
@@ -248,11 +274,16 @@ impl Service {
         let store = Store::open_with(&config.state_dir, options)?;
         let epoch = store.epoch();
         let limiter = limiter_for(&policy);
+        let window = config.limits.audit_count_interval;
         let service = Arc::new(Service {
             sessions: Sessions::default(),
             metrics: Metrics::new(),
             policy: RwLock::new(Arc::new(policy)),
             limiter: RwLock::new(limiter),
+            handshake_limiter: handshake_limiter(&config),
+            auth_failures: Tally::new(window),
+            refused_handshakes: Tally::new(window),
+            lists: Tally::new(window),
             book: Mutex::new(LeaseBook::new()),
             expiry_changed: tokio::sync::Notify::new(),
             store,
@@ -284,17 +315,19 @@ impl Service {
                 "restored leases the policy no longer allows were revoked"
             );
         }
-        // So may the CRL: no restored lease made with a certificate it lists may stay open
-        // (no host is connected yet, so none has rolled to a new certificate).
+        // So may the CRL: no restored lease last opened or renewed with a certificate it lists
+        // may stay open.
         let revoked = Arc::new(read_revoked_certificates::<StartError>(
             service.config.crl.as_deref(),
         )?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
+            // No host is connected yet to be told.
             service
                 .end_leases_of_revoked_certificates(&revoked, &BTreeSet::new())
                 .await;
         }
+        tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
         Ok(service)
     }
 
@@ -395,14 +428,152 @@ impl Service {
     }
 
     /// Records a failed authentication (a refused handshake or a certificate with no identity).
+    /// Anyone on the network can fail a handshake, as often as they like: the first failure
+    /// from an address for a reason in an interval is logged and recorded, the others of the
+    /// interval are counted into one record at its end ([`Tally`]).
     pub fn auth_failure(&self, peer: SocketAddr, reason: &str) {
+        self.metrics.request("auth-failure");
+        let earlier = match self
+            .auth_failures
+            .event(&(peer.ip(), reason.to_owned()), peer)
+        {
+            TallyVerdict::Counted => return,
+            TallyVerdict::Record(earlier) => earlier,
+        };
+        if let Some(earlier) = earlier {
+            self.record_auth_failures(&earlier);
+        }
         warn!(%peer, "authentication failed: {reason}");
         let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
         event.outcome = Some(Outcome::Error);
         event.peer = Some(peer);
         event.reason = Some(reason.to_owned());
         self.record(event);
-        self.metrics.request("auth-failure");
+    }
+
+    fn record_auth_failures(&self, counted: &Counted<(IpAddr, String), SocketAddr>) {
+        let (address, reason) = &counted.key;
+        let window = humantime::format_duration(self.auth_failures.window());
+        let text = format!(
+            "{} more failed authentications from {address} within {window} of the one recorded: {reason}",
+            counted.more
+        );
+        warn!(peer = %address, count = counted.more, "{text}");
+        let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+        event.outcome = Some(Outcome::Error);
+        event.peer = Some(counted.first);
+        event.reason = Some(text);
+        self.record(event);
+    }
+
+    fn record_refused_handshakes(&self, peer: SocketAddr, more: Option<u64>) {
+        let limits = &self.config.limits;
+        let text = match more {
+            None => format!(
+                "handshake refused: more than {} per second (burst {}) from this address",
+                limits.handshakes_per_source_per_second, limits.handshake_burst_per_source
+            ),
+            Some(more) => format!(
+                "{more} more handshakes refused from {} within {} of the one recorded",
+                peer.ip(),
+                humantime::format_duration(self.refused_handshakes.window())
+            ),
+        };
+        warn!(%peer, "{text}");
+        let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+        event.outcome = Some(Outcome::Denied);
+        event.peer = Some(peer);
+        event.reason = Some(text);
+        self.record(event);
+    }
+
+    fn record_lists(&self, counted: &Counted<String, SocketAddr>) {
+        let mut event = AuditEvent::new(now_ms(), AuditKind::Request);
+        event.identity = Some(counted.key.clone());
+        event.peer = Some(counted.first);
+        event.reason = Some(format!(
+            "list: {} more within {} of the one recorded",
+            counted.more,
+            humantime::format_duration(self.lists.window())
+        ));
+        self.record(event);
+    }
+
+    /// Decides, before any TLS work, what becomes of a connection attempt from `remote`: while
+    /// more than `retry_above_handshakes` handshakes are in progress, a source that has not
+    /// proved its address gets a Retry (spoofed sources never come back); then each source may
+    /// start a bounded number of handshakes per second, and is refused beyond.
+    pub fn admit_handshake(
+        &self,
+        remote: SocketAddr,
+        validated: bool,
+        in_progress: usize,
+    ) -> Admission {
+        if !validated && in_progress >= self.config.limits.retry_above_handshakes as usize {
+            self.metrics.request("handshake-retry");
+            return Admission::Retry;
+        }
+        if self.handshake_limiter.check_key(&remote.ip()).is_ok() {
+            return Admission::Accept;
+        }
+        self.metrics.request("handshake-refused");
+        match self.refused_handshakes.event(&remote.ip(), remote) {
+            TallyVerdict::Counted => {}
+            TallyVerdict::Record(earlier) => {
+                if let Some(earlier) = earlier {
+                    self.record_refused_handshakes(earlier.first, Some(earlier.more));
+                }
+                self.record_refused_handshakes(remote, None);
+            }
+        }
+        Admission::Refuse
+    }
+
+    /// Writes the counts of the intervals that ended and forgets idle sources, every interval,
+    /// as long as the service lives.
+    async fn run_tallies(service: std::sync::Weak<Service>) {
+        let Some(interval) = service
+            .upgrade()
+            .map(|s| s.config.limits.audit_count_interval)
+        else {
+            return;
+        };
+        loop {
+            tokio::time::sleep(interval).await;
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            service.flush_tallies();
+        }
+    }
+
+    fn flush_tallies(&self) {
+        let (failures, failures_beyond) = self.auth_failures.ended();
+        for counted in &failures {
+            self.record_auth_failures(counted);
+        }
+        let (refused, refused_beyond) = self.refused_handshakes.ended();
+        for counted in &refused {
+            self.record_refused_handshakes(counted.first, Some(counted.more));
+        }
+        let (lists, _) = self.lists.ended();
+        for counted in &lists {
+            self.record_lists(counted);
+        }
+        let beyond = failures_beyond + refused_beyond;
+        if beyond > 0 {
+            // Too many sources at once to count each: one line and one record for all of them.
+            let text = format!(
+                "{beyond} failed or refused handshakes from sources beyond the {} counted one by one",
+                crate::tally::MAX_KEYS
+            );
+            warn!("{text}");
+            let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+            event.outcome = Some(Outcome::Error);
+            event.reason = Some(text);
+            self.record(event);
+        }
+        self.handshake_limiter.retain_recent();
     }
 
     /// Answers one request: the bytes of one stream, decoded here.
@@ -421,12 +592,12 @@ impl Service {
                 "the certificate of this connection has been revoked",
             ));
         }
-        // Every request of an authenticated host counts against its rate, whatever it holds:
-        // undecodable bytes and repeated Hellos too, so that no request is free to flood with.
-        if let Some(peer) = &session.peer
-            && let Some(retry_after) = self.rate_limited(&peer.identity)
-        {
-            return self.refuse_rate_limited(session, &peer.identity, bytes, retry_after);
+        // Every request counts against its host's rate, whatever it holds: undecodable bytes
+        // and repeated Hellos too, so that no request is free to flood with. A certificate
+        // that names no identity is counted by its address, as its connections are.
+        let rate_key = Sessions::key_of(session);
+        if let Some(retry_after) = self.rate_limited(&rate_key) {
+            return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
         }
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
@@ -520,7 +691,7 @@ impl Service {
             self.rate_limit_audited.insert(identity.to_owned(), ());
             let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
             event.outcome = Some(Outcome::Denied);
-            event.identity = Some(identity.to_owned());
+            event.identity = session.peer.as_ref().map(|p| p.identity.clone());
             event.peer = Some(session.remote);
             event.code = Some(ResultCode::RateLimited);
             event.reason =
@@ -541,7 +712,7 @@ impl Service {
             .limiter
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
+            .clone();
         match limiter.check_key(&identity.to_owned()) {
             Ok(()) => None,
             Err(not_until) => {
@@ -1210,11 +1381,18 @@ impl Service {
 
     fn list(&self, session: &Session, peer: &PeerIdentity, list: &List) -> Message {
         let now = now_ms();
-        let mut event = AuditEvent::new(now, AuditKind::Request);
-        event.identity = Some(peer.identity.clone());
-        event.peer = Some(session.remote);
-        event.reason = Some("list".into());
-        self.record(event);
+        // A List changes nothing: the first of a host's in an interval is recorded, the rest
+        // counted into one record at its end, so that Lists cannot flood the trail.
+        if let TallyVerdict::Record(earlier) = self.lists.event(&peer.identity, session.remote) {
+            if let Some(earlier) = earlier {
+                self.record_lists(&earlier);
+            }
+            let mut event = AuditEvent::new(now, AuditKind::Request);
+            event.identity = Some(peer.identity.clone());
+            event.peer = Some(session.remote);
+            event.reason = Some("list".into());
+            self.record(event);
+        }
         let leases = lock(&self.book)
             .leases_of(&peer.identity)
             .filter(|l| l.expires_ms > now)
@@ -1328,10 +1506,10 @@ impl Service {
     }
 
     /// Re-reads the TLS files (the CRL above all) for new connections on every registered
-    /// endpoint, then ends what the certificates the CRL lists still hold through connections
-    /// made before it: their hosts' live leases are revoked with `credential-revoked`, unless
-    /// the host is also connected with a certificate the CRL does not list, and those
-    /// connections are closed with `NoError` once the notices are delivered. Returns the
+    /// endpoint, then ends what the certificates the CRL lists still hold: the live leases they
+    /// last opened or renewed are revoked with `credential-revoked`, and the connections made
+    /// with them before the reload are closed with `NoError` once the notices are delivered
+    /// ([`Service::end_revoked_credentials`]). Returns the
     /// connections it closed, for the admin API. A bad file leaves the old configuration in
     /// force and closes nothing.
     pub async fn reload_tls(&self) -> Result<Vec<Value>, TlsReloadError> {
@@ -1371,15 +1549,13 @@ impl Service {
     /// the handshake only, so a connection made before the CRL listed its certificate would go
     /// on, and with it the renewals of its host's leases.
     ///
-    /// For each identity with a live connection whose certificate `revoked` lists (issuer and
-    /// serial): its live leases are revoked with `credential-revoked` and the Revoked notices
-    /// sent; once its hosts have them (at most [`CREDENTIAL_NOTICE_WAIT`]), those connections
-    /// are closed with `NoError`, each recorded as an authentication failure. An identity that
-    /// also has a connection with a certificate not in `revoked` (a host that already rolled to
-    /// a new certificate) keeps its leases: only its revoked connections close.
-    ///
-    /// Leases last opened or renewed with a listed certificate whose host is not connected are
-    /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
+    /// Every live lease last opened or renewed with a certificate `revoked` lists (issuer and
+    /// serial) is revoked with `credential-revoked`, whether or not its host is connected, and
+    /// under whichever certificate: the holder of a stolen key could otherwise keep what it
+    /// opened while the real host is connected under its new certificate. The Revoked notices
+    /// go to every connection of the identity; once those under a listed certificate have them
+    /// (at most [`CREDENTIAL_NOTICE_WAIT`]), these are closed with `NoError`, each recorded as an
+    /// authentication failure. Leases last opened or renewed with another certificate stay.
     async fn end_revoked_credentials(
         &self,
         revoked: &crate::identity::RevokedCertificates,
@@ -1404,74 +1580,58 @@ impl Service {
                     .push((session.clone(), peer.certificate.serial.clone()));
             }
         }
-        let rolled_identities: BTreeSet<String> = by_identity
+        // A lease whose certificate is not known (stored before leases remembered it) goes with
+        // its identity's revoked connection, unless the identity is also connected under a
+        // certificate the CRL does not list.
+        let unrolled: BTreeSet<String> = by_identity
             .iter()
-            .filter(|(_, c)| c.rolled)
+            .filter(|(_, c)| !c.rolled && !c.revoked.is_empty())
             .map(|(identity, _)| identity.clone())
             .collect();
+        let ended = self
+            .end_leases_of_revoked_certificates(revoked, &unrolled)
+            .await;
+        let mut leases_revoked: BTreeMap<&str, usize> = BTreeMap::new();
         let mut deliveries = tokio::task::JoinSet::new();
-        let mut closing = Vec::new();
+        for (identity, notice) in &ended {
+            *leases_revoked.entry(identity.as_str()).or_default() += 1;
+            let closing = by_identity
+                .get(identity)
+                .map(|c| c.revoked.as_slice())
+                .unwrap_or_default();
+            for session in self.sessions.of(identity) {
+                let notice = notice.clone();
+                if closing.iter().any(|(s, _)| s.id == session.id) {
+                    // All at once: the wait is for the slowest host, not the sum of them.
+                    deliveries.spawn(async move {
+                        session
+                            .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
+                            .await
+                    });
+                } else {
+                    deliveries.spawn(async move { session.notify(&notice).await });
+                }
+            }
+        }
+        while deliveries.join_next().await.is_some() {}
+        let mut closed = Vec::new();
         for (
             identity,
             IdentityConnections {
                 revoked: sessions,
                 rolled,
             },
-        ) in by_identity
+        ) in &by_identity
         {
-            if sessions.is_empty() {
-                continue;
-            }
-            let mut leases_revoked = 0usize;
-            if !rolled {
-                let serials: BTreeSet<&str> =
-                    sessions.iter().map(|(_, serial)| serial.as_str()).collect();
-                let text = format!(
-                    "the certificate (serial {}) was revoked",
-                    serials.into_iter().collect::<Vec<_>>().join(", ")
-                );
-                let leases: Vec<LeaseId> = lock(&self.book)
-                    .leases_of(&identity)
-                    .map(|l| l.id)
-                    .collect();
-                for id in leases {
-                    let Some((_, notice)) = self
-                        .end_revoked(
-                            &id,
-                            RevokeReason::CredentialRevoked,
-                            "gateway",
-                            Some(text.clone()),
-                        )
-                        .await
-                    else {
-                        continue;
-                    };
-                    leases_revoked += 1;
-                    // All at once: the wait is for the slowest host, not the sum of them.
-                    for (session, _) in &sessions {
-                        let (session, notice) = (session.clone(), notice.clone());
-                        deliveries.spawn(async move {
-                            session
-                                .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
-                                .await
-                        });
-                    }
-                }
-            }
-            closing.push((identity, sessions, rolled, leases_revoked));
-        }
-        self.end_leases_of_revoked_certificates(revoked, &rolled_identities)
-            .await;
-        while deliveries.join_next().await.is_some() {}
-        let mut closed = Vec::new();
-        for (identity, sessions, rolled, leases_revoked) in closing {
+            let count = leases_revoked.get(identity.as_str()).copied().unwrap_or(0);
             for (session, serial) in sessions {
                 session.close(QuicErrorCode::NoError, "certificate revoked");
-                let what = if rolled {
-                    "its leases stay with the identity's connection under another certificate"
-                        .to_owned()
+                let what = if *rolled {
+                    format!(
+                        "{count} live leases of the identity revoked; those of its connection under another certificate stay"
+                    )
                 } else {
-                    format!("the identity's {leases_revoked} live leases revoked")
+                    format!("{count} live leases of the identity revoked")
                 };
                 warn!(session = session.id, identity = %identity, %serial, remote = %session.remote, "connection closed, its certificate was revoked: {what}");
                 let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
@@ -1484,54 +1644,61 @@ impl Service {
                 ));
                 self.record(event);
                 closed.push(json!({
-                    "host": &identity,
+                    "host": identity,
                     "serial": serial.as_str(),
                     "peer": session.remote.to_string(),
-                    "leases_revoked": leases_revoked,
+                    "leases_revoked": count,
                 }));
             }
         }
         closed
     }
 
-    /// Revokes the live leases last opened or renewed with a certificate `revoked` lists, whose
-    /// host is not connected (the connected ones were handled with their connections), unless
-    /// the identity is connected with a certificate the CRL does not list (it rolled to a new
-    /// one and keeps its leases). Without this, whoever held a stolen key could open leases,
-    /// disconnect, and keep them open after the revocation until they expire.
+    /// Revokes every live lease last opened or renewed with a certificate `revoked` lists, and
+    /// the leases of `unknown_certificate_identities` whose certificate is not known; returns
+    /// each revoked lease's identity and Revoked notice, for the caller to deliver. Without
+    /// this, whoever held a stolen key could open leases, disconnect (or stay connected beside
+    /// the real host), and keep them open after the revocation until they expire.
     async fn end_leases_of_revoked_certificates(
         &self,
         revoked: &crate::identity::RevokedCertificates,
-        rolled_identities: &BTreeSet<String>,
-    ) {
-        let listed: Vec<(LeaseId, String, Arc<crate::identity::CertificateName>)> = {
+        unknown_certificate_identities: &BTreeSet<String>,
+    ) -> Vec<(String, Message)> {
+        let listed: Vec<(LeaseId, String, String)> = {
             let book = lock(&self.book);
             let mut credentials = lock(&self.lease_credentials);
             // Entries of leases that ended by a path that raced with their renewal.
             credentials.retain(|id, _| book.get(id).is_some());
-            credentials
-                .iter()
-                .filter(|(_, certificate)| revoked.lists(certificate))
-                .filter_map(|(id, certificate)| {
-                    let identity = book.get(id)?.host.to_string();
-                    (!rolled_identities.contains(&identity))
-                        .then(|| (*id, identity, certificate.clone()))
+            book.iter()
+                .filter_map(|lease| match credentials.get(&lease.id) {
+                    Some(certificate) if revoked.lists(certificate) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        format!(
+                            "the certificate (serial {}) that last opened or renewed it was revoked",
+                            certificate.serial.as_str()
+                        ),
+                    )),
+                    None if unknown_certificate_identities.contains(&*lease.host) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        "the certificate of its host's connection was revoked".to_owned(),
+                    )),
+                    _ => None,
                 })
                 .collect()
         };
-        for (id, identity, certificate) in listed {
-            let text = format!(
-                "the certificate (serial {}) that last opened or renewed it was revoked",
-                certificate.serial.as_str()
-            );
-            if self
+        let mut ended = Vec::new();
+        for (id, identity, text) in listed {
+            if let Some((_, notice)) = self
                 .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text))
                 .await
-                .is_some()
             {
-                warn!(lease = %id, identity = %identity, serial = %certificate.serial, "lease of a revoked certificate revoked; its host is not connected");
+                warn!(lease = %id, identity = %identity, "lease of a revoked certificate revoked");
+                ended.push((identity, notice));
             }
         }
+        ended
     }
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
@@ -1864,7 +2031,22 @@ fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
 
 #[cfg(test)]
 mod tests {
-    use super::fit_reason;
+    use super::{Policy, fit_reason, limiter_for};
+
+    #[test]
+    fn without_a_rate_limit_table_the_default_limit_applies() {
+        let policy = Policy::from_str("[defaults]\nlifetime = \"10m\"\n", "test").expect("policy");
+        assert!(policy.rate_limit().is_none());
+        let limiter = limiter_for(&policy);
+        let key = "fwnp://host/web-01".to_owned();
+        // The burst (2000) passes at once; the default rate adds about one per millisecond.
+        let passed = (0..2100)
+            .filter(|_| limiter.check_key(&key).is_ok())
+            .count();
+        assert!((2000..2100).contains(&passed), "{passed} of 2100 passed");
+        // Another identity has a budget of its own.
+        assert!(limiter.check_key(&"fwnp://host/web-02".to_owned()).is_ok());
+    }
 
     #[test]
     fn reasons_are_cut_to_the_protocol_limit_on_a_char_boundary() {

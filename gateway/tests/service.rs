@@ -391,6 +391,31 @@ async fn denied_by_policy_names_the_rule_and_no_match_says_so() {
 }
 
 #[tokio::test]
+async fn an_identity_the_policy_does_not_mention_is_welcomed_and_denied_by_policy_not_unauthorized()
+{
+    let gw = TestGateway::start("unmentioned", POLICY).await;
+    // In no group of the policy: `not-authorized` is only for who asks (no identity, revoked).
+    let files = gw
+        .pki
+        .host("stranger", &[HOST_B], &["fwnp://other/stranger"], &[]);
+    let client = Client::connect(gw.addr, &files).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.identity, "fwnp://other/stranger");
+    let d = denied(client.open(tcp(7001), None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    // A reload that names it allows it on the same connection.
+    write_policy(
+        &gw.policy_path,
+        &POLICY.replace(
+            r#"identities = ["fwnp://host/*"]"#,
+            r#"identities = ["fwnp://host/*", "fwnp://other/stranger"]"#,
+        ),
+    );
+    gw.service.reload_policy().await.expect("reload");
+    granted(client.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
 async fn an_application_id_expands_from_the_catalogue() {
     let gw = TestGateway::start("apps", POLICY).await;
     let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
@@ -1270,6 +1295,257 @@ async fn refused_connections_are_audited_as_authentication_failures() {
     gw.welcomed_host("web-01", &[HOST_A]).await;
 }
 
+/// Counts the WARN events logged while it is the thread's subscriber (the tests' runtime runs
+/// every task on the test's thread).
+#[derive(Clone, Default)]
+struct WarnCounter(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for WarnCounter {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+impl WarnCounter {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `attempts` handshakes from 127.0.0.1 with a certificate of another CA, `parallel` at a time;
+/// returns how many the gateway refused before TLS (the client sees ConnectionRefused).
+async fn failing_handshakes(gw: &TestGateway, attempts: usize, parallel: usize) -> usize {
+    let other = Pki::new("flood-stranger");
+    let mut stranger = other.host("stranger", &[], &[], &[]);
+    stranger.ca = gw.pki.file("ca.pem");
+    let config = fwnp_gateway::tls::client_config_from_files(&stranger, &Default::default())
+        .expect("client TLS config");
+    let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+        .expect("bind client");
+    let mut refused = 0;
+    let mut done = 0;
+    while done < attempts {
+        let batch = parallel.min(attempts - done);
+        let results = futures_join_all((0..batch).map(|_| {
+            let connecting = endpoint
+                .connect_with(config.clone(), gw.addr, GATEWAY_NAME)
+                .expect("connect");
+            async move {
+                match tokio::time::timeout(STEP, connecting).await {
+                    Ok(Ok(connection)) => {
+                        // TLS 1.3: the client may finish before the gateway judged it.
+                        tokio::time::timeout(STEP, connection.closed())
+                            .await
+                            .expect("refusal in time")
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => panic!("a handshake neither finished nor failed in time"),
+                }
+            }
+        }))
+        .await;
+        refused += results
+            .iter()
+            .filter(|e| {
+                matches!(e, quinn::ConnectionError::ConnectionClosed(close)
+                    if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+            })
+            .count();
+        done += batch;
+    }
+    endpoint.close(0u32.into(), b"");
+    refused
+}
+
+#[tokio::test]
+async fn a_flood_of_failed_handshakes_makes_a_bounded_audit_and_log_with_counts() {
+    let warnings = WarnCounter::default();
+    let _log = tracing::subscriber::set_default(tracing_subscriber::layer::SubscriberExt::with(
+        tracing_subscriber::registry(),
+        warnings.clone(),
+    ));
+    let options = GatewayOptions {
+        // Every attempt reaches TLS and fails there.
+        handshakes_per_source: Some((100_000, 100_000)),
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("auth-flood", POLICY, options).await;
+    let attempts = 300;
+    let started = std::time::Instant::now();
+    assert_eq!(failing_handshakes(&gw, attempts, 20).await, 0);
+    let windows = started.elapsed().as_secs() + 2;
+    // The first failure of each interval at once, the others as one count when it ends.
+    let accounted = |records: &[fwnp_gateway::store::AuditRecord]| -> u64 {
+        records
+            .iter()
+            .map(|r| {
+                let reason = r.event.reason.as_deref().unwrap_or("");
+                if reason.contains(" more failed authentications") {
+                    reason
+                        .split(' ')
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0)
+                } else {
+                    1
+                }
+            })
+            .sum()
+    };
+    let records = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| {
+            accounted(r) >= attempts as u64
+        })
+        .await;
+    assert_eq!(accounted(&records), attempts as u64);
+    assert!(
+        records.len() as u64 <= 2 * windows,
+        "{} audit records for one flood over at most {windows} intervals",
+        records.len()
+    );
+    for record in &records {
+        assert_eq!(
+            record.event.peer.map(|p| p.ip()),
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        );
+    }
+    assert!(
+        warnings.count() as u64 <= 2 * windows,
+        "{} warnings logged for one flood",
+        warnings.count()
+    );
+    // A good host is still served.
+    gw.welcomed_host("web-01", &[HOST_A]).await;
+}
+
+#[tokio::test]
+async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
+    let options = GatewayOptions {
+        handshakes_per_source: Some((5, 10)),
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("handshake-flood", POLICY, options).await;
+    let good = gw.pki.host("web-01", &[HOST_A], &[], &[]);
+    let flood = failing_handshakes(&gw, 300, 30);
+    let host = async {
+        // From another source address, in the middle of the flood.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let socket =
+            std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+        let client = Client::connect_from_socket(socket, gw.addr, &good)
+            .await
+            .expect("the good host is accepted during the flood");
+        client.hello().await
+    };
+    let (refused, welcome) = tokio::join!(flood, host);
+    assert_eq!(welcome.identity, "fwnp://host/web-01");
+    // Beyond the burst (and what a second replenishes), the flood is refused before any TLS.
+    assert!(
+        refused >= 250,
+        "only {refused} of 300 handshakes were refused"
+    );
+    let refusals = gw
+        .wait_audit(&[AuditKind::AuthFailure], None, |r| {
+            r.iter().any(|r| {
+                r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|t| t.contains("more handshakes refused"))
+            })
+        })
+        .await;
+    let refusals: Vec<_> = refusals
+        .iter()
+        .filter(|r| {
+            r.event
+                .reason
+                .as_deref()
+                .is_some_and(|t| t.contains("refused"))
+        })
+        .collect();
+    assert!(
+        refusals.len() <= 3,
+        "{} records of refused handshakes",
+        refusals.len()
+    );
+}
+
+#[tokio::test]
+async fn under_load_a_new_source_must_prove_its_address_with_a_retry_first() {
+    let options = GatewayOptions {
+        // Every handshake counts as "under load".
+        retry_above_handshakes: Some(0),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("retry", POLICY, options).await;
+    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    assert_eq!(welcome.identity, "fwnp://host/web-01");
+    granted(client.open(tcp(7001), None).await);
+    let metrics = gw.service.render_metrics();
+    assert!(
+        metrics.contains("fwnp_requests_total{outcome=\"handshake-retry\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn lists_are_recorded_once_per_interval_with_a_count() {
+    let options = GatewayOptions {
+        audit_count_interval: Some(Duration::from_secs(1)),
+        ..GatewayOptions::default()
+    };
+    let gw = TestGateway::start_with("list-audit", POLICY, options).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    for _ in 0..50 {
+        client.list().await;
+    }
+    let records = gw
+        .wait_audit(&[AuditKind::Request], None, |r| {
+            r.iter().any(|r| {
+                r.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|t| t.contains("more"))
+            })
+        })
+        .await;
+    let reasons: Vec<_> = records
+        .iter()
+        .filter_map(|r| r.event.reason.clone())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0], "list");
+    assert!(reasons[1].starts_with("list: 49 more"), "{reasons:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r.event.identity.as_deref() == Some("fwnp://host/web-01"))
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_naming_no_identity_is_rate_limited_by_its_address() {
+    let policy = format!("{POLICY}\n[rate_limit]\nrequests_per_second = 1\nburst = 3\n");
+    let gw = TestGateway::start("nameless-rate", &policy).await;
+    let client = Client::connect(gw.addr, &nameless_certificate(&gw)).await;
+    let hello = hello_msg(Some(1), &[1], Capabilities::ALL);
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        codes.push(denied(client.request(&hello).await).code);
+    }
+    assert_eq!(&codes[..3], &[ResultCode::NotAuthorized; 3], "{codes:?}");
+    assert!(
+        codes[3..].iter().all(|c| *c == ResultCode::RateLimited),
+        "{codes:?}"
+    );
+    // A named host has a budget of its own.
+    gw.welcomed_host("web-01", &[HOST_A]).await;
+}
+
 /// How the gateway closed a connection: the application error code and the reason text.
 fn application_close(error: &quinn::ConnectionError) -> Option<(u64, String)> {
     match error {
@@ -1463,30 +1739,50 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
 }
 
 #[tokio::test]
-async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_its_certificate() {
-    let gw = TestGateway::start("crl-rolled", POLICY).await;
+async fn a_crl_reload_revokes_the_leases_of_a_stolen_certificate_while_its_host_is_connected_under_a_new_one()
+ {
+    let gw = TestGateway::start(
+        "crl-rolled",
+        &POLICY.replace("max_leases = 3", "max_leases = 4"),
+    )
+    .await;
     gw.service.add_endpoint(gw.endpoint.clone());
-    // The same identity under two certificates: the old one and its replacement.
+    // The same identity under two certificates: a stolen one, used by a thief, and the one
+    // the real host rolled to.
     let old_files = gw.pki.host("web-01", &[HOST_A], &[], &[]);
     let new_files = gw
         .pki
         .host("web-01-renewed", &[HOST_A], &["fwnp://host/web-01"], &[]);
-    let old = Client::connect(gw.addr, &old_files).await;
-    assert_eq!(old.hello().await.identity, "fwnp://host/web-01");
-    let first = granted(old.open(tcp(7001), None).await).lease;
-    let new = Client::connect(gw.addr, &new_files).await;
-    assert_eq!(new.hello().await.identity, "fwnp://host/web-01");
-    let second = granted(new.open(tcp(7002), None).await).lease;
+    let thief = Client::connect(gw.addr, &old_files).await;
+    assert_eq!(thief.hello().await.identity, "fwnp://host/web-01");
+    let thiefs = granted(thief.open(tcp(7001), None).await).lease;
+    // A lease of the stolen certificate whose connection is gone.
+    let hung_up = Client::connect(gw.addr, &old_files).await;
+    hung_up.hello().await;
+    let left_behind = granted(hung_up.open(tcp(7003), None).await).lease;
+    hung_up.connection.close(0u32.into(), b"bye");
+    drop(hung_up);
+    let host = Client::connect(gw.addr, &new_files).await;
+    assert_eq!(host.hello().await.identity, "fwnp://host/web-01");
+    let hosts = granted(host.open(tcp(7002), None).await).lease;
+    // A lease the stolen certificate opened and the real host renewed since is the host's.
+    let renewed = granted(thief.open(tcp(7004), None).await).lease;
+    granted(host.renew(renewed, None).await);
 
-    let revocation =
-        pki::revoke(gw.pki.path(), &old_files.cert, RevocationReason::Superseded).expect("revoke");
+    let revocation = pki::revoke(
+        gw.pki.path(),
+        &old_files.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
     let closed = gw.service.reload_tls().await.expect("reload");
     assert_eq!(closed.len(), 1, "{closed:?}");
     assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
-    assert_eq!(closed[0]["leases_revoked"], json!(0));
+    assert_eq!(closed[0]["leases_revoked"], json!(2), "{closed:?}");
 
-    // The old connection closes, without notices; the new one goes on with both leases.
-    let ended = old.closed_within(STEP).await.expect("closed");
+    // The thief's connection closes; both leases the stolen certificate last opened or renewed
+    // are revoked, and the real host, connected under its new certificate, is told.
+    let ended = thief.closed_within(STEP).await.expect("closed");
     assert_eq!(
         application_close(&ended),
         Some((
@@ -1495,25 +1791,30 @@ async fn a_crl_reload_closes_only_the_revoked_connection_of_a_host_that_rolled_i
         )),
         "{ended:?}"
     );
-    assert!(
-        old.next_notice(Duration::from_millis(200)).await.is_none(),
-        "the old connection got a notice"
-    );
-    assert!(
-        new.next_notice(Duration::from_millis(200)).await.is_none(),
-        "the new connection got a notice"
-    );
-    let mut listed: Vec<_> = new.list().await.leases.iter().map(|l| l.lease).collect();
-    listed.sort();
-    let mut expected = vec![first, second];
+    let mut notified = Vec::new();
+    while let Some(notice) = host.next_notice(Duration::from_millis(500)).await {
+        match notice {
+            Message::Revoked(r) => {
+                assert_eq!(r.reason, RevokeReason::CredentialRevoked, "{r:?}");
+                notified.push(r.lease);
+            }
+            other => panic!("unexpected notice {other:?}"),
+        }
+    }
+    notified.sort();
+    let mut expected = vec![thiefs, left_behind];
     expected.sort();
-    assert_eq!(listed, expected);
-    assert_eq!(
-        gw.service.store().live_lease_count().expect("count"),
-        2,
-        "the leases stay in the store"
-    );
-    assert!(gw.audit(&[AuditKind::Revocation], None).is_empty());
+    assert_eq!(notified, expected);
+    let mut listed: Vec<_> = host.list().await.leases.iter().map(|l| l.lease).collect();
+    listed.sort();
+    let mut kept = vec![hosts, renewed];
+    kept.sort();
+    assert_eq!(listed, kept);
+    assert_eq!(gw.service.store().live_lease_count().expect("count"), 2);
+    let revocations = gw.audit(&[AuditKind::Revocation], None);
+    let mut revoked: Vec<_> = revocations.iter().filter_map(|r| r.event.lease).collect();
+    revoked.sort();
+    assert_eq!(revoked, expected);
     let failures = gw
         .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
@@ -1553,6 +1854,142 @@ fn nameless_certificate(gw: &TestGateway) -> ClientTlsFiles {
     std::fs::write(gw.pki.file("nameless.pem"), certificate.pem()).expect("write cert");
     std::fs::write(gw.pki.file("nameless.key"), key.serialize_pem()).expect("write key");
     gw.pki.host_files("nameless")
+}
+
+/// A certificate of the gateway's CA with the given SANs, saved as host `name`. Made with rcgen
+/// directly: pki issues none with a wildcard, an over-long URI or a DNS name ending in a dot.
+fn certificate_with_sans(
+    gw: &TestGateway,
+    name: &str,
+    sans: Vec<rcgen::SanType>,
+) -> ClientTlsFiles {
+    let ca_pem = std::fs::read_to_string(gw.pki.file("ca.pem")).expect("read ca");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(gw.pki.file("ca.key")).expect("read key"),
+    )
+    .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(gw.pki.file(&format!("{name}.pem")), certificate.pem()).expect("write cert");
+    std::fs::write(gw.pki.file(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    gw.pki.host_files(name)
+}
+
+fn dns_san(name: &str) -> rcgen::SanType {
+    rcgen::SanType::DnsName(name.try_into().expect("IA5 string"))
+}
+
+fn uri_san(uri: &str) -> rcgen::SanType {
+    rcgen::SanType::URI(uri.try_into().expect("IA5 string"))
+}
+
+/// Hosts under `*.wild.example.org` (a pattern) may open tcp/7000-7999.
+const WILD_POLICY: &str = r#"
+[[group]]
+name = "wild"
+identities = ["*.wild.example.org"]
+
+[[rule]]
+name = "wild-web"
+groups = ["wild"]
+allow = "tcp/7000-7999"
+"#;
+
+#[tokio::test]
+async fn a_wildcard_dns_san_names_no_identity_and_gets_nothing() {
+    let gw = TestGateway::start("wildcard", WILD_POLICY).await;
+    let files = certificate_with_sans(
+        &gw,
+        "wildcard",
+        vec![
+            dns_san("*.wild.example.org"),
+            rcgen::SanType::IpAddress(HOST_A),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    let d = denied(
+        client
+            .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("wildcard")),
+        "{d:?}"
+    );
+    let d = denied(client.open(tcp(7001), None).await);
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(gw.service.store().live_leases().expect("leases").is_empty());
+
+    // A host the pattern really covers is served.
+    let files = certificate_with_sans(
+        &gw,
+        "web-01",
+        vec![
+            dns_san("*.wild.example.org"),
+            dns_san("web-01.wild.example.org"),
+            rcgen::SanType::IpAddress(HOST_A),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    assert_eq!(client.hello().await.identity, "web-01.wild.example.org");
+    granted(client.open(tcp(7001), None).await);
+}
+
+#[tokio::test]
+async fn an_identity_over_512_bytes_is_none_and_the_answer_stays_decodable() {
+    let gw = TestGateway::start("long-identity", POLICY).await;
+    let longest = format!("fwnp://host/{}", "a".repeat(500));
+    assert_eq!(longest.len(), 512);
+    let files = certificate_with_sans(&gw, "longest", vec![uri_san(&longest)]);
+    let client = Client::connect(gw.addr, &files).await;
+    assert_eq!(client.hello().await.identity, longest);
+
+    let too_long = format!("{longest}a");
+    let files = certificate_with_sans(
+        &gw,
+        "too-long",
+        vec![uri_san(&too_long), dns_san("web-01.example.org")],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    // `request` decodes the answer as a client does: a Welcome naming a 513-byte identity would
+    // not decode.
+    let d = denied(
+        client
+            .request(&hello_msg(Some(1), &[1], Capabilities::ALL))
+            .await,
+    );
+    assert_eq!(d.code, ResultCode::NotAuthorized, "{d:?}");
+    assert!(
+        d.reason.as_deref().is_some_and(|r| r.contains("512")),
+        "{d:?}"
+    );
+}
+
+#[tokio::test]
+async fn welcome_names_a_dns_identity_without_trailing_dot_and_each_address_once() {
+    let gw = TestGateway::start("dns-dot", POLICY).await;
+    let mapped = IpAddr::V6(Ipv4Addr::new(192, 0, 2, 10).to_ipv6_mapped());
+    let ip = rcgen::SanType::IpAddress;
+    let files = certificate_with_sans(
+        &gw,
+        "dotted",
+        vec![
+            dns_san("Web-01.Example.ORG."),
+            ip(HOST_B),
+            ip(HOST_A),
+            ip(mapped),
+            ip(HOST_B),
+        ],
+    );
+    let client = Client::connect(gw.addr, &files).await;
+    let welcome = client.hello().await;
+    assert_eq!(welcome.identity, "web-01.example.org");
+    assert_eq!(welcome.addresses, vec![HOST_B, HOST_A]);
 }
 
 #[tokio::test]

@@ -424,6 +424,52 @@ async fn refused_with_a_certificate_from_another_ca() {
 }
 
 #[tokio::test]
+async fn refused_as_unknown_ca_with_a_certificate_from_another_ca_of_the_same_name() {
+    // Every `fwnpctl pki init` names its CA `FWNP CA` unless told otherwise.
+    let make = |label: &str| {
+        let dir = temp_dir(label);
+        pki::init_ca(dir.path(), "FWNP CA", Validity::days(2)).expect("init CA");
+        pki::issue_gateway(
+            dir.path(),
+            "gateway",
+            &[GATEWAY_NAME.to_owned()],
+            &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            Validity::days(2),
+        )
+        .expect("issue gateway");
+        TestCa { dir }
+    };
+    let (ca, other) = (make("same-name-mine"), make("same-name-other"));
+    let subject = |ca: &TestCa| {
+        let der = tls::load_ca_certificates(&ca.file("ca.pem")).expect("ca")[0].clone();
+        let (_, parsed) = x509_parser::parse_x509_certificate(der.as_ref()).expect("parse");
+        parsed.subject().to_string()
+    };
+    assert_ne!(subject(&ca), subject(&other), "two CAs share one name");
+    assert!(subject(&ca).contains("FWNP CA"), "{}", subject(&ca));
+    other.host("stranger", &[], &["fwnp://host/stranger"], &[]);
+    let server = server(&ca.server_files());
+    let files = ClientTlsFiles {
+        ca: ca.file("ca.pem"),
+        ..other.client_files("stranger")
+    };
+    let outcome = attempt(&server, client_config(&files), GATEWAY_NAME).await;
+    assert_refused(outcome, AlertDescription::UnknownCA, "UnknownIssuer").await;
+    // Its own CA's hosts still connect, and a certificate issued later still chains to it.
+    ca.host("web-01", &[], &["fwnp://host/web-01"], &[]);
+    let (identity, _) = assert_connected(
+        attempt(
+            &server,
+            client_config(&ca.client_files("web-01")),
+            GATEWAY_NAME,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(identity.expect("identity").identity, "fwnp://host/web-01");
+}
+
+#[tokio::test]
 async fn refused_with_an_expired_certificate() {
     let ca = TestCa::new("expired");
     let day = Duration::from_secs(24 * 3600);
@@ -598,6 +644,52 @@ async fn refused_with_a_server_certificate_used_as_a_client_certificate() {
         "certificate does not allow extended key usage",
     )
     .await;
+}
+
+/// A host certificate of `ca` with the extended key usages `usages` (none: no extension).
+fn host_with_usages(
+    ca: &TestCa,
+    name: &str,
+    usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+) -> ClientTlsFiles {
+    let ca_pem = std::fs::read_to_string(ca.file("ca.pem")).expect("read ca");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
+            .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        format!("fwnp://host/{name}").try_into().expect("uri"),
+    )];
+    params.extended_key_usages = usages;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(ca.file(&format!("{name}.pem")), certificate.pem()).expect("write cert");
+    std::fs::write(ca.file(&format!("{name}.key")), key.serialize_pem()).expect("write key");
+    ca.client_files(name)
+}
+
+#[tokio::test]
+async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_certificate() {
+    let ca = TestCa::new("eku");
+    let server = server(&ca.server_files());
+    let mail = host_with_usages(
+        &ca,
+        "mail",
+        vec![rcgen::ExtendedKeyUsagePurpose::EmailProtection],
+    );
+    let outcome = attempt(&server, client_config(&mail), GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::UnsupportedCertificate,
+        "certificate does not allow extended key usage",
+    )
+    .await;
+    // Without the extension at all, any usage is allowed (spec 3.2).
+    let plain = host_with_usages(&ca, "plain", Vec::new());
+    let (identity, _) =
+        assert_connected(attempt(&server, client_config(&plain), GATEWAY_NAME).await).await;
+    assert_eq!(identity.expect("identity").identity, "fwnp://host/plain");
 }
 
 #[tokio::test]

@@ -136,7 +136,8 @@ enum PkiCommand {
     Init {
         /// The CA directory, e.g. /etc/fwnp/pki.
         dir: PathBuf,
-        /// The CA's common name.
+        /// The CA's common name. The CA's key identifier joins it in the CA's name (as its
+        /// serialNumber attribute), so that two CAs of the same common name are never confused.
         #[arg(long, default_value = "FWNP CA")]
         name: String,
         /// Validity in days.

@@ -20,7 +20,7 @@
 //!   optionally `from`, `lifetime`, `min_lifetime`, `max_lifetime`, `max_leases`,
 //!   `third_party`, `third_party_addresses`. A deny rule may carry `from` too.
 //! - `[rate_limit]`: `requests_per_second` and `burst` per host identity. Parsed and checked
-//!   here; the daemon enforces it.
+//!   here; the daemon enforces it, and without the table [`RateLimit::DEFAULT`].
 //!
 //! Every list-valued key also takes a single string (`groups = "web"`). Unknown keys are errors.
 //!
@@ -261,6 +261,15 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// The limit in force when the policy sets none: 1000 requests per second per identity, a
+    /// burst of 2000. A host agent renews each lease about twice per lifetime, so this bounds a
+    /// flood without slowing any real host, nor a load test of hundreds of requests per second
+    /// per host.
+    pub const DEFAULT: RateLimit = RateLimit {
+        requests_per_second: NonZeroU32::MIN.saturating_add(999),
+        burst: NonZeroU32::MIN.saturating_add(1999),
+    };
+
     /// The time between two replenished requests (`1 s / requests_per_second`).
     pub fn replenish_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(1) / self.requests_per_second.get()
@@ -772,6 +781,11 @@ impl Policy {
     /// The rate limit per identity, if the file sets one.
     pub fn rate_limit(&self) -> Option<&RateLimit> {
         self.rate_limit.as_ref()
+    }
+
+    /// The rate limit per identity in force: the file's, else [`RateLimit::DEFAULT`].
+    pub fn effective_rate_limit(&self) -> RateLimit {
+        self.rate_limit.unwrap_or(RateLimit::DEFAULT)
     }
 
     /// Remarks on a valid policy that is probably not what was meant (unused groups, no rule).

@@ -274,7 +274,12 @@ impl Display for PolicySummary {
                 "rate limit: {} requests per second per host, burst {}",
                 r.requests_per_second, r.burst
             )?,
-            None => writeln!(f, "rate limit: none set")?,
+            None => writeln!(
+                f,
+                "rate limit: none set, the default applies: {} requests per second per host, burst {}",
+                RateLimit::DEFAULT.requests_per_second,
+                RateLimit::DEFAULT.burst
+            )?,
         }
         writeln!(f, "applications: {}", self.applications.len())?;
         for (id, entries) in &self.applications {

@@ -188,6 +188,12 @@ pub(crate) struct GatewayOptions {
     pub(crate) request_timeout: Option<Duration>,
     /// Replaces the configured connections per identity (4).
     pub(crate) max_connections_per_identity: Option<u32>,
+    /// Replaces the handshakes per second and the burst per source address (50, 200).
+    pub(crate) handshakes_per_source: Option<(u32, u32)>,
+    /// Replaces the handshakes in progress above which sources get a Retry (64).
+    pub(crate) retry_above_handshakes: Option<u32>,
+    /// Replaces the interval of counted audit records (60 s).
+    pub(crate) audit_count_interval: Option<Duration>,
 }
 
 /// A gateway service (filter disabled) served on 127.0.0.1 with its expiry timer and its admin
@@ -230,6 +236,16 @@ impl TestGateway {
         }
         if let Some(max) = options.max_connections_per_identity {
             config.limits.max_connections_per_identity = max;
+        }
+        if let Some((rate, burst)) = options.handshakes_per_source {
+            config.limits.handshakes_per_source_per_second = rate;
+            config.limits.handshake_burst_per_source = burst;
+        }
+        if let Some(above) = options.retry_above_handshakes {
+            config.limits.retry_above_handshakes = above;
+        }
+        if let Some(interval) = options.audit_count_interval {
+            config.limits.audit_count_interval = interval;
         }
         let admin_socket = config.admin_socket.clone();
         let max_streams = config.limits.max_streams;

@@ -216,12 +216,15 @@ fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::er
     } else {
         "[filter]\nenabled = false\n"
     };
+    // Every simulated host connects from the same address: the gateway's limit of handshakes per
+    // source address would refuse most of them.
     std::fs::write(
         dir.join("gateway.toml"),
         format!(
             "listen = [\"127.0.0.1:{port}\"]\ncertificate = \"{ca}/gateway.pem\"\nkey = \"{ca}/gateway.key\"\n\
              ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/state\"\n\
-             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\nmax_streams = 1024\n",
+             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\nmax_streams = 1024\n\
+             handshakes_per_source_per_second = 1000000\nhandshake_burst_per_source = 1000000\n",
             ca = ca.display(),
             d = dir.display(),
         ),
