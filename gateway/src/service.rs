@@ -613,26 +613,36 @@ impl Service {
                 format!("the certificate names no host identity: {reason}"),
             ));
         };
+        // The connection's state comes before the request's own validity (spec 11.3, steps 4
+        // and 5): a host that skipped Hello learns that first, whatever else is wrong.
+        let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
+        match &msg {
+            Message::Hello(_) if welcomed => {
+                return self.refuse(
+                    session,
+                    &msg,
+                    ResultCode::MalformedRequest,
+                    "Hello was already answered on this connection".into(),
+                    None,
+                );
+            }
+            Message::Hello(_) => {}
+            _ if !welcomed => {
+                return self.refuse(
+                    session,
+                    &msg,
+                    ResultCode::HelloRequired,
+                    "the first request of a connection is Hello".into(),
+                    None,
+                );
+            }
+            _ => {}
+        }
         if let Err(e) = validate_request(&msg) {
             return self.refuse(session, &msg, e.result_code(), e.to_string(), None);
         }
-        let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
         match msg {
-            Message::Hello(_) if welcomed => self.refuse(
-                session,
-                &msg,
-                ResultCode::MalformedRequest,
-                "Hello was already answered on this connection".into(),
-                None,
-            ),
             Message::Hello(hello) => self.hello(session, peer, &hello),
-            _ if !welcomed => self.refuse(
-                session,
-                &msg,
-                ResultCode::HelloRequired,
-                "the first request of a connection is Hello".into(),
-                None,
-            ),
             _ => match &msg {
                 Message::Open(open) => self.open(session, peer, open, started).await,
                 Message::Renew(renew) => self.renew(session, peer, renew).await,

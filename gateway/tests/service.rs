@@ -188,6 +188,10 @@ async fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
             common: common(Some(3)),
             lease: fwnp_proto::LeaseId([7; 16]),
         }),
+        // Invalid as well (port 0): the missing Hello is named first (spec 11.3, steps 4, 5).
+        open_msg(Some(4), tcp(0), None),
+        // Out of range as well (more than seven days).
+        open_msg(Some(5), tcp(7001), Some(MAX_LIFETIME_SECS + 1)),
     ] {
         let d = denied(client.request(&request).await);
         assert_eq!(d.code, ResultCode::HelloRequired, "{d:?}");
