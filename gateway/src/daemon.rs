@@ -69,9 +69,8 @@ pub fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
 pub fn server_options(config: &GatewayConfig) -> ServerOptions {
     ServerOptions {
         max_concurrent_bidi_streams: config.limits.max_streams,
-        // One is allowed so that a client that opens one is told precisely what it did wrong
-        // (ProtocolViolation) instead of a bare transport-level stream-limit error.
-        max_concurrent_uni_streams_from_client: 1,
+        // No unidirectional stream for the host (initial_max_streams_uni 0): a client never
+        // opens one, and a peer that tries anyway is refused by QUIC flow control.
         ..ServerOptions::default()
     }
 }

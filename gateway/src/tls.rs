@@ -146,10 +146,11 @@ pub struct ServerOptions {
     /// Refuse every certificate when a CRL's nextUpdate has passed. Off by default, so an
     /// operator who forgets to re-sign the CRL does not lock every host out.
     pub enforce_crl_expiry: bool,
-    /// Unidirectional streams a client may open. FWNP/1 clients open none, so the default 0
-    /// makes QUIC flow control refuse them outright (a peer that sends on one anyway is closed
-    /// with STREAM_LIMIT_ERROR). Set 1 to accept such a stream and close the connection with
-    /// the protocol's own ProtocolViolation code instead.
+    /// Unidirectional streams a client may open. FWNP/1 clients open none and the protocol
+    /// has the gateway announce 0, the default, so that QUIC flow control refuses them outright
+    /// (a peer that sends on one anyway is closed with STREAM_LIMIT_ERROR). Only for testing
+    /// the gateway's own handling of such a stream (it closes the connection with
+    /// ProtocolViolation) may this be raised; the daemon never does.
     pub max_concurrent_uni_streams_from_client: u32,
     /// Let a client's connection move to a new source address (QUIC connection migration, NAT
     /// rebinding). Off by default: the source address can be what a host is allowed to open, so

@@ -557,3 +557,19 @@ async fn after_a_sigkill_the_kernel_keeps_the_openings_and_a_restart_brings_the_
     let _: IpAddr = lab.topology.host_v4;
     let _ = &lab.pki;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_grants_hosts_no_unidirectional_stream() {
+    if !lab::require_root("the_daemon_grants_hosts_no_unidirectional_stream") {
+        return;
+    }
+    let lab = Lab::new("nsuni", &[7030]);
+    let (client, _) = lab.connect().await;
+    // initial_max_streams_uni is 0: the host gets no credit for a stream of its own.
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(500), client.connection.open_uni()).await;
+    assert!(
+        blocked.is_err(),
+        "the daemon let the host open a unidirectional stream"
+    );
+}
