@@ -14,7 +14,9 @@
 //!   the Welcome's minimum lifetime needs is replaced by one with suitable timers
 //!   ([`TransportTimers::suits`]).
 //! - [`Reconnect`]: when to try again after a connection or an attempt ended. A stateless reset
-//!   means a gateway answers on that address again: the next attempt is at once. Otherwise the
+//!   means a gateway answers on that address again: the next attempt is at once. After a
+//!   GoingAway, the wait it asked for plus a random part of up to half of it (at least up to
+//!   1 s), as the gateway asked. Otherwise the
 //!   usual backoff (1 s doubling to 60 s, +-20 % jitter), but while leases are held never more
 //!   than a sixteenth of the shortest remaining lifetime, and an attempt's handshake is given up
 //!   after the same sixteenth (at least [`MIN_HANDSHAKE_TIMEOUT`]), so that attempts keep coming
@@ -177,7 +179,12 @@ impl Reconnect {
         }
         let delay = match ending {
             Ending::Reset => return now,
-            Ending::GoingAway(after) => after,
+            // The gateway asked for this wait, and no sooner: its own random spread, not
+            // bounded by the leases.
+            Ending::GoingAway(after) => {
+                let spread = (after / 2).max(Duration::from_secs(1));
+                return now + after + spread.mul_f64(rng.random_range(0.0..=1.0));
+            }
             Ending::Lost => {
                 let delay = self.backoff;
                 self.backoff = (self.backoff * 2).min(MAX_RECONNECT_DELAY);
@@ -276,13 +283,19 @@ mod tests {
             Reconnect::handshake_timeout(now, Some(now)),
             HANDSHAKE_TIMEOUT
         );
-        // A GoingAway's wait is bounded by the leases as well.
-        let next = reconnect.next_attempt(
-            now,
-            Ending::GoingAway(Duration::from_secs(30)),
-            Some(expiry),
-            &mut rng,
-        );
-        assert!(next <= now + Duration::from_secs(2).mul_f64(1.2));
+        // A GoingAway's wait is the gateway's: no sooner, whatever the leases, and spread by
+        // up to half of it.
+        for _ in 0..100 {
+            let next = reconnect.next_attempt(
+                now,
+                Ending::GoingAway(Duration::from_secs(30)),
+                Some(expiry),
+                &mut rng,
+            );
+            assert!(next >= now + Duration::from_secs(30));
+            assert!(next <= now + Duration::from_secs(45));
+        }
+        let next = reconnect.next_attempt(now, Ending::GoingAway(Duration::ZERO), None, &mut rng);
+        assert!(next <= now + Duration::from_secs(1));
     }
 }

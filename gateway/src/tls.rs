@@ -14,7 +14,8 @@
 //!   client never enables early data. TLS session resumption is off on both sides as well, so every
 //!   connection checks the certificate against the CRL in force at that moment, not the one of
 //!   an earlier session.
-//! - QUIC transport: idle timeout 30 s; the client sends keep-alive PINGs every 10 s; clients may
+//! - QUIC transport: idle timeout 30 s; the client sends keep-alive PINGs every 10 s (the host
+//!   agent shortens both, per connection, for gateways that grant short leases); clients may
 //!   open a bounded number of bidirectional streams (one per request) and no unidirectional
 //!   stream; the gateway may open unidirectional streams (notices) towards the client, and no
 //!   bidirectional one. Connection migration is off by default (see
@@ -280,15 +281,34 @@ pub fn client_config(
     tls.resumption = Resumption::disabled();
 
     let crypto = QuicClientConfig::try_from(Arc::new(tls))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(client_transport(options)?));
+    Ok(config)
+}
+
+/// The host agent's QUIC transport settings alone: keep-alive, idle timeout, no bidirectional
+/// stream for the gateway, notice streams. The agent sets them per connection (on a clone of
+/// its [`client_config`]) when the timers depend on the lifetimes the gateway grants.
+///
+/// ```
+/// use std::time::Duration;
+/// use fwnp_gateway::tls::{ClientOptions, client_transport};
+/// let options = ClientOptions {
+///     keep_alive_interval: Duration::from_millis(400),
+///     idle_timeout: Duration::from_millis(1250),
+///     ..ClientOptions::default()
+/// };
+/// let transport = client_transport(&options)?;
+/// # Ok::<(), fwnp_gateway::tls::TlsError>(())
+/// ```
+pub fn client_transport(options: &ClientOptions) -> Result<TransportConfig, TlsError> {
     let mut transport = TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout(options.idle_timeout)?))
         .keep_alive_interval(Some(options.keep_alive_interval))
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(options.max_concurrent_notice_streams));
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    Ok(transport)
 }
 
 /// Why a TLS handshake was refused, read from the QUIC error of a failed connection (the TLS
