@@ -1419,7 +1419,7 @@ fn a_lease_of_ten_seconds_or_more_survives_a_three_second_gateway_restart() {
 }
 
 #[test]
-fn the_issue_timeline_a_restart_just_after_the_grant_is_noticed_by_a_reset_at_once() {
+fn a_ten_second_lease_and_a_restart_just_after_the_grant_renewed_on_time() {
     // A 10 s lease; the gateway dies 0.5 s after the grant and listens again 2.6 s after it.
     let mut sim = RestartSim::new(
         7,
