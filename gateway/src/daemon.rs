@@ -47,8 +47,14 @@ pub enum DaemonError {
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Checks what a start would read: the policy and the TLS files.
@@ -84,7 +90,11 @@ pub fn layout(config: &GatewayConfig) -> Layout {
         table: config.filter.table.clone(),
         protected: config.filter.protected.clone(),
         inbound_interfaces: config.filter.inbound_interfaces.clone(),
-        refuse: if config.filter.reject { Refuse::Reject } else { Refuse::Drop },
+        refuse: if config.filter.reject {
+            Refuse::Reject
+        } else {
+            Refuse::Drop
+        },
     })
 }
 
@@ -108,7 +118,9 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         let mut repairs = filter.repairs();
         tokio::spawn(async move {
             while let Ok(event) = repairs.recv().await {
-                warn!("the kernel table was changed by someone else and has been repaired: {event:?}");
+                warn!(
+                    "the kernel table was changed by someone else and has been repaired: {event:?}"
+                );
             }
         });
     }
@@ -117,10 +129,20 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     let secret = ResetSecret::load_or_create(&config.state_dir)?;
     let mut endpoints = Vec::new();
     for addr in &config.listen {
-        let socket = std::net::UdpSocket::bind(addr)
-            .map_err(|source| DaemonError::Io { what: format!("listen on {addr}"), source })?;
-        let endpoint = quinn::Endpoint::new(secret.endpoint_config(), Some(tls.clone()), socket, Arc::new(quinn::TokioRuntime))
-            .map_err(|source| DaemonError::Io { what: format!("listen on {addr}"), source })?;
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| DaemonError::Io {
+            what: format!("listen on {addr}"),
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            secret.endpoint_config(),
+            Some(tls.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| DaemonError::Io {
+            what: format!("listen on {addr}"),
+            source,
+        })?;
         info!(%addr, "listening (QUIC, ALPN fwnp/1)");
         tokio::spawn(crate::server::serve(endpoint.clone(), service.clone()));
         service.add_endpoint(endpoint.clone());
@@ -132,7 +154,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         let path = admin_path.clone();
         // Bind before announcing readiness so fwnpctl works as soon as systemd says it does.
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io { what: format!("create {}", dir.display()), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io {
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
         }
         tokio::spawn(async move {
             if let Err(e) = crate::admin::serve(&path, service).await {
@@ -143,7 +168,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| DaemonError::Io { what: format!("metrics on {addr}"), source })?;
+            .map_err(|source| DaemonError::Io {
+                what: format!("metrics on {addr}"),
+                source,
+            })?;
         let service = service.clone();
         tokio::spawn(async move {
             let app = axum::Router::new().route(
@@ -164,9 +192,18 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(epoch = format_args!("{:016x}", service.epoch()), "ready");
 
-    let mut hangup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Io { what: "SIGHUP handler".into(), source })?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io { what: "SIGTERM handler".into(), source })?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io { what: "SIGINT handler".into(), source })?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Io {
+        what: "SIGHUP handler".into(),
+        source,
+    })?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io {
+        what: "SIGTERM handler".into(),
+        source,
+    })?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io {
+        what: "SIGINT handler".into(),
+        source,
+    })?;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -185,10 +222,15 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("stopping: leases stay in the kernel until they expire and are restored at the next start");
+    info!(
+        "stopping: leases stay in the kernel until they expire and are restored at the next start"
+    );
     service.going_away(5).await;
     for endpoint in &endpoints {
-        endpoint.close(quinn::VarInt::from_u32(fwnp_proto::QuicErrorCode::GoingAway.code()), b"stopping");
+        endpoint.close(
+            quinn::VarInt::from_u32(fwnp_proto::QuicErrorCode::GoingAway.code()),
+            b"stopping",
+        );
     }
     for endpoint in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -288,11 +330,18 @@ impl ResetSecret {
         }
         let metadata = std::fs::metadata(&path).map_err(io(&path))?;
         if metadata.mode() & 0o077 != 0 {
-            return Err(ResetSecretError::Permissions { path, mode: metadata.mode() & 0o7777 });
+            return Err(ResetSecretError::Permissions {
+                path,
+                mode: metadata.mode() & 0o7777,
+            });
         }
         let bytes = std::fs::read(&path).map_err(io(&path))?;
         let secret = <[u8; Self::LEN]>::try_from(bytes.as_slice()).map_err(|_| {
-            ResetSecretError::Length { path: path.clone(), len: metadata.len(), expected: Self::LEN }
+            ResetSecretError::Length {
+                path: path.clone(),
+                len: metadata.len(),
+                expected: Self::LEN,
+            }
         })?;
         Ok(ResetSecret(secret))
     }
@@ -301,7 +350,10 @@ impl ResetSecret {
     /// the secret, and connection ids a later run recognizes as its own (quinn sends a reset
     /// only for a connection id its generator accepts).
     pub fn endpoint_config(&self) -> quinn::EndpointConfig {
-        let reset = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.derive(b"fwnp/1 stateless reset"));
+        let reset = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &self.derive(b"fwnp/1 stateless reset"),
+        );
         let ids = self.derive(b"fwnp/1 connection ids");
         let mut id_key = [0u8; 8];
         id_key.copy_from_slice(&ids[..8]);
@@ -327,7 +379,8 @@ async fn housekeeping(service: Arc<Service>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        let retention = u64::try_from(service.config.store.audit_retention.as_millis()).unwrap_or(u64::MAX);
+        let retention =
+            u64::try_from(service.config.store.audit_retention.as_millis()).unwrap_or(u64::MAX);
         let before = crate::store::now_ms().saturating_sub(retention);
         match service.store().writer().prune(before, 10_000).await {
             Ok((audit, leases)) if audit + leases > 0 => {

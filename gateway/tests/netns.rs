@@ -600,7 +600,11 @@ async fn a_restarted_gateway_resets_the_connections_of_its_previous_run() {
         "{closed:?} after {:?}",
         sent.elapsed()
     );
-    assert!(sent.elapsed() < Duration::from_secs(1), "{:?}", sent.elapsed());
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
