@@ -16,8 +16,9 @@
 //! - [`LeaseMachine::poll_timeout`] says when to call [`LeaseMachine::handle_timeout`] next;
 //! - [`LeaseMachine::poll_event`] tells what happened, for the application and for the host's
 //!   mirror of the lease (add on Granted, refresh on Renewed, remove on the terminal events);
-//! - [`LeaseMachine::release`], [`LeaseMachine::connection_lost`] and
-//!   [`LeaseMachine::epoch_observed`] report what the owner learned.
+//! - [`LeaseMachine::release`], [`LeaseMachine::connection_lost`],
+//!   [`LeaseMachine::reconnected`] and [`LeaseMachine::epoch_observed`] report what the owner
+//!   learned.
 //!
 //! The schedule follows the protocol's rules: after a Granted at `t` with lifetime `L` and hint
 //! `H`, renew at a uniformly random instant of `[t + H, t + H + L/8]`, never later than
@@ -25,7 +26,9 @@
 //! transient denial retry after [`FIRST_RETRY_DELAY`], doubling each time, capped at
 //! [`MAX_RETRY_DELAY`] and at the time left before expiry, each delay jittered by
 //! +-[`RETRY_JITTER`], a rate-limited answer's retry-after being the least delay; keep trying
-//! until the lease expires.
+//! until the lease expires. A retry waiting for its delay goes at once when a new connection
+//! comes up ([`LeaseMachine::reconnected`]): the delay was for a gateway to talk to. When that
+//! connection comes is [`crate::link`]'s business.
 //!
 //! The local expiry is counted from the moment the request was *sent*, not answered: the
 //! gateway granted the lease after that moment, so the host's mirror never outlives the
@@ -303,6 +306,8 @@ pub struct LeaseMachine {
     release_on_grant: bool,
     /// Failed attempts since the last success, for the backoff.
     attempt: u32,
+    /// A retry-after the gateway asked for: no retry before it, not even on a new connection.
+    not_before: Option<Instant>,
     next_request_id: u64,
     events: VecDeque<LeaseEvent>,
     ignored: u64,
@@ -332,6 +337,7 @@ impl LeaseMachine {
             releasing: None,
             release_on_grant: false,
             attempt: 0,
+            not_before: None,
             next_request_id: rng.random(),
             events: VecDeque::new(),
             ignored: 0,
@@ -609,6 +615,31 @@ impl LeaseMachine {
         }
     }
 
+    /// The request id of the request in flight, if any: an owner that learns of the failure of
+    /// an earlier request (its connection died) after [`reconnected`](Self::reconnected)
+    /// resent it must not report that failure against the new one.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.pending.map(|p| p.request_id)
+    }
+
+    /// A new connection to the gateway is up. A request still in flight went on an earlier
+    /// connection and its answer will not come: it counts as failed. A retry waiting for its
+    /// backoff is due at once (but not before a retry-after the gateway asked for): the wait
+    /// was for a gateway to talk to, and there is one again. A renewal scheduled for later
+    /// stays where it is.
+    pub fn reconnected<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
+        if self.pending.is_some() {
+            self.request_failed(now, None, rng);
+        }
+        if self.pending.is_none()
+            && self.state != LeaseState::Active
+            && let Some(at) = self.send_at
+        {
+            let earliest = self.not_before.map_or(now, |floor| floor.max(now));
+            self.send_at = Some(at.min(earliest));
+        }
+    }
+
     /// The owner releases the opening. The lease is Released locally at once (the
     /// [`LeaseEvent::Released`] event tells the mirror to remove it); a Release is sent and
     /// retried until the old expiry at most.
@@ -809,6 +840,7 @@ impl LeaseMachine {
         );
         let delay = retry_after.map_or(delay, |min| delay.max(min));
         self.attempt = self.attempt.saturating_add(1);
+        self.not_before = retry_after.map(|min| now + min);
         self.send_at = Some(now + delay);
     }
 }

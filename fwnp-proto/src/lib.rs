@@ -1,6 +1,6 @@
 //! The FWNP protocol, without IO: the messages of `spec/fwnp.md`, their CBOR codec, the rules a
-//! valid request follows, the client's lease state machine with its renewal schedule, and the
-//! gateway's decisions that need no socket, store or policy file.
+//! valid request follows, the client's lease state machine with its renewal schedule and its
+//! connection timing, and the gateway's decisions that need no socket, store or policy file.
 //!
 //! Like `quinn-proto`, this crate never reads a clock, opens a socket or draws global
 //! randomness: time is an argument (`now`), randomness comes from an RNG the caller passes in,
@@ -13,6 +13,7 @@
 pub mod codec;
 pub mod gateway;
 pub mod lease;
+pub mod link;
 pub mod local;
 pub mod message;
 pub mod validate;

@@ -14,6 +14,7 @@ use fwnp_proto::lease::{
     FIRST_RETRY_DELAY, LeaseEvent, LeaseMachine, LeaseState, MAX_RETRY_DELAY, REQUEST_TIMEOUT,
     ReopenCause, renewal_window,
 };
+use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
     Common, Denied, EpochChanged, Grant, Granted, LeaseId, Message, Opening, PortRange, Protocol,
     Released, ResultCode, RevokeReason, Target,
@@ -1072,4 +1073,432 @@ fn under_random_loss_and_delay_the_mirror_never_outlives_the_gateway_lease() {
     }
     // With 30 % loss each way a few leases may expire; most must survive three hours.
     assert!(expiries <= 10, "{expiries} expiries out of 100 runs");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway restarts: the connection's timers, stateless resets and reconnection, in simulated
+// time.
+
+/// What crosses the network in the restart scenarios, tagged with the gateway run of the
+/// connection it belongs to.
+#[derive(Debug, Clone)]
+enum Packet {
+    /// A request (or, without one, a keep-alive PING) on the way to the gateway.
+    ToGateway { run: u32, request: Option<Message> },
+    /// An answer (or, without one, the acknowledgement of a PING) on the way to the client.
+    ToClient { run: u32, answer: Option<Message> },
+    /// A stateless reset for a connection of an earlier run.
+    Reset { run: u32 },
+    /// The first packet of connection attempt number `attempt`.
+    Initial { attempt: u64 },
+    /// Attempt `attempt` completed its handshake, Hello and List.
+    Established { attempt: u64 },
+}
+
+/// The client's connection, as far as its timers go.
+struct SimConnection {
+    /// The gateway run it was made with.
+    run: u32,
+    timers: TransportTimers,
+    last_sent: Instant,
+    last_heard: Instant,
+}
+
+/// One client lease machine, its link (connection timers, resets, reconnection schedule) and a
+/// gateway that is down for a while and then restarts on the same state: its lease book and
+/// epoch survive, its connections do not, and its reset secret does (it answers packets of its
+/// earlier run's connections with a stateless reset the client accepts).
+struct RestartSim {
+    now: Instant,
+    client: LeaseMachine,
+    gateway: SimGateway,
+    rng: StdRng,
+    one_way: Duration,
+    down_from: Instant,
+    up_again: Instant,
+    reconnect: Reconnect,
+    connection: Option<SimConnection>,
+    next_attempt: Option<Instant>,
+    /// The attempt in progress: its number and when it is given up.
+    attempt: Option<(u64, Instant)>,
+    attempts: u64,
+    packets: Vec<(Instant, Packet)>,
+    events: Vec<(Instant, LeaseEvent)>,
+    resets: u32,
+}
+
+impl RestartSim {
+    /// A client asking for `lifetime` from a gateway whose policy allows it as its minimum,
+    /// connected from the start with timers suited to that minimum.
+    fn new(seed: u64, lifetime: u32, outage_after_grant: Duration, outage: Duration) -> Self {
+        let t0 = Instant::now();
+        let mut rng = StdRng::seed_from_u64(seed);
+        let client = LeaseMachine::new(t0, tcp_opening(8080), Some(lifetime), None, &mut rng);
+        let mut gateway = SimGateway::new(seed, t0);
+        gateway.policy = LifetimePolicy {
+            min: lifetime,
+            max: 3600,
+            default: lifetime,
+        };
+        let one_way = Duration::from_millis(5);
+        // The grant comes one round trip after the Open.
+        let granted = t0 + 2 * one_way;
+        let mut sim = RestartSim {
+            now: t0,
+            client,
+            gateway,
+            rng,
+            one_way,
+            down_from: granted + outage_after_grant,
+            up_again: granted + outage_after_grant + outage,
+            reconnect: Reconnect::new(),
+            connection: Some(SimConnection {
+                run: 0,
+                timers: TransportTimers::for_min_lifetime(Some(lifetime)),
+                last_sent: t0,
+                last_heard: t0,
+            }),
+            next_attempt: None,
+            attempt: None,
+            attempts: 0,
+            packets: Vec::new(),
+            events: Vec::new(),
+            resets: 0,
+        };
+        sim.reconnect.connected(t0);
+        sim
+    }
+
+    fn gateway_up(&self, at: Instant) -> bool {
+        at < self.down_from || at >= self.up_again
+    }
+
+    fn gateway_run(&self, at: Instant) -> u32 {
+        u32::from(at >= self.up_again)
+    }
+
+    fn send(&mut self, packet: Packet) {
+        let at = self.now + self.one_way;
+        self.packets.push((at, packet));
+    }
+
+    fn lose_connection(&mut self, ending: Ending) {
+        self.connection = None;
+        self.client.connection_lost(self.now, &mut self.rng);
+        let expiry = self.client.expires_at();
+        self.next_attempt =
+            Some(
+                self.reconnect
+                    .next_attempt(self.now, ending, expiry, &mut self.rng),
+            );
+    }
+
+    fn deliver(&mut self, packet: Packet) {
+        let now = self.now;
+        match packet {
+            Packet::ToGateway { run, request } => {
+                if !self.gateway_up(now) {
+                    return;
+                }
+                if self.gateway_run(now) != run {
+                    self.send(Packet::Reset { run });
+                    return;
+                }
+                let answer = request.map(|r| over_the_wire(&self.gateway.handle(now, &r)));
+                self.send(Packet::ToClient { run, answer });
+            }
+            Packet::ToClient { run, answer } => {
+                let Some(connection) = self.connection.as_mut().filter(|c| c.run == run) else {
+                    return;
+                };
+                connection.last_heard = now;
+                if let Some(answer) = answer {
+                    self.client.handle_answer(now, &answer, &mut self.rng);
+                }
+            }
+            Packet::Reset { run } => {
+                if self.connection.as_ref().is_some_and(|c| c.run == run) {
+                    self.resets += 1;
+                    self.lose_connection(Ending::Reset);
+                }
+            }
+            Packet::Initial { attempt } => {
+                if self.gateway_up(now) {
+                    // The rest of the handshake, Hello/Welcome and List/Leases: two more round
+                    // trips and the way back.
+                    let at = now + 5 * self.one_way;
+                    self.packets.push((at, Packet::Established { attempt }));
+                }
+            }
+            Packet::Established { attempt } => {
+                if self.attempt.is_none_or(|(current, _)| current != attempt) {
+                    return;
+                }
+                self.attempt = None;
+                self.connection = Some(SimConnection {
+                    run: self.gateway_run(now),
+                    timers: TransportTimers::for_min_lifetime(Some(self.gateway.policy.min)),
+                    last_sent: now,
+                    last_heard: now,
+                });
+                self.reconnect.connected(now);
+                self.client.epoch_observed(now, self.gateway.epoch);
+                self.client.reconnected(now, &mut self.rng);
+            }
+        }
+    }
+
+    fn process_now(&mut self) {
+        let now = self.now;
+        for _ in 0..1000 {
+            let mut progressed = false;
+            let due = Link::take_due(&mut self.packets, now);
+            for packet in due {
+                progressed = true;
+                self.deliver(packet);
+            }
+            if let Some(connection) = &self.connection
+                && now >= connection.last_heard + connection.timers.idle_timeout
+            {
+                progressed = true;
+                self.lose_connection(Ending::Lost);
+            }
+            if let Some((_, give_up)) = self.attempt
+                && now >= give_up
+            {
+                progressed = true;
+                self.attempt = None;
+                let expiry = self.client.expires_at();
+                self.next_attempt =
+                    Some(
+                        self.reconnect
+                            .next_attempt(now, Ending::Lost, expiry, &mut self.rng),
+                    );
+            }
+            if self.connection.is_none()
+                && self.attempt.is_none()
+                && self.next_attempt.is_some_and(|at| at <= now)
+            {
+                progressed = true;
+                self.next_attempt = None;
+                self.attempts += 1;
+                let timeout = Reconnect::handshake_timeout(now, self.client.expires_at());
+                self.attempt = Some((self.attempts, now + timeout));
+                self.send(Packet::Initial {
+                    attempt: self.attempts,
+                });
+            }
+            if self.client.poll_timeout().is_some_and(|t| t <= now) {
+                self.client.handle_timeout(now, &mut self.rng);
+            }
+            if let Some(run) = self.connection.as_ref().map(|c| c.run) {
+                while let Some(request) = self.client.poll_transmit(now) {
+                    progressed = true;
+                    self.send(Packet::ToGateway {
+                        run,
+                        request: Some(over_the_wire(&request)),
+                    });
+                    if let Some(connection) = self.connection.as_mut() {
+                        connection.last_sent = now;
+                    }
+                }
+                if let Some(connection) = self.connection.as_mut()
+                    && now >= connection.last_sent + connection.timers.keep_alive
+                {
+                    progressed = true;
+                    connection.last_sent = now;
+                    self.send(Packet::ToGateway { run, request: None });
+                }
+            }
+            while let Some(event) = self.client.poll_event() {
+                progressed = true;
+                self.events.push((now, event));
+            }
+            if !progressed {
+                return;
+            }
+        }
+        panic!("no quiescence");
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let connection = self
+            .connection
+            .as_ref()
+            .map(|c| (c.last_heard + c.timers.idle_timeout).min(c.last_sent + c.timers.keep_alive));
+        let waiting = self
+            .next_attempt
+            .filter(|_| self.connection.is_none() && self.attempt.is_none());
+        // While there is no connection a due request waits for one; the agent's core wakes
+        // every 250 ms meanwhile, for the expiries.
+        let client = self.client.poll_timeout().map(|t| {
+            if self.connection.is_none() {
+                t.max(self.now + Duration::from_millis(250))
+            } else {
+                t
+            }
+        });
+        [
+            client,
+            self.packets.iter().map(|(t, _)| *t).min(),
+            self.attempt.map(|(_, give_up)| give_up),
+            waiting,
+            connection,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn run_until(&mut self, until: Instant) {
+        for _ in 0..1_000_000 {
+            self.process_now();
+            match self.next_deadline() {
+                Some(next) if next <= until => {
+                    assert!(next > self.now, "a deadline does not advance");
+                    self.now = next;
+                }
+                _ => {
+                    self.now = until;
+                    self.process_now();
+                    return;
+                }
+            }
+        }
+        panic!("the simulation did not reach its end");
+    }
+}
+
+#[test]
+fn a_lease_of_ten_seconds_or_more_survives_a_three_second_gateway_restart() {
+    let outage = Duration::from_secs(3);
+    let mut runs = 0;
+    for lifetime in [10u32, 11, 13, 16, 20, 30, 60, 120] {
+        let lifetime_d = Duration::from_secs(u64::from(lifetime));
+        // The outage starts anywhere in the first lifetime, on a grid of 1/50 of it (so also
+        // just before, during and after the first renewal).
+        for step in 0..50u32 {
+            let after_grant = lifetime_d * step / 50;
+            let seed = u64::from(lifetime) * 1000 + u64::from(step);
+            let mut sim = RestartSim::new(seed, lifetime, after_grant, outage);
+            let start = sim.now;
+            sim.run_until(start + lifetime_d * 3 + outage);
+            runs += 1;
+            let context = format!(
+                "lease of {lifetime} s, gateway down from {:?} to {:?} after the Open",
+                sim.down_from - start,
+                sim.up_again - start,
+            );
+            assert!(
+                matches!(sim.events.first(), Some((_, LeaseEvent::Granted { .. }))),
+                "{context}: {:?}",
+                sim.events
+            );
+            let ended: Vec<_> = sim
+                .events
+                .iter()
+                .filter(|(_, e)| {
+                    !matches!(e, LeaseEvent::Granted { .. } | LeaseEvent::Renewed { .. })
+                })
+                .collect();
+            assert!(ended.is_empty(), "{context}: {ended:?}");
+            assert!(
+                sim.client.state() == LeaseState::Active
+                    || sim.client.state() == LeaseState::Renewing,
+                "{context}: {:?}",
+                sim.client.state()
+            );
+            let renewed_after_outage = sim
+                .events
+                .iter()
+                .any(|(at, e)| matches!(e, LeaseEvent::Renewed { .. }) && *at >= sim.up_again);
+            assert!(renewed_after_outage, "{context}: {:?}", sim.events);
+        }
+    }
+    assert_eq!(runs, 400);
+}
+
+#[test]
+fn a_ten_second_lease_and_a_restart_just_after_the_grant_renewed_on_time() {
+    // A 10 s lease; the gateway dies 0.5 s after the grant and listens again 2.6 s after it.
+    let mut sim = RestartSim::new(
+        7,
+        10,
+        Duration::from_millis(500),
+        Duration::from_millis(2100),
+    );
+    let start = sim.now;
+    sim.run_until(start + Duration::from_secs(30));
+    // The connection was declared dead by its idle timeout while the gateway was down (about a
+    // second), and the client reconnected within a fraction of a second of the gateway's return.
+    let renewals: Vec<f64> = sim
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e, LeaseEvent::Renewed { .. }))
+        .map(|(at, _)| secs_between(start, *at))
+        .collect();
+    assert!(renewals.len() >= 4, "{renewals:?} {:?}", sim.events);
+    assert!(renewals[0] < 7.0, "{renewals:?}");
+    assert!(sim.client.state() != LeaseState::Expired);
+}
+
+#[test]
+fn a_restarted_gateway_answering_the_old_connection_with_a_reset_brings_an_immediate_reconnection()
+{
+    // The gateway is back before the idle timeout fires (a restart of 0.8 s with timers sized
+    // for 60 s leases, idle 7.5 s): the next keep-alive meets the reset, and the client connects
+    // at once.
+    let mut sim = RestartSim::new(9, 60, Duration::from_secs(2), Duration::from_millis(800));
+    let start = sim.now;
+    sim.run_until(start + Duration::from_millis(5300));
+    assert_eq!(sim.resets, 1);
+    let connected = sim.connection.as_ref().expect("connected again");
+    assert_eq!(connected.run, 1);
+    assert!(
+        connected.last_heard - sim.up_again
+            <= TransportTimers::for_min_lifetime(Some(60)).keep_alive + Duration::from_millis(50)
+    );
+}
+
+#[test]
+fn a_renewal_lost_with_its_connection_is_sent_again_on_the_next_one_at_once() {
+    let mut sim = Sim::new(3);
+    sim.run_for(1.0);
+    let renew_at = sim.client.renew_at().expect("scheduled");
+    sim.run_until(renew_at + Duration::from_millis(10));
+    assert_eq!(sim.client.state(), LeaseState::Renewing);
+    let first = sim.client.in_flight().expect("the Renew is in flight");
+    // The connection dies with the Renew on it; the backoff would wait about a second.
+    sim.cut();
+    assert!(sim.client.poll_timeout().expect("retry") > sim.now + Duration::from_millis(500));
+    // 100 ms later a new connection is up: the Renew goes on it now.
+    sim.run_for(0.1);
+    sim.link.cut = false;
+    sim.client.reconnected(sim.now, &mut sim.rng);
+    let reconnected_at = sim.now;
+    sim.process_now();
+    let renews = sim.sent_of(is_renew);
+    assert_eq!(renews.len(), 2);
+    assert_eq!(renews[1], reconnected_at);
+    assert_ne!(sim.client.in_flight(), Some(first));
+    sim.run_for(1.0);
+    assert_eq!(sim.client.state(), LeaseState::Active);
+}
+
+#[test]
+fn a_reconnection_does_not_cut_short_a_retry_after_or_move_a_scheduled_renewal() {
+    let mut sim = Sim::new(4);
+    sim.run_for(1.0);
+    let renew_at = sim.client.renew_at().expect("scheduled");
+    sim.client.reconnected(sim.now, &mut sim.rng);
+    assert_eq!(sim.client.renew_at(), Some(renew_at));
+    // A rate-limited Renew with retry-after 20 s: a new connection does not make it earlier.
+    sim.gateway
+        .scripted_denials
+        .push_back((ResultCode::RateLimited, Some(20)));
+    sim.run_until(renew_at + Duration::from_millis(100));
+    let retry = sim.client.poll_timeout().expect("a retry");
+    assert!(retry >= renew_at + Duration::from_secs(20));
+    sim.client.reconnected(sim.now, &mut sim.rng);
+    assert_eq!(sim.client.poll_timeout(), Some(retry));
 }

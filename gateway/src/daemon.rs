@@ -30,6 +30,9 @@ pub enum DaemonError {
     /// The kernel filter could not be set up.
     #[error("filter: {0}")]
     Filter(#[from] fwnp_netfilter::Error),
+    /// The stateless-reset secret could not be read or created.
+    #[error("reset secret: {0}")]
+    ResetSecret(#[from] ResetSecretError),
     /// A socket could not be bound.
     #[error("{what}: {source}")]
     Io {
@@ -77,9 +80,8 @@ pub fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
 pub fn server_options(config: &GatewayConfig) -> ServerOptions {
     ServerOptions {
         max_concurrent_bidi_streams: config.limits.max_streams,
-        // One is allowed so that a client that opens one is told precisely what it did wrong
-        // (ProtocolViolation) instead of a bare transport-level stream-limit error.
-        max_concurrent_uni_streams_from_client: 1,
+        // No unidirectional stream for the host (initial_max_streams_uni 0): a client never
+        // opens one, and a peer that tries anyway is refused by QUIC flow control.
         ..ServerOptions::default()
     }
 }
@@ -126,13 +128,23 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     }
     let service = Service::start(config.clone(), filter).await?;
 
+    let secret = ResetSecret::load_or_create(&config.state_dir)?;
     let mut endpoints = Vec::new();
     for addr in &config.listen {
-        let endpoint =
-            quinn::Endpoint::server(tls.clone(), *addr).map_err(|source| DaemonError::Io {
-                what: format!("listen on {addr}"),
-                source,
-            })?;
+        let socket = std::net::UdpSocket::bind(addr).map_err(|source| DaemonError::Io {
+            what: format!("listen on {addr}"),
+            source,
+        })?;
+        let endpoint = quinn::Endpoint::new(
+            secret.endpoint_config(),
+            Some(tls.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| DaemonError::Io {
+            what: format!("listen on {addr}"),
+            source,
+        })?;
         info!(%addr, "listening (QUIC, ALPN fwnp/1)");
         tokio::spawn(crate::server::serve(endpoint.clone(), service.clone()));
         service.add_endpoint(endpoint.clone());
@@ -227,6 +239,141 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     }
     let _ = std::fs::remove_file(&admin_path);
     Ok(())
+}
+
+/// The file of the state directory that holds the stateless-reset secret.
+pub const RESET_SECRET_FILE: &str = "reset-secret";
+
+/// Why the stateless-reset secret is unusable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResetSecretError {
+    /// The file could not be read, written or created.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The operating system's error.
+        source: std::io::Error,
+    },
+    /// The file does not hold exactly the secret's 32 bytes.
+    #[error("{path}: holds {len} bytes, not {expected}")]
+    Length {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its length.
+        len: u64,
+        /// The length of a secret.
+        expected: usize,
+    },
+    /// Users other than the gateway's own may read or write the file.
+    #[error("{path}: mode {mode:o} lets other users read or change it (0600 expected)")]
+    Permissions {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The system's random generator failed.
+    #[error("no random bytes for a new secret")]
+    Random,
+}
+
+/// The secret from which the gateway derives its QUIC stateless-reset tokens and the keys of its
+/// connection ids. It lives in the state directory (created 0600 at the first start) so that a
+/// restarted gateway recognizes the connection ids of its previous run and answers their packets
+/// with a stateless reset that the hosts accept: a host learns at its next packet that its
+/// connection is gone and reconnects at once, instead of waiting for its idle timeout.
+#[derive(Clone)]
+pub struct ResetSecret([u8; ResetSecret::LEN]);
+
+impl std::fmt::Debug for ResetSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetSecret(..)")
+    }
+}
+
+impl ResetSecret {
+    /// The secret's length in bytes.
+    pub const LEN: usize = 32;
+
+    /// Reads the secret of `state_dir`, or creates it (atomically, mode 0600) if there is none.
+    pub fn load_or_create(state_dir: &std::path::Path) -> Result<Self, ResetSecretError> {
+        use std::io::Write;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let path = state_dir.join(RESET_SECRET_FILE);
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |source| ResetSecretError::Io { path, source }
+        };
+        std::fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        if !path.exists() {
+            let mut secret = [0u8; Self::LEN];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| ResetSecretError::Random)?;
+            // Written aside and linked into place, so that a concurrent start never reads a
+            // partly written secret, and the first of two starts wins.
+            let staging = state_dir.join(format!("{RESET_SECRET_FILE}.{}", std::process::id()));
+            let written = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&staging)
+                .and_then(|mut file| {
+                    file.write_all(&secret)?;
+                    file.sync_all()
+                });
+            let linked = written.and_then(|()| match std::fs::hard_link(&staging, &path) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            });
+            let _ = std::fs::remove_file(&staging);
+            linked.map_err(io(&path))?;
+        }
+        let metadata = std::fs::metadata(&path).map_err(io(&path))?;
+        if metadata.mode() & 0o077 != 0 {
+            return Err(ResetSecretError::Permissions {
+                path,
+                mode: metadata.mode() & 0o7777,
+            });
+        }
+        let bytes = std::fs::read(&path).map_err(io(&path))?;
+        let secret = <[u8; Self::LEN]>::try_from(bytes.as_slice()).map_err(|_| {
+            ResetSecretError::Length {
+                path: path.clone(),
+                len: metadata.len(),
+                expected: Self::LEN,
+            }
+        })?;
+        Ok(ResetSecret(secret))
+    }
+
+    /// The endpoint configuration of every listening endpoint: stateless-reset tokens keyed by
+    /// the secret, and connection ids a later run recognizes as its own (quinn sends a reset
+    /// only for a connection id its generator accepts).
+    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let reset = ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &self.derive(b"fwnp/1 stateless reset"),
+        );
+        let ids = self.derive(b"fwnp/1 connection ids");
+        let mut id_key = [0u8; 8];
+        id_key.copy_from_slice(&ids[..8]);
+        let id_key = u64::from_le_bytes(id_key);
+        let mut config = quinn::EndpointConfig::new(Arc::new(reset));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(id_key))
+        });
+        config
+    }
+
+    /// An independent key for `purpose`.
+    fn derive(&self, purpose: &[u8]) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ring::hmac::sign(&key, purpose).as_ref());
+        out
+    }
 }
 
 /// Periodic work: audit retention.

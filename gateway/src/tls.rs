@@ -14,7 +14,8 @@
 //!   client never enables early data. TLS session resumption is off on both sides as well, so every
 //!   connection checks the certificate against the CRL in force at that moment, not the one of
 //!   an earlier session.
-//! - QUIC transport: idle timeout 30 s; the client sends keep-alive PINGs every 10 s; clients may
+//! - QUIC transport: idle timeout 30 s; the client sends keep-alive PINGs every 10 s (the host
+//!   agent shortens both, per connection, for gateways that grant short leases); clients may
 //!   open a bounded number of bidirectional streams (one per request) and no unidirectional
 //!   stream; the gateway may open unidirectional streams (notices) towards the client, and no
 //!   bidirectional one. Connection migration is off by default (see
@@ -146,10 +147,11 @@ pub struct ServerOptions {
     /// Refuse every certificate when a CRL's nextUpdate has passed. Off by default, so an
     /// operator who forgets to re-sign the CRL does not lock every host out.
     pub enforce_crl_expiry: bool,
-    /// Unidirectional streams a client may open. FWNP/1 clients open none, so the default 0
-    /// makes QUIC flow control refuse them outright (a peer that sends on one anyway is closed
-    /// with STREAM_LIMIT_ERROR). Set 1 to accept such a stream and close the connection with
-    /// the protocol's own ProtocolViolation code instead.
+    /// Unidirectional streams a client may open. FWNP/1 clients open none and the protocol
+    /// has the gateway announce 0, the default, so that QUIC flow control refuses them outright
+    /// (a peer that sends on one anyway is closed with STREAM_LIMIT_ERROR). Only for testing
+    /// the gateway's own handling of such a stream (it closes the connection with
+    /// ProtocolViolation) may this be raised; the daemon never does.
     pub max_concurrent_uni_streams_from_client: u32,
     /// Let a client's connection move to a new source address (QUIC connection migration, NAT
     /// rebinding). Off by default: the source address can be what a host is allowed to open, so
@@ -279,15 +281,34 @@ pub fn client_config(
     tls.resumption = Resumption::disabled();
 
     let crypto = QuicClientConfig::try_from(Arc::new(tls))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(client_transport(options)?));
+    Ok(config)
+}
+
+/// The host agent's QUIC transport settings alone: keep-alive, idle timeout, no bidirectional
+/// stream for the gateway, notice streams. The agent sets them per connection (on a clone of
+/// its [`client_config`]) when the timers depend on the lifetimes the gateway grants.
+///
+/// ```
+/// use std::time::Duration;
+/// use fwnp_gateway::tls::{ClientOptions, client_transport};
+/// let options = ClientOptions {
+///     keep_alive_interval: Duration::from_millis(400),
+///     idle_timeout: Duration::from_millis(1250),
+///     ..ClientOptions::default()
+/// };
+/// let transport = client_transport(&options)?;
+/// # Ok::<(), fwnp_gateway::tls::TlsError>(())
+/// ```
+pub fn client_transport(options: &ClientOptions) -> Result<TransportConfig, TlsError> {
     let mut transport = TransportConfig::default();
     transport
         .max_idle_timeout(Some(idle_timeout(options.idle_timeout)?))
         .keep_alive_interval(Some(options.keep_alive_interval))
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
         .max_concurrent_uni_streams(VarInt::from_u32(options.max_concurrent_notice_streams));
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport));
-    Ok(config)
+    Ok(transport)
 }
 
 /// Why a TLS handshake was refused, read from the QUIC error of a failed connection (the TLS

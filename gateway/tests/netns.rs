@@ -557,3 +557,68 @@ async fn after_a_sigkill_the_kernel_keeps_the_openings_and_a_restart_brings_the_
     let _: IpAddr = lab.topology.host_v4;
     let _ = &lab.pki;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_resets_the_connections_of_its_previous_run() {
+    if !lab::require_root("a_restarted_gateway_resets_the_connections_of_its_previous_run") {
+        return;
+    }
+    let mut lab = Lab::new("nsreset", &[7020]);
+    let (client, _) = lab.connect().await;
+    opened(client.open(tcp(7020), Some(60)).await);
+    let secret = lab.dir().join("state").join("reset-secret");
+    let mode = std::fs::metadata(&secret)
+        .unwrap_or_else(|e| panic!("{}: {e}", secret.display()))
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "the reset secret is readable by others"
+    );
+    let before = std::fs::read(&secret).expect("read the secret");
+
+    lab.gateway.kill();
+    lab.start_gateway();
+    assert_eq!(
+        std::fs::read(&secret).expect("read the secret"),
+        before,
+        "the restart replaced the secret"
+    );
+    // The old connection's next packet reaches a gateway that has no state for it: the
+    // stateless reset it answers with is one the host accepts, so the host knows at once.
+    let sent = Instant::now();
+    let request = client.connection.open_bi().await;
+    if let Ok((mut send, _recv)) = request {
+        let _ = send.write_all(b"\xa1\x00\x06").await;
+        let _ = send.finish();
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(2), client.connection.closed())
+        .await
+        .expect("the old connection is not reset within 2 s");
+    assert!(
+        matches!(closed, quinn::ConnectionError::Reset),
+        "{closed:?} after {:?}",
+        sent.elapsed()
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        sent.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_grants_hosts_no_unidirectional_stream() {
+    if !lab::require_root("the_daemon_grants_hosts_no_unidirectional_stream") {
+        return;
+    }
+    let lab = Lab::new("nsuni", &[7030]);
+    let (client, _) = lab.connect().await;
+    // initial_max_streams_uni is 0: the host gets no credit for a stream of its own.
+    let blocked =
+        tokio::time::timeout(Duration::from_millis(500), client.connection.open_uni()).await;
+    assert!(
+        blocked.is_err(),
+        "the daemon let the host open a unidirectional stream"
+    );
+}

@@ -23,7 +23,7 @@ use fwnp_proto::{
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::config::AgentConfig;
@@ -73,6 +73,9 @@ pub enum CoreInput {
     Answer {
         /// The machine.
         key: u64,
+        /// The request's id: a failure reported after the machine sent the request again
+        /// (on a newer connection) is not that new request's.
+        request_id: Option<u64>,
         /// The answer.
         result: Result<Message, String>,
     },
@@ -241,6 +244,8 @@ pub struct Core {
     owner_sweep_running: bool,
     /// The next look for idle connections.
     next_idle_sweep: Instant,
+    /// The earliest local expiry of the leases held, for the link's reconnection schedule.
+    earliest_expiry: watch::Sender<Option<Instant>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -278,7 +283,14 @@ impl Core {
             next_owner_sweep: Instant::now(),
             owner_sweep_running: false,
             next_idle_sweep: Instant::now(),
+            earliest_expiry: watch::Sender::new(None),
         }
+    }
+
+    /// The earliest local expiry of the leases the core holds, kept current: the link bounds
+    /// its reconnection delays and handshakes by it.
+    pub fn earliest_expiry(&self) -> watch::Receiver<Option<Instant>> {
+        self.earliest_expiry.subscribe()
     }
 
     /// Runs until shut down or until every sender is gone.
@@ -305,6 +317,17 @@ impl Core {
 
     fn next_wake(&self, now: Instant) -> Instant {
         let mut next = now + Duration::from_secs(3600);
+        let earliest = self
+            .leases
+            .values()
+            .filter(|h| !h.machine.state().is_terminal())
+            .filter_map(|h| h.machine.expires_at())
+            .min();
+        self.earliest_expiry.send_if_modified(|current| {
+            let changed = *current != earliest;
+            *current = earliest;
+            changed
+        });
         for held in self.leases.values() {
             if let Some(t) = held.machine.poll_timeout() {
                 next = next.min(t);
@@ -407,14 +430,19 @@ impl Core {
                     }
                 }
             }
-            CoreInput::Answer { key, result } => {
+            CoreInput::Answer {
+                key,
+                request_id,
+                result,
+            } => {
                 if let Some(held) = self.leases.get_mut(&key) {
                     match result {
                         Ok(answer) => held.machine.handle_answer(now, &answer, &mut self.rng),
-                        Err(e) => {
+                        Err(e) if held.machine.in_flight() == request_id => {
                             debug!(key, "request failed: {e}");
                             held.machine.connection_lost(now, &mut self.rng);
                         }
+                        Err(e) => debug!(key, "an earlier request failed: {e}"),
                     }
                     self.drive(key, now);
                 }
@@ -587,6 +615,9 @@ impl Core {
         for key in keys {
             if let Some(held) = self.leases.get_mut(&key) {
                 held.machine.epoch_observed(now, welcome.epoch);
+                // Requests lost with the old connection, and retries waiting for a gateway,
+                // go on this one now.
+                held.machine.reconnected(now, &mut self.rng);
             }
             self.drive(key, now);
         }
@@ -685,6 +716,7 @@ impl Core {
             let connection = connection.clone();
             let tx = self.tx.clone();
             let procfs = self.procfs.clone();
+            let request_id = request.common().request_id;
             tokio::spawn(async move {
                 if let Some(owner) = recheck
                     && let Err(reason) = procfs
@@ -702,7 +734,11 @@ impl Core {
                     connection.close(0u32.into(), b"request timed out");
                 }
                 let result = result.map_err(|e| e.to_string());
-                let _ = tx.send(CoreInput::Answer { key, result });
+                let _ = tx.send(CoreInput::Answer {
+                    key,
+                    request_id,
+                    result,
+                });
             });
         }
         for event in events {
@@ -1623,7 +1659,7 @@ impl Core {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while !self.leases.is_empty() {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(CoreInput::Answer { key, result })) => {
+                Ok(Some(CoreInput::Answer { key, result, .. })) => {
                     if let Some(held) = self.leases.get_mut(&key) {
                         match result {
                             Ok(answer) => {

@@ -104,13 +104,14 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
             "last run's gateway"
         );
     }
+    let client_options = ClientOptions::default();
     let client_config = client_config_from_files(
         &ClientTlsFiles {
             cert: config.gateway.certificate.clone(),
             key: config.gateway.key.clone(),
             ca: config.gateway.ca.clone(),
         },
-        &ClientOptions::default(),
+        &client_options,
     )?;
     let mirror = Mirror::start(&config.mirror).await?;
     info!(
@@ -124,14 +125,17 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
 
     let (tx, rx) = mpsc::unbounded_channel();
     let core = Core::new(config.clone(), mirror, tx.clone());
+    let earliest_expiry = core.earliest_expiry();
     let core_task = tokio::spawn(core.run(rx));
     tokio::spawn(link::run(
         LinkSettings {
             address: config.gateway.address.clone(),
             server_name: config.gateway.server_name.clone(),
             client_config,
+            client_options,
         },
         tx.clone(),
+        earliest_expiry,
     ));
     tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
 

@@ -1,29 +1,33 @@
 //! The agent's one QUIC connection to the gateway: connect with the host's certificate, Hello
 //! and Welcome, List (so the agent can resync before any lease machine sends), then notices from
-//! the gateway's unidirectional streams until the connection ends; then reconnect after an
-//! exponential backoff (1 s doubling to 60 s, each delay jittered by +-20 %), or after the delay
-//! a GoingAway notice asked for.
+//! the gateway's unidirectional streams until the connection ends; then reconnect.
+//!
+//! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
+//! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
+//! are too slow for it is replaced at once by one whose timers suit); after a stateless reset
+//! (the gateway restarted and listens again) the next attempt is at once; otherwise an
+//! exponential backoff, or the delay a GoingAway notice asked for, but while leases are held
+//! never more than a sixteenth of the shortest remaining lifetime, and handshakes are given up
+//! after as long. The core publishes that earliest expiry on a watch channel.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fwnp_gateway::tls::{ClientOptions, client_transport};
+use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
     Capabilities, Common, Hello, Leases, List, MAX_MESSAGE_SIZE, Message, VERSION, Welcome,
 };
-use rand::Rng;
-use tokio::sync::mpsc;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::core::CoreInput;
 
-/// The first reconnection delay.
-pub const FIRST_RECONNECT_DELAY: Duration = Duration::from_secs(1);
-/// The longest reconnection delay.
-pub const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(60);
 /// How long a request waits for its answer on its stream.
 pub const EXCHANGE_TIMEOUT: Duration = fwnp_proto::lease::REQUEST_TIMEOUT;
-/// A connection that lived at least this long resets the backoff.
-const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// What the link tells the agent's core.
 #[derive(Debug)]
@@ -101,6 +105,8 @@ enum ConnectError {
     Refused(String),
     #[error("List: {0}")]
     List(String),
+    #[error("transport options: {0}")]
+    Transport(fwnp_gateway::tls::TlsError),
 }
 
 /// The link's settings.
@@ -112,16 +118,27 @@ pub struct LinkSettings {
     pub server_name: String,
     /// The QUIC client configuration with the host's certificate.
     pub client_config: quinn::ClientConfig,
+    /// The transport options the timers of each connection are set on.
+    pub client_options: ClientOptions,
 }
 
-/// Runs the link until the core goes away.
-pub async fn run(settings: LinkSettings, core: mpsc::UnboundedSender<CoreInput>) {
-    let mut backoff = FIRST_RECONNECT_DELAY;
+/// Runs the link until the core goes away. `earliest_expiry` is the earliest local expiry of
+/// the leases the core holds, which bounds the reconnection delays.
+pub async fn run(
+    settings: LinkSettings,
+    core: mpsc::UnboundedSender<CoreInput>,
+    earliest_expiry: watch::Receiver<Option<Instant>>,
+) {
+    let mut schedule = Reconnect::new();
+    let mut rng = StdRng::from_os_rng();
+    // The shortest lifetime the gateway grants, from its last Welcome.
+    let mut min_lifetime: Option<u32> = None;
     loop {
-        let started = Instant::now();
-        let mut delay = None;
-        match connect(&settings).await {
+        let expiry = *earliest_expiry.borrow();
+        let handshake = Reconnect::handshake_timeout(Instant::now(), expiry);
+        let ending = match connect(&settings, &mut min_lifetime, handshake).await {
             Ok((endpoint, connection, welcome, leases)) => {
+                schedule.connected(Instant::now());
                 info!(
                     gateway = %settings.address,
                     identity = %welcome.identity,
@@ -137,7 +154,7 @@ pub async fn run(settings: LinkSettings, core: mpsc::UnboundedSender<CoreInput>)
                 if core.send(CoreInput::Gateway(event)).is_err() {
                     return;
                 }
-                let (reason, hint) = follow(&connection, &core).await;
+                let (reason, ending) = follow(&connection, &core).await;
                 warn!(gateway = %settings.address, %reason, "connection to the gateway ended");
                 endpoint.close(0u32.into(), b"");
                 if core
@@ -146,44 +163,96 @@ pub async fn run(settings: LinkSettings, core: mpsc::UnboundedSender<CoreInput>)
                 {
                     return;
                 }
-                if started.elapsed() >= STABLE_CONNECTION {
-                    backoff = FIRST_RECONNECT_DELAY;
-                }
-                delay = hint;
+                ending
             }
-            Err(e) => warn!(gateway = %settings.address, "cannot connect to the gateway: {e}"),
-        }
-        let base = delay.unwrap_or(backoff);
-        let jittered = base.mul_f64(rand::rng().random_range(0.8..=1.2));
-        debug!(?jittered, "reconnecting after a delay");
-        backoff = (backoff * 2).min(MAX_RECONNECT_DELAY);
+            Err(e) => {
+                warn!(gateway = %settings.address, "cannot connect to the gateway: {e}");
+                Ending::Lost
+            }
+        };
+        let now = Instant::now();
+        let expiry = *earliest_expiry.borrow();
+        let at = schedule.next_attempt(now, ending, expiry, &mut rng);
+        debug!(delay = ?at.saturating_duration_since(now), ?ending, "reconnecting");
         tokio::select! {
-            _ = tokio::time::sleep(jittered) => {}
+            _ = tokio::time::sleep_until(at.into()) => {}
             _ = core.closed() => return,
         }
     }
 }
 
+/// One connection attempt. If the Welcome announces a shorter minimum lifetime than the
+/// timers of the connection suit, it is closed and made again at once with suitable timers.
 async fn connect(
     settings: &LinkSettings,
+    min_lifetime: &mut Option<u32>,
+    handshake: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Leases), ConnectError> {
     let addr = tokio::net::lookup_host(&settings.address)
         .await
         .map_err(|e| ConnectError::Resolve(settings.address.clone(), e.to_string()))?
         .next()
         .ok_or_else(|| ConnectError::Resolve(settings.address.clone(), "no address".into()))?;
+    let mut retimed = false;
+    loop {
+        let timers = TransportTimers::for_min_lifetime(*min_lifetime);
+        let (endpoint, connection, welcome) =
+            connect_once(settings, addr, timers, handshake).await?;
+        let announced = welcome.limits.min_lifetime;
+        *min_lifetime = Some(announced);
+        if !retimed && !timers.suits(announced) {
+            info!(
+                min_lifetime = announced,
+                "the gateway grants short leases: connecting again with shorter keep-alive and idle timeout"
+            );
+            connection.close(0u32.into(), b"transport timers");
+            endpoint.close(0u32.into(), b"");
+            retimed = true;
+            continue;
+        }
+        let list = Message::List(List {
+            common: Common {
+                request_id: Some(2),
+                critical: Vec::new(),
+            },
+        });
+        let leases = match exchange(&connection, &list).await {
+            Ok(Message::Leases(l)) => l,
+            Ok(other) => return Err(ConnectError::List(format!("answered {other:?}"))),
+            Err(e) => return Err(ConnectError::List(e.to_string())),
+        };
+        return Ok((endpoint, connection, welcome, leases));
+    }
+}
+
+/// A handshake (given up after `handshake`) with `timers`, then Hello and Welcome.
+async fn connect_once(
+    settings: &LinkSettings,
+    addr: SocketAddr,
+    timers: TransportTimers,
+    handshake: Duration,
+) -> Result<(quinn::Endpoint, quinn::Connection, Welcome), ConnectError> {
     let bind: SocketAddr = if addr.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
         (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
     };
+    let options = ClientOptions {
+        keep_alive_interval: timers.keep_alive,
+        idle_timeout: timers.idle_timeout,
+        ..settings.client_options.clone()
+    };
+    let mut config = settings.client_config.clone();
+    config.transport_config(Arc::new(
+        client_transport(&options).map_err(ConnectError::Transport)?,
+    ));
     let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Endpoint)?;
     let connecting = endpoint
-        .connect_with(settings.client_config.clone(), addr, &settings.server_name)
+        .connect_with(config, addr, &settings.server_name)
         .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
-    let connection = tokio::time::timeout(EXCHANGE_TIMEOUT * 2, connecting)
+    let connection = tokio::time::timeout(handshake, connecting)
         .await
-        .map_err(|_| ConnectError::Connect(addr, "handshake timed out".into()))?
+        .map_err(|_| ConnectError::Connect(addr, format!("no handshake within {handshake:?}")))?
         .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
 
     let hello = Message::Hello(Hello {
@@ -213,31 +282,27 @@ async fn connect(
             ));
         }
     };
-    let list = Message::List(List {
-        common: Common {
-            request_id: Some(2),
-            critical: Vec::new(),
-        },
-    });
-    let leases = match exchange(&connection, &list).await {
-        Ok(Message::Leases(l)) => l,
-        Ok(other) => return Err(ConnectError::List(format!("answered {other:?}"))),
-        Err(e) => return Err(ConnectError::List(e.to_string())),
-    };
-    Ok((endpoint, connection, welcome, leases))
+    Ok((endpoint, connection, welcome))
 }
 
-/// Forwards notices until the connection ends; returns why it ended and, after a GoingAway,
-/// when to reconnect.
+/// Forwards notices until the connection ends; returns why it ended and how, for the
+/// reconnection schedule (a stateless reset; after a GoingAway, the delay it asked for).
 async fn follow(
     connection: &quinn::Connection,
     core: &mpsc::UnboundedSender<CoreInput>,
-) -> (String, Option<Duration>) {
+) -> (String, Ending) {
     let mut hint = None;
     loop {
         let mut stream = match connection.accept_uni().await {
             Ok(stream) => stream,
-            Err(e) => return (e.to_string(), hint),
+            Err(e) => {
+                let ending = match (&e, hint) {
+                    (quinn::ConnectionError::Reset, _) => Ending::Reset,
+                    (_, Some(after)) => Ending::GoingAway(after),
+                    _ => Ending::Lost,
+                };
+                return (e.to_string(), ending);
+            }
         };
         // A notice is one small item; read it here, bounded in size and time.
         let bytes = match tokio::time::timeout(
@@ -260,15 +325,16 @@ async fn follow(
             Ok(notice) if notice.message_type().is_notice() => {
                 if let Message::GoingAway(g) = &notice {
                     info!(reason = ?g.reason, reconnect_after = ?g.reconnect_after, "the gateway is going away");
-                    hint = Some(Duration::from_secs(u64::from(
-                        g.reconnect_after.unwrap_or(1).max(1),
-                    )));
+                    // Without reconnect-after, the usual delays apply (spec Section 8.14).
+                    hint = g
+                        .reconnect_after
+                        .map(|seconds| Duration::from_secs(u64::from(seconds)));
                 }
                 if core
                     .send(CoreInput::Gateway(GatewayEvent::Notice(notice)))
                     .is_err()
                 {
-                    return ("the agent is stopping".into(), hint);
+                    return ("the agent is stopping".into(), Ending::Lost);
                 }
             }
             // A notice type this agent does not know is ignored, as the protocol says.

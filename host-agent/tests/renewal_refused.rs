@@ -234,6 +234,16 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
         agent_command(&config).spawn().expect("start fwnp-agent"),
     ));
     wait_for_socket(&mut agent, &socket);
+    // An Open before the agent is connected is refused (gateway-unreachable): wait for it.
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + STEP;
+    while !status.status().connected {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect to the scripted gateway"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("address").port();
