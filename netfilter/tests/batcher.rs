@@ -1,6 +1,8 @@
 //! The async batcher on the real kernel: callers learn whether their own change landed, many
 //! changes share a transaction, and a table flushed or deleted by someone else (with the `nft`
-//! binary, as a firewall reload would) is detected and repaired.
+//! binary, as a firewall reload would) is detected and repaired. The repair tests use shared
+//! tables (an owned one cannot be changed by others at all: see `ownership.rs`), as a kernel
+//! before 6.9 gives.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Refuse, RepairEvent,
+    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Ownership, Refuse, RepairEvent,
 };
 use tokio::sync::broadcast;
 
@@ -18,10 +20,11 @@ use tokio::sync::broadcast;
 const REPAIR_LIMIT: Duration = Duration::from_secs(5);
 
 /// Starts a batcher in `ns` (its threads and sockets live there) for `layout`, with the table
-/// applied (empty).
+/// applied (empty) and shared.
 fn start(ns: &Netns, layout: &Layout, config: BatcherConfig) -> Batcher {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.set_ownership(Ownership::Shared);
         nf.apply(layout, &[]).expect("apply");
         Batcher::start(nf, layout.clone(), config).expect("batcher")
     })
@@ -376,7 +379,7 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
     let topo = topology();
     let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
     assert!(!outside_tcp(&topo, topo.host_v4, 8081));
     replace_refusals_with_accept(&topo.gateway);
     assert!(
@@ -441,7 +444,7 @@ fn a_changed_chain_policy_fails_the_check_and_is_repaired() {
         )
     };
     // Without a batcher: the check sees it.
-    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
     assert!(host_to_outside());
     set_forward_policy_drop(&topo.gateway);
     assert!(!host_to_outside(), "the policy change had no effect");
