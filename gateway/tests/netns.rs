@@ -557,3 +557,60 @@ async fn after_a_sigkill_the_kernel_keeps_the_openings_and_a_restart_brings_the_
     let _: IpAddr = lab.topology.host_v4;
     let _ = &lab.pki;
 }
+
+/// A renewal that reached the kernel but not the store (the gateway killed in between) leaves
+/// the kernel's element longer than the stored lease. The restart's reconcile brings it down to
+/// the stored expiry, however small the difference: an opening never outlives its lease,
+/// whether or not the gateway is alive at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_it() {
+    if !lab::require_root(
+        "a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_it",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new("nsoutlive", &[7030]);
+    let (client, _) = lab.connect().await;
+    let lease = opened(client.open(tcp(7030), Some(3600)).await);
+    drop(client);
+    lab.gateway.kill();
+    // As a renewal that the store never committed would leave it: 100 s past the stored expiry
+    // (less than the twentieth of an hour a reconcile used to tolerate).
+    let host = lab.topology.host_v4;
+    lab.topology
+        .gateway
+        .nft_script(&format!(
+            "add element inet fwnp lease4 {{ {host} . tcp . 7030 timeout 3700s expires 3700s }}\n"
+        ))
+        .expect("lengthen the element behind the gateway's back");
+    let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    let remaining = |lab: &Lab| -> Duration {
+        lab.topology.gateway.run(|| {
+            let mut nf = fwnp_netfilter::Netfilter::open().expect("netfilter handle");
+            let elements = nf.elements(&layout).expect("elements");
+            elements
+                .into_iter()
+                .find(|(o, _)| o.host == host && o.ports.first == 7030)
+                .map(|(_, left)| left)
+                .expect("the element is in the kernel")
+        })
+    };
+    let stored_left = || {
+        Duration::from_millis(lease.expires_ms.saturating_sub(fwnp_gateway::store::now_ms()))
+    };
+    assert!(
+        remaining(&lab) > stored_left() + Duration::from_secs(90),
+        "the element was not lengthened"
+    );
+    lab.start_gateway();
+    let left = remaining(&lab);
+    let stored = stored_left();
+    assert!(
+        left <= stored + Duration::from_secs(1),
+        "after the restart the kernel keeps the opening {left:?}, the stored lease ends in {stored:?}"
+    );
+    assert!(
+        left + Duration::from_secs(5) >= stored,
+        "the opening was shortened below its lease: {left:?} left, {stored:?} stored"
+    );
+}
