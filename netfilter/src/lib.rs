@@ -88,8 +88,11 @@
 //! element its own error and sends the others again without it, so one bad element never loses
 //! the others. Renewals refresh the expiry with NFTA_SET_ELEM_EXPIRATION when the kernel honours
 //! it (probed once per handle, see [`RenewMethod`]), else by delete and re-add in one
-//! transaction. The [`Batcher`] puts this behind an async interface and repairs the table when
-//! someone else flushes or deletes it.
+//! transaction. The [`Batcher`] puts this behind an async interface and repairs a shared table
+//! when someone else flushes or deletes it, or changes its elements: it hears of it from the
+//! nf_tables events within milliseconds, and the periodic checks are the net (the structure
+//! every second; the elements every ten seconds by default, so that an element nobody leased
+//! lives at most that long even when events were missed).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

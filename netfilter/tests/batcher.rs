@@ -574,3 +574,78 @@ fn a_change_racing_a_flush_still_lands() {
         batcher.shutdown().await;
     });
 }
+
+/// Adds `port` on the host by hand, as an operator's mistake would, and says how long the
+/// batcher takes to remove it (`None`: still there after `limit`).
+fn stray_element_lives(topo: &fwnp_netfilter::lab::Topology, port: u16, limit: Duration) -> Option<Duration> {
+    topo.gateway
+        .exec_checked(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "fwnp",
+            "lease4",
+            &format!("{{ 198.51.100.2 . tcp . {port} timeout 1h }}"),
+        ])
+        .expect("nft add element");
+    until(limit, false, || outside_tcp(topo, topo.host_v4, port))
+}
+
+/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the event socket's wait
+/// (EINTR): the watcher must go on, and a stray element is still removed at once.
+#[test]
+fn the_event_watcher_survives_a_stop_and_continue() {
+    if !require_root("the_event_watcher_survives_a_stop_and_continue") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8090, 8091]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    // Only the events can find the stray elements in time.
+    let config = BatcherConfig {
+        check_interval: Duration::from_secs(3600),
+        element_check_interval: Duration::from_secs(3600),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    assert!(
+        stray_element_lives(&topo, 8090, Duration::from_secs(2)).is_some(),
+        "the stray element was not removed before the stop"
+    );
+    // Stopped and continued by another process, as a debugger or `kill -STOP` would.
+    let pid = std::process::id();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -STOP {pid}; sleep 0.3; kill -CONT {pid}"))
+        .status()
+        .expect("stop and continue");
+    assert!(status.success());
+    assert!(
+        stray_element_lives(&topo, 8091, Duration::from_secs(2)).is_some(),
+        "a stray element added after a stop and continue was not removed"
+    );
+    runtime().block_on(batcher.shutdown());
+}
+
+/// Without events (or when the watcher missed some), the periodic check still finds elements
+/// that no lease explains, within its element interval.
+#[test]
+fn without_events_the_periodic_check_removes_stray_elements() {
+    if !require_root("without_events_the_periodic_check_removes_stray_elements") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host, 8092).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let config = BatcherConfig {
+        watch_events: false,
+        check_interval: Duration::from_millis(200),
+        element_check_interval: Duration::from_secs(1),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    let lived = stray_element_lives(&topo, 8092, Duration::from_secs(4));
+    assert!(lived.is_some(), "a stray element outlived the periodic check");
+    runtime().block_on(batcher.shutdown());
+}
