@@ -614,3 +614,81 @@ async fn a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_
         "the opening was shortened below its lease: {left:?} left, {stored:?} stored"
     );
 }
+
+/// Two hosts (here two certificates for the same address, as hosts behind one NAT address would
+/// have) lease the same opening. The kernel's element is theirs together: one releasing its
+/// lease leaves it open for the other, with the other's expiry; the last one closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_latest_expiry() {
+    if !lab::require_root(
+        "an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_latest_expiry",
+    ) {
+        return;
+    }
+    let lab = Lab::new("nsshared", &[7040]);
+    let (first, _) = lab.connect().await;
+    let other_files = lab.pki.host(
+        "web-02",
+        &[lab.topology.host_v4, lab.topology.host_v6],
+        &[],
+        &[],
+    );
+    let socket = lab.topology.host.run(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind in the host namespace");
+        socket.set_nonblocking(true).expect("non-blocking");
+        socket
+    });
+    let second = Client::connect_from_socket(socket, lab.gateway_addr(), &other_files)
+        .await
+        .expect("the gateway accepts the second host");
+    let _ = second.hello().await;
+    let host = lab.topology.host_v4;
+    let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    let kernel_left = || -> Option<Duration> {
+        lab.topology.gateway.run(|| {
+            let mut nf = fwnp_netfilter::Netfilter::open().expect("netfilter handle");
+            nf.elements(&layout)
+                .expect("elements")
+                .into_iter()
+                .find(|(o, _)| o.host == host && o.ports.first == 7040)
+                .map(|(_, left)| left)
+        })
+    };
+    let left_of = |g: &fwnp_proto::Granted| {
+        Duration::from_millis(g.expires_ms.saturating_sub(fwnp_gateway::store::now_ms()))
+    };
+    let near = |kernel: Option<Duration>, want: Duration| {
+        kernel.is_some_and(|k| k <= want + Duration::from_secs(1) && k + Duration::from_secs(3) >= want)
+    };
+
+    let short = opened(first.open(tcp(7040), Some(60)).await);
+    let long = opened(second.open(tcp(7040), Some(600)).await);
+    assert_ne!(short.lease, long.lease);
+    assert!(
+        near(kernel_left(), left_of(&long)),
+        "the element does not run to the later expiry: {:?}, {:?} wanted",
+        kernel_left(),
+        left_of(&long)
+    );
+    // The longer lease goes: the element stays, cut back to the shorter one's expiry.
+    assert!(matches!(second.release(long.lease).await, Message::Released(_)));
+    assert!(
+        lab.outside_reaches(7040, FIRST_SYN),
+        "the other host's release closed a live lease's opening"
+    );
+    assert!(
+        near(kernel_left(), left_of(&short)),
+        "the element keeps {:?}, the lease that holds it ends in {:?}",
+        kernel_left(),
+        left_of(&short)
+    );
+    // Held again by the second host, then given up by the first: still open.
+    let again = opened(second.open(tcp(7040), Some(300)).await);
+    assert!(matches!(first.release(short.lease).await, Message::Released(_)));
+    assert!(lab.outside_reaches(7040, FIRST_SYN), "the first host's release closed the second's opening");
+    assert!(near(kernel_left(), left_of(&again)), "{:?}", kernel_left());
+    // The last lease ends: closed.
+    assert!(matches!(second.release(again.lease).await, Message::Released(_)));
+    assert!(!lab.outside_reaches(7040, REFUSED), "open after every lease ended");
+    assert!(kernel_left().is_none());
+}

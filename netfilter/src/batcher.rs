@@ -219,6 +219,30 @@ impl Batcher {
         self.call(|r| Command::Change(change, r)).await
     }
 
+    /// Queues a change at once and returns its outcome as a future. Changes queued one after
+    /// another reach the kernel in that order, whenever (and whether) their futures are
+    /// awaited; so a caller that decides changes under a lock of its own queues them there, and
+    /// waits after letting go of it.
+    ///
+    /// ```no_run
+    /// # async fn example(batcher: fwnp_netfilter::Batcher, opening: fwnp_netfilter::Opening) {
+    /// use std::time::Duration;
+    /// use fwnp_netfilter::Change;
+    /// let added = batcher.submit(Change::Add(opening.clone(), Duration::from_secs(60)));
+    /// let removed = batcher.submit(Change::Remove(opening));
+    /// // The add reached the kernel before the remove.
+    /// assert!(added.await.is_ok() && removed.await.is_ok());
+    /// # }
+    /// ```
+    pub fn submit(&self, change: Change) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.tx.send(Command::Change(change, reply));
+        async move {
+            queued.map_err(|_| Error::BatcherStopped)?;
+            answer.await.map_err(|_| Error::BatcherStopped)?
+        }
+    }
+
     /// Makes `desired` the whole desired state and brings the kernel to it (see
     /// [`Netfilter::reconcile`]).
     pub async fn reconcile(&self, desired: Vec<(Opening, Duration)>) -> Result<ReconcileReport, Error> {
