@@ -79,7 +79,7 @@ fn datagrams_through(
                 // ENOBUFS and the like are lost datagrams, as on a wire.
                 let _ = sender.send(&sent.to_be_bytes());
                 sent += 1;
-                if sent % 64 == 0 {
+                if sent.is_multiple_of(64) {
                     std::thread::sleep(Duration::from_micros(200));
                 }
             }
