@@ -596,7 +596,11 @@ async fn a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_
         })
     };
     let stored_left = || {
-        Duration::from_millis(lease.expires_ms.saturating_sub(fwnp_gateway::store::now_ms()))
+        Duration::from_millis(
+            lease
+                .expires_ms
+                .saturating_sub(fwnp_gateway::store::now_ms()),
+        )
     };
     assert!(
         remaining(&lab) > stored_left() + Duration::from_secs(90),
@@ -658,7 +662,9 @@ async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_lates
         Duration::from_millis(g.expires_ms.saturating_sub(fwnp_gateway::store::now_ms()))
     };
     let near = |kernel: Option<Duration>, want: Duration| {
-        kernel.is_some_and(|k| k <= want + Duration::from_secs(1) && k + Duration::from_secs(3) >= want)
+        kernel.is_some_and(|k| {
+            k <= want + Duration::from_secs(1) && k + Duration::from_secs(3) >= want
+        })
     };
 
     let short = opened(first.open(tcp(7040), Some(60)).await);
@@ -671,7 +677,10 @@ async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_lates
         left_of(&long)
     );
     // The longer lease goes: the element stays, cut back to the shorter one's expiry.
-    assert!(matches!(second.release(long.lease).await, Message::Released(_)));
+    assert!(matches!(
+        second.release(long.lease).await,
+        Message::Released(_)
+    ));
     assert!(
         lab.outside_reaches(7040, FIRST_SYN),
         "the other host's release closed a live lease's opening"
@@ -684,11 +693,23 @@ async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_lates
     );
     // Held again by the second host, then given up by the first: still open.
     let again = opened(second.open(tcp(7040), Some(300)).await);
-    assert!(matches!(first.release(short.lease).await, Message::Released(_)));
-    assert!(lab.outside_reaches(7040, FIRST_SYN), "the first host's release closed the second's opening");
+    assert!(matches!(
+        first.release(short.lease).await,
+        Message::Released(_)
+    ));
+    assert!(
+        lab.outside_reaches(7040, FIRST_SYN),
+        "the first host's release closed the second's opening"
+    );
     assert!(near(kernel_left(), left_of(&again)), "{:?}", kernel_left());
     // The last lease ends: closed.
-    assert!(matches!(second.release(again.lease).await, Message::Released(_)));
-    assert!(!lab.outside_reaches(7040, REFUSED), "open after every lease ended");
+    assert!(matches!(
+        second.release(again.lease).await,
+        Message::Released(_)
+    ));
+    assert!(
+        !lab.outside_reaches(7040, REFUSED),
+        "open after every lease ended"
+    );
     assert!(kernel_left().is_none());
 }

@@ -577,7 +577,11 @@ fn a_change_racing_a_flush_still_lands() {
 
 /// Adds `port` on the host by hand, as an operator's mistake would, and says how long the
 /// batcher takes to remove it (`None`: still there after `limit`).
-fn stray_element_lives(topo: &fwnp_netfilter::lab::Topology, port: u16, limit: Duration) -> Option<Duration> {
+fn stray_element_lives(
+    topo: &fwnp_netfilter::lab::Topology,
+    port: u16,
+    limit: Duration,
+) -> Option<Duration> {
     topo.gateway
         .exec_checked(&[
             "nft",
@@ -646,6 +650,9 @@ fn without_events_the_periodic_check_removes_stray_elements() {
     };
     let batcher = start(&topo.gateway, &layout, config);
     let lived = stray_element_lives(&topo, 8092, Duration::from_secs(4));
-    assert!(lived.is_some(), "a stray element outlived the periodic check");
+    assert!(
+        lived.is_some(),
+        "a stray element outlived the periodic check"
+    );
     runtime().block_on(batcher.shutdown());
 }

@@ -279,3 +279,31 @@ fn a_shared_table_is_an_ordinary_table() {
         &["nft", "delete", "table", "inet", "fwnp"]
     ));
 }
+
+#[test]
+fn the_host_table_is_owned_too() {
+    if !require_root("the_host_table_is_owned_too") {
+        return;
+    }
+    let topo = topology();
+    let _server = fwnp_netfilter::lab::TcpEchoServer::start(&topo.host, 8080).expect("server");
+    let layout = host_layout(fwnp_netfilter::HostMode::Enforce, Vec::new());
+    let _nf = open_and_apply(&topo.host, &layout, &[]);
+    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+    let _ = topo
+        .host
+        .exec(&["nft", "flush", "ruleset"])
+        .expect("nft flush ruleset");
+    assert!(nft_refuses(
+        &topo.host,
+        &["nft", "delete", "table", "inet", "fwnp_host"]
+    ));
+    assert_eq!(
+        nft_objects(&nft_json(&topo.host), "table", "fwnp_host").len(),
+        1
+    );
+    assert!(
+        !outside_tcp(&topo, topo.host_v4, 8080),
+        "the host is open after a flush"
+    );
+}
