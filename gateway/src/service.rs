@@ -99,24 +99,21 @@ pub struct Service {
     holders: Mutex<Holders>,
 }
 
-/// Kernel elements and the leases that hold them, with each lease's expiry.
-type Holders = HashMap<Element, HashMap<LeaseId, u64>>;
+/// Kernel elements and the leases that hold them, with each lease's expiry. Nearly every
+/// element has one holder: a short list costs far less memory than a map, per element.
+type Holders = HashMap<Element, Vec<(LeaseId, u64)>>;
 
 /// Sets (`Some` expiry) or drops (`None`) a lease's hold on an element, and says what the
 /// kernel must do for it: set its timeout to the latest expiry of its holders when that
 /// changed, remove it when nobody holds it any more.
 fn hold_change(holders: &mut Holders, element: &Element, lease: LeaseId, expires_ms: Option<u64>, now: u64) -> Option<Change> {
     let held = holders.entry(element.clone()).or_default();
-    let before = held.values().max().copied();
-    match expires_ms {
-        Some(expires) => {
-            held.insert(lease, expires);
-        }
-        None => {
-            held.remove(&lease);
-        }
+    let before = held.iter().map(|(_, expires)| *expires).max();
+    held.retain(|(holder, _)| *holder != lease);
+    if let Some(expires) = expires_ms {
+        held.push((lease, expires));
     }
-    let after = held.values().max().copied();
+    let after = held.iter().map(|(_, expires)| *expires).max();
     if held.is_empty() {
         holders.remove(element);
     }
@@ -367,13 +364,13 @@ impl Service {
             let mut holders = lock(&self.holders);
             for lease in book.iter() {
                 for element in elements_of_all(&lease.grants) {
-                    holders.entry(element).or_default().insert(lease.id, lease.expires_ms);
+                    holders.entry(element).or_default().push((lease.id, lease.expires_ms));
                 }
             }
             holders
                 .iter()
                 .map(|(element, held)| {
-                    let latest = held.values().max().copied().unwrap_or(now);
+                    let latest = held.iter().map(|(_, expires)| *expires).max().unwrap_or(now);
                     (element.clone(), remaining(latest, now))
                 })
                 .collect()
