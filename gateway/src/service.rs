@@ -29,9 +29,9 @@ use fwnp_proto::gateway::{
 };
 use fwnp_proto::validate::validate_request;
 use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List, Message,
-    Open, QuicErrorCode, Release, Released, Renew, ResultCode, RevokeReason, Welcome,
-    MAX_MESSAGE_SIZE,
+    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List,
+    MAX_MESSAGE_SIZE, Message, Open, QuicErrorCode, Release, Released, Renew, ResultCode,
+    RevokeReason, Welcome,
 };
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
@@ -106,7 +106,13 @@ type Holders = HashMap<Element, Vec<(LeaseId, u64)>>;
 /// Sets (`Some` expiry) or drops (`None`) a lease's hold on an element, and says what the
 /// kernel must do for it: set its timeout to the latest expiry of its holders when that
 /// changed, remove it when nobody holds it any more.
-fn hold_change(holders: &mut Holders, element: &Element, lease: LeaseId, expires_ms: Option<u64>, now: u64) -> Option<Change> {
+fn hold_change(
+    holders: &mut Holders,
+    element: &Element,
+    lease: LeaseId,
+    expires_ms: Option<u64>,
+    now: u64,
+) -> Option<Change> {
     let held = holders.entry(element.clone()).or_default();
     let before = held.iter().map(|(_, expires)| *expires).max();
     held.retain(|(holder, _)| *holder != lease);
@@ -120,9 +126,10 @@ fn hold_change(holders: &mut Holders, element: &Element, lease: LeaseId, expires
     match (before, after) {
         (Some(_), None) => Some(Change::Remove(element.clone())),
         // The kernel never takes a zero timeout (it would mean "forever").
-        (_, Some(latest)) if before != after => {
-            Some(Change::Renew(element.clone(), remaining(latest, now).max(Duration::from_millis(1))))
-        }
+        (_, Some(latest)) if before != after => Some(Change::Renew(
+            element.clone(),
+            remaining(latest, now).max(Duration::from_millis(1)),
+        )),
         _ => None,
     }
 }
@@ -194,7 +201,10 @@ pub fn fit_reason(reason: impl Into<String>) -> String {
 
 fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
     Denied {
-        common: Common { request_id, critical: Vec::new() },
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
         code,
         reason: Some(fit_reason(reason)),
         retry_after: None,
@@ -224,7 +234,8 @@ pub fn elements_of(grant: &Grant) -> Vec<Element> {
 /// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
 fn certainly_fits(grants: &[Grant]) -> bool {
     let bound = grants.iter().fold(100usize, |sum, g| {
-        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len)).saturating_add(24usize.saturating_mul(g.remotes.len()))
+        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len))
+            .saturating_add(24usize.saturating_mul(g.remotes.len()))
     });
     bound < MAX_MESSAGE_SIZE
 }
@@ -238,12 +249,16 @@ fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
 }
 
 /// The certificates the CRL file lists; none without a CRL.
-fn read_revoked_certificates<E>(crl: Option<&std::path::Path>) -> Result<crate::identity::RevokedCertificates, E>
+fn read_revoked_certificates<E>(
+    crl: Option<&std::path::Path>,
+) -> Result<crate::identity::RevokedCertificates, E>
 where
     E: From<crate::tls::TlsError> + From<crate::identity::IdentityError>,
 {
     match crl {
-        Some(path) => Ok(crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?),
+        Some(path) => Ok(crate::identity::revoked_certificates(
+            &crate::tls::load_crls(path)?,
+        )?),
         None => Ok(crate::identity::RevokedCertificates::default()),
     }
 }
@@ -266,7 +281,12 @@ impl Service {
     ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
         for warning in policy.warnings() {
-            warn!("policy {}:{}: {}", policy.origin(), warning.line, warning.message);
+            warn!(
+                "policy {}:{}: {}",
+                policy.origin(),
+                warning.line,
+                warning.message
+            );
         }
         let mut options = crate::store::StoreOptions::default();
         if config.store.synchronous_full {
@@ -307,14 +327,21 @@ impl Service {
         let policy = service.policy();
         let revoked = service.revoke_disallowed(&policy, "gateway-start").await;
         if !revoked.is_empty() {
-            info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
+            info!(
+                revoked = revoked.len(),
+                "restored leases the policy no longer allows were revoked"
+            );
         }
         // So may the CRL: no restored lease made with a certificate it lists may stay open
         // (no host is connected yet, so none has rolled to a new certificate).
-        let revoked = Arc::new(read_revoked_certificates::<StartError>(service.config.crl.as_deref())?);
+        let revoked = Arc::new(read_revoked_certificates::<StartError>(
+            service.config.crl.as_deref(),
+        )?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
-            service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
+            service
+                .end_leases_of_revoked_certificates(&revoked, &BTreeSet::new())
+                .await;
         }
         Ok(service)
     }
@@ -330,7 +357,10 @@ impl Service {
     }
 
     fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn restore(&self) -> Result<(), StartError> {
@@ -349,12 +379,16 @@ impl Service {
         {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
-            let mut shared: HashMap<&crate::identity::CertificateName, Arc<crate::identity::CertificateName>> =
-                HashMap::new();
+            let mut shared: HashMap<
+                &crate::identity::CertificateName,
+                Arc<crate::identity::CertificateName>,
+            > = HashMap::new();
             let mut credentials = lock(&self.lease_credentials);
             for record in &restored.live {
                 if let Some(certificate) = &record.certificate {
-                    let name = shared.entry(certificate).or_insert_with(|| Arc::new(certificate.clone()));
+                    let name = shared
+                        .entry(certificate)
+                        .or_insert_with(|| Arc::new(certificate.clone()));
                     credentials.insert(record.id, name.clone());
                 }
             }
@@ -364,13 +398,20 @@ impl Service {
             let mut holders = lock(&self.holders);
             for lease in book.iter() {
                 for element in elements_of_all(&lease.grants) {
-                    holders.entry(element).or_default().push((lease.id, lease.expires_ms));
+                    holders
+                        .entry(element)
+                        .or_default()
+                        .push((lease.id, lease.expires_ms));
                 }
             }
             holders
                 .iter()
                 .map(|(element, held)| {
-                    let latest = held.iter().map(|(_, expires)| *expires).max().unwrap_or(now);
+                    let latest = held
+                        .iter()
+                        .map(|(_, expires)| *expires)
+                        .max()
+                        .unwrap_or(now);
                     (element.clone(), remaining(latest, now))
                 })
                 .collect()
@@ -394,7 +435,11 @@ impl Service {
                 changes.added.len(),
                 changes.removed.len(),
                 changes.refreshed,
-                if changes.table_recreated { ", table created" } else { "" },
+                if changes.table_recreated {
+                    ", table created"
+                } else {
+                    ""
+                },
             ));
             self.record(event);
         }
@@ -425,7 +470,10 @@ impl Service {
         let started = Instant::now();
         // The connection is closed as soon as its host has the Revoked notices: until then it
         // may take nothing new, since nothing would revoke it again.
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             self.metrics.request(ResultCode::NotAuthorized.name());
             return Message::Denied(denied(
                 codec::peek_request_id(bytes),
@@ -459,40 +507,34 @@ impl Service {
         }
         let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
         match msg {
-            Message::Hello(_) if welcomed => {
-                self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::MalformedRequest,
-                    "Hello was already answered on this connection".into(),
-                    None,
-                )
-            }
+            Message::Hello(_) if welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::MalformedRequest,
+                "Hello was already answered on this connection".into(),
+                None,
+            ),
             Message::Hello(hello) => self.hello(session, peer, &hello),
-            _ if !welcomed => {
-                self.refuse(
+            _ if !welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::HelloRequired,
+                "the first request of a connection is Hello".into(),
+                None,
+            ),
+            _ => match &msg {
+                Message::Open(open) => self.open(session, peer, open, started).await,
+                Message::Renew(renew) => self.renew(session, peer, renew).await,
+                Message::Release(release) => self.release_once(session, peer, release, bytes).await,
+                Message::List(list) => self.list(session, peer, list),
+                other => self.refuse(
                     session,
-                    &msg,
-                    ResultCode::HelloRequired,
-                    "the first request of a connection is Hello".into(),
+                    other,
+                    ResultCode::MalformedRequest,
+                    format!("{} is not a request", other.message_type().name()),
                     None,
-                )
-            }
-            _ => {
-                match &msg {
-                    Message::Open(open) => self.open(session, peer, open, started).await,
-                    Message::Renew(renew) => self.renew(session, peer, renew).await,
-                    Message::Release(release) => self.release_once(session, peer, release, bytes).await,
-                    Message::List(list) => self.list(session, peer, list),
-                    other => self.refuse(
-                        session,
-                        other,
-                        ResultCode::MalformedRequest,
-                        format!("{} is not a request", other.message_type().name()),
-                        None,
-                    ),
-                }
-            }
+                ),
+            },
         }
     }
 
@@ -506,7 +548,10 @@ impl Service {
         release: &Release,
         bytes: &[u8],
     ) -> Message {
-        let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
+        let key = release
+            .common
+            .request_id
+            .map(|id| (peer.identity.clone(), id));
         if let Some(key) = &key
             && let Some((previous, answer)) = self.answered.get(key)
             && *previous == *bytes
@@ -515,14 +560,21 @@ impl Service {
         }
         let answer = self.release(session, peer, release).await;
         if let (Some(key), Message::Released(_)) = (key, &answer) {
-            self.answered.insert(key, (Arc::from(bytes), answer.clone()));
+            self.answered
+                .insert(key, (Arc::from(bytes), answer.clone()));
         }
         answer
     }
 
     /// A rate-limited request. The audit trail gets one record per identity per second of
     /// refusals, not one per refused request, so that a flood cannot flood the trail.
-    fn refuse_rate_limited(&self, session: &Session, identity: &str, bytes: &[u8], retry_after: u32) -> Message {
+    fn refuse_rate_limited(
+        &self,
+        session: &Session,
+        identity: &str,
+        bytes: &[u8],
+        retry_after: u32,
+    ) -> Message {
         self.metrics.request(ResultCode::RateLimited.name());
         if !self.rate_limit_audited.contains_key(identity) {
             self.rate_limit_audited.insert(identity.to_owned(), ());
@@ -531,16 +583,25 @@ impl Service {
             event.identity = Some(identity.to_owned());
             event.peer = Some(session.remote);
             event.code = Some(ResultCode::RateLimited);
-            event.reason = Some("rate limited (further refusals within a second are not recorded)".into());
+            event.reason =
+                Some("rate limited (further refusals within a second are not recorded)".into());
             self.record(event);
         }
-        let mut d = denied(codec::peek_request_id(bytes), ResultCode::RateLimited, "too many requests from this host");
+        let mut d = denied(
+            codec::peek_request_id(bytes),
+            ResultCode::RateLimited,
+            "too many requests from this host",
+        );
         d.retry_after = Some(retry_after);
         Message::Denied(d)
     }
 
     fn rate_limited(&self, identity: &str) -> Option<u32> {
-        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         match limiter.check_key(&identity.to_owned()) {
             Ok(()) => None,
             Err(not_until) => {
@@ -630,14 +691,20 @@ impl Service {
         if limits.third_party {
             capabilities |= Capabilities::THIRD_PARTY;
         }
+        session.notices.store(
+            hello.capabilities.has(Capabilities::NOTICES),
+            std::sync::atomic::Ordering::Release,
+        );
         session
-            .notices
-            .store(hello.capabilities.has(Capabilities::NOTICES), std::sync::atomic::Ordering::Release);
-        session.welcomed.store(true, std::sync::atomic::Ordering::Release);
+            .welcomed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.metrics.request("welcome");
         info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
         Message::Welcome(Welcome {
-            common: Common { request_id: hello.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: hello.common.request_id,
+                critical: Vec::new(),
+            },
             version,
             // What the gateway offers this host; the client's bits are informational (spec 14).
             capabilities: Capabilities(capabilities),
@@ -671,7 +738,13 @@ impl Service {
         let host_address = match resolve_host_address(&open.opening, &addresses, true) {
             Ok(address) => address,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let policy = self.policy();
@@ -692,22 +765,35 @@ impl Service {
         // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
         // grants can make before taking a lease for them. Few grants with few prefixes cannot
         // come near the limit, so the common case skips the encoding.
-        let largest = if certainly_fits(&allowance.grants) { 0 } else { codec::encode(&Message::Granted(fwnp_proto::Granted {
-            common: Common { request_id: open.common.request_id, critical: Vec::new() },
-            lease: LeaseId([0xff; 16]),
-            grants: allowance.grants.clone(),
-            lifetime: u32::MAX,
-            expires_ms: u64::MAX,
-            renew_after: u32::MAX,
-            epoch: Epoch::MAX,
-            narrowed: true,
-        }))
-        .len() };
+        let largest = if certainly_fits(&allowance.grants) {
+            0
+        } else {
+            codec::encode(&Message::Granted(fwnp_proto::Granted {
+                common: Common {
+                    request_id: open.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: LeaseId([0xff; 16]),
+                grants: allowance.grants.clone(),
+                lifetime: u32::MAX,
+                expires_ms: u64::MAX,
+                renew_after: u32::MAX,
+                epoch: Epoch::MAX,
+                narrowed: true,
+            }))
+            .len()
+        };
         if largest > MAX_MESSAGE_SIZE {
             let reason = format!(
                 "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
             );
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, reason, rule);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                reason,
+                rule,
+            );
         }
         let facts = PolicyFacts {
             grants: allowance.grants.clone(),
@@ -727,7 +813,13 @@ impl Service {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), rule);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    rule,
+                );
             }
         };
         let grant = outcome.grant().clone();
@@ -738,7 +830,10 @@ impl Service {
         // stored lease (shorter at worst, which fails closed and the next start repairs).
         let kernel_first = match &outcome {
             OpenOutcome::NewLease(_) => true,
-            OpenOutcome::Extended { previous_expires_ms, .. } => lease.expires_ms <= *previous_expires_ms,
+            OpenOutcome::Extended {
+                previous_expires_ms,
+                ..
+            } => lease.expires_ms <= *previous_expires_ms,
         };
         let (store_op, kind, outcome_name) = match &outcome {
             OpenOutcome::NewLease(_) => (
@@ -788,31 +883,65 @@ impl Service {
             RefreshError::Kernel(e) => format!("kernel: {e}"),
         };
         if kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
-            return self.give_back(session, &request(), &outcome, &elements, why(e)).await;
+            return self
+                .give_back(session, &request(), &outcome, &elements, why(e))
+                .await;
         }
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease: a second row per grant cost a third of the store's time.
-        if let Err(e) = self.store.writer().commit(vec![store_op, WriteOp::audit(event)]).await {
-            return self.give_back(session, &request(), &outcome, &elements, format!("store: {e}")).await;
+        if let Err(e) = self
+            .store
+            .writer()
+            .commit(vec![store_op, WriteOp::audit(event)])
+            .await
+        {
+            return self
+                .give_back(
+                    session,
+                    &request(),
+                    &outcome,
+                    &elements,
+                    format!("store: {e}"),
+                )
+                .await;
         }
-        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
-            return self.give_back(session, &request(), &outcome, &elements, why(e)).await;
+        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
+        {
+            return self
+                .give_back(session, &request(), &outcome, &elements, why(e))
+                .await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
             self.metrics.live_leases.inc();
             self.expiry_changed.notify_one();
         }
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // A CRL reload revoked this connection's certificate while the lease was being
             // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text = "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(&lease.id, RevokeReason::CredentialRevoked, "gateway", Some(text.to_owned())).await;
+            let text =
+                "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(
+                &lease.id,
+                RevokeReason::CredentialRevoked,
+                "gateway",
+                Some(text.to_owned()),
+            )
+            .await;
             self.metrics.request(ResultCode::NotAuthorized.name());
-            return Message::Denied(denied(open.common.request_id, ResultCode::NotAuthorized, text));
+            return Message::Denied(denied(
+                open.common.request_id,
+                ResultCode::NotAuthorized,
+                text,
+            ));
         }
         self.metrics.request("granted");
-        self.metrics.grant_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .grant_latency
+            .observe(started.elapsed().as_secs_f64());
         Message::Granted(grant.to_granted(open.common.request_id, self.epoch))
     }
 
@@ -856,7 +985,9 @@ impl Service {
         elements: &[Element],
         expires_ms: Option<u64>,
     ) -> (Vec<Element>, Option<fwnp_netfilter::Error>) {
-        let Some(filter) = &self.filter else { return (Vec::new(), None) };
+        let Some(filter) = &self.filter else {
+            return (Vec::new(), None);
+        };
         let now = now_ms();
         let queued: Vec<_> = {
             let mut holders = lock(&self.holders);
@@ -870,16 +1001,18 @@ impl Service {
         let mut failure = None;
         for (change, outcome) in queued {
             match (change, outcome.await) {
-                (Change::Remove(element), Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_))) => {
-                    removed.push(element)
-                }
+                (
+                    Change::Remove(element),
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => removed.push(element),
                 // A kernel that renews by delete and add fails on an element that is gone.
-                (Change::Renew(element, timeout), Err(fwnp_netfilter::Error::ElementMissing(_))) => {
-                    match filter.add(element, timeout).await {
-                        Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
-                        Err(e) => failure = failure.or(Some(e)),
-                    }
-                }
+                (
+                    Change::Renew(element, timeout),
+                    Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => match filter.add(element, timeout).await {
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
+                    Err(e) => failure = failure.or(Some(e)),
+                },
                 (_, Ok(())) => {}
                 (_, Err(e)) => failure = failure.or(Some(e)),
             }
@@ -890,7 +1023,12 @@ impl Service {
     /// Makes a live lease hold its elements until `expires_ms` (adding any that are missing).
     /// A revocation may have ended the lease meanwhile and given its elements up before they
     /// were taken again here: then they are given up again, and the answer is `LeaseEnded`.
-    async fn refresh(&self, lease: &LeaseId, elements: &[Element], expires_ms: u64) -> Result<(), RefreshError> {
+    async fn refresh(
+        &self,
+        lease: &LeaseId,
+        elements: &[Element],
+        expires_ms: u64,
+    ) -> Result<(), RefreshError> {
         let (_, failure) = self.hold(lease, elements, Some(expires_ms)).await;
         // A revocation takes the lease out of the book before it gives up the elements, so a
         // lease still in the book now cannot have lost them to one.
@@ -927,10 +1065,17 @@ impl Service {
         let now = now_ms();
         let bounds = {
             let book = lock(&self.book);
-            book.owned(&peer.identity, &renew.lease).map(|lease| lease.grants.clone())
+            book.owned(&peer.identity, &renew.lease)
+                .map(|lease| lease.grants.clone())
         };
         let Some(grants) = bounds else {
-            return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::UnknownLease,
+                Refusal::UnknownLease.to_string(),
+                None,
+            );
         };
         // The current policy bounds the renewed lifetime: a policy that shortened the maximum
         // applies at the next renewal.
@@ -938,8 +1083,20 @@ impl Service {
         let policy = self.policy();
         if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
             // The policy changed under a live lease: end it now rather than at expiry.
-            self.revoke(&renew.lease, RevokeReason::PolicyChanged, "gateway", Some(e.to_string())).await;
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
+            self.revoke(
+                &renew.lease,
+                RevokeReason::PolicyChanged,
+                "gateway",
+                Some(e.to_string()),
+            )
+            .await;
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                e.to_string(),
+                e.rule.map(|r| r.name.to_string()),
+            );
         }
         let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
         let renewed = lock(&self.book).renew(
@@ -947,22 +1104,44 @@ impl Service {
             &peer.identity,
             &renew.lease,
             renew.lifetime,
-            LifetimePolicy { min: limits.min_secs, max: limits.max_secs, default: limits.default_secs },
+            LifetimePolicy {
+                min: limits.min_secs,
+                max: limits.max_secs,
+                default: limits.default_secs,
+            },
         );
         let renewed = match renewed {
             Ok(renewed) => renewed,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let lease = &renewed.grant.lease;
         let elements = elements_of_all(&lease.grants);
         let not_programmed = |e: RefreshError| {
             if matches!(e, RefreshError::LeaseEnded) {
-                return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    ResultCode::UnknownLease,
+                    Refusal::UnknownLease.to_string(),
+                    None,
+                );
             }
             warn!(lease = %lease.id, "renewal not programmed: {e}");
-            let mut answer = self.refuse(session, &request(), ResultCode::NoResources, format!("kernel: {e}"), None);
+            let mut answer = self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("kernel: {e}"),
+                None,
+            );
             if let Message::Denied(d) = &mut answer {
                 d.retry_after = Some(1);
             }
@@ -995,16 +1174,27 @@ impl Service {
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
-            return self.refuse(session, &request(), ResultCode::NoResources, format!("store: {e}"), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("store: {e}"),
+                None,
+            );
         }
-        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
+        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
+        {
             return not_programmed(e);
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
         self.metrics.request("renewed");
-        Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
+        Message::Granted(
+            renewed
+                .grant
+                .to_granted(renew.common.request_id, self.epoch),
+        )
     }
 
     async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
@@ -1014,16 +1204,40 @@ impl Service {
         let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
             Ok(lease) => lease,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["released"]).inc();
-        self.remove_elements(&lease.id, &lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Released, Some(peer.identity.clone()), None, Some(session.remote)).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["released"])
+            .inc();
+        self.remove_elements(
+            &lease.id,
+            &lease.grants,
+            self.config.filter.kill_connections,
+        )
+        .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Released,
+            Some(peer.identity.clone()),
+            None,
+            Some(session.remote),
+        )
+        .await;
         self.metrics.request("released");
         Message::Released(Released {
-            common: Common { request_id: release.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: release.common.request_id,
+                critical: Vec::new(),
+            },
             lease: lease.id,
         })
     }
@@ -1053,7 +1267,13 @@ impl Service {
         event.actor = by.clone();
         event.reason = why.clone();
         let ops = vec![
-            WriteOp::EndLease { id: lease.id, end, ended_ms: now, by, why },
+            WriteOp::EndLease {
+                id: lease.id,
+                end,
+                ended_ms: now,
+                by,
+                why,
+            },
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
@@ -1074,7 +1294,10 @@ impl Service {
             .map(|l| l.to_lease_info(now))
             .collect();
         let mut answer = Leases {
-            common: Common { request_id: list.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: list.common.request_id,
+                critical: Vec::new(),
+            },
             leases,
             epoch: self.epoch,
         };
@@ -1108,15 +1331,31 @@ impl Service {
             let due = lock(&self.book).expire_due(now_ms());
             for lease in due {
                 self.metrics.live_leases.dec();
-                self.metrics.lease_ends.with_label_values(&["expired"]).inc();
+                self.metrics
+                    .lease_ends
+                    .with_label_values(&["expired"])
+                    .inc();
                 self.remove_elements(&lease.id, &lease.grants, false).await;
-                self.end_lease(&lease, LeaseEnd::Expired, Some("gateway".into()), Some("lifetime ended".into()), None).await;
+                self.end_lease(
+                    &lease,
+                    LeaseEnd::Expired,
+                    Some("gateway".into()),
+                    Some("lifetime ended".into()),
+                    None,
+                )
+                .await;
             }
         }
     }
 
     /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
-    pub async fn revoke(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<fwnp_proto::gateway::Lease> {
+    pub async fn revoke(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<fwnp_proto::gateway::Lease> {
         let (lease, notice) = self.end_revoked(id, reason, by, text).await?;
         for session in self.sessions.of(&lease.host) {
             session.notify(&notice).await;
@@ -1127,12 +1366,33 @@ impl Service {
     /// [`Service::revoke`] without sending the notice: the lease leaves the book, the kernel and
     /// the store, and its Revoked notice is returned, for a caller that must know when the host
     /// has it.
-    async fn end_revoked(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<(fwnp_proto::gateway::Lease, Message)> {
+    async fn end_revoked(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<(fwnp_proto::gateway::Lease, Message)> {
         let lease = lock(&self.book).revoke(id)?;
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
-        self.remove_elements(&lease.id, &lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["revoked"])
+            .inc();
+        self.remove_elements(
+            &lease.id,
+            &lease.grants,
+            self.config.filter.kill_connections,
+        )
+        .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Revoked(reason),
+            Some(by.to_owned()),
+            text.clone(),
+            None,
+        )
+        .await;
         let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
         info!(lease = %lease.id, host = %lease.host, by, "revoked");
         Some((lease, notice))
@@ -1173,7 +1433,9 @@ impl Service {
     /// before this one was among them. If the reloaded CRL lists its certificate, it is ended
     /// as the reload would have ended it. Returns whether the connection may go on.
     pub async fn check_credential(&self, session: &Session) -> bool {
-        let Some(peer) = &session.peer else { return true };
+        let Some(peer) = &session.peer else {
+            return true;
+        };
         let revoked = lock(&self.revoked_certificates).clone();
         if !revoked.lists(&peer.certificate) {
             return true;
@@ -1195,7 +1457,10 @@ impl Service {
     ///
     /// Leases last opened or renewed with a listed certificate whose host is not connected are
     /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
-    async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
+    async fn end_revoked_credentials(
+        &self,
+        revoked: &crate::identity::RevokedCertificates,
+    ) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
         }
@@ -1206,30 +1471,54 @@ impl Service {
             let entry = by_identity.entry(peer.identity.clone()).or_default();
             if !revoked.lists(&peer.certificate) {
                 entry.rolled = true;
-            } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            } else if !session
+                .credential_revoked
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
                 // Not already being ended by a reload running at the same time.
-                entry.revoked.push((session.clone(), peer.certificate.serial.clone()));
+                entry
+                    .revoked
+                    .push((session.clone(), peer.certificate.serial.clone()));
             }
         }
-        let rolled_identities: BTreeSet<String> =
-            by_identity.iter().filter(|(_, c)| c.rolled).map(|(identity, _)| identity.clone()).collect();
+        let rolled_identities: BTreeSet<String> = by_identity
+            .iter()
+            .filter(|(_, c)| c.rolled)
+            .map(|(identity, _)| identity.clone())
+            .collect();
         let mut deliveries = tokio::task::JoinSet::new();
         let mut closing = Vec::new();
-        for (identity, IdentityConnections { revoked: sessions, rolled }) in by_identity {
+        for (
+            identity,
+            IdentityConnections {
+                revoked: sessions,
+                rolled,
+            },
+        ) in by_identity
+        {
             if sessions.is_empty() {
                 continue;
             }
             let mut leases_revoked = 0usize;
             if !rolled {
-                let serials: BTreeSet<&str> = sessions.iter().map(|(_, serial)| serial.as_str()).collect();
+                let serials: BTreeSet<&str> =
+                    sessions.iter().map(|(_, serial)| serial.as_str()).collect();
                 let text = format!(
                     "the certificate (serial {}) was revoked",
                     serials.into_iter().collect::<Vec<_>>().join(", ")
                 );
-                let leases: Vec<LeaseId> = lock(&self.book).leases_of(&identity).map(|l| l.id).collect();
+                let leases: Vec<LeaseId> = lock(&self.book)
+                    .leases_of(&identity)
+                    .map(|l| l.id)
+                    .collect();
                 for id in leases {
                     let Some((_, notice)) = self
-                        .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text.clone()))
+                        .end_revoked(
+                            &id,
+                            RevokeReason::CredentialRevoked,
+                            "gateway",
+                            Some(text.clone()),
+                        )
                         .await
                     else {
                         continue;
@@ -1238,20 +1527,26 @@ impl Service {
                     // All at once: the wait is for the slowest host, not the sum of them.
                     for (session, _) in &sessions {
                         let (session, notice) = (session.clone(), notice.clone());
-                        deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
+                        deliveries.spawn(async move {
+                            session
+                                .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
+                                .await
+                        });
                     }
                 }
             }
             closing.push((identity, sessions, rolled, leases_revoked));
         }
-        self.end_leases_of_revoked_certificates(revoked, &rolled_identities).await;
+        self.end_leases_of_revoked_certificates(revoked, &rolled_identities)
+            .await;
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
         for (identity, sessions, rolled, leases_revoked) in closing {
             for (session, serial) in sessions {
                 session.close(QuicErrorCode::NoError, "certificate revoked");
                 let what = if rolled {
-                    "its leases stay with the identity's connection under another certificate".to_owned()
+                    "its leases stay with the identity's connection under another certificate"
+                        .to_owned()
                 } else {
                     format!("the identity's {leases_revoked} live leases revoked")
                 };
@@ -1261,7 +1556,9 @@ impl Service {
                 event.identity = Some(identity.clone());
                 event.peer = Some(session.remote);
                 event.actor = Some("gateway".into());
-                event.reason = Some(format!("certificate serial {serial} revoked: connection closed; {what}"));
+                event.reason = Some(format!(
+                    "certificate serial {serial} revoked: connection closed; {what}"
+                ));
                 self.record(event);
                 closed.push(json!({
                     "host": &identity,
@@ -1294,7 +1591,8 @@ impl Service {
                 .filter(|(_, certificate)| revoked.lists(certificate))
                 .filter_map(|(id, certificate)| {
                     let identity = book.get(id)?.host.to_string();
-                    (!rolled_identities.contains(&identity)).then(|| (*id, identity, certificate.clone()))
+                    (!rolled_identities.contains(&identity))
+                        .then(|| (*id, identity, certificate.clone()))
                 })
                 .collect()
         };
@@ -1303,7 +1601,11 @@ impl Service {
                 "the certificate (serial {}) that last opened or renewed it was revoked",
                 certificate.serial.as_str()
             );
-            if self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await.is_some() {
+            if self
+                .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text))
+                .await
+                .is_some()
+            {
                 warn!(lease = %id, identity = %identity, serial = %certificate.serial, "lease of a revoked certificate revoked; its host is not connected");
             }
         }
@@ -1312,15 +1614,22 @@ impl Service {
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
     /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
     pub async fn reload_policy(&self) -> Result<Value, AdminError> {
-        let policy = Policy::load(&self.config.policy)
-            .map_err(|e| AdminError::bad_request(format!("policy not reloaded, the old one stays in force: {e}")))?;
+        let policy = Policy::load(&self.config.policy).map_err(|e| {
+            AdminError::bad_request(format!(
+                "policy not reloaded, the old one stays in force: {e}"
+            ))
+        })?;
         let policy = Arc::new(policy);
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some("operator".into());
-        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
+        event.reason = Some(format!(
+            "policy {} loaded; {} leases revoked",
+            policy.origin(),
+            revoked.len()
+        ));
         self.record(event);
         info!(revoked = revoked.len(), "policy reloaded");
         Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
@@ -1343,7 +1652,15 @@ impl Service {
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
-                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some()
+                && self
+                    .revoke(
+                        &lease.id,
+                        RevokeReason::PolicyChanged,
+                        by,
+                        Some(e.to_string()),
+                    )
+                    .await
+                    .is_some()
             {
                 revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
             }
@@ -1352,9 +1669,16 @@ impl Service {
     }
 
     /// The admin API's revoke.
-    pub async fn revoke_by_operator(&self, id: LeaseId, reason: Option<String>) -> Result<Value, AdminError> {
+    pub async fn revoke_by_operator(
+        &self,
+        id: LeaseId,
+        reason: Option<String>,
+    ) -> Result<Value, AdminError> {
         let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
-        match self.revoke(&id, RevokeReason::Operator, "operator", Some(text)).await {
+        match self
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
+            .await
+        {
             Some(lease) => Ok(json!({ "revoked": lease.id.to_string(), "host": &*lease.host })),
             None => Err(AdminError::not_found(format!("no live lease {id}"))),
         }
@@ -1428,17 +1752,27 @@ impl Service {
 
     /// The admin API's lease listing.
     pub async fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
-        let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
+        let mut filter = LeaseFilter {
+            host: query.get("host").cloned(),
+            app: query.get("app").cloned(),
+            ..LeaseFilter::default()
+        };
         if let Some(port) = query.get("port") {
-            filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            filter.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(protocol) = query.get("protocol") {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
         if let Some(serial) = query.get("serial") {
-            filter.certificate_serial = Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
-                AdminError::bad_request(format!("serial {serial:?} is not a certificate serial in hexadecimal"))
-            })?);
+            filter.certificate_serial =
+                Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
+                    AdminError::bad_request(format!(
+                        "serial {serial:?} is not a certificate serial in hexadecimal"
+                    ))
+                })?);
         }
         let now = now_ms();
         let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
@@ -1452,49 +1786,76 @@ impl Service {
         q.host = query.get("host").cloned();
         q.app = query.get("app").cloned();
         if let Some(port) = query.get("port") {
-            q.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            q.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(outcomes) = query.get("outcome") {
             for name in outcomes.split(',') {
-                q.outcomes.push(Outcome::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown outcome {name:?}")))?);
+                q.outcomes.push(
+                    Outcome::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown outcome {name:?}"))
+                    })?,
+                );
             }
         }
         if let Some(kinds) = query.get("kind") {
             for name in kinds.split(',') {
-                q.kinds.push(AuditKind::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown kind {name:?}")))?);
+                q.kinds
+                    .push(AuditKind::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown kind {name:?}"))
+                    })?);
             }
         }
         q.since_ms = query.get("since").map(|s| time_arg(s, now)).transpose()?;
         q.until_ms = query.get("until").map(|s| time_arg(s, now)).transpose()?;
         q.limit = match query.get("limit") {
-            Some(l) => l.parse().map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
+            Some(l) => l
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
             None => 100,
         };
         if query.get("order").map(String::as_str) == Some("oldest") {
             q.order = Order::OldestFirst;
         }
         if let Some(after) = query.get("after") {
-            let after: u64 = after.parse().map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
+            let after: u64 = after
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
             let wait = match query.get("wait") {
-                Some(w) => crate::config::parse_duration(w).map_err(AdminError::bad_request)?.min(Duration::from_secs(60)),
+                Some(w) => crate::config::parse_duration(w)
+                    .map_err(AdminError::bad_request)?
+                    .min(Duration::from_secs(60)),
                 None => Duration::ZERO,
             };
             let mut watch = self.store.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let (query, limit) = (q.clone(), q.limit.max(1));
-                let events = self.read_store(move |store| store.audit_follow(after, &query, limit)).await?;
+                let events = self
+                    .read_store(move |store| store.audit_follow(after, &query, limit))
+                    .await?;
                 if !events.is_empty() || tokio::time::Instant::now() >= deadline {
                     let last = events.last().map_or(after, |e| e.id);
-                    return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
+                    return Ok(
+                        json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }),
+                    );
                 }
-                if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, watch.changed())
+                    .await
+                    .is_err()
+                {
                     continue;
                 }
             }
         }
         if let Some(cursor) = query.get("cursor") {
-            q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
+            q.cursor = Some(
+                cursor
+                    .parse()
+                    .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
+            );
         }
         let page = self.read_store(move |store| store.audit(&q)).await?;
         Ok(json!({
@@ -1536,7 +1897,11 @@ impl Service {
         let mut deliveries = tokio::task::JoinSet::new();
         for session in self.sessions.all() {
             let notice = notice.clone();
-            deliveries.spawn(async move { session.notify_delivered(&notice, Duration::from_secs(1)).await });
+            deliveries.spawn(async move {
+                session
+                    .notify_delivered(&notice, Duration::from_secs(1))
+                    .await
+            });
         }
         while deliveries.join_next().await.is_some() {}
     }
@@ -1553,10 +1918,15 @@ struct IdentityConnections {
 
 fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
     use fwnp_proto::Protocol;
-    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
-        .into_iter()
-        .find(|p| p.name() == text)
-        .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
+    [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::UdpLite,
+    ]
+    .into_iter()
+    .find(|p| p.name() == text)
+    .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
 }
 
 /// A time argument: milliseconds since the Unix epoch, or a duration ago such as `1h`.
@@ -1576,22 +1946,45 @@ mod tests {
 
     #[test]
     fn an_element_follows_the_latest_expiry_of_its_holders_and_goes_with_the_last() {
-        let element = Element { host: "10.0.0.1".parse().unwrap(), protocol: Protocol::Tcp, ports: PortRange::single(80), remote: None };
+        let element = Element {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(80),
+            remote: None,
+        };
         let (a, b) = (LeaseId([1; 16]), LeaseId([2; 16]));
         let mut holders = Holders::new();
         let renew = |ms: u64| Some(Change::Renew(element.clone(), Duration::from_millis(ms)));
-        assert_eq!(hold_change(&mut holders, &element, a, Some(60_000), 0), renew(60_000));
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(60_000), 0),
+            renew(60_000)
+        );
         // A later holder lengthens it; an earlier one changes nothing.
-        assert_eq!(hold_change(&mut holders, &element, b, Some(600_000), 0), renew(600_000));
-        assert_eq!(hold_change(&mut holders, &element, a, Some(90_000), 0), None);
+        assert_eq!(
+            hold_change(&mut holders, &element, b, Some(600_000), 0),
+            renew(600_000)
+        );
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(90_000), 0),
+            None
+        );
         // The latest holder goes: cut back to the other's expiry, not removed.
-        assert_eq!(hold_change(&mut holders, &element, b, None, 1_000), renew(89_000));
+        assert_eq!(
+            hold_change(&mut holders, &element, b, None, 1_000),
+            renew(89_000)
+        );
         // Giving up what one does not hold changes nothing; the last holder removes it.
         assert_eq!(hold_change(&mut holders, &element, b, None, 1_000), None);
-        assert_eq!(hold_change(&mut holders, &element, a, None, 1_000), Some(Change::Remove(element.clone())));
+        assert_eq!(
+            hold_change(&mut holders, &element, a, None, 1_000),
+            Some(Change::Remove(element.clone()))
+        );
         assert!(holders.is_empty());
         // An expiry already past still gives the kernel a timeout it accepts.
-        assert_eq!(hold_change(&mut holders, &element, a, Some(500), 1_000), renew(1));
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(500), 1_000),
+            renew(1)
+        );
     }
 
     #[test]

@@ -1241,7 +1241,10 @@ async fn a_connection_verified_under_the_crl_before_a_reload_is_checked_against_
         .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
     assert_eq!(failures.len(), 1);
-    assert_eq!(failures[0].event.identity.as_deref(), Some("fwnp://host/late"));
+    assert_eq!(
+        failures[0].event.identity.as_deref(),
+        Some("fwnp://host/late")
+    );
     assert!(gw.service.sessions.of("fwnp://host/late").is_empty());
 }
 
@@ -1573,12 +1576,18 @@ async fn connections_naming_no_identity_are_limited_per_address() {
     let first = Client::connect(gw.addr, &files).await;
     let second = Client::connect(gw.addr, &files).await;
     for client in [&first, &second] {
-        assert_eq!(denied(client.request(&hello).await).code, ResultCode::NotAuthorized);
+        assert_eq!(
+            denied(client.request(&hello).await).code,
+            ResultCode::NotAuthorized
+        );
     }
     // A third from the same address is one too many...
     let closed = match Client::try_connect(gw.addr, &files).await {
         Err(e) => e,
-        Ok(third) => third.closed_within(STEP).await.expect("the third connection is closed"),
+        Ok(third) => third
+            .closed_within(STEP)
+            .await
+            .expect("the third connection is closed"),
     };
     assert_eq!(
         application_close_code(&closed),
@@ -1586,11 +1595,15 @@ async fn connections_naming_no_identity_are_limited_per_address() {
         "{closed:?}"
     );
     // ...but another address with a nameless certificate is still told why it cannot be served.
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+    let socket =
+        std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
     let other = Client::connect_from_socket(socket, gw.addr, &files)
         .await
         .expect("a connection from another address is accepted");
-    assert_eq!(denied(other.request(&hello).await).code, ResultCode::NotAuthorized);
+    assert_eq!(
+        denied(other.request(&hello).await).code,
+        ResultCode::NotAuthorized
+    );
 }
 
 #[tokio::test]
@@ -1831,11 +1844,22 @@ impl DaemonFiles {
         let config = dir.path().join("gateway.toml");
         std::fs::write(
             &config,
-            config_text(&pki, dir.path(), &addr.to_string(), "[filter]\nenabled = false"),
+            config_text(
+                &pki,
+                dir.path(),
+                &addr.to_string(),
+                "[filter]\nenabled = false",
+            ),
         )
         .expect("write config");
         let admin_socket = dir.path().join("admin.sock");
-        DaemonFiles { pki, dir, addr, config, admin_socket }
+        DaemonFiles {
+            pki,
+            dir,
+            addr,
+            config,
+            admin_socket,
+        }
     }
 }
 
@@ -1880,7 +1904,13 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } = DaemonFiles::new("daemon");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("daemon");
     let mut daemon = Daemon::start(&config, &admin_socket).await;
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
     let client = Client::connect(gateway_addr, &files).await;
@@ -2161,8 +2191,13 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-policy");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-policy");
     let policy = dir.path().join("policy.toml");
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
 
@@ -2204,8 +2239,13 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
 /// that is not connected, as it would have before the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
-    let DaemonFiles { pki, dir: _dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-crl");
+    let DaemonFiles {
+        pki,
+        dir: _dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-crl");
     // Revoked while the gateway is stopped; revoked after it started again; never revoked.
     let stolen = pki.host("stolen", &[HOST_A], &[], &[]);
     let lost = pki.host("lost", &[HOST_B], &[], &[]);
@@ -2218,7 +2258,9 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         client.hello().await;
         leases.push(granted(client.open(tcp(7001), None).await).lease);
     }
-    let [stolen_lease, lost_lease, good_lease] = leases[..] else { unreachable!() };
+    let [stolen_lease, lost_lease, good_lease] = leases[..] else {
+        unreachable!()
+    };
     daemon.signal("TERM");
     tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
 
@@ -2264,7 +2306,11 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         .serial
         .as_str()
         .to_owned();
-    assert_eq!(body["leases"][0]["certificate_serial"], json!(good_serial), "{body}");
+    assert_eq!(
+        body["leases"][0]["certificate_serial"],
+        json!(good_serial),
+        "{body}"
+    );
     // And can list what a certificate holds by its serial, written as a CA tool prints it.
     let colons: Vec<String> = good_serial
         .as_bytes()
@@ -2279,8 +2325,12 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(live(body), std::collections::BTreeSet::from([good_lease.to_string()]));
-    let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
+    assert_eq!(
+        live(body),
+        std::collections::BTreeSet::from([good_lease.to_string()])
+    );
+    let (status, body) =
+        admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
     assert_eq!(status, 400, "{body}");
     // The same through the command line, for the operator.
     let fwnpctl_leases = |serial: &str| {
@@ -2297,8 +2347,13 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     assert!(out.contains("fwnp://host/good"), "{out}");
     let out = fwnpctl_leases("00FF");
     assert!(!out.contains("fwnp://host/good"), "{out}");
-    let (status, body) =
-        admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
+    let (status, body) = admin_request(
+        &admin_socket,
+        "GET",
+        "/v1/audit?outcome=revoked&order=oldest",
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let revoked: Vec<(String, String)> = body["events"]
         .as_array()

@@ -43,7 +43,9 @@ allow = "tcp/8000-8999"
 
 /// The policy the lab starts with: the one above and an "extra" rule.
 fn policy() -> String {
-    format!("{POLICY_WITHOUT_EXTRA}\n[[rule]]\nname = \"extra\"\ngroups = [\"hosts\"]\nallow = \"tcp/9000-9999\"\n")
+    format!(
+        "{POLICY_WITHOUT_EXTRA}\n[[rule]]\nname = \"extra\"\ngroups = [\"hosts\"]\nallow = \"tcp/9000-9999\"\n"
+    )
 }
 
 /// The binaries, built once per test process.
@@ -194,7 +196,10 @@ async fn three_hosts_several_applications_ipv4_and_ipv6() {
             assert!(
                 trail.iter().any(|e| e.lease() == Some(id.as_str())
                     && e.kind() == Some("grant")
-                    && e.0.get("rule").and_then(serde_json::Value::as_str).is_some()),
+                    && e.0
+                        .get("rule")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some()),
                 "{id}: the grant names no rule"
             );
             assert!(

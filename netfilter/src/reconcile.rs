@@ -58,7 +58,9 @@ pub(crate) fn plan(current: &[(Opening, Duration)], desired: &[(Opening, Duratio
         }
     }
     for opening in order {
-        let Some(lifetime) = wanted.get(&opening).copied() else { continue };
+        let Some(lifetime) = wanted.get(&opening).copied() else {
+            continue;
+        };
         match present.get(&opening) {
             None => out.add.push((opening, lifetime)),
             Some(remaining) => {
@@ -79,7 +81,12 @@ mod tests {
     use fwnp_proto::message::{PortRange, Prefix, Protocol};
 
     fn tcp(port: u16) -> Opening {
-        Opening { host: "10.0.0.1".parse().unwrap(), protocol: Protocol::Tcp, ports: PortRange::single(port), remote: None }
+        Opening {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            remote: None,
+        }
     }
 
     fn secs(s: u64) -> Duration {
@@ -100,8 +107,16 @@ mod tests {
     #[test]
     fn a_remaining_time_longer_than_desired_is_brought_down() {
         // Within the old symmetric tolerance (180 s for an hour) but 100 s past the lease.
-        let current = vec![(tcp(1), secs(3700)), (tcp(2), secs(3600)), (tcp(3), Duration::MAX)];
-        let desired = vec![(tcp(1), secs(3600)), (tcp(2), Duration::from_millis(3_599_700)), (tcp(3), secs(60))];
+        let current = vec![
+            (tcp(1), secs(3700)),
+            (tcp(2), secs(3600)),
+            (tcp(3), Duration::MAX),
+        ];
+        let desired = vec![
+            (tcp(1), secs(3600)),
+            (tcp(2), Duration::from_millis(3_599_700)),
+            (tcp(3), secs(60)),
+        ];
         let plan = plan(&current, &desired);
         assert_eq!(plan.refresh, vec![(tcp(1), secs(3600)), (tcp(3), secs(60))]);
     }
@@ -111,16 +126,29 @@ mod tests {
         // The kernel a little short of the desired time (it is read later): left alone.
         let current = vec![(tcp(1), secs(3590))];
         let plan = plan(&current, &[(tcp(1), secs(3600))]);
-        assert!(plan.add.is_empty() && plan.remove.is_empty() && plan.refresh.is_empty() && plan.invalid.is_empty());
+        assert!(
+            plan.add.is_empty()
+                && plan.remove.is_empty()
+                && plan.refresh.is_empty()
+                && plan.invalid.is_empty()
+        );
     }
 
     #[test]
     fn compares_canonical_forms_and_dedups() {
         let mut messy = tcp(5);
-        messy.remote = Some(Prefix { addr: "0.0.0.0".parse().unwrap(), len: 0 });
+        messy.remote = Some(Prefix {
+            addr: "0.0.0.0".parse().unwrap(),
+            len: 0,
+        });
         let current = vec![(tcp(5), secs(60))];
         let plan = plan(&current, &[(messy.clone(), secs(60)), (messy, secs(60))]);
-        assert!(plan.add.is_empty() && plan.remove.is_empty() && plan.refresh.is_empty() && plan.invalid.is_empty());
+        assert!(
+            plan.add.is_empty()
+                && plan.remove.is_empty()
+                && plan.refresh.is_empty()
+                && plan.invalid.is_empty()
+        );
     }
 
     #[test]

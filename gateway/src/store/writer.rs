@@ -17,9 +17,9 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::{app_columns, certificate_columns, encode_grants, encode_prefixes, to_i64};
-use crate::identity::CertificateName;
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
+use crate::identity::CertificateName;
 
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
