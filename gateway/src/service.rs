@@ -6,14 +6,22 @@
 //! validate, rate limit, resolve the address, ask policy, take the lease in the book, program
 //! the kernel and wait for its acknowledgement, commit the lease to the store and wait for that,
 //! and only then answer Granted. A failure after the book took the lease gives the lease back
-//! and answers no-resources, so a host never holds a lease the kernel or the store lacks.
+//! and answers no-resources, so a host never holds a lease the kernel or the store lacks. A
+//! renewal (or an Open that extends a live lease) that makes a lease longer writes the store
+//! before the kernel instead, so that a gateway killed between the two never leaves a kernel
+//! element that outlives its stored lease; the start's reconcile brings any such element down
+//! to the stored expiry all the same.
+//!
+//! Kernel elements are shared: two leases (of hosts behind one address, or of a host with
+//! third-party rights) may hold the same element, which then stays while one of them does,
+//! with the latest of their expiries as its timeout.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fwnp_netfilter::{Batcher, Opening as Element};
+use fwnp_netfilter::{Batcher, Change, Opening as Element};
 use fwnp_proto::codec::{self, DecodeError};
 use fwnp_proto::gateway::{
     LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
@@ -94,6 +102,45 @@ pub struct Service {
     /// it too (restored at start); leases stored by a gateway of schema 1 have no entry until
     /// they are renewed.
     lease_credentials: Mutex<HashMap<LeaseId, Arc<crate::identity::CertificateName>>>,
+    /// The live leases that hold each kernel element, with their expiries (Unix ms). Two
+    /// leases may hold the same element (hosts behind one address, a host with third-party
+    /// rights): it stays while one of them does, with the latest of their expiries.
+    holders: Mutex<Holders>,
+}
+
+/// Kernel elements and the leases that hold them, with each lease's expiry. Nearly every
+/// element has one holder: a short list costs far less memory than a map, per element.
+type Holders = HashMap<Element, Vec<(LeaseId, u64)>>;
+
+/// Sets (`Some` expiry) or drops (`None`) a lease's hold on an element, and says what the
+/// kernel must do for it: set its timeout to the latest expiry of its holders when that
+/// changed, remove it when nobody holds it any more.
+fn hold_change(
+    holders: &mut Holders,
+    element: &Element,
+    lease: LeaseId,
+    expires_ms: Option<u64>,
+    now: u64,
+) -> Option<Change> {
+    let held = holders.entry(element.clone()).or_default();
+    let before = held.iter().map(|(_, expires)| *expires).max();
+    held.retain(|(holder, _)| *holder != lease);
+    if let Some(expires) = expires_ms {
+        held.push((lease, expires));
+    }
+    let after = held.iter().map(|(_, expires)| *expires).max();
+    if held.is_empty() {
+        holders.remove(element);
+    }
+    match (before, after) {
+        (Some(_), None) => Some(Change::Remove(element.clone())),
+        // The kernel never takes a zero timeout (it would mean "forever").
+        (_, Some(latest)) if before != after => Some(Change::Renew(
+            element.clone(),
+            remaining(latest, now).max(Duration::from_millis(1)),
+        )),
+        _ => None,
+    }
 }
 
 /// Why the elements of a renewed or extended lease were not refreshed.
@@ -302,6 +349,7 @@ impl Service {
             endpoints: Mutex::new(Vec::new()),
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
             config,
         });
         service.restore().await?;
@@ -380,12 +428,24 @@ impl Service {
         }
         let desired: Vec<(Element, Duration)> = {
             let book = lock(&self.book);
-            book.iter()
-                .flat_map(|l| {
-                    let left = remaining(l.expires_ms, now);
-                    elements_of_all(&l.grants)
-                        .into_iter()
-                        .map(move |e| (e, left))
+            let mut holders = lock(&self.holders);
+            for lease in book.iter() {
+                for element in elements_of_all(&lease.grants) {
+                    holders
+                        .entry(element)
+                        .or_default()
+                        .push((lease.id, lease.expires_ms));
+                }
+            }
+            holders
+                .iter()
+                .map(|(element, held)| {
+                    let latest = held
+                        .iter()
+                        .map(|(_, expires)| *expires)
+                        .max()
+                        .unwrap_or(now);
+                    (element.clone(), remaining(latest, now))
                 })
                 .collect()
         };
@@ -945,13 +1005,19 @@ impl Service {
         };
         let grant = outcome.grant().clone();
         let lease = &grant.lease;
-        let left = remaining(lease.expires_ms, now);
         let elements = elements_of_all(&lease.grants);
-        let (kernel, store_op, kind, outcome_name) = match &outcome {
+        // The kernel is written first unless the lease only grows longer: then the store is,
+        // so that a gateway killed in between leaves the kernel's element no longer than the
+        // stored lease (shorter at worst, which fails closed and the next start repairs).
+        let kernel_first = match &outcome {
+            OpenOutcome::NewLease(_) => true,
+            OpenOutcome::Extended {
+                previous_expires_ms,
+                ..
+            } => lease.expires_ms <= *previous_expires_ms,
+        };
+        let (store_op, kind, outcome_name) = match &outcome {
             OpenOutcome::NewLease(_) => (
-                self.program(elements.iter().map(|e| (e.clone(), Some(left))))
-                    .await
-                    .map_err(RefreshError::from),
                 WriteOp::InsertLease(NewLease {
                     id: lease.id,
                     identity: peer.identity.clone(),
@@ -968,7 +1034,6 @@ impl Service {
                 Outcome::Granted,
             ),
             OpenOutcome::Extended { .. } => (
-                self.refresh(&lease.id, &elements, left).await,
                 WriteOp::RenewLease {
                     id: lease.id,
                     renewed_ms: now,
@@ -994,13 +1059,13 @@ impl Service {
             OpenOutcome::NewLease(_) => decision.reason.clone(),
             OpenOutcome::Extended { .. } => format!("{} (extends the live lease)", decision.reason),
         });
-        if let Err(e) = kernel {
-            let why = match e {
-                RefreshError::LeaseEnded => e.to_string(),
-                RefreshError::Kernel(e) => format!("kernel: {e}"),
-            };
+        let why = |e: RefreshError| match e {
+            RefreshError::LeaseEnded => e.to_string(),
+            RefreshError::Kernel(e) => format!("kernel: {e}"),
+        };
+        if kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
             return self
-                .give_back(session, &request(), &outcome, &elements, why)
+                .give_back(session, &request(), &outcome, &elements, why(e))
                 .await;
         }
         // One record for the request, the decision that allowed it and the lease it made,
@@ -1019,6 +1084,12 @@ impl Service {
                     &elements,
                     format!("store: {e}"),
                 )
+                .await;
+        }
+        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
+        {
+            return self
+                .give_back(session, &request(), &outcome, &elements, why(e))
                 .await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
@@ -1067,10 +1138,9 @@ impl Service {
         warn!(identity = session.identity(), "lease not granted: {why}");
         if let OpenOutcome::NewLease(grant) = outcome {
             lock(&self.book).revoke(&grant.lease.id);
-            for element in elements {
-                if let Some(filter) = &self.filter {
-                    let _ = filter.remove(element.clone()).await;
-                }
+            let (_, failure) = self.hold(&grant.lease.id, elements, None).await;
+            if let Some(e) = failure {
+                warn!(lease = %grant.lease.id, "taking back the elements of a lease not granted failed: {e}");
             }
         }
         let mut answer = self.refuse(
@@ -1086,97 +1156,86 @@ impl Service {
         answer
     }
 
-    /// Adds elements to the kernel; a failure removes those that landed.
-    async fn program(
+    /// Sets (`Some` expiry) or drops (`None`) a lease's hold on its elements and brings the
+    /// kernel to the result (see [`hold_change`]). The changes are queued under the lock, so
+    /// that the kernel sees them in the order they were decided, whoever decided them. Returns
+    /// the elements it removed from the kernel, and the first failure.
+    async fn hold(
         &self,
-        elements: impl Iterator<Item = (Element, Option<Duration>)>,
-    ) -> Result<(), fwnp_netfilter::Error> {
+        lease: &LeaseId,
+        elements: &[Element],
+        expires_ms: Option<u64>,
+    ) -> (Vec<Element>, Option<fwnp_netfilter::Error>) {
         let Some(filter) = &self.filter else {
-            return Ok(());
+            return (Vec::new(), None);
         };
-        let elements: Vec<(Element, Duration)> = elements
-            .map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1))))
-            .collect();
-        if let [(element, timeout)] = &elements[..] {
-            // The common case, one element: no task to spawn.
-            return match filter.add(element.clone(), *timeout).await {
-                Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => Ok(()),
-                Err(e) => Err(e),
-            };
-        }
-        // All elements are queued at once, so that they share one kernel transaction instead
-        // of waiting for a round trip each.
-        let mut pending = tokio::task::JoinSet::new();
-        for (element, timeout) in elements {
-            let filter = filter.clone();
-            pending.spawn(async move {
-                let result = filter.add(element.clone(), timeout).await;
-                (element, result)
-            });
-        }
-        let mut added = Vec::new();
+        let now = now_ms();
+        let queued: Vec<_> = {
+            let mut holders = lock(&self.holders);
+            elements
+                .iter()
+                .filter_map(|element| hold_change(&mut holders, element, *lease, expires_ms, now))
+                .map(|change| (change.clone(), filter.submit(change)))
+                .collect()
+        };
+        let mut removed = Vec::new();
         let mut failure = None;
-        while let Some(joined) = pending.join_next().await {
-            match joined {
-                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => {
-                    added.push(element)
-                }
-                Ok((_, Err(e))) => failure = Some(e),
-                // A task that did not finish (the runtime is shutting down) is a batcher that
-                // will never answer.
-                Err(_) => failure = Some(fwnp_netfilter::Error::BatcherStopped),
+        for (change, outcome) in queued {
+            match (change, outcome.await) {
+                (
+                    Change::Remove(element),
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => removed.push(element),
+                // A kernel that renews by delete and add fails on an element that is gone.
+                (
+                    Change::Renew(element, timeout),
+                    Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => match filter.add(element, timeout).await {
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
+                    Err(e) => failure = failure.or(Some(e)),
+                },
+                (_, Ok(())) => {}
+                (_, Err(e)) => failure = failure.or(Some(e)),
             }
         }
-        if let Some(e) = failure {
-            for element in added {
-                let _ = filter.remove(element).await;
-            }
-            return Err(e);
-        }
-        Ok(())
+        (removed, failure)
     }
 
-    /// Refreshes the timeouts of a live lease's elements (adding any that went missing).
-    /// A revocation may have ended the lease meanwhile and removed its elements before they
-    /// were added back here: then they are removed again, and the answer is `LeaseEnded`.
+    /// Makes a live lease hold its elements until `expires_ms` (adding any that are missing).
+    /// A revocation may have ended the lease meanwhile and given its elements up before they
+    /// were taken again here: then they are given up again, and the answer is `LeaseEnded`.
     async fn refresh(
         &self,
         lease: &LeaseId,
         elements: &[Element],
-        timeout: Duration,
+        expires_ms: u64,
     ) -> Result<(), RefreshError> {
-        let Some(filter) = &self.filter else {
-            return Ok(());
-        };
-        for element in elements {
-            match filter.renew(element.clone(), timeout).await {
-                Ok(()) => {}
-                Err(fwnp_netfilter::Error::ElementMissing(_)) => {
-                    filter.add(element.clone(), timeout).await?
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // A revocation takes the lease out of the book before it removes the elements, so a
+        let (_, failure) = self.hold(lease, elements, Some(expires_ms)).await;
+        // A revocation takes the lease out of the book before it gives up the elements, so a
         // lease still in the book now cannot have lost them to one.
         if lock(&self.book).get(lease).is_none() {
-            for element in elements {
-                let _ = filter.remove(element.clone()).await;
-            }
+            let _ = self.hold(lease, elements, None).await;
             return Err(RefreshError::LeaseEnded);
         }
-        Ok(())
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
     }
 
-    async fn remove_elements(&self, grants: &[Grant], kill: bool) {
+    /// Gives up an ended lease's elements; those no other lease holds leave the kernel, and
+    /// (`kill`) their live connections are ended.
+    async fn remove_elements(&self, lease: &LeaseId, grants: &[Grant], kill: bool) {
         let Some(filter) = &self.filter else { return };
-        for element in elements_of_all(grants) {
-            match filter.remove(element.clone()).await {
-                Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)) => {}
-                Err(e) => warn!("removing {element:?} from the kernel failed: {e}"),
-            }
-            if kill && let Err(e) = filter.kill_connections(element.clone()).await {
-                warn!("ending the connections of {element:?} failed: {e}");
+        let (removed, failure) = self.hold(lease, &elements_of_all(grants), None).await;
+        if let Some(e) = failure {
+            warn!(lease = %lease, "removing elements from the kernel failed: {e}");
+        }
+        if kill {
+            for element in removed {
+                if let Err(e) = filter.kill_connections(element.clone()).await {
+                    warn!("ending the connections of {element:?} failed: {e}");
+                }
             }
         }
     }
@@ -1245,11 +1304,8 @@ impl Service {
             }
         };
         let lease = &renewed.grant.lease;
-        let left = remaining(lease.expires_ms, now);
-        if let Err(e) = self
-            .refresh(&lease.id, &elements_of_all(&lease.grants), left)
-            .await
-        {
+        let elements = elements_of_all(&lease.grants);
+        let not_programmed = |e: RefreshError| {
             if matches!(e, RefreshError::LeaseEnded) {
                 return self.refuse(
                     session,
@@ -1270,7 +1326,16 @@ impl Service {
             if let Message::Denied(d) = &mut answer {
                 d.retry_after = Some(1);
             }
-            return answer;
+            answer
+        };
+        // A renewal that shortens the lease goes to the kernel first, one that lengthens it to
+        // the store first: a gateway killed in between leaves the kernel's element no longer
+        // than the stored lease, so that the opening never outlives it, whether or not the
+        // gateway comes back before its end. (Shorter at worst: that fails closed, the host
+        // renews again, and the next start puts the element back.)
+        let kernel_first = lease.expires_ms <= renewed.previous_expires_ms;
+        if kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
+            return not_programmed(e);
         }
         let mut event = AuditEvent::new(now, AuditKind::Renewal);
         event.outcome = Some(Outcome::Renewed);
@@ -1297,6 +1362,10 @@ impl Service {
                 format!("store: {e}"),
                 None,
             );
+        }
+        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
+        {
+            return not_programmed(e);
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
@@ -1330,8 +1399,12 @@ impl Service {
             .lease_ends
             .with_label_values(&["released"])
             .inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
-            .await;
+        self.remove_elements(
+            &lease.id,
+            &lease.grants,
+            self.config.filter.kill_connections,
+        )
+        .await;
         self.end_lease(
             &lease,
             LeaseEnd::Released,
@@ -1450,7 +1523,7 @@ impl Service {
                     .lease_ends
                     .with_label_values(&["expired"])
                     .inc();
-                self.remove_elements(&lease.grants, false).await;
+                self.remove_elements(&lease.id, &lease.grants, false).await;
                 self.end_lease(
                     &lease,
                     LeaseEnd::Expired,
@@ -1494,8 +1567,12 @@ impl Service {
             .lease_ends
             .with_label_values(&["revoked"])
             .inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
-            .await;
+        self.remove_elements(
+            &lease.id,
+            &lease.grants,
+            self.config.filter.kill_connections,
+        )
+        .await;
         self.end_lease(
             &lease,
             LeaseEnd::Revoked(reason),
@@ -2041,7 +2118,9 @@ fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Policy, fit_reason, limiter_for};
+    use super::{Change, Element, Holders, Policy, fit_reason, hold_change, limiter_for};
+    use fwnp_proto::{LeaseId, PortRange, Protocol};
+    use std::time::Duration;
 
     #[test]
     fn without_a_rate_limit_table_the_default_limit_applies() {
@@ -2056,6 +2135,49 @@ mod tests {
         assert!((2000..2100).contains(&passed), "{passed} of 2100 passed");
         // Another identity has a budget of its own.
         assert!(limiter.check_key(&"fwnp://host/web-02".to_owned()).is_ok());
+    }
+
+    #[test]
+    fn an_element_follows_the_latest_expiry_of_its_holders_and_goes_with_the_last() {
+        let element = Element {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(80),
+            remote: None,
+        };
+        let (a, b) = (LeaseId([1; 16]), LeaseId([2; 16]));
+        let mut holders = Holders::new();
+        let renew = |ms: u64| Some(Change::Renew(element.clone(), Duration::from_millis(ms)));
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(60_000), 0),
+            renew(60_000)
+        );
+        // A later holder lengthens it; an earlier one changes nothing.
+        assert_eq!(
+            hold_change(&mut holders, &element, b, Some(600_000), 0),
+            renew(600_000)
+        );
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(90_000), 0),
+            None
+        );
+        // The latest holder goes: cut back to the other's expiry, not removed.
+        assert_eq!(
+            hold_change(&mut holders, &element, b, None, 1_000),
+            renew(89_000)
+        );
+        // Giving up what one does not hold changes nothing; the last holder removes it.
+        assert_eq!(hold_change(&mut holders, &element, b, None, 1_000), None);
+        assert_eq!(
+            hold_change(&mut holders, &element, a, None, 1_000),
+            Some(Change::Remove(element.clone()))
+        );
+        assert!(holders.is_empty());
+        // An expiry already past still gives the kernel a timeout it accepts.
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(500), 1_000),
+            renew(1)
+        );
     }
 
     #[test]

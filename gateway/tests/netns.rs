@@ -622,3 +622,159 @@ async fn the_daemon_grants_hosts_no_unidirectional_stream() {
         "the daemon let the host open a unidirectional stream"
     );
 }
+
+/// A renewal that reached the kernel but not the store (the gateway killed in between) leaves
+/// the kernel's element longer than the stored lease. The restart's reconcile brings it down to
+/// the stored expiry, however small the difference: an opening never outlives its lease,
+/// whether or not the gateway is alive at its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_it() {
+    if !lab::require_root(
+        "a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_it",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new("nsoutlive", &[7030]);
+    let (client, _) = lab.connect().await;
+    let lease = opened(client.open(tcp(7030), Some(3600)).await);
+    drop(client);
+    lab.gateway.kill();
+    // As a renewal that the store never committed would leave it: 100 s past the stored expiry
+    // (less than the twentieth of an hour a reconcile used to tolerate).
+    let host = lab.topology.host_v4;
+    lab.topology
+        .gateway
+        .nft_script(&format!(
+            "add element inet fwnp lease4 {{ {host} . tcp . 7030 timeout 3700s expires 3700s }}\n"
+        ))
+        .expect("lengthen the element behind the gateway's back");
+    let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    let remaining = |lab: &Lab| -> Duration {
+        lab.topology.gateway.run(|| {
+            let mut nf = fwnp_netfilter::Netfilter::open().expect("netfilter handle");
+            let elements = nf.elements(&layout).expect("elements");
+            elements
+                .into_iter()
+                .find(|(o, _)| o.host == host && o.ports.first == 7030)
+                .map(|(_, left)| left)
+                .expect("the element is in the kernel")
+        })
+    };
+    let stored_left = || {
+        Duration::from_millis(
+            lease
+                .expires_ms
+                .saturating_sub(fwnp_gateway::store::now_ms()),
+        )
+    };
+    assert!(
+        remaining(&lab) > stored_left() + Duration::from_secs(90),
+        "the element was not lengthened"
+    );
+    lab.start_gateway();
+    let left = remaining(&lab);
+    let stored = stored_left();
+    assert!(
+        left <= stored + Duration::from_secs(1),
+        "after the restart the kernel keeps the opening {left:?}, the stored lease ends in {stored:?}"
+    );
+    assert!(
+        left + Duration::from_secs(5) >= stored,
+        "the opening was shortened below its lease: {left:?} left, {stored:?} stored"
+    );
+}
+
+/// Two hosts (here two certificates for the same address, as hosts behind one NAT address would
+/// have) lease the same opening. The kernel's element is theirs together: one releasing its
+/// lease leaves it open for the other, with the other's expiry; the last one closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_latest_expiry() {
+    if !lab::require_root(
+        "an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_latest_expiry",
+    ) {
+        return;
+    }
+    let lab = Lab::new("nsshared", &[7040]);
+    let (first, _) = lab.connect().await;
+    let other_files = lab.pki.host(
+        "web-02",
+        &[lab.topology.host_v4, lab.topology.host_v6],
+        &[],
+        &[],
+    );
+    let socket = lab.topology.host.run(|| {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind in the host namespace");
+        socket.set_nonblocking(true).expect("non-blocking");
+        socket
+    });
+    let second = Client::connect_from_socket(socket, lab.gateway_addr(), &other_files)
+        .await
+        .expect("the gateway accepts the second host");
+    let _ = second.hello().await;
+    let host = lab.topology.host_v4;
+    let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    let kernel_left = || -> Option<Duration> {
+        lab.topology.gateway.run(|| {
+            let mut nf = fwnp_netfilter::Netfilter::open().expect("netfilter handle");
+            nf.elements(&layout)
+                .expect("elements")
+                .into_iter()
+                .find(|(o, _)| o.host == host && o.ports.first == 7040)
+                .map(|(_, left)| left)
+        })
+    };
+    let left_of = |g: &fwnp_proto::Granted| {
+        Duration::from_millis(g.expires_ms.saturating_sub(fwnp_gateway::store::now_ms()))
+    };
+    let near = |kernel: Option<Duration>, want: Duration| {
+        kernel.is_some_and(|k| {
+            k <= want + Duration::from_secs(1) && k + Duration::from_secs(3) >= want
+        })
+    };
+
+    let short = opened(first.open(tcp(7040), Some(60)).await);
+    let long = opened(second.open(tcp(7040), Some(600)).await);
+    assert_ne!(short.lease, long.lease);
+    assert!(
+        near(kernel_left(), left_of(&long)),
+        "the element does not run to the later expiry: {:?}, {:?} wanted",
+        kernel_left(),
+        left_of(&long)
+    );
+    // The longer lease goes: the element stays, cut back to the shorter one's expiry.
+    assert!(matches!(
+        second.release(long.lease).await,
+        Message::Released(_)
+    ));
+    assert!(
+        lab.outside_reaches(7040, FIRST_SYN),
+        "the other host's release closed a live lease's opening"
+    );
+    assert!(
+        near(kernel_left(), left_of(&short)),
+        "the element keeps {:?}, the lease that holds it ends in {:?}",
+        kernel_left(),
+        left_of(&short)
+    );
+    // Held again by the second host, then given up by the first: still open.
+    let again = opened(second.open(tcp(7040), Some(300)).await);
+    assert!(matches!(
+        first.release(short.lease).await,
+        Message::Released(_)
+    ));
+    assert!(
+        lab.outside_reaches(7040, FIRST_SYN),
+        "the first host's release closed the second's opening"
+    );
+    assert!(near(kernel_left(), left_of(&again)), "{:?}", kernel_left());
+    // The last lease ends: closed.
+    assert!(matches!(
+        second.release(again.lease).await,
+        Message::Released(_)
+    ));
+    assert!(
+        !lab.outside_reaches(7040, REFUSED),
+        "open after every lease ended"
+    );
+    assert!(kernel_left().is_none());
+}

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::nl::*;
 use crate::sys::{NetlinkSocket, thread_id};
-use crate::{Change, Error, Layout, Netfilter, Opening, ReconcileReport};
+use crate::{Change, Error, Layout, Netfilter, Opening, Ownership, ReconcileReport};
 
 /// Settings of a [`Batcher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +21,11 @@ pub struct BatcherConfig {
     pub max_batch: usize,
     /// How often the table's structure is checked, as a safety net beside the events.
     pub check_interval: Duration,
+    /// How often the periodic check also compares the elements with the live openings, so that
+    /// an element nobody leased (added by hand, or missed with the events) lives at most this
+    /// long. Only for shared tables ([`crate::Ownership::Shared`]): nobody else can add elements
+    /// to an owned one.
+    pub element_check_interval: Duration,
     /// Listen to nf_tables events to notice at once that someone else changed our table.
     pub watch_events: bool,
 }
@@ -30,6 +35,7 @@ impl Default for BatcherConfig {
         BatcherConfig {
             max_batch: 4096,
             check_interval: Duration::from_secs(1),
+            element_check_interval: Duration::from_secs(10),
             watch_events: true,
         }
     }
@@ -63,8 +69,11 @@ pub enum RepairTrigger {
     ForeignChange,
     /// The event socket overflowed, so changes may have gone unseen.
     EventsLost,
-    /// The periodic check.
+    /// The periodic check (of the table's structure).
     PeriodicCheck,
+    /// The periodic comparison of the elements with the live openings (shared tables only,
+    /// see [`BatcherConfig::element_check_interval`]).
+    ElementCheck,
     /// A change failed because the table was missing.
     TableMissing,
 }
@@ -233,6 +242,33 @@ impl Batcher {
         self.call(|r| Command::Change(change, r)).await
     }
 
+    /// Queues a change at once and returns its outcome as a future. Changes queued one after
+    /// another reach the kernel in that order, whenever (and whether) their futures are
+    /// awaited; so a caller that decides changes under a lock of its own queues them there, and
+    /// waits after letting go of it.
+    ///
+    /// ```no_run
+    /// # async fn example(batcher: fwnp_netfilter::Batcher, opening: fwnp_netfilter::Opening) {
+    /// use std::time::Duration;
+    /// use fwnp_netfilter::Change;
+    /// let added = batcher.submit(Change::Add(opening.clone(), Duration::from_secs(60)));
+    /// let removed = batcher.submit(Change::Remove(opening));
+    /// // The add reached the kernel before the remove.
+    /// assert!(added.await.is_ok() && removed.await.is_ok());
+    /// # }
+    /// ```
+    pub fn submit(
+        &self,
+        change: Change,
+    ) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.tx.send(Command::Change(change, reply));
+        async move {
+            queued.map_err(|_| Error::BatcherStopped)?;
+            answer.await.map_err(|_| Error::BatcherStopped)?
+        }
+    }
+
     /// Makes `desired` the whole desired state and brings the kernel to it (see
     /// [`Netfilter::reconcile`]).
     pub async fn reconcile(
@@ -293,6 +329,7 @@ impl Worker {
         let mut next_check = Instant::now() + self.config.check_interval;
         let mut deferred: Option<Command> = None;
         let mut last_prune = Instant::now();
+        let mut last_element_check = Instant::now();
         loop {
             let command = match deferred.take() {
                 Some(c) => c,
@@ -300,7 +337,16 @@ impl Worker {
                 {
                     Ok(c) => c,
                     Err(RecvTimeoutError::Timeout) => {
-                        self.check(RepairTrigger::PeriodicCheck);
+                        // An owned table's elements change only through us; a shared one's
+                        // may have been changed unseen (the events are a help, not a promise).
+                        let elements = self.nf.ownership() == Ownership::Shared
+                            && last_element_check.elapsed() >= self.config.element_check_interval;
+                        if elements {
+                            last_element_check = Instant::now();
+                            self.check(RepairTrigger::ElementCheck);
+                        } else {
+                            self.check(RepairTrigger::PeriodicCheck);
+                        }
                         next_check = Instant::now() + self.config.check_interval;
                         if last_prune.elapsed() >= PRUNE_INTERVAL {
                             // Forget openings the kernel has expired by itself.

@@ -12,6 +12,14 @@ pub enum Error {
     /// namespace is needed.
     #[error("permission denied: CAP_NET_ADMIN in the network namespace is required")]
     PermissionDenied,
+    /// Our table belongs to another netlink socket (another running gateway or agent, or
+    /// another handle in this process): it cannot be changed, deleted or claimed until that
+    /// socket closes.
+    #[error("table inet {table} is owned by another process or handle")]
+    TableOwned {
+        /// The table's name.
+        table: String,
+    },
     /// Our table (or one of its sets) does not exist.
     #[error("table inet {table} is missing")]
     TableMissing {
@@ -69,6 +77,9 @@ impl Clone for Error {
         match self {
             Error::PermissionDenied => Error::PermissionDenied,
             Error::TableMissing { table } => Error::TableMissing {
+                table: table.clone(),
+            },
+            Error::TableOwned { table } => Error::TableOwned {
                 table: table.clone(),
             },
             Error::ElementExists(o) => Error::ElementExists(o.clone()),

@@ -151,6 +151,12 @@ const NFT_JUMP: u32 = (-3i32) as u32;
 const NFT_REJECT_TCP_RST: u32 = 1;
 const NFT_REJECT_ICMPX_UNREACH: u32 = 2;
 const NFT_REJECT_ICMPX_ADMIN_PROHIBITED: u8 = 3;
+/// The table belongs to the netlink socket that created (or claimed) it: no other socket may
+/// change or delete it, and a flush of the whole ruleset passes it by.
+pub(crate) const NFT_TABLE_F_OWNER: u32 = 0x2;
+/// The table stays (elements and their timeouts included) when its owner's socket closes;
+/// another socket may then claim it (kernel 6.9 and later).
+pub(crate) const NFT_TABLE_F_PERSIST: u32 = 0x4;
 const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NFT_SET_INTERVAL: u32 = 0x4;
@@ -489,6 +495,7 @@ struct TableWriter<'a, S: Sequencer> {
     b: &'a mut Builder,
     seq: &'a mut S,
     table: &'a str,
+    table_flags: u32,
     expected: Expected,
 }
 
@@ -502,7 +509,7 @@ impl<S: Sequencer> TableWriter<'_, S> {
             NFPROTO_INET,
         );
         self.b.put_str(NFTA_TABLE_NAME, self.table);
-        self.b.put_u32(NFTA_TABLE_FLAGS, 0);
+        self.b.put_u32(NFTA_TABLE_FLAGS, self.table_flags);
         self.b.end_msg(m);
     }
 
@@ -637,17 +644,19 @@ impl<S: Sequencer> TableWriter<'_, S> {
 }
 
 /// Appends the creation of the whole table (after the caller's delete) to a batch, and returns
-/// what reading it back must show.
+/// what reading it back must show. `table_flags`: the table's NFTA_TABLE_FLAGS (ownership).
 pub(crate) fn write_table<S: Sequencer>(
     layout: &Layout,
     b: &mut Builder,
     seq: &mut S,
+    table_flags: u32,
 ) -> Result<Expected, Error> {
     validate(layout)?;
     let mut w = TableWriter {
         b,
         seq,
         table: layout.table(),
+        table_flags,
         expected: Expected::empty(),
     };
     w.table();
@@ -796,7 +805,7 @@ mod tests {
         });
         let mut b = Builder::new();
         let mut seq = Counting(0, Vec::new());
-        let expected = write_table(&layout, &mut b, &mut seq).unwrap();
+        let expected = write_table(&layout, &mut b, &mut seq, 0).unwrap();
         assert_eq!(
             expected.chains,
             vec![
@@ -824,7 +833,7 @@ mod tests {
             ..HostLayout::default()
         });
         let mut b = Builder::new();
-        let expected = write_table(&layout, &mut b, &mut Counting(0, Vec::new())).unwrap();
+        let expected = write_table(&layout, &mut b, &mut Counting(0, Vec::new()), 0).unwrap();
         // lo, established, ICMPv6 ND, 1 always-allowed, 4 lease lookups, unmatched.
         assert_eq!(expected.chains, vec![("input".to_string(), 9)]);
         assert_eq!(

@@ -8,7 +8,10 @@ use fwnp_proto::message::{PortRange, Protocol};
 
 use crate::error::{TABLE_ATTR_OFFSET, from_ack};
 use crate::key::{ALL_SETS, ElementKey, SetId, decode, encode};
-use crate::layout::{ChainProps, Expected, Layout, Op, Sequencer, write_table};
+use crate::layout::{
+    ChainProps, Expected, Layout, NFT_TABLE_F_OWNER, NFT_TABLE_F_PERSIST, Op, Sequencer,
+    write_table,
+};
 use crate::nl::*;
 use crate::reconcile::plan;
 use crate::sys::NetlinkSocket;
@@ -23,6 +26,22 @@ pub enum RenewMethod {
     /// Delete and re-add the element in one transaction: works on every kernel, but a renewal
     /// of an element that has already expired fails with [`Error::ElementMissing`].
     DeleteAdd,
+}
+
+/// Whether our table belongs to the netlink socket of the handle that created or claimed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Ownership {
+    /// The table carries the flags `owner` and `persist`: while the handle lives, no other
+    /// socket (another process, `nft`, or another handle of this process) may change or delete
+    /// it, and `nft flush ruleset` passes it by; when the handle's socket closes, the table
+    /// stays with its elements counting down, until a new handle claims it
+    /// ([`Netfilter::reconcile`] does). Needs kernel 6.9; older kernels fall back to
+    /// [`Ownership::Shared`].
+    #[default]
+    Owned,
+    /// An ordinary table: anyone with CAP_NET_ADMIN may change or delete it, a flush of the
+    /// ruleset removes it, and the [`crate::Batcher`] repairs it afterwards.
+    Shared,
 }
 
 /// One named counter of our table.
@@ -180,6 +199,7 @@ pub struct Netfilter {
     max_batch_bytes: usize,
     recv_buf: Vec<u8>,
     renew_method: Option<RenewMethod>,
+    ownership: Ownership,
 }
 
 impl Netfilter {
@@ -198,7 +218,65 @@ impl Netfilter {
             max_batch_bytes,
             recv_buf: vec![0u8; 1 << 20],
             renew_method: None,
+            ownership: Ownership::Owned,
         })
+    }
+
+    /// Whether the tables this handle creates belong to it (the default) or are shared; see
+    /// [`Ownership`]. Takes effect at the next [`Netfilter::apply`] or [`Netfilter::reconcile`].
+    pub fn set_ownership(&mut self, ownership: Ownership) {
+        self.ownership = ownership;
+    }
+
+    /// The ownership of the tables this handle creates: [`Ownership::Shared`] after the kernel
+    /// refused the ownership flags.
+    pub fn ownership(&self) -> Ownership {
+        self.ownership
+    }
+
+    fn table_flags(&self) -> u32 {
+        match self.ownership {
+            Ownership::Owned => NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST,
+            Ownership::Shared => 0,
+        }
+    }
+
+    /// Takes ownership of our table if it is orphaned (its owner's socket closed: a gateway or
+    /// agent that stopped or died). `Ok(false)`: the table cannot be owned as it stands (it was
+    /// created without `persist`) and must be recreated. Does nothing for shared tables.
+    fn claim(&mut self, table: &str) -> Result<bool, Error> {
+        if self.ownership == Ownership::Shared {
+            return Ok(true);
+        }
+        let mut txn = self.new_txn();
+        let mut seq = TxnSequencer {
+            next_seq: &mut self.seq,
+            metas: &mut txn.metas,
+        };
+        let s = seq.next(Op::CreateTable);
+        // NEWTABLE on an existing table (no NLM_F_CREATE) updates its flags: setting `owner`
+        // on an orphaned persistent table makes this socket its owner.
+        let m = txn
+            .b
+            .begin_nft(NFT_MSG_NEWTABLE, NLM_F_REQUEST | NLM_F_ACK, s, NFPROTO_INET);
+        txn.b.put_str(NFTA_TABLE_NAME, table);
+        txn.b
+            .put_u32(NFTA_TABLE_FLAGS, NFT_TABLE_F_OWNER | NFT_TABLE_F_PERSIST);
+        txn.b.end_msg(m);
+        let outcome = self.run(txn)?;
+        if outcome.ok() {
+            return Ok(true);
+        }
+        match outcome.acks.first().map(|a| a.errno) {
+            Some(libc::EOPNOTSUPP) => Ok(false),
+            Some(libc::EPERM) => Err(Error::TableOwned {
+                table: table.to_string(),
+            }),
+            Some(libc::ENOENT) => Err(Error::TableMissing {
+                table: table.to_string(),
+            }),
+            _ => Err(first_error(&outcome, table)),
+        }
     }
 
     /// The renewal method found by probing the kernel (after the first [`Netfilter::apply`] or
@@ -470,17 +548,38 @@ impl Netfilter {
                 txn.b.put_str(NFTA_TABLE_NAME, &table);
                 txn.b.end_msg(m);
             }
+            let flags = self.table_flags();
             let expected = {
                 let mut seq = TxnSequencer {
                     next_seq: &mut self.seq,
                     metas: &mut txn.metas,
                 };
-                write_table(layout, &mut txn.b, &mut seq)?
+                write_table(layout, &mut txn.b, &mut seq, flags)?
             };
             let written = self.write_elements(&mut txn, &table, &writes);
             let outcome = self.run(txn)?;
             if outcome.ok() {
                 break (expected, written);
+            }
+            let refused = |op: Op, errno: i32| {
+                outcome
+                    .acks
+                    .iter()
+                    .zip(&outcome.ops)
+                    .any(|(a, o)| *o == op && a.errno == errno)
+            };
+            if exists && refused(Op::DeleteTable, libc::EPERM) {
+                return Err(Error::TableOwned { table });
+            }
+            if flags != 0 && refused(Op::CreateTable, libc::EOPNOTSUPP) && attempt < 3 {
+                // A kernel before 6.9 knows no `persist`: an ordinary table, repaired by the
+                // batcher after a flush, is the best it offers.
+                tracing::warn!(
+                    table,
+                    "the kernel refuses owned persistent tables; this table can be flushed by others"
+                );
+                self.ownership = Ownership::Shared;
+                continue;
             }
             // Someone deleted the table between our check and our transaction: once more.
             let delete_raced = outcome
@@ -1142,7 +1241,9 @@ impl Netfilter {
         layout: &Layout,
         desired: &[(Opening, Duration)],
     ) -> Result<ReconcileReport, Error> {
-        if !self.table_present(layout)? {
+        // A table left by an earlier run is orphaned: it is claimed before anything else, so
+        // that from now on nobody else can change it.
+        if !self.table_present(layout)? || !self.claim(layout.table())? {
             let plan = plan(&[], desired);
             let valid: Vec<(Opening, Duration)> = plan.add.clone();
             self.apply(layout, &valid)?;
@@ -1470,7 +1571,7 @@ fn expected_structure(layout: &Layout) -> Result<Expected, Error> {
         }
     }
     let mut scratch = Builder::new();
-    write_table(layout, &mut scratch, &mut Null(0))
+    write_table(layout, &mut scratch, &mut Null(0), 0)
 }
 
 /// Compares structures regardless of order; the error names the first difference.

@@ -12,18 +12,27 @@ pub(crate) struct Plan {
     pub(crate) add: Vec<(Opening, Duration)>,
     /// Present but not desired.
     pub(crate) remove: Vec<Opening>,
-    /// Present and desired, but the remaining time is far from the desired one.
+    /// Present and desired, but the remaining time is longer than the desired one (by more
+    /// than [`OVERSHOOT`]) or far shorter (by more than [`tolerance`]).
     pub(crate) refresh: Vec<(Opening, Duration)>,
     /// Desired openings that cannot be held, with the reason.
     pub(crate) invalid: Vec<(Opening, Error)>,
 }
 
-/// How far the kernel's remaining time may drift from the desired one before it is refreshed:
-/// a twentieth of the desired lifetime, and at least two seconds (a dump and a commit take
-/// time, and renewing for nothing costs a kernel transaction).
+/// How far the kernel's remaining time may fall short of the desired one before it is
+/// refreshed: a twentieth of the desired lifetime, and at least two seconds (a dump and a commit
+/// take time, and renewing for nothing costs a kernel transaction). Falling short closes an
+/// opening early, which the next renewal or repair corrects.
 pub(crate) fn tolerance(desired: Duration) -> Duration {
     (desired / 20).max(Duration::from_secs(2))
 }
+
+/// How far the kernel's remaining time may exceed the desired one: an opening must not outlive
+/// its lease by more than about a second, whether or not the process that keeps it is alive
+/// (a renewal that reached the kernel but not the store, for example). What the kernel reports
+/// is read after the desired times were computed, so it only ever comes out shorter for an
+/// element that matches; half a second absorbs the kernel's rounding to jiffies.
+pub(crate) const OVERSHOOT: Duration = Duration::from_millis(500);
 
 /// Compares canonical openings. `current` is what the kernel reported (already canonical);
 /// `desired` may repeat an opening (the last one counts) or be non-canonical.
@@ -55,7 +64,9 @@ pub(crate) fn plan(current: &[(Opening, Duration)], desired: &[(Opening, Duratio
         match present.get(&opening) {
             None => out.add.push((opening, lifetime)),
             Some(remaining) => {
-                if remaining.abs_diff(lifetime) > tolerance(lifetime) {
+                let too_long = *remaining > lifetime.saturating_add(OVERSHOOT);
+                let too_short = lifetime.saturating_sub(*remaining) > tolerance(lifetime);
+                if too_long || too_short {
                     out.refresh.push((opening, lifetime));
                 }
             }
@@ -94,9 +105,27 @@ mod tests {
     }
 
     #[test]
+    fn a_remaining_time_longer_than_desired_is_brought_down() {
+        // Within the old symmetric tolerance (180 s for an hour) but 100 s past the lease.
+        let current = vec![
+            (tcp(1), secs(3700)),
+            (tcp(2), secs(3600)),
+            (tcp(3), Duration::MAX),
+        ];
+        let desired = vec![
+            (tcp(1), secs(3600)),
+            (tcp(2), Duration::from_millis(3_599_700)),
+            (tcp(3), secs(60)),
+        ];
+        let plan = plan(&current, &desired);
+        assert_eq!(plan.refresh, vec![(tcp(1), secs(3600)), (tcp(3), secs(60))]);
+    }
+
+    #[test]
     fn nothing_to_do_when_equal() {
-        let current = vec![(tcp(1), secs(3600))];
-        let plan = plan(&current, &[(tcp(1), secs(3590))]);
+        // The kernel a little short of the desired time (it is read later): left alone.
+        let current = vec![(tcp(1), secs(3590))];
+        let plan = plan(&current, &[(tcp(1), secs(3600))]);
         assert!(
             plan.add.is_empty()
                 && plan.remove.is_empty()

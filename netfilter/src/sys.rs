@@ -10,6 +10,9 @@ use std::mem::{size_of, zeroed};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
+/// How many interruptions in a row one `recv` takes up again before it reports one.
+const MAX_INTERRUPTIONS: u32 = 1000;
+
 /// A raw `NETLINK_NETFILTER` socket bound to a kernel-assigned port id.
 #[derive(Debug)]
 pub(crate) struct NetlinkSocket {
@@ -189,7 +192,26 @@ impl NetlinkSocket {
 
     /// Receives one datagram. `nonblocking` returns `WouldBlock` instead of waiting. A datagram
     /// larger than `buf` is an error (MSG_TRUNC reports its real size), never a silent cut.
+    ///
+    /// A wait interrupted by a signal is taken up again: a socket with a receive timeout is
+    /// never restarted by the kernel, and a stop and continue of the process (SIGSTOP, SIGCONT)
+    /// interrupts it even without a handler. Nothing is lost: the datagram stays queued.
     pub(crate) fn recv(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
+        let mut interrupted = 0;
+        loop {
+            match self.recv_once(buf, nonblocking) {
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        && interrupted < MAX_INTERRUPTIONS =>
+                {
+                    interrupted += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn recv_once(&self, buf: &mut [u8], nonblocking: bool) -> io::Result<usize> {
         let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
         let got = unsafe {

@@ -1,6 +1,8 @@
 //! The async batcher on the real kernel: callers learn whether their own change landed, many
 //! changes share a transaction, and a table flushed or deleted by someone else (with the `nft`
-//! binary, as a firewall reload would) is detected and repaired.
+//! binary, as a firewall reload would) is detected and repaired. The repair tests use shared
+//! tables (an owned one cannot be changed by others at all: see `ownership.rs`), as a kernel
+//! before 6.9 gives.
 
 mod common;
 
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Refuse, RepairEvent,
+    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Ownership, Refuse, RepairEvent,
 };
 use tokio::sync::broadcast;
 
@@ -18,10 +20,11 @@ use tokio::sync::broadcast;
 const REPAIR_LIMIT: Duration = Duration::from_secs(5);
 
 /// Starts a batcher in `ns` (its threads and sockets live there) for `layout`, with the table
-/// applied (empty).
+/// applied (empty) and shared.
 fn start(ns: &Netns, layout: &Layout, config: BatcherConfig) -> Batcher {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.set_ownership(Ownership::Shared);
         nf.apply(layout, &[]).expect("apply");
         Batcher::start(nf, layout.clone(), config).expect("batcher")
     })
@@ -376,7 +379,7 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
     let topo = topology();
     let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
     assert!(!outside_tcp(&topo, topo.host_v4, 8081));
     replace_refusals_with_accept(&topo.gateway);
     assert!(
@@ -441,7 +444,7 @@ fn a_changed_chain_policy_fails_the_check_and_is_repaired() {
         )
     };
     // Without a batcher: the check sees it.
-    let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
     assert!(host_to_outside());
     set_forward_policy_drop(&topo.gateway);
     assert!(!host_to_outside(), "the policy change had no effect");
@@ -570,4 +573,86 @@ fn a_change_racing_a_flush_still_lands() {
         );
         batcher.shutdown().await;
     });
+}
+
+/// Adds `port` on the host by hand, as an operator's mistake would, and says how long the
+/// batcher takes to remove it (`None`: still there after `limit`).
+fn stray_element_lives(
+    topo: &fwnp_netfilter::lab::Topology,
+    port: u16,
+    limit: Duration,
+) -> Option<Duration> {
+    topo.gateway
+        .exec_checked(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "fwnp",
+            "lease4",
+            &format!("{{ 198.51.100.2 . tcp . {port} timeout 1h }}"),
+        ])
+        .expect("nft add element");
+    until(limit, false, || outside_tcp(topo, topo.host_v4, port))
+}
+
+/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the event socket's wait
+/// (EINTR): the watcher must go on, and a stray element is still removed at once.
+#[test]
+fn the_event_watcher_survives_a_stop_and_continue() {
+    if !require_root("the_event_watcher_survives_a_stop_and_continue") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host, &[8090, 8091]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    // Only the events can find the stray elements in time.
+    let config = BatcherConfig {
+        check_interval: Duration::from_secs(3600),
+        element_check_interval: Duration::from_secs(3600),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    assert!(
+        stray_element_lives(&topo, 8090, Duration::from_secs(2)).is_some(),
+        "the stray element was not removed before the stop"
+    );
+    // Stopped and continued by another process, as a debugger or `kill -STOP` would.
+    let pid = std::process::id();
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -STOP {pid}; sleep 0.3; kill -CONT {pid}"))
+        .status()
+        .expect("stop and continue");
+    assert!(status.success());
+    assert!(
+        stray_element_lives(&topo, 8091, Duration::from_secs(2)).is_some(),
+        "a stray element added after a stop and continue was not removed"
+    );
+    runtime().block_on(batcher.shutdown());
+}
+
+/// Without events (or when the watcher missed some), the periodic check still finds elements
+/// that no lease explains, within its element interval.
+#[test]
+fn without_events_the_periodic_check_removes_stray_elements() {
+    if !require_root("without_events_the_periodic_check_removes_stray_elements") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host, 8092).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let config = BatcherConfig {
+        watch_events: false,
+        check_interval: Duration::from_millis(200),
+        element_check_interval: Duration::from_secs(1),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    let lived = stray_element_lives(&topo, 8092, Duration::from_secs(4));
+    assert!(
+        lived.is_some(),
+        "a stray element outlived the periodic check"
+    );
+    runtime().block_on(batcher.shutdown());
 }

@@ -546,7 +546,7 @@ fn reconcile_repairs_missing_and_extra_elements() {
         (keep.clone(), Duration::from_secs(60)),
         (lost.clone(), Duration::from_secs(60)),
     ];
-    let mut nf = open_and_apply(&topo.gateway, &layout, &desired);
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &desired);
     assert!(outside_tcp(&topo, topo.host_v4, 8002));
     // Someone deletes one element and adds another behind our back.
     topo.gateway

@@ -207,6 +207,8 @@ fn batcher_switches_monitor_to_enforce_keeping_leases() {
     let enforce = host_layout(HostMode::Enforce, Vec::new());
     let batcher = topo.host.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
+        // Shared, so that the flush below reaches it and the repair can be seen.
+        nf.set_ownership(fwnp_netfilter::Ownership::Shared);
         nf.apply(&monitor, &[]).expect("apply");
         Batcher::start(nf, monitor.clone(), BatcherConfig::default()).expect("batcher")
     });

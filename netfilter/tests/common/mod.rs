@@ -10,8 +10,8 @@ use fwnp_netfilter::lab::{
     GATEWAY_OUTSIDE_IF, Netns, Topology, tcp_connects, udp_roundtrip, wait_until,
 };
 use fwnp_netfilter::{
-    AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Opening, PortRange,
-    Prefix, Protocol, Refuse,
+    AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Opening, Ownership,
+    PortRange, Prefix, Protocol, Refuse,
 };
 
 /// Bound of one probe: a connection (or datagram) that is not through by then is refused.
@@ -100,6 +100,21 @@ pub fn tcp_from(host: IpAddr, port: u16, remote: Prefix) -> Opening {
 pub fn open_and_apply(ns: &Netns, layout: &Layout, elements: &[(Opening, Duration)]) -> Netfilter {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.apply(layout, elements).expect("apply layout");
+        nf
+    })
+}
+
+/// [`open_and_apply`] with a shared table (see [`Ownership`]), which others can change: for the
+/// tests of detecting and repairing what they did.
+pub fn open_shared_and_apply(
+    ns: &Netns,
+    layout: &Layout,
+    elements: &[(Opening, Duration)],
+) -> Netfilter {
+    ns.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.set_ownership(Ownership::Shared);
         nf.apply(layout, elements).expect("apply layout");
         nf
     })

@@ -1,0 +1,309 @@
+//! The table belongs to the handle that made it: a firewall reload (`nft flush ruleset`) or a
+//! `nft delete table` by someone else never opens the protected network, not even for the
+//! milliseconds a repair would take; the table outlives its owner (a dead gateway still fails
+//! closed) and a new handle claims it.
+
+mod common;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fwnp_netfilter::lab::{Netns, UdpEchoServer, require_root, wait_until};
+use fwnp_netfilter::{Batcher, BatcherConfig, Error, Layout, Netfilter, Ownership, Refuse};
+
+/// Datagrams sent while others break the table.
+const DATAGRAMS: u64 = 20_000;
+/// Bound of the whole burst.
+const BURST_LIMIT: Duration = Duration::from_secs(10);
+/// The port nobody leased.
+const CLOSED_PORT: u16 = 7400;
+/// The port a lease opens after the burst.
+const LEASED_PORT: u16 = 7401;
+
+fn start(ns: &Netns, layout: &Layout) -> Batcher {
+    ns.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.apply(layout, &[]).expect("apply");
+        Batcher::start(nf, layout.clone(), BatcherConfig::default()).expect("batcher")
+    })
+}
+
+/// Counts the datagrams that reach `port` on the host while `breaker` runs in the gateway
+/// namespace, with datagrams sent from the outside all along.
+fn datagrams_through(
+    topo: &fwnp_netfilter::lab::Topology,
+    port: u16,
+    breaker: impl FnOnce(),
+) -> u64 {
+    let receiver = topo.host.run(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(topo.host_v4, port)).expect("bind receiver");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        socket
+    });
+    let sender = topo.outside.run(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(topo.outside_v4, 0)).expect("bind sender");
+        socket
+            .connect(SocketAddr::new(topo.host_v4, port))
+            .expect("connect");
+        socket
+    });
+    let received = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let counter = {
+        let (received, done) = (received.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 64];
+            let deadline = Instant::now() + BURST_LIMIT + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                match receiver.recv(&mut buf) {
+                    Ok(_) => {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) if done.load(Ordering::Relaxed) => break,
+                    Err(_) => {}
+                }
+            }
+        })
+    };
+    let sending = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + BURST_LIMIT;
+            let mut sent = 0u64;
+            while sent < DATAGRAMS && Instant::now() < deadline {
+                // ENOBUFS and the like are lost datagrams, as on a wire.
+                let _ = sender.send(&sent.to_be_bytes());
+                sent += 1;
+                if sent.is_multiple_of(64) {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            // Let the last ones arrive, then stop the counter.
+            std::thread::sleep(Duration::from_millis(200));
+            done.store(true, Ordering::Relaxed);
+            sent
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    breaker();
+    let sent = sending.join().expect("sender");
+    counter.join().expect("counter");
+    assert!(sent > 1000, "only {sent} datagrams sent");
+    received.load(Ordering::Relaxed)
+}
+
+fn nft_refuses(ns: &Netns, cmd: &[&str]) -> bool {
+    !ns.exec(cmd).expect("run nft").status.success()
+}
+
+#[test]
+fn a_flush_or_a_delete_by_someone_else_never_opens_the_protected_network() {
+    if !require_root("a_flush_or_a_delete_by_someone_else_never_opens_the_protected_network") {
+        return;
+    }
+    let topo = topology();
+    let _server = UdpEchoServer::start(&topo.host, LEASED_PORT).expect("server");
+    let layout = gateway_layout(Refuse::Drop);
+    let batcher = start(&topo.gateway, &layout);
+    let gateway = &topo.gateway;
+    let passed = datagrams_through(&topo, CLOSED_PORT, || {
+        for _ in 0..5 {
+            // A firewall reload, and an operator deleting the table: both run as they would,
+            // and whatever they do, nothing may pass.
+            let _ = gateway
+                .exec(&["nft", "flush", "ruleset"])
+                .expect("nft flush ruleset");
+            let _ = gateway
+                .exec(&["nft", "delete", "table", "inet", "fwnp"])
+                .expect("nft delete table");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    assert_eq!(
+        passed, 0,
+        "{passed} datagrams to a port with no lease passed while the table was being flushed or deleted"
+    );
+    // The table is still ours and intact; the others were refused or passed it by.
+    assert!(nft_refuses(
+        gateway,
+        &["nft", "delete", "table", "inet", "fwnp"]
+    ));
+    assert!(nft_refuses(
+        gateway,
+        &["nft", "flush", "chain", "inet", "fwnp", "guard"]
+    ));
+    assert!(
+        nft_objects(&nft_json(gateway), "table", "fwnp").len() == 1,
+        "nft no longer lists the table"
+    );
+    // Leases still work.
+    runtime().block_on(async {
+        batcher
+            .add(udp(topo.host_v4, LEASED_PORT), Duration::from_secs(30))
+            .await
+            .expect("add");
+    });
+    assert!(
+        outside_udp(&topo, topo.host_v4, LEASED_PORT),
+        "a lease no longer opens"
+    );
+}
+
+#[test]
+fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
+    if !require_root("the_table_outlives_its_owner_and_a_new_handle_claims_it") {
+        return;
+    }
+    let topo = topology();
+    let _server =
+        UdpEchoServer::start_ports(&topo.host, &[LEASED_PORT, LEASED_PORT + 1]).expect("server");
+    let layout = gateway_layout(Refuse::Drop);
+    let batcher = start(&topo.gateway, &layout);
+    let open = udp(topo.host_v4, LEASED_PORT);
+    runtime().block_on(async {
+        batcher
+            .add(open.clone(), Duration::from_secs(3))
+            .await
+            .expect("add");
+    });
+    // Another handle of the same process reads the table (as the event socket and `nft list`
+    // do) but cannot change it.
+    topo.gateway.run(|| {
+        let mut other = Netfilter::open().expect("handle");
+        assert_eq!(
+            other
+                .elements(&layout)
+                .expect("read by another handle")
+                .len(),
+            1
+        );
+        assert!(
+            other
+                .table_present(&layout)
+                .expect("check by another handle")
+        );
+        let refused = other
+            .commit(&layout, &[fwnp_netfilter::Change::Remove(open.clone())])
+            .expect("commit");
+        assert!(
+            matches!(
+                refused[0],
+                Err(Error::PermissionDenied | Error::TableOwned { .. })
+            ),
+            "{refused:?}"
+        );
+        let replaced = other.apply(&layout, &[]);
+        assert!(
+            matches!(replaced, Err(Error::TableOwned { .. })),
+            "{replaced:?}"
+        );
+    });
+
+    // The owner goes (its socket closes, as when the gateway dies): the table stays, and so
+    // does the element, which still ends by its own timeout.
+    runtime().block_on(batcher.shutdown());
+    assert!(
+        wait_until(Duration::from_secs(3), POLL, || !nft_refuses(
+            &topo.gateway,
+            &[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "fwnp",
+                "lease4",
+                "{ 198.51.100.99 . tcp . 1 timeout 1s }"
+            ]
+        )),
+        "the table stayed owned after its owner closed"
+    );
+    assert!(
+        outside_udp(&topo, topo.host_v4, LEASED_PORT),
+        "the opening went with its owner"
+    );
+    assert!(
+        !outside_udp(&topo, topo.host_v4, LEASED_PORT + 1),
+        "the orphaned table lets unleased traffic in"
+    );
+    assert!(
+        until(Duration::from_secs(5), false, || outside_udp(
+            &topo,
+            topo.host_v4,
+            LEASED_PORT
+        ))
+        .is_some(),
+        "the element outlived its timeout in the orphaned table"
+    );
+
+    // A new handle (a restarted gateway) claims it in its reconcile, keeps its structure, and
+    // nobody else can change it again.
+    let batcher = topo.gateway.run(|| {
+        let nf = Netfilter::open().expect("handle");
+        assert_eq!(nf.ownership(), Ownership::Owned);
+        Batcher::start(nf, layout.clone(), BatcherConfig::default()).expect("batcher")
+    });
+    let report = runtime()
+        .block_on(batcher.reconcile(vec![(
+            udp(topo.host_v4, LEASED_PORT + 1),
+            Duration::from_secs(30),
+        )]))
+        .expect("reconcile");
+    assert!(!report.table_recreated, "{report:?}");
+    assert!(
+        nft_refuses(&topo.gateway, &["nft", "delete", "table", "inet", "fwnp"]),
+        "the claimed table can be deleted by others"
+    );
+    assert!(outside_udp(&topo, topo.host_v4, LEASED_PORT + 1));
+}
+
+#[test]
+fn a_shared_table_is_an_ordinary_table() {
+    if !require_root("a_shared_table_is_an_ordinary_table") {
+        return;
+    }
+    let topo = topology();
+    let layout = gateway_layout(Refuse::Drop);
+    let _nf = topo.gateway.run(|| {
+        let mut nf = Netfilter::open().expect("handle");
+        nf.set_ownership(Ownership::Shared);
+        nf.apply(&layout, &[]).expect("apply");
+        nf
+    });
+    assert!(!nft_refuses(
+        &topo.gateway,
+        &["nft", "delete", "table", "inet", "fwnp"]
+    ));
+}
+
+#[test]
+fn the_host_table_is_owned_too() {
+    if !require_root("the_host_table_is_owned_too") {
+        return;
+    }
+    let topo = topology();
+    let _server = fwnp_netfilter::lab::TcpEchoServer::start(&topo.host, 8080).expect("server");
+    let layout = host_layout(fwnp_netfilter::HostMode::Enforce, Vec::new());
+    let _nf = open_and_apply(&topo.host, &layout, &[]);
+    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+    let _ = topo
+        .host
+        .exec(&["nft", "flush", "ruleset"])
+        .expect("nft flush ruleset");
+    assert!(nft_refuses(
+        &topo.host,
+        &["nft", "delete", "table", "inet", "fwnp_host"]
+    ));
+    assert_eq!(
+        nft_objects(&nft_json(&topo.host), "table", "fwnp_host").len(),
+        1
+    );
+    assert!(
+        !outside_tcp(&topo, topo.host_v4, 8080),
+        "the host is open after a flush"
+    );
+}
