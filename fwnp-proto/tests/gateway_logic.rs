@@ -5,10 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use fwnp_proto::gateway::{
-    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, resolve_host_address,
+    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, resolve_host_addresses,
 };
 use fwnp_proto::{
-    AppInfo, Common, Grant, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange, Prefix, Protocol,
+    AppInfo, Common, Grant, HostAddresses, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange, Prefix, Protocol,
     ResultCode, RevokeReason, Target,
 };
 use rand::rngs::StdRng;
@@ -36,7 +36,7 @@ fn open_tcp(port: u16, lifetime: Option<u32>) -> Open {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(port),
             },
-            host: None,
+            host: HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
         },
@@ -506,15 +506,15 @@ fn nothing_granted_is_denied_by_policy() {
 fn address_mismatch_unless_third_party() {
     let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
     let mut open = open_tcp(80, None);
-    open.opening.host = Some(ADDR_B);
-    let refused = resolve_host_address(&open.opening, &[ADDR_A, v6], false);
+    open.opening.host = HostAddresses::One(ADDR_B);
+    let refused = resolve_host_addresses(&open.opening, &[ADDR_A, v6], false);
     assert_eq!(
         refused.map_err(|r| r.code()),
         Err(ResultCode::AddressMismatch)
     );
     assert_eq!(
-        resolve_host_address(&open.opening, &[ADDR_A, v6], true),
-        Ok(ADDR_B)
+        resolve_host_addresses(&open.opening, &[ADDR_A, v6], true),
+        Ok(vec![ADDR_B])
     );
 }
 

@@ -403,7 +403,7 @@ pub(crate) fn open_msg(
                 protocol,
                 ports: PortRange::single(port),
             },
-            host: None,
+            host: fwnp_proto::HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
         },

@@ -218,7 +218,7 @@ fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: 
                 common,
                 opening: Opening {
                     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(port) },
-                    host: Some(host.address),
+                    host: fwnp_proto::HostAddresses::One(host.address),
                     family: None,
                     remotes: Vec::new(),
                 },
