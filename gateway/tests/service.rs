@@ -2413,3 +2413,45 @@ async fn remote_prefixes_of_a_family_the_host_lacks_are_an_address_mismatch() {
     let d = denied(web.open(from_v6, None).await);
     assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
 }
+
+/// The size bounds of spec section 5.4 hold when the grants multiply by the host's addresses:
+/// a Granted that 16 addresses make too large is refused (denied-by-policy, nothing left
+/// behind), and a List of leases that each fit but together do not is answered no-resources,
+/// never with a partial list or an oversized answer.
+#[tokio::test]
+async fn size_limits_hold_when_grants_multiply_by_addresses() {
+    let gw = TestGateway::start("many-addresses", DUAL_STACK_POLICY).await;
+    let addresses: Vec<IpAddr> = (1..=16).map(|i| v4(192, 0, 2, i)).collect();
+    let (client, welcome) = gw.welcomed_host("web-16", &addresses).await;
+    assert_eq!(welcome.addresses.len(), 16);
+    let prefixes = |count: u32| -> Vec<fwnp_proto::Prefix> {
+        (0..count)
+            .map(|i| fwnp_proto::Prefix { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), len: 24 })
+            .collect()
+    };
+
+    // 300 prefixes fit in a grant on one address; on 16, twice (https), they do not.
+    let mut big = app("https");
+    big.remotes = prefixes(300);
+    let d = denied(client.open(big, None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    assert!(client.list().await.leases.is_empty(), "no lease is left behind");
+
+    // Four leases of 16 grants with 40 prefixes each: every Granted fits, their List does not.
+    for port in 7100..7104 {
+        let mut opening = tcp(port);
+        opening.remotes = prefixes(40);
+        let g = granted(client.open(opening, None).await);
+        assert_eq!(g.grants.len(), 16);
+    }
+    let bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List { common: common(Some(9)) }));
+    match client.exchange(&bytes).await {
+        Exchange::Answer(answer) => {
+            assert!(answer.len() <= MAX_MESSAGE_SIZE, "{} bytes", answer.len());
+            let d = denied(fwnp_proto::codec::decode(&answer).expect("decodes"));
+            assert_eq!(d.code, ResultCode::NoResources, "{d:?}");
+            assert!(d.retry_after.is_some());
+        }
+        other => panic!("no usable answer: {other:?}"),
+    }
+}
