@@ -1429,9 +1429,16 @@ mod tests {
         );
         // Refused for its trailing bytes, the request still names its id.
         let trailing = hex("a2000601070000");
-        assert!(matches!(decode(&trailing), Err(DecodeError::TrailingBytes { extra: 2 })));
+        assert!(matches!(
+            decode(&trailing),
+            Err(DecodeError::TrailingBytes { extra: 2 })
+        ));
         assert_eq!(peek_request_id(&trailing), Some(7));
-        assert_eq!(peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]), None, "oversized");
+        assert_eq!(
+            peek_request_id(&vec![0u8; MAX_MESSAGE_SIZE + 1]),
+            None,
+            "oversized"
+        );
     }
 
     #[test]
@@ -1469,7 +1476,14 @@ mod tests {
                 }),
             })
             .collect();
-        Leases { common: Common { request_id: Some(9), critical: vec![] }, leases, epoch: 77 }
+        Leases {
+            common: Common {
+                request_id: Some(9),
+                critical: vec![],
+            },
+            leases,
+            epoch: 77,
+        }
     }
 
     fn encoded_size(answer: &Leases) -> usize {
@@ -1495,7 +1509,16 @@ mod tests {
         // Every lease is still listed, unchanged but for its application information.
         assert_eq!(answer.leases.len(), before.leases.len());
         for (fitted, original) in answer.leases.iter().zip(&before.leases) {
-            assert_eq!(LeaseInfo { app: None, ..fitted.clone() }, LeaseInfo { app: None, ..original.clone() });
+            assert_eq!(
+                LeaseInfo {
+                    app: None,
+                    ..fitted.clone()
+                },
+                LeaseInfo {
+                    app: None,
+                    ..original.clone()
+                }
+            );
         }
         // Those that kept it come first, and giving it back to one more would not fit.
         let kept = answer.leases.iter().take_while(|l| l.app.is_some()).count();

@@ -171,7 +171,10 @@ pub struct PortRange {
 impl PortRange {
     /// One port.
     pub fn single(port: u16) -> Self {
-        PortRange { first: port, last: port }
+        PortRange {
+            first: port,
+            last: port,
+        }
     }
 
     /// How many ports the range holds (0 only for a reversed range).

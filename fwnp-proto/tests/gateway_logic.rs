@@ -8,8 +8,8 @@ use fwnp_proto::gateway::{
     LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, resolve_host_addresses,
 };
 use fwnp_proto::{
-    AppInfo, Common, Grant, HostAddresses, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange, Prefix, Protocol,
-    ResultCode, RevokeReason, Target,
+    AppInfo, Common, Grant, HostAddresses, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange,
+    Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -117,9 +117,18 @@ fn lease_ids_start_with_their_creation_time_and_end_in_random_bits() {
     let mut rng = rng();
     let mut ids = Vec::new();
     // Two in the same millisecond, then one a millisecond and one a day later.
-    for (i, now) in [NOW, NOW, NOW + 1, NOW + 86_400_000].into_iter().enumerate() {
+    for (i, now) in [NOW, NOW, NOW + 1, NOW + 86_400_000]
+        .into_iter()
+        .enumerate()
+    {
         let port = 1000 + i as u16;
-        ids.push(new_lease(book.open(now, HOST_A, &open_tcp(port, None), &facts(ADDR_A, port, None), &mut rng)));
+        ids.push(new_lease(book.open(
+            now,
+            HOST_A,
+            &open_tcp(port, None),
+            &facts(ADDR_A, port, None),
+            &mut rng,
+        )));
     }
     for (id, now) in ids.iter().zip([NOW, NOW, NOW + 1, NOW + 86_400_000]) {
         assert_eq!(id.0[..6], now.to_be_bytes()[2..], "{id}");

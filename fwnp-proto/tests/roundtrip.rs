@@ -131,9 +131,11 @@ fn opening() -> impl Strategy<Value = Opening> {
         )
             .prop_map(|(mut hosts, with_family, remotes, f)| {
                 let mut seen = Vec::new();
-                hosts.retain(|h| !seen.contains(h) && {
-                    seen.push(*h);
-                    true
+                hosts.retain(|h| {
+                    !seen.contains(h) && {
+                        seen.push(*h);
+                        true
+                    }
                 });
                 (hosts, if with_family { Some(f) } else { None }, remotes)
             })

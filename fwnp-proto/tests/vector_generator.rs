@@ -1447,7 +1447,11 @@ fn vectors() -> Vec<Vector> {
         "host-addresses-one",
         "Open whose key 4 is an array of one address: one address is written as a byte string.",
         edited(&open_tcp_443(), |m| {
-            set(get(m, 3), 4, Value::Array(vec![Value::Bytes(vec![192, 0, 2, 10])]))
+            set(
+                get(m, 3),
+                4,
+                Value::Array(vec![Value::Bytes(vec![192, 0, 2, 10])]),
+            )
         }),
         "host-address-count",
         R::MalformedOption,

@@ -41,15 +41,24 @@ pub struct AdminError {
 impl AdminError {
     /// A request the operator can correct (400).
     pub fn bad_request(message: impl Into<String>) -> Self {
-        AdminError { status: StatusCode::BAD_REQUEST, message: message.into() }
+        AdminError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
     }
     /// Something that does not exist (404).
     pub fn not_found(message: impl Into<String>) -> Self {
-        AdminError { status: StatusCode::NOT_FOUND, message: message.into() }
+        AdminError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
     }
     /// A failure of the gateway itself (500).
     pub fn internal(message: impl Into<String>) -> Self {
-        AdminError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into() }
+        AdminError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: message.into(),
+        }
     }
 }
 
@@ -106,7 +115,9 @@ async fn revoke(
     UrlPath(id): UrlPath<String>,
     body: Option<Json<Value>>,
 ) -> AdminResult {
-    let lease = id.parse().map_err(|_| AdminError::bad_request(format!("{id:?} is not a lease id")))?;
+    let lease = id
+        .parse()
+        .map_err(|_| AdminError::bad_request(format!("{id:?} is not a lease id")))?;
     let reason = body
         .as_ref()
         .and_then(|Json(v)| v.get("reason"))
@@ -139,7 +150,9 @@ async fn reload(State(service): State<Arc<Service>>) -> AdminResult {
         }
         Ok(Json(result))
     });
-    reload.await.map_err(|e| AdminError::internal(format!("the reload did not finish: {e}")))?
+    reload
+        .await
+        .map_err(|e| AdminError::internal(format!("the reload did not finish: {e}")))?
 }
 
 async fn explain(State(service): State<Arc<Service>>, Json(body): Json<Value>) -> AdminResult {

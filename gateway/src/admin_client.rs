@@ -17,7 +17,9 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/fwnp/gateway.sock";
 #[non_exhaustive]
 pub enum AdminClientError {
     /// The socket could not be reached: the gateway does not run, or the caller is not root.
-    #[error("cannot reach the gateway's admin socket {path}: {source} (is fwnp-gateway running, and are you root?)")]
+    #[error(
+        "cannot reach the gateway's admin socket {path}: {source} (is fwnp-gateway running, and are you root?)"
+    )]
     Connect {
         /// The socket.
         path: PathBuf,
@@ -56,7 +58,9 @@ pub struct AdminClient {
 impl AdminClient {
     /// A client for the socket at `socket`; nothing is connected until a call.
     pub fn new(socket: impl AsRef<Path>) -> Self {
-        AdminClient { socket: socket.as_ref().to_owned() }
+        AdminClient {
+            socket: socket.as_ref().to_owned(),
+        }
     }
 
     /// `GET path` (with its query string).
@@ -69,10 +73,18 @@ impl AdminClient {
         self.call(Method::POST, path, Some(body)).await
     }
 
-    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, AdminClientError> {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, AdminClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| AdminClientError::Connect { path: self.socket.clone(), source })?;
+            .map_err(|source| AdminClientError::Connect {
+                path: self.socket.clone(),
+                source,
+            })?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| AdminClientError::Http(e.to_string()))?;
@@ -85,7 +97,10 @@ impl AdminClient {
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(bytes))
             .map_err(|e| AdminClientError::Http(e.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|e| AdminClientError::Http(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| AdminClientError::Http(e.to_string()))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -93,14 +108,18 @@ impl AdminClient {
             .await
             .map_err(|e| AdminClientError::Http(e.to_string()))?
             .to_bytes();
-        let value: Value = serde_json::from_slice(&body)
-            .map_err(|_| AdminClientError::NotJson(String::from_utf8_lossy(&body).chars().take(200).collect()))?;
+        let value: Value = serde_json::from_slice(&body).map_err(|_| {
+            AdminClientError::NotJson(String::from_utf8_lossy(&body).chars().take(200).collect())
+        })?;
         if status != StatusCode::OK {
             let message = value
                 .get("error")
                 .and_then(Value::as_str)
                 .map_or_else(|| value.to_string(), str::to_owned);
-            return Err(AdminClientError::Refused { status: status.as_u16(), message });
+            return Err(AdminClientError::Refused {
+                status: status.as_u16(),
+                message,
+            });
         }
         Ok(value)
     }

@@ -187,7 +187,10 @@ struct RawStore {
 
 impl Default for RawStore {
     fn default() -> Self {
-        RawStore { synchronous: default_synchronous(), audit_retention: default_retention() }
+        RawStore {
+            synchronous: default_synchronous(),
+            audit_retention: default_retention(),
+        }
     }
 }
 
@@ -222,8 +225,10 @@ fn default_retention() -> Spanned<String> {
 impl GatewayConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -231,7 +236,12 @@ impl GatewayConfig {
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         let at = |span: std::ops::Range<usize>, reason: String| {
             let (line, column) = line_column(text, span.start);
-            ConfigError::Invalid { origin: origin.to_owned(), line, column, reason }
+            ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line,
+                column,
+                reason,
+            }
         };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
@@ -241,7 +251,10 @@ impl GatewayConfig {
         let mut listen = Vec::with_capacity(raw.listen.len());
         for addr in &raw.listen {
             listen.push(addr.get_ref().parse::<SocketAddr>().map_err(|e| {
-                at(addr.span(), format!("listen address {:?}: {e}", addr.get_ref()))
+                at(
+                    addr.span(),
+                    format!("listen address {:?}: {e}", addr.get_ref()),
+                )
             })?);
         }
         if listen.is_empty() {
@@ -249,7 +262,10 @@ impl GatewayConfig {
         }
         let metrics = match &raw.metrics {
             Some(addr) => Some(addr.get_ref().parse::<SocketAddr>().map_err(|e| {
-                at(addr.span(), format!("metrics address {:?}: {e}", addr.get_ref()))
+                at(
+                    addr.span(),
+                    format!("metrics address {:?}: {e}", addr.get_ref()),
+                )
             })?),
             None => None,
         };
@@ -257,7 +273,9 @@ impl GatewayConfig {
         let table = raw.filter.table.get_ref();
         if table.is_empty()
             || table.len() > 64
-            || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || !table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             return Err(at(
                 raw.filter.table.span(),
@@ -273,7 +291,10 @@ impl GatewayConfig {
             let n = name.get_ref();
             // IFNAMSIZ is 16 with the terminating NUL.
             if n.is_empty() || n.len() > 15 || n.contains(['/', ' ']) {
-                return Err(at(name.span(), format!("interface name {n:?} is not valid")));
+                return Err(at(
+                    name.span(),
+                    format!("interface name {n:?} is not valid"),
+                ));
             }
             inbound_interfaces.push(n.clone());
         }
@@ -337,7 +358,10 @@ impl GatewayConfig {
                 max_streams: raw.limits.max_streams,
                 request_timeout,
             },
-            store: StoreConfig { synchronous_full, audit_retention },
+            store: StoreConfig {
+                synchronous_full,
+                audit_retention,
+            },
         })
     }
 }
@@ -366,9 +390,16 @@ pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
         },
     };
     if net.trunc() != net {
-        return Err(format!("{text:?} has host bits set beyond /{}; did you mean {}?", net.prefix_len(), net.trunc()));
+        return Err(format!(
+            "{text:?} has host bits set beyond /{}; did you mean {}?",
+            net.prefix_len(),
+            net.trunc()
+        ));
     }
-    Ok(Prefix { addr: net.addr(), len: net.prefix_len() })
+    Ok(Prefix {
+        addr: net.addr(),
+        len: net.prefix_len(),
+    })
 }
 
 #[cfg(test)]
@@ -394,7 +425,10 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         assert_eq!(config.filter.table, "fwnp");
         assert!(!config.filter.reject);
         assert_eq!(config.limits.request_timeout, Duration::from_secs(10));
-        assert_eq!(config.store.audit_retention, Duration::from_secs(90 * 86400));
+        assert_eq!(
+            config.store.audit_retention,
+            Duration::from_secs(90 * 86400)
+        );
         assert_eq!(config.admin_socket, PathBuf::from("/run/fwnp/gateway.sock"));
     }
 
@@ -442,6 +476,9 @@ mod example_tests {
         let text = include_str!("../examples/gateway.toml");
         let config = super::GatewayConfig::parse(text, "examples/gateway.toml").expect("valid");
         assert_eq!(config.filter.protected.len(), 2);
-        assert_eq!(config.metrics, Some("127.0.0.1:9771".parse().expect("address")));
+        assert_eq!(
+            config.metrics,
+            Some("127.0.0.1:9771".parse().expect("address"))
+        );
     }
 }

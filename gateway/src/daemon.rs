@@ -44,8 +44,14 @@ pub enum DaemonError {
 pub fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Checks what a start would read: the policy and the TLS files.
@@ -82,7 +88,11 @@ pub fn layout(config: &GatewayConfig) -> Layout {
         table: config.filter.table.clone(),
         protected: config.filter.protected.clone(),
         inbound_interfaces: config.filter.inbound_interfaces.clone(),
-        refuse: if config.filter.reject { Refuse::Reject } else { Refuse::Drop },
+        refuse: if config.filter.reject {
+            Refuse::Reject
+        } else {
+            Refuse::Drop
+        },
     })
 }
 
@@ -106,7 +116,9 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         let mut repairs = filter.repairs();
         tokio::spawn(async move {
             while let Ok(event) = repairs.recv().await {
-                warn!("the kernel table was changed by someone else and has been repaired: {event:?}");
+                warn!(
+                    "the kernel table was changed by someone else and has been repaired: {event:?}"
+                );
             }
         });
     }
@@ -114,8 +126,11 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
 
     let mut endpoints = Vec::new();
     for addr in &config.listen {
-        let endpoint = quinn::Endpoint::server(tls.clone(), *addr)
-            .map_err(|source| DaemonError::Io { what: format!("listen on {addr}"), source })?;
+        let endpoint =
+            quinn::Endpoint::server(tls.clone(), *addr).map_err(|source| DaemonError::Io {
+                what: format!("listen on {addr}"),
+                source,
+            })?;
         info!(%addr, "listening (QUIC, ALPN fwnp/1)");
         tokio::spawn(crate::server::serve(endpoint.clone(), service.clone()));
         service.add_endpoint(endpoint.clone());
@@ -127,7 +142,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         let path = admin_path.clone();
         // Bind before announcing readiness so fwnpctl works as soon as systemd says it does.
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io { what: format!("create {}", dir.display()), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| DaemonError::Io {
+                what: format!("create {}", dir.display()),
+                source,
+            })?;
         }
         tokio::spawn(async move {
             if let Err(e) = crate::admin::serve(&path, service).await {
@@ -138,7 +156,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     if let Some(addr) = config.metrics {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| DaemonError::Io { what: format!("metrics on {addr}"), source })?;
+            .map_err(|source| DaemonError::Io {
+                what: format!("metrics on {addr}"),
+                source,
+            })?;
         let service = service.clone();
         tokio::spawn(async move {
             let app = axum::Router::new().route(
@@ -159,9 +180,18 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(epoch = format_args!("{:016x}", service.epoch()), "ready");
 
-    let mut hangup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Io { what: "SIGHUP handler".into(), source })?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io { what: "SIGTERM handler".into(), source })?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io { what: "SIGINT handler".into(), source })?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Io {
+        what: "SIGHUP handler".into(),
+        source,
+    })?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io {
+        what: "SIGTERM handler".into(),
+        source,
+    })?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io {
+        what: "SIGINT handler".into(),
+        source,
+    })?;
     loop {
         tokio::select! {
             _ = hangup.recv() => {
@@ -180,10 +210,15 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-    info!("stopping: leases stay in the kernel until they expire and are restored at the next start");
+    info!(
+        "stopping: leases stay in the kernel until they expire and are restored at the next start"
+    );
     service.going_away(5).await;
     for endpoint in &endpoints {
-        endpoint.close(quinn::VarInt::from_u32(fwnp_proto::QuicErrorCode::GoingAway.code()), b"stopping");
+        endpoint.close(
+            quinn::VarInt::from_u32(fwnp_proto::QuicErrorCode::GoingAway.code()),
+            b"stopping",
+        );
     }
     for endpoint in &endpoints {
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
@@ -197,7 +232,8 @@ async fn housekeeping(service: Arc<Service>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        let retention = u64::try_from(service.config.store.audit_retention.as_millis()).unwrap_or(u64::MAX);
+        let retention =
+            u64::try_from(service.config.store.audit_retention.as_millis()).unwrap_or(u64::MAX);
         let before = crate::store::now_ms().saturating_sub(retention);
         match service.store().writer().prune(before, 10_000).await {
             Ok((audit, leases)) if audit + leases > 0 => {

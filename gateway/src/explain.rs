@@ -17,12 +17,19 @@ use crate::policy::{Item, Policy, Request, Verdict, parse_prefix};
 /// Evaluates a described request against `policy` and returns the explanation as JSON, or
 /// what is wrong with the description.
 pub fn explain_json(policy: &Policy, body: &Value) -> Result<Value, String> {
-    let host = body.get("host").and_then(Value::as_str).ok_or("`host` (the identity) is required")?;
-    let open = body.get("open").and_then(Value::as_str).ok_or("`open` (e.g. \"tcp/8080\") is required")?;
+    let host = body
+        .get("host")
+        .and_then(Value::as_str)
+        .ok_or("`host` (the identity) is required")?;
+    let open = body
+        .get("open")
+        .and_then(Value::as_str)
+        .ok_or("`open` (e.g. \"tcp/8080\") is required")?;
     let item: Item = open.parse().map_err(|e| format!("open {open:?}: {e}"))?;
     let parse_addr = |v: &Value| -> Result<IpAddr, String> {
         let text = v.as_str().ok_or("addresses are strings")?;
-        text.parse().map_err(|_| format!("{text:?} is not an address"))
+        text.parse()
+            .map_err(|_| format!("{text:?} is not an address"))
     };
     let address = body.get("address").map(parse_addr).transpose()?;
     let mut addresses = match body.get("addresses").and_then(Value::as_array) {
@@ -46,7 +53,12 @@ pub fn explain_json(policy: &Policy, body: &Value) -> Result<Value, String> {
         .get("lifetime")
         .and_then(Value::as_u64)
         .map(|l| u32::try_from(l).unwrap_or(u32::MAX));
-    let opening = Opening { target: item.to_target(), host: HostAddresses::One(host_address), family: None, remotes };
+    let opening = Opening {
+        target: item.to_target(),
+        host: HostAddresses::One(host_address),
+        family: None,
+        remotes,
+    };
     let request = Request::for_opening(host, &addresses, host_address, &opening, lifetime);
     let explanation = policy.explain(&request);
     let decision = &explanation.decision;

@@ -296,7 +296,10 @@ impl RevokedCertificates {
 
     /// The serials listed, of every issuer, in order.
     pub fn serials(&self) -> Vec<Serial> {
-        self.entries.iter().map(|name| name.serial.clone()).collect()
+        self.entries
+            .iter()
+            .map(|name| name.serial.clone())
+            .collect()
     }
 }
 
@@ -366,14 +369,22 @@ mod tests {
     /// A CA named `name`: its issuer, for signing certificates and CRLs.
     fn test_ca(name: &str) -> rcgen::Issuer<'static, rcgen::KeyPair> {
         let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
         let key = rcgen::KeyPair::generate().expect("key");
         rcgen::Issuer::new(params, key)
     }
 
-    fn crl_listing(issuer: &rcgen::Issuer<'_, rcgen::KeyPair>, serial: &[u8]) -> CertificateRevocationListDer<'static> {
+    fn crl_listing(
+        issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+        serial: &[u8],
+    ) -> CertificateRevocationListDer<'static> {
         let now = rcgen::date_time_ymd(2026, 1, 1);
         let params = rcgen::CertificateRevocationListParams {
             this_update: now,
@@ -404,11 +415,18 @@ mod tests {
         assert_eq!(peer.certificate.serial, Serial::from_der_bytes(&serial));
 
         let by_another_ca = revoked_certificates(&[crl_listing(&theirs, &serial)]).expect("crl");
-        assert_eq!(by_another_ca.serials(), vec![peer.certificate.serial.clone()]);
-        assert!(!by_another_ca.lists(&peer.certificate), "a serial of another issuer matched");
+        assert_eq!(
+            by_another_ca.serials(),
+            vec![peer.certificate.serial.clone()]
+        );
+        assert!(
+            !by_another_ca.lists(&peer.certificate),
+            "a serial of another issuer matched"
+        );
         let by_its_ca = revoked_certificates(&[crl_listing(&ours, &serial)]).expect("crl");
         assert!(by_its_ca.lists(&peer.certificate));
-        let both = revoked_certificates(&[crl_listing(&theirs, &serial), crl_listing(&ours, &[1])]).expect("crls");
+        let both = revoked_certificates(&[crl_listing(&theirs, &serial), crl_listing(&ours, &[1])])
+            .expect("crls");
         assert!(!both.lists(&peer.certificate));
     }
 

@@ -42,8 +42,8 @@ impl Default for Metrics {
 impl Metrics {
     /// Creates and registers the metrics.
     pub fn new() -> Self {
-        let registry = Registry::new_custom(Some("fwnp".to_owned()), None)
-            .expect("a constant, valid prefix");
+        let registry =
+            Registry::new_custom(Some("fwnp".to_owned()), None).expect("a constant, valid prefix");
         // The names and help texts below are constants; registration can only fail on a
         // duplicate name, which the constants rule out.
         let requests = IntCounterVec::new(
@@ -51,8 +51,7 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
-        let live_leases =
-            IntGauge::new("live_leases", "Leases alive now").expect("valid metric");
+        let live_leases = IntGauge::new("live_leases", "Leases alive now").expect("valid metric");
         let grant_latency = Histogram::with_opts(
             HistogramOpts::new("grant_latency_seconds", "From request to Granted answer")
                 .buckets(prometheus::exponential_buckets(0.000_1, 2.0, 16).expect("valid")),
@@ -63,18 +62,26 @@ impl Metrics {
         let kernel_changes =
             IntCounter::new("kernel_changes_total", "Element changes sent to the kernel")
                 .expect("valid metric");
-        let kernel_failed_changes =
-            IntCounter::new("kernel_failed_changes_total", "Element changes the kernel refused")
-                .expect("valid metric");
-        let kernel_batch_seconds =
-            Counter::new("kernel_batch_seconds_total", "Time spent in netlink transactions")
-                .expect("valid metric");
-        let kernel_last_batch_size =
-            IntGauge::new("kernel_last_batch_size", "Element changes in the latest transaction")
-                .expect("valid metric");
-        let kernel_repairs =
-            IntCounter::new("kernel_repairs_total", "Repairs of the table after outside changes")
-                .expect("valid metric");
+        let kernel_failed_changes = IntCounter::new(
+            "kernel_failed_changes_total",
+            "Element changes the kernel refused",
+        )
+        .expect("valid metric");
+        let kernel_batch_seconds = Counter::new(
+            "kernel_batch_seconds_total",
+            "Time spent in netlink transactions",
+        )
+        .expect("valid metric");
+        let kernel_last_batch_size = IntGauge::new(
+            "kernel_last_batch_size",
+            "Element changes in the latest transaction",
+        )
+        .expect("valid metric");
+        let kernel_repairs = IntCounter::new(
+            "kernel_repairs_total",
+            "Repairs of the table after outside changes",
+        )
+        .expect("valid metric");
         let connections =
             IntGauge::new("connections", "Open QUIC connections").expect("valid metric");
         let lease_ends = IntCounterVec::new(
@@ -135,14 +142,18 @@ impl Metrics {
         if seconds > now {
             self.kernel_batch_seconds.inc_by(seconds - now);
         }
-        self.kernel_last_batch_size.set(i64::try_from(stats.last_batch_size).unwrap_or(i64::MAX));
+        self.kernel_last_batch_size
+            .set(i64::try_from(stats.last_batch_size).unwrap_or(i64::MAX));
     }
 
     /// The metrics in Prometheus's text format.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
         let encoder = TextEncoder::new();
-        if encoder.encode(&self.registry.gather(), &mut buffer).is_err() {
+        if encoder
+            .encode(&self.registry.gather(), &mut buffer)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buffer).unwrap_or_default()
@@ -173,6 +184,9 @@ mod tests {
         assert!(text.contains("fwnp_kernel_batches_total 5"), "{text}");
         assert!(text.contains("fwnp_kernel_changes_total 150"), "{text}");
         assert!(text.contains("fwnp_kernel_last_batch_size 40"), "{text}");
-        assert!(text.contains("fwnp_requests_total{outcome=\"granted\"} 1"), "{text}");
+        assert!(
+            text.contains("fwnp_requests_total{outcome=\"granted\"} 1"),
+            "{text}"
+        );
     }
 }

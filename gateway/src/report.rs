@@ -24,7 +24,13 @@ fn name_of(identity: &str) -> String {
         .unwrap_or(identity);
     let mut name: String = tail
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     name = name.trim_matches('-').to_owned();
     if name.is_empty() {
@@ -44,7 +50,9 @@ pub fn suggest_policy(rows: &[ReportRow]) -> String {
             (None, Some(protocol), Some(ports)) => Item::Ports { protocol, ports },
             _ => continue,
         };
-        let entry = hosts.entry(row.identity.as_str()).or_insert((Vec::new(), 0, 0));
+        let entry = hosts
+            .entry(row.identity.as_str())
+            .or_insert((Vec::new(), 0, 0));
         if !entry.0.contains(&item) {
             entry.0.push(item);
         }
@@ -60,7 +68,11 @@ pub fn suggest_policy(rows: &[ReportRow]) -> String {
         let base = name_of(identity);
         let count = used_names.entry(base.clone()).or_insert(0);
         *count += 1;
-        let name = if *count == 1 { base } else { format!("{base}-{count}") };
+        let name = if *count == 1 {
+            base
+        } else {
+            format!("{base}-{count}")
+        };
         // Leases are renewed while held, so the lifetime only needs to cover a renewal
         // interval; the p90 of the time held, doubled, bounded, is a comfortable maximum.
         let held_secs = u32::try_from(p90_held_ms / 1000).unwrap_or(u32::MAX);
@@ -69,7 +81,9 @@ pub fn suggest_policy(rows: &[ReportRow]) -> String {
             .clamp(MIN_SUGGESTED_MAX_LIFETIME, MAX_SUGGESTED_MAX_LIFETIME);
         let mut rule = RuleSpec::allow(&name, &[name.as_str()], items);
         rule.max_lifetime_secs = Some(max_lifetime);
-        builder = builder.group(GroupSpec::by_identity(&name, &[identity])).rule(rule);
+        builder = builder
+            .group(GroupSpec::by_identity(&name, &[identity]))
+            .rule(rule);
     }
     builder.to_toml()
 }
@@ -113,18 +127,33 @@ mod tests {
         let policy = Policy::from_str(&text, "suggested.toml").expect("the suggestion parses");
         let rules: Vec<_> = policy.rules().map(|(r, _)| r.clone()).collect();
         assert_eq!(rules.len(), 2, "{text}");
-        let web = rules.iter().find(|r| r.name == "web-01").expect("a rule for web-01");
+        let web = rules
+            .iter()
+            .find(|r| r.name == "web-01")
+            .expect("a rule for web-01");
         assert_eq!(web.items.len(), 2);
         assert_eq!(web.max_lifetime_secs, Some(600));
-        let db = rules.iter().find(|r| r.name == "db-01").expect("a rule for db-01");
-        assert_eq!(db.items, vec![Item::Ports { protocol: Protocol::Tcp, ports: PortRange::single(5432) }]);
+        let db = rules
+            .iter()
+            .find(|r| r.name == "db-01")
+            .expect("a rule for db-01");
+        assert_eq!(
+            db.items,
+            vec![Item::Ports {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(5432)
+            }]
+        );
         assert_eq!(db.max_lifetime_secs, Some(14_400));
     }
 
     #[test]
     fn names_come_from_identities() {
         assert_eq!(name_of("fwnp://host/web-01"), "web-01");
-        assert_eq!(name_of("spiffe://example.org/host/db"), "example-org-host-db");
+        assert_eq!(
+            name_of("spiffe://example.org/host/db"),
+            "example-org-host-db"
+        );
         assert_eq!(name_of("gw.example.net"), "gw-example-net");
     }
 }

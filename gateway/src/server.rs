@@ -49,7 +49,9 @@ pub struct Session {
 impl Session {
     /// The identity, or a placeholder for audit when the certificate named none.
     pub fn identity(&self) -> &str {
-        self.peer.as_ref().map_or("(no identity)", |p| p.identity.as_str())
+        self.peer
+            .as_ref()
+            .map_or("(no identity)", |p| p.identity.as_str())
     }
 
     /// Sends a notice on a new unidirectional stream; a failure only means the host is gone,
@@ -67,7 +69,11 @@ impl Session {
         }
         .await;
         if let Err(e) = result {
-            debug!(session = self.id, identity = self.identity(), "notice not delivered: {e}");
+            debug!(
+                session = self.id,
+                identity = self.identity(),
+                "notice not delivered: {e}"
+            );
         }
     }
 
@@ -89,8 +95,16 @@ impl Session {
         .await;
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(session = self.id, identity = self.identity(), "notice not delivered: {e}"),
-            Err(_) => debug!(session = self.id, identity = self.identity(), "notice not acknowledged in time"),
+            Ok(Err(e)) => debug!(
+                session = self.id,
+                identity = self.identity(),
+                "notice not delivered: {e}"
+            ),
+            Err(_) => debug!(
+                session = self.id,
+                identity = self.identity(),
+                "notice not acknowledged in time"
+            ),
         }
     }
 
@@ -178,13 +192,14 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
             return;
         }
     };
-    let (peer, identity_error) = match PeerIdentity::from_connection(&connection).map_err(|e| e.to_string()) {
-        Ok(peer) => (Some(peer), None),
-        Err(reason) => {
-            service.auth_failure(remote, &reason);
-            (None, Some(reason))
-        }
-    };
+    let (peer, identity_error) =
+        match PeerIdentity::from_connection(&connection).map_err(|e| e.to_string()) {
+            Ok(peer) => (Some(peer), None),
+            Err(reason) => {
+                service.auth_failure(remote, &reason);
+                (None, Some(reason))
+            }
+        };
     let session = Arc::new(Session {
         id: service.sessions.next_id.fetch_add(1, Ordering::Relaxed),
         peer,
@@ -195,9 +210,15 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
         credential_revoked: AtomicBool::new(false),
         connection: connection.clone(),
     });
-    if !service.sessions.insert(&session, service.config.limits.max_connections_per_identity) {
+    if !service
+        .sessions
+        .insert(&session, service.config.limits.max_connections_per_identity)
+    {
         warn!(identity = session.identity(), %remote, "too many connections for this identity");
-        session.close(QuicErrorCode::ExcessiveLoad, "too many connections for this identity");
+        session.close(
+            QuicErrorCode::ExcessiveLoad,
+            "too many connections for this identity",
+        );
         return;
     }
     if !service.check_credential(&session).await {
@@ -232,7 +253,11 @@ async fn handle_connection(incoming: quinn::Incoming, service: Arc<Service>) {
     }
     service.metrics.connections.dec();
     service.sessions.remove(&session);
-    info!(session = session.id, identity = session.identity(), "disconnected");
+    info!(
+        session = session.id,
+        identity = session.identity(),
+        "disconnected"
+    );
 }
 
 async fn handle_stream(

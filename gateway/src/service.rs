@@ -21,9 +21,9 @@ use fwnp_proto::gateway::{
 };
 use fwnp_proto::validate::validate_request;
 use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List, Message,
-    Open, QuicErrorCode, Release, Released, Renew, ResultCode, RevokeReason, Welcome,
-    MAX_MESSAGE_SIZE,
+    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List,
+    MAX_MESSAGE_SIZE, Message, Open, QuicErrorCode, Release, Released, Renew, ResultCode,
+    RevokeReason, Welcome,
 };
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
@@ -35,7 +35,9 @@ use crate::admin::AdminError;
 use crate::config::GatewayConfig;
 use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
-use crate::policy::{Allowance, Decision, LifetimeBounds, Policy, Request as PolicyRequest, Verdict};
+use crate::policy::{
+    Allowance, Decision, LifetimeBounds, Policy, Request as PolicyRequest, Verdict,
+};
 use crate::server::{Session, Sessions};
 use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
@@ -154,7 +156,10 @@ pub fn fit_reason(reason: impl Into<String>) -> String {
 
 fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
     Denied {
-        common: Common { request_id, critical: Vec::new() },
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
         code,
         reason: Some(fit_reason(reason)),
         retry_after: None,
@@ -184,7 +189,8 @@ pub fn elements_of(grant: &Grant) -> Vec<Element> {
 /// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
 fn certainly_fits(grants: &[Grant]) -> bool {
     let bound = grants.iter().fold(100usize, |sum, g| {
-        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len)).saturating_add(24usize.saturating_mul(g.remotes.len()))
+        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len))
+            .saturating_add(24usize.saturating_mul(g.remotes.len()))
     });
     bound < MAX_MESSAGE_SIZE
 }
@@ -222,11 +228,15 @@ fn decide_addresses(
         }
     }
     let Some((mut all, first)) = merged else {
-        return refused.into_iter().next().map(|(_, d)| d).unwrap_or_else(|| Decision {
-            verdict: Verdict::Denied(ResultCode::AddressMismatch),
-            rule: None,
-            reason: "no host address to open".to_owned(),
-        });
+        return refused
+            .into_iter()
+            .next()
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| Decision {
+                verdict: Verdict::Denied(ResultCode::AddressMismatch),
+                rule: None,
+                reason: "no host address to open".to_owned(),
+            });
     };
     let mut reason = first.reason;
     if !refused.is_empty() {
@@ -237,16 +247,32 @@ fn decide_addresses(
         }
     }
     all.granted_lifetime_secs = all.lifetime.clamp(open.lifetime);
-    Decision { verdict: Verdict::Allowed(all), rule: first.rule, reason }
+    Decision {
+        verdict: Verdict::Allowed(all),
+        rule: first.rule,
+        reason,
+    }
 }
 
 /// Adds the grants of `more` to `all`, keeping the stricter of their limits.
 fn merge_allowance(all: &mut Allowance, more: Allowance) {
     all.grants.extend(more.grants);
     let max_secs = all.lifetime.max_secs.min(more.lifetime.max_secs);
-    let min_secs = all.lifetime.min_secs.max(more.lifetime.min_secs).min(max_secs);
-    let default_secs = all.lifetime.default_secs.min(more.lifetime.default_secs).clamp(min_secs, max_secs);
-    all.lifetime = LifetimeBounds { default_secs, min_secs, max_secs };
+    let min_secs = all
+        .lifetime
+        .min_secs
+        .max(more.lifetime.min_secs)
+        .min(max_secs);
+    let default_secs = all
+        .lifetime
+        .default_secs
+        .min(more.lifetime.default_secs)
+        .clamp(min_secs, max_secs);
+    all.lifetime = LifetimeBounds {
+        default_secs,
+        min_secs,
+        max_secs,
+    };
     all.max_leases = all.max_leases.min(more.max_leases);
     all.remotes_narrowed |= more.remotes_narrowed;
     all.narrowed |= more.narrowed;
@@ -261,12 +287,16 @@ fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
 }
 
 /// The certificates the CRL file lists; none without a CRL.
-fn read_revoked_certificates<E>(crl: Option<&std::path::Path>) -> Result<crate::identity::RevokedCertificates, E>
+fn read_revoked_certificates<E>(
+    crl: Option<&std::path::Path>,
+) -> Result<crate::identity::RevokedCertificates, E>
 where
     E: From<crate::tls::TlsError> + From<crate::identity::IdentityError>,
 {
     match crl {
-        Some(path) => Ok(crate::identity::revoked_certificates(&crate::tls::load_crls(path)?)?),
+        Some(path) => Ok(crate::identity::revoked_certificates(
+            &crate::tls::load_crls(path)?,
+        )?),
         None => Ok(crate::identity::RevokedCertificates::default()),
     }
 }
@@ -289,7 +319,12 @@ impl Service {
     ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
         for warning in policy.warnings() {
-            warn!("policy {}:{}: {}", policy.origin(), warning.line, warning.message);
+            warn!(
+                "policy {}:{}: {}",
+                policy.origin(),
+                warning.line,
+                warning.message
+            );
         }
         let mut options = crate::store::StoreOptions::default();
         if config.store.synchronous_full {
@@ -329,14 +364,21 @@ impl Service {
         let policy = service.policy();
         let revoked = service.revoke_disallowed(&policy, "gateway-start").await;
         if !revoked.is_empty() {
-            info!(revoked = revoked.len(), "restored leases the policy no longer allows were revoked");
+            info!(
+                revoked = revoked.len(),
+                "restored leases the policy no longer allows were revoked"
+            );
         }
         // So may the CRL: no restored lease made with a certificate it lists may stay open
         // (no host is connected yet, so none has rolled to a new certificate).
-        let revoked = Arc::new(read_revoked_certificates::<StartError>(service.config.crl.as_deref())?);
+        let revoked = Arc::new(read_revoked_certificates::<StartError>(
+            service.config.crl.as_deref(),
+        )?);
         *lock(&service.revoked_certificates) = revoked.clone();
         if !revoked.is_empty() {
-            service.end_leases_of_revoked_certificates(&revoked, &BTreeSet::new()).await;
+            service
+                .end_leases_of_revoked_certificates(&revoked, &BTreeSet::new())
+                .await;
         }
         Ok(service)
     }
@@ -352,7 +394,10 @@ impl Service {
     }
 
     fn policy(&self) -> Arc<Policy> {
-        self.policy.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     async fn restore(&self) -> Result<(), StartError> {
@@ -371,12 +416,16 @@ impl Service {
         {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
-            let mut shared: HashMap<&crate::identity::CertificateName, Arc<crate::identity::CertificateName>> =
-                HashMap::new();
+            let mut shared: HashMap<
+                &crate::identity::CertificateName,
+                Arc<crate::identity::CertificateName>,
+            > = HashMap::new();
             let mut credentials = lock(&self.lease_credentials);
             for record in &restored.live {
                 if let Some(certificate) = &record.certificate {
-                    let name = shared.entry(certificate).or_insert_with(|| Arc::new(certificate.clone()));
+                    let name = shared
+                        .entry(certificate)
+                        .or_insert_with(|| Arc::new(certificate.clone()));
                     credentials.insert(record.id, name.clone());
                 }
             }
@@ -386,7 +435,9 @@ impl Service {
             book.iter()
                 .flat_map(|l| {
                     let left = remaining(l.expires_ms, now);
-                    elements_of_all(&l.grants).into_iter().map(move |e| (e, left))
+                    elements_of_all(&l.grants)
+                        .into_iter()
+                        .map(move |e| (e, left))
                 })
                 .collect()
         };
@@ -409,7 +460,11 @@ impl Service {
                 changes.added.len(),
                 changes.removed.len(),
                 changes.refreshed,
-                if changes.table_recreated { ", table created" } else { "" },
+                if changes.table_recreated {
+                    ", table created"
+                } else {
+                    ""
+                },
             ));
             self.record(event);
         }
@@ -440,7 +495,10 @@ impl Service {
         let started = Instant::now();
         // The connection is closed as soon as its host has the Revoked notices: until then it
         // may take nothing new, since nothing would revoke it again.
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             self.metrics.request(ResultCode::NotAuthorized.name());
             return Message::Denied(denied(
                 codec::peek_request_id(bytes),
@@ -474,40 +532,34 @@ impl Service {
         }
         let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
         match msg {
-            Message::Hello(_) if welcomed => {
-                self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::MalformedRequest,
-                    "Hello was already answered on this connection".into(),
-                    None,
-                )
-            }
+            Message::Hello(_) if welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::MalformedRequest,
+                "Hello was already answered on this connection".into(),
+                None,
+            ),
             Message::Hello(hello) => self.hello(session, peer, &hello),
-            _ if !welcomed => {
-                self.refuse(
+            _ if !welcomed => self.refuse(
+                session,
+                &msg,
+                ResultCode::HelloRequired,
+                "the first request of a connection is Hello".into(),
+                None,
+            ),
+            _ => match &msg {
+                Message::Open(open) => self.open(session, peer, open, started).await,
+                Message::Renew(renew) => self.renew(session, peer, renew).await,
+                Message::Release(release) => self.release_once(session, peer, release, bytes).await,
+                Message::List(list) => self.list(session, peer, list),
+                other => self.refuse(
                     session,
-                    &msg,
-                    ResultCode::HelloRequired,
-                    "the first request of a connection is Hello".into(),
+                    other,
+                    ResultCode::MalformedRequest,
+                    format!("{} is not a request", other.message_type().name()),
                     None,
-                )
-            }
-            _ => {
-                match &msg {
-                    Message::Open(open) => self.open(session, peer, open, started).await,
-                    Message::Renew(renew) => self.renew(session, peer, renew).await,
-                    Message::Release(release) => self.release_once(session, peer, release, bytes).await,
-                    Message::List(list) => self.list(session, peer, list),
-                    other => self.refuse(
-                        session,
-                        other,
-                        ResultCode::MalformedRequest,
-                        format!("{} is not a request", other.message_type().name()),
-                        None,
-                    ),
-                }
-            }
+                ),
+            },
         }
     }
 
@@ -521,7 +573,10 @@ impl Service {
         release: &Release,
         bytes: &[u8],
     ) -> Message {
-        let key = release.common.request_id.map(|id| (peer.identity.clone(), id));
+        let key = release
+            .common
+            .request_id
+            .map(|id| (peer.identity.clone(), id));
         if let Some(key) = &key
             && let Some((previous, answer)) = self.answered.get(key)
             && *previous == *bytes
@@ -530,14 +585,21 @@ impl Service {
         }
         let answer = self.release(session, peer, release).await;
         if let (Some(key), Message::Released(_)) = (key, &answer) {
-            self.answered.insert(key, (Arc::from(bytes), answer.clone()));
+            self.answered
+                .insert(key, (Arc::from(bytes), answer.clone()));
         }
         answer
     }
 
     /// A rate-limited request. The audit trail gets one record per identity per second of
     /// refusals, not one per refused request, so that a flood cannot flood the trail.
-    fn refuse_rate_limited(&self, session: &Session, identity: &str, bytes: &[u8], retry_after: u32) -> Message {
+    fn refuse_rate_limited(
+        &self,
+        session: &Session,
+        identity: &str,
+        bytes: &[u8],
+        retry_after: u32,
+    ) -> Message {
         self.metrics.request(ResultCode::RateLimited.name());
         if !self.rate_limit_audited.contains_key(identity) {
             self.rate_limit_audited.insert(identity.to_owned(), ());
@@ -546,16 +608,25 @@ impl Service {
             event.identity = Some(identity.to_owned());
             event.peer = Some(session.remote);
             event.code = Some(ResultCode::RateLimited);
-            event.reason = Some("rate limited (further refusals within a second are not recorded)".into());
+            event.reason =
+                Some("rate limited (further refusals within a second are not recorded)".into());
             self.record(event);
         }
-        let mut d = denied(codec::peek_request_id(bytes), ResultCode::RateLimited, "too many requests from this host");
+        let mut d = denied(
+            codec::peek_request_id(bytes),
+            ResultCode::RateLimited,
+            "too many requests from this host",
+        );
         d.retry_after = Some(retry_after);
         Message::Denied(d)
     }
 
     fn rate_limited(&self, identity: &str) -> Option<u32> {
-        let limiter = self.limiter.read().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         match limiter.check_key(&identity.to_owned()) {
             Ok(()) => None,
             Err(not_until) => {
@@ -645,14 +716,20 @@ impl Service {
         if limits.third_party {
             capabilities |= Capabilities::THIRD_PARTY;
         }
+        session.notices.store(
+            hello.capabilities.has(Capabilities::NOTICES),
+            std::sync::atomic::Ordering::Release,
+        );
         session
-            .notices
-            .store(hello.capabilities.has(Capabilities::NOTICES), std::sync::atomic::Ordering::Release);
-        session.welcomed.store(true, std::sync::atomic::Ordering::Release);
+            .welcomed
+            .store(true, std::sync::atomic::Ordering::Release);
         self.metrics.request("welcome");
         info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
         Message::Welcome(Welcome {
-            common: Common { request_id: hello.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: hello.common.request_id,
+                critical: Vec::new(),
+            },
             version,
             // What the gateway offers this host; the client's bits are informational (spec 14).
             capabilities: Capabilities(capabilities),
@@ -686,7 +763,13 @@ impl Service {
         let hosts = match resolve_host_addresses(&open.opening, &addresses, true) {
             Ok(hosts) => hosts,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let policy = self.policy();
@@ -701,22 +784,35 @@ impl Service {
         // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
         // grants can make before taking a lease for them. Few grants with few prefixes cannot
         // come near the limit, so the common case skips the encoding.
-        let largest = if certainly_fits(&allowance.grants) { 0 } else { codec::encode(&Message::Granted(fwnp_proto::Granted {
-            common: Common { request_id: open.common.request_id, critical: Vec::new() },
-            lease: LeaseId([0xff; 16]),
-            grants: allowance.grants.clone(),
-            lifetime: u32::MAX,
-            expires_ms: u64::MAX,
-            renew_after: u32::MAX,
-            epoch: Epoch::MAX,
-            narrowed: true,
-        }))
-        .len() };
+        let largest = if certainly_fits(&allowance.grants) {
+            0
+        } else {
+            codec::encode(&Message::Granted(fwnp_proto::Granted {
+                common: Common {
+                    request_id: open.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: LeaseId([0xff; 16]),
+                grants: allowance.grants.clone(),
+                lifetime: u32::MAX,
+                expires_ms: u64::MAX,
+                renew_after: u32::MAX,
+                epoch: Epoch::MAX,
+                narrowed: true,
+            }))
+            .len()
+        };
         if largest > MAX_MESSAGE_SIZE {
             let reason = format!(
                 "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
             );
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, reason, rule);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                reason,
+                rule,
+            );
         }
         let facts = PolicyFacts {
             grants: allowance.grants.clone(),
@@ -736,7 +832,13 @@ impl Service {
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), rule);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    rule,
+                );
             }
         };
         let grant = outcome.grant().clone();
@@ -745,7 +847,9 @@ impl Service {
         let elements = elements_of_all(&lease.grants);
         let (kernel, store_op, kind, outcome_name) = match &outcome {
             OpenOutcome::NewLease(_) => (
-                self.program(elements.iter().map(|e| (e.clone(), Some(left)))).await.map_err(RefreshError::from),
+                self.program(elements.iter().map(|e| (e.clone(), Some(left))))
+                    .await
+                    .map_err(RefreshError::from),
                 WriteOp::InsertLease(NewLease {
                     id: lease.id,
                     identity: peer.identity.clone(),
@@ -793,28 +897,59 @@ impl Service {
                 RefreshError::LeaseEnded => e.to_string(),
                 RefreshError::Kernel(e) => format!("kernel: {e}"),
             };
-            return self.give_back(session, &request(), &outcome, &elements, why).await;
+            return self
+                .give_back(session, &request(), &outcome, &elements, why)
+                .await;
         }
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease: a second row per grant cost a third of the store's time.
-        if let Err(e) = self.store.writer().commit(vec![store_op, WriteOp::audit(event)]).await {
-            return self.give_back(session, &request(), &outcome, &elements, format!("store: {e}")).await;
+        if let Err(e) = self
+            .store
+            .writer()
+            .commit(vec![store_op, WriteOp::audit(event)])
+            .await
+        {
+            return self
+                .give_back(
+                    session,
+                    &request(),
+                    &outcome,
+                    &elements,
+                    format!("store: {e}"),
+                )
+                .await;
         }
         if matches!(outcome, OpenOutcome::NewLease(_)) {
             self.metrics.live_leases.inc();
             self.expiry_changed.notify_one();
         }
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
-        if session.credential_revoked.load(std::sync::atomic::Ordering::Acquire) {
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             // A CRL reload revoked this connection's certificate while the lease was being
             // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text = "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(&lease.id, RevokeReason::CredentialRevoked, "gateway", Some(text.to_owned())).await;
+            let text =
+                "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(
+                &lease.id,
+                RevokeReason::CredentialRevoked,
+                "gateway",
+                Some(text.to_owned()),
+            )
+            .await;
             self.metrics.request(ResultCode::NotAuthorized.name());
-            return Message::Denied(denied(open.common.request_id, ResultCode::NotAuthorized, text));
+            return Message::Denied(denied(
+                open.common.request_id,
+                ResultCode::NotAuthorized,
+                text,
+            ));
         }
         self.metrics.request("granted");
-        self.metrics.grant_latency.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .grant_latency
+            .observe(started.elapsed().as_secs_f64());
         Message::Granted(grant.to_granted(open.common.request_id, self.epoch))
     }
 
@@ -854,9 +989,12 @@ impl Service {
         &self,
         elements: impl Iterator<Item = (Element, Option<Duration>)>,
     ) -> Result<(), fwnp_netfilter::Error> {
-        let Some(filter) = &self.filter else { return Ok(()) };
-        let elements: Vec<(Element, Duration)> =
-            elements.map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1)))).collect();
+        let Some(filter) = &self.filter else {
+            return Ok(());
+        };
+        let elements: Vec<(Element, Duration)> = elements
+            .map(|(e, t)| (e, t.unwrap_or(Duration::from_secs(1))))
+            .collect();
         if let [(element, timeout)] = &elements[..] {
             // The common case, one element: no task to spawn.
             return match filter.add(element.clone(), *timeout).await {
@@ -878,7 +1016,9 @@ impl Service {
         let mut failure = None;
         while let Some(joined) = pending.join_next().await {
             match joined {
-                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => added.push(element),
+                Ok((element, Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)))) => {
+                    added.push(element)
+                }
                 Ok((_, Err(e))) => failure = Some(e),
                 // A task that did not finish (the runtime is shutting down) is a batcher that
                 // will never answer.
@@ -897,8 +1037,15 @@ impl Service {
     /// Refreshes the timeouts of a live lease's elements (adding any that went missing).
     /// A revocation may have ended the lease meanwhile and removed its elements before they
     /// were added back here: then they are removed again, and the answer is `LeaseEnded`.
-    async fn refresh(&self, lease: &LeaseId, elements: &[Element], timeout: Duration) -> Result<(), RefreshError> {
-        let Some(filter) = &self.filter else { return Ok(()) };
+    async fn refresh(
+        &self,
+        lease: &LeaseId,
+        elements: &[Element],
+        timeout: Duration,
+    ) -> Result<(), RefreshError> {
+        let Some(filter) = &self.filter else {
+            return Ok(());
+        };
         for element in elements {
             match filter.renew(element.clone(), timeout).await {
                 Ok(()) => {}
@@ -938,10 +1085,17 @@ impl Service {
         let now = now_ms();
         let bounds = {
             let book = lock(&self.book);
-            book.owned(&peer.identity, &renew.lease).map(|lease| lease.grants.clone())
+            book.owned(&peer.identity, &renew.lease)
+                .map(|lease| lease.grants.clone())
         };
         let Some(grants) = bounds else {
-            return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::UnknownLease,
+                Refusal::UnknownLease.to_string(),
+                None,
+            );
         };
         // The current policy bounds the renewed lifetime: a policy that shortened the maximum
         // applies at the next renewal.
@@ -949,8 +1103,20 @@ impl Service {
         let policy = self.policy();
         if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
             // The policy changed under a live lease: end it now rather than at expiry.
-            self.revoke(&renew.lease, RevokeReason::PolicyChanged, "gateway", Some(e.to_string())).await;
-            return self.refuse(session, &request(), ResultCode::DeniedByPolicy, e.to_string(), e.rule.map(|r| r.name.to_string()));
+            self.revoke(
+                &renew.lease,
+                RevokeReason::PolicyChanged,
+                "gateway",
+                Some(e.to_string()),
+            )
+            .await;
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                e.to_string(),
+                e.rule.map(|r| r.name.to_string()),
+            );
         }
         let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
         let renewed = lock(&self.book).renew(
@@ -958,22 +1124,47 @@ impl Service {
             &peer.identity,
             &renew.lease,
             renew.lifetime,
-            LifetimePolicy { min: limits.min_secs, max: limits.max_secs, default: limits.default_secs },
+            LifetimePolicy {
+                min: limits.min_secs,
+                max: limits.max_secs,
+                default: limits.default_secs,
+            },
         );
         let renewed = match renewed {
             Ok(renewed) => renewed,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         let lease = &renewed.grant.lease;
         let left = remaining(lease.expires_ms, now);
-        if let Err(e) = self.refresh(&lease.id, &elements_of_all(&lease.grants), left).await {
+        if let Err(e) = self
+            .refresh(&lease.id, &elements_of_all(&lease.grants), left)
+            .await
+        {
             if matches!(e, RefreshError::LeaseEnded) {
-                return self.refuse(session, &request(), ResultCode::UnknownLease, Refusal::UnknownLease.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    ResultCode::UnknownLease,
+                    Refusal::UnknownLease.to_string(),
+                    None,
+                );
             }
             warn!(lease = %lease.id, "renewal not programmed: {e}");
-            let mut answer = self.refuse(session, &request(), ResultCode::NoResources, format!("kernel: {e}"), None);
+            let mut answer = self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("kernel: {e}"),
+                None,
+            );
             if let Message::Denied(d) = &mut answer {
                 d.retry_after = Some(1);
             }
@@ -997,13 +1188,23 @@ impl Service {
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
-            return self.refuse(session, &request(), ResultCode::NoResources, format!("store: {e}"), None);
+            return self.refuse(
+                session,
+                &request(),
+                ResultCode::NoResources,
+                format!("store: {e}"),
+                None,
+            );
         }
         // A Renew may shorten the lease: the timer must look at the new expiry.
         self.expiry_changed.notify_one();
         lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
         self.metrics.request("renewed");
-        Message::Granted(renewed.grant.to_granted(renew.common.request_id, self.epoch))
+        Message::Granted(
+            renewed
+                .grant
+                .to_granted(renew.common.request_id, self.epoch),
+        )
     }
 
     async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
@@ -1013,16 +1214,36 @@ impl Service {
         let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
             Ok(lease) => lease,
             Err(refusal) => {
-                return self.refuse(session, &request(), refusal.code(), refusal.to_string(), None);
+                return self.refuse(
+                    session,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
             }
         };
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["released"]).inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Released, Some(peer.identity.clone()), None, Some(session.remote)).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["released"])
+            .inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
+            .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Released,
+            Some(peer.identity.clone()),
+            None,
+            Some(session.remote),
+        )
+        .await;
         self.metrics.request("released");
         Message::Released(Released {
-            common: Common { request_id: release.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: release.common.request_id,
+                critical: Vec::new(),
+            },
             lease: lease.id,
         })
     }
@@ -1052,7 +1273,13 @@ impl Service {
         event.actor = by.clone();
         event.reason = why.clone();
         let ops = vec![
-            WriteOp::EndLease { id: lease.id, end, ended_ms: now, by, why },
+            WriteOp::EndLease {
+                id: lease.id,
+                end,
+                ended_ms: now,
+                by,
+                why,
+            },
             WriteOp::audit(event),
         ];
         if let Err(e) = self.store.writer().commit(ops).await {
@@ -1073,7 +1300,10 @@ impl Service {
             .map(|l| l.to_lease_info(now))
             .collect();
         let mut answer = Leases {
-            common: Common { request_id: list.common.request_id, critical: Vec::new() },
+            common: Common {
+                request_id: list.common.request_id,
+                critical: Vec::new(),
+            },
             leases,
             epoch: self.epoch,
         };
@@ -1107,15 +1337,31 @@ impl Service {
             let due = lock(&self.book).expire_due(now_ms());
             for lease in due {
                 self.metrics.live_leases.dec();
-                self.metrics.lease_ends.with_label_values(&["expired"]).inc();
+                self.metrics
+                    .lease_ends
+                    .with_label_values(&["expired"])
+                    .inc();
                 self.remove_elements(&lease.grants, false).await;
-                self.end_lease(&lease, LeaseEnd::Expired, Some("gateway".into()), Some("lifetime ended".into()), None).await;
+                self.end_lease(
+                    &lease,
+                    LeaseEnd::Expired,
+                    Some("gateway".into()),
+                    Some("lifetime ended".into()),
+                    None,
+                )
+                .await;
             }
         }
     }
 
     /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
-    pub async fn revoke(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<fwnp_proto::gateway::Lease> {
+    pub async fn revoke(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<fwnp_proto::gateway::Lease> {
         let (lease, notice) = self.end_revoked(id, reason, by, text).await?;
         for session in self.sessions.of(&lease.host) {
             session.notify(&notice).await;
@@ -1126,12 +1372,29 @@ impl Service {
     /// [`Service::revoke`] without sending the notice: the lease leaves the book, the kernel and
     /// the store, and its Revoked notice is returned, for a caller that must know when the host
     /// has it.
-    async fn end_revoked(&self, id: &LeaseId, reason: RevokeReason, by: &str, text: Option<String>) -> Option<(fwnp_proto::gateway::Lease, Message)> {
+    async fn end_revoked(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<(fwnp_proto::gateway::Lease, Message)> {
         let lease = lock(&self.book).revoke(id)?;
         self.metrics.live_leases.dec();
-        self.metrics.lease_ends.with_label_values(&["revoked"]).inc();
-        self.remove_elements(&lease.grants, self.config.filter.kill_connections).await;
-        self.end_lease(&lease, LeaseEnd::Revoked(reason), Some(by.to_owned()), text.clone(), None).await;
+        self.metrics
+            .lease_ends
+            .with_label_values(&["revoked"])
+            .inc();
+        self.remove_elements(&lease.grants, self.config.filter.kill_connections)
+            .await;
+        self.end_lease(
+            &lease,
+            LeaseEnd::Revoked(reason),
+            Some(by.to_owned()),
+            text.clone(),
+            None,
+        )
+        .await;
         let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
         info!(lease = %lease.id, host = %lease.host, by, "revoked");
         Some((lease, notice))
@@ -1172,7 +1435,9 @@ impl Service {
     /// before this one was among them. If the reloaded CRL lists its certificate, it is ended
     /// as the reload would have ended it. Returns whether the connection may go on.
     pub async fn check_credential(&self, session: &Session) -> bool {
-        let Some(peer) = &session.peer else { return true };
+        let Some(peer) = &session.peer else {
+            return true;
+        };
         let revoked = lock(&self.revoked_certificates).clone();
         if !revoked.lists(&peer.certificate) {
             return true;
@@ -1194,7 +1459,10 @@ impl Service {
     ///
     /// Leases last opened or renewed with a listed certificate whose host is not connected are
     /// revoked as well ([`Service::end_leases_of_revoked_certificates`]).
-    async fn end_revoked_credentials(&self, revoked: &crate::identity::RevokedCertificates) -> Vec<Value> {
+    async fn end_revoked_credentials(
+        &self,
+        revoked: &crate::identity::RevokedCertificates,
+    ) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
         }
@@ -1205,30 +1473,54 @@ impl Service {
             let entry = by_identity.entry(peer.identity.clone()).or_default();
             if !revoked.lists(&peer.certificate) {
                 entry.rolled = true;
-            } else if !session.credential_revoked.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            } else if !session
+                .credential_revoked
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
                 // Not already being ended by a reload running at the same time.
-                entry.revoked.push((session.clone(), peer.certificate.serial.clone()));
+                entry
+                    .revoked
+                    .push((session.clone(), peer.certificate.serial.clone()));
             }
         }
-        let rolled_identities: BTreeSet<String> =
-            by_identity.iter().filter(|(_, c)| c.rolled).map(|(identity, _)| identity.clone()).collect();
+        let rolled_identities: BTreeSet<String> = by_identity
+            .iter()
+            .filter(|(_, c)| c.rolled)
+            .map(|(identity, _)| identity.clone())
+            .collect();
         let mut deliveries = tokio::task::JoinSet::new();
         let mut closing = Vec::new();
-        for (identity, IdentityConnections { revoked: sessions, rolled }) in by_identity {
+        for (
+            identity,
+            IdentityConnections {
+                revoked: sessions,
+                rolled,
+            },
+        ) in by_identity
+        {
             if sessions.is_empty() {
                 continue;
             }
             let mut leases_revoked = 0usize;
             if !rolled {
-                let serials: BTreeSet<&str> = sessions.iter().map(|(_, serial)| serial.as_str()).collect();
+                let serials: BTreeSet<&str> =
+                    sessions.iter().map(|(_, serial)| serial.as_str()).collect();
                 let text = format!(
                     "the certificate (serial {}) was revoked",
                     serials.into_iter().collect::<Vec<_>>().join(", ")
                 );
-                let leases: Vec<LeaseId> = lock(&self.book).leases_of(&identity).map(|l| l.id).collect();
+                let leases: Vec<LeaseId> = lock(&self.book)
+                    .leases_of(&identity)
+                    .map(|l| l.id)
+                    .collect();
                 for id in leases {
                     let Some((_, notice)) = self
-                        .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text.clone()))
+                        .end_revoked(
+                            &id,
+                            RevokeReason::CredentialRevoked,
+                            "gateway",
+                            Some(text.clone()),
+                        )
                         .await
                     else {
                         continue;
@@ -1237,20 +1529,26 @@ impl Service {
                     // All at once: the wait is for the slowest host, not the sum of them.
                     for (session, _) in &sessions {
                         let (session, notice) = (session.clone(), notice.clone());
-                        deliveries.spawn(async move { session.notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT).await });
+                        deliveries.spawn(async move {
+                            session
+                                .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
+                                .await
+                        });
                     }
                 }
             }
             closing.push((identity, sessions, rolled, leases_revoked));
         }
-        self.end_leases_of_revoked_certificates(revoked, &rolled_identities).await;
+        self.end_leases_of_revoked_certificates(revoked, &rolled_identities)
+            .await;
         while deliveries.join_next().await.is_some() {}
         let mut closed = Vec::new();
         for (identity, sessions, rolled, leases_revoked) in closing {
             for (session, serial) in sessions {
                 session.close(QuicErrorCode::NoError, "certificate revoked");
                 let what = if rolled {
-                    "its leases stay with the identity's connection under another certificate".to_owned()
+                    "its leases stay with the identity's connection under another certificate"
+                        .to_owned()
                 } else {
                     format!("the identity's {leases_revoked} live leases revoked")
                 };
@@ -1260,7 +1558,9 @@ impl Service {
                 event.identity = Some(identity.clone());
                 event.peer = Some(session.remote);
                 event.actor = Some("gateway".into());
-                event.reason = Some(format!("certificate serial {serial} revoked: connection closed; {what}"));
+                event.reason = Some(format!(
+                    "certificate serial {serial} revoked: connection closed; {what}"
+                ));
                 self.record(event);
                 closed.push(json!({
                     "host": &identity,
@@ -1293,7 +1593,8 @@ impl Service {
                 .filter(|(_, certificate)| revoked.lists(certificate))
                 .filter_map(|(id, certificate)| {
                     let identity = book.get(id)?.host.to_string();
-                    (!rolled_identities.contains(&identity)).then(|| (*id, identity, certificate.clone()))
+                    (!rolled_identities.contains(&identity))
+                        .then(|| (*id, identity, certificate.clone()))
                 })
                 .collect()
         };
@@ -1302,7 +1603,11 @@ impl Service {
                 "the certificate (serial {}) that last opened or renewed it was revoked",
                 certificate.serial.as_str()
             );
-            if self.end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text)).await.is_some() {
+            if self
+                .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text))
+                .await
+                .is_some()
+            {
                 warn!(lease = %id, identity = %identity, serial = %certificate.serial, "lease of a revoked certificate revoked; its host is not connected");
             }
         }
@@ -1311,15 +1616,22 @@ impl Service {
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
     /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
     pub async fn reload_policy(&self) -> Result<Value, AdminError> {
-        let policy = Policy::load(&self.config.policy)
-            .map_err(|e| AdminError::bad_request(format!("policy not reloaded, the old one stays in force: {e}")))?;
+        let policy = Policy::load(&self.config.policy).map_err(|e| {
+            AdminError::bad_request(format!(
+                "policy not reloaded, the old one stays in force: {e}"
+            ))
+        })?;
         let policy = Arc::new(policy);
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some("operator".into());
-        event.reason = Some(format!("policy {} loaded; {} leases revoked", policy.origin(), revoked.len()));
+        event.reason = Some(format!(
+            "policy {} loaded; {} leases revoked",
+            policy.origin(),
+            revoked.len()
+        ));
         self.record(event);
         info!(revoked = revoked.len(), "policy reloaded");
         Ok(json!({ "policy": policy.origin(), "revoked": revoked }))
@@ -1342,7 +1654,15 @@ impl Service {
                 .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
                 .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
             if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
-                && self.revoke(&lease.id, RevokeReason::PolicyChanged, by, Some(e.to_string())).await.is_some()
+                && self
+                    .revoke(
+                        &lease.id,
+                        RevokeReason::PolicyChanged,
+                        by,
+                        Some(e.to_string()),
+                    )
+                    .await
+                    .is_some()
             {
                 revoked.push(json!({ "lease": lease.id.to_string(), "host": &*lease.host, "why": e.to_string() }));
             }
@@ -1351,9 +1671,16 @@ impl Service {
     }
 
     /// The admin API's revoke.
-    pub async fn revoke_by_operator(&self, id: LeaseId, reason: Option<String>) -> Result<Value, AdminError> {
+    pub async fn revoke_by_operator(
+        &self,
+        id: LeaseId,
+        reason: Option<String>,
+    ) -> Result<Value, AdminError> {
         let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
-        match self.revoke(&id, RevokeReason::Operator, "operator", Some(text)).await {
+        match self
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
+            .await
+        {
             Some(lease) => Ok(json!({ "revoked": lease.id.to_string(), "host": &*lease.host })),
             None => Err(AdminError::not_found(format!("no live lease {id}"))),
         }
@@ -1427,17 +1754,27 @@ impl Service {
 
     /// The admin API's lease listing.
     pub async fn leases_json(&self, query: &HashMap<String, String>) -> Result<Value, AdminError> {
-        let mut filter = LeaseFilter { host: query.get("host").cloned(), app: query.get("app").cloned(), ..LeaseFilter::default() };
+        let mut filter = LeaseFilter {
+            host: query.get("host").cloned(),
+            app: query.get("app").cloned(),
+            ..LeaseFilter::default()
+        };
         if let Some(port) = query.get("port") {
-            filter.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            filter.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(protocol) = query.get("protocol") {
             filter.protocol = Some(parse_protocol(protocol)?);
         }
         if let Some(serial) = query.get("serial") {
-            filter.certificate_serial = Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
-                AdminError::bad_request(format!("serial {serial:?} is not a certificate serial in hexadecimal"))
-            })?);
+            filter.certificate_serial =
+                Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
+                    AdminError::bad_request(format!(
+                        "serial {serial:?} is not a certificate serial in hexadecimal"
+                    ))
+                })?);
         }
         let now = now_ms();
         let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
@@ -1451,49 +1788,76 @@ impl Service {
         q.host = query.get("host").cloned();
         q.app = query.get("app").cloned();
         if let Some(port) = query.get("port") {
-            q.port = Some(port.parse().map_err(|_| AdminError::bad_request(format!("port {port:?}")))?);
+            q.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
         }
         if let Some(outcomes) = query.get("outcome") {
             for name in outcomes.split(',') {
-                q.outcomes.push(Outcome::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown outcome {name:?}")))?);
+                q.outcomes.push(
+                    Outcome::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown outcome {name:?}"))
+                    })?,
+                );
             }
         }
         if let Some(kinds) = query.get("kind") {
             for name in kinds.split(',') {
-                q.kinds.push(AuditKind::from_name(name).ok_or_else(|| AdminError::bad_request(format!("unknown kind {name:?}")))?);
+                q.kinds
+                    .push(AuditKind::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown kind {name:?}"))
+                    })?);
             }
         }
         q.since_ms = query.get("since").map(|s| time_arg(s, now)).transpose()?;
         q.until_ms = query.get("until").map(|s| time_arg(s, now)).transpose()?;
         q.limit = match query.get("limit") {
-            Some(l) => l.parse().map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
+            Some(l) => l
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
             None => 100,
         };
         if query.get("order").map(String::as_str) == Some("oldest") {
             q.order = Order::OldestFirst;
         }
         if let Some(after) = query.get("after") {
-            let after: u64 = after.parse().map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
+            let after: u64 = after
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
             let wait = match query.get("wait") {
-                Some(w) => crate::config::parse_duration(w).map_err(AdminError::bad_request)?.min(Duration::from_secs(60)),
+                Some(w) => crate::config::parse_duration(w)
+                    .map_err(AdminError::bad_request)?
+                    .min(Duration::from_secs(60)),
                 None => Duration::ZERO,
             };
             let mut watch = self.store.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let (query, limit) = (q.clone(), q.limit.max(1));
-                let events = self.read_store(move |store| store.audit_follow(after, &query, limit)).await?;
+                let events = self
+                    .read_store(move |store| store.audit_follow(after, &query, limit))
+                    .await?;
                 if !events.is_empty() || tokio::time::Instant::now() >= deadline {
                     let last = events.last().map_or(after, |e| e.id);
-                    return Ok(json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }));
+                    return Ok(
+                        json!({ "events": events.iter().map(|e| e.to_json()).collect::<Vec<_>>(), "next_after": last }),
+                    );
                 }
-                if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+                if tokio::time::timeout_at(deadline, watch.changed())
+                    .await
+                    .is_err()
+                {
                     continue;
                 }
             }
         }
         if let Some(cursor) = query.get("cursor") {
-            q.cursor = Some(cursor.parse().map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?);
+            q.cursor = Some(
+                cursor
+                    .parse()
+                    .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
+            );
         }
         let page = self.read_store(move |store| store.audit(&q)).await?;
         Ok(json!({
@@ -1535,7 +1899,11 @@ impl Service {
         let mut deliveries = tokio::task::JoinSet::new();
         for session in self.sessions.all() {
             let notice = notice.clone();
-            deliveries.spawn(async move { session.notify_delivered(&notice, Duration::from_secs(1)).await });
+            deliveries.spawn(async move {
+                session
+                    .notify_delivered(&notice, Duration::from_secs(1))
+                    .await
+            });
         }
         while deliveries.join_next().await.is_some() {}
     }
@@ -1552,10 +1920,15 @@ struct IdentityConnections {
 
 fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
     use fwnp_proto::Protocol;
-    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::UdpLite]
-        .into_iter()
-        .find(|p| p.name() == text)
-        .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
+    [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::UdpLite,
+    ]
+    .into_iter()
+    .find(|p| p.name() == text)
+    .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
 }
 
 /// A time argument: milliseconds since the Unix epoch, or a duration ago such as `1h`.

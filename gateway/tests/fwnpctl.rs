@@ -46,7 +46,12 @@ fn policy_check_accepts_the_example_and_names_the_line_of_a_mistake() {
     let err = text(&out.stderr);
     assert!(err.contains("bad.toml:8:"), "the error names line 8: {err}");
 
-    let out = fwnpctl(&["--json", "policy", "check", bad.to_str().expect("utf-8 path")]);
+    let out = fwnpctl(&[
+        "--json",
+        "policy",
+        "check",
+        bad.to_str().expect("utf-8 path"),
+    ]);
     assert_eq!(out.status.code(), Some(1));
     let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(answer["valid"], false);
@@ -64,15 +69,36 @@ fn policy_explain_against_a_file_exits_by_the_decision() {
     .expect("write policy");
     let policy = policy.to_str().expect("utf-8 path");
     let allowed = fwnpctl(&[
-        "policy", "explain", "--host", "fwnp://host/web-01", "--address", "10.1.0.5", "--open",
-        "tcp/443", "--policy", policy,
+        "policy",
+        "explain",
+        "--host",
+        "fwnp://host/web-01",
+        "--address",
+        "10.1.0.5",
+        "--open",
+        "tcp/443",
+        "--policy",
+        policy,
     ]);
     assert_eq!(allowed.status.code(), Some(0), "{}", text(&allowed.stderr));
-    assert!(text(&allowed.stdout).contains("web-https"), "{}", text(&allowed.stdout));
+    assert!(
+        text(&allowed.stdout).contains("web-https"),
+        "{}",
+        text(&allowed.stdout)
+    );
 
     let denied = fwnpctl(&[
-        "--json", "policy", "explain", "--host", "fwnp://host/db-01", "--address", "10.1.0.6",
-        "--open", "tcp/443", "--policy", policy,
+        "--json",
+        "policy",
+        "explain",
+        "--host",
+        "fwnp://host/db-01",
+        "--address",
+        "10.1.0.6",
+        "--open",
+        "tcp/443",
+        "--policy",
+        policy,
     ]);
     assert_eq!(denied.status.code(), Some(1));
     let answer: serde_json::Value = serde_json::from_slice(&denied.stdout).expect("json");
@@ -90,7 +116,16 @@ fn pki_init_issue_revoke_and_list() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("sha256"));
 
-    let out = fwnpctl(&["pki", "issue", "gateway", "gw", "--dir", ca_arg, "--dns", "gw.example.net"]);
+    let out = fwnpctl(&[
+        "pki",
+        "issue",
+        "gateway",
+        "gw",
+        "--dir",
+        ca_arg,
+        "--dns",
+        "gw.example.net",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = fwnpctl(&[
         "--json", "pki", "issue", "host", "web-01", "--dir", ca_arg, "--ip", "10.1.0.5",
@@ -99,7 +134,9 @@ fn pki_init_issue_revoke_and_list() {
     let issued: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let key = issued["key"].as_str().expect("a key path");
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &std::fs::metadata(Path::new(key)).expect("key file").permissions(),
+        &std::fs::metadata(Path::new(key))
+            .expect("key file")
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "host keys are private");
 
@@ -109,7 +146,13 @@ fn pki_init_issue_revoke_and_list() {
 
     let cert = ca.join("web-01.pem");
     let out = fwnpctl(&[
-        "pki", "revoke", cert.to_str().expect("utf-8 path"), "--dir", ca_arg, "--reason", "key-compromise",
+        "pki",
+        "revoke",
+        cert.to_str().expect("utf-8 path"),
+        "--dir",
+        ca_arg,
+        "--reason",
+        "key-compromise",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let out = fwnpctl(&["--json", "pki", "revoked", "--dir", ca_arg]);
@@ -124,7 +167,11 @@ fn pki_init_issue_revoke_and_list() {
 fn an_unreachable_gateway_exits_three_and_says_why() {
     let out = fwnpctl(&["--admin", "/nonexistent/fwnp.sock", "status"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out.stderr).contains("/nonexistent/fwnp.sock"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("/nonexistent/fwnp.sock"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

@@ -17,8 +17,8 @@ use fwnp_gateway::pki::{self, RevocationReason};
 use fwnp_gateway::store::{AuditKind, LeaseFilter, LeaseState, Outcome};
 use fwnp_gateway::tls::{ClientTlsFiles, ServerOptions};
 use fwnp_proto::{
-    Capabilities, HostAddresses, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol, QuicErrorCode,
-    ResultCode, RevokeReason,
+    Capabilities, HostAddresses, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol,
+    QuicErrorCode, ResultCode, RevokeReason,
 };
 use serde_json::json;
 
@@ -1241,7 +1241,10 @@ async fn a_connection_verified_under_the_crl_before_a_reload_is_checked_against_
         .wait_audit(&[AuditKind::AuthFailure], None, |r| !r.is_empty())
         .await;
     assert_eq!(failures.len(), 1);
-    assert_eq!(failures[0].event.identity.as_deref(), Some("fwnp://host/late"));
+    assert_eq!(
+        failures[0].event.identity.as_deref(),
+        Some("fwnp://host/late")
+    );
     assert!(gw.service.sessions.of("fwnp://host/late").is_empty());
 }
 
@@ -1573,12 +1576,18 @@ async fn connections_naming_no_identity_are_limited_per_address() {
     let first = Client::connect(gw.addr, &files).await;
     let second = Client::connect(gw.addr, &files).await;
     for client in [&first, &second] {
-        assert_eq!(denied(client.request(&hello).await).code, ResultCode::NotAuthorized);
+        assert_eq!(
+            denied(client.request(&hello).await).code,
+            ResultCode::NotAuthorized
+        );
     }
     // A third from the same address is one too many...
     let closed = match Client::try_connect(gw.addr, &files).await {
         Err(e) => e,
-        Ok(third) => third.closed_within(STEP).await.expect("the third connection is closed"),
+        Ok(third) => third
+            .closed_within(STEP)
+            .await
+            .expect("the third connection is closed"),
     };
     assert_eq!(
         application_close_code(&closed),
@@ -1586,11 +1595,15 @@ async fn connections_naming_no_identity_are_limited_per_address() {
         "{closed:?}"
     );
     // ...but another address with a nameless certificate is still told why it cannot be served.
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
+    let socket =
+        std::net::UdpSocket::bind((Ipv4Addr::new(127, 0, 0, 2), 0)).expect("bind 127.0.0.2");
     let other = Client::connect_from_socket(socket, gw.addr, &files)
         .await
         .expect("a connection from another address is accepted");
-    assert_eq!(denied(other.request(&hello).await).code, ResultCode::NotAuthorized);
+    assert_eq!(
+        denied(other.request(&hello).await).code,
+        ResultCode::NotAuthorized
+    );
 }
 
 #[tokio::test]
@@ -1831,11 +1844,22 @@ impl DaemonFiles {
         let config = dir.path().join("gateway.toml");
         std::fs::write(
             &config,
-            config_text(&pki, dir.path(), &addr.to_string(), "[filter]\nenabled = false"),
+            config_text(
+                &pki,
+                dir.path(),
+                &addr.to_string(),
+                "[filter]\nenabled = false",
+            ),
         )
         .expect("write config");
         let admin_socket = dir.path().join("admin.sock");
-        DaemonFiles { pki, dir, addr, config, admin_socket }
+        DaemonFiles {
+            pki,
+            dir,
+            addr,
+            config,
+            admin_socket,
+        }
     }
 }
 
@@ -1880,7 +1904,13 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } = DaemonFiles::new("daemon");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("daemon");
     let mut daemon = Daemon::start(&config, &admin_socket).await;
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
     let client = Client::connect(gateway_addr, &files).await;
@@ -2161,8 +2191,13 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
-    let DaemonFiles { pki, dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-policy");
+    let DaemonFiles {
+        pki,
+        dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-policy");
     let policy = dir.path().join("policy.toml");
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
 
@@ -2204,8 +2239,13 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
 /// that is not connected, as it would have before the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
-    let DaemonFiles { pki, dir: _dir, addr: gateway_addr, config, admin_socket } =
-        DaemonFiles::new("restart-crl");
+    let DaemonFiles {
+        pki,
+        dir: _dir,
+        addr: gateway_addr,
+        config,
+        admin_socket,
+    } = DaemonFiles::new("restart-crl");
     // Revoked while the gateway is stopped; revoked after it started again; never revoked.
     let stolen = pki.host("stolen", &[HOST_A], &[], &[]);
     let lost = pki.host("lost", &[HOST_B], &[], &[]);
@@ -2218,7 +2258,9 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         client.hello().await;
         leases.push(granted(client.open(tcp(7001), None).await).lease);
     }
-    let [stolen_lease, lost_lease, good_lease] = leases[..] else { unreachable!() };
+    let [stolen_lease, lost_lease, good_lease] = leases[..] else {
+        unreachable!()
+    };
     daemon.signal("TERM");
     tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
 
@@ -2264,7 +2306,11 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
         .serial
         .as_str()
         .to_owned();
-    assert_eq!(body["leases"][0]["certificate_serial"], json!(good_serial), "{body}");
+    assert_eq!(
+        body["leases"][0]["certificate_serial"],
+        json!(good_serial),
+        "{body}"
+    );
     // And can list what a certificate holds by its serial, written as a CA tool prints it.
     let colons: Vec<String> = good_serial
         .as_bytes()
@@ -2279,8 +2325,12 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(live(body), std::collections::BTreeSet::from([good_lease.to_string()]));
-    let (status, body) = admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
+    assert_eq!(
+        live(body),
+        std::collections::BTreeSet::from([good_lease.to_string()])
+    );
+    let (status, body) =
+        admin_request(&admin_socket, "GET", "/v1/leases?serial=not-hex", None).await;
     assert_eq!(status, 400, "{body}");
     // The same through the command line, for the operator.
     let fwnpctl_leases = |serial: &str| {
@@ -2297,8 +2347,13 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     assert!(out.contains("fwnp://host/good"), "{out}");
     let out = fwnpctl_leases("00FF");
     assert!(!out.contains("fwnp://host/good"), "{out}");
-    let (status, body) =
-        admin_request(&admin_socket, "GET", "/v1/audit?outcome=revoked&order=oldest", None).await;
+    let (status, body) = admin_request(
+        &admin_socket,
+        "GET",
+        "/v1/audit?outcome=revoked&order=oldest",
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let revoked: Vec<(String, String)> = body["events"]
         .as_array()
@@ -2365,15 +2420,24 @@ async fn a_dual_stack_host_opens_both_families_in_one_lease() {
     assert_eq!(listed.leases.len(), 1, "one lease for both families");
     assert_eq!(listed.leases[0].grants, both.grants);
     // Renewing keeps both grants.
-    assert_eq!(granted(web.renew(both.lease, None).await).grants, both.grants);
+    assert_eq!(
+        granted(web.renew(both.lease, None).await).grants,
+        both.grants
+    );
 
     let mut v6_only = tcp(7011);
     v6_only.family = Some(fwnp_proto::Family::Ipv6);
-    assert_eq!(grant_hosts(&granted(web.open(v6_only, None).await)), vec![V6_A]);
+    assert_eq!(
+        grant_hosts(&granted(web.open(v6_only, None).await)),
+        vec![V6_A]
+    );
 
     // IPv6 remote prefixes and nothing else: the IPv6 address, although IPv4 comes first.
     let mut from_v6 = tcp(7012);
-    from_v6.remotes = vec![fwnp_proto::Prefix { addr: "fd18:1::2".parse().unwrap(), len: 128 }];
+    from_v6.remotes = vec![fwnp_proto::Prefix {
+        addr: "fd18:1::2".parse().unwrap(),
+        len: 128,
+    }];
     let g = granted(web.open(from_v6.clone(), None).await);
     assert_eq!(grant_hosts(&g), vec![V6_A]);
     assert_eq!(g.grants[0].remotes, from_v6.remotes);
@@ -2381,7 +2445,10 @@ async fn a_dual_stack_host_opens_both_families_in_one_lease() {
     // Both addresses named: both; a named address the host does not hold: refused whole.
     let mut named = tcp(7013);
     named.host = HostAddresses::List(vec![V6_A, HOST_A]);
-    assert_eq!(grant_hosts(&granted(web.open(named, None).await)), vec![HOST_A, V6_A]);
+    assert_eq!(
+        grant_hosts(&granted(web.open(named, None).await)),
+        vec![HOST_A, V6_A]
+    );
     let mut foreign = tcp(7014);
     foreign.host = HostAddresses::List(vec![HOST_A, HOST_B]);
     let d = denied(web.open(foreign, None).await);
@@ -2409,7 +2476,10 @@ async fn remote_prefixes_of_a_family_the_host_lacks_are_an_address_mismatch() {
     let gw = TestGateway::start("lacks-family", DUAL_STACK_POLICY).await;
     let (web, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
     let mut from_v6 = tcp(7012);
-    from_v6.remotes = vec![fwnp_proto::Prefix { addr: "fd18:1::2".parse().unwrap(), len: 128 }];
+    from_v6.remotes = vec![fwnp_proto::Prefix {
+        addr: "fd18:1::2".parse().unwrap(),
+        len: 128,
+    }];
     let d = denied(web.open(from_v6, None).await);
     assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
 }
@@ -2426,7 +2496,10 @@ async fn size_limits_hold_when_grants_multiply_by_addresses() {
     assert_eq!(welcome.addresses.len(), 16);
     let prefixes = |count: u32| -> Vec<fwnp_proto::Prefix> {
         (0..count)
-            .map(|i| fwnp_proto::Prefix { addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))), len: 24 })
+            .map(|i| fwnp_proto::Prefix {
+                addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))),
+                len: 24,
+            })
             .collect()
     };
 
@@ -2435,7 +2508,10 @@ async fn size_limits_hold_when_grants_multiply_by_addresses() {
     big.remotes = prefixes(300);
     let d = denied(client.open(big, None).await);
     assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
-    assert!(client.list().await.leases.is_empty(), "no lease is left behind");
+    assert!(
+        client.list().await.leases.is_empty(),
+        "no lease is left behind"
+    );
 
     // Four leases of 16 grants with 40 prefixes each: every Granted fits, their List does not.
     for port in 7100..7104 {
@@ -2444,7 +2520,9 @@ async fn size_limits_hold_when_grants_multiply_by_addresses() {
         let g = granted(client.open(opening, None).await);
         assert_eq!(g.grants.len(), 16);
     }
-    let bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List { common: common(Some(9)) }));
+    let bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List {
+        common: common(Some(9)),
+    }));
     match client.exchange(&bytes).await {
         Exchange::Answer(answer) => {
             assert!(answer.len() <= MAX_MESSAGE_SIZE, "{} bytes", answer.len());

@@ -98,7 +98,11 @@ fn decision(
     app_name: &str,
     outcome: Outcome,
 ) -> AuditEvent {
-    let kind = if outcome == Outcome::Granted { AuditKind::Grant } else { AuditKind::Decision };
+    let kind = if outcome == Outcome::Granted {
+        AuditKind::Grant
+    } else {
+        AuditKind::Decision
+    };
     let mut e = AuditEvent::new(time_ms, kind);
     e.outcome = Some(outcome);
     e.identity = Some(identity.into());
@@ -1203,7 +1207,14 @@ fn a_store_of_schema_1_is_migrated_and_keeps_its_leases() {
     let tmp = temp_dir("migrate");
     let epoch = {
         let store = Store::open(tmp.path()).unwrap();
-        let mut lease = new_lease(1, "fwnp://host/a", vec![grant(Protocol::Tcp, 80, 80)], "web", 0, 60);
+        let mut lease = new_lease(
+            1,
+            "fwnp://host/a",
+            vec![grant(Protocol::Tcp, 80, 80)],
+            "web",
+            0,
+            60,
+        );
         lease.certificate = None;
         store
             .writer()
@@ -1224,7 +1235,10 @@ fn a_store_of_schema_1_is_migrated_and_keeps_its_leases() {
     assert_eq!(store.epoch(), epoch, "a migration loses no state");
     let live = store.live_leases().unwrap();
     assert_eq!(live.len(), 1);
-    assert_eq!(live[0].certificate, None, "nothing is known of a version 1 lease's certificate");
+    assert_eq!(
+        live[0].certificate, None,
+        "nothing is known of a version 1 lease's certificate"
+    );
     let known = certificate("CN=ca", "0C");
     store
         .writer()
@@ -1236,11 +1250,18 @@ fn a_store_of_schema_1_is_migrated_and_keeps_its_leases() {
             certificate: Some(known.clone()),
         }])
         .unwrap();
-    assert_eq!(store.lease(id(1)).unwrap().unwrap().certificate.as_ref(), Some(&*known));
+    assert_eq!(
+        store.lease(id(1)).unwrap().unwrap().certificate.as_ref(),
+        Some(&*known)
+    );
     drop(store);
     let raw = rusqlite::Connection::open(tmp.path().join("fwnp.sqlite3")).unwrap();
     let version: i64 = raw
-        .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(version, i64::from(SCHEMA_VERSION));
 }

@@ -21,7 +21,6 @@ use rustls::AlertDescription;
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 const GATEWAY_NAME: &str = "gateway.test";
 
-
 /// A directory removed when the test ends, whatever the outcome.
 use tempfile::TempDir;
 
@@ -954,7 +953,10 @@ async fn certificates_made_with_openssl_work_the_same_way() {
             IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7))
         ]
     );
-    assert_eq!(identity.certificate.serial, Serial::parse("0A1B2C3D").expect("serial"));
+    assert_eq!(
+        identity.certificate.serial,
+        Serial::parse("0A1B2C3D").expect("serial")
+    );
     // The fingerprint is the one openssl prints.
     let output = std::process::Command::new("openssl")
         .args([
@@ -1116,7 +1118,10 @@ async fn a_ca_with_an_intermediate_and_its_own_crl_works_the_same_way() {
         assert_connected(attempt(&server, client_config(&client_files), GATEWAY_NAME).await).await;
     let identity = identity.expect("identity");
     assert_eq!(identity.identity, "spiffe://step.example/host/b");
-    assert_eq!(identity.certificate.serial, Serial::parse("7701").expect("serial"));
+    assert_eq!(
+        identity.certificate.serial,
+        Serial::parse("7701").expect("serial")
+    );
 
     // Checking the intermediate too needs the root's CRL, which is not given: refused.
     let whole_chain = ServerOptions {

@@ -279,7 +279,10 @@ impl AgentConfig {
             let duration =
                 parse_duration(value.get_ref()).map_err(|reason| at(value.span(), reason))?;
             if duration > max {
-                return Err(at(value.span(), format!("{name} is at most {}s", max.as_secs())));
+                return Err(at(
+                    value.span(),
+                    format!("{name} is at most {}s", max.as_secs()),
+                ));
             }
             Ok(duration)
         };
@@ -489,8 +492,7 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert_eq!(line, 11);
         assert!(reason.contains("monitor"), "{reason}");
 
-        let (line, reason) =
-            error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
+        let (line, reason) = error_of(&format!("{GOOD}\n[local]\nearlier_run_grace = \"11m\"\n"));
         assert_eq!(line, 11);
         assert!(reason.contains("at most 600s"), "{reason}");
 

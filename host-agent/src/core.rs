@@ -782,9 +782,10 @@ impl Core {
             let lease = earlier.lease;
             // An application's machine holds it now: the mirror keeps the elements under that
             // machine's number, and the lease is that application's.
-            let taken = self.leases.values().any(|h| {
-                !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
-            });
+            let taken = self
+                .leases
+                .values()
+                .any(|h| !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease));
             self.mirror.drop_lease(earlier.holder, None);
             if taken {
                 debug!(%lease, "a lease of an earlier run was asked for again; it stays");
@@ -982,7 +983,9 @@ impl Core {
                         LocalMessage::Denied(LocalDenied {
                             common: common(request_id),
                             code: DenialCode::Wire(ResultCode::NoResources),
-                            reason: Some("the list of leases does not fit in one answer".to_owned()),
+                            reason: Some(
+                                "the list of leases does not fit in one answer".to_owned(),
+                            ),
                             retry_after: Some(60),
                             lease: None,
                             unsupported: Vec::new(),

@@ -70,7 +70,16 @@ fn build_gateway() -> PathBuf {
     build
         .current_dir(workspace)
         // The same build the lab and the end-to-end suite run, so their artifacts are shared.
-        .args(["build", "--bins", "-p", "fwnp-gateway", "-p", "fwnp-agent", "-p", "fwnp-sdk"])
+        .args([
+            "build",
+            "--bins",
+            "-p",
+            "fwnp-gateway",
+            "-p",
+            "fwnp-agent",
+            "-p",
+            "fwnp-sdk",
+        ])
         .env("CARGO_TARGET_DIR", target_dir);
     if profile_dir.file_name().is_some_and(|p| p == "release") {
         build.arg("--release");
@@ -666,7 +675,9 @@ fn a_new_gateway_epoch_reopens_the_lease_under_a_new_id() {
 
 #[test]
 fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
-    if !lab::require_root("a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again") {
+    if !lab::require_root(
+        "a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again",
+    ) {
         return;
     }
     let mut lab = Lab::new("e2eearlier", &[7700, 7701]);
@@ -682,7 +693,10 @@ fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
 
     // Within the grace period one application asks for its opening again: the gateway gives it
     // the same lease back, and the opening has stayed open throughout.
-    assert!(lab.host_has(7700) && lab.host_has(7701), "the restart closed the host's openings");
+    assert!(
+        lab.host_has(7700) && lab.host_has(7701),
+        "the restart closed the host's openings"
+    );
     let mut app = lab.client();
     let again = granted(app.open(Protocol::Tcp, 7700, Some(60), STEP));
     assert_eq!(again.lease, kept.lease);
@@ -690,7 +704,8 @@ fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
     // Nobody asks for the other: once the grace period (3 s here) is over, it is gone at both,
     // long before its 60 s lifetime.
     assert!(
-        lab.eventually(Duration::from_secs(10), || !lab.host_has(7701) && !lab.gateway_has(7701)),
+        lab.eventually(Duration::from_secs(10), || !lab.host_has(7701)
+            && !lab.gateway_has(7701)),
         "the earlier run's lease outlived the grace period"
     );
     assert!(
@@ -700,7 +715,17 @@ fn a_restarted_agent_releases_the_earlier_runs_leases_nobody_asks_for_again() {
     );
     assert!(!lab.outside_reaches(7701, REFUSED));
     // The one asked for again stays, at both, with its application.
-    assert!(lab.outside_reaches(7700, FIRST_SYN), "the lease asked for again was closed");
+    assert!(
+        lab.outside_reaches(7700, FIRST_SYN),
+        "the lease asked for again was closed"
+    );
     assert!(lab.host_has(7700) && lab.gateway_has(7700));
-    assert_eq!(app.list().leases.iter().map(|l| l.lease).collect::<Vec<_>>(), vec![kept.lease]);
+    assert_eq!(
+        app.list()
+            .leases
+            .iter()
+            .map(|l| l.lease)
+            .collect::<Vec<_>>(),
+        vec![kept.lease]
+    );
 }

@@ -84,7 +84,13 @@ fn answer(request: &Message, remote: IpAddr, seen: &Mutex<Seen>) -> Message {
             let grant = Grant {
                 protocol,
                 ports,
-                host: open.opening.host.addresses().first().copied().unwrap_or(remote),
+                host: open
+                    .opening
+                    .host
+                    .addresses()
+                    .first()
+                    .copied()
+                    .unwrap_or(remote),
                 remotes: Vec::new(),
                 app: None,
             };
@@ -162,7 +168,9 @@ async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
     while let Some(incoming) = endpoint.accept().await {
         let seen = seen.clone();
         tokio::spawn(async move {
-            let Ok(connection) = incoming.await else { return };
+            let Ok(connection) = incoming.await else {
+                return;
+            };
             let remote = connection.remote_address().ip();
             while let Ok((mut send, mut recv)) = connection.accept_bi().await {
                 let seen = seen.clone();
@@ -228,7 +236,9 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
     )
     .expect("write config");
     let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(agent_command(&config).spawn().expect("start fwnp-agent")));
+    let mut agent = ProcessGuard(Some(
+        agent_command(&config).spawn().expect("start fwnp-agent"),
+    ));
     wait_for_socket(&mut agent, &socket);
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -272,7 +282,10 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
         opened.elapsed()
     );
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-    assert_eq!(seen.renews, 1, "a renewal refused for good is not asked again");
+    assert_eq!(
+        seen.renews, 1,
+        "a renewal refused for good is not asked again"
+    );
     assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
     drop(listener);
 }

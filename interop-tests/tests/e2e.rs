@@ -45,7 +45,9 @@ allow = "tcp/8000-8999"
 
 /// The policy the lab starts with: the one above and an "extra" rule.
 fn policy() -> String {
-    format!("{POLICY_WITHOUT_EXTRA}\n[[rule]]\nname = \"extra\"\ngroups = [\"hosts\"]\nallow = \"tcp/9000-9999\"\n")
+    format!(
+        "{POLICY_WITHOUT_EXTRA}\n[[rule]]\nname = \"extra\"\ngroups = [\"hosts\"]\nallow = \"tcp/9000-9999\"\n"
+    )
 }
 
 /// The binaries, built once per test process.
@@ -196,7 +198,10 @@ async fn three_hosts_several_applications_ipv4_and_ipv6() {
             assert!(
                 trail.iter().any(|e| e.lease() == Some(id.as_str())
                     && e.kind() == Some("grant")
-                    && e.0.get("rule").and_then(serde_json::Value::as_str).is_some()),
+                    && e.0
+                        .get("rule")
+                        .and_then(serde_json::Value::as_str)
+                        .is_some()),
                 "{id}: the grant names no rule"
             );
             assert!(
@@ -514,24 +519,39 @@ async fn an_opening_without_an_address_covers_both_families() {
 
     // The command line, no address: both families.
     let both = fwnp_open_serving(&lab, 8101, &[]);
-    assert!(eventually_reachable(&lab, 0, false, 8101, true), "IPv4 closed");
-    assert!(eventually_reachable(&lab, 0, true, 8101, true), "IPv6 closed");
+    assert!(
+        eventually_reachable(&lab, 0, false, 8101, true),
+        "IPv4 closed"
+    );
+    assert!(
+        eventually_reachable(&lab, 0, true, 8101, true),
+        "IPv6 closed"
+    );
     assert!(lab.gateway_has(v4, "tcp", 8101) && lab.gateway_has(v6, "tcp", 8101));
     let host_table = lab.host_table(0);
     assert!(
-        table_has(&host_table, Some(v4), "tcp", 8101) && table_has(&host_table, Some(v6), "tcp", 8101),
+        table_has(&host_table, Some(v4), "tcp", 8101)
+            && table_has(&host_table, Some(v6), "tcp", 8101),
         "{host_table}"
     );
     let said = stop_fwnp(both);
-    assert!(eventually_reachable(&lab, 0, false, 8101, false), "IPv4 still open: {said}");
-    assert!(eventually_reachable(&lab, 0, true, 8101, false), "IPv6 still open: {said}");
+    assert!(
+        eventually_reachable(&lab, 0, false, 8101, false),
+        "IPv4 still open: {said}"
+    );
+    assert!(
+        eventually_reachable(&lab, 0, true, 8101, false),
+        "IPv6 still open: {said}"
+    );
     // One lease held both: one grant and one release for the port in the audit trail.
     let trail = audit(&lab);
     let granted: Vec<&AuditEntry> = trail
         .iter()
         .filter(|e| {
             e.outcome() == Some("granted")
-                && e.0.pointer("/request/opening").and_then(serde_json::Value::as_str)
+                && e.0
+                    .pointer("/request/opening")
+                    .and_then(serde_json::Value::as_str)
                     == Some("tcp/8101")
         })
         .collect();
@@ -539,16 +559,28 @@ async fn an_opening_without_an_address_covers_both_families() {
 
     // --family 6: IPv6 only.
     let v6_only = fwnp_open_serving(&lab, 8102, &["--family", "6"]);
-    assert!(eventually_reachable(&lab, 0, true, 8102, true), "IPv6 closed");
-    assert!(!reaches(&lab, 0, false, 8102, REFUSED), "IPv4 open with --family 6");
+    assert!(
+        eventually_reachable(&lab, 0, true, 8102, true),
+        "IPv6 closed"
+    );
+    assert!(
+        !reaches(&lab, 0, false, 8102, REFUSED),
+        "IPv4 open with --family 6"
+    );
     assert!(!lab.gateway_has(v4, "tcp", 8102));
     stop_fwnp(v6_only);
 
     // One --address: that address only.
     let v4_arg = v4.to_string();
     let one = fwnp_open_serving(&lab, 8103, &["--address", &v4_arg]);
-    assert!(eventually_reachable(&lab, 0, false, 8103, true), "IPv4 closed");
-    assert!(!reaches(&lab, 0, true, 8103, REFUSED), "IPv6 open with one --address");
+    assert!(
+        eventually_reachable(&lab, 0, false, 8103, true),
+        "IPv4 closed"
+    );
+    assert!(
+        !reaches(&lab, 0, true, 8103, REFUSED),
+        "IPv6 open with one --address"
+    );
     assert!(!lab.gateway_has(v6, "tcp", 8103));
     stop_fwnp(one);
 

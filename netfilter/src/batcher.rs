@@ -27,7 +27,11 @@ pub struct BatcherConfig {
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        BatcherConfig { max_batch: 4096, check_interval: Duration::from_secs(1), watch_events: true }
+        BatcherConfig {
+            max_batch: 4096,
+            check_interval: Duration::from_secs(1),
+            watch_events: true,
+        }
     }
 }
 
@@ -86,7 +90,10 @@ pub struct RepairEvent {
 
 enum Command {
     Change(Change, oneshot::Sender<Result<(), Error>>),
-    Reconcile(Vec<(Opening, Duration)>, oneshot::Sender<Result<ReconcileReport, Error>>),
+    Reconcile(
+        Vec<(Opening, Duration)>,
+        oneshot::Sender<Result<ReconcileReport, Error>>,
+    ),
     Kill(Opening, oneshot::Sender<Result<usize, Error>>),
     Apply(Layout, oneshot::Sender<Result<(), Error>>),
     Foreign(RepairTrigger),
@@ -137,7 +144,11 @@ impl Batcher {
     /// applied here: apply or reconcile first (the first periodic check recreates a missing
     /// table, with no elements). The event socket is opened in the caller's network namespace,
     /// which must be the handle's.
-    pub fn start(netfilter: Netfilter, layout: Layout, config: BatcherConfig) -> Result<Self, Error> {
+    pub fn start(
+        netfilter: Netfilter,
+        layout: Layout,
+        config: BatcherConfig,
+    ) -> Result<Self, Error> {
         crate::layout::validate(&layout)?;
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Mutex::new(BatchStats::default()));
@@ -150,7 +161,8 @@ impl Batcher {
             socket.join_group(NFNLGRP_NFTABLES)?;
             let _ = socket.set_buffers(1 << 20, 16 << 20);
             socket.set_recv_timeout(Some(Duration::from_millis(200)))?;
-            let (tx, table, tid, stop) = (tx.clone(), watched.clone(), our_tid.clone(), stop.clone());
+            let (tx, table, tid, stop) =
+                (tx.clone(), watched.clone(), our_tid.clone(), stop.clone());
             Some(
                 std::thread::Builder::new()
                     .name("fwnp-nft-events".into())
@@ -168,37 +180,52 @@ impl Batcher {
             repairs: repairs.clone(),
             watched,
         };
-        std::thread::Builder::new().name("fwnp-nft-batcher".into()).spawn(move || {
-            our_tid.store(thread_id(), Ordering::Relaxed);
-            worker.run(rx);
-            stop.store(true, Ordering::Relaxed);
-            if let Some(w) = watcher {
-                let _ = w.join();
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("fwnp-nft-batcher".into())
+            .spawn(move || {
+                our_tid.store(thread_id(), Ordering::Relaxed);
+                worker.run(rx);
+                stop.store(true, Ordering::Relaxed);
+                if let Some(w) = watcher {
+                    let _ = w.join();
+                }
+            })?;
         let alive = Arc::new(Alive(tx.clone()));
-        Ok(Batcher { tx, _alive: alive, stats, repairs })
+        Ok(Batcher {
+            tx,
+            _alive: alive,
+            stats,
+            repairs,
+        })
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(make(reply)).map_err(|_| Error::BatcherStopped)?;
+        self.tx
+            .send(make(reply))
+            .map_err(|_| Error::BatcherStopped)?;
         answer.await.map_err(|_| Error::BatcherStopped)?
     }
 
     /// Adds an opening that expires after `timeout`; returns once the kernel holds it.
     pub async fn add(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
-        self.call(|r| Command::Change(Change::Add(opening, timeout), r)).await
+        self.call(|r| Command::Change(Change::Add(opening, timeout), r))
+            .await
     }
 
     /// Sets an opening's remaining time to `timeout` (and creates it if it had expired).
     pub async fn renew(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
-        self.call(|r| Command::Change(Change::Renew(opening, timeout), r)).await
+        self.call(|r| Command::Change(Change::Renew(opening, timeout), r))
+            .await
     }
 
     /// Removes an opening at once.
     pub async fn remove(&self, opening: Opening) -> Result<(), Error> {
-        self.call(|r| Command::Change(Change::Remove(opening), r)).await
+        self.call(|r| Command::Change(Change::Remove(opening), r))
+            .await
     }
 
     /// Any change, for callers that hold [`Change`] values.
@@ -208,7 +235,10 @@ impl Batcher {
 
     /// Makes `desired` the whole desired state and brings the kernel to it (see
     /// [`Netfilter::reconcile`]).
-    pub async fn reconcile(&self, desired: Vec<(Opening, Duration)>) -> Result<ReconcileReport, Error> {
+    pub async fn reconcile(
+        &self,
+        desired: Vec<(Opening, Duration)>,
+    ) -> Result<ReconcileReport, Error> {
         self.call(|r| Command::Reconcile(desired, r)).await
     }
 
@@ -266,7 +296,8 @@ impl Worker {
         loop {
             let command = match deferred.take() {
                 Some(c) => c,
-                None => match rx.recv_timeout(next_check.saturating_duration_since(Instant::now())) {
+                None => match rx.recv_timeout(next_check.saturating_duration_since(Instant::now()))
+                {
                     Ok(c) => c,
                     Err(RecvTimeoutError::Timeout) => {
                         self.check(RepairTrigger::PeriodicCheck);
@@ -403,7 +434,10 @@ impl Worker {
     fn remaining(&mut self) -> Vec<(Opening, Duration)> {
         let now = Instant::now();
         self.desired.retain(|_, expiry| *expiry > now);
-        self.desired.iter().map(|(o, expiry)| (o.clone(), expiry.saturating_duration_since(now))).collect()
+        self.desired
+            .iter()
+            .map(|(o, expiry)| (o.clone(), expiry.saturating_duration_since(now)))
+            .collect()
     }
 
     /// Checks the table and repairs it. The periodic check compares the structure only (cheap);
@@ -442,7 +476,9 @@ impl Worker {
                     event.restored = report.added.len();
                     event.removed = report.removed.len();
                     event.refreshed = report.refreshed;
-                    if event.restored + event.removed + event.refreshed == 0 && !event.table_recreated {
+                    if event.restored + event.removed + event.refreshed == 0
+                        && !event.table_recreated
+                    {
                         return;
                     }
                 }
@@ -451,7 +487,11 @@ impl Worker {
         } else {
             return;
         }
-        tracing::warn!(?event, table = self.layout.table(), "repaired the nftables table");
+        tracing::warn!(
+            ?event,
+            table = self.layout.table(),
+            "repaired the nftables table"
+        );
         if let Ok(mut stats) = self.stats.lock() {
             stats.repairs += 1;
         }
@@ -461,16 +501,32 @@ impl Worker {
 
 /// Follows nf_tables events: when a generation that touched our table was committed by
 /// another thread or process, asks the worker to check.
-fn watch_events(socket: NetlinkSocket, table: &Mutex<String>, our_tid: &AtomicU32, stop: &AtomicBool, tx: &mpsc::Sender<Command>) {
+fn watch_events(
+    socket: NetlinkSocket,
+    table: &Mutex<String>,
+    our_tid: &AtomicU32,
+    stop: &AtomicBool,
+    tx: &mpsc::Sender<Command>,
+) {
     let mut buf = vec![0u8; 256 * 1024];
     let mut touched = false;
     while !stop.load(Ordering::Relaxed) {
         let n = match socket.recv(&mut buf, false) {
             Ok(n) => n,
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 touched = false;
-                if tx.send(Command::Foreign(RepairTrigger::EventsLost)).is_err() {
+                if tx
+                    .send(Command::Foreign(RepairTrigger::EventsLost))
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -488,7 +544,12 @@ fn watch_events(socket: NetlinkSocket, table: &Mutex<String>, our_tid: &AtomicU3
             if kind == NFT_MSG_NEWGEN {
                 let pid = m.nft_attrs().find(NFTA_GEN_PROC_PID).and_then(be_u32);
                 let ours = pid == Some(our_tid.load(Ordering::Relaxed));
-                if touched && !ours && tx.send(Command::Foreign(RepairTrigger::ForeignChange)).is_err() {
+                if touched
+                    && !ours
+                    && tx
+                        .send(Command::Foreign(RepairTrigger::ForeignChange))
+                        .is_err()
+                {
                     return;
                 }
                 touched = false;

@@ -42,17 +42,40 @@ pub(crate) fn parse_tuple(nest: &[u8]) -> Option<Tuple> {
     let (mut src, mut dst) = (None, None);
     for (t, data) in Attrs::new(ip) {
         match t {
-            CTA_IP_V4_SRC => src = <[u8; 4]>::try_from(data).ok().map(|o| IpAddr::V4(Ipv4Addr::from(o))),
-            CTA_IP_V4_DST => dst = <[u8; 4]>::try_from(data).ok().map(|o| IpAddr::V4(Ipv4Addr::from(o))),
-            CTA_IP_V6_SRC => src = <[u8; 16]>::try_from(data).ok().map(|o| IpAddr::V6(Ipv6Addr::from(o))),
-            CTA_IP_V6_DST => dst = <[u8; 16]>::try_from(data).ok().map(|o| IpAddr::V6(Ipv6Addr::from(o))),
+            CTA_IP_V4_SRC => {
+                src = <[u8; 4]>::try_from(data)
+                    .ok()
+                    .map(|o| IpAddr::V4(Ipv4Addr::from(o)))
+            }
+            CTA_IP_V4_DST => {
+                dst = <[u8; 4]>::try_from(data)
+                    .ok()
+                    .map(|o| IpAddr::V4(Ipv4Addr::from(o)))
+            }
+            CTA_IP_V6_SRC => {
+                src = <[u8; 16]>::try_from(data)
+                    .ok()
+                    .map(|o| IpAddr::V6(Ipv6Addr::from(o)))
+            }
+            CTA_IP_V6_DST => {
+                dst = <[u8; 16]>::try_from(data)
+                    .ok()
+                    .map(|o| IpAddr::V6(Ipv6Addr::from(o)))
+            }
             _ => {}
         }
     }
     let protocol = *Attrs::new(proto).find(CTA_PROTO_NUM)?.first()?;
-    let port = Attrs::new(proto).find(CTA_PROTO_DST_PORT).unwrap_or(&[0, 0]);
+    let port = Attrs::new(proto)
+        .find(CTA_PROTO_DST_PORT)
+        .unwrap_or(&[0, 0]);
     let dst_port = u16::from_be_bytes([*port.first()?, *port.get(1)?]);
-    Some(Tuple { src: src?, dst: dst?, protocol, dst_port })
+    Some(Tuple {
+        src: src?,
+        dst: dst?,
+        protocol,
+        dst_port,
+    })
 }
 
 /// Whether a connection is one the opening admitted.
@@ -85,7 +108,13 @@ pub(crate) fn kill(nf: &mut Netfilter, opening: &Opening) -> Result<usize, Error
     // 1. Dump, keeping the raw tuple (and zone) of each match to send back verbatim.
     let dump_seq = next_seq(seq);
     let mut b = Builder::new();
-    let start = b.begin_msg((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_DUMP, dump_seq, family, 0);
+    let start = b.begin_msg(
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        dump_seq,
+        family,
+        0,
+    );
     b.end_msg(start);
     socket.send(b.as_bytes())?;
     let mut victims: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
@@ -107,14 +136,22 @@ pub(crate) fn kill(nf: &mut Netfilter, opening: &Opening) -> Result<usize, Error
                         return Err(Error::PermissionDenied);
                     }
                     Some(ack) if ack.errno != 0 => {
-                        return Err(Error::Kernel { op: "dump conntrack", errno: ack.errno, message: ack.message.unwrap_or_default() });
+                        return Err(Error::Kernel {
+                            op: "dump conntrack",
+                            errno: ack.errno,
+                            message: ack.message.unwrap_or_default(),
+                        });
                     }
                     _ => break 'dump,
                 },
                 t if t == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW => {
                     let attrs = m.nft_attrs();
-                    let Some(orig) = attrs.clone().find(CTA_TUPLE_ORIG) else { continue };
-                    if parse_tuple(orig).is_some_and(|t| matches(opening, &t)) && victims.len() < MAX_DELETES {
+                    let Some(orig) = attrs.clone().find(CTA_TUPLE_ORIG) else {
+                        continue;
+                    };
+                    if parse_tuple(orig).is_some_and(|t| matches(opening, &t))
+                        && victims.len() < MAX_DELETES
+                    {
                         victims.push((orig.to_vec(), attrs.find(CTA_ZONE).map(<[u8]>::to_vec)));
                     }
                 }
@@ -127,7 +164,13 @@ pub(crate) fn kill(nf: &mut Netfilter, opening: &Opening) -> Result<usize, Error
     for (tuple, zone) in victims {
         let del_seq = next_seq(seq);
         let mut b = Builder::new();
-        let start = b.begin_msg((NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE, NLM_F_REQUEST | NLM_F_ACK, del_seq, family, 0);
+        let start = b.begin_msg(
+            (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            del_seq,
+            family,
+            0,
+        );
         let nest = b.nest_start(CTA_TUPLE_ORIG);
         // The tuple's inner attributes, as the kernel gave them.
         for (t, data) in Attrs::new(&tuple) {
@@ -155,7 +198,11 @@ pub(crate) fn kill(nf: &mut Netfilter, opening: &Opening) -> Result<usize, Error
                         libc::ENOENT => {}
                         libc::EPERM | libc::EACCES => return Err(Error::PermissionDenied),
                         errno => {
-                            return Err(Error::Kernel { op: "delete conntrack entry", errno, message: ack.message.unwrap_or_default() });
+                            return Err(Error::Kernel {
+                                op: "delete conntrack entry",
+                                errno,
+                                message: ack.message.unwrap_or_default(),
+                            });
                         }
                     }
                     break 'ack;
@@ -172,7 +219,12 @@ mod tests {
     use fwnp_proto::message::{PortRange, Prefix, Protocol};
 
     fn tuple(src: &str, dst: &str, protocol: u8, port: u16) -> Tuple {
-        Tuple { src: src.parse().unwrap(), dst: dst.parse().unwrap(), protocol, dst_port: port }
+        Tuple {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol,
+            dst_port: port,
+        }
     }
 
     #[test]
@@ -180,12 +232,21 @@ mod tests {
         let opening = Opening {
             host: "10.0.0.5".parse().unwrap(),
             protocol: Protocol::Tcp,
-            ports: PortRange { first: 8000, last: 8010 },
-            remote: Some(Prefix { addr: "192.0.2.0".parse().unwrap(), len: 24 }),
+            ports: PortRange {
+                first: 8000,
+                last: 8010,
+            },
+            remote: Some(Prefix {
+                addr: "192.0.2.0".parse().unwrap(),
+                len: 24,
+            }),
         };
         assert!(matches(&opening, &tuple("192.0.2.9", "10.0.0.5", 6, 8005)));
         assert!(!matches(&opening, &tuple("192.0.3.9", "10.0.0.5", 6, 8005)));
-        assert!(!matches(&opening, &tuple("192.0.2.9", "10.0.0.5", 17, 8005)));
+        assert!(!matches(
+            &opening,
+            &tuple("192.0.2.9", "10.0.0.5", 17, 8005)
+        ));
         assert!(!matches(&opening, &tuple("192.0.2.9", "10.0.0.5", 6, 8011)));
         assert!(!matches(&opening, &tuple("192.0.2.9", "10.0.0.6", 6, 8005)));
     }
@@ -203,7 +264,10 @@ mod tests {
         b.put(CTA_PROTO_DST_PORT, &80u16.to_be_bytes());
         b.nest_end(proto);
         let bytes = b.into_bytes();
-        assert_eq!(parse_tuple(&bytes), Some(tuple("192.0.2.1", "10.0.0.5", 6, 80)));
+        assert_eq!(
+            parse_tuple(&bytes),
+            Some(tuple("192.0.2.1", "10.0.0.5", 6, 80))
+        );
         assert_eq!(parse_tuple(&bytes[..10]), None);
     }
 }

@@ -68,12 +68,18 @@ impl Clone for Error {
     fn clone(&self) -> Self {
         match self {
             Error::PermissionDenied => Error::PermissionDenied,
-            Error::TableMissing { table } => Error::TableMissing { table: table.clone() },
+            Error::TableMissing { table } => Error::TableMissing {
+                table: table.clone(),
+            },
             Error::ElementExists(o) => Error::ElementExists(o.clone()),
             Error::ElementMissing(o) => Error::ElementMissing(o.clone()),
             Error::ElementConflicts(o) => Error::ElementConflicts(o.clone()),
             Error::MessageTooLong => Error::MessageTooLong,
-            Error::Kernel { op, errno, message } => Error::Kernel { op, errno: *errno, message: message.clone() },
+            Error::Kernel { op, errno, message } => Error::Kernel {
+                op,
+                errno: *errno,
+                message: message.clone(),
+            },
             Error::Io(e) => Error::Io(match e.raw_os_error() {
                 Some(code) => std::io::Error::from_raw_os_error(code),
                 None => std::io::Error::new(e.kind(), e.to_string()),
@@ -106,14 +112,21 @@ impl Error {
 
 /// Where in an element message the table and set name attributes sit: the kernel's extended
 /// ack points at one of them when the table or set is missing.
-pub(crate) const TABLE_ATTR_OFFSET: u32 = (crate::nl::NLMSG_HDRLEN + crate::nl::NFGENMSG_LEN) as u32;
+pub(crate) const TABLE_ATTR_OFFSET: u32 =
+    (crate::nl::NLMSG_HDRLEN + crate::nl::NFGENMSG_LEN) as u32;
 
 /// Maps a kernel refusal to an error.
 ///
 /// `opening` is the element concerned, when the message carried one element's change;
 /// `set_attr_offset` is the offset of the set-name attribute in an element message, so that an
 /// ENOENT pointing at the table or set name is told apart from an ENOENT for the element.
-pub(crate) fn from_ack(op: Op, ack: &Ack, table: &str, opening: Option<&Opening>, set_attr_offset: Option<u32>) -> Error {
+pub(crate) fn from_ack(
+    op: Op,
+    ack: &Ack,
+    table: &str,
+    opening: Option<&Opening>,
+    set_attr_offset: Option<u32>,
+) -> Error {
     const EPERM: i32 = libc::EPERM;
     const EACCES: i32 = libc::EACCES;
     const ENOENT: i32 = libc::ENOENT;
@@ -131,11 +144,17 @@ pub(crate) fn from_ack(op: Op, ack: &Ack, table: &str, opening: Option<&Opening>
         (EMSGSIZE, _) => Error::MessageTooLong,
         (ENOENT, Some(o)) if element_op && !points_at_container => Error::ElementMissing(o.clone()),
         (ENOENT, _) if element_op || matches!(op, Op::DeleteTable) || points_at_container => {
-            Error::TableMissing { table: table.to_string() }
+            Error::TableMissing {
+                table: table.to_string(),
+            }
         }
         (EEXIST, Some(o)) if element_op => Error::ElementExists(o.clone()),
         (ENOTEMPTY, Some(o)) if element_op => Error::ElementConflicts(o.clone()),
-        (errno, _) => Error::Kernel { op: op.as_str(), errno, message: ack.message.clone().unwrap_or_default() },
+        (errno, _) => Error::Kernel {
+            op: op.as_str(),
+            errno,
+            message: ack.message.clone().unwrap_or_default(),
+        },
     }
 }
 
@@ -145,28 +164,68 @@ mod tests {
     use fwnp_proto::message::{PortRange, Protocol};
 
     fn ack(errno: i32, offset: Option<u32>) -> Ack {
-        Ack { errno, seq: 1, message: None, bad_attr_offset: offset }
+        Ack {
+            errno,
+            seq: 1,
+            message: None,
+            bad_attr_offset: offset,
+        }
     }
 
     fn opening() -> Opening {
-        Opening { host: "10.0.0.1".parse().unwrap(), protocol: Protocol::Tcp, ports: PortRange::single(80), remote: None }
+        Opening {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(80),
+            remote: None,
+        }
     }
 
     #[test]
     fn maps_errnos() {
         let o = opening();
-        assert!(matches!(from_ack(Op::AddElement, &ack(libc::EPERM, None), "t", Some(&o), None), Error::PermissionDenied));
-        assert!(matches!(from_ack(Op::CreateTable, &ack(libc::EACCES, None), "t", None, None), Error::PermissionDenied));
-        assert!(matches!(from_ack(Op::AddElement, &ack(libc::EEXIST, None), "t", Some(&o), None), Error::ElementExists(_)));
         assert!(matches!(
-            from_ack(Op::RemoveElement, &ack(libc::ENOENT, None), "t", Some(&o), Some(28)),
+            from_ack(Op::AddElement, &ack(libc::EPERM, None), "t", Some(&o), None),
+            Error::PermissionDenied
+        ));
+        assert!(matches!(
+            from_ack(Op::CreateTable, &ack(libc::EACCES, None), "t", None, None),
+            Error::PermissionDenied
+        ));
+        assert!(matches!(
+            from_ack(
+                Op::AddElement,
+                &ack(libc::EEXIST, None),
+                "t",
+                Some(&o),
+                None
+            ),
+            Error::ElementExists(_)
+        ));
+        assert!(matches!(
+            from_ack(
+                Op::RemoveElement,
+                &ack(libc::ENOENT, None),
+                "t",
+                Some(&o),
+                Some(28)
+            ),
             Error::ElementMissing(_)
         ));
         assert!(matches!(
-            from_ack(Op::AddElement, &ack(libc::ENOTEMPTY, None), "t", Some(&o), None),
+            from_ack(
+                Op::AddElement,
+                &ack(libc::ENOTEMPTY, None),
+                "t",
+                Some(&o),
+                None
+            ),
             Error::ElementConflicts(_)
         ));
-        assert!(matches!(from_ack(Op::AddElement, &ack(libc::EMSGSIZE, None), "t", None, None), Error::MessageTooLong));
+        assert!(matches!(
+            from_ack(Op::AddElement, &ack(libc::EMSGSIZE, None), "t", None, None),
+            Error::MessageTooLong
+        ));
         match from_ack(Op::CreateRule, &ack(libc::EINVAL, None), "t", None, None) {
             Error::Kernel { op, errno, .. } => {
                 assert_eq!(op, "create rule");
@@ -179,11 +238,26 @@ mod tests {
     #[test]
     fn enoent_on_the_table_or_set_attribute_is_a_missing_table() {
         let o = opening();
-        let at_table = from_ack(Op::RemoveElement, &ack(libc::ENOENT, Some(TABLE_ATTR_OFFSET)), "fwnp", Some(&o), Some(28));
+        let at_table = from_ack(
+            Op::RemoveElement,
+            &ack(libc::ENOENT, Some(TABLE_ATTR_OFFSET)),
+            "fwnp",
+            Some(&o),
+            Some(28),
+        );
         assert!(matches!(at_table, Error::TableMissing { ref table } if table == "fwnp"));
-        let at_set = from_ack(Op::AddElement, &ack(libc::ENOENT, Some(28)), "fwnp", Some(&o), Some(28));
+        let at_set = from_ack(
+            Op::AddElement,
+            &ack(libc::ENOENT, Some(28)),
+            "fwnp",
+            Some(&o),
+            Some(28),
+        );
         assert!(matches!(at_set, Error::TableMissing { .. }));
         // A grouped message (no single opening) with ENOENT: the container is blamed.
-        assert!(matches!(from_ack(Op::AddElement, &ack(libc::ENOENT, None), "fwnp", None, None), Error::TableMissing { .. }));
+        assert!(matches!(
+            from_ack(Op::AddElement, &ack(libc::ENOENT, None), "fwnp", None, None),
+            Error::TableMissing { .. }
+        ));
     }
 }

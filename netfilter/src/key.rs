@@ -41,10 +41,22 @@ pub(crate) struct SetId {
 }
 
 pub(crate) const ALL_SETS: [SetId; 4] = [
-    SetId { family: Family::V4, kind: SetKind::Exact },
-    SetId { family: Family::V6, kind: SetKind::Exact },
-    SetId { family: Family::V4, kind: SetKind::Range },
-    SetId { family: Family::V6, kind: SetKind::Range },
+    SetId {
+        family: Family::V4,
+        kind: SetKind::Exact,
+    },
+    SetId {
+        family: Family::V6,
+        kind: SetKind::Exact,
+    },
+    SetId {
+        family: Family::V4,
+        kind: SetKind::Range,
+    },
+    SetId {
+        family: Family::V6,
+        kind: SetKind::Range,
+    },
 ];
 
 // nft's datatype numbers, used only so that `nft list` shows the keys readably.
@@ -147,13 +159,23 @@ pub(crate) fn prefix_bounds(prefix: &Prefix) -> (IpAddr, IpAddr) {
             let len = u32::from(prefix.len.min(32));
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
             let low = u32::from(a) & mask;
-            (IpAddr::V4(Ipv4Addr::from(low)), IpAddr::V4(Ipv4Addr::from(low | !mask)))
+            (
+                IpAddr::V4(Ipv4Addr::from(low)),
+                IpAddr::V4(Ipv4Addr::from(low | !mask)),
+            )
         }
         IpAddr::V6(a) => {
             let len = u32::from(prefix.len.min(128));
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             let low = u128::from(a) & mask;
-            (IpAddr::V6(Ipv6Addr::from(low)), IpAddr::V6(Ipv6Addr::from(low | !mask)))
+            (
+                IpAddr::V6(Ipv6Addr::from(low)),
+                IpAddr::V6(Ipv6Addr::from(low | !mask)),
+            )
         }
     }
 }
@@ -166,16 +188,24 @@ pub(crate) fn prefix_from_bounds(low: IpAddr, high: IpAddr) -> Option<Prefix> {
             let host_bits = (l ^ h).count_ones();
             let len = 32 - host_bits;
             let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            (l & !mask == 0 && h == l | !mask)
-                .then(|| Prefix { addr: IpAddr::V4(Ipv4Addr::from(l)), len: len as u8 })
+            (l & !mask == 0 && h == l | !mask).then(|| Prefix {
+                addr: IpAddr::V4(Ipv4Addr::from(l)),
+                len: len as u8,
+            })
         }
         (IpAddr::V6(l), IpAddr::V6(h)) => {
             let (l, h) = (u128::from(l), u128::from(h));
             let host_bits = (l ^ h).count_ones();
             let len = 128 - host_bits;
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            (l & !mask == 0 && h == l | !mask)
-                .then(|| Prefix { addr: IpAddr::V6(Ipv6Addr::from(l)), len: len as u8 })
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            (l & !mask == 0 && h == l | !mask).then(|| Prefix {
+                addr: IpAddr::V6(Ipv6Addr::from(l)),
+                len: len as u8,
+            })
         }
         _ => None,
     }
@@ -189,7 +219,10 @@ impl Opening {
     /// other address family or too long, or a reversed port range.
     pub fn canonical(&self) -> Result<Opening, Error> {
         if self.ports.is_empty() {
-            return Err(Error::UnsupportedOpening(format!("reversed port range {}", self.ports)));
+            return Err(Error::UnsupportedOpening(format!(
+                "reversed port range {}",
+                self.ports
+            )));
         }
         let remote = match self.remote {
             None => None,
@@ -205,16 +238,26 @@ impl Opening {
                     IpAddr::V6(_) => 128,
                 };
                 if prefix.len > max {
-                    return Err(Error::UnsupportedOpening(format!("prefix length of {prefix} exceeds {max}")));
+                    return Err(Error::UnsupportedOpening(format!(
+                        "prefix length of {prefix} exceeds {max}"
+                    )));
                 }
                 if prefix.len == 0 {
                     None
                 } else {
-                    Some(Prefix { addr: prefix_bounds(&prefix).0, len: prefix.len })
+                    Some(Prefix {
+                        addr: prefix_bounds(&prefix).0,
+                        len: prefix.len,
+                    })
                 }
             }
         };
-        Ok(Opening { host: self.host, protocol: self.protocol, ports: self.ports, remote })
+        Ok(Opening {
+            host: self.host,
+            protocol: self.protocol,
+            ports: self.ports,
+            remote,
+        })
     }
 }
 
@@ -241,7 +284,11 @@ pub(crate) fn encode(opening: &Opening) -> Result<ElementKey, Error> {
     key.extend_from_slice(&proto);
     key.extend_from_slice(&padded(&opening.ports.first.to_be_bytes()));
     match kind {
-        SetKind::Exact => Ok(ElementKey { set, key, key_end: None }),
+        SetKind::Exact => Ok(ElementKey {
+            set,
+            key,
+            key_end: None,
+        }),
         SetKind::Range => {
             let whole = Prefix {
                 addr: match family {
@@ -256,7 +303,11 @@ pub(crate) fn encode(opening: &Opening) -> Result<ElementKey, Error> {
             key_end.extend_from_slice(&padded(&opening.ports.last.to_be_bytes()));
             key.extend_from_slice(&addr_bytes(low));
             key_end.extend_from_slice(&addr_bytes(high));
-            Ok(ElementKey { set, key, key_end: Some(key_end) })
+            Ok(ElementKey {
+                set,
+                key,
+                key_end: Some(key_end),
+            })
         }
     }
 }
@@ -277,7 +328,12 @@ fn read_addr(family: Family, bytes: &[u8]) -> Option<IpAddr> {
 /// The opening an element of `set` stands for, or why it is not one of ours.
 pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<Opening, String> {
     if key.len() != set.key_len() {
-        return Err(format!("{} key of {} bytes, expected {}", set.name(), key.len(), set.key_len()));
+        return Err(format!(
+            "{} key of {} bytes, expected {}",
+            set.name(),
+            key.len(),
+            set.key_len()
+        ));
     }
     let a = set.addr_len();
     let host = read_addr(set.family, key).ok_or("short key")?;
@@ -285,7 +341,12 @@ pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<O
         .ok_or_else(|| format!("unknown protocol number {}", key[a]))?;
     let first = u16::from_be_bytes([key[a + 4], key[a + 5]]);
     match set.kind {
-        SetKind::Exact => Ok(Opening { host, protocol, ports: PortRange::single(first), remote: None }),
+        SetKind::Exact => Ok(Opening {
+            host,
+            protocol,
+            ports: PortRange::single(first),
+            remote: None,
+        }),
         SetKind::Range => {
             let end = key_end.ok_or("interval element without an end key")?;
             if end.len() != key.len() || end[..a + 4] != key[..a + 4] {
@@ -297,7 +358,12 @@ pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<O
             let prefix = prefix_from_bounds(low, high)
                 .ok_or_else(|| format!("source range {low}-{high} is not a prefix"))?;
             let remote = (prefix.len != 0).then_some(prefix);
-            Ok(Opening { host, protocol, ports: PortRange { first, last }, remote })
+            Ok(Opening {
+                host,
+                protocol,
+                ports: PortRange { first, last },
+                remote,
+            })
         }
     }
 }
@@ -306,12 +372,21 @@ pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<O
 mod tests {
     use super::*;
 
-    fn opening(host: &str, protocol: Protocol, first: u16, last: u16, remote: Option<(&str, u8)>) -> Opening {
+    fn opening(
+        host: &str,
+        protocol: Protocol,
+        first: u16,
+        last: u16,
+        remote: Option<(&str, u8)>,
+    ) -> Opening {
         Opening {
             host: host.parse().unwrap(),
             protocol,
             ports: PortRange { first, last },
-            remote: remote.map(|(a, len)| Prefix { addr: a.parse().unwrap(), len }),
+            remote: remote.map(|(a, len)| Prefix {
+                addr: a.parse().unwrap(),
+                len,
+            }),
         }
     }
 
@@ -331,22 +406,47 @@ mod tests {
         // key 0a000001 06000000 03e80000 00000000, end 0a000001 06000000 07d00000 ffffffff
         let key = encode(&opening("10.0.0.1", Protocol::Tcp, 1000, 2000, None)).unwrap();
         assert_eq!(key.set.name(), "range4");
-        assert_eq!(key.key, [10, 0, 0, 1, 6, 0, 0, 0, 0x03, 0xe8, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(key.key_end.unwrap(), [10, 0, 0, 1, 6, 0, 0, 0, 0x07, 0xd0, 0, 0, 255, 255, 255, 255]);
+        assert_eq!(
+            key.key,
+            [10, 0, 0, 1, 6, 0, 0, 0, 0x03, 0xe8, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            key.key_end.unwrap(),
+            [
+                10, 0, 0, 1, 6, 0, 0, 0, 0x07, 0xd0, 0, 0, 255, 255, 255, 255
+            ]
+        );
     }
 
     #[test]
     fn key_types_match_nft() {
-        let range6 = SetId { family: Family::V6, kind: SetKind::Range };
+        let range6 = SetId {
+            family: Family::V6,
+            kind: SetKind::Range,
+        };
         assert_eq!(range6.key_type(), 0x0020_c348);
         assert_eq!(range6.key_len(), 40);
         assert_eq!(range6.field_lens(), vec![16, 1, 2, 16]);
-        assert_eq!(SetId { family: Family::V6, kind: SetKind::Exact }.key_len(), 24);
+        assert_eq!(
+            SetId {
+                family: Family::V6,
+                kind: SetKind::Exact
+            }
+            .key_len(),
+            24
+        );
     }
 
     #[test]
     fn single_port_with_prefix_goes_to_the_interval_set() {
-        let key = encode(&opening("10.0.0.1", Protocol::Udp, 53, 53, Some(("192.0.2.0", 24)))).unwrap();
+        let key = encode(&opening(
+            "10.0.0.1",
+            Protocol::Udp,
+            53,
+            53,
+            Some(("192.0.2.0", 24)),
+        ))
+        .unwrap();
         assert_eq!(key.set.name(), "range4");
         assert_eq!(&key.key[12..], [192, 0, 2, 0]);
         assert_eq!(&key.key_end.unwrap()[12..], [192, 0, 2, 255]);
@@ -357,9 +457,21 @@ mod tests {
         let cases = [
             opening("10.0.0.1", Protocol::Tcp, 22, 22, None),
             opening("10.0.0.1", Protocol::Udp, 0, 65535, None),
-            opening("10.0.0.1", Protocol::Sctp, 80, 80, Some(("198.51.100.7", 32))),
+            opening(
+                "10.0.0.1",
+                Protocol::Sctp,
+                80,
+                80,
+                Some(("198.51.100.7", 32)),
+            ),
             opening("2001:db8::1", Protocol::UdpLite, 443, 443, None),
-            opening("2001:db8::1", Protocol::Tcp, 8000, 8100, Some(("2001:db8:ff::", 48))),
+            opening(
+                "2001:db8::1",
+                Protocol::Tcp,
+                8000,
+                8100,
+                Some(("2001:db8:ff::", 48)),
+            ),
         ];
         for case in cases {
             let key = encode(&case).unwrap();
@@ -371,7 +483,13 @@ mod tests {
     #[test]
     fn canonical_form_masks_and_drops_everyone() {
         let messy = opening("10.0.0.1", Protocol::Tcp, 80, 80, Some(("192.0.2.77", 24)));
-        assert_eq!(messy.canonical().unwrap().remote, Some(Prefix { addr: "192.0.2.0".parse().unwrap(), len: 24 }));
+        assert_eq!(
+            messy.canonical().unwrap().remote,
+            Some(Prefix {
+                addr: "192.0.2.0".parse().unwrap(),
+                len: 24
+            })
+        );
         let everyone = opening("10.0.0.1", Protocol::Tcp, 80, 80, Some(("0.0.0.0", 0)));
         assert_eq!(everyone.canonical().unwrap().remote, None);
         assert_eq!(encode(&everyone).unwrap().set.name(), "lease4");
@@ -380,7 +498,13 @@ mod tests {
     #[test]
     fn refuses_what_the_tables_cannot_hold() {
         assert!(matches!(
-            encode(&opening("10.0.0.1", Protocol::Tcp, 80, 80, Some(("2001:db8::", 32)))),
+            encode(&opening(
+                "10.0.0.1",
+                Protocol::Tcp,
+                80,
+                80,
+                Some(("2001:db8::", 32))
+            )),
             Err(Error::UnsupportedOpening(_))
         ));
         assert!(matches!(
@@ -388,33 +512,63 @@ mod tests {
             Err(Error::UnsupportedOpening(_))
         ));
         assert!(matches!(
-            encode(&opening("10.0.0.1", Protocol::Tcp, 80, 80, Some(("10.0.0.0", 33)))),
+            encode(&opening(
+                "10.0.0.1",
+                Protocol::Tcp,
+                80,
+                80,
+                Some(("10.0.0.0", 33))
+            )),
             Err(Error::UnsupportedOpening(_))
         ));
     }
 
     #[test]
     fn decode_rejects_foreign_elements() {
-        let set = SetId { family: Family::V4, kind: SetKind::Range };
+        let set = SetId {
+            family: Family::V4,
+            kind: SetKind::Range,
+        };
         // Source range 10.0.0.1-10.0.0.2 is not a prefix.
         let key = [10, 0, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0, 10, 0, 0, 1];
         let end = [10, 0, 0, 1, 6, 0, 0, 0, 0, 80, 0, 0, 10, 0, 0, 2];
         assert!(decode(set, &key, Some(&end)).is_err());
         assert!(decode(set, &key[..8], None).is_err());
         // Protocol 1 (ICMP) is not an FWNP protocol.
-        let exact = SetId { family: Family::V4, kind: SetKind::Exact };
+        let exact = SetId {
+            family: Family::V4,
+            kind: SetKind::Exact,
+        };
         assert!(decode(exact, &[10, 0, 0, 1, 1, 0, 0, 0, 0, 80, 0, 0], None).is_err());
     }
 
     #[test]
     fn prefix_bounds_edges() {
-        let p = Prefix { addr: "10.1.2.3".parse().unwrap(), len: 0 };
-        assert_eq!(prefix_bounds(&p), ("0.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap()));
-        let p = Prefix { addr: "2001:db8::1".parse().unwrap(), len: 128 };
+        let p = Prefix {
+            addr: "10.1.2.3".parse().unwrap(),
+            len: 0,
+        };
+        assert_eq!(
+            prefix_bounds(&p),
+            (
+                "0.0.0.0".parse().unwrap(),
+                "255.255.255.255".parse().unwrap()
+            )
+        );
+        let p = Prefix {
+            addr: "2001:db8::1".parse().unwrap(),
+            len: 128,
+        };
         assert_eq!(prefix_bounds(&p).0, prefix_bounds(&p).1);
         assert_eq!(
-            prefix_from_bounds("0.0.0.0".parse().unwrap(), "255.255.255.255".parse().unwrap()),
-            Some(Prefix { addr: "0.0.0.0".parse().unwrap(), len: 0 })
+            prefix_from_bounds(
+                "0.0.0.0".parse().unwrap(),
+                "255.255.255.255".parse().unwrap()
+            ),
+            Some(Prefix {
+                addr: "0.0.0.0".parse().unwrap(),
+                len: 0
+            })
         );
     }
 }

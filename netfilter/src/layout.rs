@@ -39,7 +39,12 @@ pub struct GatewayLayout {
 
 impl Default for GatewayLayout {
     fn default() -> Self {
-        GatewayLayout { table: "fwnp".into(), protected: Vec::new(), inbound_interfaces: Vec::new(), refuse: Refuse::Drop }
+        GatewayLayout {
+            table: "fwnp".into(),
+            protected: Vec::new(),
+            inbound_interfaces: Vec::new(),
+            refuse: Refuse::Drop,
+        }
     }
 }
 
@@ -79,7 +84,11 @@ pub struct HostLayout {
 
 impl Default for HostLayout {
     fn default() -> Self {
-        HostLayout { table: "fwnp_host".into(), mode: HostMode::Enforce, always_allowed: Vec::new() }
+        HostLayout {
+            table: "fwnp_host".into(),
+            mode: HostMode::Enforce,
+            always_allowed: Vec::new(),
+        }
     }
 }
 
@@ -112,7 +121,13 @@ impl Layout {
 }
 
 /// Every counter name any layout creates.
-pub(crate) const ALL_COUNTER_NAMES: [&str; 5] = ["established", "accepted", "refused", "always_allowed", "unmatched"];
+pub(crate) const ALL_COUNTER_NAMES: [&str; 5] = [
+    "established",
+    "accepted",
+    "refused",
+    "always_allowed",
+    "unmatched",
+];
 
 // Registers: NFT_REG_1 is 16 bytes wide and shares its storage with NFT_REG32_00..03.
 const REG_VERDICT: u32 = 0;
@@ -218,7 +233,9 @@ pub(crate) trait Sequencer {
 
 fn check_name(what: &str, name: &str, max: usize) -> Result<(), Error> {
     if name.is_empty() || name.len() > max || name.contains('\0') {
-        return Err(Error::InvalidLayout(format!("{what} {name:?} must be 1 to {max} bytes without NUL")));
+        return Err(Error::InvalidLayout(format!(
+            "{what} {name:?} must be 1 to {max} bytes without NUL"
+        )));
     }
     Ok(())
 }
@@ -229,7 +246,9 @@ fn validate_prefix(prefix: &Prefix) -> Result<(), Error> {
         IpAddr::V6(_) => 128,
     };
     if prefix.len > max {
-        return Err(Error::InvalidLayout(format!("prefix {prefix} is longer than {max} bits")));
+        return Err(Error::InvalidLayout(format!(
+            "prefix {prefix} is longer than {max} bits"
+        )));
     }
     Ok(())
 }
@@ -255,9 +274,10 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
             for entry in &h.always_allowed {
                 validate_prefix(&entry.remote)?;
                 if let Some(ports) = entry.ports
-                    && ports.is_empty() {
-                        return Err(Error::InvalidLayout(format!("reversed port range {ports}")));
-                    }
+                    && ports.is_empty()
+                {
+                    return Err(Error::InvalidLayout(format!("reversed port range {ports}")));
+                }
             }
         }
     }
@@ -269,7 +289,11 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
 /// bytes.
 fn register_name(reg32: u32) -> u32 {
     let offset = reg32.saturating_sub(REG32_00);
-    if offset.is_multiple_of(4) { REG_1 + offset / 4 } else { reg32 }
+    if offset.is_multiple_of(4) {
+        REG_1 + offset / 4
+    } else {
+        reg32
+    }
 }
 
 /// One rule under construction: a list of expressions.
@@ -359,7 +383,13 @@ impl RuleBuilder<'_> {
             let mask: Vec<u8> = (0..len)
                 .map(|i| {
                     let start = i * 8;
-                    if bits >= start + 8 { 0xff } else if bits <= start { 0 } else { 0xffu8 << (8 - (bits - start)) }
+                    if bits >= start + 8 {
+                        0xff
+                    } else if bits <= start {
+                        0
+                    } else {
+                        0xffu8 << (8 - (bits - start))
+                    }
                 })
                 .collect();
             self.bitwise_and(REG_1, &mask);
@@ -409,7 +439,12 @@ impl RuleBuilder<'_> {
         self.meta(NFT_META_L4PROTO, register_name(proto_reg));
         self.payload(NFT_PAYLOAD_TRANSPORT, 2, 2, register_name(proto_reg + 1));
         if set.kind == SetKind::Range {
-            self.payload(NFT_PAYLOAD_NETWORK, saddr, len, register_name(proto_reg + 2));
+            self.payload(
+                NFT_PAYLOAD_NETWORK,
+                saddr,
+                len,
+                register_name(proto_reg + 2),
+            );
         }
         self.expr("lookup", |b| {
             b.put_str(1, set.name()); // NFTA_LOOKUP_SET
@@ -460,7 +495,12 @@ struct TableWriter<'a, S: Sequencer> {
 impl<S: Sequencer> TableWriter<'_, S> {
     fn table(&mut self) {
         let seq = self.seq.next(Op::CreateTable);
-        let m = self.b.begin_nft(NFT_MSG_NEWTABLE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, NFPROTO_INET);
+        let m = self.b.begin_nft(
+            NFT_MSG_NEWTABLE,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            seq,
+            NFPROTO_INET,
+        );
         self.b.put_str(NFTA_TABLE_NAME, self.table);
         self.b.put_u32(NFTA_TABLE_FLAGS, 0);
         self.b.end_msg(m);
@@ -468,7 +508,12 @@ impl<S: Sequencer> TableWriter<'_, S> {
 
     fn counter(&mut self, name: &'static str) {
         let seq = self.seq.next(Op::CreateCounter);
-        let m = self.b.begin_nft(NFT_MSG_NEWOBJ, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, NFPROTO_INET);
+        let m = self.b.begin_nft(
+            NFT_MSG_NEWOBJ,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            seq,
+            NFPROTO_INET,
+        );
         self.b.put_str(NFTA_OBJ_TABLE, self.table);
         self.b.put_str(NFTA_OBJ_NAME, name);
         self.b.put_u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
@@ -482,7 +527,12 @@ impl<S: Sequencer> TableWriter<'_, S> {
 
     fn set(&mut self, set: SetId) {
         let seq = self.seq.next(Op::CreateSet);
-        let m = self.b.begin_nft(NFT_MSG_NEWSET, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, NFPROTO_INET);
+        let m = self.b.begin_nft(
+            NFT_MSG_NEWSET,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            seq,
+            NFPROTO_INET,
+        );
         self.b.put_str(NFTA_SET_TABLE, self.table);
         self.b.put_str(NFTA_SET_NAME, set.name());
         let flags = match set.kind {
@@ -508,12 +558,19 @@ impl<S: Sequencer> TableWriter<'_, S> {
         }
         self.b.end_msg(m);
         self.expected.sets.push(set.name());
-        self.expected.set_props.push((set.name(), flags, set.key_len() as u32));
+        self.expected
+            .set_props
+            .push((set.name(), flags, set.key_len() as u32));
     }
 
     fn chain(&mut self, name: &str, hook: Option<u32>) {
         let seq = self.seq.next(Op::CreateChain);
-        let m = self.b.begin_nft(NFT_MSG_NEWCHAIN, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, NFPROTO_INET);
+        let m = self.b.begin_nft(
+            NFT_MSG_NEWCHAIN,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            seq,
+            NFPROTO_INET,
+        );
         self.b.put_str(NFTA_CHAIN_TABLE, self.table);
         self.b.put_str(NFTA_CHAIN_NAME, name);
         if let Some(hooknum) = hook {
@@ -526,7 +583,11 @@ impl<S: Sequencer> TableWriter<'_, S> {
         }
         self.b.end_msg(m);
         self.expected.chains.push((name.to_string(), 0));
-        let props = hook.map(|hooknum| ChainProps { hooknum, priority: 0, policy: NF_ACCEPT });
+        let props = hook.map(|hooknum| ChainProps {
+            hooknum,
+            priority: 0,
+            policy: NF_ACCEPT,
+        });
         self.expected.chain_props.push((name.to_string(), props));
     }
 
@@ -546,7 +607,12 @@ impl<S: Sequencer> TableWriter<'_, S> {
         let contents = self.b.as_bytes().get(list + 4..).unwrap_or(&[]).to_vec();
         self.expected.rules.push((chain.to_string(), contents));
         self.b.end_msg(m);
-        if let Some(entry) = self.expected.chains.iter_mut().find(|(name, _)| name == chain) {
+        if let Some(entry) = self
+            .expected
+            .chains
+            .iter_mut()
+            .find(|(name, _)| name == chain)
+        {
             entry.1 += 1;
         }
     }
@@ -572,7 +638,11 @@ impl<S: Sequencer> TableWriter<'_, S> {
 
 /// Appends the creation of the whole table (after the caller's delete) to a batch, and returns
 /// what reading it back must show.
-pub(crate) fn write_table<S: Sequencer>(layout: &Layout, b: &mut Builder, seq: &mut S) -> Result<Expected, Error> {
+pub(crate) fn write_table<S: Sequencer>(
+    layout: &Layout,
+    b: &mut Builder,
+    seq: &mut S,
+) -> Result<Expected, Error> {
     validate(layout)?;
     let mut w = TableWriter {
         b,
@@ -612,7 +682,11 @@ fn write_gateway<S: Sequencer>(w: &mut TableWriter<'_, S>, g: &GatewayLayout) {
             });
         }
     } else {
-        let target = if by_destination { "by_destination" } else { "guard" };
+        let target = if by_destination {
+            "by_destination"
+        } else {
+            "guard"
+        };
         for name in &g.inbound_interfaces {
             w.rule("forward", |r| {
                 r.iifname(name);
@@ -642,7 +716,10 @@ fn write_gateway<S: Sequencer>(w: &mut TableWriter<'_, S>, g: &GatewayLayout) {
             });
             w.rule("guard", |r| {
                 r.counter("refused");
-                r.reject(NFT_REJECT_ICMPX_UNREACH, Some(NFT_REJECT_ICMPX_ADMIN_PROHIBITED));
+                r.reject(
+                    NFT_REJECT_ICMPX_UNREACH,
+                    Some(NFT_REJECT_ICMPX_ADMIN_PROHIBITED),
+                );
             });
         }
     }
@@ -703,7 +780,10 @@ mod tests {
     }
 
     fn prefix(s: &str, len: u8) -> Prefix {
-        Prefix { addr: s.parse().unwrap(), len }
+        Prefix {
+            addr: s.parse().unwrap(),
+            len,
+        }
     }
 
     #[test]
@@ -719,7 +799,11 @@ mod tests {
         let expected = write_table(&layout, &mut b, &mut seq).unwrap();
         assert_eq!(
             expected.chains,
-            vec![("forward".to_string(), 2), ("guard".to_string(), 6), ("by_destination".to_string(), 2)]
+            vec![
+                ("forward".to_string(), 2),
+                ("guard".to_string(), 6),
+                ("by_destination".to_string(), 2)
+            ]
         );
         assert_eq!(expected.sets, vec!["lease4", "lease6", "range4", "range6"]);
         // One sequence number per message, each message once in the datagram.
@@ -743,7 +827,10 @@ mod tests {
         let expected = write_table(&layout, &mut b, &mut Counting(0, Vec::new())).unwrap();
         // lo, established, ICMPv6 ND, 1 always-allowed, 4 lease lookups, unmatched.
         assert_eq!(expected.chains, vec![("input".to_string(), 9)]);
-        assert_eq!(expected.counters, vec!["established", "always_allowed", "accepted", "unmatched"]);
+        assert_eq!(
+            expected.counters,
+            vec!["established", "always_allowed", "accepted", "unmatched"]
+        );
     }
 
     #[test]
@@ -764,7 +851,13 @@ mod tests {
             ..GatewayLayout::default()
         });
         assert!(matches!(validate(&long_if), Err(Error::InvalidLayout(_))));
-        let bad_prefix = Layout::Gateway(GatewayLayout { protected: vec![prefix("10.0.0.0", 40)], ..GatewayLayout::default() });
-        assert!(matches!(validate(&bad_prefix), Err(Error::InvalidLayout(_))));
+        let bad_prefix = Layout::Gateway(GatewayLayout {
+            protected: vec![prefix("10.0.0.0", 40)],
+            ..GatewayLayout::default()
+        });
+        assert!(matches!(
+            validate(&bad_prefix),
+            Err(Error::InvalidLayout(_))
+        ));
     }
 }

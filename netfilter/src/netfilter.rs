@@ -82,7 +82,13 @@ struct TxnSequencer<'a> {
 impl Sequencer for TxnSequencer<'_> {
     fn next(&mut self, op: Op) -> u32 {
         let seq = bump(self.next_seq);
-        self.metas.push(MsgMeta { seq, op, changes: Vec::new(), element_offsets: Vec::new(), set_attr_offset: None });
+        self.metas.push(MsgMeta {
+            seq,
+            op,
+            changes: Vec::new(),
+            element_offsets: Vec::new(),
+            set_attr_offset: None,
+        });
         seq
     }
 }
@@ -143,17 +149,23 @@ struct ElementWrite<'a> {
 
 fn millis(d: Duration) -> u64 {
     // Round up: a lease of 1.5 ms must not become 1 ms, nor 0 (which means "never expires").
-    let ms = d.as_millis().saturating_add(u128::from(!d.subsec_nanos().is_multiple_of(1_000_000)));
+    let ms = d
+        .as_millis()
+        .saturating_add(u128::from(!d.subsec_nanos().is_multiple_of(1_000_000)));
     u64::try_from(ms).unwrap_or(u64::MAX).max(1)
 }
 
 fn check_timeout(timeout: Duration) -> Result<(), Error> {
     if timeout.is_zero() {
-        return Err(Error::InvalidTimeout("zero (the kernel would keep the element forever)".into()));
+        return Err(Error::InvalidTimeout(
+            "zero (the kernel would keep the element forever)".into(),
+        ));
     }
     // The kernel converts to jiffies and refuses what overflows; a century is far inside it.
     if timeout > Duration::from_secs(100 * 365 * 24 * 3600) {
-        return Err(Error::InvalidTimeout(format!("{timeout:?} is longer than a century")));
+        return Err(Error::InvalidTimeout(format!(
+            "{timeout:?} is longer than a century"
+        )));
     }
     Ok(())
 }
@@ -177,8 +189,16 @@ impl Netfilter {
         let granted = socket.set_buffers(SEND_BUFFER, RECV_BUFFER)?;
         socket.set_recv_timeout(Some(REPLY_TIMEOUT))?;
         // netlink_sendmsg refuses a datagram larger than the send buffer less 32 bytes.
-        let max_batch_bytes = granted.saturating_sub(4096).clamp(64 * 1024, MAX_BATCH_BYTES);
-        Ok(Netfilter { socket, seq: 0, max_batch_bytes, recv_buf: vec![0u8; 1 << 20], renew_method: None })
+        let max_batch_bytes = granted
+            .saturating_sub(4096)
+            .clamp(64 * 1024, MAX_BATCH_BYTES);
+        Ok(Netfilter {
+            socket,
+            seq: 0,
+            max_batch_bytes,
+            recv_buf: vec![0u8; 1 << 20],
+            renew_method: None,
+        })
     }
 
     /// The renewal method found by probing the kernel (after the first [`Netfilter::apply`] or
@@ -197,7 +217,11 @@ impl Netfilter {
         let mut b = Builder::new();
         let begin_seq = bump(&mut self.seq);
         b.batch_begin(begin_seq);
-        Txn { b, begin_seq, metas: Vec::new() }
+        Txn {
+            b,
+            begin_seq,
+            metas: Vec::new(),
+        }
     }
 
     /// Sends a transaction in one datagram and collects one acknowledgement per message.
@@ -206,17 +230,33 @@ impl Netfilter {
         txn.b.batch_end(end_seq);
         let bytes = txn.b.into_bytes();
         self.socket.send(&bytes).map_err(|e| {
-            if e.raw_os_error() == Some(libc::EMSGSIZE) { Error::MessageTooLong } else { Error::Io(e) }
+            if e.raw_os_error() == Some(libc::EMSGSIZE) {
+                Error::MessageTooLong
+            } else {
+                Error::Io(e)
+            }
         })?;
-        let index: HashMap<u32, usize> = txn.metas.iter().enumerate().map(|(i, m)| (m.seq, i)).collect();
+        let index: HashMap<u32, usize> = txn
+            .metas
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (m.seq, i))
+            .collect();
         let mut acks: Vec<Option<Ack>> = vec![None; txn.metas.len()];
         let mut missing = txn.metas.len();
         let mut batch_error = None;
         while missing > 0 && batch_error.is_none() {
             let n = match self.socket.recv(&mut self.recv_buf, false) {
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Err(Error::UnexpectedReply(format!("{missing} acknowledgements never arrived")));
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(Error::UnexpectedReply(format!(
+                        "{missing} acknowledgements never arrived"
+                    )));
                 }
                 Err(e) => return Err(Error::Io(e)),
             };
@@ -240,15 +280,29 @@ impl Netfilter {
             .zip(&txn.metas)
             .map(|(ack, meta)| {
                 // Only reachable with a batch error, which then stands for every message.
-                ack.unwrap_or(Ack { errno: libc::ECANCELED, seq: meta.seq, message: None, bad_attr_offset: None })
+                ack.unwrap_or(Ack {
+                    errno: libc::ECANCELED,
+                    seq: meta.seq,
+                    message: None,
+                    bad_attr_offset: None,
+                })
             })
             .collect();
-        Ok(TxnOutcome { acks, ops: txn.metas.iter().map(|m| m.op).collect(), batch_error })
+        Ok(TxnOutcome {
+            acks,
+            ops: txn.metas.iter().map(|m| m.op).collect(),
+            batch_error,
+        })
     }
 
     /// A dump request; returns the raw datagrams of the answer. An interrupted dump (the
     /// ruleset changed meanwhile) is retried.
-    fn dump(&mut self, msg: u16, family: u8, attrs: impl Fn(&mut Builder)) -> Result<Result<Vec<Vec<u8>>, Ack>, Error> {
+    fn dump(
+        &mut self,
+        msg: u16,
+        family: u8,
+        attrs: impl Fn(&mut Builder),
+    ) -> Result<Result<Vec<Vec<u8>>, Ack>, Error> {
         'attempt: for _ in 0..5 {
             let seq = bump(&mut self.seq);
             let mut b = Builder::new();
@@ -261,7 +315,12 @@ impl Netfilter {
             loop {
                 let n = match self.socket.recv(&mut self.recv_buf, false) {
                     Ok(n) => n,
-                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
                         return Err(Error::UnexpectedReply("dump did not finish".into()));
                     }
                     Err(e) => return Err(Error::Io(e)),
@@ -279,9 +338,10 @@ impl Netfilter {
                         NLMSG_DONE => done = true,
                         NLMSG_ERROR => {
                             if let Some(ack) = parse_ack(&m)
-                                && ack.errno != 0 {
-                                    return Ok(Err(ack));
-                                }
+                                && ack.errno != 0
+                            {
+                                return Ok(Err(ack));
+                            }
                             done = true;
                         }
                         _ => {}
@@ -297,14 +357,21 @@ impl Netfilter {
             }
             return Ok(Ok(out));
         }
-        Err(Error::UnexpectedReply("dump interrupted five times in a row".into()))
+        Err(Error::UnexpectedReply(
+            "dump interrupted five times in a row".into(),
+        ))
     }
 
     /// Whether a table of ours exists (whatever its contents).
     fn table_exists(&mut self, table: &str) -> Result<bool, Error> {
         let seq = bump(&mut self.seq);
         let mut b = Builder::new();
-        let start = b.begin_nft(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_INET);
+        let start = b.begin_nft(
+            NFT_MSG_GETTABLE,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            NFPROTO_INET,
+        );
         b.put_str(NFTA_TABLE_NAME, table);
         b.end_msg(start);
         let mut found = false;
@@ -355,7 +422,11 @@ impl Netfilter {
     /// Elements are put back as they are given (a repeated opening once, the last timeout
     /// wins). If they do not fit one transaction (several megabytes, hundreds of thousands of
     /// elements), the rest follow in further transactions right after the table's.
-    pub fn apply(&mut self, layout: &Layout, elements: &[(Opening, Duration)]) -> Result<(), Error> {
+    pub fn apply(
+        &mut self,
+        layout: &Layout,
+        elements: &[(Opening, Duration)],
+    ) -> Result<(), Error> {
         crate::layout::validate(layout)?;
         let table = layout.table().to_string();
         let mut keys = Vec::with_capacity(elements.len());
@@ -374,7 +445,12 @@ impl Netfilter {
         let writes: Vec<ElementWrite<'_>> = keys
             .iter()
             .enumerate()
-            .map(|(i, (key, timeout))| ElementWrite { change: i, key, op: ElementOp::AddOrKeep, timeout: Some(*timeout) })
+            .map(|(i, (key, timeout))| ElementWrite {
+                change: i,
+                key,
+                op: ElementOp::AddOrKeep,
+                timeout: Some(*timeout),
+            })
             .collect();
 
         let mut attempt = 0;
@@ -383,14 +459,22 @@ impl Netfilter {
             let exists = self.table_exists(&table)?;
             let mut txn = self.new_txn();
             if exists {
-                let mut seq = TxnSequencer { next_seq: &mut self.seq, metas: &mut txn.metas };
+                let mut seq = TxnSequencer {
+                    next_seq: &mut self.seq,
+                    metas: &mut txn.metas,
+                };
                 let s = seq.next(Op::DeleteTable);
-                let m = txn.b.begin_nft(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, s, NFPROTO_INET);
+                let m =
+                    txn.b
+                        .begin_nft(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, s, NFPROTO_INET);
                 txn.b.put_str(NFTA_TABLE_NAME, &table);
                 txn.b.end_msg(m);
             }
             let expected = {
-                let mut seq = TxnSequencer { next_seq: &mut self.seq, metas: &mut txn.metas };
+                let mut seq = TxnSequencer {
+                    next_seq: &mut self.seq,
+                    metas: &mut txn.metas,
+                };
                 write_table(layout, &mut txn.b, &mut seq)?
             };
             let written = self.write_elements(&mut txn, &table, &writes);
@@ -399,7 +483,11 @@ impl Netfilter {
                 break (expected, written);
             }
             // Someone deleted the table between our check and our transaction: once more.
-            let delete_raced = outcome.acks.first().is_some_and(|a| a.errno == libc::ENOENT) && exists;
+            let delete_raced = outcome
+                .acks
+                .first()
+                .is_some_and(|a| a.errno == libc::ENOENT)
+                && exists;
             if delete_raced && attempt < 2 {
                 continue;
             }
@@ -431,7 +519,13 @@ impl Netfilter {
 
     /// `one_per_change`: every change gets its own message, so that its acknowledgement is its
     /// own. A change's writes (a delete-and-add renewal) are never cut across transactions.
-    fn write_elements_opt(&mut self, txn: &mut Txn, table: &str, writes: &[ElementWrite<'_>], one_per_change: bool) -> usize {
+    fn write_elements_opt(
+        &mut self,
+        txn: &mut Txn,
+        table: &str,
+        writes: &[ElementWrite<'_>],
+        one_per_change: bool,
+    ) -> usize {
         let set_attr_offset = TABLE_ATTR_OFFSET + 4 + ((table.len() as u32 + 1 + 3) & !3);
         let budget = self.max_batch_bytes.saturating_sub(64);
         let mut open: Option<(usize, usize, SetId, ElementOp)> = None; // msg start, nest start
@@ -460,8 +554,13 @@ impl Netfilter {
                 }
                 let seq = bump(&mut self.seq);
                 let (msg_type, flags) = match w.op {
-                    ElementOp::AddExclusive => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL),
-                    ElementOp::AddOrKeep | ElementOp::Refresh => (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE),
+                    ElementOp::AddExclusive => (
+                        NFT_MSG_NEWSETELEM,
+                        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+                    ),
+                    ElementOp::AddOrKeep | ElementOp::Refresh => {
+                        (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+                    }
                     ElementOp::Remove => (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK),
                 };
                 let msg = txn.b.begin_nft(msg_type, flags, seq, NFPROTO_INET);
@@ -485,12 +584,13 @@ impl Netfilter {
                 txn.b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
             }
             if w.op != ElementOp::Remove
-                && let Some(timeout) = w.timeout {
-                    txn.b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
-                    if w.op == ElementOp::Refresh {
-                        txn.b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
-                    }
+                && let Some(timeout) = w.timeout
+            {
+                txn.b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
+                if w.op == ElementOp::Refresh {
+                    txn.b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
                 }
+            }
             txn.b.nest_end(elem);
             if let Some(meta) = txn.metas.last_mut() {
                 meta.changes.push(w.change);
@@ -509,7 +609,10 @@ impl Netfilter {
     fn verify(&mut self, layout: &Layout, expected: &Expected) -> Result<(), Error> {
         let actual = self.read_structure(layout.table())?;
         let Some(actual) = actual else {
-            return Err(Error::VerifyFailed(format!("table inet {} is missing after apply", layout.table())));
+            return Err(Error::VerifyFailed(format!(
+                "table inet {} is missing after apply",
+                layout.table()
+            )));
         };
         compare_structure(expected, &actual).map_err(Error::VerifyFailed)
     }
@@ -529,15 +632,31 @@ impl Netfilter {
                     continue;
                 }
                 let attrs = m.nft_attrs();
-                if attrs.clone().find(NFTA_CHAIN_TABLE).map(c_string).as_deref() != Some(table) {
+                if attrs
+                    .clone()
+                    .find(NFTA_CHAIN_TABLE)
+                    .map(c_string)
+                    .as_deref()
+                    != Some(table)
+                {
                     continue;
                 }
                 if let Some(name) = attrs.clone().find(NFTA_CHAIN_NAME) {
                     let hook = attrs.clone().find(NFTA_CHAIN_HOOK);
                     let props = hook.map(|hook| ChainProps {
-                        hooknum: Attrs::new(hook).find(NFTA_HOOK_HOOKNUM).and_then(be_u32).unwrap_or(u32::MAX),
-                        priority: Attrs::new(hook).find(NFTA_HOOK_PRIORITY).and_then(be_u32).unwrap_or(u32::MAX),
-                        policy: attrs.clone().find(NFTA_CHAIN_POLICY).and_then(be_u32).unwrap_or(u32::MAX),
+                        hooknum: Attrs::new(hook)
+                            .find(NFTA_HOOK_HOOKNUM)
+                            .and_then(be_u32)
+                            .unwrap_or(u32::MAX),
+                        priority: Attrs::new(hook)
+                            .find(NFTA_HOOK_PRIORITY)
+                            .and_then(be_u32)
+                            .unwrap_or(u32::MAX),
+                        policy: attrs
+                            .clone()
+                            .find(NFTA_CHAIN_POLICY)
+                            .and_then(be_u32)
+                            .unwrap_or(u32::MAX),
                     });
                     chains.push((c_string(name), 0));
                     chain_props.push((c_string(name), props));
@@ -553,8 +672,15 @@ impl Netfilter {
                 if attrs.clone().find(NFTA_RULE_TABLE).map(c_string).as_deref() != Some(table) {
                     continue;
                 }
-                let chain = attrs.clone().find(NFTA_RULE_CHAIN).map(c_string).unwrap_or_default();
-                rules.push((chain.clone(), attrs.find(NFTA_RULE_EXPRESSIONS).unwrap_or(&[]).to_vec()));
+                let chain = attrs
+                    .clone()
+                    .find(NFTA_RULE_CHAIN)
+                    .map(c_string)
+                    .unwrap_or_default();
+                rules.push((
+                    chain.clone(),
+                    attrs.find(NFTA_RULE_EXPRESSIONS).unwrap_or(&[]).to_vec(),
+                ));
                 match chains.iter_mut().find(|(name, _)| *name == chain) {
                     Some(entry) => entry.1 += 1,
                     None => chains.push((chain, 1)),
@@ -573,9 +699,15 @@ impl Netfilter {
                 }
                 if let Some(set) = attrs.clone().find(NFTA_SET_NAME).map(c_string) {
                     // Names we do not know cannot be ours: reported as a mismatch below.
-                    let name = SetId::from_name(&set).map(|s| s.name()).unwrap_or("(foreign set)");
+                    let name = SetId::from_name(&set)
+                        .map(|s| s.name())
+                        .unwrap_or("(foreign set)");
                     sets.push(name);
-                    let flags = attrs.clone().find(NFTA_SET_FLAGS).and_then(be_u32).unwrap_or(0);
+                    let flags = attrs
+                        .clone()
+                        .find(NFTA_SET_FLAGS)
+                        .and_then(be_u32)
+                        .unwrap_or(0);
                     let key_len = attrs.find(NFTA_SET_KEY_LEN).and_then(be_u32).unwrap_or(0);
                     set_props.push((name, flags, key_len));
                 }
@@ -585,10 +717,21 @@ impl Netfilter {
             .counters_in(table)?
             .into_iter()
             .map(|c| {
-                crate::layout::ALL_COUNTER_NAMES.iter().copied().find(|n| *n == c.name).unwrap_or("(foreign counter)")
+                crate::layout::ALL_COUNTER_NAMES
+                    .iter()
+                    .copied()
+                    .find(|n| *n == c.name)
+                    .unwrap_or("(foreign counter)")
             })
             .collect();
-        Ok(Some(Expected { chains, sets, counters, chain_props, rules, set_props }))
+        Ok(Some(Expected {
+            chains,
+            sets,
+            counters,
+            chain_props,
+            rules,
+            set_props,
+        }))
     }
 
     fn dump_ok(&mut self, msg: u16, table: &str, table_attr: u16) -> Result<Vec<Vec<u8>>, Error> {
@@ -607,7 +750,9 @@ impl Netfilter {
             b.put_u32(NFTA_OBJ_TYPE, NFT_OBJECT_COUNTER);
         })? {
             Ok(d) => d,
-            Err(ack) if ack.errno == libc::ENOENT => return Err(Error::TableMissing { table: owned }),
+            Err(ack) if ack.errno == libc::ENOENT => {
+                return Err(Error::TableMissing { table: owned });
+            }
             Err(ack) => return Err(from_ack(Op::CreateCounter, &ack, table, None, None)),
         };
         let mut out = Vec::new();
@@ -623,11 +768,23 @@ impl Netfilter {
                 if attrs.clone().find(NFTA_OBJ_TYPE).and_then(be_u32) != Some(NFT_OBJECT_COUNTER) {
                     continue;
                 }
-                let Some(name) = attrs.clone().find(NFTA_OBJ_NAME).map(c_string) else { continue };
+                let Some(name) = attrs.clone().find(NFTA_OBJ_NAME).map(c_string) else {
+                    continue;
+                };
                 let data = attrs.find(NFTA_OBJ_DATA).unwrap_or(&[]);
-                let packets = Attrs::new(data).find(NFTA_COUNTER_PACKETS).and_then(be_u64).unwrap_or(0);
-                let bytes = Attrs::new(data).find(NFTA_COUNTER_BYTES).and_then(be_u64).unwrap_or(0);
-                out.push(Counter { name, packets, bytes });
+                let packets = Attrs::new(data)
+                    .find(NFTA_COUNTER_PACKETS)
+                    .and_then(be_u64)
+                    .unwrap_or(0);
+                let bytes = Attrs::new(data)
+                    .find(NFTA_COUNTER_BYTES)
+                    .and_then(be_u64)
+                    .unwrap_or(0);
+                out.push(Counter {
+                    name,
+                    packets,
+                    bytes,
+                });
             }
         }
         Ok(out)
@@ -656,9 +813,14 @@ impl Netfilter {
             return Ok(());
         }
         let mut txn = self.new_txn();
-        let mut seq = TxnSequencer { next_seq: &mut self.seq, metas: &mut txn.metas };
+        let mut seq = TxnSequencer {
+            next_seq: &mut self.seq,
+            metas: &mut txn.metas,
+        };
         let s = seq.next(Op::DeleteTable);
-        let m = txn.b.begin_nft(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, s, NFPROTO_INET);
+        let m = txn
+            .b
+            .begin_nft(NFT_MSG_DELTABLE, NLM_F_REQUEST | NLM_F_ACK, s, NFPROTO_INET);
         txn.b.put_str(NFTA_TABLE_NAME, &table);
         txn.b.end_msg(m);
         let outcome = self.run(txn)?;
@@ -692,7 +854,11 @@ impl Netfilter {
     /// `Add` fails with [`Error::ElementExists`] if the element exists; `Renew` refreshes the
     /// timeout (and creates the element if it had expired, with [`RenewMethod::Expiration`]);
     /// `Remove` fails with [`Error::ElementMissing`] if it is absent.
-    pub fn commit(&mut self, layout: &Layout, changes: &[Change]) -> Result<Vec<Result<(), Error>>, Error> {
+    pub fn commit(
+        &mut self,
+        layout: &Layout,
+        changes: &[Change],
+    ) -> Result<Vec<Result<(), Error>>, Error> {
         let table = layout.table().to_string();
         let mut results: Vec<Option<Result<(), Error>>> = vec![None; changes.len()];
         let mut keys: Vec<Option<ElementKey>> = Vec::with_capacity(changes.len());
@@ -718,36 +884,61 @@ impl Netfilter {
             }
         }
         let renew_method = self.renew_method.unwrap_or(RenewMethod::Expiration);
-        let mut pending: Vec<usize> = (0..changes.len()).filter(|i| results[*i].is_none()).collect();
+        let mut pending: Vec<usize> = (0..changes.len())
+            .filter(|i| results[*i].is_none())
+            .collect();
         let mut singles: HashSet<usize> = HashSet::new();
         let mut rounds = 0;
         while !pending.is_empty() {
             rounds += 1;
             if rounds > MAX_ROUNDS {
                 for i in pending.drain(..) {
-                    results[i] = Some(Err(Error::UnexpectedReply("the kernel kept refusing the batch".into())));
+                    results[i] = Some(Err(Error::UnexpectedReply(
+                        "the kernel kept refusing the batch".into(),
+                    )));
                 }
                 break;
             }
             let mut writes = Vec::with_capacity(pending.len());
             for &i in &pending {
-                let Some(key) = keys[i].as_ref() else { continue };
+                let Some(key) = keys[i].as_ref() else {
+                    continue;
+                };
                 match &changes[i] {
-                    Change::Add(_, t) => {
-                        writes.push(ElementWrite { change: i, key, op: ElementOp::AddExclusive, timeout: Some(*t) })
-                    }
+                    Change::Add(_, t) => writes.push(ElementWrite {
+                        change: i,
+                        key,
+                        op: ElementOp::AddExclusive,
+                        timeout: Some(*t),
+                    }),
                     Change::Renew(_, t) => match renew_method {
-                        RenewMethod::Expiration => {
-                            writes.push(ElementWrite { change: i, key, op: ElementOp::Refresh, timeout: Some(*t) })
-                        }
+                        RenewMethod::Expiration => writes.push(ElementWrite {
+                            change: i,
+                            key,
+                            op: ElementOp::Refresh,
+                            timeout: Some(*t),
+                        }),
                         RenewMethod::DeleteAdd => {
-                            writes.push(ElementWrite { change: i, key, op: ElementOp::Remove, timeout: None });
-                            writes.push(ElementWrite { change: i, key, op: ElementOp::AddExclusive, timeout: Some(*t) });
+                            writes.push(ElementWrite {
+                                change: i,
+                                key,
+                                op: ElementOp::Remove,
+                                timeout: None,
+                            });
+                            writes.push(ElementWrite {
+                                change: i,
+                                key,
+                                op: ElementOp::AddExclusive,
+                                timeout: Some(*t),
+                            });
                         }
                     },
-                    Change::Remove(_) => {
-                        writes.push(ElementWrite { change: i, key, op: ElementOp::Remove, timeout: None })
-                    }
+                    Change::Remove(_) => writes.push(ElementWrite {
+                        change: i,
+                        key,
+                        op: ElementOp::Remove,
+                        timeout: None,
+                    }),
                 }
             }
             let mut retry: Vec<usize> = Vec::new();
@@ -756,20 +947,39 @@ impl Netfilter {
                 let mut txn = self.new_txn();
                 let written = self.write_elements_split(&mut txn, &table, &writes[pos..], &singles);
                 if written == 0 {
-                    return Err(Error::UnexpectedReply("an element does not fit one transaction".into()));
+                    return Err(Error::UnexpectedReply(
+                        "an element does not fit one transaction".into(),
+                    ));
                 }
                 let metas = txn.metas.clone();
                 let outcome = self.run(txn)?;
-                self.settle(&table, &metas, &outcome, changes, &mut results, &mut singles, &mut retry)?;
+                self.settle(
+                    &table,
+                    &metas,
+                    &outcome,
+                    changes,
+                    &mut results,
+                    &mut singles,
+                    &mut retry,
+                )?;
                 pos += written;
             }
             retry.sort_unstable();
             retry.dedup();
-            pending = retry.into_iter().filter(|i| results[*i].is_none()).collect();
+            pending = retry
+                .into_iter()
+                .filter(|i| results[*i].is_none())
+                .collect();
         }
         Ok(results
             .into_iter()
-            .map(|r| r.unwrap_or_else(|| Err(Error::UnexpectedReply("change was never acknowledged".into()))))
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(Error::UnexpectedReply(
+                        "change was never acknowledged".into(),
+                    ))
+                })
+            })
             .collect())
     }
 
@@ -784,7 +994,10 @@ impl Netfilter {
         let mut done = 0;
         while done < writes.len() {
             let single = singles.contains(&writes[done].change);
-            let run = writes[done..].iter().take_while(|w| singles.contains(&w.change) == single).count();
+            let run = writes[done..]
+                .iter()
+                .take_while(|w| singles.contains(&w.change) == single)
+                .count();
             let n = self.write_elements_opt(txn, table, &writes[done..done + run], single);
             done += n;
             if n < run {
@@ -835,15 +1048,26 @@ impl Netfilter {
             }
             // Which element did the kernel refuse? The extended ack's offset lies inside it.
             let culprit = ack.bad_attr_offset.and_then(|offset| {
-                meta.element_offsets.iter().rposition(|start| *start <= offset).filter(|_| {
-                    meta.element_offsets.first().is_some_and(|first| offset >= *first)
-                })
+                meta.element_offsets
+                    .iter()
+                    .rposition(|start| *start <= offset)
+                    .filter(|_| {
+                        meta.element_offsets
+                            .first()
+                            .is_some_and(|first| offset >= *first)
+                    })
             });
             let single = (meta.changes.len() == 1).then_some(0);
             match culprit.or(single) {
                 Some(pos) => {
                     let i = meta.changes[pos];
-                    let mut error = from_ack(meta.op, ack, table, Some(changes[i].opening()), meta.set_attr_offset);
+                    let mut error = from_ack(
+                        meta.op,
+                        ack,
+                        table,
+                        Some(changes[i].opening()),
+                        meta.set_attr_offset,
+                    );
                     if let (Error::ElementMissing(_), None) = (&error, ack.bad_attr_offset) {
                         // Without an extended ack ENOENT is ambiguous: is it the table?
                         let exists = match table_checked {
@@ -855,21 +1079,24 @@ impl Netfilter {
                             }
                         };
                         if !exists {
-                            error = Error::TableMissing { table: table.to_string() };
+                            error = Error::TableMissing {
+                                table: table.to_string(),
+                            };
                         }
                     }
                     if let Error::ElementExists(opening) = &error {
                         // The interval backend answers EEXIST for an overlap as well as for
                         // the same element: only an identical element is "exists".
                         if let Ok(key) = encode(opening)
-                            && key.key_end.is_some() {
-                                let identical = self
-                                    .get_element(table, &key)?
-                                    .is_some_and(|found| found.key_end == key.key_end);
-                                if !identical {
-                                    error = Error::ElementConflicts(opening.clone());
-                                }
+                            && key.key_end.is_some()
+                        {
+                            let identical = self
+                                .get_element(table, &key)?
+                                .is_some_and(|found| found.key_end == key.key_end);
+                            if !identical {
+                                error = Error::ElementConflicts(opening.clone());
                             }
+                        }
                     }
                     if error.is_table_wide() {
                         for &j in &meta.changes {
@@ -910,7 +1137,11 @@ impl Netfilter {
     /// Brings our table to `desired`: recreates it if it is missing or damaged (with the
     /// desired elements), otherwise adds what is missing, removes what is not desired, and
     /// refreshes elements whose remaining time is far from the desired one.
-    pub fn reconcile(&mut self, layout: &Layout, desired: &[(Opening, Duration)]) -> Result<ReconcileReport, Error> {
+    pub fn reconcile(
+        &mut self,
+        layout: &Layout,
+        desired: &[(Opening, Duration)],
+    ) -> Result<ReconcileReport, Error> {
         if !self.table_present(layout)? {
             let plan = plan(&[], desired);
             let valid: Vec<(Opening, Duration)> = plan.add.clone();
@@ -925,12 +1156,21 @@ impl Netfilter {
         }
         let current = self.elements(layout)?;
         let plan = plan(&current, desired);
-        let mut changes = Vec::with_capacity(plan.add.len() + plan.remove.len() + plan.refresh.len());
+        let mut changes =
+            Vec::with_capacity(plan.add.len() + plan.remove.len() + plan.refresh.len());
         changes.extend(plan.remove.iter().cloned().map(Change::Remove));
         changes.extend(plan.add.iter().cloned().map(|(o, t)| Change::Add(o, t)));
-        changes.extend(plan.refresh.iter().cloned().map(|(o, t)| Change::Renew(o, t)));
+        changes.extend(
+            plan.refresh
+                .iter()
+                .cloned()
+                .map(|(o, t)| Change::Renew(o, t)),
+        );
         let results = self.commit(layout, &changes)?;
-        let mut report = ReconcileReport { failed: plan.invalid, ..ReconcileReport::default() };
+        let mut report = ReconcileReport {
+            failed: plan.invalid,
+            ..ReconcileReport::default()
+        };
         for (change, result) in changes.into_iter().zip(results) {
             match (change, result) {
                 (Change::Remove(o), Ok(())) => report.removed.push(o),
@@ -970,19 +1210,48 @@ impl Netfilter {
         let mut txn = self.new_txn();
         self.write_probe(&mut txn, table, &key, long, long);
         let renewed = self.run(txn)?.ok();
-        let remaining = self.get_element(table, &key)?.and_then(|found| found.remaining);
+        let remaining = self
+            .get_element(table, &key)?
+            .and_then(|found| found.remaining);
         let mut txn = self.new_txn();
-        let writes = [ElementWrite { change: 0, key: &key, op: ElementOp::Remove, timeout: None }];
+        let writes = [ElementWrite {
+            change: 0,
+            key: &key,
+            op: ElementOp::Remove,
+            timeout: None,
+        }];
         self.write_elements(&mut txn, table, &writes);
         let _ = self.run(txn)?;
         let refreshed = renewed && remaining.is_some_and(|r| r > Duration::from_secs(60));
-        Ok(if refreshed { RenewMethod::Expiration } else { RenewMethod::DeleteAdd })
+        Ok(if refreshed {
+            RenewMethod::Expiration
+        } else {
+            RenewMethod::DeleteAdd
+        })
     }
 
-    fn write_probe(&mut self, txn: &mut Txn, table: &str, key: &ElementKey, timeout: Duration, expiration: Duration) {
+    fn write_probe(
+        &mut self,
+        txn: &mut Txn,
+        table: &str,
+        key: &ElementKey,
+        timeout: Duration,
+        expiration: Duration,
+    ) {
         let seq = bump(&mut self.seq);
-        txn.metas.push(MsgMeta { seq, op: Op::RenewElement, changes: vec![0], element_offsets: Vec::new(), set_attr_offset: None });
-        let msg = txn.b.begin_nft(NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE, seq, NFPROTO_INET);
+        txn.metas.push(MsgMeta {
+            seq,
+            op: Op::RenewElement,
+            changes: vec![0],
+            element_offsets: Vec::new(),
+            set_attr_offset: None,
+        });
+        let msg = txn.b.begin_nft(
+            NFT_MSG_NEWSETELEM,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE,
+            seq,
+            NFPROTO_INET,
+        );
         txn.b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         txn.b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
         let nest = txn.b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -997,10 +1266,19 @@ impl Netfilter {
 
     /// Looks one element up (GETSETELEM without dump): `None` if absent. For an interval set the
     /// kernel may answer with an element that merely contains the key; compare `key_end`.
-    fn get_element(&mut self, table: &str, key: &ElementKey) -> Result<Option<FoundElement>, Error> {
+    fn get_element(
+        &mut self,
+        table: &str,
+        key: &ElementKey,
+    ) -> Result<Option<FoundElement>, Error> {
         let seq = bump(&mut self.seq);
         let mut b = Builder::new();
-        let msg = b.begin_nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO_INET);
+        let msg = b.begin_nft(
+            NFT_MSG_GETSETELEM,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            NFPROTO_INET,
+        );
         b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
         b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
         let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -1014,12 +1292,21 @@ impl Netfilter {
         b.end_msg(msg);
         let mut found = None;
         let exists = self.query(&b, seq, Op::AddElement, table, "an element query", |m| {
-            let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else { return };
+            let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                return;
+            };
             for (_, elem) in Attrs::new(list) {
                 let attrs = Attrs::new(elem);
                 found = Some(FoundElement {
-                    key_end: attrs.clone().find(NFTA_SET_ELEM_KEY_END).and_then(data_value).map(<[u8]>::to_vec),
-                    remaining: attrs.find(NFTA_SET_ELEM_EXPIRATION).and_then(be_u64).map(Duration::from_millis),
+                    key_end: attrs
+                        .clone()
+                        .find(NFTA_SET_ELEM_KEY_END)
+                        .and_then(data_value)
+                        .map(<[u8]>::to_vec),
+                    remaining: attrs
+                        .find(NFTA_SET_ELEM_EXPIRATION)
+                        .and_then(be_u64)
+                        .map(Duration::from_millis),
                 });
             }
         })?;
@@ -1073,7 +1360,9 @@ fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Opening, Duration)
         if m.msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
             continue;
         }
-        let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else { continue };
+        let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else {
+            continue;
+        };
         for (attr_type, elem) in Attrs::new(list) {
             if attr_type != NFTA_LIST_ELEM {
                 continue;
@@ -1098,7 +1387,9 @@ fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Opening, Duration)
             match decode(set, key, key_end) {
                 // An element without expiration never expires: reported as the longest time.
                 Ok(opening) => out.push((opening, remaining.unwrap_or(Duration::MAX))),
-                Err(reason) => tracing::warn!(set = set.name(), %reason, "skipping an element that is not an opening"),
+                Err(reason) => {
+                    tracing::warn!(set = set.name(), %reason, "skipping an element that is not an opening")
+                }
             }
         }
     }
@@ -1110,7 +1401,12 @@ fn first_error(outcome: &TxnOutcome, table: &str) -> Error {
         return from_ack(Op::CreateTable, batch, table, None, None);
     }
     // ECANCELED marks acks that never came; prefer a real refusal.
-    match outcome.acks.iter().zip(&outcome.ops).find(|(a, _)| a.errno != 0 && a.errno != libc::ECANCELED) {
+    match outcome
+        .acks
+        .iter()
+        .zip(&outcome.ops)
+        .find(|(a, _)| a.errno != 0 && a.errno != libc::ECANCELED)
+    {
         Some((ack, op)) => from_ack(*op, ack, table, None, None),
         None => Error::UnexpectedReply("transaction failed without an error".into()),
     }
@@ -1120,8 +1416,14 @@ fn first_error(outcome: &TxnOutcome, table: &str) -> Error {
 /// expressions in the same order, and every attribute we sent present with the same value
 /// (the kernel adds attributes of its own, such as a bitwise operation or lookup flags).
 pub(crate) fn expressions_match(sent: &[u8], reported: &[u8]) -> bool {
-    let sent: Vec<&[u8]> = Attrs::new(sent).filter(|(t, _)| *t == NFTA_LIST_ELEM).map(|(_, d)| d).collect();
-    let reported: Vec<&[u8]> = Attrs::new(reported).filter(|(t, _)| *t == NFTA_LIST_ELEM).map(|(_, d)| d).collect();
+    let sent: Vec<&[u8]> = Attrs::new(sent)
+        .filter(|(t, _)| *t == NFTA_LIST_ELEM)
+        .map(|(_, d)| d)
+        .collect();
+    let reported: Vec<&[u8]> = Attrs::new(reported)
+        .filter(|(t, _)| *t == NFTA_LIST_ELEM)
+        .map(|(_, d)| d)
+        .collect();
     if sent.len() != reported.len() {
         return false;
     }
@@ -1138,14 +1440,24 @@ pub(crate) fn expressions_match(sent: &[u8], reported: &[u8]) -> bool {
     })
 }
 
-fn attrs_subset(sent: &[u8], reported: &[u8], write_only: &dyn Fn(u16) -> bool, depth: usize) -> bool {
+fn attrs_subset(
+    sent: &[u8],
+    reported: &[u8],
+    write_only: &dyn Fn(u16) -> bool,
+    depth: usize,
+) -> bool {
     Attrs::new(sent).all(|(t, value)| {
         if depth == 0 && write_only(t) {
             return true;
         }
-        let Some(other) = Attrs::new(reported).find(t) else { return false };
+        let Some(other) = Attrs::new(reported).find(t) else {
+            return false;
+        };
         // Equal bytes, or (for a nest) the same subset relation one level down.
-        other == value || (depth < 3 && Attrs::new(value).count() > 0 && attrs_subset(value, other, &|_| false, depth + 1))
+        other == value
+            || (depth < 3
+                && Attrs::new(value).count() > 0
+                && attrs_subset(value, other, &|_| false, depth + 1))
     })
 }
 
@@ -1168,7 +1480,9 @@ fn compare_structure(expected: &Expected, actual: &Expected) -> Result<(), Strin
     e_chains.sort();
     a_chains.sort();
     if e_chains != a_chains {
-        return Err(format!("chains (with rule counts) {a_chains:?}, expected {e_chains:?}"));
+        return Err(format!(
+            "chains (with rule counts) {a_chains:?}, expected {e_chains:?}"
+        ));
     }
     let mut e_sets = expected.sets.clone();
     let mut a_sets = actual.sets.clone();
@@ -1189,13 +1503,28 @@ fn compare_structure(expected: &Expected, actual: &Expected) -> Result<(), Strin
     e_set_props.sort_unstable();
     a_set_props.sort_unstable();
     let sets_match = e_set_props.len() == a_set_props.len()
-        && e_set_props.iter().zip(&a_set_props).all(|(e, a)| e.0 == a.0 && a.1 & e.1 == e.1 && e.2 == a.2);
+        && e_set_props
+            .iter()
+            .zip(&a_set_props)
+            .all(|(e, a)| e.0 == a.0 && a.1 & e.1 == e.1 && e.2 == a.2);
     if !sets_match {
-        return Err(format!("sets (flags, key length) {a_set_props:?}, expected {e_set_props:?}"));
+        return Err(format!(
+            "sets (flags, key length) {a_set_props:?}, expected {e_set_props:?}"
+        ));
     }
     for (chain, _) in &expected.chains {
-        let wanted: Vec<&Vec<u8>> = expected.rules.iter().filter(|(c, _)| c == chain).map(|(_, r)| r).collect();
-        let found: Vec<&Vec<u8>> = actual.rules.iter().filter(|(c, _)| c == chain).map(|(_, r)| r).collect();
+        let wanted: Vec<&Vec<u8>> = expected
+            .rules
+            .iter()
+            .filter(|(c, _)| c == chain)
+            .map(|(_, r)| r)
+            .collect();
+        let found: Vec<&Vec<u8>> = actual
+            .rules
+            .iter()
+            .filter(|(c, _)| c == chain)
+            .map(|(_, r)| r)
+            .collect();
         for (position, (w, f)) in wanted.iter().zip(&found).enumerate() {
             if !expressions_match(w, f) {
                 let names = |bytes: &[u8]| -> Vec<String> {
@@ -1237,7 +1566,12 @@ mod tests {
     fn writes_for(keys: &[ElementKey], op: ElementOp) -> Vec<ElementWrite<'_>> {
         keys.iter()
             .enumerate()
-            .map(|(i, key)| ElementWrite { change: i, key, op, timeout: Some(Duration::from_secs(60)) })
+            .map(|(i, key)| ElementWrite {
+                change: i,
+                key,
+                op,
+                timeout: Some(Duration::from_secs(60)),
+            })
             .collect()
     }
 
@@ -1266,13 +1600,28 @@ mod tests {
         assert_eq!(nf.write_elements(&mut txn, "fwnp", &writes), 5000);
         let mut seen = 0;
         for m in messages(txn.b.as_bytes()).skip(1) {
-            let nest = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS).expect("element list");
-            assert!(nest.len() + 4 <= usize::from(u16::MAX), "nest of {} bytes", nest.len());
+            let nest = m
+                .nft_attrs()
+                .find(NFTA_SET_ELEM_LIST_ELEMENTS)
+                .expect("element list");
+            assert!(
+                nest.len() + 4 <= usize::from(u16::MAX),
+                "nest of {} bytes",
+                nest.len()
+            );
             seen += Attrs::new(nest).count();
         }
         assert_eq!(seen, 5000);
-        assert!(txn.metas.len() >= 3, "{} messages: the elements were not split", txn.metas.len());
-        let carried: Vec<usize> = txn.metas.iter().flat_map(|m| m.changes.iter().copied()).collect();
+        assert!(
+            txn.metas.len() >= 3,
+            "{} messages: the elements were not split",
+            txn.metas.len()
+        );
+        let carried: Vec<usize> = txn
+            .metas
+            .iter()
+            .flat_map(|m| m.changes.iter().copied())
+            .collect();
         assert_eq!(carried, (0..5000).collect::<Vec<_>>());
 
         // A small budget stops early; the transaction stays within it.
@@ -1290,10 +1639,17 @@ mod tests {
         let writes = writes_for(&keys, ElementOp::Remove);
         let singles: HashSet<usize> = (0..10).collect();
         let mut txn = nf.new_txn();
-        assert_eq!(nf.write_elements_split(&mut txn, "fwnp", &writes, &singles), 20);
+        assert_eq!(
+            nf.write_elements_split(&mut txn, "fwnp", &writes, &singles),
+            20
+        );
         // Ten single messages, then one for the other ten.
         assert_eq!(txn.metas.len(), 11);
-        assert!(txn.metas[..10].iter().all(|m| m.changes.len() == 1 && m.element_offsets.len() == 1));
+        assert!(
+            txn.metas[..10]
+                .iter()
+                .all(|m| m.changes.len() == 1 && m.element_offsets.len() == 1)
+        );
         assert_eq!(txn.metas[10].changes.len(), 10);
     }
 
@@ -1303,8 +1659,18 @@ mod tests {
         let keys = keys(2000);
         let mut writes = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            writes.push(ElementWrite { change: i, key, op: ElementOp::Remove, timeout: None });
-            writes.push(ElementWrite { change: i, key, op: ElementOp::AddExclusive, timeout: Some(Duration::from_secs(9)) });
+            writes.push(ElementWrite {
+                change: i,
+                key,
+                op: ElementOp::Remove,
+                timeout: None,
+            });
+            writes.push(ElementWrite {
+                change: i,
+                key,
+                op: ElementOp::AddExclusive,
+                timeout: Some(Duration::from_secs(9)),
+            });
         }
         nf.max_batch_bytes = 32 * 1024;
         let mut txn = nf.new_txn();
@@ -1332,17 +1698,29 @@ mod tests {
 
     #[test]
     fn read_back_rules_match_what_was_sent() {
-        let sent = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]), ("lookup", &[(1, b"lease4\0"), (4, &[0, 0, 0, 1])])]);
+        let sent = expression_list(&[
+            ("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]),
+            ("lookup", &[(1, b"lease4\0"), (4, &[0, 0, 0, 1])]),
+        ]);
         // The kernel adds attributes of its own and drops the lookup's set id.
         let reported = expression_list(&[
-            ("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1]), (6, &[0, 0, 0, 0])]),
+            (
+                "payload",
+                &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1]), (6, &[0, 0, 0, 0])],
+            ),
             ("lookup", &[(1, b"lease4\0"), (5, &[0, 0, 0, 0])]),
         ]);
         assert!(expressions_match(&sent, &reported));
         // A value changed, an expression replaced, an expression missing: all differ.
-        let changed = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 2])]), ("lookup", &[(1, b"lease4\0")])]);
+        let changed = expression_list(&[
+            ("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 2])]),
+            ("lookup", &[(1, b"lease4\0")]),
+        ]);
         assert!(!expressions_match(&sent, &changed));
-        let replaced = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]), ("immediate", &[])]);
+        let replaced = expression_list(&[
+            ("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])]),
+            ("immediate", &[]),
+        ]);
         assert!(!expressions_match(&sent, &replaced));
         let shorter = expression_list(&[("payload", &[(1, &[0, 0, 0, 1]), (2, &[0, 0, 0, 1])])]);
         assert!(!expressions_match(&sent, &shorter));

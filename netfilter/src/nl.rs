@@ -109,7 +109,9 @@ pub(crate) struct Builder {
 
 impl Builder {
     pub(crate) fn new() -> Self {
-        Builder { buf: Vec::with_capacity(4096) }
+        Builder {
+            buf: Vec::with_capacity(4096),
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -121,7 +123,14 @@ impl Builder {
     }
 
     /// Starts a message; returns its start offset for [`Builder::end_msg`].
-    pub(crate) fn begin_msg(&mut self, msg_type: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> usize {
+    pub(crate) fn begin_msg(
+        &mut self,
+        msg_type: u16,
+        flags: u16,
+        seq: u32,
+        family: u8,
+        res_id: u16,
+    ) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched by end_msg
         self.buf.extend_from_slice(&msg_type.to_ne_bytes());
@@ -171,7 +180,8 @@ impl Builder {
     pub(crate) fn nest_start(&mut self, attr_type: u16) -> usize {
         let start = self.buf.len();
         self.buf.extend_from_slice(&0u16.to_ne_bytes());
-        self.buf.extend_from_slice(&(attr_type | NLA_F_NESTED).to_ne_bytes());
+        self.buf
+            .extend_from_slice(&(attr_type | NLA_F_NESTED).to_ne_bytes());
         start
     }
 
@@ -193,12 +203,24 @@ impl Builder {
 
     /// Adds the batch begin message of an nf_tables transaction.
     pub(crate) fn batch_begin(&mut self, seq: u32) {
-        let start = self.begin_msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        let start = self.begin_msg(
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            seq,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+        );
         self.end_msg(start);
     }
 
     pub(crate) fn batch_end(&mut self, seq: u32) {
-        let start = self.begin_msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, seq, NFPROTO_UNSPEC, NFNL_SUBSYS_NFTABLES);
+        let start = self.begin_msg(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq,
+            NFPROTO_UNSPEC,
+            NFNL_SUBSYS_NFTABLES,
+        );
         self.end_msg(start);
     }
 
@@ -279,11 +301,20 @@ pub(crate) fn parse_ack(msg: &Message<'_>) -> Option<Ack> {
     let original = msg.payload.get(4..4 + NLMSG_HDRLEN)?;
     let original_len = u32::from_ne_bytes(original[0..4].try_into().ok()?) as usize;
     let seq = u32::from_ne_bytes(original[8..12].try_into().ok()?);
-    let mut ack = Ack { errno: error.checked_neg().unwrap_or(i32::MAX), seq, message: None, bad_attr_offset: None };
+    let mut ack = Ack {
+        errno: error.checked_neg().unwrap_or(i32::MAX),
+        seq,
+        message: None,
+        bad_attr_offset: None,
+    };
     if msg.flags & NLM_F_ACK_TLVS != 0 {
         // With NETLINK_CAP_ACK the original is echoed as its header only (NLM_F_CAPPED);
         // otherwise in full. The TLVs follow either way.
-        let echoed = if msg.flags & 0x100 != 0 { NLMSG_HDRLEN } else { align4(original_len) };
+        let echoed = if msg.flags & 0x100 != 0 {
+            NLMSG_HDRLEN
+        } else {
+            align4(original_len)
+        };
         let tlvs = msg.payload.get(4 + echoed..).unwrap_or(&[]);
         for (attr_type, data) in Attrs::new(tlvs) {
             match attr_type {
@@ -343,7 +374,11 @@ pub(crate) fn be_u32(data: &[u8]) -> Option<u32> {
 
 fn be_or_ne_u32(data: &[u8], big_endian: bool) -> Option<u32> {
     let bytes: [u8; 4] = data.get(..4)?.try_into().ok()?;
-    Some(if big_endian { u32::from_be_bytes(bytes) } else { u32::from_ne_bytes(bytes) })
+    Some(if big_endian {
+        u32::from_be_bytes(bytes)
+    } else {
+        u32::from_ne_bytes(bytes)
+    })
 }
 
 pub(crate) fn be_u64(data: &[u8]) -> Option<u64> {
@@ -381,7 +416,12 @@ mod tests {
         assert_eq!(c_string(attrs[0].1), "fwnp");
         // "fwnp\0" is 5 bytes: the attribute is 9 long and padded to 12.
         assert_eq!(attrs[1].0, NFTA_CHAIN_HOOK);
-        assert_eq!(Attrs::new(attrs[1].1).find(NFTA_HOOK_HOOKNUM).and_then(be_u32), Some(2));
+        assert_eq!(
+            Attrs::new(attrs[1].1)
+                .find(NFTA_HOOK_HOOKNUM)
+                .and_then(be_u32),
+            Some(2)
+        );
     }
 
     #[test]
@@ -411,7 +451,8 @@ mod tests {
         let start = b.buf.len();
         b.buf.extend_from_slice(&0u32.to_ne_bytes());
         b.buf.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
-        b.buf.extend_from_slice(&(0x100u16 | NLM_F_ACK_TLVS).to_ne_bytes());
+        b.buf
+            .extend_from_slice(&(0x100u16 | NLM_F_ACK_TLVS).to_ne_bytes());
         b.buf.extend_from_slice(&0u32.to_ne_bytes());
         b.buf.extend_from_slice(&0u32.to_ne_bytes());
         b.buf.extend_from_slice(&(-2i32).to_ne_bytes());

@@ -49,7 +49,9 @@ pub(crate) fn plan(current: &[(Opening, Duration)], desired: &[(Opening, Duratio
         }
     }
     for opening in order {
-        let Some(lifetime) = wanted.get(&opening).copied() else { continue };
+        let Some(lifetime) = wanted.get(&opening).copied() else {
+            continue;
+        };
         match present.get(&opening) {
             None => out.add.push((opening, lifetime)),
             Some(remaining) => {
@@ -68,7 +70,12 @@ mod tests {
     use fwnp_proto::message::{PortRange, Prefix, Protocol};
 
     fn tcp(port: u16) -> Opening {
-        Opening { host: "10.0.0.1".parse().unwrap(), protocol: Protocol::Tcp, ports: PortRange::single(port), remote: None }
+        Opening {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            remote: None,
+        }
     }
 
     fn secs(s: u64) -> Duration {
@@ -90,16 +97,29 @@ mod tests {
     fn nothing_to_do_when_equal() {
         let current = vec![(tcp(1), secs(3600))];
         let plan = plan(&current, &[(tcp(1), secs(3590))]);
-        assert!(plan.add.is_empty() && plan.remove.is_empty() && plan.refresh.is_empty() && plan.invalid.is_empty());
+        assert!(
+            plan.add.is_empty()
+                && plan.remove.is_empty()
+                && plan.refresh.is_empty()
+                && plan.invalid.is_empty()
+        );
     }
 
     #[test]
     fn compares_canonical_forms_and_dedups() {
         let mut messy = tcp(5);
-        messy.remote = Some(Prefix { addr: "0.0.0.0".parse().unwrap(), len: 0 });
+        messy.remote = Some(Prefix {
+            addr: "0.0.0.0".parse().unwrap(),
+            len: 0,
+        });
         let current = vec![(tcp(5), secs(60))];
         let plan = plan(&current, &[(messy.clone(), secs(60)), (messy, secs(60))]);
-        assert!(plan.add.is_empty() && plan.remove.is_empty() && plan.refresh.is_empty() && plan.invalid.is_empty());
+        assert!(
+            plan.add.is_empty()
+                && plan.remove.is_empty()
+                && plan.refresh.is_empty()
+                && plan.invalid.is_empty()
+        );
     }
 
     #[test]

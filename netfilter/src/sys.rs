@@ -67,7 +67,11 @@ impl NetlinkSocket {
                 size_of::<libc::c_int>() as libc::socklen_t,
             )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     fn get_int(&self, level: libc::c_int, name: libc::c_int) -> io::Result<libc::c_int> {
@@ -83,7 +87,11 @@ impl NetlinkSocket {
                 &raw mut len,
             )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(value) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(value)
+        }
     }
 
     /// Raises the send and receive buffers (forcing past the sysctl limits when we hold
@@ -91,10 +99,16 @@ impl NetlinkSocket {
     pub(crate) fn set_buffers(&self, send: usize, recv: usize) -> io::Result<usize> {
         let send = libc::c_int::try_from(send).unwrap_or(libc::c_int::MAX / 2);
         let recv = libc::c_int::try_from(recv).unwrap_or(libc::c_int::MAX / 2);
-        if self.set_int(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, send).is_err() {
+        if self
+            .set_int(libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, send)
+            .is_err()
+        {
             self.set_int(libc::SOL_SOCKET, libc::SO_SNDBUF, send)?;
         }
-        if self.set_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, recv).is_err() {
+        if self
+            .set_int(libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, recv)
+            .is_err()
+        {
             self.set_int(libc::SOL_SOCKET, libc::SO_RCVBUF, recv)?;
         }
         let granted = self.get_int(libc::SOL_SOCKET, libc::SO_SNDBUF)?;
@@ -122,7 +136,10 @@ impl NetlinkSocket {
                     tv_usec: libc::suseconds_t::from(micros),
                 }
             }
-            None => libc::timeval { tv_sec: 0, tv_usec: 0 },
+            None => libc::timeval {
+                tv_sec: 0,
+                tv_usec: 0,
+            },
         };
         // SAFETY: the option value points to a live timeval and the length is its size.
         let rc = unsafe {
@@ -134,7 +151,11 @@ impl NetlinkSocket {
                 size_of::<libc::timeval>() as libc::socklen_t,
             )
         };
-        if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// Sends one datagram (a whole batch) to the kernel in a single sendto.
@@ -158,7 +179,10 @@ impl NetlinkSocket {
             return Err(io::Error::last_os_error());
         }
         if usize::try_from(sent).ok() != Some(buf.len()) {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "netlink datagram sent in part"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "netlink datagram sent in part",
+            ));
         }
         Ok(())
     }
@@ -169,7 +193,12 @@ impl NetlinkSocket {
         let flags = libc::MSG_TRUNC | if nonblocking { libc::MSG_DONTWAIT } else { 0 };
         // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
         let got = unsafe {
-            libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast::<libc::c_void>(), buf.len(), flags)
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast::<libc::c_void>(),
+                buf.len(),
+                flags,
+            )
         };
         if got < 0 {
             return Err(io::Error::last_os_error());
@@ -178,7 +207,10 @@ impl NetlinkSocket {
         if got > buf.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("netlink datagram of {got} bytes exceeds the {} byte buffer", buf.len()),
+                format!(
+                    "netlink datagram of {got} bytes exceeds the {} byte buffer",
+                    buf.len()
+                ),
             ));
         }
         Ok(got)

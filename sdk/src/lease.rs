@@ -138,7 +138,9 @@ impl fmt::Display for LeaseEvent {
                 "gateway unreachable, renewals failing (still open until expiry)",
                 reason,
             ),
-            LeaseEvent::RenewalRefused { expires, reason, .. } => {
+            LeaseEvent::RenewalRefused {
+                expires, reason, ..
+            } => {
                 let left = expires.saturating_duration_since(Instant::now()).as_secs();
                 with(
                     f,

@@ -234,7 +234,11 @@ async fn a_refused_renewal_is_reported_and_the_lease_stays_until_its_expiry() {
     refused.code = Some(DenialCode::Wire(ResultCode::NotAuthorized));
     agent.push(&LocalMessage::Event(refused));
     let expires = match next(&mut lease).await {
-        Some(LeaseEvent::RenewalRefused { expires, reason, code }) => {
+        Some(LeaseEvent::RenewalRefused {
+            expires,
+            reason,
+            code,
+        }) => {
             assert_eq!(reason.as_deref(), Some("the host's credential was revoked"));
             assert_eq!(code, Some(DenialCode::Wire(ResultCode::NotAuthorized)));
             expires
@@ -243,7 +247,10 @@ async fn a_refused_renewal_is_reported_and_the_lease_stays_until_its_expiry() {
     };
     // The time left the agent gave is now the lease's expiry; the lease is still in force.
     let left = expires.saturating_duration_since(Instant::now());
-    assert!(left > Duration::from_secs(40) && left <= Duration::from_secs(42), "{left:?}");
+    assert!(
+        left > Duration::from_secs(40) && left <= Duration::from_secs(42),
+        "{left:?}"
+    );
     assert_eq!(lease.expires(), expires);
     assert!(lease.is_active());
     // Its expiry ends it.

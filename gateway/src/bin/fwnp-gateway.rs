@@ -43,7 +43,10 @@ fn main() -> ExitCode {
     if args.check {
         return match fwnp_gateway::daemon::check(&config) {
             Ok(()) => {
-                println!("{}: configuration and policy are valid", args.config.display());
+                println!(
+                    "{}: configuration and policy are valid",
+                    args.config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {

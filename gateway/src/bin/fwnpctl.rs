@@ -230,7 +230,10 @@ enum PolicyCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fwnpctl: {e}");
@@ -276,13 +279,19 @@ fn query(pairs: &[(&str, Option<String>)]) -> String {
         .iter()
         .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", percent_encode(v))))
         .collect();
-    if parts.is_empty() { String::new() } else { format!("?{}", parts.join("&")) }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
 }
 
 fn percent_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -294,7 +303,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
     match cli.command {
         Command::Pki(command) => pki_command(command, json_out),
         Command::Policy(PolicyCommand::Check { file }) => Ok(policy_check(&file, json_out)),
-        Command::Policy(PolicyCommand::Explain { host, open, address, from, lifetime, policy }) => {
+        Command::Policy(PolicyCommand::Explain {
+            host,
+            open,
+            address,
+            from,
+            lifetime,
+            policy,
+        }) => {
             let lifetime = match lifetime {
                 Some(text) => Some(
                     humantime::parse_duration(&text)
@@ -314,26 +330,64 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             if json_out {
                 println!("{answer}");
             } else {
-                println!("{}", answer.get("text").and_then(Value::as_str).unwrap_or_default());
+                println!(
+                    "{}",
+                    answer
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                );
             }
-            let allowed = answer.get("allowed").and_then(Value::as_bool).unwrap_or(false);
-            Ok(if allowed { ExitCode::SUCCESS } else { ExitCode::from(EXIT_NEGATIVE) })
+            let allowed = answer
+                .get("allowed")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            Ok(if allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NEGATIVE)
+            })
         }
         Command::Policy(PolicyCommand::Reload) => {
             let answer = admin.post("/v1/policy/reload", &json!({})).await?;
             if json_out {
                 println!("{answer}");
             } else {
-                let revoked = answer.get("revoked").and_then(Value::as_array).cloned().unwrap_or_default();
-                println!("policy {} loaded; {} live leases revoked", answer["policy"].as_str().unwrap_or("?"), revoked.len());
+                let revoked = answer
+                    .get("revoked")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                println!(
+                    "policy {} loaded; {} live leases revoked",
+                    answer["policy"].as_str().unwrap_or("?"),
+                    revoked.len()
+                );
                 for r in revoked {
-                    println!("  revoked {} ({}): {}", r["lease"].as_str().unwrap_or("?"), r["host"].as_str().unwrap_or("?"), r["why"].as_str().unwrap_or(""));
+                    println!(
+                        "  revoked {} ({}): {}",
+                        r["lease"].as_str().unwrap_or("?"),
+                        r["host"].as_str().unwrap_or("?"),
+                        r["why"].as_str().unwrap_or("")
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Leases { host, app, port, protocol, serial } => {
-            let q = query(&[("host", host), ("app", app), ("port", port.map(|p| p.to_string())), ("protocol", protocol), ("serial", serial)]);
+        Command::Leases {
+            host,
+            app,
+            port,
+            protocol,
+            serial,
+        } => {
+            let q = query(&[
+                ("host", host),
+                ("app", app),
+                ("port", port.map(|p| p.to_string())),
+                ("protocol", protocol),
+                ("serial", serial),
+            ]);
             let answer = admin.get(&format!("/v1/leases{q}")).await?;
             if json_out {
                 println!("{answer}");
@@ -343,15 +397,34 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { id, reason } => {
-            let answer = admin.post(&format!("/v1/leases/{}/revoke", percent_encode(&id)), &json!({ "reason": reason })).await?;
+            let answer = admin
+                .post(
+                    &format!("/v1/leases/{}/revoke", percent_encode(&id)),
+                    &json!({ "reason": reason }),
+                )
+                .await?;
             if json_out {
                 println!("{answer}");
             } else {
-                println!("revoked {} held by {}", answer["revoked"].as_str().unwrap_or("?"), answer["host"].as_str().unwrap_or("?"));
+                println!(
+                    "revoked {} held by {}",
+                    answer["revoked"].as_str().unwrap_or("?"),
+                    answer["host"].as_str().unwrap_or("?")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Audit { since, until, host, app, port, outcome, kind, limit, follow } => {
+        Command::Audit {
+            since,
+            until,
+            host,
+            app,
+            port,
+            outcome,
+            kind,
+            limit,
+            follow,
+        } => {
             let base = [
                 ("host", host),
                 ("app", app),
@@ -366,7 +439,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let answer = admin.get(&format!("/v1/audit{}", query(&first))).await?;
             let mut events: Vec<Value> = answer["events"].as_array().cloned().unwrap_or_default();
             events.reverse(); // oldest first on screen, like a log
-            let mut last = events.iter().filter_map(|e| e["id"].as_u64()).max().unwrap_or(0);
+            let mut last = events
+                .iter()
+                .filter_map(|e| e["id"].as_u64())
+                .max()
+                .unwrap_or(0);
             print_audit(&events, json_out, true);
             if follow {
                 if last == 0 {
@@ -387,8 +464,17 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Report { since, host, policy_only } => {
-            let answer = admin.get(&format!("/v1/report{}", query(&[("since", Some(since)), ("host", host)]))).await?;
+        Command::Report {
+            since,
+            host,
+            policy_only,
+        } => {
+            let answer = admin
+                .get(&format!(
+                    "/v1/report{}",
+                    query(&[("since", Some(since)), ("host", host)])
+                ))
+                .await?;
             if json_out {
                 println!("{answer}");
             } else {
@@ -397,7 +483,10 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     println!();
                     println!("# Suggested policy:");
                 }
-                print!("{}", answer["suggested_policy"].as_str().unwrap_or_default());
+                print!(
+                    "{}",
+                    answer["suggested_policy"].as_str().unwrap_or_default()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -407,13 +496,25 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 println!("{answer}");
             } else if let Some(map) = answer.as_object() {
                 for (k, v) in map {
-                    println!("{k:<18} {}", if let Some(s) = v.as_str() { s.to_owned() } else { v.to_string() });
+                    println!(
+                        "{k:<18} {}",
+                        if let Some(s) = v.as_str() {
+                            s.to_owned()
+                        } else {
+                            v.to_string()
+                        }
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "fwnpctl", &mut std::io::stdout());
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "fwnpctl",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -444,12 +545,23 @@ fn pki_command(command: PkiCommand, json_out: bool) -> Result<ExitCode, Failure>
         PkiCommand::Init { dir, name, days } => {
             report(&pki::init_ca(&dir, &name, Validity::days(days))?);
         }
-        PkiCommand::Issue { role, name, dir, dns, ip, uri, csr, days } => {
+        PkiCommand::Issue {
+            role,
+            name,
+            dir,
+            dns,
+            ip,
+            uri,
+            csr,
+            days,
+        } => {
             let validity = Validity::days(days);
             let issued = match (role, csr) {
                 (Role::Gateway, None) => pki::issue_gateway(&dir, &name, &dns, &ip, validity)?,
                 (Role::Host, None) => pki::issue_host(&dir, &name, &ip, &uri, &dns, validity)?,
-                (Role::Host, Some(csr)) => pki::issue_from_csr(&dir, &csr, &name, &ip, &uri, &dns, validity)?,
+                (Role::Host, Some(csr)) => {
+                    pki::issue_from_csr(&dir, &csr, &name, &ip, &uri, &dns, validity)?
+                }
                 (Role::Gateway, Some(_)) => {
                     return Err(Failure::Other("--csr is for host certificates".into()));
                 }
@@ -457,14 +569,23 @@ fn pki_command(command: PkiCommand, json_out: bool) -> Result<ExitCode, Failure>
             report(&issued);
         }
         PkiCommand::Revoke { cert, dir, reason } => {
-            let reason: RevocationReason = reason.parse().map_err(|e: pki::UnknownRevocationReason| Failure::Other(e.to_string()))?;
+            let reason: RevocationReason = reason
+                .parse()
+                .map_err(|e: pki::UnknownRevocationReason| Failure::Other(e.to_string()))?;
             let revocation = pki::revoke(&dir, &cert, reason)?;
             if json_out {
-                println!("{}", json!({ "serial": revocation.serial.as_str(), "newly_revoked": revocation.newly_revoked, "crl": revocation.crl_path.display().to_string(), "revoked_count": revocation.revoked_count }));
+                println!(
+                    "{}",
+                    json!({ "serial": revocation.serial.as_str(), "newly_revoked": revocation.newly_revoked, "crl": revocation.crl_path.display().to_string(), "revoked_count": revocation.revoked_count })
+                );
             } else {
                 println!(
                     "{} serial {}; {} now lists {} certificates. Reload the gateway (fwnpctl policy reload, or SIGHUP) to apply it.",
-                    if revocation.newly_revoked { "revoked" } else { "already revoked:" },
+                    if revocation.newly_revoked {
+                        "revoked"
+                    } else {
+                        "already revoked:"
+                    },
                     revocation.serial.as_str(),
                     revocation.crl_path.display(),
                     revocation.revoked_count
@@ -483,7 +604,13 @@ fn pki_command(command: PkiCommand, json_out: bool) -> Result<ExitCode, Failure>
                 table(
                     &["SERIAL", "REVOKED", "REASON"],
                     list.iter()
-                        .map(|(serial, when, reason)| vec![serial.as_str().to_owned(), humantime::format_rfc3339_seconds(*when).to_string(), reason.as_str().to_owned()])
+                        .map(|(serial, when, reason)| {
+                            vec![
+                                serial.as_str().to_owned(),
+                                humantime::format_rfc3339_seconds(*when).to_string(),
+                                reason.as_str().to_owned(),
+                            ]
+                        })
                         .collect(),
                 );
             }
@@ -496,7 +623,10 @@ fn policy_check(file: &Path, json_out: bool) -> ExitCode {
     match Policy::load(file) {
         Ok(policy) => {
             if json_out {
-                println!("{}", json!({ "valid": true, "summary": policy.summary(), "warnings": policy.warnings() }));
+                println!(
+                    "{}",
+                    json!({ "valid": true, "summary": policy.summary(), "warnings": policy.warnings() })
+                );
             } else {
                 println!("{}: valid", file.display());
                 let summary = policy.summary();
@@ -508,7 +638,12 @@ fn policy_check(file: &Path, json_out: bool) -> ExitCode {
                     }
                 }
                 for warning in policy.warnings() {
-                    println!("{}:{}: warning: {}", file.display(), warning.line, warning.message);
+                    println!(
+                        "{}:{}: warning: {}",
+                        file.display(),
+                        warning.line,
+                        warning.message
+                    );
                 }
             }
             ExitCode::SUCCESS
@@ -549,7 +684,10 @@ fn grants_text(grants: &Value) -> String {
                     let mut text = format!(
                         "{}/{} on {}",
                         g["protocol"].as_str().unwrap_or("?"),
-                        g["ports"].as_str().map(str::to_owned).unwrap_or_else(|| g["ports"].to_string()),
+                        g["ports"]
+                            .as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| g["ports"].to_string()),
                         g["host"].as_str().unwrap_or("?")
                     );
                     if let Some(remotes) = g["remotes"].as_array().filter(|r| !r.is_empty()) {
@@ -578,7 +716,13 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
         let text: Vec<String> = cells
             .into_iter()
             .enumerate()
-            .map(|(i, c)| if i == last { c } else { format!("{c:<w$}", w = widths[i]) })
+            .map(|(i, c)| {
+                if i == last {
+                    c
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
             .collect();
         println!("{}", text.join("  "));
     };
@@ -602,7 +746,11 @@ fn print_leases(answer: &Value) {
                 vec![
                     l["id"].as_str().unwrap_or("?").to_owned(),
                     l["identity"].as_str().unwrap_or("?").to_owned(),
-                    l["app"]["name"].as_str().or_else(|| l["app"]["executable"].as_str()).unwrap_or("-").to_owned(),
+                    l["app"]["name"]
+                        .as_str()
+                        .or_else(|| l["app"]["executable"].as_str())
+                        .unwrap_or("-")
+                        .to_owned(),
                     time_left(l["remaining_ms"].as_u64().unwrap_or(0)),
                     grants_text(&l["grants"]),
                 ]
@@ -657,7 +805,17 @@ fn print_report(answer: &Value) {
         return;
     }
     table(
-        &["HOST", "APP", "OPENING", "ASKED", "GRANTED", "DENIED", "LEASES", "MEDIAN HELD", "P90 HELD"],
+        &[
+            "HOST",
+            "APP",
+            "OPENING",
+            "ASKED",
+            "GRANTED",
+            "DENIED",
+            "LEASES",
+            "MEDIAN HELD",
+            "P90 HELD",
+        ],
         rows.iter()
             .map(|r| {
                 vec![

@@ -14,11 +14,11 @@ use rusqlite::Row;
 use serde::{Deserialize, Serialize};
 
 use super::error::StoreError;
-use crate::identity::{CertificateName, Serial};
 use super::types::{
     AuditEvent, AuditKind, AuditRecord, LeaseEnd, LeaseEnding, LeaseRecord, LeaseState, Outcome,
     RequestSummary,
 };
+use crate::identity::{CertificateName, Serial};
 
 #[derive(Serialize, Deserialize)]
 struct GrantForm<'a> {
@@ -189,10 +189,16 @@ fn certificate_from(
         (Some(issuer), Some(text)) => {
             let serial = Serial::parse(&text)
                 .filter(|s| s.as_str() == text)
-                .ok_or_else(|| StoreError::corrupt(format!("certificate serial {text:?} is not normalised hex")))?;
+                .ok_or_else(|| {
+                    StoreError::corrupt(format!(
+                        "certificate serial {text:?} is not normalised hex"
+                    ))
+                })?;
             Ok(Some(CertificateName { issuer, serial }))
         }
-        _ => Err(StoreError::corrupt("a certificate issuer without its serial, or the reverse")),
+        _ => Err(StoreError::corrupt(
+            "a certificate issuer without its serial, or the reverse",
+        )),
     }
 }
 

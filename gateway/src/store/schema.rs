@@ -90,7 +90,10 @@ UPDATE meta SET value = 2 WHERE key = 'schema_version';
 /// The migrations, in order, with what each does for error messages: entry `i` takes a store
 /// from version `i + 1` to `i + 2`.
 const MIGRATIONS: &[(&str, &str)] = &[("migrate the schema to version 2", MIGRATE_TO_V2)];
-const _: () = assert!(MIGRATIONS.len() + 1 == SCHEMA_VERSION as usize, "one migration per version after the first");
+const _: () = assert!(
+    MIGRATIONS.len() + 1 == SCHEMA_VERSION as usize,
+    "one migration per version after the first"
+);
 
 /// Brings a store of schema `version` up to [`SCHEMA_VERSION`], inside the caller's
 /// transaction, so that a failed migration leaves the old store as it was.

@@ -186,7 +186,13 @@ impl LeaseRecord {
         map.insert("remaining_ms".into(), json!(self.remaining_ms(now_ms)));
         map.insert("state".into(), json!(self.state.name()));
         // The serial an operator finds in the CA's records and revokes with `fwnpctl pki revoke`.
-        insert_opt(&mut map, "certificate_serial", self.certificate.as_ref().map(|c| c.serial.as_str().to_owned()));
+        insert_opt(
+            &mut map,
+            "certificate_serial",
+            self.certificate
+                .as_ref()
+                .map(|c| c.serial.as_str().to_owned()),
+        );
         if let Some(ending) = &self.ending {
             map.insert("ended_ms".into(), json!(ending.ended_ms));
             if let LeaseEnd::Revoked(reason) = ending.end {

@@ -16,10 +16,12 @@ use fwnp_proto::LeaseId;
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::codec::{app_columns, certificate_columns, encode_grants, encode_hosts, encode_prefixes, to_i64};
-use crate::identity::CertificateName;
+use super::codec::{
+    app_columns, certificate_columns, encode_grants, encode_hosts, encode_prefixes, to_i64,
+};
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
+use crate::identity::CertificateName;
 
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -95,13 +95,19 @@ struct Mix {
 fn parse_mix(text: &str) -> Result<Mix, String> {
     let parts: Vec<u32> = text
         .split(',')
-        .map(|p| p.trim().parse::<u32>().map_err(|_| format!("--mix {text:?}: three numbers")))
+        .map(|p| {
+            p.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("--mix {text:?}: three numbers"))
+        })
         .collect::<Result<_, _>>()?;
     match parts[..] {
         [open, renew, release] if open + renew + release == 100 && open > 0 => {
             Ok(Mix { open, renew })
         }
-        _ => Err(format!("--mix {text:?}: open,renew,release percentages adding up to 100, open > 0")),
+        _ => Err(format!(
+            "--mix {text:?}: open,renew,release percentages adding up to 100, open > 0"
+        )),
     }
 }
 
@@ -164,7 +170,12 @@ enum Kind {
 }
 
 fn host_address(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(10, 200 + (i >> 16) as u8, (i >> 8) as u8, i as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        10,
+        200 + (i >> 16) as u8,
+        (i >> 8) as u8,
+        i as u8,
+    ))
 }
 
 fn free_udp_port() -> std::io::Result<u16> {
@@ -174,9 +185,22 @@ fn free_udp_port() -> std::io::Result<u16> {
 fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::error::Error>> {
     let ca = dir.join("pki");
     pki::init_ca(&ca, "fwnp-load CA", pki::Validity::days(2))?;
-    pki::issue_gateway(&ca, "gateway", &["gateway.load".to_owned()], &[], pki::Validity::days(2))?;
+    pki::issue_gateway(
+        &ca,
+        "gateway",
+        &["gateway.load".to_owned()],
+        &[],
+        pki::Validity::days(2),
+    )?;
     for i in 0..args.hosts {
-        pki::issue_host(&ca, &format!("load-{i}"), &[host_address(i)], &[], &[], pki::Validity::days(2))?;
+        pki::issue_host(
+            &ca,
+            &format!("load-{i}"),
+            &[host_address(i)],
+            &[],
+            &[],
+            pki::Validity::days(2),
+        )?;
     }
     let per_host = (args.prefill / args.hosts.max(1) as u64 + 100_000).min(u64::from(u32::MAX));
     std::fs::write(
@@ -206,18 +230,26 @@ fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::er
 }
 
 fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: u64) -> Message {
-    let common = Common { request_id: Some(id), critical: Vec::new() };
+    let common = Common {
+        request_id: Some(id),
+        critical: Vec::new(),
+    };
     match (kind, lease) {
-        (Kind::Renew, Some(lease)) => {
-            Message::Renew(Renew { common, lease, lifetime: Some(lifetime) })
-        }
+        (Kind::Renew, Some(lease)) => Message::Renew(Renew {
+            common,
+            lease,
+            lifetime: Some(lifetime),
+        }),
         (Kind::Release, Some(lease)) => Message::Release(Release { common, lease }),
         _ => {
             let port = 1 + (host.next_port.fetch_add(1, Ordering::Relaxed) % 65_535) as u16;
             Message::Open(Open {
                 common,
                 opening: Opening {
-                    target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(port) },
+                    target: Target::Ports {
+                        protocol: Protocol::Tcp,
+                        ports: PortRange::single(port),
+                    },
                     host: fwnp_proto::HostAddresses::One(host.address),
                     family: None,
                     remotes: Vec::new(),
@@ -231,14 +263,25 @@ fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: 
 
 async fn exchange(connection: &quinn::Connection, msg: &Message) -> Result<Message, String> {
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&encode(msg)).await.map_err(|e| e.to_string())?;
+    send.write_all(&encode(msg))
+        .await
+        .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
-    let bytes = recv.read_to_end(fwnp_proto::MAX_MESSAGE_SIZE).await.map_err(|e| e.to_string())?;
+    let bytes = recv
+        .read_to_end(fwnp_proto::MAX_MESSAGE_SIZE)
+        .await
+        .map_err(|e| e.to_string())?;
     decode(&bytes).map_err(|e| e.to_string())
 }
 
 /// One request of the mix against one host; returns whether it was answered.
-async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mut rand::rngs::StdRng) -> bool {
+async fn one(
+    host: &Host,
+    mix: Mix,
+    lifetime: u32,
+    counters: &Counters,
+    rng: &mut rand::rngs::StdRng,
+) -> bool {
     let roll = rng.random_range(0..100);
     let kind = if roll < mix.open {
         Kind::Open
@@ -255,7 +298,11 @@ async fn one(host: &Host, mix: Mix, lifetime: u32, counters: &Counters, rng: &mu
                 None
             } else {
                 let i = rng.random_range(0..held.len());
-                Some(if matches!(kind, Kind::Release) { held.swap_remove(i) } else { held[i] })
+                Some(if matches!(kind, Kind::Release) {
+                    held.swap_remove(i)
+                } else {
+                    held[i]
+                })
             }
         }
     };
@@ -301,17 +348,32 @@ fn gateway_status(gateway_bin: &Path, dir: &Path) -> Option<serde_json::Value> {
 
 /// Kernel batches and store transactions between two status snapshots: how many, how many
 /// changes or operations each held on average, and the time spent in them.
-fn batching(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> serde_json::Value {
+fn batching(
+    before: Option<&serde_json::Value>,
+    after: Option<&serde_json::Value>,
+) -> serde_json::Value {
     let (Some(before), Some(after)) = (before, after) else {
         return serde_json::Value::Null;
     };
     let delta = |path: &[&str]| {
-        let get = |v: &serde_json::Value| path.iter().try_fold(v, |v, k| v.get(k)).and_then(serde_json::Value::as_u64);
-        get(after).zip(get(before)).map(|(a, b)| a.saturating_sub(b))
+        let get = |v: &serde_json::Value| {
+            path.iter()
+                .try_fold(v, |v, k| v.get(k))
+                .and_then(serde_json::Value::as_u64)
+        };
+        get(after)
+            .zip(get(before))
+            .map(|(a, b)| a.saturating_sub(b))
     };
-    let per = |n: Option<u64>, d: Option<u64>| n.zip(d.filter(|d| *d > 0)).map(|(n, d)| n as f64 / d as f64);
+    let per = |n: Option<u64>, d: Option<u64>| {
+        n.zip(d.filter(|d| *d > 0))
+            .map(|(n, d)| n as f64 / d as f64)
+    };
     let (batches, changes) = (delta(&["filter", "batches"]), delta(&["filter", "changes"]));
-    let (transactions, ops) = (delta(&["store_writer", "transactions"]), delta(&["store_writer", "ops"]));
+    let (transactions, ops) = (
+        delta(&["store_writer", "transactions"]),
+        delta(&["store_writer", "ops"]),
+    );
     json!({
         "kernel_batches": batches,
         "kernel_changes_per_batch": per(changes, batches),
@@ -325,8 +387,10 @@ fn batching(before: Option<&serde_json::Value>, after: Option<&serde_json::Value
 /// The named quantiles and the maximum of a histogram of microseconds, in milliseconds.
 fn quantiles_ms(h: &Histogram<u64>, quantiles: &[(&str, f64)]) -> serde_json::Value {
     let ms = |us: u64| json!(us as f64 / 1000.0);
-    let mut out: serde_json::Map<String, serde_json::Value> =
-        quantiles.iter().map(|(name, q)| (name.to_string(), ms(h.value_at_quantile(*q)))).collect();
+    let mut out: serde_json::Map<String, serde_json::Value> = quantiles
+        .iter()
+        .map(|(name, q)| (name.to_string(), ms(h.value_at_quantile(*q))))
+        .collect();
     out.insert("max".into(), ms(h.max()));
     serde_json::Value::Object(out)
 }
@@ -347,7 +411,10 @@ fn cpu_seconds_of(stat_path: &str) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().filter(|t| *t > 0)?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|t| *t > 0)?;
     Some((utime + stime) as f64 / ticks as f64)
 }
 
@@ -358,7 +425,10 @@ fn parse_cpus(text: &str) -> Result<Vec<usize>, String> {
         let bad = || format!("CPU list {text:?}: numbers and ranges such as 0,2-3");
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                let (a, b): (usize, usize) = (
+                    a.trim().parse().map_err(|_| bad())?,
+                    b.trim().parse().map_err(|_| bad())?,
+                );
                 if b < a {
                     return Err(bad());
                 }
@@ -376,7 +446,8 @@ fn pin_self(cpus: &[usize]) -> Result<(), String> {
     for &cpu in cpus {
         set.set(cpu).map_err(|e| format!("CPU {cpu}: {e}"))?;
     }
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).map_err(|e| format!("pinning to {cpus:?}: {e}"))
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .map_err(|e| format!("pinning to {cpus:?}: {e}"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -389,10 +460,11 @@ fn main() -> std::process::ExitCode {
         }
     }
     if let Some(cpus) = &args.gateway_cpus
-        && let Err(e) = parse_cpus(cpus) {
-            eprintln!("fwnp-load: --gateway-cpus: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
+        && let Err(e) = parse_cpus(cpus)
+    {
+        eprintln!("fwnp-load: --gateway-cpus: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     if let Some(threads) = args.threads {
@@ -425,7 +497,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("fwnp-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = free_udp_port()?;
-    eprintln!("fwnp-load: making {} host certificates in {}", args.hosts, dir.display());
+    eprintln!(
+        "fwnp-load: making {} host certificates in {}",
+        args.hosts,
+        dir.display()
+    );
     write_setup(&dir, &args, port)?;
 
     let gateway_bin = match &args.gateway_bin {
@@ -440,7 +516,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("ip netns add {name} failed").into());
         }
         let ns = Namespace(name);
-        Command::new("ip").args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"]).status()?;
+        Command::new("ip")
+            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
+            .status()?;
         Some(ns)
     } else {
         None
@@ -468,7 +546,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(log);
-    let gateway = Gateway { child: command.spawn()? };
+    let gateway = Gateway {
+        child: command.spawn()?,
+    };
 
     // The client's UDP socket must live where the gateway listens: in its namespace.
     let socket = match &namespace {
@@ -497,7 +577,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let config = client_config(chain, key, &ca_roots, &ClientOptions::default())?;
         let connection = loop {
             let attempt = async {
-                let connection = endpoint.connect_with(config.clone(), gateway_addr, "gateway.load")?.await?;
+                let connection = endpoint
+                    .connect_with(config.clone(), gateway_addr, "gateway.load")?
+                    .await?;
                 let hello = Message::Hello(Hello {
                     common: Common::default(),
                     versions: vec![fwnp_proto::VERSION],
@@ -518,7 +600,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     }
                     return Err(e);
                 }
-                Err(e) => return Err(format!("the gateway did not answer in 30 s: {e} (see {})", dir.join("gateway.log").display()).into()),
+                Err(e) => {
+                    return Err(format!(
+                        "the gateway did not answer in 30 s: {e} (see {})",
+                        dir.join("gateway.log").display()
+                    )
+                    .into());
+                }
             }
         };
         hosts.push(Arc::new(Host {
@@ -544,8 +632,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 let lifetime = args.lifetime;
                 tasks.push(tokio::spawn(async move {
                     let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64);
-                    let only_open = Mix { open: 100, renew: 0 };
-                    while remaining.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1)).is_ok() {
+                    let only_open = Mix {
+                        open: 100,
+                        renew: 0,
+                    };
+                    while remaining
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
+                        .is_ok()
+                    {
                         if !one(&host, only_open, lifetime, &counters, &mut rng).await {
                             break;
                         }
@@ -573,7 +667,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Measurement.
     let counters = Arc::new(Counters::default());
     // Microseconds, up to a minute.
-    let new_histogram = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map(|h| Arc::new(std::sync::Mutex::new(h)));
+    let new_histogram = || {
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .map(|h| Arc::new(std::sync::Mutex::new(h)))
+    };
     let histogram = new_histogram()?;
     let lateness = new_histogram()?;
     // Open loop only: from the moment each request actually started to its answer.
@@ -593,7 +690,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                     let lifetime = args.lifetime;
                     tasks.push(tokio::spawn(async move {
                         let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
-                        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                            .expect("valid bounds");
                         while Instant::now() < end {
                             let t = Instant::now();
                             if one(&host, mix, lifetime, &counters, &mut rng).await {
@@ -619,35 +717,43 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let lateness = lateness.clone();
             let from_start = from_start.clone();
             let lifetime = args.lifetime;
-            let dispatcher = std::thread::Builder::new().name("fwnp-load-schedule".into()).spawn(move || {
-                let mut tasks = Vec::new();
-                let mut n: u64 = 0;
-                let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-                loop {
-                    let scheduled = started + interval.mul_f64(n as f64);
-                    if scheduled >= end {
-                        break;
-                    }
-                    std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
-                    let host = hosts[(n as usize) % hosts.len()].clone();
-                    let counters = counters.clone();
-                    let histogram = histogram.clone();
-                    let lateness = lateness.clone();
-                    let from_start = from_start.clone();
-                    let seed = rng.random();
-                    tasks.push(runtime.spawn(async move {
-                        let start = Instant::now();
-                        let _ = lateness.lock().map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
-                        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                        if one(&host, mix, lifetime, &counters, &mut rng).await {
-                            let _ = histogram.lock().map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
-                            let _ = from_start.lock().map(|mut h| h.record(start.elapsed().as_micros() as u64));
+            let dispatcher = std::thread::Builder::new()
+                .name("fwnp-load-schedule".into())
+                .spawn(move || {
+                    let mut tasks = Vec::new();
+                    let mut n: u64 = 0;
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+                    loop {
+                        let scheduled = started + interval.mul_f64(n as f64);
+                        if scheduled >= end {
+                            break;
                         }
-                    }));
-                    n += 1;
-                }
-                tasks
-            })?;
+                        std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
+                        let host = hosts[(n as usize) % hosts.len()].clone();
+                        let counters = counters.clone();
+                        let histogram = histogram.clone();
+                        let lateness = lateness.clone();
+                        let from_start = from_start.clone();
+                        let seed = rng.random();
+                        tasks.push(runtime.spawn(async move {
+                            let start = Instant::now();
+                            let _ = lateness.lock().map(|mut h| {
+                                h.record(start.duration_since(scheduled).as_micros() as u64)
+                            });
+                            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                            if one(&host, mix, lifetime, &counters, &mut rng).await {
+                                let _ = histogram
+                                    .lock()
+                                    .map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                                let _ = from_start
+                                    .lock()
+                                    .map(|mut h| h.record(start.elapsed().as_micros() as u64));
+                            }
+                        }));
+                        n += 1;
+                    }
+                    tasks
+                })?;
             tasks = tokio::task::spawn_blocking(move || dispatcher.join())
                 .await?
                 .map_err(|_| "the schedule thread panicked")?;
@@ -661,10 +767,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let status_after = gateway_status(&gateway_bin, &dir);
     let rss_end = gateway.rss_kib();
     // Cores used while measuring: how much of the machine each side took.
-    let cores = |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
+    let cores =
+        |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
     let gateway_cores = cores(gateway.cpu_seconds(), gateway_cpu_before);
     let load_cores = cores(cpu_seconds_of("/proc/self/stat"), load_cpu_before);
-    let snapshot = |m: &std::sync::Mutex<Histogram<u64>>| m.lock().map(|h| h.clone()).unwrap_or_else(|e| e.into_inner().clone());
+    let snapshot = |m: &std::sync::Mutex<Histogram<u64>>| {
+        m.lock()
+            .map(|h| h.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    };
     let answered = counters.granted.load(Ordering::Relaxed)
         + counters.renewed.load(Ordering::Relaxed)
         + counters.released.load(Ordering::Relaxed)
@@ -729,7 +840,8 @@ fn socket_in_namespace(entry: &Path) -> std::io::Result<UdpSocket> {
     let entry = entry.to_owned();
     std::thread::spawn(move || -> std::io::Result<UdpSocket> {
         let file = std::fs::File::open(&entry)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
         UdpSocket::bind("127.0.0.1:0")
     })
     .join()
