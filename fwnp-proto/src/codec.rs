@@ -541,8 +541,13 @@ fn opening_value(o: &Opening) -> Value {
     if let Target::Ports { protocol, ports } = &o.target {
         ports_into(&mut m, *protocol, *ports);
     }
-    if let Some(host) = o.host {
-        m.value(4, addr_value(host));
+    match &o.host {
+        HostAddresses::Default => {}
+        HostAddresses::One(host) => m.value(4, addr_value(*host)),
+        HostAddresses::List(hosts) => m.value(
+            4,
+            Value::Array(hosts.iter().map(|h| addr_value(*h)).collect()),
+        ),
     }
     if let Some(family) = o.family {
         m.uint(5, family.number());
@@ -1207,7 +1212,18 @@ fn decode_opening(f: &Fields<'_>) -> Result<Opening, DecodeError> {
     };
     Ok(Opening {
         target,
-        host: f.get(4).map(|v| f.as_addr(4, v)).transpose()?,
+        host: match f.get(4) {
+            None => HostAddresses::Default,
+            Some(item @ Item::Bytes(_)) => HostAddresses::One(f.as_addr(4, item)?),
+            // An array of any length decodes: its length and duplicates are validation's to
+            // refuse (malformed-option), as the schema's other ranges are.
+            Some(item) => HostAddresses::List(
+                f.as_array(4, item, "an address or an array of addresses")?
+                    .iter()
+                    .map(|a| f.as_addr(4, a))
+                    .collect::<Result<_, _>>()?,
+            ),
+        },
         family,
         remotes: f
             .get(6)

@@ -148,39 +148,46 @@ pub fn negotiate_version(hello: &Hello) -> Result<u16, Refusal> {
     }
 }
 
-/// The host address an opening opens, given the addresses the host may open (its certificate's
-/// IP SANs, or its connection's source address) and whether policy grants it third-party
-/// rights.
+/// The host addresses an opening opens (spec section 9.2), given the addresses the host may
+/// open (its certificate's IP SANs, or its connection's source address) and whether policy
+/// grants it third-party rights.
 ///
-/// A named address must be one of `allowed`, unless `third_party`, and is never IPv4-mapped.
-/// With no address, the first allowed address of the family asked (or of any family) is used.
-pub fn resolve_host_address(
+/// Every named address must be one of `allowed`, unless `third_party`, and is never IPv4-mapped
+/// (even with third-party rights). With no address, the
+/// opening covers every allowed address of the family asked (key 5), or with no family, of the
+/// remote prefixes' family, or with neither, of both families, in the order of `allowed`; if
+/// that leaves none, the host lacks the family: address-mismatch. The opening is expected to be
+/// valid ([`crate::validate::validate_opening`]): its prefixes share one family.
+pub fn resolve_host_addresses(
     opening: &Opening,
     allowed: &[IpAddr],
     third_party: bool,
-) -> Result<IpAddr, Refusal> {
-    if let Some(address) = opening.host {
-        if crate::validate::validate_address(address).is_err() {
+) -> Result<Vec<IpAddr>, Refusal> {
+    let named = opening.host.addresses();
+    if !named.is_empty() {
+        if let Some(&address) = named
+            .iter()
+            .find(|a| crate::validate::validate_address(**a).is_err())
+        {
             return Err(Refusal::MappedAddress { address });
         }
-        return if third_party || allowed.contains(&address) {
-            Ok(address)
-        } else {
-            Err(Refusal::AddressMismatch { address })
-        };
+        if let Some(&address) = named.iter().find(|a| !third_party && !allowed.contains(a)) {
+            return Err(Refusal::AddressMismatch { address });
+        }
+        return Ok(named.to_vec());
     }
-    let family_matches = |a: &&IpAddr| match opening.family {
-        Some(Family::Ipv4) => a.is_ipv4(),
-        Some(Family::Ipv6) => a.is_ipv6(),
-        None => true,
-    };
-    allowed
+    let family = opening
+        .family
+        .or_else(|| opening.remotes.first().map(|p| Family::of(p.addr)));
+    let addresses: Vec<IpAddr> = allowed
         .iter()
-        .find(family_matches)
+        .filter(|a| family.is_none_or(|f| Family::of(**a) == f))
         .copied()
-        .ok_or(Refusal::NoAddress {
-            family: opening.family,
-        })
+        .collect();
+    if addresses.is_empty() {
+        return Err(Refusal::NoAddress { family });
+    }
+    Ok(addresses)
 }
 
 /// The lifetime bounds policy sets for an opening, in seconds.
@@ -784,7 +791,7 @@ fn expiry_after(now_ms: u64, secs: u32) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Capabilities, PortRange, Prefix, Protocol, Target};
+    use crate::message::{Capabilities, HostAddresses, PortRange, Prefix, Protocol, Target};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     const POLICY: LifetimePolicy = LifetimePolicy {
@@ -808,10 +815,24 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(80),
             },
-            host,
+            host: host.into(),
             family,
             remotes: Vec::new(),
         }
+    }
+
+    fn with_remotes(opening: Opening, remotes: &[&str]) -> Opening {
+        let remotes = remotes
+            .iter()
+            .map(|r| {
+                let (addr, len) = r.split_once('/').unwrap();
+                Prefix {
+                    addr: addr.parse().unwrap(),
+                    len: len.parse().unwrap(),
+                }
+            })
+            .collect();
+        Opening { remotes, ..opening }
     }
 
     #[test]
@@ -891,29 +912,102 @@ mod tests {
         let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10));
         let other = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 99));
         let allowed = [v4, v6];
+        let resolve = |o: &Opening, allowed: &[IpAddr], third_party| {
+            resolve_host_addresses(o, allowed, third_party)
+        };
         assert_eq!(
-            resolve_host_address(&opening(Some(v6), None), &allowed, false),
-            Ok(v6)
+            resolve(&opening(Some(v6), None), &allowed, false),
+            Ok(vec![v6])
         );
         assert_eq!(
-            resolve_host_address(&opening(Some(other), None), &allowed, false),
+            resolve(&opening(Some(other), None), &allowed, false),
             Err(Refusal::AddressMismatch { address: other })
         );
         assert_eq!(
-            resolve_host_address(&opening(Some(other), None), &allowed, true),
-            Ok(other)
+            resolve(&opening(Some(other), None), &allowed, true),
+            Ok(vec![other])
+        );
+        // No address named: every allowed address, both families, in Welcome's order.
+        assert_eq!(
+            resolve(&opening(None, None), &allowed, false),
+            Ok(vec![v4, v6])
         );
         assert_eq!(
-            resolve_host_address(&opening(None, None), &allowed, false),
-            Ok(v4)
+            resolve(&opening(None, Some(Family::Ipv6)), &allowed, false),
+            Ok(vec![v6])
         );
-        assert_eq!(
-            resolve_host_address(&opening(None, Some(Family::Ipv6)), &allowed, false),
-            Ok(v6)
-        );
-        let err = resolve_host_address(&opening(None, Some(Family::Ipv6)), &[v4], false);
+        let err = resolve(&opening(None, Some(Family::Ipv6)), &[v4], false);
         assert_eq!(err.map_err(|r| r.code()), Err(ResultCode::AddressMismatch));
-        assert!(resolve_host_address(&opening(None, None), &[], true).is_err());
+        assert!(resolve(&opening(None, None), &[], true).is_err());
+    }
+
+    #[test]
+    fn several_host_addresses_are_each_checked() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 10));
+        let other = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 99));
+        let both = Opening {
+            host: HostAddresses::List(vec![v6, v4]),
+            ..opening(None, None)
+        };
+        assert_eq!(
+            resolve_host_addresses(&both, &[v4, v6], false),
+            Ok(vec![v6, v4])
+        );
+        let with_other = Opening {
+            host: HostAddresses::List(vec![v4, other]),
+            ..opening(None, None)
+        };
+        assert_eq!(
+            resolve_host_addresses(&with_other, &[v4, v6], false),
+            Err(Refusal::AddressMismatch { address: other })
+        );
+        assert_eq!(
+            resolve_host_addresses(&with_other, &[v4, v6], true),
+            Ok(vec![v4, other])
+        );
+    }
+
+    /// Spec section 9.2: with remote prefixes and neither an address nor a family, the
+    /// prefixes' family chooses the addresses, whatever the order of the allowed addresses.
+    #[test]
+    fn remote_prefixes_choose_the_family() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        let v6 = IpAddr::V6(Ipv6Addr::new(0xfd18, 1, 0, 0, 0, 0, 0, 10));
+        let v6_remotes = with_remotes(opening(None, None), &["fd18:1::2/128"]);
+        let v4_remotes = with_remotes(opening(None, None), &["198.51.100.0/24"]);
+        assert_eq!(
+            resolve_host_addresses(&v6_remotes, &[v4, v6], false),
+            Ok(vec![v6])
+        );
+        assert_eq!(
+            resolve_host_addresses(&v4_remotes, &[v6, v4], false),
+            Ok(vec![v4])
+        );
+        // The opening is valid: the prefixes agree with the address chosen.
+        assert_eq!(crate::validate::validate_opening(&v6_remotes), Ok(()));
+    }
+
+    /// Spec section 9.2: a host with no address of the remote prefixes' family is refused with
+    /// address-mismatch (the family is missing on the host), not malformed-option (the opening
+    /// itself is well-formed).
+    #[test]
+    fn remote_prefixes_of_a_family_the_host_lacks() {
+        let v4 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+        let v6_remotes = with_remotes(opening(None, None), &["fd18:1::2/128"]);
+        assert_eq!(crate::validate::validate_opening(&v6_remotes), Ok(()));
+        let refusal = resolve_host_addresses(&v6_remotes, &[v4], false).unwrap_err();
+        assert_eq!(
+            refusal,
+            Refusal::NoAddress {
+                family: Some(Family::Ipv6)
+            }
+        );
+        assert_eq!(refusal.code(), ResultCode::AddressMismatch);
+        assert_eq!(
+            refusal.to_string(),
+            "the host holds no address of family IPv6 it may open"
+        );
     }
 
     #[test]

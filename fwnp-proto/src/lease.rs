@@ -42,13 +42,13 @@
 //! ```
 //! use std::time::{Duration, Instant};
 //! use fwnp_proto::lease::{LeaseEvent, LeaseMachine, LeaseState};
-//! use fwnp_proto::{Common, Granted, LeaseId, Message, Opening, PortRange, Protocol, Target};
+//! use fwnp_proto::{Common, Granted, HostAddresses, LeaseId, Message, Opening, PortRange, Protocol, Target};
 //! use rand::{SeedableRng, rngs::StdRng};
 //!
 //! let mut rng = StdRng::seed_from_u64(1);
 //! let opening = Opening {
 //!     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
-//!     host: None,
+//!     host: HostAddresses::Default,
 //!     family: None,
 //!     remotes: Vec::new(),
 //! };

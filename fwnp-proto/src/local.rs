@@ -893,7 +893,9 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::message::{Grant, Granted, List, Open, Opening, PortRange, Protocol, Target};
+    use crate::message::{
+        Grant, Granted, HostAddresses, List, Open, Opening, PortRange, Protocol, Target,
+    };
     use proptest::prelude::*;
 
     fn common(id: u64) -> Common {
@@ -1076,7 +1078,7 @@ mod tests {
                     protocol: Protocol::Tcp,
                     ports: PortRange::single(8080),
                 },
-                host: None,
+                host: HostAddresses::Default,
                 family: None,
                 remotes: vec![],
             },

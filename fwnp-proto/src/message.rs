@@ -24,6 +24,10 @@ pub const MAX_LIFETIME_SECS: u32 = 7 * 24 * 3600;
 /// First key available to extensions; keys below it are assigned by the specification.
 pub const FIRST_EXTENSION_KEY: u64 = 64;
 
+/// The most host addresses one opening may name (key 4 as an array). One per address family a
+/// host may serve on, with room for hosts that hold several of each.
+pub const MAX_HOST_ADDRESSES: usize = 16;
+
 /// A lease's identifier: 128 opaque bits chosen by the gateway.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub [u8; 16]);
@@ -228,14 +232,69 @@ pub enum Target {
     App(String),
 }
 
+/// The host addresses an opening names (key 4), kept in the form they travel in, so that
+/// validation can refuse the array forms the protocol does not allow (empty, one address,
+/// more than [`MAX_HOST_ADDRESSES`], duplicates).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum HostAddresses {
+    /// No key 4: every allowed address of the host, narrowed by family (spec section 9.2).
+    #[default]
+    Default,
+    /// One address, written as a byte string.
+    One(IpAddr),
+    /// Several addresses, written as an array (2 to [`MAX_HOST_ADDRESSES`] distinct ones once
+    /// validated).
+    List(Vec<IpAddr>),
+}
+
+impl HostAddresses {
+    /// The canonical form of these addresses: none is [`HostAddresses::Default`], one is
+    /// [`HostAddresses::One`], more is [`HostAddresses::List`] (in the order given).
+    pub fn from_addresses(addresses: Vec<IpAddr>) -> Self {
+        match addresses.as_slice() {
+            [] => HostAddresses::Default,
+            [one] => HostAddresses::One(*one),
+            _ => HostAddresses::List(addresses),
+        }
+    }
+
+    /// The addresses named; empty for [`HostAddresses::Default`].
+    pub fn addresses(&self) -> &[IpAddr] {
+        match self {
+            HostAddresses::Default => &[],
+            HostAddresses::One(one) => std::slice::from_ref(one),
+            HostAddresses::List(list) => list,
+        }
+    }
+
+    /// Whether no address is named (key 4 absent).
+    pub fn is_default(&self) -> bool {
+        matches!(self, HostAddresses::Default)
+    }
+}
+
+impl From<IpAddr> for HostAddresses {
+    fn from(addr: IpAddr) -> Self {
+        HostAddresses::One(addr)
+    }
+}
+
+impl From<Option<IpAddr>> for HostAddresses {
+    fn from(addr: Option<IpAddr>) -> Self {
+        addr.map_or(HostAddresses::Default, HostAddresses::One)
+    }
+}
+
 /// What a host asks to open (the CDDL `opening`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Opening {
     /// Ports or an application.
     pub target: Target,
-    /// The host address to open (key 4); `None` means the default of the spec.
-    pub host: Option<IpAddr>,
-    /// With no host address, which family (key 5).
+    /// The host addresses to open (key 4); [`HostAddresses::Default`] means the default of the
+    /// spec: every allowed address of the family asked.
+    pub host: HostAddresses,
+    /// Which family (key 5): with no host address, which of the host's addresses; with some,
+    /// the family they must all be of.
     pub family: Option<Family>,
     /// Only these remote prefixes may connect (key 6); empty means any.
     pub remotes: Vec<Prefix>,

@@ -10,6 +10,7 @@
 //! | prefix longer than 32 (IPv4) or 128 (IPv6), host bits set | [`validate_prefix`] | malformed-option |
 //! | host address and family disagree; a remote prefix of the other family | [`validate_opening`] | malformed-option |
 //! | an IPv4-mapped IPv6 address (`::ffff:0:0/96`) as host address or remote prefix | [`validate_opening`], [`validate_grant`] | malformed-option |
+//! | host addresses as an array of fewer than 2 or more than [`MAX_HOST_ADDRESSES`], or with one twice | [`validate_opening`] | malformed-option |
 //! | app id not 1..=64 bytes of `[a-z0-9._-]` | [`validate_app_id`] | malformed-option |
 //! | lifetime asked above [`MAX_LIFETIME_SECS`] | [`validate_lifetime`] | lifetime-out-of-range |
 //! | Hello without version 1 | [`validate_request`] | unsupported-version |
@@ -59,6 +60,18 @@ pub enum ValidationError {
         /// The host address.
         host: IpAddr,
     },
+    /// Key 4 as an array of fewer than 2 or more than [`MAX_HOST_ADDRESSES`] addresses (one
+    /// address is written as a byte string, none by leaving key 4 out).
+    #[error("an opening names 2 to {max} host addresses in an array, not {count}")]
+    HostAddressCount {
+        /// How many the array holds.
+        count: usize,
+        /// [`MAX_HOST_ADDRESSES`].
+        max: usize,
+    },
+    /// The same host address twice in key 4.
+    #[error("host address {0} is named twice")]
+    DuplicateHostAddress(IpAddr),
     /// A remote prefix is not of the host address's family.
     #[error("remote prefix {prefix} is not of the opening's family ({family:?})")]
     RemoteFamilyMismatch {
@@ -114,6 +127,8 @@ impl ValidationError {
             | ValidationError::PrefixTooLong { .. }
             | ValidationError::HostBitsSet(_)
             | ValidationError::FamilyMismatch { .. }
+            | ValidationError::HostAddressCount { .. }
+            | ValidationError::DuplicateHostAddress(_)
             | ValidationError::RemoteFamilyMismatch { .. }
             | ValidationError::Ipv4Mapped { .. }
             | ValidationError::AppIdLength { .. }
@@ -132,6 +147,8 @@ impl ValidationError {
             ValidationError::PrefixTooLong { .. } => "prefix-too-long",
             ValidationError::HostBitsSet(_) => "host-bits-set",
             ValidationError::FamilyMismatch { .. } => "family-mismatch",
+            ValidationError::HostAddressCount { .. } => "host-address-count",
+            ValidationError::DuplicateHostAddress(_) => "duplicate-host-address",
             ValidationError::RemoteFamilyMismatch { .. } => "remote-family-mismatch",
             ValidationError::Ipv4Mapped { .. } => "ipv4-mapped-address",
             ValidationError::AppIdLength { .. } => "app-id-length",
@@ -270,26 +287,46 @@ fn validate_remotes(family: Option<Family>, remotes: &[Prefix]) -> Result<(), Va
     Ok(())
 }
 
-/// An opening: its ports or app id, its host address against its family, its remote prefixes
-/// against the host address's family.
+/// An opening: its ports or app id, its host addresses (how many, no duplicate, each against
+/// the family), its remote prefixes against the family of every host address (or, with none,
+/// of the family asked, or else of the first prefix).
 pub fn validate_opening(opening: &Opening) -> Result<(), ValidationError> {
     match &opening.target {
         Target::Ports { ports, .. } => validate_ports(ports)?,
         Target::App(app) => validate_app_id(app)?,
     }
-    if let Some(host) = opening.host {
-        validate_address(host)?;
-    }
-    if let (Some(host), Some(family)) = (opening.host, opening.family)
-        && Family::of(host) != family
+    if let HostAddresses::List(list) = &opening.host
+        && !(2..=MAX_HOST_ADDRESSES).contains(&list.len())
     {
-        return Err(ValidationError::FamilyMismatch { host });
+        return Err(ValidationError::HostAddressCount {
+            count: list.len(),
+            max: MAX_HOST_ADDRESSES,
+        });
     }
-    // With no host address but a family, the family tells what the prefixes must be.
-    validate_remotes(
-        opening.host.map(Family::of).or(opening.family),
-        &opening.remotes,
-    )
+    let hosts = opening.host.addresses();
+    for (i, host) in hosts.iter().enumerate() {
+        validate_address(*host)?;
+        if hosts[..i].contains(host) {
+            return Err(ValidationError::DuplicateHostAddress(*host));
+        }
+        if let Some(family) = opening.family
+            && Family::of(*host) != family
+        {
+            return Err(ValidationError::FamilyMismatch { host: *host });
+        }
+    }
+    if hosts.is_empty() {
+        // With no host address, the family asked, or else the first prefix, tells what the
+        // other prefixes must be.
+        let family = opening
+            .family
+            .or_else(|| opening.remotes.first().map(|p| Family::of(p.addr)));
+        return validate_remotes(family, &opening.remotes);
+    }
+    // Remote prefixes restrict every address named, so each must be of the prefixes' family.
+    hosts
+        .iter()
+        .try_for_each(|host| validate_remotes(Some(Family::of(*host)), &opening.remotes))
 }
 
 /// A grant: the same rules as an opening, with its concrete host address.
@@ -474,7 +511,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(443),
             },
-            host: Some("192.0.2.1".parse().unwrap()),
+            host: HostAddresses::One("192.0.2.1".parse().unwrap()),
             family: Some(Family::Ipv6),
             remotes: vec![],
         };
@@ -489,12 +526,73 @@ mod tests {
             validate_opening(&o),
             Err(ValidationError::RemoteFamilyMismatch { .. })
         ));
-        o.host = None;
+        o.host = HostAddresses::Default;
         assert!(matches!(
             validate_opening(&o),
             Err(ValidationError::RemoteFamilyMismatch { .. })
         ));
         o.family = None;
+        assert_eq!(validate_opening(&o), Ok(()));
+        // With neither, the prefixes must share one family.
+        o.remotes.push(prefix("198.51.100.0/24"));
+        assert!(matches!(
+            validate_opening(&o),
+            Err(ValidationError::RemoteFamilyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn host_address_lists() {
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        let v4b: IpAddr = "192.0.2.2".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        let mut o = Opening {
+            target: Target::Ports {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(443),
+            },
+            host: HostAddresses::List(vec![v4, v6]),
+            family: None,
+            remotes: vec![],
+        };
+        assert_eq!(validate_opening(&o), Ok(()));
+        o.host = HostAddresses::List(vec![]);
+        assert_eq!(
+            validate_opening(&o),
+            Err(ValidationError::HostAddressCount { count: 0, max: 16 })
+        );
+        o.host = HostAddresses::List(vec![v4]);
+        assert_eq!(
+            validate_opening(&o),
+            Err(ValidationError::HostAddressCount { count: 1, max: 16 })
+        );
+        let many: Vec<IpAddr> = (1..=17u8).map(|i| IpAddr::from([192, 0, 2, i])).collect();
+        o.host = HostAddresses::List(many[..16].to_vec());
+        assert_eq!(validate_opening(&o), Ok(()));
+        o.host = HostAddresses::List(many);
+        assert_eq!(
+            validate_opening(&o),
+            Err(ValidationError::HostAddressCount { count: 17, max: 16 })
+        );
+        o.host = HostAddresses::List(vec![v4, v6, v4]);
+        assert_eq!(
+            validate_opening(&o),
+            Err(ValidationError::DuplicateHostAddress(v4))
+        );
+        // Every address agrees with the family and with the prefixes.
+        o.host = HostAddresses::List(vec![v4, v6]);
+        o.family = Some(Family::Ipv4);
+        assert_eq!(
+            validate_opening(&o),
+            Err(ValidationError::FamilyMismatch { host: v6 })
+        );
+        o.family = None;
+        o.remotes = vec![prefix("198.51.100.0/24")];
+        assert!(matches!(
+            validate_opening(&o),
+            Err(ValidationError::RemoteFamilyMismatch { .. })
+        ));
+        o.host = HostAddresses::List(vec![v4, v4b]);
         assert_eq!(validate_opening(&o), Ok(()));
     }
 }

@@ -5,11 +5,11 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use fwnp_proto::gateway::{
-    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, resolve_host_address,
+    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, resolve_host_addresses,
 };
 use fwnp_proto::{
-    AppInfo, Common, Grant, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange, Prefix, Protocol,
-    ResultCode, RevokeReason, Target,
+    AppInfo, Common, Grant, HostAddresses, LeaseId, MAX_LIFETIME_SECS, Open, Opening, PortRange,
+    Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -36,7 +36,7 @@ fn open_tcp(port: u16, lifetime: Option<u32>) -> Open {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(port),
             },
-            host: None,
+            host: HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
         },
@@ -550,15 +550,15 @@ fn nothing_granted_is_denied_by_policy() {
 fn address_mismatch_unless_third_party() {
     let v6 = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
     let mut open = open_tcp(80, None);
-    open.opening.host = Some(ADDR_B);
-    let refused = resolve_host_address(&open.opening, &[ADDR_A, v6], false);
+    open.opening.host = HostAddresses::One(ADDR_B);
+    let refused = resolve_host_addresses(&open.opening, &[ADDR_A, v6], false);
     assert_eq!(
         refused.map_err(|r| r.code()),
         Err(ResultCode::AddressMismatch)
     );
     assert_eq!(
-        resolve_host_address(&open.opening, &[ADDR_A, v6], true),
-        Ok(ADDR_B)
+        resolve_host_addresses(&open.opening, &[ADDR_A, v6], true),
+        Ok(vec![ADDR_B])
     );
 }
 
@@ -573,16 +573,19 @@ fn ipv4_mapped_addresses_are_refused_wherever_an_opening_names_an_address() {
     let ipv4: IpAddr = "10.1.0.10".parse().unwrap();
     let v6: IpAddr = "2001:db8::10".parse().unwrap();
     let mut as_host = open_tcp(443, None);
-    as_host.opening.host = Some(mapped);
+    as_host.opening.host = HostAddresses::One(mapped);
     let mut as_remote = open_tcp(443, None);
-    as_remote.opening.host = Some(v6);
+    as_remote.opening.host = HostAddresses::One(v6);
     as_remote.opening.remotes = vec![Prefix {
         addr: "::ffff:10.0.0.0".parse().unwrap(),
         len: 104,
     }];
     let mut as_remote_no_host = as_remote.clone();
-    as_remote_no_host.opening.host = None;
-    for open in [&as_host, &as_remote, &as_remote_no_host] {
+    as_remote_no_host.opening.host = HostAddresses::Default;
+    // In a list of addresses too.
+    let mut in_list = open_tcp(443, None);
+    in_list.opening.host = HostAddresses::List(vec![v6, mapped]);
+    for open in [&as_host, &as_remote, &as_remote_no_host, &in_list] {
         let bytes = encode(&fwnp_proto::Message::Open(open.clone()));
         let decoded = decode(&bytes).expect("a mapped address is well-formed");
         let refused = validate_request(&decoded).expect_err("a mapped address is refused");
@@ -596,7 +599,8 @@ fn ipv4_mapped_addresses_are_refused_wherever_an_opening_names_an_address() {
     // the host holds the IPv4 address it maps.
     for third_party in [false, true] {
         assert_eq!(
-            resolve_host_address(&as_host.opening, &[ipv4, v6], third_party).map_err(|r| r.code()),
+            resolve_host_addresses(&as_host.opening, &[ipv4, v6], third_party)
+                .map_err(|r| r.code()),
             Err(ResultCode::MalformedOption)
         );
     }

@@ -33,7 +33,7 @@ fn tcp_opening(port: u16) -> Opening {
             protocol: Protocol::Tcp,
             ports: PortRange::single(port),
         },
-        host: None,
+        host: fwnp_proto::HostAddresses::Default,
         family: None,
         remotes: Vec::new(),
     }

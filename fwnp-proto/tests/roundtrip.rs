@@ -120,31 +120,35 @@ fn opening() -> impl Strategy<Value = Opening> {
         (protocol(), ports()).prop_map(|(protocol, ports)| Target::Ports { protocol, ports }),
         app_id().prop_map(Target::App),
     ];
-    // With a host address the family is its own (or absent); the prefixes follow it.
-    let placement = prop_oneof![
-        family().prop_flat_map(|f| (addr_of(f), any::<bool>(), Just(Some(f)))
-            .prop_map(|(a, with_family, f)| (Some(a), if with_family { f } else { None }))),
-        proptest::option::of(family()).prop_map(|f| (None, f)),
-    ];
-    (target, placement)
-        .prop_flat_map(|(target, (host, family))| {
-            let remote_family = host.map(Family::of).or(family);
-            let remotes = match remote_family {
-                Some(f) => proptest::collection::vec(prefix_of(f), 0..4).boxed(),
-                None => proptest::collection::vec(
-                    prop_oneof![prefix_of(Family::Ipv4), prefix_of(Family::Ipv6)],
-                    0..4,
-                )
-                .boxed(),
-            };
-            (Just(target), Just(host), Just(family), remotes)
-        })
-        .prop_map(|(target, host, family, remotes)| Opening {
-            target,
-            host,
-            family,
-            remotes,
-        })
+    // The host addresses share the family of the prefixes (key 5, when present, is theirs too);
+    // with no prefix, an array may hold both families.
+    let one_family = family().prop_flat_map(|f| {
+        (
+            proptest::collection::vec(addr_of(f), 0..4),
+            any::<bool>(),
+            proptest::collection::vec(prefix_of(f), 0..4),
+            Just(f),
+        )
+            .prop_map(|(mut hosts, with_family, remotes, f)| {
+                let mut seen = Vec::new();
+                hosts.retain(|h| {
+                    !seen.contains(h) && {
+                        seen.push(*h);
+                        true
+                    }
+                });
+                (hosts, if with_family { Some(f) } else { None }, remotes)
+            })
+    });
+    let both_families = (addr_of(Family::Ipv4), addr_of(Family::Ipv6))
+        .prop_map(|(v4, v6)| (vec![v4, v6], None, Vec::new()));
+    let placement = prop_oneof![3 => one_family, 1 => both_families];
+    (target, placement).prop_map(|(target, (hosts, family, remotes))| Opening {
+        target,
+        host: HostAddresses::from_addresses(hosts),
+        family,
+        remotes,
+    })
 }
 
 fn grant() -> impl Strategy<Value = Grant> {

@@ -33,6 +33,13 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+fn ip16(s: &str) -> [u8; 16] {
+    match ip(s) {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(_) => panic!("{s} is not IPv6"),
+    }
+}
+
 fn prefix(s: &str) -> Prefix {
     let (a, l) = s.split_once('/').unwrap();
     Prefix {
@@ -58,7 +65,7 @@ fn tcp(first: u16, last: u16) -> Target {
 fn opening(target: Target) -> Opening {
     Opening {
         target,
-        host: None,
+        host: HostAddresses::Default,
         family: None,
         remotes: vec![],
     }
@@ -76,7 +83,7 @@ fn open(opening: Opening, lifetime: Option<u32>) -> Message {
 fn open_tcp_443() -> Message {
     open(
         Opening {
-            host: Some(ip("192.0.2.10")),
+            host: HostAddresses::One(ip("192.0.2.10")),
             ..opening(tcp(443, 443))
         },
         Some(600),
@@ -355,7 +362,7 @@ fn vectors() -> Vec<Vector> {
         Message::Open(Open {
             common: rid(2),
             opening: Opening {
-                host: Some(ip("192.0.2.10")),
+                host: HostAddresses::One(ip("192.0.2.10")),
                 ..opening(tcp(443, 443))
             },
             lifetime: Some(600),
@@ -394,7 +401,7 @@ fn vectors() -> Vec<Vector> {
         "Open sctp/5000 on an IPv6 host address for two IPv6 remote prefixes.",
         open(
             Opening {
-                host: Some(ip("2001:db8::10")),
+                host: HostAddresses::One(ip("2001:db8::10")),
                 remotes: vec![prefix("2001:db8:1::/48"), prefix("2001:db8:2::7/128")],
                 ..opening(Target::Ports {
                     protocol: Protocol::Sctp,
@@ -1169,7 +1176,7 @@ fn vectors() -> Vec<Vector> {
         "Open with an IPv4 host address and family 6.",
         encode(&open(
             Opening {
-                host: Some(ip("192.0.2.10")),
+                host: HostAddresses::One(ip("192.0.2.10")),
                 family: Some(Family::Ipv6),
                 ..opening(tcp(22, 22))
             },
@@ -1184,7 +1191,7 @@ fn vectors() -> Vec<Vector> {
         "Open with an IPv6 host address and an IPv4 remote prefix.",
         encode(&open(
             Opening {
-                host: Some(ip("2001:db8::10")),
+                host: HostAddresses::One(ip("2001:db8::10")),
                 remotes: vec![prefix("198.51.100.0/24")],
                 ..opening(tcp(22, 22))
             },
@@ -1297,7 +1304,6 @@ fn vectors() -> Vec<Vector> {
         R::MalformedRequest,
         false,
     ));
-
     // --- Added after the first 101; their numbers start at 102. -----------------------------
     assert_eq!(v.len(), 101, "vectors 1 to 101 keep their numbers");
     v.push(decode_err(
@@ -1341,7 +1347,7 @@ fn vectors() -> Vec<Vector> {
         "open-host-ipv4-mapped",
         "Open whose host address is the IPv4-mapped IPv6 address ::ffff:10.1.0.10: an IPv4 address travels as 4 bytes, never mapped.",
         encode(&open(
-            Opening { host: Some(ip("::ffff:10.1.0.10")), ..opening(tcp(443, 443)) },
+            Opening { host: HostAddresses::One(ip("::ffff:10.1.0.10")), ..opening(tcp(443, 443)) },
             None,
         )),
         "ipv4-mapped-address",
@@ -1353,7 +1359,7 @@ fn vectors() -> Vec<Vector> {
         "Open on an IPv6 host address whose remote prefix ::ffff:10.0.0.0/104 is IPv4-mapped.",
         encode(&open(
             Opening {
-                host: Some(ip("2001:db8::10")),
+                host: HostAddresses::One(ip("2001:db8::10")),
                 remotes: vec![prefix("::ffff:10.0.0.0/104")],
                 ..opening(tcp(443, 443))
             },
@@ -1499,6 +1505,284 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         false,
     ));
+
+    // --- Host addresses: one, several, or the host's own (numbered from 130). ----------------
+    let both = || HostAddresses::List(vec![ip("192.0.2.10"), ip("2001:db8::10")]);
+    v.push(valid(
+        "open-host-addresses-both-families",
+        "Open tcp/8080 on two host addresses, one of each family, in one opening (key 4 as an array).",
+        open(
+            Opening {
+                host: both(),
+                ..opening(tcp(8080, 8080))
+            },
+            Some(600),
+        ),
+    ));
+    v.push(valid(
+        "open-host-addresses-ipv6-remotes",
+        "Open udp/5353 on two IPv6 host addresses, family 6, for one IPv6 remote prefix: every address agrees with the family and the prefix.",
+        open(
+            Opening {
+                host: HostAddresses::List(vec![ip("2001:db8::10"), ip("2001:db8::11")]),
+                family: Some(Family::Ipv6),
+                remotes: vec![prefix("2001:db8:1::/48")],
+                ..opening(Target::Ports {
+                    protocol: Protocol::Udp,
+                    ports: PortRange::single(5353),
+                })
+            },
+            None,
+        ),
+    ));
+    v.push(valid(
+        "open-host-addresses-16",
+        "Open tcp/22 on 16 IPv4 host addresses, the most an opening may name.",
+        open(
+            Opening {
+                host: HostAddresses::List((1..=16).map(|i| ip(&format!("192.0.2.{i}"))).collect()),
+                ..opening(tcp(22, 22))
+            },
+            None,
+        ),
+    ));
+    v.push(valid(
+        "open-remotes-no-host",
+        "Open tcp/8082 with one IPv6 remote prefix and neither host address nor family: the gateway opens the host's IPv6 addresses (the prefixes' family).",
+        open(
+            Opening {
+                remotes: vec![prefix("fd18:1::2/128")],
+                ..opening(tcp(8082, 8082))
+            },
+            None,
+        ),
+    ));
+    v.push(valid_from(
+        "open-host-addresses-indefinite",
+        "Open whose host address array has an indefinite length: accepted, and re-encoded with a definite length.",
+        {
+            let canonical = encode(&open(
+                Opening {
+                    host: both(),
+                    ..opening(tcp(8080, 8080))
+                },
+                Some(600),
+            ));
+            // The array of two addresses: header 0x82, then 4 and 16 bytes.
+            let array = [&[0x82, 0x44, 192, 0, 2, 10, 0x50][..], &ip16("2001:db8::10")[..]].concat();
+            let at = canonical.windows(array.len()).position(|w| w == array).unwrap();
+            let mut bytes = canonical[..at].to_vec();
+            bytes.push(0x9f);
+            bytes.extend(&array[1..]);
+            bytes.push(0xff);
+            bytes.extend(&canonical[at + array.len()..]);
+            bytes
+        },
+        open(
+            Opening {
+                host: both(),
+                ..opening(tcp(8080, 8080))
+            },
+            Some(600),
+        ),
+        true,
+    ));
+    v.push(valid(
+        "granted-both-families",
+        "Granted for an opening of tcp/8080 with no host address on a host holding 192.0.2.10 and 2001:db8::10: one lease, one grant per address.",
+        granted(
+            vec![
+                grant(Protocol::Tcp, 8080, 8080, "192.0.2.10"),
+                grant(Protocol::Tcp, 8080, 8080, "2001:db8::10"),
+            ],
+            false,
+        ),
+    ));
+    v.push(valid(
+        "granted-app-both-families",
+        "Granted for the application \"https\" (tcp/443 and udp/443) on two host addresses: one grant per catalogue entry and address, in the recommended order.",
+        granted(
+            [
+                (Protocol::Tcp, "192.0.2.10"),
+                (Protocol::Tcp, "2001:db8::10"),
+                (Protocol::Udp, "192.0.2.10"),
+                (Protocol::Udp, "2001:db8::10"),
+            ]
+            .into_iter()
+            .map(|(protocol, host)| Grant {
+                app: Some("https".into()),
+                ..grant(protocol, 443, 443, host)
+            })
+            .collect(),
+            false,
+        ),
+    ));
+    v.push(valid(
+        "granted-one-family-narrowed",
+        "Granted for an opening of tcp/8080 on two named host addresses where policy admits only the IPv4 one: narrowed.",
+        granted(vec![grant(Protocol::Tcp, 8080, 8080, "192.0.2.10")], true),
+    ));
+    v.push(valid(
+        "leases-both-families",
+        "Leases: one lease with a grant on each family.",
+        Message::Leases(Leases {
+            common: rid(5),
+            leases: vec![LeaseInfo {
+                lease: LEASE_A,
+                grants: vec![
+                    grant(Protocol::Tcp, 8080, 8080, "192.0.2.10"),
+                    grant(Protocol::Tcp, 8080, 8080, "2001:db8::10"),
+                ],
+                remaining: 420,
+                expires_ms: NOW_MS + 420_000,
+                app: None,
+            }],
+            epoch: EPOCH,
+        }),
+    ));
+    v.push(valid(
+        "denied-address-mismatch-no-address-of-family",
+        "Denied address-mismatch for an opening whose remote prefixes (or family) are IPv6, from a host with no IPv6 address it may open.",
+        Message::Denied(Denied {
+            reason: Some("the host holds no address of family IPv6 it may open".into()),
+            ..match denied(R::AddressMismatch) {
+                Message::Denied(d) => d,
+                _ => unreachable!(),
+            }
+        }),
+    ));
+    v.push(validate_err(
+        "host-addresses-empty",
+        "Open whose key 4 is an empty array: to name no address, key 4 is left out.",
+        edited(&open_tcp_443(), |m| set(get(m, 3), 4, Value::Array(vec![]))),
+        "host-address-count",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(validate_err(
+        "host-addresses-one",
+        "Open whose key 4 is an array of one address: one address is written as a byte string.",
+        edited(&open_tcp_443(), |m| {
+            set(
+                get(m, 3),
+                4,
+                Value::Array(vec![Value::Bytes(vec![192, 0, 2, 10])]),
+            )
+        }),
+        "host-address-count",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(validate_err(
+        "host-addresses-17",
+        "Open naming 17 host addresses, one more than the most an opening may name.",
+        encode(&open(
+            Opening {
+                host: HostAddresses::List((1..=17).map(|i| ip(&format!("192.0.2.{i}"))).collect()),
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "host-address-count",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(validate_err(
+        "host-addresses-duplicate",
+        "Open naming 192.0.2.10 twice in its host addresses.",
+        encode(&open(
+            Opening {
+                host: HostAddresses::List(vec![
+                    ip("192.0.2.10"),
+                    ip("2001:db8::10"),
+                    ip("192.0.2.10"),
+                ]),
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "duplicate-host-address",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "host-addresses-family-mismatch",
+        "Open naming an IPv4 and an IPv6 host address with family 4: the IPv6 one disagrees.",
+        encode(&open(
+            Opening {
+                host: both(),
+                family: Some(Family::Ipv4),
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "family-mismatch",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "host-addresses-remote-family-mismatch",
+        "Open naming an IPv4 and an IPv6 host address with an IPv4 remote prefix: the prefix cannot restrict the IPv6 address.",
+        encode(&open(
+            Opening {
+                host: both(),
+                remotes: vec![prefix("198.51.100.0/24")],
+                ..opening(tcp(22, 22))
+            },
+            None,
+        )),
+        "remote-family-mismatch",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "remotes-mixed-families-no-host",
+        "Open with an IPv6 and an IPv4 remote prefix and neither host address nor family: the prefixes must share one family.",
+        encode(&open(
+            Opening {
+                remotes: vec![prefix("fd18:1::2/128"), prefix("198.51.100.0/24")],
+                ..opening(tcp(8082, 8082))
+            },
+            None,
+        )),
+        "remote-family-mismatch",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(decode_err(
+        "host-addresses-element-5-bytes",
+        "Open whose host address array holds an address of 5 bytes.",
+        edited(&open_tcp_443(), |m| {
+            set(
+                get(m, 3),
+                4,
+                Value::Array(vec![
+                    Value::Bytes(vec![192, 0, 2, 10]),
+                    Value::Bytes(vec![192, 0, 2, 11, 0]),
+                ]),
+            )
+        }),
+        "wrong-length",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "host-addresses-element-not-bytes",
+        "Open whose host address array holds a text string.",
+        edited(&open_tcp_443(), |m| {
+            set(
+                get(m, 3),
+                4,
+                Value::Array(vec![
+                    Value::Bytes(vec![192, 0, 2, 10]),
+                    Value::Text("192.0.2.11".into()),
+                ]),
+            )
+        }),
+        "wrong-type",
+        R::MalformedOption,
+        false,
+    ));
     v
 }
 
@@ -1560,20 +1844,34 @@ fn render(vector: &Vector) -> Json {
     out
 }
 
+/// Vectors whose number is fixed rather than following the one before: the first of a block
+/// of numbers set aside for one part of the protocol, so that blocks added side by side keep
+/// their numbers. The vectors after it follow it.
+const BLOCK_STARTS: &[(&str, usize)] = &[("open-host-addresses-both-families", 130)];
+
 /// (file name, file contents) of every vector.
 fn files() -> Vec<(String, String)> {
     let all = vectors();
     let mut names = std::collections::HashSet::new();
+    let mut number = 0;
     all.iter()
-        .enumerate()
-        .map(|(i, vector)| {
+        .map(|vector| {
             assert!(
                 names.insert(vector.name.clone()),
                 "duplicate vector name {}",
                 vector.name
             );
+            number += 1;
+            if let Some(&(_, start)) = BLOCK_STARTS.iter().find(|(name, _)| *name == vector.name) {
+                assert!(
+                    start >= number,
+                    "block {} starts at {start}, but {number} is next",
+                    vector.name
+                );
+                number = start;
+            }
             let text = serde_json::to_string_pretty(&render(vector)).unwrap() + "\n";
-            (format!("{:03}-{}.json", i + 1, vector.name), text)
+            (format!("{number:03}-{}.json", vector.name), text)
         })
         .collect()
 }

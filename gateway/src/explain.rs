@@ -9,7 +9,7 @@
 
 use std::net::IpAddr;
 
-use fwnp_proto::Opening;
+use fwnp_proto::{HostAddresses, Opening};
 use serde_json::{Value, json};
 
 use crate::policy::{Item, Policy, Request, Verdict, parse_prefix};
@@ -55,7 +55,7 @@ pub fn explain_json(policy: &Policy, body: &Value) -> Result<Value, String> {
         .map(|l| u32::try_from(l).unwrap_or(u32::MAX));
     let opening = Opening {
         target: item.to_target(),
-        host: Some(host_address),
+        host: HostAddresses::One(host_address),
         family: None,
         remotes,
     };

@@ -362,7 +362,7 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
                 last: 7007,
             },
         },
-        host: None,
+        host: fwnp_proto::HostAddresses::Default,
         family: None,
         remotes: Vec::new(),
     };

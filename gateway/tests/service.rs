@@ -17,8 +17,8 @@ use fwnp_gateway::pki::{self, RevocationReason};
 use fwnp_gateway::store::{AuditKind, LeaseFilter, LeaseState, Outcome};
 use fwnp_gateway::tls::{ClientTlsFiles, ServerOptions};
 use fwnp_proto::{
-    Capabilities, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol, QuicErrorCode,
-    ResultCode, RevokeReason,
+    Capabilities, HostAddresses, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol,
+    QuicErrorCode, ResultCode, RevokeReason,
 };
 use serde_json::json;
 
@@ -463,12 +463,12 @@ async fn addresses_the_host_does_not_hold_need_third_party_rights() {
     let gw = TestGateway::start("addresses", POLICY).await;
     let (web, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
     let mut other = tcp(7001);
-    other.host = Some(HOST_B);
+    other.host = HostAddresses::One(HOST_B);
     let d = denied(web.open(other.clone(), None).await);
     assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
     // Its own address, named explicitly, is fine.
     let mut own = tcp(7001);
-    own.host = Some(HOST_A);
+    own.host = HostAddresses::One(HOST_A);
     assert_eq!(granted(web.open(own, None).await).grants[0].host, HOST_A);
     // No IPv6 address at all: a family it does not hold.
     let mut v6 = tcp(7002);
@@ -482,7 +482,7 @@ async fn addresses_the_host_does_not_hold_need_third_party_rights() {
     let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
     let pool = v4(203, 0, 113, 5);
     let mut opening = tcp(8080);
-    opening.host = Some(pool);
+    opening.host = HostAddresses::One(pool);
     let g = granted(lb.open(opening, None).await);
     assert_eq!(g.grants[0].host, pool);
     let record = gw
@@ -497,7 +497,7 @@ async fn addresses_the_host_does_not_hold_need_third_party_rights() {
     );
     // ...but not one outside it.
     let mut outside = tcp(8080);
-    outside.host = Some(v4(198, 51, 100, 7));
+    outside.host = HostAddresses::One(v4(198, 51, 100, 7));
     assert_eq!(
         denied(lb.open(outside, None).await).code,
         ResultCode::AddressMismatch
@@ -732,7 +732,7 @@ async fn mapped_addresses_and_empty_remote_lists_are_malformed_options() {
     let gw = TestGateway::start("mapped", POLICY).await;
     let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
     let mut mapped = tcp(7001);
-    mapped.host = Some("::ffff:192.0.2.10".parse().expect("an address"));
+    mapped.host = fwnp_proto::HostAddresses::One("::ffff:192.0.2.10".parse().expect("an address"));
     let d = denied(client.open(mapped, None).await);
     assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
 
@@ -2019,10 +2019,10 @@ async fn a_policy_reload_judges_third_party_leases_by_the_hosts_own_addresses() 
     let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
     let pool = v4(203, 0, 113, 5);
     let mut opening = tcp(8080);
-    opening.host = Some(pool);
+    opening.host = HostAddresses::One(pool);
     let third_party = granted(lb.open(opening, None).await).lease;
     let mut own = tcp(8081);
-    own.host = Some(HOST_B);
+    own.host = HostAddresses::One(HOST_B);
     let own = granted(lb.open(own, None).await).lease;
 
     // The new policy still allows the ports, but no longer for addresses the host does not hold.
@@ -2647,7 +2647,7 @@ async fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
     let lease = {
         let (lb, _) = gw.welcomed_host("lb-01", &[HOST_B]).await;
         let mut opening = tcp(8080);
-        opening.host = Some(pool);
+        opening.host = HostAddresses::One(pool);
         granted(lb.open(opening, None).await).lease
     };
     // The balancer is offline when the policy takes its third-party rights away.
@@ -2913,4 +2913,165 @@ async fn an_unfinished_hello_ends_with_the_connection_not_a_stream_reset() {
         "ended too early: {:?}",
         started.elapsed()
     );
+}
+
+const DUAL_STACK_POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+max_lifetime = "1h"
+max_leases = 10
+
+[applications]
+https = ["tcp/443", "udp/443"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "v4-clients-only"
+groups = ["hosts"]
+allow = "tcp/6000"
+from = ["198.51.100.0/24"]
+
+[[rule]]
+name = "web"
+groups = ["hosts"]
+allow = ["app:https", "tcp/7000-7999"]
+"#;
+
+const V6_A: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+
+fn grant_hosts(g: &fwnp_proto::Granted) -> Vec<IpAddr> {
+    g.grants.iter().map(|grant| grant.host).collect()
+}
+
+/// With no host address, an opening covers every address of the host, both families, in one
+/// lease (spec section 9.2); key 5 or the remote prefixes' family narrow it, and so does a
+/// list of addresses in key 4.
+#[tokio::test]
+async fn a_dual_stack_host_opens_both_families_in_one_lease() {
+    let gw = TestGateway::start("dual-stack", DUAL_STACK_POLICY).await;
+    let (web, welcome) = gw.welcomed_host("web-02", &[HOST_A, V6_A]).await;
+    assert_eq!(welcome.addresses, vec![HOST_A, V6_A]);
+
+    let both = granted(web.open(tcp(7010), None).await);
+    assert_eq!(grant_hosts(&both), vec![HOST_A, V6_A]);
+    assert!(!both.narrowed);
+    let listed = web.list().await;
+    assert_eq!(listed.leases.len(), 1, "one lease for both families");
+    assert_eq!(listed.leases[0].grants, both.grants);
+    // Renewing keeps both grants.
+    assert_eq!(
+        granted(web.renew(both.lease, None).await).grants,
+        both.grants
+    );
+
+    let mut v6_only = tcp(7011);
+    v6_only.family = Some(fwnp_proto::Family::Ipv6);
+    assert_eq!(
+        grant_hosts(&granted(web.open(v6_only, None).await)),
+        vec![V6_A]
+    );
+
+    // IPv6 remote prefixes and nothing else: the IPv6 address, although IPv4 comes first.
+    let mut from_v6 = tcp(7012);
+    from_v6.remotes = vec![fwnp_proto::Prefix {
+        addr: "fd18:1::2".parse().unwrap(),
+        len: 128,
+    }];
+    let g = granted(web.open(from_v6.clone(), None).await);
+    assert_eq!(grant_hosts(&g), vec![V6_A]);
+    assert_eq!(g.grants[0].remotes, from_v6.remotes);
+
+    // Both addresses named: both; a named address the host does not hold: refused whole.
+    let mut named = tcp(7013);
+    named.host = HostAddresses::List(vec![V6_A, HOST_A]);
+    assert_eq!(
+        grant_hosts(&granted(web.open(named, None).await)),
+        vec![HOST_A, V6_A]
+    );
+    let mut foreign = tcp(7014);
+    foreign.host = HostAddresses::List(vec![HOST_A, HOST_B]);
+    let d = denied(web.open(foreign, None).await);
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+
+    // An application: one grant per catalogue entry and address.
+    let g = granted(web.open(app("https"), None).await);
+    assert_eq!(g.grants.len(), 4, "{:?}", g.grants);
+
+    // Policy admits only IPv4 clients for tcp/6000: the IPv6 address is left out, narrowed.
+    let g = granted(web.open(tcp(6000), None).await);
+    assert_eq!(grant_hosts(&g), vec![HOST_A]);
+    assert!(g.narrowed);
+    // Named, the IPv6 address must be admitted too: refused.
+    let mut named = tcp(6000);
+    named.host = HostAddresses::List(vec![HOST_A, V6_A]);
+    let d = denied(web.open(named, None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+}
+
+/// Spec section 9.2: remote prefixes of a family the host holds no address of are refused with
+/// address-mismatch; the opening itself is well-formed.
+#[tokio::test]
+async fn remote_prefixes_of_a_family_the_host_lacks_are_an_address_mismatch() {
+    let gw = TestGateway::start("lacks-family", DUAL_STACK_POLICY).await;
+    let (web, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let mut from_v6 = tcp(7012);
+    from_v6.remotes = vec![fwnp_proto::Prefix {
+        addr: "fd18:1::2".parse().unwrap(),
+        len: 128,
+    }];
+    let d = denied(web.open(from_v6, None).await);
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+}
+
+/// The size bounds of spec section 5.4 hold when the grants multiply by the host's addresses:
+/// a Granted that 16 addresses make too large is refused (denied-by-policy, nothing left
+/// behind), and a List of leases that each fit but together do not is answered no-resources,
+/// never with a partial list or an oversized answer.
+#[tokio::test]
+async fn size_limits_hold_when_grants_multiply_by_addresses() {
+    let gw = TestGateway::start("many-addresses", DUAL_STACK_POLICY).await;
+    let addresses: Vec<IpAddr> = (1..=16).map(|i| v4(192, 0, 2, i)).collect();
+    let (client, welcome) = gw.welcomed_host("web-16", &addresses).await;
+    assert_eq!(welcome.addresses.len(), 16);
+    let prefixes = |count: u32| -> Vec<fwnp_proto::Prefix> {
+        (0..count)
+            .map(|i| fwnp_proto::Prefix {
+                addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))),
+                len: 24,
+            })
+            .collect()
+    };
+
+    // 300 prefixes fit in a grant on one address; on 16, twice (https), they do not.
+    let mut big = app("https");
+    big.remotes = prefixes(300);
+    let d = denied(client.open(big, None).await);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    assert!(
+        client.list().await.leases.is_empty(),
+        "no lease is left behind"
+    );
+
+    // Four leases of 16 grants with 40 prefixes each: every Granted fits, their List does not.
+    for port in 7100..7104 {
+        let mut opening = tcp(port);
+        opening.remotes = prefixes(40);
+        let g = granted(client.open(opening, None).await);
+        assert_eq!(g.grants.len(), 16);
+    }
+    let bytes = fwnp_proto::codec::encode(&Message::List(fwnp_proto::List {
+        common: common(Some(9)),
+    }));
+    match client.exchange(&bytes).await {
+        Exchange::Answer(answer) => {
+            assert!(answer.len() <= MAX_MESSAGE_SIZE, "{} bytes", answer.len());
+            let d = denied(fwnp_proto::codec::decode(&answer).expect("decodes"));
+            assert_eq!(d.code, ResultCode::NoResources, "{d:?}");
+            assert!(d.retry_after.is_some());
+        }
+        other => panic!("no usable answer: {other:?}"),
+    }
 }

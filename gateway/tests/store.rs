@@ -852,7 +852,11 @@ fn audit_filters_time_ranges_and_round_trip() {
 fn request_summary_from_an_opening() {
     let opening = Opening {
         target: Target::App("https".into()),
-        host: None,
+        // Several host addresses: the audit trail keeps them all.
+        host: fwnp_proto::HostAddresses::List(vec![
+            "2001:db8::10".parse().unwrap(),
+            "2001:db8::11".parse().unwrap(),
+        ]),
         family: None,
         remotes: vec![Prefix {
             addr: "2001:db8::".parse().unwrap(),
@@ -861,6 +865,7 @@ fn request_summary_from_an_opening() {
     };
     let summary = RequestSummary::from_opening(&opening, Some(60));
     assert_eq!(summary.app_id.as_deref(), Some("https"));
+    assert_eq!(summary.hosts.len(), 2);
     assert_eq!(summary.opening_label().as_deref(), Some("app:https"));
     let tmp = temp_dir("summary");
     let store = Store::open(tmp.path()).unwrap();

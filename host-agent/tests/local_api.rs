@@ -683,3 +683,43 @@ fn watches_are_bounded_per_connection() {
     // The connection still serves.
     assert!(!client.status().connected);
 }
+
+/// An Open whose key 4 names several host addresses: checked by the agent like any opening, then
+/// forwarded as it is (here to an unreachable gateway); one naming an address twice is refused
+/// by the agent itself with malformed-option, without asking the gateway.
+#[test]
+fn an_open_naming_several_addresses_is_checked_then_forwarded() {
+    let agent = Agent::start("addresses", &my_uid().to_string(), "1s");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut client = agent.client();
+    let with_hosts = |client: &mut LocalClient, hosts: &[&str]| {
+        let mut message = open_msg(client.next_id(), Protocol::Tcp, port, Some(60));
+        if let LocalMessage::Wire(fwnp_proto::Message::Open(open)) = &mut message {
+            open.opening.host = fwnp_proto::HostAddresses::List(
+                hosts
+                    .iter()
+                    .map(|h| h.parse().expect("an address"))
+                    .collect(),
+            );
+        }
+        message
+    };
+
+    let both = with_hosts(&mut client, &["192.0.2.10", "2001:db8::10"]);
+    let (code, reason) = denial(&client.request(both, STEP));
+    assert_eq!(
+        code,
+        DenialCode::Local(LocalCode::GatewayUnreachable),
+        "{reason}"
+    );
+
+    let twice = with_hosts(&mut client, &["192.0.2.10", "192.0.2.10"]);
+    let (code, reason) = denial(&client.request(twice, STEP));
+    assert_eq!(
+        code,
+        DenialCode::Wire(ResultCode::MalformedOption),
+        "{reason}"
+    );
+    assert!(reason.contains("named twice"), "{reason}");
+}

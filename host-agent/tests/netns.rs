@@ -368,8 +368,14 @@ fn an_application_opens_uses_and_releases_a_port() {
         "not open from outside after Granted"
     );
     assert!(lab.gateway_has(7000) && lab.host_has(7000));
-    assert_eq!(g.grants.len(), 1);
-    assert_eq!(g.grants[0].host, lab.topology.host_v4);
+    // No address asked: the host's two addresses, IPv4 and IPv6, in one lease, each mirrored.
+    let hosts: Vec<_> = g.grants.iter().map(|grant| grant.host).collect();
+    assert_eq!(hosts, vec![lab.topology.host_v4, lab.topology.host_v6]);
+    let host_table = lab.table(&lab.topology.host, "fwnp_host");
+    assert!(
+        has_element(&host_table, &lab.topology.host_v6.to_string(), 7000),
+        "{host_table}"
+    );
     assert_eq!(g.lifetime, 60);
     // Only that port.
     assert!(!lab.outside_reaches(7001, REFUSED));

@@ -84,7 +84,13 @@ fn answer(request: &Message, remote: IpAddr, seen: &Mutex<Seen>) -> Message {
             let grant = Grant {
                 protocol,
                 ports,
-                host: open.opening.host.unwrap_or(remote),
+                host: open
+                    .opening
+                    .host
+                    .addresses()
+                    .first()
+                    .copied()
+                    .unwrap_or(remote),
                 remotes: Vec::new(),
                 app: None,
             };

@@ -10,11 +10,13 @@
 //! Needs root: skipped otherwise, and failing instead when FWNP_REQUIRE_NETNS=1.
 
 use std::net::SocketAddr;
+use std::process::{Child, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fwnp_interop_tests::{
-    AuditEntry, Binaries, Lab, LabOptions, LongConnection, TcpEchoServer, require_root, wait_until,
+    AuditEntry, Binaries, Lab, LabOptions, LongConnection, TcpEchoServer, netns_command,
+    require_root, table_has, wait_until,
 };
 use fwnp_sdk::{Client, Family, Lease, LeaseEvent, Opening};
 
@@ -152,12 +154,12 @@ async fn three_hosts_several_applications_ipv4_and_ipv6() {
     }
 
     // Per host, two applications with their own connections to the agent: one opens tcp/8001
-    // over IPv4, the other tcp/8002 over IPv6.
+    // over IPv4, the other tcp/8002 over IPv6 (without a family, both would be opened).
     let mut apps = Vec::new();
     for host in 0..3 {
         let web = client(&lab, host).await;
         let api = client(&lab, host).await;
-        let web_lease = open(&web, Opening::tcp(8001).name("web")).await;
+        let web_lease = open(&web, Opening::tcp(8001).family(Family::Ipv4).name("web")).await;
         let api_lease = open(&api, Opening::tcp(8002).family(Family::Ipv6).name("api")).await;
         assert_eq!(web_lease.grants()[0].host, lab.site.hosts[host].v4);
         assert_eq!(api_lease.grants()[0].host, lab.site.hosts[host].v6);
@@ -536,4 +538,129 @@ async fn a_ten_second_lease_survives_a_three_second_gateway_restart() {
         "{}",
         lab.gateway_table()
     );
+}
+
+/// The lab's echo server, run by `fwnp open` as its command (`fwnp-lab serve PORT SECONDS`).
+const LAB_EXE: &str = env!("CARGO_BIN_EXE_fwnp-lab");
+
+/// `fwnp open SPEC ARGS -- fwnp-lab serve PORT 60` in host 0's namespace, started.
+fn fwnp_open_serving(lab: &Lab, port: u16, args: &[&str]) -> Child {
+    let mut command = netns_command(&lab.site.hosts[0].netns, &lab.bins.fwnp);
+    command
+        .arg("open")
+        .arg(format!("tcp/{port}"))
+        .args(args)
+        .args(["--", LAB_EXE, "serve", &port.to_string(), "60"])
+        .env("FWNP_AGENT_SOCKET", lab.agent_socket(0))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command.spawn().expect("fwnp starts")
+}
+
+/// Stops `fwnp` with SIGTERM (which it passes on to its command, then releases the lease) and
+/// waits for it, at most 10 s; returns what it wrote on stderr.
+fn stop_fwnp(mut child: Child) -> String {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let exited = tokio::task::block_in_place(|| {
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+            child.try_wait().is_ok_and(|status| status.is_some())
+        })
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().expect("fwnp's output");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A dual-stack host: `fwnp open tcp/PORT -- SERVER` with no address makes PORT reachable from
+/// outside over IPv4 and IPv6 under one lease (both kernels hold an element per address);
+/// `--family 6` and one `--address` narrow it to one family; the SDK does the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_opening_without_an_address_covers_both_families() {
+    if !require_root("an_opening_without_an_address_covers_both_families") {
+        return;
+    }
+    let lab = start_lab("e2e-dual", 1);
+    let (v4, v6) = (lab.site.hosts[0].v4, lab.site.hosts[0].v6);
+
+    // The command line, no address: both families.
+    let both = fwnp_open_serving(&lab, 8101, &[]);
+    assert!(
+        eventually_reachable(&lab, 0, false, 8101, true),
+        "IPv4 closed"
+    );
+    assert!(
+        eventually_reachable(&lab, 0, true, 8101, true),
+        "IPv6 closed"
+    );
+    assert!(lab.gateway_has(v4, "tcp", 8101) && lab.gateway_has(v6, "tcp", 8101));
+    let host_table = lab.host_table(0);
+    assert!(
+        table_has(&host_table, Some(v4), "tcp", 8101)
+            && table_has(&host_table, Some(v6), "tcp", 8101),
+        "{host_table}"
+    );
+    let said = stop_fwnp(both);
+    assert!(
+        eventually_reachable(&lab, 0, false, 8101, false),
+        "IPv4 still open: {said}"
+    );
+    assert!(
+        eventually_reachable(&lab, 0, true, 8101, false),
+        "IPv6 still open: {said}"
+    );
+    // One lease held both: one grant and one release for the port in the audit trail.
+    let trail = audit(&lab);
+    let granted: Vec<&AuditEntry> = trail
+        .iter()
+        .filter(|e| {
+            e.outcome() == Some("granted")
+                && e.0
+                    .pointer("/request/opening")
+                    .and_then(serde_json::Value::as_str)
+                    == Some("tcp/8101")
+        })
+        .collect();
+    assert_eq!(granted.len(), 1, "{trail:?}");
+
+    // --family 6: IPv6 only.
+    let v6_only = fwnp_open_serving(&lab, 8102, &["--family", "6"]);
+    assert!(
+        eventually_reachable(&lab, 0, true, 8102, true),
+        "IPv6 closed"
+    );
+    assert!(
+        !reaches(&lab, 0, false, 8102, REFUSED),
+        "IPv4 open with --family 6"
+    );
+    assert!(!lab.gateway_has(v4, "tcp", 8102));
+    stop_fwnp(v6_only);
+
+    // One --address: that address only.
+    let v4_arg = v4.to_string();
+    let one = fwnp_open_serving(&lab, 8103, &["--address", &v4_arg]);
+    assert!(
+        eventually_reachable(&lab, 0, false, 8103, true),
+        "IPv4 closed"
+    );
+    assert!(
+        !reaches(&lab, 0, true, 8103, REFUSED),
+        "IPv6 open with one --address"
+    );
+    assert!(!lab.gateway_has(v6, "tcp", 8103));
+    stop_fwnp(one);
+
+    // The SDK, no address: one lease with a grant on each address.
+    let _echo = TcpEchoServer::start_ports(&lab.site.hosts[0].netns, &[8104]).expect("echo");
+    let app = client(&lab, 0).await;
+    let lease = open(&app, Opening::tcp(8104)).await;
+    let hosts: Vec<_> = lease.grants().iter().map(|g| g.host).collect();
+    assert_eq!(hosts, vec![v4, v6]);
+    assert!(reaches(&lab, 0, false, 8104, REFUSED) && reaches(&lab, 0, true, 8104, REFUSED));
+    lease.release().await.expect("release");
+    assert!(eventually_reachable(&lab, 0, false, 8104, false));
+    assert!(eventually_reachable(&lab, 0, true, 8104, false));
 }

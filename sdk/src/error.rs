@@ -112,9 +112,10 @@ pub enum Error {
         reason: Option<String>,
     },
 
-    /// Result code 6: the host address asked is not one this host holds.
+    /// Result code 6: a host address asked is not one this host holds, or the host holds no
+    /// address of the family the opening concerns (its family, or its remote prefixes').
     #[error(
-        "address mismatch: the address is not this host's{}",
+        "address mismatch: an address asked is not this host's, or the host has none of the family asked{}",
         fmt_reason(reason)
     )]
     AddressMismatch {

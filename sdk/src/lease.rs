@@ -314,9 +314,9 @@ impl Lease {
         self.shared.id()
     }
 
-    /// What the gateway granted: one entry per protocol and port range, each with the host
-    /// address opened and the remote prefixes allowed. An application id expands to its
-    /// catalogue entries here.
+    /// What the gateway granted: one entry per protocol, port range and host address, each with
+    /// the remote prefixes allowed. An opening without address has an entry on each address of
+    /// the host (IPv4 and IPv6 alike); an application id expands to its catalogue entries here.
     ///
     /// ```no_run
     /// # async fn f(lease: fwnp_sdk::Lease) {

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use fwnp_proto::validate::{self, MAX_APP_NAME_LEN, ValidationError};
-use fwnp_proto::{AppInfo, Family, MAX_LIFETIME_SECS, PortRange, Prefix, Protocol, Target};
+use fwnp_proto::{
+    AppInfo, Family, HostAddresses, MAX_LIFETIME_SECS, PortRange, Prefix, Protocol, Target,
+};
 
 /// Why an [`Opening`] cannot be sent: found on this host, before the agent is asked.
 ///
@@ -189,8 +191,9 @@ impl From<Prefix> for Remote {
 /// reported precisely and never reaches the gateway.
 ///
 /// Without [`Opening::lifetime`] the gateway's policy picks the lifetime; without
-/// [`Opening::address`] the gateway picks the host's address (its only one of the family, or
-/// its first); without [`Opening::from`] any remote address may connect, as policy allows.
+/// [`Opening::address`] the opening covers every address of the host, IPv4 and IPv6 alike, in
+/// one lease ([`Opening::family`] or IPv4-only or IPv6-only [`Opening::from`] prefixes keep one
+/// family); without [`Opening::from`] any remote address may connect, as policy allows.
 ///
 /// ```
 /// use std::time::Duration;
@@ -210,7 +213,7 @@ impl From<Prefix> for Remote {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opening {
     target: Target,
-    host: Option<IpAddr>,
+    hosts: Vec<IpAddr>,
     family: Option<Family>,
     remotes: Vec<Remote>,
     lifetime: Option<Duration>,
@@ -224,7 +227,7 @@ impl Opening {
                 protocol,
                 ports: PortRange { first, last },
             },
-            host: None,
+            hosts: Vec::new(),
             family: None,
             remotes: Vec::new(),
             lifetime: None,
@@ -311,7 +314,8 @@ impl Opening {
 
     /// Only this remote network may connect; call it again to add more. Without any, every
     /// remote address may connect (as far as the gateway's policy allows). See [`Remote`] for
-    /// what it accepts. Every prefix must be of the same family as [`Opening::address`].
+    /// what it accepts. Every prefix must be of the family of every [`Opening::address`]; with
+    /// no address, the prefixes' family chooses the host's addresses of that family.
     ///
     /// ```
     /// let opening = fwnp_sdk::Opening::tcp(22)
@@ -341,24 +345,50 @@ impl Opening {
         self
     }
 
-    /// The host address to open, for a host with several. Without it the gateway picks the
-    /// host's address (see the spec's rules on host addresses).
+    /// A host address to open; call it again to add more (at most 16, each once). Without
+    /// any, the opening covers every address the host may open, of both families, in one
+    /// lease. An address the host does not hold needs the operator's third-party rights.
     ///
     /// ```
     /// let opening = fwnp_sdk::Opening::tcp(443).address("192.0.2.10".parse().unwrap());
     /// assert_eq!(opening.to_string(), "tcp/443 on 192.0.2.10");
+    ///
+    /// // Both families of a dual-stack host, named.
+    /// let both = fwnp_sdk::Opening::tcp(443)
+    ///     .address("192.0.2.10".parse().unwrap())
+    ///     .address("2001:db8::10".parse().unwrap());
+    /// assert_eq!(both.to_string(), "tcp/443 on 192.0.2.10, 2001:db8::10");
+    /// assert!(both.check().is_ok());
     /// ```
     pub fn address(mut self, address: IpAddr) -> Self {
-        self.host = Some(address);
+        self.hosts.push(address);
         self
     }
 
-    /// With no [`Opening::address`], which address family to open.
+    /// Several host addresses at once, as [`Opening::address`] for each.
+    ///
+    /// ```
+    /// use std::net::IpAddr;
+    /// let addresses: [IpAddr; 2] = ["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+    /// let opening = fwnp_sdk::Opening::tcp(443).addresses(addresses);
+    /// assert_eq!(opening.to_string(), "tcp/443 on 192.0.2.10, 2001:db8::10");
+    /// // The same address twice is refused before the agent is asked.
+    /// assert!(fwnp_sdk::Opening::tcp(443).addresses([addresses[0], addresses[0]]).check().is_err());
+    /// ```
+    pub fn addresses(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
+        self.hosts.extend(addresses);
+        self
+    }
+
+    /// Which address family to open: with no [`Opening::address`], the host's addresses of
+    /// this family only (the gateway refuses with address-mismatch if it has none); with
+    /// addresses, the family they must all be of.
     ///
     /// ```
     /// use fwnp_proto::Family;
     /// let opening = fwnp_sdk::Opening::tcp(443).family(Family::Ipv6).from("2001:db8::/32");
     /// assert!(opening.check().is_ok());
+    /// assert_eq!(opening.to_string(), "tcp/443 over IPv6 from 2001:db8::/32");
     /// ```
     pub fn family(mut self, family: Family) -> Self {
         self.family = Some(family);
@@ -423,7 +453,7 @@ impl Opening {
             .collect::<Result<Vec<_>, _>>()?;
         let opening = fwnp_proto::Opening {
             target: self.target.clone(),
-            host: self.host,
+            host: HostAddresses::from_addresses(self.hosts.clone()),
             family: self.family,
             remotes,
         };
@@ -468,8 +498,14 @@ impl fmt::Display for Opening {
             Target::Ports { protocol, ports } => write!(f, "{protocol}/{ports}")?,
             Target::App(id) => write!(f, "app:{id}")?,
         }
-        if let Some(host) = self.host {
-            write!(f, " on {host}")?;
+        for (i, host) in self.hosts.iter().enumerate() {
+            f.write_str(if i == 0 { " on " } else { ", " })?;
+            write!(f, "{host}")?;
+        }
+        match self.family {
+            Some(Family::Ipv4) => f.write_str(" over IPv4")?,
+            Some(Family::Ipv6) => f.write_str(" over IPv6")?,
+            None => {}
         }
         for (i, remote) in self.remotes.iter().enumerate() {
             f.write_str(if i == 0 { " from " } else { ", " })?;
@@ -580,6 +616,47 @@ mod tests {
         assert!(matches!(
             Opening::tcp(1).name("x".repeat(257)).check(),
             Err(OpeningError::NameTooLong { len: 257, .. })
+        ));
+    }
+
+    #[test]
+    fn addresses_travel_as_one_or_a_list() {
+        let v4: IpAddr = "192.0.2.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let (none, _, _) = Opening::tcp(1).to_request().unwrap();
+        assert_eq!(none.host, HostAddresses::Default);
+        let (one, _, _) = Opening::tcp(1).address(v6).to_request().unwrap();
+        assert_eq!(one.host, HostAddresses::One(v6));
+        let (two, _, _) = Opening::tcp(1)
+            .address(v4)
+            .address(v6)
+            .to_request()
+            .unwrap();
+        assert_eq!(two.host, HostAddresses::List(vec![v4, v6]));
+        assert!(matches!(
+            Opening::tcp(1).address(v4).address(v4).check(),
+            Err(OpeningError::Invalid(
+                ValidationError::DuplicateHostAddress(_)
+            ))
+        ));
+        assert!(matches!(
+            Opening::tcp(1)
+                .addresses((1..=17).map(|i| IpAddr::from([192, 0, 2, i])))
+                .check(),
+            Err(OpeningError::Invalid(ValidationError::HostAddressCount {
+                count: 17,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            Opening::tcp(1)
+                .address(v4)
+                .address(v6)
+                .family(Family::Ipv6)
+                .check(),
+            Err(OpeningError::Invalid(
+                ValidationError::FamilyMismatch { .. }
+            ))
         ));
     }
 

@@ -101,6 +101,45 @@ async fn open_with_a_command_returns_its_status_and_releases() {
     assert!(out.stderr.contains("held while sh runs"), "{}", out.stderr);
 }
 
+/// `--address` twice names both addresses in one opening (one Open, so one lease with a grant
+/// on each), and `--family` travels as key 5.
+#[tokio::test]
+async fn several_addresses_and_a_family_reach_the_agent_in_one_open() {
+    let agent = Harness::start();
+    let mut command = fwnp(&agent);
+    command.args([
+        "open",
+        "tcp/8443",
+        "--address",
+        "192.0.2.10",
+        "--address",
+        "2001:db8::10",
+        "--",
+        "true",
+    ]);
+    let out = run(command).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let received = agent.received();
+    assert_eq!(opens(&received).len(), 1);
+    let open = &opens(&received)[0];
+    assert_eq!(
+        open.opening.host,
+        fwnp_proto::HostAddresses::List(vec![
+            "192.0.2.10".parse().unwrap(),
+            "2001:db8::10".parse().unwrap()
+        ])
+    );
+
+    let agent = Harness::start();
+    let mut command = fwnp(&agent);
+    command.args(["open", "tcp/8080", "--family", "6", "--", "true"]);
+    let out = run(command).await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    let open = &opens(&agent.received())[0];
+    assert_eq!(open.opening.host, fwnp_proto::HostAddresses::Default);
+    assert_eq!(open.opening.family, Some(fwnp_proto::Family::Ipv6));
+}
+
 #[tokio::test]
 async fn after_grant_starts_the_command_only_once_granted() {
     let agent = Harness::start();

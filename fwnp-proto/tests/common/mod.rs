@@ -141,7 +141,11 @@ pub(crate) fn message_json(msg: &Message) -> Json {
                     "protocol": protocol,
                     "ports": port_range,
                     "app": app,
-                    "host": o.opening.host.map_or(Json::Null, addr),
+                    "host": match &o.opening.host {
+                        HostAddresses::Default => Json::Null,
+                        HostAddresses::One(a) => addr(*a),
+                        HostAddresses::List(list) => Json::Array(list.iter().map(|a| addr(*a)).collect()),
+                    },
                     "family": o.opening.family.map_or(Json::Null, |f| family(f).into()),
                     "remotes": prefixes(&o.opening.remotes),
                 },

@@ -90,6 +90,25 @@ pub(crate) fn encode_prefixes(prefixes: &[Prefix]) -> Option<String> {
     serde_json::to_string(&texts).ok()
 }
 
+/// The host addresses an opening named, as the audit trail's `host` column holds them: one
+/// address as its text (as before openings could name several), several separated by commas.
+pub(crate) fn encode_hosts(hosts: &[IpAddr]) -> Option<String> {
+    if hosts.is_empty() {
+        return None;
+    }
+    let texts: Vec<String> = hosts.iter().map(IpAddr::to_string).collect();
+    Some(texts.join(","))
+}
+
+pub(crate) fn decode_hosts(text: &str) -> Result<Vec<IpAddr>, StoreError> {
+    text.split(',')
+        .map(|h| {
+            h.parse()
+                .map_err(|_| StoreError::corrupt(format!("invalid host address {h:?}")))
+        })
+        .collect()
+}
+
 pub(crate) fn decode_prefixes(text: &str) -> Result<Vec<Prefix>, StoreError> {
     let texts: Vec<String> = serde_json::from_str(text).map_err(|e| {
         StoreError::corrupt(format!(
@@ -348,19 +367,18 @@ pub(crate) fn audit_from_row(row: &Row<'_>) -> Result<AuditRecord, StoreError> {
                 _ => return Err(StoreError::corrupt("a port range with only one end")),
             };
             let host: Option<String> = col(row, 11, W)?;
-            let host = host
-                .map(|h| {
-                    h.parse()
-                        .map_err(|_| StoreError::corrupt(format!("invalid host address {h:?}")))
-                })
-                .transpose()?;
+            let hosts = host
+                .as_deref()
+                .map(decode_hosts)
+                .transpose()?
+                .unwrap_or_default();
             let remotes: Option<String> = col(row, 12, W)?;
             let lifetime: Option<i64> = col(row, 13, W)?;
             Some(RequestSummary {
                 protocol,
                 ports,
                 app_id: col(row, 10, W)?,
-                host,
+                hosts,
                 remotes: remotes
                     .as_deref()
                     .map(decode_prefixes)

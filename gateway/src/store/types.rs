@@ -341,8 +341,8 @@ pub struct RequestSummary {
     pub ports: Option<PortRange>,
     /// The application id, for an application opening.
     pub app_id: Option<String>,
-    /// The host address named.
-    pub host: Option<IpAddr>,
+    /// The host addresses named; empty when the gateway chose them.
+    pub hosts: Vec<IpAddr>,
     /// The remote prefixes asked for; empty means any.
     pub remotes: Vec<Prefix>,
     /// The lifetime asked, in seconds.
@@ -360,7 +360,7 @@ impl RequestSummary {
             protocol,
             ports,
             app_id,
-            host: opening.host,
+            hosts: opening.host.addresses().to_vec(),
             remotes: opening.remotes.clone(),
             lifetime,
         }
@@ -456,7 +456,16 @@ impl AuditRecord {
         if let Some(request) = &e.request {
             let mut r = Map::new();
             insert_opt(&mut r, "opening", request.opening_label());
-            insert_opt(&mut r, "host", request.host.map(|h| h.to_string()));
+            match request.hosts.as_slice() {
+                [] => {}
+                [one] => {
+                    r.insert("host".into(), json!(one.to_string()));
+                }
+                several => {
+                    let texts: Vec<String> = several.iter().map(IpAddr::to_string).collect();
+                    r.insert("hosts".into(), json!(texts));
+                }
+            }
             if !request.remotes.is_empty() {
                 r.insert(
                     "remotes".into(),

@@ -16,7 +16,9 @@ use fwnp_proto::LeaseId;
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::codec::{app_columns, certificate_columns, encode_grants, encode_prefixes, to_i64};
+use super::codec::{
+    app_columns, certificate_columns, encode_grants, encode_hosts, encode_prefixes, to_i64,
+};
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
 use crate::identity::CertificateName;
@@ -696,7 +698,7 @@ fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
         request.and_then(|r| r.ports).map(|p| p.first),
         request.and_then(|r| r.ports).map(|p| p.last),
         request.and_then(|r| r.app_id.as_deref()),
-        request.and_then(|r| r.host).map(|h| h.to_string()),
+        request.and_then(|r| encode_hosts(&r.hosts)),
         request.and_then(|r| encode_prefixes(&r.remotes)),
         request.and_then(|r| r.lifetime),
         app_name,

@@ -663,7 +663,7 @@ pub(crate) fn port(protocol: Protocol, port: u16) -> Opening {
             protocol,
             ports: PortRange::single(port),
         },
-        host: None,
+        host: fwnp_proto::HostAddresses::Default,
         family: None,
         remotes: Vec::new(),
     }
@@ -678,7 +678,7 @@ pub(crate) fn tcp(p: u16) -> Opening {
 pub(crate) fn app(id: &str) -> Opening {
     Opening {
         target: Target::App(id.into()),
-        host: None,
+        host: fwnp_proto::HostAddresses::Default,
         family: None,
         remotes: Vec::new(),
     }

@@ -421,7 +421,7 @@ pub(crate) fn open_app_msg(id: u64, app: &str, lifetime: Option<u32>) -> LocalMe
         common: common(id),
         opening: Opening {
             target: Target::App(app.to_owned()),
-            host: None,
+            host: fwnp_proto::HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
         },
@@ -443,7 +443,7 @@ pub(crate) fn open_msg(
                 protocol,
                 ports: PortRange::single(port),
             },
-            host: None,
+            host: fwnp_proto::HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
         },

@@ -401,8 +401,8 @@ async fn story(bins: Binaries) -> Result<usize, Failure> {
             story.saw(format!("{where_} table: {}", line.trim()));
         }
     }
-    // The opening names no address family, so the gateway granted the host's first address
-    // (its IPv4 one); the end-to-end suite opens IPv6 as well.
+    // The opening names no address, so the gateway granted every address of the host, IPv4
+    // and IPv6; the exchange goes over IPv4, the end-to-end suite tries both.
     {
         let to = app_v4;
         let payload = format!("hello {to} through FWNP\n");

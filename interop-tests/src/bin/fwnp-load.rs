@@ -253,7 +253,7 @@ fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: 
                         protocol: Protocol::Tcp,
                         ports: PortRange::single(port),
                     },
-                    host: Some(host.address),
+                    host: fwnp_proto::HostAddresses::One(host.address),
                     family: None,
                     remotes: Vec::new(),
                 },

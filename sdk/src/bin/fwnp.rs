@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use fwnp_sdk::{
-    AgentStatus, Client, Error, Grant, Lease, LeaseEvent, LeaseId, LeaseSummary, Opening,
+    AgentStatus, Client, Error, Family, Grant, Lease, LeaseEvent, LeaseId, LeaseSummary, Opening,
 };
 use serde_json::json;
 use tokio::signal::unix::{SignalKind, signal};
@@ -117,8 +117,13 @@ closed); --on-end stop sends CMD a SIGTERM instead.
 Without CMD: the lease is printed on stdout once granted, held until SIGINT or SIGTERM, then
 released; fwnp exits 0, or 6 if the lease ends before (revoked, expired, lost).
 
+Without --address the opening covers every address of the host, IPv4 and IPv6, in one lease;
+--family 4 or 6 keeps one family, and --address (repeatable) names the addresses to open.
+
 Examples:
   fwnp open tcp/8080 -- ./server --port 8080
+  fwnp open tcp/8080 --family 6 -- ./server --port 8080
+  fwnp open tcp/8443 --address 192.0.2.10 --address 2001:db8::10
   fwnp open udp/60000-60010 --for 1h
   fwnp open tcp/22 --from 198.51.100.0/24 --from 2001:db8::/32 --address 2001:db8::10
   fwnp open --app https --on-end stop -- caddy run";
@@ -143,9 +148,14 @@ struct OpenArgs {
     #[arg(long = "from", value_name = "PREFIX")]
     from: Vec<String>,
 
-    /// The host address to open, for a host with several
+    /// A host address to open (repeatable, at most 16) [default: every address of the host,
+    /// both families]
     #[arg(long, value_name = "IP")]
-    address: Option<IpAddr>,
+    address: Vec<IpAddr>,
+
+    /// Open only the host's addresses of this family: 4 (IPv4) or 6 (IPv6)
+    #[arg(long, value_name = "4|6", value_parser = parse_family)]
+    family: Option<Family>,
 
     /// Application name for the gateway's audit trail [default: CMD's name]
     #[arg(long, value_name = "NAME")]
@@ -181,6 +191,14 @@ fn parse_opening(text: &str) -> Result<Opening, String> {
     text.parse::<Opening>().map_err(|e| e.to_string())
 }
 
+fn parse_family(text: &str) -> Result<Family, String> {
+    match text {
+        "4" | "ipv4" => Ok(Family::Ipv4),
+        "6" | "ipv6" => Ok(Family::Ipv6),
+        _ => Err("a family is 4 (IPv4) or 6 (IPv6)".to_owned()),
+    }
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     if let Ok(secs) = text.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
@@ -206,8 +224,9 @@ impl OpenArgs {
         if let Some(lifetime) = self.lifetime {
             opening = opening.lifetime(lifetime);
         }
-        if let Some(address) = self.address {
-            opening = opening.address(address);
+        opening = opening.addresses(self.address.iter().copied());
+        if let Some(family) = self.family {
+            opening = opening.family(family);
         }
         let name = self.name.clone().or_else(|| {
             self.command.first().map(|cmd| {
@@ -779,6 +798,46 @@ mod tests {
     }
 
     #[test]
+    fn open_several_addresses_or_one_family() {
+        let v4: IpAddr = "192.0.2.10".parse().unwrap();
+        let v6: IpAddr = "2001:db8::10".parse().unwrap();
+        let args = open_args(&[
+            "open",
+            "tcp/8443",
+            "--address",
+            "192.0.2.10",
+            "--address",
+            "2001:db8::10",
+        ]);
+        assert_eq!(args.opening(), Opening::tcp(8443).address(v4).address(v6));
+        assert!(args.opening().check().is_ok());
+        let args = open_args(&["open", "tcp/8080", "--family", "6"]);
+        assert_eq!(args.opening(), Opening::tcp(8080).family(Family::Ipv6));
+        let args = open_args(&[
+            "open",
+            "tcp/8080",
+            "--family",
+            "4",
+            "--address",
+            "192.0.2.10",
+        ]);
+        assert_eq!(
+            args.opening(),
+            Opening::tcp(8080).address(v4).family(Family::Ipv4)
+        );
+        // The same address twice is caught before the agent is asked.
+        let twice = open_args(&[
+            "open",
+            "tcp/80",
+            "--address",
+            "192.0.2.10",
+            "--address",
+            "192.0.2.10",
+        ]);
+        assert!(twice.opening().check().is_err());
+    }
+
+    #[test]
     fn open_usage_errors() {
         // Neither an opening nor --app; both; a bad spec; a bad duration; a bad address.
         for bad in [
@@ -787,6 +846,7 @@ mod tests {
             &["open", "icmp/1"],
             &["open", "tcp/80", "--for", "ten minutes"],
             &["open", "tcp/80", "--address", "host.example"],
+            &["open", "tcp/80", "--family", "5"],
             &["open", "tcp/80", "--on-end", "explode"],
         ] {
             let err = parse(bad).unwrap_err();

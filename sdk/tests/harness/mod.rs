@@ -83,18 +83,27 @@ pub(crate) fn event(lease: LeaseId, kind: EventKind) -> Event {
 
 static NEXT_LEASE: AtomicU8 = AtomicU8::new(1);
 
-/// The default answer to an Open: a Granted of exactly what was asked, on [`HOST`], for the
-/// lifetime asked (or 300 s), with a fresh lease id.
+/// The default answer to an Open: a Granted of exactly what was asked, on each address named
+/// or else on [`HOST`], for the lifetime asked (or 300 s), with a fresh lease id.
 pub(crate) fn grant_for(open: &fwnp_proto::Open) -> Granted {
     let host: IpAddr = HOST.parse().unwrap();
+    let named = open.opening.host.addresses();
+    let hosts = if named.is_empty() {
+        vec![host]
+    } else {
+        named.to_vec()
+    };
     let grants = match &open.opening.target {
-        Target::Ports { protocol, ports } => vec![Grant {
-            protocol: *protocol,
-            ports: *ports,
-            host: open.opening.host.unwrap_or(host),
-            remotes: open.opening.remotes.clone(),
-            app: None,
-        }],
+        Target::Ports { protocol, ports } => hosts
+            .iter()
+            .map(|h| Grant {
+                protocol: *protocol,
+                ports: *ports,
+                host: *h,
+                remotes: open.opening.remotes.clone(),
+                app: None,
+            })
+            .collect(),
         Target::App(id) => vec![Grant {
             protocol: fwnp_proto::Protocol::Tcp,
             ports: fwnp_proto::PortRange::single(443),
