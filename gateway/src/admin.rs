@@ -80,9 +80,39 @@ pub async fn serve(path: &Path, service: Arc<Service>) -> std::io::Result<()> {
     if path.exists() && std::os::unix::net::UnixStream::connect(path).is_err() {
         std::fs::remove_file(path)?;
     }
-    let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(path)?;
     axum::serve(listener, router(service)).await
+}
+
+/// Binds `path` with mode 0600 from its first moment: bound in a fresh directory only root can
+/// enter, given its mode there, then renamed into place. Binding in place and changing the mode
+/// afterwards would leave a moment in which a permissive umask lets anyone connect.
+fn bind_private(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .unwrap_or(std::ffi::OsStr::new("gateway.sock"));
+    let private = dir.join(format!(
+        ".{}.{}.{:x}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+        .create(&private)?;
+    let staged = private.join(file_name);
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&staged)?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 /// The routes, for serving and for tests.

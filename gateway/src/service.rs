@@ -1674,9 +1674,8 @@ impl Service {
     /// Re-reads the TLS files (the CRL above all) for new connections on every registered
     /// endpoint, then ends what the certificates the CRL lists still hold: the live leases they
     /// last opened or renewed are revoked with `credential-revoked`, and the connections made
-    /// with them before the reload are closed with `NoError` once the notices are delivered
-    /// ([`Service::end_revoked_credentials`]). Returns the
-    /// connections it closed, for the admin API. A bad file leaves the old configuration in
+    /// with them before the reload are closed with `NoError` once the notices are delivered.
+    /// Returns the connections it closed, for the admin API. A bad file leaves the old configuration in
     /// force and closes nothing.
     pub async fn reload_tls(&self) -> Result<Vec<Value>, TlsReloadError> {
         let files = crate::daemon::tls_files(&self.config);

@@ -9,9 +9,9 @@ use std::hash::Hash;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Keys tracked at once. Beyond it, events of new keys are counted together (in
-/// [`Tally::overflow`]) rather than each given an entry: memory stays bounded even when the keys
-/// come from an attacker.
+/// Keys tracked at once. Beyond it, events of new keys are counted together (the second value
+/// [`Tally::ended`] returns) rather than each given an entry: memory stays bounded even when the
+/// keys come from an attacker.
 pub const MAX_KEYS: usize = 65_536;
 
 /// Counts of repeated events per key in windows of a fixed length.
