@@ -103,9 +103,10 @@ pub enum PortNotOwned {
         /// The pid the caller had.
         pid: u32,
     },
-    /// The caller runs in another network namespace than the agent (a container with a
-    /// network of its own): the agent sees only its own namespace's sockets, so it cannot tell
-    /// whether the caller listens, and the host's table and addresses are not the caller's.
+    /// Nothing of the caller's bound the port within the grace period, and the caller runs in
+    /// another network namespace than the agent (a container with a network of its own): the
+    /// agent sees only its own namespace's sockets, and the host's table and addresses are not
+    /// the caller's.
     #[error(
         "the caller (pid {pid}) runs in another network namespace ({caller}) than the agent \
          ({agent}), whose sockets the agent cannot see: run the application in the host's \
@@ -197,9 +198,10 @@ impl ProcFs {
             .map(|link| link.to_string_lossy().into_owned())
     }
 
-    /// Refuses a caller whose network namespace is not the agent's: its sockets are not in the
-    /// tables this agent reads. A namespace that cannot be read is not refused here: the scan
-    /// decides then.
+    /// Refuses a caller whose network namespace is not the agent's, once nothing of its binds
+    /// the port in the agent's: its own sockets are not in the tables this agent reads. (A
+    /// process may hold sockets of several namespaces, so this is asked only when the scan found
+    /// none.) A namespace that cannot be read is not refused here.
     fn same_network_namespace(&self, caller: u32) -> Result<(), PortNotOwned> {
         match (
             self.network_namespace(&caller.to_string()),
@@ -389,7 +391,6 @@ impl ProcFs {
         grace: Duration,
     ) -> Result<u32, PortNotOwned> {
         let started = Instant::now();
-        self.same_network_namespace(caller.pid)?;
         loop {
             let procfs = self.clone();
             let who = caller.clone();
@@ -423,6 +424,9 @@ impl ProcFs {
                 Ownership::Unbound => {
                     let waited = started.elapsed();
                     if waited >= grace {
+                        // A caller in another network namespace may well listen, where the
+                        // agent cannot see: say so rather than that nobody listens.
+                        self.same_network_namespace(caller.pid)?;
                         return Err(PortNotOwned::Nobody {
                             protocol,
                             ports,
