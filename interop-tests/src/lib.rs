@@ -133,7 +133,8 @@ pub struct Binaries {
 }
 
 /// The `cargo build` that makes every binary of the lab.
-pub const BUILD_COMMAND: &str = "cargo build --bins -p fwnp-gateway -p fwnp-agent -p fwnp-sdk";
+pub const BUILD_COMMAND: &str =
+    "cargo build --bins -p fwnp-gateway -p fwnp-agent -p fwnp-sdk --features fwnp-sdk/cli";
 
 impl Binaries {
     /// The directory of the binaries of the running executable's profile: `target/debug` for
@@ -195,7 +196,13 @@ impl Binaries {
         let mut command = Command::new(&cargo);
         command
             .args(["build", "--bins", "-p", "fwnp-gateway", "-p", "fwnp-agent"])
-            .args(["-p", "fwnp-sdk", "--target-dir"])
+            .args([
+                "-p",
+                "fwnp-sdk",
+                "--features",
+                "fwnp-sdk/cli",
+                "--target-dir",
+            ])
             .arg(target)
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         match profile.as_str() {

@@ -178,7 +178,7 @@ impl Error {
     /// The denial code behind a refusal; `None` for errors that are not refusals.
     ///
     /// ```
-    /// use fwnp_proto::local::{DenialCode, LocalCode};
+    /// use fwnp_sdk::{DenialCode, LocalCode};
     /// use fwnp_sdk::Error;
     /// let e = Error::PortNotOwned { reason: None };
     /// assert_eq!(e.code(), Some(DenialCode::Local(LocalCode::PortNotOwned)));

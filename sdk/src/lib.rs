@@ -57,5 +57,8 @@ pub use lease::{Lease, LeaseEvent};
 pub use opening::{Opening, OpeningError, Remote};
 
 pub use fwnp_proto::local::{DenialCode, LocalCode};
-pub use fwnp_proto::{Family, Grant, LeaseId, PortRange, Prefix, Protocol, ResultCode, Target};
+pub use fwnp_proto::validate::ValidationError;
+pub use fwnp_proto::{
+    Epoch, Family, Grant, LeaseId, PortRange, Prefix, Protocol, ResultCode, Target,
+};
 pub use ipnet;
