@@ -345,6 +345,9 @@ pub struct StatusAnswer {
     pub identity: Option<String>,
     /// How many leases the agent holds for applications (key 9).
     pub leases: u64,
+    /// While not connected, why the last connection ended or the last attempt failed (key 10):
+    /// a refused certificate, a name the gateway's certificate does not carry, no answer.
+    pub last_error: Option<String>,
 }
 
 /// Every message of the local API.
@@ -546,6 +549,9 @@ pub fn encode_body(msg: &LocalMessage) -> Vec<u8> {
                 m.push(8, Value::Text(identity.clone()));
             }
             m.push(9, uint(s.leases));
+            if let Some(error) = &s.last_error {
+                m.push(10, Value::Text(error.clone()));
+            }
             m.finish()
         }
     };
@@ -681,7 +687,7 @@ fn highest_known_key(t: u64) -> u64 {
         TYPE_WATCH => 3,
         TYPE_WATCHING | TYPE_STATUS => 2,
         TYPE_EVENT => 8,
-        TYPE_STATUS_ANSWER => 9,
+        TYPE_STATUS_ANSWER => 10,
         _ => 7, // Denied
     }
 }
@@ -875,6 +881,7 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
             mirror_mode: f.text(7)?,
             identity: f.opt_text(8)?,
             leases: f.uint(9)?,
+            last_error: f.opt_text(10)?,
         }),
         _ => {
             let n = f.uint(3)?;
@@ -1167,9 +1174,20 @@ mod tests {
                 prop_oneof![Just("enforce"), Just("monitor"), Just("off")],
                 proptest::option::of(".{0,20}"),
                 any::<u64>(),
+                proptest::option::of(".{0,40}"),
             )
                 .prop_map(
-                    |(common, agent_version, gateway, connected, epoch, mode, identity, leases)| {
+                    |(
+                        common,
+                        agent_version,
+                        gateway,
+                        connected,
+                        epoch,
+                        mode,
+                        identity,
+                        leases,
+                        last_error,
+                    )| {
                         LocalMessage::StatusAnswer(StatusAnswer {
                             common,
                             agent_version,
@@ -1179,6 +1197,7 @@ mod tests {
                             mirror_mode: mode.to_owned(),
                             identity,
                             leases,
+                            last_error,
                         })
                     }
                 ),

@@ -246,6 +246,8 @@ pub struct Core {
     next_idle_sweep: Instant,
     /// The earliest local expiry of the leases held, for the link's reconnection schedule.
     earliest_expiry: watch::Sender<Option<Instant>>,
+    /// Why the link is down, for Status: the last failed attempt or ended connection.
+    last_link_error: Option<String>,
 }
 
 impl std::fmt::Debug for Core {
@@ -284,6 +286,7 @@ impl Core {
             owner_sweep_running: false,
             next_idle_sweep: Instant::now(),
             earliest_expiry: watch::Sender::new(None),
+            last_link_error: None,
         }
     }
 
@@ -407,7 +410,11 @@ impl Core {
                 leases,
             }) => self.on_connected(connection, welcome, leases, now),
             CoreInput::Gateway(GatewayEvent::Notice(notice)) => self.on_notice(notice, now),
+            CoreInput::Gateway(GatewayEvent::ConnectFailed { reason }) => {
+                self.last_link_error = Some(reason);
+            }
             CoreInput::Gateway(GatewayEvent::Disconnected { reason }) => {
+                self.last_link_error = Some(format!("the connection ended: {reason}"));
                 self.link = LinkState::Down;
                 debug!(%reason, "link down");
                 let keys: Vec<u64> = self.leases.keys().copied().collect();
@@ -535,6 +542,7 @@ impl Core {
         listed: Leases,
         now: Instant,
     ) {
+        self.last_link_error = None;
         if let Some(old) = self.epoch
             && old != welcome.epoch
         {
@@ -1386,6 +1394,14 @@ impl Core {
                     mirror_mode: self.mirror.mode().name().to_owned(),
                     identity: self.identity.clone(),
                     leases: live as u64,
+                    last_error: match self.link {
+                        LinkState::Up { .. } => None,
+                        LinkState::Down => Some(fit_status_reason(
+                            self.last_link_error
+                                .clone()
+                                .unwrap_or_else(|| "no connection attempt has ended yet".into()),
+                        )),
+                    },
                 };
                 self.send(conn, LocalMessage::StatusAnswer(answer));
             }
@@ -1448,8 +1464,15 @@ impl Core {
             );
             return;
         }
-        // What the application says about itself is replaced by what the kernel says.
-        open.app = Some(local.peer.app.clone());
+        // What the application says about itself is replaced by what the kernel says, but for
+        // the name it gives itself: that label is carried (as its own claim, like every name)
+        // in place of the command line, so that operators see the name the developer chose.
+        let label = open.app.as_ref().and_then(|app| app.name.clone());
+        let mut app = local.peer.app.clone();
+        if label.is_some() {
+            app.name = label;
+        }
+        open.app = Some(app);
         if !self.config.local.verify_port_owner {
             self.start_open(conn, open, None, now);
             return;
@@ -1690,4 +1713,17 @@ fn common(request_id: u64) -> Common {
         request_id: Some(request_id),
         critical: Vec::new(),
     }
+}
+
+/// A reason cut to the local API's bound for texts (512 bytes), on a character boundary.
+fn fit_status_reason(mut reason: String) -> String {
+    const MAX: usize = 512;
+    if reason.len() > MAX {
+        let mut end = MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
 }

@@ -48,6 +48,11 @@ pub enum GatewayEvent {
         /// Why, for logs and Status.
         reason: String,
     },
+    /// An attempt to connect failed.
+    ConnectFailed {
+        /// Why, for Status.
+        reason: String,
+    },
 }
 
 /// Why one request failed.
@@ -167,6 +172,13 @@ pub async fn run(
             }
             Err(e) => {
                 warn!(gateway = %settings.address, "cannot connect to the gateway: {e}");
+                let reason = format!("cannot connect to {}: {e}", settings.address);
+                if core
+                    .send(CoreInput::Gateway(GatewayEvent::ConnectFailed { reason }))
+                    .is_err()
+                {
+                    return;
+                }
                 Ending::Lost
             }
         };

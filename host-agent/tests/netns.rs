@@ -389,6 +389,8 @@ fn an_application_opens_uses_and_releases_a_port() {
     assert_eq!(info.pid, Some(std::process::id()));
     assert_eq!(info.uid, Some(my_uid()));
     assert!(info.executable.is_some_and(|e| e.contains("netns")));
+    // Without a label of its own, the application is named by its command line.
+    assert!(info.name.is_some_and(|n| n.contains("netns")));
 
     // Release: closed again at both.
     assert!(matches!(
@@ -412,6 +414,30 @@ fn an_application_opens_uses_and_releases_a_port() {
         "still open from outside"
     );
     assert!(app.list().leases.is_empty());
+
+    // An application that names itself is listed under that name (its own claim); what the
+    // agent sees for itself still comes from the kernel, whatever the application says.
+    let id = app.next_id();
+    let mut labelled = open_msg(id, Protocol::Tcp, 7001, Some(60));
+    if let LocalMessage::Wire(Message::Open(open)) = &mut labelled {
+        open.app = Some(fwnp_proto::AppInfo {
+            name: Some("inventory-api".into()),
+            executable: Some("/usr/bin/not-me".into()),
+            uid: Some(4242),
+            pid: Some(1),
+        });
+    }
+    let g = granted(app.request(labelled, STEP));
+    let leases = app.list();
+    let info = leases.leases[0]
+        .app
+        .clone()
+        .expect("application information");
+    assert_eq!(info.name.as_deref(), Some("inventory-api"));
+    assert!(info.executable.is_some_and(|e| e.contains("netns")));
+    assert_eq!(info.uid, Some(my_uid()));
+    assert_eq!(info.pid, Some(std::process::id()));
+    app.release(g.lease);
 }
 
 #[test]
@@ -789,7 +815,10 @@ fn an_application_id_is_granted_only_for_ports_the_caller_owns() {
     let g = granted(app.request(open_app_msg(id, "web", Some(60)), STEP));
     // One grant per address of the host (IPv4 and IPv6), each for the application's port.
     assert_eq!(g.grants.len(), 2, "{g:?}");
-    assert!(g.grants.iter().all(|grant| grant.ports.first == 7850), "{g:?}");
+    assert!(
+        g.grants.iter().all(|grant| grant.ports.first == 7850),
+        "{g:?}"
+    );
     assert!(lab.outside_reaches(7850, FIRST_SYN));
 }
 

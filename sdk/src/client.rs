@@ -55,6 +55,9 @@ pub struct AgentStatus {
     pub identity: Option<String>,
     /// How many leases the agent holds for applications.
     pub leases: u64,
+    /// While the agent is not connected: why (the last attempt's or connection's end), as the
+    /// agent tells it; `None` when connected, or from an agent too old to tell.
+    pub last_error: Option<String>,
 }
 
 impl From<StatusAnswer> for AgentStatus {
@@ -67,6 +70,7 @@ impl From<StatusAnswer> for AgentStatus {
             mirror_mode: s.mirror_mode,
             identity: s.identity,
             leases: s.leases,
+            last_error: s.last_error,
         }
     }
 }

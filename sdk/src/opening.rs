@@ -289,7 +289,7 @@ impl Opening {
     /// Any protocol FWNP/1 knows, with a port range (`first == last` for one port).
     ///
     /// ```
-    /// use fwnp_proto::Protocol;
+    /// use fwnp_sdk::Protocol;
     /// let opening = fwnp_sdk::Opening::protocol(Protocol::UdpLite, 7000, 7000);
     /// assert_eq!(opening.to_string(), "udplite/7000");
     /// ```
@@ -385,7 +385,7 @@ impl Opening {
     /// addresses, the family they must all be of.
     ///
     /// ```
-    /// use fwnp_proto::Family;
+    /// use fwnp_sdk::Family;
     /// let opening = fwnp_sdk::Opening::tcp(443).family(Family::Ipv6).from("2001:db8::/32");
     /// assert!(opening.check().is_ok());
     /// assert_eq!(opening.to_string(), "tcp/443 over IPv6 from 2001:db8::/32");
@@ -395,10 +395,10 @@ impl Opening {
         self
     }
 
-    /// The application's name, for the gateway's audit trail (at most 256 bytes). The agent
-    /// fills in what it knows itself (executable, uid, pid) from the socket's peer credentials,
-    /// and the local API lets it override what the application says: the name recorded may be
-    /// the process's own (its command line) rather than this one.
+    /// The application's name, for the gateway's audit trail and `fwnpctl leases` (at most 256
+    /// bytes). The agent carries it as the application's own label, in place of the command
+    /// line it would record otherwise; what the agent can see for itself (executable, uid, pid)
+    /// it fills in from the socket's peer credentials, whatever the application says.
     ///
     /// ```
     /// let opening = fwnp_sdk::Opening::tcp(8080).name("inventory-api");
@@ -423,7 +423,7 @@ impl Opening {
     /// What is asked: ports of a protocol, or an application id.
     ///
     /// ```
-    /// use fwnp_proto::Target;
+    /// use fwnp_sdk::Target;
     /// assert!(matches!(fwnp_sdk::Opening::app("ssh").target(), Target::App(id) if id == "ssh"));
     /// ```
     pub fn target(&self) -> &Target {

@@ -188,6 +188,47 @@ async fn a_missing_command_exits_127() {
 }
 
 #[tokio::test]
+async fn status_says_why_the_agent_is_not_connected() {
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(s) => Some(vec![LocalMessage::StatusAnswer(
+            fwnp_proto::local::StatusAnswer {
+                common: fwnp_proto::Common {
+                    request_id: s.common.request_id,
+                    critical: Vec::new(),
+                },
+                agent_version: "harness 0".into(),
+                gateway: "gw.example:4433".into(),
+                connected: false,
+                epoch: None,
+                mirror_mode: "enforce".into(),
+                identity: None,
+                leases: 0,
+                last_error: Some("certificate not valid for name \"gw.example\"".into()),
+            },
+        )]),
+        _ => None,
+    }));
+    let mut command = fwnp(&agent);
+    command.arg("status");
+    let out = run(command).await;
+    assert!(
+        out.stdout.contains(
+            "gateway:   gw.example:4433 (NOT connected: certificate not valid for name \"gw.example\")"
+        ),
+        "{}",
+        out.stdout
+    );
+    let mut command = fwnp(&agent);
+    command.args(["status", "--json"]);
+    let out = run(command).await;
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(
+        status["last_error"],
+        "certificate not valid for name \"gw.example\""
+    );
+}
+
+#[tokio::test]
 async fn a_command_that_exits_0_before_a_refusal_does_not_hide_it() {
     // The agent answers only after its grace period for the port's socket, which `true`
     // never binds: by then the command has long exited with 0.

@@ -648,6 +648,7 @@ fn status_json(status: &AgentStatus) -> serde_json::Value {
         "mirror_mode": status.mirror_mode,
         "identity": status.identity,
         "leases": status.leases,
+        "last_error": status.last_error,
     })
 }
 
@@ -670,15 +671,13 @@ async fn status(socket: &Option<PathBuf>, json: bool) -> u8 {
             client.socket_path().display(),
             started.elapsed().as_millis()
         );
-        println!(
-            "gateway:   {} ({})",
-            status.gateway,
-            if status.connected {
-                "connected"
-            } else {
-                "NOT connected"
+        match (status.connected, &status.last_error) {
+            (true, _) => println!("gateway:   {} (connected)", status.gateway),
+            (false, Some(why)) => {
+                println!("gateway:   {} (NOT connected: {why})", status.gateway)
             }
-        );
+            (false, None) => println!("gateway:   {} (NOT connected)", status.gateway),
+        }
         println!(
             "epoch:     {}",
             status

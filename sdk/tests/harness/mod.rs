@@ -297,6 +297,7 @@ fn default_answer(
             mirror_mode: "enforce".into(),
             identity: Some("fwnp://host/web-01".into()),
             leases: state.0.lock().unwrap().granted.len() as u64,
+            last_error: None,
         })],
         LocalMessage::Wire(Message::Open(open)) => {
             let granted = grant_for(open);
