@@ -84,8 +84,10 @@ pub enum LeaseEvent {
         /// The gateway's code.
         code: Option<DenialCode>,
     },
-    /// The connection to the agent closed (the agent stopped). The agent releases the leases of
-    /// a closed connection, so this lease is over; connect again and reopen.
+    /// The connection to the agent closed (the agent stopped or died). This application no
+    /// longer holds the lease: nobody renews it, and its opening stays only until the agent
+    /// releases it or it expires. Connect again and open the same opening: an agent restarted
+    /// within its grace period gives the same lease back, so the opening never closes.
     Disconnected,
 }
 
@@ -148,9 +150,10 @@ impl fmt::Display for LeaseEvent {
                     reason,
                 )
             }
-            LeaseEvent::Disconnected => {
-                f.write_str("the connection to the host agent closed; the lease is over")
-            }
+            LeaseEvent::Disconnected => f.write_str(
+                "the connection to the host agent closed: the lease is no longer held (its \
+                     opening stays until the agent releases it or it expires)",
+            ),
         }
     }
 }

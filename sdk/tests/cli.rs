@@ -188,6 +188,50 @@ async fn a_missing_command_exits_127() {
 }
 
 #[tokio::test]
+async fn fwnp_open_re_attaches_to_a_restarted_agent_while_the_command_runs() {
+    let agent = Harness::start();
+    let mut command = fwnp(&agent);
+    command
+        .args(["open", "tcp/8089", "--", "sleep", "30"])
+        .stderr(Stdio::piped());
+    let child = command.spawn().unwrap();
+    agent
+        .wait_for("the first Open", |r| {
+            r.iter()
+                .filter(|m| matches!(m, LocalMessage::Wire(Message::Open(_))))
+                .count()
+                == 1
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The agent goes away and comes back (the harness hangs up and keeps listening): fwnp asks
+    // for the same opening again, on a new connection.
+    agent.hang_up();
+    agent
+        .wait_for("the Open asked again", |r| {
+            r.iter()
+                .filter(|m| matches!(m, LocalMessage::Wire(Message::Open(_))))
+                .count()
+                == 2
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(15), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("the host agent went away"), "{stderr}");
+    assert!(stderr.contains("re-attached to the host agent"), "{stderr}");
+    assert!(!stderr.contains("the lease is over"), "{stderr}");
+}
+
+#[tokio::test]
 async fn status_says_why_the_agent_is_not_connected() {
     let agent = Harness::with_script(Box::new(|req| match req {
         LocalMessage::Status(s) => Some(vec![LocalMessage::StatusAnswer(

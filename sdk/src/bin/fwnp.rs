@@ -43,7 +43,9 @@ How it works:
   The host agent (fwnp-agent) asks the gateway for the opening, mirrors it in this host's
   firewall once granted, and renews it for as long as this command holds it. When fwnp
   releases the lease, or exits in any way (its connection to the agent closes), the opening
-  is closed on the gateway and on the host.
+  is closed on the gateway and on the host. If the agent goes away instead (killed,
+  restarted), the opening stays until its expiry and fwnp asks the agent for it again as soon
+  as the agent is back, which keeps it open.
 
 Exit status:
   0    success
@@ -415,15 +417,61 @@ async fn open(socket: &Option<PathBuf>, args: OpenArgs) -> u8 {
         Err(e) => return fail(&e),
     };
     if args.command.is_empty() {
-        return hold(&client, opening, args.json, &mut signals).await;
+        return hold(client, socket, opening, args.json, &mut signals).await;
     }
-    run_command(&client, opening, &args, &mut signals).await
+    run_command(client, socket, opening, &args, &mut signals).await
+}
+
+/// A [`reattach`] under way.
+type Reattaching<'a> = std::pin::Pin<Box<dyn Future<Output = Option<(Client, Lease)>> + 'a>>;
+
+/// How often `fwnp open` looks for a restarted agent after losing its own.
+const REATTACH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// After the agent went away (killed, restarted): the lease is no longer held by anyone, but its
+/// opening stays in both kernels until its expiry. Until then, connect to the agent again as
+/// soon as it is back and ask for the same opening: a restarted agent gives the lease of its
+/// earlier run back to whoever asks for it again within its grace period, so the opening never
+/// closes. `None` once the lease has expired with no agent to ask.
+async fn reattach(
+    socket: &Option<PathBuf>,
+    opening: &Opening,
+    lease_id: LeaseId,
+    expires: Instant,
+) -> Option<(Client, Lease)> {
+    eprintln!(
+        "fwnp: lease {lease_id}: the host agent went away; the opening stays until its expiry in \
+         {} (nobody renews it meanwhile); asking again as soon as the agent is back",
+        time_left(expires.saturating_duration_since(Instant::now()))
+    );
+    while Instant::now() < expires {
+        if let Ok(client) = connect(socket).await
+            && let Ok(lease) = client.open(opening.clone()).await
+        {
+            eprintln!(
+                "fwnp: re-attached to the host agent: lease {}: {} for {}",
+                lease.id(),
+                grants_text(lease.grants()),
+                time_left(lease.lifetime())
+            );
+            return Some((client, lease));
+        }
+        tokio::time::sleep(REATTACH_INTERVAL).await;
+    }
+    eprintln!("fwnp: lease {lease_id}: expired with no host agent to renew it");
+    None
 }
 
 /// `fwnp open` without CMD: hold until SIGINT or SIGTERM.
-async fn hold(client: &Client, opening: Opening, json: bool, signals: &mut Signals) -> u8 {
+async fn hold(
+    mut client: Client,
+    socket: &Option<PathBuf>,
+    opening: Opening,
+    json: bool,
+    signals: &mut Signals,
+) -> u8 {
     let mut lease = tokio::select! {
-        result = client.open(opening) => match result {
+        result = client.open(opening.clone()) => match result {
             Ok(lease) => lease,
             Err(e) => return fail(&e),
         },
@@ -442,6 +490,18 @@ async fn hold(client: &Client, opening: Opening, json: bool, signals: &mut Signa
                 return EXIT_OK;
             }
             event = lease.next_event() => match event {
+                Some(LeaseEvent::Disconnected) => {
+                    let attached = tokio::select! {
+                        attached = reattach(socket, &opening, lease.id(), lease.expires()) => attached,
+                        _ = signals.recv() => return EXIT_OK,
+                    };
+                    match attached {
+                        Some((new_client, new_lease)) => {
+                            (client, lease) = (new_client, new_lease);
+                        }
+                        None => return EXIT_LEASE_ENDED,
+                    }
+                }
                 Some(event) => {
                     report(lease.id(), &event);
                     if event.is_terminal() {
@@ -451,6 +511,8 @@ async fn hold(client: &Client, opening: Opening, json: bool, signals: &mut Signa
                 None => return EXIT_LEASE_ENDED,
             },
         }
+        // The client the lease came from must live as long as the lease.
+        let _ = &client;
     }
 }
 
@@ -479,7 +541,8 @@ fn forward(child: &tokio::process::Child, received: Received) {
 
 /// `fwnp open ... -- CMD`.
 async fn run_command(
-    client: &Client,
+    client: Client,
+    socket: &Option<PathBuf>,
     opening: Opening,
     args: &OpenArgs,
     signals: &mut Signals,
@@ -491,7 +554,7 @@ async fn run_command(
             Err(code) => return code,
         }
     }
-    let request = client.open(opening);
+    let request = client.open(opening.clone());
     tokio::pin!(request);
     let lease = loop {
         let child_exit = async {
@@ -555,10 +618,21 @@ async fn run_command(
         },
     };
     let mut lease = Some(lease);
+    let mut lease_id = lease_id;
+    // The connection to a restarted agent, which holds the lease asked for again.
+    let mut reattached_client: Option<Client> = None;
+    // Set while looking for a restarted agent (see `reattach`); CMD runs on meanwhile.
+    let mut reattaching: Option<Reattaching<'_>> = None;
     loop {
         let event = async {
             match lease.as_mut() {
                 Some(lease) => lease.next_event().await,
+                None => std::future::pending().await,
+            }
+        };
+        let attached = async {
+            match reattaching.as_mut() {
+                Some(attempt) => attempt.await,
                 None => std::future::pending().await,
             }
         };
@@ -571,7 +645,33 @@ async fn run_command(
                 return code;
             }
             received = signals.recv() => forward(&child, received),
+            attached = attached => {
+                reattaching = None;
+                match attached {
+                    Some((new_client, new_lease)) => {
+                        lease_id = new_lease.id();
+                        reattached_client = Some(new_client);
+                        lease = Some(new_lease);
+                    }
+                    None => {
+                        if args.on_end == OnEnd::Stop {
+                            eprintln!("fwnp: stopping {} (--on-end stop)", args.command[0]);
+                            send_signal(&child, nix::sys::signal::Signal::SIGTERM);
+                        }
+                    }
+                }
+            }
             event = event => match event {
+                Some(LeaseEvent::Disconnected) => {
+                    if let Some(gone) = lease.take() {
+                        reattaching = Some(Box::pin(reattach(
+                            socket,
+                            &opening,
+                            gone.id(),
+                            gone.expires(),
+                        )));
+                    }
+                }
                 Some(event) => {
                     report(lease_id, &event);
                     if event.is_terminal() && args.on_end == OnEnd::Stop {
@@ -583,9 +683,10 @@ async fn run_command(
                 None => lease = None,
             },
         }
+        // The client the lease came from must live as long as the lease.
+        let _ = (&client, &reattached_client);
     }
 }
-
 async fn leases(socket: &Option<PathBuf>, json: bool) -> u8 {
     let client = match connect(socket).await {
         Ok(client) => client,
