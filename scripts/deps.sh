@@ -4,13 +4,6 @@
 
 fwnp_missing_packages() {
   local missing=()
-  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
-  if command -v pkg-config >/dev/null 2>&1; then
-    pkg-config --exists libnftnl 2>/dev/null || missing+=(libnftnl-dev)
-    pkg-config --exists libmnl 2>/dev/null || missing+=(libmnl-dev)
-  else
-    missing+=(libnftnl-dev libmnl-dev)
-  fi
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
   command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing+=(conntrack)
