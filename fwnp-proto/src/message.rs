@@ -212,6 +212,118 @@ pub struct Prefix {
     pub len: u8,
 }
 
+impl Prefix {
+    /// The number of bits of its address: 32 for IPv4, 128 for IPv6.
+    pub fn address_bits(&self) -> u8 {
+        match self.addr {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 128,
+        }
+    }
+
+    /// The prefix with every bit of its address beyond its length cleared: the network it
+    /// names (`10.1.2.3/16` gives `10.1.0.0/16`). A length beyond the address counts as all of it.
+    ///
+    /// ```
+    /// use fwnp_proto::Prefix;
+    /// let p = Prefix { addr: "10.1.2.3".parse().unwrap(), len: 16 };
+    /// assert_eq!(p.network().to_string(), "10.1.0.0/16");
+    /// ```
+    pub fn network(&self) -> Prefix {
+        let keep = u32::from(self.len.min(self.address_bits()));
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - keep).unwrap_or(0);
+                IpAddr::V4((u32::from(a) & mask).into())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - keep).unwrap_or(0);
+                IpAddr::V6((u128::from(a) & mask).into())
+            }
+        };
+        Prefix {
+            addr,
+            len: self.len,
+        }
+    }
+}
+
+/// Why a text is not a prefix ([`Prefix`]'s `FromStr`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrefixParseError {
+    /// The address part is not an IPv4 or IPv6 address.
+    #[error("{0:?} is not an IP address")]
+    NotAnAddress(String),
+    /// The length part is not a number.
+    #[error("the prefix length {0:?} is not a number")]
+    BadLength(String),
+    /// The length is longer than the address.
+    #[error("a prefix length of {len} is longer than the {max} bits of the address")]
+    LengthTooLong {
+        /// The length written.
+        len: u32,
+        /// 32 or 128.
+        max: u8,
+    },
+    /// Bits beyond the length are set.
+    #[error("host bits are set beyond the prefix length (the network is {network})")]
+    HostBitsSet {
+        /// The prefix with the host bits cleared, which the writer probably meant.
+        network: Prefix,
+    },
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = PrefixParseError;
+
+    /// Reads `ADDRESS/LENGTH` (`10.0.0.0/8`, `2001:db8::/32`) or a bare address, which means
+    /// that one address (`/32` or `/128`). Bits beyond the length must be zero, as the protocol
+    /// requires (spec section 9.4): `10.0.0.1/24` is refused, since it usually hides a typing
+    /// mistake. This is the one reading of a prefix for every file and command line of FWNP.
+    ///
+    /// ```
+    /// use fwnp_proto::{Prefix, PrefixParseError};
+    /// assert_eq!("198.51.100.0/24".parse::<Prefix>().unwrap().len, 24);
+    /// assert_eq!("2001:db8::1".parse::<Prefix>().unwrap().len, 128);
+    /// assert!(matches!(
+    ///     "10.0.0.1/24".parse::<Prefix>(),
+    ///     Err(PrefixParseError::HostBitsSet { .. })
+    /// ));
+    /// ```
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr_text, len_text) = match text.split_once('/') {
+            Some((addr, len)) => (addr, Some(len)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr_text
+            .parse()
+            .map_err(|_| PrefixParseError::NotAnAddress(addr_text.to_owned()))?;
+        let max = Prefix { addr, len: 0 }.address_bits();
+        let len = match len_text {
+            None => max,
+            Some(len_text) => {
+                if len_text.is_empty() || !len_text.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(PrefixParseError::BadLength(len_text.to_owned()));
+                }
+                let len: u32 = len_text
+                    .parse()
+                    .map_err(|_| PrefixParseError::BadLength(len_text.to_owned()))?;
+                if len > u32::from(max) {
+                    return Err(PrefixParseError::LengthTooLong { len, max });
+                }
+                u8::try_from(len).map_err(|_| PrefixParseError::LengthTooLong { len, max })?
+            }
+        };
+        let prefix = Prefix { addr, len };
+        let network = prefix.network();
+        if network != prefix {
+            return Err(PrefixParseError::HostBitsSet { network });
+        }
+        Ok(prefix)
+    }
+}
+
 impl std::fmt::Display for Prefix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.len)

@@ -446,23 +446,12 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// A prefix such as `10.1.0.0/16` or `2001:db8::/32`; a bare address is a host prefix. Host
 /// bits set beyond the length are refused, as the protocol refuses them.
 pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
-    let net: ipnet::IpNet = match text.parse() {
-        Ok(net) => net,
-        Err(_) => match text.parse::<std::net::IpAddr>() {
-            Ok(addr) => ipnet::IpNet::from(addr),
-            Err(_) => return Err(format!("{text:?} is not an address prefix")),
-        },
-    };
-    if net.trunc() != net {
-        return Err(format!(
-            "{text:?} has host bits set beyond /{}; did you mean {}?",
-            net.prefix_len(),
-            net.trunc()
-        ));
-    }
-    Ok(Prefix {
-        addr: net.addr(),
-        len: net.prefix_len(),
+    text.parse().map_err(|e| match e {
+        fwnp_proto::PrefixParseError::HostBitsSet { network } => format!(
+            "{text:?} has host bits set beyond /{}; did you mean {network}?",
+            network.len
+        ),
+        other => format!("{text:?} is not an address prefix: {other}"),
     })
 }
 

@@ -59,6 +59,7 @@ pub use opening::{Opening, OpeningError, Remote};
 pub use fwnp_proto::local::{DenialCode, LocalCode};
 pub use fwnp_proto::validate::ValidationError;
 pub use fwnp_proto::{
-    Epoch, Family, Grant, LeaseId, PortRange, Prefix, Protocol, ResultCode, Target,
+    Epoch, Family, Grant, LeaseId, PortRange, Prefix, PrefixParseError, Protocol, ResultCode,
+    Target,
 };
 pub use ipnet;

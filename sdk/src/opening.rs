@@ -35,7 +35,7 @@ pub enum OpeningError {
         /// The text given.
         text: String,
         /// What is wrong with it.
-        reason: &'static str,
+        reason: fwnp_proto::PrefixParseError,
     },
     /// The opening breaks a rule of the protocol (port 0, a reversed range, host bits set in a
     /// prefix, an IPv6 prefix on an IPv4 address, a bad application id...).
@@ -101,32 +101,12 @@ impl Remote {
 }
 
 fn parse_prefix(text: &str) -> Result<Prefix, OpeningError> {
-    let bad = |reason| OpeningError::BadPrefix {
-        text: text.to_owned(),
-        reason,
-    };
-    let (addr, len) = match text.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (text, None),
-    };
-    let addr: IpAddr = addr
-        .trim()
+    text.trim()
         .parse()
-        .map_err(|_| bad("the address is neither IPv4 nor IPv6"))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(len) => len
-            .trim()
-            .parse::<u8>()
-            .map_err(|_| bad("the length after '/' is not a number from 0 to 128"))?,
-    };
-    if len > max {
-        return Err(bad(
-            "the length is longer than the address (32 for IPv4, 128 for IPv6)",
-        ));
-    }
-    Ok(Prefix { addr, len })
+        .map_err(|reason| OpeningError::BadPrefix {
+            text: text.to_owned(),
+            reason,
+        })
 }
 
 impl From<&str> for Remote {
@@ -600,10 +580,19 @@ mod tests {
                 last: 9
             }))
         );
-        assert!(matches!(
-            Opening::tcp(1).from("10.0.0.1/8").check(),
-            Err(OpeningError::Invalid(ValidationError::HostBitsSet(_)))
-        ));
+        // Host bits are refused as the prefix is read, naming the network probably meant.
+        let err = Opening::tcp(1).from("10.0.0.1/8").check().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                OpeningError::BadPrefix {
+                    reason: fwnp_proto::PrefixParseError::HostBitsSet { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("10.0.0.0/8"), "{err}");
         assert!(matches!(
             Opening::tcp(1)
                 .address("192.0.2.1".parse().unwrap())

@@ -93,66 +93,15 @@ pub fn format_duration(secs: u32) -> String {
     out
 }
 
-/// Why a prefix does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum PrefixError {
-    /// The address part is not an IPv4 or IPv6 address.
-    #[error("{0:?} is not an IP address")]
-    NotAnAddress(String),
-    /// The length part is not a number.
-    #[error("the prefix length {0:?} is not a number")]
-    BadLength(String),
-    /// The length is longer than the address.
-    #[error("a prefix length of {len} is longer than the {max} bits of the address")]
-    LengthTooLong {
-        /// The length written.
-        len: u32,
-        /// 32 or 128.
-        max: u8,
-    },
-    /// Bits beyond the length are set.
-    #[error("host bits are set beyond the prefix length (the network is {network})")]
-    HostBitsSet {
-        /// The prefix with the host bits cleared, which the writer probably meant.
-        network: Prefix,
-    },
-}
+/// Why a prefix does not parse: the protocol crate's reading of a prefix, the one every file
+/// and command line of FWNP uses.
+pub use fwnp_proto::PrefixParseError as PrefixError;
 
 /// Parses `ADDRESS/LENGTH` (`"10.0.0.0/8"`, `"2001:db8::/32"`) or a bare address, which means
 /// the one address (`/32` or `/128`). Bits beyond the length must be zero: `10.0.0.1/24` is
 /// refused, since it usually hides a typing mistake.
 pub fn parse_prefix(text: &str) -> Result<Prefix, PrefixError> {
-    let (addr_text, len_text) = match text.split_once('/') {
-        Some((addr, len)) => (addr, Some(len)),
-        None => (text, None),
-    };
-    let addr: IpAddr = addr_text
-        .parse()
-        .map_err(|_| PrefixError::NotAnAddress(addr_text.to_owned()))?;
-    let max = address_bits(addr);
-    let len = match len_text {
-        None => max,
-        Some(len_text) => {
-            if len_text.is_empty() || !len_text.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(PrefixError::BadLength(len_text.to_owned()));
-            }
-            let len: u32 = len_text
-                .parse()
-                .map_err(|_| PrefixError::BadLength(len_text.to_owned()))?;
-            if len > u32::from(max) {
-                return Err(PrefixError::LengthTooLong { len, max });
-            }
-            // Checked just above: len <= max <= 128.
-            u8::try_from(len).map_err(|_| PrefixError::LengthTooLong { len, max })?
-        }
-    };
-    let prefix = Prefix { addr, len };
-    let network = Net::from_prefix(&prefix).to_prefix();
-    if network != prefix {
-        return Err(PrefixError::HostBitsSet { network });
-    }
-    Ok(prefix)
+    text.parse()
 }
 
 fn address_bits(addr: IpAddr) -> u8 {

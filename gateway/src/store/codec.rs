@@ -119,15 +119,14 @@ pub(crate) fn decode_prefixes(text: &str) -> Result<Vec<Prefix>, StoreError> {
 }
 
 pub(crate) fn parse_prefix(text: &str) -> Result<Prefix, StoreError> {
-    let bad = || StoreError::corrupt(format!("invalid prefix {text:?}"));
-    let (addr, len) = text.split_once('/').ok_or_else(bad)?;
-    let addr: IpAddr = addr.parse().map_err(|_| bad())?;
-    let len: u8 = len.parse().map_err(|_| bad())?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    if len > max {
-        return Err(bad());
+    // The store writes every prefix as ADDRESS/LENGTH: a bare address was not written by it.
+    if !text.contains('/') {
+        return Err(StoreError::corrupt(format!(
+            "invalid prefix {text:?}: no length"
+        )));
     }
-    Ok(Prefix { addr, len })
+    text.parse()
+        .map_err(|e| StoreError::corrupt(format!("invalid prefix {text:?}: {e}")))
 }
 
 /// Milliseconds or other unsigned values go into SQLite's signed 64-bit integers.
