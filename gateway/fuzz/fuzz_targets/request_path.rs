@@ -978,7 +978,7 @@ fn common(s: &mut Script<'_>, gw: &mut Gateway) -> Common {
             Some(gw.next_request_id)
         }
     };
-    let critical = if s.u8() % 16 == 0 {
+    let critical = if s.u8().is_multiple_of(16) {
         vec![u64::from(s.u8())]
     } else {
         Vec::new()
@@ -1049,7 +1049,7 @@ fn open(s: &mut Script<'_>, gw: &mut Gateway, who: usize) -> Message {
     };
     let remotes = (0..s.u8() % 4).map(|_| prefix(s)).collect();
     let lifetime = lifetime(s);
-    let app = if s.u8() % 4 == 0 {
+    let app = if s.u8().is_multiple_of(4) {
         Some(AppInfo {
             name: Some(s.text()),
             executable: None,
@@ -1124,7 +1124,7 @@ fn step(s: &mut Script<'_>, gw: &mut Gateway) {
                 _ => u64::from(s.u8()) * 60_000,
             };
             gw.now_ms += ms;
-            if s.u8() % 2 == 0 {
+            if s.u8().is_multiple_of(2) {
                 gw.expire();
             }
             return;
