@@ -1,0 +1,1176 @@
+//! Fuzzes the gateway's request path without sockets: the input is read as a script of steps
+//! (requests from a few host identities, time passing, reconnections, the expiry timer, policy
+//! reloads), and every request goes from bytes through the decoder, validation, the per-connection
+//! Hello rule, address resolution, a policy compiled by the real policy compiler, and the lease
+//! book, in the order the gateway's service follows.
+//!
+//! Besides "no panic", each answer is checked against what the gateway promises: it echoes the
+//! request id, validates and encodes within MAX_MESSAGE_SIZE; a Granted grants no more than was
+//! asked (ports, host address, remotes, lifetime) and than the policy allows; a host never holds
+//! more leases than its rule's max_leases lets it take; no host renews, releases or lists another
+//! host's lease; and the book agrees with a plain model of the leases it should hold.
+//!
+//! The service's own IO (the kernel filter, the store, the audit trail, the rate limiter with its
+//! real clock, the Revoked notices on the wire) is not driven: see the fuzzing notes in the
+//! README.
+#![no_main]
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, OnceLock};
+use std::time::UNIX_EPOCH;
+
+use fwnp_gateway::identity::{
+    CertificateName, Fingerprint, IdentityKind, PeerIdentity, Serial, allowed_addresses,
+};
+use fwnp_gateway::policy::{Policy, Request as PolicyRequest, Verdict};
+use fwnp_gateway::service::fit_reason;
+use fwnp_proto::codec::{self, fit_leases, peek_request_id};
+use fwnp_proto::gateway::{
+    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
+    resolve_host_address,
+};
+use fwnp_proto::message::*;
+use fwnp_proto::validate::{validate_message, validate_request};
+use libfuzzer_sys::fuzz_target;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+const EPOCH: Epoch = 0x0123_4567_89ab_cdef;
+const START_MS: u64 = 1_700_000_000_000;
+const MAX_STREAMS: u32 = 16;
+
+/// A second policy besides the shipped example: small quotas, narrow lifetimes, overlapping
+/// allow and deny rules, third-party rights limited to a prefix, a group that needs both an
+/// identity and an address.
+const TIGHT_POLICY: &str = r#"
+[defaults]
+lifetime = "2m"
+min_lifetime = "10s"
+max_lifetime = "5m"
+max_leases = 2
+
+[applications]
+https = ["tcp/443", "udp/443"]
+ssh = ["tcp/22"]
+rtp = ["udp/16384-16483"]
+many = ["tcp/1-100", "udp/1-100", "sctp/1-100", "udplite/1-100"]
+
+[[group]]
+name = "web"
+identities = ["fwnp://host/web-*"]
+addresses = ["192.0.2.0/24", "2001:db8:0:1::/64"]
+
+[[group]]
+name = "any-db"
+identities = ["**.internal.example.org"]
+
+[[group]]
+name = "relays"
+identities = ["spiffe://example.org/relay/**"]
+
+[[group]]
+name = "lab"
+addresses = ["198.51.100.0/24"]
+
+[[rule]]
+name = "no-telnet"
+groups = ["web", "lab", "any-db", "relays"]
+deny = "tcp/23"
+from = ["0.0.0.0/0"]
+
+[[rule]]
+name = "web"
+groups = ["web"]
+allow = ["app:https", "tcp/80", "tcp/8000-8100", "app:many"]
+max_leases = 3
+lifetime = "1m"
+
+[[rule]]
+name = "db"
+groups = ["any-db"]
+allow = ["tcp/5432", "tcp/*"]
+from = ["10.20.0.0/16", "2001:db8:20::/48"]
+max_leases = 1
+min_lifetime = "1m"
+max_lifetime = "1h"
+
+[[rule]]
+name = "relays"
+groups = ["relays"]
+allow = ["app:rtp", "udp/3478", "udp/*"]
+third_party = true
+third_party_addresses = ["203.0.113.0/24", "2001:db8:3::/48"]
+min_lifetime = "5m"
+max_lifetime = "2h"
+
+[[rule]]
+name = "lab"
+groups = ["lab"]
+allow = ["tcp/*", "udp/*", "sctp/*", "udplite/*"]
+from = ["10.0.0.0/8", "fd00::/8"]
+max_leases = 5
+max_lifetime = "7d"
+"#;
+
+fn policies() -> &'static [Policy] {
+    static POLICIES: OnceLock<Vec<Policy>> = OnceLock::new();
+    POLICIES.get_or_init(|| {
+        vec![
+            Policy::from_str(include_str!("../../examples/policy.toml"), "policy.toml")
+                .expect("the example policy compiles"),
+            Policy::from_str(TIGHT_POLICY, "tight.toml").expect("the tight policy compiles"),
+            Policy::deny_all(),
+        ]
+    })
+}
+
+fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+}
+
+fn v6(segments: [u16; 8]) -> IpAddr {
+    let [a, b, c, d, e, f, g, h] = segments;
+    IpAddr::V6(Ipv6Addr::new(a, b, c, d, e, f, g, h))
+}
+
+/// The hosts that connect: (identity, kind, certificate IP SANs, connection source).
+fn hosts() -> Vec<(Option<&'static str>, IdentityKind, Vec<IpAddr>, IpAddr)> {
+    vec![
+        (
+            Some("fwnp://host/web-01"),
+            IdentityKind::Uri,
+            vec![v4(192, 0, 2, 10), v6([0x2001, 0xdb8, 0, 1, 0, 0, 0, 0x10])],
+            v4(192, 0, 2, 10),
+        ),
+        (
+            Some("db-1.internal.example.org"),
+            IdentityKind::Dns,
+            vec![],
+            v4(10, 20, 0, 7),
+        ),
+        (
+            Some("spiffe://example.org/relay/r1"),
+            IdentityKind::Uri,
+            vec![v4(203, 0, 113, 5)],
+            v4(203, 0, 113, 5),
+        ),
+        (
+            Some("fwnp://host/lab-1"),
+            IdentityKind::Uri,
+            vec![],
+            // An IPv4-mapped source, as a dual-stack socket reports it.
+            IpAddr::V6(Ipv4Addr::new(198, 51, 100, 9).to_ipv6_mapped()),
+        ),
+        (
+            Some("fwnp://host/web-02"),
+            IdentityKind::Uri,
+            vec![v6([0x2001, 0xdb8, 0, 1, 0, 0, 0, 0x20])],
+            v6([0x2001, 0xdb8, 0, 1, 0, 0, 0, 0x20]),
+        ),
+        // A certificate that names no identity.
+        (None, IdentityKind::Uri, vec![], v4(192, 0, 2, 99)),
+    ]
+}
+
+/// Reads the script; every read past the end gives zeros and marks the input as exhausted.
+struct Script<'a> {
+    data: &'a [u8],
+    exhausted: bool,
+}
+
+impl Script<'_> {
+    fn u8(&mut self) -> u8 {
+        match self.data.split_first() {
+            Some((&b, rest)) => {
+                self.data = rest;
+                b
+            }
+            None => {
+                self.exhausted = true;
+                0
+            }
+        }
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_be_bytes([self.u8(), self.u8()])
+    }
+    fn u32(&mut self) -> u32 {
+        u32::from_be_bytes([self.u8(), self.u8(), self.u8(), self.u8()])
+    }
+    fn bytes(&mut self, n: usize) -> &[u8] {
+        let n = n.min(self.data.len());
+        let (taken, rest) = self.data.split_at(n);
+        self.data = rest;
+        taken
+    }
+    fn text(&mut self) -> String {
+        let n = usize::from(self.u8() % 80);
+        String::from_utf8_lossy(self.bytes(n)).into_owned()
+    }
+}
+
+struct Session {
+    peer: Option<PeerIdentity>,
+    remote: IpAddr,
+    welcomed: bool,
+}
+
+/// What the book should hold, kept without any of its indexes.
+#[derive(Debug, Clone)]
+struct ModelLease {
+    host: String,
+    grants: Vec<Grant>,
+    expires_ms: u64,
+}
+
+struct Gateway {
+    policy: usize,
+    book: LeaseBook,
+    rng: StdRng,
+    sessions: Vec<Session>,
+    now_ms: u64,
+    model: HashMap<LeaseId, ModelLease>,
+    /// Every lease id ever granted, so that scripts can name old and foreign leases.
+    issued: Vec<LeaseId>,
+    /// The answers to Releases, by (identity, request id), with the request's bytes.
+    answered: HashMap<(String, u64), (Vec<u8>, Message)>,
+    next_request_id: u64,
+}
+
+fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
+    Denied {
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
+        code,
+        reason: Some(fit_reason(reason)),
+        retry_after: None,
+        lease: None,
+        unsupported: Vec::new(),
+    }
+}
+
+fn refuse(msg: &Message, code: ResultCode, reason: String) -> Message {
+    let mut d = denied(msg.common().request_id, code, reason);
+    d.lease = match msg {
+        Message::Renew(r) => Some(r.lease),
+        Message::Release(r) => Some(r.lease),
+        _ => None,
+    };
+    Message::Denied(d)
+}
+
+fn ports_within(inner: PortRange, outer: PortRange) -> bool {
+    outer.first <= inner.first && inner.last <= outer.last
+}
+
+impl Gateway {
+    fn new(policy: usize, seed: u64) -> Gateway {
+        let sessions = hosts()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (identity, kind, ip_sans, remote))| Session {
+                peer: identity.map(|identity| PeerIdentity {
+                    identity: identity.to_owned(),
+                    kind,
+                    ip_sans,
+                    certificate: Arc::new(CertificateName {
+                        issuer: b"fuzz CA".to_vec(),
+                        serial: Serial::from_der_bytes(&[i as u8 + 1]),
+                    }),
+                    fingerprint: Fingerprint([i as u8; 32]),
+                    not_after: UNIX_EPOCH,
+                }),
+                remote,
+                welcomed: false,
+            })
+            .collect();
+        Gateway {
+            policy,
+            book: LeaseBook::new(),
+            rng: StdRng::seed_from_u64(seed),
+            sessions,
+            now_ms: START_MS,
+            model: HashMap::new(),
+            issued: Vec::new(),
+            answered: HashMap::new(),
+            next_request_id: 1,
+        }
+    }
+
+    fn policy(&self) -> &'static Policy {
+        &policies()[self.policy]
+    }
+
+    fn addresses(&self, who: usize) -> Vec<IpAddr> {
+        let session = &self.sessions[who];
+        session
+            .peer
+            .as_ref()
+            .map(|p| allowed_addresses(p, session.remote))
+            .unwrap_or_default()
+    }
+
+    /// The expiry timer firing: the book drops exactly the leases whose time is up.
+    fn expire(&mut self) {
+        let due = self.book.expire_due(self.now_ms);
+        let mut expected: Vec<_> = self
+            .model
+            .iter()
+            .filter(|(_, l)| l.expires_ms <= self.now_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut got: Vec<_> = due.iter().map(|l| l.id).collect();
+        expected.sort();
+        got.sort();
+        assert_eq!(
+            got, expected,
+            "expire_due dropped other leases than are due"
+        );
+        for lease in &due {
+            assert!(lease.expires_ms <= self.now_ms);
+            self.model.remove(&lease.id);
+        }
+    }
+
+    /// A policy reload: every lease the new policy no longer allows is revoked, judged by its
+    /// host's addresses as the service judges it.
+    fn reload(&mut self, policy: usize) {
+        self.policy = policy;
+        let leases: Vec<_> = self.book.iter().cloned().collect();
+        for lease in leases {
+            let addresses = self
+                .sessions
+                .iter()
+                .position(|s| s.peer.as_ref().is_some_and(|p| *p.identity == *lease.host))
+                .map(|who| self.addresses(who))
+                .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
+            if let Err(e) = self
+                .policy()
+                .still_allows(&lease.host, &addresses, &lease.grants)
+            {
+                self.revoke(&lease.id, e.to_string());
+            }
+        }
+    }
+
+    fn revoke(&mut self, id: &LeaseId, why: String) {
+        let lease = self
+            .book
+            .revoke(id)
+            .expect("a lease of the book is revoked");
+        assert!(
+            self.model.remove(id).is_some(),
+            "revoked a lease the model does not hold"
+        );
+        let notice =
+            Message::Revoked(lease.to_revoked(RevokeReason::PolicyChanged, Some(fit_reason(why))));
+        check_encodes(&notice);
+    }
+
+    /// One request from host `who`, as bytes off its stream.
+    fn handle(&mut self, who: usize, bytes: &[u8]) -> Message {
+        let msg = match codec::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let mut d = denied(peek_request_id(bytes), e.result_code(), e.to_string());
+                d.unsupported = e.unsupported_keys().to_vec();
+                return Message::Denied(d);
+            }
+        };
+        let request_id = msg.common().request_id;
+        let Some(peer) = self.sessions[who].peer.clone() else {
+            return Message::Denied(denied(
+                request_id,
+                ResultCode::NotAuthorized,
+                "the certificate names no host identity",
+            ));
+        };
+        if let Err(e) = validate_request(&msg) {
+            return refuse(&msg, e.result_code(), e.to_string());
+        }
+        let welcomed = self.sessions[who].welcomed;
+        match &msg {
+            Message::Hello(_) if welcomed => refuse(
+                &msg,
+                ResultCode::MalformedRequest,
+                "Hello was already answered on this connection".into(),
+            ),
+            Message::Hello(hello) => self.hello(who, &peer, hello),
+            _ if !welcomed => refuse(
+                &msg,
+                ResultCode::HelloRequired,
+                "the first request of a connection is Hello".into(),
+            ),
+            Message::Open(open) => self.open(who, &peer, open),
+            Message::Renew(renew) => self.renew(who, &peer, renew),
+            Message::Release(release) => self.release_once(&peer, release, bytes),
+            Message::List(list) => self.list(&peer, list),
+            other => refuse(
+                other,
+                ResultCode::MalformedRequest,
+                format!("{} is not a request", other.message_type().name()),
+            ),
+        }
+    }
+
+    fn hello(&mut self, who: usize, peer: &PeerIdentity, hello: &Hello) -> Message {
+        let version = match negotiate_version(hello) {
+            Ok(version) => version,
+            Err(refusal) => {
+                return refuse(
+                    &Message::Hello(hello.clone()),
+                    refusal.code(),
+                    refusal.to_string(),
+                );
+            }
+        };
+        let addresses = self.addresses(who);
+        let limits = self.policy().limits_for(&peer.identity, &addresses);
+        let mut capabilities = Capabilities::PORT_RANGES
+            | Capabilities::REMOTE_PREFIXES
+            | Capabilities::APPLICATIONS
+            | Capabilities::NOTICES;
+        if limits.third_party {
+            capabilities |= Capabilities::THIRD_PARTY;
+        }
+        self.sessions[who].welcomed = true;
+        Message::Welcome(Welcome {
+            common: Common {
+                request_id: hello.common.request_id,
+                critical: Vec::new(),
+            },
+            version,
+            capabilities: Capabilities(capabilities),
+            limits: Limits {
+                max_message_size: MAX_MESSAGE_SIZE as u32,
+                max_streams: MAX_STREAMS,
+                min_lifetime: limits.lifetime.min_secs,
+                max_lifetime: limits.lifetime.max_secs,
+                max_leases: Some(limits.max_leases),
+            },
+            epoch: EPOCH,
+            time_ms: self.now_ms,
+            identity: peer.identity.clone(),
+            addresses,
+        })
+    }
+
+    fn open(&mut self, who: usize, peer: &PeerIdentity, open: &Open) -> Message {
+        let request = Message::Open(open.clone());
+        let now = self.now_ms;
+        let addresses = self.addresses(who);
+        let host_address = match resolve_host_address(&open.opening, &addresses, true) {
+            Ok(address) => address,
+            Err(refusal) => return refuse(&request, refusal.code(), refusal.to_string()),
+        };
+        let policy = self.policy();
+        let policy_request = PolicyRequest::for_opening(
+            &peer.identity,
+            &addresses,
+            host_address,
+            &open.opening,
+            open.lifetime,
+        );
+        let decision = policy.evaluate(&policy_request);
+        assert_eq!(
+            policy.explain(&policy_request).decision,
+            decision,
+            "explain decides otherwise than evaluate"
+        );
+        let allowance = match &decision.verdict {
+            Verdict::Allowed(allowance) => allowance.clone(),
+            Verdict::Denied(code) => return refuse(&request, *code, decision.reason.clone()),
+        };
+        let largest = codec::encode(&Message::Granted(Granted {
+            common: Common {
+                request_id: open.common.request_id,
+                critical: Vec::new(),
+            },
+            lease: LeaseId([0xff; 16]),
+            grants: allowance.grants.clone(),
+            lifetime: u32::MAX,
+            expires_ms: u64::MAX,
+            renew_after: u32::MAX,
+            epoch: Epoch::MAX,
+            narrowed: true,
+        }))
+        .len();
+        if largest > MAX_MESSAGE_SIZE {
+            return refuse(
+                &request,
+                ResultCode::DeniedByPolicy,
+                "the grant would not fit in one answer".into(),
+            );
+        }
+        let facts = PolicyFacts {
+            grants: allowance.grants.clone(),
+            grants_narrowed: allowance.remotes_narrowed,
+            lifetime: LifetimePolicy {
+                min: allowance.lifetime.min_secs,
+                max: allowance.lifetime.max_secs,
+                default: allowance.lifetime.default_secs,
+            },
+            max_leases: Some(allowance.max_leases),
+        };
+        let held_before = self.book.lease_count(&peer.identity);
+        let outcome = match self
+            .book
+            .open(now, &peer.identity, open, &facts, &mut self.rng)
+        {
+            Ok(outcome) => outcome,
+            Err(refusal) => {
+                if let Refusal::QuotaExceeded { held, max } = refusal {
+                    assert_eq!(held, held_before);
+                    assert!(held >= max as usize, "quota refused below the quota");
+                }
+                return refuse(&request, refusal.code(), refusal.to_string());
+            }
+        };
+        let lease = outcome.grant().lease.clone();
+        assert_eq!(&*lease.host, peer.identity);
+        match &outcome {
+            OpenOutcome::NewLease(_) => {
+                assert!(
+                    held_before < allowance.max_leases as usize,
+                    "a new lease beyond max_leases"
+                );
+                assert_eq!(self.book.lease_count(&peer.identity), held_before + 1);
+                assert_eq!(lease.created_ms, now);
+                assert_eq!(lease.expires_ms, now + u64::from(lease.lifetime) * 1000);
+                let previous = self.model.insert(
+                    lease.id,
+                    ModelLease {
+                        host: peer.identity.clone(),
+                        grants: lease.grants.clone(),
+                        expires_ms: lease.expires_ms,
+                    },
+                );
+                assert!(previous.is_none(), "a fresh lease id was already in use");
+                self.issued.push(lease.id);
+            }
+            OpenOutcome::Extended {
+                previous_expires_ms,
+                ..
+            } => {
+                assert_eq!(self.book.lease_count(&peer.identity), held_before);
+                let model = self
+                    .model
+                    .get_mut(&lease.id)
+                    .expect("an extended lease is one the model holds");
+                assert_eq!(model.host, peer.identity, "extended another host's lease");
+                assert_eq!(model.grants, lease.grants);
+                assert!(
+                    *previous_expires_ms > now,
+                    "extended a lease past its expiry"
+                );
+                assert_eq!(*previous_expires_ms, model.expires_ms);
+                assert!(lease.expires_ms >= now + u64::from(lease.lifetime) * 1000);
+                assert!(lease.expires_ms >= model.expires_ms);
+                model.expires_ms = lease.expires_ms;
+            }
+        }
+        let granted = outcome.grant().to_granted(open.common.request_id, EPOCH);
+        self.check_open_granted(peer, &addresses, host_address, open, &allowance, &granted);
+        Message::Granted(granted)
+    }
+
+    /// A Granted for an Open grants no more than was asked and than the policy allows.
+    fn check_open_granted(
+        &self,
+        peer: &PeerIdentity,
+        addresses: &[IpAddr],
+        host_address: IpAddr,
+        open: &Open,
+        allowance: &fwnp_gateway::policy::Allowance,
+        granted: &Granted,
+    ) {
+        assert!(!granted.grants.is_empty());
+        let asked = &open.opening;
+        for grant in &granted.grants {
+            assert_eq!(grant.host, host_address, "a grant on another address");
+            match &asked.target {
+                Target::Ports { protocol, ports } => {
+                    assert_eq!(grant.protocol, *protocol, "a grant of another protocol");
+                    assert!(ports_within(grant.ports, *ports), "more ports than asked");
+                    assert_eq!(grant.app, None);
+                }
+                Target::App(id) => {
+                    assert_eq!(grant.app.as_deref(), Some(id.as_str()));
+                    let entries = self.policy().application(id).expect("a known application");
+                    assert!(
+                        entries
+                            .iter()
+                            .any(|(p, r)| *p == grant.protocol && ports_within(grant.ports, *r)),
+                        "a grant outside the application's entries"
+                    );
+                }
+            }
+            if !asked.remotes.is_empty() {
+                assert!(
+                    !grant.remotes.is_empty()
+                        && grant.remotes.iter().all(|r| asked.remotes.contains(r)),
+                    "remotes beyond those asked: {:?} for {:?}",
+                    grant.remotes,
+                    asked.remotes
+                );
+            }
+        }
+        self.policy()
+            .still_allows(&peer.identity, addresses, &granted.grants)
+            .unwrap_or_else(|e| panic!("granted what the policy does not allow: {e}"));
+        let bounds = allowance.lifetime;
+        let max = bounds.max_secs.clamp(1, MAX_LIFETIME_SECS);
+        assert!(granted.lifetime >= 1 && granted.lifetime <= max);
+        assert!(granted.lifetime >= bounds.min_secs.min(max));
+        if let Some(asked) = open.lifetime.filter(|&l| l != 0) {
+            assert!(
+                granted.lifetime <= asked.max(bounds.min_secs),
+                "a longer lifetime than asked"
+            );
+            if granted.lifetime != asked {
+                assert!(granted.narrowed, "a changed lifetime not marked narrowed");
+            }
+        }
+        if allowance.remotes_narrowed {
+            assert!(granted.narrowed, "narrowed remotes not marked narrowed");
+        }
+        assert_eq!(granted.renew_after, granted.lifetime / 2);
+    }
+
+    fn renew(&mut self, who: usize, peer: &PeerIdentity, renew: &Renew) -> Message {
+        let request = Message::Renew(renew.clone());
+        let now = self.now_ms;
+        let Some(grants) = self
+            .book
+            .owned(&peer.identity, &renew.lease)
+            .map(|lease| lease.grants.clone())
+        else {
+            assert!(
+                self.model
+                    .get(&renew.lease)
+                    .is_none_or(|l| l.host != peer.identity),
+                "the book lost a lease of this host"
+            );
+            return refuse(
+                &request,
+                ResultCode::UnknownLease,
+                Refusal::UnknownLease.to_string(),
+            );
+        };
+        let addresses = self.addresses(who);
+        let policy = self.policy();
+        if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
+            self.revoke(&renew.lease, e.to_string());
+            return refuse(&request, ResultCode::DeniedByPolicy, e.to_string());
+        }
+        let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
+        let renewed = match self.book.renew(
+            now,
+            &peer.identity,
+            &renew.lease,
+            renew.lifetime,
+            LifetimePolicy {
+                min: limits.min_secs,
+                max: limits.max_secs,
+                default: limits.default_secs,
+            },
+        ) {
+            Ok(renewed) => renewed,
+            Err(refusal) => {
+                if refusal == Refusal::UnknownLease {
+                    assert!(
+                        self.model
+                            .get(&renew.lease)
+                            .is_none_or(|l| l.host != peer.identity || l.expires_ms <= now),
+                        "a live lease of this host is unknown"
+                    );
+                }
+                return refuse(&request, refusal.code(), refusal.to_string());
+            }
+        };
+        let lease = &renewed.grant.lease;
+        let model = self
+            .model
+            .get_mut(&lease.id)
+            .expect("a renewed lease is one the model holds");
+        assert_eq!(model.host, peer.identity, "renewed another host's lease");
+        assert!(model.expires_ms > now, "renewed a lease past its expiry");
+        assert_eq!(model.grants, lease.grants, "a renewal changed the grants");
+        assert_eq!(renewed.previous_expires_ms, model.expires_ms);
+        assert_eq!(lease.expires_ms, now + u64::from(lease.lifetime) * 1000);
+        model.expires_ms = lease.expires_ms;
+        let granted = renewed.grant.to_granted(renew.common.request_id, EPOCH);
+        assert_eq!(granted.lease, renew.lease);
+        let max = limits.max_secs.clamp(1, MAX_LIFETIME_SECS);
+        assert!(granted.lifetime >= 1 && granted.lifetime <= max);
+        if let Some(asked) = renew.lifetime.filter(|&l| l != 0) {
+            assert!(granted.lifetime <= asked.max(limits.min_secs));
+            assert_eq!(granted.narrowed, granted.lifetime != asked);
+        }
+        Message::Granted(granted)
+    }
+
+    fn release_once(&mut self, peer: &PeerIdentity, release: &Release, bytes: &[u8]) -> Message {
+        let key = release
+            .common
+            .request_id
+            .map(|id| (peer.identity.clone(), id));
+        if let Some(key) = &key
+            && let Some((previous, answer)) = self.answered.get(key)
+            && *previous == *bytes
+        {
+            return answer.clone();
+        }
+        let answer = self.release(peer, release);
+        if let (Some(key), Message::Released(_)) = (key, &answer) {
+            self.answered.insert(key, (bytes.to_vec(), answer.clone()));
+        }
+        answer
+    }
+
+    fn release(&mut self, peer: &PeerIdentity, release: &Release) -> Message {
+        let now = self.now_ms;
+        match self.book.release(now, &peer.identity, &release.lease) {
+            Ok(lease) => {
+                let model = self
+                    .model
+                    .remove(&lease.id)
+                    .expect("a released lease is one the model holds");
+                assert_eq!(model.host, peer.identity, "released another host's lease");
+                assert!(model.expires_ms > now, "released a lease past its expiry");
+                assert_eq!(lease.id, release.lease);
+                Message::Released(Released {
+                    common: Common {
+                        request_id: release.common.request_id,
+                        critical: Vec::new(),
+                    },
+                    lease: lease.id,
+                })
+            }
+            Err(refusal) => {
+                assert!(
+                    self.model
+                        .get(&release.lease)
+                        .is_none_or(|l| l.host != peer.identity || l.expires_ms <= now),
+                    "a live lease of this host is unknown"
+                );
+                refuse(
+                    &Message::Release(release.clone()),
+                    refusal.code(),
+                    refusal.to_string(),
+                )
+            }
+        }
+    }
+
+    fn list(&mut self, peer: &PeerIdentity, list: &List) -> Message {
+        let now = self.now_ms;
+        let leases: Vec<LeaseInfo> = self
+            .book
+            .leases_of(&peer.identity)
+            .filter(|l| l.expires_ms > now)
+            .map(|l| l.to_lease_info(now))
+            .collect();
+        let mut expected: Vec<_> = self
+            .model
+            .iter()
+            .filter(|(_, l)| l.host == peer.identity && l.expires_ms > now)
+            .map(|(id, _)| *id)
+            .collect();
+        expected.sort();
+        let listed: Vec<_> = leases.iter().map(|l| l.lease).collect();
+        assert_eq!(
+            listed, expected,
+            "List shows other leases than the host's live ones"
+        );
+        let mut answer = Leases {
+            common: Common {
+                request_id: list.common.request_id,
+                critical: Vec::new(),
+            },
+            leases,
+            epoch: EPOCH,
+        };
+        if !fit_leases(&mut answer) {
+            let mut d = denied(
+                list.common.request_id,
+                ResultCode::NoResources,
+                "the list of leases does not fit in one answer",
+            );
+            d.retry_after = Some(60);
+            return Message::Denied(d);
+        }
+        Message::Leases(answer)
+    }
+
+    /// The book agrees with the model, and no host holds more than any rule lets it take.
+    fn check_book(&self) {
+        let live = self
+            .model
+            .values()
+            .filter(|l| l.expires_ms > self.now_ms)
+            .count();
+        assert!(self.book.len() >= live && self.book.len() == self.model.len());
+        for (id, model) in &self.model {
+            let lease = self.book.get(id).expect("the book holds every model lease");
+            assert_eq!(*lease.host, model.host);
+            assert_eq!(lease.expires_ms, model.expires_ms);
+            assert_eq!(lease.grants, model.grants);
+        }
+        assert_eq!(
+            self.book.next_expiry(),
+            self.model.values().map(|l| l.expires_ms).min()
+        );
+        let most = policies()
+            .iter()
+            .flat_map(|p| p.rules().filter_map(|(r, _)| r.max_leases))
+            .chain(policies().iter().map(|p| p.defaults().max_leases))
+            .max()
+            .unwrap_or(0);
+        for session in &self.sessions {
+            if let Some(peer) = &session.peer {
+                assert!(self.book.lease_count(&peer.identity) <= most as usize);
+            }
+        }
+    }
+}
+
+fn check_encodes(answer: &Message) {
+    let bytes = codec::encode(answer);
+    assert!(
+        bytes.len() <= MAX_MESSAGE_SIZE,
+        "an answer of {} bytes: {answer:?}",
+        bytes.len()
+    );
+    assert_eq!(
+        validate_message(answer),
+        Ok(()),
+        "an invalid answer: {answer:?}"
+    );
+    assert_eq!(codec::decode(&bytes).as_ref(), Ok(answer));
+}
+
+fn check_answer(request: &[u8], answer: &Message) {
+    check_encodes(answer);
+    assert!(
+        matches!(
+            answer,
+            Message::Welcome(_)
+                | Message::Granted(_)
+                | Message::Denied(_)
+                | Message::Leases(_)
+                | Message::Released(_)
+        ),
+        "not an answer: {answer:?}"
+    );
+    if let Ok(msg) = codec::decode(request) {
+        assert_eq!(
+            answer.common().request_id,
+            msg.common().request_id,
+            "the request id is not echoed"
+        );
+        match (&msg, answer) {
+            // The lease is optional in a Denied (a refusal before the request is judged, such
+            // as not-authorized, may leave it out), but never another lease, and always there
+            // when it is the lease that is unknown.
+            (Message::Renew(Renew { lease, .. }), Message::Denied(d))
+            | (Message::Release(Release { lease, .. }), Message::Denied(d)) => {
+                assert!(d.lease.is_none_or(|l| l == *lease), "another lease named");
+                if d.code == ResultCode::UnknownLease {
+                    assert_eq!(d.lease, Some(*lease));
+                }
+            }
+            (Message::Release(r), Message::Released(d)) => assert_eq!(d.lease, r.lease),
+            (Message::Renew(r), Message::Granted(g)) => assert_eq!(g.lease, r.lease),
+            (Message::Hello(_), Message::Welcome(_))
+            | (Message::Open(_), Message::Granted(_))
+            | (Message::List(_), Message::Leases(_))
+            | (_, Message::Denied(_)) => {}
+            (request, answer) => panic!("{answer:?} does not answer {request:?}"),
+        }
+    } else {
+        assert!(matches!(answer, Message::Denied(_)));
+    }
+}
+
+const PORTS: [u16; 14] = [
+    1, 22, 23, 80, 100, 443, 3478, 5432, 8000, 8100, 16384, 16483, 65534, 65535,
+];
+
+fn protocol(b: u8) -> Protocol {
+    match b % 4 {
+        0 => Protocol::Tcp,
+        1 => Protocol::Udp,
+        2 => Protocol::Sctp,
+        _ => Protocol::UdpLite,
+    }
+}
+
+fn address(s: &mut Script<'_>, gw: &Gateway, who: usize) -> IpAddr {
+    match s.u8() % 8 {
+        0 | 1 => {
+            let own = gw.addresses(who);
+            let i = usize::from(s.u8());
+            own.get(i % own.len().max(1))
+                .copied()
+                .unwrap_or(v4(192, 0, 2, 1))
+        }
+        2 => v4(203, 0, 113, s.u8()),
+        3 => v4(192, 0, 2, s.u8()),
+        4 => v6([0x2001, 0xdb8, 3, 0, 0, 0, 0, s.u16()]),
+        5 => IpAddr::V6(Ipv4Addr::new(192, 0, 2, 10).to_ipv6_mapped()),
+        6 => IpAddr::V4(Ipv4Addr::from(s.u32())),
+        _ => {
+            let mut b = [0u8; 16];
+            for x in &mut b {
+                *x = s.u8();
+            }
+            IpAddr::V6(Ipv6Addr::from(b))
+        }
+    }
+}
+
+fn prefix(s: &mut Script<'_>) -> Prefix {
+    let (addr, len) = match s.u8() % 10 {
+        0 => (v4(10, 99, 0, 0), 16),
+        1 => (v4(10, 99, 1, 0), 24),
+        2 => (v4(10, 20, 0, 0), 16),
+        3 => (v4(10, 20, 3, 4), 32),
+        4 => (v6([0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 0]), 48),
+        5 => (v6([0x2001, 0xdb8, 0x20, 1, 0, 0, 0, 0]), 64),
+        6 => (v4(0, 0, 0, 0), 0),
+        7 => (v4(10, 0, 0, 0), 8),
+        8 => (IpAddr::V4(Ipv4Addr::from(s.u32())), s.u8() % 40),
+        _ => {
+            let mut b = [0u8; 16];
+            for x in &mut b {
+                *x = s.u8();
+            }
+            (IpAddr::V6(Ipv6Addr::from(b)), s.u8() % 140)
+        }
+    };
+    Prefix { addr, len }
+}
+
+fn lifetime(s: &mut Script<'_>) -> Option<u32> {
+    match s.u8() % 9 {
+        0 => None,
+        1 => Some(0),
+        2 => Some(1),
+        3 => Some(30),
+        4 => Some(600),
+        5 => Some(86_400),
+        6 => Some(MAX_LIFETIME_SECS),
+        7 => Some(MAX_LIFETIME_SECS + 1),
+        _ => Some(s.u32()),
+    }
+}
+
+fn common(s: &mut Script<'_>, gw: &mut Gateway) -> Common {
+    let request_id = match s.u8() % 4 {
+        0 => None,
+        1 => Some(u64::from(s.u8())),
+        _ => {
+            gw.next_request_id += 1;
+            Some(gw.next_request_id)
+        }
+    };
+    let critical = if s.u8().is_multiple_of(16) {
+        vec![u64::from(s.u8())]
+    } else {
+        Vec::new()
+    };
+    Common {
+        request_id,
+        critical,
+    }
+}
+
+fn lease_id(s: &mut Script<'_>, gw: &Gateway) -> LeaseId {
+    let pick = s.u8();
+    if pick < 240 && !gw.issued.is_empty() {
+        // Mostly recent ones, so that scripts keep reaching live leases.
+        let back = usize::from(pick) % gw.issued.len();
+        gw.issued[gw.issued.len() - 1 - back]
+    } else {
+        let mut id = [0u8; 16];
+        for x in &mut id {
+            *x = s.u8();
+        }
+        LeaseId(id)
+    }
+}
+
+fn open(s: &mut Script<'_>, gw: &mut Gateway, who: usize) -> Message {
+    let common = common(s, gw);
+    let t = s.u8();
+    let target = if t & 1 == 1 {
+        const APPS: [&str; 7] = [
+            "https",
+            "ssh",
+            "postgres",
+            "rtp",
+            "dev-servers",
+            "many",
+            "nope",
+        ];
+        match APPS.get(usize::from(t >> 1) % (APPS.len() + 1)) {
+            Some(app) => Target::App((*app).to_owned()),
+            None => Target::App(s.text()),
+        }
+    } else {
+        let first = match s.u8() % 3 {
+            0 => PORTS[usize::from(s.u8()) % PORTS.len()],
+            1 => s.u16(),
+            _ => 0,
+        };
+        let last = match s.u8() % 4 {
+            0 => first,
+            1 => first.saturating_add(u16::from(s.u8())),
+            2 => PORTS[usize::from(s.u8()) % PORTS.len()],
+            _ => s.u16(),
+        };
+        Target::Ports {
+            protocol: protocol(t >> 1),
+            ports: PortRange { first, last },
+        }
+    };
+    let host = match s.u8() % 3 {
+        0 => None,
+        _ => Some(address(s, gw, who)),
+    };
+    let family = match s.u8() % 4 {
+        0 => Some(Family::Ipv4),
+        1 => Some(Family::Ipv6),
+        _ => None,
+    };
+    let remotes = (0..s.u8() % 4).map(|_| prefix(s)).collect();
+    let lifetime = lifetime(s);
+    let app = if s.u8().is_multiple_of(4) {
+        Some(AppInfo {
+            name: Some(s.text()),
+            executable: None,
+            uid: Some(1000),
+            pid: Some(u32::from(s.u16())),
+        })
+    } else {
+        None
+    };
+    Message::Open(Open {
+        common,
+        opening: Opening {
+            target,
+            host,
+            family,
+            remotes,
+        },
+        lifetime,
+        app,
+    })
+}
+
+fn step(s: &mut Script<'_>, gw: &mut Gateway) {
+    let op = s.u8();
+    let who = usize::from(s.u8()) % gw.sessions.len();
+    let request = match op % 12 {
+        0 => {
+            let n = usize::from(s.u16() % 2048);
+            s.bytes(n).to_vec()
+        }
+        1 => {
+            let versions = match s.u8() % 4 {
+                0 => vec![VERSION],
+                1 => vec![],
+                2 => vec![s.u16(), VERSION],
+                _ => vec![s.u16()],
+            };
+            let common = common(s, gw);
+            codec::encode(&Message::Hello(Hello {
+                common,
+                versions,
+                capabilities: Capabilities(u64::from(s.u8() & 0x1f)),
+                software: None,
+            }))
+        }
+        2..=4 => codec::encode(&open(s, gw, who)),
+        5 | 6 => {
+            let common = common(s, gw);
+            codec::encode(&Message::Renew(Renew {
+                common,
+                lease: lease_id(s, gw),
+                lifetime: lifetime(s),
+            }))
+        }
+        7 => {
+            let common = common(s, gw);
+            codec::encode(&Message::Release(Release {
+                common,
+                lease: lease_id(s, gw),
+            }))
+        }
+        8 => {
+            let common = common(s, gw);
+            codec::encode(&Message::List(List { common }))
+        }
+        9 => {
+            // Time passes; the expiry timer may lag behind it.
+            let ms = match s.u8() % 4 {
+                0 => u64::from(s.u16()),
+                1 => u64::from(s.u16()) * 1000,
+                2 => u64::from(s.u32()),
+                _ => u64::from(s.u8()) * 60_000,
+            };
+            gw.now_ms += ms;
+            if s.u8().is_multiple_of(2) {
+                gw.expire();
+            }
+            return;
+        }
+        10 => {
+            // A new connection for this host: it must say Hello again.
+            gw.sessions[who].welcomed = false;
+            return;
+        }
+        _ => {
+            let policy = usize::from(s.u8()) % policies().len();
+            gw.reload(policy);
+            return;
+        }
+    };
+    let answer = gw.handle(who, &request);
+    if trace() {
+        eprintln!(
+            "host {who} at {}: {:?}\n  -> {answer:?}",
+            gw.now_ms,
+            codec::decode(&request)
+        );
+    }
+    check_answer(&request, &answer);
+    gw.check_book();
+}
+
+/// Whether to print each request and answer (FWNP_FUZZ_TRACE=1), to read a finding.
+fn trace() -> bool {
+    static TRACE: OnceLock<bool> = OnceLock::new();
+    *TRACE.get_or_init(|| std::env::var_os("FWNP_FUZZ_TRACE").is_some())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let mut s = Script {
+        data,
+        exhausted: false,
+    };
+    let policy = usize::from(s.u8()) % policies().len();
+    let seed = u64::from(s.u8());
+    let mut gw = Gateway::new(policy, seed);
+    // Bounded, so that one input cannot run for long.
+    for _ in 0..256 {
+        step(&mut s, &mut gw);
+        if s.exhausted {
+            break;
+        }
+    }
+});
