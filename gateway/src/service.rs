@@ -43,9 +43,7 @@ use crate::admin::AdminError;
 use crate::config::GatewayConfig;
 use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
-use crate::policy::{
-    Allowance, Decision, LifetimeBounds, Policy, Request as PolicyRequest, Verdict,
-};
+use crate::policy::{Policy, Verdict};
 use crate::server::{Session, Sessions};
 use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
@@ -249,89 +247,6 @@ fn certainly_fits(grants: &[Grant]) -> bool {
             .saturating_add(24usize.saturating_mul(g.remotes.len()))
     });
     bound < MAX_MESSAGE_SIZE
-}
-
-/// The policy's decision for an opening that covers several host addresses (spec section 9.2):
-/// policy is asked for each address. Addresses the host named must all be admitted, so the first
-/// refusal refuses the opening; addresses the gateway chose are granted where policy admits them
-/// and left out elsewhere (narrowed), and only when policy admits none is the opening refused,
-/// with the first address's refusal. The grants of every admitted address make one allowance;
-/// its lifetime bounds and lease limit are the strictest of the rules that admitted them.
-fn decide_addresses(
-    policy: &Policy,
-    identity: &str,
-    allowed: &[IpAddr],
-    hosts: &[IpAddr],
-    open: &Open,
-) -> Decision {
-    let named = !open.opening.host.is_default();
-    // The first admitted address's decision, growing with the grants of the others.
-    let mut merged: Option<(Allowance, Decision)> = None;
-    let mut refused: Vec<(IpAddr, Decision)> = Vec::new();
-    for &host in hosts {
-        let decision = policy.evaluate(&PolicyRequest::for_opening(
-            identity,
-            allowed,
-            host,
-            &open.opening,
-            open.lifetime,
-        ));
-        match (&decision.verdict, &mut merged) {
-            (Verdict::Allowed(more), Some((all, _))) => merge_allowance(all, more.clone()),
-            (Verdict::Allowed(first), None) => merged = Some((first.clone(), decision)),
-            (Verdict::Denied(_), _) if named || hosts.len() == 1 => return decision,
-            (Verdict::Denied(_), _) => refused.push((host, decision)),
-        }
-    }
-    let Some((mut all, first)) = merged else {
-        return refused
-            .into_iter()
-            .next()
-            .map(|(_, d)| d)
-            .unwrap_or_else(|| Decision {
-                verdict: Verdict::Denied(ResultCode::AddressMismatch),
-                rule: None,
-                reason: "no host address to open".to_owned(),
-            });
-    };
-    let mut reason = first.reason;
-    if !refused.is_empty() {
-        all.remotes_narrowed = true;
-        all.narrowed = true;
-        for (host, decision) in &refused {
-            reason.push_str(&format!("; {host} left out: {}", decision.reason));
-        }
-    }
-    all.granted_lifetime_secs = all.lifetime.clamp(open.lifetime);
-    Decision {
-        verdict: Verdict::Allowed(all),
-        rule: first.rule,
-        reason,
-    }
-}
-
-/// Adds the grants of `more` to `all`, keeping the stricter of their limits.
-fn merge_allowance(all: &mut Allowance, more: Allowance) {
-    all.grants.extend(more.grants);
-    let max_secs = all.lifetime.max_secs.min(more.lifetime.max_secs);
-    let min_secs = all
-        .lifetime
-        .min_secs
-        .max(more.lifetime.min_secs)
-        .min(max_secs);
-    let default_secs = all
-        .lifetime
-        .default_secs
-        .min(more.lifetime.default_secs)
-        .clamp(min_secs, max_secs);
-    all.lifetime = LifetimeBounds {
-        default_secs,
-        min_secs,
-        max_secs,
-    };
-    all.max_leases = all.max_leases.min(more.max_leases);
-    all.remotes_narrowed |= more.remotes_narrowed;
-    all.narrowed |= more.narrowed;
 }
 
 fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
@@ -1014,7 +929,7 @@ impl Service {
             }
         };
         let policy = self.policy();
-        let decision = decide_addresses(&policy, &peer.identity, &addresses, &hosts, open);
+        let decision = policy.evaluate_addresses(&peer.identity, &addresses, &hosts, open);
         let rule = decision.rule.as_ref().map(|r| r.name.to_string());
         let allowance = match &decision.verdict {
             Verdict::Allowed(allowance) => allowance,

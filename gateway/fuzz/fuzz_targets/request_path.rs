@@ -28,7 +28,7 @@ use fwnp_gateway::service::fit_reason;
 use fwnp_proto::codec::{self, fit_leases, peek_request_id};
 use fwnp_proto::gateway::{
     LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
-    resolve_host_address,
+    resolve_host_addresses,
 };
 use fwnp_proto::message::*;
 use fwnp_proto::validate::{validate_message, validate_request};
@@ -462,24 +462,28 @@ impl Gateway {
         let request = Message::Open(open.clone());
         let now = self.now_ms;
         let addresses = self.addresses(who);
-        let host_address = match resolve_host_address(&open.opening, &addresses, true) {
-            Ok(address) => address,
+        let hosts = match resolve_host_addresses(&open.opening, &addresses, true) {
+            Ok(hosts) => hosts,
             Err(refusal) => return refuse(&request, refusal.code(), refusal.to_string()),
         };
         let policy = self.policy();
-        let policy_request = PolicyRequest::for_opening(
-            &peer.identity,
-            &addresses,
-            host_address,
-            &open.opening,
-            open.lifetime,
-        );
-        let decision = policy.evaluate(&policy_request);
-        assert_eq!(
-            policy.explain(&policy_request).decision,
-            decision,
-            "explain decides otherwise than evaluate"
-        );
+        // Each address alone, as explain sees it, must decide as the whole opening does when
+        // it is the only address.
+        if let [host_address] = hosts[..] {
+            let policy_request = PolicyRequest::for_opening(
+                &peer.identity,
+                &addresses,
+                host_address,
+                &open.opening,
+                open.lifetime,
+            );
+            assert_eq!(
+                policy.explain(&policy_request).decision,
+                policy.evaluate(&policy_request),
+                "explain decides otherwise than evaluate"
+            );
+        }
+        let decision = policy.evaluate_addresses(&peer.identity, &addresses, &hosts, open);
         let allowance = match &decision.verdict {
             Verdict::Allowed(allowance) => allowance.clone(),
             Verdict::Denied(code) => return refuse(&request, *code, decision.reason.clone()),
@@ -573,7 +577,7 @@ impl Gateway {
             }
         }
         let granted = outcome.grant().to_granted(open.common.request_id, EPOCH);
-        self.check_open_granted(peer, &addresses, host_address, open, &allowance, &granted);
+        self.check_open_granted(peer, &addresses, &hosts, open, &allowance, &granted);
         Message::Granted(granted)
     }
 
@@ -582,7 +586,7 @@ impl Gateway {
         &self,
         peer: &PeerIdentity,
         addresses: &[IpAddr],
-        host_address: IpAddr,
+        hosts: &[IpAddr],
         open: &Open,
         allowance: &fwnp_gateway::policy::Allowance,
         granted: &Granted,
@@ -590,7 +594,7 @@ impl Gateway {
         assert!(!granted.grants.is_empty());
         let asked = &open.opening;
         for grant in &granted.grants {
-            assert_eq!(grant.host, host_address, "a grant on another address");
+            assert!(hosts.contains(&grant.host), "a grant on an address not asked for");
             match &asked.target {
                 Target::Ports { protocol, ports } => {
                     assert_eq!(grant.protocol, *protocol, "a grant of another protocol");
@@ -1038,9 +1042,10 @@ fn open(s: &mut Script<'_>, gw: &mut Gateway, who: usize) -> Message {
             ports: PortRange { first, last },
         }
     };
-    let host = match s.u8() % 3 {
-        0 => None,
-        _ => Some(address(s, gw, who)),
+    let host = match s.u8() % 4 {
+        0 => HostAddresses::Default,
+        1 => HostAddresses::List((0..s.u8() % 4).map(|_| address(s, gw, who)).collect()),
+        _ => HostAddresses::One(address(s, gw, who)),
     };
     let family = match s.u8() % 4 {
         0 => Some(Family::Ipv4),

@@ -724,6 +724,65 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The policy's decision for an opening that covers several host addresses (spec section 9.2):
+    /// policy is asked for each address. Addresses the host named must all be admitted, so the first
+    /// refusal refuses the opening; addresses the gateway chose are granted where policy admits them
+    /// and left out elsewhere (narrowed), and only when policy admits none is the opening refused,
+    /// with the first address's refusal. The grants of every admitted address make one allowance;
+    /// its lifetime bounds and lease limit are the strictest of the rules that admitted them.
+    pub fn evaluate_addresses(
+        &self,
+        identity: &str,
+        allowed: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &fwnp_proto::Open,
+    ) -> Decision {
+        let named = !open.opening.host.is_default();
+        // The first admitted address's decision, growing with the grants of the others.
+        let mut merged: Option<(Allowance, Decision)> = None;
+        let mut refused: Vec<(IpAddr, Decision)> = Vec::new();
+        for &host in hosts {
+            let decision = self.evaluate(&Request::for_opening(
+                identity,
+                allowed,
+                host,
+                &open.opening,
+                open.lifetime,
+            ));
+            match (&decision.verdict, &mut merged) {
+                (Verdict::Allowed(more), Some((all, _))) => merge_allowance(all, more.clone()),
+                (Verdict::Allowed(first), None) => merged = Some((first.clone(), decision)),
+                (Verdict::Denied(_), _) if named || hosts.len() == 1 => return decision,
+                (Verdict::Denied(_), _) => refused.push((host, decision)),
+            }
+        }
+        let Some((mut all, first)) = merged else {
+            return refused
+                .into_iter()
+                .next()
+                .map(|(_, d)| d)
+                .unwrap_or_else(|| Decision {
+                    verdict: Verdict::Denied(ResultCode::AddressMismatch),
+                    rule: None,
+                    reason: "no host address to open".to_owned(),
+                });
+        };
+        let mut reason = first.reason;
+        if !refused.is_empty() {
+            all.remotes_narrowed = true;
+            all.narrowed = true;
+            for (host, decision) in &refused {
+                reason.push_str(&format!("; {host} left out: {}", decision.reason));
+            }
+        }
+        all.granted_lifetime_secs = all.lifetime.clamp(open.lifetime);
+        Decision {
+            verdict: Verdict::Allowed(all),
+            rule: first.rule,
+            reason,
+        }
+    }
+
     /// Parses and compiles a policy from text; `origin` names it in errors (a file name).
     #[allow(clippy::should_implement_trait)]
     pub fn from_str(text: &str, origin: &str) -> Result<Policy, PolicyError> {
@@ -874,4 +933,28 @@ impl Policy {
     pub fn to_toml(&self) -> String {
         self.to_builder().to_toml()
     }
+}
+
+/// Adds the grants of `more` to `all`, keeping the stricter of their limits.
+fn merge_allowance(all: &mut Allowance, more: Allowance) {
+    all.grants.extend(more.grants);
+    let max_secs = all.lifetime.max_secs.min(more.lifetime.max_secs);
+    let min_secs = all
+        .lifetime
+        .min_secs
+        .max(more.lifetime.min_secs)
+        .min(max_secs);
+    let default_secs = all
+        .lifetime
+        .default_secs
+        .min(more.lifetime.default_secs)
+        .clamp(min_secs, max_secs);
+    all.lifetime = LifetimeBounds {
+        default_secs,
+        min_secs,
+        max_secs,
+    };
+    all.max_leases = all.max_leases.min(more.max_leases);
+    all.remotes_narrowed |= more.remotes_narrowed;
+    all.narrowed |= more.narrowed;
 }
