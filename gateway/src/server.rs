@@ -270,6 +270,11 @@ async fn handle_connection(
     service.metrics.connections.inc();
     let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);
     tokio::pin!(hello_deadline);
+    // Whether the Hello timer still runs. The Hello is answered by its stream's own task, so
+    // whether the host is welcomed is read when the timer fires: read when this loop waits for
+    // the next stream, it would be the state before the Hello's answer, and a host that says
+    // Hello and then stays quiet would be closed by a timer it had already satisfied.
+    let mut awaiting_hello = true;
     loop {
         tokio::select! {
             stream = connection.accept_bi() => match stream {
@@ -280,9 +285,12 @@ async fn handle_connection(
                 }
                 Err(e) => { debug!(session = session.id, "closed: {e}"); break; }
             },
-            _ = &mut hello_deadline, if !session.welcomed.load(Ordering::Acquire) => {
-                session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
-                break;
+            _ = &mut hello_deadline, if awaiting_hello => {
+                awaiting_hello = false;
+                if !session.welcomed.load(Ordering::Acquire) {
+                    session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
+                    break;
+                }
             }
             stream = connection.accept_uni() => {
                 if stream.is_ok() {

@@ -214,6 +214,17 @@ async fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
     granted(client.open(tcp(7001), None).await);
 }
 
+/// A host that says Hello and then has nothing to ask for a while (most hosts, most of the time)
+/// keeps its connection past the 10 s within which a Hello must come.
+#[tokio::test]
+async fn a_welcomed_host_that_stays_quiet_outlives_the_hello_timer() {
+    let gw = TestGateway::start("quiet", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let closed = client.closed_within(Duration::from_secs(11)).await;
+    assert!(closed.is_none(), "the quiet host was closed: {closed:?}");
+    granted(client.open(tcp(7001), None).await);
+}
+
 #[tokio::test]
 async fn open_list_reopen_renew_release() {
     let gw = TestGateway::start("flow", POLICY).await;
