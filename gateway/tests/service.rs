@@ -607,6 +607,75 @@ async fn too_many_requests_are_rate_limited_with_a_retry_after() {
     .await;
 }
 
+/// A host that sends as fast as it can, many requests at once, is refused as rate-limited and
+/// slowed down, while another host's requests at the same time are answered on their merits.
+#[tokio::test]
+async fn a_flooding_host_is_rate_limited_while_another_hosts_requests_are_answered() {
+    let policy = format!("{POLICY}\n[rate_limit]\nrequests_per_second = 20\nburst = 20\n");
+    let gw = TestGateway::start("flood", &policy).await;
+    let (flooder, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let (other, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    // Bounded: 16 requests in flight at a time, 25 after each other on each.
+    let mut flood = tokio::task::JoinSet::new();
+    for lane in 0..16u64 {
+        let connection = flooder.connection.clone();
+        flood.spawn(async move {
+            let mut codes = Vec::new();
+            for n in 0..25 {
+                codes.push(list_answer_code(&connection, lane * 100 + n).await);
+            }
+            codes
+        });
+    }
+    let steady = async {
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(other.list().await);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        answers
+    };
+    let answers = steady.await;
+    let codes: Vec<Option<ResultCode>> = flood.join_all().await.into_iter().flatten().collect();
+    let limited = codes
+        .iter()
+        .filter(|c| **c == Some(ResultCode::RateLimited))
+        .count();
+    assert!(
+        limited > 0 && limited < codes.len(),
+        "the flood is answered, beyond its rate as rate-limited: {limited} of {}",
+        codes.len()
+    );
+    assert_eq!(
+        answers.len(),
+        10,
+        "every request of the other host is answered"
+    );
+}
+
+/// Sends a List on `connection` and returns the code of a Denied answer (`None` for another
+/// answer); panics when there is no answer in time.
+async fn list_answer_code(connection: &quinn::Connection, id: u64) -> Option<ResultCode> {
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+        let list = Message::List(fwnp_proto::List {
+            common: common(Some(id)),
+        });
+        send.write_all(&fwnp_proto::codec::encode(&list))
+            .await
+            .expect("send");
+        send.finish().expect("finish");
+        recv.read_to_end(MAX_MESSAGE_SIZE).await.expect("an answer")
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("answered in time");
+    match fwnp_proto::codec::decode(&bytes).expect("the answer decodes") {
+        Message::Denied(d) => Some(d.code),
+        _ => None,
+    }
+}
+
 /// Re-encodes a message with extra entries in its top-level map.
 fn with_extra_keys(message: &Message, extra: Vec<(u64, ciborium::Value)>) -> Vec<u8> {
     let bytes = fwnp_proto::codec::encode(message);

@@ -439,9 +439,9 @@ async fn open_loop(
                 let seed = rng.random();
                 tasks.push(runtime.spawn(async move {
                     let start = Instant::now();
-                    let _ = lateness.lock().map(|mut h| {
-                        h.record(start.duration_since(scheduled).as_micros() as u64)
-                    });
+                    let _ = lateness
+                        .lock()
+                        .map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
                     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
                     if one(&host, mix, lifetime, &counters, &mut rng).await {
                         let _ = latency
@@ -775,8 +775,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .filter(|h| h.connection.close_reason().is_none())
             .count();
         let others = args.hosts.saturating_sub(1).max(1) as f64;
-        let per_connection =
-            |rss: Option<u64>| rss.zip(rss_first).map(|(a, b)| a.saturating_sub(b) as f64 / others);
+        let per_connection = |rss: Option<u64>| {
+            rss.zip(rss_first)
+                .map(|(a, b)| a.saturating_sub(b) as f64 / others)
+        };
         let report = json!({
             "mode": "idle",
             "hosts": args.hosts,
