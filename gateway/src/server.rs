@@ -4,6 +4,7 @@
 //! business; this module only moves bytes and enforces the transport's limits.
 
 use std::collections::HashMap;
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +19,12 @@ use crate::service::{Admission, Service};
 
 /// How long a connection may go without a Hello before it is closed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a connection's next request stream waits after one of its requests was refused as
+/// rate-limited. A host past its rate is answered at once, but it cannot make the gateway
+/// answer refusals as fast as it can send: its streams wait in QUIC flow control meanwhile,
+/// costing the gateway nothing, and the other hosts keep the CPU.
+const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(10);
 
 fn code(c: QuicErrorCode) -> VarInt {
     VarInt::from_u32(c.code())
@@ -43,6 +50,9 @@ pub struct Session {
     /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
     /// connection is about to be closed, and no further request on it is served.
     pub credential_revoked: AtomicBool,
+    /// Whether a request on this connection was refused as rate-limited since the connection
+    /// last took a stream: the next one waits [`RATE_LIMITED_PAUSE`].
+    rate_limited: AtomicBool,
     connection: quinn::Connection,
 }
 
@@ -223,7 +233,9 @@ async fn handle_connection(
     handshake: InProgress,
 ) {
     let remote = incoming.remote_address();
-    let handshaken = incoming.await;
+    // The handshake and the credential check are boxed: a task is as large as its largest
+    // state, and this one lives as long as its connection, idle most of the time.
+    let handshaken = Box::pin(incoming.into_future()).await;
     drop(handshake);
     let connection = match handshaken {
         Ok(connection) => connection,
@@ -249,6 +261,7 @@ async fn handle_connection(
         welcomed: AtomicBool::new(false),
         notices: AtomicBool::new(false),
         credential_revoked: AtomicBool::new(false),
+        rate_limited: AtomicBool::new(false),
         connection: connection.clone(),
     });
     if !service
@@ -262,7 +275,7 @@ async fn handle_connection(
         );
         return;
     }
-    if !service.check_credential(&session).await {
+    if !Box::pin(service.check_credential(&session)).await {
         service.sessions.remove(&session);
         return;
     }
@@ -270,9 +283,24 @@ async fn handle_connection(
     service.metrics.connections.inc();
     let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);
     tokio::pin!(hello_deadline);
+    // Whether the Hello timer still runs. The Hello is answered by its stream's own task, so
+    // whether the host is welcomed is read when the timer fires: read when this loop waits for
+    // the next stream, it would be the state before the Hello's answer, and a host that says
+    // Hello and then stays quiet would be closed by a timer it had already satisfied.
+    let mut awaiting_hello = true;
+    let pause = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pause);
+    let mut paused = false;
     loop {
+        if !paused && session.rate_limited.swap(false, Ordering::AcqRel) {
+            pause
+                .as_mut()
+                .reset(tokio::time::Instant::now() + RATE_LIMITED_PAUSE);
+            paused = true;
+        }
         tokio::select! {
-            stream = connection.accept_bi() => match stream {
+            _ = &mut pause, if paused => paused = false,
+            stream = connection.accept_bi(), if !paused => match stream {
                 Ok((send, recv)) => {
                     let service = service.clone();
                     let session = session.clone();
@@ -280,9 +308,12 @@ async fn handle_connection(
                 }
                 Err(e) => { debug!(session = session.id, "closed: {e}"); break; }
             },
-            _ = &mut hello_deadline, if !session.welcomed.load(Ordering::Acquire) => {
-                session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
-                break;
+            _ = &mut hello_deadline, if awaiting_hello => {
+                awaiting_hello = false;
+                if !session.welcomed.load(Ordering::Acquire) {
+                    session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
+                    break;
+                }
             }
             stream = connection.accept_uni() => {
                 if stream.is_ok() {
@@ -327,6 +358,9 @@ async fn handle_stream(
         }
     };
     let answer = service.handle(&session, &bytes).await;
+    if matches!(&answer, Message::Denied(d) if d.code == ResultCode::RateLimited) {
+        session.rate_limited.store(true, Ordering::Release);
+    }
     let close_after = matches!(
         &answer,
         Message::Denied(d) if d.code == ResultCode::UnsupportedVersion

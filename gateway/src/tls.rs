@@ -19,7 +19,9 @@
 //!   open a bounded number of bidirectional streams (one per request) and no unidirectional
 //!   stream; the gateway may open unidirectional streams (notices) towards the client, and no
 //!   bidirectional one. Connection migration is off by default (see
-//!   [`ServerOptions::allow_migration`]).
+//!   [`ServerOptions::allow_migration`]). The gateway's flow-control windows hold one message
+//!   per stream, it takes no QUIC datagrams, and it keeps no more than one packet of send buffer
+//!   per connection, so that many idle hosts cost little.
 //!
 //! # Reloading the CRL
 //!
@@ -247,10 +249,36 @@ pub fn server_config(
         .max_concurrent_uni_streams(VarInt::from_u32(
             options.max_concurrent_uni_streams_from_client,
         ));
+    limit_windows(&mut transport, options.max_concurrent_bidi_streams);
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     config.migration(options.allow_migration);
     Ok(config)
+}
+
+/// Flow-control windows and buffers for a gateway serving many hosts whose messages are small.
+/// quinn's defaults suit bulk transfers: 1.25 MB of receive window per stream, no bound on a
+/// connection's receive window, 10 MB of send buffer, and a 1.25 MB buffer for QUIC datagrams.
+/// A request is one message of at most [`fwnp_proto::MAX_MESSAGE_SIZE`] bytes and so is an
+/// answer or a notice, so a stream needs no more window than that and a connection no more than
+/// its streams together: what one host can make the gateway buffer stays bounded, however many
+/// hosts there are. FWNP sends no QUIC datagrams, so none are announced or buffered.
+///
+/// Segmentation offload is off: with it, each connection keeps a send buffer as large as the
+/// largest burst it ever sent (up to ten packets, typically its handshake flight) for its whole
+/// life; without it, one packet's worth. The gateway's answers fit in one packet each, so the
+/// offload saved nothing but cost about 10 KiB on every idle connection.
+fn limit_windows(transport: &mut TransportConfig, streams: u32) {
+    let message = fwnp_proto::MAX_MESSAGE_SIZE as u64;
+    // Notices and answers share the send buffer: room for every request stream's answer and a
+    // few notices beside.
+    let connection = message * (u64::from(streams.max(1)) + 8);
+    transport
+        .stream_receive_window(VarInt::from_u32(fwnp_proto::MAX_MESSAGE_SIZE as u32))
+        .receive_window(VarInt::from_u64(connection).unwrap_or(VarInt::MAX))
+        .send_window(connection)
+        .datagram_receive_buffer_size(None)
+        .enable_segmentation_offload(false);
 }
 
 /// The host agent's QUIC client configuration: TLS 1.3, the gateway verified against `ca_roots`

@@ -214,6 +214,17 @@ async fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
     granted(client.open(tcp(7001), None).await);
 }
 
+/// A host that says Hello and then has nothing to ask for a while (most hosts, most of the time)
+/// keeps its connection past the 10 s within which a Hello must come.
+#[tokio::test]
+async fn a_welcomed_host_that_stays_quiet_outlives_the_hello_timer() {
+    let gw = TestGateway::start("quiet", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let closed = client.closed_within(Duration::from_secs(11)).await;
+    assert!(closed.is_none(), "the quiet host was closed: {closed:?}");
+    granted(client.open(tcp(7001), None).await);
+}
+
 #[tokio::test]
 async fn open_list_reopen_renew_release() {
     let gw = TestGateway::start("flow", POLICY).await;
@@ -594,6 +605,75 @@ async fn too_many_requests_are_rate_limited_with_a_retry_after() {
             .any(|r| r.event.code == Some(ResultCode::RateLimited))
     })
     .await;
+}
+
+/// A host that sends as fast as it can, many requests at once, is refused as rate-limited and
+/// slowed down, while another host's requests at the same time are answered on their merits.
+#[tokio::test]
+async fn a_flooding_host_is_rate_limited_while_another_hosts_requests_are_answered() {
+    let policy = format!("{POLICY}\n[rate_limit]\nrequests_per_second = 20\nburst = 20\n");
+    let gw = TestGateway::start("flood", &policy).await;
+    let (flooder, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let (other, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
+    // Bounded: 16 requests in flight at a time, 25 after each other on each.
+    let mut flood = tokio::task::JoinSet::new();
+    for lane in 0..16u64 {
+        let connection = flooder.connection.clone();
+        flood.spawn(async move {
+            let mut codes = Vec::new();
+            for n in 0..25 {
+                codes.push(list_answer_code(&connection, lane * 100 + n).await);
+            }
+            codes
+        });
+    }
+    let steady = async {
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(other.list().await);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        answers
+    };
+    let answers = steady.await;
+    let codes: Vec<Option<ResultCode>> = flood.join_all().await.into_iter().flatten().collect();
+    let limited = codes
+        .iter()
+        .filter(|c| **c == Some(ResultCode::RateLimited))
+        .count();
+    assert!(
+        limited > 0 && limited < codes.len(),
+        "the flood is answered, beyond its rate as rate-limited: {limited} of {}",
+        codes.len()
+    );
+    assert_eq!(
+        answers.len(),
+        10,
+        "every request of the other host is answered"
+    );
+}
+
+/// Sends a List on `connection` and returns the code of a Denied answer (`None` for another
+/// answer); panics when there is no answer in time.
+async fn list_answer_code(connection: &quinn::Connection, id: u64) -> Option<ResultCode> {
+    let exchange = async {
+        let (mut send, mut recv) = connection.open_bi().await.expect("open a stream");
+        let list = Message::List(fwnp_proto::List {
+            common: common(Some(id)),
+        });
+        send.write_all(&fwnp_proto::codec::encode(&list))
+            .await
+            .expect("send");
+        send.finish().expect("finish");
+        recv.read_to_end(MAX_MESSAGE_SIZE).await.expect("an answer")
+    };
+    let bytes = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("answered in time");
+    match fwnp_proto::codec::decode(&bytes).expect("the answer decodes") {
+        Message::Denied(d) => Some(d.code),
+        _ => None,
+    }
 }
 
 /// Re-encodes a message with extra entries in its top-level map.

@@ -288,6 +288,41 @@ async fn a_good_host_connects_and_the_gateway_reads_its_uri_identity_and_ip_sans
     assert_eq!(allowed_addresses(&identity, source.ip()), identity.ip_sans);
 }
 
+/// What the gateway's transport parameters let a host do: send no QUIC datagrams, and put no
+/// more than one message's worth of bytes on a request stream before the gateway reads it (a
+/// host cannot make the gateway buffer more than its messages).
+#[tokio::test]
+async fn the_gateway_announces_one_message_of_stream_window_and_no_datagrams() {
+    let ca = TestCa::new("windows");
+    ca.host(
+        "web-01",
+        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
+        &[],
+        &[],
+    );
+    let server = server(&ca.server_files());
+    let attempt = attempt(
+        &server,
+        client_config(&ca.client_files("web-01")),
+        GATEWAY_NAME,
+    )
+    .await;
+    let _server = attempt.server.expect("server accepted");
+    let client = attempt.client.expect("client connected");
+    assert_eq!(client.max_datagram_size(), None, "datagrams are announced");
+    let (mut send, _receive) = tokio::time::timeout(STEP_TIMEOUT, client.open_bi())
+        .await
+        .expect("open in time")
+        .expect("open stream");
+    // A write takes what flow control allows at once, without waiting for the gateway.
+    let taken = tokio::time::timeout(STEP_TIMEOUT, send.write(&vec![0; 1 << 20]))
+        .await
+        .expect("write in time")
+        .expect("write");
+    assert_eq!(taken, fwnp_proto::MAX_MESSAGE_SIZE);
+    client.close(0u32.into(), b"done");
+}
+
 #[tokio::test]
 async fn spiffe_id_is_the_identity_and_without_ip_sans_the_source_address_is_allowed() {
     let ca = TestCa::new("spiffe");

@@ -27,7 +27,7 @@ use fwnp_gateway::tls::{ClientOptions, client_config};
 use fwnp_proto::codec::{decode, encode};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, Message, Open, Opening, PortRange, Protocol, Release,
-    Renew, Target,
+    Renew, ResultCode, Target,
 };
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
@@ -84,6 +84,16 @@ struct Args {
     /// Worker threads of this generator's runtime (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Memory per idle connection: connect the hosts (each says Hello), hold them for
+    /// `--duration` without a request, and report the gateway's memory before and after, per
+    /// connection, and how many connections are still up at the end.
+    #[arg(long, conflicts_with_all = ["rate", "prefill", "flood_hosts"])]
+    idle: bool,
+    /// Flood isolation: this many hosts send as fast as they can (`--concurrency` requests in
+    /// flight each) while the others keep the open loop's `--rate`. The others are measured
+    /// twice in one run, first without the flood and then with it.
+    #[arg(long, default_value_t = 0, requires = "rate")]
+    flood_hosts: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -160,7 +170,28 @@ struct Counters {
     renewed: AtomicU64,
     released: AtomicU64,
     denied: AtomicU64,
+    /// Among the denied: refused as rate-limited.
+    rate_limited: AtomicU64,
     failed: AtomicU64,
+    /// Why requests failed, by error text.
+    failures: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    /// The failures by reason, as a JSON object.
+    fn failures_json(&self) -> serde_json::Value {
+        self.failures
+            .lock()
+            .map(|f| json!(*f))
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn answered(&self) -> u64 {
+        self.granted.load(Ordering::Relaxed)
+            + self.renewed.load(Ordering::Relaxed)
+            + self.released.load(Ordering::Relaxed)
+            + self.denied.load(Ordering::Relaxed)
+    }
 }
 
 enum Kind {
@@ -217,13 +248,14 @@ fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::er
         "[filter]\nenabled = false\n"
     };
     // Every simulated host connects from the same address: the gateway's limit of handshakes per
-    // source address would refuse most of them.
+    // source address would refuse most of them. Everything else is the gateway's default, the
+    // request streams per connection too: each costs memory on every connection, idle or not.
     std::fs::write(
         dir.join("gateway.toml"),
         format!(
             "listen = [\"127.0.0.1:{port}\"]\ncertificate = \"{ca}/gateway.pem\"\nkey = \"{ca}/gateway.key\"\n\
              ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/state\"\n\
-             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\nmax_streams = 1024\n\
+             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\n\
              handshakes_per_source_per_second = 1000000\nhandshake_burst_per_source = 1000000\n",
             ca = ca.display(),
             d = dir.display(),
@@ -326,15 +358,111 @@ async fn one(
             counters.released.fetch_add(1, Ordering::Relaxed);
             true
         }
-        Ok(_) => {
+        Ok(answer) => {
             counters.denied.fetch_add(1, Ordering::Relaxed);
+            if matches!(&answer, Message::Denied(d) if d.code == ResultCode::RateLimited) {
+                counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
             true
         }
-        Err(_) => {
+        Err(e) => {
             counters.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut failures) = counters.failures.lock() {
+                *failures.entry(e).or_default() += 1;
+            }
             false
         }
     }
+}
+
+/// Latency histograms in microseconds, up to a minute: from the scheduled (open loop) or
+/// actual (closed loop) start of each request to its answer, how late each request started
+/// after its schedule, and from its actual start (open loop only).
+#[derive(Clone)]
+struct Histograms {
+    latency: Arc<std::sync::Mutex<Histogram<u64>>>,
+    lateness: Arc<std::sync::Mutex<Histogram<u64>>>,
+    from_start: Arc<std::sync::Mutex<Histogram<u64>>>,
+}
+
+impl Histograms {
+    fn new() -> Result<Self, hdrhistogram::CreationError> {
+        let new = || {
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map(|h| Arc::new(std::sync::Mutex::new(h)))
+        };
+        Ok(Histograms {
+            latency: new()?,
+            lateness: new()?,
+            from_start: new()?,
+        })
+    }
+}
+
+/// The open loop: requests to `hosts` in turn at `rate` per second from `started` to `end`,
+/// whatever the answers do, and latency counted from the scheduled time, so a slow gateway
+/// cannot hide its queueing. The schedule is kept by a thread of its own sleeping to the
+/// microsecond: the runtime's timers tick in whole milliseconds and would add up to one to
+/// every request's latency. How late each request still started is measured on its own.
+#[allow(clippy::too_many_arguments)]
+async fn open_loop(
+    hosts: Vec<Arc<Host>>,
+    rate: u64,
+    started: Instant,
+    end: Instant,
+    mix: Mix,
+    lifetime: u32,
+    counters: Arc<Counters>,
+    histograms: Histograms,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let runtime = tokio::runtime::Handle::current();
+    let dispatcher = std::thread::Builder::new()
+        .name("fwnp-load-schedule".into())
+        .spawn(move || {
+            let mut tasks = Vec::new();
+            let mut n: u64 = 0;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+            loop {
+                let scheduled = started + interval.mul_f64(n as f64);
+                if scheduled >= end {
+                    break;
+                }
+                std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
+                let host = hosts[(n as usize) % hosts.len()].clone();
+                let counters = counters.clone();
+                let Histograms {
+                    latency,
+                    lateness,
+                    from_start,
+                } = histograms.clone();
+                let seed = rng.random();
+                tasks.push(runtime.spawn(async move {
+                    let start = Instant::now();
+                    let _ = lateness
+                        .lock()
+                        .map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    if one(&host, mix, lifetime, &counters, &mut rng).await {
+                        let _ = latency
+                            .lock()
+                            .map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
+                        let _ = from_start
+                            .lock()
+                            .map(|mut h| h.record(start.elapsed().as_micros() as u64));
+                    }
+                }));
+                n += 1;
+            }
+            tasks
+        })?;
+    let tasks = tokio::task::spawn_blocking(move || dispatcher.join())
+        .await?
+        .map_err(|_| "the schedule thread panicked")?;
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
 }
 
 /// The gateway's status (`fwnpctl status --json`, from beside the gateway binary), or `None`
@@ -396,6 +524,17 @@ fn quantiles_ms(h: &Histogram<u64>, quantiles: &[(&str, f64)]) -> serde_json::Va
         .collect();
     out.insert("max".into(), ms(h.max()));
     serde_json::Value::Object(out)
+}
+
+/// The hosts' connections that are closed, counted by reason.
+fn closed_connections(hosts: &[Arc<Host>]) -> serde_json::Value {
+    let mut reasons = std::collections::BTreeMap::<String, u64>::new();
+    for host in hosts {
+        if let Some(reason) = host.connection.close_reason() {
+            *reasons.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+    json!(reasons)
 }
 
 /// UDP datagrams sent and received over every host's connection so far.
@@ -574,6 +713,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     // Wait for the gateway to listen, then connect every host.
     let mut hosts = Vec::with_capacity(args.hosts);
     let deadline = Instant::now() + Duration::from_secs(30);
+    // The gateway's memory once it serves its first host, the base of the memory per connection.
+    let mut rss_first = None;
+    let connect_started = Instant::now();
     for i in 0..args.hosts {
         let chain = fwnp_gateway::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
         let key = fwnp_gateway::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
@@ -618,8 +760,46 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             next_port: AtomicU64::new(0),
             held: Mutex::new(Vec::new()),
         }));
+        if i == 0 {
+            rss_first = gateway.rss_kib();
+        }
     }
+    let connect_secs = connect_started.elapsed().as_secs_f64();
     let rss_idle = gateway.rss_kib();
+    if args.idle {
+        // Idle hosts only keep their connection alive (keep-alive PINGs), as real agents do.
+        tokio::time::sleep(args.duration).await;
+        let rss_held = gateway.rss_kib();
+        let alive = hosts
+            .iter()
+            .filter(|h| h.connection.close_reason().is_none())
+            .count();
+        let others = args.hosts.saturating_sub(1).max(1) as f64;
+        let per_connection = |rss: Option<u64>| {
+            rss.zip(rss_first)
+                .map(|(a, b)| a.saturating_sub(b) as f64 / others)
+        };
+        let report = json!({
+            "mode": "idle",
+            "hosts": args.hosts,
+            "kernel_filter": args.netns,
+            "connect_s": connect_secs,
+            "held_s": args.duration.as_secs_f64(),
+            "connections_alive_at_end": alive,
+            "connections_closed": closed_connections(&hosts),
+            "gateway_rss_kib": { "first_host": rss_first, "all_connected": rss_idle, "end": rss_held },
+            // (RSS with every host connected - RSS with the first one) / (hosts - 1).
+            "gateway_kib_per_connection": { "all_connected": per_connection(rss_idle), "end": per_connection(rss_held) },
+            "load_average": load_average(),
+        });
+        print_report(&args, &report)?;
+        drop(gateway);
+        drop(namespace);
+        if !args.keep {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
 
     // Prefill: opens only, as fast as the gateway takes them.
     let prefill_started = Instant::now();
@@ -667,22 +847,58 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let gateway_cpu_before = gateway.cpu_seconds();
     let load_cpu_before = cpu_seconds_of("/proc/self/stat");
 
+    // Flood isolation: first the other hosts alone at the offered rate, as the reference.
+    let flood_hosts = args.flood_hosts.min(args.hosts.saturating_sub(1));
+    let (flooders, steady) = hosts.split_at(flood_hosts);
+    let flood_baseline = match args.rate {
+        Some(rate) if flood_hosts > 0 => {
+            let counters = Arc::new(Counters::default());
+            let histograms = Histograms::new()?;
+            let started = Instant::now();
+            open_loop(
+                steady.to_vec(),
+                rate,
+                started,
+                started + args.duration,
+                mix,
+                args.lifetime,
+                counters.clone(),
+                histograms.clone(),
+            )
+            .await?;
+            Some((counters, histograms))
+        }
+        _ => None,
+    };
+
     // Measurement.
     let counters = Arc::new(Counters::default());
-    // Microseconds, up to a minute.
-    let new_histogram = || {
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-            .map(|h| Arc::new(std::sync::Mutex::new(h)))
-    };
-    let histogram = new_histogram()?;
-    let lateness = new_histogram()?;
-    // Open loop only: from the moment each request actually started to its answer.
-    let from_start = new_histogram()?;
+    let histograms = Histograms::new()?;
+    let Histograms {
+        latency: histogram,
+        lateness,
+        from_start,
+    } = histograms.clone();
     let datagrams_before = datagrams(&hosts);
     let status_before = gateway_status(&gateway_bin, &dir);
     let started = Instant::now();
     let end = started + args.duration;
     let mut tasks = Vec::new();
+    // The flooding hosts: as fast as answers come, rate-limited or not, until the end.
+    let flood_counters = Arc::new(Counters::default());
+    for (h, host) in flooders.iter().enumerate() {
+        for c in 0..args.concurrency {
+            let host = host.clone();
+            let counters = flood_counters.clone();
+            let lifetime = args.lifetime;
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 11);
+                while Instant::now() < end {
+                    one(&host, mix, lifetime, &counters, &mut rng).await;
+                }
+            }));
+        }
+    }
     match args.rate {
         None => {
             for (h, host) in hosts.iter().enumerate() {
@@ -707,59 +923,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         Some(rate) => {
-            // Open loop: requests leave on schedule whatever the answers do, and latency counts
-            // from the scheduled time, so a slow gateway cannot hide its queueing. The schedule
-            // is kept by a thread of its own sleeping to the microsecond: the runtime's timers
-            // tick in whole milliseconds and would add up to one to every request's latency.
-            // How late each request still started is measured and reported on its own.
-            let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
-            let runtime = tokio::runtime::Handle::current();
-            let hosts = hosts.clone();
-            let counters = counters.clone();
-            let histogram = histogram.clone();
-            let lateness = lateness.clone();
-            let from_start = from_start.clone();
-            let lifetime = args.lifetime;
-            let dispatcher = std::thread::Builder::new()
-                .name("fwnp-load-schedule".into())
-                .spawn(move || {
-                    let mut tasks = Vec::new();
-                    let mut n: u64 = 0;
-                    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-                    loop {
-                        let scheduled = started + interval.mul_f64(n as f64);
-                        if scheduled >= end {
-                            break;
-                        }
-                        std::thread::sleep(scheduled.saturating_duration_since(Instant::now()));
-                        let host = hosts[(n as usize) % hosts.len()].clone();
-                        let counters = counters.clone();
-                        let histogram = histogram.clone();
-                        let lateness = lateness.clone();
-                        let from_start = from_start.clone();
-                        let seed = rng.random();
-                        tasks.push(runtime.spawn(async move {
-                            let start = Instant::now();
-                            let _ = lateness.lock().map(|mut h| {
-                                h.record(start.duration_since(scheduled).as_micros() as u64)
-                            });
-                            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                            if one(&host, mix, lifetime, &counters, &mut rng).await {
-                                let _ = histogram
-                                    .lock()
-                                    .map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
-                                let _ = from_start
-                                    .lock()
-                                    .map(|mut h| h.record(start.elapsed().as_micros() as u64));
-                            }
-                        }));
-                        n += 1;
-                    }
-                    tasks
-                })?;
-            tasks = tokio::task::spawn_blocking(move || dispatcher.join())
-                .await?
-                .map_err(|_| "the schedule thread panicked")?;
+            open_loop(
+                steady.to_vec(),
+                rate,
+                started,
+                end,
+                mix,
+                args.lifetime,
+                counters.clone(),
+                histograms.clone(),
+            )
+            .await?;
         }
     }
     for t in tasks {
@@ -779,10 +953,38 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .map(|h| h.clone())
             .unwrap_or_else(|e| e.into_inner().clone())
     };
-    let answered = counters.granted.load(Ordering::Relaxed)
-        + counters.renewed.load(Ordering::Relaxed)
-        + counters.released.load(Ordering::Relaxed)
-        + counters.denied.load(Ordering::Relaxed);
+    let answered = counters.answered();
+    let p99 = |h: &Histogram<u64>| h.value_at_quantile(0.99) as f64 / 1000.0;
+    let flood = flood_baseline.map(|(baseline, baseline_histograms)| {
+        let without = snapshot(&baseline_histograms.latency);
+        let with = snapshot(&histogram);
+        json!({
+            "flood_hosts": flood_hosts,
+            "requests_in_flight_per_flood_host": args.concurrency,
+            // The other hosts at the offered rate: first alone, then beside the flood, as long.
+            "others_without_flood": {
+                "answered": baseline.answered(),
+                "failed": baseline.failed.load(Ordering::Relaxed),
+                "failures_by_reason": baseline.failures_json(),
+                "rate_limited": baseline.rate_limited.load(Ordering::Relaxed),
+                "latency_ms": quantiles_ms(&without, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
+            },
+            "others_with_flood": {
+                "answered": answered,
+                "failed": counters.failed.load(Ordering::Relaxed),
+                "rate_limited": counters.rate_limited.load(Ordering::Relaxed),
+                "latency_ms": quantiles_ms(&with, &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
+            },
+            "others_p99_with_over_without": p99(&with) / p99(&without).max(1e-3),
+            "flood": {
+                "sent": flood_counters.sent.load(Ordering::Relaxed),
+                "answered_per_s": flood_counters.answered() as f64 / secs,
+                "rate_limited": flood_counters.rate_limited.load(Ordering::Relaxed),
+                "failed": flood_counters.failed.load(Ordering::Relaxed),
+                "failures_by_reason": flood_counters.failures_json(),
+            },
+        })
+    });
     let report = json!({
         "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
         "target_rate": args.rate,
@@ -798,6 +1000,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "released": counters.released.load(Ordering::Relaxed),
         "denied": counters.denied.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
+        "failures_by_reason": counters.failures_json(),
+        // Hosts whose connection the gateway or QUIC closed, by reason, at the end.
+        "connections_closed": closed_connections(&hosts),
         "latency_ms": quantiles_ms(&snapshot(&histogram), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
         // Open loop only: how long after its scheduled time each request started, which the
         // latency includes; the generator's share, not the gateway's.
@@ -810,7 +1015,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
         "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
-        "load_average": std::fs::read_to_string("/proc/loadavg").ok().map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")),
+        "load_average": load_average(),
+        "flood_isolation": flood,
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
         // How the gateway batched while measuring, from its status before and after.
         "gateway_batching": batching(status_before.as_ref(), status_after.as_ref()),
@@ -820,17 +1026,30 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             "from_gateway": (datagrams_after.1 - datagrams_before.1) as f64 / answered.max(1) as f64,
         },
     });
-    if args.json {
-        println!("{report}");
-    } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    }
+    print_report(&args, &report)?;
     drop(gateway);
     drop(namespace);
     if !args.keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+fn print_report(args: &Args, report: &serde_json::Value) -> Result<(), serde_json::Error> {
+    if args.json {
+        println!("{report}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    }
+    Ok(())
+}
+
+/// The machine's load average over 1, 5 and 15 minutes: figures measured on a busy machine
+/// say so.
+fn load_average() -> Option<String> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
 fn nix_is_root() -> bool {
