@@ -208,7 +208,8 @@ pub fn fit_reason(reason: impl Into<String>) -> String {
     reason
 }
 
-fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
+/// A Denied with `code` and `reason` (cut to the protocol's limit) for the request `request_id`.
+pub fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
     Denied {
         common: Common {
             request_id,

@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use fwnp_gateway::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
 use fwnp_proto::local::{DenialCode, EventKind, LocalMessage};
 use fwnp_proto::{
     Capabilities, Common, Denied, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Limits,
@@ -205,16 +204,7 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
         .expect("runtime");
     let seen = Arc::new(Mutex::new(Seen::default()));
     let gateway = {
-        let _guard = runtime.enter();
-        let files = ServerTlsFiles {
-            cert: pki.file("gateway.pem"),
-            key: pki.file("gateway.key"),
-            ca: pki.file("ca.pem"),
-            crl: None,
-        };
-        let config = server_config_from_files(&files, &ServerOptions::default()).expect("TLS");
-        let endpoint = quinn::Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .expect("bind the scripted gateway");
+        let endpoint = gateway_endpoint(&pki, &runtime);
         let address = endpoint.local_addr().expect("address");
         runtime.spawn(scripted_gateway(endpoint, seen.clone()));
         address

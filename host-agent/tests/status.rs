@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_gateway::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
 
 #[test]
 fn status_says_why_the_agent_is_not_connected() {
@@ -21,16 +20,7 @@ fn status_says_why_the_agent_is_not_connected() {
         .build()
         .expect("runtime");
     let gateway = {
-        let _guard = runtime.enter();
-        let files = ServerTlsFiles {
-            cert: pki.file("gateway.pem"),
-            key: pki.file("gateway.key"),
-            ca: pki.file("ca.pem"),
-            crl: None,
-        };
-        let config = server_config_from_files(&files, &ServerOptions::default()).expect("TLS");
-        let endpoint = quinn::Endpoint::server(config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .expect("bind the gateway endpoint");
+        let endpoint = gateway_endpoint(&pki, &runtime);
         let address = endpoint.local_addr().expect("address");
         runtime.spawn(async move {
             // Accept handshakes (which the agent aborts) for as long as the test runs.

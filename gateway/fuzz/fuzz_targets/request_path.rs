@@ -24,7 +24,7 @@ use fwnp_gateway::identity::{
     CertificateName, Fingerprint, IdentityKind, PeerIdentity, Serial, allowed_addresses,
 };
 use fwnp_gateway::policy::{Policy, Request as PolicyRequest, Verdict};
-use fwnp_gateway::service::fit_reason;
+use fwnp_gateway::service::{denied, fit_reason};
 use fwnp_proto::codec::{self, fit_leases, peek_request_id};
 use fwnp_proto::gateway::{
     LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
@@ -236,20 +236,6 @@ struct Gateway {
     /// The answers to Releases, by (identity, request id), with the request's bytes.
     answered: HashMap<(String, u64), (Vec<u8>, Message)>,
     next_request_id: u64,
-}
-
-fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
-    Denied {
-        common: Common {
-            request_id,
-            critical: Vec::new(),
-        },
-        code,
-        reason: Some(fit_reason(reason)),
-        retry_after: None,
-        lease: None,
-        unsupported: Vec::new(),
-    }
 }
 
 fn refuse(msg: &Message, code: ResultCode, reason: String) -> Message {

@@ -451,3 +451,22 @@ pub(crate) fn open_msg(
         app: None,
     }))
 }
+
+/// A QUIC endpoint on 127.0.0.1 with the gateway's own TLS configuration and `pki`'s gateway
+/// certificate, bound inside `runtime`: a stand-in gateway that the test drives itself.
+pub(crate) fn gateway_endpoint(pki: &Pki, runtime: &tokio::runtime::Runtime) -> quinn::Endpoint {
+    use fwnp_gateway::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
+    let _guard = runtime.enter();
+    let files = ServerTlsFiles {
+        cert: pki.file("gateway.pem"),
+        key: pki.file("gateway.key"),
+        ca: pki.file("ca.pem"),
+        crl: None,
+    };
+    let config = server_config_from_files(&files, &ServerOptions::default()).expect("TLS");
+    quinn::Endpoint::server(
+        config,
+        std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+    )
+    .expect("bind the gateway endpoint")
+}
