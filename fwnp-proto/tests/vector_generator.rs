@@ -8,7 +8,9 @@
 //! cargo test -p fwnp-proto --test vector_generator -- --ignored write_vectors
 //! ```
 //!
-//! `committed_vectors_are_current` fails when the committed files and this generator disagree.
+//! It writes the local API's frames (`spec/local-api.md`) into `spec/vectors/local/` too.
+//! `committed_vectors_are_current` and `committed_local_vectors_are_current` fail when the
+//! committed files and this generator disagree.
 //! `tests/vectors.rs` and `tests/cddl.rs` check the committed files themselves.
 
 mod common;
@@ -1890,6 +1892,7 @@ fn write_vectors() {
     for (name, text) in files() {
         std::fs::write(dir.join(name), text).unwrap();
     }
+    write_local_vectors();
 }
 
 #[test]
@@ -1912,6 +1915,681 @@ fn committed_vectors_are_current() {
         assert!(
             committed == generated,
             "{name} differs from the generator's output; regenerate"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The local API's frames (`spec/local-api.md`), in `spec/vectors/local/`.
+
+use fwnp_proto::local::{
+    DenialCode, Event, EventKind, LocalCode, LocalDenied, LocalMessage, Status, StatusAnswer,
+    Watch, Watching, encode_body, encode_frame,
+};
+
+/// What the agent does with a frame it cannot use (`spec/local-api.md` Section 3).
+#[derive(Clone, Copy)]
+enum Answer {
+    /// It answers Denied with this code and the frame's request id.
+    Denied(ResultCode),
+    /// It closes the connection.
+    Close,
+}
+
+enum LocalExpect {
+    Valid(LocalMessage),
+    Invalid {
+        layer: &'static str,
+        error: &'static str,
+        answer: Answer,
+    },
+}
+
+struct LocalVector {
+    name: &'static str,
+    description: &'static str,
+    /// The whole input: the 4-byte header and what follows it.
+    frame: Vec<u8>,
+    expect: LocalExpect,
+}
+
+fn local_valid(name: &'static str, description: &'static str, msg: LocalMessage) -> LocalVector {
+    LocalVector {
+        name,
+        description,
+        frame: encode_frame(&msg),
+        expect: LocalExpect::Valid(msg),
+    }
+}
+
+/// A frame around `body`, with the header giving its true length.
+fn framed(body: &[u8]) -> Vec<u8> {
+    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend_from_slice(body);
+    frame
+}
+
+fn local_invalid(
+    name: &'static str,
+    description: &'static str,
+    frame: Vec<u8>,
+    layer: &'static str,
+    error: &'static str,
+    answer: Answer,
+) -> LocalVector {
+    LocalVector {
+        name,
+        description,
+        frame,
+        expect: LocalExpect::Invalid {
+            layer,
+            error,
+            answer,
+        },
+    }
+}
+
+fn event(kind: EventKind) -> Event {
+    Event {
+        common: Common::default(),
+        lease: LEASE_A,
+        kind,
+        expires_in_ms: None,
+        reason: None,
+        code: None,
+        new_lease: None,
+    }
+}
+
+fn local_denied(id: u64, code: DenialCode, reason: Option<&str>) -> LocalMessage {
+    LocalMessage::Denied(LocalDenied {
+        common: rid(id),
+        code,
+        reason: reason.map(Into::into),
+        retry_after: None,
+        lease: None,
+        unsupported: vec![],
+    })
+}
+
+#[allow(clippy::vec_init_then_push)]
+fn local_vectors() -> Vec<LocalVector> {
+    use LocalMessage as L;
+    let mut v = Vec::new();
+
+    // --- Requests of the application. -----------------------------------------------------
+    v.push(local_valid(
+        "open-tcp-ipv4",
+        "Open tcp/8080 over IPv4 for 600 s, without application information (the agent fills it in): the example of local-api.md Appendix A.",
+        L::Wire(Message::Open(Open {
+            common: rid(1),
+            opening: Opening {
+                family: Some(Family::Ipv4),
+                ..opening(tcp(8080, 8080))
+            },
+            lifetime: Some(600),
+            app: None,
+        })),
+    ));
+    v.push(local_valid(
+        "open-udp-range-remotes-name",
+        "Open udp/5000-5100 from one IPv6 prefix, no lifetime (the policy's default), with the application's own name as its label.",
+        L::Wire(Message::Open(Open {
+            common: rid(2),
+            opening: Opening {
+                remotes: vec![prefix("2001:db8:1::/48")],
+                ..opening(Target::Ports {
+                    protocol: Protocol::Udp,
+                    ports: PortRange {
+                        first: 5000,
+                        last: 5100,
+                    },
+                })
+            },
+            lifetime: None,
+            app: Some(AppInfo {
+                name: Some("media-relay".into()),
+                executable: None,
+                uid: None,
+                pid: None,
+            }),
+        })),
+    ));
+    v.push(local_valid(
+        "open-app-address",
+        "Open the catalogue application \"https\" on one host address for 300 s.",
+        L::Wire(Message::Open(Open {
+            common: rid(3),
+            opening: Opening {
+                host: HostAddresses::One(ip("192.0.2.10")),
+                ..opening(Target::App("https".into()))
+            },
+            lifetime: Some(300),
+            app: None,
+        })),
+    ));
+    v.push(local_valid(
+        "release",
+        "Release a lease the connection holds.",
+        L::Wire(Message::Release(Release {
+            common: rid(4),
+            lease: LEASE_A,
+        })),
+    ));
+    v.push(local_valid(
+        "list",
+        "List every live lease the agent holds for applications.",
+        L::Wire(Message::List(List { common: rid(5) })),
+    ));
+    v.push(local_valid(
+        "watch-all",
+        "Watch every lease of the connection (no key 3).",
+        L::Watch(Watch {
+            common: rid(6),
+            lease: None,
+        }),
+    ));
+    v.push(local_valid(
+        "watch-one",
+        "Watch one lease.",
+        L::Watch(Watch {
+            common: rid(7),
+            lease: Some(LEASE_A),
+        }),
+    ));
+    v.push(local_valid(
+        "status",
+        "Status: how the agent is doing.",
+        L::Status(Status { common: rid(8) }),
+    ));
+
+    // --- Answers of the agent. ------------------------------------------------------------
+    v.push(local_valid(
+        "granted",
+        "Granted, the gateway's answer passed on with the application's request id.",
+        L::Wire(Message::Granted(Granted {
+            common: rid(1),
+            lease: LEASE_A,
+            grants: vec![grant(Protocol::Tcp, 8080, 8080, "192.0.2.10")],
+            lifetime: 600,
+            expires_ms: NOW_MS + 600_000,
+            renew_after: 300,
+            epoch: EPOCH,
+            narrowed: false,
+        })),
+    ));
+    v.push(local_valid(
+        "denied-by-policy",
+        "Denied with a code of the FWNP/1 registry, as the gateway gave it, with its reason.",
+        local_denied(
+            2,
+            DenialCode::Wire(ResultCode::DeniedByPolicy),
+            Some("no rule allows tcp/7000"),
+        ),
+    ));
+    v.push(local_valid(
+        "denied-rate-limited",
+        "Denied rate-limited with a retry-after of 5 s.",
+        L::Denied(LocalDenied {
+            common: rid(2),
+            code: DenialCode::Wire(ResultCode::RateLimited),
+            reason: None,
+            retry_after: Some(5),
+            lease: None,
+            unsupported: vec![],
+        }),
+    ));
+    v.push(local_valid(
+        "denied-agent-not-authorized",
+        "Denied 1024 agent-not-authorized: the caller's user may not use the agent.",
+        local_denied(
+            1,
+            DenialCode::Local(LocalCode::AgentNotAuthorized),
+            Some("uid 1000 is not allowed"),
+        ),
+    ));
+    v.push(local_valid(
+        "denied-port-not-owned",
+        "Denied 1025 port-not-owned, naming the process that binds the port.",
+        local_denied(
+            1,
+            DenialCode::Local(LocalCode::PortNotOwned),
+            Some("tcp/8080 is bound by pid 1234 (nginx), not by the caller"),
+        ),
+    ));
+    v.push(local_valid(
+        "denied-gateway-unreachable",
+        "Denied 1026 gateway-unreachable: the agent could not ask.",
+        local_denied(1, DenialCode::Local(LocalCode::GatewayUnreachable), None),
+    ));
+    v.push(local_valid(
+        "denied-unknown-local-lease",
+        "Denied 1027 unknown-local-lease, answering a Release of a lease the connection does not hold, which key 6 names.",
+        L::Denied(LocalDenied {
+            common: rid(4),
+            code: DenialCode::Local(LocalCode::UnknownLocalLease),
+            reason: None,
+            retry_after: None,
+            lease: Some(LEASE_B),
+            unsupported: vec![],
+        }),
+    ));
+    v.push(local_valid(
+        "denied-unsupported-option",
+        "Denied unsupported-option listing the critical key not understood (key 7).",
+        L::Denied(LocalDenied {
+            common: rid(9),
+            code: DenialCode::Wire(ResultCode::UnsupportedOption),
+            reason: None,
+            retry_after: None,
+            lease: None,
+            unsupported: vec![20],
+        }),
+    ));
+    v.push(local_valid(
+        "leases",
+        "Leases: one live lease with its application information, and the gateway's epoch.",
+        L::Wire(Message::Leases(Leases {
+            common: rid(5),
+            leases: vec![LeaseInfo {
+                lease: LEASE_A,
+                grants: vec![grant(Protocol::Tcp, 8080, 8080, "192.0.2.10")],
+                remaining: 540,
+                expires_ms: NOW_MS + 540_000,
+                app: Some(AppInfo {
+                    name: Some("srv --port 8080".into()),
+                    executable: Some("/usr/bin/srv".into()),
+                    uid: Some(1000),
+                    pid: Some(4242),
+                }),
+            }],
+            epoch: EPOCH,
+        })),
+    ));
+    v.push(local_valid(
+        "leases-empty",
+        "Leases with none held and no epoch known yet (0).",
+        L::Wire(Message::Leases(Leases {
+            common: rid(5),
+            leases: vec![],
+            epoch: 0,
+        })),
+    ));
+    v.push(local_valid(
+        "released",
+        "Released, once the lease's elements are gone from the host's table.",
+        L::Wire(Message::Released(Released {
+            common: rid(4),
+            lease: LEASE_A,
+        })),
+    ));
+    v.push(local_valid(
+        "watching",
+        "Watching, the answer to Watch.",
+        L::Watching(Watching { common: rid(6) }),
+    ));
+    v.push(local_valid(
+        "status-answer-connected",
+        "StatusAnswer of a connected agent: version, gateway, epoch, mirror mode, identity, two leases.",
+        L::StatusAnswer(StatusAnswer {
+            common: rid(8),
+            agent_version: "0.1.0".into(),
+            gateway: "gw.example.org:4433".into(),
+            connected: true,
+            epoch: Some(EPOCH),
+            mirror_mode: "enforce".into(),
+            identity: Some("fwnp://host/web-01".into()),
+            leases: 2,
+            last_error: None,
+        }),
+    ));
+    v.push(local_valid(
+        "status-answer-not-connected",
+        "StatusAnswer of an agent not connected, saying why (key 10), with no epoch or identity known.",
+        L::StatusAnswer(StatusAnswer {
+            common: rid(8),
+            agent_version: "0.1.0".into(),
+            gateway: "gw.example.org:4433".into(),
+            connected: false,
+            epoch: None,
+            mirror_mode: "off".into(),
+            identity: None,
+            leases: 0,
+            last_error: Some("the gateway's certificate does not carry gw.example.org".into()),
+        }),
+    ));
+
+    // --- Events, one of every kind. -------------------------------------------------------
+    v.push(local_valid(
+        "event-renewed",
+        "Event renewed (1), with the time left in milliseconds.",
+        L::Event(Event {
+            expires_in_ms: Some(599_950),
+            ..event(EventKind::Renewed)
+        }),
+    ));
+    v.push(local_valid(
+        "event-revoked",
+        "Event revoked (2), terminal, with the reason.",
+        L::Event(Event {
+            reason: Some("operator".into()),
+            ..event(EventKind::Revoked)
+        }),
+    ));
+    v.push(local_valid(
+        "event-expired",
+        "Event expired (3), terminal.",
+        L::Event(event(EventKind::Expired)),
+    ));
+    v.push(local_valid(
+        "event-lost",
+        "Event lost (4), terminal: the agent ended the lease because its port is no longer the application's (code 1025).",
+        L::Event(Event {
+            reason: Some("tcp/8080 is no longer bound by the caller".into()),
+            code: Some(DenialCode::Local(LocalCode::PortNotOwned)),
+            ..event(EventKind::Lost)
+        }),
+    ));
+    v.push(local_valid(
+        "event-released",
+        "Event released (5), terminal.",
+        L::Event(event(EventKind::Released)),
+    ));
+    v.push(local_valid(
+        "event-reopened",
+        "Event reopened (6): the new lease id (key 8) and its time left.",
+        L::Event(Event {
+            expires_in_ms: Some(600_000),
+            new_lease: Some(LEASE_B),
+            ..event(EventKind::Reopened)
+        }),
+    ));
+    v.push(local_valid(
+        "event-gateway-unreachable",
+        "Event gateway-unreachable (7), with why; the lease stays valid until its expiry.",
+        L::Event(Event {
+            reason: Some("no answer".into()),
+            ..event(EventKind::GatewayUnreachable)
+        }),
+    ));
+    v.push(local_valid(
+        "event-renewal-refused",
+        "Event renewal-refused (8), with the time left, the reason and the gateway's code.",
+        L::Event(Event {
+            expires_in_ms: Some(120_000),
+            reason: Some("host no longer in group".into()),
+            code: Some(DenialCode::Wire(ResultCode::NotAuthorized)),
+            ..event(EventKind::RenewalRefused)
+        }),
+    ));
+    v.push(LocalVector {
+        name: "status-unknown-key",
+        description: "Status with an unknown key 20, which is ignored.",
+        frame: framed(&h("a3 00 18 43 01 08 14 61 78")),
+        expect: LocalExpect::Valid(L::Status(Status { common: rid(8) })),
+    });
+
+    // --- Frames the agent cannot use. -----------------------------------------------------
+    v.push(local_invalid(
+        "frame-empty",
+        "A header announcing a body of 0 bytes: the agent closes the connection.",
+        h("00000000"),
+        "frame",
+        "empty-frame",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "frame-oversized",
+        "A header announcing 16385 bytes, one more than allowed: the agent closes the connection without reading further.",
+        h("00004001"),
+        "frame",
+        "frame-too-large",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "frame-length-max",
+        "A header announcing 2^32-1 bytes: the agent closes the connection.",
+        h("ffffffff"),
+        "frame",
+        "frame-too-large",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "frame-truncated",
+        "A header announcing 6 bytes followed by 4 and the end of the stream: the frame is incomplete.",
+        h("00000006 a2 00 18 43"),
+        "frame",
+        "truncated-frame",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "frame-header-truncated",
+        "Two bytes, less than a header, then the end of the stream.",
+        h("0000"),
+        "frame",
+        "truncated-frame",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "unknown-message-type",
+        "A map of type 99, in neither registry: answered Denied malformed-request with its request id.",
+        framed(&h("a2 00 18 63 01 05")),
+        "decode",
+        "unknown-message-type",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "key-not-unsigned",
+        "Status with a text key \"x\": answered Denied malformed-request.",
+        framed(&h("a3 00 18 43 01 08 61 78 00")),
+        "decode",
+        "key-not-unsigned",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "negative-key",
+        "Status with the negative key -1: answered Denied malformed-request.",
+        framed(&h("a3 00 18 43 01 08 20 00")),
+        "decode",
+        "key-not-unsigned",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "not-a-map",
+        "A body that is an array: no request id to answer, so the agent closes the connection.",
+        framed(&h("82 18 43 01")),
+        "decode",
+        "not-a-map",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "body-truncated-cbor",
+        "A whole frame whose body is a map of 2 entries holding 1: not well-formed CBOR, closed.",
+        framed(&h("a2 00 18 43")),
+        "decode",
+        "invalid-cbor",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "trailing-bytes",
+        "A Status followed by one more byte inside the same frame: the map before it still names the request.",
+        framed(&h("a2 00 18 43 01 08 00")),
+        "decode",
+        "trailing-bytes",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "missing-request-id",
+        "List without its request id, mandatory on the local API: closed, as there is no id to answer.",
+        framed(&h("a1 00 06")),
+        "decode",
+        "missing-request-id",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "wire-only-message",
+        "Renew, a FWNP/1 message that is not part of the local API: answered Denied malformed-request.",
+        framed(&encode(&Message::Renew(Renew {
+            common: rid(3),
+            lease: LEASE_A,
+            lifetime: Some(600),
+        }))),
+        "decode",
+        "not-local",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "watch-lease-wrong-length",
+        "Watch whose lease id has 15 bytes.",
+        framed(&h("a3 00 18 40 01 06 03 4f 000102030405060708090a0b0c0d0e")),
+        "decode",
+        "wrong-type",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "status-unsupported-critical",
+        "Status marking an unknown key 20 critical: answered Denied unsupported-option.",
+        framed(&h("a4 00 18 43 01 08 02 81 14 14 00")),
+        "decode",
+        "unsupported-critical",
+        Answer::Denied(R::UnsupportedOption),
+    ));
+    v.push(local_invalid(
+        "event-unknown-kind",
+        "Event of kind 9, which this version does not define: a client ignores it.",
+        framed(&{
+            let mut body = encode_body(&LocalMessage::Event(event(EventKind::Expired)));
+            let at = body.len() - 1;
+            body[at] = 0x09;
+            body
+        }),
+        "decode",
+        "out-of-range",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "event-missing-lease",
+        "Event without its lease id (key 3).",
+        framed(&h("a2 00 18 42 04 01")),
+        "decode",
+        "missing-key",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "denied-unknown-code",
+        "Denied with code 2000, in neither registry.",
+        framed(&h("a3 00 11 01 01 03 19 07 d0")),
+        "decode",
+        "out-of-range",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "status-answer-connected-not-bool",
+        "StatusAnswer whose key 5 (connected) is the integer 1.",
+        framed(&h(
+            "a7 00 18 44 01 08 03 65 302e312e30 04 62 6777 05 01 07 63 6f6666 09 00",
+        )),
+        "decode",
+        "wrong-type",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v
+}
+
+fn render_local(vector: &LocalVector) -> Json {
+    let body = vector.frame.get(4..).unwrap_or_default();
+    let diagnostic = match &vector.expect {
+        LocalExpect::Invalid { layer: "frame", .. } => {
+            "not a whole frame: the header and what follows it".to_owned()
+        }
+        _ => common::diagnostic(body).unwrap_or_else(|why| format!("not well-formed CBOR: {why}")),
+    };
+    let outcome = match &vector.expect {
+        LocalExpect::Valid(msg) => json!({
+            "valid": {
+                "decoded": common::local_message_json(msg),
+                "canonical_hex": hex::encode(encode_frame(msg)),
+            }
+        }),
+        LocalExpect::Invalid {
+            layer,
+            error,
+            answer,
+        } => json!({
+            "invalid": {
+                "layer": layer,
+                "error": error,
+                "answer": match answer {
+                    Answer::Denied(code) => json!({"denied": code.name()}),
+                    Answer::Close => json!("close"),
+                },
+            }
+        }),
+    };
+    let mut out = json!({
+        "name": vector.name,
+        "description": vector.description,
+        "hex": hex::encode(&vector.frame),
+        "diagnostic": diagnostic,
+    });
+    if let (Json::Object(out), Json::Object(outcome)) = (&mut out, outcome) {
+        out.extend(outcome);
+    }
+    out
+}
+
+/// (file name, file contents) of every local API vector, numbered from 1.
+fn local_files() -> Vec<(String, String)> {
+    let mut names = std::collections::HashSet::new();
+    local_vectors()
+        .iter()
+        .enumerate()
+        .map(|(i, vector)| {
+            assert!(
+                names.insert(vector.name),
+                "duplicate local vector name {}",
+                vector.name
+            );
+            let text = serde_json::to_string_pretty(&render_local(vector)).unwrap() + "\n";
+            (format!("{:03}-{}.json", i + 1, vector.name), text)
+        })
+        .collect()
+}
+
+fn write_local_vectors() {
+    let dir = common::local_vectors_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for (name, text) in local_files() {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn committed_local_vectors_are_current() {
+    let committed: Vec<(String, String)> = common::load_local_vectors()
+        .into_iter()
+        .map(|(name, _)| {
+            let text = std::fs::read_to_string(common::local_vectors_dir().join(&name)).unwrap();
+            (name, text)
+        })
+        .collect();
+    let generated = local_files();
+    let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
+    let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        committed_names, generated_names,
+        "local vector files differ from the generator's; regenerate"
+    );
+    for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
+        assert!(
+            committed == generated,
+            "local/{name} differs from the generator's output; regenerate"
         );
     }
 }

@@ -192,3 +192,164 @@ fn invalid_vectors_decode_layer_matches_the_decoder_alone() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The local API's frames, in `spec/vectors/local/`.
+
+use fwnp_proto::codec::peek_request_id;
+use fwnp_proto::local::{FRAME_HEADER_LEN, decode_frame_body, encode_frame, frame_body_len};
+
+/// How a receiver reads one frame from a stream that ends after `bytes`: the header, then the
+/// body it announces. `Err` names the frame-layer error.
+fn read_frame(bytes: &[u8]) -> Result<&[u8], &'static str> {
+    let header: [u8; FRAME_HEADER_LEN] = bytes
+        .get(..FRAME_HEADER_LEN)
+        .and_then(|h| h.try_into().ok())
+        .ok_or("truncated-frame")?;
+    let len = frame_body_len(header).map_err(|e| common::local_error_kind(&e))?;
+    let body = &bytes[FRAME_HEADER_LEN..];
+    if body.len() < len {
+        return Err("truncated-frame");
+    }
+    if body.len() > len {
+        return Err("one frame per vector: bytes follow the frame");
+    }
+    Ok(body)
+}
+
+fn check_local(name: &str, vector: &Json) -> Result<(), String> {
+    let bytes = common::vector_bytes(name, vector);
+    for field in ["name", "description", "diagnostic"] {
+        if !vector[field].is_string() {
+            return Err(format!("field {field} missing"));
+        }
+    }
+    if name.trim_end_matches(".json").get(4..) != vector["name"].as_str() {
+        return Err(format!(
+            "file name {name} does not end with the vector's name"
+        ));
+    }
+    match (vector.get("valid"), vector.get("invalid")) {
+        (Some(valid), None) => {
+            let body = read_frame(&bytes).map_err(|e| format!("frame refused: {e}"))?;
+            let msg = decode_frame_body(body).map_err(|e| format!("decode failed: {e}"))?;
+            let rendered = common::local_message_json(&msg);
+            if rendered != valid["decoded"] {
+                return Err(format!(
+                    "decoded to\n{}\nexpected\n{}",
+                    serde_json::to_string_pretty(&rendered).unwrap(),
+                    serde_json::to_string_pretty(&valid["decoded"]).unwrap()
+                ));
+            }
+            let canonical = hex::encode(encode_frame(&msg));
+            if Some(canonical.as_str()) != valid["canonical_hex"].as_str() {
+                return Err(format!(
+                    "re-encoded to {canonical}, expected {}",
+                    valid["canonical_hex"]
+                ));
+            }
+            Ok(())
+        }
+        (None, Some(invalid)) => {
+            // What the agent does (local-api.md Section 3): a frame it cannot delimit closes
+            // the connection; a body that does not decode is answered Denied when it names its
+            // request, and closes the connection otherwise.
+            let (layer, kind, answer) = match read_frame(&bytes) {
+                Err(kind) => ("frame", kind, Json::from("close")),
+                Ok(body) => match decode_frame_body(body) {
+                    Ok(msg) => return Err(format!("accepted as {msg:?}")),
+                    Err(e) => (
+                        "decode",
+                        common::local_error_kind(&e),
+                        match peek_request_id(body) {
+                            Some(_) => serde_json::json!({"denied": e.result_code().name()}),
+                            None => Json::from("close"),
+                        },
+                    ),
+                },
+            };
+            let got = (layer, kind, &answer);
+            let expected = (
+                invalid["layer"].as_str().unwrap_or("?"),
+                invalid["error"].as_str().unwrap_or("?"),
+                &invalid["answer"],
+            );
+            if got != expected {
+                return Err(format!("failed with {got:?}, expected {expected:?}"));
+            }
+            Ok(())
+        }
+        _ => Err("a vector has exactly one of \"valid\" and \"invalid\"".into()),
+    }
+}
+
+#[test]
+fn every_local_vector_gives_its_expected_outcome() {
+    let vectors = common::load_local_vectors();
+    assert!(vectors.len() >= 30, "only {} local vectors", vectors.len());
+    let failures: Vec<String> = vectors
+        .iter()
+        .filter_map(|(name, v)| check_local(name, v).err().map(|e| format!("{name}: {e}")))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} local vectors fail:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn local_vectors_cover_every_message_type_code_and_event_kind() {
+    let vectors = common::load_local_vectors();
+    let decoded = |field: &str| -> Vec<String> {
+        vectors
+            .iter()
+            .filter_map(|(_, v)| v["valid"]["decoded"][field].as_str().map(str::to_owned))
+            .collect()
+    };
+    let types = decoded("type");
+    for t in [
+        "open",
+        "release",
+        "list",
+        "granted",
+        "denied",
+        "leases",
+        "released",
+        "watch",
+        "watching",
+        "event",
+        "status",
+        "status-answer",
+    ] {
+        assert!(types.iter().any(|x| x == t), "no local vector of type {t}");
+    }
+    let kinds = decoded("kind");
+    for kind in fwnp_proto::local::EventKind::ALL {
+        assert!(
+            kinds.iter().any(|k| k == kind.name()),
+            "no Event of kind {kind}"
+        );
+    }
+    for code in fwnp_proto::local::LocalCode::ALL {
+        let carried = vectors.iter().any(|(_, v)| {
+            v["valid"]["decoded"]["type"] == "denied"
+                && v["valid"]["decoded"]["code"] == code.name()
+        });
+        assert!(carried, "no local Denied vector carries {}", code.name());
+    }
+    let errors: Vec<&str> = vectors
+        .iter()
+        .filter_map(|(_, v)| v["invalid"]["error"].as_str())
+        .collect();
+    for e in [
+        "empty-frame",
+        "frame-too-large",
+        "truncated-frame",
+        "unknown-message-type",
+        "key-not-unsigned",
+    ] {
+        assert!(errors.contains(&e), "no invalid local vector of {e}");
+    }
+}

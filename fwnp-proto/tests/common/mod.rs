@@ -16,7 +16,11 @@ pub(crate) fn vectors_dir() -> PathBuf {
 
 /// Every committed vector as (file name, parsed JSON), sorted by file name.
 pub(crate) fn load_vectors() -> Vec<(String, Json)> {
-    let mut files: Vec<_> = std::fs::read_dir(vectors_dir())
+    load_dir(&vectors_dir())
+}
+
+fn load_dir(dir: &std::path::Path) -> Vec<(String, Json)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
         .expect("spec/vectors exists")
         .map(|e| e.expect("readable directory entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "json"))
@@ -31,6 +35,16 @@ pub(crate) fn load_vectors() -> Vec<(String, Json)> {
             (p.file_name().unwrap().to_string_lossy().into_owned(), json)
         })
         .collect()
+}
+
+/// The folder of the local API's vectors (frames of `spec/local-api.md`).
+pub(crate) fn local_vectors_dir() -> PathBuf {
+    vectors_dir().join("local")
+}
+
+/// Every committed local API vector as (file name, parsed JSON), sorted by file name.
+pub(crate) fn load_local_vectors() -> Vec<(String, Json)> {
+    load_dir(&local_vectors_dir())
 }
 
 /// The input bytes of a vector.
@@ -198,6 +212,83 @@ pub(crate) fn message_json(msg: &Message) -> Json {
         out.extend(fields);
     }
     out
+}
+
+/// The JSON rendering of a decoded local API message (see `spec/vectors/README.md`): the wire
+/// messages as [`message_json`], Denied with a code of either registry, and the local types.
+pub(crate) fn local_message_json(msg: &local::LocalMessage) -> Json {
+    use local::LocalMessage as L;
+    let common = msg.common();
+    let (name, fields) = match msg {
+        L::Wire(m) => return message_json(m),
+        L::Denied(d) => (
+            "denied",
+            json!({
+                "code": d.code.name(),
+                "reason": opt(d.reason.clone()),
+                "retry_after": opt(d.retry_after),
+                "lease": d.lease.as_ref().map_or(Json::Null, lease),
+                "unsupported": d.unsupported,
+            }),
+        ),
+        L::Watch(w) => (
+            "watch",
+            json!({"lease": w.lease.as_ref().map_or(Json::Null, lease)}),
+        ),
+        L::Watching(_) => ("watching", json!({})),
+        L::Event(e) => (
+            "event",
+            json!({
+                "lease": lease(&e.lease),
+                "kind": e.kind.name(),
+                "expires_in_ms": opt(e.expires_in_ms),
+                "reason": opt(e.reason.clone()),
+                "code": e.code.map_or(Json::Null, |c| c.name().into()),
+                "new_lease": e.new_lease.as_ref().map_or(Json::Null, lease),
+            }),
+        ),
+        L::Status(_) => ("status", json!({})),
+        L::StatusAnswer(s) => (
+            "status-answer",
+            json!({
+                "agent_version": s.agent_version,
+                "gateway": s.gateway,
+                "connected": s.connected,
+                "epoch": opt(s.epoch),
+                "mirror_mode": s.mirror_mode,
+                "identity": opt(s.identity.clone()),
+                "leases": s.leases,
+                "last_error": opt(s.last_error.clone()),
+            }),
+        ),
+    };
+    let mut out = json!({
+        "type": name,
+        "request_id": opt(common.request_id),
+        "critical": common.critical,
+    });
+    if let (Json::Object(out), Json::Object(fields)) = (&mut out, fields) {
+        out.extend(fields);
+    }
+    out
+}
+
+/// The error kind of a refused local frame body, as the local vectors name it: the wire
+/// codec's kinds for what its first pass refuses, and the local API's own.
+pub(crate) fn local_error_kind(e: &local::LocalError) -> &'static str {
+    use local::LocalError as E;
+    match e {
+        E::EmptyFrame => "empty-frame",
+        E::FrameTooLarge { .. } => "frame-too-large",
+        E::Decode(d) => d.kind(),
+        E::NotLocal(_) => "not-local",
+        E::MissingRequestId(_) => "missing-request-id",
+        E::MissingKey { .. } => "missing-key",
+        E::WrongType { .. } => "wrong-type",
+        E::OutOfRange { .. } => "out-of-range",
+        E::UnsupportedCritical(_) => "unsupported-critical",
+        _ => "unknown",
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
