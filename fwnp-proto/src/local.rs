@@ -859,7 +859,7 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
                 message,
                 key: 4,
                 value: n,
-                expected: "an event kind, 1 to 7",
+                expected: "an event kind, 1 to 8",
             })?;
             LocalMessage::Event(Event {
                 common,
