@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import os
 import weakref
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -315,8 +315,8 @@ class AsyncClient:
         opening: Opening,
         *,
         lifetime: timedelta | None = None,
-        remotes: list[Remote] | tuple[Remote, ...] | None = None,
-        addresses: list[HostAddress] | tuple[HostAddress, ...] | None = None,
+        remotes: Iterable[Remote] | None = None,
+        addresses: Iterable[HostAddress] | None = None,
         family: Family | None = None,
         name: str | None = None,
     ) -> _OpenCall:

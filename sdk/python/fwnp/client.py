@@ -9,7 +9,7 @@ import queue
 import socket
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any
@@ -426,8 +426,8 @@ class Client:
         opening: Opening,
         *,
         lifetime: timedelta | None = None,
-        remotes: list[Remote] | tuple[Remote, ...] | None = None,
-        addresses: list[HostAddress] | tuple[HostAddress, ...] | None = None,
+        remotes: Iterable[Remote] | None = None,
+        addresses: Iterable[HostAddress] | None = None,
         family: Family | None = None,
         name: str | None = None,
     ) -> Lease:
