@@ -27,3 +27,35 @@ fwnp_ensure_packages() {
   echo "fwnp: install them as root with: apt-get install $missing" >&2
   return 1
 }
+
+# The Python SDK's environment: a virtual environment in target/python-venv (Debian's Python
+# refuses packages installed beside its own, PEP 668) holding the SDK of this tree, cbor2 and
+# pytest. As root it installs python3 and python3-venv when missing; otherwise it names them.
+# Exports FWNP_PYTHON, the environment's interpreter, which the tests use.
+fwnp_python_env() {
+  local venv=target/python-venv
+  if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "fwnp: installing python3 and python3-venv for the Python SDK" >&2
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3 python3-venv >&2
+    else
+      echo "fwnp: missing system packages: python3 python3-venv (the Python SDK's tests)" >&2
+      echo "fwnp: install them as root with: apt-get install python3 python3-venv" >&2
+      return 1
+    fi
+  fi
+  if ! "$venv/bin/python" -c 'import cbor2, pytest, flit_core' >/dev/null 2>&1; then
+    echo "fwnp: making $venv with cbor2, pytest and flit_core from PyPI" >&2
+    python3 -m venv "$venv" || return 1
+    "$venv/bin/pip" install -q --disable-pip-version-check 'cbor2>=6' pytest 'flit_core>=3.4,<4' || {
+      echo "fwnp: could not install cbor2, pytest and flit_core into $venv (is PyPI reachable?)" >&2
+      return 1
+    }
+  fi
+  # The SDK of this tree, installed as `pip install ./sdk/python` does (without the network).
+  "$venv/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    --force-reinstall ./sdk/python >&2 || return 1
+  FWNP_PYTHON="$(pwd)/$venv/bin/python"
+  export FWNP_PYTHON
+}
