@@ -31,7 +31,15 @@ from .errors import (
     RequestTimeout,
     UnknownLocalLease,
 )
-from .lease import AgentStatus, EventKind, LeaseEvent, LeaseId, LeaseSummary, _LeaseBase, _LeaseState
+from .lease import (
+    AgentStatus,
+    EventKind,
+    LeaseEvent,
+    LeaseId,
+    LeaseSummary,
+    _LeaseBase,
+    _LeaseState,
+)
 from .opening import Family, HostAddress, Opening, Remote
 
 __all__ = ["AsyncClient", "AsyncLease"]
@@ -40,7 +48,9 @@ __all__ = ["AsyncClient", "AsyncLease"]
 class _AsyncConnection:
     """The stream, the requests waiting and the leases' event queues, read by one task."""
 
-    def __init__(self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, path: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.path = path
         self.reader = reader
         self.writer = writer
@@ -58,12 +68,16 @@ class _AsyncConnection:
                     header = await self.reader.readexactly(_codec.HEADER_LEN)
                 except asyncio.IncompleteReadError as e:
                     if e.partial:
-                        raise ProtocolError("truncated-frame", "the agent closed inside a frame") from None
+                        raise ProtocolError(
+                            "truncated-frame", "the agent closed inside a frame"
+                        ) from None
                     raise ConnectionClosed() from None
                 try:
                     body = await self.reader.readexactly(_codec.body_length(header))
                 except asyncio.IncompleteReadError:
-                    raise ProtocolError("truncated-frame", "the agent closed inside a frame") from None
+                    raise ProtocolError(
+                        "truncated-frame", "the agent closed inside a frame"
+                    ) from None
                 msg = _codec.decode_answer(body)
                 if msg is not None:
                     self._route(msg)
@@ -103,7 +117,9 @@ class _AsyncConnection:
             if id(state) not in seen:
                 seen.add(id(state))
                 state.active = False
-                events.put_nowait(LeaseEvent(EventKind.DISCONNECTED, LeaseId(state.id), reason=str(why)))
+                events.put_nowait(
+                    LeaseEvent(EventKind.DISCONNECTED, LeaseId(state.id), reason=str(why))
+                )
         self.writer.close()
 
     def send(self, build: Callable[[int], _codec.Message]) -> asyncio.Future[_codec.Message]:
@@ -116,11 +132,15 @@ class _AsyncConnection:
         self.writer.write(frame)
         return future
 
-    async def request(self, build: Callable[[int], _codec.Message], name: str, timeout: float) -> _codec.Message:
+    async def request(
+        self, build: Callable[[int], _codec.Message], name: str, timeout: float
+    ) -> _codec.Message:
         return await self.wait(self.send(build), name, timeout)
 
     @staticmethod
-    async def wait(future: asyncio.Future[_codec.Message], name: str, timeout: float) -> _codec.Message:
+    async def wait(
+        future: asyncio.Future[_codec.Message], name: str, timeout: float
+    ) -> _codec.Message:
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
@@ -165,7 +185,11 @@ class AsyncLease(_LeaseBase):
     """
 
     def __init__(
-        self, client: AsyncClient, granted: _codec.Granted, state: _LeaseState, events: asyncio.Queue[LeaseEvent]
+        self,
+        client: AsyncClient,
+        granted: _codec.Granted,
+        state: _LeaseState,
+        events: asyncio.Queue[LeaseEvent],
     ) -> None:
         super().__init__(granted, state)
         self._client = client
@@ -185,7 +209,9 @@ class AsyncLease(_LeaseBase):
         conn = self._client._conn
         conn.forget(state)
         try:
-            answer = await conn.request(lambda rid: _codec.Release(rid, state.id), "release", self._client.timeout)
+            answer = await conn.request(
+                lambda rid: _codec.Release(rid, state.id), "release", self._client.timeout
+            )
         except ConnectionClosed:
             return
         if isinstance(answer, _codec.Released):
@@ -223,7 +249,10 @@ class AsyncLease(_LeaseBase):
         return self
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.release()
 
@@ -245,7 +274,10 @@ class _OpenCall:
         return self._lease
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         if self._lease is not None:
             await self._lease.release()
@@ -263,7 +295,9 @@ class AsyncClient:
     #: The local API version this client needs.
     api_version_needed: int = API_VERSION
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         #: How long each request waits for its answer, in seconds.
         self.timeout = timeout
         self._path = os.fspath(path) if path is not None else default_socket_path()
@@ -274,7 +308,9 @@ class AsyncClient:
     @property
     def _conn(self) -> _AsyncConnection:
         if self._connection is None:
-            raise ConnectionClosed("not connected: use `async with AsyncClient()` or `await client.connect()`")
+            raise ConnectionClosed(
+                "not connected: use `async with AsyncClient()` or `await client.connect()`"
+            )
         return self._connection
 
     @property
@@ -301,7 +337,9 @@ class AsyncClient:
         try:
             status = conn.send(lambda rid: _codec.Status(rid))
             watching = conn.send(lambda rid: _codec.Watch(rid))
-            self.agent = check_version(await conn.wait(status, "status", self.timeout), self.api_version_needed)
+            self.agent = check_version(
+                await conn.wait(status, "status", self.timeout), self.api_version_needed
+            )
             answer = await conn.wait(watching, "watch", self.timeout)
             if not isinstance(answer, _codec.Watching):
                 raise answer_error(answer, "watch")
@@ -341,7 +379,9 @@ class AsyncClient:
 
         >>> await client.release(lease.id)  # doctest: +SKIP
         """
-        answer = await self._conn.request(lambda rid: _codec.Release(rid, bytes(lease)), "release", self.timeout)
+        answer = await self._conn.request(
+            lambda rid: _codec.Release(rid, bytes(lease)), "release", self.timeout
+        )
         if not isinstance(answer, _codec.Released):
             raise answer_error(answer, "release")
 
@@ -350,7 +390,9 @@ class AsyncClient:
 
         >>> await client.leases()  # doctest: +SKIP
         """
-        return to_summaries(await self._conn.request(lambda rid: _codec.List(rid), "list", self.timeout))
+        return to_summaries(
+            await self._conn.request(lambda rid: _codec.List(rid), "list", self.timeout)
+        )
 
     async def status(self) -> AgentStatus:
         """How the agent is doing.
@@ -379,6 +421,9 @@ class AsyncClient:
         return await self.connect()
 
     async def __aexit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()

@@ -162,8 +162,32 @@ class _Connection:
         self.pending: dict[int, _Slot] = {}
         self.leases: dict[bytes, tuple[_LeaseState, queue.SimpleQueue[LeaseEvent]]] = {}
         self.closed: FwnpError | None = None
+        # Frames to send, and leases to release that nobody holds any more. Only the writer
+        # thread writes to the socket; a lease's finalizer, which may run in any thread at any
+        # allocation (also while this thread holds the lock), only puts into this queue, which
+        # is safe there.
+        self.outbox: queue.SimpleQueue[bytes | _LeaseState | None] = queue.SimpleQueue()
         self.reader = threading.Thread(target=self._read, name="fwnp-agent-reader", daemon=True)
+        self.writer = threading.Thread(target=self._write, name="fwnp-agent-writer", daemon=True)
         self.reader.start()
+        self.writer.start()
+
+    def _write(self) -> None:
+        while True:
+            item = self.outbox.get()
+            if item is None:
+                return
+            if isinstance(item, _LeaseState):
+                if self.closed is not None or not item.active:
+                    continue
+                self.forget(item)
+                # Nobody waits for the answer: an answer without a pending request is dropped.
+                item = _codec.encode_frame(_codec.Release(next(self.ids), item.id))
+            try:
+                self.sock.sendall(item)
+            except OSError as e:
+                self._shut(ConnectionClosed(str(e)))
+                return
 
     def _read_exact(self, n: int) -> bytes:
         data = bytearray()
@@ -229,6 +253,7 @@ class _Connection:
             seen.add(id(state))
             state.active = False
             events.put(LeaseEvent(EventKind.DISCONNECTED, LeaseId(state.id), reason=str(why)))
+        self.outbox.put(None)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -243,11 +268,7 @@ class _Connection:
             rid = next(self.ids)
             frame = request_frame(build(rid))
             self.pending[rid] = slot
-            try:
-                self.sock.sendall(frame)
-            except OSError as e:
-                self.pending.pop(rid, None)
-                raise ConnectionClosed(str(e)) from None
+            self.outbox.put(frame)
         return slot
 
     def request(self, build: Any, name: str, timeout: float) -> _codec.Message:
@@ -270,14 +291,9 @@ class _Connection:
 
     def release_unheld(self, state: _LeaseState) -> None:
         """Releases a lease nobody holds any more (collected without release), without
-        waiting for the answer."""
-        if not state.active or self.closed is not None:
-            return
-        self.forget(state)
-        try:
-            self.send(lambda rid: _codec.Release(rid, state.id))
-        except FwnpError:
-            pass
+        waiting for the answer. Runs as a finalizer: it only hands the lease to the writer."""
+        if state.active and self.closed is None:
+            self.outbox.put(state)
 
     def close(self) -> None:
         self._shut(ConnectionClosed("closed by the application"))
@@ -393,7 +409,9 @@ class Client:
     #: The local API version this client needs (:data:`API_VERSION`).
     api_version_needed: int = API_VERSION
 
-    def __init__(self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str] | None = None, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         #: How long each request waits for its answer, in seconds.
         self.timeout = timeout
         self._conn = _Connection(os.fspath(path) if path is not None else default_socket_path())
@@ -453,7 +471,9 @@ class Client:
 
         >>> client.release(lease.id)  # doctest: +SKIP
         """
-        answer = self._conn.request(lambda rid: _codec.Release(rid, bytes(lease)), "release", self.timeout)
+        answer = self._conn.request(
+            lambda rid: _codec.Release(rid, bytes(lease)), "release", self.timeout
+        )
         if not isinstance(answer, _codec.Released):
             raise answer_error(answer, "release")
 

@@ -42,13 +42,28 @@ class FakeAgent:
 
     def default(self, m: _codec.Message) -> list[bytes]:
         if isinstance(m, _codec.Status):
-            return [_codec.encode_frame(_codec.StatusAnswer(
-                m.request_id, "0.1.0", "gw:4433", True, 7, "enforce", "fwnp://host/a", 0, None,
-                self.api_version))]
+            return [
+                _codec.encode_frame(
+                    _codec.StatusAnswer(
+                        m.request_id,
+                        "0.1.0",
+                        "gw:4433",
+                        True,
+                        7,
+                        "enforce",
+                        "fwnp://host/a",
+                        0,
+                        None,
+                        self.api_version,
+                    )
+                )
+            ]
         if isinstance(m, _codec.Watch):
             return [_codec.encode_frame(_codec.Watching(m.request_id))]
         if isinstance(m, _codec.Open):
-            return [_codec.encode_frame(_codec.Granted(m.request_id, LEASE, (GRANT,), 600, 1, 300, 7))]
+            return [
+                _codec.encode_frame(_codec.Granted(m.request_id, LEASE, (GRANT,), 600, 1, 300, 7))
+            ]
         if isinstance(m, _codec.Release):
             return [_codec.encode_frame(_codec.Released(m.request_id, m.lease))]
         return []
@@ -70,8 +85,8 @@ class FakeAgent:
             buf += data
             while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
                 n = int.from_bytes(buf[:4], "big")
-                msg = _codec.decode_body(buf[4:4 + n])
-                buf = buf[4 + n:]
+                msg = _codec.decode_body(buf[4 : 4 + n])
+                buf = buf[4 + n :]
                 with self.got:
                     self.received.append(msg)
                     self.got.notify_all()
@@ -87,8 +102,9 @@ class FakeAgent:
 
     def wait_for(self, kind: type, within: float = 5.0) -> _codec.Message:
         with self.got:
-            assert self.got.wait_for(lambda: any(isinstance(m, kind) for m in self.received), within), (
-                f"no {kind.__name__} received: {self.received}")
+            assert self.got.wait_for(
+                lambda: any(isinstance(m, kind) for m in self.received), within
+            ), f"no {kind.__name__} received: {self.received}"
             return next(m for m in self.received if isinstance(m, kind))
 
     def close(self) -> None:
@@ -108,7 +124,9 @@ def agent(tmp_path: Path) -> Iterator[FakeAgent]:
     a.close()
 
 
-def test_connect_uses_the_environment_and_asks_status_and_watch(agent: FakeAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_connect_uses_the_environment_and_asks_status_and_watch(
+    agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("FWNP_AGENT_SOCKET", agent.path)
     with fwnp.Client() as client:
         assert client.path == agent.path
@@ -124,10 +142,17 @@ def test_agent_unavailable(tmp_path: Path) -> None:
     assert e.value.path == str(tmp_path / "nobody.sock")
 
 
-@pytest.mark.parametrize("agent_version,needed,raises", [
-    (None, 1, False), (None, 2, True), (1, 2, True), (2, 2, False), (3, 2, False)])
-def test_version_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, agent_version: int | None,
-                       needed: int, raises: bool) -> None:
+@pytest.mark.parametrize(
+    "agent_version,needed,raises",
+    [(None, 1, False), (None, 2, True), (1, 2, True), (2, 2, False), (3, 2, False)],
+)
+def test_version_check(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    agent_version: int | None,
+    needed: int,
+    raises: bool,
+) -> None:
     a = FakeAgent(tmp_path / "agent.sock", api_version=agent_version)
     monkeypatch.setattr(fwnp.Client, "api_version_needed", needed)
     try:
@@ -182,7 +207,11 @@ def test_lease_released_on_collection(agent: FakeAgent) -> None:
 def test_refusals_raise_their_class(agent: FakeAgent) -> None:
     def refuse(m: _codec.Message) -> list[bytes]:
         if isinstance(m, _codec.Open):
-            return [_codec.encode_frame(_codec.DeniedMsg(m.request_id, 1025, "tcp/8080 is bound by pid 1"))]
+            return [
+                _codec.encode_frame(
+                    _codec.DeniedMsg(m.request_id, 1025, "tcp/8080 is bound by pid 1")
+                )
+            ]
         return agent.default(m)
 
     agent.answer = refuse
@@ -196,12 +225,22 @@ def test_events_reach_their_lease_and_end_with_a_terminal_one(agent: FakeAgent) 
     with fwnp.Client(agent.path) as client:
         lease = client.open(fwnp.tcp(8080))
         agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 599_000)))
-        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 6, 600_000, new_lease=NEW_LEASE)))
+        agent.send(
+            _codec.encode_frame(_codec.EventMsg(None, LEASE, 6, 600_000, new_lease=NEW_LEASE))
+        )
         # An event kind this version does not know: ignored, as the spec asks.
-        agent.send(_codec.encode_frame(_codec.EventMsg(None, NEW_LEASE, 7)).replace(b"\x04\x07", b"\x04\x09"))
+        agent.send(
+            _codec.encode_frame(_codec.EventMsg(None, NEW_LEASE, 7)).replace(
+                b"\x04\x07", b"\x04\x09"
+            )
+        )
         agent.send(_codec.encode_frame(_codec.EventMsg(None, NEW_LEASE, 2, reason="operator")))
         events = list(lease.events(timeout=5))
-        assert [e.kind for e in events] == [fwnp.EventKind.RENEWED, fwnp.EventKind.REOPENED, fwnp.EventKind.REVOKED]
+        assert [e.kind for e in events] == [
+            fwnp.EventKind.RENEWED,
+            fwnp.EventKind.REOPENED,
+            fwnp.EventKind.REVOKED,
+        ]
         assert events[0].expires_in == timedelta(seconds=599)
         assert lease.id == NEW_LEASE and not lease.active
         assert events[2].reason == "operator"

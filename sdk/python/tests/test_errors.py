@@ -15,7 +15,12 @@ def test_every_code_has_its_class() -> None:
         e = denied_error(code, "why", retry_after=4, lease=bytes(16))
         assert type(e) is classes[code]
         assert isinstance(e, fwnp.Denied) and isinstance(e, fwnp.FwnpError)
-        assert (e.code, e.name, e.reason, e.retry_after) == (code, name, "why", timedelta(seconds=4))
+        assert (e.code, e.name, e.reason, e.retry_after) == (
+            code,
+            name,
+            "why",
+            timedelta(seconds=4),
+        )
         # Each class is exported under the name the spec gives its code.
         assert getattr(fwnp, "".join(part.capitalize() for part in name.split("-"))) is type(e)
 

@@ -21,13 +21,17 @@ def test_builders_write_the_vectors_frames() -> None:
     opening = tcp(8080, family=4, lifetime=timedelta(minutes=10))
     assert _codec.encode_frame(opening._message(1)).hex() == frame_of("001-open-tcp-ipv4.json")
     opening = udp(5000, 5100, remotes=["2001:db8:1::/48"], name="media-relay")
-    assert _codec.encode_frame(opening._message(2)).hex() == frame_of("002-open-udp-range-remotes-name.json")
+    assert _codec.encode_frame(opening._message(2)).hex() == frame_of(
+        "002-open-udp-range-remotes-name.json"
+    )
     opening = app("https", addresses=["192.0.2.10"], lifetime=timedelta(seconds=300))
     assert _codec.encode_frame(opening._message(3)).hex() == frame_of("003-open-app-address.json")
 
 
 def test_lifetime_is_rounded_up_and_addresses_become_a_list() -> None:
-    msg = tcp(22, lifetime=timedelta(seconds=1.2), addresses=["192.0.2.10", "2001:db8::10"])._message(9)
+    msg = tcp(
+        22, lifetime=timedelta(seconds=1.2), addresses=["192.0.2.10", "2001:db8::10"]
+    )._message(9)
     assert msg.lifetime == 2
     assert isinstance(msg.opening.host, tuple) and len(msg.opening.host) == 2
     assert msg.opening.family is None

@@ -42,51 +42,98 @@ def render(m: _codec.Message) -> dict[str, Any]:
     if isinstance(m, _codec.Open):
         t = m.opening.target
         host = m.opening.host
-        out.update(type="open", lifetime=m.lifetime, app_info=_app(m.app), opening={
-            "protocol": _codec.PROTOCOLS[t.protocol] if t.protocol else None,
-            "ports": {"first": t.first, "last": t.last} if t.app is None else None,
-            "app": t.app,
-            "host": [str(a) for a in host] if isinstance(host, tuple) else (str(host) if host else None),
-            "family": _codec.FAMILIES[m.opening.family] if m.opening.family else None,
-            "remotes": [str(r) for r in m.opening.remotes],
-        })
+        out.update(
+            type="open",
+            lifetime=m.lifetime,
+            app_info=_app(m.app),
+            opening={
+                "protocol": _codec.PROTOCOLS[t.protocol] if t.protocol else None,
+                "ports": {"first": t.first, "last": t.last} if t.app is None else None,
+                "app": t.app,
+                "host": (
+                    [str(a) for a in host]
+                    if isinstance(host, tuple)
+                    else (str(host) if host else None)
+                ),
+                "family": _codec.FAMILIES[m.opening.family] if m.opening.family else None,
+                "remotes": [str(r) for r in m.opening.remotes],
+            },
+        )
     elif isinstance(m, (_codec.Release, _codec.Released)):
-        out.update(type="release" if isinstance(m, _codec.Release) else "released", lease=_lease(m.lease))
+        out.update(
+            type="release" if isinstance(m, _codec.Release) else "released", lease=_lease(m.lease)
+        )
     elif isinstance(m, _codec.List):
         out.update(type="list")
     elif isinstance(m, _codec.Granted):
-        out.update(type="granted", lease=_lease(m.lease), grants=[_grant(g) for g in m.grants],
-                   lifetime=m.lifetime, expires_ms=m.expires_ms, renew_after=m.renew_after,
-                   epoch=m.epoch, narrowed=m.narrowed)
+        out.update(
+            type="granted",
+            lease=_lease(m.lease),
+            grants=[_grant(g) for g in m.grants],
+            lifetime=m.lifetime,
+            expires_ms=m.expires_ms,
+            renew_after=m.renew_after,
+            epoch=m.epoch,
+            narrowed=m.narrowed,
+        )
     elif isinstance(m, _codec.DeniedMsg):
-        out.update(type="denied", code=_codec_name(m.code), reason=m.reason,
-                   retry_after=m.retry_after, lease=_lease(m.lease), unsupported=list(m.unsupported))
+        out.update(
+            type="denied",
+            code=_codec_name(m.code),
+            reason=m.reason,
+            retry_after=m.retry_after,
+            lease=_lease(m.lease),
+            unsupported=list(m.unsupported),
+        )
     elif isinstance(m, _codec.Leases):
-        out.update(type="leases", epoch=m.epoch, leases=[
-            {"lease": _lease(i.lease), "grants": [_grant(g) for g in i.grants],
-             "remaining": i.remaining, "expires_ms": i.expires_ms, "app_info": _app(i.app)}
-            for i in m.leases
-        ])
+        out.update(
+            type="leases",
+            epoch=m.epoch,
+            leases=[
+                {
+                    "lease": _lease(i.lease),
+                    "grants": [_grant(g) for g in i.grants],
+                    "remaining": i.remaining,
+                    "expires_ms": i.expires_ms,
+                    "app_info": _app(i.app),
+                }
+                for i in m.leases
+            ],
+        )
     elif isinstance(m, _codec.Watch):
         out.update(type="watch", lease=_lease(m.lease))
     elif isinstance(m, (_codec.Watching, _codec.Status)):
         out.update(type="watching" if isinstance(m, _codec.Watching) else "status")
     elif isinstance(m, _codec.EventMsg):
         from fwnp import EventKind
-        out.update(type="event", lease=_lease(m.lease),
-                   kind=EventKind(m.kind).name.lower().replace("_", "-"),
-                   expires_in_ms=m.expires_in_ms, reason=m.reason,
-                   code=_codec_name(m.code) if m.code is not None else None,
-                   new_lease=_lease(m.new_lease))
+
+        out.update(
+            type="event",
+            lease=_lease(m.lease),
+            kind=EventKind(m.kind).name.lower().replace("_", "-"),
+            expires_in_ms=m.expires_in_ms,
+            reason=m.reason,
+            code=_codec_name(m.code) if m.code is not None else None,
+            new_lease=_lease(m.new_lease),
+        )
     elif isinstance(m, _codec.StatusAnswer):
-        out.update(type="status-answer", agent_version=m.agent_version, gateway=m.gateway,
-                   connected=m.connected, epoch=m.epoch, mirror_mode=m.mirror_mode,
-                   identity=m.identity, leases=m.leases, last_error=m.last_error)
+        out.update(
+            type="status-answer",
+            agent_version=m.agent_version,
+            gateway=m.gateway,
+            connected=m.connected,
+            epoch=m.epoch,
+            mirror_mode=m.mirror_mode,
+            identity=m.identity,
+            leases=m.leases,
+            last_error=m.last_error,
+        )
     return out
 
 
 def _codec_name(code: int) -> str:
     from fwnp import CODE_NAMES
+
     return CODE_NAMES[code]
 
 
@@ -129,7 +176,9 @@ def test_tags_and_deep_nesting_are_refused() -> None:
         _codec.decode_body(bytes.fromhex("a3001843010114" + "81" * 8 + "00"))
     assert refused.value.kind == "nesting-too-deep"
     # Depth 8 is allowed, in an ignored key.
-    assert isinstance(_codec.decode_body(bytes.fromhex("a3001843010114" + "81" * 7 + "00")), _codec.Status)
+    assert isinstance(
+        _codec.decode_body(bytes.fromhex("a3001843010114" + "81" * 7 + "00")), _codec.Status
+    )
     # {0: 67, 1: 1, 1: 2}: a duplicate key.
     with pytest.raises(ProtocolError) as refused:
         _codec.decode_body(bytes.fromhex("a300184301010102"))
