@@ -113,7 +113,12 @@ class AppInfo:
 class Grant:
     """One concrete opening the gateway granted: a protocol, a port or range, one host
     address, and the remote prefixes when restricted (``app`` names the catalogue application
-    it was expanded from)."""
+    it was expanded from).
+
+    >>> import ipaddress
+    >>> str(Grant(6, 8080, 8080, ipaddress.ip_address("198.51.100.11")))
+    'tcp/8080 on 198.51.100.11'
+    """
 
     protocol: int
     first: int
@@ -124,7 +129,12 @@ class Grant:
 
     @property
     def protocol_name(self) -> str:
-        """``tcp``, ``udp``, ``sctp`` or ``udplite``."""
+        """``tcp``, ``udp``, ``sctp`` or ``udplite``.
+
+        >>> import ipaddress
+        >>> Grant(17, 5000, 5100, ipaddress.ip_address("192.0.2.10")).protocol_name
+        'udp'
+        """
         return PROTOCOLS.get(self.protocol, str(self.protocol))
 
     def __str__(self) -> str:

@@ -210,43 +210,75 @@ class _LeaseBase:
 
     @property
     def id(self) -> LeaseId:
-        """The lease's id (its new one after a re-open)."""
+        """The lease's id (its new one after a re-open).
+
+        >>> print(lease.id)  # doctest: +SKIP
+        0150a67c785e4accf8cf42a4d17fd099
+        """
         return LeaseId(self._state.id)
 
     @property
     def grants(self) -> tuple[Grant, ...]:
-        """What the gateway granted: one grant per host address, protocol and port range."""
+        """What the gateway granted: one grant per host address, protocol and port range.
+
+        >>> [str(g) for g in lease.grants]  # doctest: +SKIP
+        ['tcp/8080 on 198.51.100.11', 'tcp/8080 on fd00:2::11']
+        """
         return self._granted.grants
 
     @property
     def lifetime(self) -> timedelta:
-        """The lifetime granted (the agent renews it while the lease is held)."""
+        """The lifetime granted (the agent renews it while the lease is held).
+
+        >>> lease.lifetime  # doctest: +SKIP
+        datetime.timedelta(seconds=300)
+        """
         return timedelta(seconds=self._granted.lifetime)
 
     @property
     def expires_at(self) -> datetime:
-        """The first expiry, on the gateway's clock."""
+        """The first expiry, on the gateway's clock.
+
+        >>> lease.expires_at  # doctest: +SKIP
+        datetime.datetime(2026, 12, 5, 23, 40, tzinfo=datetime.timezone.utc)
+        """
         return datetime.fromtimestamp(self._granted.expires_ms / 1000, tz=timezone.utc)
 
     @property
     def renew_after(self) -> timedelta:
-        """When the agent renews it."""
+        """When the agent renews it.
+
+        >>> lease.renew_after  # doctest: +SKIP
+        datetime.timedelta(seconds=150)
+        """
         return timedelta(seconds=self._granted.renew_after)
 
     @property
     def epoch(self) -> int:
-        """The gateway's epoch when it was granted."""
+        """The gateway's epoch when it was granted.
+
+        >>> lease.epoch  # doctest: +SKIP
+        6839071254581330945
+        """
         return self._granted.epoch
 
     @property
     def narrowed(self) -> bool:
-        """Whether the gateway granted less than was asked."""
+        """Whether the gateway granted less than was asked.
+
+        >>> lease.narrowed  # doctest: +SKIP
+        False
+        """
         return self._granted.narrowed
 
     @property
     def active(self) -> bool:
         """Whether the lease is still held (not released, revoked, expired, lost, or cut off
-        by the connection's end)."""
+        by the connection's end).
+
+        >>> lease.active  # doctest: +SKIP
+        True
+        """
         return self._state.active
 
     def __repr__(self) -> str:
