@@ -100,6 +100,10 @@ class _AsyncConnection:
                 self.forget(state)
             events.put_nowait(event)
             return
+        if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
+            # Registered before the answer is handed over: the opener resumes only at a later
+            # turn of the loop, after events that came with the Granted have been routed.
+            self.leases[msg.lease] = (_LeaseState(msg.lease), asyncio.Queue())
         future = self.pending.pop(msg.request_id or 0, None)
         if future is not None and not future.done():
             future.set_result(msg)
@@ -369,10 +373,11 @@ class AsyncClient:
         answer = await conn.request(opening._message, "open", self.timeout)
         if not isinstance(answer, _codec.Granted):
             raise answer_error(answer, "open")
-        state = _LeaseState(answer.lease)
-        events: asyncio.Queue[LeaseEvent] = asyncio.Queue()
-        conn.leases[answer.lease] = (state, events)
-        return AsyncLease(self, answer, state, events)
+        entry = conn.leases.get(answer.lease)
+        if entry is None:  # ended before the opener resumed: a lease already over
+            entry = (_LeaseState(answer.lease), asyncio.Queue())
+            entry[0].active = False
+        return AsyncLease(self, answer, *entry)
 
     async def release(self, lease: bytes) -> None:
         """Releases a lease of this connection by its id.

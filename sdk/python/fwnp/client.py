@@ -232,6 +232,10 @@ class _Connection:
                         self.leases.pop(lease_id, None)
                 events.put(event)
                 return
+            if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
+                # Registered before the answer is handed over, so that no event that follows
+                # the Granted at once is lost.
+                self.leases[msg.lease] = (_LeaseState(msg.lease), queue.SimpleQueue())
             slot = self.pending.pop(msg.request_id or 0, None)
         if slot is not None:
             slot.answer = msg
@@ -459,11 +463,12 @@ class Client:
         answer = self._conn.request(opening._message, "open", self.timeout)
         if not isinstance(answer, _codec.Granted):
             raise answer_error(answer, "open")
-        state = _LeaseState(answer.lease)
-        events: queue.SimpleQueue[LeaseEvent] = queue.SimpleQueue()
         with self._conn.lock:
-            self._conn.leases[answer.lease] = (state, events)
-        return Lease(self, answer, state, events)
+            entry = self._conn.leases.get(answer.lease)
+        if entry is None:  # ended before this thread took it: a lease already over
+            entry = (_LeaseState(answer.lease), queue.SimpleQueue())
+            entry[0].active = False
+        return Lease(self, answer, *entry)
 
     def release(self, lease: bytes) -> None:
         """Releases a lease of this connection by its id. Raises

@@ -289,3 +289,80 @@ def test_async_client_opens_and_releases(agent: FakeAgent) -> None:
     asyncio.run(main())
     opened = agent.wait_for(_codec.Open)
     assert isinstance(opened, _codec.Open) and opened.opening.target.last == 5100
+
+
+def granted_then_renewed(agent: FakeAgent) -> Answer:
+    def answer(m: _codec.Message) -> list[bytes]:
+        frames = agent.default(m)
+        if isinstance(m, _codec.Open):
+            # The event right behind the Granted, in the same write.
+            frames = [frames[0] + _codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 42_000))]
+        return frames
+
+    return answer
+
+
+def test_an_event_right_after_the_grant_reaches_the_lease(agent: FakeAgent) -> None:
+    agent.answer = granted_then_renewed(agent)
+    with fwnp.Client(agent.path) as client:
+        lease = client.open(fwnp.tcp(8080))
+        event = lease.next_event(timeout=5)
+        assert event is not None and event.expires_in == timedelta(seconds=42)
+
+
+def test_async_an_event_right_after_the_grant_reaches_the_lease(agent: FakeAgent) -> None:
+    agent.answer = granted_then_renewed(agent)
+
+    async def main() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            lease = await client.open(fwnp.tcp(8080))
+            event = await lease.next_event(timeout=5)
+            assert event is not None and event.expires_in == timedelta(seconds=42)
+
+    asyncio.run(main())
+
+
+def test_async_lease_released_on_collection(agent: FakeAgent) -> None:
+    async def main() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            lease = await client.open(fwnp.tcp(8080))
+            del lease
+            gc.collect()
+            loop = asyncio.get_running_loop()
+            released = await loop.run_in_executor(None, agent.wait_for, _codec.Release)
+            assert isinstance(released, _codec.Release) and released.lease == LEASE
+
+    asyncio.run(main())
+
+
+def test_status_and_leases(agent: FakeAgent) -> None:
+    info = _codec.LeaseInfo(
+        LEASE, (GRANT,), 540, 1_795_000_540_000, _codec.AppInfo("srv", None, 1000, 4242)
+    )
+
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.List):
+            return [_codec.encode_frame(_codec.Leases(m.request_id, (info,), 7))]
+        return agent.default(m)
+
+    agent.answer = answer
+    with fwnp.Client(agent.path) as client:
+        status = client.status()
+        assert (status.connected, status.mirror_mode, status.epoch) == (True, "enforce", 7)
+        (summary,) = client.leases()
+        assert summary.id == LEASE and summary.remaining == timedelta(seconds=540)
+        assert (summary.name, summary.uid, summary.pid) == ("srv", 1000, 4242)
+        assert summary.expires_at.timestamp() == 1_795_000_540
+
+
+def test_release_by_id_of_a_lease_not_held(agent: FakeAgent) -> None:
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Release):
+            return [_codec.encode_frame(_codec.DeniedMsg(m.request_id, 1027, lease=m.lease))]
+        return agent.default(m)
+
+    agent.answer = answer
+    with fwnp.Client(agent.path) as client:
+        with pytest.raises(fwnp.UnknownLocalLease) as e:
+            client.release(NEW_LEASE)
+        assert e.value.lease == NEW_LEASE
