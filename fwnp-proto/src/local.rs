@@ -45,6 +45,7 @@ use crate::message::{
     Common, Denied, Epoch, LeaseId, MAX_MESSAGE_SIZE, MAX_NESTING_DEPTH, Message, MessageType,
     ResultCode,
 };
+use crate::validate::MAX_REASON_LEN;
 
 /// Length of a frame's header: the body's length as a 32-bit big-endian integer.
 pub const FRAME_HEADER_LEN: usize = 4;
@@ -763,6 +764,33 @@ impl Fields {
         self.get(key).map(|v| self.as_text(key, v)).transpose()
     }
 
+    /// A reason text: at most [`MAX_REASON_LEN`] bytes, as on the wire.
+    fn opt_reason(&self, key: u64) -> Result<Option<String>, LocalError> {
+        let text = self.opt_text(key)?;
+        match &text {
+            Some(t) if t.len() > MAX_REASON_LEN => {
+                Err(LocalError::Decode(DecodeError::TextLength {
+                    at: Place::Envelope,
+                    key,
+                    len: t.len(),
+                    min: 0,
+                    max: MAX_REASON_LEN,
+                }))
+            }
+            _ => Ok(text),
+        }
+    }
+
+    /// StatusAnswer key 7: one of the three modes.
+    fn mirror_mode(&self) -> Result<String, LocalError> {
+        let mode = self.text(7)?;
+        if ["enforce", "monitor", "off"].contains(&mode.as_str()) {
+            Ok(mode)
+        } else {
+            Err(self.wrong_type(7, "\"enforce\", \"monitor\" or \"off\""))
+        }
+    }
+
     fn bool(&self, key: u64) -> Result<bool, LocalError> {
         match self.require(key)? {
             Value::Bool(b) => Ok(*b),
@@ -787,9 +815,16 @@ impl Fields {
         self.get(key).map(|v| self.as_lease(key, v)).transpose()
     }
 
+    /// A list the schema writes `[+ uint]` (`critical`, Denied key 7): absent, or not empty.
     fn uint_list(&self, key: u64) -> Result<Vec<u64>, LocalError> {
         match self.get(key) {
             None => Ok(Vec::new()),
+            Some(Value::Array(items)) if items.is_empty() => {
+                Err(LocalError::Decode(DecodeError::EmptyList {
+                    at: Place::Envelope,
+                    key,
+                }))
+            }
             Some(Value::Array(items)) => items.iter().map(|v| self.as_uint(key, v)).collect(),
             Some(_) => Err(self.wrong_type(key, "an array of unsigned integers")),
         }
@@ -866,7 +901,7 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
                 lease: f.lease(3)?,
                 kind,
                 expires_in_ms: f.opt_uint(5)?,
-                reason: f.opt_text(6)?,
+                reason: f.opt_reason(6)?,
                 code: f.opt_uint(7)?.map(|n| f.code(7, n)).transpose()?,
                 new_lease: f.opt_lease(8)?,
             })
@@ -878,17 +913,17 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
             gateway: f.text(4)?,
             connected: f.bool(5)?,
             epoch: f.opt_uint(6)?,
-            mirror_mode: f.text(7)?,
+            mirror_mode: f.mirror_mode()?,
             identity: f.opt_text(8)?,
             leases: f.uint(9)?,
-            last_error: f.opt_text(10)?,
+            last_error: f.opt_reason(10)?,
         }),
         _ => {
             let n = f.uint(3)?;
             LocalMessage::Denied(LocalDenied {
                 common,
                 code: f.code(3, n)?,
-                reason: f.opt_text(4)?,
+                reason: f.opt_reason(4)?,
                 retry_after: f.opt_u32(5)?,
                 lease: f.opt_lease(6)?,
                 unsupported: f.uint_list(7)?,

@@ -153,3 +153,90 @@ fn canonical_forms_match(schema: &cddl::ast::CDDL<'_>) {
         failures.join("\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The local API's frames (`spec/vectors/local/`) against the CDDL of `spec/local-api.md`
+// Section 4, which extends `spec/fwnp.cddl`.
+
+/// The local API's schema, checkable: its CDDL block (first, so that `local-message` is the
+/// root) with the open entries `* uint => any` removed, then the checkable wire schema. Closed
+/// maps are right for what is checked here: canonical forms, which carry no unknown keys.
+fn local_schema() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/local-api.md");
+    let text = std::fs::read_to_string(path).expect("spec/local-api.md is readable");
+    let start = text
+        .find("In CDDL (extending `spec/fwnp.cddl`):")
+        .expect("local-api.md has its CDDL");
+    let block = text[start..]
+        .split("```")
+        .nth(1)
+        .expect("the CDDL is a code block");
+    let entry = "* uint => any";
+    assert!(
+        block.matches(entry).count() >= 5,
+        "the local schema's open entries moved"
+    );
+    let local: String = block
+        .lines()
+        .filter(|line| line.trim() != entry)
+        .map(|line| line.replace(&format!(", {entry} "), " ") + "\n")
+        .collect();
+    assert!(
+        !local.contains(entry),
+        "an open entry was not removed:\n{local}"
+    );
+    format!("{local}\n{}", schema())
+}
+
+#[test]
+fn local_frames_match_the_local_schema() {
+    let text = local_schema();
+    std::thread::scope(|scope| {
+        let handle = std::thread::Builder::new()
+            .stack_size(256 << 20)
+            .spawn_scoped(scope, || {
+                let parsed = cddl::cddl_from_str(&text, true).expect("the local schema parses");
+                local_frames_match(&parsed);
+            })
+            .expect("thread starts");
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+}
+
+fn local_frames_match(schema: &cddl::ast::CDDL<'_>) {
+    // Errors of the body that the schema states: inputs refused for them do not match it.
+    const SCHEMA_ERRORS: [&str; 6] = [
+        "not-a-map",
+        "key-not-unsigned",
+        "unknown-message-type",
+        "missing-key",
+        "wrong-type",
+        "out-of-range",
+    ];
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (name, vector) in common::load_local_vectors() {
+        if let Some(canonical) = vector["valid"]["canonical_hex"].as_str() {
+            let frame = hex::decode(canonical).expect("canonical_hex is hex");
+            checked += 1;
+            if let Err(why) = matches_schema(schema, &frame[4..]) {
+                failures.push(format!("{name}: should match the local schema: {why}"));
+            }
+        } else if SCHEMA_ERRORS.contains(&vector["invalid"]["error"].as_str().unwrap_or("")) {
+            let frame = common::vector_bytes(&name, &vector);
+            checked += 1;
+            if matches_schema(schema, &frame[4..]).is_ok() {
+                failures.push(format!("{name}: should not match the local schema"));
+            }
+        }
+    }
+    assert!(checked >= 30, "only {checked} local vectors checked");
+    assert!(
+        failures.is_empty(),
+        "{} local vectors:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

@@ -2484,6 +2484,43 @@ fn local_vectors() -> Vec<LocalVector> {
         Answer::Denied(R::MalformedRequest),
     ));
     v.push(local_invalid(
+        "status-critical-empty",
+        "Status with an empty critical list (key 2 is [+ uint]).",
+        framed(&h("a3 00 18 43 01 08 02 80")),
+        "decode",
+        "empty-list",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "denied-local-code-unsupported-empty",
+        "Denied 1027 whose key 7 (the critical keys not understood) is empty.",
+        framed(&h("a4 00 11 01 04 03 19 04 03 07 80")),
+        "decode",
+        "empty-list",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
+        "event-reason-too-long",
+        "Event revoked whose reason has 513 bytes, one more than a reason text may.",
+        framed(&encode_body(&LocalMessage::Event(Event {
+            reason: Some("r".repeat(513)),
+            ..event(EventKind::Revoked)
+        }))),
+        "decode",
+        "text-length",
+        Answer::Close,
+    ));
+    v.push(local_invalid(
+        "status-answer-unknown-mirror-mode",
+        "StatusAnswer whose mirror mode (key 7) is \"audit\", none of the three modes.",
+        framed(&h(
+            "a7 00 18 44 01 08 03 65 302e312e30 04 62 6777 05 f5 07 65 6175646974 09 00",
+        )),
+        "decode",
+        "wrong-type",
+        Answer::Denied(R::MalformedRequest),
+    ));
+    v.push(local_invalid(
         "status-answer-connected-not-bool",
         "StatusAnswer whose key 5 (connected) is the integer 1.",
         framed(&h(

@@ -787,7 +787,7 @@ def decode_body(body: bytes) -> Message:
         return Status(rid, critical=critical)
     mode = f.text(7)
     if mode not in ("enforce", "monitor", "off"):
-        fail("out-of-range", f"mirror mode {mode!r}")
+        fail("wrong-type", f"mirror mode {mode!r} is not enforce, monitor or off")
     return StatusAnswer(
         rid,
         f.text(3),
