@@ -93,8 +93,8 @@ class _AsyncConnection:
                 return
             state, events = entry
             event = LeaseEvent._from_message(msg)
+            state.saw(event)
             if event.new_lease is not None:
-                state.ids.append(event.new_lease)
                 self.leases[event.new_lease] = entry
             if event.terminal:
                 self.forget(state)
@@ -103,7 +103,7 @@ class _AsyncConnection:
         if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
             # Registered before the answer is handed over: the opener resumes only at a later
             # turn of the loop, after events that came with the Granted have been routed.
-            self.leases[msg.lease] = (_LeaseState(msg.lease), asyncio.Queue())
+            self.leases[msg.lease] = (_LeaseState(msg.lease, msg.lifetime), asyncio.Queue())
         future = self.pending.pop(msg.request_id or 0, None)
         if future is not None and not future.done():
             future.set_result(msg)
@@ -375,7 +375,7 @@ class AsyncClient:
             raise answer_error(answer, "open")
         entry = conn.leases.get(answer.lease)
         if entry is None:  # ended before the opener resumed: a lease already over
-            entry = (_LeaseState(answer.lease), asyncio.Queue())
+            entry = (_LeaseState(answer.lease, answer.lifetime), asyncio.Queue())
             entry[0].active = False
         return AsyncLease(self, answer, *entry)
 

@@ -223,11 +223,10 @@ class _Connection:
                     return
                 state, events = entry
                 event = LeaseEvent._from_message(msg)
+                state.saw(event)
                 if event.new_lease is not None:
-                    state.ids.append(event.new_lease)
                     self.leases[event.new_lease] = entry
                 if event.terminal:
-                    state.active = False
                     for lease_id in state.ids:
                         self.leases.pop(lease_id, None)
                 events.put(event)
@@ -235,7 +234,7 @@ class _Connection:
             if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
                 # Registered before the answer is handed over, so that no event that follows
                 # the Granted at once is lost.
-                self.leases[msg.lease] = (_LeaseState(msg.lease), queue.SimpleQueue())
+                self.leases[msg.lease] = (_LeaseState(msg.lease, msg.lifetime), queue.SimpleQueue())
             slot = self.pending.pop(msg.request_id or 0, None)
         if slot is not None:
             slot.answer = msg
@@ -466,7 +465,7 @@ class Client:
         with self._conn.lock:
             entry = self._conn.leases.get(answer.lease)
         if entry is None:  # ended before this thread took it: a lease already over
-            entry = (_LeaseState(answer.lease), queue.SimpleQueue())
+            entry = (_LeaseState(answer.lease, answer.lifetime), queue.SimpleQueue())
             entry[0].active = False
         return Lease(self, answer, *entry)
 

@@ -188,11 +188,22 @@ class LeaseSummary:
 
 
 class _LeaseState:
-    """What a lease and the connection share: whether it is still held, and its ids."""
+    """What a lease and the connection share: whether it is still held, its ids, and when it
+    ends (this host's monotonic clock) as the last grant or event said."""
 
-    def __init__(self, lease: bytes) -> None:
+    def __init__(self, lease: bytes, lifetime: int) -> None:
         self.ids = [lease]
         self.active = True
+        self.deadline = time.monotonic() + lifetime
+
+    def saw(self, event: LeaseEvent) -> None:
+        """Takes in what an event says about the lease's ids and its time left."""
+        if event.new_lease is not None:
+            self.ids.append(event.new_lease)
+        if event.expires_in is not None:
+            self.deadline = time.monotonic() + event.expires_in.total_seconds()
+        if event.terminal:
+            self.active = False
 
     @property
     def id(self) -> bytes:
@@ -234,6 +245,18 @@ class _LeaseBase:
         datetime.timedelta(seconds=300)
         """
         return timedelta(seconds=self._granted.lifetime)
+
+    @property
+    def expires_in(self) -> timedelta:
+        """The time left before the lease ends unless renewed, as of its grant or its last
+        renewal (zero once over).
+
+        >>> lease.expires_in  # doctest: +SKIP
+        datetime.timedelta(seconds=299, microseconds=981022)
+        """
+        if not self._state.active:
+            return timedelta(0)
+        return timedelta(seconds=max(0.0, self._state.deadline - time.monotonic()))
 
     @property
     def expires_at(self) -> datetime:

@@ -242,6 +242,7 @@ def test_events_reach_their_lease_and_end_with_a_terminal_one(agent: FakeAgent) 
             fwnp.EventKind.REVOKED,
         ]
         assert events[0].expires_in == timedelta(seconds=599)
+        assert lease.expires_in == timedelta(0)  # over
         assert lease.id == NEW_LEASE and not lease.active
         assert events[2].reason == "operator"
         lease.release()  # over already: nothing is sent
@@ -308,6 +309,8 @@ def test_an_event_right_after_the_grant_reaches_the_lease(agent: FakeAgent) -> N
         lease = client.open(fwnp.tcp(8080))
         event = lease.next_event(timeout=5)
         assert event is not None and event.expires_in == timedelta(seconds=42)
+        # The renewal said 42 s left, where the grant had said 600.
+        assert timedelta(seconds=40) < lease.expires_in <= timedelta(seconds=42)
 
 
 def test_async_an_event_right_after_the_grant_reaches_the_lease(agent: FakeAgent) -> None:
