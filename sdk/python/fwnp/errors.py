@@ -186,15 +186,16 @@ class Denied(FwnpError):
 
     def __init__(
         self,
-        code: int,
+        code: int | None = None,
         reason: str | None = None,
         *,
         retry_after: int | None = None,
         lease: bytes | None = None,
         unsupported: tuple[int, ...] = (),
     ) -> None:
-        #: The code, a result code of FWNP/1 or a local code (1024 and up).
-        self.code = code
+        #: The code, a result code of FWNP/1 or a local code (1024 and up); a subclass's own
+        #: when not given.
+        self.code: int = code if code is not None else self.CODE
         #: The explanation the agent or gateway gave.
         self.reason = reason
         #: How long to wait before trying again, when said.
@@ -295,8 +296,9 @@ class DeniedByPolicy(Denied):
     """Result code 7: the gateway's policy does not allow this opening; the reason names the
     rule.
 
-    >>> DeniedByPolicy(7, "no rule allows tcp/7000").reason
-    'no rule allows tcp/7000'
+    >>> e = DeniedByPolicy(reason="no rule allows tcp/7000")
+    >>> e.code, e.reason
+    (7, 'no rule allows tcp/7000')
     """
 
     CODE = 7
