@@ -173,6 +173,16 @@ class _AsyncConnection:
         except RuntimeError:  # the loop closed meanwhile: the connection is gone with it
             pass
 
+    def close_soon(self) -> None:
+        """Closes the connection from a finalizer, which may run on any thread: the loop's
+        transports are only touched from the loop."""
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.close)
+        except RuntimeError:  # the loop closed meanwhile, and the connection with it
+            pass
+
     def close(self) -> None:
         if self.closed is None:
             self._shut(ConnectionClosed("closed by the application"))
@@ -337,7 +347,7 @@ class AsyncClient:
             raise AgentUnavailable(self._path, e) from None
         conn = _AsyncConnection(self._path, reader, writer)
         self._connection = conn
-        weakref.finalize(self, conn.close)
+        weakref.finalize(self, conn.close_soon)
         try:
             status = conn.send(lambda rid: _codec.Status(rid))
             watching = conn.send(lambda rid: _codec.Watch(rid))
