@@ -72,9 +72,12 @@ fn python(test: &str) -> Option<PathBuf> {
     if usable {
         return candidate;
     }
+    let tried = candidate
+        .as_deref()
+        .map_or_else(|| "nothing".to_owned(), |p| p.display().to_string());
     let why = format!(
         "{test}: needs a Python with cbor2 ($FWNP_PYTHON, or target/python-venv, which \
-         scripts/test makes); tried {candidate:?}"
+         scripts/test makes); tried {tried}"
     );
     if std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|v| v == "1") {
         panic!("{why}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it");
