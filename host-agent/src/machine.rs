@@ -14,7 +14,12 @@
 //! wants to send, feeds it the answers, notices and epochs it sees, wakes it at its
 //! [`LeaseMachine::poll_timeout`], and turns its events into mirror changes and Event messages.
 //! A caller is anything that asks for openings on behalf of a process (today a connection of the
-//! local API): its requests and answers are typed messages, never frames.
+//! local API): its requests and answers are typed messages, never frames. A front end of
+//! another protocol is one more source of callers: it gives each client a [`ConnId`] of its
+//! own (unique across front ends), says who it is with [`Input::CallerConnected`], turns its
+//! requests into [`Input::Request`] (an Open, a Release, a List), turns the [`Action::Reply`]s
+//! for that number back into its own protocol, and ends with [`Input::CallerClosed`], which
+//! releases whatever the client still holds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;

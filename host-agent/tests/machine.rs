@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use fwnp_agent::config::AgentConfig;
 use fwnp_agent::machine::{Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer};
+use fwnp_agent::mirror::MirrorError;
 use fwnp_agent::ports::{CallerProcess, PortNotOwned, ProcFs};
 use fwnp_proto::local::{DenialCode, EventKind, LocalCode, LocalMessage, Status, Watch};
 use fwnp_proto::{
@@ -1086,4 +1087,149 @@ fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
         }
         other => panic!("expected lost, got {other:?}"),
     }
+}
+
+/// The host table refuses a granted lease: the caller is refused no-resources (never told it
+/// was granted) and the lease is released at the gateway.
+#[test]
+fn a_lease_the_host_table_refuses_is_released_and_refused() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(8, 8080),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, lease, 8080, EPOCH)),
+    });
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Err(MirrorError::Stopped),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::NoResources));
+            assert_eq!(d.common.request_id, Some(8));
+        }
+        other => panic!("expected no-resources, got {other:?}"),
+    }
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Reply {
+                message: LocalMessage::Wire(Message::Granted(_)),
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+}
+
+/// An application id's ports are learnt from its grants: they are checked (with the grace
+/// period, for a first grant) before anything is mirrored or answered, and a grant for ports
+/// the caller does not bind is released and refused port-not-owned.
+#[test]
+fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
+    let mut sim = Sim::with(VERIFYING);
+    sim.link_up(EPOCH, Vec::new());
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    sim.input(Input::CallerConnected {
+        conn: APP,
+        peer: Peer {
+            process: Some(me),
+            ..peer()
+        },
+    });
+    let ask = |sim: &mut Sim, request_id: u64| {
+        let actions = sim.input(Input::Request {
+            conn: APP,
+            message: LocalMessage::Wire(Message::Open(Open {
+                common: common(request_id),
+                opening: Opening {
+                    target: Target::App("web".into()),
+                    ..opening(0)
+                },
+                lifetime: Some(LIFETIME),
+                app: None,
+            })),
+        });
+        let (key, request) = single_send(&actions);
+        let lease = sim.fresh_lease();
+        let mut answer = granted(&request, lease, 8080, EPOCH);
+        if let Message::Granted(g) = &mut answer {
+            g.grants.push(grant(8443));
+            g.grants.push(grant(8080));
+        }
+        let actions = sim.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Ok(answer),
+        });
+        assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Reply { .. })),
+            "{actions:?}"
+        );
+        match actions.into_iter().next() {
+            Some(Action::CheckGrants {
+                key: k,
+                lease: granted,
+                replaces,
+                check,
+                grace,
+            }) => {
+                assert_eq!((k, granted.id, replaces), (key, lease, None));
+                assert_eq!(grace, Duration::from_secs(2));
+                assert_eq!(
+                    check.targets,
+                    vec![
+                        (Protocol::Tcp, PortRange::single(8080)),
+                        (Protocol::Tcp, PortRange::single(8443))
+                    ]
+                );
+                (key, granted, check)
+            }
+            other => panic!("expected the grants' check, got {other:?}"),
+        }
+    };
+
+    let (key, lease, check) = ask(&mut sim, 20);
+    let actions = sim.input(Input::GrantsChecked {
+        key,
+        lease: lease.clone(),
+        replaces: None,
+        result: Ok(check.targets),
+    });
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease.id))]);
+
+    let (key, lease, _) = ask(&mut sim, 21);
+    let actions = sim.input(Input::GrantsChecked {
+        key,
+        lease: lease.clone(),
+        replaces: None,
+        result: Err(PortNotOwned::Nobody {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(8443),
+            waited: Duration::from_secs(2),
+        }),
+    });
+    assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::PortNotOwned));
+            assert_eq!(d.common.request_id, Some(21));
+        }
+        other => panic!("expected port-not-owned, got {other:?}"),
+    }
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease.id));
 }
