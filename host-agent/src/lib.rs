@@ -8,7 +8,8 @@
 //! `fwnp-netfilter`. This crate is the glue: [`config`] reads what the operator writes;
 //! [`link`] keeps the connection to the gateway; [`server`] accepts applications and learns who
 //! they are; [`ports`] verifies that the port an application asks for is its own; [`mirror`]
-//! keeps the host table; [`core`] owns the leases and ties it together; [`daemon`] starts and
+//! keeps the host table; [`machine`] owns the leases and decides, without IO and in time given
+//! to it; [`core`] carries out its decisions and ties it together; [`daemon`] starts and
 //! stops it all.
 //!
 //! It is not a firewall manager: it touches only its own table, and only for leases the gateway
@@ -19,6 +20,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod link;
+pub mod machine;
 pub mod mirror;
 pub mod ports;
 pub mod server;

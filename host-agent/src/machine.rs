@@ -1,0 +1,1789 @@
+//! The agent's decisions without IO: [`AgentMachine`] takes inputs (requests of callers with
+//! what the kernel says about them, the gateway's answers and notices, the link going up and
+//! down, the results of the mirror and of port checks) and the time as an argument, and gives
+//! back [`Action`]s for a driver to carry out (send this request to the gateway, hold or drop
+//! these grants in the host table, answer this caller, check these ports) and the time it wants
+//! to be woken at. It reads no clock, opens no socket and starts no task, so that every decision
+//! can be tested in simulated time; [`crate::core`] is the driver that does the IO.
+//!
+//! It lives in this crate rather than in `fwnp-proto` because its inputs carry the agent's own
+//! facts: the caller's process as the kernel pinned it down ([`CallerProcess`]), why a port is
+//! not the caller's ([`PortNotOwned`]), the mirror's failures and the agent's configuration.
+//!
+//! Each lease is a [`LeaseMachine`] held for a caller: the machine sends what a lease machine
+//! wants to send, feeds it the answers, notices and epochs it sees, wakes it at its
+//! [`LeaseMachine::poll_timeout`], and turns its events into mirror changes and Event messages.
+//! A caller is anything that asks for openings on behalf of a process (today a connection of the
+//! local API): its requests and answers are typed messages, never frames. A front end of
+//! another protocol is one more source of callers: it gives each client a [`ConnId`] of its
+//! own (unique across front ends), says who it is with [`Input::CallerConnected`], turns its
+//! requests into [`Input::Request`] (an Open, a Release, a List), turns the [`Action::Reply`]s
+//! for that number back into its own protocol, and ends with [`Input::CallerClosed`], which
+//! releases whatever the client still holds.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fwnp_proto::lease::{GrantedLease, LeaseEvent, LeaseMachine, LeaseState};
+use fwnp_proto::local::{
+    DenialCode, Event, EventKind, LocalCode, LocalDenied, LocalMessage, StatusAnswer, Watching,
+};
+use fwnp_proto::{
+    AppInfo, Common, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Message, Open, PortRange,
+    Protocol, Released, ResultCode, Target, Welcome,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::mirror::MirrorError;
+use crate::ports::{CallerProcess, PortNotOwned};
+
+/// How long an application's Open waits for the gateway's answer (across retries) before the
+/// agent answers gateway-unreachable and gives up on it.
+pub const OPEN_WAIT: Duration = Duration::from_secs(20);
+
+/// While the gateway is unreachable, due requests wait; the machine still wakes this often for
+/// the leases' expiries.
+pub const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// How often the machine looks for idle callers.
+const IDLE_SWEEP: Duration = Duration::from_secs(1);
+
+/// A caller's number: a local connection, or a client of another front end.
+pub type ConnId = u64;
+
+/// The number of one lease held for a caller (kept across re-opens under new lease ids), or of
+/// a lease of an earlier run; the mirror holds elements under it.
+pub type Key = u64;
+
+/// Who a caller is, from its peer credentials and `/proc`.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The process id, when the kernel gave one.
+    pub pid: Option<u32>,
+    /// That very process (not just its pid), while it is still running as it was when it
+    /// connected; `None` when it could not be pinned down, and then no port is verified as its.
+    pub process: Option<CallerProcess>,
+    /// The user id.
+    pub uid: u32,
+    /// The primary group id.
+    pub gid: u32,
+    /// Whether it may use the agent.
+    pub authorized: bool,
+    /// What goes into the Open's application information.
+    pub app: AppInfo,
+}
+
+/// The ports a lease's caller must still own, and the process that must own them.
+#[derive(Debug, Clone)]
+pub struct PortCheck {
+    /// The caller.
+    pub caller: CallerProcess,
+    /// The ports.
+    pub targets: Vec<(Protocol, PortRange)>,
+}
+
+/// Everything the machine reacts to, besides the passing of time.
+#[derive(Debug)]
+pub enum Input {
+    /// A connection to the gateway was established: its Welcome and the leases it listed.
+    LinkUp {
+        /// The gateway's Welcome.
+        welcome: Box<Welcome>,
+        /// The leases the gateway holds for this host.
+        leases: Leases,
+    },
+    /// An attempt to connect failed.
+    LinkFailed {
+        /// Why.
+        reason: String,
+    },
+    /// The connection to the gateway ended.
+    LinkDown {
+        /// Why.
+        reason: String,
+    },
+    /// A notice the gateway pushed (EpochChanged, Revoked, GoingAway).
+    Notice(Message),
+    /// The answer (or failure) of a request sent for [`Action::Send`].
+    Answer {
+        /// The lease.
+        key: Key,
+        /// The request's id: a failure reported after the machine sent the request again
+        /// (on a newer connection) is not that new request's.
+        request_id: Option<u64>,
+        /// The answer, or why none came.
+        result: Result<Message, String>,
+    },
+    /// A new caller.
+    CallerConnected {
+        /// Its number.
+        conn: ConnId,
+        /// Who it is.
+        peer: Peer,
+    },
+    /// A request of a caller.
+    Request {
+        /// The caller.
+        conn: ConnId,
+        /// The request.
+        message: LocalMessage,
+    },
+    /// A caller went away: the leases held for it are released.
+    CallerClosed {
+        /// The caller.
+        conn: ConnId,
+    },
+    /// The port check of [`Action::CheckOwner`] finished.
+    OwnerChecked {
+        /// The caller.
+        conn: ConnId,
+        /// The Open.
+        open: Box<Open>,
+        /// The holder's pid, or why the port is not the caller's.
+        result: Result<u32, PortNotOwned>,
+        /// The process the check was for.
+        caller: CallerProcess,
+    },
+    /// The ports of a lease granted for an application id were checked ([`Action::CheckGrants`];
+    /// only then is it mirrored and answered).
+    GrantsChecked {
+        /// The lease.
+        key: Key,
+        /// The lease as granted.
+        lease: Box<GrantedLease>,
+        /// The lease it replaces, after a re-open.
+        replaces: Option<LeaseId>,
+        /// The ports checked, or why they are not the caller's.
+        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+    },
+    /// A verified lease's port is no longer its caller's (checked before a renewal or re-open,
+    /// or by the periodic check): the lease ends.
+    OwnerLost {
+        /// The lease.
+        key: Key,
+        /// Why.
+        reason: PortNotOwned,
+    },
+    /// A periodic check of every verified lease ([`Action::SweepOwners`]) finished.
+    OwnerSweepDone,
+    /// The mirror took (or refused) a lease's grants ([`Action::MirrorHold`] with `confirm`).
+    MirrorLanded {
+        /// The lease.
+        key: Key,
+        /// The lease id.
+        lease: LeaseId,
+        /// The outcome.
+        result: Result<(), MirrorError>,
+    },
+    /// The mirror removed a released lease's grants ([`Action::MirrorDrop`] with an answer to
+    /// give): the Release requests can be answered.
+    MirrorReleased {
+        /// The caller that asked.
+        conn: ConnId,
+        /// The requests to answer: request id and the lease id named.
+        requests: Vec<(u64, LeaseId)>,
+    },
+}
+
+/// What to do after a released lease's grants left the mirror.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AfterDrop {
+    /// The lease, for the log should the removal fail.
+    pub lease: LeaseId,
+    /// The Release requests to answer then, through [`Input::MirrorReleased`].
+    pub answer: Option<(ConnId, Vec<(u64, LeaseId)>)>,
+}
+
+/// What the machine asks its driver to do.
+#[derive(Debug)]
+pub enum Action {
+    /// Send `request` to the gateway on a stream of its own, and give the answer back as
+    /// [`Input::Answer`]. With `verify_first`, the ports are checked before (at once, without
+    /// grace): if they are no longer the caller's, nothing is sent and [`Input::OwnerLost`]
+    /// comes back instead.
+    Send {
+        /// The lease.
+        key: Key,
+        /// The request.
+        request: Message,
+        /// The check to pass first.
+        verify_first: Option<PortCheck>,
+    },
+    /// Release a lease of an earlier run at the gateway; its answer only goes to the log.
+    ReleaseEarlier {
+        /// The lease.
+        lease: LeaseId,
+        /// The Release request.
+        request: Message,
+    },
+    /// Give a caller this message (an answer to one of its requests, or an Event).
+    Reply {
+        /// The caller.
+        conn: ConnId,
+        /// The message.
+        message: LocalMessage,
+    },
+    /// Close a caller's connection: it was idle too long.
+    Close {
+        /// The caller.
+        conn: ConnId,
+    },
+    /// Check that the port of an Open is bound by the caller, waiting up to `grace` for it to
+    /// bind; the result comes back as [`Input::OwnerChecked`].
+    CheckOwner {
+        /// The caller.
+        conn: ConnId,
+        /// The Open.
+        open: Box<Open>,
+        /// The process.
+        caller: CallerProcess,
+        /// The protocol.
+        protocol: Protocol,
+        /// The ports.
+        ports: PortRange,
+        /// How long the caller may take to bind.
+        grace: Duration,
+    },
+    /// Check the ports of a lease granted for an application id; the result comes back as
+    /// [`Input::GrantsChecked`] with `lease` and `replaces`.
+    CheckGrants {
+        /// The lease.
+        key: Key,
+        /// The lease as granted.
+        lease: Box<GrantedLease>,
+        /// The lease it replaces.
+        replaces: Option<LeaseId>,
+        /// The ports and the process.
+        check: PortCheck,
+        /// How long the caller may take to bind.
+        grace: Duration,
+    },
+    /// Check every verified lease's ports (at once, without grace): each failure comes back as
+    /// [`Input::OwnerLost`], the end as [`Input::OwnerSweepDone`].
+    SweepOwners {
+        /// The leases.
+        leases: Vec<(Key, PortCheck)>,
+    },
+    /// Make `holder` hold these grants' elements in the host table until `expires_at`; with
+    /// `confirm`, the outcome comes back as [`Input::MirrorLanded`] for that lease id.
+    MirrorHold {
+        /// The holder.
+        holder: Key,
+        /// The grants.
+        grants: Vec<Grant>,
+        /// Until when.
+        expires_at: Instant,
+        /// The lease id to confirm.
+        confirm: Option<LeaseId>,
+    },
+    /// Let go of everything `holder` holds in the host table.
+    MirrorDrop {
+        /// The holder.
+        holder: Key,
+        /// What to do once removed.
+        then: Option<AfterDrop>,
+    },
+    /// Make these holders the whole host table (the first connection since start).
+    MirrorReconcile {
+        /// Each holder's grants and expiry.
+        holders: Vec<(Key, Vec<Grant>, Instant)>,
+    },
+    /// Record the gateway's epoch and the host's identity in the state file.
+    Record {
+        /// The epoch.
+        epoch: Epoch,
+        /// The identity.
+        identity: String,
+    },
+}
+
+/// A lease of an earlier run of the agent that the gateway still listed when this run first
+/// connected. Its application lost its connection when that run ended.
+struct EarlierLease {
+    /// The mirror's holder number for its elements.
+    holder: Key,
+    lease: LeaseId,
+    expires_at: Instant,
+}
+
+/// One lease held for a caller.
+struct Held {
+    conn: Option<ConnId>,
+    machine: LeaseMachine,
+    app: AppInfo,
+    /// The caller's Open awaiting its Granted, with its deadline.
+    open_request: Option<(u64, Instant)>,
+    /// Every lease id this lease had (re-opens give new ones); the last is the current one.
+    ids: Vec<LeaseId>,
+    /// Whether the mirror holds elements for this lease (under its key).
+    mirrored: bool,
+    /// This machine replaces another whose lease the gateway forgot.
+    reopen_of: Option<LeaseId>,
+    /// Release requests of the caller (request id, the lease id it named), answered once the
+    /// mirror let go.
+    release_requests: Vec<(u64, LeaseId)>,
+    /// The lifetime the caller asked for.
+    lifetime: Option<u32>,
+    /// The verified caller and the ports checked again before each renewal and re-open and
+    /// periodically; `None` when ports are not verified.
+    owner: Option<Owner>,
+    /// Why the agent ended the lease itself, told in the terminal event.
+    ended_by_agent: Option<PortNotOwned>,
+}
+
+/// What a lease's ports are verified against.
+#[derive(Debug, Clone)]
+struct Owner {
+    caller: CallerProcess,
+    /// The ports; empty for an application id until its grants were checked.
+    targets: Vec<(Protocol, PortRange)>,
+    /// An application id: every Granted's ports are checked before it is mirrored.
+    by_grants: bool,
+}
+
+impl Owner {
+    fn check(&self) -> PortCheck {
+        PortCheck {
+            caller: self.caller.clone(),
+            targets: self.targets.clone(),
+        }
+    }
+}
+
+struct Caller {
+    peer: Peer,
+    /// Watches of all the caller's leases.
+    watch_all: bool,
+    /// Watches of one lease each.
+    watches: HashSet<LeaseId>,
+    /// The last request, for the idle timeout.
+    last_request: Instant,
+    /// Whether the machine asked for the connection to be closed.
+    closing: bool,
+}
+
+/// The agent's decisions; see the module's documentation.
+pub struct AgentMachine {
+    config: Arc<AgentConfig>,
+    rng: StdRng,
+    link_up: bool,
+    epoch: Option<Epoch>,
+    identity: Option<String>,
+    synced_once: bool,
+    /// Leases of an earlier run, until `earlier_run_until`: then those no caller asked for
+    /// again are released. The end waits for Opens in flight (their answer may be one of these
+    /// leases), but not past `earlier_run_latest`.
+    earlier_run: Vec<EarlierLease>,
+    earlier_run_until: Option<Instant>,
+    earlier_run_latest: Option<Instant>,
+    conns: HashMap<ConnId, Caller>,
+    leases: HashMap<Key, Held>,
+    next_key: Key,
+    /// The next periodic check of verified leases' ports, and whether one is running.
+    next_owner_sweep: Instant,
+    owner_sweep_running: bool,
+    /// The next look for idle callers.
+    next_idle_sweep: Instant,
+    /// Why the link is down, for Status: the last failed attempt or ended connection.
+    last_link_error: Option<String>,
+    /// Stopping: every lease was released, and a request that fails ends its lease.
+    stopping: bool,
+    actions: VecDeque<Action>,
+}
+
+impl std::fmt::Debug for AgentMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentMachine")
+            .field("leases", &self.leases.len())
+            .field("conns", &self.conns.len())
+            .finish()
+    }
+}
+
+impl AgentMachine {
+    /// A machine started at `now`, its retry jitter drawn from `rng` (seeded for tests).
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Instant;
+    /// use fwnp_agent::config::AgentConfig;
+    /// use fwnp_agent::machine::{Action, AgentMachine, Input, Peer};
+    /// use fwnp_proto::local::{DenialCode, LocalCode, LocalMessage};
+    /// use fwnp_proto::{AppInfo, Common, Message, Open, Opening, PortRange, Protocol, Target};
+    /// use rand::SeedableRng;
+    ///
+    /// let config = AgentConfig::parse(
+    ///     "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
+    ///      server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
+    ///      ca = \"/ca.pem\"\n[local]\nverify_port_owner = false\n",
+    ///     "agent.toml",
+    /// )
+    /// .unwrap();
+    /// let now = Instant::now();
+    /// let mut machine =
+    ///     AgentMachine::new(Arc::new(config), rand::rngs::StdRng::seed_from_u64(1), now);
+    /// let peer = Peer { pid: Some(42), process: None, uid: 1000, gid: 1000, authorized: true, app: AppInfo::default() };
+    /// machine.handle(Input::CallerConnected { conn: 1, peer }, now);
+    /// let open = Open {
+    ///     common: Common { request_id: Some(5), critical: vec![] },
+    ///     opening: Opening {
+    ///         target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+    ///         host: Default::default(),
+    ///         family: None,
+    ///         remotes: vec![],
+    ///     },
+    ///     lifetime: None,
+    ///     app: None,
+    /// };
+    /// machine.handle(Input::Request { conn: 1, message: LocalMessage::Wire(Message::Open(open)) }, now);
+    /// // No gateway yet: the caller is answered gateway-unreachable at once.
+    /// match machine.poll_action() {
+    ///     Some(Action::Reply { conn: 1, message: LocalMessage::Denied(denied) }) => {
+    ///         assert_eq!(denied.code, DenialCode::Local(LocalCode::GatewayUnreachable));
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// ```
+    pub fn new(config: Arc<AgentConfig>, rng: StdRng, now: Instant) -> Self {
+        AgentMachine {
+            config,
+            rng,
+            link_up: false,
+            epoch: None,
+            identity: None,
+            synced_once: false,
+            earlier_run: Vec::new(),
+            earlier_run_until: None,
+            earlier_run_latest: None,
+            conns: HashMap::new(),
+            leases: HashMap::new(),
+            next_key: 1,
+            next_owner_sweep: now,
+            owner_sweep_running: false,
+            next_idle_sweep: now,
+            last_link_error: None,
+            stopping: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// A machine whose jitter comes from the operating system's randomness.
+    pub fn from_os_rng(config: Arc<AgentConfig>, now: Instant) -> Self {
+        Self::new(config, StdRng::from_os_rng(), now)
+    }
+
+    /// The next thing to do, in the order decided.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Whether any lease is still held (after [`AgentMachine::shutdown`]: whether Releases are
+    /// still awaited).
+    pub fn holds_leases(&self) -> bool {
+        !self.leases.is_empty()
+    }
+
+    /// The earliest local expiry of the leases held: the link bounds its reconnection delays
+    /// and handshakes by it.
+    pub fn earliest_expiry(&self) -> Option<Instant> {
+        self.leases
+            .values()
+            .filter(|h| !h.machine.state().is_terminal())
+            .filter_map(|h| h.machine.expires_at())
+            .min()
+    }
+
+    /// When the machine wants [`AgentMachine::handle_timeout`] to be called next.
+    pub fn poll_timeout(&self, now: Instant) -> Instant {
+        let mut next = now + Duration::from_secs(3600);
+        for held in self.leases.values() {
+            if let Some(t) = held.machine.poll_timeout() {
+                next = next.min(t);
+            }
+            if let Some((_, deadline)) = held.open_request {
+                next = next.min(deadline);
+            }
+        }
+        if let Some(until) = self.earlier_run_until {
+            next = next.min(until);
+        }
+        if !self.conns.is_empty() {
+            next = next.min(self.next_idle_sweep);
+        }
+        if !self.owner_sweep_running && self.leases.values().any(|h| h.owner.is_some()) {
+            next = next.min(self.next_owner_sweep);
+        }
+        if !self.link_up {
+            // Due sends wait for the link; do not spin on them.
+            next = next.max(now + IDLE_TICK);
+        }
+        next
+    }
+
+    /// Acts on whatever is due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_idle_sweep {
+            self.close_idle(now);
+        }
+        if now >= self.next_owner_sweep && !self.owner_sweep_running {
+            self.sweep_owners(now);
+        }
+        if self.earlier_run_until.is_some_and(|until| until <= now) {
+            let open_in_flight = self.leases.values().any(|h| h.open_request.is_some());
+            if open_in_flight && self.earlier_run_latest.is_some_and(|latest| now < latest) {
+                // The gateway may be extending one of these leases for that Open right now:
+                // releasing it would end the lease it is about to grant.
+                self.earlier_run_until = Some(now + IDLE_TICK);
+            } else {
+                self.end_earlier_run(now);
+            }
+        }
+        let keys: Vec<Key> = self.leases.keys().copied().collect();
+        for key in keys {
+            let Some(held) = self.leases.get_mut(&key) else {
+                continue;
+            };
+            if held.machine.poll_timeout().is_some_and(|t| t <= now) {
+                held.machine.handle_timeout(now, &mut self.rng);
+            }
+            if let Some((request_id, deadline)) = held.open_request
+                && now >= deadline
+            {
+                held.open_request = None;
+                held.machine.release(now);
+                let conn = held.conn;
+                if let Some(conn) = conn {
+                    self.deny(
+                        conn,
+                        request_id,
+                        DenialCode::Local(LocalCode::GatewayUnreachable),
+                        "the gateway did not answer the request in time".into(),
+                        None,
+                    );
+                }
+            }
+            self.drive(key, now);
+        }
+    }
+
+    /// Acts on `input`, received at `now`.
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        match input {
+            Input::LinkUp { welcome, leases } => self.on_connected(*welcome, leases, now),
+            Input::Notice(notice) => self.on_notice(notice, now),
+            Input::LinkFailed { reason } => {
+                self.last_link_error = Some(reason);
+            }
+            Input::LinkDown { reason } => self.on_disconnected(reason),
+            Input::Answer {
+                key,
+                request_id,
+                result,
+            } => {
+                if self.stopping && result.is_err() {
+                    // Nobody will send it again: the lease ends at its expiry at the gateway.
+                    self.leases.remove(&key);
+                    return;
+                }
+                if let Some(held) = self.leases.get_mut(&key) {
+                    match result {
+                        Ok(answer) => held.machine.handle_answer(now, &answer, &mut self.rng),
+                        Err(e) if held.machine.in_flight() == request_id => {
+                            debug!(key, "request failed: {e}");
+                            held.machine.connection_lost(now, &mut self.rng);
+                        }
+                        Err(e) => debug!(key, "an earlier request failed: {e}"),
+                    }
+                    self.drive(key, now);
+                }
+            }
+            Input::CallerConnected { conn, peer } => {
+                self.conns.insert(
+                    conn,
+                    Caller {
+                        peer,
+                        watch_all: false,
+                        watches: HashSet::new(),
+                        last_request: now,
+                        closing: false,
+                    },
+                );
+            }
+            Input::Request { conn, message } => self.on_request(conn, message, now),
+            Input::CallerClosed { conn } => self.on_closed(conn, now),
+            Input::OwnerChecked {
+                conn,
+                open,
+                result,
+                caller,
+            } => match result {
+                Ok(pid) => {
+                    debug!(conn, holder = pid, "port owner verified");
+                    let owner = match &open.opening.target {
+                        Target::Ports { protocol, ports } => Some(Owner {
+                            caller,
+                            targets: vec![(*protocol, *ports)],
+                            by_grants: false,
+                        }),
+                        Target::App(_) => None,
+                    };
+                    self.start_open(conn, *open, owner, now);
+                }
+                Err(e) => {
+                    let request_id = open.common.request_id.unwrap_or(0);
+                    info!(conn, "Open refused: {e}");
+                    let code = match e {
+                        PortNotOwned::Unreadable(_) => DenialCode::Wire(ResultCode::NoResources),
+                        _ => DenialCode::Local(LocalCode::PortNotOwned),
+                    };
+                    self.deny(conn, request_id, code, e.to_string(), None);
+                }
+            },
+            Input::MirrorLanded { key, lease, result } => {
+                self.on_mirror_landed(key, lease, result, now)
+            }
+            Input::GrantsChecked {
+                key,
+                lease,
+                replaces,
+                result,
+            } => self.on_grants_checked(key, *lease, replaces, result, now),
+            Input::OwnerLost { key, reason } => self.end_unowned(key, reason, now),
+            Input::OwnerSweepDone => {
+                self.owner_sweep_running = false;
+                self.next_owner_sweep = now + self.config.local.owner_check_interval;
+            }
+            Input::MirrorReleased { conn, requests } => self.answer_released(conn, requests),
+        }
+    }
+
+    /// Stopping: every lease is released (its caller is not told), and the earlier run's
+    /// leases no caller took are released too. Answers still come in through
+    /// [`AgentMachine::handle`] until [`AgentMachine::holds_leases`] says none is left.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.stopping = true;
+        let keys: Vec<Key> = self.leases.keys().copied().collect();
+        info!(leases = keys.len(), "stopping: releasing every lease");
+        for key in &keys {
+            if let Some(held) = self.leases.get_mut(key) {
+                held.conn = None;
+                held.open_request = None;
+                held.release_requests.clear();
+                held.machine.release(now);
+            }
+            self.drive(*key, now);
+        }
+        self.end_earlier_run(now);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The link
+
+    fn on_disconnected(&mut self, reason: String) {
+        self.last_link_error = Some(format!("the connection ended: {reason}"));
+        self.link_up = false;
+        debug!(%reason, "link down");
+        let keys: Vec<Key> = self.leases.keys().copied().collect();
+        for key in keys {
+            let live = self.leases.get(&key).and_then(|h| {
+                (!h.machine.state().is_terminal())
+                    .then(|| h.machine.lease_id())
+                    .flatten()
+            });
+            if let Some(lease) = live {
+                self.emit(
+                    key,
+                    lease,
+                    EventKind::GatewayUnreachable,
+                    None,
+                    Some(format!("connection to the gateway lost: {reason}")),
+                    None,
+                    None,
+                );
+            }
+        }
+    }
+
+    fn on_connected(&mut self, welcome: Welcome, listed: Leases, now: Instant) {
+        self.last_link_error = None;
+        if let Some(old) = self.epoch
+            && old != welcome.epoch
+        {
+            warn!(
+                old = format_args!("{old:016x}"),
+                new = format_args!("{:016x}", welcome.epoch),
+                "the gateway's epoch changed: it lost its leases; re-requesting what applications hold"
+            );
+        }
+        self.epoch = Some(welcome.epoch);
+        self.identity = Some(welcome.identity.clone());
+        self.link_up = true;
+        self.actions.push_back(Action::Record {
+            epoch: welcome.epoch,
+            identity: welcome.identity.clone(),
+        });
+
+        let at_gateway: HashSet<LeaseId> = listed.leases.iter().map(|l| l.lease).collect();
+        if !self.synced_once {
+            // The first connection since start: the host table is made to match what the
+            // gateway holds for this host. Openings of an earlier run stay for a grace period,
+            // so that an application that asks again gets the same lease back without its
+            // opening ever closing; then the agent releases the others.
+            self.synced_once = true;
+            let mut holders: Vec<_> = self
+                .leases
+                .iter()
+                .filter_map(|(key, h)| {
+                    let lease = h.machine.lease()?;
+                    Some((*key, lease.grants.clone(), lease.expires_at))
+                })
+                .collect();
+            for listed in listed.leases {
+                // A lease of an earlier run: held under a number of its own until it ends.
+                let holder = self.next_key;
+                self.next_key += 1;
+                let expires_at = now + Duration::from_secs(u64::from(listed.remaining));
+                holders.push((holder, listed.grants, expires_at));
+                self.earlier_run.push(EarlierLease {
+                    holder,
+                    lease: listed.lease,
+                    expires_at,
+                });
+            }
+            if !self.earlier_run.is_empty() {
+                info!(
+                    leases = self.earlier_run.len(),
+                    grace = ?self.config.local.earlier_run_grace,
+                    "the gateway holds leases of an earlier run; those no application asks for again will be released"
+                );
+                let until = now + self.config.local.earlier_run_grace;
+                self.earlier_run_until = Some(until);
+                self.earlier_run_latest = Some(until + OPEN_WAIT);
+            }
+            self.actions.push_back(Action::MirrorReconcile { holders });
+        } else {
+            // A reconnection under the same epoch: a lease the gateway no longer lists (it
+            // expired there while the link was down) is opened again at once by a fresh
+            // machine; its mirror goes now.
+            let forgotten: Vec<Key> = self
+                .leases
+                .iter()
+                .filter(|(_, h)| {
+                    matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
+                        && h.machine.lease().is_some_and(|l| {
+                            l.epoch == welcome.epoch && !at_gateway.contains(&l.id)
+                        })
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for key in forgotten {
+                self.replace_machine(key, now);
+            }
+        }
+        let keys: Vec<Key> = self.leases.keys().copied().collect();
+        for key in keys {
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.epoch_observed(now, welcome.epoch);
+                // Requests lost with the old connection, and retries waiting for a gateway,
+                // go on this one now.
+                held.machine.reconnected(now, &mut self.rng);
+            }
+            self.drive(key, now);
+        }
+    }
+
+    /// Replaces the machine of `key`, whose lease the gateway forgot, by a fresh one asking for
+    /// the same opening.
+    fn replace_machine(&mut self, key: Key, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        let Some(old) = held.machine.lease_id() else {
+            return;
+        };
+        info!(%old, "the gateway no longer lists this lease; opening it again");
+        let opening = held.machine.opening().clone();
+        let lifetime = held.lifetime;
+        held.machine = LeaseMachine::new(
+            now,
+            opening,
+            lifetime,
+            Some(held.app.clone()),
+            &mut self.rng,
+        );
+        held.reopen_of = Some(old);
+        if std::mem::take(&mut held.mirrored) {
+            self.actions.push_back(Action::MirrorDrop {
+                holder: key,
+                then: None,
+            });
+        }
+    }
+
+    fn on_notice(&mut self, notice: Message, now: Instant) {
+        if let Message::EpochChanged(changed) = &notice {
+            self.epoch = Some(changed.epoch);
+        }
+        let keys: Vec<Key> = self.leases.keys().copied().collect();
+        for key in keys {
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.handle_notice(now, &notice);
+            }
+            self.drive(key, now);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Lease machines
+
+    /// Sends what the lease machine wants to send, and acts on its events.
+    fn drive(&mut self, key: Key, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(event) = held.machine.poll_event() {
+            events.push(event);
+        }
+        let mut request = match self.link_up {
+            true => held.machine.poll_transmit(now),
+            false => None,
+        };
+        // The gateway merges identical openings of one host into one lease: when two
+        // applications hold it, the one that lets go must not end it for the other.
+        if let Some(Message::Release(release)) = &request
+            && self.shared(key, release.lease)
+        {
+            debug!(lease = %release.lease, "lease still held by another application; not released at the gateway");
+            let answer = Message::Released(Released {
+                common: release.common.clone(),
+                lease: release.lease,
+            });
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.handle_answer(now, &answer, &mut self.rng);
+                request = None;
+            }
+        }
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        while let Some(event) = held.machine.poll_event() {
+            events.push(event);
+        }
+        // A renewal, or a re-open of a lease the gateway forgot, keeps the opening going: the
+        // port must still be the caller's (its program may have closed it, and another bound
+        // it since).
+        let recheck = match &request {
+            Some(Message::Renew(_)) => true,
+            Some(Message::Open(_)) => held.reopen_of.is_some() || !held.ids.is_empty(),
+            _ => false,
+        };
+        let verify_first = held
+            .owner
+            .as_ref()
+            .filter(|o| recheck && !o.targets.is_empty())
+            .map(Owner::check);
+        if let Some(request) = request {
+            self.actions.push_back(Action::Send {
+                key,
+                request,
+                verify_first,
+            });
+        }
+        for event in events {
+            self.on_event(key, event, now);
+        }
+        if let Some(held) = self.leases.get(&key)
+            && held.machine.is_finished()
+            && held.open_request.is_none()
+            && held.release_requests.is_empty()
+        {
+            self.leases.remove(&key);
+        }
+    }
+
+    fn on_event(&mut self, key: Key, event: LeaseEvent, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        match event {
+            LeaseEvent::Granted { lease, replaces } => {
+                let replaces = replaces.or(held.reopen_of.take());
+                if let Some(owner) = held.owner.as_ref().filter(|o| o.by_grants) {
+                    // An application id's ports are known only now: nothing is mirrored or
+                    // answered before they are checked as a port request's would be.
+                    let mut targets: Vec<(Protocol, PortRange)> =
+                        lease.grants.iter().map(|g| (g.protocol, g.ports)).collect();
+                    targets.sort_unstable_by_key(|(p, r)| (p.number(), r.first, r.last));
+                    targets.dedup();
+                    // The first grant may wait for the application to bind, as a port
+                    // request does; a re-open's ports are bound already.
+                    let grace = match held.open_request {
+                        Some(_) => self.config.local.port_owner_grace,
+                        None => Duration::ZERO,
+                    };
+                    self.actions.push_back(Action::CheckGrants {
+                        key,
+                        lease: Box::new(lease),
+                        replaces,
+                        check: PortCheck {
+                            caller: owner.caller.clone(),
+                            targets,
+                        },
+                        grace,
+                    });
+                    return;
+                }
+                self.mirror_granted(key, lease, replaces, now);
+            }
+            LeaseEvent::Renewed { lease } => {
+                self.actions.push_back(Action::MirrorHold {
+                    holder: key,
+                    grants: lease.grants.clone(),
+                    expires_at: lease.expires_at,
+                    confirm: None,
+                });
+                held.mirrored = true;
+                let expires_in = lease.expires_at.saturating_duration_since(now);
+                self.emit(
+                    key,
+                    lease.id,
+                    EventKind::Renewed,
+                    Some(expires_in),
+                    None,
+                    None,
+                    None,
+                );
+                if self.epoch != Some(lease.epoch) {
+                    self.epoch_seen(lease.epoch, key, now);
+                }
+            }
+            LeaseEvent::Denied {
+                code,
+                reason,
+                retry_after,
+            } => {
+                if let Some(old) = held.reopen_of.take() {
+                    self.emit(
+                        key,
+                        old,
+                        EventKind::Lost,
+                        None,
+                        reason,
+                        Some(DenialCode::Wire(code)),
+                        None,
+                    );
+                } else if let Some((request_id, _)) = held.open_request.take()
+                    && let Some(conn) = held.conn
+                {
+                    self.reply(
+                        conn,
+                        LocalMessage::Denied(LocalDenied {
+                            common: common(request_id),
+                            code: DenialCode::Wire(code),
+                            reason,
+                            retry_after,
+                            lease: None,
+                            unsupported: Vec::new(),
+                        }),
+                    );
+                }
+            }
+            LeaseEvent::RenewRefused {
+                lease,
+                code,
+                reason,
+            } => {
+                warn!(%lease, %code, ?reason, "the gateway refused a renewal; the lease ends at its expiry");
+                let expires_in = held
+                    .machine
+                    .expires_at()
+                    .map(|at| at.saturating_duration_since(now));
+                self.emit(
+                    key,
+                    lease,
+                    EventKind::RenewalRefused,
+                    expires_in,
+                    reason,
+                    Some(DenialCode::Wire(code)),
+                    None,
+                );
+            }
+            LeaseEvent::Reopening { previous, cause } => {
+                info!(%previous, ?cause, "the gateway forgot a lease; opening it again");
+            }
+            LeaseEvent::Lost {
+                previous,
+                code,
+                reason,
+            } => {
+                self.forget_mirror(key);
+                self.emit(
+                    key,
+                    previous,
+                    EventKind::Lost,
+                    None,
+                    reason,
+                    Some(DenialCode::Wire(code)),
+                    None,
+                );
+            }
+            LeaseEvent::Expired { lease } => {
+                self.forget_mirror(key);
+                self.emit(key, lease, EventKind::Expired, None, None, None, None);
+            }
+            LeaseEvent::Revoked {
+                lease,
+                reason,
+                text,
+            } => {
+                self.forget_mirror(key);
+                let text = text.unwrap_or_else(|| format!("{reason:?}"));
+                self.emit(key, lease, EventKind::Revoked, None, Some(text), None, None);
+            }
+            LeaseEvent::Released { lease } => {
+                let requests = std::mem::take(&mut held.release_requests);
+                let conn = held.conn;
+                let known = lease.or(held.ids.last().copied());
+                let mirrored = std::mem::take(&mut held.mirrored);
+                let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| (c, requests));
+                // Answered once the host table let go; without elements, right after the event.
+                let answer_now = match mirrored {
+                    true => {
+                        self.actions.push_back(Action::MirrorDrop {
+                            holder: key,
+                            then: Some(AfterDrop {
+                                lease: known.unwrap_or(LeaseId([0; 16])),
+                                answer: answer_to,
+                            }),
+                        });
+                        None
+                    }
+                    false => answer_to,
+                };
+                let ended_by_agent = self
+                    .leases
+                    .get_mut(&key)
+                    .and_then(|h| h.ended_by_agent.take());
+                match (known, ended_by_agent) {
+                    // The application did not let go: its port stopped being its own.
+                    (Some(lease), Some(reason)) => self.emit(
+                        key,
+                        lease,
+                        EventKind::Lost,
+                        None,
+                        Some(reason.to_string()),
+                        Some(DenialCode::Local(LocalCode::PortNotOwned)),
+                        None,
+                    ),
+                    (Some(lease), None) => {
+                        self.emit(key, lease, EventKind::Released, None, None, None, None)
+                    }
+                    (None, _) => {}
+                }
+                if let Some((conn, requests)) = answer_now {
+                    self.answer_released(conn, requests);
+                }
+            }
+            other => debug!(?other, "lease event"),
+        }
+    }
+
+    fn answer_released(&mut self, conn: ConnId, requests: Vec<(u64, LeaseId)>) {
+        for (request_id, lease) in requests {
+            self.reply(
+                conn,
+                LocalMessage::Wire(Message::Released(Released {
+                    common: common(request_id),
+                    lease,
+                })),
+            );
+        }
+    }
+
+    /// Mirrors a granted lease; the Granted goes to the caller once the host's table holds it.
+    fn mirror_granted(
+        &mut self,
+        key: Key,
+        lease: GrantedLease,
+        replaces: Option<LeaseId>,
+        now: Instant,
+    ) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        if !held.ids.contains(&lease.id) {
+            held.ids.push(lease.id);
+        }
+        // Under the same holder, a re-opened lease's elements replace the old ones.
+        self.actions.push_back(Action::MirrorHold {
+            holder: key,
+            grants: lease.grants.clone(),
+            expires_at: lease.expires_at,
+            confirm: Some(lease.id),
+        });
+        held.mirrored = true;
+        if let Some(old) = replaces {
+            let expires_in = lease.expires_at.saturating_duration_since(now);
+            self.emit(
+                key,
+                old,
+                EventKind::Reopened,
+                Some(expires_in),
+                None,
+                None,
+                Some(lease.id),
+            );
+        }
+        if self.epoch != Some(lease.epoch) {
+            self.epoch_seen(lease.epoch, key, now);
+        }
+    }
+
+    /// The ports of an application id's grant were checked: mirrored, or the lease ends.
+    fn on_grants_checked(
+        &mut self,
+        key: Key,
+        lease: GrantedLease,
+        replaces: Option<LeaseId>,
+        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+        now: Instant,
+    ) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        // Ended meanwhile (released, revoked, timed out): nothing to mirror.
+        if held.machine.lease().is_none_or(|l| l.id != lease.id) {
+            return;
+        }
+        match result {
+            Ok(targets) => {
+                if let Some(owner) = held.owner.as_mut() {
+                    owner.targets = targets;
+                }
+                self.mirror_granted(key, lease, replaces, now);
+            }
+            Err(reason) => {
+                // The caller knows a re-opened lease by its old id.
+                for id in [Some(lease.id), replaces].into_iter().flatten() {
+                    if !held.ids.contains(&id) {
+                        held.ids.push(id);
+                    }
+                }
+                self.end_unowned(key, reason, now);
+            }
+        }
+    }
+
+    /// Ends a lease whose port is not (or no longer) its caller's: released at the gateway at
+    /// once, its mirror removed; a pending Open is answered port-not-owned, a held lease ends
+    /// with the event lost (code port-not-owned).
+    fn end_unowned(&mut self, key: Key, reason: PortNotOwned, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        if held.machine.state().is_terminal() {
+            return;
+        }
+        warn!(lease = ?held.machine.lease_id(), pid = ?held.app.pid, "ending a lease: {reason}");
+        let code = match reason {
+            PortNotOwned::Unreadable(_) => DenialCode::Wire(ResultCode::NoResources),
+            _ => DenialCode::Local(LocalCode::PortNotOwned),
+        };
+        if let Some((request_id, _)) = held.open_request.take() {
+            let conn = held.conn;
+            held.machine.release(now);
+            if let Some(conn) = conn {
+                self.deny(conn, request_id, code, reason.to_string(), None);
+            }
+        } else {
+            held.ended_by_agent = Some(reason);
+            held.machine.release(now);
+        }
+        self.drive(key, now);
+    }
+
+    /// Asks for the ports of every verified lease to be checked again; a lease whose port is
+    /// no longer its caller's ends.
+    fn sweep_owners(&mut self, now: Instant) {
+        self.next_owner_sweep = now + self.config.local.owner_check_interval;
+        let leases: Vec<(Key, PortCheck)> = self
+            .leases
+            .iter()
+            .filter(|(_, h)| matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing))
+            .filter_map(|(k, h)| {
+                let owner = h.owner.as_ref()?;
+                (!owner.targets.is_empty()).then(|| (*k, owner.check()))
+            })
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        self.owner_sweep_running = true;
+        self.actions.push_back(Action::SweepOwners { leases });
+    }
+
+    /// Closes callers that hold no lease and sent nothing for the idle timeout.
+    fn close_idle(&mut self, now: Instant) {
+        self.next_idle_sweep = now + IDLE_SWEEP;
+        let idle = self.config.local.idle_timeout;
+        let busy: HashSet<ConnId> = self.leases.values().filter_map(|h| h.conn).collect();
+        for (conn, local) in &mut self.conns {
+            if !busy.contains(conn)
+                && now.saturating_duration_since(local.last_request) >= idle
+                && !local.closing
+            {
+                debug!(conn, "closing an idle local connection");
+                local.closing = true;
+                self.actions.push_back(Action::Close { conn: *conn });
+            }
+        }
+    }
+
+    /// Ends the grace period of the earlier run's leases: each is let go in the host table, and
+    /// released at the gateway unless a caller asked for the same opening again and the
+    /// gateway gave it this very lease.
+    fn end_earlier_run(&mut self, now: Instant) {
+        self.earlier_run_until = None;
+        self.earlier_run_latest = None;
+        for earlier in std::mem::take(&mut self.earlier_run) {
+            let lease = earlier.lease;
+            // A caller's machine holds it now: the mirror keeps the elements under that
+            // machine's number, and the lease is that caller's.
+            let taken = self
+                .leases
+                .values()
+                .any(|h| !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease));
+            self.actions.push_back(Action::MirrorDrop {
+                holder: earlier.holder,
+                then: None,
+            });
+            if taken {
+                debug!(%lease, "a lease of an earlier run was asked for again; it stays");
+                continue;
+            }
+            if earlier.expires_at <= now {
+                continue;
+            }
+            if !self.link_up {
+                warn!(%lease, "cannot release a lease of an earlier run: the gateway is unreachable; it stays open there until it expires");
+                continue;
+            }
+            let request = Message::Release(fwnp_proto::Release {
+                common: common(rand::Rng::random(&mut self.rng)),
+                lease,
+            });
+            self.actions
+                .push_back(Action::ReleaseEarlier { lease, request });
+        }
+    }
+
+    /// Whether a machine other than `key` holds `lease` live.
+    fn shared(&self, key: Key, lease: LeaseId) -> bool {
+        self.leases.iter().any(|(k, h)| {
+            *k != key && !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
+        })
+    }
+
+    fn epoch_seen(&mut self, epoch: Epoch, from: Key, now: Instant) {
+        self.epoch = Some(epoch);
+        let keys: Vec<Key> = self.leases.keys().copied().filter(|k| *k != from).collect();
+        for key in keys {
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.epoch_observed(now, epoch);
+            }
+        }
+    }
+
+    fn forget_mirror(&mut self, key: Key) {
+        if let Some(held) = self.leases.get_mut(&key)
+            && std::mem::take(&mut held.mirrored)
+        {
+            self.actions.push_back(Action::MirrorDrop {
+                holder: key,
+                then: None,
+            });
+        }
+    }
+
+    fn on_mirror_landed(
+        &mut self,
+        key: Key,
+        lease: LeaseId,
+        result: Result<(), MirrorError>,
+        now: Instant,
+    ) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        let current = held.machine.lease().filter(|l| l.id == lease).cloned();
+        let Some((request_id, _)) = held.open_request else {
+            if let Err(e) = result {
+                warn!(%lease, "the host table refused a lease: {e}");
+            }
+            return;
+        };
+        let Some(granted) = current else { return };
+        held.open_request = None;
+        let Some(conn) = held.conn else { return };
+        match result {
+            Ok(()) => {
+                info!(
+                    %lease,
+                    app = ?held.app.name,
+                    pid = ?held.app.pid,
+                    grants = ?granted.grants,
+                    lifetime = granted.lifetime,
+                    "granted and mirrored"
+                );
+                let answer = Granted {
+                    common: common(request_id),
+                    lease: granted.id,
+                    grants: granted.grants.clone(),
+                    lifetime: granted.lifetime,
+                    expires_ms: granted.expires_ms,
+                    renew_after: granted.renew_after,
+                    epoch: granted.epoch,
+                    narrowed: granted.narrowed,
+                };
+                self.reply(conn, LocalMessage::Wire(Message::Granted(answer)));
+            }
+            Err(e) => {
+                warn!(%lease, "the host table refused a granted lease; releasing it: {e}");
+                held.machine.release(now);
+                self.deny(
+                    conn,
+                    request_id,
+                    DenialCode::Wire(ResultCode::NoResources),
+                    format!("the host's firewall did not take the opening: {e}"),
+                    None,
+                );
+                self.drive(key, now);
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Callers
+
+    fn on_request(&mut self, conn: ConnId, message: LocalMessage, now: Instant) {
+        let Some(local) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        local.last_request = now;
+        let request_id = message.request_id().unwrap_or(0);
+        if !local.peer.authorized {
+            // The server does not pass on such peers; should one get here, the same answer.
+            let reason = crate::server::not_authorized_reason(&local.peer);
+            self.deny(
+                conn,
+                request_id,
+                DenialCode::Local(LocalCode::AgentNotAuthorized),
+                reason,
+                None,
+            );
+            return;
+        }
+        match message {
+            LocalMessage::Wire(Message::Open(open)) => self.on_open(conn, open, now),
+            LocalMessage::Wire(Message::Release(release)) => {
+                let found = self.leases.iter().find(|(_, h)| {
+                    h.conn == Some(conn)
+                        && h.ids.contains(&release.lease)
+                        && !h.machine.state().is_terminal()
+                });
+                let Some((&key, _)) = found else {
+                    self.deny(
+                        conn,
+                        request_id,
+                        DenialCode::Local(LocalCode::UnknownLocalLease),
+                        format!("this connection holds no live lease {}", release.lease),
+                        Some(release.lease),
+                    );
+                    return;
+                };
+                if let Some(held) = self.leases.get_mut(&key) {
+                    held.release_requests.push((request_id, release.lease));
+                    held.machine.release(now);
+                }
+                self.drive(key, now);
+            }
+            LocalMessage::Wire(Message::List(_)) => self.on_list(conn, request_id, now),
+            LocalMessage::Watch(watch) => {
+                let max = self.config.local.max_watches;
+                let Some(local) = self.conns.get_mut(&conn) else {
+                    return;
+                };
+                match watch.lease {
+                    None => local.watch_all = true,
+                    Some(lease) if local.watches.contains(&lease) => {}
+                    Some(_) if local.watches.len() + usize::from(local.watch_all) >= max => {
+                        self.reply(
+                            conn,
+                            LocalMessage::Denied(LocalDenied {
+                                common: common(request_id),
+                                code: DenialCode::Wire(ResultCode::NoResources),
+                                reason: Some(format!(
+                                    "this connection has {max} watches already (max_watches)"
+                                )),
+                                retry_after: None,
+                                lease: watch.lease,
+                                unsupported: Vec::new(),
+                            }),
+                        );
+                        return;
+                    }
+                    Some(lease) => {
+                        local.watches.insert(lease);
+                    }
+                }
+                self.reply(
+                    conn,
+                    LocalMessage::Watching(Watching {
+                        common: common(request_id),
+                    }),
+                );
+            }
+            LocalMessage::Status(_) => {
+                let live = self
+                    .leases
+                    .values()
+                    .filter(|h| !h.machine.state().is_terminal() && h.machine.lease().is_some())
+                    .count();
+                let answer = StatusAnswer {
+                    common: common(request_id),
+                    agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                    gateway: self.config.gateway.address.clone(),
+                    connected: self.link_up,
+                    epoch: self.epoch,
+                    mirror_mode: self.config.mirror.mode.name().to_owned(),
+                    identity: self.identity.clone(),
+                    leases: live as u64,
+                    last_error: match self.link_up {
+                        true => None,
+                        false => Some(fit_status_reason(
+                            self.last_link_error
+                                .clone()
+                                .unwrap_or_else(|| "no connection attempt has ended yet".into()),
+                        )),
+                    },
+                };
+                self.reply(conn, LocalMessage::StatusAnswer(answer));
+            }
+            other => {
+                self.deny(
+                    conn,
+                    request_id,
+                    DenialCode::Wire(ResultCode::MalformedRequest),
+                    format!(
+                        "message type {} is not a request of the local API",
+                        other.type_number()
+                    ),
+                    None,
+                );
+            }
+        }
+    }
+
+    fn on_list(&mut self, conn: ConnId, request_id: u64, now: Instant) {
+        let leases = self
+            .leases
+            .values()
+            .filter(|h| !h.machine.state().is_terminal() && h.open_request.is_none())
+            .filter_map(|h| {
+                let lease = h.machine.lease()?;
+                Some(LeaseInfo {
+                    lease: lease.id,
+                    grants: lease.grants.clone(),
+                    remaining: u32::try_from(
+                        lease.expires_at.saturating_duration_since(now).as_secs(),
+                    )
+                    .unwrap_or(u32::MAX),
+                    expires_ms: lease.expires_ms,
+                    app: Some(h.app.clone()),
+                })
+            })
+            .collect();
+        let mut answer = Leases {
+            common: common(request_id),
+            leases,
+            epoch: self.epoch.unwrap_or(0),
+        };
+        // The gateway's rule (spec 5.4), since a frame is bounded the same way: shed
+        // application information from the end, and never send a partial list.
+        if !fwnp_proto::codec::fit_leases(&mut answer) {
+            self.reply(
+                conn,
+                LocalMessage::Denied(LocalDenied {
+                    common: common(request_id),
+                    code: DenialCode::Wire(ResultCode::NoResources),
+                    reason: Some("the list of leases does not fit in one answer".to_owned()),
+                    retry_after: Some(60),
+                    lease: None,
+                    unsupported: Vec::new(),
+                }),
+            );
+            return;
+        }
+        self.reply(conn, LocalMessage::Wire(Message::Leases(answer)));
+    }
+
+    fn on_open(&mut self, conn: ConnId, mut open: Open, now: Instant) {
+        let request_id = open.common.request_id.unwrap_or(0);
+        if let Err(e) = fwnp_proto::validate::validate_opening(&open.opening)
+            .and_then(|()| fwnp_proto::validate::validate_lifetime(open.lifetime))
+        {
+            self.deny(
+                conn,
+                request_id,
+                DenialCode::Wire(e.result_code()),
+                e.to_string(),
+                None,
+            );
+            return;
+        }
+        let Some(local) = self.conns.get(&conn) else {
+            return;
+        };
+        let held = self
+            .leases
+            .values()
+            .filter(|h| h.conn == Some(conn) && !h.machine.state().is_terminal())
+            .count();
+        if held >= self.config.local.max_leases_per_connection {
+            let reason =
+                format!("this connection holds {held} leases already (max_leases_per_connection)");
+            self.reply(
+                conn,
+                LocalMessage::Denied(LocalDenied {
+                    common: common(request_id),
+                    code: DenialCode::Wire(ResultCode::NoResources),
+                    reason: Some(reason),
+                    retry_after: Some(60),
+                    lease: None,
+                    unsupported: Vec::new(),
+                }),
+            );
+            return;
+        }
+        // What the application says about itself is replaced by what the kernel says, but for
+        // the name it gives itself: that label is carried (as its own claim, like every name)
+        // in place of the command line, so that operators see the name the developer chose.
+        let label = open.app.as_ref().and_then(|app| app.name.clone());
+        let mut app = local.peer.app.clone();
+        if label.is_some() {
+            app.name = label;
+        }
+        open.app = Some(app);
+        if !self.config.local.verify_port_owner {
+            self.start_open(conn, open, None, now);
+            return;
+        }
+        let Some(caller) = local.peer.process.clone() else {
+            let reason = match local.peer.pid {
+                Some(pid) => format!(
+                    "the calling process (pid {pid}) exited before the agent could identify it, so the port's owner cannot be verified"
+                ),
+                None => "the caller's process id is unknown (another PID namespace?), so the port's owner cannot be verified".to_owned(),
+            };
+            self.deny(
+                conn,
+                request_id,
+                DenialCode::Local(LocalCode::PortNotOwned),
+                reason,
+                None,
+            );
+            return;
+        };
+        match &open.opening.target {
+            Target::Ports { protocol, ports } => {
+                let (protocol, ports) = (*protocol, *ports);
+                self.actions.push_back(Action::CheckOwner {
+                    conn,
+                    open: Box::new(open),
+                    caller,
+                    protocol,
+                    ports,
+                    grace: self.config.local.port_owner_grace,
+                });
+            }
+            // An application id's ports are learnt from the gateway's grants: they are checked
+            // when the Granted arrives, before anything is mirrored or answered.
+            Target::App(_) => {
+                let owner = Owner {
+                    caller,
+                    targets: Vec::new(),
+                    by_grants: true,
+                };
+                self.start_open(conn, open, Some(owner), now);
+            }
+        }
+    }
+
+    fn start_open(&mut self, conn: ConnId, open: Open, owner: Option<Owner>, now: Instant) {
+        let request_id = open.common.request_id.unwrap_or(0);
+        if !self.conns.contains_key(&conn) {
+            return;
+        }
+        if !self.link_up {
+            let reason = format!(
+                "no connection to the gateway {}",
+                self.config.gateway.address
+            );
+            self.deny(
+                conn,
+                request_id,
+                DenialCode::Local(LocalCode::GatewayUnreachable),
+                reason,
+                None,
+            );
+            return;
+        }
+        let app = open.app.clone().unwrap_or_default();
+        let lifetime = open.lifetime;
+        let machine = LeaseMachine::new(
+            now,
+            open.opening,
+            open.lifetime,
+            Some(app.clone()),
+            &mut self.rng,
+        );
+        let key = self.next_key;
+        self.next_key += 1;
+        self.leases.insert(
+            key,
+            Held {
+                conn: Some(conn),
+                machine,
+                app,
+                open_request: Some((request_id, now + OPEN_WAIT)),
+                ids: Vec::new(),
+                mirrored: false,
+                reopen_of: None,
+                release_requests: Vec::new(),
+                lifetime,
+                owner,
+                ended_by_agent: None,
+            },
+        );
+        self.drive(key, now);
+    }
+
+    fn on_closed(&mut self, conn: ConnId, now: Instant) {
+        self.conns.remove(&conn);
+        let keys: Vec<Key> = self
+            .leases
+            .iter()
+            .filter(|(_, h)| h.conn == Some(conn))
+            .map(|(k, _)| *k)
+            .collect();
+        if !keys.is_empty() {
+            info!(
+                conn,
+                leases = keys.len(),
+                "application gone; releasing its leases"
+            );
+        }
+        for key in keys {
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.conn = None;
+                held.open_request = None;
+                held.release_requests.clear();
+                held.machine.release(now);
+            }
+            self.drive(key, now);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Output
+
+    fn reply(&mut self, conn: ConnId, message: LocalMessage) {
+        if self.conns.contains_key(&conn) {
+            self.actions.push_back(Action::Reply { conn, message });
+        }
+    }
+
+    fn deny(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        code: DenialCode,
+        reason: String,
+        lease: Option<LeaseId>,
+    ) {
+        self.reply(
+            conn,
+            LocalMessage::Denied(LocalDenied {
+                common: common(request_id),
+                code,
+                reason: Some(reason),
+                retry_after: None,
+                lease,
+                unsupported: Vec::new(),
+            }),
+        );
+    }
+
+    /// Gives an Event about the lease `lease` of `key` to the watches of its caller.
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        key: Key,
+        lease: LeaseId,
+        kind: EventKind,
+        expires_in: Option<Duration>,
+        reason: Option<String>,
+        code: Option<DenialCode>,
+        new_lease: Option<LeaseId>,
+    ) {
+        let Some(held) = self.leases.get(&key) else {
+            return;
+        };
+        let Some(conn) = held.conn else { return };
+        let Some(local) = self.conns.get(&conn) else {
+            return;
+        };
+        let watched = local.watch_all || held.ids.iter().any(|id| local.watches.contains(id));
+        if !watched {
+            return;
+        }
+        let event = Event {
+            common: Common::default(),
+            lease,
+            kind,
+            expires_in_ms: expires_in.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            reason,
+            code,
+            new_lease,
+        };
+        self.actions.push_back(Action::Reply {
+            conn,
+            message: LocalMessage::Event(event),
+        });
+    }
+}
+
+fn common(request_id: u64) -> Common {
+    Common {
+        request_id: Some(request_id),
+        critical: Vec::new(),
+    }
+}
+
+/// A reason cut to the local API's bound for texts (512 bytes), on a character boundary.
+fn fit_status_reason(mut reason: String) -> String {
+    const MAX: usize = 512;
+    if reason.len() > MAX {
+        let mut end = MAX;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}

@@ -1,0 +1,1235 @@
+//! The agent's decisions in simulated time: the [`AgentMachine`] is given inputs and a clock
+//! that only these tests move, and what it asks for (requests to the gateway, mirror orders,
+//! answers and events for callers) is checked. A scripted gateway answers its requests. No
+//! sockets, no sleeping, no kernel: every run is the same.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fwnp_agent::config::AgentConfig;
+use fwnp_agent::machine::{Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer};
+use fwnp_agent::mirror::MirrorError;
+use fwnp_agent::ports::{CallerProcess, PortNotOwned, ProcFs};
+use fwnp_proto::local::{DenialCode, EventKind, LocalCode, LocalMessage, Status, Watch};
+use fwnp_proto::{
+    AppInfo, Capabilities, Common, Denied, Epoch, EpochChanged, Grant, Granted, HostAddresses,
+    LeaseId, LeaseInfo, Leases, Limits, List, Message, Open, Opening, PortRange, Protocol, Release,
+    Released, Renew, ResultCode, Target, Welcome,
+};
+use rand::SeedableRng;
+
+const EPOCH: Epoch = 0x5c21_97ed_0000_0001;
+const NEW_EPOCH: Epoch = 0x5c21_97ed_0000_0002;
+const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+const LIFETIME: u32 = 300;
+const RENEW_AFTER: u32 = 150;
+const APP: ConnId = 7;
+
+const VERIFYING: &str = r#"state_dir = "/var/lib/fwnp-agent"
+[gateway]
+address = "198.51.100.1:4433"
+server_name = "198.51.100.1"
+certificate = "/etc/fwnp/pki/h.pem"
+key = "/etc/fwnp/pki/h.key"
+ca = "/etc/fwnp/pki/ca.pem"
+[local]
+port_owner_grace = "2s"
+owner_check_interval = "10s"
+"#;
+
+const CONFIG: &str = r#"state_dir = "/var/lib/fwnp-agent"
+[gateway]
+address = "198.51.100.1:4433"
+server_name = "198.51.100.1"
+certificate = "/etc/fwnp/pki/h.pem"
+key = "/etc/fwnp/pki/h.key"
+ca = "/etc/fwnp/pki/ca.pem"
+[local]
+verify_port_owner = false
+earlier_run_grace = "30s"
+idle_timeout = "60s"
+"#;
+
+/// A machine, its simulated clock, and a scripted gateway's lease numbering.
+struct Sim {
+    machine: AgentMachine,
+    now: Instant,
+    next_lease: u8,
+}
+
+impl Sim {
+    fn new() -> Sim {
+        Sim::with(CONFIG)
+    }
+
+    fn with(text: &str) -> Sim {
+        let config = AgentConfig::parse(text, "agent.toml").expect("the test's configuration");
+        let now = Instant::now();
+        let rng = rand::rngs::StdRng::seed_from_u64(14);
+        Sim {
+            machine: AgentMachine::new(Arc::new(config), rng, now),
+            now,
+            next_lease: 1,
+        }
+    }
+
+    fn input(&mut self, input: Input) -> Vec<Action> {
+        self.machine.handle(input, self.now);
+        self.actions()
+    }
+
+    fn actions(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.machine.poll_action()).collect()
+    }
+
+    /// Moves the clock to `now + by`, waking the machine whenever it asked to be woken on the
+    /// way; returns everything it asked for meanwhile.
+    fn advance(&mut self, by: Duration) -> Vec<Action> {
+        let end = self.now + by;
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            let wake = self.machine.poll_timeout(self.now);
+            if wake > end {
+                break;
+            }
+            self.now = wake.max(self.now);
+            self.machine.handle_timeout(self.now);
+            out.extend(self.actions());
+        }
+        self.now = end;
+        self.machine.handle_timeout(self.now);
+        out.extend(self.actions());
+        out
+    }
+
+    /// Moves the clock as [`Sim::advance`] does, but stops at the first request to the
+    /// gateway (at most `limit` later), which is returned with everything asked for meanwhile.
+    fn until_send(&mut self, limit: Duration) -> (Key, Message, Vec<Action>) {
+        let end = self.now + limit;
+        let mut out = Vec::new();
+        for _ in 0..100_000 {
+            let wake = self.machine.poll_timeout(self.now);
+            assert!(wake <= end, "nothing sent within {limit:?}: {out:?}");
+            self.now = wake.max(self.now);
+            self.machine.handle_timeout(self.now);
+            out.extend(self.actions());
+            if let Some((key, request)) = sends(&out).into_iter().next() {
+                assert_eq!(sends(&out).len(), 1, "{out:?}");
+                return (key, request, out);
+            }
+        }
+        panic!("the machine kept waking without sending: {out:?}");
+    }
+
+    fn link_up(&mut self, epoch: Epoch, listed: Vec<LeaseInfo>) -> Vec<Action> {
+        self.input(Input::LinkUp {
+            welcome: Box::new(welcome(epoch)),
+            leases: Leases {
+                common: Common::default(),
+                leases: listed,
+                epoch,
+            },
+        })
+    }
+
+    fn connect_caller(&mut self, conn: ConnId) {
+        let actions = self.input(Input::CallerConnected { conn, peer: peer() });
+        assert!(actions.is_empty(), "{actions:?}");
+        let actions = self.input(Input::Request {
+            conn,
+            message: LocalMessage::Watch(Watch {
+                common: common(1),
+                lease: None,
+            }),
+        });
+        assert!(
+            matches!(
+                &actions[..],
+                [Action::Reply {
+                    message: LocalMessage::Watching(_),
+                    ..
+                }]
+            ),
+            "{actions:?}"
+        );
+    }
+
+    fn fresh_lease(&mut self) -> LeaseId {
+        let id = LeaseId([self.next_lease; 16]);
+        self.next_lease += 1;
+        id
+    }
+
+    /// The caller `conn` opens tcp/`port`; the gateway grants it as `lease` under `epoch`; the
+    /// mirror takes it. Returns the key it is held under.
+    fn open_granted(&mut self, conn: ConnId, port: u16, lease: LeaseId, epoch: Epoch) -> Key {
+        let actions = self.input(Input::Request {
+            conn,
+            message: open_request(10 + u64::from(port), port),
+        });
+        let (key, request) = single_send(&actions);
+        assert!(matches!(request, Message::Open(_)), "{request:?}");
+        let actions = self.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Ok(granted(&request, lease, port, epoch)),
+        });
+        assert_eq!(
+            mirror_holds(&actions),
+            vec![(key, Some(lease))],
+            "{actions:?}"
+        );
+        let actions = self.input(Input::MirrorLanded {
+            key,
+            lease,
+            result: Ok(()),
+        });
+        match &actions[..] {
+            [
+                Action::Reply {
+                    conn: to,
+                    message: LocalMessage::Wire(Message::Granted(g)),
+                },
+            ] => {
+                assert_eq!((*to, g.lease), (conn, lease));
+                assert_eq!(g.common.request_id, Some(10 + u64::from(port)));
+            }
+            other => panic!("expected the Granted for the caller, got {other:?}"),
+        }
+        key
+    }
+}
+
+fn common(request_id: u64) -> Common {
+    Common {
+        request_id: Some(request_id),
+        critical: Vec::new(),
+    }
+}
+
+fn welcome(epoch: Epoch) -> Welcome {
+    Welcome {
+        common: common(0),
+        version: 1,
+        capabilities: Capabilities(Capabilities::ALL),
+        limits: Limits {
+            max_message_size: fwnp_proto::MAX_MESSAGE_SIZE as u32,
+            max_streams: 16,
+            min_lifetime: 1,
+            max_lifetime: 3600,
+            max_leases: None,
+        },
+        epoch,
+        time_ms: 1_000,
+        identity: "fwnp://host/web-01".into(),
+        addresses: vec![HOST],
+    }
+}
+
+fn peer() -> Peer {
+    Peer {
+        pid: Some(4242),
+        process: None,
+        uid: 1000,
+        gid: 1000,
+        authorized: true,
+        app: AppInfo {
+            name: Some("web".into()),
+            ..AppInfo::default()
+        },
+    }
+}
+
+fn opening(port: u16) -> Opening {
+    Opening {
+        target: Target::Ports {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+        },
+        host: HostAddresses::Default,
+        family: None,
+        remotes: Vec::new(),
+    }
+}
+
+fn open_request(request_id: u64, port: u16) -> LocalMessage {
+    LocalMessage::Wire(Message::Open(Open {
+        common: common(request_id),
+        opening: opening(port),
+        lifetime: Some(LIFETIME),
+        app: None,
+    }))
+}
+
+fn grant(port: u16) -> Grant {
+    Grant {
+        protocol: Protocol::Tcp,
+        ports: PortRange::single(port),
+        host: HOST,
+        remotes: Vec::new(),
+        app: None,
+    }
+}
+
+/// The scripted gateway's grant of `request` (an Open or a Renew).
+fn granted(request: &Message, lease: LeaseId, port: u16, epoch: Epoch) -> Message {
+    Message::Granted(Granted {
+        common: common(request.common().request_id.unwrap_or(0)),
+        lease,
+        grants: vec![grant(port)],
+        lifetime: LIFETIME,
+        expires_ms: 1_000 + u64::from(LIFETIME) * 1_000,
+        renew_after: RENEW_AFTER,
+        epoch,
+        narrowed: false,
+    })
+}
+
+fn listed(lease: LeaseId, port: u16, remaining: u32) -> LeaseInfo {
+    LeaseInfo {
+        lease,
+        grants: vec![grant(port)],
+        remaining,
+        expires_ms: 1_000 + u64::from(remaining) * 1_000,
+        app: None,
+    }
+}
+
+fn sends(actions: &[Action]) -> Vec<(Key, Message)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Send { key, request, .. } => Some((*key, request.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn single_send(actions: &[Action]) -> (Key, Message) {
+    match &sends(actions)[..] {
+        [one] => one.clone(),
+        other => panic!("expected one request to the gateway, got {other:?} in {actions:?}"),
+    }
+}
+
+fn mirror_holds(actions: &[Action]) -> Vec<(Key, Option<LeaseId>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::MirrorHold {
+                holder, confirm, ..
+            } => Some((*holder, *confirm)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn mirror_drops(actions: &[Action]) -> Vec<Key> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::MirrorDrop { holder, .. } => Some(*holder),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(actions: &[Action]) -> Vec<(ConnId, fwnp_proto::local::Event)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply {
+                conn,
+                message: LocalMessage::Event(e),
+            } => Some((*conn, e.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn denials(actions: &[Action]) -> Vec<(ConnId, fwnp_proto::local::LocalDenied)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply {
+                conn,
+                message: LocalMessage::Denied(d),
+            } => Some((*conn, d.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A lease is held when the link goes down: the caller hears the gateway is unreachable, no
+/// renewal is sent while there is no link, and when the link is back under the same epoch with
+/// the lease still listed, the renewal goes out at once and nothing is opened again.
+#[test]
+fn reconnect_resumes_renewals_without_reopening() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+
+    let actions = sim.input(Input::LinkDown {
+        reason: "idle timeout".into(),
+    });
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!((e.kind, e.lease), (EventKind::GatewayUnreachable, lease));
+            assert!(e.reason.as_deref().unwrap_or("").contains("idle timeout"));
+        }
+        other => panic!("expected gateway-unreachable, got {other:?}"),
+    }
+
+    // Past the renewal window: nothing can go out, nothing ends.
+    let actions = sim.advance(Duration::from_secs(u64::from(LIFETIME) - 60));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    assert!(events(&actions).is_empty(), "{actions:?}");
+
+    let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 60)]);
+    let (to, request) = single_send(&actions);
+    assert_eq!(to, key);
+    let Message::Renew(renew) = &request else {
+        panic!("expected a renewal, got {request:?}");
+    };
+    assert_eq!(renew.lease, lease);
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::Record { epoch: EPOCH, .. })),
+        "{actions:?}"
+    );
+
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, lease, 8080, EPOCH)),
+    });
+    assert_eq!(mirror_holds(&actions), vec![(key, None)]);
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!((e.kind, e.lease), (EventKind::Renewed, lease));
+            assert_eq!(e.expires_in_ms, Some(u64::from(LIFETIME) * 1_000));
+        }
+        other => panic!("expected renewed, got {other:?}"),
+    }
+}
+
+/// A request in flight when the link drops fails with it; on the next connection it is sent
+/// again (and the late failure of the first one is not counted against the second).
+#[test]
+fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    let (_, first, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert!(matches!(first, Message::Renew(_)), "{first:?}");
+
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 30)]);
+    let (_, second) = single_send(&actions);
+    assert!(matches!(second, Message::Renew(_)), "{second:?}");
+    assert_ne!(first.common().request_id, second.common().request_id);
+
+    // The first exchange's failure arrives late: nothing is sent a third time.
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: first.common().request_id,
+        result: Err("connection lost".into()),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: second.common().request_id,
+        result: Ok(granted(&second, lease, 8080, EPOCH)),
+    });
+    assert_eq!(events(&actions)[0].1.kind, EventKind::Renewed);
+}
+
+/// Back under the same epoch, a lease the gateway no longer lists (it expired there while the
+/// link was down) is opened again at once; the caller hears it was re-opened under a new id,
+/// and the host table holds the new grants under the same holder.
+#[test]
+fn reconnect_reopens_a_lease_the_gateway_forgot() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    sim.advance(Duration::from_secs(10));
+
+    let actions = sim.link_up(EPOCH, Vec::new());
+    assert_eq!(mirror_drops(&actions), vec![key], "{actions:?}");
+    let (to, request) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(request, Message::Open(_)), "{request:?}");
+
+    let new = sim.fresh_lease();
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, new, 8080, EPOCH)),
+    });
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!(e.kind, EventKind::Reopened);
+            assert_eq!((e.lease, e.new_lease), (lease, Some(new)));
+        }
+        other => panic!("expected reopened, got {other:?}"),
+    }
+    // Answered already: the mirror's confirmation answers nobody again.
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease: new,
+        result: Ok(()),
+    });
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+/// The gateway announces a new epoch (it lost its leases): every lease is opened again (spec:
+/// a fresh Open of the same opening), the old one stays mirrored until the new one is granted,
+/// and the caller hears re-opened with the new id.
+#[test]
+fn epoch_change_reopens_every_lease() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let first = sim.fresh_lease();
+    let second = sim.fresh_lease();
+    let key1 = sim.open_granted(APP, 8080, first, EPOCH);
+    let key2 = sim.open_granted(APP, 8443, second, EPOCH);
+
+    let actions = sim.input(Input::Notice(Message::EpochChanged(EpochChanged {
+        common: Common::default(),
+        epoch: NEW_EPOCH,
+    })));
+    let mut reopened = sends(&actions);
+    reopened.sort_by_key(|(k, _)| *k);
+    assert_eq!(reopened.len(), 2, "{actions:?}");
+    assert!(
+        reopened.iter().all(|(_, m)| matches!(m, Message::Open(_))),
+        "{reopened:?}"
+    );
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+
+    for ((key, request), (old, port)) in reopened.into_iter().zip([(first, 8080), (second, 8443)]) {
+        let new = sim.fresh_lease();
+        let actions = sim.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Ok(granted(&request, new, port, NEW_EPOCH)),
+        });
+        assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
+        match &events(&actions)[..] {
+            [(APP, e)] => {
+                assert_eq!(e.kind, EventKind::Reopened);
+                assert_eq!((e.lease, e.new_lease), (old, Some(new)));
+            }
+            other => panic!("expected reopened, got {other:?}"),
+        }
+    }
+    assert_ne!(key1, key2);
+
+    // Status reports the new epoch.
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Status(Status { common: common(99) }),
+    });
+    match &actions[..] {
+        [
+            Action::Reply {
+                message: LocalMessage::StatusAnswer(s),
+                ..
+            },
+        ] => {
+            assert_eq!(s.epoch, Some(NEW_EPOCH));
+            assert_eq!(s.leases, 2);
+            assert!(s.connected);
+        }
+        other => panic!("expected a status answer, got {other:?}"),
+    }
+}
+
+/// A reconnection that finds another epoch in the Welcome re-opens as the notice does.
+#[test]
+fn a_new_epoch_in_the_welcome_reopens_the_lease() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "gateway restarted".into(),
+    });
+    let actions = sim.link_up(NEW_EPOCH, Vec::new());
+    let (to, request) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(request, Message::Open(_)), "{request:?}");
+    let new = sim.fresh_lease();
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, new, 8080, NEW_EPOCH)),
+    });
+    let reopened: Vec<_> = events(&actions)
+        .into_iter()
+        .filter(|(_, e)| e.kind == EventKind::Reopened)
+        .collect();
+    assert_eq!(reopened.len(), 1, "{actions:?}");
+    assert_eq!(reopened[0].1.new_lease, Some(new));
+}
+
+/// The gateway refuses a renewal for good: the caller hears renewal-refused with the code and
+/// the time left; the lease stays mirrored until its expiry, then ends (event expired, mirror
+/// dropped) and nothing more is sent.
+#[test]
+fn a_refused_renewal_ends_the_lease_at_its_expiry() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+
+    let (_, renew, actions) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    assert!(matches!(renew, Message::Renew(_)), "{renew:?}");
+    let sent_at = sim.now;
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: renew.common().request_id,
+        result: Ok(Message::Denied(Denied {
+            common: common(renew.common().request_id.unwrap_or(0)),
+            code: ResultCode::NotAuthorized,
+            reason: Some("this gateway renews nothing".into()),
+            retry_after: None,
+            lease: Some(lease),
+            unsupported: Vec::new(),
+        })),
+    });
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let refused = match &events(&actions)[..] {
+        [(APP, e)] => e.clone(),
+        other => panic!("expected renewal-refused, got {other:?}"),
+    };
+    assert_eq!(refused.kind, EventKind::RenewalRefused);
+    assert_eq!(refused.lease, lease);
+    assert_eq!(
+        refused.code,
+        Some(DenialCode::Wire(ResultCode::NotAuthorized))
+    );
+    assert_eq!(
+        refused.reason.as_deref(),
+        Some("this gateway renews nothing")
+    );
+    let left = refused.expires_in_ms.expect("the time left");
+    assert!(left > 0 && left <= u64::from(LIFETIME) * 1_000, "{left}");
+
+    let actions = sim.advance(Duration::from_millis(left) + IDLE_TICK);
+    assert!(
+        sends(&actions).is_empty(),
+        "no renewal after a refusal: {actions:?}"
+    );
+    assert_eq!(mirror_drops(&actions), vec![key], "{actions:?}");
+    let ended: Vec<_> = events(&actions).into_iter().map(|(_, e)| e.kind).collect();
+    assert_eq!(ended, vec![EventKind::Expired]);
+    assert!(sim.now >= sent_at + Duration::from_millis(left));
+
+    // Nothing of it is listed any more.
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Wire(Message::List(List { common: common(50) })),
+    });
+    match &actions[..] {
+        [
+            Action::Reply {
+                message: LocalMessage::Wire(Message::Leases(l)),
+                ..
+            },
+        ] => assert!(l.leases.is_empty(), "{l:?}"),
+        other => panic!("expected the list, got {other:?}"),
+    }
+    assert!(!sim.machine.holds_leases());
+}
+
+/// The first connection of a run finds leases of an earlier run: the host table is made to
+/// hold exactly those (each under a holder of its own); a caller that asks for the same
+/// opening again within the grace period and is given the same lease keeps it; at the end of
+/// the grace period the others are released at the gateway, and every earlier holder lets go
+/// of the host table (the reclaimed lease stays under its caller's holder).
+#[test]
+fn leases_of_an_earlier_run_are_kept_for_callers_that_ask_again_and_released_otherwise() {
+    let mut sim = Sim::new();
+    let kept = sim.fresh_lease();
+    let orphan = sim.fresh_lease();
+    let actions = sim.link_up(
+        EPOCH,
+        vec![listed(kept, 8080, 200), listed(orphan, 9090, 200)],
+    );
+    let reconciled = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::MirrorReconcile { holders } => Some(holders.clone()),
+            _ => None,
+        })
+        .expect("the host table reconciled on the first connection");
+    assert_eq!(reconciled.len(), 2, "{reconciled:?}");
+    let earlier_holders: Vec<Key> = reconciled.iter().map(|(h, _, _)| *h).collect();
+    assert_eq!(reconciled[0].1, vec![grant(8080)]);
+    assert_eq!(reconciled[1].1, vec![grant(9090)]);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+
+    sim.advance(Duration::from_secs(5));
+    sim.connect_caller(APP);
+    let key = sim.open_granted(APP, 8080, kept, EPOCH);
+    assert!(!earlier_holders.contains(&key));
+
+    // Before the end of the grace period nothing is released.
+    let actions = sim.advance(Duration::from_secs(20));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        "{actions:?}"
+    );
+
+    let actions = sim.advance(Duration::from_secs(10));
+    let released: Vec<LeaseId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReleaseEarlier { lease, request } => {
+                assert!(
+                    matches!(request, Message::Release(Release { lease: l, .. }) if l == lease),
+                    "{request:?}"
+                );
+                Some(*lease)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![orphan]);
+    let mut dropped = mirror_drops(&actions);
+    dropped.sort_unstable();
+    assert_eq!(dropped, earlier_holders);
+    assert!(!dropped.contains(&key));
+    // The reclaimed lease is the caller's: it is renewed as its own.
+    let (to, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert_eq!(to, key);
+    assert!(matches!(renew, Message::Renew(Renew { lease, .. }) if lease == kept));
+}
+
+/// The end of an earlier run's grace period waits for an Open in flight (the gateway may be
+/// giving it one of those leases), but only until the Open's own wait is over.
+#[test]
+fn the_earlier_run_waits_for_an_open_in_flight() {
+    let mut sim = Sim::new();
+    let earlier = sim.fresh_lease();
+    sim.link_up(EPOCH, vec![listed(earlier, 8080, 600)]);
+    sim.connect_caller(APP);
+    sim.advance(Duration::from_secs(29));
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(5, 8080),
+    });
+    let (key, request) = single_send(&actions);
+
+    // The grace period is over, but the Open is unanswered: the earlier lease stays.
+    let actions = sim.advance(Duration::from_secs(2));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        "{actions:?}"
+    );
+    // The gateway gives the caller that very lease: it is not released.
+    sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, earlier, 8080, EPOCH)),
+    });
+    sim.input(Input::MirrorLanded {
+        key,
+        lease: earlier,
+        result: Ok(()),
+    });
+    let actions = sim.advance(IDLE_TICK * 2);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        "{actions:?}"
+    );
+    assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
+    assert!(!mirror_drops(&actions).contains(&key));
+}
+
+/// With the link down at the end of the grace period, an earlier run's lease cannot be
+/// released: it is let go in the host table and left to expire at the gateway.
+#[test]
+fn an_earlier_run_lease_is_left_to_expire_when_the_gateway_is_unreachable() {
+    let mut sim = Sim::new();
+    let earlier = sim.fresh_lease();
+    sim.link_up(EPOCH, vec![listed(earlier, 8080, 600)]);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.advance(Duration::from_secs(31));
+    assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        "{actions:?}"
+    );
+}
+
+/// An Open without a link is refused at once, gateway-unreachable.
+#[test]
+fn an_open_without_a_link_is_refused() {
+    let mut sim = Sim::new();
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::GatewayUnreachable));
+            assert_eq!(d.common.request_id, Some(3));
+        }
+        other => panic!("expected gateway-unreachable, got {other:?}"),
+    }
+    assert!(sends(&actions).is_empty());
+}
+
+/// An Open the gateway never answers is refused gateway-unreachable after the Open's wait, and
+/// a lease granted after that is released, never mirrored.
+#[test]
+fn an_unanswered_open_is_refused_after_its_wait() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    single_send(&actions);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.advance(fwnp_agent::machine::OPEN_WAIT + IDLE_TICK);
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::GatewayUnreachable));
+            assert_eq!(d.common.request_id, Some(3));
+        }
+        other => panic!("expected gateway-unreachable, got {other:?}"),
+    }
+    assert!(mirror_holds(&actions).is_empty());
+}
+
+/// Two callers hold the same lease (the gateway merged their identical openings): the first
+/// to let go is answered without a Release reaching the gateway; the last one's Release goes
+/// out, and it is answered only once the host table let go.
+#[test]
+fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    sim.connect_caller(APP + 1);
+    let lease = sim.fresh_lease();
+    let first = sim.open_granted(APP, 8080, lease, EPOCH);
+    let second = sim.open_granted(APP + 1, 8080, lease, EPOCH);
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Wire(Message::Release(Release {
+            common: common(40),
+            lease,
+        })),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let after = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::MirrorDrop {
+                holder,
+                then: Some(after),
+            } if *holder == first => Some(after.clone()),
+            _ => None,
+        })
+        .expect("the first holder's elements dropped, the answer waiting for it");
+    assert_eq!(
+        after,
+        AfterDrop {
+            lease,
+            answer: Some((APP, vec![(40, lease)]))
+        }
+    );
+    let actions = sim.input(Input::MirrorReleased {
+        conn: APP,
+        requests: vec![(40, lease)],
+    });
+    assert!(
+        matches!(&actions[..], [Action::Reply { conn: APP, message: LocalMessage::Wire(Message::Released(r)) }] if r.lease == lease && r.common.request_id == Some(40)),
+        "{actions:?}"
+    );
+
+    let actions = sim.input(Input::CallerClosed { conn: APP + 1 });
+    let (key, request) = single_send(&actions);
+    assert_eq!(key, second);
+    assert!(matches!(request, Message::Release(Release { lease: l, .. }) if l == lease));
+    sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(Message::Released(Released {
+            common: request.common().clone(),
+            lease,
+        })),
+    });
+    assert!(!sim.machine.holds_leases() || sim.machine.earliest_expiry().is_none());
+}
+
+/// A caller that holds no lease and sends nothing for the idle timeout is closed, once.
+#[test]
+fn an_idle_caller_is_closed_once() {
+    let mut sim = Sim::new();
+    sim.connect_caller(APP);
+    let actions = sim.advance(Duration::from_secs(59));
+    assert!(actions.is_empty(), "{actions:?}");
+    let actions = sim.advance(Duration::from_secs(2));
+    assert!(
+        matches!(&actions[..], [Action::Close { conn: APP }]),
+        "{actions:?}"
+    );
+    let actions = sim.advance(Duration::from_secs(10));
+    assert!(actions.is_empty(), "{actions:?}");
+}
+
+/// Stopping releases every lease at the gateway without telling its caller; a Release that
+/// fails ends the lease there, so the driver does not wait for it.
+#[test]
+fn shutdown_releases_every_lease() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let a = sim.fresh_lease();
+    let b = sim.fresh_lease();
+    sim.open_granted(APP, 8080, a, EPOCH);
+    sim.open_granted(APP, 8443, b, EPOCH);
+    sim.machine.shutdown(sim.now);
+    let actions = sim.actions();
+    let released = sends(&actions);
+    assert_eq!(released.len(), 2, "{actions:?}");
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    for (key, request) in released {
+        assert!(matches!(request, Message::Release(_)), "{request:?}");
+        sim.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Err("connection lost".into()),
+        });
+    }
+    assert!(!sim.machine.holds_leases());
+}
+
+/// With ports verified: an Open waits for the check of its port (with the grace period) before
+/// anything goes to the gateway; a port not the caller's is refused port-not-owned; a renewal
+/// is checked first; a lease whose port the periodic check finds taken ends, released at the
+/// gateway, its caller told lost (port-not-owned).
+#[test]
+fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
+    let mut sim = Sim::with(VERIFYING);
+    sim.link_up(EPOCH, Vec::new());
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    let actions = sim.input(Input::CallerConnected {
+        conn: APP,
+        peer: Peer {
+            process: Some(me.clone()),
+            ..peer()
+        },
+    });
+    assert!(actions.is_empty(), "{actions:?}");
+    sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Watch(Watch {
+            common: common(1),
+            lease: None,
+        }),
+    });
+
+    // A port someone else binds: refused, nothing sent.
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(2, 8081),
+    });
+    let Some(Action::CheckOwner {
+        open, grace, ports, ..
+    }) = actions.into_iter().next()
+    else {
+        panic!("expected a port check first");
+    };
+    assert_eq!(
+        (grace, ports),
+        (Duration::from_secs(2), PortRange::single(8081))
+    );
+    let taken = PortNotOwned::Other {
+        protocol: Protocol::Tcp,
+        port: 8081,
+        pid: 1,
+        comm: "init".into(),
+    };
+    let actions = sim.input(Input::OwnerChecked {
+        conn: APP,
+        open,
+        result: Err(taken.clone()),
+        caller: me.clone(),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::PortNotOwned));
+            assert_eq!(d.reason.as_deref(), Some(taken.to_string().as_str()));
+        }
+        other => panic!("expected port-not-owned, got {other:?}"),
+    }
+
+    // The caller's own port: opened once checked.
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    let Some(Action::CheckOwner { open, .. }) = actions.into_iter().next() else {
+        panic!("expected a port check first");
+    };
+    let actions = sim.input(Input::OwnerChecked {
+        conn: APP,
+        open,
+        result: Ok(std::process::id()),
+        caller: me.clone(),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, lease, 8080, EPOCH)),
+    });
+    sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Ok(()),
+    });
+
+    // The periodic check covers it.
+    let actions = sim.advance(Duration::from_secs(10));
+    let swept = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::SweepOwners { leases } => Some(leases.clone()),
+            _ => None,
+        })
+        .expect("a periodic check");
+    assert_eq!(swept.len(), 1);
+    assert_eq!(swept[0].0, key);
+    assert_eq!(
+        swept[0].1.targets,
+        vec![(Protocol::Tcp, PortRange::single(8080))]
+    );
+    sim.input(Input::OwnerSweepDone);
+
+    // The renewal is checked before it goes out.
+    let (_, renew, actions) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    let verify = actions.iter().find_map(|a| match a {
+        Action::Send { verify_first, .. } => verify_first.clone(),
+        _ => None,
+    });
+    assert_eq!(
+        verify.map(|c| c.targets),
+        Some(vec![(Protocol::Tcp, PortRange::single(8080))])
+    );
+    sim.input(Input::Answer {
+        key,
+        request_id: renew.common().request_id,
+        result: Ok(granted(&renew, lease, 8080, EPOCH)),
+    });
+
+    // Another process took the port: the lease ends.
+    let actions = sim.input(Input::OwnerLost {
+        key,
+        reason: PortNotOwned::Other {
+            protocol: Protocol::Tcp,
+            port: 8080,
+            pid: 1,
+            comm: "init".into(),
+        },
+    });
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+    assert_eq!(mirror_drops(&actions), vec![key]);
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!((e.kind, e.lease), (EventKind::Lost, lease));
+            assert_eq!(e.code, Some(DenialCode::Local(LocalCode::PortNotOwned)));
+        }
+        other => panic!("expected lost, got {other:?}"),
+    }
+}
+
+/// The host table refuses a granted lease: the caller is refused no-resources (never told it
+/// was granted) and the lease is released at the gateway.
+#[test]
+fn a_lease_the_host_table_refuses_is_released_and_refused() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(8, 8080),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    sim.input(Input::Answer {
+        key,
+        request_id: request.common().request_id,
+        result: Ok(granted(&request, lease, 8080, EPOCH)),
+    });
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Err(MirrorError::Stopped),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::NoResources));
+            assert_eq!(d.common.request_id, Some(8));
+        }
+        other => panic!("expected no-resources, got {other:?}"),
+    }
+    assert!(
+        !actions.iter().any(|a| matches!(
+            a,
+            Action::Reply {
+                message: LocalMessage::Wire(Message::Granted(_)),
+                ..
+            }
+        )),
+        "{actions:?}"
+    );
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+}
+
+/// An application id's ports are learnt from its grants: they are checked (with the grace
+/// period, for a first grant) before anything is mirrored or answered, and a grant for ports
+/// the caller does not bind is released and refused port-not-owned.
+#[test]
+fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
+    let mut sim = Sim::with(VERIFYING);
+    sim.link_up(EPOCH, Vec::new());
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    sim.input(Input::CallerConnected {
+        conn: APP,
+        peer: Peer {
+            process: Some(me),
+            ..peer()
+        },
+    });
+    let ask = |sim: &mut Sim, request_id: u64| {
+        let actions = sim.input(Input::Request {
+            conn: APP,
+            message: LocalMessage::Wire(Message::Open(Open {
+                common: common(request_id),
+                opening: Opening {
+                    target: Target::App("web".into()),
+                    ..opening(0)
+                },
+                lifetime: Some(LIFETIME),
+                app: None,
+            })),
+        });
+        let (key, request) = single_send(&actions);
+        let lease = sim.fresh_lease();
+        let mut answer = granted(&request, lease, 8080, EPOCH);
+        if let Message::Granted(g) = &mut answer {
+            g.grants.push(grant(8443));
+            g.grants.push(grant(8080));
+        }
+        let actions = sim.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Ok(answer),
+        });
+        assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Reply { .. })),
+            "{actions:?}"
+        );
+        match actions.into_iter().next() {
+            Some(Action::CheckGrants {
+                key: k,
+                lease: granted,
+                replaces,
+                check,
+                grace,
+            }) => {
+                assert_eq!((k, granted.id, replaces), (key, lease, None));
+                assert_eq!(grace, Duration::from_secs(2));
+                assert_eq!(
+                    check.targets,
+                    vec![
+                        (Protocol::Tcp, PortRange::single(8080)),
+                        (Protocol::Tcp, PortRange::single(8443))
+                    ]
+                );
+                (key, granted, check)
+            }
+            other => panic!("expected the grants' check, got {other:?}"),
+        }
+    };
+
+    let (key, lease, check) = ask(&mut sim, 20);
+    let actions = sim.input(Input::GrantsChecked {
+        key,
+        lease: lease.clone(),
+        replaces: None,
+        result: Ok(check.targets),
+    });
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease.id))]);
+
+    let (key, lease, _) = ask(&mut sim, 21);
+    let actions = sim.input(Input::GrantsChecked {
+        key,
+        lease: lease.clone(),
+        replaces: None,
+        result: Err(PortNotOwned::Nobody {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(8443),
+            waited: Duration::from_secs(2),
+        }),
+    });
+    assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::PortNotOwned));
+            assert_eq!(d.common.request_id, Some(21));
+        }
+        other => panic!("expected port-not-owned, got {other:?}"),
+    }
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease.id));
+}
