@@ -1402,6 +1402,7 @@ impl Core {
                                 .unwrap_or_else(|| "no connection attempt has ended yet".into()),
                         )),
                     },
+                    api_version: Some(fwnp_proto::local::API_VERSION),
                 };
                 self.send(conn, LocalMessage::StatusAnswer(answer));
             }

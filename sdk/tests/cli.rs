@@ -248,6 +248,7 @@ async fn status_says_why_the_agent_is_not_connected() {
                 identity: None,
                 leases: 0,
                 last_error: Some("certificate not valid for name \"gw.example\"".into()),
+                api_version: Some(fwnp_proto::local::API_VERSION),
             },
         )]),
         _ => None,

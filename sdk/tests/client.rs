@@ -549,7 +549,14 @@ async fn a_late_grant_is_released() {
 
 #[tokio::test]
 async fn malformed_answers_are_protocol_errors() {
-    let agent = Harness::with_script(Box::new(|req| match req {
+    // The first Status is the one connect sends; it is answered as the agent would.
+    let statuses = std::sync::atomic::AtomicUsize::new(0);
+    let agent = Harness::with_script(Box::new(move |req| match req {
+        LocalMessage::Status(_)
+            if statuses.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 =>
+        {
+            None
+        }
         // Status answered with a Released: the wrong kind of answer.
         LocalMessage::Status(s) => Some(vec![LocalMessage::Wire(Message::Released(
             fwnp_proto::Released {
@@ -620,4 +627,70 @@ async fn status_and_leases_are_mapped() {
             last: 5010
         }
     );
+}
+
+/// A StatusAnswer of an agent implementing `api_version` (`None`: an agent that does not say).
+fn status_of_version(request: &LocalMessage, api_version: Option<u64>) -> LocalMessage {
+    LocalMessage::StatusAnswer(fwnp_proto::local::StatusAnswer {
+        common: harness::common(request.request_id()),
+        agent_version: "harness 0".into(),
+        gateway: "gw.example:4433".into(),
+        connected: true,
+        epoch: None,
+        mirror_mode: "enforce".into(),
+        identity: None,
+        leases: 0,
+        last_error: None,
+        api_version,
+    })
+}
+
+#[tokio::test]
+async fn connect_refuses_an_agent_older_than_the_api_version_it_needs() {
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, Some(0))]),
+        _ => None,
+    }));
+    let result = Client::connect_to(&agent.path).await;
+    assert!(
+        matches!(
+            result,
+            Err(Error::AgentTooOld {
+                api_version: 0,
+                required: fwnp_sdk::REQUIRED_API_VERSION
+            })
+        ),
+        "{result:?}"
+    );
+    // Watch first, then Status, both sent by connect; nothing else.
+    let received = agent.received();
+    assert!(
+        matches!(received.first(), Some(LocalMessage::Watch(_))),
+        "{received:?}"
+    );
+    assert!(
+        matches!(received.get(1), Some(LocalMessage::Status(_))),
+        "{received:?}"
+    );
+    assert_eq!(received.len(), 2, "{received:?}");
+    // The connection is dropped with the error.
+    agent.wait_closed(1).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_state_its_api_version_implements_version_1() {
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, None)]),
+        _ => None,
+    }));
+    let client = Client::connect_to(&agent.path).await.unwrap();
+    assert_eq!(client.status().await.unwrap().api_version, 1);
+
+    // A newer agent is used as it is.
+    let newer = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, Some(7))]),
+        _ => None,
+    }));
+    let client = Client::connect_to(&newer.path).await.unwrap();
+    assert_eq!(client.status().await.unwrap().api_version, 7);
 }
