@@ -337,12 +337,7 @@ impl Shared {
     /// Runs `future` to its end on the calling thread. Refused on the library's own thread (a
     /// callback), where waiting would stop the very thread that must answer.
     fn block_on<T>(&self, future: impl Future<Output = T>) -> Result<T, Failure> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return Err(Failure::new(
-                fwnp_code::FWNP_ERR_WRONG_THREAD,
-                "called from a callback (the library's own thread); call it from another thread",
-            ));
-        }
+        may_block()?;
         match &self.runtime {
             Some(runtime) => Ok(runtime.block_on(future)),
             None => Err(Failure::new(
@@ -357,6 +352,18 @@ impl Shared {
             runtime.spawn(future);
         }
     }
+}
+
+/// Refuses to wait on the library's own thread (a callback), where waiting would stop the very
+/// thread that must answer.
+fn may_block() -> Result<(), Failure> {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return Err(Failure::new(
+            fwnp_code::FWNP_ERR_WRONG_THREAD,
+            "called from a callback (the library's own thread); call it from another thread",
+        ));
+    }
+    Ok(())
 }
 
 impl Drop for Shared {
@@ -1000,6 +1007,8 @@ pub extern "C" fn fwnp_lease_set_callback(
 pub extern "C" fn fwnp_lease_release(lease: *const fwnp_lease) -> fwnp_code {
     guard("fwnp_lease_release", || {
         let lease = ptr::handle(lease, "lease")?;
+        // Before taking the sender: a refused call must leave the lease held.
+        may_block()?;
         let Some(sender) = lock(&lease.release).take() else {
             return Ok(());
         };
