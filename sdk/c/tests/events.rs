@@ -9,11 +9,14 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+
+mod common;
 use std::sync::mpsc::{Receiver, channel};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fwnp_interop_tests::{Binaries, TempDir};
+use common::{VALGRIND, compile, crate_dir, require_valgrind};
+use fwnp_interop_tests::TempDir;
 use fwnp_proto::local::{
     self, Event, EventKind, LocalMessage, StatusAnswer, Watching, decode_frame_body, encode_frame,
     frame_body_len,
@@ -25,66 +28,7 @@ const STEP: Duration = Duration::from_secs(60);
 const FIRST: LeaseId = LeaseId([0xab; 16]);
 const REOPENED: LeaseId = LeaseId([0xcd; 16]);
 
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// libfwnp, built by `cargo build -p fwnp-c` (cargo builds no cdylib for the crate's own
-/// integration tests) into this test's target directory.
-fn library_dir() -> PathBuf {
-    let dir = Binaries::profile_dir().expect("the target directory");
-    let target = dir.parent().expect("the target directory").to_path_buf();
-    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    command
-        .args(["build", "-p", "fwnp-c", "--target-dir"])
-        .arg(target)
-        .current_dir(crate_dir());
-    if dir.file_name().is_some_and(|n| n == "release") {
-        command.arg("--release");
-    }
-    for (key, _) in std::env::vars_os() {
-        if let Some(key) = key.to_str()
-            && (key.starts_with("CARGO_") || key == "OUT_DIR")
-            && key != "CARGO_HOME"
-        {
-            command.env_remove(key);
-        }
-    }
-    let status = command
-        .stdin(Stdio::null())
-        .status()
-        .expect("running cargo");
-    assert!(
-        status.success(),
-        "`cargo build -p fwnp-c` failed ({status})"
-    );
-    dir
-}
-
-fn build_events(out_dir: &Path) -> PathBuf {
-    let lib = library_dir();
-    let exe = out_dir.join("events");
-    let out = Command::new("cc")
-        .args(["-Wall", "-Wextra", "-Werror", "-g", "-I"])
-        .arg(crate_dir().join("include"))
-        .arg(crate_dir().join("tests/c/events.c"))
-        .arg("-L")
-        .arg(&lib)
-        .arg("-lfwnp")
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
-
-fn common(id: Option<u64>) -> Common {
+fn with_id(id: Option<u64>) -> Common {
     Common {
         request_id: id,
         critical: vec![],
@@ -93,7 +37,7 @@ fn common(id: Option<u64>) -> Common {
 
 fn event(lease: LeaseId, kind: EventKind) -> LocalMessage {
     LocalMessage::Event(Event {
-        common: common(None),
+        common: with_id(None),
         lease,
         kind,
         expires_in_ms: None,
@@ -149,11 +93,11 @@ fn serve(mut stream: UnixStream, writer: &Mutex<Option<UnixStream>>) {
         let id = request.request_id();
         let mut answers = vec![];
         match request {
-            LocalMessage::Watch(_) => {
-                answers.push(LocalMessage::Watching(Watching { common: common(id) }))
-            }
+            LocalMessage::Watch(_) => answers.push(LocalMessage::Watching(Watching {
+                common: with_id(id),
+            })),
             LocalMessage::Status(_) => answers.push(LocalMessage::StatusAnswer(StatusAnswer {
-                common: common(id),
+                common: with_id(id),
                 agent_version: "scripted".into(),
                 gateway: "gw.example:4433".into(),
                 connected: true,
@@ -169,7 +113,7 @@ fn serve(mut stream: UnixStream, writer: &Mutex<Option<UnixStream>>) {
                     panic!("a port was asked");
                 };
                 answers.push(LocalMessage::Wire(Message::Granted(Granted {
-                    common: common(id),
+                    common: with_id(id),
                     lease: FIRST,
                     grants: vec![Grant {
                         protocol,
@@ -193,7 +137,7 @@ fn serve(mut stream: UnixStream, writer: &Mutex<Option<UnixStream>>) {
             }
             LocalMessage::Wire(Message::Release(release)) => {
                 answers.push(LocalMessage::Wire(Message::Released(Released {
-                    common: common(id),
+                    common: with_id(id),
                     lease: release.lease,
                 })))
             }
@@ -316,21 +260,13 @@ fn run_story(exe: &Path, wrapper: &[&str]) -> String {
 #[test]
 fn events_come_by_descriptor_then_by_callback() {
     let dir = TempDir::new("fwnp-c-events-build").expect("a temporary directory");
-    let exe = build_events(dir.path());
+    let exe = compile(
+        &crate_dir().join("tests/c/events.c"),
+        &dir.path().join("events"),
+    );
     run_story(&exe, &[]);
 
-    assert!(
-        Command::new("valgrind").arg("--version").output().is_ok(),
-        "valgrind is not installed (scripts/deps.sh installs it)"
-    );
-    let report = run_story(
-        &exe,
-        &[
-            "valgrind",
-            "--leak-check=full",
-            "--errors-for-leak-kinds=definite,possible",
-            "--error-exitcode=99",
-        ],
-    );
+    require_valgrind();
+    let report = run_story(&exe, &VALGRIND);
     assert!(report.contains("ERROR SUMMARY: 0 errors"), "{report}");
 }

@@ -12,12 +12,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{VALGRIND, cc, compile, crate_dir, library_dir, require_valgrind};
 use fwnp_interop_tests::{
     Binaries, Lab, LabOptions, TempDir, netns_command, require_root, wait_until,
 };
@@ -42,90 +44,6 @@ name = "web"
 groups = ["hosts"]
 allow = "tcp/8000-8999"
 "#;
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds libfwnp (cargo does not build a cdylib for its own integration tests) into this
-/// test's target directory and profile; returns the directory holding libfwnp.so and
-/// libfwnp.a. Once per test process.
-fn library_dir() -> PathBuf {
-    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = BUILT.get_or_init(|| {
-        let dir = Binaries::profile_dir().map_err(|e| e.to_string())?;
-        let target = dir.parent().ok_or("no target directory")?;
-        let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-        command
-            .args(["build", "-p", "fwnp-c", "--target-dir"])
-            .arg(target)
-            .current_dir(crate_dir());
-        if dir.file_name().is_some_and(|n| n == "release") {
-            command.arg("--release");
-        }
-        // The running test's cargo variables must not reach the inner build (its build
-        // scripts would see another package and rebuild).
-        for (key, _) in std::env::vars_os() {
-            if let Some(key) = key.to_str()
-                && (key.starts_with("CARGO_") || key == "OUT_DIR")
-                && key != "CARGO_HOME"
-            {
-                command.env_remove(key);
-            }
-        }
-        let status = command
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("`cargo build -p fwnp-c` failed ({status})"));
-        }
-        Ok(dir)
-    });
-    match built {
-        Ok(dir) => dir.clone(),
-        Err(e) => panic!("building libfwnp: {e}"),
-    }
-}
-
-/// `cc` with `args`, failing the test with the compiler's output.
-fn cc(args: &[&std::ffi::OsStr]) {
-    let out = Command::new("cc")
-        .args(args)
-        .output()
-        .expect("running cc (a C compiler is needed)");
-    assert!(
-        out.status.success(),
-        "cc {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// serve.c built against the library in `lib_dir`, found at run time by its rpath.
-fn build_serve(out_dir: &Path) -> PathBuf {
-    let lib_dir = library_dir();
-    let exe = out_dir.join("serve");
-    let rpath = format!("-Wl,-rpath,{}", lib_dir.display());
-    let source = crate_dir().join("examples/serve.c");
-    let include = crate_dir().join("include");
-    let lib = lib_dir.as_os_str();
-    cc(&[
-        "-Wall".as_ref(),
-        "-Wextra".as_ref(),
-        "-Werror".as_ref(),
-        "-g".as_ref(),
-        "-I".as_ref(),
-        include.as_os_str(),
-        source.as_os_str(),
-        "-L".as_ref(),
-        lib,
-        "-lfwnp".as_ref(),
-        rpath.as_ref(),
-        "-o".as_ref(),
-        exe.as_os_str(),
-    ]);
-    exe
-}
 
 /// A running serve.c: its standard input (closing it ends the program) and its output lines.
 struct Served {
@@ -279,7 +197,10 @@ fn serve_c_opens_serves_and_releases_also_under_valgrind() {
         return;
     }
     let dir = TempDir::new("serve-c").expect("a temporary directory");
-    let serve = build_serve(dir.path());
+    let serve = compile(
+        &crate_dir().join("examples/serve.c"),
+        &dir.path().join("serve"),
+    );
     let options = LabOptions {
         label: "serve-c".into(),
         hosts: 1,
@@ -293,19 +214,8 @@ fn serve_c_opens_serves_and_releases_also_under_valgrind() {
     let (code, stderr) = serve_once(&lab, &serve, 8301, &[]);
     assert_eq!(code, Some(0), "serve.c failed: {stderr}");
 
-    // Valgrind's exit code 99 means it found an error or a leak (definite or possible).
-    let valgrind = [
-        "valgrind",
-        "--leak-check=full",
-        "--errors-for-leak-kinds=definite,possible",
-        "--show-leak-kinds=definite,possible",
-        "--error-exitcode=99",
-    ];
-    assert!(
-        Command::new("valgrind").arg("--version").output().is_ok(),
-        "valgrind is not installed (scripts/deps.sh installs it)"
-    );
-    let (code, stderr) = serve_once(&lab, &serve, 8302, &valgrind);
+    require_valgrind();
+    let (code, stderr) = serve_once(&lab, &serve, 8302, &VALGRIND);
     assert_eq!(code, Some(0), "serve.c under valgrind: {stderr}");
     assert!(
         stderr.contains("ERROR SUMMARY: 0 errors"),
@@ -362,7 +272,7 @@ fn installed_with_pkg_config_it_links_dynamically_and_statically() {
             .map(Into::into),
     );
     args.push(format!("-Wl,-rpath,{}", prefix.join("lib").display()).into());
-    cc(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    cc(&args);
 
     // Statically: libfwnp.a and what it needs (Libs.private), no libfwnp.so at run time.
     let static_exe = dir.path().join("serve-static");
@@ -380,7 +290,7 @@ fn installed_with_pkg_config_it_links_dynamically_and_statically() {
             .filter(|flag| flag != "-lfwnp")
             .map(Into::into),
     );
-    cc(&args.iter().map(|a| a.as_os_str()).collect::<Vec<_>>());
+    cc(&args);
     let ldd = Command::new("ldd").arg(&static_exe).output().expect("ldd");
     assert!(!String::from_utf8_lossy(&ldd.stdout).contains("libfwnp"));
 
