@@ -694,3 +694,54 @@ async fn an_agent_that_does_not_state_its_api_version_implements_version_1() {
     let client = Client::connect_to(&newer.path).await.unwrap();
     assert_eq!(client.status().await.unwrap().api_version, 7);
 }
+
+#[tokio::test]
+async fn what_a_newer_agent_adds_is_ignored_or_fails_only_its_request() {
+    // The first Open is left unanswered by the script; the test answers it by hand below.
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let agent = Harness::with_script(Box::new(move |req| match req {
+        LocalMessage::Wire(Message::Open(_))
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) =>
+        {
+            Some(vec![])
+        }
+        _ => None,
+    }));
+    let client = Client::connect_to(&agent.path).await.unwrap();
+    let refused = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(Opening::tcp(8080)).await }
+    });
+    let received = agent.wait_for("the open", |r| !opens(r).is_empty()).await;
+    let id = opens(&received)[0].common.request_id.unwrap();
+    assert!(id < 24, "one-byte id in this hand-made frame");
+    // Denied with a local code above 1027 that this version does not know:
+    // {0: 17, 1: id, 3: 1030}. The request fails; the connection stays.
+    agent.push_raw(&[
+        0, 0, 0, 9, 0xa3, 0x00, 0x11, 0x01, id as u8, 0x03, 0x19, 0x04, 0x06,
+    ]);
+    let result = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("the refused open was left hanging")
+        .unwrap();
+    assert!(matches!(result, Err(Error::Protocol(_))), "{result:?}");
+
+    let mut lease = client.open(Opening::tcp(8080)).await.unwrap();
+    let lease_id = lease.id();
+    // An Event of a kind this version does not know (9): {0: 66, 3: lease, 4: 9}. Ignored: the
+    // lease is not ended, and the next known event still arrives.
+    let mut unknown = vec![0, 0, 0, 24, 0xa3, 0x00, 0x18, 0x42, 0x03, 0x50];
+    unknown.extend_from_slice(&lease_id.0);
+    unknown.extend_from_slice(&[0x04, 0x09]);
+    agent.push_raw(&unknown);
+    let mut renewed = event(lease_id, EventKind::Renewed);
+    renewed.expires_in_ms = Some(120_000);
+    agent.push(&LocalMessage::Event(renewed));
+    assert!(matches!(
+        next(&mut lease).await,
+        Some(LeaseEvent::Renewed { .. })
+    ));
+    assert!(lease.is_active());
+    // The connection still serves requests.
+    assert_eq!(client.status().await.unwrap().api_version, 1);
+}
