@@ -7,6 +7,11 @@ fwnp_missing_packages() {
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
   command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing+=(conntrack)
+  # libfwnp's tests: its C example is built with cc, linked through its pkg-config file and
+  # run under Valgrind.
+  command -v cc >/dev/null 2>&1 || missing+=(gcc)
+  command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+  command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
   echo "${missing[@]}"
 }
 

@@ -59,6 +59,15 @@ pub const DEFAULT_SOCKET_PATH: &str = "/run/fwnp/agent.sock";
 /// The environment variable that overrides the socket path for applications.
 pub const SOCKET_ENV_VAR: &str = "FWNP_AGENT_SOCKET";
 
+/// The version of the local API this crate implements (`spec/local-api.md` Section 12), which
+/// an agent states in [`StatusAnswer::api_version`]. An agent that leaves the key out implements
+/// version 1.
+///
+/// ```
+/// assert_eq!(fwnp_proto::local::API_VERSION, 1);
+/// ```
+pub const API_VERSION: u64 = 1;
+
 /// Type number of [`Watch`].
 pub const TYPE_WATCH: u64 = 64;
 /// Type number of [`Watching`].
@@ -349,6 +358,37 @@ pub struct StatusAnswer {
     /// While not connected, why the last connection ended or the last attempt failed (key 10):
     /// a refused certificate, a name the gateway's certificate does not carry, no answer.
     pub last_error: Option<String>,
+    /// The version of the local API the agent implements (key 11); absent from an agent of
+    /// version 1 that predates the key. [`StatusAnswer::implemented_api_version`] reads it.
+    pub api_version: Option<u64>,
+}
+
+impl StatusAnswer {
+    /// The local API version the agent implements: key 11, or 1 when the agent left it out
+    /// (`spec/local-api.md` Section 12).
+    ///
+    /// ```
+    /// use fwnp_proto::local::StatusAnswer;
+    /// use fwnp_proto::Common;
+    /// let mut answer = StatusAnswer {
+    ///     common: Common { request_id: Some(1), critical: vec![] },
+    ///     agent_version: "0.1.0".into(),
+    ///     gateway: "gw.example:4433".into(),
+    ///     connected: true,
+    ///     epoch: None,
+    ///     mirror_mode: "enforce".into(),
+    ///     identity: None,
+    ///     leases: 0,
+    ///     last_error: None,
+    ///     api_version: None,
+    /// };
+    /// assert_eq!(answer.implemented_api_version(), 1);
+    /// answer.api_version = Some(3);
+    /// assert_eq!(answer.implemented_api_version(), 3);
+    /// ```
+    pub fn implemented_api_version(&self) -> u64 {
+        self.api_version.unwrap_or(1)
+    }
 }
 
 /// Every message of the local API.
@@ -553,6 +593,9 @@ pub fn encode_body(msg: &LocalMessage) -> Vec<u8> {
             if let Some(error) = &s.last_error {
                 m.push(10, Value::Text(error.clone()));
             }
+            if let Some(version) = s.api_version {
+                m.push(11, uint(version));
+            }
             m.finish()
         }
     };
@@ -688,7 +731,7 @@ fn highest_known_key(t: u64) -> u64 {
         TYPE_WATCH => 3,
         TYPE_WATCHING | TYPE_STATUS => 2,
         TYPE_EVENT => 8,
-        TYPE_STATUS_ANSWER => 10,
+        TYPE_STATUS_ANSWER => 11,
         _ => 7, // Denied
     }
 }
@@ -917,6 +960,7 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
             identity: f.opt_text(8)?,
             leases: f.uint(9)?,
             last_error: f.opt_reason(10)?,
+            api_version: f.opt_uint(11)?,
         }),
         _ => {
             let n = f.uint(3)?;
@@ -1058,6 +1102,78 @@ mod tests {
         assert_eq!(
             decode_frame_body(&hex("a400184301020281141400")),
             Err(LocalError::UnsupportedCritical(vec![20]))
+        );
+    }
+
+    /// A StatusAnswer body built by hand, with `extra` entries after the mandatory keys.
+    fn status_answer_body(extra: Vec<(u64, Value)>) -> Vec<u8> {
+        let mut pairs = vec![
+            (0u64, Value::from(TYPE_STATUS_ANSWER)),
+            (1, Value::from(9u64)),
+            (3, Value::Text("0.1.0".into())),
+            (4, Value::Text("gw.example:4433".into())),
+            (5, Value::Bool(true)),
+            (7, Value::Text("enforce".into())),
+            (9, Value::from(0u64)),
+        ];
+        pairs.extend(extra);
+        pairs.sort_by_key(|(k, _)| *k);
+        let map = Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
+        );
+        let mut out = Vec::new();
+        ciborium::into_writer(&map, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn status_answer_states_its_api_version_in_key_11() {
+        // An agent that leaves key 11 out implements version 1.
+        let Ok(LocalMessage::StatusAnswer(old)) = decode_frame_body(&status_answer_body(vec![]))
+        else {
+            panic!("a StatusAnswer without key 11 decodes");
+        };
+        assert_eq!(old.api_version, None);
+        assert_eq!(old.implemented_api_version(), 1);
+
+        // Key 11 is read, and a critical list may name it.
+        let body = status_answer_body(vec![
+            (2, Value::Array(vec![Value::from(11u64)])),
+            (11, Value::from(4u64)),
+        ]);
+        let Ok(LocalMessage::StatusAnswer(new)) = decode_frame_body(&body) else {
+            panic!("a StatusAnswer with key 11 decodes");
+        };
+        assert_eq!(new.api_version, Some(4));
+        assert_eq!(new.implemented_api_version(), 4);
+
+        // Key 11 must be an unsigned integer; key 12 is not defined.
+        assert!(
+            decode_frame_body(&status_answer_body(vec![(11, Value::Text("1".into()))])).is_err()
+        );
+        assert_eq!(
+            decode_frame_body(&status_answer_body(vec![
+                (2, Value::Array(vec![Value::from(12u64)])),
+                (12, Value::from(0u64)),
+            ])),
+            Err(LocalError::UnsupportedCritical(vec![12]))
+        );
+
+        // The encoder writes key 11 when the answer carries it.
+        let mut again = new.clone();
+        again.common.critical.clear();
+        let frame = encode_frame(&LocalMessage::StatusAnswer(again.clone()));
+        let value: Value = ciborium::from_reader(&frame[FRAME_HEADER_LEN..]).unwrap();
+        let Value::Map(pairs) = value else {
+            panic!("a map")
+        };
+        assert!(pairs.contains(&(Value::from(11u64), Value::from(4u64))));
+        assert_eq!(
+            decode_frame_body(&frame[FRAME_HEADER_LEN..]),
+            Ok(LocalMessage::StatusAnswer(again))
         );
     }
 
@@ -1210,6 +1326,7 @@ mod tests {
                 proptest::option::of(".{0,20}"),
                 any::<u64>(),
                 proptest::option::of(".{0,40}"),
+                proptest::option::of(any::<u64>()),
             )
                 .prop_map(
                     |(
@@ -1222,6 +1339,7 @@ mod tests {
                         identity,
                         leases,
                         last_error,
+                        api_version,
                     )| {
                         LocalMessage::StatusAnswer(StatusAnswer {
                             common,
@@ -1233,6 +1351,7 @@ mod tests {
                             identity,
                             leases,
                             last_error,
+                            api_version,
                         })
                     }
                 ),

@@ -2230,7 +2230,7 @@ fn local_vectors() -> Vec<LocalVector> {
     ));
     v.push(local_valid(
         "status-answer-connected",
-        "StatusAnswer of a connected agent: version, gateway, epoch, mirror mode, identity, two leases.",
+        "StatusAnswer of a connected agent: version, gateway, epoch, mirror mode, identity, two leases, local API version 1 (key 11).",
         L::StatusAnswer(StatusAnswer {
             common: rid(8),
             agent_version: "0.1.0".into(),
@@ -2241,11 +2241,12 @@ fn local_vectors() -> Vec<LocalVector> {
             identity: Some("fwnp://host/web-01".into()),
             leases: 2,
             last_error: None,
+            api_version: Some(1),
         }),
     ));
     v.push(local_valid(
         "status-answer-not-connected",
-        "StatusAnswer of an agent not connected, saying why (key 10), with no epoch or identity known.",
+        "StatusAnswer of an agent not connected, saying why (key 10), with no epoch or identity known; key 11 left out, as an agent that predates it does (it implements version 1).",
         L::StatusAnswer(StatusAnswer {
             common: rid(8),
             agent_version: "0.1.0".into(),
@@ -2256,6 +2257,7 @@ fn local_vectors() -> Vec<LocalVector> {
             identity: None,
             leases: 0,
             last_error: Some("the gateway's certificate does not carry gw.example.org".into()),
+            api_version: None,
         }),
     ));
 

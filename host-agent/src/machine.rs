@@ -1471,6 +1471,7 @@ impl AgentMachine {
                                 .unwrap_or_else(|| "no connection attempt has ended yet".into()),
                         )),
                     },
+                    api_version: Some(fwnp_proto::local::API_VERSION),
                 };
                 self.reply(conn, LocalMessage::StatusAnswer(answer));
             }

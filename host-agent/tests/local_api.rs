@@ -91,6 +91,8 @@ fn status_list_watch_and_unknown_release() {
     assert_eq!(status.agent_version, env!("CARGO_PKG_VERSION"));
     assert_eq!(status.leases, 0);
     assert_eq!(status.identity, None);
+    // Key 11: the local API version the agent implements.
+    assert_eq!(status.api_version, Some(fwnp_proto::local::API_VERSION));
 
     let leases = client.list();
     assert!(leases.leases.is_empty());

@@ -29,6 +29,15 @@ use crate::opening::Opening;
 /// ```
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The oldest local API version (`spec/local-api.md` Section 12) an agent may implement for
+/// this library to use it: [`Client::connect`] asks the agent's version and fails with
+/// [`Error::AgentTooOld`] below it.
+///
+/// ```
+/// assert!(fwnp_sdk::REQUIRED_API_VERSION <= fwnp_proto::local::API_VERSION);
+/// ```
+pub const REQUIRED_API_VERSION: u64 = 1;
+
 /// What the host agent says about itself, from [`Client::status`].
 ///
 /// ```no_run
@@ -58,11 +67,14 @@ pub struct AgentStatus {
     /// While the agent is not connected: why (the last attempt's or connection's end), as the
     /// agent tells it; `None` when connected, or from an agent too old to tell.
     pub last_error: Option<String>,
+    /// The version of the local API the agent implements (1 from an agent that does not say).
+    pub api_version: u64,
 }
 
 impl From<StatusAnswer> for AgentStatus {
     fn from(s: StatusAnswer) -> Self {
         AgentStatus {
+            api_version: s.implemented_api_version(),
             agent_version: s.agent_version,
             gateway: s.gateway,
             connected: s.connected,
@@ -193,8 +205,10 @@ enum Command {
 
 impl Client {
     /// Connects to the agent's socket: `$FWNP_AGENT_SOCKET` if set and not empty, else
-    /// `/run/fwnp/agent.sock`. Asks at once for the events of this connection's leases, so an
-    /// agent that refuses this user is reported here ([`Error::AgentNotAuthorized`]).
+    /// `/run/fwnp/agent.sock`. Asks at once for the events of this connection's leases and for
+    /// the agent's status (both in one round trip), so that an agent that refuses this user
+    /// ([`Error::AgentNotAuthorized`]) or implements a local API older than
+    /// [`REQUIRED_API_VERSION`] ([`Error::AgentTooOld`]) is reported here.
     ///
     /// ```no_run
     /// # async fn f() -> Result<(), fwnp_sdk::Error> {
@@ -230,13 +244,22 @@ impl Client {
             inner,
             timeout: DEFAULT_REQUEST_TIMEOUT,
         };
-        match client
-            .request("watch", |reply| Command::Watch { reply })
-            .await?
-        {
-            Answer::Watching => Ok(client),
-            other => Err(unexpected("watch", &other)),
+        // Pipelined: Watch first, so that an agent that answers only the first request of a
+        // refused user (spec/local-api.md Section 2.1) answers the Watch.
+        let (watch, status) = tokio::join!(
+            client.request("watch", |reply| Command::Watch { reply }),
+            client.request("status", |reply| Command::Status { reply }),
+        );
+        match watch? {
+            Answer::Watching => {}
+            other => return Err(unexpected("watch", &other)),
         }
+        let status = match status? {
+            Answer::Status(status) => status,
+            other => return Err(unexpected("status", &other)),
+        };
+        check_api_version(status.api_version)?;
+        Ok(client)
     }
 
     /// The same connection, with requests waiting at most `timeout` for their answer
@@ -412,6 +435,17 @@ impl Client {
 
 /// The handle a [`Lease`] keeps on its connection.
 pub(crate) type ClientRef = Client;
+
+/// Refuses an agent older than this library's [`REQUIRED_API_VERSION`].
+fn check_api_version(api_version: u64) -> Result<(), Error> {
+    if api_version < REQUIRED_API_VERSION {
+        return Err(Error::AgentTooOld {
+            api_version,
+            required: REQUIRED_API_VERSION,
+        });
+    }
+    Ok(())
+}
 
 fn default_socket_path() -> PathBuf {
     match std::env::var_os(local::SOCKET_ENV_VAR) {

@@ -47,6 +47,19 @@ pub enum Error {
     #[error("invalid opening: {0}")]
     InvalidOpening(#[from] OpeningError),
 
+    /// The agent implements an older version of the local API than this library needs
+    /// ([`crate::REQUIRED_API_VERSION`]); [`crate::Client::connect`] checks it. Update the agent.
+    #[error(
+        "the host agent implements local API version {api_version}, this library needs version \
+         {required} or later: update fwnp-agent"
+    )]
+    AgentTooOld {
+        /// The version the agent states (1 when it does not say).
+        api_version: u64,
+        /// The version this library needs.
+        required: u64,
+    },
+
     /// The agent's socket could not be reached: it does not exist, nobody listens on it, or
     /// this user may not open it.
     #[error(

@@ -51,7 +51,9 @@ mod error;
 mod lease;
 mod opening;
 
-pub use client::{AgentStatus, Client, DEFAULT_REQUEST_TIMEOUT, LeaseSummary};
+pub use client::{
+    AgentStatus, Client, DEFAULT_REQUEST_TIMEOUT, LeaseSummary, REQUIRED_API_VERSION,
+};
 pub use error::Error;
 pub use lease::{Lease, LeaseEvent};
 pub use opening::{Opening, OpeningError, Remote};

@@ -248,6 +248,7 @@ async fn status_says_why_the_agent_is_not_connected() {
                 identity: None,
                 leases: 0,
                 last_error: Some("certificate not valid for name \"gw.example\"".into()),
+                api_version: Some(fwnp_proto::local::API_VERSION),
             },
         )]),
         _ => None,
@@ -522,12 +523,18 @@ async fn status_leases_and_release_print_what_the_agent_answers() {
     assert_eq!(status["connected"], true);
     // The epoch is written as the daemons log it: 16 hexadecimal digits.
     assert_eq!(status["epoch"], "0000000000000007");
+    assert_eq!(status["api_version"], fwnp_proto::local::API_VERSION);
     assert_eq!(status["mirror_mode"], "enforce");
     let mut command = fwnp(&agent);
     command.arg("status");
     let out = run(command).await;
     assert!(
         out.stdout.contains("epoch:     0000000000000007"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("local API: version 1"),
         "{}",
         out.stdout
     );

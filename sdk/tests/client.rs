@@ -549,7 +549,14 @@ async fn a_late_grant_is_released() {
 
 #[tokio::test]
 async fn malformed_answers_are_protocol_errors() {
-    let agent = Harness::with_script(Box::new(|req| match req {
+    // The first Status is the one connect sends; it is answered as the agent would.
+    let statuses = std::sync::atomic::AtomicUsize::new(0);
+    let agent = Harness::with_script(Box::new(move |req| match req {
+        LocalMessage::Status(_)
+            if statuses.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 =>
+        {
+            None
+        }
         // Status answered with a Released: the wrong kind of answer.
         LocalMessage::Status(s) => Some(vec![LocalMessage::Wire(Message::Released(
             fwnp_proto::Released {
@@ -620,4 +627,121 @@ async fn status_and_leases_are_mapped() {
             last: 5010
         }
     );
+}
+
+/// A StatusAnswer of an agent implementing `api_version` (`None`: an agent that does not say).
+fn status_of_version(request: &LocalMessage, api_version: Option<u64>) -> LocalMessage {
+    LocalMessage::StatusAnswer(fwnp_proto::local::StatusAnswer {
+        common: harness::common(request.request_id()),
+        agent_version: "harness 0".into(),
+        gateway: "gw.example:4433".into(),
+        connected: true,
+        epoch: None,
+        mirror_mode: "enforce".into(),
+        identity: None,
+        leases: 0,
+        last_error: None,
+        api_version,
+    })
+}
+
+#[tokio::test]
+async fn connect_refuses_an_agent_older_than_the_api_version_it_needs() {
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, Some(0))]),
+        _ => None,
+    }));
+    let result = Client::connect_to(&agent.path).await;
+    assert!(
+        matches!(
+            result,
+            Err(Error::AgentTooOld {
+                api_version: 0,
+                required: fwnp_sdk::REQUIRED_API_VERSION
+            })
+        ),
+        "{result:?}"
+    );
+    // Watch first, then Status, both sent by connect; nothing else.
+    let received = agent.received();
+    assert!(
+        matches!(received.first(), Some(LocalMessage::Watch(_))),
+        "{received:?}"
+    );
+    assert!(
+        matches!(received.get(1), Some(LocalMessage::Status(_))),
+        "{received:?}"
+    );
+    assert_eq!(received.len(), 2, "{received:?}");
+    // The connection is dropped with the error.
+    agent.wait_closed(1).await;
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_state_its_api_version_implements_version_1() {
+    let agent = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, None)]),
+        _ => None,
+    }));
+    let client = Client::connect_to(&agent.path).await.unwrap();
+    assert_eq!(client.status().await.unwrap().api_version, 1);
+
+    // A newer agent is used as it is.
+    let newer = Harness::with_script(Box::new(|req| match req {
+        LocalMessage::Status(_) => Some(vec![status_of_version(req, Some(7))]),
+        _ => None,
+    }));
+    let client = Client::connect_to(&newer.path).await.unwrap();
+    assert_eq!(client.status().await.unwrap().api_version, 7);
+}
+
+#[tokio::test]
+async fn what_a_newer_agent_adds_is_ignored_or_fails_only_its_request() {
+    // The first Open is left unanswered by the script; the test answers it by hand below.
+    let first = std::sync::atomic::AtomicBool::new(true);
+    let agent = Harness::with_script(Box::new(move |req| match req {
+        LocalMessage::Wire(Message::Open(_))
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) =>
+        {
+            Some(vec![])
+        }
+        _ => None,
+    }));
+    let client = Client::connect_to(&agent.path).await.unwrap();
+    let refused = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(Opening::tcp(8080)).await }
+    });
+    let received = agent.wait_for("the open", |r| !opens(r).is_empty()).await;
+    let id = opens(&received)[0].common.request_id.unwrap();
+    assert!(id < 24, "one-byte id in this hand-made frame");
+    // Denied with a local code above 1027 that this version does not know:
+    // {0: 17, 1: id, 3: 1030}. The request fails; the connection stays.
+    agent.push_raw(&[
+        0, 0, 0, 9, 0xa3, 0x00, 0x11, 0x01, id as u8, 0x03, 0x19, 0x04, 0x06,
+    ]);
+    let result = tokio::time::timeout(Duration::from_secs(5), refused)
+        .await
+        .expect("the refused open was left hanging")
+        .unwrap();
+    assert!(matches!(result, Err(Error::Protocol(_))), "{result:?}");
+
+    let mut lease = client.open(Opening::tcp(8080)).await.unwrap();
+    let lease_id = lease.id();
+    // An Event of a kind this version does not know (9): {0: 66, 3: lease, 4: 9}. Ignored: the
+    // lease is not ended, and the next known event still arrives.
+    let mut unknown = vec![0, 0, 0, 24, 0xa3, 0x00, 0x18, 0x42, 0x03, 0x50];
+    unknown.extend_from_slice(&lease_id.0);
+    unknown.extend_from_slice(&[0x04, 0x09]);
+    agent.push_raw(&unknown);
+    let mut renewed = event(lease_id, EventKind::Renewed);
+    renewed.expires_in_ms = Some(120_000);
+    agent.push(&LocalMessage::Event(renewed));
+    assert!(matches!(
+        next(&mut lease).await,
+        Some(LeaseEvent::Renewed { .. })
+    ));
+    assert!(lease.is_active());
+    // The connection still serves requests.
+    assert_eq!(client.status().await.unwrap().api_version, 1);
 }

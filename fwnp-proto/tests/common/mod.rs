@@ -259,6 +259,7 @@ pub(crate) fn local_message_json(msg: &local::LocalMessage) -> Json {
                 "identity": opt(s.identity.clone()),
                 "leases": s.leases,
                 "last_error": opt(s.last_error.clone()),
+                "api_version": opt(s.api_version),
             }),
         ),
     };

@@ -127,6 +127,7 @@ def render(m: _codec.Message) -> dict[str, Any]:
             identity=m.identity,
             leases=m.leases,
             last_error=m.last_error,
+            api_version=m.api_version,
         )
     return out
 

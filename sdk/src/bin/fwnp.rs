@@ -750,6 +750,7 @@ fn status_json(status: &AgentStatus) -> serde_json::Value {
         "identity": status.identity,
         "leases": status.leases,
         "last_error": status.last_error,
+        "api_version": status.api_version,
     })
 }
 
@@ -791,6 +792,7 @@ async fn status(socket: &Option<PathBuf>, json: bool) -> u8 {
             status.identity.as_deref().unwrap_or("unknown")
         );
         println!("leases:    {}", status.leases);
+        println!("local API: version {}", status.api_version);
     }
     if status.connected {
         EXIT_OK

@@ -298,6 +298,7 @@ fn default_answer(
             identity: Some("fwnp://host/web-01".into()),
             leases: state.0.lock().unwrap().granted.len() as u64,
             last_error: None,
+            api_version: Some(local::API_VERSION),
         })],
         LocalMessage::Wire(Message::Open(open)) => {
             let granted = grant_for(open);
