@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fwnp_netfilter::lab::{Netns, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Change, GatewayLayout, Layout, Netfilter, Opening, PortRange, Prefix,
+    Batcher, BatcherConfig, Change, Element, GatewayLayout, Layout, Netfilter, PortRange, Prefix,
     Protocol, Refuse,
 };
 
@@ -44,12 +44,12 @@ fn layout() -> Layout {
 }
 
 /// `count` distinct single-port TCP openings: hosts 10.0.x.y, 1,000 ports each.
-fn openings(count: usize) -> Vec<Opening> {
+fn openings(count: usize) -> Vec<Element> {
     (0..count)
         .map(|i| {
             let host = u32::try_from(i / 1000).expect("element count fits u32");
             let port = 1000 + u16::try_from(i % 1000).expect("below 1000");
-            Opening {
+            Element {
                 host: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + host + 1)),
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(port),
@@ -89,7 +89,7 @@ impl Run {
     }
 }
 
-fn through_batcher(all: &[Opening], name: &'static str, config: BatcherConfig) -> Run {
+fn through_batcher(all: &[Element], name: &'static str, config: BatcherConfig) -> Run {
     let (ns, nf) = prepared("fwbb");
     let mut reader = ns.run(|| Netfilter::open().expect("netfilter handle"));
     let batcher = ns.run(|| Batcher::start(nf, layout(), config).expect("batcher"));
@@ -131,7 +131,7 @@ fn through_batcher(all: &[Opening], name: &'static str, config: BatcherConfig) -
     }
 }
 
-fn through_commit(all: &[Opening], chunk: usize) -> Run {
+fn through_commit(all: &[Element], chunk: usize) -> Run {
     let (_ns, mut nf) = prepared("fwbc");
     let layout = layout();
     let started = Instant::now();
@@ -154,7 +154,7 @@ fn through_commit(all: &[Opening], chunk: usize) -> Run {
     }
 }
 
-fn through_nft(all: &[Opening]) -> Run {
+fn through_nft(all: &[Element]) -> Run {
     let (ns, mut nf) = prepared("fwbn");
     let mut script = String::with_capacity(all.len() * 40);
     script.push_str("add element inet fwnp lease4 {\n");

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use crate::nl::*;
 use crate::sys::{NetlinkSocket, thread_id};
-use crate::{Change, Error, Layout, Netfilter, Opening, Ownership, ReconcileReport};
+use crate::{Change, Element, Error, Layout, Netfilter, Ownership, ReconcileReport};
 
 /// Settings of a [`Batcher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,10 +100,10 @@ pub struct RepairEvent {
 enum Command {
     Change(Change, oneshot::Sender<Result<(), Error>>),
     Reconcile(
-        Vec<(Opening, Duration)>,
+        Vec<(Element, Duration)>,
         oneshot::Sender<Result<ReconcileReport, Error>>,
     ),
-    Kill(Opening, oneshot::Sender<Result<usize, Error>>),
+    Kill(Element, oneshot::Sender<Result<usize, Error>>),
     Apply(Layout, oneshot::Sender<Result<(), Error>>),
     Foreign(RepairTrigger),
     Shutdown(oneshot::Sender<()>),
@@ -220,19 +220,19 @@ impl Batcher {
     }
 
     /// Adds an opening that expires after `timeout`; returns once the kernel holds it.
-    pub async fn add(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
+    pub async fn add(&self, opening: Element, timeout: Duration) -> Result<(), Error> {
         self.call(|r| Command::Change(Change::Add(opening, timeout), r))
             .await
     }
 
     /// Sets an opening's remaining time to `timeout` (and creates it if it had expired).
-    pub async fn renew(&self, opening: Opening, timeout: Duration) -> Result<(), Error> {
+    pub async fn renew(&self, opening: Element, timeout: Duration) -> Result<(), Error> {
         self.call(|r| Command::Change(Change::Renew(opening, timeout), r))
             .await
     }
 
     /// Removes an opening at once.
-    pub async fn remove(&self, opening: Opening) -> Result<(), Error> {
+    pub async fn remove(&self, opening: Element) -> Result<(), Error> {
         self.call(|r| Command::Change(Change::Remove(opening), r))
             .await
     }
@@ -248,7 +248,7 @@ impl Batcher {
     /// waits after letting go of it.
     ///
     /// ```no_run
-    /// # async fn example(batcher: fwnp_netfilter::Batcher, opening: fwnp_netfilter::Opening) {
+    /// # async fn example(batcher: fwnp_netfilter::Batcher, opening: fwnp_netfilter::Element) {
     /// use std::time::Duration;
     /// use fwnp_netfilter::Change;
     /// let added = batcher.submit(Change::Add(opening.clone(), Duration::from_secs(60)));
@@ -273,13 +273,13 @@ impl Batcher {
     /// [`Netfilter::reconcile`]).
     pub async fn reconcile(
         &self,
-        desired: Vec<(Opening, Duration)>,
+        desired: Vec<(Element, Duration)>,
     ) -> Result<ReconcileReport, Error> {
         self.call(|r| Command::Reconcile(desired, r)).await
     }
 
     /// Ends the live connections of an opening (see [`Netfilter::kill_connections`]).
-    pub async fn kill_connections(&self, opening: Opening) -> Result<usize, Error> {
+    pub async fn kill_connections(&self, opening: Element) -> Result<usize, Error> {
         self.call(|r| Command::Kill(opening, r)).await
     }
 
@@ -317,7 +317,7 @@ struct Worker {
     layout: Layout,
     config: BatcherConfig,
     /// Live openings (canonical) and when they expire.
-    desired: HashMap<Opening, Instant>,
+    desired: HashMap<Element, Instant>,
     stats: Arc<Mutex<BatchStats>>,
     repairs: broadcast::Sender<RepairEvent>,
     /// The table the event watcher looks for.
@@ -477,7 +477,7 @@ impl Worker {
     }
 
     /// The desired elements with their remaining time; expired ones are forgotten.
-    fn remaining(&mut self) -> Vec<(Opening, Duration)> {
+    fn remaining(&mut self) -> Vec<(Element, Duration)> {
         let now = Instant::now();
         self.desired.retain(|_, expiry| *expiry > now);
         self.desired

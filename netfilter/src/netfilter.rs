@@ -15,7 +15,7 @@ use crate::layout::{
 use crate::nl::*;
 use crate::reconcile::plan;
 use crate::sys::NetlinkSocket;
-use crate::{Change, Error, Opening, ReconcileReport};
+use crate::{Change, Element, Error, ReconcileReport};
 
 /// How a renewal refreshes an element's expiry on the running kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -503,7 +503,7 @@ impl Netfilter {
     pub fn apply(
         &mut self,
         layout: &Layout,
-        elements: &[(Opening, Duration)],
+        elements: &[(Element, Duration)],
     ) -> Result<(), Error> {
         crate::layout::validate(layout)?;
         let table = layout.table().to_string();
@@ -932,7 +932,7 @@ impl Netfilter {
 
     /// The elements of our sets with their remaining time, as canonical openings. Elements
     /// that are not openings (put there by someone else) are skipped and logged.
-    pub fn elements(&mut self, layout: &Layout) -> Result<Vec<(Opening, Duration)>, Error> {
+    pub fn elements(&mut self, layout: &Layout) -> Result<Vec<(Element, Duration)>, Error> {
         let table = layout.table().to_string();
         let mut out = Vec::new();
         for set in ALL_SETS {
@@ -966,7 +966,7 @@ impl Netfilter {
                 Change::Add(_, t) | Change::Renew(_, t) => check_timeout(*t),
                 Change::Remove(_) => Ok(()),
             }
-            .and_then(|()| encode(change.opening()));
+            .and_then(|()| encode(change.element()));
             match checked {
                 Ok(key) => keys.push(Some(key)),
                 Err(e) => {
@@ -1164,7 +1164,7 @@ impl Netfilter {
                         meta.op,
                         ack,
                         table,
-                        Some(changes[i].opening()),
+                        Some(changes[i].element()),
                         meta.set_attr_offset,
                     );
                     if let (Error::ElementMissing(_), None) = (&error, ack.bad_attr_offset) {
@@ -1239,13 +1239,13 @@ impl Netfilter {
     pub fn reconcile(
         &mut self,
         layout: &Layout,
-        desired: &[(Opening, Duration)],
+        desired: &[(Element, Duration)],
     ) -> Result<ReconcileReport, Error> {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
             let plan = plan(&[], desired);
-            let valid: Vec<(Opening, Duration)> = plan.add.clone();
+            let valid: Vec<(Element, Duration)> = plan.add.clone();
             self.apply(layout, &valid)?;
             return Ok(ReconcileReport {
                 added: valid.into_iter().map(|(o, _)| o).collect(),
@@ -1279,7 +1279,7 @@ impl Netfilter {
                 (Change::Remove(o), Err(Error::ElementMissing(_))) => report.removed.push(o),
                 (Change::Add(o, _), Ok(())) => report.added.push(o),
                 (Change::Renew(..), Ok(())) => report.refreshed += 1,
-                (change, Err(e)) => report.failed.push((change.opening().clone(), e)),
+                (change, Err(e)) => report.failed.push((change.element().clone(), e)),
             }
         }
         Ok(report)
@@ -1288,7 +1288,7 @@ impl Netfilter {
     /// Finds out how renewals refresh an expiry on this kernel, with a probe element in our own
     /// table (host 0.0.0.0, which is never a destination) that is removed afterwards.
     fn probe_renew(&mut self, table: &str) -> Result<RenewMethod, Error> {
-        let probe = Opening {
+        let probe = Element {
             host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             protocol: Protocol::Tcp,
             ports: PortRange::single(0),
@@ -1414,7 +1414,7 @@ impl Netfilter {
         Ok(if exists { found } else { None })
     }
 
-    fn elements_of(&mut self, table: &str, set: SetId) -> Result<Vec<(Opening, Duration)>, Error> {
+    fn elements_of(&mut self, table: &str, set: SetId) -> Result<Vec<(Element, Duration)>, Error> {
         let t = table.to_string();
         let datagrams = match self.dump(NFT_MSG_GETSETELEM, NFPROTO_INET, |b| {
             b.put_str(NFTA_SET_ELEM_LIST_TABLE, &t);
@@ -1434,7 +1434,7 @@ impl Netfilter {
     /// Ends the live connections that match an opening (conntrack entries whose original
     /// direction goes to the opening's host, protocol and ports, from its remote prefix);
     /// returns how many were ended. Use after removing the opening, so they cannot come back.
-    pub fn kill_connections(&mut self, opening: &Opening) -> Result<usize, Error> {
+    pub fn kill_connections(&mut self, opening: &Element) -> Result<usize, Error> {
         let opening = opening.canonical()?;
         crate::conntrack::kill(self, &opening)
     }
@@ -1456,7 +1456,7 @@ struct FoundElement {
 }
 
 /// Parses the NEWSETELEM messages of a dump datagram into openings with remaining times.
-fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Opening, Duration)>) {
+fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Element, Duration)>) {
     for m in messages(datagram) {
         if m.msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
             continue;
@@ -1679,7 +1679,7 @@ mod tests {
     fn keys(count: u32) -> Vec<ElementKey> {
         (0..count)
             .map(|i| {
-                encode(&Opening {
+                encode(&Element {
                     host: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
                     protocol: Protocol::Tcp,
                     ports: PortRange::single(80),
@@ -1692,7 +1692,7 @@ mod tests {
 
     #[test]
     fn element_messages_respect_the_attribute_limit_and_the_batch_budget() {
-        // Opening a netlink socket needs no privilege; nothing is sent here.
+        // Element a netlink socket needs no privilege; nothing is sent here.
         let mut nf = Netfilter::open().expect("netlink socket");
         nf.max_batch_bytes = 1 << 20;
         let keys = keys(5000);

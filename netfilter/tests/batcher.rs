@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Ownership, Refuse, RepairEvent,
+    Batcher, BatcherConfig, Element, Error, Layout, Netfilter, Ownership, Refuse, RepairEvent,
 };
 use tokio::sync::broadcast;
 
@@ -37,7 +37,7 @@ async fn next_repair(rx: &mut broadcast::Receiver<RepairEvent>) -> Option<Repair
         .ok()
 }
 
-fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Opening> {
+fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Element> {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
         nf.elements(layout)
