@@ -20,11 +20,11 @@
 //!   messages: every set, every element message and half the rule expressions would go through
 //!   raw `nftnl-sys` calls with manual allocation and freeing, an `unsafe` block each;
 //! - reading elements back must be a plain attribute walk anyway (fast on 100,000 elements), and
-//!   conntrack (ctnetlink) and the nf_tables event stream are not libnftnl's business at all;
+//!   conntrack (ctnetlink) and the ruleset's generation are not libnftnl's business at all;
 //! - with our own encoding every byte is unit-tested against what `nft --debug=netlink` sends,
 //!   and there is no C library to build against. The only `unsafe` code is the socket itself:
-//!   the few syscalls in `src/sys.rs` (socket, bind, setsockopt, getsockopt, sendto, recv,
-//!   gettid), each with a `// SAFETY:` comment (the crate root denies `unsafe_code` and only
+//!   the few syscalls in `src/sys.rs` (socket, bind, setsockopt, getsockopt, sendto, recv),
+//!   each with a `// SAFETY:` comment (the crate root denies `unsafe_code` and only
 //!   that module allows it).
 //!
 //! # Tables
@@ -64,8 +64,8 @@
 //!   change or delete it: `nft delete table`, `nft flush chain`, `nft add element` and the like
 //!   fail with EPERM, another handle gets [`Error::TableOwned`] or [`Error::PermissionDenied`],
 //!   and `nft flush ruleset` passes it by, so that the same measurement lets no datagram
-//!   through. Reading is not affected: `nft list ruleset`, the dumps of another handle and the
-//!   batcher's event socket (which only listens) see the table as before;
+//!   through. Reading is not affected: `nft list ruleset` and the dumps of another handle see
+//!   the table as before;
 //! - when that socket closes (the gateway or agent stops or dies), the table stays, with its
 //!   elements still counting down their timeouts, so the system keeps failing closed; it is then
 //!   an ordinary table that anyone may change, a flush included, until a new handle claims it
@@ -90,10 +90,12 @@
 //! the others. Renewals refresh the expiry with NFTA_SET_ELEM_EXPIRATION when the kernel honours
 //! it (probed once per handle, see [`RenewMethod`]), else by delete and re-add in one
 //! transaction. The [`Batcher`] puts this behind an async interface and repairs a shared table
-//! when someone else flushes or deletes it, or changes its elements: it hears of it from the
-//! nf_tables events within milliseconds, and the periodic checks are the net (the structure
-//! every second; the elements every ten seconds by default, so that an element nobody leased
-//! lives at most that long even when events were missed).
+//! when someone else flushes or deletes it, or changes its elements: it notices within a tenth
+//! of a second that the ruleset's generation moved on by more than its own transactions (it
+//! does not listen to the nf_tables events, for which the kernel would build one message per
+//! element of every batch), and the periodic checks are the net (the structure every second;
+//! the elements every ten seconds by default, so that an element nobody leased lives at most
+//! that long even when a change went unseen).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

@@ -91,6 +91,9 @@ pub struct Netfilter {
     recv_buf: Vec<u8>,
     renew_method: Option<RenewMethod>,
     ownership: Ownership,
+    /// Transactions of this handle the kernel committed, each of which moved the ruleset's
+    /// generation on by one.
+    committed: u64,
 }
 
 pub(crate) fn next_seq(seq: &mut u32) -> u32 {
@@ -114,6 +117,7 @@ impl Netfilter {
             recv_buf: vec![0u8; 1 << 20],
             renew_method: None,
             ownership: Ownership::Owned,
+            committed: 0,
         })
     }
 

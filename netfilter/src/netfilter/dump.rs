@@ -52,6 +52,57 @@ pub(super) fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Element
 }
 
 impl Netfilter {
+    /// The ruleset's generation in this handle's network namespace: the kernel moves it on by
+    /// one with every transaction it commits, whoever sent it and whatever table it touched (it
+    /// skips 0 when it wraps). Reading it costs one small request, whatever the ruleset holds.
+    ///
+    /// ```no_run
+    /// let mut nf = fwnp_netfilter::Netfilter::open()?;
+    /// let before = nf.generation()?;
+    /// // ... someone runs `nft add table inet other` ...
+    /// assert_ne!(nf.generation()?, before);
+    /// # Ok::<(), fwnp_netfilter::Error>(())
+    /// ```
+    pub fn generation(&mut self) -> Result<u32, Error> {
+        let seq = bump(&mut self.seq);
+        let mut b = Builder::new();
+        let start = b.begin_nft(
+            NFT_MSG_GETGEN,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            NFPROTO_UNSPEC,
+        );
+        b.end_msg(start);
+        let mut generation = None;
+        let answered = self.query(&b, seq, Op::ReadGeneration, "", "a generation query", |m| {
+            if m.msg_type == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                generation = m.nft_attrs().find(NFTA_GEN_ID).and_then(be_u32);
+            }
+        })?;
+        match generation {
+            Some(generation) if answered => Ok(generation),
+            _ => Err(Error::UnexpectedReply(
+                "the generation query was answered without a generation".into(),
+            )),
+        }
+    }
+
+    /// How many transactions of this handle the kernel has committed (each moved the
+    /// generation on by one): together with [`Netfilter::generation`], whether anyone else
+    /// committed one meanwhile.
+    ///
+    /// ```no_run
+    /// let mut nf = fwnp_netfilter::Netfilter::open()?;
+    /// let (generation, committed) = (nf.generation()?, nf.committed());
+    /// // ... changes through `nf`, and perhaps someone else's ...
+    /// let theirs = u64::from(nf.generation()?.wrapping_sub(generation))
+    ///     .saturating_sub(nf.committed() - committed);
+    /// # Ok::<(), fwnp_netfilter::Error>(())
+    /// ```
+    pub fn committed(&self) -> u64 {
+        self.committed
+    }
+
     /// A dump request; returns the raw datagrams of the answer. An interrupted dump (the
     /// ruleset changed meanwhile) is retried.
     pub(super) fn dump(

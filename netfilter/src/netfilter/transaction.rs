@@ -214,11 +214,17 @@ impl Netfilter {
                 })
             })
             .collect();
-        Ok(TxnOutcome {
+        let outcome = TxnOutcome {
             acks,
             ops: txn.metas.iter().map(|m| m.op).collect(),
             batch_error,
-        })
+        };
+        // nf_tables commits a batch whole or aborts it whole: every message acknowledged
+        // without error means it was committed.
+        if outcome.ok() {
+            self.committed = self.committed.wrapping_add(1);
+        }
+        Ok(outcome)
     }
 
     /// Writes element messages into a transaction until it is full; returns how many of
