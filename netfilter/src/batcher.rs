@@ -24,10 +24,10 @@ use crate::{Change, Element, Error, Layout, Netfilter, Ownership, ReconcileRepor
 pub struct BatcherConfig {
     /// Most changes in one transaction; what is queued beyond waits for the next one.
     pub max_batch: usize,
-    /// How often the table's structure is checked, as a safety net beside the events.
+    /// How often the table's structure is checked, as a safety net beside the watch.
     pub check_interval: Duration,
     /// How often the periodic check also compares the elements with the live openings, so that
-    /// an element nobody leased (added by hand, or missed with the events) lives at most this
+    /// an element nobody leased (added by hand, or missed by the watch) lives at most this
     /// long. Only for shared tables ([`crate::Ownership::Shared`]): nobody else can add elements
     /// to an owned one.
     pub element_check_interval: Duration,
@@ -353,7 +353,7 @@ impl Worker {
                     }
                     Err(RecvTimeoutError::Timeout) => {
                         // An owned table's elements change only through us; a shared one's
-                        // may have been changed unseen (the events are a help, not a promise).
+                        // may have been changed unseen (the watch is a help, not a promise).
                         let elements = self.nf.ownership() == Ownership::Shared
                             && last_element_check.elapsed() >= self.config.element_check_interval;
                         if elements {
@@ -437,9 +437,11 @@ impl Worker {
     /// Reads the ruleset's generation and checks the table when it moved on by more than our
     /// own transactions since the last reading. A transaction of ours that the kernel
     /// acknowledged but that changed nothing (no generation) would hide one of someone else's
-    /// in the same interval; the periodic checks are the net for that, as they were for events
-    /// lost.
+    /// in the same interval; the periodic checks are the net for that.
     fn watch(&mut self) {
+        if !self.config.watch_events {
+            return;
+        }
         let generation = match self.nf.generation() {
             Ok(generation) => generation,
             Err(e) => {
