@@ -1,6 +1,6 @@
 //! How fast elements with timeouts reach the kernel: through the [`Batcher`] (with and without
-//! its nf_tables event watch), through [`Netfilter::commit`] in chunks, and with `nft -f` from a
-//! file, in one run on one machine.
+//! its watch for outside changes, alternating), through [`Netfilter::commit`] in chunks, and
+//! with `nft -f` from a file, in one run on one machine.
 //!
 //! Each path gets a fresh network namespace with the same gateway layout, loads the same
 //! elements (100,000 by default, each with a one-hour timeout) and is timed from the first
@@ -9,7 +9,9 @@
 //!
 //! Run as root: `cargo bench -p fwnp-netfilter --bench batch --features lab`.
 //! `FWNP_BENCH_ELEMENTS` changes the number of elements, `FWNP_BENCH_CHUNK` the chunk size of
-//! the commit path (default 5,000). The last line printed is the result as one JSON object.
+//! the commit path (default 5,000), `FWNP_BENCH_ROUNDS` how many times each batcher runs
+//! (default 2; the times shown are the means). The last line printed is the result as one JSON
+//! object.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -194,18 +196,30 @@ fn main() {
     let all = openings(count);
     println!("loading {count} elements with a {ELEMENT_TIMEOUT:?} timeout each, four ways");
     // The batcher as the daemons run it (watching for outside changes), and without the watch
-    // (periodic check only): what the watch costs the batches.
-    let batcher = through_batcher(&all, "batcher", BatcherConfig::default());
+    // (periodic check only): what the watch costs the batches. The two alternate, `rounds`
+    // times each, so that the machine's drift weighs on both; their times are summed.
+    let rounds = env_usize("FWNP_BENCH_ROUNDS", 2).max(1);
+    let (mut watched, mut unwatched) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        unwatched.push(through_batcher(
+            &all,
+            "batcher (no watch)",
+            BatcherConfig {
+                watch_events: false,
+                ..BatcherConfig::default()
+            },
+        ));
+        watched.push(through_batcher(&all, "batcher", BatcherConfig::default()));
+    }
+    let total = |runs: Vec<Run>| Run {
+        name: runs[0].name,
+        elapsed: runs.iter().map(|r| r.elapsed).sum::<Duration>() / rounds as u32,
+        read_back: runs.iter().map(|r| r.read_back).min().unwrap_or(0),
+        read_back_time: runs.iter().map(|r| r.read_back_time).sum::<Duration>() / rounds as u32,
+    };
+    let (batcher, quiet) = (total(watched), total(unwatched));
     let commit = through_commit(&all, chunk);
     let nft = through_nft(&all);
-    let quiet = through_batcher(
-        &all,
-        "batcher (no watch)",
-        BatcherConfig {
-            watch_events: false,
-            ..BatcherConfig::default()
-        },
-    );
     if let Err(e) = &nft {
         println!("{e}");
     }
