@@ -400,7 +400,8 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
     );
 }
 
-/// The same, with the batcher running: the nf_tables events name our table, so it repairs.
+/// The same, with the batcher running: its watch sees someone else's transaction, so it
+/// repairs.
 #[test]
 fn a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher() {
     if !require_root("a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher") {
@@ -598,8 +599,8 @@ fn stray_element_lives(
     until(limit, false, || outside_tcp(topo, topo.host_v4, port))
 }
 
-/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the event socket's wait
-/// (EINTR): the watcher must go on, and a stray element is still removed at once.
+/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the batcher's waits
+/// (EINTR): the watch must go on, and a stray element is still removed at once.
 #[test]
 fn the_event_watcher_survives_a_stop_and_continue() {
     if !require_root("the_event_watcher_survives_a_stop_and_continue") {
@@ -608,7 +609,7 @@ fn the_event_watcher_survives_a_stop_and_continue() {
     let topo = topology();
     let _server = TcpEchoServer::start_ports(&topo.host, &[8090, 8091]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    // Only the events can find the stray elements in time.
+    // Only the watch can find the stray elements in time.
     let config = BatcherConfig {
         check_interval: Duration::from_secs(3600),
         element_check_interval: Duration::from_secs(3600),
