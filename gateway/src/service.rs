@@ -21,7 +21,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use fwnp_netfilter::{Batcher, Change, Opening as Element};
+use fwnp_netfilter::{Batcher, Change, Element};
 use fwnp_proto::codec::{self, DecodeError};
 use fwnp_proto::gateway::{
     LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
@@ -223,21 +223,6 @@ pub fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<Strin
     }
 }
 
-/// The kernel elements of a grant: one per remote prefix, or one for any remote.
-pub fn elements_of(grant: &Grant) -> Vec<Element> {
-    let element = |remote| Element {
-        host: grant.host,
-        protocol: grant.protocol,
-        ports: grant.ports,
-        remote,
-    };
-    if grant.remotes.is_empty() {
-        vec![element(None)]
-    } else {
-        grant.remotes.iter().map(|p| element(Some(*p))).collect()
-    }
-}
-
 /// Whether a Granted carrying `grants` certainly fits in MAX_MESSAGE_SIZE, judged without
 /// encoding it: a Granted's fixed part is under 100 bytes; a grant's own fields (protocol, two
 /// ports, a 16-byte address, keys and map overhead) under 64 bytes plus its application name;
@@ -251,7 +236,7 @@ fn certainly_fits(grants: &[Grant]) -> bool {
 }
 
 fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
-    grants.iter().flat_map(elements_of).collect()
+    grants.iter().flat_map(Element::from_grant).collect()
 }
 
 fn remaining(expires_ms: u64, now_ms: u64) -> Duration {

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use fwnp_netfilter::{
-    AlwaysAllowed, Batcher, BatcherConfig, Error as NfError, HostLayout, Layout, Netfilter, Opening,
+    AlwaysAllowed, Batcher, BatcherConfig, Element, Error as NfError, HostLayout, Layout, Netfilter,
 };
 use fwnp_proto::Grant;
 use tokio::sync::{mpsc, oneshot};
@@ -24,26 +24,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{MirrorConfig, MirrorMode};
 
-/// The elements of the host table a grant stands for: one per remote prefix, or one admitting
-/// any source.
-pub fn elements_of(grants: &[Grant]) -> Vec<Opening> {
-    let mut out = Vec::new();
-    for grant in grants {
-        let remotes: Vec<_> = if grant.remotes.is_empty() {
-            vec![None]
-        } else {
-            grant.remotes.iter().copied().map(Some).collect()
-        };
-        for remote in remotes {
-            out.push(Opening {
-                host: grant.host,
-                protocol: grant.protocol,
-                ports: grant.ports,
-                remote,
-            });
-        }
-    }
-    out
+/// The elements of the host table that grants stand for.
+pub fn elements_of(grants: &[Grant]) -> Vec<Element> {
+    grants.iter().flat_map(Element::from_grant).collect()
 }
 
 /// Who holds elements in the mirror: the agent's number for one application lease (which keeps
@@ -65,7 +48,7 @@ pub enum MirrorError {
 enum Order {
     Hold {
         lease: Holder,
-        elements: Vec<Opening>,
+        elements: Vec<Element>,
         expires_at: Instant,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     },
@@ -74,7 +57,7 @@ enum Order {
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     },
     Reconcile {
-        holders: Vec<(Holder, Vec<Opening>, Instant)>,
+        holders: Vec<(Holder, Vec<Element>, Instant)>,
         done: oneshot::Sender<Result<(), MirrorError>>,
     },
     Count(oneshot::Sender<usize>),
@@ -158,7 +141,7 @@ impl Mirror {
     pub fn hold(
         &self,
         lease: Holder,
-        elements: Vec<Opening>,
+        elements: Vec<Element>,
         expires_at: Instant,
         done: Option<oneshot::Sender<Result<(), MirrorError>>>,
     ) {
@@ -190,7 +173,7 @@ impl Mirror {
     /// Makes `holders` the whole mirror, in the books and in the kernel.
     pub async fn reconcile(
         &self,
-        holders: Vec<(Holder, Vec<Opening>, Instant)>,
+        holders: Vec<(Holder, Vec<Element>, Instant)>,
     ) -> Result<(), MirrorError> {
         let (done, wait) = oneshot::channel();
         self.tx
@@ -221,13 +204,13 @@ impl Mirror {
 /// The books: which leases hold which elements until when.
 #[derive(Default)]
 struct Books {
-    leases: HashMap<Holder, (Vec<Opening>, Instant)>,
-    holders: HashMap<Opening, BTreeSet<Holder>>,
+    leases: HashMap<Holder, (Vec<Element>, Instant)>,
+    holders: HashMap<Element, BTreeSet<Holder>>,
 }
 
 impl Books {
     /// The latest expiry among the holders of `element`.
-    fn expiry_of(&self, element: &Opening) -> Option<Instant> {
+    fn expiry_of(&self, element: &Element) -> Option<Instant> {
         self.holders
             .get(element)?
             .iter()
@@ -284,7 +267,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Order>, batcher: Option<Batcher>) {
                 let result = match &batcher {
                     None => Ok(()),
                     Some(b) => {
-                        let desired: Vec<(Opening, Duration)> = books
+                        let desired: Vec<(Element, Duration)> = books
                             .holders
                             .keys()
                             .filter_map(|e| Some((e.clone(), timeout_until(books.expiry_of(e)?))))
@@ -323,7 +306,7 @@ async fn hold(
     books: &mut Books,
     batcher: Option<&Batcher>,
     lease: Holder,
-    elements: Vec<Opening>,
+    elements: Vec<Element>,
     expires_at: Instant,
 ) -> Result<(), MirrorError> {
     // Elements this lease held before and holds no more (a renewal that narrowed the grant).
@@ -396,7 +379,7 @@ async fn unhold(
     books: &mut Books,
     batcher: Option<&Batcher>,
     lease: Holder,
-    element: &Opening,
+    element: &Element,
 ) -> Result<(), NfError> {
     let Some(holders) = books.holders.get_mut(element) else {
         return Ok(());

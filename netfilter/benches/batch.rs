@@ -1,6 +1,6 @@
 //! How fast elements with timeouts reach the kernel: through the [`Batcher`] (with and without
-//! its nf_tables event watch), through [`Netfilter::commit`] in chunks, and with `nft -f` from a
-//! file, in one run on one machine.
+//! its watch for outside changes, alternating), through [`Netfilter::commit`] in chunks, and
+//! with `nft -f` from a file, in one run on one machine.
 //!
 //! Each path gets a fresh network namespace with the same gateway layout, loads the same
 //! elements (100,000 by default, each with a one-hour timeout) and is timed from the first
@@ -9,7 +9,9 @@
 //!
 //! Run as root: `cargo bench -p fwnp-netfilter --bench batch --features lab`.
 //! `FWNP_BENCH_ELEMENTS` changes the number of elements, `FWNP_BENCH_CHUNK` the chunk size of
-//! the commit path (default 5,000). The last line printed is the result as one JSON object.
+//! the commit path (default 5,000), `FWNP_BENCH_ROUNDS` how many times each batcher runs
+//! (default 2; the times shown are the means). The last line printed is the result as one JSON
+//! object.
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
@@ -17,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use fwnp_netfilter::lab::{Netns, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Change, GatewayLayout, Layout, Netfilter, Opening, PortRange, Prefix,
+    Batcher, BatcherConfig, Change, Element, GatewayLayout, Layout, Netfilter, PortRange, Prefix,
     Protocol, Refuse,
 };
 
@@ -44,12 +46,12 @@ fn layout() -> Layout {
 }
 
 /// `count` distinct single-port TCP openings: hosts 10.0.x.y, 1,000 ports each.
-fn openings(count: usize) -> Vec<Opening> {
+fn openings(count: usize) -> Vec<Element> {
     (0..count)
         .map(|i| {
             let host = u32::try_from(i / 1000).expect("element count fits u32");
             let port = 1000 + u16::try_from(i % 1000).expect("below 1000");
-            Opening {
+            Element {
                 host: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + host + 1)),
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(port),
@@ -89,7 +91,7 @@ impl Run {
     }
 }
 
-fn through_batcher(all: &[Opening], name: &'static str, config: BatcherConfig) -> Run {
+fn through_batcher(all: &[Element], name: &'static str, config: BatcherConfig) -> Run {
     let (ns, nf) = prepared("fwbb");
     let mut reader = ns.run(|| Netfilter::open().expect("netfilter handle"));
     let batcher = ns.run(|| Batcher::start(nf, layout(), config).expect("batcher"));
@@ -131,7 +133,7 @@ fn through_batcher(all: &[Opening], name: &'static str, config: BatcherConfig) -
     }
 }
 
-fn through_commit(all: &[Opening], chunk: usize) -> Run {
+fn through_commit(all: &[Element], chunk: usize) -> Run {
     let (_ns, mut nf) = prepared("fwbc");
     let layout = layout();
     let started = Instant::now();
@@ -154,7 +156,9 @@ fn through_commit(all: &[Opening], chunk: usize) -> Run {
     }
 }
 
-fn through_nft(all: &[Opening]) -> Run {
+/// `nft -f` of the same elements, or why it failed (some `nft` builds give up on a large file
+/// with ENOBUFS): the other paths are measured all the same.
+fn through_nft(all: &[Element]) -> Result<Run, String> {
     let (ns, mut nf) = prepared("fwbn");
     let mut script = String::with_capacity(all.len() * 40);
     script.push_str("add element inet fwnp lease4 {\n");
@@ -173,14 +177,14 @@ fn through_nft(all: &[Opening]) -> Run {
     let loaded = ns.exec_checked(&["nft", "-f", &file]);
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(&path);
-    loaded.expect("nft -f");
+    loaded.map_err(|e| format!("nft -f: {e}"))?;
     let (read_back, read_back_time) = count_in(&mut nf);
-    Run {
+    Ok(Run {
         name: "nft -f",
         elapsed,
         read_back,
         read_back_time,
-    }
+    })
 }
 
 fn main() {
@@ -191,22 +195,43 @@ fn main() {
     let chunk = env_usize("FWNP_BENCH_CHUNK", 5_000);
     let all = openings(count);
     println!("loading {count} elements with a {ELEMENT_TIMEOUT:?} timeout each, four ways");
-    // The batcher as the daemons run it (watching nf_tables events, so that the kernel also
-    // sends a notification per element), and without the event watch (periodic check only).
-    let runs = [
-        through_batcher(&all, "batcher", BatcherConfig::default()),
-        through_commit(&all, chunk),
-        through_nft(&all),
-        through_batcher(
+    // The batcher as the daemons run it (watching for outside changes), and without the watch
+    // (periodic check only): what the watch costs the batches. The two alternate, `rounds`
+    // times each, so that the machine's drift weighs on both; their times are summed.
+    let rounds = env_usize("FWNP_BENCH_ROUNDS", 2).max(1);
+    let (mut watched, mut unwatched) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        unwatched.push(through_batcher(
             &all,
-            "batcher (no event watch)",
+            "batcher (no watch)",
             BatcherConfig {
                 watch_events: false,
                 ..BatcherConfig::default()
             },
-        ),
-    ];
-    for run in &runs {
+        ));
+        watched.push(through_batcher(&all, "batcher", BatcherConfig::default()));
+    }
+    let total = |runs: Vec<Run>| Run {
+        name: runs[0].name,
+        elapsed: runs.iter().map(|r| r.elapsed).sum::<Duration>() / rounds as u32,
+        read_back: runs.iter().map(|r| r.read_back).min().unwrap_or(0),
+        read_back_time: runs.iter().map(|r| r.read_back_time).sum::<Duration>() / rounds as u32,
+    };
+    let (batcher, quiet) = (total(watched), total(unwatched));
+    let commit = through_commit(&all, chunk);
+    let nft = through_nft(&all);
+    if let Err(e) = &nft {
+        println!("{e}");
+    }
+    for run in [
+        Some(&batcher),
+        Some(&commit),
+        nft.as_ref().ok(),
+        Some(&quiet),
+    ]
+    .into_iter()
+    .flatten()
+    {
         println!(
             "{:>24}: {:>7.3} s, {:>9.0} elements/s; read back {} in {:.3} s",
             run.name,
@@ -217,28 +242,34 @@ fn main() {
         );
         assert_eq!(run.read_back, count, "{} lost elements", run.name);
     }
-    let [batcher, commit, nft, quiet] = &runs;
-    let ratio_batcher = batcher.rate(count) / nft.rate(count);
-    let ratio_commit = commit.rate(count) / nft.rate(count);
-    let ratio_quiet = quiet.rate(count) / nft.rate(count);
+    let nft_rate = nft.as_ref().ok().map(|n| n.rate(count));
+    let versus = |run: &Run| nft_rate.map(|n| run.rate(count) / n);
+    let show = |ratio: Option<f64>| ratio.map_or("-".to_string(), |r| format!("{r:.2}x"));
     println!(
-        "batcher / nft -f: {ratio_batcher:.2}x; commit / nft -f: {ratio_commit:.2}x; \
-         batcher without event watch / nft -f: {ratio_quiet:.2}x"
+        "batcher / nft -f: {}; commit / nft -f: {}; batcher without the watch / nft -f: {}; \
+         batcher / batcher without the watch: {:.2}x",
+        show(versus(&batcher)),
+        show(versus(&commit)),
+        show(versus(&quiet)),
+        batcher.rate(count) / quiet.rate(count),
     );
+    let json = |v: Option<f64>| v.map_or("null".to_string(), |v| format!("{v:.3}"));
     println!(
         "{{\"elements\":{count},\"commit_chunk\":{chunk},\"batcher_elements_per_s\":{:.0},\
-         \"commit_elements_per_s\":{:.0},\"nft_elements_per_s\":{:.0},\
-         \"batcher_no_events_elements_per_s\":{:.0},\
-         \"batcher_vs_nft\":{ratio_batcher:.3},\"commit_vs_nft\":{ratio_commit:.3},\
-         \"batcher_no_events_vs_nft\":{ratio_quiet:.3},\
-         \"batcher_s\":{:.4},\"commit_s\":{:.4},\"nft_s\":{:.4},\"read_back_s\":{:.4}}}",
+         \"commit_elements_per_s\":{:.0},\"nft_elements_per_s\":{},\
+         \"batcher_no_watch_elements_per_s\":{:.0},\
+         \"batcher_vs_nft\":{},\"commit_vs_nft\":{},\"batcher_no_watch_vs_nft\":{},\
+         \"batcher_s\":{:.4},\"commit_s\":{:.4},\"nft_s\":{},\"read_back_s\":{:.4}}}",
         batcher.rate(count),
         commit.rate(count),
-        nft.rate(count),
+        json(nft_rate),
         quiet.rate(count),
+        json(versus(&batcher)),
+        json(versus(&commit)),
+        json(versus(&quiet)),
         batcher.elapsed.as_secs_f64(),
         commit.elapsed.as_secs_f64(),
-        nft.elapsed.as_secs_f64(),
+        json(nft.as_ref().ok().map(|n| n.elapsed.as_secs_f64())),
         commit.read_back_time.as_secs_f64(),
     );
 }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use crate::key::prefix_bounds;
 use crate::netfilter::{Netfilter, next_seq};
 use crate::nl::*;
-use crate::{Error, Opening};
+use crate::{Element, Error};
 
 const IPCTNL_MSG_CT_NEW: u16 = 0;
 const IPCTNL_MSG_CT_GET: u16 = 1;
@@ -79,7 +79,7 @@ pub(crate) fn parse_tuple(nest: &[u8]) -> Option<Tuple> {
 }
 
 /// Whether a connection is one the opening admitted.
-pub(crate) fn matches(opening: &Opening, tuple: &Tuple) -> bool {
+pub(crate) fn matches(opening: &Element, tuple: &Tuple) -> bool {
     if tuple.dst != opening.host || tuple.protocol != opening.protocol.number() {
         return false;
     }
@@ -99,7 +99,7 @@ pub(crate) fn matches(opening: &Opening, tuple: &Tuple) -> bool {
     }
 }
 
-pub(crate) fn kill(nf: &mut Netfilter, opening: &Opening) -> Result<usize, Error> {
+pub(crate) fn kill(nf: &mut Netfilter, opening: &Element) -> Result<usize, Error> {
     let family = match opening.host {
         IpAddr::V4(_) => NFPROTO_IPV4,
         IpAddr::V6(_) => NFPROTO_IPV6,
@@ -229,7 +229,7 @@ mod tests {
 
     #[test]
     fn matching_follows_the_opening() {
-        let opening = Opening {
+        let opening = Element {
             host: "10.0.0.5".parse().unwrap(),
             protocol: Protocol::Tcp,
             ports: PortRange {

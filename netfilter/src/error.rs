@@ -1,6 +1,6 @@
 //! Errors, and how the kernel's errno values map onto them.
 
-use crate::Opening;
+use crate::Element;
 use crate::layout::Op;
 use crate::nl::Ack;
 
@@ -28,14 +28,14 @@ pub enum Error {
     },
     /// An add met an element that already exists (EEXIST).
     #[error("the element for {0:?} already exists")]
-    ElementExists(Opening),
+    ElementExists(Element),
     /// A remove found no such element (ENOENT).
     #[error("the element for {0:?} does not exist")]
-    ElementMissing(Opening),
+    ElementMissing(Element),
     /// An interval element (port range or source prefix) overlaps another element of the same
     /// host and protocol without being identical to it; the interval backend refuses overlaps.
     #[error("the element for {0:?} overlaps another element")]
-    ElementConflicts(Opening),
+    ElementConflicts(Element),
     /// The kernel refused a message as too large (EMSGSIZE).
     #[error("netlink message too long for the kernel")]
     MessageTooLong,
@@ -135,7 +135,7 @@ pub(crate) fn from_ack(
     op: Op,
     ack: &Ack,
     table: &str,
-    opening: Option<&Opening>,
+    opening: Option<&Element>,
     set_attr_offset: Option<u32>,
 ) -> Error {
     const EPERM: i32 = libc::EPERM;
@@ -183,8 +183,8 @@ mod tests {
         }
     }
 
-    fn opening() -> Opening {
-        Opening {
+    fn opening() -> Element {
+        Element {
             host: "10.0.0.1".parse().unwrap(),
             protocol: Protocol::Tcp,
             ports: PortRange::single(80),

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use fwnp_proto::message::{PortRange, Prefix, Protocol};
 
-use crate::{Error, Opening};
+use crate::{Element, Error};
 
 /// Address family of an opening.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -211,13 +211,13 @@ pub(crate) fn prefix_from_bounds(low: IpAddr, high: IpAddr) -> Option<Prefix> {
     }
 }
 
-impl Opening {
+impl Element {
     /// The form in which the kernel holds and reports this opening: the remote prefix reduced
     /// to its network address, and a remote prefix of length 0 (everyone) written as `None`.
     /// [`crate::Netfilter::elements`] returns canonical openings, and reconciling compares
     /// canonical forms. Fails for an opening the tables cannot hold: a remote prefix of the
     /// other address family or too long, or a reversed port range.
-    pub fn canonical(&self) -> Result<Opening, Error> {
+    pub fn canonical(&self) -> Result<Element, Error> {
         if self.ports.is_empty() {
             return Err(Error::UnsupportedOpening(format!(
                 "reversed port range {}",
@@ -252,7 +252,7 @@ impl Opening {
                 }
             }
         };
-        Ok(Opening {
+        Ok(Element {
             host: self.host,
             protocol: self.protocol,
             ports: self.ports,
@@ -270,7 +270,7 @@ fn padded(value: &[u8]) -> [u8; 4] {
 }
 
 /// The set and key bytes of an opening (canonicalised first).
-pub(crate) fn encode(opening: &Opening) -> Result<ElementKey, Error> {
+pub(crate) fn encode(opening: &Element) -> Result<ElementKey, Error> {
     let opening = opening.canonical()?;
     let family = family_of(opening.host);
     let kind = if opening.ports.first == opening.ports.last && opening.remote.is_none() {
@@ -326,7 +326,7 @@ fn read_addr(family: Family, bytes: &[u8]) -> Option<IpAddr> {
 }
 
 /// The opening an element of `set` stands for, or why it is not one of ours.
-pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<Opening, String> {
+pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<Element, String> {
     if key.len() != set.key_len() {
         return Err(format!(
             "{} key of {} bytes, expected {}",
@@ -341,7 +341,7 @@ pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<O
         .ok_or_else(|| format!("unknown protocol number {}", key[a]))?;
     let first = u16::from_be_bytes([key[a + 4], key[a + 5]]);
     match set.kind {
-        SetKind::Exact => Ok(Opening {
+        SetKind::Exact => Ok(Element {
             host,
             protocol,
             ports: PortRange::single(first),
@@ -358,7 +358,7 @@ pub(crate) fn decode(set: SetId, key: &[u8], key_end: Option<&[u8]>) -> Result<O
             let prefix = prefix_from_bounds(low, high)
                 .ok_or_else(|| format!("source range {low}-{high} is not a prefix"))?;
             let remote = (prefix.len != 0).then_some(prefix);
-            Ok(Opening {
+            Ok(Element {
                 host,
                 protocol,
                 ports: PortRange { first, last },
@@ -378,8 +378,8 @@ mod tests {
         first: u16,
         last: u16,
         remote: Option<(&str, u8)>,
-    ) -> Opening {
-        Opening {
+    ) -> Element {
+        Element {
             host: host.parse().unwrap(),
             protocol,
             ports: PortRange { first, last },

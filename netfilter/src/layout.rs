@@ -214,6 +214,7 @@ pub(crate) enum Op {
     AddElement,
     RenewElement,
     RemoveElement,
+    ReadGeneration,
 }
 
 impl Op {
@@ -228,6 +229,7 @@ impl Op {
             Op::AddElement => "add element",
             Op::RenewElement => "renew element",
             Op::RemoveElement => "remove element",
+            Op::ReadGeneration => "read the ruleset generation",
         }
     }
 }

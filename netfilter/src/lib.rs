@@ -2,11 +2,12 @@
 //!
 //! This crate is the only code in FWNP that speaks to nf_tables. The gateway and the host
 //! agent hand it a desired state (a [`Layout`]: the gateway's forward filter or the host's
-//! input filter) and element changes (an [`Opening`] added, renewed, removed), and never build
-//! netlink messages themselves, the way mullvad's talpid-core keeps its firewall behind one
-//! interface. It owns one table (`inet fwnp` or `inet fwnp_host` by default) entirely and never
-//! touches any other; by default the kernel enforces that ownership (see below). It is not a general nftables library: it builds exactly the tables FWNP
-//! needs, and never spawns `nft`.
+//! input filter) and element changes (an [`Element`], made from a grant by
+//! [`Element::from_grant`]: added, renewed, removed), and never build netlink messages
+//! themselves, the way mullvad's talpid-core keeps its firewall behind one interface. It owns
+//! one table (`inet fwnp` or `inet fwnp_host` by default) entirely and never touches any other;
+//! by default the kernel enforces that ownership (see below). It is not a general nftables
+//! library: it builds exactly the tables FWNP needs, and never spawns `nft`.
 //!
 //! # How it talks to the kernel, and why not libnftnl
 //!
@@ -19,11 +20,11 @@
 //!   messages: every set, every element message and half the rule expressions would go through
 //!   raw `nftnl-sys` calls with manual allocation and freeing, an `unsafe` block each;
 //! - reading elements back must be a plain attribute walk anyway (fast on 100,000 elements), and
-//!   conntrack (ctnetlink) and the nf_tables event stream are not libnftnl's business at all;
+//!   conntrack (ctnetlink) and the ruleset's generation are not libnftnl's business at all;
 //! - with our own encoding every byte is unit-tested against what `nft --debug=netlink` sends,
 //!   and there is no C library to build against. The only `unsafe` code is the socket itself:
-//!   the few syscalls in `src/sys.rs` (socket, bind, setsockopt, getsockopt, sendto, recv,
-//!   gettid), each with a `// SAFETY:` comment (the crate root denies `unsafe_code` and only
+//!   the few syscalls in `src/sys.rs` (socket, bind, setsockopt, getsockopt, sendto, recv),
+//!   each with a `// SAFETY:` comment (the crate root denies `unsafe_code` and only
 //!   that module allows it).
 //!
 //! # Tables
@@ -63,8 +64,8 @@
 //!   change or delete it: `nft delete table`, `nft flush chain`, `nft add element` and the like
 //!   fail with EPERM, another handle gets [`Error::TableOwned`] or [`Error::PermissionDenied`],
 //!   and `nft flush ruleset` passes it by, so that the same measurement lets no datagram
-//!   through. Reading is not affected: `nft list ruleset`, the dumps of another handle and the
-//!   batcher's event socket (which only listens) see the table as before;
+//!   through. Reading is not affected: `nft list ruleset` and the dumps of another handle see
+//!   the table as before;
 //! - when that socket closes (the gateway or agent stops or dies), the table stays, with its
 //!   elements still counting down their timeouts, so the system keeps failing closed; it is then
 //!   an ordinary table that anyone may change, a flush included, until a new handle claims it
@@ -89,10 +90,12 @@
 //! the others. Renewals refresh the expiry with NFTA_SET_ELEM_EXPIRATION when the kernel honours
 //! it (probed once per handle, see [`RenewMethod`]), else by delete and re-add in one
 //! transaction. The [`Batcher`] puts this behind an async interface and repairs a shared table
-//! when someone else flushes or deletes it, or changes its elements: it hears of it from the
-//! nf_tables events within milliseconds, and the periodic checks are the net (the structure
-//! every second; the elements every ten seconds by default, so that an element nobody leased
-//! lives at most that long even when events were missed).
+//! when someone else flushes or deletes it, or changes its elements: it notices within a tenth
+//! of a second that the ruleset's generation moved on by more than its own transactions (it
+//! does not listen to the nf_tables events, for which the kernel would build one message per
+//! element of every batch), and the periodic checks are the net (the structure every second;
+//! the elements every ten seconds by default, so that an element nobody leased lives at most
+//! that long even when a change went unseen).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -115,13 +118,15 @@ use std::time::Duration;
 
 pub use batcher::{BatchStats, Batcher, BatcherConfig, RepairEvent, RepairTrigger};
 pub use error::Error;
+use fwnp_proto::Grant;
 pub use fwnp_proto::message::{PortRange, Prefix, Protocol};
 pub use layout::{AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Refuse};
 pub use netfilter::{Counter, Netfilter, Ownership, RenewMethod};
 
-/// One opening as the kernel holds it: a set element.
+/// One set element of the table: what the kernel holds for an opening granted to a host (one
+/// protocol, port range and source).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Opening {
+pub struct Element {
     /// The protected host's address: on the gateway the destination of the connections, on
     /// the host its own address being opened.
     pub host: IpAddr,
@@ -133,20 +138,55 @@ pub struct Opening {
     pub remote: Option<Prefix>,
 }
 
+impl Element {
+    /// The elements that carry out a grant, on the gateway and on the host alike: one per
+    /// remote prefix the grant is restricted to, or one admitting any source.
+    ///
+    /// ```
+    /// use fwnp_netfilter::{Element, PortRange, Prefix, Protocol};
+    /// use fwnp_proto::Grant;
+    ///
+    /// let grant = Grant {
+    ///     protocol: Protocol::Tcp,
+    ///     ports: PortRange::single(443),
+    ///     host: "198.18.1.2".parse().unwrap(),
+    ///     remotes: vec!["203.0.113.0/24".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+    ///     app: None,
+    /// };
+    /// let elements = Element::from_grant(&grant);
+    /// assert_eq!(elements.len(), 2);
+    /// assert_eq!(elements[0].remote, Some("203.0.113.0/24".parse::<Prefix>().unwrap()));
+    /// assert!(elements.iter().all(|e| e.host == grant.host && e.ports == grant.ports));
+    /// ```
+    pub fn from_grant(grant: &Grant) -> Vec<Element> {
+        let element = |remote| Element {
+            host: grant.host,
+            protocol: grant.protocol,
+            ports: grant.ports,
+            remote,
+        };
+        if grant.remotes.is_empty() {
+            vec![element(None)]
+        } else {
+            grant.remotes.iter().map(|p| element(Some(*p))).collect()
+        }
+    }
+}
+
 /// An element change for [`Netfilter::commit`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Change {
-    /// Add an opening that expires after the duration; fails if it exists.
-    Add(Opening, Duration),
-    /// Set the opening's remaining time to the duration.
-    Renew(Opening, Duration),
-    /// Remove the opening at once.
-    Remove(Opening),
+    /// Add an element that expires after the duration; fails if it exists.
+    Add(Element, Duration),
+    /// Set the element's remaining time to the duration.
+    Renew(Element, Duration),
+    /// Remove the element at once.
+    Remove(Element),
 }
 
 impl Change {
-    /// The opening this change is about.
-    pub fn opening(&self) -> &Opening {
+    /// The element this change is about.
+    pub fn element(&self) -> &Element {
         match self {
             Change::Add(o, _) | Change::Renew(o, _) | Change::Remove(o) => o,
         }
@@ -156,14 +196,42 @@ impl Change {
 /// What [`Netfilter::reconcile`] changed.
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
-    /// Openings added (all desired ones when the table was recreated).
-    pub added: Vec<Opening>,
-    /// Openings removed because they were not desired.
-    pub removed: Vec<Opening>,
-    /// How many openings had their timeout refreshed.
+    /// Elements added (all desired ones when the table was recreated).
+    pub added: Vec<Element>,
+    /// Elements removed because they were not desired.
+    pub removed: Vec<Element>,
+    /// How many elements had their timeout refreshed.
     pub refreshed: usize,
     /// Whether the table was missing or damaged and was recreated.
     pub table_recreated: bool,
-    /// Openings that could not be brought to the desired state, with the reason.
-    pub failed: Vec<(Opening, Error)>,
+    /// Elements that could not be brought to the desired state, with the reason.
+    pub failed: Vec<(Element, Error)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_grant_for_any_source_is_one_element_without_a_remote() {
+        let grant = Grant {
+            protocol: Protocol::Udp,
+            ports: PortRange {
+                first: 5000,
+                last: 5010,
+            },
+            host: "2001:db8::7".parse().unwrap(),
+            remotes: Vec::new(),
+            app: Some("media".into()),
+        };
+        assert_eq!(
+            Element::from_grant(&grant),
+            vec![Element {
+                host: grant.host,
+                protocol: Protocol::Udp,
+                ports: grant.ports,
+                remote: None,
+            }]
+        );
+    }
 }

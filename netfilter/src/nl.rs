@@ -22,7 +22,6 @@ pub(crate) const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 pub(crate) const NFNL_SUBSYS_NFTABLES: u16 = 10;
 pub(crate) const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 pub(crate) const NFNL_MSG_BATCH_END: u16 = 0x11;
-pub(crate) const NFNLGRP_NFTABLES: u32 = 7;
 pub(crate) const NFPROTO_UNSPEC: u8 = 0;
 pub(crate) const NFPROTO_INET: u8 = 1;
 pub(crate) const NFPROTO_IPV4: u8 = 2;
@@ -42,6 +41,7 @@ pub(crate) const NFT_MSG_NEWSETELEM: u16 = 12;
 pub(crate) const NFT_MSG_GETSETELEM: u16 = 13;
 pub(crate) const NFT_MSG_DELSETELEM: u16 = 14;
 pub(crate) const NFT_MSG_NEWGEN: u16 = 15;
+pub(crate) const NFT_MSG_GETGEN: u16 = 16;
 pub(crate) const NFT_MSG_NEWOBJ: u16 = 18;
 pub(crate) const NFT_MSG_GETOBJ: u16 = 19;
 
@@ -90,7 +90,7 @@ pub(crate) const NFTA_OBJ_DATA: u16 = 4;
 pub(crate) const NFTA_COUNTER_BYTES: u16 = 1;
 pub(crate) const NFTA_COUNTER_PACKETS: u16 = 2;
 pub(crate) const NFT_OBJECT_COUNTER: u32 = 1;
-pub(crate) const NFTA_GEN_PROC_PID: u16 = 2;
+pub(crate) const NFTA_GEN_ID: u16 = 1;
 
 /// The fixed part of a netlink message: `struct nlmsghdr`.
 pub(crate) const NLMSG_HDRLEN: usize = 16;
@@ -245,6 +245,7 @@ impl<'a> Message<'a> {
         Attrs::new(self.payload.get(NFGENMSG_LEN..).unwrap_or(&[]))
     }
 
+    #[cfg(test)]
     pub(crate) fn nfgen_family(&self) -> Option<u8> {
         self.payload.first().copied()
     }

@@ -3,20 +3,20 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::{Error, Opening};
+use crate::{Element, Error};
 
 /// The changes that bring `current` to `desired`.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Plan {
     /// Desired but absent.
-    pub(crate) add: Vec<(Opening, Duration)>,
+    pub(crate) add: Vec<(Element, Duration)>,
     /// Present but not desired.
-    pub(crate) remove: Vec<Opening>,
+    pub(crate) remove: Vec<Element>,
     /// Present and desired, but the remaining time is longer than the desired one (by more
     /// than [`OVERSHOOT`]) or far shorter (by more than [`tolerance`]).
-    pub(crate) refresh: Vec<(Opening, Duration)>,
+    pub(crate) refresh: Vec<(Element, Duration)>,
     /// Desired openings that cannot be held, with the reason.
-    pub(crate) invalid: Vec<(Opening, Error)>,
+    pub(crate) invalid: Vec<(Element, Error)>,
 }
 
 /// How far the kernel's remaining time may fall short of the desired one before it is
@@ -36,10 +36,10 @@ pub(crate) const OVERSHOOT: Duration = Duration::from_millis(500);
 
 /// Compares canonical openings. `current` is what the kernel reported (already canonical);
 /// `desired` may repeat an opening (the last one counts) or be non-canonical.
-pub(crate) fn plan(current: &[(Opening, Duration)], desired: &[(Opening, Duration)]) -> Plan {
+pub(crate) fn plan(current: &[(Element, Duration)], desired: &[(Element, Duration)]) -> Plan {
     let mut out = Plan::default();
-    let mut wanted: HashMap<Opening, Duration> = HashMap::with_capacity(desired.len());
-    let mut order: Vec<Opening> = Vec::with_capacity(desired.len());
+    let mut wanted: HashMap<Element, Duration> = HashMap::with_capacity(desired.len());
+    let mut order: Vec<Element> = Vec::with_capacity(desired.len());
     for (opening, lifetime) in desired {
         match opening.canonical() {
             Ok(canonical) => {
@@ -50,7 +50,7 @@ pub(crate) fn plan(current: &[(Opening, Duration)], desired: &[(Opening, Duratio
             Err(e) => out.invalid.push((opening.clone(), e)),
         }
     }
-    let mut present: HashMap<&Opening, Duration> = HashMap::with_capacity(current.len());
+    let mut present: HashMap<&Element, Duration> = HashMap::with_capacity(current.len());
     for (opening, remaining) in current {
         present.insert(opening, *remaining);
         if !wanted.contains_key(opening) {
@@ -80,8 +80,8 @@ mod tests {
     use super::*;
     use fwnp_proto::message::{PortRange, Prefix, Protocol};
 
-    fn tcp(port: u16) -> Opening {
-        Opening {
+    fn tcp(port: u16) -> Element {
+        Element {
             host: "10.0.0.1".parse().unwrap(),
             protocol: Protocol::Tcp,
             ports: PortRange::single(port),

@@ -2,7 +2,7 @@
 //!
 //! Every other module builds and parses bytes; this one owns the file descriptor and performs
 //! the handful of syscalls a netlink socket needs (socket, bind, setsockopt, getsockopt,
-//! sendto, recv, gettid). Each `unsafe` block is a single syscall on memory owned by the caller.
+//! sendto, recv). Each `unsafe` block is a single syscall on memory owned by the caller.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -118,13 +118,6 @@ impl NetlinkSocket {
         Ok(usize::try_from(granted).unwrap_or(0))
     }
 
-    /// Subscribes to a netlink multicast group (NFNLGRP_NFTABLES for nf_tables events).
-    pub(crate) fn join_group(&self, group: u32) -> io::Result<()> {
-        let group = libc::c_int::try_from(group)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "group out of range"))?;
-        self.set_int(libc::SOL_NETLINK, libc::NETLINK_ADD_MEMBERSHIP, group)
-    }
-
     /// Bounds how long `recv` blocks; `None` blocks forever.
     pub(crate) fn set_recv_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         let tv = match timeout {
@@ -237,11 +230,4 @@ impl NetlinkSocket {
         }
         Ok(got)
     }
-}
-
-/// The calling thread's id: nf_tables reports it as the author of each ruleset generation.
-pub(crate) fn thread_id() -> u32 {
-    // SAFETY: gettid(2) takes no arguments and cannot fail.
-    let tid = unsafe { libc::gettid() };
-    u32::try_from(tid).unwrap_or(0)
 }

@@ -12,11 +12,13 @@ use std::time::{Duration, Instant};
 use common::*;
 use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Error, Layout, Netfilter, Opening, Ownership, Refuse, RepairEvent,
+    Batcher, BatcherConfig, Change, Element, Error, Layout, Netfilter, Ownership, Refuse,
+    RepairEvent,
 };
 use tokio::sync::broadcast;
 
-/// How long a repair may take after a foreign change (events first, periodic check as the net).
+/// How long a repair may take after a foreign change (the generation watch first, the periodic
+/// check as the net).
 const REPAIR_LIMIT: Duration = Duration::from_secs(5);
 
 /// Starts a batcher in `ns` (its threads and sockets live there) for `layout`, with the table
@@ -37,7 +39,7 @@ async fn next_repair(rx: &mut broadcast::Receiver<RepairEvent>) -> Option<Repair
         .ok()
 }
 
-fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Opening> {
+fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Element> {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
         nf.elements(layout)
@@ -398,7 +400,8 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
     );
 }
 
-/// The same, with the batcher running: the nf_tables events name our table, so it repairs.
+/// The same, with the batcher running: its watch sees someone else's transaction, so it
+/// repairs.
 #[test]
 fn a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher() {
     if !require_root("a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher") {
@@ -596,8 +599,8 @@ fn stray_element_lives(
     until(limit, false, || outside_tcp(topo, topo.host_v4, port))
 }
 
-/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the event socket's wait
-/// (EINTR): the watcher must go on, and a stray element is still removed at once.
+/// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the batcher's waits
+/// (EINTR): the watch must go on, and a stray element is still removed at once.
 #[test]
 fn the_event_watcher_survives_a_stop_and_continue() {
     if !require_root("the_event_watcher_survives_a_stop_and_continue") {
@@ -606,7 +609,7 @@ fn the_event_watcher_survives_a_stop_and_continue() {
     let topo = topology();
     let _server = TcpEchoServer::start_ports(&topo.host, &[8090, 8091]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    // Only the events can find the stray elements in time.
+    // Only the watch can find the stray elements in time.
     let config = BatcherConfig {
         check_interval: Duration::from_secs(3600),
         element_check_interval: Duration::from_secs(3600),
@@ -653,6 +656,119 @@ fn without_events_the_periodic_check_removes_stray_elements() {
     assert!(
         lived.is_some(),
         "a stray element outlived the periodic check"
+    );
+    runtime().block_on(batcher.shutdown());
+}
+
+/// What the batcher's watch counts on: the kernel moves the ruleset's generation on by one for
+/// each transaction it commits, ours or anyone else's, and not for a refused transaction or a
+/// read; the handle counts its own committed transactions alike.
+#[test]
+fn the_generation_moves_by_one_per_committed_transaction() {
+    if !require_root("the_generation_moves_by_one_per_committed_transaction") {
+        return;
+    }
+    let topo = topology();
+    let layout = gateway_layout(Refuse::Reject);
+    let lease = tcp(topo.host_v4, 8080);
+    let (mut nf, start) = topo.gateway.run(|| {
+        let mut nf = Netfilter::open().expect("netfilter handle");
+        nf.set_ownership(Ownership::Shared);
+        nf.apply(&layout, &[]).expect("apply");
+        let start = (nf.generation().expect("generation"), nf.committed());
+        let added = nf
+            .commit(
+                &layout,
+                &[Change::Add(lease.clone(), Duration::from_secs(60))],
+            )
+            .expect("commit");
+        assert!(added.iter().all(Result::is_ok), "{added:?}");
+        (nf, start)
+    });
+    let moved = |nf: &mut Netfilter| {
+        (
+            nf.generation().expect("generation").wrapping_sub(start.0),
+            nf.committed() - start.1,
+        )
+    };
+    assert_eq!(moved(&mut nf), (1, 1));
+    // Refused (the element exists): aborted whole, nothing committed.
+    let again = nf
+        .commit(
+            &layout,
+            &[Change::Add(lease.clone(), Duration::from_secs(60))],
+        )
+        .expect("commit");
+    assert!(
+        matches!(again[..], [Err(Error::ElementExists(_))]),
+        "{again:?}"
+    );
+    // Reads commit nothing.
+    assert_eq!(nf.elements(&layout).expect("elements").len(), 1);
+    assert!(nf.table_present(&layout).expect("present"));
+    assert_eq!(moved(&mut nf), (1, 1));
+    // Someone else's transaction, in another table: the generation moves, our count does not.
+    topo.gateway
+        .exec_checked(&["nft", "add", "table", "inet", "someone_else"])
+        .expect("nft add table");
+    assert_eq!(moved(&mut nf), (2, 1));
+}
+
+/// The watch tells the batcher's own transactions from someone else's: hundreds of changes in
+/// many batches set off no repair, while an element added by hand is removed at once, with the
+/// periodic checks out of the way.
+#[test]
+fn own_batches_are_not_taken_for_outside_changes() {
+    if !require_root("own_batches_are_not_taken_for_outside_changes") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host, 8093).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let config = BatcherConfig {
+        check_interval: Duration::from_secs(3600),
+        element_check_interval: Duration::from_secs(3600),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    runtime().block_on(async {
+        let mut repairs = batcher.repairs();
+        for round in 0..10u16 {
+            let adds: Vec<_> = (0..50u16)
+                .map(|i| {
+                    batcher.submit(Change::Add(
+                        tcp(topo.host_v4, 10_000 + round * 50 + i),
+                        Duration::from_secs(60),
+                    ))
+                })
+                .collect();
+            for add in adds {
+                add.await.expect("add");
+            }
+            // Past a reading of the generation between rounds.
+            tokio::time::sleep(Duration::from_millis(120)).await;
+        }
+        assert!(batcher.stats().batches >= 10, "{:?}", batcher.stats());
+        assert_eq!(batcher.stats().repairs, 0, "{:?}", batcher.stats());
+        assert!(
+            matches!(
+                repairs.try_recv(),
+                Err(broadcast::error::TryRecvError::Empty)
+            ),
+            "a repair after our own batches"
+        );
+    });
+    // The watch is on: an element nobody leased goes within the watch interval and a check.
+    assert!(
+        stray_element_lives(&topo, 8093, Duration::from_secs(2)).is_some(),
+        "the stray element was not removed"
+    );
+    assert!(
+        until(Duration::from_secs(1), true, || batcher.stats().repairs
+            == 1)
+        .is_some(),
+        "{:?}",
+        batcher.stats()
     );
     runtime().block_on(batcher.shutdown());
 }

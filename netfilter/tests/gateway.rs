@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fwnp_netfilter::lab::{TcpEchoServer, UdpEchoServer, require_root, tcp_connects};
-use fwnp_netfilter::{Change, Error, Netfilter, Opening, Refuse};
+use fwnp_netfilter::{Change, Element, Error, Netfilter, Refuse};
 
 #[test]
 fn lease_opens_the_port_and_its_timeout_closes_it_v4_and_v6() {
@@ -166,7 +166,7 @@ fn source_restricted_lease_admits_only_its_prefix() {
         8443
     ));
     // Read back as given (the prefixes are already canonical).
-    let listed: BTreeSet<Opening> = nf
+    let listed: BTreeSet<Element> = nf
         .elements(&layout)
         .expect("elements")
         .into_iter()
@@ -394,13 +394,13 @@ fn one_bad_element_fails_alone_and_the_others_land() {
         "second add of good_a: {:?}",
         results[6]
     );
-    let listed: BTreeSet<Opening> = nf
+    let listed: BTreeSet<Element> = nf
         .elements(&layout)
         .expect("elements")
         .into_iter()
         .map(|(o, _)| o)
         .collect();
-    let expected: BTreeSet<Opening> = [existing, good_a, good_b, good_c].into_iter().collect();
+    let expected: BTreeSet<Element> = [existing, good_a, good_b, good_c].into_iter().collect();
     assert_eq!(listed, expected);
     for (host, port) in [
         (topo.host_v4, 7001),
@@ -450,7 +450,7 @@ fn apply_twice_is_harmless_and_replaces_the_table() {
     assert_eq!(nft_objects(&after, "table", "fwnp").len(), 1);
     assert_eq!(nft_objects(&after, "rule", "fwnp").len(), rules_before);
     assert_eq!(nft_objects(&after, "set", "fwnp").len(), sets_before);
-    let listed: BTreeSet<Opening> = nf
+    let listed: BTreeSet<Element> = nf
         .elements(&layout)
         .expect("elements")
         .into_iter()
@@ -597,7 +597,7 @@ fn reconcile_repairs_missing_and_extra_elements() {
     );
     let report = nf.reconcile(&layout, &desired).expect("reconcile");
     assert!(report.table_recreated, "{report:?}");
-    let added: BTreeSet<Opening> = report.added.into_iter().collect();
+    let added: BTreeSet<Element> = report.added.into_iter().collect();
     assert_eq!(added, [keep, lost].into_iter().collect());
     assert!(outside_tcp(&topo, topo.host_v4, 8002));
     assert!(!outside_tcp(&topo, topo.host_v4, 8003));
@@ -724,7 +724,7 @@ fn overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working(
         results[1]
     );
     assert!(results[2].is_ok(), "disjoint range: {:?}", results[2]);
-    let listed: BTreeSet<Opening> = nf
+    let listed: BTreeSet<Element> = nf
         .elements(&layout)
         .expect("elements")
         .into_iter()

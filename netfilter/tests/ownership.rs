@@ -171,8 +171,8 @@ fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
             .await
             .expect("add");
     });
-    // Another handle of the same process reads the table (as the event socket and `nft list`
-    // do) but cannot change it.
+    // Another handle of the same process reads the table (as `nft list` does) but cannot
+    // change it.
     topo.gateway.run(|| {
         let mut other = Netfilter::open().expect("handle");
         assert_eq!(

@@ -11,6 +11,7 @@
 //! fwnp-load --hosts 200 --duration 20s                 closed loop: as fast as the gateway goes
 //! fwnp-load --rate 1000 --duration 30s                 open loop at 1,000 requests/s
 //! fwnp-load --netns --prefill 1000000 --duration 0s    a million live leases, then memory
+//! fwnp-load --netns --mix 100,0,0 --baseline           beside a bare QUIC server, alternating
 //! ```
 #![forbid(unsafe_code)]
 
@@ -94,6 +95,17 @@ struct Args {
     /// twice in one run, first without the flood and then with it.
     #[arg(long, default_value_t = 0, requires = "rate")]
     flood_hosts: usize,
+    /// Measure the ceiling beside FWNP in the same run: a bare QUIC server (`fwnp-baseline`,
+    /// beside this binary) with the gateway's own TLS and transport settings that answers each
+    /// request with a fixed answer the size of a Granted, without policy, kernel or store. The
+    /// same hosts, certificates, connections, concurrency or rate and message sizes go to each
+    /// in turn, baseline first, alternating `--phases` times so that the machine's drift
+    /// affects both; each side is measured for `--duration` in all.
+    #[arg(long, conflicts_with_all = ["idle", "flood_hosts"])]
+    baseline: bool,
+    /// With `--baseline`: how many phases each side's `--duration` is split into.
+    #[arg(long, default_value_t = 2, requires = "baseline", value_parser = clap::value_parser!(u32).range(1..=100))]
+    phases: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -173,6 +185,8 @@ struct Counters {
     /// Among the denied: refused as rate-limited.
     rate_limited: AtomicU64,
     failed: AtomicU64,
+    /// The answers' sizes, summed.
+    answer_bytes: AtomicU64,
     /// Why requests failed, by error text.
     failures: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
@@ -184,6 +198,11 @@ impl Counters {
             .lock()
             .map(|f| json!(*f))
             .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The answers' mean size in bytes.
+    fn answer_bytes_mean(&self) -> f64 {
+        self.answer_bytes.load(Ordering::Relaxed) as f64 / self.answered().max(1) as f64
     }
 
     fn answered(&self) -> u64 {
@@ -213,7 +232,12 @@ fn free_udp_port() -> std::io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::error::Error>> {
+fn write_setup(
+    dir: &Path,
+    args: &Args,
+    port: u16,
+    baseline_port: u16,
+) -> Result<(), Box<dyn std::error::Error>> {
     let ca = dir.join("pki");
     pki::init_ca(&ca, "fwnp-load CA", pki::Validity::days(2))?;
     pki::issue_gateway(
@@ -250,17 +274,28 @@ fn write_setup(dir: &Path, args: &Args, port: u16) -> Result<(), Box<dyn std::er
     // Every simulated host connects from the same address: the gateway's limit of handshakes per
     // source address would refuse most of them. Everything else is the gateway's default, the
     // request streams per connection too: each costs memory on every connection, idle or not.
-    std::fs::write(
-        dir.join("gateway.toml"),
+    let config = |port: u16, state: &str, admin: &str| {
         format!(
             "listen = [\"127.0.0.1:{port}\"]\ncertificate = \"{ca}/gateway.pem\"\nkey = \"{ca}/gateway.key\"\n\
-             ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/state\"\n\
-             admin_socket = \"{d}/admin.sock\"\n{filter}\n[limits]\n\
+             ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/{state}\"\n\
+             admin_socket = \"{d}/{admin}\"\n{filter}\n[limits]\n\
              handshakes_per_source_per_second = 1000000\nhandshake_burst_per_source = 1000000\n",
             ca = ca.display(),
             d = dir.display(),
-        ),
+        )
+    };
+    std::fs::write(
+        dir.join("gateway.toml"),
+        config(port, "state", "admin.sock"),
     )?;
+    // The baseline reads the same file but for its port and state directory: the same
+    // certificates, limits and transport.
+    if args.baseline {
+        std::fs::write(
+            dir.join("baseline.toml"),
+            config(baseline_port, "baseline-state", "baseline-admin.sock"),
+        )?;
+    }
     Ok(())
 }
 
@@ -297,6 +332,16 @@ fn request(kind: &Kind, host: &Host, lease: Option<LeaseId>, lifetime: u32, id: 
 }
 
 async fn exchange(connection: &quinn::Connection, msg: &Message) -> Result<Message, String> {
+    exchange_sized(connection, msg)
+        .await
+        .map(|(answer, _)| answer)
+}
+
+/// One request and its answer, with the answer's size in bytes.
+async fn exchange_sized(
+    connection: &quinn::Connection,
+    msg: &Message,
+) -> Result<(Message, usize), String> {
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
     send.write_all(&encode(msg))
         .await
@@ -306,7 +351,9 @@ async fn exchange(connection: &quinn::Connection, msg: &Message) -> Result<Messa
         .read_to_end(fwnp_proto::MAX_MESSAGE_SIZE)
         .await
         .map_err(|e| e.to_string())?;
-    decode(&bytes).map_err(|e| e.to_string())
+    decode(&bytes)
+        .map(|answer| (answer, bytes.len()))
+        .map_err(|e| e.to_string())
 }
 
 /// One request of the mix against one host; returns whether it was answered.
@@ -344,7 +391,15 @@ async fn one(
     let kind = if lease.is_none() { Kind::Open } else { kind };
     let msg = request(&kind, host, lease, lifetime, rng.random());
     counters.sent.fetch_add(1, Ordering::Relaxed);
-    match exchange(&host.connection, &msg).await {
+    let answer = exchange_sized(&host.connection, &msg)
+        .await
+        .map(|(answer, size)| {
+            counters
+                .answer_bytes
+                .fetch_add(size as u64, Ordering::Relaxed);
+            answer
+        });
+    match answer {
         Ok(Message::Granted(g)) => {
             if matches!(kind, Kind::Open) {
                 counters.granted.fetch_add(1, Ordering::Relaxed);
@@ -465,6 +520,114 @@ async fn open_loop(
     Ok(())
 }
 
+/// Time measured and CPU used, summed over a side's phases.
+#[derive(Debug)]
+struct Usage {
+    secs: f64,
+    server_cpu: Option<f64>,
+    generator_cpu: Option<f64>,
+}
+
+impl Default for Usage {
+    fn default() -> Self {
+        Usage {
+            secs: 0.0,
+            server_cpu: Some(0.0),
+            generator_cpu: Some(0.0),
+        }
+    }
+}
+
+impl Usage {
+    /// Cores the server and the generator used on average while measured.
+    fn cores(&self) -> (Option<f64>, Option<f64>) {
+        let secs = self.secs.max(1e-9);
+        (
+            self.server_cpu.map(|c| c / secs),
+            self.generator_cpu.map(|c| c / secs),
+        )
+    }
+}
+
+/// One measuring phase: the closed loop (`--concurrency` requests in flight per host) or the
+/// open loop (`--rate`) for `duration`.
+struct Phase<'a> {
+    args: &'a Args,
+    mix: Mix,
+    duration: Duration,
+}
+
+impl Phase<'_> {
+    /// Runs the phase against `hosts` (connected to `server`), counting into `counters` and
+    /// `histograms` and adding its time and CPU to `usage`.
+    async fn run(
+        &self,
+        server: &Gateway,
+        hosts: &[Arc<Host>],
+        counters: &Arc<Counters>,
+        histograms: &Histograms,
+        usage: &mut Usage,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let server_cpu = server.cpu_seconds();
+        let generator_cpu = cpu_seconds_of("/proc/self/stat");
+        let started = Instant::now();
+        let end = started + self.duration;
+        let (mix, lifetime) = (self.mix, self.args.lifetime);
+        match self.args.rate {
+            None => {
+                let mut tasks = Vec::new();
+                for (h, host) in hosts.iter().enumerate() {
+                    for c in 0..self.args.concurrency {
+                        let host = host.clone();
+                        let counters = counters.clone();
+                        let histogram = histograms.latency.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let mut rng =
+                                rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
+                            let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                                .expect("valid bounds");
+                            while Instant::now() < end {
+                                let t = Instant::now();
+                                if one(&host, mix, lifetime, &counters, &mut rng).await {
+                                    let _ = local.record(t.elapsed().as_micros() as u64);
+                                }
+                            }
+                            let _ = histogram.lock().map(|mut h| h.add(&local));
+                        }));
+                    }
+                }
+                for t in tasks {
+                    let _ = t.await;
+                }
+            }
+            Some(rate) => {
+                open_loop(
+                    hosts.to_vec(),
+                    rate,
+                    started,
+                    end,
+                    mix,
+                    lifetime,
+                    counters.clone(),
+                    histograms.clone(),
+                )
+                .await?;
+            }
+        }
+        usage.secs += started.elapsed().as_secs_f64();
+        let spent = |after: Option<f64>, before: Option<f64>, sum: Option<f64>| {
+            after.zip(before).zip(sum).map(|((a, b), s)| s + (a - b))
+        };
+        usage.server_cpu = spent(server.cpu_seconds(), server_cpu, usage.server_cpu);
+        usage.generator_cpu = spent(
+            cpu_seconds_of("/proc/self/stat"),
+            generator_cpu,
+            usage.generator_cpu,
+        );
+        Ok(())
+    }
+}
+
 /// The gateway's status (`fwnpctl status --json`, from beside the gateway binary), or `None`
 /// when it cannot be had: the report then goes without it.
 fn gateway_status(gateway_bin: &Path, dir: &Path) -> Option<serde_json::Value> {
@@ -514,6 +677,10 @@ fn batching(
         "store_busy_s": delta(&["store_writer", "busy_us"]).map(|us| us as f64 / 1e6),
     })
 }
+
+/// The latency quantiles reported (with the maximum).
+const LATENCY_QUANTILES: &[(&str, f64)] =
+    &[("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)];
 
 /// The named quantiles and the maximum of a histogram of microseconds, in milliseconds.
 fn quantiles_ms(h: &Histogram<u64>, quantiles: &[(&str, f64)]) -> serde_json::Value {
@@ -628,6 +795,96 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Starts `bin --config CONFIG` (the gateway or the baseline server) in the namespace if there
+/// is one, on `--gateway-cpus` with `--gateway-threads`, its standard error to `log`.
+fn spawn_server(
+    args: &Args,
+    namespace: Option<&Namespace>,
+    bin: &Path,
+    config: &Path,
+    log: &Path,
+) -> Result<Gateway, Box<dyn std::error::Error>> {
+    let log = std::fs::File::create(log)?;
+    let mut command = match namespace {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &ns.0]);
+            c
+        }
+        None => Command::new("env"),
+    };
+    // `ip netns exec`, `env` and `taskset` all exec what follows, so the child's pid is the
+    // server's own (for its RSS and CPU time).
+    if let Some(cpus) = &args.gateway_cpus {
+        command.args(["taskset", "-c", cpus]);
+    }
+    command.arg(bin);
+    if let Some(threads) = args.gateway_threads {
+        command.env("TOKIO_WORKER_THREADS", threads.max(1).to_string());
+    }
+    command
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log);
+    Ok(Gateway {
+        child: command.spawn()?,
+    })
+}
+
+/// Connects host `i` to the server at `addr` and says Hello. The first host retries until
+/// `deadline` while the server starts; `log` is named when it never answers.
+async fn connect_host(
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    addr: SocketAddr,
+    i: usize,
+    deadline: Instant,
+    log: &Path,
+) -> Result<Arc<Host>, Box<dyn std::error::Error>> {
+    let connection = loop {
+        let attempt = async {
+            let connection = endpoint
+                .connect_with(config.clone(), addr, "gateway.load")?
+                .await?;
+            let hello = Message::Hello(Hello {
+                common: Common::default(),
+                versions: vec![fwnp_proto::VERSION],
+                capabilities: Capabilities(Capabilities::ALL),
+                software: Some("fwnp-load".into()),
+            });
+            match exchange(&connection, &hello).await? {
+                Message::Welcome(_) => Ok::<_, Box<dyn std::error::Error>>(connection),
+                other => Err(format!("Hello answered with {other:?}").into()),
+            }
+        };
+        match attempt.await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                if i == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                return Err(e);
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the server did not answer in 30 s: {e} (see {})",
+                    log.display()
+                )
+                .into());
+            }
+        }
+    };
+    Ok(Arc::new(Host {
+        connection,
+        address: host_address(i),
+        next_port: AtomicU64::new(0),
+        held: Mutex::new(Vec::new()),
+    }))
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mix = parse_mix(&args.mix)?;
     if args.hosts == 0 || args.hosts > 1 << 18 {
@@ -639,18 +896,18 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("fwnp-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let port = free_udp_port()?;
+    let baseline_port = free_udp_port()?;
     eprintln!(
         "fwnp-load: making {} host certificates in {}",
         args.hosts,
         dir.display()
     );
-    write_setup(&dir, &args, port)?;
+    write_setup(&dir, &args, port, baseline_port)?;
 
     let gateway_bin = match &args.gateway_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("fwnp-gateway"),
     };
-    let log = std::fs::File::create(dir.join("gateway.log"))?;
     let namespace = if args.netns {
         let name = format!("fwnp-load-{}", std::process::id());
         let status = Command::new("ip").args(["netns", "add", &name]).status()?;
@@ -665,31 +922,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let mut command = match &namespace {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0]);
-            c
-        }
-        None => Command::new("env"),
-    };
-    // `ip netns exec`, `env` and `taskset` all exec what follows, so the child's pid is the
-    // gateway's own (for its RSS and CPU time).
-    if let Some(cpus) = &args.gateway_cpus {
-        command.args(["taskset", "-c", cpus]);
-    }
-    command.arg(&gateway_bin);
-    if let Some(threads) = args.gateway_threads {
-        command.env("TOKIO_WORKER_THREADS", threads.max(1).to_string());
-    }
-    command
-        .arg("--config")
-        .arg(dir.join("gateway.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log);
-    let gateway = Gateway {
-        child: command.spawn()?,
+    let gateway = spawn_server(
+        &args,
+        namespace.as_ref(),
+        &gateway_bin,
+        &dir.join("gateway.toml"),
+        &dir.join("gateway.log"),
+    )?;
+    // The baseline server where the gateway runs, on the same CPUs and threads.
+    let baseline_server = if args.baseline {
+        Some(spawn_server(
+            &args,
+            namespace.as_ref(),
+            &gateway_bin.with_file_name("fwnp-baseline"),
+            &dir.join("baseline.toml"),
+            &dir.join("baseline.log"),
+        )?)
+    } else {
+        None
     };
 
     // The client's UDP socket must live where the gateway listens: in its namespace.
@@ -712,6 +962,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // Wait for the gateway to listen, then connect every host.
     let mut hosts = Vec::with_capacity(args.hosts);
+    let mut client_configs = Vec::with_capacity(args.hosts);
     let deadline = Instant::now() + Duration::from_secs(30);
     // The gateway's memory once it serves its first host, the base of the memory per connection.
     let mut rss_first = None;
@@ -720,51 +971,24 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let chain = fwnp_gateway::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
         let key = fwnp_gateway::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
         let config = client_config(chain, key, &ca_roots, &ClientOptions::default())?;
-        let connection = loop {
-            let attempt = async {
-                let connection = endpoint
-                    .connect_with(config.clone(), gateway_addr, "gateway.load")?
-                    .await?;
-                let hello = Message::Hello(Hello {
-                    common: Common::default(),
-                    versions: vec![fwnp_proto::VERSION],
-                    capabilities: Capabilities(Capabilities::ALL),
-                    software: Some("fwnp-load".into()),
-                });
-                match exchange(&connection, &hello).await? {
-                    Message::Welcome(_) => Ok::<_, Box<dyn std::error::Error>>(connection),
-                    other => Err(format!("Hello answered with {other:?}").into()),
-                }
-            };
-            match attempt.await {
-                Ok(c) => break c,
-                Err(e) if Instant::now() < deadline => {
-                    if i == 0 {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                    return Err(e);
-                }
-                Err(e) => {
-                    return Err(format!(
-                        "the gateway did not answer in 30 s: {e} (see {})",
-                        dir.join("gateway.log").display()
-                    )
-                    .into());
-                }
-            }
-        };
-        hosts.push(Arc::new(Host {
-            connection,
-            address: host_address(i),
-            next_port: AtomicU64::new(0),
-            held: Mutex::new(Vec::new()),
-        }));
+        let log = dir.join("gateway.log");
+        hosts.push(connect_host(&endpoint, &config, gateway_addr, i, deadline, &log).await?);
+        client_configs.push(config);
         if i == 0 {
             rss_first = gateway.rss_kib();
         }
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();
+    // The same hosts, each with its own connection, to the baseline server.
+    let mut baseline_hosts = Vec::new();
+    if baseline_server.is_some() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], baseline_port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = dir.join("baseline.log");
+        for (i, config) in client_configs.iter().enumerate() {
+            baseline_hosts.push(connect_host(&endpoint, config, addr, i, deadline, &log).await?);
+        }
+    }
     let rss_idle = gateway.rss_kib();
     if args.idle {
         // Idle hosts only keep their connection alive (keep-alive PINGs), as real agents do.
@@ -844,8 +1068,6 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let prefill_secs = prefill_started.elapsed().as_secs_f64();
     let rss_after_prefill = gateway.rss_kib();
-    let gateway_cpu_before = gateway.cpu_seconds();
-    let load_cpu_before = cpu_seconds_of("/proc/self/stat");
 
     // Flood isolation: first the other hosts alone at the offered rate, as the reference.
     let flood_hosts = args.flood_hosts.min(args.hosts.saturating_sub(1));
@@ -881,8 +1103,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } = histograms.clone();
     let datagrams_before = datagrams(&hosts);
     let status_before = gateway_status(&gateway_bin, &dir);
-    let started = Instant::now();
-    let end = started + args.duration;
+    let end = Instant::now() + args.duration;
     let mut tasks = Vec::new();
     // The flooding hosts: as fast as answers come, rate-limited or not, until the end.
     let flood_counters = Arc::new(Counters::default());
@@ -899,55 +1120,53 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }));
         }
     }
-    match args.rate {
+    // FWNP alone, or alternating with the baseline (baseline first) in phases of equal length.
+    let mut usage = Usage::default();
+    let baseline_counters = Arc::new(Counters::default());
+    let baseline_histograms = Histograms::new()?;
+    let mut baseline_usage = Usage::default();
+    match &baseline_server {
         None => {
-            for (h, host) in hosts.iter().enumerate() {
-                for c in 0..args.concurrency {
-                    let host = host.clone();
-                    let counters = counters.clone();
-                    let histogram = histogram.clone();
-                    let lifetime = args.lifetime;
-                    tasks.push(tokio::spawn(async move {
-                        let mut rng = rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
-                        let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                            .expect("valid bounds");
-                        while Instant::now() < end {
-                            let t = Instant::now();
-                            if one(&host, mix, lifetime, &counters, &mut rng).await {
-                                let _ = local.record(t.elapsed().as_micros() as u64);
-                            }
-                        }
-                        let _ = histogram.lock().map(|mut h| h.add(&local));
-                    }));
-                }
-            }
-        }
-        Some(rate) => {
-            open_loop(
-                steady.to_vec(),
-                rate,
-                started,
-                end,
+            let phase = Phase {
+                args: &args,
                 mix,
-                args.lifetime,
-                counters.clone(),
-                histograms.clone(),
-            )
-            .await?;
+                duration: args.duration,
+            };
+            phase
+                .run(&gateway, steady, &counters, &histograms, &mut usage)
+                .await?;
+        }
+        Some(server) => {
+            let phase = Phase {
+                args: &args,
+                mix,
+                duration: args.duration / args.phases,
+            };
+            for _ in 0..args.phases {
+                phase
+                    .run(
+                        server,
+                        &baseline_hosts,
+                        &baseline_counters,
+                        &baseline_histograms,
+                        &mut baseline_usage,
+                    )
+                    .await?;
+                phase
+                    .run(&gateway, &hosts, &counters, &histograms, &mut usage)
+                    .await?;
+            }
         }
     }
     for t in tasks {
         let _ = t.await;
     }
-    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let secs = usage.secs.max(1e-9);
     let datagrams_after = datagrams(&hosts);
     let status_after = gateway_status(&gateway_bin, &dir);
     let rss_end = gateway.rss_kib();
     // Cores used while measuring: how much of the machine each side took.
-    let cores =
-        |after: Option<f64>, before: Option<f64>| after.zip(before).map(|(a, b)| (a - b) / secs);
-    let gateway_cores = cores(gateway.cpu_seconds(), gateway_cpu_before);
-    let load_cores = cores(cpu_seconds_of("/proc/self/stat"), load_cpu_before);
+    let (gateway_cores, load_cores) = usage.cores();
     let snapshot = |m: &std::sync::Mutex<Histogram<u64>>| {
         m.lock()
             .map(|h| h.clone())
@@ -985,6 +1204,41 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             },
         })
     });
+    // With --baseline: the bare QUIC server, measured in the phases between FWNP's, and FWNP's
+    // figures over its.
+    let (baseline, fwnp_over_baseline) = if baseline_server.is_some() {
+        let baseline_secs = baseline_usage.secs.max(1e-9);
+        let baseline_latency = snapshot(&baseline_histograms.latency);
+        let fwnp_latency = snapshot(&histogram);
+        let (server_cores, generator_cores) = baseline_usage.cores();
+        let baseline_rate = baseline_counters.answered() as f64 / baseline_secs;
+        let ratio = |q: f64| {
+            fwnp_latency.value_at_quantile(q) as f64
+                / baseline_latency.value_at_quantile(q).max(1) as f64
+        };
+        (
+            json!({
+                "phases": args.phases,
+                "duration_s": baseline_secs,
+                "sent": baseline_counters.sent.load(Ordering::Relaxed),
+                "answered_per_s": baseline_rate,
+                "failed": baseline_counters.failed.load(Ordering::Relaxed),
+                "answer_bytes_mean": baseline_counters.answer_bytes_mean(),
+                "failures_by_reason": baseline_counters.failures_json(),
+                "latency_ms": quantiles_ms(&baseline_latency, LATENCY_QUANTILES),
+                "cpu_cores_used": { "server": server_cores, "generator": generator_cores },
+            }),
+            json!({
+                "answered_per_s": answered as f64 / secs / baseline_rate.max(1e-9),
+                "p50": ratio(0.5),
+                "p90": ratio(0.9),
+                "p99": ratio(0.99),
+                "max": fwnp_latency.max() as f64 / baseline_latency.max().max(1) as f64,
+            }),
+        )
+    } else {
+        (serde_json::Value::Null, serde_json::Value::Null)
+    };
     let report = json!({
         "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
         "target_rate": args.rate,
@@ -1001,9 +1255,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "denied": counters.denied.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
         "failures_by_reason": counters.failures_json(),
+        "answer_bytes_mean": counters.answer_bytes_mean(),
         // Hosts whose connection the gateway or QUIC closed, by reason, at the end.
         "connections_closed": closed_connections(&hosts),
-        "latency_ms": quantiles_ms(&snapshot(&histogram), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)]),
+        "latency_ms": quantiles_ms(&snapshot(&histogram), LATENCY_QUANTILES),
         // Open loop only: how long after its scheduled time each request started, which the
         // latency includes; the generator's share, not the gateway's.
         "schedule_lateness_ms": args.rate.map(|_| quantiles_ms(&snapshot(&lateness), &[("p50", 0.5), ("p99", 0.99)])),
@@ -1017,6 +1272,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
         "load_average": load_average(),
         "flood_isolation": flood,
+        // With --baseline: the ceiling, from the same run, and FWNP over it (rate: the higher
+        // the better, at most about 1; latency: the lower the better, at least about 1).
+        "baseline": baseline,
+        "fwnp_over_baseline": fwnp_over_baseline,
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
         // How the gateway batched while measuring, from its status before and after.
         "gateway_batching": batching(status_before.as_ref(), status_after.as_ref()),
@@ -1027,12 +1286,44 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
     });
     print_report(&args, &report)?;
+    if baseline_server.is_some() {
+        print_comparison(&report);
+    }
+    drop(baseline_server);
     drop(gateway);
     drop(namespace);
     if !args.keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(())
+}
+
+/// FWNP beside the baseline in three lines on standard error, for the eye; the report has it
+/// all.
+fn print_comparison(report: &serde_json::Value) {
+    let line = |name: &str, side: &serde_json::Value| {
+        let ms = |q: &str| side["latency_ms"][q].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "fwnp-load: {name:<8} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            side["answered_per_s"].as_f64().unwrap_or(f64::NAN),
+            ms("p50"),
+            ms("p90"),
+            ms("p99"),
+            ms("max"),
+        );
+    };
+    line("baseline", &report["baseline"]);
+    line("FWNP", report);
+    let ratio = &report["fwnp_over_baseline"];
+    let r = |k: &str| ratio[k].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "fwnp-load: FWNP/baseline: rate {:.2}x   p50 {:.2}x   p90 {:.2}x   p99 {:.2}x   max {:.2}x",
+        r("answered_per_s"),
+        r("p50"),
+        r("p90"),
+        r("p99"),
+        r("max"),
+    );
 }
 
 fn print_report(args: &Args, report: &serde_json::Value) -> Result<(), serde_json::Error> {

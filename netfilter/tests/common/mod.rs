@@ -10,7 +10,7 @@ use fwnp_netfilter::lab::{
     GATEWAY_OUTSIDE_IF, Netns, Topology, tcp_connects, udp_roundtrip, wait_until,
 };
 use fwnp_netfilter::{
-    AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Opening, Ownership,
+    AlwaysAllowed, Element, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Ownership,
     PortRange, Prefix, Protocol, Refuse,
 };
 
@@ -62,8 +62,8 @@ pub fn host_layout(mode: HostMode, always_allowed: Vec<AlwaysAllowed>) -> Layout
     })
 }
 
-pub fn tcp(host: IpAddr, port: u16) -> Opening {
-    Opening {
+pub fn tcp(host: IpAddr, port: u16) -> Element {
+    Element {
         host,
         protocol: Protocol::Tcp,
         ports: PortRange::single(port),
@@ -71,8 +71,8 @@ pub fn tcp(host: IpAddr, port: u16) -> Opening {
     }
 }
 
-pub fn udp(host: IpAddr, port: u16) -> Opening {
-    Opening {
+pub fn udp(host: IpAddr, port: u16) -> Element {
+    Element {
         host,
         protocol: Protocol::Udp,
         ports: PortRange::single(port),
@@ -80,8 +80,8 @@ pub fn udp(host: IpAddr, port: u16) -> Opening {
     }
 }
 
-pub fn tcp_range(host: IpAddr, first: u16, last: u16) -> Opening {
-    Opening {
+pub fn tcp_range(host: IpAddr, first: u16, last: u16) -> Element {
+    Element {
         host,
         protocol: Protocol::Tcp,
         ports: PortRange { first, last },
@@ -89,15 +89,15 @@ pub fn tcp_range(host: IpAddr, first: u16, last: u16) -> Opening {
     }
 }
 
-pub fn tcp_from(host: IpAddr, port: u16, remote: Prefix) -> Opening {
-    Opening {
+pub fn tcp_from(host: IpAddr, port: u16, remote: Prefix) -> Element {
+    Element {
         remote: Some(remote),
         ..tcp(host, port)
     }
 }
 
 /// Opens a netfilter handle inside `ns` and applies `layout` with `elements`.
-pub fn open_and_apply(ns: &Netns, layout: &Layout, elements: &[(Opening, Duration)]) -> Netfilter {
+pub fn open_and_apply(ns: &Netns, layout: &Layout, elements: &[(Element, Duration)]) -> Netfilter {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
         nf.apply(layout, elements).expect("apply layout");
@@ -110,7 +110,7 @@ pub fn open_and_apply(ns: &Netns, layout: &Layout, elements: &[(Opening, Duratio
 pub fn open_shared_and_apply(
     ns: &Netns,
     layout: &Layout,
-    elements: &[(Opening, Duration)],
+    elements: &[(Element, Duration)],
 ) -> Netfilter {
     ns.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
