@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use crate::config::GatewayConfig;
 use crate::policy::Policy;
 use crate::service::Service;
-use crate::tls::{ServerOptions, ServerTlsFiles};
+use fwnp_trust::tls::{ServerOptions, ServerTlsFiles};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum DaemonError {
     Policy(#[from] crate::policy::PolicyError),
     /// The TLS files are unusable.
     #[error("tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] fwnp_trust::tls::TlsError),
     /// The service could not start.
     #[error(transparent)]
     Start(#[from] crate::service::StartError),
@@ -62,7 +62,7 @@ pub fn init_logging(json: bool) {
 /// Checks what a start would read: the policy and the TLS files.
 pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {
     Policy::load(&config.policy)?;
-    crate::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
+    fwnp_trust::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
     Ok(())
 }
 
@@ -102,7 +102,8 @@ pub fn layout(config: &GatewayConfig) -> Layout {
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
-    let tls = crate::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+    let tls =
+        fwnp_trust::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
     let filter = if config.filter.enabled {
         let layout = layout(&config);
         let mut netfilter = Netfilter::open()?;

@@ -16,9 +16,9 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_gateway::tls::ClientTlsFiles;
 use fwnp_netfilter::lab::{self, TcpEchoServer, Topology};
 use fwnp_proto::{Epoch, LeaseId, Message, RevokeReason};
+use fwnp_trust::tls::ClientTlsFiles;
 use serde_json::json;
 
 /// The gateway's QUIC port, inside its own namespace.

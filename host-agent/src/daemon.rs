@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use fwnp_gateway::tls::{ClientOptions, ClientTlsFiles, client_config_from_files};
+use fwnp_trust::tls::{ClientOptions, ClientTlsFiles, client_config_from_files};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -29,7 +29,7 @@ pub enum DaemonError {
     },
     /// The host's certificate, key or CA could not be used.
     #[error("TLS: {0}")]
-    Tls(#[from] fwnp_gateway::tls::TlsError),
+    Tls(#[from] fwnp_trust::tls::TlsError),
     /// The host table could not be installed.
     #[error("host table: {0}")]
     Mirror(#[from] fwnp_netfilter::Error),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
-use fwnp_gateway::pki::{self, RevocationReason, Validity};
 use fwnp_gateway::policy::Policy;
+use fwnp_trust::pki::{self, RevocationReason, Validity};
 use serde_json::{Value, json};
 
 const EXIT_NEGATIVE: u8 = 1;

@@ -11,14 +11,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::pki::{self, Validity};
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, AuditRecord, Order};
-use fwnp_gateway::tls::{self, ClientOptions, ClientTlsFiles, ServerOptions, ServerTlsFiles};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, List, MAX_MESSAGE_SIZE, Message, Open, Opening,
     PortRange, Protocol, Release, Renew, Target, Welcome,
 };
+use fwnp_trust::pki::{self, Validity};
+use fwnp_trust::tls::{self, ClientOptions, ClientTlsFiles, ServerOptions, ServerTlsFiles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;

@@ -11,13 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fwnp_gateway::pki::{self, Validity};
 use fwnp_proto::local::{
     FRAME_HEADER_LEN, LocalMessage, Status, Watch, decode_frame_body, encode_frame, frame_body_len,
 };
 use fwnp_proto::{
     Common, LeaseId, List, Message, Open, Opening, PortRange, Protocol, Release, Target,
 };
+use fwnp_trust::pki::{self, Validity};
 
 /// The bound of every single step (a start, an answer).
 pub(crate) const STEP: Duration = Duration::from_secs(10);
@@ -455,7 +455,7 @@ pub(crate) fn open_msg(
 /// A QUIC endpoint on 127.0.0.1 with the gateway's own TLS configuration and `pki`'s gateway
 /// certificate, bound inside `runtime`: a stand-in gateway that the test drives itself.
 pub(crate) fn gateway_endpoint(pki: &Pki, runtime: &tokio::runtime::Runtime) -> quinn::Endpoint {
-    use fwnp_gateway::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
+    use fwnp_trust::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
     let _guard = runtime.enter();
     let files = ServerTlsFiles {
         cert: pki.file("gateway.pem"),

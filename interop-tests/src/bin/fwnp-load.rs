@@ -22,13 +22,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use fwnp_gateway::pki;
-use fwnp_gateway::tls::{ClientOptions, client_config};
 use fwnp_proto::codec::{decode, encode};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, Message, Open, Opening, PortRange, Protocol, Release,
     Renew, ResultCode, Target,
 };
+use fwnp_trust::pki;
+use fwnp_trust::tls::{ClientOptions, client_config};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -708,7 +708,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port));
     let ca_dir = dir.join("pki");
-    let ca_roots = fwnp_gateway::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
+    let ca_roots = fwnp_trust::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
 
     // Wait for the gateway to listen, then connect every host.
     let mut hosts = Vec::with_capacity(args.hosts);
@@ -717,8 +717,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut rss_first = None;
     let connect_started = Instant::now();
     for i in 0..args.hosts {
-        let chain = fwnp_gateway::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
-        let key = fwnp_gateway::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
+        let chain = fwnp_trust::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
+        let key = fwnp_trust::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
         let config = client_config(chain, key, &ca_roots, &ClientOptions::default())?;
         let connection = loop {
             let attempt = async {
