@@ -45,14 +45,17 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// A duration such as `30s`, `10m`, `1h 30m` or `90d`.
+/// A duration in FWNP's one grammar (`fwnp_proto::duration`): `100ms`, `30s`, `10m`, `1h30m`,
+/// `90d`. The reason of an error names the text and what is wrong with it.
 ///
 /// ```
 /// use std::time::Duration;
-/// assert_eq!(fwnp_daemon::config::parse_duration("10m"), Ok(Duration::from_secs(600)));
+/// use fwnp_daemon::config::parse_duration;
+/// assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+/// assert!(parse_duration("10").unwrap_err().contains("has no unit"));
 /// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
+    fwnp_proto::duration::parse(text).map_err(|e| format!("duration {text:?}: {e}"))
 }
 
 /// A prefix such as `10.1.0.0/16` or `2001:db8::/32`; a bare address is a host prefix. Host

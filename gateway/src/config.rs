@@ -479,6 +479,35 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
     }
 
     #[test]
+    fn durations_follow_the_one_grammar_with_line_and_reason() {
+        let config = GatewayConfig::parse(
+            &format!("{GOOD}\n[limits]\nrequest_timeout = \"1m30s\"\naudit_count_interval = \"1s500ms\"\n"),
+            "g.toml",
+        )
+        .expect("valid");
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(90));
+        assert_eq!(
+            config.limits.audit_count_interval,
+            Duration::from_millis(1500)
+        );
+        for (value, reason) in [
+            ("10", "has no unit"),
+            ("1h 30m", "unexpected ' '"),
+            ("2min", "unknown unit \"min\""),
+            ("1.5s", "unexpected '.'"),
+        ] {
+            let (line, got) = error_of(&format!(
+                "{GOOD}\n[limits]\nrequest_timeout = \"{value}\"\n"
+            ));
+            assert_eq!(line, 13, "{value}");
+            assert!(
+                got.contains(reason) && got.contains(value),
+                "{value}: {got}"
+            );
+        }
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let (line, reason) = error_of(&GOOD.replace("state_dir", "stat_dir"));
         assert_eq!(line, 7);

@@ -314,7 +314,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }) => {
             let lifetime = match lifetime {
                 Some(text) => Some(
-                    humantime::parse_duration(&text)
+                    fwnp_proto::duration::parse_argument(&text)
                         .map_err(|e| Failure::Other(format!("--for {text:?}: {e}")))?
                         .as_secs(),
                 ),

@@ -48,7 +48,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// How long to measure.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = fwnp_proto::duration::parse_argument)]
     duration: Duration,
     /// Percentages of open, renew and release in the mix.
     #[arg(long, default_value = "60,30,10")]
