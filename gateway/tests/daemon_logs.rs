@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use fwnp_testkit::process::ProcessGuard;
 
 #[test]
 fn logs_written_to_a_file_carry_no_colour_codes() {
@@ -47,26 +48,6 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     );
 }
 
-/// The daemon as a child process, killed and reaped when dropped (even if the test fails).
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Child {
-    fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &self.0.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name}");
-    }
-}
-
 /// The next message the daemon sends to its notify socket, within 20 s.
 fn next_notice(socket: &std::os::unix::net::UnixDatagram) -> String {
     socket
@@ -92,28 +73,22 @@ fn systemd_is_told_ready_reloading_and_stopping() {
     .expect("write config");
     let notify_path = dir.path().join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
-    let mut daemon = Child(
+    let mut daemon = ProcessGuard::spawn(
         std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
             .arg("--config")
             .arg(&config)
             .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("start fwnp-gateway"),
-    );
+            .env("RUST_LOG", "warn"),
+    )
+    .expect("start fwnp-gateway");
     assert_eq!(next_notice(&notify), "READY=1\n");
     daemon.signal("HUP");
     assert_eq!(next_notice(&notify), "RELOADING=1\n");
     assert_eq!(next_notice(&notify), "READY=1\n");
     daemon.signal("TERM");
     assert_eq!(next_notice(&notify), "STOPPING=1\n");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "fwnp-gateway did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("fwnp-gateway did not stop");
     assert!(status.success(), "{status}");
 }

@@ -6,8 +6,6 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixDatagram;
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -22,8 +20,8 @@ fn next_notice(socket: &UnixDatagram) -> String {
 
 #[test]
 fn systemd_is_told_ready_and_stopping() {
-    let pki = Pki::new("notify", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[]);
+    let pki = Pki::with_gateway_ips("notify", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
     let dir = temp_dir("notify");
     let config = dir.path().join("agent.toml");
     let text = agent_config(
@@ -47,19 +45,8 @@ fn systemd_is_told_ready_and_stopping() {
     assert_eq!(next_notice(&notify), "READY=1\n");
     // Ready means serving: the local socket accepts.
     LocalClient::connect(&dir.path().join("agent.sock"));
-    let status = Command::new("kill")
-        .args(["-TERM", &agent.pid().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success());
+    agent.signal("TERM");
     assert_eq!(next_notice(&notify), "STOPPING=1\n");
-    let deadline = Instant::now() + STEP;
-    let status = loop {
-        if let Some(status) = agent.exited() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "fwnp-agent did not stop");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = agent.wait_exit(STEP).expect("fwnp-agent did not stop");
     assert!(status.success(), "{status}");
 }

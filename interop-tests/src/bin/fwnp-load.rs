@@ -121,15 +121,6 @@ fn parse_mix(text: &str) -> Result<Mix, String> {
     }
 }
 
-/// The namespace the gateway runs in with `--netns`; removed on drop.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 /// The gateway process; killed on drop.
 struct Gateway {
     child: Child,
@@ -651,24 +642,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::current_exe()?.with_file_name("fwnp-gateway"),
     };
     let log = std::fs::File::create(dir.join("gateway.log"))?;
+    // The namespace the gateway runs in with `--netns`, removed (and what runs in it killed)
+    // when dropped.
     let namespace = if args.netns {
-        let name = format!("fwnp-load-{}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status()?;
-        if !status.success() {
-            return Err(format!("ip netns add {name} failed").into());
-        }
-        let ns = Namespace(name);
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-            .status()?;
-        Some(ns)
+        Some(fwnp_testkit::netns::Netns::new("fwload")?)
     } else {
         None
     };
     let mut command = match &namespace {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0]);
+            c.args(["netns", "exec", ns.name()]);
             c
         }
         None => Command::new("env"),
@@ -694,10 +678,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // The client's UDP socket must live where the gateway listens: in its namespace.
     let socket = match &namespace {
-        Some(ns) => {
-            let entry = Path::new("/run/netns").join(&ns.0);
-            socket_in_namespace(&entry)?
-        }
+        Some(ns) => ns.run(|| UdpSocket::bind("127.0.0.1:0"))?,
         None => UdpSocket::bind("127.0.0.1:0")?,
     };
     let endpoint = quinn::Endpoint::new(
@@ -1054,18 +1035,4 @@ fn load_average() -> Option<String> {
 
 fn nix_is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
-}
-
-/// A UDP socket bound to 127.0.0.1 inside the network namespace at `entry`, created on a
-/// thread that entered it (a socket stays in the namespace it was made in).
-fn socket_in_namespace(entry: &Path) -> std::io::Result<UdpSocket> {
-    let entry = entry.to_owned();
-    std::thread::spawn(move || -> std::io::Result<UdpSocket> {
-        let file = std::fs::File::open(&entry)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        UdpSocket::bind("127.0.0.1:0")
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
 }
