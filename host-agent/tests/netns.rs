@@ -52,66 +52,17 @@ allow = "tcp/7000-7999"
 "#;
 
 /// The `fwnp-gateway` binary of this workspace, built once per test run (it belongs to another
-/// package, so Cargo does not build it for these tests).
+/// package, so Cargo does not build it for these tests), by the same build the lab and the
+/// end-to-end suite run, so their artifacts are shared.
 fn gateway_binary() -> PathBuf {
     static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BINARY.get_or_init(build_gateway).clone()
-}
-
-fn build_gateway() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/netns-HASH
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target directory");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace");
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .current_dir(workspace)
-        // The same build the lab and the end-to-end suite run, so their artifacts are shared.
-        .args([
-            "build",
-            "--bins",
-            "-p",
-            "fwnp-gateway",
-            "-p",
-            "fwnp-agent",
-            "-p",
-            "fwnp-sdk",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    // What cargo set for this test (package name, manifest, output directories) must not reach
-    // the inner build, or crates whose build scripts watch such variables rebuild every time.
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || key.starts_with("CARGO_CFG_")
-            || matches!(
-                key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-        {
-            build.env_remove(key);
-        }
-    }
-    let status = build.status().expect("run cargo build for fwnp-gateway");
-    assert!(status.success(), "building fwnp-gateway failed");
-    let binary = profile_dir.join("fwnp-gateway");
-    assert!(binary.exists(), "no {}", binary.display());
-    binary
+    BINARY
+        .get_or_init(|| {
+            fwnp_testkit::binaries::Binaries::build()
+                .expect("build the workspace's binaries")
+                .gateway
+        })
+        .clone()
 }
 
 fn gateway_config(pki: &Pki, dir: &Path, listen: &str) -> String {

@@ -28,6 +28,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use fwnp_testkit::binaries::{BUILD_COMMAND, Binaries, BinariesError};
 pub use fwnp_testkit::netns::{
     Host, Netns, REQUIRE_NETNS_VAR, TcpEchoServer, Topology, UdpEchoServer, require_root,
     tcp_connects, udp_roundtrip, wait_until,
@@ -43,27 +44,9 @@ const START_WAIT: Duration = Duration::from_secs(15);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LabError {
-    /// A binary the lab runs is not in the target directory.
-    #[error("{name} not found at {path}: build it first with `{build}`")]
-    MissingBinary {
-        /// The binary's name.
-        name: &'static str,
-        /// Where it was looked for.
-        path: PathBuf,
-        /// The command that builds it.
-        build: String,
-    },
-    /// The running executable is not inside a cargo target directory.
-    #[error("cannot tell the target directory from the running executable {0}")]
-    NoTargetDir(PathBuf),
-    /// `cargo build` of the binaries failed.
-    #[error("`{command}` failed ({status})")]
-    Build {
-        /// The command run.
-        command: String,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-    },
+    /// The binaries the lab runs cannot be found or built.
+    #[error(transparent)]
+    Binaries(#[from] BinariesError),
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -106,137 +89,6 @@ pub enum LabError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
     let what = what.into();
     move |source| LabError::Io { what, source }
-}
-
-/// The paths of the four binaries a lab runs.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    /// `fwnp-gateway`.
-    pub gateway: PathBuf,
-    /// `fwnpctl`.
-    pub fwnpctl: PathBuf,
-    /// `fwnp-agent`.
-    pub agent: PathBuf,
-    /// `fwnp`, the command-line client of the agent.
-    pub fwnp: PathBuf,
-}
-
-/// The `cargo build` that makes every binary of the lab.
-pub const BUILD_COMMAND: &str =
-    "cargo build --bins -p fwnp-gateway -p fwnp-agent -p fwnp-sdk --features fwnp-sdk/cli";
-
-impl Binaries {
-    /// The directory of the binaries of the running executable's profile: `target/debug` for
-    /// `target/debug/fwnp-lab` and for a test at `target/debug/deps/e2e-HASH`.
-    pub fn profile_dir() -> Result<PathBuf, LabError> {
-        let exe = std::env::current_exe().map_err(io_err("locating the running executable"))?;
-        let dir = exe
-            .parent()
-            .ok_or_else(|| LabError::NoTargetDir(exe.clone()))?;
-        let dir = if dir.file_name().is_some_and(|name| name == "deps") {
-            dir.parent()
-                .ok_or_else(|| LabError::NoTargetDir(exe.clone()))?
-        } else {
-            dir
-        };
-        Ok(dir.to_path_buf())
-    }
-
-    /// Finds the binaries beside the running executable; names the missing one and the command
-    /// that builds it.
-    pub fn locate() -> Result<Self, LabError> {
-        let dir = Self::profile_dir()?;
-        let find = |name: &'static str| {
-            let path = dir.join(name);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(LabError::MissingBinary {
-                    name,
-                    path,
-                    build: BUILD_COMMAND.to_string(),
-                })
-            }
-        };
-        Ok(Binaries {
-            gateway: find("fwnp-gateway")?,
-            fwnpctl: find("fwnpctl")?,
-            agent: find("fwnp-agent")?,
-            fwnp: find("fwnp")?,
-        })
-    }
-
-    /// Runs `cargo build` for the binaries into the running executable's target directory and
-    /// profile (cargo does nothing when they are up to date), then locates them. The cargo binary
-    /// is `$CARGO` (set by cargo for what it runs), else `cargo`.
-    pub fn build() -> Result<Self, LabError> {
-        let dir = Self::profile_dir()?;
-        let profile = dir
-            .file_name()
-            .and_then(|name| name.to_str())
-            .ok_or_else(|| LabError::NoTargetDir(dir.clone()))?
-            .to_string();
-        let target = dir
-            .parent()
-            .ok_or_else(|| LabError::NoTargetDir(dir.clone()))?;
-        let cargo = std::env::var_os("CARGO")
-            .or_else(|| option_env!("CARGO").map(Into::into))
-            .unwrap_or_else(|| "cargo".into());
-        let mut command = Command::new(&cargo);
-        command
-            .args(["build", "--bins", "-p", "fwnp-gateway", "-p", "fwnp-agent"])
-            .args([
-                "-p",
-                "fwnp-sdk",
-                "--features",
-                "fwnp-sdk/cli",
-                "--target-dir",
-            ])
-            .arg(target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                command.arg("--release");
-            }
-            other => {
-                command.args(["--profile", other]);
-            }
-        }
-        // What cargo set for the running test (the package's name, manifest, output
-        // directories) must not reach the inner build: build scripts that watch such variables
-        // would rebuild their crates every time.
-        for (key, _) in std::env::vars_os() {
-            let Some(key) = key.to_str() else { continue };
-            let from_outer_cargo = key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_BIN_")
-                || key.starts_with("CARGO_CFG_")
-                || matches!(
-                    key,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "OUT_DIR"
-                );
-            if from_outer_cargo {
-                command.env_remove(key);
-            }
-        }
-        let shown = format!("{command:?}");
-        let status = command
-            .stdin(Stdio::null())
-            .status()
-            .map_err(io_err(format!("running {shown}")))?;
-        if !status.success() {
-            return Err(LabError::Build {
-                command: shown,
-                status,
-            });
-        }
-        Self::locate()
-    }
 }
 
 /// Counter that makes temporary directory names unique within this process.
