@@ -1,6 +1,6 @@
-//! Starting and stopping the gateway: logging, the kernel filter, the store and policy (through
-//! [`Service::start`]), the QUIC endpoints, the admin socket, metrics, signals, and systemd's
-//! readiness notification.
+//! Starting and stopping the gateway: the kernel filter, the store and policy (through
+//! [`Service::start`]), the QUIC endpoints, the admin socket, metrics, and what SIGHUP reloads;
+//! logging, signals and systemd's notifications are `fwnp-daemon`'s, as for the agent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,8 +45,6 @@ pub enum DaemonError {
         source: std::io::Error,
     },
 }
-
-pub use fwnp_daemon::init_logging;
 
 /// Checks what a start would read: the policy and the TLS files.
 pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {

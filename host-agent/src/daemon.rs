@@ -1,6 +1,7 @@
-//! Starting and stopping the agent: logging, the state directory, the host table, the link to
-//! the gateway, the local socket and the core, then readiness for systemd; SIGTERM or SIGINT
-//! release every lease and stop.
+//! Starting and stopping the agent: the state directory, the host table, the link to the
+//! gateway, the local socket and the core, then readiness for systemd; SIGTERM or SIGINT release
+//! every lease and stop. Logging, signals and systemd's notifications are `fwnp-daemon`'s, as
+//! for the gateway.
 
 use std::sync::Arc;
 
@@ -40,8 +41,6 @@ pub enum DaemonError {
     #[error(transparent)]
     Signal(#[from] fwnp_daemon::SignalError),
 }
-
-pub use fwnp_daemon::init_logging;
 
 /// Raises the soft limit of open files to the hard one (systemd's default soft limit is 1024):
 /// every local connection takes a descriptor, and the connection caps should be what stops
