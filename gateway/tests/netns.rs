@@ -12,12 +12,13 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use fwnp_proto::{Epoch, LeaseId, Message, RevokeReason};
 use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
+use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
 use fwnp_trust::tls::ClientTlsFiles;
 use serde_json::json;
 
@@ -46,31 +47,11 @@ groups = ["hosts"]
 allow = "tcp/7000-7999"
 "#;
 
-/// The daemon as a child process, killed (SIGKILL) and reaped when dropped.
-struct GatewayProcess {
-    child: Option<Child>,
-}
-
-impl GatewayProcess {
-    /// Kills the daemon at once, as a crash or `kill -9` would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Everything a test of the daemon needs. Fields drop in declaration order: the daemon first,
 /// then the echo server, then the namespaces, then the files.
 struct Lab {
-    gateway: GatewayProcess,
+    /// The daemon; `kill` ends it at once, as a crash or `kill -9` would.
+    gateway: ProcessGuard,
     _echo: TcpEchoServer,
     topology: Topology,
     host_files: ClientTlsFiles,
@@ -106,7 +87,7 @@ impl Lab {
             host_files,
             topology,
             _echo: echo,
-            gateway: GatewayProcess { child: None },
+            gateway: ProcessGuard(None),
             config_path,
             admin_socket,
         };
@@ -116,10 +97,7 @@ impl Lab {
 
     /// Starts the daemon in the gateway namespace and waits until its admin API answers.
     fn start_gateway(&mut self) {
-        assert!(
-            self.gateway.child.is_none(),
-            "the gateway is already running"
-        );
+        assert!(self.gateway.0.is_none(), "the gateway is already running");
         let mut command = Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"));
         command.arg("--config").arg(&self.config_path).env(
             "RUST_LOG",
@@ -130,23 +108,8 @@ impl Lab {
             .gateway
             .spawn(&mut command)
             .expect("start fwnp-gateway");
-        self.gateway.child = Some(child);
-        let deadline = Instant::now() + STEP;
-        loop {
-            if let Some(child) = self.gateway.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("fwnp-gateway exited at start: {status}");
-            }
-            if std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fwnp-gateway did not come up within {STEP:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.gateway = ProcessGuard(Some(child));
+        wait_for_socket(&mut self.gateway, &self.admin_socket, STEP);
     }
 
     fn gateway_addr(&self) -> SocketAddr {
