@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod codec;
+pub mod duration;
 pub mod gateway;
 pub mod lease;
 pub mod link;

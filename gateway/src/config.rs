@@ -12,31 +12,7 @@ use fwnp_proto::Prefix;
 use serde::Deserialize;
 use toml::Spanned;
 
-/// A configuration file that cannot be used, with where and why.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("{path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML, or a value has the wrong type or an unknown key.
-    #[error("{origin}:{line}:{column}: {reason}")]
-    Invalid {
-        /// The file, as named to the parser.
-        origin: String,
-        /// Line, from 1.
-        line: usize,
-        /// Column, from 1.
-        column: usize,
-        /// What is wrong.
-        reason: String,
-    },
-}
+pub use fwnp_daemon::config::{ConfigError, line_column, parse_duration, parse_prefix};
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone)]
@@ -430,31 +406,6 @@ impl GatewayConfig {
     }
 }
 
-/// Line and column (both from 1) of a byte offset, for errors that point into a file.
-pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text.as_bytes()[..offset.min(text.len())];
-    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
-    (line, column)
-}
-
-/// A duration such as `30s`, `10m`, `1h 30m` or `90d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("duration {text:?}: {e}"))
-}
-
-/// A prefix such as `10.1.0.0/16` or `2001:db8::/32`; a bare address is a host prefix. Host
-/// bits set beyond the length are refused, as the protocol refuses them.
-pub fn parse_prefix(text: &str) -> Result<Prefix, String> {
-    text.parse().map_err(|e| match e {
-        fwnp_proto::PrefixParseError::HostBitsSet { network } => format!(
-            "{text:?} has host bits set beyond /{}; did you mean {network}?",
-            network.len
-        ),
-        other => format!("{text:?} is not an address prefix: {other}"),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,6 +476,35 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         ));
         assert_eq!(line, 13);
         assert!(reason.contains("at least"), "{reason}");
+    }
+
+    #[test]
+    fn durations_follow_the_one_grammar_with_line_and_reason() {
+        let config = GatewayConfig::parse(
+            &format!("{GOOD}\n[limits]\nrequest_timeout = \"1m30s\"\naudit_count_interval = \"1s500ms\"\n"),
+            "g.toml",
+        )
+        .expect("valid");
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(90));
+        assert_eq!(
+            config.limits.audit_count_interval,
+            Duration::from_millis(1500)
+        );
+        for (value, reason) in [
+            ("10", "has no unit"),
+            ("1h 30m", "unexpected ' '"),
+            ("2min", "unknown unit \"min\""),
+            ("1.5s", "unexpected '.'"),
+        ] {
+            let (line, got) = error_of(&format!(
+                "{GOOD}\n[limits]\nrequest_timeout = \"{value}\"\n"
+            ));
+            assert_eq!(line, 13, "{value}");
+            assert!(
+                got.contains(reason) && got.contains(value),
+                "{value}: {got}"
+            );
+        }
     }
 
     #[test]

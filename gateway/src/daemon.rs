@@ -1,18 +1,18 @@
-//! Starting and stopping the gateway: logging, the kernel filter, the store and policy (through
-//! [`Service::start`]), the QUIC endpoints, the admin socket, metrics, signals, and systemd's
-//! readiness notification.
+//! Starting and stopping the gateway: the kernel filter, the store and policy (through
+//! [`Service::start`]), the QUIC endpoints, the admin socket, metrics, and what SIGHUP reloads;
+//! logging, signals and systemd's notifications are `fwnp-daemon`'s, as for the agent.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use fwnp_daemon::{Request, Signals, Status, notify};
 use fwnp_netfilter::{Batcher, BatcherConfig, GatewayLayout, Layout, Netfilter, Refuse};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::config::GatewayConfig;
 use crate::policy::Policy;
 use crate::service::Service;
-use crate::tls::{ServerOptions, ServerTlsFiles};
+use fwnp_trust::tls::{ServerOptions, ServerTlsFiles};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +23,7 @@ pub enum DaemonError {
     Policy(#[from] crate::policy::PolicyError),
     /// The TLS files are unusable.
     #[error("tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] fwnp_trust::tls::TlsError),
     /// The service could not start.
     #[error(transparent)]
     Start(#[from] crate::service::StartError),
@@ -33,6 +33,9 @@ pub enum DaemonError {
     /// The stateless-reset secret could not be read or created.
     #[error("reset secret: {0}")]
     ResetSecret(#[from] ResetSecretError),
+    /// A signal handler could not be installed.
+    #[error(transparent)]
+    Signal(#[from] fwnp_daemon::SignalError),
     /// A socket could not be bound.
     #[error("{what}: {source}")]
     Io {
@@ -43,26 +46,10 @@ pub enum DaemonError {
     },
 }
 
-/// Text logs on standard error (or JSON lines), filtered by `RUST_LOG` (default `info`).
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal: a file, a pipe or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
-}
-
 /// Checks what a start would read: the policy and the TLS files.
 pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {
     Policy::load(&config.policy)?;
-    crate::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
+    fwnp_trust::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
     Ok(())
 }
 
@@ -102,7 +89,8 @@ pub fn layout(config: &GatewayConfig) -> Layout {
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
-    let tls = crate::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+    let tls =
+        fwnp_trust::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
     let filter = if config.filter.enabled {
         let layout = layout(&config);
         let mut netfilter = Netfilter::open()?;
@@ -191,39 +179,22 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     tokio::spawn(service.clone().run_expiry());
     tokio::spawn(housekeeping(service.clone()));
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    notify(Status::Ready);
     info!(epoch = format_args!("{:016x}", service.epoch()), "ready");
 
-    let mut hangup = signal(SignalKind::hangup()).map_err(|source| DaemonError::Io {
-        what: "SIGHUP handler".into(),
-        source,
-    })?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| DaemonError::Io {
-        what: "SIGTERM handler".into(),
-        source,
-    })?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Io {
-        what: "SIGINT handler".into(),
-        source,
-    })?;
-    loop {
-        tokio::select! {
-            _ = hangup.recv() => {
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
-                match service.reload_policy().await {
-                    Ok(result) => info!("SIGHUP: {result}"),
-                    Err(e) => error!("SIGHUP: {}", e.message),
-                }
-                if let Err(e) = service.reload_tls().await {
-                    error!("SIGHUP: {e}");
-                }
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-            }
-            _ = terminate.recv() => break,
-            _ = interrupt.recv() => break,
+    let mut signals = Signals::stop_and_reload()?;
+    while signals.next().await == Request::Reload {
+        notify(Status::Reloading);
+        match service.reload_policy().await {
+            Ok(result) => info!("SIGHUP: {result}"),
+            Err(e) => error!("SIGHUP: {}", e.message),
         }
+        if let Err(e) = service.reload_tls().await {
+            error!("SIGHUP: {e}");
+        }
+        notify(Status::Ready);
     }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    notify(Status::Stopping);
     info!(
         "stopping: leases stay in the kernel until they expire and are restored at the next start"
     );

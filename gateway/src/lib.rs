@@ -4,8 +4,8 @@
 //!
 //! This crate is glue around `fwnp-proto`, which makes every decision that needs no IO: the
 //! modules here read files, hold sockets and talk to the kernel and the database. The map:
-//! [`config`] and [`policy`] are what the operator writes; [`pki`], [`identity`] and [`tls`]
-//! are who may connect; [`server`] moves the bytes of the protocol and [`service`] answers
+//! [`config`] and [`policy`] are what the operator writes; who may connect is read by
+//! `fwnp-trust` (certificates, identities, TLS); [`server`] moves the bytes of the protocol and [`service`] answers
 //! them; [`store`] keeps leases and the audit trail, [`tally`] bounds what floods put in it; [`admin`] and [`metrics`] serve the
 //! operator; [`daemon`] starts and stops it all.
 #![forbid(unsafe_code)]
@@ -15,13 +15,10 @@ pub mod admin_client;
 pub mod config;
 pub mod daemon;
 pub mod explain;
-pub mod identity;
 pub mod metrics;
-pub mod pki;
 pub mod policy;
 pub mod report;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod tally;
-pub mod tls;

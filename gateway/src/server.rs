@@ -14,8 +14,8 @@ use fwnp_proto::{MAX_MESSAGE_SIZE, Message, QuicErrorCode, ResultCode};
 use quinn::{ReadToEndError, VarInt};
 use tracing::{debug, info, warn};
 
-use crate::identity::PeerIdentity;
 use crate::service::{Admission, Service};
+use fwnp_trust::identity::PeerIdentity;
 
 /// How long a connection may go without a Hello before it is closed.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -41,7 +41,6 @@ use tracing::{info, warn};
 
 use crate::admin::AdminError;
 use crate::config::GatewayConfig;
-use crate::identity::{PeerIdentity, Serial, allowed_addresses};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Verdict};
 use crate::server::{Session, Sessions};
@@ -50,6 +49,7 @@ use crate::store::{
     Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
 };
 use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
+use fwnp_trust::identity::{PeerIdentity, Serial, allowed_addresses};
 
 /// How long a request id is remembered per identity, so that a retried request gets the answer
 /// the first one got instead of acting twice.
@@ -96,12 +96,12 @@ pub struct Service {
     /// The certificates the CRL lists (as read at start or at the last reload), for
     /// connections whose handshake finished under the CRL before it (see
     /// [`Service::check_credential`]).
-    revoked_certificates: Mutex<Arc<crate::identity::RevokedCertificates>>,
+    revoked_certificates: Mutex<Arc<fwnp_trust::identity::RevokedCertificates>>,
     /// The certificate that last opened or renewed each live lease, so that a CRL reload can
     /// revoke the leases of a revoked certificate whose host is not connected. The store keeps
     /// it too (restored at start); leases stored by a gateway of schema 1 have no entry until
     /// they are renewed.
-    lease_credentials: Mutex<HashMap<LeaseId, Arc<crate::identity::CertificateName>>>,
+    lease_credentials: Mutex<HashMap<LeaseId, Arc<fwnp_trust::identity::CertificateName>>>,
     /// The live leases that hold each kernel element, with their expiries (Unix ms). Two
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
@@ -160,10 +160,10 @@ enum RefreshError {
 pub enum TlsReloadError {
     /// A TLS file (certificate, key, CA or CRL) is unusable.
     #[error("TLS files not reloaded, the old ones stay in force: {0}")]
-    Files(#[from] crate::tls::TlsError),
+    Files(#[from] fwnp_trust::tls::TlsError),
     /// The CRL's list of revoked certificates cannot be read.
     #[error("TLS files not reloaded, the old ones stay in force: {0}")]
-    Crl(#[from] crate::identity::IdentityError),
+    Crl(#[from] fwnp_trust::identity::IdentityError),
 }
 
 /// Why the service could not start.
@@ -181,10 +181,10 @@ pub enum StartError {
     Filter(#[from] fwnp_netfilter::Error),
     /// The CRL file is unusable.
     #[error("CRL: {0}")]
-    CrlFile(#[from] crate::tls::TlsError),
+    CrlFile(#[from] fwnp_trust::tls::TlsError),
     /// The CRL's list of revoked certificates cannot be read.
     #[error("CRL: {0}")]
-    Crl(#[from] crate::identity::IdentityError),
+    Crl(#[from] fwnp_trust::identity::IdentityError),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -246,15 +246,15 @@ fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
     crl: Option<&std::path::Path>,
-) -> Result<crate::identity::RevokedCertificates, E>
+) -> Result<fwnp_trust::identity::RevokedCertificates, E>
 where
-    E: From<crate::tls::TlsError> + From<crate::identity::IdentityError>,
+    E: From<fwnp_trust::tls::TlsError> + From<fwnp_trust::identity::IdentityError>,
 {
     match crl {
-        Some(path) => Ok(crate::identity::revoked_certificates(
-            &crate::tls::load_crls(path)?,
+        Some(path) => Ok(fwnp_trust::identity::revoked_certificates(
+            &fwnp_trust::tls::load_crls(path)?,
         )?),
-        None => Ok(crate::identity::RevokedCertificates::default()),
+        None => Ok(fwnp_trust::identity::RevokedCertificates::default()),
     }
 }
 
@@ -399,8 +399,8 @@ impl Service {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
             let mut shared: HashMap<
-                &crate::identity::CertificateName,
-                Arc<crate::identity::CertificateName>,
+                &fwnp_trust::identity::CertificateName,
+                Arc<fwnp_trust::identity::CertificateName>,
             > = HashMap::new();
             let mut credentials = lock(&self.lease_credentials);
             for record in &restored.live {
@@ -1586,7 +1586,7 @@ impl Service {
         // reload settles the difference.
         let revoked = read_revoked_certificates::<TlsReloadError>(files.crl.as_deref())?;
         for endpoint in lock(&self.endpoints).iter() {
-            crate::tls::reload_server_config(endpoint, &files, &options)?;
+            fwnp_trust::tls::reload_server_config(endpoint, &files, &options)?;
         }
         // Published before the live connections are looked at: a connection registered too late
         // to be seen below finds the new list in `check_credential`.
@@ -1624,7 +1624,7 @@ impl Service {
     /// authentication failure. Leases last opened or renewed with another certificate stay.
     async fn end_revoked_credentials(
         &self,
-        revoked: &crate::identity::RevokedCertificates,
+        revoked: &fwnp_trust::identity::RevokedCertificates,
     ) -> Vec<Value> {
         if revoked.is_empty() {
             return Vec::new();
@@ -1727,7 +1727,7 @@ impl Service {
     /// the real host), and keep them open after the revocation until they expire.
     async fn end_leases_of_revoked_certificates(
         &self,
-        revoked: &crate::identity::RevokedCertificates,
+        revoked: &fwnp_trust::identity::RevokedCertificates,
         unknown_certificate_identities: &BTreeSet<String>,
     ) -> Vec<(String, Message)> {
         let listed: Vec<(LeaseId, String, String)> = {
@@ -1924,7 +1924,7 @@ impl Service {
         }
         if let Some(serial) = query.get("serial") {
             filter.certificate_serial =
-                Some(crate::identity::Serial::parse(serial).ok_or_else(|| {
+                Some(fwnp_trust::identity::Serial::parse(serial).ok_or_else(|| {
                     AdminError::bad_request(format!(
                         "serial {serial:?} is not a certificate serial in hexadecimal"
                     ))

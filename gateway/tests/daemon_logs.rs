@@ -6,6 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use fwnp_testkit::process::ProcessGuard;
 
 #[test]
 fn logs_written_to_a_file_carry_no_colour_codes() {
@@ -45,4 +46,49 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
         !text.contains('\u{1b}'),
         "colour codes in a log file: {text:?}"
     );
+}
+
+/// The next message the daemon sends to its notify socket, within 20 s.
+fn next_notice(socket: &std::os::unix::net::UnixDatagram) -> String {
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buffer = [0u8; 512];
+    let n = socket
+        .recv(&mut buffer)
+        .expect("a message on the notify socket");
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
+#[test]
+fn systemd_is_told_ready_reloading_and_stopping() {
+    let pki = Pki::new("notify");
+    let dir = temp_dir("notify");
+    write_policy(&dir.path().join("policy.toml"), "");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false"),
+    )
+    .expect("write config");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    let mut daemon = ProcessGuard::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "warn"),
+    )
+    .expect("start fwnp-gateway");
+    assert_eq!(next_notice(&notify), "READY=1\n");
+    daemon.signal("HUP");
+    assert_eq!(next_notice(&notify), "RELOADING=1\n");
+    assert_eq!(next_notice(&notify), "READY=1\n");
+    daemon.signal("TERM");
+    assert_eq!(next_notice(&notify), "STOPPING=1\n");
+    let status = daemon
+        .wait_exit(Duration::from_secs(20))
+        .expect("fwnp-gateway did not stop");
+    assert!(status.success(), "{status}");
 }

@@ -12,13 +12,14 @@ mod common;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_gateway::tls::ClientTlsFiles;
-use fwnp_netfilter::lab::{self, TcpEchoServer, Topology};
 use fwnp_proto::{Epoch, LeaseId, Message, RevokeReason};
+use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
+use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
+use fwnp_trust::tls::ClientTlsFiles;
 use serde_json::json;
 
 /// The gateway's QUIC port, inside its own namespace.
@@ -46,31 +47,11 @@ groups = ["hosts"]
 allow = "tcp/7000-7999"
 "#;
 
-/// The daemon as a child process, killed (SIGKILL) and reaped when dropped.
-struct GatewayProcess {
-    child: Option<Child>,
-}
-
-impl GatewayProcess {
-    /// Kills the daemon at once, as a crash or `kill -9` would.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Everything a test of the daemon needs. Fields drop in declaration order: the daemon first,
 /// then the echo server, then the namespaces, then the files.
 struct Lab {
-    gateway: GatewayProcess,
+    /// The daemon; `kill` ends it at once, as a crash or `kill -9` would.
+    gateway: ProcessGuard,
     _echo: TcpEchoServer,
     topology: Topology,
     host_files: ClientTlsFiles,
@@ -84,7 +65,12 @@ impl Lab {
     fn new(label: &str, echo_ports: &[u16]) -> Lab {
         let topology = Topology::new().expect("build the namespaces");
         let pki = Pki::with_gateway_ips(label, &[topology.gateway_inside_v4]);
-        let host_files = pki.host("web-01", &[topology.host_v4, topology.host_v6], &[], &[]);
+        let host_files = pki.host(
+            "web-01",
+            &[topology.host().v4, topology.host().v6],
+            &[],
+            &[],
+        );
         let dir = temp_dir(label);
         write_policy(&dir.path().join("policy.toml"), POLICY);
         let listen = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
@@ -93,14 +79,15 @@ impl Lab {
         std::fs::write(&config_path, config_text(&pki, dir.path(), &listen, filter))
             .expect("write config");
         let admin_socket = dir.path().join("admin.sock");
-        let echo = TcpEchoServer::start_ports(&topology.host, echo_ports).expect("echo server");
+        let echo =
+            TcpEchoServer::start_ports(&topology.host().netns, echo_ports).expect("echo server");
         let mut lab = Lab {
             dir,
             pki,
             host_files,
             topology,
             _echo: echo,
-            gateway: GatewayProcess { child: None },
+            gateway: ProcessGuard(None),
             config_path,
             admin_socket,
         };
@@ -110,10 +97,7 @@ impl Lab {
 
     /// Starts the daemon in the gateway namespace and waits until its admin API answers.
     fn start_gateway(&mut self) {
-        assert!(
-            self.gateway.child.is_none(),
-            "the gateway is already running"
-        );
+        assert!(self.gateway.0.is_none(), "the gateway is already running");
         let mut command = Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"));
         command.arg("--config").arg(&self.config_path).env(
             "RUST_LOG",
@@ -124,23 +108,8 @@ impl Lab {
             .gateway
             .spawn(&mut command)
             .expect("start fwnp-gateway");
-        self.gateway.child = Some(child);
-        let deadline = Instant::now() + STEP;
-        loop {
-            if let Some(child) = self.gateway.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                panic!("fwnp-gateway exited at start: {status}");
-            }
-            if std::os::unix::net::UnixStream::connect(&self.admin_socket).is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fwnp-gateway did not come up within {STEP:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.gateway = ProcessGuard(Some(child));
+        wait_for_socket(&mut self.gateway, &self.admin_socket, STEP);
     }
 
     fn gateway_addr(&self) -> SocketAddr {
@@ -149,7 +118,7 @@ impl Lab {
 
     /// Connects as the host, from the host namespace, and says Hello.
     async fn connect(&self) -> (Client, fwnp_proto::Welcome) {
-        let socket = self.topology.host.run(|| {
+        let socket = self.topology.host().netns.run(|| {
             let socket =
                 std::net::UdpSocket::bind("0.0.0.0:0").expect("bind in the host namespace");
             socket.set_nonblocking(true).expect("non-blocking");
@@ -163,7 +132,7 @@ impl Lab {
     }
 
     fn host_port(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.topology.host_v4, port)
+        SocketAddr::new(self.topology.host().v4, port)
     }
 
     /// Whether a TCP connection from outside to the host's `port` gets through within `within`.
@@ -203,7 +172,7 @@ impl Lab {
     /// Whether the kernel holds an element for the host's TCP `port`.
     fn kernel_has(&self, port: u16) -> bool {
         let table = self.kernel_table();
-        let host = self.topology.host_v4.to_string();
+        let host = self.topology.host().v4.to_string();
         table
             .lines()
             .any(|line| line.contains(&host) && element_has_port(line, &host, port))
@@ -253,7 +222,7 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
     assert_eq!(welcome.identity, "fwnp://host/web-01");
     assert_eq!(
         welcome.addresses,
-        vec![lab.topology.host_v4, lab.topology.host_v6]
+        vec![lab.topology.host().v4, lab.topology.host().v6]
     );
 
     // Closed before any lease (the echo server is listening: the gateway drops the SYNs).
@@ -379,12 +348,12 @@ async fn granted_means_in_the_kernel_and_release_expiry_and_revocation_close_it(
     assert!(!lab.outside_reaches(7006, REFUSED) && !lab.outside_reaches(7007, REFUSED));
 
     // IPv6 works the same way: the host's IPv6 address, asked by family.
-    let v6_port = SocketAddr::new(lab.topology.host_v6, 7001);
+    let v6_port = SocketAddr::new(lab.topology.host().v6, 7001);
     assert!(!lab.outside_reaches_addr(v6_port, REFUSED));
     let mut opening = tcp(7001);
     opening.family = Some(fwnp_proto::Family::Ipv6);
     let v6 = opened(client.open(opening, None).await);
-    assert_eq!(v6.grants[0].host, lab.topology.host_v6);
+    assert_eq!(v6.grants[0].host, lab.topology.host().v6);
     assert!(
         lab.outside_reaches_addr(v6_port, FIRST_SYN),
         "the IPv6 opening was not in force"
@@ -467,7 +436,7 @@ async fn after_a_sigkill_the_kernel_keeps_the_openings_and_a_restart_brings_the_
     );
     // Meanwhile the kernel loses one opening and gains one nobody granted (an operator's
     // mistake, a reload of the firewall): the restart must make the kernel match the store.
-    let host = lab.topology.host_v4;
+    let host = lab.topology.host().v4;
     lab.topology
         .gateway
         .nft_script(&format!(
@@ -554,7 +523,7 @@ async fn after_a_sigkill_the_kernel_keeps_the_openings_and_a_restart_brings_the_
     ));
     assert!(!lab.outside_reaches(7012, REFUSED));
     assert!(lab.outside_reaches(7010, FIRST_SYN));
-    let _: IpAddr = lab.topology.host_v4;
+    let _: IpAddr = lab.topology.host().v4;
     let _ = &lab.pki;
 }
 
@@ -641,7 +610,7 @@ async fn a_restart_brings_a_kernel_timeout_longer_than_the_stored_lease_down_to_
     lab.gateway.kill();
     // As a renewal that the store never committed would leave it: 100 s past the stored expiry
     // (less than the twentieth of an hour a reconcile used to tolerate).
-    let host = lab.topology.host_v4;
+    let host = lab.topology.host().v4;
     lab.topology
         .gateway
         .nft_script(&format!(
@@ -698,11 +667,11 @@ async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_lates
     let (first, _) = lab.connect().await;
     let other_files = lab.pki.host(
         "web-02",
-        &[lab.topology.host_v4, lab.topology.host_v6],
+        &[lab.topology.host().v4, lab.topology.host().v6],
         &[],
         &[],
     );
-    let socket = lab.topology.host.run(|| {
+    let socket = lab.topology.host().netns.run(|| {
         let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind in the host namespace");
         socket.set_nonblocking(true).expect("non-blocking");
         socket
@@ -711,7 +680,7 @@ async fn an_element_two_leases_hold_stays_until_the_last_one_ends_with_the_lates
         .await
         .expect("the gateway accepts the second host");
     let _ = second.hello().await;
-    let host = lab.topology.host_v4;
+    let host = lab.topology.host().v4;
     let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
     let kernel_left = || -> Option<Duration> {
         lab.topology.gateway.run(|| {

@@ -262,6 +262,18 @@ fn bad_durations_are_errors() {
     assert!(matches!(e.kind, PolicyErrorKind::Duration { .. }));
     assert_error("[defaults]\nlifetime = \"10\"\n", 2, 12, "has no unit");
     assert_error("[defaults]\nlifetime = \"10y\"\n", 2, 12, "unknown unit");
+    assert_error(
+        "[defaults]\nlifetime = \"1h 30m\"\n",
+        2,
+        12,
+        "unexpected ' '",
+    );
+    assert_error(
+        "[defaults]\nlifetime = \"1500ms\"\n",
+        2,
+        12,
+        "whole seconds",
+    );
     assert_error("[defaults]\nlifetime = -5\n", 2, 12, "negative");
     assert_error("[defaults]\nmax_lifetime = \"8d\"\n", 2, 16, "7 days");
     assert_error(

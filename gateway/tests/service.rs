@@ -13,13 +13,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use common::*;
-use fwnp_gateway::pki::{self, RevocationReason};
 use fwnp_gateway::store::{AuditKind, LeaseFilter, LeaseState, Outcome};
-use fwnp_gateway::tls::{ClientTlsFiles, ServerOptions};
 use fwnp_proto::{
     Capabilities, HostAddresses, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol,
     QuicErrorCode, ResultCode, RevokeReason,
 };
+use fwnp_trust::pki::{self, RevocationReason};
+use fwnp_trust::tls::{ClientTlsFiles, ServerOptions};
 use serde_json::json;
 
 /// The policy most tests use: hosts named `fwnp://host/*` may open the https application and
@@ -1334,7 +1334,7 @@ async fn refused_connections_are_audited_as_authentication_failures() {
     // A revoked certificate, once the endpoint has the new CRL.
     let doomed: ClientTlsFiles = gw.pki.host("doomed", &[HOST_A], &[], &[]);
     pki::revoke(gw.pki.path(), &doomed.cert, RevocationReason::KeyCompromise).expect("revoke");
-    fwnp_gateway::tls::reload_server_config(
+    fwnp_trust::tls::reload_server_config(
         &gw.endpoint,
         &gw.pki.server_files(),
         &ServerOptions::default(),
@@ -1404,7 +1404,7 @@ async fn failing_handshakes(gw: &TestGateway, attempts: usize, parallel: usize) 
     let other = Pki::new("flood-stranger");
     let mut stranger = other.host("stranger", &[], &[], &[]);
     stranger.ca = gw.pki.file("ca.pem");
-    let config = fwnp_gateway::tls::client_config_from_files(&stranger, &Default::default())
+    let config = fwnp_trust::tls::client_config_from_files(&stranger, &Default::default())
         .expect("client TLS config");
     let endpoint = quinn::Endpoint::client(std::net::SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
         .expect("bind client");
@@ -2889,8 +2889,8 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     }
     // The operator sees which certificate holds the lease that is left.
     let (_, body) = admin_request(&admin_socket, "GET", "/v1/leases", None).await;
-    let good_der = fwnp_gateway::tls::load_certificates(&good.cert).expect("good certificate");
-    let good_serial = fwnp_gateway::identity::PeerIdentity::from_certificate(good_der[0].as_ref())
+    let good_der = fwnp_trust::tls::load_certificates(&good.cert).expect("good certificate");
+    let good_serial = fwnp_trust::identity::PeerIdentity::from_certificate(good_der[0].as_ref())
         .expect("identity")
         .certificate
         .serial

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use fwnp_gateway::identity::{CertificateName, Serial};
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseState, NewLease, Order, Outcome,
     ReportQuery, RequestSummary, SCHEMA_VERSION, Store, StoreError, WriteOp,
@@ -15,6 +14,7 @@ use fwnp_gateway::store::{
 use fwnp_proto::{
     AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
+use fwnp_trust::identity::{CertificateName, Serial};
 
 use tempfile::TempDir;
 

@@ -12,10 +12,10 @@ use fwnp_proto::{PortRange, Protocol};
 use serde::Deserialize;
 use toml::Spanned;
 
-/// A configuration file that cannot be used, with where and why (the gateway's own type: both
-/// daemons report their files the same way).
-pub use fwnp_gateway::config::ConfigError;
-use fwnp_gateway::config::{line_column, parse_duration, parse_prefix};
+/// A configuration file that cannot be used, with where and why (both daemons report their files
+/// the same way).
+pub use fwnp_daemon::config::ConfigError;
+use fwnp_daemon::config::{line_column, parse_duration, parse_prefix};
 
 /// What the host mirrors into its own nftables table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

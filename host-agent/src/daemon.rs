@@ -1,11 +1,12 @@
-//! Starting and stopping the agent: logging, the state directory, the host table, the link to
-//! the gateway, the local socket and the core, then readiness for systemd; SIGTERM or SIGINT
-//! release every lease and stop.
+//! Starting and stopping the agent: the state directory, the host table, the link to the
+//! gateway, the local socket and the core, then readiness for systemd; SIGTERM or SIGINT release
+//! every lease and stop. Logging, signals and systemd's notifications are `fwnp-daemon`'s, as
+//! for the gateway.
 
 use std::sync::Arc;
 
-use fwnp_gateway::tls::{ClientOptions, ClientTlsFiles, client_config_from_files};
-use tokio::signal::unix::{SignalKind, signal};
+use fwnp_daemon::{Signals, Status, notify};
+use fwnp_trust::tls::{ClientOptions, ClientTlsFiles, client_config_from_files};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -29,7 +30,7 @@ pub enum DaemonError {
     },
     /// The host's certificate, key or CA could not be used.
     #[error("TLS: {0}")]
-    Tls(#[from] fwnp_gateway::tls::TlsError),
+    Tls(#[from] fwnp_trust::tls::TlsError),
     /// The host table could not be installed.
     #[error("host table: {0}")]
     Mirror(#[from] fwnp_netfilter::Error),
@@ -37,24 +38,8 @@ pub enum DaemonError {
     #[error("local socket: {0}")]
     Socket(#[from] server::ServerError),
     /// A signal handler could not be installed.
-    #[error("signal handler: {0}")]
-    Signal(std::io::Error),
-}
-
-/// Sets up tracing on standard error (`RUST_LOG` filters; default `info`).
-pub fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour only for a person at a terminal: a file, a pipe or the journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if json {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
+    #[error(transparent)]
+    Signal(#[from] fwnp_daemon::SignalError),
 }
 
 /// Raises the soft limit of open files to the hard one (systemd's default soft limit is 1024):
@@ -139,16 +124,12 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
     ));
     tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    notify(Status::Ready);
     info!(socket = %config.local.socket.display(), gateway = %config.gateway.address, "ready");
 
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
-    }
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let mut signals = Signals::stop()?;
+    signals.next().await;
+    notify(Status::Stopping);
     let (done, stopped) = oneshot::channel();
     if tx.send(crate::core::CoreInput::Shutdown(done)).is_ok() {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stopped).await;

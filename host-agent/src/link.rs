@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fwnp_gateway::tls::{ClientOptions, client_transport};
 use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
     Capabilities, Common, Hello, Leases, List, MAX_MESSAGE_SIZE, Message, VERSION, Welcome,
 };
+use fwnp_trust::tls::{ClientOptions, client_transport};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
@@ -111,7 +111,7 @@ enum ConnectError {
     #[error("List: {0}")]
     List(String),
     #[error("transport options: {0}")]
-    Transport(fwnp_gateway::tls::TlsError),
+    Transport(fwnp_trust::tls::TlsError),
 }
 
 /// The link's settings.

@@ -58,6 +58,16 @@ fn bad_files_are_refused_with_line_and_reason() {
             "soon",
         ),
         (
+            format!("{MINIMAL}[local]\nport_owner_grace = \"2 s\"\n"),
+            ":9:",
+            "unexpected ' '",
+        ),
+        (
+            format!("{MINIMAL}[local]\nidle_timeout = \"60\"\n"),
+            ":9:",
+            "has no unit",
+        ),
+        (
             format!("{MINIMAL}[local]\nallowed_groups = [\"no-such-group-fwnp\"]\n"),
             ":9:",
             "groupadd --system no-such-group-fwnp",

@@ -38,8 +38,8 @@ impl Agent {
         wrap: impl FnOnce(Command) -> Command,
     ) -> Agent {
         let dir = temp_dir(label);
-        let pki = Pki::new(label, &[]);
-        pki.host("web-01", &[]);
+        let pki = Pki::with_gateway_ips(label, &[]);
+        pki.host("web-01", &[], &[], &[]);
         // Port 9 on loopback: nothing answers QUIC there, so the gateway is unreachable.
         let text = agent_config(
             &pki,
@@ -336,7 +336,7 @@ fn helper(name: &str, socket: &Path, uid: Option<u32>, env: &[(&str, String)]) -
 
 #[test]
 fn a_caller_whose_pid_was_reused_is_refused() {
-    if !fwnp_netfilter::lab::require_root("a_caller_whose_pid_was_reused_is_refused") {
+    if !fwnp_testkit::netns::require_root("a_caller_whose_pid_was_reused_is_refused") {
         return;
     }
     use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};

@@ -20,9 +20,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_netfilter::lab::{self, Netns, TcpEchoServer, Topology};
 use fwnp_proto::local::{EventKind, LocalCode, LocalMessage};
 use fwnp_proto::{Granted, Message, Protocol};
+use fwnp_testkit::netns::{self as lab, Netns, TcpEchoServer, Topology};
 
 /// The gateway's QUIC port, inside its own namespace.
 const GATEWAY_PORT: u16 = 4433;
@@ -52,66 +52,17 @@ allow = "tcp/7000-7999"
 "#;
 
 /// The `fwnp-gateway` binary of this workspace, built once per test run (it belongs to another
-/// package, so Cargo does not build it for these tests).
+/// package, so Cargo does not build it for these tests), by the same build the lab and the
+/// end-to-end suite run, so their artifacts are shared.
 fn gateway_binary() -> PathBuf {
     static BINARY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BINARY.get_or_init(build_gateway).clone()
-}
-
-fn build_gateway() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    // target/<profile>/deps/netns-HASH
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test binary lives in target/<profile>/deps");
-    let target_dir = profile_dir.parent().expect("target directory");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace");
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .current_dir(workspace)
-        // The same build the lab and the end-to-end suite run, so their artifacts are shared.
-        .args([
-            "build",
-            "--bins",
-            "-p",
-            "fwnp-gateway",
-            "-p",
-            "fwnp-agent",
-            "-p",
-            "fwnp-sdk",
-        ])
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    // What cargo set for this test (package name, manifest, output directories) must not reach
-    // the inner build, or crates whose build scripts watch such variables rebuild every time.
-    for (key, _) in std::env::vars_os() {
-        let Some(key) = key.to_str() else { continue };
-        if key.starts_with("CARGO_PKG_")
-            || key.starts_with("CARGO_BIN_")
-            || key.starts_with("CARGO_CFG_")
-            || matches!(
-                key,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "OUT_DIR"
-            )
-        {
-            build.env_remove(key);
-        }
-    }
-    let status = build.status().expect("run cargo build for fwnp-gateway");
-    assert!(status.success(), "building fwnp-gateway failed");
-    let binary = profile_dir.join("fwnp-gateway");
-    assert!(binary.exists(), "no {}", binary.display());
-    binary
+    BINARY
+        .get_or_init(|| {
+            fwnp_testkit::binaries::Binaries::build()
+                .expect("build the workspace's binaries")
+                .gateway
+        })
+        .clone()
 }
 
 fn gateway_config(pki: &Pki, dir: &Path, listen: &str) -> String {
@@ -163,8 +114,13 @@ impl Lab {
     fn with_local(label: &str, echo_ports: &[u16], extra: &str) -> Lab {
         let gateway_bin = gateway_binary();
         let topology = Topology::new().expect("build the namespaces");
-        let pki = Pki::new(label, &[topology.gateway_inside_v4]);
-        pki.host("web-01", &[topology.host_v4, topology.host_v6]);
+        let pki = Pki::with_gateway_ips(label, &[topology.gateway_inside_v4]);
+        pki.host(
+            "web-01",
+            &[topology.host().v4, topology.host().v6],
+            &[],
+            &[],
+        );
         let dir = temp_dir(label);
         std::fs::write(dir.path().join("policy.toml"), POLICY).expect("write policy");
         let gateway_addr = SocketAddr::new(topology.gateway_inside_v4, GATEWAY_PORT).to_string();
@@ -191,7 +147,7 @@ impl Lab {
         .expect("write agent config");
         let echo = echo_ports
             .iter()
-            .map(|p| TcpEchoServer::start(&topology.host, *p).expect("echo server"))
+            .map(|p| TcpEchoServer::start(&topology.host().netns, *p).expect("echo server"))
             .collect();
         let admin_socket = dir.path().join("admin.sock");
         let socket = dir.path().join("agent.sock");
@@ -219,7 +175,8 @@ impl Lab {
         let mut command = agent_command(&self.agent_config);
         self.agent.0 = Some(
             self.topology
-                .host
+                .host()
+                .netns
                 .spawn(&mut command)
                 .expect("start fwnp-agent"),
         );
@@ -258,7 +215,7 @@ impl Lab {
     }
 
     fn host_port(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.topology.host_v4, port)
+        SocketAddr::new(self.topology.host().v4, port)
     }
 
     /// Whether a connection from `ns` to the host's `port` gets through within `within`.
@@ -285,15 +242,15 @@ impl Lab {
     fn gateway_has(&self, port: u16) -> bool {
         has_element(
             &self.table(&self.topology.gateway, "fwnp"),
-            &self.topology.host_v4.to_string(),
+            &self.topology.host().v4.to_string(),
             port,
         )
     }
 
     fn host_has(&self, port: u16) -> bool {
         has_element(
-            &self.table(&self.topology.host, "fwnp_host"),
-            &self.topology.host_v4.to_string(),
+            &self.table(&self.topology.host().netns, "fwnp_host"),
+            &self.topology.host().v4.to_string(),
             port,
         )
     }
@@ -370,10 +327,10 @@ fn an_application_opens_uses_and_releases_a_port() {
     assert!(lab.gateway_has(7000) && lab.host_has(7000));
     // No address asked: the host's two addresses, IPv4 and IPv6, in one lease, each mirrored.
     let hosts: Vec<_> = g.grants.iter().map(|grant| grant.host).collect();
-    assert_eq!(hosts, vec![lab.topology.host_v4, lab.topology.host_v6]);
-    let host_table = lab.table(&lab.topology.host, "fwnp_host");
+    assert_eq!(hosts, vec![lab.topology.host().v4, lab.topology.host().v6]);
+    let host_table = lab.table(&lab.topology.host().netns, "fwnp_host");
     assert!(
-        has_element(&host_table, &lab.topology.host_v6.to_string(), 7000),
+        has_element(&host_table, &lab.topology.host().v6.to_string(), 7000),
         "{host_table}"
     );
     assert_eq!(g.lifetime, 60);
@@ -616,7 +573,7 @@ fn gateway_restart(label: &str, port: u16, kill: bool, lifetime: u32) {
     if kill {
         lab.gateway.kill();
     } else {
-        lab.gateway.terminate();
+        lab.gateway.terminate(STEP);
     }
     lab.start_gateway();
     // The application hears that the agent lost the gateway (at once after a GoingAway; after
@@ -694,7 +651,7 @@ fn a_new_gateway_epoch_reopens_the_lease_under_a_new_id() {
     let old_epoch = lab.client().status().epoch.expect("an epoch");
 
     // The gateway loses its state: stopped, store deleted, started again with a new epoch.
-    lab.gateway.terminate();
+    lab.gateway.terminate(STEP);
     std::fs::remove_dir_all(lab._dir.path().join("state")).expect("remove the gateway's store");
     lab.start_gateway();
 
@@ -892,7 +849,8 @@ fn a_lease_ends_when_another_process_takes_its_port() {
     lab.echo.clear();
     let listener = lab
         .topology
-        .host
+        .host()
+        .netns
         .run(|| std::net::TcpListener::bind(("0.0.0.0", 7870)))
         .expect("bind in the host namespace");
     // Started through a shell that exits at once: the holder is not a descendant of this

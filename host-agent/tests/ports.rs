@@ -231,7 +231,7 @@ fn binding_during_the_grace_period_is_accepted() {
 
 #[test]
 fn a_caller_in_another_network_namespace_is_told_why() {
-    if !fwnp_netfilter::lab::require_root("a_caller_in_another_network_namespace_is_told_why") {
+    if !fwnp_testkit::netns::require_root("a_caller_in_another_network_namespace_is_told_why") {
         return;
     }
     // A process in a network namespace of its own, as in a container, listening there.

@@ -195,8 +195,8 @@ async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
 
 #[test]
 fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_expiry() {
-    let pki = Pki::new("renewal-refused", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[]);
+    let pki = Pki::with_gateway_ips("renewal-refused", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -12,8 +12,8 @@ use common::*;
 
 #[test]
 fn status_says_why_the_agent_is_not_connected() {
-    let pki = Pki::new("status-why", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[]);
+    let pki = Pki::with_gateway_ips("status-why", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

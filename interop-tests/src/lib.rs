@@ -2,7 +2,7 @@
 //! binaries.
 //!
 //! This crate holds the lab demo (`fwnp-lab`), the end-to-end suite (`tests/`) and the load
-//! generator (`fwnp-load`). This library is what the first two share: a [`Site`] of network
+//! generator (`fwnp-load`). This library is what the first two share: a [`Topology`] of network
 //! namespaces (an outside network, a gateway and any number of hosts behind it on one inside
 //! bridge, IPv4 and IPv6), a [`Pki`] made with `fwnpctl pki`, and a [`Lab`] that writes the
 //! configurations, starts the real `fwnp-gateway` and one real `fwnp-agent` per host in their
@@ -22,59 +22,31 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use fwnp_netfilter::lab::{
-    Netns, REQUIRE_NETNS_VAR, TcpEchoServer, UdpEchoServer, require_root, tcp_connects,
-    udp_roundtrip, wait_until,
+pub use fwnp_testkit::binaries::{BUILD_COMMAND, Binaries, BinariesError};
+pub use fwnp_testkit::netns::{
+    Host, Netns, REQUIRE_NETNS_VAR, TcpEchoServer, Topology, UdpEchoServer, require_root,
+    tcp_connects, udp_roundtrip, wait_until,
 };
 
 /// The gateway's QUIC port, on its inside address.
 pub const GATEWAY_PORT: u16 = 4433;
 
-/// The gateway's interface towards the outside network.
-const GATEWAY_OUTSIDE_IF: &str = "veth-gw-out";
-/// The outside namespace's interface.
-const OUTSIDE_IF: &str = "veth-out";
-/// The bridge in the gateway namespace that joins every host.
-const INSIDE_BRIDGE: &str = "br-in";
-/// Each host's interface towards the bridge.
-const HOST_IF: &str = "veth-host";
-
 /// How long a daemon may take to come up.
 const START_WAIT: Duration = Duration::from_secs(15);
-/// How long the links may take to come up.
-const LINK_WAIT: Duration = Duration::from_secs(5);
 
 /// What can go wrong while building or running a lab.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LabError {
-    /// A binary the lab runs is not in the target directory.
-    #[error("{name} not found at {path}: build it first with `{build}`")]
-    MissingBinary {
-        /// The binary's name.
-        name: &'static str,
-        /// Where it was looked for.
-        path: PathBuf,
-        /// The command that builds it.
-        build: String,
-    },
-    /// The running executable is not inside a cargo target directory.
-    #[error("cannot tell the target directory from the running executable {0}")]
-    NoTargetDir(PathBuf),
-    /// `cargo build` of the binaries failed.
-    #[error("`{command}` failed ({status})")]
-    Build {
-        /// The command run.
-        command: String,
-        /// Its exit status.
-        status: std::process::ExitStatus,
-    },
+    /// The binaries the lab runs cannot be found or built.
+    #[error(transparent)]
+    Binaries(#[from] BinariesError),
     /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
@@ -119,137 +91,6 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> LabError {
     move |source| LabError::Io { what, source }
 }
 
-/// The paths of the four binaries a lab runs.
-#[derive(Debug, Clone)]
-pub struct Binaries {
-    /// `fwnp-gateway`.
-    pub gateway: PathBuf,
-    /// `fwnpctl`.
-    pub fwnpctl: PathBuf,
-    /// `fwnp-agent`.
-    pub agent: PathBuf,
-    /// `fwnp`, the command-line client of the agent.
-    pub fwnp: PathBuf,
-}
-
-/// The `cargo build` that makes every binary of the lab.
-pub const BUILD_COMMAND: &str =
-    "cargo build --bins -p fwnp-gateway -p fwnp-agent -p fwnp-sdk --features fwnp-sdk/cli";
-
-impl Binaries {
-    /// The directory of the binaries of the running executable's profile: `target/debug` for
-    /// `target/debug/fwnp-lab` and for a test at `target/debug/deps/e2e-HASH`.
-    pub fn profile_dir() -> Result<PathBuf, LabError> {
-        let exe = std::env::current_exe().map_err(io_err("locating the running executable"))?;
-        let dir = exe
-            .parent()
-            .ok_or_else(|| LabError::NoTargetDir(exe.clone()))?;
-        let dir = if dir.file_name().is_some_and(|name| name == "deps") {
-            dir.parent()
-                .ok_or_else(|| LabError::NoTargetDir(exe.clone()))?
-        } else {
-            dir
-        };
-        Ok(dir.to_path_buf())
-    }
-
-    /// Finds the binaries beside the running executable; names the missing one and the command
-    /// that builds it.
-    pub fn locate() -> Result<Self, LabError> {
-        let dir = Self::profile_dir()?;
-        let find = |name: &'static str| {
-            let path = dir.join(name);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(LabError::MissingBinary {
-                    name,
-                    path,
-                    build: BUILD_COMMAND.to_string(),
-                })
-            }
-        };
-        Ok(Binaries {
-            gateway: find("fwnp-gateway")?,
-            fwnpctl: find("fwnpctl")?,
-            agent: find("fwnp-agent")?,
-            fwnp: find("fwnp")?,
-        })
-    }
-
-    /// Runs `cargo build` for the binaries into the running executable's target directory and
-    /// profile (cargo does nothing when they are up to date), then locates them. The cargo binary
-    /// is `$CARGO` (set by cargo for what it runs), else `cargo`.
-    pub fn build() -> Result<Self, LabError> {
-        let dir = Self::profile_dir()?;
-        let profile = dir
-            .file_name()
-            .and_then(|name| name.to_str())
-            .ok_or_else(|| LabError::NoTargetDir(dir.clone()))?
-            .to_string();
-        let target = dir
-            .parent()
-            .ok_or_else(|| LabError::NoTargetDir(dir.clone()))?;
-        let cargo = std::env::var_os("CARGO")
-            .or_else(|| option_env!("CARGO").map(Into::into))
-            .unwrap_or_else(|| "cargo".into());
-        let mut command = Command::new(&cargo);
-        command
-            .args(["build", "--bins", "-p", "fwnp-gateway", "-p", "fwnp-agent"])
-            .args([
-                "-p",
-                "fwnp-sdk",
-                "--features",
-                "fwnp-sdk/cli",
-                "--target-dir",
-            ])
-            .arg(target)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        match profile.as_str() {
-            "debug" => {}
-            "release" => {
-                command.arg("--release");
-            }
-            other => {
-                command.args(["--profile", other]);
-            }
-        }
-        // What cargo set for the running test (the package's name, manifest, output
-        // directories) must not reach the inner build: build scripts that watch such variables
-        // would rebuild their crates every time.
-        for (key, _) in std::env::vars_os() {
-            let Some(key) = key.to_str() else { continue };
-            let from_outer_cargo = key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_BIN_")
-                || key.starts_with("CARGO_CFG_")
-                || matches!(
-                    key,
-                    "CARGO_MANIFEST_DIR"
-                        | "CARGO_MANIFEST_PATH"
-                        | "CARGO_CRATE_NAME"
-                        | "CARGO_PRIMARY_PACKAGE"
-                        | "CARGO_TARGET_TMPDIR"
-                        | "OUT_DIR"
-                );
-            if from_outer_cargo {
-                command.env_remove(key);
-            }
-        }
-        let shown = format!("{command:?}");
-        let status = command
-            .stdin(Stdio::null())
-            .status()
-            .map_err(io_err(format!("running {shown}")))?;
-        if !status.success() {
-            return Err(LabError::Build {
-                command: shown,
-                status,
-            });
-        }
-        Self::locate()
-    }
-}
-
 /// Counter that makes temporary directory names unique within this process.
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
@@ -291,7 +132,6 @@ impl Drop for TempDir {
 /// What the lab has created, for [`emergency_cleanup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Resource {
-    Netns(String),
     Dir(PathBuf),
 }
 
@@ -319,35 +159,10 @@ pub fn emergency_cleanup() {
         Ok(mut created) => std::mem::take(&mut *created),
         Err(_) => return,
     };
+    // The namespaces (and the daemons in them) first, then the directories they used.
+    fwnp_testkit::netns::emergency_cleanup();
     for resource in created.iter().rev() {
         match resource {
-            Resource::Netns(name) => {
-                let pids = Command::new("ip")
-                    .args(["netns", "pids", name])
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .output()
-                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                    .unwrap_or_default();
-                let own = std::process::id();
-                for pid in pids
-                    .split_whitespace()
-                    .filter_map(|p| p.parse::<i32>().ok())
-                {
-                    if u32::try_from(pid).is_ok_and(|pid| pid != own) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50));
-                let _ = Command::new("ip")
-                    .args(["netns", "del", name])
-                    .stdin(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status();
-            }
             Resource::Dir(path) => {
                 let _ = std::fs::remove_dir_all(path);
             }
@@ -355,219 +170,8 @@ pub fn emergency_cleanup() {
     }
 }
 
-/// One protected host of a [`Site`].
-#[derive(Debug)]
-pub struct SiteHost {
-    /// Its short name (`web-01`...), which is also its certificate name.
-    pub name: String,
-    /// Its namespace.
-    pub netns: Netns,
-    /// Its IPv4 address.
-    pub v4: IpAddr,
-    /// Its IPv6 address.
-    pub v6: IpAddr,
-}
-
-impl SiteHost {
-    /// Its address of the family asked.
-    pub fn addr(&self, v6: bool) -> IpAddr {
-        if v6 { self.v6 } else { self.v4 }
-    }
-}
-
-/// An outside network, a gateway, and hosts behind it:
-///
-/// ```text
-///  outside 192.0.2.2, fd00:1::2
-///     | veth
-///  gateway 192.0.2.1, fd00:1::1  (forwarding)  bridge br-in 198.51.100.1, fd00:2::1
-///     | veth per host, enslaved to br-in
-///  host i 198.51.100.(10+i), fd00:2::(10+i)   (i = 1, 2, ...)
-/// ```
-///
-/// Fields drop hosts first, then the gateway, then the outside; each namespace removes itself.
-#[derive(Debug)]
-pub struct Site {
-    /// The protected hosts.
-    pub hosts: Vec<SiteHost>,
-    /// The router in the middle, where `fwnp-gateway` runs.
-    pub gateway: Netns,
-    /// Where connections come from.
-    pub outside: Netns,
-    /// The outside's IPv4 address.
-    pub outside_v4: IpAddr,
-    /// The outside's IPv6 address.
-    pub outside_v6: IpAddr,
-    /// The gateway's inside IPv4 address (the hosts' router, and where the QUIC service listens).
-    pub gateway_inside_v4: IpAddr,
-    /// The gateway's inside IPv6 address.
-    pub gateway_inside_v6: IpAddr,
-}
-
 /// The prefixes behind the gateway, which its filter protects.
 pub const PROTECTED: [&str; 2] = ["198.51.100.0/24", "fd00:2::/64"];
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        // The namespaces delete themselves when their fields drop, right after this.
-        let names = std::iter::once(&self.outside)
-            .chain(std::iter::once(&self.gateway))
-            .chain(self.hosts.iter().map(|h| &h.netns))
-            .map(|ns| Resource::Netns(ns.name().to_string()));
-        for name in names.collect::<Vec<_>>() {
-            unregister(&name);
-        }
-    }
-}
-
-impl Site {
-    /// Builds the namespaces and links for `hosts` hosts named `NAME_PREFIX-01`, `-02`...
-    pub fn new(hosts: usize, name_prefix: &str) -> Result<Self, LabError> {
-        let ns = |prefix: &str| {
-            let netns = Netns::new(prefix).map_err(io_err("creating a namespace"))?;
-            register(Resource::Netns(netns.name().to_string()));
-            Ok::<_, LabError>(netns)
-        };
-        let outside = ns("fwlo")?;
-        let gateway = ns("fwlg")?;
-        let mut site = Site {
-            hosts: Vec::new(),
-            gateway,
-            outside,
-            outside_v4: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
-            outside_v6: IpAddr::V6(Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 2)),
-            gateway_inside_v4: IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
-            gateway_inside_v6: IpAddr::V6(Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, 1)),
-        };
-        for i in 1..=hosts {
-            let number = u8::try_from(10 + i).map_err(|_| LabError::Output {
-                what: "Site::new".into(),
-                detail: format!("{hosts} hosts is too many"),
-            })?;
-            site.hosts.push(SiteHost {
-                name: format!("{name_prefix}-{i:02}"),
-                netns: ns("fwlh")?,
-                v4: IpAddr::V4(Ipv4Addr::new(198, 51, 100, number)),
-                v6: IpAddr::V6(Ipv6Addr::new(0xfd00, 2, 0, 0, 0, 0, 0, u16::from(number))),
-            });
-        }
-        site.wire().map_err(io_err("wiring the namespaces"))?;
-        Ok(site)
-    }
-
-    fn wire(&self) -> io::Result<()> {
-        let all = std::iter::once(&self.outside)
-            .chain(std::iter::once(&self.gateway))
-            .chain(self.hosts.iter().map(|h| &h.netns));
-        for ns in all {
-            // No duplicate address detection: addresses are usable at once.
-            ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
-            ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
-        }
-        let gw = &self.gateway;
-        self.outside.ip(&[
-            "link",
-            "add",
-            OUTSIDE_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            GATEWAY_OUTSIDE_IF,
-            "netns",
-            gw.name(),
-        ])?;
-        gw.sysctl("net.ipv4.ip_forward", "1")?;
-        gw.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        gw.ip(&["link", "add", INSIDE_BRIDGE, "type", "bridge"])?;
-        let mut links: Vec<(&Netns, String)> = vec![
-            (&self.outside, OUTSIDE_IF.into()),
-            (gw, GATEWAY_OUTSIDE_IF.into()),
-            (gw, INSIDE_BRIDGE.into()),
-        ];
-        for (index, host) in self.hosts.iter().enumerate() {
-            let peer = format!("vh{}", index + 1);
-            host.netns.ip(&[
-                "link",
-                "add",
-                HOST_IF,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &peer,
-                "netns",
-                gw.name(),
-            ])?;
-            gw.ip(&["link", "set", &peer, "master", INSIDE_BRIDGE])?;
-            links.push((&host.netns, HOST_IF.into()));
-            links.push((gw, peer));
-        }
-        let add = |ns: &Netns, ifname: &str, addr: IpAddr, len: u8| -> io::Result<()> {
-            let cidr = format!("{addr}/{len}");
-            match addr {
-                IpAddr::V4(_) => ns.ip(&["addr", "add", &cidr, "dev", ifname]).map(drop),
-                IpAddr::V6(_) => ns
-                    .ip(&["-6", "addr", "add", &cidr, "dev", ifname, "nodad"])
-                    .map(drop),
-            }
-        };
-        add(&self.outside, OUTSIDE_IF, self.outside_v4, 24)?;
-        add(&self.outside, OUTSIDE_IF, self.outside_v6, 64)?;
-        add(
-            gw,
-            GATEWAY_OUTSIDE_IF,
-            "192.0.2.1".parse().map_err(io::Error::other)?,
-            24,
-        )?;
-        add(
-            gw,
-            GATEWAY_OUTSIDE_IF,
-            "fd00:1::1".parse().map_err(io::Error::other)?,
-            64,
-        )?;
-        add(gw, INSIDE_BRIDGE, self.gateway_inside_v4, 24)?;
-        add(gw, INSIDE_BRIDGE, self.gateway_inside_v6, 64)?;
-        for host in &self.hosts {
-            add(&host.netns, HOST_IF, host.v4, 24)?;
-            add(&host.netns, HOST_IF, host.v6, 64)?;
-        }
-        for (ns, ifname) in &links {
-            ns.ip(&["link", "set", ifname, "up"])?;
-        }
-        for (ns, ifname) in &links {
-            let up = wait_until(LINK_WAIT, Duration::from_millis(10), || {
-                ns.ip(&["-o", "link", "show", "dev", ifname])
-                    .is_ok_and(|out| out.contains("state UP") || out.contains(",UP"))
-            });
-            if !up {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("{ifname} in {} did not come up", ns.name()),
-                ));
-            }
-        }
-        self.outside
-            .ip(&["route", "add", "default", "via", "192.0.2.1"])?;
-        self.outside
-            .ip(&["-6", "route", "add", "default", "via", "fd00:1::1"])?;
-        let (gw4, gw6) = (
-            self.gateway_inside_v4.to_string(),
-            self.gateway_inside_v6.to_string(),
-        );
-        for host in &self.hosts {
-            host.netns.ip(&["route", "add", "default", "via", &gw4])?;
-            host.netns
-                .ip(&["-6", "route", "add", "default", "via", &gw6])?;
-        }
-        Ok(())
-    }
-
-    /// The outside's address of the family asked.
-    pub fn outside_addr(&self, v6: bool) -> IpAddr {
-        if v6 { self.outside_v6 } else { self.outside_v4 }
-    }
-}
 
 /// The deployment's certificates, made by running `fwnpctl pki`.
 #[derive(Debug, Clone)]
@@ -772,7 +376,7 @@ pub struct LabOptions {
     pub verify_port_owner: bool,
 }
 
-/// A whole deployment: a [`Site`], a [`Pki`], the gateway and one agent per host, all from the
+/// A whole deployment: a [`Topology`] of namespaces, a [`Pki`], the gateway and one agent per host, all from the
 /// real binaries. Dropping it kills the daemons, deletes the namespaces and the files.
 #[derive(Debug)]
 pub struct Lab {
@@ -780,7 +384,7 @@ pub struct Lab {
     agents: Vec<Option<Daemon>>,
     gateway: Option<Daemon>,
     /// The namespaces.
-    pub site: Site,
+    pub site: Topology,
     /// The binaries it runs.
     pub bins: Binaries,
     /// The certificates.
@@ -795,7 +399,8 @@ impl Lab {
     /// returning once each agent is connected to the gateway.
     pub fn start(bins: Binaries, options: &LabOptions) -> Result<Self, LabError> {
         let dir = TempDir::new(&options.label)?;
-        let site = Site::new(options.hosts, &options.host_prefix)?;
+        let site = Topology::with_hosts(options.hosts, &options.host_prefix)
+            .map_err(io_err("building the namespaces"))?;
         let (pki, mut pki_output) = Pki::init(
             &bins.fwnpctl,
             &dir.path().join("pki"),

@@ -7,7 +7,7 @@
 //! change to the last acknowledgement (for `nft`, the whole process, as an operator would run
 //! it). Every load is then read back and counted, so a fast but lossy path cannot win.
 //!
-//! Run as root: `cargo bench -p fwnp-netfilter --bench batch --features lab`.
+//! Run as root: `cargo bench -p fwnp-netfilter --bench batch `.
 //! `FWNP_BENCH_ELEMENTS` changes the number of elements, `FWNP_BENCH_CHUNK` the chunk size of
 //! the commit path (default 5,000), `FWNP_BENCH_ROUNDS` how many times each batcher runs
 //! (default 2; the times shown are the means). The last line printed is the result as one JSON
@@ -17,11 +17,11 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use fwnp_netfilter::lab::{Netns, require_root};
 use fwnp_netfilter::{
     Batcher, BatcherConfig, Change, Element, GatewayLayout, Layout, Netfilter, PortRange, Prefix,
     Protocol, Refuse,
 };
+use fwnp_testkit::netns::{Netns, require_root};
 
 const ELEMENT_TIMEOUT: Duration = Duration::from_secs(3600);
 

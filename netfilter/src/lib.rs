@@ -110,9 +110,6 @@ mod nl;
 mod reconcile;
 mod sys;
 
-#[cfg(feature = "lab")]
-pub mod lab;
-
 use std::net::IpAddr;
 use std::time::Duration;
 

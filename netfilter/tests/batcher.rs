@@ -10,11 +10,11 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_netfilter::lab::{Netns, TcpEchoServer, require_root};
 use fwnp_netfilter::{
     Batcher, BatcherConfig, Change, Element, Error, Layout, Netfilter, Ownership, Refuse,
     RepairEvent,
 };
+use fwnp_testkit::netns::{Netns, TcpEchoServer, require_root};
 use tokio::sync::broadcast;
 
 /// How long a repair may take after a foreign change (the generation watch first, the periodic
@@ -56,26 +56,26 @@ fn callers_learn_their_own_outcome_and_changes_share_batches() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
-        assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host().v4, 8080));
         batcher
-            .add(tcp(topo.host_v4, 8080), Duration::from_secs(30))
+            .add(tcp(topo.host().v4, 8080), Duration::from_secs(30))
             .await
             .expect("add");
         // Returned means in the kernel: no waiting needed.
-        assert!(outside_tcp(&topo, topo.host_v4, 8080));
+        assert!(outside_tcp(&topo, topo.host().v4, 8080));
 
         // 500 callers at once: each learns its own outcome; one of them is a duplicate.
         let mut tasks = tokio::task::JoinSet::new();
         for port in 10_000..10_500u16 {
             let batcher = batcher.clone();
             let host = if port % 2 == 0 {
-                topo.host_v4
+                topo.host().v4
             } else {
-                topo.host_v6
+                topo.host().v6
             };
             tasks.spawn(async move {
                 let result = batcher.add(tcp(host, port), Duration::from_secs(30)).await;
@@ -83,7 +83,7 @@ fn callers_learn_their_own_outcome_and_changes_share_batches() {
             });
         }
         let dup = batcher.clone();
-        let host_v4 = topo.host_v4;
+        let host_v4 = topo.host().v4;
         tasks.spawn(async move {
             (
                 8080,
@@ -110,34 +110,34 @@ fn callers_learn_their_own_outcome_and_changes_share_batches() {
 
         // Remove and renew through the batcher; a second remove is reported missing.
         batcher
-            .remove(tcp(topo.host_v4, 8080))
+            .remove(tcp(topo.host().v4, 8080))
             .await
             .expect("remove");
-        assert!(!outside_tcp(&topo, topo.host_v4, 8080));
-        let again = batcher.remove(tcp(topo.host_v4, 8080)).await;
+        assert!(!outside_tcp(&topo, topo.host().v4, 8080));
+        let again = batcher.remove(tcp(topo.host().v4, 8080)).await;
         assert!(matches!(again, Err(Error::ElementMissing(_))), "{again:?}");
         batcher
-            .add(tcp(topo.host_v4, 8081), Duration::from_secs(2))
+            .add(tcp(topo.host().v4, 8081), Duration::from_secs(2))
             .await
             .expect("add");
         tokio::time::sleep(Duration::from_millis(1200)).await;
         batcher
-            .renew(tcp(topo.host_v4, 8081), Duration::from_secs(5))
+            .renew(tcp(topo.host().v4, 8081), Duration::from_secs(5))
             .await
             .expect("renew");
         tokio::time::sleep(Duration::from_millis(1200)).await;
         assert!(
-            outside_tcp(&topo, topo.host_v4, 8081),
+            outside_tcp(&topo, topo.host().v4, 8081),
             "closed although renewed"
         );
 
         batcher.clone().shutdown().await;
         let stopped = batcher
-            .add(tcp(topo.host_v4, 8082), Duration::from_secs(5))
+            .add(tcp(topo.host().v4, 8082), Duration::from_secs(5))
             .await;
         assert!(matches!(stopped, Err(Error::BatcherStopped)), "{stopped:?}");
         // The kernel keeps what the batcher left.
-        assert!(outside_tcp(&topo, topo.host_v4, 8081));
+        assert!(outside_tcp(&topo, topo.host().v4, 8081));
     });
 }
 
@@ -147,20 +147,20 @@ fn foreign_change_is_repaired(test: &str, breaker: &[&str], config: BatcherConfi
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, config);
     runtime().block_on(async {
         let mut repairs = batcher.repairs();
-        let leases = [tcp(topo.host_v4, 8080), tcp(topo.host_v6, 8080)];
+        let leases = [tcp(topo.host().v4, 8080), tcp(topo.host().v6, 8080)];
         for lease in &leases {
             batcher
                 .add(lease.clone(), Duration::from_secs(60))
                 .await
                 .expect("add");
         }
-        assert!(outside_tcp(&topo, topo.host_v4, 8080));
-        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        assert!(outside_tcp(&topo, topo.host().v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host().v4, 8081));
 
         let broken_at = Instant::now();
         topo.gateway.exec_checked(breaker).expect("nft");
@@ -172,15 +172,15 @@ fn foreign_change_is_repaired(test: &str, breaker: &[&str], config: BatcherConfi
         assert_eq!(event.restored, leases.len(), "{event:?}");
         // Traffic is back: leased ports open, the rest refused again.
         assert!(
-            outside_tcp(&topo, topo.host_v4, 8080),
+            outside_tcp(&topo, topo.host().v4, 8080),
             "lease lost after repair"
         );
         assert!(
-            outside_tcp(&topo, topo.host_v6, 8080),
+            outside_tcp(&topo, topo.host().v6, 8080),
             "lease lost after repair"
         );
         assert!(
-            !outside_tcp(&topo, topo.host_v4, 8081),
+            !outside_tcp(&topo, topo.host().v4, 8081),
             "table not back after repair"
         );
         assert_eq!(
@@ -239,13 +239,13 @@ fn foreign_element_changes_are_put_right() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
         let mut repairs = batcher.repairs();
         batcher
-            .add(tcp(topo.host_v4, 8080), Duration::from_secs(60))
+            .add(tcp(topo.host().v4, 8080), Duration::from_secs(60))
             .await
             .expect("add");
         topo.gateway
@@ -283,8 +283,8 @@ fn foreign_element_changes_are_put_right() {
             removed += second.removed;
         }
         assert_eq!((restored, removed), (1, 1));
-        assert!(outside_tcp(&topo, topo.host_v4, 8080));
-        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        assert!(outside_tcp(&topo, topo.host().v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host().v4, 8081));
         batcher.shutdown().await;
     });
 }
@@ -295,20 +295,24 @@ fn batcher_reconcile_sets_the_desired_state() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
         batcher
-            .add(tcp(topo.host_v4, 8081), Duration::from_secs(60))
+            .add(tcp(topo.host().v4, 8081), Duration::from_secs(60))
             .await
             .expect("add");
-        let desired = vec![(tcp(topo.host_v4, 8080), Duration::from_secs(60))];
+        let desired = vec![(tcp(topo.host().v4, 8080), Duration::from_secs(60))];
         let report = batcher.reconcile(desired).await.expect("reconcile");
-        assert_eq!(report.added, vec![tcp(topo.host_v4, 8080)], "{report:?}");
-        assert_eq!(report.removed, vec![tcp(topo.host_v4, 8081)], "{report:?}");
-        assert!(outside_tcp(&topo, topo.host_v4, 8080));
-        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        assert_eq!(report.added, vec![tcp(topo.host().v4, 8080)], "{report:?}");
+        assert_eq!(
+            report.removed,
+            vec![tcp(topo.host().v4, 8081)],
+            "{report:?}"
+        );
+        assert!(outside_tcp(&topo, topo.host().v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host().v4, 8081));
         // The reconciled state is what a repair restores.
         let mut repairs = batcher.repairs();
         topo.gateway
@@ -316,8 +320,8 @@ fn batcher_reconcile_sets_the_desired_state() {
             .expect("nft flush ruleset");
         let event = next_repair(&mut repairs).await.expect("repair");
         assert_eq!(event.restored, 1, "{event:?}");
-        assert!(outside_tcp(&topo, topo.host_v4, 8080));
-        assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+        assert!(outside_tcp(&topo, topo.host().v4, 8080));
+        assert!(!outside_tcp(&topo, topo.host().v4, 8081));
         batcher.shutdown().await;
     });
 }
@@ -379,13 +383,13 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8081).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
-    assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8081));
     replace_refusals_with_accept(&topo.gateway);
     assert!(
-        outside_tcp(&topo, topo.host_v4, 8081),
+        outside_tcp(&topo, topo.host().v4, 8081),
         "the replaced rules still refuse"
     );
     assert!(
@@ -395,7 +399,7 @@ fn a_rule_of_ours_replaced_by_someone_else_fails_the_check_and_reconcile_fixes_i
     let report = nf.reconcile(&layout, &[]).expect("reconcile");
     assert!(report.table_recreated, "{report:?}");
     assert!(
-        !outside_tcp(&topo, topo.host_v4, 8081),
+        !outside_tcp(&topo, topo.host().v4, 8081),
         "still open after reconcile"
     );
 }
@@ -408,10 +412,10 @@ fn a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8081).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8081).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
-    assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8081));
     runtime().block_on(async {
         let mut repairs = batcher.repairs();
         replace_refusals_with_accept(&topo.gateway);
@@ -421,7 +425,7 @@ fn a_rule_of_ours_replaced_by_someone_else_is_repaired_by_the_batcher() {
         });
         assert!(event.table_recreated && event.error.is_none(), "{event:?}");
         assert!(
-            !outside_tcp(&topo, topo.host_v4, 8081),
+            !outside_tcp(&topo, topo.host().v4, 8081),
             "still open after the repair"
         );
         batcher.shutdown().await;
@@ -439,8 +443,8 @@ fn a_changed_chain_policy_fails_the_check_and_is_repaired() {
     let _server = TcpEchoServer::start(&topo.outside, 9000).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let host_to_outside = || {
-        fwnp_netfilter::lab::tcp_connects(
-            &topo.host,
+        fwnp_testkit::netns::tcp_connects(
+            &topo.host().netns,
             std::net::SocketAddr::new(topo.outside_v4, 9000),
             None,
             PROBE,
@@ -483,13 +487,13 @@ fn a_repair_restores_remaining_time_and_never_an_expired_lease() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
         let mut repairs = batcher.repairs();
-        let short = tcp(topo.host_v4, 8080);
-        let long = tcp(topo.host_v4, 8081);
+        let short = tcp(topo.host().v4, 8080);
+        let long = tcp(topo.host().v4, 8081);
         batcher
             .add(short.clone(), Duration::from_millis(800))
             .await
@@ -500,7 +504,7 @@ fn a_repair_restores_remaining_time_and_never_an_expired_lease() {
             .expect("add");
         let added = Instant::now();
         let expired = until(Duration::from_secs(3), false, || {
-            outside_tcp(&topo, topo.host_v4, 8080)
+            outside_tcp(&topo, topo.host().v4, 8080)
         });
         assert!(expired.is_some(), "the short lease did not expire");
         topo.gateway
@@ -509,10 +513,10 @@ fn a_repair_restores_remaining_time_and_never_an_expired_lease() {
         let event = next_repair(&mut repairs).await.expect("repair");
         assert_eq!(event.restored, 1, "{event:?}");
         assert!(
-            !outside_tcp(&topo, topo.host_v4, 8080),
+            !outside_tcp(&topo, topo.host().v4, 8080),
             "an expired lease came back"
         );
-        assert!(outside_tcp(&topo, topo.host_v4, 8081));
+        assert!(outside_tcp(&topo, topo.host().v4, 8081));
         let listed = topo.gateway.run(|| {
             Netfilter::open()
                 .expect("netfilter handle")
@@ -541,7 +545,7 @@ fn a_change_racing_a_flush_still_lands() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     // No events and a slow periodic check: only the change itself can notice.
     let config = BatcherConfig {
@@ -552,26 +556,26 @@ fn a_change_racing_a_flush_still_lands() {
     let batcher = start(&topo.gateway, &layout, config);
     runtime().block_on(async {
         batcher
-            .add(tcp(topo.host_v4, 8080), Duration::from_secs(30))
+            .add(tcp(topo.host().v4, 8080), Duration::from_secs(30))
             .await
             .expect("add");
         topo.gateway
             .exec_checked(&["nft", "delete", "table", "inet", "fwnp"])
             .expect("nft delete table");
         let result = batcher
-            .add(tcp(topo.host_v4, 8081), Duration::from_secs(30))
+            .add(tcp(topo.host().v4, 8081), Duration::from_secs(30))
             .await;
         assert!(result.is_ok(), "{result:?}");
         assert!(
-            outside_tcp(&topo, topo.host_v4, 8080),
+            outside_tcp(&topo, topo.host().v4, 8080),
             "earlier lease not restored"
         );
         assert!(
-            outside_tcp(&topo, topo.host_v4, 8081),
+            outside_tcp(&topo, topo.host().v4, 8081),
             "the racing change was lost"
         );
         assert!(
-            !outside_tcp(&topo, topo.host_v6, 8080),
+            !outside_tcp(&topo, topo.host().v6, 8080),
             "the table is not back"
         );
         batcher.shutdown().await;
@@ -581,7 +585,7 @@ fn a_change_racing_a_flush_still_lands() {
 /// Adds `port` on the host by hand, as an operator's mistake would, and says how long the
 /// batcher takes to remove it (`None`: still there after `limit`).
 fn stray_element_lives(
-    topo: &fwnp_netfilter::lab::Topology,
+    topo: &fwnp_testkit::netns::Topology,
     port: u16,
     limit: Duration,
 ) -> Option<Duration> {
@@ -596,7 +600,7 @@ fn stray_element_lives(
             &format!("{{ 198.51.100.2 . tcp . {port} timeout 1h }}"),
         ])
         .expect("nft add element");
-    until(limit, false, || outside_tcp(topo, topo.host_v4, port))
+    until(limit, false, || outside_tcp(topo, topo.host().v4, port))
 }
 
 /// A stop and a continue of the process (SIGSTOP, SIGCONT) interrupt the batcher's waits
@@ -607,7 +611,7 @@ fn the_event_watcher_survives_a_stop_and_continue() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8090, 8091]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8090, 8091]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     // Only the watch can find the stray elements in time.
     let config = BatcherConfig {
@@ -643,7 +647,7 @@ fn without_events_the_periodic_check_removes_stray_elements() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8092).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8092).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let config = BatcherConfig {
         watch_events: false,
@@ -670,7 +674,7 @@ fn the_generation_moves_by_one_per_committed_transaction() {
     }
     let topo = topology();
     let layout = gateway_layout(Refuse::Reject);
-    let lease = tcp(topo.host_v4, 8080);
+    let lease = tcp(topo.host().v4, 8080);
     let (mut nf, start) = topo.gateway.run(|| {
         let mut nf = Netfilter::open().expect("netfilter handle");
         nf.set_ownership(Ownership::Shared);
@@ -723,7 +727,7 @@ fn own_batches_are_not_taken_for_outside_changes() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8093).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8093).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let config = BatcherConfig {
         check_interval: Duration::from_secs(3600),
@@ -737,7 +741,7 @@ fn own_batches_are_not_taken_for_outside_changes() {
             let adds: Vec<_> = (0..50u16)
                 .map(|i| {
                     batcher.submit(Change::Add(
-                        tcp(topo.host_v4, 10_000 + round * 50 + i),
+                        tcp(topo.host().v4, 10_000 + round * 50 + i),
                         Duration::from_secs(60),
                     ))
                 })

@@ -11,8 +11,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_netfilter::lab::{TcpEchoServer, UdpEchoServer, require_root, tcp_connects};
 use fwnp_netfilter::{Change, Element, Error, Netfilter, Refuse};
+use fwnp_testkit::netns::{TcpEchoServer, UdpEchoServer, require_root, tcp_connects};
 
 #[test]
 fn lease_opens_the_port_and_its_timeout_closes_it_v4_and_v6() {
@@ -20,11 +20,11 @@ fn lease_opens_the_port_and_its_timeout_closes_it_v4_and_v6() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8080).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8080).expect("server");
     // Drop: a refused connection is a silent timeout, as an operator would configure it.
     let layout = gateway_layout(Refuse::Drop);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             !outside_tcp(&topo, host, 8080),
             "{host}:8080 open before any lease"
@@ -32,20 +32,20 @@ fn lease_opens_the_port_and_its_timeout_closes_it_v4_and_v6() {
     }
     let lifetime = Duration::from_millis(2500);
     let changes = [
-        Change::Add(tcp(topo.host_v4, 8080), lifetime),
-        Change::Add(tcp(topo.host_v6, 8080), lifetime),
+        Change::Add(tcp(topo.host().v4, 8080), lifetime),
+        Change::Add(tcp(topo.host().v6, 8080), lifetime),
     ];
     let added = Instant::now();
     let results = nf.commit(&layout, &changes).expect("commit");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             outside_tcp(&topo, host, 8080),
             "{host}:8080 closed with a lease"
         );
     }
     // The kernel alone closes it: nothing of ours runs any more after the commit.
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         let closed = until(Duration::from_secs(5), false, || {
             outside_tcp(&topo, host, 8080)
         });
@@ -69,11 +69,11 @@ fn remove_closes_at_once_and_renew_keeps_open_past_the_first_timeout() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
-    let removed = tcp(topo.host_v4, 8080);
-    let renewed = tcp(topo.host_v4, 8081);
+    let removed = tcp(topo.host().v4, 8080);
+    let renewed = tcp(topo.host().v4, 8081);
     let first = Duration::from_secs(2);
     let results = nf
         .commit(
@@ -86,15 +86,18 @@ fn remove_closes_at_once_and_renew_keeps_open_past_the_first_timeout() {
         .expect("commit");
     let added = Instant::now();
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(outside_tcp(&topo, topo.host_v4, 8080));
-    assert!(outside_tcp(&topo, topo.host_v4, 8081));
+    assert!(outside_tcp(&topo, topo.host().v4, 8080));
+    assert!(outside_tcp(&topo, topo.host().v4, 8081));
 
     let results = nf
         .commit(&layout, &[Change::Remove(removed.clone())])
         .expect("commit remove");
     assert!(results[0].is_ok(), "{results:?}");
     // At once: the very next connection is refused.
-    assert!(!outside_tcp(&topo, topo.host_v4, 8080), "open after remove");
+    assert!(
+        !outside_tcp(&topo, topo.host().v4, 8080),
+        "open after remove"
+    );
 
     // Renew at about half the lifetime, to 4 s from then.
     std::thread::sleep(Duration::from_millis(1000).saturating_sub(added.elapsed()));
@@ -109,7 +112,7 @@ fn remove_closes_at_once_and_renew_keeps_open_past_the_first_timeout() {
     // Past the first timeout (2 s after adding), with a margin.
     std::thread::sleep((first + Duration::from_millis(700)).saturating_sub(added.elapsed()));
     assert!(
-        outside_tcp(&topo, topo.host_v4, 8081),
+        outside_tcp(&topo, topo.host().v4, 8081),
         "closed after the first timeout although renewed"
     );
     let remaining = nf
@@ -126,7 +129,7 @@ fn remove_closes_at_once_and_renew_keeps_open_past_the_first_timeout() {
     );
     // And the renewed timeout is real: it closes by itself afterwards.
     let closed = until(Duration::from_secs(4), false, || {
-        outside_tcp(&topo, topo.host_v4, 8081)
+        outside_tcp(&topo, topo.host().v4, 8081)
     });
     assert!(closed.is_some(), "renewed opening never closed");
     assert!(renewed_at.elapsed() >= Duration::from_millis(3900));
@@ -138,12 +141,12 @@ fn source_restricted_lease_admits_only_its_prefix() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8443).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8443).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
     let leases = [
-        tcp_from(topo.host_v4, 8443, prefix_str("192.0.2.0/26")),
-        tcp_from(topo.host_v6, 8443, prefix_str("fd00:1::/112")),
+        tcp_from(topo.host().v4, 8443, prefix_str("192.0.2.0/26")),
+        tcp_from(topo.host().v6, 8443, prefix_str("fd00:1::/112")),
     ];
     let changes: Vec<Change> = leases
         .iter()
@@ -151,18 +154,28 @@ fn source_restricted_lease_admits_only_its_prefix() {
         .collect();
     let results = nf.commit(&layout, &changes).expect("commit");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(outside_tcp_from(&topo, topo.outside_v4, topo.host_v4, 8443));
+    assert!(outside_tcp_from(
+        &topo,
+        topo.outside_v4,
+        topo.host().v4,
+        8443
+    ));
     assert!(!outside_tcp_from(
         &topo,
         topo.outside_v4_alt,
-        topo.host_v4,
+        topo.host().v4,
         8443
     ));
-    assert!(outside_tcp_from(&topo, topo.outside_v6, topo.host_v6, 8443));
+    assert!(outside_tcp_from(
+        &topo,
+        topo.outside_v6,
+        topo.host().v6,
+        8443
+    ));
     assert!(!outside_tcp_from(
         &topo,
         topo.outside_v6_alt,
-        topo.host_v6,
+        topo.host().v6,
         8443
     ));
     // Read back as given (the prefixes are already canonical).
@@ -181,17 +194,23 @@ fn port_range_admits_its_ports_and_not_the_next() {
         return;
     }
     let topo = topology();
-    let _server =
-        TcpEchoServer::start_ports(&topo.host, &[8999, 9000, 9001, 9002, 9003]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8999, 9000, 9001, 9002, 9003])
+        .expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
     let changes = [
-        Change::Add(tcp_range(topo.host_v4, 9000, 9002), Duration::from_secs(30)),
-        Change::Add(tcp_range(topo.host_v6, 9000, 9002), Duration::from_secs(30)),
+        Change::Add(
+            tcp_range(topo.host().v4, 9000, 9002),
+            Duration::from_secs(30),
+        ),
+        Change::Add(
+            tcp_range(topo.host().v6, 9000, 9002),
+            Duration::from_secs(30),
+        ),
     ];
     let results = nf.commit(&layout, &changes).expect("commit");
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         for port in [9000, 9001, 9002] {
             assert!(
                 outside_tcp(&topo, host, port),
@@ -213,17 +232,17 @@ fn udp_works_as_tcp_and_protocols_are_kept_apart() {
         return;
     }
     let topo = topology();
-    let _udp = UdpEchoServer::start(&topo.host, 5353).expect("udp server");
-    let _tcp = TcpEchoServer::start(&topo.host, 5353).expect("tcp server");
+    let _udp = UdpEchoServer::start(&topo.host().netns, 5353).expect("udp server");
+    let _tcp = TcpEchoServer::start(&topo.host().netns, 5353).expect("tcp server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             !outside_udp(&topo, host, 5353),
             "udp {host} open before a lease"
         );
     }
-    let leases = [udp(topo.host_v4, 5353), udp(topo.host_v6, 5353)];
+    let leases = [udp(topo.host().v4, 5353), udp(topo.host().v6, 5353)];
     let changes: Vec<Change> = leases
         .iter()
         .map(|o| Change::Add(o.clone(), Duration::from_secs(30)))
@@ -234,7 +253,7 @@ fn udp_works_as_tcp_and_protocols_are_kept_apart() {
             .iter()
             .all(Result::is_ok)
     );
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             outside_udp(&topo, host, 5353),
             "udp {host} closed with a lease"
@@ -251,7 +270,7 @@ fn udp_works_as_tcp_and_protocols_are_kept_apart() {
             .iter()
             .all(Result::is_ok)
     );
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             !outside_udp(&topo, host, 5353),
             "udp {host} open after remove"
@@ -265,30 +284,33 @@ fn traffic_not_towards_protected_prefixes_is_untouched() {
         return;
     }
     let topo = topology();
-    let _host_server = TcpEchoServer::start(&topo.host, 8080).expect("host server");
+    let _host_server = TcpEchoServer::start(&topo.host().netns, 8080).expect("host server");
     let _outside_server = TcpEchoServer::start(&topo.outside, 8080).expect("outside server");
     let _gateway_server = TcpEchoServer::start(&topo.gateway, 8080).expect("gateway server");
     // Protect only the host's main addresses.
     let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout {
-        protected: vec![prefix(topo.host_v4, 32), prefix(topo.host_v6, 128)],
+        protected: vec![prefix(topo.host().v4, 32), prefix(topo.host().v6, 128)],
         refuse: Refuse::Reject,
         ..fwnp_netfilter::GatewayLayout::default()
     });
     let _nf = open_and_apply(&topo.gateway, &layout, &[]);
-    for host in [topo.host_v4, topo.host_v6] {
+    for host in [topo.host().v4, topo.host().v6] {
         assert!(
             !outside_tcp(&topo, host, 8080),
             "protected {host} open without a lease"
         );
     }
     // The host's other addresses are not protected.
-    for host in [topo.host_v4_alt, topo.host_v6_alt] {
+    for host in [
+        topo.host().v4_alt.expect("a second host address"),
+        topo.host().v6_alt.expect("a second host address"),
+    ] {
         assert!(outside_tcp(&topo, host, 8080), "unprotected {host} refused");
     }
     // The other direction, host -> outside, is not protected either.
     for to in [topo.outside_v4, topo.outside_v6] {
         assert!(
-            tcp_connects(&topo.host, SocketAddr::new(to, 8080), None, PROBE),
+            tcp_connects(&topo.host().netns, SocketAddr::new(to, 8080), None, PROBE),
             "host -> {to} refused"
         );
     }
@@ -307,15 +329,15 @@ fn inbound_interface_layout_guards_only_what_arrives_there() {
         return;
     }
     let topo = topology();
-    let _host_server = TcpEchoServer::start(&topo.host, 8080).expect("host server");
+    let _host_server = TcpEchoServer::start(&topo.host().netns, 8080).expect("host server");
     let _outside_server = TcpEchoServer::start(&topo.outside, 8080).expect("outside server");
     let layout = gateway_layout_by_interface(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
-    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
-    assert!(!outside_tcp(&topo, topo.host_v6, 8080));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8080));
+    assert!(!outside_tcp(&topo, topo.host().v6, 8080));
     for to in [topo.outside_v4, topo.outside_v6] {
         assert!(tcp_connects(
-            &topo.host,
+            &topo.host().netns,
             SocketAddr::new(to, 8080),
             None,
             PROBE
@@ -325,14 +347,14 @@ fn inbound_interface_layout_guards_only_what_arrives_there() {
         .commit(
             &layout,
             &[Change::Add(
-                tcp(topo.host_v6, 8080),
+                tcp(topo.host().v6, 8080),
                 Duration::from_secs(30),
             )],
         )
         .expect("commit");
     assert!(results[0].is_ok(), "{results:?}");
-    assert!(outside_tcp(&topo, topo.host_v6, 8080));
-    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+    assert!(outside_tcp(&topo, topo.host().v6, 8080));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8080));
 }
 
 #[test]
@@ -342,10 +364,10 @@ fn one_bad_element_fails_alone_and_the_others_land() {
     }
     let topo = topology();
     let _server =
-        TcpEchoServer::start_ports(&topo.host, &[7001, 7002, 7003, 7004]).expect("server");
+        TcpEchoServer::start_ports(&topo.host().netns, &[7001, 7002, 7003, 7004]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
-    let existing = tcp(topo.host_v4, 7001);
+    let existing = tcp(topo.host().v4, 7001);
     let results = nf
         .commit(
             &layout,
@@ -353,11 +375,11 @@ fn one_bad_element_fails_alone_and_the_others_land() {
         )
         .expect("commit");
     assert!(results[0].is_ok());
-    let good_a = tcp(topo.host_v4, 7002);
-    let good_b = tcp(topo.host_v6, 7003);
-    let good_c = tcp_range(topo.host_v4, 7004, 7005);
-    let never_added = tcp(topo.host_v4, 7999);
-    let family_mismatch = tcp_from(topo.host_v6, 7004, prefix_str("192.0.2.0/24"));
+    let good_a = tcp(topo.host().v4, 7002);
+    let good_b = tcp(topo.host().v6, 7003);
+    let good_c = tcp_range(topo.host().v4, 7004, 7005);
+    let never_added = tcp(topo.host().v4, 7999);
+    let family_mismatch = tcp_from(topo.host().v6, 7004, prefix_str("192.0.2.0/24"));
     let ttl = Duration::from_secs(30);
     let changes = [
         Change::Add(good_a.clone(), ttl),
@@ -403,10 +425,10 @@ fn one_bad_element_fails_alone_and_the_others_land() {
     let expected: BTreeSet<Element> = [existing, good_a, good_b, good_c].into_iter().collect();
     assert_eq!(listed, expected);
     for (host, port) in [
-        (topo.host_v4, 7001),
-        (topo.host_v4, 7002),
-        (topo.host_v6, 7003),
-        (topo.host_v4, 7004),
+        (topo.host().v4, 7001),
+        (topo.host().v4, 7002),
+        (topo.host().v6, 7003),
+        (topo.host().v4, 7004),
     ] {
         assert!(
             outside_tcp(&topo, host, port),
@@ -415,8 +437,8 @@ fn one_bad_element_fails_alone_and_the_others_land() {
     }
     // Removing twice: the second reports the element missing.
     let removes = [
-        Change::Remove(tcp(topo.host_v4, 7002)),
-        Change::Remove(tcp(topo.host_v4, 7002)),
+        Change::Remove(tcp(topo.host().v4, 7002)),
+        Change::Remove(tcp(topo.host().v4, 7002)),
     ];
     let results = nf.commit(&layout, &removes).expect("commit");
     assert!(results[0].is_ok(), "{results:?}");
@@ -424,7 +446,7 @@ fn one_bad_element_fails_alone_and_the_others_land() {
         matches!(results[1], Err(Error::ElementMissing(_))),
         "{results:?}"
     );
-    assert!(!outside_tcp(&topo, topo.host_v4, 7002));
+    assert!(!outside_tcp(&topo, topo.host().v4, 7002));
 }
 
 #[test]
@@ -433,11 +455,11 @@ fn apply_twice_is_harmless_and_replaces_the_table() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8080, 8081]).expect("server");
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let elements = [
-        (tcp(topo.host_v4, 8080), Duration::from_secs(60)),
-        (tcp(topo.host_v6, 8080), Duration::from_secs(60)),
+        (tcp(topo.host().v4, 8080), Duration::from_secs(60)),
+        (tcp(topo.host().v6, 8080), Duration::from_secs(60)),
     ];
     let mut nf = open_and_apply(&topo.gateway, &layout, &elements);
     let before = nft_json(&topo.gateway);
@@ -457,17 +479,17 @@ fn apply_twice_is_harmless_and_replaces_the_table() {
         .map(|(o, _)| o)
         .collect();
     assert_eq!(listed, elements.iter().map(|(o, _)| o.clone()).collect());
-    assert!(outside_tcp(&topo, topo.host_v4, 8080));
-    assert!(outside_tcp(&topo, topo.host_v6, 8080));
-    assert!(!outside_tcp(&topo, topo.host_v4, 8081));
+    assert!(outside_tcp(&topo, topo.host().v4, 8080));
+    assert!(outside_tcp(&topo, topo.host().v6, 8080));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8081));
     // Applying with other elements replaces them: the table is the layout plus what is given.
     nf.apply(
         &layout,
-        &[(tcp(topo.host_v4, 8081), Duration::from_secs(60))],
+        &[(tcp(topo.host().v4, 8081), Duration::from_secs(60))],
     )
     .expect("third apply");
-    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
-    assert!(outside_tcp(&topo, topo.host_v4, 8081));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8080));
+    assert!(outside_tcp(&topo, topo.host().v4, 8081));
     // Someone else's table in the same namespace is left alone.
     topo.gateway
         .nft_script("table inet other {\n set s { type ipv4_addr; }\n}\n")
@@ -480,7 +502,7 @@ fn apply_twice_is_harmless_and_replaces_the_table() {
     let last = nft_json(&topo.gateway);
     assert_eq!(nft_objects(&last, "table", "other").len(), 1);
     assert!(
-        outside_tcp(&topo, topo.host_v4, 8080),
+        outside_tcp(&topo, topo.host().v4, 8080),
         "no table: nothing is filtered"
     );
 }
@@ -494,14 +516,14 @@ fn elements_report_their_remaining_timeouts() {
     let layout = gateway_layout(Refuse::Drop);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
     let wanted = [
-        (tcp(topo.host_v4, 80), Duration::from_secs(30)),
-        (udp(topo.host_v6, 53), Duration::from_secs(10)),
+        (tcp(topo.host().v4, 80), Duration::from_secs(30)),
+        (udp(topo.host().v6, 53), Duration::from_secs(10)),
         (
-            tcp_range(topo.host_v4, 1000, 2000),
+            tcp_range(topo.host().v4, 1000, 2000),
             Duration::from_secs(3600),
         ),
         (
-            tcp_from(topo.host_v6, 443, prefix_str("fd00:1::/48")),
+            tcp_from(topo.host().v6, 443, prefix_str("fd00:1::/48")),
             Duration::from_secs(120),
         ),
     ];
@@ -538,16 +560,17 @@ fn reconcile_repairs_missing_and_extra_elements() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8001, 8002, 8003]).expect("server");
+    let _server =
+        TcpEchoServer::start_ports(&topo.host().netns, &[8001, 8002, 8003]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    let keep = tcp(topo.host_v4, 8001);
-    let lost = tcp(topo.host_v4, 8002);
+    let keep = tcp(topo.host().v4, 8001);
+    let lost = tcp(topo.host().v4, 8002);
     let desired = vec![
         (keep.clone(), Duration::from_secs(60)),
         (lost.clone(), Duration::from_secs(60)),
     ];
     let mut nf = open_shared_and_apply(&topo.gateway, &layout, &desired);
-    assert!(outside_tcp(&topo, topo.host_v4, 8002));
+    assert!(outside_tcp(&topo, topo.host().v4, 8002));
     // Someone deletes one element and adds another behind our back.
     topo.gateway
         .exec_checked(&[
@@ -571,16 +594,20 @@ fn reconcile_repairs_missing_and_extra_elements() {
             "{ 198.51.100.2 . tcp . 8003 timeout 1h }",
         ])
         .expect("nft add element");
-    assert!(!outside_tcp(&topo, topo.host_v4, 8002));
-    assert!(outside_tcp(&topo, topo.host_v4, 8003));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8002));
+    assert!(outside_tcp(&topo, topo.host().v4, 8003));
     let report = nf.reconcile(&layout, &desired).expect("reconcile");
     assert!(!report.table_recreated);
     assert_eq!(report.added, vec![lost.clone()], "{report:?}");
-    assert_eq!(report.removed, vec![tcp(topo.host_v4, 8003)], "{report:?}");
+    assert_eq!(
+        report.removed,
+        vec![tcp(topo.host().v4, 8003)],
+        "{report:?}"
+    );
     assert!(report.failed.is_empty(), "{report:?}");
-    assert!(outside_tcp(&topo, topo.host_v4, 8001));
-    assert!(outside_tcp(&topo, topo.host_v4, 8002));
-    assert!(!outside_tcp(&topo, topo.host_v4, 8003));
+    assert!(outside_tcp(&topo, topo.host().v4, 8001));
+    assert!(outside_tcp(&topo, topo.host().v4, 8002));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8003));
     // A second reconcile finds nothing to do.
     let again = nf.reconcile(&layout, &desired).expect("reconcile again");
     assert!(
@@ -592,15 +619,15 @@ fn reconcile_repairs_missing_and_extra_elements() {
         .exec_checked(&["nft", "delete", "table", "inet", "fwnp"])
         .expect("nft delete table");
     assert!(
-        outside_tcp(&topo, topo.host_v4, 8003),
+        outside_tcp(&topo, topo.host().v4, 8003),
         "no table, nothing filtered"
     );
     let report = nf.reconcile(&layout, &desired).expect("reconcile");
     assert!(report.table_recreated, "{report:?}");
     let added: BTreeSet<Element> = report.added.into_iter().collect();
     assert_eq!(added, [keep, lost].into_iter().collect());
-    assert!(outside_tcp(&topo, topo.host_v4, 8002));
-    assert!(!outside_tcp(&topo, topo.host_v4, 8003));
+    assert!(outside_tcp(&topo, topo.host().v4, 8002));
+    assert!(!outside_tcp(&topo, topo.host().v4, 8003));
 }
 
 #[test]
@@ -609,15 +636,15 @@ fn kill_connections_cuts_a_live_connection_of_a_removed_opening() {
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start(&topo.host, 8080).expect("server");
+    let _server = TcpEchoServer::start(&topo.host().netns, 8080).expect("server");
     let layout = gateway_layout(Refuse::Reject);
-    let opening = tcp(topo.host_v4, 8080);
+    let opening = tcp(topo.host().v4, 8080);
     let mut nf = open_and_apply(
         &topo.gateway,
         &layout,
         &[(opening.clone(), Duration::from_secs(60))],
     );
-    let to = SocketAddr::new(topo.host_v4, 8080);
+    let to = SocketAddr::new(topo.host().v4, 8080);
     let mut stream: TcpStream = topo
         .outside
         .run(|| TcpStream::connect_timeout(&to, PROBE))
@@ -645,7 +672,10 @@ fn kill_connections_cuts_a_live_connection_of_a_removed_opening() {
         "the connection survived kill_connections"
     );
     // Other connections of other openings are not touched: none exist, so nothing to end.
-    assert_eq!(nf.kill_connections(&tcp(topo.host_v4, 9)).expect("kill"), 0);
+    assert_eq!(
+        nf.kill_connections(&tcp(topo.host().v4, 9)).expect("kill"),
+        0
+    );
 }
 
 #[test]
@@ -665,7 +695,7 @@ fn netfilter_without_a_table_says_so() {
         let results = nf
             .commit(
                 &layout,
-                &[Change::Add(tcp(topo.host_v4, 80), Duration::from_secs(5))],
+                &[Change::Add(tcp(topo.host().v4, 80), Duration::from_secs(5))],
             )
             .expect("commit");
         assert!(
@@ -675,7 +705,7 @@ fn netfilter_without_a_table_says_so() {
         let zero = nf
             .commit(
                 &layout,
-                &[Change::Add(tcp(topo.host_v4, 80), Duration::ZERO)],
+                &[Change::Add(tcp(topo.host().v4, 80), Duration::ZERO)],
             )
             .expect("commit");
         assert!(matches!(zero[0], Err(Error::InvalidTimeout(_))), "{zero:?}");
@@ -689,18 +719,19 @@ fn overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working(
         return;
     }
     let topo = topology();
-    let _server = TcpEchoServer::start_ports(&topo.host, &[8000, 8010, 8015]).expect("server");
+    let _server =
+        TcpEchoServer::start_ports(&topo.host().netns, &[8000, 8010, 8015]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
     let mut nf = open_and_apply(&topo.gateway, &layout, &[]);
     let ttl = Duration::from_secs(30);
-    let first = tcp_range(topo.host_v4, 8000, 8010);
+    let first = tcp_range(topo.host().v4, 8000, 8010);
     let results = nf
         .commit(&layout, &[Change::Add(first.clone(), ttl)])
         .expect("commit");
     assert!(results[0].is_ok(), "{results:?}");
-    let overlapping = tcp_range(topo.host_v4, 8005, 8020);
-    let narrower_source = tcp_from(topo.host_v4, 8003, prefix_str("192.0.2.0/26"));
-    let disjoint = tcp_range(topo.host_v4, 8011, 8020);
+    let overlapping = tcp_range(topo.host().v4, 8005, 8020);
+    let narrower_source = tcp_from(topo.host().v4, 8003, prefix_str("192.0.2.0/26"));
+    let disjoint = tcp_range(topo.host().v4, 8011, 8020);
     let results = nf
         .commit(
             &layout,
@@ -732,6 +763,6 @@ fn overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working(
         .collect();
     assert_eq!(listed, [first, disjoint].into_iter().collect());
     for port in [8000, 8010, 8015] {
-        assert!(outside_tcp(&topo, topo.host_v4, port), "{port} refused");
+        assert!(outside_tcp(&topo, topo.host().v4, port), "{port} refused");
     }
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_netfilter::lab::{Netns, UdpEchoServer, require_root, wait_until};
 use fwnp_netfilter::{Batcher, BatcherConfig, Error, Layout, Netfilter, Ownership, Refuse};
+use fwnp_testkit::netns::{Netns, UdpEchoServer, require_root, wait_until};
 
 /// Datagrams sent while others break the table.
 const DATAGRAMS: u64 = 20_000;
@@ -34,12 +34,12 @@ fn start(ns: &Netns, layout: &Layout) -> Batcher {
 /// Counts the datagrams that reach `port` on the host while `breaker` runs in the gateway
 /// namespace, with datagrams sent from the outside all along.
 fn datagrams_through(
-    topo: &fwnp_netfilter::lab::Topology,
+    topo: &fwnp_testkit::netns::Topology,
     port: u16,
     breaker: impl FnOnce(),
 ) -> u64 {
-    let receiver = topo.host.run(|| {
-        let socket = UdpSocket::bind(SocketAddr::new(topo.host_v4, port)).expect("bind receiver");
+    let receiver = topo.host().netns.run(|| {
+        let socket = UdpSocket::bind(SocketAddr::new(topo.host().v4, port)).expect("bind receiver");
         socket
             .set_read_timeout(Some(Duration::from_millis(50)))
             .expect("timeout");
@@ -48,7 +48,7 @@ fn datagrams_through(
     let sender = topo.outside.run(|| {
         let socket = UdpSocket::bind(SocketAddr::new(topo.outside_v4, 0)).expect("bind sender");
         socket
-            .connect(SocketAddr::new(topo.host_v4, port))
+            .connect(SocketAddr::new(topo.host().v4, port))
             .expect("connect");
         socket
     });
@@ -107,7 +107,7 @@ fn a_flush_or_a_delete_by_someone_else_never_opens_the_protected_network() {
         return;
     }
     let topo = topology();
-    let _server = UdpEchoServer::start(&topo.host, LEASED_PORT).expect("server");
+    let _server = UdpEchoServer::start(&topo.host().netns, LEASED_PORT).expect("server");
     let layout = gateway_layout(Refuse::Drop);
     let batcher = start(&topo.gateway, &layout);
     let gateway = &topo.gateway;
@@ -144,12 +144,12 @@ fn a_flush_or_a_delete_by_someone_else_never_opens_the_protected_network() {
     // Leases still work.
     runtime().block_on(async {
         batcher
-            .add(udp(topo.host_v4, LEASED_PORT), Duration::from_secs(30))
+            .add(udp(topo.host().v4, LEASED_PORT), Duration::from_secs(30))
             .await
             .expect("add");
     });
     assert!(
-        outside_udp(&topo, topo.host_v4, LEASED_PORT),
+        outside_udp(&topo, topo.host().v4, LEASED_PORT),
         "a lease no longer opens"
     );
 }
@@ -160,11 +160,11 @@ fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
         return;
     }
     let topo = topology();
-    let _server =
-        UdpEchoServer::start_ports(&topo.host, &[LEASED_PORT, LEASED_PORT + 1]).expect("server");
+    let _server = UdpEchoServer::start_ports(&topo.host().netns, &[LEASED_PORT, LEASED_PORT + 1])
+        .expect("server");
     let layout = gateway_layout(Refuse::Drop);
     let batcher = start(&topo.gateway, &layout);
-    let open = udp(topo.host_v4, LEASED_PORT);
+    let open = udp(topo.host().v4, LEASED_PORT);
     runtime().block_on(async {
         batcher
             .add(open.clone(), Duration::from_secs(3))
@@ -223,17 +223,17 @@ fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
         "the table stayed owned after its owner closed"
     );
     assert!(
-        outside_udp(&topo, topo.host_v4, LEASED_PORT),
+        outside_udp(&topo, topo.host().v4, LEASED_PORT),
         "the opening went with its owner"
     );
     assert!(
-        !outside_udp(&topo, topo.host_v4, LEASED_PORT + 1),
+        !outside_udp(&topo, topo.host().v4, LEASED_PORT + 1),
         "the orphaned table lets unleased traffic in"
     );
     assert!(
         until(Duration::from_secs(5), false, || outside_udp(
             &topo,
-            topo.host_v4,
+            topo.host().v4,
             LEASED_PORT
         ))
         .is_some(),
@@ -249,7 +249,7 @@ fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
     });
     let report = runtime()
         .block_on(batcher.reconcile(vec![(
-            udp(topo.host_v4, LEASED_PORT + 1),
+            udp(topo.host().v4, LEASED_PORT + 1),
             Duration::from_secs(30),
         )]))
         .expect("reconcile");
@@ -258,7 +258,7 @@ fn the_table_outlives_its_owner_and_a_new_handle_claims_it() {
         nft_refuses(&topo.gateway, &["nft", "delete", "table", "inet", "fwnp"]),
         "the claimed table can be deleted by others"
     );
-    assert!(outside_udp(&topo, topo.host_v4, LEASED_PORT + 1));
+    assert!(outside_udp(&topo, topo.host().v4, LEASED_PORT + 1));
 }
 
 #[test]
@@ -286,24 +286,26 @@ fn the_host_table_is_owned_too() {
         return;
     }
     let topo = topology();
-    let _server = fwnp_netfilter::lab::TcpEchoServer::start(&topo.host, 8080).expect("server");
+    let _server =
+        fwnp_testkit::netns::TcpEchoServer::start(&topo.host().netns, 8080).expect("server");
     let layout = host_layout(fwnp_netfilter::HostMode::Enforce, Vec::new());
-    let _nf = open_and_apply(&topo.host, &layout, &[]);
-    assert!(!outside_tcp(&topo, topo.host_v4, 8080));
+    let _nf = open_and_apply(&topo.host().netns, &layout, &[]);
+    assert!(!outside_tcp(&topo, topo.host().v4, 8080));
     let _ = topo
-        .host
+        .host()
+        .netns
         .exec(&["nft", "flush", "ruleset"])
         .expect("nft flush ruleset");
     assert!(nft_refuses(
-        &topo.host,
+        &topo.host().netns,
         &["nft", "delete", "table", "inet", "fwnp_host"]
     ));
     assert_eq!(
-        nft_objects(&nft_json(&topo.host), "table", "fwnp_host").len(),
+        nft_objects(&nft_json(&topo.host().netns), "table", "fwnp_host").len(),
         1
     );
     assert!(
-        !outside_tcp(&topo, topo.host_v4, 8080),
+        !outside_tcp(&topo, topo.host().v4, 8080),
         "the host is open after a flush"
     );
 }

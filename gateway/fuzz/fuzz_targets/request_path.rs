@@ -20,7 +20,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, OnceLock};
 use std::time::UNIX_EPOCH;
 
-use fwnp_gateway::identity::{
+use fwnp_trust::identity::{
     CertificateName, Fingerprint, IdentityKind, PeerIdentity, Serial, allowed_addresses,
 };
 use fwnp_gateway::policy::{Policy, Request as PolicyRequest, Verdict};

@@ -32,41 +32,15 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fwnp_gateway::daemon::init_logging(args.log_json);
-    let config = match fwnp_gateway::config::GatewayConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fwnp-gateway: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.check {
-        return match fwnp_gateway::daemon::check(&config) {
-            Ok(()) => {
-                println!(
-                    "{}: configuration and policy are valid",
-                    args.config.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("fwnp-gateway: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("fwnp-gateway: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(fwnp_gateway::daemon::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fwnp-gateway: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    fwnp_daemon::main(
+        &fwnp_daemon::StartOptions {
+            name: "fwnp-gateway",
+            config: &args.config,
+            check: args.check,
+            log_json: args.log_json,
+        },
+        fwnp_gateway::config::GatewayConfig::load,
+        |config| fwnp_gateway::daemon::check(config).map(|()| "configuration and policy are valid"),
+        fwnp_gateway::daemon::run,
+    )
 }

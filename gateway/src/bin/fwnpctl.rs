@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
-use fwnp_gateway::pki::{self, RevocationReason, Validity};
 use fwnp_gateway::policy::Policy;
+use fwnp_trust::pki::{self, RevocationReason, Validity};
 use serde_json::{Value, json};
 
 const EXIT_NEGATIVE: u8 = 1;
@@ -314,7 +314,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
         }) => {
             let lifetime = match lifetime {
                 Some(text) => Some(
-                    humantime::parse_duration(&text)
+                    fwnp_proto::duration::parse_argument(&text)
                         .map_err(|e| Failure::Other(format!("--for {text:?}: {e}")))?
                         .as_secs(),
                 ),

@@ -15,83 +15,11 @@ pub const MAX_NAME_LEN: usize = 64;
 /// Largest length, in bytes, of an application id (as the protocol allows).
 pub const MAX_APP_ID_LEN: usize = 64;
 
-/// Why a duration does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DurationError {
-    /// The text is empty.
-    #[error("a duration cannot be empty: write for example \"30s\", \"10m\", \"1h\" or \"1h30m\"")]
-    Empty,
-    /// A number is not followed by a unit.
-    #[error("the number {0} has no unit: add s, m, h or d (\"{0}s\")")]
-    MissingUnit(String),
-    /// A unit other than s, m, h, d.
-    #[error("unknown unit {0:?}: the units are s, m, h and d")]
-    UnknownUnit(String),
-    /// A unit with no number before it.
-    #[error("a unit must follow a number, as in \"10m\"")]
-    MissingNumber,
-    /// The total does not fit in 32 bits of seconds.
-    #[error("the duration is too long")]
-    TooLong,
-}
-
-/// Parses a human duration into whole seconds: one or more `NUMBER UNIT` parts with no spaces,
-/// units `s`, `m`, `h`, `d` (`"30s"`, `"10m"`, `"1h30m"`, `"7d"`). A bare number is refused,
-/// because a reader cannot tell its unit.
-pub fn parse_duration(text: &str) -> Result<u32, DurationError> {
-    if text.is_empty() {
-        return Err(DurationError::Empty);
-    }
-    let mut total: u64 = 0;
-    let mut rest = text;
-    while !rest.is_empty() {
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return Err(DurationError::MissingNumber);
-        }
-        let (number_text, after) = rest.split_at(digits);
-        let unit_len = after.bytes().take_while(|b| !b.is_ascii_digit()).count();
-        let (unit, after_unit) = after.split_at(unit_len);
-        let scale: u64 = match unit {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            "" => return Err(DurationError::MissingUnit(number_text.to_owned())),
-            other => return Err(DurationError::UnknownUnit(other.to_owned())),
-        };
-        let number: u64 = number_text.parse().map_err(|_| DurationError::TooLong)?;
-        total = number
-            .checked_mul(scale)
-            .and_then(|part| total.checked_add(part))
-            .ok_or(DurationError::TooLong)?;
-        if total > u64::from(u32::MAX) {
-            return Err(DurationError::TooLong);
-        }
-        rest = after_unit;
-    }
-    u32::try_from(total).map_err(|_| DurationError::TooLong)
-}
-
-/// Prints seconds as the shortest duration text [`parse_duration`] reads back: `600` is
-/// `"10m"`, `5400` is `"1h30m"`, `0` is `"0s"`.
-pub fn format_duration(secs: u32) -> String {
-    if secs == 0 {
-        return "0s".to_owned();
-    }
-    let mut out = String::new();
-    let mut rest = secs;
-    for (scale, unit) in [(86_400, 'd'), (3600, 'h'), (60, 'm'), (1, 's')] {
-        let count = rest / scale;
-        if count > 0 {
-            out.push_str(&count.to_string());
-            out.push(unit);
-            rest %= scale;
-        }
-    }
-    out
-}
+/// Durations are read and printed as everywhere in FWNP (`fwnp_proto::duration`): `parse_duration`
+/// gives whole seconds, and `format_duration` prints the shortest text it reads back.
+pub use fwnp_proto::duration::{
+    DurationError, format_secs as format_duration, parse_secs as parse_duration,
+};
 
 /// Why a prefix does not parse: the protocol crate's reading of a prefix, the one every file
 /// and command line of FWNP uses.
@@ -386,33 +314,6 @@ pub fn is_name(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_and_print() {
-        assert_eq!(parse_duration("30s"), Ok(30));
-        assert_eq!(parse_duration("10m"), Ok(600));
-        assert_eq!(parse_duration("1h30m"), Ok(5400));
-        assert_eq!(parse_duration("7d"), Ok(604_800));
-        assert_eq!(parse_duration(""), Err(DurationError::Empty));
-        assert_eq!(
-            parse_duration("30"),
-            Err(DurationError::MissingUnit("30".into()))
-        );
-        assert_eq!(
-            parse_duration("3x"),
-            Err(DurationError::UnknownUnit("x".into()))
-        );
-        assert_eq!(parse_duration("h"), Err(DurationError::MissingNumber));
-        assert_eq!(
-            parse_duration("99999999999999999999999s"),
-            Err(DurationError::TooLong)
-        );
-        assert_eq!(parse_duration("50000d"), Err(DurationError::TooLong));
-        for secs in [0, 1, 59, 60, 61, 3600, 5400, 86_399, 90_061, u32::MAX] {
-            assert_eq!(parse_duration(&format_duration(secs)), Ok(secs), "{secs}");
-        }
-        assert_eq!(format_duration(5400), "1h30m");
-    }
 
     #[test]
     fn prefixes_parse_and_refuse_host_bits() {

@@ -18,7 +18,7 @@ use super::types::{
     AuditEvent, AuditKind, AuditRecord, LeaseEnd, LeaseEnding, LeaseRecord, LeaseState, Outcome,
     RequestSummary,
 };
-use crate::identity::{CertificateName, Serial};
+use fwnp_trust::identity::{CertificateName, Serial};
 
 #[derive(Serialize, Deserialize)]
 struct GrantForm<'a> {

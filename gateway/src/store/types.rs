@@ -8,7 +8,7 @@ use fwnp_proto::{
 };
 use serde_json::{Map, Value, json};
 
-use crate::identity::{CertificateName, Serial};
+use fwnp_trust::identity::{CertificateName, Serial};
 
 /// Where a lease is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

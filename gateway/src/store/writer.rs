@@ -21,7 +21,7 @@ use super::codec::{
 };
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
-use crate::identity::CertificateName;
+use fwnp_trust::identity::CertificateName;
 
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]

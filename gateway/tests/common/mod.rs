@@ -8,140 +8,25 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::pki::{self, Validity};
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, AuditRecord, Order};
-use fwnp_gateway::tls::{self, ClientOptions, ClientTlsFiles, ServerOptions, ServerTlsFiles};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, List, MAX_MESSAGE_SIZE, Message, Open, Opening,
     PortRange, Protocol, Release, Renew, Target, Welcome,
 };
+use fwnp_trust::tls::{self, ClientOptions, ClientTlsFiles, ServerOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
 /// The bound of every single step of a test (a handshake, a request, an admin call).
 pub(crate) const STEP: Duration = Duration::from_secs(10);
-/// The DNS name in the gateway's certificate.
-pub(crate) const GATEWAY_NAME: &str = "gateway.test";
-
+pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
+pub(crate) use fwnp_testkit::temp_dir;
 pub(crate) use tempfile::TempDir;
-
-/// A fresh directory named after `label`, removed when dropped whatever the outcome of the test.
-pub(crate) fn temp_dir(label: &str) -> TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("fwnp-gw-{label}-"))
-        .tempdir()
-        .expect("create temp dir")
-}
-
-/// A CA (as `fwnpctl pki init` makes it) with a gateway certificate for [`GATEWAY_NAME`] and
-/// the given addresses.
-#[derive(Debug)]
-pub(crate) struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    /// A CA whose gateway certificate names 127.0.0.1.
-    pub(crate) fn new(label: &str) -> Self {
-        Self::with_gateway_ips(label, &[IpAddr::V4(Ipv4Addr::LOCALHOST)])
-    }
-
-    /// A CA whose gateway certificate names `ips`.
-    pub(crate) fn with_gateway_ips(label: &str, ips: &[IpAddr]) -> Self {
-        let dir = temp_dir(&format!("pki-{label}"));
-        pki::init_ca(
-            dir.path(),
-            &format!("FWNP Test CA {label}"),
-            Validity::days(2),
-        )
-        .expect("init CA");
-        pki::issue_gateway(
-            dir.path(),
-            "gateway",
-            &[GATEWAY_NAME.to_owned()],
-            ips,
-            Validity::days(2),
-        )
-        .expect("issue gateway certificate");
-        Pki { dir }
-    }
-
-    /// The CA directory.
-    pub(crate) fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// A file of the CA directory.
-    pub(crate) fn file(&self, name: &str) -> PathBuf {
-        self.path().join(name)
-    }
-
-    /// The gateway's TLS files, with the CA's CRL.
-    pub(crate) fn server_files(&self) -> ServerTlsFiles {
-        ServerTlsFiles {
-            cert: self.file("gateway.pem"),
-            key: self.file("gateway.key"),
-            ca: self.file("ca.pem"),
-            crl: Some(self.file("crl.pem")),
-        }
-    }
-
-    /// Issues a host certificate valid for a day; returns the host's TLS files.
-    pub(crate) fn host(
-        &self,
-        name: &str,
-        ips: &[IpAddr],
-        uris: &[&str],
-        dns: &[&str],
-    ) -> ClientTlsFiles {
-        self.host_valid(name, ips, uris, dns, Validity::days(1))
-    }
-
-    /// Issues a host certificate with the given validity.
-    pub(crate) fn host_valid(
-        &self,
-        name: &str,
-        ips: &[IpAddr],
-        uris: &[&str],
-        dns: &[&str],
-        validity: Validity,
-    ) -> ClientTlsFiles {
-        let uris: Vec<String> = uris.iter().map(|s| (*s).to_owned()).collect();
-        let dns: Vec<String> = dns.iter().map(|s| (*s).to_owned()).collect();
-        pki::issue_host(self.path(), name, ips, &uris, &dns, validity).expect("issue host");
-        self.host_files(name)
-    }
-
-    /// A host certificate that expired yesterday.
-    pub(crate) fn expired_host(&self, name: &str) -> ClientTlsFiles {
-        let day = Duration::from_secs(24 * 3600);
-        let now = SystemTime::now();
-        self.host_valid(
-            name,
-            &[],
-            &[],
-            &[],
-            Validity {
-                not_before: now - 3 * day,
-                not_after: now - day,
-            },
-        )
-    }
-
-    /// The TLS files of a host issued earlier.
-    pub(crate) fn host_files(&self, name: &str) -> ClientTlsFiles {
-        ClientTlsFiles {
-            cert: self.file(&format!("{name}.pem")),
-            key: self.file(&format!("{name}.key")),
-            ca: self.file("ca.pem"),
-        }
-    }
-}
 
 /// Writes a policy file (replacing it atomically, as an editor or a deployment tool would).
 pub(crate) fn write_policy(path: &Path, text: &str) {

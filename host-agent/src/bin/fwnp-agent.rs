@@ -25,30 +25,15 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    fwnp_agent::daemon::init_logging(args.log_json);
-    let config = match fwnp_agent::config::AgentConfig::load(&args.config) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("fwnp-agent: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    if args.check {
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
-    }
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("fwnp-agent: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(fwnp_agent::daemon::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("fwnp-agent: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    fwnp_daemon::main(
+        &fwnp_daemon::StartOptions {
+            name: "fwnp-agent",
+            config: &args.config,
+            check: args.check,
+            log_json: args.log_json,
+        },
+        fwnp_agent::config::AgentConfig::load,
+        |_| Ok::<_, fwnp_agent::daemon::DaemonError>("configuration is valid"),
+        fwnp_agent::daemon::run,
+    )
 }

@@ -5,13 +5,11 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fwnp_gateway::pki::{self, Validity};
 use fwnp_proto::local::{
     FRAME_HEADER_LEN, LocalMessage, Status, Watch, decode_frame_body, encode_frame, frame_body_len,
 };
@@ -21,63 +19,11 @@ use fwnp_proto::{
 
 /// The bound of every single step (a start, an answer).
 pub(crate) const STEP: Duration = Duration::from_secs(10);
-/// The DNS name in the gateway's certificate.
-pub(crate) const GATEWAY_NAME: &str = "gateway.test";
-
+pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
+pub(crate) use fwnp_testkit::process::ProcessGuard;
+pub(crate) use fwnp_testkit::temp_dir;
+#[allow(unused_imports)]
 pub(crate) use tempfile::TempDir;
-
-/// A fresh directory named after `label`, removed when dropped whatever the outcome of the test.
-pub(crate) fn temp_dir(label: &str) -> TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("fwnp-agent-{label}-"))
-        .tempdir()
-        .expect("create temp dir")
-}
-
-/// A CA with a gateway certificate (for [`GATEWAY_NAME`] and `gateway_ips`) and host
-/// certificates issued on demand.
-#[derive(Debug)]
-pub(crate) struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    pub(crate) fn new(label: &str, gateway_ips: &[IpAddr]) -> Self {
-        let dir = temp_dir(&format!("pki-{label}"));
-        pki::init_ca(
-            dir.path(),
-            &format!("FWNP Agent Test CA {label}"),
-            Validity::days(2),
-        )
-        .expect("init CA");
-        pki::issue_gateway(
-            dir.path(),
-            "gateway",
-            &[GATEWAY_NAME.to_owned()],
-            gateway_ips,
-            Validity::days(2),
-        )
-        .expect("issue the gateway certificate");
-        Pki { dir }
-    }
-
-    pub(crate) fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// Issues a host certificate `fwnp://host/NAME` with `ips`.
-    pub(crate) fn host(&self, name: &str, ips: &[IpAddr]) {
-        pki::issue_host(
-            self.dir.path(),
-            name,
-            ips,
-            &[format!("fwnp://host/{name}")],
-            &[],
-            Validity::days(1),
-        )
-        .expect("issue a host certificate");
-    }
-}
 
 /// The configuration text of an agent.
 pub(crate) fn agent_config(
@@ -130,69 +76,9 @@ pub(crate) fn my_uid() -> u32 {
         .expect("a Uid line")
 }
 
-/// A child process, killed (SIGKILL) and reaped when dropped.
-#[derive(Debug)]
-pub(crate) struct ProcessGuard(pub Option<Child>);
-
-impl ProcessGuard {
-    pub(crate) fn kill(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the process to exit; kills it if it does not.
-    pub(crate) fn terminate(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + STEP;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    self.0 = None;
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.kill();
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.0.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-
-    /// Whether it has exited already (with its status).
-    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
-    }
-}
-
-impl Drop for ProcessGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// Starts `command` (the agent, already configured) and waits until its socket accepts.
 pub(crate) fn wait_for_socket(process: &mut ProcessGuard, socket: &Path) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        if let Some(status) = process.exited() {
-            panic!("the process exited at start: {status}");
-        }
-        if UnixStream::connect(socket).is_ok() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no socket at {} within {STEP:?}",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    fwnp_testkit::process::wait_for_socket(process, socket, STEP);
 }
 
 /// The agent binary with `--config`, logs to stderr.
@@ -455,7 +341,7 @@ pub(crate) fn open_msg(
 /// A QUIC endpoint on 127.0.0.1 with the gateway's own TLS configuration and `pki`'s gateway
 /// certificate, bound inside `runtime`: a stand-in gateway that the test drives itself.
 pub(crate) fn gateway_endpoint(pki: &Pki, runtime: &tokio::runtime::Runtime) -> quinn::Endpoint {
-    use fwnp_gateway::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
+    use fwnp_trust::tls::{ServerOptions, ServerTlsFiles, server_config_from_files};
     let _guard = runtime.enter();
     let files = ServerTlsFiles {
         cert: pki.file("gateway.pem"),

@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 
 async fn run(config: GatewayConfig) -> Result<(), Box<dyn std::error::Error>> {
     let tls =
-        fwnp_gateway::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+        fwnp_trust::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
     std::fs::create_dir_all(&config.state_dir)?;
     let secret = ResetSecret::load_or_create(&config.state_dir)?;
     let answers = Arc::new(Answers::new(&config));

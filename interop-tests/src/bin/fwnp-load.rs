@@ -23,13 +23,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use fwnp_gateway::pki;
-use fwnp_gateway::tls::{ClientOptions, client_config};
 use fwnp_proto::codec::{decode, encode};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, Message, Open, Opening, PortRange, Protocol, Release,
     Renew, ResultCode, Target,
 };
+use fwnp_trust::pki;
+use fwnp_trust::tls::{ClientOptions, client_config};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -49,7 +49,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
     /// How long to measure.
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = fwnp_proto::duration::parse_argument)]
     duration: Duration,
     /// Percentages of open, renew and release in the mix.
     #[arg(long, default_value = "60,30,10")]
@@ -130,15 +130,6 @@ fn parse_mix(text: &str) -> Result<Mix, String> {
         _ => Err(format!(
             "--mix {text:?}: open,renew,release percentages adding up to 100, open > 0"
         )),
-    }
-}
-
-/// The namespace the gateway runs in with `--netns`; removed on drop.
-struct Namespace(String);
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
 
@@ -799,7 +790,7 @@ fn main() -> std::process::ExitCode {
 /// is one, on `--gateway-cpus` with `--gateway-threads`, its standard error to `log`.
 fn spawn_server(
     args: &Args,
-    namespace: Option<&Namespace>,
+    namespace: Option<&fwnp_testkit::netns::Netns>,
     bin: &Path,
     config: &Path,
     log: &Path,
@@ -808,7 +799,7 @@ fn spawn_server(
     let mut command = match namespace {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &ns.0]);
+            c.args(["netns", "exec", ns.name()]);
             c
         }
         None => Command::new("env"),
@@ -909,16 +900,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::current_exe()?.with_file_name("fwnp-gateway"),
     };
     let namespace = if args.netns {
-        let name = format!("fwnp-load-{}", std::process::id());
-        let status = Command::new("ip").args(["netns", "add", &name]).status()?;
-        if !status.success() {
-            return Err(format!("ip netns add {name} failed").into());
-        }
-        let ns = Namespace(name);
-        Command::new("ip")
-            .args(["netns", "exec", &ns.0, "ip", "link", "set", "lo", "up"])
-            .status()?;
-        Some(ns)
+        Some(fwnp_testkit::netns::Netns::new("fwload")?)
     } else {
         None
     };
@@ -944,10 +926,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // The client's UDP socket must live where the gateway listens: in its namespace.
     let socket = match &namespace {
-        Some(ns) => {
-            let entry = Path::new("/run/netns").join(&ns.0);
-            socket_in_namespace(&entry)?
-        }
+        Some(ns) => ns.run(|| UdpSocket::bind("127.0.0.1:0"))?,
         None => UdpSocket::bind("127.0.0.1:0")?,
     };
     let endpoint = quinn::Endpoint::new(
@@ -958,7 +937,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     )?;
     let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port));
     let ca_dir = dir.join("pki");
-    let ca_roots = fwnp_gateway::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
+    let ca_roots = fwnp_trust::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
 
     // Wait for the gateway to listen, then connect every host.
     let mut hosts = Vec::with_capacity(args.hosts);
@@ -968,8 +947,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut rss_first = None;
     let connect_started = Instant::now();
     for i in 0..args.hosts {
-        let chain = fwnp_gateway::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
-        let key = fwnp_gateway::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
+        let chain = fwnp_trust::tls::load_certificates(&ca_dir.join(format!("load-{i}.pem")))?;
+        let key = fwnp_trust::tls::load_private_key(&ca_dir.join(format!("load-{i}.key")))?;
         let config = client_config(chain, key, &ca_roots, &ClientOptions::default())?;
         let log = dir.join("gateway.log");
         hosts.push(connect_host(&endpoint, &config, gateway_addr, i, deadline, &log).await?);
@@ -1345,18 +1324,4 @@ fn load_average() -> Option<String> {
 
 fn nix_is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
-}
-
-/// A UDP socket bound to 127.0.0.1 inside the network namespace at `entry`, created on a
-/// thread that entered it (a socket stays in the namespace it was made in).
-fn socket_in_namespace(entry: &Path) -> std::io::Result<UdpSocket> {
-    let entry = entry.to_owned();
-    std::thread::spawn(move || -> std::io::Result<UdpSocket> {
-        let file = std::fs::File::open(&entry)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
-        UdpSocket::bind("127.0.0.1:0")
-    })
-    .join()
-    .map_err(|_| std::io::Error::other("namespace thread panicked"))?
 }

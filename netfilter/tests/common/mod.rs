@@ -6,12 +6,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use fwnp_netfilter::lab::{
-    GATEWAY_OUTSIDE_IF, Netns, Topology, tcp_connects, udp_roundtrip, wait_until,
-};
 use fwnp_netfilter::{
     AlwaysAllowed, Element, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Ownership,
     PortRange, Prefix, Protocol, Refuse,
+};
+use fwnp_testkit::netns::{
+    GATEWAY_OUTSIDE_IF, Netns, Topology, tcp_connects, udp_roundtrip, wait_until,
 };
 
 /// Bound of one probe: a connection (or datagram) that is not through by then is refused.

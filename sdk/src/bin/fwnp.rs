@@ -202,10 +202,8 @@ fn parse_family(text: &str) -> Result<Family, String> {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 90s, 10m, 2h, 1h30m)"))
+    fwnp_proto::duration::parse_argument(text)
+        .map_err(|e| format!("{e} (examples: 90s, 10m, 2h, 1h30m)"))
 }
 
 fn parse_lease_id(text: &str) -> Result<LeaseId, String> {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fwnp_netfilter::lab::{
+use fwnp_testkit::netns::{
     Netns, TcpEchoServer, Topology, UdpEchoServer, require_root, tcp_connects, tcp_probe_in,
     udp_roundtrip, wait_until,
 };
@@ -28,13 +28,13 @@ fn topology_forwards_tcp_and_udp_both_families() {
         return;
     }
     let topo = Topology::new().expect("topology");
-    let _tcp = TcpEchoServer::start(&topo.host, 7001).expect("tcp server");
-    let _udp = UdpEchoServer::start(&topo.host, 7001).expect("udp server");
+    let _tcp = TcpEchoServer::start(&topo.host().netns, 7001).expect("tcp server");
+    let _udp = UdpEchoServer::start(&topo.host().netns, 7001).expect("udp server");
     for host in [
-        topo.host_v4,
-        topo.host_v6,
-        topo.host_v4_alt,
-        topo.host_v6_alt,
+        topo.host().v4,
+        topo.host().v6,
+        topo.host().v4_alt.expect("a second host address"),
+        topo.host().v6_alt.expect("a second host address"),
     ] {
         let to = SocketAddr::new(host, 7001);
         if let Err(err) = tcp_probe_in(&topo.outside, to, None, PROBE) {
@@ -47,10 +47,10 @@ fn topology_forwards_tcp_and_udp_both_families() {
     }
     // Chosen source addresses, main and second, in both families.
     for (from, host) in [
-        (topo.outside_v4, topo.host_v4),
-        (topo.outside_v4_alt, topo.host_v4),
-        (topo.outside_v6, topo.host_v6),
-        (topo.outside_v6_alt, topo.host_v6),
+        (topo.outside_v4, topo.host().v4),
+        (topo.outside_v4_alt, topo.host().v4),
+        (topo.outside_v6, topo.host().v6),
+        (topo.outside_v6_alt, topo.host().v6),
     ] {
         let to = SocketAddr::new(host, 7001);
         assert!(
@@ -65,12 +65,47 @@ fn topology_forwards_tcp_and_udp_both_families() {
 }
 
 #[test]
+fn a_topology_of_several_hosts_forwards_to_each_by_its_own_address() {
+    if !require_root("a_topology_of_several_hosts_forwards_to_each_by_its_own_address") {
+        return;
+    }
+    let topo = Topology::with_hosts(3, "web").expect("topology");
+    let names: Vec<&str> = topo.hosts.iter().map(|h| h.name.as_str()).collect();
+    assert_eq!(names, ["web-01", "web-02", "web-03"]);
+    // Each host answers on a port of its own, so a reply proves which host was reached.
+    let servers: Vec<TcpEchoServer> = topo
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| TcpEchoServer::start(&host.netns, 7100 + i as u16).expect("server"))
+        .collect();
+    for (i, host) in topo.hosts.iter().enumerate() {
+        assert_eq!(host.v4_alt, None, "{}", host.name);
+        for v6 in [false, true] {
+            let port = 7100 + i as u16;
+            let to = SocketAddr::new(host.addr(v6), port);
+            assert!(
+                tcp_connects(&topo.outside, to, None, PROBE),
+                "outside -> {to}"
+            );
+            // Another host's port is closed at this address.
+            let other = SocketAddr::new(host.addr(v6), 7100 + ((i + 1) % 3) as u16);
+            assert!(
+                !tcp_connects(&topo.outside, other, None, PROBE),
+                "outside -> {other}"
+            );
+        }
+    }
+    drop(servers);
+}
+
+#[test]
 fn probes_fail_fast_and_bounded_without_a_server() {
     if !require_root("probes_fail_fast_and_bounded_without_a_server") {
         return;
     }
     let topo = Topology::new().expect("topology");
-    let to = SocketAddr::new(topo.host_v4, 7002);
+    let to = SocketAddr::new(topo.host().v4, 7002);
     let started = Instant::now();
     assert!(!tcp_connects(&topo.outside, to, None, PROBE));
     assert!(!udp_roundtrip(&topo.outside, to, None, PROBE));
@@ -83,11 +118,11 @@ fn probes_fail_fast_and_bounded_without_a_server() {
     topo.gateway
         .nft_script("table inet blackhole {\n chain f { type filter hook forward priority 0; policy drop; }\n}\n")
         .expect("nft");
-    let _tcp = TcpEchoServer::start(&topo.host, 7003).expect("tcp server");
+    let _tcp = TcpEchoServer::start(&topo.host().netns, 7003).expect("tcp server");
     let started = Instant::now();
     assert!(!tcp_connects(
         &topo.outside,
-        SocketAddr::new(topo.host_v4, 7003),
+        SocketAddr::new(topo.host().v4, 7003),
         None,
         PROBE
     ));

@@ -104,7 +104,7 @@ impl fmt::Debug for Fingerprint {
 
 /// A certificate serial number, normalised: uppercase hex of the big-endian magnitude, without the
 /// DER sign byte and leading zeros (at least one digit pair). This is the form
-/// `openssl x509 -noout -serial` prints, and the form the CRL index of [`crate::pki`] stores.
+/// `openssl x509 -noout -serial` prints, and the form the CRL index of `pki` (feature `issue`) stores.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Serial(String);
 

@@ -8,11 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use fwnp_gateway::identity::{
-    IdentityError, IdentityKind, PeerIdentity, Serial, allowed_addresses,
-};
-use fwnp_gateway::pki::{self, PkiError, RevocationReason, Validity};
-use fwnp_gateway::tls::{
+use fwnp_trust::identity::{IdentityError, IdentityKind, PeerIdentity, Serial, allowed_addresses};
+use fwnp_trust::pki::{self, PkiError, RevocationReason, Validity};
+use fwnp_trust::tls::{
     self, ClientOptions, ClientTlsFiles, HandshakeRefusal, ServerOptions, ServerTlsFiles, TlsError,
 };
 use quinn::{Connection, ConnectionError, Endpoint, TransportErrorCode};
@@ -566,7 +564,7 @@ async fn refused_once_revoked_and_the_crl_reloads_without_restart() {
     assert!(!again.newly_revoked);
     assert_eq!(again.revoked_count, 1);
     let crls = tls::load_crls(&ca.file("crl.pem")).expect("load crl");
-    let revoked = fwnp_gateway::identity::revoked_certificates(&crls).expect("parse crl");
+    let revoked = fwnp_trust::identity::revoked_certificates(&crls).expect("parse crl");
     assert_eq!(revoked.serials(), vec![issued.serial.clone()]);
     let listed = pki::revoked_list(ca.path()).expect("index");
     assert_eq!(listed.len(), 1);

@@ -1,11 +1,10 @@
-//! A small laboratory of Linux network namespaces for tests of code that programs nf_tables.
+//! Linux network namespaces for tests of code that programs nf_tables or runs the daemons.
 //!
-//! Enabled by the `lab` feature; the product never uses it. It builds what a firewall test needs
-//! and nothing more: namespaces with unique names that are removed again when their guard is
-//! dropped (also when a test panics), a three-namespace [`Topology`] (outside, gateway, host)
-//! joined by veth pairs with IPv4 and IPv6, echo servers that run inside a namespace, and
-//! bounded probes ([`tcp_connects`], [`udp_roundtrip`]) that prove with real traffic whether a
-//! path is open.
+//! It builds what such a test needs and nothing more: namespaces with unique names that are
+//! removed again when their guard is dropped (also when a test panics), a [`Topology`] (outside,
+//! gateway, one or more hosts) joined by veth pairs and a bridge with IPv4 and IPv6, echo
+//! servers that run inside a namespace, and bounded probes ([`tcp_connects`], [`udp_roundtrip`])
+//! that prove with real traffic whether a path is open.
 //!
 //! Namespaces are managed with iproute2 (`ip netns`), as an operator would; code runs inside one
 //! on a thread that entered it with `setns(2)` ([`Netns::run`]). A socket belongs to the
@@ -15,8 +14,6 @@
 //! Every address used lies in the documentation ranges (192.0.2.0/24, 198.51.100.0/24) or the
 //! unique-local range fd00::/8, and exists only inside the namespaces of one topology, so tests
 //! never send traffic anywhere else and several topologies can run side by side.
-
-#![forbid(unsafe_code)]
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -88,6 +85,9 @@ impl Netns {
         let counter = NEXT_NETNS.fetch_add(1, Ordering::Relaxed);
         let name = format!("{short}-{}-{counter}", std::process::id());
         run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        if let Ok(mut live) = LIVE.lock() {
+            live.push(name.clone());
+        }
         // From here on the guard owns the namespace: an error below still removes it.
         let netns = Netns { name };
         netns.ip(&["link", "set", "lo", "up"])?;
@@ -247,16 +247,21 @@ impl Netns {
 
     /// The pids of the processes whose network namespace is this one, except this process.
     fn foreign_pids(&self) -> Vec<i32> {
-        let own = std::process::id();
-        match run_checked(Command::new("ip").args(["netns", "pids", &self.name])) {
-            Ok(out) => out
-                .split_whitespace()
-                .filter_map(|pid| pid.parse::<u32>().ok())
-                .filter(|&pid| pid != own)
-                .filter_map(|pid| i32::try_from(pid).ok())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        foreign_pids(&self.name)
+    }
+}
+
+/// The pids of the processes in the namespace `name`, except this process.
+fn foreign_pids(name: &str) -> Vec<i32> {
+    let own = std::process::id();
+    match run_checked(Command::new("ip").args(["netns", "pids", name])) {
+        Ok(out) => out
+            .split_whitespace()
+            .filter_map(|pid| pid.parse::<u32>().ok())
+            .filter(|&pid| pid != own)
+            .filter_map(|pid| i32::try_from(pid).ok())
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 
@@ -280,6 +285,33 @@ impl Drop for Netns {
                 self.name
             );
         }
+        if let Ok(mut live) = LIVE.lock() {
+            live.retain(|name| *name != self.name);
+        }
+    }
+}
+
+/// The namespaces of this process not yet deleted, for [`emergency_cleanup`].
+static LIVE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Deletes every namespace this process created and has not deleted yet, killing the
+/// processes in it first, newest first. For a signal handler that is about to exit the process,
+/// when the guards' `Drop` will not run; harmless to call twice.
+pub fn emergency_cleanup() {
+    let live = match LIVE.lock() {
+        Ok(mut live) => std::mem::take(&mut *live),
+        Err(_) => return,
+    };
+    for name in live.iter().rev() {
+        for pid in foreign_pids(name) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -319,28 +351,35 @@ fn checked_output(what: &str, output: Output) -> io::Result<String> {
     }
 }
 
-/// Three namespaces in a row, `outside — gateway — host`, joined by two veth pairs, with IPv4
-/// and IPv6 addresses, default routes towards the gateway and forwarding on in the gateway.
+/// An outside network, a gateway, and hosts behind it on one bridge, with IPv4 and IPv6
+/// addresses, default routes towards the gateway and forwarding on in the gateway:
 ///
-/// | namespace | interface | IPv4 | IPv6 |
-/// | --- | --- | --- | --- |
-/// | outside | [`OUTSIDE_IF`] | 192.0.2.2/24 and 192.0.2.66/24 | fd00:1::2/64 and fd00:1::1:2/64 |
-/// | gateway | [`GATEWAY_OUTSIDE_IF`] | 192.0.2.1/24 | fd00:1::1/64 |
-/// | gateway | [`GATEWAY_INSIDE_IF`] | 198.51.100.1/24 | fd00:2::1/64 |
-/// | host | [`HOST_IF`] | 198.51.100.2/24 and 198.51.100.3/24 | fd00:2::2/64 and fd00:2::3/64 |
+/// ```text
+///  outside   192.0.2.2, 192.0.2.66, fd00:1::2, fd00:1::1:2            (OUTSIDE_IF)
+///     | veth
+///  gateway   192.0.2.1, fd00:1::1 (GATEWAY_OUTSIDE_IF)
+///            bridge INSIDE_BRIDGE 198.51.100.1, fd00:2::1
+///     | one veth per host, its gateway end on the bridge
+///  hosts     (HOST_IF in each)
+/// ```
 ///
-/// The second outside address lies outside 192.0.2.0/26 and fd00:1::/112, so a lease restricted
-/// to one of those prefixes admits the first outside address and not the second. The second host
-/// address lets a test protect only the first one and see that the other is untouched.
-/// Interface names are local to each namespace, so topologies never collide.
+/// [`Topology::new`] has one host, 198.51.100.2 and .3, fd00:2::2 and ::3 (a second address of
+/// each family lets a test protect only the first one and see that the other is untouched);
+/// [`Topology::with_hosts`] has any number, host `i` (from 1) at 198.51.100.(10+i) and
+/// fd00:2::(10+i), named `PREFIX-01`, `PREFIX-02`... The second outside address lies outside
+/// 192.0.2.0/26 and fd00:1::/112, so a lease restricted to one of those prefixes admits the
+/// first outside address and not the second. Interface names are local to each namespace, so
+/// topologies never collide.
+///
+/// Fields drop hosts first, then the gateway, then the outside; each namespace removes itself.
 #[derive(Debug)]
 pub struct Topology {
+    /// The protected hosts.
+    pub hosts: Vec<Host>,
+    /// The router in the middle, where the gateway runs.
+    pub gateway: Netns,
     /// Where connections come from.
     pub outside: Netns,
-    /// The router in the middle, where the gateway layout goes.
-    pub gateway: Netns,
-    /// The protected host, where the host layout goes.
-    pub host: Netns,
     /// The outside namespace's main IPv4 address.
     pub outside_v4: IpAddr,
     /// A second outside IPv4 address, outside 192.0.2.0/26.
@@ -353,18 +392,34 @@ pub struct Topology {
     pub gateway_outside_v4: IpAddr,
     /// The gateway's IPv6 address towards the outside.
     pub gateway_outside_v6: IpAddr,
-    /// The gateway's IPv4 address towards the host.
+    /// The gateway's IPv4 address towards the hosts (their router).
     pub gateway_inside_v4: IpAddr,
-    /// The gateway's IPv6 address towards the host.
+    /// The gateway's IPv6 address towards the hosts.
     pub gateway_inside_v6: IpAddr,
-    /// The host's main IPv4 address.
-    pub host_v4: IpAddr,
-    /// A second host IPv4 address in the same subnet.
-    pub host_v4_alt: IpAddr,
-    /// The host's main IPv6 address.
-    pub host_v6: IpAddr,
-    /// A second host IPv6 address in the same subnet.
-    pub host_v6_alt: IpAddr,
+}
+
+/// One protected host of a [`Topology`].
+#[derive(Debug)]
+pub struct Host {
+    /// Its short name (`host`, or `PREFIX-01`...), which tests also use as its certificate name.
+    pub name: String,
+    /// Its namespace.
+    pub netns: Netns,
+    /// Its main IPv4 address.
+    pub v4: IpAddr,
+    /// Its main IPv6 address.
+    pub v6: IpAddr,
+    /// A second IPv4 address in the same subnet (the host of [`Topology::new`] only).
+    pub v4_alt: Option<IpAddr>,
+    /// A second IPv6 address in the same subnet (the host of [`Topology::new`] only).
+    pub v6_alt: Option<IpAddr>,
+}
+
+impl Host {
+    /// Its main address of the family asked.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 { self.v6 } else { self.v4 }
+    }
 }
 
 /// How long [`Topology::new`] waits for its links to come up.
@@ -374,22 +429,57 @@ const LINK_UP_WAIT: Duration = Duration::from_secs(5);
 pub const OUTSIDE_IF: &str = "veth-out";
 /// The gateway's interface towards the outside.
 pub const GATEWAY_OUTSIDE_IF: &str = "veth-gw-out";
-/// The gateway's interface towards the host.
-pub const GATEWAY_INSIDE_IF: &str = "veth-gw-in";
-/// The host's interface towards the gateway.
+/// The bridge in the gateway namespace that joins every host.
+pub const INSIDE_BRIDGE: &str = "br-in";
+/// Each host's interface towards the gateway.
 pub const HOST_IF: &str = "veth-host";
 
 impl Topology {
-    /// Builds the three namespaces and their links. Returns once the addresses are usable
-    /// (IPv6 addresses are added with `nodad`).
+    /// Builds the namespaces and links with one host (see [`Topology`]). Returns once the
+    /// addresses are usable (IPv6 addresses are added with `nodad`).
     pub fn new() -> io::Result<Self> {
-        let outside = Netns::new("fwo")?;
-        let gateway = Netns::new("fwg")?;
-        let host = Netns::new("fwh")?;
-        let topology = Topology {
-            outside,
+        let mut topology = Self::empty("fwo", "fwg")?;
+        topology.hosts.push(Host {
+            name: "host".into(),
+            netns: Netns::new("fwh")?,
+            v4: v4(198, 51, 100, 2),
+            v6: v6(0xfd00, 2, 0, 2),
+            v4_alt: Some(v4(198, 51, 100, 3)),
+            v6_alt: Some(v6(0xfd00, 2, 0, 3)),
+        });
+        topology.wire()?;
+        Ok(topology)
+    }
+
+    /// Builds the namespaces and links with `count` hosts named `NAME_PREFIX-01`, `-02`... (at
+    /// most 200).
+    pub fn with_hosts(count: usize, name_prefix: &str) -> io::Result<Self> {
+        let mut topology = Self::empty("fwlo", "fwlg")?;
+        for i in 1..=count {
+            let number = u8::try_from(10 + i)
+                .ok()
+                .filter(|&n| n < 255)
+                .ok_or_else(|| io::Error::other(format!("{count} hosts is too many")))?;
+            topology.hosts.push(Host {
+                name: format!("{name_prefix}-{i:02}"),
+                netns: Netns::new("fwlh")?,
+                v4: v4(198, 51, 100, number),
+                v6: v6(0xfd00, 2, 0, u16::from(number)),
+                v4_alt: None,
+                v6_alt: None,
+            });
+        }
+        topology.wire()?;
+        Ok(topology)
+    }
+
+    fn empty(outside_prefix: &str, gateway_prefix: &str) -> io::Result<Self> {
+        let outside = Netns::new(outside_prefix)?;
+        let gateway = Netns::new(gateway_prefix)?;
+        Ok(Topology {
+            hosts: Vec::new(),
             gateway,
-            host,
+            outside,
             outside_v4: v4(192, 0, 2, 2),
             outside_v4_alt: v4(192, 0, 2, 66),
             outside_v6: v6(0xfd00, 1, 0, 2),
@@ -398,20 +488,22 @@ impl Topology {
             gateway_outside_v6: v6(0xfd00, 1, 0, 1),
             gateway_inside_v4: v4(198, 51, 100, 1),
             gateway_inside_v6: v6(0xfd00, 2, 0, 1),
-            host_v4: v4(198, 51, 100, 2),
-            host_v4_alt: v4(198, 51, 100, 3),
-            host_v6: v6(0xfd00, 2, 0, 2),
-            host_v6_alt: v6(0xfd00, 2, 0, 3),
-        };
-        topology.wire()?;
-        Ok(topology)
+        })
+    }
+
+    /// The first host (the only one of [`Topology::new`]).
+    pub fn host(&self) -> &Host {
+        &self.hosts[0]
     }
 
     fn wire(&self) -> io::Result<()> {
-        let (outside, gateway, host) = (&self.outside, &self.gateway, &self.host);
+        let (outside, gateway) = (&self.outside, &self.gateway);
+        let all = [outside, gateway]
+            .into_iter()
+            .chain(self.hosts.iter().map(|h| &h.netns));
         // No duplicate address detection anywhere: link-local addresses would stay tentative for
         // a second or two after the links come up, and neighbour discovery through them with it.
-        for ns in [outside, gateway, host] {
+        for ns in all {
             ns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
             ns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         }
@@ -429,21 +521,33 @@ impl Topology {
             "netns",
             gateway.name(),
         ])?;
-        host.ip(&[
-            "link",
-            "add",
-            HOST_IF,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            GATEWAY_INSIDE_IF,
-            "netns",
-            gateway.name(),
-        ])?;
         // Forwarding before addresses: on IPv6, turning it on resets some interface settings.
         gateway.sysctl("net.ipv4.ip_forward", "1")?;
         gateway.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        gateway.ip(&["link", "add", INSIDE_BRIDGE, "type", "bridge"])?;
+        let mut links: Vec<(&Netns, String)> = vec![
+            (outside, OUTSIDE_IF.into()),
+            (gateway, GATEWAY_OUTSIDE_IF.into()),
+            (gateway, INSIDE_BRIDGE.into()),
+        ];
+        for (index, host) in self.hosts.iter().enumerate() {
+            let peer = format!("vh{}", index + 1);
+            host.netns.ip(&[
+                "link",
+                "add",
+                HOST_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &peer,
+                "netns",
+                gateway.name(),
+            ])?;
+            gateway.ip(&["link", "set", &peer, "master", INSIDE_BRIDGE])?;
+            links.push((&host.netns, HOST_IF.into()));
+            links.push((gateway, peer));
+        }
         let address = |ns: &Netns, ifname: &str, addr: IpAddr, len: u8| -> io::Result<()> {
             let cidr = format!("{addr}/{len}");
             match addr {
@@ -463,31 +567,27 @@ impl Topology {
         }
         address(gateway, GATEWAY_OUTSIDE_IF, self.gateway_outside_v4, 24)?;
         address(gateway, GATEWAY_OUTSIDE_IF, self.gateway_outside_v6, 64)?;
-        address(gateway, GATEWAY_INSIDE_IF, self.gateway_inside_v4, 24)?;
-        address(gateway, GATEWAY_INSIDE_IF, self.gateway_inside_v6, 64)?;
-        for (addr, len) in [
-            (self.host_v4, 24),
-            (self.host_v4_alt, 24),
-            (self.host_v6, 64),
-            (self.host_v6_alt, 64),
-        ] {
-            address(host, HOST_IF, addr, len)?;
+        address(gateway, INSIDE_BRIDGE, self.gateway_inside_v4, 24)?;
+        address(gateway, INSIDE_BRIDGE, self.gateway_inside_v6, 64)?;
+        for host in &self.hosts {
+            address(&host.netns, HOST_IF, host.v4, 24)?;
+            if let Some(alt) = host.v4_alt {
+                address(&host.netns, HOST_IF, alt, 24)?;
+            }
+            address(&host.netns, HOST_IF, host.v6, 64)?;
+            if let Some(alt) = host.v6_alt {
+                address(&host.netns, HOST_IF, alt, 64)?;
+            }
         }
-        outside.ip(&["link", "set", OUTSIDE_IF, "up"])?;
-        gateway.ip(&["link", "set", GATEWAY_OUTSIDE_IF, "up"])?;
-        gateway.ip(&["link", "set", GATEWAY_INSIDE_IF, "up"])?;
-        host.ip(&["link", "set", HOST_IF, "up"])?;
+        for (ns, ifname) in &links {
+            ns.ip(&["link", "set", ifname, "up"])?;
+        }
         // A veth carries packets only once the kernel's link watcher has marked it up, which it
         // may do up to a second later; until then the first packets would be lost.
-        for (ns, ifname) in [
-            (outside, OUTSIDE_IF),
-            (gateway, GATEWAY_OUTSIDE_IF),
-            (gateway, GATEWAY_INSIDE_IF),
-            (host, HOST_IF),
-        ] {
+        for (ns, ifname) in &links {
             let up = wait_until(LINK_UP_WAIT, Duration::from_millis(10), || {
                 ns.ip(&["-o", "link", "show", "dev", ifname])
-                    .is_ok_and(|out| out.contains("state UP"))
+                    .is_ok_and(|out| out.contains("state UP") || out.contains(",UP"))
             });
             if !up {
                 return Err(io::Error::new(
@@ -502,14 +602,18 @@ impl Topology {
         let gw_in_v6 = self.gateway_inside_v6.to_string();
         outside.ip(&["route", "add", "default", "via", &gw_out_v4])?;
         outside.ip(&["-6", "route", "add", "default", "via", &gw_out_v6])?;
-        host.ip(&["route", "add", "default", "via", &gw_in_v4])?;
-        host.ip(&["-6", "route", "add", "default", "via", &gw_in_v6])?;
+        for host in &self.hosts {
+            host.netns
+                .ip(&["route", "add", "default", "via", &gw_in_v4])?;
+            host.netns
+                .ip(&["-6", "route", "add", "default", "via", &gw_in_v6])?;
+        }
         Ok(())
     }
 
-    /// The protected host's main address, IPv6 if `v6`, else IPv4.
+    /// The first host's main address, IPv6 if `v6`, else IPv4.
     pub fn host_addr(&self, v6: bool) -> IpAddr {
-        if v6 { self.host_v6 } else { self.host_v4 }
+        self.host().addr(v6)
     }
 
     /// The outside's main address, IPv6 if `v6`, else IPv4.

@@ -30,10 +30,10 @@
 //! already up keep running.
 //!
 //! ```no_run
-//! # fn reload(endpoint: &quinn::Endpoint, files: &fwnp_gateway::tls::ServerTlsFiles)
-//! #     -> Result<(), fwnp_gateway::tls::TlsError> {
-//! let options = fwnp_gateway::tls::ServerOptions::default();
-//! fwnp_gateway::tls::reload_server_config(endpoint, files, &options)?;
+//! # fn reload(endpoint: &quinn::Endpoint, files: &fwnp_trust::tls::ServerTlsFiles)
+//! #     -> Result<(), fwnp_trust::tls::TlsError> {
+//! let options = fwnp_trust::tls::ServerOptions::default();
+//! fwnp_trust::tls::reload_server_config(endpoint, files, &options)?;
 //! # Ok(()) }
 //! ```
 //!
@@ -41,9 +41,8 @@
 //! replaced). To also end live connections whose certificate the new CRL revokes, compare each
 //! connection's [`PeerIdentity::certificate`](crate::identity::PeerIdentity::certificate)
 //! (issuer and serial) with [`revoked_certificates`](crate::identity::revoked_certificates) of
-//! the new CRLs and close the matches;
-//! the gateway's [`Service::reload_tls`](crate::service::Service::reload_tls) does so, after
-//! revoking what those connections' hosts hold.
+//! the new CRLs and close the matches; the gateway's reload does so, after revoking what those
+//! connections' hosts hold.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -320,14 +319,14 @@ pub fn client_config(
 ///
 /// ```
 /// use std::time::Duration;
-/// use fwnp_gateway::tls::{ClientOptions, client_transport};
+/// use fwnp_trust::tls::{ClientOptions, client_transport};
 /// let options = ClientOptions {
 ///     keep_alive_interval: Duration::from_millis(400),
 ///     idle_timeout: Duration::from_millis(1250),
 ///     ..ClientOptions::default()
 /// };
 /// let transport = client_transport(&options)?;
-/// # Ok::<(), fwnp_gateway::tls::TlsError>(())
+/// # Ok::<(), fwnp_trust::tls::TlsError>(())
 /// ```
 pub fn client_transport(options: &ClientOptions) -> Result<TransportConfig, TlsError> {
     let mut transport = TransportConfig::default();
