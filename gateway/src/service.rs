@@ -1,16 +1,19 @@
-//! What the gateway does with each request: the glue between the protocol's pure logic
-//! (`fwnp_proto::gateway`), the operator's [`Policy`], the kernel filter (`fwnp_netfilter`) and
-//! the [`Store`].
+//! The gateway's driver: it carries out what the request core (`fwnp_proto::gateway::request`)
+//! decides, with the operator's [`Policy`] (through `Decide`), the kernel filter
+//! (`fwnp_netfilter`) and the [`Store`].
 //!
-//! The order of an Open is fixed, because it decides what a host can rely on: decode and
-//! validate, rate limit, resolve the address, ask policy, take the lease in the book, program
-//! the kernel and wait for its acknowledgement, commit the lease to the store and wait for that,
-//! and only then answer Granted. A failure after the book took the lease gives the lease back
-//! and answers no-resources, so a host never holds a lease the kernel or the store lacks. A
-//! renewal (or an Open that extends a live lease) that makes a lease longer writes the store
-//! before the kernel instead, so that a gateway killed between the two never leaves a kernel
-//! element that outlives its stored lease; the start's reconcile brings any such element down
-//! to the stored expiry all the same.
+//! The order of an Open is fixed by the core, because it decides what a host can rely on:
+//! decode and validate, resolve the address, ask policy, take the lease in the book; then this
+//! driver programs the kernel and waits for its acknowledgement, commits the lease to the store
+//! and waits for that, and only then does the core give the Granted. A failure after the book
+//! took the lease gives the lease back and answers no-resources, so a host never holds a lease
+//! the kernel or the store lacks. A renewal (or an Open that extends a live lease) that makes a
+//! lease longer writes the store before the kernel instead, so that a gateway killed between the
+//! two never leaves a kernel element that outlives its stored lease; the start's reconcile
+//! brings any such element down to the stored expiry all the same.
+//!
+//! What needs a clock or the connection stays here: the rate limiter, the certificate checks,
+//! the counting of Lists and failed handshakes.
 //!
 //! Kernel elements are shared: two leases (of hosts behind one address, or of a host with
 //! third-party rights) may hold the same element, which then stays while one of them does,
@@ -22,16 +25,14 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use fwnp_netfilter::{Batcher, Change, Opening as Element};
-use fwnp_proto::codec::{self, DecodeError};
-use fwnp_proto::gateway::{
-    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, negotiate_version,
-    resolve_host_addresses,
+use fwnp_proto::codec;
+use fwnp_proto::gateway::request::{
+    Asked, Audit, AuditRecord, ConnectionState, CoreConfig, Decide, Decision, Effect,
+    EffectFailure, HostLimits, Objection, Peer, RequestCore, Step, Write,
 };
-use fwnp_proto::validate::validate_request;
+use fwnp_proto::gateway::{LifetimePolicy, PolicyFacts};
 use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Hello, LeaseId, Leases, Limits, List,
-    MAX_MESSAGE_SIZE, Message, Open, QuicErrorCode, Release, Released, Renew, ResultCode,
-    RevokeReason, Welcome,
+    Common, Epoch, Grant, LeaseId, Message, Open, QuicErrorCode, ResultCode, RevokeReason,
 };
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
@@ -41,7 +42,7 @@ use tracing::{info, warn};
 
 use crate::admin::AdminError;
 use crate::config::GatewayConfig;
-use crate::identity::{PeerIdentity, Serial, allowed_addresses};
+use crate::identity::{Serial, allowed_addresses};
 use crate::metrics::Metrics;
 use crate::policy::{Policy, Verdict};
 use crate::server::{Session, Sessions};
@@ -51,18 +52,10 @@ use crate::store::{
 };
 use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 
-/// How long a request id is remembered per identity, so that a retried request gets the answer
-/// the first one got instead of acting twice.
-const REQUEST_ID_WINDOW: Duration = Duration::from_secs(60);
-
 /// How long the Revoked notices of a host whose certificate was revoked may take to reach it
 /// before its connection is closed: closing drops what is not yet delivered, and a host that
 /// does not acknowledge must not keep the connection open.
 const CREDENTIAL_NOTICE_WAIT: Duration = Duration::from_secs(1);
-
-/// A Release's bytes and the answer it got, remembered under (identity, request id) so that a
-/// retry is answered alike.
-type AnsweredRelease = (Arc<[u8]>, Message);
 
 /// The gateway's state and its answers to every request.
 #[derive(Debug)]
@@ -83,14 +76,14 @@ pub struct Service {
     refused_handshakes: Tally<IpAddr, SocketAddr>,
     /// Lists per host identity.
     lists: Tally<String, SocketAddr>,
-    book: Mutex<LeaseBook>,
+    /// The request path's decisions and the live leases.
+    core: Mutex<RequestCore>,
     expiry_changed: tokio::sync::Notify,
     store: Store,
     filter: Option<Batcher>,
     epoch: Epoch,
     rng: Mutex<StdRng>,
     rate_limit_audited: moka::sync::Cache<String, ()>,
-    answered: moka::sync::Cache<(String, u64), AnsweredRelease>,
     started: Instant,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
     /// The certificates the CRL lists (as read at start or at the last reload), for
@@ -192,36 +185,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A reason cut to the protocol's limit on a character boundary, so that a long policy reason
-/// or error text never makes an answer invalid.
-pub fn fit_reason(reason: impl Into<String>) -> String {
-    let mut reason = reason.into();
-    let max = fwnp_proto::validate::MAX_REASON_LEN;
-    if reason.len() > max {
-        let mut cut = max - 3;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-        reason.push_str("...");
-    }
-    reason
-}
-
-/// A Denied with `code` and `reason` (cut to the protocol's limit) for the request `request_id`.
-pub fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
-    Denied {
-        common: Common {
-            request_id,
-            critical: Vec::new(),
-        },
-        code,
-        reason: Some(fit_reason(reason)),
-        retry_after: None,
-        lease: None,
-        unsupported: Vec::new(),
-    }
-}
+pub use fwnp_proto::gateway::request::{denied, fit_reason};
 
 /// The kernel elements of a grant: one per remote prefix, or one for any remote.
 pub fn elements_of(grant: &Grant) -> Vec<Element> {
@@ -236,18 +200,6 @@ pub fn elements_of(grant: &Grant) -> Vec<Element> {
     } else {
         grant.remotes.iter().map(|p| element(Some(*p))).collect()
     }
-}
-
-/// Whether a Granted carrying `grants` certainly fits in MAX_MESSAGE_SIZE, judged without
-/// encoding it: a Granted's fixed part is under 100 bytes; a grant's own fields (protocol, two
-/// ports, a 16-byte address, keys and map overhead) under 64 bytes plus its application name;
-/// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
-fn certainly_fits(grants: &[Grant]) -> bool {
-    let bound = grants.iter().fold(100usize, |sum, g| {
-        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len))
-            .saturating_add(24usize.saturating_mul(g.remotes.len()))
-    });
-    bound < MAX_MESSAGE_SIZE
 }
 
 fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
@@ -332,7 +284,11 @@ impl Service {
             auth_failures: Tally::new(window),
             refused_handshakes: Tally::new(window),
             lists: Tally::new(window),
-            book: Mutex::new(LeaseBook::new()),
+            core: Mutex::new(RequestCore::new(CoreConfig {
+                epoch,
+                max_streams: config.limits.max_streams,
+                kill_connections: config.filter.kill_connections,
+            })),
             expiry_changed: tokio::sync::Notify::new(),
             store,
             filter,
@@ -341,10 +297,6 @@ impl Service {
             rate_limit_audited: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(1))
-                .build(),
-            answered: moka::sync::Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(REQUEST_ID_WINDOW)
                 .build(),
             started: Instant::now(),
             endpoints: Mutex::new(Vec::new()),
@@ -409,7 +361,7 @@ impl Service {
             expires_ms: r.expires_ms,
             app: r.app.clone().map(Box::new),
         });
-        let report = lock(&self.book).restore(now, leases);
+        let report = lock(&self.core).book_mut().restore(now, leases);
         {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
@@ -428,7 +380,8 @@ impl Service {
             }
         }
         let desired: Vec<(Element, Duration)> = {
-            let book = lock(&self.book);
+            let core = lock(&self.core);
+            let book = core.book();
             let mut holders = lock(&self.holders);
             for lease in book.iter() {
                 for element in elements_of_all(&lease.grants) {
@@ -450,11 +403,13 @@ impl Service {
                 })
                 .collect()
         };
-        self.metrics.live_leases.set(lock(&self.book).len() as i64);
+        self.metrics
+            .live_leases
+            .set(lock(&self.core).book().len() as i64);
         info!(
             restored = report.restored,
             expired = restored.expired.len(),
-            epoch = format_args!("{:016x}", self.epoch),
+            epoch = format_args!("{:016x}", self.epoch()),
             new_state = self.store.is_new_state(),
             "leases restored"
         );
@@ -637,7 +592,9 @@ impl Service {
         self.handshake_limiter.retain_recent();
     }
 
-    /// Answers one request: the bytes of one stream, decoded here.
+    /// Answers one request: the bytes of one stream. The connection's own checks (a revoked
+    /// certificate, the rate limit) come first; then the request core decides, and this carries
+    /// out its effects, answering only after those a grant depends on have succeeded.
     pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
         let started = Instant::now();
         // The connection is closed as soon as its host has the Revoked notices: until then it
@@ -660,92 +617,209 @@ impl Service {
         if let Some(retry_after) = self.rate_limited(&rate_key) {
             return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
         }
-        let msg = match codec::decode(bytes) {
-            Ok(msg) => msg,
-            Err(e) => return self.refuse_undecodable(session, bytes, &e),
+        let addresses = session
+            .peer
+            .as_ref()
+            .map(|p| allowed_addresses(p, session.remote.ip()))
+            .unwrap_or_default();
+        let peer = Peer {
+            identity: session.peer.as_ref().map(|p| p.identity.as_str()),
+            no_identity: session.identity_error.as_deref().unwrap_or("no identity"),
+            remote: session.remote,
+            addresses: &addresses,
         };
-        let request_id = msg.common().request_id;
-        let Some(peer) = &session.peer else {
-            let reason = session.identity_error.as_deref().unwrap_or("no identity");
+        let connection = ConnectionState {
+            welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
+        };
+        let policy = self.policy();
+        let step = {
+            let mut core = lock(&self.core);
+            let mut rng = lock(&self.rng);
+            core.handle(now_ms(), connection, &peer, bytes, &*policy, &mut *rng)
+        };
+        let answer = match step {
+            Step::Answer(answer) => answer,
+            Step::Pending(pending) => {
+                let outcome = self.carry_out_in_order(session, pending.effects()).await;
+                if let Err(e) = &outcome {
+                    warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
+                }
+                lock(&self.core).finish(now_ms(), pending, outcome)
+            }
+        };
+        self.carry_out(Some(session), &answer.effects).await;
+        if answer.label == Some("granted")
+            && let Message::Granted(granted) = &answer.message
+            && session
+                .credential_revoked
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // A CRL reload revoked this connection's certificate while the lease was being
+            // made, after it had revoked the identity's leases: this one must not outlive it.
+            let text =
+                "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(
+                &granted.lease,
+                RevokeReason::CredentialRevoked,
+                "gateway",
+                Some(text.to_owned()),
+            )
+            .await;
             self.metrics.request(ResultCode::NotAuthorized.name());
             return Message::Denied(denied(
-                request_id,
+                granted.common.request_id,
                 ResultCode::NotAuthorized,
-                format!("the certificate names no host identity: {reason}"),
+                text,
             ));
-        };
-        // The connection's state comes before the request's own validity (spec 11.3, steps 4
-        // and 5): a host that skipped Hello learns that first, whatever else is wrong.
-        let welcomed = session.welcomed.load(std::sync::atomic::Ordering::Acquire);
-        match &msg {
-            Message::Hello(_) if welcomed => {
-                return self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::MalformedRequest,
-                    "Hello was already answered on this connection".into(),
-                    None,
-                );
-            }
-            Message::Hello(_) => {}
-            _ if !welcomed => {
-                return self.refuse(
-                    session,
-                    &msg,
-                    ResultCode::HelloRequired,
-                    "the first request of a connection is Hello".into(),
-                    None,
-                );
-            }
-            _ => {}
         }
-        if let Err(e) = validate_request(&msg) {
-            return self.refuse(session, &msg, e.result_code(), e.to_string(), None);
+        if let Some(label) = answer.label {
+            self.metrics.request(label);
+            if label == "granted" {
+                self.metrics
+                    .grant_latency
+                    .observe(started.elapsed().as_secs_f64());
+            }
         }
-        match msg {
-            Message::Hello(hello) => self.hello(session, peer, &hello),
-            _ => match &msg {
-                Message::Open(open) => self.open(session, peer, open, started).await,
-                Message::Renew(renew) => self.renew(session, peer, renew).await,
-                Message::Release(release) => self.release_once(session, peer, release, bytes).await,
-                Message::List(list) => self.list(session, peer, list),
-                other => self.refuse(
-                    session,
-                    other,
-                    ResultCode::MalformedRequest,
-                    format!("{} is not a request", other.message_type().name()),
-                    None,
-                ),
-            },
+        answer.message
+    }
+
+    /// Carries out the effects a pending answer waits for, in order; the first failure stops
+    /// them and is the outcome.
+    async fn carry_out_in_order(
+        &self,
+        session: &Session,
+        effects: &[Effect],
+    ) -> Result<(), EffectFailure> {
+        for effect in effects {
+            match effect {
+                Effect::Hold {
+                    lease,
+                    grants,
+                    expires_ms,
+                } => self
+                    .refresh(lease, &elements_of_all(grants), *expires_ms)
+                    .await
+                    .map_err(|e| match e {
+                        RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
+                        RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
+                    })?,
+                Effect::Commit(writes) => self
+                    .commit(Some(session), writes)
+                    .await
+                    .map_err(|e| EffectFailure::Store(e.to_string()))?,
+                other => {
+                    self.carry_out(Some(session), std::slice::from_ref(other))
+                        .await
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out effects whose failures change no answer: a failure is logged, and the
+    /// lease's own expiry (in the kernel and at the next start) settles what is left.
+    async fn carry_out(&self, session: Option<&Session>, effects: &[Effect]) {
+        for effect in effects {
+            match effect {
+                Effect::Welcomed { notices } => {
+                    if let Some(session) = session {
+                        session
+                            .notices
+                            .store(*notices, std::sync::atomic::Ordering::Release);
+                        session
+                            .welcomed
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        info!(session = session.id, identity = session.identity(), "hello");
+                    }
+                }
+                Effect::Hold {
+                    lease,
+                    grants,
+                    expires_ms,
+                } => {
+                    if let Err(e) = self
+                        .refresh(lease, &elements_of_all(grants), *expires_ms)
+                        .await
+                    {
+                        warn!(lease = %lease, "elements not programmed: {e}");
+                    }
+                }
+                Effect::Unhold {
+                    lease,
+                    grants,
+                    kill_connections,
+                } => self.remove_elements(lease, grants, *kill_connections).await,
+                Effect::Commit(writes) => {
+                    if let Err(e) = self.commit(session, writes).await {
+                        warn!("lease change not stored: {e}");
+                    }
+                }
+                Effect::Audit(record) => self.record(audit_event(record)),
+                Effect::Listed { identity } => {
+                    if let Some(session) = session {
+                        self.record_list(identity, session.remote);
+                    }
+                }
+                Effect::Notify { host, notice } => {
+                    for session in self.sessions.of(host) {
+                        session.notify(notice).await;
+                    }
+                }
+            }
         }
     }
 
-    /// Release, remembering its answer for a while: a Release whose answer was lost and that
-    /// is sent again must get Released again, not unknown-lease. Opens and Renews need no such
-    /// memory, since doing them twice has the effect of doing them once.
-    async fn release_once(
+    /// Commits store writes in one transaction, and keeps the service's own records of the
+    /// leases (their certificates, the counters, the expiry timer) in step.
+    async fn commit(
         &self,
-        session: &Session,
-        peer: &PeerIdentity,
-        release: &Release,
-        bytes: &[u8],
-    ) -> Message {
-        let key = release
-            .common
-            .request_id
-            .map(|id| (peer.identity.clone(), id));
-        if let Some(key) = &key
-            && let Some((previous, answer)) = self.answered.get(key)
-            && *previous == *bytes
-        {
-            return answer;
+        session: Option<&Session>,
+        writes: &[Write],
+    ) -> Result<(), crate::store::StoreError> {
+        let certificate = session
+            .and_then(|s| s.peer.as_ref())
+            .map(|p| p.certificate.clone());
+        let ops = writes
+            .iter()
+            .map(|write| write_op(write, certificate.clone()))
+            .collect();
+        // A lease out of the book is gone whatever the store says: the records follow the book.
+        for write in writes {
+            if let Write::End { id, end, by, .. } = write {
+                lock(&self.lease_credentials).remove(id);
+                self.metrics.live_leases.dec();
+                let label = match end {
+                    LeaseEnd::Released => "released",
+                    LeaseEnd::Expired => "expired",
+                    LeaseEnd::Revoked(_) => "revoked",
+                };
+                self.metrics.lease_ends.with_label_values(&[label]).inc();
+                if matches!(end, LeaseEnd::Revoked(_)) {
+                    info!(lease = %id, by = by.as_deref().unwrap_or("-"), "revoked");
+                }
+            }
         }
-        let answer = self.release(session, peer, release).await;
-        if let (Some(key), Message::Released(_)) = (key, &answer) {
-            self.answered
-                .insert(key, (Arc::from(bytes), answer.clone()));
+        self.store.writer().commit(ops).await?;
+        for write in writes {
+            match write {
+                Write::Insert { lease, .. } => {
+                    self.metrics.live_leases.inc();
+                    self.expiry_changed.notify_one();
+                    if let Some(certificate) = &certificate {
+                        lock(&self.lease_credentials).insert(lease.id, certificate.clone());
+                    }
+                }
+                // A Renew may shorten the lease: the timer must look at the new expiry.
+                Write::Renew { id, .. } => {
+                    self.expiry_changed.notify_one();
+                    if let Some(certificate) = &certificate {
+                        lock(&self.lease_credentials).insert(*id, certificate.clone());
+                    }
+                }
+                _ => {}
+            }
         }
-        answer
+        Ok(())
     }
 
     /// A rate-limited request. The audit trail gets one record per identity per second of
@@ -793,362 +867,6 @@ impl Service {
                 Some(u32::try_from(wait.as_secs()).unwrap_or(u32::MAX).max(1))
             }
         }
-    }
-
-    fn refuse_undecodable(&self, session: &Session, bytes: &[u8], e: &DecodeError) -> Message {
-        let code = e.result_code();
-        self.metrics.request(code.name());
-        let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
-        event.outcome = Some(Outcome::Denied);
-        event.identity = session.peer.as_ref().map(|p| p.identity.clone());
-        event.peer = Some(session.remote);
-        event.code = Some(code);
-        event.reason = Some(format!("undecodable request ({} bytes): {e}", bytes.len()));
-        self.record(event);
-        let mut d = denied(codec::peek_request_id(bytes), code, e.to_string());
-        d.unsupported = e.unsupported_keys().to_vec();
-        Message::Denied(d)
-    }
-
-    fn audit_denied(
-        &self,
-        session: &Session,
-        msg: &Message,
-        code: ResultCode,
-        reason: &str,
-        rule: Option<String>,
-    ) {
-        let mut event = AuditEvent::new(now_ms(), AuditKind::Decision);
-        event.outcome = Some(Outcome::Denied);
-        event.identity = Some(session.identity().to_owned());
-        event.peer = Some(session.remote);
-        event.code = Some(code);
-        event.reason = Some(reason.to_owned());
-        event.rule = rule;
-        match msg {
-            Message::Open(open) => {
-                event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-                event.app = open.app.clone();
-            }
-            Message::Renew(renew) => event.lease = Some(renew.lease),
-            Message::Release(release) => event.lease = Some(release.lease),
-            _ => {}
-        }
-        self.record(event);
-    }
-
-    fn refuse(
-        &self,
-        session: &Session,
-        msg: &Message,
-        code: ResultCode,
-        reason: String,
-        rule: Option<String>,
-    ) -> Message {
-        self.metrics.request(code.name());
-        self.audit_denied(session, msg, code, &reason, rule);
-        let mut d = denied(msg.common().request_id, code, reason);
-        d.lease = match msg {
-            Message::Renew(r) => Some(r.lease),
-            Message::Release(r) => Some(r.lease),
-            _ => None,
-        };
-        Message::Denied(d)
-    }
-
-    fn hello(&self, session: &Session, peer: &PeerIdentity, hello: &Hello) -> Message {
-        let request = Message::Hello(hello.clone());
-        let version = match negotiate_version(hello) {
-            Ok(version) => version,
-            Err(refusal) => {
-                return self.refuse(session, &request, refusal.code(), refusal.to_string(), None);
-            }
-        };
-        let addresses = allowed_addresses(peer, session.remote.ip());
-        let limits = self.policy().limits_for(&peer.identity, &addresses);
-        let mut capabilities = Capabilities::PORT_RANGES
-            | Capabilities::REMOTE_PREFIXES
-            | Capabilities::APPLICATIONS
-            | Capabilities::NOTICES;
-        if limits.third_party {
-            capabilities |= Capabilities::THIRD_PARTY;
-        }
-        session.notices.store(
-            hello.capabilities.has(Capabilities::NOTICES),
-            std::sync::atomic::Ordering::Release,
-        );
-        session
-            .welcomed
-            .store(true, std::sync::atomic::Ordering::Release);
-        self.metrics.request("welcome");
-        info!(session = session.id, identity = %peer.identity, software = ?hello.software, "hello");
-        Message::Welcome(Welcome {
-            common: Common {
-                request_id: hello.common.request_id,
-                critical: Vec::new(),
-            },
-            version,
-            // What the gateway offers this host; the client's bits are informational (spec 14).
-            capabilities: Capabilities(capabilities),
-            limits: Limits {
-                max_message_size: MAX_MESSAGE_SIZE as u32,
-                max_streams: self.config.limits.max_streams,
-                min_lifetime: limits.lifetime.min_secs,
-                max_lifetime: limits.lifetime.max_secs,
-                max_leases: Some(limits.max_leases),
-            },
-            epoch: self.epoch,
-            time_ms: now_ms(),
-            identity: peer.identity.clone(),
-            addresses,
-        })
-    }
-
-    async fn open(
-        &self,
-        session: &Session,
-        peer: &PeerIdentity,
-        open: &Open,
-        started: Instant,
-    ) -> Message {
-        // Built only when refused: the audit record of a refusal describes the request.
-        let request = || Message::Open(open.clone());
-        let now = now_ms();
-        let addresses = allowed_addresses(peer, session.remote.ip());
-        // Resolve as if third-party were allowed; policy then decides whether this host may
-        // open an address it does not hold.
-        let hosts = match resolve_host_addresses(&open.opening, &addresses, true) {
-            Ok(hosts) => hosts,
-            Err(refusal) => {
-                return self.refuse(
-                    session,
-                    &request(),
-                    refusal.code(),
-                    refusal.to_string(),
-                    None,
-                );
-            }
-        };
-        let policy = self.policy();
-        let decision = policy.evaluate_addresses(&peer.identity, &addresses, &hosts, open);
-        let rule = decision.rule.as_ref().map(|r| r.name.to_string());
-        let allowance = match &decision.verdict {
-            Verdict::Allowed(allowance) => allowance,
-            Verdict::Denied(code) => {
-                return self.refuse(session, &request(), *code, decision.reason.clone(), rule);
-            }
-        };
-        // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
-        // grants can make before taking a lease for them. Few grants with few prefixes cannot
-        // come near the limit, so the common case skips the encoding.
-        let largest = if certainly_fits(&allowance.grants) {
-            0
-        } else {
-            codec::encode(&Message::Granted(fwnp_proto::Granted {
-                common: Common {
-                    request_id: open.common.request_id,
-                    critical: Vec::new(),
-                },
-                lease: LeaseId([0xff; 16]),
-                grants: allowance.grants.clone(),
-                lifetime: u32::MAX,
-                expires_ms: u64::MAX,
-                renew_after: u32::MAX,
-                epoch: Epoch::MAX,
-                narrowed: true,
-            }))
-            .len()
-        };
-        if largest > MAX_MESSAGE_SIZE {
-            let reason = format!(
-                "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
-            );
-            return self.refuse(
-                session,
-                &request(),
-                ResultCode::DeniedByPolicy,
-                reason,
-                rule,
-            );
-        }
-        let facts = PolicyFacts {
-            grants: allowance.grants.clone(),
-            grants_narrowed: allowance.remotes_narrowed,
-            lifetime: LifetimePolicy {
-                min: allowance.lifetime.min_secs,
-                max: allowance.lifetime.max_secs,
-                default: allowance.lifetime.default_secs,
-            },
-            max_leases: Some(allowance.max_leases),
-        };
-        let outcome = {
-            let mut book = lock(&self.book);
-            let mut rng = lock(&self.rng);
-            book.open(now, &peer.identity, open, &facts, &mut *rng)
-        };
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(refusal) => {
-                return self.refuse(
-                    session,
-                    &request(),
-                    refusal.code(),
-                    refusal.to_string(),
-                    rule,
-                );
-            }
-        };
-        let grant = outcome.grant().clone();
-        let lease = &grant.lease;
-        let elements = elements_of_all(&lease.grants);
-        // The kernel is written first unless the lease only grows longer: then the store is,
-        // so that a gateway killed in between leaves the kernel's element no longer than the
-        // stored lease (shorter at worst, which fails closed and the next start repairs).
-        let kernel_first = match &outcome {
-            OpenOutcome::NewLease(_) => true,
-            OpenOutcome::Extended {
-                previous_expires_ms,
-                ..
-            } => lease.expires_ms <= *previous_expires_ms,
-        };
-        let (store_op, kind, outcome_name) = match &outcome {
-            OpenOutcome::NewLease(_) => (
-                WriteOp::InsertLease(NewLease {
-                    id: lease.id,
-                    identity: peer.identity.clone(),
-                    peer: Some(session.remote),
-                    grants: lease.grants.clone(),
-                    app: open.app.clone(),
-                    requested_lifetime: open.lifetime.filter(|&l| l != 0),
-                    granted_lifetime: lease.lifetime,
-                    created_ms: lease.created_ms,
-                    expires_ms: lease.expires_ms,
-                    certificate: Some(peer.certificate.clone()),
-                }),
-                AuditKind::Grant,
-                Outcome::Granted,
-            ),
-            OpenOutcome::Extended { .. } => (
-                WriteOp::RenewLease {
-                    id: lease.id,
-                    renewed_ms: now,
-                    expires_ms: lease.expires_ms,
-                    granted_lifetime: lease.lifetime,
-                    certificate: Some(peer.certificate.clone()),
-                },
-                AuditKind::Grant,
-                Outcome::Granted,
-            ),
-        };
-        let mut event = AuditEvent::new(now, kind);
-        event.outcome = Some(outcome_name);
-        event.identity = Some(peer.identity.clone());
-        event.peer = Some(session.remote);
-        event.lease = Some(lease.id);
-        event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-        event.app = open.app.clone();
-        event.grants = lease.grants.clone();
-        event.granted_lifetime = Some(lease.lifetime);
-        event.rule = rule.clone();
-        event.reason = Some(match &outcome {
-            OpenOutcome::NewLease(_) => decision.reason.clone(),
-            OpenOutcome::Extended { .. } => format!("{} (extends the live lease)", decision.reason),
-        });
-        let why = |e: RefreshError| match e {
-            RefreshError::LeaseEnded => e.to_string(),
-            RefreshError::Kernel(e) => format!("kernel: {e}"),
-        };
-        if kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
-            return self
-                .give_back(session, &request(), &outcome, &elements, why(e))
-                .await;
-        }
-        // One record for the request, the decision that allowed it and the lease it made,
-        // committed with the lease: a second row per grant cost a third of the store's time.
-        if let Err(e) = self
-            .store
-            .writer()
-            .commit(vec![store_op, WriteOp::audit(event)])
-            .await
-        {
-            return self
-                .give_back(
-                    session,
-                    &request(),
-                    &outcome,
-                    &elements,
-                    format!("store: {e}"),
-                )
-                .await;
-        }
-        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
-        {
-            return self
-                .give_back(session, &request(), &outcome, &elements, why(e))
-                .await;
-        }
-        if matches!(outcome, OpenOutcome::NewLease(_)) {
-            self.metrics.live_leases.inc();
-            self.expiry_changed.notify_one();
-        }
-        lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
-        if session
-            .credential_revoked
-            .load(std::sync::atomic::Ordering::Acquire)
-        {
-            // A CRL reload revoked this connection's certificate while the lease was being
-            // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text =
-                "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(
-                &lease.id,
-                RevokeReason::CredentialRevoked,
-                "gateway",
-                Some(text.to_owned()),
-            )
-            .await;
-            self.metrics.request(ResultCode::NotAuthorized.name());
-            return Message::Denied(denied(
-                open.common.request_id,
-                ResultCode::NotAuthorized,
-                text,
-            ));
-        }
-        self.metrics.request("granted");
-        self.metrics
-            .grant_latency
-            .observe(started.elapsed().as_secs_f64());
-        Message::Granted(grant.to_granted(open.common.request_id, self.epoch))
-    }
-
-    /// Undoes a lease the book took when the kernel or the store failed.
-    async fn give_back(
-        &self,
-        session: &Session,
-        request: &Message,
-        outcome: &OpenOutcome,
-        elements: &[Element],
-        why: String,
-    ) -> Message {
-        warn!(identity = session.identity(), "lease not granted: {why}");
-        if let OpenOutcome::NewLease(grant) = outcome {
-            lock(&self.book).revoke(&grant.lease.id);
-            let (_, failure) = self.hold(&grant.lease.id, elements, None).await;
-            if let Some(e) = failure {
-                warn!(lease = %grant.lease.id, "taking back the elements of a lease not granted failed: {e}");
-            }
-        }
-        let mut answer = self.refuse(
-            session,
-            request,
-            ResultCode::NoResources,
-            format!("the gateway could not program the opening ({why})"),
-            None,
-        );
-        if let Message::Denied(d) = &mut answer {
-            d.retry_after = Some(5);
-        }
-        answer
     }
 
     /// Sets (`Some` expiry) or drops (`None`) a lease's hold on its elements and brings the
@@ -1208,7 +926,7 @@ impl Service {
         let (_, failure) = self.hold(lease, elements, Some(expires_ms)).await;
         // A revocation takes the lease out of the book before it gives up the elements, so a
         // lease still in the book now cannot have lost them to one.
-        if lock(&self.book).get(lease).is_none() {
+        if lock(&self.core).book().get(lease).is_none() {
             let _ = self.hold(lease, elements, None).await;
             return Err(RefreshError::LeaseEnded);
         }
@@ -1235,274 +953,26 @@ impl Service {
         }
     }
 
-    async fn renew(&self, session: &Session, peer: &PeerIdentity, renew: &Renew) -> Message {
-        // Built only when refused: the audit record of a refusal describes the request.
-        let request = || Message::Renew(renew.clone());
-        let now = now_ms();
-        let bounds = {
-            let book = lock(&self.book);
-            book.owned(&peer.identity, &renew.lease)
-                .map(|lease| lease.grants.clone())
-        };
-        let Some(grants) = bounds else {
-            return self.refuse(
-                session,
-                &request(),
-                ResultCode::UnknownLease,
-                Refusal::UnknownLease.to_string(),
-                None,
-            );
-        };
-        // The current policy bounds the renewed lifetime: a policy that shortened the maximum
-        // applies at the next renewal.
-        let addresses = allowed_addresses(peer, session.remote.ip());
-        let policy = self.policy();
-        if let Err(e) = policy.still_allows(&peer.identity, &addresses, &grants) {
-            // The policy changed under a live lease: end it now rather than at expiry.
-            self.revoke(
-                &renew.lease,
-                RevokeReason::PolicyChanged,
-                "gateway",
-                Some(e.to_string()),
-            )
-            .await;
-            return self.refuse(
-                session,
-                &request(),
-                ResultCode::DeniedByPolicy,
-                e.to_string(),
-                e.rule.map(|r| r.name.to_string()),
-            );
-        }
-        let limits = policy.limits_for(&peer.identity, &addresses).lifetime;
-        let renewed = lock(&self.book).renew(
-            now,
-            &peer.identity,
-            &renew.lease,
-            renew.lifetime,
-            LifetimePolicy {
-                min: limits.min_secs,
-                max: limits.max_secs,
-                default: limits.default_secs,
-            },
-        );
-        let renewed = match renewed {
-            Ok(renewed) => renewed,
-            Err(refusal) => {
-                return self.refuse(
-                    session,
-                    &request(),
-                    refusal.code(),
-                    refusal.to_string(),
-                    None,
-                );
-            }
-        };
-        let lease = &renewed.grant.lease;
-        let elements = elements_of_all(&lease.grants);
-        let not_programmed = |e: RefreshError| {
-            if matches!(e, RefreshError::LeaseEnded) {
-                return self.refuse(
-                    session,
-                    &request(),
-                    ResultCode::UnknownLease,
-                    Refusal::UnknownLease.to_string(),
-                    None,
-                );
-            }
-            warn!(lease = %lease.id, "renewal not programmed: {e}");
-            let mut answer = self.refuse(
-                session,
-                &request(),
-                ResultCode::NoResources,
-                format!("kernel: {e}"),
-                None,
-            );
-            if let Message::Denied(d) = &mut answer {
-                d.retry_after = Some(1);
-            }
-            answer
-        };
-        // A renewal that shortens the lease goes to the kernel first, one that lengthens it to
-        // the store first: a gateway killed in between leaves the kernel's element no longer
-        // than the stored lease, so that the opening never outlives it, whether or not the
-        // gateway comes back before its end. (Shorter at worst: that fails closed, the host
-        // renews again, and the next start puts the element back.)
-        let kernel_first = lease.expires_ms <= renewed.previous_expires_ms;
-        if kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await {
-            return not_programmed(e);
-        }
-        let mut event = AuditEvent::new(now, AuditKind::Renewal);
-        event.outcome = Some(Outcome::Renewed);
-        event.identity = Some(peer.identity.clone());
-        event.peer = Some(session.remote);
-        event.lease = Some(lease.id);
-        event.grants = lease.grants.clone();
-        event.granted_lifetime = Some(lease.lifetime);
-        let ops = vec![
-            WriteOp::RenewLease {
-                id: lease.id,
-                renewed_ms: now,
-                expires_ms: lease.expires_ms,
-                granted_lifetime: lease.lifetime,
-                certificate: Some(peer.certificate.clone()),
-            },
-            WriteOp::audit(event),
-        ];
-        if let Err(e) = self.store.writer().commit(ops).await {
-            return self.refuse(
-                session,
-                &request(),
-                ResultCode::NoResources,
-                format!("store: {e}"),
-                None,
-            );
-        }
-        if !kernel_first && let Err(e) = self.refresh(&lease.id, &elements, lease.expires_ms).await
-        {
-            return not_programmed(e);
-        }
-        // A Renew may shorten the lease: the timer must look at the new expiry.
-        self.expiry_changed.notify_one();
-        lock(&self.lease_credentials).insert(lease.id, peer.certificate.clone());
-        self.metrics.request("renewed");
-        Message::Granted(
-            renewed
-                .grant
-                .to_granted(renew.common.request_id, self.epoch),
-        )
-    }
-
-    async fn release(&self, session: &Session, peer: &PeerIdentity, release: &Release) -> Message {
-        // Built only when refused: the audit record of a refusal describes the request.
-        let request = || Message::Release(release.clone());
-        let now = now_ms();
-        let lease = match lock(&self.book).release(now, &peer.identity, &release.lease) {
-            Ok(lease) => lease,
-            Err(refusal) => {
-                return self.refuse(
-                    session,
-                    &request(),
-                    refusal.code(),
-                    refusal.to_string(),
-                    None,
-                );
-            }
-        };
-        self.metrics.live_leases.dec();
-        self.metrics
-            .lease_ends
-            .with_label_values(&["released"])
-            .inc();
-        self.remove_elements(
-            &lease.id,
-            &lease.grants,
-            self.config.filter.kill_connections,
-        )
-        .await;
-        self.end_lease(
-            &lease,
-            LeaseEnd::Released,
-            Some(peer.identity.clone()),
-            None,
-            Some(session.remote),
-        )
-        .await;
-        self.metrics.request("released");
-        Message::Released(Released {
-            common: Common {
-                request_id: release.common.request_id,
-                critical: Vec::new(),
-            },
-            lease: lease.id,
-        })
-    }
-
-    async fn end_lease(
-        &self,
-        lease: &fwnp_proto::gateway::Lease,
-        end: LeaseEnd,
-        by: Option<String>,
-        why: Option<String>,
-        peer: Option<SocketAddr>,
-    ) {
-        lock(&self.lease_credentials).remove(&lease.id);
-        let now = now_ms();
-        let (kind, outcome) = match end {
-            LeaseEnd::Released => (AuditKind::Release, Outcome::Released),
-            LeaseEnd::Expired => (AuditKind::Expiry, Outcome::Expired),
-            LeaseEnd::Revoked(_) => (AuditKind::Revocation, Outcome::Revoked),
-        };
-        let mut event = AuditEvent::new(now, kind);
-        event.outcome = Some(outcome);
-        event.identity = Some(lease.host.to_string());
-        event.peer = peer;
-        event.lease = Some(lease.id);
-        event.grants = lease.grants.clone();
-        event.app = lease.app.as_deref().cloned();
-        event.actor = by.clone();
-        event.reason = why.clone();
-        let ops = vec![
-            WriteOp::EndLease {
-                id: lease.id,
-                end,
-                ended_ms: now,
-                by,
-                why,
-            },
-            WriteOp::audit(event),
-        ];
-        if let Err(e) = self.store.writer().commit(ops).await {
-            warn!(lease = %lease.id, "lease end not stored: {e}");
-        }
-    }
-
-    fn list(&self, session: &Session, peer: &PeerIdentity, list: &List) -> Message {
-        let now = now_ms();
-        // A List changes nothing: the first of a host's in an interval is recorded, the rest
-        // counted into one record at its end, so that Lists cannot flood the trail.
-        if let TallyVerdict::Record(earlier) = self.lists.event(&peer.identity, session.remote) {
+    /// A List changes nothing: the first of a host's in an interval is recorded, the rest
+    /// counted into one record at its end, so that Lists cannot flood the trail.
+    fn record_list(&self, identity: &str, remote: SocketAddr) {
+        if let TallyVerdict::Record(earlier) = self.lists.event(&identity.to_owned(), remote) {
             if let Some(earlier) = earlier {
                 self.record_lists(&earlier);
             }
-            let mut event = AuditEvent::new(now, AuditKind::Request);
-            event.identity = Some(peer.identity.clone());
-            event.peer = Some(session.remote);
+            let mut event = AuditEvent::new(now_ms(), AuditKind::Request);
+            event.identity = Some(identity.to_owned());
+            event.peer = Some(remote);
             event.reason = Some("list".into());
             self.record(event);
         }
-        let leases = lock(&self.book)
-            .leases_of(&peer.identity)
-            .filter(|l| l.expires_ms > now)
-            .map(|l| l.to_lease_info(now))
-            .collect();
-        let mut answer = Leases {
-            common: Common {
-                request_id: list.common.request_id,
-                critical: Vec::new(),
-            },
-            leases,
-            epoch: self.epoch,
-        };
-        if !codec::fit_leases(&mut answer) {
-            self.metrics.request(ResultCode::NoResources.name());
-            let mut d = denied(
-                list.common.request_id,
-                ResultCode::NoResources,
-                "the list of leases does not fit in one answer",
-            );
-            d.retry_after = Some(60);
-            return Message::Denied(d);
-        }
-        self.metrics.request("listed");
-        Message::Leases(answer)
     }
 
     /// Ends leases whose time is up, in the kernel (where the element's own timeout has
     /// usually done it already) and in the store; runs until the service is dropped.
     pub async fn run_expiry(self: Arc<Self>) {
         loop {
-            let next = lock(&self.book).next_expiry();
+            let next = lock(&self.core).next_expiry();
             let wait = match next {
                 Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
                 None => Duration::from_secs(3600),
@@ -1511,23 +981,8 @@ impl Service {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.expiry_changed.notified() => continue,
             }
-            let due = lock(&self.book).expire_due(now_ms());
-            for lease in due {
-                self.metrics.live_leases.dec();
-                self.metrics
-                    .lease_ends
-                    .with_label_values(&["expired"])
-                    .inc();
-                self.remove_elements(&lease.id, &lease.grants, false).await;
-                self.end_lease(
-                    &lease,
-                    LeaseEnd::Expired,
-                    Some("gateway".into()),
-                    Some("lifetime ended".into()),
-                    None,
-                )
-                .await;
-            }
+            let due = lock(&self.core).expire_due(now_ms());
+            self.carry_out(None, &due).await;
         }
     }
 
@@ -1556,29 +1011,9 @@ impl Service {
         by: &str,
         text: Option<String>,
     ) -> Option<(fwnp_proto::gateway::Lease, Message)> {
-        let lease = lock(&self.book).revoke(id)?;
-        self.metrics.live_leases.dec();
-        self.metrics
-            .lease_ends
-            .with_label_values(&["revoked"])
-            .inc();
-        self.remove_elements(
-            &lease.id,
-            &lease.grants,
-            self.config.filter.kill_connections,
-        )
-        .await;
-        self.end_lease(
-            &lease,
-            LeaseEnd::Revoked(reason),
-            Some(by.to_owned()),
-            text.clone(),
-            None,
-        )
-        .await;
-        let notice = Message::Revoked(lease.to_revoked(reason, text.map(fit_reason)));
-        info!(lease = %lease.id, host = %lease.host, by, "revoked");
-        Some((lease, notice))
+        let revocation = lock(&self.core).revoke(now_ms(), id, reason, by, text)?;
+        self.carry_out(None, &revocation.effects).await;
+        Some((revocation.lease, revocation.notice))
     }
 
     /// Registers a QUIC endpoint that serves this service, so that [`Service::reload_tls`]
@@ -1746,7 +1181,8 @@ impl Service {
         unknown_certificate_identities: &BTreeSet<String>,
     ) -> Vec<(String, Message)> {
         let listed: Vec<(LeaseId, String, String)> = {
-            let book = lock(&self.book);
+            let core = lock(&self.core);
+            let book = core.book();
             let mut credentials = lock(&self.lease_credentials);
             // Entries of leases that ended by a path that raced with their renewal.
             credentials.retain(|id, _| book.get(id).is_some());
@@ -1809,7 +1245,7 @@ impl Service {
     /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
     /// what it revoked, for the admin API.
     async fn revoke_disallowed(&self, policy: &Policy, by: &str) -> Vec<Value> {
-        let leases: Vec<_> = lock(&self.book).iter().cloned().collect();
+        let leases: Vec<_> = lock(&self.core).book().iter().cloned().collect();
         let mut revoked = Vec::new();
         for lease in leases {
             // Judge the lease by the addresses its host holds (as Open and Renew do), known
@@ -1871,7 +1307,8 @@ impl Service {
 
     /// The admin API's status.
     pub fn status_json(&self) -> Value {
-        let book = lock(&self.book);
+        let core = lock(&self.core);
+        let book = core.book();
         let filter = self.filter.as_ref().map(|f| {
             let stats = f.stats();
             json!({
@@ -1885,7 +1322,7 @@ impl Service {
         });
         let writer = self.store.writer().stats();
         json!({
-            "epoch": format!("{:016x}", self.epoch),
+            "epoch": format!("{:016x}", self.epoch()),
             "uptime_secs": self.started.elapsed().as_secs(),
             "live_leases": book.len(),
             "hosts_with_leases": book.host_count(),
@@ -2076,6 +1513,193 @@ impl Service {
             });
         }
         while deliveries.join_next().await.is_some() {}
+    }
+}
+
+/// The store's operation for a write of the request core; `certificate` is the one the host
+/// asked with, kept with the leases it opens or renews.
+fn write_op(write: &Write, certificate: Option<Arc<crate::identity::CertificateName>>) -> WriteOp {
+    match write {
+        Write::Insert {
+            lease,
+            requested_lifetime,
+            peer,
+        } => WriteOp::InsertLease(NewLease {
+            id: lease.id,
+            identity: lease.host.to_string(),
+            peer: Some(*peer),
+            grants: lease.grants.clone(),
+            app: lease.app.as_deref().cloned(),
+            requested_lifetime: *requested_lifetime,
+            granted_lifetime: lease.lifetime,
+            created_ms: lease.created_ms,
+            expires_ms: lease.expires_ms,
+            certificate,
+        }),
+        Write::Renew {
+            id,
+            renewed_ms,
+            expires_ms,
+            granted_lifetime,
+        } => WriteOp::RenewLease {
+            id: *id,
+            renewed_ms: *renewed_ms,
+            expires_ms: *expires_ms,
+            granted_lifetime: *granted_lifetime,
+            certificate,
+        },
+        Write::End {
+            id,
+            end,
+            ended_ms,
+            by,
+            why,
+        } => WriteOp::EndLease {
+            id: *id,
+            end: *end,
+            ended_ms: *ended_ms,
+            by: by.clone(),
+            why: why.clone(),
+        },
+        Write::Audit(record) => WriteOp::audit(audit_event(record)),
+    }
+}
+
+/// The audit trail's event for a record of the request core.
+fn audit_event(record: &AuditRecord) -> AuditEvent {
+    let kind = match &record.what {
+        Audit::Refused { .. } => AuditKind::Decision,
+        Audit::Granted { .. } => AuditKind::Grant,
+        Audit::Renewed { .. } => AuditKind::Renewal,
+        Audit::Ended { end, .. } => match end {
+            LeaseEnd::Released => AuditKind::Release,
+            LeaseEnd::Expired => AuditKind::Expiry,
+            LeaseEnd::Revoked(_) => AuditKind::Revocation,
+        },
+    };
+    let mut event = AuditEvent::new(record.time_ms, kind);
+    event.peer = record.peer;
+    match &record.what {
+        Audit::Refused {
+            identity,
+            code,
+            reason,
+            rule,
+            request,
+        } => {
+            event.outcome = Some(Outcome::Denied);
+            event.identity = identity.clone();
+            event.code = Some(*code);
+            event.reason = Some(reason.clone());
+            event.rule = rule.clone();
+            match request {
+                Asked::Open(open) => {
+                    event.request =
+                        Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+                    event.app = open.app.clone();
+                }
+                Asked::Lease(id) => event.lease = Some(*id),
+                Asked::Other => {}
+            }
+        }
+        Audit::Granted {
+            lease,
+            open,
+            rule,
+            reason,
+        } => {
+            event.outcome = Some(Outcome::Granted);
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+            event.app = open.app.clone();
+            event.grants = lease.grants.clone();
+            event.granted_lifetime = Some(lease.lifetime);
+            event.rule = rule.clone();
+            event.reason = Some(reason.clone());
+        }
+        Audit::Renewed { lease } => {
+            event.outcome = Some(Outcome::Renewed);
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.grants = lease.grants.clone();
+            event.granted_lifetime = Some(lease.lifetime);
+        }
+        Audit::Ended {
+            lease,
+            end,
+            by,
+            why,
+        } => {
+            event.outcome = Some(match end {
+                LeaseEnd::Released => Outcome::Released,
+                LeaseEnd::Expired => Outcome::Expired,
+                LeaseEnd::Revoked(_) => Outcome::Revoked,
+            });
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.grants = lease.grants.clone();
+            event.app = lease.app.as_deref().cloned();
+            event.actor = by.clone();
+            event.reason = why.clone();
+        }
+    }
+    event
+}
+
+/// The policy as the request core asks it.
+impl Decide for Policy {
+    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits {
+        let limits = self.limits_for(identity, addresses);
+        HostLimits {
+            lifetime: lifetime_policy(limits.lifetime),
+            max_leases: limits.max_leases,
+            third_party: limits.third_party,
+        }
+    }
+
+    fn evaluate(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &Open,
+    ) -> Decision {
+        let decision = self.evaluate_addresses(identity, addresses, hosts, open);
+        let verdict = match decision.verdict {
+            Verdict::Allowed(allowance) => Ok(PolicyFacts {
+                grants: allowance.grants,
+                grants_narrowed: allowance.remotes_narrowed,
+                lifetime: lifetime_policy(allowance.lifetime),
+                max_leases: Some(allowance.max_leases),
+            }),
+            Verdict::Denied(code) => Err(code),
+        };
+        Decision {
+            verdict,
+            rule: decision.rule.map(|r| r.name.to_string()),
+            reason: decision.reason,
+        }
+    }
+
+    fn still_allows(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        grants: &[Grant],
+    ) -> Result<(), Objection> {
+        Policy::still_allows(self, identity, addresses, grants).map_err(|e| Objection {
+            reason: e.to_string(),
+            rule: e.rule.map(|r| r.name.to_string()),
+        })
+    }
+}
+
+fn lifetime_policy(bounds: crate::policy::LifetimeBounds) -> LifetimePolicy {
+    LifetimePolicy {
+        min: bounds.min_secs,
+        max: bounds.max_secs,
+        default: bounds.default_secs,
     }
 }
 

@@ -10,69 +10,7 @@ use serde_json::{Map, Value, json};
 
 use crate::identity::{CertificateName, Serial};
 
-/// Where a lease is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LeaseState {
-    /// Granted and not yet ended.
-    Live,
-    /// The host released it.
-    Released,
-    /// Its lifetime ran out.
-    Expired,
-    /// The gateway or an operator ended it.
-    Revoked,
-}
-
-impl LeaseState {
-    /// The name stored in the database and shown to operators.
-    pub fn name(self) -> &'static str {
-        match self {
-            LeaseState::Live => "live",
-            LeaseState::Released => "released",
-            LeaseState::Expired => "expired",
-            LeaseState::Revoked => "revoked",
-        }
-    }
-
-    /// The state with this name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "live" => LeaseState::Live,
-            "released" => LeaseState::Released,
-            "expired" => LeaseState::Expired,
-            "revoked" => LeaseState::Revoked,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for LeaseState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How a lease ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LeaseEnd {
-    /// The host released it.
-    Released,
-    /// Its lifetime ran out.
-    Expired,
-    /// It was revoked, for this reason.
-    Revoked(RevokeReason),
-}
-
-impl LeaseEnd {
-    /// The state the lease is left in.
-    pub fn state(self) -> LeaseState {
-        match self {
-            LeaseEnd::Released => LeaseState::Released,
-            LeaseEnd::Expired => LeaseState::Expired,
-            LeaseEnd::Revoked(_) => LeaseState::Revoked,
-        }
-    }
-}
+pub use fwnp_proto::gateway::request::{LeaseEnd, LeaseState};
 
 /// A lease to insert: everything known when it was granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
