@@ -47,8 +47,8 @@ use crate::metrics::Metrics;
 use crate::policy::{Policy, Verdict};
 use crate::server::{Session, Sessions};
 use crate::store::{
-    AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, NewLease, Order,
-    Outcome, ReportQuery, RequestSummary, Store, WriteOp, now_ms,
+    AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, LeaseStore, NewLease,
+    Order, Outcome, ReportQuery, RequestSummary, Store, WriteError, WriteOp, now_ms,
 };
 use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 
@@ -79,7 +79,10 @@ pub struct Service {
     /// The request path's decisions and the live leases.
     core: Mutex<RequestCore>,
     expiry_changed: tokio::sync::Notify,
+    /// The database, for the admin API's queries and the daemon's housekeeping.
     store: Store,
+    /// Where the request path writes leases and their audit records.
+    leases: Arc<dyn LeaseStore>,
     filter: Option<Batcher>,
     epoch: Epoch,
     rng: Mutex<StdRng>,
@@ -169,6 +172,9 @@ pub enum StartError {
     /// The store could not be opened or read.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// The lease store could not restore the leases of the previous run.
+    #[error("lease store: {0}")]
+    LeaseStore(#[from] WriteError),
     /// The kernel filter could not be set up.
     #[error("filter: {0}")]
     Filter(#[from] fwnp_netfilter::Error),
@@ -258,6 +264,24 @@ impl Service {
         config: GatewayConfig,
         filter: Option<Batcher>,
     ) -> Result<Arc<Service>, StartError> {
+        let mut options = crate::store::StoreOptions::default();
+        if config.store.synchronous_full {
+            options.synchronous = crate::store::Synchronous::Full;
+        }
+        let store = Store::open_with(&config.state_dir, options)?;
+        let leases: Arc<dyn LeaseStore> = Arc::new(store.clone());
+        Self::start_with_store(config, filter, store, leases).await
+    }
+
+    /// As [`Service::start`], with the leases written to and restored from `leases` instead of
+    /// the database `store` (which still answers the admin API's queries): the seam where
+    /// another backend plugs in.
+    pub async fn start_with_store(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+        store: Store,
+        leases: Arc<dyn LeaseStore>,
+    ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
         for warning in policy.warnings() {
             warn!(
@@ -267,12 +291,7 @@ impl Service {
                 warning.message
             );
         }
-        let mut options = crate::store::StoreOptions::default();
-        if config.store.synchronous_full {
-            options.synchronous = crate::store::Synchronous::Full;
-        }
-        let store = Store::open_with(&config.state_dir, options)?;
-        let epoch = store.epoch();
+        let epoch = leases.epoch();
         let limiter = limiter_for(&policy);
         let window = config.limits.audit_count_interval;
         let service = Arc::new(Service {
@@ -291,6 +310,7 @@ impl Service {
             })),
             expiry_changed: tokio::sync::Notify::new(),
             store,
+            leases,
             filter,
             epoch,
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -351,7 +371,7 @@ impl Service {
 
     async fn restore(&self) -> Result<(), StartError> {
         let now = now_ms();
-        let restored = self.store.restore(now).await?;
+        let restored = self.leases.restore(now).await?;
         let leases = restored.live.iter().map(|r| fwnp_proto::gateway::Lease {
             id: r.id,
             host: Arc::from(r.identity.as_str()),
@@ -438,7 +458,7 @@ impl Service {
     /// Records an audit event without holding up an answer; a full queue loses the event
     /// with a warning rather than stalling the service.
     fn record(&self, event: AuditEvent) {
-        if let Err(e) = self.store.writer().record_audit(event) {
+        if let Err(e) = self.leases.record(vec![WriteOp::audit(event)]) {
             warn!("audit event not recorded: {e}");
         }
     }
@@ -771,11 +791,7 @@ impl Service {
 
     /// Commits store writes in one transaction, and keeps the service's own records of the
     /// leases (their certificates, the counters, the expiry timer) in step.
-    async fn commit(
-        &self,
-        session: Option<&Session>,
-        writes: &[Write],
-    ) -> Result<(), crate::store::StoreError> {
+    async fn commit(&self, session: Option<&Session>, writes: &[Write]) -> Result<(), WriteError> {
         let certificate = session
             .and_then(|s| s.peer.as_ref())
             .map(|p| p.certificate.clone());
@@ -799,7 +815,7 @@ impl Service {
                 }
             }
         }
-        self.store.writer().commit(ops).await?;
+        self.leases.commit(ops).await?;
         for write in writes {
             match write {
                 Write::Insert { lease, .. } => {
