@@ -12,7 +12,6 @@ use tracing::{error, info, warn};
 use crate::config::GatewayConfig;
 use crate::policy::Policy;
 use crate::service::Service;
-use crate::tls::{ServerOptions, ServerTlsFiles};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,28 +61,8 @@ pub fn init_logging(json: bool) {
 /// Checks what a start would read: the policy and the TLS files.
 pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {
     Policy::load(&config.policy)?;
-    crate::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
+    crate::tls::server_config_from_files(&config.tls_files(), &config.server_options())?;
     Ok(())
-}
-
-/// The TLS files named by the configuration.
-pub fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
-    ServerTlsFiles {
-        cert: config.certificate.clone(),
-        key: config.key.clone(),
-        ca: config.ca.clone(),
-        crl: config.crl.clone(),
-    }
-}
-
-/// The TLS and transport options the gateway serves with.
-pub fn server_options(config: &GatewayConfig) -> ServerOptions {
-    ServerOptions {
-        max_concurrent_bidi_streams: config.limits.max_streams,
-        // No unidirectional stream for the host (initial_max_streams_uni 0): a client never
-        // opens one, and a peer that tries anyway is refused by QUIC flow control.
-        ..ServerOptions::default()
-    }
 }
 
 /// The gateway's nftables layout from its configuration.
@@ -102,7 +81,7 @@ pub fn layout(config: &GatewayConfig) -> Layout {
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
-    let tls = crate::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+    let tls = crate::tls::server_config_from_files(&config.tls_files(), &config.server_options())?;
     let filter = if config.filter.enabled {
         let layout = layout(&config);
         let mut netfilter = Netfilter::open()?;
@@ -211,7 +190,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
             _ = hangup.recv() => {
                 let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
                 match service.reload_policy().await {
-                    Ok(result) => info!("SIGHUP: {result}"),
+                    Ok(result) => info!(
+                        "SIGHUP: {}",
+                        serde_json::to_value(&result).unwrap_or_default()
+                    ),
                     Err(e) => error!("SIGHUP: {}", e.message),
                 }
                 if let Err(e) = service.reload_tls().await {
