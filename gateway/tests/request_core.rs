@@ -83,6 +83,9 @@ struct Host {
     next_id: u64,
 }
 
+/// Which effect fails (the first it matches), and how.
+type Failing = (fn(&Effect) -> bool, EffectFailure);
+
 /// What one request came to: the answer, and every effect carried out for it, in order.
 struct Outcome {
     answer: Message,
@@ -143,7 +146,7 @@ impl Gateway {
         &mut self,
         host: &mut Host,
         bytes: &[u8],
-        fail: Option<(fn(&Effect) -> bool, EffectFailure)>,
+        fail: Option<Failing>,
     ) -> Outcome {
         let mut carried = Vec::new();
         let answer = match self.step(host, bytes) {

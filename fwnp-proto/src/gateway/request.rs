@@ -584,10 +584,13 @@ enum Ticket {
     },
 }
 
+/// A Release's bytes, the answer it got and when, Unix ms.
+type Remembered = (Arc<[u8]>, Message, u64);
+
 /// The Release answers remembered for a retry, under (identity, request id).
 #[derive(Debug, Default)]
 struct ReplayMemory {
-    answers: HashMap<(String, u64), (Arc<[u8]>, Message, u64)>,
+    answers: HashMap<(String, u64), Remembered>,
     /// Keys in the order remembered, with the time they were, to forget the oldest first.
     order: VecDeque<(u64, (String, u64))>,
 }
