@@ -582,3 +582,36 @@ pub struct ReportAnswer {
     /// A policy that would allow what was asked, as TOML.
     pub suggested_policy: String,
 }
+
+/// `POST /v1/policy/explain`: a request described for the policy to judge.
+///
+/// ```
+/// let body = fwnp_gateway::api::ExplainRequest {
+///     host: "fwnp://host/web-01".into(),
+///     open: "tcp/8080".into(),
+///     address: Some("192.0.2.10".into()),
+///     ..Default::default()
+/// };
+/// let json = serde_json::to_value(&body).unwrap();
+/// assert_eq!(json["open"], "tcp/8080");
+/// assert!(json.get("addresses").is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainRequest {
+    /// The host's identity.
+    pub host: String,
+    /// What it asks to open: `tcp/8080`, `udp/5000-5010`, `app:https`.
+    pub open: String,
+    /// The addresses the host holds; none: it holds `address`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The host address to open; none: its first address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The remote prefixes asked for; none means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    /// The lifetime asked, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<u64>,
+}

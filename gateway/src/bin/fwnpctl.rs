@@ -9,8 +9,8 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
 use fwnp_gateway::api::{
-    AppView, AuditEventView, AuditFollowAnswer, AuditPageAnswer, GrantView, LeasesAnswer,
-    ReloadAnswer, ReportAnswer, RevokeAnswer, RevokeRequest,
+    AppView, AuditEventView, AuditFollowAnswer, AuditPageAnswer, ExplainRequest, GrantView,
+    LeasesAnswer, ReloadAnswer, ReportAnswer, RevokeAnswer, RevokeRequest,
 };
 use fwnp_gateway::pki::{self, RevocationReason, Validity};
 use fwnp_gateway::policy::Policy;
@@ -324,7 +324,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ),
                 None => None,
             };
-            let body = json!({ "host": host, "open": open, "address": address.to_string(), "from": from, "lifetime": lifetime });
+            let body = AdminClient::body(&ExplainRequest {
+                host,
+                open,
+                addresses: Vec::new(),
+                address: Some(address.to_string()),
+                from,
+                lifetime,
+            })?;
             let answer = match policy {
                 Some(file) => {
                     let policy = Policy::load(&file).map_err(|e| Failure::Other(e.to_string()))?;
