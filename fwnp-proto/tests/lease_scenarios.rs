@@ -5,19 +5,23 @@
 //! given seed.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use fwnp_proto::codec;
-use fwnp_proto::gateway::{LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts};
+use fwnp_proto::gateway::request::{
+    ConnectionState, CoreConfig, Decide, Decision, Effect, HostLimits, Objection, Peer,
+    RequestCore, Step,
+};
+use fwnp_proto::gateway::{LifetimePolicy, OpenOutcome, PolicyFacts};
 use fwnp_proto::lease::{
     FIRST_RETRY_DELAY, LeaseEvent, LeaseMachine, LeaseState, MAX_RETRY_DELAY, REQUEST_TIMEOUT,
     ReopenCause, renewal_window,
 };
 use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
-    Common, Denied, EpochChanged, Grant, Granted, LeaseId, Message, Opening, PortRange, Protocol,
-    Released, ResultCode, RevokeReason, Target,
+    Capabilities, Common, Denied, EpochChanged, Grant, Granted, Hello, LeaseId, Message, Open,
+    Opening, PortRange, Protocol, Released, ResultCode, RevokeReason, Target,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -44,12 +48,67 @@ fn over_the_wire(message: &Message) -> Message {
     codec::decode(&codec::encode(message)).expect("a message this crate built decodes")
 }
 
-/// The gateway side: the pure lease book plus the few facts a policy would give.
-struct SimGateway {
-    book: LeaseBook,
-    epoch: u64,
+/// The few facts a policy would give: every port opening asked is granted on the host's one
+/// address, within these lifetime bounds and this quota.
+struct SimPolicy {
     policy: LifetimePolicy,
     max_leases: Option<u32>,
+}
+
+impl Decide for SimPolicy {
+    fn host_limits(&self, _identity: &str, _addresses: &[IpAddr]) -> HostLimits {
+        HostLimits {
+            lifetime: self.policy,
+            max_leases: self.max_leases.unwrap_or(u32::MAX),
+            third_party: false,
+        }
+    }
+
+    fn evaluate(
+        &self,
+        _identity: &str,
+        _addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &Open,
+    ) -> Decision {
+        let Target::Ports { protocol, ports } = open.opening.target.clone() else {
+            return Decision::denied(ResultCode::UnknownApplication, "no catalogue");
+        };
+        Decision::allowed(PolicyFacts {
+            grants: hosts
+                .iter()
+                .map(|&host| Grant {
+                    protocol,
+                    ports,
+                    host,
+                    remotes: open.opening.remotes.clone(),
+                    app: None,
+                })
+                .collect(),
+            grants_narrowed: false,
+            lifetime: self.policy,
+            max_leases: self.max_leases,
+        })
+    }
+
+    fn still_allows(
+        &self,
+        _identity: &str,
+        _addresses: &[IpAddr],
+        _grants: &[Grant],
+    ) -> Result<(), Objection> {
+        Ok(())
+    }
+}
+
+/// The gateway side: the real request core (lease book, Hello rules, replay memory) with a
+/// simulated policy; its kernel and store effects always succeed.
+struct SimGateway {
+    core: RequestCore,
+    epoch: u64,
+    decide: SimPolicy,
+    /// The state of the host's current connection.
+    connection: ConnectionState,
     /// Answers to give instead of processing the next requests (Denied with a code).
     scripted_denials: VecDeque<(ResultCode, Option<u32>)>,
     /// When set, Renew answers are refused with this code (the lease itself is untouched).
@@ -58,22 +117,37 @@ struct SimGateway {
     t0: Instant,
 }
 
+const HOST_ADDRESSES: [IpAddr; 1] = [HOST_ADDR];
+
+fn core_config(epoch: u64) -> CoreConfig {
+    CoreConfig {
+        epoch,
+        max_streams: 16,
+        kill_connections: false,
+    }
+}
+
 impl SimGateway {
     fn new(seed: u64, t0: Instant) -> Self {
-        SimGateway {
-            book: LeaseBook::new(),
+        let mut gateway = SimGateway {
+            core: RequestCore::new(core_config(0xE0)),
             epoch: 0xE0,
-            policy: LifetimePolicy {
-                min: 60,
-                max: 3600,
-                default: 600,
+            decide: SimPolicy {
+                policy: LifetimePolicy {
+                    min: 60,
+                    max: 3600,
+                    default: 600,
+                },
+                max_leases: Some(16),
             },
-            max_leases: Some(16),
+            connection: ConnectionState::default(),
             scripted_denials: VecDeque::new(),
             refuse_renewals: None,
             rng: StdRng::seed_from_u64(seed ^ 0x5eed),
             t0,
-        }
+        };
+        gateway.connect(t0);
+        gateway
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -81,10 +155,29 @@ impl SimGateway {
         GATEWAY_CLOCK_START_MS + elapsed
     }
 
+    /// A new connection: its Hello goes through the core, which must welcome it.
+    fn connect(&mut self, now: Instant) {
+        self.connection = ConnectionState::default();
+        let hello = Message::Hello(Hello {
+            common: Common {
+                request_id: Some(0),
+                critical: Vec::new(),
+            },
+            versions: vec![1],
+            capabilities: Capabilities(Capabilities::NOTICES),
+            software: None,
+        });
+        let answer = self.handle(now, &hello);
+        assert!(
+            matches!(answer, Message::Welcome(ref w) if w.epoch == self.epoch),
+            "{answer:?}"
+        );
+    }
+
     /// The gateway restarts without its state: empty book, new epoch.
     fn lose_state(&mut self) {
-        self.book = LeaseBook::new();
         self.epoch += 1;
+        self.core = RequestCore::new(core_config(self.epoch));
     }
 
     fn denied(request_id: Option<u64>, code: ResultCode, retry_after: Option<u32>) -> Message {
@@ -103,63 +196,38 @@ impl SimGateway {
 
     fn handle(&mut self, now: Instant, request: &Message) -> Message {
         let now_ms = self.now_ms(now);
-        self.book.expire_due(now_ms);
+        self.core.expire_due(now_ms);
         let request_id = request.common().request_id;
         if let Some((code, retry_after)) = self.scripted_denials.pop_front() {
             return Self::denied(request_id, code, retry_after);
         }
-        match request {
-            Message::Open(open) => {
-                let Target::Ports { protocol, ports } = open.opening.target.clone() else {
-                    return Self::denied(request_id, ResultCode::UnknownApplication, None);
-                };
-                let facts = PolicyFacts {
-                    grants: vec![Grant {
-                        protocol,
-                        ports,
-                        host: HOST_ADDR,
-                        remotes: open.opening.remotes.clone(),
-                        app: None,
-                    }],
-                    grants_narrowed: false,
-                    lifetime: self.policy,
-                    max_leases: self.max_leases,
-                };
-                match self.book.open(now_ms, HOST, open, &facts, &mut self.rng) {
-                    Ok(outcome) => {
-                        Message::Granted(outcome.grant().to_granted(request_id, self.epoch))
-                    }
-                    Err(refusal) => Message::Denied(refusal.to_denied(request_id, None)),
-                }
-            }
-            Message::Renew(renew) => {
-                if let Some(code) = self.refuse_renewals {
-                    return Self::denied(request_id, code, None);
-                }
-                match self
-                    .book
-                    .renew(now_ms, HOST, &renew.lease, renew.lifetime, self.policy)
-                {
-                    Ok(renewed) => {
-                        Message::Granted(renewed.grant.to_granted(request_id, self.epoch))
-                    }
-                    Err(refusal) => {
-                        Message::Denied(refusal.to_denied(request_id, Some(renew.lease)))
-                    }
-                }
-            }
-            Message::Release(release) => match self.book.release(now_ms, HOST, &release.lease) {
-                Ok(lease) => Message::Released(Released {
-                    common: Common {
-                        request_id,
-                        critical: Vec::new(),
-                    },
-                    lease: lease.id,
-                }),
-                Err(refusal) => Message::Denied(refusal.to_denied(request_id, Some(release.lease))),
-            },
-            _ => Self::denied(request_id, ResultCode::MalformedRequest, None),
+        if let (Message::Renew(_), Some(code)) = (request, self.refuse_renewals) {
+            return Self::denied(request_id, code, None);
         }
+        let peer = Peer {
+            identity: Some(HOST),
+            no_identity: "",
+            remote: SocketAddr::new(HOST_ADDR, 40_000),
+            addresses: &HOST_ADDRESSES,
+        };
+        let step = self.core.handle(
+            now_ms,
+            self.connection,
+            &peer,
+            &codec::encode(request),
+            &self.decide,
+            &mut self.rng,
+        );
+        let answer = match step {
+            Step::Answer(answer) => answer,
+            Step::Pending(pending) => self.core.finish(now_ms, pending, Ok(())),
+        };
+        for effect in &answer.effects {
+            if let Effect::Welcomed { .. } = effect {
+                self.connection.welcomed = true;
+            }
+        }
+        answer.message
     }
 }
 
@@ -340,7 +408,8 @@ impl Sim {
         };
         let at_gateway = self
             .gateway
-            .book
+            .core
+            .book()
             .get(&lease.id)
             .expect("the gateway holds the mirrored lease");
         assert!(
@@ -449,7 +518,8 @@ fn first_open_is_granted_and_mirrors_the_gateway() {
     let lease = sim.client.lease().expect("granted").clone();
     let at_gateway = sim
         .gateway
-        .book
+        .core
+        .book()
         .get(&lease.id)
         .expect("the gateway holds it");
     assert_eq!(lease.grants, at_gateway.grants);
@@ -548,12 +618,12 @@ fn lost_answers_are_retried_with_doubling_jittered_capped_delays() {
         ids.dedup();
         assert_eq!(ids.len(), all);
         // The gateway extended one lease each time instead of creating duplicates.
-        assert_eq!(sim.gateway.book.len(), 1);
+        assert_eq!(sim.gateway.core.book().len(), 1);
         // Once the answers come through, the lease is granted and the backoff starts over.
         sim.link.drop_answers = false;
         sim.run_for(120.0);
         assert_eq!(sim.client.state(), LeaseState::Active, "seed {seed}");
-        assert_eq!(sim.gateway.book.lease_count(HOST), 1);
+        assert_eq!(sim.gateway.core.book().lease_count(HOST), 1);
     }
 }
 
@@ -627,7 +697,12 @@ fn revocation_is_terminal() {
     sim.run_for(10.0);
     sim.check_mirror = false;
     let id = sim.granted_lease();
-    let lease = sim.gateway.book.revoke(&id).expect("the gateway holds it");
+    let lease = sim
+        .gateway
+        .core
+        .book_mut()
+        .revoke(&id)
+        .expect("the gateway holds it");
     sim.push_notice(Message::Revoked(
         lease.to_revoked(RevokeReason::Operator, Some("maintenance".into())),
     ));
@@ -695,7 +770,7 @@ fn epoch_change_reopens_and_keeps_the_mirror_until_the_answer() {
     let new = sim.client.lease().expect("re-granted").clone();
     assert_ne!(new.id, old.id);
     assert_eq!(new.epoch, new_epoch);
-    assert!(sim.gateway.book.get(&new.id).is_some());
+    assert!(sim.gateway.core.book().get(&new.id).is_some());
     let reopening = sim.events_matching(|e| matches!(e, LeaseEvent::Reopening { .. }));
     assert_eq!(
         reopening[0].1,
@@ -748,7 +823,7 @@ fn release_is_local_at_once_and_reaches_the_gateway() {
     );
     sim.run_for(1.0);
     assert_eq!(sim.sent_of(is_release), vec![now]);
-    assert!(sim.gateway.book.get(&id).is_none());
+    assert!(sim.gateway.core.book().get(&id).is_none());
     assert!(sim.client.is_finished());
     assert_eq!(sim.client.poll_timeout(), None);
 }
@@ -768,7 +843,7 @@ fn a_lost_release_is_retried_until_the_old_expiry_at_most() {
     assert!(sim.client.is_finished());
     // The gateway still holds it: its own expiry ends it.
     let now_ms = sim.gateway.now_ms(sim.now);
-    assert_eq!(sim.gateway.book.expire_due(now_ms).len(), 1);
+    assert_eq!(sim.gateway.core.book_mut().expire_due(now_ms).len(), 1);
 }
 
 #[test]
@@ -786,7 +861,7 @@ fn release_while_the_open_is_in_flight_gives_the_lease_back() {
     sim.run_for(5.0);
     // The Granted that arrived after the release was answered with a Release.
     assert_eq!(sim.sent_of(is_release).len(), 1);
-    assert!(sim.gateway.book.is_empty());
+    assert!(sim.gateway.core.book().is_empty());
     assert!(sim.events_matching(is_granted).is_empty());
     assert!(sim.client.is_finished());
 }
@@ -798,7 +873,7 @@ fn unknown_lease_on_renew_reopens_once() {
     sim.check_mirror = false;
     let old = sim.granted_lease();
     // The gateway forgot the lease without telling (same epoch).
-    sim.gateway.book.revoke(&old).expect("held");
+    sim.gateway.core.book_mut().revoke(&old).expect("held");
     sim.run_for(400.0);
     assert_eq!(sim.client.state(), LeaseState::Active);
     let new = sim.granted_lease();
@@ -824,9 +899,9 @@ fn a_denied_reopen_is_reported_lost() {
     sim.run_for(10.0);
     sim.check_mirror = false;
     let old = sim.granted_lease();
-    sim.gateway.book.revoke(&old).expect("held");
+    sim.gateway.core.book_mut().revoke(&old).expect("held");
     // The Renew meets unknown-lease; the re-open then meets a quota of zero.
-    sim.gateway.max_leases = Some(0);
+    sim.gateway.decide.max_leases = Some(0);
     sim.run_for(400.0);
     assert_eq!(
         sim.client.state(),
@@ -983,19 +1058,29 @@ fn idempotent_reopen_through_the_link_returns_the_same_lease() {
     let answer = sim.gateway.handle(sim.now, &over_the_wire(&open));
     second.handle_answer(sim.now, &over_the_wire(&answer), &mut rng);
     assert_eq!(second.lease_id(), Some(first));
-    assert_eq!(sim.gateway.book.lease_count(HOST), 1);
+    assert_eq!(sim.gateway.core.book().lease_count(HOST), 1);
+    let grants = sim
+        .gateway
+        .core
+        .book()
+        .get(&first)
+        .expect("held")
+        .grants
+        .clone();
+    let now_ms = sim.gateway.now_ms(sim.now);
+    let lifetime = sim.gateway.decide.policy;
     assert!(matches!(
-        sim.gateway.book.open(
-            sim.gateway.now_ms(sim.now),
+        sim.gateway.core.book_mut().open(
+            now_ms,
             HOST,
             &match open {
                 Message::Open(o) => o,
                 _ => unreachable!(),
             },
             &PolicyFacts {
-                grants: sim.gateway.book.get(&first).expect("held").grants.clone(),
+                grants,
                 grants_narrowed: false,
-                lifetime: sim.gateway.policy,
+                lifetime,
                 max_leases: Some(1),
             },
             &mut rng,
@@ -1063,7 +1148,7 @@ fn under_random_loss_and_delay_the_mirror_never_outlives_the_gateway_lease() {
             }
         }
         // Only one lease at the gateway at any time: retries extended it instead of duplicating.
-        assert!(sim.gateway.book.len() <= 1, "seed {seed}");
+        assert!(sim.gateway.core.book().len() <= 1, "seed {seed}");
         // Every request that went out for the live lease was answered or retried in time.
         let renews = sim.sent_of(is_renew);
         assert!(
@@ -1135,7 +1220,7 @@ impl RestartSim {
         let mut rng = StdRng::seed_from_u64(seed);
         let client = LeaseMachine::new(t0, tcp_opening(8080), Some(lifetime), None, &mut rng);
         let mut gateway = SimGateway::new(seed, t0);
-        gateway.policy = LifetimePolicy {
+        gateway.decide.policy = LifetimePolicy {
             min: lifetime,
             max: 3600,
             default: lifetime,
@@ -1237,11 +1322,12 @@ impl RestartSim {
                 self.attempt = None;
                 self.connection = Some(SimConnection {
                     run: self.gateway_run(now),
-                    timers: TransportTimers::for_min_lifetime(Some(self.gateway.policy.min)),
+                    timers: TransportTimers::for_min_lifetime(Some(self.gateway.decide.policy.min)),
                     last_sent: now,
                     last_heard: now,
                 });
                 self.reconnect.connected(now);
+                self.gateway.connect(now);
                 self.client.epoch_observed(now, self.gateway.epoch);
                 self.client.reconnected(now, &mut self.rng);
             }

@@ -25,50 +25,39 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::{Value, json};
+use serde_json::Value;
 
+use crate::api::{
+    AdminErrorKind, AuditAnswer, ErrorAnswer, LeasesAnswer, ReloadAnswer, ReportAnswer,
+    RevokeAnswer, RevokeRequest, StatusAnswer, TlsReload,
+};
 use crate::service::Service;
 
-/// An admin request that failed, with the HTTP status it maps to.
-#[derive(Debug)]
-pub struct AdminError {
-    /// The status.
-    pub status: StatusCode,
-    /// What went wrong, for the operator.
-    pub message: String,
-}
+pub use crate::api::AdminError;
 
-impl AdminError {
-    /// A request the operator can correct (400).
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        AdminError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-        }
-    }
-    /// Something that does not exist (404).
-    pub fn not_found(message: impl Into<String>) -> Self {
-        AdminError {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-        }
-    }
-    /// A failure of the gateway itself (500).
-    pub fn internal(message: impl Into<String>) -> Self {
-        AdminError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-        }
+/// The HTTP status of a failed request: the domain's kinds of failure mapped here, where HTTP
+/// is spoken.
+fn status_of(kind: AdminErrorKind) -> StatusCode {
+    match kind {
+        AdminErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        AdminErrorKind::NotFound => StatusCode::NOT_FOUND,
+        AdminErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl IntoResponse for AdminError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({ "error": self.message }))).into_response()
+        (
+            status_of(self.kind),
+            Json(ErrorAnswer {
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 
-type AdminResult = Result<Json<Value>, AdminError>;
+type AdminResult<T> = Result<Json<T>, AdminError>;
 
 /// Binds the admin socket, readable and writable by root only, and serves it until the task
 /// is dropped.
@@ -129,71 +118,76 @@ pub fn router(service: Arc<Service>) -> Router {
         .with_state(service)
 }
 
-async fn status(State(service): State<Arc<Service>>) -> AdminResult {
-    Ok(Json(service.status_json()))
+async fn status(State(service): State<Arc<Service>>) -> AdminResult<StatusAnswer> {
+    Ok(Json(service.status()))
 }
 
 async fn leases(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
-) -> AdminResult {
-    service.leases_json(&query).await.map(Json)
+) -> AdminResult<LeasesAnswer> {
+    service.leases(&query).await.map(Json)
 }
 
 async fn revoke(
     State(service): State<Arc<Service>>,
     UrlPath(id): UrlPath<String>,
-    body: Option<Json<Value>>,
-) -> AdminResult {
+    body: Option<Json<RevokeRequest>>,
+) -> AdminResult<RevokeAnswer> {
     let lease = id
         .parse()
         .map_err(|_| AdminError::bad_request(format!("{id:?} is not a lease id")))?;
-    let reason = body
-        .as_ref()
-        .and_then(|Json(v)| v.get("reason"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    let reason = body.and_then(|Json(body)| body.reason);
     service.revoke_by_operator(lease, reason).await.map(Json)
 }
 
 async fn audit(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
-) -> AdminResult {
-    service.audit_json(&query).await.map(Json)
+) -> AdminResult<AuditAnswer> {
+    service.audit(&query).await.map(Json)
 }
 
-async fn reload(State(service): State<Arc<Service>>) -> AdminResult {
+async fn reload(State(service): State<Arc<Service>>) -> AdminResult<ReloadAnswer> {
     // On a task of its own, so that it runs to its end even if the operator's client goes away:
     // stopped between revoking a host's leases and closing its connection, it would leave the
     // connection open.
     let reload = tokio::spawn(async move {
         // The CRL is re-read with the policy, as on SIGHUP.
         let tls = service.reload_tls().await;
-        let mut result = service.reload_policy().await?;
-        match tls {
-            Ok(closed) => {
-                result["tls"] = json!("reloaded");
-                result["closed_connections"] = json!(closed);
-            }
-            Err(e) => result["tls"] = json!({ "error": e.to_string() }),
-        }
-        Ok(Json(result))
+        let reloaded = service.reload_policy().await?;
+        let (tls, closed_connections) = match tls {
+            Ok(closed) => (TlsReload::reloaded(), Some(closed)),
+            Err(e) => (
+                TlsReload::Failed {
+                    error: e.to_string(),
+                },
+                None,
+            ),
+        };
+        Ok(Json(ReloadAnswer {
+            reloaded,
+            tls,
+            closed_connections,
+        }))
     });
     reload
         .await
         .map_err(|e| AdminError::internal(format!("the reload did not finish: {e}")))?
 }
 
-async fn explain(State(service): State<Arc<Service>>, Json(body): Json<Value>) -> AdminResult {
+async fn explain(
+    State(service): State<Arc<Service>>,
+    Json(body): Json<Value>,
+) -> AdminResult<Value> {
     service.explain_json(&body).map(Json)
 }
 
 async fn report(
     State(service): State<Arc<Service>>,
     Query(query): Query<HashMap<String, String>>,
-) -> AdminResult {
-    service.report_json(&query).await.map(Json)
+) -> AdminResult<ReportAnswer> {
+    service.report(&query).await.map(Json)
 }
 
 async fn metrics(State(service): State<Arc<Service>>) -> String {

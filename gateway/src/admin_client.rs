@@ -40,6 +40,14 @@ pub enum AdminClientError {
     /// The answer was not JSON.
     #[error("admin API answered something that is not JSON: {0}")]
     NotJson(String),
+    /// The answer was JSON, but not the answer the request has (a gateway of another version).
+    #[error("admin API answered {path} with an unexpected shape: {reason}")]
+    Unexpected {
+        /// The request's path.
+        path: String,
+        /// What did not fit.
+        reason: String,
+    },
 }
 
 impl AdminClientError {
@@ -71,6 +79,30 @@ impl AdminClient {
     /// `POST path` with a JSON body.
     pub async fn post(&self, path: &str, body: &Value) -> Result<Value, AdminClientError> {
         self.call(Method::POST, path, Some(body)).await
+    }
+
+    /// The typed answer of `answer`, which came from `path`.
+    ///
+    /// ```
+    /// use fwnp_gateway::admin_client::AdminClient;
+    /// use fwnp_gateway::api::RevokeAnswer;
+    /// let answer = serde_json::json!({ "revoked": "00ff", "host": "fwnp://host/web-01" });
+    /// let typed: RevokeAnswer = AdminClient::typed("/v1/leases/00ff/revoke", &answer).unwrap();
+    /// assert_eq!(typed.revoked, "00ff");
+    /// ```
+    pub fn typed<T: serde::de::DeserializeOwned>(
+        path: &str,
+        answer: &Value,
+    ) -> Result<T, AdminClientError> {
+        T::deserialize(answer).map_err(|e| AdminClientError::Unexpected {
+            path: path.split('?').next().unwrap_or(path).to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The JSON body of a typed request.
+    pub fn body<T: serde::Serialize>(body: &T) -> Result<Value, AdminClientError> {
+        serde_json::to_value(body).map_err(|e| AdminClientError::Http(e.to_string()))
     }
 
     async fn call(

@@ -234,6 +234,26 @@ fn default_retention() -> Spanned<String> {
 }
 
 impl GatewayConfig {
+    /// The TLS files named by the configuration.
+    pub fn tls_files(&self) -> fwnp_trust::tls::ServerTlsFiles {
+        fwnp_trust::tls::ServerTlsFiles {
+            cert: self.certificate.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            crl: self.crl.clone(),
+        }
+    }
+
+    /// The TLS and transport options the gateway serves with.
+    pub fn server_options(&self) -> fwnp_trust::tls::ServerOptions {
+        fwnp_trust::tls::ServerOptions {
+            max_concurrent_bidi_streams: self.limits.max_streams,
+            // No unidirectional stream for the host (initial_max_streams_uni 0): a client never
+            // opens one, and a peer that tries anyway is refused by QUIC flow control.
+            ..fwnp_trust::tls::ServerOptions::default()
+        }
+    }
+
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

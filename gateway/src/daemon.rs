@@ -12,7 +12,6 @@ use tracing::{error, info, warn};
 use crate::config::GatewayConfig;
 use crate::policy::Policy;
 use crate::service::Service;
-use fwnp_trust::tls::{ServerOptions, ServerTlsFiles};
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -49,28 +48,8 @@ pub enum DaemonError {
 /// Checks what a start would read: the policy and the TLS files.
 pub fn check(config: &GatewayConfig) -> Result<(), DaemonError> {
     Policy::load(&config.policy)?;
-    fwnp_trust::tls::server_config_from_files(&tls_files(config), &server_options(config))?;
+    fwnp_trust::tls::server_config_from_files(&config.tls_files(), &config.server_options())?;
     Ok(())
-}
-
-/// The TLS files named by the configuration.
-pub fn tls_files(config: &GatewayConfig) -> ServerTlsFiles {
-    ServerTlsFiles {
-        cert: config.certificate.clone(),
-        key: config.key.clone(),
-        ca: config.ca.clone(),
-        crl: config.crl.clone(),
-    }
-}
-
-/// The TLS and transport options the gateway serves with.
-pub fn server_options(config: &GatewayConfig) -> ServerOptions {
-    ServerOptions {
-        max_concurrent_bidi_streams: config.limits.max_streams,
-        // No unidirectional stream for the host (initial_max_streams_uni 0): a client never
-        // opens one, and a peer that tries anyway is refused by QUIC flow control.
-        ..ServerOptions::default()
-    }
 }
 
 /// The gateway's nftables layout from its configuration.
@@ -90,7 +69,7 @@ pub fn layout(config: &GatewayConfig) -> Layout {
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     let tls =
-        fwnp_trust::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+        fwnp_trust::tls::server_config_from_files(&config.tls_files(), &config.server_options())?;
     let filter = if config.filter.enabled {
         let layout = layout(&config);
         let mut netfilter = Netfilter::open()?;
@@ -186,7 +165,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     while signals.next().await == Request::Reload {
         notify(Status::Reloading);
         match service.reload_policy().await {
-            Ok(result) => info!("SIGHUP: {result}"),
+            Ok(result) => info!(
+                "SIGHUP: {}",
+                serde_json::to_value(&result).unwrap_or_default()
+            ),
             Err(e) => error!("SIGHUP: {}", e.message),
         }
         if let Err(e) = service.reload_tls().await {

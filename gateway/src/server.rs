@@ -3,11 +3,9 @@
 //! on gateway-opened unidirectional streams. What a request means is [`crate::service`]'s
 //! business; this module only moves bytes and enforces the transport's limits.
 
-use std::collections::HashMap;
 use std::future::IntoFuture;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fwnp_proto::{MAX_MESSAGE_SIZE, Message, QuicErrorCode, ResultCode};
@@ -15,6 +13,7 @@ use quinn::{ReadToEndError, VarInt};
 use tracing::{debug, info, warn};
 
 use crate::service::{Admission, Service};
+use crate::sessions::{HostLink, NoticeError, NoticeFuture, Session};
 use fwnp_trust::identity::PeerIdentity;
 
 /// How long a connection may go without a Hello before it is closed.
@@ -28,160 +27,6 @@ const RATE_LIMITED_PAUSE: Duration = Duration::from_millis(10);
 
 fn code(c: QuicErrorCode) -> VarInt {
     VarInt::from_u32(c.code())
-}
-
-/// One authenticated connection, as the service sees it.
-#[derive(Debug)]
-pub struct Session {
-    /// A number unique within this gateway process, for logs.
-    pub id: u64,
-    /// Who the certificate says the peer is; `None` when the certificate names no identity,
-    /// in which case every request is refused with not-authorized.
-    pub peer: Option<PeerIdentity>,
-    /// Why the certificate names no usable identity.
-    pub identity_error: Option<String>,
-    /// The source address of the connection.
-    pub remote: SocketAddr,
-    /// Whether Hello was answered with Welcome on this connection.
-    pub welcomed: AtomicBool,
-    /// Whether the client's Hello set the NOTICES capability: only then may notices be sent
-    /// (spec section 5.3), and never before Welcome.
-    pub notices: AtomicBool,
-    /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
-    /// connection is about to be closed, and no further request on it is served.
-    pub credential_revoked: AtomicBool,
-    /// Whether a request on this connection was refused as rate-limited since the connection
-    /// last took a stream: the next one waits [`RATE_LIMITED_PAUSE`].
-    rate_limited: AtomicBool,
-    connection: quinn::Connection,
-}
-
-impl Session {
-    /// The identity, or a placeholder for audit when the certificate named none.
-    pub fn identity(&self) -> &str {
-        self.peer
-            .as_ref()
-            .map_or("(no identity)", |p| p.identity.as_str())
-    }
-
-    /// Sends a notice on a new unidirectional stream; a failure only means the host is gone,
-    /// which the lease's own expiry then handles.
-    pub async fn notify(&self, notice: &Message) {
-        if !self.notices.load(Ordering::Acquire) {
-            return;
-        }
-        let bytes = fwnp_proto::codec::encode(notice);
-        let result = async {
-            let mut stream = self.connection.open_uni().await?;
-            stream.write_all(&bytes).await?;
-            stream.finish()?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        }
-        .await;
-        if let Err(e) = result {
-            debug!(
-                session = self.id,
-                identity = self.identity(),
-                "notice not delivered: {e}"
-            );
-        }
-    }
-
-    /// Sends a notice like [`Session::notify`] and waits, at most `within`, until the host has
-    /// acknowledged all of it: for a notice followed by closing the connection, which would
-    /// drop data not yet delivered.
-    pub async fn notify_delivered(&self, notice: &Message, within: Duration) {
-        if !self.notices.load(Ordering::Acquire) {
-            return;
-        }
-        let bytes = fwnp_proto::codec::encode(notice);
-        let result = tokio::time::timeout(within, async {
-            let mut stream = self.connection.open_uni().await?;
-            stream.write_all(&bytes).await?;
-            stream.finish()?;
-            stream.stopped().await?;
-            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
-        })
-        .await;
-        match result {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!(
-                session = self.id,
-                identity = self.identity(),
-                "notice not delivered: {e}"
-            ),
-            Err(_) => debug!(
-                session = self.id,
-                identity = self.identity(),
-                "notice not acknowledged in time"
-            ),
-        }
-    }
-
-    /// Closes the connection with a protocol error code.
-    pub fn close(&self, reason: QuicErrorCode, text: &str) {
-        self.connection.close(code(reason), text.as_bytes());
-    }
-}
-
-/// The live connections, by identity: used to push notices and to cap connections per identity.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    by_identity: Mutex<HashMap<String, Vec<Arc<Session>>>>,
-    next_id: AtomicU64,
-}
-
-impl Sessions {
-    /// The sessions of one identity.
-    pub fn of(&self, identity: &str) -> Vec<Arc<Session>> {
-        self.lock().get(identity).cloned().unwrap_or_default()
-    }
-
-    /// How many connections are open.
-    pub fn count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
-    }
-
-    /// Every live session.
-    pub fn all(&self) -> Vec<Arc<Session>> {
-        self.lock().values().flatten().cloned().collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Arc<Session>>>> {
-        // A panic elsewhere while holding the lock leaves a map that is still consistent.
-        self.by_identity.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The key a session is counted under: its identity, or for a certificate without one (kept
-    /// only long enough to be told so), its address, so that one such host cannot use up the
-    /// connections of every other.
-    pub(crate) fn key_of(session: &Session) -> String {
-        match &session.peer {
-            Some(peer) => peer.identity.clone(),
-            None => format!("(no identity) {}", session.remote.ip()),
-        }
-    }
-
-    fn insert(&self, session: &Arc<Session>, limit: u32) -> bool {
-        let mut map = self.lock();
-        let list = map.entry(Self::key_of(session)).or_default();
-        if list.len() >= limit as usize {
-            return false;
-        }
-        list.push(session.clone());
-        true
-    }
-
-    fn remove(&self, session: &Session) {
-        let mut map = self.lock();
-        let key = Self::key_of(session);
-        if let Some(list) = map.get_mut(&key) {
-            list.retain(|s| s.id != session.id);
-            if list.is_empty() {
-                map.remove(&key);
-            }
-        }
-    }
 }
 
 /// Accepts connections until the endpoint is closed. Before any TLS work, each attempt is
@@ -253,17 +98,13 @@ async fn handle_connection(
                 (None, Some(reason))
             }
         };
-    let session = Arc::new(Session {
-        id: service.sessions.next_id.fetch_add(1, Ordering::Relaxed),
+    let session = Arc::new(Session::new(
+        service.sessions.next_id(),
         peer,
         identity_error,
         remote,
-        welcomed: AtomicBool::new(false),
-        notices: AtomicBool::new(false),
-        credential_revoked: AtomicBool::new(false),
-        rate_limited: AtomicBool::new(false),
-        connection: connection.clone(),
-    });
+        Box::new(QuicLink(connection.clone())),
+    ));
     if !service
         .sessions
         .insert(&session, service.config.limits.max_connections_per_identity)
@@ -373,5 +214,40 @@ async fn handle_stream(
         // Let the answer leave before the connection closes.
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         session.close(QuicErrorCode::VersionMismatch, "no version in common");
+    }
+}
+
+/// A host's QUIC connection, as the sessions reach it: notices on new unidirectional streams.
+#[derive(Debug)]
+struct QuicLink(quinn::Connection);
+
+impl HostLink for QuicLink {
+    fn send_notice(
+        &self,
+        bytes: Vec<u8>,
+        acknowledged_within: Option<Duration>,
+    ) -> NoticeFuture<'_> {
+        Box::pin(async move {
+            let send = async {
+                let mut stream = self.0.open_uni().await?;
+                stream.write_all(&bytes).await?;
+                stream.finish()?;
+                if acknowledged_within.is_some() {
+                    stream.stopped().await?;
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+            };
+            match acknowledged_within {
+                None => send.await.map_err(|e| NoticeError::Failed(e.to_string())),
+                Some(within) => match tokio::time::timeout(within, send).await {
+                    Ok(result) => result.map_err(|e| NoticeError::Failed(e.to_string())),
+                    Err(_) => Err(NoticeError::NotAcknowledged),
+                },
+            }
+        })
+    }
+
+    fn close(&self, reason: QuicErrorCode, text: &str) {
+        self.0.close(code(reason), text.as_bytes());
     }
 }

@@ -1,7 +1,9 @@
-//! The gateway's service over real QUIC with real certificates: every message of the protocol,
-//! every error path the spec names, identity and address rules, ownership, idempotent re-open,
-//! quotas, rate limits, policy reload and operator revocation with their notices, expiry by the
-//! gateway's own timer, and the audit trail of it all.
+//! The gateway's service over real QUIC with real certificates: identity and addresses from
+//! certificates, the transport's limits, rate limits, idempotent re-open under concurrency,
+//! policy reload, CRL reload and operator revocation with their notices on unidirectional
+//! streams, expiry by the gateway's own timer, restarts, and the audit trail of it all. The
+//! decisions that need no socket (Hello rules, ownership, quotas, lifetimes, the size bound, the
+//! Release replay rule) are tested against the request core in `tests/request_core.rs`.
 //!
 //! The service runs with its kernel filter disabled (no root needed); `tests/netns.rs` runs the
 //! real daemon against the real kernel. Every gateway listens on 127.0.0.1 only.
@@ -15,8 +17,8 @@ use std::time::Duration;
 use common::*;
 use fwnp_gateway::store::{AuditKind, LeaseFilter, LeaseState, Outcome};
 use fwnp_proto::{
-    Capabilities, HostAddresses, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, PortRange, Protocol,
-    QuicErrorCode, ResultCode, RevokeReason,
+    Capabilities, HostAddresses, MAX_MESSAGE_SIZE, Message, PortRange, Protocol, QuicErrorCode,
+    ResultCode, RevokeReason,
 };
 use fwnp_trust::pki::{self, RevocationReason};
 use fwnp_trust::tls::{ClientTlsFiles, ServerOptions};
@@ -141,77 +143,6 @@ async fn hello_is_answered_with_welcome_naming_identity_addresses_epoch_and_limi
         "{:?}",
         welcome.capabilities
     );
-}
-
-#[tokio::test]
-async fn welcome_announces_the_gateways_capabilities_whatever_the_hello_offers() {
-    let gw = TestGateway::start("caps", POLICY).await;
-    let gateway_offers = Capabilities::PORT_RANGES
-        | Capabilities::REMOTE_PREFIXES
-        | Capabilities::APPLICATIONS
-        | Capabilities::NOTICES;
-    // Whatever a client announces (its bits are informational, spec section 14), Welcome says
-    // what the gateway supports and offers this host: here everything but THIRD_PARTY.
-    for (n, offered) in [
-        0,
-        Capabilities::THIRD_PARTY,
-        Capabilities::NOTICES,
-        Capabilities::ALL,
-        1 << 40,
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        let client = gw.host(&format!("web-{n}"), &[HOST_A]).await;
-        let welcome = match client.request(&hello_msg(Some(9), &[1], offered)).await {
-            Message::Welcome(w) => w,
-            other => panic!("expected Welcome, got {other:?}"),
-        };
-        assert_eq!(
-            welcome.capabilities,
-            Capabilities(gateway_offers),
-            "Hello offered {offered:#x}"
-        );
-    }
-}
-
-#[tokio::test]
-async fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
-    let gw = TestGateway::start("hello-first", POLICY).await;
-    let client = gw.host("web-01", &[HOST_A]).await;
-    for request in [
-        open_msg(Some(1), tcp(7001), None),
-        Message::List(fwnp_proto::List {
-            common: common(Some(2)),
-        }),
-        Message::Release(fwnp_proto::Release {
-            common: common(Some(3)),
-            lease: fwnp_proto::LeaseId([7; 16]),
-        }),
-        // Invalid as well (port 0): the missing Hello is named first (spec 11.3, steps 4, 5).
-        open_msg(Some(4), tcp(0), None),
-        // Out of range as well (more than seven days).
-        open_msg(Some(5), tcp(7001), Some(MAX_LIFETIME_SECS + 1)),
-    ] {
-        let d = denied(client.request(&request).await);
-        assert_eq!(d.code, ResultCode::HelloRequired, "{d:?}");
-        assert_eq!(d.common.request_id, request.common().request_id);
-    }
-    assert!(
-        gw.service.store().live_leases().expect("leases").is_empty(),
-        "nothing was opened"
-    );
-
-    client.hello().await;
-    let d = denied(
-        client
-            .request(&hello_msg(Some(50), &[1], Capabilities::ALL))
-            .await,
-    );
-    assert_eq!(d.code, ResultCode::MalformedRequest);
-    assert_eq!(d.common.request_id, Some(50));
-    // The connection keeps working after the refused second Hello.
-    granted(client.open(tcp(7001), None).await);
 }
 
 /// A host that says Hello and then has nothing to ask for a while (most hosts, most of the time)
@@ -350,62 +281,6 @@ async fn open_list_reopen_renew_release() {
 }
 
 #[tokio::test]
-async fn only_the_owner_may_renew_release_or_list_a_lease() {
-    let gw = TestGateway::start("owner", POLICY).await;
-    let (a, _) = gw.welcomed_host("web-a", &[HOST_A]).await;
-    let (b, _) = gw.welcomed_host("web-b", &[HOST_B]).await;
-    let lease = granted(a.open(tcp(7100), None).await).lease;
-
-    let renew = denied(b.renew(lease, None).await);
-    assert_eq!(renew.code, ResultCode::UnknownLease);
-    let release = denied(b.release(lease).await);
-    assert_eq!(release.code, ResultCode::UnknownLease);
-    // Indistinguishable from a lease that does not exist.
-    let missing = denied(b.release(fwnp_proto::LeaseId([0x5a; 16])).await);
-    assert_eq!(missing.code, release.code);
-    assert_eq!(
-        missing.reason, release.reason,
-        "the reason must not tell the two cases apart"
-    );
-    assert!(b.list().await.leases.is_empty(), "B does not see A's lease");
-
-    // A's lease is untouched.
-    assert_eq!(a.list().await.leases.len(), 1);
-    granted(a.renew(lease, None).await);
-    assert!(matches!(a.release(lease).await, Message::Released(_)));
-}
-
-#[tokio::test]
-async fn denied_by_policy_names_the_rule_and_no_match_says_so() {
-    let gw = TestGateway::start("denied", POLICY).await;
-    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-
-    let d = denied(client.open(tcp(23), None).await);
-    assert_eq!(d.code, ResultCode::DeniedByPolicy);
-    let reason = d.reason.expect("a reason");
-    assert!(
-        reason.contains("no-telnet"),
-        "the reason names the rule: {reason}"
-    );
-
-    let d = denied(client.open(tcp(9999), None).await);
-    assert_eq!(d.code, ResultCode::DeniedByPolicy);
-    assert!(d.reason.is_some());
-
-    // The decision is in the audit trail with its rule.
-    gw.wait_audit(&[AuditKind::Decision], None, |records| {
-        records.iter().any(|r| {
-            r.event.outcome == Some(Outcome::Denied)
-                && r.event.code == Some(ResultCode::DeniedByPolicy)
-                && r.event.rule.as_deref() == Some("no-telnet")
-                && r.event.identity.as_deref() == Some("fwnp://host/web-01")
-        })
-    })
-    .await;
-    assert!(client.list().await.leases.is_empty());
-}
-
-#[tokio::test]
 async fn an_identity_the_policy_does_not_mention_is_welcomed_and_denied_by_policy_not_unauthorized()
 {
     let gw = TestGateway::start("unmentioned", POLICY).await;
@@ -513,50 +388,6 @@ async fn addresses_the_host_does_not_hold_need_third_party_rights() {
         denied(lb.open(outside, None).await).code,
         ResultCode::AddressMismatch
     );
-}
-
-#[tokio::test]
-async fn lifetimes_above_seven_days_are_out_of_range() {
-    let gw = TestGateway::start("lifetime", POLICY).await;
-    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    let d = denied(client.open(tcp(7001), Some(MAX_LIFETIME_SECS + 1)).await);
-    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
-    // Exactly seven days is in range and clamped by policy.
-    let g = granted(client.open(tcp(7001), Some(MAX_LIFETIME_SECS)).await);
-    assert_eq!(g.lifetime, 3600);
-    let d = denied(client.renew(g.lease, Some(MAX_LIFETIME_SECS + 1)).await);
-    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
-    // So is one too large for 32 bits: it is still a lifetime above the maximum.
-    let too_long = with_extra_keys(
-        &open_msg(Some(91), tcp(7003), None),
-        vec![(4, ciborium::Value::Integer((1u64 << 32).into()))],
-    );
-    let d = denied(client.request_bytes(&too_long).await);
-    assert_eq!(d.code, ResultCode::LifetimeOutOfRange, "{d:?}");
-    assert_eq!(d.common.request_id, Some(91));
-    // A lifetime below the minimum is raised to it (0 never means delete).
-    let short = granted(client.open(tcp(7002), Some(0)).await);
-    assert_eq!(short.lifetime, 600, "0 asks for the default");
-}
-
-#[tokio::test]
-async fn the_quota_counts_new_leases_only() {
-    let gw = TestGateway::start("quota", POLICY).await;
-    let (client, welcome) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    assert_eq!(welcome.limits.max_leases, Some(3));
-    let first = granted(client.open(tcp(7001), None).await).lease;
-    granted(client.open(tcp(7002), None).await);
-    granted(client.open(tcp(7003), None).await);
-    let d = denied(client.open(tcp(7004), None).await);
-    assert_eq!(d.code, ResultCode::QuotaExceeded, "{d:?}");
-    // Re-opening a held lease is not a new lease: still granted at the quota.
-    assert_eq!(granted(client.open(tcp(7001), None).await).lease, first);
-    // Releasing one makes room.
-    assert!(matches!(client.release(first).await, Message::Released(_)));
-    granted(client.open(tcp(7004), None).await);
-    // The quota is per host: another host is not affected.
-    let (other, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
-    granted(other.open(tcp(7001), None).await);
 }
 
 #[tokio::test]
@@ -784,57 +615,6 @@ async fn malformed_items_and_unknown_critical_keys_are_denied() {
     assert_eq!(ports, vec![7001]);
 }
 
-/// `message` encoded, with the opening's (key 3's) key 6 set to `remotes` as it is.
-fn with_opening_remotes(message: &Message, remotes: ciborium::Value) -> Vec<u8> {
-    let bytes = fwnp_proto::codec::encode(message);
-    let mut value: ciborium::Value =
-        ciborium::from_reader(bytes.as_slice()).expect("our own encoding parses");
-    let opening = value
-        .as_map_mut()
-        .and_then(|m| {
-            m.iter_mut()
-                .find(|(k, _)| *k == ciborium::Value::Integer(3.into()))
-        })
-        .and_then(|(_, v)| v.as_map_mut())
-        .expect("an Open has an opening map");
-    opening.retain(|(k, _)| *k != ciborium::Value::Integer(6.into()));
-    opening.push((ciborium::Value::Integer(6.into()), remotes));
-    let mut out = Vec::new();
-    ciborium::into_writer(&value, &mut out).expect("encode");
-    out
-}
-
-/// Openings the decoder or validation must refuse before any policy sees them: an IPv4-mapped
-/// IPv6 host address (the host holds the IPv4 address it maps, and the policy allows the port)
-/// or remote prefix, and an empty list of remote prefixes, which is not "from any".
-#[tokio::test]
-async fn mapped_addresses_and_empty_remote_lists_are_malformed_options() {
-    let gw = TestGateway::start("mapped", POLICY).await;
-    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    let mut mapped = tcp(7001);
-    mapped.host = fwnp_proto::HostAddresses::One("::ffff:192.0.2.10".parse().expect("an address"));
-    let d = denied(client.open(mapped, None).await);
-    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
-
-    let mut mapped_remote = tcp(7002);
-    mapped_remote.remotes = vec![fwnp_proto::Prefix {
-        addr: "::ffff:198.51.100.0".parse().expect("an address"),
-        len: 120,
-    }];
-    let d = denied(client.open(mapped_remote, None).await);
-    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
-
-    let bytes = with_opening_remotes(
-        &open_msg(Some(90), tcp(7003), None),
-        ciborium::Value::Array(vec![]),
-    );
-    let d = denied(client.request_bytes(&bytes).await);
-    assert_eq!(d.code, ResultCode::MalformedOption, "{d:?}");
-    assert_eq!(d.common.request_id, Some(90));
-
-    assert!(client.list().await.leases.is_empty(), "nothing was opened");
-}
-
 #[tokio::test]
 async fn an_oversized_request_is_reset_without_an_answer() {
     let gw = TestGateway::start("oversized", POLICY).await;
@@ -925,47 +705,6 @@ async fn a_client_that_opens_a_unidirectional_stream_is_closed_with_protocol_vio
     );
 }
 
-#[tokio::test]
-async fn a_repeated_request_id_gets_the_first_answer() {
-    let gw = TestGateway::start("replay", POLICY).await;
-    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    let lease = granted(client.open(tcp(7001), None).await).lease;
-
-    let release = fwnp_proto::codec::encode(&Message::Release(fwnp_proto::Release {
-        common: common(Some(4242)),
-        lease,
-    }));
-    let first = client.request_bytes(&release).await;
-    assert!(matches!(first, Message::Released(_)), "{first:?}");
-    // A retry of the same request (same id, same bytes): the same answer, not unknown-lease.
-    let second = client.request_bytes(&release).await;
-    assert_eq!(second, first);
-    // Also on another connection of the same identity.
-    let (again, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    assert_eq!(again.request_bytes(&release).await, first);
-    // The same id with other content is a new request.
-    let other = fwnp_proto::codec::encode(&Message::Renew(fwnp_proto::Renew {
-        common: common(Some(4242)),
-        lease,
-        lifetime: None,
-    }));
-    assert_eq!(
-        denied(client.request_bytes(&other).await).code,
-        ResultCode::UnknownLease
-    );
-    // Another identity with the same id and bytes is not answered from this host's window.
-    let (b, _) = gw.welcomed_host("web-02", &[HOST_B]).await;
-    assert_eq!(
-        denied(b.request_bytes(&release).await).code,
-        ResultCode::UnknownLease
-    );
-    // Only one release happened.
-    let releases = gw
-        .wait_audit(&[AuditKind::Release], Some(lease), |r| !r.is_empty())
-        .await;
-    assert_eq!(releases.len(), 1);
-}
-
 /// The policy without the UDP ports of `hosts-web`.
 fn policy_without_udp() -> String {
     POLICY.replace(
@@ -988,7 +727,8 @@ async fn a_policy_reload_revokes_what_it_no_longer_allows_and_notifies_the_host(
         .reload_policy()
         .await
         .expect_err("a broken policy is refused");
-    assert_eq!(error.status.as_u16(), 400);
+    // Mapped to HTTP 400 by the admin API.
+    assert_eq!(error.kind, fwnp_gateway::api::AdminErrorKind::BadRequest);
     assert!(
         error.message.contains("old one stays in force"),
         "{}",
@@ -1017,11 +757,7 @@ async fn a_policy_reload_revokes_what_it_no_longer_allows_and_notifies_the_host(
     // A valid file without UDP: the UDP leases are revoked and the host is told.
     write_policy(&gw.policy_path, &policy_without_udp());
     let result = gw.service.reload_policy().await.expect("reload");
-    assert_eq!(
-        result["revoked"].as_array().map(Vec::len),
-        Some(2),
-        "{result}"
-    );
+    assert_eq!(result.revoked.len(), 2, "{result:?}");
     let mut revoked = HashSet::new();
     for _ in 0..2 {
         match client.next_notice(STEP).await {
@@ -1720,9 +1456,9 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
     .expect("revoke");
     let closed = gw.service.reload_tls().await.expect("reload");
     assert_eq!(closed.len(), 1, "{closed:?}");
-    assert_eq!(closed[0]["host"], json!("fwnp://host/doomed"));
-    assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
-    assert_eq!(closed[0]["leases_revoked"], json!(1));
+    assert_eq!(closed[0].host, "fwnp://host/doomed");
+    assert_eq!(closed[0].serial, revocation.serial.as_str());
+    assert_eq!(closed[0].leases_revoked, 1);
 
     // The host is told first, then the connection is closed with NoError.
     match doomed.next_notice(STEP).await {
@@ -1765,7 +1501,7 @@ async fn a_crl_reload_revokes_the_leases_of_a_revoked_certificate_and_closes_its
         .map(|l| l.id)
         .collect();
     assert_eq!(live, HashSet::from([kept]));
-    assert_eq!(gw.service.status_json()["live_leases"], json!(1));
+    assert_eq!(gw.service.status().live_leases, 1);
     let offline_record = gw
         .service
         .store()
@@ -1861,8 +1597,8 @@ async fn a_crl_reload_revokes_the_leases_of_a_stolen_certificate_while_its_host_
     .expect("revoke");
     let closed = gw.service.reload_tls().await.expect("reload");
     assert_eq!(closed.len(), 1, "{closed:?}");
-    assert_eq!(closed[0]["serial"], json!(revocation.serial.as_str()));
-    assert_eq!(closed[0]["leases_revoked"], json!(2), "{closed:?}");
+    assert_eq!(closed[0].serial, revocation.serial.as_str());
+    assert_eq!(closed[0].leases_revoked, 2, "{closed:?}");
 
     // The thief's connection closes; both leases the stolen certificate last opened or renewed
     // are revoked, and the real host, connected under its new certificate, is told.
@@ -2114,16 +1850,11 @@ async fn a_policy_reload_judges_third_party_leases_by_the_hosts_own_addresses() 
         ),
     );
     let result = gw.service.reload_policy().await.expect("reload");
-    let revoked: Vec<_> = result["revoked"]
-        .as_array()
-        .expect("revoked")
-        .iter()
-        .map(|r| r["lease"].clone())
-        .collect();
+    let revoked: Vec<_> = result.revoked.iter().map(|r| r.lease.clone()).collect();
     assert_eq!(
         revoked,
-        vec![json!(third_party.to_string())],
-        "only the third-party lease loses its ground: {result}"
+        vec![third_party.to_string()],
+        "only the third-party lease loses its ground: {result:?}"
     );
     match lb.next_notice(STEP).await {
         Some(Message::Revoked(r)) => assert_eq!(r.lease, third_party),
@@ -2346,43 +2077,6 @@ async fn a_list_that_would_exceed_the_size_limit_drops_application_information()
     }
 }
 
-#[tokio::test]
-async fn a_grant_that_would_exceed_the_size_limit_is_denied_instead() {
-    let gw = TestGateway::start("big-grant", POLICY).await;
-    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
-    // 1200 remote prefixes fit in a request; the https application doubles them in the grant.
-    let remotes: Vec<fwnp_proto::Prefix> = (0..1200u32)
-        .map(|i| fwnp_proto::Prefix {
-            addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))),
-            len: 24,
-        })
-        .collect();
-    let mut opening = app("https");
-    opening.remotes = remotes;
-    let request = fwnp_proto::codec::encode(&open_msg(Some(5), opening, None));
-    assert!(
-        request.len() <= MAX_MESSAGE_SIZE,
-        "the request itself fits: {}",
-        request.len()
-    );
-    match client.exchange(&request).await {
-        Exchange::Answer(answer) => {
-            assert!(
-                answer.len() <= MAX_MESSAGE_SIZE,
-                "an answer of {} bytes",
-                answer.len()
-            );
-            let d = denied(fwnp_proto::codec::decode(&answer).expect("decodes"));
-            assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
-        }
-        other => panic!("no usable answer: {other:?}"),
-    }
-    assert!(
-        client.list().await.leases.is_empty(),
-        "no lease is left behind"
-    );
-}
-
 /// The daemon as a child process, killed and reaped when dropped.
 struct Daemon(Option<std::process::Child>);
 
@@ -2580,19 +2274,6 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
         .map(|l| l.id)
         .collect();
     assert_eq!(live, vec![kept]);
-}
-
-#[tokio::test]
-async fn hello_picks_version_one_from_a_list() {
-    let gw = TestGateway::start("versions", POLICY).await;
-    let client = gw.host("web-01", &[HOST_A]).await;
-    match client
-        .request(&hello_msg(Some(1), &[3, 2, 1], Capabilities::ALL))
-        .await
-    {
-        Message::Welcome(w) => assert_eq!(w.version, 1),
-        other => panic!("expected Welcome, got {other:?}"),
-    }
 }
 
 #[tokio::test]

@@ -8,6 +8,10 @@ use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand};
 use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
+use fwnp_gateway::api::{
+    AppView, AuditEventView, AuditFollowAnswer, AuditPageAnswer, ExplainRequest, GrantView,
+    LeasesAnswer, ReloadAnswer, ReportAnswer, RevokeAnswer, RevokeRequest,
+};
 use fwnp_gateway::policy::Policy;
 use fwnp_trust::pki::{self, RevocationReason, Validity};
 use serde_json::{Value, json};
@@ -320,7 +324,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ),
                 None => None,
             };
-            let body = json!({ "host": host, "open": open, "address": address.to_string(), "from": from, "lifetime": lifetime });
+            let body = AdminClient::body(&ExplainRequest {
+                host,
+                open,
+                addresses: Vec::new(),
+                address: Some(address.to_string()),
+                from,
+                lifetime,
+            })?;
             let answer = match policy {
                 Some(file) => {
                     let policy = Policy::load(&file).map_err(|e| Failure::Other(e.to_string()))?;
@@ -350,27 +361,20 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             })
         }
         Command::Policy(PolicyCommand::Reload) => {
-            let answer = admin.post("/v1/policy/reload", &json!({})).await?;
+            let path = "/v1/policy/reload";
+            let answer = admin.post(path, &Value::Object(Default::default())).await?;
             if json_out {
                 println!("{answer}");
             } else {
-                let revoked = answer
-                    .get("revoked")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let answer: ReloadAnswer = AdminClient::typed(path, &answer)?;
+                let reloaded = answer.reloaded;
                 println!(
                     "policy {} loaded; {} live leases revoked",
-                    answer["policy"].as_str().unwrap_or("?"),
-                    revoked.len()
+                    reloaded.policy,
+                    reloaded.revoked.len()
                 );
-                for r in revoked {
-                    println!(
-                        "  revoked {} ({}): {}",
-                        r["lease"].as_str().unwrap_or("?"),
-                        r["host"].as_str().unwrap_or("?"),
-                        r["why"].as_str().unwrap_or("")
-                    );
+                for r in reloaded.revoked {
+                    println!("  revoked {} ({}): {}", r.lease, r.host, r.why);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -389,29 +393,25 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ("protocol", protocol),
                 ("serial", serial),
             ]);
-            let answer = admin.get(&format!("/v1/leases{q}")).await?;
+            let path = format!("/v1/leases{q}");
+            let answer = admin.get(&path).await?;
             if json_out {
                 println!("{answer}");
             } else {
-                print_leases(&answer);
+                print_leases(&AdminClient::typed(&path, &answer)?);
             }
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { id, reason } => {
+            let path = format!("/v1/leases/{}/revoke", percent_encode(&id));
             let answer = admin
-                .post(
-                    &format!("/v1/leases/{}/revoke", percent_encode(&id)),
-                    &json!({ "reason": reason }),
-                )
+                .post(&path, &AdminClient::body(&RevokeRequest { reason })?)
                 .await?;
             if json_out {
                 println!("{answer}");
             } else {
-                println!(
-                    "revoked {} held by {}",
-                    answer["revoked"].as_str().unwrap_or("?"),
-                    answer["host"].as_str().unwrap_or("?")
-                );
+                let answer: RevokeAnswer = AdminClient::typed(&path, &answer)?;
+                println!("revoked {} held by {}", answer.revoked, answer.host);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -437,30 +437,30 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             let mut first = base.to_vec();
             first.push(("since", since));
             first.push(("limit", Some(limit.to_string())));
-            let answer = admin.get(&format!("/v1/audit{}", query(&first))).await?;
-            let mut events: Vec<Value> = answer["events"].as_array().cloned().unwrap_or_default();
+            let path = format!("/v1/audit{}", query(&first));
+            let page: AuditPageAnswer = AdminClient::typed(&path, &admin.get(&path).await?)?;
+            let mut events = page.events;
             events.reverse(); // oldest first on screen, like a log
-            let mut last = events
-                .iter()
-                .filter_map(|e| e["id"].as_u64())
-                .max()
-                .unwrap_or(0);
+            let mut last = events.iter().map(|e| e.id).max().unwrap_or(0);
             print_audit(&events, json_out, true);
             if follow {
                 if last == 0 {
                     // Nothing matched yet: follow from the newest event of any kind.
-                    let newest = admin.get("/v1/audit?limit=1").await?;
-                    last = newest["events"][0]["id"].as_u64().unwrap_or(0);
+                    let path = "/v1/audit?limit=1";
+                    let newest: AuditPageAnswer =
+                        AdminClient::typed(path, &admin.get(path).await?)?;
+                    last = newest.events.first().map_or(0, |e| e.id);
                 }
                 loop {
                     let mut pairs = base.to_vec();
                     pairs.push(("after", Some(last.to_string())));
                     pairs.push(("wait", Some("30s".into())));
                     pairs.push(("order", Some("oldest".into())));
-                    let answer = admin.get(&format!("/v1/audit{}", query(&pairs))).await?;
-                    let events = answer["events"].as_array().cloned().unwrap_or_default();
-                    print_audit(&events, json_out, false);
-                    last = answer["next_after"].as_u64().unwrap_or(last);
+                    let path = format!("/v1/audit{}", query(&pairs));
+                    let answer: AuditFollowAnswer =
+                        AdminClient::typed(&path, &admin.get(&path).await?)?;
+                    print_audit(&answer.events, json_out, false);
+                    last = answer.next_after;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -470,24 +470,21 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             host,
             policy_only,
         } => {
-            let answer = admin
-                .get(&format!(
-                    "/v1/report{}",
-                    query(&[("since", Some(since)), ("host", host)])
-                ))
-                .await?;
+            let path = format!(
+                "/v1/report{}",
+                query(&[("since", Some(since)), ("host", host)])
+            );
+            let answer = admin.get(&path).await?;
             if json_out {
                 println!("{answer}");
             } else {
+                let report: ReportAnswer = AdminClient::typed(&path, &answer)?;
                 if !policy_only {
-                    print_report(&answer);
+                    print_report(&report);
                     println!();
                     println!("# Suggested policy:");
                 }
-                print!(
-                    "{}",
-                    answer["suggested_policy"].as_str().unwrap_or_default()
-                );
+                print!("{}", report.suggested_policy);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -676,31 +673,12 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-fn grants_text(grants: &Value) -> String {
+fn grants_text(grants: &[GrantView]) -> String {
     grants
-        .as_array()
-        .map(|list| {
-            list.iter()
-                .map(|g| {
-                    let mut text = format!(
-                        "{}/{} on {}",
-                        g["protocol"].as_str().unwrap_or("?"),
-                        g["ports"]
-                            .as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| g["ports"].to_string()),
-                        g["host"].as_str().unwrap_or("?")
-                    );
-                    if let Some(remotes) = g["remotes"].as_array().filter(|r| !r.is_empty()) {
-                        let list: Vec<&str> = remotes.iter().filter_map(Value::as_str).collect();
-                        text.push_str(&format!(" from {}", list.join(", ")));
-                    }
-                    text
-                })
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
-        .unwrap_or_default()
+        .iter()
+        .map(GrantView::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn table(header: &[&str], rows: Vec<Vec<String>>) {
@@ -733,29 +711,26 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn print_leases(answer: &Value) {
-    let leases = answer["leases"].as_array().cloned().unwrap_or_default();
-    if leases.is_empty() {
+fn print_leases(answer: &LeasesAnswer) {
+    if answer.leases.is_empty() {
         println!("no live leases");
         return;
     }
     table(
         &["LEASE", "HOST", "APP", "LEFT", "GRANTS"],
-        leases
+        answer
+            .leases
             .iter()
             .map(|l| {
                 vec![
-                    l["id"].as_str().unwrap_or("?").to_owned(),
-                    l["identity"].as_str().unwrap_or("?").to_owned(),
+                    l.id.clone(),
+                    l.identity.clone(),
                     shortened(
-                        l["app"]["name"]
-                            .as_str()
-                            .or_else(|| l["app"]["executable"].as_str())
-                            .unwrap_or("-"),
+                        l.app.as_ref().and_then(AppView::label).unwrap_or("-"),
                         APP_COLUMN_WIDTH,
                     ),
-                    time_left(l["remaining_ms"].as_u64().unwrap_or(0)),
-                    grants_text(&l["grants"]),
+                    time_left(l.remaining_ms),
+                    grants_text(&l.grants),
                 ]
             })
             .collect(),
@@ -776,10 +751,10 @@ fn shortened(text: &str, width: usize) -> String {
     cut
 }
 
-fn print_audit(events: &[Value], json_out: bool, header: bool) {
+fn print_audit(events: &[AuditEventView], json_out: bool, header: bool) {
     if json_out {
         for e in events {
-            println!("{e}");
+            println!("{}", serde_json::to_value(e).unwrap_or_default());
         }
         return;
     }
@@ -789,35 +764,34 @@ fn print_audit(events: &[Value], json_out: bool, header: bool) {
     }
     for e in events {
         let mut parts = vec![
-            when(e["time_ms"].as_u64().unwrap_or(0)),
-            format!("{:<12}", e["kind"].as_str().unwrap_or("?")),
-            format!("{:<9}", e["outcome"].as_str().unwrap_or("-")),
-            e["identity"].as_str().unwrap_or("-").to_owned(),
+            when(e.time_ms),
+            format!("{:<12}", e.kind),
+            format!("{:<9}", e.outcome.as_deref().unwrap_or("-")),
+            e.identity.as_deref().unwrap_or("-").to_owned(),
         ];
-        if let Some(label) = e["request"]["opening"].as_str() {
+        if let Some(label) = e.request.as_ref().and_then(|r| r.opening.as_deref()) {
             parts.push(label.to_owned());
-        } else if e["grants"].is_array() {
-            parts.push(grants_text(&e["grants"]));
+        } else if !e.grants.is_empty() {
+            parts.push(grants_text(&e.grants));
         }
-        if let Some(lease) = e["lease"].as_str() {
+        if let Some(lease) = &e.lease {
             parts.push(format!("lease {lease}"));
         }
-        if let Some(rule) = e["rule"].as_str() {
+        if let Some(rule) = &e.rule {
             parts.push(format!("rule {rule}"));
         }
-        if let Some(code) = e["code"].as_str() {
+        if let Some(code) = &e.code {
             parts.push(format!("[{code}]"));
         }
-        if let Some(reason) = e["reason"].as_str() {
+        if let Some(reason) = &e.reason {
             parts.push(format!("- {reason}"));
         }
         println!("{}", parts.join(" "));
     }
 }
 
-fn print_report(answer: &Value) {
-    let rows = answer["rows"].as_array().cloned().unwrap_or_default();
-    if rows.is_empty() {
+fn print_report(answer: &ReportAnswer) {
+    if answer.rows.is_empty() {
         println!("no requests in the window");
         return;
     }
@@ -833,18 +807,20 @@ fn print_report(answer: &Value) {
             "MEDIAN HELD",
             "P90 HELD",
         ],
-        rows.iter()
+        answer
+            .rows
+            .iter()
             .map(|r| {
                 vec![
-                    r["identity"].as_str().unwrap_or("?").to_owned(),
-                    r["app"].as_str().unwrap_or("-").to_owned(),
-                    r["opening"].as_str().unwrap_or("?").to_owned(),
-                    r["requests"].to_string(),
-                    r["granted"].to_string(),
-                    r["denied"].to_string(),
-                    r["leases"].to_string(),
-                    time_left(r["median_held_ms"].as_u64().unwrap_or(0)),
-                    time_left(r["p90_held_ms"].as_u64().unwrap_or(0)),
+                    r.identity.clone(),
+                    r.app.clone().unwrap_or_else(|| "-".into()),
+                    r.opening.clone(),
+                    r.requests.to_string(),
+                    r.granted.to_string(),
+                    r.denied.to_string(),
+                    r.leases.to_string(),
+                    time_left(r.median_held_ms),
+                    time_left(r.p90_held_ms),
                 ]
             })
             .collect(),

@@ -40,6 +40,7 @@
 //! it as it was; a store of a newer version is refused ([`StoreError::SchemaTooNew`]) rather than
 //! misread. Version 2 added each lease's certificate (issuer and serial).
 
+mod backend;
 mod codec;
 mod error;
 mod query;
@@ -55,6 +56,7 @@ use fwnp_proto::{Epoch, LeaseId};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::watch;
 
+pub use backend::{LeaseStore, MemoryStore, WriteError, WriteFuture};
 pub use error::StoreError;
 pub use schema::SCHEMA_VERSION;
 pub use types::{

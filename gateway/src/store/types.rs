@@ -6,73 +6,11 @@ use std::sync::Arc;
 use fwnp_proto::{
     AppInfo, Grant, LeaseId, Opening, PortRange, Prefix, Protocol, ResultCode, RevokeReason, Target,
 };
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 
 use fwnp_trust::identity::{CertificateName, Serial};
 
-/// Where a lease is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LeaseState {
-    /// Granted and not yet ended.
-    Live,
-    /// The host released it.
-    Released,
-    /// Its lifetime ran out.
-    Expired,
-    /// The gateway or an operator ended it.
-    Revoked,
-}
-
-impl LeaseState {
-    /// The name stored in the database and shown to operators.
-    pub fn name(self) -> &'static str {
-        match self {
-            LeaseState::Live => "live",
-            LeaseState::Released => "released",
-            LeaseState::Expired => "expired",
-            LeaseState::Revoked => "revoked",
-        }
-    }
-
-    /// The state with this name.
-    pub fn from_name(name: &str) -> Option<Self> {
-        Some(match name {
-            "live" => LeaseState::Live,
-            "released" => LeaseState::Released,
-            "expired" => LeaseState::Expired,
-            "revoked" => LeaseState::Revoked,
-            _ => return None,
-        })
-    }
-}
-
-impl std::fmt::Display for LeaseState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-/// How a lease ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LeaseEnd {
-    /// The host released it.
-    Released,
-    /// Its lifetime ran out.
-    Expired,
-    /// It was revoked, for this reason.
-    Revoked(RevokeReason),
-}
-
-impl LeaseEnd {
-    /// The state the lease is left in.
-    pub fn state(self) -> LeaseState {
-        match self {
-            LeaseEnd::Released => LeaseState::Released,
-            LeaseEnd::Expired => LeaseState::Expired,
-            LeaseEnd::Revoked(_) => LeaseState::Revoked,
-        }
-    }
-}
+pub use fwnp_proto::gateway::request::{LeaseEnd, LeaseState};
 
 /// A lease to insert: everything known when it was granted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,38 +108,38 @@ impl LeaseRecord {
 
     /// A JSON form for the admin API and `fwnpctl --json`.
     pub fn to_json(&self, now_ms: u64) -> Value {
-        let mut map = Map::new();
-        map.insert("id".into(), json!(self.id.to_string()));
-        map.insert("identity".into(), json!(self.identity));
-        insert_opt(&mut map, "peer", self.peer.map(|p| p.to_string()));
-        map.insert("grants".into(), grants_json(&self.grants));
-        if let Some(app) = &self.app {
-            map.insert("app".into(), app_json(app));
-        }
-        insert_opt(&mut map, "requested_lifetime", self.requested_lifetime);
-        map.insert("granted_lifetime".into(), json!(self.granted_lifetime));
-        map.insert("created_ms".into(), json!(self.created_ms));
-        insert_opt(&mut map, "renewed_ms", self.renewed_ms);
-        map.insert("expires_ms".into(), json!(self.expires_ms));
-        map.insert("remaining_ms".into(), json!(self.remaining_ms(now_ms)));
-        map.insert("state".into(), json!(self.state.name()));
-        // The serial an operator finds in the CA's records and revokes with `fwnpctl pki revoke`.
-        insert_opt(
-            &mut map,
-            "certificate_serial",
-            self.certificate
+        serde_json::to_value(self.view(now_ms)).unwrap_or(Value::Null)
+    }
+
+    /// The admin API's view of this lease at `now_ms`.
+    pub fn view(&self, now_ms: u64) -> crate::api::LeaseView {
+        let ending = self.ending.as_ref();
+        crate::api::LeaseView {
+            id: self.id.to_string(),
+            identity: self.identity.clone(),
+            peer: self.peer.map(|p| p.to_string()),
+            grants: grant_views(&self.grants),
+            app: self.app.as_ref().map(app_view),
+            requested_lifetime: self.requested_lifetime,
+            granted_lifetime: self.granted_lifetime,
+            created_ms: self.created_ms,
+            renewed_ms: self.renewed_ms,
+            expires_ms: self.expires_ms,
+            remaining_ms: self.remaining_ms(now_ms),
+            state: self.state.name().to_owned(),
+            // The serial an operator finds in the CA's records and revokes with `fwnpctl pki revoke`.
+            certificate_serial: self
+                .certificate
                 .as_ref()
                 .map(|c| c.serial.as_str().to_owned()),
-        );
-        if let Some(ending) = &self.ending {
-            map.insert("ended_ms".into(), json!(ending.ended_ms));
-            if let LeaseEnd::Revoked(reason) = ending.end {
-                map.insert("revoke_reason".into(), json!(revoke_reason_name(reason)));
-            }
-            insert_opt(&mut map, "ended_by", ending.by.clone());
-            insert_opt(&mut map, "end_reason", ending.why.clone());
+            ended_ms: ending.map(|e| e.ended_ms),
+            revoke_reason: ending.and_then(|e| match e.end {
+                LeaseEnd::Revoked(reason) => Some(revoke_reason_name(reason).to_owned()),
+                _ => None,
+            }),
+            ended_by: ending.and_then(|e| e.by.clone()),
+            end_reason: ending.and_then(|e| e.why.clone()),
         }
-        Value::Object(map)
     }
 }
 
@@ -444,55 +382,42 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// A JSON form for the admin API and `fwnpctl audit --json`.
     pub fn to_json(&self) -> Value {
+        serde_json::to_value(self.view()).unwrap_or(Value::Null)
+    }
+
+    /// The admin API's view of this event.
+    pub fn view(&self) -> crate::api::AuditEventView {
         let e = &self.event;
-        let mut map = Map::new();
-        map.insert("id".into(), json!(self.id));
-        map.insert("time_ms".into(), json!(e.time_ms));
-        map.insert("kind".into(), json!(e.kind.name()));
-        insert_opt(&mut map, "outcome", e.outcome.map(Outcome::name));
-        insert_opt(&mut map, "identity", e.identity.clone());
-        insert_opt(&mut map, "peer", e.peer.map(|p| p.to_string()));
-        insert_opt(&mut map, "lease", e.lease.map(|l| l.to_string()));
-        if let Some(request) = &e.request {
-            let mut r = Map::new();
-            insert_opt(&mut r, "opening", request.opening_label());
-            match request.hosts.as_slice() {
-                [] => {}
-                [one] => {
-                    r.insert("host".into(), json!(one.to_string()));
+        crate::api::AuditEventView {
+            id: self.id,
+            time_ms: e.time_ms,
+            kind: e.kind.name().to_owned(),
+            outcome: e.outcome.map(|o| o.name().to_owned()),
+            identity: e.identity.clone(),
+            peer: e.peer.map(|p| p.to_string()),
+            lease: e.lease.map(|l| l.to_string()),
+            request: e.request.as_ref().map(|request| {
+                let (host, hosts) = match request.hosts.as_slice() {
+                    [] => (None, Vec::new()),
+                    [one] => (Some(one.to_string()), Vec::new()),
+                    several => (None, several.iter().map(IpAddr::to_string).collect()),
+                };
+                crate::api::RequestView {
+                    opening: request.opening_label(),
+                    host,
+                    hosts,
+                    remotes: request.remotes.iter().map(|p| p.to_string()).collect(),
+                    lifetime: request.lifetime,
                 }
-                several => {
-                    let texts: Vec<String> = several.iter().map(IpAddr::to_string).collect();
-                    r.insert("hosts".into(), json!(texts));
-                }
-            }
-            if !request.remotes.is_empty() {
-                r.insert(
-                    "remotes".into(),
-                    json!(
-                        request
-                            .remotes
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                    ),
-                );
-            }
-            insert_opt(&mut r, "lifetime", request.lifetime);
-            map.insert("request".into(), Value::Object(r));
+            }),
+            app: e.app.as_ref().map(app_view),
+            grants: grant_views(&e.grants),
+            granted_lifetime: e.granted_lifetime,
+            rule: e.rule.clone(),
+            reason: e.reason.clone(),
+            code: e.code.map(|c| c.name().to_owned()),
+            actor: e.actor.clone(),
         }
-        if let Some(app) = &e.app {
-            map.insert("app".into(), app_json(app));
-        }
-        if !e.grants.is_empty() {
-            map.insert("grants".into(), grants_json(&e.grants));
-        }
-        insert_opt(&mut map, "granted_lifetime", e.granted_lifetime);
-        insert_opt(&mut map, "rule", e.rule.clone());
-        insert_opt(&mut map, "reason", e.reason.clone());
-        insert_opt(&mut map, "code", e.code.map(ResultCode::name));
-        insert_opt(&mut map, "actor", e.actor.clone());
-        Value::Object(map)
     }
 }
 
@@ -618,21 +543,26 @@ impl ReportRow {
 
     /// A JSON form for the admin API and `fwnpctl report --json`.
     pub fn to_json(&self) -> Value {
-        json!({
-            "identity": self.identity,
-            "app": self.app,
-            "opening": self.opening_label(),
-            "requests": self.requests,
-            "granted": self.granted,
-            "denied": self.denied,
-            "leases": self.leases,
-            "total_held_ms": self.total_held_ms,
-            "median_held_ms": self.median_held_ms,
-            "p90_held_ms": self.p90_held_ms,
-            "max_lifetime_asked": self.max_lifetime_asked,
-            "first_ms": self.first_ms,
-            "last_ms": self.last_ms,
-        })
+        serde_json::to_value(self.view()).unwrap_or(Value::Null)
+    }
+
+    /// The admin API's view of this row.
+    pub fn view(&self) -> crate::api::ReportRowView {
+        crate::api::ReportRowView {
+            identity: self.identity.clone(),
+            app: self.app.clone(),
+            opening: self.opening_label(),
+            requests: self.requests,
+            granted: self.granted,
+            denied: self.denied,
+            leases: self.leases,
+            total_held_ms: self.total_held_ms,
+            median_held_ms: self.median_held_ms,
+            p90_held_ms: self.p90_held_ms,
+            max_lifetime_asked: self.max_lifetime_asked,
+            first_ms: self.first_ms,
+            last_ms: self.last_ms,
+        }
     }
 }
 
@@ -663,39 +593,24 @@ pub(crate) fn revoke_reason_name(reason: RevokeReason) -> &'static str {
     }
 }
 
-fn insert_opt<T: Into<Value>>(map: &mut Map<String, Value>, key: &str, value: Option<T>) {
-    if let Some(value) = value {
-        map.insert(key.into(), value.into());
+fn app_view(app: &AppInfo) -> crate::api::AppView {
+    crate::api::AppView {
+        name: app.name.clone(),
+        executable: app.executable.clone(),
+        uid: app.uid,
+        pid: app.pid,
     }
 }
 
-fn app_json(app: &AppInfo) -> Value {
-    let mut map = Map::new();
-    insert_opt(&mut map, "name", app.name.clone());
-    insert_opt(&mut map, "executable", app.executable.clone());
-    insert_opt(&mut map, "uid", app.uid);
-    insert_opt(&mut map, "pid", app.pid);
-    Value::Object(map)
-}
-
-fn grants_json(grants: &[Grant]) -> Value {
-    Value::Array(
-        grants
-            .iter()
-            .map(|g| {
-                let mut map = Map::new();
-                map.insert("protocol".into(), json!(g.protocol.name()));
-                map.insert("ports".into(), json!(g.ports.to_string()));
-                map.insert("host".into(), json!(g.host.to_string()));
-                if !g.remotes.is_empty() {
-                    map.insert(
-                        "remotes".into(),
-                        json!(g.remotes.iter().map(|p| p.to_string()).collect::<Vec<_>>()),
-                    );
-                }
-                insert_opt(&mut map, "app", g.app.clone());
-                Value::Object(map)
-            })
-            .collect(),
-    )
+fn grant_views(grants: &[Grant]) -> Vec<crate::api::GrantView> {
+    grants
+        .iter()
+        .map(|g| crate::api::GrantView {
+            protocol: g.protocol.name().to_owned(),
+            ports: g.ports.to_string(),
+            host: g.host.to_string(),
+            remotes: g.remotes.iter().map(|p| p.to_string()).collect(),
+            app: g.app.clone(),
+        })
+        .collect()
 }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use clap::Parser;
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::daemon::{ResetSecret, server_options, tls_files};
+use fwnp_gateway::daemon::ResetSecret;
 use fwnp_proto::codec::encode;
 use fwnp_proto::{
     Capabilities, Common, Grant, Granted, LeaseId, Limits, Message, PortRange, Protocol, Welcome,
@@ -123,7 +123,7 @@ fn main() -> ExitCode {
 
 async fn run(config: GatewayConfig) -> Result<(), Box<dyn std::error::Error>> {
     let tls =
-        fwnp_trust::tls::server_config_from_files(&tls_files(&config), &server_options(&config))?;
+        fwnp_trust::tls::server_config_from_files(&config.tls_files(), &config.server_options())?;
     std::fs::create_dir_all(&config.state_dir)?;
     let secret = ResetSecret::load_or_create(&config.state_dir)?;
     let answers = Arc::new(Answers::new(&config));

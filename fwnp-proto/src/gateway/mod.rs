@@ -16,6 +16,9 @@
 //! in an ordered set, so that every operation costs O(log n) (or O(1)) and nothing scans the
 //! whole book. Call [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so
 //! that a lease past its expiry is never counted, renewed or extended.
+//!
+//! [`request`] is the request path built on these: a request's bytes in, the answer and the
+//! effects to carry out (kernel, store, audit, notices) out.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
@@ -24,6 +27,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use rand::Rng;
+
+pub mod request;
 
 use crate::message::{
     AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo, Leases,

@@ -1,0 +1,1384 @@
+//! The gateway's request path without IO: given the time, the connection's state, the peer
+//! and the bytes of one request, [`RequestCore`] decides the answer and the effects that must be
+//! carried out for it (program the kernel, write the store, audit, notify other connections).
+//!
+//! It owns the protocol's rules of the request path: a connection's first request is Hello and
+//! its only Hello (spec 11.3, connection state before validation), validation, version
+//! negotiation, host address resolution, no answer above [`MAX_MESSAGE_SIZE`], reasons fitted to
+//! the schema's limit, the lease book's decisions, and the Release replay rule (a Release sent
+//! again with the same bytes and request id is answered as the first one was).
+//!
+//! Policy stays outside: the caller's policy engine reaches the core through [`Decide`]. So do
+//! the rate limiter, the certificate checks and every clock: time is `now_ms` (Unix
+//! milliseconds of the gateway's clock) and randomness an RNG passed in.
+//!
+//! # Answer only after the effects
+//!
+//! A request that changes a lease is not answered at once: [`RequestCore::handle`] returns a
+//! [`Step::Pending`], whose effects the driver carries out in order, stopping at the first that
+//! fails, and whose outcome it hands to [`RequestCore::finish`]; only that gives the answer. So a
+//! Granted never leaves before the kernel acknowledged the elements and the store committed the
+//! lease, and a failed effect turns the answer into a Denied (and gives back what the book took).
+//! A backend that may refuse a write (a cluster store that lost its quorum) fits the same way.
+//!
+//! The effects of an [`Answer`] are carried out before it is sent too, but their failures change
+//! nothing: they are reported (by the driver) and the answer stands.
+//!
+//! ```
+//! use fwnp_proto::gateway::request::{
+//!     ConnectionState, CoreConfig, Decide, Decision, HostLimits, Objection, Peer, RequestCore,
+//!     Step,
+//! };
+//! use fwnp_proto::gateway::{LifetimePolicy, PolicyFacts};
+//! use fwnp_proto::{Capabilities, Common, Grant, Hello, Message, Open, codec};
+//! use rand::SeedableRng;
+//! use std::net::IpAddr;
+//!
+//! /// Allows every opening the host asks for, on its own addresses.
+//! struct AllowAll;
+//! const LIFETIME: LifetimePolicy = LifetimePolicy { min: 60, max: 3600, default: 600 };
+//! impl Decide for AllowAll {
+//!     fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits {
+//!         HostLimits { lifetime: LIFETIME, max_leases: 16, third_party: false }
+//!     }
+//!     fn evaluate(&self, _: &str, _: &[IpAddr], hosts: &[IpAddr], open: &Open) -> Decision {
+//!         let fwnp_proto::Target::Ports { protocol, ports } = open.opening.target.clone() else {
+//!             return Decision::denied(fwnp_proto::ResultCode::UnknownApplication, "no catalogue");
+//!         };
+//!         let grants = hosts
+//!             .iter()
+//!             .map(|&host| Grant { protocol, ports, host, remotes: Vec::new(), app: None })
+//!             .collect();
+//!         Decision::allowed(PolicyFacts {
+//!             grants,
+//!             grants_narrowed: false,
+//!             lifetime: LIFETIME,
+//!             max_leases: Some(16),
+//!         })
+//!     }
+//!     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let mut core = RequestCore::new(CoreConfig { epoch: 7, max_streams: 8, kill_connections: false });
+//! let addresses = ["192.0.2.10".parse().unwrap()];
+//! let peer = Peer {
+//!     identity: Some("fwnp://host/web-01"),
+//!     no_identity: "",
+//!     remote: "192.0.2.10:4433".parse().unwrap(),
+//!     addresses: &addresses,
+//! };
+//! let hello = Message::Hello(Hello {
+//!     common: Common { request_id: Some(1), critical: Vec::new() },
+//!     versions: vec![1],
+//!     capabilities: Capabilities::default(),
+//!     software: None,
+//! });
+//! let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+//! let step = core.handle(1_700_000_000_000, ConnectionState::default(), &peer,
+//!     &codec::encode(&hello), &AllowAll, &mut rng);
+//! let Step::Answer(answer) = step else { panic!("a Hello is answered at once") };
+//! assert!(matches!(answer.message, Message::Welcome(ref w) if w.epoch == 7));
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use rand::Rng;
+
+use super::{
+    LeaseBook, LifetimePolicy, OpenOutcome, PolicyFacts, Refusal, Renewed, negotiate_version,
+    resolve_host_addresses,
+};
+use crate::codec::{self, DecodeError};
+use crate::message::{
+    Capabilities, Common, Denied, Epoch, Grant, Granted, Hello, LeaseId, Leases, Limits, List,
+    MAX_MESSAGE_SIZE, Message, Open, Release, Released, Renew, ResultCode, RevokeReason, Welcome,
+};
+use crate::validate::{MAX_REASON_LEN, validate_request};
+
+/// How long a Release's answer is remembered for a retry of it, in milliseconds.
+pub const RELEASE_REPLAY_WINDOW_MS: u64 = 60_000;
+
+/// How many Release answers are remembered at most; the oldest go first beyond.
+pub const RELEASE_REPLAY_CAPACITY: usize = 1_000_000;
+
+/// A reason cut to the protocol's limit on a character boundary, marked as cut with `...`, so
+/// that a long policy reason or error text never makes an answer invalid.
+pub fn fit_reason(reason: impl Into<String>) -> String {
+    let mut reason = reason.into();
+    if reason.len() > MAX_REASON_LEN {
+        let mut cut = MAX_REASON_LEN - 3;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
+}
+
+/// A Denied with `code` and `reason` (cut to the protocol's limit) for the request `request_id`.
+pub fn denied(request_id: Option<u64>, code: ResultCode, reason: impl Into<String>) -> Denied {
+    Denied {
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
+        code,
+        reason: Some(fit_reason(reason)),
+        retry_after: None,
+        lease: None,
+        unsupported: Vec::new(),
+    }
+}
+
+/// Whether a Granted carrying `grants` certainly fits in MAX_MESSAGE_SIZE, judged without
+/// encoding it: a Granted's fixed part is under 100 bytes; a grant's own fields (protocol, two
+/// ports, a 16-byte address, keys and map overhead) under 64 bytes plus its application name;
+/// each remote prefix under 24 bytes (a 16-byte address, a length, array and map overhead).
+fn certainly_fits(grants: &[Grant]) -> bool {
+    let bound = grants.iter().fold(100usize, |sum, g| {
+        sum.saturating_add(64 + g.app.as_ref().map_or(0, String::len))
+            .saturating_add(24usize.saturating_mul(g.remotes.len()))
+    });
+    bound < MAX_MESSAGE_SIZE
+}
+
+/// The size of the largest Granted `grants` can make, or 0 when it certainly fits.
+fn largest_granted(request_id: Option<u64>, grants: &[Grant]) -> usize {
+    if certainly_fits(grants) {
+        return 0;
+    }
+    codec::encode(&Message::Granted(Granted {
+        common: Common {
+            request_id,
+            critical: Vec::new(),
+        },
+        lease: LeaseId([0xff; 16]),
+        grants: grants.to_vec(),
+        lifetime: u32::MAX,
+        expires_ms: u64::MAX,
+        renew_after: u32::MAX,
+        epoch: Epoch::MAX,
+        narrowed: true,
+    }))
+    .len()
+}
+
+/// The lifetime bounds and rights the policy gives a host, announced in Welcome and bounding
+/// its renewals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    /// The widest lifetime bounds of the rules that apply to the host.
+    pub lifetime: LifetimePolicy,
+    /// The most live leases it may hold.
+    pub max_leases: u32,
+    /// Whether it may open addresses it does not hold.
+    pub third_party: bool,
+}
+
+/// What the policy decided for one Open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    /// The facts of an allowed Open, or the code of a refusal.
+    pub verdict: Result<PolicyFacts, ResultCode>,
+    /// The rule that decided, if one did.
+    pub rule: Option<String>,
+    /// Why, for the host, the operator and the audit trail.
+    pub reason: String,
+}
+
+impl Decision {
+    /// An allowance by no named rule, for tests and simple policies.
+    pub fn allowed(facts: PolicyFacts) -> Self {
+        Decision {
+            verdict: Ok(facts),
+            rule: None,
+            reason: "allowed".into(),
+        }
+    }
+
+    /// A refusal by no named rule, for tests and simple policies.
+    pub fn denied(code: ResultCode, reason: impl Into<String>) -> Self {
+        Decision {
+            verdict: Err(code),
+            rule: None,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why the current policy no longer allows a live lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objection {
+    /// Why, in words.
+    pub reason: String,
+    /// The rule that refuses it, if one does.
+    pub rule: Option<String>,
+}
+
+/// The policy, as the core asks it. The gateway implements it over its compiled policy; tests
+/// implement it over a few facts.
+pub trait Decide {
+    /// The limits announced in Welcome and bounding renewals, for a host holding `addresses`.
+    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits;
+
+    /// The decision for `open` on the host addresses `hosts` (already resolved), by a host
+    /// holding `addresses`. Opening an address not in `addresses` needs third-party rights,
+    /// which the policy judges here.
+    fn evaluate(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &Open,
+    ) -> Decision;
+
+    /// Whether a live lease's grants are still allowed, asked at each renewal.
+    fn still_allows(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        grants: &[Grant],
+    ) -> Result<(), Objection>;
+}
+
+/// What the core is configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoreConfig {
+    /// The gateway's epoch, told in Welcome, Granted and Leases.
+    pub epoch: Epoch,
+    /// The request streams a host may open at once, announced in Welcome.
+    pub max_streams: u32,
+    /// Whether a released or revoked lease also ends the live connections of its openings.
+    pub kill_connections: bool,
+}
+
+/// The state of one connection that the request path reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnectionState {
+    /// Whether its Hello was answered with Welcome.
+    pub welcomed: bool,
+}
+
+/// Who sent a request.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer<'a> {
+    /// The host identity its certificate names; `None` if it names none usable.
+    pub identity: Option<&'a str>,
+    /// Why the certificate names no identity (when `identity` is `None`).
+    pub no_identity: &'a str,
+    /// The connection's source address and port.
+    pub remote: SocketAddr,
+    /// The host addresses it may open: its certificate's IP SANs, or else the connection's
+    /// source address.
+    pub addresses: &'a [IpAddr],
+}
+
+/// Where a lease is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseState {
+    /// Granted and not yet ended.
+    Live,
+    /// The host released it.
+    Released,
+    /// Its lifetime ran out.
+    Expired,
+    /// The gateway or an operator ended it.
+    Revoked,
+}
+
+impl LeaseState {
+    /// The name stored and shown to operators.
+    pub fn name(self) -> &'static str {
+        match self {
+            LeaseState::Live => "live",
+            LeaseState::Released => "released",
+            LeaseState::Expired => "expired",
+            LeaseState::Revoked => "revoked",
+        }
+    }
+
+    /// The state with this name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "live" => LeaseState::Live,
+            "released" => LeaseState::Released,
+            "expired" => LeaseState::Expired,
+            "revoked" => LeaseState::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for LeaseState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a lease ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LeaseEnd {
+    /// The host released it.
+    Released,
+    /// Its lifetime ran out.
+    Expired,
+    /// It was revoked, for this reason.
+    Revoked(RevokeReason),
+}
+
+impl LeaseEnd {
+    /// The state the lease is left in.
+    pub fn state(self) -> LeaseState {
+        match self {
+            LeaseEnd::Released => LeaseState::Released,
+            LeaseEnd::Expired => LeaseState::Expired,
+            LeaseEnd::Revoked(_) => LeaseState::Revoked,
+        }
+    }
+}
+
+/// What the audit trail records of a request or a lease's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audit {
+    /// A request was refused.
+    Refused {
+        /// The host's identity, if its certificate names one.
+        identity: Option<String>,
+        /// The code of the Denied.
+        code: ResultCode,
+        /// Why, in words (not cut: the trail keeps it whole).
+        reason: String,
+        /// The policy rule that refused, if one did.
+        rule: Option<String>,
+        /// What was asked.
+        request: Asked,
+    },
+    /// An Open was granted: a new lease, or a live one extended.
+    Granted {
+        /// The lease after the Open.
+        lease: super::Lease,
+        /// The Open.
+        open: Box<Open>,
+        /// The policy rule that allowed it.
+        rule: Option<String>,
+        /// Why, in words.
+        reason: String,
+    },
+    /// A lease was renewed.
+    Renewed {
+        /// The lease after the renewal.
+        lease: super::Lease,
+    },
+    /// A lease ended.
+    Ended {
+        /// The lease as it was.
+        lease: super::Lease,
+        /// How.
+        end: LeaseEnd,
+        /// Who ended it: the host's identity, `gateway`, the operator.
+        by: Option<String>,
+        /// Why, in words.
+        why: Option<String>,
+    },
+}
+
+/// What a refused request asked, for its audit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Asked {
+    /// An opening.
+    Open(Box<Open>),
+    /// Something about this lease (Renew, Release).
+    Lease(LeaseId),
+    /// Anything else (Hello, List, an undecodable item).
+    Other,
+}
+
+/// One audit record, with its time and the peer it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When, Unix milliseconds.
+    pub time_ms: u64,
+    /// The peer's address, for records of a request.
+    pub peer: Option<SocketAddr>,
+    /// What happened.
+    pub what: Audit,
+}
+
+/// One write to the lease store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Store a new live lease.
+    Insert {
+        /// The lease as the book holds it.
+        lease: super::Lease,
+        /// The lifetime asked (`None`: the policy's default).
+        requested_lifetime: Option<u32>,
+        /// The address and port the host asked from.
+        peer: SocketAddr,
+    },
+    /// Extend a live lease (a Renew, or an Open repeated).
+    Renew {
+        /// The lease.
+        id: LeaseId,
+        /// When.
+        renewed_ms: u64,
+        /// Its new expiry.
+        expires_ms: u64,
+        /// The lifetime granted this time, in seconds.
+        granted_lifetime: u32,
+    },
+    /// End a live lease.
+    End {
+        /// The lease.
+        id: LeaseId,
+        /// How it ended.
+        end: LeaseEnd,
+        /// When.
+        ended_ms: u64,
+        /// Who ended it.
+        by: Option<String>,
+        /// Why, in words.
+        why: Option<String>,
+    },
+    /// An audit record committed with the lease it describes.
+    Audit(AuditRecord),
+}
+
+/// One thing the driver must do for a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The connection's Hello was answered: record it as welcomed, and whether it accepts
+    /// notices (only then may they be sent, spec 5.3).
+    Welcomed {
+        /// Whether the Hello set the NOTICES capability.
+        notices: bool,
+    },
+    /// Program the kernel: the lease holds the elements of its grants until `expires_ms`
+    /// (adding any that are missing). If the lease has left the book meanwhile (a revocation
+    /// raced with it), the elements are given up again and the effect fails with
+    /// [`EffectFailure::LeaseEnded`].
+    Hold {
+        /// The lease.
+        lease: LeaseId,
+        /// Its grants.
+        grants: Vec<Grant>,
+        /// Its expiry, Unix milliseconds.
+        expires_ms: u64,
+    },
+    /// Program the kernel: the lease gives up the elements of its grants; those no other lease
+    /// holds leave the kernel.
+    Unhold {
+        /// The lease.
+        lease: LeaseId,
+        /// Its grants.
+        grants: Vec<Grant>,
+        /// Whether the live connections of the elements removed are ended too.
+        kill_connections: bool,
+    },
+    /// Write the store, in one transaction, and wait for the commit.
+    Commit(Vec<Write>),
+    /// Record in the audit trail without holding up the answer.
+    Audit(AuditRecord),
+    /// A List was answered: the driver records the first of a host's in an interval and counts
+    /// the others, so that Lists cannot flood the trail.
+    Listed {
+        /// The host.
+        identity: String,
+    },
+    /// Send a notice to every connection of `host` that accepts notices.
+    Notify {
+        /// The host's identity.
+        host: Arc<str>,
+        /// The notice.
+        notice: Message,
+    },
+}
+
+/// Why an effect of a [`Pending`] step failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EffectFailure {
+    /// The kernel refused.
+    #[error("kernel: {0}")]
+    Kernel(String),
+    /// The store refused or failed.
+    #[error("store: {0}")]
+    Store(String),
+    /// The lease ended (was revoked) while its elements were being programmed.
+    #[error("the lease ended while it was being renewed")]
+    LeaseEnded,
+}
+
+/// An answer and the effects to carry out before it is sent; their failures do not change it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The answer.
+    pub message: Message,
+    /// What to do first.
+    pub effects: Vec<Effect>,
+    /// What became of the request in a word, for counters (`welcome`, `granted`, `renewed`,
+    /// `released`, `listed`, or the code of a Denied); `None` for a Release answered again.
+    pub label: Option<&'static str>,
+}
+
+impl Answer {
+    fn new(message: Message, label: &'static str) -> Self {
+        Answer {
+            message,
+            effects: Vec::new(),
+            label: Some(label),
+        }
+    }
+}
+
+/// What to do next with a request.
+#[derive(Debug)]
+pub enum Step {
+    /// Carry out the effects, then send the answer.
+    Answer(Answer),
+    /// Carry out the effects in order, stopping at the first failure, then call
+    /// [`RequestCore::finish`] with the outcome for the answer.
+    Pending(Pending),
+}
+
+/// A request whose answer waits for its effects.
+#[derive(Debug)]
+pub struct Pending {
+    effects: Vec<Effect>,
+    ticket: Ticket,
+}
+
+impl Pending {
+    /// The effects to carry out, in order.
+    pub fn effects(&self) -> &[Effect] {
+        &self.effects
+    }
+
+    /// The lease this request made or renewed.
+    pub fn lease(&self) -> LeaseId {
+        match &self.ticket {
+            Ticket::Open { outcome, .. } => outcome.grant().lease.id,
+            Ticket::Renew { renewed, .. } => renewed.grant.lease.id,
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ticket {
+    Open {
+        outcome: OpenOutcome,
+        open: Box<Open>,
+        identity: String,
+        peer: SocketAddr,
+    },
+    Renew {
+        renewed: Renewed,
+        renew: Renew,
+        identity: String,
+        peer: SocketAddr,
+    },
+}
+
+/// A Release's bytes, the answer it got and when, Unix ms.
+type Remembered = (Arc<[u8]>, Message, u64);
+
+/// The Release answers remembered for a retry, under (identity, request id).
+#[derive(Debug, Default)]
+struct ReplayMemory {
+    answers: HashMap<(String, u64), Remembered>,
+    /// Keys in the order remembered, with the time they were, to forget the oldest first.
+    order: VecDeque<(u64, (String, u64))>,
+}
+
+impl ReplayMemory {
+    fn forget_before(&mut self, now_ms: u64) {
+        while let Some((at, _)) = self.order.front()
+            && (now_ms.saturating_sub(*at) >= RELEASE_REPLAY_WINDOW_MS
+                || self.order.len() > RELEASE_REPLAY_CAPACITY)
+        {
+            if let Some((at, key)) = self.order.pop_front()
+                && self.answers.get(&key).is_some_and(|(_, _, t)| *t == at)
+            {
+                self.answers.remove(&key);
+            }
+        }
+    }
+
+    fn get(&mut self, now_ms: u64, key: &(String, u64), bytes: &[u8]) -> Option<Message> {
+        self.forget_before(now_ms);
+        self.answers
+            .get(key)
+            .filter(|(previous, _, _)| **previous == *bytes)
+            .map(|(_, answer, _)| answer.clone())
+    }
+
+    fn insert(&mut self, now_ms: u64, key: (String, u64), bytes: &[u8], answer: Message) {
+        self.order.push_back((now_ms, key.clone()));
+        self.answers.insert(key, (Arc::from(bytes), answer, now_ms));
+        self.forget_before(now_ms);
+    }
+}
+
+/// A lease revoked by the gateway or the operator: the effects that end it, and the notice
+/// for its host, which the caller delivers as it needs (at once, or waiting for delivery).
+#[derive(Debug)]
+pub struct Revocation {
+    /// The lease as it was.
+    pub lease: super::Lease,
+    /// Kernel and store, in order.
+    pub effects: Vec<Effect>,
+    /// The Revoked notice.
+    pub notice: Message,
+}
+
+/// The gateway's request path: the lease book, the epoch, the Release replay memory.
+#[derive(Debug)]
+pub struct RequestCore {
+    config: CoreConfig,
+    book: LeaseBook,
+    replay: ReplayMemory,
+}
+
+impl RequestCore {
+    /// A core with an empty book.
+    pub fn new(config: CoreConfig) -> Self {
+        RequestCore {
+            config,
+            book: LeaseBook::new(),
+            replay: ReplayMemory::default(),
+        }
+    }
+
+    /// The gateway's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.config.epoch
+    }
+
+    /// The live leases.
+    pub fn book(&self) -> &LeaseBook {
+        &self.book
+    }
+
+    /// The live leases, to restore those of an earlier run.
+    pub fn book_mut(&mut self) -> &mut LeaseBook {
+        &mut self.book
+    }
+
+    /// Decides what becomes of one request: the bytes of one stream from `peer`, on a
+    /// connection in state `connection`, at `now_ms`.
+    ///
+    /// Leases past their expiry are not reaped here (their ends are no business of this
+    /// request's answer): the driver calls [`RequestCore::expire_due`] on its timer; until then
+    /// the book already treats them as gone.
+    pub fn handle<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        connection: ConnectionState,
+        peer: &Peer<'_>,
+        bytes: &[u8],
+        decide: &dyn Decide,
+        rng: &mut R,
+    ) -> Step {
+        let msg = match codec::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => return Step::Answer(refuse_undecodable(now_ms, peer, bytes, &e)),
+        };
+        let request_id = msg.common().request_id;
+        let Some(identity) = peer.identity else {
+            return Step::Answer(Answer::new(
+                Message::Denied(denied(
+                    request_id,
+                    ResultCode::NotAuthorized,
+                    format!(
+                        "the certificate names no host identity: {}",
+                        peer.no_identity
+                    ),
+                )),
+                ResultCode::NotAuthorized.name(),
+            ));
+        };
+        let refuse = |code: ResultCode, reason: String| {
+            Step::Answer(refuse(now_ms, identity, peer, &msg, code, reason, None))
+        };
+        // The connection's state comes before the request's own validity (spec 11.3, steps 4
+        // and 5): a host that skipped Hello learns that first, whatever else is wrong.
+        match &msg {
+            Message::Hello(_) if connection.welcomed => {
+                return refuse(
+                    ResultCode::MalformedRequest,
+                    "Hello was already answered on this connection".into(),
+                );
+            }
+            Message::Hello(_) => {}
+            _ if !connection.welcomed => {
+                return refuse(
+                    ResultCode::HelloRequired,
+                    "the first request of a connection is Hello".into(),
+                );
+            }
+            _ => {}
+        }
+        if let Err(e) = validate_request(&msg) {
+            return refuse(e.result_code(), e.to_string());
+        }
+        match &msg {
+            Message::Hello(hello) => {
+                Step::Answer(self.hello(now_ms, identity, peer, hello, decide))
+            }
+            Message::Open(open) => self.open(now_ms, identity, peer, open, decide, rng),
+            Message::Renew(renew) => self.renew(now_ms, identity, peer, renew, decide),
+            Message::Release(release) => {
+                Step::Answer(self.release_once(now_ms, identity, peer, release, bytes))
+            }
+            Message::List(list) => Step::Answer(self.list(now_ms, identity, list)),
+            other => refuse(
+                ResultCode::MalformedRequest,
+                format!("{} is not a request", other.message_type().name()),
+            ),
+        }
+    }
+
+    fn hello(
+        &self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        hello: &Hello,
+        decide: &dyn Decide,
+    ) -> Answer {
+        let version = match negotiate_version(hello) {
+            Ok(version) => version,
+            Err(refusal) => {
+                let request = Message::Hello(hello.clone());
+                return refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &request,
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
+            }
+        };
+        let limits = decide.host_limits(identity, peer.addresses);
+        let mut capabilities = Capabilities::PORT_RANGES
+            | Capabilities::REMOTE_PREFIXES
+            | Capabilities::APPLICATIONS
+            | Capabilities::NOTICES;
+        if limits.third_party {
+            capabilities |= Capabilities::THIRD_PARTY;
+        }
+        let mut answer = Answer::new(
+            Message::Welcome(Welcome {
+                common: Common {
+                    request_id: hello.common.request_id,
+                    critical: Vec::new(),
+                },
+                version,
+                // What the gateway offers this host; the client's bits are informational
+                // (spec 14).
+                capabilities: Capabilities(capabilities),
+                limits: Limits {
+                    max_message_size: MAX_MESSAGE_SIZE as u32,
+                    max_streams: self.config.max_streams,
+                    min_lifetime: limits.lifetime.min,
+                    max_lifetime: limits.lifetime.max,
+                    max_leases: Some(limits.max_leases),
+                },
+                epoch: self.config.epoch,
+                time_ms: now_ms,
+                identity: identity.to_owned(),
+                addresses: peer.addresses.to_vec(),
+            }),
+            "welcome",
+        );
+        answer.effects.push(Effect::Welcomed {
+            notices: hello.capabilities.has(Capabilities::NOTICES),
+        });
+        answer
+    }
+
+    fn open<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        open: &Open,
+        decide: &dyn Decide,
+        rng: &mut R,
+    ) -> Step {
+        let refuse = |code: ResultCode, reason: String, rule: Option<String>| {
+            let request = Message::Open(open.clone());
+            Step::Answer(refuse(now_ms, identity, peer, &request, code, reason, rule))
+        };
+        // Resolved as if third-party were allowed; policy then decides whether this host may
+        // open an address it does not hold.
+        let hosts = match resolve_host_addresses(&open.opening, peer.addresses, true) {
+            Ok(hosts) => hosts,
+            Err(refusal) => return refuse(refusal.code(), refusal.to_string(), None),
+        };
+        let decision = decide.evaluate(identity, peer.addresses, &hosts, open);
+        let facts = match decision.verdict {
+            Ok(facts) => facts,
+            Err(code) => return refuse(code, decision.reason, decision.rule),
+        };
+        // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
+        // grants can make before taking a lease for them.
+        let largest = largest_granted(open.common.request_id, &facts.grants);
+        if largest > MAX_MESSAGE_SIZE {
+            return refuse(
+                ResultCode::DeniedByPolicy,
+                format!(
+                    "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
+                ),
+                decision.rule,
+            );
+        }
+        let outcome = match self.book.open(now_ms, identity, open, &facts, rng) {
+            Ok(outcome) => outcome,
+            Err(refusal) => return refuse(refusal.code(), refusal.to_string(), decision.rule),
+        };
+        let lease = outcome.grant().lease.clone();
+        // The kernel is written first unless the lease only grows longer: then the store is,
+        // so that a gateway killed in between leaves the kernel's element no longer than the
+        // stored lease (shorter at worst, which fails closed and the next start repairs).
+        let (write, kernel_first, reason) = match &outcome {
+            OpenOutcome::NewLease(_) => (
+                Write::Insert {
+                    lease: lease.clone(),
+                    requested_lifetime: open.lifetime.filter(|&l| l != 0),
+                    peer: peer.remote,
+                },
+                true,
+                decision.reason,
+            ),
+            OpenOutcome::Extended {
+                previous_expires_ms,
+                ..
+            } => (
+                Write::Renew {
+                    id: lease.id,
+                    renewed_ms: now_ms,
+                    expires_ms: lease.expires_ms,
+                    granted_lifetime: lease.lifetime,
+                },
+                lease.expires_ms <= *previous_expires_ms,
+                format!("{} (extends the live lease)", decision.reason),
+            ),
+        };
+        // One record for the request, the decision that allowed it and the lease it made,
+        // committed with the lease.
+        let audit = Write::Audit(AuditRecord {
+            time_ms: now_ms,
+            peer: Some(peer.remote),
+            what: Audit::Granted {
+                lease: lease.clone(),
+                open: Box::new(open.clone()),
+                rule: decision.rule.clone(),
+                reason,
+            },
+        });
+        let hold = Effect::Hold {
+            lease: lease.id,
+            grants: lease.grants.clone(),
+            expires_ms: lease.expires_ms,
+        };
+        let commit = Effect::Commit(vec![write, audit]);
+        let effects = if kernel_first {
+            vec![hold, commit]
+        } else {
+            vec![commit, hold]
+        };
+        Step::Pending(Pending {
+            effects,
+            ticket: Ticket::Open {
+                outcome,
+                open: Box::new(open.clone()),
+                identity: identity.to_owned(),
+                peer: peer.remote,
+            },
+        })
+    }
+
+    fn renew(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        renew: &Renew,
+        decide: &dyn Decide,
+    ) -> Step {
+        let request = || Message::Renew(renew.clone());
+        let Some(grants) = self
+            .book
+            .owned(identity, &renew.lease)
+            .map(|lease| lease.grants.clone())
+        else {
+            return Step::Answer(refuse(
+                now_ms,
+                identity,
+                peer,
+                &request(),
+                ResultCode::UnknownLease,
+                Refusal::UnknownLease.to_string(),
+                None,
+            ));
+        };
+        // The current policy bounds the renewed lifetime: a policy that shortened the maximum
+        // applies at the next renewal.
+        if let Err(objection) = decide.still_allows(identity, peer.addresses, &grants) {
+            // The policy changed under a live lease: end it now rather than at expiry.
+            let mut answer = refuse(
+                now_ms,
+                identity,
+                peer,
+                &request(),
+                ResultCode::DeniedByPolicy,
+                objection.reason.clone(),
+                objection.rule,
+            );
+            if let Some(revocation) = self.revoke(
+                now_ms,
+                &renew.lease,
+                RevokeReason::PolicyChanged,
+                "gateway",
+                Some(objection.reason),
+            ) {
+                let mut effects = revocation.effects;
+                effects.push(Effect::Notify {
+                    host: revocation.lease.host.clone(),
+                    notice: revocation.notice,
+                });
+                effects.append(&mut answer.effects);
+                answer.effects = effects;
+            }
+            return Step::Answer(answer);
+        }
+        let limits = decide.host_limits(identity, peer.addresses).lifetime;
+        let renewed = match self
+            .book
+            .renew(now_ms, identity, &renew.lease, renew.lifetime, limits)
+        {
+            Ok(renewed) => renewed,
+            Err(refusal) => {
+                return Step::Answer(refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &request(),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                ));
+            }
+        };
+        let lease = &renewed.grant.lease;
+        let hold = Effect::Hold {
+            lease: lease.id,
+            grants: lease.grants.clone(),
+            expires_ms: lease.expires_ms,
+        };
+        let commit = Effect::Commit(vec![
+            Write::Renew {
+                id: lease.id,
+                renewed_ms: now_ms,
+                expires_ms: lease.expires_ms,
+                granted_lifetime: lease.lifetime,
+            },
+            Write::Audit(AuditRecord {
+                time_ms: now_ms,
+                peer: Some(peer.remote),
+                what: Audit::Renewed {
+                    lease: lease.clone(),
+                },
+            }),
+        ]);
+        // A renewal that shortens the lease goes to the kernel first, one that lengthens it to
+        // the store first: a gateway killed in between leaves the kernel's element no longer
+        // than the stored lease, so that the opening never outlives it.
+        let effects = if lease.expires_ms <= renewed.previous_expires_ms {
+            vec![hold, commit]
+        } else {
+            vec![commit, hold]
+        };
+        Step::Pending(Pending {
+            effects,
+            ticket: Ticket::Renew {
+                renewed,
+                renew: renew.clone(),
+                identity: identity.to_owned(),
+                peer: peer.remote,
+            },
+        })
+    }
+
+    /// The answer to a request whose effects were carried out (`Ok`) or failed (`Err`, the
+    /// first failure). A failed Open gives back the lease it made (the answer's effects then
+    /// give up its elements) and is answered no-resources.
+    pub fn finish(
+        &mut self,
+        now_ms: u64,
+        pending: Pending,
+        outcome: Result<(), EffectFailure>,
+    ) -> Answer {
+        match pending.ticket {
+            Ticket::Open {
+                outcome: opened,
+                open,
+                identity,
+                peer,
+            } => match outcome {
+                Ok(()) => {
+                    let granted = opened
+                        .grant()
+                        .to_granted(open.common.request_id, self.config.epoch);
+                    Answer::new(Message::Granted(granted), "granted")
+                }
+                Err(failure) => {
+                    let mut effects = Vec::new();
+                    if let OpenOutcome::NewLease(grant) = &opened
+                        && let Some(lease) = self.book.revoke(&grant.lease.id)
+                    {
+                        effects.push(Effect::Unhold {
+                            lease: lease.id,
+                            grants: lease.grants,
+                            kill_connections: false,
+                        });
+                    }
+                    let mut answer = refuse_at(
+                        now_ms,
+                        &identity,
+                        peer,
+                        &Message::Open(*open),
+                        ResultCode::NoResources,
+                        format!("the gateway could not program the opening ({failure})"),
+                        None,
+                    );
+                    if let Message::Denied(d) = &mut answer.message {
+                        d.retry_after = Some(5);
+                    }
+                    effects.append(&mut answer.effects);
+                    answer.effects = effects;
+                    answer
+                }
+            },
+            Ticket::Renew {
+                renewed,
+                renew,
+                identity,
+                peer,
+            } => {
+                let request = Message::Renew(renew.clone());
+                match outcome {
+                    Ok(()) => Answer::new(
+                        Message::Granted(
+                            renewed
+                                .grant
+                                .to_granted(renew.common.request_id, self.config.epoch),
+                        ),
+                        "renewed",
+                    ),
+                    Err(EffectFailure::LeaseEnded) => refuse_at(
+                        now_ms,
+                        &identity,
+                        peer,
+                        &request,
+                        ResultCode::UnknownLease,
+                        Refusal::UnknownLease.to_string(),
+                        None,
+                    ),
+                    Err(failure) => {
+                        let retry_after = matches!(failure, EffectFailure::Kernel(_)).then_some(1);
+                        let mut answer = refuse_at(
+                            now_ms,
+                            &identity,
+                            peer,
+                            &request,
+                            ResultCode::NoResources,
+                            failure.to_string(),
+                            None,
+                        );
+                        if let Message::Denied(d) = &mut answer.message {
+                            d.retry_after = retry_after;
+                        }
+                        answer
+                    }
+                }
+            }
+        }
+    }
+
+    /// Release, remembering its answer for a while: a Release whose answer was lost and that is
+    /// sent again must get Released again, not unknown-lease. Opens and Renews need no such
+    /// memory, since doing them twice has the effect of doing them once.
+    fn release_once(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        release: &Release,
+        bytes: &[u8],
+    ) -> Answer {
+        let key = release
+            .common
+            .request_id
+            .map(|id| (identity.to_owned(), id));
+        if let Some(key) = &key
+            && let Some(message) = self.replay.get(now_ms, key, bytes)
+        {
+            return Answer {
+                message,
+                effects: Vec::new(),
+                label: None,
+            };
+        }
+        let answer = self.release(now_ms, identity, peer, release);
+        if let (Some(key), Message::Released(_)) = (key, &answer.message) {
+            self.replay
+                .insert(now_ms, key, bytes, answer.message.clone());
+        }
+        answer
+    }
+
+    fn release(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        release: &Release,
+    ) -> Answer {
+        let lease = match self.book.release(now_ms, identity, &release.lease) {
+            Ok(lease) => lease,
+            Err(refusal) => {
+                return refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &Message::Release(release.clone()),
+                    refusal.code(),
+                    refusal.to_string(),
+                    None,
+                );
+            }
+        };
+        let mut answer = Answer::new(
+            Message::Released(Released {
+                common: Common {
+                    request_id: release.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: lease.id,
+            }),
+            "released",
+        );
+        answer.effects = self.end_effects(
+            now_ms,
+            lease,
+            LeaseEnd::Released,
+            Some(identity.to_owned()),
+            None,
+            Some(peer.remote),
+        );
+        answer
+    }
+
+    fn list(&self, now_ms: u64, identity: &str, list: &List) -> Answer {
+        let leases = self
+            .book
+            .leases_of(identity)
+            .filter(|l| l.expires_ms > now_ms)
+            .map(|l| l.to_lease_info(now_ms))
+            .collect();
+        let mut answer = Leases {
+            common: Common {
+                request_id: list.common.request_id,
+                critical: Vec::new(),
+            },
+            leases,
+            epoch: self.config.epoch,
+        };
+        let listed = Effect::Listed {
+            identity: identity.to_owned(),
+        };
+        if !codec::fit_leases(&mut answer) {
+            let mut d = denied(
+                list.common.request_id,
+                ResultCode::NoResources,
+                "the list of leases does not fit in one answer",
+            );
+            d.retry_after = Some(60);
+            let mut answer = Answer::new(Message::Denied(d), ResultCode::NoResources.name());
+            answer.effects.push(listed);
+            return answer;
+        }
+        let mut answer = Answer::new(Message::Leases(answer), "listed");
+        answer.effects.push(listed);
+        answer
+    }
+
+    /// The effects that end a lease already out of the book: its elements, then the store.
+    fn end_effects(
+        &self,
+        now_ms: u64,
+        lease: super::Lease,
+        end: LeaseEnd,
+        by: Option<String>,
+        why: Option<String>,
+        peer: Option<SocketAddr>,
+    ) -> Vec<Effect> {
+        let kill_connections = match end {
+            LeaseEnd::Expired => false,
+            LeaseEnd::Released | LeaseEnd::Revoked(_) => self.config.kill_connections,
+        };
+        vec![
+            Effect::Unhold {
+                lease: lease.id,
+                grants: lease.grants.clone(),
+                kill_connections,
+            },
+            Effect::Commit(vec![
+                Write::End {
+                    id: lease.id,
+                    end,
+                    ended_ms: now_ms,
+                    by: by.clone(),
+                    why: why.clone(),
+                },
+                Write::Audit(AuditRecord {
+                    time_ms: now_ms,
+                    peer,
+                    what: Audit::Ended {
+                        lease,
+                        end,
+                        by,
+                        why,
+                    },
+                }),
+            ]),
+        ]
+    }
+
+    /// Revokes a live lease: it leaves the book now; the effects take it out of the kernel and
+    /// the store, and the notice is for its host. `None` if no such lease is live.
+    pub fn revoke(
+        &mut self,
+        now_ms: u64,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<Revocation> {
+        let lease = self.book.revoke(id)?;
+        let notice = Message::Revoked(lease.to_revoked(reason, text.clone().map(fit_reason)));
+        let effects = self.end_effects(
+            now_ms,
+            lease.clone(),
+            LeaseEnd::Revoked(reason),
+            Some(by.to_owned()),
+            text,
+            None,
+        );
+        Some(Revocation {
+            lease,
+            effects,
+            notice,
+        })
+    }
+
+    /// Ends the leases whose expiry is at or before `now_ms`: the effects take them out of the
+    /// kernel (where their elements' own timeouts have usually done it already) and the store.
+    pub fn expire_due(&mut self, now_ms: u64) -> Vec<Effect> {
+        let due = self.book.expire_due(now_ms);
+        due.into_iter()
+            .flat_map(|lease| {
+                self.end_effects(
+                    now_ms,
+                    lease,
+                    LeaseEnd::Expired,
+                    Some("gateway".into()),
+                    Some("lifetime ended".into()),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    /// The earliest expiry of a live lease, Unix milliseconds.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.book.next_expiry()
+    }
+}
+
+/// A Denied for `msg`, with its audit record.
+fn refuse(
+    now_ms: u64,
+    identity: &str,
+    peer: &Peer<'_>,
+    msg: &Message,
+    code: ResultCode,
+    reason: String,
+    rule: Option<String>,
+) -> Answer {
+    refuse_at(now_ms, identity, peer.remote, msg, code, reason, rule)
+}
+
+fn refuse_at(
+    now_ms: u64,
+    identity: &str,
+    peer: SocketAddr,
+    msg: &Message,
+    code: ResultCode,
+    reason: String,
+    rule: Option<String>,
+) -> Answer {
+    let (lease, request) = match msg {
+        Message::Open(open) => (None, Asked::Open(Box::new(open.clone()))),
+        Message::Renew(renew) => (Some(renew.lease), Asked::Lease(renew.lease)),
+        Message::Release(release) => (Some(release.lease), Asked::Lease(release.lease)),
+        _ => (None, Asked::Other),
+    };
+    let mut d = denied(msg.common().request_id, code, reason.clone());
+    d.lease = lease;
+    Answer {
+        message: Message::Denied(d),
+        effects: vec![Effect::Audit(AuditRecord {
+            time_ms: now_ms,
+            peer: Some(peer),
+            what: Audit::Refused {
+                identity: Some(identity.to_owned()),
+                code,
+                reason,
+                rule,
+                request,
+            },
+        })],
+        label: Some(code.name()),
+    }
+}
+
+fn refuse_undecodable(now_ms: u64, peer: &Peer<'_>, bytes: &[u8], e: &DecodeError) -> Answer {
+    let code = e.result_code();
+    let mut d = denied(codec::peek_request_id(bytes), code, e.to_string());
+    d.unsupported = e.unsupported_keys().to_vec();
+    Answer {
+        message: Message::Denied(d),
+        effects: vec![Effect::Audit(AuditRecord {
+            time_ms: now_ms,
+            peer: Some(peer.remote),
+            what: Audit::Refused {
+                identity: peer.identity.map(str::to_owned),
+                code,
+                reason: format!("undecodable request ({} bytes): {e}", bytes.len()),
+                rule: None,
+                request: Asked::Other,
+            },
+        })],
+        label: Some(code.name()),
+    }
+}

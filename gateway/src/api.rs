@@ -1,0 +1,617 @@
+//! The admin API's requests, answers and errors as typed values, shared by the server
+//! ([`crate::admin`]), its client ([`crate::admin_client`]) and `fwnpctl`. They serialize to the
+//! JSON the API has always spoken, so that `curl` users and scripts reading `fwnpctl --json`
+//! see no change. This module depends on nothing else of the crate: the server maps
+//! [`AdminError`] to HTTP statuses, the store and the service build the views.
+
+use serde::{Deserialize, Serialize};
+
+/// What kind of failure an admin request met; the server maps it to an HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminErrorKind {
+    /// A request the operator can correct (HTTP 400).
+    BadRequest,
+    /// Something that does not exist (HTTP 404).
+    NotFound,
+    /// A failure of the gateway itself (HTTP 500).
+    Internal,
+}
+
+/// An admin request that failed.
+///
+/// ```
+/// use fwnp_gateway::api::{AdminError, AdminErrorKind};
+/// let e = AdminError::not_found("no live lease 00ff");
+/// assert_eq!(e.kind, AdminErrorKind::NotFound);
+/// assert_eq!(e.to_string(), "no live lease 00ff");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminError {
+    /// What kind.
+    pub kind: AdminErrorKind,
+    /// What went wrong, for the operator.
+    pub message: String,
+}
+
+impl AdminError {
+    /// A request the operator can correct.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::BadRequest,
+            message: message.into(),
+        }
+    }
+
+    /// Something that does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::NotFound,
+            message: message.into(),
+        }
+    }
+
+    /// A failure of the gateway itself.
+    pub fn internal(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::Internal,
+            message: message.into(),
+        }
+    }
+}
+
+/// The body of every failed request.
+///
+/// ```
+/// let body: fwnp_gateway::api::ErrorAnswer = serde_json::from_str(r#"{"error":"no such lease"}"#).unwrap();
+/// assert_eq!(body.error, "no such lease");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// `GET /v1/status`.
+///
+/// ```
+/// let text = r#"{"epoch":"00000000000000ff","uptime_secs":3,"live_leases":1,"hosts_with_leases":1,
+///   "connections":2,"policy":"/etc/fwnp/policy.toml","filter":null,"store":"/var/lib/fwnp/fwnp.sqlite3",
+///   "store_writer":{"transactions":1,"jobs":1,"ops":2,"failed_jobs":0,"largest_batch":2,"pending_ops":0,"busy_us":10}}"#;
+/// let status: fwnp_gateway::api::StatusAnswer = serde_json::from_str(text).unwrap();
+/// assert_eq!(status.connections, 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAnswer {
+    /// The epoch, 16 hex digits.
+    pub epoch: String,
+    /// Seconds since the service started.
+    pub uptime_secs: u64,
+    /// Live leases.
+    pub live_leases: u64,
+    /// Hosts holding at least one.
+    pub hosts_with_leases: u64,
+    /// Open connections.
+    pub connections: u64,
+    /// The policy file.
+    pub policy: String,
+    /// The kernel filter's counters; `null` when the filter is off.
+    pub filter: Option<FilterStatus>,
+    /// The database file.
+    pub store: String,
+    /// The store writer's counters: operations per transaction show group commit at work.
+    pub store_writer: WriterStatus,
+}
+
+/// The kernel filter's counters in [`StatusAnswer`].
+///
+/// ```
+/// let f = fwnp_gateway::api::FilterStatus { table: "fwnp".into(), batches: 1, changes: 2,
+///     failed_changes: 0, repairs: 0, batch_time_us: 50 };
+/// assert_eq!(serde_json::to_value(&f).unwrap()["table"], "fwnp");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterStatus {
+    /// The table.
+    pub table: String,
+    /// Netlink batches sent.
+    pub batches: u64,
+    /// Element changes sent.
+    pub changes: u64,
+    /// Element changes the kernel refused.
+    pub failed_changes: u64,
+    /// Repairs after a refused batch.
+    pub repairs: u64,
+    /// Time spent in batches, microseconds.
+    pub batch_time_us: u64,
+}
+
+/// The store writer's counters in [`StatusAnswer`].
+///
+/// ```
+/// let w = fwnp_gateway::api::WriterStatus { transactions: 1, jobs: 2, ops: 4, failed_jobs: 0,
+///     largest_batch: 4, pending_ops: 0, busy_us: 9 };
+/// assert_eq!(serde_json::to_value(&w).unwrap()["ops"], 4);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterStatus {
+    /// Transactions committed.
+    pub transactions: u64,
+    /// Jobs processed.
+    pub jobs: u64,
+    /// Operations applied.
+    pub ops: u64,
+    /// Jobs that failed.
+    pub failed_jobs: u64,
+    /// The largest group commit, in operations.
+    pub largest_batch: u64,
+    /// Operations queued.
+    pub pending_ops: u64,
+    /// Time spent writing, microseconds.
+    pub busy_us: u64,
+}
+
+/// One grant of a lease or an audit event.
+///
+/// ```
+/// let g: fwnp_gateway::api::GrantView =
+///     serde_json::from_str(r#"{"protocol":"tcp","ports":"443","host":"192.0.2.10"}"#).unwrap();
+/// assert_eq!(g.to_string(), "tcp/443 on 192.0.2.10");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantView {
+    /// `tcp`, `udp`, ...
+    pub protocol: String,
+    /// `443` or `5000-5010`.
+    pub ports: String,
+    /// The host address.
+    pub host: String,
+    /// The remote prefixes; none means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<String>,
+    /// The application id it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+}
+
+impl std::fmt::Display for GrantView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{} on {}", self.protocol, self.ports, self.host)?;
+        if !self.remotes.is_empty() {
+            write!(f, " from {}", self.remotes.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+/// What a host told about an application.
+///
+/// ```
+/// let a: fwnp_gateway::api::AppView = serde_json::from_str(r#"{"executable":"/usr/sbin/nginx"}"#).unwrap();
+/// assert_eq!(a.label(), Some("/usr/sbin/nginx"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppView {
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Its executable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executable: Option<String>,
+    /// Its user id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    /// Its process id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+impl AppView {
+    /// Its name, else its executable.
+    pub fn label(&self) -> Option<&str> {
+        self.name.as_deref().or(self.executable.as_deref())
+    }
+}
+
+/// One lease in `GET /v1/leases`.
+///
+/// ```
+/// let text = r#"{"id":"00","identity":"fwnp://host/web-01","grants":[],"granted_lifetime":600,
+///   "created_ms":1,"expires_ms":2,"remaining_ms":1,"state":"live"}"#;
+/// let lease: fwnp_gateway::api::LeaseView = serde_json::from_str(text).unwrap();
+/// assert_eq!(lease.state, "live");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    /// The lease id.
+    pub id: String,
+    /// The host's identity.
+    pub identity: String,
+    /// The host's address and port when it asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// What it grants.
+    pub grants: Vec<GrantView>,
+    /// The application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppView>,
+    /// The lifetime asked, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_lifetime: Option<u32>,
+    /// The lifetime granted, seconds.
+    pub granted_lifetime: u32,
+    /// When granted, Unix ms.
+    pub created_ms: u64,
+    /// When last renewed, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewed_ms: Option<u64>,
+    /// When it expires, Unix ms.
+    pub expires_ms: u64,
+    /// Milliseconds left.
+    pub remaining_ms: u64,
+    /// `live`, `released`, `expired`, `revoked`.
+    pub state: String,
+    /// The serial of the certificate that last opened or renewed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// When it ended, Unix ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    /// The protocol's reason of a revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoke_reason: Option<String>,
+    /// Who ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<String>,
+    /// Why it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}
+
+/// `GET /v1/leases`.
+///
+/// ```
+/// let answer: fwnp_gateway::api::LeasesAnswer = serde_json::from_str(r#"{"leases":[]}"#).unwrap();
+/// assert!(answer.leases.is_empty());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasesAnswer {
+    /// The leases.
+    pub leases: Vec<LeaseView>,
+}
+
+/// What an audited request asked.
+///
+/// ```
+/// let r: fwnp_gateway::api::RequestView = serde_json::from_str(r#"{"opening":"tcp/8080"}"#).unwrap();
+/// assert_eq!(r.opening.as_deref(), Some("tcp/8080"));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestView {
+    /// `tcp/8080`, `app:https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opening: Option<String>,
+    /// The one host address named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The host addresses named, when several.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// The remote prefixes asked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remotes: Vec<String>,
+    /// The lifetime asked, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<u32>,
+}
+
+/// One event in `GET /v1/audit`.
+///
+/// ```
+/// let e: fwnp_gateway::api::AuditEventView =
+///     serde_json::from_str(r#"{"id":7,"time_ms":1,"kind":"grant","outcome":"granted"}"#).unwrap();
+/// assert_eq!((e.id, e.kind.as_str()), (7, "grant"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEventView {
+    /// Its id: a cursor for paging and following.
+    pub id: u64,
+    /// When, Unix ms.
+    pub time_ms: u64,
+    /// What happened.
+    pub kind: String,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The host's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The peer's address and port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// What was asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestView>,
+    /// The application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<AppView>,
+    /// What was granted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantView>,
+    /// The lifetime granted, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub granted_lifetime: Option<u32>,
+    /// The policy rule that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The result code of a denial.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Who acted, when not the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+}
+
+/// `GET /v1/audit` without `after`: a page, newest first unless asked otherwise.
+///
+/// ```
+/// let page: fwnp_gateway::api::AuditPageAnswer =
+///     serde_json::from_str(r#"{"events":[],"next_cursor":null}"#).unwrap();
+/// assert_eq!(page.next_cursor, None);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPageAnswer {
+    /// The events.
+    pub events: Vec<AuditEventView>,
+    /// The cursor of the next page; `null` on the last.
+    pub next_cursor: Option<u64>,
+}
+
+/// `GET /v1/audit`: a page, or (with `after`) what follows a cursor.
+///
+/// ```
+/// use fwnp_gateway::api::AuditAnswer;
+/// let a: AuditAnswer = serde_json::from_str(r#"{"events":[],"next_after":3}"#).unwrap();
+/// assert!(matches!(a, AuditAnswer::Follow(_)));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum AuditAnswer {
+    /// What follows a cursor.
+    Follow(AuditFollowAnswer),
+    /// A page.
+    Page(AuditPageAnswer),
+}
+
+/// `GET /v1/audit?after=`: the events after a cursor, waiting up to `wait` for one.
+///
+/// ```
+/// let follow: fwnp_gateway::api::AuditFollowAnswer =
+///     serde_json::from_str(r#"{"events":[],"next_after":41}"#).unwrap();
+/// assert_eq!(follow.next_after, 41);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFollowAnswer {
+    /// The events.
+    pub events: Vec<AuditEventView>,
+    /// The cursor to follow from next.
+    pub next_after: u64,
+}
+
+/// `POST /v1/leases/{id}/revoke`.
+///
+/// ```
+/// let body = fwnp_gateway::api::RevokeRequest { reason: Some("maintenance".into()) };
+/// assert_eq!(serde_json::to_string(&body).unwrap(), r#"{"reason":"maintenance"}"#);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// Why, told to the host.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The answer to a revocation.
+///
+/// ```
+/// let a: fwnp_gateway::api::RevokeAnswer =
+///     serde_json::from_str(r#"{"revoked":"00ff","host":"fwnp://host/web-01"}"#).unwrap();
+/// assert_eq!(a.host, "fwnp://host/web-01");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeAnswer {
+    /// The lease revoked.
+    pub revoked: String,
+    /// Its host.
+    pub host: String,
+}
+
+/// A lease a reload revoked.
+///
+/// ```
+/// let r = fwnp_gateway::api::RevokedLease { lease: "00".into(), host: "h".into(), why: "gone".into() };
+/// assert_eq!(serde_json::to_value(&r).unwrap()["why"], "gone");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedLease {
+    /// The lease.
+    pub lease: String,
+    /// Its host.
+    pub host: String,
+    /// Why the policy no longer allows it.
+    pub why: String,
+}
+
+/// A connection a CRL reload closed.
+///
+/// ```
+/// let c = fwnp_gateway::api::ClosedConnection { host: "h".into(), serial: "1A".into(),
+///     peer: "192.0.2.10:4433".into(), leases_revoked: 2 };
+/// assert_eq!(serde_json::to_value(&c).unwrap()["leases_revoked"], 2);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClosedConnection {
+    /// The host's identity.
+    pub host: String,
+    /// The revoked certificate's serial.
+    pub serial: String,
+    /// The connection's address.
+    pub peer: String,
+    /// Leases of the identity revoked with it.
+    pub leases_revoked: u64,
+}
+
+/// What became of the TLS files in a reload: `"reloaded"`, or `{"error": ...}`.
+///
+/// ```
+/// use fwnp_gateway::api::TlsReload;
+/// assert_eq!(serde_json::to_string(&TlsReload::reloaded()).unwrap(), r#""reloaded""#);
+/// let failed: TlsReload = serde_json::from_str(r#"{"error":"bad CRL"}"#).unwrap();
+/// assert_eq!(failed, TlsReload::Failed { error: "bad CRL".into() });
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TlsReload {
+    /// Reloaded (the text is `reloaded`).
+    Done(String),
+    /// Not reloaded: the old files stay in force.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+impl TlsReload {
+    /// The files were reloaded.
+    pub fn reloaded() -> Self {
+        TlsReload::Done("reloaded".into())
+    }
+}
+
+/// What a policy reload did.
+///
+/// ```
+/// let r: fwnp_gateway::api::PolicyReloaded =
+///     serde_json::from_str(r#"{"policy":"p.toml","revoked":[]}"#).unwrap();
+/// assert_eq!(r.policy, "p.toml");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReloaded {
+    /// The policy file loaded.
+    pub policy: String,
+    /// The live leases it no longer allows, revoked.
+    pub revoked: Vec<RevokedLease>,
+}
+
+/// `POST /v1/policy/reload`.
+///
+/// ```
+/// let a: fwnp_gateway::api::ReloadAnswer = serde_json::from_str(
+///     r#"{"policy":"/etc/fwnp/policy.toml","revoked":[],"tls":"reloaded","closed_connections":[]}"#,
+/// ).unwrap();
+/// assert!(a.reloaded.revoked.is_empty());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadAnswer {
+    /// The policy loaded and what it revoked.
+    #[serde(flatten)]
+    pub reloaded: PolicyReloaded,
+    /// What became of the TLS files and CRL.
+    pub tls: TlsReload,
+    /// The connections of certificates the CRL now lists, closed (when the TLS files reloaded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closed_connections: Option<Vec<ClosedConnection>>,
+}
+
+/// One row of `GET /v1/report`.
+///
+/// ```
+/// let text = r#"{"identity":"h","app":null,"opening":"tcp/443","requests":3,"granted":2,"denied":1,
+///   "leases":2,"total_held_ms":10,"median_held_ms":5,"p90_held_ms":5,"max_lifetime_asked":null,
+///   "first_ms":1,"last_ms":2}"#;
+/// let row: fwnp_gateway::api::ReportRowView = serde_json::from_str(text).unwrap();
+/// assert_eq!(row.denied, 1);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportRowView {
+    /// The host's identity.
+    pub identity: String,
+    /// The application's label.
+    pub app: Option<String>,
+    /// `tcp/443`, `app:https`, or `-`.
+    pub opening: String,
+    /// Requests.
+    pub requests: u64,
+    /// Granted.
+    pub granted: u64,
+    /// Denied.
+    pub denied: u64,
+    /// Leases made.
+    pub leases: u64,
+    /// Time held in all, ms.
+    pub total_held_ms: u64,
+    /// Median time held, ms.
+    pub median_held_ms: u64,
+    /// 90th percentile of time held, ms.
+    pub p90_held_ms: u64,
+    /// The longest lifetime asked, seconds.
+    pub max_lifetime_asked: Option<u32>,
+    /// The first request, Unix ms.
+    pub first_ms: u64,
+    /// The last request, Unix ms.
+    pub last_ms: u64,
+}
+
+/// `GET /v1/report`.
+///
+/// ```
+/// let a: fwnp_gateway::api::ReportAnswer =
+///     serde_json::from_str(r#"{"rows":[],"suggested_policy":""}"#).unwrap();
+/// assert!(a.rows.is_empty());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAnswer {
+    /// The rows.
+    pub rows: Vec<ReportRowView>,
+    /// A policy that would allow what was asked, as TOML.
+    pub suggested_policy: String,
+}
+
+/// `POST /v1/policy/explain`: a request described for the policy to judge.
+///
+/// ```
+/// let body = fwnp_gateway::api::ExplainRequest {
+///     host: "fwnp://host/web-01".into(),
+///     open: "tcp/8080".into(),
+///     address: Some("192.0.2.10".into()),
+///     ..Default::default()
+/// };
+/// let json = serde_json::to_value(&body).unwrap();
+/// assert_eq!(json["open"], "tcp/8080");
+/// assert!(json.get("addresses").is_none());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainRequest {
+    /// The host's identity.
+    pub host: String,
+    /// What it asks to open: `tcp/8080`, `udp/5000-5010`, `app:https`.
+    pub open: String,
+    /// The addresses the host holds; none: it holds `address`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// The host address to open; none: its first address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The remote prefixes asked for; none means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<String>,
+    /// The lifetime asked, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<u64>,
+}

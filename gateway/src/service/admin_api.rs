@@ -1,0 +1,245 @@
+//! The service's answers to the admin API: status, metrics, lease and audit queries, explain
+//! and the usage report.
+
+use super::*;
+use crate::api::{
+    AuditAnswer, AuditFollowAnswer, AuditPageAnswer, FilterStatus, LeasesAnswer, ReportAnswer,
+    StatusAnswer, WriterStatus,
+};
+
+pub(super) fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
+    use fwnp_proto::Protocol;
+    [
+        Protocol::Tcp,
+        Protocol::Udp,
+        Protocol::Sctp,
+        Protocol::UdpLite,
+    ]
+    .into_iter()
+    .find(|p| p.name() == text)
+    .ok_or_else(|| AdminError::bad_request(format!("unknown protocol {text:?}")))
+}
+
+/// A time argument: milliseconds since the Unix epoch, or a duration ago such as `1h`.
+pub(super) fn time_arg(text: &str, now_ms: u64) -> Result<u64, AdminError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let ago = crate::config::parse_duration(text).map_err(AdminError::bad_request)?;
+    Ok(now_ms.saturating_sub(u64::try_from(ago.as_millis()).unwrap_or(u64::MAX)))
+}
+
+impl Service {
+    /// Copies the kernel batcher's counters into the metrics (called before each scrape and
+    /// periodically).
+    pub fn sample_filter_metrics(&self) {
+        if let Some(filter) = &self.filter {
+            self.metrics.observe_batcher(&filter.stats());
+        }
+    }
+
+    /// The metrics in Prometheus's text format, with the kernel counters brought up to date.
+    pub fn render_metrics(&self) -> String {
+        self.sample_filter_metrics();
+        self.metrics.render()
+    }
+
+    /// The admin API's status.
+    pub fn status(&self) -> StatusAnswer {
+        let core = lock(&self.core);
+        let book = core.book();
+        let filter = self.filter.as_ref().map(|f| {
+            let stats = f.stats();
+            FilterStatus {
+                table: self.config.filter.table.clone(),
+                batches: stats.batches,
+                changes: stats.changes,
+                failed_changes: stats.failed_changes,
+                repairs: stats.repairs,
+                batch_time_us: u64::try_from(stats.total_batch_time.as_micros())
+                    .unwrap_or(u64::MAX),
+            }
+        });
+        let writer = self.store.writer().stats();
+        StatusAnswer {
+            epoch: format!("{:016x}", self.epoch()),
+            uptime_secs: self.started.elapsed().as_secs(),
+            live_leases: book.len() as u64,
+            hosts_with_leases: book.host_count() as u64,
+            connections: self.sessions.count() as u64,
+            policy: self.policy().origin().to_owned(),
+            filter,
+            store: self.store.path().display().to_string(),
+            // Group commit at work: operations per transaction is what keeps the store's cost
+            // per grant down under load.
+            store_writer: WriterStatus {
+                transactions: writer.transactions,
+                jobs: writer.jobs,
+                ops: writer.ops,
+                failed_jobs: writer.failed_jobs,
+                largest_batch: writer.largest_batch,
+                pending_ops: writer.pending_ops as u64,
+                busy_us: writer.busy_us,
+            },
+        }
+    }
+
+    /// Runs a read of the store on tokio's blocking threads: SQLite answers synchronously, and a
+    /// long query (a wide audit search, a report over months) on a runtime worker would hold up
+    /// the QUIC connections and timers that share it.
+    pub(super) async fn read_store<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    ) -> Result<T, AdminError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| AdminError::internal(format!("the store read did not finish: {e}")))?
+            .map_err(|e| AdminError::internal(e.to_string()))
+    }
+
+    /// The admin API's lease listing.
+    pub async fn leases(
+        &self,
+        query: &HashMap<String, String>,
+    ) -> Result<LeasesAnswer, AdminError> {
+        let mut filter = LeaseFilter {
+            host: query.get("host").cloned(),
+            app: query.get("app").cloned(),
+            ..LeaseFilter::default()
+        };
+        if let Some(port) = query.get("port") {
+            filter.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
+        }
+        if let Some(protocol) = query.get("protocol") {
+            filter.protocol = Some(parse_protocol(protocol)?);
+        }
+        if let Some(serial) = query.get("serial") {
+            filter.certificate_serial =
+                Some(fwnp_trust::identity::Serial::parse(serial).ok_or_else(|| {
+                    AdminError::bad_request(format!(
+                        "serial {serial:?} is not a certificate serial in hexadecimal"
+                    ))
+                })?);
+        }
+        let now = now_ms();
+        let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
+        Ok(LeasesAnswer {
+            leases: leases.iter().map(|l| l.view(now)).collect(),
+        })
+    }
+
+    /// The admin API's audit query; `wait` long-polls for events after `after`.
+    pub async fn audit(&self, query: &HashMap<String, String>) -> Result<AuditAnswer, AdminError> {
+        let mut q = AuditQuery::default();
+        let now = now_ms();
+        q.host = query.get("host").cloned();
+        q.app = query.get("app").cloned();
+        if let Some(port) = query.get("port") {
+            q.port = Some(
+                port.parse()
+                    .map_err(|_| AdminError::bad_request(format!("port {port:?}")))?,
+            );
+        }
+        if let Some(outcomes) = query.get("outcome") {
+            for name in outcomes.split(',') {
+                q.outcomes.push(
+                    Outcome::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown outcome {name:?}"))
+                    })?,
+                );
+            }
+        }
+        if let Some(kinds) = query.get("kind") {
+            for name in kinds.split(',') {
+                q.kinds
+                    .push(AuditKind::from_name(name).ok_or_else(|| {
+                        AdminError::bad_request(format!("unknown kind {name:?}"))
+                    })?);
+            }
+        }
+        q.since_ms = query.get("since").map(|s| time_arg(s, now)).transpose()?;
+        q.until_ms = query.get("until").map(|s| time_arg(s, now)).transpose()?;
+        q.limit = match query.get("limit") {
+            Some(l) => l
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("limit {l:?}")))?,
+            None => 100,
+        };
+        if query.get("order").map(String::as_str) == Some("oldest") {
+            q.order = Order::OldestFirst;
+        }
+        if let Some(after) = query.get("after") {
+            let after: u64 = after
+                .parse()
+                .map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
+            let wait = match query.get("wait") {
+                Some(w) => crate::config::parse_duration(w)
+                    .map_err(AdminError::bad_request)?
+                    .min(Duration::from_secs(60)),
+                None => Duration::ZERO,
+            };
+            let mut watch = self.store.audit_watch();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                let (query, limit) = (q.clone(), q.limit.max(1));
+                let events = self
+                    .read_store(move |store| store.audit_follow(after, &query, limit))
+                    .await?;
+                if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+                    let last = events.last().map_or(after, |e| e.id);
+                    return Ok(AuditAnswer::Follow(AuditFollowAnswer {
+                        events: events.iter().map(|e| e.view()).collect(),
+                        next_after: last,
+                    }));
+                }
+                if tokio::time::timeout_at(deadline, watch.changed())
+                    .await
+                    .is_err()
+                {
+                    continue;
+                }
+            }
+        }
+        if let Some(cursor) = query.get("cursor") {
+            q.cursor = Some(
+                cursor
+                    .parse()
+                    .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
+            );
+        }
+        let page = self.read_store(move |store| store.audit(&q)).await?;
+        Ok(AuditAnswer::Page(AuditPageAnswer {
+            events: page.events.iter().map(|e| e.view()).collect(),
+            next_cursor: page.next_cursor,
+        }))
+    }
+
+    /// The admin API's explain: the decision the current policy makes for a described request.
+    pub fn explain_json(&self, body: &Value) -> Result<Value, AdminError> {
+        let policy = self.policy();
+        crate::explain::explain_json(&policy, body).map_err(AdminError::bad_request)
+    }
+
+    /// The admin API's usage report.
+    pub async fn report(
+        &self,
+        query: &HashMap<String, String>,
+    ) -> Result<ReportAnswer, AdminError> {
+        let now = now_ms();
+        let q = ReportQuery {
+            since_ms: query.get("since").map(|s| time_arg(s, now)).transpose()?,
+            until_ms: query.get("until").map(|s| time_arg(s, now)).transpose()?,
+            host: query.get("host").cloned(),
+        };
+        let rows = self.read_store(move |store| store.report(&q, now)).await?;
+        let policy = self.policy();
+        Ok(ReportAnswer {
+            rows: rows.iter().map(|r| r.view()).collect(),
+            suggested_policy: crate::report::suggest_policy(&rows, &policy),
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! The kernel side of leases: the elements of a grant, the leases that hold each element, and
+//! the changes that bring the kernel to them.
+
+use super::*;
+
+/// Kernel elements and the leases that hold them, with each lease's expiry. Nearly every
+/// element has one holder: a short list costs far less memory than a map, per element.
+pub(super) type Holders = HashMap<Element, Vec<(LeaseId, u64)>>;
+
+/// Sets (`Some` expiry) or drops (`None`) a lease's hold on an element, and says what the
+/// kernel must do for it: set its timeout to the latest expiry of its holders when that
+/// changed, remove it when nobody holds it any more.
+pub(super) fn hold_change(
+    holders: &mut Holders,
+    element: &Element,
+    lease: LeaseId,
+    expires_ms: Option<u64>,
+    now: u64,
+) -> Option<Change> {
+    let held = holders.entry(element.clone()).or_default();
+    let before = held.iter().map(|(_, expires)| *expires).max();
+    held.retain(|(holder, _)| *holder != lease);
+    if let Some(expires) = expires_ms {
+        held.push((lease, expires));
+    }
+    let after = held.iter().map(|(_, expires)| *expires).max();
+    if held.is_empty() {
+        holders.remove(element);
+    }
+    match (before, after) {
+        (Some(_), None) => Some(Change::Remove(element.clone())),
+        // The kernel never takes a zero timeout (it would mean "forever").
+        (_, Some(latest)) if before != after => Some(Change::Renew(
+            element.clone(),
+            remaining(latest, now).max(Duration::from_millis(1)),
+        )),
+        _ => None,
+    }
+}
+
+/// Why the elements of a renewed or extended lease were not refreshed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RefreshError {
+    /// The kernel refused.
+    #[error(transparent)]
+    Kernel(#[from] fwnp_netfilter::Error),
+    /// The lease was revoked while its elements were being refreshed.
+    #[error("the lease ended while it was being renewed")]
+    LeaseEnded,
+}
+
+pub(super) fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
+    grants.iter().flat_map(Element::from_grant).collect()
+}
+
+pub(super) fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
+    Duration::from_millis(expires_ms.saturating_sub(now_ms))
+}
+
+impl Service {
+    /// Sets (`Some` expiry) or drops (`None`) a lease's hold on its elements and brings the
+    /// kernel to the result (see [`hold_change`]). The changes are queued under the lock, so
+    /// that the kernel sees them in the order they were decided, whoever decided them. Returns
+    /// the elements it removed from the kernel, and the first failure.
+    pub(super) async fn hold(
+        &self,
+        lease: &LeaseId,
+        elements: &[Element],
+        expires_ms: Option<u64>,
+    ) -> (Vec<Element>, Option<fwnp_netfilter::Error>) {
+        let Some(filter) = &self.filter else {
+            return (Vec::new(), None);
+        };
+        let now = now_ms();
+        let queued: Vec<_> = {
+            let mut holders = lock(&self.holders);
+            elements
+                .iter()
+                .filter_map(|element| hold_change(&mut holders, element, *lease, expires_ms, now))
+                .map(|change| (change.clone(), filter.submit(change)))
+                .collect()
+        };
+        let mut removed = Vec::new();
+        let mut failure = None;
+        for (change, outcome) in queued {
+            match (change, outcome.await) {
+                (
+                    Change::Remove(element),
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => removed.push(element),
+                // A kernel that renews by delete and add fails on an element that is gone.
+                (
+                    Change::Renew(element, timeout),
+                    Err(fwnp_netfilter::Error::ElementMissing(_)),
+                ) => match filter.add(element, timeout).await {
+                    Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
+                    Err(e) => failure = failure.or(Some(e)),
+                },
+                (_, Ok(())) => {}
+                (_, Err(e)) => failure = failure.or(Some(e)),
+            }
+        }
+        (removed, failure)
+    }
+
+    /// Makes a live lease hold its elements until `expires_ms` (adding any that are missing).
+    /// A revocation may have ended the lease meanwhile and given its elements up before they
+    /// were taken again here: then they are given up again, and the answer is `LeaseEnded`.
+    pub(super) async fn refresh(
+        &self,
+        lease: &LeaseId,
+        elements: &[Element],
+        expires_ms: u64,
+    ) -> Result<(), RefreshError> {
+        let (_, failure) = self.hold(lease, elements, Some(expires_ms)).await;
+        // A revocation takes the lease out of the book before it gives up the elements, so a
+        // lease still in the book now cannot have lost them to one.
+        if lock(&self.core).book().get(lease).is_none() {
+            let _ = self.hold(lease, elements, None).await;
+            return Err(RefreshError::LeaseEnded);
+        }
+        match failure {
+            Some(e) => Err(e.into()),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives up an ended lease's elements; those no other lease holds leave the kernel, and
+    /// (`kill`) their live connections are ended.
+    pub(super) async fn remove_elements(&self, lease: &LeaseId, grants: &[Grant], kill: bool) {
+        let Some(filter) = &self.filter else { return };
+        let (removed, failure) = self.hold(lease, &elements_of_all(grants), None).await;
+        if let Some(e) = failure {
+            warn!(lease = %lease, "removing elements from the kernel failed: {e}");
+        }
+        if kill {
+            for element in removed {
+                if let Err(e) = filter.kill_connections(element.clone()).await {
+                    warn!("ending the connections of {element:?} failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Change, Element, Holders, hold_change};
+    use fwnp_proto::{LeaseId, PortRange, Protocol};
+    use std::time::Duration;
+
+    #[test]
+    fn an_element_follows_the_latest_expiry_of_its_holders_and_goes_with_the_last() {
+        let element = Element {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(80),
+            remote: None,
+        };
+        let (a, b) = (LeaseId([1; 16]), LeaseId([2; 16]));
+        let mut holders = Holders::new();
+        let renew = |ms: u64| Some(Change::Renew(element.clone(), Duration::from_millis(ms)));
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(60_000), 0),
+            renew(60_000)
+        );
+        // A later holder lengthens it; an earlier one changes nothing.
+        assert_eq!(
+            hold_change(&mut holders, &element, b, Some(600_000), 0),
+            renew(600_000)
+        );
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(90_000), 0),
+            None
+        );
+        // The latest holder goes: cut back to the other's expiry, not removed.
+        assert_eq!(
+            hold_change(&mut holders, &element, b, None, 1_000),
+            renew(89_000)
+        );
+        // Giving up what one does not hold changes nothing; the last holder removes it.
+        assert_eq!(hold_change(&mut holders, &element, b, None, 1_000), None);
+        assert_eq!(
+            hold_change(&mut holders, &element, a, None, 1_000),
+            Some(Change::Remove(element.clone()))
+        );
+        assert!(holders.is_empty());
+        // An expiry already past still gives the kernel a timeout it accepts.
+        assert_eq!(
+            hold_change(&mut holders, &element, a, Some(500), 1_000),
+            renew(1)
+        );
+    }
+}

@@ -1,0 +1,436 @@
+//! The gateway's driver: it carries out what the request core (`fwnp_proto::gateway::request`)
+//! decides, with the operator's [`Policy`] (through `Decide`), the kernel filter
+//! (`fwnp_netfilter`) and the [`Store`].
+//!
+//! The order of an Open is fixed by the core, because it decides what a host can rely on:
+//! decode and validate, resolve the address, ask policy, take the lease in the book; then this
+//! driver programs the kernel and waits for its acknowledgement, commits the lease to the store
+//! and waits for that, and only then does the core give the Granted. A failure after the book
+//! took the lease gives the lease back and answers no-resources, so a host never holds a lease
+//! the kernel or the store lacks. A renewal (or an Open that extends a live lease) that makes a
+//! lease longer writes the store before the kernel instead, so that a gateway killed between the
+//! two never leaves a kernel element that outlives its stored lease; the start's reconcile
+//! brings any such element down to the stored expiry all the same.
+//!
+//! What needs a clock or the connection stays here: the rate limiter, the certificate checks,
+//! the counting of Lists and failed handshakes.
+//!
+//! By job: `request` drives the core for each request, `kernel` keeps the elements each lease
+//! holds, `admission` limits handshakes and requests and counts failures, `revocation` ends
+//! leases from outside the request path (expiry, operator, policy and CRL reloads) and says
+//! going away, `admin_api` answers the admin API; this module starts the service and restores
+//! the leases of the previous run.
+//!
+//! Kernel elements are shared: two leases (of hosts behind one address, or of a host with
+//! third-party rights) may hold the same element, which then stays while one of them does,
+//! with the latest of their expiries as its timeout.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use fwnp_netfilter::{Batcher, Change, Element};
+use fwnp_proto::codec;
+use fwnp_proto::gateway::request::{
+    Asked, Audit, AuditRecord, ConnectionState, CoreConfig, Decide, Decision, Effect,
+    EffectFailure, HostLimits, Objection, Peer, RequestCore, Step, Write,
+};
+use fwnp_proto::gateway::{LifetimePolicy, PolicyFacts};
+use fwnp_proto::{
+    Common, Epoch, Grant, LeaseId, Message, Open, QuicErrorCode, ResultCode, RevokeReason,
+};
+use governor::{DefaultKeyedRateLimiter, Quota};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::Value;
+use tracing::{info, warn};
+
+use crate::api::AdminError;
+use crate::config::GatewayConfig;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, Verdict};
+use crate::sessions::{Session, Sessions};
+use crate::store::{
+    AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, LeaseStore, NewLease,
+    Order, Outcome, ReportQuery, RequestSummary, Store, WriteError, WriteOp, now_ms,
+};
+use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
+use fwnp_trust::identity::{Serial, allowed_addresses};
+
+mod admin_api;
+mod admission;
+mod kernel;
+mod request;
+mod revocation;
+
+use kernel::{Holders, RefreshError, elements_of_all, remaining};
+
+/// The gateway's state and its answers to every request.
+#[derive(Debug)]
+pub struct Service {
+    /// The configuration it was started with.
+    pub config: GatewayConfig,
+    /// Live connections.
+    pub sessions: Sessions,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    policy: RwLock<Arc<Policy>>,
+    limiter: RwLock<Arc<DefaultKeyedRateLimiter<String>>>,
+    /// Handshakes started per source address ([`Service::admit_handshake`]).
+    handshake_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Failed handshakes (and certificates naming no identity) per source address and reason.
+    auth_failures: Tally<(IpAddr, String), SocketAddr>,
+    /// Handshakes refused over the per-source limit, per source address.
+    refused_handshakes: Tally<IpAddr, SocketAddr>,
+    /// Lists per host identity.
+    lists: Tally<String, SocketAddr>,
+    /// The request path's decisions and the live leases.
+    core: Mutex<RequestCore>,
+    expiry_changed: tokio::sync::Notify,
+    /// The database, for the admin API's queries and the daemon's housekeeping.
+    store: Store,
+    /// Where the request path writes leases and their audit records.
+    leases: Arc<dyn LeaseStore>,
+    filter: Option<Batcher>,
+    epoch: Epoch,
+    rng: Mutex<StdRng>,
+    rate_limit_audited: moka::sync::Cache<String, ()>,
+    started: Instant,
+    endpoints: Mutex<Vec<quinn::Endpoint>>,
+    /// The certificates the CRL lists (as read at start or at the last reload), for
+    /// connections whose handshake finished under the CRL before it (see
+    /// [`Service::check_credential`]).
+    revoked_certificates: Mutex<Arc<fwnp_trust::identity::RevokedCertificates>>,
+    /// The certificate that last opened or renewed each live lease, so that a CRL reload can
+    /// revoke the leases of a revoked certificate whose host is not connected. The store keeps
+    /// it too (restored at start); leases stored by a gateway of schema 1 have no entry until
+    /// they are renewed.
+    lease_credentials: Mutex<HashMap<LeaseId, Arc<fwnp_trust::identity::CertificateName>>>,
+    /// The live leases that hold each kernel element, with their expiries (Unix ms). Two
+    /// leases may hold the same element (hosts behind one address, a host with third-party
+    /// rights): it stays while one of them does, with the latest of their expiries.
+    holders: Mutex<Holders>,
+}
+
+/// Why [`Service::reload_tls`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsReloadError {
+    /// A TLS file (certificate, key, CA or CRL) is unusable.
+    #[error("TLS files not reloaded, the old ones stay in force: {0}")]
+    Files(#[from] fwnp_trust::tls::TlsError),
+    /// The CRL's list of revoked certificates cannot be read.
+    #[error("TLS files not reloaded, the old ones stay in force: {0}")]
+    Crl(#[from] fwnp_trust::identity::IdentityError),
+}
+
+/// Why the service could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The policy file is unusable.
+    #[error("policy: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
+    /// The store could not be opened or read.
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// The lease store could not restore the leases of the previous run.
+    #[error("lease store: {0}")]
+    LeaseStore(#[from] WriteError),
+    /// The kernel filter could not be set up.
+    #[error("filter: {0}")]
+    Filter(#[from] fwnp_netfilter::Error),
+    /// The CRL file is unusable.
+    #[error("CRL: {0}")]
+    CrlFile(#[from] fwnp_trust::tls::TlsError),
+    /// The CRL's list of revoked certificates cannot be read.
+    #[error("CRL: {0}")]
+    Crl(#[from] fwnp_trust::identity::IdentityError),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves its data consistent before anything can panic.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub use fwnp_proto::gateway::request::{denied, fit_reason};
+
+/// The certificates the CRL file lists; none without a CRL.
+fn read_revoked_certificates<E>(
+    crl: Option<&std::path::Path>,
+) -> Result<fwnp_trust::identity::RevokedCertificates, E>
+where
+    E: From<fwnp_trust::tls::TlsError> + From<fwnp_trust::identity::IdentityError>,
+{
+    match crl {
+        Some(path) => Ok(fwnp_trust::identity::revoked_certificates(
+            &fwnp_trust::tls::load_crls(path)?,
+        )?),
+        None => Ok(fwnp_trust::identity::RevokedCertificates::default()),
+    }
+}
+
+fn limiter_for(policy: &Policy) -> Arc<DefaultKeyedRateLimiter<String>> {
+    let limit = policy.effective_rate_limit();
+    let quota = Quota::with_period(limit.replenish_interval())
+        .unwrap_or_else(|| Quota::per_second(limit.requests_per_second))
+        .allow_burst(limit.burst);
+    Arc::new(DefaultKeyedRateLimiter::keyed(quota))
+}
+
+fn handshake_limiter(config: &GatewayConfig) -> DefaultKeyedRateLimiter<IpAddr> {
+    let at_least_one = |n: u32| std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN);
+    let quota = Quota::per_second(at_least_one(config.limits.handshakes_per_source_per_second))
+        .allow_burst(at_least_one(config.limits.handshake_burst_per_source));
+    DefaultKeyedRateLimiter::keyed(quota)
+}
+
+/// What becomes of a new QUIC connection attempt, before any TLS work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Go on with the handshake.
+    Accept,
+    /// Ask the source to prove its address first (QUIC Retry).
+    Retry,
+    /// Refuse it: its source started too many handshakes.
+    Refuse,
+}
+impl Service {
+    /// Opens the store, loads the policy, sets up the filter (when one is given) and restores
+    /// the leases of the previous run into the book and the kernel.
+    pub async fn start(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+    ) -> Result<Arc<Service>, StartError> {
+        let mut options = crate::store::StoreOptions::default();
+        if config.store.synchronous_full {
+            options.synchronous = crate::store::Synchronous::Full;
+        }
+        let store = Store::open_with(&config.state_dir, options)?;
+        let leases: Arc<dyn LeaseStore> = Arc::new(store.clone());
+        Self::start_with_store(config, filter, store, leases).await
+    }
+
+    /// As [`Service::start`], with the leases written to and restored from `leases` instead of
+    /// the database `store` (which still answers the admin API's queries): the seam where
+    /// another backend plugs in.
+    pub async fn start_with_store(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+        store: Store,
+        leases: Arc<dyn LeaseStore>,
+    ) -> Result<Arc<Service>, StartError> {
+        let policy = Policy::load(&config.policy)?;
+        for warning in policy.warnings() {
+            warn!(
+                "policy {}:{}: {}",
+                policy.origin(),
+                warning.line,
+                warning.message
+            );
+        }
+        let epoch = leases.epoch();
+        let limiter = limiter_for(&policy);
+        let window = config.limits.audit_count_interval;
+        let service = Arc::new(Service {
+            sessions: Sessions::default(),
+            metrics: Metrics::new(),
+            policy: RwLock::new(Arc::new(policy)),
+            limiter: RwLock::new(limiter),
+            handshake_limiter: handshake_limiter(&config),
+            auth_failures: Tally::new(window),
+            refused_handshakes: Tally::new(window),
+            lists: Tally::new(window),
+            core: Mutex::new(RequestCore::new(CoreConfig {
+                epoch,
+                max_streams: config.limits.max_streams,
+                kill_connections: config.filter.kill_connections,
+            })),
+            expiry_changed: tokio::sync::Notify::new(),
+            store,
+            leases,
+            filter,
+            epoch,
+            rng: Mutex::new(StdRng::from_os_rng()),
+            rate_limit_audited: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(1))
+                .build(),
+            started: Instant::now(),
+            endpoints: Mutex::new(Vec::new()),
+            revoked_certificates: Mutex::new(Arc::default()),
+            lease_credentials: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
+            config,
+        });
+        service.restore().await?;
+        // The policy may have changed while the gateway was stopped: no restored lease it no
+        // longer allows may stay open.
+        let policy = service.policy();
+        let revoked = service.revoke_disallowed(&policy, "gateway-start").await;
+        if !revoked.is_empty() {
+            info!(
+                revoked = revoked.len(),
+                "restored leases the policy no longer allows were revoked"
+            );
+        }
+        // So may the CRL: no restored lease last opened or renewed with a certificate it lists
+        // may stay open.
+        let revoked = Arc::new(read_revoked_certificates::<StartError>(
+            service.config.crl.as_deref(),
+        )?);
+        *lock(&service.revoked_certificates) = revoked.clone();
+        if !revoked.is_empty() {
+            // No host is connected yet to be told.
+            service
+                .end_leases_of_revoked_certificates(&revoked, &BTreeSet::new())
+                .await;
+        }
+        tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
+        Ok(service)
+    }
+
+    /// The gateway's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// The store, for the daemon's housekeeping.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn restore(&self) -> Result<(), StartError> {
+        let now = now_ms();
+        let restored = self.leases.restore(now).await?;
+        let leases = restored.live.iter().map(|r| fwnp_proto::gateway::Lease {
+            id: r.id,
+            host: Arc::from(r.identity.as_str()),
+            grants: r.grants.clone(),
+            lifetime: r.granted_lifetime,
+            created_ms: r.created_ms,
+            expires_ms: r.expires_ms,
+            app: r.app.clone().map(Box::new),
+        });
+        let report = lock(&self.core).book_mut().restore(now, leases);
+        {
+            // Leases of one certificate share one copy of its name, as they do while it is
+            // connected.
+            let mut shared: HashMap<
+                &fwnp_trust::identity::CertificateName,
+                Arc<fwnp_trust::identity::CertificateName>,
+            > = HashMap::new();
+            let mut credentials = lock(&self.lease_credentials);
+            for record in &restored.live {
+                if let Some(certificate) = &record.certificate {
+                    let name = shared
+                        .entry(certificate)
+                        .or_insert_with(|| Arc::new(certificate.clone()));
+                    credentials.insert(record.id, name.clone());
+                }
+            }
+        }
+        let desired: Vec<(Element, Duration)> = {
+            let core = lock(&self.core);
+            let book = core.book();
+            let mut holders = lock(&self.holders);
+            for lease in book.iter() {
+                for element in elements_of_all(&lease.grants) {
+                    holders
+                        .entry(element)
+                        .or_default()
+                        .push((lease.id, lease.expires_ms));
+                }
+            }
+            holders
+                .iter()
+                .map(|(element, held)| {
+                    let latest = held
+                        .iter()
+                        .map(|(_, expires)| *expires)
+                        .max()
+                        .unwrap_or(now);
+                    (element.clone(), remaining(latest, now))
+                })
+                .collect()
+        };
+        self.metrics
+            .live_leases
+            .set(lock(&self.core).book().len() as i64);
+        info!(
+            restored = report.restored,
+            expired = restored.expired.len(),
+            epoch = format_args!("{:016x}", self.epoch()),
+            new_state = self.store.is_new_state(),
+            "leases restored"
+        );
+        if let Some(filter) = &self.filter {
+            let changes = filter.reconcile(desired).await?;
+            let mut event = AuditEvent::new(now, AuditKind::Reconcile);
+            event.actor = Some("gateway".into());
+            event.reason = Some(format!(
+                "start: {} leases restored, {} expired while stopped; kernel: {} added, {} removed, {} refreshed{}",
+                report.restored,
+                restored.expired.len(),
+                changes.added.len(),
+                changes.removed.len(),
+                changes.refreshed,
+                if changes.table_recreated {
+                    ", table created"
+                } else {
+                    ""
+                },
+            ));
+            self.record(event);
+        }
+        Ok(())
+    }
+
+    /// Records an audit event without holding up an answer; a full queue loses the event
+    /// with a warning rather than stalling the service.
+    fn record(&self, event: AuditEvent) {
+        if let Err(e) = self.leases.record(vec![WriteOp::audit(event)]) {
+            warn!("audit event not recorded: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Policy, fit_reason, limiter_for};
+
+    #[test]
+    fn without_a_rate_limit_table_the_default_limit_applies() {
+        let policy = Policy::from_str("[defaults]\nlifetime = \"10m\"\n", "test").expect("policy");
+        assert!(policy.rate_limit().is_none());
+        let limiter = limiter_for(&policy);
+        let key = "fwnp://host/web-01".to_owned();
+        // The burst (2000) passes at once; the default rate adds about one per millisecond.
+        let passed = (0..2100)
+            .filter(|_| limiter.check_key(&key).is_ok())
+            .count();
+        assert!((2000..2100).contains(&passed), "{passed} of 2100 passed");
+        // Another identity has a budget of its own.
+        assert!(limiter.check_key(&"fwnp://host/web-02".to_owned()).is_ok());
+    }
+
+    #[test]
+    fn reasons_are_cut_to_the_protocol_limit_on_a_char_boundary() {
+        let max = fwnp_proto::validate::MAX_REASON_LEN;
+        assert_eq!(fit_reason("short"), "short");
+        let long = "é".repeat(max);
+        let cut = fit_reason(long);
+        assert!(cut.len() <= max, "{} bytes", cut.len());
+        assert!(cut.ends_with("..."));
+        let exact = "a".repeat(max);
+        assert_eq!(fit_reason(exact.clone()), exact);
+    }
+}

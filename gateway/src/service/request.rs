@@ -1,0 +1,427 @@
+//! The request path's driver: asks the request core for each request's step and carries out
+//! its effects (kernel elements, store writes, audit records, notices, the connection's
+//! state), answering only after the effects a grant depends on have succeeded.
+
+use super::*;
+
+/// The store's operation for a write of the request core; `certificate` is the one the host
+/// asked with, kept with the leases it opens or renews.
+pub(super) fn write_op(
+    write: &Write,
+    certificate: Option<Arc<fwnp_trust::identity::CertificateName>>,
+) -> WriteOp {
+    match write {
+        Write::Insert {
+            lease,
+            requested_lifetime,
+            peer,
+        } => WriteOp::InsertLease(NewLease {
+            id: lease.id,
+            identity: lease.host.to_string(),
+            peer: Some(*peer),
+            grants: lease.grants.clone(),
+            app: lease.app.as_deref().cloned(),
+            requested_lifetime: *requested_lifetime,
+            granted_lifetime: lease.lifetime,
+            created_ms: lease.created_ms,
+            expires_ms: lease.expires_ms,
+            certificate,
+        }),
+        Write::Renew {
+            id,
+            renewed_ms,
+            expires_ms,
+            granted_lifetime,
+        } => WriteOp::RenewLease {
+            id: *id,
+            renewed_ms: *renewed_ms,
+            expires_ms: *expires_ms,
+            granted_lifetime: *granted_lifetime,
+            certificate,
+        },
+        Write::End {
+            id,
+            end,
+            ended_ms,
+            by,
+            why,
+        } => WriteOp::EndLease {
+            id: *id,
+            end: *end,
+            ended_ms: *ended_ms,
+            by: by.clone(),
+            why: why.clone(),
+        },
+        Write::Audit(record) => WriteOp::audit(audit_event(record)),
+    }
+}
+
+/// The audit trail's event for a record of the request core.
+pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
+    let kind = match &record.what {
+        Audit::Refused { .. } => AuditKind::Decision,
+        Audit::Granted { .. } => AuditKind::Grant,
+        Audit::Renewed { .. } => AuditKind::Renewal,
+        Audit::Ended { end, .. } => match end {
+            LeaseEnd::Released => AuditKind::Release,
+            LeaseEnd::Expired => AuditKind::Expiry,
+            LeaseEnd::Revoked(_) => AuditKind::Revocation,
+        },
+    };
+    let mut event = AuditEvent::new(record.time_ms, kind);
+    event.peer = record.peer;
+    match &record.what {
+        Audit::Refused {
+            identity,
+            code,
+            reason,
+            rule,
+            request,
+        } => {
+            event.outcome = Some(Outcome::Denied);
+            event.identity = identity.clone();
+            event.code = Some(*code);
+            event.reason = Some(reason.clone());
+            event.rule = rule.clone();
+            match request {
+                Asked::Open(open) => {
+                    event.request =
+                        Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+                    event.app = open.app.clone();
+                }
+                Asked::Lease(id) => event.lease = Some(*id),
+                Asked::Other => {}
+            }
+        }
+        Audit::Granted {
+            lease,
+            open,
+            rule,
+            reason,
+        } => {
+            event.outcome = Some(Outcome::Granted);
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
+            event.app = open.app.clone();
+            event.grants = lease.grants.clone();
+            event.granted_lifetime = Some(lease.lifetime);
+            event.rule = rule.clone();
+            event.reason = Some(reason.clone());
+        }
+        Audit::Renewed { lease } => {
+            event.outcome = Some(Outcome::Renewed);
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.grants = lease.grants.clone();
+            event.granted_lifetime = Some(lease.lifetime);
+        }
+        Audit::Ended {
+            lease,
+            end,
+            by,
+            why,
+        } => {
+            event.outcome = Some(match end {
+                LeaseEnd::Released => Outcome::Released,
+                LeaseEnd::Expired => Outcome::Expired,
+                LeaseEnd::Revoked(_) => Outcome::Revoked,
+            });
+            event.identity = Some(lease.host.to_string());
+            event.lease = Some(lease.id);
+            event.grants = lease.grants.clone();
+            event.app = lease.app.as_deref().cloned();
+            event.actor = by.clone();
+            event.reason = why.clone();
+        }
+    }
+    event
+}
+
+/// The policy as the request core asks it.
+impl Decide for Policy {
+    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits {
+        let limits = self.limits_for(identity, addresses);
+        HostLimits {
+            lifetime: lifetime_policy(limits.lifetime),
+            max_leases: limits.max_leases,
+            third_party: limits.third_party,
+        }
+    }
+
+    fn evaluate(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &Open,
+    ) -> Decision {
+        let decision = self.evaluate_addresses(identity, addresses, hosts, open);
+        let verdict = match decision.verdict {
+            Verdict::Allowed(allowance) => Ok(PolicyFacts {
+                grants: allowance.grants,
+                grants_narrowed: allowance.remotes_narrowed,
+                lifetime: lifetime_policy(allowance.lifetime),
+                max_leases: Some(allowance.max_leases),
+            }),
+            Verdict::Denied(code) => Err(code),
+        };
+        Decision {
+            verdict,
+            rule: decision.rule.map(|r| r.name.to_string()),
+            reason: decision.reason,
+        }
+    }
+
+    fn still_allows(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        grants: &[Grant],
+    ) -> Result<(), Objection> {
+        Policy::still_allows(self, identity, addresses, grants).map_err(|e| Objection {
+            reason: e.to_string(),
+            rule: e.rule.map(|r| r.name.to_string()),
+        })
+    }
+}
+
+pub(super) fn lifetime_policy(bounds: crate::policy::LifetimeBounds) -> LifetimePolicy {
+    LifetimePolicy {
+        min: bounds.min_secs,
+        max: bounds.max_secs,
+        default: bounds.default_secs,
+    }
+}
+
+impl Service {
+    /// Answers one request: the bytes of one stream. The connection's own checks (a revoked
+    /// certificate, the rate limit) come first; then the request core decides, and this carries
+    /// out its effects, answering only after those a grant depends on have succeeded.
+    pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
+        let started = Instant::now();
+        // The connection is closed as soon as its host has the Revoked notices: until then it
+        // may take nothing new, since nothing would revoke it again.
+        if session
+            .credential_revoked
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.metrics.request(ResultCode::NotAuthorized.name());
+            return Message::Denied(denied(
+                codec::peek_request_id(bytes),
+                ResultCode::NotAuthorized,
+                "the certificate of this connection has been revoked",
+            ));
+        }
+        // Every request counts against its host's rate, whatever it holds: undecodable bytes
+        // and repeated Hellos too, so that no request is free to flood with. A certificate
+        // that names no identity is counted by its address, as its connections are.
+        let rate_key = Sessions::key_of(session);
+        if let Some(retry_after) = self.rate_limited(&rate_key) {
+            return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
+        }
+        let addresses = session
+            .peer
+            .as_ref()
+            .map(|p| allowed_addresses(p, session.remote.ip()))
+            .unwrap_or_default();
+        let peer = Peer {
+            identity: session.peer.as_ref().map(|p| p.identity.as_str()),
+            no_identity: session.identity_error.as_deref().unwrap_or("no identity"),
+            remote: session.remote,
+            addresses: &addresses,
+        };
+        let connection = ConnectionState {
+            welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
+        };
+        let policy = self.policy();
+        let step = {
+            let mut core = lock(&self.core);
+            let mut rng = lock(&self.rng);
+            core.handle(now_ms(), connection, &peer, bytes, &*policy, &mut *rng)
+        };
+        let answer = match step {
+            Step::Answer(answer) => answer,
+            Step::Pending(pending) => {
+                let outcome = self.carry_out_in_order(session, pending.effects()).await;
+                if let Err(e) = &outcome {
+                    warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
+                }
+                lock(&self.core).finish(now_ms(), pending, outcome)
+            }
+        };
+        self.carry_out(Some(session), &answer.effects).await;
+        if answer.label == Some("granted")
+            && let Message::Granted(granted) = &answer.message
+            && session
+                .credential_revoked
+                .load(std::sync::atomic::Ordering::Acquire)
+        {
+            // A CRL reload revoked this connection's certificate while the lease was being
+            // made, after it had revoked the identity's leases: this one must not outlive it.
+            let text =
+                "the certificate of this connection was revoked while the lease was being granted";
+            self.end_revoked(
+                &granted.lease,
+                RevokeReason::CredentialRevoked,
+                "gateway",
+                Some(text.to_owned()),
+            )
+            .await;
+            self.metrics.request(ResultCode::NotAuthorized.name());
+            return Message::Denied(denied(
+                granted.common.request_id,
+                ResultCode::NotAuthorized,
+                text,
+            ));
+        }
+        if let Some(label) = answer.label {
+            self.metrics.request(label);
+            if label == "granted" {
+                self.metrics
+                    .grant_latency
+                    .observe(started.elapsed().as_secs_f64());
+            }
+        }
+        answer.message
+    }
+
+    /// Carries out the effects a pending answer waits for, in order; the first failure stops
+    /// them and is the outcome.
+    pub(super) async fn carry_out_in_order(
+        &self,
+        session: &Session,
+        effects: &[Effect],
+    ) -> Result<(), EffectFailure> {
+        for effect in effects {
+            match effect {
+                Effect::Hold {
+                    lease,
+                    grants,
+                    expires_ms,
+                } => self
+                    .refresh(lease, &elements_of_all(grants), *expires_ms)
+                    .await
+                    .map_err(|e| match e {
+                        RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
+                        RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
+                    })?,
+                Effect::Commit(writes) => self
+                    .commit(Some(session), writes)
+                    .await
+                    .map_err(|e| EffectFailure::Store(e.to_string()))?,
+                other => {
+                    self.carry_out(Some(session), std::slice::from_ref(other))
+                        .await
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out effects whose failures change no answer: a failure is logged, and the
+    /// lease's own expiry (in the kernel and at the next start) settles what is left.
+    pub(super) async fn carry_out(&self, session: Option<&Session>, effects: &[Effect]) {
+        for effect in effects {
+            match effect {
+                Effect::Welcomed { notices } => {
+                    if let Some(session) = session {
+                        session
+                            .notices
+                            .store(*notices, std::sync::atomic::Ordering::Release);
+                        session
+                            .welcomed
+                            .store(true, std::sync::atomic::Ordering::Release);
+                        info!(session = session.id, identity = session.identity(), "hello");
+                    }
+                }
+                Effect::Hold {
+                    lease,
+                    grants,
+                    expires_ms,
+                } => {
+                    if let Err(e) = self
+                        .refresh(lease, &elements_of_all(grants), *expires_ms)
+                        .await
+                    {
+                        warn!(lease = %lease, "elements not programmed: {e}");
+                    }
+                }
+                Effect::Unhold {
+                    lease,
+                    grants,
+                    kill_connections,
+                } => self.remove_elements(lease, grants, *kill_connections).await,
+                Effect::Commit(writes) => {
+                    if let Err(e) = self.commit(session, writes).await {
+                        warn!("lease change not stored: {e}");
+                    }
+                }
+                Effect::Audit(record) => self.record(audit_event(record)),
+                Effect::Listed { identity } => {
+                    if let Some(session) = session {
+                        self.record_list(identity, session.remote);
+                    }
+                }
+                Effect::Notify { host, notice } => {
+                    for session in self.sessions.of(host) {
+                        session.notify(notice).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Commits store writes in one transaction, and keeps the service's own records of the
+    /// leases (their certificates, the counters, the expiry timer) in step.
+    pub(super) async fn commit(
+        &self,
+        session: Option<&Session>,
+        writes: &[Write],
+    ) -> Result<(), WriteError> {
+        let certificate = session
+            .and_then(|s| s.peer.as_ref())
+            .map(|p| p.certificate.clone());
+        let ops = writes
+            .iter()
+            .map(|write| write_op(write, certificate.clone()))
+            .collect();
+        // A lease out of the book is gone whatever the store says: the records follow the book.
+        for write in writes {
+            if let Write::End { id, end, by, .. } = write {
+                lock(&self.lease_credentials).remove(id);
+                self.metrics.live_leases.dec();
+                let label = match end {
+                    LeaseEnd::Released => "released",
+                    LeaseEnd::Expired => "expired",
+                    LeaseEnd::Revoked(_) => "revoked",
+                };
+                self.metrics.lease_ends.with_label_values(&[label]).inc();
+                if matches!(end, LeaseEnd::Revoked(_)) {
+                    info!(lease = %id, by = by.as_deref().unwrap_or("-"), "revoked");
+                }
+            }
+        }
+        self.leases.commit(ops).await?;
+        for write in writes {
+            match write {
+                Write::Insert { lease, .. } => {
+                    self.metrics.live_leases.inc();
+                    self.expiry_changed.notify_one();
+                    if let Some(certificate) = &certificate {
+                        lock(&self.lease_credentials).insert(lease.id, certificate.clone());
+                    }
+                }
+                // A Renew may shorten the lease: the timer must look at the new expiry.
+                Write::Renew { id, .. } => {
+                    self.expiry_changed.notify_one();
+                    if let Some(certificate) = &certificate {
+                        lock(&self.lease_credentials).insert(*id, certificate.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}

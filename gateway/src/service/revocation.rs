@@ -1,0 +1,375 @@
+//! Ending leases from outside the request path, and lifecycle: expiry on the gateway's timer,
+//! revocation by the operator, policy and CRL reloads with their notices, and going away.
+
+use super::*;
+use crate::api::{ClosedConnection, PolicyReloaded, RevokeAnswer, RevokedLease};
+
+/// How long the Revoked notices of a host whose certificate was revoked may take to reach it
+/// before its connection is closed: closing drops what is not yet delivered, and a host that
+/// does not acknowledge must not keep the connection open.
+pub(super) const CREDENTIAL_NOTICE_WAIT: Duration = Duration::from_secs(1);
+
+/// What a CRL reload finds of one identity's live connections.
+#[derive(Debug, Default)]
+pub(super) struct IdentityConnections {
+    /// Those whose certificate the CRL revokes, with its serial.
+    revoked: Vec<(Arc<Session>, Serial)>,
+    /// Whether one has a certificate the CRL does not list: the host rolled to a new one.
+    rolled: bool,
+}
+
+impl Service {
+    /// Ends leases whose time is up, in the kernel (where the element's own timeout has
+    /// usually done it already) and in the store; runs until the service is dropped.
+    pub async fn run_expiry(self: Arc<Self>) {
+        loop {
+            let next = lock(&self.core).next_expiry();
+            let wait = match next {
+                Some(at) => Duration::from_millis(at.saturating_sub(now_ms())),
+                None => Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.expiry_changed.notified() => continue,
+            }
+            let due = lock(&self.core).expire_due(now_ms());
+            self.carry_out(None, &due).await;
+        }
+    }
+
+    /// Revokes a lease: kernel, store, audit, and a Revoked notice to its host.
+    pub async fn revoke(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<fwnp_proto::gateway::Lease> {
+        let (lease, notice) = self.end_revoked(id, reason, by, text).await?;
+        for session in self.sessions.of(&lease.host) {
+            session.notify(&notice).await;
+        }
+        Some(lease)
+    }
+
+    /// [`Service::revoke`] without sending the notice: the lease leaves the book, the kernel and
+    /// the store, and its Revoked notice is returned, for a caller that must know when the host
+    /// has it.
+    pub(super) async fn end_revoked(
+        &self,
+        id: &LeaseId,
+        reason: RevokeReason,
+        by: &str,
+        text: Option<String>,
+    ) -> Option<(fwnp_proto::gateway::Lease, Message)> {
+        let revocation = lock(&self.core).revoke(now_ms(), id, reason, by, text)?;
+        self.carry_out(None, &revocation.effects).await;
+        Some((revocation.lease, revocation.notice))
+    }
+
+    /// Registers a QUIC endpoint that serves this service, so that [`Service::reload_tls`]
+    /// (on SIGHUP and through the admin API) re-reads its TLS files and CRL.
+    pub fn add_endpoint(&self, endpoint: quinn::Endpoint) {
+        lock(&self.endpoints).push(endpoint);
+    }
+
+    /// Re-reads the TLS files (the CRL above all) for new connections on every registered
+    /// endpoint, then ends what the certificates the CRL lists still hold: the live leases they
+    /// last opened or renewed are revoked with `credential-revoked`, and the connections made
+    /// with them before the reload are closed with `NoError` once the notices are delivered.
+    /// Returns the connections it closed, for the admin API. A bad file leaves the old configuration in
+    /// force and closes nothing.
+    pub async fn reload_tls(&self) -> Result<Vec<ClosedConnection>, TlsReloadError> {
+        let files = self.config.tls_files();
+        let options = self.config.server_options();
+        // Read before anything is replaced, so that an unreadable CRL changes nothing. The
+        // configuration below reads the file again: should it change in between, the next
+        // reload settles the difference.
+        let revoked = read_revoked_certificates::<TlsReloadError>(files.crl.as_deref())?;
+        for endpoint in lock(&self.endpoints).iter() {
+            fwnp_trust::tls::reload_server_config(endpoint, &files, &options)?;
+        }
+        // Published before the live connections are looked at: a connection registered too late
+        // to be seen below finds the new list in `check_credential`.
+        let revoked = Arc::new(revoked);
+        *lock(&self.revoked_certificates) = revoked.clone();
+        Ok(self.end_revoked_credentials(&revoked).await)
+    }
+
+    /// Called once a new connection is registered: a handshake that began before a CRL reload
+    /// was verified against the old CRL, and the reload may have looked at the live connections
+    /// before this one was among them. If the reloaded CRL lists its certificate, it is ended
+    /// as the reload would have ended it. Returns whether the connection may go on.
+    pub async fn check_credential(&self, session: &Session) -> bool {
+        let Some(peer) = &session.peer else {
+            return true;
+        };
+        let revoked = lock(&self.revoked_certificates).clone();
+        if !revoked.lists(&peer.certificate) {
+            return true;
+        }
+        self.end_revoked_credentials(&revoked).await;
+        false
+    }
+
+    /// Ends what revoked certificates still hold (spec 8.12 and 17.4). TLS checks revocation at
+    /// the handshake only, so a connection made before the CRL listed its certificate would go
+    /// on, and with it the renewals of its host's leases.
+    ///
+    /// Every live lease last opened or renewed with a certificate `revoked` lists (issuer and
+    /// serial) is revoked with `credential-revoked`, whether or not its host is connected, and
+    /// under whichever certificate: the holder of a stolen key could otherwise keep what it
+    /// opened while the real host is connected under its new certificate. The Revoked notices
+    /// go to every connection of the identity; once those under a listed certificate have them
+    /// (at most [`CREDENTIAL_NOTICE_WAIT`]), these are closed with `NoError`, each recorded as an
+    /// authentication failure. Leases last opened or renewed with another certificate stay.
+    pub(super) async fn end_revoked_credentials(
+        &self,
+        revoked: &fwnp_trust::identity::RevokedCertificates,
+    ) -> Vec<ClosedConnection> {
+        if revoked.is_empty() {
+            return Vec::new();
+        }
+        let mut by_identity: BTreeMap<String, IdentityConnections> = BTreeMap::new();
+        for session in self.sessions.all() {
+            // A certificate that names no identity holds no lease and is refused every request.
+            let Some(peer) = &session.peer else { continue };
+            let entry = by_identity.entry(peer.identity.clone()).or_default();
+            if !revoked.lists(&peer.certificate) {
+                entry.rolled = true;
+            } else if !session
+                .credential_revoked
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+            {
+                // Not already being ended by a reload running at the same time.
+                entry
+                    .revoked
+                    .push((session.clone(), peer.certificate.serial.clone()));
+            }
+        }
+        // A lease whose certificate is not known (stored before leases remembered it) goes with
+        // its identity's revoked connection, unless the identity is also connected under a
+        // certificate the CRL does not list.
+        let unrolled: BTreeSet<String> = by_identity
+            .iter()
+            .filter(|(_, c)| !c.rolled && !c.revoked.is_empty())
+            .map(|(identity, _)| identity.clone())
+            .collect();
+        let ended = self
+            .end_leases_of_revoked_certificates(revoked, &unrolled)
+            .await;
+        let mut leases_revoked: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut deliveries = tokio::task::JoinSet::new();
+        for (identity, notice) in &ended {
+            *leases_revoked.entry(identity.as_str()).or_default() += 1;
+            let closing = by_identity
+                .get(identity)
+                .map(|c| c.revoked.as_slice())
+                .unwrap_or_default();
+            for session in self.sessions.of(identity) {
+                let notice = notice.clone();
+                if closing.iter().any(|(s, _)| s.id == session.id) {
+                    // All at once: the wait is for the slowest host, not the sum of them.
+                    deliveries.spawn(async move {
+                        session
+                            .notify_delivered(&notice, CREDENTIAL_NOTICE_WAIT)
+                            .await
+                    });
+                } else {
+                    deliveries.spawn(async move { session.notify(&notice).await });
+                }
+            }
+        }
+        while deliveries.join_next().await.is_some() {}
+        let mut closed = Vec::new();
+        for (
+            identity,
+            IdentityConnections {
+                revoked: sessions,
+                rolled,
+            },
+        ) in &by_identity
+        {
+            let count = leases_revoked.get(identity.as_str()).copied().unwrap_or(0);
+            for (session, serial) in sessions {
+                session.close(QuicErrorCode::NoError, "certificate revoked");
+                let what = if *rolled {
+                    format!(
+                        "{count} live leases of the identity revoked; those of its connection under another certificate stay"
+                    )
+                } else {
+                    format!("{count} live leases of the identity revoked")
+                };
+                warn!(session = session.id, identity = %identity, %serial, remote = %session.remote, "connection closed, its certificate was revoked: {what}");
+                let mut event = AuditEvent::new(now_ms(), AuditKind::AuthFailure);
+                event.outcome = Some(Outcome::Revoked);
+                event.identity = Some(identity.clone());
+                event.peer = Some(session.remote);
+                event.actor = Some("gateway".into());
+                event.reason = Some(format!(
+                    "certificate serial {serial} revoked: connection closed; {what}"
+                ));
+                self.record(event);
+                closed.push(ClosedConnection {
+                    host: identity.clone(),
+                    serial: serial.as_str().to_owned(),
+                    peer: session.remote.to_string(),
+                    leases_revoked: count as u64,
+                });
+            }
+        }
+        closed
+    }
+
+    /// Revokes every live lease last opened or renewed with a certificate `revoked` lists, and
+    /// the leases of `unknown_certificate_identities` whose certificate is not known; returns
+    /// each revoked lease's identity and Revoked notice, for the caller to deliver. Without
+    /// this, whoever held a stolen key could open leases, disconnect (or stay connected beside
+    /// the real host), and keep them open after the revocation until they expire.
+    pub(super) async fn end_leases_of_revoked_certificates(
+        &self,
+        revoked: &fwnp_trust::identity::RevokedCertificates,
+        unknown_certificate_identities: &BTreeSet<String>,
+    ) -> Vec<(String, Message)> {
+        let listed: Vec<(LeaseId, String, String)> = {
+            let core = lock(&self.core);
+            let book = core.book();
+            let mut credentials = lock(&self.lease_credentials);
+            // Entries of leases that ended by a path that raced with their renewal.
+            credentials.retain(|id, _| book.get(id).is_some());
+            book.iter()
+                .filter_map(|lease| match credentials.get(&lease.id) {
+                    Some(certificate) if revoked.lists(certificate) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        format!(
+                            "the certificate (serial {}) that last opened or renewed it was revoked",
+                            certificate.serial.as_str()
+                        ),
+                    )),
+                    None if unknown_certificate_identities.contains(&*lease.host) => Some((
+                        lease.id,
+                        lease.host.to_string(),
+                        "the certificate of its host's connection was revoked".to_owned(),
+                    )),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut ended = Vec::new();
+        for (id, identity, text) in listed {
+            if let Some((_, notice)) = self
+                .end_revoked(&id, RevokeReason::CredentialRevoked, "gateway", Some(text))
+                .await
+            {
+                warn!(lease = %id, identity = %identity, "lease of a revoked certificate revoked");
+                ended.push((identity, notice));
+            }
+        }
+        ended
+    }
+
+    /// Loads the policy file again; if it is valid, it replaces the old one and every live
+    /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
+    pub async fn reload_policy(&self) -> Result<PolicyReloaded, AdminError> {
+        let policy = Policy::load(&self.config.policy).map_err(|e| {
+            AdminError::bad_request(format!(
+                "policy not reloaded, the old one stays in force: {e}"
+            ))
+        })?;
+        let policy = Arc::new(policy);
+        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
+        let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
+        event.actor = Some("operator".into());
+        event.reason = Some(format!(
+            "policy {} loaded; {} leases revoked",
+            policy.origin(),
+            revoked.len()
+        ));
+        self.record(event);
+        info!(revoked = revoked.len(), "policy reloaded");
+        Ok(PolicyReloaded {
+            policy: policy.origin().to_owned(),
+            revoked,
+        })
+    }
+
+    /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
+    /// what it revoked, for the admin API.
+    pub(super) async fn revoke_disallowed(&self, policy: &Policy, by: &str) -> Vec<RevokedLease> {
+        let leases: Vec<_> = lock(&self.core).book().iter().cloned().collect();
+        let mut revoked = Vec::new();
+        for lease in leases {
+            // Judge the lease by the addresses its host holds (as Open and Renew do), known
+            // from its live connections; a third-party grant's address is not one of them. With
+            // the host offline, its grants' addresses stand in, and its next Renew judges it
+            // by the real ones.
+            let addresses: Vec<IpAddr> = self
+                .sessions
+                .of(&lease.host)
+                .iter()
+                .find_map(|s| s.peer.as_ref().map(|p| allowed_addresses(p, s.remote.ip())))
+                .unwrap_or_else(|| lease.grants.iter().map(|g| g.host).collect());
+            if let Err(e) = policy.still_allows(&lease.host, &addresses, &lease.grants)
+                && self
+                    .revoke(
+                        &lease.id,
+                        RevokeReason::PolicyChanged,
+                        by,
+                        Some(e.to_string()),
+                    )
+                    .await
+                    .is_some()
+            {
+                revoked.push(RevokedLease {
+                    lease: lease.id.to_string(),
+                    host: lease.host.to_string(),
+                    why: e.to_string(),
+                });
+            }
+        }
+        revoked
+    }
+
+    /// The admin API's revoke.
+    pub async fn revoke_by_operator(
+        &self,
+        id: LeaseId,
+        reason: Option<String>,
+    ) -> Result<RevokeAnswer, AdminError> {
+        let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
+        match self
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
+            .await
+        {
+            Some(lease) => Ok(RevokeAnswer {
+                revoked: lease.id.to_string(),
+                host: lease.host.to_string(),
+            }),
+            None => Err(AdminError::not_found(format!("no live lease {id}"))),
+        }
+    }
+
+    /// Tells every connected host the gateway is going away.
+    pub async fn going_away(&self, reconnect_after: u32) {
+        let notice = Message::GoingAway(fwnp_proto::GoingAway {
+            common: Common::default(),
+            reconnect_after: Some(reconnect_after),
+            reason: Some("the gateway is stopping".into()),
+        });
+        // The connections are closed right after this: wait (briefly, all hosts at once) until
+        // each host has the notice, since closing drops what is not yet delivered.
+        let mut deliveries = tokio::task::JoinSet::new();
+        for session in self.sessions.all() {
+            let notice = notice.clone();
+            deliveries.spawn(async move {
+                session
+                    .notify_delivered(&notice, Duration::from_secs(1))
+                    .await
+            });
+        }
+        while deliveries.join_next().await.is_some() {}
+    }
+}

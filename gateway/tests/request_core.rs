@@ -1,0 +1,923 @@
+//! The gateway's request path without sockets: the request core of `fwnp_proto` deciding with
+//! the gateway's real compiled policy, in simulated time. Every decision that needs no
+//! transport is tested here (Hello rules, validation, ownership, quotas, lifetimes, the size
+//! bound, the Release replay rule, what a failing kernel or store turns an answer into, the
+//! order of the effects); `tests/service.rs` keeps what needs QUIC and certificates.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use common::{app, common, denied, granted, hello_msg, open_msg, tcp};
+use fwnp_gateway::policy::Policy;
+use fwnp_proto::gateway::request::{
+    Asked, Audit, ConnectionState, CoreConfig, Effect, EffectFailure, Peer, RequestCore, Step,
+    Write,
+};
+use fwnp_proto::{
+    Capabilities, LeaseId, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, ResultCode, RevokeReason,
+    codec,
+};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// The policy of `tests/service.rs`: hosts named `fwnp://host/*` may open the https application
+/// and tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by
+/// a named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
+/// 203.0.113.0/24 that they do not hold.
+const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[applications]
+https = ["tcp/443", "udp/443"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[group]]
+name = "balancers"
+identities = ["fwnp://host/lb-*"]
+
+[[rule]]
+name = "no-telnet"
+description = "telnet stays closed"
+groups = ["hosts"]
+deny = "tcp/23"
+
+[[rule]]
+name = "balancer-pool"
+groups = ["balancers"]
+allow = "tcp/8000-8999"
+third_party = true
+third_party_addresses = ["203.0.113.0/24"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]
+"#;
+
+const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+const START_MS: u64 = 1_700_000_000_000;
+const EPOCH: u64 = 0x0123_4567_89ab_cdef;
+
+/// The core, the policy, simulated time and an RNG.
+struct Gateway {
+    core: RequestCore,
+    policy: Policy,
+    now_ms: u64,
+    rng: StdRng,
+}
+
+/// One connection of a host.
+struct Host {
+    identity: String,
+    addresses: Vec<IpAddr>,
+    state: ConnectionState,
+    next_id: u64,
+}
+
+/// Which effect fails (the first it matches), and how.
+type Failing = (fn(&Effect) -> bool, EffectFailure);
+
+/// What one request came to: the answer, and every effect carried out for it, in order.
+struct Outcome {
+    answer: Message,
+    effects: Vec<Effect>,
+}
+
+impl Gateway {
+    fn new(policy: &str) -> Self {
+        Gateway {
+            core: RequestCore::new(CoreConfig {
+                epoch: EPOCH,
+                max_streams: 16,
+                kill_connections: true,
+            }),
+            policy: Policy::from_str(policy, "test").expect("the test policy compiles"),
+            now_ms: START_MS,
+            rng: StdRng::seed_from_u64(7),
+        }
+    }
+
+    fn host(&self, name: &str, addresses: &[IpAddr]) -> Host {
+        Host {
+            identity: format!("fwnp://host/{name}"),
+            addresses: addresses.to_vec(),
+            state: ConnectionState::default(),
+            next_id: 100,
+        }
+    }
+
+    /// A host that said Hello.
+    fn welcomed(&mut self, name: &str, addresses: &[IpAddr]) -> Host {
+        let mut host = self.host(name, addresses);
+        let answer = self.request(&mut host, &hello_msg(Some(1), &[1], Capabilities::ALL));
+        assert!(matches!(answer, Message::Welcome(_)), "{answer:?}");
+        host
+    }
+
+    /// The core's step for `bytes`, before any effect is carried out.
+    fn step(&mut self, host: &Host, bytes: &[u8]) -> Step {
+        let peer = Peer {
+            identity: Some(&host.identity),
+            no_identity: "",
+            remote: SocketAddr::new(host.addresses.first().copied().unwrap_or(HOST_A), 40000),
+            addresses: &host.addresses,
+        };
+        self.core.handle(
+            self.now_ms,
+            host.state,
+            &peer,
+            bytes,
+            &self.policy,
+            &mut self.rng,
+        )
+    }
+
+    /// Sends `bytes`; the effects succeed, or the first of kind `fail` fails with `failure`.
+    fn exchange_failing(
+        &mut self,
+        host: &mut Host,
+        bytes: &[u8],
+        fail: Option<Failing>,
+    ) -> Outcome {
+        let mut carried = Vec::new();
+        let answer = match self.step(host, bytes) {
+            Step::Answer(answer) => answer,
+            Step::Pending(pending) => {
+                let mut outcome = Ok(());
+                for effect in pending.effects() {
+                    if let Some((matches, failure)) = &fail
+                        && matches(effect)
+                    {
+                        outcome = Err(failure.clone());
+                        break;
+                    }
+                    carried.push(effect.clone());
+                }
+                self.core.finish(self.now_ms, pending, outcome)
+            }
+        };
+        for effect in &answer.effects {
+            if let Effect::Welcomed { .. } = effect {
+                host.state.welcomed = true;
+            }
+        }
+        carried.extend(answer.effects);
+        Outcome {
+            answer: answer.message,
+            effects: carried,
+        }
+    }
+
+    fn exchange(&mut self, host: &mut Host, bytes: &[u8]) -> Outcome {
+        self.exchange_failing(host, bytes, None)
+    }
+
+    fn request(&mut self, host: &mut Host, message: &Message) -> Message {
+        self.exchange(host, &codec::encode(message)).answer
+    }
+
+    fn open(
+        &mut self,
+        host: &mut Host,
+        opening: fwnp_proto::Opening,
+        life: Option<u32>,
+    ) -> Message {
+        let id = host.id();
+        self.request(host, &open_msg(Some(id), opening, life))
+    }
+
+    fn renew(&mut self, host: &mut Host, lease: LeaseId, lifetime: Option<u32>) -> Message {
+        let id = host.id();
+        self.request(
+            host,
+            &Message::Renew(fwnp_proto::Renew {
+                common: common(Some(id)),
+                lease,
+                lifetime,
+            }),
+        )
+    }
+
+    fn release(&mut self, host: &mut Host, lease: LeaseId) -> Message {
+        let id = host.id();
+        self.request(
+            host,
+            &Message::Release(fwnp_proto::Release {
+                common: common(Some(id)),
+                lease,
+            }),
+        )
+    }
+
+    fn list(&mut self, host: &mut Host) -> fwnp_proto::Leases {
+        let id = host.id();
+        match self.request(
+            host,
+            &Message::List(fwnp_proto::List {
+                common: common(Some(id)),
+            }),
+        ) {
+            Message::Leases(leases) => leases,
+            other => panic!("expected Leases, got {other:?}"),
+        }
+    }
+}
+
+impl Host {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+fn commits(effects: &[Effect]) -> Vec<&Write> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Commit(writes) => Some(writes.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn refusal_audit(effects: &[Effect]) -> Option<&Audit> {
+    effects.iter().find_map(|e| match e {
+        Effect::Audit(record) => Some(&record.what),
+        _ => None,
+    })
+}
+
+#[test]
+fn hello_is_answered_with_welcome_naming_identity_addresses_epoch_and_limits() {
+    let mut gw = Gateway::new(POLICY);
+    let v6: IpAddr = "2001:db8::10".parse().unwrap();
+    let mut host = gw.host("web-01", &[HOST_A, v6]);
+    let out = gw.exchange(
+        &mut host,
+        &codec::encode(&hello_msg(Some(1), &[1], Capabilities::NOTICES)),
+    );
+    let Message::Welcome(welcome) = out.answer else {
+        panic!("expected Welcome, got {:?}", out.answer);
+    };
+    assert_eq!(welcome.version, 1);
+    assert_eq!(welcome.identity, "fwnp://host/web-01");
+    assert_eq!(welcome.addresses, vec![HOST_A, v6]);
+    assert_eq!(welcome.epoch, EPOCH);
+    assert_eq!(welcome.common.request_id, Some(1));
+    assert_eq!(welcome.time_ms, START_MS, "the gateway's time, as given");
+    assert_eq!(welcome.limits.max_message_size, MAX_MESSAGE_SIZE as u32);
+    assert_eq!(welcome.limits.max_streams, 16);
+    assert_eq!(welcome.limits.min_lifetime, 1);
+    assert_eq!(welcome.limits.max_lifetime, 3600);
+    assert_eq!(welcome.limits.max_leases, Some(3));
+    assert!(!welcome.capabilities.has(Capabilities::THIRD_PARTY));
+    // The connection is welcomed and takes notices: what the driver records.
+    assert_eq!(out.effects, vec![Effect::Welcomed { notices: true }]);
+    assert!(host.state.welcomed);
+
+    // A balancer learns that it has third-party rights; a Hello without NOTICES gets none.
+    let mut lb = gw.host("lb-01", &[HOST_B]);
+    let out = gw.exchange(&mut lb, &codec::encode(&hello_msg(Some(2), &[1], 0)));
+    let Message::Welcome(welcome) = out.answer else {
+        panic!("expected Welcome");
+    };
+    assert!(welcome.capabilities.has(Capabilities::THIRD_PARTY));
+    assert_eq!(out.effects, vec![Effect::Welcomed { notices: false }]);
+}
+
+#[test]
+fn welcome_announces_the_gateways_capabilities_whatever_the_hello_offers() {
+    let mut gw = Gateway::new(POLICY);
+    let gateway_offers = Capabilities::PORT_RANGES
+        | Capabilities::REMOTE_PREFIXES
+        | Capabilities::APPLICATIONS
+        | Capabilities::NOTICES;
+    // Whatever a client announces (its bits are informational, spec section 14), Welcome says
+    // what the gateway supports and offers this host: here everything but THIRD_PARTY.
+    for offered in [
+        0,
+        Capabilities::THIRD_PARTY,
+        Capabilities::NOTICES,
+        Capabilities::ALL,
+        1 << 40,
+    ] {
+        let mut host = gw.host("web-01", &[HOST_A]);
+        match gw.request(&mut host, &hello_msg(Some(9), &[1], offered)) {
+            Message::Welcome(w) => assert_eq!(
+                w.capabilities,
+                Capabilities(gateway_offers),
+                "Hello offered {offered:#x}"
+            ),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn hello_picks_version_one_from_a_list_and_refuses_one_without_it() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.host("web-01", &[HOST_A]);
+    match gw.request(&mut host, &hello_msg(Some(1), &[7, 1, 3], 0)) {
+        Message::Welcome(w) => assert_eq!(w.version, 1),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    let mut other = gw.host("web-02", &[HOST_B]);
+    let out = gw.exchange(&mut other, &codec::encode(&hello_msg(Some(2), &[2, 3], 0)));
+    let d = denied(out.answer);
+    assert_eq!(d.code, ResultCode::UnsupportedVersion);
+    assert!(!other.state.welcomed, "a refused Hello welcomes nothing");
+    // A Hello offering very many versions still gets a Denied a client can decode.
+    let many: Vec<u16> = (2..400).collect();
+    let out = gw.exchange(&mut other, &codec::encode(&hello_msg(Some(3), &many, 0)));
+    let bytes = codec::encode(&out.answer);
+    assert_eq!(
+        denied(codec::decode(&bytes).expect("decodes")).code,
+        ResultCode::UnsupportedVersion
+    );
+}
+
+#[test]
+fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.host("web-01", &[HOST_A]);
+    for request in [
+        open_msg(Some(1), tcp(7001), None),
+        Message::List(fwnp_proto::List {
+            common: common(Some(2)),
+        }),
+        Message::Release(fwnp_proto::Release {
+            common: common(Some(3)),
+            lease: LeaseId([7; 16]),
+        }),
+        // Invalid as well (port 0): the missing Hello is named first (spec 11.3, steps 4, 5).
+        open_msg(Some(4), tcp(0), None),
+        // Out of range as well (more than seven days).
+        open_msg(Some(5), tcp(7001), Some(MAX_LIFETIME_SECS + 1)),
+    ] {
+        let out = gw.exchange(&mut host, &codec::encode(&request));
+        assert!(commits(&out.effects).is_empty(), "nothing is written");
+        let d = denied(out.answer);
+        assert_eq!(d.code, ResultCode::HelloRequired, "{d:?}");
+        assert_eq!(d.common.request_id, request.common().request_id);
+    }
+    assert!(gw.core.book().is_empty(), "nothing was opened");
+
+    let answer = gw.request(&mut host, &hello_msg(Some(49), &[1], 0));
+    assert!(matches!(answer, Message::Welcome(_)));
+    let d = denied(gw.request(&mut host, &hello_msg(Some(50), &[1], Capabilities::ALL)));
+    assert_eq!(d.code, ResultCode::MalformedRequest);
+    assert_eq!(d.common.request_id, Some(50));
+    // The connection keeps working after the refused second Hello.
+    granted(gw.open(&mut host, tcp(7001), None));
+}
+
+#[test]
+fn a_certificate_naming_no_identity_gets_not_authorized() {
+    let mut gw = Gateway::new(POLICY);
+    let addresses = [HOST_A];
+    let peer = Peer {
+        identity: None,
+        no_identity: "no URI or DNS SAN",
+        remote: SocketAddr::new(HOST_A, 40000),
+        addresses: &addresses,
+    };
+    let bytes = codec::encode(&hello_msg(Some(3), &[1], 0));
+    let Step::Answer(answer) = gw.core.handle(
+        START_MS,
+        ConnectionState::default(),
+        &peer,
+        &bytes,
+        &gw.policy,
+        &mut gw.rng,
+    ) else {
+        panic!("refused at once");
+    };
+    let d = denied(answer.message);
+    assert_eq!(d.code, ResultCode::NotAuthorized);
+    assert_eq!(d.common.request_id, Some(3));
+    assert!(d.reason.is_some_and(|r| r.contains("no URI or DNS SAN")));
+}
+
+#[test]
+fn a_grant_waits_for_the_kernel_then_the_store_and_is_answered_only_then() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let bytes = codec::encode(&open_msg(Some(5), tcp(7001), None));
+    let Step::Pending(pending) = gw.step(&host, &bytes) else {
+        panic!("an Open is not answered before its effects");
+    };
+    let lease = pending.lease();
+    match pending.effects() {
+        [
+            Effect::Hold {
+                lease: held,
+                grants,
+                expires_ms,
+            },
+            Effect::Commit(writes),
+        ] => {
+            assert_eq!(*held, lease);
+            assert_eq!(grants.len(), 1);
+            assert_eq!(grants[0].host, HOST_A);
+            assert_eq!(*expires_ms, START_MS + 600_000);
+            assert!(matches!(&writes[0], Write::Insert { lease: l, .. } if l.id == lease));
+            assert!(
+                matches!(&writes[1], Write::Audit(r) if matches!(r.what, Audit::Granted { .. }))
+            );
+        }
+        other => panic!("kernel then store expected: {other:?}"),
+    }
+    let answer = gw.core.finish(gw.now_ms, pending, Ok(()));
+    let g = granted(answer.message);
+    assert_eq!((g.lease, g.epoch, g.lifetime), (lease, EPOCH, 600));
+    assert_eq!(answer.label, Some("granted"));
+
+    // A repeated Open that makes the lease longer writes the store first, then the kernel.
+    gw.now_ms += 60_000;
+    let bytes = codec::encode(&open_msg(Some(6), tcp(7001), None));
+    let Step::Pending(pending) = gw.step(&host, &bytes) else {
+        panic!("pending");
+    };
+    assert!(
+        matches!(pending.effects(), [Effect::Commit(_), Effect::Hold { .. }]),
+        "{:?}",
+        pending.effects()
+    );
+    assert_eq!(
+        granted(gw.core.finish(gw.now_ms, pending, Ok(())).message).lease,
+        lease
+    );
+    // A renewal that shortens it goes to the kernel first.
+    let id = host.id();
+    let bytes = codec::encode(&Message::Renew(fwnp_proto::Renew {
+        common: common(Some(id)),
+        lease,
+        lifetime: Some(60),
+    }));
+    let Step::Pending(pending) = gw.step(&host, &bytes) else {
+        panic!("pending");
+    };
+    assert!(matches!(
+        pending.effects(),
+        [Effect::Hold { .. }, Effect::Commit(_)]
+    ));
+}
+
+#[test]
+fn a_failing_kernel_or_store_turns_the_grant_into_no_resources_and_gives_the_lease_back() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let is_hold: fn(&Effect) -> bool = |e| matches!(e, Effect::Hold { .. });
+    let is_commit: fn(&Effect) -> bool = |e| matches!(e, Effect::Commit(_));
+    for (fail, failure, what) in [
+        (
+            is_hold,
+            EffectFailure::Kernel("no buffer space".into()),
+            "kernel",
+        ),
+        (is_commit, EffectFailure::Store("disk full".into()), "store"),
+    ] {
+        let bytes = codec::encode(&open_msg(Some(8), tcp(7001), None));
+        let out = gw.exchange_failing(&mut host, &bytes, Some((fail, failure)));
+        let d = denied(out.answer);
+        assert_eq!(d.code, ResultCode::NoResources, "{what}");
+        assert_eq!(d.retry_after, Some(5));
+        assert!(d.reason.is_some_and(|r| r.contains(what)), "{what}");
+        assert!(gw.core.book().is_empty(), "the book gave the lease back");
+        // The elements taken are given up again, and the refusal is audited.
+        assert!(
+            out.effects.iter().any(|e| matches!(
+                e,
+                Effect::Unhold {
+                    kill_connections: false,
+                    ..
+                }
+            )),
+            "{what}: {:?}",
+            out.effects
+        );
+        assert!(matches!(
+            refusal_audit(&out.effects),
+            Some(Audit::Refused {
+                code: ResultCode::NoResources,
+                ..
+            })
+        ));
+    }
+    // The quota was not spent on the failures.
+    for port in [7001, 7002, 7003] {
+        granted(gw.open(&mut host, tcp(port), None));
+    }
+}
+
+#[test]
+fn a_failing_renewal_is_no_resources_and_a_lease_revoked_meanwhile_is_unknown() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let lease = granted(gw.open(&mut host, tcp(7001), None)).lease;
+    let renew = |id| {
+        codec::encode(&Message::Renew(fwnp_proto::Renew {
+            common: common(Some(id)),
+            lease,
+            lifetime: Some(60),
+        }))
+    };
+    let is_hold: fn(&Effect) -> bool = |e| matches!(e, Effect::Hold { .. });
+    let is_commit: fn(&Effect) -> bool = |e| matches!(e, Effect::Commit(_));
+    let d = denied(
+        gw.exchange_failing(
+            &mut host,
+            &renew(20),
+            Some((is_hold, EffectFailure::Kernel("busy".into()))),
+        )
+        .answer,
+    );
+    assert_eq!(
+        (d.code, d.retry_after, d.lease),
+        (ResultCode::NoResources, Some(1), Some(lease))
+    );
+    let d = denied(
+        gw.exchange_failing(
+            &mut host,
+            &renew(21),
+            Some((is_commit, EffectFailure::Store("locked".into()))),
+        )
+        .answer,
+    );
+    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, None));
+    let d = denied(
+        gw.exchange_failing(
+            &mut host,
+            &renew(22),
+            Some((is_hold, EffectFailure::LeaseEnded)),
+        )
+        .answer,
+    );
+    assert_eq!(d.code, ResultCode::UnknownLease);
+}
+
+#[test]
+fn only_the_owner_may_renew_release_or_list_a_lease() {
+    let mut gw = Gateway::new(POLICY);
+    let mut a = gw.welcomed("web-a", &[HOST_A]);
+    let mut b = gw.welcomed("web-b", &[HOST_B]);
+    let lease = granted(gw.open(&mut a, tcp(7100), None)).lease;
+
+    assert_eq!(
+        denied(gw.renew(&mut b, lease, None)).code,
+        ResultCode::UnknownLease
+    );
+    let release = denied(gw.release(&mut b, lease));
+    assert_eq!(release.code, ResultCode::UnknownLease);
+    // Indistinguishable from a lease that does not exist.
+    let missing = denied(gw.release(&mut b, LeaseId([0x5a; 16])));
+    assert_eq!(missing.code, release.code);
+    assert_eq!(missing.reason, release.reason);
+    assert!(
+        gw.list(&mut b).leases.is_empty(),
+        "B does not see A's lease"
+    );
+
+    assert_eq!(gw.list(&mut a).leases.len(), 1);
+    granted(gw.renew(&mut a, lease, None));
+    assert!(matches!(gw.release(&mut a, lease), Message::Released(_)));
+}
+
+#[test]
+fn denied_by_policy_names_the_rule_in_the_answer_and_the_audit() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let out = gw.exchange(&mut host, &codec::encode(&open_msg(Some(3), tcp(23), None)));
+    let d = denied(out.answer);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy);
+    assert!(d.reason.is_some_and(|r| r.contains("no-telnet")));
+    match refusal_audit(&out.effects) {
+        Some(Audit::Refused {
+            identity,
+            code,
+            rule,
+            request: Asked::Open(open),
+            ..
+        }) => {
+            assert_eq!(identity.as_deref(), Some("fwnp://host/web-01"));
+            assert_eq!(*code, ResultCode::DeniedByPolicy);
+            assert_eq!(rule.as_deref(), Some("no-telnet"));
+            assert_eq!(open.opening, tcp(23));
+        }
+        other => panic!("expected the refusal's record, got {other:?}"),
+    }
+    assert_eq!(
+        denied(gw.open(&mut host, tcp(9999), None)).code,
+        ResultCode::DeniedByPolicy
+    );
+    assert!(gw.list(&mut host).leases.is_empty());
+}
+
+#[test]
+fn lifetimes_above_seven_days_are_out_of_range() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let d = denied(gw.open(&mut host, tcp(7001), Some(MAX_LIFETIME_SECS + 1)));
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // Exactly seven days is in range and clamped by policy.
+    let g = granted(gw.open(&mut host, tcp(7001), Some(MAX_LIFETIME_SECS)));
+    assert_eq!(g.lifetime, 3600);
+    let d = denied(gw.renew(&mut host, g.lease, Some(MAX_LIFETIME_SECS + 1)));
+    assert_eq!(d.code, ResultCode::LifetimeOutOfRange);
+    // So is one too large for 32 bits: it is still a lifetime above the maximum.
+    let mut value: ciborium::Value =
+        ciborium::from_reader(codec::encode(&open_msg(Some(91), tcp(7003), None)).as_slice())
+            .unwrap();
+    if let ciborium::Value::Map(entries) = &mut value {
+        entries.push((
+            ciborium::Value::Integer(4.into()),
+            ciborium::Value::Integer((1u64 << 32).into()),
+        ));
+    }
+    let mut too_long = Vec::new();
+    ciborium::into_writer(&value, &mut too_long).unwrap();
+    let d = denied(gw.exchange(&mut host, &too_long).answer);
+    assert_eq!(
+        (d.code, d.common.request_id),
+        (ResultCode::LifetimeOutOfRange, Some(91))
+    );
+    // 0 asks for the default.
+    assert_eq!(
+        granted(gw.open(&mut host, tcp(7002), Some(0))).lifetime,
+        600
+    );
+}
+
+#[test]
+fn the_quota_counts_new_leases_only() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let first = granted(gw.open(&mut host, tcp(7001), None)).lease;
+    granted(gw.open(&mut host, tcp(7002), None));
+    granted(gw.open(&mut host, tcp(7003), None));
+    assert_eq!(
+        denied(gw.open(&mut host, tcp(7004), None)).code,
+        ResultCode::QuotaExceeded
+    );
+    // Re-opening a held lease is not a new lease: still granted at the quota.
+    assert_eq!(granted(gw.open(&mut host, tcp(7001), None)).lease, first);
+    // Releasing one makes room.
+    assert!(matches!(gw.release(&mut host, first), Message::Released(_)));
+    granted(gw.open(&mut host, tcp(7004), None));
+    // The quota is per host.
+    let mut other = gw.welcomed("web-02", &[HOST_B]);
+    granted(gw.open(&mut other, tcp(7001), None));
+}
+
+#[test]
+fn mapped_addresses_and_empty_remote_lists_are_malformed_options() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let mut mapped = tcp(7001);
+    mapped.host = fwnp_proto::HostAddresses::One("::ffff:192.0.2.10".parse().unwrap());
+    assert_eq!(
+        denied(gw.open(&mut host, mapped, None)).code,
+        ResultCode::MalformedOption
+    );
+    let mut mapped_remote = tcp(7002);
+    mapped_remote.remotes = vec![fwnp_proto::Prefix {
+        addr: "::ffff:198.51.100.0".parse().unwrap(),
+        len: 120,
+    }];
+    assert_eq!(
+        denied(gw.open(&mut host, mapped_remote, None)).code,
+        ResultCode::MalformedOption
+    );
+    let mut empty = tcp(7003);
+    empty.remotes = Vec::new();
+    let mut value: ciborium::Value =
+        ciborium::from_reader(codec::encode(&open_msg(Some(90), empty, None)).as_slice()).unwrap();
+    let opening = value
+        .as_map_mut()
+        .and_then(|m| {
+            m.iter_mut()
+                .find(|(k, _)| *k == ciborium::Value::Integer(3.into()))
+        })
+        .and_then(|(_, v)| v.as_map_mut())
+        .expect("an Open has an opening map");
+    opening.push((
+        ciborium::Value::Integer(6.into()),
+        ciborium::Value::Array(vec![]),
+    ));
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&value, &mut bytes).unwrap();
+    let out = gw.exchange(&mut host, &bytes);
+    let d = denied(out.answer);
+    assert_eq!(
+        (d.code, d.common.request_id),
+        (ResultCode::MalformedOption, Some(90))
+    );
+    assert!(gw.core.book().is_empty(), "nothing was opened");
+}
+
+#[test]
+fn undecodable_bytes_are_denied_with_their_request_id_and_audited() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    // A lifetime that is text, not a number.
+    let mut value: ciborium::Value =
+        ciborium::from_reader(codec::encode(&open_msg(Some(77), tcp(7001), Some(60))).as_slice())
+            .unwrap();
+    for (key, v) in value.as_map_mut().expect("a map") {
+        if *key == ciborium::Value::Integer(4.into()) {
+            *v = ciborium::Value::Text("sixty".into());
+        }
+    }
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&value, &mut bytes).unwrap();
+    let out = gw.exchange(&mut host, &bytes);
+    let d = denied(out.answer);
+    assert_eq!(d.common.request_id, Some(77));
+    assert!(matches!(
+        refusal_audit(&out.effects),
+        Some(Audit::Refused { request: Asked::Other, reason, .. }) if reason.starts_with("undecodable request")
+    ));
+}
+
+#[test]
+fn a_repeated_release_gets_the_first_answer_within_the_window_only() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let lease = granted(gw.open(&mut host, tcp(7001), None)).lease;
+    let release = codec::encode(&Message::Release(fwnp_proto::Release {
+        common: common(Some(4242)),
+        lease,
+    }));
+    let first = gw.exchange(&mut host, &release);
+    assert!(matches!(first.answer, Message::Released(_)));
+    assert!(
+        commits(&first.effects)
+            .iter()
+            .any(|w| matches!(w, Write::End { .. }))
+    );
+    // A retry (same id, same bytes): the same answer, and nothing is done twice.
+    let second = gw.exchange(&mut host, &release);
+    assert_eq!(second.answer, first.answer);
+    assert!(second.effects.is_empty());
+    // Also on another connection of the same identity.
+    let mut again = gw.welcomed("web-01", &[HOST_A]);
+    assert_eq!(gw.exchange(&mut again, &release).answer, first.answer);
+    // The same id with other content is a new request.
+    let other = codec::encode(&Message::Renew(fwnp_proto::Renew {
+        common: common(Some(4242)),
+        lease,
+        lifetime: None,
+    }));
+    assert_eq!(
+        denied(gw.exchange(&mut host, &other).answer).code,
+        ResultCode::UnknownLease
+    );
+    // Another identity is not answered from this host's memory.
+    let mut b = gw.welcomed("web-02", &[HOST_B]);
+    assert_eq!(
+        denied(gw.exchange(&mut b, &release).answer).code,
+        ResultCode::UnknownLease
+    );
+    // After the window the memory is gone.
+    gw.now_ms += fwnp_proto::gateway::request::RELEASE_REPLAY_WINDOW_MS;
+    assert_eq!(
+        denied(gw.exchange(&mut host, &release).answer).code,
+        ResultCode::UnknownLease
+    );
+}
+
+#[test]
+fn a_grant_that_would_exceed_the_size_limit_is_denied_instead() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    // 1200 remote prefixes fit in a request; the https application doubles them in the grant.
+    let mut opening = app("https");
+    opening.remotes = (0..1200u32)
+        .map(|i| fwnp_proto::Prefix {
+            addr: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + (i << 8))),
+            len: 24,
+        })
+        .collect();
+    let request = codec::encode(&open_msg(Some(5), opening, None));
+    assert!(request.len() <= MAX_MESSAGE_SIZE);
+    let out = gw.exchange(&mut host, &request);
+    assert!(codec::encode(&out.answer).len() <= MAX_MESSAGE_SIZE);
+    let d = denied(out.answer);
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    assert!(gw.core.book().is_empty(), "no lease is left behind");
+}
+
+#[test]
+fn a_renewal_revokes_a_lease_the_current_policy_no_longer_allows() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let lease = granted(gw.open(
+        &mut host,
+        fwnp_proto::Opening {
+            target: fwnp_proto::Target::Ports {
+                protocol: fwnp_proto::Protocol::Udp,
+                ports: fwnp_proto::PortRange::single(7001),
+            },
+            ..tcp(7001)
+        },
+        None,
+    ))
+    .lease;
+    gw.policy = Policy::from_str(&POLICY.replace("\"udp/7000-7999\"", "\"tcp/7500\""), "test")
+        .expect("compiles");
+    let id = host.id();
+    let out = gw.exchange(
+        &mut host,
+        &codec::encode(&Message::Renew(fwnp_proto::Renew {
+            common: common(Some(id)),
+            lease,
+            lifetime: None,
+        })),
+    );
+    assert_eq!(denied(out.answer).code, ResultCode::DeniedByPolicy);
+    assert!(gw.core.book().get(&lease).is_none(), "revoked at once");
+    // Kernel, store, then the host's notice: the order of a revocation.
+    assert!(matches!(
+        out.effects[0],
+        Effect::Unhold {
+            kill_connections: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        commits(&out.effects)[0],
+        Write::End {
+            end: fwnp_proto::gateway::request::LeaseEnd::Revoked(RevokeReason::PolicyChanged),
+            ..
+        }
+    ));
+    assert!(out.effects.iter().any(|e| matches!(
+        e,
+        Effect::Notify { notice: Message::Revoked(r), .. } if r.lease == lease && r.reason == RevokeReason::PolicyChanged
+    )));
+}
+
+#[test]
+fn leases_expire_at_their_expiry_with_their_ends_as_effects() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let lease = granted(gw.open(&mut host, tcp(7001), Some(60))).lease;
+    assert_eq!(gw.core.next_expiry(), Some(START_MS + 60_000));
+    assert!(gw.core.expire_due(START_MS + 59_999).is_empty());
+    let effects = gw.core.expire_due(START_MS + 60_000);
+    assert!(
+        matches!(effects[0], Effect::Unhold { lease: l, kill_connections: false, .. } if l == lease)
+    );
+    assert!(matches!(
+        commits(&effects)[0],
+        Write::End {
+            end: fwnp_proto::gateway::request::LeaseEnd::Expired,
+            ..
+        }
+    ));
+    assert!(gw.core.book().is_empty());
+}
+
+#[test]
+fn an_operator_revocation_gives_the_notice_to_deliver() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let lease = granted(gw.open(&mut host, tcp(7001), None)).lease;
+    let long = "x".repeat(2000);
+    let revocation = gw
+        .core
+        .revoke(
+            START_MS,
+            &lease,
+            RevokeReason::Operator,
+            "operator",
+            Some(long),
+        )
+        .expect("live");
+    let Message::Revoked(notice) = &revocation.notice else {
+        panic!("a Revoked notice");
+    };
+    assert_eq!(notice.lease, lease);
+    assert!(
+        notice
+            .text
+            .as_ref()
+            .is_some_and(|t| t.len() <= fwnp_proto::validate::MAX_REASON_LEN),
+        "the reason is fitted to the schema"
+    );
+    assert!(
+        gw.core
+            .revoke(START_MS, &lease, RevokeReason::Operator, "operator", None)
+            .is_none()
+    );
+}
