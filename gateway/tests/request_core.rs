@@ -67,6 +67,9 @@ const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
 const START_MS: u64 = 1_700_000_000_000;
 const EPOCH: u64 = 0x0123_4567_89ab_cdef;
 
+/// Which effect fails (the first it matches), and how.
+type FailAt = (fn(&Effect) -> bool, EffectFailure);
+
 /// The core, the policy, simulated time and an RNG.
 struct Gateway {
     core: RequestCore,
@@ -139,12 +142,7 @@ impl Gateway {
     }
 
     /// Sends `bytes`; the effects succeed, or the first of kind `fail` fails with `failure`.
-    fn exchange_failing(
-        &mut self,
-        host: &mut Host,
-        bytes: &[u8],
-        fail: Option<(fn(&Effect) -> bool, EffectFailure)>,
-    ) -> Outcome {
+    fn exchange_failing(&mut self, host: &mut Host, bytes: &[u8], fail: Option<FailAt>) -> Outcome {
         let mut carried = Vec::new();
         let answer = match self.step(host, bytes) {
             Step::Answer(answer) => answer,

@@ -584,10 +584,13 @@ enum Ticket {
     },
 }
 
+/// A Release answer remembered: its encoding, the message and when it was given.
+type RememberedAnswer = (Arc<[u8]>, Message, u64);
+
 /// The Release answers remembered for a retry, under (identity, request id).
 #[derive(Debug, Default)]
 struct ReplayMemory {
-    answers: HashMap<(String, u64), (Arc<[u8]>, Message, u64)>,
+    answers: HashMap<(String, u64), RememberedAnswer>,
     /// Keys in the order remembered, with the time they were, to forget the oldest first.
     order: VecDeque<(u64, (String, u64))>,
 }
