@@ -7,6 +7,10 @@ fwnp_missing_packages() {
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
   command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing+=(conntrack)
+  # The etcd store: protoc builds its client; the tests start etcd members and ask etcdctl.
+  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   echo "${missing[@]}"
 }
 
