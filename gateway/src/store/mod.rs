@@ -43,6 +43,7 @@
 mod backend;
 mod codec;
 mod error;
+mod etcd;
 mod query;
 mod schema;
 mod types;
@@ -58,6 +59,7 @@ use tokio::sync::watch;
 
 pub use backend::{LeaseStore, MemoryStore, WriteError, WriteFuture};
 pub use error::StoreError;
+pub use etcd::{EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS};
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,
