@@ -14,7 +14,9 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{EtcdCluster, available};
+use etcd_cluster::{EtcdCluster, MemberTls, available};
+use fwnp_gateway::config::EtcdTls;
+use fwnp_gateway::pki::{self, Validity};
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,
     StoreError, WriteError, WriteOp,
@@ -421,4 +423,82 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
         "every granted lease is there, none other"
     );
     drop(a);
+}
+
+#[test]
+fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without_one() {
+    const TEST: &str =
+        "the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without_one";
+    if !available(TEST) {
+        return;
+    }
+    let ca = tempfile::tempdir().expect("temp dir");
+    pki::init_ca(ca.path(), "etcd test CA", Validity::days(1)).expect("CA");
+    pki::issue_gateway(
+        ca.path(),
+        "member",
+        &["localhost".to_owned()],
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        Validity::days(1),
+    )
+    .expect("member certificate");
+    pki::issue_host(ca.path(), "gw-a", &[], &[], &[], Validity::days(1)).expect("client");
+    let file = |name: &str| ca.path().join(name);
+    let cluster = EtcdCluster::start_tls(
+        "tls",
+        MemberTls {
+            ca: file("ca.pem"),
+            cert: file("member.pem"),
+            key: file("member.key"),
+            client_cert: file("gw-a.pem"),
+            client_key: file("gw-a.key"),
+        },
+    );
+    cluster.run(|| {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let local = Store::open(dir.path()).expect("local store");
+            let mut config = cluster.config("gw-a", Duration::from_secs(2));
+            assert!(config.endpoints.iter().all(|e| e.starts_with("https://")));
+            config.tls = Some(EtcdTls {
+                ca: file("ca.pem"),
+                client: Some((file("gw-a.pem"), file("gw-a.key"))),
+            });
+            let store = EtcdStore::connect(&config, local.writer().clone())
+                .await
+                .expect("connected over TLS");
+            let new = lease(1, "fwnp://host/tls", NOW + 600_000, None);
+            store
+                .commit(vec![WriteOp::InsertLease(new.clone())])
+                .await
+                .expect("a commit over TLS");
+            let live = store.restore(NOW).await.expect("listed").live;
+            assert_eq!(live.len(), 1);
+            assert_eq!(live[0].id, new.id);
+
+            // The members require a client certificate: without one, no connection, and the
+            // gateway is told so within its timeout.
+            config.tls = Some(EtcdTls {
+                ca: file("ca.pem"),
+                client: None,
+            });
+            let started = Instant::now();
+            let refused = EtcdStore::connect(&config, local.writer().clone()).await;
+            assert!(
+                matches!(refused, Err(fwnp_gateway::store::EtcdError::Unreachable { .. })),
+                "{refused:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(5));
+            // A missing TLS file is named.
+            config.tls = Some(EtcdTls {
+                ca: file("missing.pem"),
+                client: None,
+            });
+            let missing = EtcdStore::connect(&config, local.writer().clone()).await;
+            assert!(
+                matches!(&missing, Err(fwnp_gateway::store::EtcdError::ReadTls { path, .. }) if path.ends_with("missing.pem")),
+                "{missing:?}"
+            );
+        });
+    });
 }

@@ -536,6 +536,33 @@ struct Worker {
 /// How long a request that could not connect waits before it is sent again.
 const RESEND_PAUSE: Duration = Duration::from_millis(5);
 
+/// What a request does, for whether it may be sent again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// Changes nothing (or nothing a second time): sent again after any unavailability.
+    Read,
+    /// Sent again only when it surely was not applied.
+    Write,
+}
+
+/// The gRPC code of a member's "unavailable" answers (no leader, leader changed, timed out).
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// Whether a request that failed with `e` may be sent again (see [`Worker::call`]).
+fn resendable(e: &etcd_client::Error, kind: Request) -> bool {
+    if not_sent(e) {
+        return true;
+    }
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    if i32::from(status.code()) != GRPC_UNAVAILABLE {
+        return false;
+    }
+    // A member without a leader refuses before proposing anything.
+    kind == Request::Read || status.message().contains("no leader")
+}
+
 /// Whether a request failed before it left this gateway: a connection refused or unreachable
 /// on the way to a member.
 fn not_sent(e: &etcd_client::Error) -> bool {
@@ -616,7 +643,8 @@ impl Worker {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), candidate.to_string(), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let response = self.txn("create the epoch", txn).await?;
+        // Sent again after an unclear failure, it finds the epoch it created and reads it.
+        let response = self.txn("create the epoch", Request::Read, txn).await?;
         if response.succeeded() {
             return Ok(candidate);
         }
@@ -640,8 +668,13 @@ impl Worker {
             })
     }
 
-    async fn txn(&self, op: &str, txn: Txn) -> Result<etcd_client::TxnResponse, Refusal> {
-        self.call(op, |mut kv| {
+    async fn txn(
+        &self,
+        op: &str,
+        kind: Request,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, Refusal> {
+        self.call(op, kind, |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
@@ -650,9 +683,11 @@ impl Worker {
 
     /// Runs one request within the timeout. The client spreads requests over the members, and
     /// keeps sending some to a member that is down: a request that could not even connect was
-    /// not sent, so it goes to another member while the timeout lasts. Any other failure is
-    /// returned as it is, since a write that reached etcd may have been applied.
-    async fn call<T, F, Fut>(&self, op: &str, mut request: F) -> Result<T, Refusal>
+    /// not sent, so it goes to another member while the timeout lasts; so does one that a
+    /// member refused for want of a leader (not proposed), and a read whatever the member's
+    /// refusal (a leader changing, say). Any other failure of a write is returned as it is,
+    /// since a write that reached the leader may have been applied.
+    async fn call<T, F, Fut>(&self, op: &str, kind: Request, mut request: F) -> Result<T, Refusal>
     where
         F: FnMut(KvClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
@@ -661,7 +696,7 @@ impl Worker {
         loop {
             match tokio::time::timeout_at(deadline, request(self.kv.clone())).await {
                 Ok(Ok(response)) => return Ok(response),
-                Ok(Err(e)) if not_sent(&e) && tokio::time::Instant::now() < deadline => {
+                Ok(Err(e)) if resendable(&e, kind) && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(RESEND_PAUSE).await;
                 }
                 Ok(Err(e)) => return Err(unavailable(op, e)),
@@ -809,7 +844,11 @@ impl Worker {
             });
         }
         let response = match self
-            .txn("commit", Txn::new().when(compares).and_then(writes))
+            .txn(
+                "commit",
+                Request::Write,
+                Txn::new().when(compares).and_then(writes),
+            )
             .await
         {
             Ok(response) => response,
@@ -931,7 +970,9 @@ impl Worker {
             return Ok(Vec::new());
         }
         let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
-        let response = self.txn("read", Txn::new().and_then(reads)).await?;
+        let response = self
+            .txn("read", Request::Read, Txn::new().and_then(reads))
+            .await?;
         Ok(response
             .op_responses()
             .into_iter()
@@ -1053,7 +1094,7 @@ impl Worker {
     async fn restore(&self, now_ms: u64) -> Result<Restored, Refusal> {
         let prefix = self.keys.leases();
         let response = self
-            .call("list leases", |mut kv| {
+            .call("list leases", Request::Read, |mut kv| {
                 let prefix = prefix.clone();
                 async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })

@@ -23,10 +23,22 @@ const MEMBERS: usize = 3;
 /// A running cluster; see the module documentation.
 pub(crate) struct EtcdCluster {
     members: Vec<Option<Child>>,
+    tls: Option<MemberTls>,
     dir: tempfile::TempDir,
     token: String,
     // Last, so that the members are killed before the namespace is deleted.
     ns: Netns,
+}
+
+/// TLS on the members' client URLs, with client certificates required: the CA that signed
+/// both sides, the members' certificate (for 127.0.0.1) and key, and a client's (for etcdctl).
+#[derive(Debug, Clone)]
+pub(crate) struct MemberTls {
+    pub(crate) ca: PathBuf,
+    pub(crate) cert: PathBuf,
+    pub(crate) key: PathBuf,
+    pub(crate) client_cert: PathBuf,
+    pub(crate) client_key: PathBuf,
 }
 
 fn client_port(member: usize) -> u16 {
@@ -73,11 +85,22 @@ pub(crate) fn available(test: &str) -> bool {
 impl EtcdCluster {
     /// Starts three members and waits for a leader.
     pub(crate) fn start(name: &str) -> EtcdCluster {
+        Self::start_with(name, None)
+    }
+
+    /// Starts three members whose client URLs speak TLS only and require a client
+    /// certificate, and waits for a leader.
+    pub(crate) fn start_tls(name: &str, tls: MemberTls) -> EtcdCluster {
+        Self::start_with(name, Some(tls))
+    }
+
+    fn start_with(name: &str, tls: Option<MemberTls>) -> EtcdCluster {
         let ns = Netns::new(&format!("etcd{name}")).expect("network namespace");
         let dir = tempfile::tempdir().expect("temp dir");
         let token = format!("fwnp-{}-{}", name, std::process::id());
         let mut cluster = EtcdCluster {
             members: (0..MEMBERS).map(|_| None).collect(),
+            tls,
             dir,
             token,
             ns,
@@ -100,7 +123,7 @@ impl EtcdCluster {
             .collect();
         let data = self.dir.path().join(format!("m{member}"));
         let log = self.dir.path().join(format!("m{member}.log"));
-        let client = format!("http://127.0.0.1:{}", client_port(member));
+        let client = self.client_url(member);
         let peer = format!("http://127.0.0.1:{}", peer_port(member));
         let mut command = Command::new("etcd");
         command.args([
@@ -133,15 +156,28 @@ impl EtcdCluster {
             "--log-outputs",
             &log.display().to_string(),
         ]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
         let child = self.ns.spawn(&mut command).expect("start etcd");
         self.members[member] = Some(child);
     }
 
     /// The client URLs of every member (running or not), as a gateway is configured.
     pub(crate) fn endpoints(&self) -> Vec<String> {
-        (0..MEMBERS)
-            .map(|m| format!("http://127.0.0.1:{}", client_port(m)))
-            .collect()
+        (0..MEMBERS).map(|m| self.client_url(m)).collect()
+    }
+
+    fn client_url(&self, member: usize) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", client_port(member))
     }
 
     /// A store configuration for a gateway named `site`, with `timeout` per request.
@@ -182,25 +218,31 @@ impl EtcdCluster {
 
     /// Waits until `members` all answer a linearizable read (which needs a leader).
     pub(crate) fn wait_healthy(&self, members: &[usize], limit: Duration) -> bool {
-        let endpoints: Vec<String> = members
-            .iter()
-            .map(|&m| format!("http://127.0.0.1:{}", client_port(m)))
-            .collect();
+        let endpoints: Vec<String> = members.iter().map(|&m| self.client_url(m)).collect();
         let endpoints = endpoints.join(",");
+        let mut args = vec![
+            "etcdctl".to_owned(),
+            "--endpoints".into(),
+            endpoints,
+            "--command-timeout".into(),
+            "1s".into(),
+            "--dial-timeout".into(),
+            "1s".into(),
+        ];
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cacert", &tls.ca),
+                ("--cert", &tls.client_cert),
+                ("--key", &tls.client_key),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        }
+        args.extend(["endpoint".into(), "health".into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         lab::wait_until(limit, Duration::from_millis(200), || {
-            self.ns
-                .exec(&[
-                    "etcdctl",
-                    "--endpoints",
-                    &endpoints,
-                    "--command-timeout",
-                    "1s",
-                    "--dial-timeout",
-                    "1s",
-                    "endpoint",
-                    "health",
-                ])
-                .is_ok_and(|o| o.status.success())
+            self.ns.exec(&args).is_ok_and(|o| o.status.success())
         })
     }
 
