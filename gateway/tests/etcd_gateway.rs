@@ -46,7 +46,18 @@ struct Gateway {
 }
 
 async fn gateway(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
-    write_policy(&dir.join("policy.toml"), POLICY);
+    gateway_with(cluster, pki, dir, site, "2s", POLICY).await
+}
+
+async fn gateway_with(
+    cluster: &EtcdCluster,
+    pki: &Pki,
+    dir: &Path,
+    site: &str,
+    timeout: &str,
+    policy: &str,
+) -> Gateway {
+    write_policy(&dir.join("policy.toml"), policy);
     let endpoints: Vec<String> = cluster
         .endpoints()
         .iter()
@@ -54,7 +65,7 @@ async fn gateway(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Ga
         .collect();
     let text = format!(
         "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
-         site = \"{site}\"\ntimeout = \"2s\"\n",
+         site = \"{site}\"\ntimeout = \"{timeout}\"\n",
         config_text(pki, dir, "127.0.0.1:0", "[filter]\nenabled = false"),
         endpoints.join(", ")
     );
@@ -171,4 +182,79 @@ fn gateways_on_etcd_serve_opens_and_hold_max_leases_across_the_cluster() {
                 }
             });
     });
+}
+
+#[test]
+fn a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again_when_it_is_back() {
+    const TEST: &str = "a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again_when_it_is_back";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("gwquor");
+    let pki = Pki::new("etcd-quorum");
+    let dir = temp_dir("etcd-quorum");
+    // Sockets are made inside the cluster's namespace (the runtime's threads start there too);
+    // members are killed and started between the steps.
+    let (rt, a, client) = cluster.run(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (a, client) = rt.block_on(async {
+            let policy = POLICY.replace("max_leases = 2", "max_leases = 8");
+            let a = gateway_with(&cluster, &pki, dir.path(), "gw-a", "1s", &policy).await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+            client.hello().await;
+            granted(client.open(tcp(7001), None).await);
+            (a, client)
+        });
+        (rt, a, client)
+    });
+
+    cluster.kill(0);
+    cluster.run(|| {
+        rt.block_on(async {
+            granted(client.open(tcp(7002), None).await);
+        })
+    });
+
+    cluster.kill(1);
+    cluster.run(|| {
+        rt.block_on(async {
+            let started = std::time::Instant::now();
+            let refused = denied(client.open(tcp(7003), None).await);
+            let took = started.elapsed();
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert_eq!(refused.retry_after, Some(5), "{refused:?}");
+            assert!(took < Duration::from_secs(3), "answered after {took:?}");
+            assert_eq!(client.list().await.leases.len(), 2, "nothing more is held");
+        })
+    });
+
+    cluster.restart(0);
+    cluster.restart(1);
+    assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
+    cluster.run(|| {
+        rt.block_on(async {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match client.open(tcp(7003), None).await {
+                    fwnp_proto::Message::Granted(_) => break,
+                    other => assert!(
+                        std::time::Instant::now() < deadline,
+                        "no grant with the quorum back: {other:?}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(client.list().await.leases.len(), 3);
+            a.endpoint.close(0u32.into(), b"done");
+            a.serving.abort();
+        })
+    });
+    drop(client);
+    drop(a);
+    drop(rt);
 }
