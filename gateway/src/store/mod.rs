@@ -1,5 +1,7 @@
 //! The gateway's embedded store: leases, the epoch and the audit trail, in one SQLite database
-//! (`fwnp.sqlite3` in the state directory).
+//! (`fwnp.sqlite3` in the state directory). With `[store] backend = "etcd"` the leases and the
+//! epoch live in an etcd cluster shared by several gateways instead ([`EtcdStore`]), and the
+//! audit trail stays here.
 //!
 //! # Writing
 //! Every write goes through one writer thread ([`StoreWriter`]) that owns the read-write
