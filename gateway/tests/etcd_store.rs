@@ -71,12 +71,13 @@ fn renew(id: LeaseId, expires_ms: u64) -> WriteOp {
     }
 }
 
-fn end(id: LeaseId, end: LeaseEnd, ended_ms: u64) -> WriteOp {
+/// An end of lease `id` by `by` (the host's identity for a release, `gateway` for an expiry).
+fn end(id: LeaseId, end: LeaseEnd, ended_ms: u64, by: &str) -> WriteOp {
     WriteOp::EndLease {
         id,
         end,
         ended_ms,
-        by: Some("gateway".into()),
+        by: Some(by.into()),
         why: None,
     }
 }
@@ -206,9 +207,24 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
                 ))])
                 .await
                 .expect("another host's lease");
-            // Released through B: A may grant the third now.
+            // Only its host releases a lease, through whichever gateway.
+            let err = b
+                .etcd
+                .commit(vec![end(
+                    two.id,
+                    LeaseEnd::Released,
+                    NOW,
+                    "fwnp://host/db-01",
+                )])
+                .await
+                .expect_err("another host's release");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("is held by")),
+                "{err:?}"
+            );
+            // Released through B by its host: A may grant the third now.
             b.etcd
-                .commit(vec![end(two.id, LeaseEnd::Released, NOW)])
+                .commit(vec![end(two.id, LeaseEnd::Released, NOW, web)])
                 .await
                 .expect("B ends the second");
             a.etcd
@@ -219,7 +235,7 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
             // Owner's incarnation: lease 1 ended through B, then stored again for another host.
             // A, which saw the first incarnation, may neither renew nor end the second.
             b.etcd
-                .commit(vec![end(one.id, LeaseEnd::Released, NOW)])
+                .commit(vec![end(one.id, LeaseEnd::Released, NOW, web)])
                 .await
                 .expect("B ends lease 1");
             let err = a
@@ -262,7 +278,12 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
                 .expect("B renews lease 5");
             let err = a
                 .etcd
-                .commit(vec![end(five.id, LeaseEnd::Expired, NOW + 10_000)])
+                .commit(vec![end(
+                    five.id,
+                    LeaseEnd::Expired,
+                    NOW + 10_000,
+                    "gateway",
+                )])
                 .await
                 .expect_err("renewed elsewhere: not expired");
             assert!(
@@ -271,7 +292,7 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
             );
             let expire = |g: &Gateway| {
                 g.etcd.commit(vec![
-                    end(five.id, LeaseEnd::Expired, NOW + 20_000),
+                    end(five.id, LeaseEnd::Expired, NOW + 20_000, "gateway"),
                     WriteOp::audit({
                         let mut e = AuditEvent::new(NOW + 20_000, AuditKind::Expiry);
                         e.lease = Some(five.id);

@@ -17,6 +17,7 @@
 //! - a renewal or an end only while the key is the one read (same mod revision), and, when this
 //!   gateway has seen the lease before, the same incarnation of it (same create revision: a
 //!   lease's owner is written once, by its insert, so the same incarnation is the same owner);
+//!   a release only by the host that holds the lease (the one it names as ending it);
 //!   an expiry only of a lease whose stored expiry has passed, so that a lease renewed through
 //!   another gateway is not expired by this one;
 //! - the host's lease count, with its counter key compared on its mod revision and rewritten in
@@ -1035,10 +1036,24 @@ impl Worker {
                     leases.insert(*id, Some(lease));
                 }
                 WriteOp::EndLease {
-                    id, end, ended_ms, ..
+                    id,
+                    end,
+                    ended_ms,
+                    by,
+                    ..
                 } => {
                     let lease = current(&leases, id).ok_or(Refusal::NotLive(*id))?;
                     self.same_incarnation(overlay, *id)?;
+                    // A release is the host's: it names the host as who ended the lease.
+                    if *end == LeaseEnd::Released
+                        && let Some(by) = by
+                        && *by != lease.identity
+                    {
+                        return Err(Refusal::Conflict(format!(
+                            "lease {id} is held by {}, not by {by}",
+                            lease.identity
+                        )));
+                    }
                     if *end == LeaseEnd::Expired && lease.expires_ms > *ended_ms {
                         return Err(Refusal::Conflict(format!(
                             "lease {id} was renewed (it now expires at {} ms), not expired",
