@@ -12,6 +12,10 @@ fwnp_missing_packages() {
   command -v cc >/dev/null 2>&1 || missing+=(gcc)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+  # The etcd store: protoc builds its client; the tests start etcd members and ask etcdctl.
+  command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+  command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   echo "${missing[@]}"
 }
 

@@ -89,6 +89,44 @@ pub struct StoreConfig {
     pub synchronous_full: bool,
     /// How long audit records are kept.
     pub audit_retention: Duration,
+    /// Where the leases and the epoch are kept.
+    pub backend: StoreBackend,
+}
+
+/// Where the leases and the epoch are kept (`[store] backend`). The audit trail and the
+/// admin API's history stay in the gateway's own SQLite database either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreBackend {
+    /// In the gateway's SQLite database (`backend = "sqlite"`, the default).
+    Sqlite,
+    /// In an etcd cluster shared by several gateways (`backend = "etcd"`).
+    Etcd(EtcdConfig),
+}
+
+/// How to reach the etcd cluster (`[store]` with `backend = "etcd"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs of the cluster's members (`http://` or `https://`, host and port).
+    pub endpoints: Vec<String>,
+    /// The key prefix under which this deployment's keys live, without a trailing `/`.
+    pub prefix: String,
+    /// This gateway's name in the cluster (letters, digits, `.`, `_`, `-`).
+    pub site: String,
+    /// How long one etcd request may take before the store answers unavailable.
+    pub timeout: Duration,
+    /// TLS to etcd; `None` for plain `http://` endpoints.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to etcd: the CA that signed the members' certificates, and a client certificate when
+/// the members ask for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificates (PEM) the members' certificates must chain to.
+    pub ca: PathBuf,
+    /// The client certificate and its key (PEM), if the members require one.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +220,15 @@ struct RawStore {
     synchronous: Spanned<String>,
     #[serde(default = "default_retention")]
     audit_retention: Spanned<String>,
+    #[serde(default = "default_backend")]
+    backend: Spanned<String>,
+    endpoints: Option<Spanned<Vec<Spanned<String>>>>,
+    prefix: Option<Spanned<String>>,
+    site: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<PathBuf>>,
+    tls_certificate: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
 }
 
 impl Default for RawStore {
@@ -189,7 +236,203 @@ impl Default for RawStore {
         RawStore {
             synchronous: default_synchronous(),
             audit_retention: default_retention(),
+            backend: default_backend(),
+            endpoints: None,
+            prefix: None,
+            site: None,
+            timeout: None,
+            tls_ca: None,
+            tls_certificate: None,
+            tls_key: None,
         }
+    }
+}
+
+fn default_backend() -> Spanned<String> {
+    Spanned::new(0..0, "sqlite".to_owned())
+}
+
+/// The longest a key prefix may be, so that a lease's key stays small.
+const MAX_ETCD_PREFIX: usize = 128;
+
+impl RawStore {
+    /// The backend the `[store]` keys describe; `at` turns a span and a reason into the error.
+    fn backend(
+        &self,
+        at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+    ) -> Result<StoreBackend, ConfigError> {
+        let etcd_only: [(&str, Option<std::ops::Range<usize>>); 7] = [
+            ("endpoints", self.endpoints.as_ref().map(Spanned::span)),
+            ("prefix", self.prefix.as_ref().map(Spanned::span)),
+            ("site", self.site.as_ref().map(Spanned::span)),
+            ("timeout", self.timeout.as_ref().map(Spanned::span)),
+            ("tls_ca", self.tls_ca.as_ref().map(Spanned::span)),
+            (
+                "tls_certificate",
+                self.tls_certificate.as_ref().map(Spanned::span),
+            ),
+            ("tls_key", self.tls_key.as_ref().map(Spanned::span)),
+        ];
+        match self.backend.get_ref().as_str() {
+            "sqlite" => {
+                if let Some((key, Some(span))) = etcd_only.into_iter().find(|(_, s)| s.is_some()) {
+                    return Err(at(
+                        span,
+                        format!("{key} applies only with backend = \"etcd\""),
+                    ));
+                }
+                Ok(StoreBackend::Sqlite)
+            }
+            "etcd" => self.etcd(at).map(StoreBackend::Etcd),
+            other => Err(at(
+                self.backend.span(),
+                format!("backend = {other:?}: expected \"sqlite\" or \"etcd\""),
+            )),
+        }
+    }
+
+    fn etcd(
+        &self,
+        at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+    ) -> Result<EtcdConfig, ConfigError> {
+        let backend_span = self.backend.span();
+        let Some(endpoints) = &self.endpoints else {
+            return Err(at(
+                backend_span,
+                "backend = \"etcd\" needs endpoints, the client URLs of the cluster's members"
+                    .to_owned(),
+            ));
+        };
+        if endpoints.get_ref().is_empty() {
+            return Err(at(endpoints.span(), "endpoints is empty".to_owned()));
+        }
+        let tls_wanted = self.tls_ca.is_some();
+        let mut urls = Vec::new();
+        for endpoint in endpoints.get_ref() {
+            let text = endpoint.get_ref();
+            let (scheme, rest) = text.split_once("://").ok_or_else(|| {
+                at(
+                    endpoint.span(),
+                    format!("endpoint {text:?}: expected http://HOST:PORT or https://HOST:PORT"),
+                )
+            })?;
+            let https = match scheme {
+                "http" => false,
+                "https" => true,
+                _ => {
+                    return Err(at(
+                        endpoint.span(),
+                        format!("endpoint {text:?}: the scheme must be http or https"),
+                    ));
+                }
+            };
+            let port = rest
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p != 0) {
+                return Err(at(
+                    endpoint.span(),
+                    format!("endpoint {text:?}: expected a host and a port after {scheme}://"),
+                ));
+            }
+            if https != tls_wanted {
+                let reason = if https {
+                    format!("endpoint {text:?} is https but no tls_ca is given")
+                } else {
+                    format!("endpoint {text:?} is http but tls_ca asks for TLS: use https://")
+                };
+                return Err(at(endpoint.span(), reason));
+            }
+            urls.push(text.clone());
+        }
+        let prefix = match &self.prefix {
+            None => "/fwnp".to_owned(),
+            Some(prefix) => {
+                let text = prefix.get_ref().trim_end_matches('/');
+                if text.is_empty()
+                    || text.len() > MAX_ETCD_PREFIX
+                    || text.chars().any(|c| c.is_whitespace() || c.is_control())
+                {
+                    return Err(at(
+                        prefix.span(),
+                        format!(
+                            "prefix {:?}: expected a key prefix such as \"/fwnp\" (at most \
+                             {MAX_ETCD_PREFIX} characters, no spaces)",
+                            prefix.get_ref()
+                        ),
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        let Some(site) = &self.site else {
+            return Err(at(
+                backend_span,
+                "backend = \"etcd\" needs site, this gateway's name in the cluster".to_owned(),
+            ));
+        };
+        let name = site.get_ref();
+        if name.is_empty()
+            || name.len() > 63
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(at(
+                site.span(),
+                format!("site {name:?}: expected 1 to 63 letters, digits, '.', '_' or '-'"),
+            ));
+        }
+        let timeout = match &self.timeout {
+            None => Duration::from_secs(2),
+            Some(text) => {
+                let value = parse_duration(text.get_ref()).map_err(|r| at(text.span(), r))?;
+                if value < Duration::from_millis(100) || value > Duration::from_secs(60) {
+                    return Err(at(
+                        text.span(),
+                        "timeout must be between 100ms and 60s".to_owned(),
+                    ));
+                }
+                value
+            }
+        };
+        let client = match (&self.tls_certificate, &self.tls_key) {
+            (None, None) => None,
+            (Some(certificate), Some(key)) => {
+                Some((certificate.get_ref().clone(), key.get_ref().clone()))
+            }
+            (Some(one), None) | (None, Some(one)) => {
+                return Err(at(
+                    one.span(),
+                    "tls_certificate and tls_key go together".to_owned(),
+                ));
+            }
+        };
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(EtcdTls {
+                ca: ca.get_ref().clone(),
+                client,
+            }),
+            None if client.is_some() => {
+                let span = self
+                    .tls_certificate
+                    .as_ref()
+                    .map(Spanned::span)
+                    .unwrap_or(backend_span);
+                return Err(at(
+                    span,
+                    "a client certificate needs tls_ca and https endpoints".to_owned(),
+                ));
+            }
+            None => None,
+        };
+        Ok(EtcdConfig {
+            endpoints: urls,
+            prefix,
+            site: name.clone(),
+            timeout,
+            tls,
+        })
     }
 }
 
@@ -387,6 +630,7 @@ impl GatewayConfig {
         };
         let audit_retention = parse_duration(raw.store.audit_retention.get_ref())
             .map_err(|reason| at(raw.store.audit_retention.span(), reason))?;
+        let backend = raw.store.backend(&at)?;
 
         Ok(GatewayConfig {
             listen,
@@ -421,6 +665,7 @@ impl GatewayConfig {
             store: StoreConfig {
                 synchronous_full,
                 audit_retention,
+                backend,
             },
         })
     }
@@ -535,6 +780,130 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
     }
 
     #[test]
+    fn the_store_backend_is_sqlite_unless_etcd_is_asked() {
+        let config = GatewayConfig::parse(GOOD, "gateway.toml").expect("valid");
+        assert_eq!(config.store.backend, StoreBackend::Sqlite);
+
+        let text = format!(
+            "{GOOD}\n[store]\nbackend = \"etcd\"\nendpoints = [\"https://10.0.0.1:2379\", \
+             \"https://etcd-2.example:2379\"]\nsite = \"gw-a\"\nprefix = \"/prod/fwnp/\"\n\
+             timeout = \"500ms\"\ntls_ca = \"/etc/fwnp/etcd-ca.pem\"\n\
+             tls_certificate = \"/etc/fwnp/c.pem\"\ntls_key = \"/etc/fwnp/c.key\"\n"
+        );
+        let config = GatewayConfig::parse(&text, "gateway.toml").expect("valid");
+        let StoreBackend::Etcd(etcd) = config.store.backend else {
+            panic!("etcd expected");
+        };
+        assert_eq!(
+            etcd.endpoints,
+            vec!["https://10.0.0.1:2379", "https://etcd-2.example:2379"]
+        );
+        assert_eq!(etcd.site, "gw-a");
+        assert_eq!(etcd.prefix, "/prod/fwnp", "the trailing slash is dropped");
+        assert_eq!(etcd.timeout, Duration::from_millis(500));
+        let tls = etcd.tls.expect("tls");
+        assert_eq!(tls.ca, PathBuf::from("/etc/fwnp/etcd-ca.pem"));
+        assert_eq!(
+            tls.client,
+            Some((
+                PathBuf::from("/etc/fwnp/c.pem"),
+                PathBuf::from("/etc/fwnp/c.key")
+            ))
+        );
+
+        let plain = format!(
+            "{GOOD}\n[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n\
+             site = \"gw-b\"\n"
+        );
+        let config = GatewayConfig::parse(&plain, "gateway.toml").expect("valid");
+        let StoreBackend::Etcd(etcd) = config.store.backend else {
+            panic!("etcd expected");
+        };
+        assert_eq!(etcd.prefix, "/fwnp");
+        assert_eq!(etcd.timeout, Duration::from_secs(2));
+        assert_eq!(etcd.tls, None);
+    }
+
+    #[test]
+    fn bad_store_keys_name_their_line_and_reason() {
+        // GOOD has 10 lines; "[store]" is line 12, the keys follow from line 13.
+        let store = |body: &str| format!("{GOOD}\n[store]\n{body}");
+        let etcd = |rest: &str| {
+            store(&format!(
+                "backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\nsite = \"a\"\n{rest}"
+            ))
+        };
+        for (text, line, words) in [
+            (
+                store("backend = \"zookeeper\"\n"),
+                13,
+                "expected \"sqlite\" or \"etcd\"",
+            ),
+            (
+                store("endpoints = [\"http://127.0.0.1:2379\"]\n"),
+                13,
+                "only with backend",
+            ),
+            (
+                store("backend = \"etcd\"\nsite = \"a\"\n"),
+                13,
+                "needs endpoints",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n"),
+                13,
+                "needs site",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = []\nsite = \"a\"\n"),
+                14,
+                "empty",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"127.0.0.1:2379\"]\nsite = \"a\"\n"),
+                14,
+                "http://HOST:PORT",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"ftp://h:1\"]\nsite = \"a\"\n"),
+                14,
+                "scheme",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"http://h\"]\nsite = \"a\"\n"),
+                14,
+                "a host and a port",
+            ),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"https://h:1\"]\nsite = \"a\"\n"),
+                14,
+                "no tls_ca",
+            ),
+            (etcd("tls_ca = \"/ca.pem\"\n"), 14, "use https://"),
+            (etcd("site = \"b\"\n"), 16, "duplicate key"),
+            (
+                store("backend = \"etcd\"\nendpoints = [\"http://h:1\"]\nsite = \"a b\"\n"),
+                15,
+                "letters, digits",
+            ),
+            (etcd("prefix = \"/\"\n"), 16, "key prefix"),
+            (etcd("prefix = \"/a b\"\n"), 16, "key prefix"),
+            (etcd("timeout = \"10ms\"\n"), 16, "between 100ms and 60s"),
+            (etcd("timeout = \"soon\"\n"), 16, "soon"),
+            (etcd("tls_key = \"/k\"\n"), 16, "go together"),
+            (
+                etcd("tls_certificate = \"/c\"\ntls_key = \"/k\"\n"),
+                16,
+                "needs tls_ca",
+            ),
+        ] {
+            let (found, reason) = error_of(&text);
+            assert!(reason.contains(words), "{text}: {reason}");
+            assert_eq!(found, line, "{text}: {reason}");
+        }
+    }
+
+    #[test]
     fn a_filter_that_guards_nothing_is_refused() {
         let text = GOOD.replace("protected = [\"10.1.0.0/16\", \"2001:db8:1::/48\"]", "");
         let (_, reason) = error_of(&text);
@@ -553,5 +922,30 @@ mod example_tests {
             config.metrics,
             Some("127.0.0.1:9771".parse().expect("address"))
         );
+    }
+
+    #[test]
+    fn the_documented_etcd_example_parses_when_uncommented() {
+        let text = include_str!("../examples/gateway.toml")
+            .replace("backend = \"sqlite\"", "backend = \"etcd\"");
+        let mut uncommented = String::new();
+        for line in text.lines() {
+            let keys = ["endpoints", "prefix", "site", "timeout", "tls_"];
+            match line.strip_prefix("# ") {
+                Some(rest) if keys.iter().any(|k| rest.starts_with(k)) && rest.contains(" = ") => {
+                    uncommented.push_str(rest)
+                }
+                _ => uncommented.push_str(line),
+            }
+            uncommented.push('\n');
+        }
+        let config = super::GatewayConfig::parse(&uncommented, "examples/gateway.toml")
+            .expect("the etcd example is valid");
+        let super::StoreBackend::Etcd(etcd) = config.store.backend else {
+            panic!("etcd expected");
+        };
+        assert_eq!(etcd.endpoints.len(), 3);
+        assert_eq!(etcd.site, "gw-a");
+        assert!(etcd.tls.is_some_and(|tls| tls.client.is_some()));
     }
 }

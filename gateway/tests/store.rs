@@ -86,6 +86,7 @@ fn new_lease(
         created_ms,
         expires_ms: created_ms + u64::from(lifetime) * 1000,
         certificate: Some(certificate("CN=ca", "1A")),
+        max_leases: None,
     }
 }
 

@@ -4,6 +4,7 @@
 //! whose refusal turns a grant into no-resources without leaving a lease behind.
 
 mod common;
+mod etcd_cluster;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -51,6 +52,7 @@ fn new_lease(n: u8, expires_ms: u64) -> NewLease {
         created_ms: NOW - 1_000,
         expires_ms,
         certificate: None,
+        max_leases: None,
     }
 }
 
@@ -127,6 +129,25 @@ fn the_sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path()).expect("store");
     contract(&store);
+}
+
+#[test]
+fn the_etcd_store_keeps_the_contract() {
+    if !etcd_cluster::available("the_etcd_store_keeps_the_contract") {
+        return;
+    }
+    let cluster = etcd_cluster::EtcdCluster::start("seam");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = Store::open(dir.path()).expect("local store");
+    cluster.run(|| {
+        let config = cluster.config("gw-a", std::time::Duration::from_secs(2));
+        let store = block_on(fwnp_gateway::store::EtcdStore::connect(
+            &config,
+            local.writer().clone(),
+        ))
+        .expect("connected");
+        contract(&store);
+    });
 }
 
 #[test]

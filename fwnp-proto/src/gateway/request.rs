@@ -420,6 +420,9 @@ pub enum Write {
         requested_lifetime: Option<u32>,
         /// The address and port the host asked from.
         peer: SocketAddr,
+        /// The most live leases the host may hold, this one included (`None`: no limit): the
+        /// book checked it, and a store shared by several gateways checks it again across them.
+        max_leases: Option<u32>,
     },
     /// Extend a live lease (a Renew, or an Open repeated).
     Renew {
@@ -854,6 +857,7 @@ impl RequestCore {
                     lease: lease.clone(),
                     requested_lifetime: open.lifetime.filter(|&l| l != 0),
                     peer: peer.remote,
+                    max_leases: facts.max_leases,
                 },
                 true,
                 decision.reason,

@@ -138,6 +138,9 @@ pub enum StartError {
     /// The lease store could not restore the leases of the previous run.
     #[error("lease store: {0}")]
     LeaseStore(#[from] WriteError),
+    /// The etcd cluster of `[store] backend = "etcd"` could not be reached or read.
+    #[error("lease store: {0}")]
+    Etcd(#[from] crate::store::EtcdError),
     /// The kernel filter could not be set up.
     #[error("filter: {0}")]
     Filter(#[from] fwnp_netfilter::Error),
@@ -208,7 +211,12 @@ impl Service {
             options.synchronous = crate::store::Synchronous::Full;
         }
         let store = Store::open_with(&config.state_dir, options)?;
-        let leases: Arc<dyn LeaseStore> = Arc::new(store.clone());
+        let leases: Arc<dyn LeaseStore> = match &config.store.backend {
+            crate::config::StoreBackend::Etcd(etcd) => {
+                Arc::new(crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?)
+            }
+            _ => Arc::new(store.clone()),
+        };
         Self::start_with_store(config, filter, store, leases).await
     }
 

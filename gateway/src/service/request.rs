@@ -15,6 +15,7 @@ pub(super) fn write_op(
             lease,
             requested_lifetime,
             peer,
+            max_leases,
         } => WriteOp::InsertLease(NewLease {
             id: lease.id,
             identity: lease.host.to_string(),
@@ -26,6 +27,7 @@ pub(super) fn write_op(
             created_ms: lease.created_ms,
             expires_ms: lease.expires_ms,
             certificate,
+            max_leases: *max_leases,
         }),
         Write::Renew {
             id,

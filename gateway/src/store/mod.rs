@@ -1,5 +1,7 @@
 //! The gateway's embedded store: leases, the epoch and the audit trail, in one SQLite database
-//! (`fwnp.sqlite3` in the state directory).
+//! (`fwnp.sqlite3` in the state directory). With `[store] backend = "etcd"` the leases and the
+//! epoch live in an etcd cluster shared by several gateways instead ([`EtcdStore`]), and the
+//! audit trail stays here.
 //!
 //! # Writing
 //! Every write goes through one writer thread ([`StoreWriter`]) that owns the read-write
@@ -43,6 +45,7 @@
 mod backend;
 mod codec;
 mod error;
+mod etcd;
 mod query;
 mod schema;
 mod types;
@@ -58,6 +61,7 @@ use tokio::sync::watch;
 
 pub use backend::{LeaseStore, MemoryStore, WriteError, WriteFuture};
 pub use error::StoreError;
+pub use etcd::{EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS};
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,

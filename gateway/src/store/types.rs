@@ -35,6 +35,10 @@ pub struct NewLease {
     pub expires_ms: u64,
     /// The client certificate the host asked with, as a CRL names it.
     pub certificate: Option<Arc<CertificateName>>,
+    /// The most live leases the host may hold, this one included (`None`: no limit). A store
+    /// shared by several gateways refuses the insert beyond it; a gateway's own store leaves the
+    /// check to its lease book.
+    pub max_leases: Option<u32>,
 }
 
 /// How and when a stored lease ended.

@@ -1,0 +1,1307 @@
+//! The cluster store: the leases and the epoch of several gateways in one etcd cluster (v3 API),
+//! so that what one gateway grants every other one sees, and the cluster's rules hold across
+//! them. No consensus is written here: etcd's transactions and revisions do that.
+//!
+//! # Keys (under the configured prefix `P`)
+//! - `P/epoch`: the cluster's epoch, decimal; created once by the first gateway (a transaction
+//!   that puts it only while the key has no create revision) and read by every other one.
+//! - `P/leases/ID` (ID in hex): one live lease, as a compact CBOR map. An ended lease's key is
+//!   deleted; its history is in the audit trail.
+//! - `P/hosts/IDENTITY`: how many live leases the host holds across the cluster, decimal;
+//!   deleted at zero.
+//!
+//! # One transaction per commit
+//! Every commit is one etcd transaction whose comparisons carry what must hold across the
+//! cluster, on the revisions read just before it:
+//! - an insert only while the lease's key does not exist (create revision 0);
+//! - a renewal or an end only while the key is the one read (same mod revision), and, when this
+//!   gateway has seen the lease before, the same incarnation of it (same create revision: a
+//!   lease's owner is written once, by its insert, so the same incarnation is the same owner);
+//!   a release only by the host that holds the lease (the one it names as ending it);
+//!   an expiry only of a lease whose stored expiry has passed, so that a lease renewed through
+//!   another gateway is not expired by this one;
+//! - the host's lease count, with its counter key compared on its mod revision and rewritten in
+//!   the same transaction, within the `max_leases` the insert carries. A counter key rather
+//!   than counting a per-host key range: etcd compares keys one by one and cannot compare a
+//!   count, and one small key per host keeps the check at one comparison.
+//!
+//! A check that fails on what was read is refused at once (a duplicate lease, a lease not live:
+//! the same errors as the SQLite store; a quota or an expiry that no longer holds:
+//! [`WriteError::Conflict`]); a transaction whose comparison fails because another gateway wrote
+//! in between is read and tried again, a bounded number of times, then refused as a conflict.
+//! A request etcd does not answer within the configured timeout (a member cut off from its
+//! quorum) is [`WriteError::Unavailable`].
+//!
+//! # Group commits
+//! Commits queue to one task that takes everything queued (up to [`MAX_BATCH_JOBS`] jobs, as
+//! etcd takes at most 128 operations per transaction by default) into one read and one
+//! transaction, as the SQLite writer groups its commits: one etcd write per grant would cap the
+//! gateway at etcd's own rate of single writes. A job that fails its check is left out of the
+//! batch alone.
+//!
+//! # Expiry
+//! Leases carry no etcd lease (TTL): each gateway expires the leases in its book when they run
+//! out, with an end that etcd takes only from the first gateway and only while the stored expiry
+//! has passed, so an expiry happens (and is audited) once, and a renewal made elsewhere wins.
+//! An etcd TTL would delete the key without the host's counter and without an audit record.
+//!
+//! # Audit
+//! Audit records stay in the gateway's own SQLite database, written after the etcd commit they
+//! describe: each gateway records what it decided, its admin API reads them as before, and the
+//! etcd transactions stay small (a record per grant would halve the grants per transaction).
+//!
+//! # Threads
+//! The etcd client runs on a thread of its own with its own runtime, as the SQLite writer does,
+//! so that the store can be used from any runtime (or from several, one after the other).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
+    KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse,
+};
+use fwnp_proto::{AppInfo, Epoch, LeaseId};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::backend::{LeaseStore, WriteError, WriteFuture};
+use super::codec::{decode_grants, encode_grants};
+use super::{
+    AuditEvent, AuditKind, LeaseEnd, LeaseRecord, LeaseState, NewLease, Outcome, Restored,
+    StoreError, StoreWriter, WriteOp,
+};
+use crate::config::EtcdConfig;
+use fwnp_trust::identity::{CertificateName, Serial};
+
+/// The most jobs one transaction takes: each adds at most two comparisons and two operations,
+/// within etcd's default of 128 operations per transaction.
+pub const MAX_BATCH_JOBS: usize = 48;
+
+/// The most lease operations one commit may hold (it must fit one transaction).
+pub const MAX_JOB_LEASE_OPS: usize = 48;
+
+/// How many times a batch whose comparisons failed (another gateway wrote in between) is read
+/// and tried again before its jobs are refused as conflicts.
+const RETRIES: usize = 3;
+
+/// Why the cluster store could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EtcdError {
+    /// A TLS file could not be read.
+    #[error("etcd TLS: cannot read {path}: {source}")]
+    ReadTls {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The cluster did not answer (or refused) within the timeout.
+    #[error("etcd at {endpoints}: {reason}")]
+    Unreachable {
+        /// The endpoints tried.
+        endpoints: String,
+        /// What failed.
+        reason: String,
+    },
+    /// A key holds what this gateway cannot read.
+    #[error("etcd: {0}")]
+    Corrupt(String),
+    /// The store's thread could not be started.
+    #[error("etcd: cannot start the client thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Leases and the epoch in etcd, shared by the gateways of a cluster; audit records in this
+/// gateway's own SQLite database. See the module documentation.
+///
+/// ```no_run
+/// use fwnp_gateway::config::EtcdConfig;
+/// use fwnp_gateway::store::{EtcdStore, LeaseStore, Store};
+/// # async fn example(config: &EtcdConfig) -> Result<(), Box<dyn std::error::Error>> {
+/// let local = Store::open("/var/lib/fwnp")?;
+/// let store = EtcdStore::connect(config, local.writer().clone()).await?;
+/// let restored = store.restore(fwnp_gateway::store::now_ms()).await?;
+/// println!("epoch {:x}, {} live leases", store.epoch(), restored.live.len());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct EtcdStore {
+    epoch: Epoch,
+    site: Arc<str>,
+    jobs: mpsc::UnboundedSender<Msg>,
+    transactions: Arc<AtomicU64>,
+}
+
+enum Msg {
+    Commit {
+        ops: Vec<WriteOp>,
+        reply: Option<oneshot::Sender<Result<(), WriteError>>>,
+    },
+    Restore {
+        now_ms: u64,
+        reply: oneshot::Sender<Result<Restored, WriteError>>,
+    },
+}
+
+impl EtcdStore {
+    /// Connects to the cluster, creating the cluster's epoch if no gateway has yet; audit
+    /// records go to `audit` (the gateway's SQLite writer). Fails when the cluster does not
+    /// answer within the configured timeout.
+    pub async fn connect(config: &EtcdConfig, audit: StoreWriter) -> Result<EtcdStore, EtcdError> {
+        let options = connect_options(config)?;
+        let site = Arc::from(config.site.as_str());
+        let config = config.clone();
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let (ready, started) = oneshot::channel();
+        let transactions = Arc::new(AtomicU64::new(0));
+        let counter = transactions.clone();
+        std::thread::Builder::new()
+            .name("fwnp-etcd".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready.send(Err(EtcdError::Thread(e)));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let worker = match Worker::connect(&config, options, audit, counter).await {
+                        Ok(worker) => worker,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
+                    if ready.send(Ok(worker.epoch)).is_ok() {
+                        worker.run(receiver).await;
+                    }
+                });
+            })
+            .map_err(EtcdError::Thread)?;
+        let epoch = started.await.map_err(|_| {
+            EtcdError::Thread(std::io::Error::other("the client thread ended at start"))
+        })??;
+        Ok(EtcdStore {
+            epoch,
+            site,
+            jobs: sender,
+            transactions,
+        })
+    }
+
+    /// This gateway's site name in the cluster.
+    pub fn site(&self) -> &str {
+        &self.site
+    }
+
+    /// How many write transactions this gateway has committed to etcd: fewer than its
+    /// commits when they were grouped.
+    pub fn transactions(&self) -> u64 {
+        self.transactions.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), WriteError> {
+        self.jobs
+            .send(msg)
+            .map_err(|_| WriteError::Store(StoreError::WriterStopped))
+    }
+}
+
+impl LeaseStore for EtcdStore {
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Msg::Restore { now_ms, reply });
+        Box::pin(async move {
+            sent?;
+            answer
+                .await
+                .map_err(|_| WriteError::Store(StoreError::WriterStopped))?
+        })
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> WriteFuture<'static, ()> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(Msg::Commit {
+            ops,
+            reply: Some(reply),
+        });
+        Box::pin(async move {
+            sent?;
+            answer
+                .await
+                .map_err(|_| WriteError::Store(StoreError::WriterStopped))?
+        })
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.send(Msg::Commit { ops, reply: None })
+    }
+}
+
+fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
+    let mut options = ConnectOptions::new()
+        .with_timeout(config.timeout)
+        .with_connect_timeout(config.timeout)
+        .with_keep_alive(config.timeout, config.timeout)
+        // A member without a leader answers at once instead of holding the request.
+        .with_require_leader(true);
+    if let Some(tls) = &config.tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| EtcdError::ReadTls {
+                path: path.clone(),
+                source,
+            })
+        };
+        let mut tls_options =
+            TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+        if let Some((certificate, key)) = &tls.client {
+            tls_options = tls_options.identity(Identity::from_pem(read(certificate)?, read(key)?));
+        }
+        options = options.with_tls(tls_options);
+    }
+    Ok(options)
+}
+
+/// The keys of one deployment.
+#[derive(Debug, Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn epoch(&self) -> String {
+        format!("{}/epoch", self.prefix)
+    }
+    fn leases(&self) -> String {
+        format!("{}/leases/", self.prefix)
+    }
+    fn lease(&self, id: LeaseId) -> String {
+        format!("{}/leases/{id}", self.prefix)
+    }
+    fn host(&self, identity: &str) -> String {
+        format!("{}/hosts/{identity}", self.prefix)
+    }
+}
+
+/// A lease as its etcd value holds it (short names: the value is written at every grant).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredLease {
+    #[serde(rename = "h")]
+    identity: String,
+    #[serde(rename = "p", default, skip_serializing_if = "Option::is_none")]
+    peer: Option<SocketAddr>,
+    #[serde(rename = "g")]
+    grants: String,
+    #[serde(rename = "an", default, skip_serializing_if = "Option::is_none")]
+    app_name: Option<String>,
+    #[serde(rename = "ae", default, skip_serializing_if = "Option::is_none")]
+    app_exe: Option<String>,
+    #[serde(rename = "au", default, skip_serializing_if = "Option::is_none")]
+    app_uid: Option<u32>,
+    #[serde(rename = "ap", default, skip_serializing_if = "Option::is_none")]
+    app_pid: Option<u32>,
+    #[serde(rename = "rl", default, skip_serializing_if = "Option::is_none")]
+    requested_lifetime: Option<u32>,
+    #[serde(rename = "gl")]
+    granted_lifetime: u32,
+    #[serde(rename = "c")]
+    created_ms: u64,
+    #[serde(rename = "r", default, skip_serializing_if = "Option::is_none")]
+    renewed_ms: Option<u64>,
+    #[serde(rename = "e")]
+    expires_ms: u64,
+    #[serde(rename = "ci", default, skip_serializing_if = "Option::is_none")]
+    certificate_issuer: Option<serde_bytes_like::Bytes>,
+    #[serde(rename = "cs", default, skip_serializing_if = "Option::is_none")]
+    certificate_serial: Option<String>,
+}
+
+/// CBOR byte strings for the issuer's DER bytes (serde writes a `Vec<u8>` as an array).
+mod serde_bytes_like {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub(super) struct Bytes(pub(super) Vec<u8>);
+
+    impl Serialize for Bytes {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(&self.0)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Bytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            ciborium::value::Value::deserialize(d).and_then(|v| match v {
+                ciborium::value::Value::Bytes(b) => Ok(Bytes(b)),
+                _ => Err(serde::de::Error::custom("expected a byte string")),
+            })
+        }
+    }
+}
+
+impl StoredLease {
+    fn new(lease: &NewLease) -> Self {
+        let app = lease.app.as_ref();
+        StoredLease {
+            identity: lease.identity.clone(),
+            peer: lease.peer,
+            grants: encode_grants(&lease.grants),
+            app_name: app.and_then(|a| a.name.clone()),
+            app_exe: app.and_then(|a| a.executable.clone()),
+            app_uid: app.and_then(|a| a.uid),
+            app_pid: app.and_then(|a| a.pid),
+            requested_lifetime: lease.requested_lifetime,
+            granted_lifetime: lease.granted_lifetime,
+            created_ms: lease.created_ms,
+            renewed_ms: None,
+            expires_ms: lease.expires_ms,
+            certificate_issuer: None,
+            certificate_serial: None,
+        }
+        .with_certificate(lease.certificate.as_deref())
+    }
+
+    fn with_certificate(mut self, certificate: Option<&CertificateName>) -> Self {
+        if let Some(certificate) = certificate {
+            self.certificate_issuer = Some(serde_bytes_like::Bytes(certificate.issuer.clone()));
+            self.certificate_serial = Some(certificate.serial.as_str().to_owned());
+        }
+        self
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160);
+        // Writing to a Vec fails only for out-of-memory, which aborts anyway.
+        let _ = ciborium::into_writer(self, &mut out);
+        out
+    }
+
+    fn decode(key: &[u8], value: &[u8]) -> Result<Self, StoreError> {
+        ciborium::from_reader(value).map_err(|e| {
+            StoreError::corrupt(format!(
+                "etcd key {} is not a lease: {e}",
+                String::from_utf8_lossy(key)
+            ))
+        })
+    }
+
+    fn record(&self, id: LeaseId) -> Result<LeaseRecord, StoreError> {
+        let in_lease = |what: String| StoreError::corrupt(format!("lease {id} in etcd: {what}"));
+        let grants = decode_grants(&self.grants).map_err(|e| in_lease(e.to_string()))?;
+        let app = if self.app_name.is_none()
+            && self.app_exe.is_none()
+            && self.app_uid.is_none()
+            && self.app_pid.is_none()
+        {
+            None
+        } else {
+            Some(AppInfo {
+                name: self.app_name.clone(),
+                executable: self.app_exe.clone(),
+                uid: self.app_uid,
+                pid: self.app_pid,
+            })
+        };
+        let certificate = match (&self.certificate_issuer, &self.certificate_serial) {
+            (None, None) => None,
+            (Some(issuer), Some(serial)) => Some(CertificateName {
+                issuer: issuer.0.clone(),
+                serial: Serial::parse(serial)
+                    .filter(|s| s.as_str() == serial)
+                    .ok_or_else(|| in_lease(format!("certificate serial {serial:?}")))?,
+            }),
+            _ => return Err(in_lease("a certificate issuer without its serial".into())),
+        };
+        Ok(LeaseRecord {
+            id,
+            identity: self.identity.clone(),
+            peer: self.peer,
+            grants,
+            app,
+            requested_lifetime: self.requested_lifetime,
+            granted_lifetime: self.granted_lifetime,
+            created_ms: self.created_ms,
+            renewed_ms: self.renewed_ms,
+            expires_ms: self.expires_ms,
+            state: LeaseState::Live,
+            ending: None,
+            certificate,
+        })
+    }
+}
+
+/// Why a job was refused, kept cloneable so that one failure can answer every job of a batch.
+#[derive(Debug, Clone)]
+enum Refusal {
+    Duplicate(LeaseId),
+    NotLive(LeaseId),
+    Conflict(String),
+    Unavailable(String),
+    Corrupt(String),
+    Invalid(String),
+}
+
+impl Refusal {
+    fn error(self) -> WriteError {
+        match self {
+            Refusal::Duplicate(id) => StoreError::DuplicateLease { id }.into(),
+            Refusal::NotLive(id) => StoreError::LeaseNotLive { id }.into(),
+            Refusal::Conflict(why) => WriteError::Conflict(why),
+            Refusal::Unavailable(why) => WriteError::Unavailable(why),
+            Refusal::Corrupt(what) => StoreError::Corrupt { what }.into(),
+            Refusal::Invalid(what) => StoreError::InvalidInput { what }.into(),
+        }
+    }
+
+    fn from_store(e: StoreError) -> Self {
+        match e {
+            StoreError::Corrupt { what } => Refusal::Corrupt(what),
+            other => Refusal::Corrupt(other.to_string()),
+        }
+    }
+}
+
+/// One commit in a batch.
+struct Job {
+    ops: Vec<WriteOp>,
+    reply: Option<oneshot::Sender<Result<(), WriteError>>>,
+}
+
+impl Job {
+    fn answer(self, result: Result<(), Refusal>) {
+        match (self.reply, result) {
+            (Some(reply), result) => {
+                let _ = reply.send(result.map_err(Refusal::error));
+            }
+            (None, Err(refusal)) => {
+                tracing::warn!(error = %refusal.error(), "etcd store: a queued write failed");
+            }
+            (None, Ok(())) => {}
+        }
+    }
+
+    fn lease_ops(&self) -> usize {
+        self.ops
+            .iter()
+            .filter(|op| {
+                matches!(
+                    op,
+                    WriteOp::InsertLease(_) | WriteOp::RenewLease { .. } | WriteOp::EndLease { .. }
+                )
+            })
+            .count()
+    }
+}
+
+/// A key as read before a transaction: its value (decoded) and revisions, or its absence.
+#[derive(Debug, Clone)]
+struct Read<T> {
+    value: Option<T>,
+    create_revision: i64,
+    mod_revision: i64,
+}
+
+/// The state a batch is applied to: what was read, and what the jobs so far made of it.
+#[derive(Debug, Default)]
+struct Overlay {
+    leases: HashMap<LeaseId, (Read<StoredLease>, Option<StoredLease>)>,
+    hosts: HashMap<String, (Read<u32>, u32)>,
+}
+
+struct Worker {
+    kv: KvClient,
+    keys: Keys,
+    timeout: Duration,
+    epoch: Epoch,
+    audit: StoreWriter,
+    transactions: Arc<AtomicU64>,
+    /// The create revision of each lease this gateway has seen (its incarnation).
+    seen: Mutex<HashMap<LeaseId, i64>>,
+}
+
+/// How long a request that could not connect waits before it is sent again.
+const RESEND_PAUSE: Duration = Duration::from_millis(5);
+
+/// What a request does, for whether it may be sent again after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// Changes nothing (or nothing a second time): sent again after any unavailability.
+    Read,
+    /// Sent again only when it surely was not applied.
+    Write,
+}
+
+/// The gRPC code of a member's "unavailable" answers (no leader, leader changed, timed out).
+const GRPC_UNAVAILABLE: i32 = 14;
+
+/// Whether a request that failed with `e` may be sent again (see [`Worker::call`]).
+fn resendable(e: &etcd_client::Error, kind: Request) -> bool {
+    if not_sent(e) {
+        return true;
+    }
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    if i32::from(status.code()) != GRPC_UNAVAILABLE {
+        return false;
+    }
+    // A member without a leader refuses before proposing anything.
+    kind == Request::Read || status.message().contains("no leader")
+}
+
+/// Whether a request failed before it left this gateway: a connection refused or unreachable
+/// on the way to a member.
+fn not_sent(e: &etcd_client::Error) -> bool {
+    // The client's error gives no source; the transport's and the status's do.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = match e {
+        etcd_client::Error::GRpcStatus(status) => Some(status),
+        etcd_client::Error::TransportError(transport) => Some(transport),
+        etcd_client::Error::IoError(io) => Some(io),
+        _ => None,
+    };
+    while let Some(error) = source {
+        if let Some(io) = error.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionRefused
+                    | std::io::ErrorKind::HostUnreachable
+                    | std::io::ErrorKind::NetworkUnreachable
+                    | std::io::ErrorKind::AddrNotAvailable
+            )
+        {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+fn unavailable(op: &str, e: impl std::fmt::Display) -> Refusal {
+    Refusal::Unavailable(format!("etcd {op}: {e}"))
+}
+
+impl Worker {
+    async fn connect(
+        config: &EtcdConfig,
+        options: ConnectOptions,
+        audit: StoreWriter,
+        transactions: Arc<AtomicU64>,
+    ) -> Result<Worker, EtcdError> {
+        let unreachable = |reason: String| EtcdError::Unreachable {
+            endpoints: config.endpoints.join(","),
+            reason,
+        };
+        let client = tokio::time::timeout(
+            config.timeout,
+            Client::connect(&config.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no answer within {:?}", config.timeout)))?
+        .map_err(|e| unreachable(e.to_string()))?;
+        let mut worker = Worker {
+            kv: client.kv_client(),
+            keys: Keys {
+                prefix: config.prefix.clone(),
+            },
+            timeout: config.timeout,
+            epoch: 0,
+            audit,
+            transactions,
+            seen: Mutex::new(HashMap::new()),
+        };
+        worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
+            Refusal::Corrupt(what) => EtcdError::Corrupt(what),
+            other => unreachable(other.error().to_string()),
+        })?;
+        Ok(worker)
+    }
+
+    /// The cluster's epoch: created by the first gateway, read by the others.
+    async fn cluster_epoch(&self) -> Result<Epoch, Refusal> {
+        let key = self.keys.epoch();
+        let candidate = loop {
+            let value: u64 = rand::random();
+            if value != 0 {
+                break value;
+            }
+        };
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), candidate.to_string(), None)])
+            .or_else([TxnOp::get(key.clone(), None)]);
+        // Sent again after an unclear failure, it finds the epoch it created and reads it.
+        let response = self.txn("create the epoch", Request::Read, txn).await?;
+        if response.succeeded() {
+            return Ok(candidate);
+        }
+        let value = response
+            .op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+                _ => None,
+            })
+            .ok_or_else(|| Refusal::Corrupt(format!("{key} vanished while it was read")))?;
+        std::str::from_utf8(&value)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok())
+            .filter(|&epoch| epoch != 0)
+            .ok_or_else(|| {
+                Refusal::Corrupt(format!(
+                    "{key} holds {:?}, not a non-zero decimal epoch",
+                    String::from_utf8_lossy(&value)
+                ))
+            })
+    }
+
+    async fn txn(
+        &self,
+        op: &str,
+        kind: Request,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, Refusal> {
+        self.call(op, kind, |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
+    /// Runs one request within the timeout. The client spreads requests over the members, and
+    /// keeps sending some to a member that is down: a request that could not even connect was
+    /// not sent, so it goes to another member while the timeout lasts; so does one that a
+    /// member refused for want of a leader (not proposed), and a read whatever the member's
+    /// refusal (a leader changing, say). Any other failure of a write is returned as it is,
+    /// since a write that reached the leader may have been applied.
+    async fn call<T, F, Fut>(&self, op: &str, kind: Request, mut request: F) -> Result<T, Refusal>
+    where
+        F: FnMut(KvClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, request(self.kv.clone())).await {
+                Ok(Ok(response)) => return Ok(response),
+                Ok(Err(e)) if resendable(&e, kind) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(RESEND_PAUSE).await;
+                }
+                Ok(Err(e)) => return Err(unavailable(op, e)),
+                Err(_) => {
+                    return Err(unavailable(
+                        op,
+                        format!("no answer within {:?}", self.timeout),
+                    ));
+                }
+            }
+        }
+    }
+
+    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Msg>) {
+        let mut waiting: Option<Msg> = None;
+        loop {
+            let first = match waiting.take() {
+                Some(msg) => msg,
+                None => match receiver.recv().await {
+                    Some(msg) => msg,
+                    None => return,
+                },
+            };
+            let mut jobs = match first {
+                Msg::Restore { now_ms, reply } => {
+                    let _ = reply.send(self.restore(now_ms).await.map_err(Refusal::error));
+                    continue;
+                }
+                Msg::Commit { ops, reply } => vec![Job { ops, reply }],
+            };
+            while jobs.len() < MAX_BATCH_JOBS {
+                match receiver.try_recv() {
+                    Ok(Msg::Commit { ops, reply }) => jobs.push(Job { ops, reply }),
+                    Ok(restore) => {
+                        waiting = Some(restore);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(jobs).await;
+        }
+    }
+
+    /// Commits `jobs` in as few transactions as their checks allow, answering each.
+    async fn commit(&self, jobs: Vec<Job>) {
+        let mut pending = Vec::new();
+        for job in jobs {
+            if job.lease_ops() > MAX_JOB_LEASE_OPS {
+                let n = job.lease_ops();
+                job.answer(Err(Refusal::Invalid(format!(
+                    "a commit of {n} lease operations (one etcd transaction takes at most \
+                     {MAX_JOB_LEASE_OPS})"
+                ))));
+            } else if job.lease_ops() == 0 {
+                // Audit records and retention only: the gateway's own database.
+                let result = self.audit.record(job.ops.clone());
+                job.answer(result.map_err(|e| Refusal::Corrupt(e.to_string())));
+            } else {
+                pending.push(job);
+            }
+        }
+        for attempt in 0..=RETRIES {
+            if pending.is_empty() {
+                return;
+            }
+            match self.try_commit(pending).await {
+                Ok(()) => return,
+                Err(Retry::Conflicted(jobs)) if attempt < RETRIES => pending = jobs,
+                Err(Retry::Conflicted(jobs)) => {
+                    for job in jobs {
+                        job.answer(Err(Refusal::Conflict(
+                            "other gateways kept changing the same leases; not applied".into(),
+                        )));
+                    }
+                    return;
+                }
+                Err(Retry::Failed(jobs, refusal)) => {
+                    for job in jobs {
+                        job.answer(Err(refusal.clone()));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One read and one transaction for `jobs`: those that fail their checks are answered and
+    /// left out; the others are answered once the transaction commits.
+    async fn try_commit(&self, jobs: Vec<Job>) -> Result<(), Retry> {
+        let mut overlay = match self.read_for(&jobs).await {
+            Ok(overlay) => overlay,
+            Err(refusal) => return Err(Retry::Failed(jobs, refusal)),
+        };
+        let mut included = Vec::new();
+        for job in jobs {
+            match self.apply(&mut overlay, &job.ops) {
+                Ok(()) => included.push(job),
+                Err(refusal) => job.answer(Err(refusal)),
+            }
+        }
+        if included.is_empty() {
+            return Ok(());
+        }
+        let mut compares = Vec::new();
+        let mut writes = Vec::new();
+        let mut inserted = Vec::new();
+        for (id, (read, now)) in &overlay.leases {
+            let key = self.keys.lease(*id);
+            let unchanged = match (&read.value, now) {
+                (Some(before), Some(after)) => before == after,
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged {
+                continue;
+            }
+            compares.push(match read.value {
+                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Some(_) => Compare::mod_revision(key.clone(), CompareOp::Equal, read.mod_revision),
+            });
+            match now {
+                Some(lease) => {
+                    if read.value.is_none() {
+                        inserted.push(*id);
+                    }
+                    writes.push(TxnOp::put(key, lease.encode(), None));
+                }
+                None => writes.push(TxnOp::delete(key, None)),
+            }
+        }
+        for (identity, (read, count)) in &overlay.hosts {
+            if read.value.unwrap_or(0) == *count {
+                continue;
+            }
+            let key = self.keys.host(identity);
+            compares.push(match read.value {
+                None => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                Some(_) => Compare::mod_revision(key.clone(), CompareOp::Equal, read.mod_revision),
+            });
+            writes.push(if *count == 0 {
+                TxnOp::delete(key, None)
+            } else {
+                TxnOp::put(key, count.to_string(), None)
+            });
+        }
+        let response = match self
+            .txn(
+                "commit",
+                Request::Write,
+                Txn::new().when(compares).and_then(writes),
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(refusal) => return Err(Retry::Failed(included, refusal)),
+        };
+        self.transactions.fetch_add(1, Ordering::Relaxed);
+        if !response.succeeded() {
+            return Err(Retry::Conflicted(included));
+        }
+        let revision = response.header().map_or(0, |h| h.revision());
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, (read, now)) in &overlay.leases {
+                match now {
+                    None => {
+                        seen.remove(id);
+                    }
+                    Some(_) if inserted.contains(id) => {
+                        seen.insert(*id, revision);
+                    }
+                    Some(_) => {
+                        seen.insert(*id, read.create_revision);
+                    }
+                }
+            }
+        }
+        for job in included {
+            let audit: Vec<WriteOp> = job
+                .ops
+                .iter()
+                .filter(|op| !is_lease_op(op))
+                .cloned()
+                .collect();
+            if let Err(e) = self.audit.record(audit) {
+                tracing::warn!(error = %e, "etcd store: audit records of a commit were not kept");
+            }
+            job.answer(Ok(()));
+        }
+        Ok(())
+    }
+
+    /// Reads every lease key and host counter `jobs` touch, in two round trips (the counters
+    /// of ended leases are known once the leases are read).
+    async fn read_for(&self, jobs: &[Job]) -> Result<Overlay, Refusal> {
+        let mut ids = Vec::new();
+        let mut hosts = Vec::new();
+        for op in jobs.iter().flat_map(|j| &j.ops) {
+            match op {
+                WriteOp::InsertLease(new) => {
+                    ids.push(new.id);
+                    hosts.push(new.identity.clone());
+                }
+                WriteOp::RenewLease { id, .. } | WriteOp::EndLease { id, .. } => ids.push(*id),
+                _ => {}
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let keys: Vec<String> = ids.iter().map(|id| self.keys.lease(*id)).collect();
+        let mut overlay = Overlay::default();
+        for (id, kv) in ids.iter().zip(self.read_keys(&keys).await?) {
+            let read = match kv {
+                None => Read {
+                    value: None,
+                    create_revision: 0,
+                    mod_revision: 0,
+                },
+                Some(kv) => {
+                    let lease =
+                        StoredLease::decode(kv.key(), kv.value()).map_err(Refusal::from_store)?;
+                    hosts.push(lease.identity.clone());
+                    Read {
+                        value: Some(lease),
+                        create_revision: kv.create_revision(),
+                        mod_revision: kv.mod_revision(),
+                    }
+                }
+            };
+            let now = read.value.clone();
+            overlay.leases.insert(*id, (read, now));
+        }
+        hosts.sort_unstable();
+        hosts.dedup();
+        let keys: Vec<String> = hosts.iter().map(|h| self.keys.host(h)).collect();
+        for (identity, kv) in hosts.into_iter().zip(self.read_keys(&keys).await?) {
+            let read = match kv {
+                None => Read {
+                    value: None,
+                    create_revision: 0,
+                    mod_revision: 0,
+                },
+                Some(kv) => {
+                    let count = std::str::from_utf8(kv.value())
+                        .ok()
+                        .and_then(|t| t.parse::<u32>().ok())
+                        .ok_or_else(|| {
+                            Refusal::Corrupt(format!(
+                                "etcd key {} holds {:?}, not a lease count",
+                                String::from_utf8_lossy(kv.key()),
+                                String::from_utf8_lossy(kv.value())
+                            ))
+                        })?;
+                    Read {
+                        value: Some(count),
+                        create_revision: kv.create_revision(),
+                        mod_revision: kv.mod_revision(),
+                    }
+                }
+            };
+            let count = read.value.unwrap_or(0);
+            overlay.hosts.insert(identity, (read, count));
+        }
+        Ok(overlay)
+    }
+
+    /// The keys' current values, in order, in one transaction of reads.
+    async fn read_keys(&self, keys: &[String]) -> Result<Vec<Option<KeyValue>>, Refusal> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.clone(), None)).collect();
+        let response = self
+            .txn("read", Request::Read, Txn::new().and_then(reads))
+            .await?;
+        Ok(response
+            .op_responses()
+            .into_iter()
+            .map(|r| match r {
+                TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Applies one job's lease operations to the overlay, all or none.
+    fn apply(&self, overlay: &mut Overlay, ops: &[WriteOp]) -> Result<(), Refusal> {
+        let mut leases: HashMap<LeaseId, Option<StoredLease>> = HashMap::new();
+        let mut hosts: HashMap<String, u32> = HashMap::new();
+        let current = |leases: &HashMap<LeaseId, Option<StoredLease>>, id: &LeaseId| {
+            leases
+                .get(id)
+                .cloned()
+                .or_else(|| overlay.leases.get(id).map(|(_, now)| now.clone()))
+                .flatten()
+        };
+        let count = |hosts: &HashMap<String, u32>, identity: &str| {
+            hosts
+                .get(identity)
+                .copied()
+                .or_else(|| overlay.hosts.get(identity).map(|(_, n)| *n))
+                .unwrap_or(0)
+        };
+        for op in ops {
+            match op {
+                WriteOp::InsertLease(new) => {
+                    if current(&leases, &new.id).is_some() {
+                        return Err(Refusal::Duplicate(new.id));
+                    }
+                    let held = count(&hosts, &new.identity);
+                    if let Some(max) = new.max_leases
+                        && held >= max
+                    {
+                        return Err(Refusal::Conflict(format!(
+                            "{} holds {held} live leases across the cluster, at most {max}",
+                            new.identity
+                        )));
+                    }
+                    hosts.insert(new.identity.clone(), held + 1);
+                    leases.insert(new.id, Some(StoredLease::new(new)));
+                }
+                WriteOp::RenewLease {
+                    id,
+                    renewed_ms,
+                    expires_ms,
+                    granted_lifetime,
+                    certificate,
+                } => {
+                    let mut lease = current(&leases, id).ok_or(Refusal::NotLive(*id))?;
+                    self.same_incarnation(overlay, *id)?;
+                    lease.renewed_ms = Some(*renewed_ms);
+                    lease.expires_ms = *expires_ms;
+                    lease.granted_lifetime = *granted_lifetime;
+                    lease = lease.with_certificate(certificate.as_deref());
+                    leases.insert(*id, Some(lease));
+                }
+                WriteOp::EndLease {
+                    id,
+                    end,
+                    ended_ms,
+                    by,
+                    ..
+                } => {
+                    let lease = current(&leases, id).ok_or(Refusal::NotLive(*id))?;
+                    self.same_incarnation(overlay, *id)?;
+                    // A release is the host's: it names the host as who ended the lease.
+                    if *end == LeaseEnd::Released
+                        && let Some(by) = by
+                        && *by != lease.identity
+                    {
+                        return Err(Refusal::Conflict(format!(
+                            "lease {id} is held by {}, not by {by}",
+                            lease.identity
+                        )));
+                    }
+                    if *end == LeaseEnd::Expired && lease.expires_ms > *ended_ms {
+                        return Err(Refusal::Conflict(format!(
+                            "lease {id} was renewed (it now expires at {} ms), not expired",
+                            lease.expires_ms
+                        )));
+                    }
+                    let held = count(&hosts, &lease.identity);
+                    hosts.insert(lease.identity.clone(), held.saturating_sub(1));
+                    leases.insert(*id, None);
+                }
+                _ => {}
+            }
+        }
+        for (id, now) in leases {
+            if let Some(entry) = overlay.leases.get_mut(&id) {
+                entry.1 = now;
+            }
+        }
+        for (identity, n) in hosts {
+            if let Some(entry) = overlay.hosts.get_mut(&identity) {
+                entry.1 = n;
+            }
+        }
+        Ok(())
+    }
+
+    /// A lease this gateway saw must still be the same incarnation (its key not deleted and
+    /// written again since), so that its owner is the one the gateway judged.
+    fn same_incarnation(&self, overlay: &Overlay, id: LeaseId) -> Result<(), Refusal> {
+        let Some((read, _)) = overlay.leases.get(&id) else {
+            return Ok(());
+        };
+        if read.value.is_none() {
+            // Inserted by this very batch.
+            return Ok(());
+        }
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .copied();
+        match seen {
+            Some(revision) if revision != read.create_revision => Err(Refusal::Conflict(format!(
+                "lease {id} was ended and stored again since this gateway saw it"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The live leases, after ending those past their expiry at `now_ms` (each in a commit of
+    /// its own, audited here only if this gateway's end is the one etcd took).
+    async fn restore(&self, now_ms: u64) -> Result<Restored, Refusal> {
+        let prefix = self.keys.leases();
+        let response = self
+            .call("list leases", Request::Read, |mut kv| {
+                let prefix = prefix.clone();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut live = Vec::new();
+        let mut past = Vec::new();
+        for kv in response.kvs() {
+            let id =
+                lease_id_of(&kv.key()[prefix.len().min(kv.key().len())..]).ok_or_else(|| {
+                    Refusal::Corrupt(format!(
+                        "etcd key {} does not name a lease",
+                        String::from_utf8_lossy(kv.key())
+                    ))
+                })?;
+            let lease = StoredLease::decode(kv.key(), kv.value())
+                .and_then(|l| l.record(id))
+                .map_err(Refusal::from_store)?;
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, kv.create_revision());
+            if lease.expires_ms <= now_ms {
+                past.push(lease);
+            } else {
+                live.push(lease);
+            }
+        }
+        live.sort_by_key(|l| (l.expires_ms, l.id));
+        let why = "expired while the gateway was stopped";
+        let mut expired = Vec::new();
+        for lease in past {
+            let mut event = AuditEvent::new(now_ms, AuditKind::Expiry);
+            event.outcome = Some(Outcome::Expired);
+            event.identity = Some(lease.identity.clone());
+            event.lease = Some(lease.id);
+            event.app = lease.app.clone();
+            event.grants = lease.grants.clone();
+            event.actor = Some("gateway".into());
+            event.reason = Some(why.into());
+            let (reply, answer) = oneshot::channel();
+            let job = Job {
+                ops: vec![
+                    WriteOp::EndLease {
+                        id: lease.id,
+                        end: LeaseEnd::Expired,
+                        ended_ms: now_ms,
+                        by: Some("gateway".into()),
+                        why: Some(why.into()),
+                    },
+                    WriteOp::audit(event),
+                ],
+                reply: Some(reply),
+            };
+            self.commit(vec![job]).await;
+            match answer.await {
+                Ok(Ok(())) => {
+                    let mut lease = lease;
+                    lease.state = LeaseState::Expired;
+                    lease.ending = Some(super::LeaseEnding {
+                        end: LeaseEnd::Expired,
+                        ended_ms: now_ms,
+                        by: Some("gateway".into()),
+                        why: Some(why.into()),
+                    });
+                    expired.push(lease);
+                }
+                // Another gateway ended or renewed it first: not this one's to record.
+                Ok(Err(
+                    WriteError::Conflict(_) | WriteError::Store(StoreError::LeaseNotLive { .. }),
+                )) => {}
+                Ok(Err(WriteError::Unavailable(why))) => return Err(Refusal::Unavailable(why)),
+                Ok(Err(e)) => return Err(Refusal::Corrupt(e.to_string())),
+                Err(_) => return Err(Refusal::Unavailable("the commit was dropped".into())),
+            }
+        }
+        Ok(Restored { live, expired })
+    }
+}
+
+enum Retry {
+    /// Another writer changed a key the transaction compared: read again and retry.
+    Conflicted(Vec<Job>),
+    /// Every job fails with this.
+    Failed(Vec<Job>, Refusal),
+}
+
+fn is_lease_op(op: &WriteOp) -> bool {
+    matches!(
+        op,
+        WriteOp::InsertLease(_) | WriteOp::RenewLease { .. } | WriteOp::EndLease { .. }
+    )
+}
+
+/// The lease id a key names (32 hex digits).
+fn lease_id_of(hex: &[u8]) -> Option<LeaseId> {
+    if hex.len() != 32 {
+        return None;
+    }
+    let text = std::str::from_utf8(hex).ok()?;
+    let mut id = [0u8; 16];
+    for (i, byte) in id.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(LeaseId(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_value_round_trips_and_stays_small() {
+        let new = NewLease {
+            id: LeaseId([7; 16]),
+            identity: "fwnp://host/web-07".into(),
+            peer: Some("192.0.2.7:40000".parse().unwrap()),
+            grants: vec![fwnp_proto::Grant {
+                protocol: fwnp_proto::Protocol::Tcp,
+                ports: fwnp_proto::PortRange::single(443),
+                host: "192.0.2.7".parse().unwrap(),
+                remotes: Vec::new(),
+                app: None,
+            }],
+            app: Some(AppInfo {
+                name: Some("nginx".into()),
+                executable: None,
+                uid: Some(33),
+                pid: None,
+            }),
+            requested_lifetime: None,
+            granted_lifetime: 600,
+            created_ms: 1_700_000_000_000,
+            expires_ms: 1_700_000_600_000,
+            certificate: Some(Arc::new(CertificateName {
+                issuer: vec![0x30, 0x0d, 0x31],
+                serial: Serial::parse("1a2b").unwrap(),
+            })),
+            max_leases: Some(4),
+        };
+        let stored = StoredLease::new(&new);
+        let bytes = stored.encode();
+        assert!(bytes.len() < 200, "{} bytes", bytes.len());
+        let back = StoredLease::decode(b"k", &bytes).unwrap();
+        assert_eq!(back, stored);
+        let record = back.record(new.id).unwrap();
+        assert_eq!(record.identity, new.identity);
+        assert_eq!(record.grants, new.grants);
+        assert_eq!(record.app, new.app);
+        assert_eq!(record.certificate.as_ref(), new.certificate.as_deref());
+        assert_eq!(record.expires_ms, new.expires_ms);
+    }
+
+    #[test]
+    fn values_that_are_not_leases_are_corrupt_not_panics() {
+        for bad in [&b""[..], b"\xff\xff", b"garbage", b"\xa1\x61h\x01"] {
+            assert!(matches!(
+                StoredLease::decode(b"k", bad),
+                Err(StoreError::Corrupt { .. })
+            ));
+        }
+        let mut stored = StoredLease::new(&NewLease {
+            id: LeaseId([1; 16]),
+            identity: "h".into(),
+            peer: None,
+            grants: Vec::new(),
+            app: None,
+            requested_lifetime: None,
+            granted_lifetime: 1,
+            created_ms: 0,
+            expires_ms: 1,
+            certificate: None,
+            max_leases: None,
+        });
+        stored.grants = "not grants".into();
+        assert!(matches!(
+            stored.record(LeaseId([1; 16])),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn lease_keys_name_their_id() {
+        let keys = Keys {
+            prefix: "/fwnp".into(),
+        };
+        let id = LeaseId([0xab; 16]);
+        let key = keys.lease(id);
+        assert_eq!(
+            lease_id_of(&key.as_bytes()[keys.leases().len()..]),
+            Some(id)
+        );
+        assert_eq!(lease_id_of(b"abc"), None);
+        assert_eq!(lease_id_of(&[b'z'; 32]), None);
+    }
+}

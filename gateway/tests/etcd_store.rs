@@ -1,0 +1,525 @@
+//! The etcd lease store against a real three-member etcd cluster (processes started by the
+//! test in a network namespace of their own): two gateways' stores on one cluster share the
+//! leases and the epoch, the cluster's rules hold across them (a lease inserted once, owner's
+//! incarnation, a host's lease count, an expiry that a renewal elsewhere overrides), concurrent
+//! commits are grouped into few transactions, and the store keeps taking writes with one member
+//! lost, refuses them promptly without a quorum, and takes them again when it is back.
+//!
+//! Needs root (for the namespace) and etcd (Debian's etcd-server and etcd-client); skipped
+//! otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
+
+mod etcd_cluster;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_cluster::{EtcdCluster, MemberTls, available};
+use fwnp_gateway::config::EtcdTls;
+use fwnp_gateway::store::{
+    AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,
+    StoreError, WriteError, WriteOp,
+};
+use fwnp_proto::{Grant, LeaseId, PortRange, Protocol};
+use fwnp_trust::pki::{self, Validity};
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn lease(n: u16, identity: &str, expires_ms: u64, max_leases: Option<u32>) -> NewLease {
+    let [hi, lo] = n.to_be_bytes();
+    NewLease {
+        id: LeaseId([hi, lo, 0xe7, 0xcd, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]),
+        identity: identity.into(),
+        peer: None,
+        grants: vec![Grant {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(7000 + n),
+            host: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            remotes: Vec::new(),
+            app: None,
+        }],
+        app: None,
+        requested_lifetime: None,
+        granted_lifetime: 600,
+        created_ms: NOW,
+        expires_ms,
+        certificate: None,
+        max_leases,
+    }
+}
+
+fn grant_event(id: LeaseId) -> WriteOp {
+    let mut event = AuditEvent::new(NOW, AuditKind::Grant);
+    event.lease = Some(id);
+    WriteOp::audit(event)
+}
+
+fn renew(id: LeaseId, expires_ms: u64) -> WriteOp {
+    WriteOp::RenewLease {
+        id,
+        renewed_ms: NOW,
+        expires_ms,
+        granted_lifetime: 600,
+        certificate: None,
+    }
+}
+
+/// An end of lease `id` by `by` (the host's identity for a release, `gateway` for an expiry).
+fn end(id: LeaseId, end: LeaseEnd, ended_ms: u64, by: &str) -> WriteOp {
+    WriteOp::EndLease {
+        id,
+        end,
+        ended_ms,
+        by: Some(by.into()),
+        why: None,
+    }
+}
+
+/// A gateway's side: its own SQLite database (for the audit trail) and its etcd store.
+struct Gateway {
+    local: Store,
+    etcd: EtcdStore,
+    _dir: tempfile::TempDir,
+}
+
+async fn gateway(cluster: &EtcdCluster, site: &str, timeout: Duration) -> Gateway {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = Store::open(dir.path()).expect("local store");
+    let etcd = EtcdStore::connect(&cluster.config(site, timeout), local.writer().clone())
+        .await
+        .expect("connected to etcd");
+    Gateway {
+        local,
+        etcd,
+        _dir: dir,
+    }
+}
+
+/// Audit events of the gateway's own database that name `id`.
+async fn audited(gateway: &Gateway, id: LeaseId) -> usize {
+    // Audit records are queued to the local writer after the etcd commit: let it commit them.
+    gateway
+        .local
+        .writer()
+        .commit(vec![WriteOp::DeleteAuditBefore {
+            before_ms: 0,
+            max_rows: 1,
+        }])
+        .await
+        .expect("a local commit after the queued records");
+    let page = gateway
+        .local
+        .audit(&AuditQuery {
+            limit: 1_000,
+            ..AuditQuery::default()
+        })
+        .expect("audit");
+    page.events
+        .iter()
+        .filter(|e| e.event.lease == Some(id))
+        .count()
+}
+
+#[test]
+fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
+    const TEST: &str = "two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("share");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+            assert_eq!(a.etcd.epoch(), b.etcd.epoch(), "one epoch for the cluster");
+            assert_ne!(a.etcd.epoch(), 0);
+            assert_eq!(a.etcd.site(), "gw-a");
+
+            // A lease granted through A is renewed through B, and A sees the renewal.
+            let web = "fwnp://host/web-01";
+            let one = lease(1, web, NOW + 600_000, Some(2));
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(one.clone()), grant_event(one.id)])
+                .await
+                .expect("A grants");
+            b.etcd
+                .commit(vec![renew(one.id, NOW + 900_000)])
+                .await
+                .expect("B renews A's lease");
+            let live = a.etcd.restore(NOW).await.expect("A lists").live;
+            assert_eq!(live.len(), 1);
+            assert_eq!(live[0].id, one.id);
+            assert_eq!(live[0].expires_ms, NOW + 900_000, "A sees B's renewal");
+            assert_eq!(live[0].identity, web);
+            assert_eq!(audited(&a, one.id).await, 1, "A recorded its grant");
+            assert_eq!(audited(&b, one.id).await, 0, "B did not grant it");
+
+            // The same lease inserted again, through either gateway: refused.
+            let err = b
+                .etcd
+                .commit(vec![WriteOp::InsertLease(one.clone())])
+                .await
+                .expect_err("a lease is inserted once");
+            assert!(
+                matches!(err, WriteError::Store(StoreError::DuplicateLease { id }) if id == one.id),
+                "{err:?}"
+            );
+
+            // max_leases = 2 across the cluster: one through A, one through B, the third through
+            // A is refused although A itself granted only one.
+            let two = lease(2, web, NOW + 600_000, Some(2));
+            b.etcd
+                .commit(vec![WriteOp::InsertLease(two.clone())])
+                .await
+                .expect("B grants the second");
+            let three = lease(3, web, NOW + 600_000, Some(2));
+            let err = a
+                .etcd
+                .commit(vec![
+                    WriteOp::InsertLease(three.clone()),
+                    grant_event(three.id),
+                ])
+                .await
+                .expect_err("a third lease is beyond max_leases");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("holds 2 live leases")),
+                "{err:?}"
+            );
+            assert_eq!(
+                audited(&a, three.id).await,
+                0,
+                "a refused commit records nothing"
+            );
+            // Another host is not counted against this one.
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(lease(
+                    4,
+                    "fwnp://host/db-01",
+                    NOW + 600_000,
+                    Some(1),
+                ))])
+                .await
+                .expect("another host's lease");
+            // Only its host releases a lease, through whichever gateway.
+            let err = b
+                .etcd
+                .commit(vec![end(
+                    two.id,
+                    LeaseEnd::Released,
+                    NOW,
+                    "fwnp://host/db-01",
+                )])
+                .await
+                .expect_err("another host's release");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("is held by")),
+                "{err:?}"
+            );
+            // Released through B by its host: A may grant the third now.
+            b.etcd
+                .commit(vec![end(two.id, LeaseEnd::Released, NOW, web)])
+                .await
+                .expect("B ends the second");
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(three.clone())])
+                .await
+                .expect("the count went down across the cluster");
+
+            // Owner's incarnation: lease 1 ended through B, then stored again for another host.
+            // A, which saw the first incarnation, may neither renew nor end the second.
+            b.etcd
+                .commit(vec![end(one.id, LeaseEnd::Released, NOW, web)])
+                .await
+                .expect("B ends lease 1");
+            let err = a
+                .etcd
+                .commit(vec![renew(one.id, NOW + 999_000)])
+                .await
+                .expect_err("an ended lease is not renewed");
+            assert!(
+                matches!(err, WriteError::Store(StoreError::LeaseNotLive { .. })),
+                "{err:?}"
+            );
+            let intruder = NewLease {
+                identity: "fwnp://host/other".into(),
+                ..one.clone()
+            };
+            b.etcd
+                .commit(vec![WriteOp::InsertLease(intruder)])
+                .await
+                .expect("a new lease of the same id");
+            let err = a
+                .etcd
+                .commit(vec![renew(one.id, NOW + 999_000)])
+                .await
+                .expect_err("A saw another owner's lease under this id");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("stored again")),
+                "{err:?}"
+            );
+
+            // Expiry: a lease renewed through B is not expired by A at its old expiry; once
+            // really past it, two gateways expiring it at once end it once.
+            let five = lease(5, "fwnp://host/app-05", NOW + 10_000, None);
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(five.clone())])
+                .await
+                .expect("A grants lease 5");
+            b.etcd
+                .commit(vec![renew(five.id, NOW + 20_000)])
+                .await
+                .expect("B renews lease 5");
+            let err = a
+                .etcd
+                .commit(vec![end(
+                    five.id,
+                    LeaseEnd::Expired,
+                    NOW + 10_000,
+                    "gateway",
+                )])
+                .await
+                .expect_err("renewed elsewhere: not expired");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("renewed")),
+                "{err:?}"
+            );
+            let expire = |g: &Gateway| {
+                g.etcd.commit(vec![
+                    end(five.id, LeaseEnd::Expired, NOW + 20_000, "gateway"),
+                    WriteOp::audit({
+                        let mut e = AuditEvent::new(NOW + 20_000, AuditKind::Expiry);
+                        e.lease = Some(five.id);
+                        e
+                    }),
+                ])
+            };
+            let (by_a, by_b) = tokio::join!(expire(&a), expire(&b));
+            assert!(
+                by_a.is_ok() != by_b.is_ok(),
+                "exactly one gateway expires it: {by_a:?} {by_b:?}"
+            );
+            let expiries = audited(&a, five.id).await + audited(&b, five.id).await;
+            assert_eq!(expiries, 1, "the expiry is audited once in the cluster");
+            let live: Vec<LeaseId> = b
+                .etcd
+                .restore(NOW)
+                .await
+                .expect("B lists")
+                .live
+                .iter()
+                .map(|l| l.id)
+                .collect();
+            assert_eq!(live.len(), 3, "{live:?}");
+            assert!(!live.contains(&five.id) && !live.contains(&two.id));
+        });
+    });
+}
+
+#[test]
+fn concurrent_commits_are_grouped_into_few_transactions() {
+    const TEST: &str = "concurrent_commits_are_grouped_into_few_transactions";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("group");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
+            let before = a.etcd.transactions();
+            let mut commits = tokio::task::JoinSet::new();
+            const N: u16 = 400;
+            for n in 0..N {
+                let a = a.clone();
+                commits.spawn(async move {
+                    let new = lease(
+                        n,
+                        &format!("fwnp://host/h-{}", n % 50),
+                        NOW + 600_000,
+                        Some(8),
+                    );
+                    let id = new.id;
+                    a.etcd
+                        .commit(vec![WriteOp::InsertLease(new), grant_event(id)])
+                        .await
+                });
+            }
+            while let Some(result) = commits.join_next().await {
+                result.expect("task").expect("every commit applies");
+            }
+            let transactions = a.etcd.transactions() - before;
+            assert!(
+                transactions <= u64::from(N) / 4,
+                "{N} commits took {transactions} transactions"
+            );
+            let restored = a.etcd.restore(NOW).await.expect("listed");
+            assert_eq!(restored.live.len(), usize::from(N));
+            // The per-host count was kept right through the grouping: 8 per host, the ninth
+            // is refused.
+            let err = a
+                .etcd
+                .commit(vec![WriteOp::InsertLease(lease(
+                    N + 1,
+                    "fwnp://host/h-0",
+                    NOW + 600_000,
+                    Some(8),
+                ))])
+                .await
+                .expect_err("the host holds 8");
+            assert!(matches!(err, WriteError::Conflict(_)), "{err:?}");
+        });
+    });
+}
+
+#[test]
+fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
+    const TEST: &str = "commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("quorum");
+    let timeout = Duration::from_secs(1);
+    let (a, rt) = cluster.run(|| {
+        let rt = runtime();
+        let a = rt.block_on(gateway(&cluster, "gw-a", timeout));
+        (a, rt)
+    });
+    let n = std::cell::Cell::new(0u16);
+    let grant = |a: &Gateway| {
+        n.set(n.get() + 1);
+        rt.block_on(a.etcd.commit(vec![WriteOp::InsertLease(lease(
+            n.get(),
+            "fwnp://host/q",
+            NOW + 600_000,
+            None,
+        ))]))
+    };
+    grant(&a).expect("the cluster takes writes");
+
+    // One member lost: the two others are a quorum.
+    cluster.kill(0);
+    for _ in 0..20 {
+        grant(&a).expect("every write goes on with one member lost");
+    }
+
+    // Two lost: no quorum. A commit is refused as unavailable within the timeout (its read and
+    // its transaction, each bounded), not held.
+    cluster.kill(1);
+    let started = Instant::now();
+    let err = grant(&a).expect_err("no quorum, no write");
+    let took = started.elapsed();
+    assert!(matches!(err, WriteError::Unavailable(_)), "{err:?}");
+    assert!(took < timeout * 3, "refused after {took:?}");
+    let before = rt.block_on(a.etcd.restore(NOW));
+    assert!(
+        matches!(before, Err(WriteError::Unavailable(_))),
+        "{before:?}"
+    );
+
+    // Back: writes are taken again.
+    cluster.restart(0);
+    cluster.restart(1);
+    assert!(
+        cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)),
+        "the cluster came back"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut again = grant(&a);
+    while again.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        again = grant(&a);
+    }
+    again.expect("writes resume with the quorum");
+    let live = rt.block_on(a.etcd.restore(NOW)).expect("listed").live;
+    let granted = usize::from(n.get()) - 1; // the write refused without quorum
+    assert_eq!(
+        live.len(),
+        granted,
+        "every granted lease is there, none other"
+    );
+    drop(a);
+}
+
+#[test]
+fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without_one() {
+    const TEST: &str =
+        "the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without_one";
+    if !available(TEST) {
+        return;
+    }
+    let ca = tempfile::tempdir().expect("temp dir");
+    pki::init_ca(ca.path(), "etcd test CA", Validity::days(1)).expect("CA");
+    pki::issue_gateway(
+        ca.path(),
+        "member",
+        &["localhost".to_owned()],
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+        Validity::days(1),
+    )
+    .expect("member certificate");
+    pki::issue_host(ca.path(), "gw-a", &[], &[], &[], Validity::days(1)).expect("client");
+    let file = |name: &str| ca.path().join(name);
+    let cluster = EtcdCluster::start_tls(
+        "tls",
+        MemberTls {
+            ca: file("ca.pem"),
+            cert: file("member.pem"),
+            key: file("member.key"),
+            client_cert: file("gw-a.pem"),
+            client_key: file("gw-a.key"),
+        },
+    );
+    cluster.run(|| {
+        runtime().block_on(async {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let local = Store::open(dir.path()).expect("local store");
+            let mut config = cluster.config("gw-a", Duration::from_secs(2));
+            assert!(config.endpoints.iter().all(|e| e.starts_with("https://")));
+            config.tls = Some(EtcdTls {
+                ca: file("ca.pem"),
+                client: Some((file("gw-a.pem"), file("gw-a.key"))),
+            });
+            let store = EtcdStore::connect(&config, local.writer().clone())
+                .await
+                .expect("connected over TLS");
+            let new = lease(1, "fwnp://host/tls", NOW + 600_000, None);
+            store
+                .commit(vec![WriteOp::InsertLease(new.clone())])
+                .await
+                .expect("a commit over TLS");
+            let live = store.restore(NOW).await.expect("listed").live;
+            assert_eq!(live.len(), 1);
+            assert_eq!(live[0].id, new.id);
+
+            // The members require a client certificate: without one, no connection, and the
+            // gateway is told so within its timeout.
+            config.tls = Some(EtcdTls {
+                ca: file("ca.pem"),
+                client: None,
+            });
+            let started = Instant::now();
+            let refused = EtcdStore::connect(&config, local.writer().clone()).await;
+            assert!(
+                matches!(refused, Err(fwnp_gateway::store::EtcdError::Unreachable { .. })),
+                "{refused:?}"
+            );
+            assert!(started.elapsed() < Duration::from_secs(5));
+            // A missing TLS file is named.
+            config.tls = Some(EtcdTls {
+                ca: file("missing.pem"),
+                client: None,
+            });
+            let missing = EtcdStore::connect(&config, local.writer().clone()).await;
+            assert!(
+                matches!(&missing, Err(fwnp_gateway::store::EtcdError::ReadTls { path, .. }) if path.ends_with("missing.pem")),
+                "{missing:?}"
+            );
+        });
+    });
+}
