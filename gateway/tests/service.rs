@@ -1250,7 +1250,11 @@ async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
     };
     let gw = TestGateway::start_with("handshake-flood", POLICY, options).await;
     let good = gw.pki.host("web-01", &[HOST_A], &[], &[]);
-    let flood = failing_handshakes(&gw, 300, 30);
+    let started = std::time::Instant::now();
+    let flood = async {
+        let refused = failing_handshakes(&gw, 300, 30).await;
+        (refused, started.elapsed())
+    };
     let host = async {
         // From another source address, in the middle of the flood.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1261,7 +1265,7 @@ async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
             .expect("the good host is accepted during the flood");
         client.hello().await
     };
-    let (refused, welcome) = tokio::join!(flood, host);
+    let ((refused, flood_time), welcome) = tokio::join!(flood, host);
     assert_eq!(welcome.identity, "fwnp://host/web-01");
     // Beyond the burst (and what a second replenishes), the flood is refused before any TLS.
     assert!(
@@ -1287,9 +1291,12 @@ async fn a_handshake_flood_from_one_source_does_not_keep_a_good_host_out() {
                 .is_some_and(|t| t.contains("refused"))
         })
         .collect();
+    // One record per counting interval (1 s) that saw refusals, not one per handshake: a flood
+    // that a busy machine stretches over several seconds gets a few more.
+    let intervals = flood_time.as_secs() as usize + 2;
     assert!(
-        refusals.len() <= 3,
-        "{} records of refused handshakes",
+        refusals.len() <= intervals.max(3),
+        "{} records of refused handshakes in a flood of {flood_time:?}",
         refusals.len()
     );
 }
