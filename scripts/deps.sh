@@ -7,6 +7,9 @@ fwnp_missing_packages() {
   command -v nft >/dev/null 2>&1 || [ -x /usr/sbin/nft ] || missing+=(nftables)
   command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   command -v conntrack >/dev/null 2>&1 || [ -x /usr/sbin/conntrack ] || missing+=(conntrack)
+  # Real NAT-PMP and UPnP IGD clients for the agent's front-end tests.
+  command -v natpmpc >/dev/null 2>&1 || missing+=(natpmpc)
+  command -v upnpc >/dev/null 2>&1 || missing+=(miniupnpc)
   echo "${missing[@]}"
 }
 

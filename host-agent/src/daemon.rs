@@ -36,6 +36,9 @@ pub enum DaemonError {
     /// The local socket could not be set up.
     #[error("local socket: {0}")]
     Socket(#[from] server::ServerError),
+    /// The NAT-PMP/PCP front end's socket could not be bound.
+    #[error("NAT-PMP/PCP socket: {0}")]
+    Frontend(std::io::Error),
     /// A signal handler could not be installed.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
@@ -91,7 +94,9 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
+pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
+    config.mirror.redirects =
+        crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
     let config = Arc::new(config);
     crate::state::prepare(&config.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.state_dir.clone(),
@@ -138,6 +143,18 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         earliest_expiry,
     ));
     tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
+    if config.frontends.natpmp || config.frontends.pcp {
+        let sockets = crate::frontend::service::bind(&config.frontends)
+            .await
+            .map_err(DaemonError::Frontend)?;
+        info!(redirects = ?config.mirror.redirects, "front ends: redirected from");
+        let seam = crate::frontend::Seam::new(tx.clone(), config.local.clone());
+        tokio::spawn(crate::frontend::service::serve(
+            sockets,
+            seam,
+            config.frontends.clone(),
+        ));
+    }
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     info!(socket = %config.local.socket.display(), gateway = %config.gateway.address, "ready");

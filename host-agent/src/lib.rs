@@ -8,8 +8,9 @@
 //! `fwnp-netfilter`. This crate is the glue: [`config`] reads what the operator writes;
 //! [`link`] keeps the connection to the gateway; [`server`] accepts applications and learns who
 //! they are; [`ports`] verifies that the port an application asks for is its own; [`mirror`]
-//! keeps the host table; [`core`] owns the leases and ties it together; [`daemon`] starts and
-//! stops it all.
+//! keeps the host table; [`core`] owns the leases and ties it together; [`frontend`] answers
+//! NAT-PMP and PCP for applications that do not speak FWNP, as clients of the core; [`daemon`]
+//! starts and stops it all.
 //!
 //! It is not a firewall manager: it touches only its own table, and only for leases the gateway
 //! granted.
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod frontend;
 pub mod link;
 pub mod mirror;
 pub mod ports;

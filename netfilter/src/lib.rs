@@ -116,7 +116,9 @@ use std::time::Duration;
 pub use batcher::{BatchStats, Batcher, BatcherConfig, RepairEvent, RepairTrigger};
 pub use error::Error;
 pub use fwnp_proto::message::{PortRange, Prefix, Protocol};
-pub use layout::{AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Refuse};
+pub use layout::{
+    AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, LocalRedirect, Refuse,
+};
 pub use netfilter::{Counter, Netfilter, Ownership, RenewMethod};
 
 /// One opening as the kernel holds it: a set element.

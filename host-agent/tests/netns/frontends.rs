@@ -1,0 +1,371 @@
+//! The NAT-PMP front end with a real client nobody here wrote: `natpmpc` (Debian package
+//! natpmpc), run in the host namespace by an application process (a child of this test binary
+//! that listens on the ports) without being told where the agent is: it sends to its default
+//! gateway, and the host table sends that to the agent. Real traffic from the outside namespace
+//! proves each opening and each closing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{ChildStdin, ChildStdout, Stdio};
+
+use super::*;
+
+/// The policy of these tests: TCP and UDP 7000-7999, at most three live leases.
+const FRONTEND_POLICY: &str = r#"
+[defaults]
+lifetime = "60s"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "mapped"
+groups = ["hosts"]
+allow = ["tcp/7000-7999", "udp/7000-7999"]
+"#;
+
+/// Whether `natpmpc` is installed (scripts/deps.sh installs it as root).
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Starts a lab whose agent answers NAT-PMP, under [`FRONTEND_POLICY`].
+fn natpmp_lab(label: &str) -> Lab {
+    let lab = Lab::with_local(label, &[], "[frontends]\nnatpmp = true\n");
+    std::fs::write(lab._dir.path().join("policy.toml"), FRONTEND_POLICY).expect("write policy");
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&lab.admin_socket).expect("admin socket");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    write!(
+        stream,
+        "POST /v1/policy/reload HTTP/1.1\r\nHost: fwnp\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("send the reload");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "reload: {response}");
+    lab
+}
+
+/// An application in the host namespace: it serves echo on TCP and UDP ports and
+/// runs the commands the test gives it, as its children.
+struct Application {
+    child: ProcessGuard,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Application {
+    fn start(lab: &Lab, tcp: &[u16], udp: &[u16]) -> Application {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", lab.topology.host.name()])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args([
+                "frontends::helper_application",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("FWNP_TEST_TCP", list(tcp))
+            .env("FWNP_TEST_UDP", list(udp))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the application");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut app = Application {
+            child: ProcessGuard(Some(child)),
+            stdin,
+            stdout,
+        };
+        app.line("READY");
+        app
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// What follows `prefix` on the first line of output that holds it.
+    fn line(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self
+                .stdout
+                .read_line(&mut line)
+                .expect("read the application");
+            assert!(read > 0, "the application ended before {prefix}");
+            // libtest may print the test's name on the same line first.
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].trim().to_owned();
+            }
+        }
+    }
+
+    /// Runs `command` as a child of the application; its exit code and output.
+    fn run(&mut self, command: &str) -> (i32, String) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").expect("send the command");
+        stdin.flush().expect("flush");
+        let rest = self.line("DONE");
+        let (code, output) = rest.split_once(' ').unwrap_or((&rest, ""));
+        (code.parse().expect("an exit code"), output.to_owned())
+    }
+}
+
+/// Not a test on its own: the application [`Application`] runs.
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_application() {
+    let (Ok(tcp), Ok(udp)) = (
+        std::env::var("FWNP_TEST_TCP"),
+        std::env::var("FWNP_TEST_UDP"),
+    ) else {
+        return;
+    };
+    let ports = |list: &str| -> Vec<u16> {
+        list.split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().expect("port"))
+            .collect()
+    };
+    let mut held = Vec::new();
+    for port in ports(&tcp) {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind TCP");
+        held.push(std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(STEP));
+                    let mut reader = match stream.try_clone() {
+                        Ok(reader) => reader,
+                        Err(_) => return,
+                    };
+                    let _ = std::io::copy(&mut reader, &mut stream);
+                });
+            }
+        }));
+    }
+    for port in ports(&udp) {
+        let socket = UdpSocket::bind(("0.0.0.0", port)).expect("bind UDP");
+        held.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }));
+    }
+    println!("READY");
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((program, args)) = words.split_first() else {
+            continue;
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the command");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("its output");
+        let text = String::from_utf8_lossy(&output.stdout).replace('\n', " | ");
+        println!("DONE {} {text}", output.status.code().unwrap_or(-1));
+    }
+}
+
+/// The gateway's address as the host knows it: where its NAT-PMP requests go.
+fn gateway_of(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.topology.gateway_inside_v4, 5351)
+}
+
+/// Sends `request` from the host namespace to its gateway's port 5351; the answer, if any
+/// comes within `within`.
+fn ask_raw(lab: &Lab, request: &[u8], within: Duration) -> Option<Vec<u8>> {
+    let to = gateway_of(lab);
+    lab.topology.host.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+        socket.connect(to).ok()?;
+        socket.send(request).ok()?;
+        socket.set_read_timeout(Some(within)).ok()?;
+        let mut buf = [0u8; 1100];
+        let n = socket.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    })
+}
+
+fn udp_reaches(lab: &Lab, port: u16, within: Duration) -> bool {
+    lab::udp_roundtrip(&lab.topology.outside, lab.host_port(port), None, within)
+}
+
+#[test]
+fn natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports() {
+    if !lab::require_root("natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports") {
+        return;
+    }
+    assert!(
+        have("natpmpc"),
+        "natpmpc is not installed (scripts/deps.sh installs it)"
+    );
+    let lab = natpmp_lab("natpmp");
+    let mut app = Application::start(&lab, &[7100], &[7101]);
+    assert!(!lab.outside_reaches(7100, REFUSED), "open before a mapping");
+    assert!(
+        !udp_reaches(&lab, 7101, REFUSED),
+        "UDP open before a mapping"
+    );
+
+    // The external address: the host's own (FWNP does not translate).
+    let (code, output) = app.run("natpmpc");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("Public IP address : {}", lab.topology.host_v4)),
+        "{output}"
+    );
+
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("Mapped public port 7100 protocol TCP to local port 7100 liftime 60"),
+        "{output}"
+    );
+    assert!(
+        lab.outside_reaches(7100, FIRST_SYN),
+        "TCP not open after the mapping"
+    );
+    // Another external port asked: the port actually granted is the internal one.
+    let (code, output) = app.run("natpmpc -a 9999 7101 udp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("Mapped public port 7101 protocol UDP to local port 7101"),
+        "{output}"
+    );
+    assert!(
+        udp_reaches(&lab, 7101, STEP),
+        "UDP not open after the mapping"
+    );
+
+    // The leases name the front end and the process that holds them.
+    let leases = lab.client().list();
+    assert_eq!(leases.leases.len(), 2, "{leases:?}");
+    for lease in &leases.leases {
+        let info = lease.app.clone().expect("application information");
+        assert_eq!(info.name.as_deref(), Some("natpmpc via NAT-PMP"));
+        assert_eq!(info.pid, Some(app.pid()));
+        assert!(info.executable.is_some_and(|e| e.contains("netns")));
+    }
+
+    // A refresh keeps the same lease.
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    let after = lab.client().list();
+    assert_eq!(after.leases.len(), 2);
+    let ids = |l: &fwnp_proto::Leases| {
+        let mut ids: Vec<_> = l.leases.iter().map(|l| l.lease).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&after), ids(&leases));
+
+    // Lifetime 0 deletes: closed again, the other mapping stays.
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 0");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        !lab.outside_reaches(7100, REFUSED),
+        "TCP still open after the delete"
+    );
+    assert!(
+        udp_reaches(&lab, 7101, STEP),
+        "the UDP mapping went with the TCP one"
+    );
+
+    // The application's exit releases what it still holds.
+    app.child.kill();
+    assert!(
+        lab.eventually(STEP, || !udp_reaches(
+            &lab,
+            7101,
+            Duration::from_millis(300)
+        )),
+        "UDP still open after the application exited"
+    );
+    assert!(lab.eventually(STEP, || lab.client().list().leases.is_empty()));
+}
+
+#[test]
+fn natpmp_refusals_get_natpmp_result_codes_and_the_agent_survives() {
+    if !lab::require_root("natpmp_refusals_get_natpmp_result_codes_and_the_agent_survives") {
+        return;
+    }
+    assert!(
+        have("natpmpc"),
+        "natpmpc is not installed (scripts/deps.sh installs it)"
+    );
+    let lab = natpmp_lab("natpmp-refusals");
+    let mut app = Application::start(&lab, &[7200, 7201, 7202, 7203, 8000], &[]);
+    let _other = Application::start(&lab, &[7300], &[]);
+
+    // A port another process listens on: Not Authorized/Refused (2; natpmpc says -51).
+    let (code, output) = app.run("natpmpc -a 7300 7300 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-51"), "{output}");
+    assert!(!lab.outside_reaches(7300, REFUSED));
+
+    // A port the policy does not allow: refused the same way.
+    let (code, output) = app.run("natpmpc -a 8000 8000 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-51"), "{output}");
+
+    // The quota (three live leases): the fourth is Out of Resources (4; natpmpc says -53).
+    for port in [7200, 7201, 7202] {
+        let (code, output) = app.run(&format!("natpmpc -a {port} {port} tcp 60"));
+        assert_eq!(code, 0, "{output}");
+    }
+    let (code, output) = app.run("natpmpc -a 7203 7203 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-53"), "{output}");
+    assert!(!lab.outside_reaches(7203, REFUSED));
+
+    // Malformed requests: a wrong version and an unknown opcode get their result codes; a
+    // truncated mapping request cannot be answered and is dropped.
+    let answer = ask_raw(&lab, &[1, 0], STEP).expect("an answer to a wrong version");
+    assert_eq!(answer[..4], [0, 128, 0, 1]);
+    let answer = ask_raw(&lab, &[0, 9, 0, 0], STEP).expect("an answer to an unknown opcode");
+    assert_eq!(answer[..4], [0, 137, 0, 5]);
+    assert_eq!(ask_raw(&lab, &[0, 2, 0, 0, 0x1c], REFUSED), None);
+
+    // And the agent still serves: port 0 with lifetime 0 deletes all this application's TCP
+    // mappings.
+    let (code, output) = app.run("natpmpc -a 0 0 tcp 0");
+    assert_eq!(code, 0, "{output}");
+    assert!(!lab.outside_reaches(7200, REFUSED));
+    assert!(lab.eventually(STEP, || lab.client().list().leases.is_empty()));
+    let (code, output) = app.run("natpmpc -a 7203 7203 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(lab.outside_reaches(7203, FIRST_SYN));
+}
