@@ -21,6 +21,7 @@
 //! meanwhile).
 
 pub mod natpmp;
+pub mod pcp;
 pub mod service;
 
 use std::collections::{HashMap, HashSet};
@@ -100,6 +101,9 @@ pub enum Refusal {
     /// The core did not answer in time.
     #[error("no answer from the agent's core")]
     NoAnswer,
+    /// A PCP refresh or delete with another nonce than the mapping's (another client's).
+    #[error("the nonce is not the mapping's")]
+    NonceMismatch,
 }
 
 /// A mapping to open or refresh.
@@ -119,6 +123,8 @@ pub struct MapRequest {
     pub family: Option<Family>,
     /// Only these remote prefixes (PCP's FILTER); empty: any.
     pub remotes: Vec<Prefix>,
+    /// PCP's nonce: a refresh or delete must carry the one the mapping was made with.
+    pub nonce: Option<[u8; 12]>,
 }
 
 /// What was granted.
@@ -146,6 +152,7 @@ struct Mapping {
     lifetime: u32,
     remotes: Vec<Prefix>,
     family: Option<Family>,
+    nonce: Option<[u8; 12]>,
     /// Released unless refreshed by then.
     expires: Instant,
 }
@@ -493,6 +500,9 @@ impl Seam {
         };
         let now = Instant::now();
         if let Some(mapping) = client.mappings.get_mut(&key) {
+            if mapping.nonce != request.nonce {
+                return Err(Refusal::NonceMismatch);
+            }
             if mapping.remotes == request.remotes && mapping.family == request.family {
                 let lifetime = request.lifetime.min(mapping.lifetime);
                 mapping.expires = now + Duration::from_secs(u64::from(lifetime));
@@ -540,6 +550,7 @@ impl Seam {
                         lifetime: granted.lifetime,
                         remotes: request.remotes,
                         family: request.family,
+                        nonce: request.nonce,
                         expires: now + Duration::from_secs(u64::from(granted.lifetime)),
                     },
                 );
@@ -561,13 +572,15 @@ impl Seam {
     }
 
     /// Deletes the mapping of `port` (every mapping of `protocol` through `via` when `port` is
-    /// 0) of the requester or of its ancestors. Returns how many were released.
+    /// 0) of the requester or of its ancestors; with a `nonce`, only a mapping made with it.
+    /// Returns how many were released.
     pub async fn unmap(
         &self,
         via: Via,
         requester: u32,
         protocol: Protocol,
         port: u16,
+        nonce: Option<[u8; 12]>,
     ) -> Result<usize, Refusal> {
         let mut lineage = vec![requester];
         let mut pid = requester;
@@ -594,6 +607,9 @@ impl Seam {
                 .copied()
                 .collect();
             for key in keys {
+                if client.mappings.get(&key).is_some_and(|m| m.nonce != nonce) {
+                    return Err(Refusal::NonceMismatch);
+                }
                 if let Some(mapping) = client.mappings.remove(&key) {
                     client.release(&self.core, mapping.lease).await?;
                     released += 1;

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fwnp_proto::local::{DenialCode, LocalCode};
-use fwnp_proto::{Family, Protocol, ResultCode as WireCode};
+use fwnp_proto::{Family, Prefix, Protocol, ResultCode as WireCode};
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
 use super::natpmp::{self, MapProtocol, Request};
+use super::pcp;
 use super::{MapRequest, Refusal, Seam, Via};
 use crate::config::FrontendsConfig;
 
@@ -137,6 +138,7 @@ impl Service {
     async fn answer(&self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
         match datagram.first() {
             Some(&natpmp::VERSION) if self.config.natpmp => self.natpmp(datagram, from).await,
+            _ if self.config.pcp => self.pcp(datagram, from).await,
             _ if self.config.natpmp => {
                 // Another version while only NAT-PMP is served: NAT-PMP's Unsupported Version.
                 let error = natpmp::decode_request(datagram).err()?;
@@ -194,7 +196,7 @@ impl Service {
         if lifetime == 0 {
             return match self
                 .seam
-                .unmap(Via::NatPmp, requester, fwnp_protocol, internal_port)
+                .unmap(Via::NatPmp, requester, fwnp_protocol, internal_port, None)
                 .await
             {
                 Ok(_) => Some(
@@ -225,6 +227,7 @@ impl Service {
                 // NAT-PMP speaks of IPv4 only.
                 family: Some(Family::Ipv4),
                 remotes: Vec::new(),
+                nonce: None,
             })
             .await;
         match mapped {
@@ -260,11 +263,169 @@ impl Service {
     }
 }
 
+impl Service {
+    async fn pcp(&self, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+        let epoch = self.epoch();
+        let request = match pcp::decode_request(datagram) {
+            Ok(request) => request,
+            Err(e) => {
+                debug!(%from, "{e}");
+                return e.answer(datagram, epoch);
+            }
+        };
+        let refuse = |code, reason: &'static str| {
+            pcp::RequestError::Refused { code, reason }.answer(datagram, epoch)
+        };
+        let map = match request.op {
+            pcp::Op::Announce => return Some(pcp::encode_announce(epoch)),
+            pcp::Op::Map(map) => map,
+        };
+        // The client says which address it sends from; after the redirect the source is still
+        // the host's (a request sent to loopback comes from loopback).
+        let source = match from.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        if request.client != source {
+            info!(%from, client = %request.client, "PCP request refused: address mismatch");
+            return refuse(pcp::ResultCode::AddressMismatch, "address mismatch");
+        }
+        let protocol = match map.protocol {
+            6 => Protocol::Tcp,
+            17 => Protocol::Udp,
+            132 => Protocol::Sctp,
+            136 => Protocol::UdpLite,
+            _ => return refuse(pcp::ResultCode::UnsupportedProtocol, "protocol"),
+        };
+        let mut remotes = Vec::new();
+        for filter in &map.filters {
+            if filter.port != 0 {
+                return refuse(
+                    pcp::ResultCode::UnsupportedOption,
+                    "FWNP does not restrict the remote port",
+                );
+            }
+            if filter.prefix_len == 0 {
+                // A FILTER of length 0 lifts every filter (RFC 6887 section 13.3).
+                remotes.clear();
+                continue;
+            }
+            if filter.address.is_ipv4() != request.client.is_ipv4() {
+                return refuse(pcp::ResultCode::MalformedOption, "FILTER of another family");
+            }
+            let Ok(net) = ipnet::IpNet::new(filter.address, filter.prefix_len) else {
+                return refuse(pcp::ResultCode::MalformedOption, "FILTER prefix length");
+            };
+            remotes.push(Prefix {
+                addr: net.trunc().addr(),
+                len: filter.prefix_len,
+            });
+        }
+        let requester = match self.seam.udp_sender(from.port()).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                info!(%from, "PCP request refused: {e}");
+                return refuse(pcp::ResultCode::NotAuthorized, "no caller");
+            }
+        };
+        let answer = |code, lifetime| {
+            Some(pcp::encode_map(
+                &map,
+                code,
+                lifetime,
+                epoch,
+                map.internal_port,
+                request.client,
+            ))
+        };
+        if request.lifetime == 0 {
+            return match self
+                .seam
+                .unmap(
+                    Via::Pcp,
+                    requester,
+                    protocol,
+                    map.internal_port,
+                    Some(map.nonce),
+                )
+                .await
+            {
+                Ok(_) => answer(pcp::ResultCode::Success, 0),
+                Err(e) => {
+                    info!(pid = requester, "PCP delete refused: {e}");
+                    refuse(pcp_code(&e), "refused")
+                }
+            };
+        }
+        if map.internal_port == 0 {
+            return refuse(pcp::ResultCode::UnsupportedProtocol, "all ports");
+        }
+        let family = match request.client {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        };
+        match self
+            .seam
+            .map(MapRequest {
+                via: Via::Pcp,
+                requester,
+                protocol,
+                port: map.internal_port,
+                lifetime: request.lifetime,
+                family: Some(family),
+                remotes,
+                nonce: Some(map.nonce),
+            })
+            .await
+        {
+            Ok(mapped) => {
+                info!(
+                    pid = requester,
+                    holder = mapped.holder,
+                    port = map.internal_port,
+                    lifetime = mapped.lifetime,
+                    "PCP mapping granted"
+                );
+                answer(pcp::ResultCode::Success, mapped.lifetime)
+            }
+            Err(e) => {
+                info!(
+                    pid = requester,
+                    port = map.internal_port,
+                    "PCP mapping refused: {e}"
+                );
+                refuse(pcp_code(&e), "refused")
+            }
+        }
+    }
+}
+
+/// PCP's result code for a refusal.
+fn pcp_code(refusal: &Refusal) -> pcp::ResultCode {
+    use pcp::ResultCode as P;
+    match refusal {
+        Refusal::NoCaller { .. } | Refusal::NonceMismatch => P::NotAuthorized,
+        Refusal::CoreGone | Refusal::NoAnswer => P::NetworkFailure,
+        Refusal::Denied { code, .. } => match code {
+            DenialCode::Local(LocalCode::GatewayUnreachable) => P::NetworkFailure,
+            DenialCode::Wire(WireCode::QuotaExceeded) => P::UserExceededQuota,
+            DenialCode::Wire(WireCode::NoResources | WireCode::RateLimited) => P::NoResources,
+            DenialCode::Wire(WireCode::AddressMismatch) => P::AddressMismatch,
+            DenialCode::Wire(WireCode::MalformedOption) => P::MalformedOption,
+            DenialCode::Wire(WireCode::UnsupportedOption) => P::UnsupportedOption,
+            DenialCode::Wire(WireCode::MalformedRequest | WireCode::LifetimeOutOfRange) => {
+                P::MalformedRequest
+            }
+            _ => P::NotAuthorized,
+        },
+    }
+}
+
 /// NAT-PMP's result code for a refusal.
 fn natpmp_code(refusal: &Refusal) -> natpmp::ResultCode {
     use natpmp::ResultCode as N;
     match refusal {
-        Refusal::NoCaller { .. } => N::NotAuthorized,
+        Refusal::NoCaller { .. } | Refusal::NonceMismatch => N::NotAuthorized,
         Refusal::CoreGone | Refusal::NoAnswer => N::NetworkFailure,
         Refusal::Denied { code, .. } => match code {
             DenialCode::Local(LocalCode::GatewayUnreachable) => N::NetworkFailure,

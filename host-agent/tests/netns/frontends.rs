@@ -1,8 +1,8 @@
-//! The NAT-PMP front end with a real client nobody here wrote: `natpmpc` (Debian package
-//! natpmpc), run in the host namespace by an application process (a child of this test binary
-//! that listens on the ports) without being told where the agent is: it sends to its default
-//! gateway, and the host table sends that to the agent. Real traffic from the outside namespace
-//! proves each opening and each closing.
+//! The NAT-PMP and PCP front ends with real clients: `natpmpc` (Debian package natpmpc), which
+//! nobody here wrote, run in the host namespace by an application process (a child of this test
+//! binary that listens on the ports), and a PCP MAP client written here from RFC 6887. Neither
+//! is told where the agent is: they send to the default gateway, and the host table sends that
+//! to the agent. Real traffic from the outside namespace proves each opening and each closing.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
@@ -40,7 +40,12 @@ fn have(tool: &str) -> bool {
 
 /// Starts a lab whose agent answers NAT-PMP, under [`FRONTEND_POLICY`].
 fn natpmp_lab(label: &str) -> Lab {
-    let lab = Lab::with_local(label, &[], "[frontends]\nnatpmp = true\n");
+    frontend_lab(label, &[], "[frontends]\nnatpmp = true\n")
+}
+
+/// Starts a lab with `frontends` in the agent's configuration, under [`FRONTEND_POLICY`].
+fn frontend_lab(label: &str, echo_ports: &[u16], frontends: &str) -> Lab {
+    let lab = Lab::with_local(label, echo_ports, frontends);
     std::fs::write(lab._dir.path().join("policy.toml"), FRONTEND_POLICY).expect("write policy");
     let mut stream =
         std::os::unix::net::UnixStream::connect(&lab.admin_socket).expect("admin socket");
@@ -368,4 +373,174 @@ fn natpmp_refusals_get_natpmp_result_codes_and_the_agent_survives() {
     let (code, output) = app.run("natpmpc -a 7203 7203 tcp 60");
     assert_eq!(code, 0, "{output}");
     assert!(lab.outside_reaches(7203, FIRST_SYN));
+}
+
+/// A PCP MAP request (RFC 6887 sections 7.1, 11.1 and 13.3): `filters` are (address, prefix
+/// length of that address's family).
+fn pcp_map(
+    nonce: [u8; 12],
+    protocol: u8,
+    port: u16,
+    lifetime: u32,
+    client: std::net::IpAddr,
+    filters: &[(std::net::IpAddr, u8)],
+) -> Vec<u8> {
+    let mapped = |address: std::net::IpAddr| match address {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut out = vec![2, 1, 0, 0];
+    out.extend_from_slice(&lifetime.to_be_bytes());
+    out.extend_from_slice(&mapped(client));
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&[protocol, 0, 0, 0]);
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&[0u8; 16]);
+    for (address, len) in filters {
+        let len = if address.is_ipv4() { len + 96 } else { *len };
+        out.extend_from_slice(&[3, 0, 0, 20, 0, len, 0, 0]);
+        out.extend_from_slice(&mapped(*address));
+    }
+    out
+}
+
+/// The result code, lifetime and (for MAP) assigned port of a PCP answer.
+fn pcp_result(answer: &[u8]) -> (u8, u32, Option<u16>) {
+    assert!(
+        answer.len() >= 24 && answer[0] == 2 && answer[1] & 0x80 != 0,
+        "{answer:?}"
+    );
+    let lifetime = u32::from_be_bytes([answer[4], answer[5], answer[6], answer[7]]);
+    let port = answer.get(42..44).map(|p| u16::from_be_bytes([p[0], p[1]]));
+    (answer[3], lifetime, port)
+}
+
+#[test]
+fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
+    if !lab::require_root("a_pcp_client_maps_with_a_filter_refreshes_and_deletes") {
+        return;
+    }
+    let lab = frontend_lab("pcp", &[7400, 8000], "[frontends]\npcp = true\n");
+    let host = lab.topology.host_v4;
+    let outside = lab.topology.outside_v4;
+    let nonce = [0x5a; 12];
+
+    let announce = ask_raw(
+        &lab,
+        &{
+            let mut a = vec![2, 0, 0, 0, 0, 0, 0, 0];
+            a.extend_from_slice(&match host {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            });
+            a
+        },
+        STEP,
+    )
+    .expect("an answer to ANNOUNCE");
+    assert_eq!(pcp_result(&announce).0, 0);
+    assert_eq!(announce[1], 0x80);
+
+    // MAP with a FILTER: only the outside's first address may connect.
+    let answer = ask_raw(
+        &lab,
+        &pcp_map(nonce, 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer), (0, 60, Some(7400)));
+    assert_eq!(answer[24..36], nonce);
+    let reach_from = |from, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            lab.host_port(7400),
+            Some(from),
+            within,
+        )
+    };
+    assert!(
+        reach_from(outside, FIRST_SYN),
+        "not open to the filtered peer"
+    );
+    assert!(
+        !reach_from(lab.topology.outside_v4_alt, REFUSED),
+        "open to a peer outside the FILTER"
+    );
+    let leases = lab.client().list();
+    assert_eq!(leases.leases.len(), 1);
+    let lease = &leases.leases[0];
+    assert!(
+        lease
+            .app
+            .as_ref()
+            .and_then(|a| a.name.as_deref())
+            .is_some_and(|n| n.ends_with(" via PCP")),
+        "{lease:?}"
+    );
+    assert_eq!(lease.grants[0].remotes.len(), 1);
+
+    // A refresh with the nonce keeps the lease; another nonce is another client's: refused.
+    let answer = ask_raw(
+        &lab,
+        &pcp_map(nonce, 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to the refresh");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert_eq!(lab.client().list().leases[0].lease, lease.lease);
+    let answer = ask_raw(
+        &lab,
+        &pcp_map([1; 12], 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to a stranger's refresh");
+    assert_eq!(pcp_result(&answer).0, 2, "NOT_AUTHORIZED");
+
+    // Lifetime 0 deletes it.
+    let answer = ask_raw(&lab, &pcp_map(nonce, 6, 7400, 0, host, &[]), STEP)
+        .expect("an answer to the delete");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert_eq!(pcp_result(&answer).1, 0);
+    assert!(!reach_from(outside, REFUSED), "still open after the delete");
+    assert!(lab.client().list().leases.is_empty());
+
+    // Refusals, each with PCP's code, and the agent goes on serving.
+    let code = |request: &[u8]| pcp_result(&ask_raw(&lab, request, STEP).expect("an answer")).0;
+    assert_eq!(
+        code(&pcp_map(nonce, 6, 8000, 60, host, &[])),
+        2,
+        "policy: NOT_AUTHORIZED"
+    );
+    assert_eq!(
+        code(&pcp_map(
+            nonce,
+            6,
+            7400,
+            60,
+            "192.0.2.99".parse().unwrap(),
+            &[]
+        )),
+        12,
+        "ADDRESS_MISMATCH"
+    );
+    assert_eq!(
+        code(&pcp_map(nonce, 0, 7400, 60, host, &[])),
+        9,
+        "UNSUPP_PROTOCOL"
+    );
+    let request = pcp_map(nonce, 6, 7400, 60, host, &[]);
+    assert_eq!(code(&request[..40]), 3, "MALFORMED_REQUEST");
+    let mut wrong = request.clone();
+    wrong[0] = 3;
+    assert_eq!(code(&wrong), 1, "UNSUPP_VERSION");
+    let mut unknown = request.clone();
+    unknown[1] = 9;
+    assert_eq!(code(&unknown), 4, "UNSUPP_OPCODE");
+    let answer = ask_raw(&lab, &request, STEP).expect("still served");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert!(
+        reach_from(lab.topology.outside_v4_alt, FIRST_SYN),
+        "no FILTER: open to all"
+    );
 }
