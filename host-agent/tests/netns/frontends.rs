@@ -543,4 +543,19 @@ fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
         reach_from(lab.topology.outside_v4_alt, FIRST_SYN),
         "no FILTER: open to all"
     );
+
+    // A mapping its client does not refresh ends with the lifetime it was told (the gateway's
+    // lease is renewed meanwhile, so only the front end ends it).
+    let answer = ask_raw(&lab, &pcp_map(nonce, 6, 7400, 2, host, &[]), STEP)
+        .expect("an answer to a short refresh");
+    assert_eq!(pcp_result(&answer).1, 2);
+    assert!(reach_from(outside, FIRST_SYN));
+    assert!(
+        lab.eventually(STEP, || lab.client().list().leases.is_empty()),
+        "the mapping outlived its lifetime"
+    );
+    assert!(
+        !reach_from(outside, REFUSED),
+        "still open after the lifetime"
+    );
 }
