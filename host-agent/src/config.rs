@@ -153,6 +153,10 @@ pub struct FrontendsConfig {
     /// The addresses whose port 5351 the host's own requests are redirected from; empty: the
     /// default routes' gateways when the agent starts.
     pub gateways: Vec<std::net::IpAddr>,
+    /// UPnP IGD (SSDP discovery on the host and the device's control over HTTP).
+    pub upnp: bool,
+    /// The TCP port of the UPnP device's description and control.
+    pub upnp_port: u16,
 }
 
 #[derive(Deserialize)]
@@ -178,6 +182,9 @@ struct RawFrontends {
     port: Option<Spanned<i64>>,
     #[serde(default)]
     gateways: Vec<Spanned<String>>,
+    #[serde(default)]
+    upnp: bool,
+    upnp_port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -527,6 +534,13 @@ impl AgentConfig {
                 .filter(|p| *p > 0)
                 .ok_or_else(|| at(value.span(), "port is between 1 and 65535".to_owned()))?,
         };
+        let upnp_port = match &raw.frontends.upnp_port {
+            None => crate::frontend::upnp::DEFAULT_PORT,
+            Some(value) => u16::try_from(*value.get_ref())
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(value.span(), "upnp_port is between 1 and 65535".to_owned()))?,
+        };
         let mut gateways = Vec::new();
         for address in &raw.frontends.gateways {
             let parsed = address.get_ref().parse::<std::net::IpAddr>().map_err(|_| {
@@ -575,6 +589,8 @@ impl AgentConfig {
                 pcp: raw.frontends.pcp,
                 port,
                 gateways,
+                upnp: raw.frontends.upnp,
+                upnp_port,
             },
             state_dir: raw.state_dir,
         })

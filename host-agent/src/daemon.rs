@@ -97,6 +97,10 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
 pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     config.mirror.redirects =
         crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
+    if config.frontends.upnp {
+        let admitted = crate::frontend::upnp::admitted(crate::frontend::service::local_ipv4());
+        config.mirror.always_allowed.extend(admitted);
+    }
     let config = Arc::new(config);
     crate::state::prepare(&config.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.state_dir.clone(),
@@ -143,17 +147,28 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
         earliest_expiry,
     ));
     tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
+    let seam = crate::frontend::Seam::new(tx.clone(), config.local.clone());
+    if config.frontends.upnp {
+        let seam = seam.clone();
+        let port = config.frontends.upnp_port;
+        tokio::spawn(async move {
+            if let Err(e) = crate::frontend::upnp::serve(seam, port).await {
+                warn!("UPnP IGD front end: {e}");
+            }
+        });
+    }
     if config.frontends.natpmp || config.frontends.pcp {
         let sockets = crate::frontend::service::bind(&config.frontends)
             .await
             .map_err(DaemonError::Frontend)?;
         info!(redirects = ?config.mirror.redirects, "front ends: redirected from");
-        let seam = crate::frontend::Seam::new(tx.clone(), config.local.clone());
         tokio::spawn(crate::frontend::service::serve(
             sockets,
             seam,
             config.frontends.clone(),
         ));
+    } else if config.frontends.upnp {
+        tokio::spawn(seam.sweep());
     }
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

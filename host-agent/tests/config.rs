@@ -120,7 +120,8 @@ fn parse_errors_carry_the_line() {
 #[test]
 fn front_ends_are_off_by_default_and_their_keys_checked() {
     let config = AgentConfig::parse(MINIMAL, "a.toml").expect("valid");
-    assert!(!config.frontends.natpmp && !config.frontends.pcp);
+    assert!(!config.frontends.natpmp && !config.frontends.pcp && !config.frontends.upnp);
+    assert_eq!(config.frontends.upnp_port, 49152);
     assert_eq!(config.frontends.port, 5351);
     let config = AgentConfig::parse(
         &format!("{MINIMAL}[frontends]\nnatpmp = true\nport = 15351\ngateways = [\"192.0.2.1\", \"2001:db8::1\"]\n"),

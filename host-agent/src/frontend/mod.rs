@@ -23,6 +23,7 @@
 pub mod natpmp;
 pub mod pcp;
 pub mod service;
+pub mod upnp;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -66,6 +67,8 @@ pub enum Via {
     NatPmp,
     /// PCP.
     Pcp,
+    /// UPnP IGD.
+    Upnp,
 }
 
 impl Via {
@@ -74,6 +77,7 @@ impl Via {
         match self {
             Via::NatPmp => "NAT-PMP",
             Via::Pcp => "PCP",
+            Via::Upnp => "UPnP IGD",
         }
     }
 }
@@ -117,7 +121,8 @@ pub struct MapRequest {
     pub protocol: Protocol,
     /// The internal port, which is also the external one.
     pub port: u16,
-    /// Seconds asked (above 0).
+    /// Seconds asked; 0 (UPnP's "permanent") asks for the policy's default, and the mapping
+    /// lasts until it is deleted or its process exits.
     pub lifetime: u32,
     /// The family of the host addresses to open; `None`: both.
     pub family: Option<Family>,
@@ -153,8 +158,8 @@ struct Mapping {
     remotes: Vec<Prefix>,
     family: Option<Family>,
     nonce: Option<[u8; 12]>,
-    /// Released unless refreshed by then.
-    expires: Instant,
+    /// Released unless refreshed by then; `None`: until deleted.
+    expires: Option<Instant>,
 }
 
 /// One process's virtual local connection.
@@ -336,7 +341,7 @@ impl Seam {
                 let expired: Vec<MappingKey> = client
                     .mappings
                     .iter()
-                    .filter(|(_, m)| m.expires <= now)
+                    .filter(|(_, m)| m.expires.is_some_and(|e| e <= now))
                     .map(|(k, _)| *k)
                     .collect();
                 for key in expired {
@@ -504,8 +509,12 @@ impl Seam {
                 return Err(Refusal::NonceMismatch);
             }
             if mapping.remotes == request.remotes && mapping.family == request.family {
-                let lifetime = request.lifetime.min(mapping.lifetime);
-                mapping.expires = now + Duration::from_secs(u64::from(lifetime));
+                let lifetime = match request.lifetime {
+                    0 => mapping.lifetime,
+                    asked => asked.min(mapping.lifetime),
+                };
+                mapping.expires =
+                    (request.lifetime > 0).then(|| now + Duration::from_secs(u64::from(lifetime)));
                 debug!(holder, port = request.port, lifetime, "mapping refreshed");
                 return Ok(Mapped {
                     lease: mapping.lease,
@@ -535,7 +544,7 @@ impl Seam {
                 family: request.family,
                 remotes: request.remotes.clone(),
             },
-            lifetime: Some(request.lifetime),
+            lifetime: (request.lifetime > 0).then_some(request.lifetime),
             app: Some(AppInfo {
                 name: Some(label),
                 ..AppInfo::default()
@@ -551,7 +560,8 @@ impl Seam {
                         remotes: request.remotes,
                         family: request.family,
                         nonce: request.nonce,
-                        expires: now + Duration::from_secs(u64::from(granted.lifetime)),
+                        expires: (request.lifetime > 0)
+                            .then(|| now + Duration::from_secs(u64::from(granted.lifetime))),
                     },
                 );
                 Ok(Mapped {
@@ -618,6 +628,103 @@ impl Seam {
         }
         Ok(released)
     }
+}
+
+/// One mapping as a front end lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The front end it came through.
+    pub via: Via,
+    /// Its protocol.
+    pub protocol: Protocol,
+    /// Its port.
+    pub port: u16,
+    /// Its remote prefixes.
+    pub remotes: Vec<Prefix>,
+    /// Seconds left before it ends unless refreshed; `None`: until deleted.
+    pub remaining: Option<u32>,
+    /// The process it is held for.
+    pub holder: u32,
+}
+
+impl Seam {
+    /// Every mapping made through `via`, in a stable order (holder, protocol, port).
+    pub async fn entries(&self, via: Via) -> Vec<Entry> {
+        let clients: Vec<(u32, Arc<tokio::sync::Mutex<Client>>)> = self
+            .lock()
+            .iter()
+            .map(|(pid, c)| (*pid, c.clone()))
+            .collect();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (holder, client) in clients {
+            let mut client = client.lock().await;
+            client.drain();
+            for (key, mapping) in &client.mappings {
+                if key.via != via {
+                    continue;
+                }
+                out.push(Entry {
+                    via,
+                    protocol: key.protocol,
+                    port: key.port,
+                    remotes: mapping.remotes.clone(),
+                    remaining: mapping.expires.map(|e| {
+                        u32::try_from(e.saturating_duration_since(now).as_secs()).unwrap_or(0)
+                    }),
+                    holder,
+                });
+            }
+        }
+        out.sort_by_key(|e| (e.holder, e.protocol.number(), e.port));
+        out
+    }
+
+    /// The process at the other end of a TCP connection of this host from `peer` to the
+    /// agent's `local` address, if exactly one holds it.
+    pub async fn tcp_peer(
+        &self,
+        peer: std::net::SocketAddr,
+        local: std::net::SocketAddr,
+    ) -> Result<u32, Refusal> {
+        let procfs = self.procfs.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut inodes = HashSet::new();
+            for file in ["tcp", "tcp6"] {
+                let text = std::fs::read_to_string(format!("/proc/net/{file}")).unwrap_or_default();
+                inodes.extend(connection_inodes(&text, peer.port(), local.port()));
+            }
+            match procfs.holders(&inodes).as_slice() {
+                [one] => Some(*one),
+                _ => None,
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or(Refusal::NoCaller { port: peer.port() })
+    }
+}
+
+/// The inodes of the sockets of a `/proc/net/tcp{,6}` table whose local port is `local_port`
+/// and whose remote port is `remote_port` (the client's end of a connection to the agent).
+fn connection_inodes(text: &str, local_port: u16, remote_port: u16) -> Vec<u64> {
+    let port_of = |field: &str| {
+        field
+            .rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode = fields.get(9)?.parse::<u64>().ok()?;
+            (port_of(fields.get(1)?)? == local_port
+                && port_of(fields.get(2)?)? == remote_port
+                && inode != 0)
+                .then_some(inode)
+        })
+        .collect()
 }
 
 /// The owner's uid and gid of a running process (those of its `/proc` directory).
@@ -714,6 +821,14 @@ mod tests {
             ipv6_default_gateways(route6),
             vec!["fd00:2::1".parse::<Ipv6Addr>().unwrap()]
         );
+    }
+
+    #[test]
+    fn finds_the_client_end_of_a_connection() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:C350 0100007F:C000 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 100 0 0 10 0\n\
+   1: 0100007F:C000 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0000000000000000 100 0 0 10 0\n";
+        assert_eq!(connection_inodes(tcp, 0xC350, 0xC000), vec![4242]);
     }
 
     #[test]

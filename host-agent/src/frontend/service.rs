@@ -125,7 +125,7 @@ async fn announce(service: Arc<Service>) {
 }
 
 /// The host's IPv4 address towards its default route (no packet is sent to learn it).
-fn local_ipv4() -> Option<Ipv4Addr> {
+pub(crate) fn local_ipv4() -> Option<Ipv4Addr> {
     let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
     socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).ok()?;
     match socket.local_addr().ok()?.ip() {
