@@ -124,6 +124,9 @@ pub struct MapRequest {
     /// Seconds asked; 0 (UPnP's "permanent") asks for the policy's default, and the mapping
     /// lasts until it is deleted or its process exits.
     pub lifetime: u32,
+    /// The host address to open (the one the client asks from); `None`: every address of
+    /// `family`.
+    pub host: Option<IpAddr>,
     /// The family of the host addresses to open; `None`: both.
     pub family: Option<Family>,
     /// Only these remote prefixes (PCP's FILTER); empty: any.
@@ -157,6 +160,7 @@ struct Mapping {
     lifetime: u32,
     remotes: Vec<Prefix>,
     family: Option<Family>,
+    host: Option<IpAddr>,
     nonce: Option<[u8; 12]>,
     /// Released unless refreshed by then; `None`: until deleted.
     expires: Option<Instant>,
@@ -508,7 +512,10 @@ impl Seam {
             if mapping.nonce != request.nonce {
                 return Err(Refusal::NonceMismatch);
             }
-            if mapping.remotes == request.remotes && mapping.family == request.family {
+            if mapping.remotes == request.remotes
+                && mapping.family == request.family
+                && mapping.host == request.host
+            {
                 let lifetime = match request.lifetime {
                     0 => mapping.lifetime,
                     asked => asked.min(mapping.lifetime),
@@ -540,7 +547,9 @@ impl Seam {
                     protocol: request.protocol,
                     ports: PortRange::single(request.port),
                 },
-                host: HostAddresses::Default,
+                host: request
+                    .host
+                    .map_or(HostAddresses::Default, HostAddresses::One),
                 family: request.family,
                 remotes: request.remotes.clone(),
             },
@@ -559,6 +568,7 @@ impl Seam {
                         lifetime: granted.lifetime,
                         remotes: request.remotes,
                         family: request.family,
+                        host: request.host,
                         nonce: request.nonce,
                         expires: (request.lifetime > 0)
                             .then(|| now + Duration::from_secs(u64::from(granted.lifetime))),

@@ -224,7 +224,12 @@ impl Service {
                 protocol: fwnp_protocol,
                 port: internal_port,
                 lifetime,
-                // NAT-PMP speaks of IPv4 only.
+                // NAT-PMP speaks of IPv4 only; the address the client sends from, unless it
+                // sent to loopback itself.
+                host: match from.ip() {
+                    IpAddr::V4(v4) if !v4.is_loopback() => Some(IpAddr::V4(v4)),
+                    _ => None,
+                },
                 family: Some(Family::Ipv4),
                 remotes: Vec::new(),
                 nonce: None,
@@ -372,6 +377,7 @@ impl Service {
                 protocol,
                 port: map.internal_port,
                 lifetime: request.lifetime,
+                host: (!request.client.is_loopback()).then_some(request.client),
                 family: Some(family),
                 remotes,
                 nonce: Some(map.nonce),

@@ -426,6 +426,7 @@ impl Device {
                         protocol,
                         port: internal,
                         lifetime,
+                        host: (!peer.ip().is_loopback()).then_some(peer.ip()),
                         family,
                         remotes,
                         nonce: None,

@@ -217,9 +217,24 @@ fn gateway_of(lab: &Lab) -> SocketAddr {
 /// Sends `request` from the host namespace to its gateway's port 5351; the answer, if any
 /// comes within `within`.
 fn ask_raw(lab: &Lab, request: &[u8], within: Duration) -> Option<Vec<u8>> {
-    let to = gateway_of(lab);
+    ask_raw_to(lab, None, gateway_of(lab), request, within)
+}
+
+/// The same, to `to`, from the host's address `from` (any when `None`).
+fn ask_raw_to(
+    lab: &Lab,
+    from: Option<std::net::IpAddr>,
+    to: SocketAddr,
+    request: &[u8],
+    within: Duration,
+) -> Option<Vec<u8>> {
     lab.topology.host.run(|| {
-        let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+        let any: SocketAddr = match (from, to.is_ipv4()) {
+            (Some(address), _) => SocketAddr::new(address, 0),
+            (None, true) => "0.0.0.0:0".parse().ok()?,
+            (None, false) => "[::]:0".parse().ok()?,
+        };
+        let socket = UdpSocket::bind(any).ok()?;
         socket.connect(to).ok()?;
         socket.send(request).ok()?;
         socket.set_read_timeout(Some(within)).ok()?;
@@ -651,4 +666,63 @@ fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
             .outside_reaches(7501, Duration::from_millis(300))),
         "still open after the application exited"
     );
+}
+
+#[test]
+fn a_pcp_client_maps_over_ipv6() {
+    if !lab::require_root("a_pcp_client_maps_over_ipv6") {
+        return;
+    }
+    let lab = frontend_lab("pcp6", &[7450], "[frontends]\npcp = true\n");
+    let gateway = SocketAddr::new(lab.topology.gateway_inside_v6, 5351);
+    let host = lab.topology.host_v6;
+    let nonce = [0x66; 12];
+    let target = SocketAddr::new(host, 7450);
+    let reaches = |within| lab::tcp_connects(&lab.topology.outside, target, None, within);
+    assert!(!reaches(REFUSED), "open before the mapping");
+
+    // The request goes to the IPv6 default gateway; the lease opens the host's IPv6 address.
+    // From an address the host's certificate does not hold: the gateway's address-mismatch is
+    // PCP's ADDRESS_MISMATCH.
+    let alt = lab.topology.host_v6_alt;
+    let answer = ask_raw_to(
+        &lab,
+        Some(alt),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 60, alt, &[]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer).0, 12, "ADDRESS_MISMATCH");
+    let answer = ask_raw_to(
+        &lab,
+        Some(host),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 60, host, &[]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer), (0, 60, Some(7450)));
+    assert_eq!(
+        answer[44..60],
+        match host {
+            std::net::IpAddr::V6(v6) => v6.octets(),
+            std::net::IpAddr::V4(_) => unreachable!("the host's IPv6 address"),
+        }
+    );
+    assert!(reaches(FIRST_SYN), "not open over IPv6 after the mapping");
+    let leases = lab.client().list();
+    let hosts: Vec<_> = leases.leases[0].grants.iter().map(|g| g.host).collect();
+    assert_eq!(hosts, vec![host]);
+
+    let answer = ask_raw_to(
+        &lab,
+        Some(host),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 0, host, &[]),
+        STEP,
+    )
+    .expect("an answer to the delete");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert!(!reaches(REFUSED), "still open after the delete");
 }
