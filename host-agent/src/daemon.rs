@@ -98,7 +98,14 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     config.mirror.redirects =
         crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
     if config.frontends.upnp {
-        let admitted = crate::frontend::upnp::admitted(crate::frontend::service::local_ipv4());
+        let mut own: Vec<std::net::IpAddr> = crate::frontend::service::local_ipv4()
+            .map(std::net::IpAddr::V4)
+            .into_iter()
+            .collect();
+        own.extend(crate::frontend::upnp::ipv6_addresses(
+            &std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default(),
+        ));
+        let admitted = crate::frontend::upnp::admitted(&own);
         config.mirror.always_allowed.extend(admitted);
     }
     let config = Arc::new(config);

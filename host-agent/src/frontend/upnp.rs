@@ -40,7 +40,13 @@ const UUID: &str = "f3a4c1e2-46b0-4c57-9e1f-0a5e7f0b1d2c";
 const IGD: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:1";
 const WAN_IP: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
 const WAN_COMMON: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
+const WAN_IP6_FW: &str = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
 const CONTROL_PATH: &str = "/ctl/IPConn";
+const FIREWALL_PATH: &str = "/ctl/IP6FCtl";
+/// The SSDP multicast group of IPv6, link-local scope.
+const SSDP_GROUP_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xc);
+/// Longest pinhole lease (WANIPv6FirewallControl's range is 1 to 86400 seconds).
+const MAX_PINHOLE_LEASE: u32 = 86_400;
 const COMMON_PATH: &str = "/ctl/CmnIfCfg";
 
 /// A SOAP action request: its name and arguments.
@@ -191,7 +197,7 @@ pub fn description(base: &str) -> String {
 <deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-1</UDN>
 <serviceList><service><serviceType>{WAN_COMMON}</serviceType><serviceId>urn:upnp-org:serviceId:WANCommonIFC1</serviceId><controlURL>{COMMON_PATH}</controlURL><eventSubURL>/evt/CmnIfCfg</eventSubURL><SCPDURL>/WANCfg.xml</SCPDURL></service></serviceList>
 <deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><friendlyName>WAN connection</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-2</UDN>
-<serviceList><service><serviceType>{WAN_IP}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><controlURL>{CONTROL_PATH}</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL></service></serviceList>
+<serviceList><service><serviceType>{WAN_IP}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><controlURL>{CONTROL_PATH}</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL></service><service><serviceType>{WAN_IP6_FW}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPv6Firewall1</serviceId><controlURL>{FIREWALL_PATH}</controlURL><eventSubURL>/evt/IP6FCtl</eventSubURL><SCPDURL>/WANIP6FC.xml</SCPDURL></service></serviceList>
 </device></deviceList></device></deviceList></device></root>
 "#
     )
@@ -246,6 +252,14 @@ fn upnp_code(refusal: &Refusal) -> (u16, &'static str) {
 struct Device {
     seam: Arc<Seam>,
     port: u16,
+    /// Pinholes by their UniqueID: the request that made each (refreshed by UpdatePinhole).
+    pinholes: tokio::sync::Mutex<Pinholes>,
+}
+
+#[derive(Default)]
+struct Pinholes {
+    next: u16,
+    made: std::collections::HashMap<u16, MapRequest>,
 }
 
 fn xml(status: StatusCode, body: String) -> Response {
@@ -266,13 +280,30 @@ fn fault(code: u16, description: &str) -> Response {
 
 /// Whether `address` is one of this host's (only local processes are served).
 fn is_local(address: IpAddr) -> bool {
-    address.is_loopback() || std::net::UdpSocket::bind((address, 0)).is_ok()
+    is_local_socket(SocketAddr::new(address, 0))
+}
+
+/// The same, with the scope of a link-local IPv6 address.
+fn is_local_socket(address: SocketAddr) -> bool {
+    let probe = match address {
+        SocketAddr::V4(v4) => SocketAddr::V4(std::net::SocketAddrV4::new(*v4.ip(), 0)),
+        SocketAddr::V6(v6) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id()))
+        }
+    };
+    address.ip().is_loopback() || std::net::UdpSocket::bind(probe).is_ok()
+}
+
+/// A peer's address as IPv4 when it is an IPv4-mapped one (the listener is dual-stack).
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
 async fn root(
     State(device): State<Arc<Device>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    let peer = canonical(peer);
     if !is_local(peer.ip()) {
         return StatusCode::FORBIDDEN.into_response();
     }
@@ -287,6 +318,7 @@ async fn root(
 }
 
 async fn common(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
+    let peer = canonical(peer);
     if !is_local(peer.ip()) {
         return StatusCode::FORBIDDEN.into_response();
     }
@@ -318,13 +350,15 @@ async fn control(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     request: Request,
 ) -> Response {
+    let peer = canonical(peer);
     if !is_local(peer.ip()) {
         return StatusCode::FORBIDDEN.into_response();
     }
+    let firewall = request.uri().path() == FIREWALL_PATH;
     let local = request
         .extensions()
         .get::<LocalAddr>()
-        .map(|l| l.0)
+        .map(|l| canonical(l.0))
         .unwrap_or_else(|| SocketAddr::new(peer.ip(), device.port));
     let body: Body = request.into_body();
     let body = match axum::body::to_bytes(body, MAX_BODY).await {
@@ -342,7 +376,11 @@ async fn control(
         }
     };
     debug!(%peer, action = %action.name, "UPnP action");
-    device.act(action, peer, local).await
+    if firewall {
+        device.firewall(action, peer, local).await
+    } else {
+        device.act(action, peer, local).await
+    }
 }
 
 /// The agent's end of the connection, for finding the client's socket.
@@ -350,6 +388,154 @@ async fn control(
 struct LocalAddr(SocketAddr);
 
 impl Device {
+    /// WANIPv6FirewallControl: pinholes are FWNP leases on the caller's IPv6 address.
+    async fn firewall(&self, action: Action, peer: SocketAddr, local: SocketAddr) -> Response {
+        let ok = |arguments: &[(&str, String)]| {
+            xml(
+                StatusCode::OK,
+                soap_response(WAN_IP6_FW, &action.name, arguments),
+            )
+        };
+        let unique_id = || action.argument("UniqueID").parse::<u16>().ok();
+        match action.name.as_str() {
+            "GetFirewallStatus" => ok(&[
+                ("FirewallEnabled", "1".into()),
+                ("InboundPinholeAllowed", "1".into()),
+            ]),
+            // FWNP does not restrict outbound traffic.
+            "GetOutboundPinholeTimeout" => {
+                ok(&[("OutboundPinholeTimeout", MAX_PINHOLE_LEASE.to_string())])
+            }
+            "AddPinhole" => {
+                let protocol = match action.argument("Protocol") {
+                    "6" => Protocol::Tcp,
+                    "17" => Protocol::Udp,
+                    "132" => Protocol::Sctp,
+                    "136" => Protocol::UdpLite,
+                    _ => return fault(705, "ProtocolNotSupported"),
+                };
+                let (Ok(IpAddr::V6(internal)), Ok(port), Ok(lease)) = (
+                    action.argument("InternalClient").parse::<IpAddr>(),
+                    action.argument("InternalPort").parse::<u16>(),
+                    action.argument("LeaseTime").parse::<u32>(),
+                ) else {
+                    return fault(402, "Invalid Args");
+                };
+                if port == 0 || !(1..=MAX_PINHOLE_LEASE).contains(&lease) {
+                    return fault(402, "Invalid Args");
+                }
+                if !is_local(IpAddr::V6(internal)) {
+                    return fault(606, "Action not authorized: not an address of this host");
+                }
+                if !matches!(action.argument("RemotePort"), "" | "0") {
+                    return fault(
+                        606,
+                        "Action not authorized: FWNP does not restrict the remote port",
+                    );
+                }
+                let remotes = match action.argument("RemoteHost") {
+                    "" | "*" | "::" => Vec::new(),
+                    text => match text.parse::<std::net::Ipv6Addr>() {
+                        Ok(addr) => vec![Prefix {
+                            addr: IpAddr::V6(addr),
+                            len: 128,
+                        }],
+                        Err(_) => return fault(402, "Invalid Args: RemoteHost"),
+                    },
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                let request = MapRequest {
+                    via: Via::Upnp,
+                    requester,
+                    protocol,
+                    port,
+                    lifetime: lease,
+                    host: Some(IpAddr::V6(internal)),
+                    family: Some(fwnp_proto::Family::Ipv6),
+                    remotes,
+                    nonce: None,
+                };
+                match self.seam.map(request.clone()).await {
+                    Ok(mapped) => {
+                        let mut pinholes = self.pinholes.lock().await;
+                        pinholes.next = pinholes.next.wrapping_add(1).max(1);
+                        let id = pinholes.next;
+                        pinholes.made.insert(id, request);
+                        info!(
+                            pid = requester,
+                            holder = mapped.holder,
+                            port,
+                            id,
+                            "UPnP pinhole granted"
+                        );
+                        ok(&[("UniqueID", id.to_string())])
+                    }
+                    Err(e) => {
+                        info!(pid = requester, port, "UPnP pinhole refused: {e}");
+                        let (code, text) = upnp_code(&e);
+                        fault(code, &format!("{text}: {e}"))
+                    }
+                }
+            }
+            "UpdatePinhole" => {
+                let (Some(id), Ok(lease)) =
+                    (unique_id(), action.argument("NewLeaseTime").parse::<u32>())
+                else {
+                    return fault(402, "Invalid Args");
+                };
+                if !(1..=MAX_PINHOLE_LEASE).contains(&lease) {
+                    return fault(402, "Invalid Args");
+                }
+                let Some(mut request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                    return fault(704, "NoSuchEntry");
+                };
+                request.requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                request.lifetime = lease;
+                match self.seam.map(request).await {
+                    Ok(_) => ok(&[]),
+                    Err(e) => {
+                        let (code, text) = upnp_code(&e);
+                        fault(code, text)
+                    }
+                }
+            }
+            "DeletePinhole" => {
+                let Some(id) = unique_id() else {
+                    return fault(402, "Invalid Args");
+                };
+                let Some(request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                    return fault(704, "NoSuchEntry");
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                match self
+                    .seam
+                    .unmap(Via::Upnp, requester, request.protocol, request.port, None)
+                    .await
+                {
+                    Ok(0) => fault(704, "NoSuchEntry"),
+                    Ok(_) => {
+                        self.pinholes.lock().await.made.remove(&id);
+                        ok(&[])
+                    }
+                    Err(e) => {
+                        let (code, text) = upnp_code(&e);
+                        fault(code, text)
+                    }
+                }
+            }
+            _ => fault(401, "Invalid Action"),
+        }
+    }
+
     async fn act(&self, action: Action, peer: SocketAddr, local: SocketAddr) -> Response {
         let ok = |arguments: &[(&str, String)]| {
             xml(
@@ -537,16 +723,28 @@ impl Device {
     }
 }
 
+/// The host's IPv6 addresses, every scope, from the text of `/proc/net/if_inet6`.
+pub fn ipv6_addresses(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let hex = line.split_whitespace().next()?;
+            let raw = u128::from_str_radix(hex, 16).ok()?;
+            Some(IpAddr::V6(std::net::Ipv6Addr::from(raw)))
+        })
+        .collect()
+}
+
 /// What the host table must admit for discovery: a local process's M-SEARCH is looped back to
 /// the agent on the outgoing interface, from the host's own address, so the input filter sees
 /// it as new inbound traffic.
-pub fn admitted(address: Option<Ipv4Addr>) -> Vec<fwnp_netfilter::AlwaysAllowed> {
-    address
-        .into_iter()
+pub fn admitted(addresses: &[IpAddr]) -> Vec<fwnp_netfilter::AlwaysAllowed> {
+    addresses
+        .iter()
+        .filter(|a| !a.is_loopback())
         .map(|addr| fwnp_netfilter::AlwaysAllowed {
             remote: Prefix {
-                addr: IpAddr::V4(addr),
-                len: 32,
+                addr: *addr,
+                len: if addr.is_ipv4() { 32 } else { 128 },
             },
             protocol: Some(Protocol::Udp),
             ports: Some(fwnp_proto::PortRange::single(SSDP_PORT)),
@@ -557,13 +755,25 @@ pub fn admitted(address: Option<Ipv4Addr>) -> Vec<fwnp_netfilter::AlwaysAllowed>
 /// Serves the description and control on `port` (every address; only local callers are
 /// answered) and SSDP discovery, until the core goes away.
 pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).await?;
+    // Dual-stack: IPv4 callers arrive as IPv4-mapped addresses, made IPv4 again.
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await?;
     let ssdp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, SSDP_PORT)).await?;
     ssdp.join_multicast_v4(SSDP_GROUP, Ipv4Addr::UNSPECIFIED)?;
-    let device = Arc::new(Device { seam, port });
+    match ssdp_v6() {
+        Ok(socket) => {
+            tokio::spawn(discovery(socket, port));
+        }
+        Err(e) => warn!("SSDP over IPv6: {e}"),
+    }
+    let device = Arc::new(Device {
+        seam,
+        port,
+        pinholes: tokio::sync::Mutex::new(Pinholes::default()),
+    });
     let app = Router::new()
         .route("/rootDesc.xml", get(root))
         .route(CONTROL_PATH, post(control))
+        .route(FIREWALL_PATH, post(control))
         .route(COMMON_PATH, post(common))
         .with_state(device);
     tokio::spawn(discovery(ssdp, port));
@@ -582,6 +792,30 @@ pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
     .await
 }
 
+/// The IPv6 SSDP socket, joined to ff02::c on every interface.
+fn ssdp_v6() -> std::io::Result<UdpSocket> {
+    let raw = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    raw.set_only_v6(true)?;
+    raw.bind(&SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), SSDP_PORT).into())?;
+    let socket: std::net::UdpSocket = raw.into();
+    let mut joined = 0;
+    for entry in std::fs::read_dir("/sys/class/net")?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("ifindex")) else {
+            continue;
+        };
+        if let Ok(index) = text.trim().parse::<u32>()
+            && socket.join_multicast_v6(&SSDP_GROUP_V6, index).is_ok()
+        {
+            joined += 1;
+        }
+    }
+    if joined == 0 {
+        return Err(std::io::Error::other("no interface joined ff02::c"));
+    }
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
 /// Answers M-SEARCH requests of local processes for the gateway device or its service.
 async fn discovery(socket: UdpSocket, port: u16) {
     let mut buf = [0u8; 2048];
@@ -594,7 +828,7 @@ async fn discovery(socket: UdpSocket, port: u16) {
                 continue;
             }
         };
-        if !is_local(from.ip()) {
+        if !is_local_socket(from) {
             continue;
         }
         let Some(target) = search_target(&buf[..len]) else {
@@ -603,19 +837,41 @@ async fn discovery(socket: UdpSocket, port: u16) {
         let answer_st = match target.as_str() {
             "ssdp:all" | "upnp:rootdevice" => IGD.to_owned(),
             t if t.starts_with("urn:schemas-upnp-org:device:InternetGatewayDevice:")
-                || t.starts_with("urn:schemas-upnp-org:service:WANIPConnection:") =>
+                || t.starts_with("urn:schemas-upnp-org:service:WANIPConnection:")
+                || t.starts_with("urn:schemas-upnp-org:service:WANIPv6FirewallControl:") =>
             {
                 t.to_owned()
             }
             _ => continue,
         };
+        // A link-local source cannot be named in a URL without its zone: then the host's
+        // global address towards the default route.
+        let host = match from.ip() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => match local_ipv6() {
+                Some(global) => format!("[{global}]"),
+                None => continue,
+            },
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
         let answer = format!(
-            "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nST: {answer_st}\r\nUSN: uuid:{UUID}::{answer_st}\r\nEXT:\r\nSERVER: Linux UPnP/1.1 fwnp-agent/{}\r\nLOCATION: http://{}:{port}/rootDesc.xml\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nST: {answer_st}\r\nUSN: uuid:{UUID}::{answer_st}\r\nEXT:\r\nSERVER: Linux UPnP/1.1 fwnp-agent/{}\r\nLOCATION: http://{host}:{port}/rootDesc.xml\r\nContent-Length: 0\r\n\r\n",
             env!("CARGO_PKG_VERSION"),
-            from.ip()
         );
         debug!(%from, st = %answer_st, "SSDP answer");
         let _ = socket.send_to(answer.as_bytes(), from).await;
+    }
+}
+
+/// The host's IPv6 address towards its default route (no packet is sent to learn it).
+fn local_ipv6() -> Option<std::net::Ipv6Addr> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+    socket
+        .connect((std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9))
+        .ok()?;
+    match socket.local_addr().ok()?.ip() {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
     }
 }
 

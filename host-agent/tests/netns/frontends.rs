@@ -61,7 +61,7 @@ fn frontend_lab(label: &str, echo_ports: &[u16], frontends: &str) -> Lab {
     lab
 }
 
-/// An application in the host namespace: it serves echo on TCP and UDP ports and
+/// An application in the host namespace: it serves echo on TCP and UDP ports (IPv4 and IPv6) and
 /// runs the commands the test gives it, as its children.
 struct Application {
     child: ProcessGuard,
@@ -155,7 +155,7 @@ fn helper_application() {
     };
     let mut held = Vec::new();
     for port in ports(&tcp) {
-        let listener = std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind TCP");
+        let listener = std::net::TcpListener::bind(("::", port)).expect("bind TCP");
         held.push(std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -171,7 +171,7 @@ fn helper_application() {
         }));
     }
     for port in ports(&udp) {
-        let socket = UdpSocket::bind(("0.0.0.0", port)).expect("bind UDP");
+        let socket = UdpSocket::bind(("::", port)).expect("bind UDP");
         held.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((n, from)) = socket.recv_from(&mut buf) {
@@ -725,4 +725,41 @@ fn a_pcp_client_maps_over_ipv6() {
     .expect("an answer to the delete");
     assert_eq!(pcp_result(&answer).0, 0);
     assert!(!reaches(REFUSED), "still open after the delete");
+}
+
+#[test]
+fn upnpc_opens_and_closes_an_ipv6_pinhole() {
+    if !lab::require_root("upnpc_opens_and_closes_an_ipv6_pinhole") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp6", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host_v6;
+    let target = SocketAddr::new(host, 7600);
+    let reaches = |within| lab::tcp_connects(&lab.topology.outside, target, None, within);
+    let mut app = Application::start(&lab, &[7600], &[]);
+    assert!(!reaches(REFUSED), "open before the pinhole");
+
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7600 6 60"));
+    let id = output
+        .split("Pinhole ID")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+        })
+        .unwrap_or_else(|| panic!("no pinhole id: {output}"))
+        .to_owned();
+    assert!(reaches(FIRST_SYN), "not open after the pinhole: {output}");
+    let leases = lab.client().list();
+    assert_eq!(leases.leases[0].grants[0].host, host);
+
+    let (_, output) = app.run(&format!("upnpc -6 -i -U {id} 120"));
+    assert!(reaches(FIRST_SYN), "closed by the update: {output}");
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
+    assert!(!reaches(REFUSED), "still open after the delete: {output}");
+    assert!(lab.client().list().leases.is_empty());
 }
