@@ -441,7 +441,11 @@ fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
     if !lab::require_root("a_pcp_client_maps_with_a_filter_refreshes_and_deletes") {
         return;
     }
-    let lab = frontend_lab("pcp", &[7400, 8000], "[frontends]\npcp = true\n");
+    let lab = frontend_lab(
+        "pcp",
+        &[7400, 7401, 7402, 7403, 8000],
+        "[frontends]\npcp = true\n",
+    );
     let host = lab.topology.host_v4;
     let outside = lab.topology.outside_v4;
     let nonce = [0x5a; 12];
@@ -564,6 +568,19 @@ fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
         "no FILTER: open to all"
     );
 
+    // The quota (three live leases): the fourth is USER_EX_QUOTA.
+    for port in [7401, 7402] {
+        assert_eq!(code(&pcp_map(nonce, 6, port, 60, host, &[])), 0);
+    }
+    assert_eq!(
+        code(&pcp_map(nonce, 6, 7403, 60, host, &[])),
+        10,
+        "USER_EX_QUOTA"
+    );
+    for port in [7401, 7402] {
+        assert_eq!(code(&pcp_map(nonce, 6, port, 0, host, &[])), 0);
+    }
+
     // A mapping its client does not refresh ends with the lifetime it was told (the gateway's
     // lease is renewed meanwhile, so only the front end ends it).
     let answer = ask_raw(&lab, &pcp_map(nonce, 6, 7400, 2, host, &[]), STEP)
@@ -610,7 +627,7 @@ fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
     );
     let lab = frontend_lab("upnp", &[], "[frontends]\nupnp = true\n");
     let host = lab.topology.host_v4;
-    let mut app = Application::start(&lab, &[7500, 7501, 8000], &[]);
+    let mut app = Application::start(&lab, &[7500, 7501, 7502, 7503, 8000], &[]);
     assert!(!lab.outside_reaches(7500, REFUSED));
 
     // Discovered by SSDP without being told where: -a, then the mapping is listed. (The lab's
@@ -645,6 +662,18 @@ fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
     let (_, output) = app.run(&format!("upnpc -i -a {host} 8000 8000 TCP"));
     assert!(output.contains("606"), "{output}");
     assert!(!lab.outside_reaches(8000, REFUSED));
+
+    // The quota (three live leases): the fourth is 728 NoPortMapsAvailable.
+    for port in [7500, 7502, 7503] {
+        let (_, output) = app.run(&format!("upnpc -i -a {host} {port} {port} TCP"));
+        assert!(output.contains("is redirected to internal"), "{output}");
+    }
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7501 7501 TCP"));
+    assert!(output.contains("728"), "{output}");
+    for port in [7500, 7502, 7503] {
+        app.run(&format!("upnpc -i -d {port} TCP"));
+    }
+    assert!(lab.client().list().leases.is_empty());
 
     // An oversized body and an entity expansion are refused with a UPnP error; the agent
     // goes on.
