@@ -61,6 +61,22 @@ fn frontend_lab(label: &str, echo_ports: &[u16], frontends: &str) -> Lab {
     lab
 }
 
+/// The gateway's audit records, as its admin API gives them (JSON text).
+fn audit(lab: &Lab) -> String {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&lab.admin_socket).expect("admin socket");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    write!(
+        stream,
+        "GET /v1/audit?limit=100 HTTP/1.1\r\nHost: fwnp\r\nConnection: close\r\n\r\n"
+    )
+    .expect("ask for the audit trail");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "audit: {response}");
+    response
+}
+
 /// An application in the host namespace: it serves echo on TCP and UDP ports (IPv4 and IPv6) and
 /// runs the commands the test gives it, as its children.
 struct Application {
@@ -304,6 +320,11 @@ fn natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports() {
         assert_eq!(info.pid, Some(app.pid()));
         assert!(info.executable.is_some_and(|e| e.contains("netns")));
     }
+
+    // The gateway's audit trail names the front end and the process.
+    let trail = audit(&lab);
+    assert!(trail.contains("natpmpc via NAT-PMP"), "{trail}");
+    assert!(trail.contains(&app.pid().to_string()), "{trail}");
 
     // A refresh keeps the same lease.
     let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
