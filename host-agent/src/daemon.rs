@@ -97,6 +97,14 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
 pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     config.mirror.redirects =
         crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
+    if config.frontends.natpmp {
+        // The start-up announcements are multicast from the host's own address and looped back
+        // to its listeners on the outgoing interface: the input filter sees them as new.
+        let admitted = crate::frontend::service::admitted_announcements(
+            crate::frontend::service::local_ipv4(),
+        );
+        config.mirror.always_allowed.extend(admitted);
+    }
     if config.frontends.upnp {
         let mut own: Vec<std::net::IpAddr> = crate::frontend::service::local_ipv4()
             .map(std::net::IpAddr::V4)

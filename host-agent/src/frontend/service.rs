@@ -124,6 +124,22 @@ async fn announce(service: Arc<Service>) {
     }
 }
 
+/// What the host table must admit for the host's own processes to hear the announcements
+/// multicast from `address` (the host's).
+pub fn admitted_announcements(address: Option<Ipv4Addr>) -> Vec<fwnp_netfilter::AlwaysAllowed> {
+    address
+        .into_iter()
+        .map(|addr| fwnp_netfilter::AlwaysAllowed {
+            remote: Prefix {
+                addr: IpAddr::V4(addr),
+                len: 32,
+            },
+            protocol: Some(Protocol::Udp),
+            ports: Some(fwnp_proto::PortRange::single(natpmp::ANNOUNCE_PORT)),
+        })
+        .collect()
+}
+
 /// The host's IPv4 address towards its default route (no packet is sent to learn it).
 pub(crate) fn local_ipv4() -> Option<Ipv4Addr> {
     let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;

@@ -813,3 +813,35 @@ fn upnpc_opens_and_closes_an_ipv6_pinhole() {
     assert!(!reaches(REFUSED), "still open after the delete: {output}");
     assert!(lab.client().list().leases.is_empty());
 }
+
+#[test]
+fn natpmp_announces_the_host_address_after_start() {
+    if !lab::require_root("natpmp_announces_the_host_address_after_start") {
+        return;
+    }
+    let lab = natpmp_lab("natpmp-announce");
+    let expected = match lab.topology.host_v4 {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => unreachable!("an IPv4 address"),
+    };
+    // The announcements follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one comes within
+    // the next ten seconds.
+    let heard = lab.topology.host.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
+        socket
+            .join_multicast_v4(
+                &"224.0.0.1".parse().expect("group"),
+                &std::net::Ipv4Addr::UNSPECIFIED,
+            )
+            .expect("join 224.0.0.1");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    let heard = heard.expect("no announcement within 10 s");
+    assert_eq!(heard.len(), 12, "{heard:?}");
+    assert_eq!(heard[..4], [0, 128, 0, 0]);
+    assert_eq!(heard[8..12], expected);
+}
