@@ -1,6 +1,7 @@
 //! Front ends for applications that will never speak FWNP: NAT-PMP (RFC 6886) and PCP
 //! (RFC 6887) requests sent to the default gateway's port 5351 reach the agent (the host table
-//! redirects the host's own requests there), which turns each mapping into an FWNP lease.
+//! redirects the host's own requests there), and UPnP IGD clients find the agent by SSDP
+//! ([`upnp`]); the agent turns each mapping or pinhole into an FWNP lease.
 //!
 //! A front end is a client of the core like any application: for each process that asks, it
 //! opens a virtual local connection to the core with the facts the kernel gives about that
@@ -12,7 +13,8 @@
 //! says which front end it came through ("natpmpc via NAT-PMP"), so that the gateway's audit
 //! trail and `fwnp leases` show it.
 //!
-//! Who asks is the process that holds the request's source port. A tool such as `natpmpc`
+//! Who asks is the process that holds the request's source port (for UPnP, its end of the HTTP
+//! connection). A tool such as `natpmpc`
 //! asks for a port its parent listens on and exits at once; the lease is then held for the
 //! nearest ancestor that holds the port, and ends when that process exits.
 //!
