@@ -16,6 +16,9 @@ fwnp_missing_packages() {
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+  # Real NAT-PMP and UPnP IGD clients for the agent's front-end tests.
+  command -v natpmpc >/dev/null 2>&1 || missing+=(natpmpc)
+  command -v upnpc >/dev/null 2>&1 || missing+=(miniupnpc)
   echo "${missing[@]}"
 }
 

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fwnp_netfilter::{AlwaysAllowed, HostMode};
+use fwnp_netfilter::{AlwaysAllowed, HostMode, LocalRedirect};
 use fwnp_proto::{PortRange, Protocol};
 use serde::Deserialize;
 use toml::Spanned;
@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub local: LocalConfig,
     /// The host's own table.
     pub mirror: MirrorConfig,
+    /// The NAT-PMP, PCP and UPnP IGD front ends.
+    pub frontends: FrontendsConfig,
     /// Where the agent keeps its small state file.
     pub state_dir: PathBuf,
 }
@@ -132,6 +134,29 @@ pub struct MirrorConfig {
     pub table: String,
     /// Inbound traffic that always passes.
     pub always_allowed: Vec<AlwaysAllowed>,
+    /// The host's own traffic sent to the agent instead (set at start-up from the front ends'
+    /// configuration, not read from the file).
+    pub redirects: Vec<LocalRedirect>,
+}
+
+/// The front ends that answer protocols unmodified applications already speak, each off unless
+/// switched on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FrontendsConfig {
+    /// NAT-PMP (RFC 6886).
+    pub natpmp: bool,
+    /// PCP (RFC 6887).
+    pub pcp: bool,
+    /// The loopback port NAT-PMP and PCP are answered on (the host's requests to port 5351 of
+    /// `gateways` are redirected there).
+    pub port: u16,
+    /// The addresses whose port 5351 the host's own requests are redirected from; empty: the
+    /// default routes' gateways when the agent starts.
+    pub gateways: Vec<std::net::IpAddr>,
+    /// UPnP IGD (SSDP discovery on the host and the device's control over HTTP).
+    pub upnp: bool,
+    /// The TCP port of the UPnP device's description and control.
+    pub upnp_port: u16,
 }
 
 #[derive(Deserialize)]
@@ -143,6 +168,23 @@ struct RawConfig {
     local: RawLocal,
     #[serde(default)]
     mirror: RawMirror,
+    #[serde(default)]
+    frontends: RawFrontends,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawFrontends {
+    #[serde(default)]
+    natpmp: bool,
+    #[serde(default)]
+    pcp: bool,
+    port: Option<Spanned<i64>>,
+    #[serde(default)]
+    gateways: Vec<Spanned<String>>,
+    #[serde(default)]
+    upnp: bool,
+    upnp_port: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -485,6 +527,34 @@ impl AgentConfig {
             });
         }
 
+        let port = match &raw.frontends.port {
+            None => crate::frontend::SERVER_PORT,
+            Some(value) => u16::try_from(*value.get_ref())
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(value.span(), "port is between 1 and 65535".to_owned()))?,
+        };
+        let upnp_port = match &raw.frontends.upnp_port {
+            None => crate::frontend::upnp::DEFAULT_PORT,
+            Some(value) => u16::try_from(*value.get_ref())
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(value.span(), "upnp_port is between 1 and 65535".to_owned()))?,
+        };
+        let mut gateways = Vec::new();
+        for address in &raw.frontends.gateways {
+            let parsed = address.get_ref().parse::<std::net::IpAddr>().map_err(|_| {
+                at(
+                    address.span(),
+                    format!(
+                        "gateway {:?}: expected an IPv4 or IPv6 address",
+                        address.get_ref()
+                    ),
+                )
+            })?;
+            gateways.push(parsed);
+        }
+
         Ok(AgentConfig {
             gateway: GatewayConfig {
                 address: address.clone(),
@@ -512,6 +582,15 @@ impl AgentConfig {
                 mode,
                 table: table.clone(),
                 always_allowed,
+                redirects: Vec::new(),
+            },
+            frontends: FrontendsConfig {
+                natpmp: raw.frontends.natpmp,
+                pcp: raw.frontends.pcp,
+                port,
+                gateways,
+                upnp: raw.frontends.upnp,
+                upnp_port,
             },
             state_dir: raw.state_dir,
         })

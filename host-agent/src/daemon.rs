@@ -37,6 +37,9 @@ pub enum DaemonError {
     /// The local socket could not be set up.
     #[error("local socket: {0}")]
     Socket(#[from] server::ServerError),
+    /// The NAT-PMP/PCP front end's socket could not be bound.
+    #[error("NAT-PMP/PCP socket: {0}")]
+    Frontend(std::io::Error),
     /// A signal handler could not be installed.
     #[error(transparent)]
     Signal(#[from] fwnp_daemon::SignalError),
@@ -76,7 +79,28 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
+pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
+    config.mirror.redirects =
+        crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
+    if config.frontends.natpmp {
+        // The start-up announcements are multicast from the host's own address and looped back
+        // to its listeners on the outgoing interface: the input filter sees them as new.
+        let admitted = crate::frontend::service::admitted_announcements(
+            crate::frontend::service::local_ipv4(),
+        );
+        config.mirror.always_allowed.extend(admitted);
+    }
+    if config.frontends.upnp {
+        let mut own: Vec<std::net::IpAddr> = crate::frontend::service::local_ipv4()
+            .map(std::net::IpAddr::V4)
+            .into_iter()
+            .collect();
+        own.extend(crate::frontend::upnp::ipv6_addresses(
+            &std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default(),
+        ));
+        let admitted = crate::frontend::upnp::admitted(&own);
+        config.mirror.always_allowed.extend(admitted);
+    }
     let config = Arc::new(config);
     crate::state::prepare(&config.state_dir).map_err(|source| DaemonError::StateDir {
         path: config.state_dir.clone(),
@@ -123,6 +147,29 @@ pub async fn run(config: AgentConfig) -> Result<(), DaemonError> {
         earliest_expiry,
     ));
     tokio::spawn(server::serve(listener, config.local.clone(), tx.clone()));
+    let seam = crate::frontend::Seam::new(tx.clone(), config.local.clone());
+    if config.frontends.upnp {
+        let seam = seam.clone();
+        let port = config.frontends.upnp_port;
+        tokio::spawn(async move {
+            if let Err(e) = crate::frontend::upnp::serve(seam, port).await {
+                warn!("UPnP IGD front end: {e}");
+            }
+        });
+    }
+    if config.frontends.natpmp || config.frontends.pcp {
+        let sockets = crate::frontend::service::bind(&config.frontends)
+            .await
+            .map_err(DaemonError::Frontend)?;
+        info!(redirects = ?config.mirror.redirects, "front ends: redirected from");
+        tokio::spawn(crate::frontend::service::serve(
+            sockets,
+            seam,
+            config.frontends.clone(),
+        ));
+    } else if config.frontends.upnp {
+        tokio::spawn(seam.sweep());
+    }
 
     notify(Status::Ready);
     info!(socket = %config.local.socket.display(), gateway = %config.gateway.address, "ready");

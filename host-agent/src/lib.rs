@@ -9,8 +9,9 @@
 //! [`link`] keeps the connection to the gateway; [`server`] accepts applications and learns who
 //! they are; [`ports`] verifies that the port an application asks for is its own; [`mirror`]
 //! keeps the host table; [`machine`] owns the leases and decides, without IO and in time given
-//! to it; [`core`] carries out its decisions and ties it together; [`daemon`] starts and
-//! stops it all.
+//! to it; [`core`] carries out its decisions and ties it together; [`frontend`] answers
+//! NAT-PMP, PCP and UPnP IGD for applications that do not speak FWNP, as clients of the core;
+//! [`daemon`] starts and stops it all.
 //!
 //! It is not a firewall manager: it touches only its own table, and only for leases the gateway
 //! granted.
@@ -19,6 +20,7 @@
 pub mod config;
 pub mod core;
 pub mod daemon;
+pub mod frontend;
 pub mod link;
 pub mod machine;
 pub mod mirror;

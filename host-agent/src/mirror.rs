@@ -89,6 +89,7 @@ pub fn layout_of(config: &MirrorConfig) -> Option<Layout> {
         table: config.table.clone(),
         mode: config.mode.host_mode()?,
         always_allowed: config.always_allowed.clone(),
+        redirects: config.redirects.clone(),
     }))
 }
 

@@ -302,6 +302,23 @@ impl ProcFs {
             .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
     }
 
+    /// The processes holding any of `inodes` (who sent a datagram from a port, for the front
+    /// ends), in pid order.
+    pub fn holders(&self, inodes: &HashSet<u64>) -> Vec<u32> {
+        let mut found: Vec<u32> = self
+            .pids()
+            .filter(|pid| !self.socket_inodes(*pid).is_disjoint(inodes))
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
+    /// The parent of `pid`, if it still runs.
+    pub fn parent(&self, pid: u32) -> Option<u32> {
+        let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
+        parse_ppid(&stat)
+    }
+
     /// The socket inodes `pid` holds open.
     pub fn socket_inodes(&self, pid: u32) -> HashSet<u64> {
         let dir = self.root.join(pid.to_string()).join("fd");

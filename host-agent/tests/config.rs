@@ -126,3 +126,48 @@ fn parse_errors_carry_the_line() {
     .expect("valid");
     assert_eq!(config.mirror.mode, MirrorMode::Monitor);
 }
+
+#[test]
+fn front_ends_are_off_by_default_and_their_keys_checked() {
+    let config = AgentConfig::parse(MINIMAL, "a.toml").expect("valid");
+    assert!(!config.frontends.natpmp && !config.frontends.pcp && !config.frontends.upnp);
+    assert_eq!(config.frontends.upnp_port, 49152);
+    assert_eq!(config.frontends.port, 5351);
+    let config = AgentConfig::parse(
+        &format!("{MINIMAL}[frontends]\nnatpmp = true\nport = 15351\ngateways = [\"192.0.2.1\", \"2001:db8::1\"]\n"),
+        "a.toml",
+    )
+    .expect("valid");
+    assert!(config.frontends.natpmp);
+    assert_eq!(config.frontends.port, 15351);
+    assert_eq!(config.frontends.gateways.len(), 2);
+    for (text, line, reason) in [
+        (
+            format!("{MINIMAL}[frontends]\nport = 0\n"),
+            9,
+            "between 1 and 65535",
+        ),
+        (
+            format!("{MINIMAL}[frontends]\nnatpmp = true\ngateways = [\"gw.example\"]\n"),
+            10,
+            "expected an IPv4 or IPv6 address",
+        ),
+        (
+            format!("{MINIMAL}[frontends]\nnat_pmp = true\n"),
+            9,
+            "nat_pmp",
+        ),
+    ] {
+        match AgentConfig::parse(&text, "a.toml") {
+            Err(ConfigError::Invalid {
+                line: at,
+                reason: why,
+                ..
+            }) => {
+                assert_eq!(at, line, "{why}");
+                assert!(why.contains(reason), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -12,6 +12,8 @@
 //! Needs root: skipped otherwise, and failing instead when FWNP_REQUIRE_NETNS=1.
 
 mod common;
+#[path = "netns/frontends.rs"]
+mod frontends;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

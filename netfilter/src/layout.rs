@@ -80,6 +80,24 @@ pub struct HostLayout {
     pub mode: HostMode,
     /// Entries that always pass.
     pub always_allowed: Vec<AlwaysAllowed>,
+    /// Locally generated traffic sent to another address that the host answers itself.
+    pub redirects: Vec<LocalRedirect>,
+}
+
+/// Locally generated packets to `to`, `protocol` port `port` are sent to the host itself on
+/// loopback port `local_port` instead (a destination NAT on the output hook, so that only the
+/// host's own traffic is concerned). NAT-PMP and PCP clients send their requests to the default
+/// gateway's port 5351; the host agent answers them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct LocalRedirect {
+    /// The destination matched.
+    pub to: IpAddr,
+    /// The transport protocol matched (TCP or UDP).
+    pub protocol: Protocol,
+    /// The destination port matched.
+    pub port: u16,
+    /// The port on loopback (127.0.0.1 or ::1) the packets go to instead.
+    pub local_port: u16,
 }
 
 impl Default for HostLayout {
@@ -88,6 +106,7 @@ impl Default for HostLayout {
             table: "fwnp_host".into(),
             mode: HostMode::Enforce,
             always_allowed: Vec::new(),
+            redirects: Vec::new(),
         }
     }
 }
@@ -159,6 +178,12 @@ pub(crate) const NFT_TABLE_F_OWNER: u32 = 0x2;
 pub(crate) const NFT_TABLE_F_PERSIST: u32 = 0x4;
 const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
+const NF_INET_LOCAL_OUT: u32 = 3;
+/// Destination NAT's priority (`dstnat`, NF_IP_PRI_NAT_DST).
+const NF_PRI_NAT_DST: i32 = -100;
+/// The redirect's port comes from a register (NF_NAT_RANGE_PROTO_SPECIFIED).
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 0x2;
+const IPPROTO_UDP: u8 = 17;
 const NFT_SET_INTERVAL: u32 = 0x4;
 const NFT_SET_TIMEOUT: u32 = 0x10;
 const NFT_SET_CONCAT: u32 = 0x80;
@@ -279,6 +304,17 @@ pub(crate) fn validate(layout: &Layout) -> Result<(), Error> {
             }
         }
         Layout::Host(h) => {
+            for redirect in &h.redirects {
+                if !matches!(redirect.protocol, Protocol::Tcp | Protocol::Udp)
+                    || redirect.port == 0
+                    || redirect.local_port == 0
+                {
+                    return Err(Error::InvalidLayout(format!(
+                        "a redirect is of TCP or UDP to a non-zero port, not {}/{} to {}",
+                        redirect.protocol, redirect.port, redirect.local_port
+                    )));
+                }
+            }
             for entry in &h.always_allowed {
                 validate_prefix(&entry.remote)?;
                 if let Some(ports) = entry.ports
@@ -482,6 +518,19 @@ impl RuleBuilder<'_> {
         });
     }
 
+    /// Sends the packet to the host itself, on loopback port `port`.
+    fn redirect_to_port(&mut self, port: u16) {
+        self.expr("immediate", |b| {
+            b.put_u32(1, REG_1); // NFTA_IMMEDIATE_DREG
+            b.put_data_value(2, &port.to_be_bytes()); // NFTA_IMMEDIATE_DATA
+        });
+        self.expr("redir", |b| {
+            b.put_u32(1, REG_1); // NFTA_REDIR_REG_PROTO_MIN
+            b.put_u32(2, REG_1); // NFTA_REDIR_REG_PROTO_MAX
+            b.put_u32(3, NF_NAT_RANGE_PROTO_SPECIFIED); // NFTA_REDIR_FLAGS
+        });
+    }
+
     fn reject(&mut self, kind: u32, code: Option<u8>) {
         self.expr("reject", |b| {
             b.put_u32(1, kind); // NFTA_REJECT_TYPE
@@ -573,6 +622,10 @@ impl<S: Sequencer> TableWriter<'_, S> {
     }
 
     fn chain(&mut self, name: &str, hook: Option<u32>) {
+        self.chain_of(name, hook, 0, "filter");
+    }
+
+    fn chain_of(&mut self, name: &str, hook: Option<u32>, priority: i32, kind: &str) {
         let seq = self.seq.next(Op::CreateChain);
         let m = self.b.begin_nft(
             NFT_MSG_NEWCHAIN,
@@ -585,16 +638,16 @@ impl<S: Sequencer> TableWriter<'_, S> {
         if let Some(hooknum) = hook {
             let nest = self.b.nest_start(NFTA_CHAIN_HOOK);
             self.b.put_u32(NFTA_HOOK_HOOKNUM, hooknum);
-            self.b.put_u32(NFTA_HOOK_PRIORITY, 0); // priority "filter"
+            self.b.put_u32(NFTA_HOOK_PRIORITY, priority as u32);
             self.b.nest_end(nest);
             self.b.put_u32(NFTA_CHAIN_POLICY, NF_ACCEPT);
-            self.b.put_str(NFTA_CHAIN_TYPE, "filter");
+            self.b.put_str(NFTA_CHAIN_TYPE, kind);
         }
         self.b.end_msg(m);
         self.expected.chains.push((name.to_string(), 0));
         let props = hook.map(|hooknum| ChainProps {
             hooknum,
-            priority: 0,
+            priority: priority as u32,
             policy: NF_ACCEPT,
         });
         self.expected.chain_props.push((name.to_string(), props));
@@ -775,6 +828,30 @@ fn write_host<S: Sequencer>(w: &mut TableWriter<'_, S>, h: &HostLayout) {
         r.counter("unmatched");
         r.verdict(verdict, None);
     });
+    if !h.redirects.is_empty() {
+        w.chain_of("redirect", Some(NF_INET_LOCAL_OUT), NF_PRI_NAT_DST, "nat");
+        for redirect in &h.redirects {
+            let full = match redirect.to {
+                IpAddr::V4(_) => 32,
+                IpAddr::V6(_) => 128,
+            };
+            w.rule("redirect", |r| {
+                r.addr_in(
+                    &Prefix {
+                        addr: redirect.to,
+                        len: full,
+                    },
+                    false,
+                );
+                r.l4proto(match redirect.protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    _ => IPPROTO_UDP,
+                });
+                r.dport_in(PortRange::single(redirect.port));
+                r.redirect_to_port(redirect.local_port);
+            });
+        }
+    }
 }
 
 #[cfg(test)]

@@ -117,7 +117,9 @@ pub use batcher::{BatchStats, Batcher, BatcherConfig, RepairEvent, RepairTrigger
 pub use error::Error;
 use fwnp_proto::Grant;
 pub use fwnp_proto::message::{PortRange, Prefix, Protocol};
-pub use layout::{AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, Refuse};
+pub use layout::{
+    AlwaysAllowed, GatewayLayout, HostLayout, HostMode, Layout, LocalRedirect, Refuse,
+};
 pub use netfilter::{Counter, Netfilter, Ownership, RenewMethod};
 
 /// One set element of the table: what the kernel holds for an opening granted to a host (one

@@ -1,0 +1,427 @@
+//! PCP (RFC 6887) messages the agent serves: ANNOUNCE and MAP, with the FILTER and
+//! PREFER_FAILURE options. No I/O here: bytes in, a typed request or the result code of the
+//! refusal out, and answers written into byte vectors.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+/// The version of PCP.
+pub const VERSION: u8 = 2;
+/// ANNOUNCE.
+pub const OP_ANNOUNCE: u8 = 0;
+/// MAP.
+pub const OP_MAP: u8 = 1;
+/// The longest PCP message.
+pub const MAX_MESSAGE: usize = 1100;
+/// The common header of a request and of an answer.
+pub const HEADER_LEN: usize = 24;
+/// MAP's opcode-specific part.
+pub const MAP_LEN: usize = 36;
+/// THIRD_PARTY: not served (a process asks for itself).
+pub const OPTION_THIRD_PARTY: u8 = 1;
+/// PREFER_FAILURE: always honoured, as the agent never assigns another port.
+pub const OPTION_PREFER_FAILURE: u8 = 2;
+/// FILTER: only these remote peers.
+pub const OPTION_FILTER: u8 = 3;
+/// Most FILTER options in one request (each becomes a remote prefix of the lease).
+pub const MAX_FILTERS: usize = 16;
+
+/// PCP's result codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultCode {
+    /// 0.
+    Success,
+    /// 1.
+    UnsupportedVersion,
+    /// 2: the port is another program's, the policy says no, this user may not use the agent,
+    /// or the nonce is not the mapping's.
+    NotAuthorized,
+    /// 3.
+    MalformedRequest,
+    /// 4.
+    UnsupportedOpcode,
+    /// 5.
+    UnsupportedOption,
+    /// 6.
+    MalformedOption,
+    /// 7: the agent has no connection to the gateway.
+    NetworkFailure,
+    /// 8.
+    NoResources,
+    /// 9: a protocol FWNP does not open (or "all protocols").
+    UnsupportedProtocol,
+    /// 10: the host holds as many leases as the policy allows.
+    UserExceededQuota,
+    /// 12: the client's address is not the one it sends from, or not the host's.
+    AddressMismatch,
+    /// 13: more FILTER options than the agent takes.
+    ExcessiveRemotePeers,
+}
+
+impl ResultCode {
+    /// The number on the wire.
+    pub fn number(self) -> u8 {
+        match self {
+            ResultCode::Success => 0,
+            ResultCode::UnsupportedVersion => 1,
+            ResultCode::NotAuthorized => 2,
+            ResultCode::MalformedRequest => 3,
+            ResultCode::UnsupportedOpcode => 4,
+            ResultCode::UnsupportedOption => 5,
+            ResultCode::MalformedOption => 6,
+            ResultCode::NetworkFailure => 7,
+            ResultCode::NoResources => 8,
+            ResultCode::UnsupportedProtocol => 9,
+            ResultCode::UserExceededQuota => 10,
+            ResultCode::AddressMismatch => 12,
+            ResultCode::ExcessiveRemotePeers => 13,
+        }
+    }
+}
+
+/// A FILTER option: only peers in this prefix (and from this port, 0 for any) may connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filter {
+    /// The peer's address (an IPv4 one when the option carried an IPv4-mapped address).
+    pub address: IpAddr,
+    /// The prefix length, of `address`'s family.
+    pub prefix_len: u8,
+    /// The peer's port, 0 for any.
+    pub port: u16,
+}
+
+/// A MAP request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Map {
+    /// Identifies the mapping's client.
+    pub nonce: [u8; 12],
+    /// The IANA protocol number.
+    pub protocol: u8,
+    /// The port the application listens on.
+    pub internal_port: u16,
+    /// The external port it would like (ignored: the internal one is what is granted).
+    pub suggested_external_port: u16,
+    /// The external address it would like (ignored).
+    pub suggested_external_address: IpAddr,
+    /// FILTER options, in order.
+    pub filters: Vec<Filter>,
+    /// Whether PREFER_FAILURE was sent.
+    pub prefer_failure: bool,
+}
+
+/// The parts of a request the answer needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    /// Seconds asked; 0 deletes.
+    pub lifetime: u32,
+    /// The address the client says it sends from (an IPv4 one for an IPv4-mapped address).
+    pub client: IpAddr,
+    /// ANNOUNCE or MAP.
+    pub op: Op,
+}
+
+/// The opcodes served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// ANNOUNCE.
+    Announce,
+    /// MAP.
+    Map(Map),
+}
+
+/// Why a request is not served; [`RequestError::answer`] builds its answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Shorter than two octets, or an answer: dropped without an answer (RFC 6887 section 8.3).
+    #[error("not a PCP request")]
+    Dropped,
+    /// The request is answered with this code.
+    #[error("PCP request refused: {reason}")]
+    Refused {
+        /// The code.
+        code: ResultCode,
+        /// Why, for the log.
+        reason: &'static str,
+    },
+}
+
+/// An address of the 16-octet form: IPv4-mapped addresses are IPv4.
+fn address_at(bytes: &[u8]) -> IpAddr {
+    let mut octets = [0u8; 16];
+    octets.copy_from_slice(bytes);
+    let v6 = Ipv6Addr::from(octets);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+/// The 16-octet form of an address.
+pub fn address_bytes(address: IpAddr) -> [u8; 16] {
+    match address {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+fn refused(code: ResultCode, reason: &'static str) -> RequestError {
+    RequestError::Refused { code, reason }
+}
+
+/// Reads a request.
+///
+/// ```
+/// use fwnp_agent::frontend::pcp::{decode_request, Op};
+/// let mut announce = vec![2, 0, 0, 0, 0, 0, 0, 0];
+/// announce.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 7]);
+/// let request = decode_request(&announce).unwrap();
+/// assert_eq!(request.op, Op::Announce);
+/// assert_eq!(request.client, "192.0.2.7".parse::<std::net::IpAddr>().unwrap());
+/// ```
+pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
+    let (Some(&version), Some(&second)) = (bytes.first(), bytes.get(1)) else {
+        return Err(RequestError::Dropped);
+    };
+    if second & 0x80 != 0 {
+        return Err(RequestError::Dropped);
+    }
+    if version != VERSION {
+        return Err(refused(ResultCode::UnsupportedVersion, "not version 2"));
+    }
+    if bytes.len() > MAX_MESSAGE || !bytes.len().is_multiple_of(4) || bytes.len() < HEADER_LEN {
+        return Err(refused(
+            ResultCode::MalformedRequest,
+            "the length is not a multiple of 4 between 24 and 1100",
+        ));
+    }
+    let opcode = second & 0x7f;
+    let lifetime = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    let client = address_at(&bytes[8..24]);
+    let (op, options) = match opcode {
+        OP_ANNOUNCE => (Op::Announce, &bytes[HEADER_LEN..]),
+        OP_MAP => {
+            let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + MAP_LEN) else {
+                return Err(refused(ResultCode::MalformedRequest, "MAP is truncated"));
+            };
+            let mut nonce = [0u8; 12];
+            nonce.copy_from_slice(&body[..12]);
+            let map = Map {
+                nonce,
+                protocol: body[12],
+                internal_port: u16::from_be_bytes([body[16], body[17]]),
+                suggested_external_port: u16::from_be_bytes([body[18], body[19]]),
+                suggested_external_address: address_at(&body[20..36]),
+                filters: Vec::new(),
+                prefer_failure: false,
+            };
+            (Op::Map(map), &bytes[HEADER_LEN + MAP_LEN..])
+        }
+        _ => return Err(refused(ResultCode::UnsupportedOpcode, "unknown opcode")),
+    };
+    let mut op = op;
+    let mut rest = options;
+    // Each option takes at least its 4-octet header: bounded by the message's length.
+    while !rest.is_empty() {
+        let Some(header) = rest.get(..4) else {
+            return Err(refused(
+                ResultCode::MalformedOption,
+                "option header truncated",
+            ));
+        };
+        let code = header[0];
+        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+        let padded = len.div_ceil(4) * 4;
+        let Some(data) = rest.get(4..4 + len) else {
+            return Err(refused(
+                ResultCode::MalformedOption,
+                "option data truncated",
+            ));
+        };
+        rest = rest.get(4 + padded..).unwrap_or(&[]);
+        match (&mut op, code) {
+            (Op::Map(map), OPTION_FILTER) => {
+                if len != 20 {
+                    return Err(refused(ResultCode::MalformedOption, "FILTER is 20 octets"));
+                }
+                let prefix_len = data[1];
+                let port = u16::from_be_bytes([data[2], data[3]]);
+                let address = address_at(&data[4..20]);
+                let prefix_len = match address {
+                    IpAddr::V4(_) if (96..=128).contains(&prefix_len) => prefix_len - 96,
+                    IpAddr::V6(_) if prefix_len <= 128 => prefix_len,
+                    _ => {
+                        return Err(refused(
+                            ResultCode::MalformedOption,
+                            "FILTER prefix length out of range",
+                        ));
+                    }
+                };
+                if map.filters.len() >= MAX_FILTERS {
+                    return Err(refused(
+                        ResultCode::ExcessiveRemotePeers,
+                        "too many FILTER options",
+                    ));
+                }
+                map.filters.push(Filter {
+                    address,
+                    prefix_len,
+                    port,
+                });
+            }
+            (Op::Map(map), OPTION_PREFER_FAILURE) => map.prefer_failure = true,
+            // Options 128 and above may be ignored; below, they must be understood.
+            (_, code) if code >= 128 => {}
+            _ => {
+                return Err(refused(
+                    ResultCode::UnsupportedOption,
+                    "an option the agent does not serve",
+                ));
+            }
+        }
+    }
+    Ok(Request {
+        lifetime,
+        client,
+        op,
+    })
+}
+
+/// The common header of an answer to `opcode`.
+fn header(opcode: u8, result: ResultCode, lifetime: u32, epoch: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + MAP_LEN);
+    out.push(VERSION);
+    out.push(0x80 | (opcode & 0x7f));
+    out.push(0);
+    out.push(result.number());
+    out.extend_from_slice(&lifetime.to_be_bytes());
+    out.extend_from_slice(&epoch.to_be_bytes());
+    out.extend_from_slice(&[0u8; 12]);
+    out
+}
+
+impl RequestError {
+    /// The answer to the refused `request`, if it gets one: the header with the code, then
+    /// the request's opcode-specific part copied, as RFC 6887 section 7.2 asks.
+    pub fn answer(&self, request: &[u8], epoch: u32) -> Option<Vec<u8>> {
+        let RequestError::Refused { code, .. } = self else {
+            return None;
+        };
+        let opcode = request.get(1).copied().unwrap_or(0) & 0x7f;
+        // Errors that will not go away by retrying soon are long-lived.
+        let lifetime = match code {
+            ResultCode::NetworkFailure | ResultCode::NoResources => 30,
+            _ => 1800,
+        };
+        let mut out = header(opcode, *code, lifetime, epoch);
+        if *code != ResultCode::UnsupportedVersion
+            && let Some(rest) = request.get(HEADER_LEN..)
+        {
+            let end = rest.len().min(MAX_MESSAGE - HEADER_LEN) / 4 * 4;
+            out.extend_from_slice(&rest[..end]);
+        }
+        Some(out)
+    }
+}
+
+/// The answer to an ANNOUNCE.
+pub fn encode_announce(epoch: u32) -> Vec<u8> {
+    header(OP_ANNOUNCE, ResultCode::Success, 0, epoch)
+}
+
+/// The answer to a MAP: the mapping's lifetime, the port granted as external port (the
+/// internal one: FWNP does not translate) and the host's address as external address.
+pub fn encode_map(
+    map: &Map,
+    result: ResultCode,
+    lifetime: u32,
+    epoch: u32,
+    external_port: u16,
+    external_address: IpAddr,
+) -> Vec<u8> {
+    let mut out = header(OP_MAP, result, lifetime, epoch);
+    out.extend_from_slice(&map.nonce);
+    out.push(map.protocol);
+    out.extend_from_slice(&[0, 0, 0]);
+    out.extend_from_slice(&map.internal_port.to_be_bytes());
+    out.extend_from_slice(&external_port.to_be_bytes());
+    out.extend_from_slice(&address_bytes(external_address));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map_request(lifetime: u32, options: &[u8]) -> Vec<u8> {
+        let mut out = vec![2, 1, 0, 0];
+        out.extend_from_slice(&lifetime.to_be_bytes());
+        out.extend_from_slice(&address_bytes("198.51.100.2".parse().unwrap()));
+        out.extend_from_slice(&[7u8; 12]);
+        out.extend_from_slice(&[6, 0, 0, 0, 0x1c, 0xe8, 0, 0]);
+        out.extend_from_slice(&[0u8; 16]);
+        out.extend_from_slice(options);
+        out
+    }
+
+    #[test]
+    fn decodes_map_with_filter() {
+        let mut filter = vec![OPTION_FILTER, 0, 0, 20, 0, 120, 0, 0];
+        filter.extend_from_slice(&address_bytes("203.0.113.0".parse().unwrap()));
+        let request = decode_request(&map_request(60, &filter)).unwrap();
+        assert_eq!(request.lifetime, 60);
+        assert_eq!(request.client, "198.51.100.2".parse::<IpAddr>().unwrap());
+        let Op::Map(map) = request.op else {
+            panic!("not MAP")
+        };
+        assert_eq!((map.protocol, map.internal_port), (6, 7400));
+        assert_eq!(
+            map.filters,
+            vec![Filter {
+                address: "203.0.113.0".parse().unwrap(),
+                prefix_len: 24,
+                port: 0
+            }]
+        );
+        let answer = encode_map(
+            &map,
+            ResultCode::Success,
+            60,
+            5,
+            7400,
+            "198.51.100.2".parse().unwrap(),
+        );
+        assert_eq!(answer.len(), HEADER_LEN + MAP_LEN);
+        assert_eq!(answer[..4], [2, 0x81, 0, 0]);
+        assert_eq!(answer[24..36], [7u8; 12]);
+    }
+
+    #[test]
+    fn refuses_with_the_right_codes() {
+        let code = |bytes: &[u8]| match decode_request(bytes) {
+            Err(RequestError::Refused { code, .. }) => Some(code),
+            _ => None,
+        };
+        assert_eq!(decode_request(&[2]), Err(RequestError::Dropped));
+        assert_eq!(decode_request(&[2, 0x81, 0, 0]), Err(RequestError::Dropped));
+        assert_eq!(code(&[3, 1, 0, 0]), Some(ResultCode::UnsupportedVersion));
+        let request = map_request(60, &[]);
+        assert_eq!(code(&request[..40]), Some(ResultCode::MalformedRequest));
+        assert_eq!(code(&request[..41]), Some(ResultCode::MalformedRequest));
+        let mut unknown = request.clone();
+        unknown[1] = 9;
+        assert_eq!(code(&unknown), Some(ResultCode::UnsupportedOpcode));
+        assert_eq!(
+            code(&map_request(60, &[OPTION_THIRD_PARTY, 0, 0, 0])),
+            Some(ResultCode::UnsupportedOption)
+        );
+        assert_eq!(
+            code(&map_request(60, &[OPTION_FILTER, 0, 0, 4, 0, 0, 0, 0])),
+            Some(ResultCode::MalformedOption)
+        );
+        // An optional option is ignored.
+        assert!(decode_request(&map_request(60, &[200, 0, 0, 0])).is_ok());
+        let error = decode_request(&unknown).unwrap_err();
+        let answer = error.answer(&unknown, 3).expect("an answer");
+        assert_eq!(answer[..4], [2, 0x89, 0, 4]);
+        assert_eq!(answer.len(), unknown.len());
+    }
+}

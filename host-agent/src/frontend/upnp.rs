@@ -1,0 +1,929 @@
+//! A UPnP Internet Gateway Device on the host itself: SSDP discovery from local processes is
+//! answered (the agent joins 239.255.255.250:1900), the device description is served over
+//! HTTP, and WANIPConnection's actions (IGD v1 and v2) become FWNP leases through the seam.
+//! Who asks is the process at the other end of the HTTP connection.
+//!
+//! HTTP is axum's, SSDP's HTTP-over-UDP is read with httparse and SOAP's XML with quick-xml: a
+//! document type declaration or an entity other than XML's five is refused, and a body above
+//! [`MAX_BODY`] is refused before it is read whole.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fwnp_proto::local::{DenialCode, LocalCode};
+use fwnp_proto::{Prefix, Protocol, ResultCode as WireCode};
+use quick_xml::events::Event;
+use tokio::net::UdpSocket;
+use tracing::{debug, info, warn};
+
+use super::{MapRequest, Refusal, Seam, Via};
+
+/// The default TCP port of the description and control.
+pub const DEFAULT_PORT: u16 = 49152;
+/// The largest SOAP request read.
+pub const MAX_BODY: usize = 16 * 1024;
+/// Deepest element nesting of a SOAP request.
+const MAX_DEPTH: usize = 8;
+/// Most arguments of one action.
+pub const MAX_ARGUMENTS: usize = 16;
+/// The SSDP multicast group and port.
+const SSDP_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 255, 250);
+const SSDP_PORT: u16 = 1900;
+/// The device's UUID (one device per host; it only needs to be stable for a run).
+const UUID: &str = "f3a4c1e2-46b0-4c57-9e1f-0a5e7f0b1d2c";
+const IGD: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:1";
+const WAN_IP: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
+const WAN_COMMON: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
+const WAN_IP6_FW: &str = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
+const CONTROL_PATH: &str = "/ctl/IPConn";
+const FIREWALL_PATH: &str = "/ctl/IP6FCtl";
+/// The SSDP multicast group of IPv6, link-local scope.
+const SSDP_GROUP_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0xc);
+/// Longest pinhole lease (WANIPv6FirewallControl's range is 1 to 86400 seconds).
+const MAX_PINHOLE_LEASE: u32 = 86_400;
+const COMMON_PATH: &str = "/ctl/CmnIfCfg";
+
+/// A SOAP action request: its name and arguments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    /// The action's name (the local name of the element in the Body).
+    pub name: String,
+    /// Its arguments, in order.
+    pub arguments: Vec<(String, String)>,
+}
+
+impl Action {
+    /// The value of argument `name` (empty when absent).
+    pub fn argument(&self, name: &str) -> &str {
+        self.arguments
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+}
+
+/// Why a SOAP request cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SoapError {
+    /// The body holds a document type declaration (where entities would be declared).
+    #[error("a document type declaration is not accepted")]
+    Dtd,
+    /// The body refers to an entity other than XML's predefined ones.
+    #[error("entity {0:?} is not accepted")]
+    Entity(String),
+    /// Elements nested deeper than a SOAP request needs, or too many arguments.
+    #[error("the request is too deep or has too many arguments")]
+    TooLarge,
+    /// Not well-formed XML, or no action in a Body.
+    #[error("not a SOAP request: {0}")]
+    Malformed(String),
+}
+
+/// Reads a SOAP request: the first element inside `Body` is the action, its children the
+/// arguments.
+///
+/// ```
+/// use fwnp_agent::frontend::upnp::parse_soap;
+/// let body = br#"<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><u:DeletePortMapping xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:1"><NewExternalPort>7500</NewExternalPort><NewProtocol>TCP</NewProtocol></u:DeletePortMapping></s:Body></s:Envelope>"#;
+/// let action = parse_soap(body).unwrap();
+/// assert_eq!(action.name, "DeletePortMapping");
+/// assert_eq!(action.argument("NewExternalPort"), "7500");
+/// ```
+pub fn parse_soap(body: &[u8]) -> Result<Action, SoapError> {
+    let mut reader = quick_xml::Reader::from_reader(body);
+    let malformed = |e: &dyn std::fmt::Display| SoapError::Malformed(e.to_string());
+    let mut path: Vec<String> = Vec::new();
+    let mut action: Option<Action> = None;
+    let mut current: Option<(String, String)> = None;
+    let mut buf = Vec::new();
+    loop {
+        let event = reader
+            .read_event_into(&mut buf)
+            .map_err(|e| malformed(&e))?;
+        match event {
+            Event::DocType(_) => return Err(SoapError::Dtd),
+            Event::GeneralRef(r) => {
+                let name = String::from_utf8_lossy(&r).into_owned();
+                let text = match name.as_str() {
+                    "lt" => "<".to_owned(),
+                    "gt" => ">".to_owned(),
+                    "amp" => "&".to_owned(),
+                    "apos" => "'".to_owned(),
+                    "quot" => "\"".to_owned(),
+                    _ => match r.resolve_char_ref() {
+                        Ok(Some(c)) => c.to_string(),
+                        _ => return Err(SoapError::Entity(name)),
+                    },
+                };
+                if let Some((_, value)) = current.as_mut() {
+                    value.push_str(&text);
+                }
+            }
+            Event::Start(e) => {
+                let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if path.len() >= MAX_DEPTH {
+                    return Err(SoapError::TooLarge);
+                }
+                let in_body = path.last().is_some_and(|p| p == "Body");
+                if in_body && action.is_none() {
+                    action = Some(Action {
+                        name: name.clone(),
+                        arguments: Vec::new(),
+                    });
+                } else if path.len() >= 2
+                    && path[path.len() - 2] == "Body"
+                    && action.is_some()
+                    && current.is_none()
+                {
+                    current = Some((name.clone(), String::new()));
+                }
+                path.push(name);
+            }
+            Event::Empty(e) => {
+                let name = String::from_utf8_lossy(e.local_name().as_ref()).into_owned();
+                if path.last().is_some_and(|p| p == "Body") && action.is_none() {
+                    action = Some(Action {
+                        name,
+                        arguments: Vec::new(),
+                    });
+                } else if path.len() >= 2
+                    && path[path.len() - 2] == "Body"
+                    && let Some(a) = action.as_mut()
+                {
+                    if a.arguments.len() >= MAX_ARGUMENTS {
+                        return Err(SoapError::TooLarge);
+                    }
+                    a.arguments.push((name, String::new()));
+                }
+            }
+            Event::Text(t) => {
+                if let Some((_, value)) = current.as_mut() {
+                    value.push_str(&t.decode().map_err(|e| malformed(&e))?);
+                }
+            }
+            Event::End(_) => {
+                path.pop();
+                if path.len() >= 2
+                    && path[path.len() - 2] == "Body"
+                    && let (Some(a), Some(arg)) = (action.as_mut(), current.take())
+                {
+                    if a.arguments.len() >= MAX_ARGUMENTS {
+                        return Err(SoapError::TooLarge);
+                    }
+                    a.arguments.push((arg.0, arg.1.trim().to_owned()));
+                }
+            }
+            Event::Eof => break,
+            _ => {}
+        }
+        buf.clear();
+    }
+    action.ok_or_else(|| SoapError::Malformed("no action in a SOAP Body".into()))
+}
+
+/// The device description, with the control URLs on `base`.
+pub fn description(base: &str) -> String {
+    format!(
+        r#"<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><specVersion><major>1</major><minor>0</minor></specVersion><URLBase>{base}</URLBase>
+<device><deviceType>{IGD}</deviceType><friendlyName>FWNP host agent</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}</UDN>
+<serviceList><service><serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType><serviceId>urn:upnp-org:serviceId:L3Forwarding1</serviceId><controlURL>/ctl/L3F</controlURL><eventSubURL>/evt/L3F</eventSubURL><SCPDURL>/L3F.xml</SCPDURL></service></serviceList>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-1</UDN>
+<serviceList><service><serviceType>{WAN_COMMON}</serviceType><serviceId>urn:upnp-org:serviceId:WANCommonIFC1</serviceId><controlURL>{COMMON_PATH}</controlURL><eventSubURL>/evt/CmnIfCfg</eventSubURL><SCPDURL>/WANCfg.xml</SCPDURL></service></serviceList>
+<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><friendlyName>WAN connection</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-2</UDN>
+<serviceList><service><serviceType>{WAN_IP}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><controlURL>{CONTROL_PATH}</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL></service><service><serviceType>{WAN_IP6_FW}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPv6Firewall1</serviceId><controlURL>{FIREWALL_PATH}</controlURL><eventSubURL>/evt/IP6FCtl</eventSubURL><SCPDURL>/WANIP6FC.xml</SCPDURL></service></serviceList>
+</device></deviceList></device></deviceList></device></root>
+"#
+    )
+}
+
+fn envelope(inner: &str) -> String {
+    format!(
+        r#"<?xml version="1.0"?>
+<s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body>{inner}</s:Body></s:Envelope>
+"#
+    )
+}
+
+/// The answer to `action` of `service` with these output arguments.
+pub fn soap_response(service: &str, action: &str, arguments: &[(&str, String)]) -> String {
+    let mut inner = format!(r#"<u:{action}Response xmlns:u="{service}">"#);
+    for (name, value) in arguments {
+        inner.push_str(&format!(
+            "<{name}>{}</{name}>",
+            quick_xml::escape::escape(value.as_str())
+        ));
+    }
+    inner.push_str(&format!("</u:{action}Response>"));
+    envelope(&inner)
+}
+
+/// A SOAP fault carrying a UPnP error.
+pub fn soap_fault(code: u16, description: &str) -> String {
+    envelope(&format!(
+        r#"<s:Fault><faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail><UPnPError xmlns="urn:schemas-upnp-org:control-1-0"><errorCode>{code}</errorCode><errorDescription>{}</errorDescription></UPnPError></detail></s:Fault>"#,
+        quick_xml::escape::escape(description)
+    ))
+}
+
+/// UPnP's error code for a refusal.
+fn upnp_code(refusal: &Refusal) -> (u16, &'static str) {
+    match refusal {
+        Refusal::Denied {
+            code: DenialCode::Wire(WireCode::QuotaExceeded | WireCode::NoResources),
+            ..
+        } => (728, "NoPortMapsAvailable"),
+        Refusal::Denied {
+            code: DenialCode::Local(LocalCode::GatewayUnreachable),
+            ..
+        }
+        | Refusal::CoreGone
+        | Refusal::NoAnswer => (501, "Action Failed"),
+        _ => (606, "Action not authorized"),
+    }
+}
+
+struct Device {
+    seam: Arc<Seam>,
+    port: u16,
+    /// Pinholes by their UniqueID: the request that made each (refreshed by UpdatePinhole).
+    pinholes: tokio::sync::Mutex<Pinholes>,
+}
+
+#[derive(Default)]
+struct Pinholes {
+    next: u16,
+    made: std::collections::HashMap<u16, MapRequest>,
+}
+
+fn xml(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/xml; charset=\"utf-8\"")],
+        body,
+    )
+        .into_response()
+}
+
+fn fault(code: u16, description: &str) -> Response {
+    xml(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        soap_fault(code, description),
+    )
+}
+
+/// Whether `address` is one of this host's (only local processes are served).
+fn is_local(address: IpAddr) -> bool {
+    is_local_socket(SocketAddr::new(address, 0))
+}
+
+/// The same, with the scope of a link-local IPv6 address.
+fn is_local_socket(address: SocketAddr) -> bool {
+    let probe = match address {
+        SocketAddr::V4(v4) => SocketAddr::V4(std::net::SocketAddrV4::new(*v4.ip(), 0)),
+        SocketAddr::V6(v6) => {
+            SocketAddr::V6(std::net::SocketAddrV6::new(*v6.ip(), 0, 0, v6.scope_id()))
+        }
+    };
+    address.ip().is_loopback() || std::net::UdpSocket::bind(probe).is_ok()
+}
+
+/// A peer's address as IPv4 when it is an IPv4-mapped one (the listener is dual-stack).
+fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
+async fn root(
+    State(device): State<Arc<Device>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Response {
+    let peer = canonical(peer);
+    if !is_local(peer.ip()) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let host = match peer.ip() {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        v4 => v4.to_string(),
+    };
+    xml(
+        StatusCode::OK,
+        description(&format!("http://{host}:{}/", device.port)),
+    )
+}
+
+async fn common(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
+    let peer = canonical(peer);
+    if !is_local(peer.ip()) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) => return fault(501, "Action Failed: the request is too large"),
+    };
+    match parse_soap(&body) {
+        Ok(action) if action.name == "GetCommonLinkProperties" => xml(
+            StatusCode::OK,
+            soap_response(
+                WAN_COMMON,
+                &action.name,
+                &[
+                    ("NewWANAccessType", "Ethernet".into()),
+                    ("NewLayer1UpstreamMaxBitRate", "1000000000".into()),
+                    ("NewLayer1DownstreamMaxBitRate", "1000000000".into()),
+                    ("NewPhysicalLinkStatus", "Up".into()),
+                ],
+            ),
+        ),
+        Ok(_) => fault(401, "Invalid Action"),
+        Err(e) => fault(402, &format!("Invalid Args: {e}")),
+    }
+}
+
+async fn control(
+    State(device): State<Arc<Device>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let peer = canonical(peer);
+    if !is_local(peer.ip()) {
+        return StatusCode::FORBIDDEN.into_response();
+    }
+    let firewall = request.uri().path() == FIREWALL_PATH;
+    let local = request
+        .extensions()
+        .get::<LocalAddr>()
+        .map(|l| canonical(l.0))
+        .unwrap_or_else(|| SocketAddr::new(peer.ip(), device.port));
+    let body: Body = request.into_body();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) => {
+            info!(%peer, "UPnP request refused: a body above {MAX_BODY} bytes");
+            return fault(501, "Action Failed: the request is too large");
+        }
+    };
+    let action = match parse_soap(&body) {
+        Ok(action) => action,
+        Err(e) => {
+            info!(%peer, "UPnP request refused: {e}");
+            return fault(402, &format!("Invalid Args: {e}"));
+        }
+    };
+    debug!(%peer, action = %action.name, "UPnP action");
+    if firewall {
+        device.firewall(action, peer, local).await
+    } else {
+        device.act(action, peer, local).await
+    }
+}
+
+/// The agent's end of the connection, for finding the client's socket.
+#[derive(Debug, Clone, Copy)]
+struct LocalAddr(SocketAddr);
+
+impl Device {
+    /// WANIPv6FirewallControl: pinholes are FWNP leases on the caller's IPv6 address.
+    async fn firewall(&self, action: Action, peer: SocketAddr, local: SocketAddr) -> Response {
+        let ok = |arguments: &[(&str, String)]| {
+            xml(
+                StatusCode::OK,
+                soap_response(WAN_IP6_FW, &action.name, arguments),
+            )
+        };
+        let unique_id = || action.argument("UniqueID").parse::<u16>().ok();
+        match action.name.as_str() {
+            "GetFirewallStatus" => ok(&[
+                ("FirewallEnabled", "1".into()),
+                ("InboundPinholeAllowed", "1".into()),
+            ]),
+            // FWNP does not restrict outbound traffic.
+            "GetOutboundPinholeTimeout" => {
+                ok(&[("OutboundPinholeTimeout", MAX_PINHOLE_LEASE.to_string())])
+            }
+            "AddPinhole" => {
+                let protocol = match action.argument("Protocol") {
+                    "6" => Protocol::Tcp,
+                    "17" => Protocol::Udp,
+                    "132" => Protocol::Sctp,
+                    "136" => Protocol::UdpLite,
+                    _ => return fault(705, "ProtocolNotSupported"),
+                };
+                let (Ok(IpAddr::V6(internal)), Ok(port), Ok(lease)) = (
+                    action.argument("InternalClient").parse::<IpAddr>(),
+                    action.argument("InternalPort").parse::<u16>(),
+                    action.argument("LeaseTime").parse::<u32>(),
+                ) else {
+                    return fault(402, "Invalid Args");
+                };
+                if port == 0 || !(1..=MAX_PINHOLE_LEASE).contains(&lease) {
+                    return fault(402, "Invalid Args");
+                }
+                if !is_local(IpAddr::V6(internal)) {
+                    return fault(606, "Action not authorized: not an address of this host");
+                }
+                if !matches!(action.argument("RemotePort"), "" | "0") {
+                    return fault(
+                        606,
+                        "Action not authorized: FWNP does not restrict the remote port",
+                    );
+                }
+                let remotes = match action.argument("RemoteHost") {
+                    "" | "*" | "::" => Vec::new(),
+                    text => match text.parse::<std::net::Ipv6Addr>() {
+                        Ok(addr) => vec![Prefix {
+                            addr: IpAddr::V6(addr),
+                            len: 128,
+                        }],
+                        Err(_) => return fault(402, "Invalid Args: RemoteHost"),
+                    },
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                let request = MapRequest {
+                    via: Via::Upnp,
+                    requester,
+                    protocol,
+                    port,
+                    lifetime: lease,
+                    host: Some(IpAddr::V6(internal)),
+                    family: Some(fwnp_proto::Family::Ipv6),
+                    remotes,
+                    nonce: None,
+                };
+                match self.seam.map(request.clone()).await {
+                    Ok(mapped) => {
+                        let mut pinholes = self.pinholes.lock().await;
+                        pinholes.next = pinholes.next.wrapping_add(1).max(1);
+                        let id = pinholes.next;
+                        pinholes.made.insert(id, request);
+                        info!(
+                            pid = requester,
+                            holder = mapped.holder,
+                            port,
+                            id,
+                            "UPnP pinhole granted"
+                        );
+                        ok(&[("UniqueID", id.to_string())])
+                    }
+                    Err(e) => {
+                        info!(pid = requester, port, "UPnP pinhole refused: {e}");
+                        let (code, text) = upnp_code(&e);
+                        fault(code, &format!("{text}: {e}"))
+                    }
+                }
+            }
+            "UpdatePinhole" => {
+                let (Some(id), Ok(lease)) =
+                    (unique_id(), action.argument("NewLeaseTime").parse::<u32>())
+                else {
+                    return fault(402, "Invalid Args");
+                };
+                if !(1..=MAX_PINHOLE_LEASE).contains(&lease) {
+                    return fault(402, "Invalid Args");
+                }
+                let Some(mut request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                    return fault(704, "NoSuchEntry");
+                };
+                request.requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                request.lifetime = lease;
+                match self.seam.map(request).await {
+                    Ok(_) => ok(&[]),
+                    Err(e) => {
+                        let (code, text) = upnp_code(&e);
+                        fault(code, text)
+                    }
+                }
+            }
+            "DeletePinhole" => {
+                let Some(id) = unique_id() else {
+                    return fault(402, "Invalid Args");
+                };
+                let Some(request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                    return fault(704, "NoSuchEntry");
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                match self
+                    .seam
+                    .unmap(Via::Upnp, requester, request.protocol, request.port, None)
+                    .await
+                {
+                    Ok(0) => fault(704, "NoSuchEntry"),
+                    Ok(_) => {
+                        self.pinholes.lock().await.made.remove(&id);
+                        ok(&[])
+                    }
+                    Err(e) => {
+                        let (code, text) = upnp_code(&e);
+                        fault(code, text)
+                    }
+                }
+            }
+            _ => fault(401, "Invalid Action"),
+        }
+    }
+
+    async fn act(&self, action: Action, peer: SocketAddr, local: SocketAddr) -> Response {
+        let ok = |arguments: &[(&str, String)]| {
+            xml(
+                StatusCode::OK,
+                soap_response(WAN_IP, &action.name, arguments),
+            )
+        };
+        let protocol = || match action.argument("NewProtocol").to_ascii_uppercase().as_str() {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            _ => None,
+        };
+        match action.name.as_str() {
+            "GetStatusInfo" => ok(&[
+                ("NewConnectionStatus", "Connected".into()),
+                ("NewLastConnectionError", "ERROR_NONE".into()),
+                ("NewUptime", "0".into()),
+            ]),
+            "GetConnectionTypeInfo" => ok(&[
+                ("NewConnectionType", "IP_Routed".into()),
+                ("NewPossibleConnectionTypes", "IP_Routed".into()),
+            ]),
+            // FWNP does not translate: the host's address is its external address.
+            "GetExternalIPAddress" => ok(&[("NewExternalIPAddress", peer.ip().to_string())]),
+            "AddPortMapping" | "AddAnyPortMapping" => {
+                let (Some(protocol), Ok(internal), Ok(external)) = (
+                    protocol(),
+                    action.argument("NewInternalPort").parse::<u16>(),
+                    action.argument("NewExternalPort").parse::<u16>(),
+                ) else {
+                    return fault(402, "Invalid Args");
+                };
+                if internal == 0 {
+                    return fault(402, "Invalid Args");
+                }
+                if action.name == "AddPortMapping" && external != internal {
+                    return fault(724, "SamePortValuesRequired: FWNP does not translate ports");
+                }
+                // The mapping is for the caller's own host address.
+                let client = action.argument("NewInternalClient");
+                if client.parse::<IpAddr>().ok() != Some(peer.ip()) {
+                    return fault(
+                        606,
+                        "Action not authorized: the internal client is not the caller",
+                    );
+                }
+                let remote = action.argument("NewRemoteHost");
+                let remotes = match remote {
+                    "" | "*" => Vec::new(),
+                    text => match text.parse::<IpAddr>() {
+                        Ok(addr) => vec![Prefix {
+                            addr,
+                            len: if addr.is_ipv4() { 32 } else { 128 },
+                        }],
+                        Err(_) => return fault(402, "Invalid Args: NewRemoteHost"),
+                    },
+                };
+                let Ok(lifetime) = action.argument("NewLeaseDuration").parse::<u32>() else {
+                    return fault(402, "Invalid Args: NewLeaseDuration");
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                let family = Some(match peer.ip() {
+                    IpAddr::V4(_) => fwnp_proto::Family::Ipv4,
+                    IpAddr::V6(_) => fwnp_proto::Family::Ipv6,
+                });
+                match self
+                    .seam
+                    .map(MapRequest {
+                        via: Via::Upnp,
+                        requester,
+                        protocol,
+                        port: internal,
+                        lifetime,
+                        host: (!peer.ip().is_loopback()).then_some(peer.ip()),
+                        family,
+                        remotes,
+                        nonce: None,
+                    })
+                    .await
+                {
+                    Ok(mapped) => {
+                        info!(
+                            pid = requester,
+                            holder = mapped.holder,
+                            port = internal,
+                            "UPnP mapping granted"
+                        );
+                        if action.name == "AddAnyPortMapping" {
+                            ok(&[("NewReservedPort", internal.to_string())])
+                        } else {
+                            ok(&[])
+                        }
+                    }
+                    Err(e) => {
+                        info!(
+                            pid = requester,
+                            port = internal,
+                            "UPnP mapping refused: {e}"
+                        );
+                        let (code, text) = upnp_code(&e);
+                        fault(code, &format!("{text}: {e}"))
+                    }
+                }
+            }
+            "DeletePortMapping" => {
+                let (Some(protocol), Ok(port)) = (
+                    protocol(),
+                    action.argument("NewExternalPort").parse::<u16>(),
+                ) else {
+                    return fault(402, "Invalid Args");
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                match self
+                    .seam
+                    .unmap(Via::Upnp, requester, protocol, port.max(1), None)
+                    .await
+                {
+                    Ok(0) => fault(714, "NoSuchEntryInArray"),
+                    Ok(_) => ok(&[]),
+                    Err(e) => {
+                        let (code, text) = upnp_code(&e);
+                        fault(code, text)
+                    }
+                }
+            }
+            "GetSpecificPortMappingEntry" => {
+                let (Some(protocol), Ok(port)) = (
+                    protocol(),
+                    action.argument("NewExternalPort").parse::<u16>(),
+                ) else {
+                    return fault(402, "Invalid Args");
+                };
+                let entries = self.seam.entries(Via::Upnp).await;
+                match entries
+                    .iter()
+                    .find(|e| e.protocol == protocol && e.port == port)
+                {
+                    Some(entry) => ok(&[
+                        ("NewInternalPort", entry.port.to_string()),
+                        ("NewInternalClient", peer.ip().to_string()),
+                        ("NewEnabled", "1".into()),
+                        ("NewPortMappingDescription", format!("pid {}", entry.holder)),
+                        ("NewLeaseDuration", entry.remaining.unwrap_or(0).to_string()),
+                    ]),
+                    None => fault(714, "NoSuchEntryInArray"),
+                }
+            }
+            "GetGenericPortMappingEntry" => {
+                let Ok(index) = action.argument("NewPortMappingIndex").parse::<usize>() else {
+                    return fault(402, "Invalid Args");
+                };
+                let entries = self.seam.entries(Via::Upnp).await;
+                match entries.get(index) {
+                    Some(entry) => ok(&[
+                        (
+                            "NewRemoteHost",
+                            entry
+                                .remotes
+                                .first()
+                                .map(|p| p.addr.to_string())
+                                .unwrap_or_default(),
+                        ),
+                        ("NewExternalPort", entry.port.to_string()),
+                        (
+                            "NewProtocol",
+                            entry.protocol.to_string().to_ascii_uppercase(),
+                        ),
+                        ("NewInternalPort", entry.port.to_string()),
+                        ("NewInternalClient", peer.ip().to_string()),
+                        ("NewEnabled", "1".into()),
+                        ("NewPortMappingDescription", format!("pid {}", entry.holder)),
+                        ("NewLeaseDuration", entry.remaining.unwrap_or(0).to_string()),
+                    ]),
+                    None => fault(713, "SpecifiedArrayIndexInvalid"),
+                }
+            }
+            _ => fault(401, "Invalid Action"),
+        }
+    }
+}
+
+/// The host's IPv6 addresses, every scope, from the text of `/proc/net/if_inet6`.
+pub fn ipv6_addresses(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|line| {
+            let hex = line.split_whitespace().next()?;
+            let raw = u128::from_str_radix(hex, 16).ok()?;
+            Some(IpAddr::V6(std::net::Ipv6Addr::from(raw)))
+        })
+        .collect()
+}
+
+/// What the host table must admit for discovery: a local process's M-SEARCH is looped back to
+/// the agent on the outgoing interface, from the host's own address, so the input filter sees
+/// it as new inbound traffic.
+pub fn admitted(addresses: &[IpAddr]) -> Vec<fwnp_netfilter::AlwaysAllowed> {
+    addresses
+        .iter()
+        .filter(|a| !a.is_loopback())
+        .map(|addr| fwnp_netfilter::AlwaysAllowed {
+            remote: Prefix {
+                addr: *addr,
+                len: if addr.is_ipv4() { 32 } else { 128 },
+            },
+            protocol: Some(Protocol::Udp),
+            ports: Some(fwnp_proto::PortRange::single(SSDP_PORT)),
+        })
+        .collect()
+}
+
+/// Serves the description and control on `port` (every address; only local callers are
+/// answered) and SSDP discovery, until the core goes away.
+pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
+    // Dual-stack: IPv4 callers arrive as IPv4-mapped addresses, made IPv4 again.
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await?;
+    let ssdp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, SSDP_PORT)).await?;
+    ssdp.join_multicast_v4(SSDP_GROUP, Ipv4Addr::UNSPECIFIED)?;
+    match ssdp_v6() {
+        Ok(socket) => {
+            tokio::spawn(discovery(socket, port));
+        }
+        Err(e) => warn!("SSDP over IPv6: {e}"),
+    }
+    let device = Arc::new(Device {
+        seam,
+        port,
+        pinholes: tokio::sync::Mutex::new(Pinholes::default()),
+    });
+    let app = Router::new()
+        .route("/rootDesc.xml", get(root))
+        .route(CONTROL_PATH, post(control))
+        .route(FIREWALL_PATH, post(control))
+        .route(COMMON_PATH, post(common))
+        .with_state(device);
+    tokio::spawn(discovery(ssdp, port));
+    info!(port, "UPnP IGD front end listening");
+    let local = listener.local_addr()?;
+    let app = app.layer(axum::middleware::from_fn(
+        move |mut request: Request, next: axum::middleware::Next| async move {
+            request.extensions_mut().insert(LocalAddr(local));
+            next.run(request).await
+        },
+    ));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await
+}
+
+/// The IPv6 SSDP socket, joined to ff02::c on every interface.
+fn ssdp_v6() -> std::io::Result<UdpSocket> {
+    let raw = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
+    raw.set_only_v6(true)?;
+    raw.bind(&SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), SSDP_PORT).into())?;
+    let socket: std::net::UdpSocket = raw.into();
+    let mut joined = 0;
+    for entry in std::fs::read_dir("/sys/class/net")?.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("ifindex")) else {
+            continue;
+        };
+        if let Ok(index) = text.trim().parse::<u32>()
+            && socket.join_multicast_v6(&SSDP_GROUP_V6, index).is_ok()
+        {
+            joined += 1;
+        }
+    }
+    if joined == 0 {
+        return Err(std::io::Error::other("no interface joined ff02::c"));
+    }
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// Answers M-SEARCH requests of local processes for the gateway device or its service.
+async fn discovery(socket: UdpSocket, port: u16) {
+    let mut buf = [0u8; 2048];
+    loop {
+        let (len, from) = match socket.recv_from(&mut buf).await {
+            Ok(received) => received,
+            Err(e) => {
+                warn!("SSDP: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !is_local_socket(from) {
+            continue;
+        }
+        let Some(target) = search_target(&buf[..len]) else {
+            continue;
+        };
+        let answer_st = match target.as_str() {
+            "ssdp:all" | "upnp:rootdevice" => IGD.to_owned(),
+            t if t.starts_with("urn:schemas-upnp-org:device:InternetGatewayDevice:")
+                || t.starts_with("urn:schemas-upnp-org:service:WANIPConnection:")
+                || t.starts_with("urn:schemas-upnp-org:service:WANIPv6FirewallControl:") =>
+            {
+                t.to_owned()
+            }
+            _ => continue,
+        };
+        // A link-local source cannot be named in a URL without its zone: then the host's
+        // global address towards the default route.
+        let host = match from.ip() {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => match local_ipv6() {
+                Some(global) => format!("[{global}]"),
+                None => continue,
+            },
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nST: {answer_st}\r\nUSN: uuid:{UUID}::{answer_st}\r\nEXT:\r\nSERVER: Linux UPnP/1.1 fwnp-agent/{}\r\nLOCATION: http://{host}:{port}/rootDesc.xml\r\nContent-Length: 0\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+        );
+        debug!(%from, st = %answer_st, "SSDP answer");
+        let _ = socket.send_to(answer.as_bytes(), from).await;
+    }
+}
+
+/// The host's IPv6 address towards its default route (no packet is sent to learn it).
+fn local_ipv6() -> Option<std::net::Ipv6Addr> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv6Addr::UNSPECIFIED, 0)).ok()?;
+    socket
+        .connect((std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), 9))
+        .ok()?;
+    match socket.local_addr().ok()?.ip() {
+        IpAddr::V6(v6) => Some(v6),
+        IpAddr::V4(_) => None,
+    }
+}
+
+/// The search target of an SSDP M-SEARCH request.
+pub fn search_target(datagram: &[u8]) -> Option<String> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut request = httparse::Request::new(&mut headers);
+    request.parse(datagram).ok()?;
+    if request.method != Some("M-SEARCH") {
+        return None;
+    }
+    let man = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("MAN"))?;
+    if !String::from_utf8_lossy(man.value).contains("ssdp:discover") {
+        return None;
+    }
+    let st = request
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("ST"))?;
+    Some(String::from_utf8_lossy(st.value).trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_dtds_and_entities() {
+        let bomb = br#"<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;">]><s:Envelope xmlns:s="x"><s:Body><u:A xmlns:u="y"><B>&lol2;</B></u:A></s:Body></s:Envelope>"#;
+        assert_eq!(parse_soap(bomb), Err(SoapError::Dtd));
+        let entity = br#"<s:Envelope xmlns:s="x"><s:Body><u:A xmlns:u="y"><B>&lol2;</B></u:A></s:Body></s:Envelope>"#;
+        assert_eq!(parse_soap(entity), Err(SoapError::Entity("lol2".into())));
+        let fine = br#"<s:Envelope xmlns:s="x"><s:Body><u:A xmlns:u="y"><B>a&amp;b&#65;</B><C/></u:A></s:Body></s:Envelope>"#;
+        let action = parse_soap(fine).unwrap();
+        assert_eq!(action.name, "A");
+        assert_eq!(action.argument("B"), "a&bA");
+        assert!(matches!(
+            parse_soap(b"<a><b>"),
+            Err(SoapError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn reads_ssdp_searches() {
+        let search = b"M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\nMAN: \"ssdp:discover\"\r\nMX: 2\r\n\r\n";
+        assert_eq!(
+            search_target(search).as_deref(),
+            Some("urn:schemas-upnp-org:device:InternetGatewayDevice:1")
+        );
+        assert_eq!(search_target(b"NOTIFY * HTTP/1.1\r\n\r\n"), None);
+    }
+}

@@ -1,0 +1,851 @@
+//! The NAT-PMP and PCP front ends with real clients: `natpmpc` (Debian package natpmpc), which
+//! nobody here wrote, run in the host namespace by an application process (a child of this test
+//! binary that listens on the ports), and a PCP MAP client written here from RFC 6887. Neither
+//! is told where the agent is: they send to the default gateway, and the host table sends that
+//! to the agent. Real traffic from the outside namespace proves each opening and each closing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{ChildStdin, ChildStdout, Stdio};
+
+use super::*;
+
+/// The policy of these tests: TCP and UDP 7000-7999, at most three live leases.
+const FRONTEND_POLICY: &str = r#"
+[defaults]
+lifetime = "60s"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "mapped"
+groups = ["hosts"]
+allow = ["tcp/7000-7999", "udp/7000-7999"]
+"#;
+
+/// Whether `natpmpc` is installed (scripts/deps.sh installs it as root).
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("-h")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Starts a lab whose agent answers NAT-PMP, under [`FRONTEND_POLICY`].
+fn natpmp_lab(label: &str) -> Lab {
+    frontend_lab(label, &[], "[frontends]\nnatpmp = true\n")
+}
+
+/// Starts a lab with `frontends` in the agent's configuration, under [`FRONTEND_POLICY`].
+fn frontend_lab(label: &str, echo_ports: &[u16], frontends: &str) -> Lab {
+    let lab = Lab::with_local(label, echo_ports, frontends);
+    std::fs::write(lab._dir.path().join("policy.toml"), FRONTEND_POLICY).expect("write policy");
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&lab.admin_socket).expect("admin socket");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    write!(
+        stream,
+        "POST /v1/policy/reload HTTP/1.1\r\nHost: fwnp\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .expect("send the reload");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "reload: {response}");
+    lab
+}
+
+/// The gateway's audit records, as its admin API gives them (JSON text).
+fn audit(lab: &Lab) -> String {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(&lab.admin_socket).expect("admin socket");
+    stream.set_read_timeout(Some(STEP)).expect("timeout");
+    write!(
+        stream,
+        "GET /v1/audit?limit=100 HTTP/1.1\r\nHost: fwnp\r\nConnection: close\r\n\r\n"
+    )
+    .expect("ask for the audit trail");
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "audit: {response}");
+    response
+}
+
+/// An application in the host namespace: it serves echo on TCP and UDP ports (IPv4 and IPv6) and
+/// runs the commands the test gives it, as its children.
+struct Application {
+    child: ProcessGuard,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Application {
+    fn start(lab: &Lab, tcp: &[u16], udp: &[u16]) -> Application {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", lab.topology.host().netns.name()])
+            .arg(std::env::current_exe().expect("test binary"))
+            .args([
+                "frontends::helper_application",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("FWNP_TEST_TCP", list(tcp))
+            .env("FWNP_TEST_UDP", list(udp))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the application");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut app = Application {
+            child: ProcessGuard(Some(child)),
+            stdin,
+            stdout,
+        };
+        app.line("READY");
+        app
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.0.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// What follows `prefix` on the first line of output that holds it.
+    fn line(&mut self, prefix: &str) -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = self
+                .stdout
+                .read_line(&mut line)
+                .expect("read the application");
+            assert!(read > 0, "the application ended before {prefix}");
+            // libtest may print the test's name on the same line first.
+            if let Some(at) = line.find(prefix) {
+                return line[at + prefix.len()..].trim().to_owned();
+            }
+        }
+    }
+
+    /// Runs `command` as a child of the application; its exit code and output.
+    fn run(&mut self, command: &str) -> (i32, String) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{command}").expect("send the command");
+        stdin.flush().expect("flush");
+        let rest = self.line("DONE");
+        let (code, output) = rest.split_once(' ').unwrap_or((&rest, ""));
+        (code.parse().expect("an exit code"), output.to_owned())
+    }
+}
+
+/// Not a test on its own: the application [`Application`] runs.
+#[test]
+#[ignore = "helper run by other tests in a child process"]
+fn helper_application() {
+    let (Ok(tcp), Ok(udp)) = (
+        std::env::var("FWNP_TEST_TCP"),
+        std::env::var("FWNP_TEST_UDP"),
+    ) else {
+        return;
+    };
+    let ports = |list: &str| -> Vec<u16> {
+        list.split(',')
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse().expect("port"))
+            .collect()
+    };
+    let mut held = Vec::new();
+    for port in ports(&tcp) {
+        let listener = std::net::TcpListener::bind(("::", port)).expect("bind TCP");
+        held.push(std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(STEP));
+                    let mut reader = match stream.try_clone() {
+                        Ok(reader) => reader,
+                        Err(_) => return,
+                    };
+                    let _ = std::io::copy(&mut reader, &mut stream);
+                });
+            }
+        }));
+    }
+    for port in ports(&udp) {
+        let socket = UdpSocket::bind(("::", port)).expect("bind UDP");
+        held.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], from);
+            }
+        }));
+    }
+    println!("READY");
+    let stdin = std::io::stdin();
+    for line in stdin.lock().lines() {
+        let Ok(line) = line else { break };
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let Some((program, args)) = words.split_first() else {
+            continue;
+        };
+        let mut child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run the command");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let output = child.wait_with_output().expect("its output");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .replace('\n', " | ");
+        println!("DONE {} {text}", output.status.code().unwrap_or(-1));
+    }
+}
+
+/// The gateway's address as the host knows it: where its NAT-PMP requests go.
+fn gateway_of(lab: &Lab) -> SocketAddr {
+    SocketAddr::new(lab.topology.gateway_inside_v4, 5351)
+}
+
+/// Sends `request` from the host namespace to its gateway's port 5351; the answer, if any
+/// comes within `within`.
+fn ask_raw(lab: &Lab, request: &[u8], within: Duration) -> Option<Vec<u8>> {
+    ask_raw_to(lab, None, gateway_of(lab), request, within)
+}
+
+/// The same, to `to`, from the host's address `from` (any when `None`).
+fn ask_raw_to(
+    lab: &Lab,
+    from: Option<std::net::IpAddr>,
+    to: SocketAddr,
+    request: &[u8],
+    within: Duration,
+) -> Option<Vec<u8>> {
+    lab.topology.host().netns.run(|| {
+        let any: SocketAddr = match (from, to.is_ipv4()) {
+            (Some(address), _) => SocketAddr::new(address, 0),
+            (None, true) => "0.0.0.0:0".parse().ok()?,
+            (None, false) => "[::]:0".parse().ok()?,
+        };
+        let socket = UdpSocket::bind(any).ok()?;
+        socket.connect(to).ok()?;
+        socket.send(request).ok()?;
+        socket.set_read_timeout(Some(within)).ok()?;
+        let mut buf = [0u8; 1100];
+        let n = socket.recv(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    })
+}
+
+fn udp_reaches(lab: &Lab, port: u16, within: Duration) -> bool {
+    lab::udp_roundtrip(&lab.topology.outside, lab.host_port(port), None, within)
+}
+
+#[test]
+fn natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports() {
+    if !lab::require_root("natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports") {
+        return;
+    }
+    assert!(
+        have("natpmpc"),
+        "natpmpc is not installed (scripts/deps.sh installs it)"
+    );
+    let lab = natpmp_lab("natpmp");
+    let mut app = Application::start(&lab, &[7100], &[7101]);
+    assert!(!lab.outside_reaches(7100, REFUSED), "open before a mapping");
+    assert!(
+        !udp_reaches(&lab, 7101, REFUSED),
+        "UDP open before a mapping"
+    );
+
+    // The external address: the host's own (FWNP does not translate).
+    let (code, output) = app.run("natpmpc");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("Public IP address : {}", lab.topology.host().v4)),
+        "{output}"
+    );
+
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("Mapped public port 7100 protocol TCP to local port 7100 liftime 60"),
+        "{output}"
+    );
+    assert!(
+        lab.outside_reaches(7100, FIRST_SYN),
+        "TCP not open after the mapping"
+    );
+    // Another external port asked: the port actually granted is the internal one.
+    let (code, output) = app.run("natpmpc -a 9999 7101 udp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("Mapped public port 7101 protocol UDP to local port 7101"),
+        "{output}"
+    );
+    assert!(
+        udp_reaches(&lab, 7101, STEP),
+        "UDP not open after the mapping"
+    );
+
+    // The leases name the front end and the process that holds them.
+    let leases = lab.client().list();
+    assert_eq!(leases.leases.len(), 2, "{leases:?}");
+    for lease in &leases.leases {
+        let info = lease.app.clone().expect("application information");
+        assert_eq!(info.name.as_deref(), Some("natpmpc via NAT-PMP"));
+        assert_eq!(info.pid, Some(app.pid()));
+        assert!(info.executable.is_some_and(|e| e.contains("netns")));
+    }
+
+    // The gateway's audit trail names the front end and the process.
+    let trail = audit(&lab);
+    assert!(trail.contains("natpmpc via NAT-PMP"), "{trail}");
+    assert!(trail.contains(&app.pid().to_string()), "{trail}");
+
+    // A refresh keeps the same lease.
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    let after = lab.client().list();
+    assert_eq!(after.leases.len(), 2);
+    let ids = |l: &fwnp_proto::Leases| {
+        let mut ids: Vec<_> = l.leases.iter().map(|l| l.lease).collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&after), ids(&leases));
+
+    // Lifetime 0 deletes: closed again, the other mapping stays.
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 0");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        !lab.outside_reaches(7100, REFUSED),
+        "TCP still open after the delete"
+    );
+    assert!(
+        udp_reaches(&lab, 7101, STEP),
+        "the UDP mapping went with the TCP one"
+    );
+
+    // The application's exit releases what it still holds.
+    app.child.kill();
+    assert!(
+        lab.eventually(STEP, || !udp_reaches(
+            &lab,
+            7101,
+            Duration::from_millis(300)
+        )),
+        "UDP still open after the application exited"
+    );
+    assert!(lab.eventually(STEP, || lab.client().list().leases.is_empty()));
+}
+
+#[test]
+fn natpmp_refusals_get_natpmp_result_codes_and_the_agent_survives() {
+    if !lab::require_root("natpmp_refusals_get_natpmp_result_codes_and_the_agent_survives") {
+        return;
+    }
+    assert!(
+        have("natpmpc"),
+        "natpmpc is not installed (scripts/deps.sh installs it)"
+    );
+    let lab = natpmp_lab("natpmp-refusals");
+    let mut app = Application::start(&lab, &[7200, 7201, 7202, 7203, 8000], &[]);
+    let _other = Application::start(&lab, &[7300], &[]);
+
+    // A port another process listens on: Not Authorized/Refused (2; natpmpc says -51).
+    let (code, output) = app.run("natpmpc -a 7300 7300 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-51"), "{output}");
+    assert!(!lab.outside_reaches(7300, REFUSED));
+
+    // A port the policy does not allow: refused the same way.
+    let (code, output) = app.run("natpmpc -a 8000 8000 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-51"), "{output}");
+
+    // The quota (three live leases): the fourth is Out of Resources (4; natpmpc says -53).
+    for port in [7200, 7201, 7202] {
+        let (code, output) = app.run(&format!("natpmpc -a {port} {port} tcp 60"));
+        assert_eq!(code, 0, "{output}");
+    }
+    let (code, output) = app.run("natpmpc -a 7203 7203 tcp 60");
+    assert_ne!(code, 0, "{output}");
+    assert!(output.contains("-53"), "{output}");
+    assert!(!lab.outside_reaches(7203, REFUSED));
+
+    // Malformed requests: a wrong version and an unknown opcode get their result codes; a
+    // truncated mapping request cannot be answered and is dropped.
+    let answer = ask_raw(&lab, &[1, 0], STEP).expect("an answer to a wrong version");
+    assert_eq!(answer[..4], [0, 128, 0, 1]);
+    let answer = ask_raw(&lab, &[0, 9, 0, 0], STEP).expect("an answer to an unknown opcode");
+    assert_eq!(answer[..4], [0, 137, 0, 5]);
+    assert_eq!(ask_raw(&lab, &[0, 2, 0, 0, 0x1c], REFUSED), None);
+
+    // And the agent still serves: port 0 with lifetime 0 deletes all this application's TCP
+    // mappings.
+    let (code, output) = app.run("natpmpc -a 0 0 tcp 0");
+    assert_eq!(code, 0, "{output}");
+    assert!(!lab.outside_reaches(7200, REFUSED));
+    assert!(lab.eventually(STEP, || lab.client().list().leases.is_empty()));
+    let (code, output) = app.run("natpmpc -a 7203 7203 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(lab.outside_reaches(7203, FIRST_SYN));
+}
+
+/// A PCP MAP request (RFC 6887 sections 7.1, 11.1 and 13.3): `filters` are (address, prefix
+/// length of that address's family).
+fn pcp_map(
+    nonce: [u8; 12],
+    protocol: u8,
+    port: u16,
+    lifetime: u32,
+    client: std::net::IpAddr,
+    filters: &[(std::net::IpAddr, u8)],
+) -> Vec<u8> {
+    let mapped = |address: std::net::IpAddr| match address {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    };
+    let mut out = vec![2, 1, 0, 0];
+    out.extend_from_slice(&lifetime.to_be_bytes());
+    out.extend_from_slice(&mapped(client));
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&[protocol, 0, 0, 0]);
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&port.to_be_bytes());
+    out.extend_from_slice(&[0u8; 16]);
+    for (address, len) in filters {
+        let len = if address.is_ipv4() { len + 96 } else { *len };
+        out.extend_from_slice(&[3, 0, 0, 20, 0, len, 0, 0]);
+        out.extend_from_slice(&mapped(*address));
+    }
+    out
+}
+
+/// The result code, lifetime and (for MAP) assigned port of a PCP answer.
+fn pcp_result(answer: &[u8]) -> (u8, u32, Option<u16>) {
+    assert!(
+        answer.len() >= 24 && answer[0] == 2 && answer[1] & 0x80 != 0,
+        "{answer:?}"
+    );
+    let lifetime = u32::from_be_bytes([answer[4], answer[5], answer[6], answer[7]]);
+    let port = answer.get(42..44).map(|p| u16::from_be_bytes([p[0], p[1]]));
+    (answer[3], lifetime, port)
+}
+
+#[test]
+fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
+    if !lab::require_root("a_pcp_client_maps_with_a_filter_refreshes_and_deletes") {
+        return;
+    }
+    let lab = frontend_lab(
+        "pcp",
+        &[7400, 7401, 7402, 7403, 8000],
+        "[frontends]\npcp = true\n",
+    );
+    let host = lab.topology.host().v4;
+    let outside = lab.topology.outside_v4;
+    let nonce = [0x5a; 12];
+
+    let announce = ask_raw(
+        &lab,
+        &{
+            let mut a = vec![2, 0, 0, 0, 0, 0, 0, 0];
+            a.extend_from_slice(&match host {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            });
+            a
+        },
+        STEP,
+    )
+    .expect("an answer to ANNOUNCE");
+    assert_eq!(pcp_result(&announce).0, 0);
+    assert_eq!(announce[1], 0x80);
+
+    // MAP with a FILTER: only the outside's first address may connect.
+    let answer = ask_raw(
+        &lab,
+        &pcp_map(nonce, 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer), (0, 60, Some(7400)));
+    assert_eq!(answer[24..36], nonce);
+    let reach_from = |from, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            lab.host_port(7400),
+            Some(from),
+            within,
+        )
+    };
+    assert!(
+        reach_from(outside, FIRST_SYN),
+        "not open to the filtered peer"
+    );
+    assert!(
+        !reach_from(lab.topology.outside_v4_alt, REFUSED),
+        "open to a peer outside the FILTER"
+    );
+    let leases = lab.client().list();
+    assert_eq!(leases.leases.len(), 1);
+    let lease = &leases.leases[0];
+    assert!(
+        lease
+            .app
+            .as_ref()
+            .and_then(|a| a.name.as_deref())
+            .is_some_and(|n| n.ends_with(" via PCP")),
+        "{lease:?}"
+    );
+    assert_eq!(lease.grants[0].remotes.len(), 1);
+
+    // A refresh with the nonce keeps the lease; another nonce is another client's: refused.
+    let answer = ask_raw(
+        &lab,
+        &pcp_map(nonce, 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to the refresh");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert_eq!(lab.client().list().leases[0].lease, lease.lease);
+    let answer = ask_raw(
+        &lab,
+        &pcp_map([1; 12], 6, 7400, 60, host, &[(outside, 32)]),
+        STEP,
+    )
+    .expect("an answer to a stranger's refresh");
+    assert_eq!(pcp_result(&answer).0, 2, "NOT_AUTHORIZED");
+
+    // Lifetime 0 deletes it.
+    let answer = ask_raw(&lab, &pcp_map(nonce, 6, 7400, 0, host, &[]), STEP)
+        .expect("an answer to the delete");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert_eq!(pcp_result(&answer).1, 0);
+    assert!(!reach_from(outside, REFUSED), "still open after the delete");
+    assert!(lab.client().list().leases.is_empty());
+
+    // Refusals, each with PCP's code, and the agent goes on serving.
+    let code = |request: &[u8]| pcp_result(&ask_raw(&lab, request, STEP).expect("an answer")).0;
+    assert_eq!(
+        code(&pcp_map(nonce, 6, 8000, 60, host, &[])),
+        2,
+        "policy: NOT_AUTHORIZED"
+    );
+    assert_eq!(
+        code(&pcp_map(
+            nonce,
+            6,
+            7400,
+            60,
+            "192.0.2.99".parse().unwrap(),
+            &[]
+        )),
+        12,
+        "ADDRESS_MISMATCH"
+    );
+    assert_eq!(
+        code(&pcp_map(nonce, 0, 7400, 60, host, &[])),
+        9,
+        "UNSUPP_PROTOCOL"
+    );
+    let request = pcp_map(nonce, 6, 7400, 60, host, &[]);
+    assert_eq!(code(&request[..40]), 3, "MALFORMED_REQUEST");
+    let mut wrong = request.clone();
+    wrong[0] = 3;
+    assert_eq!(code(&wrong), 1, "UNSUPP_VERSION");
+    let mut unknown = request.clone();
+    unknown[1] = 9;
+    assert_eq!(code(&unknown), 4, "UNSUPP_OPCODE");
+    let answer = ask_raw(&lab, &request, STEP).expect("still served");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert!(
+        reach_from(lab.topology.outside_v4_alt, FIRST_SYN),
+        "no FILTER: open to all"
+    );
+
+    // The quota (three live leases): the fourth is USER_EX_QUOTA.
+    for port in [7401, 7402] {
+        assert_eq!(code(&pcp_map(nonce, 6, port, 60, host, &[])), 0);
+    }
+    assert_eq!(
+        code(&pcp_map(nonce, 6, 7403, 60, host, &[])),
+        10,
+        "USER_EX_QUOTA"
+    );
+    for port in [7401, 7402] {
+        assert_eq!(code(&pcp_map(nonce, 6, port, 0, host, &[])), 0);
+    }
+
+    // A mapping its client does not refresh ends with the lifetime it was told (the gateway's
+    // lease is renewed meanwhile, so only the front end ends it).
+    let answer = ask_raw(&lab, &pcp_map(nonce, 6, 7400, 2, host, &[]), STEP)
+        .expect("an answer to a short refresh");
+    assert_eq!(pcp_result(&answer).1, 2);
+    assert!(reach_from(outside, FIRST_SYN));
+    assert!(
+        lab.eventually(STEP, || lab.client().list().leases.is_empty()),
+        "the mapping outlived its lifetime"
+    );
+    assert!(
+        !reach_from(outside, REFUSED),
+        "still open after the lifetime"
+    );
+}
+
+/// Posts `body` to the UPnP control URL from the host namespace; the answer's text.
+fn post_soap(lab: &Lab, body: &[u8]) -> String {
+    let to = SocketAddr::new(lab.topology.host().v4, 49152);
+    lab.topology.host().netns.run(|| {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, STEP).expect("connect");
+        stream.set_read_timeout(Some(STEP)).expect("timeout");
+        let head = format!(
+            "POST /ctl/IPConn HTTP/1.1\r\nHost: {to}\r\nContent-Type: text/xml\r\nSOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping\"\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).expect("send");
+        // The agent may answer before reading all of an oversized body.
+        let _ = stream.write_all(body);
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+}
+
+#[test]
+fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
+    if !lab::require_root("upnpc_discovers_the_agent_adds_lists_and_deletes_mappings") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v4;
+    let mut app = Application::start(&lab, &[7500, 7501, 7502, 7503, 8000], &[]);
+    assert!(!lab.outside_reaches(7500, REFUSED));
+
+    // Discovered by SSDP without being told where: -a, then the mapping is listed. (The lab's
+    // addresses are documentation ones, which miniupnpc calls reserved: it then says the IGD is
+    // "not connected?" and goes on only with -i.)
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7500 7500 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(
+        lab.outside_reaches(7500, FIRST_SYN),
+        "not open after -a: {output}"
+    );
+    let leases = lab.client().list();
+    assert_eq!(leases.leases.len(), 1);
+    let info = leases.leases[0]
+        .app
+        .clone()
+        .expect("application information");
+    assert_eq!(info.name.as_deref(), Some("upnpc via UPnP IGD"));
+    assert_eq!(info.pid, Some(app.pid()));
+    let (_, output) = app.run("upnpc -i -l");
+    assert!(output.contains("TCP  7500->"), "{output}");
+
+    // -d deletes it.
+    let (_, output) = app.run("upnpc -i -d 7500 TCP");
+    assert!(
+        !lab.outside_reaches(7500, REFUSED),
+        "still open after -d: {output}"
+    );
+    assert!(lab.client().list().leases.is_empty());
+
+    // A port the policy does not allow: UPnP's 606.
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 8000 8000 TCP"));
+    assert!(output.contains("606"), "{output}");
+    assert!(!lab.outside_reaches(8000, REFUSED));
+
+    // The quota (three live leases): the fourth is 728 NoPortMapsAvailable.
+    for port in [7500, 7502, 7503] {
+        let (_, output) = app.run(&format!("upnpc -i -a {host} {port} {port} TCP"));
+        assert!(output.contains("is redirected to internal"), "{output}");
+    }
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7501 7501 TCP"));
+    assert!(output.contains("728"), "{output}");
+    for port in [7500, 7502, 7503] {
+        app.run(&format!("upnpc -i -d {port} TCP"));
+    }
+    assert!(lab.client().list().leases.is_empty());
+
+    // An oversized body and an entity expansion are refused with a UPnP error; the agent
+    // goes on.
+    let answer = post_soap(&lab, &vec![b' '; 64 * 1024]);
+    assert!(answer.contains("<errorCode>501</errorCode>"), "{answer}");
+    let bomb = br#"<?xml version="1.0"?><!DOCTYPE l [<!ENTITY a "aaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;">]><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/"><s:Body><u:AddPortMapping xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:1"><NewExternalPort>&b;</NewExternalPort></u:AddPortMapping></s:Body></s:Envelope>"#;
+    let answer = post_soap(&lab, bomb);
+    assert!(answer.contains("<errorCode>402</errorCode>"), "{answer}");
+
+    // The application's exit releases its mapping.
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7501 7501 TCP"));
+    assert!(
+        lab.outside_reaches(7501, FIRST_SYN),
+        "not open after -a: {output}"
+    );
+    app.child.kill();
+    assert!(
+        lab.eventually(STEP, || !lab
+            .outside_reaches(7501, Duration::from_millis(300))),
+        "still open after the application exited"
+    );
+}
+
+#[test]
+fn a_pcp_client_maps_over_ipv6() {
+    if !lab::require_root("a_pcp_client_maps_over_ipv6") {
+        return;
+    }
+    let lab = frontend_lab("pcp6", &[7450], "[frontends]\npcp = true\n");
+    let gateway = SocketAddr::new(lab.topology.gateway_inside_v6, 5351);
+    let host = lab.topology.host().v6;
+    let nonce = [0x66; 12];
+    let target = SocketAddr::new(host, 7450);
+    let reaches = |within| lab::tcp_connects(&lab.topology.outside, target, None, within);
+    assert!(!reaches(REFUSED), "open before the mapping");
+
+    // The request goes to the IPv6 default gateway; the lease opens the host's IPv6 address.
+    // From an address the host's certificate does not hold: the gateway's address-mismatch is
+    // PCP's ADDRESS_MISMATCH.
+    let alt = lab
+        .topology
+        .host()
+        .v6_alt
+        .expect("the host of Topology::new has a second IPv6 address");
+    let answer = ask_raw_to(
+        &lab,
+        Some(alt),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 60, alt, &[]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer).0, 12, "ADDRESS_MISMATCH");
+    let answer = ask_raw_to(
+        &lab,
+        Some(host),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 60, host, &[]),
+        STEP,
+    )
+    .expect("an answer to MAP");
+    assert_eq!(pcp_result(&answer), (0, 60, Some(7450)));
+    assert_eq!(
+        answer[44..60],
+        match host {
+            std::net::IpAddr::V6(v6) => v6.octets(),
+            std::net::IpAddr::V4(_) => unreachable!("the host's IPv6 address"),
+        }
+    );
+    assert!(reaches(FIRST_SYN), "not open over IPv6 after the mapping");
+    let leases = lab.client().list();
+    let hosts: Vec<_> = leases.leases[0].grants.iter().map(|g| g.host).collect();
+    assert_eq!(hosts, vec![host]);
+
+    let answer = ask_raw_to(
+        &lab,
+        Some(host),
+        gateway,
+        &pcp_map(nonce, 6, 7450, 0, host, &[]),
+        STEP,
+    )
+    .expect("an answer to the delete");
+    assert_eq!(pcp_result(&answer).0, 0);
+    assert!(!reaches(REFUSED), "still open after the delete");
+}
+
+#[test]
+fn upnpc_opens_and_closes_an_ipv6_pinhole() {
+    if !lab::require_root("upnpc_opens_and_closes_an_ipv6_pinhole") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp6", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v6;
+    let target = SocketAddr::new(host, 7600);
+    let reaches = |within| lab::tcp_connects(&lab.topology.outside, target, None, within);
+    let mut app = Application::start(&lab, &[7600], &[]);
+    assert!(!reaches(REFUSED), "open before the pinhole");
+
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7600 6 60"));
+    let id = output
+        .split("Pinhole ID")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+        })
+        .unwrap_or_else(|| panic!("no pinhole id: {output}"))
+        .to_owned();
+    assert!(reaches(FIRST_SYN), "not open after the pinhole: {output}");
+    let leases = lab.client().list();
+    assert_eq!(leases.leases[0].grants[0].host, host);
+
+    let (_, output) = app.run(&format!("upnpc -6 -i -U {id} 120"));
+    assert!(reaches(FIRST_SYN), "closed by the update: {output}");
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
+    assert!(!reaches(REFUSED), "still open after the delete: {output}");
+    assert!(lab.client().list().leases.is_empty());
+}
+
+#[test]
+fn natpmp_announces_the_host_address_after_start() {
+    if !lab::require_root("natpmp_announces_the_host_address_after_start") {
+        return;
+    }
+    let lab = natpmp_lab("natpmp-announce");
+    let expected = match lab.topology.host().v4 {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => unreachable!("an IPv4 address"),
+    };
+    // The announcements follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one comes within
+    // the next ten seconds.
+    let heard = lab.topology.host().netns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
+        socket
+            .join_multicast_v4(
+                &"224.0.0.1".parse().expect("group"),
+                &std::net::Ipv4Addr::UNSPECIFIED,
+            )
+            .expect("join 224.0.0.1");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    });
+    let heard = heard.expect("no announcement within 10 s");
+    assert_eq!(heard.len(), 12, "{heard:?}");
+    assert_eq!(heard[..4], [0, 128, 0, 0]);
+    assert_eq!(heard[8..12], expected);
+}
