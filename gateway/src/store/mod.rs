@@ -56,7 +56,7 @@ use fwnp_proto::{Epoch, LeaseId};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::watch;
 
-pub use backend::{LeaseStore, MemoryStore, WriteError, WriteFuture};
+pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture};
 pub use error::StoreError;
 pub use schema::SCHEMA_VERSION;
 pub use types::{
