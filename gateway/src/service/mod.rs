@@ -155,6 +155,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
+pub use request::write_op;
 
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
