@@ -99,7 +99,8 @@ impl LeaseStore for Store {
 /// ```
 /// use fwnp_gateway::store::{LeaseFilter, MemoryStore, StoreQueries};
 /// let store = MemoryStore::new(7);
-/// assert!(store.leases(&LeaseFilter::default()).unwrap().is_empty());
+/// // Through the trait: MemoryStore has a `leases()` of its own, for tests.
+/// assert!(StoreQueries::leases(&store, &LeaseFilter::default()).unwrap().is_empty());
 /// assert_eq!(store.live_lease_count().unwrap(), 0);
 /// ```
 pub trait StoreQueries: Send + Sync + std::fmt::Debug {
