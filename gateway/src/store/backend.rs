@@ -18,11 +18,11 @@ use std::sync::Mutex;
 use fwnp_proto::{Epoch, LeaseId};
 use tokio::sync::watch;
 
-use super::query::{ReportInput, aggregate_report};
+use super::query::{ReportInput, aggregate_report, audit_page, page_size};
 use super::{
     AuditEvent, AuditPage, AuditQuery, AuditRecord, LeaseEnding, LeaseFilter, LeaseRecord,
-    LeaseState, MAX_PAGE, Order, Outcome, ReportQuery, ReportRow, Restored, Store, StoreError,
-    WriteOp, WriterStats,
+    LeaseState, Order, Outcome, ReportQuery, ReportRow, Restored, Store, StoreError, WriteOp,
+    WriterStats,
 };
 
 /// Why a write was not made.
@@ -527,11 +527,7 @@ impl StoreQueries for MemoryStore {
     }
 
     fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
-        let limit = if q.limit == 0 {
-            MAX_PAGE
-        } else {
-            q.limit.min(MAX_PAGE)
-        };
+        let limit = page_size(q);
         let state = self.lock();
         let after_cursor = |id: u64| match (q.cursor, q.order) {
             (None, _) => true,
@@ -556,15 +552,7 @@ impl StoreQueries for MemoryStore {
                 .cloned()
                 .collect(),
         };
-        let next_cursor = if events.len() == limit {
-            events.last().map(|e| e.id)
-        } else {
-            None
-        };
-        Ok(AuditPage {
-            events,
-            next_cursor,
-        })
+        Ok(audit_page(events, limit))
     }
 
     fn audit_watch(&self) -> watch::Receiver<u64> {

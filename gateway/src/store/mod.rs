@@ -395,11 +395,7 @@ impl Store {
         query: &AuditQuery,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut q = query.clone();
-        q.cursor = Some(after_id);
-        q.order = Order::OldestFirst;
-        q.limit = limit;
-        self.audit(&q).map(|page| page.events)
+        StoreQueries::audit_follow(self, after_id, query, limit)
     }
 
     /// What each host asked for each application and opening in the window, with counts and

@@ -233,26 +233,37 @@ pub(crate) fn audit(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, Stor
             Order::OldestFirst => c.push(format!("id > {p}")),
         }
     }
-    let limit = if q.limit == 0 {
-        MAX_PAGE
-    } else {
-        q.limit.min(MAX_PAGE)
-    };
+    let limit = page_size(q);
     let p = c.param(int(limit as u64)?);
     let sql = format!(
         "SELECT {AUDIT_COLUMNS} FROM audit{} ORDER BY id {direction} LIMIT {p}",
         c.where_clause()
     );
     let events: Vec<AuditRecord> = collect(conn, &sql, &c.params, "query audit", audit_from_row)?;
+    Ok(audit_page(events, limit))
+}
+
+/// How many events one page of `q` holds at most.
+pub(crate) fn page_size(q: &AuditQuery) -> usize {
+    if q.limit == 0 {
+        MAX_PAGE
+    } else {
+        q.limit.min(MAX_PAGE)
+    }
+}
+
+/// A page of `events` (at most `limit`, as many as were found): a full page has a cursor for
+/// the next.
+pub(crate) fn audit_page(events: Vec<AuditRecord>, limit: usize) -> AuditPage {
     let next_cursor = if events.len() == limit {
         events.last().map(|e| e.id)
     } else {
         None
     };
-    Ok(AuditPage {
+    AuditPage {
         events,
         next_cursor,
-    })
+    }
 }
 
 /// One decided Open as the usage report counts it: an audit event of kind decision or grant,
