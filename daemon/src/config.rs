@@ -1,7 +1,8 @@
 //! Configuration files: the error both daemons report, pointing at a line and column, and the
 //! readings of values both files hold.
 
-use std::path::PathBuf;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fwnp_proto::Prefix;
@@ -30,6 +31,88 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Reads a configuration file whole.
+///
+/// ```
+/// use fwnp_daemon::config::{ConfigError, read_file};
+/// let missing = read_file(std::path::Path::new("/nonexistent/fwnp.toml"));
+/// assert!(matches!(missing, Err(ConfigError::Read { .. })));
+/// ```
+pub fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The error for what is wrong at `span` of the file `text` named `origin`.
+///
+/// ```
+/// use fwnp_daemon::config::invalid_at;
+/// let e = invalid_at("a = 1\nb = x\n", "f.toml", 10..11, "bad".into());
+/// assert_eq!(e.to_string(), "f.toml:2:5: bad");
+/// ```
+pub fn invalid_at(text: &str, origin: &str, span: Range<usize>, reason: String) -> ConfigError {
+    let (line, column) = line_column(text, span.start);
+    ConfigError::Invalid {
+        origin: origin.to_owned(),
+        line,
+        column,
+        reason,
+    }
+}
+
+/// Reads the TOML `text` of the file `origin` into `T`; invalid TOML, a value of the wrong
+/// type or an unknown key (where `T` refuses them) is an error that names its line.
+///
+/// ```
+/// #[derive(serde::Deserialize)]
+/// #[serde(deny_unknown_fields)]
+/// struct Raw {
+///     port: u16,
+/// }
+/// let raw: Raw = fwnp_daemon::config::from_toml("port = 4433", "f.toml").unwrap();
+/// assert_eq!(raw.port, 4433);
+/// let e = fwnp_daemon::config::from_toml::<Raw>("\nport = 70000", "f.toml").err().unwrap();
+/// assert!(e.to_string().starts_with("f.toml:2:"));
+/// ```
+pub fn from_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        invalid_at(
+            text,
+            origin,
+            e.span().unwrap_or(0..0),
+            e.message().to_owned(),
+        )
+    })
+}
+
+/// Checks the name of an nf_tables table the daemon owns: 1 to 64 letters, digits, `_` or
+/// `-`, so that it is a name `nft` prints and takes back unquoted.
+///
+/// ```
+/// use fwnp_daemon::config::check_table_name;
+/// assert!(check_table_name("fwnp").is_ok());
+/// assert!(check_table_name("").is_err());
+/// assert!(check_table_name("a b").unwrap_err().contains("letters, digits"));
+/// ```
+pub fn check_table_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "table name {name:?}: 1 to 64 letters, digits, '_' or '-'"
+        ));
+    }
+    Ok(())
 }
 
 /// Line and column (both from 1) of a byte offset, for errors that point into a file.

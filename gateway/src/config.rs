@@ -13,6 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 pub use fwnp_daemon::config::{ConfigError, line_column, parse_duration, parse_prefix};
+use fwnp_daemon::config::{check_table_name, from_toml, invalid_at, read_file};
 
 /// The whole gateway configuration.
 #[derive(Debug, Clone)]
@@ -499,28 +500,14 @@ impl GatewayConfig {
 
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&read_file(path)?, &path.display().to_string())
     }
 
     /// Checks a configuration held in memory; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let at = |span: std::ops::Range<usize>, reason: String| {
-            let (line, column) = line_column(text, span.start);
-            ConfigError::Invalid {
-                origin: origin.to_owned(),
-                line,
-                column,
-                reason,
-            }
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            at(span, e.message().to_owned())
-        })?;
+        let at =
+            |span: std::ops::Range<usize>, reason: String| invalid_at(text, origin, span, reason);
+        let raw: RawConfig = from_toml(text, origin)?;
 
         let mut listen = Vec::with_capacity(raw.listen.len());
         for addr in &raw.listen {
@@ -545,17 +532,7 @@ impl GatewayConfig {
         };
 
         let table = raw.filter.table.get_ref();
-        if table.is_empty()
-            || table.len() > 64
-            || !table
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(at(
-                raw.filter.table.span(),
-                format!("table name {table:?}: 1 to 64 letters, digits, '_' or '-'"),
-            ));
-        }
+        check_table_name(table).map_err(|reason| at(raw.filter.table.span(), reason))?;
         let mut protected = Vec::new();
         for p in &raw.filter.protected {
             protected.push(parse_prefix(p.get_ref()).map_err(|reason| at(p.span(), reason))?);
@@ -741,6 +718,9 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
         ));
         assert_eq!(line, 13);
         assert!(reason.contains("at least"), "{reason}");
+        let (line, reason) = error_of(&GOOD.replace("[filter]\n", "[filter]\ntable = \"fw np\"\n"));
+        assert_eq!(line, 10);
+        assert!(reason.contains("\"fw np\": 1 to 64 letters"), "{reason}");
     }
 
     #[test]

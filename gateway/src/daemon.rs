@@ -337,7 +337,7 @@ async fn housekeeping(service: Arc<Service>) {
         let retention =
             u64::try_from(service.config.store.audit_retention.as_millis()).unwrap_or(u64::MAX);
         let before = crate::store::now_ms().saturating_sub(retention);
-        match service.store().writer().prune(before, 10_000).await {
+        match service.store().prune(before, 10_000).await {
             Ok((audit, leases)) if audit + leases > 0 => {
                 info!(audit, leases, "old records pruned");
             }

@@ -8,10 +8,10 @@
 //! configurations, the CRL) is `fwnp-trust`'s. The map: [`config`] and [`policy`] are what the
 //! operator writes; [`server`] moves the bytes of the protocol, [`sessions`] are its
 //! connections as the service sees them, and [`service`] carries out what the core decides;
-//! [`store`] keeps leases and the audit trail behind the `LeaseStore` seam, [`tally`] bounds
-//! what floods put in it; [`api`] is the admin API's typed requests and answers, served by
-//! [`admin`] and asked by [`admin_client`]; [`metrics`], [`explain`] and [`report`] serve the
-//! operator; [`daemon`] starts and stops it all.
+//! [`store`] keeps leases and the audit trail behind two seams, `LeaseStore` (writes) and
+//! `StoreQueries` (reads), [`tally`] bounds what floods put in it; [`api`] is the admin API's
+//! typed requests and answers, served by [`admin`] and asked by [`admin_client`]; [`metrics`],
+//! [`explain`] and [`report`] serve the operator; [`daemon`] starts and stops it all.
 //!
 //! The modules depend on each other one way only (an arrow reads "uses"; no cycle; `trust` is
 //! the fwnp-trust crate):

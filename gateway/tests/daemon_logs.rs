@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_testkit::process::ProcessGuard;
+use fwnp_testkit::process::{ProcessGuard, next_notice};
 
 #[test]
 fn logs_written_to_a_file_carry_no_colour_codes() {
@@ -48,18 +48,6 @@ fn logs_written_to_a_file_carry_no_colour_codes() {
     );
 }
 
-/// The next message the daemon sends to its notify socket, within 20 s.
-fn next_notice(socket: &std::os::unix::net::UnixDatagram) -> String {
-    socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    let mut buffer = [0u8; 512];
-    let n = socket
-        .recv(&mut buffer)
-        .expect("a message on the notify socket");
-    String::from_utf8_lossy(&buffer[..n]).into_owned()
-}
-
 #[test]
 fn systemd_is_told_ready_reloading_and_stopping() {
     let pki = Pki::new("notify");
@@ -81,12 +69,18 @@ fn systemd_is_told_ready_reloading_and_stopping() {
             .env("RUST_LOG", "warn"),
     )
     .expect("start fwnp-gateway");
-    assert_eq!(next_notice(&notify), "READY=1\n");
+    assert_eq!(next_notice(&notify, Duration::from_secs(20)), "READY=1\n");
     daemon.signal("HUP");
-    assert_eq!(next_notice(&notify), "RELOADING=1\n");
-    assert_eq!(next_notice(&notify), "READY=1\n");
+    assert_eq!(
+        next_notice(&notify, Duration::from_secs(20)),
+        "RELOADING=1\n"
+    );
+    assert_eq!(next_notice(&notify, Duration::from_secs(20)), "READY=1\n");
     daemon.signal("TERM");
-    assert_eq!(next_notice(&notify), "STOPPING=1\n");
+    assert_eq!(
+        next_notice(&notify, Duration::from_secs(20)),
+        "STOPPING=1\n"
+    );
     let status = daemon
         .wait_exit(Duration::from_secs(20))
         .expect("fwnp-gateway did not stop");

@@ -8,7 +8,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use common::{app, common, denied, granted, hello_msg, open_msg, tcp};
+use common::{HOST_A, HOST_B, POLICY, app, common, denied, granted, hello_msg, open_msg, tcp};
 use fwnp_gateway::policy::Policy;
 use fwnp_proto::gateway::request::{
     Asked, Audit, ConnectionState, CoreConfig, Effect, EffectFailure, Peer, RequestCore, Step,
@@ -21,49 +21,6 @@ use fwnp_proto::{
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-/// The policy of `tests/service.rs`: hosts named `fwnp://host/*` may open the https application
-/// and tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by
-/// a named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
-/// 203.0.113.0/24 that they do not hold.
-const POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-min_lifetime = "1s"
-max_lifetime = "1h"
-max_leases = 3
-
-[applications]
-https = ["tcp/443", "udp/443"]
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[group]]
-name = "balancers"
-identities = ["fwnp://host/lb-*"]
-
-[[rule]]
-name = "no-telnet"
-description = "telnet stays closed"
-groups = ["hosts"]
-deny = "tcp/23"
-
-[[rule]]
-name = "balancer-pool"
-groups = ["balancers"]
-allow = "tcp/8000-8999"
-third_party = true
-third_party_addresses = ["203.0.113.0/24"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]
-"#;
-
-const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
-const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
 const START_MS: u64 = 1_700_000_000_000;
 const EPOCH: u64 = 0x0123_4567_89ab_cdef;
 

@@ -20,57 +20,14 @@ use fwnp_proto::{
     Capabilities, HostAddresses, MAX_MESSAGE_SIZE, Message, PortRange, Protocol, QuicErrorCode,
     ResultCode, RevokeReason,
 };
+use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
 use fwnp_trust::pki::{self, RevocationReason};
 use fwnp_trust::tls::{ClientTlsFiles, ServerOptions};
 use serde_json::json;
 
-/// The policy most tests use: hosts named `fwnp://host/*` may open the https application and
-/// tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by a
-/// named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
-/// 203.0.113.0/24 that they do not hold.
-const POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-min_lifetime = "1s"
-max_lifetime = "1h"
-max_leases = 3
-
-[applications]
-https = ["tcp/443", "udp/443"]
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[group]]
-name = "balancers"
-identities = ["fwnp://host/lb-*"]
-
-[[rule]]
-name = "no-telnet"
-description = "telnet stays closed"
-groups = ["hosts"]
-deny = "tcp/23"
-
-[[rule]]
-name = "balancer-pool"
-groups = ["balancers"]
-allow = "tcp/8000-8999"
-third_party = true
-third_party_addresses = ["203.0.113.0/24"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]
-"#;
-
 fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(a, b, c, d))
 }
-
-const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
-const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
 
 #[tokio::test]
 async fn hello_is_answered_with_welcome_naming_identity_addresses_epoch_and_limits() {
@@ -2084,36 +2041,6 @@ async fn a_list_that_would_exceed_the_size_limit_drops_application_information()
     }
 }
 
-/// The daemon as a child process, killed and reaped when dropped.
-struct Daemon(Option<std::process::Child>);
-
-impl Daemon {
-    fn signal(&self, name: &str) {
-        let pid = self.0.as_ref().expect("running").id().to_string();
-        let status = std::process::Command::new("kill")
-            .args([&format!("-{name}"), &pid])
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {pid}");
-    }
-
-    /// Waits at most `within` for the process to exit.
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = std::time::Instant::now() + within;
-        let child = self.0.as_mut()?;
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                self.0 = None;
-                return Some(status);
-            }
-            if std::time::Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// What a daemon needs, in a fresh directory: a CA, the test policy, and a configuration for a
 /// gateway on a free port of 127.0.0.1 with its filter disabled.
 struct DaemonFiles {
@@ -2154,43 +2081,20 @@ impl DaemonFiles {
     }
 }
 
-impl Daemon {
-    /// Starts `fwnp-gateway --config CONFIG` and waits until its admin socket answers.
-    async fn start(config: &std::path::Path, admin_socket: &std::path::Path) -> Daemon {
-        let mut daemon = Daemon(Some(
-            std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
-                .arg("--config")
-                .arg(config)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .spawn()
-                .expect("start fwnp-gateway"),
-        ));
-        let deadline = std::time::Instant::now() + STEP;
-        while std::os::unix::net::UnixStream::connect(admin_socket).is_err() {
-            assert!(
-                daemon.wait_exit(Duration::ZERO).is_none(),
-                "fwnp-gateway exited at start"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "fwnp-gateway did not come up"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        daemon
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Starts `fwnp-gateway --config CONFIG` and waits until its admin socket answers.
+fn start_daemon(config: &std::path::Path, admin_socket: &std::path::Path) -> ProcessGuard {
+    let mut daemon = ProcessGuard::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+    )
+    .expect("start fwnp-gateway");
+    tokio::task::block_in_place(|| wait_for_socket(&mut daemon, admin_socket, STEP));
+    daemon
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2202,7 +2106,7 @@ async fn the_daemon_reloads_on_sighup_and_says_going_away_on_sigterm() {
         config,
         admin_socket,
     } = DaemonFiles::new("daemon");
-    let mut daemon = Daemon::start(&config, &admin_socket).await;
+    let mut daemon = start_daemon(&config, &admin_socket);
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
     let client = Client::connect(gateway_addr, &files).await;
     client.hello().await;
@@ -2479,7 +2383,7 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
     let policy = dir.path().join("policy.toml");
     let files = pki.host("web-01", &[HOST_A], &[], &[]);
 
-    let mut daemon = Daemon::start(&config, &admin_socket).await;
+    let mut daemon = start_daemon(&config, &admin_socket);
     let (kept, doomed) = {
         let client = Client::connect(gateway_addr, &files).await;
         client.hello().await;
@@ -2492,7 +2396,7 @@ async fn a_restart_under_a_changed_policy_revokes_what_it_no_longer_allows() {
 
     // The operator changes the policy while the gateway is down, then starts it.
     write_policy(&policy, &policy_without_udp());
-    let _daemon = Daemon::start(&config, &admin_socket).await;
+    let _daemon = start_daemon(&config, &admin_socket);
     let client = Client::connect(gateway_addr, &files).await;
     client.hello().await;
     let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
@@ -2529,7 +2433,7 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     let lost = pki.host("lost", &[HOST_B], &[], &[]);
     let good = pki.host("good", &[v4(192, 0, 2, 30)], &[], &[]);
 
-    let mut daemon = Daemon::start(&config, &admin_socket).await;
+    let mut daemon = start_daemon(&config, &admin_socket);
     let mut leases = Vec::new();
     for files in [&stolen, &lost, &good] {
         let client = Client::connect(gateway_addr, files).await;
@@ -2543,7 +2447,7 @@ async fn leases_of_a_certificate_revoked_across_a_restart_are_revoked() {
     tokio::task::block_in_place(|| daemon.wait_exit(STEP)).expect("the daemon stops");
 
     pki::revoke(pki.path(), &stolen.cert, RevocationReason::KeyCompromise).expect("revoke");
-    let daemon = Daemon::start(&config, &admin_socket).await;
+    let daemon = start_daemon(&config, &admin_socket);
     let live = |body: serde_json::Value| -> std::collections::BTreeSet<String> {
         body["leases"]
             .as_array()

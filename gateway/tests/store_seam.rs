@@ -1,7 +1,8 @@
-//! The lease store seam: one contract, run against every backend (the SQLite store and the
-//! in-memory one), so that a new backend is checked by the same test; the refusals a cluster
-//! backend may give, typed; and the gateway serving over real QUIC with the in-memory backend,
-//! whose refusal turns a grant into no-resources without leaving a lease behind.
+//! The lease store seam: one contract for writes and one for reads, run against every backend
+//! (the SQLite store and the in-memory one), so that a new backend is checked by the same
+//! tests; the refusals a cluster backend may give, typed; and the gateway serving over real
+//! QUIC with the in-memory backend for writes and reads, whose refusal turns a grant into
+//! no-resources without leaving a lease behind.
 
 mod common;
 mod etcd_cluster;
@@ -16,10 +17,12 @@ use fwnp_proto::ResultCode;
 use fwnp_trust::tls::{self, ServerOptions};
 
 use fwnp_gateway::store::{
-    AuditEvent, AuditKind, LeaseEnd, LeaseState, LeaseStore, MemoryStore, NewLease, Store,
-    StoreError, WriteError, WriteOp,
+    AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseState, LeaseStore, MemoryStore,
+    NewLease, Order, Outcome, ReportQuery, RequestSummary, Store, StoreError, StoreQueries,
+    WriteError, WriteOp,
 };
-use fwnp_proto::{Grant, LeaseId, PortRange, Protocol};
+use fwnp_proto::{AppInfo, Grant, LeaseId, PortRange, Protocol, ResultCode as Code};
+use fwnp_trust::identity::{CertificateName, Serial};
 
 const NOW: u64 = 1_700_000_000_000;
 
@@ -160,6 +163,328 @@ fn the_memory_store_keeps_the_contract() {
     assert_eq!(leases, vec![LeaseId([1; 16]), LeaseId([9; 16])]);
 }
 
+/// An Open's audit event as the request path writes it: a grant of lease `n`, or a denial.
+fn open_event(n: u8, time_ms: u64, port: u16, lease: Option<u8>) -> WriteOp {
+    let kind = if lease.is_some() {
+        AuditKind::Grant
+    } else {
+        AuditKind::Decision
+    };
+    let mut event = AuditEvent::new(time_ms, kind);
+    event.identity = Some(format!("fwnp://host/web-{n:02}"));
+    event.outcome = Some(if lease.is_some() {
+        Outcome::Granted
+    } else {
+        Outcome::Denied
+    });
+    event.code = lease.is_none().then_some(Code::NotAuthorized);
+    event.lease = lease.map(|l| LeaseId([l; 16]));
+    event.app = Some(AppInfo {
+        name: Some("nginx".into()),
+        executable: Some("/usr/sbin/nginx".into()),
+        uid: None,
+        pid: None,
+    });
+    event.request = Some(RequestSummary {
+        protocol: Some(Protocol::Tcp),
+        ports: Some(PortRange::single(port)),
+        app_id: None,
+        hosts: Vec::new(),
+        remotes: Vec::new(),
+        lifetime: Some(300),
+    });
+    if let Some(l) = lease {
+        event.grants = new_lease(l, 0).grants;
+    }
+    WriteOp::audit(event)
+}
+
+fn ids(leases: &[fwnp_gateway::store::LeaseRecord]) -> Vec<LeaseId> {
+    leases.iter().map(|l| l.id).collect()
+}
+
+/// What every backend answers to the admin API's reads, over the same writes: leases by id
+/// and by filter (host exact or glob, application, port and protocol, certificate serial,
+/// ended or not, a limit), soonest expiry first; the live count; audit pages in both orders
+/// with their cursors and filters, and following; the usage report; the writer's counters;
+/// and pruning old records.
+fn reads_contract<S: LeaseStore + StoreQueries>(store: &S) {
+    let serial = Serial::parse("0a1b").expect("serial");
+    let mut one = new_lease(1, NOW + 600_000);
+    one.app = Some(AppInfo {
+        name: Some("nginx".into()),
+        executable: None,
+        uid: None,
+        pid: None,
+    });
+    one.certificate = Some(Arc::new(CertificateName {
+        issuer: vec![1, 2, 3],
+        serial: serial.clone(),
+    }));
+    let mut two = new_lease(2, NOW + 300_000);
+    two.grants[0].protocol = Protocol::Udp;
+    let mut three = new_lease(13, NOW + 900_000);
+    three.identity = "fwnp://host/db-13".into();
+    three.created_ms = NOW - 100_000;
+    block_on(store.commit(vec![
+        WriteOp::InsertLease(one),
+        open_event(1, NOW - 1_000, 7001, Some(1)),
+        WriteOp::InsertLease(two),
+        open_event(2, NOW - 900, 7002, Some(2)),
+        WriteOp::InsertLease(three),
+        open_event(2, NOW - 800, 9999, None),
+    ]))
+    .expect("stored");
+    block_on(store.commit(vec![WriteOp::EndLease {
+        id: LeaseId([13; 16]),
+        end: LeaseEnd::Released,
+        ended_ms: NOW - 40_000,
+        by: Some("fwnp://host/db-13".into()),
+        why: None,
+    }]))
+    .expect("ended");
+
+    // Leases.
+    let one = store
+        .lease(LeaseId([1; 16]))
+        .expect("read")
+        .expect("lease 1 is there");
+    assert_eq!(one.identity, "fwnp://host/web-01");
+    assert_eq!(one.state, LeaseState::Live);
+    assert_eq!(store.lease(LeaseId([99; 16])).expect("read"), None);
+    let ended = store
+        .lease(LeaseId([13; 16]))
+        .expect("read")
+        .expect("an ended lease stays");
+    assert_eq!(ended.state, LeaseState::Released);
+    assert_eq!(ended.ending.map(|e| e.ended_ms), Some(NOW - 40_000));
+    let leases = |filter: LeaseFilter| ids(&store.leases(&filter).expect("leases"));
+    let (l1, l2, l13) = (LeaseId([1; 16]), LeaseId([2; 16]), LeaseId([13; 16]));
+    assert_eq!(
+        leases(LeaseFilter::default()),
+        vec![l2, l1],
+        "live, soonest first"
+    );
+    assert_eq!(ids(&store.live_leases().expect("live")), vec![l2, l1]);
+    assert_eq!(store.live_lease_count().expect("count"), 2);
+    let all = LeaseFilter {
+        include_ended: true,
+        ..LeaseFilter::default()
+    };
+    assert_eq!(leases(all.clone()), vec![l2, l1, l13]);
+    let host = |h: &str| LeaseFilter {
+        host: Some(h.into()),
+        ..all.clone()
+    };
+    assert_eq!(leases(host("fwnp://host/web-01")), vec![l1]);
+    assert_eq!(leases(host("fwnp://host/web-*")), vec![l2, l1]);
+    assert_eq!(leases(host("fwnp://host/*-1?")), vec![l13]);
+    assert_eq!(leases(host("fwnp://host/web-0[2-9]")), vec![l2]);
+    assert_eq!(leases(host("fwnp://host/web")), vec![]);
+    assert_eq!(
+        leases(LeaseFilter {
+            app: Some("nginx".into()),
+            ..all.clone()
+        }),
+        vec![l1]
+    );
+    assert_eq!(
+        leases(LeaseFilter {
+            port: Some(7002),
+            ..all.clone()
+        }),
+        vec![l2]
+    );
+    assert_eq!(
+        leases(LeaseFilter {
+            port: Some(7002),
+            protocol: Some(Protocol::Tcp),
+            ..all.clone()
+        }),
+        vec![],
+        "port and protocol of the same grant"
+    );
+    assert_eq!(
+        leases(LeaseFilter {
+            protocol: Some(Protocol::Tcp),
+            ..all.clone()
+        }),
+        vec![l1, l13]
+    );
+    assert_eq!(
+        leases(LeaseFilter {
+            certificate_serial: Some(serial),
+            ..all.clone()
+        }),
+        vec![l1]
+    );
+    assert_eq!(
+        leases(LeaseFilter {
+            limit: Some(2),
+            ..all.clone()
+        }),
+        vec![l2, l1]
+    );
+
+    // Audit pages: newest first by default, the cursor continuing where a full page stopped.
+    let page = store
+        .audit(&AuditQuery {
+            limit: 2,
+            ..AuditQuery::default()
+        })
+        .expect("audit");
+    let times: Vec<u64> = page.events.iter().map(|r| r.event.time_ms).collect();
+    assert_eq!(times, vec![NOW - 800, NOW - 900]);
+    let cursor = page.next_cursor.expect("a full page has a cursor");
+    let rest = store
+        .audit(&AuditQuery {
+            limit: 2,
+            cursor: Some(cursor),
+            ..AuditQuery::default()
+        })
+        .expect("audit");
+    let times: Vec<u64> = rest.events.iter().map(|r| r.event.time_ms).collect();
+    assert_eq!(times, vec![NOW - 1_000]);
+    assert_eq!(rest.next_cursor, None, "the last page is not full");
+    let first_id = rest.events[0].id;
+    let audit = |q: AuditQuery| -> Vec<u64> {
+        store
+            .audit(&q)
+            .expect("audit")
+            .events
+            .iter()
+            .map(|r| r.event.time_ms)
+            .collect()
+    };
+    assert_eq!(
+        audit(AuditQuery {
+            order: Order::OldestFirst,
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 1_000, NOW - 900, NOW - 800]
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            host: Some("fwnp://host/web-02".into()),
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 800, NOW - 900]
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            outcomes: vec![Outcome::Denied],
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 800]
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            kinds: vec![AuditKind::Grant],
+            port: Some(7001),
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 1_000]
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            port: Some(9999),
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 800],
+        "the port asked, though nothing was granted"
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            lease: Some(l2),
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 900]
+    );
+    assert_eq!(
+        audit(AuditQuery {
+            app: Some("/usr/sbin/nginx".into()),
+            since_ms: Some(NOW - 900),
+            until_ms: Some(NOW - 800),
+            ..AuditQuery::default()
+        }),
+        vec![NOW - 900]
+    );
+    let followed = store
+        .audit_follow(first_id, &AuditQuery::default(), 10)
+        .expect("follow");
+    let times: Vec<u64> = followed.iter().map(|r| r.event.time_ms).collect();
+    assert_eq!(
+        times,
+        vec![NOW - 900, NOW - 800],
+        "after the cursor, oldest first"
+    );
+    assert_eq!(
+        *store.audit_watch().borrow(),
+        followed[1].id,
+        "the watch holds the newest event's id"
+    );
+
+    // The usage report: one row per host and opening, the denial counted with its host.
+    let rows = store.report(&ReportQuery::default(), NOW).expect("report");
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.identity.as_str(),
+                r.ports.map(|p| p.first),
+                r.granted,
+                r.denied,
+                r.leases,
+                r.total_held_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("fwnp://host/web-01", Some(7001), 1, 0, 1, 1_000),
+            ("fwnp://host/web-02", Some(7002), 1, 0, 1, 1_000),
+            ("fwnp://host/web-02", Some(9999), 0, 1, 0, 0),
+        ]
+    );
+    assert!(rows.iter().all(|r| r.app.as_deref() == Some("nginx")));
+    assert_eq!(rows[0].max_lifetime_asked, Some(300));
+    let only = store
+        .report(
+            &ReportQuery {
+                host: Some("fwnp://host/*-01".into()),
+                since_ms: Some(NOW - 2_000),
+                ..ReportQuery::default()
+            },
+            NOW,
+        )
+        .expect("report");
+    assert_eq!(only.len(), 1);
+    assert_eq!(only[0].identity, "fwnp://host/web-01");
+
+    let stats = store.writer_stats();
+    assert!(stats.transactions >= 2 && stats.ops >= 7, "{stats:?}");
+
+    // Pruning: the events before the middle one and the lease ended before then go.
+    let (events, leases_pruned) = block_on(store.prune(NOW - 900, 1)).expect("pruned");
+    assert_eq!((events, leases_pruned), (1, 1));
+    assert_eq!(store.lease(l13).expect("read"), None);
+    assert_eq!(audit(AuditQuery::default()), vec![NOW - 800, NOW - 900]);
+    assert_eq!(store.live_lease_count().expect("count"), 2);
+}
+
+#[test]
+fn the_sqlite_store_answers_the_reads_contract() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store");
+    reads_contract(&store);
+}
+
+#[test]
+fn the_memory_store_answers_the_reads_contract() {
+    reads_contract(&MemoryStore::new(7));
+}
+
 #[test]
 fn a_store_without_quorum_refuses_writes_typed_and_applies_none() {
     let store = MemoryStore::new(1);
@@ -202,9 +527,8 @@ async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing
     write_policy(&policy_path, POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
     let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
-    let database = Store::open(&config.state_dir).expect("database");
     let memory = Arc::new(MemoryStore::new(0xfeed));
-    let service = Service::start_with_store(config, None, database, memory.clone())
+    let service = Service::start_with_store(config, None, memory.clone(), memory.clone())
         .await
         .expect("service starts");
     assert_eq!(service.epoch(), 0xfeed, "the epoch is the backend's");
@@ -237,6 +561,14 @@ async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing
             .iter()
             .any(|e| e.kind == AuditKind::Grant && e.lease == Some(lease))
     );
+    // The admin API reads the same backend.
+    let listed = service
+        .leases(&std::collections::HashMap::new())
+        .await
+        .expect("the admin API's lease listing");
+    let listed: Vec<&str> = listed.leases.iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(listed, vec![lease.to_string()]);
+    assert_eq!(service.status().store, "memory");
 
     // The backend loses its quorum: nothing new is granted, and the book keeps no lease the
     // store lacks.

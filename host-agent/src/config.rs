@@ -15,7 +15,9 @@ use toml::Spanned;
 /// A configuration file that cannot be used, with where and why (both daemons report their files
 /// the same way).
 pub use fwnp_daemon::config::ConfigError;
-use fwnp_daemon::config::{line_column, parse_duration, parse_prefix};
+use fwnp_daemon::config::{
+    check_table_name, from_toml, invalid_at, parse_duration, parse_prefix, read_file,
+};
 
 /// What the host mirrors into its own nftables table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,11 +321,7 @@ const MAX_WATCHES: usize = 65_536;
 impl AgentConfig {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, &path.display().to_string())
+        Self::parse(&read_file(path)?, &path.display().to_string())
     }
 
     /// Checks a configuration held in memory; `origin` names it in errors.
@@ -334,19 +332,9 @@ impl AgentConfig {
     /// As [`AgentConfig::parse`], resolving user and group names in `etc/passwd` and
     /// `etc/group` under `etc` (tests point it elsewhere).
     pub fn parse_with(text: &str, origin: &str, etc: &Path) -> Result<Self, ConfigError> {
-        let at = |span: std::ops::Range<usize>, reason: String| {
-            let (line, column) = line_column(text, span.start);
-            ConfigError::Invalid {
-                origin: origin.to_owned(),
-                line,
-                column,
-                reason,
-            }
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let span = e.span().unwrap_or(0..0);
-            at(span, e.message().to_owned())
-        })?;
+        let at =
+            |span: std::ops::Range<usize>, reason: String| invalid_at(text, origin, span, reason);
+        let raw: RawConfig = from_toml(text, origin)?;
 
         let address = raw.gateway.address.get_ref();
         match address.rsplit_once(':') {
@@ -486,17 +474,7 @@ impl AgentConfig {
             }
         };
         let table = raw.mirror.table.get_ref();
-        if table.is_empty()
-            || table.len() > 64
-            || !table
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(at(
-                raw.mirror.table.span(),
-                format!("table name {table:?}: 1 to 64 letters, digits, '_' or '-'"),
-            ));
-        }
+        check_table_name(table).map_err(|reason| at(raw.mirror.table.span(), reason))?;
         let mut always_allowed = Vec::new();
         for entry in &raw.mirror.always_allowed {
             let remote = parse_prefix(entry.from.get_ref())

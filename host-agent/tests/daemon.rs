@@ -8,15 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::net::UnixDatagram;
 
 use common::*;
-
-fn next_notice(socket: &UnixDatagram) -> String {
-    socket.set_read_timeout(Some(STEP)).expect("timeout");
-    let mut buffer = [0u8; 512];
-    let n = socket
-        .recv(&mut buffer)
-        .expect("a message on the notify socket");
-    String::from_utf8_lossy(&buffer[..n]).into_owned()
-}
+use fwnp_testkit::process::next_notice;
 
 #[test]
 fn systemd_is_told_ready_and_stopping() {
@@ -42,11 +34,11 @@ fn systemd_is_told_ready_and_stopping() {
             .spawn()
             .expect("start fwnp-agent"),
     ));
-    assert_eq!(next_notice(&notify), "READY=1\n");
+    assert_eq!(next_notice(&notify, STEP), "READY=1\n");
     // Ready means serving: the local socket accepts.
     LocalClient::connect(&dir.path().join("agent.sock"));
     agent.signal("TERM");
-    assert_eq!(next_notice(&notify), "STOPPING=1\n");
+    assert_eq!(next_notice(&notify, STEP), "STOPPING=1\n");
     let status = agent.wait_exit(STEP).expect("fwnp-agent did not stop");
     assert!(status.success(), "{status}");
 }

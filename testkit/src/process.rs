@@ -106,3 +106,25 @@ pub fn wait_for_socket(process: &mut ProcessGuard, socket: &Path, within: Durati
         std::thread::sleep(POLL);
     }
 }
+
+/// The next message a daemon sends to the systemd notify socket `socket` (bound by the test,
+/// passed to the daemon as `NOTIFY_SOCKET`), such as `READY=1\n`; panics if none comes within
+/// `within`.
+///
+/// ```
+/// use std::os::unix::net::UnixDatagram;
+/// use std::time::Duration;
+/// let (socket, daemon) = UnixDatagram::pair().expect("a socket pair");
+/// daemon.send(b"READY=1\n").expect("sent");
+/// assert_eq!(fwnp_testkit::process::next_notice(&socket, Duration::from_secs(5)), "READY=1\n");
+/// ```
+pub fn next_notice(socket: &std::os::unix::net::UnixDatagram, within: Duration) -> String {
+    socket
+        .set_read_timeout(Some(within))
+        .expect("a read timeout on the notify socket");
+    let mut buffer = [0u8; 512];
+    let n = socket
+        .recv(&mut buffer)
+        .expect("a message on the notify socket");
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}

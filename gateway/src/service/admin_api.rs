@@ -60,7 +60,7 @@ impl Service {
                     .unwrap_or(u64::MAX),
             }
         });
-        let writer = self.store.writer().stats();
+        let writer = self.queries.writer_stats();
         StatusAnswer {
             epoch: format!("{:016x}", self.epoch()),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -69,7 +69,7 @@ impl Service {
             connections: self.sessions.count() as u64,
             policy: self.policy().origin().to_owned(),
             filter,
-            store: self.store.path().display().to_string(),
+            store: self.queries.location(),
             // Group commit at work: operations per transaction is what keeps the store's cost
             // per grant down under load.
             store_writer: WriterStatus {
@@ -89,10 +89,10 @@ impl Service {
     /// the QUIC connections and timers that share it.
     pub(super) async fn read_store<T: Send + 'static>(
         &self,
-        read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+        read: impl FnOnce(&dyn StoreQueries) -> Result<T, crate::store::StoreError> + Send + 'static,
     ) -> Result<T, AdminError> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || read(&store))
+        let store = self.queries.clone();
+        tokio::task::spawn_blocking(move || read(&*store))
             .await
             .map_err(|e| AdminError::internal(format!("the store read did not finish: {e}")))?
             .map_err(|e| AdminError::internal(e.to_string()))
@@ -182,7 +182,7 @@ impl Service {
                     .min(Duration::from_secs(60)),
                 None => Duration::ZERO,
             };
-            let mut watch = self.store.audit_watch();
+            let mut watch = self.queries.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
                 let (query, limit) = (q.clone(), q.limit.max(1));

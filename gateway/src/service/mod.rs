@@ -53,7 +53,7 @@ use crate::policy::{Policy, Verdict};
 use crate::sessions::{Session, Sessions};
 use crate::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseRecord, LeaseStore, NewLease,
-    Order, Outcome, ReportQuery, RequestSummary, Store, WriteError, WriteOp, now_ms,
+    Order, Outcome, ReportQuery, RequestSummary, Store, StoreQueries, WriteError, WriteOp, now_ms,
 };
 use crate::tally::{Counted, Tally, Verdict as TallyVerdict};
 use fwnp_trust::identity::{Serial, allowed_addresses};
@@ -88,8 +88,8 @@ pub struct Service {
     /// The request path's decisions and the live leases.
     core: Mutex<RequestCore>,
     expiry_changed: tokio::sync::Notify,
-    /// The database, for the admin API's queries and the daemon's housekeeping.
-    store: Store,
+    /// What the admin API reads and the daemon prunes.
+    queries: Arc<dyn StoreQueries>,
     /// Where the request path writes leases and their audit records.
     leases: Arc<dyn LeaseStore>,
     filter: Option<Batcher>,
@@ -158,6 +158,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
+pub use request::write_op;
 
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
@@ -210,23 +211,23 @@ impl Service {
         if config.store.synchronous_full {
             options.synchronous = crate::store::Synchronous::Full;
         }
-        let store = Store::open_with(&config.state_dir, options)?;
+        let store = Arc::new(Store::open_with(&config.state_dir, options)?);
         let leases: Arc<dyn LeaseStore> = match &config.store.backend {
             crate::config::StoreBackend::Etcd(etcd) => {
                 Arc::new(crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?)
             }
-            _ => Arc::new(store.clone()),
+            _ => store.clone(),
         };
         Self::start_with_store(config, filter, store, leases).await
     }
 
-    /// As [`Service::start`], with the leases written to and restored from `leases` instead of
-    /// the database `store` (which still answers the admin API's queries): the seam where
-    /// another backend plugs in.
+    /// As [`Service::start`], with the leases written to and restored from `leases` and the
+    /// admin API's reads and the pruning of old records done by `queries` instead of the
+    /// database in the state directory: the seam where another backend plugs in.
     pub async fn start_with_store(
         config: GatewayConfig,
         filter: Option<Batcher>,
-        store: Store,
+        queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
     ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
@@ -256,7 +257,7 @@ impl Service {
                 kill_connections: config.filter.kill_connections,
             })),
             expiry_changed: tokio::sync::Notify::new(),
-            store,
+            queries,
             leases,
             filter,
             epoch,
@@ -304,9 +305,9 @@ impl Service {
         self.epoch
     }
 
-    /// The store, for the daemon's housekeeping.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The store's reads, for the daemon's housekeeping and tests.
+    pub fn store(&self) -> &dyn StoreQueries {
+        &*self.queries
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -377,7 +378,7 @@ impl Service {
             restored = report.restored,
             expired = restored.expired.len(),
             epoch = format_args!("{:016x}", self.epoch()),
-            new_state = self.store.is_new_state(),
+            new_state = self.queries.is_new_state(),
             "leases restored"
         );
         if let Some(filter) = &self.filter {

@@ -5,8 +5,25 @@
 use super::*;
 
 /// The store's operation for a write of the request core; `certificate` is the one the host
-/// asked with, kept with the leases it opens or renews.
-pub(super) fn write_op(
+/// asked with, kept with the leases it opens or renews. Public so that a harness driving the
+/// request core writes the store as the service does.
+///
+/// ```
+/// use fwnp_gateway::service::write_op;
+/// use fwnp_gateway::store::WriteOp;
+/// use fwnp_proto::gateway::request::{LeaseEnd, Write};
+/// use fwnp_proto::LeaseId;
+///
+/// let end = Write::End {
+///     id: LeaseId([1; 16]),
+///     end: LeaseEnd::Released,
+///     ended_ms: 1_700_000_000_000,
+///     by: None,
+///     why: None,
+/// };
+/// assert!(matches!(write_op(&end, None), WriteOp::EndLease { .. }));
+/// ```
+pub fn write_op(
     write: &Write,
     certificate: Option<Arc<fwnp_trust::identity::CertificateName>>,
 ) -> WriteOp {

@@ -1,12 +1,14 @@
-//! The seam between the service and lease storage: [`LeaseStore`], with the SQLite [`Store`]
-//! as one implementation and [`MemoryStore`] as another (for tests of the service's logic; it
-//! keeps nothing across a restart).
+//! The seam between the service and lease storage: [`LeaseStore`] (writes, and the leases of
+//! the previous run at start) and [`StoreQueries`] (what the admin API reads, and the daemon's
+//! pruning), with the SQLite [`Store`] as one implementation of both and [`MemoryStore`] as
+//! another (for tests of the service's logic; it keeps nothing across a restart).
 //!
-//! The service only writes through it (leases and their audit records, batched into group
-//! commits by the implementation) and, at start, asks it for the epoch and the live leases. A
-//! cluster backend plugs in here: its writes may be refused ([`WriteError::Conflict`],
-//! [`WriteError::Unavailable`]), which the request path turns into a no-resources answer
-//! without having granted anything.
+//! The request path only writes through [`LeaseStore`] (leases and their audit records,
+//! batched into group commits by the implementation) and, at start, asks it for the epoch and
+//! the live leases. A cluster backend plugs in here: its writes may be refused
+//! ([`WriteError::Conflict`], [`WriteError::Unavailable`]), which the request path turns into a
+//! no-resources answer without having granted anything. The reads are a trait of their own so
+//! that a backend may take writes before it answers queries.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,9 +16,13 @@ use std::pin::Pin;
 use std::sync::Mutex;
 
 use fwnp_proto::{Epoch, LeaseId};
+use tokio::sync::watch;
 
+use super::query::{ReportInput, aggregate_report, audit_page, page_size};
 use super::{
-    AuditEvent, LeaseEnding, LeaseRecord, LeaseState, Restored, Store, StoreError, WriteOp,
+    AuditEvent, AuditPage, AuditQuery, AuditRecord, LeaseEnding, LeaseFilter, LeaseRecord,
+    LeaseState, Order, Outcome, ReportQuery, ReportRow, Restored, Store, StoreError, WriteOp,
+    WriterStats,
 };
 
 /// Why a write was not made.
@@ -85,21 +91,147 @@ impl LeaseStore for Store {
     }
 }
 
+/// What the admin API reads from the store, and the daemon's pruning of old records.
+///
+/// Reads answer at once (the SQLite store's block on its read connections, so call them from
+/// blocking threads); [`StoreQueries::audit_watch`] tells a follower when to read again.
+///
+/// ```
+/// use fwnp_gateway::store::{LeaseFilter, MemoryStore, StoreQueries};
+/// let store = MemoryStore::new(7);
+/// // Through the trait: MemoryStore has a `leases()` of its own, for tests.
+/// assert!(StoreQueries::leases(&store, &LeaseFilter::default()).unwrap().is_empty());
+/// assert_eq!(store.live_lease_count().unwrap(), 0);
+/// ```
+pub trait StoreQueries: Send + Sync + std::fmt::Debug {
+    /// Where the store keeps its data, in words for the admin API's status (a file, a cluster).
+    fn location(&self) -> String;
+
+    /// Whether the store was created by this run (the epoch is new then).
+    fn is_new_state(&self) -> bool;
+
+    /// One lease, live or ended.
+    fn lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
+
+    /// Leases matching `filter`, soonest expiry first.
+    fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError>;
+
+    /// Every live lease, soonest expiry first.
+    fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        self.leases(&LeaseFilter::default())
+    }
+
+    /// How many leases are live.
+    fn live_lease_count(&self) -> Result<u64, StoreError>;
+
+    /// One page of audit events matching `query`.
+    fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError>;
+
+    /// Events after `after_id`, oldest first, matching the filters of `query` (its cursor and
+    /// order are ignored): the "follow" primitive. Returns at most `limit` events.
+    fn audit_follow(
+        &self,
+        after_id: u64,
+        query: &AuditQuery,
+        limit: usize,
+    ) -> Result<Vec<AuditRecord>, StoreError> {
+        let mut q = query.clone();
+        q.cursor = Some(after_id);
+        q.order = Order::OldestFirst;
+        q.limit = limit;
+        self.audit(&q).map(|page| page.events)
+    }
+
+    /// The id of the newest stored audit event, updated as events are stored: a follower waits
+    /// on it and then calls [`StoreQueries::audit_follow`].
+    fn audit_watch(&self) -> watch::Receiver<u64>;
+
+    /// The usage report: what each host asked for each application and opening in the
+    /// window (live leases count as held up to `now_ms`).
+    fn report(&self, query: &ReportQuery, now_ms: u64) -> Result<Vec<ReportRow>, StoreError>;
+
+    /// The writer's counters, for the admin API's status.
+    fn writer_stats(&self) -> WriterStats;
+
+    /// Deletes audit events and ended leases older than `before_ms`, `slice` rows at a time
+    /// where the store can, so that grants keep flowing meanwhile. Resolves to the audit
+    /// events and the leases deleted.
+    fn prune(&self, before_ms: u64, slice: u32) -> WriteFuture<'static, (u64, u64)>;
+}
+
+impl StoreQueries for Store {
+    fn location(&self) -> String {
+        self.path().display().to_string()
+    }
+
+    fn is_new_state(&self) -> bool {
+        Store::is_new_state(self)
+    }
+
+    fn lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        Store::lease(self, id)
+    }
+
+    fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
+        Store::leases(self, filter)
+    }
+
+    fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
+        Store::live_leases(self)
+    }
+
+    fn live_lease_count(&self) -> Result<u64, StoreError> {
+        Store::live_lease_count(self)
+    }
+
+    fn audit(&self, query: &AuditQuery) -> Result<AuditPage, StoreError> {
+        Store::audit(self, query)
+    }
+
+    fn audit_watch(&self) -> watch::Receiver<u64> {
+        Store::audit_watch(self)
+    }
+
+    fn report(&self, query: &ReportQuery, now_ms: u64) -> Result<Vec<ReportRow>, StoreError> {
+        Store::report(self, query, now_ms)
+    }
+
+    fn writer_stats(&self) -> WriterStats {
+        self.writer().stats()
+    }
+
+    fn prune(&self, before_ms: u64, slice: u32) -> WriteFuture<'static, (u64, u64)> {
+        let writer = self.writer().clone();
+        Box::pin(async move { Ok(writer.prune(before_ms, slice).await?) })
+    }
+}
+
 /// Leases and audit events in memory, for tests: it applies writes as the SQLite store does
 /// (a lease inserted twice, or ended or renewed when not live, fails the whole commit), and
 /// can be told to refuse writes as a cluster store without quorum would.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     epoch: Epoch,
     state: Mutex<MemoryState>,
+    /// The id of the newest audit event.
+    audit_watch: watch::Sender<u64>,
 }
 
 #[derive(Debug, Default)]
 struct MemoryState {
     leases: HashMap<LeaseId, LeaseRecord>,
-    audit: Vec<AuditEvent>,
+    /// In id order; ids are never reused, as the SQLite store's.
+    audit: Vec<AuditRecord>,
+    last_audit_id: u64,
     refusing: Option<String>,
     commits: u64,
+    stats: WriterStats,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(0)
+    }
 }
 
 impl MemoryStore {
@@ -108,6 +240,7 @@ impl MemoryStore {
         MemoryStore {
             epoch,
             state: Mutex::default(),
+            audit_watch: watch::Sender::new(0),
         }
     }
 
@@ -126,7 +259,7 @@ impl MemoryStore {
 
     /// The audit events stored, in commit order.
     pub fn audit(&self) -> Vec<AuditEvent> {
-        self.lock().audit.clone()
+        self.lock().audit.iter().map(|r| r.event.clone()).collect()
     }
 
     /// How many commits were applied.
@@ -140,6 +273,23 @@ impl MemoryStore {
 
     fn apply(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
         let mut state = self.lock();
+        state.stats.jobs += 1;
+        state.stats.ops += ops.len() as u64;
+        let result = Self::apply_locked(&mut state, ops);
+        if result.is_err() {
+            state.stats.failed_jobs += 1;
+        }
+        let last = state.last_audit_id;
+        drop(state);
+        self.audit_watch.send_if_modified(|newest| {
+            let changed = *newest != last;
+            *newest = last;
+            changed
+        });
+        result
+    }
+
+    fn apply_locked(state: &mut MemoryState, ops: Vec<WriteOp>) -> Result<(), WriteError> {
         if let Some(reason) = &state.refusing {
             return Err(WriteError::Unavailable(reason.clone()));
         }
@@ -204,7 +354,7 @@ impl MemoryStore {
                 }
                 WriteOp::Audit(event) => audit.push(*event),
                 WriteOp::DeleteAuditBefore { before_ms, .. } => {
-                    state.audit.retain(|e| e.time_ms >= before_ms);
+                    state.audit.retain(|r| r.event.time_ms >= before_ms);
                 }
                 WriteOp::DeleteEndedLeasesBefore { before_ms, .. } => leases.retain(|_, l| {
                     l.ending
@@ -214,8 +364,14 @@ impl MemoryStore {
             }
         }
         state.leases = leases;
-        state.audit.append(&mut audit);
+        for event in audit {
+            state.last_audit_id += 1;
+            let id = state.last_audit_id;
+            state.audit.push(AuditRecord { id, event });
+        }
         state.commits += 1;
+        state.stats.transactions += 1;
+        state.stats.largest_batch = state.stats.largest_batch.max(1);
         Ok(())
     }
 }
@@ -270,5 +426,196 @@ impl LeaseStore for MemoryStore {
 
     fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
         self.apply(ops)
+    }
+}
+
+/// A host filter as the SQLite store applies it: the identity exactly, or a glob (`*`, `?`,
+/// `[...]`) when the filter holds a glob character.
+fn host_matches(filter: &str, identity: Option<&str>) -> bool {
+    let Some(identity) = identity else {
+        return false;
+    };
+    if !filter.contains(['*', '?', '[']) {
+        return filter == identity;
+    }
+    // SQLite's GLOB negates a class with `^`; the glob crate with `!`.
+    let pattern = filter.replace("[^", "[!");
+    glob::Pattern::new(&pattern).is_ok_and(|p| p.matches(identity))
+}
+
+fn lease_matches(lease: &LeaseRecord, f: &LeaseFilter) -> bool {
+    let grant_covers = |g: &fwnp_proto::Grant| {
+        f.port
+            .is_none_or(|port| g.ports.first <= port && port <= g.ports.last)
+            && f.protocol.is_none_or(|p| g.protocol == p)
+    };
+    (f.include_ended || lease.state == LeaseState::Live)
+        && f.host
+            .as_deref()
+            .is_none_or(|h| host_matches(h, Some(&lease.identity)))
+        && f.app.as_deref().is_none_or(|app| {
+            lease.app.as_ref().is_some_and(|a| {
+                a.name.as_deref() == Some(app) || a.executable.as_deref() == Some(app)
+            }) || lease.grants.iter().any(|g| g.app.as_deref() == Some(app))
+        })
+        && (f.port.is_none() && f.protocol.is_none() || lease.grants.iter().any(grant_covers))
+        && f.certificate_serial
+            .as_ref()
+            .is_none_or(|s| lease.certificate.as_ref().is_some_and(|c| &c.serial == s))
+}
+
+fn audit_matches(e: &AuditEvent, q: &AuditQuery) -> bool {
+    let request = e.request.as_ref();
+    q.host
+        .as_deref()
+        .is_none_or(|h| host_matches(h, e.identity.as_deref()))
+        && q.app.as_deref().is_none_or(|app| {
+            e.app.as_ref().is_some_and(|a| {
+                a.name.as_deref() == Some(app) || a.executable.as_deref() == Some(app)
+            }) || request.and_then(|r| r.app_id.as_deref()) == Some(app)
+        })
+        && q.port.is_none_or(|port| {
+            request
+                .and_then(|r| r.ports)
+                .is_some_and(|p| p.first <= port && port <= p.last)
+                || e.grants
+                    .iter()
+                    .any(|g| g.ports.first <= port && port <= g.ports.last)
+        })
+        && (q.outcomes.is_empty() || e.outcome.is_some_and(|o| q.outcomes.contains(&o)))
+        && (q.kinds.is_empty() || q.kinds.contains(&e.kind))
+        && q.lease.is_none_or(|l| e.lease == Some(l))
+        && q.since_ms.is_none_or(|t| e.time_ms >= t)
+        && q.until_ms.is_none_or(|t| e.time_ms < t)
+}
+
+impl StoreQueries for MemoryStore {
+    fn location(&self) -> String {
+        "memory".into()
+    }
+
+    fn is_new_state(&self) -> bool {
+        true
+    }
+
+    fn lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError> {
+        Ok(self.lock().leases.get(&id).cloned())
+    }
+
+    fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut leases: Vec<LeaseRecord> = self
+            .lock()
+            .leases
+            .values()
+            .filter(|l| lease_matches(l, filter))
+            .cloned()
+            .collect();
+        leases.sort_by_key(|l| (l.expires_ms, l.id));
+        if let Some(limit) = filter.limit {
+            leases.truncate(limit);
+        }
+        Ok(leases)
+    }
+
+    fn live_lease_count(&self) -> Result<u64, StoreError> {
+        let state = self.lock();
+        Ok(state
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Live)
+            .count() as u64)
+    }
+
+    fn audit(&self, q: &AuditQuery) -> Result<AuditPage, StoreError> {
+        let limit = page_size(q);
+        let state = self.lock();
+        let after_cursor = |id: u64| match (q.cursor, q.order) {
+            (None, _) => true,
+            (Some(c), Order::NewestFirst) => id < c,
+            (Some(c), Order::OldestFirst) => id > c,
+        };
+        let matching = |r: &&AuditRecord| after_cursor(r.id) && audit_matches(&r.event, q);
+        let events: Vec<AuditRecord> = match q.order {
+            Order::OldestFirst => state
+                .audit
+                .iter()
+                .filter(matching)
+                .take(limit)
+                .cloned()
+                .collect(),
+            Order::NewestFirst => state
+                .audit
+                .iter()
+                .rev()
+                .filter(matching)
+                .take(limit)
+                .cloned()
+                .collect(),
+        };
+        Ok(audit_page(events, limit))
+    }
+
+    fn audit_watch(&self) -> watch::Receiver<u64> {
+        self.audit_watch.subscribe()
+    }
+
+    fn report(&self, q: &ReportQuery, now_ms: u64) -> Result<Vec<ReportRow>, StoreError> {
+        let state = self.lock();
+        let inputs = state.audit.iter().filter_map(|r| {
+            let e = &r.event;
+            let request = e.request.as_ref()?;
+            let identity = e.identity.clone()?;
+            let granted = match (e.kind, e.outcome?) {
+                (super::AuditKind::Decision | super::AuditKind::Grant, Outcome::Granted) => true,
+                (super::AuditKind::Decision | super::AuditKind::Grant, Outcome::Denied) => false,
+                _ => return None,
+            };
+            let in_window = q.since_ms.is_none_or(|t| e.time_ms >= t)
+                && q.until_ms.is_none_or(|t| e.time_ms < t)
+                && q.host
+                    .as_deref()
+                    .is_none_or(|h| host_matches(h, Some(&identity)));
+            in_window.then(|| ReportInput {
+                identity,
+                app: e.app_label().map(String::from),
+                protocol: request.protocol,
+                ports: request.ports,
+                app_id: request.app_id.clone(),
+                granted,
+                lease: e.lease,
+                lifetime_asked: request.lifetime,
+                time_ms: e.time_ms,
+                held_ms: e
+                    .lease
+                    .and_then(|id| state.leases.get(&id))
+                    .map(|l| l.held_ms(now_ms)),
+            })
+        });
+        Ok(aggregate_report(inputs))
+    }
+
+    fn writer_stats(&self) -> WriterStats {
+        self.lock().stats
+    }
+
+    fn prune(&self, before_ms: u64, _slice: u32) -> WriteFuture<'static, (u64, u64)> {
+        let result = (|| {
+            let mut state = self.lock();
+            if let Some(reason) = &state.refusing {
+                return Err(WriteError::Unavailable(reason.clone()));
+            }
+            let (audit, leases) = (state.audit.len(), state.leases.len());
+            state.audit.retain(|r| r.event.time_ms >= before_ms);
+            state.leases.retain(|_, l| {
+                l.ending
+                    .as_ref()
+                    .is_none_or(|ending| ending.ended_ms >= before_ms)
+            });
+            Ok((
+                (audit - state.audit.len()) as u64,
+                (leases - state.leases.len()) as u64,
+            ))
+        })();
+        Box::pin(async move { result })
     }
 }

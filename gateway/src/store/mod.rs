@@ -59,7 +59,7 @@ use fwnp_proto::{Epoch, LeaseId};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::watch;
 
-pub use backend::{LeaseStore, MemoryStore, WriteError, WriteFuture};
+pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture};
 pub use error::StoreError;
 pub use etcd::{EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS};
 pub use schema::SCHEMA_VERSION;
@@ -399,11 +399,7 @@ impl Store {
         query: &AuditQuery,
         limit: usize,
     ) -> Result<Vec<AuditRecord>, StoreError> {
-        let mut q = query.clone();
-        q.cursor = Some(after_id);
-        q.order = Order::OldestFirst;
-        q.limit = limit;
-        self.audit(&q).map(|page| page.events)
+        StoreQueries::audit_follow(self, after_id, query, limit)
     }
 
     /// What each host asked for each application and opening in the window, with counts and

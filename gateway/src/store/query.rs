@@ -233,26 +233,55 @@ pub(crate) fn audit(conn: &Connection, q: &AuditQuery) -> Result<AuditPage, Stor
             Order::OldestFirst => c.push(format!("id > {p}")),
         }
     }
-    let limit = if q.limit == 0 {
-        MAX_PAGE
-    } else {
-        q.limit.min(MAX_PAGE)
-    };
+    let limit = page_size(q);
     let p = c.param(int(limit as u64)?);
     let sql = format!(
         "SELECT {AUDIT_COLUMNS} FROM audit{} ORDER BY id {direction} LIMIT {p}",
         c.where_clause()
     );
     let events: Vec<AuditRecord> = collect(conn, &sql, &c.params, "query audit", audit_from_row)?;
+    Ok(audit_page(events, limit))
+}
+
+/// How many events one page of `q` holds at most.
+pub(crate) fn page_size(q: &AuditQuery) -> usize {
+    if q.limit == 0 {
+        MAX_PAGE
+    } else {
+        q.limit.min(MAX_PAGE)
+    }
+}
+
+/// A page of `events` (at most `limit`, as many as were found): a full page has a cursor for
+/// the next.
+pub(crate) fn audit_page(events: Vec<AuditRecord>, limit: usize) -> AuditPage {
     let next_cursor = if events.len() == limit {
         events.last().map(|e| e.id)
     } else {
         None
     };
-    Ok(AuditPage {
+    AuditPage {
         events,
         next_cursor,
-    })
+    }
+}
+
+/// One decided Open as the usage report counts it: an audit event of kind decision or grant,
+/// with outcome granted or denied, a request and an identity, and the lease it created or
+/// extended, if any (whatever the store).
+#[derive(Debug, Clone)]
+pub(crate) struct ReportInput {
+    pub identity: String,
+    pub app: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub ports: Option<PortRange>,
+    pub app_id: Option<String>,
+    pub granted: bool,
+    pub lease: Option<LeaseId>,
+    pub lifetime_asked: Option<u32>,
+    pub time_ms: u64,
+    /// How long that lease was held (live leases up to the report's time).
+    pub held_ms: Option<u64>,
 }
 
 type ReportKey = (
@@ -307,10 +336,10 @@ pub(crate) fn report(
     let mut rows = stmt
         .query(params_from_iter(c.params.iter()))
         .map_err(StoreError::sqlite(OP))?;
-    let mut groups: BTreeMap<ReportKey, ReportAcc> = BTreeMap::new();
     let get = |row: &rusqlite::Row<'_>, i: usize| -> Result<Option<i64>, StoreError> {
         row.get::<_, Option<i64>>(i).map_err(StoreError::sqlite(OP))
     };
+    let mut inputs = Vec::new();
     while let Some(row) = rows.next().map_err(StoreError::sqlite(OP))? {
         let identity: String = row.get(0).map_err(StoreError::sqlite(OP))?;
         let name: Option<String> = row.get(1).map_err(StoreError::sqlite(OP))?;
@@ -324,14 +353,17 @@ pub(crate) fn report(
         .map(String::from);
         let protocol = get(row, 3)?
             .map(|n| {
-                u8::try_from(n).map_err(|_| StoreError::corrupt(format!("protocol number {n}")))
+                u8::try_from(n)
+                    .ok()
+                    .and_then(|n| Protocol::from_number(u64::from(n)))
+                    .ok_or_else(|| StoreError::corrupt(format!("protocol number {n}")))
             })
             .transpose()?;
         let ports = match (get(row, 4)?, get(row, 5)?) {
-            (Some(f), Some(l)) => Some((
-                u16::try_from(f).map_err(|_| StoreError::corrupt(format!("port {f}")))?,
-                u16::try_from(l).map_err(|_| StoreError::corrupt(format!("port {l}")))?,
-            )),
+            (Some(f), Some(l)) => Some(PortRange {
+                first: u16::try_from(f).map_err(|_| StoreError::corrupt(format!("port {f}")))?,
+                last: u16::try_from(l).map_err(|_| StoreError::corrupt(format!("port {l}")))?,
+            }),
             _ => None,
         };
         let app_id: Option<String> = row.get(6).map_err(StoreError::sqlite(OP))?;
@@ -341,7 +373,7 @@ pub(crate) fn report(
         let time_ms = get(row, 10)?
             .and_then(|v| u64::try_from(v).ok())
             .unwrap_or(0);
-        let held = match (get(row, 11)?, get(row, 12)?, get(row, 13)?) {
+        let held_ms = match (get(row, 11)?, get(row, 12)?, get(row, 13)?) {
             (Some(created), Some(expires), ended) => {
                 let end =
                     ended.unwrap_or_else(|| expires.min(i64::try_from(now_ms).unwrap_or(i64::MAX)));
@@ -349,58 +381,82 @@ pub(crate) fn report(
             }
             _ => None,
         };
-        let acc = groups
-            .entry((identity, app, protocol, ports, app_id))
-            .or_insert_with(|| ReportAcc {
-                first_ms: time_ms,
-                last_ms: time_ms,
-                ..ReportAcc::default()
-            });
-        acc.first_ms = acc.first_ms.min(time_ms);
-        acc.last_ms = acc.last_ms.max(time_ms);
-        acc.max_lifetime_asked = acc.max_lifetime_asked.max(lifetime_asked);
-        if outcome == "granted" {
+        inputs.push(ReportInput {
+            identity,
+            app,
+            protocol,
+            ports,
+            app_id,
+            granted: outcome == "granted",
+            lease: lease.as_deref().map(lease_id).transpose()?,
+            lifetime_asked,
+            time_ms,
+            held_ms,
+        });
+    }
+    Ok(aggregate_report(inputs))
+}
+
+/// The usage report's rows from the decided Opens: one row per host, application and opening,
+/// in that order.
+pub(crate) fn aggregate_report(inputs: impl IntoIterator<Item = ReportInput>) -> Vec<ReportRow> {
+    let mut groups: BTreeMap<ReportKey, (Option<Protocol>, ReportAcc)> = BTreeMap::new();
+    for input in inputs {
+        let key = (
+            input.identity,
+            input.app,
+            input.protocol.map(|p| p.number()),
+            input.ports.map(|p| (p.first, p.last)),
+            input.app_id,
+        );
+        let (_, acc) = groups.entry(key).or_insert_with(|| {
+            (
+                input.protocol,
+                ReportAcc {
+                    first_ms: input.time_ms,
+                    last_ms: input.time_ms,
+                    ..ReportAcc::default()
+                },
+            )
+        });
+        acc.first_ms = acc.first_ms.min(input.time_ms);
+        acc.last_ms = acc.last_ms.max(input.time_ms);
+        acc.max_lifetime_asked = acc.max_lifetime_asked.max(input.lifetime_asked);
+        if input.granted {
             acc.granted += 1;
-            if let Some(blob) = lease {
-                let id = lease_id(&blob)?;
-                if acc.leases.insert(id)
-                    && let Some(held) = held
-                {
-                    acc.held.push(held);
-                }
+            if let Some(id) = input.lease
+                && acc.leases.insert(id)
+                && let Some(held) = input.held_ms
+            {
+                acc.held.push(held);
             }
         } else {
             acc.denied += 1;
         }
     }
-    let mut out = Vec::with_capacity(groups.len());
-    for ((identity, app, protocol, ports, app_id), mut acc) in groups {
-        acc.held.sort_unstable();
-        let protocol = protocol
-            .map(|n| {
-                Protocol::from_number(u64::from(n))
-                    .ok_or_else(|| StoreError::corrupt(format!("protocol {n}")))
-            })
-            .transpose()?;
-        out.push(ReportRow {
-            identity,
-            app,
-            protocol,
-            ports: ports.map(|(first, last)| PortRange { first, last }),
-            app_id,
-            requests: acc.granted + acc.denied,
-            granted: acc.granted,
-            denied: acc.denied,
-            leases: acc.leases.len() as u64,
-            total_held_ms: acc.held.iter().sum(),
-            median_held_ms: percentile(&acc.held, 50),
-            p90_held_ms: percentile(&acc.held, 90),
-            max_lifetime_asked: acc.max_lifetime_asked,
-            first_ms: acc.first_ms,
-            last_ms: acc.last_ms,
-        });
-    }
-    Ok(out)
+    groups
+        .into_iter()
+        .map(|((identity, app, _, ports, app_id), (protocol, mut acc))| {
+            acc.held.sort_unstable();
+            ReportRow {
+                identity,
+                app,
+                protocol,
+                ports: ports.map(|(first, last)| PortRange { first, last }),
+                app_id,
+                requests: acc.granted + acc.denied,
+                granted: acc.granted,
+                denied: acc.denied,
+                leases: acc.leases.len() as u64,
+                total_held_ms: acc.held.iter().sum(),
+                median_held_ms: percentile(&acc.held, 50),
+                p90_held_ms: percentile(&acc.held, 90),
+                max_lifetime_asked: acc.max_lifetime_asked,
+                first_ms: acc.first_ms,
+                last_ms: acc.last_ms,
+            }
+        })
+        .collect()
 }
 
 /// Nearest-rank percentile of sorted values; 0 for none.

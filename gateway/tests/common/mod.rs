@@ -28,6 +28,52 @@ pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
 pub(crate) use fwnp_testkit::temp_dir;
 pub(crate) use tempfile::TempDir;
 
+/// The policy most tests of the service and of its request core use: hosts named `fwnp://host/*` may open the https application and
+/// tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by a
+/// named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
+/// 203.0.113.0/24 that they do not hold.
+pub(crate) const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[applications]
+https = ["tcp/443", "udp/443"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[group]]
+name = "balancers"
+identities = ["fwnp://host/lb-*"]
+
+[[rule]]
+name = "no-telnet"
+description = "telnet stays closed"
+groups = ["hosts"]
+deny = "tcp/23"
+
+[[rule]]
+name = "balancer-pool"
+groups = ["balancers"]
+allow = "tcp/8000-8999"
+third_party = true
+third_party_addresses = ["203.0.113.0/24"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = ["app:https", "tcp/7000-7999", "udp/7000-7999"]
+"#;
+
+/// A host's address (in its certificate, or its connection's source).
+pub(crate) const HOST_A: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
+/// Another host's address.
+pub(crate) const HOST_B: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
+
 /// Writes a policy file (replacing it atomically, as an editor or a deployment tool would).
 pub(crate) fn write_policy(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
