@@ -11,10 +11,12 @@
 //! Time is `now_ms`, Unix milliseconds on the gateway's clock, passed in: the gateway persists
 //! expiries, so they are wall-clock values. Lease ids come from the RNG passed in.
 //!
-//! The book is built for a million leases: leases are found by id in a hash map, by host in a
+//! The book is built for a million leases: leases are found by id in a hash index, by host in a
 //! per-host ordered set, by (host, grants) for idempotent re-open in a hash index, and by expiry
 //! in an ordered set, so that every operation costs O(log n) (or O(1)) and nothing scans the
-//! whole book. Call [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so
+//! whole book. The leases themselves lie side by side in one vector and the two hash indexes hold
+//! only their 4-byte positions: a hash table keeps up to half its slots empty, and empty slots of
+//! positions cost 5 bytes where empty slots of whole leases cost a lease's size. Call [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so
 //! that a lease past its expiry is never counted, renewed or extended.
 //!
 //! [`request`] is the request path built on these: a request's bytes in, the answer and the
@@ -23,12 +25,17 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap};
 use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use rand::Rng;
 
 pub mod request;
+
+#[cfg(test)]
+mod memory_tests;
 
 use crate::message::{
     AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo, Leases,
@@ -386,37 +393,31 @@ pub struct RestoreReport {
     pub expired: Vec<Lease>,
     /// Leases whose id was already in the book: not loaded.
     pub duplicates: Vec<Lease>,
-}
-
-/// Lease ids sharing one (host, grants) fingerprint; almost always exactly one.
-#[derive(Debug, Clone)]
-enum IdList {
-    One(LeaseId),
-    Many(Vec<LeaseId>),
-}
-
-impl IdList {
-    fn ids(&self) -> &[LeaseId] {
-        match self {
-            IdList::One(id) => std::slice::from_ref(id),
-            IdList::Many(ids) => ids,
-        }
-    }
+    /// Leases beyond the most a book holds (about 4 billion): not loaded.
+    pub over_capacity: Vec<Lease>,
 }
 
 /// The gateway's live leases, indexed by id, host, (host, grants) and expiry.
 #[derive(Debug, Default)]
 pub struct LeaseBook {
-    leases: HashMap<LeaseId, Lease>,
+    /// The leases, in no order; a removal moves the last one into the hole, so there is none.
+    leases: Vec<Lease>,
+    /// Positions in `leases`, hashed by lease id.
+    by_id: HashTable<u32>,
     /// (expires_ms, id): the next lease to expire is the first.
     expiry: BTreeSet<(u64, LeaseId)>,
     /// Each host's lease ids; the key is the one shared `Arc` of that host's identity.
     hosts: HashMap<Arc<str>, BTreeSet<LeaseId>>,
-    /// Fingerprint of (host, grants) to the leases that have it, for idempotent re-open.
-    by_opening: HashMap<u64, IdList>,
-    /// Keys the fingerprints, so that a host cannot aim collisions at another's leases.
-    fingerprint_keys: RandomState,
+    /// Positions in `leases`, hashed by the fingerprint of (host, grants), for idempotent
+    /// re-open; leases of equal fingerprint are separate entries.
+    by_opening: HashTable<u32>,
+    /// Keys both hashes, so that a host cannot aim collisions at another's leases.
+    hash_keys: RandomState,
 }
+
+/// The most leases a book holds: positions are 4 bytes. Far beyond what a gateway's memory
+/// holds (about 4 billion leases).
+const MAX_LEASES: usize = u32::MAX as usize;
 
 impl LeaseBook {
     /// An empty book.
@@ -427,9 +428,11 @@ impl LeaseBook {
     /// An empty book with room for `leases` leases, so that a gateway restoring or expecting
     /// many leases does not rehash its indexes while serving.
     pub fn with_capacity(leases: usize) -> Self {
+        let leases = leases.min(MAX_LEASES);
         LeaseBook {
-            leases: HashMap::with_capacity(leases),
-            by_opening: HashMap::with_capacity(leases),
+            leases: Vec::with_capacity(leases),
+            by_id: HashTable::with_capacity(leases),
+            by_opening: HashTable::with_capacity(leases),
             ..LeaseBook::default()
         }
     }
@@ -474,12 +477,12 @@ impl LeaseBook {
     /// The lease with this id, whoever owns it (for the operator's tools; requests from hosts
     /// go through [`owned`](Self::owned)).
     pub fn get(&self, id: &LeaseId) -> Option<&Lease> {
-        self.leases.get(id)
+        self.position(id).and_then(|at| self.leases.get(at))
     }
 
     /// The lease with this id if `host` owns it.
     pub fn owned(&self, host: &str, id: &LeaseId) -> Option<&Lease> {
-        self.leases.get(id).filter(|lease| &*lease.host == host)
+        self.get(id).filter(|lease| &*lease.host == host)
     }
 
     /// How many leases `host` holds.
@@ -493,12 +496,12 @@ impl LeaseBook {
             .get(host)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.leases.get(id))
+            .filter_map(|id| self.get(id))
     }
 
     /// Every lease, in no particular order (for reconciliation and policy reload).
     pub fn iter(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values()
+        self.leases.iter()
     }
 
     /// The earliest expiry in the book, Unix milliseconds: when to call
@@ -548,10 +551,10 @@ impl LeaseBook {
         let fingerprint = self.fingerprint(host, &grants);
 
         if let Some(id) = self.find_same(now_ms, fingerprint, host, &grants) {
-            let previous_expires_ms = self.leases.get(&id).map_or(0, |l| l.expires_ms);
+            let previous_expires_ms = self.get(&id).map_or(0, |l| l.expires_ms);
             let expires_ms = previous_expires_ms.max(new_expiry);
             self.set_expiry(&id, expires_ms);
-            if let Some(lease) = self.leases.get_mut(&id) {
+            if let Some(lease) = self.get_mut(&id) {
                 lease.lifetime = lifetime.secs;
                 if let Some(app) = &open.app {
                     lease.app = Some(Box::new(app.clone()));
@@ -572,6 +575,9 @@ impl LeaseBook {
             if held >= usize::try_from(max).unwrap_or(usize::MAX) {
                 return Err(Refusal::QuotaExceeded { held, max });
             }
+        }
+        if self.leases.len() >= MAX_LEASES {
+            return Err(Refusal::NoFreeLeaseId);
         }
         let id = self.fresh_id(now_ms, rng)?;
         let lease = Lease {
@@ -604,7 +610,7 @@ impl LeaseBook {
         let lifetime = clamp_lifetime(asked, lease.lifetime, policy)?;
         let previous_expires_ms = lease.expires_ms;
         self.set_expiry(id, expiry_after(now_ms, lifetime.secs));
-        let lease = self.leases.get_mut(id).ok_or(Refusal::UnknownLease)?;
+        let lease = self.get_mut(id).ok_or(Refusal::UnknownLease)?;
         lease.lifetime = lifetime.secs;
         let grant = LeaseGrant {
             lease: lease.clone(),
@@ -643,8 +649,12 @@ impl LeaseBook {
                 report.expired.push(lease);
                 continue;
             }
-            if self.leases.contains_key(&lease.id) {
+            if self.position(&lease.id).is_some() {
                 report.duplicates.push(lease);
+                continue;
+            }
+            if self.leases.len() >= MAX_LEASES {
+                report.over_capacity.push(lease);
                 continue;
             }
             lease.grants = canonical_grants(&lease.grants);
@@ -663,7 +673,22 @@ impl LeaseBook {
     }
 
     fn fingerprint(&self, host: &str, grants: &[Grant]) -> u64 {
-        self.fingerprint_keys.hash_one((host, grants))
+        fingerprint(&self.hash_keys, host, grants)
+    }
+
+    /// Where the lease with this id lies in `leases`.
+    fn position(&self, id: &LeaseId) -> Option<usize> {
+        let leases = &self.leases;
+        self.by_id
+            .find(self.hash_keys.hash_one(id), |&at| {
+                leases.get(at as usize).is_some_and(|lease| lease.id == *id)
+            })
+            .map(|&at| at as usize)
+    }
+
+    fn get_mut(&mut self, id: &LeaseId) -> Option<&mut Lease> {
+        let at = self.position(id)?;
+        self.leases.get_mut(at)
     }
 
     /// The live lease of `host` with exactly `grants`, if any. A lease past its expiry that
@@ -676,12 +701,13 @@ impl LeaseBook {
         host: &str,
         grants: &[Grant],
     ) -> Option<LeaseId> {
-        let ids = self.by_opening.get(&fingerprint)?;
-        ids.ids().iter().copied().find(|id| {
-            self.leases.get(id).is_some_and(|lease| {
+        self.by_opening
+            .iter_hash(fingerprint)
+            .filter_map(|&at| self.leases.get(at as usize))
+            .find(|lease| {
                 lease.expires_ms > now_ms && &*lease.host == host && lease.grants == grants
             })
-        })
+            .map(|lease| lease.id)
     }
 
     /// A new lease id (spec section 11.1): the creation time in milliseconds, 6 bytes
@@ -697,7 +723,7 @@ impl LeaseBook {
             id[..6].copy_from_slice(&now_ms.to_be_bytes()[2..]);
             rng.fill(&mut id[6..]);
             let id = LeaseId(id);
-            if !self.leases.contains_key(&id) {
+            if self.position(&id).is_none() {
                 return Ok(id);
             }
         }
@@ -713,28 +739,30 @@ impl LeaseBook {
         }
     }
 
+    /// Adds a lease whose id is not in the book yet; the caller checked [`MAX_LEASES`].
     fn insert_indexed(&mut self, lease: Lease, fingerprint: u64) {
         let id = lease.id;
+        let Ok(at) = u32::try_from(self.leases.len()) else {
+            return;
+        };
         self.expiry.insert((lease.expires_ms, id));
         self.hosts
             .entry(Arc::clone(&lease.host))
             .or_default()
             .insert(id);
-        match self.by_opening.get_mut(&fingerprint) {
-            None => {
-                self.by_opening.insert(fingerprint, IdList::One(id));
-            }
-            Some(list) => {
-                let mut ids = list.ids().to_vec();
-                ids.push(id);
-                *list = IdList::Many(ids);
-            }
-        }
-        self.leases.insert(id, lease);
+        self.leases.push(lease);
+        let (leases, keys) = (&self.leases, &self.hash_keys);
+        self.by_id
+            .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
+        self.by_opening
+            .insert_unique(fingerprint, at, |&at| opening_hash(keys, leases, at));
     }
 
     fn set_expiry(&mut self, id: &LeaseId, expires_ms: u64) {
-        if let Some(lease) = self.leases.get_mut(id) {
+        let Some(at) = self.position(id) else {
+            return;
+        };
+        if let Some(lease) = self.leases.get_mut(at) {
             self.expiry.remove(&(lease.expires_ms, *id));
             lease.expires_ms = expires_ms;
             self.expiry.insert((expires_ms, *id));
@@ -742,7 +770,36 @@ impl LeaseBook {
     }
 
     fn remove(&mut self, id: &LeaseId) -> Option<Lease> {
-        let lease = self.leases.remove(id)?;
+        let at = self.position(id)?;
+        let at32 = u32::try_from(at).ok()?;
+        let fingerprint = {
+            let lease = self.leases.get(at)?;
+            self.fingerprint(&lease.host, &lease.grants)
+        };
+        if let Ok(entry) = self
+            .by_id
+            .find_entry(self.hash_keys.hash_one(id), |&p| p == at32)
+        {
+            entry.remove();
+        }
+        if let Ok(entry) = self.by_opening.find_entry(fingerprint, |&p| p == at32) {
+            entry.remove();
+        }
+        let lease = self.leases.swap_remove(at);
+        // The last lease moved into the hole: point its index entries at its new place.
+        if let Some(moved) = self.leases.get(at) {
+            let from = u32::try_from(self.leases.len()).ok()?;
+            let moved_fingerprint = self.fingerprint(&moved.host, &moved.grants);
+            if let Some(p) = self
+                .by_id
+                .find_mut(self.hash_keys.hash_one(moved.id), |&p| p == from)
+            {
+                *p = at32;
+            }
+            if let Some(p) = self.by_opening.find_mut(moved_fingerprint, |&p| p == from) {
+                *p = at32;
+            }
+        }
         self.expiry.remove(&(lease.expires_ms, *id));
         if let Some(ids) = self.hosts.get_mut(&lease.host) {
             ids.remove(id);
@@ -750,26 +807,26 @@ impl LeaseBook {
                 self.hosts.remove(&lease.host);
             }
         }
-        let fingerprint = self.fingerprint(&lease.host, &lease.grants);
-        let now_empty = match self.by_opening.get_mut(&fingerprint) {
-            Some(IdList::One(one)) => one == id,
-            Some(IdList::Many(ids)) => {
-                ids.retain(|other| other != id);
-                if let [last] = ids.as_slice() {
-                    let last = *last;
-                    self.by_opening.insert(fingerprint, IdList::One(last));
-                    false
-                } else {
-                    ids.is_empty()
-                }
-            }
-            None => false,
-        };
-        if now_empty {
-            self.by_opening.remove(&fingerprint);
-        }
         Some(lease)
     }
+}
+
+fn fingerprint(keys: &RandomState, host: &str, grants: &[Grant]) -> u64 {
+    keys.hash_one((host, grants))
+}
+
+/// The hash of the id of the lease at `at`, for the id index to rehash with.
+fn id_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
+    leases
+        .get(at as usize)
+        .map_or(0, |lease| keys.hash_one(lease.id))
+}
+
+/// The fingerprint of the lease at `at`, for the (host, grants) index to rehash with.
+fn opening_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
+    leases
+        .get(at as usize)
+        .map_or(0, |lease| fingerprint(keys, &lease.host, &lease.grants))
 }
 
 /// Grants in canonical form: each grant's remote prefixes sorted and deduplicated, the grants

@@ -1,11 +1,17 @@
 //! The kernel side of leases: the elements of a grant, the leases that hold each element, and
 //! the changes that bring the kernel to them.
 
+use indexmap::IndexMap;
+use smallvec::SmallVec;
+
 use super::*;
 
-/// Kernel elements and the leases that hold them, with each lease's expiry. Nearly every
-/// element has one holder: a short list costs far less memory than a map, per element.
-pub(super) type Holders = HashMap<Element, Vec<(LeaseId, u64)>>;
+/// Kernel elements and the leases that hold them, with each lease's expiry. There is an element
+/// per live lease or more, so the map keeps its entries side by side and hashes only their
+/// positions: a hash table of whole entries stays up to half empty, and its empty slots cost an
+/// entry's size each (a million elements: about 150 bytes each in a `HashMap` of `Vec`s, 100 in
+/// this). Nearly every element has one holder, kept inline instead of on the heap.
+pub(super) type Holders = IndexMap<Element, SmallVec<[(LeaseId, u64); 1]>>;
 
 /// Sets (`Some` expiry) or drops (`None`) a lease's hold on an element, and says what the
 /// kernel must do for it: set its timeout to the latest expiry of its holders when that
@@ -25,7 +31,7 @@ pub(super) fn hold_change(
     }
     let after = held.iter().map(|(_, expires)| *expires).max();
     if held.is_empty() {
-        holders.remove(element);
+        holders.swap_remove(element);
     }
     match (before, after) {
         (Some(_), None) => Some(Change::Remove(element.clone())),

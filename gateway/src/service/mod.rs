@@ -270,7 +270,7 @@ impl Service {
             endpoints: Mutex::new(Vec::new()),
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(HashMap::new()),
-            holders: Mutex::new(HashMap::new()),
+            holders: Mutex::new(Holders::default()),
             config,
         });
         service.restore().await?;
