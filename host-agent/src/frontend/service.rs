@@ -438,6 +438,11 @@ fn pcp_code(refusal: &Refusal) -> pcp::ResultCode {
             DenialCode::Wire(WireCode::MalformedRequest | WireCode::LifetimeOutOfRange) => {
                 P::MalformedRequest
             }
+            // RFC 6887 section 7.4: NOT_AUTHORIZED is for "an operation that cannot be
+            // fulfilled by the PCP server's security policy". An internal port the client does
+            // not listen on is such a refusal: the mapping would serve another process.
+            // CANNOT_PROVIDE_EXTERNAL does not fit: the external port is not what is refused.
+            DenialCode::Local(LocalCode::PortNotOwned) => P::NotAuthorized,
             _ => P::NotAuthorized,
         },
     }
@@ -454,6 +459,10 @@ fn natpmp_code(refusal: &Refusal) -> natpmp::ResultCode {
             DenialCode::Wire(
                 WireCode::QuotaExceeded | WireCode::NoResources | WireCode::RateLimited,
             ) => N::OutOfResources,
+            // RFC 6886 section 3.5: 2 is "Not Authorized/Refused (e.g., box supports mapping,
+            // but user has turned feature off)", NAT-PMP's only code for a refusal by policy;
+            // an internal port another process listens on is one.
+            DenialCode::Local(LocalCode::PortNotOwned) => N::NotAuthorized,
             _ => N::NotAuthorized,
         },
     }

@@ -245,6 +245,14 @@ fn upnp_code(refusal: &Refusal) -> (u16, &'static str) {
         }
         | Refusal::CoreGone
         | Refusal::NoAnswer => (501, "Action Failed"),
+        // An internal port the caller does not listen on: WANIPConnection's 718
+        // ConflictInMappingEntry is about another client's mapping, which need not exist (the
+        // port may be bound by nobody), so this is the device's refusal to act for this
+        // caller: 606 Action not authorized.
+        Refusal::Denied {
+            code: DenialCode::Local(LocalCode::PortNotOwned),
+            ..
+        } => (606, "Action not authorized"),
         _ => (606, "Action not authorized"),
     }
 }

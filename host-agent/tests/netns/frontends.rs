@@ -203,6 +203,19 @@ fn helper_application() {
         let Some((program, args)) = words.split_first() else {
             continue;
         };
+        if *program == "ask-udp" {
+            // `ask-udp ADDRESS HEX`: the application itself sends the datagram, so that it is
+            // the owner of the request's source port; prints the answer in hex.
+            let answer = match args {
+                [to, request] => helper_ask_udp(to, request),
+                _ => None,
+            };
+            match answer {
+                Some(answer) => println!("DONE 0 {answer}"),
+                None => println!("DONE 1 no answer"),
+            }
+            continue;
+        }
         let mut child = Command::new(program)
             .args(args)
             .stdout(Stdio::piped())
@@ -223,6 +236,27 @@ fn helper_application() {
         .replace('\n', " | ");
         println!("DONE {} {text}", output.status.code().unwrap_or(-1));
     }
+}
+
+/// Sends the datagram `request` (hex) to `to` and waits for one answer (hex).
+fn helper_ask_udp(to: &str, request: &str) -> Option<String> {
+    let to: SocketAddr = to.parse().ok()?;
+    let request = (0..request.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(request.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse().ok()?
+    } else {
+        "[::]:0".parse().ok()?
+    };
+    let socket = UdpSocket::bind(any).ok()?;
+    socket.connect(to).ok()?;
+    socket.send(&request).ok()?;
+    socket.set_read_timeout(Some(STEP)).ok()?;
+    let mut buf = [0u8; 1100];
+    let n = socket.recv(&mut buf).ok()?;
+    Some(buf[..n].iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The gateway's address as the host knows it: where its NAT-PMP requests go.
@@ -557,6 +591,32 @@ fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
         2,
         "policy: NOT_AUTHORIZED"
     );
+    // A port another process listens on: the client is another application (neither is the
+    // other's ancestor), and the answer is NOT_AUTHORIZED; the port stays closed.
+    let owner = Application::start(&lab, &[7350], &[]);
+    let mut client = Application::start(&lab, &[], &[]);
+    let request: String = pcp_map([0x33; 12], 6, 7350, 60, host, &[])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let (status, answer) = client.run(&format!("ask-udp {} {request}", gateway_of(&lab)));
+    assert_eq!(status, 0, "{answer}");
+    let answer = (0..answer.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&answer[i..i + 2], 16).expect("hex"))
+        .collect::<Vec<u8>>();
+    assert_eq!(
+        pcp_result(&answer).0,
+        2,
+        "another process's port: NOT_AUTHORIZED"
+    );
+    assert_eq!(answer[24..36], [0x33; 12]);
+    assert!(
+        !lab.outside_reaches(7350, REFUSED),
+        "another process's port opened"
+    );
+    assert!(lab.client().list().leases.is_empty());
+    drop(owner);
     assert_eq!(
         code(&pcp_map(
             nonce,
@@ -683,6 +743,18 @@ fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
     let (_, output) = app.run(&format!("upnpc -i -a {host} 8000 8000 TCP"));
     assert!(output.contains("606"), "{output}");
     assert!(!lab.outside_reaches(8000, REFUSED));
+
+    // A port another process listens on: UPnP's 606 too; the port stays closed.
+    let other = Application::start(&lab, &[7300], &[]);
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7300 7300 TCP"));
+    assert!(output.contains("606"), "{output}");
+    assert!(!output.contains("is redirected to internal"), "{output}");
+    assert!(
+        !lab.outside_reaches(7300, REFUSED),
+        "another process's port opened"
+    );
+    assert!(lab.client().list().leases.is_empty());
+    drop(other);
 
     // The quota (three live leases): the fourth is 728 NoPortMapsAvailable.
     for port in [7500, 7502, 7503] {
