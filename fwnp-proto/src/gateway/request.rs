@@ -687,7 +687,32 @@ impl RequestCore {
         decide: &dyn Decide,
         rng: &mut R,
     ) -> Step {
-        let msg = match codec::decode(bytes) {
+        self.handle_decoded(
+            now_ms,
+            connection,
+            peer,
+            bytes,
+            codec::decode(bytes),
+            decide,
+            rng,
+        )
+    }
+
+    /// As [`RequestCore::handle`], with `bytes` already decoded into `decoded` (which must be
+    /// `codec::decode(bytes)`): a driver that shares the core between threads decodes before
+    /// it takes the core's lock, so that the lock is held only for the decision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_decoded<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        connection: ConnectionState,
+        peer: &Peer<'_>,
+        bytes: &[u8],
+        decoded: Result<Message, codec::DecodeError>,
+        decide: &dyn Decide,
+        rng: &mut R,
+    ) -> Step {
+        let msg = match decoded {
             Ok(msg) => msg,
             Err(e) => return Step::Answer(refuse_undecodable(now_ms, peer, bytes, &e)),
         };
