@@ -22,6 +22,7 @@
 //! it told the client has passed without a refresh (the core renews it at the gateway
 //! meanwhile).
 
+pub mod http;
 pub mod natpmp;
 pub mod pcp;
 pub mod service;

@@ -3,25 +3,21 @@
 //! HTTP, and WANIPConnection's actions (IGD v1 and v2) become FWNP leases through the seam.
 //! Who asks is the process at the other end of the HTTP connection.
 //!
-//! HTTP is axum's, SSDP's HTTP-over-UDP is read with httparse and SOAP's XML with quick-xml: a
-//! document type declaration or an entity other than XML's five is refused, and a body above
-//! [`MAX_BODY`] is refused before it is read whole.
+//! HTTP is the front end's own small exchange ([`super::http`]: one request a connection, its
+//! head read with httparse), SSDP's HTTP-over-UDP is read with httparse too and SOAP's XML with
+//! quick-xml: a document type declaration or an entity other than XML's five is refused, and a
+//! body above [`MAX_BODY`] is refused (HTTP's 413 with UPnP's 501) before any of it is read.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use axum::Router;
-use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use fwnp_proto::local::{DenialCode, LocalCode};
 use fwnp_proto::{Prefix, Protocol, ResultCode as WireCode};
 use quick_xml::events::Event;
 use tokio::net::UdpSocket;
 use tracing::{debug, info, warn};
 
+use super::http::{self, HttpError, Method, Request, Response, StatusCode};
 use super::{MapRequest, Refusal, Seam, Via};
 
 /// The default TCP port of the description and control.
@@ -271,12 +267,7 @@ struct Pinholes {
 }
 
 fn xml(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/xml; charset=\"utf-8\"")],
-        body,
-    )
-        .into_response()
+    Response::new(status, "text/xml; charset=\"utf-8\"", body)
 }
 
 fn fault(code: u16, description: &str) -> Response {
@@ -307,34 +298,45 @@ fn canonical(address: SocketAddr) -> SocketAddr {
     SocketAddr::new(address.ip().to_canonical(), address.port())
 }
 
-async fn root(
-    State(device): State<Arc<Device>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-) -> Response {
-    let peer = canonical(peer);
-    if !is_local(peer.ip()) {
-        return StatusCode::FORBIDDEN.into_response();
+/// The answer to a body above [`MAX_BODY`]: HTTP's 413, with UPnP's 501 for a control point
+/// that reads only the SOAP fault.
+const TOO_LARGE: (u16, &str) = (501, "Action Failed: the request is too large");
+
+impl http::Handler for Device {
+    async fn handle(&self, request: Request, peer: SocketAddr, local: SocketAddr) -> Response {
+        // Dual-stack: IPv4 callers arrive as IPv4-mapped addresses, made IPv4 again.
+        let peer = canonical(peer);
+        let local = canonical(local);
+        let post = request.method == Method::POST;
+        let get = request.method == Method::GET;
+        match request.path.as_str() {
+            "/rootDesc.xml" if get => self.root(peer),
+            CONTROL_PATH | FIREWALL_PATH if post => self.control(request, peer, local).await,
+            COMMON_PATH if post => common(&request, peer),
+            "/rootDesc.xml" | CONTROL_PATH | FIREWALL_PATH | COMMON_PATH => {
+                Response::empty(StatusCode::METHOD_NOT_ALLOWED)
+            }
+            _ => Response::empty(StatusCode::NOT_FOUND),
+        }
     }
-    let host = match peer.ip() {
-        IpAddr::V6(v6) => format!("[{v6}]"),
-        v4 => v4.to_string(),
-    };
-    xml(
-        StatusCode::OK,
-        description(&format!("http://{host}:{}/", device.port)),
-    )
+
+    fn refused(&self, error: &HttpError, status: StatusCode, peer: SocketAddr) -> Response {
+        if let HttpError::BodyTooLarge { .. } = error
+            && is_local(canonical(peer).ip())
+        {
+            info!(%peer, "UPnP request refused: {error}");
+            let (code, text) = TOO_LARGE;
+            return xml(status, soap_fault(code, text));
+        }
+        Response::empty(status)
+    }
 }
 
-async fn common(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
-    let peer = canonical(peer);
+fn common(request: &Request, peer: SocketAddr) -> Response {
     if !is_local(peer.ip()) {
-        return StatusCode::FORBIDDEN.into_response();
+        return Response::empty(StatusCode::FORBIDDEN);
     }
-    let body = match axum::body::to_bytes(request.into_body(), MAX_BODY).await {
-        Ok(body) => body,
-        Err(_) => return fault(501, "Action Failed: the request is too large"),
-    };
-    match parse_soap(&body) {
+    match parse_soap(&request.body) {
         Ok(action) if action.name == "GetCommonLinkProperties" => xml(
             StatusCode::OK,
             soap_response(
@@ -353,47 +355,41 @@ async fn common(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) ->
     }
 }
 
-async fn control(
-    State(device): State<Arc<Device>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    request: Request,
-) -> Response {
-    let peer = canonical(peer);
-    if !is_local(peer.ip()) {
-        return StatusCode::FORBIDDEN.into_response();
+impl Device {
+    fn root(&self, peer: SocketAddr) -> Response {
+        if !is_local(peer.ip()) {
+            return Response::empty(StatusCode::FORBIDDEN);
+        }
+        let host = match peer.ip() {
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            v4 => v4.to_string(),
+        };
+        xml(
+            StatusCode::OK,
+            description(&format!("http://{host}:{}/", self.port)),
+        )
     }
-    let firewall = request.uri().path() == FIREWALL_PATH;
-    let local = request
-        .extensions()
-        .get::<LocalAddr>()
-        .map(|l| canonical(l.0))
-        .unwrap_or_else(|| SocketAddr::new(peer.ip(), device.port));
-    let body: Body = request.into_body();
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
-        Ok(body) => body,
-        Err(_) => {
-            info!(%peer, "UPnP request refused: a body above {MAX_BODY} bytes");
-            return fault(501, "Action Failed: the request is too large");
+
+    async fn control(&self, request: Request, peer: SocketAddr, local: SocketAddr) -> Response {
+        if !is_local(peer.ip()) {
+            return Response::empty(StatusCode::FORBIDDEN);
         }
-    };
-    let action = match parse_soap(&body) {
-        Ok(action) => action,
-        Err(e) => {
-            info!(%peer, "UPnP request refused: {e}");
-            return fault(402, &format!("Invalid Args: {e}"));
+        let firewall = request.path == FIREWALL_PATH;
+        let action = match parse_soap(&request.body) {
+            Ok(action) => action,
+            Err(e) => {
+                info!(%peer, "UPnP request refused: {e}");
+                return fault(402, &format!("Invalid Args: {e}"));
+            }
+        };
+        debug!(%peer, action = %action.name, "UPnP action");
+        if firewall {
+            self.firewall(action, peer, local).await
+        } else {
+            self.act(action, peer, local).await
         }
-    };
-    debug!(%peer, action = %action.name, "UPnP action");
-    if firewall {
-        device.firewall(action, peer, local).await
-    } else {
-        device.act(action, peer, local).await
     }
 }
-
-/// The agent's end of the connection, for finding the client's socket.
-#[derive(Debug, Clone, Copy)]
-struct LocalAddr(SocketAddr);
 
 impl Device {
     /// WANIPv6FirewallControl: pinholes are FWNP leases on the caller's IPv6 address.
@@ -763,7 +759,6 @@ pub fn admitted(addresses: &[IpAddr]) -> Vec<fwnp_netfilter::AlwaysAllowed> {
 /// Serves the description and control on `port` (every address; only local callers are
 /// answered) and SSDP discovery, until the core goes away.
 pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
-    // Dual-stack: IPv4 callers arrive as IPv4-mapped addresses, made IPv4 again.
     let listener = tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await?;
     let ssdp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, SSDP_PORT)).await?;
     ssdp.join_multicast_v4(SSDP_GROUP, Ipv4Addr::UNSPECIFIED)?;
@@ -778,26 +773,10 @@ pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
         port,
         pinholes: tokio::sync::Mutex::new(Pinholes::default()),
     });
-    let app = Router::new()
-        .route("/rootDesc.xml", get(root))
-        .route(CONTROL_PATH, post(control))
-        .route(FIREWALL_PATH, post(control))
-        .route(COMMON_PATH, post(common))
-        .with_state(device);
     tokio::spawn(discovery(ssdp, port));
     info!(port, "UPnP IGD front end listening");
-    let local = listener.local_addr()?;
-    let app = app.layer(axum::middleware::from_fn(
-        move |mut request: Request, next: axum::middleware::Next| async move {
-            request.extensions_mut().insert(LocalAddr(local));
-            next.run(request).await
-        },
-    ));
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .await
+    http::serve(listener, http::Limits::with_body(MAX_BODY), device).await;
+    Ok(())
 }
 
 /// The IPv6 SSDP socket, joined to ff02::c on every interface.
