@@ -1,10 +1,12 @@
 //! `fwnp-load --baseline`: one short run measures the bare QUIC server and the gateway in
-//! alternating phases and reports both, with FWNP's figures over the baseline's. Only that the
-//! report is whole and consistent is checked here, never a speed: speed is what the tool
-//! measures, on a machine whose load no test controls.
+//! alternating phases and reports both, with FWNP's figures over the baseline's; `--store
+//! etcd` (alone or beside SQLite) runs the gateway on a three-member etcd cluster started for
+//! the run, and measures etcd's own write ceiling in the same phases. Only that the report is
+//! whole and consistent is checked here, never a speed: speed is what the tool measures, on a
+//! machine whose load no test controls.
 //!
-//! The run in a network namespace needs root: skipped otherwise, failing instead when
-//! FWNP_REQUIRE_NETNS=1.
+//! The runs in a network namespace and with etcd need root (and etcd installed): skipped
+//! otherwise, failing instead when FWNP_REQUIRE_NETNS=1.
 
 use std::process::Command;
 
@@ -129,4 +131,160 @@ fn baseline_open_loop_in_a_namespace_reports_both_sides_from_one_run() {
         let sent = number(side, &["sent"]);
         assert!((300.0..=410.0).contains(&sent), "{report:#}");
     }
+}
+
+/// A store's side: every request answered, some granted, its quantiles in order, measured for
+/// the whole `--duration` of 2 s in all.
+fn check_store_side(report: &serde_json::Value, store: &str) {
+    let side = &report["stores"][store];
+    assert_eq!(side["store"], store, "{report:#}");
+    assert_eq!(number(side, &["failed"]), 0.0, "{report:#}");
+    assert!(number(side, &["granted"]) > 0.0, "{report:#}");
+    let q = |name: &str| number(side, &["latency_ms", name]);
+    assert!(q("p50") > 0.0, "{report:#}");
+    assert!(
+        q("p50") <= q("p90") && q("p90") <= q("p99") && q("p99") <= q("max"),
+        "{report:#}"
+    );
+    let secs = number(side, &["duration_s"]);
+    assert!((2.0..4.0).contains(&secs), "{report:#}");
+    let rate = number(side, &["granted"]) / secs;
+    assert!(
+        (number(side, &["grants_per_s"]) - rate).abs() < 1e-6 * rate,
+        "{report:#}"
+    );
+}
+
+/// etcd alone: each number of transactions in flight asked for was measured, and the gateway's
+/// shape with its reads; each committed transactions of 48 lease keys the size of a lease the
+/// gateway wrote, and failed none.
+fn check_etcd_ceiling(report: &serde_json::Value, in_flight: &[f64]) {
+    let ceiling = &report["etcd_ceiling"];
+    assert_eq!(number(ceiling, &["lease_puts_per_transaction"]), 48.0);
+    assert_eq!(ceiling["value_is_a_gateway_lease"], true, "{report:#}");
+    assert!(number(ceiling, &["value_bytes"]) > 50.0, "{report:#}");
+    let levels = ceiling["levels"].as_array().expect("levels");
+    // Each number asked for without reads, then one at a time after the gateway's two reads.
+    let expected: Vec<(f64, f64)> = in_flight
+        .iter()
+        .map(|&n| (n, 0.0))
+        .chain([(1.0, 2.0)])
+        .collect();
+    assert_eq!(levels.len(), expected.len(), "{report:#}");
+    for (level, &(n, reads)) in levels.iter().zip(&expected) {
+        assert_eq!(number(level, &["transactions_in_flight"]), n);
+        assert_eq!(number(level, &["reads_before_each"]), reads);
+        assert_eq!(
+            level["failures_by_reason"],
+            serde_json::json!({}),
+            "{report:#}"
+        );
+        let transactions = number(level, &["transactions"]);
+        assert!(transactions > 0.0, "{report:#}");
+        let puts = transactions * 48.0 / number(level, &["duration_s"]);
+        assert!(
+            (number(level, &["lease_puts_per_s"]) - puts).abs() < 1e-6 * puts,
+            "{report:#}"
+        );
+        let q = |name: &str| number(level, &["transaction_latency_ms", name]);
+        assert!(q("p50") > 0.0 && q("p50") <= q("p99"), "{report:#}");
+    }
+}
+
+#[test]
+fn etcd_beside_sqlite_and_the_baseline_in_a_namespace_reports_grants_made_through_etcd() {
+    let test =
+        "etcd_beside_sqlite_and_the_baseline_in_a_namespace_reports_grants_made_through_etcd";
+    if !fwnp_testkit::etcd::available(test) {
+        return;
+    }
+    let report = load(&[
+        "--hosts",
+        "4",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2s",
+        "--mix",
+        "100,0,0",
+        "--netns",
+        "--baseline",
+        "--store",
+        "sqlite,etcd",
+        "--etcd-writers",
+        "1,4",
+    ]);
+    assert_eq!(report["kernel_filter"], true);
+    // The figures at the top are the first store's, beside the baseline as before.
+    assert_eq!(report["store"], "sqlite");
+    check_both_sides(&report, 2.0);
+    assert_eq!(
+        number(&report, &["granted"]),
+        number(&report, &["stores", "sqlite", "granted"])
+    );
+    for store in ["sqlite", "etcd"] {
+        check_store_side(&report, store);
+        assert!(
+            number(
+                &report,
+                &["stores", store, "over_baseline", "answered_per_s"]
+            ) > 0.0,
+            "{report:#}"
+        );
+    }
+    // Opens only, none released: every grant of the etcd gateway is a lease key in etcd, and
+    // none of the SQLite gateway's is; each host has its counter key.
+    assert_eq!(
+        number(&report, &["etcd_keys_at_end", "leases"]),
+        number(&report, &["stores", "etcd", "granted"]),
+        "{report:#}"
+    );
+    assert_eq!(number(&report, &["etcd_keys_at_end", "hosts"]), 4.0);
+    let ratio = number(&report, &["stores", "etcd", "grants_per_s"])
+        / number(&report, &["stores", "sqlite", "grants_per_s"]);
+    assert!(
+        (number(
+            &report,
+            &["store_ratios", "etcd_over_sqlite", "grants_per_s"]
+        ) - ratio)
+            .abs()
+            < 1e-9,
+        "{report:#}"
+    );
+    check_etcd_ceiling(&report, &[1.0, 4.0]);
+}
+
+#[test]
+fn etcd_alone_reports_its_grants_and_the_ceiling_of_etcd() {
+    if !fwnp_testkit::etcd::available("etcd_alone_reports_its_grants_and_the_ceiling_of_etcd") {
+        return;
+    }
+    let report = load(&[
+        "--hosts",
+        "2",
+        "--concurrency",
+        "2",
+        "--duration",
+        "2s",
+        "--mix",
+        "100,0,0",
+        "--store",
+        "etcd",
+    ]);
+    // Without --netns the gateway has a namespace for the link to etcd, but no filter.
+    assert_eq!(report["kernel_filter"], false);
+    assert_eq!(report["store"], "etcd");
+    assert_eq!(
+        report["stores"].as_object().map(|s| s.len()),
+        Some(1),
+        "{report:#}"
+    );
+    check_store_side(&report, "etcd");
+    assert_eq!(number(&report, &["failed"]), 0.0, "{report:#}");
+    assert_eq!(
+        number(&report, &["etcd_keys_at_end", "leases"]),
+        number(&report, &["granted"]),
+        "{report:#}"
+    );
+    check_etcd_ceiling(&report, &[1.0, 8.0]);
 }

@@ -3,15 +3,17 @@
 //! what the gateway sustained and how long each answer took.
 //!
 //! It sets everything up itself: a throw-away CA and certificates, a policy that allows the
-//! simulated hosts, and the gateway process with its SQLite store; with `--netns` the gateway
-//! runs in a fresh network namespace with its nftables filter on, so every grant goes through
-//! the kernel as in production. Output is a table, or one JSON object with `--json`.
+//! simulated hosts, and the gateway process with its SQLite store, or with `--store etcd` a
+//! three-member etcd cluster started for the run; with `--netns` the gateway runs in a fresh
+//! network namespace with its nftables filter on, so every grant goes through the kernel as in
+//! production. Output is a table, or one JSON object with `--json`.
 //!
 //! ```text
 //! fwnp-load --hosts 200 --duration 20s                 closed loop: as fast as the gateway goes
 //! fwnp-load --rate 1000 --duration 30s                 open loop at 1,000 requests/s
 //! fwnp-load --netns --prefill 1000000 --duration 0s    a million live leases, then memory
 //! fwnp-load --netns --mix 100,0,0 --baseline           beside a bare QUIC server, alternating
+//! fwnp-load --netns --baseline --store sqlite,etcd     and on both stores, and etcd alone
 //! ```
 #![forbid(unsafe_code)]
 
@@ -103,10 +105,59 @@ struct Args {
     /// affects both; each side is measured for `--duration` in all.
     #[arg(long, conflicts_with_all = ["idle", "flood_hosts"])]
     baseline: bool,
-    /// With `--baseline`: how many phases each side's `--duration` is split into.
-    #[arg(long, default_value_t = 2, requires = "baseline", value_parser = clap::value_parser!(u32).range(1..=100))]
-    phases: u32,
+    /// With `--baseline` or several stores: how many phases each side's `--duration` is split
+    /// into (2 by default).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    phases: Option<u32>,
+    /// Where the gateway keeps its leases: `sqlite` (its own database), `etcd` (a three-member
+    /// etcd cluster started for the run in a network namespace of its own, joined to the
+    /// gateway's by a link; needs root), or both, `sqlite,etcd`: a gateway on each, measured in
+    /// alternating phases as with `--baseline` (which they combine with), and reported side by
+    /// side with etcd's figures over SQLite's. With etcd, the cluster's own write ceiling is
+    /// measured in the same phases (`--etcd-writers`).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StoreKind::Sqlite])]
+    store: Vec<StoreKind>,
+    /// With `--store etcd`: the etcd-alone writer's transactions in flight, one measurement per
+    /// number given. Each transaction has the gateway's shape for a full batch of opens: 48
+    /// lease keys written only while absent, with the byte size of a lease the gateway wrote in
+    /// this run, and the hosts' counter keys.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8], value_parser = clap::value_parser!(u32).range(1..=64))]
+    etcd_writers: Vec<u32>,
 }
+
+/// A lease store the gateway can be measured on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// The gateway's own SQLite database.
+    Sqlite,
+    /// A three-member etcd cluster started for the run.
+    Etcd,
+}
+
+impl StoreKind {
+    fn name(self) -> &'static str {
+        match self {
+            StoreKind::Sqlite => "sqlite",
+            StoreKind::Etcd => "etcd",
+        }
+    }
+
+    /// The stem of the gateway's configuration, log, state directory and admin socket in the
+    /// working directory: the first store's gateway keeps the names it always had.
+    fn stem(self, first: bool) -> String {
+        if first {
+            "gateway".to_owned()
+        } else {
+            format!("gateway-{}", self.name())
+        }
+    }
+}
+
+/// The key prefix of the gateway's keys in etcd.
+const ETCD_PREFIX: &str = "/fwnp-load";
+
+/// The key prefix of the etcd-alone writer's keys, beside the gateway's.
+const ETCD_CEILING_PREFIX: &str = "/fwnp-load-ceiling";
 
 #[derive(Debug, Clone, Copy)]
 struct Mix {
@@ -223,11 +274,15 @@ fn free_udp_port() -> std::io::Result<u16> {
     Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Writes the CA, the hosts' certificates, the policy and a configuration per server: one
+/// gateway per store in `stores` (each on its port, with its own state, admin socket and
+/// nftables table) and, with `--baseline`, the bare server's.
 fn write_setup(
     dir: &Path,
     args: &Args,
-    port: u16,
+    stores: &[(StoreKind, u16)],
     baseline_port: u16,
+    etcd_endpoints: &[String],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let ca = dir.join("pki");
     pki::init_ca(&ca, "fwnp-load CA", pki::Validity::days(2))?;
@@ -257,34 +312,54 @@ fn write_setup(
              [[rule]]\nname = \"load-any-tcp\"\ngroups = [\"load\"]\nallow = [\"tcp/*\"]\n"
         ),
     )?;
-    let filter = if args.netns {
-        "[filter]\nenabled = true\nprotected = [\"10.200.0.0/14\"]\n"
-    } else {
-        "[filter]\nenabled = false\n"
+    // Gateways that share a namespace each program a table of their own.
+    let filter = |table: &str| {
+        if args.netns {
+            format!(
+                "[filter]\nenabled = true\ntable = \"{table}\"\nprotected = [\"10.200.0.0/14\"]\n"
+            )
+        } else {
+            "[filter]\nenabled = false\n".to_owned()
+        }
     };
     // Every simulated host connects from the same address: the gateway's limit of handshakes per
     // source address would refuse most of them. Everything else is the gateway's default, the
     // request streams per connection too: each costs memory on every connection, idle or not.
-    let config = |port: u16, state: &str, admin: &str| {
+    let config = |port: u16, stem: &str, filter: &str, store: &str| {
         format!(
             "listen = [\"127.0.0.1:{port}\"]\ncertificate = \"{ca}/gateway.pem\"\nkey = \"{ca}/gateway.key\"\n\
-             ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/{state}\"\n\
-             admin_socket = \"{d}/{admin}\"\n{filter}\n[limits]\n\
-             handshakes_per_source_per_second = 1000000\nhandshake_burst_per_source = 1000000\n",
+             ca = \"{ca}/ca.pem\"\npolicy = \"{d}/policy.toml\"\nstate_dir = \"{d}/{stem}-state\"\n\
+             admin_socket = \"{d}/{stem}-admin.sock\"\n{filter}\n[limits]\n\
+             handshakes_per_source_per_second = 1000000\nhandshake_burst_per_source = 1000000\n{store}",
             ca = ca.display(),
             d = dir.display(),
         )
     };
-    std::fs::write(
-        dir.join("gateway.toml"),
-        config(port, "state", "admin.sock"),
-    )?;
+    for (i, (store, port)) in stores.iter().enumerate() {
+        let stem = store.stem(i == 0);
+        let section = match store {
+            StoreKind::Sqlite => String::new(),
+            StoreKind::Etcd => format!(
+                "\n[store]\nbackend = \"etcd\"\nendpoints = {endpoints:?}\nprefix = \"{ETCD_PREFIX}\"\n\
+                 site = \"load\"\n",
+                endpoints = etcd_endpoints,
+            ),
+        };
+        let table = match store {
+            StoreKind::Sqlite => "fwnp",
+            StoreKind::Etcd => "fwnpetcd",
+        };
+        std::fs::write(
+            dir.join(format!("{stem}.toml")),
+            config(*port, &stem, &filter(table), &section),
+        )?;
+    }
     // The baseline reads the same file but for its port and state directory: the same
     // certificates, limits and transport.
     if args.baseline {
         std::fs::write(
             dir.join("baseline.toml"),
-            config(baseline_port, "baseline-state", "baseline-admin.sock"),
+            config(baseline_port, "baseline", &filter("fwnpbase"), ""),
         )?;
     }
     Ok(())
@@ -621,10 +696,10 @@ impl Phase<'_> {
 
 /// The gateway's status (`fwnpctl status --json`, from beside the gateway binary), or `None`
 /// when it cannot be had: the report then goes without it.
-fn gateway_status(gateway_bin: &Path, dir: &Path) -> Option<serde_json::Value> {
+fn gateway_status(gateway_bin: &Path, admin_socket: &Path) -> Option<serde_json::Value> {
     let output = Command::new(gateway_bin.with_file_name("fwnpctl"))
         .arg("--admin")
-        .arg(dir.join("admin.sock"))
+        .arg(admin_socket)
         .args(["--json", "status"])
         .output()
         .ok()?;
@@ -884,33 +959,72 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     if args.netns && !nix_is_root() {
         return Err("--netns needs root (network namespaces and nftables)".into());
     }
+    let stores = args.store.clone();
+    if stores.is_empty() || (1..stores.len()).any(|i| stores[..i].contains(&stores[i])) {
+        return Err("--store: sqlite, etcd or sqlite,etcd, each store once".into());
+    }
+    let several_stores = stores.len() > 1;
+    if several_stores && (args.idle || args.flood_hosts > 0 || args.prefill > 0) {
+        return Err(
+            "--store with several stores: not with --idle, --flood-hosts or --prefill".into(),
+        );
+    }
+    let alternating = args.baseline || several_stores;
+    if args.phases.is_some() && !alternating {
+        return Err("--phases: only with --baseline or several stores".into());
+    }
+    let phases = args.phases.unwrap_or(2);
+    let uses_etcd = stores.contains(&StoreKind::Etcd);
+    if uses_etcd {
+        etcd_available()?;
+    }
     let dir = std::env::temp_dir().join(format!("fwnp-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let port = free_udp_port()?;
+    let ports: Vec<(StoreKind, u16)> = stores
+        .iter()
+        .map(|s| free_udp_port().map(|p| (*s, p)))
+        .collect::<Result<_, _>>()?;
     let baseline_port = free_udp_port()?;
-    eprintln!(
-        "fwnp-load: making {} host certificates in {}",
-        args.hosts,
-        dir.display()
-    );
-    write_setup(&dir, &args, port, baseline_port)?;
 
     let gateway_bin = match &args.gateway_bin {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("fwnp-gateway"),
     };
-    let namespace = if args.netns {
+    // etcd's members live in a namespace of their own, joined by a link to the gateways': with
+    // etcd the gateways have a namespace even without `--netns` (then without their filter).
+    let namespace = if args.netns || uses_etcd {
         Some(fwnp_testkit::netns::Netns::new("fwload")?)
     } else {
         None
     };
-    let gateway = spawn_server(
-        &args,
-        namespace.as_ref(),
-        &gateway_bin,
-        &dir.join("gateway.toml"),
-        &dir.join("gateway.log"),
-    )?;
+    let (cluster, etcd_endpoints) = match &namespace {
+        Some(ns) if uses_etcd => {
+            eprintln!("fwnp-load: starting three etcd members");
+            let mut cluster = fwnp_testkit::etcd::EtcdCluster::start("load");
+            let endpoints = cluster.connect(ns)?;
+            (Some(cluster), endpoints)
+        }
+        _ => (None, Vec::new()),
+    };
+    eprintln!(
+        "fwnp-load: making {} host certificates in {}",
+        args.hosts,
+        dir.display()
+    );
+    write_setup(&dir, &args, &ports, baseline_port, &etcd_endpoints)?;
+    let mut servers = Vec::new();
+    for (i, (store, _)) in ports.iter().enumerate() {
+        let stem = store.stem(i == 0);
+        servers.push(spawn_server(
+            &args,
+            namespace.as_ref(),
+            &gateway_bin,
+            &dir.join(format!("{stem}.toml")),
+            &dir.join(format!("{stem}.log")),
+        )?);
+    }
+    let mut servers = servers.into_iter();
+    let gateway = servers.next().ok_or("no store")?;
     // The baseline server where the gateway runs, on the same CPUs and threads.
     let baseline_server = if args.baseline {
         Some(spawn_server(
@@ -935,7 +1049,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         socket,
         Arc::new(quinn::TokioRuntime),
     )?;
-    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], ports[0].1));
     let ca_dir = dir.join("pki");
     let ca_roots = fwnp_trust::tls::load_ca_certificates(&ca_dir.join("ca.pem"))?;
 
@@ -958,7 +1072,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let connect_secs = connect_started.elapsed().as_secs_f64();
-    // The same hosts, each with its own connection, to the baseline server.
+    // The same hosts, each with its own connection, to the baseline server and to the gateways
+    // on the other stores.
     let mut baseline_hosts = Vec::new();
     if baseline_server.is_some() {
         let addr = SocketAddr::from(([127, 0, 0, 1], baseline_port));
@@ -968,6 +1083,34 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             baseline_hosts.push(connect_host(&endpoint, config, addr, i, deadline, &log).await?);
         }
     }
+    let mut others = Vec::new();
+    for ((kind, port), server) in ports[1..].iter().zip(servers) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], *port));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stem = kind.stem(false);
+        let log = dir.join(format!("{stem}.log"));
+        let mut other_hosts = Vec::new();
+        for (i, config) in client_configs.iter().enumerate() {
+            other_hosts.push(connect_host(&endpoint, config, addr, i, deadline, &log).await?);
+        }
+        others.push(OtherStore {
+            kind: *kind,
+            server,
+            admin_socket: dir.join(format!("{stem}-admin.sock")),
+            hosts: other_hosts,
+            counters: Arc::new(Counters::default()),
+            histograms: Histograms::new()?,
+            usage: Usage::default(),
+        });
+    }
+    let mut ceiling = match (&namespace, uses_etcd) {
+        (Some(_), true) => Some(EtcdCeiling::new(
+            etcd_endpoints.clone(),
+            args.hosts,
+            &args.etcd_writers,
+        )?),
+        _ => None,
+    };
     let rss_idle = gateway.rss_kib();
     if args.idle {
         // Idle hosts only keep their connection alive (keep-alive PINGs), as real agents do.
@@ -1081,7 +1224,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         from_start,
     } = histograms.clone();
     let datagrams_before = datagrams(&hosts);
-    let status_before = gateway_status(&gateway_bin, &dir);
+    let status_before = gateway_status(&gateway_bin, &dir.join("gateway-admin.sock"));
     let end = Instant::now() + args.duration;
     let mut tasks = Vec::new();
     // The flooding hosts: as fast as answers come, rate-limited or not, until the end.
@@ -1104,24 +1247,20 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let baseline_counters = Arc::new(Counters::default());
     let baseline_histograms = Histograms::new()?;
     let mut baseline_usage = Usage::default();
-    match &baseline_server {
-        None => {
-            let phase = Phase {
-                args: &args,
-                mix,
-                duration: args.duration,
-            };
-            phase
-                .run(&gateway, steady, &counters, &histograms, &mut usage)
-                .await?;
-        }
-        Some(server) => {
-            let phase = Phase {
-                args: &args,
-                mix,
-                duration: args.duration / args.phases,
-            };
-            for _ in 0..args.phases {
+    let other_status_before: Vec<_> = others
+        .iter()
+        .map(|o| gateway_status(&gateway_bin, &o.admin_socket))
+        .collect();
+    if alternating {
+        // Each side in turn (the baseline first, then each store, then etcd alone), in phases
+        // of equal length.
+        let phase = Phase {
+            args: &args,
+            mix,
+            duration: args.duration / phases,
+        };
+        for _ in 0..phases {
+            if let Some(server) = &baseline_server {
                 phase
                     .run(
                         server,
@@ -1131,10 +1270,36 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         &mut baseline_usage,
                     )
                     .await?;
+            }
+            phase
+                .run(&gateway, &hosts, &counters, &histograms, &mut usage)
+                .await?;
+            for other in &mut others {
                 phase
-                    .run(&gateway, &hosts, &counters, &histograms, &mut usage)
+                    .run(
+                        &other.server,
+                        &other.hosts,
+                        &other.counters,
+                        &other.histograms,
+                        &mut other.usage,
+                    )
                     .await?;
             }
+            if let (Some(ceiling), Some(ns)) = (&mut ceiling, &namespace) {
+                ceiling.measure(ns, phase.duration)?;
+            }
+        }
+    } else {
+        let phase = Phase {
+            args: &args,
+            mix,
+            duration: args.duration,
+        };
+        phase
+            .run(&gateway, steady, &counters, &histograms, &mut usage)
+            .await?;
+        if let (Some(ceiling), Some(ns)) = (&mut ceiling, &namespace) {
+            ceiling.measure(ns, args.duration)?;
         }
     }
     for t in tasks {
@@ -1142,7 +1307,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let secs = usage.secs.max(1e-9);
     let datagrams_after = datagrams(&hosts);
-    let status_after = gateway_status(&gateway_bin, &dir);
+    let status_after = gateway_status(&gateway_bin, &dir.join("gateway-admin.sock"));
+    let other_status_after: Vec<_> = others
+        .iter()
+        .map(|o| gateway_status(&gateway_bin, &o.admin_socket))
+        .collect();
     let rss_end = gateway.rss_kib();
     // Cores used while measuring: how much of the machine each side took.
     let (gateway_cores, load_cores) = usage.cores();
@@ -1197,7 +1366,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         (
             json!({
-                "phases": args.phases,
+                "phases": phases,
                 "duration_s": baseline_secs,
                 "sent": baseline_counters.sent.load(Ordering::Relaxed),
                 "answered_per_s": baseline_rate,
@@ -1217,6 +1386,48 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )
     } else {
         (serde_json::Value::Null, serde_json::Value::Null)
+    };
+    // Every store's gateway, the first as the figures above give it, each beside the
+    // baseline when there is one; then each other store's figures over the first's.
+    let baseline_side = baseline_server.is_some().then(|| {
+        (
+            baseline_counters.answered() as f64 / baseline_usage.secs.max(1e-9),
+            snapshot(&baseline_histograms.latency),
+        )
+    });
+    let first_latency = snapshot(&histogram);
+    let first = StoreSide {
+        kind: stores[0],
+        counters: &counters,
+        latency: &first_latency,
+        usage: &usage,
+        status: (status_before.as_ref(), status_after.as_ref()),
+    };
+    let mut store_sides = serde_json::Map::new();
+    let mut store_ratios = serde_json::Map::new();
+    store_sides.insert(stores[0].name().into(), first.json(baseline_side.as_ref()));
+    for (i, other) in others.iter().enumerate() {
+        let latency = snapshot(&other.histograms.latency);
+        let side = StoreSide {
+            kind: other.kind,
+            counters: &other.counters,
+            latency: &latency,
+            usage: &other.usage,
+            status: (
+                other_status_before[i].as_ref(),
+                other_status_after[i].as_ref(),
+            ),
+        };
+        store_sides.insert(other.kind.name().into(), side.json(baseline_side.as_ref()));
+        store_ratios.insert(
+            format!("{}_over_{}", other.kind.name(), stores[0].name()),
+            side.over(&first),
+        );
+    }
+    // What the etcd cluster holds at the end: the gateway's grants went through it.
+    let etcd_keys = match (&namespace, uses_etcd) {
+        (Some(ns), true) => Some(etcd_key_counts(ns, &etcd_endpoints)?),
+        _ => None,
     };
     let report = json!({
         "mode": if args.rate.is_some() { "open-loop" } else { "closed-loop" },
@@ -1255,6 +1466,15 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // the better, at most about 1; latency: the lower the better, at least about 1).
         "baseline": baseline,
         "fwnp_over_baseline": fwnp_over_baseline,
+        // The store of the figures above, every store measured (each in the same phases) and
+        // each other store's figures over the first's (rates: the higher the better).
+        "store": stores[0].name(),
+        "stores": store_sides,
+        "store_ratios": store_ratios,
+        // With etcd: the cluster's own write ceiling in the same phases, and the keys it holds
+        // at the end.
+        "etcd_ceiling": ceiling.as_ref().map(EtcdCeiling::json),
+        "etcd_keys_at_end": etcd_keys,
         "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "end": rss_end },
         // How the gateway batched while measuring, from its status before and after.
         "gateway_batching": batching(status_before.as_ref(), status_after.as_ref()),
@@ -1265,11 +1485,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         },
     });
     print_report(&args, &report)?;
-    if baseline_server.is_some() {
+    if alternating || uses_etcd {
         print_comparison(&report);
     }
     drop(baseline_server);
     drop(gateway);
+    drop(others);
+    drop(cluster);
     drop(namespace);
     if !args.keep {
         let _ = std::fs::remove_dir_all(&dir);
@@ -1277,13 +1499,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// FWNP beside the baseline in three lines on standard error, for the eye; the report has it
-/// all.
+/// The sides beside each other on standard error, for the eye (the report has it all): the
+/// baseline, each store's gateway, etcd alone, and the ratios.
 fn print_comparison(report: &serde_json::Value) {
     let line = |name: &str, side: &serde_json::Value| {
         let ms = |q: &str| side["latency_ms"][q].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "fwnp-load: {name:<8} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            "fwnp-load: {name:<12} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
             side["answered_per_s"].as_f64().unwrap_or(f64::NAN),
             ms("p50"),
             ms("p90"),
@@ -1291,18 +1513,437 @@ fn print_comparison(report: &serde_json::Value) {
             ms("max"),
         );
     };
-    line("baseline", &report["baseline"]);
-    line("FWNP", report);
-    let ratio = &report["fwnp_over_baseline"];
-    let r = |k: &str| ratio[k].as_f64().unwrap_or(f64::NAN);
-    eprintln!(
-        "fwnp-load: FWNP/baseline: rate {:.2}x   p50 {:.2}x   p90 {:.2}x   p99 {:.2}x   max {:.2}x",
-        r("answered_per_s"),
-        r("p50"),
-        r("p90"),
-        r("p99"),
-        r("max"),
-    );
+    if !report["baseline"].is_null() {
+        line("baseline", &report["baseline"]);
+    }
+    let stores = report["stores"].as_object().cloned().unwrap_or_default();
+    for (name, side) in &stores {
+        line(&format!("FWNP {name}"), side);
+    }
+    if let Some(levels) = report["etcd_ceiling"]["levels"].as_array() {
+        for level in levels {
+            let ms = |q: &str| {
+                level["transaction_latency_ms"][q]
+                    .as_f64()
+                    .unwrap_or(f64::NAN)
+            };
+            let reads = if level["reads_before_each"] == 0 {
+                ""
+            } else {
+                ", each after 2 reads"
+            };
+            eprintln!(
+                "fwnp-load: etcd alone, {} transaction(s) of {} in flight{reads}: {:>7.0} lease puts/s   p50 {:.3} ms   p99 {:.3} ms",
+                level["transactions_in_flight"],
+                report["etcd_ceiling"]["lease_puts_per_transaction"],
+                level["lease_puts_per_s"].as_f64().unwrap_or(f64::NAN),
+                ms("p50"),
+                ms("p99"),
+            );
+        }
+    }
+    for (name, side) in &stores {
+        let ratio = &side["over_baseline"];
+        if ratio.is_null() {
+            continue;
+        }
+        let r = |k: &str| ratio[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "fwnp-load: FWNP {name}/baseline: rate {:.2}x   p50 {:.2}x   p90 {:.2}x   p99 {:.2}x   max {:.2}x",
+            r("answered_per_s"),
+            r("p50"),
+            r("p90"),
+            r("p99"),
+            r("max"),
+        );
+    }
+    for (name, ratio) in report["store_ratios"].as_object().into_iter().flatten() {
+        let r = |k: &str| ratio[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "fwnp-load: {name}: grants {:.2}x   answers {:.2}x   p50 {:.2}x   p99 {:.2}x   max {:.2}x",
+            r("grants_per_s"),
+            r("answered_per_s"),
+            r("p50"),
+            r("p99"),
+            r("max"),
+        );
+    }
+}
+
+/// A gateway on another store than the first, measured in the same phases.
+struct OtherStore {
+    kind: StoreKind,
+    server: Gateway,
+    admin_socket: PathBuf,
+    hosts: Vec<Arc<Host>>,
+    counters: Arc<Counters>,
+    histograms: Histograms,
+    usage: Usage,
+}
+
+/// One store's gateway as measured, for the report.
+struct StoreSide<'a> {
+    kind: StoreKind,
+    counters: &'a Counters,
+    latency: &'a Histogram<u64>,
+    usage: &'a Usage,
+    /// Its status before and after the measurement.
+    status: (Option<&'a serde_json::Value>, Option<&'a serde_json::Value>),
+}
+
+impl StoreSide<'_> {
+    fn answered_per_s(&self) -> f64 {
+        self.counters.answered() as f64 / self.usage.secs.max(1e-9)
+    }
+
+    fn grants_per_s(&self) -> f64 {
+        self.counters.granted.load(Ordering::Relaxed) as f64 / self.usage.secs.max(1e-9)
+    }
+
+    /// Its figures, and over the baseline's (rate, latency histogram) when there is one.
+    fn json(&self, baseline: Option<&(f64, Histogram<u64>)>) -> serde_json::Value {
+        let (gateway_cores, generator_cores) = self.usage.cores();
+        let over_baseline = baseline.map(|(rate, latency)| {
+            let ratio = |q: f64| {
+                self.latency.value_at_quantile(q) as f64
+                    / latency.value_at_quantile(q).max(1) as f64
+            };
+            json!({
+                "answered_per_s": self.answered_per_s() / rate.max(1e-9),
+                "p50": ratio(0.5),
+                "p90": ratio(0.9),
+                "p99": ratio(0.99),
+                "max": self.latency.max() as f64 / latency.max().max(1) as f64,
+            })
+        });
+        json!({
+            "store": self.kind.name(),
+            "duration_s": self.usage.secs,
+            "sent": self.counters.sent.load(Ordering::Relaxed),
+            "answered_per_s": self.answered_per_s(),
+            "grants_per_s": self.grants_per_s(),
+            "granted": self.counters.granted.load(Ordering::Relaxed),
+            "renewed": self.counters.renewed.load(Ordering::Relaxed),
+            "released": self.counters.released.load(Ordering::Relaxed),
+            "denied": self.counters.denied.load(Ordering::Relaxed),
+            "failed": self.counters.failed.load(Ordering::Relaxed),
+            "failures_by_reason": self.counters.failures_json(),
+            "latency_ms": quantiles_ms(self.latency, LATENCY_QUANTILES),
+            "cpu_cores_used": { "gateway": gateway_cores, "generator": generator_cores },
+            "gateway_batching": batching(self.status.0, self.status.1),
+            "over_baseline": over_baseline,
+        })
+    }
+
+    /// Its figures over `other`'s.
+    fn over(&self, other: &StoreSide<'_>) -> serde_json::Value {
+        let ratio = |q: f64| {
+            self.latency.value_at_quantile(q) as f64
+                / other.latency.value_at_quantile(q).max(1) as f64
+        };
+        json!({
+            "grants_per_s": self.grants_per_s() / other.grants_per_s().max(1e-9),
+            "answered_per_s": self.answered_per_s() / other.answered_per_s().max(1e-9),
+            "p50": ratio(0.5),
+            "p90": ratio(0.9),
+            "p99": ratio(0.99),
+            "max": self.latency.max() as f64 / other.latency.max().max(1) as f64,
+        })
+    }
+}
+
+/// Whether etcd's members can be started here: root for their namespace, and `etcd` installed.
+fn etcd_available() -> Result<(), String> {
+    if !nix_is_root() {
+        return Err("--store etcd needs root: the etcd members run in a network namespace".into());
+    }
+    let runs = |tool: &str, arg: &str| {
+        Command::new(tool)
+            .arg(arg)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if runs("etcd", "--version") && runs("etcdctl", "version") {
+        Ok(())
+    } else {
+        Err(
+            "--store etcd needs etcd and etcdctl (Debian's etcd-server and etcd-client, which \
+             scripts/deps.sh installs)"
+                .into(),
+        )
+    }
+}
+
+/// Runs `f` with an etcd client on a thread inside `ns` (its connections are made there), on a
+/// runtime of that thread's own.
+fn with_etcd<T, F, Fut>(
+    ns: &fwnp_testkit::netns::Netns,
+    endpoints: &[String],
+    f: F,
+) -> Result<T, String>
+where
+    T: Send,
+    F: FnOnce(etcd_client::Client) -> Fut + Send,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    tokio::task::block_in_place(|| {
+        ns.run(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| format!("etcd client runtime: {e}"))?;
+            runtime.block_on(async {
+                let client = etcd_client::Client::connect(endpoints, None)
+                    .await
+                    .map_err(|e| format!("etcd at {endpoints:?}: {e}"))?;
+                f(client).await
+            })
+        })
+    })
+}
+
+/// How many lease keys and host counter keys the gateway's prefix holds in etcd.
+fn etcd_key_counts(
+    ns: &fwnp_testkit::netns::Netns,
+    endpoints: &[String],
+) -> Result<serde_json::Value, String> {
+    with_etcd(ns, endpoints, |client| async move {
+        let mut counts = serde_json::Map::new();
+        for what in ["leases", "hosts"] {
+            let count = client
+                .kv_client()
+                .get(
+                    format!("{ETCD_PREFIX}/{what}/"),
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_count_only(),
+                    ),
+                )
+                .await
+                .map_err(|e| format!("counting etcd's {what} keys: {e}"))?
+                .count();
+            counts.insert(what.into(), json!(count));
+        }
+        Ok(serde_json::Value::Object(counts))
+    })
+}
+
+/// The gateway's group commit, in full batches of opens, to etcd alone: transactions of
+/// [`CEILING_BATCH`] lease keys, each written only while absent (the insert's comparison), with
+/// the bytes of a lease the gateway wrote in this run, and a counter key for each distinct host
+/// among them, as the gateway writes them. Closed loop, a given number of transactions in
+/// flight, without the gateway's reads before each transaction; and once more with them, one
+/// transaction at a time as the gateway commits (its lease keys read in one round trip, then
+/// its hosts' counters in another), which is the most a gateway's one store writer can get.
+struct EtcdCeiling {
+    endpoints: Vec<String>,
+    hosts: usize,
+    levels: Vec<CeilingLevel>,
+    /// The next lease number: every key written is new.
+    next: Arc<AtomicU64>,
+    /// A lease's value as the gateway wrote it (the first one read), and whether it was one.
+    value: Option<(Arc<Vec<u8>>, bool)>,
+}
+
+/// Lease keys per transaction of the etcd-alone writer: a full batch of the gateway's.
+const CEILING_BATCH: u64 = 48;
+
+/// A value the size of a load host's lease, for when the gateway has written none to copy.
+const CEILING_FALLBACK_VALUE: usize = 160;
+
+/// The etcd-alone writer's figures at one number of transactions in flight.
+struct CeilingLevel {
+    in_flight: u32,
+    /// Whether each transaction comes after the gateway's two reads (their time included).
+    reads_before: bool,
+    secs: f64,
+    transactions: u64,
+    failures: std::collections::BTreeMap<String, u64>,
+    latency: Histogram<u64>,
+}
+
+impl EtcdCeiling {
+    fn new(
+        endpoints: Vec<String>,
+        hosts: usize,
+        in_flight: &[u32],
+    ) -> Result<Self, hdrhistogram::CreationError> {
+        let levels = in_flight
+            .iter()
+            .map(|&n| (n, false))
+            .chain([(1, true)])
+            .map(|(n, reads_before)| {
+                Ok(CeilingLevel {
+                    in_flight: n,
+                    reads_before,
+                    secs: 0.0,
+                    transactions: 0,
+                    failures: Default::default(),
+                    latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+                })
+            })
+            .collect::<Result<_, hdrhistogram::CreationError>>()?;
+        Ok(EtcdCeiling {
+            endpoints,
+            hosts: hosts.max(1),
+            levels,
+            next: Arc::new(AtomicU64::new(0)),
+            value: None,
+        })
+    }
+
+    /// Measures every level for its share of `duration`, from inside `ns` (where the gateways
+    /// reach etcd, over the same link).
+    fn measure(
+        &mut self,
+        ns: &fwnp_testkit::netns::Netns,
+        duration: Duration,
+    ) -> Result<(), String> {
+        let share = duration / self.levels.len().max(1) as u32;
+        let endpoints = self.endpoints.clone();
+        let (hosts, next) = (self.hosts as u64, self.next.clone());
+        let known = self.value.clone();
+        let levels = &mut self.levels;
+        let value = with_etcd(ns, &endpoints, |client| async move {
+            let value = match known {
+                Some(value) => value,
+                None => {
+                    let mut kv = client.kv_client();
+                    let sample = kv
+                        .get(
+                            format!("{ETCD_PREFIX}/leases/"),
+                            Some(etcd_client::GetOptions::new().with_prefix().with_limit(1)),
+                        )
+                        .await
+                        .map_err(|e| format!("reading a lease from etcd: {e}"))?;
+                    match sample.kvs().first() {
+                        Some(kv) => (Arc::new(kv.value().to_vec()), true),
+                        None => (Arc::new(vec![0xa5; CEILING_FALLBACK_VALUE]), false),
+                    }
+                }
+            };
+            for level in levels.iter_mut() {
+                let started = Instant::now();
+                let end = started + share;
+                let mut writers = Vec::new();
+                for _ in 0..level.in_flight {
+                    let kv = client.kv_client();
+                    let (value, next) = (value.0.clone(), next.clone());
+                    writers.push(tokio::spawn(ceiling_writer(
+                        kv,
+                        value,
+                        next,
+                        hosts,
+                        level.reads_before,
+                        end,
+                    )));
+                }
+                for writer in writers {
+                    let (transactions, failures, latency) =
+                        writer.await.map_err(|e| format!("etcd writer: {e}"))?;
+                    level.transactions += transactions;
+                    for (reason, n) in failures {
+                        *level.failures.entry(reason).or_default() += n;
+                    }
+                    level
+                        .latency
+                        .add(&latency)
+                        .map_err(|e| format!("etcd writer's histogram: {e}"))?;
+                }
+                level.secs += started.elapsed().as_secs_f64();
+            }
+            Ok(value)
+        })?;
+        self.value = Some(value);
+        Ok(())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let levels: Vec<serde_json::Value> = self
+            .levels
+            .iter()
+            .map(|level| {
+                let secs = level.secs.max(1e-9);
+                json!({
+                    "transactions_in_flight": level.in_flight,
+                    "reads_before_each": if level.reads_before { 2 } else { 0 },
+                    "duration_s": level.secs,
+                    "transactions": level.transactions,
+                    "transactions_per_s": level.transactions as f64 / secs,
+                    "lease_puts_per_s": (level.transactions * CEILING_BATCH) as f64 / secs,
+                    "failures_by_reason": level.failures,
+                    "transaction_latency_ms": quantiles_ms(&level.latency, LATENCY_QUANTILES),
+                })
+            })
+            .collect();
+        json!({
+            "lease_puts_per_transaction": CEILING_BATCH,
+            "host_counter_puts_per_transaction": (self.hosts as u64).min(CEILING_BATCH),
+            "value_bytes": self.value.as_ref().map(|(v, _)| v.len()),
+            "value_is_a_gateway_lease": self.value.as_ref().map(|(_, real)| *real),
+            "levels": levels,
+        })
+    }
+}
+
+/// One etcd-alone writer: transactions one after the other until `end`, each after the
+/// gateway's reads of its keys when `reads_before`; how many committed, the failures by reason,
+/// and their latencies (with the reads) in microseconds.
+async fn ceiling_writer(
+    mut kv: etcd_client::KvClient,
+    value: Arc<Vec<u8>>,
+    next: Arc<AtomicU64>,
+    hosts: u64,
+    reads_before: bool,
+    end: Instant,
+) -> (u64, std::collections::BTreeMap<String, u64>, Histogram<u64>) {
+    use etcd_client::{Compare, CompareOp, Txn, TxnOp};
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+    let mut failures = std::collections::BTreeMap::<String, u64>::new();
+    let mut committed = 0;
+    while Instant::now() < end {
+        let first = next.fetch_add(CEILING_BATCH, Ordering::Relaxed);
+        let mut compares = Vec::with_capacity(CEILING_BATCH as usize);
+        let mut writes = Vec::with_capacity(2 * CEILING_BATCH as usize);
+        let mut counters = std::collections::BTreeSet::new();
+        let mut lease_reads = Vec::new();
+        let mut counter_reads = Vec::new();
+        for n in first..first + CEILING_BATCH {
+            // The gateway's key: a lease id of 16 bytes in hex.
+            let key = format!("{ETCD_CEILING_PREFIX}/leases/{:032x}", u128::from(n));
+            compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+            lease_reads.push(TxnOp::get(key.clone(), None));
+            writes.push(TxnOp::put(key, value.as_slice(), None));
+            counters.insert(n % hosts);
+        }
+        for host in counters {
+            let key = format!("{ETCD_CEILING_PREFIX}/hosts/fwnp://host/load-{host}");
+            counter_reads.push(TxnOp::get(key.clone(), None));
+            writes.push(TxnOp::put(key, (first / hosts + 1).to_string(), None));
+        }
+        let started = Instant::now();
+        if reads_before {
+            let mut read = async |reads: Vec<TxnOp>| kv.txn(Txn::new().and_then(reads)).await;
+            if let Err(e) = read(lease_reads).await {
+                *failures.entry(e.to_string()).or_default() += 1;
+                continue;
+            }
+            if let Err(e) = read(counter_reads).await {
+                *failures.entry(e.to_string()).or_default() += 1;
+                continue;
+            }
+        }
+        match kv.txn(Txn::new().when(compares).and_then(writes)).await {
+            Ok(response) if response.succeeded() => {
+                committed += 1;
+                let _ = latency.record(started.elapsed().as_micros() as u64);
+            }
+            Ok(_) => *failures.entry("comparison failed".into()).or_default() += 1,
+            Err(e) => *failures.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    (committed, failures, latency)
 }
 
 fn print_report(args: &Args, report: &serde_json::Value) -> Result<(), serde_json::Error> {
