@@ -22,13 +22,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Pki, config_text, granted, tcp, temp_dir, write_policy};
+use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
 use etcd_cluster::{EtcdCluster, available};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
-use fwnp_gateway::store::{AuditQuery, Outcome};
+use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
 use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
-use fwnp_proto::{LeaseId, Message, RevokeReason};
+use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
 use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
 use fwnp_trust::tls::{self, ServerOptions};
 
@@ -72,14 +72,15 @@ struct Gateway {
 
 impl Gateway {
     async fn start(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
+        Self::start_on(&cluster.endpoints(), pki, dir, site).await
+    }
+
+    /// A gateway whose etcd client reaches the members at `endpoints`.
+    async fn start_on(endpoints: &[String], pki: &Pki, dir: &Path, site: &str) -> Gateway {
         let topology = Topology::new().expect("build the namespaces");
         let echo = TcpEchoServer::start_ports(&topology.host().netns, &PORTS).expect("echo");
         write_policy(&dir.join("policy.toml"), POLICY);
-        let endpoints: Vec<String> = cluster
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         let text = format!(
             "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
              site = \"{site}\"\ntimeout = \"1s\"\n",
@@ -165,6 +166,28 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// How many reconciliations with the cluster this gateway's trail records.
+    fn reconciliations(&self) -> usize {
+        let query = AuditQuery {
+            kinds: vec![AuditKind::Reconcile],
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        self.service
+            .store()
+            .audit(&query)
+            .expect("audit query")
+            .events
+            .iter()
+            .filter(|e| {
+                e.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("cluster listed again"))
+            })
+            .count()
     }
 
     /// The audit records of `lease` with `outcome` in this gateway's own trail.
@@ -358,6 +381,269 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             drop((to_a, to_b));
             a.stop();
             b.stop();
+        });
+    });
+}
+
+/// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
+/// cuts that gateway off (its connections end, new ones are closed at once) and nothing else.
+struct Link {
+    endpoints: Vec<String>,
+    cut: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Link {
+    async fn start(members: &[String]) -> Link {
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let mut endpoints = Vec::new();
+        let mut tasks = Vec::new();
+        for member in members {
+            let target: SocketAddr = member
+                .trim_start_matches("http://")
+                .parse()
+                .expect("a member's address");
+            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind a relay");
+            endpoints.push(format!(
+                "http://{}",
+                listener.local_addr().expect("relay address")
+            ));
+            let state = cut.subscribe();
+            tasks.push(tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if *state.borrow() {
+                        continue;
+                    }
+                    let mut state = state.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = state.wait_for(|cut| *cut) => {}
+                        }
+                    });
+                }
+            }));
+        }
+        Link {
+            endpoints,
+            cut,
+            tasks,
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[test]
+fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_reconciled() {
+    const TEST: &str =
+        "without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_reconciled";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("wquor");
+    let pki = Pki::new("etcd-wquor");
+    let (dir_a, dir_b) = (temp_dir("wquor-a"), temp_dir("wquor-b"));
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    // Sockets are made inside the cluster's namespace (the runtime's threads start there too);
+    // members are killed and started between the steps.
+    let (rt, a, b, to_a, to_b) = cluster.run(|| {
+        let rt = runtime();
+        let (a, b, to_a, to_b) = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            (a, b, to_a, to_b)
+        });
+        (rt, a, b, to_a, to_b)
+    });
+
+    cluster.kill(0);
+    let (long, short) = cluster.run(|| {
+        rt.block_on(async {
+            // One member down: grants go on, and both kernels enforce them.
+            let long = granted(to_a.open(tcp(7001), Some(600)).await).lease;
+            assert!(b.wait_open(7001, true, PROPAGATION).await);
+            let short = granted(to_b.open(tcp(7002), Some(8)).await);
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            (long, short)
+        })
+    });
+
+    cluster.kill(1);
+    cluster.run(|| {
+        rt.block_on(async {
+            let started = Instant::now();
+            let refused = denied(to_a.open(tcp(7003), None).await);
+            let took = started.elapsed();
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert_eq!(refused.retry_after, Some(5), "{refused:?}");
+            assert!(took < Duration::from_secs(3), "answered after {took:?}");
+            // The openings stay, each until its own end.
+            assert!(
+                a.passes(7001) && b.passes(7001),
+                "the quorum lost closes nothing"
+            );
+            assert!(
+                now_ms() + 1_000 < short.expires_ms,
+                "too slow to see the short lease before its end"
+            );
+            assert!(a.passes(7002) && b.passes(7002), "not closed at once");
+            let end = short.expires_ms;
+            tokio::time::sleep(Duration::from_millis(
+                (end + 1_000).saturating_sub(now_ms()),
+            ))
+            .await;
+            assert!(!a.passes(7002), "A closed it at the lease's end");
+            assert!(!b.passes(7002), "B closed it at the lease's end");
+            assert!(!a.kernel_has(7002) && !b.kernel_has(7002));
+            assert!(a.passes(7001) && b.passes(7001), "the long lease stays");
+        })
+    });
+
+    cluster.restart(0);
+    cluster.restart(1);
+    assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
+    cluster.run(|| {
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let third = loop {
+                match to_b.open(tcp(7003), Some(600)).await {
+                    Message::Granted(granted) => break granted.lease,
+                    other => assert!(
+                        Instant::now() < deadline,
+                        "no grant with the quorum back: {other:?}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(
+                a.wait_open(7003, true, Duration::from_secs(15)).await,
+                "A's kernel follows the cluster again"
+            );
+            // The end the gateways could not store without the quorum is stored now, once.
+            let both = || {
+                a.audited(short.lease, Outcome::Expired) + b.audited(short.lease, Outcome::Expired)
+            };
+            assert!(
+                eventually(Duration::from_secs(15), || both() >= 1).await,
+                "the expiry is stored and audited with the quorum back"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(both(), 1, "audited once across the gateways");
+            for (name, client) in [("A", &to_a), ("B", &to_b)] {
+                let mut listed: Vec<LeaseId> =
+                    client.list().await.leases.iter().map(|l| l.lease).collect();
+                listed.sort();
+                let mut expected = vec![long, third];
+                expected.sort();
+                assert_eq!(listed, expected, "{name}'s book");
+            }
+            assert!(!a.passes(7002) && !b.passes(7002));
+        })
+    });
+    drop((to_a, to_b));
+    a.stop();
+    b.stop();
+    drop(rt);
+}
+
+#[test]
+fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back() {
+    const TEST: &str =
+        "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("wpart");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let pki = Pki::new("etcd-wpart");
+            let (dir_a, dir_b) = (temp_dir("wpart-a"), temp_dir("wpart-b"));
+            let link = Link::start(&cluster.endpoints()).await;
+            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let files = pki.host("web-01", &[host_ip()], &[], &[]);
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
+            let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            assert!(a.wait_open(7001, true, PROPAGATION).await);
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            let before = a.reconciliations();
+
+            link.set_cut(true);
+            // Cut off, A grants nothing and keeps what its kernel holds.
+            let refused = denied(to_a.open(tcp(7004), None).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            // Meanwhile, through B: one lease released, one granted.
+            let released = to_b.release(gone).await;
+            assert!(matches!(released, Message::Released(_)), "{released:?}");
+            let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
+            assert!(b.wait_open(7002, false, PROPAGATION).await);
+            assert!(b.wait_open(7003, true, PROPAGATION).await);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(
+                a.passes(7001) && a.passes(7002),
+                "a gateway cut off from etcd drops none of its openings"
+            );
+            assert!(!a.passes(7003), "nor learns of new ones");
+
+            link.set_cut(false);
+            assert!(
+                a.wait_open(7002, false, Duration::from_secs(15)).await,
+                "the lease released meanwhile is gone from A's kernel"
+            );
+            assert!(
+                a.wait_open(7003, true, PROPAGATION).await,
+                "the lease granted meanwhile is in A's kernel"
+            );
+            assert!(a.passes(7001), "the lease that lived on stays");
+            assert!(
+                a.reconciliations() > before,
+                "A's trail records the reconcile"
+            );
+            let mut listed: Vec<LeaseId> =
+                to_a.list().await.leases.iter().map(|l| l.lease).collect();
+            listed.sort();
+            let mut expected = vec![kept, new];
+            expected.sort();
+            assert_eq!(listed, expected, "A's book");
+            // And A grants again.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match to_a.open(tcp(7004), Some(600)).await {
+                    Message::Granted(_) => break,
+                    other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(b.wait_open(7004, true, PROPAGATION).await);
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+            drop(link);
         });
     });
 }

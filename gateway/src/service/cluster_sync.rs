@@ -159,7 +159,9 @@ impl Service {
 
     /// Carries out the ends of the leases the timer found due. An expiry the cluster refuses
     /// because the lease was renewed through another gateway keeps the lease here too, with
-    /// the stored expiry, in the book and the kernel.
+    /// the stored expiry, in the book and the kernel. One the cluster could not take (no
+    /// quorum) is tried again once it answers: the kernel's elements have ended on their own
+    /// timeouts meanwhile, at the lease's end.
     pub(super) async fn carry_out_expiries(&self, effects: &[Effect]) {
         for effect in effects {
             let Effect::Commit(writes) = effect else {
@@ -175,7 +177,17 @@ impl Service {
                         }
                     }
                 }
-                Err(e) => warn!("lease change not stored: {e}"),
+                // Another gateway's timer ended it first, and audited it.
+                Err(WriteError::Store(crate::store::StoreError::LeaseNotLive { .. }))
+                    if self.cluster.is_some() => {}
+                Err(e) => {
+                    warn!("lease change not stored: {e}");
+                    // The lease stays in etcd with no event to tell: listed again once the
+                    // cluster answers, it comes back past its expiry and is ended then.
+                    if let Some(cluster) = &self.cluster {
+                        cluster.resync();
+                    }
+                }
             }
         }
     }

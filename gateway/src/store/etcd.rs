@@ -57,7 +57,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -144,6 +144,7 @@ pub struct EtcdStore {
     jobs: mpsc::UnboundedSender<Msg>,
     transactions: Arc<AtomicU64>,
     applied: Arc<AtomicI64>,
+    resync: Arc<AtomicBool>,
 }
 
 enum Msg {
@@ -178,6 +179,8 @@ impl EtcdStore {
         let counter = transactions.clone();
         let applied = Arc::new(AtomicI64::new(0));
         let applied_by_worker = applied.clone();
+        let resync = Arc::new(AtomicBool::new(false));
+        let resync_by_worker = resync.clone();
         std::thread::Builder::new()
             .name("fwnp-etcd".into())
             .spawn(move || {
@@ -192,16 +195,22 @@ impl EtcdStore {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker =
-                        match Worker::connect(&config, options, audit, counter, applied_by_worker)
-                            .await
-                        {
-                            Ok(worker) => worker,
-                            Err(e) => {
-                                let _ = ready.send(Err(e));
-                                return;
-                            }
-                        };
+                    let worker = match Worker::connect(
+                        &config,
+                        options,
+                        audit,
+                        counter,
+                        applied_by_worker,
+                        resync_by_worker,
+                    )
+                    .await
+                    {
+                        Ok(worker) => worker,
+                        Err(e) => {
+                            let _ = ready.send(Err(e));
+                            return;
+                        }
+                    };
                     if ready.send(Ok(worker.epoch)).is_ok() {
                         worker.run(receiver).await;
                     }
@@ -217,7 +226,21 @@ impl EtcdStore {
             jobs: sender,
             transactions,
             applied,
+            resync,
         })
+    }
+
+    /// Asks the watch to list the leases again as soon as the cluster answers: an end this
+    /// gateway could not store (the quorum lost) leaves its lease in etcd, and no event will
+    /// tell; listed again, it comes back past its expiry and is ended then.
+    ///
+    /// ```no_run
+    /// # fn example(store: fwnp_gateway::store::EtcdStore) {
+    /// store.resync();
+    /// # }
+    /// ```
+    pub fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
     }
 
     /// The last revision of the cluster's leases this gateway has taken in: that of its
@@ -614,6 +637,8 @@ struct Worker {
     seen: Mutex<HashMap<LeaseId, i64>>,
     /// See [`EtcdStore::applied_revision`].
     applied: Arc<AtomicI64>,
+    /// See [`EtcdStore::resync`].
+    resync: Arc<AtomicBool>,
     /// The etcd lease the tombstones are put with, and when it was granted.
     tombstones: Mutex<Option<(i64, tokio::time::Instant)>>,
 }
@@ -718,6 +743,7 @@ impl Worker {
         audit: StoreWriter,
         transactions: Arc<AtomicU64>,
         applied: Arc<AtomicI64>,
+        resync: Arc<AtomicBool>,
     ) -> Result<Worker, EtcdError> {
         let unreachable = |reason: String| EtcdError::Unreachable {
             endpoints: config.endpoints.join(","),
@@ -744,6 +770,7 @@ impl Worker {
             transactions,
             seen: Mutex::new(HashMap::new()),
             applied,
+            resync,
             tombstones: Mutex::new(None),
         };
         worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
@@ -860,6 +887,7 @@ impl Worker {
                             keys: self.keys.clone(),
                             timeout: self.timeout,
                             applied: self.applied.clone(),
+                            resync: self.resync.clone(),
                             changes,
                         }
                         .run(),

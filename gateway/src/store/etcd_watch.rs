@@ -19,7 +19,9 @@
 //!   end this gateway could not store while the quorum was lost leaves its lease in etcd with
 //!   no event to tell, and the list shows it.
 //!
-//! The last revision handed over is [`EtcdStore::applied_revision`].
+//! The last revision handed over is [`EtcdStore::applied_revision`]. An end the gateway could
+//! not store (the quorum lost) asks for a list too ([`EtcdStore::resync`]), once the cluster
+//! answers again: the lease is still in etcd, and no event would tell.
 //!
 //! A silent connection (a partition: no error comes, nothing comes) is found by asking the
 //! member for the watch's progress every request timeout: a watch that has heard nothing for
@@ -27,7 +29,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions};
@@ -165,6 +167,8 @@ enum Lost {
     Closed,
     /// The revision to resume from was compacted away.
     Compacted,
+    /// An end could not be stored: list again (see [`EtcdStore::resync`]).
+    Resync,
     /// Anything else.
     Failed(String),
 }
@@ -176,6 +180,7 @@ pub(super) struct Follower {
     pub(super) keys: Keys,
     pub(super) timeout: Duration,
     pub(super) applied: Arc<AtomicI64>,
+    pub(super) resync: Arc<AtomicBool>,
     pub(super) changes: mpsc::UnboundedSender<ClusterChange>,
 }
 
@@ -188,11 +193,12 @@ impl Follower {
             if self.changes.is_closed() {
                 return;
             }
-            if must_list {
+            if must_list || self.resync.swap(false, Ordering::AcqRel) {
                 match self.list().await {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(refusal) => {
+                        self.resync.store(true, Ordering::Release);
                         tracing::debug!(error = %refusal.error(), "etcd: the leases could not be listed again yet");
                         tokio::time::sleep(RETRY_PAUSE).await;
                         continue;
@@ -207,6 +213,9 @@ impl Follower {
                         from,
                         "etcd: the watch's revision was compacted; listing the leases again"
                     );
+                }
+                Lost::Resync => {
+                    tracing::info!("etcd: listing the leases again for the ends not stored");
                 }
                 Lost::Failed(why) => {
                     tracing::warn!(
@@ -270,6 +279,9 @@ impl Follower {
                 _ = tick.tick() => {
                     if self.changes.is_closed() {
                         return Lost::Closed;
+                    }
+                    if self.resync.load(Ordering::Acquire) {
+                        return Lost::Resync;
                     }
                     if heard.elapsed() > silence {
                         return Lost::Failed(format!("nothing heard for {silence:?}"));
