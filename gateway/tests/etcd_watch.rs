@@ -364,6 +364,29 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             assert_eq!(listed.len(), 1, "{listed:?}");
             assert!(listed.contains_key(&third));
 
+            // The operator's listing through either gateway shows the cluster's leases, those
+            // granted through the other one included, with its filters applied.
+            let fifth = granted(to_b.open(tcp(7005), Some(60)).await).lease;
+            for gateway in [&a, &b] {
+                let all = gateway
+                    .service
+                    .leases(&HashMap::new())
+                    .await
+                    .expect("leases");
+                let mut ids: Vec<String> = all.leases.iter().map(|l| l.id.clone()).collect();
+                ids.sort();
+                let mut expected = vec![third.to_string(), fifth.to_string()];
+                expected.sort();
+                assert_eq!(ids, expected);
+                let on_port = gateway
+                    .service
+                    .leases(&HashMap::from([("port".to_owned(), "7005".to_owned())]))
+                    .await
+                    .expect("leases");
+                let ids: Vec<String> = on_port.leases.iter().map(|l| l.id.clone()).collect();
+                assert_eq!(ids, vec![fifth.to_string()]);
+            }
+
             // Both gateways have followed the cluster up to the same revision.
             let (ra, rb) = (
                 a.service.cluster().expect("etcd").applied_revision(),

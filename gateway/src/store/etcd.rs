@@ -72,8 +72,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::{LeaseStore, WriteError, WriteFuture};
 use super::codec::{decode_grants, encode_grants};
 use super::{
-    AuditEvent, AuditKind, LeaseEnd, LeaseRecord, LeaseState, NewLease, Outcome, Restored,
-    StoreError, StoreWriter, WriteOp,
+    AuditEvent, AuditKind, LeaseEnd, LeaseFilter, LeaseRecord, LeaseState, NewLease, Outcome,
+    Restored, StoreError, StoreWriter, WriteOp,
 };
 use crate::config::EtcdConfig;
 use fwnp_trust::identity::{CertificateName, Serial};
@@ -154,6 +154,10 @@ enum Msg {
     Lease {
         id: LeaseId,
         reply: oneshot::Sender<Result<Option<LeaseRecord>, WriteError>>,
+    },
+    Leases {
+        filter: LeaseFilter,
+        reply: oneshot::Sender<Result<Vec<LeaseRecord>, WriteError>>,
     },
     Commit {
         ops: Vec<WriteOp>,
@@ -269,6 +273,29 @@ impl EtcdStore {
         let (changes, receiver) = mpsc::unbounded_channel();
         self.send(Msg::Watch { changes })?;
         Ok(receiver)
+    }
+
+    /// The cluster's live leases that `filter` asks for (ended ones are in the audit trails
+    /// only: `include_ended` finds none more), soonest expiry first, read from etcd.
+    ///
+    /// ```no_run
+    /// # use fwnp_gateway::store::{EtcdStore, LeaseFilter};
+    /// # async fn example(store: EtcdStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// let filter = LeaseFilter { host: Some("fwnp://host/web-*".into()), ..LeaseFilter::default() };
+    /// for lease in store.leases(&filter).await? {
+    ///     println!("{} {}", lease.id, lease.identity);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::Leases {
+            filter: filter.clone(),
+            reply,
+        })?;
+        answer
+            .await
+            .map_err(|_| WriteError::Store(StoreError::WriterStopped))?
     }
 
     /// The lease as the cluster holds it now (`None` once it ended), read from etcd.
@@ -898,6 +925,10 @@ impl Worker {
                     let _ = reply.send(self.read_lease(id).await.map_err(Refusal::error));
                     continue;
                 }
+                Msg::Leases { filter, reply } => {
+                    let _ = reply.send(self.list_leases(&filter).await.map_err(Refusal::error));
+                    continue;
+                }
                 Msg::Commit { ops, reply } => vec![Job { ops, reply }],
             };
             while jobs.len() < MAX_BATCH_JOBS {
@@ -1319,6 +1350,38 @@ impl Worker {
             ))),
             _ => Ok(()),
         }
+    }
+
+    /// The live leases `filter` asks for.
+    async fn list_leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, Refusal> {
+        let prefix = self.keys.leases();
+        let response = self
+            .call("list leases", Request::Read, |mut kv| {
+                let prefix = prefix.clone();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut leases = Vec::new();
+        for kv in response.kvs() {
+            let Some(id) = kv
+                .key()
+                .strip_prefix(prefix.as_bytes())
+                .and_then(lease_id_of)
+            else {
+                continue;
+            };
+            let lease = StoredLease::decode(kv.key(), kv.value())
+                .and_then(|l| l.record(id))
+                .map_err(Refusal::from_store)?;
+            if super::backend::lease_matches(&lease, filter) {
+                leases.push(lease);
+            }
+        }
+        leases.sort_by_key(|l| (l.expires_ms, l.id));
+        if let Some(limit) = filter.limit {
+            leases.truncate(limit);
+        }
+        Ok(leases)
     }
 
     /// The lease `id` as stored now.
