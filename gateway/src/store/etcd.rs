@@ -9,6 +9,11 @@
 //!   deleted; its history is in the audit trail.
 //! - `P/hosts/IDENTITY`: how many live leases the host holds across the cluster, decimal;
 //!   deleted at zero.
+//! - `P/ended/ID`: a tombstone, put in the transaction that deletes `P/leases/ID`: how the
+//!   lease ended (released, expired, revoked with its reason), when, by whom, why, through
+//!   which site. A delete carries no value; the tombstone tells the other gateways, which
+//!   follow the keys (see below). It is attached to an etcd lease of [`TOMBSTONE_TTL`], granted
+//!   again every half of it, so tombstones vanish by themselves.
 //!
 //! # One transaction per commit
 //! Every commit is one etcd transaction whose comparisons carry what must hold across the
@@ -39,11 +44,21 @@
 //! gateway at etcd's own rate of single writes. A job that fails its check is left out of the
 //! batch alone.
 //!
+//! # Following the cluster
+//! Every gateway watches the keys from the revision of its restore ([`EtcdStore::watch`]) and
+//! applies each change to its own lease book and kernel filter, so that every gateway enforces
+//! every lease, and a lease granted through one gateway is renewed or released through any.
+//! A lost watch lists the leases again and the gateway reconciles. See [`ClusterChange`].
+//!
 //! # Expiry
 //! Leases carry no etcd lease (TTL): each gateway expires the leases in its book when they run
 //! out, with an end that etcd takes only from the first gateway and only while the stored expiry
-//! has passed, so an expiry happens (and is audited) once, and a renewal made elsewhere wins.
-//! An etcd TTL would delete the key without the host's counter and without an audit record.
+//! has passed, so an expiry happens (and is audited) once, and a renewal made elsewhere wins:
+//! the gateway whose end etcd refused for that keeps the lease with the stored expiry. The
+//! other gateways see the expiry as a delete. An end that could not be stored (no quorum) is
+//! made again once the cluster answers: the watch lists the leases again, and the lease comes
+//! back past its expiry. An etcd TTL would delete the key without the host's counter and
+//! without an audit record.
 //!
 //! # Audit
 //! Audit records stay in the gateway's own SQLite database, written after the etcd commit they

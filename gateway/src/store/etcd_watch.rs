@@ -57,8 +57,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 pub enum ClusterChange {
     /// A lease was stored (inserted, renewed or extended) at `revision`.
     Stored {
-        /// The lease as stored.
-        lease: LeaseRecord,
+        /// The lease as stored (boxed: ends and lists are far smaller).
+        lease: Box<LeaseRecord>,
         /// The revision of the put.
         revision: i64,
     },
@@ -333,7 +333,7 @@ impl Follower {
             } else {
                 match StoredLease::decode(kv.key(), kv.value()).and_then(|l| l.record(id)) {
                     Ok(lease) => ClusterChange::Stored {
-                        lease,
+                        lease: Box::new(lease),
                         revision: kv.mod_revision(),
                     },
                     Err(e) => {
