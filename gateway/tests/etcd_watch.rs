@@ -3,7 +3,8 @@
 //! namespace at 198.51.100.2, and an outside namespace connects to it through the filter), both
 //! following the cluster's leases: a lease granted through one is enforced by the other's
 //! kernel (real TCP connections through it), renewed and released through the other, ended in
-//! both kernels; an expiry happens once across them; a revocation through one reaches the host
+//! both kernels; an expiry happens once across them, and a renewal through one racing the
+//! other's expiry timer ends the same way on both; a revocation through one reaches the host
 //! connected to the other as the Revoked notice; with the quorum lost the openings stay until
 //! their own timeouts and close then, and with it back every kernel is reconciled.
 //!
@@ -667,6 +668,100 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             a.stop();
             b.stop();
             drop(link);
+        });
+    });
+}
+
+#[test]
+fn renewals_racing_the_other_gateways_expiry_end_in_one_answer_on_both_gateways() {
+    const TEST: &str =
+        "renewals_racing_the_other_gateways_expiry_end_in_one_answer_on_both_gateways";
+    if !available(TEST) {
+        return;
+    }
+    const LEASES: u16 = 12;
+    let cluster = EtcdCluster::start("wrace");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let pki = Pki::new("etcd-wrace");
+            let (dir_a, dir_b) = (temp_dir("wrace-a"), temp_dir("wrace-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let files = pki.host("web-01", &[host_ip()], &[], &[]);
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Arc::new(Client::connect(b.addr, &files).await);
+            to_b.hello().await;
+            // Leases of 2 s through A, each renewed through B a few milliseconds before its
+            // end, when A's timer is about to end it: whichever etcd takes first wins, on both.
+            let mut leases = Vec::new();
+            for n in 0..LEASES {
+                let port = 7100 + n;
+                let lease = granted(to_a.open(tcp(port), Some(2)).await);
+                leases.push((port, lease));
+            }
+            for (port, _) in &leases {
+                // No server listens on these ports: the kernel's elements tell.
+                assert!(eventually(PROPAGATION, || b.kernel_has(*port)).await);
+            }
+            let mut renewals = Vec::new();
+            for (n, (port, lease)) in leases.iter().enumerate() {
+                let to_b = to_b.clone();
+                let (port, id, end) = (*port, lease.lease, lease.expires_ms);
+                let early = 1 + 2 * n as u64;
+                renewals.push(tokio::spawn(async move {
+                    let at = end.saturating_sub(early);
+                    tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+                    (port, id, to_b.renew(id, Some(60)).await)
+                }));
+            }
+            let mut outcomes = Vec::new();
+            for renewal in renewals {
+                outcomes.push(renewal.await.expect("renewal task"));
+            }
+            let last_end = leases.iter().map(|(_, l)| l.expires_ms).max().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(
+                (last_end + 1_500).saturating_sub(now_ms()),
+            ))
+            .await;
+            let (mut kept, mut ended) = (0, 0);
+            for (port, id, answer) in outcomes {
+                let expired = || a.audited(id, Outcome::Expired) + b.audited(id, Outcome::Expired);
+                let in_book =
+                    |leases: &fwnp_proto::Leases| leases.leases.iter().any(|l| l.lease == id);
+                match answer {
+                    Message::Granted(_) => {
+                        kept += 1;
+                        assert!(
+                            in_book(&to_a.list().await),
+                            "A kept {id}, renewed through B"
+                        );
+                        assert!(in_book(&to_b.list().await), "B kept {id}");
+                        assert!(
+                            a.kernel_has(port) && b.kernel_has(port),
+                            "{id} in both kernels"
+                        );
+                        assert_eq!(expired(), 0, "{id} renewed, not expired");
+                    }
+                    other => {
+                        ended += 1;
+                        assert!(matches!(other, Message::Denied(_)), "{other:?}");
+                        assert!(!in_book(&to_a.list().await), "{id} ended on A");
+                        assert!(!in_book(&to_b.list().await), "{id} ended on B");
+                        assert!(!a.kernel_has(port) && !b.kernel_has(port));
+                        assert!(
+                            eventually(PROPAGATION, || expired() >= 1).await,
+                            "{id} expired and audited"
+                        );
+                        assert_eq!(expired(), 1, "{id} audited once");
+                    }
+                }
+            }
+            assert_eq!(kept + ended, usize::from(LEASES));
+            eprintln!("{TEST}: {kept} renewed, {ended} expired first");
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
         });
     });
 }
