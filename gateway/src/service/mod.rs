@@ -87,6 +87,8 @@ pub struct Service {
     lists: Tally<String, SocketAddr>,
     /// The request path's decisions and the live leases.
     core: Mutex<RequestCore>,
+    /// What the core was made with, for the part of a request done outside its lock.
+    core_config: CoreConfig,
     expiry_changed: tokio::sync::Notify,
     /// What the admin API reads and the daemon prunes.
     queries: Arc<dyn StoreQueries>,
@@ -242,6 +244,11 @@ impl Service {
         let epoch = leases.epoch();
         let limiter = limiter_for(&policy);
         let window = config.limits.audit_count_interval;
+        let core_config = CoreConfig {
+            epoch,
+            max_streams: config.limits.max_streams,
+            kill_connections: config.filter.kill_connections,
+        };
         let service = Arc::new(Service {
             sessions: Sessions::default(),
             metrics: Metrics::new(),
@@ -251,11 +258,8 @@ impl Service {
             auth_failures: Tally::new(window),
             refused_handshakes: Tally::new(window),
             lists: Tally::new(window),
-            core: Mutex::new(RequestCore::new(CoreConfig {
-                epoch,
-                max_streams: config.limits.max_streams,
-                kill_connections: config.filter.kill_connections,
-            })),
+            core: Mutex::new(RequestCore::new(core_config)),
+            core_config,
             expiry_changed: tokio::sync::Notify::new(),
             queries,
             leases,

@@ -254,23 +254,25 @@ impl Service {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
         };
         let policy = self.policy();
-        // Decoding and the policy's decision on an Open need no lease book: they are done
-        // before the core's lock is taken, which is then held only for the book's part, so that
-        // requests of other connections are not held up behind them.
-        let step = {
-            let decoded = fwnp_proto::codec::decode(bytes);
-            let decide = Evaluated::before_lock(&*policy, &peer, connection, &decoded);
-            let mut core = lock(&self.core);
-            let mut rng = lock(&self.rng);
-            core.handle_decoded(
-                now_ms(),
-                connection,
-                &peer,
-                bytes,
-                decoded,
-                &decide,
-                &mut *rng,
-            )
+        // Everything that needs no lease book (decoding, the Hello rules, validation, the
+        // policy's decision on an Open) is done before the core's lock is taken, which is then
+        // held only for the book's part, so that requests of other connections are not held up
+        // behind it.
+        let prepared = RequestCore::prepare(
+            &self.core_config,
+            now_ms(),
+            connection,
+            &peer,
+            bytes,
+            &*policy,
+        );
+        let step = match prepared.into_answer() {
+            Ok(answer) => Step::Answer(answer),
+            Err(prepared) => {
+                let mut core = lock(&self.core);
+                let mut rng = lock(&self.rng);
+                core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng)
+            }
         };
         let answer = match step {
             Step::Answer(answer) => answer,
@@ -455,69 +457,5 @@ impl Service {
             }
         }
         Ok(())
-    }
-}
-
-/// The policy, with its decision on one Open made in advance (outside the core's lock); the
-/// core asks for that decision again with the same arguments and gets it without a second
-/// evaluation. Anything else goes to the policy.
-struct Evaluated<'a> {
-    policy: &'a dyn Decide,
-    /// The host addresses the Open was resolved to, and the decision on them.
-    open: Option<(Vec<IpAddr>, Decision)>,
-}
-
-impl<'a> Evaluated<'a> {
-    fn before_lock(
-        policy: &'a dyn Decide,
-        peer: &Peer<'_>,
-        connection: ConnectionState,
-        decoded: &Result<Message, fwnp_proto::codec::DecodeError>,
-    ) -> Self {
-        let open = match (decoded, peer.identity) {
-            (Ok(message @ Message::Open(open)), Some(identity))
-                if connection.welcomed
-                    && fwnp_proto::validate::validate_request(message).is_ok() =>
-            {
-                // Resolved as the core resolves it (as if third-party were allowed; the
-                // policy judges that).
-                fwnp_proto::gateway::resolve_host_addresses(&open.opening, peer.addresses, true)
-                    .ok()
-                    .map(|hosts| {
-                        let decision = policy.evaluate(identity, peer.addresses, &hosts, open);
-                        (hosts, decision)
-                    })
-            }
-            _ => None,
-        };
-        Evaluated { policy, open }
-    }
-}
-
-impl Decide for Evaluated<'_> {
-    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits {
-        self.policy.host_limits(identity, addresses)
-    }
-
-    fn evaluate(
-        &self,
-        identity: &str,
-        addresses: &[IpAddr],
-        hosts: &[IpAddr],
-        open: &Open,
-    ) -> Decision {
-        match &self.open {
-            Some((resolved, decision)) if resolved.as_slice() == hosts => decision.clone(),
-            _ => self.policy.evaluate(identity, addresses, hosts, open),
-        }
-    }
-
-    fn still_allows(
-        &self,
-        identity: &str,
-        addresses: &[IpAddr],
-        grants: &[Grant],
-    ) -> Result<(), Objection> {
-        self.policy.still_allows(identity, addresses, grants)
     }
 }
