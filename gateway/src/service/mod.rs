@@ -48,7 +48,7 @@ use tracing::{info, warn};
 
 use crate::api::AdminError;
 use crate::config::GatewayConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::policy::{Policy, Verdict};
 use crate::sessions::{Session, Sessions};
 use crate::store::{

@@ -219,6 +219,7 @@ impl Service {
     /// out its effects, answering only after those a grant depends on have succeeded.
     pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
         let started = Instant::now();
+        let _in_flight = InFlight::count(&self.metrics.requests_in_flight);
         // The connection is closed as soon as its host has the Revoked notices: until then it
         // may take nothing new, since nothing would revoke it again.
         if session
@@ -269,7 +270,9 @@ impl Service {
         let step = match prepared.into_answer() {
             Ok(answer) => Step::Answer(answer),
             Err(prepared) => {
+                let waited = Instant::now();
                 let mut core = lock(&self.core);
+                self.metrics.stage(Stage::Lock, waited.elapsed());
                 let mut rng = lock(&self.rng);
                 core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng)
             }
@@ -328,22 +331,27 @@ impl Service {
         effects: &[Effect],
     ) -> Result<(), EffectFailure> {
         for effect in effects {
+            let began = Instant::now();
             match effect {
                 Effect::Hold {
                     lease,
                     grants,
                     expires_ms,
-                } => self
-                    .refresh(lease, &elements_of_all(grants), *expires_ms)
-                    .await
-                    .map_err(|e| match e {
+                } => {
+                    let held = self
+                        .refresh(lease, &elements_of_all(grants), *expires_ms)
+                        .await;
+                    self.metrics.stage(Stage::Kernel, began.elapsed());
+                    held.map_err(|e| match e {
                         RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
                         RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
-                    })?,
-                Effect::Commit(writes) => self
-                    .commit(Some(session), writes)
-                    .await
-                    .map_err(|e| EffectFailure::Store(e.to_string()))?,
+                    })?
+                }
+                Effect::Commit(writes) => {
+                    let committed = self.commit(Some(session), writes).await;
+                    self.metrics.stage(Stage::Store, began.elapsed());
+                    committed.map_err(|e| EffectFailure::Store(e.to_string()))?
+                }
                 other => {
                     self.carry_out(Some(session), std::slice::from_ref(other))
                         .await
@@ -457,5 +465,21 @@ impl Service {
             }
         }
         Ok(())
+    }
+}
+
+/// A request counted in flight until it is answered, whichever way it leaves.
+struct InFlight<'a>(&'a prometheus::IntGauge);
+
+impl<'a> InFlight<'a> {
+    fn count(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
