@@ -597,7 +597,7 @@ impl Prepared {
     /// refused the Open); otherwise the request itself, for [`RequestCore::handle_prepared`].
     pub fn into_answer(self) -> Result<Answer, Prepared> {
         match self.0 {
-            Ready::Answered(answer) => Ok(answer),
+            Ready::Answered(answer) => Ok(*answer),
             other => Err(Prepared(other)),
         }
     }
@@ -605,7 +605,8 @@ impl Prepared {
 
 #[derive(Debug)]
 enum Ready {
-    Answered(Answer),
+    /// Boxed: an answer is several times the size of a request waiting for the book.
+    Answered(Box<Answer>),
     Open(Box<AllowedOpen>),
     Renew(Renew),
     /// With its bytes, for the replay rule.
@@ -771,7 +772,7 @@ impl RequestCore {
         bytes: &[u8],
         decide: &dyn Decide,
     ) -> Prepared {
-        let answered = |answer: Answer| Prepared(Ready::Answered(answer));
+        let answered = |answer: Answer| Prepared(Ready::Answered(Box::new(answer)));
         let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
             Err(e) => return answered(refuse_undecodable(now_ms, peer, bytes, &e)),
@@ -853,7 +854,7 @@ impl RequestCore {
             (_, Some(identity)) => identity,
         };
         match prepared.0 {
-            Ready::Answered(answer) => Step::Answer(answer),
+            Ready::Answered(answer) => Step::Answer(*answer),
             Ready::Open(open) => self.open(now_ms, identity, peer, *open, rng),
             Ready::Renew(renew) => self.renew(now_ms, identity, peer, &renew, decide),
             Ready::Release(release, bytes) => {
@@ -935,9 +936,9 @@ impl RequestCore {
     ) -> Prepared {
         let refused = |open: Open, code: ResultCode, reason: String, rule: Option<String>| {
             let request = Message::Open(open);
-            Prepared(Ready::Answered(refuse(
+            Prepared(Ready::Answered(Box::new(refuse(
                 now_ms, identity, peer, &request, code, reason, rule,
-            )))
+            ))))
         };
         // Resolved as if third-party were allowed; policy then decides whether this host may
         // open an address it does not hold.
