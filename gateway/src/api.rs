@@ -101,6 +101,37 @@ pub struct StatusAnswer {
     pub store: String,
     /// The store writer's counters: operations per transaction show group commit at work.
     pub store_writer: WriterStatus,
+    /// Where requests wait; absent from a gateway that does not report it.
+    #[serde(default)]
+    pub request_path: RequestPathStatus,
+}
+
+/// Where requests wait, in [`StatusAnswer`]: how many went through each stage and their summed
+/// time there (the difference of two readings over their counts gives the mean wait of each
+/// stage in between).
+///
+/// ```
+/// let p: fwnp_gateway::api::RequestPathStatus = serde_json::from_str(
+///     r#"{"in_flight":3,"lock_waits":10,"lock_wait_us":40,"kernel_waits":8,"kernel_wait_us":900,
+///         "store_waits":8,"store_wait_us":1200}"#).unwrap();
+/// assert_eq!(p.store_wait_us / p.store_waits, 150);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestPathStatus {
+    /// Requests received and not yet answered.
+    pub in_flight: u64,
+    /// Requests that took the request core's lock for the lease book.
+    pub lock_waits: u64,
+    /// Their time waiting for it, microseconds.
+    pub lock_wait_us: u64,
+    /// Kernel programmings a request waited for.
+    pub kernel_waits: u64,
+    /// Their time, microseconds.
+    pub kernel_wait_us: u64,
+    /// Store commits a request waited for.
+    pub store_waits: u64,
+    /// Their time, microseconds.
+    pub store_wait_us: u64,
 }
 
 /// The kernel filter's counters in [`StatusAnswer`].
@@ -130,7 +161,7 @@ pub struct FilterStatus {
 ///
 /// ```
 /// let w = fwnp_gateway::api::WriterStatus { transactions: 1, jobs: 2, ops: 4, failed_jobs: 0,
-///     largest_batch: 4, pending_ops: 0, busy_us: 9 };
+///     largest_batch: 4, pending_ops: 0, busy_us: 9, queue_wait_us: 30 };
 /// assert_eq!(serde_json::to_value(&w).unwrap()["ops"], 4);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +180,10 @@ pub struct WriterStatus {
     pub pending_ops: u64,
     /// Time spent writing, microseconds.
     pub busy_us: u64,
+    /// Time jobs waited in the writer's queue before their transaction began, summed,
+    /// microseconds (over `jobs`: the mean wait); absent from a gateway that does not report it.
+    #[serde(default)]
+    pub queue_wait_us: u64,
 }
 
 /// One grant of a lease or an audit event.

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the gateway, served as text on the configured address.
 
 use prometheus::{
-    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the gateway exports.
@@ -31,6 +31,34 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Lease endings, by how they ended.
     pub lease_ends: IntCounterVec,
+    /// Where a request waits, by stage: `lock` (for the request core's lease book), `kernel`
+    /// (its elements' netlink batch acknowledged) and `store` (its group commit committed).
+    /// Under saturation this says which queue the requests stand in.
+    pub request_stage: HistogramVec,
+    /// Requests being handled now (received and not yet answered).
+    pub requests_in_flight: IntGauge,
+}
+
+/// The stages of [`Metrics::request_stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Waiting for the request core's lock.
+    Lock,
+    /// Programming the kernel's elements.
+    Kernel,
+    /// Committing the store's writes.
+    Store,
+}
+
+impl Stage {
+    /// The label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Lock => "lock",
+            Stage::Kernel => "kernel",
+            Stage::Store => "store",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -89,8 +117,24 @@ impl Metrics {
             &["how"],
         )
         .expect("valid metric");
+        let request_stage = HistogramVec::new(
+            HistogramOpts::new(
+                "request_stage_seconds",
+                "Time a request spent in each stage of its handling",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_025, 2.0, 18).expect("valid")),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let requests_in_flight = IntGauge::new(
+            "requests_in_flight",
+            "Requests received and not yet answered",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_stage.clone()),
+            Box::new(requests_in_flight.clone()),
             Box::new(live_leases.clone()),
             Box::new(grant_latency.clone()),
             Box::new(kernel_batches.clone()),
@@ -117,7 +161,25 @@ impl Metrics {
             kernel_repairs,
             connections,
             lease_ends,
+            request_stage,
+            requests_in_flight,
         }
+    }
+
+    /// Records that a request spent `elapsed` in `stage`.
+    pub fn stage(&self, stage: Stage, elapsed: std::time::Duration) {
+        self.request_stage
+            .with_label_values(&[stage.name()])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// How many requests went through `stage` and their summed time there, in microseconds.
+    pub fn stage_totals(&self, stage: Stage) -> (u64, u64) {
+        let histogram = self.request_stage.with_label_values(&[stage.name()]);
+        (
+            histogram.get_sample_count(),
+            (histogram.get_sample_sum() * 1e6) as u64,
+        )
     }
 
     /// Counts one answered request.

@@ -11,8 +11,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use common::{HOST_A, HOST_B, POLICY, app, common, denied, granted, hello_msg, open_msg, tcp};
 use fwnp_gateway::policy::Policy;
 use fwnp_proto::gateway::request::{
-    Asked, Audit, ConnectionState, CoreConfig, Effect, EffectFailure, Peer, RequestCore, Step,
-    Write,
+    Asked, Audit, ConnectionState, CoreConfig, Decide, Decision, Effect, EffectFailure, HostLimits,
+    Objection, Peer, RequestCore, Step, Write,
 };
 use fwnp_proto::{
     Capabilities, LeaseId, MAX_LIFETIME_SECS, MAX_MESSAGE_SIZE, Message, ResultCode, RevokeReason,
@@ -877,4 +877,129 @@ fn an_operator_revocation_gives_the_notice_to_deliver() {
             .revoke(START_MS, &lease, RevokeReason::Operator, "operator", None)
             .is_none()
     );
+}
+
+/// The gateway's policy, counting how often each question is asked.
+struct Counting<'a> {
+    policy: &'a Policy,
+    evaluations: std::cell::Cell<u32>,
+    renewals: std::cell::Cell<u32>,
+}
+
+impl Decide for Counting<'_> {
+    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits {
+        Decide::host_limits(self.policy, identity, addresses)
+    }
+
+    fn evaluate(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &fwnp_proto::Open,
+    ) -> Decision {
+        self.evaluations.set(self.evaluations.get() + 1);
+        Decide::evaluate(self.policy, identity, addresses, hosts, open)
+    }
+
+    fn still_allows(
+        &self,
+        identity: &str,
+        addresses: &[IpAddr],
+        grants: &[fwnp_proto::Grant],
+    ) -> Result<(), Objection> {
+        self.renewals.set(self.renewals.get() + 1);
+        Decide::still_allows(self.policy, identity, addresses, grants)
+    }
+}
+
+#[test]
+fn the_policy_decides_an_open_once_before_the_book_and_the_book_decides_after() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    granted(gw.open(&mut host, tcp(7001), None));
+    granted(gw.open(&mut host, tcp(7002), None));
+    let config = CoreConfig {
+        epoch: EPOCH,
+        max_streams: 16,
+        kill_connections: true,
+    };
+    let decide = Counting {
+        policy: &gw.policy,
+        evaluations: Default::default(),
+        renewals: Default::default(),
+    };
+    let peer = Peer {
+        identity: Some(&host.identity),
+        no_identity: "",
+        remote: SocketAddr::new(HOST_A, 40000),
+        addresses: &host.addresses,
+    };
+    let prepare = |message: &Message| {
+        RequestCore::prepare(
+            &config,
+            gw.now_ms,
+            host.state,
+            &peer,
+            &codec::encode(message),
+            &decide,
+        )
+    };
+    // Two Opens the policy allows, prepared side by side as two connections' would be, while
+    // the host holds two of its three leases: each is evaluated once, neither answered yet.
+    let third = prepare(&open_msg(Some(20), tcp(7003), None))
+        .into_answer()
+        .expect_err("an allowed Open waits for the book");
+    let fourth = prepare(&open_msg(Some(21), tcp(7004), None))
+        .into_answer()
+        .expect_err("an allowed Open waits for the book");
+    assert_eq!(decide.evaluations.get(), 2);
+    // A refused Open and a second Hello are answered without the book.
+    let refused = prepare(&open_msg(Some(22), tcp(23), None))
+        .into_answer()
+        .expect("a refused Open needs no book");
+    assert_eq!(denied(refused.message).code, ResultCode::DeniedByPolicy);
+    let again = prepare(&hello_msg(Some(23), &[1], Capabilities::ALL))
+        .into_answer()
+        .expect("a second Hello needs no book");
+    assert_eq!(denied(again.message).code, ResultCode::MalformedRequest);
+    assert_eq!(decide.evaluations.get(), 3);
+    let before = gw.core.book().len();
+    assert_eq!(before, 2);
+
+    // Under the lock the book takes the first and refuses the second over the quota, which
+    // only it knows; the policy is not asked again.
+    let Step::Pending(pending) =
+        gw.core
+            .handle_prepared(gw.now_ms, &peer, third, &decide, &mut gw.rng)
+    else {
+        panic!("the third lease is within the quota");
+    };
+    granted(gw.core.finish(gw.now_ms, pending, Ok(())).message);
+    let Step::Answer(answer) =
+        gw.core
+            .handle_prepared(gw.now_ms, &peer, fourth, &decide, &mut gw.rng)
+    else {
+        panic!("the fourth lease is over the quota");
+    };
+    assert_eq!(denied(answer.message).code, ResultCode::QuotaExceeded);
+    assert_eq!(decide.evaluations.get(), 3);
+    assert_eq!(gw.core.book().len(), 3);
+
+    // A Renew asks the policy about the lease's grants, which only the book has.
+    let lease = gw.core.book().leases_of(&host.identity).next().unwrap().id;
+    let renew = prepare(&Message::Renew(fwnp_proto::Renew {
+        common: common(Some(24)),
+        lease,
+        lifetime: None,
+    }))
+    .into_answer()
+    .expect_err("a Renew waits for the book");
+    assert_eq!(decide.renewals.get(), 0);
+    assert!(matches!(
+        gw.core
+            .handle_prepared(gw.now_ms, &peer, renew, &decide, &mut gw.rng),
+        Step::Pending(_)
+    ));
+    assert_eq!((decide.evaluations.get(), decide.renewals.get()), (3, 1));
 }

@@ -2747,3 +2747,25 @@ async fn size_limits_hold_when_grants_multiply_by_addresses() {
         other => panic!("no usable answer: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_status_tells_where_requests_waited() {
+    let gw = TestGateway::start("stages", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let before = gw.service.status();
+    granted(client.open(tcp(7001), None).await);
+    granted(client.open(tcp(7002), None).await);
+    // Refused by the policy before the lease book: no lock, kernel or store for it.
+    denied(client.open(tcp(23), None).await);
+    let after = gw.service.status();
+    let (b, a) = (&before.request_path, &after.request_path);
+    // Each grant took the lock once and waited for the kernel and the store once.
+    assert_eq!(a.lock_waits - b.lock_waits, 2);
+    assert_eq!(a.kernel_waits - b.kernel_waits, 2);
+    assert_eq!(a.store_waits - b.store_waits, 2);
+    assert!(a.store_wait_us > b.store_wait_us, "{a:?}");
+    assert_eq!(a.in_flight, 0, "nothing is left in flight once answered");
+    // The writer counted its two lease jobs (and the refusal's audit row) in line.
+    assert!(after.store_writer.jobs >= before.store_writer.jobs + 2);
+    assert!(after.store_writer.queue_wait_us >= before.store_writer.queue_wait_us);
+}

@@ -1153,6 +1153,8 @@ fn group_commit_with_many_concurrent_writers() {
         "no grouping happened: {stats:?}"
     );
     assert!(stats.largest_batch > 1, "{stats:?}");
+    // Jobs grouped behind a transaction stood in the queue while it ran.
+    assert!(stats.queue_wait_us > 0, "{stats:?}");
     eprintln!("group commit: {stats:?}");
 }
 

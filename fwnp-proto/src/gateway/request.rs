@@ -587,6 +587,42 @@ enum Ticket {
     },
 }
 
+/// A request after [`RequestCore::prepare`]: answered already, or waiting for the lease book.
+#[derive(Debug)]
+pub struct Prepared(Ready);
+
+impl Prepared {
+    /// The answer, if the request was decided without the lease book (it was undecodable,
+    /// broke the connection's Hello rules or the protocol's, was a Hello, or the policy
+    /// refused the Open); otherwise the request itself, for [`RequestCore::handle_prepared`].
+    pub fn into_answer(self) -> Result<Answer, Prepared> {
+        match self.0 {
+            Ready::Answered(answer) => Ok(*answer),
+            other => Err(Prepared(other)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Ready {
+    /// Boxed: an answer is several times the size of a request waiting for the book.
+    Answered(Box<Answer>),
+    Open(Box<AllowedOpen>),
+    Renew(Renew),
+    /// With its bytes, for the replay rule.
+    Release(Release, Arc<[u8]>),
+    List(List),
+}
+
+/// An Open the policy allowed, with the facts and the words of its decision.
+#[derive(Debug)]
+struct AllowedOpen {
+    open: Open,
+    facts: PolicyFacts,
+    rule: Option<String>,
+    reason: String,
+}
+
 /// A Release's bytes, the answer it got and when, Unix ms.
 type Remembered = (Arc<[u8]>, Message, u64);
 
@@ -620,9 +656,9 @@ impl ReplayMemory {
             .map(|(_, answer, _)| answer.clone())
     }
 
-    fn insert(&mut self, now_ms: u64, key: (String, u64), bytes: &[u8], answer: Message) {
+    fn insert(&mut self, now_ms: u64, key: (String, u64), bytes: Arc<[u8]>, answer: Message) {
         self.order.push_back((now_ms, key.clone()));
-        self.answers.insert(key, (Arc::from(bytes), answer, now_ms));
+        self.answers.insert(key, (bytes, answer, now_ms));
         self.forget_before(now_ms);
     }
 }
@@ -673,7 +709,8 @@ impl RequestCore {
     }
 
     /// Decides what becomes of one request: the bytes of one stream from `peer`, on a
-    /// connection in state `connection`, at `now_ms`.
+    /// connection in state `connection`, at `now_ms`. The same as [`RequestCore::prepare`]
+    /// followed by [`RequestCore::handle_prepared`], for callers that hold the core alone.
     ///
     /// Leases past their expiry are not reaped here (their ends are no business of this
     /// request's answer): the driver calls [`RequestCore::expire_due`] on its timer; until then
@@ -687,38 +724,62 @@ impl RequestCore {
         decide: &dyn Decide,
         rng: &mut R,
     ) -> Step {
-        self.handle_decoded(
-            now_ms,
-            connection,
-            peer,
-            bytes,
-            codec::decode(bytes),
-            decide,
-            rng,
-        )
+        let prepared = Self::prepare(&self.config, now_ms, connection, peer, bytes, decide);
+        self.handle_prepared(now_ms, peer, prepared, decide, rng)
     }
 
-    /// As [`RequestCore::handle`], with `bytes` already decoded into `decoded` (which must be
-    /// `codec::decode(bytes)`): a driver that shares the core between threads decodes before
-    /// it takes the core's lock, so that the lock is held only for the decision.
-    #[allow(clippy::too_many_arguments)]
-    pub fn handle_decoded<R: Rng + ?Sized>(
-        &mut self,
+    /// The part of a request's handling that needs no lease book, done once: decoding, the
+    /// connection's Hello rules, validation, the answer to a Hello, the host addresses an Open
+    /// names and the policy's decision on them, and the bound on the size of its Granted. It
+    /// takes no core, so that a driver sharing the core between threads does it before it
+    /// takes the core's lock, which it then holds only for [`RequestCore::handle_prepared`].
+    ///
+    /// `config` must be the core's own (a copy of what it was made with).
+    ///
+    /// ```
+    /// # use fwnp_proto::gateway::request::*;
+    /// # use fwnp_proto::{Grant, Open, codec, Message, List, Common};
+    /// # use std::net::IpAddr;
+    /// # struct Nothing;
+    /// # impl Decide for Nothing {
+    /// #     fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits { unreachable!() }
+    /// #     fn evaluate(&self, _: &str, _: &[IpAddr], _: &[IpAddr], _: &Open) -> Decision { unreachable!() }
+    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> { unreachable!() }
+    /// # }
+    /// let config = CoreConfig { epoch: 7, max_streams: 8, kill_connections: false };
+    /// let addresses = ["192.0.2.10".parse().unwrap()];
+    /// let peer = Peer {
+    ///     identity: Some("fwnp://host/web-01"),
+    ///     no_identity: "",
+    ///     remote: "192.0.2.10:4433".parse().unwrap(),
+    ///     addresses: &addresses,
+    /// };
+    /// let list = codec::encode(&Message::List(List {
+    ///     common: Common { request_id: Some(3), critical: Vec::new() },
+    /// }));
+    /// // A List on a connection that has not said Hello is answered without the book.
+    /// let prepared = RequestCore::prepare(
+    ///     &config, 1_700_000_000_000, ConnectionState::default(), &peer, &list, &Nothing);
+    /// let answer = prepared.into_answer().expect("refused before the book");
+    /// assert!(matches!(answer.message, Message::Denied(ref d)
+    ///     if d.code == fwnp_proto::ResultCode::HelloRequired));
+    /// ```
+    pub fn prepare(
+        config: &CoreConfig,
         now_ms: u64,
         connection: ConnectionState,
         peer: &Peer<'_>,
         bytes: &[u8],
-        decoded: Result<Message, codec::DecodeError>,
         decide: &dyn Decide,
-        rng: &mut R,
-    ) -> Step {
-        let msg = match decoded {
+    ) -> Prepared {
+        let answered = |answer: Answer| Prepared(Ready::Answered(Box::new(answer)));
+        let msg = match codec::decode(bytes) {
             Ok(msg) => msg,
-            Err(e) => return Step::Answer(refuse_undecodable(now_ms, peer, bytes, &e)),
+            Err(e) => return answered(refuse_undecodable(now_ms, peer, bytes, &e)),
         };
         let request_id = msg.common().request_id;
         let Some(identity) = peer.identity else {
-            return Step::Answer(Answer::new(
+            return answered(Answer::new(
                 Message::Denied(denied(
                     request_id,
                     ResultCode::NotAuthorized,
@@ -730,21 +791,21 @@ impl RequestCore {
                 ResultCode::NotAuthorized.name(),
             ));
         };
-        let refuse = |code: ResultCode, reason: String| {
-            Step::Answer(refuse(now_ms, identity, peer, &msg, code, reason, None))
+        let refused = |code: ResultCode, reason: String| {
+            answered(refuse(now_ms, identity, peer, &msg, code, reason, None))
         };
         // The connection's state comes before the request's own validity (spec 11.3, steps 4
         // and 5): a host that skipped Hello learns that first, whatever else is wrong.
         match &msg {
             Message::Hello(_) if connection.welcomed => {
-                return refuse(
+                return refused(
                     ResultCode::MalformedRequest,
                     "Hello was already answered on this connection".into(),
                 );
             }
             Message::Hello(_) => {}
             _ if !connection.welcomed => {
-                return refuse(
+                return refused(
                     ResultCode::HelloRequired,
                     "the first request of a connection is Hello".into(),
                 );
@@ -752,27 +813,59 @@ impl RequestCore {
             _ => {}
         }
         if let Err(e) = validate_request(&msg) {
-            return refuse(e.result_code(), e.to_string());
+            return refused(e.result_code(), e.to_string());
         }
-        match &msg {
+        match msg {
             Message::Hello(hello) => {
-                Step::Answer(self.hello(now_ms, identity, peer, hello, decide))
+                answered(Self::hello(config, now_ms, identity, peer, &hello, decide))
             }
-            Message::Open(open) => self.open(now_ms, identity, peer, open, decide, rng),
-            Message::Renew(renew) => self.renew(now_ms, identity, peer, renew, decide),
-            Message::Release(release) => {
-                Step::Answer(self.release_once(now_ms, identity, peer, release, bytes))
+            Message::Open(open) => Self::prepare_open(now_ms, identity, peer, open, decide),
+            Message::Renew(renew) => Prepared(Ready::Renew(renew)),
+            Message::Release(release) => Prepared(Ready::Release(release, Arc::from(bytes))),
+            Message::List(list) => Prepared(Ready::List(list)),
+            other => {
+                let reason = format!("{} is not a request", other.message_type().name());
+                answered(refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &other,
+                    ResultCode::MalformedRequest,
+                    reason,
+                    None,
+                ))
             }
-            Message::List(list) => Step::Answer(self.list(now_ms, identity, list)),
-            other => refuse(
-                ResultCode::MalformedRequest,
-                format!("{} is not a request", other.message_type().name()),
-            ),
+        }
+    }
+
+    /// The lease book's part of a request prepared by [`RequestCore::prepare`] from the same
+    /// `peer`: opening, renewing, releasing or listing leases. The policy is asked here only
+    /// whether a lease being renewed is still allowed, which needs the lease's grants.
+    pub fn handle_prepared<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        peer: &Peer<'_>,
+        prepared: Prepared,
+        decide: &dyn Decide,
+        rng: &mut R,
+    ) -> Step {
+        let identity = match (&prepared.0, peer.identity) {
+            (Ready::Answered(_), _) | (_, None) => "",
+            (_, Some(identity)) => identity,
+        };
+        match prepared.0 {
+            Ready::Answered(answer) => Step::Answer(*answer),
+            Ready::Open(open) => self.open(now_ms, identity, peer, *open, rng),
+            Ready::Renew(renew) => self.renew(now_ms, identity, peer, &renew, decide),
+            Ready::Release(release, bytes) => {
+                Step::Answer(self.release_once(now_ms, identity, peer, &release, bytes))
+            }
+            Ready::List(list) => Step::Answer(self.list(now_ms, identity, &list)),
         }
     }
 
     fn hello(
-        &self,
+        config: &CoreConfig,
         now_ms: u64,
         identity: &str,
         peer: &Peer<'_>,
@@ -814,12 +907,12 @@ impl RequestCore {
                 capabilities: Capabilities(capabilities),
                 limits: Limits {
                     max_message_size: MAX_MESSAGE_SIZE as u32,
-                    max_streams: self.config.max_streams,
+                    max_streams: config.max_streams,
                     min_lifetime: limits.lifetime.min,
                     max_lifetime: limits.lifetime.max,
                     max_leases: Some(limits.max_leases),
                 },
-                epoch: self.config.epoch,
+                epoch: config.epoch,
                 time_ms: now_ms,
                 identity: identity.to_owned(),
                 addresses: peer.addresses.to_vec(),
@@ -832,35 +925,38 @@ impl RequestCore {
         answer
     }
 
-    fn open<R: Rng + ?Sized>(
-        &mut self,
+    /// An Open's part that needs no book: the host addresses it names, the policy's decision
+    /// on them, and the bound on its answer's size.
+    fn prepare_open(
         now_ms: u64,
         identity: &str,
         peer: &Peer<'_>,
-        open: &Open,
+        open: Open,
         decide: &dyn Decide,
-        rng: &mut R,
-    ) -> Step {
-        let refuse = |code: ResultCode, reason: String, rule: Option<String>| {
-            let request = Message::Open(open.clone());
-            Step::Answer(refuse(now_ms, identity, peer, &request, code, reason, rule))
+    ) -> Prepared {
+        let refused = |open: Open, code: ResultCode, reason: String, rule: Option<String>| {
+            let request = Message::Open(open);
+            Prepared(Ready::Answered(Box::new(refuse(
+                now_ms, identity, peer, &request, code, reason, rule,
+            ))))
         };
         // Resolved as if third-party were allowed; policy then decides whether this host may
         // open an address it does not hold.
         let hosts = match resolve_host_addresses(&open.opening, peer.addresses, true) {
             Ok(hosts) => hosts,
-            Err(refusal) => return refuse(refusal.code(), refusal.to_string(), None),
+            Err(refusal) => return refused(open, refusal.code(), refusal.to_string(), None),
         };
-        let decision = decide.evaluate(identity, peer.addresses, &hosts, open);
+        let decision = decide.evaluate(identity, peer.addresses, &hosts, &open);
         let facts = match decision.verdict {
             Ok(facts) => facts,
-            Err(code) => return refuse(code, decision.reason, decision.rule),
+            Err(code) => return refused(open, code, decision.reason, decision.rule),
         };
         // No answer may exceed MAX_MESSAGE_SIZE (spec 5.4): measure the largest Granted these
         // grants can make before taking a lease for them.
         let largest = largest_granted(open.common.request_id, &facts.grants);
         if largest > MAX_MESSAGE_SIZE {
-            return refuse(
+            return refused(
+                open,
                 ResultCode::DeniedByPolicy,
                 format!(
                     "the grant would not fit in one answer ({largest} bytes, the limit is {MAX_MESSAGE_SIZE}): ask for fewer remote prefixes"
@@ -868,9 +964,43 @@ impl RequestCore {
                 decision.rule,
             );
         }
-        let outcome = match self.book.open(now_ms, identity, open, &facts, rng) {
+        Prepared(Ready::Open(Box::new(AllowedOpen {
+            open,
+            facts,
+            rule: decision.rule,
+            reason: decision.reason,
+        })))
+    }
+
+    /// An allowed Open's part in the book.
+    fn open<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        identity: &str,
+        peer: &Peer<'_>,
+        allowed: AllowedOpen,
+        rng: &mut R,
+    ) -> Step {
+        let AllowedOpen {
+            open,
+            facts,
+            rule,
+            reason,
+        } = allowed;
+        let outcome = match self.book.open(now_ms, identity, &open, &facts, rng) {
             Ok(outcome) => outcome,
-            Err(refusal) => return refuse(refusal.code(), refusal.to_string(), decision.rule),
+            Err(refusal) => {
+                let request = Message::Open(open);
+                return Step::Answer(refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &request,
+                    refusal.code(),
+                    refusal.to_string(),
+                    rule,
+                ));
+            }
         };
         let lease = outcome.grant().lease.clone();
         // The kernel is written first unless the lease only grows longer: then the store is,
@@ -885,7 +1015,7 @@ impl RequestCore {
                     max_leases: facts.max_leases,
                 },
                 true,
-                decision.reason,
+                reason,
             ),
             OpenOutcome::Extended {
                 previous_expires_ms,
@@ -898,7 +1028,7 @@ impl RequestCore {
                     granted_lifetime: lease.lifetime,
                 },
                 lease.expires_ms <= *previous_expires_ms,
-                format!("{} (extends the live lease)", decision.reason),
+                format!("{reason} (extends the live lease)"),
             ),
         };
         // One record for the request, the decision that allowed it and the lease it made,
@@ -909,7 +1039,7 @@ impl RequestCore {
             what: Audit::Granted {
                 lease: lease.clone(),
                 open: Box::new(open.clone()),
-                rule: decision.rule.clone(),
+                rule,
                 reason,
             },
         });
@@ -928,7 +1058,7 @@ impl RequestCore {
             effects,
             ticket: Ticket::Open {
                 outcome,
-                open: Box::new(open.clone()),
+                open: Box::new(open),
                 identity: identity.to_owned(),
                 peer: peer.remote,
             },
@@ -1152,14 +1282,14 @@ impl RequestCore {
         identity: &str,
         peer: &Peer<'_>,
         release: &Release,
-        bytes: &[u8],
+        bytes: Arc<[u8]>,
     ) -> Answer {
         let key = release
             .common
             .request_id
             .map(|id| (identity.to_owned(), id));
         if let Some(key) = &key
-            && let Some(message) = self.replay.get(now_ms, key, bytes)
+            && let Some(message) = self.replay.get(now_ms, key, &bytes)
         {
             return Answer {
                 message,

@@ -4,7 +4,7 @@
 use super::*;
 use crate::api::{
     AuditAnswer, AuditFollowAnswer, AuditPageAnswer, FilterStatus, LeasesAnswer, ReportAnswer,
-    StatusAnswer, WriterStatus,
+    RequestPathStatus, StatusAnswer, WriterStatus,
 };
 
 pub(super) fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
@@ -80,6 +80,21 @@ impl Service {
                 largest_batch: writer.largest_batch,
                 pending_ops: writer.pending_ops as u64,
                 busy_us: writer.busy_us,
+                queue_wait_us: writer.queue_wait_us,
+            },
+            request_path: {
+                let (lock_waits, lock_wait_us) = self.metrics.stage_totals(Stage::Lock);
+                let (kernel_waits, kernel_wait_us) = self.metrics.stage_totals(Stage::Kernel);
+                let (store_waits, store_wait_us) = self.metrics.stage_totals(Stage::Store);
+                RequestPathStatus {
+                    in_flight: self.metrics.requests_in_flight.get().max(0) as u64,
+                    lock_waits,
+                    lock_wait_us,
+                    kernel_waits,
+                    kernel_wait_us,
+                    store_waits,
+                    store_wait_us,
+                }
             },
         }
     }

@@ -48,7 +48,7 @@ use tracing::{info, warn};
 
 use crate::api::AdminError;
 use crate::config::GatewayConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage};
 use crate::policy::{Policy, Verdict};
 use crate::sessions::{Session, Sessions};
 use crate::store::{
@@ -88,6 +88,8 @@ pub struct Service {
     lists: Tally<String, SocketAddr>,
     /// The request path's decisions and the live leases.
     core: Mutex<RequestCore>,
+    /// What the core was made with, for the part of a request done outside its lock.
+    core_config: CoreConfig,
     expiry_changed: tokio::sync::Notify,
     /// What the admin API reads and the daemon prunes.
     queries: Arc<dyn StoreQueries>,
@@ -257,6 +259,11 @@ impl Service {
         let epoch = leases.epoch();
         let limiter = limiter_for(&policy);
         let window = config.limits.audit_count_interval;
+        let core_config = CoreConfig {
+            epoch,
+            max_streams: config.limits.max_streams,
+            kill_connections: config.filter.kill_connections,
+        };
         let service = Arc::new(Service {
             sessions: Sessions::default(),
             metrics: Metrics::new(),
@@ -266,11 +273,8 @@ impl Service {
             auth_failures: Tally::new(window),
             refused_handshakes: Tally::new(window),
             lists: Tally::new(window),
-            core: Mutex::new(RequestCore::new(CoreConfig {
-                epoch,
-                max_streams: config.limits.max_streams,
-                kill_connections: config.filter.kill_connections,
-            })),
+            core: Mutex::new(RequestCore::new(core_config)),
+            core_config,
             expiry_changed: tokio::sync::Notify::new(),
             queries,
             leases,

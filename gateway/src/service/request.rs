@@ -219,6 +219,7 @@ impl Service {
     /// out its effects, answering only after those a grant depends on have succeeded.
     pub async fn handle(&self, session: &Session, bytes: &[u8]) -> Message {
         let started = Instant::now();
+        let _in_flight = InFlight::count(&self.metrics.requests_in_flight);
         // The connection is closed as soon as its host has the Revoked notices: until then it
         // may take nothing new, since nothing would revoke it again.
         if session
@@ -254,23 +255,27 @@ impl Service {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
         };
         let policy = self.policy();
-        // Decoding and the policy's decision on an Open need no lease book: they are done
-        // before the core's lock is taken, which is then held only for the book's part, so that
-        // requests of other connections are not held up behind them.
-        let step = {
-            let decoded = fwnp_proto::codec::decode(bytes);
-            let decide = Evaluated::before_lock(&*policy, &peer, connection, &decoded);
-            let mut core = lock(&self.core);
-            let mut rng = lock(&self.rng);
-            core.handle_decoded(
-                now_ms(),
-                connection,
-                &peer,
-                bytes,
-                decoded,
-                &decide,
-                &mut *rng,
-            )
+        // Everything that needs no lease book (decoding, the Hello rules, validation, the
+        // policy's decision on an Open) is done before the core's lock is taken, which is then
+        // held only for the book's part, so that requests of other connections are not held up
+        // behind it.
+        let prepared = RequestCore::prepare(
+            &self.core_config,
+            now_ms(),
+            connection,
+            &peer,
+            bytes,
+            &*policy,
+        );
+        let step = match prepared.into_answer() {
+            Ok(answer) => Step::Answer(answer),
+            Err(prepared) => {
+                let waited = Instant::now();
+                let mut core = lock(&self.core);
+                self.metrics.stage(Stage::Lock, waited.elapsed());
+                let mut rng = lock(&self.rng);
+                core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng)
+            }
         };
         let answer = match step {
             Step::Answer(answer) => answer,
@@ -326,22 +331,27 @@ impl Service {
         effects: &[Effect],
     ) -> Result<(), EffectFailure> {
         for effect in effects {
+            let began = Instant::now();
             match effect {
                 Effect::Hold {
                     lease,
                     grants,
                     expires_ms,
-                } => self
-                    .refresh(lease, &elements_of_all(grants), *expires_ms)
-                    .await
-                    .map_err(|e| match e {
+                } => {
+                    let held = self
+                        .refresh(lease, &elements_of_all(grants), *expires_ms)
+                        .await;
+                    self.metrics.stage(Stage::Kernel, began.elapsed());
+                    held.map_err(|e| match e {
                         RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
                         RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
-                    })?,
-                Effect::Commit(writes) => self
-                    .commit(Some(session), writes)
-                    .await
-                    .map_err(|e| EffectFailure::Store(e.to_string()))?,
+                    })?
+                }
+                Effect::Commit(writes) => {
+                    let committed = self.commit(Some(session), writes).await;
+                    self.metrics.stage(Stage::Store, began.elapsed());
+                    committed.map_err(|e| EffectFailure::Store(e.to_string()))?
+                }
                 other => {
                     self.carry_out(Some(session), std::slice::from_ref(other))
                         .await
@@ -458,66 +468,18 @@ impl Service {
     }
 }
 
-/// The policy, with its decision on one Open made in advance (outside the core's lock); the
-/// core asks for that decision again with the same arguments and gets it without a second
-/// evaluation. Anything else goes to the policy.
-struct Evaluated<'a> {
-    policy: &'a dyn Decide,
-    /// The host addresses the Open was resolved to, and the decision on them.
-    open: Option<(Vec<IpAddr>, Decision)>,
-}
+/// A request counted in flight until it is answered, whichever way it leaves.
+struct InFlight<'a>(&'a prometheus::IntGauge);
 
-impl<'a> Evaluated<'a> {
-    fn before_lock(
-        policy: &'a dyn Decide,
-        peer: &Peer<'_>,
-        connection: ConnectionState,
-        decoded: &Result<Message, fwnp_proto::codec::DecodeError>,
-    ) -> Self {
-        let open = match (decoded, peer.identity) {
-            (Ok(message @ Message::Open(open)), Some(identity))
-                if connection.welcomed
-                    && fwnp_proto::validate::validate_request(message).is_ok() =>
-            {
-                // Resolved as the core resolves it (as if third-party were allowed; the
-                // policy judges that).
-                fwnp_proto::gateway::resolve_host_addresses(&open.opening, peer.addresses, true)
-                    .ok()
-                    .map(|hosts| {
-                        let decision = policy.evaluate(identity, peer.addresses, &hosts, open);
-                        (hosts, decision)
-                    })
-            }
-            _ => None,
-        };
-        Evaluated { policy, open }
+impl<'a> InFlight<'a> {
+    fn count(gauge: &'a prometheus::IntGauge) -> Self {
+        gauge.inc();
+        InFlight(gauge)
     }
 }
 
-impl Decide for Evaluated<'_> {
-    fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits {
-        self.policy.host_limits(identity, addresses)
-    }
-
-    fn evaluate(
-        &self,
-        identity: &str,
-        addresses: &[IpAddr],
-        hosts: &[IpAddr],
-        open: &Open,
-    ) -> Decision {
-        match &self.open {
-            Some((resolved, decision)) if resolved.as_slice() == hosts => decision.clone(),
-            _ => self.policy.evaluate(identity, addresses, hosts, open),
-        }
-    }
-
-    fn still_allows(
-        &self,
-        identity: &str,
-        addresses: &[IpAddr],
-        grants: &[Grant],
-    ) -> Result<(), Objection> {
-        self.policy.still_allows(identity, addresses, grants)
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }

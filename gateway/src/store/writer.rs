@@ -99,6 +99,9 @@ pub struct WriterStats {
     pub busy_us: u64,
     /// Transactions run a second time because a job of several operations failed.
     pub careful_redos: u64,
+    /// Time jobs waited in the queue before the transaction holding them began, summed, in
+    /// microseconds: over `jobs`, how long a commit stands in line behind the others.
+    pub queue_wait_us: u64,
 }
 
 pub(crate) enum Reply {
@@ -110,6 +113,7 @@ pub(crate) enum Reply {
 pub(crate) struct Job {
     ops: Vec<WriteOp>,
     reply: Reply,
+    queued: std::time::Instant,
 }
 
 pub(crate) enum Msg {
@@ -127,6 +131,7 @@ struct Counters {
     pending_ops: AtomicUsize,
     busy_us: AtomicU64,
     careful_redos: AtomicU64,
+    queue_wait_us: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -248,6 +253,7 @@ impl StoreWriter {
             pending_ops: c.pending_ops.load(Ordering::Relaxed),
             busy_us: c.busy_us.load(Ordering::Relaxed),
             careful_redos: c.careful_redos.load(Ordering::Relaxed),
+            queue_wait_us: c.queue_wait_us.load(Ordering::Relaxed),
         }
     }
 
@@ -265,7 +271,11 @@ impl StoreWriter {
         if self
             .shared
             .sender
-            .send(Msg::Write(Job { ops, reply }))
+            .send(Msg::Write(Job {
+                ops,
+                reply,
+                queued: std::time::Instant::now(),
+            }))
             .is_err()
         {
             self.shared
@@ -357,6 +367,14 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
     }
     let started = std::time::Instant::now();
     let op_count: usize = batch.iter().map(|j| j.ops.len()).sum();
+    let waited: u128 = batch
+        .iter()
+        .map(|j| started.saturating_duration_since(j.queued).as_micros())
+        .sum();
+    shared
+        .counters
+        .queue_wait_us
+        .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
     // Fast path: no savepoints. Only when a job of several operations fails part-way is the
     // transaction rolled back and the batch run again with a savepoint around each such job.
     let (results, newest_audit) = match run_batch(conn, &batch, false) {

@@ -741,6 +741,12 @@ fn batching(
         "store_transactions": transactions,
         "store_ops_per_transaction": per(ops, transactions),
         "store_busy_s": delta(&["store_writer", "busy_us"]).map(|us| us as f64 / 1e6),
+        // Where requests stood in line: the mean wait of each stage over the run, and of a
+        // store job in the writer's queue before its transaction began.
+        "store_queue_ms_per_job": per(delta(&["store_writer", "queue_wait_us"]), delta(&["store_writer", "jobs"])).map(|us| us / 1e3),
+        "lock_wait_ms_mean": per(delta(&["request_path", "lock_wait_us"]), delta(&["request_path", "lock_waits"])).map(|us| us / 1e3),
+        "kernel_wait_ms_mean": per(delta(&["request_path", "kernel_wait_us"]), delta(&["request_path", "kernel_waits"])).map(|us| us / 1e3),
+        "store_wait_ms_mean": per(delta(&["request_path", "store_wait_us"]), delta(&["request_path", "store_waits"])).map(|us| us / 1e3),
     })
 }
 
