@@ -356,6 +356,9 @@ pub struct AuditEventView {
     /// Who acted, when not the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The cluster member (site) that recorded it, in a cluster's trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// `GET /v1/audit` without `after`: a page, newest first unless asked otherwise.

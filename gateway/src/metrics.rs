@@ -31,6 +31,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Lease endings, by how they ended.
     pub lease_ends: IntCounterVec,
+    /// Audit events the export (`[audit]`) dropped, by sink.
+    pub audit_export_dropped: IntCounterVec,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,14 @@ impl Metrics {
         .expect("valid metric");
         let connections =
             IntGauge::new("connections", "Open QUIC connections").expect("valid metric");
+        let audit_export_dropped = IntCounterVec::new(
+            Opts::new(
+                "audit_export_dropped_total",
+                "Audit events the export dropped (queue full or sink failing), by sink",
+            ),
+            &["sink"],
+        )
+        .expect("constant options");
         let lease_ends = IntCounterVec::new(
             Opts::new("lease_ends_total", "Leases ended, by how"),
             &["how"],
@@ -101,6 +111,7 @@ impl Metrics {
             Box::new(kernel_repairs.clone()),
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
+            Box::new(audit_export_dropped.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -117,6 +128,7 @@ impl Metrics {
             kernel_repairs,
             connections,
             lease_ends,
+            audit_export_dropped,
         }
     }
 

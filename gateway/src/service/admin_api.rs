@@ -218,6 +218,19 @@ impl Service {
         }))
     }
 
+    /// The stored audit events after `after`, oldest first, at most `limit`: what the audit
+    /// export and the cluster's publication follow.
+    pub async fn read_audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::api::AuditEventView>, AdminError> {
+        let events = self
+            .read_store(move |store| store.audit_follow(after, &AuditQuery::default(), limit))
+            .await?;
+        Ok(events.iter().map(|e| e.view()).collect())
+    }
+
     /// The admin API's explain: the decision the current policy makes for a described request.
     pub fn explain_json(&self, body: &Value) -> Result<Value, AdminError> {
         let policy = self.policy();

@@ -150,6 +150,9 @@ pub enum StartError {
     /// The CRL's list of revoked certificates cannot be read.
     #[error("CRL: {0}")]
     Crl(#[from] fwnp_trust::identity::IdentityError),
+    /// A thread of the audit export (`[audit]`) could not be started.
+    #[error("audit export: {0}")]
+    AuditExport(#[source] std::io::Error),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -297,6 +300,22 @@ impl Service {
                 .await;
         }
         tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
+        let site = match &service.config.store.backend {
+            crate::config::StoreBackend::Etcd(etcd) => Some(etcd.site.clone()),
+            _ => None,
+        };
+        let export = crate::audit_export::AuditExport::start(
+            &service.config.audit,
+            site,
+            service.metrics.audit_export_dropped.clone(),
+        )
+        .map_err(StartError::AuditExport)?;
+        if export.is_active() {
+            tokio::spawn(crate::audit_export::follow(
+                export,
+                Arc::downgrade(&service),
+            ));
+        }
         Ok(service)
     }
 
