@@ -81,6 +81,7 @@ impl Service {
                 pending_ops: writer.pending_ops as u64,
                 busy_us: writer.busy_us,
             },
+            cluster: None,
         }
     }
 
@@ -211,11 +212,19 @@ impl Service {
                     .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
             );
         }
+        let query = q.clone();
         let page = self.read_store(move |store| store.audit(&q)).await?;
-        Ok(AuditAnswer::Page(AuditPageAnswer {
+        let mut answer = AuditPageAnswer {
             events: page.events.iter().map(|e| e.view()).collect(),
             next_cursor: page.next_cursor,
-        }))
+            unreachable: Vec::new(),
+        };
+        // In a cluster, the page is the cluster's trail: the other members' published events
+        // merged in by time (the cursor pages through this gateway's own).
+        if let Some(cluster) = self.cluster() {
+            cluster.merge_audit(&query, &mut answer).await;
+        }
+        Ok(AuditAnswer::Page(answer))
     }
 
     /// The stored audit events after `after`, oldest first, at most `limit`: what the audit

@@ -111,6 +111,9 @@ pub struct Service {
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
     holders: Mutex<Holders>,
+    /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
+    /// the start.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -215,13 +218,34 @@ impl Service {
             options.synchronous = crate::store::Synchronous::Full;
         }
         let store = Arc::new(Store::open_with(&config.state_dir, options)?);
+        let mut cluster = None;
         let leases: Arc<dyn LeaseStore> = match &config.store.backend {
             crate::config::StoreBackend::Etcd(etcd) => {
-                Arc::new(crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?)
+                let leases = crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?;
+                let quic = config.listen.iter().map(ToString::to_string).collect();
+                cluster = Some(Arc::new(
+                    crate::cluster::Cluster::connect(etcd, leases.clone(), quic).await?,
+                ));
+                Arc::new(leases)
             }
             _ => store.clone(),
         };
-        Self::start_with_store(config, filter, store, leases).await
+        // The cluster's policy, when one is published, is in force from the start.
+        let policy = match &cluster {
+            Some(cluster) => cluster.policy_before_start(&config.policy).await?,
+            None => None,
+        };
+        let service = Self::start_with_policy(config, filter, store, leases, policy).await?;
+        if let Some(cluster) = cluster {
+            let _ = service.cluster.set(cluster.clone());
+            cluster.join(&service).await?;
+        }
+        Ok(service)
+    }
+
+    /// This gateway as a member of its etcd cluster; `None` with the SQLite backend.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
     }
 
     /// As [`Service::start`], with the leases written to and restored from `leases` and the
@@ -233,7 +257,23 @@ impl Service {
         queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
     ) -> Result<Arc<Service>, StartError> {
-        let policy = Policy::load(&config.policy)?;
+        Self::start_with_policy(config, filter, queries, leases, None).await
+    }
+
+    /// As [`Service::start_with_store`], with `policy` in force instead of the policy file's
+    /// (a cluster's published policy) from the first decision on, the revocation of restored
+    /// leases included.
+    async fn start_with_policy(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+        queries: Arc<dyn StoreQueries>,
+        leases: Arc<dyn LeaseStore>,
+        policy: Option<Policy>,
+    ) -> Result<Arc<Service>, StartError> {
+        let policy = match policy {
+            Some(policy) => policy,
+            None => Policy::load(&config.policy)?,
+        };
         for warning in policy.warnings() {
             warn!(
                 "policy {}:{}: {}",
@@ -274,6 +314,7 @@ impl Service {
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(HashMap::new()),
             holders: Mutex::new(Holders::default()),
+            cluster: std::sync::OnceLock::new(),
             config,
         });
         service.restore().await?;

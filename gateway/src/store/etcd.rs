@@ -49,6 +49,7 @@
 //! Audit records stay in the gateway's own SQLite database, written after the etcd commit they
 //! describe: each gateway records what it decided, its admin API reads them as before, and the
 //! etcd transactions stay small (a record per grant would halve the grants per transaction).
+//! The cluster module publishes them to etcd afterwards, in batches of their own.
 //!
 //! # Threads
 //! The etcd client runs on a thread of its own with its own runtime, as the SQLite writer does,
@@ -57,7 +58,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -137,6 +138,7 @@ pub struct EtcdStore {
     site: Arc<str>,
     jobs: mpsc::UnboundedSender<Msg>,
     transactions: Arc<AtomicU64>,
+    revision: Arc<AtomicI64>,
 }
 
 enum Msg {
@@ -162,6 +164,8 @@ impl EtcdStore {
         let (ready, started) = oneshot::channel();
         let transactions = Arc::new(AtomicU64::new(0));
         let counter = transactions.clone();
+        let revision = Arc::new(AtomicI64::new(0));
+        let seen_revision = revision.clone();
         std::thread::Builder::new()
             .name("fwnp-etcd".into())
             .spawn(move || {
@@ -176,7 +180,15 @@ impl EtcdStore {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::connect(&config, options, audit, counter).await {
+                    let worker = match Worker::connect(
+                        &config,
+                        options,
+                        audit,
+                        counter,
+                        seen_revision,
+                    )
+                    .await
+                    {
                         Ok(worker) => worker,
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -197,7 +209,14 @@ impl EtcdStore {
             site,
             jobs: sender,
             transactions,
+            revision,
         })
+    }
+
+    /// The newest etcd revision this gateway's store has seen in a response's header: how far
+    /// its view of the cluster's keys reaches (published in its cluster registration).
+    pub fn last_revision(&self) -> i64 {
+        self.revision.load(Ordering::Relaxed)
     }
 
     /// This gateway's site name in the cluster.
@@ -253,7 +272,16 @@ impl LeaseStore for EtcdStore {
     }
 }
 
-fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
+/// A lease's record from its etcd key and value, for the cluster's operator paths.
+pub(crate) fn decode_lease(
+    key: &[u8],
+    value: &[u8],
+    id: LeaseId,
+) -> Result<LeaseRecord, StoreError> {
+    StoredLease::decode(key, value).and_then(|lease| lease.record(id))
+}
+
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
     let mut options = ConnectOptions::new()
         .with_timeout(config.timeout)
         .with_connect_timeout(config.timeout)
@@ -530,6 +558,8 @@ struct Worker {
     epoch: Epoch,
     audit: StoreWriter,
     transactions: Arc<AtomicU64>,
+    /// The newest revision a response's header carried ([`EtcdStore::last_revision`]).
+    revision: Arc<AtomicI64>,
     /// The create revision of each lease this gateway has seen (its incarnation).
     seen: Mutex<HashMap<LeaseId, i64>>,
 }
@@ -601,6 +631,7 @@ impl Worker {
         options: ConnectOptions,
         audit: StoreWriter,
         transactions: Arc<AtomicU64>,
+        revision: Arc<AtomicI64>,
     ) -> Result<Worker, EtcdError> {
         let unreachable = |reason: String| EtcdError::Unreachable {
             endpoints: config.endpoints.join(","),
@@ -622,6 +653,7 @@ impl Worker {
             epoch: 0,
             audit,
             transactions,
+            revision,
             seen: Mutex::new(HashMap::new()),
         };
         worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
@@ -675,11 +707,17 @@ impl Worker {
         kind: Request,
         txn: Txn,
     ) -> Result<etcd_client::TxnResponse, Refusal> {
-        self.call(op, kind, |mut kv| {
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await
+        let response = self
+            .call(op, kind, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        if let Some(header) = response.header() {
+            self.revision
+                .fetch_max(header.revision(), Ordering::Relaxed);
+        }
+        Ok(response)
     }
 
     /// Runs one request within the timeout. The client spreads requests over the members, and
@@ -1114,6 +1152,10 @@ impl Worker {
                 async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
+        if let Some(header) = response.header() {
+            self.revision
+                .fetch_max(header.revision(), Ordering::Relaxed);
+        }
         let mut live = Vec::new();
         let mut past = Vec::new();
         for kv in response.kvs() {

@@ -62,6 +62,8 @@ use tokio::sync::watch;
 pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture};
 pub use error::StoreError;
 pub use etcd::{EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS};
+pub(crate) use etcd::{connect_options, decode_lease};
+pub(crate) use query::page_size;
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,
