@@ -160,6 +160,36 @@ where
     }
 }
 
+/// Runs fwnpctl against a gateway's admin socket, off the runtime that serves it.
+async fn fwnpctl(admin: &Path, args: &[&str]) -> (String, String) {
+    let mut all = vec!["--admin".to_owned(), admin.display().to_string()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+            .args(&all)
+            .output()
+            .expect("run fwnpctl")
+    })
+    .await
+    .expect("fwnpctl ran");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(
+        output.status.success(),
+        "fwnpctl {args:?}: {stdout}{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// The line of `fwnpctl status` that lists `site` among the members.
+fn member_line<'a>(status: &'a str, site: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(site))
+}
+
 fn member<'a>(status: &'a Value, site: &str) -> Option<&'a Value> {
     status["cluster"]["members"]
         .as_array()?
@@ -229,6 +259,16 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     .await;
                     assert_eq!(status["cluster"]["policy"]["version"], 1, "{status:#}");
                     assert_eq!(status["cluster"]["policy"]["file_differs"], false);
+                }
+
+                // As the operator reads it.
+                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+                for site in ["gw-a", "gw-b"] {
+                    let line = member_line(&status, site).unwrap_or_default();
+                    assert!(
+                        line.contains(" live ") && line.contains("policy v1"),
+                        "{site} in {status}"
+                    );
                 }
 
                 let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -365,6 +405,20 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                         .as_array()
                         .is_some_and(|events| events.iter().any(|e| e["site"] == "gw-b")),
                     "B's published events are still shown"
+                );
+                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+                assert!(
+                    member_line(&status, "gw-b").is_some_and(|l| l.contains(" absent ")),
+                    "{status}"
+                );
+                let (trail, warning) = fwnpctl(&a.admin, &["audit", "--limit", "100"]).await;
+                assert!(
+                    warning.contains("the events of member gw-b may be missing"),
+                    "{warning}"
+                );
+                assert!(
+                    trail.contains("[gw-b]") && trail.contains("[gw-a]"),
+                    "{trail}"
                 );
                 drop(to_a);
                 a.stop().await;

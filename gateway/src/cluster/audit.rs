@@ -297,3 +297,75 @@ pub(super) async fn publish(cluster: Arc<Cluster>, service: Weak<Service>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::matches;
+    use crate::api::{AuditEventView, GrantView, RequestView};
+    use crate::store::{AuditKind, AuditQuery, Outcome};
+
+    fn grant() -> AuditEventView {
+        serde_json::from_value(serde_json::json!({
+            "id": 9, "time_ms": 1_000, "kind": "grant", "outcome": "granted",
+            "identity": "fwnp://host/web-01", "lease": "00000000000000000000000000000007",
+            "grants": [{"protocol": "tcp", "ports": "7000-7010", "host": "192.0.2.10"}],
+            "request": {"opening": "tcp/7000-7010"}, "app": {"name": "nginx"}
+        }))
+        .expect("an event")
+    }
+
+    #[test]
+    fn published_events_are_filtered_as_the_store_filters_its_own() {
+        let event = grant();
+        let q = |f: &dyn Fn(&mut AuditQuery)| {
+            let mut query = AuditQuery::default();
+            f(&mut query);
+            matches(&event, &query)
+        };
+        assert!(q(&|_| {}));
+        assert!(q(&|q| q.since_ms = Some(1_000)));
+        assert!(!q(&|q| q.since_ms = Some(1_001)));
+        assert!(!q(&|q| q.until_ms = Some(1_000)));
+        assert!(q(&|q| q.until_ms = Some(1_001)));
+        assert!(q(&|q| q.kinds = vec![AuditKind::Request, AuditKind::Grant]));
+        assert!(!q(&|q| q.kinds = vec![AuditKind::Revocation]));
+        assert!(q(&|q| q.outcomes = vec![Outcome::Granted]));
+        assert!(!q(&|q| q.outcomes = vec![Outcome::Denied]));
+        assert!(q(&|q| q.host = Some("fwnp://host/web-01".into())));
+        assert!(q(&|q| q.host = Some("fwnp://host/web-*".into())));
+        assert!(!q(&|q| q.host = Some("fwnp://host/db-*".into())));
+        assert!(q(&|q| q.app = Some("nginx".into())));
+        assert!(!q(&|q| q.app = Some("sshd".into())));
+        assert!(q(&|q| q.port = Some(7005)));
+        assert!(!q(&|q| q.port = Some(7011)));
+        let lease = |n: u8| {
+            let mut id = [0u8; 16];
+            id[15] = n;
+            fwnp_proto::LeaseId(id)
+        };
+        assert!(q(&|q| q.lease = Some(lease(7))));
+        assert!(!q(&|q| q.lease = Some(lease(8))));
+    }
+
+    #[test]
+    fn a_port_asked_but_not_granted_still_matches() {
+        let mut event = grant();
+        event.kind = "decision".into();
+        event.outcome = Some("denied".into());
+        event.grants = Vec::<GrantView>::new();
+        event.request = Some(RequestView {
+            opening: Some("tcp/23".into()),
+            ..RequestView::default()
+        });
+        let query = AuditQuery {
+            port: Some(23),
+            ..AuditQuery::default()
+        };
+        assert!(matches(&event, &query));
+        let query = AuditQuery {
+            port: Some(22),
+            ..AuditQuery::default()
+        };
+        assert!(!matches(&event, &query));
+    }
+}
