@@ -224,3 +224,51 @@ async fn a_sink_that_is_gone_drops_and_counts_and_grants_go_on() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syslog_reaches_a_collector_over_udp() {
+    let collector = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind the collector");
+    collector
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let gateway = TestGateway::start_with(
+        "audit-udp",
+        POLICY,
+        GatewayOptions {
+            audit: Some(AuditConfig {
+                json_file: None,
+                syslog: Some(SyslogTarget::Udp(
+                    collector.local_addr().expect("collector address"),
+                )),
+                queue: 100,
+            }),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
+    let lease = granted(client.open(tcp(7001), None).await).lease;
+    let deadline = tokio::time::Instant::now() + STEP;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the grant never reached the collector"
+        );
+        let Ok(n) = collector.recv(&mut buf) else {
+            continue;
+        };
+        let text = String::from_utf8(buf[..n].to_vec()).expect("UTF-8");
+        let parsed = syslog_loose::parse_message(&text, syslog_loose::Variant::RFC5424);
+        assert_eq!(parsed.appname, Some("fwnp-gateway"), "{text}");
+        if parsed.msgid != Some("grant") {
+            continue;
+        }
+        let body: Value = serde_json::from_str(parsed.msg).expect("MSG is the event's JSON");
+        assert_eq!(body["lease"], lease.to_string(), "{text}");
+        assert_eq!(body["outcome"], "granted", "{text}");
+        let id = body["id"].as_u64().expect("id");
+        assert_eq!(stored(&gateway).get(&id), Some(&body));
+        break;
+    }
+}

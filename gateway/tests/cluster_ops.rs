@@ -354,13 +354,19 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 assert_eq!(records[0]["site"], "gw-b");
 
                 // The operator revokes through B what was granted through A: ended in etcd.
-                let (status, revoked) = b
-                    .post(
-                        &format!("/v1/leases/{on_a}/revoke"),
-                        Some(&serde_json::json!({"reason": "maintenance"})),
-                    )
-                    .await;
-                assert_eq!(status, 200, "{revoked:#}");
+                let (answer, _) = fwnpctl(
+                    &b.admin,
+                    &[
+                        "--json",
+                        "revoke",
+                        &on_a.to_string(),
+                        "--reason",
+                        "maintenance",
+                    ],
+                )
+                .await;
+                let revoked: Value = serde_json::from_str(&answer).expect("JSON answer");
+                assert_eq!(revoked["revoked"], on_a.to_string(), "{revoked:#}");
                 assert_eq!(revoked["host"], "fwnp://host/web-01");
                 assert!(!lease_in_etcd(&cluster, on_a).await, "ended in etcd");
                 let (status, again) = b.post(&format!("/v1/leases/{on_a}/revoke"), None).await;
