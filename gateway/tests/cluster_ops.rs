@@ -301,6 +301,14 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     "{page:#}"
                 );
                 assert!(page.get("unreachable").is_none(), "{page:#}");
+                // scope=local: A's own events only.
+                let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
+                let own = own["events"].as_array().expect("events");
+                assert!(own.iter().any(|e| e["lease"] == on_a.to_string()));
+                assert!(
+                    !own.iter().any(|e| e["lease"] == on_b.to_string()),
+                    "{own:#?}"
+                );
 
                 // A policy reload through A reaches B: B revokes its lease that the new
                 // policy no longer allows and refuses what it refuses.

@@ -80,7 +80,7 @@ enum Command {
     },
     /// The audit trail: every request, decision, renewal, release, expiry and revocation. In a
     /// cluster, every member's events merged by time; members whose events may be missing are
-    /// named on standard error.
+    /// named on standard error. `--follow` then follows this gateway's own events.
     ///
     /// Examples: fwnpctl audit --since 1h --outcome denied
     ///           fwnpctl audit --host 'fwnp://host/web-01' --follow
@@ -450,12 +450,26 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             let mut events = page.events;
             events.reverse(); // oldest first on screen, like a log
-            let mut last = events.iter().map(|e| e.id).max().unwrap_or(0);
+            // In a cluster's trail the ids are each member's own: the follow goes on from
+            // this gateway's newest event.
+            let own_site = if follow && events.iter().any(|e| e.site.is_some()) {
+                let status: fwnp_gateway::api::StatusAnswer =
+                    AdminClient::typed("/v1/status", &admin.get("/v1/status").await?)?;
+                status.cluster.map(|c| c.site)
+            } else {
+                None
+            };
+            let mut last = events
+                .iter()
+                .filter(|e| own_site.is_none() || e.site == own_site)
+                .map(|e| e.id)
+                .max()
+                .unwrap_or(0);
             print_audit(&events, json_out, true);
             if follow {
                 if last == 0 {
                     // Nothing matched yet: follow from the newest event of any kind.
-                    let path = "/v1/audit?limit=1";
+                    let path = "/v1/audit?limit=1&scope=local";
                     let newest: AuditPageAnswer =
                         AdminClient::typed(path, &admin.get(path).await?)?;
                     last = newest.events.first().map_or(0, |e| e.id);

@@ -35,8 +35,11 @@ pub const PUBLISH_PAUSE: Duration = Duration::from_millis(500);
 const READ_PER_MEMBER: i64 = 2_000;
 
 impl Cluster {
-    /// The id of the newest event this member has published (0: none).
-    async fn published_up_to(&self) -> Result<u64, ClusterError> {
+    /// The id of the newest event this member has published (0: none), at most `newest`, the
+    /// newest event of its own database: events published under higher ids came from a
+    /// database this member no longer has (its state directory was replaced), and are dropped
+    /// so that the new ids do not mix with them.
+    async fn published_up_to(&self, newest: u64) -> Result<u64, ClusterError> {
         let prefix = self.keys.audit_of(&self.site);
         let answer = self
             .within(
@@ -53,7 +56,7 @@ impl Cluster {
                 ),
             )
             .await?;
-        Ok(answer
+        let published = answer
             .kvs()
             .first()
             .and_then(|kv| {
@@ -62,7 +65,25 @@ impl Cluster {
                     .parse()
                     .ok()
             })
-            .unwrap_or(0))
+            .unwrap_or(0);
+        if published <= newest {
+            return Ok(published);
+        }
+        warn!(
+            site = %self.site,
+            published,
+            newest,
+            "cluster audit: events published from an earlier database of this site are dropped"
+        );
+        let from = self.keys.audit_event(&self.site, newest + 1);
+        let to = self.keys.audit_event(&self.site, published + 1);
+        self.within(
+            "drop another database's audit events",
+            self.client()
+                .delete(from, Some(DeleteOptions::new().with_range(to))),
+        )
+        .await?;
+        Ok(newest)
     }
 
     /// Publishes `events` in one transaction and drops this member's events beyond the
@@ -255,8 +276,11 @@ pub fn matches(event: &AuditEventView, query: &AuditQuery) -> bool {
 /// Publishes this member's audit events to etcd for as long as the service lives, in batches,
 /// from where the last publication stopped.
 pub(super) async fn publish(cluster: Arc<Cluster>, service: Weak<Service>) {
+    let Some(newest) = service.upgrade().map(|s| *s.store().audit_watch().borrow()) else {
+        return;
+    };
     let mut after = loop {
-        match cluster.published_up_to().await {
+        match cluster.published_up_to(newest).await {
             Ok(after) => break after,
             Err(e) => {
                 warn!("cluster audit: {e}");

@@ -137,6 +137,16 @@ impl Service {
     pub async fn audit(&self, query: &HashMap<String, String>) -> Result<AuditAnswer, AdminError> {
         let mut q = AuditQuery::default();
         let now = now_ms();
+        // A page is the cluster's trail unless `scope=local` asks for this gateway's own.
+        let local_only = match query.get("scope").map(String::as_str) {
+            None | Some("cluster") => false,
+            Some("local") => true,
+            Some(other) => {
+                return Err(AdminError::bad_request(format!(
+                    "scope {other:?}: expected \"cluster\" or \"local\""
+                )));
+            }
+        };
         q.host = query.get("host").cloned();
         q.app = query.get("app").cloned();
         if let Some(port) = query.get("port") {
@@ -212,7 +222,7 @@ impl Service {
                     .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
             );
         }
-        let query = q.clone();
+        let merged = q.clone();
         let page = self.read_store(move |store| store.audit(&q)).await?;
         let mut answer = AuditPageAnswer {
             events: page.events.iter().map(|e| e.view()).collect(),
@@ -221,8 +231,8 @@ impl Service {
         };
         // In a cluster, the page is the cluster's trail: the other members' published events
         // merged in by time (the cursor pages through this gateway's own).
-        if let Some(cluster) = self.cluster() {
-            cluster.merge_audit(&query, &mut answer).await;
+        if let Some(cluster) = self.cluster().filter(|_| !local_only) {
+            cluster.merge_audit(&merged, &mut answer).await;
         }
         Ok(AuditAnswer::Page(answer))
     }
