@@ -22,6 +22,7 @@ use etcd_cluster::{EtcdCluster, available};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_proto::{LeaseId, ResultCode};
+use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
 use fwnp_trust::tls::{self, ServerOptions};
 use serde_json::Value;
 
@@ -70,17 +71,7 @@ impl Gateway {
     async fn start(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
         let policy = dir.join("policy.toml");
         common::write_policy(&policy, POLICY);
-        let endpoints: Vec<String> = cluster
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
-        let text = format!(
-            "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
-             site = \"{site}\"\ntimeout = \"2s\"\n",
-            config_text(pki, dir, "127.0.0.1:0", "[filter]\nenabled = false"),
-            endpoints.join(", ")
-        );
+        let text = etcd_config_text(cluster, pki, dir, "127.0.0.1:0", site);
         let config = GatewayConfig::parse(&text, "cluster-ops.toml").expect("valid config");
         let admin = config.admin_socket.clone();
         let service = Service::start(config, None).await.expect("service starts");
@@ -138,6 +129,27 @@ impl Gateway {
             task.abort();
         }
     }
+}
+
+/// A gateway's configuration on the cluster (filter off), listening on `listen`.
+fn etcd_config_text(
+    cluster: &EtcdCluster,
+    pki: &Pki,
+    dir: &Path,
+    listen: &str,
+    site: &str,
+) -> String {
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    format!(
+        "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
+         site = \"{site}\"\ntimeout = \"2s\"\n",
+        config_text(pki, dir, listen, "[filter]\nenabled = false"),
+        endpoints.join(", ")
+    )
 }
 
 /// Polls `read` until `accept` holds of its answer, at most [`STEP`] and a half.
@@ -435,6 +447,86 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     "{trail}"
                 );
                 drop(to_a);
+                a.stop().await;
+            });
+    });
+}
+
+#[test]
+fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop() {
+    const TEST: &str =
+        "a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clkill");
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-kill");
+                let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                // B is a real daemon process, as a gateway's machine runs it.
+                common::write_policy(&dir_b.path().join("policy.toml"), POLICY);
+                let config_b = dir_b.path().join("gateway.toml");
+                std::fs::write(
+                    &config_b,
+                    etcd_config_text(&cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
+                )
+                .expect("write B's config");
+                let admin_b = dir_b.path().join("admin.sock");
+                let start_b = || {
+                    let mut daemon = ProcessGuard::spawn(
+                        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+                            .arg("--config")
+                            .arg(&config_b)
+                            .env("RUST_LOG", "warn"),
+                    )
+                    .expect("start fwnp-gateway");
+                    tokio::task::block_in_place(|| wait_for_socket(&mut daemon, &admin_b, STEP));
+                    daemon
+                };
+                let live = |site: &'static str, want: bool| {
+                    move |s: &Value| member(s, site).is_some_and(|m| m["live"] == want)
+                };
+
+                let mut b = start_b();
+                let status = until("gw-b live", || a.get("/v1/status"), live("gw-b", true)).await;
+                let first_start = member(&status, "gw-b").expect("gw-b")["started_ms"].clone();
+                // SIGKILL: no withdrawal; the registration runs out with its etcd lease.
+                b.kill();
+                let killed = tokio::time::Instant::now();
+                until("gw-b absent", || a.get("/v1/status"), live("gw-b", false)).await;
+                let took = killed.elapsed();
+                assert!(
+                    took <= Duration::from_secs(5) + Duration::from_secs(4),
+                    "absent after {took:?}: the registration's TTL is 5 s"
+                );
+
+                // Restarted, it is live again with a new start; stopped with SIGTERM, it
+                // withdraws its registration as it stops.
+                let mut b = start_b();
+                let status = until(
+                    "gw-b live again",
+                    || a.get("/v1/status"),
+                    live("gw-b", true),
+                )
+                .await;
+                assert_ne!(
+                    member(&status, "gw-b").expect("gw-b")["started_ms"],
+                    first_start
+                );
+                tokio::task::block_in_place(|| b.terminate(STEP));
+                let status = a.get("/v1/status").await;
+                assert_eq!(
+                    member(&status, "gw-b").map(|m| &m["live"]),
+                    Some(&Value::Bool(false)),
+                    "absent as soon as it stopped: {status:#}"
+                );
                 a.stop().await;
             });
     });
