@@ -144,12 +144,9 @@ impl Cluster {
     /// force): publishes the policy if none is yet, registers
     /// the member, and starts the tasks that keep the registration, follow the policy and
     /// publish the audit events. Called once, at the service's start.
-    pub async fn join(self: Arc<Self>, service: &Arc<Service>) -> Result<(), EtcdError> {
+    pub async fn join(self: Arc<Self>, service: &Arc<Service>) -> Result<(), ClusterError> {
         let start = self.publish_first_policy(service).await?;
-        self.register().await.map_err(|e| EtcdError::Unreachable {
-            endpoints: String::new(),
-            reason: format!("registering {}: {e}", self.site),
-        })?;
+        self.register().await?;
         tokio::spawn(members::keep_registered(self.clone()));
         tokio::spawn(policy::follow(self.clone(), Arc::downgrade(service), start));
         tokio::spawn(audit::publish(self.clone(), Arc::downgrade(service)));
@@ -205,6 +202,22 @@ pub enum ClusterError {
     /// Another gateway published a policy at the same moment.
     #[error("another gateway published policy version {0} meanwhile; reload again")]
     PolicyRace(u64),
+    /// The cluster's policy does not compile on this gateway (a gateway of another version).
+    #[error("the cluster's policy version {version} does not compile here: {error}")]
+    Policy {
+        /// The version.
+        version: u64,
+        /// The compiler's error.
+        error: String,
+    },
+    /// This gateway's policy file cannot be read to publish it.
+    #[error("policy {}: cannot be read to publish it: {error}", path.display())]
+    PolicyFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        error: String,
+    },
 }
 
 /// The SHA-256 of `text`, hex.

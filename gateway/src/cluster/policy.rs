@@ -27,7 +27,6 @@ use super::{Cluster, ClusterError, sha256_hex};
 use crate::api::ClusterPolicyStatus;
 use crate::policy::Policy;
 use crate::service::Service;
-use crate::store::EtcdError;
 
 /// `P/policy`'s value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,13 +70,6 @@ impl PolicyState {
             file_hash: file_hash.to_owned(),
             file_differs: hash != file_hash,
         };
-    }
-}
-
-fn unreachable(e: ClusterError) -> EtcdError {
-    EtcdError::Unreachable {
-        endpoints: String::new(),
-        reason: e.to_string(),
     }
 }
 
@@ -148,8 +140,8 @@ impl Cluster {
     pub async fn policy_before_start(
         &self,
         file: &std::path::Path,
-    ) -> Result<Option<Policy>, EtcdError> {
-        let (current, _, revision) = self.read_policy().await.map_err(unreachable)?;
+    ) -> Result<Option<Policy>, ClusterError> {
+        let (current, _, revision) = self.read_policy().await?;
         self.watch_from
             .store(revision + 1, std::sync::atomic::Ordering::SeqCst);
         let Some(stored) = current else {
@@ -159,21 +151,20 @@ impl Cluster {
             .map(|bytes| sha256_hex(&bytes))
             .unwrap_or_default();
         if sha256_hex(stored.text.as_bytes()) != stored.hash {
-            return Err(EtcdError::Corrupt(format!(
-                "{}: the policy's text does not match its hash",
-                self.keys.policy()
-            )));
+            return Err(ClusterError::Corrupt {
+                key: self.keys.policy(),
+                why: "the policy's text does not match its hash".into(),
+            });
         }
         self.policy.set(stored.version, &stored.hash, &file_hash);
         if stored.hash == file_hash {
             return Ok(None);
         }
-        let policy = Policy::from_str(&stored.text, &stored.origin()).map_err(|e| {
-            EtcdError::Corrupt(format!(
-                "the cluster's policy version {} does not compile here: {e}",
-                stored.version
-            ))
-        })?;
+        let policy =
+            Policy::from_str(&stored.text, &stored.origin()).map_err(|e| ClusterError::Policy {
+                version: stored.version,
+                error: e.to_string(),
+            })?;
         warn!(
             file = %file.display(),
             file_hash,
@@ -191,23 +182,23 @@ impl Cluster {
     pub(super) async fn publish_first_policy(
         &self,
         service: &Arc<Service>,
-    ) -> Result<i64, EtcdError> {
+    ) -> Result<i64, ClusterError> {
         let watch_from = self.watch_from.load(std::sync::atomic::Ordering::SeqCst);
         if self.policy.status().version > 0 {
             return Ok(watch_from);
         }
         let text = std::fs::read_to_string(&service.config.policy).map_err(|e| {
-            EtcdError::Corrupt(format!(
-                "policy {}: cannot be read to publish it: {e}",
-                service.config.policy.display()
-            ))
+            ClusterError::PolicyFile {
+                path: service.config.policy.clone(),
+                error: e.to_string(),
+            }
         })?;
         let file = service.config.policy.display().to_string();
         match self.publish_policy(&text, &file).await {
             Ok(_) => Ok(watch_from),
             // Published by another gateway meanwhile: the watch from before brings it.
             Err(ClusterError::PolicyRace(_)) => Ok(watch_from),
-            Err(e) => Err(unreachable(e)),
+            Err(e) => Err(e),
         }
     }
 

@@ -153,6 +153,9 @@ pub enum StartError {
     /// The CRL's list of revoked certificates cannot be read.
     #[error("CRL: {0}")]
     Crl(#[from] fwnp_trust::identity::IdentityError),
+    /// The etcd cluster's membership or policy could not be set up.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A thread of the audit export (`[audit]`) could not be started.
     #[error("audit export: {0}")]
     AuditExport(#[source] std::io::Error),
