@@ -272,3 +272,69 @@ async fn syslog_reaches_a_collector_over_udp() {
         break;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_syslog_reader_that_falls_behind_loses_counted_events_and_the_file_gets_them_all() {
+    let dir = common::temp_dir("audit-slow");
+    let jsonl = dir.path().join("audit.jsonl");
+    let socket_path = dir.path().join("slow.sock");
+    // Bound and never read: its queue of datagrams fills and stays full.
+    let _slow = UnixDatagram::bind(&socket_path).expect("bind the syslog socket");
+    let gateway = TestGateway::start_with(
+        "audit-slow",
+        POLICY,
+        GatewayOptions {
+            audit: Some(AuditConfig {
+                json_file: Some(jsonl.clone()),
+                syslog: Some(SyslogTarget::Unix(socket_path)),
+                queue: 1000,
+            }),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
+    // Granted and released, again and again: more events than the socket holds.
+    for round in 0..40u16 {
+        let answer = tokio::time::timeout(STEP, client.open(tcp(7000 + round), None))
+            .await
+            .expect("answered in time");
+        let lease = granted(answer).lease;
+        client.release(lease).await;
+    }
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let events = stored(&gateway).len();
+        let lines = std::fs::read_to_string(&jsonl)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        let metrics = gateway.service.render_metrics();
+        let dropped = |sink: &str| {
+            metrics
+                .lines()
+                .find(|l| {
+                    l.starts_with(&format!(
+                        "fwnp_audit_export_dropped_total{{sink=\"{sink}\"}}"
+                    ))
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|n| n.parse::<usize>().ok())
+                .unwrap_or(0)
+        };
+        if lines == events && dropped("syslog") > 0 {
+            assert_eq!(dropped("json_file"), 0);
+            assert!(
+                dropped("syslog") < events,
+                "some went out before the socket filled"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{lines} lines of {events} events, {} dropped by syslog",
+            dropped("syslog")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
