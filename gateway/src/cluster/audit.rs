@@ -25,7 +25,7 @@ use crate::store::{AuditQuery, Order};
 pub const RETAINED_EVENTS: u64 = 10_000;
 
 /// The most events one publishing transaction carries (etcd takes 128 operations).
-const BATCH: usize = 100;
+pub const BATCH: usize = 100;
 
 /// How long the publisher waits between batches when it has nothing to publish or etcd
 /// refused.
