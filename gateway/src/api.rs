@@ -104,6 +104,9 @@ pub struct StatusAnswer {
     /// Where requests wait; absent from a gateway that does not report it.
     #[serde(default)]
     pub request_path: RequestPathStatus,
+    /// The cluster's members and policy, with `[store] backend = "etcd"`; absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
 }
 
 /// Where requests wait, in [`StatusAnswer`]: how many went through each stage and their summed
@@ -132,6 +135,85 @@ pub struct RequestPathStatus {
     pub store_waits: u64,
     /// Their time, microseconds.
     pub store_wait_us: u64,
+}
+
+/// The cluster in [`StatusAnswer`]: this gateway's site, the cluster's policy and every member
+/// that ever registered, live or absent.
+///
+/// ```
+/// let text = r#"{"site":"gw-a","revision":42,"policy":{"version":3,"hash":"ab","file_hash":"ab",
+///   "file_differs":false},"members":[{"site":"gw-b","live":false,"revision":40}]}"#;
+/// let c: fwnp_gateway::api::ClusterStatus = serde_json::from_str(text).unwrap();
+/// assert!(!c.members[0].live);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This gateway's site.
+    pub site: String,
+    /// The etcd revision this gateway's store last saw.
+    pub revision: i64,
+    /// The cluster's policy and whether this gateway's own file differs from it.
+    pub policy: ClusterPolicyStatus,
+    /// Every member that registered, by site.
+    pub members: Vec<MemberStatus>,
+    /// Why the members could not be listed, when etcd did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The cluster's policy as one gateway holds it.
+///
+/// ```
+/// let p: fwnp_gateway::api::ClusterPolicyStatus = serde_json::from_str(
+///     r#"{"version":2,"hash":"00","file_hash":"11","file_differs":true}"#).unwrap();
+/// assert!(p.file_differs);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterPolicyStatus {
+    /// The version in force (0: none published yet).
+    pub version: u64,
+    /// The SHA-256 of its text, hex.
+    pub hash: String,
+    /// The SHA-256 of this gateway's own policy file, hex.
+    pub file_hash: String,
+    /// Whether this gateway's own file differs from the policy in force.
+    pub file_differs: bool,
+}
+
+/// One member of the cluster.
+///
+/// ```
+/// let m: fwnp_gateway::api::MemberStatus =
+///     serde_json::from_str(r#"{"site":"gw-a","live":true,"revision":7,"policy_version":1}"#).unwrap();
+/// assert_eq!((m.revision, m.policy_version), (7, 1));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Its site.
+    pub site: String,
+    /// Whether its registration is live (it kept its etcd lease alive).
+    pub live: bool,
+    /// Its QUIC addresses.
+    #[serde(default)]
+    pub quic: Vec<String>,
+    /// Its software version.
+    #[serde(default)]
+    pub version: String,
+    /// When it started, Unix ms.
+    #[serde(default)]
+    pub started_ms: u64,
+    /// When it last wrote its registration, Unix ms.
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// The etcd revision it last applied.
+    #[serde(default)]
+    pub revision: i64,
+    /// The version of the cluster's policy it holds.
+    #[serde(default)]
+    pub policy_version: u64,
+    /// The hash of that policy.
+    #[serde(default)]
+    pub policy_hash: String,
 }
 
 /// The kernel filter's counters in [`StatusAnswer`].
@@ -391,6 +473,9 @@ pub struct AuditEventView {
     /// Who acted, when not the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actor: Option<String>,
+    /// The cluster member (site) that recorded it, in a cluster's trail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 /// `GET /v1/audit` without `after`: a page, newest first unless asked otherwise.
@@ -406,6 +491,24 @@ pub struct AuditPageAnswer {
     pub events: Vec<AuditEventView>,
     /// The cursor of the next page; `null` on the last.
     pub next_cursor: Option<u64>,
+    /// In a cluster's trail: the members whose events could not be read, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<UnreachableMember>,
+}
+
+/// A member whose audit events a cluster's trail lacks.
+///
+/// ```
+/// let u: fwnp_gateway::api::UnreachableMember =
+///     serde_json::from_str(r#"{"site":"gw-b","why":"absent"}"#).unwrap();
+/// assert_eq!(u.site, "gw-b");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnreachableMember {
+    /// Its site.
+    pub site: String,
+    /// Why its events are missing.
+    pub why: String,
 }
 
 /// `GET /v1/audit`: a page, or (with `after`) what follows a cursor.

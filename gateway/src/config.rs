@@ -42,6 +42,61 @@ pub struct GatewayConfig {
     pub limits: LimitsConfig,
     /// The store's durability and retention.
     pub store: StoreConfig,
+    /// Where audit events are also written for a SIEM (`[audit]`).
+    pub audit: AuditConfig,
+}
+
+/// Copies of the audit trail for a SIEM (`[audit]`): each event stored in the audit trail is
+/// also written to these sinks, after its store commit, through a bounded queue per sink.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// A file that receives one JSON object per event and line (appended to, created 0600).
+    pub json_file: Option<PathBuf>,
+    /// Where RFC 5424 syslog messages go.
+    pub syslog: Option<SyslogTarget>,
+    /// How many events each sink may have waiting before new ones are dropped and counted.
+    pub queue: usize,
+}
+
+/// Where `[audit] syslog` sends its messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SyslogTarget {
+    /// A local Unix datagram socket such as `/dev/log` (`"unix:/dev/log"`).
+    Unix(PathBuf),
+    /// A collector over UDP (`"udp:192.0.2.50:514"`).
+    Udp(SocketAddr),
+}
+
+/// The default of `[audit] queue`.
+pub const DEFAULT_AUDIT_QUEUE: usize = 10_000;
+
+/// The largest `[audit] queue`.
+pub const MAX_AUDIT_QUEUE: usize = 1_000_000;
+
+impl SyslogTarget {
+    /// Reads `unix:PATH` or `udp:HOST:PORT`.
+    pub fn parse(text: &str) -> Result<SyslogTarget, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "syslog = {text:?}: the socket's path must be absolute (\"unix:/dev/log\")"
+                ));
+            }
+            return Ok(SyslogTarget::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = text.strip_prefix("udp:") {
+            return addr
+                .parse::<SocketAddr>()
+                .map(SyslogTarget::Udp)
+                .map_err(|e| {
+                    format!("syslog = {text:?}: {addr:?} is not an address and port: {e}")
+                });
+        }
+        Err(format!(
+            "syslog = {text:?}: expected \"unix:/PATH\" or \"udp:ADDRESS:PORT\""
+        ))
+    }
 }
 
 /// How the gateway's nftables table guards the protected networks.
@@ -149,6 +204,62 @@ struct RawConfig {
     limits: RawLimits,
     #[serde(default)]
     store: RawStore,
+    #[serde(default)]
+    audit: RawAudit,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    json_file: Option<Spanned<PathBuf>>,
+    syslog: Option<Spanned<String>>,
+    queue: Option<Spanned<i64>>,
+}
+
+impl RawAudit {
+    fn check(
+        &self,
+        at: &dyn Fn(std::ops::Range<usize>, String) -> ConfigError,
+    ) -> Result<AuditConfig, ConfigError> {
+        let json_file = match &self.json_file {
+            Some(path) if !path.get_ref().is_absolute() => {
+                return Err(at(
+                    path.span(),
+                    format!(
+                        "json_file = {:?}: the path must be absolute",
+                        path.get_ref().display()
+                    ),
+                ));
+            }
+            Some(path) => Some(path.get_ref().clone()),
+            None => None,
+        };
+        let syslog = self
+            .syslog
+            .as_ref()
+            .map(|text| SyslogTarget::parse(text.get_ref()).map_err(|r| at(text.span(), r)))
+            .transpose()?;
+        let queue = match &self.queue {
+            Some(n) => usize::try_from(*n.get_ref())
+                .ok()
+                .filter(|n| (1..=MAX_AUDIT_QUEUE).contains(n))
+                .ok_or_else(|| {
+                    at(
+                        n.span(),
+                        format!(
+                            "queue = {}: expected 1 to {MAX_AUDIT_QUEUE} events",
+                            n.get_ref()
+                        ),
+                    )
+                })?,
+            None => DEFAULT_AUDIT_QUEUE,
+        };
+        Ok(AuditConfig {
+            json_file,
+            syslog,
+            queue,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -612,6 +723,7 @@ impl GatewayConfig {
         let audit_retention = parse_duration(raw.store.audit_retention.get_ref())
             .map_err(|reason| at(raw.store.audit_retention.span(), reason))?;
         let backend = raw.store.backend(&at)?;
+        let audit = raw.audit.check(&at)?;
 
         Ok(GatewayConfig {
             listen,
@@ -648,6 +760,7 @@ impl GatewayConfig {
                 audit_retention,
                 backend,
             },
+            audit,
         })
     }
 }
@@ -886,6 +999,54 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
             let (found, reason) = error_of(&text);
             assert!(reason.contains(words), "{text}: {reason}");
             assert_eq!(found, line, "{text}: {reason}");
+        }
+    }
+
+    #[test]
+    fn audit_sinks_are_read_with_line_and_reason() {
+        let config = GatewayConfig::parse(
+            &format!(
+                "{GOOD}\n[audit]\njson_file = \"/var/log/fwnp/audit.jsonl\"\nsyslog = \"udp:192.0.2.50:514\"\nqueue = 50\n"
+            ),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            config.audit,
+            AuditConfig {
+                json_file: Some("/var/log/fwnp/audit.jsonl".into()),
+                syslog: Some(SyslogTarget::Udp("192.0.2.50:514".parse().expect("addr"))),
+                queue: 50,
+            }
+        );
+        let unix = GatewayConfig::parse(
+            &format!("{GOOD}\n[audit]\nsyslog = \"unix:/dev/log\"\n"),
+            "t",
+        )
+        .expect("valid");
+        assert_eq!(
+            unix.audit.syslog,
+            Some(SyslogTarget::Unix("/dev/log".into()))
+        );
+        assert_eq!(unix.audit.queue, DEFAULT_AUDIT_QUEUE);
+        assert_eq!(
+            GatewayConfig::parse(GOOD, "t").expect("valid").audit,
+            AuditConfig {
+                queue: DEFAULT_AUDIT_QUEUE,
+                ..AuditConfig::default()
+            }
+        );
+        let line = GOOD.lines().count() + 3;
+        for (bad, reason) in [
+            ("syslog = \"tcp:1.2.3.4:514\"", "expected \"unix:/PATH\""),
+            ("syslog = \"unix:dev/log\"", "must be absolute"),
+            ("syslog = \"udp:collector\"", "not an address and port"),
+            ("json_file = \"audit.jsonl\"", "must be absolute"),
+            ("queue = 0", "expected 1 to"),
+        ] {
+            let (at, message) = error_of(&format!("{GOOD}\n[audit]\n{bad}\n"));
+            assert_eq!(at, line, "{bad}: {message}");
+            assert!(message.contains(reason), "{bad}: {message}");
         }
     }
 

@@ -181,6 +181,10 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
         "stopping: leases stay in the kernel until they expire and are restored at the next start"
     );
     service.going_away(5).await;
+    if let Some(cluster) = service.cluster() {
+        // The other members list this one as absent at once, not when its etcd lease runs out.
+        cluster.withdraw().await;
+    }
     for endpoint in &endpoints {
         endpoint.close(
             quinn::VarInt::from_u32(fwnp_proto::QuicErrorCode::GoingAway.code()),

@@ -12,6 +12,8 @@
 //! `StoreQueries` (reads), [`tally`] bounds what floods put in it; [`api`] is the admin API's
 //! typed requests and answers, served by [`admin`] and asked by [`admin_client`]; [`metrics`],
 //! [`explain`] and [`report`] serve the operator; [`daemon`] starts and stops it all.
+//! [`cluster`] is a gateway's membership of an etcd cluster (members, the one policy, the
+//! cluster's audit trail), and [`audit_export`] copies the audit trail to a SIEM.
 //!
 //! The modules depend on each other one way only (an arrow reads "uses"; no cycle; `trust` is
 //! the fwnp-trust crate):
@@ -35,6 +37,8 @@
 pub mod admin;
 pub mod admin_client;
 pub mod api;
+pub mod audit_export;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod explain;

@@ -37,6 +37,8 @@ pub struct Metrics {
     pub request_stage: HistogramVec,
     /// Requests being handled now (received and not yet answered).
     pub requests_in_flight: IntGauge,
+    /// Audit events the export (`[audit]`) dropped, by sink.
+    pub audit_export_dropped: IntCounterVec,
 }
 
 /// The stages of [`Metrics::request_stage`].
@@ -112,6 +114,14 @@ impl Metrics {
         .expect("valid metric");
         let connections =
             IntGauge::new("connections", "Open QUIC connections").expect("valid metric");
+        let audit_export_dropped = IntCounterVec::new(
+            Opts::new(
+                "audit_export_dropped_total",
+                "Audit events the export dropped (queue full or sink failing), by sink",
+            ),
+            &["sink"],
+        )
+        .expect("constant options");
         let lease_ends = IntCounterVec::new(
             Opts::new("lease_ends_total", "Leases ended, by how"),
             &["how"],
@@ -145,6 +155,7 @@ impl Metrics {
             Box::new(kernel_repairs.clone()),
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
+            Box::new(audit_export_dropped.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -163,6 +174,7 @@ impl Metrics {
             lease_ends,
             request_stage,
             requests_in_flight,
+            audit_export_dropped,
         }
     }
 

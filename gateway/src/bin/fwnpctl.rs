@@ -78,7 +78,9 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// The audit trail: every request, decision, renewal, release, expiry and revocation.
+    /// The audit trail: every request, decision, renewal, release, expiry and revocation. In a
+    /// cluster, every member's events merged by time; members whose events may be missing are
+    /// named on standard error. `--follow` then follows this gateway's own events.
     ///
     /// Examples: fwnpctl audit --since 1h --outcome denied
     ///           fwnpctl audit --host 'fwnp://host/web-01' --follow
@@ -125,7 +127,8 @@ enum Command {
         #[arg(long)]
         policy_only: bool,
     },
-    /// The gateway's epoch, counts and uptime.
+    /// The gateway's epoch, counts and uptime; in a cluster, every member (live or absent)
+    /// with the etcd revision it last applied and the policy version it holds.
     Status,
     /// Shell completions, e.g. `fwnpctl completions bash > /etc/bash_completion.d/fwnpctl`.
     Completions {
@@ -439,14 +442,34 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             first.push(("limit", Some(limit.to_string())));
             let path = format!("/v1/audit{}", query(&first));
             let page: AuditPageAnswer = AdminClient::typed(&path, &admin.get(&path).await?)?;
+            for member in &page.unreachable {
+                eprintln!(
+                    "fwnpctl: the events of member {} may be missing: {}",
+                    member.site, member.why
+                );
+            }
             let mut events = page.events;
             events.reverse(); // oldest first on screen, like a log
-            let mut last = events.iter().map(|e| e.id).max().unwrap_or(0);
+            // In a cluster's trail the ids are each member's own: the follow goes on from
+            // this gateway's newest event.
+            let own_site = if follow && events.iter().any(|e| e.site.is_some()) {
+                let status: fwnp_gateway::api::StatusAnswer =
+                    AdminClient::typed("/v1/status", &admin.get("/v1/status").await?)?;
+                status.cluster.map(|c| c.site)
+            } else {
+                None
+            };
+            let mut last = events
+                .iter()
+                .filter(|e| own_site.is_none() || e.site == own_site)
+                .map(|e| e.id)
+                .max()
+                .unwrap_or(0);
             print_audit(&events, json_out, true);
             if follow {
                 if last == 0 {
                     // Nothing matched yet: follow from the newest event of any kind.
-                    let path = "/v1/audit?limit=1";
+                    let path = "/v1/audit?limit=1&scope=local";
                     let newest: AuditPageAnswer =
                         AdminClient::typed(path, &admin.get(path).await?)?;
                     last = newest.events.first().map_or(0, |e| e.id);
@@ -494,6 +517,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 println!("{answer}");
             } else if let Some(map) = answer.as_object() {
                 for (k, v) in map {
+                    if k == "cluster" {
+                        continue;
+                    }
                     println!(
                         "{k:<18} {}",
                         if let Some(s) = v.as_str() {
@@ -502,6 +528,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                             v.to_string()
                         }
                     );
+                }
+                if let Some(cluster) = map.get("cluster") {
+                    print_cluster(&AdminClient::typed("/v1/status", cluster)?);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -751,6 +780,43 @@ fn shortened(text: &str, width: usize) -> String {
     cut
 }
 
+fn print_cluster(cluster: &fwnp_gateway::api::ClusterStatus) {
+    let policy = &cluster.policy;
+    println!("{:<18} {}", "site", cluster.site);
+    println!("{:<18} {}", "revision", cluster.revision);
+    println!(
+        "{:<18} version {} sha256 {}{}",
+        "cluster policy",
+        policy.version,
+        policy.hash,
+        if policy.file_differs {
+            format!(
+                " (this gateway's file differs: sha256 {})",
+                policy.file_hash
+            )
+        } else {
+            String::new()
+        }
+    );
+    if let Some(error) = &cluster.error {
+        println!("{:<18} not listed: {error}", "members");
+        return;
+    }
+    println!("members:");
+    for m in &cluster.members {
+        println!(
+            "  {:<16} {:<7} revision {:<8} policy v{} {} since {} {}",
+            m.site,
+            if m.live { "live" } else { "absent" },
+            m.revision,
+            m.policy_version,
+            m.quic.join(","),
+            when(m.started_ms),
+            m.version
+        );
+    }
+}
+
 fn print_audit(events: &[AuditEventView], json_out: bool, header: bool) {
     if json_out {
         for e in events {
@@ -763,12 +829,15 @@ fn print_audit(events: &[AuditEventView], json_out: bool, header: bool) {
         return;
     }
     for e in events {
-        let mut parts = vec![
-            when(e.time_ms),
+        let mut parts = vec![when(e.time_ms)];
+        if let Some(site) = &e.site {
+            parts.push(format!("[{site}]"));
+        }
+        parts.extend([
             format!("{:<12}", e.kind),
             format!("{:<9}", e.outcome.as_deref().unwrap_or("-")),
             e.identity.as_deref().unwrap_or("-").to_owned(),
-        ];
+        ]);
         if let Some(label) = e.request.as_ref().and_then(|r| r.opening.as_deref()) {
             parts.push(label.to_owned());
         } else if !e.grants.is_empty() {

@@ -791,6 +791,11 @@ impl Policy {
 
     /// Reads, parses and compiles a policy file.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        Self::load_with_text(path).map(|(policy, _)| policy)
+    }
+
+    /// [`Policy::load`], also returning the file's text (which a cluster publishes).
+    pub fn load_with_text(path: &Path) -> Result<(Policy, String), PolicyError> {
         let origin = path.display().to_string();
         let whole_file = |kind| PolicyError {
             origin: origin.clone(),
@@ -811,7 +816,8 @@ impl Policy {
                 e.utf8_error().valid_up_to()
             )))
         })?;
-        compile::compile(&text, &origin)
+        let policy = compile::compile(&text, &origin)?;
+        Ok((policy, text))
     }
 
     /// The policy with no rule: every request is denied.

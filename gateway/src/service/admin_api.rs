@@ -96,6 +96,7 @@ impl Service {
                     store_wait_us,
                 }
             },
+            cluster: None,
         }
     }
 
@@ -143,7 +144,7 @@ impl Service {
         let now = now_ms();
         // With etcd, the cluster's leases, whichever gateway granted them; this gateway's own
         // database holds none.
-        let leases: Vec<LeaseRecord> = match &self.cluster {
+        let leases: Vec<LeaseRecord> = match &self.cluster_store {
             Some(cluster) => cluster
                 .leases(&filter)
                 .await
@@ -159,6 +160,16 @@ impl Service {
     pub async fn audit(&self, query: &HashMap<String, String>) -> Result<AuditAnswer, AdminError> {
         let mut q = AuditQuery::default();
         let now = now_ms();
+        // A page is the cluster's trail unless `scope=local` asks for this gateway's own.
+        let local_only = match query.get("scope").map(String::as_str) {
+            None | Some("cluster") => false,
+            Some("local") => true,
+            Some(other) => {
+                return Err(AdminError::bad_request(format!(
+                    "scope {other:?}: expected \"cluster\" or \"local\""
+                )));
+            }
+        };
         q.host = query.get("host").cloned();
         q.app = query.get("app").cloned();
         if let Some(port) = query.get("port") {
@@ -234,11 +245,32 @@ impl Service {
                     .map_err(|_| AdminError::bad_request(format!("cursor {cursor:?}")))?,
             );
         }
+        let merged = q.clone();
         let page = self.read_store(move |store| store.audit(&q)).await?;
-        Ok(AuditAnswer::Page(AuditPageAnswer {
+        let mut answer = AuditPageAnswer {
             events: page.events.iter().map(|e| e.view()).collect(),
             next_cursor: page.next_cursor,
-        }))
+            unreachable: Vec::new(),
+        };
+        // In a cluster, the page is the cluster's trail: the other members' published events
+        // merged in by time (the cursor pages through this gateway's own).
+        if let Some(cluster) = self.cluster().filter(|_| !local_only) {
+            cluster.merge_audit(&merged, &mut answer).await;
+        }
+        Ok(AuditAnswer::Page(answer))
+    }
+
+    /// The stored audit events after `after`, oldest first, at most `limit`: what the audit
+    /// export and the cluster's publication follow.
+    pub async fn read_audit_after(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<crate::api::AuditEventView>, AdminError> {
+        let events = self
+            .read_store(move |store| store.audit_follow(after, &AuditQuery::default(), limit))
+            .await?;
+        Ok(events.iter().map(|e| e.view()).collect())
     }
 
     /// The admin API's explain: the decision the current policy makes for a described request.

@@ -11,15 +11,10 @@
 //! The gateway that ended a lease audits it; the others only carry it out.
 
 use super::*;
-use crate::store::{ClusterChange, ClusterEnd, EtcdStore, LeaseEnding};
+use crate::store::{ClusterChange, ClusterEnd, LeaseEnding};
 use fwnp_proto::gateway::Applied;
 
 impl Service {
-    /// The cluster store, with the etcd backend.
-    pub fn cluster(&self) -> Option<&EtcdStore> {
-        self.cluster.as_ref()
-    }
-
     /// Applies the cluster's changes as they come, until the service is dropped or the store
     /// stops.
     pub(super) async fn follow_cluster(
@@ -170,7 +165,7 @@ impl Service {
             };
             match self.commit(None, writes).await {
                 Ok(()) => {}
-                Err(WriteError::Conflict(why)) if self.cluster.is_some() => {
+                Err(WriteError::Conflict(why)) if self.cluster_store.is_some() => {
                     for write in writes {
                         if let Write::End { id, .. } = write {
                             self.keep_renewed(id, &why).await;
@@ -179,12 +174,12 @@ impl Service {
                 }
                 // Another gateway's timer ended it first, and audited it.
                 Err(WriteError::Store(crate::store::StoreError::LeaseNotLive { .. }))
-                    if self.cluster.is_some() => {}
+                    if self.cluster_store.is_some() => {}
                 Err(e) => {
                     warn!("lease change not stored: {e}");
                     // The lease stays in etcd with no event to tell: listed again once the
                     // cluster answers, it comes back past its expiry and is ended then.
-                    if let Some(cluster) = &self.cluster {
+                    if let Some(cluster) = &self.cluster_store {
                         cluster.resync();
                     }
                 }
@@ -193,7 +188,9 @@ impl Service {
     }
 
     async fn keep_renewed(&self, id: &LeaseId, why: &str) {
-        let Some(cluster) = &self.cluster else { return };
+        let Some(cluster) = &self.cluster_store else {
+            return;
+        };
         match cluster.lease(*id).await {
             Ok(Some(record)) => {
                 info!(lease = %id, expires_ms = record.expires_ms, "not expired: {why}");

@@ -96,7 +96,7 @@ pub struct Service {
     /// Where the request path writes leases and their audit records.
     leases: Arc<dyn LeaseStore>,
     /// The cluster store, with the etcd backend: its watch is applied to the book and kernel.
-    cluster: Option<crate::store::EtcdStore>,
+    cluster_store: Option<crate::store::EtcdStore>,
     filter: Option<Batcher>,
     epoch: Epoch,
     rng: Mutex<StdRng>,
@@ -116,6 +116,9 @@ pub struct Service {
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
     holders: Mutex<Holders>,
+    /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
+    /// the start.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -155,6 +158,12 @@ pub enum StartError {
     /// The CRL's list of revoked certificates cannot be read.
     #[error("CRL: {0}")]
     Crl(#[from] fwnp_trust::identity::IdentityError),
+    /// The etcd cluster's membership or policy could not be set up.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// A thread of the audit export (`[audit]`) could not be started.
+    #[error("audit export: {0}")]
+    AuditExport(#[source] std::io::Error),
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -217,15 +226,36 @@ impl Service {
             options.synchronous = crate::store::Synchronous::Full;
         }
         let store = Arc::new(Store::open_with(&config.state_dir, options)?);
-        match &config.store.backend {
+        let mut member = None;
+        let (leases, cluster_store): (Arc<dyn LeaseStore>, _) = match &config.store.backend {
             crate::config::StoreBackend::Etcd(etcd) => {
-                let cluster =
+                let cluster_store =
                     crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?;
-                let leases = Arc::new(cluster.clone());
-                Self::start_inner(config, filter, store, leases, Some(cluster)).await
+                let quic = config.listen.iter().map(ToString::to_string).collect();
+                member = Some(Arc::new(
+                    crate::cluster::Cluster::connect(etcd, cluster_store.clone(), quic).await?,
+                ));
+                (Arc::new(cluster_store.clone()), Some(cluster_store))
             }
-            _ => Self::start_with_store(config, filter, store.clone(), store).await,
+            _ => (store.clone(), None),
+        };
+        // The cluster's policy, when one is published, is in force from the start.
+        let policy = match &member {
+            Some(member) => member.policy_before_start(&config.policy).await?,
+            None => None,
+        };
+        let service =
+            Self::start_inner(config, filter, store, leases, cluster_store, policy).await?;
+        if let Some(member) = member {
+            let _ = service.cluster.set(member.clone());
+            member.join(&service).await?;
         }
+        Ok(service)
+    }
+
+    /// This gateway as a member of its etcd cluster; `None` with the SQLite backend.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
     }
 
     /// As [`Service::start`], with the leases written to and restored from `leases` and the
@@ -237,17 +267,24 @@ impl Service {
         queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
     ) -> Result<Arc<Service>, StartError> {
-        Self::start_inner(config, filter, queries, leases, None).await
+        Self::start_inner(config, filter, queries, leases, None, None).await
     }
 
+    /// As [`Service::start_with_store`], following the cluster through `cluster_store` (the
+    /// etcd backend) and with `policy` in force instead of the policy file's (a cluster's
+    /// published policy) from the first decision on, the revocation of restored leases included.
     async fn start_inner(
         config: GatewayConfig,
         filter: Option<Batcher>,
         queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
-        cluster: Option<crate::store::EtcdStore>,
+        cluster_store: Option<crate::store::EtcdStore>,
+        policy: Option<Policy>,
     ) -> Result<Arc<Service>, StartError> {
-        let policy = Policy::load(&config.policy)?;
+        let policy = match policy {
+            Some(policy) => policy,
+            None => Policy::load(&config.policy)?,
+        };
         for warning in policy.warnings() {
             warn!(
                 "policy {}:{}: {}",
@@ -278,7 +315,7 @@ impl Service {
             expiry_changed: tokio::sync::Notify::new(),
             queries,
             leases,
-            cluster,
+            cluster_store,
             filter,
             epoch,
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -291,11 +328,12 @@ impl Service {
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(HashMap::new()),
             holders: Mutex::new(Holders::default()),
+            cluster: std::sync::OnceLock::new(),
             config,
         });
         service.restore().await?;
         // From the revision of the restore on, every lease of the cluster comes through here.
-        if let Some(cluster) = &service.cluster {
+        if let Some(cluster) = &service.cluster_store {
             let changes = cluster.watch()?;
             tokio::spawn(Self::follow_cluster(Arc::downgrade(&service), changes));
         }
@@ -322,6 +360,22 @@ impl Service {
                 .await;
         }
         tokio::spawn(Self::run_tallies(Arc::downgrade(&service)));
+        let site = match &service.config.store.backend {
+            crate::config::StoreBackend::Etcd(etcd) => Some(etcd.site.clone()),
+            _ => None,
+        };
+        let export = crate::audit_export::AuditExport::start(
+            &service.config.audit,
+            site,
+            service.metrics.audit_export_dropped.clone(),
+        )
+        .map_err(StartError::AuditExport)?;
+        if export.is_active() {
+            tokio::spawn(crate::audit_export::follow(
+                export,
+                Arc::downgrade(&service),
+            ));
+        }
         Ok(service)
     }
 

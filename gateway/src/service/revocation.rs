@@ -272,28 +272,43 @@ impl Service {
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
     /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
     pub async fn reload_policy(&self) -> Result<PolicyReloaded, AdminError> {
-        let policy = Policy::load(&self.config.policy).map_err(|e| {
-            AdminError::bad_request(format!(
-                "policy not reloaded, the old one stays in force: {e}"
-            ))
-        })?;
+        let not_reloaded =
+            |e: String| format!("policy not reloaded, the old one stays in force: {e}");
+        let (policy, text) = Policy::load_with_text(&self.config.policy)
+            .map_err(|e| AdminError::bad_request(not_reloaded(e.to_string())))?;
+        // In a cluster the reload goes to every gateway: published first, so that a policy
+        // the cluster did not take is not in force here alone.
+        if let Some(cluster) = self.cluster() {
+            cluster
+                .publish_policy(&text, &self.config.policy.display().to_string())
+                .await
+                .map_err(|e| AdminError::internal(not_reloaded(e.to_string())))?;
+        }
+        let reason = format!("policy {} loaded", policy.origin());
+        Ok(self.put_policy_in_force(policy, "operator", reason).await)
+    }
+
+    /// Puts `policy` in force: the rate limits, then the revocation of every live lease it no
+    /// longer allows, and an audit record naming `actor` and `why`.
+    pub async fn put_policy_in_force(
+        &self,
+        policy: Policy,
+        actor: &str,
+        why: String,
+    ) -> PolicyReloaded {
         let policy = Arc::new(policy);
         *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
         *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
-        event.actor = Some("operator".into());
-        event.reason = Some(format!(
-            "policy {} loaded; {} leases revoked",
-            policy.origin(),
-            revoked.len()
-        ));
+        event.actor = Some(actor.into());
+        event.reason = Some(format!("{why}; {} leases revoked", revoked.len()));
         self.record(event);
         info!(revoked = revoked.len(), "policy reloaded");
-        Ok(PolicyReloaded {
+        PolicyReloaded {
             policy: policy.origin().to_owned(),
             revoked,
-        })
+        }
     }
 
     /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
@@ -341,14 +356,18 @@ impl Service {
     ) -> Result<RevokeAnswer, AdminError> {
         let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
         match self
-            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text.clone()))
             .await
         {
             Some(lease) => Ok(RevokeAnswer {
                 revoked: lease.id.to_string(),
                 host: lease.host.to_string(),
             }),
-            None => Err(AdminError::not_found(format!("no live lease {id}"))),
+            None => match self.cluster() {
+                // Not in this gateway's book: another member's, ended in the cluster's store.
+                Some(cluster) => cluster.revoke_in_store(self, id, text).await,
+                None => Err(AdminError::not_found(format!("no live lease {id}"))),
+            },
         }
     }
 
@@ -371,5 +390,38 @@ impl Service {
             });
         }
         while deliveries.join_next().await.is_some() {}
+    }
+}
+
+impl Service {
+    /// Commits an operator's end of a lease that is not in this gateway's book (another
+    /// member's) to the lease store, with its audit record; the store refuses it unless the
+    /// lease is live.
+    pub(crate) async fn end_in_store(
+        &self,
+        lease: &LeaseRecord,
+        text: String,
+    ) -> Result<(), WriteError> {
+        let now = now_ms();
+        let mut event = AuditEvent::new(now, AuditKind::Revocation);
+        event.outcome = Some(Outcome::Revoked);
+        event.identity = Some(lease.identity.clone());
+        event.lease = Some(lease.id);
+        event.app = lease.app.clone();
+        event.grants = lease.grants.clone();
+        event.actor = Some("operator".into());
+        event.reason = Some(text.clone());
+        self.leases
+            .commit(vec![
+                WriteOp::EndLease {
+                    id: lease.id,
+                    end: LeaseEnd::Revoked(RevokeReason::Operator),
+                    ended_ms: now,
+                    by: Some("operator".into()),
+                    why: Some(text),
+                },
+                WriteOp::audit(event),
+            ])
+            .await
     }
 }

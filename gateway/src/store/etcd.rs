@@ -64,6 +64,7 @@
 //! Audit records stay in the gateway's own SQLite database, written after the etcd commit they
 //! describe: each gateway records what it decided, its admin API reads them as before, and the
 //! etcd transactions stay small (a record per grant would halve the grants per transaction).
+//! The cluster module publishes them to etcd afterwards, in batches of their own.
 //!
 //! # Threads
 //! The etcd client runs on a thread of its own with its own runtime, as the SQLite writer does,
@@ -385,7 +386,16 @@ impl LeaseStore for EtcdStore {
     }
 }
 
-fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
+/// A lease's record from its etcd key and value, for the cluster's operator paths.
+pub(crate) fn decode_lease(
+    key: &[u8],
+    value: &[u8],
+    id: LeaseId,
+) -> Result<LeaseRecord, StoreError> {
+    StoredLease::decode(key, value).and_then(|lease| lease.record(id))
+}
+
+pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
     let mut options = ConnectOptions::new()
         .with_timeout(config.timeout)
         .with_connect_timeout(config.timeout)
@@ -866,11 +876,13 @@ impl Worker {
         kind: Request,
         txn: Txn,
     ) -> Result<etcd_client::TxnResponse, Refusal> {
-        self.call(op, kind, |mut kv| {
-            let txn = txn.clone();
-            async move { kv.txn(txn).await }
-        })
-        .await
+        let response = self
+            .call(op, kind, |mut kv| {
+                let txn = txn.clone();
+                async move { kv.txn(txn).await }
+            })
+            .await?;
+        Ok(response)
     }
 
     /// Runs one request within the timeout (see [`call_kv`]).

@@ -65,6 +65,8 @@ pub use etcd::{
     ClusterChange, ClusterEnd, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
     SILENCE_TIMEOUTS, TOMBSTONE_TTL,
 };
+pub(crate) use etcd::{connect_options, decode_lease};
+pub(crate) use query::page_size;
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,

@@ -421,6 +421,7 @@ impl AuditRecord {
             reason: e.reason.clone(),
             code: e.code.map(|c| c.name().to_owned()),
             actor: e.actor.clone(),
+            site: None,
         }
     }
 }

@@ -125,6 +125,8 @@ pub(crate) struct GatewayOptions {
     pub(crate) retry_above_handshakes: Option<u32>,
     /// Replaces the interval of counted audit records (60 s).
     pub(crate) audit_count_interval: Option<Duration>,
+    /// Replaces the audit export's sinks (none).
+    pub(crate) audit: Option<fwnp_gateway::config::AuditConfig>,
 }
 
 /// A gateway service (filter disabled) served on 127.0.0.1 with its expiry timer and its admin
@@ -177,6 +179,9 @@ impl TestGateway {
         }
         if let Some(interval) = options.audit_count_interval {
             config.limits.audit_count_interval = interval;
+        }
+        if let Some(audit) = options.audit.clone() {
+            config.audit = audit;
         }
         let admin_socket = config.admin_socket.clone();
         let max_streams = config.limits.max_streams;

@@ -1,0 +1,325 @@
+//! One policy for the cluster, kept in etcd with a version (`P/policy`).
+//!
+//! Why etcd rather than the same file everywhere with its hash checked: a reload through one
+//! gateway must reach all of them, and a checked hash can only refuse a file that differs, not
+//! bring the others the new one. So the policy a reload loads is published as the next
+//! version (a transaction that takes it only if no other version came in between), and every
+//! gateway watches the key and puts each newer version in force. The gateway whose reload
+//! published it is the one whose file the cluster now enforces; a gateway whose own file
+//! differs from the version in force says so in its log and in `status` (`file_differs`), and
+//! enforces the cluster's. A gateway that finds no policy in etcd publishes its file as
+//! version 1.
+//!
+//! The revocations a new version causes are committed once: every gateway revokes the leases
+//! of its book that the new version no longer allows (so that each tells its own connected
+//! hosts), and the store's end of a lease is a transaction that etcd takes only while the
+//! lease is live and unchanged: the first end wins, another gateway's end of the same lease is
+//! refused as a conflict and leaves no audit record.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, Txn, TxnOp, WatchOptions};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{Cluster, ClusterError, sha256_hex};
+use crate::api::ClusterPolicyStatus;
+use crate::policy::Policy;
+use crate::service::Service;
+
+/// `P/policy`'s value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    /// 1 for the first published, one more at each reload.
+    pub version: u64,
+    /// The SHA-256 of `text`, hex.
+    pub hash: String,
+    /// The policy file's text.
+    pub text: String,
+    /// The site whose reload published it.
+    pub site: String,
+    /// The file it was read from there.
+    pub file: String,
+}
+
+impl StoredPolicy {
+    /// The name the policy goes by in errors, status and audit records.
+    pub fn origin(&self) -> String {
+        format!(
+            "{} (cluster policy version {} from {})",
+            self.file, self.version, self.site
+        )
+    }
+}
+
+/// The version in force on this gateway, and how its own file compares.
+#[derive(Debug, Default)]
+pub(super) struct PolicyState(Mutex<ClusterPolicyStatus>);
+
+impl PolicyState {
+    pub(super) fn status(&self) -> ClusterPolicyStatus {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set(&self, version: u64, hash: &str, file_hash: &str) {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *state = ClusterPolicyStatus {
+            version,
+            hash: hash.to_owned(),
+            file_hash: file_hash.to_owned(),
+            file_differs: hash != file_hash,
+        };
+    }
+}
+
+/// The hash of this gateway's own policy file ("" when it cannot be read).
+fn own_file_hash(service: &Service) -> String {
+    std::fs::read(&service.config.policy)
+        .map(|bytes| sha256_hex(&bytes))
+        .unwrap_or_default()
+}
+
+impl Cluster {
+    /// Reads `P/policy` with its mod revision (0 when there is none) and the response's
+    /// revision.
+    async fn read_policy(&self) -> Result<(Option<StoredPolicy>, i64, i64), ClusterError> {
+        let key = self.keys.policy();
+        let answer = self
+            .within("read the policy", self.client().get(key.clone(), None))
+            .await?;
+        let revision = answer.header().map_or(0, |h| h.revision());
+        let Some(kv) = answer.kvs().first() else {
+            return Ok((None, 0, revision));
+        };
+        let stored = serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Corrupt {
+            key,
+            why: format!("not a published policy: {e}"),
+        })?;
+        Ok((Some(stored), kv.mod_revision(), revision))
+    }
+
+    /// Publishes `text` (read from `file` here) as the cluster's next policy version, unless
+    /// another version came in between; returns the version.
+    pub async fn publish_policy(&self, text: &str, file: &str) -> Result<u64, ClusterError> {
+        let (current, mod_revision, _) = self.read_policy().await?;
+        let version = current.as_ref().map_or(0, |p| p.version) + 1;
+        let hash = sha256_hex(text.as_bytes());
+        let stored = StoredPolicy {
+            version,
+            hash: hash.clone(),
+            text: text.to_owned(),
+            site: self.site.clone(),
+            file: file.to_owned(),
+        };
+        let key = self.keys.policy();
+        let unchanged = if mod_revision == 0 {
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
+        };
+        let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+            key,
+            serde_json::to_vec(&stored).unwrap_or_default(),
+            None,
+        )]);
+        let answer = self
+            .within("publish the policy", self.client().txn(txn))
+            .await?;
+        if !answer.succeeded() {
+            return Err(ClusterError::PolicyRace(version));
+        }
+        self.policy.set(version, &hash, &hash);
+        info!(version, %hash, "policy published to the cluster");
+        Ok(version)
+    }
+
+    /// Before the service starts: the cluster's published policy, compiled, when it differs
+    /// from this gateway's own file (`None` when it is the same text, or none is published
+    /// yet). Says plainly when the file differs; remembers the revision to watch from.
+    pub async fn policy_before_start(
+        &self,
+        file: &std::path::Path,
+    ) -> Result<Option<Policy>, ClusterError> {
+        let (current, _, revision) = self.read_policy().await?;
+        self.watch_from
+            .store(revision + 1, std::sync::atomic::Ordering::SeqCst);
+        let Some(stored) = current else {
+            return Ok(None);
+        };
+        let file_hash = std::fs::read(file)
+            .map(|bytes| sha256_hex(&bytes))
+            .unwrap_or_default();
+        if sha256_hex(stored.text.as_bytes()) != stored.hash {
+            return Err(ClusterError::Corrupt {
+                key: self.keys.policy(),
+                why: "the policy's text does not match its hash".into(),
+            });
+        }
+        self.policy.set(stored.version, &stored.hash, &file_hash);
+        if stored.hash == file_hash {
+            return Ok(None);
+        }
+        let policy =
+            Policy::from_str(&stored.text, &stored.origin()).map_err(|e| ClusterError::Policy {
+                version: stored.version,
+                error: e.to_string(),
+            })?;
+        warn!(
+            file = %file.display(),
+            file_hash,
+            version = stored.version,
+            hash = %stored.hash,
+            from = %stored.site,
+            "this gateway's policy file differs from the cluster's policy; the cluster's is in force"
+        );
+        Ok(Some(policy))
+    }
+
+    /// At the start, once the service runs: publishes this gateway's file as version 1 when
+    /// the cluster has no policy yet (or adopts the one another gateway published meanwhile);
+    /// returns the revision to watch the key from.
+    pub(super) async fn publish_first_policy(
+        &self,
+        service: &Arc<Service>,
+    ) -> Result<i64, ClusterError> {
+        let watch_from = self.watch_from.load(std::sync::atomic::Ordering::SeqCst);
+        if self.policy.status().version > 0 {
+            return Ok(watch_from);
+        }
+        let text = std::fs::read_to_string(&service.config.policy).map_err(|e| {
+            ClusterError::PolicyFile {
+                path: service.config.policy.clone(),
+                error: e.to_string(),
+            }
+        })?;
+        let file = service.config.policy.display().to_string();
+        match self.publish_policy(&text, &file).await {
+            Ok(_) => Ok(watch_from),
+            // Published by another gateway meanwhile: the watch from before brings it.
+            Err(ClusterError::PolicyRace(_)) => Ok(watch_from),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a published version in force here (if it is newer than the one in force), and
+    /// says plainly when this gateway's own file differs from it.
+    async fn put_in_force(&self, service: &Service, stored: &StoredPolicy, file_hash: &str) {
+        if stored.version <= self.policy.status().version {
+            return;
+        }
+        if sha256_hex(stored.text.as_bytes()) != stored.hash {
+            warn!(
+                version = stored.version,
+                "the cluster's policy does not match its own hash; the one in force stays"
+            );
+            return;
+        }
+        let policy = match Policy::from_str(&stored.text, &stored.origin()) {
+            Ok(policy) => policy,
+            Err(e) => {
+                warn!(
+                    version = stored.version,
+                    "the cluster's policy does not compile here, the one in force stays: {e}"
+                );
+                return;
+            }
+        };
+        self.policy.set(stored.version, &stored.hash, file_hash);
+        if stored.hash != file_hash {
+            warn!(
+                file = %service.config.policy.display(),
+                file_hash,
+                version = stored.version,
+                hash = %stored.hash,
+                from = %stored.site,
+                "this gateway's policy file differs from the cluster's policy; the cluster's is in force"
+            );
+        }
+        let reason = format!(
+            "cluster policy version {} from {} put in force",
+            stored.version, stored.site
+        );
+        let reloaded = service.put_policy_in_force(policy, "cluster", reason).await;
+        info!(
+            version = stored.version,
+            revoked = reloaded.revoked.len(),
+            "cluster policy in force"
+        );
+    }
+}
+
+/// Watches `P/policy` from `revision` and puts each newer version in force, for as long as the
+/// service lives; a lost watch reads the key again and watches anew.
+pub(super) async fn follow(cluster: Arc<Cluster>, service: Weak<Service>, mut revision: i64) {
+    loop {
+        let mut stream = match cluster
+            .within(
+                "watch the policy",
+                cluster.client().watch(
+                    cluster.keys.policy(),
+                    Some(WatchOptions::new().with_start_revision(revision)),
+                ),
+            )
+            .await
+        {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!("cluster policy: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let message = match stream.message().await {
+                Ok(Some(message)) => message,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("cluster policy watch: {e}");
+                    break;
+                }
+            };
+            if message.canceled() {
+                break;
+            }
+            for event in message.events() {
+                let Some(kv) = event.kv() else { continue };
+                revision = revision.max(kv.mod_revision() + 1);
+                if event.event_type() != EventType::Put {
+                    continue;
+                }
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                match serde_json::from_slice::<StoredPolicy>(kv.value()) {
+                    Ok(stored) => {
+                        let file_hash = own_file_hash(&service);
+                        cluster.put_in_force(&service, &stored, &file_hash).await;
+                    }
+                    Err(e) => warn!("cluster policy: not a published policy: {e}"),
+                }
+            }
+        }
+        if service.strong_count() == 0 {
+            return;
+        }
+        // Read once more: a version published while the watch was down is not missed.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match cluster.read_policy().await {
+            Ok((Some(stored), _, now)) => {
+                if let Some(service) = service.upgrade() {
+                    let file_hash = own_file_hash(&service);
+                    cluster.put_in_force(&service, &stored, &file_hash).await;
+                }
+                revision = revision.max(now + 1);
+            }
+            Ok((None, _, now)) => revision = revision.max(now + 1),
+            Err(e) => warn!("cluster policy: {e}"),
+        }
+    }
+}
+
+/// Reads a published policy's value (for tests and tools reading `P/policy`).
+pub fn decode(value: &[u8]) -> Result<StoredPolicy, serde_json::Error> {
+    serde_json::from_slice(value)
+}

@@ -1,0 +1,533 @@
+//! Operating a cluster of two gateways on one real three-member etcd cluster (in a network
+//! namespace of its own, the gateways and hosts there too), through their admin sockets as
+//! `fwnpctl` does: `status` lists the members with their revisions and policy versions, and
+//! one as absent once it stops; a policy reload through A reaches B (B's decisions change) and
+//! the revocation it causes is committed once (one end in etcd, one audit record), and a
+//! gateway started later with the old file enforces the cluster's version; `audit`
+//! through A shows B's events and names B once B is gone; `revoke` through B ends a lease
+//! granted through A in etcd.
+//!
+//! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
+
+mod common;
+mod etcd_cluster;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Client, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir};
+use etcd_cluster::{EtcdCluster, available};
+use fwnp_gateway::config::GatewayConfig;
+use fwnp_gateway::service::Service;
+use fwnp_proto::{LeaseId, ResultCode};
+use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
+use fwnp_trust::tls::{self, ServerOptions};
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+max_leases = 5
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7999"
+"#;
+
+/// The reload's policy: tcp/7002 and above are no longer allowed.
+const NARROWER: &str = r#"
+[defaults]
+lifetime = "10m"
+max_leases = 5
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7001"
+"#;
+
+/// A gateway on the cluster with its admin socket, served on 127.0.0.1 of the namespace.
+struct Gateway {
+    service: Arc<Service>,
+    addr: SocketAddr,
+    admin: PathBuf,
+    policy: PathBuf,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    endpoint: quinn::Endpoint,
+}
+
+impl Gateway {
+    async fn start(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
+        let policy = dir.join("policy.toml");
+        common::write_policy(&policy, POLICY);
+        let text = etcd_config_text(cluster, pki, dir, "127.0.0.1:0", site);
+        let config = GatewayConfig::parse(&text, "cluster-ops.toml").expect("valid config");
+        let admin = config.admin_socket.clone();
+        let service = Service::start(config, None).await.expect("service starts");
+        let server_config =
+            tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
+                .expect("server TLS config");
+        let endpoint =
+            quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .expect("bind");
+        let addr = endpoint.local_addr().expect("address");
+        let mut tasks = vec![tokio::spawn(fwnp_gateway::server::serve(
+            endpoint.clone(),
+            service.clone(),
+        ))];
+        {
+            let (service, path) = (service.clone(), admin.clone());
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = fwnp_gateway::admin::serve(&path, service).await {
+                    panic!("admin socket {}: {e}", path.display());
+                }
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + STEP;
+        while std::os::unix::net::UnixStream::connect(&admin).is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "no admin socket");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Gateway {
+            service,
+            addr,
+            admin,
+            policy,
+            tasks,
+            endpoint,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, body) = admin_request(&self.admin, "GET", path, None).await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    async fn post(&self, path: &str, body: Option<&Value>) -> (u16, Value) {
+        admin_request(&self.admin, "POST", path, body).await
+    }
+
+    /// Stops it as the daemon does: its registration withdrawn, its tasks and endpoint gone.
+    async fn stop(self) {
+        if let Some(cluster) = self.service.cluster() {
+            cluster.withdraw().await;
+        }
+        self.endpoint.close(0u32.into(), b"done");
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// A gateway's configuration on the cluster (filter off), listening on `listen`.
+fn etcd_config_text(
+    cluster: &EtcdCluster,
+    pki: &Pki,
+    dir: &Path,
+    listen: &str,
+    site: &str,
+) -> String {
+    let endpoints: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect();
+    format!(
+        "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
+         site = \"{site}\"\ntimeout = \"2s\"\n",
+        config_text(pki, dir, listen, "[filter]\nenabled = false"),
+        endpoints.join(", ")
+    )
+}
+
+/// Polls `read` until `accept` holds of its answer, at most [`STEP`] and a half.
+async fn until<F, Fut>(what: &str, mut read: F, accept: impl Fn(&Value) -> bool) -> Value
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Value>,
+{
+    let deadline = tokio::time::Instant::now() + STEP + STEP / 2;
+    loop {
+        let value = read().await;
+        if accept(&value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} never held; last answer: {value:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs fwnpctl against a gateway's admin socket, off the runtime that serves it.
+async fn fwnpctl(admin: &Path, args: &[&str]) -> (String, String) {
+    let mut all = vec!["--admin".to_owned(), admin.display().to_string()];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+            .args(&all)
+            .output()
+            .expect("run fwnpctl")
+    })
+    .await
+    .expect("fwnpctl ran");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    );
+    assert!(
+        output.status.success(),
+        "fwnpctl {args:?}: {stdout}{stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// The line of `fwnpctl status` that lists `site` among the members.
+fn member_line<'a>(status: &'a str, site: &str) -> Option<&'a str> {
+    status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(site))
+}
+
+fn member<'a>(status: &'a Value, site: &str) -> Option<&'a Value> {
+    status["cluster"]["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["site"] == site)
+}
+
+/// The lease's key in etcd, if it is there.
+async fn lease_in_etcd(cluster: &EtcdCluster, id: LeaseId) -> bool {
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("etcd client");
+    let answer = client
+        .get(format!("/fwnp-test/leases/{id}"), None)
+        .await
+        .expect("read the lease");
+    !answer.kvs().is_empty()
+}
+
+fn events_of_lease<'a>(page: &'a Value, lease: LeaseId, kind: &str) -> Vec<&'a Value> {
+    page["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter(|e| e["kind"] == kind && e["lease"] == lease.to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn two_gateways_share_members_policy_audit_and_revocations() {
+    const TEST: &str = "two_gateways_share_members_policy_audit_and_revocations";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clops");
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-ops");
+                let (dir_a, dir_b) = (temp_dir("clops-a"), temp_dir("clops-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+
+                // Status through either lists both members, live, with the revision each
+                // last applied and the policy version each holds.
+                for gateway in [&a, &b] {
+                    let status = until(
+                        "both members live",
+                        || gateway.get("/v1/status"),
+                        |s| {
+                            ["gw-a", "gw-b"].iter().all(|site| {
+                                member(s, site).is_some_and(|m| {
+                                    m["live"] == true
+                                        && m["revision"].as_i64().unwrap_or(0) > 0
+                                        && m["policy_version"] == 1
+                                })
+                            })
+                        },
+                    )
+                    .await;
+                    assert_eq!(status["cluster"]["policy"]["version"], 1, "{status:#}");
+                    assert_eq!(status["cluster"]["policy"]["file_differs"], false);
+                }
+
+                // As the operator reads it.
+                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+                for site in ["gw-a", "gw-b"] {
+                    let line = member_line(&status, site).unwrap_or_default();
+                    assert!(
+                        line.contains(" live ") && line.contains("policy v1"),
+                        "{site} in {status}"
+                    );
+                }
+
+                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                let web1 = pki.host("web-01", &[host], &[], &[]);
+                let web2 = pki.host("web-02", &[host], &[], &[]);
+                let to_a = Client::connect(a.addr, &web1).await;
+                to_a.hello().await;
+                let on_a = granted(to_a.open(tcp(7001), None).await).lease;
+                let to_b = Client::connect(b.addr, &web2).await;
+                to_b.hello().await;
+                let on_b = granted(to_b.open(tcp(7002), None).await).lease;
+
+                // The cluster's trail through A shows B's grant, and A's own.
+                let page = until(
+                    "B's grant in A's audit",
+                    || a.get("/v1/audit?kind=grant&limit=100"),
+                    |p| {
+                        p["events"].as_array().is_some_and(|events| {
+                            events
+                                .iter()
+                                .any(|e| e["site"] == "gw-b" && e["lease"] == on_b.to_string())
+                        })
+                    },
+                )
+                .await;
+                assert!(
+                    page["events"].as_array().is_some_and(|events| events
+                        .iter()
+                        .any(|e| e["site"] == "gw-a" && e["lease"] == on_a.to_string())),
+                    "{page:#}"
+                );
+                assert!(page.get("unreachable").is_none(), "{page:#}");
+                // scope=local: A's own events only.
+                let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
+                let own = own["events"].as_array().expect("events");
+                assert!(own.iter().any(|e| e["lease"] == on_a.to_string()));
+                assert!(
+                    !own.iter().any(|e| e["lease"] == on_b.to_string()),
+                    "{own:#?}"
+                );
+
+                // A policy reload through A reaches B: B revokes its lease that the new
+                // policy no longer allows and refuses what it refuses.
+                common::write_policy(&a.policy, NARROWER);
+                let (status, reload) = a.post("/v1/policy/reload", None).await;
+                assert_eq!(status, 200, "{reload:#}");
+                until(
+                    "B holds policy version 2",
+                    || b.get("/v1/status"),
+                    |s| s["cluster"]["policy"]["version"] == 2,
+                )
+                .await;
+                let notice = to_b.next_notice(STEP).await;
+                assert!(
+                    matches!(&notice, Some(fwnp_proto::Message::Revoked(r)) if r.lease == on_b),
+                    "{notice:?}"
+                );
+                let refused = denied(to_b.open(tcp(7003), None).await);
+                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+                assert!(!lease_in_etcd(&cluster, on_b).await, "the end is in etcd");
+                assert!(lease_in_etcd(&cluster, on_a).await, "still allowed");
+                // B's own file differs from the cluster's policy now, and B says so.
+                let status_b = b.get("/v1/status").await;
+                assert_eq!(status_b["cluster"]["policy"]["file_differs"], true);
+                let status_a = a.get("/v1/status").await;
+                assert_eq!(status_a["cluster"]["policy"]["file_differs"], false);
+                // A gateway started now, with the old file, enforces the cluster's version 2
+                // from its first decision, and says its file differs.
+                let dir_c = temp_dir("clops-c");
+                let c = Gateway::start(&cluster, &pki, dir_c.path(), "gw-c").await;
+                let status_c = c.get("/v1/status").await;
+                assert_eq!(status_c["cluster"]["policy"]["version"], 2, "{status_c:#}");
+                assert_eq!(status_c["cluster"]["policy"]["file_differs"], true);
+                let web3 = pki.host("web-03", &[host], &[], &[]);
+                let to_c = Client::connect(c.addr, &web3).await;
+                to_c.hello().await;
+                let refused = denied(to_c.open(tcp(7003), None).await);
+                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+                drop(to_c);
+                c.stop().await;
+
+                // One revocation record in the cluster's trail, from B.
+                let page = until(
+                    "the revocation in A's audit",
+                    || a.get("/v1/audit?kind=revocation&limit=100"),
+                    |p| !events_of_lease(p, on_b, "revocation").is_empty(),
+                )
+                .await;
+                let records = events_of_lease(&page, on_b, "revocation");
+                assert_eq!(records.len(), 1, "{page:#}");
+                assert_eq!(records[0]["site"], "gw-b");
+
+                // The operator revokes through B what was granted through A: ended in etcd.
+                let (answer, _) = fwnpctl(
+                    &b.admin,
+                    &[
+                        "--json",
+                        "revoke",
+                        &on_a.to_string(),
+                        "--reason",
+                        "maintenance",
+                    ],
+                )
+                .await;
+                let revoked: Value = serde_json::from_str(&answer).expect("JSON answer");
+                assert_eq!(revoked["revoked"], on_a.to_string(), "{revoked:#}");
+                assert_eq!(revoked["host"], "fwnp://host/web-01");
+                assert!(!lease_in_etcd(&cluster, on_a).await, "ended in etcd");
+                let (status, again) = b.post(&format!("/v1/leases/{on_a}/revoke"), None).await;
+                assert_eq!(status, 404, "{again:#}");
+                let page = until(
+                    "the operator's revocation in A's audit",
+                    || a.get("/v1/audit?kind=revocation&limit=100"),
+                    |p| !events_of_lease(p, on_a, "revocation").is_empty(),
+                )
+                .await;
+                let records = events_of_lease(&page, on_a, "revocation");
+                assert_eq!(records.len(), 1, "{page:#}");
+                assert_eq!(records[0]["actor"], "operator");
+
+                // B stops: A lists it as absent, with what it last published, and its audit
+                // names it as a member whose events may be missing.
+                let b_revision = member(&a.get("/v1/status").await, "gw-b")
+                    .map(|m| m["revision"].clone())
+                    .expect("gw-b listed");
+                drop(to_b);
+                b.stop().await;
+                let status = until(
+                    "gw-b absent",
+                    || a.get("/v1/status"),
+                    |s| member(s, "gw-b").is_some_and(|m| m["live"] == false),
+                )
+                .await;
+                let gone = member(&status, "gw-b").expect("gw-b listed");
+                assert!(gone["revision"].as_i64() >= b_revision.as_i64(), "{gone:#}");
+                assert_eq!(
+                    member(&status, "gw-a").map(|m| &m["live"]),
+                    Some(&Value::Bool(true))
+                );
+                let page = a.get("/v1/audit?limit=100").await;
+                let unreachable = page["unreachable"].as_array().expect("unreachable members");
+                assert!(
+                    unreachable.iter().any(|u| u["site"] == "gw-b"),
+                    "{unreachable:#?}"
+                );
+                assert!(
+                    page["events"]
+                        .as_array()
+                        .is_some_and(|events| events.iter().any(|e| e["site"] == "gw-b")),
+                    "B's published events are still shown"
+                );
+                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+                assert!(
+                    member_line(&status, "gw-b").is_some_and(|l| l.contains(" absent ")),
+                    "{status}"
+                );
+                let (trail, warning) = fwnpctl(&a.admin, &["audit", "--limit", "100"]).await;
+                assert!(
+                    warning.contains("the events of member gw-b may be missing"),
+                    "{warning}"
+                );
+                assert!(
+                    trail.contains("[gw-b]") && trail.contains("[gw-a]"),
+                    "{trail}"
+                );
+                drop(to_a);
+                a.stop().await;
+            });
+    });
+}
+
+#[test]
+fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop() {
+    const TEST: &str =
+        "a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clkill");
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-kill");
+                let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                // B is a real daemon process, as a gateway's machine runs it.
+                common::write_policy(&dir_b.path().join("policy.toml"), POLICY);
+                let config_b = dir_b.path().join("gateway.toml");
+                std::fs::write(
+                    &config_b,
+                    etcd_config_text(&cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
+                )
+                .expect("write B's config");
+                let admin_b = dir_b.path().join("admin.sock");
+                let start_b = || {
+                    let mut daemon = ProcessGuard::spawn(
+                        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+                            .arg("--config")
+                            .arg(&config_b)
+                            .env("RUST_LOG", "warn"),
+                    )
+                    .expect("start fwnp-gateway");
+                    tokio::task::block_in_place(|| wait_for_socket(&mut daemon, &admin_b, STEP));
+                    daemon
+                };
+                let live = |site: &'static str, want: bool| {
+                    move |s: &Value| member(s, site).is_some_and(|m| m["live"] == want)
+                };
+
+                let mut b = start_b();
+                let status = until("gw-b live", || a.get("/v1/status"), live("gw-b", true)).await;
+                let first_start = member(&status, "gw-b").expect("gw-b")["started_ms"].clone();
+                // SIGKILL: no withdrawal; the registration runs out with its etcd lease.
+                b.kill();
+                let killed = tokio::time::Instant::now();
+                until("gw-b absent", || a.get("/v1/status"), live("gw-b", false)).await;
+                let took = killed.elapsed();
+                assert!(
+                    took <= Duration::from_secs(5) + Duration::from_secs(4),
+                    "absent after {took:?}: the registration's TTL is 5 s"
+                );
+
+                // Restarted, it is live again with a new start; stopped with SIGTERM, it
+                // withdraws its registration as it stops.
+                let mut b = start_b();
+                let status = until(
+                    "gw-b live again",
+                    || a.get("/v1/status"),
+                    live("gw-b", true),
+                )
+                .await;
+                assert_ne!(
+                    member(&status, "gw-b").expect("gw-b")["started_ms"],
+                    first_start
+                );
+                tokio::task::block_in_place(|| b.terminate(STEP));
+                let status = a.get("/v1/status").await;
+                assert_eq!(
+                    member(&status, "gw-b").map(|m| &m["live"]),
+                    Some(&Value::Bool(false)),
+                    "absent as soon as it stopped: {status:#}"
+                );
+                a.stop().await;
+            });
+    });
+}
