@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
-use etcd_cluster::{EtcdCluster, available};
+use etcd_cluster::{EtcdCluster, StoreConfig, available};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{EtcdStore, LeaseStore, Store, now_ms};

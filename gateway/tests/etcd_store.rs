@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{EtcdCluster, MemberTls, available};
+use etcd_cluster::{EtcdCluster, MemberTls, StoreConfig, available};
 use fwnp_gateway::config::EtcdTls;
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,

@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
+use etcd_cluster::StoreConfig;
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_proto::ResultCode;

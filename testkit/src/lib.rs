@@ -1,7 +1,8 @@
 //! What FWNP's tests, the lab demo and the load generator share, so that each is written once:
 //! network namespaces and the [`Topology`](netns::Topology) of an outside network, a gateway
 //! and hosts, with echo servers and bounded probes ([`netns`]); a test certificate authority
-//! ([`pki`]); the workspace's binaries, built and found for tests of another package
+//! ([`pki`]); a three-member etcd cluster of real processes, reachable from other namespaces
+//! ([`etcd`]); the workspace's binaries, built and found for tests of another package
 //! ([`binaries`]); and guards for the daemons run as child processes ([`process`]).
 //!
 //! Not part of the product (`publish = false`): the daemons never depend on it, only tests,
@@ -10,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod binaries;
+pub mod etcd;
 pub mod netns;
 pub mod pki;
 pub mod process;
