@@ -341,3 +341,154 @@ fn the_agent_fails_over_to_the_next_gateway_and_renews_its_lease_there_within_se
     );
     drop(listener);
 }
+
+/// The namespace-specific resolver configuration that `ip netns exec` puts in place of
+/// `/etc/resolv.conf` (see ip-netns(8)), removed when dropped.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn write(ns: &fwnp_testkit::netns::Netns, nameserver: Ipv4Addr) -> Self {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name()));
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )
+        .expect("write resolv.conf");
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether dnsmasq is here (Debian's dnsmasq-base, which scripts/deps.sh installs); skips
+/// with a message otherwise, a failure under FWNP_REQUIRE_NETNS=1.
+fn dnsmasq_available(test: &str) -> bool {
+    if !fwnp_testkit::netns::require_root(test) {
+        return false;
+    }
+    if std::process::Command::new("dnsmasq")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    let var = fwnp_testkit::netns::REQUIRE_NETNS_VAR;
+    assert!(
+        std::env::var(var).as_deref() != Ok("1"),
+        "{test}: needs dnsmasq (apt-get install dnsmasq-base) and {var}=1 forbids skipping it"
+    );
+    eprintln!("{test}: skipped: dnsmasq is not installed (apt-get install dnsmasq-base)");
+    false
+}
+
+/// The agent configured with an SRV name finds its gateway through DNS (a real dnsmasq on the
+/// loopback of a namespace of its own): the target of the lowest priority has no address, so
+/// the agent goes on with the next one, verifies its certificate against the target's name and
+/// connects; Status names that target.
+#[test]
+fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
+    let test = "an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order";
+    if !dnsmasq_available(test) {
+        return;
+    }
+    let ns = fwnp_testkit::netns::Netns::new("srv").expect("namespace");
+    let _resolv = NetnsResolvConf::write(&ns, Ipv4Addr::LOCALHOST);
+    let pki = Pki::with_gateway_ips("srv", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    // The gateway's socket is made inside the namespace, where the agent will look for it.
+    let endpoint = ns.run(|| gateway_endpoint(&pki, &runtime));
+    let port = endpoint.local_addr().expect("address").port();
+    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+
+    let mut dnsmasq = ProcessGuard(Some(
+        ns.spawn(std::process::Command::new("dnsmasq").args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--srv-host=_fwnp._udp.example.test,nowhere.example.test,4433,10,0",
+            &format!("--srv-host=_fwnp._udp.example.test,{GATEWAY_NAME},{port},20,0"),
+            &format!("--host-record={GATEWAY_NAME},127.0.0.1"),
+        ]))
+        .expect("start dnsmasq"),
+    ));
+    let answering = fwnp_testkit::netns::wait_until(STEP, Duration::from_millis(50), || {
+        ns.exec(&["ss", "-uln", "sport = :53"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:53"))
+    });
+    assert!(answering, "dnsmasq does not listen");
+    assert!(
+        dnsmasq
+            .0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "dnsmasq exited"
+    );
+
+    let dir = temp_dir("srv");
+    let config = dir.path().join("agent.toml");
+    let text = agent_config(
+        &pki,
+        "web-01",
+        dir.path(),
+        "PLACEHOLDER",
+        "off",
+        &my_uid().to_string(),
+        "1s",
+    )
+    .replace(
+        "address = \"PLACEHOLDER\"",
+        "srv = \"_fwnp._udp.example.test\"",
+    )
+    .replace(&format!("server_name = \"{GATEWAY_NAME}\"\n"), "");
+    assert!(
+        text.contains("srv = ") && !text.contains("server_name"),
+        "{text}"
+    );
+    std::fs::write(&config, text).expect("write config");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        ns.spawn(&mut agent_command(&config))
+            .expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + STEP;
+    let connected = loop {
+        let now = status.status();
+        if now.connected {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect through the SRV name: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
+    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        cluster
+            .seen
+            .iter()
+            .any(|s| matches!(s.request, Message::Hello(_))),
+        "{:?}",
+        cluster.seen
+    );
+}
