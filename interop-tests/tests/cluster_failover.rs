@@ -538,11 +538,13 @@ async fn the_active_gateway_dies_and_the_host_fails_over_without_losing_a_lease(
     // The campaign: the gateway the agent uses is killed (its process alone) while the
     // application opens more leases, then restarted; 20 times.
     let mut leases = vec![lease];
+    let mut grant_after_kill = Vec::new();
     for (point, port) in ports[1..].iter().enumerate() {
         let active = connected_gateway(&client)
             .await
             .map(|g| gateway_index(&g))
             .unwrap_or_else(|| panic!("point {point}: the agent is not connected:\n{}", d.logs()));
+        let killed = Instant::now();
         d.kill_gateway(active);
         let other = 1 - active;
         d.site.route_through(other);
@@ -562,9 +564,17 @@ async fn the_active_gateway_dies_and_the_host_fails_over_without_losing_a_lease(
                 d.logs()
             )
         });
+        grant_after_kill.push(killed.elapsed());
         leases.push(opened);
         tokio::task::block_in_place(|| d.start_gateway(active));
     }
+    grant_after_kill.sort();
+    eprintln!(
+        "campaign: {KILL_POINTS} SIGKILL points; a new lease granted through the other gateway \
+         after the kill: median {:?}, slowest {:?}",
+        grant_after_kill[grant_after_kill.len() / 2],
+        grant_after_kill[grant_after_kill.len() - 1]
+    );
 
     // Every granted lease is live: in etcd, in both kernels, on the host; none re-opened.
     tokio::task::block_in_place(|| {
