@@ -16,6 +16,8 @@ fwnp_missing_packages() {
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+  # A real DNS server answering SRV queries for the agent's test of `srv = "_fwnp._udp.DOMAIN"`.
+  command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base)
   # Real NAT-PMP and UPnP IGD clients for the agent's front-end tests.
   command -v natpmpc >/dev/null 2>&1 || missing+=(natpmpc)
   command -v upnpc >/dev/null 2>&1 || missing+=(miniupnpc)

@@ -640,6 +640,34 @@ impl LeaseMachine {
         }
     }
 
+    /// The owner moved to another gateway of the same cluster (the same epoch): an Active
+    /// lease is renewed at once, so that the new gateway confirms it (or answers
+    /// `unknown-lease`, and the machine opens it again) long before it runs out. Any other
+    /// state is left as it is: a request in flight or due already goes on the new connection
+    /// through [`reconnected`](Self::reconnected).
+    ///
+    /// ```
+    /// use std::time::Instant;
+    /// use fwnp_proto::lease::{LeaseMachine, LeaseState};
+    /// use fwnp_proto::{Opening, PortRange, Protocol, Target};
+    /// let now = Instant::now();
+    /// let opening = Opening {
+    ///     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+    ///     host: Default::default(),
+    ///     family: None,
+    ///     remotes: vec![],
+    /// };
+    /// let mut machine = LeaseMachine::new(now, opening, None, None, &mut rand::rng());
+    /// machine.renew_now(now); // not Active yet: nothing changes
+    /// assert_eq!(machine.state(), LeaseState::Requesting);
+    /// ```
+    pub fn renew_now(&mut self, now: Instant) {
+        if self.state == LeaseState::Active && self.pending.is_none() {
+            let earliest = self.not_before.map_or(now, |floor| floor.max(now));
+            self.send_at = Some(self.send_at.map_or(earliest, |at| at.min(earliest)));
+        }
+    }
+
     /// The owner releases the opening. The lease is Released locally at once (the
     /// [`LeaseEvent::Released`] event tells the mirror to remove it); a Release is sent and
     /// retried until the old expiry at most.

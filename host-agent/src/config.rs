@@ -66,14 +66,11 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
 }
 
-/// How to reach the gateway, and who the host is.
+/// How to reach the gateways, and who the host is.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
-    /// `HOST:PORT` of the gateway's QUIC service; resolved at each connection attempt.
-    pub address: String,
-    /// The name the gateway's certificate must carry (DNS SAN, or an IP SAN written as an
-    /// address).
-    pub server_name: String,
+    /// The gateways the agent may connect to (one or more, or an SRV name).
+    pub gateways: GatewaySource,
     /// The host's certificate chain (PEM).
     pub certificate: PathBuf,
     /// The host's private key (PEM).
@@ -81,6 +78,57 @@ pub struct GatewayConfig {
     /// The deployment's CA certificates the gateway's certificate must chain to (PEM).
     pub ca: PathBuf,
 }
+
+/// Where the agent finds its gateways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewaySource {
+    /// Fixed addresses (`address`, or `addresses`), tried in the order written: the agent
+    /// stays with the first that answers and moves on to the next when it is lost.
+    Addresses(Vec<GatewayAddress>),
+    /// A DNS SRV name (`srv = "_fwnp._udp.DOMAIN"`), looked up at every connection attempt;
+    /// its targets are tried in the order of RFC 2782 (priority, then weight).
+    Srv {
+        /// The SRV owner name, `_fwnp._udp.DOMAIN`.
+        name: String,
+        /// The name every gateway's certificate must carry; `None`: each target's own name.
+        server_name: Option<String>,
+    },
+}
+
+/// One gateway of a fixed list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAddress {
+    /// `HOST:PORT` of its QUIC service; resolved at each connection attempt.
+    pub address: String,
+    /// The name its certificate must carry (a DNS SAN, or an IP SAN written as an address).
+    pub server_name: String,
+}
+
+impl GatewaySource {
+    /// The gateways in a few words, for logs and Status.
+    ///
+    /// ```
+    /// use fwnp_agent::config::{GatewayAddress, GatewaySource};
+    /// let one = GatewaySource::Addresses(vec![GatewayAddress {
+    ///     address: "gw.example.org:4433".into(),
+    ///     server_name: "gw.example.org".into(),
+    /// }]);
+    /// assert_eq!(one.describe(), "gw.example.org:4433");
+    /// ```
+    pub fn describe(&self) -> String {
+        match self {
+            GatewaySource::Addresses(list) => list
+                .iter()
+                .map(|g| g.address.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            GatewaySource::Srv { name, .. } => format!("SRV {name}"),
+        }
+    }
+}
+
+/// The prefix of the SRV names the agent looks up (RFC 2782: service and protocol).
+pub const SRV_PREFIX: &str = "_fwnp._udp.";
 
 /// The local API's socket and who may use it.
 #[derive(Debug, Clone)]
@@ -165,7 +213,7 @@ pub struct FrontendsConfig {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     state_dir: PathBuf,
-    gateway: RawGateway,
+    gateway: Spanned<RawGateway>,
     #[serde(default)]
     local: RawLocal,
     #[serde(default)]
@@ -192,8 +240,10 @@ struct RawFrontends {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawGateway {
-    address: Spanned<String>,
-    server_name: Spanned<String>,
+    address: Option<Spanned<String>>,
+    addresses: Option<Spanned<Vec<Spanned<String>>>>,
+    srv: Option<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
     certificate: PathBuf,
     key: PathBuf,
     ca: PathBuf,
@@ -336,24 +386,9 @@ impl AgentConfig {
             |span: std::ops::Range<usize>, reason: String| invalid_at(text, origin, span, reason);
         let raw: RawConfig = from_toml(text, origin)?;
 
-        let address = raw.gateway.address.get_ref();
-        match address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
-            _ => {
-                return Err(at(
-                    raw.gateway.address.span(),
-                    format!(
-                        "gateway address {address:?}: expected HOST:PORT, e.g. \"gateway.example.org:4433\""
-                    ),
-                ));
-            }
-        }
-        if raw.gateway.server_name.get_ref().is_empty() {
-            return Err(at(
-                raw.gateway.server_name.span(),
-                "server_name must name the gateway's certificate".to_owned(),
-            ));
-        }
+        let gateway_span = raw.gateway.span();
+        let raw_gateway = raw.gateway.into_inner();
+        let sources = gateway_source(&raw_gateway, gateway_span, &at)?;
 
         let mut allowed_uids = Vec::new();
         for user in &raw.local.allowed_users {
@@ -535,11 +570,10 @@ impl AgentConfig {
 
         Ok(AgentConfig {
             gateway: GatewayConfig {
-                address: address.clone(),
-                server_name: raw.gateway.server_name.get_ref().clone(),
-                certificate: raw.gateway.certificate,
-                key: raw.gateway.key,
-                ca: raw.gateway.ca,
+                gateways: sources,
+                certificate: raw_gateway.certificate,
+                key: raw_gateway.key,
+                ca: raw_gateway.ca,
             },
             local: LocalConfig {
                 socket: raw.local.socket,
@@ -652,6 +686,109 @@ fn id_of(value: &toml::Value, file: &Path, what: &str) -> Result<u32, String> {
     }
 }
 
+/// The gateways of `[gateway]`: exactly one of `address`, `addresses` and `srv`, each
+/// `HOST:PORT` checked, and `server_name` (shared by all when given) non-empty.
+fn gateway_source(
+    raw: &RawGateway,
+    table: std::ops::Range<usize>,
+    at: &impl Fn(std::ops::Range<usize>, String) -> ConfigError,
+) -> Result<GatewaySource, ConfigError> {
+    let given: Vec<std::ops::Range<usize>> = [
+        raw.address.as_ref().map(Spanned::span),
+        raw.addresses.as_ref().map(Spanned::span),
+        raw.srv.as_ref().map(Spanned::span),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match given.as_slice() {
+        [] => {
+            return Err(at(
+                table,
+                "[gateway] needs address (one gateway), addresses (several) or srv (a DNS SRV \
+                 name)"
+                    .to_owned(),
+            ));
+        }
+        [_] => {}
+        [_, second, ..] => {
+            return Err(at(
+                second.clone(),
+                "give only one of address, addresses and srv".to_owned(),
+            ));
+        }
+    }
+    let shared = match &raw.server_name {
+        Some(name) if name.get_ref().is_empty() => {
+            return Err(at(
+                name.span(),
+                "server_name must name the gateway's certificate".to_owned(),
+            ));
+        }
+        Some(name) => Some(name.get_ref().clone()),
+        None => None,
+    };
+    if let Some(srv) = &raw.srv {
+        let name = srv.get_ref().trim_end_matches('.');
+        let domain = name.strip_prefix(SRV_PREFIX).unwrap_or_default();
+        if domain.is_empty() || domain.split('.').any(str::is_empty) {
+            return Err(at(
+                srv.span(),
+                format!(
+                    "srv {:?}: expected {SRV_PREFIX}DOMAIN, e.g. \"_fwnp._udp.example.org\"",
+                    srv.get_ref()
+                ),
+            ));
+        }
+        return Ok(GatewaySource::Srv {
+            name: name.to_owned(),
+            server_name: shared,
+        });
+    }
+    let list: Vec<&Spanned<String>> = match (&raw.address, &raw.addresses) {
+        (Some(one), _) => vec![one],
+        (_, Some(many)) if many.get_ref().is_empty() => {
+            return Err(at(many.span(), "addresses is empty".to_owned()));
+        }
+        (_, Some(many)) => many.get_ref().iter().collect(),
+        (None, None) => Vec::new(),
+    };
+    let mut gateways = Vec::with_capacity(list.len());
+    for address in list {
+        let text = address.get_ref();
+        let host = match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
+                host
+            }
+            _ => {
+                return Err(at(
+                    address.span(),
+                    format!(
+                        "gateway address {text:?}: expected HOST:PORT, e.g. \"gateway.example.org:4433\""
+                    ),
+                ));
+            }
+        };
+        if gateways.iter().any(|g: &GatewayAddress| &g.address == text) {
+            return Err(at(
+                address.span(),
+                format!("gateway address {text:?} is listed twice"),
+            ));
+        }
+        // Without a shared server_name each gateway is verified against its own host name
+        // (an IPv6 literal is written in brackets in HOST:PORT, and without them in a SAN).
+        let own = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        gateways.push(GatewayAddress {
+            address: text.clone(),
+            server_name: shared.clone().unwrap_or(own),
+        });
+    }
+    Ok(GatewaySource::Addresses(gateways))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -732,6 +869,128 @@ ca = "/etc/fwnp/pki/ca.pem"
 }
 
 #[cfg(test)]
+mod gateway_tests {
+    use super::*;
+
+    fn with_gateway(lines: &str) -> String {
+        format!(
+            "state_dir = \"/var/lib/fwnp-agent\"\n\n[gateway]\n{lines}\ncertificate = \"/c.pem\"\n\
+             key = \"/k.pem\"\nca = \"/ca.pem\"\n"
+        )
+    }
+
+    fn gateways(lines: &str) -> GatewaySource {
+        AgentConfig::parse(&with_gateway(lines), "agent.toml")
+            .expect("valid")
+            .gateway
+            .gateways
+    }
+
+    fn error_of(lines: &str) -> (usize, String) {
+        match AgentConfig::parse(&with_gateway(lines), "agent.toml") {
+            Err(ConfigError::Invalid { line, reason, .. }) => (line, reason),
+            other => panic!("expected an invalid-config error, got {other:?}"),
+        }
+    }
+
+    fn address(address: &str, server_name: &str) -> GatewayAddress {
+        GatewayAddress {
+            address: address.into(),
+            server_name: server_name.into(),
+        }
+    }
+
+    #[test]
+    fn several_addresses_are_each_verified_against_their_own_name() {
+        assert_eq!(
+            gateways(
+                r#"addresses = ["gw-a.example.org:4433", "198.51.100.2:4433", "[fd00:2::2]:4433"]"#
+            ),
+            GatewaySource::Addresses(vec![
+                address("gw-a.example.org:4433", "gw-a.example.org"),
+                address("198.51.100.2:4433", "198.51.100.2"),
+                address("[fd00:2::2]:4433", "fd00:2::2"),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_shared_server_name_applies_to_every_address() {
+        assert_eq!(
+            gateways(
+                "addresses = [\"198.51.100.1:4433\", \"198.51.100.2:4433\"]\nserver_name = \"gw.example.org\""
+            ),
+            GatewaySource::Addresses(vec![
+                address("198.51.100.1:4433", "gw.example.org"),
+                address("198.51.100.2:4433", "gw.example.org"),
+            ])
+        );
+        // One address as before, with or without its own server_name.
+        assert_eq!(
+            gateways("address = \"198.51.100.1:4433\"\nserver_name = \"gw.example.org\""),
+            GatewaySource::Addresses(vec![address("198.51.100.1:4433", "gw.example.org")])
+        );
+        assert_eq!(
+            gateways("address = \"gw.example.org:4433\""),
+            GatewaySource::Addresses(vec![address("gw.example.org:4433", "gw.example.org")])
+        );
+    }
+
+    #[test]
+    fn an_srv_name_is_kept_for_every_attempt() {
+        assert_eq!(
+            gateways("srv = \"_fwnp._udp.example.org.\""),
+            GatewaySource::Srv {
+                name: "_fwnp._udp.example.org".into(),
+                server_name: None,
+            }
+        );
+        assert_eq!(
+            gateways("srv = \"_fwnp._udp.example.org\"\nserver_name = \"gw.example.org\""),
+            GatewaySource::Srv {
+                name: "_fwnp._udp.example.org".into(),
+                server_name: Some("gw.example.org".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn gateway_mistakes_name_line_and_reason() {
+        for (lines, line, expected) in [
+            ("", 3, "needs address"),
+            (
+                "address = \"a.example:1\"\nsrv = \"_fwnp._udp.example.org\"",
+                5,
+                "only one of",
+            ),
+            ("addresses = []", 4, "addresses is empty"),
+            (
+                "addresses = [\"a.example:1\",\n  \"b.example\"]",
+                5,
+                "HOST:PORT",
+            ),
+            (
+                "addresses = [\"a.example:1\", \"a.example:1\"]",
+                4,
+                "listed twice",
+            ),
+            ("addresses = [\"a.example:0\"]", 4, "HOST:PORT"),
+            ("srv = \"_fwnp._tcp.example.org\"", 4, "_fwnp._udp.DOMAIN"),
+            ("srv = \"_fwnp._udp.\"", 4, "_fwnp._udp.DOMAIN"),
+            (
+                "address = \"a.example:1\"\nserver_name = \"\"",
+                5,
+                "server_name",
+            ),
+        ] {
+            let (got_line, reason) = error_of(lines);
+            assert_eq!(got_line, line, "{lines}: {reason}");
+            assert!(reason.contains(expected), "{lines}: {reason}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod example_tests {
     use super::*;
 
@@ -755,6 +1014,12 @@ mod example_tests {
                 last: 162
             })
         );
-        assert_eq!(config.gateway.server_name, "gateway.example.org");
+        assert_eq!(
+            config.gateway.gateways,
+            GatewaySource::Addresses(vec![GatewayAddress {
+                address: "gateway.example.org:4433".into(),
+                server_name: "gateway.example.org".into(),
+            }])
+        );
     }
 }

@@ -160,12 +160,14 @@ impl Core {
         let mut permit = None;
         let input = match input {
             CoreInput::Gateway(GatewayEvent::Connected {
+                gateway,
                 connection,
                 welcome,
                 leases,
             }) => {
                 self.link = Link::Up(connection);
                 Input::LinkUp {
+                    gateway,
                     welcome: Box::new(welcome),
                     leases,
                 }

@@ -138,8 +138,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     let core_task = tokio::spawn(core.run(rx));
     tokio::spawn(link::run(
         LinkSettings {
-            address: config.gateway.address.clone(),
-            server_name: config.gateway.server_name.clone(),
+            gateways: config.gateway.gateways.clone(),
             client_config,
             client_options,
         },
@@ -172,7 +171,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     }
 
     notify(Status::Ready);
-    info!(socket = %config.local.socket.display(), gateway = %config.gateway.address, "ready");
+    info!(socket = %config.local.socket.display(), gateway = %config.gateway.gateways.describe(), "ready");
 
     let mut signals = Signals::stop()?;
     signals.next().await;

@@ -2,6 +2,12 @@
 //! and Welcome, List (so the agent can resync before any lease machine sends), then notices from
 //! the gateway's unidirectional streams until the connection ends; then reconnect.
 //!
+//! With several gateways (a list, or the targets of an SRV name, looked up again at every
+//! round and ordered as RFC 2782 says) the agent stays with the one that answered; when that
+//! one is lost it goes on at once with the next, each verified against its own name, and only
+//! a round in which none answered waits for the delays below. Its connections then notice a
+//! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes.
+//!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
 //! are too slow for it is replaced at once by one whose timers suit); after a stateless reset
@@ -24,6 +30,7 @@ use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::config::{GatewaySource, SRV_PREFIX};
 use crate::core::CoreInput;
 
 /// How long a request waits for its answer on its stream.
@@ -34,6 +41,8 @@ pub const EXCHANGE_TIMEOUT: Duration = fwnp_proto::lease::REQUEST_TIMEOUT;
 pub enum GatewayEvent {
     /// A connection is up: Welcome was received and the gateway listed the host's leases.
     Connected {
+        /// Which gateway (`HOST:PORT`).
+        gateway: String,
         /// The connection, for requests.
         connection: quinn::Connection,
         /// The gateway's Welcome.
@@ -100,6 +109,8 @@ pub async fn exchange(
 enum ConnectError {
     #[error("cannot resolve {0}: {1}")]
     Resolve(String, String),
+    #[error("SRV {0}: {1}")]
+    Srv(String, String),
     #[error("cannot open a UDP endpoint: {0}")]
     Endpoint(std::io::Error),
     #[error("connecting to {0}: {1}")]
@@ -117,14 +128,157 @@ enum ConnectError {
 /// The link's settings.
 #[derive(Debug, Clone)]
 pub struct LinkSettings {
-    /// `HOST:PORT` of the gateway.
-    pub address: String,
-    /// The name its certificate must carry.
-    pub server_name: String,
+    /// The gateways, and the names their certificates must carry.
+    pub gateways: GatewaySource,
     /// The QUIC client configuration with the host's certificate.
     pub client_config: quinn::ClientConfig,
     /// The transport options the timers of each connection are set on.
     pub client_options: ClientOptions,
+}
+
+/// With another gateway to go to, a connection is given up after this long without a packet
+/// from its gateway, whatever the lifetimes (keep-alive a third of it). The protocol's M/8
+/// (Section 3.4) is sized for waiting on the same gateway to come back; with a second one the
+/// host is better served by leaving a silent gateway early: 1.5 s of silence plus a handshake
+/// and a Renew on the next gateway stay under 3 s, and a PING every 500 ms is a few bytes a
+/// second per host. It is not shorter than that because a loaded gateway may well be silent
+/// for a second, and moving a host costs a Renew of each of its leases.
+pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// A connection that ended sooner than this after it was made is not followed at once by the
+/// next gateway but by the usual delay: gateways that accept and drop hosts at once are not
+/// tried in a tight loop.
+const FAILOVER_MIN_UPTIME: Duration = Duration::from_secs(1);
+
+/// One gateway to try: where, and the name its certificate must carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// `HOST:PORT`.
+    pub address: String,
+    /// The name its certificate must carry.
+    pub server_name: String,
+}
+
+/// One SRV record's target, as [`srv_order`] orders them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrvTarget {
+    /// Lower is tried first.
+    pub priority: u16,
+    /// Within one priority, the share of first places.
+    pub weight: u16,
+    /// The target's port.
+    pub port: u16,
+    /// The target's host name, without the final dot.
+    pub target: String,
+}
+
+/// Orders SRV targets as RFC 2782 says: by priority, lowest first; within one priority, by a
+/// weighted random draw (each remaining target comes next with a chance proportional to its
+/// weight, those of weight 0 having a small one). A single target `.` means the service is
+/// not offered there: no target at all.
+///
+/// ```
+/// use fwnp_agent::link::{SrvTarget, srv_order};
+/// let target = |priority, weight, name: &str| SrvTarget {
+///     priority, weight, port: 4433, target: name.into(),
+/// };
+/// let ordered = srv_order(
+///     vec![target(20, 0, "c.example.org"), target(10, 5, "a.example.org"), target(10, 5, "b.example.org")],
+///     &mut rand::rng(),
+/// );
+/// assert_eq!(ordered.len(), 3);
+/// assert_eq!(ordered[2].target, "c.example.org");
+/// ```
+pub fn srv_order<R: rand::Rng + ?Sized>(
+    mut targets: Vec<SrvTarget>,
+    rng: &mut R,
+) -> Vec<SrvTarget> {
+    if let [only] = targets.as_slice()
+        && (only.target.is_empty() || only.target == ".")
+    {
+        return Vec::new();
+    }
+    targets.sort_by_key(|t| t.priority);
+    let mut ordered = Vec::with_capacity(targets.len());
+    while !targets.is_empty() {
+        let priority = targets[0].priority;
+        let same = targets
+            .iter()
+            .take_while(|t| t.priority == priority)
+            .count();
+        let mut group: Vec<SrvTarget> = targets.drain(..same).collect();
+        // RFC 2782: those of weight 0 first, then a running sum and a draw in [0, total].
+        group.sort_by_key(|t| t.weight != 0);
+        while !group.is_empty() {
+            let total: u32 = group.iter().map(|t| u32::from(t.weight)).sum();
+            let draw = rng.random_range(0..=total);
+            let mut running = 0u32;
+            let pick = group
+                .iter()
+                .position(|t| {
+                    running += u32::from(t.weight);
+                    running >= draw
+                })
+                .unwrap_or(0);
+            ordered.push(group.remove(pick));
+        }
+    }
+    ordered
+}
+
+/// The gateways to try in this round, in order.
+async fn candidates(
+    source: &GatewaySource,
+    resolver: &mut Option<hickory_resolver::TokioResolver>,
+    rng: &mut StdRng,
+) -> Result<Vec<Candidate>, ConnectError> {
+    let (name, server_name) = match source {
+        GatewaySource::Addresses(list) => {
+            return Ok(list
+                .iter()
+                .map(|g| Candidate {
+                    address: g.address.clone(),
+                    server_name: g.server_name.clone(),
+                })
+                .collect());
+        }
+        GatewaySource::Srv { name, server_name } => (name, server_name),
+    };
+    let srv_error = |e: &dyn std::fmt::Display| ConnectError::Srv(name.clone(), e.to_string());
+    let resolver = match resolver {
+        Some(resolver) => resolver,
+        None => resolver.insert(
+            hickory_resolver::TokioResolver::builder_tokio()
+                .map_err(|e| srv_error(&e))?
+                .build(),
+        ),
+    };
+    // A fully qualified name: the SRV name is never subject to the search domains.
+    let lookup = resolver
+        .srv_lookup(format!("{name}."))
+        .await
+        .map_err(|e| srv_error(&e))?;
+    let targets = lookup
+        .iter()
+        .map(|srv| SrvTarget {
+            priority: srv.priority(),
+            weight: srv.weight(),
+            port: srv.port(),
+            target: srv.target().to_utf8().trim_end_matches('.').to_owned(),
+        })
+        .collect();
+    let ordered = srv_order(targets, rng);
+    if ordered.is_empty() {
+        return Err(srv_error(&"no gateway is offered (no target)"));
+    }
+    debug_assert!(name.starts_with(SRV_PREFIX));
+    Ok(ordered
+        .into_iter()
+        .map(|t| Candidate {
+            address: format!("{}:{}", t.target, t.port),
+            server_name: server_name.clone().unwrap_or(t.target),
+        })
+        .collect())
 }
 
 /// Runs the link until the core goes away. `earliest_expiry` is the earliest local expiry of
@@ -136,22 +290,59 @@ pub async fn run(
 ) {
     let mut schedule = Reconnect::new();
     let mut rng = StdRng::from_os_rng();
+    let mut resolver = None;
     // The shortest lifetime the gateway grants, from its last Welcome.
     let mut min_lifetime: Option<u32> = None;
+    // The gateway to try first in the next round: the one after a lost gateway, the same one
+    // after a stateless reset (it listens again), else the first in order.
+    let mut prefer: Option<(String, bool)> = None;
     loop {
-        let expiry = *earliest_expiry.borrow();
-        let handshake = Reconnect::handshake_timeout(Instant::now(), expiry);
-        let ending = match connect(&settings, &mut min_lifetime, handshake).await {
-            Ok((endpoint, connection, welcome, leases)) => {
-                schedule.connected(Instant::now());
+        let list = match candidates(&settings.gateways, &mut resolver, &mut rng).await {
+            Ok(list) => list,
+            Err(e) => {
+                warn!("no gateway to connect to: {e}");
+                Vec::new()
+            }
+        };
+        let several = list.len() > 1 || matches!(settings.gateways, GatewaySource::Srv { .. });
+        let start = prefer
+            .take()
+            .and_then(|(address, next)| {
+                let at = list.iter().position(|c| c.address == address)?;
+                Some(if next { (at + 1) % list.len() } else { at })
+            })
+            .unwrap_or(0);
+        let mut ending = Ending::Lost;
+        let mut failures = Vec::new();
+        let mut connected = None;
+        for candidate in list.iter().cycle().skip(start).take(list.len()) {
+            let expiry = *earliest_expiry.borrow();
+            let handshake = Reconnect::handshake_timeout(Instant::now(), expiry);
+            match connect(&settings, candidate, several, &mut min_lifetime, handshake).await {
+                Ok(up) => {
+                    connected = Some((candidate, up));
+                    break;
+                }
+                Err(e) => {
+                    warn!(gateway = %candidate.address, "cannot connect to the gateway: {e}");
+                    failures.push(format!("{}: {e}", candidate.address));
+                }
+            }
+        }
+        let mut at_once = false;
+        match connected {
+            Some((candidate, (endpoint, connection, welcome, leases))) => {
+                let since = Instant::now();
+                schedule.connected(since);
                 info!(
-                    gateway = %settings.address,
+                    gateway = %candidate.address,
                     identity = %welcome.identity,
                     epoch = format_args!("{:016x}", welcome.epoch),
                     leases = leases.leases.len(),
                     "connected to the gateway"
                 );
                 let event = GatewayEvent::Connected {
+                    gateway: candidate.address.clone(),
                     connection: connection.clone(),
                     welcome,
                     leases,
@@ -159,8 +350,8 @@ pub async fn run(
                 if core.send(CoreInput::Gateway(event)).is_err() {
                     return;
                 }
-                let (reason, ending) = follow(&connection, &core).await;
-                warn!(gateway = %settings.address, %reason, "connection to the gateway ended");
+                let (reason, how) = follow(&connection, &core).await;
+                warn!(gateway = %candidate.address, %reason, "connection to the gateway ended");
                 endpoint.close(0u32.into(), b"");
                 if core
                     .send(CoreInput::Gateway(GatewayEvent::Disconnected { reason }))
@@ -168,20 +359,33 @@ pub async fn run(
                 {
                     return;
                 }
-                ending
+                ending = how;
+                // A lost (or departing) gateway is followed at once by the next one; the one
+                // that reset listens again and is tried first.
+                let reset = how == Ending::Reset;
+                prefer = Some((candidate.address.clone(), !reset));
+                at_once = list.len() > 1 && !reset && since.elapsed() >= FAILOVER_MIN_UPTIME;
             }
-            Err(e) => {
-                warn!(gateway = %settings.address, "cannot connect to the gateway: {e}");
-                let reason = format!("cannot connect to {}: {e}", settings.address);
+            None => {
+                let reason = if failures.is_empty() {
+                    format!(
+                        "no gateway to connect to ({})",
+                        settings.gateways.describe()
+                    )
+                } else {
+                    format!("cannot connect to {}", failures.join("; "))
+                };
                 if core
                     .send(CoreInput::Gateway(GatewayEvent::ConnectFailed { reason }))
                     .is_err()
                 {
                     return;
                 }
-                Ending::Lost
             }
-        };
+        }
+        if at_once {
+            continue;
+        }
         let now = Instant::now();
         let expiry = *earliest_expiry.borrow();
         let at = schedule.next_attempt(now, ending, expiry, &mut rng);
@@ -195,21 +399,30 @@ pub async fn run(
 
 /// One connection attempt. If the Welcome announces a shorter minimum lifetime than the
 /// timers of the connection suit, it is closed and made again at once with suitable timers.
+/// With `several` gateways the timers are never slower than [`FAILOVER_IDLE_TIMEOUT`].
 async fn connect(
     settings: &LinkSettings,
+    candidate: &Candidate,
+    several: bool,
     min_lifetime: &mut Option<u32>,
     handshake: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Leases), ConnectError> {
-    let addr = tokio::net::lookup_host(&settings.address)
+    let addr = tokio::net::lookup_host(&candidate.address)
         .await
-        .map_err(|e| ConnectError::Resolve(settings.address.clone(), e.to_string()))?
+        .map_err(|e| ConnectError::Resolve(candidate.address.clone(), e.to_string()))?
         .next()
-        .ok_or_else(|| ConnectError::Resolve(settings.address.clone(), "no address".into()))?;
+        .ok_or_else(|| ConnectError::Resolve(candidate.address.clone(), "no address".into()))?;
     let mut retimed = false;
     loop {
-        let timers = TransportTimers::for_min_lifetime(*min_lifetime);
+        let mut timers = TransportTimers::for_min_lifetime(*min_lifetime);
+        if several && timers.idle_timeout > FAILOVER_IDLE_TIMEOUT {
+            timers = TransportTimers {
+                keep_alive: FAILOVER_IDLE_TIMEOUT / 3,
+                idle_timeout: FAILOVER_IDLE_TIMEOUT,
+            };
+        }
         let (endpoint, connection, welcome) =
-            connect_once(settings, addr, timers, handshake).await?;
+            connect_once(settings, candidate, addr, timers, handshake).await?;
         let announced = welcome.limits.min_lifetime;
         *min_lifetime = Some(announced);
         if !retimed && !timers.suits(announced) {
@@ -240,6 +453,7 @@ async fn connect(
 /// A handshake (given up after `handshake`) with `timers`, then Hello and Welcome.
 async fn connect_once(
     settings: &LinkSettings,
+    candidate: &Candidate,
     addr: SocketAddr,
     timers: TransportTimers,
     handshake: Duration,
@@ -260,7 +474,7 @@ async fn connect_once(
     ));
     let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Endpoint)?;
     let connecting = endpoint
-        .connect_with(config, addr, &settings.server_name)
+        .connect_with(config, addr, &candidate.server_name)
         .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
     let connection = tokio::time::timeout(handshake, connecting)
         .await
@@ -353,5 +567,53 @@ async fn follow(
             Ok(other) => debug!("ignored {} on a notice stream", other.message_type().name()),
             Err(e) => debug!("ignored an undecodable notice: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(priority: u16, weight: u16, name: &str) -> SrvTarget {
+        SrvTarget {
+            priority,
+            weight,
+            port: 4433,
+            target: name.into(),
+        }
+    }
+
+    #[test]
+    fn srv_targets_go_by_priority_then_by_weight() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut heavy_first = 0;
+        for _ in 0..1000 {
+            let ordered = srv_order(
+                vec![
+                    target(20, 1, "late.example.org"),
+                    target(10, 90, "heavy.example.org"),
+                    target(10, 10, "light.example.org"),
+                ],
+                &mut rng,
+            );
+            let names: Vec<&str> = ordered.iter().map(|t| t.target.as_str()).collect();
+            assert_eq!(names.len(), 3);
+            assert_eq!(names[2], "late.example.org", "{names:?}");
+            if names[0] == "heavy.example.org" {
+                heavy_first += 1;
+            }
+        }
+        // 90 % in expectation; far from 50 % either way.
+        assert!((820..=970).contains(&heavy_first), "{heavy_first}");
+    }
+
+    #[test]
+    fn a_lone_dot_target_offers_no_gateway() {
+        let mut rng = StdRng::seed_from_u64(1);
+        assert!(srv_order(vec![target(0, 0, ".")], &mut rng).is_empty());
+        assert_eq!(
+            srv_order(vec![target(0, 0, "gw.example.org")], &mut rng).len(),
+            1
+        );
     }
 }

@@ -91,6 +91,9 @@ pub struct PortCheck {
 pub enum Input {
     /// A connection to the gateway was established: its Welcome and the leases it listed.
     LinkUp {
+        /// Which of the configured gateways answered (`HOST:PORT`): another one than before,
+        /// under the same epoch, is a failover within one cluster.
+        gateway: String,
         /// The gateway's Welcome.
         welcome: Box<Welcome>,
         /// The leases the gateway holds for this host.
@@ -373,6 +376,8 @@ pub struct AgentMachine {
     link_up: bool,
     epoch: Option<Epoch>,
     identity: Option<String>,
+    /// The gateway of the current or the last connection.
+    gateway: Option<String>,
     synced_once: bool,
     /// Leases of an earlier run, until `earlier_run_until`: then those no caller asked for
     /// again are released. The end waits for Opens in flight (their answer may be one of these
@@ -455,6 +460,7 @@ impl AgentMachine {
             link_up: false,
             epoch: None,
             identity: None,
+            gateway: None,
             synced_once: false,
             earlier_run: Vec::new(),
             earlier_run_until: None,
@@ -573,7 +579,11 @@ impl AgentMachine {
     /// Acts on `input`, received at `now`.
     pub fn handle(&mut self, input: Input, now: Instant) {
         match input {
-            Input::LinkUp { welcome, leases } => self.on_connected(*welcome, leases, now),
+            Input::LinkUp {
+                gateway,
+                welcome,
+                leases,
+            } => self.on_connected(gateway, *welcome, leases, now),
             Input::Notice(notice) => self.on_notice(notice, now),
             Input::LinkFailed { reason } => {
                 self.last_link_error = Some(reason);
@@ -708,8 +718,21 @@ impl AgentMachine {
         }
     }
 
-    fn on_connected(&mut self, welcome: Welcome, listed: Leases, now: Instant) {
+    fn on_connected(&mut self, gateway: String, welcome: Welcome, listed: Leases, now: Instant) {
         self.last_link_error = None;
+        // Another gateway of the same cluster (the same epoch) holds the same leases: a
+        // failover, not a loss.
+        let failover = self.synced_once
+            && self.epoch == Some(welcome.epoch)
+            && self.gateway.as_ref().is_some_and(|g| *g != gateway);
+        if failover {
+            info!(
+                from = self.gateway.as_deref().unwrap_or_default(),
+                to = %gateway,
+                "now connected to another gateway of the cluster: renewing every lease there"
+            );
+        }
+        self.gateway = Some(gateway);
         if let Some(old) = self.epoch
             && old != welcome.epoch
         {
@@ -765,6 +788,14 @@ impl AgentMachine {
                 self.earlier_run_latest = Some(until + OPEN_WAIT);
             }
             self.actions.push_back(Action::MirrorReconcile { holders });
+        } else if failover {
+            // The new gateway's list may lag the cluster's by a moment, so a lease it does not
+            // show yet is not taken as forgotten: every lease is renewed there at once, and
+            // only an unknown-lease answer to that Renew opens it again. Until then both
+            // kernels keep their elements with their own timeouts, so no opening closes.
+            for held in self.leases.values_mut() {
+                held.machine.renew_now(now);
+            }
         } else {
             // A reconnection under the same epoch: a lease the gateway no longer lists (it
             // expired there while the link was down) is opened again at once by a fresh
@@ -1457,7 +1488,10 @@ impl AgentMachine {
                 let answer = StatusAnswer {
                     common: common(request_id),
                     agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                    gateway: self.config.gateway.address.clone(),
+                    gateway: match (&self.gateway, self.link_up) {
+                        (Some(gateway), true) => gateway.clone(),
+                        _ => fit_status_reason(self.config.gateway.gateways.describe()),
+                    },
                     connected: self.link_up,
                     epoch: self.epoch,
                     mirror_mode: self.config.mirror.mode.name().to_owned(),
@@ -1633,7 +1667,7 @@ impl AgentMachine {
         if !self.link_up {
             let reason = format!(
                 "no connection to the gateway {}",
-                self.config.gateway.address
+                self.config.gateway.gateways.describe()
             );
             self.deny(
                 conn,

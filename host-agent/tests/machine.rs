@@ -25,6 +25,20 @@ const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 const LIFETIME: u32 = 300;
 const RENEW_AFTER: u32 = 150;
 const APP: ConnId = 7;
+/// The gateways of the configurations below.
+const GATEWAY_A: &str = "198.51.100.1:4433";
+const GATEWAY_B: &str = "198.51.100.2:4433";
+
+/// Two gateways of one cluster.
+const CLUSTER: &str = r#"state_dir = "/var/lib/fwnp-agent"
+[gateway]
+addresses = ["198.51.100.1:4433", "198.51.100.2:4433"]
+certificate = "/etc/fwnp/pki/h.pem"
+key = "/etc/fwnp/pki/h.key"
+ca = "/etc/fwnp/pki/ca.pem"
+[local]
+verify_port_owner = false
+"#;
 
 const VERIFYING: &str = r#"state_dir = "/var/lib/fwnp-agent"
 [gateway]
@@ -123,7 +137,12 @@ impl Sim {
     }
 
     fn link_up(&mut self, epoch: Epoch, listed: Vec<LeaseInfo>) -> Vec<Action> {
+        self.link_up_at(GATEWAY_A, epoch, listed)
+    }
+
+    fn link_up_at(&mut self, gateway: &str, epoch: Epoch, listed: Vec<LeaseInfo>) -> Vec<Action> {
         self.input(Input::LinkUp {
+            gateway: gateway.into(),
             welcome: Box::new(welcome(epoch)),
             leases: Leases {
                 common: Common::default(),
@@ -1232,4 +1251,151 @@ fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
     }
     let (_, release) = single_send(&actions);
     assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease.id));
+}
+
+fn status(sim: &mut Sim) -> fwnp_proto::local::StatusAnswer {
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Status(Status { common: common(99) }),
+    });
+    match actions.into_iter().next() {
+        Some(Action::Reply {
+            message: LocalMessage::StatusAnswer(s),
+            ..
+        }) => s,
+        other => panic!("expected a status answer, got {other:?}"),
+    }
+}
+
+/// The link moves to another gateway of the cluster (same epoch) long before any renewal is
+/// due: every lease is renewed there at once, a lease its list does not show yet included, and
+/// nothing is opened again nor dropped from the host table; the renewals' answers keep the
+/// same lease ids. Status names the gateway now in use.
+#[test]
+fn failover_to_another_gateway_renews_every_lease_at_once_without_reopening() {
+    let mut sim = Sim::with(CLUSTER);
+    sim.link_up_at(GATEWAY_A, EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let first = sim.fresh_lease();
+    let second = sim.fresh_lease();
+    let key1 = sim.open_granted(APP, 8080, first, EPOCH);
+    let key2 = sim.open_granted(APP, 8081, second, EPOCH);
+    assert_eq!(status(&mut sim).gateway, GATEWAY_A);
+
+    sim.advance(Duration::from_secs(5));
+    let actions = sim.input(Input::LinkDown {
+        reason: "timed out".into(),
+    });
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    sim.advance(Duration::from_secs(1));
+
+    // The new gateway lists only the first lease so far (its view lags by a moment).
+    let actions = sim.link_up_at(GATEWAY_B, EPOCH, vec![listed(first, 8080, 294)]);
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let mut renewed: Vec<(Key, LeaseId)> = sends(&actions)
+        .into_iter()
+        .map(|(key, request)| match request {
+            Message::Renew(renew) => (key, renew.lease),
+            other => panic!("expected only renewals, got {other:?}"),
+        })
+        .collect();
+    renewed.sort();
+    let mut expected = vec![(key1, first), (key2, second)];
+    expected.sort();
+    assert_eq!(renewed, expected, "{actions:?}");
+    assert_eq!(status(&mut sim).gateway, GATEWAY_B);
+
+    for (key, request) in sends(&actions) {
+        let (lease, port) = if key == key1 {
+            (first, 8080)
+        } else {
+            (second, 8081)
+        };
+        let answer = sim.input(Input::Answer {
+            key,
+            request_id: request.common().request_id,
+            result: Ok(granted(&request, lease, port, EPOCH)),
+        });
+        assert_eq!(mirror_holds(&answer), vec![(key, None)], "{answer:?}");
+        match &events(&answer)[..] {
+            [(APP, e)] => assert_eq!((e.kind, e.lease), (EventKind::Renewed, lease)),
+            other => panic!("expected renewed, got {other:?}"),
+        }
+    }
+    // Renewed: the next renewal is a normal one, not another burst.
+    let renewed_at = sim.now;
+    let (_, next, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert!(matches!(next, Message::Renew(_)), "{next:?}");
+    assert!(
+        sim.now - renewed_at >= Duration::from_secs(60),
+        "renewed again after {:?}",
+        sim.now - renewed_at
+    );
+}
+
+/// After a failover the new gateway answers a lease's Renew with unknown-lease (it really
+/// has not got it): that lease, and only that one, is opened again.
+#[test]
+fn failover_renewal_answered_unknown_lease_opens_that_lease_again() {
+    let mut sim = Sim::with(CLUSTER);
+    sim.link_up_at(GATEWAY_A, EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "timed out".into(),
+    });
+    let actions = sim.link_up_at(GATEWAY_B, EPOCH, Vec::new());
+    let (to, renew) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(renew, Message::Renew(_)), "{renew:?}");
+    let actions = sim.input(Input::Answer {
+        key,
+        request_id: renew.common().request_id,
+        result: Ok(Message::Denied(Denied {
+            common: common(renew.common().request_id.unwrap_or(0)),
+            code: ResultCode::UnknownLease,
+            reason: None,
+            retry_after: None,
+            lease: Some(lease),
+            unsupported: Vec::new(),
+        })),
+    });
+    let (to, open) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(open, Message::Open(_)), "{open:?}");
+}
+
+/// The other gateway welcomes the host under another epoch (not the same cluster's state):
+/// every lease is opened again, as after any epoch change.
+#[test]
+fn failover_under_another_epoch_reopens_as_before() {
+    let mut sim = Sim::with(CLUSTER);
+    sim.link_up_at(GATEWAY_A, EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "timed out".into(),
+    });
+    let actions = sim.link_up_at(GATEWAY_B, NEW_EPOCH, Vec::new());
+    let (to, open) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(open, Message::Open(_)), "{open:?}");
+}
+
+/// Back on the same gateway under the same epoch, nothing is renewed before its time (the
+/// gateway kept the leases and its kernel elements): only the failover renews at once.
+#[test]
+fn reconnecting_to_the_same_gateway_keeps_the_renewal_schedule() {
+    let mut sim = Sim::with(CLUSTER);
+    sim.link_up_at(GATEWAY_A, EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.link_up_at(GATEWAY_A, EPOCH, vec![listed(lease, 8080, 299)]);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
 }

@@ -1,0 +1,494 @@
+//! The real `fwnp-agent` with two gateways of one cluster on loopback: real QUIC endpoints
+//! with the gateway's TLS configuration and certificates, scripted to share one lease table as
+//! a cluster does (a lease granted through one is renewed through the other). The first
+//! gateway's machine dies: its packets stop, with no close and no reset (a relay in front of
+//! it drops everything, as a dead machine or a cut link does). The agent must notice within a
+//! second or two although the lifetimes would allow it much longer, go on with the second
+//! gateway at once, and renew the lease there under its own id: no re-open, no expiry, and
+//! the application hears nothing but that the lease was renewed. No root needed (mirror off).
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use fwnp_proto::local::{EventKind, LocalMessage};
+use fwnp_proto::{
+    Capabilities, Common, Denied, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Limits,
+    Message, Released, ResultCode, Target, Welcome,
+};
+
+/// The cluster's one epoch.
+const EPOCH: Epoch = 0x5c21_97ed_0000_00c1;
+/// Long enough that no renewal falls due during the test on its own, and that the protocol's
+/// M/8 idle timeout (7.5 s) would be far too slow to fail over in time.
+const LIFETIME_SECS: u32 = 60;
+const RENEW_AFTER_SECS: u32 = 45;
+/// The bound asserted from a gateway's death to the renewal answered by another: the aim is
+/// 3 s (1.5 s of silence, a handshake, a Renew; about 1.9 s here), with a margin for a loaded
+/// machine. Without the failover timers it takes the M/8 idle timeout, 7.5 s and more.
+const BOUND: Duration = Duration::from_secs(4);
+
+/// One request as a gateway of the scripted cluster saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    gateway: char,
+    at: Instant,
+    request: Message,
+}
+
+/// The scripted cluster's shared state: the leases, and every request each gateway answered.
+#[derive(Debug, Default)]
+struct Cluster {
+    leases: HashMap<LeaseId, (Grant, u64)>,
+    seen: Vec<Seen>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn denied(common: Common, code: ResultCode, lease: Option<LeaseId>) -> Message {
+    Message::Denied(Denied {
+        common,
+        code,
+        reason: None,
+        retry_after: None,
+        lease,
+        unsupported: Vec::new(),
+    })
+}
+
+/// Gateway `name`'s answer to one request from `remote`, on the shared lease table.
+fn answer(name: char, request: &Message, remote: IpAddr, cluster: &Mutex<Cluster>) -> Message {
+    let common = Common {
+        request_id: request.common().request_id,
+        critical: Vec::new(),
+    };
+    let mut cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    cluster.seen.push(Seen {
+        gateway: name,
+        at: Instant::now(),
+        request: request.clone(),
+    });
+    let granted = |common, lease, grant: Grant, expires_ms| {
+        Message::Granted(Granted {
+            common,
+            lease,
+            grants: vec![grant],
+            lifetime: LIFETIME_SECS,
+            expires_ms,
+            renew_after: RENEW_AFTER_SECS,
+            epoch: EPOCH,
+            narrowed: false,
+        })
+    };
+    match request {
+        Message::Hello(_) => Message::Welcome(Welcome {
+            common,
+            version: 1,
+            capabilities: Capabilities(Capabilities::ALL),
+            limits: Limits {
+                max_message_size: fwnp_proto::MAX_MESSAGE_SIZE as u32,
+                max_streams: 16,
+                min_lifetime: LIFETIME_SECS,
+                max_lifetime: LIFETIME_SECS,
+                max_leases: None,
+            },
+            epoch: EPOCH,
+            time_ms: now_ms(),
+            identity: "fwnp://host/web-01".into(),
+            addresses: vec![remote],
+        }),
+        Message::Open(open) => {
+            let Target::Ports { protocol, ports } = open.opening.target.clone() else {
+                return denied(common, ResultCode::UnknownApplication, None);
+            };
+            let grant = Grant {
+                protocol,
+                ports,
+                host: remote,
+                remotes: Vec::new(),
+                app: None,
+            };
+            let mut id = [0xc1; 16];
+            id[..8].copy_from_slice(&(cluster.leases.len() as u64 + 1).to_be_bytes());
+            let lease = LeaseId(id);
+            let expires_ms = now_ms() + u64::from(LIFETIME_SECS) * 1000;
+            cluster.leases.insert(lease, (grant.clone(), expires_ms));
+            granted(common, lease, grant, expires_ms)
+        }
+        Message::Renew(renew) => match cluster.leases.get_mut(&renew.lease) {
+            Some((grant, expires_ms)) => {
+                *expires_ms = now_ms() + u64::from(LIFETIME_SECS) * 1000;
+                granted(common, renew.lease, grant.clone(), *expires_ms)
+            }
+            None => denied(common, ResultCode::UnknownLease, Some(renew.lease)),
+        },
+        Message::List(_) => Message::Leases(Leases {
+            common,
+            leases: cluster
+                .leases
+                .iter()
+                .map(|(lease, (grant, expires_ms))| LeaseInfo {
+                    lease: *lease,
+                    grants: vec![grant.clone()],
+                    remaining: (expires_ms.saturating_sub(now_ms()) / 1000) as u32,
+                    expires_ms: *expires_ms,
+                    app: None,
+                })
+                .collect(),
+            epoch: EPOCH,
+        }),
+        Message::Release(release) => {
+            cluster.leases.remove(&release.lease);
+            Message::Released(Released {
+                common,
+                lease: release.lease,
+            })
+        }
+        _ => denied(common, ResultCode::MalformedRequest, None),
+    }
+}
+
+/// Serves every connection and stream of `endpoint` as gateway `name`.
+async fn gateway(name: char, endpoint: quinn::Endpoint, cluster: Arc<Mutex<Cluster>>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            let Ok(connection) = incoming.await else {
+                return;
+            };
+            let remote = connection.remote_address().ip();
+            while let Ok((mut send, mut recv)) = connection.accept_bi().await {
+                let cluster = cluster.clone();
+                tokio::spawn(async move {
+                    let Ok(bytes) = recv.read_to_end(fwnp_proto::MAX_MESSAGE_SIZE).await else {
+                        return;
+                    };
+                    let Ok(request) = fwnp_proto::codec::decode(&bytes) else {
+                        return;
+                    };
+                    let reply = answer(name, &request, remote, &cluster);
+                    let _ = send.write_all(&fwnp_proto::codec::encode(&reply)).await;
+                    let _ = send.finish();
+                });
+            }
+        });
+    }
+}
+
+/// A UDP relay on loopback in front of a gateway, for one client; when `alive` turns false it
+/// drops every datagram both ways, as a machine that died does. Its threads end with the test
+/// process (each read waits at most 50 ms, and they stop once `alive` is false).
+fn relay(upstream: SocketAddr, alive: Arc<AtomicBool>) -> SocketAddr {
+    let front = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the relay");
+    let back = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind the relay");
+    back.connect(upstream).expect("connect the relay");
+    for socket in [&front, &back] {
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+    }
+    let address = front.local_addr().expect("address");
+    let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+    let (front2, back2) = (
+        front.try_clone().expect("clone"),
+        back.try_clone().expect("clone"),
+    );
+    let (alive2, client2) = (alive.clone(), client.clone());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65_536];
+        while alive.load(Ordering::SeqCst) {
+            if let Ok((n, from)) = front.recv_from(&mut buf) {
+                *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+                if alive.load(Ordering::SeqCst) {
+                    let _ = back.send(&buf[..n]);
+                }
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 65_536];
+        while alive2.load(Ordering::SeqCst) {
+            if let Ok(n) = back2.recv(&mut buf) {
+                let to = *client2.lock().unwrap_or_else(|e| e.into_inner());
+                if let (Some(to), true) = (to, alive2.load(Ordering::SeqCst)) {
+                    let _ = front2.send_to(&buf[..n], to);
+                }
+            }
+        }
+    });
+    address
+}
+
+#[test]
+fn the_agent_fails_over_to_the_next_gateway_and_renews_its_lease_there_within_seconds() {
+    let pki = Pki::with_gateway_ips("failover", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    let a_alive = Arc::new(AtomicBool::new(true));
+    let a = {
+        let endpoint = gateway_endpoint(&pki, &runtime);
+        let address = endpoint.local_addr().expect("address");
+        runtime.spawn(gateway('A', endpoint, cluster.clone()));
+        relay(address, a_alive.clone())
+    };
+    let b = {
+        let endpoint = gateway_endpoint(&pki, &runtime);
+        let address = endpoint.local_addr().expect("address");
+        runtime.spawn(gateway('B', endpoint, cluster.clone()));
+        address
+    };
+
+    let dir = temp_dir("failover");
+    let config = dir.path().join("agent.toml");
+    let text = agent_config(
+        &pki,
+        "web-01",
+        dir.path(),
+        "PLACEHOLDER",
+        "off",
+        &my_uid().to_string(),
+        "1s",
+    )
+    .replace(
+        "address = \"PLACEHOLDER\"",
+        &format!("addresses = [\"{a}\", \"{b}\"]"),
+    );
+    assert!(text.contains("addresses = ["), "{text}");
+    std::fs::write(&config, text).expect("write config");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        agent_command(&config).spawn().expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let now = status.status();
+        if now.connected {
+            assert_eq!(now.gateway, a.to_string(), "the first gateway listed first");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut client = LocalClient::connect(&socket);
+    let granted = match client.open(fwnp_proto::Protocol::Tcp, port, None, STEP) {
+        LocalMessage::Wire(Message::Granted(granted)) => granted,
+        other => panic!("Open answered with {other:?}"),
+    };
+    client.watch(Some(granted.lease));
+    // A connection that lived less than a second is not followed at once by the next gateway.
+    std::thread::sleep(Duration::from_millis(1200));
+
+    // Gateway A's machine dies.
+    a_alive.store(false, Ordering::SeqCst);
+    let died = Instant::now();
+
+    let renewed = client
+        .event(STEP)
+        .into_iter()
+        .chain(std::iter::from_fn(|| client.event(STEP)))
+        .find(|e| e.kind != EventKind::GatewayUnreachable)
+        .expect("no event after the failover");
+    let answered = died.elapsed();
+    assert_eq!(
+        (renewed.kind, renewed.lease),
+        (EventKind::Renewed, granted.lease),
+        "{renewed:?}"
+    );
+    eprintln!("failover: gateway A died, the lease was renewed through B {answered:?} later");
+    assert!(
+        answered < BOUND,
+        "renewed through B {answered:?} after A died, bound {BOUND:?}"
+    );
+    let now = status.status();
+    assert_eq!((now.connected, now.gateway), (true, b.to_string()));
+
+    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    let opens: Vec<&Seen> = cluster
+        .seen
+        .iter()
+        .filter(|s| matches!(s.request, Message::Open(_)))
+        .collect();
+    assert_eq!(opens.len(), 1, "opened again: {opens:?}");
+    assert_eq!(opens[0].gateway, 'A');
+    let renewals: Vec<&Seen> = cluster
+        .seen
+        .iter()
+        .filter(|s| matches!(&s.request, Message::Renew(r) if r.lease == granted.lease))
+        .collect();
+    assert!(
+        !renewals.is_empty() && renewals.iter().all(|s| s.gateway == 'B' && s.at > died),
+        "{renewals:?}"
+    );
+    drop(listener);
+}
+
+/// The namespace-specific resolver configuration that `ip netns exec` puts in place of
+/// `/etc/resolv.conf` (see ip-netns(8)), removed when dropped.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn write(ns: &fwnp_testkit::netns::Netns, nameserver: Ipv4Addr) -> Self {
+        let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name()));
+        std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )
+        .expect("write resolv.conf");
+        NetnsResolvConf(dir)
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Whether dnsmasq is here (Debian's dnsmasq-base, which scripts/deps.sh installs); skips
+/// with a message otherwise, a failure under FWNP_REQUIRE_NETNS=1.
+fn dnsmasq_available(test: &str) -> bool {
+    if !fwnp_testkit::netns::require_root(test) {
+        return false;
+    }
+    if std::process::Command::new("dnsmasq")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    let var = fwnp_testkit::netns::REQUIRE_NETNS_VAR;
+    assert!(
+        std::env::var(var).as_deref() != Ok("1"),
+        "{test}: needs dnsmasq (apt-get install dnsmasq-base) and {var}=1 forbids skipping it"
+    );
+    eprintln!("{test}: skipped: dnsmasq is not installed (apt-get install dnsmasq-base)");
+    false
+}
+
+/// The agent configured with an SRV name finds its gateway through DNS (a real dnsmasq on the
+/// loopback of a namespace of its own): the target of the lowest priority has no address, so
+/// the agent goes on with the next one, verifies its certificate against the target's name and
+/// connects; Status names that target.
+#[test]
+fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
+    let test = "an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order";
+    if !dnsmasq_available(test) {
+        return;
+    }
+    let ns = fwnp_testkit::netns::Netns::new("srv").expect("namespace");
+    let _resolv = NetnsResolvConf::write(&ns, Ipv4Addr::LOCALHOST);
+    let pki = Pki::with_gateway_ips("srv", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    // The gateway's socket is made inside the namespace, where the agent will look for it.
+    let endpoint = ns.run(|| gateway_endpoint(&pki, &runtime));
+    let port = endpoint.local_addr().expect("address").port();
+    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+
+    let mut dnsmasq = ProcessGuard(Some(
+        ns.spawn(std::process::Command::new("dnsmasq").args([
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--srv-host=_fwnp._udp.example.test,nowhere.example.test,4433,10,0",
+            &format!("--srv-host=_fwnp._udp.example.test,{GATEWAY_NAME},{port},20,0"),
+            &format!("--host-record={GATEWAY_NAME},127.0.0.1"),
+        ]))
+        .expect("start dnsmasq"),
+    ));
+    let answering = fwnp_testkit::netns::wait_until(STEP, Duration::from_millis(50), || {
+        ns.exec(&["ss", "-uln", "sport = :53"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:53"))
+    });
+    assert!(answering, "dnsmasq does not listen");
+    assert!(
+        dnsmasq
+            .0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "dnsmasq exited"
+    );
+
+    let dir = temp_dir("srv");
+    let config = dir.path().join("agent.toml");
+    let text = agent_config(
+        &pki,
+        "web-01",
+        dir.path(),
+        "PLACEHOLDER",
+        "off",
+        &my_uid().to_string(),
+        "1s",
+    )
+    .replace(
+        "address = \"PLACEHOLDER\"",
+        "srv = \"_fwnp._udp.example.test\"",
+    )
+    .replace(&format!("server_name = \"{GATEWAY_NAME}\"\n"), "");
+    assert!(
+        text.contains("srv = ") && !text.contains("server_name"),
+        "{text}"
+    );
+    std::fs::write(&config, text).expect("write config");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        ns.spawn(&mut agent_command(&config))
+            .expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + STEP;
+    let connected = loop {
+        let now = status.status();
+        if now.connected {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect through the SRV name: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
+    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    assert!(
+        cluster
+            .seen
+            .iter()
+            .any(|s| matches!(s.request, Message::Hello(_))),
+        "{:?}",
+        cluster.seen
+    );
+}
