@@ -1,9 +1,11 @@
 //! `fwnp-load --baseline`: one short run measures the bare QUIC server and the gateway in
 //! alternating phases and reports both, with FWNP's figures over the baseline's. Only that the
 //! report is whole and consistent is checked here, never a speed: speed is what the tool
-//! measures, on a machine whose load no test controls.
+//! measures, on a machine whose load no test controls. `fwnp-load --restart` stops the gateway
+//! after its prefill and starts it again on the same store: the restarted gateway must renew a
+//! lease the first one granted.
 //!
-//! The run in a network namespace needs root: skipped otherwise, failing instead when
+//! The runs in a network namespace need root: skipped otherwise, failing instead when
 //! FWNP_REQUIRE_NETNS=1.
 
 use std::process::Command;
@@ -129,4 +131,35 @@ fn baseline_open_loop_in_a_namespace_reports_both_sides_from_one_run() {
         let sent = number(side, &["sent"]);
         assert!((300.0..=410.0).contains(&sent), "{report:#}");
     }
+}
+
+#[test]
+fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
+    if !require_root("restart_times_a_gateway_back_to_ready_with_its_prefilled_leases") {
+        return;
+    }
+    let report = load(&[
+        "--hosts",
+        "2",
+        "--concurrency",
+        "2",
+        "--prefill",
+        "300",
+        "--netns",
+        "--restart",
+    ]);
+    assert_eq!(report["mode"], "restart");
+    assert_eq!(report["kernel_filter"], true);
+    // The restarted gateway answered and renewed a lease the first one granted: it was
+    // restored from the store.
+    assert_eq!(
+        report["restart"]["prefilled_lease_renewed"], true,
+        "{report:#}"
+    );
+    let ready = number(&report, &["restart", "ready_s"]);
+    assert!(ready > 0.0 && ready < 300.0, "{report:#}");
+    assert!(
+        number(&report, &["gateway_rss_kib", "after_restart"]) > 0.0,
+        "{report:#}"
+    );
 }
