@@ -3,7 +3,9 @@
 //! etcd` (alone or beside SQLite) runs the gateway on a three-member etcd cluster started for
 //! the run, and measures etcd's own write ceiling in the same phases. Only that the report is
 //! whole and consistent is checked here, never a speed: speed is what the tool measures, on a
-//! machine whose load no test controls.
+//! machine whose load no test controls. `fwnp-load --restart` stops the gateway after its
+//! prefill and starts it again on the same store: the restarted gateway must renew a lease the
+//! first one granted.
 //!
 //! The runs in a network namespace and with etcd need root (and etcd installed): skipped
 //! otherwise, failing instead when FWNP_REQUIRE_NETNS=1.
@@ -287,4 +289,35 @@ fn etcd_alone_reports_its_grants_and_the_ceiling_of_etcd() {
         "{report:#}"
     );
     check_etcd_ceiling(&report, &[1.0, 8.0]);
+}
+
+#[test]
+fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
+    if !require_root("restart_times_a_gateway_back_to_ready_with_its_prefilled_leases") {
+        return;
+    }
+    let report = load(&[
+        "--hosts",
+        "2",
+        "--concurrency",
+        "2",
+        "--prefill",
+        "300",
+        "--netns",
+        "--restart",
+    ]);
+    assert_eq!(report["mode"], "restart");
+    assert_eq!(report["kernel_filter"], true);
+    // The restarted gateway answered and renewed a lease the first one granted: it was
+    // restored from the store.
+    assert_eq!(
+        report["restart"]["prefilled_lease_renewed"], true,
+        "{report:#}"
+    );
+    let ready = number(&report, &["restart", "ready_s"]);
+    assert!(ready > 0.0 && ready < 300.0, "{report:#}");
+    assert!(
+        number(&report, &["gateway_rss_kib", "after_restart"]) > 0.0,
+        "{report:#}"
+    );
 }

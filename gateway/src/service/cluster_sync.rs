@@ -100,8 +100,13 @@ impl Service {
             Applied::Inserted => self.metrics.live_leases.inc(),
             _ => {}
         }
-        if let Some(certificate) = &record.certificate {
-            lock(&self.lease_credentials).insert(record.id, Arc::new(certificate.clone()));
+        match &record.certificate {
+            Some(certificate) => lock(&self.lease_credentials).set(
+                &record.identity,
+                record.id,
+                &Arc::new(certificate.clone()),
+            ),
+            None => lock(&self.lease_credentials).set_unknown(record.id),
         }
         // A new expiry, earlier perhaps than the one the timer waits for.
         self.expiry_changed.notify_one();
@@ -127,7 +132,7 @@ impl Service {
             // Ended here (this gateway's own write coming back) or never known.
             return;
         };
-        lock(&self.lease_credentials).remove(id);
+        lock(&self.lease_credentials).forget(id);
         self.metrics.live_leases.dec();
         let kill = match end.map(|e| e.ending.end) {
             Some(LeaseEnd::Released | LeaseEnd::Revoked(_)) => self.config.filter.kill_connections,

@@ -61,10 +61,14 @@ use fwnp_trust::identity::{Serial, allowed_addresses};
 mod admin_api;
 mod admission;
 mod cluster_sync;
+mod credentials;
 mod kernel;
+#[cfg(test)]
+mod memory_tests;
 mod request;
 mod revocation;
 
+use credentials::LeaseCredentials;
 use kernel::{Holders, RefreshError, elements_of_all, remaining};
 
 /// The gateway's state and its answers to every request.
@@ -111,7 +115,7 @@ pub struct Service {
     /// revoke the leases of a revoked certificate whose host is not connected. The store keeps
     /// it too (restored at start); leases stored by a gateway of schema 1 have no entry until
     /// they are renewed.
-    lease_credentials: Mutex<HashMap<LeaseId, Arc<fwnp_trust::identity::CertificateName>>>,
+    lease_credentials: Mutex<LeaseCredentials>,
     /// The live leases that hold each kernel element, with their expiries (Unix ms). Two
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
@@ -326,7 +330,7 @@ impl Service {
             started: Instant::now(),
             endpoints: Mutex::new(Vec::new()),
             revoked_certificates: Mutex::new(Arc::default()),
-            lease_credentials: Mutex::new(HashMap::new()),
+            lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Mutex::new(Holders::default()),
             cluster: std::sync::OnceLock::new(),
             config,
@@ -418,11 +422,14 @@ impl Service {
             > = HashMap::new();
             let mut credentials = lock(&self.lease_credentials);
             for record in &restored.live {
-                if let Some(certificate) = &record.certificate {
-                    let name = shared
-                        .entry(certificate)
-                        .or_insert_with(|| Arc::new(certificate.clone()));
-                    credentials.insert(record.id, name.clone());
+                match &record.certificate {
+                    Some(certificate) => {
+                        let name = shared
+                            .entry(certificate)
+                            .or_insert_with(|| Arc::new(certificate.clone()));
+                        credentials.set(&record.identity, record.id, name);
+                    }
+                    None => credentials.set_unknown(record.id),
                 }
             }
         }

@@ -431,7 +431,7 @@ impl Service {
         // A lease out of the book is gone whatever the store says: the records follow the book.
         for write in writes {
             if let Write::End { id, end, by, .. } = write {
-                lock(&self.lease_credentials).remove(id);
+                lock(&self.lease_credentials).forget(id);
                 self.metrics.live_leases.dec();
                 let label = match end {
                     LeaseEnd::Released => "released",
@@ -450,15 +450,18 @@ impl Service {
                 Write::Insert { lease, .. } => {
                     self.metrics.live_leases.inc();
                     self.expiry_changed.notify_one();
-                    if let Some(certificate) = &certificate {
-                        lock(&self.lease_credentials).insert(lease.id, certificate.clone());
+                    let mut credentials = lock(&self.lease_credentials);
+                    match &certificate {
+                        Some(certificate) => credentials.set(&lease.host, lease.id, certificate),
+                        None => credentials.set_unknown(lease.id),
                     }
                 }
                 // A Renew may shorten the lease: the timer must look at the new expiry.
                 Write::Renew { id, .. } => {
                     self.expiry_changed.notify_one();
-                    if let Some(certificate) = &certificate {
-                        lock(&self.lease_credentials).insert(*id, certificate.clone());
+                    // Only a host renews its own leases: the session's identity is the lease's.
+                    if let Some(peer) = session.and_then(|s| s.peer.as_ref()) {
+                        lock(&self.lease_credentials).set(&peer.identity, *id, &peer.certificate);
                     }
                 }
                 _ => {}

@@ -236,9 +236,9 @@ impl Service {
             let book = core.book();
             let mut credentials = lock(&self.lease_credentials);
             // Entries of leases that ended by a path that raced with their renewal.
-            credentials.retain(|id, _| book.get(id).is_some());
+            credentials.retain_in(book);
             book.iter()
-                .filter_map(|lease| match credentials.get(&lease.id) {
+                .filter_map(|lease| match credentials.get(&lease.host, &lease.id) {
                     Some(certificate) if revoked.lists(certificate) => Some((
                         lease.id,
                         lease.host.to_string(),

@@ -12,6 +12,7 @@
 //! fwnp-load --hosts 200 --duration 20s                 closed loop: as fast as the gateway goes
 //! fwnp-load --rate 1000 --duration 30s                 open loop at 1,000 requests/s
 //! fwnp-load --netns --prefill 1000000 --duration 0s    a million live leases, then memory
+//! fwnp-load --netns --prefill 1000000 --restart        the same, then a restart until ready
 //! fwnp-load --netns --mix 100,0,0 --baseline           beside a bare QUIC server, alternating
 //! fwnp-load --netns --baseline --store sqlite,etcd     and on both stores, and etcd alone
 //! ```
@@ -105,6 +106,12 @@ struct Args {
     /// affects both; each side is measured for `--duration` in all.
     #[arg(long, conflicts_with_all = ["idle", "flood_hosts"])]
     baseline: bool,
+    /// Restart time: after `--prefill`, stop the gateway (SIGTERM) and start it again on the
+    /// same store, and report how long it took from its start until it answered a Hello (it
+    /// listens once its leases are restored and, with `--netns`, back in the kernel), its
+    /// memory then, and whether a lease of the prefill is renewed. Nothing is measured after.
+    #[arg(long, requires = "prefill", conflicts_with_all = ["idle", "rate", "flood_hosts", "baseline"])]
+    restart: bool,
     /// With `--baseline` or several stores: how many phases each side's `--duration` is split
     /// into (2 by default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -197,6 +204,23 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    /// Stops the server as its service manager would (SIGTERM) and waits for it to exit, for
+    /// at most `patience`; then kills it.
+    fn stop(&mut self, patience: Duration) -> Result<(), Box<dyn std::error::Error>> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + patience;
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        self.child.wait()?;
+        Err(format!("the server did not stop within {patience:?} of SIGTERM").into())
+    }
+
     fn cpu_seconds(&self) -> Option<f64> {
         cpu_seconds_of(&format!("/proc/{}/stat", self.child.id()))
     }
@@ -1030,7 +1054,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         )?);
     }
     let mut servers = servers.into_iter();
-    let gateway = servers.next().ok_or("no store")?;
+    let mut gateway = servers.next().ok_or("no store")?;
     // The baseline server where the gateway runs, on the same CPUs and threads.
     let baseline_server = if args.baseline {
         Some(spawn_server(
@@ -1196,6 +1220,69 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let prefill_secs = prefill_started.elapsed().as_secs_f64();
     let rss_after_prefill = gateway.rss_kib();
+
+    if args.restart {
+        let stop_started = Instant::now();
+        gateway.stop(Duration::from_secs(120))?;
+        let stop_secs = stop_started.elapsed().as_secs_f64();
+        let load_before = load_average();
+        let restarted = Instant::now();
+        gateway = spawn_server(
+            &args,
+            namespace.as_ref(),
+            &gateway_bin,
+            &dir.join("gateway.toml"),
+            &dir.join("gateway-restarted.log"),
+        )?;
+        let log = dir.join("gateway-restarted.log");
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let host = connect_host(
+            &endpoint,
+            &client_configs[0],
+            gateway_addr,
+            0,
+            deadline,
+            &log,
+        )
+        .await?;
+        let ready_secs = restarted.elapsed().as_secs_f64();
+        let rss_restarted = gateway.rss_kib();
+        // A lease of the prefill, renewed through the restarted gateway: it was restored.
+        let lease = hosts[0].held.lock().await.first().copied();
+        let renewed = match lease {
+            Some(lease) => {
+                let renew = request(&Kind::Renew, &host, Some(lease), args.lifetime, 1);
+                matches!(exchange(&host.connection, &renew).await, Ok(Message::Granted(g)) if g.lease == lease)
+            }
+            None => false,
+        };
+        let report = json!({
+            "mode": "restart",
+            "hosts": args.hosts,
+            "kernel_filter": args.netns,
+            "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
+            "restart": {
+                "stop_s": stop_secs,
+                // From the new process's start to its Welcome to the first host.
+                "ready_s": ready_secs,
+                "prefilled_lease_renewed": renewed,
+                "load_average_at_start": load_before,
+            },
+            "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "after_restart": rss_restarted },
+            "load_average": load_average(),
+        });
+        eprintln!(
+            "fwnp-load: restart: ready in {ready_secs:.2} s (load {})",
+            load_before.as_deref().unwrap_or("?")
+        );
+        print_report(&args, &report)?;
+        drop(gateway);
+        drop(namespace);
+        if !args.keep {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        return Ok(());
+    }
 
     // Flood isolation: first the other hosts alone at the offered rate, as the reference.
     let flood_hosts = args.flood_hosts.min(args.hosts.saturating_sub(1));
