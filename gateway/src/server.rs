@@ -4,6 +4,7 @@
 //! business; this module only moves bytes and enforces the transport's limits.
 
 use std::future::IntoFuture;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -122,26 +123,22 @@ async fn handle_connection(
     }
     info!(session = session.id, identity = session.identity(), %remote, "connected");
     service.metrics.connections.inc();
-    let hello_deadline = tokio::time::sleep(HELLO_TIMEOUT);
-    tokio::pin!(hello_deadline);
-    // Whether the Hello timer still runs. The Hello is answered by its stream's own task, so
-    // whether the host is welcomed is read when the timer fires: read when this loop waits for
-    // the next stream, it would be the state before the Hello's answer, and a host that says
-    // Hello and then stays quiet would be closed by a timer it had already satisfied.
-    let mut awaiting_hello = true;
-    let pause = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(pause);
-    let mut paused = false;
+    // The Hello timer and the pause after a rate-limited request are on the heap, and only while
+    // they run: this task lives as long as its connection, idle most of the time, and a task
+    // keeps room for every state its future may reach (a timer inline is some 100 bytes).
+    let mut hello_deadline = Some(Box::pin(tokio::time::sleep(HELLO_TIMEOUT)));
+    let mut pause: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    // The Hello is answered by its stream's own task, so whether the host is welcomed is read
+    // when the timer fires: read when this loop waits for the next stream, it would be the state
+    // before the Hello's answer, and a host that says Hello and then stays quiet would be closed
+    // by a timer it had already satisfied.
     loop {
-        if !paused && session.rate_limited.swap(false, Ordering::AcqRel) {
-            pause
-                .as_mut()
-                .reset(tokio::time::Instant::now() + RATE_LIMITED_PAUSE);
-            paused = true;
+        if pause.is_none() && session.rate_limited.swap(false, Ordering::AcqRel) {
+            pause = Some(Box::pin(tokio::time::sleep(RATE_LIMITED_PAUSE)));
         }
         tokio::select! {
-            _ = &mut pause, if paused => paused = false,
-            stream = connection.accept_bi(), if !paused => match stream {
+            () = wait(&mut pause), if pause.is_some() => pause = None,
+            stream = connection.accept_bi(), if pause.is_none() => match stream {
                 Ok((send, recv)) => {
                     let service = service.clone();
                     let session = session.clone();
@@ -149,8 +146,8 @@ async fn handle_connection(
                 }
                 Err(e) => { debug!(session = session.id, "closed: {e}"); break; }
             },
-            _ = &mut hello_deadline, if awaiting_hello => {
-                awaiting_hello = false;
+            () = wait(&mut hello_deadline), if hello_deadline.is_some() => {
+                hello_deadline = None;
                 if !session.welcomed.load(Ordering::Acquire) {
                     session.close(QuicErrorCode::RequestTimeout, "no Hello in time");
                     break;
@@ -214,6 +211,13 @@ async fn handle_stream(
         // Let the answer leave before the connection closes.
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
         session.close(QuicErrorCode::VersionMismatch, "no version in common");
+    }
+}
+
+/// Waits for a timer that may not run (a `select!` branch is disabled then).
+async fn wait(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    if let Some(timer) = timer {
+        timer.await;
     }
 }
 

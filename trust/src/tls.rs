@@ -21,7 +21,8 @@
 //!   bidirectional one. Connection migration is off by default (see
 //!   [`ServerOptions::allow_migration`]). The gateway's flow-control windows hold one message
 //!   per stream, it takes no QUIC datagrams, and it keeps no more than one packet of send buffer
-//!   per connection, so that many idle hosts cost little.
+//!   per connection, of QUIC's minimum size (no path MTU discovery), so that many idle hosts
+//!   cost little.
 //!
 //! # Reloading the CRL
 //!
@@ -267,6 +268,12 @@ pub fn server_config(
 /// largest burst it ever sent (up to ten packets, typically its handshake flight) for its whole
 /// life; without it, one packet's worth. The gateway's answers fit in one packet each, so the
 /// offload saved nothing but cost about 10 KiB on every idle connection.
+///
+/// Path MTU discovery is off: packets stay at QUIC's 1,200 bytes, which every path carries. The
+/// discovered size (up to 1,452 bytes) only let the few answers larger than a packet take one
+/// packet less, while each connection's send buffer, sized for one packet of the current MTU and
+/// never shrunk, grew from 1,200 to 2,400 bytes when the MTU rose above 1,200 (and each
+/// connection sent probe packets to find it).
 fn limit_windows(transport: &mut TransportConfig, streams: u32) {
     let message = fwnp_proto::MAX_MESSAGE_SIZE as u64;
     // Notices and answers share the send buffer: room for every request stream's answer and a
@@ -277,7 +284,8 @@ fn limit_windows(transport: &mut TransportConfig, streams: u32) {
         .receive_window(VarInt::from_u64(connection).unwrap_or(VarInt::MAX))
         .send_window(connection)
         .datagram_receive_buffer_size(None)
-        .enable_segmentation_offload(false);
+        .enable_segmentation_offload(false)
+        .mtu_discovery_config(None);
 }
 
 /// The host agent's QUIC client configuration: TLS 1.3, the gateway verified against `ca_roots`
