@@ -397,6 +397,22 @@ pub struct RestoreReport {
     pub over_capacity: Vec<Lease>,
 }
 
+/// What [`LeaseBook::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The book did not hold the lease: it does now.
+    Inserted,
+    /// The book held the lease with another expiry, lifetime or application: it has the new.
+    Changed {
+        /// Its expiry before, Unix milliseconds.
+        previous_expires_ms: u64,
+    },
+    /// The book held the lease as it is.
+    Unchanged,
+    /// The book is full (about 4 billion leases): not inserted.
+    OverCapacity,
+}
+
 /// The gateway's live leases, indexed by id, host, (host, grants) and expiry.
 #[derive(Debug, Default)]
 pub struct LeaseBook {
@@ -666,6 +682,61 @@ impl LeaseBook {
         report
     }
 
+    /// Takes in a lease as another gateway of a cluster stored it (or as this one's own write
+    /// comes back from the cluster store): a lease the book lacks is inserted, whatever its
+    /// expiry (one already past is then ended by the next [`expire_due`](Self::expire_due), so
+    /// that an end the cluster missed is carried out); a lease the book holds takes the stored
+    /// expiry, lifetime and application. Quotas are not applied: the store applied them.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use fwnp_proto::LeaseId;
+    /// use fwnp_proto::gateway::{Applied, Lease, LeaseBook};
+    ///
+    /// let mut book = LeaseBook::new();
+    /// let lease = Lease {
+    ///     id: LeaseId([1; 16]),
+    ///     host: Arc::from("fwnp://host/web-01"),
+    ///     grants: Vec::new(),
+    ///     lifetime: 60,
+    ///     created_ms: 1_000,
+    ///     expires_ms: 61_000,
+    ///     app: None,
+    /// };
+    /// assert_eq!(book.apply(lease.clone()), Applied::Inserted);
+    /// assert_eq!(book.apply(lease.clone()), Applied::Unchanged);
+    /// let renewed = Lease { expires_ms: 91_000, ..lease };
+    /// assert_eq!(book.apply(renewed), Applied::Changed { previous_expires_ms: 61_000 });
+    /// assert_eq!(book.next_expiry(), Some(91_000));
+    /// ```
+    pub fn apply(&mut self, mut lease: Lease) -> Applied {
+        if let Some(held) = self.get(&lease.id) {
+            if held.expires_ms == lease.expires_ms
+                && held.lifetime == lease.lifetime
+                && held.app == lease.app
+            {
+                return Applied::Unchanged;
+            }
+            let previous_expires_ms = held.expires_ms;
+            self.set_expiry(&lease.id, lease.expires_ms);
+            if let Some(held) = self.get_mut(&lease.id) {
+                held.lifetime = lease.lifetime;
+                held.app = lease.app;
+            }
+            return Applied::Changed {
+                previous_expires_ms,
+            };
+        }
+        if self.leases.len() >= MAX_LEASES {
+            return Applied::OverCapacity;
+        }
+        lease.grants = canonical_grants(&lease.grants);
+        lease.host = self.intern_host(&lease.host);
+        let fingerprint = self.fingerprint(&lease.host, &lease.grants);
+        self.insert_indexed(lease, fingerprint);
+        Applied::Inserted
+    }
+
     fn live_owned(&self, now_ms: u64, host: &str, id: &LeaseId) -> Result<&Lease, Refusal> {
         self.owned(host, id)
             .filter(|lease| lease.expires_ms > now_ms)
@@ -895,6 +966,68 @@ mod tests {
             })
             .collect();
         Opening { remotes, ..opening }
+    }
+
+    #[test]
+    fn an_applied_lease_joins_every_index_and_an_applied_end_past_is_reaped() {
+        let mut book = LeaseBook::new();
+        let grant = |port| Grant {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            host: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+            remotes: Vec::new(),
+            app: None,
+        };
+        let lease = Lease {
+            id: LeaseId([3; 16]),
+            host: Arc::from("fwnp://host/a"),
+            // Not in canonical order: the book sorts them, as it does its own.
+            grants: vec![grant(443), grant(80)],
+            lifetime: 60,
+            created_ms: 0,
+            expires_ms: 60_000,
+            app: None,
+        };
+        assert_eq!(book.apply(lease.clone()), Applied::Inserted);
+        assert!(book.owned("fwnp://host/a", &lease.id).is_some());
+        assert!(book.owned("fwnp://host/b", &lease.id).is_none());
+        assert_eq!(book.lease_count("fwnp://host/a"), 1);
+        assert_eq!(
+            book.get(&lease.id).map(|l| l.grants.clone()),
+            Some(vec![grant(80), grant(443)])
+        );
+        // A renewal made elsewhere that shortens the lease is taken as it is.
+        let shorter = Lease {
+            expires_ms: 30_000,
+            lifetime: 30,
+            ..lease.clone()
+        };
+        assert_eq!(
+            book.apply(shorter.clone()),
+            Applied::Changed {
+                previous_expires_ms: 60_000
+            }
+        );
+        assert_eq!(book.next_expiry(), Some(30_000));
+        assert_eq!(book.apply(shorter), Applied::Unchanged);
+        // Renew from its host works on the applied lease.
+        let renewed = book
+            .renew(10_000, "fwnp://host/a", &lease.id, Some(120), POLICY)
+            .expect("renewed");
+        assert_eq!(renewed.previous_expires_ms, 30_000);
+        // A lease stored with an expiry already past is taken, and the next reaping ends it.
+        let past = Lease {
+            id: LeaseId([4; 16]),
+            expires_ms: 5_000,
+            ..lease
+        };
+        assert_eq!(book.apply(past.clone()), Applied::Inserted);
+        let reaped = book.expire_due(6_000);
+        assert_eq!(
+            reaped.iter().map(|l| l.id).collect::<Vec<_>>(),
+            vec![past.id]
+        );
+        assert_eq!(book.len(), 1);
     }
 
     #[test]

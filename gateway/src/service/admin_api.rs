@@ -126,7 +126,15 @@ impl Service {
                 })?);
         }
         let now = now_ms();
-        let leases: Vec<LeaseRecord> = self.read_store(move |store| store.leases(&filter)).await?;
+        // With etcd, the cluster's leases, whichever gateway granted them; this gateway's own
+        // database holds none.
+        let leases: Vec<LeaseRecord> = match &self.cluster {
+            Some(cluster) => cluster
+                .leases(&filter)
+                .await
+                .map_err(|e| AdminError::internal(e.to_string()))?,
+            None => self.read_store(move |store| store.leases(&filter)).await?,
+        };
         Ok(LeasesAnswer {
             leases: leases.iter().map(|l| l.view(now)).collect(),
         })

@@ -60,6 +60,7 @@ use fwnp_trust::identity::{Serial, allowed_addresses};
 
 mod admin_api;
 mod admission;
+mod cluster_sync;
 mod kernel;
 mod request;
 mod revocation;
@@ -92,6 +93,8 @@ pub struct Service {
     queries: Arc<dyn StoreQueries>,
     /// Where the request path writes leases and their audit records.
     leases: Arc<dyn LeaseStore>,
+    /// The cluster store, with the etcd backend: its watch is applied to the book and kernel.
+    cluster: Option<crate::store::EtcdStore>,
     filter: Option<Batcher>,
     epoch: Epoch,
     rng: Mutex<StdRng>,
@@ -212,13 +215,15 @@ impl Service {
             options.synchronous = crate::store::Synchronous::Full;
         }
         let store = Arc::new(Store::open_with(&config.state_dir, options)?);
-        let leases: Arc<dyn LeaseStore> = match &config.store.backend {
+        match &config.store.backend {
             crate::config::StoreBackend::Etcd(etcd) => {
-                Arc::new(crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?)
+                let cluster =
+                    crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?;
+                let leases = Arc::new(cluster.clone());
+                Self::start_inner(config, filter, store, leases, Some(cluster)).await
             }
-            _ => store.clone(),
-        };
-        Self::start_with_store(config, filter, store, leases).await
+            _ => Self::start_with_store(config, filter, store.clone(), store).await,
+        }
     }
 
     /// As [`Service::start`], with the leases written to and restored from `leases` and the
@@ -229,6 +234,16 @@ impl Service {
         filter: Option<Batcher>,
         queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
+    ) -> Result<Arc<Service>, StartError> {
+        Self::start_inner(config, filter, queries, leases, None).await
+    }
+
+    async fn start_inner(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+        queries: Arc<dyn StoreQueries>,
+        leases: Arc<dyn LeaseStore>,
+        cluster: Option<crate::store::EtcdStore>,
     ) -> Result<Arc<Service>, StartError> {
         let policy = Policy::load(&config.policy)?;
         for warning in policy.warnings() {
@@ -259,6 +274,7 @@ impl Service {
             expiry_changed: tokio::sync::Notify::new(),
             queries,
             leases,
+            cluster,
             filter,
             epoch,
             rng: Mutex::new(StdRng::from_os_rng()),
@@ -274,6 +290,11 @@ impl Service {
             config,
         });
         service.restore().await?;
+        // From the revision of the restore on, every lease of the cluster comes through here.
+        if let Some(cluster) = &service.cluster {
+            let changes = cluster.watch()?;
+            tokio::spawn(Self::follow_cluster(Arc::downgrade(&service), changes));
+        }
         // The policy may have changed while the gateway was stopped: no restored lease it no
         // longer allows may stay open.
         let policy = service.policy();

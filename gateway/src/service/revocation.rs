@@ -33,7 +33,7 @@ impl Service {
                 _ = self.expiry_changed.notified() => continue,
             }
             let due = lock(&self.core).expire_due(now_ms());
-            self.carry_out(None, &due).await;
+            self.carry_out_expiries(&due).await;
         }
     }
 

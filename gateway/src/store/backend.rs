@@ -443,7 +443,8 @@ fn host_matches(filter: &str, identity: Option<&str>) -> bool {
     glob::Pattern::new(&pattern).is_ok_and(|p| p.matches(identity))
 }
 
-fn lease_matches(lease: &LeaseRecord, f: &LeaseFilter) -> bool {
+/// Whether `lease` is one `f` asks for, as the SQLite store's query decides it.
+pub(super) fn lease_matches(lease: &LeaseRecord, f: &LeaseFilter) -> bool {
     let grant_covers = |g: &fwnp_proto::Grant| {
         f.port
             .is_none_or(|port| g.ports.first <= port && port <= g.ports.last)

@@ -9,6 +9,11 @@
 //!   deleted; its history is in the audit trail.
 //! - `P/hosts/IDENTITY`: how many live leases the host holds across the cluster, decimal;
 //!   deleted at zero.
+//! - `P/ended/ID`: a tombstone, put in the transaction that deletes `P/leases/ID`: how the
+//!   lease ended (released, expired, revoked with its reason), when, by whom, why, through
+//!   which site. A delete carries no value; the tombstone tells the other gateways, which
+//!   follow the keys (see below). It is attached to an etcd lease of [`TOMBSTONE_TTL`], granted
+//!   again every half of it, so tombstones vanish by themselves.
 //!
 //! # One transaction per commit
 //! Every commit is one etcd transaction whose comparisons carry what must hold across the
@@ -39,11 +44,21 @@
 //! gateway at etcd's own rate of single writes. A job that fails its check is left out of the
 //! batch alone.
 //!
+//! # Following the cluster
+//! Every gateway watches the keys from the revision of its restore ([`EtcdStore::watch`]) and
+//! applies each change to its own lease book and kernel filter, so that every gateway enforces
+//! every lease, and a lease granted through one gateway is renewed or released through any.
+//! A lost watch lists the leases again and the gateway reconciles. See [`ClusterChange`].
+//!
 //! # Expiry
 //! Leases carry no etcd lease (TTL): each gateway expires the leases in its book when they run
 //! out, with an end that etcd takes only from the first gateway and only while the stored expiry
-//! has passed, so an expiry happens (and is audited) once, and a renewal made elsewhere wins.
-//! An etcd TTL would delete the key without the host's counter and without an audit record.
+//! has passed, so an expiry happens (and is audited) once, and a renewal made elsewhere wins:
+//! the gateway whose end etcd refused for that keeps the lease with the stored expiry. The
+//! other gateways see the expiry as a delete. An end that could not be stored (no quorum) is
+//! made again once the cluster answers: the watch lists the leases again, and the lease comes
+//! back past its expiry. An etcd TTL would delete the key without the host's counter and
+//! without an audit record.
 //!
 //! # Audit
 //! Audit records stay in the gateway's own SQLite database, written after the etcd commit they
@@ -57,13 +72,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, KeyValue,
-    KvClient, TlsOptions, Txn, TxnOp, TxnOpResponse,
+    KvClient, LeaseClient, PutOptions, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use fwnp_proto::{AppInfo, Epoch, LeaseId};
 use serde::{Deserialize, Serialize};
@@ -72,11 +87,17 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::{LeaseStore, WriteError, WriteFuture};
 use super::codec::{decode_grants, encode_grants};
 use super::{
-    AuditEvent, AuditKind, LeaseEnd, LeaseRecord, LeaseState, NewLease, Outcome, Restored,
-    StoreError, StoreWriter, WriteOp,
+    AuditEvent, AuditKind, LeaseEnd, LeaseFilter, LeaseRecord, LeaseState, NewLease, Outcome,
+    Restored, StoreError, StoreWriter, WriteOp,
 };
 use crate::config::EtcdConfig;
 use fwnp_trust::identity::{CertificateName, Serial};
+
+#[path = "etcd_watch.rs"]
+mod watch;
+
+pub use watch::{ClusterChange, ClusterEnd, SILENCE_TIMEOUTS, TOMBSTONE_TTL};
+use watch::{Follower, Tombstone};
 
 /// The most jobs one transaction takes: each adds at most two comparisons and two operations,
 /// within etcd's default of 128 operations per transaction.
@@ -137,9 +158,22 @@ pub struct EtcdStore {
     site: Arc<str>,
     jobs: mpsc::UnboundedSender<Msg>,
     transactions: Arc<AtomicU64>,
+    applied: Arc<AtomicI64>,
+    resync: Arc<AtomicBool>,
 }
 
 enum Msg {
+    Watch {
+        changes: mpsc::UnboundedSender<ClusterChange>,
+    },
+    Lease {
+        id: LeaseId,
+        reply: oneshot::Sender<Result<Option<LeaseRecord>, WriteError>>,
+    },
+    Leases {
+        filter: LeaseFilter,
+        reply: oneshot::Sender<Result<Vec<LeaseRecord>, WriteError>>,
+    },
     Commit {
         ops: Vec<WriteOp>,
         reply: Option<oneshot::Sender<Result<(), WriteError>>>,
@@ -162,6 +196,10 @@ impl EtcdStore {
         let (ready, started) = oneshot::channel();
         let transactions = Arc::new(AtomicU64::new(0));
         let counter = transactions.clone();
+        let applied = Arc::new(AtomicI64::new(0));
+        let applied_by_worker = applied.clone();
+        let resync = Arc::new(AtomicBool::new(false));
+        let resync_by_worker = resync.clone();
         std::thread::Builder::new()
             .name("fwnp-etcd".into())
             .spawn(move || {
@@ -176,7 +214,16 @@ impl EtcdStore {
                     }
                 };
                 runtime.block_on(async move {
-                    let worker = match Worker::connect(&config, options, audit, counter).await {
+                    let worker = match Worker::connect(
+                        &config,
+                        options,
+                        audit,
+                        counter,
+                        applied_by_worker,
+                        resync_by_worker,
+                    )
+                    .await
+                    {
                         Ok(worker) => worker,
                         Err(e) => {
                             let _ = ready.send(Err(e));
@@ -197,7 +244,92 @@ impl EtcdStore {
             site,
             jobs: sender,
             transactions,
+            applied,
+            resync,
         })
+    }
+
+    /// Asks the watch to list the leases again as soon as the cluster answers: an end this
+    /// gateway could not store (the quorum lost) leaves its lease in etcd, and no event will
+    /// tell; listed again, it comes back past its expiry and is ended then.
+    ///
+    /// ```no_run
+    /// # fn example(store: fwnp_gateway::store::EtcdStore) {
+    /// store.resync();
+    /// # }
+    /// ```
+    pub fn resync(&self) {
+        self.resync.store(true, Ordering::Release);
+    }
+
+    /// The last revision of the cluster's leases this gateway has taken in: that of its
+    /// restore, then of each change its watch handed over. 0 before the restore.
+    pub fn applied_revision(&self) -> i64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    /// Starts following the cluster's leases from the revision of the restore (call it after
+    /// [`LeaseStore::restore`]): each change comes out of the receiver, in revision order. See
+    /// [`ClusterChange`]. Following stops when the receiver is dropped.
+    ///
+    /// ```no_run
+    /// # use fwnp_gateway::store::{ClusterChange, EtcdStore, LeaseStore};
+    /// # async fn example(store: EtcdStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// store.restore(fwnp_gateway::store::now_ms()).await?;
+    /// let mut changes = store.watch()?;
+    /// while let Some(change) = changes.recv().await {
+    ///     if let ClusterChange::Stored { lease, .. } = change {
+    ///         println!("{} expires at {}", lease.id, lease.expires_ms);
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn watch(&self) -> Result<mpsc::UnboundedReceiver<ClusterChange>, WriteError> {
+        let (changes, receiver) = mpsc::unbounded_channel();
+        self.send(Msg::Watch { changes })?;
+        Ok(receiver)
+    }
+
+    /// The cluster's live leases that `filter` asks for (ended ones are in the audit trails
+    /// only: `include_ended` finds none more), soonest expiry first, read from etcd.
+    ///
+    /// ```no_run
+    /// # use fwnp_gateway::store::{EtcdStore, LeaseFilter};
+    /// # async fn example(store: EtcdStore) -> Result<(), Box<dyn std::error::Error>> {
+    /// let filter = LeaseFilter { host: Some("fwnp://host/web-*".into()), ..LeaseFilter::default() };
+    /// for lease in store.leases(&filter).await? {
+    ///     println!("{} {}", lease.id, lease.identity);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::Leases {
+            filter: filter.clone(),
+            reply,
+        })?;
+        answer
+            .await
+            .map_err(|_| WriteError::Store(StoreError::WriterStopped))?
+    }
+
+    /// The lease as the cluster holds it now (`None` once it ended), read from etcd.
+    ///
+    /// ```no_run
+    /// # use fwnp_gateway::store::EtcdStore;
+    /// # async fn example(store: EtcdStore, id: fwnp_proto::LeaseId) -> Result<(), Box<dyn std::error::Error>> {
+    /// match store.lease(id).await? {
+    ///     Some(lease) => println!("live until {}", lease.expires_ms),
+    ///     None => println!("ended"),
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, WriteError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Msg::Lease { id, reply })?;
+        answer
+            .await
+            .map_err(|_| WriteError::Store(StoreError::WriterStopped))?
     }
 
     /// This gateway's site name in the cluster.
@@ -286,6 +418,16 @@ struct Keys {
 impl Keys {
     fn epoch(&self) -> String {
         format!("{}/epoch", self.prefix)
+    }
+    /// Every key of the deployment (the watch's range).
+    fn root(&self) -> String {
+        format!("{}/", self.prefix)
+    }
+    fn ended_prefix(&self) -> String {
+        format!("{}/ended/", self.prefix)
+    }
+    fn ended(&self, id: LeaseId) -> String {
+        format!("{}/ended/{id}", self.prefix)
     }
     fn leases(&self) -> String {
         format!("{}/leases/", self.prefix)
@@ -524,7 +666,10 @@ struct Overlay {
 }
 
 struct Worker {
+    client: Client,
     kv: KvClient,
+    leases: LeaseClient,
+    site: String,
     keys: Keys,
     timeout: Duration,
     epoch: Epoch,
@@ -532,6 +677,12 @@ struct Worker {
     transactions: Arc<AtomicU64>,
     /// The create revision of each lease this gateway has seen (its incarnation).
     seen: Mutex<HashMap<LeaseId, i64>>,
+    /// See [`EtcdStore::applied_revision`].
+    applied: Arc<AtomicI64>,
+    /// See [`EtcdStore::resync`].
+    resync: Arc<AtomicBool>,
+    /// The etcd lease the tombstones are put with, and when it was granted.
+    tombstones: Mutex<Option<(i64, tokio::time::Instant)>>,
 }
 
 /// How long a request that could not connect waits before it is sent again.
@@ -549,7 +700,39 @@ enum Request {
 /// The gRPC code of a member's "unavailable" answers (no leader, leader changed, timed out).
 const GRPC_UNAVAILABLE: i32 = 14;
 
-/// Whether a request that failed with `e` may be sent again (see [`Worker::call`]).
+/// Runs one request within `timeout`. The client spreads requests over the members, and
+/// keeps sending some to a member that is down: a request that could not even connect was not
+/// sent, so it goes to another member while the timeout lasts; so does one that a member
+/// refused for want of a leader (not proposed), and a read whatever the member's refusal (a
+/// leader changing, say). Any other failure of a write is returned as it is, since a write
+/// that reached the leader may have been applied.
+async fn call_kv<T, F, Fut>(
+    kv: &KvClient,
+    timeout: Duration,
+    op: &str,
+    kind: Request,
+    mut request: F,
+) -> Result<T, Refusal>
+where
+    F: FnMut(KvClient) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, request(kv.clone())).await {
+            Ok(Ok(response)) => return Ok(response),
+            Ok(Err(e)) if resendable(&e, kind) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(RESEND_PAUSE).await;
+            }
+            Ok(Err(e)) => return Err(unavailable(op, e)),
+            Err(_) => {
+                return Err(unavailable(op, format!("no answer within {timeout:?}")));
+            }
+        }
+    }
+}
+
+/// Whether a request that failed with `e` may be sent again (see [`call_kv`]).
 fn resendable(e: &etcd_client::Error, kind: Request) -> bool {
     if not_sent(e) {
         return true;
@@ -601,6 +784,8 @@ impl Worker {
         options: ConnectOptions,
         audit: StoreWriter,
         transactions: Arc<AtomicU64>,
+        applied: Arc<AtomicI64>,
+        resync: Arc<AtomicBool>,
     ) -> Result<Worker, EtcdError> {
         let unreachable = |reason: String| EtcdError::Unreachable {
             endpoints: config.endpoints.join(","),
@@ -615,6 +800,9 @@ impl Worker {
         .map_err(|e| unreachable(e.to_string()))?;
         let mut worker = Worker {
             kv: client.kv_client(),
+            leases: client.lease_client(),
+            client,
+            site: config.site.clone(),
             keys: Keys {
                 prefix: config.prefix.clone(),
             },
@@ -623,6 +811,9 @@ impl Worker {
             audit,
             transactions,
             seen: Mutex::new(HashMap::new()),
+            applied,
+            resync,
+            tombstones: Mutex::new(None),
         };
         worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
             Refusal::Corrupt(what) => EtcdError::Corrupt(what),
@@ -682,33 +873,37 @@ impl Worker {
         .await
     }
 
-    /// Runs one request within the timeout. The client spreads requests over the members, and
-    /// keeps sending some to a member that is down: a request that could not even connect was
-    /// not sent, so it goes to another member while the timeout lasts; so does one that a
-    /// member refused for want of a leader (not proposed), and a read whatever the member's
-    /// refusal (a leader changing, say). Any other failure of a write is returned as it is,
-    /// since a write that reached the leader may have been applied.
-    async fn call<T, F, Fut>(&self, op: &str, kind: Request, mut request: F) -> Result<T, Refusal>
+    /// Runs one request within the timeout (see [`call_kv`]).
+    async fn call<T, F, Fut>(&self, op: &str, kind: Request, request: F) -> Result<T, Refusal>
     where
         F: FnMut(KvClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, request(self.kv.clone())).await {
-                Ok(Ok(response)) => return Ok(response),
-                Ok(Err(e)) if resendable(&e, kind) && tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(RESEND_PAUSE).await;
-                }
-                Ok(Err(e)) => return Err(unavailable(op, e)),
-                Err(_) => {
-                    return Err(unavailable(
-                        op,
-                        format!("no answer within {:?}", self.timeout),
-                    ));
-                }
-            }
+        call_kv(&self.kv, self.timeout, op, kind, request).await
+    }
+
+    /// The etcd lease to put tombstones with: granted again once half its time has gone, so
+    /// that a tombstone put with it lives at least half of [`TOMBSTONE_TTL`].
+    async fn tombstone_lease(&self) -> Result<i64, Refusal> {
+        if let Some((id, granted)) = *self.tombstones.lock().unwrap_or_else(|e| e.into_inner())
+            && granted.elapsed() < TOMBSTONE_TTL / 2
+        {
+            return Ok(id);
         }
+        let mut leases = self.leases.clone();
+        let ttl = i64::try_from(TOMBSTONE_TTL.as_secs()).unwrap_or(60);
+        let granted = tokio::time::Instant::now();
+        let response = tokio::time::timeout(self.timeout, leases.grant(ttl, None))
+            .await
+            .map_err(|_| {
+                unavailable(
+                    "grant a lease",
+                    format!("no answer within {:?}", self.timeout),
+                )
+            })?
+            .map_err(|e| unavailable("grant a lease", e))?;
+        *self.tombstones.lock().unwrap_or_else(|e| e.into_inner()) = Some((response.id(), granted));
+        Ok(response.id())
     }
 
     async fn run(self, mut receiver: mpsc::UnboundedReceiver<Msg>) {
@@ -726,13 +921,36 @@ impl Worker {
                     let _ = reply.send(self.restore(now_ms).await.map_err(Refusal::error));
                     continue;
                 }
+                Msg::Watch { changes } => {
+                    tokio::spawn(
+                        Follower {
+                            client: self.client.clone(),
+                            kv: self.kv.clone(),
+                            keys: self.keys.clone(),
+                            timeout: self.timeout,
+                            applied: self.applied.clone(),
+                            resync: self.resync.clone(),
+                            changes,
+                        }
+                        .run(),
+                    );
+                    continue;
+                }
+                Msg::Lease { id, reply } => {
+                    let _ = reply.send(self.read_lease(id).await.map_err(Refusal::error));
+                    continue;
+                }
+                Msg::Leases { filter, reply } => {
+                    let _ = reply.send(self.list_leases(&filter).await.map_err(Refusal::error));
+                    continue;
+                }
                 Msg::Commit { ops, reply } => vec![Job { ops, reply }],
             };
             while jobs.len() < MAX_BATCH_JOBS {
                 match receiver.try_recv() {
                     Ok(Msg::Commit { ops, reply }) => jobs.push(Job { ops, reply }),
-                    Ok(restore) => {
-                        waiting = Some(restore);
+                    Ok(other) => {
+                        waiting = Some(other);
                         break;
                     }
                     Err(_) => break,
@@ -802,6 +1020,35 @@ impl Worker {
         if included.is_empty() {
             return Ok(());
         }
+        // How each lease this batch ends ended, for the tombstones the other gateways read.
+        let mut endings: HashMap<LeaseId, Tombstone> = HashMap::new();
+        for op in included.iter().flat_map(|j| &j.ops) {
+            if let WriteOp::EndLease {
+                id,
+                end,
+                ended_ms,
+                by,
+                why,
+            } = op
+            {
+                endings.insert(
+                    *id,
+                    Tombstone::new(*end, *ended_ms, by.clone(), why.clone(), &self.site),
+                );
+            }
+        }
+        let ends = overlay
+            .leases
+            .values()
+            .any(|(read, now)| read.value.is_some() && now.is_none());
+        let tombstone_lease = if ends {
+            match self.tombstone_lease().await {
+                Ok(lease) => Some(lease),
+                Err(refusal) => return Err(Retry::Failed(included, refusal)),
+            }
+        } else {
+            None
+        };
         let mut compares = Vec::new();
         let mut writes = Vec::new();
         let mut inserted = Vec::new();
@@ -826,7 +1073,16 @@ impl Worker {
                     }
                     writes.push(TxnOp::put(key, lease.encode(), None));
                 }
-                None => writes.push(TxnOp::delete(key, None)),
+                None => {
+                    writes.push(TxnOp::delete(key, None));
+                    if let (Some(lease), Some(tombstone)) = (tombstone_lease, endings.get(id)) {
+                        writes.push(TxnOp::put(
+                            self.keys.ended(*id),
+                            tombstone.encode(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        ));
+                    }
+                }
             }
         }
         for (identity, (read, count)) in &overlay.hosts {
@@ -853,7 +1109,14 @@ impl Worker {
             .await
         {
             Ok(response) => response,
-            Err(refusal) => return Err(Retry::Failed(included, refusal)),
+            Err(refusal) => {
+                if tombstone_lease.is_some() {
+                    // The tombstones' etcd lease may be what failed it (gone with a cluster
+                    // restored from a snapshot, say): the next commit grants another.
+                    *self.tombstones.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                return Err(Retry::Failed(included, refusal));
+            }
         };
         self.transactions.fetch_add(1, Ordering::Relaxed);
         if !response.succeeded() {
@@ -1104,6 +1367,50 @@ impl Worker {
         }
     }
 
+    /// The live leases `filter` asks for.
+    async fn list_leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, Refusal> {
+        let prefix = self.keys.leases();
+        let response = self
+            .call("list leases", Request::Read, |mut kv| {
+                let prefix = prefix.clone();
+                async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
+            })
+            .await?;
+        let mut leases = Vec::new();
+        for kv in response.kvs() {
+            let Some(id) = kv
+                .key()
+                .strip_prefix(prefix.as_bytes())
+                .and_then(lease_id_of)
+            else {
+                continue;
+            };
+            let lease = StoredLease::decode(kv.key(), kv.value())
+                .and_then(|l| l.record(id))
+                .map_err(Refusal::from_store)?;
+            if super::backend::lease_matches(&lease, filter) {
+                leases.push(lease);
+            }
+        }
+        leases.sort_by_key(|l| (l.expires_ms, l.id));
+        if let Some(limit) = filter.limit {
+            leases.truncate(limit);
+        }
+        Ok(leases)
+    }
+
+    /// The lease `id` as stored now.
+    async fn read_lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, Refusal> {
+        let key = self.keys.lease(id);
+        let Some(kv) = self.read_keys(&[key]).await?.into_iter().next().flatten() else {
+            return Ok(None);
+        };
+        StoredLease::decode(kv.key(), kv.value())
+            .and_then(|l| l.record(id))
+            .map(Some)
+            .map_err(Refusal::from_store)
+    }
+
     /// The live leases, after ending those past their expiry at `now_ms` (each in a commit of
     /// its own, audited here only if this gateway's end is the one etcd took).
     async fn restore(&self, now_ms: u64) -> Result<Restored, Refusal> {
@@ -1114,6 +1421,9 @@ impl Worker {
                 async move { kv.get(prefix, Some(GetOptions::new().with_prefix())).await }
             })
             .await?;
+        if let Some(header) = response.header() {
+            self.applied.store(header.revision(), Ordering::Release);
+        }
         let mut live = Vec::new();
         let mut past = Vec::new();
         for kv in response.kvs() {

@@ -61,7 +61,10 @@ use tokio::sync::watch;
 
 pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture};
 pub use error::StoreError;
-pub use etcd::{EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS};
+pub use etcd::{
+    ClusterChange, ClusterEnd, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
+    SILENCE_TIMEOUTS, TOMBSTONE_TTL,
+};
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,

@@ -1,0 +1,207 @@
+//! Enforcing the cluster's leases: the changes the etcd store's watch hands over (leases
+//! stored, ended or listed again by any gateway, this one included) applied to this gateway's
+//! lease book and kernel, so that a lease granted through another gateway can be renewed or
+//! released through this one and its opening already holds in this kernel.
+//!
+//! A change is applied idempotently: the gateway's own writes come back through the watch, and
+//! a lease already in the book with the stored expiry is left as it is. A stored lease takes
+//! its stored expiry (the kernel element's timeout is its remaining time); an end takes the
+//! lease out of the book and its elements out of the kernel, and a revocation sends the host,
+//! if it is connected here, the Revoked notice the revoking gateway sent its own connections.
+//! The gateway that ended a lease audits it; the others only carry it out.
+
+use super::*;
+use crate::store::{ClusterChange, ClusterEnd, EtcdStore, LeaseEnding};
+use fwnp_proto::gateway::Applied;
+
+impl Service {
+    /// The cluster store, with the etcd backend.
+    pub fn cluster(&self) -> Option<&EtcdStore> {
+        self.cluster.as_ref()
+    }
+
+    /// Applies the cluster's changes as they come, until the service is dropped or the store
+    /// stops.
+    pub(super) async fn follow_cluster(
+        service: std::sync::Weak<Service>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<ClusterChange>,
+    ) {
+        while let Some(change) = changes.recv().await {
+            let Some(service) = service.upgrade() else {
+                return;
+            };
+            service.apply_change(change).await;
+        }
+    }
+
+    async fn apply_change(&self, change: ClusterChange) {
+        match change {
+            ClusterChange::Stored { lease, .. } => {
+                self.apply_stored(&lease, false).await;
+            }
+            ClusterChange::Ended { id, end, .. } => self.apply_ended(&id, end.as_ref()).await,
+            ClusterChange::Listed {
+                live,
+                ended,
+                revision,
+            } => {
+                let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
+                let absent: Vec<LeaseId> = lock(&self.core)
+                    .book()
+                    .iter()
+                    .filter(|l| !listed.contains(&l.id))
+                    .map(|l| l.id)
+                    .collect();
+                for id in &absent {
+                    self.apply_ended(id, ended.get(id)).await;
+                }
+                let mut changed = 0;
+                for lease in &live {
+                    if self.apply_stored(lease, false).await {
+                        changed += 1;
+                    }
+                }
+                info!(
+                    revision,
+                    live = live.len(),
+                    removed = absent.len(),
+                    changed,
+                    "the cluster's leases listed again and applied"
+                );
+                let mut event = AuditEvent::new(now_ms(), AuditKind::Reconcile);
+                event.actor = Some("gateway".into());
+                event.reason = Some(format!(
+                    "cluster listed again at revision {revision}: {} live, {} ended meanwhile \
+                     removed, {changed} added or changed",
+                    live.len(),
+                    absent.len()
+                ));
+                self.record(event);
+            }
+        }
+    }
+
+    /// Takes in a lease as the cluster stores it: into the book (inserted, or its expiry
+    /// changed) and into the kernel until its expiry. `rehold` programs the kernel even when the
+    /// book already held the lease so (a lease this gateway's timer had given up). Returns
+    /// whether anything changed.
+    pub(super) async fn apply_stored(&self, record: &LeaseRecord, rehold: bool) -> bool {
+        let lease = fwnp_proto::gateway::Lease {
+            id: record.id,
+            host: Arc::from(record.identity.as_str()),
+            grants: record.grants.clone(),
+            lifetime: record.granted_lifetime,
+            created_ms: record.created_ms,
+            expires_ms: record.expires_ms,
+            app: record.app.clone().map(Box::new),
+        };
+        let applied = lock(&self.core).book_mut().apply(lease);
+        match applied {
+            Applied::Unchanged if !rehold => return false,
+            Applied::OverCapacity => {
+                warn!(lease = %record.id, "the lease book is full: a lease of the cluster is not enforced here");
+                return false;
+            }
+            Applied::Inserted => self.metrics.live_leases.inc(),
+            _ => {}
+        }
+        if let Some(certificate) = &record.certificate {
+            lock(&self.lease_credentials).insert(record.id, Arc::new(certificate.clone()));
+        }
+        // A new expiry, earlier perhaps than the one the timer waits for.
+        self.expiry_changed.notify_one();
+        // One already past is ended by the timer (and never programmed).
+        if record.expires_ms > now_ms()
+            && let Err(e) = self
+                .refresh(
+                    &record.id,
+                    &elements_of_all(&record.grants),
+                    record.expires_ms,
+                )
+                .await
+        {
+            warn!(lease = %record.id, "a lease of the cluster was not programmed: {e}");
+        }
+        true
+    }
+
+    /// Carries out an end another gateway made: out of the book and the kernel, and the
+    /// Revoked notice to the host's connections here.
+    async fn apply_ended(&self, id: &LeaseId, end: Option<&ClusterEnd>) {
+        let Some(lease) = lock(&self.core).book_mut().revoke(id) else {
+            // Ended here (this gateway's own write coming back) or never known.
+            return;
+        };
+        lock(&self.lease_credentials).remove(id);
+        self.metrics.live_leases.dec();
+        let kill = match end.map(|e| e.ending.end) {
+            Some(LeaseEnd::Released | LeaseEnd::Revoked(_)) => self.config.filter.kill_connections,
+            _ => false,
+        };
+        self.remove_elements(id, &lease.grants, kill).await;
+        if let Some(ClusterEnd {
+            ending:
+                LeaseEnding {
+                    end: LeaseEnd::Revoked(reason),
+                    why,
+                    ..
+                },
+            site,
+        }) = end
+        {
+            info!(lease = %id, site = %site, "revoked through another gateway");
+            let notice = Message::Revoked(lease.to_revoked(*reason, why.clone().map(fit_reason)));
+            for session in self.sessions.of(&lease.host) {
+                session.notify(&notice).await;
+            }
+        }
+    }
+
+    /// Carries out the ends of the leases the timer found due. An expiry the cluster refuses
+    /// because the lease was renewed through another gateway keeps the lease here too, with
+    /// the stored expiry, in the book and the kernel. One the cluster could not take (no
+    /// quorum) is tried again once it answers: the kernel's elements have ended on their own
+    /// timeouts meanwhile, at the lease's end.
+    pub(super) async fn carry_out_expiries(&self, effects: &[Effect]) {
+        for effect in effects {
+            let Effect::Commit(writes) = effect else {
+                self.carry_out(None, std::slice::from_ref(effect)).await;
+                continue;
+            };
+            match self.commit(None, writes).await {
+                Ok(()) => {}
+                Err(WriteError::Conflict(why)) if self.cluster.is_some() => {
+                    for write in writes {
+                        if let Write::End { id, .. } = write {
+                            self.keep_renewed(id, &why).await;
+                        }
+                    }
+                }
+                // Another gateway's timer ended it first, and audited it.
+                Err(WriteError::Store(crate::store::StoreError::LeaseNotLive { .. }))
+                    if self.cluster.is_some() => {}
+                Err(e) => {
+                    warn!("lease change not stored: {e}");
+                    // The lease stays in etcd with no event to tell: listed again once the
+                    // cluster answers, it comes back past its expiry and is ended then.
+                    if let Some(cluster) = &self.cluster {
+                        cluster.resync();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn keep_renewed(&self, id: &LeaseId, why: &str) {
+        let Some(cluster) = &self.cluster else { return };
+        match cluster.lease(*id).await {
+            Ok(Some(record)) => {
+                info!(lease = %id, expires_ms = record.expires_ms, "not expired: {why}");
+                self.apply_stored(&record, true).await;
+            }
+            // Ended by another gateway meanwhile: its end comes through the watch.
+            Ok(None) => {}
+            Err(e) => warn!(lease = %id, "the stored lease could not be read: {e}"),
+        }
+    }
+}

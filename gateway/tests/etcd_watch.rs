@@ -1,0 +1,672 @@
+//! Two gateways on one real three-member etcd cluster, each with its own kernel filter in its
+//! own network namespace (a [`Topology`] each: the gateway's router namespace guards a host
+//! namespace at 198.51.100.2, and an outside namespace connects to it through the filter), both
+//! following the cluster's leases: a lease granted through one is enforced by the other's
+//! kernel (real TCP connections through it), renewed and released through the other, ended in
+//! both kernels; an expiry happens once across them; a revocation through one reaches the host
+//! connected to the other as the Revoked notice; with the quorum lost the openings stay until
+//! their own timeouts and close then, and with it back every kernel is reconciled.
+//!
+//! The gateways and the host's QUIC connections run in the cluster's namespace (where etcd's
+//! members listen on 127.0.0.1); each gateway's netlink socket is opened in its own router
+//! namespace, which is where its filter acts.
+//!
+//! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
+
+mod common;
+mod etcd_cluster;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
+use etcd_cluster::{EtcdCluster, available};
+use fwnp_gateway::config::GatewayConfig;
+use fwnp_gateway::service::Service;
+use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
+use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
+use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
+use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
+use fwnp_trust::tls::{self, ServerOptions};
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "60s"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 16
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7999"
+"#;
+
+const FILTER: &str = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\"]\nrefuse = \"drop\"";
+
+/// Below TCP's first SYN retransmission: a connection made within it was let through at once.
+const FIRST_SYN: Duration = Duration::from_millis(800);
+
+/// How long a change may take to reach the other gateway's kernel.
+const PROPAGATION: Duration = Duration::from_secs(5);
+
+const PORTS: [u16; 6] = [7001, 7002, 7003, 7004, 7005, 7006];
+
+/// A gateway on the cluster, served on 127.0.0.1 of the cluster's namespace, its filter in
+/// `topology`'s router namespace.
+struct Gateway {
+    service: Arc<Service>,
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    topology: Topology,
+    _echo: TcpEchoServer,
+}
+
+impl Gateway {
+    async fn start(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
+        Self::start_on(&cluster.endpoints(), pki, dir, site).await
+    }
+
+    /// A gateway whose etcd client reaches the members at `endpoints`.
+    async fn start_on(endpoints: &[String], pki: &Pki, dir: &Path, site: &str) -> Gateway {
+        let topology = Topology::new().expect("build the namespaces");
+        let echo = TcpEchoServer::start_ports(&topology.host().netns, &PORTS).expect("echo");
+        write_policy(&dir.join("policy.toml"), POLICY);
+        let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+        let text = format!(
+            "{}\n[store]\nbackend = \"etcd\"\nendpoints = [{}]\nprefix = \"/fwnp-test\"\n\
+             site = \"{site}\"\ntimeout = \"1s\"\n",
+            config_text(pki, dir, "127.0.0.1:0", FILTER),
+            endpoints.join(", ")
+        );
+        let config = GatewayConfig::parse(&text, "etcd-watch.toml").expect("valid config");
+        let layout = fwnp_gateway::daemon::layout(&config);
+        let filter = topology.gateway.run(|| {
+            let mut netfilter = Netfilter::open().expect("netlink in the router namespace");
+            netfilter.apply(&layout, &[]).expect("table");
+            Batcher::start(netfilter, layout, BatcherConfig::default()).expect("batcher")
+        });
+        let service = Service::start(config, Some(filter))
+            .await
+            .expect("service starts");
+        let server_config =
+            tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
+                .expect("server TLS config");
+        let endpoint =
+            quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .expect("bind");
+        let addr = endpoint.local_addr().expect("address");
+        let tasks = vec![
+            tokio::spawn(fwnp_gateway::server::serve(
+                endpoint.clone(),
+                service.clone(),
+            )),
+            tokio::spawn(service.clone().run_expiry()),
+        ];
+        Gateway {
+            service,
+            addr,
+            endpoint,
+            tasks,
+            topology,
+            _echo: echo,
+        }
+    }
+
+    /// Whether the outside reaches the host's `port` through this gateway's filter.
+    fn passes(&self, port: u16) -> bool {
+        let to = SocketAddr::new(self.topology.host().v4, port);
+        tokio::task::block_in_place(|| {
+            lab::tcp_connects(&self.topology.outside, to, None, FIRST_SYN)
+        })
+    }
+
+    /// Whether this gateway's kernel holds an element for the host's TCP `port`.
+    fn kernel_has(&self, port: u16) -> bool {
+        let table = self
+            .topology
+            .gateway
+            .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
+            .expect("nft list table");
+        let host = self.topology.host().v4.to_string();
+        let needles = [
+            format!("{host} . tcp . {port}"),
+            format!("{host} . 6 . {port}"),
+        ];
+        table.lines().any(|line| {
+            needles.iter().any(|n| {
+                line.match_indices(n.as_str()).any(|(at, _)| {
+                    !line[at + n.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_digit())
+                })
+            })
+        })
+    }
+
+    /// Waits until the kernel holds (or no longer holds) `port` and the outside's connection
+    /// agrees, at most `limit`.
+    async fn wait_open(&self, port: u16, open: bool, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.kernel_has(port) == open && self.passes(port) == open {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many reconciliations with the cluster this gateway's trail records.
+    fn reconciliations(&self) -> usize {
+        let query = AuditQuery {
+            kinds: vec![AuditKind::Reconcile],
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        self.service
+            .store()
+            .audit(&query)
+            .expect("audit query")
+            .events
+            .iter()
+            .filter(|e| {
+                e.event
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("cluster listed again"))
+            })
+            .count()
+    }
+
+    /// The audit records of `lease` with `outcome` in this gateway's own trail.
+    fn audited(&self, lease: LeaseId, outcome: Outcome) -> usize {
+        let query = AuditQuery {
+            lease: Some(lease),
+            outcomes: vec![outcome],
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        self.service
+            .store()
+            .audit(&query)
+            .expect("audit query")
+            .events
+            .len()
+    }
+
+    fn stop(self) {
+        self.endpoint.close(0u32.into(), b"done");
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The host's addresses as its certificate names them: the same in both topologies.
+fn host_ip() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Polls `check` every 100 ms until it holds, at most `limit`.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_other() {
+    const TEST: &str =
+        "every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_other";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("watch");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let pki = Pki::new("etcd-watch");
+            let (dir_a, dir_b) = (temp_dir("watch-a"), temp_dir("watch-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let files = pki.host("web-01", &[host_ip()], &[], &[]);
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            assert!(!b.passes(7001), "closed before any lease");
+
+            // Granted through A: B's kernel lets the outside in too.
+            let first = granted(to_a.open(tcp(7001), Some(60)).await).lease;
+            assert!(a.passes(7001), "granted means in A's kernel");
+            assert!(
+                b.wait_open(7001, true, PROPAGATION).await,
+                "a lease granted through A is enforced by B's kernel"
+            );
+            assert!(!b.passes(7002), "and nothing else");
+
+            // Renewed through B, which never granted it; A takes the new expiry.
+            let renewed = to_b.renew(first, Some(600)).await;
+            assert!(matches!(renewed, Message::Granted(_)), "{renewed:?}");
+            let deadline = Instant::now() + PROPAGATION;
+            loop {
+                let lifetime = to_a
+                    .list()
+                    .await
+                    .leases
+                    .iter()
+                    .find(|l| l.lease == first)
+                    .map(|l| l.remaining);
+                if lifetime.is_some_and(|secs| secs > 60) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "A's book did not take the renewal made through B: {lifetime:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+
+            // Released through B: gone from both kernels.
+            let released = to_b.release(first).await;
+            assert!(matches!(released, Message::Released(_)), "{released:?}");
+            assert!(b.wait_open(7001, false, PROPAGATION).await, "B closed it");
+            assert!(
+                a.wait_open(7001, false, PROPAGATION).await,
+                "a release through B closes A's kernel too"
+            );
+            assert!(to_a.list().await.leases.is_empty(), "A's book let it go");
+
+            // Revoked through B: the host, connected to A, gets the notice from A.
+            let second = granted(to_a.open(tcp(7002), Some(60)).await).lease;
+            assert!(b.wait_open(7002, true, PROPAGATION).await);
+            assert!(
+                b.service
+                    .revoke(
+                        &second,
+                        RevokeReason::Operator,
+                        "operator",
+                        Some("test revocation".into())
+                    )
+                    .await
+                    .is_some(),
+                "B's book holds the lease A granted"
+            );
+            let deadline = Instant::now() + PROPAGATION;
+            let notice = loop {
+                match to_a.next_notice(PROPAGATION).await {
+                    Some(Message::Revoked(revoked)) if revoked.lease == second => break revoked,
+                    Some(_) if Instant::now() < deadline => continue,
+                    other => panic!("no Revoked notice through A: {other:?}"),
+                }
+            };
+            assert_eq!(notice.reason, RevokeReason::Operator);
+            assert!(a.wait_open(7002, false, PROPAGATION).await, "A closed it");
+            assert!(b.wait_open(7002, false, PROPAGATION).await, "B closed it");
+
+            // A lease of 2 s renewed through B before its end is not expired by A.
+            let third = granted(to_a.open(tcp(7003), Some(2)).await).lease;
+            assert!(matches!(
+                to_b.renew(third, Some(60)).await,
+                Message::Granted(_)
+            ));
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(a.passes(7003), "A kept the lease renewed through B");
+            assert!(b.passes(7003), "so did B");
+            assert_eq!(a.audited(third, Outcome::Expired), 0);
+            assert_eq!(b.audited(third, Outcome::Expired), 0);
+
+            // A lease of 2 s left to run out: closed in both kernels, audited once.
+            let fourth = granted(to_a.open(tcp(7004), Some(2)).await).lease;
+            assert!(b.wait_open(7004, true, PROPAGATION).await);
+            assert!(a.wait_open(7004, false, Duration::from_secs(5)).await);
+            assert!(b.wait_open(7004, false, Duration::from_secs(5)).await);
+            let both = || a.audited(fourth, Outcome::Expired) + b.audited(fourth, Outcome::Expired);
+            assert!(
+                eventually(PROPAGATION, || both() >= 1).await,
+                "the expiry is audited"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(both(), 1, "the expiry is audited once across the gateways");
+            let listed: HashMap<LeaseId, u32> = to_b
+                .list()
+                .await
+                .leases
+                .iter()
+                .map(|l| (l.lease, l.remaining))
+                .collect();
+            assert_eq!(listed.len(), 1, "{listed:?}");
+            assert!(listed.contains_key(&third));
+
+            // The operator's listing through either gateway shows the cluster's leases, those
+            // granted through the other one included, with its filters applied.
+            let fifth = granted(to_b.open(tcp(7005), Some(60)).await).lease;
+            for gateway in [&a, &b] {
+                let all = gateway
+                    .service
+                    .leases(&HashMap::new())
+                    .await
+                    .expect("leases");
+                let mut ids: Vec<String> = all.leases.iter().map(|l| l.id.clone()).collect();
+                ids.sort();
+                let mut expected = vec![third.to_string(), fifth.to_string()];
+                expected.sort();
+                assert_eq!(ids, expected);
+                let on_port = gateway
+                    .service
+                    .leases(&HashMap::from([("port".to_owned(), "7005".to_owned())]))
+                    .await
+                    .expect("leases");
+                let ids: Vec<String> = on_port.leases.iter().map(|l| l.id.clone()).collect();
+                assert_eq!(ids, vec![fifth.to_string()]);
+            }
+
+            // Both gateways have followed the cluster up to the same revision.
+            let (ra, rb) = (
+                a.service.cluster().expect("etcd").applied_revision(),
+                b.service.cluster().expect("etcd").applied_revision(),
+            );
+            assert!(
+                eventually(PROPAGATION, || {
+                    a.service.cluster().expect("etcd").applied_revision()
+                        == b.service.cluster().expect("etcd").applied_revision()
+                })
+                .await,
+                "{ra} and {rb}"
+            );
+            assert!(ra > 0);
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+        });
+    });
+}
+
+/// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
+/// cuts that gateway off (its connections end, new ones are closed at once) and nothing else.
+struct Link {
+    endpoints: Vec<String>,
+    cut: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Link {
+    async fn start(members: &[String]) -> Link {
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let mut endpoints = Vec::new();
+        let mut tasks = Vec::new();
+        for member in members {
+            let target: SocketAddr = member
+                .trim_start_matches("http://")
+                .parse()
+                .expect("a member's address");
+            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind a relay");
+            endpoints.push(format!(
+                "http://{}",
+                listener.local_addr().expect("relay address")
+            ));
+            let state = cut.subscribe();
+            tasks.push(tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if *state.borrow() {
+                        continue;
+                    }
+                    let mut state = state.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = state.wait_for(|cut| *cut) => {}
+                        }
+                    });
+                }
+            }));
+        }
+        Link {
+            endpoints,
+            cut,
+            tasks,
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.send_replace(cut);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.set_cut(true);
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+#[test]
+fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_reconciled() {
+    const TEST: &str =
+        "without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_reconciled";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("wquor");
+    let pki = Pki::new("etcd-wquor");
+    let (dir_a, dir_b) = (temp_dir("wquor-a"), temp_dir("wquor-b"));
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    // Sockets are made inside the cluster's namespace (the runtime's threads start there too);
+    // members are killed and started between the steps.
+    let (rt, a, b, to_a, to_b) = cluster.run(|| {
+        let rt = runtime();
+        let (a, b, to_a, to_b) = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            (a, b, to_a, to_b)
+        });
+        (rt, a, b, to_a, to_b)
+    });
+
+    cluster.kill(0);
+    let (long, short) = cluster.run(|| {
+        rt.block_on(async {
+            // One member down: grants go on, and both kernels enforce them.
+            let long = granted(to_a.open(tcp(7001), Some(600)).await).lease;
+            assert!(b.wait_open(7001, true, PROPAGATION).await);
+            let short = granted(to_b.open(tcp(7002), Some(8)).await);
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            (long, short)
+        })
+    });
+
+    cluster.kill(1);
+    cluster.run(|| {
+        rt.block_on(async {
+            let started = Instant::now();
+            let refused = denied(to_a.open(tcp(7003), None).await);
+            let took = started.elapsed();
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert_eq!(refused.retry_after, Some(5), "{refused:?}");
+            assert!(took < Duration::from_secs(3), "answered after {took:?}");
+            // The openings stay, each until its own end.
+            assert!(
+                a.passes(7001) && b.passes(7001),
+                "the quorum lost closes nothing"
+            );
+            assert!(
+                now_ms() + 1_000 < short.expires_ms,
+                "too slow to see the short lease before its end"
+            );
+            assert!(a.passes(7002) && b.passes(7002), "not closed at once");
+            let end = short.expires_ms;
+            tokio::time::sleep(Duration::from_millis(
+                (end + 1_000).saturating_sub(now_ms()),
+            ))
+            .await;
+            assert!(!a.passes(7002), "A closed it at the lease's end");
+            assert!(!b.passes(7002), "B closed it at the lease's end");
+            assert!(!a.kernel_has(7002) && !b.kernel_has(7002));
+            assert!(a.passes(7001) && b.passes(7001), "the long lease stays");
+        })
+    });
+
+    cluster.restart(0);
+    cluster.restart(1);
+    assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
+    cluster.run(|| {
+        rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let third = loop {
+                match to_b.open(tcp(7003), Some(600)).await {
+                    Message::Granted(granted) => break granted.lease,
+                    other => assert!(
+                        Instant::now() < deadline,
+                        "no grant with the quorum back: {other:?}"
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            assert!(
+                a.wait_open(7003, true, Duration::from_secs(15)).await,
+                "A's kernel follows the cluster again"
+            );
+            // The end the gateways could not store without the quorum is stored now, once.
+            let both = || {
+                a.audited(short.lease, Outcome::Expired) + b.audited(short.lease, Outcome::Expired)
+            };
+            assert!(
+                eventually(Duration::from_secs(15), || both() >= 1).await,
+                "the expiry is stored and audited with the quorum back"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(both(), 1, "audited once across the gateways");
+            for (name, client) in [("A", &to_a), ("B", &to_b)] {
+                let mut listed: Vec<LeaseId> =
+                    client.list().await.leases.iter().map(|l| l.lease).collect();
+                listed.sort();
+                let mut expected = vec![long, third];
+                expected.sort();
+                assert_eq!(listed, expected, "{name}'s book");
+            }
+            assert!(!a.passes(7002) && !b.passes(7002));
+        })
+    });
+    drop((to_a, to_b));
+    a.stop();
+    b.stop();
+    drop(rt);
+}
+
+#[test]
+fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back() {
+    const TEST: &str =
+        "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("wpart");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let pki = Pki::new("etcd-wpart");
+            let (dir_a, dir_b) = (temp_dir("wpart-a"), temp_dir("wpart-b"));
+            let link = Link::start(&cluster.endpoints()).await;
+            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let files = pki.host("web-01", &[host_ip()], &[], &[]);
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
+            let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            assert!(a.wait_open(7001, true, PROPAGATION).await);
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            let before = a.reconciliations();
+
+            link.set_cut(true);
+            // Cut off, A grants nothing and keeps what its kernel holds.
+            let refused = denied(to_a.open(tcp(7004), None).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            // Meanwhile, through B: one lease released, one granted.
+            let released = to_b.release(gone).await;
+            assert!(matches!(released, Message::Released(_)), "{released:?}");
+            let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
+            assert!(b.wait_open(7002, false, PROPAGATION).await);
+            assert!(b.wait_open(7003, true, PROPAGATION).await);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(
+                a.passes(7001) && a.passes(7002),
+                "a gateway cut off from etcd drops none of its openings"
+            );
+            assert!(!a.passes(7003), "nor learns of new ones");
+
+            link.set_cut(false);
+            assert!(
+                a.wait_open(7002, false, Duration::from_secs(15)).await,
+                "the lease released meanwhile is gone from A's kernel"
+            );
+            assert!(
+                a.wait_open(7003, true, PROPAGATION).await,
+                "the lease granted meanwhile is in A's kernel"
+            );
+            assert!(a.passes(7001), "the lease that lived on stays");
+            assert!(
+                a.reconciliations() > before,
+                "A's trail records the reconcile"
+            );
+            let mut listed: Vec<LeaseId> =
+                to_a.list().await.leases.iter().map(|l| l.lease).collect();
+            listed.sort();
+            let mut expected = vec![kept, new];
+            expected.sort();
+            assert_eq!(listed, expected, "A's book");
+            // And A grants again.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match to_a.open(tcp(7004), Some(600)).await {
+                    Message::Granted(_) => break,
+                    other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(b.wait_open(7004, true, PROPAGATION).await);
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+            drop(link);
+        });
+    });
+}
