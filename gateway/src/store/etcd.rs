@@ -64,6 +64,15 @@
 //! after it when no batch is in flight: its host counter is known only once the lease is read. Each
 //! job is still answered only once the transaction holding it committed (or with why it did not).
 //!
+//! Without a read before it, a transaction is the first to meet a cluster in trouble, and one
+//! that gets no answer (sent to a member whose leader just died, or to one without quorum) may
+//! have applied, or apply once the quorum is back. Its batch is then read: an insert found as
+//! it was written was taken, and its job is answered as committed; the others are tried again on
+//! what was read. Until a transaction commits again, batches read first, as a read is sent again
+//! while the timeout lasts and never applies late. A lease that a transaction reported failed may
+//! have inserted is kept aside, and, should the cluster have taken it after all (its host was
+//! refused it), ended as soon as the cluster answers again, with no audit record of a grant.
+//!
 //! # Following the cluster
 //! Every gateway watches the keys from the revision of its restore ([`EtcdStore::watch`]) and
 //! applies each change to its own lease book and kernel filter, so that every gateway enforces
@@ -1285,7 +1294,10 @@ impl Worker {
             if !applied {
                 continue;
             }
-            tracing::warn!(lease = %id, "etcd store: a grant reported failed was taken late; ending it");
+            tracing::warn!(
+                lease = %id,
+                "etcd store: a grant reported failed was taken late; ending it"
+            );
             let (reply, answer) = oneshot::channel();
             jobs.push(Job {
                 ops: vec![WriteOp::EndLease {
