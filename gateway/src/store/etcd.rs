@@ -749,6 +749,41 @@ struct Known {
 }
 
 impl Known {
+    /// Keeps the keys the transaction at `revision` that applied `overlay` wrote as it left
+    /// them (a key it did not write is known as before); past `max` keys of a kind, forgets
+    /// what was known of the others.
+    fn learn(&mut self, overlay: &Overlay, revision: i64, max: usize) {
+        if revision <= 0 {
+            // No revision to compare on next time: read them then.
+            self.forget(overlay);
+            return;
+        }
+        if self.leases.len() + overlay.leases.len() > max
+            || self.hosts.len() + overlay.hosts.len() > max
+        {
+            self.leases.clear();
+            self.hosts.clear();
+        }
+        for (id, (read, now)) in &overlay.leases {
+            match now {
+                None => {
+                    self.leases.remove(id);
+                }
+                Some(lease) if read.value.as_ref() == Some(lease) => {}
+                Some(lease) => {
+                    self.leases
+                        .insert(*id, read.written(Some(lease.clone()), revision));
+                }
+            }
+        }
+        for (identity, (read, count)) in &overlay.hosts {
+            if read.value.unwrap_or(0) != *count {
+                let now = read.written((*count > 0).then_some(*count), revision);
+                self.hosts.insert(identity.clone(), now);
+            }
+        }
+    }
+
     /// Forgets the keys `overlay` holds: a transaction on them failed, or may have applied.
     fn forget(&mut self, overlay: &Overlay) {
         for id in overlay.leases.keys() {
@@ -1476,8 +1511,11 @@ impl Worker {
             return Err(Retry::Conflicted(included));
         }
         let revision = response.header().map_or(0, |h| h.revision());
-        self.learn(&overlay, revision);
-        self.known().careful = false;
+        {
+            let mut known = self.known();
+            known.learn(&overlay, revision, KNOWN_MAX);
+            known.careful = false;
+        }
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             for (id, (read, now)) in &overlay.leases {
@@ -1516,41 +1554,6 @@ impl Worker {
 
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
         self.known.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keeps the keys the transaction at `revision` wrote as it left them (a key it did not
-    /// write is known as before).
-    fn learn(&self, overlay: &Overlay, revision: i64) {
-        let mut known = self.known();
-        if revision <= 0 {
-            // No revision to compare on next time: read them then.
-            known.forget(overlay);
-            return;
-        }
-        if known.leases.len() + overlay.leases.len() > KNOWN_MAX
-            || known.hosts.len() + overlay.hosts.len() > KNOWN_MAX
-        {
-            *known = Known::default();
-        }
-        for (id, (read, now)) in &overlay.leases {
-            match now {
-                None => {
-                    known.leases.remove(id);
-                }
-                Some(lease) if read.value.as_ref() == Some(lease) => {}
-                Some(lease) => {
-                    known
-                        .leases
-                        .insert(*id, read.written(Some(lease.clone()), revision));
-                }
-            }
-        }
-        for (identity, (read, count)) in &overlay.hosts {
-            if read.value.unwrap_or(0) != *count {
-                let now = read.written((*count > 0).then_some(*count), revision);
-                known.hosts.insert(identity.clone(), now);
-            }
-        }
     }
 
     /// The lease keys and host counters `jobs` touch: as known (an inserted lease's key not
@@ -2189,6 +2192,60 @@ mod tests {
         let batch = next_batch(&known, &mut queue, &HashSet::new(), true).expect("a batch");
         assert_eq!(batch.jobs.len(), MAX_BATCH_JOBS);
         assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn a_committed_batch_is_known_as_it_left_its_keys_within_a_bound() {
+        let Job { ops, .. } = insert(1, "h1");
+        let WriteOp::InsertLease(new) = &ops[0] else {
+            unreachable!()
+        };
+        let lease = StoredLease::new(new);
+        let mut known = Known::default();
+        known.doubtful.insert(LeaseId([9; 16]), lease.clone());
+        known.careful = true;
+        // An insert of lease 1 and the host's counter from 2 to 3, an end of lease 2.
+        let mut overlay = Overlay::default();
+        overlay
+            .leases
+            .insert(LeaseId([1; 16]), (Read::absent(), Some(lease.clone())));
+        let before = Read {
+            value: Some(lease.clone()),
+            create_revision: 7,
+            mod_revision: 8,
+        };
+        overlay
+            .leases
+            .insert(LeaseId([2; 16]), (before.clone(), None));
+        known.leases.insert(LeaseId([2; 16]), before);
+        let counter = Read {
+            value: Some(2),
+            create_revision: 3,
+            mod_revision: 8,
+        };
+        overlay.hosts.insert("h1".into(), (counter, 3));
+        known.learn(&overlay, 10, 100);
+        let one = &known.leases[&LeaseId([1; 16])];
+        assert_eq!((one.create_revision, one.mod_revision), (10, 10));
+        assert_eq!(one.value.as_ref(), Some(&lease));
+        assert!(!known.leases.contains_key(&LeaseId([2; 16])));
+        let h1 = &known.hosts["h1"];
+        assert_eq!(
+            (h1.value, h1.create_revision, h1.mod_revision),
+            (Some(3), 3, 10)
+        );
+
+        // Without a revision to compare on, the keys are forgotten.
+        known.learn(&overlay, 0, 100);
+        assert!(known.leases.is_empty() && known.hosts.is_empty());
+
+        // Past the bound, what was known of other keys is forgotten, not what is doubtful.
+        known.hosts.insert("h2".into(), Read::absent());
+        known.learn(&overlay, 11, 1);
+        assert!(!known.hosts.contains_key("h2"));
+        assert!(known.hosts.contains_key("h1"));
+        assert!(known.doubtful.contains_key(&LeaseId([9; 16])));
+        assert!(known.careful);
     }
 
     #[test]
