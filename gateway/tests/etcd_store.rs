@@ -1,8 +1,10 @@
 //! The etcd lease store against a real three-member etcd cluster (processes started by the
 //! test in a network namespace of their own): two gateways' stores on one cluster share the
 //! leases and the epoch, the cluster's rules hold across them (a lease inserted once, owner's
-//! incarnation, a host's lease count, an expiry that a renewal elsewhere overrides), concurrent
-//! commits are grouped into few transactions, and the store keeps taking writes with one member
+//! incarnation, a host's lease count, an expiry that a renewal elsewhere overrides), also when
+//! what a gateway knows of the keys grew stale through another and when two race for a host's
+//! last lease slot, concurrent commits are grouped into few transactions, several batches in
+//! flight keep the counts right, and the store keeps taking writes with one member
 //! lost, refuses them promptly without a quorum, and takes them again when it is back.
 //!
 //! Needs root (for the namespace) and etcd (Debian's etcd-server and etcd-client); skipped
@@ -373,6 +375,240 @@ fn concurrent_commits_are_grouped_into_few_transactions() {
                 .await
                 .expect_err("the host holds 8");
             assert!(matches!(err, WriteError::Conflict(_)), "{err:?}");
+        });
+    });
+}
+
+#[test]
+fn what_a_gateway_knows_of_keys_changed_through_another_is_read_again() {
+    const TEST: &str = "what_a_gateway_knows_of_keys_changed_through_another_is_read_again";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("stale");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+            let web = "fwnp://host/web-02";
+            let one = lease(1, web, NOW + 600_000, Some(2));
+            let two = lease(2, web, NOW + 600_000, Some(2));
+            for new in [&one, &two] {
+                a.etcd
+                    .commit(vec![WriteOp::InsertLease(new.clone())])
+                    .await
+                    .expect("A grants");
+            }
+            // A knows the lease it inserted: inserted again, it is refused as a duplicate.
+            let err = a
+                .etcd
+                .commit(vec![WriteOp::InsertLease(one.clone())])
+                .await
+                .expect_err("a lease is inserted once");
+            assert!(
+                matches!(err, WriteError::Store(StoreError::DuplicateLease { id }) if id == one.id),
+                "{err:?}"
+            );
+
+            // B releases one: A still knows the host's counter at 2, its maximum, and the
+            // lease as live. The host has room again through A, and the lease is not live.
+            b.etcd
+                .commit(vec![end(one.id, LeaseEnd::Released, NOW, web)])
+                .await
+                .expect("B releases");
+            let three = lease(3, web, NOW + 600_000, Some(2));
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(three.clone())])
+                .await
+                .expect("the host holds one lease: A grants a second");
+            let err = a
+                .etcd
+                .commit(vec![renew(one.id, NOW + 900_000)])
+                .await
+                .expect_err("released through B");
+            assert!(
+                matches!(err, WriteError::Store(StoreError::LeaseNotLive { id }) if id == one.id),
+                "{err:?}"
+            );
+
+            // B renews two: A's expiry of it, on the expiry it knows, is refused, and its own
+            // renewal goes on the revision B left.
+            b.etcd
+                .commit(vec![renew(two.id, NOW + 900_000)])
+                .await
+                .expect("B renews");
+            let err = a
+                .etcd
+                .commit(vec![end(two.id, LeaseEnd::Expired, NOW + 700_000, "gateway")])
+                .await
+                .expect_err("renewed through B");
+            assert!(
+                matches!(&err, WriteError::Conflict(why) if why.contains("renewed")),
+                "{err:?}"
+            );
+            a.etcd
+                .commit(vec![renew(two.id, NOW + 1_000_000)])
+                .await
+                .expect("A renews after B");
+
+            let four = lease(4, web, NOW + 600_000, Some(2));
+            for gateway in [&a, &b] {
+                let err = gateway
+                    .etcd
+                    .commit(vec![WriteOp::InsertLease(four.clone())])
+                    .await
+                    .expect_err("the host holds 2");
+                assert!(
+                    matches!(&err, WriteError::Conflict(why) if why.contains("holds 2 live leases")),
+                    "{err:?}"
+                );
+            }
+            let live = b.etcd.restore(NOW).await.expect("listed").live;
+            let mut ids: Vec<_> = live.iter().map(|l| (l.id, l.expires_ms)).collect();
+            ids.sort();
+            let mut expected = vec![(two.id, NOW + 1_000_000), (three.id, NOW + 600_000)];
+            expected.sort();
+            assert_eq!(ids, expected);
+        });
+    });
+}
+
+#[test]
+fn two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time() {
+    const TEST: &str = "two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("race");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+            let host = "fwnp://host/race";
+            let first = lease(1, host, NOW + 600_000, Some(2));
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(first.clone())])
+                .await
+                .expect("the first lease");
+            const ROUNDS: u16 = 12;
+            for round in 0..ROUNDS {
+                let via_a = lease(100 + 2 * round, host, NOW + 600_000, Some(2));
+                let via_b = lease(101 + 2 * round, host, NOW + 600_000, Some(2));
+                let (from_a, from_b) = tokio::join!(
+                    a.etcd.commit(vec![WriteOp::InsertLease(via_a.clone())]),
+                    b.etcd.commit(vec![WriteOp::InsertLease(via_b.clone())]),
+                );
+                let (winner, loser, lost) = match (from_a, from_b) {
+                    (Ok(()), Err(e)) => (via_a.id, &b, e),
+                    (Err(e), Ok(())) => (via_b.id, &a, e),
+                    other => panic!("round {round}: not exactly one winner: {other:?}"),
+                };
+                assert!(
+                    matches!(&lost, WriteError::Conflict(why) if why.contains("holds 2 live leases")),
+                    "round {round}: {lost:?}"
+                );
+                if round + 1 < ROUNDS {
+                    // The slot is freed through the gateway that lost it.
+                    loser
+                        .etcd
+                        .commit(vec![end(winner, LeaseEnd::Released, NOW, host)])
+                        .await
+                        .expect("the winner's lease released");
+                }
+            }
+            for gateway in [&a, &b] {
+                let live = gateway.etcd.restore(NOW).await.expect("listed").live;
+                assert_eq!(live.len(), 2, "{live:?}");
+                assert!(live.iter().any(|l| l.id == first.id));
+            }
+        });
+    });
+}
+
+#[test]
+fn several_batches_in_flight_commit_everything_with_the_counts_right() {
+    const TEST: &str = "several_batches_in_flight_commit_everything_with_the_counts_right";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("flight");
+    cluster.run(|| {
+        runtime().block_on(async {
+            let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
+            let b = Arc::new(gateway(&cluster, "gw-b", Duration::from_secs(2)).await);
+            const HOSTS: u16 = 30;
+            const MAX: u32 = 12;
+            let host = |n: u16| format!("fwnp://host/f-{}", n % HOSTS);
+            // 20 inserts per host, all at once, at most 12 each: exactly 12 per host granted.
+            let mut commits = tokio::task::JoinSet::new();
+            for n in 0..HOSTS * 20 {
+                let a = a.clone();
+                let new = lease(n, &host(n), NOW + 600_000, Some(MAX));
+                commits.spawn(async move {
+                    (
+                        new.id,
+                        n % HOSTS,
+                        a.etcd.commit(vec![WriteOp::InsertLease(new)]).await,
+                    )
+                });
+            }
+            let mut granted: Vec<Vec<LeaseId>> = vec![Vec::new(); usize::from(HOSTS)];
+            while let Some(done) = commits.join_next().await {
+                let (id, h, result) = done.expect("task");
+                match result {
+                    Ok(()) => granted[usize::from(h)].push(id),
+                    Err(WriteError::Conflict(why)) => assert!(why.contains("live leases"), "{why}"),
+                    Err(e) => panic!("{e:?}"),
+                }
+            }
+            for (h, ids) in granted.iter().enumerate() {
+                assert_eq!(ids.len(), 12, "host {h}");
+            }
+
+            // Half of each host's leases released at once, half of those through B, which has
+            // not seen them.
+            let mut ends = tokio::task::JoinSet::new();
+            for (h, ids) in granted.iter_mut().enumerate() {
+                let h = u16::try_from(h).expect("few hosts");
+                for (i, id) in ids.drain(..6).enumerate() {
+                    let gateway = if i % 2 == 0 { a.clone() } else { b.clone() };
+                    let by = host(h);
+                    ends.spawn(async move {
+                        gateway
+                            .etcd
+                            .commit(vec![end(id, LeaseEnd::Released, NOW, &by)])
+                            .await
+                    });
+                }
+            }
+            while let Some(done) = ends.join_next().await {
+                done.expect("task").expect("every release applies");
+            }
+
+            // 10 more per host, at once: the counters say 6, so 6 more are granted each.
+            let mut commits = tokio::task::JoinSet::new();
+            for n in HOSTS * 20..HOSTS * 30 {
+                let a = a.clone();
+                let new = lease(n, &host(n), NOW + 600_000, Some(MAX));
+                commits.spawn(async move {
+                    (
+                        n % HOSTS,
+                        a.etcd.commit(vec![WriteOp::InsertLease(new)]).await.is_ok(),
+                    )
+                });
+            }
+            let mut more = vec![0u32; usize::from(HOSTS)];
+            while let Some(done) = commits.join_next().await {
+                let (h, ok) = done.expect("task");
+                more[usize::from(h)] += u32::from(ok);
+            }
+            assert!(more.iter().all(|&m| m == 6), "{more:?}");
+            let live = b.etcd.restore(NOW).await.expect("listed").live;
+            assert_eq!(live.len(), usize::from(HOSTS) * 12);
+            for h in 0..HOSTS {
+                let held = live.iter().filter(|l| l.identity == host(h)).count();
+                assert_eq!(held, 12, "host {h}");
+            }
         });
     });
 }

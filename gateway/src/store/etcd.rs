@@ -17,7 +17,7 @@
 //!
 //! # One transaction per commit
 //! Every commit is one etcd transaction whose comparisons carry what must hold across the
-//! cluster, on the revisions read just before it:
+//! cluster, on the revisions this gateway last saw of its keys (see "Group commits"):
 //! - an insert only while the lease's key does not exist (create revision 0);
 //! - a renewal or an end only while the key is the one read (same mod revision), and, when this
 //!   gateway has seen the lease before, the same incarnation of it (same create revision: a
@@ -30,7 +30,7 @@
 //!   than counting a per-host key range: etcd compares keys one by one and cannot compare a
 //!   count, and one small key per host keeps the check at one comparison.
 //!
-//! A check that fails on what was read is refused at once (a duplicate lease, a lease not live:
+//! A check that fails on what was just read is refused (a duplicate lease, a lease not live:
 //! the same errors as the SQLite store; a quota or an expiry that no longer holds:
 //! [`WriteError::Conflict`]); a transaction whose comparison fails because another gateway wrote
 //! in between is read and tried again, a bounded number of times, then refused as a conflict.
@@ -38,11 +38,40 @@
 //! quorum) is [`WriteError::Unavailable`].
 //!
 //! # Group commits
-//! Commits queue to one task that takes everything queued (up to [`MAX_BATCH_JOBS`] jobs, as
-//! etcd takes at most 128 operations per transaction by default) into one read and one
-//! transaction, as the SQLite writer groups its commits: one etcd write per grant would cap the
-//! gateway at etcd's own rate of single writes. A job that fails its check is left out of the
-//! batch alone.
+//! Commits queue to one task that groups them into batches (up to [`MAX_BATCH_JOBS`] jobs, as
+//! etcd takes at most 128 operations per transaction by default), one transaction each, as the
+//! SQLite writer groups its commits: one etcd write per grant would cap the gateway at etcd's
+//! own rate of single writes.
+//!
+//! A batch is one round trip in the common case. The gateway keeps the value and revisions of
+//! each lease key and host counter as its own last transaction left them (the revision of a
+//! transaction is the mod revision of every key it wrote) or as it last read them, and compares
+//! on those instead of reading them again; an insert is compared on its key not existing
+//! without reading it. Only keys not known are read. A comparison that fails (another gateway
+//! wrote the key, or the lease existed) costs a read of every key of the batch and a second
+//! transaction, as does a job refused on known values alone: its refusal is checked again on
+//! what is read, so that a value grown stale (a lease ended through another gateway, say) does
+//! not refuse what the cluster allows. A job that fails its check on what was read is left out
+//! of the batch alone.
+//!
+//! Up to four batches (`BATCHES_IN_FLIGHT`) are in flight at once, so that the gateway does not
+//! wait for each answer of etcd before sending the next transaction. Two batches in flight never
+//! share a key: a job whose lease key or host counter a batch in flight holds waits for that batch
+//! to end, and so does every later job that shares a key with it, so the jobs on one key keep their
+//! order, and the second batch counts on the counter's revision the first one wrote (were two
+//! batches to count on one revision, etcd would take one and refuse the other, which would be read
+//! and sent again). An end of a lease whose host this gateway does not know yet goes with the jobs
+//! after it when no batch is in flight: its host counter is known only once the lease is read. Each
+//! job is still answered only once the transaction holding it committed (or with why it did not).
+//!
+//! Without a read before it, a transaction is the first to meet a cluster in trouble, and one
+//! that gets no answer (sent to a member whose leader just died, or to one without quorum) may
+//! have applied, or apply once the quorum is back. Its batch is then read: an insert found as
+//! it was written was taken, and its job is answered as committed; the others are tried again on
+//! what was read. Until a transaction commits again, batches read first, as a read is sent again
+//! while the timeout lasts and never applies late. A lease that a transaction reported failed may
+//! have inserted is kept aside, and, should the cluster have taken it after all (its host was
+//! refused it), ended as soon as the cluster answers again, with no audit record of a grant.
 //!
 //! # Following the cluster
 //! Every gateway watches the keys from the revision of its restore ([`EtcdStore::watch`]) and
@@ -70,7 +99,7 @@
 //! The etcd client runs on a thread of its own with its own runtime, as the SQLite writer does,
 //! so that the store can be used from any runtime (or from several, one after the other).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -83,7 +112,9 @@ use etcd_client::{
 };
 use fwnp_proto::{AppInfo, Epoch, LeaseId};
 use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 use super::backend::{LeaseStore, WriteError, WriteFuture};
 use super::codec::{decode_grants, encode_grants};
@@ -106,6 +137,15 @@ pub const MAX_BATCH_JOBS: usize = 48;
 
 /// The most lease operations one commit may hold (it must fit one transaction).
 pub const MAX_JOB_LEASE_OPS: usize = 48;
+
+/// How many batches may be in flight to etcd at once (see the module documentation): etcd
+/// takes the transactions of several batches in one round of its log.
+const BATCHES_IN_FLIGHT: usize = 4;
+
+/// The most lease keys (and host counters) a gateway keeps the last seen value of; past it,
+/// what it knows is forgotten and read again as needed (leases ended through other gateways
+/// are not removed one by one).
+const KNOWN_MAX: usize = 1 << 20;
 
 /// How many times a batch whose comparisons failed (another gateway wrote in between) is read
 /// and tried again before its jobs are refused as conflicts.
@@ -668,11 +708,190 @@ struct Read<T> {
     mod_revision: i64,
 }
 
-/// The state a batch is applied to: what was read, and what the jobs so far made of it.
+impl<T> Read<T> {
+    fn absent() -> Self {
+        Read {
+            value: None,
+            create_revision: 0,
+            mod_revision: 0,
+        }
+    }
+
+    /// The key as a transaction at `revision` left it, holding `value` (now or, for `None`,
+    /// deleted) after it held what `self` says.
+    fn written(&self, value: Option<T>, revision: i64) -> Self {
+        match value {
+            None => Read::absent(),
+            Some(value) => Read {
+                value: Some(value),
+                create_revision: if self.value.is_none() {
+                    revision
+                } else {
+                    self.create_revision
+                },
+                mod_revision: revision,
+            },
+        }
+    }
+}
+
+/// The state a batch is applied to: what was read (or known), and what the jobs so far made
+/// of it.
 #[derive(Debug, Default)]
 struct Overlay {
     leases: HashMap<LeaseId, (Read<StoredLease>, Option<StoredLease>)>,
     hosts: HashMap<String, (Read<u32>, u32)>,
+}
+
+/// The keys as this gateway last wrote or read them, compared on without reading them again
+/// (see "Group commits" in the module documentation). A lease key absent here is not known.
+#[derive(Debug, Default)]
+struct Known {
+    leases: HashMap<LeaseId, Read<StoredLease>>,
+    hosts: HashMap<String, Read<u32>>,
+    /// The cluster failed to answer and no transaction has committed since: batches read
+    /// their keys first, which, unlike a transaction, is sent again while the timeout lasts
+    /// and never applies late.
+    careful: bool,
+    /// Leases inserted by transactions that got no answer, as they wrote them, to be ended
+    /// should the cluster have taken them (see `Worker::settle`).
+    doubtful: HashMap<LeaseId, StoredLease>,
+}
+
+impl Known {
+    /// Keeps the keys the transaction at `revision` that applied `overlay` wrote as it left
+    /// them (a key it did not write is known as before); past `max` keys of a kind, forgets
+    /// what was known of the others.
+    fn learn(&mut self, overlay: &Overlay, revision: i64, max: usize) {
+        if revision <= 0 {
+            // No revision to compare on next time: read them then.
+            self.forget(overlay);
+            return;
+        }
+        if self.leases.len() + overlay.leases.len() > max
+            || self.hosts.len() + overlay.hosts.len() > max
+        {
+            self.leases.clear();
+            self.hosts.clear();
+        }
+        for (id, (read, now)) in &overlay.leases {
+            match now {
+                None => {
+                    self.leases.remove(id);
+                }
+                Some(lease) if read.value.as_ref() == Some(lease) => {}
+                Some(lease) => {
+                    self.leases
+                        .insert(*id, read.written(Some(lease.clone()), revision));
+                }
+            }
+        }
+        for (identity, (read, count)) in &overlay.hosts {
+            if read.value.unwrap_or(0) != *count {
+                let now = read.written((*count > 0).then_some(*count), revision);
+                self.hosts.insert(identity.clone(), now);
+            }
+        }
+    }
+
+    /// Forgets the keys `overlay` holds: a transaction on them failed, or may have applied.
+    fn forget(&mut self, overlay: &Overlay) {
+        for id in overlay.leases.keys() {
+            self.leases.remove(id);
+        }
+        for identity in overlay.hosts.keys() {
+            self.hosts.remove(identity);
+        }
+    }
+}
+
+/// A key a batch in flight holds: no other batch may count on it meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Claim {
+    Lease(LeaseId),
+    Host(String),
+}
+
+/// The keys `job` writes, or `None` when one of them is not known before a read (the host
+/// counter of a lease it ends that this gateway does not know).
+fn claims(known: &Known, job: &Job) -> Option<Vec<Claim>> {
+    let mut claims = Vec::new();
+    for op in &job.ops {
+        match op {
+            WriteOp::InsertLease(new) => {
+                claims.push(Claim::Lease(new.id));
+                claims.push(Claim::Host(new.identity.clone()));
+            }
+            WriteOp::RenewLease { id, .. } => claims.push(Claim::Lease(*id)),
+            WriteOp::EndLease { id, .. } => {
+                let lease = known.leases.get(id)?.value.as_ref()?;
+                claims.push(Claim::Lease(*id));
+                claims.push(Claim::Host(lease.identity.clone()));
+            }
+            _ => {}
+        }
+    }
+    Some(claims)
+}
+
+/// A batch taken from the queue: its jobs, the keys it holds, and whether it must go alone
+/// (it holds a job whose keys are not known before a read).
+struct Batch {
+    jobs: Vec<Job>,
+    claims: Vec<Claim>,
+    alone: bool,
+}
+
+/// Takes the next batch from `queue`: the jobs, in order, that share no key with a batch in
+/// flight (`busy`) nor with a job left waiting before them; when nothing is in flight
+/// (`idle`) and the first job's keys are not known, the first jobs whatever their keys, to go
+/// alone. `None` when no job may go now.
+fn next_batch(
+    known: &Known,
+    queue: &mut VecDeque<Job>,
+    busy: &HashSet<Claim>,
+    idle: bool,
+) -> Option<Batch> {
+    let mut batch = Batch {
+        jobs: Vec::new(),
+        claims: Vec::new(),
+        alone: false,
+    };
+    let mut waiting = VecDeque::with_capacity(queue.len());
+    let mut blocked: HashSet<Claim> = HashSet::new();
+    // A job whose keys are unknown holds up every job after it.
+    let mut held = false;
+    while let Some(job) = queue.pop_front() {
+        if held || batch.jobs.len() >= MAX_BATCH_JOBS {
+            waiting.push_back(job);
+            continue;
+        }
+        if batch.alone {
+            // Nothing else is in flight: the jobs after it go with it, in order.
+            batch.jobs.push(job);
+            continue;
+        }
+        match claims(known, &job) {
+            None if idle && batch.jobs.is_empty() => {
+                batch.alone = true;
+                batch.jobs.push(job);
+            }
+            None => {
+                held = true;
+                waiting.push_back(job);
+            }
+            Some(keys) if keys.iter().any(|k| busy.contains(k) || blocked.contains(k)) => {
+                blocked.extend(keys);
+                waiting.push_back(job);
+            }
+            Some(keys) => {
+                batch.claims.extend(keys);
+                batch.jobs.push(job);
+            }
+        }
+    }
+    *queue = waiting;
+    (!batch.jobs.is_empty()).then_some(batch)
 }
 
 struct Worker {
@@ -687,6 +906,8 @@ struct Worker {
     transactions: Arc<AtomicU64>,
     /// The create revision of each lease this gateway has seen (its incarnation).
     seen: Mutex<HashMap<LeaseId, i64>>,
+    /// See [`Known`].
+    known: Mutex<Known>,
     /// See [`EtcdStore::applied_revision`].
     applied: Arc<AtomicI64>,
     /// See [`EtcdStore::resync`].
@@ -821,6 +1042,7 @@ impl Worker {
             audit,
             transactions,
             seen: Mutex::new(HashMap::new()),
+            known: Mutex::new(Known::default()),
             applied,
             resync,
             tombstones: Mutex::new(None),
@@ -919,56 +1141,105 @@ impl Worker {
     }
 
     async fn run(self, mut receiver: mpsc::UnboundedReceiver<Msg>) {
+        let worker = Arc::new(self);
+        let mut queue: VecDeque<Job> = VecDeque::new();
+        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut held: HashMap<tokio::task::Id, Vec<Claim>> = HashMap::new();
+        let mut busy: HashSet<Claim> = HashSet::new();
+        let mut alone = false;
+        // A message other than a commit, answered once every commit before it is.
         let mut waiting: Option<Msg> = None;
+        let mut open = true;
         loop {
-            let first = match waiting.take() {
-                Some(msg) => msg,
-                None => match receiver.recv().await {
-                    Some(msg) => msg,
-                    None => return,
-                },
-            };
-            let mut jobs = match first {
-                Msg::Restore { now_ms, reply } => {
-                    let _ = reply.send(self.restore(now_ms).await.map_err(Refusal::error));
-                    continue;
-                }
-                Msg::Watch { changes } => {
-                    tokio::spawn(
-                        Follower {
-                            client: self.client.clone(),
-                            kv: self.kv.clone(),
-                            keys: self.keys.clone(),
-                            timeout: self.timeout,
-                            applied: self.applied.clone(),
-                            resync: self.resync.clone(),
-                            changes,
-                        }
-                        .run(),
-                    );
-                    continue;
-                }
-                Msg::Lease { id, reply } => {
-                    let _ = reply.send(self.read_lease(id).await.map_err(Refusal::error));
-                    continue;
-                }
-                Msg::Leases { filter, reply } => {
-                    let _ = reply.send(self.list_leases(&filter).await.map_err(Refusal::error));
-                    continue;
-                }
-                Msg::Commit { ops, reply } => vec![Job { ops, reply }],
-            };
-            while jobs.len() < MAX_BATCH_JOBS {
+            while open && waiting.is_none() {
                 match receiver.try_recv() {
-                    Ok(Msg::Commit { ops, reply }) => jobs.push(Job { ops, reply }),
-                    Ok(other) => {
-                        waiting = Some(other);
-                        break;
-                    }
-                    Err(_) => break,
+                    Ok(Msg::Commit { ops, reply }) => queue.push_back(Job { ops, reply }),
+                    Ok(other) => waiting = Some(other),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            self.commit(jobs).await;
+            if in_flight.is_empty() && !worker.known().doubtful.is_empty() {
+                worker.settle().await;
+            }
+            while in_flight.len() < BATCHES_IN_FLIGHT && !alone {
+                let batch = {
+                    let known = worker.known.lock().unwrap_or_else(|e| e.into_inner());
+                    next_batch(&known, &mut queue, &busy, in_flight.is_empty())
+                };
+                let Some(batch) = batch else { break };
+                alone = batch.alone;
+                busy.extend(batch.claims.iter().cloned());
+                let committer = worker.clone();
+                let task = in_flight.spawn(async move { committer.commit(batch.jobs).await });
+                held.insert(task.id(), batch.claims);
+            }
+            if in_flight.is_empty() && queue.is_empty() {
+                if let Some(msg) = waiting.take() {
+                    worker.answer(msg).await;
+                    continue;
+                }
+                if !open {
+                    return;
+                }
+                match receiver.recv().await {
+                    Some(Msg::Commit { ops, reply }) => queue.push_back(Job { ops, reply }),
+                    Some(other) => waiting = Some(other),
+                    None => return,
+                }
+                continue;
+            }
+            tokio::select! {
+                done = in_flight.join_next_with_id() => {
+                    let id = match done {
+                        Some(Ok((id, ()))) => id,
+                        Some(Err(e)) => {
+                            tracing::error!(error = %e, "etcd store: a batch's task failed");
+                            e.id()
+                        }
+                        None => continue,
+                    };
+                    for claim in held.remove(&id).unwrap_or_default() {
+                        busy.remove(&claim);
+                    }
+                    alone = false;
+                }
+                msg = receiver.recv(), if open && waiting.is_none() => match msg {
+                    Some(Msg::Commit { ops, reply }) => queue.push_back(Job { ops, reply }),
+                    Some(other) => waiting = Some(other),
+                    None => open = false,
+                },
+            }
+        }
+    }
+
+    /// Answers a message other than a commit.
+    async fn answer(&self, msg: Msg) {
+        match msg {
+            Msg::Restore { now_ms, reply } => {
+                let _ = reply.send(self.restore(now_ms).await.map_err(Refusal::error));
+            }
+            Msg::Watch { changes } => {
+                tokio::spawn(
+                    Follower {
+                        client: self.client.clone(),
+                        kv: self.kv.clone(),
+                        keys: self.keys.clone(),
+                        timeout: self.timeout,
+                        applied: self.applied.clone(),
+                        resync: self.resync.clone(),
+                        changes,
+                    }
+                    .run(),
+                );
+            }
+            Msg::Lease { id, reply } => {
+                let _ = reply.send(self.read_lease(id).await.map_err(Refusal::error));
+            }
+            Msg::Leases { filter, reply } => {
+                let _ = reply.send(self.list_leases(&filter).await.map_err(Refusal::error));
+            }
+            Msg::Commit { ops, reply } => self.commit(vec![Job { ops, reply }]).await,
         }
     }
 
@@ -990,13 +1261,34 @@ impl Worker {
                 pending.push(job);
             }
         }
-        for attempt in 0..=RETRIES {
-            if pending.is_empty() {
-                return;
-            }
-            match self.try_commit(pending).await {
-                Ok(()) => return,
-                Err(Retry::Conflicted(jobs)) if attempt < RETRIES => pending = jobs,
+        // First on the keys as known, then, for what that left, on the keys as read; on the
+        // keys as read only while the cluster has just failed to answer.
+        let mut fresh = self.known().careful;
+        let mut conflicts = 0;
+        // The leases a transaction without an answer inserted, as it wrote them.
+        let mut doubtful: HashMap<LeaseId, StoredLease> = HashMap::new();
+        let mut doubted = false;
+        while !pending.is_empty() {
+            match self.try_commit(pending, fresh, &doubtful).await {
+                Ok(recheck) => pending = recheck,
+                // Read to see whether it applied (a leader lost, say); what was read prevails.
+                Err(Retry::Doubtful(jobs, _, inserted)) if !doubted => {
+                    doubted = true;
+                    doubtful.extend(inserted);
+                    pending = jobs;
+                }
+                Err(Retry::Doubtful(jobs, refusal, inserted)) => {
+                    doubtful.extend(inserted);
+                    self.doubt(doubtful);
+                    for job in jobs {
+                        job.answer(Err(refusal.clone()));
+                    }
+                    return;
+                }
+                Err(Retry::Conflicted(jobs)) if conflicts < RETRIES => {
+                    conflicts += 1;
+                    pending = jobs;
+                }
                 Err(Retry::Conflicted(jobs)) => {
                     for job in jobs {
                         job.answer(Err(Refusal::Conflict(
@@ -1006,31 +1298,113 @@ impl Worker {
                     return;
                 }
                 Err(Retry::Failed(jobs, refusal)) => {
+                    self.doubt(doubtful);
                     for job in jobs {
                         job.answer(Err(refusal.clone()));
                     }
                     return;
                 }
             }
+            fresh = true;
         }
     }
 
-    /// One read and one transaction for `jobs`: those that fail their checks are answered and
-    /// left out; the others are answered once the transaction commits.
-    async fn try_commit(&self, jobs: Vec<Job>) -> Result<(), Retry> {
-        let mut overlay = match self.read_for(&jobs).await {
+    /// Keeps the leases that transactions reported failed may have inserted, to be ended if
+    /// they did (see [`Worker::settle`]), and has the next batches read their keys first.
+    fn doubt(&self, leases: HashMap<LeaseId, StoredLease>) {
+        let mut known = self.known();
+        known.careful = true;
+        known.doubtful.extend(leases);
+    }
+
+    /// Ends each lease a transaction reported failed inserted after all (the cluster took it
+    /// once its quorum was back): its host was refused it. What cannot be read yet is kept.
+    async fn settle(&self) {
+        let doubtful: Vec<(LeaseId, StoredLease)> = self.known().doubtful.drain().collect();
+        let keys: Vec<String> = doubtful
+            .iter()
+            .map(|(id, _)| self.keys.lease(*id))
+            .collect();
+        let read = match self.read_keys(&keys).await {
+            Ok(read) => read,
+            Err(_) => {
+                self.known().doubtful.extend(doubtful);
+                return;
+            }
+        };
+        let mut answers = Vec::new();
+        let mut jobs = Vec::new();
+        for ((id, written), kv) in doubtful.into_iter().zip(read) {
+            let applied = kv.is_some_and(|kv| {
+                StoredLease::decode(kv.key(), kv.value()).is_ok_and(|stored| stored == written)
+            });
+            if !applied {
+                continue;
+            }
+            tracing::warn!(
+                lease = %id,
+                "etcd store: a grant reported failed was taken late; ending it"
+            );
+            let (reply, answer) = oneshot::channel();
+            jobs.push(Job {
+                ops: vec![WriteOp::EndLease {
+                    id,
+                    end: LeaseEnd::Released,
+                    ended_ms: super::now_ms(),
+                    by: None,
+                    why: Some("granted by a transaction reported failed".into()),
+                }],
+                reply: Some(reply),
+            });
+            answers.push((id, written, answer));
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        self.commit(jobs).await;
+        for (id, written, answer) in answers {
+            if let Ok(Err(WriteError::Unavailable(_))) | Err(_) = answer.await {
+                self.known().doubtful.insert(id, written);
+            }
+        }
+    }
+
+    /// One transaction for `jobs`, on the keys as known (reading only those not known) or,
+    /// when `fresh`, as read now: jobs that fail their checks on what was read are answered and
+    /// left out; those that fail them on known values alone are returned, to be checked again
+    /// on what is read; the others are answered once the transaction commits.
+    ///
+    /// A job that only inserts leases, each found as `doubtful` holds it (written by a
+    /// transaction that got no answer), is answered as committed.
+    async fn try_commit(
+        &self,
+        jobs: Vec<Job>,
+        fresh: bool,
+        doubtful: &HashMap<LeaseId, StoredLease>,
+    ) -> Result<Vec<Job>, Retry> {
+        let mut overlay = match self.read_for(&jobs, fresh).await {
             Ok(overlay) => overlay,
             Err(refusal) => return Err(Retry::Failed(jobs, refusal)),
         };
         let mut included = Vec::new();
+        let mut recheck = Vec::new();
         for job in jobs {
+            if fresh && !doubtful.is_empty() && inserted_already(&overlay, &job, doubtful) {
+                self.record_audit(&job);
+                job.answer(Ok(()));
+                continue;
+            }
             match self.apply(&mut overlay, &job.ops) {
                 Ok(()) => included.push(job),
+                Err(_) if !fresh => recheck.push(job),
                 Err(refusal) => job.answer(Err(refusal)),
             }
         }
+        if !recheck.is_empty() {
+            self.known().forget(&overlay);
+        }
         if included.is_empty() {
-            return Ok(());
+            return Ok(recheck);
         }
         // How each lease this batch ends ended, for the tombstones the other gateways read.
         let mut endings: HashMap<LeaseId, Tombstone> = HashMap::new();
@@ -1056,7 +1430,10 @@ impl Worker {
         let tombstone_lease = if ends {
             match self.tombstone_lease().await {
                 Ok(lease) => Some(lease),
-                Err(refusal) => return Err(Retry::Failed(included, refusal)),
+                Err(refusal) => {
+                    included.extend(recheck);
+                    return Err(Retry::Failed(included, refusal));
+                }
             }
         } else {
             None
@@ -1127,14 +1504,30 @@ impl Worker {
                     // restored from a snapshot, say): the next commit grants another.
                     *self.tombstones.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
-                return Err(Retry::Failed(included, refusal));
+                // It may have applied: what was known of its keys may be no more.
+                self.known().forget(&overlay);
+                let inserted = overlay
+                    .leases
+                    .iter()
+                    .filter(|(_, (read, _))| read.value.is_none())
+                    .filter_map(|(id, (_, now))| Some((*id, now.clone()?)))
+                    .collect();
+                included.extend(recheck);
+                return Err(Retry::Doubtful(included, refusal, inserted));
             }
         };
         self.transactions.fetch_add(1, Ordering::Relaxed);
         if !response.succeeded() {
+            self.known().forget(&overlay);
+            included.extend(recheck);
             return Err(Retry::Conflicted(included));
         }
         let revision = response.header().map_or(0, |h| h.revision());
+        {
+            let mut known = self.known();
+            known.learn(&overlay, revision, KNOWN_MAX);
+            known.careful = false;
+        }
         {
             let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
             for (id, (read, now)) in &overlay.leases {
@@ -1152,50 +1545,71 @@ impl Worker {
             }
         }
         for job in included {
-            let audit: Vec<WriteOp> = job
-                .ops
-                .iter()
-                .filter(|op| !is_lease_op(op))
-                .cloned()
-                .collect();
-            if let Err(e) = self.audit.record(audit) {
-                tracing::warn!(error = %e, "etcd store: audit records of a commit were not kept");
-            }
+            self.record_audit(&job);
             job.answer(Ok(()));
         }
-        Ok(())
+        Ok(recheck)
     }
 
-    /// Reads every lease key and host counter `jobs` touch, in two round trips (the counters
-    /// of ended leases are known once the leases are read).
-    async fn read_for(&self, jobs: &[Job]) -> Result<Overlay, Refusal> {
+    /// Records the audit events of a committed job in the gateway's own database.
+    fn record_audit(&self, job: &Job) {
+        let audit: Vec<WriteOp> = job
+            .ops
+            .iter()
+            .filter(|op| !is_lease_op(op))
+            .cloned()
+            .collect();
+        if let Err(e) = self.audit.record(audit) {
+            tracing::warn!(error = %e, "etcd store: audit records of a commit were not kept");
+        }
+    }
+
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lease keys and host counters `jobs` touch: as known (an inserted lease's key not
+    /// known is taken as absent, which its transaction compares) and, for what is not known,
+    /// as read, in at most two round trips (the counter of an ended lease is known once the
+    /// lease is); with `fresh`, every one of them as read.
+    async fn read_for(&self, jobs: &[Job], fresh: bool) -> Result<Overlay, Refusal> {
+        let mut overlay = Overlay::default();
         let mut ids = Vec::new();
         let mut hosts = Vec::new();
-        for op in jobs.iter().flat_map(|j| &j.ops) {
-            match op {
-                WriteOp::InsertLease(new) => {
-                    ids.push(new.id);
-                    hosts.push(new.identity.clone());
+        {
+            let known = self.known();
+            let mut take = |id: LeaseId, insert: bool| {
+                if let Some(read) = known.leases.get(&id).filter(|_| !fresh) {
+                    overlay
+                        .leases
+                        .insert(id, (read.clone(), read.value.clone()));
+                } else if insert && !fresh {
+                    overlay.leases.insert(id, (Read::absent(), None));
+                } else {
+                    ids.push(id);
                 }
-                WriteOp::RenewLease { id, .. } | WriteOp::EndLease { id, .. } => ids.push(*id),
-                _ => {}
+            };
+            for op in jobs.iter().flat_map(|j| &j.ops) {
+                match op {
+                    WriteOp::InsertLease(new) => {
+                        take(new.id, true);
+                        hosts.push(new.identity.clone());
+                    }
+                    WriteOp::RenewLease { id, .. } => take(*id, false),
+                    WriteOp::EndLease { id, .. } => take(*id, false),
+                    _ => {}
+                }
             }
         }
         ids.sort_unstable();
         ids.dedup();
         let keys: Vec<String> = ids.iter().map(|id| self.keys.lease(*id)).collect();
-        let mut overlay = Overlay::default();
         for (id, kv) in ids.iter().zip(self.read_keys(&keys).await?) {
             let read = match kv {
-                None => Read {
-                    value: None,
-                    create_revision: 0,
-                    mod_revision: 0,
-                },
+                None => Read::absent(),
                 Some(kv) => {
                     let lease =
                         StoredLease::decode(kv.key(), kv.value()).map_err(Refusal::from_store)?;
-                    hosts.push(lease.identity.clone());
                     Read {
                         value: Some(lease),
                         create_revision: kv.create_revision(),
@@ -1204,18 +1618,40 @@ impl Worker {
                 }
             };
             let now = read.value.clone();
+            // What is read prevails over an insert's key taken as absent.
             overlay.leases.insert(*id, (read, now));
+        }
+        // The counters of the hosts whose leases are ended.
+        for op in jobs.iter().flat_map(|j| &j.ops) {
+            if let WriteOp::EndLease { id, .. } = op
+                && let Some((
+                    Read {
+                        value: Some(lease), ..
+                    },
+                    _,
+                )) = overlay.leases.get(id)
+            {
+                hosts.push(lease.identity.clone());
+            }
         }
         hosts.sort_unstable();
         hosts.dedup();
+        if !fresh {
+            let known = self.known();
+            hosts.retain(|identity| match known.hosts.get(identity) {
+                Some(read) => {
+                    overlay
+                        .hosts
+                        .insert(identity.clone(), (read.clone(), read.value.unwrap_or(0)));
+                    false
+                }
+                None => true,
+            });
+        }
         let keys: Vec<String> = hosts.iter().map(|h| self.keys.host(h)).collect();
         for (identity, kv) in hosts.into_iter().zip(self.read_keys(&keys).await?) {
             let read = match kv {
-                None => Read {
-                    value: None,
-                    create_revision: 0,
-                    mod_revision: 0,
-                },
+                None => Read::absent(),
                 Some(kv) => {
                     let count = std::str::from_utf8(kv.value())
                         .ok()
@@ -1516,6 +1952,9 @@ enum Retry {
     Conflicted(Vec<Job>),
     /// Every job fails with this.
     Failed(Vec<Job>, Refusal),
+    /// The transaction was sent and no answer came: it may have applied, now or later. With
+    /// the leases it inserted, as it wrote them.
+    Doubtful(Vec<Job>, Refusal, Vec<(LeaseId, StoredLease)>),
 }
 
 fn is_lease_op(op: &WriteOp) -> bool {
@@ -1523,6 +1962,33 @@ fn is_lease_op(op: &WriteOp) -> bool {
         op,
         WriteOp::InsertLease(_) | WriteOp::RenewLease { .. } | WriteOp::EndLease { .. }
     )
+}
+
+/// Whether `job` only inserts leases and finds each in `overlay` as `doubtful` holds it: a
+/// transaction that got no answer inserted them.
+fn inserted_already(
+    overlay: &Overlay,
+    job: &Job,
+    doubtful: &HashMap<LeaseId, StoredLease>,
+) -> bool {
+    let mut inserts = 0;
+    for op in &job.ops {
+        match op {
+            WriteOp::InsertLease(new) => {
+                let found = overlay
+                    .leases
+                    .get(&new.id)
+                    .and_then(|(read, _)| read.value.as_ref());
+                if found.is_none() || found != doubtful.get(&new.id) {
+                    return false;
+                }
+                inserts += 1;
+            }
+            WriteOp::RenewLease { .. } | WriteOp::EndLease { .. } => return false,
+            _ => {}
+        }
+    }
+    inserts > 0
 }
 
 /// The lease id a key names (32 hex digits).
@@ -1610,6 +2076,208 @@ mod tests {
             stored.record(LeaseId([1; 16])),
             Err(StoreError::Corrupt { .. })
         ));
+    }
+
+    fn insert(n: u8, identity: &str) -> Job {
+        Job {
+            ops: vec![WriteOp::InsertLease(NewLease {
+                id: LeaseId([n; 16]),
+                identity: identity.into(),
+                peer: None,
+                grants: Vec::new(),
+                app: None,
+                requested_lifetime: None,
+                granted_lifetime: 1,
+                created_ms: 0,
+                expires_ms: 1,
+                certificate: None,
+                max_leases: None,
+            })],
+            reply: None,
+        }
+    }
+
+    fn end(n: u8) -> Job {
+        Job {
+            ops: vec![WriteOp::EndLease {
+                id: LeaseId([n; 16]),
+                end: LeaseEnd::Released,
+                ended_ms: 0,
+                by: None,
+                why: None,
+            }],
+            reply: None,
+        }
+    }
+
+    fn renew(n: u8) -> Job {
+        Job {
+            ops: vec![WriteOp::RenewLease {
+                id: LeaseId([n; 16]),
+                renewed_ms: 0,
+                expires_ms: 2,
+                granted_lifetime: 1,
+                certificate: None,
+            }],
+            reply: None,
+        }
+    }
+
+    /// The lease ids of the jobs, in order.
+    fn ids(jobs: &[Job]) -> Vec<u8> {
+        jobs.iter()
+            .flat_map(|j| &j.ops)
+            .filter_map(|op| match op {
+                WriteOp::InsertLease(new) => Some(new.id.0[0]),
+                WriteOp::RenewLease { id, .. } | WriteOp::EndLease { id, .. } => Some(id.0[0]),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn batches_in_flight_share_no_key_and_jobs_on_one_key_keep_their_order() {
+        let mut known = Known::default();
+        let stored = |identity: &str| {
+            let Job { ops, .. } = insert(3, identity);
+            let WriteOp::InsertLease(new) = &ops[0] else {
+                unreachable!()
+            };
+            Read {
+                value: Some(StoredLease::new(new)),
+                create_revision: 5,
+                mod_revision: 5,
+            }
+        };
+        known.leases.insert(LeaseId([3; 16]), stored("h3"));
+        known.leases.insert(LeaseId([6; 16]), stored("h1"));
+        let busy: HashSet<Claim> = [Claim::Host("h1".into())].into();
+        let mut queue: VecDeque<Job> = [
+            insert(1, "h1"), // its host is in flight: waits
+            insert(2, "h2"),
+            renew(1), // shares lease 1 with a job left waiting: waits after it
+            end(3),   // a known lease of h3: goes
+            end(6),   // a known lease of h1, in flight: waits
+            renew(4), // goes
+            end(9),   // not known: holds up every job after it
+            insert(5, "h5"),
+        ]
+        .into();
+        let batch = next_batch(&known, &mut queue, &busy, false).expect("a batch");
+        assert_eq!(ids(&batch.jobs), [2, 3, 4]);
+        assert!(!batch.alone);
+        let claims: HashSet<Claim> = batch.claims.into_iter().collect();
+        let expected: HashSet<Claim> = [
+            Claim::Lease(LeaseId([2; 16])),
+            Claim::Host("h2".into()),
+            Claim::Lease(LeaseId([3; 16])),
+            Claim::Host("h3".into()),
+            Claim::Lease(LeaseId([4; 16])),
+        ]
+        .into();
+        assert_eq!(claims, expected);
+        assert_eq!(ids(queue.make_contiguous()), [1, 1, 6, 9, 5]);
+
+        // With the batch still in flight, nothing more may go: h1 is busy and lease 9's host
+        // is not known.
+        assert!(next_batch(&known, &mut queue, &busy, false).is_none());
+        assert_eq!(queue.len(), 5);
+
+        // Nothing in flight: the jobs go in order, the end of an unknown lease alone with the
+        // jobs after it.
+        let none = HashSet::new();
+        let batch = next_batch(&known, &mut queue, &none, true).expect("a batch");
+        assert_eq!(ids(&batch.jobs), [1, 1, 6]);
+        assert!(!batch.alone);
+        let batch = next_batch(&known, &mut queue, &none, true).expect("a batch");
+        assert_eq!(ids(&batch.jobs), [9, 5]);
+        assert!(batch.alone);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_batch_takes_at_most_max_batch_jobs() {
+        let known = Known::default();
+        let mut queue: VecDeque<Job> = (0..=u8::try_from(MAX_BATCH_JOBS).unwrap())
+            .map(|n| insert(n, &format!("h{n}")))
+            .collect();
+        let batch = next_batch(&known, &mut queue, &HashSet::new(), true).expect("a batch");
+        assert_eq!(batch.jobs.len(), MAX_BATCH_JOBS);
+        assert_eq!(queue.len(), 1);
+    }
+
+    #[test]
+    fn a_committed_batch_is_known_as_it_left_its_keys_within_a_bound() {
+        let Job { ops, .. } = insert(1, "h1");
+        let WriteOp::InsertLease(new) = &ops[0] else {
+            unreachable!()
+        };
+        let lease = StoredLease::new(new);
+        let mut known = Known::default();
+        known.doubtful.insert(LeaseId([9; 16]), lease.clone());
+        known.careful = true;
+        // An insert of lease 1 and the host's counter from 2 to 3, an end of lease 2.
+        let mut overlay = Overlay::default();
+        overlay
+            .leases
+            .insert(LeaseId([1; 16]), (Read::absent(), Some(lease.clone())));
+        let before = Read {
+            value: Some(lease.clone()),
+            create_revision: 7,
+            mod_revision: 8,
+        };
+        overlay
+            .leases
+            .insert(LeaseId([2; 16]), (before.clone(), None));
+        known.leases.insert(LeaseId([2; 16]), before);
+        let counter = Read {
+            value: Some(2),
+            create_revision: 3,
+            mod_revision: 8,
+        };
+        overlay.hosts.insert("h1".into(), (counter, 3));
+        known.learn(&overlay, 10, 100);
+        let one = &known.leases[&LeaseId([1; 16])];
+        assert_eq!((one.create_revision, one.mod_revision), (10, 10));
+        assert_eq!(one.value.as_ref(), Some(&lease));
+        assert!(!known.leases.contains_key(&LeaseId([2; 16])));
+        let h1 = &known.hosts["h1"];
+        assert_eq!(
+            (h1.value, h1.create_revision, h1.mod_revision),
+            (Some(3), 3, 10)
+        );
+
+        // Without a revision to compare on, the keys are forgotten.
+        known.learn(&overlay, 0, 100);
+        assert!(known.leases.is_empty() && known.hosts.is_empty());
+
+        // Past the bound, what was known of other keys is forgotten, not what is doubtful.
+        known.hosts.insert("h2".into(), Read::absent());
+        known.learn(&overlay, 11, 1);
+        assert!(!known.hosts.contains_key("h2"));
+        assert!(known.hosts.contains_key("h1"));
+        assert!(known.doubtful.contains_key(&LeaseId([9; 16])));
+        assert!(known.careful);
+    }
+
+    #[test]
+    fn a_key_written_is_known_at_the_transactions_revision() {
+        let absent: Read<u32> = Read::absent();
+        let created = absent.written(Some(1), 40);
+        assert_eq!(
+            (created.value, created.create_revision, created.mod_revision),
+            (Some(1), 40, 40)
+        );
+        let updated = created.written(Some(2), 41);
+        assert_eq!(
+            (updated.value, updated.create_revision, updated.mod_revision),
+            (Some(2), 40, 41)
+        );
+        let deleted = updated.written(None, 42);
+        assert_eq!(
+            (deleted.value, deleted.create_revision, deleted.mod_revision),
+            (None, 0, 0)
+        );
     }
 
     #[test]
