@@ -406,6 +406,11 @@ table = "fwnp_host"
         self.gateways.get(i)?.as_ref()?.pid()
     }
 
+    /// Whether the agent has exited (and how), without waiting.
+    pub fn agent_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.agent.as_mut().and_then(Daemon::exited)
+    }
+
     /// Kills gateway `i`'s process with SIGKILL (its kernel table stays, as after a crash).
     pub fn kill_gateway(&mut self, i: usize) {
         if let Some(daemon) = self.gateways[i].as_mut() {

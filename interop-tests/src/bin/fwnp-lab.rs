@@ -919,25 +919,23 @@ async fn cluster_story(bins: Binaries) -> Result<usize, Failure> {
         d.cluster.dir().display()
     ));
     let socket = d.agent_socket();
-    let client = tokio::time::timeout(CLUSTER_SETTLE, async {
+    let connected = tokio::time::timeout(CLUSTER_SETTLE, async {
         loop {
             if let Ok(client) = Client::connect_to(&socket).await
                 && client.status().await.is_ok_and(|s| s.connected)
             {
-                return client;
+                return Ok(client);
+            }
+            if let Some(status) = d.agent_exited() {
+                return Err(format!("fwnp-agent exited: {status}"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     })
     .await
-    .map_err(|_| {
-        cluster_fail(
-            &story,
-            &d,
-            "the agent connected to a gateway",
-            format!("not within {CLUSTER_SETTLE:?}"),
-        )
-    })?;
+    .unwrap_or_else(|_| Err(format!("not within {CLUSTER_SETTLE:?}")));
+    let client = connected
+        .map_err(|seen| cluster_fail(&story, &d, "the agent connected to a gateway", seen))?;
     let agent = client
         .status()
         .await
