@@ -8,6 +8,8 @@
 //! configurations, starts the real `fwnp-gateway` and one real `fwnp-agent` per host in their
 //! namespaces, and offers the probes a story needs: can the outside reach a host's port, does the
 //! gateway's or the host's table hold an element for it, what does `fwnpctl audit --json` say.
+//! Its [`cluster`] module builds the deployment of two gateways on an etcd cluster that the
+//! failover test and the lab's cluster story share.
 //! It is not a library for the product: nothing here is used by the daemons.
 //!
 //! Everything is torn down when a [`Lab`] is dropped, also when a test panics: the daemons are
@@ -19,6 +21,8 @@
 //! unique-local range fd00::/8 and exists only inside the lab's namespaces.
 
 #![forbid(unsafe_code)]
+
+pub mod cluster;
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -641,22 +645,7 @@ always_allowed = []
     /// The audit trail, oldest first, as `fwnpctl audit --json` gives it (up to `limit`
     /// events, plus the filters in `args`).
     pub fn audit(&self, args: &[&str]) -> Result<Vec<AuditEntry>, LabError> {
-        let mut all = vec!["audit", "--limit", "10000"];
-        all.extend_from_slice(args);
-        // One JSON object per line (so that `--follow` can stream).
-        let out = run_ok(self.fwnpctl_command().arg("--json").args(&all))?;
-        let mut list = Vec::new();
-        for line in out.lines().filter(|line| !line.trim().is_empty()) {
-            let value: serde_json::Value =
-                serde_json::from_str(line).map_err(|err| LabError::Output {
-                    what: format!("fwnpctl --json {}", all.join(" ")),
-                    detail: format!("{err}: {line}"),
-                })?;
-            list.push(value);
-        }
-        let mut entries: Vec<AuditEntry> = list.into_iter().map(AuditEntry).collect();
-        entries.sort_by_key(|entry| entry.0.get("id").and_then(serde_json::Value::as_u64));
-        Ok(entries)
+        audit_at(&self.bins.fwnpctl, &self.admin_socket(), args)
     }
 
     /// Whether the gateway's table holds an element for `addr`'s `port` of `proto` ("tcp"...).
@@ -730,6 +719,33 @@ always_allowed = []
             self.outside_reaches(index, v6, port, Duration::from_millis(400)) == reachable
         })
     }
+}
+
+/// The audit trail through the gateway whose admin socket is `admin`, oldest first, as
+/// `fwnpctl audit --json` gives it (up to 10,000 events, plus the filters in `args`).
+pub fn audit_at(fwnpctl: &Path, admin: &Path, args: &[&str]) -> Result<Vec<AuditEntry>, LabError> {
+    let mut all = vec!["audit", "--limit", "10000"];
+    all.extend_from_slice(args);
+    // One JSON object per line (so that `--follow` can stream).
+    let out = run_ok(
+        Command::new(fwnpctl)
+            .arg("--admin")
+            .arg(admin)
+            .arg("--json")
+            .args(&all),
+    )?;
+    let mut list = Vec::new();
+    for line in out.lines().filter(|line| !line.trim().is_empty()) {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|err| LabError::Output {
+                what: format!("fwnpctl --json {}", all.join(" ")),
+                detail: format!("{err}: {line}"),
+            })?;
+        list.push(value);
+    }
+    let mut entries: Vec<AuditEntry> = list.into_iter().map(AuditEntry).collect();
+    entries.sort_by_key(|entry| entry.0.get("id").and_then(serde_json::Value::as_u64));
+    Ok(entries)
 }
 
 /// Whether `fwnp status --json` through `socket` says the agent is connected to the gateway.
@@ -810,6 +826,11 @@ impl AuditEntry {
     /// The reason given.
     pub fn reason(&self) -> Option<&str> {
         self.text("reason")
+    }
+
+    /// The cluster member that recorded it (a gateway's `site`), when the store is a cluster.
+    pub fn site(&self) -> Option<&str> {
+        self.text("site")
     }
 }
 

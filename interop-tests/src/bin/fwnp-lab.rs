@@ -8,7 +8,15 @@
 //! command holds an opening for exactly as long as a server it runs. It exits 0 only when every
 //! step behaved as expected, and removes everything it created, also when interrupted.
 //!
-//! Run it with `sudo scripts/lab`, which builds the binaries first.
+//! With `--cluster` it tells a failover instead: a three-member etcd cluster and two gateways
+//! on it, each with its own kernel filter, a host whose agent knows both and whose application
+//! holds an opening; the active gateway's machine dies (SIGKILL, links down, routes moved to the
+//! other), the host's agent renews the same lease through the other gateway within seconds
+//! (measured), the port stays reachable through it, the dead gateway comes back and holds the
+//! opening again, and the release closes it on both.
+//!
+//! Run it with `sudo scripts/lab` (or `sudo scripts/lab --cluster`), which builds the binaries
+//! first.
 
 #![forbid(unsafe_code)]
 
@@ -16,6 +24,10 @@ use std::net::SocketAddr;
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use fwnp_interop_tests::cluster::{
+    ClusterDeployment, ClusterNames, HOST, LAN, LAN_IF, QUIC_PORT, SERVER, SITES, WAN, WAN_IF,
+    gateway_index,
+};
 use fwnp_interop_tests::{
     AuditEntry, Binaries, Lab, LabError, LabOptions, TcpEchoServer, echo_exchange,
     emergency_cleanup, netns_command, tcp_connects, wait_until,
@@ -60,14 +72,26 @@ allow = "tcp/8000-8999"
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut cluster = false;
     match args.first().map(String::as_str) {
         None => {}
+        Some("--cluster") => match args.get(1) {
+            None => cluster = true,
+            Some(other) => {
+                eprintln!("fwnp-lab: unknown argument {other:?} after --cluster (try --help)");
+                return ExitCode::from(CANNOT_RUN);
+            }
+        },
         Some("serve") => return serve(&args[1..]),
         Some("-h" | "--help") => {
             println!(
                 "fwnp-lab: FWNP's story in network namespaces, with the real gateway and agent.\n\n\
                  Usage: sudo scripts/lab      (builds the binaries, then runs target/debug/fwnp-lab)\n\
-                 \x20      sudo fwnp-lab\n\n\
+                 \x20      sudo scripts/lab --cluster\n\
+                 \x20      sudo fwnp-lab [--cluster]\n\n\
+                 --cluster: two gateways on a three-member etcd cluster; the active one dies and\n\
+                 the host's agent fails over to the other, with real packets (needs etcd and\n\
+                 etcdctl too).\n\n\
                  Needs root (network namespaces and nf_tables), iproute2 and nftables.\n\
                  Exit status: 0 every step behaved as expected; 1 a step did not (it says which\n\
                  and what it saw); 2 it cannot run here; 130 interrupted.\n\
@@ -85,6 +109,13 @@ fn main() -> ExitCode {
         eprintln!(
             "fwnp-lab needs root: it creates network namespaces (ip netns) and programs nf_tables \
              in them.\nRun it as root: sudo scripts/lab"
+        );
+        return ExitCode::from(CANNOT_RUN);
+    }
+    if cluster && let Some(missing) = missing_etcd() {
+        eprintln!(
+            "fwnp-lab --cluster needs {missing} (Debian's etcd-server and etcd-client, which \
+             scripts/deps.sh installs)"
         );
         return ExitCode::from(CANNOT_RUN);
     }
@@ -122,7 +153,11 @@ fn main() -> ExitCode {
         // it ends. A signal is handled here at once, even while the story is in a blocking
         // step: everything the lab created is removed from the library's record of it, then
         // the process exits.
-        let story = tokio::spawn(story(bins));
+        let story = if cluster {
+            tokio::spawn(cluster_story(bins))
+        } else {
+            tokio::spawn(story(bins))
+        };
         let interrupted = tokio::select! {
             result = story => {
                 return match result {
@@ -219,6 +254,11 @@ impl Story {
             }
             None => String::new(),
         };
+        self.fail_with(logs, expected, seen)
+    }
+
+    /// A failure with `logs`, the daemons' last lines as the caller has them.
+    fn fail_with(&self, logs: String, expected: &str, seen: impl Into<String>) -> Failure {
         Failure {
             step: self.step,
             title: self.title.clone(),
@@ -708,4 +748,530 @@ fn serve(args: &[String]) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The port the application of the cluster story serves on (the cluster's policy allows
+/// tcp/7000-7999).
+const CLUSTER_PORT: u16 = 7080;
+
+/// Bound of every wait in the cluster story for a change to show.
+const CLUSTER_SETTLE: Duration = Duration::from_secs(10);
+
+/// The failover's aim: from a gateway's death to the host's renewals answered by another.
+const FAILOVER_AIM: Duration = Duration::from_secs(3);
+
+/// The first of `etcd` and `etcdctl` that cannot be run here, if any.
+fn missing_etcd() -> Option<&'static str> {
+    [("etcd", "--version"), ("etcdctl", "version")]
+        .into_iter()
+        .find(|(tool, version)| {
+            !std::process::Command::new(tool)
+                .arg(version)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(tool, _)| tool)
+}
+
+/// A failure of the cluster story, with the daemons' last log lines.
+fn cluster_fail(
+    story: &Story,
+    d: &ClusterDeployment,
+    expected: &str,
+    seen: impl Into<String>,
+) -> Failure {
+    story.fail_with(
+        format!(
+            "  the daemons' last log lines:\n{}\n",
+            indent(&d.log_tails(15))
+        ),
+        expected,
+        seen,
+    )
+}
+
+/// The members `fwnpctl status` lists as live.
+fn live_members(status: &str) -> Vec<String> {
+    status
+        .lines()
+        .skip_while(|line| line.trim() != "members:")
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let site = words.next()?;
+            (words.next() == Some("live")).then(|| site.to_string())
+        })
+        .collect()
+}
+
+/// The cluster's part of `fwnpctl status` (from its `site` line on): the members and the
+/// revision each one applied.
+fn cluster_part(status: &str) -> String {
+    status
+        .lines()
+        .skip_while(|line| !line.starts_with("site "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Lines of an `nft list table` listing that mention `port`.
+fn element_lines(table: &str, port: u16) -> Vec<String> {
+    let port = port.to_string();
+    table
+        .lines()
+        .filter(|line| line.contains(&port))
+        .map(|line| line.trim().to_string())
+        .collect()
+}
+
+/// `fwnpctl status` through gateway `i` once it lists both gateways as live members (bounded).
+fn status_with_both_members(d: &ClusterDeployment, i: usize) -> Result<String, String> {
+    let mut last = String::new();
+    let both = wait_until(CLUSTER_SETTLE, Duration::from_millis(200), || {
+        match d.fwnpctl(i, &["status"]) {
+            Ok(status) => {
+                let live = live_members(&status);
+                last = status;
+                SITES.iter().all(|site| live.iter().any(|l| l == site))
+            }
+            Err(err) => {
+                last = err.to_string();
+                false
+            }
+        }
+    });
+    if both { Ok(last) } else { Err(last) }
+}
+
+/// Sends a line from the server to the host's `port` and checks that it comes back.
+fn server_exchange(d: &ClusterDeployment, port: u16, payload: &str) -> Result<String, String> {
+    let to = SocketAddr::from((HOST, port));
+    match echo_exchange(
+        &d.site.server,
+        to,
+        payload.as_bytes(),
+        Duration::from_secs(2),
+    ) {
+        Ok(back) if back == payload.as_bytes() => Ok(format!(
+            "server -> {to}: connected, sent {:?}, got back {:?}",
+            payload.trim_end(),
+            String::from_utf8_lossy(&back).trim_end()
+        )),
+        Ok(back) => Err(format!(
+            "the echo differs: {:?}",
+            String::from_utf8_lossy(&back)
+        )),
+        Err(err) => Err(format!("server -> {to}: {err}")),
+    }
+}
+
+/// The cluster story: two gateways on a three-member etcd cluster, a host whose application
+/// holds an opening, the active gateway's death and the host's failover, with real packets.
+async fn cluster_story(bins: Binaries) -> Result<usize, Failure> {
+    let mut story = Story {
+        step: 0,
+        title: String::new(),
+    };
+    println!(
+        "FWNP lab, cluster: two gateways share their leases through etcd; the active one dies \
+         and the host's opening goes on through the other."
+    );
+
+    story.step("Start a three-member etcd cluster, two gateways on it, and the host's agent");
+    let names = ClusterNames {
+        label: "lab-cluster".into(),
+        etcd: "lab".into(),
+        netns: "lab".into(),
+        key_prefix: "/fwnp-lab".into(),
+    };
+    let mut d = tokio::task::block_in_place(|| ClusterDeployment::start(bins, &names))
+        .map_err(|err| story.lab_error(None, err))?;
+    story.saw(format!(
+        "etcd     (namespace {})  3 members: {}",
+        d.cluster.netns().name(),
+        d.cluster.endpoints().join(" ")
+    ));
+    for i in 0..2 {
+        story.saw(format!(
+            "gateway {} (namespace {})  {} / {}  site {}; [store] backend = \"etcd\"; listens on {}:{QUIC_PORT}",
+            ["A", "B"][i],
+            d.site.gateways[i].name(),
+            WAN[i],
+            LAN[i],
+            SITES[i],
+            LAN[i],
+        ));
+    }
+    story.saw(format!(
+        "host     (namespace {})  {HOST}  runs fwnp-agent with addresses = [\"{}:{QUIC_PORT}\", \"{}:{QUIC_PORT}\"]; default route via A",
+        d.site.host.name(),
+        LAN[0],
+        LAN[1]
+    ));
+    story.saw(format!(
+        "server   (namespace {})  {SERVER}  route to 198.51.100.0/24 via A",
+        d.site.server.name()
+    ));
+    story.saw(format!("files in {}", d.dir().display()));
+    story.saw(format!(
+        "etcd's data and logs in {}",
+        d.cluster.dir().display()
+    ));
+    let socket = d.agent_socket();
+    let connected = tokio::time::timeout(CLUSTER_SETTLE, async {
+        loop {
+            if let Ok(client) = Client::connect_to(&socket).await
+                && client.status().await.is_ok_and(|s| s.connected)
+            {
+                return Ok(client);
+            }
+            if let Some(status) = d.agent_exited() {
+                return Err(format!("fwnp-agent exited: {status}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("not within {CLUSTER_SETTLE:?}")));
+    let client = connected
+        .map_err(|seen| cluster_fail(&story, &d, "the agent connected to a gateway", seen))?;
+    let agent = client
+        .status()
+        .await
+        .map_err(|err| cluster_fail(&story, &d, "the agent's status", err.to_string()))?;
+    if gateway_index(&agent.gateway) != Some(0) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the agent connected to A, the first address it has",
+            agent.gateway,
+        ));
+    }
+    story.saw(format!("fwnp status: connected to {} (A)", agent.gateway));
+    let status = tokio::task::block_in_place(|| status_with_both_members(&d, 0))
+        .map_err(|seen| cluster_fail(&story, &d, "gw-a and gw-b live in `fwnpctl status`", seen))?;
+    story.saw("fwnpctl status (through A), its cluster part:");
+    story.saw(indent(&cluster_part(&status)));
+    story.ok("the cluster has both gateways as members, and the agent is connected to A");
+
+    story.step(&format!(
+        "An application on the host holds tcp/{CLUSTER_PORT} through the SDK"
+    ));
+    let echo = TcpEchoServer::start(&d.site.host, CLUSTER_PORT)
+        .map_err(|err| cluster_fail(&story, &d, "an echo server on the host", err.to_string()))?;
+    if tokio::task::block_in_place(|| d.site.reaches(CLUSTER_PORT)) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "no answer from the server before the grant",
+            "the connection succeeded",
+        ));
+    }
+    story.saw(format!(
+        "an echo server listens on [::]:{CLUSTER_PORT} in the host namespace; server -> \
+         {HOST}:{CLUSTER_PORT}: no answer (closed)"
+    ));
+    let asked = Instant::now();
+    let mut lease = client
+        .open(
+            Opening::tcp(CLUSTER_PORT)
+                .lifetime(Duration::from_secs(30))
+                .name("lab-cluster"),
+        )
+        .await
+        .map_err(|err| cluster_fail(&story, &d, "a grant", err.to_string()))?;
+    let id = lease.id();
+    let lease_id = id.to_string();
+    story.saw(format!(
+        "open(Opening::tcp({CLUSTER_PORT}).lifetime(30 s).name(\"lab-cluster\")): granted through \
+         A in {} ms, lease {lease_id}",
+        asked.elapsed().as_millis()
+    ));
+    if !tokio::task::block_in_place(|| d.etcd_has(&lease_id)) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the lease's key in etcd",
+            "etcdctl get --prefix lists no such key",
+        ));
+    }
+    story.saw(format!(
+        "etcdctl get --prefix {}/leases/ --keys-only: the lease's key is there",
+        names.key_prefix
+    ));
+    story.ok("granted, and committed in etcd");
+
+    story.step("The server reaches it through A, and B's kernel already holds the opening");
+    let exchanged = tokio::task::block_in_place(|| {
+        server_exchange(&d, CLUSTER_PORT, "hello through gateway A\n")
+    })
+    .map_err(|seen| cluster_fail(&story, &d, "a connection through A", seen))?;
+    story.saw(exchanged);
+    let standby = tokio::task::block_in_place(|| {
+        wait_until(CLUSTER_SETTLE, Duration::from_millis(50), || {
+            d.site.gateway_has(1, CLUSTER_PORT)
+        })
+    });
+    if !standby {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "an element for the opening in B's table",
+            d.site.gateway_table(1),
+        ));
+    }
+    for i in 0..2 {
+        for line in element_lines(&d.site.gateway_table(i), CLUSTER_PORT) {
+            story.saw(format!("gateway {} table: {line}", ["A", "B"][i]));
+        }
+    }
+    story.ok("open through A; B learnt it from the cluster's watch and holds it in its kernel");
+
+    story.step("Gateway A's machine dies: SIGKILL, its links down, the routes move to B");
+    let pid = d.gateway_pid(0);
+    let died = Instant::now();
+    d.kill_gateway(0);
+    d.gateway_links(0, false)
+        .and_then(|()| d.site.route_through(1))
+        .map_err(|err| story.lab_error(None, err))?;
+    story.saw(format!(
+        "kill -KILL {} (fwnp-gateway A)",
+        pid.map_or_else(|| "?".into(), |p| p.to_string())
+    ));
+    story.saw(format!(
+        "ip link set {LAN_IF} / {WAN_IF} / veth-etcd down in {}",
+        d.site.gateways[0].name()
+    ));
+    story.saw(format!(
+        "host: default via {} (B); server: 198.51.100.0/24 via {} (B)",
+        LAN[1], WAN[1]
+    ));
+    story.ok("A is gone: no process, no links");
+
+    story.step("The host's agent fails over to B and renews the lease there");
+    let mut lost_at = None;
+    let renewed = tokio::time::timeout(CLUSTER_SETTLE, async {
+        loop {
+            match lease.next_event().await {
+                Some(LeaseEvent::Renewed { .. }) => return Ok(died.elapsed()),
+                Some(LeaseEvent::GatewayUnreachable { .. }) => {
+                    lost_at.get_or_insert(died.elapsed());
+                }
+                Some(other) => return Err(other.to_string()),
+                None => return Err("the event stream ended".into()),
+            }
+        }
+    })
+    .await;
+    let after = match renewed {
+        Ok(Ok(after)) => after,
+        Ok(Err(seen)) => {
+            return Err(cluster_fail(&story, &d, "a renewal through B", seen));
+        }
+        Err(_) => {
+            return Err(cluster_fail(
+                &story,
+                &d,
+                "a renewal through B",
+                format!("none within {CLUSTER_SETTLE:?} of A's death"),
+            ));
+        }
+    };
+    if let Some(lost) = lost_at {
+        story.saw(format!(
+            "the application's Lease: gateway unreachable {} ms after A's death",
+            lost.as_millis()
+        ));
+    }
+    story.saw(format!(
+        "the application's Lease: renewed {} ms after A's death (the aim: at most {} s)",
+        after.as_millis(),
+        FAILOVER_AIM.as_secs()
+    ));
+    let agent = client
+        .status()
+        .await
+        .map_err(|err| cluster_fail(&story, &d, "the agent's status", err.to_string()))?;
+    if !agent.connected || gateway_index(&agent.gateway) != Some(1) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the agent connected to B",
+            format!("{} (connected: {})", agent.gateway, agent.connected),
+        ));
+    }
+    story.saw(format!("fwnp status: connected to {} (B)", agent.gateway));
+    if lease.id() != id {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            format!("the lease id unchanged ({lease_id})").as_str(),
+            lease.id().to_string(),
+        ));
+    }
+    story.saw(format!(
+        "the lease id is unchanged: {lease_id} (no re-open)"
+    ));
+    let port = CLUSTER_PORT.to_string();
+    let renewal = |trail: &[AuditEntry]| {
+        trail
+            .iter()
+            .rev()
+            .find(|e| {
+                e.lease() == Some(lease_id.as_str())
+                    && e.outcome() == Some("renewed")
+                    && e.site() == Some(SITES[1])
+            })
+            .cloned()
+    };
+    let mut seen = String::new();
+    let renewal_event = tokio::task::block_in_place(|| {
+        let mut found = None;
+        wait_until(CLUSTER_SETTLE, Duration::from_millis(200), || {
+            match d.audit(1, &["--outcome", "renewed", "--port", &port]) {
+                Ok(trail) => {
+                    found = renewal(&trail);
+                    seen = format!(
+                        "{} renewals, none by {} for {lease_id}",
+                        trail.len(),
+                        SITES[1]
+                    );
+                }
+                Err(err) => seen = err.to_string(),
+            }
+            found.is_some()
+        });
+        found
+    });
+    let Some(renewal_event) = renewal_event else {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "a renewed event for the lease recorded by gw-b",
+            seen,
+        ));
+    };
+    story.saw(format!(
+        "fwnpctl audit (through B): [{}] {} renewed lease {lease_id}",
+        renewal_event.site().unwrap_or("?"),
+        renewal_event.identity().unwrap_or("?"),
+    ));
+    story.ok(format!(
+        "on B {:.1} s after A's death, the same lease renewed there",
+        after.as_secs_f64()
+    ));
+
+    story.step("The port is still reachable, now through B");
+    let exchanged = tokio::task::block_in_place(|| {
+        server_exchange(&d, CLUSTER_PORT, "hello through gateway B\n")
+    })
+    .map_err(|seen| cluster_fail(&story, &d, "a connection through B", seen))?;
+    story.saw(exchanged);
+    for line in element_lines(&d.site.gateway_table(1), CLUSTER_PORT) {
+        story.saw(format!("gateway B table: {line}"));
+    }
+    if !d.site.host_has(CLUSTER_PORT) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the opening still in the host's own table",
+            d.site.host_table(),
+        ));
+    }
+    story.saw(format!(
+        "host table: the opening of tcp/{CLUSTER_PORT} is still there"
+    ));
+    story.ok("the host's traffic goes on through B's kernel");
+
+    story.step("A comes back: links up, process started again; it rejoins and holds the opening");
+    tokio::task::block_in_place(|| {
+        d.gateway_links(0, true)?;
+        d.start_gateway(0)
+    })
+    .map_err(|err| story.lab_error(None, err))?;
+    story.saw(format!(
+        "ip link set ... up in {}; fwnp-gateway A started again (pid {})",
+        d.site.gateways[0].name(),
+        d.gateway_pid(0)
+            .map_or_else(|| "?".into(), |p| p.to_string())
+    ));
+    let rejoined = tokio::task::block_in_place(|| {
+        wait_until(CLUSTER_SETTLE, Duration::from_millis(50), || {
+            d.site.gateway_has(0, CLUSTER_PORT)
+        })
+    });
+    if !rejoined {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the opening in A's table again",
+            d.site.gateway_table(0),
+        ));
+    }
+    for line in element_lines(&d.site.gateway_table(0), CLUSTER_PORT) {
+        story.saw(format!("gateway A table: {line}"));
+    }
+    let status = tokio::task::block_in_place(|| status_with_both_members(&d, 0))
+        .map_err(|seen| cluster_fail(&story, &d, "gw-a and gw-b live in `fwnpctl status`", seen))?;
+    story.saw("fwnpctl status (through A), its cluster part:");
+    story.saw(indent(&cluster_part(&status)));
+    story.ok("A reconciled its kernel from the cluster and is a live member again");
+
+    story.step("The application releases the lease: closed on both gateways and on the host");
+    lease
+        .release()
+        .await
+        .map_err(|err| cluster_fail(&story, &d, "the release", err.to_string()))?;
+    story.saw(format!("lease.release(): {lease_id} released"));
+    let closed = tokio::task::block_in_place(|| {
+        wait_until(CLUSTER_SETTLE, Duration::from_millis(50), || {
+            !d.site.gateway_has(0, CLUSTER_PORT)
+                && !d.site.gateway_has(1, CLUSTER_PORT)
+                && !d.site.host_has(CLUSTER_PORT)
+        })
+    });
+    if !closed {
+        let tables = format!(
+            "{}\n{}\n{}",
+            d.site.gateway_table(0),
+            d.site.gateway_table(1),
+            d.site.host_table()
+        );
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "no element left in any table",
+            tables,
+        ));
+    }
+    story.saw(format!(
+        "no element for {HOST} . tcp . {CLUSTER_PORT} in A's or B's table, none for tcp . \
+         {CLUSTER_PORT} in the host's"
+    ));
+    if tokio::task::block_in_place(|| d.site.reaches(CLUSTER_PORT)) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "no answer from the server",
+            "the connection succeeded",
+        ));
+    }
+    story.saw(format!("server -> {HOST}:{CLUSTER_PORT}: no answer"));
+    if tokio::task::block_in_place(|| d.etcd_has(&lease_id)) {
+        return Err(cluster_fail(
+            &story,
+            &d,
+            "the lease's key gone from etcd",
+            "etcdctl still lists it",
+        ));
+    }
+    story.saw("etcd: the lease's key is gone");
+    story.ok("closed everywhere");
+    drop(echo);
+    drop(client);
+
+    println!("\nCleaning up: stopping the daemons and etcd, deleting the namespaces and files.");
+    drop(d);
+    Ok(story.step)
 }
