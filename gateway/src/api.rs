@@ -15,6 +15,9 @@ pub enum AdminErrorKind {
     NotFound,
     /// A failure of the gateway itself (HTTP 500).
     Internal,
+    /// A service the request needs does not answer now, the cluster's store without its
+    /// quorum above all; nothing was changed, and the same request may succeed later (HTTP 503).
+    Unavailable,
 }
 
 /// An admin request that failed.
@@ -55,6 +58,20 @@ impl AdminError {
     pub fn internal(message: impl Into<String>) -> Self {
         AdminError {
             kind: AdminErrorKind::Internal,
+            message: message.into(),
+        }
+    }
+
+    /// A service the request needs does not answer now; nothing was changed.
+    ///
+    /// ```
+    /// use fwnp_gateway::api::{AdminError, AdminErrorKind};
+    /// let e = AdminError::unavailable("lease 00ff not revoked: etcd has no quorum");
+    /// assert_eq!(e.kind, AdminErrorKind::Unavailable);
+    /// ```
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::Unavailable,
             message: message.into(),
         }
     }

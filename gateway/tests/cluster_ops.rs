@@ -322,8 +322,9 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     "{own:#?}"
                 );
 
-                // A policy reload through A reaches B: B revokes its lease that the new
-                // policy no longer allows and refuses what it refuses.
+                // A policy reload through A reaches B: the lease granted through B that the
+                // new policy no longer allows is revoked (its host, connected to B, is told
+                // by B) and B refuses what it refuses.
                 common::write_policy(&a.policy, NARROWER);
                 let (status, reload) = a.post("/v1/policy/reload", None).await;
                 assert_eq!(status, 200, "{reload:#}");
@@ -362,7 +363,8 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 drop(to_c);
                 c.stop().await;
 
-                // One revocation record in the cluster's trail, from B.
+                // One revocation record in the cluster's trail, from A, whose reload published
+                // the policy (B took the end in through its watch).
                 let page = until(
                     "the revocation in A's audit",
                     || a.get("/v1/audit?kind=revocation&limit=100"),
@@ -371,7 +373,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 .await;
                 let records = events_of_lease(&page, on_b, "revocation");
                 assert_eq!(records.len(), 1, "{page:#}");
-                assert_eq!(records[0]["site"], "gw-b");
+                assert_eq!(records[0]["site"], "gw-a");
 
                 // The operator revokes through B what was granted through A: ended in etcd.
                 let (answer, _) = fwnpctl(

@@ -394,11 +394,13 @@ impl Service {
                     grants,
                     kill_connections,
                 } => self.remove_elements(lease, grants, *kill_connections).await,
-                Effect::Commit(writes) => {
-                    if let Err(e) = self.commit(session, writes).await {
-                        warn!("lease change not stored: {e}");
+                Effect::Commit(writes) => match self.commit(session, writes).await {
+                    Ok(()) => {}
+                    Err(e) if self.ended_elsewhere(&e, writes) => {
+                        debug!("lease ended through another gateway first: {e}");
                     }
-                }
+                    Err(e) => warn!("lease change not stored: {e}"),
+                },
                 Effect::Audit(record) => self.record(audit_event(record)),
                 Effect::Listed { identity } => {
                     if let Some(session) = session {
