@@ -736,6 +736,9 @@ pub struct ReportAnswer {
     pub rows: Vec<ReportRowView>,
     /// A policy that would allow what was asked, as TOML.
     pub suggested_policy: String,
+    /// In a cluster's report: the members whose events it may lack, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<UnreachableMember>,
 }
 
 /// `POST /v1/policy/explain`: a request described for the policy to judge.
