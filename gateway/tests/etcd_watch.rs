@@ -1075,3 +1075,80 @@ fn without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_t
     b.stop();
     drop(rt);
 }
+
+#[test]
+fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
+    const TEST: &str = "a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once";
+    const THREADS: &str = "fwnp-crl-once";
+    if !available(TEST) {
+        return;
+    }
+    let warnings = Warnings::install();
+    let cluster = EtcdCluster::start("wcrl");
+    let pki = Pki::new("etcd-wcrl");
+    let (dir_a, dir_b) = (temp_dir("wcrl-a"), temp_dir("wcrl-b"));
+    let doomed = pki.host("web-01", &[host_ip()], &[], &[]);
+    let kept = pki.host("web-02", &[host_ip()], &[], &[]);
+    cluster.run(|| {
+        named_runtime(THREADS).block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &doomed).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &kept).await;
+            to_b.hello().await;
+            let mut gone = Vec::new();
+            for port in [7001, 7003] {
+                gone.push(granted(to_a.open(tcp(port), Some(600)).await).lease);
+            }
+            let stays = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            for gateway in [&a, &b] {
+                for port in [7001, 7002, 7003] {
+                    assert!(gateway.wait_open(port, true, PROPAGATION).await, "{port}");
+                }
+            }
+
+            // Both gateways read the CRL that lists web-01's certificate at the same moment
+            // (both share the PKI's CRL file): each finds web-01's leases in its book.
+            fwnp_trust::pki::revoke(
+                pki.path(),
+                &doomed.cert,
+                fwnp_trust::pki::RevocationReason::KeyCompromise,
+            )
+            .expect("revoke");
+            let (on_a, on_b) = tokio::join!(a.service.reload_tls(), b.service.reload_tls());
+            let (closed_a, closed_b) = (on_a.expect("A reloads"), on_b.expect("B reloads"));
+            assert_eq!(closed_a.len(), 1, "web-01's connection to A: {closed_a:?}");
+            assert!(closed_b.is_empty(), "{closed_b:?}");
+
+            for gateway in [&a, &b] {
+                for port in [7001, 7003] {
+                    assert!(
+                        gateway.wait_open(port, false, PROPAGATION).await,
+                        "{port} closed"
+                    );
+                }
+                assert!(gateway.passes(7002), "web-02's lease stays");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for lease in &gone {
+                assert!(!lease_in_etcd(&cluster, *lease).await, "{lease} ended");
+                assert_eq!(
+                    a.audited(*lease, Outcome::Revoked) + b.audited(*lease, Outcome::Revoked),
+                    1,
+                    "{lease} revoked once"
+                );
+            }
+            assert!(lease_in_etcd(&cluster, stays).await);
+            let not_stored: Vec<String> = warnings
+                .of(THREADS)
+                .into_iter()
+                .filter(|w| w.contains("not stored"))
+                .collect();
+            assert!(not_stored.is_empty(), "{not_stored:#?}");
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+        });
+    });
+}
