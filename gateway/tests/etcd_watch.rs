@@ -9,7 +9,8 @@
 //! their own timeouts and close then, and with it back every kernel is reconciled; an
 //! operator's revoke without the quorum is refused and changes no book or kernel; a policy
 //! reload through one gateway closes what it disallows in both kernels, each lease ended and
-//! audited once, with no gateway warning of a refused write.
+//! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
+//! gateways at once.
 //!
 //! The gateways and the host's QUIC connections run in the cluster's namespace (where etcd's
 //! members listen on 127.0.0.1); each gateway's netlink socket is opened in its own router
