@@ -578,7 +578,11 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
                 let report = until(
                     "A's decisions in B's report",
                     || b.get("/v1/report?since=1h"),
-                    |r| report_row(r, "fwnp://host/web-01", "tcp/8000").is_some(),
+                    |r| {
+                        // B's own events reach its database a moment after the answer too.
+                        report_row(r, "fwnp://host/web-01", "tcp/8000").is_some()
+                            && report_row(r, "fwnp://host/web-02", "tcp/7002").is_some()
+                    },
                 )
                 .await;
                 let row = report_row(&report, "fwnp://host/web-01", "tcp/7001")
