@@ -979,9 +979,9 @@ fn a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_k
 }
 
 #[test]
-fn without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_they_were() {
+fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_as_they_were() {
     const TEST: &str =
-        "without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_they_were";
+        "without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_as_they_were";
     if !available(TEST) {
         return;
     }
@@ -989,19 +989,23 @@ fn without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_t
     let pki = Pki::new("etcd-wrvq");
     let (dir_a, dir_b) = (temp_dir("wrvq-a"), temp_dir("wrvq-b"));
     let files = pki.host("web-01", &[host_ip()], &[], &[]);
-    let (rt, a, b, to_a, lease) = cluster.run(|| {
+    let (rt, a, b, to_a, lease, held) = cluster.run(|| {
         let rt = runtime();
-        let (a, b, to_a, lease) = rt.block_on(async {
+        let (a, b, to_a, lease, held) = rt.block_on(async {
             let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
             let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
             let to_a = Client::connect(a.addr, &files).await;
             to_a.hello().await;
             let lease = granted(to_a.open(tcp(7001), Some(600)).await).lease;
-            assert!(a.wait_open(7001, true, PROPAGATION).await);
-            assert!(b.wait_open(7001, true, PROPAGATION).await);
-            (a, b, to_a, lease)
+            // The one the host releases.
+            let held = granted(to_a.open(tcp(7002), Some(600)).await).lease;
+            for port in [7001, 7002] {
+                assert!(a.wait_open(port, true, PROPAGATION).await);
+                assert!(b.wait_open(port, true, PROPAGATION).await);
+            }
+            (a, b, to_a, lease, held)
         });
-        (rt, a, b, to_a, lease)
+        (rt, a, b, to_a, lease, held)
     });
 
     cluster.kill(0);
@@ -1032,8 +1036,18 @@ fn without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_t
                 assert!(gateway.passes(7001) && gateway.kernel_has(7001));
             }
             assert!(to_a.next_notice(Duration::from_secs(1)).await.is_none());
+
+            // The host's Release: no-resources with a retry-after, and the lease stays.
+            let refused = denied(to_a.release(held).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert_eq!(refused.retry_after, Some(5), "{refused:?}");
+            for gateway in [&a, &b] {
+                assert!(gateway.passes(7002) && gateway.kernel_has(7002));
+            }
             let listed = to_a.list().await;
-            assert!(listed.leases.iter().any(|l| l.lease == lease), "{listed:?}");
+            for id in [lease, held] {
+                assert!(listed.leases.iter().any(|l| l.lease == id), "{listed:?}");
+            }
         })
     });
 
@@ -1069,6 +1083,14 @@ fn without_quorum_an_operator_revoke_is_refused_and_leaves_book_and_kernels_as_t
                 a.audited(lease, Outcome::Revoked) + b.audited(lease, Outcome::Revoked),
                 1
             );
+            // And the Release asked again: released, closed in both kernels.
+            assert!(
+                matches!(to_a.release(held).await, Message::Released(_)),
+                "released with the quorum back"
+            );
+            assert!(a.wait_open(7002, false, PROPAGATION).await, "A closed it");
+            assert!(b.wait_open(7002, false, PROPAGATION).await, "B closed it");
+            assert!(!lease_in_etcd(&cluster, held).await);
         })
     });
     drop(to_a);

@@ -430,8 +430,20 @@ impl Service {
             .iter()
             .map(|write| write_op(write, certificate.clone()))
             .collect();
+        let committed = self.leases.commit(ops).await;
         // A lease out of the book is gone whatever the store says: the records follow the book.
-        for write in writes {
+        // Except a Release the store refused: the request core puts that lease back.
+        let released = |w: &Write| {
+            matches!(
+                w,
+                Write::End {
+                    end: LeaseEnd::Released,
+                    ..
+                }
+            )
+        };
+        let back_in_book = committed.is_err() && writes.iter().any(released);
+        for write in writes.iter().filter(|_| !back_in_book) {
             if let Write::End { id, end, by, .. } = write {
                 lock(&self.lease_credentials).forget(id);
                 self.metrics.live_leases.dec();
@@ -446,7 +458,7 @@ impl Service {
                 }
             }
         }
-        self.leases.commit(ops).await?;
+        committed?;
         for write in writes {
             match write {
                 Write::Insert { lease, .. } => {
