@@ -42,6 +42,7 @@ fn status_of(kind: AdminErrorKind) -> StatusCode {
         AdminErrorKind::BadRequest => StatusCode::BAD_REQUEST,
         AdminErrorKind::NotFound => StatusCode::NOT_FOUND,
         AdminErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        AdminErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 

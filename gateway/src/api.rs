@@ -15,6 +15,9 @@ pub enum AdminErrorKind {
     NotFound,
     /// A failure of the gateway itself (HTTP 500).
     Internal,
+    /// A service the request needs does not answer now, the cluster's store without its
+    /// quorum above all; nothing was changed, and the same request may succeed later (HTTP 503).
+    Unavailable,
 }
 
 /// An admin request that failed.
@@ -55,6 +58,20 @@ impl AdminError {
     pub fn internal(message: impl Into<String>) -> Self {
         AdminError {
             kind: AdminErrorKind::Internal,
+            message: message.into(),
+        }
+    }
+
+    /// A service the request needs does not answer now; nothing was changed.
+    ///
+    /// ```
+    /// use fwnp_gateway::api::{AdminError, AdminErrorKind};
+    /// let e = AdminError::unavailable("lease 00ff not revoked: etcd has no quorum");
+    /// assert_eq!(e.kind, AdminErrorKind::Unavailable);
+    /// ```
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::Unavailable,
             message: message.into(),
         }
     }
@@ -719,6 +736,9 @@ pub struct ReportAnswer {
     pub rows: Vec<ReportRowView>,
     /// A policy that would allow what was asked, as TOML.
     pub suggested_policy: String,
+    /// In a cluster's report: the members whose events it may lack, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<UnreachableMember>,
 }
 
 /// `POST /v1/policy/explain`: a request described for the policy to judge.

@@ -322,8 +322,9 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     "{own:#?}"
                 );
 
-                // A policy reload through A reaches B: B revokes its lease that the new
-                // policy no longer allows and refuses what it refuses.
+                // A policy reload through A reaches B: the lease granted through B that the
+                // new policy no longer allows is revoked (its host, connected to B, is told
+                // by B) and B refuses what it refuses.
                 common::write_policy(&a.policy, NARROWER);
                 let (status, reload) = a.post("/v1/policy/reload", None).await;
                 assert_eq!(status, 200, "{reload:#}");
@@ -362,7 +363,8 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 drop(to_c);
                 c.stop().await;
 
-                // One revocation record in the cluster's trail, from B.
+                // One revocation record in the cluster's trail, from A, whose reload published
+                // the policy (B took the end in through its watch).
                 let page = until(
                     "the revocation in A's audit",
                     || a.get("/v1/audit?kind=revocation&limit=100"),
@@ -371,7 +373,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 .await;
                 let records = events_of_lease(&page, on_b, "revocation");
                 assert_eq!(records.len(), 1, "{page:#}");
-                assert_eq!(records[0]["site"], "gw-b");
+                assert_eq!(records[0]["site"], "gw-a");
 
                 // The operator revokes through B what was granted through A: ended in etcd.
                 let (answer, _) = fwnpctl(
@@ -528,6 +530,128 @@ fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_a
                     "absent as soon as it stopped: {status:#}"
                 );
                 a.stop().await;
+            });
+    });
+}
+
+/// The report's row of `identity` and `opening`.
+fn report_row<'a>(report: &'a Value, identity: &str, opening: &str) -> Option<&'a Value> {
+    report["rows"]
+        .as_array()?
+        .iter()
+        .find(|r| r["identity"] == identity && r["opening"] == opening)
+}
+
+#[test]
+fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack() {
+    const TEST: &str =
+        "the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clrep");
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-report");
+                let (dir_a, dir_b) = (temp_dir("clrep-a"), temp_dir("clrep-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                let web1 = pki.host("web-01", &[host], &[], &[]);
+                let web2 = pki.host("web-02", &[host], &[], &[]);
+                let to_a = Client::connect(a.addr, &web1).await;
+                to_a.hello().await;
+                let on_a = granted(to_a.open(tcp(7001), None).await).lease;
+                let refused = denied(to_a.open(tcp(8000), None).await);
+                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+                let to_b = Client::connect(b.addr, &web2).await;
+                to_b.hello().await;
+                granted(to_b.open(tcp(7002), None).await);
+
+                // Through B: A's grant and denial as well as B's own grant, the held time of
+                // A's live lease counted.
+                let report = until(
+                    "A's decisions in B's report",
+                    || b.get("/v1/report?since=1h"),
+                    |r| {
+                        // B's own events reach its database a moment after the answer too.
+                        report_row(r, "fwnp://host/web-01", "tcp/8000").is_some()
+                            && report_row(r, "fwnp://host/web-02", "tcp/7002").is_some()
+                    },
+                )
+                .await;
+                let row = report_row(&report, "fwnp://host/web-01", "tcp/7001")
+                    .unwrap_or_else(|| panic!("A's grant in B's report: {report:#}"));
+                assert_eq!(row["granted"], 1, "{row:#}");
+                assert_eq!(row["leases"], 1, "{row:#}");
+                assert!(row["total_held_ms"].as_u64() > Some(0), "{row:#}");
+                let row = report_row(&report, "fwnp://host/web-01", "tcp/8000").expect("row");
+                assert_eq!((&row["granted"], &row["denied"]), (&0.into(), &1.into()));
+                let row = report_row(&report, "fwnp://host/web-02", "tcp/7002").expect("row");
+                assert_eq!(row["granted"], 1, "{row:#}");
+                assert!(report.get("unreachable").is_none(), "{report:#}");
+                assert!(
+                    report["suggested_policy"]
+                        .as_str()
+                        .is_some_and(|p| p.contains("tcp/7001") && p.contains("tcp/7002")),
+                    "{report:#}"
+                );
+                // As the operator reads it, through B.
+                let (text, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
+                assert!(
+                    text.contains("fwnp://host/web-01") && text.contains("fwnp://host/web-02"),
+                    "{text}"
+                );
+                assert!(warning.is_empty(), "{warning}");
+
+                // A released lease's held time ends at its release, once B sees A's record
+                // of it: it no longer grows.
+                to_a.release(on_a).await;
+                until(
+                    "A's release in B's trail",
+                    || b.get("/v1/audit?kind=release&limit=100"),
+                    |p| !events_of_lease(p, on_a, "release").is_empty(),
+                )
+                .await;
+                let held = || async {
+                    let report = b.get("/v1/report?since=1h").await;
+                    report_row(&report, "fwnp://host/web-01", "tcp/7001")
+                        .and_then(|row| row["total_held_ms"].as_u64())
+                };
+                let first = held().await;
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                assert_eq!(held().await, first, "held until the release, not after");
+                assert!(first > Some(0), "{first:?}");
+
+                // A stops: B's report still shows what A published and names A.
+                drop(to_a);
+                a.stop().await;
+                let report = until(
+                    "gw-a named in B's report",
+                    || b.get("/v1/report?since=1h"),
+                    |r| {
+                        r["unreachable"]
+                            .as_array()
+                            .is_some_and(|u| u.iter().any(|m| m["site"] == "gw-a"))
+                    },
+                )
+                .await;
+                assert!(
+                    report_row(&report, "fwnp://host/web-01", "tcp/7001").is_some(),
+                    "{report:#}"
+                );
+                let (_, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
+                assert!(
+                    warning.contains("the events of member gw-a may be missing"),
+                    "{warning}"
+                );
+                drop(to_b);
+                b.stop().await;
             });
     });
 }

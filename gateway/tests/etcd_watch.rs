@@ -6,7 +6,11 @@
 //! both kernels; an expiry happens once across them, and a renewal through one racing the
 //! other's expiry timer ends the same way on both; a revocation through one reaches the host
 //! connected to the other as the Revoked notice; with the quorum lost the openings stay until
-//! their own timeouts and close then, and with it back every kernel is reconciled.
+//! their own timeouts and close then, and with it back every kernel is reconciled; an
+//! operator's revoke without the quorum is refused and changes no book or kernel; a policy
+//! reload through one gateway closes what it disallows in both kernels, each lease ended and
+//! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
+//! gateways at once.
 //!
 //! The gateways and the host's QUIC connections run in the cluster's namespace (where etcd's
 //! members listen on 127.0.0.1); each gateway's netlink socket is opened in its own router
@@ -759,6 +763,412 @@ fn renewals_racing_the_other_gateways_expiry_end_in_one_answer_on_both_gateways(
             }
             assert_eq!(kept + ended, usize::from(LEASES));
             eprintln!("{TEST}: {kept} renewed, {ended} expired first");
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+        });
+    });
+}
+
+/// The reload's policy: tcp/7003 and above are no longer allowed.
+const NARROWER: &str = r#"
+[defaults]
+lifetime = "60s"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 16
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7002"
+"#;
+
+/// The WARN lines logged by threads named `thread` (a test's runtime), from the moment
+/// [`Warnings::install`] was first called in this test binary.
+#[derive(Clone, Default)]
+struct Warnings(Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return;
+        }
+        struct Text(String);
+        impl tracing::field::Visit for Text {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!(" {}={value:?}", field.name()));
+            }
+        }
+        let mut text = Text(String::new());
+        event.record(&mut text);
+        let thread = std::thread::current().name().unwrap_or_default().to_owned();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((thread, text.0));
+    }
+}
+
+impl Warnings {
+    /// The binary's one log subscriber (tests of this file run in parallel, each on a runtime
+    /// whose threads it names).
+    fn install() -> Warnings {
+        static WARNINGS: std::sync::OnceLock<Warnings> = std::sync::OnceLock::new();
+        WARNINGS
+            .get_or_init(|| {
+                let warnings = Warnings::default();
+                tracing::subscriber::set_global_default(
+                    tracing_subscriber::layer::SubscriberExt::with(
+                        tracing_subscriber::registry(),
+                        warnings.clone(),
+                    ),
+                )
+                .expect("the only global subscriber");
+                warnings
+            })
+            .clone()
+    }
+
+    fn of(&self, thread: &str) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(t, _)| t == thread)
+            .map(|(_, text)| text.clone())
+            .collect()
+    }
+}
+
+/// A runtime whose threads are named `name`, for [`Warnings::of`].
+fn named_runtime(name: &str) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Waits for the Revoked notice of `lease` on `client`, skipping other notices.
+async fn revoked_notice(client: &Client, lease: LeaseId) -> Option<fwnp_proto::Revoked> {
+    let deadline = Instant::now() + PROPAGATION;
+    loop {
+        match client.next_notice(PROPAGATION).await {
+            Some(Message::Revoked(revoked)) if revoked.lease == lease => return Some(revoked),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Whether the lease's key is in etcd.
+async fn lease_in_etcd(cluster: &EtcdCluster, id: LeaseId) -> bool {
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("etcd client");
+    let answer = client
+        .get(format!("/fwnp-test/leases/{id}"), None)
+        .await
+        .expect("read the lease");
+    !answer.kvs().is_empty()
+}
+
+#[test]
+fn a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_kernel() {
+    const TEST: &str =
+        "a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_kernel";
+    const THREADS: &str = "fwnp-reload-once";
+    if !available(TEST) {
+        return;
+    }
+    let warnings = Warnings::install();
+    let cluster = EtcdCluster::start("wrel");
+    let pki = Pki::new("etcd-wrel");
+    let (dir_a, dir_b) = (temp_dir("wrel-a"), temp_dir("wrel-b"));
+    let web1 = pki.host("web-01", &[host_ip()], &[], &[]);
+    let web2 = pki.host("web-02", &[host_ip()], &[], &[]);
+    cluster.run(|| {
+        named_runtime(THREADS).block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            // A host on each gateway, each with a lease of each kind: one the reload still
+            // allows, one it no longer does.
+            let to_a = Client::connect(a.addr, &web1).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &web2).await;
+            to_b.hello().await;
+            let kept_a = granted(to_a.open(tcp(7001), Some(600)).await).lease;
+            let gone_a = granted(to_a.open(tcp(7003), Some(600)).await).lease;
+            let kept_b = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            let gone_b = granted(to_b.open(tcp(7004), Some(600)).await).lease;
+            for gateway in [&a, &b] {
+                for port in [7001, 7002, 7003, 7004] {
+                    assert!(
+                        gateway.wait_open(port, true, PROPAGATION).await,
+                        "{port} open before the reload"
+                    );
+                }
+            }
+
+            write_policy(&dir_a.path().join("policy.toml"), NARROWER);
+            let reloaded = a.service.reload_policy().await.expect("reloaded");
+            let mut ids: Vec<String> = reloaded.revoked.iter().map(|r| r.lease.clone()).collect();
+            ids.sort();
+            let mut expected = vec![gone_a.to_string(), gone_b.to_string()];
+            expected.sort();
+            assert_eq!(ids, expected, "A revokes what the new policy disallows");
+
+            // Each host has its Revoked from the gateway it is connected to.
+            let notice = revoked_notice(&to_a, gone_a).await.expect("Revoked on A");
+            assert_eq!(notice.reason, RevokeReason::PolicyChanged);
+            let notice = revoked_notice(&to_b, gone_b).await.expect("Revoked on B");
+            assert_eq!(notice.reason, RevokeReason::PolicyChanged);
+
+            // Closed in both kernels, a TCP connection through either filter fails; the
+            // others stay open.
+            for gateway in [&a, &b] {
+                for port in [7003, 7004] {
+                    assert!(
+                        gateway.wait_open(port, false, PROPAGATION).await,
+                        "{port} closed"
+                    );
+                }
+                for port in [7001, 7002] {
+                    assert!(gateway.passes(port), "{port} still open");
+                    assert!(gateway.kernel_has(port), "{port} still held");
+                }
+            }
+            for lease in [gone_a, gone_b] {
+                assert!(
+                    !lease_in_etcd(&cluster, lease).await,
+                    "{lease} ended in etcd"
+                );
+            }
+            for lease in [kept_a, kept_b] {
+                assert!(lease_in_etcd(&cluster, lease).await, "{lease} still live");
+            }
+
+            // One end each, audited once across the gateways (by A, whose reload published
+            // the policy); B took the policy in without trying to end them again.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for lease in [gone_a, gone_b] {
+                assert_eq!(a.audited(lease, Outcome::Revoked), 1, "{lease} on A");
+                assert_eq!(b.audited(lease, Outcome::Revoked), 0, "{lease} on B");
+            }
+            let not_stored: Vec<String> = warnings
+                .of(THREADS)
+                .into_iter()
+                .filter(|w| w.contains("not stored"))
+                .collect();
+            assert!(not_stored.is_empty(), "{not_stored:#?}");
+
+            // B decides by the new policy.
+            let refused = denied(to_b.open(tcp(7005), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            drop((to_a, to_b));
+            a.stop();
+            b.stop();
+        });
+    });
+}
+
+#[test]
+fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_as_they_were() {
+    const TEST: &str =
+        "without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_as_they_were";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("wrvq");
+    let pki = Pki::new("etcd-wrvq");
+    let (dir_a, dir_b) = (temp_dir("wrvq-a"), temp_dir("wrvq-b"));
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    let (rt, a, b, to_a, lease, held) = cluster.run(|| {
+        let rt = runtime();
+        let (a, b, to_a, lease, held) = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let lease = granted(to_a.open(tcp(7001), Some(600)).await).lease;
+            // The one the host releases.
+            let held = granted(to_a.open(tcp(7002), Some(600)).await).lease;
+            for port in [7001, 7002] {
+                assert!(a.wait_open(port, true, PROPAGATION).await);
+                assert!(b.wait_open(port, true, PROPAGATION).await);
+            }
+            (a, b, to_a, lease, held)
+        });
+        (rt, a, b, to_a, lease, held)
+    });
+
+    cluster.kill(0);
+    cluster.kill(1);
+    cluster.run(|| {
+        rt.block_on(async {
+            for gateway in [&a, &b] {
+                let refused = gateway
+                    .service
+                    .revoke_by_operator(lease, Some("maintenance".into()))
+                    .await
+                    .expect_err("no quorum, no revocation");
+                assert_eq!(
+                    refused.kind,
+                    fwnp_gateway::api::AdminErrorKind::Unavailable,
+                    "{refused}"
+                );
+                assert!(
+                    refused
+                        .message
+                        .contains(&format!("lease {lease} not revoked")),
+                    "{refused}"
+                );
+            }
+            // Book and kernels as they were: the opening holds through both filters, the
+            // host was told nothing, and A still answers for the lease.
+            for gateway in [&a, &b] {
+                assert!(gateway.passes(7001) && gateway.kernel_has(7001));
+            }
+            assert!(to_a.next_notice(Duration::from_secs(1)).await.is_none());
+
+            // The host's Release: no-resources with a retry-after, and the lease stays.
+            let refused = denied(to_a.release(held).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert_eq!(refused.retry_after, Some(5), "{refused:?}");
+            for gateway in [&a, &b] {
+                assert!(gateway.passes(7002) && gateway.kernel_has(7002));
+            }
+            let listed = to_a.list().await;
+            for id in [lease, held] {
+                assert!(listed.leases.iter().any(|l| l.lease == id), "{listed:?}");
+            }
+        })
+    });
+
+    cluster.restart(0);
+    cluster.restart(1);
+    assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
+    cluster.run(|| {
+        rt.block_on(async {
+            // With the quorum back the lease is still the cluster's, and the same revoke
+            // through B ends it everywhere.
+            assert!(lease_in_etcd(&cluster, lease).await, "never ended");
+            let deadline = Instant::now() + Duration::from_secs(15);
+            let answer = loop {
+                match b
+                    .service
+                    .revoke_by_operator(lease, Some("maintenance".into()))
+                    .await
+                {
+                    Ok(answer) => break answer,
+                    Err(e) => assert!(Instant::now() < deadline, "not revoked: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            assert_eq!(answer.revoked, lease.to_string());
+            let notice = revoked_notice(&to_a, lease)
+                .await
+                .expect("Revoked through A");
+            assert_eq!(notice.reason, RevokeReason::Operator);
+            assert!(a.wait_open(7001, false, PROPAGATION).await, "A closed it");
+            assert!(b.wait_open(7001, false, PROPAGATION).await, "B closed it");
+            assert!(!lease_in_etcd(&cluster, lease).await);
+            assert_eq!(
+                a.audited(lease, Outcome::Revoked) + b.audited(lease, Outcome::Revoked),
+                1
+            );
+            // And the Release asked again: released, closed in both kernels.
+            assert!(
+                matches!(to_a.release(held).await, Message::Released(_)),
+                "released with the quorum back"
+            );
+            assert!(a.wait_open(7002, false, PROPAGATION).await, "A closed it");
+            assert!(b.wait_open(7002, false, PROPAGATION).await, "B closed it");
+            assert!(!lease_in_etcd(&cluster, held).await);
+        })
+    });
+    drop(to_a);
+    a.stop();
+    b.stop();
+    drop(rt);
+}
+
+#[test]
+fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
+    const TEST: &str = "a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once";
+    const THREADS: &str = "fwnp-crl-once";
+    if !available(TEST) {
+        return;
+    }
+    let warnings = Warnings::install();
+    let cluster = EtcdCluster::start("wcrl");
+    let pki = Pki::new("etcd-wcrl");
+    let (dir_a, dir_b) = (temp_dir("wcrl-a"), temp_dir("wcrl-b"));
+    let doomed = pki.host("web-01", &[host_ip()], &[], &[]);
+    let kept = pki.host("web-02", &[host_ip()], &[], &[]);
+    cluster.run(|| {
+        named_runtime(THREADS).block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &doomed).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &kept).await;
+            to_b.hello().await;
+            let mut gone = Vec::new();
+            for port in [7001, 7003] {
+                gone.push(granted(to_a.open(tcp(port), Some(600)).await).lease);
+            }
+            let stays = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            for gateway in [&a, &b] {
+                for port in [7001, 7002, 7003] {
+                    assert!(gateway.wait_open(port, true, PROPAGATION).await, "{port}");
+                }
+            }
+
+            // Both gateways read the CRL that lists web-01's certificate at the same moment
+            // (both share the PKI's CRL file): each finds web-01's leases in its book.
+            fwnp_trust::pki::revoke(
+                pki.path(),
+                &doomed.cert,
+                fwnp_trust::pki::RevocationReason::KeyCompromise,
+            )
+            .expect("revoke");
+            let (on_a, on_b) = tokio::join!(a.service.reload_tls(), b.service.reload_tls());
+            let (closed_a, closed_b) = (on_a.expect("A reloads"), on_b.expect("B reloads"));
+            assert_eq!(closed_a.len(), 1, "web-01's connection to A: {closed_a:?}");
+            assert!(closed_b.is_empty(), "{closed_b:?}");
+
+            for gateway in [&a, &b] {
+                for port in [7001, 7003] {
+                    assert!(
+                        gateway.wait_open(port, false, PROPAGATION).await,
+                        "{port} closed"
+                    );
+                }
+                assert!(gateway.passes(7002), "web-02's lease stays");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for lease in &gone {
+                assert!(!lease_in_etcd(&cluster, *lease).await, "{lease} ended");
+                assert_eq!(
+                    a.audited(*lease, Outcome::Revoked) + b.audited(*lease, Outcome::Revoked),
+                    1,
+                    "{lease} revoked once"
+                );
+            }
+            assert!(lease_in_etcd(&cluster, stays).await);
+            let not_stored: Vec<String> = warnings
+                .of(THREADS)
+                .into_iter()
+                .filter(|w| w.contains("not stored"))
+                .collect();
+            assert!(not_stored.is_empty(), "{not_stored:#?}");
             drop((to_a, to_b));
             a.stop();
             b.stop();

@@ -20,6 +20,8 @@
 //! Granted never leaves before the kernel acknowledged the elements and the store committed the
 //! lease, and a failed effect turns the answer into a Denied (and gives back what the book took).
 //! A backend that may refuse a write (a cluster store that lost its quorum) fits the same way.
+//! A Release too waits for its end to be stored, before its elements leave the kernel: one the
+//! store refuses puts the lease back into the book, with its elements untouched.
 //!
 //! The effects of an [`Answer`] are carried out before it is sent too, but their failures change
 //! nothing: they are reported (by the driver) and the answer stands.
@@ -567,6 +569,7 @@ impl Pending {
         match &self.ticket {
             Ticket::Open { outcome, .. } => outcome.grant().lease.id,
             Ticket::Renew { renewed, .. } => renewed.grant.lease.id,
+            Ticket::Release { lease, .. } => lease.id,
         }
     }
 }
@@ -584,6 +587,15 @@ enum Ticket {
         renew: Renew,
         identity: String,
         peer: SocketAddr,
+    },
+    Release {
+        /// The lease as the book held it, put back should its end not be stored.
+        lease: Box<super::Lease>,
+        release: Release,
+        identity: String,
+        peer: SocketAddr,
+        /// Where its answer is remembered for a retry, once it is Released.
+        replay: Option<ReplayKey>,
     },
 }
 
@@ -625,6 +637,9 @@ struct AllowedOpen {
 
 /// A Release's bytes, the answer it got and when, Unix ms.
 type Remembered = (Arc<[u8]>, Message, u64);
+
+/// A Release's place in the replay memory: (identity, request id), and the request's bytes.
+type ReplayKey = ((String, u64), Arc<[u8]>);
 
 /// The Release answers remembered for a retry, under (identity, request id).
 #[derive(Debug, Default)]
@@ -858,7 +873,7 @@ impl RequestCore {
             Ready::Open(open) => self.open(now_ms, identity, peer, *open, rng),
             Ready::Renew(renew) => self.renew(now_ms, identity, peer, &renew, decide),
             Ready::Release(release, bytes) => {
-                Step::Answer(self.release_once(now_ms, identity, peer, &release, bytes))
+                self.release_once(now_ms, identity, peer, release, bytes)
             }
             Ready::List(list) => Step::Answer(self.list(now_ms, identity, &list)),
         }
@@ -1179,7 +1194,9 @@ impl RequestCore {
 
     /// The answer to a request whose effects were carried out (`Ok`) or failed (`Err`, the
     /// first failure). A failed Open gives back the lease it made (the answer's effects then
-    /// give up its elements) and is answered no-resources.
+    /// give up its elements) and is answered no-resources. A failed Release puts the lease
+    /// back into the book (its elements were left as they were) and is answered no-resources
+    /// with a retry-after; its answer is remembered for a retry only once it is Released.
     pub fn finish(
         &mut self,
         now_ms: u64,
@@ -1270,6 +1287,43 @@ impl RequestCore {
                     }
                 }
             }
+            Ticket::Release {
+                lease,
+                release,
+                identity,
+                peer,
+                replay,
+            } => match outcome {
+                Ok(()) => {
+                    let message = Message::Released(Released {
+                        common: Common {
+                            request_id: release.common.request_id,
+                            critical: Vec::new(),
+                        },
+                        lease: lease.id,
+                    });
+                    if let Some((key, bytes)) = replay {
+                        self.replay.insert(now_ms, key, bytes, message.clone());
+                    }
+                    Answer::new(message, "released")
+                }
+                Err(failure) => {
+                    self.book.apply(*lease);
+                    let mut answer = refuse_at(
+                        now_ms,
+                        &identity,
+                        peer,
+                        &Message::Release(release),
+                        ResultCode::NoResources,
+                        format!("the release was not stored, the lease stays ({failure})"),
+                        None,
+                    );
+                    if let Message::Denied(d) = &mut answer.message {
+                        d.retry_after = Some(5);
+                    }
+                    answer
+                }
+            },
         }
     }
 
@@ -1281,9 +1335,9 @@ impl RequestCore {
         now_ms: u64,
         identity: &str,
         peer: &Peer<'_>,
-        release: &Release,
+        release: Release,
         bytes: Arc<[u8]>,
-    ) -> Answer {
+    ) -> Step {
         let key = release
             .common
             .request_id
@@ -1291,60 +1345,48 @@ impl RequestCore {
         if let Some(key) = &key
             && let Some(message) = self.replay.get(now_ms, key, &bytes)
         {
-            return Answer {
+            return Step::Answer(Answer {
                 message,
                 effects: Vec::new(),
                 label: None,
-            };
+            });
         }
-        let answer = self.release(now_ms, identity, peer, release);
-        if let (Some(key), Message::Released(_)) = (key, &answer.message) {
-            self.replay
-                .insert(now_ms, key, bytes, answer.message.clone());
-        }
-        answer
-    }
-
-    fn release(
-        &mut self,
-        now_ms: u64,
-        identity: &str,
-        peer: &Peer<'_>,
-        release: &Release,
-    ) -> Answer {
         let lease = match self.book.release(now_ms, identity, &release.lease) {
             Ok(lease) => lease,
             Err(refusal) => {
-                return refuse(
+                return Step::Answer(refuse(
                     now_ms,
                     identity,
                     peer,
-                    &Message::Release(release.clone()),
+                    &Message::Release(release),
                     refusal.code(),
                     refusal.to_string(),
                     None,
-                );
+                ));
             }
         };
-        let mut answer = Answer::new(
-            Message::Released(Released {
-                common: Common {
-                    request_id: release.common.request_id,
-                    critical: Vec::new(),
-                },
-                lease: lease.id,
-            }),
-            "released",
-        );
-        answer.effects = self.end_effects(
+        // The store first: a store that refuses the end (a cluster without its quorum) leaves
+        // the kernel as it was, and the lease goes back into the book, rather than an opening
+        // closed here that the store still holds, and that comes back at the next listing.
+        let mut effects = self.end_effects(
             now_ms,
-            lease,
+            lease.clone(),
             LeaseEnd::Released,
             Some(identity.to_owned()),
             None,
             Some(peer.remote),
         );
-        answer
+        effects.reverse();
+        Step::Pending(Pending {
+            effects,
+            ticket: Ticket::Release {
+                lease: Box::new(lease),
+                release,
+                identity: identity.to_owned(),
+                peer: peer.remote,
+                replay: key.map(|key| (key, bytes)),
+            },
+        })
     }
 
     fn list(&self, now_ms: u64, identity: &str, list: &List) -> Answer {

@@ -115,7 +115,9 @@ enum Command {
         follow: bool,
     },
     /// What each host and application asked for, how often and how long, and a suggested
-    /// policy in the policy file's own format: which ports do applications really need?
+    /// policy in the policy file's own format: which ports do applications really need? In a
+    /// cluster, through every member; members whose events may be missing are named on
+    /// standard error.
     Report {
         /// The window: since this long ago.
         #[arg(long, default_value = "30d")]
@@ -502,6 +504,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 println!("{answer}");
             } else {
                 let report: ReportAnswer = AdminClient::typed(&path, &answer)?;
+                for member in &report.unreachable {
+                    eprintln!(
+                        "fwnpctl: the events of member {} may be missing from the report: {}",
+                        member.site, member.why
+                    );
+                }
                 if !policy_only {
                     print_report(&report);
                     println!();

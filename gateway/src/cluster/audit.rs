@@ -126,39 +126,10 @@ impl Cluster {
         for event in &mut page.events {
             event.site = Some(self.site.clone());
         }
-        let members = match self.members().await {
-            Ok(members) => members,
-            Err(e) => {
-                page.unreachable.push(UnreachableMember {
-                    site: "*".into(),
-                    why: format!("the other members' events could not be read: {e}"),
-                });
-                return;
-            }
-        };
+        let (others, unreachable) = self.others_events(query, READ_PER_MEMBER).await;
+        page.unreachable.extend(unreachable);
         let mut merged = std::mem::take(&mut page.events);
-        for member in members.iter().filter(|m| m.site != self.site) {
-            match self.events_of(&member.site, query).await {
-                Ok(events) => merged.extend(events),
-                Err(e) => {
-                    page.unreachable.push(UnreachableMember {
-                        site: member.site.clone(),
-                        why: format!("its events could not be read: {e}"),
-                    });
-                    continue;
-                }
-            }
-            if !member.live {
-                page.unreachable.push(UnreachableMember {
-                    site: member.site.clone(),
-                    why: format!(
-                        "absent since about {} (its registration ran out): what it recorded \
-                         after its last publication is missing",
-                        member.updated_ms
-                    ),
-                });
-            }
-        }
+        merged.extend(others);
         let key = |e: &AuditEventView| (e.time_ms, e.site.clone(), e.id);
         match query.order {
             Order::OldestFirst => merged.sort_by_key(key),
@@ -169,11 +140,58 @@ impl Cluster {
         page.events = merged;
     }
 
+    /// The other members' published events that match `query`, at most `per_member` of the
+    /// newest of each, each named with its site; and the members whose events may be missing:
+    /// those that could not be read, those not live (what they recorded after their last
+    /// publication), or all of them (`*`) when etcd cannot be read.
+    pub async fn others_events(
+        &self,
+        query: &AuditQuery,
+        per_member: i64,
+    ) -> (Vec<AuditEventView>, Vec<UnreachableMember>) {
+        let mut unreachable = Vec::new();
+        let members = match self.members().await {
+            Ok(members) => members,
+            Err(e) => {
+                unreachable.push(UnreachableMember {
+                    site: "*".into(),
+                    why: format!("the other members' events could not be read: {e}"),
+                });
+                return (Vec::new(), unreachable);
+            }
+        };
+        let mut events = Vec::new();
+        for member in members.iter().filter(|m| m.site != self.site) {
+            match self.events_of(&member.site, query, per_member).await {
+                Ok(found) => events.extend(found),
+                Err(e) => {
+                    unreachable.push(UnreachableMember {
+                        site: member.site.clone(),
+                        why: format!("its events could not be read: {e}"),
+                    });
+                    continue;
+                }
+            }
+            if !member.live {
+                unreachable.push(UnreachableMember {
+                    site: member.site.clone(),
+                    why: format!(
+                        "absent since about {} (its registration ran out): what it recorded \
+                         after its last publication is missing",
+                        member.updated_ms
+                    ),
+                });
+            }
+        }
+        (events, unreachable)
+    }
+
     /// One other member's published events that match `query`, newest first.
     async fn events_of(
         &self,
         site: &str,
         query: &AuditQuery,
+        limit: i64,
     ) -> Result<Vec<AuditEventView>, ClusterError> {
         let answer = self
             .within(
@@ -184,7 +202,7 @@ impl Cluster {
                         GetOptions::new()
                             .with_prefix()
                             .with_sort(SortTarget::Key, SortOrder::Descend)
-                            .with_limit(READ_PER_MEMBER),
+                            .with_limit(limit),
                     ),
                 ),
             )

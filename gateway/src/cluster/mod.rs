@@ -231,9 +231,10 @@ pub fn sha256_hex(text: &[u8]) -> String {
 }
 
 impl Cluster {
-    /// The admin API's revoke of a lease another member holds in its book: its end is
-    /// committed to the cluster's store from here (and reaches that member's kernel and host
-    /// through its watch of the leases).
+    /// The admin API's revoke of a lease of the cluster: its end is committed to the cluster's
+    /// store from here (and reaches every member's book, kernel and connected host through its
+    /// watch of the leases). Without the quorum the answer is [`AdminError::unavailable`] and
+    /// nothing changed.
     pub async fn revoke_in_store(
         &self,
         service: &Service,
@@ -242,10 +243,11 @@ impl Cluster {
     ) -> Result<crate::api::RevokeAnswer, crate::api::AdminError> {
         use crate::api::AdminError;
         let key = self.keys.lease(id);
+        let not_revoked = |e: String| format!("lease {id} not revoked, nothing changed: {e}");
         let answer = self
             .within("read the lease", self.client().get(key.clone(), None))
             .await
-            .map_err(|e| AdminError::internal(e.to_string()))?;
+            .map_err(|e| AdminError::unavailable(not_revoked(e.to_string())))?;
         let Some(kv) = answer.kvs().first() else {
             return Err(AdminError::not_found(format!(
                 "no live lease {id} in the cluster"
@@ -263,7 +265,13 @@ impl Cluster {
             })) => Err(AdminError::not_found(format!(
                 "no live lease {id} in the cluster"
             ))),
-            Err(e) => Err(AdminError::internal(format!("lease {id} not revoked: {e}"))),
+            // Without the quorum, or renewed at the same moment: the same revoke may succeed
+            // a moment later.
+            Err(
+                e @ (crate::store::WriteError::Unavailable(_)
+                | crate::store::WriteError::Conflict(_)),
+            ) => Err(AdminError::unavailable(not_revoked(e.to_string()))),
+            Err(e) => Err(AdminError::internal(not_revoked(e.to_string()))),
         }
     }
 }

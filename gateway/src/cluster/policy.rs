@@ -10,11 +10,13 @@
 //! enforces the cluster's. A gateway that finds no policy in etcd publishes its file as
 //! version 1.
 //!
-//! The revocations a new version causes are committed once: every gateway revokes the leases
-//! of its book that the new version no longer allows (so that each tells its own connected
-//! hosts), and the store's end of a lease is a transaction that etcd takes only while the
-//! lease is live and unchanged: the first end wins, another gateway's end of the same lease is
-//! refused as a conflict and leaves no audit record.
+//! The revocations a new version causes are committed once, by the gateway whose reload
+//! published it: every gateway's book holds every lease of the cluster, so that one gateway
+//! finds them all. The others put the version in force without revoking; the ends come to
+//! them through the watch of the leases, which takes each out of their book and kernel and
+//! sends the Revoked notice to the host if it is connected there. Should the publishing
+//! gateway die before it has revoked everything, a lease left is judged by the new version at
+//! its next Renew, through whichever gateway, and ends at its expiry at the latest.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -240,12 +242,10 @@ impl Cluster {
             "cluster policy version {} from {} put in force",
             stored.version, stored.site
         );
-        let reloaded = service.put_policy_in_force(policy, "cluster", reason).await;
-        info!(
-            version = stored.version,
-            revoked = reloaded.revoked.len(),
-            "cluster policy in force"
-        );
+        // Published through another member (this one's own reload put it in force before
+        // publishing returned, so its version is not newer): that member revokes.
+        service.adopt_cluster_policy(policy, &stored.site, reason);
+        info!(version = stored.version, from = %stored.site, "cluster policy in force");
     }
 }
 

@@ -279,7 +279,9 @@ impl Service {
         crate::explain::explain_json(&policy, body).map_err(AdminError::bad_request)
     }
 
-    /// The admin API's usage report.
+    /// The admin API's usage report. In a cluster it covers every member: it is built from
+    /// the cluster's audit trail (this gateway's own events, the others' as they published
+    /// them), naming the members whose events may be missing.
     pub async fn report(
         &self,
         query: &HashMap<String, String>,
@@ -290,11 +292,82 @@ impl Service {
             until_ms: query.get("until").map(|s| time_arg(s, now)).transpose()?,
             host: query.get("host").cloned(),
         };
-        let rows = self.read_store(move |store| store.report(&q, now)).await?;
+        let (rows, unreachable) = match self.cluster() {
+            Some(cluster) => self.cluster_report(cluster, &q, now).await?,
+            None => (
+                self.read_store(move |store| store.report(&q, now)).await?,
+                Vec::new(),
+            ),
+        };
         let policy = self.policy();
         Ok(ReportAnswer {
             rows: rows.iter().map(|r| r.view()).collect(),
             suggested_policy: crate::report::suggest_policy(&rows, &policy),
+            unreachable,
         })
+    }
+
+    /// The report's rows from the cluster's audit trail, and the members it may lack.
+    async fn cluster_report(
+        &self,
+        cluster: &crate::cluster::Cluster,
+        q: &ReportQuery,
+        now: u64,
+    ) -> Result<
+        (
+            Vec<crate::store::ReportRow>,
+            Vec<crate::api::UnreachableMember>,
+        ),
+        AdminError,
+    > {
+        use crate::cluster::audit::RETAINED_EVENTS;
+        // The decided Opens and the ends that tell how long their leases were held; the ends
+        // of the window's leases may come after it.
+        let mut events_query = AuditQuery {
+            kinds: vec![
+                AuditKind::Decision,
+                AuditKind::Grant,
+                AuditKind::Release,
+                AuditKind::Expiry,
+                AuditKind::Revocation,
+            ],
+            host: q.host.clone(),
+            since_ms: q.since_ms,
+            order: Order::OldestFirst,
+            limit: crate::store::MAX_PAGE,
+            ..AuditQuery::default()
+        };
+        // This gateway's own events from its database (those not published yet included), as
+        // many as a member keeps in etcd.
+        let mut events = Vec::new();
+        loop {
+            let page_query = events_query.clone();
+            let page = self
+                .read_store(move |store| store.audit(&page_query))
+                .await?;
+            events.extend(page.events.iter().map(|e| {
+                let mut view = e.view();
+                view.site = Some(cluster.site().to_owned());
+                view
+            }));
+            match page.next_cursor {
+                Some(cursor) if (events.len() as u64) < RETAINED_EVENTS => {
+                    events_query.cursor = Some(cursor);
+                }
+                _ => break,
+            }
+        }
+        events_query.cursor = None;
+        let (others, unreachable) = cluster
+            .others_events(&events_query, RETAINED_EVENTS as i64)
+            .await;
+        events.extend(others);
+        let live: HashMap<LeaseId, u64> = lock(&self.core)
+            .book()
+            .iter()
+            .map(|l| (l.id, l.expires_ms))
+            .collect();
+        let rows = crate::store::report_from_events(&events, &live, q, now);
+        Ok((rows, unreachable))
     }
 }

@@ -128,33 +128,83 @@ impl Service {
     /// Carries out an end another gateway made: out of the book and the kernel, and the
     /// Revoked notice to the host's connections here.
     async fn apply_ended(&self, id: &LeaseId, end: Option<&ClusterEnd>) {
+        match end {
+            Some(ClusterEnd { ending, site }) => {
+                self.carry_out_committed_end(id, ending, site).await;
+            }
+            None => {
+                self.carry_out_end(id, None, None).await;
+            }
+        }
+    }
+
+    /// Carries out an end the cluster's store has taken (made by the gateway of `site`, this
+    /// one included): out of the book and the kernel, and a revocation's Revoked notice to the
+    /// host's connections here. Nothing when the lease is no longer in the book (the end came
+    /// back through the watch after it was carried out).
+    pub(super) async fn carry_out_committed_end(
+        &self,
+        id: &LeaseId,
+        ending: &LeaseEnding,
+        site: &str,
+    ) {
+        self.carry_out_end(id, Some(ending), Some(site)).await;
+    }
+
+    async fn carry_out_end(&self, id: &LeaseId, ending: Option<&LeaseEnding>, site: Option<&str>) {
         let Some(lease) = lock(&self.core).book_mut().revoke(id) else {
             // Ended here (this gateway's own write coming back) or never known.
             return;
         };
         lock(&self.lease_credentials).forget(id);
         self.metrics.live_leases.dec();
-        let kill = match end.map(|e| e.ending.end) {
+        let kill = match ending.map(|e| e.end) {
             Some(LeaseEnd::Released | LeaseEnd::Revoked(_)) => self.config.filter.kill_connections,
             _ => false,
         };
         self.remove_elements(id, &lease.grants, kill).await;
-        if let Some(ClusterEnd {
-            ending:
-                LeaseEnding {
-                    end: LeaseEnd::Revoked(reason),
-                    why,
-                    ..
-                },
-            site,
-        }) = end
+        if let Some(LeaseEnding {
+            end: LeaseEnd::Revoked(reason),
+            why,
+            by,
+            ..
+        }) = ending
         {
-            info!(lease = %id, site = %site, "revoked through another gateway");
+            let site = site.unwrap_or_default();
+            if self.cluster().is_some_and(|c| c.site() == site) {
+                self.metrics
+                    .lease_ends
+                    .with_label_values(&["revoked"])
+                    .inc();
+                info!(lease = %id, by = by.as_deref().unwrap_or("-"), "revoked");
+            } else {
+                info!(lease = %id, site = %site, "revoked through another gateway");
+            }
             let notice = Message::Revoked(lease.to_revoked(*reason, why.clone().map(fit_reason)));
             for session in self.sessions.of(&lease.host) {
                 session.notify(&notice).await;
             }
         }
+    }
+
+    /// Whether a store write's refusal only says that another member of the cluster ended the
+    /// lease first (both revoked it, for one cause or two): its end, already audited there,
+    /// reaches this gateway through the watch, and there is nothing to warn of.
+    pub(super) fn ended_elsewhere(&self, error: &WriteError, writes: &[Write]) -> bool {
+        self.cluster_store.is_some()
+            && matches!(
+                error,
+                WriteError::Store(crate::store::StoreError::LeaseNotLive { .. })
+            )
+            && writes.iter().all(|w| {
+                matches!(
+                    w,
+                    Write::End {
+                        end: LeaseEnd::Revoked(_),
+                        ..
+                    } | Write::Audit(_)
+                )
+            })
     }
 
     /// Carries out the ends of the leases the timer found due. An expiry the cluster refuses

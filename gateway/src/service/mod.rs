@@ -44,7 +44,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::Value;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::api::AdminError;
 use crate::config::GatewayConfig;

@@ -394,11 +394,13 @@ impl Service {
                     grants,
                     kill_connections,
                 } => self.remove_elements(lease, grants, *kill_connections).await,
-                Effect::Commit(writes) => {
-                    if let Err(e) = self.commit(session, writes).await {
-                        warn!("lease change not stored: {e}");
+                Effect::Commit(writes) => match self.commit(session, writes).await {
+                    Ok(()) => {}
+                    Err(e) if self.ended_elsewhere(&e, writes) => {
+                        debug!("lease ended through another gateway first: {e}");
                     }
-                }
+                    Err(e) => warn!("lease change not stored: {e}"),
+                },
                 Effect::Audit(record) => self.record(audit_event(record)),
                 Effect::Listed { identity } => {
                     if let Some(session) = session {
@@ -428,8 +430,20 @@ impl Service {
             .iter()
             .map(|write| write_op(write, certificate.clone()))
             .collect();
+        let committed = self.leases.commit(ops).await;
         // A lease out of the book is gone whatever the store says: the records follow the book.
-        for write in writes {
+        // Except a Release the store refused: the request core puts that lease back.
+        let released = |w: &Write| {
+            matches!(
+                w,
+                Write::End {
+                    end: LeaseEnd::Released,
+                    ..
+                }
+            )
+        };
+        let back_in_book = committed.is_err() && writes.iter().any(released);
+        for write in writes.iter().filter(|_| !back_in_book) {
             if let Write::End { id, end, by, .. } = write {
                 lock(&self.lease_credentials).forget(id);
                 self.metrics.live_leases.dec();
@@ -444,7 +458,7 @@ impl Service {
                 }
             }
         }
-        self.leases.commit(ops).await?;
+        committed?;
         for write in writes {
             match write {
                 Write::Insert { lease, .. } => {

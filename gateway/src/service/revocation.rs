@@ -296,9 +296,7 @@ impl Service {
         actor: &str,
         why: String,
     ) -> PolicyReloaded {
-        let policy = Arc::new(policy);
-        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
-        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        let policy = self.enforce(policy);
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some(actor.into());
@@ -309,6 +307,33 @@ impl Service {
             policy: policy.origin().to_owned(),
             revoked,
         }
+    }
+
+    /// Puts in force a policy another member of the cluster published, without revoking: the
+    /// gateway whose reload published it commits the revocations it causes, once, and their
+    /// ends reach this gateway's book, kernel and connected hosts through the watch of the
+    /// leases. Were every member to revoke, each lease's end would be tried by every member
+    /// and refused by etcd to all but the first.
+    pub(crate) fn adopt_cluster_policy(&self, policy: Policy, publisher: &str, why: String) {
+        let policy = self.enforce(policy);
+        let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
+        event.actor = Some("cluster".into());
+        event.reason = Some(format!(
+            "{why}; the leases it no longer allows are revoked by {publisher}"
+        ));
+        self.record(event);
+        info!(
+            policy = policy.origin(),
+            publisher, "cluster policy adopted"
+        );
+    }
+
+    /// Makes `policy` the one decisions are made by, with its rate limits.
+    fn enforce(&self, policy: Policy) -> Arc<Policy> {
+        let policy = Arc::new(policy);
+        *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = limiter_for(&policy);
+        *self.policy.write().unwrap_or_else(|e| e.into_inner()) = policy.clone();
+        policy
     }
 
     /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
@@ -349,25 +374,39 @@ impl Service {
     }
 
     /// The admin API's revoke.
+    ///
+    /// In a cluster the end is committed to the cluster's store first and carried out here
+    /// (book, kernel, the host's Revoked notice) only once etcd has taken it: a lease taken out
+    /// of the book and kernel while the store refused its end would come back at the next
+    /// listing, and the operator would have been told it was revoked. Without the quorum the
+    /// answer says so and nothing changes.
     pub async fn revoke_by_operator(
         &self,
         id: LeaseId,
         reason: Option<String>,
     ) -> Result<RevokeAnswer, AdminError> {
         let text = reason.unwrap_or_else(|| "revoked by the operator".to_owned());
+        if let Some(cluster) = self.cluster() {
+            let answer = cluster.revoke_in_store(self, id, text.clone()).await?;
+            let ending = crate::store::LeaseEnding {
+                end: LeaseEnd::Revoked(RevokeReason::Operator),
+                ended_ms: now_ms(),
+                by: Some("operator".into()),
+                why: Some(text),
+            };
+            self.carry_out_committed_end(&id, &ending, cluster.site())
+                .await;
+            return Ok(answer);
+        }
         match self
-            .revoke(&id, RevokeReason::Operator, "operator", Some(text.clone()))
+            .revoke(&id, RevokeReason::Operator, "operator", Some(text))
             .await
         {
             Some(lease) => Ok(RevokeAnswer {
                 revoked: lease.id.to_string(),
                 host: lease.host.to_string(),
             }),
-            None => match self.cluster() {
-                // Not in this gateway's book: another member's, ended in the cluster's store.
-                Some(cluster) => cluster.revoke_in_store(self, id, text).await,
-                None => Err(AdminError::not_found(format!("no live lease {id}"))),
-            },
+            None => Err(AdminError::not_found(format!("no live lease {id}"))),
         }
     }
 

@@ -66,7 +66,7 @@ pub use etcd::{
     SILENCE_TIMEOUTS, TOMBSTONE_TTL,
 };
 pub(crate) use etcd::{connect_options, decode_lease};
-pub(crate) use query::page_size;
+pub(crate) use query::{page_size, report_from_events};
 pub use schema::SCHEMA_VERSION;
 pub use types::{
     AuditEvent, AuditKind, AuditPage, AuditQuery, AuditRecord, LeaseEnd, LeaseEnding, LeaseFilter,

@@ -397,6 +397,88 @@ pub(crate) fn report(
     Ok(aggregate_report(inputs))
 }
 
+/// The usage report's rows from a cluster's audit trail (the events of every member, as
+/// published): the decided Opens in `q`'s window, counted as [`report`] counts them from a
+/// database. A lease is held from its first grant until its end event (a release, expiry or
+/// revocation, by whichever member), or while `live` holds it (its expiry by id) until
+/// `now_ms`, at most its expiry.
+pub(crate) fn report_from_events(
+    events: &[crate::api::AuditEventView],
+    live: &std::collections::HashMap<LeaseId, u64>,
+    q: &ReportQuery,
+    now_ms: u64,
+) -> Vec<ReportRow> {
+    let lease_of = |e: &crate::api::AuditEventView| e.lease.as_deref()?.parse::<LeaseId>().ok();
+    let mut created: BTreeMap<LeaseId, u64> = BTreeMap::new();
+    let mut ended: BTreeMap<LeaseId, u64> = BTreeMap::new();
+    for event in events {
+        let Some(lease) = lease_of(event) else {
+            continue;
+        };
+        match (event.kind.as_str(), event.outcome.as_deref()) {
+            ("grant", Some("granted")) => {
+                let first = created.entry(lease).or_insert(event.time_ms);
+                *first = (*first).min(event.time_ms);
+            }
+            ("release" | "expiry" | "revocation", _) => {
+                ended.entry(lease).or_insert(event.time_ms);
+            }
+            _ => {}
+        }
+    }
+    let inputs = events.iter().filter_map(|event| {
+        if !matches!(event.kind.as_str(), "decision" | "grant") {
+            return None;
+        }
+        let granted = match event.outcome.as_deref() {
+            Some("granted") => true,
+            Some("denied") => false,
+            _ => return None,
+        };
+        let request = event.request.as_ref()?;
+        let identity = event.identity.clone()?;
+        if q.since_ms.is_some_and(|since| event.time_ms < since)
+            || q.until_ms.is_some_and(|until| event.time_ms >= until)
+        {
+            return None;
+        }
+        let (protocol, ports, app_id) = match request
+            .opening
+            .as_deref()
+            .map(str::parse::<crate::policy::Item>)
+        {
+            Some(Ok(crate::policy::Item::Ports { protocol, ports })) => {
+                (Some(protocol), Some(ports), None)
+            }
+            Some(Ok(crate::policy::Item::App(id))) => (None, None, Some(id)),
+            _ => (None, None, None),
+        };
+        let lease = lease_of(event);
+        let held_ms = lease.and_then(|id| {
+            let start = *created.get(&id)?;
+            let end = match (ended.get(&id), live.get(&id)) {
+                (Some(end), _) => *end,
+                (None, Some(expires)) => (*expires).min(now_ms),
+                (None, None) => return None,
+            };
+            Some(end.saturating_sub(start))
+        });
+        Some(ReportInput {
+            identity,
+            app: event.app.as_ref().and_then(|a| a.label()).map(String::from),
+            protocol,
+            ports,
+            app_id,
+            granted,
+            lease,
+            lifetime_asked: request.lifetime,
+            time_ms: event.time_ms,
+            held_ms,
+        })
+    });
+    aggregate_report(inputs)
+}
+
 /// The usage report's rows from the decided Opens: one row per host, application and opening,
 /// in that order.
 pub(crate) fn aggregate_report(inputs: impl IntoIterator<Item = ReportInput>) -> Vec<ReportRow> {
@@ -470,7 +552,69 @@ fn percentile(sorted: &[u64], pct: usize) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{ReportQuery, percentile, report_from_events};
+    use crate::api::{AuditEventView, RequestView};
+    use fwnp_proto::LeaseId;
+    use std::collections::HashMap;
+
+    fn event(time_ms: u64, kind: &str, outcome: &str, lease: Option<LeaseId>) -> AuditEventView {
+        let decided = matches!(kind, "grant" | "decision");
+        AuditEventView {
+            id: time_ms,
+            time_ms,
+            kind: kind.into(),
+            outcome: Some(outcome.into()),
+            identity: Some("fwnp://host/web-01".into()),
+            peer: None,
+            lease: lease.map(|l| l.to_string()),
+            request: decided.then(|| RequestView {
+                opening: Some("tcp/7001".into()),
+                host: None,
+                hosts: Vec::new(),
+                remotes: Vec::new(),
+                lifetime: Some(60),
+            }),
+            app: None,
+            grants: Vec::new(),
+            granted_lifetime: None,
+            rule: None,
+            reason: None,
+            code: None,
+            actor: None,
+            site: Some("gw-a".into()),
+        }
+    }
+
+    #[test]
+    fn a_clusters_report_counts_decisions_in_the_window_and_holds_leases_until_their_end() {
+        let (ended, live) = (LeaseId([1; 16]), LeaseId([2; 16]));
+        let events = vec![
+            event(500, "grant", "granted", Some(LeaseId([3; 16]))),
+            event(1_000, "grant", "granted", Some(ended)),
+            event(1_500, "decision", "denied", None),
+            // The same lease granted again (a re-open) counts once, from its first grant.
+            event(2_000, "grant", "granted", Some(ended)),
+            event(4_000, "release", "released", Some(ended)),
+            event(5_000, "grant", "granted", Some(live)),
+            // After the window.
+            event(9_500, "decision", "denied", None),
+        ];
+        let live_leases = HashMap::from([(live, 20_000)]);
+        let q = ReportQuery {
+            since_ms: Some(1_000),
+            until_ms: Some(9_000),
+            host: None,
+        };
+        let rows = report_from_events(&events, &live_leases, &q, 8_000);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let row = &rows[0];
+        assert_eq!((row.requests, row.granted, row.denied), (4, 3, 1));
+        assert_eq!(row.leases, 2);
+        // 3 s until the release, and the live one 3 s until now (before its expiry).
+        assert_eq!(row.total_held_ms, 3_000 + 3_000);
+        assert_eq!(row.max_lifetime_asked, Some(60));
+        assert_eq!((row.first_ms, row.last_ms), (1_000, 5_000));
+    }
 
     #[test]
     fn nearest_rank_percentiles() {
