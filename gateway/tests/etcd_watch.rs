@@ -337,6 +337,8 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
 
             // A lease of 2 s renewed through B before its end is not expired by A.
             let third = granted(to_a.open(tcp(7003), Some(2)).await).lease;
+            // B answers for the lease once its watch brought it (it is then in B's kernel).
+            assert!(b.wait_open(7003, true, PROPAGATION).await, "B learnt of it");
             assert!(matches!(
                 to_b.renew(third, Some(60)).await,
                 Message::Granted(_)
