@@ -203,6 +203,10 @@ pub struct ReconcileReport {
     pub refreshed: usize,
     /// Whether the table was missing or damaged and was recreated.
     pub table_recreated: bool,
+    /// Whether the sets' contents were replaced whole in one transaction (see
+    /// [`Netfilter::REPLACE_AT`]): then `added` holds every desired element and `removed` is
+    /// empty, as what the kernel held before was not listed.
+    pub replaced: bool,
     /// Elements that could not be brought to the desired state, with the reason.
     pub failed: Vec<(Element, Error)>,
 }
