@@ -317,6 +317,36 @@ impl Netfilter {
         layout: &Layout,
         desired: &[(Element, Duration)],
     ) -> Result<ReconcileReport, Error> {
+        self.reconcile_with(layout, desired, true)
+    }
+
+    /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
+    /// desired: for a repair, whose report says what differed (a replacement cannot), and
+    /// which runs again and again on a shared table.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), fwnp_netfilter::Error> {
+    /// let mut nf = fwnp_netfilter::Netfilter::open()?;
+    /// let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    /// let report = nf.reconcile_listing(&layout, &[])?;
+    /// assert!(!report.replaced);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reconcile_listing(
+        &mut self,
+        layout: &Layout,
+        desired: &[(Element, Duration)],
+    ) -> Result<ReconcileReport, Error> {
+        self.reconcile_with(layout, desired, false)
+    }
+
+    fn reconcile_with(
+        &mut self,
+        layout: &Layout,
+        desired: &[(Element, Duration)],
+        may_replace: bool,
+    ) -> Result<ReconcileReport, Error> {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
@@ -332,7 +362,7 @@ impl Netfilter {
                 failed: plan.invalid,
             });
         }
-        if desired.len() >= Self::REPLACE_AT {
+        if may_replace && desired.len() >= Self::REPLACE_AT {
             let plan = plan(&[], desired);
             if let Some(report) = self.replace_elements(layout, plan)? {
                 return Ok(report);
