@@ -600,7 +600,7 @@ impl Worker {
                 Err(e) => event.error = Some(e.to_string()),
             }
         } else if trigger != RepairTrigger::PeriodicCheck {
-            match self.nf.reconcile(&self.layout, &desired) {
+            match self.nf.reconcile_listing(&self.layout, &desired) {
                 Ok(report) => {
                     event.table_recreated = report.table_recreated;
                     event.restored = report.added.len();

@@ -82,7 +82,10 @@
 //! # Transactions
 //!
 //! [`Netfilter::apply`] replaces the table in one transaction (delete if present, create,
-//! elements) and reads it back. [`Netfilter::commit`] sends element changes as one transaction
+//! elements) and reads it back. [`Netfilter::reconcile`] with many elements (a gateway
+//! restarting with its leases) flushes and refills the sets in one transaction rather than
+//! listing them, which nf_tables does in time quadratic in the set's size; repairs list them
+//! ([`Netfilter::reconcile_listing`]) to report what differed. [`Netfilter::commit`] sends element changes as one transaction
 //! per batch (split only past the socket's send buffer, several megabytes), each message with
 //! NLM_F_ACK and each acknowledgement matched by sequence number to the caller's change.
 //! nf_tables aborts a whole transaction when one element fails; this crate then gives that
@@ -203,6 +206,10 @@ pub struct ReconcileReport {
     pub refreshed: usize,
     /// Whether the table was missing or damaged and was recreated.
     pub table_recreated: bool,
+    /// Whether the sets' contents were replaced whole in one transaction (see
+    /// [`Netfilter::REPLACE_AT`]): then `added` holds every desired element and `removed` is
+    /// empty, as what the kernel held before was not listed.
+    pub replaced: bool,
     /// Elements that could not be brought to the desired state, with the reason.
     pub failed: Vec<(Element, Error)>,
 }

@@ -309,11 +309,43 @@ impl Netfilter {
 
     /// Brings our table to `desired`: recreates it if it is missing or damaged (with the
     /// desired elements), otherwise adds what is missing, removes what is not desired, and
-    /// refreshes elements whose remaining time is far from the desired one.
+    /// refreshes elements whose remaining time is far from the desired one. From
+    /// [`Netfilter::REPLACE_AT`] desired elements on, the sets are not listed: their contents
+    /// are replaced by the desired elements in one transaction, with the same outcome.
     pub fn reconcile(
         &mut self,
         layout: &Layout,
         desired: &[(Element, Duration)],
+    ) -> Result<ReconcileReport, Error> {
+        self.reconcile_with(layout, desired, true)
+    }
+
+    /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
+    /// desired: for a repair, whose report says what differed (a replacement cannot), and
+    /// which runs again and again on a shared table.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), fwnp_netfilter::Error> {
+    /// let mut nf = fwnp_netfilter::Netfilter::open()?;
+    /// let layout = fwnp_netfilter::Layout::Gateway(fwnp_netfilter::GatewayLayout::default());
+    /// let report = nf.reconcile_listing(&layout, &[])?;
+    /// assert!(!report.replaced);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reconcile_listing(
+        &mut self,
+        layout: &Layout,
+        desired: &[(Element, Duration)],
+    ) -> Result<ReconcileReport, Error> {
+        self.reconcile_with(layout, desired, false)
+    }
+
+    fn reconcile_with(
+        &mut self,
+        layout: &Layout,
+        desired: &[(Element, Duration)],
+        may_replace: bool,
     ) -> Result<ReconcileReport, Error> {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
@@ -326,8 +358,15 @@ impl Netfilter {
                 removed: Vec::new(),
                 refreshed: 0,
                 table_recreated: true,
+                replaced: false,
                 failed: plan.invalid,
             });
+        }
+        if may_replace && desired.len() >= Self::REPLACE_AT {
+            let plan = plan(&[], desired);
+            if let Some(report) = self.replace_elements(layout, plan)? {
+                return Ok(report);
+            }
         }
         let current = self.elements(layout)?;
         let plan = plan(&current, desired);
@@ -357,6 +396,158 @@ impl Netfilter {
             }
         }
         Ok(report)
+    }
+
+    /// From how many desired elements [`Netfilter::reconcile`] replaces the contents of our
+    /// sets in one transaction instead of listing them and changing the difference.
+    ///
+    /// Listing a set is quadratic in the kernel: a dump answers at most 32 KiB per message
+    /// (netlink caps the buffer of every dump message there, whatever the receive buffer),
+    /// and for each next message nf_tables walks the set's hash table from its start again,
+    /// skipping what it already sent. A million elements take about 3,000 messages and tens
+    /// of seconds; the same million written in one batch take a few seconds. Below this
+    /// count listing costs little, changes only what differs and reports it precisely.
+    ///
+    /// ```
+    /// assert!(fwnp_netfilter::Netfilter::REPLACE_AT > 1_000);
+    /// ```
+    pub const REPLACE_AT: usize = 20_000;
+
+    /// Replaces the elements of our sets by `plan.add` in one transaction: each set is
+    /// flushed and refilled in the same batch, which the kernel commits whole or not at all,
+    /// so no packet ever meets a set without a live opening or with an ended one. The batch
+    /// is as large as the elements need (tens of megabytes for a million); the socket's send
+    /// buffer is raised for it and put back afterwards.
+    ///
+    /// `Ok(None)` when the kernel did not take the batch (too large for its memory, or an
+    /// element it refuses, which aborts the whole batch): nothing changed, and the caller
+    /// reconciles by listing instead, which gives each refused element its own error.
+    fn replace_elements(
+        &mut self,
+        layout: &Layout,
+        plan: crate::reconcile::Plan,
+    ) -> Result<Option<ReconcileReport>, Error> {
+        let table = layout.table().to_string();
+        let mut failed = plan.invalid;
+        let mut keyed: Vec<(Element, ElementKey, Duration)> = Vec::with_capacity(plan.add.len());
+        for (opening, timeout) in plan.add {
+            match check_timeout(timeout).and_then(|()| encode(&opening)) {
+                Ok(key) => keyed.push((opening, key, timeout)),
+                Err(e) => failed.push((opening, e)),
+            }
+        }
+        let mut writes: Vec<ElementWrite<'_>> = Vec::with_capacity(keyed.len());
+        for set in ALL_SETS {
+            for (i, (_, key, timeout)) in keyed.iter().enumerate() {
+                if key.set == set {
+                    writes.push(ElementWrite {
+                        change: i,
+                        key,
+                        op: ElementOp::AddExclusive,
+                        timeout: Some(*timeout),
+                    });
+                }
+            }
+        }
+        let mut txn = self.new_txn();
+        for set in ALL_SETS {
+            // DELSETELEM without a list of elements flushes the set.
+            let seq = bump(&mut self.seq);
+            let m = txn.b.begin_nft(
+                NFT_MSG_DELSETELEM,
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+                NFPROTO_INET,
+            );
+            txn.b.put_str(NFTA_SET_ELEM_LIST_TABLE, &table);
+            txn.b.put_str(NFTA_SET_ELEM_LIST_SET, set.name());
+            txn.b.end_msg(m);
+            txn.metas.push(MsgMeta {
+                seq,
+                op: Op::RemoveElement,
+                changes: Vec::new(),
+                element_offsets: Vec::new(),
+                set_attr_offset: None,
+            });
+        }
+        // One transaction, however large: lift the per-transaction budget while writing.
+        let budget = std::mem::replace(&mut self.max_batch_bytes, usize::MAX / 2);
+        let written = self.write_elements(&mut txn, &table, &writes);
+        self.max_batch_bytes = budget;
+        if written != writes.len() {
+            return Err(Error::UnexpectedReply(
+                "the elements did not fit one replacement batch".into(),
+            ));
+        }
+        // The batch end still follows; netlink refuses a datagram larger than the send
+        // buffer less 32 bytes.
+        let needed = txn.b.len() + 4096;
+        let granted = self
+            .socket
+            .set_buffers(needed.max(SEND_BUFFER), RECV_BUFFER)
+            .map_err(Error::Io)?;
+        let outcome = if granted >= needed {
+            Some(self.run(txn))
+        } else {
+            None
+        };
+        self.socket
+            .set_buffers(SEND_BUFFER, RECV_BUFFER)
+            .map_err(Error::Io)?;
+        let outcome = match outcome {
+            None => {
+                tracing::warn!(
+                    table,
+                    needed,
+                    granted,
+                    "the send buffer cannot hold the replacement batch; listing the sets instead"
+                );
+                return Ok(None);
+            }
+            // Too large for the kernel's memory: nothing was committed.
+            Some(Err(Error::MessageTooLong)) => {
+                tracing::warn!(
+                    table,
+                    needed,
+                    "the replacement batch is too large; listing the sets instead"
+                );
+                return Ok(None);
+            }
+            Some(Err(Error::Io(e)))
+                if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) =>
+            {
+                tracing::warn!(
+                    table,
+                    needed,
+                    "no kernel memory for the replacement batch ({e}); listing the sets instead"
+                );
+                return Ok(None);
+            }
+            Some(result) => result?,
+        };
+        if !outcome.ok() {
+            let error = first_error(&outcome, &table);
+            if matches!(
+                error,
+                Error::TableMissing { .. } | Error::TableOwned { .. } | Error::PermissionDenied
+            ) {
+                return Err(error);
+            }
+            tracing::warn!(
+                table,
+                %error,
+                "the kernel refused the replacement batch; listing the sets instead"
+            );
+            return Ok(None);
+        }
+        Ok(Some(ReconcileReport {
+            added: keyed.into_iter().map(|(o, _, _)| o).collect(),
+            removed: Vec::new(),
+            refreshed: 0,
+            table_recreated: false,
+            replaced: true,
+            failed,
+        }))
     }
 
     /// Finds out how renewals refresh an expiry on this kernel, with a probe element in our own

@@ -766,3 +766,39 @@ fn overlapping_port_ranges_are_refused_as_conflicts_and_the_first_keeps_working(
         assert!(outside_tcp(&topo, topo.host().v4, port), "{port} refused");
     }
 }
+
+#[test]
+fn a_repair_lists_the_sets_however_many_elements_and_reports_what_differed() {
+    if !require_root("a_repair_lists_the_sets_however_many_elements_and_reports_what_differed") {
+        return;
+    }
+    let topo = topology();
+    let layout = gateway_layout(Refuse::Drop);
+    let desired: Vec<(Element, Duration)> = (0..Netfilter::REPLACE_AT)
+        .map(|i| {
+            let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+            (tcp(topo.host().v4, port), Duration::from_secs(120))
+        })
+        .collect();
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &desired);
+    topo.gateway
+        .exec_checked(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "fwnp",
+            "lease4",
+            "{ 198.51.100.2 . tcp . 9 timeout 1h }",
+        ])
+        .expect("nft add element");
+    let report = topo
+        .gateway
+        .run(|| nf.reconcile_listing(&layout, &desired))
+        .expect("reconcile_listing");
+    assert!(!report.replaced, "{report:?}");
+    assert!(report.added.is_empty(), "{report:?}");
+    assert_eq!(report.removed, vec![tcp(topo.host().v4, 9)]);
+    assert_eq!(report.refreshed, 0);
+    assert_eq!(nft_set_len(&topo.gateway, "fwnp", "lease4"), desired.len());
+}

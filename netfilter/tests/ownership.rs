@@ -5,14 +5,16 @@
 
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use fwnp_netfilter::{Batcher, BatcherConfig, Error, Layout, Netfilter, Ownership, Refuse};
-use fwnp_testkit::netns::{Netns, UdpEchoServer, require_root, wait_until};
+use fwnp_netfilter::{
+    Batcher, BatcherConfig, Element, Error, Layout, Netfilter, Ownership, Refuse,
+};
+use fwnp_testkit::netns::{Netns, TcpEchoServer, UdpEchoServer, require_root, wait_until};
 
 /// Datagrams sent while others break the table.
 const DATAGRAMS: u64 = 20_000;
@@ -308,4 +310,130 @@ fn the_host_table_is_owned_too() {
         !outside_tcp(&topo, topo.host().v4, 8080),
         "the host is open after a flush"
     );
+}
+
+#[test]
+fn a_restart_with_many_elements_replaces_the_sets_without_a_gap() {
+    if !require_root("a_restart_with_many_elements_replaces_the_sets_without_a_gap") {
+        return;
+    }
+    const LIVE: u16 = 7410;
+    const STALE: u16 = 7411;
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[LIVE, STALE]).expect("server");
+    let layout = gateway_layout(Refuse::Drop);
+    let host = topo.host().v4;
+    let long = Duration::from_secs(600);
+    // Enough other leases that reconcile replaces the sets rather than listing them.
+    let fillers: Vec<(Element, Duration)> = (0..Netfilter::REPLACE_AT)
+        .map(|i| {
+            let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+            let addr = std::net::Ipv4Addr::new(10, 9, (i / 50_000) as u8, 1);
+            (tcp(IpAddr::V4(addr), port), Duration::from_secs(120))
+        })
+        .collect();
+    let stale = [
+        tcp(host, STALE),
+        udp(topo.host().v6, 53),
+        tcp_range(host, 20_000, 20_100),
+    ];
+    let mut before: Vec<(Element, Duration)> =
+        fillers.iter().map(|(o, _)| (o.clone(), long)).collect();
+    before.push((tcp(host, LIVE), long));
+    before.extend(stale.iter().map(|o| (o.clone(), long)));
+    // The gateway that held these leases stops: its table stays, owned by nobody.
+    let first = open_and_apply(&topo.gateway, &layout, &before);
+    drop(first);
+    // Someone adds an element of their own once the table is free (one more stale element).
+    assert!(
+        wait_until(Duration::from_secs(3), POLL, || !nft_refuses(
+            &topo.gateway,
+            &[
+                "nft",
+                "add",
+                "element",
+                "inet",
+                "fwnp",
+                "lease4",
+                "{ 198.51.100.99 . tcp . 1 timeout 1h }"
+            ]
+        )),
+        "the table stayed owned after its owner closed"
+    );
+    assert!(outside_tcp(&topo, host, LIVE));
+    assert!(outside_tcp(&topo, host, STALE));
+
+    // The restarted gateway wants the live lease with its remaining 30 s, and the fillers.
+    let mut desired = fillers.clone();
+    desired.push((tcp(host, LIVE), Duration::from_secs(30)));
+    let done = AtomicBool::new(false);
+    let (report, failures, attempts, reconciled_at) = std::thread::scope(|scope| {
+        // New connections through the live lease, all along the reconcile.
+        let prober = scope.spawn(|| {
+            let (mut failures, mut attempts) = (0u32, 0u32);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while attempts < 2_000 && Instant::now() < deadline {
+                let finished = done.load(Ordering::Relaxed);
+                attempts += 1;
+                if !outside_tcp(&topo, host, LIVE) {
+                    failures += 1;
+                }
+                if finished {
+                    break;
+                }
+            }
+            (failures, attempts)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let (report, nf) = topo.gateway.run(|| {
+            let mut nf = Netfilter::open().expect("handle");
+            let report = nf.reconcile(&layout, &desired).expect("reconcile");
+            (report, nf)
+        });
+        let reconciled_at = Instant::now();
+        done.store(true, Ordering::Relaxed);
+        let (failures, attempts) = prober.join().expect("prober");
+        (report, failures, attempts, (reconciled_at, nf))
+    });
+    let (reconciled_at, mut nf) = reconciled_at;
+    assert!(report.replaced, "{report:?}");
+    assert!(!report.table_recreated, "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.added.len(), desired.len());
+    assert_eq!(
+        failures, 0,
+        "{failures} of {attempts} connections through a live lease failed during the replacement"
+    );
+    assert!(attempts >= 2, "only {attempts} connections tried");
+
+    // Exactly the desired elements, with their desired remaining times.
+    let listed = nf.elements(&layout).expect("elements");
+    assert_eq!(listed.len(), desired.len());
+    let listed: std::collections::HashMap<Element, Duration> = listed.into_iter().collect();
+    for opening in &stale {
+        assert!(
+            !listed.contains_key(opening),
+            "{opening:?} outlived its lease"
+        );
+    }
+    let elapsed = reconciled_at.elapsed() + Duration::from_secs(1);
+    for (opening, timeout) in &desired {
+        let remaining = listed
+            .get(opening)
+            .unwrap_or_else(|| panic!("{opening:?} missing after the replacement"));
+        assert!(
+            *remaining <= *timeout && *remaining + elapsed >= *timeout,
+            "{opening:?}: remaining {remaining:?}, desired {timeout:?}"
+        );
+    }
+    assert!(outside_tcp(&topo, host, LIVE));
+    assert!(
+        !outside_tcp(&topo, host, STALE),
+        "an ended lease still opens"
+    );
+    // The table is owned again: nobody else changes it.
+    assert!(nft_refuses(
+        &topo.gateway,
+        &["nft", "delete", "table", "inet", "fwnp"]
+    ));
 }

@@ -480,6 +480,8 @@ impl Service {
                 changes.refreshed,
                 if changes.table_recreated {
                     ", table created"
+                } else if changes.replaced {
+                    ", sets replaced whole"
                 } else {
                     ""
                 },

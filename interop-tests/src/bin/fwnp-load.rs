@@ -929,6 +929,10 @@ fn spawn_server(
     })
 }
 
+/// How long one attempt of the first host to connect may take: this bounds how late a
+/// restart's ready time can be read.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Connects host `i` to the server at `addr` and says Hello. The first host retries until
 /// `deadline` while the server starts; `log` is named when it never answers.
 async fn connect_host(
@@ -953,6 +957,19 @@ async fn connect_host(
             match exchange(&connection, &hello).await? {
                 Message::Welcome(_) => Ok::<_, Box<dyn std::error::Error>>(connection),
                 other => Err(format!("Hello answered with {other:?}").into()),
+            }
+        };
+        // A handshake sent before the server listens is lost, and QUIC's retransmissions back
+        // off (1, 2, 4 ... s) until the idle timeout: without a bound of its own, the first
+        // host's attempt made a moment too early would wait 30 s and hide when the server
+        // became ready. The others connect to a server that answers, however slowly.
+        let attempt = async {
+            if i != 0 {
+                return attempt.await;
+            }
+            match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("no Welcome within {ATTEMPT_TIMEOUT:?}").into()),
             }
         };
         match attempt.await {
