@@ -484,7 +484,7 @@ kill_connections = false
 
 [limits]
 max_connections_per_identity = 4
-max_streams = 64
+max_streams = 16
 request_timeout = "10s"
 
 [store]
