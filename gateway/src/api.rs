@@ -114,7 +114,8 @@ pub struct StatusAnswer {
     pub policy: String,
     /// The kernel filter's counters; `null` when the filter is off.
     pub filter: Option<FilterStatus>,
-    /// The database file.
+    /// Where the leases are kept: the database file, or the etcd cluster (endpoints, key
+    /// prefix, site) and the database file of this gateway's own audit trail.
     pub store: String,
     /// The store writer's counters: operations per transaction show group commit at work.
     pub store_writer: WriterStatus,

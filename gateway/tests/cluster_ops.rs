@@ -348,6 +348,11 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                 assert_eq!(status_b["cluster"]["policy"]["file_differs"], true);
                 let status_a = a.get("/v1/status").await;
                 assert_eq!(status_a["cluster"]["policy"]["file_differs"], false);
+                let store = status_a["store"].as_str().unwrap_or_default();
+                assert!(
+                    store.starts_with("etcd ") && store.contains("as site gw-a"),
+                    "{status_a:#}"
+                );
                 // A gateway started now, with the old file, enforces the cluster's version 2
                 // from its first decision, and says its file differs.
                 let dir_c = temp_dir("clops-c");

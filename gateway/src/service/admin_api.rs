@@ -69,7 +69,16 @@ impl Service {
             connections: self.sessions.count() as u64,
             policy: self.policy().origin().to_owned(),
             filter,
-            store: self.queries.location(),
+            store: match &self.config.store.backend {
+                crate::config::StoreBackend::Etcd(etcd) => format!(
+                    "etcd {} under {} as site {} (audit trail in {})",
+                    etcd.endpoints.join(","),
+                    etcd.prefix,
+                    etcd.site,
+                    self.queries.location()
+                ),
+                _ => self.queries.location(),
+            },
             // Group commit at work: operations per transaction is what keeps the store's cost
             // per grant down under load.
             store_writer: WriterStatus {
