@@ -233,8 +233,8 @@ pub fn sha256_hex(text: &[u8]) -> String {
 impl Cluster {
     /// The admin API's revoke of a lease of the cluster: its end is committed to the cluster's
     /// store from here (and reaches every member's book, kernel and connected host through its
-    /// watch of the leases). Without the quorum the answer is [`AdminError::unavailable`] and
-    /// nothing changed.
+    /// watch of the leases). Without the quorum the answer is
+    /// [`AdminError::unavailable`](crate::api::AdminError::unavailable) and nothing changed.
     pub async fn revoke_in_store(
         &self,
         service: &Service,
