@@ -115,17 +115,7 @@ impl Cluster {
         quic: Vec<String>,
     ) -> Result<Cluster, EtcdError> {
         let options = crate::store::connect_options(config)?;
-        let unreachable = |reason: String| EtcdError::Unreachable {
-            endpoints: config.endpoints.join(","),
-            reason,
-        };
-        let client = tokio::time::timeout(
-            config.timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no answer within {:?}", config.timeout)))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        let client = crate::store::connect_client(config, options).await?;
         Ok(Cluster {
             client,
             keys: ClusterKeys::new(&config.prefix),

@@ -230,6 +230,7 @@ impl EtcdStore {
     /// records go to `audit` (the gateway's SQLite writer). Fails when the cluster does not
     /// answer within the configured timeout.
     pub async fn connect(config: &EtcdConfig, audit: StoreWriter) -> Result<EtcdStore, EtcdError> {
+        // TLS files are read here, so that a missing one fails before the thread starts.
         let options = connect_options(config)?;
         let site = Arc::from(config.site.as_str());
         let config = config.clone();
@@ -433,6 +434,25 @@ pub(crate) fn decode_lease(
     id: LeaseId,
 ) -> Result<LeaseRecord, StoreError> {
     StoredLease::decode(key, value).and_then(|lease| lease.record(id))
+}
+
+/// A client of the cluster with the gateway's options, connected within the configured timeout:
+/// the store's own and the cluster membership's.
+pub(crate) async fn connect_client(
+    config: &EtcdConfig,
+    options: ConnectOptions,
+) -> Result<Client, EtcdError> {
+    let unreachable = |reason: String| EtcdError::Unreachable {
+        endpoints: config.endpoints.join(","),
+        reason,
+    };
+    tokio::time::timeout(
+        config.timeout,
+        Client::connect(&config.endpoints, Some(options)),
+    )
+    .await
+    .map_err(|_| unreachable(format!("no answer within {:?}", config.timeout)))?
+    .map_err(|e| unreachable(e.to_string()))
 }
 
 pub(crate) fn connect_options(config: &EtcdConfig) -> Result<ConnectOptions, EtcdError> {
@@ -1018,17 +1038,7 @@ impl Worker {
         applied: Arc<AtomicI64>,
         resync: Arc<AtomicBool>,
     ) -> Result<Worker, EtcdError> {
-        let unreachable = |reason: String| EtcdError::Unreachable {
-            endpoints: config.endpoints.join(","),
-            reason,
-        };
-        let client = tokio::time::timeout(
-            config.timeout,
-            Client::connect(&config.endpoints, Some(options)),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no answer within {:?}", config.timeout)))?
-        .map_err(|e| unreachable(e.to_string()))?;
+        let client = connect_client(config, options).await?;
         let mut worker = Worker {
             kv: client.kv_client(),
             leases: client.lease_client(),
@@ -1049,7 +1059,10 @@ impl Worker {
         };
         worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
             Refusal::Corrupt(what) => EtcdError::Corrupt(what),
-            other => unreachable(other.error().to_string()),
+            other => EtcdError::Unreachable {
+                endpoints: config.endpoints.join(","),
+                reason: other.error().to_string(),
+            },
         })?;
         Ok(worker)
     }

@@ -65,7 +65,7 @@ pub use etcd::{
     ClusterChange, ClusterEnd, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
     SILENCE_TIMEOUTS, TOMBSTONE_TTL,
 };
-pub(crate) use etcd::{connect_options, decode_lease};
+pub(crate) use etcd::{connect_client, connect_options, decode_lease};
 pub(crate) use query::{page_size, report_from_events};
 pub use schema::SCHEMA_VERSION;
 pub use types::{
