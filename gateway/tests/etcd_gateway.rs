@@ -268,7 +268,16 @@ fn a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert_eq!(client.list().await.leases.len(), 3);
+            // The refused open's transaction may have been taken by the cluster once its quorum
+            // was back; the store then ends that lease by itself, soon after: until then the
+            // list may show it too.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut held = client.list().await.leases.len();
+            while held != 3 && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                held = client.list().await.leases.len();
+            }
+            assert_eq!(held, 3);
             a.endpoint.close(0u32.into(), b"done");
             a.serving.abort();
         })
