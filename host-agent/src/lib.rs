@@ -6,12 +6,12 @@
 //! The protocol's decisions live in `fwnp-proto` (one [`fwnp_proto::lease::LeaseMachine`] per
 //! application lease, the local API's frames in [`fwnp_proto::local`]); the kernel belongs to
 //! `fwnp-netfilter`. This crate is the glue: [`config`] reads what the operator writes;
-//! [`link`] keeps the connection to the gateway; [`server`] accepts applications and learns who
-//! they are; [`ports`] verifies that the port an application asks for is its own; [`mirror`]
-//! keeps the host table; [`machine`] owns the leases and decides, without IO and in time given
-//! to it; [`core`] carries out its decisions and ties it together; [`frontend`] answers
-//! NAT-PMP, PCP and UPnP IGD for applications that do not speak FWNP, as clients of the core;
-//! [`daemon`] starts and stops it all.
+//! [`link`] keeps the connection to the gateway, found through [`srv`] when DNS names it;
+//! [`server`] accepts applications and learns who they are; [`ports`] verifies that the port an
+//! application asks for is its own; [`mirror`] keeps the host table; [`machine`] owns the
+//! leases and decides, without IO and in time given to it; [`core`] carries out its decisions
+//! and ties it together; [`frontend`] answers NAT-PMP, PCP and UPnP IGD for applications that
+//! do not speak FWNP, as clients of the core; [`daemon`] starts and stops it all.
 //!
 //! It is not a firewall manager: it touches only its own table, and only for leases the gateway
 //! granted.
@@ -26,4 +26,5 @@ pub mod machine;
 pub mod mirror;
 pub mod ports;
 pub mod server;
+pub mod srv;
 pub mod state;

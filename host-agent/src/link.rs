@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{GatewaySource, SRV_PREFIX};
 use crate::core::CoreInput;
+use crate::srv::{SrvError, SrvResolver};
 
 /// How long a request waits for its answer on its stream.
 pub const EXCHANGE_TIMEOUT: Duration = fwnp_proto::lease::REQUEST_TIMEOUT;
@@ -110,7 +111,7 @@ enum ConnectError {
     #[error("cannot resolve {0}: {1}")]
     Resolve(String, String),
     #[error("SRV {0}: {1}")]
-    Srv(String, String),
+    Srv(String, SrvError),
     #[error("cannot open a UDP endpoint: {0}")]
     Endpoint(std::io::Error),
     #[error("connecting to {0}: {1}")]
@@ -157,6 +158,9 @@ pub struct Candidate {
     pub address: String,
     /// The name its certificate must carry.
     pub server_name: String,
+    /// Its addresses when an SRV lookup found them; empty, `address` is resolved when it is
+    /// tried.
+    pub resolved: Vec<SocketAddr>,
 }
 
 /// One SRV record's target, as [`srv_order`] orders them.
@@ -226,10 +230,10 @@ pub fn srv_order<R: rand::Rng + ?Sized>(
     ordered
 }
 
-/// The gateways to try in this round, in order.
+/// The gateways to try in this round, in order. The targets of an SRV name that have no
+/// address are left out with a warning; the name fails only when none is left.
 async fn candidates(
     source: &GatewaySource,
-    resolver: &mut Option<hickory_resolver::TokioResolver>,
     rng: &mut StdRng,
 ) -> Result<Vec<Candidate>, ConnectError> {
     let (name, server_name) = match source {
@@ -239,46 +243,35 @@ async fn candidates(
                 .map(|g| Candidate {
                     address: g.address.clone(),
                     server_name: g.server_name.clone(),
+                    resolved: Vec::new(),
                 })
                 .collect());
         }
         GatewaySource::Srv { name, server_name } => (name, server_name),
     };
-    let srv_error = |e: &dyn std::fmt::Display| ConnectError::Srv(name.clone(), e.to_string());
-    let resolver = match resolver {
-        Some(resolver) => resolver,
-        None => resolver.insert(
-            hickory_resolver::TokioResolver::builder_tokio()
-                .map_err(|e| srv_error(&e))?
-                .build(),
-        ),
-    };
-    // A fully qualified name: the SRV name is never subject to the search domains.
-    let lookup = resolver
-        .srv_lookup(format!("{name}."))
-        .await
-        .map_err(|e| srv_error(&e))?;
-    let targets = lookup
-        .iter()
-        .map(|srv| SrvTarget {
-            priority: srv.priority(),
-            weight: srv.weight(),
-            port: srv.port(),
-            target: srv.target().to_utf8().trim_end_matches('.').to_owned(),
-        })
-        .collect();
-    let ordered = srv_order(targets, rng);
-    if ordered.is_empty() {
-        return Err(srv_error(&"no gateway is offered (no target)"));
-    }
     debug_assert!(name.starts_with(SRV_PREFIX));
-    Ok(ordered
-        .into_iter()
-        .map(|t| Candidate {
-            address: format!("{}:{}", t.target, t.port),
-            server_name: server_name.clone().unwrap_or(t.target),
-        })
-        .collect())
+    let srv_error = |e: SrvError| ConnectError::Srv(name.clone(), e);
+    // Read again at every round, as the C library's resolver does when the file changes.
+    let resolver = SrvResolver::system().map_err(srv_error)?;
+    let mut list = Vec::new();
+    let mut last_error = None;
+    for found in resolver.locate(name, rng).await.map_err(srv_error)? {
+        match found.addresses {
+            Ok(resolved) => list.push(Candidate {
+                address: format!("{}:{}", found.target.target, found.target.port),
+                server_name: server_name.clone().unwrap_or(found.target.target),
+                resolved,
+            }),
+            Err(e) => {
+                warn!(srv = %name, "a gateway of the SRV name is left out: {e}");
+                last_error = Some(e);
+            }
+        }
+    }
+    match last_error {
+        Some(e) if list.is_empty() => Err(srv_error(e)),
+        _ => Ok(list),
+    }
 }
 
 /// Runs the link until the core goes away. `earliest_expiry` is the earliest local expiry of
@@ -290,14 +283,13 @@ pub async fn run(
 ) {
     let mut schedule = Reconnect::new();
     let mut rng = StdRng::from_os_rng();
-    let mut resolver = None;
     // The shortest lifetime the gateway grants, from its last Welcome.
     let mut min_lifetime: Option<u32> = None;
     // The gateway to try first in the next round: the one after a lost gateway, the same one
     // after a stateless reset (it listens again), else the first in order.
     let mut prefer: Option<(String, bool)> = None;
     loop {
-        let list = match candidates(&settings.gateways, &mut resolver, &mut rng).await {
+        let list = match candidates(&settings.gateways, &mut rng).await {
             Ok(list) => list,
             Err(e) => {
                 warn!("no gateway to connect to: {e}");
@@ -407,11 +399,14 @@ async fn connect(
     min_lifetime: &mut Option<u32>,
     handshake: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Leases), ConnectError> {
-    let addr = tokio::net::lookup_host(&candidate.address)
-        .await
-        .map_err(|e| ConnectError::Resolve(candidate.address.clone(), e.to_string()))?
-        .next()
-        .ok_or_else(|| ConnectError::Resolve(candidate.address.clone(), "no address".into()))?;
+    let addr = match candidate.resolved.first() {
+        Some(&addr) => addr,
+        None => tokio::net::lookup_host(&candidate.address)
+            .await
+            .map_err(|e| ConnectError::Resolve(candidate.address.clone(), e.to_string()))?
+            .next()
+            .ok_or_else(|| ConnectError::Resolve(candidate.address.clone(), "no address".into()))?,
+    };
     let mut retimed = false;
     loop {
         let mut timers = TransportTimers::for_min_lifetime(*min_lifetime);

@@ -365,28 +365,6 @@ impl Drop for NetnsResolvConf {
     }
 }
 
-/// Whether dnsmasq is here (Debian's dnsmasq-base, which scripts/deps.sh installs); skips
-/// with a message otherwise, a failure under FWNP_REQUIRE_NETNS=1.
-fn dnsmasq_available(test: &str) -> bool {
-    if !fwnp_testkit::netns::require_root(test) {
-        return false;
-    }
-    if std::process::Command::new("dnsmasq")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        return true;
-    }
-    let var = fwnp_testkit::netns::REQUIRE_NETNS_VAR;
-    assert!(
-        std::env::var(var).as_deref() != Ok("1"),
-        "{test}: needs dnsmasq (apt-get install dnsmasq-base) and {var}=1 forbids skipping it"
-    );
-    eprintln!("{test}: skipped: dnsmasq is not installed (apt-get install dnsmasq-base)");
-    false
-}
-
 /// The agent configured with an SRV name finds its gateway through DNS (a real dnsmasq on the
 /// loopback of a namespace of its own): the target of the lowest priority has no address, so
 /// the agent goes on with the next one, verifies its certificate against the target's name and
@@ -412,33 +390,13 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
     let port = endpoint.local_addr().expect("address").port();
     runtime.spawn(gateway('A', endpoint, cluster.clone()));
 
-    let mut dnsmasq = ProcessGuard(Some(
-        ns.spawn(std::process::Command::new("dnsmasq").args([
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            "--port=53",
-            "--pid-file=",
-            "--user=root",
+    let _dnsmasq = start_dnsmasq(
+        &ns,
+        &[
             "--srv-host=_fwnp._udp.example.test,nowhere.example.test,4433,10,0",
             &format!("--srv-host=_fwnp._udp.example.test,{GATEWAY_NAME},{port},20,0"),
             &format!("--host-record={GATEWAY_NAME},127.0.0.1"),
-        ]))
-        .expect("start dnsmasq"),
-    ));
-    let answering = fwnp_testkit::netns::wait_until(STEP, Duration::from_millis(50), || {
-        ns.exec(&["ss", "-uln", "sport = :53"])
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:53"))
-    });
-    assert!(answering, "dnsmasq does not listen");
-    assert!(
-        dnsmasq
-            .0
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
-        "dnsmasq exited"
+        ],
     );
 
     let dir = temp_dir("srv");

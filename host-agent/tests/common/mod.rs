@@ -21,6 +21,7 @@ use fwnp_proto::{
 pub(crate) const STEP: Duration = Duration::from_secs(10);
 pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
 pub(crate) use fwnp_testkit::process::ProcessGuard;
+#[allow(unused_imports)]
 pub(crate) use fwnp_testkit::temp_dir;
 #[allow(unused_imports)]
 pub(crate) use tempfile::TempDir;
@@ -355,4 +356,61 @@ pub(crate) fn gateway_endpoint(pki: &Pki, runtime: &tokio::runtime::Runtime) -> 
         std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
     )
     .expect("bind the gateway endpoint")
+}
+
+/// Whether dnsmasq is here (Debian's dnsmasq-base, which scripts/deps.sh installs); skips
+/// with a message otherwise, a failure under FWNP_REQUIRE_NETNS=1.
+pub(crate) fn dnsmasq_available(test: &str) -> bool {
+    if !fwnp_testkit::netns::require_root(test) {
+        return false;
+    }
+    if Command::new("dnsmasq")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return true;
+    }
+    let var = fwnp_testkit::netns::REQUIRE_NETNS_VAR;
+    assert!(
+        std::env::var(var).as_deref() != Ok("1"),
+        "{test}: needs dnsmasq (apt-get install dnsmasq-base) and {var}=1 forbids skipping it"
+    );
+    eprintln!("{test}: skipped: dnsmasq is not installed (apt-get install dnsmasq-base)");
+    false
+}
+
+/// A dnsmasq answering only from `records` (its `--srv-host=`, `--host-record=`... options) on
+/// 127.0.0.1:53 of `ns`, UDP and TCP, once it listens; killed when dropped.
+pub(crate) fn start_dnsmasq(ns: &fwnp_testkit::netns::Netns, records: &[&str]) -> ProcessGuard {
+    let mut dnsmasq = ProcessGuard(Some(
+        ns.spawn(
+            Command::new("dnsmasq")
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--port=53",
+                    "--pid-file=",
+                    "--user=root",
+                ])
+                .args(records),
+        )
+        .expect("start dnsmasq"),
+    ));
+    let answering = fwnp_testkit::netns::wait_until(STEP, Duration::from_millis(50), || {
+        ns.exec(&["ss", "-uln", "sport = :53"])
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:53"))
+    });
+    assert!(answering, "dnsmasq does not listen");
+    assert!(
+        dnsmasq
+            .0
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None))),
+        "dnsmasq exited"
+    );
+    dnsmasq
 }
