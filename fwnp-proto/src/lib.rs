@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(any(test, feature = "alloc-count"))]
+pub mod alloc_count;
 pub mod codec;
 pub mod duration;
 pub mod gateway;

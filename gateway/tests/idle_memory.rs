@@ -10,7 +10,6 @@
 //! others complete their handshakes, then they say Hello; the figures per connection are
 //! printed by phase.
 
-use std::alloc::System;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,15 +17,14 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
+use fwnp_proto::alloc_count::live;
 
 mod common;
 use common::{Client, GatewayOptions, POLICY, TestGateway};
 use fwnp_testkit::process::ProcessGuard;
 use fwnp_trust::tls::ClientTlsFiles;
 
-#[global_allocator]
-static COUNTING: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+fwnp_proto::count_allocations!();
 
 /// Set in the hosts' process: the gateway's address, the PKI's directory and how many hosts.
 const HOSTS_ENV: &str = "FWNP_IDLE_HOSTS";
@@ -40,12 +38,6 @@ const HOSTS: usize = 100;
 /// the connection's task kept room for two timers inline: 33,300 bytes here; now about 32,200
 /// (most of it quinn's and rustls' own state, which no setting reaches: README "Measuring").
 const MAX_BYTES_PER_CONNECTION: f64 = 32.0 * 1024.0;
-
-/// Bytes allocated and not freed yet, by the whole process.
-fn live() -> i64 {
-    let stats = COUNTING.stats();
-    stats.bytes_allocated as i64 - stats.bytes_deallocated as i64
-}
 
 /// The live bytes once they have stopped changing: the last packets of a step (acknowledgements,
 /// the end of a request stream) may still be on their way when the hosts report it. Bounded

@@ -647,23 +647,16 @@ mod tests {
 /// crate's unit tests only (the process's: tests beside this one change little meanwhile).
 #[cfg(test)]
 mod memory_tests {
-    use std::alloc::System;
     use std::net::{IpAddr, Ipv4Addr};
     use std::time::Duration;
 
+    use fwnp_proto::alloc_count::live;
     use fwnp_proto::{PortRange, Protocol};
-    use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
     use super::Desired;
     use crate::Element;
 
-    #[global_allocator]
-    static COUNTING: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-    fn live() -> isize {
-        let stats = COUNTING.stats();
-        stats.bytes_allocated as isize - stats.bytes_deallocated as isize
-    }
+    fwnp_proto::count_allocations!();
 
     const OPENINGS: usize = 1_000_000;
 

@@ -2,31 +2,16 @@
 //! this crate's unit tests only. The counter is the process's: each part is counted by the bytes
 //! its drop frees, a few milliseconds in which tests beside this one change little.
 
-use std::alloc::System;
 use std::net::{IpAddr, Ipv4Addr};
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 use super::*;
+use crate::alloc_count::{freed_by, live};
 use crate::message::{Opening, PortRange, Protocol, Target};
 
-#[global_allocator]
-static COUNTING: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-/// Bytes allocated and not freed yet, by the whole process.
-fn live() -> isize {
-    let stats = COUNTING.stats();
-    stats.bytes_allocated as isize - stats.bytes_deallocated as isize
-}
-
-/// Bytes freed by dropping `value`.
-fn freed_by<T>(value: T) -> usize {
-    let before = live();
-    drop(value);
-    usize::try_from(before - live()).unwrap_or(0)
-}
+crate::count_allocations!();
 
 const LEASES: usize = 1_000_000;
 const HOSTS: usize = 100;

@@ -3,32 +3,18 @@
 //! part is counted by the bytes its drop frees, a few milliseconds in which tests beside this
 //! one change little.
 
-use std::alloc::System;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use fwnp_netfilter::Element;
+use fwnp_proto::alloc_count::freed_by;
 use fwnp_proto::{LeaseId, PortRange, Protocol};
 use fwnp_trust::identity::{CertificateName, Serial};
-use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 
 use super::credentials::LeaseCredentials;
 use super::kernel::{Holders, hold_change};
 
-#[global_allocator]
-static COUNTING: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-fn live() -> isize {
-    let stats = COUNTING.stats();
-    stats.bytes_allocated as isize - stats.bytes_deallocated as isize
-}
-
-/// Bytes freed by dropping `value`.
-fn freed_by<T>(value: T) -> usize {
-    let before = live();
-    drop(value);
-    usize::try_from(before - live()).unwrap_or(0)
-}
+fwnp_proto::count_allocations!();
 
 const LEASES: usize = 1_000_000;
 const HOSTS: usize = 100;
