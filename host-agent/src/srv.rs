@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -29,8 +30,13 @@ pub const RESOLV_CONF: &str = "/etc/resolv.conf";
 #[derive(Debug, thiserror::Error)]
 pub enum SrvError {
     /// The resolver configuration cannot be read or parsed.
-    #[error("cannot read {RESOLV_CONF}: {0}")]
-    ResolvConf(String),
+    #[error("cannot read {}: {reason}", path.display())]
+    ResolvConf {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        reason: String,
+    },
     /// The name is not a domain name.
     #[error("{0:?} is not a domain name")]
     BadName(String),
@@ -85,19 +91,52 @@ pub struct Located {
 pub struct SrvResolver {
     stub: StubResolver,
     timeout: Duration,
+    servers: Vec<SocketAddr>,
 }
 
 impl SrvResolver {
     /// The servers and options of `/etc/resolv.conf`, read now; without that file, the local
     /// server 127.0.0.1 as the C library does.
     pub fn system() -> Result<Self, SrvError> {
+        Self::from_resolv_conf(Path::new(RESOLV_CONF))
+    }
+
+    /// The servers and options (`timeout:`, `attempts:`, `use-vc`) of a file written as
+    /// resolv.conf(5) says; without that file, the local server 127.0.0.1 as the C library
+    /// does. A line of an unknown kind is an error rather than a server silently lost.
+    ///
+    /// ```
+    /// use fwnp_agent::srv::{SrvError, SrvResolver};
+    /// let dir = std::env::temp_dir().join(format!("fwnp-srv-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// let path = dir.join("resolv.conf");
+    /// std::fs::write(&path, "nameserver 192.0.2.53\noptions timeout:2\n").unwrap();
+    /// assert!(SrvResolver::from_resolv_conf(&path).is_ok());
+    /// std::fs::write(&path, "nameserver\n").unwrap();
+    /// assert!(matches!(
+    ///     SrvResolver::from_resolv_conf(&path),
+    ///     Err(SrvError::ResolvConf { .. })
+    /// ));
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn from_resolv_conf(path: &Path) -> Result<Self, SrvError> {
         let mut conf = ResolvConf::new();
-        match conf.parse_file(RESOLV_CONF) {
+        match conf.parse_file(path) {
             Ok(()) => {}
             Err(conf::Error::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SrvError::ResolvConf(e.to_string())),
+            Err(e) => {
+                return Err(SrvError::ResolvConf {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                });
+            }
         }
         Ok(Self::from_conf(conf))
+    }
+
+    /// The servers asked, in order.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.servers
     }
 
     /// These servers (UDP, TCP after a truncated answer), each question given `timeout`.
@@ -123,9 +162,11 @@ impl SrvResolver {
     fn from_conf(mut conf: ResolvConf) -> Self {
         conf.finalize();
         let timeout = conf.options.timeout;
+        let servers = conf.servers.iter().map(|s| s.addr).collect();
         SrvResolver {
             stub: StubResolver::from_conf(conf),
             timeout,
+            servers,
         }
     }
 
@@ -243,4 +284,52 @@ fn additional_addresses(answer: &Message<[u8]>) -> Result<Vec<(String, IpAddr)>,
         found.push((owner.trim_end_matches('.').to_owned(), addr));
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolv_conf(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, text).expect("write resolv.conf");
+        (dir, path)
+    }
+
+    #[test]
+    fn the_servers_and_the_timeout_of_resolv_conf_are_used() {
+        let (_dir, path) = resolv_conf(
+            "# comment\nnameserver 192.0.2.53\nnameserver 2001:db8::53\n\
+             search example.org\noptions edns0 trust-ad timeout:3\n",
+        );
+        let resolver = SrvResolver::from_resolv_conf(&path).expect("parsed");
+        assert_eq!(
+            resolver.servers(),
+            [
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(resolver.timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn without_resolv_conf_the_local_server_is_asked() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let resolver = SrvResolver::from_resolv_conf(&dir.path().join("missing")).expect("default");
+        assert_eq!(resolver.servers(), ["127.0.0.1:53".parse().unwrap()]);
+        assert_eq!(resolver.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_line_that_cannot_be_read_is_an_error_naming_the_file() {
+        for text in ["nameserver\n", "frobnicate 1\n"] {
+            let (_dir, path) = resolv_conf(text);
+            match SrvResolver::from_resolv_conf(&path) {
+                Err(SrvError::ResolvConf { path: named, .. }) => assert_eq!(named, path),
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+    }
 }
