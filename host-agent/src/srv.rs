@@ -19,7 +19,7 @@ use domain::base::iana::{Class, Rcode, Rtype};
 use domain::base::name::{Name, ToName};
 use domain::rdata::{A, Aaaa, Srv};
 use domain::resolv::StubResolver;
-use domain::resolv::stub::conf::{self, ResolvConf, ServerConf, Transport};
+use domain::resolv::stub::conf::{ResolvConf, ServerConf, Transport};
 
 use crate::link::{SrvTarget, srv_order};
 
@@ -103,7 +103,10 @@ impl SrvResolver {
 
     /// The servers and options (`timeout:`, `attempts:`, `use-vc`) of a file written as
     /// resolv.conf(5) says; without that file, the local server 127.0.0.1 as the C library
-    /// does. A line of an unknown kind is an error rather than a server silently lost.
+    /// does. A line of a kind the C library does not know either (another system's keyword,
+    /// such as OpenBSD's `lookup`) is skipped with a warning naming it, as the C library skips
+    /// it, so that a file every other program reads does not stop the agent; a known line that
+    /// does not parse is an error naming the file.
     ///
     /// ```
     /// use fwnp_agent::srv::{SrvError, SrvResolver};
@@ -121,16 +124,22 @@ impl SrvResolver {
     /// ```
     pub fn from_resolv_conf(path: &Path) -> Result<Self, SrvError> {
         let mut conf = ResolvConf::new();
-        match conf.parse_file(path) {
-            Ok(()) => {}
-            Err(conf::Error::Io(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Self::from_conf(conf)),
             Err(e) => {
                 return Err(SrvError::ResolvConf {
                     path: path.to_owned(),
                     reason: e.to_string(),
                 });
             }
-        }
+        };
+        let known = known_lines(&text, path);
+        conf.parse(&mut known.as_bytes())
+            .map_err(|e| SrvError::ResolvConf {
+                path: path.to_owned(),
+                reason: e.to_string(),
+            })?;
         Ok(Self::from_conf(conf))
     }
 
@@ -286,6 +295,31 @@ fn additional_addresses(answer: &Message<[u8]>) -> Result<Vec<(String, IpAddr)>,
     Ok(found)
 }
 
+/// The lines of a resolv.conf whose keyword resolv.conf(5) defines (and comments, blank lines);
+/// the others are skipped with a warning, as the C library skips them.
+fn known_lines(text: &str, path: &Path) -> String {
+    const KEYWORDS: &[&str] = &["nameserver", "domain", "search", "sortlist", "options"];
+    let mut known = String::with_capacity(text.len());
+    for (number, line) in text.lines().enumerate() {
+        let keyword = line.split_whitespace().next();
+        match keyword {
+            Some(word) if !word.starts_with(['#', ';']) && !KEYWORDS.contains(&word) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    line = number + 1,
+                    keyword = word,
+                    "resolver configuration line of an unknown kind skipped"
+                );
+            }
+            _ => {
+                known.push_str(line);
+                known.push('\n');
+            }
+        }
+    }
+    known
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,12 +358,21 @@ mod tests {
 
     #[test]
     fn a_line_that_cannot_be_read_is_an_error_naming_the_file() {
-        for text in ["nameserver\n", "frobnicate 1\n"] {
+        for text in ["nameserver\n", "nameserver 192.0.2.1 extra\n"] {
             let (_dir, path) = resolv_conf(text);
             match SrvResolver::from_resolv_conf(&path) {
                 Err(SrvError::ResolvConf { path: named, .. }) => assert_eq!(named, path),
                 other => panic!("{text:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_line_of_an_unknown_kind_is_skipped_as_the_c_library_skips_it() {
+        let (_dir, path) = resolv_conf(
+            "lookup file bind\nnameserver 192.0.2.53\n# comment\noptions edns0 trust-ad\n",
+        );
+        let resolver = SrvResolver::from_resolv_conf(&path).expect("parsed");
+        assert_eq!(resolver.servers(), ["192.0.2.53:53".parse().unwrap()]);
     }
 }
