@@ -123,6 +123,8 @@ pub struct Service {
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Makes the audit export's JSON file open its path again (SIGHUP), set once at the start.
+    audit_reopen: std::sync::OnceLock<crate::audit_export::ReopenHandle>,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -257,6 +259,15 @@ impl Service {
         Ok(service)
     }
 
+    /// Makes the audit export's JSON file (`[audit] json_file`) open its path again before its
+    /// next event, for a rotation that renamed it (SIGHUP); without it the path is looked at
+    /// once a second anyway.
+    pub fn reopen_audit_export(&self) {
+        if let Some(reopen) = self.audit_reopen.get() {
+            reopen.reopen();
+        }
+    }
+
     /// This gateway as a member of its etcd cluster; `None` with the SQLite backend.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.cluster.get()
@@ -333,6 +344,7 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Mutex::new(Holders::default()),
             cluster: std::sync::OnceLock::new(),
+            audit_reopen: std::sync::OnceLock::new(),
             config,
         });
         service.restore().await?;
@@ -375,6 +387,7 @@ impl Service {
         )
         .map_err(StartError::AuditExport)?;
         if export.is_active() {
+            let _ = service.audit_reopen.set(export.reopen_handle());
             tokio::spawn(crate::audit_export::follow(
                 export,
                 Arc::downgrade(&service),
