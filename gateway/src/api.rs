@@ -18,6 +18,10 @@ pub enum AdminErrorKind {
     /// A service the request needs does not answer now, the cluster's store without its
     /// quorum above all; nothing was changed, and the same request may succeed later (HTTP 503).
     Unavailable,
+    /// The request collides with another one that changes the same thing, a policy reload
+    /// published through another gateway at the same moment; nothing was changed, and the
+    /// same request may succeed once the other is done (HTTP 409).
+    Conflict,
 }
 
 /// An admin request that failed.
@@ -72,6 +76,20 @@ impl AdminError {
     pub fn unavailable(message: impl Into<String>) -> Self {
         AdminError {
             kind: AdminErrorKind::Unavailable,
+            message: message.into(),
+        }
+    }
+
+    /// Another request changing the same thing is in progress; nothing was changed.
+    ///
+    /// ```
+    /// use fwnp_gateway::api::{AdminError, AdminErrorKind};
+    /// let e = AdminError::conflict("policy not reloaded: another reload is in progress");
+    /// assert_eq!(e.kind, AdminErrorKind::Conflict);
+    /// ```
+    pub fn conflict(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::Conflict,
             message: message.into(),
         }
     }

@@ -660,3 +660,55 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
             });
     });
 }
+
+#[test]
+fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
+    const TEST: &str = "reloads_at_the_same_moment_each_publish_a_version_in_turn";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clreload");
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-reload");
+                let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+                until(
+                    "A holds policy version 1",
+                    || a.get("/v1/status"),
+                    |s| s["cluster"]["policy"]["version"] == 1,
+                )
+                .await;
+                // Two reloads through A and one through B, sent together: the second through
+                // A waits for the first, the one through B publishes after whichever it met.
+                for round in 0..2 {
+                    let (first, second, other) = tokio::join!(
+                        a.post("/v1/policy/reload", None),
+                        a.post("/v1/policy/reload", None),
+                        b.post("/v1/policy/reload", None),
+                    );
+                    for (status, body) in [first, second, other] {
+                        assert_eq!(status, 200, "round {round}: {body:#}");
+                        assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
+                    }
+                }
+                // Six reloads, six versions, on both gateways.
+                for gateway in [&a, &b] {
+                    until(
+                        "policy version 7",
+                        || gateway.get("/v1/status"),
+                        |s| s["cluster"]["policy"]["version"] == 7,
+                    )
+                    .await;
+                }
+                a.stop().await;
+                b.stop().await;
+            });
+    });
+}

@@ -123,6 +123,9 @@ pub struct Service {
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Held by a policy reload from its read of the file to the policy in force: a second
+    /// reload waits for the first, then runs (in a cluster it publishes the next version).
+    reload_lock: tokio::sync::Mutex<()>,
     /// Makes the audit export's JSON file open its path again (SIGHUP), set once at the start.
     audit_reopen: std::sync::OnceLock<crate::audit_export::ReopenHandle>,
 }
@@ -179,6 +182,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
 pub use request::write_op;
+pub use revocation::PUBLISH_ATTEMPTS;
 
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
@@ -344,6 +348,7 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Mutex::new(Holders::default()),
             cluster: std::sync::OnceLock::new(),
+            reload_lock: tokio::sync::Mutex::new(()),
             audit_reopen: std::sync::OnceLock::new(),
             config,
         });
