@@ -5,7 +5,7 @@
 //!
 //! | method and path | what |
 //! | --- | --- |
-//! | `GET /v1/status` | epoch, counts, uptime, policy file; in a cluster, its members (live or absent, each one's last applied revision and policy version) |
+//! | `GET /v1/status` | epoch, counts, uptime, policy file; the store by backend (`store_backend`: SQLite's database, or etcd's endpoints, prefix, site, applied revision and transaction counts); in a cluster, its members (live or absent, each one's last applied revision and policy version) |
 //! | `GET /v1/leases?host=&app=&port=&protocol=&serial=` | live leases with time left (`serial`: of the certificate that last opened or renewed them) |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=&scope=` | audit records; `wait` long-polls for records after `after` (follow, this gateway's own); in a cluster a page merges every member's events (`site`) and names in `unreachable` those it may lack, unless `scope=local` |
