@@ -369,3 +369,52 @@ def test_release_by_id_of_a_lease_not_held(agent: FakeAgent) -> None:
         with pytest.raises(fwnp.UnknownLocalLease) as e:
             client.release(NEW_LEASE)
         assert e.value.lease == NEW_LEASE
+
+
+def _unknown_denial(request_id: int, code: int, reason: str) -> bytes:
+    """A Denied with ``code``, which this version does not know, as a newer agent sends it:
+    the encoder here would refuse it, so it is written with cbor2 as the agent would."""
+    body = __import__("cbor2").dumps({0: 17, 1: request_id, 3: code, 4: reason, 5: 30})
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(agent: FakeAgent) -> None:
+    refused = []
+
+    def refuse_first(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open) and not refused:
+            refused.append(m)
+            return [_unknown_denial(m.request_id or 0, 1099, "maintenance until 18:00")]
+        return agent.default(m)
+
+    agent.answer = refuse_first
+    with fwnp.Client(agent.path) as client:
+        with pytest.raises(fwnp.Denied) as e:
+            client.open(fwnp.tcp(8080))
+        assert type(e.value) is fwnp.Denied
+        assert (e.value.code, e.value.name) == (1099, "code 1099")
+        assert e.value.reason == "maintenance until 18:00"
+        assert not e.value.transient
+        # The connection stays: the next open is granted on it.
+        with client.open(fwnp.tcp(8080)) as lease:
+            assert lease.id == LEASE
+
+
+def test_async_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(
+    agent: FakeAgent,
+) -> None:
+    def refuse(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            return [_unknown_denial(m.request_id or 0, 1099, "maintenance until 18:00")]
+        return agent.default(m)
+
+    agent.answer = refuse
+
+    async def story() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            with pytest.raises(fwnp.Denied) as e:
+                await client.open(fwnp.tcp(8080))
+            assert (e.value.code, e.value.reason) == (1099, "maintenance until 18:00")
+            assert (await client.status()).connected
+
+    asyncio.run(story())
