@@ -418,3 +418,63 @@ def test_async_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(
             assert (await client.status()).connected
 
     asyncio.run(story())
+
+
+def released_with_its_event(agent: FakeAgent) -> Answer:
+    """As the agent answers a Release: the Released event of the id, then the answer."""
+
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Release):
+            return [_codec.encode_frame(_codec.EventMsg(None, m.lease, 5))] + agent.default(m)
+        return agent.default(m)
+
+    return answer
+
+
+def test_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
+    # The default answer grants LEASE to every Open, as the gateway merges identical openings.
+    agent.answer = released_with_its_event(agent)
+    with fwnp.Client(agent.path) as client:
+        first = client.open(fwnp.tcp(8080))
+        second = client.open(fwnp.tcp(8080))
+        assert first.id == second.id == LEASE
+        # An event of the id reaches both.
+        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 120_000)))
+        for lease in (first, second):
+            event = lease.next_event(timeout=5)
+            assert event is not None and event.kind is fwnp.EventKind.RENEWED
+        first.release()
+        assert not first.active and second.active
+        # The second is still held: a revocation ends it, and its release is still sent.
+        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 2, reason="operator")))
+        event = second.next_event(timeout=5)
+        assert event is not None and event.kind is fwnp.EventKind.REVOKED
+        assert not second.active
+    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
+    assert len(releases) == 1, releases
+
+
+def test_async_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
+    agent.answer = released_with_its_event(agent)
+
+    async def main() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            first = await client.open(fwnp.tcp(8080))
+            second = await client.open(fwnp.tcp(8080))
+            assert first.id == second.id == LEASE
+            agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 120_000)))
+            for lease in (first, second):
+                event = await lease.next_event(timeout=5)
+                assert event is not None and event.kind is fwnp.EventKind.RENEWED
+            await first.release()
+            assert not first.active and second.active
+            # Still routed to: a renewal reaches it.
+            agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 60_000)))
+            event = await second.next_event(timeout=5)
+            assert event is not None and event.kind is fwnp.EventKind.RENEWED
+            await second.release()
+            assert not second.active
+
+    asyncio.run(main())
+    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
+    assert len(releases) == 2, releases
