@@ -239,7 +239,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clops");
+    let cluster = EtcdCluster::start("clops").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -466,7 +466,7 @@ fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_a
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clkill");
+    let cluster = EtcdCluster::start("clkill").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -554,7 +554,7 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clrep");
+    let cluster = EtcdCluster::start("clrep").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -667,7 +667,7 @@ fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clreload");
+    let cluster = EtcdCluster::start("clreload").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -719,7 +719,7 @@ fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clstatus");
+    let cluster = EtcdCluster::start("clstatus").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
