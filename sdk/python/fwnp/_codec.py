@@ -849,14 +849,16 @@ def _unknown_denial(item: dict[Any, Any]) -> DeniedMsg | None:
     """The Denied in ``item`` when its code is in neither registry and its request id and code
     are unsigned integers; its reason and retry-after are kept when well-formed."""
     rid, code = item.get(1), item.get(3)
-    if item.get(0) != DENIED or not (_is_uint(rid) and _is_uint(code)):
+    if item.get(0) != DENIED or not (isinstance(rid, int) and _is_uint(rid)):
+        return None
+    if not (isinstance(code, int) and _is_uint(code)):
         return None
     if code in WIRE_CODES or code in LOCAL_CODES:
         return None
-    reason = item.get(4)
-    if not (isinstance(reason, str) and len(reason.encode()) <= MAX_REASON):
-        reason = None
-    retry_after = item.get(5)
-    if not (_is_uint(retry_after) and retry_after <= U32):
-        retry_after = None
+    text = item.get(4)
+    reason = text if isinstance(text, str) and len(text.encode()) <= MAX_REASON else None
+    seconds = item.get(5)
+    retry_after = None
+    if isinstance(seconds, int) and _is_uint(seconds) and seconds <= U32:
+        retry_after = seconds
     return DeniedMsg(rid, code, reason, retry_after)

@@ -117,9 +117,9 @@ class _AsyncConnection:
         if isinstance(msg, _codec.Granted) and future is not None and not future.done():
             # Registered before the answer is handed over: the opener resumes only at a later
             # turn of the loop, after events that came with the Granted have been routed.
-            entry: _Entry = (_LeaseState(msg.lease, msg.lifetime), asyncio.Queue())
-            self.leases.setdefault(msg.lease, []).append(entry)
-            self.opened[msg.request_id or 0] = entry
+            granted: _Entry = (_LeaseState(msg.lease, msg.lifetime), asyncio.Queue())
+            self.leases.setdefault(msg.lease, []).append(granted)
+            self.opened[msg.request_id or 0] = granted
         future = self.pending.pop(msg.request_id or 0, None)
         if future is not None and not future.done():
             future.set_result(msg)

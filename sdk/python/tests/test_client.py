@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import cbor2
 import pytest
 
 import fwnp
@@ -374,12 +375,12 @@ def test_release_by_id_of_a_lease_not_held(agent: FakeAgent) -> None:
 def _unknown_denial(request_id: int, code: int, reason: str) -> bytes:
     """A Denied with ``code``, which this version does not know, as a newer agent sends it:
     the encoder here would refuse it, so it is written with cbor2 as the agent would."""
-    body = __import__("cbor2").dumps({0: 17, 1: request_id, 3: code, 4: reason, 5: 30})
+    body: bytes = cbor2.dumps({0: 17, 1: request_id, 3: code, 4: reason, 5: 30})
     return len(body).to_bytes(4, "big") + body
 
 
 def test_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(agent: FakeAgent) -> None:
-    refused = []
+    refused: list[_codec.Message] = []
 
     def refuse_first(m: _codec.Message) -> list[bytes]:
         if isinstance(m, _codec.Open) and not refused:
