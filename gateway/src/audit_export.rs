@@ -26,7 +26,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -48,18 +48,19 @@ pub const SD_ID: &str = "fwnp@32473";
 pub const REOPEN_CHECK: Duration = Duration::from_secs(1);
 
 /// Asks the export's JSON file writer to open its path again before its next write (on
-/// SIGHUP, after a rotation that did not wait for the path check).
+/// SIGHUP, after a rotation that did not wait for the path check). A count of the requests,
+/// which each sink's thread compares with the last it saw: none takes a request from another.
 #[derive(Debug, Clone, Default)]
-pub struct ReopenHandle(Arc<AtomicBool>);
+pub struct ReopenHandle(Arc<AtomicU64>);
 
 impl ReopenHandle {
     /// The next write opens the path again, whatever file it names.
     pub fn reopen(&self) {
-        self.0.store(true, Ordering::Relaxed);
+        self.0.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn take(&self) -> bool {
-        self.0.swap(false, Ordering::Relaxed)
+    fn requests(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -193,12 +194,15 @@ fn write_all(
 ) {
     let name = sink.name();
     let mut writer = Writer::new(sink);
+    let mut reopened = reopen.requests();
     while let Ok(event) = receiver.recv() {
         let mut event = (*event).clone();
         if event.site.is_none() {
             event.site = site.clone();
         }
-        if reopen.take() {
+        let requests = reopen.requests();
+        if requests != reopened {
+            reopened = requests;
             writer.file = None;
         }
         if let Err(e) = writer.write(&event) {

@@ -446,13 +446,16 @@ async fn a_reopen_request_takes_the_new_file_at_the_next_event() {
     let dir = common::temp_dir("audit-hup");
     let jsonl = dir.path().join("audit.jsonl");
     let rotated = dir.path().join("audit.jsonl.1");
+    // A syslog sink too: the request to reopen is the file's, whichever sink's thread runs first.
+    let socket_path = dir.path().join("syslog.sock");
+    let _syslog = UnixDatagram::bind(&socket_path).expect("bind the syslog socket");
     let gateway = TestGateway::start_with(
         "audit-hup",
         POLICY,
         GatewayOptions {
             audit: Some(AuditConfig {
                 json_file: Some(jsonl.clone()),
-                syslog: None,
+                syslog: Some(SyslogTarget::Unix(socket_path)),
                 queue: 100,
             }),
             ..GatewayOptions::default()
