@@ -1430,6 +1430,68 @@ pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
     }
 }
 
+/// A Denied read only as far as a client needs to report a refusal whose code it does not
+/// know: such a Denied does not decode (an unknown code breaks rule 13 of spec Section 6.3),
+/// yet the client takes it as a refusal of the request it names and reports its number and
+/// reason (spec Section 13; the local API's Section 12.3 for the agent's codes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeekedDenial {
+    /// Key 1: the request it answers.
+    pub request_id: u64,
+    /// Key 3: the code, as a number.
+    pub code: u64,
+    /// Key 4, when it is a text of at most [`MAX_REASON_LEN`] bytes.
+    pub reason: Option<String>,
+    /// Key 5, seconds, when it is an unsigned integer of 32 bits.
+    pub retry_after: Option<u32>,
+}
+
+/// Reads `bytes` as a Denied (type 17) for [`PeekedDenial`], whatever its code. `None` when
+/// they do not start with a parseable map holding, each exactly once, key 0 with 17 and keys
+/// 1 and 3 with unsigned integers. A reason or retry-after of the wrong type is left out rather
+/// than refusing the whole: the refusal is what matters.
+///
+/// ```
+/// use fwnp_proto::codec::peek_denial;
+/// // {0: 17, 1: 7, 3: 1099, 4: "maintenance"}
+/// let bytes = [0xa4, 0x00, 0x11, 0x01, 0x07, 0x03, 0x19, 0x04, 0x4b, 0x04, 0x6b,
+///     b'm', b'a', b'i', b'n', b't', b'e', b'n', b'a', b'n', b'c', b'e'];
+/// let denial = peek_denial(&bytes).unwrap();
+/// assert_eq!((denial.request_id, denial.code), (7, 1099));
+/// assert_eq!(denial.reason.as_deref(), Some("maintenance"));
+/// ```
+pub fn peek_denial(bytes: &[u8]) -> Option<PeekedDenial> {
+    let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
+        return None;
+    };
+    let once = |key: u64| {
+        let mut values = entries
+            .iter()
+            .filter(move |(k, _)| matches!(k, Item::Uint(n) if *n == key))
+            .map(|(_, v)| v);
+        match (values.next(), values.next()) {
+            (Some(value), None) => Some(value),
+            _ => None,
+        }
+    };
+    let uint = |key: u64| match once(key) {
+        Some(Item::Uint(n)) => Some(*n),
+        _ => None,
+    };
+    if uint(0) != Some(17) {
+        return None;
+    }
+    Some(PeekedDenial {
+        request_id: uint(1)?,
+        code: uint(3)?,
+        reason: match once(4) {
+            Some(Item::Text(t)) if t.len() <= MAX_REASON_LEN => Some(t.clone()),
+            _ => None,
+        },
+        retry_after: uint(5).and_then(|n| u32::try_from(n).ok()),
+    })
+}
+
 /// Makes a Leases answer fit in [`MAX_MESSAGE_SIZE`] as spec Section 5.4 prescribes: it leaves
 /// out the application information (lease-info key 5) of as few leases as needed, from the end
 /// of the list. Returns false, leaving `answer` as it was, when even without any application
@@ -1530,6 +1592,29 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    #[test]
+    fn a_denied_with_an_unknown_code_is_peeked_for_its_number_and_reason() {
+        // {0: 17, 1: 5, 3: 99, 4: "later", 5: 30}: code 99 is not defined, so it does not decode.
+        let bytes = hex("a50011010503186304656c6174657205181e");
+        assert!(decode(&bytes).is_err());
+        assert_eq!(
+            peek_denial(&bytes),
+            Some(PeekedDenial {
+                request_id: 5,
+                code: 99,
+                reason: Some("later".into()),
+                retry_after: Some(30),
+            })
+        );
+        // A reason of the wrong type is left out, the refusal kept: {0: 17, 1: 5, 3: 99, 4: 1}.
+        let odd = peek_denial(&hex("a4001101050318630401")).expect("a denial");
+        assert_eq!((odd.code, odd.reason), (99, None));
+        // Not a Denied (Granted, type 16), no code, key 3 twice: nothing.
+        assert_eq!(peek_denial(&hex("a300100105031863")), None);
+        assert_eq!(peek_denial(&hex("a200110105")), None);
+        assert_eq!(peek_denial(&hex("a400110105031863031864")), None);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub enum AdminErrorKind {
     /// A service the request needs does not answer now, the cluster's store without its
     /// quorum above all; nothing was changed, and the same request may succeed later (HTTP 503).
     Unavailable,
+    /// The request collides with another one that changes the same thing, a policy reload
+    /// published through another gateway at the same moment; nothing was changed, and the
+    /// same request may succeed once the other is done (HTTP 409).
+    Conflict,
 }
 
 /// An admin request that failed.
@@ -75,6 +79,20 @@ impl AdminError {
             message: message.into(),
         }
     }
+
+    /// Another request changing the same thing is in progress; nothing was changed.
+    ///
+    /// ```
+    /// use fwnp_gateway::api::{AdminError, AdminErrorKind};
+    /// let e = AdminError::conflict("policy not reloaded: another reload is in progress");
+    /// assert_eq!(e.kind, AdminErrorKind::Conflict);
+    /// ```
+    pub fn conflict(message: impl Into<String>) -> Self {
+        AdminError {
+            kind: AdminErrorKind::Conflict,
+            message: message.into(),
+        }
+    }
 }
 
 /// The body of every failed request.
@@ -117,7 +135,12 @@ pub struct StatusAnswer {
     /// Where the leases are kept: the database file, or the etcd cluster (endpoints, key
     /// prefix, site) and the database file of this gateway's own audit trail.
     pub store: String,
-    /// The store writer's counters: operations per transaction show group commit at work.
+    /// The store as what it is: its backend and what it holds and counts; absent from a
+    /// gateway that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_backend: Option<StoreStatus>,
+    /// The store writer's counters: operations per transaction show group commit at work
+    /// (with etcd, the writer of this gateway's own audit trail).
     pub store_writer: WriterStatus,
     /// Where requests wait; absent from a gateway that does not report it.
     #[serde(default)]
@@ -153,6 +176,62 @@ pub struct RequestPathStatus {
     pub store_waits: u64,
     /// Their time, microseconds.
     pub store_wait_us: u64,
+}
+
+/// Where the leases are kept, in [`StatusAnswer`], by backend.
+///
+/// ```
+/// use fwnp_gateway::api::StoreStatus;
+/// let text = r#"{"backend":"etcd","endpoints":["http://10.0.0.1:2379"],"prefix":"/fwnp",
+///   "site":"gw-a","audit_database":"/var/lib/fwnp/gateway.db","applied_revision":42,
+///   "transactions":10,"conflicts":1,"unanswered":0}"#;
+/// let StoreStatus::Etcd(etcd) = serde_json::from_str(text).unwrap() else { panic!() };
+/// assert_eq!(etcd.applied_revision, Some(42));
+/// let sqlite: StoreStatus = serde_json::from_str(
+///     r#"{"backend":"sqlite","database":"/var/lib/fwnp/gateway.db"}"#).unwrap();
+/// assert!(matches!(sqlite, StoreStatus::Sqlite { .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum StoreStatus {
+    /// Leases and audit trail in one SQLite database of this gateway.
+    Sqlite {
+        /// The database file.
+        database: String,
+    },
+    /// Leases in an etcd cluster shared with other gateways, the audit trail in a database of
+    /// this gateway.
+    Etcd(EtcdStoreStatus),
+}
+
+/// The etcd store of a gateway, in [`StoreStatus`].
+///
+/// ```
+/// let e = fwnp_gateway::api::EtcdStoreStatus { endpoints: vec!["http://10.0.0.1:2379".into()],
+///     prefix: "/fwnp".into(), site: "gw-a".into(), audit_database: "/var/lib/fwnp/gateway.db".into(),
+///     applied_revision: None, transactions: 0, conflicts: 0, unanswered: 0 };
+/// assert_eq!(serde_json::to_value(&e).unwrap()["applied_revision"], serde_json::Value::Null);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EtcdStoreStatus {
+    /// The cluster's endpoints, as configured.
+    pub endpoints: Vec<String>,
+    /// The key prefix of this deployment.
+    pub prefix: String,
+    /// This gateway's site.
+    pub site: String,
+    /// The database file of this gateway's own audit trail.
+    pub audit_database: String,
+    /// The etcd revision of the cluster's leases this gateway last took in (its restore, then
+    /// its watch); `null` before the restore.
+    pub applied_revision: Option<i64>,
+    /// Write transactions etcd answered, since the start.
+    pub transactions: u64,
+    /// Of those, the ones not applied because a key they compared had changed; retried.
+    pub conflicts: u64,
+    /// Write transactions sent without an answer (they may have applied).
+    pub unanswered: u64,
 }
 
 /// The cluster in [`StatusAnswer`]: this gateway's site, the cluster's policy and every member

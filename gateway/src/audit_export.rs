@@ -14,6 +14,12 @@
 //! a cluster. Syslog messages carry APP-NAME `fwnp-gateway`, MSGID the event's kind, the main
 //! fields as structured data `[fwnp@32473 ...]` (32473: the enterprise number RFC 5612 sets
 //! aside for documentation and examples), and the whole JSON object as MSG.
+//!
+//! The JSON file follows its path, as logrotate expects: when the path no longer names the
+//! open file (renamed or removed: its device and inode differ or it is gone), checked at most
+//! once every [`REOPEN_CHECK`] before a write, the file is closed and the path opened again,
+//! created if need be. Events written before the check land in the renamed file, none is lost.
+//! [`ReopenHandle::reopen`] (SIGHUP) makes the next write reopen the path at once.
 
 use std::io::Write;
 use std::net::{SocketAddr, UdpSocket};
@@ -22,6 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
 use fasyslog::format::SyslogContext;
 use fasyslog::{Facility, SDElement, Severity};
@@ -36,6 +43,26 @@ pub const LOG_EVERY: u64 = 1000;
 
 /// The SD-ID of the structured data in syslog messages.
 pub const SD_ID: &str = "fwnp@32473";
+
+/// How often, at most, the JSON file's path is compared with the open file.
+pub const REOPEN_CHECK: Duration = Duration::from_secs(1);
+
+/// Asks the export's JSON file writer to open its path again before its next write (on
+/// SIGHUP, after a rotation that did not wait for the path check). A count of the requests,
+/// which each sink's thread compares with the last it saw: none takes a request from another.
+#[derive(Debug, Clone, Default)]
+pub struct ReopenHandle(Arc<AtomicU64>);
+
+impl ReopenHandle {
+    /// The next write opens the path again, whatever file it names.
+    pub fn reopen(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn requests(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
 
 /// Where the export writes.
 #[derive(Debug, Clone)]
@@ -84,6 +111,7 @@ fn count_drop(dropped: &AtomicU64, metric: &IntCounterVec, sink: &str, why: &str
 #[derive(Debug, Default)]
 pub struct AuditExport {
     queues: Vec<Queue>,
+    reopen: ReopenHandle,
 }
 
 impl AuditExport {
@@ -102,14 +130,18 @@ impl AuditExport {
             sinks.push(Sink::Syslog(target.clone()));
         }
         let mut queues = Vec::new();
+        let reopen = ReopenHandle::default();
         for sink in sinks {
             let (sender, receiver) = sync_channel(config.queue.max(1));
             let dropped = Arc::new(AtomicU64::new(0));
             let name = sink.name();
             let (counter, metric_of_thread, site) = (dropped.clone(), metric.clone(), site.clone());
+            let reopen = reopen.clone();
             std::thread::Builder::new()
                 .name(format!("fwnp-audit-{name}"))
-                .spawn(move || write_all(sink, receiver, site, &counter, &metric_of_thread))?;
+                .spawn(move || {
+                    write_all(sink, receiver, site, &reopen, &counter, &metric_of_thread)
+                })?;
             queues.push(Queue {
                 name,
                 sender,
@@ -117,7 +149,12 @@ impl AuditExport {
                 metric: metric.clone(),
             });
         }
-        Ok(AuditExport { queues })
+        Ok(AuditExport { queues, reopen })
+    }
+
+    /// What makes the JSON file writer open its path again (kept by the service for SIGHUP).
+    pub fn reopen_handle(&self) -> ReopenHandle {
+        self.reopen.clone()
     }
 
     /// Whether any sink is configured.
@@ -151,15 +188,22 @@ fn write_all(
     sink: Sink,
     receiver: Receiver<Arc<AuditEventView>>,
     site: Option<String>,
+    reopen: &ReopenHandle,
     dropped: &AtomicU64,
     metric: &IntCounterVec,
 ) {
     let name = sink.name();
     let mut writer = Writer::new(sink);
+    let mut reopened = reopen.requests();
     while let Ok(event) = receiver.recv() {
         let mut event = (*event).clone();
         if event.site.is_none() {
             event.site = site.clone();
+        }
+        let requests = reopen.requests();
+        if requests != reopened {
+            reopened = requests;
+            writer.file = None;
         }
         if let Err(e) = writer.write(&event) {
             count_drop(dropped, metric, name, &e.to_string());
@@ -167,10 +211,11 @@ fn write_all(
     }
 }
 
-/// A sink's open file or socket, opened again after a failure.
+/// A sink's open file or socket, opened again after a failure (and the file when its path
+/// names another one).
 struct Writer {
     sink: Sink,
-    file: Option<std::fs::File>,
+    file: Option<OpenFile>,
     unix: Option<UnixDatagram>,
     udp: Option<UdpSocket>,
     context: SyslogContext,
@@ -193,20 +238,16 @@ impl Writer {
         let json = serde_json::to_string(event).map_err(std::io::Error::other)?;
         match &self.sink {
             Sink::JsonFile(path) => {
+                if self.file.as_mut().is_some_and(|f| f.moved_away(path)) {
+                    self.file = None;
+                }
                 if self.file.is_none() {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    self.file = Some(
-                        std::fs::OpenOptions::new()
-                            .append(true)
-                            .create(true)
-                            .mode(0o600)
-                            .open(path)?,
-                    );
+                    self.file = Some(OpenFile::open(path)?);
                 }
                 let mut line = json.into_bytes();
                 line.push(b'\n');
                 // One write per line, so that a reader never sees half an event.
-                let written = self.file.as_mut().map(|f| f.write_all(&line));
+                let written = self.file.as_mut().map(|f| f.file.write_all(&line));
                 if let Some(Err(e)) = written {
                     self.file = None;
                     return Err(e);
@@ -309,6 +350,45 @@ impl Writer {
                 Some(json),
             )
             .to_string()
+    }
+}
+
+/// The JSON file as opened, with what names it on disk.
+struct OpenFile {
+    file: std::fs::File,
+    /// Device and inode of the open file.
+    id: (u64, u64),
+    checked: Instant,
+}
+
+impl OpenFile {
+    fn open(path: &std::path::Path) -> std::io::Result<OpenFile> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)?;
+        let meta = file.metadata()?;
+        Ok(OpenFile {
+            file,
+            id: (meta.dev(), meta.ino()),
+            checked: Instant::now(),
+        })
+    }
+
+    /// Whether the path names another file than the open one, or none; looked at once every
+    /// [`REOPEN_CHECK`] at most, since a rotation need not be followed within the millisecond.
+    fn moved_away(&mut self, path: &std::path::Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        if self.checked.elapsed() < REOPEN_CHECK {
+            return false;
+        }
+        self.checked = Instant::now();
+        match std::fs::metadata(path) {
+            Ok(meta) => (meta.dev(), meta.ino()) != self.id,
+            Err(_) => true,
+        }
     }
 }
 

@@ -164,6 +164,8 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     let mut signals = Signals::stop_and_reload()?;
     while signals.next().await == Request::Reload {
         notify(Status::Reloading);
+        // A rotation that sends SIGHUP need not wait for the audit file's path check.
+        service.reopen_audit_export();
         match service.reload_policy().await {
             Ok(result) => info!(
                 "SIGHUP: {}",

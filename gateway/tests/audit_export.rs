@@ -1,7 +1,8 @@
 //! The audit export (`[audit]`): a gateway serving real Opens over QUIC writes each stored
 //! audit event as a JSON line and as an RFC 5424 syslog message to a Unix datagram socket the
 //! test binds, each checked field by field against the stored record; a sink that is gone
-//! drops and counts its events while every grant goes on.
+//! drops and counts its events while every grant goes on; the JSON file follows its path when
+//! renamed, as logrotate does it, with each event in the old or the new file.
 
 mod common;
 
@@ -337,4 +338,137 @@ async fn a_syslog_reader_that_falls_behind_loses_counted_events_and_the_file_get
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// The ids of the JSON lines in `path` (none when it does not exist).
+fn line_ids(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let line: Value = serde_json::from_str(l).expect("each line is one JSON object");
+            line["id"].as_u64().expect("an id")
+        })
+        .collect()
+}
+
+/// Waits until the JSON lines of `path` hold a grant of each of `ports`.
+async fn wait_for_grants(path: &std::path::Path, ports: &[u16]) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let granted_ports: Vec<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["kind"] == "grant")
+            .filter_map(|l| l["grants"][0]["ports"].as_str().map(str::to_owned))
+            .collect();
+        if ports.iter().all(|p| granted_ports.contains(&p.to_string())) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} never showed the grants of {ports:?}: {text}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every stored event is in exactly one of the files, those before the rename in the old one.
+fn assert_split(gateway: &TestGateway, old: &[u64], new: &[u64]) {
+    let all: Vec<u64> = stored(gateway).into_keys().collect();
+    let mut both: Vec<u64> = old.iter().chain(new).copied().collect();
+    both.sort_unstable();
+    assert_eq!(
+        both, all,
+        "each stored event once: old {old:?}, new {new:?}"
+    );
+    let last_old = old.iter().max().copied().unwrap_or_default();
+    assert!(
+        new.iter().all(|id| *id > last_old),
+        "the new file holds only later events: old {old:?}, new {new:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_file_follows_its_path_after_a_rename() {
+    let dir = common::temp_dir("audit-rotate");
+    let jsonl = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let gateway = TestGateway::start_with(
+        "audit-rotate",
+        POLICY,
+        GatewayOptions {
+            audit: Some(AuditConfig {
+                json_file: Some(jsonl.clone()),
+                syslog: None,
+                queue: 100,
+            }),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
+    let mut leases = Vec::new();
+    for port in [7001, 7002] {
+        leases.push(granted(client.open(tcp(port), None).await).lease);
+    }
+    wait_for_grants(&jsonl, &[7001, 7002]).await;
+    // As logrotate does without copytruncate: the file is renamed, nobody tells the gateway.
+    std::fs::rename(&jsonl, &rotated).expect("rename the audit file");
+    tokio::time::sleep(fwnp_gateway::audit_export::REOPEN_CHECK + Duration::from_millis(300)).await;
+    // The policy allows three leases: the first two end (two more events) before two more.
+    for lease in leases {
+        client.release(lease).await;
+    }
+    for port in [7003, 7004] {
+        granted(client.open(tcp(port), None).await);
+    }
+    wait_for_grants(&jsonl, &[7003, 7004]).await;
+    let (old, new) = (line_ids(&rotated), line_ids(&jsonl));
+    assert_split(&gateway, &old, &new);
+    let text = std::fs::read_to_string(&rotated).expect("the rotated file");
+    assert!(
+        !text.contains("\"7003\""),
+        "a later grant in the old file: {text}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&jsonl)
+        .expect("the new file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "created as the first one was");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopen_request_takes_the_new_file_at_the_next_event() {
+    let dir = common::temp_dir("audit-hup");
+    let jsonl = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    // A syslog sink too: the request to reopen is the file's, whichever sink's thread runs first.
+    let socket_path = dir.path().join("syslog.sock");
+    let _syslog = UnixDatagram::bind(&socket_path).expect("bind the syslog socket");
+    let gateway = TestGateway::start_with(
+        "audit-hup",
+        POLICY,
+        GatewayOptions {
+            audit: Some(AuditConfig {
+                json_file: Some(jsonl.clone()),
+                syslog: Some(SyslogTarget::Unix(socket_path)),
+                queue: 100,
+            }),
+            ..GatewayOptions::default()
+        },
+    )
+    .await;
+    let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
+    granted(client.open(tcp(7001), None).await);
+    wait_for_grants(&jsonl, &[7001]).await;
+    std::fs::rename(&jsonl, &rotated).expect("rename the audit file");
+    // What SIGHUP does, and at once the next grant: no wait for the path check.
+    gateway.service.reopen_audit_export();
+    granted(client.open(tcp(7002), None).await);
+    wait_for_grants(&jsonl, &[7002]).await;
+    assert_split(&gateway, &line_ids(&rotated), &line_ids(&jsonl));
 }

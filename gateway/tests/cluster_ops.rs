@@ -239,7 +239,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clops");
+    let cluster = EtcdCluster::start("clops").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -466,7 +466,7 @@ fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_a
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clkill");
+    let cluster = EtcdCluster::start("clkill").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -554,7 +554,7 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("clrep");
+    let cluster = EtcdCluster::start("clrep").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -657,6 +657,154 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
                 );
                 drop(to_b);
                 b.stop().await;
+            });
+    });
+}
+
+#[test]
+fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
+    const TEST: &str = "reloads_at_the_same_moment_each_publish_a_version_in_turn";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clreload").unwrap_or_else(|e| panic!("{e}"));
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-reload");
+                let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
+                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+                until(
+                    "A holds policy version 1",
+                    || a.get("/v1/status"),
+                    |s| s["cluster"]["policy"]["version"] == 1,
+                )
+                .await;
+                // Two reloads through A and one through B, sent together: the second through
+                // A waits for the first, the one through B publishes after whichever it met.
+                for round in 0..2 {
+                    let (first, second, other) = tokio::join!(
+                        a.post("/v1/policy/reload", None),
+                        a.post("/v1/policy/reload", None),
+                        b.post("/v1/policy/reload", None),
+                    );
+                    for (status, body) in [first, second, other] {
+                        assert_eq!(status, 200, "round {round}: {body:#}");
+                        assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
+                    }
+                }
+                // Six reloads, six versions, on both gateways.
+                for gateway in [&a, &b] {
+                    until(
+                        "policy version 7",
+                        || gateway.get("/v1/status"),
+                        |s| s["cluster"]["policy"]["version"] == 7,
+                    )
+                    .await;
+                }
+                a.stop().await;
+                b.stop().await;
+            });
+    });
+}
+
+#[test]
+fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
+    const TEST: &str = "status_shows_the_etcd_store_with_its_applied_revision_and_transactions";
+    if !available(TEST) {
+        return;
+    }
+    let cluster = EtcdCluster::start("clstatus").unwrap_or_else(|e| panic!("{e}"));
+    cluster.run(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async {
+                let pki = Pki::new("cluster-status");
+                let dir = temp_dir("clstatus-a");
+                let a = Gateway::start(&cluster, &pki, dir.path(), "gw-a").await;
+                let before = a.get("/v1/status").await;
+                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                let web1 = pki.host("web-01", &[host], &[], &[]);
+                let client = Client::connect(a.addr, &web1).await;
+                client.hello().await;
+                let lease = granted(client.open(tcp(7001), None).await).lease;
+                client.release(lease).await;
+
+                let status = a.get("/v1/status").await;
+                let store = &status["store_backend"];
+                assert_eq!(store["backend"], "etcd", "{status:#}");
+                assert_eq!(
+                    store["endpoints"],
+                    serde_json::json!(cluster.endpoints()),
+                    "{status:#}"
+                );
+                assert_eq!(store["prefix"], "/fwnp-test");
+                assert_eq!(store["site"], "gw-a");
+                let audit_database = store["audit_database"].as_str().unwrap_or_default();
+                assert!(
+                    audit_database.starts_with(&dir.path().join("state").display().to_string()),
+                    "{status:#}"
+                );
+                // The grant and the release: two write transactions more than before, applied.
+                let count = |s: &Value, what: &str| s["store_backend"][what].as_u64();
+                let transactions = count(&status, "transactions").expect("transactions");
+                assert!(
+                    transactions >= count(&before, "transactions").expect("before") + 2,
+                    "{before:#} then {status:#}"
+                );
+                assert_eq!(count(&status, "unanswered"), Some(0), "{status:#}");
+                assert!(count(&status, "conflicts") <= Some(transactions));
+                // The watch brings this gateway's own writes back: the revision goes past them.
+                let applied = until(
+                    "the release applied",
+                    || a.get("/v1/status"),
+                    |s| {
+                        s["store_backend"]["applied_revision"].as_i64()
+                            > before["store_backend"]["applied_revision"].as_i64()
+                    },
+                )
+                .await;
+                let revision = applied["store_backend"]["applied_revision"]
+                    .as_i64()
+                    .expect("a revision");
+                assert!(revision > 0, "{applied:#}");
+
+                // As the operator reads it: the cluster, not the audit database, as the store.
+                let (text, _) = fwnpctl(&a.admin, &["status"]).await;
+                let line = |name: &str| {
+                    text.lines()
+                        .find(|l| l.trim_start().starts_with(name))
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                assert_eq!(
+                    line("store ").split_whitespace().nth(1),
+                    Some("etcd"),
+                    "{text}"
+                );
+                assert!(
+                    line("endpoints").contains(&cluster.endpoints().join(",")),
+                    "{text}"
+                );
+                assert!(line("prefix").ends_with("/fwnp-test"), "{text}");
+                let shown: i64 = line("applied revision")
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|r| r.parse().ok())
+                    .expect("a revision shown");
+                assert!(shown >= revision, "{text}");
+                assert!(line("transactions").contains("without an answer"), "{text}");
+                assert!(line("audit database").contains(audit_database), "{text}");
+                assert!(!line("store ").contains(audit_database), "{text}");
+                a.stop().await;
             });
     });
 }

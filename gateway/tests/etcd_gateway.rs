@@ -98,7 +98,7 @@ fn gateways_on_etcd_serve_opens_and_hold_max_leases_across_the_cluster() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("gwopen");
+    let cluster = EtcdCluster::start("gwopen").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -209,7 +209,7 @@ fn a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again
     if !available(TEST) {
         return;
     }
-    let mut cluster = EtcdCluster::start("gwquor");
+    let mut cluster = EtcdCluster::start("gwquor").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-quorum");
     let dir = temp_dir("etcd-quorum");
     // Sockets are made inside the cluster's namespace (the runtime's threads start there too);
@@ -252,8 +252,8 @@ fn a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again
         })
     });
 
-    cluster.restart(0);
-    cluster.restart(1);
+    cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+    cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
     assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
     cluster.run(|| {
         rt.block_on(async {

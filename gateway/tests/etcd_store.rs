@@ -135,7 +135,7 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("share");
+    let cluster = EtcdCluster::start("share").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
@@ -330,7 +330,7 @@ fn concurrent_commits_are_grouped_into_few_transactions() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("group");
+    let cluster = EtcdCluster::start("group").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
@@ -385,7 +385,7 @@ fn what_a_gateway_knows_of_keys_changed_through_another_is_read_again() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("stale");
+    let cluster = EtcdCluster::start("stale").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
@@ -479,7 +479,7 @@ fn two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("race");
+    let cluster = EtcdCluster::start("race").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
@@ -531,7 +531,7 @@ fn several_batches_in_flight_commit_everything_with_the_counts_right() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("flight");
+    let cluster = EtcdCluster::start("flight").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
@@ -619,7 +619,7 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
     if !available(TEST) {
         return;
     }
-    let mut cluster = EtcdCluster::start("quorum");
+    let mut cluster = EtcdCluster::start("quorum").unwrap_or_else(|e| panic!("{e}"));
     let timeout = Duration::from_secs(1);
     let (a, rt) = cluster.run(|| {
         let rt = runtime();
@@ -659,8 +659,8 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
     );
 
     // Back: writes are taken again.
-    cluster.restart(0);
-    cluster.restart(1);
+    cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+    cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)),
         "the cluster came back"
@@ -710,7 +710,8 @@ fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without
             client_cert: file("gw-a.pem"),
             client_key: file("gw-a.key"),
         },
-    );
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let dir = tempfile::tempdir().expect("temp dir");

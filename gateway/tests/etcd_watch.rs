@@ -253,7 +253,7 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("watch");
+    let cluster = EtcdCluster::start("watch").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let pki = Pki::new("etcd-watch");
@@ -487,7 +487,7 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
     if !available(TEST) {
         return;
     }
-    let mut cluster = EtcdCluster::start("wquor");
+    let mut cluster = EtcdCluster::start("wquor").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wquor");
     let (dir_a, dir_b) = (temp_dir("wquor-a"), temp_dir("wquor-b"));
     let files = pki.host("web-01", &[host_ip()], &[], &[]);
@@ -550,8 +550,8 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
         })
     });
 
-    cluster.restart(0);
-    cluster.restart(1);
+    cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+    cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
     assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
     cluster.run(|| {
         rt.block_on(async {
@@ -604,7 +604,7 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("wpart");
+    let cluster = EtcdCluster::start("wpart").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let pki = Pki::new("etcd-wpart");
@@ -686,7 +686,7 @@ fn renewals_racing_the_other_gateways_expiry_end_in_one_answer_on_both_gateways(
         return;
     }
     const LEASES: u16 = 12;
-    let cluster = EtcdCluster::start("wrace");
+    let cluster = EtcdCluster::start("wrace").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let pki = Pki::new("etcd-wrace");
@@ -890,7 +890,7 @@ fn a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_k
         return;
     }
     let warnings = Warnings::install();
-    let cluster = EtcdCluster::start("wrel");
+    let cluster = EtcdCluster::start("wrel").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wrel");
     let (dir_a, dir_b) = (temp_dir("wrel-a"), temp_dir("wrel-b"));
     let web1 = pki.host("web-01", &[host_ip()], &[], &[]);
@@ -987,7 +987,7 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
     if !available(TEST) {
         return;
     }
-    let mut cluster = EtcdCluster::start("wrvq");
+    let mut cluster = EtcdCluster::start("wrvq").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wrvq");
     let (dir_a, dir_b) = (temp_dir("wrvq-a"), temp_dir("wrvq-b"));
     let files = pki.host("web-01", &[host_ip()], &[], &[]);
@@ -1053,8 +1053,8 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
         })
     });
 
-    cluster.restart(0);
-    cluster.restart(1);
+    cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+    cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
     assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
     cluster.run(|| {
         rt.block_on(async {
@@ -1109,7 +1109,7 @@ fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
         return;
     }
     let warnings = Warnings::install();
-    let cluster = EtcdCluster::start("wcrl");
+    let cluster = EtcdCluster::start("wcrl").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wcrl");
     let (dir_a, dir_b) = (temp_dir("wcrl-a"), temp_dir("wcrl-b"));
     let doomed = pki.host("web-01", &[host_ip()], &[], &[]);

@@ -158,3 +158,29 @@ async fn the_leases_table_stays_narrow_when_an_application_names_itself_by_its_c
     assert!(ok, "{stderr}");
     assert!(json.contains(command_line.trim_end()), "{json}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_a_sqlite_store_by_its_backend_and_database() {
+    let gw = TestGateway::start("status-sqlite", POLICY).await;
+    let (status, body) = gw.admin("GET", "/v1/status", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["store_backend"]["backend"], "sqlite", "{body}");
+    let database = body["store_backend"]["database"]
+        .as_str()
+        .expect("the database")
+        .to_owned();
+    assert_eq!(body["store"], database.as_str(), "{body}");
+    let admin = gw.admin_socket.to_str().expect("utf-8 path");
+    let (ok, text, stderr) = fwnpctl(&["--admin", admin, "status"]);
+    assert!(ok, "{stderr}");
+    let store = text
+        .lines()
+        .find(|l| l.starts_with("store "))
+        .expect("a store line");
+    assert_eq!(
+        store.split_whitespace().skip(1).collect::<Vec<_>>(),
+        ["sqlite", database.as_str()],
+        "{text}"
+    );
+    assert!(!text.contains("store_backend"), "{text}");
+}

@@ -770,6 +770,57 @@ async fn a_policy_reload_revokes_what_it_no_longer_allows_and_notifies_the_host(
         .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reloads_at_the_same_moment_both_succeed_and_revoke_each_lease_once() {
+    let gw = TestGateway::start("reload-twice", POLICY).await;
+    let (client, _) = gw.welcomed_host("web-01", &[HOST_A]).await;
+    let kept = granted(client.open(tcp(7001), None).await).lease;
+    let doomed: Vec<_> = [7001, 7002]
+        .into_iter()
+        .map(|p| port(Protocol::Udp, p))
+        .collect();
+    let mut ended = Vec::new();
+    for opening in doomed {
+        ended.push(granted(client.open(opening, None).await).lease);
+    }
+    write_policy(&gw.policy_path, &policy_without_udp());
+    let (first, second) = tokio::join!(
+        gw.admin("POST", "/v1/policy/reload", None),
+        gw.admin("POST", "/v1/policy/reload", None),
+    );
+    let mut revoked = Vec::new();
+    for (status, body) in [first, second] {
+        assert_eq!(status, 200, "{body}");
+        for lease in body["revoked"].as_array().expect("revoked") {
+            revoked.push(lease["lease"].as_str().expect("lease").to_owned());
+        }
+    }
+    revoked.sort();
+    let mut expected: Vec<String> = ended.iter().map(ToString::to_string).collect();
+    expected.sort();
+    assert_eq!(
+        revoked, expected,
+        "each UDP lease revoked by one of the reloads"
+    );
+    for _ in 0..2 {
+        assert!(
+            matches!(client.next_notice(STEP).await, Some(Message::Revoked(_))),
+            "a notice per revoked lease"
+        );
+    }
+    assert!(
+        client
+            .next_notice(Duration::from_millis(200))
+            .await
+            .is_none(),
+        "no lease revoked twice"
+    );
+    let listed: Vec<_> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![kept]);
+    gw.wait_audit(&[AuditKind::PolicyReload], None, |r| r.len() >= 2)
+        .await;
+}
+
 #[tokio::test]
 async fn an_operator_revocation_through_the_admin_api_notifies_the_host() {
     let gw = TestGateway::start("revoke", POLICY).await;

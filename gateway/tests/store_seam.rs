@@ -140,7 +140,7 @@ fn the_etcd_store_keeps_the_contract() {
     if !etcd_cluster::available("the_etcd_store_keeps_the_contract") {
         return;
     }
-    let cluster = etcd_cluster::EtcdCluster::start("seam");
+    let cluster = etcd_cluster::EtcdCluster::start("seam").unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("temp dir");
     let local = Store::open(dir.path()).expect("local store");
     cluster.run(|| {

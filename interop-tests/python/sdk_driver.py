@@ -6,6 +6,8 @@ does.
     sdk_driver.py with PORT     open in `with`, release at the block's end ("release")
     sdk_driver.py gc PORT       open, then drop the lease and collect it ("drop")
     sdk_driver.py async PORT    as `with`, with AsyncClient and `async with`
+    sdk_driver.py twice PORT    open the same opening twice, release one then the other
+                                ("release" before each)
     sdk_driver.py denied PORT   open a port the policy denies: prints the exception
     sdk_driver.py unbound PORT  open a port nobody binds: prints the exception
 
@@ -96,6 +98,19 @@ def main() -> None:
                 await asyncio.get_running_loop().run_in_executor(None, expect, "exit")
 
         asyncio.run(run())
+    elif mode == "twice":
+        echo_server(port)
+        with fwnp.Client() as client:
+            first = client.open(fwnp.tcp(port), lifetime=lifetime, name="py-twice")
+            second = client.open(fwnp.tcp(port), lifetime=lifetime, name="py-twice")
+            say("held", first.id, len(first.grants), first.id == second.id, first is not second)
+            expect("release")
+            first.release()
+            say("released", first.active, second.active)
+            expect("release")
+            second.release()
+            say("released", first.active, second.active)
+            expect("exit")
     elif mode in ("denied", "unbound"):
         if mode == "denied":
             echo_server(port)

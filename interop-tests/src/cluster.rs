@@ -260,12 +260,9 @@ pub struct ClusterDeployment {
 impl ClusterDeployment {
     /// Starts the etcd cluster, builds the namespaces, the PKI and the configurations, and
     /// starts both gateways (each answering on its admin socket) and the agent.
-    ///
-    /// The etcd cluster's own start panics when it gets no leader (a broken machine, not an
-    /// outcome).
     pub fn start(bins: Binaries, names: &ClusterNames) -> Result<ClusterDeployment, LabError> {
         let dir = TempDir::new(&names.label)?;
-        let mut cluster = EtcdCluster::start(&names.etcd);
+        let mut cluster = EtcdCluster::start(&names.etcd)?;
         // Its members are in its namespace, which the emergency cleanup deletes first.
         register(Resource::Dir(cluster.dir()));
         let site = ClusterSite::new(&names.netns)?;

@@ -70,6 +70,9 @@ pub enum LabError {
         /// What it wrote on its standard error.
         stderr: String,
     },
+    /// The etcd cluster did not come up (a member exited at start, or no leader in time).
+    #[error(transparent)]
+    Etcd(#[from] fwnp_testkit::etcd::EtcdClusterError),
     /// A daemon did not become ready in time, or ended at start.
     #[error("{daemon} did not start: {reason}; its log:\n{log}")]
     Start {

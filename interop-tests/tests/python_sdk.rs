@@ -4,7 +4,8 @@
 //! tells it, and the test checks from the outside network what each step does: the port is
 //! reachable while the lease is held and refused once it is released, at the end of a `with`
 //! block, when the lease is collected, and with the asyncio client; a port the policy denies
-//! and a port nobody binds raise their exceptions.
+//! and a port nobody binds raise their exceptions; two opens of one opening are two leases
+//! (under the one id the gateway gives them), the port held until both are released.
 //!
 //! Needs root (skipped otherwise, failing instead when FWNP_REQUIRE_NETNS=1), and a Python with
 //! cbor2: `$FWNP_PYTHON`, else the virtual environment `scripts/test` makes in
@@ -293,4 +294,42 @@ fn python_sdk_asyncio_holds_a_port_until_the_async_with_ends() {
     assert_closed(&lab, port, "the async with block");
     driver.tell("exit");
     assert!(driver.finished(), "the asyncio driver failed");
+}
+
+#[test]
+fn python_sdk_two_opens_of_one_opening_are_two_leases() {
+    let test = "python_sdk_two_opens_of_one_opening_are_two_leases";
+    if !require_root(test) {
+        return;
+    }
+    let Some(python) = python(test) else {
+        return;
+    };
+    let lab = start_lab("py-twice");
+    let port = 8105;
+    let mut driver = Driver::start(&lab, &python, "twice", port);
+    // The gateway merges the two into one lease id; the SDK still gives two leases.
+    let held = driver.expect("held", &lab);
+    assert_eq!(
+        held.get(2..),
+        Some(&["True".to_owned(), "True".to_owned()][..])
+    );
+    assert_held(&lab, port, &held[..2]);
+    // The first let go, the second holds the opening on its own.
+    driver.tell("release");
+    assert_eq!(driver.expect("released", &lab), ["False", "True"]);
+    std::thread::sleep(Duration::from_millis(500));
+    for v6 in [false, true] {
+        assert!(
+            lab.wait_reachable(0, v6, port, true, SETTLE),
+            "tcp/{port} (v6 {v6}) closed while the second lease holds it\n{}",
+            lab.log_tails(20)
+        );
+    }
+    assert!(lab.host_has(0, "tcp", port), "{}", lab.host_table(0));
+    driver.tell("release");
+    assert_eq!(driver.expect("released", &lab), ["False", "False"]);
+    assert_closed(&lab, port, "the second release");
+    driver.tell("exit");
+    assert!(driver.finished(), "the driver failed");
 }

@@ -653,10 +653,20 @@ impl Connection {
         else {
             return;
         };
-        let error = Error::Protocol(format!(
-            "undecodable answer to a {} request: {error}",
-            pending.name()
-        ));
+        // A Denied with a code this library does not know is a refusal all the same; its
+        // number and reason are kept for the application (the local API's Section 12.3).
+        let error = match fwnp_proto::codec::peek_denial(body) {
+            Some(denial) if DenialCode::from_number(denial.code).is_none() => {
+                Error::UnknownDenial {
+                    code: denial.code,
+                    reason: denial.reason,
+                }
+            }
+            _ => Error::Protocol(format!(
+                "undecodable answer to a {} request: {error}",
+                pending.name()
+            )),
+        };
         match pending {
             Pending::Watch(reply)
             | Pending::Open { reply, .. }

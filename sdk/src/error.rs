@@ -150,6 +150,17 @@ pub enum Error {
         lease: Option<LeaseId>,
     },
 
+    /// A refusal with a code this library does not know: a local code a newer agent added, or
+    /// a result code added to the protocol later. The request was refused, with no meaning
+    /// beyond that (the local API's Section 12.3): not retried, the connection kept.
+    #[error("denied (code {code}){}", fmt_reason(reason))]
+    UnknownDenial {
+        /// The code's number.
+        code: u64,
+        /// The explanation given.
+        reason: Option<String>,
+    },
+
     /// Reading from or writing to the agent's socket failed.
     #[error("talking to the host agent failed: {0}")]
     Io(#[from] std::io::Error),
@@ -188,7 +199,8 @@ fn fmt_retry(retry: &Option<Duration>) -> String {
 }
 
 impl Error {
-    /// The denial code behind a refusal; `None` for errors that are not refusals.
+    /// The denial code behind a refusal; `None` for errors that are not refusals and for a
+    /// code this library does not know ([`Error::code_number`] has its number).
     ///
     /// ```
     /// use fwnp_sdk::{DenialCode, LocalCode};
@@ -219,7 +231,23 @@ impl Error {
     /// assert!(!fwnp_sdk::Error::Closed.is_denied());
     /// ```
     pub fn is_denied(&self) -> bool {
-        self.code().is_some()
+        self.code_number().is_some()
+    }
+
+    /// The number of the code behind a refusal, known to this library or not; `None` for
+    /// errors that are not refusals.
+    ///
+    /// ```
+    /// use fwnp_sdk::Error;
+    /// let e = Error::UnknownDenial { code: 1099, reason: Some("maintenance".into()) };
+    /// assert_eq!((e.code_number(), e.code()), (Some(1099), None));
+    /// assert_eq!(Error::QuotaExceeded { reason: None }.code_number(), Some(9));
+    /// ```
+    pub fn code_number(&self) -> Option<u64> {
+        match self {
+            Error::UnknownDenial { code, .. } => Some(*code),
+            other => other.code().map(DenialCode::number),
+        }
     }
 
     /// The explanation the agent or gateway gave with a refusal.
@@ -237,7 +265,8 @@ impl Error {
             | Error::QuotaExceeded { reason }
             | Error::DeniedByPolicy { reason }
             | Error::AddressMismatch { reason }
-            | Error::Denied { reason, .. } => reason.as_deref(),
+            | Error::Denied { reason, .. }
+            | Error::UnknownDenial { reason, .. } => reason.as_deref(),
             _ => None,
         }
     }

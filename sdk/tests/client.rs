@@ -716,15 +716,30 @@ async fn what_a_newer_agent_adds_is_ignored_or_fails_only_its_request() {
     let id = opens(&received)[0].common.request_id.unwrap();
     assert!(id < 24, "one-byte id in this hand-made frame");
     // Denied with a local code above 1027 that this version does not know:
-    // {0: 17, 1: id, 3: 1030}. The request fails; the connection stays.
-    agent.push_raw(&[
-        0, 0, 0, 9, 0xa3, 0x00, 0x11, 0x01, id as u8, 0x03, 0x19, 0x04, 0x06,
-    ]);
+    // {0: 17, 1: id, 3: 1030, 4: "quiet hours"}. The request fails as refused, with the code's
+    // number and the reason; the connection stays.
+    let mut body = vec![
+        0xa4, 0x00, 0x11, 0x01, id as u8, 0x03, 0x19, 0x04, 0x06, 0x04, 0x6b,
+    ];
+    body.extend_from_slice(b"quiet hours");
+    let mut frame = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    agent.push_raw(&frame);
     let result = tokio::time::timeout(Duration::from_secs(5), refused)
         .await
         .expect("the refused open was left hanging")
         .unwrap();
-    assert!(matches!(result, Err(Error::Protocol(_))), "{result:?}");
+    let Err(error) = result else {
+        panic!("the open was refused: {result:?}")
+    };
+    assert!(
+        matches!(&error, Error::UnknownDenial { code: 1030, reason } if reason.as_deref() == Some("quiet hours")),
+        "{error:?}"
+    );
+    assert!(error.is_denied() && !error.is_transient(), "{error:?}");
+    assert_eq!((error.code_number(), error.code()), (Some(1030), None));
+    assert_eq!(error.reason(), Some("quiet hours"));
+    assert_eq!(error.to_string(), "denied (code 1030): quiet hours");
 
     let mut lease = client.open(Opening::tcp(8080)).await.unwrap();
     let lease_id = lease.id();

@@ -7,6 +7,10 @@
 //! 127.0.0.1 ([`EtcdCluster::endpoints`]); another namespace, such as a gateway's with a kernel
 //! filter of its own, is joined to the cluster's by a veth pair of its own
 //! ([`EtcdCluster::connect`]) and reaches the members on the cluster's end of that pair.
+//!
+//! A cluster that does not come up (a member that exits at start, no leader in time) is an
+//! [`EtcdClusterError`] with the end of each member's log, for the test to report; nothing is
+//! left behind.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -17,7 +21,10 @@ use std::time::{Duration, Instant};
 use crate::netns::{self as lab, Netns};
 
 /// How long a cluster may take to elect a leader (about 4 s on a loaded 2-core machine).
-const LEADER_WAIT: Duration = Duration::from_secs(30);
+pub const LEADER_WAIT: Duration = Duration::from_secs(30);
+
+/// How many lines of each member's log an [`EtcdClusterError`] carries.
+const LOG_LINES: usize = 8;
 
 /// How long a killed member may take to be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
@@ -33,6 +40,72 @@ const CLUSTER_LINK_IF: &str = "etcd-l";
 
 /// The connected namespace's end of its veth pair towards the cluster.
 pub const LINK_IF: &str = "veth-etcd";
+
+/// Why a cluster, or one of its members, did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EtcdClusterError {
+    /// The cluster's network namespace or data directory could not be made.
+    #[error("etcd cluster: {what}: {source}")]
+    Setup {
+        /// What was being made.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+    /// A member's process could not be started.
+    #[error("etcd member {member} could not be started: {source}")]
+    Spawn {
+        /// The member, from 0.
+        member: usize,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A member was started while it runs.
+    #[error("etcd member {member} runs already")]
+    Running {
+        /// The member.
+        member: usize,
+    },
+    /// A member exited while the cluster was waiting for its leader.
+    #[error("etcd member {member} exited at start ({status}); the members' logs:\n{logs}")]
+    Exited {
+        /// The member.
+        member: usize,
+        /// Its exit status.
+        status: std::process::ExitStatus,
+        /// The end of each member's log.
+        logs: String,
+    },
+    /// The members run but no leader answered within the wait.
+    #[error("the etcd cluster has no leader after {waited:?}; the members' logs:\n{logs}")]
+    NoLeader {
+        /// How long was waited.
+        waited: Duration,
+        /// The end of each member's log.
+        logs: String,
+    },
+}
+
+/// How a cluster is started ([`EtcdCluster::start_with`]).
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    /// TLS on the members' client URLs, with client certificates required; none by default.
+    pub tls: Option<MemberTls>,
+    /// How long to wait for a leader ([`LEADER_WAIT`] by default).
+    pub leader_wait: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        EtcdOptions {
+            tls: None,
+            leader_wait: LEADER_WAIT,
+        }
+    }
+}
 
 /// A running cluster; see the module documentation.
 #[derive(Debug)]
@@ -105,41 +178,95 @@ pub fn available(test: &str) -> bool {
 
 impl EtcdCluster {
     /// Starts three members and waits for a leader.
-    pub fn start(name: &str) -> EtcdCluster {
-        Self::start_with(name, None)
+    ///
+    /// ```no_run
+    /// let cluster = fwnp_testkit::etcd::EtcdCluster::start("doc")?;
+    /// assert_eq!(cluster.endpoints().len(), 3);
+    /// # Ok::<(), fwnp_testkit::etcd::EtcdClusterError>(())
+    /// ```
+    pub fn start(name: &str) -> Result<EtcdCluster, EtcdClusterError> {
+        Self::start_with(name, EtcdOptions::default())
     }
 
     /// Starts three members whose client URLs speak TLS only and require a client
     /// certificate, and waits for a leader.
-    pub fn start_tls(name: &str, tls: MemberTls) -> EtcdCluster {
-        Self::start_with(name, Some(tls))
+    pub fn start_tls(name: &str, tls: MemberTls) -> Result<EtcdCluster, EtcdClusterError> {
+        Self::start_with(
+            name,
+            EtcdOptions {
+                tls: Some(tls),
+                ..EtcdOptions::default()
+            },
+        )
     }
 
-    fn start_with(name: &str, tls: Option<MemberTls>) -> EtcdCluster {
-        let ns = Netns::new(&format!("etcd{name}")).expect("network namespace");
-        let dir = tempfile::tempdir().expect("temp dir");
+    /// Starts three members as `options` say and waits for a leader. Whatever fails, the
+    /// members started are killed and the namespace and data directory removed.
+    pub fn start_with(name: &str, options: EtcdOptions) -> Result<EtcdCluster, EtcdClusterError> {
+        let setup = |what| move |source| EtcdClusterError::Setup { what, source };
+        let ns = Netns::new(&format!("etcd{name}")).map_err(setup("network namespace"))?;
+        let dir = tempfile::tempdir().map_err(setup("data directory"))?;
         let token = format!("fwnp-{}-{}", name, std::process::id());
         let mut cluster = EtcdCluster {
             members: (0..MEMBERS).map(|_| None).collect(),
-            tls,
+            tls: options.tls,
             dir,
             token,
             links: 0,
             ns,
         };
         for member in 0..MEMBERS {
-            cluster.start_member(member);
+            cluster.start_member(member)?;
         }
-        assert!(
-            cluster.wait_healthy(&[0, 1, 2], LEADER_WAIT),
-            "the etcd cluster has no leader after {LEADER_WAIT:?}; logs in {}",
-            cluster.dir.path().display()
-        );
-        cluster
+        let deadline = Instant::now() + options.leader_wait;
+        loop {
+            // A member that exited will not come back: said at once, not after the wait.
+            if let Some((member, status)) = cluster.exited() {
+                return Err(EtcdClusterError::Exited {
+                    member,
+                    status,
+                    logs: cluster.log_tails(),
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if cluster.wait_healthy(&[0, 1, 2], left.min(Duration::from_secs(1))) {
+                return Ok(cluster);
+            }
+            if left.is_zero() {
+                return Err(EtcdClusterError::NoLeader {
+                    waited: options.leader_wait,
+                    logs: cluster.log_tails(),
+                });
+            }
+        }
     }
 
-    fn start_member(&mut self, member: usize) {
-        assert!(self.members[member].is_none(), "member {member} runs");
+    /// The first member whose process has exited, with its status.
+    fn exited(&mut self) -> Option<(usize, std::process::ExitStatus)> {
+        self.members.iter_mut().enumerate().find_map(|(m, child)| {
+            let status = child.as_mut()?.try_wait().ok()??;
+            Some((m, status))
+        })
+    }
+
+    /// The last lines of each member's log.
+    fn log_tails(&self) -> String {
+        (0..MEMBERS)
+            .map(|m| {
+                let path = self.dir.path().join(format!("m{m}.log"));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(LOG_LINES)..].join("\n");
+                format!("member {m} ({}):\n{tail}", path.display())
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn start_member(&mut self, member: usize) -> Result<(), EtcdClusterError> {
+        if self.members[member].is_some() {
+            return Err(EtcdClusterError::Running { member });
+        }
         let initial: Vec<String> = (0..MEMBERS)
             .map(|m| format!("m{m}=http://127.0.0.1:{}", peer_port(m)))
             .collect();
@@ -195,8 +322,12 @@ impl EtcdCluster {
                 .arg(&tls.ca)
                 .arg("--client-cert-auth");
         }
-        let child = self.ns.spawn(&mut command).expect("start etcd");
+        let child = self
+            .ns
+            .spawn(&mut command)
+            .map_err(|source| EtcdClusterError::Spawn { member, source })?;
         self.members[member] = Some(child);
+        Ok(())
     }
 
     /// The client URLs of every member (running or not), as a gateway is configured.
@@ -278,9 +409,9 @@ impl EtcdCluster {
         }
     }
 
-    /// Starts member `member` again on its data directory.
-    pub fn restart(&mut self, member: usize) {
-        self.start_member(member);
+    /// Starts member `member` again on its data directory (without waiting for it).
+    pub fn restart(&mut self, member: usize) -> Result<(), EtcdClusterError> {
+        self.start_member(member)
     }
 
     /// Waits until `members` all answer a linearizable read (which needs a leader).

@@ -1,9 +1,12 @@
 //! The etcd cluster of the testkit: its members answer from the cluster's own namespace and,
-//! through the link `connect` makes, from another namespace, until that link goes down.
+//! through the link `connect` makes, from another namespace, until that link goes down; a
+//! cluster that does not come up is an error naming why, with the members' logs, not a panic.
 
 use std::time::Duration;
 
-use fwnp_testkit::etcd::{EtcdCluster, LINK_IF, available};
+use fwnp_testkit::etcd::{
+    EtcdCluster, EtcdClusterError, EtcdOptions, LINK_IF, MemberTls, available,
+};
 use fwnp_testkit::netns::Netns;
 
 fn healthy(ns: &Netns, endpoints: &[String]) -> bool {
@@ -27,7 +30,7 @@ fn another_namespace_reaches_the_members_through_its_link() {
     if !available("another_namespace_reaches_the_members_through_its_link") {
         return;
     }
-    let mut cluster = EtcdCluster::start("tkit");
+    let mut cluster = EtcdCluster::start("tkit").unwrap_or_else(|e| panic!("{e}"));
     let gateway = Netns::new("tkgw").expect("namespace");
     let endpoints = cluster.connect(&gateway).expect("link");
     assert_eq!(endpoints.len(), 3);
@@ -57,4 +60,61 @@ fn another_namespace_reaches_the_members_through_its_link() {
     );
     assert!(healthy(&other, &second));
     assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(5)));
+}
+
+#[test]
+fn a_cluster_without_a_leader_in_time_is_an_error_with_the_logs() {
+    if !available("a_cluster_without_a_leader_in_time_is_an_error_with_the_logs") {
+        return;
+    }
+    // No member can have answered before the first look.
+    let options = EtcdOptions {
+        leader_wait: Duration::ZERO,
+        ..EtcdOptions::default()
+    };
+    let error = EtcdCluster::start_with("tknol", options).expect_err("no leader at once");
+    let EtcdClusterError::NoLeader { waited, logs } = &error else {
+        panic!("{error}");
+    };
+    assert_eq!(*waited, Duration::ZERO);
+    for member in 0..3 {
+        assert!(logs.contains(&format!("member {member} (")), "{logs}");
+    }
+    assert!(
+        error
+            .to_string()
+            .starts_with("the etcd cluster has no leader"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_member_that_exits_at_start_is_an_error_at_once() {
+    if !available("a_member_that_exits_at_start_is_an_error_at_once") {
+        return;
+    }
+    // Certificate files that do not exist: every member exits at start.
+    let missing = std::path::PathBuf::from("/nonexistent/fwnp-testkit");
+    let options = EtcdOptions {
+        tls: Some(MemberTls {
+            ca: missing.join("ca.pem"),
+            cert: missing.join("member.pem"),
+            key: missing.join("member.key"),
+            client_cert: missing.join("client.pem"),
+            client_key: missing.join("client.key"),
+        }),
+        ..EtcdOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let error = EtcdCluster::start_with("tkexit", options).expect_err("the members exit");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "said at once, not after the leader wait: {:?}",
+        started.elapsed()
+    );
+    let EtcdClusterError::Exited { status, logs, .. } = &error else {
+        panic!("{error}");
+    };
+    assert!(!status.success(), "{error}");
+    assert!(logs.contains("/nonexistent/fwnp-testkit"), "{logs}");
 }

@@ -1,7 +1,8 @@
 //! `fwnp-gateway --config PATH`: the FWNP gateway daemon, in the foreground, with structured
-//! logs on standard error. SIGHUP reloads the policy (and the CRL); SIGTERM and SIGINT stop it,
-//! telling connected hosts it is going away. Leases survive a stop: the kernel keeps their
-//! elements until they expire, and the next start restores them from the store.
+//! logs on standard error. SIGHUP reloads the policy (and the CRL) and reopens the audit JSON
+//! file; SIGTERM and SIGINT stop it, telling connected hosts it is going away. Leases survive a
+//! stop: the kernel keeps their elements until they expire, and the next start restores them
+//! from the store.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;

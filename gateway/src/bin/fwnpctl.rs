@@ -524,8 +524,16 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             if json_out {
                 println!("{answer}");
             } else if let Some(map) = answer.as_object() {
+                // A backend this fwnpctl does not know (a newer gateway's) is printed as JSON.
+                let store: Option<fwnp_gateway::api::StoreStatus> = map
+                    .get("store_backend")
+                    .and_then(|v| AdminClient::typed("/v1/status", v).ok());
                 for (k, v) in map {
-                    if k == "cluster" {
+                    if k == "cluster" || (k == "store_backend" && store.is_some()) {
+                        continue;
+                    }
+                    if let (true, Some(store)) = (k == "store", &store) {
+                        print_store(store);
                         continue;
                     }
                     println!(
@@ -786,6 +794,32 @@ fn shortened(text: &str, width: usize) -> String {
     let mut cut: String = text.chars().take(width.saturating_sub(1)).collect();
     cut.push('…');
     cut
+}
+
+/// The store as what it is; an etcd store with its cluster and what its transactions met.
+fn print_store(store: &fwnp_gateway::api::StoreStatus) {
+    use fwnp_gateway::api::StoreStatus;
+    match store {
+        StoreStatus::Sqlite { database } => println!("{:<18} sqlite {database}", "store"),
+        StoreStatus::Etcd(etcd) => {
+            println!("{:<18} etcd", "store");
+            println!("{:<18} {}", "  endpoints", etcd.endpoints.join(","));
+            println!("{:<18} {}", "  prefix", etcd.prefix);
+            println!("{:<18} {}", "  site", etcd.site);
+            println!(
+                "{:<18} {}",
+                "  applied revision",
+                etcd.applied_revision
+                    .map_or_else(|| "none yet".to_owned(), |r| r.to_string())
+            );
+            println!(
+                "{:<18} {} ({} found a key changed and were retried, {} without an answer)",
+                "  transactions", etcd.transactions, etcd.conflicts, etcd.unanswered
+            );
+            println!("{:<18} {}", "  audit database", etcd.audit_database);
+        }
+        other => println!("{:<18} {other:?}", "store"),
+    }
 }
 
 fn print_cluster(cluster: &fwnp_gateway::api::ClusterStatus) {

@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::api::{
-    AuditAnswer, AuditFollowAnswer, AuditPageAnswer, FilterStatus, LeasesAnswer, ReportAnswer,
-    RequestPathStatus, StatusAnswer, WriterStatus,
+    AuditAnswer, AuditFollowAnswer, AuditPageAnswer, EtcdStoreStatus, FilterStatus, LeasesAnswer,
+    ReportAnswer, RequestPathStatus, StatusAnswer, StoreStatus, WriterStatus,
 };
 
 pub(super) fn parse_protocol(text: &str) -> Result<fwnp_proto::Protocol, AdminError> {
@@ -79,6 +79,26 @@ impl Service {
                 ),
                 _ => self.queries.location(),
             },
+            store_backend: Some(match &self.config.store.backend {
+                crate::config::StoreBackend::Etcd(etcd) => {
+                    let store = self.cluster_store.as_ref();
+                    let counts = store.map(|s| s.counts()).unwrap_or_default();
+                    let applied = store.map_or(0, |s| s.applied_revision());
+                    StoreStatus::Etcd(EtcdStoreStatus {
+                        endpoints: etcd.endpoints.clone(),
+                        prefix: etcd.prefix.clone(),
+                        site: etcd.site.clone(),
+                        audit_database: self.queries.location(),
+                        applied_revision: (applied > 0).then_some(applied),
+                        transactions: counts.transactions,
+                        conflicts: counts.conflicts,
+                        unanswered: counts.unanswered,
+                    })
+                }
+                _ => StoreStatus::Sqlite {
+                    database: self.queries.location(),
+                },
+            }),
             // Group commit at work: operations per transaction is what keeps the store's cost
             // per grant down under load.
             store_writer: WriterStatus {

@@ -123,6 +123,11 @@ pub struct Service {
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// Held by a policy reload from its read of the file to the policy in force: a second
+    /// reload waits for the first, then runs (in a cluster it publishes the next version).
+    reload_lock: tokio::sync::Mutex<()>,
+    /// Makes the audit export's JSON file open its path again (SIGHUP), set once at the start.
+    audit_reopen: std::sync::OnceLock<crate::audit_export::ReopenHandle>,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -177,6 +182,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
 pub use request::write_op;
+pub use revocation::PUBLISH_ATTEMPTS;
 
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
@@ -257,6 +263,15 @@ impl Service {
         Ok(service)
     }
 
+    /// Makes the audit export's JSON file (`[audit] json_file`) open its path again before its
+    /// next event, for a rotation that renamed it (SIGHUP); without it the path is looked at
+    /// once a second anyway.
+    pub fn reopen_audit_export(&self) {
+        if let Some(reopen) = self.audit_reopen.get() {
+            reopen.reopen();
+        }
+    }
+
     /// This gateway as a member of its etcd cluster; `None` with the SQLite backend.
     pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
         self.cluster.get()
@@ -333,6 +348,8 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Mutex::new(Holders::default()),
             cluster: std::sync::OnceLock::new(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            audit_reopen: std::sync::OnceLock::new(),
             config,
         });
         service.restore().await?;
@@ -375,6 +392,7 @@ impl Service {
         )
         .map_err(StartError::AuditExport)?;
         if export.is_active() {
+            let _ = service.audit_reopen.set(export.reopen_handle());
             tokio::spawn(crate::audit_export::follow(
                 export,
                 Arc::downgrade(&service),

@@ -3,6 +3,11 @@
 
 use super::*;
 use crate::api::{ClosedConnection, PolicyReloaded, RevokeAnswer, RevokedLease};
+use crate::cluster::ClusterError;
+
+/// How many times a cluster reload publishes its policy when other gateways' reloads publish
+/// theirs at the same moment.
+pub const PUBLISH_ATTEMPTS: u32 = 5;
 
 /// How long the Revoked notices of a host whose certificate was revoked may take to reach it
 /// before its connection is closed: closing drops what is not yet delivered, and a host that
@@ -271,7 +276,16 @@ impl Service {
 
     /// Loads the policy file again; if it is valid, it replaces the old one and every live
     /// lease it no longer allows is revoked. A bad file leaves the old policy in force.
+    ///
+    /// Reloads run one at a time: one asked for while another runs waits for it, then reads
+    /// the file and runs. In a cluster, a version another gateway published between this
+    /// one's read and its write makes it read again and publish the next version, up to
+    /// [`PUBLISH_ATTEMPTS`] times; then it answers [`AdminErrorKind::Conflict`] and changes
+    /// nothing.
+    ///
+    /// [`AdminErrorKind::Conflict`]: crate::api::AdminErrorKind::Conflict
     pub async fn reload_policy(&self) -> Result<PolicyReloaded, AdminError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
         let not_reloaded =
             |e: String| format!("policy not reloaded, the old one stays in force: {e}");
         let (policy, text) = Policy::load_with_text(&self.config.policy)
@@ -279,10 +293,27 @@ impl Service {
         // In a cluster the reload goes to every gateway: published first, so that a policy
         // the cluster did not take is not in force here alone.
         if let Some(cluster) = self.cluster() {
-            cluster
-                .publish_policy(&text, &self.config.policy.display().to_string())
-                .await
-                .map_err(|e| AdminError::internal(not_reloaded(e.to_string())))?;
+            let file = self.config.policy.display().to_string();
+            let mut attempt = 1;
+            loop {
+                match cluster.publish_policy(&text, &file).await {
+                    Ok(_) => break,
+                    Err(ClusterError::PolicyRace(version)) if attempt < PUBLISH_ATTEMPTS => {
+                        info!(
+                            version,
+                            attempt,
+                            "another gateway published a policy meanwhile; publishing the next version"
+                        );
+                        attempt += 1;
+                    }
+                    Err(e @ ClusterError::PolicyRace(_)) => {
+                        return Err(AdminError::conflict(not_reloaded(format!(
+                            "{e} (other gateways' reloads are in progress, {PUBLISH_ATTEMPTS} attempts)"
+                        ))));
+                    }
+                    Err(e) => return Err(AdminError::internal(not_reloaded(e.to_string()))),
+                }
+            }
         }
         let reason = format!("policy {} loaded", policy.origin());
         Ok(self.put_policy_in_force(policy, "operator", reason).await)

@@ -198,9 +198,36 @@ pub struct EtcdStore {
     epoch: Epoch,
     site: Arc<str>,
     jobs: mpsc::UnboundedSender<Msg>,
-    transactions: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     applied: Arc<AtomicI64>,
     resync: Arc<AtomicBool>,
+}
+
+/// The write transactions' counters, shared by the store's handle and its worker.
+#[derive(Debug, Default)]
+struct Counters {
+    transactions: AtomicU64,
+    conflicts: AtomicU64,
+    unanswered: AtomicU64,
+}
+
+/// What a gateway's write transactions to etcd met ([`EtcdStore::counts`]).
+///
+/// ```
+/// let counts = fwnp_gateway::store::EtcdCounts { transactions: 10, conflicts: 1, unanswered: 0 };
+/// assert_eq!(counts.transactions - counts.conflicts, 9);
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EtcdCounts {
+    /// Write transactions etcd answered, applied or not.
+    pub transactions: u64,
+    /// Of those, the ones not applied because a key they compared had changed (another
+    /// gateway wrote it, or what this one knew of it was stale); their jobs are read again
+    /// and retried.
+    pub conflicts: u64,
+    /// Write transactions sent without an answer (timeout, no leader, connection lost):
+    /// they may have applied.
+    pub unanswered: u64,
 }
 
 enum Msg {
@@ -236,8 +263,8 @@ impl EtcdStore {
         let config = config.clone();
         let (sender, receiver) = mpsc::unbounded_channel();
         let (ready, started) = oneshot::channel();
-        let transactions = Arc::new(AtomicU64::new(0));
-        let counter = transactions.clone();
+        let counters = Arc::new(Counters::default());
+        let counter = counters.clone();
         let applied = Arc::new(AtomicI64::new(0));
         let applied_by_worker = applied.clone();
         let resync = Arc::new(AtomicBool::new(false));
@@ -285,7 +312,7 @@ impl EtcdStore {
             epoch,
             site,
             jobs: sender,
-            transactions,
+            counters,
             applied,
             resync,
         })
@@ -379,10 +406,26 @@ impl EtcdStore {
         &self.site
     }
 
-    /// How many write transactions this gateway has committed to etcd: fewer than its
-    /// commits when they were grouped.
+    /// How many write transactions etcd answered for this gateway: fewer than its commits
+    /// when they were grouped.
     pub fn transactions(&self) -> u64 {
-        self.transactions.load(Ordering::Relaxed)
+        self.counters.transactions.load(Ordering::Relaxed)
+    }
+
+    /// What this gateway's write transactions met, counted since it started.
+    ///
+    /// ```no_run
+    /// # fn example(store: fwnp_gateway::store::EtcdStore) {
+    /// let counts = store.counts();
+    /// println!("{} of {} transactions found a key changed", counts.conflicts, counts.transactions);
+    /// # }
+    /// ```
+    pub fn counts(&self) -> EtcdCounts {
+        EtcdCounts {
+            transactions: self.transactions(),
+            conflicts: self.counters.conflicts.load(Ordering::Relaxed),
+            unanswered: self.counters.unanswered.load(Ordering::Relaxed),
+        }
     }
 
     fn send(&self, msg: Msg) -> Result<(), WriteError> {
@@ -923,7 +966,7 @@ struct Worker {
     timeout: Duration,
     epoch: Epoch,
     audit: StoreWriter,
-    transactions: Arc<AtomicU64>,
+    counters: Arc<Counters>,
     /// The create revision of each lease this gateway has seen (its incarnation).
     seen: Mutex<HashMap<LeaseId, i64>>,
     /// See [`Known`].
@@ -1034,7 +1077,7 @@ impl Worker {
         config: &EtcdConfig,
         options: ConnectOptions,
         audit: StoreWriter,
-        transactions: Arc<AtomicU64>,
+        counters: Arc<Counters>,
         applied: Arc<AtomicI64>,
         resync: Arc<AtomicBool>,
     ) -> Result<Worker, EtcdError> {
@@ -1050,7 +1093,7 @@ impl Worker {
             timeout: config.timeout,
             epoch: 0,
             audit,
-            transactions,
+            counters,
             seen: Mutex::new(HashMap::new()),
             known: Mutex::new(Known::default()),
             applied,
@@ -1512,6 +1555,7 @@ impl Worker {
         {
             Ok(response) => response,
             Err(refusal) => {
+                self.counters.unanswered.fetch_add(1, Ordering::Relaxed);
                 if tombstone_lease.is_some() {
                     // The tombstones' etcd lease may be what failed it (gone with a cluster
                     // restored from a snapshot, say): the next commit grants another.
@@ -1529,8 +1573,9 @@ impl Worker {
                 return Err(Retry::Doubtful(included, refusal, inserted));
             }
         };
-        self.transactions.fetch_add(1, Ordering::Relaxed);
+        self.counters.transactions.fetch_add(1, Ordering::Relaxed);
         if !response.succeeded() {
+            self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
             self.known().forget(&overlay);
             included.extend(recheck);
             return Err(Retry::Conflicted(included));

@@ -62,7 +62,7 @@ use tokio::sync::watch;
 pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture};
 pub use error::StoreError;
 pub use etcd::{
-    ClusterChange, ClusterEnd, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
+    ClusterChange, ClusterEnd, EtcdCounts, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
     SILENCE_TIMEOUTS, TOMBSTONE_TTL,
 };
 pub(crate) use etcd::{connect_client, connect_options, decode_lease};

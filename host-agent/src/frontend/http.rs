@@ -6,7 +6,9 @@
 //! The head is read with httparse within [`MAX_HEAD`] bytes (a head that does not parse is
 //! answered 400, one that does not fit 431); a body is read only with a Content-Length and
 //! only up to the caller's bound (above it 413, before a byte of it is read; a POST without
-//! Content-Length 411; a transfer coding 501). Every answer carries `Connection: close`, and
+//! Content-Length 411; a transfer coding 501). HEAD is handled as GET and answered with GET's
+//! status and headers, Content-Length included, without the body (RFC 9110, Section 9.3.2): a
+//! handler never sees it. Every answer carries `Connection: close`, and
 //! what the client sent after its request is never answered. A client has [`Limits::time`] to
 //! send its request and as long again to take the answer; at most [`Limits::connections`] are
 //! served at once, and a connection above that is closed as soon as it is accepted.
@@ -309,6 +311,14 @@ impl Response {
     /// The answer as sent: status line, Content-Type, Content-Length, `Connection: close`,
     /// body.
     pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = self.head_bytes();
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// The answer to a HEAD request: as [`Response::to_bytes`] without the body, its
+    /// Content-Length still the body's.
+    pub fn head_bytes(&self) -> Vec<u8> {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\n",
             self.status.as_u16(),
@@ -321,9 +331,7 @@ impl Response {
             "Content-Length: {}\r\nConnection: close\r\n\r\n",
             self.body.len()
         ));
-        let mut out = out.into_bytes();
-        out.extend_from_slice(&self.body);
-        out
+        out.into_bytes()
     }
 }
 
@@ -382,8 +390,15 @@ async fn exchange<H: Handler>(
     let read = tokio::time::timeout(limits.time, read_request(&mut stream, limits))
         .await
         .unwrap_or(Err(HttpError::TimedOut));
+    let mut head = false;
     let response = match read {
-        Ok(request) => handler.handle(request, peer, local).await,
+        Ok(mut request) => {
+            if request.method == Method::HEAD {
+                head = true;
+                request.method = Method::GET;
+            }
+            handler.handle(request, peer, local).await
+        }
         Err(e) => {
             debug!(%peer, "HTTP request refused: {e}");
             match e.status() {
@@ -394,7 +409,11 @@ async fn exchange<H: Handler>(
     };
     let deadline = Instant::now() + limits.time;
     let written = tokio::time::timeout_at(deadline, async {
-        stream.write_all(&response.to_bytes()).await?;
+        let bytes = match head {
+            true => response.head_bytes(),
+            false => response.to_bytes(),
+        };
+        stream.write_all(&bytes).await?;
         stream.shutdown().await
     })
     .await;
@@ -609,6 +628,20 @@ mod tests {
         .await;
         assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer}");
         assert!(answer.ends_with("GET /a 0"), "{answer}");
+        assert_eq!(server.echo.handled.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn answers_head_as_get_without_the_body() {
+        let server = server(LIMITS).await;
+        let get = exchange_bytes(server.address, b"GET /doc HTTP/1.1\r\n\r\n", false).await;
+        let head = exchange_bytes(server.address, b"HEAD /doc HTTP/1.1\r\n\r\n", false).await;
+        // The handler saw a GET; the head of the answer is GET's, Content-Length included.
+        assert_eq!(
+            head,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(get, format!("{head}GET /doc 0"));
         assert_eq!(server.echo.handled.load(Ordering::SeqCst), 2);
     }
 

@@ -7,6 +7,13 @@
 //! head read with httparse), SSDP's HTTP-over-UDP is read with httparse too and SOAP's XML with
 //! quick-xml: a document type declaration or an entity other than XML's five is refused, and a
 //! body above [`MAX_BODY`] is refused (HTTP's 413 with UPnP's 501) before any of it is read.
+//!
+//! A control request's SOAPAction header must name the action of its body, of the service of
+//! its control URL (any version): `"urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping"`
+//! for an AddPortMapping posted to WANIPConnection's URL. A request without it, or naming
+//! another action or service, is answered UPnP's 401 Invalid Action, as an IGD does, and nothing
+//! is done: a proxy or a cache that reads the header must not see one action while the body
+//! carries out another.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -44,6 +51,56 @@ const SSDP_GROUP_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xff02, 0, 0, 
 /// Longest pinhole lease (WANIPv6FirewallControl's range is 1 to 86400 seconds).
 const MAX_PINHOLE_LEASE: u32 = 86_400;
 const COMMON_PATH: &str = "/ctl/CmnIfCfg";
+/// The prefix of a service type in a SOAPAction header, before the service's name.
+const SERVICE_URN: &str = "urn:schemas-upnp-org:service:";
+
+/// Whether `header` (a SOAPAction header's value, quoted or not) names `action` of `service`
+/// (a service's name, such as `WANIPConnection`), in any version of the service.
+///
+/// ```
+/// use fwnp_agent::frontend::upnp::soap_action_names;
+/// let header = "\"urn:schemas-upnp-org:service:WANIPConnection:2#AddPortMapping\"";
+/// assert!(soap_action_names(header, "WANIPConnection", "AddPortMapping"));
+/// assert!(!soap_action_names(header, "WANIPConnection", "DeletePortMapping"));
+/// assert!(!soap_action_names(header, "WANIPv6FirewallControl", "AddPortMapping"));
+/// ```
+pub fn soap_action_names(header: &str, service: &str, action: &str) -> bool {
+    let value = header.trim();
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    let Some((service_type, name)) = value.rsplit_once('#') else {
+        return false;
+    };
+    let version = service_type
+        .strip_prefix(SERVICE_URN)
+        .and_then(|rest| rest.strip_prefix(service))
+        .and_then(|rest| rest.strip_prefix(':'));
+    name == action
+        && version.is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The answer to a control request whose SOAPAction header does not name its body's action of
+/// `service`: `None` when it does.
+fn soap_action_mismatch(
+    request: &Request,
+    service: &str,
+    action: &Action,
+    peer: SocketAddr,
+) -> Option<Response> {
+    let header = request.header("soapaction");
+    if header.is_some_and(|h| soap_action_names(h, service, &action.name)) {
+        return None;
+    }
+    info!(
+        %peer,
+        action = %action.name,
+        soapaction = header.unwrap_or("(none)"),
+        "UPnP request refused: its SOAPAction does not name the action of its body"
+    );
+    Some(fault(401, "Invalid Action"))
+}
 
 /// A SOAP action request: its name and arguments.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,7 +393,14 @@ fn common(request: &Request, peer: SocketAddr) -> Response {
     if !is_local(peer.ip()) {
         return Response::empty(StatusCode::FORBIDDEN);
     }
-    match parse_soap(&request.body) {
+    let action = parse_soap(&request.body);
+    if let Ok(action) = &action
+        && let Some(refused) =
+            soap_action_mismatch(request, "WANCommonInterfaceConfig", action, peer)
+    {
+        return refused;
+    }
+    match action {
         Ok(action) if action.name == "GetCommonLinkProperties" => xml(
             StatusCode::OK,
             soap_response(
@@ -382,6 +446,14 @@ impl Device {
                 return fault(402, &format!("Invalid Args: {e}"));
             }
         };
+        let service = if firewall {
+            "WANIPv6FirewallControl"
+        } else {
+            "WANIPConnection"
+        };
+        if let Some(refused) = soap_action_mismatch(&request, service, &action, peer) {
+            return refused;
+        }
         debug!(%peer, action = %action.name, "UPnP action");
         if firewall {
             self.firewall(action, peer, local).await
@@ -902,6 +974,226 @@ mod tests {
             parse_soap(b"<a><b>"),
             Err(SoapError::Malformed(_))
         ));
+    }
+
+    /// The device's HTTP on 127.0.0.1, its core a channel the test reads.
+    async fn device() -> (
+        SocketAddr,
+        tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreInput>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let config = crate::config::AgentConfig::parse(
+            "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
+             server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
+             ca = \"/ca.pem\"\n",
+            "agent.toml",
+        )
+        .expect("a valid configuration");
+        let (core, inputs) = tokio::sync::mpsc::unbounded_channel();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let device = Arc::new(Device {
+            seam: Seam::new(core, config.local),
+            port: address.port(),
+            pinholes: tokio::sync::Mutex::new(Pinholes::default()),
+        });
+        let task = tokio::spawn(http::serve(
+            listener,
+            http::Limits::with_body(MAX_BODY),
+            device,
+        ));
+        (address, inputs, task)
+    }
+
+    /// Sends `request` raw and reads the answer until the device closes.
+    async fn exchange(address: SocketAddr, request: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        stream.write_all(request).await.expect("send");
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read_to_end(&mut answer),
+        )
+        .await
+        .expect("the device closes")
+        .expect("read");
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// A SOAP request for `action` of `service` posted to `path`, with `soapaction` (none when
+    /// `None`).
+    fn soap(path: &str, service: &str, action: &str, soapaction: Option<&str>) -> Vec<u8> {
+        let body = format!(
+            "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><u:{action} xmlns:u=\"urn:schemas-upnp-org:service:{service}:1\"><NewExternalPort>7500</NewExternalPort><NewProtocol>TCP</NewProtocol></u:{action}></s:Body></s:Envelope>"
+        );
+        let header = soapaction
+            .map(|h| format!("SOAPAction: {h}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n{header}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    fn invalid_action(answer: &str) -> bool {
+        answer.starts_with("HTTP/1.1 500 ")
+            && answer.contains("<errorCode>401</errorCode>")
+            && answer.contains("Invalid Action")
+    }
+
+    #[tokio::test]
+    async fn a_soapaction_that_does_not_name_the_bodys_action_is_an_invalid_action() {
+        let (address, mut core, task) = device().await;
+        let wan = "WANIPConnection";
+        // Named as in the body: answered (this action asks nothing of the core).
+        let answer = exchange(
+            address,
+            &soap(
+                CONTROL_PATH,
+                wan,
+                "GetExternalIPAddress",
+                Some(&format!(
+                    "\"urn:schemas-upnp-org:service:{wan}:1#GetExternalIPAddress\""
+                )),
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.contains("<NewExternalIPAddress>127.0.0.1</NewExternalIPAddress>"),
+            "{answer}"
+        );
+        // Version 2 of the service, unquoted: the same action.
+        let answer = exchange(
+            address,
+            &soap(
+                CONTROL_PATH,
+                wan,
+                "GetExternalIPAddress",
+                Some(&format!(
+                    "urn:schemas-upnp-org:service:{wan}:2#GetExternalIPAddress"
+                )),
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        // Another action, another service, none at all, no action part: 401, nothing done.
+        for soapaction in [
+            Some(format!(
+                "\"urn:schemas-upnp-org:service:{wan}:1#DeletePortMapping\""
+            )),
+            Some(
+                "\"urn:schemas-upnp-org:service:WANIPv6FirewallControl:1#AddPortMapping\""
+                    .to_owned(),
+            ),
+            Some(format!("\"urn:schemas-upnp-org:service:{wan}:1\"")),
+            Some(format!(
+                "\"urn:schemas-upnp-org:service:{wan}:#AddPortMapping\""
+            )),
+            None,
+        ] {
+            let answer = exchange(
+                address,
+                &soap(CONTROL_PATH, wan, "AddPortMapping", soapaction.as_deref()),
+            )
+            .await;
+            assert!(invalid_action(&answer), "{soapaction:?}: {answer}");
+        }
+        assert!(
+            core.try_recv().is_err(),
+            "a refused request reached the core"
+        );
+        // The other control URLs check their own service.
+        let common = "WANCommonInterfaceConfig";
+        let answer = exchange(
+            address,
+            &soap(
+                COMMON_PATH,
+                common,
+                "GetCommonLinkProperties",
+                Some(&format!(
+                    "\"urn:schemas-upnp-org:service:{wan}:1#GetCommonLinkProperties\""
+                )),
+            ),
+        )
+        .await;
+        assert!(invalid_action(&answer), "{answer}");
+        let answer = exchange(
+            address,
+            &soap(
+                COMMON_PATH,
+                common,
+                "GetCommonLinkProperties",
+                Some(&format!(
+                    "\"urn:schemas-upnp-org:service:{common}:1#GetCommonLinkProperties\""
+                )),
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let firewall = "WANIPv6FirewallControl";
+        let answer = exchange(
+            address,
+            &soap(
+                FIREWALL_PATH,
+                firewall,
+                "GetFirewallStatus",
+                Some(&format!(
+                    "\"urn:schemas-upnp-org:service:{wan}:1#GetFirewallStatus\""
+                )),
+            ),
+        )
+        .await;
+        assert!(invalid_action(&answer), "{answer}");
+        let answer = exchange(
+            address,
+            &soap(
+                FIREWALL_PATH,
+                firewall,
+                "GetFirewallStatus",
+                Some(&format!(
+                    "\"urn:schemas-upnp-org:service:{firewall}:1#GetFirewallStatus\""
+                )),
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn head_on_the_description_is_answered_as_get_without_the_body() {
+        let (address, _core, task) = device().await;
+        let get = exchange(
+            address,
+            b"GET /rootDesc.xml HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await;
+        let head = exchange(
+            address,
+            b"HEAD /rootDesc.xml HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+        let (get_head, body) = get.split_once("\r\n\r\n").expect("a head and a body");
+        assert!(body.contains(IGD), "{get}");
+        assert_eq!(head, format!("{get_head}\r\n\r\n"), "GET's head, no body");
+        assert!(
+            head.contains(&format!("Content-Length: {}\r\n", body.len())),
+            "{head}"
+        );
+        // Elsewhere HEAD is what GET is: not allowed on a control URL, unknown elsewhere.
+        let control = exchange(address, b"HEAD /ctl/IPConn HTTP/1.1\r\n\r\n").await;
+        assert!(control.starts_with("HTTP/1.1 405 "), "{control}");
+        let unknown = exchange(address, b"HEAD /nothing HTTP/1.1\r\n\r\n").await;
+        assert!(unknown.starts_with("HTTP/1.1 404 "), "{unknown}");
+        task.abort();
     }
 
     #[test]

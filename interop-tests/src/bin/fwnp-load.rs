@@ -1047,7 +1047,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let (cluster, etcd_endpoints) = match &namespace {
         Some(ns) if uses_etcd => {
             eprintln!("fwnp-load: starting three etcd members");
-            let mut cluster = fwnp_testkit::etcd::EtcdCluster::start("load");
+            let mut cluster = fwnp_testkit::etcd::EtcdCluster::start("load")?;
             let endpoints = cluster.connect(ns)?;
             (Some(cluster), endpoints)
         }

@@ -164,8 +164,10 @@ enum fwnp_code
    */
   FWNP_ERR_NO_EVENT = -12,
   /**
-   * A refusal with a code this version of the library does not name; the error text has the
-   * number.
+   * A refusal with a code this version of the library does not name (one a newer agent or
+   * gateway added): [`fwnp_last_denial_code`] has its number, [`fwnp_last_denial_reason`]
+   * its reason, and the error text both. Take it as a refusal of the request; do not retry it
+   * on that account.
    */
   FWNP_ERR_DENIED = -13,
   /**
@@ -328,6 +330,37 @@ extern "C" {
  * ```
  */
 const char *fwnp_last_error(void);
+
+/**
+ * The number of the code of the refusal the last call of a `fwnp_` function on this thread
+ * returned, whether this library names it or not (`FWNP_ERR_DENIED`); 0 after a call that was
+ * not refused.
+ *
+ * ```c
+ * fwnp_code rc = fwnp_client_open(client, opening, &lease);
+ * if (rc == FWNP_ERR_DENIED) {
+ *     const char *reason = fwnp_last_denial_reason();
+ *     fprintf(stderr, "refused with code %lld: %s\n", (long long) fwnp_last_denial_code(),
+ *             reason ? reason : "no reason given");
+ * }
+ * ```
+ */
+uint64_t fwnp_last_denial_code(void);
+
+/**
+ * The reason given with the refusal the last call of a `fwnp_` function on this thread
+ * returned; NULL when it was not refused or no reason was given. Valid as
+ * [`fwnp_last_error`]'s text is: until the next call of a `fwnp_` function on this thread
+ * (other than these three).
+ *
+ * ```c
+ * if (fwnp_client_open(client, opening, &lease) == FWNP_DENIED_BY_POLICY) {
+ *     const char *reason = fwnp_last_denial_reason();
+ *     fprintf(stderr, "not allowed: %s\n", reason ? reason : "(no reason)");
+ * }
+ * ```
+ */
+const char *fwnp_last_denial_reason(void);
 
 /**
  * Connects to the host agent: at `socket_path`, or, when it is NULL, at `$FWNP_AGENT_SOCKET`

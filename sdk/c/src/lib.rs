@@ -117,8 +117,10 @@ pub enum fwnp_code {
     FWNP_ERR_TIMEOUT = -11,
     /// [`fwnp_lease_next_event`]: no event is waiting.
     FWNP_ERR_NO_EVENT = -12,
-    /// A refusal with a code this version of the library does not name; the error text has the
-    /// number.
+    /// A refusal with a code this version of the library does not name (one a newer agent or
+    /// gateway added): [`fwnp_last_denial_code`] has its number, [`fwnp_last_denial_reason`]
+    /// its reason, and the error text both. Take it as a refusal of the request; do not retry it
+    /// on that account.
     FWNP_ERR_DENIED = -13,
     /// A blocking function was called from a callback, on the library's own thread.
     FWNP_ERR_WRONG_THREAD = -14,
@@ -182,6 +184,9 @@ pub type fwnp_event_callback =
 pub(crate) struct Failure {
     code: fwnp_code,
     message: String,
+    /// A refusal's code number and reason, for [`fwnp_last_denial_code`] and
+    /// [`fwnp_last_denial_reason`].
+    denial: Option<(u64, Option<String>)>,
 }
 
 impl Failure {
@@ -189,6 +194,7 @@ impl Failure {
         Failure {
             code,
             message: message.into(),
+            denial: None,
         }
     }
 
@@ -215,7 +221,14 @@ impl From<Error> for Failure {
             Error::Timeout { .. } => fwnp_code::FWNP_ERR_TIMEOUT,
             _ => fwnp_code::FWNP_ERR_OTHER,
         };
-        Failure { code, message }
+        let denial = error
+            .code_number()
+            .map(|number| (number, error.reason().map(str::to_owned)));
+        Failure {
+            code,
+            message,
+            denial,
+        }
     }
 }
 
@@ -254,22 +267,35 @@ fn denial(code: DenialCode) -> fwnp_code {
 thread_local! {
     /// The text of the last error of this thread's last call.
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+    /// The code number and reason of the refusal of this thread's last call, if it was one.
+    static LAST_DENIAL: RefCell<Option<(u64, Option<CString>)>> = const { RefCell::new(None) };
+}
+
+/// A text for C: a NUL inside would cut it, so it is shown as a space instead.
+fn c_text(text: &str) -> CString {
+    CString::new(text.replace('\0', " ")).unwrap_or_default()
 }
 
 fn set_last_error(message: String) {
-    // A NUL inside a reason would cut the text; it is shown as a space instead.
-    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+    let text = c_text(&message);
     LAST_ERROR.with(|last| *last.borrow_mut() = text);
+}
+
+fn set_last_denial(denial: Option<(u64, Option<String>)>) {
+    let denial = denial.map(|(code, reason)| (code, reason.as_deref().map(c_text)));
+    LAST_DENIAL.with(|last| *last.borrow_mut() = denial);
 }
 
 /// Runs one entry point: clears the last error, catches any panic, turns the outcome into a
 /// code and the last error's text.
 fn guard(function: &str, body: impl FnOnce() -> Result<(), Failure>) -> fwnp_code {
     set_last_error(String::new());
+    set_last_denial(None);
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(Ok(())) => fwnp_code::FWNP_OK,
         Ok(Err(failure)) => {
             set_last_error(format!("{function}: {}", failure.message));
+            set_last_denial(failure.denial);
             failure.code
         }
         Err(panic) => {
@@ -306,6 +332,48 @@ fn quiet<T>(fallback: T, body: impl FnOnce() -> T) -> T {
 pub extern "C" fn fwnp_last_error() -> *const c_char {
     quiet(c"".as_ptr(), || {
         LAST_ERROR.with(|last| last.borrow().as_ptr())
+    })
+}
+
+/// The number of the code of the refusal the last call of a `fwnp_` function on this thread
+/// returned, whether this library names it or not (`FWNP_ERR_DENIED`); 0 after a call that was
+/// not refused.
+///
+/// ```c
+/// fwnp_code rc = fwnp_client_open(client, opening, &lease);
+/// if (rc == FWNP_ERR_DENIED) {
+///     const char *reason = fwnp_last_denial_reason();
+///     fprintf(stderr, "refused with code %lld: %s\n", (long long) fwnp_last_denial_code(),
+///             reason ? reason : "no reason given");
+/// }
+/// ```
+#[unsafe(no_mangle)]
+pub extern "C" fn fwnp_last_denial_code() -> u64 {
+    quiet(0, || {
+        LAST_DENIAL.with(|last| last.borrow().as_ref().map_or(0, |d| d.0))
+    })
+}
+
+/// The reason given with the refusal the last call of a `fwnp_` function on this thread
+/// returned; NULL when it was not refused or no reason was given. Valid as
+/// [`fwnp_last_error`]'s text is: until the next call of a `fwnp_` function on this thread
+/// (other than these three).
+///
+/// ```c
+/// if (fwnp_client_open(client, opening, &lease) == FWNP_DENIED_BY_POLICY) {
+///     const char *reason = fwnp_last_denial_reason();
+///     fprintf(stderr, "not allowed: %s\n", reason ? reason : "(no reason)");
+/// }
+/// ```
+#[unsafe(no_mangle)]
+pub extern "C" fn fwnp_last_denial_reason() -> *const c_char {
+    quiet(std::ptr::null(), || {
+        LAST_DENIAL.with(|last| {
+            last.borrow()
+                .as_ref()
+                .and_then(|(_, reason)| reason.as_ref())
+                .map_or(std::ptr::null(), |r| r.as_ptr())
+        })
     })
 }
 

@@ -817,7 +817,15 @@ def decode_frame(frame: bytes) -> Message:
 
 def decode_answer(body: bytes) -> Message | None:
     """Decodes a frame body the agent sent; None for an Event of a kind this version does not
-    know, which a client ignores (spec/local-api.md Section 6.3)."""
+    know, which a client ignores (spec/local-api.md Section 6.3). A Denied whose code this
+    version does not know (a local code a newer agent added, or a result code added to FWNP
+    later) is a refusal all the same (spec/local-api.md Section 12.3): it comes back with its
+    code's number, its reason and retry-after when they are well-formed, and nothing else.
+
+    >>> d = decode_answer(bytes.fromhex("a4001101050319044b04626e6f"))
+    >>> d.request_id, d.code, d.reason
+    (5, 1099, 'no')
+    """
     try:
         return decode_body(body)
     except ProtocolError as e:
@@ -826,7 +834,31 @@ def decode_answer(body: bytes) -> Message | None:
                 item = _parse(body)
             except ProtocolError:
                 raise e from None
-            kind = item.get(4) if isinstance(item, dict) else None
+            if not isinstance(item, dict):
+                raise
+            kind = item.get(4)
             if item.get(0) == EVENT and isinstance(kind, int) and _is_uint(kind) and kind > 8:
                 return None
+            denial = _unknown_denial(item)
+            if denial is not None:
+                return denial
         raise
+
+
+def _unknown_denial(item: dict[Any, Any]) -> DeniedMsg | None:
+    """The Denied in ``item`` when its code is in neither registry and its request id and code
+    are unsigned integers; its reason and retry-after are kept when well-formed."""
+    rid, code = item.get(1), item.get(3)
+    if item.get(0) != DENIED or not (isinstance(rid, int) and _is_uint(rid)):
+        return None
+    if not (isinstance(code, int) and _is_uint(code)):
+        return None
+    if code in WIRE_CODES or code in LOCAL_CODES:
+        return None
+    text = item.get(4)
+    reason = text if isinstance(text, str) and len(text.encode()) <= MAX_REASON else None
+    seconds = item.get(5)
+    retry_after = None
+    if isinstance(seconds, int) and _is_uint(seconds) and seconds <= U32:
+        retry_after = seconds
+    return DeniedMsg(rid, code, reason, retry_after)

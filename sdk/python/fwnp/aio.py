@@ -44,6 +44,8 @@ from .opening import Family, HostAddress, Opening, Remote
 
 __all__ = ["AsyncClient", "AsyncLease"]
 
+_Entry = tuple[_LeaseState, "asyncio.Queue[LeaseEvent]"]
+
 
 class _AsyncConnection:
     """The stream, the requests waiting and the leases' event queues, read by one task."""
@@ -57,7 +59,13 @@ class _AsyncConnection:
         self.loop = asyncio.get_running_loop()
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[_codec.Message]] = {}
-        self.leases: dict[bytes, tuple[_LeaseState, asyncio.Queue[LeaseEvent]]] = {}
+        # As in the blocking client: each lease id names the leases held under it.
+        self.leases: dict[bytes, list[_Entry]] = {}
+        # The state and event queue of each granted Open, by request id, for its opener.
+        self.opened: dict[int, _Entry] = {}
+        # The other leases of a released lease's ids, set aside until its Release is answered,
+        # by request id (see send_release).
+        self.aside: dict[int, list[_Entry]] = {}
         self.closed: FwnpError | None = None
         self.task = self.loop.create_task(self._read())
 
@@ -88,22 +96,30 @@ class _AsyncConnection:
 
     def _route(self, msg: _codec.Message) -> None:
         if isinstance(msg, _codec.EventMsg):
-            entry = self.leases.get(msg.lease)
-            if entry is None or not 1 <= msg.kind <= 8:
+            if not 1 <= msg.kind <= 8:
                 return
-            state, events = entry
             event = LeaseEvent._from_message(msg)
-            state.saw(event)
-            if event.new_lease is not None:
-                self.leases[event.new_lease] = entry
-            if event.terminal:
-                self.forget(state)
-            events.put_nowait(event)
+            for entry in list(self.leases.get(msg.lease, ())):
+                state, events = entry
+                state.saw(event)
+                if event.new_lease is not None:
+                    held = self.leases.setdefault(event.new_lease, [])
+                    if not any(e[0] is state for e in held):
+                        held.append(entry)
+                if event.terminal:
+                    self.forget(state)
+                events.put_nowait(event)
             return
-        if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
+        aside = self.aside.pop(msg.request_id or 0, None)
+        if aside:
+            self._put_back(aside)
+        future = self.pending.get(msg.request_id or 0)
+        if isinstance(msg, _codec.Granted) and future is not None and not future.done():
             # Registered before the answer is handed over: the opener resumes only at a later
             # turn of the loop, after events that came with the Granted have been routed.
-            self.leases[msg.lease] = (_LeaseState(msg.lease, msg.lifetime), asyncio.Queue())
+            granted: _Entry = (_LeaseState(msg.lease, msg.lifetime), asyncio.Queue())
+            self.leases.setdefault(msg.lease, []).append(granted)
+            self.opened[msg.request_id or 0] = granted
         future = self.pending.pop(msg.request_id or 0, None)
         if future is not None and not future.done():
             future.set_result(msg)
@@ -116,8 +132,10 @@ class _AsyncConnection:
         for future in pending.values():
             if not future.done():
                 future.set_exception(ConnectionClosed(str(why)))
+        self.opened = {}
+        aside, self.aside = [e for held in self.aside.values() for e in held], {}
         seen = set()
-        for state, events in leases.values():
+        for state, events in [entry for held in leases.values() for entry in held] + aside:
             if id(state) not in seen:
                 seen.add(id(state))
                 state.active = False
@@ -127,6 +145,12 @@ class _AsyncConnection:
         self.writer.close()
 
     def send(self, build: Callable[[int], _codec.Message]) -> asyncio.Future[_codec.Message]:
+        return self.send_numbered(build)[1]
+
+    def send_numbered(
+        self, build: Callable[[int], _codec.Message]
+    ) -> tuple[int, asyncio.Future[_codec.Message]]:
+        """Sends the request ``build(request_id)``; its id and where its answer will be."""
         if self.closed is not None:
             raise ConnectionClosed(str(self.closed))
         rid = next(self.ids)
@@ -134,7 +158,7 @@ class _AsyncConnection:
         future: asyncio.Future[_codec.Message] = self.loop.create_future()
         self.pending[rid] = future
         self.writer.write(frame)
-        return future
+        return rid, future
 
     async def request(
         self, build: Callable[[int], _codec.Message], name: str, timeout: float
@@ -150,10 +174,41 @@ class _AsyncConnection:
         except asyncio.TimeoutError:
             raise RequestTimeout(name, timeout) from None
 
+    def send_release(self, state: _LeaseState) -> asyncio.Future[_codec.Message] | None:
+        """Sends the Release of ``state``'s lease; None when it is over already. The other
+        leases of its ids are set aside until the answer: the agent ends the released one with a
+        Released event of that id (spec/local-api.md Section 6.3), which must not end them."""
+        if self.closed is not None or not state.active:
+            state.active = False
+            return None
+        state.active = False
+        aside: list[_Entry] = []
+        for lease_id in state.ids:
+            for entry in self.leases.pop(lease_id, ()):
+                if entry[0] is not state and not any(e[0] is entry[0] for e in aside):
+                    aside.append(entry)
+        rid, future = self.send_numbered(lambda rid: _codec.Release(rid, state.id))
+        self.aside[rid] = aside
+        return future
+
+    def _put_back(self, aside: list[_Entry]) -> None:
+        """Routes events to the leases set aside for a Release again."""
+        for entry in aside:
+            if not entry[0].active:
+                continue
+            for lease_id in entry[0].ids:
+                held = self.leases.setdefault(lease_id, [])
+                if not any(e[0] is entry[0] for e in held):
+                    held.append(entry)
+
     def forget(self, state: _LeaseState) -> None:
         state.active = False
         for lease_id in state.ids:
-            self.leases.pop(lease_id, None)
+            held = [e for e in self.leases.get(lease_id, ()) if e[0] is not state]
+            if held:
+                self.leases[lease_id] = held
+            else:
+                self.leases.pop(lease_id, None)
 
     def release_unheld(self, state: _LeaseState) -> None:
         """Releases a lease collected without release; may run on any thread."""
@@ -161,12 +216,10 @@ class _AsyncConnection:
             return
 
         def send() -> None:
-            if state.active and self.closed is None:
-                self.forget(state)
-                try:
-                    self.send(lambda rid: _codec.Release(rid, state.id))
-                except FwnpError:
-                    pass
+            try:
+                self.send_release(state)
+            except FwnpError:
+                pass
 
         try:
             self.loop.call_soon_threadsafe(send)
@@ -221,11 +274,11 @@ class AsyncLease(_LeaseBase):
         if not state.active:
             return
         conn = self._client._conn
-        conn.forget(state)
+        future = conn.send_release(state)
+        if future is None:
+            return
         try:
-            answer = await conn.request(
-                lambda rid: _codec.Release(rid, state.id), "release", self._client.timeout
-            )
+            answer = await conn.wait(future, "release", self._client.timeout)
         except ConnectionClosed:
             return
         if isinstance(answer, _codec.Released):
@@ -380,11 +433,16 @@ class AsyncClient:
 
     async def _open(self, opening: Opening) -> AsyncLease:
         conn = self._conn
-        answer = await conn.request(opening._message, "open", self.timeout)
+        rid, future = conn.send_numbered(opening._message)
+        try:
+            answer = await conn.wait(future, "open", self.timeout)
+        finally:
+            # Its own state, even when another lease of this connection has the same id; if it
+            # ended before the opener resumed, the state says so.
+            entry = conn.opened.pop(rid, None)
         if not isinstance(answer, _codec.Granted):
             raise answer_error(answer, "open")
-        entry = conn.leases.get(answer.lease)
-        if entry is None:  # ended before the opener resumed: a lease already over
+        if entry is None:
             entry = (_LeaseState(answer.lease, answer.lifetime), asyncio.Queue())
             entry[0].active = False
         return AsyncLease(self, answer, *entry)

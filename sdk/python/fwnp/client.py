@@ -137,11 +137,18 @@ def to_summaries(answer: _codec.Message) -> list[LeaseSummary]:
     ]
 
 
+_Entry = tuple[_LeaseState, "queue.SimpleQueue[LeaseEvent]"]
+
+
 class _Slot:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.answer: _codec.Message | None = None
         self.error: FwnpError | None = None
+        #: For a Granted answer: the new lease's state and event queue, its own.
+        self.entry: _Entry | None = None
+        #: For a Release: the other leases of its ids, set aside until the answer.
+        self.aside: list[_Entry] = []
 
 
 class _Connection:
@@ -160,7 +167,10 @@ class _Connection:
         self.ids = itertools.count(1)
         self.lock = threading.Lock()
         self.pending: dict[int, _Slot] = {}
-        self.leases: dict[bytes, tuple[_LeaseState, queue.SimpleQueue[LeaseEvent]]] = {}
+        # Each lease id names the leases held under it: two Opens of the same opening are
+        # granted the same id (the gateway merges them) yet are two leases, each released on
+        # its own (spec/local-api.md Section 9.1); their events reach both.
+        self.leases: dict[bytes, list[_Entry]] = {}
         self.closed: FwnpError | None = None
         # Frames to send, and leases to release that nobody holds any more. Only the writer
         # thread writes to the socket; a lease's finalizer, which may run in any thread at any
@@ -178,11 +188,11 @@ class _Connection:
             if item is None:
                 return
             if isinstance(item, _LeaseState):
-                if self.closed is not None or not item.active:
+                # Nobody waits for the answer; it puts back the leases set aside.
+                frame = self._register_release(item, _Slot())
+                if frame is None:
                     continue
-                self.forget(item)
-                # Nobody waits for the answer: an answer without a pending request is dropped.
-                item = _codec.encode_frame(_codec.Release(next(self.ids), item.id))
+                item = frame
             try:
                 self.sock.sendall(item)
             except OSError as e:
@@ -218,24 +228,27 @@ class _Connection:
             if isinstance(msg, _codec.EventMsg):
                 if not 1 <= msg.kind <= 8:
                     return
-                entry = self.leases.get(msg.lease)
-                if entry is None:
-                    return
-                state, events = entry
+                entries = list(self.leases.get(msg.lease, ()))
                 event = LeaseEvent._from_message(msg)
-                state.saw(event)
-                if event.new_lease is not None:
-                    self.leases[event.new_lease] = entry
-                if event.terminal:
-                    for lease_id in state.ids:
-                        self.leases.pop(lease_id, None)
-                events.put(event)
+                for entry in entries:
+                    state, events = entry
+                    state.saw(event)
+                    if event.new_lease is not None:
+                        held = self.leases.setdefault(event.new_lease, [])
+                        if not any(e[0] is state for e in held):
+                            held.append(entry)
+                    if event.terminal:
+                        self._unregister(state)
+                    events.put(event)
                 return
-            if isinstance(msg, _codec.Granted) and msg.lease not in self.leases:
+            slot = self.pending.pop(msg.request_id or 0, None)
+            if slot is not None and slot.aside:
+                self._put_back(slot.aside)
+            if isinstance(msg, _codec.Granted) and slot is not None:
                 # Registered before the answer is handed over, so that no event that follows
                 # the Granted at once is lost.
-                self.leases[msg.lease] = (_LeaseState(msg.lease, msg.lifetime), queue.SimpleQueue())
-            slot = self.pending.pop(msg.request_id or 0, None)
+                slot.entry = (_LeaseState(msg.lease, msg.lifetime), queue.SimpleQueue())
+                self.leases.setdefault(msg.lease, []).append(slot.entry)
         if slot is not None:
             slot.answer = msg
             slot.done.set()
@@ -249,8 +262,9 @@ class _Connection:
         for slot in pending.values():
             slot.error = ConnectionClosed(str(why))
             slot.done.set()
+        aside = [entry for slot in pending.values() for entry in slot.aside]
         seen = set()
-        for state, events in leases.values():
+        for state, events in [entry for held in leases.values() for entry in held] + aside:
             if id(state) in seen:
                 continue
             seen.add(id(state))
@@ -286,10 +300,48 @@ class _Connection:
         assert slot.answer is not None
         return slot.answer
 
-    def forget(self, state: _LeaseState) -> None:
-        state.active = False
+    def send_release(self, state: _LeaseState) -> _Slot | None:
+        """Sends the Release of ``state``'s lease; None when it is over already. The other
+        leases of its ids are set aside until the answer: the agent ends the released one with a
+        Released event of that id (spec/local-api.md Section 6.3), which must not end them."""
+        slot = _Slot()
+        frame = self._register_release(state, slot)
+        if frame is None:
+            return None
+        self.outbox.put(frame)
+        return slot
+
+    def _register_release(self, state: _LeaseState, slot: _Slot) -> bytes | None:
         with self.lock:
+            if self.closed is not None or not state.active:
+                state.active = False
+                return None
+            state.active = False
             for lease_id in state.ids:
+                for entry in self.leases.pop(lease_id, ()):
+                    if entry[0] is not state and not any(e[0] is entry[0] for e in slot.aside):
+                        slot.aside.append(entry)
+            rid = next(self.ids)
+            self.pending[rid] = slot
+            return request_frame(_codec.Release(rid, state.id))
+
+    def _put_back(self, aside: list[_Entry]) -> None:
+        """Routes events to the leases set aside for a Release again (the lock held)."""
+        for entry in aside:
+            if not entry[0].active:
+                continue
+            for lease_id in entry[0].ids:
+                held = self.leases.setdefault(lease_id, [])
+                if not any(e[0] is entry[0] for e in held):
+                    held.append(entry)
+
+    def _unregister(self, state: _LeaseState) -> None:
+        """Takes ``state`` out of the leases of every id it has had (the lock held)."""
+        for lease_id in state.ids:
+            held = [e for e in self.leases.get(lease_id, ()) if e[0] is not state]
+            if held:
+                self.leases[lease_id] = held
+            else:
                 self.leases.pop(lease_id, None)
 
     def release_unheld(self, state: _LeaseState) -> None:
@@ -339,13 +391,13 @@ class Lease(_LeaseBase):
         if not state.active:
             return
         conn = self._client._conn
-        conn.forget(state)
-        try:
-            answer = conn.request(
-                lambda rid: _codec.Release(rid, state.id), "release", self._client.timeout
-            )
-        except ConnectionClosed:
+        slot = conn.send_release(state)
+        if slot is None:
             return  # the agent releases every lease of a closed connection
+        try:
+            answer = conn.wait(slot, "release", self._client.timeout)
+        except ConnectionClosed:
+            return
         if isinstance(answer, _codec.Released):
             return
         error = answer_error(answer, "release")
@@ -459,14 +511,13 @@ class Client:
         >>> lease = client.open(tcp(8080), lifetime=timedelta(minutes=5))  # doctest: +SKIP
         """
         opening = apply(opening, lifetime, remotes, addresses, family, name)
-        answer = self._conn.request(opening._message, "open", self.timeout)
+        slot = self._conn.send(opening._message)
+        answer = self._conn.wait(slot, "open", self.timeout)
         if not isinstance(answer, _codec.Granted):
             raise answer_error(answer, "open")
-        with self._conn.lock:
-            entry = self._conn.leases.get(answer.lease)
-        if entry is None:  # ended before this thread took it: a lease already over
-            entry = (_LeaseState(answer.lease, answer.lifetime), queue.SimpleQueue())
-            entry[0].active = False
+        # Its own state, even when another lease of this connection has the same id; if it
+        # ended before this thread took it, the state says so.
+        entry = slot.entry or (_LeaseState(answer.lease, answer.lifetime), queue.SimpleQueue())
         return Lease(self, answer, *entry)
 
     def release(self, lease: bytes) -> None:

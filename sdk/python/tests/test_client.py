@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import cbor2
 import pytest
 
 import fwnp
@@ -369,3 +370,112 @@ def test_release_by_id_of_a_lease_not_held(agent: FakeAgent) -> None:
         with pytest.raises(fwnp.UnknownLocalLease) as e:
             client.release(NEW_LEASE)
         assert e.value.lease == NEW_LEASE
+
+
+def _unknown_denial(request_id: int, code: int, reason: str) -> bytes:
+    """A Denied with ``code``, which this version does not know, as a newer agent sends it:
+    the encoder here would refuse it, so it is written with cbor2 as the agent would."""
+    body: bytes = cbor2.dumps({0: 17, 1: request_id, 3: code, 4: reason, 5: 30})
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(agent: FakeAgent) -> None:
+    refused: list[_codec.Message] = []
+
+    def refuse_first(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open) and not refused:
+            refused.append(m)
+            return [_unknown_denial(m.request_id or 0, 1099, "maintenance until 18:00")]
+        return agent.default(m)
+
+    agent.answer = refuse_first
+    with fwnp.Client(agent.path) as client:
+        with pytest.raises(fwnp.Denied) as e:
+            client.open(fwnp.tcp(8080))
+        assert type(e.value) is fwnp.Denied
+        assert (e.value.code, e.value.name) == (1099, "code 1099")
+        assert e.value.reason == "maintenance until 18:00"
+        assert not e.value.transient
+        # The connection stays: the next open is granted on it.
+        with client.open(fwnp.tcp(8080)) as lease:
+            assert lease.id == LEASE
+
+
+def test_async_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(
+    agent: FakeAgent,
+) -> None:
+    def refuse(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            return [_unknown_denial(m.request_id or 0, 1099, "maintenance until 18:00")]
+        return agent.default(m)
+
+    agent.answer = refuse
+
+    async def story() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            with pytest.raises(fwnp.Denied) as e:
+                await client.open(fwnp.tcp(8080))
+            assert (e.value.code, e.value.reason) == (1099, "maintenance until 18:00")
+            assert (await client.status()).connected
+
+    asyncio.run(story())
+
+
+def released_with_its_event(agent: FakeAgent) -> Answer:
+    """As the agent answers a Release: the Released event of the id, then the answer."""
+
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Release):
+            return [_codec.encode_frame(_codec.EventMsg(None, m.lease, 5))] + agent.default(m)
+        return agent.default(m)
+
+    return answer
+
+
+def test_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
+    # The default answer grants LEASE to every Open, as the gateway merges identical openings.
+    agent.answer = released_with_its_event(agent)
+    with fwnp.Client(agent.path) as client:
+        first = client.open(fwnp.tcp(8080))
+        second = client.open(fwnp.tcp(8080))
+        assert first.id == second.id == LEASE
+        # An event of the id reaches both.
+        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 120_000)))
+        for lease in (first, second):
+            event = lease.next_event(timeout=5)
+            assert event is not None and event.kind is fwnp.EventKind.RENEWED
+        first.release()
+        assert not first.active and second.active
+        # The second is still held: a revocation ends it, and its release is still sent.
+        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 2, reason="operator")))
+        event = second.next_event(timeout=5)
+        assert event is not None and event.kind is fwnp.EventKind.REVOKED
+        assert not second.active
+    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
+    assert len(releases) == 1, releases
+
+
+def test_async_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
+    agent.answer = released_with_its_event(agent)
+
+    async def main() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            first = await client.open(fwnp.tcp(8080))
+            second = await client.open(fwnp.tcp(8080))
+            assert first.id == second.id == LEASE
+            agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 120_000)))
+            for lease in (first, second):
+                event = await lease.next_event(timeout=5)
+                assert event is not None and event.kind is fwnp.EventKind.RENEWED
+            await first.release()
+            assert not first.active and second.active
+            # Still routed to: a renewal reaches it.
+            agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 60_000)))
+            event = await second.next_event(timeout=5)
+            assert event is not None and event.kind is fwnp.EventKind.RENEWED
+            await second.release()
+            assert not second.active
+
+    asyncio.run(main())
+    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
+    assert len(releases) == 2, releases
