@@ -311,7 +311,15 @@ pub(crate) fn spawn(
     let thread_shared = Arc::clone(&shared);
     let handle = std::thread::Builder::new()
         .name("fwnp-store-writer".into())
-        .spawn(move || run(conn, &thread_shared, receiver, max_batch_ops.max(1)))
+        .spawn(move || {
+            run(
+                conn,
+                &thread_shared,
+                receiver,
+                max_batch_ops.max(1),
+                last_audit_id,
+            )
+        })
         .map_err(|source| StoreError::Io {
             op: "start writer thread",
             path: "fwnp-store-writer".into(),
@@ -325,7 +333,11 @@ fn run(
     shared: &WriterShared,
     mut receiver: mpsc::UnboundedReceiver<Msg>,
     max_batch_ops: usize,
+    last_audit_id: u64,
 ) {
+    let mut next_audit = i64::try_from(last_audit_id)
+        .unwrap_or(i64::MAX)
+        .saturating_add(1);
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = Vec::new();
         let mut ops = 0usize;
@@ -345,7 +357,7 @@ fn run(
                 Err(_) => break,
             }
         }
-        execute(&conn, shared, batch);
+        execute(&conn, shared, batch, &mut next_audit);
         if closing {
             // Refuse new work, then finish what was queued before the close.
             receiver.close();
@@ -355,13 +367,15 @@ fn run(
                     rest.push(job);
                 }
             }
-            execute(&conn, shared, rest);
+            execute(&conn, shared, rest, &mut next_audit);
             break;
         }
     }
 }
 
-fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
+/// Run `batch` as one transaction and answer its jobs. `next_audit` is the id the next audit
+/// event gets; it moves on only by the events committed.
+fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>, next_audit: &mut i64) {
     if batch.is_empty() {
         return;
     }
@@ -377,12 +391,12 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
         .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
     // Fast path: no savepoints. Only when a job of several operations fails part-way is the
     // transaction rolled back and the batch run again with a savepoint around each such job.
-    let (results, newest_audit) = match run_batch(conn, &batch, false) {
-        BatchRun::Done(results, newest) => (results, newest),
+    let (results, newest_audit) = match run_batch(conn, &batch, false, next_audit) {
+        BatchRun::Done(results, newest, _) => (results, newest),
         BatchRun::RedoCarefully => {
             count_redo(shared);
-            match run_batch(conn, &batch, true) {
-                BatchRun::Done(results, newest) => (results, newest),
+            match run_batch(conn, &batch, true, next_audit) {
+                BatchRun::Done(results, newest, _) => (results, newest),
                 // Unreachable in careful mode; fail the batch rather than loop.
                 BatchRun::RedoCarefully => (
                     batch
@@ -443,9 +457,9 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
 }
 
 enum BatchRun {
-    /// Per job: rows changed or its error; and the ids of the newest audit row of each job
-    /// that committed.
-    Done(Vec<Result<u64, StoreError>>, Vec<Option<i64>>),
+    /// Per job: rows changed or its error; the ids of the newest audit row of each job that
+    /// committed; and whether the transaction committed.
+    Done(Vec<Result<u64, StoreError>>, Vec<Option<i64>>, bool),
     /// A job of several operations failed part-way without a savepoint; the transaction was
     /// rolled back.
     RedoCarefully,
@@ -459,8 +473,23 @@ fn count_redo(shared: &WriterShared) {
 }
 
 /// Run the jobs of `batch` in one transaction. In careful mode each job of several operations
-/// gets its own savepoint; otherwise such a job's failure asks for a careful redo.
-fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
+/// gets its own savepoint; otherwise such a job's failure asks for a careful redo. Audit ids
+/// given to events that were not committed are given again.
+fn run_batch(conn: &Connection, batch: &[Job], careful: bool, next_audit: &mut i64) -> BatchRun {
+    let first_audit = *next_audit;
+    let run = run_batch_once(conn, batch, careful, next_audit);
+    if !matches!(run, BatchRun::Done(_, _, true)) {
+        *next_audit = first_audit;
+    }
+    run
+}
+
+fn run_batch_once(
+    conn: &Connection,
+    batch: &[Job],
+    careful: bool,
+    next_audit: &mut i64,
+) -> BatchRun {
     let mut results: Vec<Result<u64, StoreError>> = Vec::with_capacity(batch.len());
     let mut newest_audit: Vec<Option<i64>> = Vec::with_capacity(batch.len());
     let fail_all = |err: StoreError| {
@@ -470,16 +499,18 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
         BatchRun::Done(
             batch.iter().map(|_| Err(err.duplicate())).collect(),
             Vec::new(),
+            false,
         )
     };
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         return fail_all(StoreError::sqlite("begin transaction")(e));
     }
     for job in batch {
+        let job_first_audit = *next_audit;
         let result = if careful {
-            apply_job(conn, &job.ops)
+            apply_job(conn, &job.ops, next_audit)
         } else {
-            apply_ops(conn, &job.ops)
+            apply_ops(conn, &job.ops, next_audit)
         };
         match result {
             Ok((changed, audit_id)) => {
@@ -496,6 +527,7 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
                     return BatchRun::RedoCarefully;
                 }
                 // A single failed statement changed nothing; a failed savepoint was undone.
+                *next_audit = job_first_audit;
                 results.push(Err(e));
                 newest_audit.push(None);
             }
@@ -504,15 +536,19 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
     if let Err(e) = conn.execute_batch("COMMIT") {
         return fail_all(StoreError::sqlite("commit")(e));
     }
-    BatchRun::Done(results, newest_audit)
+    BatchRun::Done(results, newest_audit, true)
 }
 
 /// Apply operations in order, stopping at the first failure.
-fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
+fn apply_ops(
+    conn: &Connection,
+    ops: &[WriteOp],
+    next_audit: &mut i64,
+) -> Result<(u64, Option<i64>), StoreError> {
     let mut changed = 0;
     let mut newest = None;
     for op in ops {
-        let (n, audit_id) = apply(conn, op)?;
+        let (n, audit_id) = apply(conn, op, next_audit)?;
         changed += n;
         newest = audit_id.or(newest);
     }
@@ -520,10 +556,14 @@ fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
 }
 
 /// Apply one job atomically; returns rows changed and the id of its newest audit row.
-fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
+fn apply_job(
+    conn: &Connection,
+    ops: &[WriteOp],
+    next_audit: &mut i64,
+) -> Result<(u64, Option<i64>), StoreError> {
     if let [op] = ops {
         // A single statement is atomic by itself: a failed one changes nothing.
-        return apply(conn, op);
+        return apply(conn, op, next_audit);
     }
     conn.prepare_cached("SAVEPOINT job")
         .and_then(|mut s| s.execute([]))
@@ -531,7 +571,7 @@ fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
     let mut changed = 0;
     let mut newest = None;
     for op in ops {
-        match apply(conn, op) {
+        match apply(conn, op, next_audit) {
             Ok((n, audit_id)) => {
                 changed += n;
                 newest = audit_id.or(newest);
@@ -550,7 +590,11 @@ fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
     Ok((changed, newest))
 }
 
-fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreError> {
+fn apply(
+    conn: &Connection,
+    op: &WriteOp,
+    next_audit: &mut i64,
+) -> Result<(u64, Option<i64>), StoreError> {
     match op {
         WriteOp::InsertLease(lease) => insert_lease(conn, lease).map(|n| (n, None)),
         WriteOp::RenewLease {
@@ -616,11 +660,19 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             }
             Ok((n as u64, None))
         }
-        WriteOp::Audit(event) => insert_audit(conn, event).map(|id| (1, Some(id))),
+        WriteOp::Audit(event) => insert_audit(conn, event, next_audit).map(|id| (1, Some(id))),
         WriteOp::DeleteAuditBefore {
             before_ms,
             max_rows,
         } => {
+            // The newest ids may go with the rows: the highest one used stays in meta, so
+            // that a reopened store numbers on from it (ids are never reused).
+            conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('audit_last_id', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+            )
+            .and_then(|mut s| s.execute([next_audit.saturating_sub(1)]))
+            .map_err(StoreError::sqlite("keep the last audit id"))?;
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM audit WHERE id IN \
@@ -688,7 +740,11 @@ fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> 
     }
 }
 
-fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
+fn insert_audit(
+    conn: &Connection,
+    e: &AuditEvent,
+    next_audit: &mut i64,
+) -> Result<i64, StoreError> {
     let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
     let request = e.request.as_ref();
     let grants = if e.grants.is_empty() {
@@ -698,13 +754,16 @@ fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
     };
     let mut stmt = conn
         .prepare_cached(
-            "INSERT INTO audit (time_ms, kind, outcome, identity, peer, lease, has_request, protocol, \
-             port_first, port_last, app_id, host, remotes, lifetime_asked, app_name, app_exe, app_uid, \
-             app_pid, grants, lifetime_granted, rule, reason, code, actor) VALUES (?1, ?2, ?3, ?4, ?5, \
-             ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+            "INSERT INTO audit (id, time_ms, kind, outcome, identity, peer, lease, has_request, \
+             protocol, port_first, port_last, app_id, host, remotes, lifetime_asked, app_name, \
+             app_exe, app_uid, app_pid, grants, lifetime_granted, rule, reason, code, actor) VALUES \
+             (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, \
+             ?20, ?21, ?22, ?23, ?24, ?25)",
         )
         .map_err(StoreError::sqlite("prepare insert audit"))?;
+    let id = *next_audit;
     stmt.execute(params![
+        id,
         to_i64(e.time_ms, "event time")?,
         e.kind.name(),
         e.outcome.map(|o| o.name()),
@@ -731,5 +790,6 @@ fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
         e.actor,
     ])
     .map_err(StoreError::sqlite("insert audit"))?;
-    Ok(conn.last_insert_rowid())
+    *next_audit = id.saturating_add(1);
+    Ok(id)
 }
