@@ -12,7 +12,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use fwnp_proto::LeaseId;
+use std::net::SocketAddr;
+
+use fwnp_proto::{Grant, LeaseId};
 use rusqlite::{Connection, Statement, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -624,8 +626,9 @@ fn run_batch_once(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun 
 fn apply_ops(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
     let mut changed = 0;
     let mut newest = None;
+    let mut text = JobText::default();
     for op in ops {
-        let (n, audit_id) = apply(w, op)?;
+        let (n, audit_id) = apply(w, op, &mut text)?;
         changed += n;
         newest = audit_id.or(newest);
     }
@@ -636,16 +639,17 @@ fn apply_ops(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), 
 fn apply_job(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
     if let [op] = ops {
         // A single statement is atomic by itself: a failed one changes nothing.
-        return apply(w, op);
+        return apply(w, op, &mut JobText::default());
     }
     let conn = w.conn;
+    let mut text = JobText::default();
     conn.prepare_cached("SAVEPOINT job")
         .and_then(|mut s| s.execute([]))
         .map_err(StoreError::sqlite("begin job savepoint"))?;
     let mut changed = 0;
     let mut newest = None;
     for op in ops {
-        match apply(w, op) {
+        match apply(w, op, &mut text) {
             Ok((n, audit_id)) => {
                 changed += n;
                 newest = audit_id.or(newest);
@@ -664,10 +668,53 @@ fn apply_job(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), 
     Ok((changed, newest))
 }
 
-fn apply(w: &mut Writer<'_>, op: &WriteOp) -> Result<(u64, Option<i64>), StoreError> {
+/// The text of a job's grants and peer, encoded once: a grant's audit event repeats its
+/// lease's grants and peer, and formatting them (JSON, addresses) for both rows was a tenth
+/// of the writer's time per grant.
+#[derive(Default)]
+struct JobText<'a> {
+    grants: Option<(&'a [Grant], String)>,
+    peer: Option<(SocketAddr, String)>,
+}
+
+impl<'a> JobText<'a> {
+    /// Encodes `grants` and `peer` unless they are those of the last call.
+    fn encode(&mut self, grants: &'a [Grant], peer: Option<SocketAddr>) {
+        if !grants.is_empty() && !matches!(&self.grants, Some((done, _)) if *done == grants) {
+            self.grants = Some((grants, encode_grants(grants)));
+        }
+        if let Some(peer) = peer
+            && !matches!(&self.peer, Some((done, _)) if *done == peer)
+        {
+            self.peer = Some((peer, peer.to_string()));
+        }
+    }
+
+    /// The text of `grants`, once encoded (`None` when there are none).
+    fn grants(&self, grants: &[Grant]) -> Option<&str> {
+        match &self.grants {
+            Some((done, text)) if !grants.is_empty() && *done == grants => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The text of `peer`, once encoded.
+    fn peer(&self, peer: Option<SocketAddr>) -> Option<&str> {
+        match (&self.peer, peer) {
+            (Some((done, text)), Some(peer)) if *done == peer => Some(text),
+            _ => None,
+        }
+    }
+}
+
+fn apply<'a>(
+    w: &mut Writer<'_>,
+    op: &'a WriteOp,
+    text: &mut JobText<'a>,
+) -> Result<(u64, Option<i64>), StoreError> {
     let conn = w.conn;
     match op {
-        WriteOp::InsertLease(lease) => insert_lease(w, lease).map(|n| (n, None)),
+        WriteOp::InsertLease(lease) => insert_lease(w, lease, text).map(|n| (n, None)),
         WriteOp::RenewLease {
             id,
             renewed_ms,
@@ -721,7 +768,7 @@ fn apply(w: &mut Writer<'_>, op: &WriteOp) -> Result<(u64, Option<i64>), StoreEr
             }
             Ok((n as u64, None))
         }
-        WriteOp::Audit(event) => insert_audit(w, event).map(|id| (1, Some(id))),
+        WriteOp::Audit(event) => insert_audit(w, event, text).map(|id| (1, Some(id))),
         WriteOp::DeleteAuditBefore {
             before_ms,
             max_rows,
@@ -763,14 +810,21 @@ fn apply(w: &mut Writer<'_>, op: &WriteOp) -> Result<(u64, Option<i64>), StoreEr
     }
 }
 
-fn insert_lease(w: &mut Writer<'_>, lease: &NewLease) -> Result<u64, StoreError> {
-    let grants = encode_grants(&lease.grants);
+fn insert_lease<'a>(
+    w: &mut Writer<'_>,
+    lease: &'a NewLease,
+    text: &mut JobText<'a>,
+) -> Result<u64, StoreError> {
+    text.encode(&lease.grants, lease.peer);
+    // The lease's grants are never empty; should they be, they are stored as `[]`.
+    let grants = text.grants(&lease.grants).unwrap_or("[]");
+    let peer = text.peer(lease.peer);
     let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
     let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
     let result = w.hot.insert_lease.execute(params![
         &lease.id.0[..],
         lease.identity,
-        lease.peer.map(|p| p.to_string()),
+        peer,
         grants,
         app_name,
         app_exe,
@@ -794,14 +848,16 @@ fn insert_lease(w: &mut Writer<'_>, lease: &NewLease) -> Result<u64, StoreError>
     }
 }
 
-fn insert_audit(w: &mut Writer<'_>, e: &AuditEvent) -> Result<i64, StoreError> {
+fn insert_audit<'a>(
+    w: &mut Writer<'_>,
+    e: &'a AuditEvent,
+    text: &mut JobText<'a>,
+) -> Result<i64, StoreError> {
     let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
     let request = e.request.as_ref();
-    let grants = if e.grants.is_empty() {
-        None
-    } else {
-        Some(encode_grants(&e.grants))
-    };
+    text.encode(&e.grants, e.peer);
+    let grants = text.grants(&e.grants);
+    let peer = text.peer(e.peer);
     let id = w.next_audit;
     w.hot
         .insert_audit
@@ -811,7 +867,7 @@ fn insert_audit(w: &mut Writer<'_>, e: &AuditEvent) -> Result<i64, StoreError> {
             e.kind.name(),
             e.outcome.map(|o| o.name()),
             e.identity,
-            e.peer.map(|p| p.to_string()),
+            peer,
             e.lease.as_ref().map(|l| &l.0[..]),
             request.is_some(),
             request.and_then(|r| r.protocol).map(|p| p.number()),
@@ -880,6 +936,48 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("fwnp.sqlite3")).unwrap();
         crate::store::schema::prepare(&mut conn, 1_000).unwrap();
         (dir, conn)
+    }
+
+    /// A grant's lease row and audit row share one encoding of the grants and the peer; other
+    /// grants or peers are encoded anew.
+    #[test]
+    fn a_jobs_grants_and_peer_are_encoded_once() {
+        let job = grant_job(1);
+        let [WriteOp::InsertLease(lease), WriteOp::Audit(event)] = &job.ops[..] else {
+            panic!("a grant's job is its lease and its event");
+        };
+        let mut text = JobText::default();
+        text.encode(&lease.grants, lease.peer);
+        let lease_grants = text.grants(&lease.grants).unwrap().as_ptr();
+        let lease_peer = text.peer(lease.peer).unwrap().as_ptr();
+        text.encode(&event.grants, event.peer);
+        assert_eq!(text.grants(&event.grants).unwrap().as_ptr(), lease_grants);
+        assert_eq!(text.peer(event.peer).unwrap().as_ptr(), lease_peer);
+        assert_eq!(
+            text.grants(&event.grants),
+            Some(&*encode_grants(&lease.grants))
+        );
+        assert_eq!(text.peer(event.peer), Some("192.0.2.1:4433"));
+
+        let other = grant_job(2);
+        let WriteOp::InsertLease(other) = &other.ops[0] else {
+            panic!("a grant's job begins with its lease");
+        };
+        let other_peer = "192.0.2.2:1".parse().unwrap();
+        text.encode(&other.grants, Some(other_peer));
+        assert_eq!(
+            text.grants(&other.grants),
+            Some(&*encode_grants(&other.grants))
+        );
+        assert_eq!(
+            text.grants(&lease.grants),
+            None,
+            "no longer the encoded grants"
+        );
+        assert_eq!(text.peer(Some(other_peer)), Some("192.0.2.2:1"));
+        assert_eq!(text.peer(None), None);
+        text.encode(&[], None);
+        assert_eq!(text.grants(&[]), None, "no grants, no text");
     }
 
     /// Each grant runs the two statements prepared when the writer started, and each
