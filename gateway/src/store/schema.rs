@@ -88,7 +88,7 @@ UPDATE meta SET value = 2 WHERE key = 'schema_version';
 "#;
 
 /// Version 3: the audit table's ids are no longer `AUTOINCREMENT`, which made every insert
-/// read and rewrite the table's row in `sqlite_sequence` (measured: about a tenth of the
+/// read and rewrite the table's row in `sqlite_sequence` (measured: about 8 % of the
 /// writer's time per grant). Ids are still never reused, even after every row was pruned: the
 /// writer numbers each event one past the highest id it has used, and before a prune it keeps
 /// that highest id in `meta` (`audit_last_id`), which the store reads back when it opens. The

@@ -456,8 +456,6 @@ fn execute(
         .counters
         .queue_wait_us
         .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
-    // Fast path: no savepoints. Only when a job of several operations fails part-way is the
-    // transaction rolled back and the batch run again with a savepoint around each such job.
     let w = match writer {
         Ok(w) => w,
         Err(e) => {
@@ -466,6 +464,8 @@ fn execute(
             return;
         }
     };
+    // Fast path: no savepoints. Only when a job of several operations fails part-way is the
+    // transaction rolled back and the batch run again with a savepoint around each such job.
     let (results, newest_audit) = match run_batch(w, &batch, false) {
         BatchRun::Done(results, newest, _) => (results, newest),
         BatchRun::RedoCarefully => {
