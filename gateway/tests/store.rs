@@ -1269,6 +1269,163 @@ fn a_store_of_schema_1_is_migrated_and_keeps_its_leases() {
     assert_eq!(version, i64::from(SCHEMA_VERSION));
 }
 
+/// The audit ids of `store`'s trail, oldest first, with each event.
+fn trail(store: &Store) -> Vec<(u64, AuditEvent)> {
+    store
+        .audit(&AuditQuery {
+            order: Order::OldestFirst,
+            limit: 1000,
+            ..AuditQuery::default()
+        })
+        .unwrap()
+        .events
+        .into_iter()
+        .map(|r| (r.id, r.event))
+        .collect()
+}
+
+fn audit_table_sql(path: &std::path::Path) -> String {
+    let raw = rusqlite::Connection::open(path).unwrap();
+    raw.query_row(
+        "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'audit'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_store_of_schema_2_is_migrated_and_keeps_its_trail_and_next_ids() {
+    let tmp = temp_dir("migrate-v2");
+    let file = tmp.path().join("fwnp.sqlite3");
+    let (epoch, before) = {
+        let store = Store::open(tmp.path()).unwrap();
+        seed_audit(&store);
+        (store.epoch(), trail(&store))
+    };
+    assert_eq!(before.len(), 12);
+    let newest = before.last().unwrap().0;
+    // Version 2's audit table numbered with AUTOINCREMENT; its sequence remembers ids of rows
+    // since pruned (here: 5 newer events that are gone).
+    let raw = rusqlite::Connection::open(&file).unwrap();
+    let v3_sql = audit_table_sql(&file);
+    // The columns as they are, under another name (SQLite may quote the stored name).
+    let columns = &v3_sql[v3_sql.find('(').unwrap()..];
+    let v2_sql = format!("CREATE TABLE audit_v2 {columns}")
+        .replace("INTEGER PRIMARY KEY", "INTEGER PRIMARY KEY AUTOINCREMENT");
+    raw.execute_batch(&format!(
+        "{v2_sql};
+         INSERT INTO audit_v2 SELECT * FROM audit;
+         DROP TABLE audit;
+         ALTER TABLE audit_v2 RENAME TO audit;
+         CREATE INDEX audit_by_time ON audit (time_ms);
+         UPDATE sqlite_sequence SET seq = {} WHERE name = 'audit';
+         DELETE FROM meta WHERE key = 'audit_last_id';
+         UPDATE meta SET value = 2 WHERE key = 'schema_version';",
+        newest + 5
+    ))
+    .unwrap();
+    assert!(audit_table_sql(&file).contains("AUTOINCREMENT"));
+    drop(raw);
+
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.epoch(), epoch, "a migration loses no state");
+    assert_eq!(trail(&store), before, "the trail is kept, ids and all");
+    store
+        .writer()
+        .commit_blocking(vec![WriteOp::audit(AuditEvent::new(
+            2_000_000,
+            AuditKind::PolicyReload,
+        ))])
+        .unwrap();
+    let after = trail(&store);
+    assert_eq!(after.len(), 13);
+    assert_eq!(
+        after.last().unwrap().0,
+        newest + 6,
+        "the next id follows the old sequence, past the pruned rows"
+    );
+    drop(store);
+    assert!(!audit_table_sql(&file).contains("AUTOINCREMENT"));
+    let raw = rusqlite::Connection::open(&file).unwrap();
+    let version: i64 = raw
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, 3);
+    assert_eq!(version, i64::from(SCHEMA_VERSION));
+}
+
+#[test]
+fn audit_ids_are_not_reused_after_pruning_everything_and_reopening() {
+    let tmp = temp_dir("ids-reopen");
+    let newest = {
+        let store = Store::open(tmp.path()).unwrap();
+        let ids = seed_audit(&store);
+        let (deleted, _) = block_on(store.writer().prune(u64::MAX / 2, 5)).unwrap();
+        assert_eq!(deleted, 12);
+        assert!(trail(&store).is_empty());
+        *ids.last().unwrap()
+    };
+    for round in 1..=2 {
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(
+            *store.audit_watch().borrow(),
+            newest + round - 1,
+            "a follower's cursor starts at the highest id used"
+        );
+        store
+            .writer()
+            .commit_blocking(vec![WriteOp::audit(AuditEvent::new(
+                3_000_000,
+                AuditKind::PolicyReload,
+            ))])
+            .unwrap();
+        let ids: Vec<u64> = trail(&store).iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![newest + round], "round {round}");
+        block_on(store.writer().prune(u64::MAX / 2, 100)).unwrap();
+    }
+}
+
+#[test]
+fn audit_ids_of_a_failed_job_are_given_again_without_gaps() {
+    let tmp = temp_dir("ids-failed");
+    let store = Store::open(tmp.path()).unwrap();
+    let w = store.writer().clone();
+    let lease = new_lease(
+        1,
+        "fwnp://host/a",
+        vec![grant(Protocol::Tcp, 80, 80)],
+        "web",
+        0,
+        60,
+    );
+    w.commit_blocking(vec![WriteOp::InsertLease(lease.clone())])
+        .unwrap();
+    // An event, then a duplicate lease: the job fails whole and its event is not stored.
+    let failed = w.commit_blocking(vec![
+        WriteOp::audit(AuditEvent::new(10, AuditKind::PolicyReload)),
+        WriteOp::InsertLease(lease),
+    ]);
+    assert!(
+        matches!(failed, Err(StoreError::DuplicateLease { .. })),
+        "{failed:?}"
+    );
+    w.commit_blocking(vec![
+        WriteOp::audit(AuditEvent::new(20, AuditKind::PolicyReload)),
+        WriteOp::audit(AuditEvent::new(30, AuditKind::PolicyReload)),
+    ])
+    .unwrap();
+    let stored: Vec<(u64, u64)> = trail(&store)
+        .iter()
+        .map(|(id, e)| (*id, e.time_ms))
+        .collect();
+    assert_eq!(stored, vec![(1, 20), (2, 30)]);
+}
+
 #[test]
 fn damaged_meta_and_foreign_files_are_refused() {
     let tmp = temp_dir("foreign");

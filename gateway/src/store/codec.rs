@@ -7,6 +7,7 @@
 //! (`p` protocol number, `f`/`l` first and last port, `h` host address, `r` remote prefixes,
 //! omitted when empty, `a` the application id, omitted when none).
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
 use fwnp_proto::{AppInfo, Grant, LeaseId, PortRange, Prefix, Protocol, ResultCode, RevokeReason};
@@ -96,8 +97,15 @@ pub(crate) fn encode_hosts(hosts: &[IpAddr]) -> Option<String> {
     if hosts.is_empty() {
         return None;
     }
-    let texts: Vec<String> = hosts.iter().map(IpAddr::to_string).collect();
-    Some(texts.join(","))
+    let mut text = String::with_capacity(hosts.len() * 16);
+    for (i, host) in hosts.iter().enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        // Writing into a String cannot fail.
+        let _ = write!(text, "{host}");
+    }
+    Some(text)
 }
 
 pub(crate) fn decode_hosts(text: &str) -> Result<Vec<IpAddr>, StoreError> {

@@ -40,7 +40,8 @@
 //! The `meta` table records the schema version ([`SCHEMA_VERSION`]). A store of an older version
 //! is migrated when it is opened, in the transaction that checks it, so a failed migration leaves
 //! it as it was; a store of a newer version is refused ([`StoreError::SchemaTooNew`]) rather than
-//! misread. Version 2 added each lease's certificate (issuer and serial).
+//! misread. Version 2 added each lease's certificate (issuer and serial); version 3 numbers audit
+//! events without `AUTOINCREMENT` (still never reusing an id).
 
 mod backend;
 mod codec;
@@ -249,9 +250,7 @@ impl Store {
             StoreError::Sqlite { op, source } => not_a_database(&path, source, op),
             other => other,
         })?;
-        let last_audit_id: i64 = conn
-            .query_row("SELECT coalesce(max(id), 0) FROM audit", [], |r| r.get(0))
-            .map_err(StoreError::sqlite("read newest audit id"))?;
+        let last_audit_id = schema::last_audit_id(&conn)?;
         // With a checkpoint thread, the writer's commits no longer checkpoint; without one
         // (it could not start), they still do, as SQLite does by default.
         let checkpointer = spawn_checkpointer(&path, &options).ok();
@@ -263,7 +262,7 @@ impl Store {
             conn,
             options.max_batch_ops,
             options.max_pending_ops,
-            u64::try_from(last_audit_id).unwrap_or(0),
+            last_audit_id,
         )?;
         Ok(Store {
             inner: Arc::new(Inner {

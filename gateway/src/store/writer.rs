@@ -12,8 +12,10 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
-use fwnp_proto::LeaseId;
-use rusqlite::{Connection, params};
+use std::net::SocketAddr;
+
+use fwnp_proto::{Grant, LeaseId};
+use rusqlite::{Connection, Statement, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::{
@@ -311,7 +313,15 @@ pub(crate) fn spawn(
     let thread_shared = Arc::clone(&shared);
     let handle = std::thread::Builder::new()
         .name("fwnp-store-writer".into())
-        .spawn(move || run(conn, &thread_shared, receiver, max_batch_ops.max(1)))
+        .spawn(move || {
+            run(
+                conn,
+                &thread_shared,
+                receiver,
+                max_batch_ops.max(1),
+                last_audit_id,
+            )
+        })
         .map_err(|source| StoreError::Io {
             op: "start writer thread",
             path: "fwnp-store-writer".into(),
@@ -325,7 +335,12 @@ fn run(
     shared: &WriterShared,
     mut receiver: mpsc::UnboundedReceiver<Msg>,
     max_batch_ops: usize,
+    last_audit_id: u64,
 ) {
+    let mut writer = Writer::new(&conn, last_audit_id);
+    if let Err(e) = &writer {
+        tracing::error!(error = %e, "store: the writer cannot prepare its statements");
+    }
     while let Some(first) = receiver.blocking_recv() {
         let mut batch = Vec::new();
         let mut ops = 0usize;
@@ -345,7 +360,7 @@ fn run(
                 Err(_) => break,
             }
         }
-        execute(&conn, shared, batch);
+        execute(writer.as_mut(), shared, batch);
         if closing {
             // Refuse new work, then finish what was queued before the close.
             receiver.close();
@@ -355,13 +370,79 @@ fn run(
                     rest.push(job);
                 }
             }
-            execute(&conn, shared, rest);
+            execute(writer.as_mut(), shared, rest);
             break;
         }
     }
 }
 
-fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
+/// The writer thread's connection, with the statements of every grant prepared once, and the id
+/// the next audit event gets (it moves on only by the events committed).
+struct Writer<'c> {
+    conn: &'c Connection,
+    next_audit: i64,
+    hot: Statements<'c>,
+}
+
+/// The statements every grant, renewal or release runs, prepared when the writer starts and
+/// kept: taken from rusqlite's statement cache, each operation hashed the SQL text, moved the
+/// statement out of and back into the cache and cleared its bindings.
+struct Statements<'c> {
+    begin: Statement<'c>,
+    commit: Statement<'c>,
+    insert_lease: Statement<'c>,
+    renew_lease: Statement<'c>,
+    end_lease: Statement<'c>,
+    insert_audit: Statement<'c>,
+}
+
+impl<'c> Writer<'c> {
+    fn new(conn: &'c Connection, last_audit_id: u64) -> Result<Self, StoreError> {
+        let prepare =
+            |sql: &str, what: &'static str| conn.prepare(sql).map_err(StoreError::sqlite(what));
+        Ok(Writer {
+            conn,
+            next_audit: i64::try_from(last_audit_id)
+                .unwrap_or(i64::MAX)
+                .saturating_add(1),
+            hot: Statements {
+                begin: prepare("BEGIN IMMEDIATE", "prepare begin transaction")?,
+                commit: prepare("COMMIT", "prepare commit")?,
+                insert_lease: prepare(INSERT_LEASE, "prepare insert lease")?,
+                renew_lease: prepare(RENEW_LEASE, "prepare renew lease")?,
+                end_lease: prepare(END_LEASE, "prepare end lease")?,
+                insert_audit: prepare(INSERT_AUDIT, "prepare insert audit")?,
+            },
+        })
+    }
+}
+
+const INSERT_LEASE: &str = "INSERT INTO leases (id, identity, peer, grants, app_name, app_exe, \
+    app_uid, app_pid, requested_lifetime, granted_lifetime, created_ms, expires_ms, state, \
+    cert_issuer, cert_serial) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live', \
+    ?13, ?14)";
+
+// A renewal without a certificate keeps the one stored.
+const RENEW_LEASE: &str = "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, \
+    granted_lifetime = ?4, cert_issuer = coalesce(?5, cert_issuer), \
+    cert_serial = coalesce(?6, cert_serial) WHERE id = ?1 AND state = 'live'";
+
+const END_LEASE: &str = "UPDATE leases SET state = ?2, ended_ms = ?3, end_by = ?4, \
+    end_reason = ?5, revoke_reason = ?6 WHERE id = ?1 AND state = 'live'";
+
+const INSERT_AUDIT: &str = "INSERT INTO audit (id, time_ms, kind, outcome, identity, peer, lease, \
+    has_request, protocol, port_first, port_last, app_id, host, remotes, lifetime_asked, \
+    app_name, app_exe, app_uid, app_pid, grants, lifetime_granted, rule, reason, code, actor) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
+    ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+
+/// Run `batch` as one transaction and answer its jobs; without a writer (its statements could
+/// not be prepared) every job is answered with that error.
+fn execute(
+    writer: Result<&mut Writer<'_>, &mut StoreError>,
+    shared: &WriterShared,
+    batch: Vec<Job>,
+) {
     if batch.is_empty() {
         return;
     }
@@ -375,14 +456,22 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
         .counters
         .queue_wait_us
         .fetch_add(u64::try_from(waited).unwrap_or(u64::MAX), Ordering::Relaxed);
+    let w = match writer {
+        Ok(w) => w,
+        Err(e) => {
+            let results = batch.iter().map(|_| Err(e.duplicate())).collect();
+            finish(shared, batch, started, op_count, results, Vec::new());
+            return;
+        }
+    };
     // Fast path: no savepoints. Only when a job of several operations fails part-way is the
     // transaction rolled back and the batch run again with a savepoint around each such job.
-    let (results, newest_audit) = match run_batch(conn, &batch, false) {
-        BatchRun::Done(results, newest) => (results, newest),
+    let (results, newest_audit) = match run_batch(w, &batch, false) {
+        BatchRun::Done(results, newest, _) => (results, newest),
         BatchRun::RedoCarefully => {
             count_redo(shared);
-            match run_batch(conn, &batch, true) {
-                BatchRun::Done(results, newest) => (results, newest),
+            match run_batch(w, &batch, true) {
+                BatchRun::Done(results, newest, _) => (results, newest),
                 // Unreachable in careful mode; fail the batch rather than loop.
                 BatchRun::RedoCarefully => (
                     batch
@@ -398,6 +487,18 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
             }
         }
     };
+    finish(shared, batch, started, op_count, results, newest_audit);
+}
+
+/// Count a batch and answer its jobs.
+fn finish(
+    shared: &WriterShared,
+    batch: Vec<Job>,
+    started: std::time::Instant,
+    op_count: usize,
+    results: Vec<Result<u64, StoreError>>,
+    newest_audit: Vec<Option<i64>>,
+) {
     let c = &shared.counters;
     c.busy_us
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -443,9 +544,9 @@ fn execute(conn: &Connection, shared: &WriterShared, batch: Vec<Job>) {
 }
 
 enum BatchRun {
-    /// Per job: rows changed or its error; and the ids of the newest audit row of each job
-    /// that committed.
-    Done(Vec<Result<u64, StoreError>>, Vec<Option<i64>>),
+    /// Per job: rows changed or its error; the ids of the newest audit row of each job that
+    /// committed; and whether the transaction committed.
+    Done(Vec<Result<u64, StoreError>>, Vec<Option<i64>>, bool),
     /// A job of several operations failed part-way without a savepoint; the transaction was
     /// rolled back.
     RedoCarefully,
@@ -459,8 +560,19 @@ fn count_redo(shared: &WriterShared) {
 }
 
 /// Run the jobs of `batch` in one transaction. In careful mode each job of several operations
-/// gets its own savepoint; otherwise such a job's failure asks for a careful redo.
-fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
+/// gets its own savepoint; otherwise such a job's failure asks for a careful redo. Audit ids
+/// given to events that were not committed are given again.
+fn run_batch(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun {
+    let first_audit = w.next_audit;
+    let run = run_batch_once(w, batch, careful);
+    if !matches!(run, BatchRun::Done(_, _, true)) {
+        w.next_audit = first_audit;
+    }
+    run
+}
+
+fn run_batch_once(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun {
+    let conn = w.conn;
     let mut results: Vec<Result<u64, StoreError>> = Vec::with_capacity(batch.len());
     let mut newest_audit: Vec<Option<i64>> = Vec::with_capacity(batch.len());
     let fail_all = |err: StoreError| {
@@ -470,16 +582,18 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
         BatchRun::Done(
             batch.iter().map(|_| Err(err.duplicate())).collect(),
             Vec::new(),
+            false,
         )
     };
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+    if let Err(e) = w.hot.begin.execute([]) {
         return fail_all(StoreError::sqlite("begin transaction")(e));
     }
     for job in batch {
+        let job_first_audit = w.next_audit;
         let result = if careful {
-            apply_job(conn, &job.ops)
+            apply_job(w, &job.ops)
         } else {
-            apply_ops(conn, &job.ops)
+            apply_ops(w, &job.ops)
         };
         match result {
             Ok((changed, audit_id)) => {
@@ -496,23 +610,25 @@ fn run_batch(conn: &Connection, batch: &[Job], careful: bool) -> BatchRun {
                     return BatchRun::RedoCarefully;
                 }
                 // A single failed statement changed nothing; a failed savepoint was undone.
+                w.next_audit = job_first_audit;
                 results.push(Err(e));
                 newest_audit.push(None);
             }
         }
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
+    if let Err(e) = w.hot.commit.execute([]) {
         return fail_all(StoreError::sqlite("commit")(e));
     }
-    BatchRun::Done(results, newest_audit)
+    BatchRun::Done(results, newest_audit, true)
 }
 
 /// Apply operations in order, stopping at the first failure.
-fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
+fn apply_ops(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
     let mut changed = 0;
     let mut newest = None;
+    let mut text = JobText::default();
     for op in ops {
-        let (n, audit_id) = apply(conn, op)?;
+        let (n, audit_id) = apply(w, op, &mut text)?;
         changed += n;
         newest = audit_id.or(newest);
     }
@@ -520,18 +636,20 @@ fn apply_ops(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
 }
 
 /// Apply one job atomically; returns rows changed and the id of its newest audit row.
-fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
+fn apply_job(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
     if let [op] = ops {
         // A single statement is atomic by itself: a failed one changes nothing.
-        return apply(conn, op);
+        return apply(w, op, &mut JobText::default());
     }
+    let conn = w.conn;
+    let mut text = JobText::default();
     conn.prepare_cached("SAVEPOINT job")
         .and_then(|mut s| s.execute([]))
         .map_err(StoreError::sqlite("begin job savepoint"))?;
     let mut changed = 0;
     let mut newest = None;
     for op in ops {
-        match apply(conn, op) {
+        match apply(w, op, &mut text) {
             Ok((n, audit_id)) => {
                 changed += n;
                 newest = audit_id.or(newest);
@@ -550,9 +668,53 @@ fn apply_job(conn: &Connection, ops: &[WriteOp]) -> Result<(u64, Option<i64>), S
     Ok((changed, newest))
 }
 
-fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreError> {
+/// The text of a job's grants and peer, encoded once: a grant's audit event repeats its
+/// lease's grants and peer, and formatting them (JSON, addresses) for both rows was a tenth
+/// of the writer's time per grant.
+#[derive(Default)]
+struct JobText<'a> {
+    grants: Option<(&'a [Grant], String)>,
+    peer: Option<(SocketAddr, String)>,
+}
+
+impl<'a> JobText<'a> {
+    /// Encodes `grants` and `peer` unless they are those of the last call.
+    fn encode(&mut self, grants: &'a [Grant], peer: Option<SocketAddr>) {
+        if !grants.is_empty() && !matches!(&self.grants, Some((done, _)) if *done == grants) {
+            self.grants = Some((grants, encode_grants(grants)));
+        }
+        if let Some(peer) = peer
+            && !matches!(&self.peer, Some((done, _)) if *done == peer)
+        {
+            self.peer = Some((peer, peer.to_string()));
+        }
+    }
+
+    /// The text of `grants`, once encoded (`None` when there are none).
+    fn grants(&self, grants: &[Grant]) -> Option<&str> {
+        match &self.grants {
+            Some((done, text)) if !grants.is_empty() && *done == grants => Some(text),
+            _ => None,
+        }
+    }
+
+    /// The text of `peer`, once encoded.
+    fn peer(&self, peer: Option<SocketAddr>) -> Option<&str> {
+        match (&self.peer, peer) {
+            (Some((done, text)), Some(peer)) if *done == peer => Some(text),
+            _ => None,
+        }
+    }
+}
+
+fn apply<'a>(
+    w: &mut Writer<'_>,
+    op: &'a WriteOp,
+    text: &mut JobText<'a>,
+) -> Result<(u64, Option<i64>), StoreError> {
+    let conn = w.conn;
     match op {
-        WriteOp::InsertLease(lease) => insert_lease(conn, lease).map(|n| (n, None)),
+        WriteOp::InsertLease(lease) => insert_lease(w, lease, text).map(|n| (n, None)),
         WriteOp::RenewLease {
             id,
             renewed_ms,
@@ -560,16 +722,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             granted_lifetime,
             certificate,
         } => {
-            // A renewal without a certificate keeps the one stored.
-            let mut stmt = conn
-                .prepare_cached(
-                    "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, granted_lifetime = ?4, \
-                     cert_issuer = coalesce(?5, cert_issuer), cert_serial = coalesce(?6, cert_serial) \
-                     WHERE id = ?1 AND state = 'live'",
-                )
-                .map_err(StoreError::sqlite("prepare renew lease"))?;
             let (issuer, serial) = certificate_columns(certificate.as_deref());
-            let n = stmt
+            let n = w
+                .hot
+                .renew_lease
                 .execute(params![
                     &id.0[..],
                     to_i64(*renewed_ms, "renewal time")?,
@@ -595,13 +751,9 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
                 LeaseEnd::Revoked(reason) => Some(reason.number() as i64),
                 _ => None,
             };
-            let mut stmt = conn
-                .prepare_cached(
-                    "UPDATE leases SET state = ?2, ended_ms = ?3, end_by = ?4, end_reason = ?5, \
-                     revoke_reason = ?6 WHERE id = ?1 AND state = 'live'",
-                )
-                .map_err(StoreError::sqlite("prepare end lease"))?;
-            let n = stmt
+            let n = w
+                .hot
+                .end_lease
                 .execute(params![
                     &id.0[..],
                     end.state().name(),
@@ -616,11 +768,19 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
             }
             Ok((n as u64, None))
         }
-        WriteOp::Audit(event) => insert_audit(conn, event).map(|id| (1, Some(id))),
+        WriteOp::Audit(event) => insert_audit(w, event, text).map(|id| (1, Some(id))),
         WriteOp::DeleteAuditBefore {
             before_ms,
             max_rows,
         } => {
+            // The newest ids may go with the rows: the highest one used stays in meta, so
+            // that a reopened store numbers on from it (ids are never reused).
+            conn.prepare_cached(
+                "INSERT INTO meta (key, value) VALUES ('audit_last_id', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+            )
+            .and_then(|mut s| s.execute([w.next_audit.saturating_sub(1)]))
+            .map_err(StoreError::sqlite("keep the last audit id"))?;
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM audit WHERE id IN \
@@ -650,21 +810,21 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<(u64, Option<i64>), StoreErr
     }
 }
 
-fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> {
-    let grants = encode_grants(&lease.grants);
+fn insert_lease<'a>(
+    w: &mut Writer<'_>,
+    lease: &'a NewLease,
+    text: &mut JobText<'a>,
+) -> Result<u64, StoreError> {
+    text.encode(&lease.grants, lease.peer);
+    // The lease's grants are never empty; should they be, they are stored as `[]`.
+    let grants = text.grants(&lease.grants).unwrap_or("[]");
+    let peer = text.peer(lease.peer);
     let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
     let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO leases (id, identity, peer, grants, app_name, app_exe, app_uid, app_pid, \
-             requested_lifetime, granted_lifetime, created_ms, expires_ms, state, cert_issuer, \
-             cert_serial) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live', ?13, ?14)",
-        )
-        .map_err(StoreError::sqlite("prepare insert lease"))?;
-    let result = stmt.execute(params![
+    let result = w.hot.insert_lease.execute(params![
         &lease.id.0[..],
         lease.identity,
-        lease.peer.map(|p| p.to_string()),
+        peer,
         grants,
         app_name,
         app_exe,
@@ -688,48 +848,167 @@ fn insert_lease(conn: &Connection, lease: &NewLease) -> Result<u64, StoreError> 
     }
 }
 
-fn insert_audit(conn: &Connection, e: &AuditEvent) -> Result<i64, StoreError> {
+fn insert_audit<'a>(
+    w: &mut Writer<'_>,
+    e: &'a AuditEvent,
+    text: &mut JobText<'a>,
+) -> Result<i64, StoreError> {
     let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
     let request = e.request.as_ref();
-    let grants = if e.grants.is_empty() {
-        None
-    } else {
-        Some(encode_grants(&e.grants))
-    };
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO audit (time_ms, kind, outcome, identity, peer, lease, has_request, protocol, \
-             port_first, port_last, app_id, host, remotes, lifetime_asked, app_name, app_exe, app_uid, \
-             app_pid, grants, lifetime_granted, rule, reason, code, actor) VALUES (?1, ?2, ?3, ?4, ?5, \
-             ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
-        )
-        .map_err(StoreError::sqlite("prepare insert audit"))?;
-    stmt.execute(params![
-        to_i64(e.time_ms, "event time")?,
-        e.kind.name(),
-        e.outcome.map(|o| o.name()),
-        e.identity,
-        e.peer.map(|p| p.to_string()),
-        e.lease.as_ref().map(|l| &l.0[..]),
-        request.is_some(),
-        request.and_then(|r| r.protocol).map(|p| p.number()),
-        request.and_then(|r| r.ports).map(|p| p.first),
-        request.and_then(|r| r.ports).map(|p| p.last),
-        request.and_then(|r| r.app_id.as_deref()),
-        request.and_then(|r| encode_hosts(&r.hosts)),
-        request.and_then(|r| encode_prefixes(&r.remotes)),
-        request.and_then(|r| r.lifetime),
-        app_name,
-        app_exe,
-        app_uid,
-        app_pid,
-        grants,
-        e.granted_lifetime,
-        e.rule,
-        e.reason,
-        e.code.map(|c| c.number() as i64),
-        e.actor,
-    ])
-    .map_err(StoreError::sqlite("insert audit"))?;
-    Ok(conn.last_insert_rowid())
+    text.encode(&e.grants, e.peer);
+    let grants = text.grants(&e.grants);
+    let peer = text.peer(e.peer);
+    let id = w.next_audit;
+    w.hot
+        .insert_audit
+        .execute(params![
+            id,
+            to_i64(e.time_ms, "event time")?,
+            e.kind.name(),
+            e.outcome.map(|o| o.name()),
+            e.identity,
+            peer,
+            e.lease.as_ref().map(|l| &l.0[..]),
+            request.is_some(),
+            request.and_then(|r| r.protocol).map(|p| p.number()),
+            request.and_then(|r| r.ports).map(|p| p.first),
+            request.and_then(|r| r.ports).map(|p| p.last),
+            request.and_then(|r| r.app_id.as_deref()),
+            request.and_then(|r| encode_hosts(&r.hosts)),
+            request.and_then(|r| encode_prefixes(&r.remotes)),
+            request.and_then(|r| r.lifetime),
+            app_name,
+            app_exe,
+            app_uid,
+            app_pid,
+            grants,
+            e.granted_lifetime,
+            e.rule,
+            e.reason,
+            e.code.map(|c| c.number() as i64),
+            e.actor,
+        ])
+        .map_err(StoreError::sqlite("insert audit"))?;
+    w.next_audit = id.saturating_add(1);
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::types::AuditKind;
+    use fwnp_proto::{Grant, PortRange, Protocol};
+    use rusqlite::StatementStatus;
+
+    fn grant_job(n: u8) -> Job {
+        let lease = NewLease {
+            id: LeaseId([n; 16]),
+            identity: "fwnp://host/a".into(),
+            peer: Some("192.0.2.1:4433".parse().unwrap()),
+            grants: vec![Grant {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(1000 + u16::from(n)),
+                host: "192.0.2.1".parse().unwrap(),
+                remotes: vec![],
+                app: None,
+            }],
+            app: None,
+            requested_lifetime: None,
+            granted_lifetime: 60,
+            created_ms: 1_000,
+            expires_ms: 61_000,
+            certificate: None,
+            max_leases: None,
+        };
+        let mut event = AuditEvent::new(1_000, AuditKind::Grant);
+        event.lease = Some(lease.id);
+        event.grants = lease.grants.clone();
+        event.peer = lease.peer;
+        Job {
+            ops: vec![WriteOp::InsertLease(lease), WriteOp::audit(event)],
+            reply: Reply::None,
+            queued: std::time::Instant::now(),
+        }
+    }
+
+    fn store_connection() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("fwnp.sqlite3")).unwrap();
+        crate::store::schema::prepare(&mut conn, 1_000).unwrap();
+        (dir, conn)
+    }
+
+    /// A grant's lease row and audit row share one encoding of the grants and the peer; other
+    /// grants or peers are encoded anew.
+    #[test]
+    fn a_jobs_grants_and_peer_are_encoded_once() {
+        let job = grant_job(1);
+        let [WriteOp::InsertLease(lease), WriteOp::Audit(event)] = &job.ops[..] else {
+            panic!("a grant's job is its lease and its event");
+        };
+        let mut text = JobText::default();
+        text.encode(&lease.grants, lease.peer);
+        let lease_grants = text.grants(&lease.grants).unwrap().as_ptr();
+        let lease_peer = text.peer(lease.peer).unwrap().as_ptr();
+        text.encode(&event.grants, event.peer);
+        assert_eq!(text.grants(&event.grants).unwrap().as_ptr(), lease_grants);
+        assert_eq!(text.peer(event.peer).unwrap().as_ptr(), lease_peer);
+        assert_eq!(
+            text.grants(&event.grants),
+            Some(&*encode_grants(&lease.grants))
+        );
+        assert_eq!(text.peer(event.peer), Some("192.0.2.1:4433"));
+
+        let other = grant_job(2);
+        let WriteOp::InsertLease(other) = &other.ops[0] else {
+            panic!("a grant's job begins with its lease");
+        };
+        let other_peer = "192.0.2.2:1".parse().unwrap();
+        text.encode(&other.grants, Some(other_peer));
+        assert_eq!(
+            text.grants(&other.grants),
+            Some(&*encode_grants(&other.grants))
+        );
+        assert_eq!(
+            text.grants(&lease.grants),
+            None,
+            "no longer the encoded grants"
+        );
+        assert_eq!(text.peer(Some(other_peer)), Some("192.0.2.2:1"));
+        assert_eq!(text.peer(None), None);
+        text.encode(&[], None);
+        assert_eq!(text.grants(&[]), None, "no grants, no text");
+    }
+
+    /// Each grant runs the two statements prepared when the writer started, and each
+    /// transaction its BEGIN and COMMIT: nothing is prepared or looked up per operation.
+    #[test]
+    fn a_grant_runs_the_writers_own_statements_once_each() {
+        let (_dir, conn) = store_connection();
+        let mut w = Writer::new(&conn, 0).unwrap();
+        let first: Vec<Job> = (1..=24).map(grant_job).collect();
+        let second: Vec<Job> = (25..=30).map(grant_job).collect();
+        for batch in [&first, &second] {
+            let run = run_batch(&mut w, batch, false);
+            let BatchRun::Done(results, newest, true) = run else {
+                panic!("the batch did not commit");
+            };
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert_eq!(newest.len(), batch.len());
+        }
+        let runs = |s: &Statement<'_>| s.get_status(StatementStatus::Run);
+        assert_eq!(runs(&w.hot.insert_lease), 30);
+        assert_eq!(runs(&w.hot.insert_audit), 30);
+        assert_eq!(runs(&w.hot.begin), 2);
+        assert_eq!(runs(&w.hot.commit), 2);
+        assert_eq!(w.next_audit, 31);
+        let counts: (i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM leases), (SELECT count(*) FROM audit)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(counts, (30, 30));
+    }
 }
