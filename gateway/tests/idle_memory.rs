@@ -35,9 +35,12 @@ const HOSTS: usize = 100;
 /// What one idle connection may keep on the gateway's heap, everything included: QUIC and TLS
 /// state, the connection's tasks and the gateway's session. With path MTU discovery on, each
 /// connection's send buffer grew to two packets' worth once its MTU rose above 1,200 bytes, and
-/// the connection's task kept room for two timers inline: 33,300 bytes here; now about 32,200
-/// (most of it quinn's and rustls' own state, which no setting reaches: README "Measuring").
-const MAX_BYTES_PER_CONNECTION: f64 = 32.0 * 1024.0;
+/// the connection's task kept room for two timers inline: 33,300 bytes here. Without them, about
+/// 32,000, of which the connection's task was 1,700 bytes, sized for its handshake's state for
+/// the whole life of the connection; with the handshake's state boxed and freed once the
+/// connection is up, 30,750-30,820 bytes (the rest is quinn's and rustls' own state, which no
+/// setting reaches: README "Measuring"). The bound sits between the two.
+const MAX_BYTES_PER_CONNECTION: f64 = 30.5 * 1024.0;
 
 /// The live bytes once they have stopped changing: the last packets of a step (acknowledgements,
 /// the end of a request stream) may still be on their way when the hosts report it. Bounded
@@ -61,7 +64,7 @@ fn main() -> ExitCode {
         return hosts_process(&setup);
     }
     // This binary has no test harness: it answers `--list` and name filters as one would.
-    const NAME: &str = "an_idle_connection_keeps_at_most_32_kib_of_the_gateway_heap";
+    const NAME: &str = "an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap";
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     if arguments.iter().any(|a| a == "--list") {
         println!("{NAME}: test");
@@ -72,12 +75,12 @@ fn main() -> ExitCode {
         println!("running 0 tests");
         return ExitCode::SUCCESS;
     }
-    an_idle_connection_keeps_at_most_32_kib_of_the_gateway_heap();
+    an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap();
     println!("test {NAME} ... ok");
     ExitCode::SUCCESS
 }
 
-fn an_idle_connection_keeps_at_most_32_kib_of_the_gateway_heap() {
+fn an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let options = GatewayOptions {
         // Every host connects from 127.0.0.1 at once: no handshake limits.
