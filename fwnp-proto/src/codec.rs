@@ -346,7 +346,9 @@ pub(crate) fn reason_text(text: &str) -> String {
 /// it is), so that tests can produce invalid requests. Use [`crate::validate`] first where it
 /// matters.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+    // Most messages fit (a Granted of one grant is about 75 bytes), so that the buffer is not
+    // grown while writing.
+    let mut out = Vec::with_capacity(128);
     encode_into(msg, &mut out);
     out
 }

@@ -117,7 +117,7 @@ impl crate::sessions::HostLink for NoLink {
 
 /// How many heap allocations (and reallocations) the whole gateway makes for one grant: the
 /// request's decoding, policy, book, store commit (writer thread and SQLite included), audit
-/// record and answer, counted over 900 Opens of one host (after 900 more) on a service with its SQLite
+/// record and the answer's encoding, counted over 900 Opens of one host (after 900 more) on a service with its SQLite
 /// store and without a kernel filter. Each allocation is a cost on the request path and a
 /// free on another thread; the bound keeps them from creeping back (run with `--nocapture`
 /// to see the figure).
@@ -217,15 +217,18 @@ fn a_grant_costs_a_bounded_number_of_allocations() {
             for open in round {
                 let answer = service.handle(&session, open).await;
                 assert!(matches!(answer, Message::Granted(_)), "{answer:?}");
+                // The answer's bytes, as the stream sends them.
+                assert!(!codec::encode(&answer).is_empty());
             }
             let change = region.change();
             let allocations = change.allocations + change.reallocations;
             per = per.min(allocations as f64 / round.len() as f64);
         }
         println!("allocations per grant: {per:.1}");
-        // 51 before the request path moved its writes into the store's operations instead of
-        // copying them, looked its rate key and metrics up once, and borrowed the host's
-        // addresses.
+        // 51 without the answer's encoding before the request path moved its writes into the
+        // store's operations instead of copying them, borrowed its rate key, the host's
+        // addresses and the policy's allowance, and the codec wrote answers without a tree of
+        // values first.
         assert!(per <= 47.0, "{per:.1} allocations per grant");
     });
 }
