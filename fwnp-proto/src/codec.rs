@@ -839,7 +839,7 @@ impl<'a> Parser<'a> {
     }
 
     fn array(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
                 // Every item takes at least one byte: a count beyond the input is truncation,
@@ -863,7 +863,7 @@ impl<'a> Parser<'a> {
     }
 
     fn map(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
                 if count > (self.remaining() / 2) as u64 {
@@ -889,6 +889,17 @@ impl<'a> Parser<'a> {
             },
         }
         Ok(Item::Map(entries))
+    }
+}
+
+/// Room made at once for the items of an array or map of a definite length: all of them up to
+/// 16 (every map of FWNP/1 and nearly every array), so that a request's maps are not grown item
+/// by item; beyond, it grows as the items are actually there, and a length the input cannot
+/// hold costs no more than 16.
+fn presized(arg: &Arg) -> usize {
+    match arg {
+        Arg::Value(count) => usize::try_from(*count).unwrap_or(usize::MAX).min(16),
+        Arg::Indefinite => 0,
     }
 }
 
