@@ -184,10 +184,7 @@ impl Service {
         Message::Denied(d)
     }
 
-    #[expect(
-        clippy::ptr_arg,
-        reason = "the limiter is keyed by String: a &str would be copied into one per request"
-    )]
+    /// The limiter is keyed by `String`: taking the key as one spares a copy per request.
     pub(super) fn rate_limited(&self, identity: &String) -> Option<u32> {
         let limiter = self
             .limiter
