@@ -45,6 +45,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ciborium::Value;
+use ciborium_ll::{Encoder, Header, simple};
 
 use crate::message::*;
 use crate::validate::{
@@ -345,43 +346,28 @@ pub(crate) fn reason_text(text: &str) -> String {
 /// it is), so that tests can produce invalid requests. Use [`crate::validate`] first where it
 /// matters.
 pub fn encode(msg: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64);
+    // Most messages fit (a Granted of one grant is about 75 bytes), so that the buffer is not
+    // grown while writing.
+    let mut out = Vec::with_capacity(128);
     encode_into(msg, &mut out);
     out
 }
 
-/// Appends the deterministic CBOR encoding of a message to `out`.
+/// Appends the deterministic CBOR encoding of a message to `out`. Written straight into `out`:
+/// an answer is encoded for every request, and a tree of values built first cost an allocation
+/// per map, array and string.
 pub fn encode_into(msg: &Message, out: &mut Vec<u8>) {
-    let value = to_value(msg);
-    // Serialising a `Value` into a `Vec` has no failure path: the writer cannot fail and a
-    // `Value` holds nothing serde could refuse.
-    ciborium::into_writer(&value, out).expect("serialising a CBOR value into memory cannot fail");
-}
-
-/// The length in bytes of the message's encoding.
-pub fn encoded_len(msg: &Message) -> usize {
-    encode(msg).len()
-}
-
-/// The message as a [`ciborium::Value`] map with integer keys in ascending order.
-pub fn to_value(msg: &Message) -> Value {
     let t = msg.message_type();
-    let mut m = MapBuilder::new();
+    let mut m = MapWriter::new(out);
     m.uint(0, t.number());
     let common = msg.common();
     m.opt_uint(1, common.request_id);
     if !common.critical.is_empty() {
-        m.value(
-            2,
-            Value::Array(common.critical.iter().map(|k| uint(*k)).collect()),
-        );
+        m.array(2, &common.critical, |out, k| put_uint(out, *k));
     }
     match msg {
         Message::Hello(h) => {
-            m.value(
-                3,
-                Value::Array(h.versions.iter().map(|v| uint(u64::from(*v))).collect()),
-            );
+            m.array(3, &h.versions, |out, v| put_uint(out, u64::from(*v)));
             // Absent and 0 mean the same (no capability); the deterministic form omits it.
             if h.capabilities.0 != 0 {
                 m.uint(4, h.capabilities.0);
@@ -391,20 +377,17 @@ pub fn to_value(msg: &Message) -> Value {
         Message::Welcome(w) => {
             m.uint(3, u64::from(w.version));
             m.uint(4, w.capabilities.0);
-            m.value(5, limits_value(&w.limits));
+            m.map(5, |m| limits_into(m, &w.limits));
             m.uint(6, w.epoch);
             m.uint(7, w.time_ms);
             m.text(8, &w.identity);
-            m.value(
-                9,
-                Value::Array(w.addresses.iter().map(|a| addr_value(*a)).collect()),
-            );
+            m.array(9, &w.addresses, |out, a| put_addr(out, *a));
         }
         Message::Open(o) => {
-            m.value(3, opening_value(&o.opening));
+            m.map(3, |m| opening_into(m, &o.opening));
             m.opt_uint(4, o.lifetime.map(u64::from));
             if let Some(app) = &o.app {
-                m.value(5, app_info_value(app));
+                m.map(5, |m| app_info_into(m, app));
             }
         }
         Message::Renew(r) => {
@@ -415,13 +398,13 @@ pub fn to_value(msg: &Message) -> Value {
         Message::List(_) => {}
         Message::Granted(g) => {
             m.bytes(3, &g.lease.0);
-            m.value(4, Value::Array(g.grants.iter().map(grant_value).collect()));
+            m.array(4, &g.grants, |out, g| put_map(out, |m| grant_into(m, g)));
             m.uint(5, u64::from(g.lifetime));
             m.uint(6, g.expires_ms);
             m.uint(7, u64::from(g.renew_after));
             m.uint(8, g.epoch);
             if g.narrowed {
-                m.value(9, Value::Bool(true));
+                m.bool(9, true);
             }
         }
         Message::Denied(d) => {
@@ -432,17 +415,13 @@ pub fn to_value(msg: &Message) -> Value {
                 m.bytes(6, &lease.0);
             }
             if !d.unsupported.is_empty() {
-                m.value(
-                    7,
-                    Value::Array(d.unsupported.iter().map(|k| uint(*k)).collect()),
-                );
+                m.array(7, &d.unsupported, |out, k| put_uint(out, *k));
             }
         }
         Message::Leases(l) => {
-            m.value(
-                3,
-                Value::Array(l.leases.iter().map(lease_info_value).collect()),
-            );
+            m.array(3, &l.leases, |out, l| {
+                put_map(out, |m| lease_info_into(m, l));
+            });
             m.uint(4, l.epoch);
         }
         Message::Released(r) => m.bytes(3, &r.lease.0),
@@ -457,30 +436,109 @@ pub fn to_value(msg: &Message) -> Value {
             m.opt_text(4, g.reason.as_deref());
         }
     }
-    m.finish()
+    m.finish();
 }
 
-/// Collects map entries; callers add keys in ascending order, which the deterministic encoding
-/// requires (for unsigned integers numeric order is also the order of their encodings).
-struct MapBuilder(Vec<(Value, Value)>);
+/// The length in bytes of the message's encoding.
+pub fn encoded_len(msg: &Message) -> usize {
+    encode(msg).len()
+}
 
-impl MapBuilder {
-    fn new() -> Self {
-        MapBuilder(Vec::with_capacity(10))
+/// The message as a [`ciborium::Value`] map with integer keys in ascending order: its encoding
+/// read back.
+pub fn to_value(msg: &Message) -> Value {
+    // Deterministic CBOR of integers, strings, arrays, maps and booleans, made just above: every
+    // such item has a `Value`.
+    ciborium::from_reader(encode(msg).as_slice())
+        .expect("the codec's own encoding reads back as a CBOR value")
+}
+
+/// Writes a CBOR item's header. Writing into memory has no failure path.
+fn put_header(out: &mut Vec<u8>, header: Header) {
+    let _ = Encoder::from(out).push(header);
+}
+
+fn put_uint(out: &mut Vec<u8>, n: u64) {
+    put_header(out, Header::Positive(n));
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_header(out, Header::Bytes(Some(bytes.len())));
+    out.extend_from_slice(bytes);
+}
+
+fn put_text(out: &mut Vec<u8>, text: &str) {
+    put_header(out, Header::Text(Some(text.len())));
+    out.extend_from_slice(text.as_bytes());
+}
+
+fn put_addr(out: &mut Vec<u8>, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => put_bytes(out, &a.octets()),
+        IpAddr::V6(a) => put_bytes(out, &a.octets()),
+    }
+}
+
+fn put_array<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&mut Vec<u8>, &T)) {
+    put_header(out, Header::Array(Some(items.len())));
+    for item in items {
+        each(out, item);
+    }
+}
+
+fn put_map(out: &mut Vec<u8>, entries: impl FnOnce(&mut MapWriter<'_>)) {
+    let mut m = MapWriter::new(out);
+    entries(&mut m);
+    m.finish();
+}
+
+fn put_prefixes(out: &mut Vec<u8>, prefixes: &[Prefix]) {
+    put_array(out, prefixes, |out, p| {
+        put_header(out, Header::Array(Some(2)));
+        put_addr(out, p.addr);
+        put_uint(out, u64::from(p.len));
+    });
+}
+
+/// Writes a map's entries; callers add keys in ascending order, which the deterministic
+/// encoding requires (for unsigned integers numeric order is also the order of their
+/// encodings). The map's header, which holds the number of entries, is written in front of
+/// them once they are all there.
+struct MapWriter<'a> {
+    out: &'a mut Vec<u8>,
+    /// Where the header goes: one byte is kept for it, enough for the 23 entries a map of
+    /// FWNP/1 stays under.
+    at: usize,
+    entries: usize,
+    last_key: Option<u64>,
+}
+
+impl<'a> MapWriter<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        let at = out.len();
+        out.push(0);
+        MapWriter {
+            out,
+            at,
+            entries: 0,
+            last_key: None,
+        }
     }
 
-    fn value(&mut self, key: u64, value: Value) {
+    /// Writes `key` and gives the buffer for its value.
+    fn key(&mut self, key: u64) -> &mut Vec<u8> {
         debug_assert!(
-            self.0.last().is_none_or(|(k, _)| k
-                .as_integer()
-                .is_some_and(|k| u64::try_from(k).is_ok_and(|k| k < key))),
+            self.last_key.is_none_or(|last| last < key),
             "map keys must be added in ascending order"
         );
-        self.0.push((uint(key), value));
+        self.last_key = Some(key);
+        self.entries += 1;
+        put_uint(self.out, key);
+        self.out
     }
 
     fn uint(&mut self, key: u64, value: u64) {
-        self.value(key, uint(value));
+        put_uint(self.key(key), value);
     }
 
     fn opt_uint(&mut self, key: u64, value: Option<u64>) {
@@ -490,7 +548,7 @@ impl MapBuilder {
     }
 
     fn text(&mut self, key: u64, value: &str) {
-        self.value(key, Value::Text(value.to_owned()));
+        put_text(self.key(key), value);
     }
 
     fn opt_text(&mut self, key: u64, value: Option<&str>) {
@@ -500,35 +558,37 @@ impl MapBuilder {
     }
 
     fn bytes(&mut self, key: u64, value: &[u8]) {
-        self.value(key, Value::Bytes(value.to_vec()));
+        put_bytes(self.key(key), value);
     }
 
-    fn finish(self) -> Value {
-        Value::Map(self.0)
+    fn bool(&mut self, key: u64, value: bool) {
+        let simple = if value { simple::TRUE } else { simple::FALSE };
+        put_header(self.key(key), Header::Simple(simple));
+    }
+
+    fn addr(&mut self, key: u64, value: IpAddr) {
+        put_addr(self.key(key), value);
+    }
+
+    fn array<T>(&mut self, key: u64, items: &[T], each: impl FnMut(&mut Vec<u8>, &T)) {
+        put_array(self.key(key), items, each);
+    }
+
+    fn map(&mut self, key: u64, entries: impl FnOnce(&mut MapWriter<'_>)) {
+        put_map(self.key(key), entries);
+    }
+
+    fn finish(self) {
+        let mut header = [0u8; 9];
+        let mut free = &mut header[..];
+        let _ = Encoder::from(&mut free).push(Header::Map(Some(self.entries)));
+        let len = 9 - free.len();
+        self.out
+            .splice(self.at..self.at + 1, header[..len].iter().copied());
     }
 }
 
-fn uint(n: u64) -> Value {
-    Value::Integer(n.into())
-}
-
-fn addr_value(addr: IpAddr) -> Value {
-    match addr {
-        IpAddr::V4(a) => Value::Bytes(a.octets().to_vec()),
-        IpAddr::V6(a) => Value::Bytes(a.octets().to_vec()),
-    }
-}
-
-fn prefixes_value(prefixes: &[Prefix]) -> Value {
-    Value::Array(
-        prefixes
-            .iter()
-            .map(|p| Value::Array(vec![addr_value(p.addr), uint(u64::from(p.len))]))
-            .collect(),
-    )
-}
-
-fn ports_into(m: &mut MapBuilder, protocol: Protocol, ports: PortRange) {
+fn ports_into(m: &mut MapWriter<'_>, protocol: Protocol, ports: PortRange) {
     m.uint(1, u64::from(protocol.number()));
     m.uint(2, u64::from(ports.first));
     if ports.last != ports.first {
@@ -536,71 +596,58 @@ fn ports_into(m: &mut MapBuilder, protocol: Protocol, ports: PortRange) {
     }
 }
 
-fn opening_value(o: &Opening) -> Value {
-    let mut m = MapBuilder::new();
+fn opening_into(m: &mut MapWriter<'_>, o: &Opening) {
     if let Target::Ports { protocol, ports } = &o.target {
-        ports_into(&mut m, *protocol, *ports);
+        ports_into(m, *protocol, *ports);
     }
     match &o.host {
         HostAddresses::Default => {}
-        HostAddresses::One(host) => m.value(4, addr_value(*host)),
-        HostAddresses::List(hosts) => m.value(
-            4,
-            Value::Array(hosts.iter().map(|h| addr_value(*h)).collect()),
-        ),
+        HostAddresses::One(host) => m.addr(4, *host),
+        HostAddresses::List(hosts) => m.array(4, hosts, |out, h| put_addr(out, *h)),
     }
     if let Some(family) = o.family {
         m.uint(5, family.number());
     }
     if !o.remotes.is_empty() {
-        m.value(6, prefixes_value(&o.remotes));
+        put_prefixes(m.key(6), &o.remotes);
     }
     if let Target::App(app) = &o.target {
         m.text(7, app);
     }
-    m.finish()
 }
 
-fn grant_value(g: &Grant) -> Value {
-    let mut m = MapBuilder::new();
-    ports_into(&mut m, g.protocol, g.ports);
-    m.value(4, addr_value(g.host));
+fn grant_into(m: &mut MapWriter<'_>, g: &Grant) {
+    ports_into(m, g.protocol, g.ports);
+    m.addr(4, g.host);
     if !g.remotes.is_empty() {
-        m.value(6, prefixes_value(&g.remotes));
+        put_prefixes(m.key(6), &g.remotes);
     }
     m.opt_text(7, g.app.as_deref());
-    m.finish()
 }
 
-fn app_info_value(a: &AppInfo) -> Value {
-    let mut m = MapBuilder::new();
+fn app_info_into(m: &mut MapWriter<'_>, a: &AppInfo) {
     m.opt_text(1, a.name.as_deref());
     m.opt_text(2, a.executable.as_deref());
     m.opt_uint(3, a.uid.map(u64::from));
     m.opt_uint(4, a.pid.map(u64::from));
-    m.finish()
 }
 
-fn limits_value(l: &Limits) -> Value {
-    let mut m = MapBuilder::new();
+fn limits_into(m: &mut MapWriter<'_>, l: &Limits) {
     m.uint(1, u64::from(l.max_message_size));
     m.uint(2, u64::from(l.max_streams));
     m.uint(3, u64::from(l.min_lifetime));
     m.uint(4, u64::from(l.max_lifetime));
     m.opt_uint(5, l.max_leases.map(u64::from));
-    m.finish()
 }
 
-fn lease_info_value(l: &LeaseInfo) -> Value {
-    let mut m = MapBuilder::new();
+fn lease_info_into(m: &mut MapWriter<'_>, l: &LeaseInfo) {
     m.bytes(1, &l.lease.0);
-    m.value(2, Value::Array(l.grants.iter().map(grant_value).collect()));
+    m.array(2, &l.grants, |out, g| put_map(out, |m| grant_into(m, g)));
     m.uint(3, u64::from(l.remaining));
     m.uint(4, l.expires_ms);
     if let Some(app) = &l.app {
-        m.value(5, app_info_value(app));
+        m.map(5, |m| app_info_into(m, app));
     }
-    m.finish()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -792,7 +839,7 @@ impl<'a> Parser<'a> {
     }
 
     fn array(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
-        let mut items = Vec::new();
+        let mut items = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
                 // Every item takes at least one byte: a count beyond the input is truncation,
@@ -816,7 +863,7 @@ impl<'a> Parser<'a> {
     }
 
     fn map(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
-        let mut entries = Vec::new();
+        let mut entries = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
                 if count > (self.remaining() / 2) as u64 {
@@ -842,6 +889,17 @@ impl<'a> Parser<'a> {
             },
         }
         Ok(Item::Map(entries))
+    }
+}
+
+/// Room made at once for the items of an array or map of a definite length: all of them up to
+/// 16 (every map of FWNP/1 and nearly every array), so that a request's maps are not grown item
+/// by item; beyond, it grows as the items are actually there, and a length the input cannot
+/// hold costs no more than 16.
+fn presized(arg: &Arg) -> usize {
+    match arg {
+        Arg::Value(count) => usize::try_from(*count).unwrap_or(usize::MAX).min(16),
+        Arg::Indefinite => 0,
     }
 }
 

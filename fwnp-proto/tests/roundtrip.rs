@@ -393,6 +393,12 @@ fn check_round_trip(msg: &Message) -> Result<(), TestCaseError> {
     );
     let bytes = encode(msg);
     prop_assert!(bytes.len() <= MAX_MESSAGE_SIZE);
+    // The encoder writes its bytes directly: they must be what a general CBOR serialiser makes
+    // of the same items (definite lengths, shortest heads), as when it went through one.
+    let mut serialised = Vec::new();
+    ciborium::into_writer(&fwnp_proto::codec::to_value(msg), &mut serialised)
+        .expect("serialising into memory");
+    prop_assert_eq!(&serialised, &bytes, "not the serialiser's encoding");
     let decoded = decode(&bytes);
     prop_assert_eq!(decoded.as_ref(), Ok(msg));
     prop_assert_eq!(encode(&decoded.unwrap()), bytes, "encoding is not stable");

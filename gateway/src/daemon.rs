@@ -158,10 +158,12 @@ pub async fn run(config: GatewayConfig) -> Result<(), DaemonError> {
     tokio::spawn(service.clone().run_expiry());
     tokio::spawn(housekeeping(service.clone()));
 
+    // The handlers are in place before systemd hears it is ready: a SIGHUP sent as soon as it
+    // is (a reload right after a start) would otherwise end the process, its default action.
+    let mut signals = Signals::stop_and_reload()?;
     notify(Status::Ready);
     info!(epoch = format_args!("{:016x}", service.epoch()), "ready");
 
-    let mut signals = Signals::stop_and_reload()?;
     while signals.next().await == Request::Reload {
         notify(Status::Reloading);
         // A rotation that sends SIGHUP need not wait for the audit file's path check.

@@ -161,17 +161,38 @@ impl Element {
     /// assert!(elements.iter().all(|e| e.host == grant.host && e.ports == grant.ports));
     /// ```
     pub fn from_grant(grant: &Grant) -> Vec<Element> {
-        let element = |remote| Element {
+        Self::of_grant(grant).collect()
+    }
+
+    /// The elements of [`Element::from_grant`] one by one, for a caller that collects those of
+    /// several grants without a vector for each.
+    ///
+    /// ```
+    /// use fwnp_netfilter::{Element, PortRange, Protocol};
+    /// use fwnp_proto::Grant;
+    ///
+    /// let grant = Grant {
+    ///     protocol: Protocol::Udp,
+    ///     ports: PortRange::single(53),
+    ///     host: "198.18.1.2".parse().unwrap(),
+    ///     remotes: Vec::new(),
+    ///     app: None,
+    /// };
+    /// let elements: Vec<Element> = Element::of_grant(&grant).collect();
+    /// assert_eq!(elements, Element::from_grant(&grant));
+    /// assert_eq!(elements[0].remote, None);
+    /// ```
+    pub fn of_grant(grant: &Grant) -> impl Iterator<Item = Element> + '_ {
+        let element = move |remote| Element {
             host: grant.host,
             protocol: grant.protocol,
             ports: grant.ports,
             remote,
         };
-        if grant.remotes.is_empty() {
-            vec![element(None)]
-        } else {
-            grant.remotes.iter().map(|p| element(Some(*p))).collect()
-        }
+        // No remote prefix: one element admitting any source.
+        let any = grant.remotes.is_empty().then(|| element(None));
+        any.into_iter()
+            .chain(grant.remotes.iter().map(move |p| element(Some(*p))))
     }
 }
 

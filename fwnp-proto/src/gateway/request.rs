@@ -564,6 +564,13 @@ impl Pending {
         &self.effects
     }
 
+    /// Takes the effects out, in order, leaving none: a driver that carries them out by value
+    /// moves what they hold (the lease, its audit record) into its own writes instead of
+    /// copying it. [`RequestCore::finish`] does not look at them.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
     /// The lease this request made or renewed.
     pub fn lease(&self) -> LeaseId {
         match &self.ticket {
@@ -1046,23 +1053,23 @@ impl RequestCore {
                 format!("{reason} (extends the live lease)"),
             ),
         };
+        let hold = Effect::Hold {
+            lease: lease.id,
+            grants: lease.grants.clone(),
+            expires_ms: lease.expires_ms,
+        };
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease.
         let audit = Write::Audit(AuditRecord {
             time_ms: now_ms,
             peer: Some(peer.remote),
             what: Audit::Granted {
-                lease: lease.clone(),
+                lease,
                 open: Box::new(open.clone()),
                 rule,
                 reason,
             },
         });
-        let hold = Effect::Hold {
-            lease: lease.id,
-            grants: lease.grants.clone(),
-            expires_ms: lease.expires_ms,
-        };
         let commit = Effect::Commit(vec![write, audit]);
         let effects = if kernel_first {
             vec![hold, commit]

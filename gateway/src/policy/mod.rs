@@ -738,8 +738,9 @@ impl Policy {
         open: &fwnp_proto::Open,
     ) -> Decision {
         let named = !open.opening.host.is_default();
-        // The first admitted address's decision, growing with the grants of the others.
-        let mut merged: Option<(Allowance, Decision)> = None;
+        // The first admitted address's allowance, growing with the grants of the others, and
+        // that first decision's rule and reason.
+        let mut merged: Option<(Allowance, Option<RuleRef>, String)> = None;
         let mut refused: Vec<(IpAddr, Decision)> = Vec::new();
         for &host in hosts {
             let decision = self.evaluate(&Request::for_opening(
@@ -749,14 +750,24 @@ impl Policy {
                 &open.opening,
                 open.lifetime,
             ));
-            match (&decision.verdict, &mut merged) {
-                (Verdict::Allowed(more), Some((all, _))) => merge_allowance(all, more.clone()),
-                (Verdict::Allowed(first), None) => merged = Some((first.clone(), decision)),
-                (Verdict::Denied(_), _) if named || hosts.len() == 1 => return decision,
-                (Verdict::Denied(_), _) => refused.push((host, decision)),
+            match (decision.verdict, &mut merged) {
+                (Verdict::Allowed(more), Some((all, _, _))) => merge_allowance(all, more),
+                (Verdict::Allowed(first), None) => {
+                    merged = Some((first, decision.rule, decision.reason));
+                }
+                (verdict @ Verdict::Denied(_), _) => {
+                    let decision = Decision {
+                        verdict,
+                        ..decision
+                    };
+                    if named || hosts.len() == 1 {
+                        return decision;
+                    }
+                    refused.push((host, decision));
+                }
             }
         }
-        let Some((mut all, first)) = merged else {
+        let Some((mut all, first_rule, first_reason)) = merged else {
             return refused
                 .into_iter()
                 .next()
@@ -767,7 +778,7 @@ impl Policy {
                     reason: "no host address to open".to_owned(),
                 });
         };
-        let mut reason = first.reason;
+        let mut reason = first_reason;
         if !refused.is_empty() {
             all.remotes_narrowed = true;
             all.narrowed = true;
@@ -778,7 +789,7 @@ impl Policy {
         all.granted_lifetime_secs = all.lifetime.clamp(open.lifetime);
         Decision {
             verdict: Verdict::Allowed(all),
-            rule: first.rule,
+            rule: first_rule,
             reason,
         }
     }

@@ -184,13 +184,14 @@ impl Service {
         Message::Denied(d)
     }
 
-    pub(super) fn rate_limited(&self, identity: &str) -> Option<u32> {
+    /// The limiter is keyed by `String`: taking the key as one spares a copy per request.
+    pub(super) fn rate_limited(&self, identity: &String) -> Option<u32> {
         let limiter = self
             .limiter
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        match limiter.check_key(&identity.to_owned()) {
+        match limiter.check_key(identity) {
             Ok(()) => None,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(

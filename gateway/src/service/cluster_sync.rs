@@ -218,7 +218,7 @@ impl Service {
                 self.carry_out(None, std::slice::from_ref(effect)).await;
                 continue;
             };
-            match self.commit(None, writes).await {
+            match self.commit(None, writes.to_vec()).await {
                 Ok(()) => {}
                 Err(WriteError::Conflict(why)) if self.cluster_store.is_some() => {
                     for write in writes {

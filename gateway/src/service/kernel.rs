@@ -55,8 +55,9 @@ pub(super) enum RefreshError {
     LeaseEnded,
 }
 
-pub(super) fn elements_of_all(grants: &[Grant]) -> Vec<Element> {
-    grants.iter().flat_map(Element::from_grant).collect()
+/// The kernel elements of a lease's grants; nearly every lease has one or two, kept inline.
+pub(super) fn elements_of_all(grants: &[Grant]) -> SmallVec<[Element; 2]> {
+    grants.iter().flat_map(Element::of_grant).collect()
 }
 
 pub(super) fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
@@ -78,7 +79,7 @@ impl Service {
             return (Vec::new(), None);
         };
         let now = now_ms();
-        let queued: Vec<_> = {
+        let queued: SmallVec<[_; 2]> = {
             let mut holders = lock(&self.holders);
             elements
                 .iter()

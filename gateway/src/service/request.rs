@@ -2,6 +2,8 @@
 //! its effects (kernel elements, store writes, audit records, notices, the connection's
 //! state), answering only after the effects a grant depends on have succeeded.
 
+use smallvec::SmallVec;
+
 use super::*;
 
 /// The store's operation for a write of the request core; `certificate` is the one the host
@@ -27,6 +29,15 @@ pub fn write_op(
     write: &Write,
     certificate: Option<Arc<fwnp_trust::identity::CertificateName>>,
 ) -> WriteOp {
+    into_write_op(write.clone(), certificate)
+}
+
+/// As [`write_op`], taking the write: what it holds (grants, reasons, the audit record) moves
+/// into the store's operation instead of being copied, once per grant on the request path.
+pub(super) fn into_write_op(
+    write: Write,
+    certificate: Option<Arc<fwnp_trust::identity::CertificateName>>,
+) -> WriteOp {
     match write {
         Write::Insert {
             lease,
@@ -36,15 +47,15 @@ pub fn write_op(
         } => WriteOp::InsertLease(NewLease {
             id: lease.id,
             identity: lease.host.to_string(),
-            peer: Some(*peer),
-            grants: lease.grants.clone(),
-            app: lease.app.as_deref().cloned(),
-            requested_lifetime: *requested_lifetime,
+            peer: Some(peer),
+            grants: lease.grants,
+            app: lease.app.map(|app| *app),
+            requested_lifetime,
             granted_lifetime: lease.lifetime,
             created_ms: lease.created_ms,
             expires_ms: lease.expires_ms,
             certificate,
-            max_leases: *max_leases,
+            max_leases,
         }),
         Write::Renew {
             id,
@@ -52,10 +63,10 @@ pub fn write_op(
             expires_ms,
             granted_lifetime,
         } => WriteOp::RenewLease {
-            id: *id,
-            renewed_ms: *renewed_ms,
-            expires_ms: *expires_ms,
-            granted_lifetime: *granted_lifetime,
+            id,
+            renewed_ms,
+            expires_ms,
+            granted_lifetime,
             certificate,
         },
         Write::End {
@@ -65,18 +76,19 @@ pub fn write_op(
             by,
             why,
         } => WriteOp::EndLease {
-            id: *id,
-            end: *end,
-            ended_ms: *ended_ms,
-            by: by.clone(),
-            why: why.clone(),
+            id,
+            end,
+            ended_ms,
+            by,
+            why,
         },
         Write::Audit(record) => WriteOp::audit(audit_event(record)),
     }
 }
 
-/// The audit trail's event for a record of the request core.
-pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
+/// The audit trail's event for a record of the request core; what the record holds moves
+/// into the event.
+pub(super) fn audit_event(record: AuditRecord) -> AuditEvent {
     let kind = match &record.what {
         Audit::Refused { .. } => AuditKind::Decision,
         Audit::Granted { .. } => AuditKind::Grant,
@@ -89,7 +101,7 @@ pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
     };
     let mut event = AuditEvent::new(record.time_ms, kind);
     event.peer = record.peer;
-    match &record.what {
+    match record.what {
         Audit::Refused {
             identity,
             code,
@@ -98,17 +110,17 @@ pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
             request,
         } => {
             event.outcome = Some(Outcome::Denied);
-            event.identity = identity.clone();
-            event.code = Some(*code);
-            event.reason = Some(reason.clone());
-            event.rule = rule.clone();
+            event.identity = identity;
+            event.code = Some(code);
+            event.reason = Some(reason);
+            event.rule = rule;
             match request {
                 Asked::Open(open) => {
                     event.request =
                         Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-                    event.app = open.app.clone();
+                    event.app = open.app;
                 }
-                Asked::Lease(id) => event.lease = Some(*id),
+                Asked::Lease(id) => event.lease = Some(id),
                 Asked::Other => {}
             }
         }
@@ -122,17 +134,17 @@ pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
             event.identity = Some(lease.host.to_string());
             event.lease = Some(lease.id);
             event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-            event.app = open.app.clone();
-            event.grants = lease.grants.clone();
+            event.app = open.app;
+            event.grants = lease.grants;
             event.granted_lifetime = Some(lease.lifetime);
-            event.rule = rule.clone();
-            event.reason = Some(reason.clone());
+            event.rule = rule;
+            event.reason = Some(reason);
         }
         Audit::Renewed { lease } => {
             event.outcome = Some(Outcome::Renewed);
             event.identity = Some(lease.host.to_string());
             event.lease = Some(lease.id);
-            event.grants = lease.grants.clone();
+            event.grants = lease.grants;
             event.granted_lifetime = Some(lease.lifetime);
         }
         Audit::Ended {
@@ -148,10 +160,10 @@ pub(super) fn audit_event(record: &AuditRecord) -> AuditEvent {
             });
             event.identity = Some(lease.host.to_string());
             event.lease = Some(lease.id);
-            event.grants = lease.grants.clone();
-            event.app = lease.app.as_deref().cloned();
-            event.actor = by.clone();
-            event.reason = why.clone();
+            event.grants = lease.grants;
+            event.app = lease.app.map(|app| *app);
+            event.actor = by;
+            event.reason = why;
         }
     }
     event
@@ -240,16 +252,25 @@ impl Service {
         if let Some(retry_after) = self.rate_limited(&rate_key) {
             return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
         }
-        let addresses = session
-            .peer
-            .as_ref()
-            .map(|p| allowed_addresses(p, session.remote.ip()))
-            .unwrap_or_default();
+        // The addresses `allowed_addresses` gives, borrowed rather than copied per request: the
+        // certificate's, or else the connection's source.
+        let source = [session.remote.ip().to_canonical()];
+        let addresses: &[IpAddr] = match &session.peer {
+            Some(peer) if !peer.ip_sans.is_empty() => &peer.ip_sans,
+            Some(_) => &source,
+            None => &[],
+        };
+        debug_assert!(
+            session
+                .peer
+                .as_ref()
+                .is_none_or(|p| allowed_addresses(p, session.remote.ip()) == addresses)
+        );
         let peer = Peer {
             identity: session.peer.as_ref().map(|p| p.identity.as_str()),
             no_identity: session.identity_error.as_deref().unwrap_or("no identity"),
             remote: session.remote,
-            addresses: &addresses,
+            addresses,
         };
         let connection = ConnectionState {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
@@ -279,8 +300,10 @@ impl Service {
         };
         let answer = match step {
             Step::Answer(answer) => answer,
-            Step::Pending(pending) => {
-                let outcome = self.carry_out_in_order(session, pending.effects()).await;
+            Step::Pending(mut pending) => {
+                let outcome = self
+                    .carry_out_in_order(session, pending.take_effects())
+                    .await;
                 if let Err(e) = &outcome {
                     warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
                 }
@@ -328,7 +351,7 @@ impl Service {
     pub(super) async fn carry_out_in_order(
         &self,
         session: &Session,
-        effects: &[Effect],
+        effects: Vec<Effect>,
     ) -> Result<(), EffectFailure> {
         for effect in effects {
             let began = Instant::now();
@@ -339,7 +362,7 @@ impl Service {
                     expires_ms,
                 } => {
                     let held = self
-                        .refresh(lease, &elements_of_all(grants), *expires_ms)
+                        .refresh(&lease, &elements_of_all(&grants), expires_ms)
                         .await;
                     self.metrics.stage(Stage::Kernel, began.elapsed());
                     held.map_err(|e| match e {
@@ -353,7 +376,7 @@ impl Service {
                     committed.map_err(|e| EffectFailure::Store(e.to_string()))?
                 }
                 other => {
-                    self.carry_out(Some(session), std::slice::from_ref(other))
+                    self.carry_out(Some(session), std::slice::from_ref(&other))
                         .await
                 }
             }
@@ -394,14 +417,14 @@ impl Service {
                     grants,
                     kill_connections,
                 } => self.remove_elements(lease, grants, *kill_connections).await,
-                Effect::Commit(writes) => match self.commit(session, writes).await {
+                Effect::Commit(writes) => match self.commit(session, writes.clone()).await {
                     Ok(()) => {}
                     Err(e) if self.ended_elsewhere(&e, writes) => {
                         debug!("lease ended through another gateway first: {e}");
                     }
                     Err(e) => warn!("lease change not stored: {e}"),
                 },
-                Effect::Audit(record) => self.record(audit_event(record)),
+                Effect::Audit(record) => self.record(audit_event(record.clone())),
                 Effect::Listed { identity } => {
                     if let Some(session) = session {
                         self.record_list(identity, session.remote);
@@ -421,30 +444,33 @@ impl Service {
     pub(super) async fn commit(
         &self,
         session: Option<&Session>,
-        writes: &[Write],
+        writes: Vec<Write>,
     ) -> Result<(), WriteError> {
         let certificate = session
             .and_then(|s| s.peer.as_ref())
             .map(|p| p.certificate.clone());
+        // What the service's own records need once the store has answered is kept aside; the
+        // rest of each write moves into its store operation.
+        let kept: SmallVec<[Kept; 2]> = writes.iter().filter_map(Kept::of).collect();
         let ops = writes
-            .iter()
-            .map(|write| write_op(write, certificate.clone()))
+            .into_iter()
+            .map(|write| into_write_op(write, certificate.clone()))
             .collect();
         let committed = self.leases.commit(ops).await;
         // A lease out of the book is gone whatever the store says: the records follow the book.
         // Except a Release the store refused: the request core puts that lease back.
-        let released = |w: &Write| {
+        let released = |k: &Kept| {
             matches!(
-                w,
-                Write::End {
+                k,
+                Kept::Ended {
                     end: LeaseEnd::Released,
                     ..
                 }
             )
         };
-        let back_in_book = committed.is_err() && writes.iter().any(released);
-        for write in writes.iter().filter(|_| !back_in_book) {
-            if let Write::End { id, end, by, .. } = write {
+        let back_in_book = committed.is_err() && kept.iter().any(released);
+        for write in kept.iter().filter(|_| !back_in_book) {
+            if let Kept::Ended { id, end, by } = write {
                 lock(&self.lease_credentials).forget(id);
                 self.metrics.live_leases.dec();
                 let label = match end {
@@ -459,29 +485,64 @@ impl Service {
             }
         }
         committed?;
-        for write in writes {
+        for write in kept {
             match write {
-                Write::Insert { lease, .. } => {
+                Kept::Inserted { host, id } => {
                     self.metrics.live_leases.inc();
                     self.expiry_changed.notify_one();
                     let mut credentials = lock(&self.lease_credentials);
                     match &certificate {
-                        Some(certificate) => credentials.set(&lease.host, lease.id, certificate),
-                        None => credentials.set_unknown(lease.id),
+                        Some(certificate) => credentials.set(&host, id, certificate),
+                        None => credentials.set_unknown(id),
                     }
                 }
                 // A Renew may shorten the lease: the timer must look at the new expiry.
-                Write::Renew { id, .. } => {
+                Kept::Renewed { id } => {
                     self.expiry_changed.notify_one();
                     // Only a host renews its own leases: the session's identity is the lease's.
                     if let Some(peer) = session.and_then(|s| s.peer.as_ref()) {
-                        lock(&self.lease_credentials).set(&peer.identity, *id, &peer.certificate);
+                        lock(&self.lease_credentials).set(&peer.identity, id, &peer.certificate);
                     }
                 }
-                _ => {}
+                Kept::Ended { .. } => {}
             }
         }
         Ok(())
+    }
+}
+
+/// What [`Service::commit`] needs of a write once the store has answered it (an audit record,
+/// nothing).
+enum Kept {
+    Inserted {
+        host: Arc<str>,
+        id: LeaseId,
+    },
+    Renewed {
+        id: LeaseId,
+    },
+    Ended {
+        id: LeaseId,
+        end: LeaseEnd,
+        by: Option<String>,
+    },
+}
+
+impl Kept {
+    fn of(write: &Write) -> Option<Kept> {
+        match write {
+            Write::Insert { lease, .. } => Some(Kept::Inserted {
+                host: lease.host.clone(),
+                id: lease.id,
+            }),
+            Write::Renew { id, .. } => Some(Kept::Renewed { id: *id }),
+            Write::End { id, end, by, .. } => Some(Kept::Ended {
+                id: *id,
+                end: *end,
+                by: by.clone(),
+            }),
+            Write::Audit(_) => None,
+        }
     }
 }
 
