@@ -54,6 +54,23 @@ pub fn live() -> i64 {
     stats.bytes_allocated as i64 - stats.bytes_deallocated as i64
 }
 
+/// Allocations and reallocations made by the whole process since it started (0 in a binary
+/// that did not declare [`count_allocations!`](crate::count_allocations)); the difference of
+/// two readings counts what ran between them.
+///
+/// ```
+/// fwnp_proto::count_allocations!();
+///
+/// let before = fwnp_proto::alloc_count::allocations();
+/// let kept = vec![0u8; 16];
+/// assert!(fwnp_proto::alloc_count::allocations() - before >= 1);
+/// # drop(kept);
+/// ```
+pub fn allocations() -> u64 {
+    let stats = INSTRUMENTED_SYSTEM.stats();
+    (stats.allocations + stats.reallocations) as u64
+}
+
 /// Bytes freed by dropping `value` (0 if the process's count rose meanwhile).
 ///
 /// ```
