@@ -170,10 +170,12 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
         tokio::spawn(seam.sweep());
     }
 
+    // The handlers first: a TERM sent as soon as systemd hears READY must stop the agent
+    // through its shutdown (leases released, socket removed), not kill it.
+    let mut signals = Signals::stop()?;
     notify(Status::Ready);
     info!(socket = %config.local.socket.display(), gateway = %config.gateway.gateways.describe(), "ready");
 
-    let mut signals = Signals::stop()?;
     signals.next().await;
     notify(Status::Stopping);
     let (done, stopped) = oneshot::channel();
