@@ -43,7 +43,6 @@ use fwnp_proto::{
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::api::AdminError;
