@@ -9,8 +9,8 @@
 //! | `GET /v1/leases?host=&app=&port=&protocol=&serial=` | live leases with time left (`serial`: of the certificate that last opened or renewed them) |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=&scope=` | audit records; `wait` long-polls for records after `after` (follow, this gateway's own); in a cluster a page merges every member's events (`site`) and names in `unreachable` those it may lack, unless `scope=local` |
-//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL, ending what revoked certificates hold; one reload at a time (a second waits for the first, then runs); 409 when other gateways of the cluster kept publishing theirs |
-//! | `POST /v1/policy/explain` body `{"host": ID, "addresses": [...], "open": "tcp/8080", "from": [...], "address": ...}` | the decision, the rule, the reason, the trace |
+//! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL, ending what revoked certificates hold; one reload at a time (a second waits for the first, then runs); 409 when other gateways of the cluster kept publishing theirs, 503 when the cluster's etcd cannot be reached (the old policy stays in force) |
+//! | `POST /v1/policy/explain` body `{"host": ID, "addresses": [...], "open": "tcp/8080", "from": [...], "address": ..., "lifetime": 600 or "10m"}` | the decision, the rule, the reason, the trace; 400 naming the field (and the list entry) at fault |
 //! | `GET /v1/report?since=&until=` | what hosts and applications asked for, and a suggested policy |
 //! | `GET /metrics` | the Prometheus metrics, also here for hosts without a metrics port |
 
@@ -21,15 +21,15 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use serde_json::Value;
 
 use crate::api::{
-    AdminErrorKind, AuditAnswer, ErrorAnswer, LeasesAnswer, ReloadAnswer, ReportAnswer,
-    RevokeAnswer, RevokeRequest, StatusAnswer, TlsReload,
+    AdminErrorKind, AuditAnswer, ErrorAnswer, ExplainAnswer, ExplainRequest, LeasesAnswer,
+    ReloadAnswer, ReportAnswer, RevokeAnswer, RevokeRequest, StatusAnswer, TlsReload,
 };
 use crate::service::Service;
 
@@ -184,9 +184,12 @@ async fn reload(State(service): State<Arc<Service>>) -> AdminResult<ReloadAnswer
 
 async fn explain(
     State(service): State<Arc<Service>>,
-    Json(body): Json<Value>,
-) -> AdminResult<Value> {
-    service.explain_json(&body).map(Json)
+    body: Result<Json<ExplainRequest>, JsonRejection>,
+) -> AdminResult<ExplainAnswer> {
+    // A body of the wrong shape is the operator's mistake like any other: 400 with the API's
+    // error body, not axum's own answer.
+    let Json(body) = body.map_err(|e| AdminError::bad_request(e.body_text()))?;
+    service.explain(&body).map(Json)
 }
 
 async fn report(

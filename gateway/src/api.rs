@@ -1,7 +1,7 @@
 //! The admin API's requests, answers and errors as typed values, shared by the server
 //! ([`crate::admin`]), its client ([`crate::admin_client`]) and `fwnpctl`. They serialize to the
 //! JSON the API has always spoken, so that `curl` users and scripts reading `fwnpctl --json`
-//! see no change. This module depends on nothing else of the crate: the server maps
+//! see no change. This module depends on nothing else of the crate (only on the protocol's types): the server maps
 //! [`AdminError`] to HTTP statuses, the store and the service build the views.
 
 use serde::{Deserialize, Serialize};
@@ -386,6 +386,18 @@ pub struct GrantView {
     /// The application id it came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app: Option<String>,
+}
+
+impl From<&fwnp_proto::Grant> for GrantView {
+    fn from(g: &fwnp_proto::Grant) -> Self {
+        GrantView {
+            protocol: g.protocol.name().to_owned(),
+            ports: g.ports.to_string(),
+            host: g.host.to_string(),
+            remotes: g.remotes.iter().map(ToString::to_string).collect(),
+            app: g.app.clone(),
+        }
+    }
 }
 
 impl std::fmt::Display for GrantView {
@@ -836,9 +848,12 @@ pub struct ReportAnswer {
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExplainRequest {
-    /// The host's identity.
+    /// The host's identity; required (absent or empty, the request is refused as such rather
+    /// than as JSON of the wrong shape).
+    #[serde(default)]
     pub host: String,
-    /// What it asks to open: `tcp/8080`, `udp/5000-5010`, `app:https`.
+    /// What it asks to open: `tcp/8080`, `udp/5000-5010`, `app:https`; required.
+    #[serde(default)]
     pub open: String,
     /// The addresses the host holds; none: it holds `address`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -849,7 +864,105 @@ pub struct ExplainRequest {
     /// The remote prefixes asked for; none means any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub from: Vec<String>,
-    /// The lifetime asked, seconds.
+    /// The lifetime asked: seconds, or a duration such as `"10m"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lifetime: Option<u64>,
+    pub lifetime: Option<LifetimeAsked>,
+}
+
+/// The lifetime an explained request asks for, as JSON may give it.
+///
+/// ```
+/// use fwnp_gateway::api::LifetimeAsked;
+/// let secs: LifetimeAsked = serde_json::from_str("600").unwrap();
+/// let text: LifetimeAsked = serde_json::from_str(r#""10m""#).unwrap();
+/// assert_eq!((secs, text), (LifetimeAsked::Secs(600), LifetimeAsked::Text("10m".into())));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LifetimeAsked {
+    /// A number of seconds.
+    Secs(u64),
+    /// A duration in FWNP's one grammar: `90s`, `10m`, `1h30m`.
+    Text(String),
+}
+
+/// A policy rule named in an explanation.
+///
+/// ```
+/// let r: fwnp_gateway::api::RuleView = serde_json::from_str(r#"{"name":"web-https","line":7}"#).unwrap();
+/// assert_eq!((r.name.as_str(), r.line), ("web-https", 7));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleView {
+    /// The rule's name.
+    pub name: String,
+    /// Its line in the policy file (1-based).
+    pub line: u32,
+}
+
+/// How one step of an explanation went.
+///
+/// ```
+/// let o: fwnp_gateway::api::StepOutcomeView = serde_json::from_str(r#""no-match""#).unwrap();
+/// assert_eq!(o, fwnp_gateway::api::StepOutcomeView::NoMatch);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepOutcomeView {
+    /// Information about the request (an application's expansion, third-party status).
+    Note,
+    /// The rule was considered and does not match.
+    NoMatch,
+    /// The rule matched and decided.
+    Matched,
+}
+
+/// One step of an explanation.
+///
+/// ```
+/// let s: fwnp_gateway::api::ExplainStep =
+///     serde_json::from_str(r#"{"rule":null,"outcome":"note","detail":"third party"}"#).unwrap();
+/// assert!(s.rule.is_none());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainStep {
+    /// The rule considered, if the step is about one.
+    pub rule: Option<RuleView>,
+    /// How it went.
+    pub outcome: StepOutcomeView,
+    /// What was checked.
+    pub detail: String,
+}
+
+/// The answer to `POST /v1/policy/explain` (and `fwnpctl policy explain --policy FILE`): the
+/// decision, the rule that made it, why, and each step.
+///
+/// ```
+/// let text = r#"{"request":"fwnp://host/db-01 asks tcp/443 on 10.1.0.6","allowed":false,
+///   "code":"denied-by-policy","rule":null,"reason":"no rule allows it","grants":[],
+///   "lifetime":null,"steps":[],"text":"decision: denied"}"#;
+/// let a: fwnp_gateway::api::ExplainAnswer = serde_json::from_str(text).unwrap();
+/// assert!(!a.allowed);
+/// assert_eq!(a.code.as_deref(), Some("denied-by-policy"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExplainAnswer {
+    /// The request, in words.
+    pub request: String,
+    /// Whether the policy allows it.
+    pub allowed: bool,
+    /// The denial's code (`denied-by-policy`, ...); `null` when allowed.
+    pub code: Option<String>,
+    /// The rule that decided; `null` for the default deny.
+    pub rule: Option<RuleView>,
+    /// Why.
+    pub reason: String,
+    /// What would be granted; empty when denied.
+    pub grants: Vec<GrantView>,
+    /// The lifetime that would be granted, seconds; `null` when denied.
+    pub lifetime: Option<u32>,
+    /// The steps, in order.
+    pub steps: Vec<ExplainStep>,
+    /// The whole explanation as the operator reads it.
+    pub text: String,
 }

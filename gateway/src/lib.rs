@@ -21,7 +21,7 @@
 //! ```text
 //! daemon ──> admin ──> service ──> sessions ──> trust
 //!   │          │         │  ├────> store ─────> api, trust
-//!   │          └──> api  │  ├────> policy, explain ──> policy, report ──> policy, store
+//!   │          └──> api  │  ├────> policy, explain ──> api, policy, report ──> policy, store
 //!   │                    │  ├────> config ────> trust
 //!   │                    │  └────> api, metrics, tally, trust
 //!   ├──> server ──> service, sessions, trust

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub requests_in_flight: IntGauge,
     /// Audit events the export (`[audit]`) dropped, by sink.
     pub audit_export_dropped: IntCounterVec,
+    /// Leases the store held live that the start's restore did not load into the lease book,
+    /// by why (`duplicate`, `over-capacity`, `expired`): live in the store, enforced nowhere.
+    pub restore_unloaded: IntCounterVec,
     /// The children of `request_stage` for [`Stage::Lock`], [`Stage::Kernel`] and
     /// [`Stage::Store`], and of `requests` for `granted`, looked up once: every grant passes
     /// through them, and a lookup by label hashes the label and takes the vector's lock.
@@ -129,6 +132,14 @@ impl Metrics {
             &["sink"],
         )
         .expect("constant options");
+        let restore_unloaded = IntCounterVec::new(
+            Opts::new(
+                "restore_unloaded_leases_total",
+                "Leases the store held live that the restore did not load, by why",
+            ),
+            &["why"],
+        )
+        .expect("valid metric");
         let lease_ends = IntCounterVec::new(
             Opts::new("lease_ends_total", "Leases ended, by how"),
             &["how"],
@@ -163,6 +174,7 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
             Box::new(audit_export_dropped.clone()),
+            Box::new(restore_unloaded.clone()),
         ] {
             registry.register(collector).expect("unique metric names");
         }
@@ -186,6 +198,7 @@ impl Metrics {
             request_stage,
             requests_in_flight,
             audit_export_dropped,
+            restore_unloaded,
         }
     }
 

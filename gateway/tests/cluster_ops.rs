@@ -5,7 +5,8 @@
 //! the revocation it causes is committed once (one end in etcd, one audit record), and a
 //! gateway started later with the old file enforces the cluster's version; `audit`
 //! through A shows B's events and names B once B is gone; `revoke` through B ends a lease
-//! granted through A in etcd.
+//! granted through A in etcd; a reload without etcd's quorum is answered 503 and succeeds once
+//! the quorum is back.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -807,4 +808,78 @@ fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
                 a.stop().await;
             });
     });
+}
+
+#[test]
+fn a_reload_without_etcd_quorum_is_unavailable_and_succeeds_once_it_is_back() {
+    const TEST: &str = "a_reload_without_etcd_quorum_is_unavailable_and_succeeds_once_it_is_back";
+    if !available(TEST) {
+        return;
+    }
+    let mut cluster = EtcdCluster::start("clrlq").unwrap_or_else(|e| panic!("{e}"));
+    let pki = Pki::new("cluster-reload-quorum");
+    let dir = temp_dir("clrlq-a");
+    // Members are killed and started between the steps, outside the runtime's block.
+    let (rt, a) = cluster.run(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let a = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir.path(), "gw-a").await;
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            common::write_policy(&a.policy, NARROWER);
+            a
+        });
+        (rt, a)
+    });
+
+    cluster.kill(0);
+    cluster.kill(1);
+    cluster.run(|| {
+        rt.block_on(async {
+            let (status, body) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 503, "{body:#}");
+            let error = body["error"].as_str().unwrap_or_default();
+            assert!(
+                error.starts_with("policy not reloaded, the old one stays in force: etcd"),
+                "{body:#}"
+            );
+        })
+    });
+
+    cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+    cluster.restart(1).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(30)));
+    cluster.run(|| {
+        rt.block_on(async {
+            // The same reload, asked again with the quorum back, publishes version 2.
+            let deadline = tokio::time::Instant::now() + STEP;
+            loop {
+                let (status, body) = a.post("/v1/policy/reload", None).await;
+                if status == 200 {
+                    break;
+                }
+                assert!(
+                    status == 503 && tokio::time::Instant::now() < deadline,
+                    "{status}: {body:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            until(
+                "A holds policy version 2",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 2,
+            )
+            .await;
+            a.stop().await;
+        })
+    });
+    drop(rt);
 }

@@ -184,3 +184,46 @@ async fn status_names_a_sqlite_store_by_its_backend_and_database() {
     );
     assert!(!text.contains("store_backend"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_over_the_admin_api_refuses_a_bad_description_as_a_bad_request() {
+    let gw = TestGateway::start("explain-admin", POLICY).await;
+    let good = serde_json::json!({
+        "host": "fwnp://host/web-01", "address": "192.0.2.10", "open": "app:echo", "lifetime": "20m",
+    });
+    let (status, body) = gw.admin("POST", "/v1/policy/explain", Some(&good)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["allowed"], true, "{body}");
+    assert_eq!(body["lifetime"], 1200, "{body}");
+    assert_eq!(body["grants"].as_array().map(Vec::len), Some(2), "{body}");
+
+    let cases = [
+        (
+            serde_json::json!({"open": "tcp/8080", "address": "192.0.2.10"}),
+            "`host` (the identity) is required",
+        ),
+        (
+            serde_json::json!({"host": "fwnp://host/web-01", "addresses": ["192.0.2.10", "x"], "open": "tcp/8080"}),
+            "addresses[1]: \"x\" is not an address",
+        ),
+        (
+            serde_json::json!({"host": "fwnp://host/web-01", "address": "192.0.2.10", "open": "tcp/8080", "from": ["10.0.0.1/8"]}),
+            "from[0] \"10.0.0.1/8\": host bits",
+        ),
+        (
+            serde_json::json!({"host": "fwnp://host/web-01", "address": "192.0.2.10", "open": "tcp/8080", "lifetime": "10 m"}),
+            "lifetime \"10 m\"",
+        ),
+        // JSON of the wrong shape: the API's bad request too, with its error body.
+        (
+            serde_json::json!({"host": "fwnp://host/web-01", "address": 7, "open": "tcp/8080"}),
+            "address",
+        ),
+    ];
+    for (request, message) in cases {
+        let (status, body) = gw.admin("POST", "/v1/policy/explain", Some(&request)).await;
+        assert_eq!(status, 400, "{request}: {body}");
+        let error = body["error"].as_str().unwrap_or_default();
+        assert!(error.contains(message), "{request}: {error:?}");
+    }
+}

@@ -589,3 +589,90 @@ async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing
     endpoint.close(0u32.into(), b"done");
     serving.abort();
 }
+
+/// The memory store, except that its restore hands every live lease over twice: what a
+/// backend whose rows are not unique by lease id would give the service.
+#[derive(Debug)]
+struct EveryLeaseTwice(Arc<MemoryStore>);
+
+impl LeaseStore for EveryLeaseTwice {
+    fn epoch(&self) -> fwnp_proto::Epoch {
+        LeaseStore::epoch(&*self.0)
+    }
+
+    fn restore(
+        &self,
+        now_ms: u64,
+    ) -> fwnp_gateway::store::WriteFuture<'_, fwnp_gateway::store::Restored> {
+        Box::pin(async move {
+            let mut restored = self.0.restore(now_ms).await?;
+            let again = restored.live.clone();
+            restored.live.extend(again);
+            Ok(restored)
+        })
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> fwnp_gateway::store::WriteFuture<'static, ()> {
+        self.0.commit(ops)
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.0.record(ops)
+    }
+}
+
+#[tokio::test]
+async fn a_restored_lease_the_book_does_not_load_is_counted_and_audited() {
+    let pki = Pki::new("seam-twice");
+    let dir = temp_dir("seam-twice");
+    write_policy(&dir.path().join("policy.toml"), POLICY);
+    let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
+    let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let now = fwnp_gateway::store::now_ms();
+    let mut lease = new_lease(1, now + 600_000);
+    lease.created_ms = now - 1_000;
+    memory
+        .commit(vec![WriteOp::InsertLease(lease)])
+        .await
+        .expect("stored");
+    let service = Service::start_with_store(
+        config,
+        None,
+        memory.clone(),
+        Arc::new(EveryLeaseTwice(memory.clone())),
+    )
+    .await
+    .expect("service starts");
+
+    // The first copy is in force, the second is said, not dropped in silence.
+    assert_eq!(service.status().live_leases, 1);
+    let metrics = service.render_metrics();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "fwnp_restore_unloaded_leases_total{why=\"duplicate\"} 1"),
+        "{metrics}"
+    );
+    let id = LeaseId([1; 16]);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let audited = loop {
+        let found: Vec<AuditEvent> = memory
+            .audit()
+            .into_iter()
+            .filter(|e| e.kind == AuditKind::Reconcile && e.lease == Some(id))
+            .collect();
+        if !found.is_empty() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(audited.len(), 1, "{audited:?}");
+    let event = &audited[0];
+    assert_eq!(event.outcome, Some(Outcome::Error));
+    assert_eq!(event.identity.as_deref(), Some("fwnp://host/web-01"));
+    assert_eq!(
+        event.reason.as_deref(),
+        Some("start: lease not restored: the store holds another live lease with this id")
+    );
+}

@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use fwnp_gateway::admin_client::{AdminClient, AdminClientError, DEFAULT_ADMIN_SOCKET};
 use fwnp_gateway::api::{
-    AppView, AuditEventView, AuditFollowAnswer, AuditPageAnswer, ExplainRequest, GrantView,
-    LeasesAnswer, ReloadAnswer, ReportAnswer, RevokeAnswer, RevokeRequest,
+    AppView, AuditEventView, AuditFollowAnswer, AuditPageAnswer, ExplainAnswer, ExplainRequest,
+    GrantView, LeasesAnswer, LifetimeAsked, ReloadAnswer, ReportAnswer, RevokeAnswer,
+    RevokeRequest,
 };
 use fwnp_gateway::policy::Policy;
 use fwnp_trust::pki::{self, RevocationReason, Validity};
@@ -329,37 +330,32 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 ),
                 None => None,
             };
-            let body = AdminClient::body(&ExplainRequest {
+            let request = ExplainRequest {
                 host,
                 open,
                 addresses: Vec::new(),
                 address: Some(address.to_string()),
                 from,
-                lifetime,
-            })?;
-            let answer = match policy {
+                lifetime: lifetime.map(LifetimeAsked::Secs),
+            };
+            let answer: ExplainAnswer = match policy {
                 Some(file) => {
                     let policy = Policy::load(&file).map_err(|e| Failure::Other(e.to_string()))?;
-                    fwnp_gateway::explain::explain_json(&policy, &body).map_err(Failure::Other)?
+                    fwnp_gateway::explain::explain(&policy, &request)
+                        .map_err(|e| Failure::Other(e.to_string()))?
                 }
-                None => admin.post("/v1/policy/explain", &body).await?,
+                None => {
+                    let path = "/v1/policy/explain";
+                    let answer = admin.post(path, &AdminClient::body(&request)?).await?;
+                    AdminClient::typed(path, &answer)?
+                }
             };
             if json_out {
-                println!("{answer}");
+                println!("{}", json!(answer));
             } else {
-                println!(
-                    "{}",
-                    answer
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .unwrap_or_default()
-                );
+                println!("{}", answer.text);
             }
-            let allowed = answer
-                .get("allowed")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            Ok(if allowed {
+            Ok(if answer.allowed {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(EXIT_NEGATIVE)

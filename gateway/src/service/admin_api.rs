@@ -303,9 +303,12 @@ impl Service {
     }
 
     /// The admin API's explain: the decision the current policy makes for a described request.
-    pub fn explain_json(&self, body: &Value) -> Result<Value, AdminError> {
+    pub fn explain(
+        &self,
+        body: &crate::api::ExplainRequest,
+    ) -> Result<crate::api::ExplainAnswer, AdminError> {
         let policy = self.policy();
-        crate::explain::explain_json(&policy, body).map_err(AdminError::bad_request)
+        Ok(crate::explain::explain(&policy, body)?)
     }
 
     /// The admin API's usage report. In a cluster it covers every member: it is built from

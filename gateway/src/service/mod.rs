@@ -43,7 +43,6 @@ use fwnp_proto::{
 use governor::{DefaultKeyedRateLimiter, Quota};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use serde_json::Value;
 use tracing::{debug, info, warn};
 
 use crate::api::AdminError;
@@ -67,6 +66,7 @@ mod kernel;
 mod memory_tests;
 mod request;
 mod revocation;
+mod unloaded;
 
 use credentials::LeaseCredentials;
 use kernel::{Holders, RefreshError, elements_of_all, remaining};
@@ -431,6 +431,7 @@ impl Service {
             app: r.app.clone().map(Box::new),
         });
         let report = lock(&self.core).book_mut().restore(now, leases);
+        let unloaded = self.unloaded_at_restore(&report, now);
         {
             // Leases of one certificate share one copy of its name, as they do while it is
             // connected.
@@ -481,6 +482,7 @@ impl Service {
         info!(
             restored = report.restored,
             expired = restored.expired.len(),
+            unloaded,
             epoch = format_args!("{:016x}", self.epoch()),
             new_state = self.queries.is_new_state(),
             "leases restored"
@@ -490,7 +492,7 @@ impl Service {
             let mut event = AuditEvent::new(now, AuditKind::Reconcile);
             event.actor = Some("gateway".into());
             event.reason = Some(format!(
-                "start: {} leases restored, {} expired while stopped; kernel: {} added, {} removed, {} refreshed{}",
+                "start: {} leases restored, {} expired while stopped, {unloaded} not restored; kernel: {} added, {} removed, {} refreshed{}",
                 report.restored,
                 restored.expired.len(),
                 changes.added.len(),

@@ -311,6 +311,11 @@ impl Service {
                             "{e} (other gateways' reloads are in progress, {PUBLISH_ATTEMPTS} attempts)"
                         ))));
                     }
+                    // etcd without its quorum or out of reach: nothing was published, and the
+                    // same reload may succeed once the cluster answers again.
+                    Err(e @ ClusterError::Etcd(_)) => {
+                        return Err(AdminError::unavailable(not_reloaded(e.to_string())));
+                    }
                     Err(e) => return Err(AdminError::internal(not_reloaded(e.to_string()))),
                 }
             }

@@ -608,14 +608,5 @@ fn app_view(app: &AppInfo) -> crate::api::AppView {
 }
 
 fn grant_views(grants: &[Grant]) -> Vec<crate::api::GrantView> {
-    grants
-        .iter()
-        .map(|g| crate::api::GrantView {
-            protocol: g.protocol.name().to_owned(),
-            ports: g.ports.to_string(),
-            host: g.host.to_string(),
-            remotes: g.remotes.iter().map(|p| p.to_string()).collect(),
-            app: g.app.clone(),
-        })
-        .collect()
+    grants.iter().map(crate::api::GrantView::from).collect()
 }
