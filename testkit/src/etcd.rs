@@ -228,15 +228,16 @@ impl EtcdCluster {
                     logs: cluster.log_tails(),
                 });
             }
+            // Each look waits until the deadline at most, so the wait is over once none is left.
             let left = deadline.saturating_duration_since(Instant::now());
-            if cluster.wait_healthy(&[0, 1, 2], left.min(Duration::from_secs(1))) {
-                return Ok(cluster);
-            }
             if left.is_zero() {
                 return Err(EtcdClusterError::NoLeader {
                     waited: options.leader_wait,
                     logs: cluster.log_tails(),
                 });
+            }
+            if cluster.wait_healthy(&[0, 1, 2], left.min(Duration::from_secs(1))) {
+                return Ok(cluster);
             }
         }
     }

@@ -67,7 +67,7 @@ fn a_cluster_without_a_leader_in_time_is_an_error_with_the_logs() {
     if !available("a_cluster_without_a_leader_in_time_is_an_error_with_the_logs") {
         return;
     }
-    // No member can have answered before the first look.
+    // No time to wait: whether a leader was quick or not, none was seen in time.
     let options = EtcdOptions {
         leader_wait: Duration::ZERO,
         ..EtcdOptions::default()
