@@ -234,310 +234,310 @@ fn events_of_lease<'a>(page: &'a Value, lease: LeaseId, kind: &str) -> Vec<&'a V
         .unwrap_or_default()
 }
 
-#[test]
-fn two_gateways_share_members_policy_audit_and_revocations() {
-    const TEST: &str = "two_gateways_share_members_policy_audit_and_revocations";
-    if !available(TEST) {
+/// Runs `body` on a two-worker runtime in the namespace of a three-member cluster started for
+/// `test` (its members named after `short`), or skips `test` where etcd cannot run.
+fn in_cluster(test: &str, short: &str, body: impl AsyncFnOnce(&EtcdCluster) + Send) {
+    if !available(test) {
         return;
     }
-    let cluster = EtcdCluster::start("clops").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::start(short).unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime")
-            .block_on(async {
-                let pki = Pki::new("cluster-ops");
-                let (dir_a, dir_b) = (temp_dir("clops-a"), temp_dir("clops-b"));
-                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
-
-                // Status through either lists both members, live, with the revision each
-                // last applied and the policy version each holds.
-                for gateway in [&a, &b] {
-                    let status = until(
-                        "both members live",
-                        || gateway.get("/v1/status"),
-                        |s| {
-                            ["gw-a", "gw-b"].iter().all(|site| {
-                                member(s, site).is_some_and(|m| {
-                                    m["live"] == true
-                                        && m["revision"].as_i64().unwrap_or(0) > 0
-                                        && m["policy_version"] == 1
-                                })
-                            })
-                        },
-                    )
-                    .await;
-                    assert_eq!(status["cluster"]["policy"]["version"], 1, "{status:#}");
-                    assert_eq!(status["cluster"]["policy"]["file_differs"], false);
-                }
-
-                // As the operator reads it.
-                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
-                for site in ["gw-a", "gw-b"] {
-                    let line = member_line(&status, site).unwrap_or_default();
-                    assert!(
-                        line.contains(" live ") && line.contains("policy v1"),
-                        "{site} in {status}"
-                    );
-                }
-
-                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                let web1 = pki.host("web-01", &[host], &[], &[]);
-                let web2 = pki.host("web-02", &[host], &[], &[]);
-                let to_a = Client::connect(a.addr, &web1).await;
-                to_a.hello().await;
-                let on_a = granted(to_a.open(tcp(7001), None).await).lease;
-                let to_b = Client::connect(b.addr, &web2).await;
-                to_b.hello().await;
-                let on_b = granted(to_b.open(tcp(7002), None).await).lease;
-
-                // The cluster's trail through A shows B's grant, and A's own.
-                let page = until(
-                    "B's grant in A's audit",
-                    || a.get("/v1/audit?kind=grant&limit=100"),
-                    |p| {
-                        p["events"].as_array().is_some_and(|events| {
-                            events
-                                .iter()
-                                .any(|e| e["site"] == "gw-b" && e["lease"] == on_b.to_string())
-                        })
-                    },
-                )
-                .await;
-                assert!(
-                    page["events"].as_array().is_some_and(|events| events
-                        .iter()
-                        .any(|e| e["site"] == "gw-a" && e["lease"] == on_a.to_string())),
-                    "{page:#}"
-                );
-                assert!(page.get("unreachable").is_none(), "{page:#}");
-                // scope=local: A's own events only.
-                let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
-                let own = own["events"].as_array().expect("events");
-                assert!(own.iter().any(|e| e["lease"] == on_a.to_string()));
-                assert!(
-                    !own.iter().any(|e| e["lease"] == on_b.to_string()),
-                    "{own:#?}"
-                );
-
-                // A policy reload through A reaches B: the lease granted through B that the
-                // new policy no longer allows is revoked (its host, connected to B, is told
-                // by B) and B refuses what it refuses.
-                common::write_policy(&a.policy, NARROWER);
-                let (status, reload) = a.post("/v1/policy/reload", None).await;
-                assert_eq!(status, 200, "{reload:#}");
-                until(
-                    "B holds policy version 2",
-                    || b.get("/v1/status"),
-                    |s| s["cluster"]["policy"]["version"] == 2,
-                )
-                .await;
-                let notice = to_b.next_notice(STEP).await;
-                assert!(
-                    matches!(&notice, Some(fwnp_proto::Message::Revoked(r)) if r.lease == on_b),
-                    "{notice:?}"
-                );
-                let refused = denied(to_b.open(tcp(7003), None).await);
-                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
-                assert!(!lease_in_etcd(&cluster, on_b).await, "the end is in etcd");
-                assert!(lease_in_etcd(&cluster, on_a).await, "still allowed");
-                // B's own file differs from the cluster's policy now, and B says so.
-                let status_b = b.get("/v1/status").await;
-                assert_eq!(status_b["cluster"]["policy"]["file_differs"], true);
-                let status_a = a.get("/v1/status").await;
-                assert_eq!(status_a["cluster"]["policy"]["file_differs"], false);
-                let store = status_a["store"].as_str().unwrap_or_default();
-                assert!(
-                    store.starts_with("etcd ") && store.contains("as site gw-a"),
-                    "{status_a:#}"
-                );
-                // A gateway started now, with the old file, enforces the cluster's version 2
-                // from its first decision, and says its file differs.
-                let dir_c = temp_dir("clops-c");
-                let c = Gateway::start(&cluster, &pki, dir_c.path(), "gw-c").await;
-                let status_c = c.get("/v1/status").await;
-                assert_eq!(status_c["cluster"]["policy"]["version"], 2, "{status_c:#}");
-                assert_eq!(status_c["cluster"]["policy"]["file_differs"], true);
-                let web3 = pki.host("web-03", &[host], &[], &[]);
-                let to_c = Client::connect(c.addr, &web3).await;
-                to_c.hello().await;
-                let refused = denied(to_c.open(tcp(7003), None).await);
-                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
-                drop(to_c);
-                c.stop().await;
-
-                // One revocation record in the cluster's trail, from A, whose reload published
-                // the policy (B took the end in through its watch).
-                let page = until(
-                    "the revocation in A's audit",
-                    || a.get("/v1/audit?kind=revocation&limit=100"),
-                    |p| !events_of_lease(p, on_b, "revocation").is_empty(),
-                )
-                .await;
-                let records = events_of_lease(&page, on_b, "revocation");
-                assert_eq!(records.len(), 1, "{page:#}");
-                assert_eq!(records[0]["site"], "gw-a");
-
-                // The operator revokes through B what was granted through A: ended in etcd.
-                let (answer, _) = fwnpctl(
-                    &b.admin,
-                    &[
-                        "--json",
-                        "revoke",
-                        &on_a.to_string(),
-                        "--reason",
-                        "maintenance",
-                    ],
-                )
-                .await;
-                let revoked: Value = serde_json::from_str(&answer).expect("JSON answer");
-                assert_eq!(revoked["revoked"], on_a.to_string(), "{revoked:#}");
-                assert_eq!(revoked["host"], "fwnp://host/web-01");
-                assert!(!lease_in_etcd(&cluster, on_a).await, "ended in etcd");
-                let (status, again) = b.post(&format!("/v1/leases/{on_a}/revoke"), None).await;
-                assert_eq!(status, 404, "{again:#}");
-                let page = until(
-                    "the operator's revocation in A's audit",
-                    || a.get("/v1/audit?kind=revocation&limit=100"),
-                    |p| !events_of_lease(p, on_a, "revocation").is_empty(),
-                )
-                .await;
-                let records = events_of_lease(&page, on_a, "revocation");
-                assert_eq!(records.len(), 1, "{page:#}");
-                assert_eq!(records[0]["actor"], "operator");
-
-                // B stops: A lists it as absent, with what it last published, and its audit
-                // names it as a member whose events may be missing.
-                let b_revision = member(&a.get("/v1/status").await, "gw-b")
-                    .map(|m| m["revision"].clone())
-                    .expect("gw-b listed");
-                drop(to_b);
-                b.stop().await;
-                let status = until(
-                    "gw-b absent",
-                    || a.get("/v1/status"),
-                    |s| member(s, "gw-b").is_some_and(|m| m["live"] == false),
-                )
-                .await;
-                let gone = member(&status, "gw-b").expect("gw-b listed");
-                assert!(gone["revision"].as_i64() >= b_revision.as_i64(), "{gone:#}");
-                assert_eq!(
-                    member(&status, "gw-a").map(|m| &m["live"]),
-                    Some(&Value::Bool(true))
-                );
-                let page = a.get("/v1/audit?limit=100").await;
-                let unreachable = page["unreachable"].as_array().expect("unreachable members");
-                assert!(
-                    unreachable.iter().any(|u| u["site"] == "gw-b"),
-                    "{unreachable:#?}"
-                );
-                assert!(
-                    page["events"]
-                        .as_array()
-                        .is_some_and(|events| events.iter().any(|e| e["site"] == "gw-b")),
-                    "B's published events are still shown"
-                );
-                let (status, _) = fwnpctl(&a.admin, &["status"]).await;
-                assert!(
-                    member_line(&status, "gw-b").is_some_and(|l| l.contains(" absent ")),
-                    "{status}"
-                );
-                let (trail, warning) = fwnpctl(&a.admin, &["audit", "--limit", "100"]).await;
-                assert!(
-                    warning.contains("the events of member gw-b may be missing"),
-                    "{warning}"
-                );
-                assert!(
-                    trail.contains("[gw-b]") && trail.contains("[gw-a]"),
-                    "{trail}"
-                );
-                drop(to_a);
-                a.stop().await;
-            });
+            .block_on(body(&cluster))
     });
 }
 
 #[test]
-fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop() {
-    const TEST: &str =
-        "a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("clkill").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let pki = Pki::new("cluster-kill");
-                let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
-                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-                // B is a real daemon process, as a gateway's machine runs it.
-                common::write_policy(&dir_b.path().join("policy.toml"), POLICY);
-                let config_b = dir_b.path().join("gateway.toml");
-                std::fs::write(
-                    &config_b,
-                    etcd_config_text(&cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
-                )
-                .expect("write B's config");
-                let admin_b = dir_b.path().join("admin.sock");
-                let start_b = || {
-                    let mut daemon = ProcessGuard::spawn(
-                        std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
-                            .arg("--config")
-                            .arg(&config_b)
-                            .env("RUST_LOG", "warn"),
-                    )
-                    .expect("start fwnp-gateway");
-                    tokio::task::block_in_place(|| wait_for_socket(&mut daemon, &admin_b, STEP));
-                    daemon
-                };
-                let live = |site: &'static str, want: bool| {
-                    move |s: &Value| member(s, site).is_some_and(|m| m["live"] == want)
-                };
+fn two_gateways_share_members_policy_audit_and_revocations() {
+    in_cluster(
+        "two_gateways_share_members_policy_audit_and_revocations",
+        "clops",
+        async |cluster| {
+            let pki = Pki::new("cluster-ops");
+            let (dir_a, dir_b) = (temp_dir("clops-a"), temp_dir("clops-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
 
-                let mut b = start_b();
-                let status = until("gw-b live", || a.get("/v1/status"), live("gw-b", true)).await;
-                let first_start = member(&status, "gw-b").expect("gw-b")["started_ms"].clone();
-                // SIGKILL: no withdrawal; the registration runs out with its etcd lease.
-                b.kill();
-                let killed = tokio::time::Instant::now();
-                until("gw-b absent", || a.get("/v1/status"), live("gw-b", false)).await;
-                let took = killed.elapsed();
-                assert!(
-                    took <= Duration::from_secs(5) + Duration::from_secs(4),
-                    "absent after {took:?}: the registration's TTL is 5 s"
-                );
-
-                // Restarted, it is live again with a new start; stopped with SIGTERM, it
-                // withdraws its registration as it stops.
-                let mut b = start_b();
+            // Status through either lists both members, live, with the revision each
+            // last applied and the policy version each holds.
+            for gateway in [&a, &b] {
                 let status = until(
-                    "gw-b live again",
-                    || a.get("/v1/status"),
-                    live("gw-b", true),
+                    "both members live",
+                    || gateway.get("/v1/status"),
+                    |s| {
+                        ["gw-a", "gw-b"].iter().all(|site| {
+                            member(s, site).is_some_and(|m| {
+                                m["live"] == true
+                                    && m["revision"].as_i64().unwrap_or(0) > 0
+                                    && m["policy_version"] == 1
+                            })
+                        })
+                    },
                 )
                 .await;
-                assert_ne!(
-                    member(&status, "gw-b").expect("gw-b")["started_ms"],
-                    first_start
+                assert_eq!(status["cluster"]["policy"]["version"], 1, "{status:#}");
+                assert_eq!(status["cluster"]["policy"]["file_differs"], false);
+            }
+
+            // As the operator reads it.
+            let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+            for site in ["gw-a", "gw-b"] {
+                let line = member_line(&status, site).unwrap_or_default();
+                assert!(
+                    line.contains(" live ") && line.contains("policy v1"),
+                    "{site} in {status}"
                 );
-                tokio::task::block_in_place(|| b.terminate(STEP));
-                let status = a.get("/v1/status").await;
-                assert_eq!(
-                    member(&status, "gw-b").map(|m| &m["live"]),
-                    Some(&Value::Bool(false)),
-                    "absent as soon as it stopped: {status:#}"
-                );
-                a.stop().await;
-            });
-    });
+            }
+
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let web1 = pki.host("web-01", &[host], &[], &[]);
+            let web2 = pki.host("web-02", &[host], &[], &[]);
+            let to_a = Client::connect(a.addr, &web1).await;
+            to_a.hello().await;
+            let on_a = granted(to_a.open(tcp(7001), None).await).lease;
+            let to_b = Client::connect(b.addr, &web2).await;
+            to_b.hello().await;
+            let on_b = granted(to_b.open(tcp(7002), None).await).lease;
+
+            // The cluster's trail through A shows B's grant, and A's own.
+            let page = until(
+                "B's grant in A's audit",
+                || a.get("/v1/audit?kind=grant&limit=100"),
+                |p| {
+                    p["events"].as_array().is_some_and(|events| {
+                        events
+                            .iter()
+                            .any(|e| e["site"] == "gw-b" && e["lease"] == on_b.to_string())
+                    })
+                },
+            )
+            .await;
+            assert!(
+                page["events"].as_array().is_some_and(|events| events
+                    .iter()
+                    .any(|e| e["site"] == "gw-a" && e["lease"] == on_a.to_string())),
+                "{page:#}"
+            );
+            assert!(page.get("unreachable").is_none(), "{page:#}");
+            // scope=local: A's own events only.
+            let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
+            let own = own["events"].as_array().expect("events");
+            assert!(own.iter().any(|e| e["lease"] == on_a.to_string()));
+            assert!(
+                !own.iter().any(|e| e["lease"] == on_b.to_string()),
+                "{own:#?}"
+            );
+
+            // A policy reload through A reaches B: the lease granted through B that the
+            // new policy no longer allows is revoked (its host, connected to B, is told
+            // by B) and B refuses what it refuses.
+            common::write_policy(&a.policy, NARROWER);
+            let (status, reload) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 200, "{reload:#}");
+            until(
+                "B holds policy version 2",
+                || b.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 2,
+            )
+            .await;
+            let notice = to_b.next_notice(STEP).await;
+            assert!(
+                matches!(&notice, Some(fwnp_proto::Message::Revoked(r)) if r.lease == on_b),
+                "{notice:?}"
+            );
+            let refused = denied(to_b.open(tcp(7003), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            assert!(!lease_in_etcd(&cluster, on_b).await, "the end is in etcd");
+            assert!(lease_in_etcd(&cluster, on_a).await, "still allowed");
+            // B's own file differs from the cluster's policy now, and B says so.
+            let status_b = b.get("/v1/status").await;
+            assert_eq!(status_b["cluster"]["policy"]["file_differs"], true);
+            let status_a = a.get("/v1/status").await;
+            assert_eq!(status_a["cluster"]["policy"]["file_differs"], false);
+            let store = status_a["store"].as_str().unwrap_or_default();
+            assert!(
+                store.starts_with("etcd ") && store.contains("as site gw-a"),
+                "{status_a:#}"
+            );
+            // A gateway started now, with the old file, enforces the cluster's version 2
+            // from its first decision, and says its file differs.
+            let dir_c = temp_dir("clops-c");
+            let c = Gateway::start(&cluster, &pki, dir_c.path(), "gw-c").await;
+            let status_c = c.get("/v1/status").await;
+            assert_eq!(status_c["cluster"]["policy"]["version"], 2, "{status_c:#}");
+            assert_eq!(status_c["cluster"]["policy"]["file_differs"], true);
+            let web3 = pki.host("web-03", &[host], &[], &[]);
+            let to_c = Client::connect(c.addr, &web3).await;
+            to_c.hello().await;
+            let refused = denied(to_c.open(tcp(7003), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            drop(to_c);
+            c.stop().await;
+
+            // One revocation record in the cluster's trail, from A, whose reload published
+            // the policy (B took the end in through its watch).
+            let page = until(
+                "the revocation in A's audit",
+                || a.get("/v1/audit?kind=revocation&limit=100"),
+                |p| !events_of_lease(p, on_b, "revocation").is_empty(),
+            )
+            .await;
+            let records = events_of_lease(&page, on_b, "revocation");
+            assert_eq!(records.len(), 1, "{page:#}");
+            assert_eq!(records[0]["site"], "gw-a");
+
+            // The operator revokes through B what was granted through A: ended in etcd.
+            let (answer, _) = fwnpctl(
+                &b.admin,
+                &[
+                    "--json",
+                    "revoke",
+                    &on_a.to_string(),
+                    "--reason",
+                    "maintenance",
+                ],
+            )
+            .await;
+            let revoked: Value = serde_json::from_str(&answer).expect("JSON answer");
+            assert_eq!(revoked["revoked"], on_a.to_string(), "{revoked:#}");
+            assert_eq!(revoked["host"], "fwnp://host/web-01");
+            assert!(!lease_in_etcd(&cluster, on_a).await, "ended in etcd");
+            let (status, again) = b.post(&format!("/v1/leases/{on_a}/revoke"), None).await;
+            assert_eq!(status, 404, "{again:#}");
+            let page = until(
+                "the operator's revocation in A's audit",
+                || a.get("/v1/audit?kind=revocation&limit=100"),
+                |p| !events_of_lease(p, on_a, "revocation").is_empty(),
+            )
+            .await;
+            let records = events_of_lease(&page, on_a, "revocation");
+            assert_eq!(records.len(), 1, "{page:#}");
+            assert_eq!(records[0]["actor"], "operator");
+
+            // B stops: A lists it as absent, with what it last published, and its audit
+            // names it as a member whose events may be missing.
+            let b_revision = member(&a.get("/v1/status").await, "gw-b")
+                .map(|m| m["revision"].clone())
+                .expect("gw-b listed");
+            drop(to_b);
+            b.stop().await;
+            let status = until(
+                "gw-b absent",
+                || a.get("/v1/status"),
+                |s| member(s, "gw-b").is_some_and(|m| m["live"] == false),
+            )
+            .await;
+            let gone = member(&status, "gw-b").expect("gw-b listed");
+            assert!(gone["revision"].as_i64() >= b_revision.as_i64(), "{gone:#}");
+            assert_eq!(
+                member(&status, "gw-a").map(|m| &m["live"]),
+                Some(&Value::Bool(true))
+            );
+            let page = a.get("/v1/audit?limit=100").await;
+            let unreachable = page["unreachable"].as_array().expect("unreachable members");
+            assert!(
+                unreachable.iter().any(|u| u["site"] == "gw-b"),
+                "{unreachable:#?}"
+            );
+            assert!(
+                page["events"]
+                    .as_array()
+                    .is_some_and(|events| events.iter().any(|e| e["site"] == "gw-b")),
+                "B's published events are still shown"
+            );
+            let (status, _) = fwnpctl(&a.admin, &["status"]).await;
+            assert!(
+                member_line(&status, "gw-b").is_some_and(|l| l.contains(" absent ")),
+                "{status}"
+            );
+            let (trail, warning) = fwnpctl(&a.admin, &["audit", "--limit", "100"]).await;
+            assert!(
+                warning.contains("the events of member gw-b may be missing"),
+                "{warning}"
+            );
+            assert!(
+                trail.contains("[gw-b]") && trail.contains("[gw-a]"),
+                "{trail}"
+            );
+            drop(to_a);
+            a.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop() {
+    in_cluster(
+        "a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop",
+        "clkill",
+        async |cluster| {
+            let pki = Pki::new("cluster-kill");
+            let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            // B is a real daemon process, as a gateway's machine runs it.
+            common::write_policy(&dir_b.path().join("policy.toml"), POLICY);
+            let config_b = dir_b.path().join("gateway.toml");
+            std::fs::write(
+                &config_b,
+                etcd_config_text(&cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
+            )
+            .expect("write B's config");
+            let admin_b = dir_b.path().join("admin.sock");
+            let start_b = || {
+                let mut daemon = ProcessGuard::spawn(
+                    std::process::Command::new(env!("CARGO_BIN_EXE_fwnp-gateway"))
+                        .arg("--config")
+                        .arg(&config_b)
+                        .env("RUST_LOG", "warn"),
+                )
+                .expect("start fwnp-gateway");
+                tokio::task::block_in_place(|| wait_for_socket(&mut daemon, &admin_b, STEP));
+                daemon
+            };
+            let live = |site: &'static str, want: bool| {
+                move |s: &Value| member(s, site).is_some_and(|m| m["live"] == want)
+            };
+
+            let mut b = start_b();
+            let status = until("gw-b live", || a.get("/v1/status"), live("gw-b", true)).await;
+            let first_start = member(&status, "gw-b").expect("gw-b")["started_ms"].clone();
+            // SIGKILL: no withdrawal; the registration runs out with its etcd lease.
+            b.kill();
+            let killed = tokio::time::Instant::now();
+            until("gw-b absent", || a.get("/v1/status"), live("gw-b", false)).await;
+            let took = killed.elapsed();
+            assert!(
+                took <= Duration::from_secs(5) + Duration::from_secs(4),
+                "absent after {took:?}: the registration's TTL is 5 s"
+            );
+
+            // Restarted, it is live again with a new start; stopped with SIGTERM, it
+            // withdraws its registration as it stops.
+            let mut b = start_b();
+            let status = until(
+                "gw-b live again",
+                || a.get("/v1/status"),
+                live("gw-b", true),
+            )
+            .await;
+            assert_ne!(
+                member(&status, "gw-b").expect("gw-b")["started_ms"],
+                first_start
+            );
+            tokio::task::block_in_place(|| b.terminate(STEP));
+            let status = a.get("/v1/status").await;
+            assert_eq!(
+                member(&status, "gw-b").map(|m| &m["live"]),
+                Some(&Value::Bool(false)),
+                "absent as soon as it stopped: {status:#}"
+            );
+            a.stop().await;
+        },
+    );
 }
 
 /// The report's row of `identity` and `opening`.
@@ -550,264 +550,239 @@ fn report_row<'a>(report: &'a Value, identity: &str, opening: &str) -> Option<&'
 
 #[test]
 fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack() {
-    const TEST: &str =
-        "the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("clrep").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let pki = Pki::new("cluster-report");
-                let (dir_a, dir_b) = (temp_dir("clrep-a"), temp_dir("clrep-b"));
-                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
-                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                let web1 = pki.host("web-01", &[host], &[], &[]);
-                let web2 = pki.host("web-02", &[host], &[], &[]);
-                let to_a = Client::connect(a.addr, &web1).await;
-                to_a.hello().await;
-                let on_a = granted(to_a.open(tcp(7001), None).await).lease;
-                let refused = denied(to_a.open(tcp(8000), None).await);
-                assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
-                let to_b = Client::connect(b.addr, &web2).await;
-                to_b.hello().await;
-                granted(to_b.open(tcp(7002), None).await);
+    in_cluster(
+        "the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack",
+        "clrep",
+        async |cluster| {
+            let pki = Pki::new("cluster-report");
+            let (dir_a, dir_b) = (temp_dir("clrep-a"), temp_dir("clrep-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let web1 = pki.host("web-01", &[host], &[], &[]);
+            let web2 = pki.host("web-02", &[host], &[], &[]);
+            let to_a = Client::connect(a.addr, &web1).await;
+            to_a.hello().await;
+            let on_a = granted(to_a.open(tcp(7001), None).await).lease;
+            let refused = denied(to_a.open(tcp(8000), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            let to_b = Client::connect(b.addr, &web2).await;
+            to_b.hello().await;
+            granted(to_b.open(tcp(7002), None).await);
 
-                // Through B: A's grant and denial as well as B's own grant, the held time of
-                // A's live lease counted.
-                let report = until(
-                    "A's decisions in B's report",
-                    || b.get("/v1/report?since=1h"),
-                    |r| {
-                        // B's own events reach its database a moment after the answer too.
-                        report_row(r, "fwnp://host/web-01", "tcp/8000").is_some()
-                            && report_row(r, "fwnp://host/web-02", "tcp/7002").is_some()
-                    },
-                )
-                .await;
-                let row = report_row(&report, "fwnp://host/web-01", "tcp/7001")
-                    .unwrap_or_else(|| panic!("A's grant in B's report: {report:#}"));
-                assert_eq!(row["granted"], 1, "{row:#}");
-                assert_eq!(row["leases"], 1, "{row:#}");
-                assert!(row["total_held_ms"].as_u64() > Some(0), "{row:#}");
-                let row = report_row(&report, "fwnp://host/web-01", "tcp/8000").expect("row");
-                assert_eq!((&row["granted"], &row["denied"]), (&0.into(), &1.into()));
-                let row = report_row(&report, "fwnp://host/web-02", "tcp/7002").expect("row");
-                assert_eq!(row["granted"], 1, "{row:#}");
-                assert!(report.get("unreachable").is_none(), "{report:#}");
-                assert!(
-                    report["suggested_policy"]
-                        .as_str()
-                        .is_some_and(|p| p.contains("tcp/7001") && p.contains("tcp/7002")),
-                    "{report:#}"
-                );
-                // As the operator reads it, through B.
-                let (text, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
-                assert!(
-                    text.contains("fwnp://host/web-01") && text.contains("fwnp://host/web-02"),
-                    "{text}"
-                );
-                assert!(warning.is_empty(), "{warning}");
+            // Through B: A's grant and denial as well as B's own grant, the held time of
+            // A's live lease counted.
+            let report = until(
+                "A's decisions in B's report",
+                || b.get("/v1/report?since=1h"),
+                |r| {
+                    // B's own events reach its database a moment after the answer too.
+                    report_row(r, "fwnp://host/web-01", "tcp/8000").is_some()
+                        && report_row(r, "fwnp://host/web-02", "tcp/7002").is_some()
+                },
+            )
+            .await;
+            let row = report_row(&report, "fwnp://host/web-01", "tcp/7001")
+                .unwrap_or_else(|| panic!("A's grant in B's report: {report:#}"));
+            assert_eq!(row["granted"], 1, "{row:#}");
+            assert_eq!(row["leases"], 1, "{row:#}");
+            assert!(row["total_held_ms"].as_u64() > Some(0), "{row:#}");
+            let row = report_row(&report, "fwnp://host/web-01", "tcp/8000").expect("row");
+            assert_eq!((&row["granted"], &row["denied"]), (&0.into(), &1.into()));
+            let row = report_row(&report, "fwnp://host/web-02", "tcp/7002").expect("row");
+            assert_eq!(row["granted"], 1, "{row:#}");
+            assert!(report.get("unreachable").is_none(), "{report:#}");
+            assert!(
+                report["suggested_policy"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("tcp/7001") && p.contains("tcp/7002")),
+                "{report:#}"
+            );
+            // As the operator reads it, through B.
+            let (text, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
+            assert!(
+                text.contains("fwnp://host/web-01") && text.contains("fwnp://host/web-02"),
+                "{text}"
+            );
+            assert!(warning.is_empty(), "{warning}");
 
-                // A released lease's held time ends at its release, once B sees A's record
-                // of it: it no longer grows.
-                to_a.release(on_a).await;
-                until(
-                    "A's release in B's trail",
-                    || b.get("/v1/audit?kind=release&limit=100"),
-                    |p| !events_of_lease(p, on_a, "release").is_empty(),
-                )
-                .await;
-                let held = || async {
-                    let report = b.get("/v1/report?since=1h").await;
-                    report_row(&report, "fwnp://host/web-01", "tcp/7001")
-                        .and_then(|row| row["total_held_ms"].as_u64())
-                };
-                let first = held().await;
-                tokio::time::sleep(Duration::from_millis(1200)).await;
-                assert_eq!(held().await, first, "held until the release, not after");
-                assert!(first > Some(0), "{first:?}");
+            // A released lease's held time ends at its release, once B sees A's record
+            // of it: it no longer grows.
+            to_a.release(on_a).await;
+            until(
+                "A's release in B's trail",
+                || b.get("/v1/audit?kind=release&limit=100"),
+                |p| !events_of_lease(p, on_a, "release").is_empty(),
+            )
+            .await;
+            let held = || async {
+                let report = b.get("/v1/report?since=1h").await;
+                report_row(&report, "fwnp://host/web-01", "tcp/7001")
+                    .and_then(|row| row["total_held_ms"].as_u64())
+            };
+            let first = held().await;
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            assert_eq!(held().await, first, "held until the release, not after");
+            assert!(first > Some(0), "{first:?}");
 
-                // A stops: B's report still shows what A published and names A.
-                drop(to_a);
-                a.stop().await;
-                let report = until(
-                    "gw-a named in B's report",
-                    || b.get("/v1/report?since=1h"),
-                    |r| {
-                        r["unreachable"]
-                            .as_array()
-                            .is_some_and(|u| u.iter().any(|m| m["site"] == "gw-a"))
-                    },
-                )
-                .await;
-                assert!(
-                    report_row(&report, "fwnp://host/web-01", "tcp/7001").is_some(),
-                    "{report:#}"
-                );
-                let (_, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
-                assert!(
-                    warning.contains("the events of member gw-a may be missing"),
-                    "{warning}"
-                );
-                drop(to_b);
-                b.stop().await;
-            });
-    });
+            // A stops: B's report still shows what A published and names A.
+            drop(to_a);
+            a.stop().await;
+            let report = until(
+                "gw-a named in B's report",
+                || b.get("/v1/report?since=1h"),
+                |r| {
+                    r["unreachable"]
+                        .as_array()
+                        .is_some_and(|u| u.iter().any(|m| m["site"] == "gw-a"))
+                },
+            )
+            .await;
+            assert!(
+                report_row(&report, "fwnp://host/web-01", "tcp/7001").is_some(),
+                "{report:#}"
+            );
+            let (_, warning) = fwnpctl(&b.admin, &["report", "--since", "1h"]).await;
+            assert!(
+                warning.contains("the events of member gw-a may be missing"),
+                "{warning}"
+            );
+            drop(to_b);
+            b.stop().await;
+        },
+    );
 }
 
 #[test]
 fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
-    const TEST: &str = "reloads_at_the_same_moment_each_publish_a_version_in_turn";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("clreload").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let pki = Pki::new("cluster-reload");
-                let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
-                let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-                let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+    in_cluster(
+        "reloads_at_the_same_moment_each_publish_a_version_in_turn",
+        "clreload",
+        async |cluster| {
+            let pki = Pki::new("cluster-reload");
+            let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            // Two reloads through A and one through B, sent together: the second through
+            // A waits for the first, the one through B publishes after whichever it met.
+            for round in 0..2 {
+                let (first, second, other) = tokio::join!(
+                    a.post("/v1/policy/reload", None),
+                    a.post("/v1/policy/reload", None),
+                    b.post("/v1/policy/reload", None),
+                );
+                for (status, body) in [first, second, other] {
+                    assert_eq!(status, 200, "round {round}: {body:#}");
+                    assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
+                }
+            }
+            // Six reloads, six versions, on both gateways.
+            for gateway in [&a, &b] {
                 until(
-                    "A holds policy version 1",
-                    || a.get("/v1/status"),
-                    |s| s["cluster"]["policy"]["version"] == 1,
+                    "policy version 7",
+                    || gateway.get("/v1/status"),
+                    |s| s["cluster"]["policy"]["version"] == 7,
                 )
                 .await;
-                // Two reloads through A and one through B, sent together: the second through
-                // A waits for the first, the one through B publishes after whichever it met.
-                for round in 0..2 {
-                    let (first, second, other) = tokio::join!(
-                        a.post("/v1/policy/reload", None),
-                        a.post("/v1/policy/reload", None),
-                        b.post("/v1/policy/reload", None),
-                    );
-                    for (status, body) in [first, second, other] {
-                        assert_eq!(status, 200, "round {round}: {body:#}");
-                        assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
-                    }
-                }
-                // Six reloads, six versions, on both gateways.
-                for gateway in [&a, &b] {
-                    until(
-                        "policy version 7",
-                        || gateway.get("/v1/status"),
-                        |s| s["cluster"]["policy"]["version"] == 7,
-                    )
-                    .await;
-                }
-                a.stop().await;
-                b.stop().await;
-            });
-    });
+            }
+            a.stop().await;
+            b.stop().await;
+        },
+    );
 }
 
 #[test]
 fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
-    const TEST: &str = "status_shows_the_etcd_store_with_its_applied_revision_and_transactions";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("clstatus").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(async {
-                let pki = Pki::new("cluster-status");
-                let dir = temp_dir("clstatus-a");
-                let a = Gateway::start(&cluster, &pki, dir.path(), "gw-a").await;
-                let before = a.get("/v1/status").await;
-                let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                let web1 = pki.host("web-01", &[host], &[], &[]);
-                let client = Client::connect(a.addr, &web1).await;
-                client.hello().await;
-                let lease = granted(client.open(tcp(7001), None).await).lease;
-                client.release(lease).await;
+    in_cluster(
+        "status_shows_the_etcd_store_with_its_applied_revision_and_transactions",
+        "clstatus",
+        async |cluster| {
+            let pki = Pki::new("cluster-status");
+            let dir = temp_dir("clstatus-a");
+            let a = Gateway::start(&cluster, &pki, dir.path(), "gw-a").await;
+            let before = a.get("/v1/status").await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let web1 = pki.host("web-01", &[host], &[], &[]);
+            let client = Client::connect(a.addr, &web1).await;
+            client.hello().await;
+            let lease = granted(client.open(tcp(7001), None).await).lease;
+            client.release(lease).await;
 
-                let status = a.get("/v1/status").await;
-                let store = &status["store_backend"];
-                assert_eq!(store["backend"], "etcd", "{status:#}");
-                assert_eq!(
-                    store["endpoints"],
-                    serde_json::json!(cluster.endpoints()),
-                    "{status:#}"
-                );
-                assert_eq!(store["prefix"], "/fwnp-test");
-                assert_eq!(store["site"], "gw-a");
-                let audit_database = store["audit_database"].as_str().unwrap_or_default();
-                assert!(
-                    audit_database.starts_with(&dir.path().join("state").display().to_string()),
-                    "{status:#}"
-                );
-                // The grant and the release: two write transactions more than before, applied.
-                let count = |s: &Value, what: &str| s["store_backend"][what].as_u64();
-                let transactions = count(&status, "transactions").expect("transactions");
-                assert!(
-                    transactions >= count(&before, "transactions").expect("before") + 2,
-                    "{before:#} then {status:#}"
-                );
-                assert_eq!(count(&status, "unanswered"), Some(0), "{status:#}");
-                assert!(count(&status, "conflicts") <= Some(transactions));
-                // The watch brings this gateway's own writes back: the revision goes past them.
-                let applied = until(
-                    "the release applied",
-                    || a.get("/v1/status"),
-                    |s| {
-                        s["store_backend"]["applied_revision"].as_i64()
-                            > before["store_backend"]["applied_revision"].as_i64()
-                    },
-                )
-                .await;
-                let revision = applied["store_backend"]["applied_revision"]
-                    .as_i64()
-                    .expect("a revision");
-                assert!(revision > 0, "{applied:#}");
+            let status = a.get("/v1/status").await;
+            let store = &status["store_backend"];
+            assert_eq!(store["backend"], "etcd", "{status:#}");
+            assert_eq!(
+                store["endpoints"],
+                serde_json::json!(cluster.endpoints()),
+                "{status:#}"
+            );
+            assert_eq!(store["prefix"], "/fwnp-test");
+            assert_eq!(store["site"], "gw-a");
+            let audit_database = store["audit_database"].as_str().unwrap_or_default();
+            assert!(
+                audit_database.starts_with(&dir.path().join("state").display().to_string()),
+                "{status:#}"
+            );
+            // The grant and the release: two write transactions more than before, applied.
+            let count = |s: &Value, what: &str| s["store_backend"][what].as_u64();
+            let transactions = count(&status, "transactions").expect("transactions");
+            assert!(
+                transactions >= count(&before, "transactions").expect("before") + 2,
+                "{before:#} then {status:#}"
+            );
+            assert_eq!(count(&status, "unanswered"), Some(0), "{status:#}");
+            assert!(count(&status, "conflicts") <= Some(transactions));
+            // The watch brings this gateway's own writes back: the revision goes past them.
+            let applied = until(
+                "the release applied",
+                || a.get("/v1/status"),
+                |s| {
+                    s["store_backend"]["applied_revision"].as_i64()
+                        > before["store_backend"]["applied_revision"].as_i64()
+                },
+            )
+            .await;
+            let revision = applied["store_backend"]["applied_revision"]
+                .as_i64()
+                .expect("a revision");
+            assert!(revision > 0, "{applied:#}");
 
-                // As the operator reads it: the cluster, not the audit database, as the store.
-                let (text, _) = fwnpctl(&a.admin, &["status"]).await;
-                let line = |name: &str| {
-                    text.lines()
-                        .find(|l| l.trim_start().starts_with(name))
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                assert_eq!(
-                    line("store ").split_whitespace().nth(1),
-                    Some("etcd"),
-                    "{text}"
-                );
-                assert!(
-                    line("endpoints").contains(&cluster.endpoints().join(",")),
-                    "{text}"
-                );
-                assert!(line("prefix").ends_with("/fwnp-test"), "{text}");
-                let shown: i64 = line("applied revision")
-                    .split_whitespace()
-                    .nth(2)
-                    .and_then(|r| r.parse().ok())
-                    .expect("a revision shown");
-                assert!(shown >= revision, "{text}");
-                assert!(line("transactions").contains("without an answer"), "{text}");
-                assert!(line("audit database").contains(audit_database), "{text}");
-                assert!(!line("store ").contains(audit_database), "{text}");
-                a.stop().await;
-            });
-    });
+            // As the operator reads it: the cluster, not the audit database, as the store.
+            let (text, _) = fwnpctl(&a.admin, &["status"]).await;
+            let line = |name: &str| {
+                text.lines()
+                    .find(|l| l.trim_start().starts_with(name))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            assert_eq!(
+                line("store ").split_whitespace().nth(1),
+                Some("etcd"),
+                "{text}"
+            );
+            assert!(
+                line("endpoints").contains(&cluster.endpoints().join(",")),
+                "{text}"
+            );
+            assert!(line("prefix").ends_with("/fwnp-test"), "{text}");
+            let shown: i64 = line("applied revision")
+                .split_whitespace()
+                .nth(2)
+                .and_then(|r| r.parse().ok())
+                .expect("a revision shown");
+            assert!(shown >= revision, "{text}");
+            assert!(line("transactions").contains("without an answer"), "{text}");
+            assert!(line("audit database").contains(audit_database), "{text}");
+            assert!(!line("store ").contains(audit_database), "{text}");
+            a.stop().await;
+        },
+    );
 }
 
 #[test]
