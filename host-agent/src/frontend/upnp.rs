@@ -1109,61 +1109,25 @@ mod tests {
             core.try_recv().is_err(),
             "a refused request reached the core"
         );
-        // The other control URLs check their own service.
-        let common = "WANCommonInterfaceConfig";
-        let answer = exchange(
-            address,
-            &soap(
+        // The other control URLs check their own service: another's is refused, theirs answered.
+        for (path, service, action) in [
+            (
                 COMMON_PATH,
-                common,
+                "WANCommonInterfaceConfig",
                 "GetCommonLinkProperties",
-                Some(&format!(
-                    "\"urn:schemas-upnp-org:service:{wan}:1#GetCommonLinkProperties\""
-                )),
             ),
-        )
-        .await;
-        assert!(invalid_action(&answer), "{answer}");
-        let answer = exchange(
-            address,
-            &soap(
-                COMMON_PATH,
-                common,
-                "GetCommonLinkProperties",
-                Some(&format!(
-                    "\"urn:schemas-upnp-org:service:{common}:1#GetCommonLinkProperties\""
-                )),
-            ),
-        )
-        .await;
-        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
-        let firewall = "WANIPv6FirewallControl";
-        let answer = exchange(
-            address,
-            &soap(
-                FIREWALL_PATH,
-                firewall,
-                "GetFirewallStatus",
-                Some(&format!(
-                    "\"urn:schemas-upnp-org:service:{wan}:1#GetFirewallStatus\""
-                )),
-            ),
-        )
-        .await;
-        assert!(invalid_action(&answer), "{answer}");
-        let answer = exchange(
-            address,
-            &soap(
-                FIREWALL_PATH,
-                firewall,
-                "GetFirewallStatus",
-                Some(&format!(
-                    "\"urn:schemas-upnp-org:service:{firewall}:1#GetFirewallStatus\""
-                )),
-            ),
-        )
-        .await;
-        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+            (FIREWALL_PATH, "WANIPv6FirewallControl", "GetFirewallStatus"),
+        ] {
+            for (named, accepted) in [(wan, false), (service, true)] {
+                let header = format!("\"urn:schemas-upnp-org:service:{named}:1#{action}\"");
+                let answer = exchange(address, &soap(path, service, action, Some(&header))).await;
+                if accepted {
+                    assert!(answer.starts_with("HTTP/1.1 200 "), "{path}: {answer}");
+                } else {
+                    assert!(invalid_action(&answer), "{path} as {named}: {answer}");
+                }
+            }
+        }
         task.abort();
     }
 
