@@ -259,8 +259,8 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
         async |cluster| {
             let pki = Pki::new("cluster-ops");
             let (dir_a, dir_b) = (temp_dir("clops-a"), temp_dir("clops-b"));
-            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
 
             // Status through either lists both members, live, with the revision each
             // last applied and the policy version each holds.
@@ -351,8 +351,8 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             );
             let refused = denied(to_b.open(tcp(7003), None).await);
             assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
-            assert!(!lease_in_etcd(&cluster, on_b).await, "the end is in etcd");
-            assert!(lease_in_etcd(&cluster, on_a).await, "still allowed");
+            assert!(!lease_in_etcd(cluster, on_b).await, "the end is in etcd");
+            assert!(lease_in_etcd(cluster, on_a).await, "still allowed");
             // B's own file differs from the cluster's policy now, and B says so.
             let status_b = b.get("/v1/status").await;
             assert_eq!(status_b["cluster"]["policy"]["file_differs"], true);
@@ -366,7 +366,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             // A gateway started now, with the old file, enforces the cluster's version 2
             // from its first decision, and says its file differs.
             let dir_c = temp_dir("clops-c");
-            let c = Gateway::start(&cluster, &pki, dir_c.path(), "gw-c").await;
+            let c = Gateway::start(cluster, &pki, dir_c.path(), "gw-c").await;
             let status_c = c.get("/v1/status").await;
             assert_eq!(status_c["cluster"]["policy"]["version"], 2, "{status_c:#}");
             assert_eq!(status_c["cluster"]["policy"]["file_differs"], true);
@@ -405,7 +405,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             let revoked: Value = serde_json::from_str(&answer).expect("JSON answer");
             assert_eq!(revoked["revoked"], on_a.to_string(), "{revoked:#}");
             assert_eq!(revoked["host"], "fwnp://host/web-01");
-            assert!(!lease_in_etcd(&cluster, on_a).await, "ended in etcd");
+            assert!(!lease_in_etcd(cluster, on_a).await, "ended in etcd");
             let (status, again) = b.post(&format!("/v1/leases/{on_a}/revoke"), None).await;
             assert_eq!(status, 404, "{again:#}");
             let page = until(
@@ -477,13 +477,13 @@ fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_a
         async |cluster| {
             let pki = Pki::new("cluster-kill");
             let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
-            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
             // B is a real daemon process, as a gateway's machine runs it.
             common::write_policy(&dir_b.path().join("policy.toml"), POLICY);
             let config_b = dir_b.path().join("gateway.toml");
             std::fs::write(
                 &config_b,
-                etcd_config_text(&cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
+                etcd_config_text(cluster, &pki, dir_b.path(), "127.0.0.1:0", "gw-b"),
             )
             .expect("write B's config");
             let admin_b = dir_b.path().join("admin.sock");
@@ -556,8 +556,8 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
         async |cluster| {
             let pki = Pki::new("cluster-report");
             let (dir_a, dir_b) = (temp_dir("clrep-a"), temp_dir("clrep-b"));
-            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
             let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
             let web1 = pki.host("web-01", &[host], &[], &[]);
             let web2 = pki.host("web-02", &[host], &[], &[]);
@@ -661,8 +661,8 @@ fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
         async |cluster| {
             let pki = Pki::new("cluster-reload");
             let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
-            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
             until(
                 "A holds policy version 1",
                 || a.get("/v1/status"),
@@ -705,7 +705,7 @@ fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
         async |cluster| {
             let pki = Pki::new("cluster-status");
             let dir = temp_dir("clstatus-a");
-            let a = Gateway::start(&cluster, &pki, dir.path(), "gw-a").await;
+            let a = Gateway::start(cluster, &pki, dir.path(), "gw-a").await;
             let before = a.get("/v1/status").await;
             let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
             let web1 = pki.host("web-01", &[host], &[], &[]);
