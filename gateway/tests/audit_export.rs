@@ -8,12 +8,33 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{GatewayOptions, HOST_A, POLICY, STEP, TestGateway, denied, granted, tcp};
 use fwnp_gateway::config::{AuditConfig, SyslogTarget};
 use fwnp_gateway::store::{AuditQuery, Order};
 use serde_json::Value;
+
+/// A gateway for `label` whose audit export writes the JSON file and the syslog target given,
+/// through a queue of `queue` events.
+async fn exporting(
+    label: &str,
+    json_file: Option<PathBuf>,
+    syslog: Option<SyslogTarget>,
+    queue: usize,
+) -> TestGateway {
+    let audit = AuditConfig {
+        json_file,
+        syslog,
+        queue,
+    };
+    let options = GatewayOptions {
+        audit: Some(audit),
+        ..GatewayOptions::default()
+    };
+    TestGateway::start_with(label, POLICY, options).await
+}
 
 /// The stored audit trail as the admin API shows it, by event id.
 fn stored(gateway: &TestGateway) -> BTreeMap<u64, Value> {
@@ -42,17 +63,11 @@ async fn each_stored_event_is_written_as_a_json_line_and_an_rfc5424_message() {
     syslog
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let gateway = TestGateway::start_with(
+    let gateway = exporting(
         "audit-export",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                json_file: Some(jsonl.clone()),
-                syslog: Some(SyslogTarget::Unix(socket_path.clone())),
-                queue: 100,
-            }),
-            ..GatewayOptions::default()
-        },
+        Some(jsonl.clone()),
+        Some(SyslogTarget::Unix(socket_path.clone())),
+        100,
     )
     .await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
@@ -175,18 +190,12 @@ async fn each_stored_event_is_written_as_a_json_line_and_an_rfc5424_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_that_is_gone_drops_and_counts_and_grants_go_on() {
     let dir = common::temp_dir("audit-dead");
-    let gateway = TestGateway::start_with(
+    // Nobody listens there, and the file's directory does not exist.
+    let gateway = exporting(
         "audit-dead",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                // Nobody listens there, and the file's directory does not exist.
-                json_file: Some(dir.path().join("missing").join("audit.jsonl")),
-                syslog: Some(SyslogTarget::Unix(dir.path().join("nobody.sock"))),
-                queue: 2,
-            }),
-            ..GatewayOptions::default()
-        },
+        Some(dir.path().join("missing").join("audit.jsonl")),
+        Some(SyslogTarget::Unix(dir.path().join("nobody.sock"))),
+        2,
     )
     .await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
@@ -232,19 +241,13 @@ async fn syslog_reaches_a_collector_over_udp() {
     collector
         .set_read_timeout(Some(Duration::from_millis(200)))
         .expect("timeout");
-    let gateway = TestGateway::start_with(
+    let gateway = exporting(
         "audit-udp",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                json_file: None,
-                syslog: Some(SyslogTarget::Udp(
-                    collector.local_addr().expect("collector address"),
-                )),
-                queue: 100,
-            }),
-            ..GatewayOptions::default()
-        },
+        None,
+        Some(SyslogTarget::Udp(
+            collector.local_addr().expect("collector address"),
+        )),
+        100,
     )
     .await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
@@ -281,17 +284,11 @@ async fn a_syslog_reader_that_falls_behind_loses_counted_events_and_the_file_get
     let socket_path = dir.path().join("slow.sock");
     // Bound and never read: its queue of datagrams fills and stays full.
     let _slow = UnixDatagram::bind(&socket_path).expect("bind the syslog socket");
-    let gateway = TestGateway::start_with(
+    let gateway = exporting(
         "audit-slow",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                json_file: Some(jsonl.clone()),
-                syslog: Some(SyslogTarget::Unix(socket_path)),
-                queue: 1000,
-            }),
-            ..GatewayOptions::default()
-        },
+        Some(jsonl.clone()),
+        Some(SyslogTarget::Unix(socket_path)),
+        1000,
     )
     .await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
@@ -396,19 +393,7 @@ async fn the_json_file_follows_its_path_after_a_rename() {
     let dir = common::temp_dir("audit-rotate");
     let jsonl = dir.path().join("audit.jsonl");
     let rotated = dir.path().join("audit.jsonl.1");
-    let gateway = TestGateway::start_with(
-        "audit-rotate",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                json_file: Some(jsonl.clone()),
-                syslog: None,
-                queue: 100,
-            }),
-            ..GatewayOptions::default()
-        },
-    )
-    .await;
+    let gateway = exporting("audit-rotate", Some(jsonl.clone()), None, 100).await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
     let mut leases = Vec::new();
     for port in [7001, 7002] {
@@ -449,17 +434,11 @@ async fn a_reopen_request_takes_the_new_file_at_the_next_event() {
     // A syslog sink too: the request to reopen is the file's, whichever sink's thread runs first.
     let socket_path = dir.path().join("syslog.sock");
     let _syslog = UnixDatagram::bind(&socket_path).expect("bind the syslog socket");
-    let gateway = TestGateway::start_with(
+    let gateway = exporting(
         "audit-hup",
-        POLICY,
-        GatewayOptions {
-            audit: Some(AuditConfig {
-                json_file: Some(jsonl.clone()),
-                syslog: Some(SyslogTarget::Unix(socket_path)),
-                queue: 100,
-            }),
-            ..GatewayOptions::default()
-        },
+        Some(jsonl.clone()),
+        Some(SyslogTarget::Unix(socket_path)),
+        100,
     )
     .await;
     let (client, _) = gateway.welcomed_host("web-01", &[HOST_A]).await;
