@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Client, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir};
-use etcd_cluster::{EtcdCluster, available};
+use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_proto::{LeaseId, ResultCode};
@@ -234,28 +234,12 @@ fn events_of_lease<'a>(page: &'a Value, lease: LeaseId, kind: &str) -> Vec<&'a V
         .unwrap_or_default()
 }
 
-/// Runs `body` on a two-worker runtime in the namespace of a three-member cluster started for
-/// `test` (its members named after `short`), or skips `test` where etcd cannot run.
-fn in_cluster(test: &str, short: &str, body: impl AsyncFnOnce(&EtcdCluster) + Send) {
-    if !available(test) {
-        return;
-    }
-    let cluster = EtcdCluster::start(short).unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(body(&cluster))
-    });
-}
-
 #[test]
 fn two_gateways_share_members_policy_audit_and_revocations() {
     in_cluster(
         "two_gateways_share_members_policy_audit_and_revocations",
         "clops",
+        two_workers,
         async |cluster| {
             let pki = Pki::new("cluster-ops");
             let (dir_a, dir_b) = (temp_dir("clops-a"), temp_dir("clops-b"));
@@ -474,6 +458,7 @@ fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_a
     in_cluster(
         "a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop",
         "clkill",
+        two_workers,
         async |cluster| {
             let pki = Pki::new("cluster-kill");
             let (dir_a, dir_b) = (temp_dir("clkill-a"), temp_dir("clkill-b"));
@@ -553,6 +538,7 @@ fn the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_ma
     in_cluster(
         "the_report_through_either_gateway_covers_the_cluster_and_names_a_member_it_may_lack",
         "clrep",
+        two_workers,
         async |cluster| {
             let pki = Pki::new("cluster-report");
             let (dir_a, dir_b) = (temp_dir("clrep-a"), temp_dir("clrep-b"));
@@ -658,6 +644,7 @@ fn reloads_at_the_same_moment_each_publish_a_version_in_turn() {
     in_cluster(
         "reloads_at_the_same_moment_each_publish_a_version_in_turn",
         "clreload",
+        two_workers,
         async |cluster| {
             let pki = Pki::new("cluster-reload");
             let (dir_a, dir_b) = (temp_dir("clreload-a"), temp_dir("clreload-b"));
@@ -702,6 +689,7 @@ fn status_shows_the_etcd_store_with_its_applied_revision_and_transactions() {
     in_cluster(
         "status_shows_the_etcd_store_with_its_applied_revision_and_transactions",
         "clstatus",
+        two_workers,
         async |cluster| {
             let pki = Pki::new("cluster-status");
             let dir = temp_dir("clstatus-a");

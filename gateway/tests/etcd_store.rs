@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{EtcdCluster, MemberTls, StoreConfig, available};
+use etcd_cluster::{EtcdCluster, MemberTls, StoreConfig, available, in_cluster};
 use fwnp_gateway::config::EtcdTls;
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,
@@ -131,15 +131,13 @@ async fn audited(gateway: &Gateway, id: LeaseId) -> usize {
 
 #[test]
 fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
-    const TEST: &str = "two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("share").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
-            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
-            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+    in_cluster(
+        "two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them",
+        "share",
+        runtime,
+        async |cluster| {
+            let a = gateway(cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(cluster, "gw-b", Duration::from_secs(2)).await;
             assert_eq!(a.etcd.epoch(), b.etcd.epoch(), "one epoch for the cluster");
             assert_ne!(a.etcd.epoch(), 0);
             assert_eq!(a.etcd.site(), "gw-a");
@@ -320,20 +318,18 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
                 .collect();
             assert_eq!(live.len(), 3, "{live:?}");
             assert!(!live.contains(&five.id) && !live.contains(&two.id));
-        });
-    });
+        },
+    );
 }
 
 #[test]
 fn concurrent_commits_are_grouped_into_few_transactions() {
-    const TEST: &str = "concurrent_commits_are_grouped_into_few_transactions";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("group").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
-            let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
+    in_cluster(
+        "concurrent_commits_are_grouped_into_few_transactions",
+        "group",
+        runtime,
+        async |cluster| {
+            let a = Arc::new(gateway(cluster, "gw-a", Duration::from_secs(2)).await);
             let before = a.etcd.transactions();
             let mut commits = tokio::task::JoinSet::new();
             const N: u16 = 400;
@@ -375,21 +371,19 @@ fn concurrent_commits_are_grouped_into_few_transactions() {
                 .await
                 .expect_err("the host holds 8");
             assert!(matches!(err, WriteError::Conflict(_)), "{err:?}");
-        });
-    });
+        },
+    );
 }
 
 #[test]
 fn what_a_gateway_knows_of_keys_changed_through_another_is_read_again() {
-    const TEST: &str = "what_a_gateway_knows_of_keys_changed_through_another_is_read_again";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("stale").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
-            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
-            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+    in_cluster(
+        "what_a_gateway_knows_of_keys_changed_through_another_is_read_again",
+        "stale",
+        runtime,
+        async |cluster| {
+            let a = gateway(cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(cluster, "gw-b", Duration::from_secs(2)).await;
             let web = "fwnp://host/web-02";
             let one = lease(1, web, NOW + 600_000, Some(2));
             let two = lease(2, web, NOW + 600_000, Some(2));
@@ -439,7 +433,12 @@ fn what_a_gateway_knows_of_keys_changed_through_another_is_read_again() {
                 .expect("B renews");
             let err = a
                 .etcd
-                .commit(vec![end(two.id, LeaseEnd::Expired, NOW + 700_000, "gateway")])
+                .commit(vec![end(
+                    two.id,
+                    LeaseEnd::Expired,
+                    NOW + 700_000,
+                    "gateway",
+                )])
                 .await
                 .expect_err("renewed through B");
             assert!(
@@ -469,21 +468,19 @@ fn what_a_gateway_knows_of_keys_changed_through_another_is_read_again() {
             let mut expected = vec![(two.id, NOW + 1_000_000), (three.id, NOW + 600_000)];
             expected.sort();
             assert_eq!(ids, expected);
-        });
-    });
+        },
+    );
 }
 
 #[test]
 fn two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time() {
-    const TEST: &str = "two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("race").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
-            let a = gateway(&cluster, "gw-a", Duration::from_secs(2)).await;
-            let b = gateway(&cluster, "gw-b", Duration::from_secs(2)).await;
+    in_cluster(
+        "two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time",
+        "race",
+        runtime,
+        async |cluster| {
+            let a = gateway(cluster, "gw-a", Duration::from_secs(2)).await;
+            let b = gateway(cluster, "gw-b", Duration::from_secs(2)).await;
             let host = "fwnp://host/race";
             let first = lease(1, host, NOW + 600_000, Some(2));
             a.etcd
@@ -521,21 +518,19 @@ fn two_gateways_racing_for_a_hosts_last_lease_slot_one_wins_each_time() {
                 assert_eq!(live.len(), 2, "{live:?}");
                 assert!(live.iter().any(|l| l.id == first.id));
             }
-        });
-    });
+        },
+    );
 }
 
 #[test]
 fn several_batches_in_flight_commit_everything_with_the_counts_right() {
-    const TEST: &str = "several_batches_in_flight_commit_everything_with_the_counts_right";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("flight").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
-            let a = Arc::new(gateway(&cluster, "gw-a", Duration::from_secs(2)).await);
-            let b = Arc::new(gateway(&cluster, "gw-b", Duration::from_secs(2)).await);
+    in_cluster(
+        "several_batches_in_flight_commit_everything_with_the_counts_right",
+        "flight",
+        runtime,
+        async |cluster| {
+            let a = Arc::new(gateway(cluster, "gw-a", Duration::from_secs(2)).await);
+            let b = Arc::new(gateway(cluster, "gw-b", Duration::from_secs(2)).await);
             const HOSTS: u16 = 30;
             const MAX: u32 = 12;
             let host = |n: u16| format!("fwnp://host/f-{}", n % HOSTS);
@@ -609,8 +604,8 @@ fn several_batches_in_flight_commit_everything_with_the_counts_right() {
                 let held = live.iter().filter(|l| l.identity == host(h)).count();
                 assert_eq!(held, 12, "host {h}");
             }
-        });
-    });
+        },
+    );
 }
 
 #[test]

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
-use etcd_cluster::{EtcdCluster, available};
+use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers as runtime};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
@@ -224,14 +224,6 @@ fn host_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// Polls `check` every 100 ms until it holds, at most `limit`.
 async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -248,18 +240,15 @@ async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_other() {
-    const TEST: &str =
-        "every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_other";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("watch").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
+    in_cluster(
+        "every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_other",
+        "watch",
+        runtime,
+        async |cluster| {
             let pki = Pki::new("etcd-watch");
             let (dir_a, dir_b) = (temp_dir("watch-a"), temp_dir("watch-b"));
-            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
             let files = pki.host("web-01", &[host_ip()], &[], &[]);
             let to_a = Client::connect(a.addr, &files).await;
             to_a.hello().await;
@@ -411,8 +400,8 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             drop((to_a, to_b));
             a.stop();
             b.stop();
-        });
-    });
+        },
+    );
 }
 
 /// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
@@ -599,19 +588,16 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
 
 #[test]
 fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back() {
-    const TEST: &str =
-        "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back";
-    if !available(TEST) {
-        return;
-    }
-    let cluster = EtcdCluster::start("wpart").unwrap_or_else(|e| panic!("{e}"));
-    cluster.run(|| {
-        runtime().block_on(async {
+    in_cluster(
+        "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back",
+        "wpart",
+        runtime,
+        async |cluster| {
             let pki = Pki::new("etcd-wpart");
             let (dir_a, dir_b) = (temp_dir("wpart-a"), temp_dir("wpart-b"));
             let link = Link::start(&cluster.endpoints()).await;
             let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
             let files = pki.host("web-01", &[host_ip()], &[], &[]);
             let to_a = Client::connect(a.addr, &files).await;
             to_a.hello().await;
@@ -674,8 +660,8 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             a.stop();
             b.stop();
             drop(link);
-        });
-    });
+        },
+    );
 }
 
 #[test]

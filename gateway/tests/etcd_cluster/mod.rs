@@ -25,3 +25,28 @@ impl StoreConfig for EtcdCluster {
         }
     }
 }
+
+/// Runs `body` on the runtime `runtime` builds, in the namespace of a three-member cluster
+/// started for `test` (its members named after `short`), or skips `test` where etcd cannot
+/// run. The runtime is built inside the namespace, so that its threads' sockets are there.
+pub(crate) fn in_cluster(
+    test: &str,
+    short: &str,
+    runtime: fn() -> tokio::runtime::Runtime,
+    body: impl AsyncFnOnce(&EtcdCluster) + Send,
+) {
+    if !available(test) {
+        return;
+    }
+    let cluster = EtcdCluster::start(short).unwrap_or_else(|e| panic!("{e}"));
+    cluster.run(|| runtime().block_on(body(&cluster)));
+}
+
+/// A runtime of two workers, as a gateway's machine of two cores runs it.
+pub(crate) fn two_workers() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
