@@ -6,7 +6,9 @@
 //! round and ordered as RFC 2782 says) the agent stays with the one that answered; when that
 //! one is lost it goes on at once with the next, each verified against its own name, and only
 //! a round in which none answered waits for the delays below. Its connections then notice a
-//! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes.
+//! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. A gateway whose name
+//! has several addresses is reached through the first that answers, the next tried
+//! [`ATTEMPT_DELAY`] after the one before began (RFC 8305's connection attempt delay).
 //!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
@@ -116,6 +118,12 @@ enum ConnectError {
     Endpoint(std::io::Error),
     #[error("connecting to {0}: {1}")]
     Connect(SocketAddr, String),
+    #[error("connection attempt failed: {0}")]
+    Attempt(String),
+    /// Every address of a name failed; each address's own failure, in the order they were
+    /// tried.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    EveryAddress(Vec<ConnectError>),
     #[error("Hello: {0}")]
     Hello(ExchangeError),
     #[error("Hello answered with {0}")]
@@ -399,14 +407,20 @@ async fn connect(
     min_lifetime: &mut Option<u32>,
     handshake: Duration,
 ) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Leases), ConnectError> {
-    let addr = match candidate.resolved.first() {
-        Some(&addr) => addr,
-        None => tokio::net::lookup_host(&candidate.address)
+    let mut addrs = if candidate.resolved.is_empty() {
+        tokio::net::lookup_host(&candidate.address)
             .await
             .map_err(|e| ConnectError::Resolve(candidate.address.clone(), e.to_string()))?
-            .next()
-            .ok_or_else(|| ConnectError::Resolve(candidate.address.clone(), "no address".into()))?,
+            .collect()
+    } else {
+        candidate.resolved.clone()
     };
+    if addrs.is_empty() {
+        return Err(ConnectError::Resolve(
+            candidate.address.clone(),
+            "no address".into(),
+        ));
+    }
     let mut retimed = false;
     loop {
         let mut timers = TransportTimers::for_min_lifetime(*min_lifetime);
@@ -416,8 +430,10 @@ async fn connect(
                 idle_timeout: FAILOVER_IDLE_TIMEOUT,
             };
         }
-        let (endpoint, connection, welcome) =
-            connect_once(settings, candidate, addr, timers, handshake).await?;
+        let (addr, endpoint, connection, welcome) =
+            connect_once(settings, candidate, &addrs, timers, handshake).await?;
+        // A connection made again with other timers goes to the address that answered.
+        addrs = vec![addr];
         let announced = welcome.limits.min_lifetime;
         *min_lifetime = Some(announced);
         if !retimed && !timers.suits(announced) {
@@ -445,19 +461,22 @@ async fn connect(
     }
 }
 
-/// A handshake (given up after `handshake`) with `timers`, then Hello and Welcome.
+/// Between the start of one address's handshake and the next one's while no earlier one has
+/// succeeded, as RFC 8305 recommends: a name whose first address is dead (an IPv6 route that
+/// goes nowhere, a stale record) costs a quarter of a second, not a whole handshake timeout.
+const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
+
+/// A handshake (each given up after `handshake`) with `timers` to the first of `addrs` that
+/// answers, then Hello and Welcome on it. The addresses are tried in order, each started when
+/// the one before failed or [`ATTEMPT_DELAY`] after it began; the first handshake to succeed
+/// wins and the others are dropped.
 async fn connect_once(
     settings: &LinkSettings,
     candidate: &Candidate,
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     timers: TransportTimers,
     handshake: Duration,
-) -> Result<(quinn::Endpoint, quinn::Connection, Welcome), ConnectError> {
-    let bind: SocketAddr = if addr.is_ipv4() {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
+) -> Result<(SocketAddr, quinn::Endpoint, quinn::Connection, Welcome), ConnectError> {
     let options = ClientOptions {
         keep_alive_interval: timers.keep_alive,
         idle_timeout: timers.idle_timeout,
@@ -467,15 +486,8 @@ async fn connect_once(
     config.transport_config(Arc::new(
         client_transport(&options).map_err(ConnectError::Transport)?,
     ));
-    let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Endpoint)?;
-    let connecting = endpoint
-        .connect_with(config, addr, &candidate.server_name)
-        .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
-    let connection = tokio::time::timeout(handshake, connecting)
-        .await
-        .map_err(|_| ConnectError::Connect(addr, format!("no handshake within {handshake:?}")))?
-        .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
-
+    let (addr, endpoint, connection) =
+        first_handshake(&config, &candidate.server_name, addrs, handshake).await?;
     let hello = Message::Hello(Hello {
         common: Common {
             request_id: Some(1),
@@ -503,7 +515,92 @@ async fn connect_once(
             ));
         }
     };
-    Ok((endpoint, connection, welcome))
+    Ok((addr, endpoint, connection, welcome))
+}
+
+/// The first handshake of `addrs` to succeed, started as [`connect_once`] says.
+async fn first_handshake(
+    config: &quinn::ClientConfig,
+    server_name: &str,
+    addrs: &[SocketAddr],
+    handshake: Duration,
+) -> Result<(SocketAddr, quinn::Endpoint, quinn::Connection), ConnectError> {
+    type Attempt = (
+        SocketAddr,
+        quinn::Endpoint,
+        Result<quinn::Connection, ConnectError>,
+    );
+    let start = |attempts: &mut tokio::task::JoinSet<Attempt>,
+                 addr: SocketAddr|
+     -> Result<(), ConnectError> {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let endpoint = quinn::Endpoint::client(bind).map_err(ConnectError::Endpoint)?;
+        let connecting = endpoint
+            .connect_with(config.clone(), addr, server_name)
+            .map_err(|e| ConnectError::Connect(addr, e.to_string()))?;
+        attempts.spawn(async move {
+            let connection = match tokio::time::timeout(handshake, connecting).await {
+                Ok(Ok(connection)) => Ok(connection),
+                Ok(Err(e)) => Err(ConnectError::Connect(addr, e.to_string())),
+                Err(_) => Err(ConnectError::Connect(
+                    addr,
+                    format!("no handshake within {handshake:?}"),
+                )),
+            };
+            (addr, endpoint, connection)
+        });
+        Ok(())
+    };
+    // Dropping the set aborts the attempts still running, and their connections with them.
+    let mut attempts = tokio::task::JoinSet::new();
+    let mut waiting = addrs.iter().copied();
+    let mut failures = Vec::new();
+    loop {
+        if attempts.is_empty() {
+            let Some(addr) = waiting.next() else {
+                return Err(match failures.len() {
+                    1 => failures.remove(0),
+                    _ => ConnectError::EveryAddress(failures),
+                });
+            };
+            if let Err(e) = start(&mut attempts, addr) {
+                failures.push(e);
+            }
+            continue;
+        }
+        let more = waiting.len() > 0;
+        tokio::select! {
+            joined = attempts.join_next() => match joined {
+                Some(Ok((addr, endpoint, Ok(connection)))) => {
+                    return Ok((addr, endpoint, connection));
+                }
+                Some(Ok((_, _, Err(e)))) => {
+                    debug!("{e}");
+                    failures.push(e);
+                    if let Some(addr) = waiting.next()
+                        && let Err(e) = start(&mut attempts, addr)
+                    {
+                        failures.push(e);
+                    }
+                }
+                // An attempt's task cannot be aborted while the set is held, and panics in it
+                // are bugs: say so rather than hang.
+                Some(Err(e)) => failures.push(ConnectError::Attempt(e.to_string())),
+                None => {}
+            },
+            _ = tokio::time::sleep(ATTEMPT_DELAY), if more => {
+                if let Some(addr) = waiting.next()
+                    && let Err(e) = start(&mut attempts, addr)
+                {
+                    failures.push(e);
+                }
+            }
+        }
+    }
 }
 
 /// Forwards notices until the connection ends; returns why it ended and how, for the

@@ -38,6 +38,7 @@ const BOUND: Duration = Duration::from_secs(4);
 struct Seen {
     gateway: char,
     at: Instant,
+    remote: IpAddr,
     request: Message,
 }
 
@@ -76,6 +77,7 @@ fn answer(name: char, request: &Message, remote: IpAddr, cluster: &Mutex<Cluster
     cluster.seen.push(Seen {
         gateway: name,
         at: Instant::now(),
+        remote,
         request: request.clone(),
     });
     let granted = |common, lease, grant: Grant, expires_ms| {
@@ -342,24 +344,23 @@ fn the_agent_fails_over_to_the_next_gateway_and_renews_its_lease_there_within_se
     drop(listener);
 }
 
-/// The namespace-specific resolver configuration that `ip netns exec` puts in place of
-/// `/etc/resolv.conf` (see ip-netns(8)), removed when dropped.
-struct NetnsResolvConf(std::path::PathBuf);
+/// Namespace-specific files that `ip netns exec` puts in place of those of `/etc` (see
+/// ip-netns(8)): `resolv.conf`, `hosts`; removed when dropped.
+struct NetnsEtc(std::path::PathBuf);
 
-impl NetnsResolvConf {
-    fn write(ns: &fwnp_testkit::netns::Netns, nameserver: Ipv4Addr) -> Self {
+impl NetnsEtc {
+    fn write(ns: &fwnp_testkit::netns::Netns, files: &[(&str, String)]) -> Self {
         let dir = std::path::PathBuf::from(format!("/etc/netns/{}", ns.name()));
         std::fs::create_dir_all(&dir).expect("create /etc/netns/NAME");
-        std::fs::write(
-            dir.join("resolv.conf"),
-            format!("nameserver {nameserver}\n"),
-        )
-        .expect("write resolv.conf");
-        NetnsResolvConf(dir)
+        let etc = NetnsEtc(dir);
+        for (name, text) in files {
+            std::fs::write(etc.0.join(name), text).expect("write a file of /etc/netns/NAME");
+        }
+        etc
     }
 }
 
-impl Drop for NetnsResolvConf {
+impl Drop for NetnsEtc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
@@ -376,7 +377,7 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
         return;
     }
     let ns = fwnp_testkit::netns::Netns::new("srv").expect("namespace");
-    let _resolv = NetnsResolvConf::write(&ns, Ipv4Addr::LOCALHOST);
+    let _resolv = NetnsEtc::write(&ns, &[("resolv.conf", "nameserver 127.0.0.1\n".into())]);
     let pki = Pki::with_gateway_ips("srv", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     pki.host("web-01", &[], &[], &[]);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -449,4 +450,79 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
         "{:?}",
         cluster.seen
     );
+}
+
+/// A gateway name whose first address is dead (here IPv6's loopback, which the C library puts
+/// first and where nothing listens, the classic broken-IPv6 case) costs the agent a moment: the
+/// next address is tried a quarter of a second later, long before the first one's handshake
+/// would give up, and the agent connects through it.
+#[test]
+fn a_name_whose_first_address_is_dead_is_reached_through_the_next() {
+    let test = "a_name_whose_first_address_is_dead_is_reached_through_the_next";
+    if !fwnp_testkit::netns::require_root(test) {
+        return;
+    }
+    let ns = fwnp_testkit::netns::Netns::new("addrs").expect("namespace");
+    let _hosts = NetnsEtc::write(
+        &ns,
+        &[(
+            "hosts",
+            format!("::1 {GATEWAY_NAME}\n127.0.0.1 {GATEWAY_NAME}\n"),
+        )],
+    );
+    let pki = Pki::with_gateway_ips("addrs", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    // The gateway listens on IPv4's loopback only.
+    let endpoint = ns.run(|| gateway_endpoint(&pki, &runtime));
+    let port = endpoint.local_addr().expect("address").port();
+    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+
+    let dir = temp_dir("addrs");
+    let config = dir.path().join("agent.toml");
+    let text = agent_config(
+        &pki,
+        "web-01",
+        dir.path(),
+        &format!("{GATEWAY_NAME}:{port}"),
+        "off",
+        &my_uid().to_string(),
+        "1s",
+    );
+    std::fs::write(&config, text).expect("write config");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        ns.spawn(&mut agent_command(&config))
+            .expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    // Well inside one handshake timeout (fwnp_proto::link::HANDSHAKE_TIMEOUT): an agent that
+    // tried only the first address would never connect, one that waited for it to give up
+    // would take longer.
+    let deadline = Instant::now() + fwnp_proto::link::HANDSHAKE_TIMEOUT / 2;
+    let connected = loop {
+        let now = status.status();
+        if now.connected {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect through the second address: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
+    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    let hello = cluster
+        .seen
+        .iter()
+        .find(|s| matches!(s.request, Message::Hello(_)))
+        .unwrap_or_else(|| panic!("no Hello: {:?}", cluster.seen));
+    assert_eq!(hello.remote, IpAddr::V4(Ipv4Addr::LOCALHOST));
 }
