@@ -526,7 +526,8 @@ fn finish(
     // async runtime, and a runtime whose workers are all parked is woken by a system call. Sent
     // back to back, the replies of a transaction find the first woken worker still awake (one
     // wake-up for the batch); with each job's operations freed between two replies, the worker
-    // was often parked again (measured: a third of a wake-up per grant).
+    // was parked again more often (measured on the writer alone: 0.132 wake-ups a grant, 0.117
+    // with the replies sent together).
     for (job, result) in batch.iter_mut().zip(results) {
         if result.is_err() {
             c.failed_jobs.fetch_add(1, Ordering::Relaxed);
