@@ -176,6 +176,41 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
     assert_ne!(fresh.epoch(), epoch);
 }
 
+/// The bundled SQLite is built with the options `.cargo/config.toml` gives it: without memory
+/// statistics (a global mutex around every allocation of the writer), without double-quoted
+/// string literals, shared cache or deprecated interfaces, in multi-thread mode (each
+/// connection is used by one thread at a time, which rusqlite's `Connection` enforces).
+#[test]
+fn sqlite_is_built_with_the_recommended_options() {
+    let tmp = temp_dir("sqlite-options");
+    let store = Store::open(tmp.path()).unwrap();
+    let raw = rusqlite::Connection::open(store.path()).unwrap();
+    for option in [
+        "DEFAULT_MEMSTATUS=0",
+        "DQS=0",
+        "LIKE_DOESNT_MATCH_BLOBS",
+        "OMIT_DEPRECATED",
+        "OMIT_SHARED_CACHE",
+        "USE_ALLOCA",
+        "THREADSAFE=2",
+    ] {
+        let used: bool = raw
+            .query_row("SELECT sqlite_compileoption_used(?1)", [option], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(used, "SQLite is built without {option}");
+    }
+    // DQS=0: a double-quoted word is an identifier only, never a string.
+    let refused = raw.query_row(r#"SELECT "not a column""#, [], |r| r.get::<_, String>(0));
+    assert!(refused.is_err(), "{refused:?}");
+    // The store still answers from a connection of another thread.
+    let seen = std::thread::spawn(move || store.live_lease_count().unwrap())
+        .join()
+        .unwrap();
+    assert_eq!(seen, 0);
+}
+
 #[test]
 fn lease_lifecycle() {
     let tmp = temp_dir("lifecycle");

@@ -493,7 +493,7 @@ fn execute(
 /// Count a batch and answer its jobs.
 fn finish(
     shared: &WriterShared,
-    batch: Vec<Job>,
+    mut batch: Vec<Job>,
     started: std::time::Instant,
     op_count: usize,
     results: Vec<Result<u64, StoreError>>,
@@ -522,11 +522,17 @@ fn finish(
             newer
         });
     }
-    for (job, result) in batch.into_iter().zip(results) {
+    // Every reply is sent before any job's operations are freed: a reply wakes its task on the
+    // async runtime, and a runtime whose workers are all parked is woken by a system call. Sent
+    // back to back, the replies of a transaction find the first woken worker still awake (one
+    // wake-up for the batch); with each job's operations freed between two replies, the worker
+    // was parked again more often (measured on the writer alone: 0.132 wake-ups a grant, 0.117
+    // with the replies sent together).
+    for (job, result) in batch.iter_mut().zip(results) {
         if result.is_err() {
             c.failed_jobs.fetch_add(1, Ordering::Relaxed);
         }
-        match job.reply {
+        match std::mem::replace(&mut job.reply, Reply::None) {
             // A caller that stopped waiting no longer cares.
             Reply::Async(tx) => {
                 let _ = tx.send(result);
@@ -978,6 +984,86 @@ mod tests {
         assert_eq!(text.peer(None), None);
         text.encode(&[], None);
         assert_eq!(text.grants(&[]), None, "no grants, no text");
+    }
+
+    /// A waker that notes, each time it is woken, how many holders a certificate has: the
+    /// jobs' operations hold it until they are freed.
+    struct HoldersAtWake {
+        certificate: Arc<CertificateName>,
+        seen: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl std::task::Wake for HoldersAtWake {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            let holders = Arc::strong_count(&self.certificate);
+            self.seen.lock().unwrap().push(holders);
+        }
+    }
+
+    /// The replies of a transaction are sent one after the other, before the operations of its
+    /// jobs are freed: each waiting task is woken while every job's operations are still held.
+    #[test]
+    fn a_batchs_replies_are_all_sent_before_its_operations_are_freed() {
+        use std::future::Future;
+        use std::task::{Context, Poll, Waker};
+
+        let certificate = Arc::new(CertificateName {
+            issuer: vec![0x30, 0x00],
+            serial: fwnp_trust::identity::Serial::from_der_bytes(&[1]),
+        });
+        let holders = Arc::new(HoldersAtWake {
+            certificate: Arc::clone(&certificate),
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        let waker = Waker::from(Arc::clone(&holders));
+        let mut receivers = Vec::new();
+        let batch: Vec<Job> = (1..=5)
+            .map(|n| {
+                let mut job = grant_job(n);
+                if let WriteOp::InsertLease(lease) = &mut job.ops[0] {
+                    lease.certificate = Some(Arc::clone(&certificate));
+                }
+                let (tx, mut rx) = oneshot::channel();
+                let pending = std::pin::Pin::new(&mut rx).poll(&mut Context::from_waker(&waker));
+                assert!(pending.is_pending());
+                receivers.push(rx);
+                job.reply = Reply::Async(tx);
+                job
+            })
+            .collect();
+        let (sender, _receiver) = mpsc::unbounded_channel();
+        let shared = WriterShared {
+            sender,
+            counters: Counters::default(),
+            max_pending_ops: 100,
+            audit_watch: watch::channel(0).0,
+        };
+        shared.counters.pending_ops.store(10, Ordering::Relaxed);
+        let results = (1..=5).map(|n| Ok(n as u64)).collect();
+        let held = Arc::strong_count(&certificate);
+        assert_eq!(held, 2 + 5, "the test, the waker and each job's lease");
+
+        finish(
+            &shared,
+            batch,
+            std::time::Instant::now(),
+            10,
+            results,
+            Vec::new(),
+        );
+
+        assert_eq!(*holders.seen.lock().unwrap(), vec![held; 5]);
+        assert_eq!(Arc::strong_count(&certificate), 2, "freed once answered");
+        for (n, mut rx) in (1..=5u64).zip(receivers) {
+            let answer = std::pin::Pin::new(&mut rx).poll(&mut Context::from_waker(&waker));
+            assert!(matches!(answer, Poll::Ready(Ok(Ok(got))) if got == n));
+        }
+        assert_eq!(shared.counters.pending_ops.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.counters.jobs.load(Ordering::Relaxed), 5);
     }
 
     /// Each grant runs the two statements prepared when the writer started, and each
