@@ -38,9 +38,12 @@ const HOSTS: usize = 100;
 /// the connection's task kept room for two timers inline: 33,300 bytes here. Without them, about
 /// 32,000, of which the connection's task was 1,700 bytes, sized for its handshake's state for
 /// the whole life of the connection; with the handshake's state boxed and freed once the
-/// connection is up, 30,750-30,820 bytes (the rest is quinn's and rustls' own state, which no
-/// setting reaches: README "Measuring"). The bound sits between the two.
-const MAX_BYTES_PER_CONNECTION: f64 = 30.5 * 1024.0;
+/// connection is up, 30,750-30,890 bytes. The TLS record layer's keys (which QUIC never uses)
+/// and the next key phase's packet keys, built only once they are used, took 1,000 and 730
+/// bytes more off: 29,140-29,200 bytes, once 29,570 on a busy machine (the rest is quinn's and
+/// rustls' own state, which no setting reaches: README "Measuring"). The bound leaves about 800
+/// bytes of margin above the usual figure.
+const MAX_BYTES_PER_CONNECTION: f64 = 29.25 * 1024.0;
 
 /// The live bytes once they have stopped changing: the last packets of a step (acknowledgements,
 /// the end of a request stream) may still be on their way when the hosts report it. Bounded
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
         return hosts_process(&setup);
     }
     // This binary has no test harness: it answers `--list` and name filters as one would.
-    const NAME: &str = "an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap";
+    const NAME: &str = "an_idle_connection_keeps_at_most_29_25_kib_of_the_gateway_heap";
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     if arguments.iter().any(|a| a == "--list") {
         println!("{NAME}: test");
@@ -75,12 +78,12 @@ fn main() -> ExitCode {
         println!("running 0 tests");
         return ExitCode::SUCCESS;
     }
-    an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap();
+    an_idle_connection_keeps_at_most_29_25_kib_of_the_gateway_heap();
     println!("test {NAME} ... ok");
     ExitCode::SUCCESS
 }
 
-fn an_idle_connection_keeps_at_most_30_5_kib_of_the_gateway_heap() {
+fn an_idle_connection_keeps_at_most_29_25_kib_of_the_gateway_heap() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let options = GatewayOptions {
         // Every host connects from 127.0.0.1 at once: no handshake limits.

@@ -5,6 +5,9 @@
 //!
 //! - TLS 1.3 only, with the *ring* provider named explicitly (the build holds exactly one rustls
 //!   provider; `builder_with_provider` never consults a process-wide default).
+//!   The gateway's cipher suites are *ring*'s TLS 1.3 ones with keys built only when first used:
+//!   the TLS record layer's keys, which QUIC never uses, and the packet keys of QUIC's next key
+//!   phase are then no more than their key material on an idle connection.
 //! - ALPN exactly `fwnp/1` ([`fwnp_proto::ALPN`]) on both sides; a peer offering anything else
 //!   fails the handshake with the `no_application_protocol` alert.
 //! - The gateway requires a client certificate and verifies it against the configured CA roots
@@ -58,6 +61,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+
+mod keys_on_demand;
 
 /// The QUIC idle timeout of FWNP/1 (both sides).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -200,9 +205,23 @@ impl Default for ClientOptions {
     }
 }
 
-/// The explicit crypto provider of every FWNP TLS configuration.
+/// The explicit crypto provider of FWNP's TLS configurations: the host's as it is; the gateway's
+/// with the same TLS 1.3 suites, whose keys are built when first used.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The gateway's crypto provider: [`crypto_provider`] with its TLS 1.3 cipher suites only, the
+/// same algorithms in the same order, whose TLS record-layer keys and QUIC packet keys are built
+/// only when something is first protected or opened with them. rustls derives the record
+/// layer's keys at the end of each handshake, though QUIC never uses them, and quinn the next
+/// key phase's packet keys, which a connection that sends little never uses either: with
+/// *ring*'s suites they were some 1,700 bytes of every idle host connection.
+fn server_crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: keys_on_demand::tls13_suites(),
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// The gateway's QUIC server configuration: TLS 1.3, client certificates required and verified
@@ -214,7 +233,7 @@ pub fn server_config(
     crls: Vec<CertificateRevocationListDer<'static>>,
     options: &ServerOptions,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let provider = crypto_provider();
+    let provider = server_crypto_provider();
     let roots = Arc::new(root_store(ca_roots, Path::new("<memory>"))?);
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(roots, provider.clone()).with_crls(crls);

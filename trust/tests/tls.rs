@@ -321,6 +321,99 @@ async fn the_gateway_announces_one_message_of_stream_window_and_no_datagrams() {
     client.close(0u32.into(), b"done");
 }
 
+/// One request stream's bytes from the host, echoed back by the gateway.
+async fn echo(client: &Connection, server: &Connection, text: &[u8]) -> Vec<u8> {
+    let exchange = async {
+        let (mut send, mut receive) = client.open_bi().await.expect("open stream");
+        send.write_all(text).await.expect("write");
+        send.finish().expect("finish");
+        let (mut server_send, mut server_receive) =
+            server.accept_bi().await.expect("accept stream");
+        let request = server_receive.read_to_end(64).await.expect("read request");
+        server_send.write_all(&request).await.expect("write answer");
+        server_send.finish().expect("finish answer");
+        receive.read_to_end(64).await.expect("read answer")
+    };
+    tokio::time::timeout(STEP_TIMEOUT, exchange)
+        .await
+        .expect("stream exchange timed out")
+}
+
+/// The gateway's TLS 1.3 suites build their keys only when they are used (the record layer's,
+/// which QUIC never uses, and the next key phase's packet keys): a host that offers a single
+/// suite, whichever of the three, connects, and its connection goes on through the gateway's
+/// key updates, where the keys made on demand protect and open the packets.
+#[tokio::test]
+async fn each_tls13_suite_connects_and_carries_streams_across_key_updates() {
+    let ca = TestCa::new("suites");
+    ca.host(
+        "web-01",
+        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
+        &[],
+        &[],
+    );
+    let server = server(&ca.server_files());
+    let files = ca.client_files("web-01");
+    let roots = tls::load_ca_certificates(&files.ca).expect("roots");
+    let initial = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
+        .tls13()
+        .and_then(|suite| suite.quic_suite())
+        .expect("QUIC's initial suite");
+    let suites: Vec<_> = rustls::crypto::ring::DEFAULT_CIPHER_SUITES
+        .iter()
+        .filter(|suite| suite.tls13().is_some())
+        .collect();
+    assert_eq!(suites.len(), 3);
+    for suite in suites {
+        let provider = rustls::crypto::CryptoProvider {
+            cipher_suites: vec![*suite],
+            ..rustls::crypto::ring::default_provider()
+        };
+        let mut store = rustls::RootCertStore::empty();
+        for root in &roots {
+            store.add(root.clone()).expect("add root");
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("tls13")
+            .with_root_certificates(store)
+            .with_client_auth_cert(
+                tls::load_certificates(&files.cert).expect("certificate"),
+                tls::load_private_key(&files.key).expect("key"),
+            )
+            .expect("client certificate");
+        config.alpn_protocols = vec![fwnp_proto::ALPN.to_vec()];
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::with_initial(Arc::new(config), initial)
+                .expect("QUIC client");
+        let outcome = attempt(
+            &server,
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            GATEWAY_NAME,
+        )
+        .await;
+        let gateway = outcome.server.expect("server accepted");
+        let host = outcome
+            .client
+            .unwrap_or_else(|e| panic!("{:?}: {e}", suite.suite()));
+        assert_eq!(echo(&host, &gateway, b"before").await, b"before");
+        for update in 0..2 {
+            gateway.force_key_update();
+            let text = format!("after key update {update}");
+            assert_eq!(
+                echo(&host, &gateway, text.as_bytes()).await,
+                text.as_bytes(),
+                "{:?}",
+                suite.suite()
+            );
+            // A key update waits for the one before to be acknowledged (three PTOs after).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(gateway.close_reason().is_none());
+        host.close(0u32.into(), b"done");
+    }
+}
+
 #[tokio::test]
 async fn spiffe_id_is_the_identity_and_without_ip_sans_the_source_address_is_allowed() {
     let ca = TestCa::new("spiffe");
