@@ -676,3 +676,142 @@ async fn a_restored_lease_the_book_does_not_load_is_counted_and_audited() {
         Some("start: lease not restored: the store holds another live lease with this id")
     );
 }
+
+/// The memory store, except that a commit that inserts a lease waits until the test lets it
+/// go, and says which lease it holds back: the time between a lease entering the book and
+/// reaching the store, held open.
+#[derive(Debug)]
+struct InsertsWait {
+    memory: Arc<MemoryStore>,
+    held: tokio::sync::mpsc::UnboundedSender<LeaseId>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl LeaseStore for InsertsWait {
+    fn epoch(&self) -> fwnp_proto::Epoch {
+        LeaseStore::epoch(&*self.memory)
+    }
+
+    fn restore(
+        &self,
+        now_ms: u64,
+    ) -> fwnp_gateway::store::WriteFuture<'_, fwnp_gateway::store::Restored> {
+        self.memory.restore(now_ms)
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> fwnp_gateway::store::WriteFuture<'static, ()> {
+        let inserted = ops.iter().find_map(|op| match op {
+            WriteOp::InsertLease(lease) => Some(lease.id),
+            _ => None,
+        });
+        let memory = self.memory.clone();
+        let Some(id) = inserted else {
+            return memory.commit(ops);
+        };
+        let _ = self.held.send(id);
+        let go = self.go.clone();
+        Box::pin(async move {
+            go.notified().await;
+            memory.commit(ops).await
+        })
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.memory.record(ops)
+    }
+}
+
+/// A lease revoked after it entered the book but before the store had it: the revocation's
+/// end is committed after the lease's insert, so that the store does not keep as live (and a
+/// restart does not bring back) a lease that was revoked, and the revocation is audited.
+#[tokio::test]
+async fn a_lease_revoked_on_its_way_to_the_store_is_stored_ended() {
+    let pki = Pki::new("seam-race");
+    let dir = temp_dir("seam-race");
+    write_policy(&dir.path().join("policy.toml"), POLICY);
+    let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
+    let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let (held, mut holding) = tokio::sync::mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let store = Arc::new(InsertsWait {
+        memory: memory.clone(),
+        held,
+        go: go.clone(),
+    });
+    let service = Service::start_with_store(config, None, memory.clone(), store)
+        .await
+        .expect("service starts");
+    let server_config =
+        tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
+            .expect("server TLS config");
+    let endpoint =
+        quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .expect("bind");
+    let addr = endpoint.local_addr().expect("address");
+    let serving = tokio::spawn(fwnp_gateway::server::serve(
+        endpoint.clone(),
+        service.clone(),
+    ));
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client = Arc::new(Client::connect(addr, &pki.host("web-01", &[host], &[], &[])).await);
+    client.hello().await;
+    let opening = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(tcp(7001), None).await }
+    });
+    let id = tokio::time::timeout(std::time::Duration::from_secs(10), holding.recv())
+        .await
+        .expect("the lease's insert reaches the store")
+        .expect("the store is up");
+    assert!(
+        service
+            .revoke(
+                &id,
+                fwnp_proto::RevokeReason::Operator,
+                "operator",
+                Some("revoked on its way to the store".into())
+            )
+            .await
+            .is_some(),
+        "the lease is in the book while its insert waits"
+    );
+    go.notify_one();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+        .await
+        .expect("the Open is answered")
+        .expect("the Open's task");
+    // The host may be told Granted (its Revoked notice says the rest, spec Section 8.1): what
+    // matters is what the store keeps.
+    drop(answer);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let (lease, audited) = loop {
+        let lease = memory.leases().into_iter().find(|l| l.id == id);
+        let audited = memory
+            .audit()
+            .into_iter()
+            .any(|e| e.kind == AuditKind::Revocation && e.lease == Some(id));
+        let ended = lease.as_ref().is_some_and(|l| l.state != LeaseState::Live);
+        if (ended && audited) || tokio::time::Instant::now() >= deadline {
+            break (lease, audited);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let lease = lease.expect("the lease was stored");
+    assert_eq!(
+        lease.state,
+        LeaseState::Revoked,
+        "a revoked lease is not live in the store: {lease:?}"
+    );
+    assert!(
+        matches!(
+            lease.ending.as_ref().map(|e| &e.end),
+            Some(LeaseEnd::Revoked(fwnp_proto::RevokeReason::Operator))
+        ),
+        "{lease:?}"
+    );
+    assert!(audited, "the revocation is audited: {:?}", memory.audit());
+    assert_eq!(service.status().live_leases, 0);
+    endpoint.close(0u32.into(), b"done");
+    serving.abort();
+}

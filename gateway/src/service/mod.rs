@@ -120,6 +120,11 @@ pub struct Service {
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
     holders: Mutex<Holders>,
+    /// The new leases in the book whose insert is on its way to the store, each with the
+    /// writes of a revocation that ended it meanwhile. Those writes wait for the insert: sent
+    /// before it, the end would find no stored lease to end and the insert would then store
+    /// the revoked lease as live (a restart would bring it back).
+    being_stored: Mutex<HashMap<LeaseId, Vec<Write>>>,
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
@@ -347,6 +352,7 @@ impl Service {
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Mutex::new(Holders::default()),
+            being_stored: Mutex::new(HashMap::new()),
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             audit_reopen: std::sync::OnceLock::new(),

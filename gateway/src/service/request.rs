@@ -295,15 +295,26 @@ impl Service {
                 let mut core = lock(&self.core);
                 self.metrics.stage(Stage::Lock, waited.elapsed());
                 let mut rng = lock(&self.rng);
-                core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng)
+                let step = core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng);
+                // Registered before the core's lock is let go: a revocation takes it, so it
+                // finds the new lease here.
+                if let Step::Pending(pending) = &step
+                    && let Some(id) = inserted_lease(pending.effects())
+                {
+                    lock(&self.being_stored).insert(id, Vec::new());
+                }
+                step
             }
         };
         let answer = match step {
             Step::Answer(answer) => answer,
             Step::Pending(mut pending) => {
-                let outcome = self
-                    .carry_out_in_order(session, pending.take_effects())
-                    .await;
+                let effects = pending.take_effects();
+                let inserted = inserted_lease(&effects);
+                let outcome = self.carry_out_in_order(session, effects).await;
+                if let Some(id) = inserted {
+                    self.stored_or_not(id, outcome.is_ok()).await;
+                }
                 if let Err(e) = &outcome {
                     warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
                 }
@@ -417,6 +428,7 @@ impl Service {
                     grants,
                     kill_connections,
                 } => self.remove_elements(lease, grants, *kill_connections).await,
+                Effect::Commit(writes) if self.wait_for_insert(writes) => {}
                 Effect::Commit(writes) => match self.commit(session, writes.clone()).await {
                     Ok(()) => {}
                     Err(e) if self.ended_elsewhere(&e, writes) => {
@@ -436,6 +448,41 @@ impl Service {
                     }
                 }
             }
+        }
+    }
+
+    /// Holds back `writes` that end a lease whose insert is on its way to the store
+    /// ([`Service::being_stored`](super::Service)), for [`Service::stored_or_not`] to commit
+    /// after it; says whether it did. A lease's end and its audit record come in one commit.
+    fn wait_for_insert(&self, writes: &[Write]) -> bool {
+        let mut being_stored = lock(&self.being_stored);
+        if being_stored.is_empty() {
+            return false;
+        }
+        let waiting = writes.iter().find_map(|write| match write {
+            Write::End { id, .. } if being_stored.contains_key(id) => Some(*id),
+            _ => None,
+        });
+        match waiting.and_then(|id| being_stored.get_mut(&id)) {
+            Some(held) => {
+                held.extend(writes.iter().cloned());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The insert of new lease `id` is done (`stored`) or failed: what a revocation held back
+    /// meanwhile is committed now, the end only if there is a stored lease to end.
+    async fn stored_or_not(&self, id: LeaseId, stored: bool) {
+        let Some(mut held) = lock(&self.being_stored).remove(&id) else {
+            return;
+        };
+        if !stored {
+            held.retain(|write| matches!(write, Write::Audit(_)));
+        }
+        if !held.is_empty() {
+            self.carry_out(None, &[Effect::Commit(held)]).await;
         }
     }
 
@@ -560,4 +607,15 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The lease a request's effects insert into the store, if they make a new one.
+fn inserted_lease(effects: &[Effect]) -> Option<LeaseId> {
+    effects.iter().find_map(|effect| match effect {
+        Effect::Commit(writes) => writes.iter().find_map(|write| match write {
+            Write::Insert { lease, .. } => Some(lease.id),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
