@@ -5,7 +5,8 @@
 //! whole and consistent is checked here, never a speed: speed is what the tool measures, on a
 //! machine whose load no test controls. `fwnp-load --restart` stops the gateway after its
 //! prefill and starts it again on the same store: the restarted gateway must renew a lease the
-//! first one granted.
+//! first one granted. Its closed loop waits the retry-after of a rate-limited answer before
+//! the refused slot asks again.
 //!
 //! The runs in a network namespace and with etcd need root (and etcd installed): skipped
 //! otherwise, failing instead when FWNP_REQUIRE_NETNS=1.
@@ -318,6 +319,50 @@ fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
     assert!(ready > 0.0 && ready < 300.0, "{report:#}");
     assert!(
         number(&report, &["gateway_rss_kib", "after_restart"]) > 0.0,
+        "{report:#}"
+    );
+}
+
+/// A gateway whose policy allows each host one request a second: the closed loop's slots that
+/// are refused as rate-limited wait the answer's retry-after (at least a second) before their
+/// next request, instead of asking again at once. Each of the 8 slots (2 hosts × 4) is then
+/// refused at most once per second of the 3 s run, plus once at its end; a loop that ignored
+/// the retry-after is refused every time the gateway's short pause after a refusal lets it
+/// ask again, some hundreds of times.
+#[test]
+fn closed_loop_waits_the_retry_after_of_a_rate_limited_answer() {
+    let report = load(&[
+        "--hosts",
+        "2",
+        "--concurrency",
+        "4",
+        "--duration",
+        "3s",
+        "--mix",
+        "100,0,0",
+        "--host-rate-limit",
+        "1",
+    ]);
+    assert_eq!(report["mode"], "closed-loop");
+    assert_eq!(number(&report, &["failed"]), 0.0, "{report:#}");
+    let (granted, rate_limited) = (
+        number(&report, &["granted"]),
+        number(&report, &["rate_limited"]),
+    );
+    // The limit was reached, and each host was still granted about one request a second.
+    assert!(rate_limited >= 1.0, "{report:#}");
+    assert!((1.0..=10.0).contains(&granted), "{report:#}");
+    let slots = 2.0 * 4.0;
+    let secs = number(&report, &["duration_s"]);
+    assert!(
+        rate_limited <= slots * (secs.ceil() + 1.0),
+        "{rate_limited} rate-limited answers to {slots} slots in {secs} s: {report:#}"
+    );
+    // Every refusal made its slot wait, at least a second each unless the run ended first.
+    let waits = number(&report, &["retry_after", "waits"]);
+    assert_eq!(waits, rate_limited, "{report:#}");
+    assert!(
+        number(&report, &["retry_after", "waited_s"]) > 0.0,
         "{report:#}"
     );
 }

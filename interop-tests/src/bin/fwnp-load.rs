@@ -36,7 +36,6 @@ use fwnp_trust::tls::{ClientOptions, client_config};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tokio::sync::Mutex;
 
 /// Drives a real fwnp-gateway with simulated hosts and reports throughput and latency.
 #[derive(Debug, Parser, Clone)]
@@ -130,6 +129,11 @@ struct Args {
     /// this run, and the hosts' counter keys.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8], value_parser = clap::value_parser!(u32).range(1..=64))]
     etcd_writers: Vec<u32>,
+    /// The policy's rate limit per host: this many requests per second, and as many at once
+    /// (its `[rate_limit]`; without it the gateway's built-in limit applies). A request refused
+    /// as rate-limited makes its slot of the closed loop wait the answer's retry-after.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    host_rate_limit: Option<u32>,
 }
 
 /// A lease store the gateway can be measured on.
@@ -238,7 +242,9 @@ struct Host {
     connection: quinn::Connection,
     address: IpAddr,
     next_port: AtomicU64,
-    held: Mutex<Vec<LeaseId>>,
+    /// The leases granted to the host, for its renews and releases: a lock held only to push
+    /// or take one, never across an await.
+    held: std::sync::Mutex<Vec<LeaseId>>,
 }
 
 #[derive(Default)]
@@ -250,6 +256,9 @@ struct Counters {
     denied: AtomicU64,
     /// Among the denied: refused as rate-limited.
     rate_limited: AtomicU64,
+    /// Waits of a closed loop's slot for a Denied's retry-after, and their time in all.
+    retry_after_waits: AtomicU64,
+    retry_after_waited_us: AtomicU64,
     failed: AtomicU64,
     /// The answers' sizes, summed.
     answer_bytes: AtomicU64,
@@ -264,6 +273,14 @@ impl Counters {
             .lock()
             .map(|f| json!(*f))
             .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The waits for a retry-after, as a JSON object.
+    fn retry_after_json(&self) -> serde_json::Value {
+        json!({
+            "waits": self.retry_after_waits.load(Ordering::Relaxed),
+            "waited_s": self.retry_after_waited_us.load(Ordering::Relaxed) as f64 / 1e6,
+        })
     }
 
     /// The answers' mean size in bytes.
@@ -328,11 +345,15 @@ fn write_setup(
         )?;
     }
     let per_host = (args.prefill / args.hosts.max(1) as u64 + 100_000).min(u64::from(u32::MAX));
+    let rate_limit = args
+        .host_rate_limit
+        .map(|n| format!("[rate_limit]\nrequests_per_second = {n}\nburst = {n}\n\n"))
+        .unwrap_or_default();
     std::fs::write(
         dir.join("policy.toml"),
         format!(
             "[defaults]\nlifetime = \"1h\"\nmin_lifetime = \"10s\"\nmax_lifetime = \"2h\"\nmax_leases = {per_host}\n\n\
-             [[group]]\nname = \"load\"\nidentities = [\"fwnp://host/load-*\"]\n\n\
+             {rate_limit}[[group]]\nname = \"load\"\nidentities = [\"fwnp://host/load-*\"]\n\n\
              [[rule]]\nname = \"load-any-tcp\"\ngroups = [\"load\"]\nallow = [\"tcp/*\"]\n"
         ),
     )?;
@@ -446,14 +467,33 @@ async fn exchange_sized(
         .map_err(|e| e.to_string())
 }
 
-/// One request of the mix against one host; returns whether it was answered.
+/// What became of one request.
+enum Outcome {
+    /// Answered, with how long the host is asked to wait before its next request: a Denied's
+    /// retry-after.
+    Answered { retry_after: Option<Duration> },
+    /// Unanswered, or answered with something that is not a message.
+    Failed,
+}
+
+impl Outcome {
+    fn answered(&self) -> bool {
+        matches!(self, Outcome::Answered { .. })
+    }
+}
+
+/// The wait before retrying a request refused as rate-limited without a retry-after: the first
+/// retry delay of the protocol's retry rule.
+const RATE_LIMITED_DEFAULT_WAIT: Duration = Duration::from_secs(1);
+
+/// One request of the mix against one host.
 async fn one(
     host: &Host,
     mix: Mix,
     lifetime: u32,
     counters: &Counters,
     rng: &mut rand::rngs::StdRng,
-) -> bool {
+) -> Outcome {
     let roll = rng.random_range(0..100);
     let kind = if roll < mix.open {
         Kind::Open
@@ -465,7 +505,7 @@ async fn one(
     let lease = match kind {
         Kind::Open => None,
         Kind::Renew | Kind::Release => {
-            let mut held = host.held.lock().await;
+            let mut held = host.held.lock().unwrap_or_else(|e| e.into_inner());
             if held.is_empty() {
                 None
             } else {
@@ -493,31 +533,63 @@ async fn one(
         Ok(Message::Granted(g)) => {
             if matches!(kind, Kind::Open) {
                 counters.granted.fetch_add(1, Ordering::Relaxed);
-                host.held.lock().await.push(g.lease);
+                host.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(g.lease);
             } else {
                 counters.renewed.fetch_add(1, Ordering::Relaxed);
             }
-            true
+            Outcome::Answered { retry_after: None }
         }
         Ok(Message::Released(_)) => {
             counters.released.fetch_add(1, Ordering::Relaxed);
-            true
+            Outcome::Answered { retry_after: None }
         }
         Ok(answer) => {
             counters.denied.fetch_add(1, Ordering::Relaxed);
-            if matches!(&answer, Message::Denied(d) if d.code == ResultCode::RateLimited) {
-                counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-            }
-            true
+            let retry_after = match &answer {
+                Message::Denied(d) => {
+                    let given = d
+                        .retry_after
+                        .map(|secs| Duration::from_secs(u64::from(secs)));
+                    if d.code == ResultCode::RateLimited {
+                        counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        Some(given.unwrap_or(RATE_LIMITED_DEFAULT_WAIT))
+                    } else {
+                        given
+                    }
+                }
+                _ => None,
+            };
+            Outcome::Answered { retry_after }
         }
         Err(e) => {
             counters.failed.fetch_add(1, Ordering::Relaxed);
             if let Ok(mut failures) = counters.failures.lock() {
                 *failures.entry(e).or_default() += 1;
             }
-            false
+            Outcome::Failed
         }
     }
+}
+
+/// A slot of a closed loop waits `retry_after` before its next request, as a host told to wait
+/// does, but not beyond `end`, where its measurement stops.
+async fn wait_retry_after(retry_after: Duration, end: Instant, counters: &Counters) {
+    let started = Instant::now();
+    tokio::time::sleep_until(
+        started
+            .checked_add(retry_after)
+            .unwrap_or(end)
+            .min(end)
+            .into(),
+    )
+    .await;
+    counters.retry_after_waits.fetch_add(1, Ordering::Relaxed);
+    counters
+        .retry_after_waited_us
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
 /// Latency histograms in microseconds, up to a minute: from the scheduled (open loop) or
@@ -588,7 +660,10 @@ async fn open_loop(
                         .lock()
                         .map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
                     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                    if one(&host, mix, lifetime, &counters, &mut rng).await {
+                    if one(&host, mix, lifetime, &counters, &mut rng)
+                        .await
+                        .answered()
+                    {
                         let _ = latency
                             .lock()
                             .map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
@@ -678,8 +753,16 @@ impl Phase<'_> {
                                 .expect("valid bounds");
                             while Instant::now() < end {
                                 let t = Instant::now();
-                                if one(&host, mix, lifetime, &counters, &mut rng).await {
+                                let outcome = one(&host, mix, lifetime, &counters, &mut rng).await;
+                                if outcome.answered() {
                                     let _ = local.record(t.elapsed().as_micros() as u64);
+                                }
+                                // Outside the latency: the host waits as told.
+                                if let Outcome::Answered {
+                                    retry_after: Some(wait),
+                                } = outcome
+                                {
+                                    wait_retry_after(wait, end, &counters).await;
                                 }
                             }
                             let _ = histogram.lock().map(|mut h| h.add(&local));
@@ -994,7 +1077,7 @@ async fn connect_host(
         connection,
         address: host_address(i),
         next_port: AtomicU64::new(0),
-        held: Mutex::new(Vec::new()),
+        held: std::sync::Mutex::new(Vec::new()),
     }))
 }
 
@@ -1216,8 +1299,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                         .is_ok()
                     {
-                        if !one(&host, only_open, lifetime, &counters, &mut rng).await {
-                            break;
+                        match one(&host, only_open, lifetime, &counters, &mut rng).await {
+                            Outcome::Answered {
+                                retry_after: Some(wait),
+                            } => {
+                                let end = Instant::now()
+                                    .checked_add(wait)
+                                    .unwrap_or_else(Instant::now);
+                                wait_retry_after(wait, end, &counters).await;
+                            }
+                            Outcome::Answered { retry_after: None } => {}
+                            Outcome::Failed => break,
                         }
                     }
                 }));
@@ -1265,7 +1357,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let ready_secs = restarted.elapsed().as_secs_f64();
         let rss_restarted = gateway.rss_kib();
         // A lease of the prefill, renewed through the restarted gateway: it was restored.
-        let lease = hosts[0].held.lock().await.first().copied();
+        let lease = hosts[0]
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied();
         let renewed = match lease {
             Some(lease) => {
                 let renew = request(&Kind::Renew, &host, Some(lease), args.lifetime, 1);
@@ -1553,6 +1650,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "renewed": counters.renewed.load(Ordering::Relaxed),
         "released": counters.released.load(Ordering::Relaxed),
         "denied": counters.denied.load(Ordering::Relaxed),
+        "rate_limited": counters.rate_limited.load(Ordering::Relaxed),
+        // The closed loop's waits for a Denied's retry-after (a slot waits at most until the
+        // end of its phase), outside the latency.
+        "retry_after": counters.retry_after_json(),
         "failed": counters.failed.load(Ordering::Relaxed),
         "failures_by_reason": counters.failures_json(),
         "answer_bytes_mean": counters.answer_bytes_mean(),
@@ -1736,6 +1837,8 @@ impl StoreSide<'_> {
             "renewed": self.counters.renewed.load(Ordering::Relaxed),
             "released": self.counters.released.load(Ordering::Relaxed),
             "denied": self.counters.denied.load(Ordering::Relaxed),
+            "rate_limited": self.counters.rate_limited.load(Ordering::Relaxed),
+            "retry_after": self.counters.retry_after_json(),
             "failed": self.counters.failed.load(Ordering::Relaxed),
             "failures_by_reason": self.counters.failures_json(),
             "latency_ms": quantiles_ms(self.latency, LATENCY_QUANTILES),
