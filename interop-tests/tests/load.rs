@@ -72,6 +72,30 @@ fn check_both_sides(report: &serde_json::Value, phases: f64) {
         (number(report, &["fwnp_over_baseline", "p99"]) - p99).abs() < 1e-3 * p99,
         "{report:#}"
     );
+    // What each side cost the generator per request, and its datagrams per request, the
+    // baseline's as FWNP's: read from the same phases as the side's CPU and answers.
+    for side in [&report["baseline"], report] {
+        let cpu_us =
+            number(side, &["cpu_cores_used", "generator"]) * number(side, &["duration_s"]) * 1e6
+                / number(side, &["sent"]);
+        let reported = number(side, &["per_request", "generator_cpu_us"]);
+        assert!((reported - cpu_us).abs() < 1e-6 * cpu_us, "{report:#}");
+        assert!(number(side, &["per_request", "generator_context_switches"]) >= 0.0);
+        // A request goes in at least part of a datagram each way.
+        for way in ["datagrams_to_server", "datagrams_from_server"] {
+            assert!(number(side, &["per_request", way]) > 0.0, "{report:#}");
+        }
+    }
+    for (way, key) in [
+        ("to_server", "datagrams_to_server"),
+        ("from_server", "datagrams_from_server"),
+    ] {
+        assert_eq!(
+            number(report, &["baseline", "datagrams_per_request", way]),
+            number(report, &["baseline", "per_request", key]),
+            "{report:#}"
+        );
+    }
     // The same message sizes: the gateway echoes each request's random 64-bit id, whose
     // encoding is a byte or two shorter now and then; the baseline's is always the longest.
     let fwnp_bytes = number(report, &["answer_bytes_mean"]);
@@ -99,6 +123,13 @@ fn baseline_closed_loop_reports_both_sides_from_one_run() {
     ]);
     assert_eq!(report["mode"], "closed-loop");
     check_both_sides(&report, 2.0);
+    // The closed loop waits for every request it sent: each was answered or failed, and each
+    // slot's counts were added to its side's.
+    for side in [&report["baseline"], &report] {
+        let answered = number(side, &["answered_per_s"]) * number(side, &["duration_s"]);
+        let sent = number(side, &["sent"]);
+        assert!((sent - answered).abs() < 1e-6 * sent, "{report:#}");
+    }
     // Each side was measured for the whole --duration, in phases that alternated.
     for side in [&report["baseline"], &report] {
         let secs = number(side, &["duration_s"]);

@@ -37,6 +37,10 @@ use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+// The gateway's and the baseline's allocator: the generator's allocations per request cost less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Drives a real fwnp-gateway with simulated hosts and reports throughput and latency.
 #[derive(Debug, Parser, Clone)]
 #[command(version, about)]
@@ -275,6 +279,31 @@ impl Counters {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// Adds these counts to `total`'s.
+    fn add_to(&self, total: &Counters) {
+        let pairs = [
+            (&self.sent, &total.sent),
+            (&self.granted, &total.granted),
+            (&self.renewed, &total.renewed),
+            (&self.released, &total.released),
+            (&self.denied, &total.denied),
+            (&self.rate_limited, &total.rate_limited),
+            (&self.retry_after_waits, &total.retry_after_waits),
+            (&self.retry_after_waited_us, &total.retry_after_waited_us),
+            (&self.failed, &total.failed),
+            (&self.answer_bytes, &total.answer_bytes),
+        ];
+        for (mine, theirs) in pairs {
+            theirs.fetch_add(mine.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut total = total.failures.lock().unwrap_or_else(|e| e.into_inner());
+        for (reason, n) in failures {
+            *total.entry(reason).or_default() += n;
+        }
+    }
+
     /// The waits for a retry-after, as a JSON object.
     fn retry_after_json(&self) -> serde_json::Value {
         json!({
@@ -454,7 +483,8 @@ async fn exchange_sized(
     msg: &Message,
 ) -> Result<(Message, usize), String> {
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&encode(msg))
+    // The encoding handed over as it is: `write_all` would copy it into a buffer of its own.
+    send.write_chunk(encode(msg).into())
         .await
         .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
@@ -685,12 +715,17 @@ async fn open_loop(
     Ok(())
 }
 
-/// Time measured and CPU used, summed over a side's phases.
+/// Time measured, CPU used, the generator's context switches and the hosts' datagrams, summed
+/// over a side's phases.
 #[derive(Debug)]
 struct Usage {
     secs: f64,
     server_cpu: Option<f64>,
     generator_cpu: Option<f64>,
+    /// Voluntary and involuntary: a worker that parks for want of work and wakes again is two.
+    generator_context_switches: Option<u64>,
+    /// UDP datagrams sent to the server and received from it.
+    datagrams: (u64, u64),
 }
 
 impl Default for Usage {
@@ -699,6 +734,8 @@ impl Default for Usage {
             secs: 0.0,
             server_cpu: Some(0.0),
             generator_cpu: Some(0.0),
+            generator_context_switches: Some(0),
+            datagrams: (0, 0),
         }
     }
 }
@@ -712,6 +749,26 @@ impl Usage {
             self.generator_cpu.map(|c| c / secs),
         )
     }
+
+    /// What the generator spent per request sent, and the datagrams each way per answered
+    /// request: the same client doing the same work per request should cost the same against
+    /// either server, so these say how much of a difference is the client's.
+    fn per_request_json(&self, counters: &Counters) -> serde_json::Value {
+        let sent = counters.sent.load(Ordering::Relaxed).max(1) as f64;
+        let answered = counters.answered().max(1) as f64;
+        json!({
+            "generator_cpu_us": self.generator_cpu.map(|c| c * 1e6 / sent),
+            "generator_context_switches": self.generator_context_switches.map(|n| n as f64 / sent),
+            "datagrams_to_server": self.datagrams.0 as f64 / answered,
+            "datagrams_from_server": self.datagrams.1 as f64 / answered,
+        })
+    }
+}
+
+/// This process's context switches so far, voluntary and involuntary, over all its threads.
+fn context_switches() -> Option<u64> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok()?;
+    u64::try_from(usage.voluntary_context_switches() + usage.involuntary_context_switches()).ok()
 }
 
 /// One measuring phase: the closed loop (`--concurrency` requests in flight per host) or the
@@ -735,6 +792,8 @@ impl Phase<'_> {
     ) -> Result<(), Box<dyn std::error::Error>> {
         let server_cpu = server.cpu_seconds();
         let generator_cpu = cpu_seconds_of("/proc/self/stat");
+        let switches = context_switches();
+        let datagrams_before = datagrams(hosts);
         let started = Instant::now();
         let end = started + self.duration;
         let (mix, lifetime) = (self.mix, self.args.lifetime);
@@ -751,9 +810,13 @@ impl Phase<'_> {
                                 rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
                             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                                 .expect("valid bounds");
+                            // The slot's own counts, added to the side's at the end: counters
+                            // every slot updated at each request moved their cache line
+                            // between the cores at each request.
+                            let mine = Counters::default();
                             while Instant::now() < end {
                                 let t = Instant::now();
-                                let outcome = one(&host, mix, lifetime, &counters, &mut rng).await;
+                                let outcome = one(&host, mix, lifetime, &mine, &mut rng).await;
                                 if outcome.answered() {
                                     let _ = local.record(t.elapsed().as_micros() as u64);
                                 }
@@ -762,9 +825,10 @@ impl Phase<'_> {
                                     retry_after: Some(wait),
                                 } = outcome
                                 {
-                                    wait_retry_after(wait, end, &counters).await;
+                                    wait_retry_after(wait, end, &mine).await;
                                 }
                             }
+                            mine.add_to(&counters);
                             let _ = histogram.lock().map(|mut h| h.add(&local));
                         }));
                     }
@@ -797,6 +861,13 @@ impl Phase<'_> {
             generator_cpu,
             usage.generator_cpu,
         );
+        usage.generator_context_switches = context_switches()
+            .zip(switches)
+            .zip(usage.generator_context_switches)
+            .map(|((after, before), sum)| sum + after.saturating_sub(before));
+        let datagrams_after = datagrams(hosts);
+        usage.datagrams.0 += datagrams_after.0.saturating_sub(datagrams_before.0);
+        usage.datagrams.1 += datagrams_after.1.saturating_sub(datagrams_before.1);
         Ok(())
     }
 }
@@ -1582,6 +1653,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "failures_by_reason": baseline_counters.failures_json(),
                 "latency_ms": quantiles_ms(&baseline_latency, LATENCY_QUANTILES),
                 "cpu_cores_used": { "server": server_cores, "generator": generator_cores },
+                // UDP datagrams each way per answered request, as the hosts' QUIC stacks
+                // counted them in the baseline's phases.
+                "datagrams_per_request": {
+                    "to_server": baseline_usage.datagrams.0 as f64 / baseline_counters.answered().max(1) as f64,
+                    "from_server": baseline_usage.datagrams.1 as f64 / baseline_counters.answered().max(1) as f64,
+                },
+                "per_request": baseline_usage.per_request_json(&baseline_counters),
             }),
             json!({
                 "answered_per_s": answered as f64 / secs / baseline_rate.max(1e-9),
@@ -1669,6 +1747,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "latency_from_start_ms": args.rate.map(|_| quantiles_ms(&snapshot(&from_start), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)])),
         "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
+        // The generator's CPU and context switches per request, and the datagrams per request
+        // of the measured hosts (the flood's aside), as the baseline reports them.
+        "per_request": usage.per_request_json(&counters),
         "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
         "load_average": load_average(),
@@ -1715,13 +1796,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 fn print_comparison(report: &serde_json::Value) {
     let line = |name: &str, side: &serde_json::Value| {
         let ms = |q: &str| side["latency_ms"][q].as_f64().unwrap_or(f64::NAN);
+        let per = |k: &str| side["per_request"][k].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "fwnp-load: {name:<12} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            "fwnp-load: {name:<12} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms   \
+             per request: datagrams {:.2} to, {:.2} from; generator {:.2} us CPU, {:.3} context switches",
             side["answered_per_s"].as_f64().unwrap_or(f64::NAN),
             ms("p50"),
             ms("p90"),
             ms("p99"),
             ms("max"),
+            per("datagrams_to_server"),
+            per("datagrams_from_server"),
+            per("generator_cpu_us"),
+            per("generator_context_switches"),
         );
     };
     if !report["baseline"].is_null() {
@@ -1843,6 +1930,7 @@ impl StoreSide<'_> {
             "failures_by_reason": self.counters.failures_json(),
             "latency_ms": quantiles_ms(self.latency, LATENCY_QUANTILES),
             "cpu_cores_used": { "gateway": gateway_cores, "generator": generator_cores },
+            "per_request": self.usage.per_request_json(self.counters),
             "gateway_batching": batching(self.status.0, self.status.1),
             "over_baseline": over_baseline,
         })
