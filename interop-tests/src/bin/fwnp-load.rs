@@ -17,6 +17,8 @@
 //! fwnp-load --netns --baseline --store sqlite,etcd     and on both stores, and etcd alone
 //! ```
 #![forbid(unsafe_code)]
+// The report is one `json!` literal, deeper than the macro's default recursion allows.
+#![recursion_limit = "256"]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -263,6 +265,9 @@ struct Counters {
     /// Waits of a closed loop's slot for a Denied's retry-after, and their time in all.
     retry_after_waits: AtomicU64,
     retry_after_waited_us: AtomicU64,
+    /// Closed loop: requests in flight at the end of a phase, answered after it (counted with
+    /// the phase's, whose time and CPU were read at its end).
+    after_end: AtomicU64,
     failed: AtomicU64,
     /// The answers' sizes, summed.
     answer_bytes: AtomicU64,
@@ -290,6 +295,7 @@ impl Counters {
             (&self.rate_limited, &total.rate_limited),
             (&self.retry_after_waits, &total.retry_after_waits),
             (&self.retry_after_waited_us, &total.retry_after_waited_us),
+            (&self.after_end, &total.after_end),
             (&self.failed, &total.failed),
             (&self.answer_bytes, &total.answer_bytes),
         ];
@@ -516,7 +522,7 @@ impl Outcome {
 /// retry delay of the protocol's retry rule.
 const RATE_LIMITED_DEFAULT_WAIT: Duration = Duration::from_secs(1);
 
-/// One request of the mix against one host.
+/// One request of the mix against one host, counted into `counters`.
 async fn one(
     host: &Host,
     mix: Mix,
@@ -524,6 +530,27 @@ async fn one(
     counters: &Counters,
     rng: &mut rand::rngs::StdRng,
 ) -> Outcome {
+    counters.count(ask(host, mix, lifetime, rng).await)
+}
+
+/// A request's answer as the generator classifies it, and its size in bytes.
+enum Answer {
+    Granted(usize),
+    Renewed(usize),
+    Released(usize),
+    Denied {
+        bytes: usize,
+        code: ResultCode,
+        retry_after: Option<u32>,
+    },
+    /// Any other message.
+    Other(usize),
+    /// Unanswered or undecodable, and why.
+    Failed(String),
+}
+
+/// One request of the mix against one host, and its answer.
+async fn ask(host: &Host, mix: Mix, lifetime: u32, rng: &mut rand::rngs::StdRng) -> Answer {
     let roll = rng.random_range(0..100);
     let kind = if roll < mix.open {
         Kind::Open
@@ -550,57 +577,74 @@ async fn one(
     };
     let kind = if lease.is_none() { Kind::Open } else { kind };
     let msg = request(&kind, host, lease, lifetime, rng.random());
-    counters.sent.fetch_add(1, Ordering::Relaxed);
-    let answer = exchange_sized(&host.connection, &msg)
-        .await
-        .map(|(answer, size)| {
-            counters
-                .answer_bytes
-                .fetch_add(size as u64, Ordering::Relaxed);
-            answer
-        });
-    match answer {
-        Ok(Message::Granted(g)) => {
+    match exchange_sized(&host.connection, &msg).await {
+        Ok((Message::Granted(g), bytes)) => {
             if matches!(kind, Kind::Open) {
-                counters.granted.fetch_add(1, Ordering::Relaxed);
                 host.held
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(g.lease);
+                Answer::Granted(bytes)
             } else {
-                counters.renewed.fetch_add(1, Ordering::Relaxed);
+                Answer::Renewed(bytes)
             }
-            Outcome::Answered { retry_after: None }
         }
-        Ok(Message::Released(_)) => {
-            counters.released.fetch_add(1, Ordering::Relaxed);
-            Outcome::Answered { retry_after: None }
-        }
-        Ok(answer) => {
-            counters.denied.fetch_add(1, Ordering::Relaxed);
-            let retry_after = match &answer {
-                Message::Denied(d) => {
-                    let given = d
-                        .retry_after
-                        .map(|secs| Duration::from_secs(u64::from(secs)));
-                    if d.code == ResultCode::RateLimited {
-                        counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                        Some(given.unwrap_or(RATE_LIMITED_DEFAULT_WAIT))
-                    } else {
-                        given
-                    }
+        Ok((Message::Released(_), bytes)) => Answer::Released(bytes),
+        Ok((Message::Denied(d), bytes)) => Answer::Denied {
+            bytes,
+            code: d.code,
+            retry_after: d.retry_after,
+        },
+        Ok((_, bytes)) => Answer::Other(bytes),
+        Err(e) => Answer::Failed(e),
+    }
+}
+
+impl Counters {
+    /// Counts a request and its answer, and says whether the host is asked to wait.
+    fn count(&self, answer: Answer) -> Outcome {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let (bytes, retry_after) = match answer {
+            Answer::Granted(bytes) => {
+                self.granted.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Renewed(bytes) => {
+                self.renewed.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Released(bytes) => {
+                self.released.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Denied {
+                bytes,
+                code,
+                retry_after,
+            } => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                let given = retry_after.map(|secs| Duration::from_secs(u64::from(secs)));
+                if code == ResultCode::RateLimited {
+                    self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    (bytes, Some(given.unwrap_or(RATE_LIMITED_DEFAULT_WAIT)))
+                } else {
+                    (bytes, given)
                 }
-                _ => None,
-            };
-            Outcome::Answered { retry_after }
-        }
-        Err(e) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut failures) = counters.failures.lock() {
-                *failures.entry(e).or_default() += 1;
             }
-            Outcome::Failed
-        }
+            Answer::Other(bytes) => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Failed(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut failures) = self.failures.lock() {
+                    *failures.entry(e).or_default() += 1;
+                }
+                return Outcome::Failed;
+            }
+        };
+        self.answer_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Outcome::Answered { retry_after }
     }
 }
 
@@ -790,14 +834,11 @@ impl Phase<'_> {
         histograms: &Histograms,
         usage: &mut Usage,
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let server_cpu = server.cpu_seconds();
-        let generator_cpu = cpu_seconds_of("/proc/self/stat");
-        let switches = context_switches();
-        let datagrams_before = datagrams(hosts);
-        let started = Instant::now();
+        let before = Reading::now(server, hosts);
+        let started = before.at;
         let end = started + self.duration;
         let (mix, lifetime) = (self.mix, self.args.lifetime);
-        match self.args.rate {
+        let after = match self.args.rate {
             None => {
                 let mut tasks = Vec::new();
                 for (h, host) in hosts.iter().enumerate() {
@@ -817,8 +858,12 @@ impl Phase<'_> {
                             while Instant::now() < end {
                                 let t = Instant::now();
                                 let outcome = one(&host, mix, lifetime, &mine, &mut rng).await;
+                                let answered = Instant::now();
                                 if outcome.answered() {
-                                    let _ = local.record(t.elapsed().as_micros() as u64);
+                                    let _ = local.record((answered - t).as_micros() as u64);
+                                }
+                                if answered > end {
+                                    mine.after_end.fetch_add(1, Ordering::Relaxed);
                                 }
                                 // Outside the latency: the host waits as told.
                                 if let Outcome::Answered {
@@ -833,9 +878,22 @@ impl Phase<'_> {
                         }));
                     }
                 }
-                for t in tasks {
-                    let _ = t.await;
-                }
+                // The phase's time, CPU and datagrams are read at its end, while the slots
+                // finish the requests they have in flight: a request lost and sent again by
+                // QUIC took seconds, and the idle wait for it counted in the phase's time.
+                let joined = async {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                };
+                let (at_end, ()) = tokio::join!(
+                    async {
+                        tokio::time::sleep_until(end.into()).await;
+                        Reading::now(server, hosts)
+                    },
+                    joined
+                );
+                at_end
             }
             Some(rate) => {
                 open_loop(
@@ -849,26 +907,55 @@ impl Phase<'_> {
                     histograms.clone(),
                 )
                 .await?;
+                Reading::now(server, hosts)
             }
+        };
+        usage.add(&before, &after);
+        Ok(())
+    }
+}
+
+/// What a phase's usage is read from, at its start and at its end.
+struct Reading {
+    at: Instant,
+    server_cpu: Option<f64>,
+    generator_cpu: Option<f64>,
+    context_switches: Option<u64>,
+    datagrams: (u64, u64),
+}
+
+impl Reading {
+    fn now(server: &Gateway, hosts: &[Arc<Host>]) -> Self {
+        Reading {
+            at: Instant::now(),
+            server_cpu: server.cpu_seconds(),
+            generator_cpu: cpu_seconds_of("/proc/self/stat"),
+            context_switches: context_switches(),
+            datagrams: datagrams(hosts),
         }
-        usage.secs += started.elapsed().as_secs_f64();
+    }
+}
+
+impl Usage {
+    /// Adds a phase's usage, between two readings.
+    fn add(&mut self, before: &Reading, after: &Reading) {
+        self.secs += after.at.duration_since(before.at).as_secs_f64();
         let spent = |after: Option<f64>, before: Option<f64>, sum: Option<f64>| {
             after.zip(before).zip(sum).map(|((a, b), s)| s + (a - b))
         };
-        usage.server_cpu = spent(server.cpu_seconds(), server_cpu, usage.server_cpu);
-        usage.generator_cpu = spent(
-            cpu_seconds_of("/proc/self/stat"),
-            generator_cpu,
-            usage.generator_cpu,
+        self.server_cpu = spent(after.server_cpu, before.server_cpu, self.server_cpu);
+        self.generator_cpu = spent(
+            after.generator_cpu,
+            before.generator_cpu,
+            self.generator_cpu,
         );
-        usage.generator_context_switches = context_switches()
-            .zip(switches)
-            .zip(usage.generator_context_switches)
+        self.generator_context_switches = after
+            .context_switches
+            .zip(before.context_switches)
+            .zip(self.generator_context_switches)
             .map(|((after, before), sum)| sum + after.saturating_sub(before));
-        let datagrams_after = datagrams(hosts);
-        usage.datagrams.0 += datagrams_after.0.saturating_sub(datagrams_before.0);
-        usage.datagrams.1 += datagrams_after.1.saturating_sub(datagrams_before.1);
-        Ok(())
+        self.datagrams.0 += after.datagrams.0.saturating_sub(before.datagrams.0);
+        self.datagrams.1 += after.datagrams.1.saturating_sub(before.datagrams.1);
     }
 }
 
@@ -1648,6 +1735,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "duration_s": baseline_secs,
                 "sent": baseline_counters.sent.load(Ordering::Relaxed),
                 "answered_per_s": baseline_rate,
+                "answered_after_end": baseline_counters.after_end.load(Ordering::Relaxed),
                 "failed": baseline_counters.failed.load(Ordering::Relaxed),
                 "answer_bytes_mean": baseline_counters.answer_bytes_mean(),
                 "failures_by_reason": baseline_counters.failures_json(),
@@ -1732,6 +1820,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         // The closed loop's waits for a Denied's retry-after (a slot waits at most until the
         // end of its phase), outside the latency.
         "retry_after": counters.retry_after_json(),
+        // Closed loop: requests in flight at the end of a phase, answered after its time and
+        // CPU were read (counted with it: at most the slots' number per phase).
+        "answered_after_end": counters.after_end.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
         "failures_by_reason": counters.failures_json(),
         "answer_bytes_mean": counters.answer_bytes_mean(),
@@ -1926,6 +2017,7 @@ impl StoreSide<'_> {
             "denied": self.counters.denied.load(Ordering::Relaxed),
             "rate_limited": self.counters.rate_limited.load(Ordering::Relaxed),
             "retry_after": self.counters.retry_after_json(),
+            "answered_after_end": self.counters.after_end.load(Ordering::Relaxed),
             "failed": self.counters.failed.load(Ordering::Relaxed),
             "failures_by_reason": self.counters.failures_json(),
             "latency_ms": quantiles_ms(self.latency, LATENCY_QUANTILES),
