@@ -5,7 +5,8 @@
 //! whole and consistent is checked here, never a speed: speed is what the tool measures, on a
 //! machine whose load no test controls. `fwnp-load --restart` stops the gateway after its
 //! prefill and starts it again on the same store: the restarted gateway must renew a lease the
-//! first one granted.
+//! first one granted. Its closed loop waits the retry-after of a rate-limited answer before
+//! the refused slot asks again.
 //!
 //! The runs in a network namespace and with etcd need root (and etcd installed): skipped
 //! otherwise, failing instead when FWNP_REQUIRE_NETNS=1.
@@ -71,6 +72,30 @@ fn check_both_sides(report: &serde_json::Value, phases: f64) {
         (number(report, &["fwnp_over_baseline", "p99"]) - p99).abs() < 1e-3 * p99,
         "{report:#}"
     );
+    // What each side cost the generator per request, and its datagrams per request, the
+    // baseline's as FWNP's: read from the same phases as the side's CPU and answers.
+    for side in [&report["baseline"], report] {
+        let cpu_us =
+            number(side, &["cpu_cores_used", "generator"]) * number(side, &["duration_s"]) * 1e6
+                / number(side, &["sent"]);
+        let reported = number(side, &["per_request", "generator_cpu_us"]);
+        assert!((reported - cpu_us).abs() < 1e-6 * cpu_us, "{report:#}");
+        assert!(number(side, &["per_request", "generator_context_switches"]) >= 0.0);
+        // A request goes in at least part of a datagram each way.
+        for way in ["datagrams_to_server", "datagrams_from_server"] {
+            assert!(number(side, &["per_request", way]) > 0.0, "{report:#}");
+        }
+    }
+    for (way, key) in [
+        ("to_server", "datagrams_to_server"),
+        ("from_server", "datagrams_from_server"),
+    ] {
+        assert_eq!(
+            number(report, &["baseline", "datagrams_per_request", way]),
+            number(report, &["baseline", "per_request", key]),
+            "{report:#}"
+        );
+    }
     // The same message sizes: the gateway echoes each request's random 64-bit id, whose
     // encoding is a byte or two shorter now and then; the baseline's is always the longest.
     let fwnp_bytes = number(report, &["answer_bytes_mean"]);
@@ -98,6 +123,13 @@ fn baseline_closed_loop_reports_both_sides_from_one_run() {
     ]);
     assert_eq!(report["mode"], "closed-loop");
     check_both_sides(&report, 2.0);
+    // The closed loop waits for every request it sent: each was answered or failed, and each
+    // slot's counts were added to its side's.
+    for side in [&report["baseline"], &report] {
+        let answered = number(side, &["answered_per_s"]) * number(side, &["duration_s"]);
+        let sent = number(side, &["sent"]);
+        assert!((sent - answered).abs() < 1e-6 * sent, "{report:#}");
+    }
     // Each side was measured for the whole --duration, in phases that alternated.
     for side in [&report["baseline"], &report] {
         let secs = number(side, &["duration_s"]);
@@ -318,6 +350,50 @@ fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
     assert!(ready > 0.0 && ready < 300.0, "{report:#}");
     assert!(
         number(&report, &["gateway_rss_kib", "after_restart"]) > 0.0,
+        "{report:#}"
+    );
+}
+
+/// A gateway whose policy allows each host one request a second: the closed loop's slots that
+/// are refused as rate-limited wait the answer's retry-after (at least a second) before their
+/// next request, instead of asking again at once. Each of the 8 slots (2 hosts × 4) is then
+/// refused at most once per second of the 3 s run, plus once at its end; a loop that ignored
+/// the retry-after is refused every time the gateway's short pause after a refusal lets it
+/// ask again, some hundreds of times.
+#[test]
+fn closed_loop_waits_the_retry_after_of_a_rate_limited_answer() {
+    let report = load(&[
+        "--hosts",
+        "2",
+        "--concurrency",
+        "4",
+        "--duration",
+        "3s",
+        "--mix",
+        "100,0,0",
+        "--host-rate-limit",
+        "1",
+    ]);
+    assert_eq!(report["mode"], "closed-loop");
+    assert_eq!(number(&report, &["failed"]), 0.0, "{report:#}");
+    let (granted, rate_limited) = (
+        number(&report, &["granted"]),
+        number(&report, &["rate_limited"]),
+    );
+    // The limit was reached, and each host was still granted about one request a second.
+    assert!(rate_limited >= 1.0, "{report:#}");
+    assert!((1.0..=10.0).contains(&granted), "{report:#}");
+    let slots = 2.0 * 4.0;
+    let secs = number(&report, &["duration_s"]);
+    assert!(
+        rate_limited <= slots * (secs.ceil() + 1.0),
+        "{rate_limited} rate-limited answers to {slots} slots in {secs} s: {report:#}"
+    );
+    // Every refusal made its slot wait, at least a second each unless the run ended first.
+    let waits = number(&report, &["retry_after", "waits"]);
+    assert_eq!(waits, rate_limited, "{report:#}");
+    assert!(
+        number(&report, &["retry_after", "waited_s"]) > 0.0,
         "{report:#}"
     );
 }

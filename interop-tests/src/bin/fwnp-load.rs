@@ -17,6 +17,8 @@
 //! fwnp-load --netns --baseline --store sqlite,etcd     and on both stores, and etcd alone
 //! ```
 #![forbid(unsafe_code)]
+// The report is one `json!` literal, deeper than the macro's default recursion allows.
+#![recursion_limit = "256"]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -36,7 +38,10 @@ use fwnp_trust::tls::{ClientOptions, client_config};
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
-use tokio::sync::Mutex;
+
+// The gateway's and the baseline's allocator: the generator's allocations per request cost less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Drives a real fwnp-gateway with simulated hosts and reports throughput and latency.
 #[derive(Debug, Parser, Clone)]
@@ -130,6 +135,11 @@ struct Args {
     /// this run, and the hosts' counter keys.
     #[arg(long, value_delimiter = ',', default_values_t = [1, 8], value_parser = clap::value_parser!(u32).range(1..=64))]
     etcd_writers: Vec<u32>,
+    /// The policy's rate limit per host: this many requests per second, and as many at once
+    /// (its `[rate_limit]`; without it the gateway's built-in limit applies). A request refused
+    /// as rate-limited makes its slot of the closed loop wait the answer's retry-after.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    host_rate_limit: Option<u32>,
 }
 
 /// A lease store the gateway can be measured on.
@@ -238,7 +248,9 @@ struct Host {
     connection: quinn::Connection,
     address: IpAddr,
     next_port: AtomicU64,
-    held: Mutex<Vec<LeaseId>>,
+    /// The leases granted to the host, for its renews and releases: a lock held only to push
+    /// or take one, never across an await.
+    held: std::sync::Mutex<Vec<LeaseId>>,
 }
 
 #[derive(Default)]
@@ -250,6 +262,12 @@ struct Counters {
     denied: AtomicU64,
     /// Among the denied: refused as rate-limited.
     rate_limited: AtomicU64,
+    /// Waits of a closed loop's slot for a Denied's retry-after, and their time in all.
+    retry_after_waits: AtomicU64,
+    retry_after_waited_us: AtomicU64,
+    /// Closed loop: requests in flight at the end of a phase, answered after it (counted with
+    /// the phase's, whose time and CPU were read at its end).
+    after_end: AtomicU64,
     failed: AtomicU64,
     /// The answers' sizes, summed.
     answer_bytes: AtomicU64,
@@ -264,6 +282,40 @@ impl Counters {
             .lock()
             .map(|f| json!(*f))
             .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Adds these counts to `total`'s.
+    fn add_to(&self, total: &Counters) {
+        let pairs = [
+            (&self.sent, &total.sent),
+            (&self.granted, &total.granted),
+            (&self.renewed, &total.renewed),
+            (&self.released, &total.released),
+            (&self.denied, &total.denied),
+            (&self.rate_limited, &total.rate_limited),
+            (&self.retry_after_waits, &total.retry_after_waits),
+            (&self.retry_after_waited_us, &total.retry_after_waited_us),
+            (&self.after_end, &total.after_end),
+            (&self.failed, &total.failed),
+            (&self.answer_bytes, &total.answer_bytes),
+        ];
+        for (mine, theirs) in pairs {
+            theirs.fetch_add(mine.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        let failures =
+            std::mem::take(&mut *self.failures.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut total = total.failures.lock().unwrap_or_else(|e| e.into_inner());
+        for (reason, n) in failures {
+            *total.entry(reason).or_default() += n;
+        }
+    }
+
+    /// The waits for a retry-after, as a JSON object.
+    fn retry_after_json(&self) -> serde_json::Value {
+        json!({
+            "waits": self.retry_after_waits.load(Ordering::Relaxed),
+            "waited_s": self.retry_after_waited_us.load(Ordering::Relaxed) as f64 / 1e6,
+        })
     }
 
     /// The answers' mean size in bytes.
@@ -328,11 +380,15 @@ fn write_setup(
         )?;
     }
     let per_host = (args.prefill / args.hosts.max(1) as u64 + 100_000).min(u64::from(u32::MAX));
+    let rate_limit = args
+        .host_rate_limit
+        .map(|n| format!("[rate_limit]\nrequests_per_second = {n}\nburst = {n}\n\n"))
+        .unwrap_or_default();
     std::fs::write(
         dir.join("policy.toml"),
         format!(
             "[defaults]\nlifetime = \"1h\"\nmin_lifetime = \"10s\"\nmax_lifetime = \"2h\"\nmax_leases = {per_host}\n\n\
-             [[group]]\nname = \"load\"\nidentities = [\"fwnp://host/load-*\"]\n\n\
+             {rate_limit}[[group]]\nname = \"load\"\nidentities = [\"fwnp://host/load-*\"]\n\n\
              [[rule]]\nname = \"load-any-tcp\"\ngroups = [\"load\"]\nallow = [\"tcp/*\"]\n"
         ),
     )?;
@@ -433,7 +489,8 @@ async fn exchange_sized(
     msg: &Message,
 ) -> Result<(Message, usize), String> {
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(&encode(msg))
+    // The encoding handed over as it is: `write_all` would copy it into a buffer of its own.
+    send.write_chunk(encode(msg).into())
         .await
         .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
@@ -446,14 +503,54 @@ async fn exchange_sized(
         .map_err(|e| e.to_string())
 }
 
-/// One request of the mix against one host; returns whether it was answered.
+/// What became of one request.
+enum Outcome {
+    /// Answered, with how long the host is asked to wait before its next request: a Denied's
+    /// retry-after.
+    Answered { retry_after: Option<Duration> },
+    /// Unanswered, or answered with something that is not a message.
+    Failed,
+}
+
+impl Outcome {
+    fn answered(&self) -> bool {
+        matches!(self, Outcome::Answered { .. })
+    }
+}
+
+/// The wait before retrying a request refused as rate-limited without a retry-after: the first
+/// retry delay of the protocol's retry rule.
+const RATE_LIMITED_DEFAULT_WAIT: Duration = Duration::from_secs(1);
+
+/// One request of the mix against one host, counted into `counters`.
 async fn one(
     host: &Host,
     mix: Mix,
     lifetime: u32,
     counters: &Counters,
     rng: &mut rand::rngs::StdRng,
-) -> bool {
+) -> Outcome {
+    counters.count(ask(host, mix, lifetime, rng).await)
+}
+
+/// A request's answer as the generator classifies it, and its size in bytes.
+enum Answer {
+    Granted(usize),
+    Renewed(usize),
+    Released(usize),
+    Denied {
+        bytes: usize,
+        code: ResultCode,
+        retry_after: Option<u32>,
+    },
+    /// Any other message.
+    Other(usize),
+    /// Unanswered or undecodable, and why.
+    Failed(String),
+}
+
+/// One request of the mix against one host, and its answer.
+async fn ask(host: &Host, mix: Mix, lifetime: u32, rng: &mut rand::rngs::StdRng) -> Answer {
     let roll = rng.random_range(0..100);
     let kind = if roll < mix.open {
         Kind::Open
@@ -465,7 +562,7 @@ async fn one(
     let lease = match kind {
         Kind::Open => None,
         Kind::Renew | Kind::Release => {
-            let mut held = host.held.lock().await;
+            let mut held = host.held.lock().unwrap_or_else(|e| e.into_inner());
             if held.is_empty() {
                 None
             } else {
@@ -480,44 +577,93 @@ async fn one(
     };
     let kind = if lease.is_none() { Kind::Open } else { kind };
     let msg = request(&kind, host, lease, lifetime, rng.random());
-    counters.sent.fetch_add(1, Ordering::Relaxed);
-    let answer = exchange_sized(&host.connection, &msg)
-        .await
-        .map(|(answer, size)| {
-            counters
-                .answer_bytes
-                .fetch_add(size as u64, Ordering::Relaxed);
-            answer
-        });
-    match answer {
-        Ok(Message::Granted(g)) => {
+    match exchange_sized(&host.connection, &msg).await {
+        Ok((Message::Granted(g), bytes)) => {
             if matches!(kind, Kind::Open) {
-                counters.granted.fetch_add(1, Ordering::Relaxed);
-                host.held.lock().await.push(g.lease);
+                host.held
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(g.lease);
+                Answer::Granted(bytes)
             } else {
-                counters.renewed.fetch_add(1, Ordering::Relaxed);
+                Answer::Renewed(bytes)
             }
-            true
         }
-        Ok(Message::Released(_)) => {
-            counters.released.fetch_add(1, Ordering::Relaxed);
-            true
-        }
-        Ok(answer) => {
-            counters.denied.fetch_add(1, Ordering::Relaxed);
-            if matches!(&answer, Message::Denied(d) if d.code == ResultCode::RateLimited) {
-                counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-            }
-            true
-        }
-        Err(e) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut failures) = counters.failures.lock() {
-                *failures.entry(e).or_default() += 1;
-            }
-            false
-        }
+        Ok((Message::Released(_), bytes)) => Answer::Released(bytes),
+        Ok((Message::Denied(d), bytes)) => Answer::Denied {
+            bytes,
+            code: d.code,
+            retry_after: d.retry_after,
+        },
+        Ok((_, bytes)) => Answer::Other(bytes),
+        Err(e) => Answer::Failed(e),
     }
+}
+
+impl Counters {
+    /// Counts a request and its answer, and says whether the host is asked to wait.
+    fn count(&self, answer: Answer) -> Outcome {
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        let (bytes, retry_after) = match answer {
+            Answer::Granted(bytes) => {
+                self.granted.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Renewed(bytes) => {
+                self.renewed.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Released(bytes) => {
+                self.released.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Denied {
+                bytes,
+                code,
+                retry_after,
+            } => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                let given = retry_after.map(|secs| Duration::from_secs(u64::from(secs)));
+                if code == ResultCode::RateLimited {
+                    self.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    (bytes, Some(given.unwrap_or(RATE_LIMITED_DEFAULT_WAIT)))
+                } else {
+                    (bytes, given)
+                }
+            }
+            Answer::Other(bytes) => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                (bytes, None)
+            }
+            Answer::Failed(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut failures) = self.failures.lock() {
+                    *failures.entry(e).or_default() += 1;
+                }
+                return Outcome::Failed;
+            }
+        };
+        self.answer_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        Outcome::Answered { retry_after }
+    }
+}
+
+/// A slot of a closed loop waits `retry_after` before its next request, as a host told to wait
+/// does, but not beyond `end`, where its measurement stops.
+async fn wait_retry_after(retry_after: Duration, end: Instant, counters: &Counters) {
+    let started = Instant::now();
+    tokio::time::sleep_until(
+        started
+            .checked_add(retry_after)
+            .unwrap_or(end)
+            .min(end)
+            .into(),
+    )
+    .await;
+    counters.retry_after_waits.fetch_add(1, Ordering::Relaxed);
+    counters
+        .retry_after_waited_us
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
 /// Latency histograms in microseconds, up to a minute: from the scheduled (open loop) or
@@ -588,7 +734,10 @@ async fn open_loop(
                         .lock()
                         .map(|mut h| h.record(start.duration_since(scheduled).as_micros() as u64));
                     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-                    if one(&host, mix, lifetime, &counters, &mut rng).await {
+                    if one(&host, mix, lifetime, &counters, &mut rng)
+                        .await
+                        .answered()
+                    {
                         let _ = latency
                             .lock()
                             .map(|mut h| h.record(scheduled.elapsed().as_micros() as u64));
@@ -610,12 +759,17 @@ async fn open_loop(
     Ok(())
 }
 
-/// Time measured and CPU used, summed over a side's phases.
+/// Time measured, CPU used, the generator's context switches and the hosts' datagrams, summed
+/// over a side's phases.
 #[derive(Debug)]
 struct Usage {
     secs: f64,
     server_cpu: Option<f64>,
     generator_cpu: Option<f64>,
+    /// Voluntary and involuntary: a worker that parks for want of work and wakes again is two.
+    generator_context_switches: Option<u64>,
+    /// UDP datagrams sent to the server and received from it.
+    datagrams: (u64, u64),
 }
 
 impl Default for Usage {
@@ -624,6 +778,8 @@ impl Default for Usage {
             secs: 0.0,
             server_cpu: Some(0.0),
             generator_cpu: Some(0.0),
+            generator_context_switches: Some(0),
+            datagrams: (0, 0),
         }
     }
 }
@@ -637,6 +793,26 @@ impl Usage {
             self.generator_cpu.map(|c| c / secs),
         )
     }
+
+    /// What the generator spent per request sent, and the datagrams each way per answered
+    /// request: the same client doing the same work per request should cost the same against
+    /// either server, so these say how much of a difference is the client's.
+    fn per_request_json(&self, counters: &Counters) -> serde_json::Value {
+        let sent = counters.sent.load(Ordering::Relaxed).max(1) as f64;
+        let answered = counters.answered().max(1) as f64;
+        json!({
+            "generator_cpu_us": self.generator_cpu.map(|c| c * 1e6 / sent),
+            "generator_context_switches": self.generator_context_switches.map(|n| n as f64 / sent),
+            "datagrams_to_server": self.datagrams.0 as f64 / answered,
+            "datagrams_from_server": self.datagrams.1 as f64 / answered,
+        })
+    }
+}
+
+/// This process's context switches so far, voluntary and involuntary, over all its threads.
+fn context_switches() -> Option<u64> {
+    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).ok()?;
+    u64::try_from(usage.voluntary_context_switches() + usage.involuntary_context_switches()).ok()
 }
 
 /// One measuring phase: the closed loop (`--concurrency` requests in flight per host) or the
@@ -658,12 +834,11 @@ impl Phase<'_> {
         histograms: &Histograms,
         usage: &mut Usage,
     ) -> Result<(), Box<dyn std::error::Error>> {
-        let server_cpu = server.cpu_seconds();
-        let generator_cpu = cpu_seconds_of("/proc/self/stat");
-        let started = Instant::now();
+        let before = Reading::now(server, hosts);
+        let started = before.at;
         let end = started + self.duration;
         let (mix, lifetime) = (self.mix, self.args.lifetime);
-        match self.args.rate {
+        let after = match self.args.rate {
             None => {
                 let mut tasks = Vec::new();
                 for (h, host) in hosts.iter().enumerate() {
@@ -676,19 +851,49 @@ impl Phase<'_> {
                                 rand::rngs::StdRng::seed_from_u64((h * 1000 + c) as u64 + 7);
                             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                                 .expect("valid bounds");
+                            // The slot's own counts, added to the side's at the end: counters
+                            // every slot updated at each request moved their cache line
+                            // between the cores at each request.
+                            let mine = Counters::default();
                             while Instant::now() < end {
                                 let t = Instant::now();
-                                if one(&host, mix, lifetime, &counters, &mut rng).await {
-                                    let _ = local.record(t.elapsed().as_micros() as u64);
+                                let outcome = one(&host, mix, lifetime, &mine, &mut rng).await;
+                                let answered = Instant::now();
+                                if outcome.answered() {
+                                    let _ = local.record((answered - t).as_micros() as u64);
+                                }
+                                if answered > end {
+                                    mine.after_end.fetch_add(1, Ordering::Relaxed);
+                                }
+                                // Outside the latency: the host waits as told.
+                                if let Outcome::Answered {
+                                    retry_after: Some(wait),
+                                } = outcome
+                                {
+                                    wait_retry_after(wait, end, &mine).await;
                                 }
                             }
+                            mine.add_to(&counters);
                             let _ = histogram.lock().map(|mut h| h.add(&local));
                         }));
                     }
                 }
-                for t in tasks {
-                    let _ = t.await;
-                }
+                // The phase's time, CPU and datagrams are read at its end, while the slots
+                // finish the requests they have in flight: a request lost and sent again by
+                // QUIC took seconds, and the idle wait for it counted in the phase's time.
+                let joined = async {
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                };
+                let (at_end, ()) = tokio::join!(
+                    async {
+                        tokio::time::sleep_until(end.into()).await;
+                        Reading::now(server, hosts)
+                    },
+                    joined
+                );
+                at_end
             }
             Some(rate) => {
                 open_loop(
@@ -702,19 +907,55 @@ impl Phase<'_> {
                     histograms.clone(),
                 )
                 .await?;
+                Reading::now(server, hosts)
             }
+        };
+        usage.add(&before, &after);
+        Ok(())
+    }
+}
+
+/// What a phase's usage is read from, at its start and at its end.
+struct Reading {
+    at: Instant,
+    server_cpu: Option<f64>,
+    generator_cpu: Option<f64>,
+    context_switches: Option<u64>,
+    datagrams: (u64, u64),
+}
+
+impl Reading {
+    fn now(server: &Gateway, hosts: &[Arc<Host>]) -> Self {
+        Reading {
+            at: Instant::now(),
+            server_cpu: server.cpu_seconds(),
+            generator_cpu: cpu_seconds_of("/proc/self/stat"),
+            context_switches: context_switches(),
+            datagrams: datagrams(hosts),
         }
-        usage.secs += started.elapsed().as_secs_f64();
+    }
+}
+
+impl Usage {
+    /// Adds a phase's usage, between two readings.
+    fn add(&mut self, before: &Reading, after: &Reading) {
+        self.secs += after.at.duration_since(before.at).as_secs_f64();
         let spent = |after: Option<f64>, before: Option<f64>, sum: Option<f64>| {
             after.zip(before).zip(sum).map(|((a, b), s)| s + (a - b))
         };
-        usage.server_cpu = spent(server.cpu_seconds(), server_cpu, usage.server_cpu);
-        usage.generator_cpu = spent(
-            cpu_seconds_of("/proc/self/stat"),
-            generator_cpu,
-            usage.generator_cpu,
+        self.server_cpu = spent(after.server_cpu, before.server_cpu, self.server_cpu);
+        self.generator_cpu = spent(
+            after.generator_cpu,
+            before.generator_cpu,
+            self.generator_cpu,
         );
-        Ok(())
+        self.generator_context_switches = after
+            .context_switches
+            .zip(before.context_switches)
+            .zip(self.generator_context_switches)
+            .map(|((after, before), sum)| sum + after.saturating_sub(before));
+        self.datagrams.0 += after.datagrams.0.saturating_sub(before.datagrams.0);
+        self.datagrams.1 += after.datagrams.1.saturating_sub(before.datagrams.1);
     }
 }
 
@@ -994,7 +1235,7 @@ async fn connect_host(
         connection,
         address: host_address(i),
         next_port: AtomicU64::new(0),
-        held: Mutex::new(Vec::new()),
+        held: std::sync::Mutex::new(Vec::new()),
     }))
 }
 
@@ -1216,8 +1457,17 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1))
                         .is_ok()
                     {
-                        if !one(&host, only_open, lifetime, &counters, &mut rng).await {
-                            break;
+                        match one(&host, only_open, lifetime, &counters, &mut rng).await {
+                            Outcome::Answered {
+                                retry_after: Some(wait),
+                            } => {
+                                let end = Instant::now()
+                                    .checked_add(wait)
+                                    .unwrap_or_else(Instant::now);
+                                wait_retry_after(wait, end, &counters).await;
+                            }
+                            Outcome::Answered { retry_after: None } => {}
+                            Outcome::Failed => break,
                         }
                     }
                 }));
@@ -1265,7 +1515,12 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         let ready_secs = restarted.elapsed().as_secs_f64();
         let rss_restarted = gateway.rss_kib();
         // A lease of the prefill, renewed through the restarted gateway: it was restored.
-        let lease = hosts[0].held.lock().await.first().copied();
+        let lease = hosts[0]
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .first()
+            .copied();
         let renewed = match lease {
             Some(lease) => {
                 let renew = request(&Kind::Renew, &host, Some(lease), args.lifetime, 1);
@@ -1480,11 +1735,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "duration_s": baseline_secs,
                 "sent": baseline_counters.sent.load(Ordering::Relaxed),
                 "answered_per_s": baseline_rate,
+                "answered_after_end": baseline_counters.after_end.load(Ordering::Relaxed),
                 "failed": baseline_counters.failed.load(Ordering::Relaxed),
                 "answer_bytes_mean": baseline_counters.answer_bytes_mean(),
                 "failures_by_reason": baseline_counters.failures_json(),
                 "latency_ms": quantiles_ms(&baseline_latency, LATENCY_QUANTILES),
                 "cpu_cores_used": { "server": server_cores, "generator": generator_cores },
+                // UDP datagrams each way per answered request, as the hosts' QUIC stacks
+                // counted them in the baseline's phases.
+                "datagrams_per_request": {
+                    "to_server": baseline_usage.datagrams.0 as f64 / baseline_counters.answered().max(1) as f64,
+                    "from_server": baseline_usage.datagrams.1 as f64 / baseline_counters.answered().max(1) as f64,
+                },
+                "per_request": baseline_usage.per_request_json(&baseline_counters),
             }),
             json!({
                 "answered_per_s": answered as f64 / secs / baseline_rate.max(1e-9),
@@ -1553,6 +1816,13 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "renewed": counters.renewed.load(Ordering::Relaxed),
         "released": counters.released.load(Ordering::Relaxed),
         "denied": counters.denied.load(Ordering::Relaxed),
+        "rate_limited": counters.rate_limited.load(Ordering::Relaxed),
+        // The closed loop's waits for a Denied's retry-after (a slot waits at most until the
+        // end of its phase), outside the latency.
+        "retry_after": counters.retry_after_json(),
+        // Closed loop: requests in flight at the end of a phase, answered after its time and
+        // CPU were read (counted with it: at most the slots' number per phase).
+        "answered_after_end": counters.after_end.load(Ordering::Relaxed),
         "failed": counters.failed.load(Ordering::Relaxed),
         "failures_by_reason": counters.failures_json(),
         "answer_bytes_mean": counters.answer_bytes_mean(),
@@ -1568,6 +1838,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         "latency_from_start_ms": args.rate.map(|_| quantiles_ms(&snapshot(&from_start), &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)])),
         "prefill": { "leases": args.prefill, "seconds": prefill_secs, "grants_per_s": args.prefill as f64 / prefill_secs.max(1e-9) },
         "cpu_cores_used": { "gateway": gateway_cores, "generator": load_cores },
+        // The generator's CPU and context switches per request, and the datagrams per request
+        // of the measured hosts (the flood's aside), as the baseline reports them.
+        "per_request": usage.per_request_json(&counters),
         "pinning": { "gateway_cpus": args.gateway_cpus, "generator_cpus": args.cpus },
         "threads": { "gateway": args.gateway_threads, "generator": args.threads },
         "load_average": load_average(),
@@ -1614,13 +1887,19 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 fn print_comparison(report: &serde_json::Value) {
     let line = |name: &str, side: &serde_json::Value| {
         let ms = |q: &str| side["latency_ms"][q].as_f64().unwrap_or(f64::NAN);
+        let per = |k: &str| side["per_request"][k].as_f64().unwrap_or(f64::NAN);
         eprintln!(
-            "fwnp-load: {name:<12} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms",
+            "fwnp-load: {name:<12} {:>9.0} answers/s   p50 {:.3} ms   p90 {:.3} ms   p99 {:.3} ms   max {:.3} ms   \
+             per request: datagrams {:.2} to, {:.2} from; generator {:.2} us CPU, {:.3} context switches",
             side["answered_per_s"].as_f64().unwrap_or(f64::NAN),
             ms("p50"),
             ms("p90"),
             ms("p99"),
             ms("max"),
+            per("datagrams_to_server"),
+            per("datagrams_from_server"),
+            per("generator_cpu_us"),
+            per("generator_context_switches"),
         );
     };
     if !report["baseline"].is_null() {
@@ -1736,10 +2015,14 @@ impl StoreSide<'_> {
             "renewed": self.counters.renewed.load(Ordering::Relaxed),
             "released": self.counters.released.load(Ordering::Relaxed),
             "denied": self.counters.denied.load(Ordering::Relaxed),
+            "rate_limited": self.counters.rate_limited.load(Ordering::Relaxed),
+            "retry_after": self.counters.retry_after_json(),
+            "answered_after_end": self.counters.after_end.load(Ordering::Relaxed),
             "failed": self.counters.failed.load(Ordering::Relaxed),
             "failures_by_reason": self.counters.failures_json(),
             "latency_ms": quantiles_ms(self.latency, LATENCY_QUANTILES),
             "cpu_cores_used": { "gateway": gateway_cores, "generator": generator_cores },
+            "per_request": self.usage.per_request_json(self.counters),
             "gateway_batching": batching(self.status.0, self.status.1),
             "over_baseline": over_baseline,
         })
