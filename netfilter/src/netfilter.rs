@@ -429,26 +429,25 @@ impl Netfilter {
     ) -> Result<Option<ReconcileReport>, Error> {
         let table = layout.table().to_string();
         let mut failed = plan.invalid;
-        let mut keyed: Vec<(Element, ElementKey, Duration)> = Vec::with_capacity(plan.add.len());
-        for (opening, timeout) in plan.add {
-            match check_timeout(timeout).and_then(|()| encode(&opening)) {
-                Ok(key) => keyed.push((opening, key, timeout)),
-                Err(e) => failed.push((opening, e)),
-            }
-        }
-        let mut writes: Vec<ElementWrite<'_>> = Vec::with_capacity(keyed.len());
-        for set in ALL_SETS {
-            for (i, (_, key, timeout)) in keyed.iter().enumerate() {
-                if key.set == set {
-                    writes.push(ElementWrite {
-                        change: i,
-                        key,
-                        op: ElementOp::AddExclusive,
-                        timeout: Some(*timeout),
-                    });
+        // The keys are encoded twice, once here to keep the openings that have one and once
+        // as they are written, a few thousand at a time: a million keys held at once with
+        // their writes cost about 200 bytes an opening beside the batch itself, and the
+        // allocator keeps what a start used at its peak.
+        let mut add = plan.add;
+        let mut sets = Vec::with_capacity(add.len());
+        add.retain(|(opening, timeout)| {
+            match check_timeout(*timeout).and_then(|()| encode(opening)) {
+                Ok(key) => {
+                    sets.push(key.set);
+                    true
+                }
+                Err(e) => {
+                    failed.push((opening.clone(), e));
+                    false
                 }
             }
-        }
+        });
+        const CHUNK: usize = 4096;
         let mut txn = self.new_txn();
         for set in ALL_SETS {
             // DELSETELEM without a list of elements flushes the set.
@@ -472,9 +471,47 @@ impl Netfilter {
         }
         // One transaction, however large: lift the per-transaction budget while writing.
         let budget = std::mem::replace(&mut self.max_batch_bytes, usize::MAX / 2);
-        let written = self.write_elements(&mut txn, &table, &writes);
+        let mut all_written = true;
+        let mut keys: Vec<(usize, ElementKey, Duration)> = Vec::with_capacity(CHUNK);
+        'sets: for set in ALL_SETS {
+            let mut members = add
+                .iter()
+                .zip(&sets)
+                .enumerate()
+                .filter(|(_, (_, of))| **of == set)
+                .map(|(i, ((opening, timeout), _))| (i, opening, *timeout));
+            loop {
+                keys.clear();
+                keys.extend(
+                    members
+                        .by_ref()
+                        .take(CHUNK)
+                        .filter_map(|(i, opening, timeout)| {
+                            encode(opening).ok().map(|key| (i, key, timeout))
+                        }),
+                );
+                if keys.is_empty() {
+                    break;
+                }
+                let writes: Vec<ElementWrite<'_>> = keys
+                    .iter()
+                    .map(|(i, key, timeout)| ElementWrite {
+                        change: *i,
+                        key,
+                        op: ElementOp::AddExclusive,
+                        timeout: Some(*timeout),
+                    })
+                    .collect();
+                if self.write_elements(&mut txn, &table, &writes) != writes.len() {
+                    all_written = false;
+                    break 'sets;
+                }
+            }
+        }
         self.max_batch_bytes = budget;
-        if written != writes.len() {
+        drop(keys);
+        drop(sets);
+        if !all_written {
             return Err(Error::UnexpectedReply(
                 "the elements did not fit one replacement batch".into(),
             ));
@@ -541,7 +578,7 @@ impl Netfilter {
             return Ok(None);
         }
         Ok(Some(ReconcileReport {
-            added: keyed.into_iter().map(|(o, _, _)| o).collect(),
+            added: add.into_iter().map(|(o, _)| o).collect(),
             removed: Vec::new(),
             refreshed: 0,
             table_recreated: false,
