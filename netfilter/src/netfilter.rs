@@ -14,7 +14,7 @@ use crate::layout::{
     write_table,
 };
 use crate::nl::*;
-use crate::reconcile::plan;
+use crate::reconcile::{Plan, plan};
 use crate::sys::NetlinkSocket;
 use crate::{Change, Element, Error, ReconcileReport};
 
@@ -312,12 +312,15 @@ impl Netfilter {
     /// refreshes elements whose remaining time is far from the desired one. From
     /// [`Netfilter::REPLACE_AT`] desired elements on, the sets are not listed: their contents
     /// are replaced by the desired elements in one transaction, with the same outcome.
+    ///
+    /// `desired` is taken by value (a slice is copied): its openings become the list of what
+    /// to add, so that a million of them at a start are not held twice.
     pub fn reconcile(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: impl Into<Vec<(Element, Duration)>>,
     ) -> Result<ReconcileReport, Error> {
-        self.reconcile_with(layout, desired, true)
+        self.reconcile_with(layout, desired.into(), true)
     }
 
     /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
@@ -336,25 +339,25 @@ impl Netfilter {
     pub fn reconcile_listing(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: impl Into<Vec<(Element, Duration)>>,
     ) -> Result<ReconcileReport, Error> {
-        self.reconcile_with(layout, desired, false)
+        self.reconcile_with(layout, desired.into(), false)
     }
 
     fn reconcile_with(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: Vec<(Element, Duration)>,
         may_replace: bool,
     ) -> Result<ReconcileReport, Error> {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
             let plan = plan(&[], desired);
-            let valid: Vec<(Element, Duration)> = plan.add.clone();
-            self.apply(layout, &valid)?;
+            self.apply(layout, &plan.add)?;
             return Ok(ReconcileReport {
-                added: valid.into_iter().map(|(o, _)| o).collect(),
+                added_count: plan.add.len(),
+                added: plan.add.into_iter().map(|(o, _)| o).collect(),
                 removed: Vec::new(),
                 refreshed: 0,
                 table_recreated: true,
@@ -362,27 +365,27 @@ impl Netfilter {
                 failed: plan.invalid,
             });
         }
-        if may_replace && desired.len() >= Self::REPLACE_AT {
-            let plan = plan(&[], desired);
-            if let Some(report) = self.replace_elements(layout, plan)? {
-                return Ok(report);
+        let (desired, mut failed) = if may_replace && desired.len() >= Self::REPLACE_AT {
+            // The plan owns the openings now; a replacement the kernel refuses gives them back
+            // (those it could hold) for the listing below, with those it could not.
+            match self.replace_elements(layout, plan(&[], desired))? {
+                Ok(report) => return Ok(report),
+                Err(refused) => (refused.add, refused.invalid),
             }
-        }
+        } else {
+            (desired, Vec::new())
+        };
         let current = self.elements(layout)?;
         let plan = plan(&current, desired);
+        failed.extend(plan.invalid);
         let mut changes =
             Vec::with_capacity(plan.add.len() + plan.remove.len() + plan.refresh.len());
-        changes.extend(plan.remove.iter().cloned().map(Change::Remove));
-        changes.extend(plan.add.iter().cloned().map(|(o, t)| Change::Add(o, t)));
-        changes.extend(
-            plan.refresh
-                .iter()
-                .cloned()
-                .map(|(o, t)| Change::Renew(o, t)),
-        );
+        changes.extend(plan.remove.into_iter().map(Change::Remove));
+        changes.extend(plan.add.into_iter().map(|(o, t)| Change::Add(o, t)));
+        changes.extend(plan.refresh.into_iter().map(|(o, t)| Change::Renew(o, t)));
         let results = self.commit(layout, &changes)?;
         let mut report = ReconcileReport {
-            failed: plan.invalid,
+            failed,
             ..ReconcileReport::default()
         };
         for (change, result) in changes.into_iter().zip(results) {
@@ -390,7 +393,10 @@ impl Netfilter {
                 (Change::Remove(o), Ok(())) => report.removed.push(o),
                 // It expired on its own meanwhile: the outcome is what was wanted.
                 (Change::Remove(o), Err(Error::ElementMissing(_))) => report.removed.push(o),
-                (Change::Add(o, _), Ok(())) => report.added.push(o),
+                (Change::Add(o, _), Ok(())) => {
+                    report.added_count += 1;
+                    report.added.push(o);
+                }
                 (Change::Renew(..), Ok(())) => report.refreshed += 1,
                 (change, Err(e)) => report.failed.push((change.element().clone(), e)),
             }
@@ -419,14 +425,15 @@ impl Netfilter {
     /// is as large as the elements need (tens of megabytes for a million); the socket's send
     /// buffer is raised for it and put back afterwards.
     ///
-    /// `Ok(None)` when the kernel did not take the batch (too large for its memory, or an
-    /// element it refuses, which aborts the whole batch): nothing changed, and the caller
-    /// reconciles by listing instead, which gives each refused element its own error.
+    /// `Ok(Err(plan))` when the kernel did not take the batch (too large for its memory, or
+    /// an element it refuses, which aborts the whole batch): nothing changed, and the caller
+    /// reconciles by listing instead, which gives each refused element its own error; the
+    /// plan gives back the openings to add and those that cannot be held.
     fn replace_elements(
         &mut self,
         layout: &Layout,
-        plan: crate::reconcile::Plan,
-    ) -> Result<Option<ReconcileReport>, Error> {
+        plan: Plan,
+    ) -> Result<Result<ReconcileReport, Plan>, Error> {
         let table = layout.table().to_string();
         let mut failed = plan.invalid;
         // The keys are encoded twice, once here to keep the openings that have one and once
@@ -539,7 +546,11 @@ impl Netfilter {
                     granted,
                     "the send buffer cannot hold the replacement batch; listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             // Too large for the kernel's memory: nothing was committed.
             Some(Err(Error::MessageTooLong)) => {
@@ -548,7 +559,11 @@ impl Netfilter {
                     needed,
                     "the replacement batch is too large; listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             Some(Err(Error::Io(e)))
                 if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) =>
@@ -558,7 +573,11 @@ impl Netfilter {
                     needed,
                     "no kernel memory for the replacement batch ({e}); listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             Some(result) => result?,
         };
@@ -575,10 +594,15 @@ impl Netfilter {
                 %error,
                 "the kernel refused the replacement batch; listing the sets instead"
             );
-            return Ok(None);
+            return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
         }
-        Ok(Some(ReconcileReport {
-            added: add.into_iter().map(|(o, _)| o).collect(),
+        Ok(Ok(ReconcileReport {
+            added_count: add.len(),
+            added: Vec::new(),
             removed: Vec::new(),
             refreshed: 0,
             table_recreated: false,

@@ -510,7 +510,7 @@ impl Service {
                 "start: {} leases restored, {} expired while stopped, {unloaded} not restored; kernel: {} added, {} removed, {} refreshed{}",
                 report.restored,
                 expired.len(),
-                changes.added.len(),
+                changes.added_count,
                 changes.removed.len(),
                 changes.refreshed,
                 if changes.table_recreated {
