@@ -442,10 +442,12 @@ impl Netfilter {
         // allocator keeps what a start used at its peak.
         let mut add = plan.add;
         let mut sets = Vec::with_capacity(add.len());
+        let mut element_bytes = 0;
         add.retain(|(opening, timeout)| {
             match check_timeout(*timeout).and_then(|()| encode(opening)) {
                 Ok(key) => {
                     sets.push(key.set);
+                    element_bytes += added_element_bytes(&key);
                     true
                 }
                 Err(e) => {
@@ -476,6 +478,16 @@ impl Netfilter {
                 set_attr_offset: None,
             });
         }
+        // The batch's buffer is allocated once: grown by doubling, a batch of a million
+        // elements (about 50 MB) held its old buffer and the new one at once as it grew,
+        // and the allocator keeps what a start used at its peak. A message holds up to
+        // MAX_ELEMENTS_NEST bytes of elements, with its headers beside them, and each chunk
+        // written below begins a message of its own.
+        let messages = element_bytes / (MAX_ELEMENTS_NEST - MAX_ELEMENT_BYTES)
+            + add.len() / CHUNK
+            + 2 * ALL_SETS.len();
+        txn.b
+            .reserve(element_bytes + messages * element_message_bytes(&table) + 4096);
         // One transaction, however large: lift the per-transaction budget while writing.
         let budget = std::mem::replace(&mut self.max_batch_bytes, usize::MAX / 2);
         let mut all_written = true;
