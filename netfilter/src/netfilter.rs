@@ -607,10 +607,10 @@ impl Netfilter {
                 "the kernel refused the replacement batch; listing the sets instead"
             );
             return Ok(Err(Plan {
-                    add,
-                    invalid: failed,
-                    ..Plan::default()
-                }));
+                add,
+                invalid: failed,
+                ..Plan::default()
+            }));
         }
         Ok(Ok(ReconcileReport {
             added_count: add.len(),

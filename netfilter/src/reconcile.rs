@@ -81,7 +81,10 @@ pub(crate) fn plan(current: &[(Element, Duration)], mut desired: Vec<(Element, D
     for (opening, remaining) in current {
         present.insert(opening, *remaining);
         let hash = hasher.hash_one(opening);
-        if positions.find(hash, |&at| desired[at].0 == *opening).is_none() {
+        if positions
+            .find(hash, |&at| desired[at].0 == *opening)
+            .is_none()
+        {
             out.remove.push(opening.clone());
         }
     }

@@ -609,7 +609,9 @@ fn reconcile_repairs_missing_and_extra_elements() {
     assert!(outside_tcp(&topo, topo.host().v4, 8002));
     assert!(!outside_tcp(&topo, topo.host().v4, 8003));
     // A second reconcile finds nothing to do.
-    let again = nf.reconcile(&layout, desired.clone()).expect("reconcile again");
+    let again = nf
+        .reconcile(&layout, desired.clone())
+        .expect("reconcile again");
     assert!(
         again.added.is_empty() && again.removed.is_empty() && !again.table_recreated,
         "{again:?}"
