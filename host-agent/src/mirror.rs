@@ -276,7 +276,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Order>, batcher: Option<Batcher>) {
                         match b.reconcile(desired).await {
                             Ok(report) => {
                                 info!(
-                                    added = report.added.len(),
+                                    added = report.added_count,
                                     removed = report.removed.len(),
                                     failed = report.failed.len(),
                                     "host table reconciled with the gateway's leases"

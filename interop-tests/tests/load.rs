@@ -337,6 +337,8 @@ fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
         "300",
         "--netns",
         "--restart",
+        "--restart-later",
+        "1",
     ]);
     assert_eq!(report["mode"], "restart");
     assert_eq!(report["kernel_filter"], true);
@@ -350,6 +352,10 @@ fn restart_times_a_gateway_back_to_ready_with_its_prefilled_leases() {
     assert!(ready > 0.0 && ready < 300.0, "{report:#}");
     assert!(
         number(&report, &["gateway_rss_kib", "after_restart"]) > 0.0,
+        "{report:#}"
+    );
+    assert!(
+        number(&report, &["gateway_rss_kib", "after_restart_later", "1s"]) > 0.0,
         "{report:#}"
     );
 }

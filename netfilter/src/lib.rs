@@ -219,8 +219,13 @@ impl Change {
 /// What [`Netfilter::reconcile`] changed.
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
-    /// Elements added (all desired ones when the table was recreated).
+    /// Elements added (all desired ones when the table was recreated); empty when the sets
+    /// were replaced (see `replaced`): a start that replaces a million of them needs only
+    /// how many, in `added_count`.
     pub added: Vec<Element>,
+    /// How many elements were added: those in `added`, or every desired element that could
+    /// be held when the sets were replaced.
+    pub added_count: usize,
     /// Elements removed because they were not desired.
     pub removed: Vec<Element>,
     /// How many elements had their timeout refreshed.
@@ -228,8 +233,8 @@ pub struct ReconcileReport {
     /// Whether the table was missing or damaged and was recreated.
     pub table_recreated: bool,
     /// Whether the sets' contents were replaced whole in one transaction (see
-    /// [`Netfilter::REPLACE_AT`]): then `added` holds every desired element and `removed` is
-    /// empty, as what the kernel held before was not listed.
+    /// [`Netfilter::REPLACE_AT`]): then `added_count` counts every desired element, `added`
+    /// and `removed` are empty, as what the kernel held before was not listed.
     pub replaced: bool,
     /// Elements that could not be brought to the desired state, with the reason.
     pub failed: Vec<(Element, Error)>,

@@ -14,7 +14,7 @@ use crate::layout::{
     write_table,
 };
 use crate::nl::*;
-use crate::reconcile::plan;
+use crate::reconcile::{Plan, plan};
 use crate::sys::NetlinkSocket;
 use crate::{Change, Element, Error, ReconcileReport};
 
@@ -312,12 +312,15 @@ impl Netfilter {
     /// refreshes elements whose remaining time is far from the desired one. From
     /// [`Netfilter::REPLACE_AT`] desired elements on, the sets are not listed: their contents
     /// are replaced by the desired elements in one transaction, with the same outcome.
+    ///
+    /// `desired` is taken by value (a slice is copied): its openings become the list of what
+    /// to add, so that a million of them at a start are not held twice.
     pub fn reconcile(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: impl Into<Vec<(Element, Duration)>>,
     ) -> Result<ReconcileReport, Error> {
-        self.reconcile_with(layout, desired, true)
+        self.reconcile_with(layout, desired.into(), true)
     }
 
     /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
@@ -336,25 +339,25 @@ impl Netfilter {
     pub fn reconcile_listing(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: impl Into<Vec<(Element, Duration)>>,
     ) -> Result<ReconcileReport, Error> {
-        self.reconcile_with(layout, desired, false)
+        self.reconcile_with(layout, desired.into(), false)
     }
 
     fn reconcile_with(
         &mut self,
         layout: &Layout,
-        desired: &[(Element, Duration)],
+        desired: Vec<(Element, Duration)>,
         may_replace: bool,
     ) -> Result<ReconcileReport, Error> {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
             let plan = plan(&[], desired);
-            let valid: Vec<(Element, Duration)> = plan.add.clone();
-            self.apply(layout, &valid)?;
+            self.apply(layout, &plan.add)?;
             return Ok(ReconcileReport {
-                added: valid.into_iter().map(|(o, _)| o).collect(),
+                added_count: plan.add.len(),
+                added: plan.add.into_iter().map(|(o, _)| o).collect(),
                 removed: Vec::new(),
                 refreshed: 0,
                 table_recreated: true,
@@ -362,27 +365,27 @@ impl Netfilter {
                 failed: plan.invalid,
             });
         }
-        if may_replace && desired.len() >= Self::REPLACE_AT {
-            let plan = plan(&[], desired);
-            if let Some(report) = self.replace_elements(layout, plan)? {
-                return Ok(report);
+        let (desired, mut failed) = if may_replace && desired.len() >= Self::REPLACE_AT {
+            // The plan owns the openings now; a replacement the kernel refuses gives them back
+            // (those it could hold) for the listing below, with those it could not.
+            match self.replace_elements(layout, plan(&[], desired))? {
+                Ok(report) => return Ok(report),
+                Err(refused) => (refused.add, refused.invalid),
             }
-        }
+        } else {
+            (desired, Vec::new())
+        };
         let current = self.elements(layout)?;
         let plan = plan(&current, desired);
+        failed.extend(plan.invalid);
         let mut changes =
             Vec::with_capacity(plan.add.len() + plan.remove.len() + plan.refresh.len());
-        changes.extend(plan.remove.iter().cloned().map(Change::Remove));
-        changes.extend(plan.add.iter().cloned().map(|(o, t)| Change::Add(o, t)));
-        changes.extend(
-            plan.refresh
-                .iter()
-                .cloned()
-                .map(|(o, t)| Change::Renew(o, t)),
-        );
+        changes.extend(plan.remove.into_iter().map(Change::Remove));
+        changes.extend(plan.add.into_iter().map(|(o, t)| Change::Add(o, t)));
+        changes.extend(plan.refresh.into_iter().map(|(o, t)| Change::Renew(o, t)));
         let results = self.commit(layout, &changes)?;
         let mut report = ReconcileReport {
-            failed: plan.invalid,
+            failed,
             ..ReconcileReport::default()
         };
         for (change, result) in changes.into_iter().zip(results) {
@@ -390,7 +393,10 @@ impl Netfilter {
                 (Change::Remove(o), Ok(())) => report.removed.push(o),
                 // It expired on its own meanwhile: the outcome is what was wanted.
                 (Change::Remove(o), Err(Error::ElementMissing(_))) => report.removed.push(o),
-                (Change::Add(o, _), Ok(())) => report.added.push(o),
+                (Change::Add(o, _), Ok(())) => {
+                    report.added_count += 1;
+                    report.added.push(o);
+                }
                 (Change::Renew(..), Ok(())) => report.refreshed += 1,
                 (change, Err(e)) => report.failed.push((change.element().clone(), e)),
             }
@@ -419,36 +425,38 @@ impl Netfilter {
     /// is as large as the elements need (tens of megabytes for a million); the socket's send
     /// buffer is raised for it and put back afterwards.
     ///
-    /// `Ok(None)` when the kernel did not take the batch (too large for its memory, or an
-    /// element it refuses, which aborts the whole batch): nothing changed, and the caller
-    /// reconciles by listing instead, which gives each refused element its own error.
+    /// `Ok(Err(plan))` when the kernel did not take the batch (too large for its memory, or
+    /// an element it refuses, which aborts the whole batch): nothing changed, and the caller
+    /// reconciles by listing instead, which gives each refused element its own error; the
+    /// plan gives back the openings to add and those that cannot be held.
     fn replace_elements(
         &mut self,
         layout: &Layout,
-        plan: crate::reconcile::Plan,
-    ) -> Result<Option<ReconcileReport>, Error> {
+        plan: Plan,
+    ) -> Result<Result<ReconcileReport, Plan>, Error> {
         let table = layout.table().to_string();
         let mut failed = plan.invalid;
-        let mut keyed: Vec<(Element, ElementKey, Duration)> = Vec::with_capacity(plan.add.len());
-        for (opening, timeout) in plan.add {
-            match check_timeout(timeout).and_then(|()| encode(&opening)) {
-                Ok(key) => keyed.push((opening, key, timeout)),
-                Err(e) => failed.push((opening, e)),
-            }
-        }
-        let mut writes: Vec<ElementWrite<'_>> = Vec::with_capacity(keyed.len());
-        for set in ALL_SETS {
-            for (i, (_, key, timeout)) in keyed.iter().enumerate() {
-                if key.set == set {
-                    writes.push(ElementWrite {
-                        change: i,
-                        key,
-                        op: ElementOp::AddExclusive,
-                        timeout: Some(*timeout),
-                    });
+        // The keys are encoded twice, once here to keep the openings that have one and once
+        // as they are written, a few thousand at a time: a million keys held at once with
+        // their writes cost about 200 bytes an opening beside the batch itself, and the
+        // allocator keeps what a start used at its peak.
+        let mut add = plan.add;
+        let mut sets = Vec::with_capacity(add.len());
+        let mut element_bytes = 0;
+        add.retain(|(opening, timeout)| {
+            match check_timeout(*timeout).and_then(|()| encode(opening)) {
+                Ok(key) => {
+                    sets.push(key.set);
+                    element_bytes += added_element_bytes(&key);
+                    true
+                }
+                Err(e) => {
+                    failed.push((opening.clone(), e));
+                    false
                 }
             }
-        }
+        });
+        const CHUNK: usize = 4096;
         let mut txn = self.new_txn();
         for set in ALL_SETS {
             // DELSETELEM without a list of elements flushes the set.
@@ -470,11 +478,59 @@ impl Netfilter {
                 set_attr_offset: None,
             });
         }
+        // The batch's buffer is allocated once: grown by doubling, a batch of a million
+        // elements (about 50 MB) held its old buffer and the new one at once as it grew,
+        // and the allocator keeps what a start used at its peak. A message holds up to
+        // MAX_ELEMENTS_NEST bytes of elements, with its headers beside them, and each chunk
+        // written below begins a message of its own.
+        let messages = element_bytes / (MAX_ELEMENTS_NEST - MAX_ELEMENT_BYTES)
+            + add.len() / CHUNK
+            + 2 * ALL_SETS.len();
+        txn.b
+            .reserve(element_bytes + messages * element_message_bytes(&table) + 4096);
         // One transaction, however large: lift the per-transaction budget while writing.
         let budget = std::mem::replace(&mut self.max_batch_bytes, usize::MAX / 2);
-        let written = self.write_elements(&mut txn, &table, &writes);
+        let mut all_written = true;
+        let mut keys: Vec<(usize, ElementKey, Duration)> = Vec::with_capacity(CHUNK);
+        'sets: for set in ALL_SETS {
+            let mut members = add
+                .iter()
+                .zip(&sets)
+                .enumerate()
+                .filter(|(_, (_, of))| **of == set)
+                .map(|(i, ((opening, timeout), _))| (i, opening, *timeout));
+            loop {
+                keys.clear();
+                keys.extend(
+                    members
+                        .by_ref()
+                        .take(CHUNK)
+                        .filter_map(|(i, opening, timeout)| {
+                            encode(opening).ok().map(|key| (i, key, timeout))
+                        }),
+                );
+                if keys.is_empty() {
+                    break;
+                }
+                let writes: Vec<ElementWrite<'_>> = keys
+                    .iter()
+                    .map(|(i, key, timeout)| ElementWrite {
+                        change: *i,
+                        key,
+                        op: ElementOp::AddExclusive,
+                        timeout: Some(*timeout),
+                    })
+                    .collect();
+                if self.write_elements(&mut txn, &table, &writes) != writes.len() {
+                    all_written = false;
+                    break 'sets;
+                }
+            }
+        }
         self.max_batch_bytes = budget;
-        if written != writes.len() {
+        drop(keys);
+        drop(sets);
+        if !all_written {
             return Err(Error::UnexpectedReply(
                 "the elements did not fit one replacement batch".into(),
             ));
@@ -502,7 +558,11 @@ impl Netfilter {
                     granted,
                     "the send buffer cannot hold the replacement batch; listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             // Too large for the kernel's memory: nothing was committed.
             Some(Err(Error::MessageTooLong)) => {
@@ -511,7 +571,11 @@ impl Netfilter {
                     needed,
                     "the replacement batch is too large; listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             Some(Err(Error::Io(e)))
                 if matches!(e.raw_os_error(), Some(libc::ENOMEM | libc::ENOBUFS)) =>
@@ -521,7 +585,11 @@ impl Netfilter {
                     needed,
                     "no kernel memory for the replacement batch ({e}); listing the sets instead"
                 );
-                return Ok(None);
+                return Ok(Err(Plan {
+                    add,
+                    invalid: failed,
+                    ..Plan::default()
+                }));
             }
             Some(result) => result?,
         };
@@ -538,10 +606,15 @@ impl Netfilter {
                 %error,
                 "the kernel refused the replacement batch; listing the sets instead"
             );
-            return Ok(None);
+            return Ok(Err(Plan {
+                add,
+                invalid: failed,
+                ..Plan::default()
+            }));
         }
-        Ok(Some(ReconcileReport {
-            added: keyed.into_iter().map(|(o, _, _)| o).collect(),
+        Ok(Ok(ReconcileReport {
+            added_count: add.len(),
+            added: Vec::new(),
             removed: Vec::new(),
             refreshed: 0,
             table_recreated: false,

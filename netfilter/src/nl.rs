@@ -118,6 +118,11 @@ impl Builder {
         self.buf.len()
     }
 
+    /// Makes room for `additional` more bytes at once.
+    pub(crate) fn reserve(&mut self, additional: usize) {
+        self.buf.reserve_exact(additional);
+    }
+
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.buf
     }

@@ -1,7 +1,10 @@
 //! The pure part of reconciling: what to change so that the kernel holds what is desired.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
+
+use hashbrown::HashTable;
 
 use crate::{Element, Error};
 
@@ -35,43 +38,69 @@ pub(crate) fn tolerance(desired: Duration) -> Duration {
 pub(crate) const OVERSHOOT: Duration = Duration::from_millis(500);
 
 /// Compares canonical openings. `current` is what the kernel reported (already canonical);
-/// `desired` may repeat an opening (the last one counts) or be non-canonical.
-pub(crate) fn plan(current: &[(Element, Duration)], desired: &[(Element, Duration)]) -> Plan {
+/// `desired` may repeat an opening (the last lifetime counts, in the order of its first
+/// appearance) or be non-canonical.
+///
+/// `desired` is taken by value and becomes the list of what to add: its openings are made
+/// canonical and deduplicated where they lie, with a table of their positions beside them,
+/// so that a million openings at a start are held once rather than in a list, a map of the
+/// wanted ones and a list of what to add, each a copy of the one before.
+pub(crate) fn plan(current: &[(Element, Duration)], mut desired: Vec<(Element, Duration)>) -> Plan {
     let mut out = Plan::default();
-    let mut wanted: HashMap<Element, Duration> = HashMap::with_capacity(desired.len());
-    let mut order: Vec<Element> = Vec::with_capacity(desired.len());
-    for (opening, lifetime) in desired {
-        match opening.canonical() {
-            Ok(canonical) => {
-                if wanted.insert(canonical.clone(), *lifetime).is_none() {
-                    order.push(canonical);
-                }
-            }
-            Err(e) => out.invalid.push((opening.clone(), e)),
+    desired.retain_mut(|(opening, _)| match opening.canonical() {
+        Ok(canonical) => {
+            *opening = canonical;
+            true
         }
+        Err(e) => {
+            out.invalid.push((opening.clone(), e));
+            false
+        }
+    });
+    // The positions of the distinct openings, by the opening's hash; the distinct ones are
+    // moved to the front as they are met, so a position is final once it is in the table.
+    let hasher = RandomState::new();
+    let mut positions: HashTable<usize> = HashTable::with_capacity(desired.len());
+    let mut kept = 0;
+    for next in 0..desired.len() {
+        let hash = hasher.hash_one(&desired[next].0);
+        if let Some(&first) = positions.find(hash, |&at| desired[at].0 == desired[next].0) {
+            desired[first].1 = desired[next].1;
+            continue;
+        }
+        desired.swap(kept, next);
+        positions.insert_unique(hash, kept, |&at| hasher.hash_one(&desired[at].0));
+        kept += 1;
+    }
+    desired.truncate(kept);
+    if current.is_empty() {
+        out.add = desired;
+        return out;
     }
     let mut present: HashMap<&Element, Duration> = HashMap::with_capacity(current.len());
     for (opening, remaining) in current {
         present.insert(opening, *remaining);
-        if !wanted.contains_key(opening) {
+        let hash = hasher.hash_one(opening);
+        if positions
+            .find(hash, |&at| desired[at].0 == *opening)
+            .is_none()
+        {
             out.remove.push(opening.clone());
         }
     }
-    for opening in order {
-        let Some(lifetime) = wanted.get(&opening).copied() else {
-            continue;
-        };
-        match present.get(&opening) {
-            None => out.add.push((opening, lifetime)),
-            Some(remaining) => {
-                let too_long = *remaining > lifetime.saturating_add(OVERSHOOT);
-                let too_short = lifetime.saturating_sub(*remaining) > tolerance(lifetime);
-                if too_long || too_short {
-                    out.refresh.push((opening, lifetime));
-                }
+    drop(positions);
+    desired.retain(|(opening, lifetime)| match present.get(opening) {
+        None => true,
+        Some(remaining) => {
+            let too_long = *remaining > lifetime.saturating_add(OVERSHOOT);
+            let too_short = lifetime.saturating_sub(*remaining) > tolerance(*lifetime);
+            if too_long || too_short {
+                out.refresh.push((opening.clone(), *lifetime));
             }
+            false
         }
-    }
+    });
+    out.add = desired;
     out
 }
 
@@ -97,7 +126,7 @@ mod tests {
     fn adds_removes_and_refreshes() {
         let current = vec![(tcp(1), secs(100)), (tcp(2), secs(100)), (tcp(3), secs(10))];
         let desired = vec![(tcp(1), secs(101)), (tcp(3), secs(100)), (tcp(4), secs(50))];
-        let plan = plan(&current, &desired);
+        let plan = plan(&current, desired);
         assert_eq!(plan.add, vec![(tcp(4), secs(50))]);
         assert_eq!(plan.remove, vec![tcp(2)]);
         assert_eq!(plan.refresh, vec![(tcp(3), secs(100))]);
@@ -117,7 +146,7 @@ mod tests {
             (tcp(2), Duration::from_millis(3_599_700)),
             (tcp(3), secs(60)),
         ];
-        let plan = plan(&current, &desired);
+        let plan = plan(&current, desired);
         assert_eq!(plan.refresh, vec![(tcp(1), secs(3600)), (tcp(3), secs(60))]);
     }
 
@@ -125,7 +154,7 @@ mod tests {
     fn nothing_to_do_when_equal() {
         // The kernel a little short of the desired time (it is read later): left alone.
         let current = vec![(tcp(1), secs(3590))];
-        let plan = plan(&current, &[(tcp(1), secs(3600))]);
+        let plan = plan(&current, vec![(tcp(1), secs(3600))]);
         assert!(
             plan.add.is_empty()
                 && plan.remove.is_empty()
@@ -142,7 +171,7 @@ mod tests {
             len: 0,
         });
         let current = vec![(tcp(5), secs(60))];
-        let plan = plan(&current, &[(messy.clone(), secs(60)), (messy, secs(60))]);
+        let plan = plan(&current, vec![(messy.clone(), secs(60)), (messy, secs(60))]);
         assert!(
             plan.add.is_empty()
                 && plan.remove.is_empty()
@@ -155,7 +184,7 @@ mod tests {
     fn reports_invalid_desired_openings() {
         let mut bad = tcp(6);
         bad.ports = PortRange { first: 9, last: 1 };
-        let plan = plan(&[], &[(bad.clone(), secs(5))]);
+        let plan = plan(&[], vec![(bad.clone(), secs(5))]);
         assert_eq!(plan.invalid.len(), 1);
         assert_eq!(plan.invalid[0].0, bad);
         assert!(plan.add.is_empty());

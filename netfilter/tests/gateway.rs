@@ -596,7 +596,7 @@ fn reconcile_repairs_missing_and_extra_elements() {
         .expect("nft add element");
     assert!(!outside_tcp(&topo, topo.host().v4, 8002));
     assert!(outside_tcp(&topo, topo.host().v4, 8003));
-    let report = nf.reconcile(&layout, &desired).expect("reconcile");
+    let report = nf.reconcile(&layout, desired.clone()).expect("reconcile");
     assert!(!report.table_recreated);
     assert_eq!(report.added, vec![lost.clone()], "{report:?}");
     assert_eq!(
@@ -609,7 +609,9 @@ fn reconcile_repairs_missing_and_extra_elements() {
     assert!(outside_tcp(&topo, topo.host().v4, 8002));
     assert!(!outside_tcp(&topo, topo.host().v4, 8003));
     // A second reconcile finds nothing to do.
-    let again = nf.reconcile(&layout, &desired).expect("reconcile again");
+    let again = nf
+        .reconcile(&layout, desired.clone())
+        .expect("reconcile again");
     assert!(
         again.added.is_empty() && again.removed.is_empty() && !again.table_recreated,
         "{again:?}"
@@ -622,7 +624,7 @@ fn reconcile_repairs_missing_and_extra_elements() {
         outside_tcp(&topo, topo.host().v4, 8003),
         "no table, nothing filtered"
     );
-    let report = nf.reconcile(&layout, &desired).expect("reconcile");
+    let report = nf.reconcile(&layout, desired.clone()).expect("reconcile");
     assert!(report.table_recreated, "{report:?}");
     let added: BTreeSet<Element> = report.added.into_iter().collect();
     assert_eq!(added, [keep, lost].into_iter().collect());
@@ -794,7 +796,7 @@ fn a_repair_lists_the_sets_however_many_elements_and_reports_what_differed() {
         .expect("nft add element");
     let report = topo
         .gateway
-        .run(|| nf.reconcile_listing(&layout, &desired))
+        .run(|| nf.reconcile_listing(&layout, desired.clone()))
         .expect("reconcile_listing");
     assert!(!report.replaced, "{report:?}");
     assert!(report.added.is_empty(), "{report:?}");

@@ -387,7 +387,7 @@ fn a_restart_with_many_elements_replaces_the_sets_without_a_gap() {
         std::thread::sleep(Duration::from_millis(100));
         let (report, nf) = topo.gateway.run(|| {
             let mut nf = Netfilter::open().expect("handle");
-            let report = nf.reconcile(&layout, &desired).expect("reconcile");
+            let report = nf.reconcile(&layout, desired.clone()).expect("reconcile");
             (report, nf)
         });
         let reconciled_at = Instant::now();
@@ -399,7 +399,7 @@ fn a_restart_with_many_elements_replaces_the_sets_without_a_gap() {
     assert!(report.replaced, "{report:?}");
     assert!(!report.table_recreated, "{report:?}");
     assert!(report.failed.is_empty(), "{report:?}");
-    assert_eq!(report.added.len(), desired.len());
+    assert_eq!(report.added_count, desired.len());
     assert_eq!(
         failures, 0,
         "{failures} of {attempts} connections through a live lease failed during the replacement"

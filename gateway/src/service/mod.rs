@@ -426,38 +426,53 @@ impl Service {
 
     async fn restore(&self) -> Result<(), StartError> {
         let now = now_ms();
-        let restored = self.leases.restore(now).await?;
-        let leases = restored.live.iter().map(|r| fwnp_proto::gateway::Lease {
-            id: r.id,
-            host: Arc::from(r.identity.as_str()),
-            grants: r.grants.clone(),
-            lifetime: r.granted_lifetime,
-            created_ms: r.created_ms,
-            expires_ms: r.expires_ms,
-            app: r.app.clone().map(Box::new),
-        });
-        let report = lock(&self.core).book_mut().restore(now, leases);
-        let unloaded = self.unloaded_at_restore(&report, now);
-        {
-            // Leases of one certificate share one copy of its name, as they do while it is
-            // connected.
-            let mut shared: HashMap<
-                &fwnp_trust::identity::CertificateName,
-                Arc<fwnp_trust::identity::CertificateName>,
-            > = HashMap::new();
-            let mut credentials = lock(&self.lease_credentials);
-            for record in &restored.live {
-                match &record.certificate {
+        // Each lease goes into the book as the store reads it: the store's records of a
+        // million leases, held beside the book until the kernel was reconciled, cost more than
+        // the book itself, and the allocator keeps what a start used at its peak.
+        let mut report = fwnp_proto::gateway::RestoreReport::default();
+        // Leases of one certificate share one copy of its name, as they do while it is
+        // connected.
+        let mut certificates: std::collections::HashSet<
+            Arc<fwnp_trust::identity::CertificateName>,
+        > = std::collections::HashSet::new();
+        let mut load = |record: LeaseRecord| {
+            {
+                let mut credentials = lock(&self.lease_credentials);
+                match record.certificate {
                     Some(certificate) => {
-                        let name = shared
-                            .entry(certificate)
-                            .or_insert_with(|| Arc::new(certificate.clone()));
-                        credentials.set(&record.identity, record.id, name);
+                        let name = match certificates.get(&certificate) {
+                            Some(name) => name.clone(),
+                            None => {
+                                let name = Arc::new(certificate);
+                                certificates.insert(name.clone());
+                                name
+                            }
+                        };
+                        credentials.set(&record.identity, record.id, &name);
                     }
                     None => credentials.set_unknown(record.id),
                 }
             }
-        }
+            let lease = fwnp_proto::gateway::Lease {
+                id: record.id,
+                host: Arc::from(record.identity),
+                grants: record.grants,
+                lifetime: record.granted_lifetime,
+                created_ms: record.created_ms,
+                expires_ms: record.expires_ms,
+                app: record.app.map(Box::new),
+            };
+            let one = lock(&self.core)
+                .book_mut()
+                .restore(now, std::iter::once(lease));
+            report.restored += one.restored;
+            report.expired.extend(one.expired);
+            report.duplicates.extend(one.duplicates);
+            report.over_capacity.extend(one.over_capacity);
+        };
+        let expired = self.leases.restore_each(now, &mut load).await?;
+        drop(certificates);
+        let unloaded = self.unloaded_at_restore(&report, now);
         let desired: Vec<(Element, Duration)> = {
             let core = lock(&self.core);
             let book = core.book();
@@ -487,7 +502,7 @@ impl Service {
             .set(lock(&self.core).book().len() as i64);
         info!(
             restored = report.restored,
-            expired = restored.expired.len(),
+            expired = expired.len(),
             unloaded,
             epoch = format_args!("{:016x}", self.epoch()),
             new_state = self.queries.is_new_state(),
@@ -500,8 +515,8 @@ impl Service {
             event.reason = Some(format!(
                 "start: {} leases restored, {} expired while stopped, {unloaded} not restored; kernel: {} added, {} removed, {} refreshed{}",
                 report.restored,
-                restored.expired.len(),
-                changes.added.len(),
+                expired.len(),
+                changes.added_count,
                 changes.removed.len(),
                 changes.refreshed,
                 if changes.table_recreated {

@@ -64,6 +64,33 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     /// as expired.
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored>;
 
+    /// At start: hands each live lease to `live` (what [`LeaseStore::restore`] returns as
+    /// live), after or while recording those already past their expiry at `now_ms` as
+    /// expired, and resolves to those. A store that can read its leases one at a time hands
+    /// them over as it reads them, so that a restore never holds all the leases twice, once
+    /// as read and once as loaded; the others read them all first.
+    ///
+    /// ```
+    /// use fwnp_gateway::store::{LeaseStore, MemoryStore};
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let store = MemoryStore::new(0x42);
+    /// let mut live = 0;
+    /// let expired = store.restore_each(1_700_000_000_000, &mut |_| live += 1).await.unwrap();
+    /// assert_eq!((live, expired.len()), (0, 0));
+    /// # });
+    /// ```
+    fn restore_each<'a>(
+        &'a self,
+        now_ms: u64,
+        live: &'a mut (dyn FnMut(LeaseRecord) + Send),
+    ) -> WriteFuture<'a, Vec<LeaseRecord>> {
+        Box::pin(async move {
+            let restored = self.restore(now_ms).await?;
+            restored.live.into_iter().for_each(live);
+            Ok(restored.expired)
+        })
+    }
+
     /// Applies `ops` atomically (all or none), batched with the writes of other callers into one
     /// commit where the implementation can, and resolves once they are durable.
     fn commit(&self, ops: Vec<WriteOp>) -> WriteFuture<'static, ()>;
@@ -79,6 +106,14 @@ impl LeaseStore for Store {
 
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored> {
         Box::pin(async move { Ok(Store::restore(self, now_ms).await?) })
+    }
+
+    fn restore_each<'a>(
+        &'a self,
+        now_ms: u64,
+        live: &'a mut (dyn FnMut(LeaseRecord) + Send),
+    ) -> WriteFuture<'a, Vec<LeaseRecord>> {
+        Box::pin(async move { Ok(Store::restore_each(self, now_ms, live).await?) })
     }
 
     fn commit(&self, ops: Vec<WriteOp>) -> WriteFuture<'static, ()> {

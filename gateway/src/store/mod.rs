@@ -314,14 +314,34 @@ impl Store {
     /// At start-up: the live leases, after recording those already past their expiry at
     /// `now_ms` as expired (with an expiry audit event each).
     pub async fn restore(&self, now_ms: u64) -> Result<Restored, StoreError> {
-        let (expired, live): (Vec<_>, Vec<_>) = self
-            .live_leases()?
-            .into_iter()
-            .partition(|lease| lease.expires_ms <= now_ms);
+        let mut live = Vec::new();
         let expired = self
-            .expire(expired, now_ms, "expired while the gateway was stopped")
+            .restore_each(now_ms, &mut |lease| live.push(lease))
             .await?;
         Ok(Restored { live, expired })
+    }
+
+    /// At start-up: hands each live lease to `live` as it is read, soonest expiry first, so
+    /// that the caller keeps what it needs of a lease and no list of them all is ever built;
+    /// then records those already past their expiry at `now_ms` as expired (with an expiry
+    /// audit event each) and returns them as they are now stored.
+    pub async fn restore_each(
+        &self,
+        now_ms: u64,
+        live: &mut (dyn FnMut(LeaseRecord) + Send),
+    ) -> Result<Vec<LeaseRecord>, StoreError> {
+        let mut expired = Vec::new();
+        self.with_reader(|conn| {
+            query::each_live_lease(conn, &mut |lease| {
+                if lease.expires_ms <= now_ms {
+                    expired.push(lease);
+                } else {
+                    live(lease);
+                }
+            })
+        })?;
+        self.expire(expired, now_ms, "expired while the gateway was stopped")
+            .await
     }
 
     /// Record `leases` as expired at `now_ms`, with an expiry audit event each, in one commit.

@@ -84,9 +84,27 @@ fn collect<T>(
 }
 
 pub(crate) fn live_leases(conn: &Connection) -> Result<Vec<LeaseRecord>, StoreError> {
+    let mut out = Vec::new();
+    each_live_lease(conn, &mut |lease| out.push(lease))?;
+    Ok(out)
+}
+
+/// Hands each live lease to `each` as its row is read, soonest expiry first (the order of the
+/// index of live leases, so SQLite sorts nothing): a restore of a million leases never holds
+/// them all at once.
+pub(crate) fn each_live_lease(
+    conn: &Connection,
+    each: &mut dyn FnMut(LeaseRecord),
+) -> Result<(), StoreError> {
+    const OP: &str = "query live leases";
     let sql =
         format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms");
-    collect(conn, &sql, &[], "query live leases", lease_from_row)
+    let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::sqlite(OP))?;
+    let mut rows = stmt.query([]).map_err(StoreError::sqlite(OP))?;
+    while let Some(row) = rows.next().map_err(StoreError::sqlite(OP))? {
+        each(lease_from_row(row)?);
+    }
+    Ok(())
 }
 
 pub(crate) fn live_lease_count(conn: &Connection) -> Result<u64, StoreError> {

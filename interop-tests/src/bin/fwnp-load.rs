@@ -114,9 +114,15 @@ struct Args {
     /// Restart time: after `--prefill`, stop the gateway (SIGTERM) and start it again on the
     /// same store, and report how long it took from its start until it answered a Hello (it
     /// listens once its leases are restored and, with `--netns`, back in the kernel), its
-    /// memory then, and whether a lease of the prefill is renewed. Nothing is measured after.
+    /// memory then and `--restart-later` seconds after, and whether a lease of the prefill is
+    /// renewed.
     #[arg(long, requires = "prefill", conflicts_with_all = ["idle", "rate", "flood_hosts", "baseline"])]
     restart: bool,
+    /// With `--restart`: seconds after the restarted gateway is ready at which its memory is
+    /// measured again, with no request in between (memory the restore freed may reach the
+    /// system only later).
+    #[arg(long, value_delimiter = ',', default_values_t = [10, 30], requires = "restart")]
+    restart_later: Vec<u64>,
     /// With `--baseline` or several stores: how many phases each side's `--duration` is split
     /// into (2 by default).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -1528,6 +1534,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             None => false,
         };
+        // Memory the restore freed may be handed back to the system some time after it is
+        // freed: measured again later, with no request in between, to tell the two apart.
+        let mut rss_later = serde_json::Map::new();
+        let mut later = args.restart_later.clone();
+        later.sort_unstable();
+        for after in later {
+            let at = restarted + Duration::from_secs_f64(ready_secs) + Duration::from_secs(after);
+            tokio::time::sleep_until(at.into()).await;
+            rss_later.insert(format!("{after}s"), json!(gateway.rss_kib()));
+        }
         let report = json!({
             "mode": "restart",
             "hosts": args.hosts,
@@ -1540,7 +1556,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 "prefilled_lease_renewed": renewed,
                 "load_average_at_start": load_before,
             },
-            "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "after_restart": rss_restarted },
+            "gateway_rss_kib": { "idle": rss_idle, "after_prefill": rss_after_prefill, "after_restart": rss_restarted, "after_restart_later": rss_later },
             "load_average": load_average(),
         });
         eprintln!(

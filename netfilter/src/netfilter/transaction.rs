@@ -98,6 +98,39 @@ pub(super) struct ElementWrite<'a> {
     pub(super) timeout: Option<Duration>,
 }
 
+/// Writes one element of an element message.
+fn put_element(b: &mut Builder, w: &ElementWrite<'_>) {
+    let elem = b.nest_start(NFTA_LIST_ELEM);
+    b.put_data_value(NFTA_SET_ELEM_KEY, &w.key.key);
+    if let Some(end) = &w.key.key_end {
+        b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
+    }
+    if w.op != ElementOp::Remove
+        && let Some(timeout) = w.timeout
+    {
+        b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
+        if w.op == ElementOp::Refresh {
+            b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
+        }
+    }
+    b.nest_end(elem);
+}
+
+/// The bytes [`put_element`] writes for an element added with a timeout: what a batch of
+/// many is sized by before it is written, so that its buffer is allocated once rather than
+/// grown by copies, each holding the old buffer and the new one at once.
+pub(super) fn added_element_bytes(key: &ElementKey) -> usize {
+    const ATTR: usize = 4;
+    let value = |v: &[u8]| ATTR + ATTR + v.len().next_multiple_of(4);
+    ATTR + value(&key.key) + key.key_end.as_deref().map_or(0, value) + ATTR + 8
+}
+
+/// The bytes of an element message's headers, beside its elements: the netlink and
+/// nf_tables headers, the table's and the set's names and the elements' nest.
+pub(super) fn element_message_bytes(table: &str) -> usize {
+    MAX_ELEMENT_BYTES + 128 + table.len()
+}
+
 pub(super) fn millis(d: Duration) -> u64 {
     // Round up: a lease of 1.5 ms must not become 1 ms, nor 0 (which means "never expires").
     let ms = d
@@ -299,20 +332,7 @@ impl Netfilter {
             }
             let Some((msg, _, _, _)) = open else { break };
             let offset = (txn.b.len() - msg) as u32;
-            let elem = txn.b.nest_start(NFTA_LIST_ELEM);
-            txn.b.put_data_value(NFTA_SET_ELEM_KEY, &w.key.key);
-            if let Some(end) = &w.key.key_end {
-                txn.b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
-            }
-            if w.op != ElementOp::Remove
-                && let Some(timeout) = w.timeout
-            {
-                txn.b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
-                if w.op == ElementOp::Refresh {
-                    txn.b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
-                }
-            }
-            txn.b.nest_end(elem);
+            put_element(&mut txn.b, w);
             if let Some(meta) = txn.metas.last_mut() {
                 meta.changes.push(w.change);
                 meta.element_offsets.push(offset);
@@ -647,6 +667,7 @@ impl Netfilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fwnp_proto::message::Prefix;
 
     #[test]
     fn millis_rounds_up_and_never_reaches_zero() {
@@ -655,6 +676,58 @@ mod tests {
         assert_eq!(millis(Duration::from_nanos(1)), 1);
         assert!(check_timeout(Duration::ZERO).is_err());
         assert!(check_timeout(Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn an_added_element_takes_the_bytes_a_batch_is_sized_by() {
+        let openings = [
+            Element {
+                host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(1024),
+                remote: None,
+            },
+            Element {
+                host: "2001:db8::7".parse().expect("address"),
+                protocol: Protocol::Udp,
+                ports: PortRange {
+                    first: 5000,
+                    last: 5010,
+                },
+                remote: Some(Prefix {
+                    addr: "2001:db8:1::".parse().expect("address"),
+                    len: 48,
+                }),
+            },
+            Element {
+                host: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                protocol: Protocol::Udp,
+                ports: PortRange::single(53),
+                remote: Some(Prefix {
+                    addr: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)),
+                    len: 24,
+                }),
+            },
+        ];
+        let mut sets = std::collections::HashSet::new();
+        for opening in &openings {
+            let key = encode(opening).expect("key");
+            sets.insert(key.set);
+            let mut b = Builder::new();
+            let before = b.len();
+            put_element(
+                &mut b,
+                &ElementWrite {
+                    change: 0,
+                    key: &key,
+                    op: ElementOp::AddExclusive,
+                    timeout: Some(Duration::from_secs(3600)),
+                },
+            );
+            assert_eq!(b.len() - before, added_element_bytes(&key), "{opening:?}");
+        }
+        // A single key, a key with an upper end: both kinds of set.
+        assert!(sets.len() >= 2, "{sets:?}");
     }
 
     fn writes_for(keys: &[ElementKey], op: ElementOp) -> Vec<ElementWrite<'_>> {
