@@ -8,7 +8,7 @@
 //! a round in which none answered waits for the delays below. Its connections then notice a
 //! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. A gateway whose name
 //! has several addresses is reached through the first that answers, the next tried
-//! [`ATTEMPT_DELAY`] after the one before began (RFC 8305's connection attempt delay).
+//! 250 ms after the one before began (RFC 8305's connection attempt delay).
 //!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
