@@ -366,6 +366,54 @@ impl Drop for NetnsEtc {
     }
 }
 
+/// A scripted gateway ('A') whose socket is made inside `ns`, on its loopback, where the agent
+/// will look for it: its runtime (keep it), the cluster's record and the port.
+fn scripted_gateway_in(
+    ns: &fwnp_testkit::netns::Netns,
+    pki: &Pki,
+) -> (tokio::runtime::Runtime, Arc<Mutex<Cluster>>, u16) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    let endpoint = ns.run(|| gateway_endpoint(pki, &runtime));
+    let port = endpoint.local_addr().expect("address").port();
+    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+    (runtime, cluster, port)
+}
+
+/// Starts the agent of `config` (its socket in `dir`) in `ns` and waits `within` for its Status
+/// to say it is connected, through `what`.
+fn agent_connected_in(
+    ns: &fwnp_testkit::netns::Netns,
+    config: &std::path::Path,
+    dir: &std::path::Path,
+    within: Duration,
+    what: &str,
+) -> (ProcessGuard, fwnp_proto::local::StatusAnswer) {
+    let socket = dir.join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        ns.spawn(&mut agent_command(config))
+            .expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + within;
+    loop {
+        let now = status.status();
+        if now.connected {
+            return (agent, now);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not connect through {what}: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// The agent configured with an SRV name finds its gateway through DNS (a real dnsmasq on the
 /// loopback of a namespace of its own): the target of the lowest priority has no address, so
 /// the agent goes on with the next one, verifies its certificate against the target's name and
@@ -380,16 +428,7 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
     let _resolv = NetnsEtc::write(&ns, &[("resolv.conf", "nameserver 127.0.0.1\n".into())]);
     let pki = Pki::with_gateway_ips("srv", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     pki.host("web-01", &[], &[], &[]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let cluster = Arc::new(Mutex::new(Cluster::default()));
-    // The gateway's socket is made inside the namespace, where the agent will look for it.
-    let endpoint = ns.run(|| gateway_endpoint(&pki, &runtime));
-    let port = endpoint.local_addr().expect("address").port();
-    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+    let (_runtime, cluster, port) = scripted_gateway_in(&ns, &pki);
 
     let _dnsmasq = start_dnsmasq(
         &ns,
@@ -421,25 +460,7 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
         "{text}"
     );
     std::fs::write(&config, text).expect("write config");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(
-        ns.spawn(&mut agent_command(&config))
-            .expect("start fwnp-agent"),
-    ));
-    wait_for_socket(&mut agent, &socket);
-    let mut status = LocalClient::connect(&socket);
-    let deadline = Instant::now() + STEP;
-    let connected = loop {
-        let now = status.status();
-        if now.connected {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not connect through the SRV name: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (_agent, connected) = agent_connected_in(&ns, &config, dir.path(), STEP, "the SRV name");
     assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
     let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
@@ -472,16 +493,8 @@ fn a_name_whose_first_address_is_dead_is_reached_through_the_next() {
     );
     let pki = Pki::with_gateway_ips("addrs", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     pki.host("web-01", &[], &[], &[]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let cluster = Arc::new(Mutex::new(Cluster::default()));
     // The gateway listens on IPv4's loopback only.
-    let endpoint = ns.run(|| gateway_endpoint(&pki, &runtime));
-    let port = endpoint.local_addr().expect("address").port();
-    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+    let (_runtime, cluster, port) = scripted_gateway_in(&ns, &pki);
 
     let dir = temp_dir("addrs");
     let config = dir.path().join("agent.toml");
@@ -495,28 +508,15 @@ fn a_name_whose_first_address_is_dead_is_reached_through_the_next() {
         "1s",
     );
     std::fs::write(&config, text).expect("write config");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(
-        ns.spawn(&mut agent_command(&config))
-            .expect("start fwnp-agent"),
-    ));
-    wait_for_socket(&mut agent, &socket);
-    let mut status = LocalClient::connect(&socket);
-    // Well inside one handshake timeout (fwnp_proto::link::HANDSHAKE_TIMEOUT): an agent that
-    // tried only the first address would never connect, one that waited for it to give up
-    // would take longer.
-    let deadline = Instant::now() + fwnp_proto::link::HANDSHAKE_TIMEOUT / 2;
-    let connected = loop {
-        let now = status.status();
-        if now.connected {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not connect through the second address: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Well inside one handshake timeout: an agent that tried only the first address would
+    // never connect, one that waited for it to give up would take longer.
+    let (_agent, connected) = agent_connected_in(
+        &ns,
+        &config,
+        dir.path(),
+        fwnp_proto::link::HANDSHAKE_TIMEOUT / 2,
+        "the second address",
+    );
     assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
     let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
     let hello = cluster
