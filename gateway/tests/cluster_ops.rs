@@ -24,7 +24,7 @@ use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_proto::{LeaseId, ResultCode};
 use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
-use fwnp_trust::tls::{self, ServerOptions};
+use fwnp_trust::tls::ServerOptions;
 use serde_json::Value;
 
 const POLICY: &str = r#"
@@ -76,17 +76,9 @@ impl Gateway {
         let config = GatewayConfig::parse(&text, "cluster-ops.toml").expect("valid config");
         let admin = config.admin_socket.clone();
         let service = Service::start(config, None).await.expect("service starts");
-        let server_config =
-            tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
-                .expect("server TLS config");
-        let endpoint =
-            quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-                .expect("bind");
-        let addr = endpoint.local_addr().expect("address");
-        let mut tasks = vec![tokio::spawn(fwnp_gateway::server::serve(
-            endpoint.clone(),
-            service.clone(),
-        ))];
+        let (endpoint, addr, serving) =
+            common::serve_on_loopback(pki, &service, &ServerOptions::default());
+        let mut tasks = vec![serving];
         {
             let (service, path) = (service.clone(), admin.clone());
             tasks.push(tokio::spawn(async move {

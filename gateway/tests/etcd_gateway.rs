@@ -22,7 +22,7 @@ use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{EtcdStore, LeaseStore, Store, now_ms};
 use fwnp_proto::ResultCode;
-use fwnp_trust::tls::{self, ServerOptions};
+use fwnp_trust::tls::ServerOptions;
 
 const POLICY: &str = r#"
 [defaults]
@@ -73,17 +73,8 @@ async fn gateway_with(
     );
     let config = GatewayConfig::parse(&text, "etcd-gateway.toml").expect("valid config");
     let service = Service::start(config, None).await.expect("service starts");
-    let server_config =
-        tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
-            .expect("server TLS config");
-    let endpoint =
-        quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .expect("bind");
-    let addr = endpoint.local_addr().expect("address");
-    let serving = tokio::spawn(fwnp_gateway::server::serve(
-        endpoint.clone(),
-        service.clone(),
-    ));
+    let (endpoint, addr, serving) =
+        common::serve_on_loopback(pki, &service, &ServerOptions::default());
     Gateway {
         service,
         addr,

@@ -35,7 +35,7 @@ use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
 use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
 use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
 use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
-use fwnp_trust::tls::{self, ServerOptions};
+use fwnp_trust::tls::ServerOptions;
 
 const POLICY: &str = r#"
 [defaults]
@@ -102,20 +102,9 @@ impl Gateway {
         let service = Service::start(config, Some(filter))
             .await
             .expect("service starts");
-        let server_config =
-            tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
-                .expect("server TLS config");
-        let endpoint =
-            quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-                .expect("bind");
-        let addr = endpoint.local_addr().expect("address");
-        let tasks = vec![
-            tokio::spawn(fwnp_gateway::server::serve(
-                endpoint.clone(),
-                service.clone(),
-            )),
-            tokio::spawn(service.clone().run_expiry()),
-        ];
+        let (endpoint, addr, serving) =
+            common::serve_on_loopback(pki, &service, &ServerOptions::default());
+        let tasks = vec![serving, tokio::spawn(service.clone().run_expiry())];
         Gateway {
             service,
             addr,

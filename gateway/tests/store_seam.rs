@@ -10,12 +10,14 @@ mod etcd_cluster;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
-use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
+use common::{
+    Client, Pki, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
+};
 use etcd_cluster::StoreConfig;
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_proto::ResultCode;
-use fwnp_trust::tls::{self, ServerOptions};
+use fwnp_trust::tls::ServerOptions;
 
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, LeaseEnd, LeaseFilter, LeaseState, LeaseStore, MemoryStore,
@@ -520,25 +522,6 @@ groups = ["hosts"]
 allow = "tcp/7000-7999"
 "#;
 
-/// `service` serving QUIC on a loopback port: the endpoint, its address and the serving task.
-fn serve_on_loopback(
-    pki: &Pki,
-    service: &Arc<Service>,
-) -> (quinn::Endpoint, SocketAddr, tokio::task::JoinHandle<()>) {
-    let server_config =
-        tls::server_config_from_files(&pki.server_files(), &ServerOptions::default())
-            .expect("server TLS config");
-    let endpoint =
-        quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .expect("bind");
-    let addr = endpoint.local_addr().expect("address");
-    let serving = tokio::spawn(fwnp_gateway::server::serve(
-        endpoint.clone(),
-        service.clone(),
-    ));
-    (endpoint, addr, serving)
-}
-
 #[tokio::test]
 async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing() {
     let pki = Pki::new("seam");
@@ -552,7 +535,7 @@ async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing
         .await
         .expect("service starts");
     assert_eq!(service.epoch(), 0xfeed, "the epoch is the backend's");
-    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service);
+    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service, &ServerOptions::default());
 
     let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let client = Client::connect(addr, &pki.host("web-01", &[host], &[], &[])).await;
@@ -751,7 +734,7 @@ async fn a_lease_revoked_on_its_way_to_the_store_is_stored_ended() {
     let service = Service::start_with_store(config, None, memory.clone(), store)
         .await
         .expect("service starts");
-    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service);
+    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service, &ServerOptions::default());
     let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let client = Arc::new(Client::connect(addr, &pki.host("web-01", &[host], &[], &[])).await);
     client.hello().await;

@@ -22,6 +22,26 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Mutex, mpsc};
 use tokio::task::JoinHandle;
 
+/// `service` serving QUIC on a loopback port with `options`: the endpoint, its address and the
+/// serving task.
+pub(crate) fn serve_on_loopback(
+    pki: &Pki,
+    service: &Arc<Service>,
+    options: &ServerOptions,
+) -> (quinn::Endpoint, SocketAddr, JoinHandle<()>) {
+    let server_config =
+        tls::server_config_from_files(&pki.server_files(), options).expect("server TLS config");
+    let endpoint =
+        quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .expect("bind the gateway endpoint");
+    let addr = endpoint.local_addr().expect("gateway address");
+    let serving = tokio::spawn(fwnp_gateway::server::serve(
+        endpoint.clone(),
+        service.clone(),
+    ));
+    (endpoint, addr, serving)
+}
+
 /// The bound of every single step of a test (a handshake, a request, an admin call).
 pub(crate) const STEP: Duration = Duration::from_secs(10);
 pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
@@ -191,17 +211,8 @@ impl TestGateway {
             max_concurrent_bidi_streams: max_streams,
             ..options.server.clone()
         };
-        let server_config = tls::server_config_from_files(&pki.server_files(), &server_options)
-            .expect("server TLS config");
-        let endpoint =
-            quinn::Endpoint::server(server_config, SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-                .expect("bind the gateway endpoint");
-        let addr = endpoint.local_addr().expect("gateway address");
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(fwnp_gateway::server::serve(
-            endpoint.clone(),
-            service.clone(),
-        )));
+        let (endpoint, addr, serving) = serve_on_loopback(&pki, &service, &server_options);
+        let mut tasks = vec![serving];
         tasks.push(tokio::spawn(service.clone().run_expiry()));
         {
             let service = service.clone();
