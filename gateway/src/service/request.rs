@@ -311,14 +311,24 @@ impl Service {
             Step::Pending(mut pending) => {
                 let effects = pending.take_effects();
                 let inserted = inserted_lease(&effects);
+                let renewed = renewed_lease(&effects);
                 let outcome = self.carry_out_in_order(session, effects).await;
                 if let Some(id) = inserted {
                     self.stored_or_not(id, outcome.is_ok()).await;
                 }
+                let mut core = lock(&self.core);
+                let outcome = match renewed {
+                    // Revoked after the renewal passed the book: whether its end reached the
+                    // store before the renewal (which the store then refused) or after it, the
+                    // lease is not live, and its host is sent the Revoked notice. Granted would
+                    // tell the host it is; a store's refusal, that the gateway lacked resources.
+                    Some(id) if core.book().get(&id).is_none() => Err(EffectFailure::LeaseEnded),
+                    _ => outcome,
+                };
                 if let Err(e) = &outcome {
                     warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
                 }
-                lock(&self.core).finish(now_ms(), pending, outcome)
+                core.finish(now_ms(), pending, outcome)
             }
         };
         self.carry_out(Some(session), &answer.effects).await;
@@ -607,6 +617,17 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The live lease a request's effects renew in the store (a Renew, or an Open repeated).
+fn renewed_lease(effects: &[Effect]) -> Option<LeaseId> {
+    effects.iter().find_map(|effect| match effect {
+        Effect::Commit(writes) => writes.iter().find_map(|write| match write {
+            Write::Renew { id, .. } => Some(*id),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// The lease a request's effects insert into the store, if they make a new one.

@@ -1,0 +1,324 @@
+//! A Renew racing a revocation: the lease is renewed in the book, and is revoked (by the
+//! operator, or by a policy reload) before the renewal's store write is committed or answered.
+//! The store's steps wait on the test's signal, so that each order of the two writes is held
+//! open in turn. Whatever the order, the host is not told Granted for a lease that is no longer
+//! live, the store keeps the lease ended (never renewed after its end), and the audit trail
+//! has the revocation, after the renewal when the renewal was stored.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use common::{
+    Client, Pki, STEP, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
+};
+use fwnp_gateway::config::GatewayConfig;
+use fwnp_gateway::service::Service;
+use fwnp_gateway::store::{
+    AuditKind, LeaseEnd, LeaseState, LeaseStore, MemoryStore, WriteError, WriteFuture, WriteOp,
+};
+use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
+use fwnp_trust::tls::ServerOptions;
+use tokio::sync::{Notify, mpsc};
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7999"
+"#;
+
+/// What the reload puts in force: the lease's port is no longer allowed.
+const NARROWER_POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+min_lifetime = "1s"
+max_lifetime = "1h"
+max_leases = 3
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7500-7999"
+"#;
+
+/// The memory store, except that a commit renewing a lease waits until the test lets it go,
+/// and says which lease it holds: before the renewal is applied (`applied_first` false), or
+/// after it is applied and before the commit is answered (true).
+#[derive(Debug)]
+struct RenewalsWait {
+    memory: Arc<MemoryStore>,
+    applied_first: bool,
+    held: mpsc::UnboundedSender<LeaseId>,
+    go: Arc<Notify>,
+}
+
+impl LeaseStore for RenewalsWait {
+    fn epoch(&self) -> fwnp_proto::Epoch {
+        LeaseStore::epoch(&*self.memory)
+    }
+
+    fn restore(&self, now_ms: u64) -> WriteFuture<'_, fwnp_gateway::store::Restored> {
+        self.memory.restore(now_ms)
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> WriteFuture<'static, ()> {
+        let renewed = ops.iter().find_map(|op| match op {
+            WriteOp::RenewLease { id, .. } => Some(*id),
+            _ => None,
+        });
+        let memory = self.memory.clone();
+        let Some(id) = renewed else {
+            return memory.commit(ops);
+        };
+        let go = self.go.clone();
+        let held = self.held.clone();
+        if self.applied_first {
+            Box::pin(async move {
+                let committed = memory.commit(ops).await;
+                let _ = held.send(id);
+                go.notified().await;
+                committed
+            })
+        } else {
+            let _ = held.send(id);
+            Box::pin(async move {
+                go.notified().await;
+                memory.commit(ops).await
+            })
+        }
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.memory.record(ops)
+    }
+}
+
+/// Who ends the lease while its renewal is held.
+#[derive(Debug, Clone, Copy)]
+enum Revoker {
+    /// `fwnpctl revoke`: the admin API's revoke.
+    Operator,
+    /// A policy reload whose new policy no longer allows the lease.
+    PolicyReload,
+}
+
+/// What the race left.
+struct Raced {
+    /// The answer to the Renew.
+    answer: Message,
+    /// The lease's row in the store.
+    stored: fwnp_gateway::store::LeaseRecord,
+    /// The lease's expiry as granted by the Open.
+    opened_expires_ms: u64,
+    /// The lease's audit records of renewal and revocation, in the trail's order.
+    audited: Vec<AuditKind>,
+    /// Whether the host got the Revoked notice.
+    notified: bool,
+    /// The service's count of live leases afterwards.
+    live_leases: u64,
+}
+
+/// Opens a lease for `opened` seconds, renews it for `renewed` seconds while the store holds
+/// the renewal's commit, and has `revoker` end the lease meanwhile.
+async fn race(
+    label: &str,
+    opened: u32,
+    renewed: u32,
+    applied_first: bool,
+    revoker: Revoker,
+) -> Raced {
+    let pki = Pki::new(label);
+    let dir = temp_dir(label);
+    let policy_path = dir.path().join("policy.toml");
+    write_policy(&policy_path, POLICY);
+    let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
+    let config = GatewayConfig::parse(&text, "renew-race.toml").expect("valid config");
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let (held, mut holding) = mpsc::unbounded_channel();
+    let go = Arc::new(Notify::new());
+    let store = Arc::new(RenewalsWait {
+        memory: memory.clone(),
+        applied_first,
+        held,
+        go: go.clone(),
+    });
+    let service = Service::start_with_store(config, None, memory.clone(), store)
+        .await
+        .expect("service starts");
+    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service, &ServerOptions::default());
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client = Arc::new(Client::connect(addr, &pki.host("web-01", &[host], &[], &[])).await);
+    client.hello().await;
+    let lease = granted(client.open(tcp(7001), Some(opened)).await).lease;
+    let opened_expires_ms = memory
+        .leases()
+        .into_iter()
+        .find(|l| l.id == lease)
+        .expect("the lease is stored")
+        .expires_ms;
+
+    let renewing = tokio::spawn({
+        let client = client.clone();
+        async move { client.renew(lease, Some(renewed)).await }
+    });
+    let id = tokio::time::timeout(STEP, holding.recv())
+        .await
+        .expect("the renewal reaches the store")
+        .expect("the store is up");
+    assert_eq!(id, lease);
+    match revoker {
+        Revoker::Operator => {
+            let answer = service
+                .revoke_by_operator(lease, Some("revoked while it was being renewed".into()))
+                .await
+                .expect("the lease is live in the book while its renewal is held");
+            assert_eq!(answer.revoked, lease.to_string());
+        }
+        Revoker::PolicyReload => {
+            write_policy(&policy_path, NARROWER_POLICY);
+            let reloaded = service.reload_policy().await.expect("the reload");
+            let revoked: Vec<&str> = reloaded.revoked.iter().map(|r| r.lease.as_str()).collect();
+            assert_eq!(revoked, vec![lease.to_string()]);
+        }
+    }
+    go.notify_one();
+    let answer = tokio::time::timeout(STEP, renewing)
+        .await
+        .expect("the Renew is answered")
+        .expect("the Renew's task");
+    let notified = matches!(
+        client.next_notice(STEP).await,
+        Some(Message::Revoked(r)) if r.lease == lease
+    );
+    let stored = memory
+        .leases()
+        .into_iter()
+        .find(|l| l.id == lease)
+        .expect("the lease is stored");
+    let audited = memory
+        .audit()
+        .into_iter()
+        .filter(|e| e.lease == Some(lease))
+        .map(|e| e.kind)
+        .filter(|k| matches!(k, AuditKind::Renewal | AuditKind::Revocation))
+        .collect();
+    let live_leases = service.status().live_leases;
+    endpoint.close(0u32.into(), b"done");
+    serving.abort();
+    Raced {
+        answer,
+        stored,
+        opened_expires_ms,
+        audited,
+        notified,
+        live_leases,
+    }
+}
+
+/// The answer every race must give: the lease is not live when the renewal is answered.
+fn assert_unknown_lease(raced: &Raced) {
+    let d = denied(raced.answer.clone());
+    assert_eq!(
+        d.code,
+        ResultCode::UnknownLease,
+        "a renewal of a lease revoked before it was answered is not Granted: {d:?}"
+    );
+    assert!(raced.notified, "the host is told of the revocation");
+    assert_eq!(raced.live_leases, 0);
+}
+
+fn assert_revoked(raced: &Raced, reason: RevokeReason) {
+    assert_eq!(
+        raced.stored.state,
+        LeaseState::Revoked,
+        "{:?}",
+        raced.stored
+    );
+    assert_eq!(
+        raced.stored.ending.as_ref().map(|e| e.end),
+        Some(LeaseEnd::Revoked(reason)),
+        "{:?}",
+        raced.stored
+    );
+}
+
+/// A lengthening renewal is written to the store before its kernel hold; the revocation's end
+/// reaches the store first, so the store refuses to renew the ended lease: the renewal is
+/// neither stored nor audited, and the host is told the lease is unknown, not that the
+/// gateway lacked resources.
+#[tokio::test]
+async fn a_renewal_stored_after_the_revocation_is_refused_and_answered_unknown_lease() {
+    let raced = race("renew-race-a", 60, 600, false, Revoker::Operator).await;
+    assert_unknown_lease(&raced);
+    assert_revoked(&raced, RevokeReason::Operator);
+    assert_eq!(
+        raced.stored.expires_ms, raced.opened_expires_ms,
+        "the ended lease was not renewed"
+    );
+    assert_eq!(raced.stored.renewed_ms, None);
+    assert_eq!(raced.audited, vec![AuditKind::Revocation]);
+}
+
+/// The renewal is stored first and the revocation's end after it; the lengthening renewal's
+/// kernel hold then finds the lease gone from the book and gives its elements up again.
+#[tokio::test]
+async fn a_renewal_stored_before_the_revocation_is_audited_first_and_answered_unknown_lease() {
+    let raced = race("renew-race-b", 60, 600, true, Revoker::PolicyReload).await;
+    assert_unknown_lease(&raced);
+    assert_revoked(&raced, RevokeReason::PolicyChanged);
+    assert!(
+        raced.stored.expires_ms > raced.opened_expires_ms && raced.stored.renewed_ms.is_some(),
+        "renewed, then ended: {:?}",
+        raced.stored
+    );
+    assert_eq!(
+        raced.audited,
+        vec![AuditKind::Renewal, AuditKind::Revocation]
+    );
+}
+
+/// A shortening renewal holds the kernel first, then is written to the store; the revocation
+/// comes in between and its end reaches the store first.
+#[tokio::test]
+async fn a_shortening_renewal_revoked_between_kernel_and_store_is_answered_unknown_lease() {
+    let raced = race("renew-race-c", 600, 60, false, Revoker::PolicyReload).await;
+    assert_unknown_lease(&raced);
+    assert_revoked(&raced, RevokeReason::PolicyChanged);
+    assert_eq!(raced.stored.expires_ms, raced.opened_expires_ms);
+    assert_eq!(raced.stored.renewed_ms, None);
+    assert_eq!(raced.audited, vec![AuditKind::Revocation]);
+}
+
+/// Every step of a shortening renewal is done (kernel, then store) when the revocation comes,
+/// before the renewal is answered: the answer is not Granted for a lease already revoked.
+#[tokio::test]
+async fn a_renewal_revoked_after_its_effects_and_before_its_answer_is_not_granted() {
+    let raced = race("renew-race-d", 600, 60, true, Revoker::Operator).await;
+    assert_unknown_lease(&raced);
+    assert_revoked(&raced, RevokeReason::Operator);
+    assert!(
+        raced.stored.expires_ms < raced.opened_expires_ms && raced.stored.renewed_ms.is_some(),
+        "renewed, then ended: {:?}",
+        raced.stored
+    );
+    assert_eq!(
+        raced.audited,
+        vec![AuditKind::Renewal, AuditKind::Revocation]
+    );
+}
