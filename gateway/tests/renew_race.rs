@@ -19,6 +19,7 @@ use fwnp_gateway::store::{
     AuditKind, LeaseEnd, LeaseState, LeaseStore, MemoryStore, WriteError, WriteFuture, WriteOp,
 };
 use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
+use fwnp_trust::pki::{self, RevocationReason};
 use fwnp_trust::tls::ServerOptions;
 use tokio::sync::{Notify, mpsc};
 
@@ -136,6 +137,92 @@ struct Raced {
 
 /// Opens a lease for `opened` seconds, renews it for `renewed` seconds while the store holds
 /// the renewal's commit, and has `revoker` end the lease meanwhile.
+/// A gateway on the memory store behind [`RenewalsWait`], serving QUIC on loopback.
+struct Seam {
+    pki: Pki,
+    dir: common::TempDir,
+    service: Arc<Service>,
+    memory: Arc<MemoryStore>,
+    holding: mpsc::UnboundedReceiver<LeaseId>,
+    go: Arc<Notify>,
+    endpoint: quinn::Endpoint,
+    addr: std::net::SocketAddr,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Seam {
+    async fn start(label: &str, applied_first: bool) -> Seam {
+        let pki = Pki::new(label);
+        let dir = temp_dir(label);
+        write_policy(&dir.path().join("policy.toml"), POLICY);
+        let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
+        let config = GatewayConfig::parse(&text, "renew-race.toml").expect("valid config");
+        let memory = Arc::new(MemoryStore::new(0xfeed));
+        let (held, holding) = mpsc::unbounded_channel();
+        let go = Arc::new(Notify::new());
+        let store = Arc::new(RenewalsWait {
+            memory: memory.clone(),
+            applied_first,
+            held,
+            go: go.clone(),
+        });
+        let service = Service::start_with_store(config, None, memory.clone(), store)
+            .await
+            .expect("service starts");
+        let (endpoint, addr, serving) =
+            serve_on_loopback(&pki, &service, &ServerOptions::default());
+        service.add_endpoint(endpoint.clone());
+        Seam {
+            pki,
+            dir,
+            service,
+            memory,
+            holding,
+            go,
+            endpoint,
+            addr,
+            serving,
+        }
+    }
+
+    /// Waits until the store holds the renewal of `lease`.
+    async fn renewal_held(&mut self, lease: LeaseId) {
+        let id = tokio::time::timeout(STEP, self.holding.recv())
+            .await
+            .expect("the renewal reaches the store")
+            .expect("the store is up");
+        assert_eq!(id, lease);
+    }
+
+    fn stored(&self, lease: LeaseId) -> fwnp_gateway::store::LeaseRecord {
+        self.memory
+            .leases()
+            .into_iter()
+            .find(|l| l.id == lease)
+            .expect("the lease is stored")
+    }
+
+    /// The lease's audit records of renewal and revocation, in the trail's order.
+    fn audited(&self, lease: LeaseId) -> Vec<AuditKind> {
+        self.memory
+            .audit()
+            .into_iter()
+            .filter(|e| e.lease == Some(lease))
+            .map(|e| e.kind)
+            .filter(|k| matches!(k, AuditKind::Renewal | AuditKind::Revocation))
+            .collect()
+    }
+}
+
+impl Drop for Seam {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+        self.serving.abort();
+    }
+}
+
+/// Opens a lease for `opened` seconds, renews it for `renewed` seconds while the store holds
+/// the renewal's commit, and has `revoker` end the lease meanwhile.
 async fn race(
     label: &str,
     opened: u32,
@@ -143,45 +230,21 @@ async fn race(
     applied_first: bool,
     revoker: Revoker,
 ) -> Raced {
-    let pki = Pki::new(label);
-    let dir = temp_dir(label);
-    let policy_path = dir.path().join("policy.toml");
-    write_policy(&policy_path, POLICY);
-    let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
-    let config = GatewayConfig::parse(&text, "renew-race.toml").expect("valid config");
-    let memory = Arc::new(MemoryStore::new(0xfeed));
-    let (held, mut holding) = mpsc::unbounded_channel();
-    let go = Arc::new(Notify::new());
-    let store = Arc::new(RenewalsWait {
-        memory: memory.clone(),
-        applied_first,
-        held,
-        go: go.clone(),
-    });
-    let service = Service::start_with_store(config, None, memory.clone(), store)
-        .await
-        .expect("service starts");
-    let (endpoint, addr, serving) = serve_on_loopback(&pki, &service, &ServerOptions::default());
+    let mut seam = Seam::start(label, applied_first).await;
+    let policy_path = seam.dir.path().join("policy.toml");
+    let service = seam.service.clone();
     let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let client = Arc::new(Client::connect(addr, &pki.host("web-01", &[host], &[], &[])).await);
+    let client =
+        Arc::new(Client::connect(seam.addr, &seam.pki.host("web-01", &[host], &[], &[])).await);
     client.hello().await;
     let lease = granted(client.open(tcp(7001), Some(opened)).await).lease;
-    let opened_expires_ms = memory
-        .leases()
-        .into_iter()
-        .find(|l| l.id == lease)
-        .expect("the lease is stored")
-        .expires_ms;
+    let opened_expires_ms = seam.stored(lease).expires_ms;
 
     let renewing = tokio::spawn({
         let client = client.clone();
         async move { client.renew(lease, Some(renewed)).await }
     });
-    let id = tokio::time::timeout(STEP, holding.recv())
-        .await
-        .expect("the renewal reaches the store")
-        .expect("the store is up");
-    assert_eq!(id, lease);
+    seam.renewal_held(lease).await;
     match revoker {
         Revoker::Operator => {
             let answer = service
@@ -197,7 +260,7 @@ async fn race(
             assert_eq!(revoked, vec![lease.to_string()]);
         }
     }
-    go.notify_one();
+    seam.go.notify_one();
     let answer = tokio::time::timeout(STEP, renewing)
         .await
         .expect("the Renew is answered")
@@ -206,28 +269,13 @@ async fn race(
         client.next_notice(STEP).await,
         Some(Message::Revoked(r)) if r.lease == lease
     );
-    let stored = memory
-        .leases()
-        .into_iter()
-        .find(|l| l.id == lease)
-        .expect("the lease is stored");
-    let audited = memory
-        .audit()
-        .into_iter()
-        .filter(|e| e.lease == Some(lease))
-        .map(|e| e.kind)
-        .filter(|k| matches!(k, AuditKind::Renewal | AuditKind::Revocation))
-        .collect();
-    let live_leases = service.status().live_leases;
-    endpoint.close(0u32.into(), b"done");
-    serving.abort();
     Raced {
         answer,
-        stored,
+        stored: seam.stored(lease),
         opened_expires_ms,
-        audited,
+        audited: seam.audited(lease),
         notified,
-        live_leases,
+        live_leases: service.status().live_leases,
     }
 }
 
@@ -321,4 +369,69 @@ async fn a_renewal_revoked_after_its_effects_and_before_its_answer_is_not_grante
         raced.audited,
         vec![AuditKind::Renewal, AuditKind::Revocation]
     );
+}
+
+/// A host rolled to a new certificate and opened a lease with it; a connection under its old
+/// certificate (a stolen key) renews that lease while a CRL reload revokes the old certificate.
+/// The reload looked at the lease while its renewal was on its way to the store, when the new
+/// certificate had last renewed it, and left it; the renewal then made the revoked certificate
+/// the one that last renewed it. The lease is revoked with `credential-revoked` all the same,
+/// and the real host is told.
+#[tokio::test]
+async fn a_lease_renewed_by_a_certificate_revoked_meanwhile_is_revoked() {
+    let mut seam = Seam::start("renew-race-crl", false).await;
+    let host_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let old_files = seam.pki.host("web-01", &[host_ip], &[], &[]);
+    let new_files = seam
+        .pki
+        .host("web-01-renewed", &[host_ip], &["fwnp://host/web-01"], &[]);
+    let host = Client::connect(seam.addr, &new_files).await;
+    assert_eq!(host.hello().await.identity, "fwnp://host/web-01");
+    let lease = granted(host.open(tcp(7001), None).await).lease;
+    let thief = Arc::new(Client::connect(seam.addr, &old_files).await);
+    assert_eq!(thief.hello().await.identity, "fwnp://host/web-01");
+
+    let renew = Message::Renew(fwnp_proto::Renew {
+        common: common::common(thief.next_id()),
+        lease,
+        lifetime: None,
+    });
+    let renewing = tokio::spawn({
+        let thief = thief.clone();
+        async move { thief.exchange(&fwnp_proto::codec::encode(&renew)).await }
+    });
+    seam.renewal_held(lease).await;
+    pki::revoke(
+        seam.pki.path(),
+        &old_files.cert,
+        RevocationReason::KeyCompromise,
+    )
+    .expect("revoke");
+    let closed = seam.service.reload_tls().await.expect("reload");
+    assert_eq!(closed.len(), 1, "the thief's connection: {closed:?}");
+    seam.go.notify_one();
+    // The thief's connection is closed: whatever it was answered does not reach it.
+    let _ = tokio::time::timeout(STEP, renewing).await;
+
+    let revoked = loop {
+        match host.next_notice(STEP).await {
+            Some(Message::Revoked(r)) => break r,
+            Some(_) => continue,
+            None => panic!("the host was not told its lease was revoked"),
+        }
+    };
+    assert_eq!(revoked.lease, lease);
+    assert_eq!(revoked.reason, RevokeReason::CredentialRevoked);
+    let stored = seam.stored(lease);
+    assert_eq!(
+        stored.ending.as_ref().map(|e| e.end),
+        Some(LeaseEnd::Revoked(RevokeReason::CredentialRevoked)),
+        "a lease last renewed with a revoked certificate stays live: {stored:?}"
+    );
+    assert_eq!(
+        seam.audited(lease),
+        vec![AuditKind::Renewal, AuditKind::Revocation]
+    );
+    assert_eq!(seam.service.status().live_leases, 0);
+    assert!(host.list().await.leases.is_empty());
 }

@@ -332,17 +332,23 @@ impl Service {
             }
         };
         self.carry_out(Some(session), &answer.effects).await;
-        if answer.label == Some("granted")
+        if matches!(answer.label, Some("granted" | "renewed"))
             && let Message::Granted(granted) = &answer.message
             && session
                 .credential_revoked
                 .load(std::sync::atomic::Ordering::Acquire)
         {
             // A CRL reload revoked this connection's certificate while the lease was being
-            // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text =
-                "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(
+            // made or renewed, after it had revoked the leases the certificate last opened or
+            // renewed: this one, opened or now renewed with it, must not outlive it.
+            let text = if answer.label == Some("granted") {
+                "the certificate of this connection was revoked while the lease was being granted"
+            } else {
+                "the certificate of this connection was revoked while the lease was being renewed"
+            };
+            // The notice goes to every connection of the host: an Open repeated or a Renew
+            // names a lease its host's other connections (under another certificate) may hold.
+            self.revoke(
                 &granted.lease,
                 RevokeReason::CredentialRevoked,
                 "gateway",
