@@ -7,8 +7,9 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::{
     Client, Pki, STEP, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
@@ -18,10 +19,21 @@ use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{
     AuditKind, LeaseEnd, LeaseState, LeaseStore, MemoryStore, WriteError, WriteFuture, WriteOp,
 };
+use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
 use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
+use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
 use fwnp_trust::pki::{self, RevocationReason};
 use fwnp_trust::tls::ServerOptions;
 use tokio::sync::{Notify, mpsc};
+
+/// The port the leases open.
+const PORT: u16 = 7001;
+
+/// The gateway's filter, when the test has a kernel: it guards the topology's host network.
+const FILTER: &str = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\"]\nrefuse = \"drop\"";
+
+/// Below TCP's first SYN retransmission: a connection made within it was let through at once.
+const FIRST_SYN: Duration = Duration::from_millis(800);
 
 const POLICY: &str = r#"
 [defaults]
@@ -133,6 +145,8 @@ struct Raced {
     notified: bool,
     /// The service's count of live leases afterwards.
     live_leases: u64,
+    /// With a kernel: whether the opening was closed afterwards (no element, no traffic).
+    kernel_closed: Option<bool>,
 }
 
 /// Opens a lease for `opened` seconds, renews it for `renewed` seconds while the store holds
@@ -146,17 +160,101 @@ struct Seam {
     holding: mpsc::UnboundedReceiver<LeaseId>,
     go: Arc<Notify>,
     endpoint: quinn::Endpoint,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     serving: tokio::task::JoinHandle<()>,
+    /// The namespaces whose router's nf_tables the gateway programs, when it has a filter.
+    kernel: Option<Kernel>,
+}
+
+/// A gateway's filter in the router namespace of a [`Topology`], guarding its host, where an
+/// echo server answers on [`PORT`].
+struct Kernel {
+    topology: Topology,
+    _echo: TcpEchoServer,
+}
+
+impl Kernel {
+    fn new() -> Kernel {
+        let topology = Topology::new().expect("build the namespaces");
+        let echo = TcpEchoServer::start(&topology.host().netns, PORT).expect("echo server");
+        Kernel {
+            topology,
+            _echo: echo,
+        }
+    }
+
+    /// The address the host's certificate names, which its leases open.
+    fn host(&self) -> IpAddr {
+        self.topology.host().v4
+    }
+
+    /// Whether the router's table holds an element for the host's TCP [`PORT`].
+    fn holds(&self) -> bool {
+        let table = self
+            .topology
+            .gateway
+            .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
+            .expect("nft list table");
+        let host = self.topology.host().v4.to_string();
+        let needles = [
+            format!("{host} . tcp . {PORT}"),
+            format!("{host} . 6 . {PORT}"),
+        ];
+        table.lines().any(|line| {
+            needles.iter().any(|n| {
+                line.match_indices(n.as_str()).any(|(at, _)| {
+                    !line[at + n.len()..]
+                        .chars()
+                        .next()
+                        .is_some_and(|c| c.is_ascii_digit())
+                })
+            })
+        })
+    }
+
+    /// Whether a connection from the outside reaches the host's [`PORT`] with its first SYN.
+    fn passes(&self) -> bool {
+        let to = SocketAddr::new(self.host(), PORT);
+        tokio::task::block_in_place(|| {
+            lab::tcp_connects(&self.topology.outside, to, None, FIRST_SYN)
+        })
+    }
+
+    /// Whether the table and the traffic agree on `open` within [`STEP`].
+    async fn settles(&self, open: bool) -> bool {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            if self.holds() == open && self.passes() == open {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 impl Seam {
-    async fn start(label: &str, applied_first: bool) -> Seam {
+    async fn start(label: &str, applied_first: bool, kernel: Option<Kernel>) -> Seam {
         let pki = Pki::new(label);
         let dir = temp_dir(label);
         write_policy(&dir.path().join("policy.toml"), POLICY);
-        let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
+        let filter_text = if kernel.is_some() {
+            FILTER
+        } else {
+            "[filter]\nenabled = false"
+        };
+        let text = config_text(&pki, dir.path(), "127.0.0.1:0", filter_text);
         let config = GatewayConfig::parse(&text, "renew-race.toml").expect("valid config");
+        let filter = kernel.as_ref().map(|kernel| {
+            let layout = fwnp_gateway::daemon::layout(&config);
+            kernel.topology.gateway.run(|| {
+                let mut netfilter = Netfilter::open().expect("netlink in the router namespace");
+                netfilter.apply(&layout, &[]).expect("table");
+                Batcher::start(netfilter, layout, BatcherConfig::default()).expect("batcher")
+            })
+        });
         let memory = Arc::new(MemoryStore::new(0xfeed));
         let (held, holding) = mpsc::unbounded_channel();
         let go = Arc::new(Notify::new());
@@ -166,7 +264,7 @@ impl Seam {
             held,
             go: go.clone(),
         });
-        let service = Service::start_with_store(config, None, memory.clone(), store)
+        let service = Service::start_with_store(config, filter, memory.clone(), store)
             .await
             .expect("service starts");
         let (endpoint, addr, serving) =
@@ -182,6 +280,7 @@ impl Seam {
             endpoint,
             addr,
             serving,
+            kernel,
         }
     }
 
@@ -229,16 +328,22 @@ async fn race(
     renewed: u32,
     applied_first: bool,
     revoker: Revoker,
+    kernel: Option<Kernel>,
 ) -> Raced {
-    let mut seam = Seam::start(label, applied_first).await;
+    let host = kernel
+        .as_ref()
+        .map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), Kernel::host);
+    let mut seam = Seam::start(label, applied_first, kernel).await;
     let policy_path = seam.dir.path().join("policy.toml");
     let service = seam.service.clone();
-    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let client =
         Arc::new(Client::connect(seam.addr, &seam.pki.host("web-01", &[host], &[], &[])).await);
     client.hello().await;
-    let lease = granted(client.open(tcp(7001), Some(opened)).await).lease;
+    let lease = granted(client.open(tcp(PORT), Some(opened)).await).lease;
     let opened_expires_ms = seam.stored(lease).expires_ms;
+    if let Some(kernel) = &seam.kernel {
+        assert!(kernel.settles(true).await, "the granted lease is open");
+    }
 
     let renewing = tokio::spawn({
         let client = client.clone();
@@ -269,8 +374,13 @@ async fn race(
         client.next_notice(STEP).await,
         Some(Message::Revoked(r)) if r.lease == lease
     );
+    let kernel_closed = match &seam.kernel {
+        Some(kernel) => Some(kernel.settles(false).await),
+        None => None,
+    };
     Raced {
         answer,
+        kernel_closed,
         stored: seam.stored(lease),
         opened_expires_ms,
         audited: seam.audited(lease),
@@ -312,7 +422,7 @@ fn assert_revoked(raced: &Raced, reason: RevokeReason) {
 /// gateway lacked resources.
 #[tokio::test]
 async fn a_renewal_stored_after_the_revocation_is_refused_and_answered_unknown_lease() {
-    let raced = race("renew-race-a", 60, 600, false, Revoker::Operator).await;
+    let raced = race("renew-race-a", 60, 600, false, Revoker::Operator, None).await;
     assert_unknown_lease(&raced);
     assert_revoked(&raced, RevokeReason::Operator);
     assert_eq!(
@@ -327,7 +437,7 @@ async fn a_renewal_stored_after_the_revocation_is_refused_and_answered_unknown_l
 /// kernel hold then finds the lease gone from the book and gives its elements up again.
 #[tokio::test]
 async fn a_renewal_stored_before_the_revocation_is_audited_first_and_answered_unknown_lease() {
-    let raced = race("renew-race-b", 60, 600, true, Revoker::PolicyReload).await;
+    let raced = race("renew-race-b", 60, 600, true, Revoker::PolicyReload, None).await;
     assert_unknown_lease(&raced);
     assert_revoked(&raced, RevokeReason::PolicyChanged);
     assert!(
@@ -345,7 +455,7 @@ async fn a_renewal_stored_before_the_revocation_is_audited_first_and_answered_un
 /// comes in between and its end reaches the store first.
 #[tokio::test]
 async fn a_shortening_renewal_revoked_between_kernel_and_store_is_answered_unknown_lease() {
-    let raced = race("renew-race-c", 600, 60, false, Revoker::PolicyReload).await;
+    let raced = race("renew-race-c", 600, 60, false, Revoker::PolicyReload, None).await;
     assert_unknown_lease(&raced);
     assert_revoked(&raced, RevokeReason::PolicyChanged);
     assert_eq!(raced.stored.expires_ms, raced.opened_expires_ms);
@@ -357,7 +467,7 @@ async fn a_shortening_renewal_revoked_between_kernel_and_store_is_answered_unkno
 /// before the renewal is answered: the answer is not Granted for a lease already revoked.
 #[tokio::test]
 async fn a_renewal_revoked_after_its_effects_and_before_its_answer_is_not_granted() {
-    let raced = race("renew-race-d", 600, 60, true, Revoker::Operator).await;
+    let raced = race("renew-race-d", 600, 60, true, Revoker::Operator, None).await;
     assert_unknown_lease(&raced);
     assert_revoked(&raced, RevokeReason::Operator);
     assert!(
@@ -379,7 +489,7 @@ async fn a_renewal_revoked_after_its_effects_and_before_its_answer_is_not_grante
 /// and the real host is told.
 #[tokio::test]
 async fn a_lease_renewed_by_a_certificate_revoked_meanwhile_is_revoked() {
-    let mut seam = Seam::start("renew-race-crl", false).await;
+    let mut seam = Seam::start("renew-race-crl", false, None).await;
     let host_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let old_files = seam.pki.host("web-01", &[host_ip], &[], &[]);
     let new_files = seam
@@ -434,4 +544,41 @@ async fn a_lease_renewed_by_a_certificate_revoked_meanwhile_is_revoked() {
     );
     assert_eq!(seam.service.status().live_leases, 0);
     assert!(host.list().await.leases.is_empty());
+}
+
+/// The same races with the kernel: whichever step the revocation comes between, the renewal
+/// leaves no element of the revoked lease in the router's nf_tables, and the outside's traffic
+/// to the host is dropped again. (A lengthening renewal revoked after its store write holds
+/// the element again, finds the lease gone and gives it up; a shortening one revoked after its
+/// kernel hold has its element removed by the revocation; one refused by the store never
+/// reaches the kernel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_element_of_a_lease_revoked_while_it_was_renewed_stays_in_the_kernel() {
+    if !lab::require_root("no_element_of_a_lease_revoked_while_it_was_renewed_stays_in_the_kernel")
+    {
+        return;
+    }
+    let cases = [
+        ("renew-race-kernel-a", 60, 600, false, Revoker::Operator),
+        ("renew-race-kernel-b", 60, 600, true, Revoker::PolicyReload),
+        ("renew-race-kernel-c", 600, 60, false, Revoker::Operator),
+        ("renew-race-kernel-d", 600, 60, true, Revoker::PolicyReload),
+    ];
+    for (label, opened, renewed, applied_first, revoker) in cases {
+        let raced = race(
+            label,
+            opened,
+            renewed,
+            applied_first,
+            revoker,
+            Some(Kernel::new()),
+        )
+        .await;
+        assert_unknown_lease(&raced);
+        assert_eq!(
+            raced.kernel_closed,
+            Some(true),
+            "{label}: the revoked lease's opening is closed in the kernel"
+        );
+    }
 }
