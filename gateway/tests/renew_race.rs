@@ -1,6 +1,6 @@
 //! A Renew racing a revocation: the lease is renewed in the book, and is revoked (by the
 //! operator, or by a policy reload) before the renewal's store write is committed or answered.
-//! The store's steps wait on the test's signal, so that each order of the two writes is held
+//! The SQLite store's steps wait on the test's signal, so that each order of the two writes is held
 //! open in turn. Whatever the order, the host is not told Granted for a lease that is no longer
 //! live, the store keeps the lease ended (never renewed after its end), and the audit trail
 //! has the revocation, after the renewal when the renewal was stored.
@@ -17,7 +17,8 @@ use common::{
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{
-    AuditKind, LeaseEnd, LeaseState, LeaseStore, MemoryStore, WriteError, WriteFuture, WriteOp,
+    AuditKind, AuditQuery, LeaseEnd, LeaseState, LeaseStore, Order, Store, StoreQueries,
+    WriteError, WriteFuture, WriteOp,
 };
 use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
 use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
@@ -70,12 +71,12 @@ groups = ["hosts"]
 allow = "tcp/7500-7999"
 "#;
 
-/// The memory store, except that a commit renewing a lease waits until the test lets it go,
+/// The SQLite store, except that a commit renewing a lease waits until the test lets it go,
 /// and says which lease it holds: before the renewal is applied (`applied_first` false), or
 /// after it is applied and before the commit is answered (true).
 #[derive(Debug)]
 struct RenewalsWait {
-    memory: Arc<MemoryStore>,
+    store: Arc<Store>,
     applied_first: bool,
     held: mpsc::UnboundedSender<LeaseId>,
     go: Arc<Notify>,
@@ -83,11 +84,11 @@ struct RenewalsWait {
 
 impl LeaseStore for RenewalsWait {
     fn epoch(&self) -> fwnp_proto::Epoch {
-        LeaseStore::epoch(&*self.memory)
+        LeaseStore::epoch(&*self.store)
     }
 
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, fwnp_gateway::store::Restored> {
-        self.memory.restore(now_ms)
+        LeaseStore::restore(&*self.store, now_ms)
     }
 
     fn commit(&self, ops: Vec<WriteOp>) -> WriteFuture<'static, ()> {
@@ -95,15 +96,15 @@ impl LeaseStore for RenewalsWait {
             WriteOp::RenewLease { id, .. } => Some(*id),
             _ => None,
         });
-        let memory = self.memory.clone();
+        let store = self.store.clone();
         let Some(id) = renewed else {
-            return memory.commit(ops);
+            return LeaseStore::commit(&*store, ops);
         };
         let go = self.go.clone();
         let held = self.held.clone();
         if self.applied_first {
             Box::pin(async move {
-                let committed = memory.commit(ops).await;
+                let committed = LeaseStore::commit(&*store, ops).await;
                 let _ = held.send(id);
                 go.notified().await;
                 committed
@@ -112,13 +113,13 @@ impl LeaseStore for RenewalsWait {
             let _ = held.send(id);
             Box::pin(async move {
                 go.notified().await;
-                memory.commit(ops).await
+                LeaseStore::commit(&*store, ops).await
             })
         }
     }
 
     fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
-        self.memory.record(ops)
+        LeaseStore::record(&*self.store, ops)
     }
 }
 
@@ -151,12 +152,12 @@ struct Raced {
 
 /// Opens a lease for `opened` seconds, renews it for `renewed` seconds while the store holds
 /// the renewal's commit, and has `revoker` end the lease meanwhile.
-/// A gateway on the memory store behind [`RenewalsWait`], serving QUIC on loopback.
+/// A gateway on the SQLite store behind [`RenewalsWait`], serving QUIC on loopback.
 struct Seam {
     pki: Pki,
     dir: common::TempDir,
     service: Arc<Service>,
-    memory: Arc<MemoryStore>,
+    store: Arc<Store>,
     holding: mpsc::UnboundedReceiver<LeaseId>,
     go: Arc<Notify>,
     endpoint: quinn::Endpoint,
@@ -255,16 +256,16 @@ impl Seam {
                 Batcher::start(netfilter, layout, BatcherConfig::default()).expect("batcher")
             })
         });
-        let memory = Arc::new(MemoryStore::new(0xfeed));
+        let store = Arc::new(Store::open(dir.path().join("store")).expect("the store"));
         let (held, holding) = mpsc::unbounded_channel();
         let go = Arc::new(Notify::new());
-        let store = Arc::new(RenewalsWait {
-            memory: memory.clone(),
+        let waits = Arc::new(RenewalsWait {
+            store: store.clone(),
             applied_first,
             held,
             go: go.clone(),
         });
-        let service = Service::start_with_store(config, filter, memory.clone(), store)
+        let service = Service::start_with_store(config, filter, store.clone(), waits)
             .await
             .expect("service starts");
         let (endpoint, addr, serving) =
@@ -274,7 +275,7 @@ impl Seam {
             pki,
             dir,
             service,
-            memory,
+            store,
             holding,
             go,
             endpoint,
@@ -294,21 +295,25 @@ impl Seam {
     }
 
     fn stored(&self, lease: LeaseId) -> fwnp_gateway::store::LeaseRecord {
-        self.memory
-            .leases()
-            .into_iter()
-            .find(|l| l.id == lease)
+        StoreQueries::lease(&*self.store, lease)
+            .expect("the store answers")
             .expect("the lease is stored")
     }
 
     /// The lease's audit records of renewal and revocation, in the trail's order.
     fn audited(&self, lease: LeaseId) -> Vec<AuditKind> {
-        self.memory
-            .audit()
+        let query = AuditQuery {
+            kinds: vec![AuditKind::Renewal, AuditKind::Revocation],
+            lease: Some(lease),
+            order: Order::OldestFirst,
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        StoreQueries::audit(&*self.store, &query)
+            .expect("the store answers")
+            .events
             .into_iter()
-            .filter(|e| e.lease == Some(lease))
-            .map(|e| e.kind)
-            .filter(|k| matches!(k, AuditKind::Renewal | AuditKind::Revocation))
+            .map(|r| r.event.kind)
             .collect()
     }
 }
