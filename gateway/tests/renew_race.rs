@@ -1,9 +1,11 @@
 //! A Renew racing a revocation: the lease is renewed in the book, and is revoked (by the
-//! operator, or by a policy reload) before the renewal's store write is committed or answered.
-//! The SQLite store's steps wait on the test's signal, so that each order of the two writes is held
-//! open in turn. Whatever the order, the host is not told Granted for a lease that is no longer
-//! live, the store keeps the lease ended (never renewed after its end), and the audit trail
-//! has the revocation, after the renewal when the renewal was stored.
+//! operator, a policy reload or a CRL reload) before the renewal's store write is committed or
+//! answered. The SQLite store's steps wait on the test's signal, so that each order of the two
+//! writes is held open in turn, with and without the kernel. Whatever the order, the host is
+//! not told Granted for a lease that is no longer live, the store keeps the lease ended (never
+//! renewed after its end), the audit trail has the revocation (after the renewal when the
+//! renewal was stored), and the kernel keeps no element of the lease. An Open that extends a
+//! live lease is a renewal too.
 
 mod common;
 
@@ -586,4 +588,43 @@ async fn no_element_of_a_lease_revoked_while_it_was_renewed_stays_in_the_kernel(
             "{label}: the revoked lease's opening is closed in the kernel"
         );
     }
+}
+
+/// An Open repeated for an opening its host already holds extends that lease, as a Renew
+/// does; revoked once the extension is stored and before it is answered, it is not answered
+/// Granted with the revoked lease, but no-resources with a retry-after, for a new lease.
+#[tokio::test]
+async fn an_open_extending_a_lease_revoked_before_its_answer_is_not_granted() {
+    let mut seam = Seam::start("renew-race-open", true, None).await;
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client =
+        Arc::new(Client::connect(seam.addr, &seam.pki.host("web-01", &[host], &[], &[])).await);
+    client.hello().await;
+    let lease = granted(client.open(tcp(PORT), Some(600)).await).lease;
+    // Shorter: the kernel is held first, then the store, whose write is applied and held.
+    let opening = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(tcp(PORT), Some(60)).await }
+    });
+    seam.renewal_held(lease).await;
+    seam.service
+        .revoke_by_operator(lease, Some("revoked while it was being extended".into()))
+        .await
+        .expect("the lease is live in the book while its extension is held");
+    seam.go.notify_one();
+    let answer = tokio::time::timeout(STEP, opening)
+        .await
+        .expect("the Open is answered")
+        .expect("the Open's task");
+    let d = denied(answer);
+    assert_eq!(d.code, ResultCode::NoResources, "{d:?}");
+    assert!(d.retry_after.is_some(), "{d:?}");
+    assert!(
+        matches!(client.next_notice(STEP).await, Some(Message::Revoked(r)) if r.lease == lease),
+        "the host is told of the revocation"
+    );
+    let stored = seam.stored(lease);
+    assert_eq!(stored.state, LeaseState::Revoked, "{stored:?}");
+    assert_eq!(seam.service.status().live_leases, 0);
+    assert!(client.list().await.leases.is_empty());
 }
