@@ -316,19 +316,27 @@ impl Service {
                 if let Some(id) = inserted {
                     self.stored_or_not(id, outcome.is_ok()).await;
                 }
-                let mut core = lock(&self.core);
-                let outcome = match renewed {
-                    // Revoked after the renewal passed the book: whether its end reached the
-                    // store before the renewal (which the store then refused) or after it, the
-                    // lease is not live, and its host is sent the Revoked notice. Granted would
-                    // tell the host it is; a store's refusal, that the gateway lacked resources.
-                    Some(id) if core.book().get(&id).is_none() => Err(EffectFailure::LeaseEnded),
-                    _ => outcome,
+                let lease = pending.lease();
+                let (failure, answer) = {
+                    let mut core = lock(&self.core);
+                    let outcome = match renewed {
+                        // Revoked after the renewal passed the book: whether its end reached
+                        // the store before the renewal (which the store then refused) or after
+                        // it, the lease is not live, and its host is sent the Revoked notice.
+                        // Granted would tell the host it is; a store's refusal, that the
+                        // gateway lacked resources.
+                        Some(id) if core.book().get(&id).is_none() => {
+                            Err(EffectFailure::LeaseEnded)
+                        }
+                        _ => outcome,
+                    };
+                    let failure = outcome.as_ref().err().cloned();
+                    (failure, core.finish(now_ms(), pending, outcome))
                 };
-                if let Err(e) = &outcome {
-                    warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
+                if let Some(e) = failure {
+                    warn!(identity = session.identity(), lease = %lease, "request not carried out: {e}");
                 }
-                core.finish(now_ms(), pending, outcome)
+                answer
             }
         };
         self.carry_out(Some(session), &answer.effects).await;
