@@ -80,11 +80,12 @@ impl AdminError {
         }
     }
 
-    /// Another request changing the same thing is in progress; nothing was changed.
+    /// Another request changing the same thing is in progress; nothing was changed. (Not a
+    /// reload of the same gateway: that one waits for the reload that runs.)
     ///
     /// ```
     /// use fwnp_gateway::api::{AdminError, AdminErrorKind};
-    /// let e = AdminError::conflict("policy not reloaded: another reload is in progress");
+    /// let e = AdminError::conflict("policy not reloaded: other gateways' reloads are in progress");
     /// assert_eq!(e.kind, AdminErrorKind::Conflict);
     /// ```
     pub fn conflict(message: impl Into<String>) -> Self {

@@ -311,28 +311,52 @@ impl Service {
             Step::Pending(mut pending) => {
                 let effects = pending.take_effects();
                 let inserted = inserted_lease(&effects);
+                let renewed = renewed_lease(&effects);
                 let outcome = self.carry_out_in_order(session, effects).await;
                 if let Some(id) = inserted {
                     self.stored_or_not(id, outcome.is_ok()).await;
                 }
-                if let Err(e) = &outcome {
-                    warn!(identity = session.identity(), lease = %pending.lease(), "request not carried out: {e}");
+                let lease = pending.lease();
+                let (failure, answer) = {
+                    let mut core = lock(&self.core);
+                    let outcome = match renewed {
+                        // Revoked after the renewal passed the book: whether its end reached
+                        // the store before the renewal (which the store then refused) or after
+                        // it, the lease is not live, and its host is sent the Revoked notice.
+                        // Granted would tell the host it is; a store's refusal, that the
+                        // gateway lacked resources.
+                        Some(id) if core.book().get(&id).is_none() => {
+                            Err(EffectFailure::LeaseEnded)
+                        }
+                        _ => outcome,
+                    };
+                    let failure = outcome.as_ref().err().cloned();
+                    (failure, core.finish(now_ms(), pending, outcome))
+                };
+                if let Some(e) = failure {
+                    warn!(identity = session.identity(), lease = %lease, "request not carried out: {e}");
                 }
-                lock(&self.core).finish(now_ms(), pending, outcome)
+                answer
             }
         };
         self.carry_out(Some(session), &answer.effects).await;
-        if answer.label == Some("granted")
+        if matches!(answer.label, Some("granted" | "renewed"))
             && let Message::Granted(granted) = &answer.message
             && session
                 .credential_revoked
                 .load(std::sync::atomic::Ordering::Acquire)
         {
             // A CRL reload revoked this connection's certificate while the lease was being
-            // made, after it had revoked the identity's leases: this one must not outlive it.
-            let text =
-                "the certificate of this connection was revoked while the lease was being granted";
-            self.end_revoked(
+            // made or renewed, after it had revoked the leases the certificate last opened or
+            // renewed: this one, opened or now renewed with it, must not outlive it.
+            let text = if answer.label == Some("granted") {
+                "the certificate of this connection was revoked while the lease was being granted"
+            } else {
+                "the certificate of this connection was revoked while the lease was being renewed"
+            };
+            // The notice goes to every connection of the host: an Open repeated or a Renew
+            // names a lease its host's other connections (under another certificate) may hold.
+            self.revoke(
                 &granted.lease,
                 RevokeReason::CredentialRevoked,
                 "gateway",
@@ -607,6 +631,17 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.dec();
     }
+}
+
+/// The live lease a request's effects renew in the store (a Renew, or an Open repeated).
+fn renewed_lease(effects: &[Effect]) -> Option<LeaseId> {
+    effects.iter().find_map(|effect| match effect {
+        Effect::Commit(writes) => writes.iter().find_map(|write| match write {
+            Write::Renew { id, .. } => Some(*id),
+            _ => None,
+        }),
+        _ => None,
+    })
 }
 
 /// The lease a request's effects insert into the store, if they make a new one.
