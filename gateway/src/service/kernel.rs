@@ -95,14 +95,31 @@ impl Service {
                     Change::Remove(element),
                     Ok(()) | Err(fwnp_netfilter::Error::ElementMissing(_)),
                 ) => removed.push(element),
-                // A kernel that renews by delete and add fails on an element that is gone.
-                (
-                    Change::Renew(element, timeout),
-                    Err(fwnp_netfilter::Error::ElementMissing(_)),
-                ) => match filter.add(element, timeout).await {
-                    Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
-                    Err(e) => failure = failure.or(Some(e)),
-                },
+                // A kernel that renews by delete and add fails on an element that is gone. It
+                // is added again only if a lease still holds it, and under the lock like every
+                // change: a revocation that gave it up meanwhile has its removal queued before
+                // this add is decided, and one that comes after queues its removal after it.
+                // Added outside the lock, a removal queued in between would be undone, and the
+                // element would stay until the renewed expiry with no lease holding it.
+                (Change::Renew(element, _), Err(fwnp_netfilter::Error::ElementMissing(_))) => {
+                    let add = {
+                        let holders = lock(&self.holders);
+                        holders
+                            .get(&element)
+                            .and_then(|held| held.iter().map(|(_, expires)| *expires).max())
+                            .map(|latest| {
+                                let timeout =
+                                    remaining(latest, now_ms()).max(Duration::from_millis(1));
+                                filter.submit(Change::Add(element, timeout))
+                            })
+                    };
+                    if let Some(add) = add {
+                        match add.await {
+                            Ok(()) | Err(fwnp_netfilter::Error::ElementExists(_)) => {}
+                            Err(e) => failure = failure.or(Some(e)),
+                        }
+                    }
+                }
                 (_, Ok(())) => {}
                 (_, Err(e)) => failure = failure.or(Some(e)),
             }
