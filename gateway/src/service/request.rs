@@ -275,27 +275,45 @@ impl Service {
         let connection = ConnectionState {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
         };
-        let policy = self.policy();
+        let prepare = |policy: &Policy| {
+            RequestCore::prepare(
+                &self.core_config,
+                now_ms(),
+                connection,
+                &peer,
+                bytes,
+                policy,
+            )
+        };
+        let mut policy = self.policy();
         // Everything that needs no lease book (decoding, the Hello rules, validation, the
         // policy's decision on an Open) is done before the core's lock is taken, which is then
         // held only for the book's part, so that requests of other connections are not held up
         // behind it.
-        let prepared = RequestCore::prepare(
-            &self.core_config,
-            now_ms(),
-            connection,
-            &peer,
-            bytes,
-            &*policy,
-        );
-        let step = match prepared.into_answer() {
+        let step = match prepare(&policy).into_answer() {
             Ok(answer) => Step::Answer(answer),
             Err(prepared) => {
                 let waited = Instant::now();
                 let mut core = lock(&self.core);
                 self.metrics.stage(Stage::Lock, waited.elapsed());
+                // A reload puts its policy in force before it lists the book's leases under
+                // this lock. A request decided by the policy it replaced is decided again here
+                // by the one in force: its lease could otherwise enter the book after the
+                // reload's listing, and live on allowed by a policy no longer in force.
+                let current = self.policy();
+                let prepared = if Arc::ptr_eq(&current, &policy) {
+                    Err(prepared)
+                } else {
+                    policy = current;
+                    prepare(&policy).into_answer()
+                };
                 let mut rng = lock(&self.rng);
-                let step = core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng);
+                let step = match prepared {
+                    Ok(answer) => Step::Answer(answer),
+                    Err(prepared) => {
+                        core.handle_prepared(now_ms(), &peer, prepared, &*policy, &mut *rng)
+                    }
+                };
                 // Registered before the core's lock is let go: a revocation takes it, so it
                 // finds the new lease here.
                 if let Step::Pending(pending) = &step
