@@ -1,0 +1,560 @@
+"""A FWNP/1 client on the wire, written from spec/fwnp.md alone: QUIC with mutual TLS (aioquic),
+one request per client-opened bidirectional stream, notices on gateway-opened unidirectional
+streams, every answer decoded strictly (wire_codec).
+
+Run as a program it is what interop-tests/tests/wire_python.rs drives in a host's network
+namespace:
+
+    wire_client.py vectors DIR
+        decodes every conformance vector of DIR and prints one JSON line per disagreement,
+        then {"vectors": N, "failed": M}.
+    wire_client.py drive --gateway ADDR:PORT --cert PEM --key PEM --ca PEM --port N
+            [--foreign-address IP]
+        speaks to the gateway and prints one JSON line per step: what was sent and what came
+        back (the answer decoded, its bytes, whether they were the deterministic encoding, a
+        stream reset or connection close and its code). It holds an opening of tcp/N until it
+        reads `release` on its standard input, so that the caller can probe the port meanwhile.
+
+The client side of the protocol follows the specification where the gateway's conformance is
+not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
+deployment CA and the configured address, initial_max_streams_bidi 0, keep-alives at a third
+of the idle timeout, timers sized to the Welcome's shortest lifetime, no 0-RTT, at most 5 s
+waited for an answer. The probes break the client's own rules on purpose (a request before
+Hello, malformed or oversized items, a unidirectional stream) to see the gateway answer them
+as the specification says.
+"""
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import os
+import ssl
+import sys
+
+from aioquic.asyncio import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.quic import events
+from aioquic.quic.configuration import QuicConfiguration
+
+import wire_codec as codec
+
+ALPN = "fwnp/1"
+ANSWER_WAIT = 5.0  # Section 5.4: the client's wait for an answer
+# Section 18.4.
+NO_ERROR, PROTOCOL_VIOLATION, MESSAGE_TOO_LARGE = 0x0, 0x1, 0x2
+REQUEST_TIMEOUT, VERSION_MISMATCH = 0x6, 0x5
+# Section 14.
+PORT_RANGES, REMOTE_PREFIXES, APPLICATIONS, NOTICES, THIRD_PARTY = 1, 2, 4, 8, 16
+# Section 3.4: before a Welcome, and the bounds of M/8.
+DEFAULT_IDLE, MIN_IDLE, MAX_IDLE = 30.0, 1.0, 30.0
+
+
+def idle_timeout_for(min_lifetime):
+    """Section 3.4: M/8, within [1 s, 30 s]."""
+    return min(max(min_lifetime / 8.0, MIN_IDLE), MAX_IDLE)
+
+
+class Exchange:
+    """One request and what came back on its stream."""
+
+    def __init__(self, sent):
+        self.sent = sent
+        self.raw = None          # the answer's bytes, when its stream ended with FIN
+        self.message = None      # the answer decoded
+        self.error = None        # or why it could not be
+        self.reset = None        # RESET_STREAM's code, when the gateway reset the stream
+        self.closed = None       # (code, reason) when the connection closed first
+        self.timed_out = False   # no answer within ANSWER_WAIT
+        self.too_large = False   # the answer exceeded 16,384 bytes
+
+    def report(self):
+        out = {"sent": self.sent.hex(), "request_id": codec.request_id_of(self.sent)}
+        if self.raw is not None:
+            out["answer_hex"] = self.raw.hex()
+            # Section 6.2: a version-1 gateway writes the deterministic encoding, which for a
+            # message without extension keys is its re-encoding.
+            out["canonical"] = (self.message is not None
+                                and codec.encode(self.message) == self.raw)
+        if self.message is not None:
+            out["answer"] = self.message
+        if self.error is not None:
+            out["decode_error"] = {"layer": self.error.layer, "error": self.error.error,
+                                   "detail": self.error.detail}
+        if self.reset is not None:
+            out["reset"] = self.reset
+        if self.closed is not None:
+            out["closed"] = _closed_report(self.closed)
+        if self.timed_out:
+            out["timed_out"] = True
+        if self.too_large:
+            out["too_large"] = True
+        return out
+
+
+class _Stream:
+    def __init__(self, exchange, future):
+        self.exchange, self.future, self.buffer = exchange, future, bytearray()
+
+
+class FwnpProtocol(QuicConnectionProtocol):
+    """The QUIC connection's events: answers on request streams, notices on the gateway's
+    unidirectional streams."""
+
+    def __init__(self, quic, stream_handler=None):
+        super().__init__(quic, stream_handler)
+        # Section 3.4: the gateway never opens a bidirectional stream; a client with NOTICES
+        # allows it at least 8 unidirectional ones. aioquic has no setting for these
+        # transport parameters; they are read when the handshake starts, after this.
+        quic._local_max_streams_bidi.value = 0
+        quic._local_max_streams_uni.value = 16
+        self.requests = {}
+        self.notices = []
+        self.notice_buffers = {}
+        self.closed = None
+        self.last_sent = asyncio.get_event_loop().time()
+
+    def quic_event_received(self, event):
+        if isinstance(event, events.StreamDataReceived):
+            self._data(event)
+        elif isinstance(event, events.StreamReset):
+            stream = self.requests.pop(event.stream_id, None)
+            if stream is not None and not stream.future.done():
+                stream.exchange.reset = event.error_code
+                stream.future.set_result(stream.exchange)
+            self.notice_buffers.pop(event.stream_id, None)
+        elif isinstance(event, events.ConnectionTerminated):
+            # A transport close names the frame that caused it; an application close none.
+            self.closed = (event.error_code, event.reason_phrase, event.frame_type is None)
+            for stream in self.requests.values():
+                if not stream.future.done():
+                    stream.exchange.closed = self.closed
+                    stream.future.set_result(stream.exchange)
+            self.requests.clear()
+
+    def _data(self, event):
+        sid = event.stream_id
+        if sid % 4 == 1:
+            # Section 5.1: a gateway-opened bidirectional stream.
+            self._quic.close(error_code=PROTOCOL_VIOLATION, reason_phrase="bidirectional stream")
+            self.transmit()
+            return
+        if sid % 4 == 3:
+            buffer = self.notice_buffers.setdefault(sid, bytearray())
+            if buffer is None:
+                return
+            buffer += event.data
+            if len(buffer) > codec.MAX_MESSAGE_SIZE:
+                # Section 5.3: discarded, STOP_SENDING MessageTooLarge.
+                self._quic.stop_stream(sid, MESSAGE_TOO_LARGE)
+                self.notice_buffers[sid] = None
+                self.notices.append({"discarded": "too large"})
+                self.transmit()
+            elif event.end_stream:
+                del self.notice_buffers[sid]
+                self.notices.append(_notice(bytes(buffer)))
+            return
+        stream = self.requests.get(sid)
+        if stream is None:
+            return
+        stream.buffer += event.data
+        if len(stream.buffer) > codec.MAX_MESSAGE_SIZE:
+            # Section 5.5: STOP_SENDING, the request unanswered.
+            self._quic.stop_stream(sid, MESSAGE_TOO_LARGE)
+            self.transmit()
+            stream.exchange.too_large = True
+            del self.requests[sid]
+            stream.future.set_result(stream.exchange)
+        elif event.end_stream:
+            del self.requests[sid]
+            stream.exchange.raw = bytes(stream.buffer)
+            try:
+                stream.exchange.message = codec.decode(stream.exchange.raw)
+            except codec.DecodeError as err:
+                stream.exchange.error = err
+            stream.future.set_result(stream.exchange)
+
+    def transmit(self):
+        self.last_sent = asyncio.get_event_loop().time()
+        super().transmit()
+
+    async def exchange(self, data, wait=ANSWER_WAIT):
+        """Sends `data` on a new request stream, ends it, and waits for what comes back."""
+        exchange = Exchange(bytes(data))
+        if self.closed is not None:
+            exchange.closed = self.closed
+            return exchange
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=False)
+        future = asyncio.get_event_loop().create_future()
+        self.requests[sid] = _Stream(exchange, future)
+        self._quic.send_stream_data(sid, bytes(data), end_stream=True)
+        self.transmit()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), wait)
+        except asyncio.TimeoutError:
+            # Section 5.2: STOP_SENDING RequestTimeout, the request unanswered.
+            self.requests.pop(sid, None)
+            if self.closed is None:
+                self._quic.stop_stream(sid, REQUEST_TIMEOUT)
+                self.transmit()
+            exchange.timed_out = True
+            return exchange
+
+    async def keep_alive(self, idle):
+        """Section 3.4: a PING whenever nothing was sent for a third of the idle timeout."""
+        loop = asyncio.get_event_loop()
+        while self.closed is None:
+            quiet = loop.time() - self.last_sent
+            if quiet >= idle / 3:
+                self._quic.send_ping(0)
+                self.transmit()
+                quiet = 0
+            await asyncio.sleep(idle / 3 - quiet)
+
+
+def _notice(raw):
+    try:
+        return {"notice": codec.decode(raw)}
+    except codec.DecodeError as err:
+        if err.error == "unknown-message-type":
+            return {"ignored": raw.hex()}  # Section 5.3: an unknown notice type is ignored
+        return {"discarded": err.error}
+
+
+class Session:
+    """A connection to the gateway, its Hello answered or refused."""
+
+    def __init__(self, gateway, cert, key, ca, server_name=None):
+        self.host, port = gateway.rsplit(":", 1)
+        self.host = self.host.strip("[]")
+        self.port = int(port)
+        self.cert, self.key, self.ca = cert, key, ca
+        # Section 3.2: the certificate must name the gateway as configured (an IP SAN here).
+        self.server_name = server_name or self.host
+        self.protocol = None
+        self.welcome = None
+        self.idle = DEFAULT_IDLE
+        self._context = None
+        self._keep_alive = None
+        self._next_id = int.from_bytes(os.urandom(4), "big")
+
+    def request_id(self):
+        """Section 15: a different id for each request, drawn at random to start with."""
+        self._next_id = (self._next_id + 1) % codec.U64
+        return self._next_id
+
+    def configuration(self):
+        config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+                                   idle_timeout=self.idle, server_name=self.server_name,
+                                   verify_mode=ssl.CERT_REQUIRED)
+        config.load_verify_locations(cafile=self.ca)
+        config.load_cert_chain(self.cert, self.key)
+        return config
+
+    async def connect(self):
+        self._context = connect(self.host, self.port, configuration=self.configuration(),
+                                create_protocol=FwnpProtocol)
+        self.protocol = await self._context.__aenter__()
+        self._keep_alive = asyncio.ensure_future(self.protocol.keep_alive(self.idle))
+        return self.protocol
+
+    async def close(self, code=NO_ERROR):
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+        if self.protocol is not None and self.protocol.closed is None:
+            self.protocol.close(error_code=code)
+        if self._context is not None:
+            try:
+                await asyncio.wait_for(self._context.__aexit__(None, None, None), 5)
+            except asyncio.TimeoutError:
+                pass
+        self._context = self.protocol = None
+
+    async def hello(self, capabilities=NOTICES, versions=(1,), request_id=True):
+        message = {"type": "hello", "versions": list(versions), "capabilities": capabilities,
+                   "software": "fwnp-wire-python/1",
+                   "request_id": self.request_id() if request_id else None}
+        exchange = await self.protocol.exchange(codec.encode(message))
+        if exchange.message is not None and exchange.message["type"] == "welcome":
+            self.welcome = exchange.message
+        return exchange
+
+    async def start(self, capabilities=NOTICES):
+        """Connects and says Hello; connects again with shorter timers when the Welcome's
+        shortest lifetime calls for them (Section 3.4). Returns the Hello's exchanges."""
+        await self.connect()
+        first = await self.hello(capabilities)
+        if self.welcome is None:
+            return [first]
+        wanted = idle_timeout_for(self.welcome["limits"]["min_lifetime"])
+        if wanted >= self.idle:
+            return [first]
+        await self.close()
+        self.idle, self.welcome = wanted, None
+        await self.connect()
+        return [first, await self.hello(capabilities)]
+
+    async def send(self, message, wait=ANSWER_WAIT):
+        message = dict(message)
+        message.setdefault("request_id", self.request_id())
+        return await self.protocol.exchange(codec.encode(message), wait)
+
+    def opening(self, port, **extra):
+        opening = {"protocol": "tcp", "ports": {"first": port, "last": port}, "app": None,
+                   "host": None, "family": None, "remotes": []}
+        opening.update(extra)
+        return opening
+
+
+# ---------------------------------------------------------------------------------------------
+# The vectors.
+
+def check_vectors(directory):
+    names = sorted(n for n in os.listdir(directory) if n.endswith(".json"))
+    failed = 0
+    for name in names:
+        with open(os.path.join(directory, name)) as file:
+            vector = json.load(file)
+        problem = _vector_problem(vector)
+        if problem is not None:
+            failed += 1
+            print(json.dumps({"vector": name, "problem": problem}), flush=True)
+    print(json.dumps({"vectors": len(names), "failed": failed}), flush=True)
+    return failed == 0
+
+
+def _vector_problem(vector):
+    data = bytes.fromhex(vector["hex"])
+    try:
+        decoded = codec.decode(data)
+    except codec.DecodeError as err:
+        if "valid" in vector:
+            return f"refused: {err}"
+        want = vector["invalid"]
+        got = {"layer": err.layer, "error": err.error, "result_code": err.code}
+        if any(got[k] != want[k] for k in got) or err.unsupported != want.get("unsupported", []):
+            return f"refused as {got} {err.unsupported}, not as {want}"
+        return None
+    if "invalid" in vector:
+        return f"accepted as {decoded}"
+    if decoded != vector["valid"]["decoded"]:
+        return f"decoded as {decoded}"
+    if codec.encode(decoded).hex() != vector["valid"]["canonical_hex"]:
+        return f"re-encoded as {codec.encode(decoded).hex()}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The drive: every step a JSON line.
+
+def say(step, **fields):
+    print(json.dumps({"step": step, **fields}, default=str), flush=True)
+
+
+async def read_line():
+    line = await asyncio.get_event_loop().run_in_executor(None, sys.stdin.readline)
+    return line.strip()
+
+
+async def drive(args):
+    files = dict(gateway=args.gateway, cert=args.cert, key=args.key, ca=args.ca)
+
+    # A request before Hello: hello-required, the request id echoed.
+    early = Session(**files)
+    await early.connect()
+    opening = early.opening(args.port)
+    exchange = await early.send({"type": "open", "opening": opening, "request_id": 7001})
+    say("open-before-hello", **exchange.report())
+    await early.close()
+
+    # A Hello without version 1: unsupported-version, then the connection closed with
+    # VersionMismatch.
+    other = Session(**files)
+    await other.connect()
+    exchange = await other.hello(versions=[2, 3])
+    await asyncio.sleep(0.5)
+    say("unknown-version", **exchange.report(),
+        then_closed=_closed(other.protocol))
+    await other.close()
+
+    # A unidirectional stream from the client: the connection closed with ProtocolViolation.
+    uni = Session(**files)
+    await uni.connect()
+    await uni.hello()
+    # The gateway's initial_max_streams_uni of 0 forbids it; aioquic is told otherwise so as
+    # to send it all the same.
+    uni.protocol._quic._remote_max_streams_uni = 1
+    sid = uni.protocol._quic.get_next_available_stream_id(is_unidirectional=True)
+    uni.protocol._quic.send_stream_data(sid, codec.encode({"type": "list", "request_id": 1}),
+                                        end_stream=True)
+    uni.protocol.transmit()
+    await _wait_closed(uni.protocol, 3.0)
+    say("unidirectional-stream", closed=_closed(uni.protocol))
+    await uni.close()
+
+    # The session the rest runs in.
+    session = Session(**files)
+    hellos = await session.start(capabilities=NOTICES | PORT_RANGES | REMOTE_PREFIXES)
+    quic = session.protocol._quic
+    say("hello", **hellos[-1].report(), hellos=len(hellos), idle_timeout=session.idle,
+        transport={"initial_max_streams_bidi": quic._remote_max_streams_bidi,
+                   "initial_max_streams_uni": quic._remote_max_streams_uni,
+                   "max_idle_timeout": quic._remote_max_idle_timeout,
+                   "alpn": quic.tls.alpn_negotiated})
+    exchange = await session.hello()
+    say("second-hello", **exchange.report())
+
+    exchange = await session.send({"type": "open", "opening": session.opening(args.port),
+                                   "lifetime": 60})
+    say("open", **exchange.report())
+    if exchange.message is None or exchange.message["type"] != "granted":
+        await session.close()
+        return
+    lease = exchange.message["lease"]
+    say("held", lease=lease)
+
+    exchange = await session.send({"type": "open", "opening": session.opening(args.port),
+                                   "lifetime": 60})
+    say("open-again", **exchange.report())
+    exchange = await session.send({"type": "renew", "lease": lease, "lifetime": 30})
+    say("renew", **exchange.report())
+    exchange = await session.send({"type": "renew", "lease": lease})
+    say("renew-default", **exchange.report())
+    exchange = await session.send({"type": "list"})
+    say("list", **exchange.report())
+    # No request id: none in the answer.
+    exchange = await session.protocol.exchange(codec.encode({"type": "list"}))
+    say("list-without-request-id", **exchange.report())
+
+    # The gateway's refusals.
+    unknown = os.urandom(16).hex()
+    exchange = await session.send({"type": "renew", "lease": unknown, "request_id": 7101})
+    say("renew-unknown-lease", **exchange.report(), lease=unknown)
+    foreign = args.foreign_address
+    exchange = await session.send({"type": "open", "request_id": 7102,
+                                   "opening": session.opening(args.port, host=foreign)})
+    say("open-foreign-address", **exchange.report())
+    exchange = await session.send({"type": "open", "request_id": 7103,
+                                   "opening": session.opening(args.port), "lifetime": 604801})
+    say("open-lifetime-above-maximum", **exchange.report())
+    exchange = await session.send({"type": "open", "request_id": 7104,
+                                   "opening": session.opening(0)})
+    say("open-port-zero", **exchange.report())
+    # Critical keys 70 and 64 not understood: Denied key 7 [64, 70].
+    raw = codec.encode({"type": "list", "request_id": 7105})
+    item = _cbor_map(raw)
+    item[2] = [70, 64, 70]
+    exchange = await session.protocol.exchange(_dumps(item))
+    say("unknown-critical", **exchange.report())
+    # Ill-formed CBOR: truncated (no request id readable), and with a byte after the map (the
+    # request id readable).
+    raw = codec.encode({"type": "list", "request_id": 7106})
+    exchange = await session.protocol.exchange(raw[:-1])
+    say("truncated", **exchange.report())
+    exchange = await session.protocol.exchange(raw + b"\x00")
+    say("trailing-byte", **exchange.report())
+    # Key 1 twice, with equal values: no request id is readable.
+    exchange = await session.protocol.exchange(_dumps_raw("a3 0006 01191bc3 01191bc3"))
+    say("duplicate-request-id", **exchange.report())
+    # An unknown message type, and an answer's type on a request stream.
+    exchange = await session.protocol.exchange(_dumps_raw("a2 0007 01191bc4"))
+    say("unknown-type", **exchange.report())
+    exchange = await session.protocol.exchange(
+        codec.encode({"type": "released", "request_id": 7109, "lease": lease}))
+    say("answer-type-as-request", **exchange.report())
+    # An extension key and an unknown key below 64: ignored, the List answered.
+    item = _cbor_map(codec.encode({"type": "list", "request_id": 7110}))
+    item[64] = {"x": [1, None]}
+    item[20] = "later"
+    exchange = await session.protocol.exchange(_dumps(item))
+    say("unknown-keys", **exchange.report())
+    # An oversized item: the stream reset with MessageTooLarge, no answer.
+    item = _padded(_cbor_map(codec.encode({"type": "list", "request_id": 7111})),
+                   codec.MAX_MESSAGE_SIZE + 1)
+    exchange = await session.protocol.exchange(_dumps(item))
+    say("too-large", **exchange.report(), size=len(_dumps(item)))
+    # 16,384 bytes exactly: accepted (Section 5.4).
+    item = _padded(_cbor_map(codec.encode({"type": "list", "request_id": 7112})),
+                   codec.MAX_MESSAGE_SIZE)
+    exchange = await session.protocol.exchange(_dumps(item))
+    say("largest", **exchange.report(), size=len(_dumps(item)))
+
+    # Wait for the caller's word, then release.
+    say("waiting")
+    word = await read_line()
+    if word != "release":
+        await session.close()
+        return
+    exchange = await session.send({"type": "release", "lease": lease})
+    say("release", **exchange.report())
+    exchange = await session.send({"type": "renew", "lease": lease, "request_id": 7201})
+    say("renew-released", **exchange.report())
+    exchange = await session.send({"type": "release", "lease": lease, "request_id": 7202})
+    say("release-released", **exchange.report())
+    exchange = await session.send({"type": "list"})
+    say("list-after-release", **exchange.report())
+    say("notices", notices=session.protocol.notices)
+    await session.close()
+    say("done")
+
+
+def _cbor_map(raw):
+    import cbor2
+    return cbor2.loads(raw)
+
+
+def _dumps(item):
+    import cbor2
+    return cbor2.dumps(item, canonical=True)
+
+
+def _dumps_raw(spaced_hex):
+    return bytes.fromhex(spaced_hex.replace(" ", ""))
+
+
+def _padded(item, size):
+    """`item` with extension key 64 holding as many zero bytes as make it `size` bytes."""
+    item[64] = b""
+    for _ in range(4):
+        item[64] = bytes(len(item[64]) + size - len(_dumps(item)))
+    return item
+
+
+def _closed_report(closed):
+    return {"code": closed[0], "reason": closed[1], "application": closed[2]}
+
+
+def _closed(protocol):
+    if protocol is None or protocol.closed is None:
+        return None
+    return _closed_report(protocol.closed)
+
+
+async def _wait_closed(protocol, limit):
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + limit
+    while protocol.closed is None and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    vectors = commands.add_parser("vectors")
+    vectors.add_argument("dir")
+    run = commands.add_parser("drive")
+    run.add_argument("--gateway", required=True)
+    run.add_argument("--cert", required=True)
+    run.add_argument("--key", required=True)
+    run.add_argument("--ca", required=True)
+    run.add_argument("--port", type=int, required=True)
+    run.add_argument("--foreign-address", default="198.51.100.200")
+    args = parser.parse_args()
+    if args.command == "vectors":
+        sys.exit(0 if check_vectors(args.dir) else 1)
+    ipaddress.ip_address(args.foreign_address)
+    asyncio.run(asyncio.wait_for(drive(args), 120))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+//! A FWNP/1 client written in Python from `spec/` alone (`interop-tests/python/wire_client.py`,
+//! on aioquic and cbor2) against the real `fwnp-gateway`: what an outside implementer can check
+//! of the specification's promises.
+//!
+//! The client's codec first meets the conformance vectors of `spec/vectors/`. Then, in a host's
+//! network namespace, with the host's certificate from the lab's PKI, it speaks to the gateway
+//! directly (the host's agent is stopped and its own table removed, so that the gateway alone
+//! decides what reaches the host): a port it opened is reachable from the outside network on
+//! both families while the lease is held and refused once it is released, and the gateway's
+//! answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
+//! then VersionMismatch, ProtocolViolation for a client's unidirectional stream, malformed-request
+//! for ill-formed items and a second Hello, unsupported-option listing the critical keys,
+//! address-mismatch, lifetime-out-of-range, malformed-option, unknown-lease, MessageTooLarge for
+//! an item over 16,384 bytes, the request id echoed exactly when it was readable, idempotent
+//! re-open, Renew lifetimes, answers in the deterministic encoding and the transport parameters
+//! of Section 3.4.
+//!
+//! Needs a Python with cbor2 and aioquic: `$FWNP_PYTHON`, else the virtual environment
+//! `scripts/test` makes in `target/python-venv` (missing: skipped, failing instead when
+//! FWNP_REQUIRE_NETNS=1). The gateway test needs root as well (skipped otherwise, failing
+//! instead when FWNP_REQUIRE_NETNS=1).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::Duration;
+
+use fwnp_interop_tests::{
+    Binaries, GATEWAY_PORT, Lab, LabOptions, REQUIRE_NETNS_VAR, TcpEchoServer, netns_command,
+    require_root,
+};
+use serde_json::Value;
+
+/// A connection attempt that gets no answer within this long counts as refused.
+const REFUSED: Duration = Duration::from_millis(1200);
+/// Bound of every wait for a change that should follow a step.
+const SETTLE: Duration = Duration::from_secs(5);
+/// Bound of the wait for the client's next line (a step waits at most 5 s for an answer).
+const STEP: Duration = Duration::from_secs(20);
+/// The port the client opens.
+const PORT: u16 = 8201;
+
+const POLICY: &str = r#"
+[defaults]
+lifetime = "2m"
+min_lifetime = "30s"
+max_lifetime = "5m"
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "web"
+groups = ["hosts"]
+allow = "tcp/8000-8999"
+"#;
+
+// Section 18.4.
+const MESSAGE_TOO_LARGE: u64 = 0x2;
+const VERSION_MISMATCH: u64 = 0x5;
+/// RFC 9000's transport error for a stream beyond the peer's limit.
+const STREAM_LIMIT_ERROR: u64 = 0x4;
+
+/// The Python interpreter to run the client with, when one with cbor2 and aioquic is there.
+fn python(test: &str) -> Option<PathBuf> {
+    let candidate = std::env::var_os("FWNP_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let target = Binaries::profile_dir().ok()?.parent()?.to_path_buf();
+            Some(target.join("python-venv/bin/python"))
+        });
+    let usable = candidate.as_ref().is_some_and(|python| {
+        std::process::Command::new(python)
+            .args(["-c", "import cbor2, aioquic"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if usable {
+        return candidate;
+    }
+    let tried = candidate
+        .as_deref()
+        .map_or_else(|| "nothing".to_owned(), |p| p.display().to_string());
+    let why = format!(
+        "{test}: needs a Python with cbor2 and aioquic ($FWNP_PYTHON, or target/python-venv, \
+         which scripts/test makes); tried {tried}"
+    );
+    if std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|v| v == "1") {
+        panic!("{why}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it");
+    }
+    eprintln!("{why}: skipped");
+    None
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/wire_client.py")
+}
+
+#[test]
+fn wire_python_codec_passes_the_conformance_vectors() {
+    let Some(python) = python("wire_python_codec_passes_the_conformance_vectors") else {
+        return;
+    };
+    let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors");
+    let output = std::process::Command::new(python)
+        .arg(script())
+        .arg("vectors")
+        .arg(vectors)
+        .output()
+        .expect("run the Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let summary: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no summary: {stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+    assert!(summary["vectors"].as_u64().unwrap_or(0) >= 100, "{stdout}");
+    assert_eq!(summary["failed"], 0, "{stdout}");
+    assert!(output.status.success(), "{stdout}");
+}
+
+/// The client in host 0's namespace; killed when dropped.
+struct Client {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Client {
+    fn start(lab: &Lab, python: &Path) -> Client {
+        let host = &lab.site.hosts[0];
+        let gateway = format!("{}:{GATEWAY_PORT}", lab.site.gateway_inside_v4);
+        let mut child = netns_command(&host.netns, python)
+            .arg(script())
+            .arg("drive")
+            .args(["--gateway", &gateway, "--port", &PORT.to_string()])
+            .arg("--cert")
+            .arg(lab.pki.file(&format!("{}.pem", host.name)))
+            .arg("--key")
+            .arg(lab.pki.file(&format!("{}.key", host.name)))
+            .arg("--ca")
+            .arg(lab.pki.file("ca.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting the Python client: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (send, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Client {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// Every step's line up to and including `last`, by step name.
+    fn steps_until(&self, last: &str, lab: &Lab) -> HashMap<String, Value> {
+        let mut steps = HashMap::new();
+        loop {
+            let line = self.lines.recv_timeout(STEP).unwrap_or_else(|_| {
+                panic!(
+                    "the client said nothing within {STEP:?} (waiting for {last}); it said \
+                     {steps:#?}\n{}",
+                    lab.log_tails(20)
+                )
+            });
+            let value: Value =
+                serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"));
+            let step = value["step"].as_str().unwrap_or_default().to_owned();
+            steps.insert(step.clone(), value);
+            if step == last {
+                return steps;
+            }
+        }
+    }
+
+    fn tell(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").expect("tell the client");
+        stdin.flush().expect("tell the client");
+    }
+
+    /// Waits (bounded) for the client to exit and returns whether it succeeded.
+    fn finished(&mut self) -> bool {
+        self.stdin = None;
+        for _ in 0..200 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The step's answer, which must be of `kind`, decoded by the client and written in the
+/// deterministic encoding.
+fn answer<'a>(steps: &'a HashMap<String, Value>, step: &str, kind: &str) -> &'a Value {
+    let value = steps
+        .get(step)
+        .unwrap_or_else(|| panic!("no step {step}: {steps:#?}"));
+    let answer = &value["answer"];
+    assert_eq!(answer["type"], kind, "{step}: {value:#}");
+    assert_eq!(
+        value["canonical"], true,
+        "{step}: not the deterministic encoding: {value:#}"
+    );
+    answer
+}
+
+/// A Denied with `code` for the step, carrying `request_id` (or none).
+fn denied(steps: &HashMap<String, Value>, step: &str, code: &str, request_id: Option<u64>) {
+    let answer = answer(steps, step, "denied");
+    assert_eq!(answer["code"], code, "{step}: {answer:#}");
+    assert_eq!(
+        answer["request_id"].as_u64(),
+        request_id,
+        "{step}: the request id: {answer:#}"
+    );
+}
+
+/// The request id the client sent in the step (Section 6.6: as the gateway can read it).
+fn sent_request_id(step: &Value) -> Option<u64> {
+    step["request_id"].as_u64()
+}
+
+fn start_lab() -> Lab {
+    let bins = Binaries::build().unwrap_or_else(|err| panic!("the lab's binaries: {err}"));
+    let options = LabOptions {
+        label: "wire-py".into(),
+        hosts: 1,
+        host_prefix: "wire".into(),
+        policy: POLICY.into(),
+        verify_port_owner: false,
+    };
+    let mut lab = Lab::start(bins, &options).unwrap_or_else(|err| panic!("{err}"));
+    // The client speaks for host 0 itself: its agent goes, and with it the agent's table on
+    // the host, so that only the gateway's filter decides what reaches the host.
+    lab.kill_agent(0);
+    lab.site.hosts[0]
+        .netns
+        .exec_checked(&["nft", "delete", "table", "inet", "fwnp_host"])
+        .unwrap_or_else(|err| panic!("removing the agent's table: {err}"));
+    lab
+}
+
+#[test]
+fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
+    let test = "wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts";
+    if !require_root(test) {
+        return;
+    }
+    let Some(python) = python(test) else {
+        return;
+    };
+    let lab = start_lab();
+    let host = &lab.site.hosts[0];
+    let _echo = TcpEchoServer::start(&host.netns, PORT).expect("echo server");
+    assert!(
+        !lab.outside_reaches(0, false, PORT, REFUSED),
+        "tcp/{PORT} open before any lease"
+    );
+
+    let mut client = Client::start(&lab, &python);
+    let steps = client.steps_until("waiting", &lab);
+
+    // Connection rules.
+    denied(&steps, "open-before-hello", "hello-required", Some(7001));
+    let unknown_version = &steps["unknown-version"];
+    assert_eq!(
+        unknown_version["answer"]["code"], "unsupported-version",
+        "{unknown_version:#}"
+    );
+    assert_eq!(
+        unknown_version["then_closed"]["code"], VERSION_MISMATCH,
+        "{unknown_version:#}"
+    );
+    // The gateway's initial_max_streams_uni of 0 makes a client's unidirectional stream a
+    // breach of QUIC's stream limit, which QUIC closes with its own transport error.
+    let uni = &steps["unidirectional-stream"]["closed"];
+    assert_eq!(uni["code"], STREAM_LIMIT_ERROR, "{uni}");
+    assert_eq!(uni["application"], false, "{uni}");
+
+    // Hello: the Welcome, and the transport parameters of Section 3.4.
+    let hello = &steps["hello"];
+    let welcome = answer(&steps, "hello", "welcome");
+    assert_eq!(welcome["version"], 1);
+    assert_eq!(welcome["identity"], format!("fwnp://host/{}", host.name));
+    let addresses: Vec<&str> = welcome["addresses"]
+        .as_array()
+        .expect("addresses")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        addresses,
+        [host.v4.to_string(), host.v6.to_string()],
+        "{welcome:#}"
+    );
+    let limits = &welcome["limits"];
+    assert!(limits["max_message_size"].as_u64() >= Some(16384), "{limits}");
+    assert_eq!(limits["min_lifetime"], 30, "{limits}");
+    assert_eq!(limits["max_lifetime"], 300, "{limits}");
+    let transport = &hello["transport"];
+    assert_eq!(transport["alpn"], "fwnp/1");
+    assert_eq!(transport["initial_max_streams_uni"], 0, "{transport}");
+    assert_eq!(
+        transport["initial_max_streams_bidi"], limits["max_streams"],
+        "{transport} {limits}"
+    );
+    // M = 30 s: the client connected again with an idle timeout of 3.75 s.
+    assert_eq!(hello["hellos"], 2, "{hello:#}");
+    assert_eq!(hello["idle_timeout"], 3.75, "{hello:#}");
+    let hello_id = sent_request_id(hello);
+    assert_eq!(welcome["request_id"].as_u64(), hello_id, "{hello:#}");
+    denied(
+        &steps,
+        "second-hello",
+        "malformed-request",
+        sent_request_id(&steps["second-hello"]),
+    );
+
+    // The opening, held: reachable on both families.
+    let open = answer(&steps, "open", "granted");
+    let lease = open["lease"].as_str().expect("lease id").to_owned();
+    assert_eq!(open["lifetime"], 60, "{open:#}");
+    assert_eq!(open["renew_after"], 30, "{open:#}");
+    assert_eq!(open["narrowed"], false, "{open:#}");
+    let hosts: Vec<&str> = open["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .filter_map(|g| g["host"].as_str())
+        .collect();
+    assert_eq!(hosts, addresses, "one grant per allowed address: {open:#}");
+    for v6 in [false, true] {
+        assert!(
+            lab.wait_reachable(0, v6, PORT, true, SETTLE),
+            "tcp/{PORT} (v6 {v6}) not reachable while the lease is held\n{}",
+            lab.log_tails(20)
+        );
+    }
+    assert_eq!(open["epoch"], welcome["epoch"]);
+    let again = answer(&steps, "open-again", "granted");
+    assert_eq!(again["lease"], lease.as_str(), "idempotent re-open: {again:#}");
+    let renew = answer(&steps, "renew", "granted");
+    assert_eq!(renew["lease"], lease.as_str());
+    assert_eq!(renew["lifetime"], 30, "{renew:#}");
+    assert_eq!(renew["grants"], open["grants"]);
+    // Absent lifetime: the lifetime last granted (Section 11.2).
+    let renew_default = answer(&steps, "renew-default", "granted");
+    assert_eq!(renew_default["lifetime"], 30, "{renew_default:#}");
+    let list = answer(&steps, "list", "leases");
+    let listed: Vec<&str> = list["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .filter_map(|l| l["lease"].as_str())
+        .collect();
+    assert_eq!(listed, [lease.as_str()], "{list:#}");
+    assert_eq!(list["epoch"], welcome["epoch"]);
+    let unnamed = answer(&steps, "list-without-request-id", "leases");
+    assert!(unnamed["request_id"].is_null(), "{unnamed:#}");
+
+    // Refusals.
+    denied(&steps, "renew-unknown-lease", "unknown-lease", Some(7101));
+    denied(&steps, "open-foreign-address", "address-mismatch", Some(7102));
+    denied(
+        &steps,
+        "open-lifetime-above-maximum",
+        "lifetime-out-of-range",
+        Some(7103),
+    );
+    denied(&steps, "open-port-zero", "malformed-option", Some(7104));
+    denied(&steps, "unknown-critical", "unsupported-option", Some(7105));
+    assert_eq!(
+        steps["unknown-critical"]["answer"]["unsupported"],
+        serde_json::json!([64, 70])
+    );
+    denied(&steps, "truncated", "malformed-request", None);
+    denied(&steps, "trailing-byte", "malformed-request", Some(7106));
+    denied(&steps, "duplicate-request-id", "malformed-request", None);
+    denied(&steps, "unknown-type", "malformed-request", Some(7108));
+    denied(&steps, "answer-type-as-request", "malformed-request", Some(7109));
+    let ignored = answer(&steps, "unknown-keys", "leases");
+    assert_eq!(ignored["request_id"], 7110);
+    let too_large = &steps["too-large"];
+    assert_eq!(too_large["size"], 16385);
+    assert_eq!(
+        too_large["reset"], MESSAGE_TOO_LARGE,
+        "an item of 16,385 bytes: {too_large:#}"
+    );
+    assert!(too_large.get("answer").is_none(), "{too_large:#}");
+    assert_eq!(steps["largest"]["size"], 16384);
+    assert_eq!(answer(&steps, "largest", "leases")["request_id"], 7112);
+
+    // Release: refused from the outside again.
+    client.tell("release");
+    let steps = client.steps_until("done", &lab);
+    let released = answer(&steps, "release", "released");
+    assert_eq!(released["lease"], lease.as_str());
+    for v6 in [false, true] {
+        assert!(
+            lab.wait_reachable(0, v6, PORT, false, SETTLE),
+            "tcp/{PORT} (v6 {v6}) still reachable after Release"
+        );
+    }
+    denied(&steps, "renew-released", "unknown-lease", Some(7201));
+    denied(&steps, "release-released", "unknown-lease", Some(7202));
+    let after = answer(&steps, "list-after-release", "leases");
+    assert_eq!(after["leases"], serde_json::json!([]), "{after:#}");
+    assert_eq!(
+        steps["notices"]["notices"],
+        serde_json::json!([]),
+        "no notice was due"
+    );
+    assert!(client.finished(), "the client failed");
+}
