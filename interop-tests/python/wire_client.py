@@ -12,8 +12,11 @@ namespace:
             [--foreign-address IP]
         speaks to the gateway and prints one JSON line per step: what was sent and what came
         back (the answer decoded, its bytes, whether they were the deterministic encoding, a
-        stream reset or connection close and its code). It holds an opening of tcp/N until it
-        reads `release` on its standard input, so that the caller can probe the port meanwhile.
+        stream reset or connection close and its code). It holds an opening of tcp/N, and one
+        of tcp/N+1 for the remote prefix given, and says `waiting`; it then reads `revoked`
+        on its standard input (the caller has revoked the second lease) and reports the
+        notices, and reads `release`, after which it releases the first lease. The caller
+        probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
@@ -224,13 +227,14 @@ def _notice(raw):
 class Session:
     """A connection to the gateway, its Hello answered or refused."""
 
-    def __init__(self, gateway, cert, key, ca, server_name=None):
+    def __init__(self, gateway, cert, key, ca, server_name=None, alpn=ALPN):
         self.host, port = gateway.rsplit(":", 1)
         self.host = self.host.strip("[]")
         self.port = int(port)
         self.cert, self.key, self.ca = cert, key, ca
         # Section 3.2: the certificate must name the gateway as configured (an IP SAN here).
         self.server_name = server_name or self.host
+        self.alpn = alpn
         self.protocol = None
         self.welcome = None
         self.idle = DEFAULT_IDLE
@@ -244,11 +248,12 @@ class Session:
         return self._next_id
 
     def configuration(self):
-        config = QuicConfiguration(is_client=True, alpn_protocols=[ALPN],
+        config = QuicConfiguration(is_client=True, alpn_protocols=[self.alpn],
                                    idle_timeout=self.idle, server_name=self.server_name,
                                    verify_mode=ssl.CERT_REQUIRED)
         config.load_verify_locations(cafile=self.ca)
-        config.load_cert_chain(self.cert, self.key)
+        if self.cert is not None:
+            config.load_cert_chain(self.cert, self.key)
         return config
 
     async def connect(self):
@@ -257,6 +262,16 @@ class Session:
         self.protocol = await self._context.__aenter__()
         self._keep_alive = asyncio.ensure_future(self.protocol.keep_alive(self.idle))
         return self.protocol
+
+    async def handshake_fate(self, limit=5.0):
+        """Connects without waiting for the handshake and reports how the connection ended
+        within `limit`, or None if it is still open: for handshakes the gateway must abort."""
+        self._context = connect(self.host, self.port, configuration=self.configuration(),
+                                create_protocol=FwnpProtocol, wait_connected=False)
+        self.protocol = await self._context.__aenter__()
+        self.protocol.transmit()  # without waiting, aioquic sends the Initial at the first send
+        await _wait_closed(self.protocol, limit)
+        return _closed(self.protocol)
 
     async def close(self, code=NO_ERROR):
         if self._keep_alive is not None:
@@ -367,6 +382,23 @@ async def drive(args):
     say("open-before-hello", **exchange.report())
     await early.close()
 
+    # Section 11.3: decoding comes before the connection's state, so an ill-formed item before
+    # Hello is malformed-request, not hello-required.
+    early = Session(**files)
+    await early.connect()
+    exchange = await early.protocol.exchange(codec.encode({"type": "list", "request_id": 7002})[:-1])
+    say("truncated-before-hello", **exchange.report())
+    await early.close()
+
+    # Section 3.2: no client certificate, certificate_required (TLS alert 116, QUIC's crypto
+    # error 0x100 + 116); Section 3.1: no ALPN fwnp/1, no_application_protocol (120).
+    bare = Session(**dict(files, cert=None, key=None))
+    say("no-client-certificate", closed=await bare.handshake_fate())
+    await bare.close()
+    stranger = Session(**files, alpn="h3")
+    say("other-alpn", closed=await stranger.handshake_fate())
+    await stranger.close()
+
     # A Hello without version 1: unsupported-version, then the connection closed with
     # VersionMismatch.
     other = Session(**files)
@@ -426,6 +458,31 @@ async def drive(args):
     exchange = await session.protocol.exchange(codec.encode({"type": "list"}))
     say("list-without-request-id", **exchange.report())
 
+    # A port range, released at once.
+    exchange = await session.send({"type": "open", "lifetime": 60, "opening": session.opening(
+        args.port + 100, ports={"first": args.port + 100, "last": args.port + 102})})
+    say("open-range", **exchange.report())
+    if exchange.message is not None and exchange.message["type"] == "granted":
+        exchange = await session.send({"type": "release", "lease": exchange.message["lease"]})
+        say("release-range", **exchange.report())
+    # Remote prefixes of one family and no host address: the host's addresses of that family
+    # (Section 9.2), only the prefix admitted.
+    remote_port = args.port + 1
+    exchange = await session.send({"type": "open", "lifetime": 60, "opening": session.opening(
+        remote_port, remotes=[args.remote_prefix])})
+    say("open-remotes", **exchange.report())
+    # The keys every message has are understood when listed in `critical` (Section 6.5).
+    item = _cbor_map(codec.encode({"type": "list", "request_id": 7004}))
+    item[2] = [0, 1, 2]
+    exchange = await session.protocol.exchange(_dumps(item))
+    say("critical-common-keys", **exchange.report())
+    # An application id the catalogue does not hold (the client's own APPLICATIONS bit is
+    # informational, Section 14).
+    exchange = await session.send({"type": "open", "request_id": 7005, "opening": {
+        "protocol": None, "ports": None, "app": "nosuchapp", "host": None, "family": None,
+        "remotes": []}})
+    say("open-unknown-application", **exchange.report())
+
     # The gateway's refusals.
     unknown = os.urandom(16).hex()
     exchange = await session.send({"type": "renew", "lease": unknown, "request_id": 7101})
@@ -479,10 +536,31 @@ async def drive(args):
     exchange = await session.protocol.exchange(_dumps(item))
     say("largest", **exchange.report(), size=len(_dumps(item)))
 
-    # Wait for the caller's word, then release.
+    # A second connection, without NOTICES, to see that notices go only where asked for.
+    quiet = Session(**files)
+    await quiet.start(capabilities=0)
+
+    # Wait for the caller's revocation of the lease of the remote prefixes, then for the
+    # notice.
     say("waiting")
-    word = await read_line()
-    if word != "release":
+    if await read_line() != "revoked":
+        await session.close()
+        return
+    loop = asyncio.get_event_loop()
+    deadline = loop.time() + 3.0
+    while not session.protocol.notices and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    say("notices", notices=session.protocol.notices, quiet=quiet.protocol.notices)
+    await quiet.close()
+    revoked = [n["notice"]["lease"] for n in session.protocol.notices if "notice" in n]
+    for lease_id in revoked:
+        exchange = await session.send({"type": "renew", "lease": lease_id, "request_id": 7301})
+        say("renew-revoked", **exchange.report())
+    say("revoke-checked")
+
+    # Then release.
+    if await read_line() != "release":
         await session.close()
         return
     exchange = await session.send({"type": "release", "lease": lease})
@@ -493,7 +571,6 @@ async def drive(args):
     say("release-released", **exchange.report())
     exchange = await session.send({"type": "list"})
     say("list-after-release", **exchange.report())
-    say("notices", notices=session.protocol.notices)
     await session.close()
     say("done")
 
@@ -549,10 +626,12 @@ def main():
     run.add_argument("--ca", required=True)
     run.add_argument("--port", type=int, required=True)
     run.add_argument("--foreign-address", default="198.51.100.200")
+    run.add_argument("--remote-prefix", default="192.0.2.0/26")
     args = parser.parse_args()
     if args.command == "vectors":
         sys.exit(0 if check_vectors(args.dir) else 1)
     ipaddress.ip_address(args.foreign_address)
+    ipaddress.ip_network(args.remote_prefix)
     asyncio.run(asyncio.wait_for(drive(args), 120))
 
 

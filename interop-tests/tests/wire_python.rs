@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, channel};
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use fwnp_interop_tests::{
     Binaries, GATEWAY_PORT, Lab, LabOptions, REQUIRE_NETNS_VAR, TcpEchoServer, netns_command,
-    require_root,
+    require_root, tcp_connects, wait_until,
 };
 use serde_json::Value;
 
@@ -41,6 +42,9 @@ const SETTLE: Duration = Duration::from_secs(5);
 const STEP: Duration = Duration::from_secs(20);
 /// The port the client opens.
 const PORT: u16 = 8201;
+/// The remote prefix of the second opening: the outside's main address lies in it, its second
+/// address does not.
+const REMOTE_PREFIX: &str = "192.0.2.0/26";
 
 const POLICY: &str = r#"
 [defaults]
@@ -61,6 +65,9 @@ allow = "tcp/8000-8999"
 // Section 18.4.
 const MESSAGE_TOO_LARGE: u64 = 0x2;
 const VERSION_MISMATCH: u64 = 0x5;
+/// TLS alerts (RFC 8446, RFC 7301).
+const CERTIFICATE_REQUIRED: u64 = 116;
+const NO_APPLICATION_PROTOCOL: u64 = 120;
 /// RFC 9000's transport error for a stream beyond the peer's limit.
 const STREAM_LIMIT_ERROR: u64 = 0x4;
 
@@ -144,6 +151,7 @@ impl Client {
             .arg(script())
             .arg("drive")
             .args(["--gateway", &gateway, "--port", &PORT.to_string()])
+            .args(["--remote-prefix", REMOTE_PREFIX])
             .arg("--cert")
             .arg(lab.pki.file(&format!("{}.pem", host.name)))
             .arg("--key")
@@ -286,8 +294,20 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         "tcp/{PORT} open before any lease"
     );
 
+    let _echo_remote = TcpEchoServer::start(&host.netns, PORT + 1).expect("echo server");
     let mut client = Client::start(&lab, &python);
     let steps = client.steps_until("waiting", &lab);
+
+    // The handshake's own refusals: TLS alerts as QUIC crypto errors (0x100 + the alert).
+    for (step, alert) in [
+        ("no-client-certificate", CERTIFICATE_REQUIRED),
+        ("other-alpn", NO_APPLICATION_PROTOCOL),
+    ] {
+        let closed = &steps[step]["closed"];
+        assert_eq!(closed["code"], 0x100 + alert, "{step}: {:#}", steps[step]);
+        assert_eq!(closed["application"], false, "{step}: {closed}");
+    }
+    denied(&steps, "truncated-before-hello", "malformed-request", None);
 
     // Connection rules.
     denied(&steps, "open-before-hello", "hello-required", Some(7001));
@@ -387,6 +407,53 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let unnamed = answer(&steps, "list-without-request-id", "leases");
     assert!(unnamed["request_id"].is_null(), "{unnamed:#}");
 
+    // A port range: one grant per address, the range whole.
+    let range = answer(&steps, "open-range", "granted");
+    for grant in range["grants"].as_array().expect("grants") {
+        let (first, last) = (u64::from(PORT) + 100, u64::from(PORT) + 102);
+        assert_eq!(grant["ports"], serde_json::json!({"first": first, "last": last}));
+    }
+    answer(&steps, "release-range", "released");
+    // Remote prefixes of IPv4 without a host address: the host's IPv4 address alone, reached
+    // from inside the prefix and not from outside it.
+    let remotes = answer(&steps, "open-remotes", "granted");
+    let remote_lease = remotes["lease"].as_str().expect("lease id").to_owned();
+    assert_eq!(
+        remotes["grants"],
+        serde_json::json!([{"protocol": "tcp", "ports": {"first": PORT + 1, "last": PORT + 1},
+            "host": host.v4.to_string(), "remotes": [REMOTE_PREFIX], "app": null}]),
+        "{remotes:#}"
+    );
+    let remote_target = SocketAddr::new(host.v4, PORT + 1);
+    let reaches_from = |from: IpAddr| {
+        tcp_connects(
+            &lab.site.outside,
+            remote_target,
+            Some(from),
+            Duration::from_millis(400),
+        )
+    };
+    assert!(
+        wait_until(SETTLE, Duration::from_millis(50), || reaches_from(
+            lab.site.outside_v4
+        )),
+        "tcp/{} not reachable from inside {REMOTE_PREFIX}\n{}",
+        PORT + 1,
+        lab.log_tails(20)
+    );
+    assert!(
+        !reaches_from(lab.site.outside_v4_alt),
+        "tcp/{} reachable from outside {REMOTE_PREFIX}",
+        PORT + 1
+    );
+    answer(&steps, "critical-common-keys", "leases");
+    denied(
+        &steps,
+        "open-unknown-application",
+        "unknown-application",
+        Some(7005),
+    );
+
     // Refusals.
     denied(&steps, "renew-unknown-lease", "unknown-lease", Some(7101));
     denied(&steps, "open-foreign-address", "address-mismatch", Some(7102));
@@ -419,6 +486,27 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert_eq!(steps["largest"]["size"], 16384);
     assert_eq!(answer(&steps, "largest", "leases")["request_id"], 7112);
 
+    // An operator's revocation: the Revoked notice on the connection with NOTICES only, sent
+    // after the opening left the gateway's filter.
+    lab.fwnpctl(&["revoke", &remote_lease, "--reason", "wire test"])
+        .unwrap_or_else(|err| panic!("fwnpctl revoke: {err}"));
+    client.tell("revoked");
+    let steps = client.steps_until("revoke-checked", &lab);
+    assert!(
+        !reaches_from(lab.site.outside_v4),
+        "tcp/{} reachable after its Revoked notice",
+        PORT + 1
+    );
+    let notices = &steps["notices"];
+    assert_eq!(
+        notices["notices"],
+        serde_json::json!([{"notice": {"type": "revoked", "request_id": null, "critical": [],
+            "lease": remote_lease, "reason": "operator", "text": "wire test"}}]),
+        "{notices:#}"
+    );
+    assert_eq!(notices["quiet"], serde_json::json!([]), "{notices:#}");
+    denied(&steps, "renew-revoked", "unknown-lease", Some(7301));
+
     // Release: refused from the outside again.
     client.tell("release");
     let steps = client.steps_until("done", &lab);
@@ -434,10 +522,5 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     denied(&steps, "release-released", "unknown-lease", Some(7202));
     let after = answer(&steps, "list-after-release", "leases");
     assert_eq!(after["leases"], serde_json::json!([]), "{after:#}");
-    assert_eq!(
-        steps["notices"]["notices"],
-        serde_json::json!([]),
-        "no notice was due"
-    );
     assert!(client.finished(), "the client failed");
 }
