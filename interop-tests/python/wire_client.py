@@ -73,6 +73,13 @@ class Exchange:
 
     def report(self):
         out = {"sent": self.sent.hex(), "request_id": codec.request_id_of(self.sent)}
+        # What this client's own reading of the specification answers to what it sent: the
+        # result code a gateway should refuse it with, or None for a request to accept.
+        try:
+            codec.decode(self.sent)
+            out["own_code"] = None
+        except codec.DecodeError as err:
+            out["own_code"] = err.code
         if self.raw is not None:
             out["answer_hex"] = self.raw.hex()
             # Section 6.2: a version-1 gateway writes the deterministic encoding, which for a
@@ -482,6 +489,55 @@ async def drive(args):
         "protocol": None, "ports": None, "app": "nosuchapp", "host": None, "family": None,
         "remotes": []}})
     say("open-unknown-application", **exchange.report())
+
+    # Lifetimes: below the minimum raised to it (narrowed), 0 the policy's default (not
+    # narrowed), a Renew above the maximum lowered to it (narrowed). Section 11.2.
+    for name, port, lifetime in (("open-short-lifetime", args.port + 2, 10),
+                                 ("open-zero-lifetime", args.port + 3, 0)):
+        exchange = await session.send({"type": "open", "lifetime": lifetime,
+                                       "opening": session.opening(port)})
+        say(name, **exchange.report())
+        if exchange.message is not None and exchange.message["type"] == "granted":
+            await session.send({"type": "release", "lease": exchange.message["lease"]})
+    exchange = await session.send({"type": "renew", "lease": lease, "lifetime": 1000})
+    say("renew-long", **exchange.report())
+
+    # Items that break several rules: the failure reported is the first in the order of
+    # Section 6.6.
+    def open_item(request_id, port=args.port):
+        return _cbor_map(codec.encode({"type": "open", "request_id": request_id,
+                                       "opening": session.opening(port)}))
+    probes = []
+    item = open_item(7501)
+    item[2], item[3]["x"] = [64], 1
+    probes.append(("first-critical-then-opening-keys", item))
+    item = open_item(7502)
+    item[2], item["x"] = [64], 1
+    probes.append(("first-message-keys-then-critical", item))
+    probes.append(("first-critical-then-request-id", {0: 6, 1: "x", 2: [64]}))
+    item = open_item(7503)
+    item[3][1], item[4] = 99, 1 << 32
+    probes.append(("first-opening-then-lifetime", item))
+    item = open_item(7504)
+    item[3][1], item[5] = 99, {1: 5}
+    probes.append(("first-opening-then-app-info", item))
+    probes.append(("first-missing-opening-then-lifetime", {0: 3, 1: 7505, 4: 1 << 32}))
+    item = open_item(7506, 0)
+    item[4] = 1 << 32
+    probes.append(("first-decoding-then-validation", item))
+    item = open_item(7507, 0)
+    item[4] = 700000
+    probes.append(("first-opening-rules-then-lifetime-maximum", item))
+    for name, item in probes:
+        exchange = await session.protocol.exchange(_dumps(item))
+        say(name, **exchange.report())
+    # A Hello (on a connection of its own) without version 1 and with an overlong software
+    # text: decoding before the versions.
+    other = Session(**files)
+    await other.connect()
+    exchange = await other.protocol.exchange(_dumps({0: 1, 1: 7508, 3: [2], 5: "x" * 200}))
+    say("first-decoding-then-versions", **exchange.report())
+    await other.close()
 
     # The gateway's refusals.
     unknown = os.urandom(16).hex()

@@ -320,17 +320,14 @@ def _opening(m, key, value):
         o.fail("conflicting-target", "ports and an application")
     if not has_ports and 7 not in o.value:
         o.fail("missing-target", "neither ports nor an application")
+    # Its keys in ascending order (Section 6.6).
     protocol = o.get(1, _registry(PROTOCOLS), has_ports)
     ports = _ports(o, has_ports)
     host = o.get(4, _host)
-    return {
-        "protocol": protocol,
-        "ports": ports,
-        "app": o.get(7, _app_id),
-        "host": host,
-        "family": o.get(5, _registry(FAMILIES)),
-        "remotes": o.get(6, _array(_prefix, True)) or [],
-    }
+    family = o.get(5, _registry(FAMILIES))
+    remotes = o.get(6, _array(_prefix, True)) or []
+    return {"protocol": protocol, "ports": ports, "app": o.get(7, _app_id), "host": host,
+            "family": family, "remotes": remotes}
 
 
 def _grant(m, what, value):
@@ -421,13 +418,13 @@ def decode(data):
     kind = MESSAGE_TYPES.get(number)
     if kind is None:
         top.fail("unknown-message-type", f"type {number}")
-    message = {"type": kind, "request_id": top.get(1, _uint(U64))}
+    # Section 6.6: `critical` is judged before the values of the other keys.
     critical = top.get(2, _array(_element_uint(U64), True)) or []
     unknown = sorted({k for k in critical if k not in ASSIGNED_KEYS[kind] | {0, 1, 2}})
     if unknown:
         raise DecodeError("decode", "unsupported-critical", "unsupported-option",
                           f"critical keys {unknown}", unknown)
-    message["critical"] = critical
+    message = {"type": kind, "request_id": top.get(1, _uint(U64)), "critical": critical}
     for key, field, read, required in FIELDS[kind]:
         message[field] = top.get(key, read, required)
     if kind == "hello" and message["capabilities"] is None:
@@ -501,9 +498,6 @@ def _validate(message):
     kind = message["type"]
     if kind == "hello" and 1 not in message["versions"]:
         _invalid("unsupported-version", f"versions {message['versions']}", "unsupported-version")
-    if kind in ("open", "renew") and (message["lifetime"] or 0) > MAX_LIFETIME:
-        _invalid("lifetime-out-of-range", f"lifetime {message['lifetime']}",
-                 "lifetime-out-of-range")
     if kind == "open":
         opening = message["opening"]
         _check_ports(opening["ports"])
@@ -518,6 +512,10 @@ def _validate(message):
             hosts = [hosts]
         family = FAMILY_NUMBERS[opening["family"]] if opening["family"] else None
         _check_target(hosts or [], family, opening["remotes"])
+    # Section 6.6: the opening's rules before the lifetime's maximum.
+    if kind in ("open", "renew") and (message["lifetime"] or 0) > MAX_LIFETIME:
+        _invalid("lifetime-out-of-range", f"lifetime {message['lifetime']}",
+                 "lifetime-out-of-range")
     grants = []
     if kind == "granted":
         grants = message["grants"]

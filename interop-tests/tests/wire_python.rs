@@ -392,6 +392,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert_eq!(renew["lease"], lease.as_str());
     assert_eq!(renew["lifetime"], 30, "{renew:#}");
     assert_eq!(renew["grants"], open["grants"]);
+    assert_eq!(renew["narrowed"], false, "{renew:#}");
     // Absent lifetime: the lifetime last granted (Section 11.2).
     let renew_default = answer(&steps, "renew-default", "granted");
     assert_eq!(renew_default["lifetime"], 30, "{renew_default:#}");
@@ -418,6 +419,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     // from inside the prefix and not from outside it.
     let remotes = answer(&steps, "open-remotes", "granted");
     let remote_lease = remotes["lease"].as_str().expect("lease id").to_owned();
+    assert_eq!(remotes["narrowed"], false, "{remotes:#}");
     assert_eq!(
         remotes["grants"],
         serde_json::json!([{"protocol": "tcp", "ports": {"first": PORT + 1, "last": PORT + 1},
@@ -453,6 +455,35 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         "unknown-application",
         Some(7005),
     );
+
+    // Lifetimes (Section 11.2) and narrowed (Section 9.5).
+    for (step, lifetime, narrowed) in [
+        ("open-short-lifetime", 30, true),
+        ("open-zero-lifetime", 120, false),
+        ("renew-long", 300, true),
+    ] {
+        let granted = answer(&steps, step, "granted");
+        assert_eq!(granted["lifetime"], lifetime, "{step}: {granted:#}");
+        assert_eq!(granted["narrowed"], narrowed, "{step}: {granted:#}");
+        assert_eq!(granted["renew_after"], lifetime / 2, "{step}: {granted:#}");
+    }
+
+    // Items that break several rules: the first failure in the order of Section 6.6.
+    for (step, code, request_id) in [
+        ("first-critical-then-opening-keys", "unsupported-option", Some(7501)),
+        ("first-message-keys-then-critical", "malformed-request", Some(7502)),
+        ("first-critical-then-request-id", "unsupported-option", None),
+        ("first-opening-then-lifetime", "malformed-option", Some(7503)),
+        ("first-opening-then-app-info", "malformed-option", Some(7504)),
+        ("first-missing-opening-then-lifetime", "malformed-request", Some(7505)),
+        ("first-decoding-then-validation", "lifetime-out-of-range", Some(7506)),
+        ("first-opening-rules-then-lifetime-maximum", "malformed-option", Some(7507)),
+        ("first-decoding-then-versions", "malformed-request", Some(7508)),
+    ] {
+        denied(&steps, step, code, request_id);
+        // The client's own decoder, written from the same text, agrees.
+        assert_eq!(steps[step]["own_code"], code, "{step}: {:#}", steps[step]);
+    }
 
     // Refusals.
     denied(&steps, "renew-unknown-lease", "unknown-lease", Some(7101));
