@@ -188,8 +188,9 @@ class FwnpProtocol(QuicConnectionProtocol):
         self.last_sent = asyncio.get_event_loop().time()
         super().transmit()
 
-    async def exchange(self, data, wait=ANSWER_WAIT):
-        """Sends `data` on a new request stream, ends it, and waits for what comes back."""
+    async def exchange(self, data, wait=ANSWER_WAIT, fin=True):
+        """Sends `data` on a new request stream, ends it (unless `fin` is false, to see what
+        the gateway does with an incomplete request), and waits for what comes back."""
         exchange = Exchange(bytes(data))
         if self.closed is not None:
             exchange.closed = self.closed
@@ -197,7 +198,7 @@ class FwnpProtocol(QuicConnectionProtocol):
         sid = self._quic.get_next_available_stream_id(is_unidirectional=False)
         future = asyncio.get_event_loop().create_future()
         self.requests[sid] = _Stream(exchange, future)
-        self._quic.send_stream_data(sid, bytes(data), end_stream=True)
+        self._quic.send_stream_data(sid, bytes(data), end_stream=fin)
         self.transmit()
         try:
             return await asyncio.wait_for(asyncio.shield(future), wait)
@@ -592,6 +593,20 @@ async def drive(args):
     exchange = await session.protocol.exchange(_dumps(item))
     say("largest", **exchange.report(), size=len(_dumps(item)))
 
+    # An Open whose stream is never ended: the gateway must not act on it (Section 5.2), and
+    # resets the stream with RequestTimeout after 10 s. Meanwhile a connection that never says
+    # Hello is closed with RequestTimeout 10 s after its handshake.
+    silent = Session(**files)
+    await silent.connect()
+    say("pending", port=args.port + 4)
+    pending = asyncio.ensure_future(session.protocol.exchange(
+        codec.encode({"type": "open", "request_id": 7601, "lifetime": 60,
+                      "opening": session.opening(args.port + 4)}), wait=13.0, fin=False))
+    await _wait_closed(silent.protocol, 13.0)
+    say("no-hello", closed=_closed(silent.protocol))
+    await silent.close()
+    say("open-without-fin", **(await pending).report())
+
     # A second connection, without NOTICES, to see that notices go only where asked for.
     quiet = Session(**files)
     await quiet.start(capabilities=0)
@@ -621,6 +636,11 @@ async def drive(args):
         return
     exchange = await session.send({"type": "release", "lease": lease})
     say("release", **exchange.report())
+    # The same request again, same id: the answer recorded for it if the gateway keeps a
+    # window of request ids (Section 15), else unknown-lease.
+    retried = await session.protocol.exchange(exchange.sent)
+    say("release-retried", **retried.report(), first_answer=exchange.raw.hex()
+        if exchange.raw is not None else None)
     exchange = await session.send({"type": "renew", "lease": lease, "request_id": 7201})
     say("renew-released", **exchange.report())
     exchange = await session.send({"type": "release", "lease": lease, "request_id": 7202})

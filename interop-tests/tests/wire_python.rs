@@ -65,6 +65,7 @@ allow = "tcp/8000-8999"
 // Section 18.4.
 const MESSAGE_TOO_LARGE: u64 = 0x2;
 const VERSION_MISMATCH: u64 = 0x5;
+const REQUEST_TIMEOUT: u64 = 0x6;
 /// TLS alerts (RFC 8446, RFC 7301).
 const CERTIFICATE_REQUIRED: u64 = 116;
 const NO_APPLICATION_PROTOCOL: u64 = 120;
@@ -295,8 +296,17 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     );
 
     let _echo_remote = TcpEchoServer::start(&host.netns, PORT + 1).expect("echo server");
+    let _echo_pending = TcpEchoServer::start(&host.netns, PORT + 4).expect("echo server");
     let mut client = Client::start(&lab, &python);
-    let steps = client.steps_until("waiting", &lab);
+    // A request not yet complete has no effect: its port stays closed.
+    let pending = client.steps_until("pending", &lab);
+    assert!(
+        !lab.outside_reaches(0, false, PORT + 4, REFUSED),
+        "tcp/{} opened by an Open whose stream has no FIN",
+        PORT + 4
+    );
+    let mut steps = client.steps_until("waiting", &lab);
+    steps.extend(pending);
 
     // The handshake's own refusals: TLS alerts as QUIC crypto errors (0x100 + the alert).
     for (step, alert) in [
@@ -456,6 +466,20 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         Some(7005),
     );
 
+    // Section 5.2's timers: the incomplete request reset with RequestTimeout and never
+    // answered, the connection without Hello closed with it.
+    let unfinished = &steps["open-without-fin"];
+    assert_eq!(unfinished["reset"], REQUEST_TIMEOUT, "{unfinished:#}");
+    assert!(unfinished.get("answer").is_none(), "{unfinished:#}");
+    assert!(
+        !lab.outside_reaches(0, false, PORT + 4, REFUSED),
+        "tcp/{} opened by an Open that never ended",
+        PORT + 4
+    );
+    let no_hello = &steps["no-hello"]["closed"];
+    assert_eq!(no_hello["code"], REQUEST_TIMEOUT, "{no_hello}");
+    assert_eq!(no_hello["application"], true, "{no_hello}");
+
     // Lifetimes (Section 11.2) and narrowed (Section 9.5).
     for (step, lifetime, narrowed) in [
         ("open-short-lifetime", 30, true),
@@ -548,6 +572,21 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
             lab.wait_reachable(0, v6, PORT, false, SETTLE),
             "tcp/{PORT} (v6 {v6}) still reachable after Release"
         );
+    }
+    // The same Release again: the recorded answer, byte for byte, if the gateway keeps a window
+    // of request ids (Section 15); otherwise unknown-lease.
+    let retried = &steps["release-retried"];
+    match retried["answer"]["type"].as_str() {
+        Some("released") => assert_eq!(
+            retried["answer_hex"], retried["first_answer"],
+            "{retried:#}"
+        ),
+        _ => denied(
+            &steps,
+            "release-retried",
+            "unknown-lease",
+            sent_request_id(retried),
+        ),
     }
     denied(&steps, "renew-released", "unknown-lease", Some(7201));
     denied(&steps, "release-released", "unknown-lease", Some(7202));
