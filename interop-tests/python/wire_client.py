@@ -75,11 +75,15 @@ class Exchange:
         out = {"sent": self.sent.hex(), "request_id": codec.request_id_of(self.sent)}
         # What this client's own reading of the specification answers to what it sent: the
         # result code a gateway should refuse it with, or None for a request to accept.
+        request, refusal = None, None
         try:
-            codec.decode(self.sent)
+            request = codec.decode(self.sent)
             out["own_code"] = None
         except codec.DecodeError as err:
+            refusal = err
             out["own_code"] = err.code
+        if self.message is not None:
+            out["violations"] = _violations(self.sent, request, refusal, self.message)
         if self.raw is not None:
             out["answer_hex"] = self.raw.hex()
             # Section 6.2: a version-1 gateway writes the deterministic encoding, which for a
@@ -100,6 +104,48 @@ class Exchange:
         if self.too_large:
             out["too_large"] = True
         return out
+
+
+ANSWERS = {"hello": "welcome", "open": "granted", "renew": "granted", "release": "released",
+           "list": "leases"}
+
+
+def _violations(sent, request, refusal, answer):
+    """The rules of the specification an answer breaks, whatever the request was."""
+    found = []
+    expected_id = codec.request_id_of(sent)
+    if answer["request_id"] != expected_id:  # Section 8.1, with Section 6.6's readable id
+        found.append(f"request id {answer['request_id']} for {expected_id}")
+    kind = answer["type"]
+    if kind in codec.NOTICES:
+        found.append(f"a notice ({kind}) on a request stream")
+    wanted = ANSWERS.get(request["type"]) if request is not None else None
+    if kind != "denied" and kind != wanted:
+        found.append(f"{kind} answers {request['type'] if request else 'an invalid item'}")
+    if request is not None and request["type"] in ("renew", "release") and kind != "denied" \
+            and answer["lease"] != request["lease"]:
+        found.append("the answer names another lease than the request")
+    if kind == "granted":  # Section 8.8
+        if answer["lifetime"] == 0:
+            found.append("Granted with a lifetime of 0")
+        if answer["renew_after"] > answer["lifetime"]:
+            found.append("renew-after above the lifetime")
+    if kind == "welcome":  # Section 7.3
+        limits = answer["limits"]
+        if limits["max_message_size"] < codec.MAX_MESSAGE_SIZE:
+            found.append("max-message-size below 16,384")
+        if limits["max_streams"] < 1:
+            found.append("max-streams below 1")
+        if not 1 <= limits["min_lifetime"] <= limits["max_lifetime"] <= codec.MAX_LIFETIME:
+            found.append("lifetime limits out of order or range")
+    if kind == "denied":  # Section 8.9
+        if answer["code"] == "rate-limited" and answer["retry_after"] is None:
+            found.append("rate-limited without retry-after")
+        if refusal is not None and refusal.error == "unsupported-critical" \
+                and answer["code"] == "unsupported-option" \
+                and answer["unsupported"] != refusal.unsupported:
+            found.append(f"key 7 {answer['unsupported']} for {refusal.unsupported}")
+    return found
 
 
 class _Stream:
@@ -243,6 +289,7 @@ class Session:
         # Section 3.2: the certificate must name the gateway as configured (an IP SAN here).
         self.server_name = server_name or self.host
         self.alpn = alpn
+        self.tickets = []  # TLS session tickets the gateway issued (Section 3.3)
         self.protocol = None
         self.welcome = None
         self.idle = DEFAULT_IDLE
@@ -266,7 +313,8 @@ class Session:
 
     async def connect(self):
         self._context = connect(self.host, self.port, configuration=self.configuration(),
-                                create_protocol=FwnpProtocol)
+                                create_protocol=FwnpProtocol,
+                                session_ticket_handler=self.tickets.append)
         self.protocol = await self._context.__aenter__()
         self._keep_alive = asyncio.ensure_future(self.protocol.keep_alive(self.idle))
         return self.protocol
@@ -440,7 +488,9 @@ async def drive(args):
         transport={"initial_max_streams_bidi": quic._remote_max_streams_bidi,
                    "initial_max_streams_uni": quic._remote_max_streams_uni,
                    "max_idle_timeout": quic._remote_max_idle_timeout,
-                   "alpn": quic.tls.alpn_negotiated})
+                   "alpn": quic.tls.alpn_negotiated},
+        session_tickets=len(session.tickets),
+        early_data_offered=any(t.max_early_data_size for t in session.tickets))
     exchange = await session.hello()
     say("second-hello", **exchange.report())
 

@@ -113,7 +113,7 @@ def _string(data, pos, major, length):
     return pos + length
 
 
-def _walk(data, pos, depth):
+def _walk(data, pos, depth, duplicates_checked=True):
     major, info, arg, pos = _head(data, pos)
     if major in (0, 1):
         if arg is None:
@@ -138,7 +138,7 @@ def _walk(data, pos, depth):
         while arg is None or count < arg:
             if arg is None and pos < len(data) and data[pos] == 0xFF:
                 return pos + 1
-            if major == 5:
+            if major == 5 and duplicates_checked:
                 start = pos
                 pos = _walk(data, pos, depth)
                 # Keys compare by value: equal values have one deterministic encoding.
@@ -146,7 +146,9 @@ def _walk(data, pos, depth):
                 if key in keys:
                     raise _form("duplicate-key", f"a map holds the key {data[start:pos].hex()} twice")
                 keys.add(key)
-            pos = _walk(data, pos, depth)
+            elif major == 5:
+                pos = _walk(data, pos, depth, False)
+            pos = _walk(data, pos, depth, duplicates_checked)
             count += 1
         return pos
     if major == 6:
@@ -666,18 +668,31 @@ def encode(message):
 
 
 def request_id_of(data):
-    """The request id a gateway can read from a refused item (Section 6.6), or None."""
+    """The request id a gateway can read from an item, refused or not (Section 6.6): the bytes
+    begin with a map that breaks none of rules 1, 2, 4, 5 and 6 (what follows the map does not
+    matter) and holds key 1 exactly once, with an unsigned integer below 2^64. Otherwise None."""
     data = bytes(data)
     try:
         if len(data) > MAX_MESSAGE_SIZE:
             return None
-        end = _walk(data, 0, 0)
-        item = cbor2.loads(data[:end])
+        _walk(data, 0, 0, duplicates_checked=False)
+        major, _, count, pos = _head(data, 0)
+        if major != 5:
+            return None
+        found, pairs = [], 0
+        while count is None or pairs < count:
+            if count is None and data[pos] == 0xFF:
+                break
+            start = pos
+            pos = _walk(data, pos, 1, False)
+            key = cbor2.loads(data[start:pos])
+            value_start = pos
+            pos = _walk(data, pos, 1, False)
+            if type(key) is int and key == 1:
+                found.append(cbor2.loads(data[value_start:pos]))
+            pairs += 1
     except (DecodeError, cbor2.CBORDecodeError):
         return None
-    if not isinstance(item, dict):
-        return None
-    value = item.get(1)
-    if type(value) is int and 0 <= value < U64:
-        return value
+    if len(found) == 1 and type(found[0]) is int and 0 <= found[0] < U64:
+        return found[0]
     return None

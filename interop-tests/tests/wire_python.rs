@@ -194,6 +194,14 @@ impl Client {
             let value: Value =
                 serde_json::from_str(&line).unwrap_or_else(|err| panic!("{err}: {line}"));
             let step = value["step"].as_str().unwrap_or_default().to_owned();
+            // The rules every answer keeps, whatever the request (the client checks them:
+            // request id, answer type, lifetimes, limits, Denied's keys).
+            assert!(
+                value["violations"]
+                    .as_array()
+                    .is_none_or(std::vec::Vec::is_empty),
+                "{step}: the answer breaks the specification: {value:#}"
+            );
             steps.insert(step.clone(), value);
             if step == last {
                 return steps;
@@ -363,6 +371,9 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         transport["initial_max_streams_bidi"], limits["max_streams"],
         "{transport} {limits}"
     );
+    // Section 3.3: no early data offered (and here no session ticket at all).
+    assert_eq!(hello["early_data_offered"], false, "{hello:#}");
+    assert_eq!(hello["session_tickets"], 0, "{hello:#}");
     // M = 30 s: the client connected again with an idle timeout of 3.75 s.
     assert_eq!(hello["hellos"], 2, "{hello:#}");
     assert_eq!(hello["idle_timeout"], 3.75, "{hello:#}");
