@@ -590,6 +590,13 @@ async def drive(args):
     say("first-decoding-then-versions", **exchange.report())
     await other.close()
 
+    # Every conformance vector of a request, as the gateway answers it (Section 19): a valid
+    # one is not refused for its form (it may be for what it asks: an address not the
+    # host's, an unknown lease), an invalid one is refused with its result code. Hellos each
+    # on a connection of their own, since a Hello comes first.
+    if args.vectors:
+        say("vectors", **await send_vectors(session, files, args.vectors))
+
     # The gateway's refusals.
     unknown = os.urandom(16).hex()
     exchange = await session.send({"type": "renew", "lease": unknown, "request_id": 7101})
@@ -701,6 +708,65 @@ async def drive(args):
     say("done")
 
 
+FORM_CODES = {"malformed-request", "malformed-option", "unsupported-option",
+              "lifetime-out-of-range", "unsupported-version"}
+
+
+def _vector_type(vector):
+    if "valid" in vector:
+        return vector["valid"]["decoded"]["type"]
+    try:
+        import cbor2
+        item = cbor2.loads(bytes.fromhex(vector["hex"]))
+        return codec.MESSAGE_TYPES.get(item.get(0)) if isinstance(item, dict) else None
+    except Exception:  # not well-formed, or its key 0 not a number: sent as it is
+        return None
+
+
+async def send_vectors(session, files, directory):
+    """Sends each request vector of `directory`; returns how many were sent and where the
+    gateway's answer differs from the vector's outcome."""
+    sent, differences = 0, []
+    for name in sorted(n for n in os.listdir(directory) if n.endswith(".json")):
+        with open(os.path.join(directory, name)) as file:
+            vector = json.load(file)
+        kind = _vector_type(vector)
+        if kind is not None and kind not in codec.REQUESTS:
+            continue  # answers and notices are the client's to decode
+        data = bytes.fromhex(vector["hex"])
+        if kind == "hello":
+            own = Session(**files)
+            await own.connect()
+            exchange = await own.protocol.exchange(data)
+            await asyncio.sleep(0.1)
+            closed = _closed(own.protocol)
+            await own.close()
+        else:
+            exchange = await session.protocol.exchange(data)
+            closed = None
+        sent += 1
+        answer = exchange.message
+        if answer is not None and answer["type"] == "granted":
+            await session.send({"type": "release", "lease": answer["lease"]})
+        invalid = vector.get("invalid")
+        if invalid is not None and invalid["error"] == "too-large":
+            got_ok = exchange.reset == MESSAGE_TOO_LARGE and exchange.raw is None
+        elif invalid is not None:
+            got_ok = (answer is not None and answer["type"] == "denied"
+                      and answer["code"] == invalid["result_code"]
+                      and answer["unsupported"] == invalid.get("unsupported", []))
+            if invalid["error"] == "unsupported-version":
+                got_ok = got_ok and closed is not None and closed["code"] == VERSION_MISMATCH
+        else:
+            got_ok = answer is not None and (answer["type"] != "denied"
+                                             or answer["code"] not in FORM_CODES)
+        violations = exchange.report().get("violations", [])
+        if not got_ok or violations:
+            differences.append({"vector": name, "expected": invalid or "accepted",
+                                "got": exchange.report(), "closed": closed})
+    return {"sent": sent, "differences": differences}
+
+
 def _cbor_map(raw):
     import cbor2
     return cbor2.loads(raw)
@@ -753,6 +819,7 @@ def main():
     run.add_argument("--port", type=int, required=True)
     run.add_argument("--foreign-address", default="198.51.100.200")
     run.add_argument("--remote-prefix", default="192.0.2.0/26")
+    run.add_argument("--vectors", help="the conformance vectors to send, spec/vectors")
     args = parser.parse_args()
     if args.command == "vectors":
         sys.exit(0 if check_vectors(args.dir) else 1)

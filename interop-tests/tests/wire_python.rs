@@ -153,6 +153,8 @@ impl Client {
             .arg("drive")
             .args(["--gateway", &gateway, "--port", &PORT.to_string()])
             .args(["--remote-prefix", REMOTE_PREFIX])
+            .arg("--vectors")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors"))
             .arg("--cert")
             .arg(lab.pki.file(&format!("{}.pem", host.name)))
             .arg("--key")
@@ -519,6 +521,11 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         // The client's own decoder, written from the same text, agrees.
         assert_eq!(steps[step]["own_code"], code, "{step}: {:#}", steps[step]);
     }
+
+    // The conformance vectors of requests, sent to the gateway.
+    let vectors = &steps["vectors"];
+    assert!(vectors["sent"].as_u64() >= Some(80), "{vectors:#}");
+    assert_eq!(vectors["differences"], serde_json::json!([]), "{vectors:#}");
 
     // Refusals.
     denied(&steps, "renew-unknown-lease", "unknown-lease", Some(7101));
