@@ -541,6 +541,17 @@ async def drive(args):
         "remotes": []}})
     say("open-unknown-application", **exchange.report())
 
+    # Host addresses named as an array, and a family without addresses (Section 9.2): one
+    # lease each, released at once.
+    addresses = session.welcome["addresses"]
+    for name, port, extra in (("open-host-addresses", args.port + 5, {"host": addresses}),
+                              ("open-family-ipv6", args.port + 6, {"family": "ipv6"})):
+        exchange = await session.send({"type": "open", "lifetime": 60,
+                                       "opening": session.opening(port, **extra)})
+        say(name, **exchange.report())
+        if exchange.message is not None and exchange.message["type"] == "granted":
+            await session.send({"type": "release", "lease": exchange.message["lease"]})
+
     # Lifetimes: below the minimum raised to it (narrowed), 0 the policy's default (not
     # narrowed), a Renew above the maximum lowered to it (narrowed). Section 11.2.
     for name, port, lifetime in (("open-short-lifetime", args.port + 2, 10),

@@ -493,6 +493,23 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert_eq!(no_hello["code"], REQUEST_TIMEOUT, "{no_hello}");
     assert_eq!(no_hello["application"], true, "{no_hello}");
 
+    // Host addresses as an array: one lease, a grant for each; a family alone: its address.
+    let named = answer(&steps, "open-host-addresses", "granted");
+    let named_hosts: Vec<&str> = named["grants"]
+        .as_array()
+        .expect("grants")
+        .iter()
+        .filter_map(|g| g["host"].as_str())
+        .collect();
+    assert_eq!(named_hosts, addresses, "{named:#}");
+    let v6_only = answer(&steps, "open-family-ipv6", "granted");
+    assert_eq!(
+        v6_only["grants"],
+        serde_json::json!([{"protocol": "tcp", "ports": {"first": PORT + 6, "last": PORT + 6},
+            "host": host.v6.to_string(), "remotes": [], "app": null}]),
+        "{v6_only:#}"
+    );
+
     // Lifetimes (Section 11.2) and narrowed (Section 9.5).
     for (step, lifetime, narrowed) in [
         ("open-short-lifetime", 30, true),
