@@ -363,7 +363,10 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         "{welcome:#}"
     );
     let limits = &welcome["limits"];
-    assert!(limits["max_message_size"].as_u64() >= Some(16384), "{limits}");
+    assert!(
+        limits["max_message_size"].as_u64() >= Some(16384),
+        "{limits}"
+    );
     assert_eq!(limits["min_lifetime"], 30, "{limits}");
     assert_eq!(limits["max_lifetime"], 300, "{limits}");
     let transport = &hello["transport"];
@@ -410,7 +413,11 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     }
     assert_eq!(open["epoch"], welcome["epoch"]);
     let again = answer(&steps, "open-again", "granted");
-    assert_eq!(again["lease"], lease.as_str(), "idempotent re-open: {again:#}");
+    assert_eq!(
+        again["lease"],
+        lease.as_str(),
+        "idempotent re-open: {again:#}"
+    );
     let renew = answer(&steps, "renew", "granted");
     assert_eq!(renew["lease"], lease.as_str());
     assert_eq!(renew["lifetime"], 30, "{renew:#}");
@@ -435,7 +442,10 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let range = answer(&steps, "open-range", "granted");
     for grant in range["grants"].as_array().expect("grants") {
         let (first, last) = (u64::from(PORT) + 100, u64::from(PORT) + 102);
-        assert_eq!(grant["ports"], serde_json::json!({"first": first, "last": last}));
+        assert_eq!(
+            grant["ports"],
+            serde_json::json!({"first": first, "last": last})
+        );
     }
     answer(&steps, "release-range", "released");
     // Remote prefixes of IPv4 without a host address: the host's IPv4 address alone, reached
@@ -524,15 +534,47 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
 
     // Items that break several rules: the first failure in the order of Section 6.6.
     for (step, code, request_id) in [
-        ("first-critical-then-opening-keys", "unsupported-option", Some(7501)),
-        ("first-message-keys-then-critical", "malformed-request", Some(7502)),
+        (
+            "first-critical-then-opening-keys",
+            "unsupported-option",
+            Some(7501),
+        ),
+        (
+            "first-message-keys-then-critical",
+            "malformed-request",
+            Some(7502),
+        ),
         ("first-critical-then-request-id", "unsupported-option", None),
-        ("first-opening-then-lifetime", "malformed-option", Some(7503)),
-        ("first-opening-then-app-info", "malformed-option", Some(7504)),
-        ("first-missing-opening-then-lifetime", "malformed-request", Some(7505)),
-        ("first-decoding-then-validation", "lifetime-out-of-range", Some(7506)),
-        ("first-opening-rules-then-lifetime-maximum", "malformed-option", Some(7507)),
-        ("first-decoding-then-versions", "malformed-request", Some(7508)),
+        (
+            "first-opening-then-lifetime",
+            "malformed-option",
+            Some(7503),
+        ),
+        (
+            "first-opening-then-app-info",
+            "malformed-option",
+            Some(7504),
+        ),
+        (
+            "first-missing-opening-then-lifetime",
+            "malformed-request",
+            Some(7505),
+        ),
+        (
+            "first-decoding-then-validation",
+            "lifetime-out-of-range",
+            Some(7506),
+        ),
+        (
+            "first-opening-rules-then-lifetime-maximum",
+            "malformed-option",
+            Some(7507),
+        ),
+        (
+            "first-decoding-then-versions",
+            "malformed-request",
+            Some(7508),
+        ),
     ] {
         denied(&steps, step, code, request_id);
         // The client's own decoder, written from the same text, agrees.
@@ -546,7 +588,12 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
 
     // Refusals.
     denied(&steps, "renew-unknown-lease", "unknown-lease", Some(7101));
-    denied(&steps, "open-foreign-address", "address-mismatch", Some(7102));
+    denied(
+        &steps,
+        "open-foreign-address",
+        "address-mismatch",
+        Some(7102),
+    );
     denied(
         &steps,
         "open-lifetime-above-maximum",
@@ -563,7 +610,12 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     denied(&steps, "trailing-byte", "malformed-request", Some(7106));
     denied(&steps, "duplicate-request-id", "malformed-request", None);
     denied(&steps, "unknown-type", "malformed-request", Some(7108));
-    denied(&steps, "answer-type-as-request", "malformed-request", Some(7109));
+    denied(
+        &steps,
+        "answer-type-as-request",
+        "malformed-request",
+        Some(7109),
+    );
     let ignored = answer(&steps, "unknown-keys", "leases");
     assert_eq!(ignored["request_id"], 7110);
     let too_large = &steps["too-large"];
