@@ -6,9 +6,13 @@
 //! network namespace, with the host's certificate from the lab's PKI, it speaks to the gateway
 //! directly (the host's agent is stopped and its own table removed, so that the gateway alone
 //! decides what reaches the host): a port it opened is reachable from the outside network on
-//! both families while the lease is held and refused once it is released, and the gateway's
-//! answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
-//! then VersionMismatch, ProtocolViolation for a client's unidirectional stream, malformed-request
+//! both families while the lease is held and refused once it is released, a port opened for a
+//! remote prefix only from inside it, a lease an operator revokes closed before its Revoked
+//! notice arrives (on the connection with NOTICES only); every conformance vector of a request
+//! is answered as the vector says; and the gateway's answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
+//! then VersionMismatch, QUIC's STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS
+//! alerts for a handshake without a client certificate or without the ALPN, RequestTimeout for
+//! an unfinished request or a missing Hello (and nothing opened meanwhile), malformed-request
 //! for ill-formed items and a second Hello, unsupported-option listing the critical keys,
 //! address-mismatch, lifetime-out-of-range, malformed-option, unknown-lease, MessageTooLarge for
 //! an item over 16,384 bytes, the request id echoed exactly when it was readable, idempotent
