@@ -681,6 +681,21 @@ async def drive(args):
     quiet = Session(**files)
     await quiet.start(capabilities=0)
 
+    # Section 3.5: more connections of one identity than the gateway allows (4 in the caller's
+    # configuration, two of them held here): the one beyond is closed with ExcessiveLoad.
+    extras, fates = [], []
+    for _ in range(3):
+        extra = Session(**files)
+        await extra.connect()
+        exchange = await extra.hello()
+        fates.append({"answer": (exchange.message or {}).get("type"),
+                      "closed": _closed(extra.protocol)})
+        extras.append(extra)
+    say("connections", fates=fates, main_closed=_closed(session.protocol),
+        quiet_closed=_closed(quiet.protocol))
+    for extra in extras:
+        await extra.close()
+
     # Wait for the caller's revocation of the lease of the remote prefixes, then for the
     # notice.
     say("waiting")

@@ -70,6 +70,7 @@ allow = "tcp/8000-8999"
 const MESSAGE_TOO_LARGE: u64 = 0x2;
 const VERSION_MISMATCH: u64 = 0x5;
 const REQUEST_TIMEOUT: u64 = 0x6;
+const EXCESSIVE_LOAD: u64 = 0x7;
 /// TLS alerts (RFC 8446, RFC 7301).
 const CERTIFICATE_REQUIRED: u64 = 116;
 const NO_APPLICATION_PROTOCOL: u64 = 120;
@@ -523,6 +524,16 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
             "host": host.v6.to_string(), "remotes": [], "app": null}]),
         "{v6_only:#}"
     );
+
+    // Connections per identity (Section 3.5): the lab's gateway allows 4, the client held two
+    // (the agent's, killed over 10 s ago, has timed out) and opened three more.
+    let connections = &steps["connections"];
+    let fates = connections["fates"].as_array().expect("fates");
+    assert_eq!(fates[0]["answer"], "welcome", "{connections:#}");
+    assert_eq!(fates[1]["answer"], "welcome", "{connections:#}");
+    assert_eq!(fates[2]["closed"]["code"], EXCESSIVE_LOAD, "{connections:#}");
+    assert_eq!(fates[2]["closed"]["application"], true, "{connections:#}");
+    assert!(connections["main_closed"].is_null(), "{connections:#}");
 
     // Lifetimes (Section 11.2) and narrowed (Section 9.5).
     for (step, lifetime, narrowed) in [
