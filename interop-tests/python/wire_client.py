@@ -15,8 +15,9 @@ namespace:
         stream reset or connection close and its code). It holds an opening of tcp/N, and one
         of tcp/N+1 for the remote prefix given, and says `waiting`; it then reads `revoked`
         on its standard input (the caller has revoked the second lease) and reports the
-        notices, and reads `release`, after which it releases the first lease. The caller
-        probes the ports meanwhile.
+        notices, and reads `release`, after which it releases the first lease and says
+        `ready-for-shutdown`, then reports how the connection ends when the caller stops the
+        gateway. The caller probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
@@ -696,6 +697,10 @@ async def drive(args):
     for extra in extras:
         await extra.close()
 
+    # A connection without Hello yet, which must get no notice (Section 5.3).
+    unwelcomed = Session(**files)
+    await unwelcomed.connect()
+
     # Wait for the caller's revocation of the lease of the remote prefixes, then for the
     # notice.
     say("waiting")
@@ -707,8 +712,10 @@ async def drive(args):
     while not session.protocol.notices and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
-    say("notices", notices=session.protocol.notices, quiet=quiet.protocol.notices)
+    say("notices", notices=session.protocol.notices, quiet=quiet.protocol.notices,
+        unwelcomed=unwelcomed.protocol.notices)
     await quiet.close()
+    await unwelcomed.close()
     revoked = [n["notice"]["lease"] for n in session.protocol.notices if "notice" in n]
     for lease_id in revoked:
         exchange = await session.send({"type": "renew", "lease": lease_id, "request_id": 7301})
@@ -732,6 +739,13 @@ async def drive(args):
     say("release-released", **exchange.report())
     exchange = await session.send({"type": "list"})
     say("list-after-release", **exchange.report())
+
+    # The caller stops the gateway: GoingAway, then the connection closed with GoingAway
+    # (Section 3.5).
+    seen = len(session.protocol.notices)
+    say("ready-for-shutdown")
+    await _wait_closed(session.protocol, 10.0)
+    say("shutdown", notices=session.protocol.notices[seen:], closed=_closed(session.protocol))
     await session.close()
     say("done")
 

@@ -68,6 +68,7 @@ allow = "tcp/8000-8999"
 
 // Section 18.4.
 const MESSAGE_TOO_LARGE: u64 = 0x2;
+const GOING_AWAY: u64 = 0x4;
 const VERSION_MISMATCH: u64 = 0x5;
 const REQUEST_TIMEOUT: u64 = 0x6;
 const EXCESSIVE_LOAD: u64 = 0x7;
@@ -302,7 +303,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let Some(python) = python(test) else {
         return;
     };
-    let lab = start_lab();
+    let mut lab = start_lab();
     let host = &lab.site.hosts[0];
     let _echo = TcpEchoServer::start(&host.netns, PORT).expect("echo server");
     assert!(
@@ -531,7 +532,10 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let fates = connections["fates"].as_array().expect("fates");
     assert_eq!(fates[0]["answer"], "welcome", "{connections:#}");
     assert_eq!(fates[1]["answer"], "welcome", "{connections:#}");
-    assert_eq!(fates[2]["closed"]["code"], EXCESSIVE_LOAD, "{connections:#}");
+    assert_eq!(
+        fates[2]["closed"]["code"], EXCESSIVE_LOAD,
+        "{connections:#}"
+    );
     assert_eq!(fates[2]["closed"]["application"], true, "{connections:#}");
     assert!(connections["main_closed"].is_null(), "{connections:#}");
 
@@ -662,11 +666,12 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         "{notices:#}"
     );
     assert_eq!(notices["quiet"], serde_json::json!([]), "{notices:#}");
+    assert_eq!(notices["unwelcomed"], serde_json::json!([]), "{notices:#}");
     denied(&steps, "renew-revoked", "unknown-lease", Some(7301));
 
     // Release: refused from the outside again.
     client.tell("release");
-    let steps = client.steps_until("done", &lab);
+    let steps = client.steps_until("ready-for-shutdown", &lab);
     let released = answer(&steps, "release", "released");
     assert_eq!(released["lease"], lease.as_str());
     for v6 in [false, true] {
@@ -694,5 +699,27 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     denied(&steps, "release-released", "unknown-lease", Some(7202));
     let after = answer(&steps, "list-after-release", "leases");
     assert_eq!(after["leases"], serde_json::json!([]), "{after:#}");
+
+    // A gateway that shuts down: GoingAway, then the close with GoingAway.
+    let pid = lab
+        .gateway_daemon()
+        .and_then(|daemon| daemon.pid())
+        .expect("the gateway runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM to the gateway");
+    let steps = client.steps_until("done", &lab);
+    let shutdown = &steps["shutdown"];
+    let kinds: Vec<&str> = shutdown["notices"]
+        .as_array()
+        .expect("notices")
+        .iter()
+        .filter_map(|n| n["notice"]["type"].as_str())
+        .collect();
+    assert_eq!(kinds, ["going-away"], "{shutdown:#}");
+    assert_eq!(shutdown["closed"]["code"], GOING_AWAY, "{shutdown:#}");
+    assert_eq!(shutdown["closed"]["application"], true, "{shutdown:#}");
     assert!(client.finished(), "the client failed");
 }
