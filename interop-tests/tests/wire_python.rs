@@ -122,6 +122,8 @@ fn wire_python_codec_passes_the_conformance_vectors() {
     };
     let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors");
     let output = std::process::Command::new(python)
+        // No __pycache__ beside the sources in the tree.
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(script())
         .arg("vectors")
         .arg(vectors)
@@ -155,6 +157,7 @@ impl Client {
         let host = &lab.site.hosts[0];
         let gateway = format!("{}:{GATEWAY_PORT}", lab.site.gateway_inside_v4);
         let mut child = netns_command(&host.netns, python)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .arg(script())
             .arg("drive")
             .args(["--gateway", &gateway, "--port", &PORT.to_string()])
