@@ -9,15 +9,18 @@ namespace:
         decodes every conformance vector of DIR and prints one JSON line per disagreement,
         then {"vectors": N, "failed": M}.
     wire_client.py drive --gateway ADDR:PORT --cert PEM --key PEM --ca PEM --port N
-            [--foreign-address IP]
+            --second-cert PEM --second-key PEM [--foreign-address IP] [--remote-prefix P]
+            [--vectors DIR]
         speaks to the gateway and prints one JSON line per step: what was sent and what came
         back (the answer decoded, its bytes, whether they were the deterministic encoding, a
         stream reset or connection close and its code). It holds an opening of tcp/N, and one
         of tcp/N+1 for the remote prefix given, and says `waiting`; it then reads `revoked`
         on its standard input (the caller has revoked the second lease) and reports the
-        notices, and reads `release`, after which it releases the first lease and says
-        `ready-for-shutdown`, then reports how the connection ends when the caller stops the
-        gateway. The caller probes the ports meanwhile.
+        notices, and reads `release`, after which it releases the first lease; it opens another
+        port, connects with the second certificate too, says `ready-for-credential` and reads
+        `credential-revoked` (the caller has revoked the first certificate), reports what
+        each connection saw, says `ready-for-shutdown`, and reports how the second connection
+        ends when the caller stops the gateway. The caller probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
@@ -740,13 +743,38 @@ async def drive(args):
     exchange = await session.send({"type": "list"})
     say("list-after-release", **exchange.report())
 
+    # The certificate revoked (Section 8.12): a lease it opened is revoked with
+    # credential-revoked, the notice sent on every connection of the identity, the connections
+    # made with that certificate closed with NoError, those made with another certificate of
+    # the identity kept, and a new handshake with it refused (certificate_revoked).
+    exchange = await session.send({"type": "open", "lifetime": 60,
+                                   "opening": session.opening(args.port + 7)})
+    say("open-before-credential", **exchange.report())
+    second = Session(**dict(files, cert=args.second_cert, key=args.second_key))
+    await second.start()
+    seen = len(session.protocol.notices)
+    say("ready-for-credential")
+    if await read_line() != "credential-revoked":
+        await session.close()
+        return
+    await _wait_closed(session.protocol, 5.0)
+    deadline = asyncio.get_event_loop().time() + 2.0
+    while not second.protocol.notices and asyncio.get_event_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    again = Session(**files)
+    say("credential", notices=session.protocol.notices[seen:], closed=_closed(session.protocol),
+        second_notices=second.protocol.notices, second_closed=_closed(second.protocol),
+        new_handshake=await again.handshake_fate())
+    await again.close()
+    await session.close()
+
     # The caller stops the gateway: GoingAway, then the connection closed with GoingAway
     # (Section 3.5).
-    seen = len(session.protocol.notices)
+    seen = len(second.protocol.notices)
     say("ready-for-shutdown")
-    await _wait_closed(session.protocol, 10.0)
-    say("shutdown", notices=session.protocol.notices[seen:], closed=_closed(session.protocol))
-    await session.close()
+    await _wait_closed(second.protocol, 10.0)
+    say("shutdown", notices=second.protocol.notices[seen:], closed=_closed(second.protocol))
+    await second.close()
     say("done")
 
 
@@ -860,6 +888,9 @@ def main():
     run.add_argument("--foreign-address", default="198.51.100.200")
     run.add_argument("--remote-prefix", default="192.0.2.0/26")
     run.add_argument("--vectors", help="the conformance vectors to send, spec/vectors")
+    run.add_argument("--second-cert", required=True,
+                     help="another certificate of the same identity, and its key")
+    run.add_argument("--second-key", required=True)
     args = parser.parse_args()
     if args.command == "vectors":
         sys.exit(0 if check_vectors(args.dir) else 1)

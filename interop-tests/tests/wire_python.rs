@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use fwnp_interop_tests::{
     Binaries, GATEWAY_PORT, Lab, LabOptions, REQUIRE_NETNS_VAR, TcpEchoServer, netns_command,
-    require_root, tcp_connects, wait_until,
+    require_root, run_ok, tcp_connects, wait_until,
 };
 use serde_json::Value;
 
@@ -67,12 +67,14 @@ allow = "tcp/8000-8999"
 "#;
 
 // Section 18.4.
+const NO_ERROR: u64 = 0x0;
 const MESSAGE_TOO_LARGE: u64 = 0x2;
 const GOING_AWAY: u64 = 0x4;
 const VERSION_MISMATCH: u64 = 0x5;
 const REQUEST_TIMEOUT: u64 = 0x6;
 const EXCESSIVE_LOAD: u64 = 0x7;
 /// TLS alerts (RFC 8446, RFC 7301).
+const CERTIFICATE_REVOKED: u64 = 44;
 const CERTIFICATE_REQUIRED: u64 = 116;
 const NO_APPLICATION_PROTOCOL: u64 = 120;
 /// RFC 9000's transport error for a stream beyond the peer's limit.
@@ -168,6 +170,10 @@ impl Client {
             .arg(lab.pki.file(&format!("{}.pem", host.name)))
             .arg("--key")
             .arg(lab.pki.file(&format!("{}.key", host.name)))
+            .arg("--second-cert")
+            .arg(lab.pki.file(&format!("{}-second.pem", host.name)))
+            .arg("--second-key")
+            .arg(lab.pki.file(&format!("{}-second.key", host.name)))
             .arg("--ca")
             .arg(lab.pki.file("ca.pem"))
             .stdin(Stdio::piped())
@@ -294,6 +300,24 @@ fn start_lab() -> Lab {
         .netns
         .exec_checked(&["nft", "delete", "table", "inet", "fwnp_host"])
         .unwrap_or_else(|err| panic!("removing the agent's table: {err}"));
+    // A second certificate of the same identity: the first kept aside, the name issued again,
+    // the new one moved to NAME-second.
+    let host = &lab.site.hosts[0];
+    let file = |suffix: &str| lab.pki.file(&format!("{}{suffix}", host.name));
+    for ext in ["pem", "key"] {
+        std::fs::rename(file(&format!(".{ext}")), file(&format!("-first.{ext}")))
+            .unwrap_or_else(|err| panic!("keeping the first certificate: {err}"));
+    }
+    lab.pki
+        .issue(&lab.bins.fwnpctl, "host", &host.name, &[host.v4, host.v6])
+        .unwrap_or_else(|err| panic!("issuing a second certificate: {err}"));
+    for ext in ["pem", "key"] {
+        std::fs::rename(file(&format!(".{ext}")), file(&format!("-second.{ext}")))
+            .and_then(|()| {
+                std::fs::rename(file(&format!("-first.{ext}")), file(&format!(".{ext}")))
+            })
+            .unwrap_or_else(|err| panic!("placing the certificates: {err}"));
+    }
     lab
 }
 
@@ -316,6 +340,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
 
     let _echo_remote = TcpEchoServer::start(&host.netns, PORT + 1).expect("echo server");
     let _echo_pending = TcpEchoServer::start(&host.netns, PORT + 4).expect("echo server");
+    let _echo_kept = TcpEchoServer::start(&host.netns, PORT + 7).expect("echo server");
     let mut client = Client::start(&lab, &python);
     // A request not yet complete has no effect: its port stays closed.
     let pending = client.steps_until("pending", &lab);
@@ -674,7 +699,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
 
     // Release: refused from the outside again.
     client.tell("release");
-    let steps = client.steps_until("ready-for-shutdown", &lab);
+    let steps = client.steps_until("ready-for-credential", &lab);
     let released = answer(&steps, "release", "released");
     assert_eq!(released["lease"], lease.as_str());
     for v6 in [false, true] {
@@ -702,6 +727,60 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     denied(&steps, "release-released", "unknown-lease", Some(7202));
     let after = answer(&steps, "list-after-release", "leases");
     assert_eq!(after["leases"], serde_json::json!([]), "{after:#}");
+
+    // The first certificate revoked, and the CRL reloaded (Section 8.12).
+    let kept = answer(&steps, "open-before-credential", "granted");
+    let kept_lease = kept["lease"].as_str().expect("lease id").to_owned();
+    let first_cert = lab.pki.file(&format!("{}.pem", host.name));
+    let pki_dir = lab.pki.file("");
+    let revoke_cert = [
+        "pki".as_ref(),
+        "revoke".as_ref(),
+        first_cert.as_os_str(),
+        "--dir".as_ref(),
+        pki_dir.as_os_str(),
+    ];
+    run_ok(lab.fwnpctl_command().args(revoke_cert))
+        .unwrap_or_else(|err| panic!("fwnpctl pki revoke: {err}"));
+    lab.fwnpctl(&["policy", "reload"])
+        .unwrap_or_else(|err| panic!("fwnpctl policy reload: {err}"));
+    client.tell("credential-revoked");
+    let steps = client.steps_until("ready-for-shutdown", &lab);
+    let credential = &steps["credential"];
+    let revoked_notice = serde_json::json!([{"notice": {"type": "revoked", "request_id": null,
+        "critical": [], "lease": kept_lease, "reason": "credential-revoked"}}]);
+    let without_text = |notices: &Value| {
+        let mut notices = notices.clone();
+        for notice in notices.as_array_mut().into_iter().flatten() {
+            if let Some(map) = notice["notice"].as_object_mut() {
+                map.remove("text");
+            }
+        }
+        notices
+    };
+    assert_eq!(
+        without_text(&credential["notices"]),
+        revoked_notice,
+        "{credential:#}"
+    );
+    assert_eq!(
+        without_text(&credential["second_notices"]),
+        revoked_notice,
+        "{credential:#}"
+    );
+    assert_eq!(credential["closed"]["code"], NO_ERROR, "{credential:#}");
+    assert_eq!(credential["closed"]["application"], true, "{credential:#}");
+    assert!(credential["second_closed"].is_null(), "{credential:#}");
+    assert_eq!(
+        credential["new_handshake"]["code"],
+        0x100 + CERTIFICATE_REVOKED,
+        "{credential:#}"
+    );
+    assert!(
+        !lab.outside_reaches(0, false, PORT + 7, REFUSED),
+        "tcp/{} reachable after its certificate was revoked",
+        PORT + 7
+    );
 
     // A gateway that shuts down: GoingAway, then the close with GoingAway.
     let pid = lab
