@@ -656,6 +656,10 @@ async def drive(args):
     item[20] = "later"
     exchange = await session.protocol.exchange(_dumps(item))
     say("unknown-keys", **exchange.report())
+    # In an ignored value, the integer 1 and the float 1.0 are two keys, not one twice (they
+    # are distinct in CBOR's data model, RFC 8949 Section 2).
+    exchange = await session.protocol.exchange(_hex("a3 0006 01191bc9 1840 a2 f93c00 01 01 02"))
+    say("float-and-integer-keys", **exchange.report())
     # An oversized item: the stream reset with MessageTooLarge, no answer.
     item = _padded(_cbor_map(codec.encode({"type": "list", "request_id": 7111})),
                    codec.MAX_MESSAGE_SIZE + 1)

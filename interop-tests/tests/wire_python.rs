@@ -665,6 +665,8 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     );
     let ignored = answer(&steps, "unknown-keys", "leases");
     assert_eq!(ignored["request_id"], 7110);
+    let distinct = answer(&steps, "float-and-integer-keys", "leases");
+    assert_eq!(distinct["request_id"], 7113, "{distinct:#}");
     let too_large = &steps["too-large"];
     assert_eq!(too_large["size"], 16385);
     assert_eq!(
