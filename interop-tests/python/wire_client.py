@@ -13,7 +13,8 @@ namespace:
             [--vectors DIR]
         speaks to the gateway and prints one JSON line per step: what was sent and what came
         back (the answer decoded, its bytes, whether they were the deterministic encoding, a
-        stream reset or connection close and its code). It holds an opening of tcp/N, and one
+        stream reset or connection close and its code). It says `held` when tcp/N is granted
+        and waits for `probed`. It holds that opening, and one
         of tcp/N+1 for the remote prefix given, and says `waiting`; it then reads `revoked`
         on its standard input (the caller has revoked the second lease) and reports the
         notices, and reads `release`, after which it releases the first lease; it opens another
@@ -507,7 +508,11 @@ async def drive(args):
         await session.close()
         return
     lease = exchange.message["lease"]
+    # Section 11.3: Granted means in force; the caller probes the port at once.
     say("held", lease=lease)
+    if await read_line() != "probed":
+        await session.close()
+        return
 
     exchange = await session.send({"type": "open", "opening": session.opening(args.port),
                                    "lifetime": 60})

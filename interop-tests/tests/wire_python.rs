@@ -342,8 +342,19 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let _echo_pending = TcpEchoServer::start(&host.netns, PORT + 4).expect("echo server");
     let _echo_kept = TcpEchoServer::start(&host.netns, PORT + 7).expect("echo server");
     let mut client = Client::start(&lab, &python);
+    // Granted means in force (Section 11.3): reachable at once, on both families.
+    let held = client.steps_until("held", &lab);
+    for v6 in [false, true] {
+        assert!(
+            lab.outside_reaches(0, v6, PORT, REFUSED),
+            "tcp/{PORT} (v6 {v6}) not reachable when Granted arrived\n{}",
+            lab.log_tails(20)
+        );
+    }
+    client.tell("probed");
     // A request not yet complete has no effect: its port stays closed.
-    let pending = client.steps_until("pending", &lab);
+    let mut pending = client.steps_until("pending", &lab);
+    pending.extend(held);
     assert!(
         !lab.outside_reaches(0, false, PORT + 4, REFUSED),
         "tcp/{} opened by an Open whose stream has no FIN",
