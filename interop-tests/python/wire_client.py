@@ -665,6 +665,21 @@ async def drive(args):
     # are distinct in CBOR's data model, RFC 8949 Section 2).
     exchange = await session.protocol.exchange(_hex("a3 0006 01191bc9 1840 a2 f93c00 01 01 02"))
     say("float-and-integer-keys", **exchange.report())
+    # An Open as large as a request may be, its remote prefixes the bulk of it: its Granted
+    # would not fit in 16,384 bytes, so the gateway answers denied-by-policy (Section 5.4).
+    def large_open(count):
+        remotes = [f"10.0.{n >> 8 & 255}.{n & 255}/32" for n in range(count)]
+        return codec.encode({"type": "open", "request_id": 7114, "lifetime": 60,
+                             "opening": session.opening(args.port + 8, remotes=remotes)})
+    count = 2000  # 8 bytes a prefix: about 16,000 bytes
+    while len(large_open(count + 1)) <= codec.MAX_MESSAGE_SIZE:
+        count += 1
+    item = large_open(count)
+    exchange = await session.protocol.exchange(item)
+    say("open-largest-answer", **exchange.report(), size=len(item), remotes=count,
+        answer_size=len(exchange.raw) if exchange.raw is not None else None)
+    if exchange.message is not None and exchange.message["type"] == "granted":
+        await session.send({"type": "release", "lease": exchange.message["lease"]})
     # An oversized item: the stream reset with MessageTooLarge, no answer.
     item = _padded(_cbor_map(codec.encode({"type": "list", "request_id": 7111})),
                    codec.MAX_MESSAGE_SIZE + 1)

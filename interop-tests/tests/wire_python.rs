@@ -678,6 +678,18 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert_eq!(ignored["request_id"], 7110);
     let distinct = answer(&steps, "float-and-integer-keys", "leases");
     assert_eq!(distinct["request_id"], 7113, "{distinct:#}");
+    // An Open of 16,384 bytes at most whose Granted would exceed 16,384 (Section 5.4).
+    let largest_open = &steps["open-largest-answer"];
+    assert!(
+        largest_open["size"].as_u64() > Some(16300),
+        "{largest_open:#}"
+    );
+    denied(
+        &steps,
+        "open-largest-answer",
+        "denied-by-policy",
+        Some(7114),
+    );
     let too_large = &steps["too-large"];
     assert_eq!(too_large["size"], 16385);
     assert_eq!(
