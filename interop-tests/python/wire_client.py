@@ -20,8 +20,9 @@ namespace:
         notices, and reads `release`, after which it releases the first lease; it opens another
         port, connects with the second certificate too, says `ready-for-credential` and reads
         `credential-revoked` (the caller has revoked the first certificate), reports what
-        each connection saw, says `ready-for-shutdown`, and reports how the second connection
-        ends when the caller stops the gateway. The caller probes the ports meanwhile.
+        each connection saw, opens tcp/N+9, says `ready-for-shutdown`, reports how the second
+        connection ends when the caller stops the gateway, and reads `restarted` before it
+        connects again. The caller probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
@@ -792,6 +793,11 @@ async def drive(args):
     await again.close()
     await session.close()
 
+    # A lease to outlive the gateway's restart.
+    exchange = await second.send({"type": "open", "lifetime": 120,
+                                  "opening": second.opening(args.port + 9)})
+    say("open-before-restart", **exchange.report())
+
     # The caller stops the gateway: GoingAway, then the connection closed with GoingAway
     # (Section 3.5).
     seen = len(second.protocol.notices)
@@ -799,6 +805,20 @@ async def drive(args):
     await _wait_closed(second.protocol, 10.0)
     say("shutdown", notices=second.protocol.notices[seen:], closed=_closed(second.protocol))
     await second.close()
+
+    # The caller starts it again on its state: the same epoch (Section 12), the lease still
+    # live and renewable.
+    if await read_line() != "restarted":
+        return
+    again = Session(**dict(files, cert=args.second_cert, key=args.second_key))
+    hellos = await again.start()
+    say("hello-after-restart", **hellos[-1].report())
+    exchange = await again.send({"type": "list"})
+    say("list-after-restart", **exchange.report())
+    for info in (exchange.message or {}).get("leases") or []:
+        exchange = await again.send({"type": "renew", "lease": info["lease"]})
+        say("renew-after-restart", **exchange.report())
+    await again.close()
     say("done")
 
 

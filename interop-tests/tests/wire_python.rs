@@ -8,8 +8,10 @@
 //! decides what reaches the host): a port it opened is reachable from the outside network on
 //! both families while the lease is held and refused once it is released, a port opened for a
 //! remote prefix only from inside it, a lease an operator revokes closed before its Revoked
-//! notice arrives (on the connection with NOTICES only); every conformance vector of a request
-//! is answered as the vector says; and the gateway's answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
+//! notice arrives (on the connection with NOTICES only), a revoked host certificate's lease
+//! revoked and its connections closed, a gateway stopped sending GoingAway and, started again
+//! on its state, keeping its epoch and the lease; every conformance vector of a request is
+//! answered as the vector says; and the gateway's answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
 //! then VersionMismatch, QUIC's STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS
 //! alerts for a handshake without a client certificate or without the ALPN, RequestTimeout for
 //! an unfinished request or a missing Hello (and nothing opened meanwhile), malformed-request
@@ -341,6 +343,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let _echo_remote = TcpEchoServer::start(&host.netns, PORT + 1).expect("echo server");
     let _echo_pending = TcpEchoServer::start(&host.netns, PORT + 4).expect("echo server");
     let _echo_kept = TcpEchoServer::start(&host.netns, PORT + 7).expect("echo server");
+    let _echo_restart = TcpEchoServer::start(&host.netns, PORT + 9).expect("echo server");
     let mut client = Client::start(&lab, &python);
     // Granted means in force (Section 11.3): reachable at once, on both families.
     let held = client.steps_until("held", &lab);
@@ -437,6 +440,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     );
 
     // The opening, held: reachable on both families.
+    let welcome_epoch = welcome["epoch"].clone();
     let open = answer(&steps, "open", "granted");
     let lease = open["lease"].as_str().expect("lease id").to_owned();
     assert_eq!(open["lifetime"], 60, "{open:#}");
@@ -807,6 +811,11 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         PORT + 7
     );
 
+    let restart_lease = answer(&steps, "open-before-restart", "granted")["lease"]
+        .as_str()
+        .expect("lease id")
+        .to_owned();
+
     // A gateway that shuts down: GoingAway, then the close with GoingAway.
     let pid = lab
         .gateway_daemon()
@@ -817,7 +826,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM to the gateway");
-    let steps = client.steps_until("done", &lab);
+    let steps = client.steps_until("shutdown", &lab);
     let shutdown = &steps["shutdown"];
     let kinds: Vec<&str> = shutdown["notices"]
         .as_array()
@@ -828,5 +837,36 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert_eq!(kinds, ["going-away"], "{shutdown:#}");
     assert_eq!(shutdown["closed"]["code"], GOING_AWAY, "{shutdown:#}");
     assert_eq!(shutdown["closed"]["application"], true, "{shutdown:#}");
+
+    // Started again on its state: the epoch kept, the lease live, renewable and in force.
+    lab.start_gateway()
+        .unwrap_or_else(|err| panic!("restarting the gateway: {err}"));
+    client.tell("restarted");
+    let steps = client.steps_until("done", &lab);
+    let welcome_again = answer(&steps, "hello-after-restart", "welcome");
+    assert_eq!(welcome_again["epoch"], welcome_epoch, "{welcome_again:#}");
+    let listed = answer(&steps, "list-after-restart", "leases");
+    assert_eq!(
+        listed["leases"][0]["lease"],
+        restart_lease.as_str(),
+        "{listed:#}"
+    );
+    assert_eq!(
+        listed["leases"].as_array().map(Vec::len),
+        Some(1),
+        "{listed:#}"
+    );
+    let renewed = answer(&steps, "renew-after-restart", "granted");
+    assert_eq!(renewed["lease"], restart_lease.as_str(), "{renewed:#}");
+    assert_eq!(
+        renewed["lifetime"], 120,
+        "the lifetime last granted: {renewed:#}"
+    );
+    assert!(
+        lab.wait_reachable(0, false, PORT + 9, true, SETTLE),
+        "tcp/{} not reachable after the restart\n{}",
+        PORT + 9,
+        lab.log_tails(20)
+    );
     assert!(client.finished(), "the client failed");
 }
