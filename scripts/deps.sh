@@ -44,8 +44,9 @@ fwnp_ensure_packages() {
 
 # The Python SDK's environment: a virtual environment in target/python-venv (Debian's Python
 # refuses packages installed beside its own, PEP 668) holding the SDK of this tree, cbor2,
-# pytest, and aioquic for the wire client written from the specification alone
-# (interop-tests/python/wire_client.py). As root it installs python3 and python3-venv when missing; otherwise it names them.
+# pytest, and aioquic 1.x for the wire client written from the specification alone
+# (interop-tests/python/wire_client.py, which sets stream limits aioquic 1.x keeps private).
+# As root it installs python3 and python3-venv when missing; otherwise it names them.
 # Exports FWNP_PYTHON, the environment's interpreter, which the tests use.
 fwnp_python_env() {
   local venv=target/python-venv
@@ -63,7 +64,7 @@ fwnp_python_env() {
   if ! "$venv/bin/python" -c 'import cbor2, pytest, flit_core, aioquic' >/dev/null 2>&1; then
     echo "fwnp: making $venv with cbor2, pytest, flit_core and aioquic from PyPI" >&2
     python3 -m venv "$venv" || return 1
-    "$venv/bin/pip" install -q --disable-pip-version-check 'cbor2>=6' pytest 'flit_core>=3.4,<4' 'aioquic>=1.2' || {
+    "$venv/bin/pip" install -q --disable-pip-version-check 'cbor2>=6' pytest 'flit_core>=3.4,<4' 'aioquic>=1.2,<2' || {
       echo "fwnp: could not install cbor2, pytest, flit_core and aioquic into $venv (is PyPI reachable?)" >&2
       return 1
     }
