@@ -201,6 +201,15 @@ fn sqlite_is_built_with_the_recommended_options() {
             .unwrap();
         assert!(used, "SQLite is built without {option}");
     }
+    // Without memory management, each connection's page cache is its own, under no lock.
+    let managed: bool = raw
+        .query_row(
+            "SELECT sqlite_compileoption_used('ENABLE_MEMORY_MANAGEMENT')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!managed, "SQLite is built with ENABLE_MEMORY_MANAGEMENT");
     // DQS=0: a double-quoted word is an identifier only, never a string.
     let refused = raw.query_row(r#"SELECT "not a column""#, [], |r| r.get::<_, String>(0));
     assert!(refused.is_err(), "{refused:?}");

@@ -6,8 +6,11 @@
 //! alone while the other jobs of the transaction still commit. Failures are rare, so the writer
 //! runs a batch without savepoints first; only when a job of several operations fails part-way
 //! does it roll the transaction back and run the batch again with a savepoint around each such
-//! job (savepoints cost about a third of the write rate). A caller of [`StoreWriter::commit`] is answered only after the
-//! transaction holding its job has committed.
+//! job (savepoints cost about a third of the write rate). Without savepoints, the lease rows and
+//! audit rows of consecutive jobs are inserted by multi-row statements; a failure in one of
+//! them undoes rows of other jobs too, so it also asks for the careful run, which inserts row
+//! by row. A caller of [`StoreWriter::commit`] is answered only after the transaction holding
+//! its job has committed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -390,11 +393,23 @@ struct Writer<'c> {
 struct Statements<'c> {
     begin: Statement<'c>,
     commit: Statement<'c>,
-    insert_lease: Statement<'c>,
+    /// `INSERT INTO leases` of [`ROWS`]`[i]` rows at index `i`.
+    insert_leases: Vec<Statement<'c>>,
     renew_lease: Statement<'c>,
     end_lease: Statement<'c>,
-    insert_audit: Statement<'c>,
+    /// `INSERT INTO audit` of [`ROWS`]`[i]` rows at index `i`.
+    insert_audits: Vec<Statement<'c>>,
 }
+
+/// The row counts of the multi-row INSERT statements, largest first; the last is one row.
+///
+/// Consecutive lease rows (and audit rows) of a transaction are inserted by as few statements
+/// as these sizes allow, taken greedily: each statement costs its step, its cursors opened on
+/// the table and its indexes (and a walk from each root), its halt and its reset, and one
+/// statement per row spent about a sixth of the writer's time per grant on those. The sizes are
+/// powers of two so that any run of rows takes at most one statement of each size.
+const ROWS: [usize; 7] = [64, 32, 16, 8, 4, 2, 1];
+const ONE_ROW: usize = ROWS.len() - 1;
 
 impl<'c> Writer<'c> {
     fn new(conn: &'c Connection, last_audit_id: u64) -> Result<Self, StoreError> {
@@ -408,10 +423,26 @@ impl<'c> Writer<'c> {
             hot: Statements {
                 begin: prepare("BEGIN IMMEDIATE", "prepare begin transaction")?,
                 commit: prepare("COMMIT", "prepare commit")?,
-                insert_lease: prepare(INSERT_LEASE, "prepare insert lease")?,
+                insert_leases: ROWS
+                    .iter()
+                    .map(|&n| {
+                        prepare(
+                            &insert_sql(INSERT_LEASE, LEASE_ROW, n),
+                            "prepare insert lease",
+                        )
+                    })
+                    .collect::<Result<_, _>>()?,
                 renew_lease: prepare(RENEW_LEASE, "prepare renew lease")?,
                 end_lease: prepare(END_LEASE, "prepare end lease")?,
-                insert_audit: prepare(INSERT_AUDIT, "prepare insert audit")?,
+                insert_audits: ROWS
+                    .iter()
+                    .map(|&n| {
+                        prepare(
+                            &insert_sql(INSERT_AUDIT, AUDIT_ROW, n),
+                            "prepare insert audit",
+                        )
+                    })
+                    .collect::<Result<_, _>>()?,
             },
         })
     }
@@ -419,8 +450,10 @@ impl<'c> Writer<'c> {
 
 const INSERT_LEASE: &str = "INSERT INTO leases (id, identity, peer, grants, app_name, app_exe, \
     app_uid, app_pid, requested_lifetime, granted_lifetime, created_ms, expires_ms, state, \
-    cert_issuer, cert_serial) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'live', \
-    ?13, ?14)";
+    cert_issuer, cert_serial) VALUES ";
+/// One lease row's values: 14 parameters and its state.
+const LEASE_ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'live', ?, ?)";
+const LEASE_PARAMS: usize = 14;
 
 // A renewal without a certificate keeps the one stored.
 const RENEW_LEASE: &str = "UPDATE leases SET renewed_ms = ?2, expires_ms = ?3, \
@@ -433,8 +466,24 @@ const END_LEASE: &str = "UPDATE leases SET state = ?2, ended_ms = ?3, end_by = ?
 const INSERT_AUDIT: &str = "INSERT INTO audit (id, time_ms, kind, outcome, identity, peer, lease, \
     has_request, protocol, port_first, port_last, app_id, host, remotes, lifetime_asked, \
     app_name, app_exe, app_uid, app_pid, grants, lifetime_granted, rule, reason, code, actor) \
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, \
-    ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+    VALUES ";
+/// One audit row's values: 25 parameters.
+const AUDIT_ROW: &str =
+    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+const AUDIT_PARAMS: usize = 25;
+
+/// An INSERT of `rows` rows: `head` followed by `row` that many times.
+fn insert_sql(head: &str, row: &str, rows: usize) -> String {
+    let mut sql = String::with_capacity(head.len() + rows * (row.len() + 2));
+    sql.push_str(head);
+    for i in 0..rows {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(row);
+    }
+    sql
+}
 
 /// Run `batch` as one transaction and answer its jobs; without a writer (its statements could
 /// not be prepared) every job is answered with that error.
@@ -594,24 +643,25 @@ fn run_batch_once(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun 
     if let Err(e) = w.hot.begin.execute([]) {
         return fail_all(StoreError::sqlite("begin transaction")(e));
     }
-    for job in batch {
+    let mut runs = Runs::default();
+    for (index, job) in batch.iter().enumerate() {
         let job_first_audit = w.next_audit;
         let result = if careful {
-            apply_job(w, &job.ops)
+            apply_job(w, &job.ops).map_err(|e| (e, false))
         } else {
-            apply_ops(w, &job.ops)
+            apply_fast(w, batch, index, &mut runs)
         };
         match result {
             Ok((changed, audit_id)) => {
                 results.push(Ok(changed));
                 newest_audit.push(audit_id);
             }
-            Err(e) => {
+            Err((e, redo)) => {
                 // Some errors (disk full, I/O) make SQLite roll back the whole transaction.
                 if conn.is_autocommit() {
                     return fail_all(e);
                 }
-                if !careful && job.ops.len() > 1 {
+                if redo {
                     let _ = conn.execute_batch("ROLLBACK");
                     return BatchRun::RedoCarefully;
                 }
@@ -622,23 +672,15 @@ fn run_batch_once(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun 
             }
         }
     }
+    if !runs.idle() {
+        // Rows bound but never inserted: never commit without them.
+        let _ = conn.execute_batch("ROLLBACK");
+        return BatchRun::RedoCarefully;
+    }
     if let Err(e) = w.hot.commit.execute([]) {
         return fail_all(StoreError::sqlite("commit")(e));
     }
     BatchRun::Done(results, newest_audit, true)
-}
-
-/// Apply operations in order, stopping at the first failure.
-fn apply_ops(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), StoreError> {
-    let mut changed = 0;
-    let mut newest = None;
-    let mut text = JobText::default();
-    for op in ops {
-        let (n, audit_id) = apply(w, op, &mut text)?;
-        changed += n;
-        newest = audit_id.or(newest);
-    }
-    Ok((changed, newest))
 }
 
 /// Apply one job atomically; returns rows changed and the id of its newest audit row.
@@ -821,29 +863,9 @@ fn insert_lease<'a>(
     lease: &'a NewLease,
     text: &mut JobText<'a>,
 ) -> Result<u64, StoreError> {
-    text.encode(&lease.grants, lease.peer);
-    // The lease's grants are never empty; should they be, they are stored as `[]`.
-    let grants = text.grants(&lease.grants).unwrap_or("[]");
-    let peer = text.peer(lease.peer);
-    let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
-    let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
-    let result = w.hot.insert_lease.execute(params![
-        &lease.id.0[..],
-        lease.identity,
-        peer,
-        grants,
-        app_name,
-        app_exe,
-        app_uid,
-        app_pid,
-        lease.requested_lifetime,
-        lease.granted_lifetime,
-        to_i64(lease.created_ms, "creation time")?,
-        to_i64(lease.expires_ms, "expiry time")?,
-        issuer,
-        serial,
-    ]);
-    match result {
+    let stmt = &mut w.hot.insert_leases[ONE_ROW];
+    bind_lease(stmt, 0, lease, text)?;
+    match stmt.raw_execute() {
         Ok(n) => Ok(n as u64),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -859,44 +881,262 @@ fn insert_audit<'a>(
     e: &'a AuditEvent,
     text: &mut JobText<'a>,
 ) -> Result<i64, StoreError> {
+    let id = w.next_audit;
+    let stmt = &mut w.hot.insert_audits[ONE_ROW];
+    bind_audit(stmt, 0, id, e, text)?;
+    stmt.raw_execute()
+        .map_err(StoreError::sqlite("insert audit"))?;
+    w.next_audit = id.saturating_add(1);
+    Ok(id)
+}
+
+/// Bind `values` as the parameters of row `row` (from 0) of a statement of rows of
+/// `values.len()` parameters each.
+fn bind_row(
+    stmt: &mut Statement<'_>,
+    row: usize,
+    values: &[&dyn rusqlite::ToSql],
+) -> Result<(), StoreError> {
+    let first = row * values.len() + 1;
+    for (i, value) in values.iter().enumerate() {
+        stmt.raw_bind_parameter(first + i, value)
+            .map_err(StoreError::sqlite("bind a row"))?;
+    }
+    Ok(())
+}
+
+/// Bind `lease` as row `row` of an `INSERT INTO leases`.
+fn bind_lease<'a>(
+    stmt: &mut Statement<'_>,
+    row: usize,
+    lease: &'a NewLease,
+    text: &mut JobText<'a>,
+) -> Result<(), StoreError> {
+    text.encode(&lease.grants, lease.peer);
+    // The lease's grants are never empty; should they be, they are stored as `[]`.
+    let grants = text.grants(&lease.grants).unwrap_or("[]");
+    let peer = text.peer(lease.peer);
+    let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
+    let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
+    let values: [&dyn rusqlite::ToSql; LEASE_PARAMS] = [
+        &&lease.id.0[..],
+        &lease.identity,
+        &peer,
+        &grants,
+        &app_name,
+        &app_exe,
+        &app_uid,
+        &app_pid,
+        &lease.requested_lifetime,
+        &lease.granted_lifetime,
+        &to_i64(lease.created_ms, "creation time")?,
+        &to_i64(lease.expires_ms, "expiry time")?,
+        &issuer,
+        &serial,
+    ];
+    bind_row(stmt, row, &values)
+}
+
+/// Bind `e`, numbered `id`, as row `row` of an `INSERT INTO audit`.
+fn bind_audit<'a>(
+    stmt: &mut Statement<'_>,
+    row: usize,
+    id: i64,
+    e: &'a AuditEvent,
+    text: &mut JobText<'a>,
+) -> Result<(), StoreError> {
     let (app_name, app_exe, app_uid, app_pid) = app_columns(e.app.as_ref());
     let request = e.request.as_ref();
     text.encode(&e.grants, e.peer);
     let grants = text.grants(&e.grants);
     let peer = text.peer(e.peer);
-    let id = w.next_audit;
-    w.hot
-        .insert_audit
-        .execute(params![
-            id,
-            to_i64(e.time_ms, "event time")?,
-            e.kind.name(),
-            e.outcome.map(|o| o.name()),
-            e.identity,
-            peer,
-            e.lease.as_ref().map(|l| &l.0[..]),
-            request.is_some(),
-            request.and_then(|r| r.protocol).map(|p| p.number()),
-            request.and_then(|r| r.ports).map(|p| p.first),
-            request.and_then(|r| r.ports).map(|p| p.last),
-            request.and_then(|r| r.app_id.as_deref()),
-            request.and_then(|r| encode_hosts(&r.hosts)),
-            request.and_then(|r| encode_prefixes(&r.remotes)),
-            request.and_then(|r| r.lifetime),
-            app_name,
-            app_exe,
-            app_uid,
-            app_pid,
-            grants,
-            e.granted_lifetime,
-            e.rule,
-            e.reason,
-            e.code.map(|c| c.number() as i64),
-            e.actor,
-        ])
-        .map_err(StoreError::sqlite("insert audit"))?;
-    w.next_audit = id.saturating_add(1);
-    Ok(id)
+    let values: [&dyn rusqlite::ToSql; AUDIT_PARAMS] = [
+        &id,
+        &to_i64(e.time_ms, "event time")?,
+        &e.kind.name(),
+        &e.outcome.map(|o| o.name()),
+        &e.identity,
+        &peer,
+        &e.lease.as_ref().map(|l| &l.0[..]),
+        &request.is_some(),
+        &request.and_then(|r| r.protocol).map(|p| p.number()),
+        &request.and_then(|r| r.ports).map(|p| p.first),
+        &request.and_then(|r| r.ports).map(|p| p.last),
+        &request.and_then(|r| r.app_id.as_deref()),
+        &request.and_then(|r| encode_hosts(&r.hosts)),
+        &request.and_then(|r| encode_prefixes(&r.remotes)),
+        &request.and_then(|r| r.lifetime),
+        &app_name,
+        &app_exe,
+        &app_uid,
+        &app_pid,
+        &grants,
+        &e.granted_lifetime,
+        &e.rule,
+        &e.reason,
+        &e.code.map(|c| c.number() as i64),
+        &e.actor,
+    ];
+    bind_row(stmt, row, &values)
+}
+
+/// How far the multi-row INSERT of one table has come in a run of rows.
+#[derive(Debug, Default)]
+struct Filling {
+    /// Rows of the run not yet bound.
+    left: usize,
+    /// The statement being bound, as an index into [`ROWS`].
+    size: usize,
+    /// Rows bound into it so far.
+    bound: usize,
+}
+
+impl Filling {
+    /// The statement (index into [`ROWS`]) and its row that the next row is bound as: the
+    /// largest statement the rows left fill, chosen when the previous one was executed.
+    fn slot(&mut self) -> (usize, usize) {
+        if self.bound == 0 {
+            self.size = ROWS.iter().position(|&n| n <= self.left).unwrap_or(ONE_ROW);
+        }
+        (self.size, self.bound)
+    }
+
+    /// Count the row just bound; true when its statement is full and is to be executed.
+    fn bound_one(&mut self) -> bool {
+        self.bound += 1;
+        self.left = self.left.saturating_sub(1);
+        let full = self.bound >= ROWS[self.size];
+        if full {
+            self.bound = 0;
+        }
+        full
+    }
+}
+
+/// The lease rows and audit rows of a run of consecutive inserts in a transaction (across its
+/// jobs, until an operation of another kind), each table's rows bound into its multi-row
+/// statements, which are executed as they fill. Their results are known only then, so a
+/// failure in a run is undone with the whole transaction, which runs again row by row.
+#[derive(Debug, Default)]
+struct Runs {
+    leases: Filling,
+    audits: Filling,
+}
+
+impl Runs {
+    /// Whether every row of the last run was bound and executed.
+    fn idle(&self) -> bool {
+        self.leases.left == 0 && self.audits.left == 0
+    }
+
+    /// Count the rows of the run that begins at operation `op` of job `job`.
+    fn plan(&mut self, batch: &[Job], job: usize, op: usize) {
+        let (mut leases, mut audits) = (0, 0);
+        let first = batch
+            .get(job)
+            .map_or(&[][..], |j| j.ops.get(op..).unwrap_or(&[]));
+        let rest = batch.get(job + 1..).unwrap_or(&[]);
+        for op in first.iter().chain(rest.iter().flat_map(|j| j.ops.iter())) {
+            match op {
+                WriteOp::InsertLease(_) => leases += 1,
+                WriteOp::Audit(_) => audits += 1,
+                _ => break,
+            }
+        }
+        self.leases = Filling {
+            left: leases,
+            ..Filling::default()
+        };
+        self.audits = Filling {
+            left: audits,
+            ..Filling::default()
+        };
+    }
+
+    fn insert_lease<'a>(
+        &mut self,
+        w: &mut Writer<'_>,
+        lease: &'a NewLease,
+        text: &mut JobText<'a>,
+    ) -> Result<(), StoreError> {
+        let (size, row) = self.leases.slot();
+        let stmt = &mut w.hot.insert_leases[size];
+        bind_lease(stmt, row, lease, text)?;
+        if self.leases.bound_one() {
+            executed(stmt, size, "insert leases")?;
+        }
+        Ok(())
+    }
+
+    fn insert_audit<'a>(
+        &mut self,
+        w: &mut Writer<'_>,
+        e: &'a AuditEvent,
+        text: &mut JobText<'a>,
+    ) -> Result<i64, StoreError> {
+        let id = w.next_audit;
+        let (size, row) = self.audits.slot();
+        let stmt = &mut w.hot.insert_audits[size];
+        bind_audit(stmt, row, id, e, text)?;
+        w.next_audit = id.saturating_add(1);
+        if self.audits.bound_one() {
+            executed(stmt, size, "insert audit events")?;
+        }
+        Ok(id)
+    }
+}
+
+/// Execute a full multi-row INSERT of [`ROWS`]`[size]` rows.
+fn executed(stmt: &mut Statement<'_>, size: usize, what: &'static str) -> Result<(), StoreError> {
+    let n = stmt.raw_execute().map_err(StoreError::sqlite(what))?;
+    if n != ROWS[size] {
+        return Err(StoreError::corrupt(format!(
+            "{what}: {n} rows inserted of {}",
+            ROWS[size]
+        )));
+    }
+    Ok(())
+}
+
+/// Apply job `job` of `batch` without a savepoint, its inserts through `runs`. On failure,
+/// whether the transaction must run again carefully: when the job has several operations, or
+/// when the failure was in a run of inserts (whose statements may hold other jobs' rows).
+fn apply_fast(
+    w: &mut Writer<'_>,
+    batch: &[Job],
+    job: usize,
+    runs: &mut Runs,
+) -> Result<(u64, Option<i64>), (StoreError, bool)> {
+    let ops = batch.get(job).map_or(&[][..], |j| &j.ops[..]);
+    let several = ops.len() > 1;
+    let mut changed = 0;
+    let mut newest = None;
+    let mut text = JobText::default();
+    for (i, op) in ops.iter().enumerate() {
+        if runs.idle() && matches!(op, WriteOp::InsertLease(_) | WriteOp::Audit(_)) {
+            runs.plan(batch, job, i);
+        }
+        match op {
+            WriteOp::InsertLease(lease) => {
+                runs.insert_lease(w, lease, &mut text)
+                    .map_err(|e| (e, true))?;
+                changed += 1;
+            }
+            WriteOp::Audit(event) => {
+                let id = runs
+                    .insert_audit(w, event, &mut text)
+                    .map_err(|e| (e, true))?;
+                changed += 1;
+                newest = Some(id);
+            }
+            other => {
+                let (n, id) = apply(w, other, &mut text).map_err(|e| (e, several))?;
+                changed += n;
+                newest = id.or(newest);
+            }
+        }
+    }
+    Ok((changed, newest))
 }
 
 #[cfg(test)]
@@ -1066,8 +1306,151 @@ mod tests {
         assert_eq!(shared.counters.jobs.load(Ordering::Relaxed), 5);
     }
 
-    /// Each grant runs the two statements prepared when the writer started, and each
-    /// transaction its BEGIN and COMMIT: nothing is prepared or looked up per operation.
+    /// (rows, runs) of every multi-row statement that ran.
+    type Ran = Vec<(usize, i32)>;
+
+    /// The statements run by one transaction's inserts, by size: (rows, runs) of every
+    /// statement that ran, lease and audit statements apart.
+    fn insert_runs(w: &Writer<'_>) -> (Ran, Ran) {
+        let ran = |stmts: &[Statement<'_>]| {
+            ROWS.iter()
+                .zip(stmts)
+                .map(|(&n, s)| (n, s.get_status(StatementStatus::Run)))
+                .filter(|&(_, runs)| runs > 0)
+                .collect()
+        };
+        (ran(&w.hot.insert_leases), ran(&w.hot.insert_audits))
+    }
+
+    fn job(ops: Vec<WriteOp>) -> Job {
+        Job {
+            ops,
+            reply: Reply::None,
+            queued: std::time::Instant::now(),
+        }
+    }
+
+    /// Another kind of operation ends a run of inserts: the rows before it are inserted
+    /// before it runs (a renewal finds the lease granted in the same transaction), and each
+    /// run takes its own statements. Audit ids follow the order of the jobs.
+    #[test]
+    fn a_run_of_inserts_ends_at_another_operation() {
+        let (_dir, conn) = store_connection();
+        let mut w = Writer::new(&conn, 0).unwrap();
+        let mut lone = AuditEvent::new(2_000, AuditKind::Grant);
+        lone.identity = Some("fwnp://host/lone".into());
+        let batch = vec![
+            grant_job(1),
+            grant_job(2),
+            grant_job(3),
+            job(vec![WriteOp::RenewLease {
+                id: LeaseId([1; 16]),
+                renewed_ms: 5_000,
+                expires_ms: 65_000,
+                granted_lifetime: 60,
+                certificate: None,
+            }]),
+            grant_job(4),
+            grant_job(5),
+            job(vec![WriteOp::EndLease {
+                id: LeaseId([2; 16]),
+                end: LeaseEnd::Released,
+                ended_ms: 6_000,
+                by: None,
+                why: None,
+            }]),
+            job(vec![WriteOp::audit(lone)]),
+            grant_job(6),
+        ];
+        let BatchRun::Done(results, newest, true) = run_batch(&mut w, &batch, false) else {
+            panic!("the batch did not commit");
+        };
+        let changed: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+        assert_eq!(changed, vec![2, 2, 2, 1, 2, 2, 1, 1, 2]);
+        let ids = |ids: &[i64]| ids.iter().map(|&i| Some(i)).collect::<Vec<_>>();
+        let mut expected = ids(&[1, 2, 3]);
+        expected.push(None);
+        expected.extend(ids(&[4, 5]));
+        expected.push(None);
+        expected.extend(ids(&[6, 7]));
+        assert_eq!(newest, expected);
+        // Leases: runs of 3, 2 and 1 rows; audit rows: 3, 2 and 2.
+        assert_eq!(
+            insert_runs(&w),
+            (vec![(2, 2), (1, 2)], vec![(2, 3), (1, 1)])
+        );
+        let (renewed, ended): (Option<i64>, String) = conn
+            .query_row(
+                "SELECT (SELECT renewed_ms FROM leases WHERE id = ?1), \
+                 (SELECT state FROM leases WHERE id = ?2)",
+                params![&[1u8; 16][..], &[2u8; 16][..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((renewed, ended.as_str()), (Some(5_000), "released"));
+        let trail: Vec<(i64, Option<Vec<u8>>, Option<String>)> = conn
+            .prepare("SELECT id, lease, identity FROM audit ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let leases: Vec<Option<Vec<u8>>> = trail.iter().map(|t| t.1.clone()).collect();
+        let of = |n: u8| Some(vec![n; 16]);
+        assert_eq!(leases, vec![of(1), of(2), of(3), of(4), of(5), None, of(6)]);
+        assert_eq!(trail[5].2.as_deref(), Some("fwnp://host/lone"));
+    }
+
+    /// A job whose row fails a multi-row statement (a lease id already used) undoes the
+    /// statement's other rows with it: the transaction is rolled back and run again row by
+    /// row, where that job alone fails and the others commit, numbered without a gap.
+    #[test]
+    fn a_failing_row_in_a_run_fails_its_job_alone() {
+        let (_dir, conn) = store_connection();
+        let mut w = Writer::new(&conn, 0).unwrap();
+        let WriteOp::InsertLease(again) = grant_job(1).ops.swap_remove(0) else {
+            panic!("a grant's job begins with its lease");
+        };
+        let batch = vec![
+            grant_job(1),
+            grant_job(2),
+            job(vec![WriteOp::InsertLease(again)]),
+            grant_job(3),
+        ];
+        assert!(matches!(
+            run_batch(&mut w, &batch, false),
+            BatchRun::RedoCarefully
+        ));
+        assert_eq!(
+            w.next_audit, 1,
+            "the ids of the undone rows are given again"
+        );
+        let BatchRun::Done(results, newest, true) = run_batch(&mut w, &batch, true) else {
+            panic!("the careful batch did not commit");
+        };
+        assert!(
+            matches!(
+                &results[..],
+                [Ok(2), Ok(2), Err(StoreError::DuplicateLease { id }), Ok(2)] if *id == LeaseId([1; 16])
+            ),
+            "{results:?}"
+        );
+        assert_eq!(newest, vec![Some(1), Some(2), None, Some(3)]);
+        let counts: (i64, i64, i64) = conn
+            .query_row(
+                "SELECT (SELECT count(*) FROM leases), (SELECT count(*) FROM audit), \
+                 (SELECT max(id) FROM audit)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counts, (3, 3, 3));
+    }
+
+    /// The grants of a transaction insert their lease rows and their audit rows with the
+    /// multi-row statements prepared when the writer started, the fewest the sizes allow (24
+    /// grants: one of 16 rows and one of 8 per table; 6: one of 4 and one of 2), and each
+    /// transaction runs its BEGIN and COMMIT: nothing is prepared or looked up per operation.
     #[test]
     fn a_grant_runs_the_writers_own_statements_once_each() {
         let (_dir, conn) = store_connection();
@@ -1083,8 +1466,8 @@ mod tests {
             assert_eq!(newest.len(), batch.len());
         }
         let runs = |s: &Statement<'_>| s.get_status(StatementStatus::Run);
-        assert_eq!(runs(&w.hot.insert_lease), 30);
-        assert_eq!(runs(&w.hot.insert_audit), 30);
+        let by_size = vec![(16, 1), (8, 1), (4, 1), (2, 1)];
+        assert_eq!(insert_runs(&w), (by_size.clone(), by_size));
         assert_eq!(runs(&w.hot.begin), 2);
         assert_eq!(runs(&w.hot.commit), 2);
         assert_eq!(w.next_audit, 31);
