@@ -3,6 +3,11 @@
 //! tests; the refusals a cluster backend may give, typed; and the gateway serving over real
 //! QUIC with the in-memory backend for writes and reads, whose refusal turns a grant into
 //! no-resources without leaving a lease behind.
+//!
+//! With a real kernel filter in a network namespace of its own (root only; skipped otherwise, a
+//! failure under `FWNP_REQUIRE_NETNS=1`): a new lease's kernel hold and store commit run at the
+//! same time, and a lease the store committed while the kernel refused it is ended in the store
+//! with the reason in its audit record.
 
 mod common;
 mod etcd_cluster;
@@ -24,7 +29,9 @@ use fwnp_gateway::store::{
     NewLease, Order, Outcome, ReportQuery, RequestSummary, Store, StoreError, StoreQueries,
     WriteError, WriteOp,
 };
+use fwnp_netfilter::{Batcher, BatcherConfig, Layout, Netfilter, Ownership};
 use fwnp_proto::{AppInfo, Grant, LeaseId, PortRange, Protocol, ResultCode as Code};
+use fwnp_testkit::netns::{Netns, require_root};
 use fwnp_trust::identity::{CertificateName, Serial};
 
 const NOW: u64 = 1_700_000_000_000;
@@ -796,4 +803,301 @@ async fn a_lease_revoked_on_its_way_to_the_store_is_stored_ended() {
     assert_eq!(service.status().live_leases, 0);
     endpoint.close(0u32.into(), b"done");
     serving.abort();
+}
+
+const FILTER: &str = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\"]\nrefuse = \"drop\"";
+
+/// The gateway's filter in `netns`, on a table anyone there may change (`Shared`), so that the
+/// test can take it away from the gateway.
+fn filter_in(netns: &Netns, layout: &Layout) -> Batcher {
+    netns.run(|| {
+        let mut netfilter = Netfilter::open().expect("netlink in the namespace");
+        netfilter.set_ownership(Ownership::Shared);
+        netfilter.apply(layout, &[]).expect("the gateway's table");
+        Batcher::start(netfilter, layout.clone(), BatcherConfig::default()).expect("batcher")
+    })
+}
+
+/// Replaces the gateway's table by one that belongs to a handle of the test's own: while that
+/// handle lives, the kernel refuses every change the gateway makes to the table, its repairs
+/// included.
+fn take_the_table(netns: &Netns, layout: &Layout) -> Netfilter {
+    netns.run(|| {
+        let mut owner = Netfilter::open().expect("netlink in the namespace");
+        owner.apply(layout, &[]).expect("the table taken over");
+        assert_eq!(
+            owner.ownership(),
+            Ownership::Owned,
+            "this kernel has no owned tables (6.9 and later have)"
+        );
+        owner
+    })
+}
+
+/// The ports the kernel's lease elements open.
+fn kernel_ports(kernel: &mut Netfilter, layout: &Layout) -> Vec<u16> {
+    kernel
+        .elements(layout)
+        .expect("the elements read")
+        .iter()
+        .map(|(element, _)| element.ports.first)
+        .collect()
+}
+
+/// A gateway on the memory store's contents through `store`, its filter in a namespace of its
+/// own, serving on loopback: the namespace, the table's layout, the service and what serves it.
+struct KernelSeam {
+    netns: Netns,
+    layout: Layout,
+    service: Arc<Service>,
+    endpoint: quinn::Endpoint,
+    serving: tokio::task::JoinHandle<()>,
+    addr: SocketAddr,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+impl KernelSeam {
+    async fn start(
+        label: &str,
+        memory: Arc<MemoryStore>,
+        store: impl FnOnce(&Netns, &Layout) -> Arc<dyn LeaseStore>,
+    ) -> KernelSeam {
+        let netns = Netns::new(label).expect("a namespace");
+        let pki = Pki::new(label);
+        let dir = temp_dir(label);
+        write_policy(&dir.path().join("policy.toml"), POLICY);
+        let text = config_text(&pki, dir.path(), "127.0.0.1:0", FILTER);
+        let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
+        let layout = fwnp_gateway::daemon::layout(&config);
+        let filter = filter_in(&netns, &layout);
+        let store = store(&netns, &layout);
+        let service = Service::start_with_store(config, Some(filter), memory, store)
+            .await
+            .expect("service starts");
+        let (endpoint, addr, serving) =
+            serve_on_loopback(&pki, &service, &ServerOptions::default());
+        KernelSeam {
+            netns,
+            layout,
+            service,
+            endpoint,
+            serving,
+            addr,
+            pki,
+            _dir: dir,
+        }
+    }
+
+    async fn host(&self) -> Client {
+        let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let client = Client::connect(self.addr, &self.pki.host("web-01", &[host], &[], &[])).await;
+        client.hello().await;
+        client
+    }
+}
+
+impl Drop for KernelSeam {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+        self.serving.abort();
+    }
+}
+
+/// The kernel refuses a new lease's element while the store commits the lease (the two at
+/// once): the host is refused as when the kernel fails alone, and the store does not keep the
+/// lease live (a restart would put it in the kernel, operators would list it): it is ended
+/// there, revoked by the gateway, with the kernel's failure in its record, after its Granted
+/// record and before the refusal's.
+#[tokio::test]
+async fn a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_store() {
+    const TEST: &str = "a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_store";
+    if !require_root(TEST) {
+        return;
+    }
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let seam = KernelSeam::start("seam-kernel", memory.clone(), |_, _| memory.clone()).await;
+    let client = seam.host().await;
+    let kept = granted(client.open(tcp(7001), None).await).lease;
+
+    let _owner = take_the_table(&seam.netns, &seam.layout);
+    let d = denied(client.open(tcp(7002), None).await);
+    assert_eq!(
+        (d.code, d.retry_after),
+        (ResultCode::NoResources, Some(5)),
+        "{d:?}"
+    );
+    let reason = d.reason.expect("a reason");
+    assert!(
+        reason.starts_with("the gateway could not program the opening (kernel: "),
+        "{reason}"
+    );
+
+    // Answered once the refusal's effects were carried out: the store holds what it will keep.
+    let refused: Vec<_> = memory
+        .leases()
+        .into_iter()
+        .filter(|l| l.id != kept)
+        .collect();
+    let [lease] = refused.as_slice() else {
+        panic!("the store committed the refused lease once: {refused:?}");
+    };
+    assert_eq!(lease.state, LeaseState::Revoked, "{lease:?}");
+    let ending = lease.ending.as_ref().expect("how it ended");
+    assert_eq!(
+        ending.end,
+        LeaseEnd::Revoked(fwnp_proto::RevokeReason::ResourcePressure)
+    );
+    assert_eq!(ending.by.as_deref(), Some("gateway"));
+    let why = ending.why.as_deref().expect("why");
+    assert!(why.contains("kernel: ") && why.contains("refused"), "{why}");
+
+    let trail = memory.audit();
+    let of_lease: Vec<(AuditKind, Option<Outcome>)> = trail
+        .iter()
+        .filter(|e| e.lease == Some(lease.id))
+        .map(|e| (e.kind, e.outcome))
+        .collect();
+    assert_eq!(
+        of_lease,
+        vec![
+            (AuditKind::Grant, Some(Outcome::Granted)),
+            (AuditKind::Revocation, Some(Outcome::Revoked)),
+        ],
+        "{trail:?}"
+    );
+    let revocation = trail
+        .iter()
+        .find(|e| e.kind == AuditKind::Revocation && e.lease == Some(lease.id))
+        .expect("the end's record");
+    assert_eq!(revocation.reason.as_deref(), Some(why));
+    assert_eq!(revocation.actor.as_deref(), Some("gateway"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let refusal = loop {
+        let found = memory
+            .audit()
+            .into_iter()
+            .find(|e| e.kind == AuditKind::Decision && e.code == Some(Code::NoResources));
+        if found.is_some() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let refusal = refusal.expect("the refusal is audited");
+    assert_eq!(refusal.outcome, Some(Outcome::Denied));
+
+    assert_eq!(seam.service.status().live_leases, 1, "only the kept lease");
+    let listed: Vec<LeaseId> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![kept]);
+}
+
+/// [`InsertsWait`], which also reads the kernel's lease elements as an insert's commit begins
+/// and says how many there were.
+#[derive(Debug)]
+struct ReadsTheKernel {
+    waits: InsertsWait,
+    kernel: std::sync::Mutex<Netfilter>,
+    layout: Layout,
+    read: tokio::sync::mpsc::UnboundedSender<Vec<u16>>,
+}
+
+impl LeaseStore for ReadsTheKernel {
+    fn epoch(&self) -> fwnp_proto::Epoch {
+        self.waits.epoch()
+    }
+
+    fn restore(
+        &self,
+        now_ms: u64,
+    ) -> fwnp_gateway::store::WriteFuture<'_, fwnp_gateway::store::Restored> {
+        self.waits.restore(now_ms)
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> fwnp_gateway::store::WriteFuture<'static, ()> {
+        if ops.iter().any(|op| matches!(op, WriteOp::InsertLease(_))) {
+            let mut kernel = self.kernel.lock().expect("the kernel handle");
+            let _ = self.read.send(kernel_ports(&mut kernel, &self.layout));
+        }
+        self.waits.commit(ops)
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.waits.record(ops)
+    }
+}
+
+/// A new lease's hold and commit are in flight at once: the store's commit begins before the
+/// kernel holds the element, and the kernel takes it while the commit still waits; the Granted
+/// waits for both.
+#[tokio::test]
+async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
+    const TEST: &str = "a_new_lease_is_held_in_the_kernel_while_its_commit_waits";
+    if !require_root(TEST) {
+        return;
+    }
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let (held, mut holding) = tokio::sync::mpsc::unbounded_channel();
+    let (read, mut reads) = tokio::sync::mpsc::unbounded_channel();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let seam = KernelSeam::start("seam-once", memory.clone(), |netns, layout| {
+        Arc::new(ReadsTheKernel {
+            waits: InsertsWait {
+                memory: memory.clone(),
+                held,
+                go: go.clone(),
+            },
+            kernel: std::sync::Mutex::new(
+                netns.run(|| Netfilter::open().expect("netlink in the namespace")),
+            ),
+            layout: layout.clone(),
+            read,
+        })
+    })
+    .await;
+    let mut kernel = seam
+        .netns
+        .run(|| Netfilter::open().expect("netlink in the namespace"));
+    let client = Arc::new(seam.host().await);
+    let opening = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(tcp(7001), None).await }
+    });
+    let id = tokio::time::timeout(std::time::Duration::from_secs(10), holding.recv())
+        .await
+        .expect("the lease's insert reaches the store")
+        .expect("the store is up");
+    let at_commit = reads.recv().await.expect("the kernel read at the commit");
+    assert_eq!(
+        at_commit,
+        Vec::<u16>::new(),
+        "the commit began before the kernel held the element"
+    );
+    // Bounded by count: 250 reads 20 ms apart.
+    let mut reads_left = 250;
+    while !kernel_ports(&mut kernel, &seam.layout).contains(&7001) {
+        assert!(
+            reads_left > 0,
+            "the kernel never held the element while the commit waited"
+        );
+        reads_left -= 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        !opening.is_finished(),
+        "no answer before the store committed"
+    );
+    assert!(memory.leases().is_empty(), "the commit is still waiting");
+    go.notify_one();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+        .await
+        .expect("the Open is answered")
+        .expect("the Open's task");
+    assert_eq!(granted(answer).lease, id);
+    assert!(
+        memory
+            .leases()
+            .iter()
+            .any(|l| l.id == id && l.state == LeaseState::Live)
+    );
+    assert_eq!(kernel_ports(&mut kernel, &seam.layout), vec![7001]);
 }
