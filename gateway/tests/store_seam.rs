@@ -6,8 +6,9 @@
 //!
 //! With a real kernel filter in a network namespace of its own (root only; skipped otherwise, a
 //! failure under `FWNP_REQUIRE_NETNS=1`): a new lease's kernel hold and store commit run at the
-//! same time, and a lease the store committed while the kernel refused it is ended in the store
-//! with the reason in its audit record.
+//! same time, one after the other once many requests are in flight, and a lease the store
+//! committed while the kernel refused it is ended in the store with the reason in its audit
+//! record.
 
 mod common;
 mod etcd_cluster;
@@ -20,7 +21,7 @@ use common::{
 };
 use etcd_cluster::StoreConfig;
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::service::Service;
+use fwnp_gateway::service::{AT_ONCE_IN_FLIGHT, Service};
 use fwnp_proto::ResultCode;
 use fwnp_trust::tls::ServerOptions;
 
@@ -860,13 +861,14 @@ struct KernelSeam {
 impl KernelSeam {
     async fn start(
         label: &str,
+        policy: &str,
         memory: Arc<MemoryStore>,
         store: impl FnOnce(&Netns, &Layout) -> Arc<dyn LeaseStore>,
     ) -> KernelSeam {
         let netns = Netns::new(label).expect("a namespace");
         let pki = Pki::new(label);
         let dir = temp_dir(label);
-        write_policy(&dir.path().join("policy.toml"), POLICY);
+        write_policy(&dir.path().join("policy.toml"), policy);
         let text = config_text(&pki, dir.path(), "127.0.0.1:0", FILTER);
         let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
         let layout = fwnp_gateway::daemon::layout(&config);
@@ -916,7 +918,8 @@ async fn a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_stor
         return;
     }
     let memory = Arc::new(MemoryStore::new(0xfeed));
-    let seam = KernelSeam::start("seam-kernel", memory.clone(), |_, _| memory.clone()).await;
+    let seam =
+        KernelSeam::start("seam-kernel", POLICY, memory.clone(), |_, _| memory.clone()).await;
     let client = seam.host().await;
     let kept = granted(client.open(tcp(7001), None).await).lease;
 
@@ -1026,6 +1029,101 @@ impl LeaseStore for ReadsTheKernel {
     }
 }
 
+/// The store through [`ReadsTheKernel`], with what the test needs of it: the leases whose
+/// inserts wait, the kernel's ports read as each began, and the signal that lets one go.
+struct Reads {
+    holding: tokio::sync::mpsc::UnboundedReceiver<LeaseId>,
+    reads: tokio::sync::mpsc::UnboundedReceiver<Vec<u16>>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Reads {
+    async fn start(label: &str, policy: &str) -> (KernelSeam, Arc<MemoryStore>, Reads) {
+        let memory = Arc::new(MemoryStore::new(0xfeed));
+        let (held, holding) = tokio::sync::mpsc::unbounded_channel();
+        let (read, reads) = tokio::sync::mpsc::unbounded_channel();
+        let go = Arc::new(tokio::sync::Notify::new());
+        let seam = KernelSeam::start(label, policy, memory.clone(), |netns, layout| {
+            Arc::new(ReadsTheKernel {
+                waits: InsertsWait {
+                    memory: memory.clone(),
+                    held,
+                    go: go.clone(),
+                },
+                kernel: std::sync::Mutex::new(
+                    netns.run(|| Netfilter::open().expect("netlink in the namespace")),
+                ),
+                layout: layout.clone(),
+                read,
+            })
+        })
+        .await;
+        (seam, memory, Reads { holding, reads, go })
+    }
+
+    /// The next lease whose insert waits, and the kernel's ports as its commit began.
+    async fn next(&mut self) -> (LeaseId, Vec<u16>) {
+        let id = tokio::time::timeout(std::time::Duration::from_secs(10), self.holding.recv())
+            .await
+            .expect("the lease's insert reaches the store")
+            .expect("the store is up");
+        let ports = self
+            .reads
+            .recv()
+            .await
+            .expect("the kernel read at the commit");
+        (id, ports)
+    }
+}
+
+/// With more than [`AT_ONCE_IN_FLIGHT`] requests in flight, a new lease goes to the kernel
+/// first and then to the store; up to it, at once. Counted: each lease's commit waits until
+/// the test lets it go, so that each Open finds all those before it still in flight.
+#[tokio::test]
+async fn with_many_requests_in_flight_a_new_lease_goes_to_the_kernel_before_the_store() {
+    const TEST: &str =
+        "with_many_requests_in_flight_a_new_lease_goes_to_the_kernel_before_the_store";
+    if !require_root(TEST) {
+        return;
+    }
+    let policy = POLICY.replace("max_leases = 3", "max_leases = 16");
+    let (seam, memory, mut store) = Reads::start("seam-many", &policy).await;
+    let client = Arc::new(seam.host().await);
+    let waiting = u16::try_from(AT_ONCE_IN_FLIGHT).expect("a few");
+    let mut openings = Vec::new();
+    for port in 7001..=7001 + waiting {
+        openings.push(tokio::spawn({
+            let client = client.clone();
+            async move { client.open(tcp(port), None).await }
+        }));
+        let (_, at_commit) = store.next().await;
+        if port < 7001 + waiting {
+            assert!(
+                !at_commit.contains(&port),
+                "{} in flight: at once, the commit began first",
+                port - 7000
+            );
+        } else {
+            assert!(
+                at_commit.contains(&port),
+                "{} in flight: the kernel held the element before the commit began",
+                port - 7000
+            );
+        }
+    }
+    for _ in &openings {
+        store.go.notify_one();
+    }
+    for opening in openings {
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+            .await
+            .expect("the Open is answered")
+            .expect("the Open's task");
+        granted(answer);
+    }
+    assert_eq!(memory.leases().len(), usize::from(waiting) + 1);
+}
+
 /// A new lease's hold and commit are in flight at once: the store's commit begins before the
 /// kernel holds the element, and the kernel takes it while the commit still waits; the Granted
 /// waits for both.
@@ -1035,25 +1133,7 @@ async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
     if !require_root(TEST) {
         return;
     }
-    let memory = Arc::new(MemoryStore::new(0xfeed));
-    let (held, mut holding) = tokio::sync::mpsc::unbounded_channel();
-    let (read, mut reads) = tokio::sync::mpsc::unbounded_channel();
-    let go = Arc::new(tokio::sync::Notify::new());
-    let seam = KernelSeam::start("seam-once", memory.clone(), |netns, layout| {
-        Arc::new(ReadsTheKernel {
-            waits: InsertsWait {
-                memory: memory.clone(),
-                held,
-                go: go.clone(),
-            },
-            kernel: std::sync::Mutex::new(
-                netns.run(|| Netfilter::open().expect("netlink in the namespace")),
-            ),
-            layout: layout.clone(),
-            read,
-        })
-    })
-    .await;
+    let (seam, memory, mut store) = Reads::start("seam-once", POLICY).await;
     let mut kernel = seam
         .netns
         .run(|| Netfilter::open().expect("netlink in the namespace"));
@@ -1062,11 +1142,7 @@ async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
         let client = client.clone();
         async move { client.open(tcp(7001), None).await }
     });
-    let id = tokio::time::timeout(std::time::Duration::from_secs(10), holding.recv())
-        .await
-        .expect("the lease's insert reaches the store")
-        .expect("the store is up");
-    let at_commit = reads.recv().await.expect("the kernel read at the commit");
+    let (id, at_commit) = store.next().await;
     assert_eq!(
         at_commit,
         Vec::<u16>::new(),
@@ -1087,7 +1163,7 @@ async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
         "no answer before the store committed"
     );
     assert!(memory.leases().is_empty(), "the commit is still waiting");
-    go.notify_one();
+    store.go.notify_one();
     let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
         .await
         .expect("the Open is answered")

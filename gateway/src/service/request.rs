@@ -6,6 +6,14 @@ use smallvec::SmallVec;
 
 use super::*;
 
+/// Requests in flight (this one included) up to which a new lease's kernel hold and store
+/// commit are handed off at the same time. Beyond, the answer waits for queues rather than for
+/// the two hand-offs, and leases that reach the store behind the kernel's batches make larger
+/// group commits: measured in the closed loop (100 hosts, 8 requests each), about 38 store
+/// operations a transaction in order against 24 at once, and about 1 µs more of the writer's
+/// time per grant. At 1,000 requests a second there is rarely more than one in flight.
+pub const AT_ONCE_IN_FLIGHT: i64 = 8;
+
 /// The store's operation for a write of the request core; `certificate` is the one the host
 /// asked with, kept with the leases it opens or renews. Public so that a harness driving the
 /// request core writes the store as the service does.
@@ -311,7 +319,9 @@ impl Service {
             Step::Pending(mut pending) => {
                 let effects = pending.take_effects();
                 let inserted = inserted_lease(&effects);
-                let (outcome, stored) = if pending.at_once() {
+                let (outcome, stored) = if pending.at_once()
+                    && self.metrics.requests_in_flight.get() <= AT_ONCE_IN_FLIGHT
+                {
                     self.carry_out_at_once(session, effects).await
                 } else {
                     let outcome = self.carry_out_in_order(session, effects).await;
