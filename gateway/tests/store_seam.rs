@@ -3,6 +3,12 @@
 //! tests; the refusals a cluster backend may give, typed; and the gateway serving over real
 //! QUIC with the in-memory backend for writes and reads, whose refusal turns a grant into
 //! no-resources without leaving a lease behind.
+//!
+//! With a real kernel filter in a network namespace of its own (root only; skipped otherwise, a
+//! failure under `FWNP_REQUIRE_NETNS=1`): a new lease's kernel hold and store commit run at the
+//! same time, one after the other once many requests are in flight, and a lease the store
+//! committed while the kernel refused it is ended in the store with the reason in its audit
+//! record.
 
 mod common;
 mod etcd_cluster;
@@ -15,7 +21,7 @@ use common::{
 };
 use etcd_cluster::StoreConfig;
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::service::Service;
+use fwnp_gateway::service::{AT_ONCE_IN_FLIGHT, Service};
 use fwnp_proto::ResultCode;
 use fwnp_trust::tls::ServerOptions;
 
@@ -24,7 +30,9 @@ use fwnp_gateway::store::{
     NewLease, Order, Outcome, ReportQuery, RequestSummary, Store, StoreError, StoreQueries,
     WriteError, WriteOp,
 };
+use fwnp_netfilter::{Batcher, BatcherConfig, Layout, Netfilter, Ownership};
 use fwnp_proto::{AppInfo, Grant, LeaseId, PortRange, Protocol, ResultCode as Code};
+use fwnp_testkit::netns::{Netns, require_root};
 use fwnp_trust::identity::{CertificateName, Serial};
 
 const NOW: u64 = 1_700_000_000_000;
@@ -796,4 +804,376 @@ async fn a_lease_revoked_on_its_way_to_the_store_is_stored_ended() {
     assert_eq!(service.status().live_leases, 0);
     endpoint.close(0u32.into(), b"done");
     serving.abort();
+}
+
+const FILTER: &str = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\"]\nrefuse = \"drop\"";
+
+/// The gateway's filter in `netns`, on a table anyone there may change (`Shared`), so that the
+/// test can take it away from the gateway.
+fn filter_in(netns: &Netns, layout: &Layout) -> Batcher {
+    netns.run(|| {
+        let mut netfilter = Netfilter::open().expect("netlink in the namespace");
+        netfilter.set_ownership(Ownership::Shared);
+        netfilter.apply(layout, &[]).expect("the gateway's table");
+        Batcher::start(netfilter, layout.clone(), BatcherConfig::default()).expect("batcher")
+    })
+}
+
+/// Replaces the gateway's table by one that belongs to a handle of the test's own: while that
+/// handle lives, the kernel refuses every change the gateway makes to the table, its repairs
+/// included.
+fn take_the_table(netns: &Netns, layout: &Layout) -> Netfilter {
+    netns.run(|| {
+        let mut owner = Netfilter::open().expect("netlink in the namespace");
+        owner.apply(layout, &[]).expect("the table taken over");
+        assert_eq!(
+            owner.ownership(),
+            Ownership::Owned,
+            "this kernel has no owned tables (6.9 and later have)"
+        );
+        owner
+    })
+}
+
+/// The ports the kernel's lease elements open.
+fn kernel_ports(kernel: &mut Netfilter, layout: &Layout) -> Vec<u16> {
+    kernel
+        .elements(layout)
+        .expect("the elements read")
+        .iter()
+        .map(|(element, _)| element.ports.first)
+        .collect()
+}
+
+/// A gateway on the memory store's contents through `store`, its filter in a namespace of its
+/// own, serving on loopback: the namespace, the table's layout, the service and what serves it.
+struct KernelSeam {
+    netns: Netns,
+    layout: Layout,
+    service: Arc<Service>,
+    endpoint: quinn::Endpoint,
+    serving: tokio::task::JoinHandle<()>,
+    addr: SocketAddr,
+    pki: Pki,
+    _dir: tempfile::TempDir,
+}
+
+impl KernelSeam {
+    async fn start(
+        label: &str,
+        policy: &str,
+        memory: Arc<MemoryStore>,
+        store: impl FnOnce(&Netns, &Layout) -> Arc<dyn LeaseStore>,
+    ) -> KernelSeam {
+        let netns = Netns::new(label).expect("a namespace");
+        let pki = Pki::new(label);
+        let dir = temp_dir(label);
+        write_policy(&dir.path().join("policy.toml"), policy);
+        let text = config_text(&pki, dir.path(), "127.0.0.1:0", FILTER);
+        let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
+        let layout = fwnp_gateway::daemon::layout(&config);
+        let filter = filter_in(&netns, &layout);
+        let store = store(&netns, &layout);
+        let service = Service::start_with_store(config, Some(filter), memory, store)
+            .await
+            .expect("service starts");
+        let (endpoint, addr, serving) =
+            serve_on_loopback(&pki, &service, &ServerOptions::default());
+        KernelSeam {
+            netns,
+            layout,
+            service,
+            endpoint,
+            serving,
+            addr,
+            pki,
+            _dir: dir,
+        }
+    }
+
+    async fn host(&self) -> Client {
+        let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let client = Client::connect(self.addr, &self.pki.host("web-01", &[host], &[], &[])).await;
+        client.hello().await;
+        client
+    }
+}
+
+impl Drop for KernelSeam {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"done");
+        self.serving.abort();
+    }
+}
+
+/// The kernel refuses a new lease's element while the store commits the lease (the two at
+/// once): the host is refused as when the kernel fails alone, and the store does not keep the
+/// lease live (a restart would put it in the kernel, operators would list it): it is ended
+/// there, revoked by the gateway, with the kernel's failure in its record, after its Granted
+/// record and before the refusal's.
+#[tokio::test]
+async fn a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_store() {
+    const TEST: &str = "a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_store";
+    if !require_root(TEST) {
+        return;
+    }
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let seam =
+        KernelSeam::start("seam-kernel", POLICY, memory.clone(), |_, _| memory.clone()).await;
+    let client = seam.host().await;
+    let kept = granted(client.open(tcp(7001), None).await).lease;
+
+    let _owner = take_the_table(&seam.netns, &seam.layout);
+    let d = denied(client.open(tcp(7002), None).await);
+    assert_eq!(
+        (d.code, d.retry_after),
+        (ResultCode::NoResources, Some(5)),
+        "{d:?}"
+    );
+    let reason = d.reason.expect("a reason");
+    assert!(
+        reason.starts_with("the gateway could not program the opening (kernel: "),
+        "{reason}"
+    );
+
+    // Answered once the refusal's effects were carried out: the store holds what it will keep.
+    let refused: Vec<_> = memory
+        .leases()
+        .into_iter()
+        .filter(|l| l.id != kept)
+        .collect();
+    let [lease] = refused.as_slice() else {
+        panic!("the store committed the refused lease once: {refused:?}");
+    };
+    assert_eq!(lease.state, LeaseState::Revoked, "{lease:?}");
+    let ending = lease.ending.as_ref().expect("how it ended");
+    assert_eq!(
+        ending.end,
+        LeaseEnd::Revoked(fwnp_proto::RevokeReason::ResourcePressure)
+    );
+    assert_eq!(ending.by.as_deref(), Some("gateway"));
+    let why = ending.why.as_deref().expect("why");
+    assert!(why.contains("kernel: ") && why.contains("refused"), "{why}");
+
+    let trail = memory.audit();
+    let of_lease: Vec<(AuditKind, Option<Outcome>)> = trail
+        .iter()
+        .filter(|e| e.lease == Some(lease.id))
+        .map(|e| (e.kind, e.outcome))
+        .collect();
+    assert_eq!(
+        of_lease,
+        vec![
+            (AuditKind::Grant, Some(Outcome::Granted)),
+            (AuditKind::Revocation, Some(Outcome::Revoked)),
+        ],
+        "{trail:?}"
+    );
+    let revocation = trail
+        .iter()
+        .find(|e| e.kind == AuditKind::Revocation && e.lease == Some(lease.id))
+        .expect("the end's record");
+    assert_eq!(revocation.reason.as_deref(), Some(why));
+    assert_eq!(revocation.actor.as_deref(), Some("gateway"));
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let refusal = loop {
+        let found = memory
+            .audit()
+            .into_iter()
+            .find(|e| e.kind == AuditKind::Decision && e.code == Some(Code::NoResources));
+        if found.is_some() || tokio::time::Instant::now() >= deadline {
+            break found;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    let refusal = refusal.expect("the refusal is audited");
+    assert_eq!(refusal.outcome, Some(Outcome::Denied));
+
+    assert_eq!(seam.service.status().live_leases, 1, "only the kept lease");
+    let listed: Vec<LeaseId> = client.list().await.leases.iter().map(|l| l.lease).collect();
+    assert_eq!(listed, vec![kept]);
+}
+
+/// [`InsertsWait`], which also reads the kernel's lease elements as an insert's commit begins
+/// and says how many there were.
+#[derive(Debug)]
+struct ReadsTheKernel {
+    waits: InsertsWait,
+    kernel: std::sync::Mutex<Netfilter>,
+    layout: Layout,
+    read: tokio::sync::mpsc::UnboundedSender<Vec<u16>>,
+}
+
+impl LeaseStore for ReadsTheKernel {
+    fn epoch(&self) -> fwnp_proto::Epoch {
+        self.waits.epoch()
+    }
+
+    fn restore(
+        &self,
+        now_ms: u64,
+    ) -> fwnp_gateway::store::WriteFuture<'_, fwnp_gateway::store::Restored> {
+        self.waits.restore(now_ms)
+    }
+
+    fn commit(&self, ops: Vec<WriteOp>) -> fwnp_gateway::store::WriteFuture<'static, ()> {
+        if ops.iter().any(|op| matches!(op, WriteOp::InsertLease(_))) {
+            let mut kernel = self.kernel.lock().expect("the kernel handle");
+            let _ = self.read.send(kernel_ports(&mut kernel, &self.layout));
+        }
+        self.waits.commit(ops)
+    }
+
+    fn record(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        self.waits.record(ops)
+    }
+}
+
+/// The store through [`ReadsTheKernel`], with what the test needs of it: the leases whose
+/// inserts wait, the kernel's ports read as each began, and the signal that lets one go.
+struct Reads {
+    holding: tokio::sync::mpsc::UnboundedReceiver<LeaseId>,
+    reads: tokio::sync::mpsc::UnboundedReceiver<Vec<u16>>,
+    go: Arc<tokio::sync::Notify>,
+}
+
+impl Reads {
+    async fn start(label: &str, policy: &str) -> (KernelSeam, Arc<MemoryStore>, Reads) {
+        let memory = Arc::new(MemoryStore::new(0xfeed));
+        let (held, holding) = tokio::sync::mpsc::unbounded_channel();
+        let (read, reads) = tokio::sync::mpsc::unbounded_channel();
+        let go = Arc::new(tokio::sync::Notify::new());
+        let seam = KernelSeam::start(label, policy, memory.clone(), |netns, layout| {
+            Arc::new(ReadsTheKernel {
+                waits: InsertsWait {
+                    memory: memory.clone(),
+                    held,
+                    go: go.clone(),
+                },
+                kernel: std::sync::Mutex::new(
+                    netns.run(|| Netfilter::open().expect("netlink in the namespace")),
+                ),
+                layout: layout.clone(),
+                read,
+            })
+        })
+        .await;
+        (seam, memory, Reads { holding, reads, go })
+    }
+
+    /// The next lease whose insert waits, and the kernel's ports as its commit began.
+    async fn next(&mut self) -> (LeaseId, Vec<u16>) {
+        let id = tokio::time::timeout(std::time::Duration::from_secs(10), self.holding.recv())
+            .await
+            .expect("the lease's insert reaches the store")
+            .expect("the store is up");
+        let ports = self
+            .reads
+            .recv()
+            .await
+            .expect("the kernel read at the commit");
+        (id, ports)
+    }
+}
+
+/// With more than [`AT_ONCE_IN_FLIGHT`] requests in flight, a new lease goes to the kernel
+/// first and then to the store; up to it, at once. Counted: each lease's commit waits until
+/// the test lets it go, so that each Open finds all those before it still in flight.
+#[tokio::test]
+async fn with_many_requests_in_flight_a_new_lease_goes_to_the_kernel_before_the_store() {
+    const TEST: &str =
+        "with_many_requests_in_flight_a_new_lease_goes_to_the_kernel_before_the_store";
+    if !require_root(TEST) {
+        return;
+    }
+    let policy = POLICY.replace("max_leases = 3", "max_leases = 16");
+    let (seam, memory, mut store) = Reads::start("seam-many", &policy).await;
+    let client = Arc::new(seam.host().await);
+    let waiting = u16::try_from(AT_ONCE_IN_FLIGHT).expect("a few");
+    let mut openings = Vec::new();
+    for port in 7001..=7001 + waiting {
+        openings.push(tokio::spawn({
+            let client = client.clone();
+            async move { client.open(tcp(port), None).await }
+        }));
+        let (_, at_commit) = store.next().await;
+        if port < 7001 + waiting {
+            assert!(
+                !at_commit.contains(&port),
+                "{} in flight: at once, the commit began first",
+                port - 7000
+            );
+        } else {
+            assert!(
+                at_commit.contains(&port),
+                "{} in flight: the kernel held the element before the commit began",
+                port - 7000
+            );
+        }
+    }
+    for _ in &openings {
+        store.go.notify_one();
+    }
+    for opening in openings {
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+            .await
+            .expect("the Open is answered")
+            .expect("the Open's task");
+        granted(answer);
+    }
+    assert_eq!(memory.leases().len(), usize::from(waiting) + 1);
+}
+
+/// A new lease's hold and commit are in flight at once: the store's commit begins before the
+/// kernel holds the element, and the kernel takes it while the commit still waits; the Granted
+/// waits for both.
+#[tokio::test]
+async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
+    const TEST: &str = "a_new_lease_is_held_in_the_kernel_while_its_commit_waits";
+    if !require_root(TEST) {
+        return;
+    }
+    let (seam, memory, mut store) = Reads::start("seam-once", POLICY).await;
+    let mut kernel = seam
+        .netns
+        .run(|| Netfilter::open().expect("netlink in the namespace"));
+    let client = Arc::new(seam.host().await);
+    let opening = tokio::spawn({
+        let client = client.clone();
+        async move { client.open(tcp(7001), None).await }
+    });
+    let (id, at_commit) = store.next().await;
+    assert_eq!(
+        at_commit,
+        Vec::<u16>::new(),
+        "the commit began before the kernel held the element"
+    );
+    // Bounded by count: 250 reads 20 ms apart.
+    let mut reads_left = 250;
+    while !kernel_ports(&mut kernel, &seam.layout).contains(&7001) {
+        assert!(
+            reads_left > 0,
+            "the kernel never held the element while the commit waited"
+        );
+        reads_left -= 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        !opening.is_finished(),
+        "no answer before the store committed"
+    );
+    assert!(memory.leases().is_empty(), "the commit is still waiting");
+    store.go.notify_one();
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(10), opening)
+        .await
+        .expect("the Open is answered")
+        .expect("the Open's task");
+    assert_eq!(granted(answer).lease, id);
+    assert!(
+        memory
+            .leases()
+            .iter()
+            .any(|l| l.id == id && l.state == LeaseState::Live)
+    );
+    assert_eq!(kernel_ports(&mut kernel, &seam.layout), vec![7001]);
 }

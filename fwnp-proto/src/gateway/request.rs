@@ -19,6 +19,16 @@
 //! fails, and whose outcome it hands to [`RequestCore::finish`]; only that gives the answer. So a
 //! Granted never leaves before the kernel acknowledged the elements and the store committed the
 //! lease, and a failed effect turns the answer into a Denied (and gives back what the book took).
+//!
+//! A new lease's two effects, its kernel hold and its store commit, may be carried out at the
+//! same time instead ([`Pending::at_once`]), so that its answer waits for the slower of the two
+//! rather than for both one after the other. Neither order protects anything: a gateway killed
+//! with only the store's half done leaves what one killed after both halves and before the
+//! answer leaves too (a stored lease its host was not told of, which runs out at its expiry),
+//! and a kernel element without a stored lease is removed by the next start's reconcile. Their
+//! outcomes are joined by [`EffectFailure::joined`]. When the kernel fails after the store committed the
+//! lease, the core ends the stored lease again (revoked, with an audit record saying why), so
+//! that the store never keeps live a lease its host was refused.
 //! A backend that may refuse a write (a cluster store that lost its quorum) fits the same way.
 //! A Release too waits for its end to be stored, before its elements leave the kernel: one the
 //! store refuses puts the lease back into the book, with its elements untouched.
@@ -511,12 +521,50 @@ pub enum EffectFailure {
     /// The kernel refused.
     #[error("kernel: {0}")]
     Kernel(String),
+    /// The kernel refused while the store committed the writes carried out at the same time
+    /// ([`Pending::at_once`]): the store holds the new lease and its Granted record, and
+    /// [`RequestCore::finish`] ends the lease there again. Told to the host as [`Self::Kernel`].
+    #[error("kernel: {0}")]
+    KernelAfterCommit(String),
     /// The store refused or failed.
     #[error("store: {0}")]
     Store(String),
     /// The lease ended (was revoked) while its elements were being programmed.
     #[error("the lease ended while it was being renewed")]
     LeaseEnded,
+}
+
+impl EffectFailure {
+    /// The outcome of a kernel hold (`held`) and a store commit (`committed`) carried out at the
+    /// same time ([`Pending::at_once`]), for [`RequestCore::finish`]. A kernel that refused
+    /// while the store committed is [`EffectFailure::KernelAfterCommit`]; when both failed,
+    /// nothing was stored and the kernel's failure is told, as when they are carried out in
+    /// order. A lease that ended meanwhile stays [`EffectFailure::LeaseEnded`] whatever the
+    /// store did: whoever ended it also ends it in the store.
+    ///
+    /// ```
+    /// use fwnp_proto::gateway::request::EffectFailure;
+    ///
+    /// let kernel = || Err(EffectFailure::Kernel("no buffer space".into()));
+    /// let store = || Err(EffectFailure::Store("disk full".into()));
+    /// assert_eq!(EffectFailure::joined(Ok(()), Ok(())), Ok(()));
+    /// assert_eq!(
+    ///     EffectFailure::joined(kernel(), Ok(())),
+    ///     Err(EffectFailure::KernelAfterCommit("no buffer space".into()))
+    /// );
+    /// assert_eq!(EffectFailure::joined(kernel(), store()), kernel());
+    /// assert_eq!(EffectFailure::joined(Ok(()), store()), store());
+    /// ```
+    pub fn joined(
+        held: Result<(), EffectFailure>,
+        committed: Result<(), EffectFailure>,
+    ) -> Result<(), EffectFailure> {
+        match (held, committed) {
+            (Err(EffectFailure::Kernel(e)), Ok(())) => Err(EffectFailure::KernelAfterCommit(e)),
+            (Err(failure), _) | (Ok(()), Err(failure)) => Err(failure),
+            (Ok(()), Ok(())) => Ok(()),
+        }
+    }
 }
 
 /// An answer and the effects to carry out before it is sent; their failures do not change it.
@@ -546,8 +594,8 @@ impl Answer {
 pub enum Step {
     /// Carry out the effects, then send the answer.
     Answer(Answer),
-    /// Carry out the effects in order, stopping at the first failure, then call
-    /// [`RequestCore::finish`] with the outcome for the answer.
+    /// Carry out the effects in order, stopping at the first failure (or at once, see
+    /// [`Pending::at_once`]), then call [`RequestCore::finish`] with the outcome for the answer.
     Pending(Pending),
 }
 
@@ -556,12 +604,74 @@ pub enum Step {
 pub struct Pending {
     effects: Vec<Effect>,
     ticket: Ticket,
+    at_once: bool,
 }
 
 impl Pending {
     /// The effects to carry out, in order.
     pub fn effects(&self) -> &[Effect] {
         &self.effects
+    }
+
+    /// Whether the effects are a new lease's [`Effect::Hold`] and [`Effect::Commit`], which
+    /// may be carried out at the same time, each whatever becomes of the other, their outcomes
+    /// joined by [`EffectFailure::joined`]. In order, stopping at the first failure, is right
+    /// too. A renewal, or an Open that extends a live lease, is always carried out in order:
+    /// that order keeps a kernel element from outliving its stored lease should the gateway
+    /// die between the two.
+    ///
+    /// ```
+    /// # use fwnp_proto::gateway::request::*;
+    /// # use fwnp_proto::gateway::{LifetimePolicy, PolicyFacts};
+    /// # use fwnp_proto::{
+    /// #     Common, Grant, HostAddresses, Message, Open, Opening, PortRange, Protocol, Target, codec,
+    /// # };
+    /// # use rand::SeedableRng;
+    /// # use std::net::IpAddr;
+    /// # struct Allow;
+    /// # const LIFETIME: LifetimePolicy = LifetimePolicy { min: 60, max: 3600, default: 600 };
+    /// # impl Decide for Allow {
+    /// #     fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits {
+    /// #         HostLimits { lifetime: LIFETIME, max_leases: 16, third_party: false }
+    /// #     }
+    /// #     fn evaluate(&self, _: &str, _: &[IpAddr], hosts: &[IpAddr], _: &Open) -> Decision {
+    /// #         let grants = vec![Grant { protocol: Protocol::Tcp, ports: PortRange::single(7001),
+    /// #             host: hosts[0], remotes: Vec::new(), app: None }];
+    /// #         Decision::allowed(PolicyFacts { grants, grants_narrowed: false,
+    /// #             lifetime: LIFETIME, max_leases: Some(16) })
+    /// #     }
+    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
+    /// #         Ok(())
+    /// #     }
+    /// # }
+    /// let mut core = RequestCore::new(CoreConfig { epoch: 7, max_streams: 8, kill_connections: false });
+    /// let addresses = ["192.0.2.10".parse().unwrap()];
+    /// let peer = Peer {
+    ///     identity: Some("fwnp://host/web-01"),
+    ///     no_identity: "",
+    ///     remote: "192.0.2.10:4433".parse().unwrap(),
+    ///     addresses: &addresses,
+    /// };
+    /// let open = codec::encode(&Message::Open(Open {
+    ///     common: Common { request_id: Some(2), critical: Vec::new() },
+    ///     opening: Opening {
+    ///         target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(7001) },
+    ///         host: HostAddresses::Default,
+    ///         family: None,
+    ///         remotes: Vec::new(),
+    ///     },
+    ///     lifetime: None,
+    ///     app: None,
+    /// }));
+    /// let welcomed = ConnectionState { welcomed: true };
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    /// let Step::Pending(pending) = core.handle(1_700_000_000_000, welcomed, &peer, &open, &Allow, &mut rng)
+    /// else { panic!("a new lease waits for its effects") };
+    /// assert!(pending.at_once(), "a new lease: kernel and store at the same time");
+    /// assert!(matches!(pending.effects(), [Effect::Hold { .. }, Effect::Commit(_)]));
+    /// ```
+    pub fn at_once(&self) -> bool {
+        self.at_once
     }
 
     /// Takes the effects out, in order, leaving none: a driver that carries them out by value
@@ -1025,9 +1135,10 @@ impl RequestCore {
             }
         };
         let lease = outcome.grant().lease.clone();
-        // The kernel is written first unless the lease only grows longer: then the store is,
-        // so that a gateway killed in between leaves the kernel's element no longer than the
-        // stored lease (shorter at worst, which fails closed and the next start repairs).
+        // In order, the kernel is written first unless the lease only grows longer: then the
+        // store is, so that a gateway killed in between leaves the kernel's element no longer
+        // than the stored lease (shorter at worst, which fails closed and the next start
+        // repairs). A new lease's two may also be written at once (`Pending::at_once`).
         let (write, kernel_first, reason) = match &outcome {
             OpenOutcome::NewLease(_) => (
                 Write::Insert {
@@ -1076,8 +1187,12 @@ impl RequestCore {
         } else {
             vec![commit, hold]
         };
+        // A new lease is in neither the kernel nor the store yet: either may take it first,
+        // and a failure of one after the other took it is undone by `finish`.
+        let at_once = matches!(outcome, OpenOutcome::NewLease(_));
         Step::Pending(Pending {
             effects,
+            at_once,
             ticket: Ticket::Open {
                 outcome,
                 open: Box::new(open),
@@ -1190,6 +1305,7 @@ impl RequestCore {
         };
         Step::Pending(Pending {
             effects,
+            at_once: false,
             ticket: Ticket::Renew {
                 renewed,
                 renew: renew.clone(),
@@ -1200,8 +1316,10 @@ impl RequestCore {
     }
 
     /// The answer to a request whose effects were carried out (`Ok`) or failed (`Err`, the
-    /// first failure). A failed Open gives back the lease it made (the answer's effects then
-    /// give up its elements) and is answered no-resources. A failed Release puts the lease
+    /// first failure, or [`EffectFailure::joined`]). A failed Open gives back the lease it made
+    /// (the answer's effects then give up its elements, and end it in the store if the store
+    /// committed it: [`EffectFailure::KernelAfterCommit`]) and is answered no-resources, as a
+    /// new lease whose kernel failed is whatever the store did. A failed Release puts the lease
     /// back into the book (its elements were left as they were) and is answered no-resources
     /// with a retry-after; its answer is remembered for a retry only once it is Released.
     pub fn finish(
@@ -1225,14 +1343,31 @@ impl RequestCore {
                 }
                 Err(failure) => {
                     let mut effects = Vec::new();
+                    // A lease already out of the book was ended by whoever took it out, in the
+                    // store too (after its insert, if that was on its way).
                     if let OpenOutcome::NewLease(grant) = &opened
                         && let Some(lease) = self.book.revoke(&grant.lease.id)
                     {
                         effects.push(Effect::Unhold {
                             lease: lease.id,
-                            grants: lease.grants,
+                            grants: lease.grants.clone(),
                             kill_connections: false,
                         });
+                        // The store holds the lease as live with its Granted record: a restart
+                        // would put it in the kernel, and operators would see it live.
+                        if matches!(failure, EffectFailure::KernelAfterCommit(_)) {
+                            let why = format!(
+                                "the kernel did not take the lease's elements when it was granted ({failure}); the host was refused"
+                            );
+                            effects.push(Self::end_commit(
+                                now_ms,
+                                lease,
+                                LeaseEnd::Revoked(RevokeReason::ResourcePressure),
+                                Some("gateway".into()),
+                                Some(why),
+                                Some(peer),
+                            ));
+                        }
                     }
                     let mut answer = refuse_at(
                         now_ms,
@@ -1277,7 +1412,11 @@ impl RequestCore {
                         None,
                     ),
                     Err(failure) => {
-                        let retry_after = matches!(failure, EffectFailure::Kernel(_)).then_some(1);
+                        let retry_after = matches!(
+                            failure,
+                            EffectFailure::Kernel(_) | EffectFailure::KernelAfterCommit(_)
+                        )
+                        .then_some(1);
                         let mut answer = refuse_at(
                             now_ms,
                             &identity,
@@ -1386,6 +1525,7 @@ impl RequestCore {
         effects.reverse();
         Step::Pending(Pending {
             effects,
+            at_once: false,
             ticket: Ticket::Release {
                 lease: Box::new(lease),
                 release,
@@ -1450,26 +1590,38 @@ impl RequestCore {
                 grants: lease.grants.clone(),
                 kill_connections,
             },
-            Effect::Commit(vec![
-                Write::End {
-                    id: lease.id,
-                    end,
-                    ended_ms: now_ms,
-                    by: by.clone(),
-                    why: why.clone(),
-                },
-                Write::Audit(AuditRecord {
-                    time_ms: now_ms,
-                    peer,
-                    what: Audit::Ended {
-                        lease,
-                        end,
-                        by,
-                        why,
-                    },
-                }),
-            ]),
+            Self::end_commit(now_ms, lease, end, by, why, peer),
         ]
+    }
+
+    /// The store's part of a lease's end: the end and its audit record, in one commit.
+    fn end_commit(
+        now_ms: u64,
+        lease: super::Lease,
+        end: LeaseEnd,
+        by: Option<String>,
+        why: Option<String>,
+        peer: Option<SocketAddr>,
+    ) -> Effect {
+        Effect::Commit(vec![
+            Write::End {
+                id: lease.id,
+                end,
+                ended_ms: now_ms,
+                by: by.clone(),
+                why: why.clone(),
+            },
+            Write::Audit(AuditRecord {
+                time_ms: now_ms,
+                peer,
+                what: Audit::Ended {
+                    lease,
+                    end,
+                    by,
+                    why,
+                },
+            }),
+        ])
     }
 
     /// Revokes a live lease: it leaves the book now; the effects take it out of the kernel and
@@ -1588,5 +1740,314 @@ fn refuse_undecodable(now_ms: u64, peer: &Peer<'_>, bytes: &[u8], e: &DecodeErro
             },
         })],
         label: Some(code.name()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::StdRng;
+
+    use super::*;
+    use crate::message::{HostAddresses, Opening, PortRange, Protocol, Target};
+
+    const NOW: u64 = 1_700_000_000_000;
+    const LIFETIME: LifetimePolicy = LifetimePolicy {
+        min: 60,
+        max: 3600,
+        default: 600,
+    };
+
+    /// Allows any port on the host's own first address.
+    struct Allow;
+
+    impl Decide for Allow {
+        fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits {
+            HostLimits {
+                lifetime: LIFETIME,
+                max_leases: 16,
+                third_party: false,
+            }
+        }
+
+        fn evaluate(&self, _: &str, _: &[IpAddr], hosts: &[IpAddr], open: &Open) -> Decision {
+            let Target::Ports { protocol, ports } = open.opening.target.clone() else {
+                return Decision::denied(ResultCode::UnknownApplication, "ports only");
+            };
+            Decision::allowed(PolicyFacts {
+                grants: vec![Grant {
+                    protocol,
+                    ports,
+                    host: hosts[0],
+                    remotes: Vec::new(),
+                    app: None,
+                }],
+                grants_narrowed: false,
+                lifetime: LIFETIME,
+                max_leases: Some(16),
+            })
+        }
+
+        fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        core: RequestCore,
+        rng: StdRng,
+        addresses: [IpAddr; 1],
+        next_id: u64,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                core: RequestCore::new(CoreConfig {
+                    epoch: 7,
+                    max_streams: 8,
+                    kill_connections: true,
+                }),
+                rng: StdRng::seed_from_u64(3),
+                addresses: ["192.0.2.10".parse().unwrap()],
+                next_id: 1,
+            }
+        }
+
+        fn step(&mut self, message: Message) -> Step {
+            let peer = Peer {
+                identity: Some("fwnp://host/web-01"),
+                no_identity: "",
+                remote: "192.0.2.10:4433".parse().unwrap(),
+                addresses: &self.addresses,
+            };
+            self.core.handle(
+                NOW,
+                ConnectionState { welcomed: true },
+                &peer,
+                &codec::encode(&message),
+                &Allow,
+                &mut self.rng,
+            )
+        }
+
+        fn common(&mut self) -> Common {
+            self.next_id += 1;
+            Common {
+                request_id: Some(self.next_id),
+                critical: Vec::new(),
+            }
+        }
+
+        fn open(&mut self, port: u16) -> Pending {
+            let common = self.common();
+            let step = self.step(Message::Open(Open {
+                common,
+                opening: Opening {
+                    target: Target::Ports {
+                        protocol: Protocol::Tcp,
+                        ports: PortRange::single(port),
+                    },
+                    host: HostAddresses::Default,
+                    family: None,
+                    remotes: Vec::new(),
+                },
+                lifetime: None,
+                app: None,
+            }));
+            match step {
+                Step::Pending(pending) => pending,
+                Step::Answer(answer) => panic!("an allowed Open waits: {answer:?}"),
+            }
+        }
+
+        fn granted(&mut self, port: u16) -> LeaseId {
+            let pending = self.open(port);
+            match self.core.finish(NOW, pending, Ok(())).message {
+                Message::Granted(granted) => granted.lease,
+                other => panic!("not granted: {other:?}"),
+            }
+        }
+    }
+
+    fn denied_of(answer: &Answer) -> &Denied {
+        match &answer.message {
+            Message::Denied(d) => d,
+            other => panic!("not denied: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_new_lease_is_held_and_committed_at_once() {
+        let mut h = Harness::new();
+        let new = h.open(7001);
+        assert!(new.at_once());
+        assert!(matches!(
+            new.effects(),
+            [Effect::Hold { .. }, Effect::Commit(writes)]
+                if matches!(writes[0], Write::Insert { .. })
+        ));
+        let lease = match h.core.finish(NOW, new, Ok(())).message {
+            Message::Granted(granted) => granted.lease,
+            other => panic!("{other:?}"),
+        };
+        // The same Open again extends the live lease: in its order, not at once.
+        let extended = h.open(7001);
+        assert!(!extended.at_once(), "{:?}", extended.effects());
+        h.core.finish(NOW, extended, Ok(()));
+        let common = h.common();
+        let Step::Pending(renewal) = h.step(Message::Renew(Renew {
+            common,
+            lease,
+            lifetime: Some(60),
+        })) else {
+            panic!("a renewal waits");
+        };
+        assert!(!renewal.at_once());
+        h.core.finish(NOW, renewal, Ok(()));
+        let common = h.common();
+        let Step::Pending(release) = h.step(Message::Release(Release { common, lease })) else {
+            panic!("a release waits");
+        };
+        assert!(!release.at_once());
+    }
+
+    #[test]
+    fn joined_outcomes_say_whether_the_store_kept_what_the_kernel_refused() {
+        let kernel = || Err(EffectFailure::Kernel("no buffer space".into()));
+        let store = || Err(EffectFailure::Store("disk full".into()));
+        let ended = || Err(EffectFailure::LeaseEnded);
+        assert_eq!(EffectFailure::joined(Ok(()), Ok(())), Ok(()));
+        assert_eq!(
+            EffectFailure::joined(kernel(), Ok(())),
+            Err(EffectFailure::KernelAfterCommit("no buffer space".into()))
+        );
+        assert_eq!(EffectFailure::joined(kernel(), store()), kernel());
+        assert_eq!(EffectFailure::joined(Ok(()), store()), store());
+        assert_eq!(EffectFailure::joined(ended(), Ok(())), ended());
+        assert_eq!(EffectFailure::joined(ended(), store()), ended());
+        // The host is told the same either way.
+        assert_eq!(
+            EffectFailure::KernelAfterCommit("x".into()).to_string(),
+            EffectFailure::Kernel("x".into()).to_string()
+        );
+    }
+
+    /// The kernel refused while the store committed the new lease: the host gets the Denied it
+    /// gets when the kernel refused first, and the stored lease is ended with a record of why.
+    #[test]
+    fn a_kernel_failure_after_the_commit_ends_the_stored_lease() {
+        let mut h = Harness::new();
+        let pending = h.open(7001);
+        let id = pending.lease();
+        let after_commit = h.core.finish(
+            NOW,
+            pending,
+            Err(EffectFailure::KernelAfterCommit("no buffer space".into())),
+        );
+        assert!(h.core.book().is_empty(), "the book gave the lease back");
+
+        let mut before = Harness::new();
+        let pending = before.open(7001);
+        let alone = before.core.finish(
+            NOW,
+            pending,
+            Err(EffectFailure::Kernel("no buffer space".into())),
+        );
+        let (d, d_alone) = (denied_of(&after_commit), denied_of(&alone));
+        assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(5)));
+        assert_eq!(d.reason, d_alone.reason, "the same words either way");
+        assert!(
+            !alone.effects.iter().any(|e| matches!(e, Effect::Commit(_))),
+            "nothing to end when the store was not written: {:?}",
+            alone.effects
+        );
+
+        let [
+            Effect::Unhold {
+                lease: unheld,
+                kill_connections: false,
+                ..
+            },
+            Effect::Commit(writes),
+            Effect::Audit(refusal),
+        ] = after_commit.effects.as_slice()
+        else {
+            panic!("{:?}", after_commit.effects);
+        };
+        assert_eq!(*unheld, id);
+        let [
+            Write::End {
+                id: ended,
+                end,
+                by,
+                why,
+                ..
+            },
+            Write::Audit(record),
+        ] = writes.as_slice()
+        else {
+            panic!("{writes:?}");
+        };
+        assert_eq!(*ended, id);
+        assert_eq!(*end, LeaseEnd::Revoked(RevokeReason::ResourcePressure));
+        assert_eq!(by.as_deref(), Some("gateway"));
+        let why = why.as_deref().expect("a reason");
+        assert!(
+            why.contains("kernel: no buffer space") && why.contains("refused"),
+            "{why}"
+        );
+        assert!(matches!(
+            &record.what,
+            Audit::Ended { lease, end: LeaseEnd::Revoked(RevokeReason::ResourcePressure), why: Some(w), .. }
+                if lease.id == id && w == why
+        ));
+        assert!(matches!(
+            refusal.what,
+            Audit::Refused {
+                code: ResultCode::NoResources,
+                ..
+            }
+        ));
+        // The quota was not spent on it.
+        for port in [7002, 7003] {
+            h.granted(port);
+        }
+    }
+
+    /// A lease revoked while its hold and commit were on their way is ended in the store by the
+    /// revocation's own writes: the refusal adds no second end.
+    #[test]
+    fn a_lease_revoked_meanwhile_is_not_ended_twice() {
+        for failure in [
+            EffectFailure::joined(Err(EffectFailure::LeaseEnded), Ok(())),
+            EffectFailure::joined(Err(EffectFailure::Kernel("gone".into())), Ok(())),
+        ] {
+            let mut h = Harness::new();
+            let pending = h.open(7001);
+            let revocation = h
+                .core
+                .revoke(
+                    NOW,
+                    &pending.lease(),
+                    RevokeReason::Operator,
+                    "operator",
+                    None,
+                )
+                .expect("the lease is in the book");
+            assert!(
+                revocation
+                    .effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::Commit(w) if matches!(w[0], Write::End { .. })))
+            );
+            let answer = h.core.finish(NOW, pending, failure);
+            assert_eq!(denied_of(&answer).code, ResultCode::NoResources);
+            assert!(
+                answer.effects.iter().all(|e| matches!(e, Effect::Audit(_))),
+                "{:?}",
+                answer.effects
+            );
+        }
     }
 }

@@ -4,13 +4,16 @@
 //!
 //! The order of an Open is fixed by the core, because it decides what a host can rely on:
 //! decode and validate, resolve the address, ask policy, take the lease in the book; then this
-//! driver programs the kernel and waits for its acknowledgement, commits the lease to the store
-//! and waits for that, and only then does the core give the Granted. A failure after the book
+//! driver programs the kernel and commits the lease to the store (for a new lease both at the
+//! same time, unless many requests are in flight), waits for the kernel's acknowledgement and
+//! the store's commit, and only then does the core give the Granted. A failure after the book
 //! took the lease gives the lease back and answers no-resources, so a host never holds a lease
-//! the kernel or the store lacks. A renewal (or an Open that extends a live lease) that makes a
-//! lease longer writes the store before the kernel instead, so that a gateway killed between the
-//! two never leaves a kernel element that outlives its stored lease; the start's reconcile
-//! brings any such element down to the stored expiry all the same.
+//! the kernel or the store lacks (a lease the store committed while the kernel refused it is
+//! ended in the store again, and audited so). A renewal (or an Open that extends a live lease) goes one step after the other: one
+//! that makes a lease longer writes the store before the kernel, one that makes it shorter the
+//! kernel first, so that a gateway killed between the two never leaves a kernel element that
+//! outlives its stored lease; the start's reconcile brings any such element down to the stored
+//! expiry all the same.
 //!
 //! What needs a clock or the connection stays here: the rate limiter, the certificate checks,
 //! the counting of Lists and failed handshakes.
@@ -186,7 +189,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
-pub use request::write_op;
+pub use request::{AT_ONCE_IN_FLIGHT, write_op};
 pub use revocation::PUBLISH_ATTEMPTS;
 
 /// The certificates the CRL file lists; none without a CRL.

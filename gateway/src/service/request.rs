@@ -6,6 +6,14 @@ use smallvec::SmallVec;
 
 use super::*;
 
+/// Requests in flight (this one included) up to which a new lease's kernel hold and store
+/// commit are handed off at the same time. Beyond, the answer waits for queues rather than for
+/// the two hand-offs, and leases that reach the store behind the kernel's batches make larger
+/// group commits: measured in the closed loop (100 hosts, 8 requests each), about 38 store
+/// operations a transaction in order against 24 at once, and about 1 µs more of the writer's
+/// time per grant. At 1,000 requests a second there is rarely more than one in flight.
+pub const AT_ONCE_IN_FLIGHT: i64 = 8;
+
 /// The store's operation for a write of the request core; `certificate` is the one the host
 /// asked with, kept with the leases it opens or renews. Public so that a harness driving the
 /// request core writes the store as the service does.
@@ -330,9 +338,17 @@ impl Service {
                 let effects = pending.take_effects();
                 let inserted = inserted_lease(&effects);
                 let renewed = renewed_lease(&effects);
-                let outcome = self.carry_out_in_order(session, effects).await;
+                let (outcome, stored) = if pending.at_once()
+                    && self.metrics.requests_in_flight.get() <= AT_ONCE_IN_FLIGHT
+                {
+                    self.carry_out_at_once(session, effects).await
+                } else {
+                    let outcome = self.carry_out_in_order(session, effects).await;
+                    let stored = outcome.is_ok();
+                    (outcome, stored)
+                };
                 if let Some(id) = inserted {
-                    self.stored_or_not(id, outcome.is_ok()).await;
+                    self.stored_or_not(id, stored).await;
                 }
                 let lease = pending.lease();
                 let (failure, answer) = {
@@ -407,27 +423,13 @@ impl Service {
         effects: Vec<Effect>,
     ) -> Result<(), EffectFailure> {
         for effect in effects {
-            let began = Instant::now();
             match effect {
                 Effect::Hold {
                     lease,
                     grants,
                     expires_ms,
-                } => {
-                    let held = self
-                        .refresh(&lease, &elements_of_all(&grants), expires_ms)
-                        .await;
-                    self.metrics.stage(Stage::Kernel, began.elapsed());
-                    held.map_err(|e| match e {
-                        RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
-                        RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
-                    })?
-                }
-                Effect::Commit(writes) => {
-                    let committed = self.commit(Some(session), writes).await;
-                    self.metrics.stage(Stage::Store, began.elapsed());
-                    committed.map_err(|e| EffectFailure::Store(e.to_string()))?
-                }
+                } => self.held(&lease, &grants, expires_ms).await?,
+                Effect::Commit(writes) => self.committed(session, writes).await?,
                 other => {
                     self.carry_out(Some(session), std::slice::from_ref(&other))
                         .await
@@ -435,6 +437,77 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// Carries out a new lease's kernel hold and store commit at the same time (the core's
+    /// [`Pending::at_once`](fwnp_proto::gateway::request::Pending::at_once)), so that its
+    /// answer waits for the slower of the two hand-offs rather than for both in turn; each is
+    /// carried out whatever becomes of the other. The joined outcome, and whether the store
+    /// committed (a revocation held back meanwhile then has a stored lease to end).
+    async fn carry_out_at_once(
+        &self,
+        session: &Session,
+        effects: Vec<Effect>,
+    ) -> (Result<(), EffectFailure>, bool) {
+        let mut hold = None;
+        let mut writes = None;
+        for effect in effects {
+            match effect {
+                Effect::Hold {
+                    lease,
+                    grants,
+                    expires_ms,
+                } => hold = Some((lease, grants, expires_ms)),
+                Effect::Commit(commit) => writes = Some(commit),
+                other => {
+                    self.carry_out(Some(session), std::slice::from_ref(&other))
+                        .await
+                }
+            }
+        }
+        let held = async {
+            match &hold {
+                Some((lease, grants, expires_ms)) => self.held(lease, grants, *expires_ms).await,
+                None => Ok(()),
+            }
+        };
+        let committed = async {
+            match writes {
+                Some(writes) => self.committed(session, writes).await,
+                None => Ok(()),
+            }
+        };
+        // The store's hand-off is begun first (and always first: `biased`), its commit being the
+        // slower of the two as a rule.
+        let (committed, held) = tokio::join!(biased; committed, held);
+        let stored = committed.is_ok();
+        (EffectFailure::joined(held, committed), stored)
+    }
+
+    /// A pending answer's kernel hold, timed as the request path's kernel stage.
+    async fn held(
+        &self,
+        lease: &LeaseId,
+        grants: &[Grant],
+        expires_ms: u64,
+    ) -> Result<(), EffectFailure> {
+        let began = Instant::now();
+        let held = self
+            .refresh(lease, &elements_of_all(grants), expires_ms)
+            .await;
+        self.metrics.stage(Stage::Kernel, began.elapsed());
+        held.map_err(|e| match e {
+            RefreshError::LeaseEnded => EffectFailure::LeaseEnded,
+            RefreshError::Kernel(e) => EffectFailure::Kernel(e.to_string()),
+        })
+    }
+
+    /// A pending answer's store commit, timed as the request path's store stage.
+    async fn committed(&self, session: &Session, writes: Vec<Write>) -> Result<(), EffectFailure> {
+        let began = Instant::now();
+        let committed = self.commit(Some(session), writes).await;
+        self.metrics.stage(Stage::Store, began.elapsed());
+        committed.map_err(|e| EffectFailure::Store(e.to_string()))
     }
 
     /// Carries out effects whose failures change no answer: a failure is logged, and the
