@@ -224,6 +224,12 @@ fn a_gateway_without_etcd_quorum_refuses_opens_with_retry_after_and_grants_again
     });
 
     cluster.kill(0);
+    // If the killed member led, the two left elect a new leader first, which on a loaded
+    // machine can outlast the store's timeout: the grant below is asked once they have one.
+    assert!(
+        cluster.wait_healthy(&[1, 2], Duration::from_secs(30)),
+        "the two members left elect a leader"
+    );
     cluster.run(|| {
         rt.block_on(async {
             granted(client.open(tcp(7002), None).await);

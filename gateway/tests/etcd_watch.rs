@@ -486,6 +486,12 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
     });
 
     cluster.kill(0);
+    // If the killed member led, the two left elect a new leader first, which on a loaded
+    // machine can outlast the store's timeout: the grants below are asked once they have one.
+    assert!(
+        cluster.wait_healthy(&[1, 2], Duration::from_secs(30)),
+        "the two members left elect a leader"
+    );
     let (long, short) = cluster.run(|| {
         rt.block_on(async {
             // One member down: grants go on, and both kernels enforce them.
