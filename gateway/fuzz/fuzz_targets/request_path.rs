@@ -468,7 +468,24 @@ impl Gateway {
             Step::Pending(pending) => {
                 let lease = pending.lease();
                 let mut outcome = Ok(());
-                for (i, effect) in pending.effects().to_vec().iter().enumerate() {
+                let effects = pending.effects().to_vec();
+                if pending.at_once() && failure.is_some_and(|f| f.failure % 4 == 3) {
+                    // Held and committed at once: the store committed while the kernel
+                    // refused, and finish must end the stored lease again.
+                    for effect in effects.iter() {
+                        if !matches!(effect, Effect::Hold { .. }) {
+                            self.carry_out(who, effect);
+                        }
+                    }
+                    outcome = EffectFailure::joined(
+                        Err(EffectFailure::Kernel("the kernel refused".into())),
+                        Ok(()),
+                    );
+                }
+                for (i, effect) in effects.iter().enumerate() {
+                    if outcome.is_err() {
+                        break;
+                    }
                     if let Some(f) = failure.filter(|f| f.at == i) {
                         outcome = Err(match f.failure % 3 {
                             0 => EffectFailure::Kernel("the kernel refused".into()),
