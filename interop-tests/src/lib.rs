@@ -894,6 +894,44 @@ impl LongConnection {
     }
 }
 
+/// The Python interpreter a test runs its Python side with, when one that imports `modules` is
+/// there: `$FWNP_PYTHON`, else the virtual environment `scripts/test` makes in
+/// `target/python-venv`. Without one the test is skipped with the reason on standard error,
+/// or fails when [`REQUIRE_NETNS_VAR`] is 1.
+pub fn test_python(test: &str, modules: &[&str]) -> Option<PathBuf> {
+    let candidate = std::env::var_os("FWNP_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| {
+            let target = Binaries::profile_dir().ok()?.parent()?.to_path_buf();
+            Some(target.join("python-venv/bin/python"))
+        });
+    let imports = format!("import {}", modules.join(", "));
+    let usable = candidate.as_ref().is_some_and(|python| {
+        Command::new(python)
+            .args(["-c", &imports])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if usable {
+        return candidate;
+    }
+    let tried = candidate
+        .as_deref()
+        .map_or_else(|| "nothing".to_owned(), |p| p.display().to_string());
+    let why = format!(
+        "{test}: needs a Python with {} ($FWNP_PYTHON, or target/python-venv, which \
+         scripts/test makes); tried {tried}",
+        modules.join(" and ")
+    );
+    if std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|v| v == "1") {
+        panic!("{why}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it");
+    }
+    eprintln!("{why}: skipped");
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

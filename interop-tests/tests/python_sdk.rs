@@ -18,9 +18,7 @@ use std::sync::OnceLock;
 use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use fwnp_interop_tests::{
-    Binaries, Lab, LabOptions, REQUIRE_NETNS_VAR, netns_command, require_root,
-};
+use fwnp_interop_tests::{Binaries, Lab, LabOptions, netns_command, require_root, test_python};
 
 /// A connection attempt that gets no answer within this long counts as refused.
 const REFUSED: Duration = Duration::from_millis(1200);
@@ -52,39 +50,6 @@ fn binaries() -> Binaries {
         Ok(bins) => bins.clone(),
         Err(err) => panic!("the lab's binaries: {err}"),
     }
-}
-
-/// The Python interpreter to run the SDK with, when one with cbor2 is there.
-fn python(test: &str) -> Option<PathBuf> {
-    let candidate = std::env::var_os("FWNP_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let target = Binaries::profile_dir().ok()?.parent()?.to_path_buf();
-            Some(target.join("python-venv/bin/python"))
-        });
-    let usable = candidate.as_ref().is_some_and(|python| {
-        std::process::Command::new(python)
-            .args(["-c", "import cbor2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if usable {
-        return candidate;
-    }
-    let tried = candidate
-        .as_deref()
-        .map_or_else(|| "nothing".to_owned(), |p| p.display().to_string());
-    let why = format!(
-        "{test}: needs a Python with cbor2 ($FWNP_PYTHON, or target/python-venv, which \
-         scripts/test makes); tried {tried}"
-    );
-    if std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|v| v == "1") {
-        panic!("{why}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it");
-    }
-    eprintln!("{why}: skipped");
-    None
 }
 
 fn sdk_dir() -> PathBuf {
@@ -223,7 +188,7 @@ fn python_sdk_holds_a_port_until_released_or_collected_and_raises_refusals() {
     if !require_root(test) {
         return;
     }
-    let Some(python) = python(test) else {
+    let Some(python) = test_python(test, &["cbor2"]) else {
         return;
     };
     let lab = start_lab("py-sdk");
@@ -277,7 +242,7 @@ fn python_sdk_asyncio_holds_a_port_until_the_async_with_ends() {
     if !require_root(test) {
         return;
     }
-    let Some(python) = python(test) else {
+    let Some(python) = test_python(test, &["cbor2"]) else {
         return;
     };
     let lab = start_lab("py-aio");
@@ -302,7 +267,7 @@ fn python_sdk_two_opens_of_one_opening_are_two_leases() {
     if !require_root(test) {
         return;
     }
-    let Some(python) = python(test) else {
+    let Some(python) = test_python(test, &["cbor2"]) else {
         return;
     };
     let lab = start_lab("py-twice");

@@ -35,8 +35,8 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 use fwnp_interop_tests::{
-    Binaries, GATEWAY_PORT, Lab, LabOptions, REQUIRE_NETNS_VAR, TcpEchoServer, netns_command,
-    require_root, run_ok, tcp_connects, wait_until,
+    Binaries, GATEWAY_PORT, Lab, LabOptions, TcpEchoServer, netns_command, require_root, run_ok,
+    tcp_connects, test_python, wait_until,
 };
 use serde_json::Value;
 
@@ -82,46 +82,16 @@ const NO_APPLICATION_PROTOCOL: u64 = 120;
 /// RFC 9000's transport error for a stream beyond the peer's limit.
 const STREAM_LIMIT_ERROR: u64 = 0x4;
 
-/// The Python interpreter to run the client with, when one with cbor2 and aioquic is there.
-fn python(test: &str) -> Option<PathBuf> {
-    let candidate = std::env::var_os("FWNP_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| {
-            let target = Binaries::profile_dir().ok()?.parent()?.to_path_buf();
-            Some(target.join("python-venv/bin/python"))
-        });
-    let usable = candidate.as_ref().is_some_and(|python| {
-        std::process::Command::new(python)
-            .args(["-c", "import cbor2, aioquic"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    });
-    if usable {
-        return candidate;
-    }
-    let tried = candidate
-        .as_deref()
-        .map_or_else(|| "nothing".to_owned(), |p| p.display().to_string());
-    let why = format!(
-        "{test}: needs a Python with cbor2 and aioquic ($FWNP_PYTHON, or target/python-venv, \
-         which scripts/test makes); tried {tried}"
-    );
-    if std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|v| v == "1") {
-        panic!("{why}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it");
-    }
-    eprintln!("{why}: skipped");
-    None
-}
-
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("python/wire_client.py")
 }
 
 #[test]
 fn wire_python_codec_passes_the_conformance_vectors() {
-    let Some(python) = python("wire_python_codec_passes_the_conformance_vectors") else {
+    let Some(python) = test_python(
+        "wire_python_codec_passes_the_conformance_vectors",
+        &["cbor2", "aioquic"],
+    ) else {
         return;
     };
     let vectors = Path::new(env!("CARGO_MANIFEST_DIR")).join("../spec/vectors");
@@ -329,7 +299,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     if !require_root(test) {
         return;
     }
-    let Some(python) = python(test) else {
+    let Some(python) = test_python(test, &["cbor2", "aioquic"]) else {
         return;
     };
     let mut lab = start_lab();
