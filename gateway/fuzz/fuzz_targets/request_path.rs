@@ -486,12 +486,18 @@ impl Gateway {
                     if outcome.is_err() {
                         break;
                     }
-                    if let Some(f) = failure.filter(|f| f.at == i) {
-                        outcome = Err(match f.failure % 3 {
-                            0 => EffectFailure::Kernel("the kernel refused".into()),
-                            1 => EffectFailure::Store("no quorum".into()),
-                            _ => EffectFailure::LeaseEnded,
-                        });
+                    // Only the kernel's and the store's steps can fail, each in its own ways,
+                    // as the gateway's driver carries them out; the others cannot.
+                    let failed = failure.filter(|f| f.at == i).and_then(|f| match effect {
+                        Effect::Hold { .. } if f.failure % 2 == 0 => {
+                            Some(EffectFailure::Kernel("the kernel refused".into()))
+                        }
+                        Effect::Hold { .. } => Some(EffectFailure::LeaseEnded),
+                        Effect::Commit(_) => Some(EffectFailure::Store("no quorum".into())),
+                        _ => None,
+                    });
+                    if let Some(failed) = failed {
+                        outcome = Err(failed);
                         break;
                     }
                     self.carry_out(who, effect);
