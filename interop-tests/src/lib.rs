@@ -25,7 +25,7 @@
 pub mod cluster;
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -930,6 +930,86 @@ pub fn test_python(test: &str, modules: &[&str]) -> Option<PathBuf> {
     }
     eprintln!("{why}: skipped");
     None
+}
+
+/// A child process a test drives line by line: its standard output read by a thread of its own
+/// into a channel, its standard input written a line at a time, killed when dropped.
+#[derive(Debug)]
+pub struct LineProcess {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    what: String,
+}
+
+impl LineProcess {
+    /// Starts `command` with its standard input and output piped (its standard error is the
+    /// test's); `what` names it in panics.
+    pub fn spawn(command: &mut Command, what: impl Into<String>) -> LineProcess {
+        let what = what.into();
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|err| panic!("starting {what}: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LineProcess {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            what,
+        }
+    }
+
+    /// What the process is, as given to [`LineProcess::spawn`].
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// The next line the process writes, if one comes within `within`.
+    pub fn next_line(&self, within: Duration) -> Option<String> {
+        self.lines.recv_timeout(within).ok()
+    }
+
+    /// Writes `line` to the process's standard input.
+    pub fn tell(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        writeln!(stdin, "{line}").unwrap_or_else(|err| panic!("{}: {err}", self.what));
+        stdin
+            .flush()
+            .unwrap_or_else(|err| panic!("{}: {err}", self.what));
+    }
+
+    /// Closes its standard input and waits up to `within` for it to exit; whether it succeeded.
+    pub fn finished(&mut self, within: Duration) -> bool {
+        self.stdin = None;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for LineProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[cfg(test)]

@@ -11,14 +11,13 @@
 //! cbor2: `$FWNP_PYTHON`, else the virtual environment `scripts/test` makes in
 //! `target/python-venv` (missing: skipped, failing instead when FWNP_REQUIRE_NETNS=1).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
 use std::sync::OnceLock;
-use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
-use fwnp_interop_tests::{Binaries, Lab, LabOptions, netns_command, require_root, test_python};
+use fwnp_interop_tests::{
+    Binaries, Lab, LabOptions, LineProcess, netns_command, require_root, test_python,
+};
 
 /// A connection attempt that gets no answer within this long counts as refused.
 const REFUSED: Duration = Duration::from_millis(1200);
@@ -68,88 +67,45 @@ fn start_lab(label: &str) -> Lab {
 }
 
 /// One run of the driver in host 0's namespace; killed when dropped.
-struct Driver {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-    what: String,
-}
+struct Driver(LineProcess);
 
 impl Driver {
     fn start(lab: &Lab, python: &Path, mode: &str, port: u16) -> Driver {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/sdk_driver.py");
-        let mut child = netns_command(&lab.site.hosts[0].netns, python)
+        let mut command = netns_command(&lab.site.hosts[0].netns, python);
+        command
             .arg(script)
             .args([mode, &port.to_string()])
             .env("FWNP_AGENT_SOCKET", lab.agent_socket(0))
             // The SDK of this tree, whatever the environment has installed.
-            .env("PYTHONPATH", sdk_dir())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting the Python driver: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (send, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Driver {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-            what: format!("sdk_driver.py {mode} {port}"),
-        }
+            .env("PYTHONPATH", sdk_dir());
+        Driver(LineProcess::spawn(
+            &mut command,
+            format!("sdk_driver.py {mode} {port}"),
+        ))
     }
 
     /// The driver's next line, which must start with `word`; its other words.
     fn expect(&self, word: &str, lab: &Lab) -> Vec<String> {
-        let line = self.lines.recv_timeout(STEP).unwrap_or_else(|_| {
+        let what = self.0.what();
+        let line = self.0.next_line(STEP).unwrap_or_else(|| {
             panic!(
-                "{}: no line within {STEP:?} (expected {word})\n{}",
-                self.what,
+                "{what}: no line within {STEP:?} (expected {word})\n{}",
                 lab.log_tails(20)
             )
         });
         let mut words = line.split_whitespace().map(str::to_owned);
-        assert_eq!(
-            words.next().as_deref(),
-            Some(word),
-            "{}: said {line:?}",
-            self.what
-        );
+        assert_eq!(words.next().as_deref(), Some(word), "{what}: said {line:?}");
         words.collect()
     }
 
     fn tell(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").unwrap_or_else(|err| panic!("{}: {err}", self.what));
-        stdin
-            .flush()
-            .unwrap_or_else(|err| panic!("{}: {err}", self.what));
+        self.0.tell(line);
     }
 
     /// Waits (bounded) for the driver to exit and returns whether it succeeded.
     fn finished(&mut self) -> bool {
-        self.stdin = None;
-        for _ in 0..100 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
-impl Drop for Driver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.finished(Duration::from_secs(5))
     }
 }
 

@@ -27,16 +27,13 @@
 //! instead when FWNP_REQUIRE_NETNS=1).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc::{Receiver, channel};
 use std::time::Duration;
 
 use fwnp_interop_tests::{
-    Binaries, GATEWAY_PORT, Lab, LabOptions, TcpEchoServer, netns_command, require_root, run_ok,
-    tcp_connects, test_python, wait_until,
+    Binaries, GATEWAY_PORT, Lab, LabOptions, LineProcess, TcpEchoServer, netns_command,
+    require_root, run_ok, tcp_connects, test_python, wait_until,
 };
 use serde_json::Value;
 
@@ -120,17 +117,14 @@ fn wire_python_codec_passes_the_conformance_vectors() {
 }
 
 /// The client in host 0's namespace; killed when dropped.
-struct Client {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    lines: Receiver<String>,
-}
+struct Client(LineProcess);
 
 impl Client {
     fn start(lab: &Lab, python: &Path) -> Client {
         let host = &lab.site.hosts[0];
         let gateway = format!("{}:{GATEWAY_PORT}", lab.site.gateway_inside_v4);
-        let mut child = netns_command(&host.netns, python)
+        let mut command = netns_command(&host.netns, python);
+        command
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .arg(script())
             .arg("drive")
@@ -147,33 +141,15 @@ impl Client {
             .arg("--second-key")
             .arg(lab.pki.file(&format!("{}-second.key", host.name)))
             .arg("--ca")
-            .arg(lab.pki.file("ca.pem"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap_or_else(|err| panic!("starting the Python client: {err}"));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (send, lines) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Client {
-            stdin: child.stdin.take(),
-            child,
-            lines,
-        }
+            .arg(lab.pki.file("ca.pem"));
+        Client(LineProcess::spawn(&mut command, "the Python client"))
     }
 
     /// Every step's line up to and including `last`, by step name.
     fn steps_until(&self, last: &str, lab: &Lab) -> HashMap<String, Value> {
         let mut steps = HashMap::new();
         loop {
-            let line = self.lines.recv_timeout(STEP).unwrap_or_else(|_| {
+            let line = self.0.next_line(STEP).unwrap_or_else(|| {
                 panic!(
                     "the client said nothing within {STEP:?} (waiting for {last}); it said \
                      {steps:#?}\n{}",
@@ -199,28 +175,12 @@ impl Client {
     }
 
     fn tell(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        writeln!(stdin, "{line}").expect("tell the client");
-        stdin.flush().expect("tell the client");
+        self.0.tell(line);
     }
 
     /// Waits (bounded) for the client to exit and returns whether it succeeded.
     fn finished(&mut self) -> bool {
-        self.stdin = None;
-        for _ in 0..200 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.finished(Duration::from_secs(10))
     }
 }
 
