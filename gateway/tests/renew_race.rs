@@ -56,22 +56,9 @@ allow = "tcp/7000-7999"
 "#;
 
 /// What the reload puts in force: the lease's port is no longer allowed.
-const NARROWER_POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-min_lifetime = "1s"
-max_lifetime = "1h"
-max_leases = 3
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = "tcp/7500-7999"
-"#;
+fn narrower_policy() -> String {
+    POLICY.replace("allow = \"tcp/7000-7999\"", "allow = \"tcp/7500-7999\"")
+}
 
 /// The SQLite store, except that a commit renewing a lease waits until the test lets it go,
 /// and says which lease it holds: before the renewal is applied (`applied_first` false), or
@@ -366,7 +353,7 @@ async fn race(
             assert_eq!(answer.revoked, lease.to_string());
         }
         Revoker::PolicyReload => {
-            write_policy(&policy_path, NARROWER_POLICY);
+            write_policy(&policy_path, &narrower_policy());
             let reloaded = service.reload_policy().await.expect("the reload");
             let revoked: Vec<&str> = reloaded.revoked.iter().map(|r| r.lease.as_str()).collect();
             assert_eq!(revoked, vec![lease.to_string()]);
