@@ -11,8 +11,8 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
+use common::kernel::{FILTER, Kernel};
 use common::{
     Client, Pki, STEP, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
 };
@@ -24,19 +24,13 @@ use fwnp_gateway::store::{
 };
 use fwnp_netfilter::{Batcher, BatcherConfig, Netfilter};
 use fwnp_proto::{LeaseId, Message, ResultCode, RevokeReason};
-use fwnp_testkit::netns::{self as lab, TcpEchoServer, Topology};
+use fwnp_testkit::netns as lab;
 use fwnp_trust::pki::{self, RevocationReason};
 use fwnp_trust::tls::ServerOptions;
 use tokio::sync::{Notify, mpsc};
 
 /// The port the leases open.
 const PORT: u16 = 7001;
-
-/// The gateway's filter, when the test has a kernel: it guards the topology's host network.
-const FILTER: &str = "[filter]\nenabled = true\ntable = \"fwnp\"\nprotected = [\"198.51.100.0/24\"]\nrefuse = \"drop\"";
-
-/// Below TCP's first SYN retransmission: a connection made within it was let through at once.
-const FIRST_SYN: Duration = Duration::from_millis(800);
 
 const POLICY: &str = r#"
 [defaults]
@@ -156,75 +150,6 @@ struct Seam {
     kernel: Option<Kernel>,
 }
 
-/// A gateway's filter in the router namespace of a [`Topology`], guarding its host, where an
-/// echo server answers on [`PORT`].
-struct Kernel {
-    topology: Topology,
-    _echo: TcpEchoServer,
-}
-
-impl Kernel {
-    fn new() -> Kernel {
-        let topology = Topology::new().expect("build the namespaces");
-        let echo = TcpEchoServer::start(&topology.host().netns, PORT).expect("echo server");
-        Kernel {
-            topology,
-            _echo: echo,
-        }
-    }
-
-    /// The address the host's certificate names, which its leases open.
-    fn host(&self) -> IpAddr {
-        self.topology.host().v4
-    }
-
-    /// Whether the router's table holds an element for the host's TCP [`PORT`].
-    fn holds(&self) -> bool {
-        let table = self
-            .topology
-            .gateway
-            .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
-            .expect("nft list table");
-        let host = self.topology.host().v4.to_string();
-        let needles = [
-            format!("{host} . tcp . {PORT}"),
-            format!("{host} . 6 . {PORT}"),
-        ];
-        table.lines().any(|line| {
-            needles.iter().any(|n| {
-                line.match_indices(n.as_str()).any(|(at, _)| {
-                    !line[at + n.len()..]
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_digit())
-                })
-            })
-        })
-    }
-
-    /// Whether a connection from the outside reaches the host's [`PORT`] with its first SYN.
-    fn passes(&self) -> bool {
-        let to = SocketAddr::new(self.host(), PORT);
-        tokio::task::block_in_place(|| {
-            lab::tcp_connects(&self.topology.outside, to, None, FIRST_SYN)
-        })
-    }
-
-    /// Whether the table and the traffic agree on `open` within [`STEP`].
-    async fn settles(&self, open: bool) -> bool {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            if self.holds() == open && self.passes() == open {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
 impl Seam {
     async fn start(label: &str, applied_first: bool, kernel: Option<Kernel>) -> Seam {
         let pki = Pki::new(label);
@@ -336,7 +261,10 @@ async fn race(
     let lease = granted(client.open(tcp(PORT), Some(opened)).await).lease;
     let opened_expires_ms = seam.stored(lease).expires_ms;
     if let Some(kernel) = &seam.kernel {
-        assert!(kernel.settles(true).await, "the granted lease is open");
+        assert!(
+            kernel.settles(PORT, true).await,
+            "the granted lease is open"
+        );
     }
 
     let renewing = tokio::spawn({
@@ -369,7 +297,7 @@ async fn race(
         Some(Message::Revoked(r)) if r.lease == lease
     );
     let kernel_closed = match &seam.kernel {
-        Some(kernel) => Some(kernel.settles(false).await),
+        Some(kernel) => Some(kernel.settles(PORT, false).await),
         None => None,
     };
     Raced {
@@ -565,7 +493,7 @@ async fn no_element_of_a_lease_revoked_while_it_was_renewed_stays_in_the_kernel(
             renewed,
             applied_first,
             revoker,
-            Some(Kernel::new()),
+            Some(Kernel::new(&[PORT])),
         )
         .await;
         assert_unknown_lease(&raced);

@@ -69,6 +69,7 @@ mod kernel;
 mod memory_tests;
 mod request;
 mod revocation;
+mod seams;
 mod unloaded;
 
 use credentials::LeaseCredentials;
@@ -136,6 +137,8 @@ pub struct Service {
     reload_lock: tokio::sync::Mutex<()>,
     /// Makes the audit export's JSON file open its path again (SIGHUP), set once at the start.
     audit_reopen: std::sync::OnceLock<crate::audit_export::ReopenHandle>,
+    /// Where a caller of [`Service::start_with_seams`] holds the work; none otherwise.
+    seams: Seams,
 }
 
 /// Why [`Service::reload_tls`] changed nothing.
@@ -191,6 +194,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
 pub use request::{AT_ONCE_IN_FLIGHT, write_op};
 pub use revocation::PUBLISH_ATTEMPTS;
+use seams::pause as pause_at;
+pub use seams::{Pause, Seams};
 
 /// The certificates the CRL file lists; none without a CRL.
 fn read_revoked_certificates<E>(
@@ -239,6 +244,16 @@ impl Service {
         config: GatewayConfig,
         filter: Option<Batcher>,
     ) -> Result<Arc<Service>, StartError> {
+        Self::start_with_seams(config, filter, Seams::default()).await
+    }
+
+    /// As [`Service::start`], with work held at `seams`: a request after its decision. For a
+    /// test that must run two things in one order.
+    pub async fn start_with_seams(
+        config: GatewayConfig,
+        filter: Option<Batcher>,
+        seams: Seams,
+    ) -> Result<Arc<Service>, StartError> {
         let mut options = crate::store::StoreOptions::default();
         if config.store.synchronous_full {
             options.synchronous = crate::store::Synchronous::Full;
@@ -263,7 +278,7 @@ impl Service {
             None => None,
         };
         let service =
-            Self::start_inner(config, filter, store, leases, cluster_store, policy).await?;
+            Self::start_inner(config, filter, store, leases, cluster_store, policy, seams).await?;
         if let Some(member) = member {
             let _ = service.cluster.set(member.clone());
             member.join(&service).await?;
@@ -294,7 +309,16 @@ impl Service {
         queries: Arc<dyn StoreQueries>,
         leases: Arc<dyn LeaseStore>,
     ) -> Result<Arc<Service>, StartError> {
-        Self::start_inner(config, filter, queries, leases, None, None).await
+        Self::start_inner(
+            config,
+            filter,
+            queries,
+            leases,
+            None,
+            None,
+            Seams::default(),
+        )
+        .await
     }
 
     /// As [`Service::start_with_store`], following the cluster through `cluster_store` (the
@@ -307,6 +331,7 @@ impl Service {
         leases: Arc<dyn LeaseStore>,
         cluster_store: Option<crate::store::EtcdStore>,
         policy: Option<Policy>,
+        seams: Seams,
     ) -> Result<Arc<Service>, StartError> {
         let policy = match policy {
             Some(policy) => policy,
@@ -359,6 +384,7 @@ impl Service {
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             audit_reopen: std::sync::OnceLock::new(),
+            seams,
             config,
         });
         service.restore().await?;

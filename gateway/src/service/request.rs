@@ -301,6 +301,9 @@ impl Service {
         let step = match prepare(&policy).into_answer() {
             Ok(answer) => Step::Answer(answer),
             Err(prepared) => {
+                // The gap in which a reload may put another policy in force (a test holds the
+                // request here to run one there).
+                pause_at(&self.seams.decided).await;
                 let waited = Instant::now();
                 let mut core = lock(&self.core);
                 self.metrics.stage(Stage::Lock, waited.elapsed());

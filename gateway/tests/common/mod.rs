@@ -4,6 +4,8 @@
 //! HTTP/1.1 client for the admin API's Unix socket. Every wait is bounded.
 #![allow(dead_code)]
 
+pub(crate) mod kernel;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,0 +1,59 @@
+//! Points inside the gateway where a caller holds its work to put it in a chosen order with
+//! something else: a race between a request and a reload, which timing alone would make
+//! happen once in many runs, happens every time. A gateway
+//! started by [`Service::start`](super::Service::start) has none, and pays a branch on an
+//! empty `Option` at each point.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// What a seam calls: the work waits at that point until the future it returns is done.
+pub type Pause = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// The seams of one gateway, given to
+/// [`Service::start_with_seams`](super::Service::start_with_seams).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU32, Ordering};
+/// use fwnp_gateway::service::Seams;
+///
+/// let decided = Arc::new(AtomicU32::new(0));
+/// let seams = Seams {
+///     decided: Some(Arc::new({
+///         let decided = decided.clone();
+///         move || {
+///             decided.fetch_add(1, Ordering::Relaxed);
+///             Box::pin(async {})
+///         }
+///     })),
+///     ..Seams::default()
+/// };
+/// // The service calls it at each decided request, and awaits what it returns.
+/// let seam = seams.decided.as_ref().expect("set");
+/// let _wait = seam();
+/// assert_eq!(decided.load(Ordering::Relaxed), 1);
+/// ```
+#[derive(Clone, Default)]
+pub struct Seams {
+    /// Called once a request that needs the lease book has been decided by the policy in
+    /// force, before the book's lock is taken.
+    pub decided: Option<Pause>,
+}
+
+impl fmt::Debug for Seams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Seams")
+            .field("decided", &self.decided.is_some())
+            .finish()
+    }
+}
+
+/// Waits at `seam`, if there is one.
+pub(super) async fn pause(seam: &Option<Pause>) {
+    if let Some(seam) = seam {
+        seam().await;
+    }
+}
