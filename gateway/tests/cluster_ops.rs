@@ -6,7 +6,10 @@
 //! gateway started later with the old file enforces the cluster's version; `audit`
 //! through A shows B's events and names B once B is gone; `revoke` through B ends a lease
 //! granted through A in etcd; a reload without etcd's quorum is answered 503 and succeeds once
-//! the quorum is back.
+//! the quorum is back. A reload whose every publish another gateway's publish beats (a seam
+//! between its read of the policy key and its transaction, where the test publishes the next
+//! version first) is answered 409 Conflict after [`PUBLISH_ATTEMPTS`] tries and changes
+//! nothing; one beaten fewer times publishes the next version after the others'.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -15,13 +18,16 @@ mod etcd_cluster;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use common::{Client, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir};
 use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers};
+use fwnp_gateway::cluster::policy::{StoredPolicy, decode};
+use fwnp_gateway::cluster::sha256_hex;
 use fwnp_gateway::config::GatewayConfig;
-use fwnp_gateway::service::Service;
+use fwnp_gateway::service::{PUBLISH_ATTEMPTS, Pause, Seams, Service};
 use fwnp_proto::{LeaseId, ResultCode};
 use fwnp_testkit::process::{ProcessGuard, wait_for_socket};
 use fwnp_trust::tls::ServerOptions;
@@ -70,12 +76,25 @@ struct Gateway {
 
 impl Gateway {
     async fn start(cluster: &EtcdCluster, pki: &Pki, dir: &Path, site: &str) -> Gateway {
+        Gateway::start_with_seams(cluster, pki, dir, site, Seams::default()).await
+    }
+
+    /// As [`Gateway::start`], with its work held at `seams`.
+    async fn start_with_seams(
+        cluster: &EtcdCluster,
+        pki: &Pki,
+        dir: &Path,
+        site: &str,
+        seams: Seams,
+    ) -> Gateway {
         let policy = dir.join("policy.toml");
         common::write_policy(&policy, POLICY);
         let text = etcd_config_text(cluster, pki, dir, "127.0.0.1:0", site);
         let config = GatewayConfig::parse(&text, "cluster-ops.toml").expect("valid config");
         let admin = config.admin_socket.clone();
-        let service = Service::start(config, None).await.expect("service starts");
+        let service = Service::start_with_seams(config, None, seams)
+            .await
+            .expect("service starts");
         let (endpoint, addr, serving) =
             common::serve_on_loopback(pki, &service, &ServerOptions::default());
         let mut tasks = vec![serving];
@@ -165,8 +184,17 @@ where
     }
 }
 
-/// Runs fwnpctl against a gateway's admin socket, off the runtime that serves it.
+/// Runs fwnpctl against a gateway's admin socket, off the runtime that serves it; it must
+/// succeed.
 async fn fwnpctl(admin: &Path, args: &[&str]) -> (String, String) {
+    let (success, stdout, stderr) = fwnpctl_output(admin, args).await;
+    assert!(success, "fwnpctl {args:?}: {stdout}{stderr}");
+    (stdout, stderr)
+}
+
+/// Runs fwnpctl against a gateway's admin socket, off the runtime that serves it: whether it
+/// succeeded, its standard output and its standard error.
+async fn fwnpctl_output(admin: &Path, args: &[&str]) -> (bool, String, String) {
     let mut all = vec!["--admin".to_owned(), admin.display().to_string()];
     all.extend(args.iter().map(|a| (*a).to_owned()));
     let output = tokio::task::spawn_blocking(move || {
@@ -177,15 +205,11 @@ async fn fwnpctl(admin: &Path, args: &[&str]) -> (String, String) {
     })
     .await
     .expect("fwnpctl ran");
-    let (stdout, stderr) = (
+    (
+        output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
-    );
-    assert!(
-        output.status.success(),
-        "fwnpctl {args:?}: {stdout}{stderr}"
-    );
-    (stdout, stderr)
+    )
 }
 
 /// The line of `fwnpctl status` that lists `site` among the members.
@@ -837,4 +861,269 @@ fn a_reload_without_etcd_quorum_is_unavailable_and_succeeds_once_it_is_back() {
         })
     });
     drop(rt);
+}
+
+/// The site of the other gateway whose reloads beat A's publishes.
+const RIVAL: &str = "gw-rival";
+
+/// Another gateway's reloads, met at the seam of A's publish ([`Seams::publishing`]): between
+/// A's read of `P/policy` and its transaction, the rival publishes the next version itself
+/// (the text of [`POLICY`], a reload of an unchanged file there) and waits until A has put it
+/// in force, so that A's transaction finds the key changed. Once armed, it does so at the
+/// first `losses` publishes of A, then lets A's through.
+struct Rival {
+    endpoints: Vec<String>,
+    armed: AtomicBool,
+    losses: AtomicU32,
+    /// A's publishes that reached the seam since the rival was armed.
+    publishes: AtomicU32,
+    gateway: OnceLock<Weak<Service>>,
+}
+
+impl Rival {
+    fn new(cluster: &EtcdCluster) -> Arc<Rival> {
+        Arc::new(Rival {
+            endpoints: cluster.endpoints(),
+            armed: AtomicBool::new(false),
+            losses: AtomicU32::new(0),
+            publishes: AtomicU32::new(0),
+            gateway: OnceLock::new(),
+        })
+    }
+
+    /// A's seams: the rival at its publishes.
+    fn seams(self: &Arc<Self>) -> Seams {
+        let rival = self.clone();
+        let publishing: Pause = Arc::new(move || {
+            let rival = rival.clone();
+            Box::pin(async move { rival.meet().await })
+        });
+        Seams {
+            publishing: Some(publishing),
+            ..Seams::default()
+        }
+    }
+
+    /// From now on, beats A's next `losses` publishes.
+    fn arm(&self, gateway: &Gateway, losses: u32) {
+        let _ = self.gateway.set(Arc::downgrade(&gateway.service));
+        self.losses.store(losses, Ordering::Release);
+        self.armed.store(true, Ordering::Release);
+    }
+
+    fn publishes(&self) -> u32 {
+        self.publishes.load(Ordering::Acquire)
+    }
+
+    async fn meet(&self) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        self.publishes.fetch_add(1, Ordering::AcqRel);
+        let beaten = self
+            .losses
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if beaten.is_err() {
+            return;
+        }
+        let version = self.publish().await;
+        let service = self
+            .gateway
+            .get()
+            .and_then(Weak::upgrade)
+            .expect("A runs while it publishes");
+        let member = service.cluster().expect("A is a member").clone();
+        let deadline = tokio::time::Instant::now() + STEP;
+        while member.status().await.policy.version < version {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "A never put the rival's version {version} in force"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Publishes the next version of the cluster's policy, as a gateway's reload does;
+    /// returns it.
+    async fn publish(&self) -> u64 {
+        let current = policy_in_etcd(&self.endpoints).await.0;
+        let stored = StoredPolicy {
+            version: current.version + 1,
+            hash: sha256_hex(POLICY.as_bytes()),
+            text: POLICY.to_owned(),
+            site: RIVAL.to_owned(),
+            file: "/etc/fwnp/policy.toml".to_owned(),
+        };
+        let mut client = etcd_client::Client::connect(self.endpoints.clone(), None)
+            .await
+            .expect("etcd client");
+        client
+            .put(
+                "/fwnp-test/policy",
+                serde_json::to_vec(&stored).expect("JSON"),
+                None,
+            )
+            .await
+            .expect("publish the rival's version");
+        stored.version
+    }
+}
+
+/// The cluster's published policy, with how many times its key was written.
+async fn policy_in_etcd(endpoints: &[String]) -> (StoredPolicy, i64) {
+    let mut client = etcd_client::Client::connect(endpoints, None)
+        .await
+        .expect("etcd client");
+    let answer = client
+        .get("/fwnp-test/policy", None)
+        .await
+        .expect("read the policy");
+    let kv = answer.kvs().first().expect("a policy is published");
+    (
+        decode(kv.value()).expect("a published policy"),
+        kv.version(),
+    )
+}
+
+#[test]
+fn a_reload_beaten_at_every_publish_is_answered_409_and_changes_nothing() {
+    in_cluster(
+        "a_reload_beaten_at_every_publish_is_answered_409_and_changes_nothing",
+        "cl409",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-409");
+            let dir = temp_dir("cl409-a");
+            let rival = Rival::new(cluster);
+            let a =
+                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", rival.seams()).await;
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+            client.hello().await;
+
+            common::write_policy(&a.policy, NARROWER);
+            rival.arm(&a, u32::MAX);
+            let attempts = u64::from(PUBLISH_ATTEMPTS);
+            let conflict = |version: u64| {
+                format!(
+                    "policy not reloaded, the old one stays in force: another gateway published \
+                     policy version {version} meanwhile; reload again (other gateways' reloads \
+                     are in progress, {PUBLISH_ATTEMPTS} attempts)"
+                )
+            };
+            let (status, body) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 409, "{body:#}");
+            assert_eq!(body["error"], conflict(1 + attempts), "{body:#}");
+            assert_eq!(rival.publishes(), PUBLISH_ATTEMPTS);
+
+            let (ok, stdout, stderr) = fwnpctl_output(&a.admin, &["policy", "reload"]).await;
+            assert!(!ok, "{stdout}{stderr}");
+            assert_eq!(stdout, "");
+            assert_eq!(stderr, format!("fwnpctl: {}\n", conflict(1 + 2 * attempts)));
+            assert_eq!(rival.publishes(), 2 * PUBLISH_ATTEMPTS);
+
+            // The key was written at A's start and by the rival only: the cluster's policy
+            // is the rival's last version, of the old text.
+            let (stored, writes) = policy_in_etcd(&cluster.endpoints()).await;
+            assert_eq!(writes, 1 + 2 * i64::from(PUBLISH_ATTEMPTS));
+            assert_eq!(stored.version, 1 + 2 * attempts);
+            assert_eq!(
+                (stored.site.as_str(), stored.text.as_str()),
+                (RIVAL, POLICY)
+            );
+            // In force on A: the old text, not the reloaded file, which A says differs.
+            let status = a.get("/v1/status").await;
+            let policy = &status["cluster"]["policy"];
+            assert_eq!(policy["version"], 1 + 2 * attempts, "{status:#}");
+            assert_eq!(policy["hash"], sha256_hex(POLICY.as_bytes()), "{status:#}");
+            assert_eq!(policy["file_differs"], true, "{status:#}");
+            assert_eq!(
+                status["policy"],
+                stored.origin(),
+                "the rival's version is in force: {status:#}"
+            );
+            granted(client.open(tcp(7002), None).await);
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_reload_beaten_fewer_times_than_its_attempts_publishes_the_next_version() {
+    in_cluster(
+        "a_reload_beaten_fewer_times_than_its_attempts_publishes_the_next_version",
+        "clbeaten",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-beaten");
+            let dir = temp_dir("clbeaten-a");
+            let rival = Rival::new(cluster);
+            let a =
+                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", rival.seams()).await;
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+            client.hello().await;
+            let lease = granted(client.open(tcp(7002), None).await).lease;
+
+            common::write_policy(&a.policy, NARROWER);
+            let losses = PUBLISH_ATTEMPTS - 1;
+            rival.arm(&a, losses);
+            let (stdout, stderr) = fwnpctl(&a.admin, &["policy", "reload"]).await;
+            assert_eq!(rival.publishes(), PUBLISH_ATTEMPTS);
+            let file = a.policy.display().to_string();
+            assert!(
+                stdout.starts_with(&format!("policy {file} loaded; 1 live leases revoked\n")),
+                "{stdout}"
+            );
+            assert!(
+                stdout.contains(&format!("  revoked {lease} (fwnp://host/web-01): ")),
+                "{stdout}"
+            );
+            assert!(stderr.is_empty(), "{stderr}");
+
+            // After the rival's versions 2 to 1 + losses, A's file as the next one.
+            let version = 2 + u64::from(losses);
+            let (stored, writes) = policy_in_etcd(&cluster.endpoints()).await;
+            assert_eq!(stored.version, version);
+            assert_eq!(writes, 2 + i64::from(losses));
+            assert_eq!(
+                (
+                    stored.site.as_str(),
+                    stored.text.as_str(),
+                    stored.file.as_str()
+                ),
+                ("gw-a", NARROWER, file.as_str())
+            );
+            let status = a.get("/v1/status").await;
+            let policy = &status["cluster"]["policy"];
+            assert_eq!(policy["version"], version, "{status:#}");
+            assert_eq!(
+                policy["hash"],
+                sha256_hex(NARROWER.as_bytes()),
+                "{status:#}"
+            );
+            assert_eq!(policy["file_differs"], false, "{status:#}");
+            let refused = denied(client.open(tcp(7002), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            assert!(
+                !lease_in_etcd(cluster, lease).await,
+                "the revoked lease's end is in etcd"
+            );
+            drop(client);
+            a.stop().await;
+        },
+    );
 }

@@ -100,6 +100,7 @@ async fn an_open_decided_before_a_reload_is_decided_again_by_the_policy_in_force
     let go = Arc::new(Notify::new());
     let seams = Seams {
         decided: Some(hold_once(armed.clone(), held, go.clone())),
+        ..Seams::default()
     };
     let service = Service::start_with_seams(config, Some(filter), seams)
         .await

@@ -96,6 +96,10 @@ pub struct Cluster {
     stopping: std::sync::atomic::AtomicBool,
     /// The revision from which the policy's watch starts (after the read at the start).
     watch_from: std::sync::atomic::AtomicI64,
+    /// Called between a publish's read of the policy and its transaction ([`Seams`]).
+    ///
+    /// [`Seams`]: crate::service::Seams
+    publishing: Option<crate::service::Pause>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -127,7 +131,15 @@ impl Cluster {
             policy: policy::PolicyState::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             watch_from: std::sync::atomic::AtomicI64::new(0),
+            publishing: None,
         })
+    }
+
+    /// Holds each publish of a policy at `seam`, between its read of the published policy
+    /// and its transaction.
+    pub(crate) fn with_publishing(mut self, seam: Option<crate::service::Pause>) -> Cluster {
+        self.publishing = seam;
+        self
     }
 
     /// Joins `service` to the cluster (whose policy [`Cluster::policy_before_start`] put in

@@ -120,6 +120,7 @@ impl Cluster {
         } else {
             Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
         };
+        crate::service::pause_at(&self.publishing).await;
         let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
             key,
             serde_json::to_vec(&stored).unwrap_or_default(),

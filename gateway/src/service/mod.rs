@@ -194,7 +194,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
 pub use request::{AT_ONCE_IN_FLIGHT, write_op};
 pub use revocation::PUBLISH_ATTEMPTS;
-use seams::pause as pause_at;
+pub(crate) use seams::pause as pause_at;
 pub use seams::{Pause, Seams};
 
 /// The certificates the CRL file lists; none without a CRL.
@@ -247,8 +247,9 @@ impl Service {
         Self::start_with_seams(config, filter, Seams::default()).await
     }
 
-    /// As [`Service::start`], with work held at `seams`: a request after its decision. For a
-    /// test that must run two things in one order.
+    /// As [`Service::start`], with work held at `seams`: a request after its decision, a
+    /// cluster's publish of a policy before its transaction. For a test that must run two
+    /// things in one order.
     pub async fn start_with_seams(
         config: GatewayConfig,
         filter: Option<Batcher>,
@@ -266,7 +267,9 @@ impl Service {
                     crate::store::EtcdStore::connect(etcd, store.writer().clone()).await?;
                 let quic = config.listen.iter().map(ToString::to_string).collect();
                 member = Some(Arc::new(
-                    crate::cluster::Cluster::connect(etcd, cluster_store.clone(), quic).await?,
+                    crate::cluster::Cluster::connect(etcd, cluster_store.clone(), quic)
+                        .await?
+                        .with_publishing(seams.publishing.clone()),
                 ));
                 (Arc::new(cluster_store.clone()), Some(cluster_store))
             }

@@ -1,8 +1,8 @@
 //! Points inside the gateway where a caller holds its work to put it in a chosen order with
-//! something else: a race between a request and a reload, which timing alone would make
-//! happen once in many runs, happens every time. A gateway
-//! started by [`Service::start`](super::Service::start) has none, and pays a branch on an
-//! empty `Option` at each point.
+//! something else: a race between a request and a reload, or between two gateways' publishes
+//! of a policy, which timing alone would make happen once in many runs, happens every time.
+//! A gateway started by [`Service::start`](super::Service::start) has none, and pays a branch
+//! on an empty `Option` at each point.
 
 use std::fmt;
 use std::future::Future;
@@ -41,18 +41,23 @@ pub struct Seams {
     /// Called once a request that needs the lease book has been decided by the policy in
     /// force, before the book's lock is taken.
     pub decided: Option<Pause>,
+    /// In a cluster, called when the gateway has read the published policy to publish the
+    /// next version (at a reload, or at the start when none is published yet), before the
+    /// transaction that publishes it unless the key changed meanwhile.
+    pub publishing: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Seams")
             .field("decided", &self.decided.is_some())
+            .field("publishing", &self.publishing.is_some())
             .finish()
     }
 }
 
 /// Waits at `seam`, if there is one.
-pub(super) async fn pause(seam: &Option<Pause>) {
+pub(crate) async fn pause(seam: &Option<Pause>) {
     if let Some(seam) = seam {
         seam().await;
     }
