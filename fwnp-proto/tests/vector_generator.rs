@@ -1453,25 +1453,9 @@ fn vectors() -> Vec<Vector> {
     v.push(decode_err(
         "welcome-identity-empty",
         "Welcome whose identity is the empty text (the schema allows 1 to 512 bytes).",
-        edited(
-            &Message::Welcome(Welcome {
-                common: rid(1),
-                version: 1,
-                capabilities: Capabilities(0),
-                limits: Limits {
-                    max_message_size: 16384,
-                    max_streams: 16,
-                    min_lifetime: 30,
-                    max_lifetime: 86400,
-                    max_leases: None,
-                },
-                epoch: EPOCH,
-                time_ms: NOW_MS,
-                identity: "fwnp://host/web-01".into(),
-                addresses: vec![],
-            }),
-            |m| set(m, 8, Value::Text(String::new())),
-        ),
+        edited(&minimal_welcome(), |m| {
+            set(m, 8, Value::Text(String::new()))
+        }),
         "text-length",
         R::MalformedRequest,
         false,
@@ -1785,7 +1769,47 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         false,
     ));
+
+    // --- Welcome's version; duplicate keys in ignored values (numbered on from 149). ----------
+    v.push(decode_err(
+        "welcome-version-2",
+        "Welcome choosing version 2: FWNP/1 defines version 1 only, so a Welcome's version is 1 (Section 6.3 rule 13); a client refuses this answer as failing to decode.",
+        edited(&minimal_welcome(), |m| set(m, 3, u(2))),
+        "out-of-range",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "duplicate-key-in-extension",
+        "List whose extension key 64 holds the map {1: 0, 1: 1}: a value that is ignored must still hold no map with a duplicate key (Sections 6.3 rule 9 and 6.4).",
+        edited(&list, |m| {
+            set(m, 64, Value::Map(vec![(u(1), u(0)), (u(1), u(1))]));
+        }),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
     v
+}
+
+/// A Welcome with only its mandatory keys' values, no lease limit and no address.
+fn minimal_welcome() -> Message {
+    Message::Welcome(Welcome {
+        common: rid(1),
+        version: 1,
+        capabilities: Capabilities(0),
+        limits: Limits {
+            max_message_size: 16384,
+            max_streams: 16,
+            min_lifetime: 30,
+            max_lifetime: 86400,
+            max_leases: None,
+        },
+        epoch: EPOCH,
+        time_ms: NOW_MS,
+        identity: "fwnp://host/web-01".into(),
+        addresses: vec![],
+    })
 }
 
 fn ip6_bytes(s: &str) -> Vec<u8> {
