@@ -2004,7 +2004,7 @@ fn vectors() -> Vec<Vector> {
         true,
     ));
     v.push(validate_err(
-        "first-opening-rules-in-order",
+        "first-reversed-range-then-family",
         "Open of tcp/9000-8000 on the IPv4 host address 192.0.2.10 with family 6: Section 9.4 rule 3 (reversed range) comes before rule 6 (family), so the error is the reversed range (both malformed-option).",
         encode(&open(
             Opening {
