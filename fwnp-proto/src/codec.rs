@@ -140,13 +140,13 @@ pub enum DecodeError {
         /// The map.
         at: Place,
     },
-    /// A map defined by FWNP has the same key twice.
-    #[error("{at} has key {key} twice")]
+    /// A map has the same key twice: a map of the protocol or one inside an ignored value.
+    #[error("a map at depth {depth} holds {} twice", .key.map_or_else(|| "a key".to_owned(), |k| format!("key {k}")))]
     DuplicateKey {
-        /// The map.
-        at: Place,
-        /// The key.
-        key: u64,
+        /// The map's depth (the message map is depth 1).
+        depth: usize,
+        /// The key, when it is an unsigned integer.
+        key: Option<u64>,
     },
     /// Key 0 names a message type FWNP/1 does not define.
     #[error("unknown message type {0}")]
@@ -653,13 +653,15 @@ fn lease_info_into(m: &mut MapWriter<'_>, l: &LeaseInfo) {
 // ---------------------------------------------------------------------------------------------
 // Parsing CBOR into a small tree
 
-/// One parsed CBOR data item. Tags never get here (the parser refuses them), and floats and
-/// unassigned simple values are kept only as markers: FWNP/1 uses neither, so they are only
-/// ever acceptable as the value of an ignored key.
-#[derive(Debug)]
+/// One parsed CBOR data item. Tags never get here (the parser refuses them). FWNP/1 uses no
+/// negative integers, floats or unassigned simple values, so they are only ever acceptable
+/// inside an ignored value; they keep their values so that two keys of an ignored map compare
+/// as RFC 8949's data model does (Section 6.3 rule 9 holds there too).
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Item {
     Uint(u64),
-    Negative,
+    /// -1 - the argument.
+    Negative(u64),
     Bytes(Vec<u8>),
     Text(String),
     Array(Vec<Item>),
@@ -667,8 +669,10 @@ enum Item {
     Bool(bool),
     Null,
     Undefined,
-    Simple,
-    Float,
+    Simple(u8),
+    /// The value's bits as an `f64`, whatever the width it was written in: a half, a single
+    /// and a double of one value are one value of the data model.
+    Float(u64),
 }
 
 struct Parser<'a> {
@@ -748,7 +752,7 @@ impl<'a> Parser<'a> {
         let (major, info, arg) = self.header()?;
         match (major, arg) {
             (0, Arg::Value(n)) => Ok(Item::Uint(n)),
-            (1, Arg::Value(_)) => Ok(Item::Negative),
+            (1, Arg::Value(n)) => Ok(Item::Negative(n)),
             (2, Arg::Value(len)) => Ok(Item::Bytes(self.take(len)?.to_vec())),
             (3, Arg::Value(len)) => {
                 let bytes = self.take(len)?;
@@ -778,14 +782,18 @@ impl<'a> Parser<'a> {
                 21 => Ok(Item::Bool(true)),
                 22 => Ok(Item::Null),
                 23 => Ok(Item::Undefined),
-                0..=19 => Ok(Item::Simple),
+                0..=19 => Ok(Item::Simple(info)),
                 // A one-byte simple value below 32 is ill-formed (RFC 8949 section 3.3).
                 24 if n < 32 => {
                     self.pos = start;
                     Err(self.invalid("two-byte simple value below 32"))
                 }
-                24 => Ok(Item::Simple),
-                _ => Ok(Item::Float),
+                24 => Ok(Item::Simple(n as u8)),
+                25 => Ok(Item::Float(
+                    half::f16::from_bits(n as u16).to_f64().to_bits(),
+                )),
+                26 => Ok(Item::Float(f64::from(f32::from_bits(n as u32)).to_bits())),
+                _ => Ok(Item::Float(n)),
             },
             (7, Arg::Indefinite) => {
                 self.pos = start;
@@ -907,14 +915,57 @@ fn be_uint(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
 }
 
-/// Parses exactly one CBOR item from `bytes`, with the size, nesting, tag and trailing-bytes
-/// rules applied.
+/// Parses exactly one CBOR item from `bytes`, with the rules that concern the whole item
+/// applied: size, well-formedness, trailing bytes, nesting, tags, and unique keys in every map
+/// (spec Section 6.3 rules 1 to 6 and 9), so that they come before any rule about a map of the
+/// protocol, as the order of Section 6.6 has it.
 fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
     let (item, extra) = parse_first(bytes)?;
     if extra > 0 {
         return Err(DecodeError::TrailingBytes { extra });
     }
+    unique_keys(&item, 0)?;
     Ok(item)
+}
+
+/// Refuses a map, anywhere in `item` (a map or array at depth `depth + 1`), that holds one key
+/// twice. Not part of [`parse_first`]: a request id stays readable in a map with another key
+/// twice (spec Section 6.6). The recursion is as deep as the nesting the parser allowed.
+fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
+    let depth = depth + 1;
+    match item {
+        Item::Array(items) => items.iter().try_for_each(|i| unique_keys(i, depth)),
+        Item::Map(entries) => {
+            // The maps of FWNP/1 hold a few keys: compared in pairs, they need no allocation;
+            // a large (ignored) map is sorted instead, to stay linearithmic.
+            const PAIRWISE: usize = 16;
+            let twice = if entries.len() <= PAIRWISE {
+                entries
+                    .iter()
+                    .enumerate()
+                    .find(|(i, (key, _))| entries[..*i].iter().any(|(k, _)| k == key))
+                    .map(|(_, (key, _))| key)
+            } else {
+                let mut keys: Vec<&Item> = entries.iter().map(|(k, _)| k).collect();
+                keys.sort_unstable();
+                keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
+            };
+            if let Some(key) = twice {
+                return Err(DecodeError::DuplicateKey {
+                    depth,
+                    key: match key {
+                        Item::Uint(k) => Some(*k),
+                        _ => None,
+                    },
+                });
+            }
+            entries.iter().try_for_each(|(k, v)| {
+                unique_keys(k, depth)?;
+                unique_keys(v, depth)
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Parses the first CBOR item of `bytes`, which may be at most [`MAX_MESSAGE_SIZE`] long, and
@@ -937,7 +988,8 @@ fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
 // ---------------------------------------------------------------------------------------------
 // From the tree to messages
 
-/// The entries of a map FWNP defines, with its keys checked (unsigned, unique).
+/// The entries of a map FWNP defines, with its keys checked (unsigned; [`parse`] found them
+/// unique).
 struct Fields<'a> {
     at: Place,
     entries: BTreeMap<u64, &'a Item>,
@@ -950,9 +1002,7 @@ impl<'a> Fields<'a> {
             let Item::Uint(key) = key else {
                 return Err(DecodeError::KeyNotUnsigned { at });
             };
-            if map.insert(*key, value).is_some() {
-                return Err(DecodeError::DuplicateKey { at, key: *key });
-            }
+            map.insert(*key, value);
         }
         Ok(Fields { at, entries: map })
     }
@@ -1355,7 +1405,11 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
                 .collect::<Result<_, _>>()?;
             Message::Welcome(Welcome {
                 common,
-                version: f.as_u16(3, f.require(3)?, "a version, at most 65535")?,
+                // The version chosen is one this document defines (spec Section 6.3 rule 13).
+                version: match f.uint(3)? {
+                    1 => 1,
+                    other => return Err(f.out_of_range(3, other, "1, the only version")),
+                },
                 capabilities: Capabilities(f.uint(4)?),
                 limits: Limits {
                     max_message_size: limits.u32(1)?,
@@ -1701,7 +1755,10 @@ mod tests {
         let other_twice = hex("a300060006010a");
         assert!(matches!(
             decode(&other_twice),
-            Err(DecodeError::DuplicateKey { key: 0, .. })
+            Err(DecodeError::DuplicateKey {
+                depth: 1,
+                key: Some(0)
+            })
         ));
         assert_eq!(peek_request_id(&other_twice), Some(10));
         // A map the parser refuses (here for a tag in key 64) names no request id either.
@@ -1711,6 +1768,51 @@ mod tests {
             None,
             "oversized"
         );
+    }
+
+    #[test]
+    fn keys_of_ignored_maps_are_compared_by_value() {
+        let dup = |depth, key| Err(DecodeError::DuplicateKey { depth, key });
+        // {0: 6, 64: {K1: 0, K2: 0}}: a List whose ignored key 64 holds a map of two keys.
+        let with_keys = |k1: &str, k2: &str| hex(&format!("a200061840a2{k1}00{k2}00"));
+        // The half 1.0 and the double 1.0 are one value; the integer 1 is another.
+        assert_eq!(
+            decode(&with_keys("f93c00", "fb3ff0000000000000")).map(|_| ()),
+            dup(2, None)
+        );
+        assert_eq!(
+            decode(&with_keys("fa3f800000", "f93c00")).map(|_| ()),
+            dup(2, None)
+        );
+        assert!(decode(&with_keys("01", "f93c00")).is_ok());
+        // 0.0 and -0.0 are two values.
+        assert!(decode(&with_keys("f90000", "f98000")).is_ok());
+        // -1 twice, however long its argument; -1 and -2 are two keys.
+        assert_eq!(decode(&with_keys("20", "3800")).map(|_| ()), dup(2, None));
+        assert!(decode(&with_keys("20", "21")).is_ok());
+        // A text written in chunks is the text.
+        assert_eq!(
+            decode(&with_keys("6178", "7f6178ff")).map(|_| ()),
+            dup(2, None)
+        );
+        // Unsigned keys are named, deeper down too: {0: 6, 64: [{5: 0, 5: 1}]}.
+        assert_eq!(
+            decode(&hex("a20006184081a205000501")).map(|_| ()),
+            dup(3, Some(5))
+        );
+        // A large ignored map, sorted rather than compared in pairs: 40 distinct keys, then
+        // the first of them again.
+        let mut big = hex("a200061840b8");
+        big.push(41);
+        for key in 0..40u8 {
+            big.extend([0x18, 100 + key, 0x00]);
+        }
+        assert!(decode(&big).is_err(), "41 entries announced, 40 there");
+        big.extend([0x18, 100, 0x01]);
+        assert_eq!(decode(&big).map(|_| ()), dup(2, Some(100)));
+        let last = big.len() - 2;
+        big[last] = 200;
+        assert!(decode(&big).is_ok());
     }
 
     #[test]

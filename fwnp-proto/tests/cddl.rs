@@ -42,8 +42,9 @@ fn checkable_schema(schema: &str) -> String {
 }
 
 /// Removes, recursively, every map entry with an unsigned key of 64 or more. Refuses a map
-/// with a duplicate key: it is not a valid CBOR map (RFC 8949 section 5.6), so no schema
-/// matches it (the crate itself would check whichever entry it met).
+/// with a duplicate key, inside the entries it removes too: it is not a valid CBOR map (RFC
+/// 8949 section 5.6), so no schema matches it (the crate itself would check whichever entry it
+/// met).
 fn strip_extension_entries(value: &mut CborValue) -> Result<(), String> {
     match value {
         CborValue::Map(entries) => {
@@ -52,11 +53,11 @@ fn strip_extension_entries(value: &mut CborValue) -> Result<(), String> {
                     return Err(format!("duplicate map key {k:?}"));
                 }
             }
-            entries.retain(|(k, _)| !matches!(k, CborValue::Integer(k) if i128::from(*k) >= 64));
-            for (k, v) in entries {
+            for (k, v) in entries.iter_mut() {
                 strip_extension_entries(k)?;
                 strip_extension_entries(v)?;
             }
+            entries.retain(|(k, _)| !matches!(k, CborValue::Integer(k) if i128::from(*k) >= 64));
             Ok(())
         }
         CborValue::Array(items) => items.iter_mut().try_for_each(strip_extension_entries),

@@ -133,7 +133,10 @@ fn thousands_of_keys_decode_in_time() {
     }
     assert!(matches!(
         decode_quickly(&dup),
-        Err(DecodeError::DuplicateKey { key: 64, .. })
+        Err(DecodeError::DuplicateKey {
+            depth: 1,
+            key: Some(64)
+        })
     ));
 }
 

@@ -187,7 +187,8 @@ fn hello() -> impl Strategy<Value = Message> {
 fn welcome() -> impl Strategy<Value = Message> {
     (
         common(MessageType::Welcome),
-        any::<u16>(),
+        // A Welcome's version is 1, the only one FWNP/1 defines (spec Section 6.3 rule 13).
+        Just(1u16),
         any::<u64>(),
         (
             any::<u32>(),

@@ -1453,25 +1453,9 @@ fn vectors() -> Vec<Vector> {
     v.push(decode_err(
         "welcome-identity-empty",
         "Welcome whose identity is the empty text (the schema allows 1 to 512 bytes).",
-        edited(
-            &Message::Welcome(Welcome {
-                common: rid(1),
-                version: 1,
-                capabilities: Capabilities(0),
-                limits: Limits {
-                    max_message_size: 16384,
-                    max_streams: 16,
-                    min_lifetime: 30,
-                    max_lifetime: 86400,
-                    max_leases: None,
-                },
-                epoch: EPOCH,
-                time_ms: NOW_MS,
-                identity: "fwnp://host/web-01".into(),
-                addresses: vec![],
-            }),
-            |m| set(m, 8, Value::Text(String::new())),
-        ),
+        edited(&minimal_welcome(), |m| {
+            set(m, 8, Value::Text(String::new()))
+        }),
         "text-length",
         R::MalformedRequest,
         false,
@@ -1785,7 +1769,286 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         false,
     ));
+
+    // --- Welcome's version, duplicate keys in ignored values, items that break several rules
+    // (numbered on from 149). ----------------------------------------------------------------
+    v.push(decode_err(
+        "welcome-version-2",
+        "Welcome choosing version 2: FWNP/1 defines version 1 only, so a Welcome's version is 1 (Section 6.3 rule 13); a client refuses this answer as failing to decode.",
+        edited(&minimal_welcome(), |m| set(m, 3, u(2))),
+        "out-of-range",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "duplicate-key-in-extension",
+        "List whose extension key 64 holds the map {1: 0, 1: 1}: a value that is ignored must still hold no map with a duplicate key (Sections 6.3 rule 9 and 6.4).",
+        edited(&list, |m| {
+            set(m, 64, Value::Map(vec![(u(1), u(0)), (u(1), u(1))]));
+        }),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    // Each input below breaks two or more rules whose result codes (or, within one code, whose
+    // errors) differ; the expected refusal is the first in the order of Section 6.6.
+    let critical_64 = |m: &mut Value| set(m, 2, Value::Array(vec![u(64)]));
+    let mut garbage = vec![0xff; MAX_MESSAGE_SIZE + 1];
+    garbage[0] = 0xa1;
+    v.push(decode_err(
+        "first-size-then-form",
+        "16385 bytes, a map header followed by break codes: longer than the limit and not well-formed. The size is checked before parsing (step 1 of the order), so on a request stream it is reset with MessageTooLarge, not answered malformed-request.",
+        garbage,
+        "too-large",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-tag-then-critical",
+        "Open listing the unknown key 64 in critical, whose extension key 64 holds the tagged value 1(0): a tag (rule 5, step 1) comes before critical (rule 11, step 2), so malformed-request, not unsupported-option.",
+        edited(&open_tcp_443(), |m| {
+            critical_64(m);
+            set(m, 64, Value::Tag(1, Box::new(u(0))));
+        }),
+        "tag-not-allowed",
+        R::MalformedRequest,
+        true,
+    ));
+    v.push(decode_err(
+        "first-duplicate-then-critical",
+        "Open listing the unknown key 64 in critical, whose opening holds key 2 (port) twice: a duplicate key anywhere (rule 9, step 1) comes before critical (step 2), so malformed-request.",
+        edited(&open_tcp_443(), |m| {
+            critical_64(m);
+            entries(get(m, 3)).push((u(2), u(443)));
+        }),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-message-keys-then-critical",
+        "Open listing the unknown key 64 in critical, with the text key \"x\" in the message map: rule 8 for the message map's keys comes before critical (both step 2), so malformed-request.",
+        edited(&open_tcp_443(), |m| {
+            critical_64(m);
+            entries(m).push((Value::Text("x".into()), u(1)));
+        }),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-message-type-then-critical",
+        "A message of type 7, which FWNP/1 does not define, listing the unknown key 64 in critical: rule 10 comes before rule 11 (step 2), so malformed-request.",
+        h("a3 00 07 01 01 02 81 18 40"),
+        "unknown-message-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(listing_unsupported(
+        decode_err(
+            "first-critical-then-opening-keys",
+            "Open listing the unknown key 64 in critical, whose opening holds the text key \"x\": critical (step 2) comes before the opening's keys, which are checked when key 3 is reached (step 3), so unsupported-option.",
+            edited(&open_tcp_443(), |m| {
+                critical_64(m);
+                entries(get(m, 3)).push((Value::Text("x".into()), u(1)));
+            }),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            false,
+        ),
+        &[64],
+    ));
+    v.push(listing_unsupported(
+        decode_err(
+            "first-critical-then-request-id",
+            "List whose request id (key 1) is a text and whose critical lists the unknown key 64: critical (step 2) comes before the keys' values (step 3), so unsupported-option, with no request id to echo.",
+            h("a3 00 06 01 61 78 02 81 18 40"),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            false,
+        ),
+        &[64],
+    ));
+    v.push(listing_unsupported(
+        decode_err(
+            "first-critical-then-versions",
+            "Hello offering only version 2 and listing the unknown key 64 in critical: decoding (step 2) comes before the versions (step 5), so unsupported-option.",
+            edited(&hello_versions(vec![2]), critical_64),
+            "unsupported-critical",
+            R::UnsupportedOption,
+            true,
+        ),
+        &[64],
+    ));
+    v.push(decode_err(
+        "first-request-id-then-opening",
+        "Open whose request id (key 1) is a text and whose opening names protocol 99: key 1 comes before key 3 (step 3), so malformed-request, not malformed-option.",
+        edited(&open_tcp_443(), |m| {
+            set(m, 1, Value::Text("x".into()));
+            set(get(m, 3), 1, u(99));
+        }),
+        "wrong-type",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-opening-then-lifetime",
+        "Open whose opening names protocol 99 and whose lifetime is 2^32: key 3 comes before key 4 (step 3), so malformed-option, not lifetime-out-of-range.",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 1, u(99));
+            set(m, 4, u(1 << 32));
+        }),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "first-opening-then-app-info",
+        "Open whose opening names protocol 99 and whose app-info name (key 5, key 1 of app-info) is the number 5: key 3 comes before key 5 (step 3), so malformed-option, not malformed-request.",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 1, u(99));
+            set(m, 5, Value::Map(vec![(u(1), u(5))]));
+        }),
+        "out-of-range",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "first-missing-opening-then-lifetime",
+        "Open without its opening (key 3) and with a lifetime of 2^32: a missing mandatory key counts where its number falls, before key 4 (step 3), so malformed-request.",
+        edited(&open_tcp_443(), |m| {
+            remove(m, 3);
+            set(m, 4, u(1 << 32));
+        }),
+        "missing-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-lease-then-lifetime",
+        "Renew whose lease id is 15 bytes and whose lifetime is 2^32: key 3 comes before key 4 (step 3), so malformed-request, not lifetime-out-of-range.",
+        edited(
+            &Message::Renew(Renew {
+                common: rid(3),
+                lease: LEASE_A,
+                lifetime: None,
+            }),
+            |m| {
+                set(m, 3, Value::Bytes(LEASE_A.0[..15].to_vec()));
+                set(m, 4, u(1 << 32));
+            },
+        ),
+        "wrong-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-lifetime-then-app-info",
+        "Open asking for a lifetime of 2^32 whose app-info name is 257 bytes: key 4 comes before key 5 (step 3), so lifetime-out-of-range, not malformed-request.",
+        edited(&open_tcp_443(), |m| {
+            set(m, 4, u(1 << 32));
+            set(m, 5, Value::Map(vec![(u(1), Value::Text("n".repeat(257)))]));
+        }),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
+        false,
+    ));
+    v.push(decode_err(
+        "first-opening-keys-then-shape",
+        "Open whose opening holds the text key \"x\" and a host address but neither ports nor an application: the opening's keys (rule 8) come before its shape (step 3), so malformed-request, not malformed-option.",
+        edited(&open_tcp_443(), |m| {
+            let opening = get(m, 3);
+            remove(opening, 1);
+            remove(opening, 2);
+            entries(opening).push((Value::Text("x".into()), u(1)));
+        }),
+        "key-not-unsigned",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "first-opening-shape-then-values",
+        "Open whose opening names tcp/443, family 5 and the application \"https\": the opening's shape (Section 9.4 rule 1) comes before its keys' values (step 3), so the error is the conflicting target, not the family (both malformed-option).",
+        edited(&open_tcp_443(), |m| {
+            set(get(m, 3), 5, u(5));
+            set(get(m, 3), 7, Value::Text("https".into()));
+        }),
+        "conflicting-target",
+        R::MalformedOption,
+        false,
+    ));
+    v.push(decode_err(
+        "first-decoding-then-validation",
+        "Open of tcp/0 asking for a lifetime of 2^32: decoding (step 3) comes before the opening's validation (step 4), so lifetime-out-of-range, not malformed-option.",
+        edited(&open(opening(tcp(0, 0)), None), |m| set(m, 4, u(1 << 32))),
+        "lifetime-out-of-range",
+        R::LifetimeOutOfRange,
+        false,
+    ));
+    v.push(decode_err(
+        "first-decoding-then-versions",
+        "Hello offering only version 2 with a software text of 129 bytes: decoding (step 3) comes before the versions (step 5), so malformed-request, not unsupported-version.",
+        edited(&hello_versions(vec![2]), |m| {
+            set(m, 5, Value::Text("x".repeat(129)))
+        }),
+        "text-length",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(validate_err(
+        "first-opening-rules-then-lifetime-maximum",
+        "Open of tcp/0 asking for 700000 s: the opening's rules (step 4) come before the lifetime maximum (step 5), so malformed-option, not lifetime-out-of-range.",
+        encode(&open(opening(tcp(0, 0)), Some(700_000))),
+        "port-zero",
+        R::MalformedOption,
+        true,
+    ));
+    v.push(validate_err(
+        "first-reversed-range-then-family",
+        "Open of tcp/9000-8000 on the IPv4 host address 192.0.2.10 with family 6: Section 9.4 rule 3 (reversed range) comes before rule 6 (family), so the error is the reversed range (both malformed-option).",
+        encode(&open(
+            Opening {
+                host: HostAddresses::One(ip("192.0.2.10")),
+                family: Some(Family::Ipv6),
+                ..opening(tcp(9000, 8000))
+            },
+            None,
+        )),
+        "reversed-range",
+        R::MalformedOption,
+        true,
+    ));
     v
+}
+
+/// A Welcome with only its mandatory keys' values, no lease limit and no address.
+fn minimal_welcome() -> Message {
+    Message::Welcome(Welcome {
+        common: rid(1),
+        version: 1,
+        capabilities: Capabilities(0),
+        limits: Limits {
+            max_message_size: 16384,
+            max_streams: 16,
+            min_lifetime: 30,
+            max_lifetime: 86400,
+            max_leases: None,
+        },
+        epoch: EPOCH,
+        time_ms: NOW_MS,
+        identity: "fwnp://host/web-01".into(),
+        addresses: vec![],
+    })
+}
+
+/// A Hello offering `versions` and nothing else.
+fn hello_versions(versions: Vec<u16>) -> Message {
+    Message::Hello(Hello {
+        common: rid(1),
+        versions,
+        capabilities: Capabilities(0),
+        software: None,
+    })
 }
 
 fn ip6_bytes(s: &str) -> Vec<u8> {

@@ -6,7 +6,7 @@
 //! | method and path | what |
 //! | --- | --- |
 //! | `GET /v1/status` | epoch, counts, uptime, policy file; the store by backend (`store_backend`: SQLite's database, or etcd's endpoints, prefix, site, applied revision and transaction counts); in a cluster, its members (live or absent, each one's last applied revision and policy version) |
-//! | `GET /v1/leases?host=&app=&port=&protocol=&serial=` | live leases with time left (`serial`: of the certificate that last opened or renewed them) |
+//! | `GET /v1/leases?host=&app=&port=&protocol=&serial=` | live leases with time left, soonest expiry first, then by lease id (`serial`: of the certificate that last opened or renewed them) |
 //! | `POST /v1/leases/{id}/revoke` body `{"reason": "..."}` | revoke a lease, notify its host |
 //! | `GET /v1/audit?since=&until=&host=&app=&port=&outcome=&kind=&after=&limit=&order=&wait=&scope=` | audit records; `wait` long-polls for records after `after` (follow, this gateway's own); in a cluster a page merges every member's events (`site`) and names in `unreachable` those it may lack, unless `scope=local` |
 //! | `POST /v1/policy/reload` | check and load the policy file, re-evaluate live leases; re-read the TLS files and CRL, ending what revoked certificates hold; one reload at a time (a second waits for the first, then runs); 409 when other gateways of the cluster kept publishing theirs, 503 when the cluster's etcd cannot be reached (the old policy stays in force) |

@@ -503,7 +503,7 @@ pub struct LeaseView {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeasesAnswer {
-    /// The leases.
+    /// The leases, soonest expiry first, then by lease id.
     pub leases: Vec<LeaseView>,
 }
 

@@ -496,6 +496,87 @@ fn the_memory_store_answers_the_reads_contract() {
     reads_contract(&MemoryStore::new(7));
 }
 
+/// Three live leases, two of them expiring in the same millisecond and stored with the larger
+/// id first, one expiring sooner; returns their ids in the order every listing gives them:
+/// soonest expiry first, then by lease id, whatever the order they were stored in.
+fn commit_tied_leases(store: &dyn LeaseStore) -> Vec<LeaseId> {
+    block_on(store.commit(vec![
+        WriteOp::InsertLease(new_lease(9, NOW + 600_000)),
+        WriteOp::InsertLease(new_lease(3, NOW + 600_000)),
+        WriteOp::InsertLease(new_lease(5, NOW + 300_000)),
+    ]))
+    .expect("stored");
+    vec![LeaseId([5; 16]), LeaseId([3; 16]), LeaseId([9; 16])]
+}
+
+/// The listings of the admin API and of a restore break ties in expiry by the lease id.
+fn ties_contract<S: LeaseStore + StoreQueries>(store: &S) {
+    let order = commit_tied_leases(store);
+    assert_eq!(
+        ids(&store.leases(&LeaseFilter::default()).expect("leases")),
+        order
+    );
+    assert_eq!(
+        ids(&store
+            .leases(&LeaseFilter {
+                limit: Some(2),
+                ..LeaseFilter::default()
+            })
+            .expect("leases")),
+        order[..2],
+        "a limit keeps the first in that order"
+    );
+    assert_eq!(ids(&store.live_leases().expect("live")), order);
+    assert_eq!(
+        ids(&block_on(store.restore(NOW)).expect("restored").live),
+        order
+    );
+}
+
+#[test]
+fn the_sqlite_store_lists_leases_of_one_expiry_by_id() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path()).expect("store");
+    ties_contract(&store);
+}
+
+#[test]
+fn the_memory_store_lists_leases_of_one_expiry_by_id() {
+    ties_contract(&MemoryStore::new(7));
+}
+
+#[test]
+fn the_etcd_store_lists_leases_of_one_expiry_by_id() {
+    if !etcd_cluster::available("the_etcd_store_lists_leases_of_one_expiry_by_id") {
+        return;
+    }
+    let cluster = etcd_cluster::EtcdCluster::start("ties").unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let local = Store::open(dir.path()).expect("local store");
+    cluster.run(|| {
+        let config = cluster.config("gw-a", std::time::Duration::from_secs(2));
+        let store = block_on(fwnp_gateway::store::EtcdStore::connect(
+            &config,
+            local.writer().clone(),
+        ))
+        .expect("connected");
+        let order = commit_tied_leases(&store);
+        let leases = |filter: LeaseFilter| ids(&block_on(store.leases(&filter)).expect("leases"));
+        assert_eq!(leases(LeaseFilter::default()), order);
+        assert_eq!(
+            leases(LeaseFilter {
+                limit: Some(2),
+                ..LeaseFilter::default()
+            }),
+            order[..2]
+        );
+        assert_eq!(
+            ids(&block_on(store.restore(NOW)).expect("restored").live),
+            order
+        );
+    });
+}
+
 #[test]
 fn a_store_without_quorum_refuses_writes_typed_and_applies_none() {
     let store = MemoryStore::new(1);

@@ -50,7 +50,7 @@ enum Command {
     /// Check, explain and reload the policy.
     #[command(subcommand)]
     Policy(PolicyCommand),
-    /// Live leases with the time they have left.
+    /// Live leases with the time they have left, soonest expiry first, then by lease id.
     ///
     /// Example: fwnpctl leases --host 'fwnp://host/web-*' --port 443
     Leases {

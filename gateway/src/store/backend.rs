@@ -60,8 +60,8 @@ pub trait LeaseStore: Send + Sync + std::fmt::Debug {
     /// The gateway's epoch: the same across restarts as long as the stored state lasts.
     fn epoch(&self) -> Epoch;
 
-    /// At start: the live leases, after recording those already past their expiry at `now_ms`
-    /// as expired.
+    /// At start: the live leases, soonest expiry first, then by lease id, after recording those
+    /// already past their expiry at `now_ms` as expired.
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored>;
 
     /// At start: hands each live lease to `live` (what [`LeaseStore::restore`] returns as
@@ -148,10 +148,10 @@ pub trait StoreQueries: Send + Sync + std::fmt::Debug {
     /// One lease, live or ended.
     fn lease(&self, id: LeaseId) -> Result<Option<LeaseRecord>, StoreError>;
 
-    /// Leases matching `filter`, soonest expiry first.
+    /// Leases matching `filter`, soonest expiry first, then by lease id.
     fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError>;
 
-    /// Every live lease, soonest expiry first.
+    /// Every live lease, soonest expiry first, then by lease id.
     fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         self.leases(&LeaseFilter::default())
     }
@@ -428,11 +428,12 @@ impl LeaseStore for MemoryStore {
 
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored> {
         Box::pin(async move {
-            let (expired, live): (Vec<LeaseRecord>, Vec<LeaseRecord>) = self
+            let (expired, mut live): (Vec<LeaseRecord>, Vec<LeaseRecord>) = self
                 .leases()
                 .into_iter()
                 .filter(|l| l.state == LeaseState::Live)
                 .partition(|l| l.expires_ms <= now_ms);
+            live.sort_by_key(|l| (l.expires_ms, l.id));
             let ends = expired
                 .iter()
                 .map(|lease| WriteOp::EndLease {

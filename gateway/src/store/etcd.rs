@@ -360,7 +360,8 @@ impl EtcdStore {
     }
 
     /// The cluster's live leases that `filter` asks for (ended ones are in the audit trails
-    /// only: `include_ended` finds none more), soonest expiry first, read from etcd.
+    /// only: `include_ended` finds none more), soonest expiry first, then by lease id, read
+    /// from etcd.
     ///
     /// ```no_run
     /// # use fwnp_gateway::store::{EtcdStore, LeaseFilter};

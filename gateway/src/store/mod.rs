@@ -321,10 +321,10 @@ impl Store {
         Ok(Restored { live, expired })
     }
 
-    /// At start-up: hands each live lease to `live` as it is read, soonest expiry first, so
-    /// that the caller keeps what it needs of a lease and no list of them all is ever built;
-    /// then records those already past their expiry at `now_ms` as expired (with an expiry
-    /// audit event each) and returns them as they are now stored.
+    /// At start-up: hands each live lease to `live` as it is read, soonest expiry first, then
+    /// by lease id, so that the caller keeps what it needs of a lease and no list of them all
+    /// is ever built; then records those already past their expiry at `now_ms` as expired (with
+    /// an expiry audit event each) and returns them as they are now stored.
     pub async fn restore_each(
         &self,
         now_ms: u64,
@@ -390,7 +390,8 @@ impl Store {
             .collect())
     }
 
-    /// Every live lease, soonest expiry first (for restoring the lease book and the kernel).
+    /// Every live lease, soonest expiry first, then by lease id (for restoring the lease book
+    /// and the kernel).
     pub fn live_leases(&self) -> Result<Vec<LeaseRecord>, StoreError> {
         self.with_reader(query::live_leases)
     }
@@ -400,7 +401,7 @@ impl Store {
         self.with_reader(|conn| query::lease(conn, id))
     }
 
-    /// Leases matching `filter`, soonest expiry first.
+    /// Leases matching `filter`, soonest expiry first, then by lease id.
     pub fn leases(&self, filter: &LeaseFilter) -> Result<Vec<LeaseRecord>, StoreError> {
         self.with_reader(|conn| query::leases(conn, filter))
     }

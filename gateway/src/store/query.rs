@@ -89,16 +89,16 @@ pub(crate) fn live_leases(conn: &Connection) -> Result<Vec<LeaseRecord>, StoreEr
     Ok(out)
 }
 
-/// Hands each live lease to `each` as its row is read, soonest expiry first (the order of the
-/// index of live leases, so SQLite sorts nothing): a restore of a million leases never holds
-/// them all at once.
+/// Hands each live lease to `each` as its row is read, soonest expiry first, then by lease id
+/// (the order of the index of live leases, leases of one expiry sorted by SQLite among
+/// themselves only): a restore of a million leases never holds them all at once.
 pub(crate) fn each_live_lease(
     conn: &Connection,
     each: &mut dyn FnMut(LeaseRecord),
 ) -> Result<(), StoreError> {
     const OP: &str = "query live leases";
     let sql =
-        format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms");
+        format!("SELECT {LEASE_COLUMNS} FROM leases WHERE state = 'live' ORDER BY expires_ms, id");
     let mut stmt = conn.prepare_cached(&sql).map_err(StoreError::sqlite(OP))?;
     let mut rows = stmt.query([]).map_err(StoreError::sqlite(OP))?;
     while let Some(row) = rows.next().map_err(StoreError::sqlite(OP))? {
@@ -185,7 +185,7 @@ pub(crate) fn leases(
         c.push(format!("cert_serial = {p}"));
     }
     let mut sql = format!(
-        "SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms",
+        "SELECT {LEASE_COLUMNS} FROM leases{} ORDER BY expires_ms, id",
         c.where_clause()
     );
     if let Some(limit) = filter.limit {
