@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{Change, Element, Error, Layout, Netfilter, Ownership, ReconcileReport};
+use crate::{Change, Coalescing, Element, Error, Layout, Netfilter, Ownership, ReconcileReport};
 
 /// Settings of a [`Batcher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +114,7 @@ enum Command {
     ),
     Kill(Element, oneshot::Sender<Result<usize, Error>>),
     Apply(Layout, oneshot::Sender<Result<(), Error>>),
+    Coalesce(Coalescing),
     Shutdown(oneshot::Sender<()>),
     /// The last handle was dropped.
     Stop,
@@ -149,6 +150,7 @@ impl std::fmt::Debug for Command {
             Command::Reconcile(d, _) => write!(f, "Reconcile({} openings)", d.len()),
             Command::Kill(o, _) => write!(f, "Kill({o:?})"),
             Command::Apply(l, _) => write!(f, "Apply({})", l.table()),
+            Command::Coalesce(c) => write!(f, "Coalesce({c:?})"),
             Command::Shutdown(_) => write!(f, "Shutdown"),
             Command::Stop => write!(f, "Stop"),
         }
@@ -184,6 +186,7 @@ impl Batcher {
             stats: stats.clone(),
             repairs: repairs.clone(),
             watched,
+            coalescing: None,
         };
         std::thread::Builder::new()
             .name("fwnp-nft-batcher".into())
@@ -278,6 +281,13 @@ impl Batcher {
         self.call(|r| Command::Apply(layout, r)).await
     }
 
+    /// From now on, a batch waits for more changes while `coalescing` says many are on their
+    /// way (see [`Coalescing`]); changes are otherwise committed as soon as the thread is free.
+    pub fn coalesce(&self, coalescing: Coalescing) {
+        // An error means the thread is gone, and there is nothing left to batch.
+        let _ = self.tx.send(Command::Coalesce(coalescing));
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> BatchStats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
@@ -311,6 +321,8 @@ struct Worker {
     /// The ruleset's generation when last read, and how many transactions of our own the kernel
     /// had committed then; `None` when not watching.
     watched: Option<(u32, u64)>,
+    /// When a batch waits for more (none: never).
+    coalescing: Option<Coalescing>,
 }
 
 /// The live openings (canonical) and when they expire, in milliseconds after `started` (the
@@ -389,6 +401,23 @@ fn generations_between(from: u32, to: u32) -> u64 {
     }
 }
 
+/// Moves the changes queued on `rx` into `batch`, up to `max`; a command of another kind stops
+/// it and is kept in `deferred`, to run after the batch.
+fn take_changes(
+    rx: &mpsc::Receiver<Command>,
+    batch: &mut Vec<(Change, oneshot::Sender<Result<(), Error>>)>,
+    max: usize,
+    deferred: &mut Option<Command>,
+) {
+    while batch.len() < max && deferred.is_none() {
+        match rx.try_recv() {
+            Ok(Command::Change(c, r)) => batch.push((c, r)),
+            Ok(other) => *deferred = Some(other),
+            Err(_) => break,
+        }
+    }
+}
+
 impl Worker {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut next_check = Instant::now() + self.config.check_interval;
@@ -442,18 +471,17 @@ impl Worker {
                 Command::Change(change, reply) => {
                     let mut batch = vec![(change, reply)];
                     // Drain what is queued: under load batches grow, latency stays low.
-                    while batch.len() < self.config.max_batch.max(1) {
-                        match rx.try_recv() {
-                            Ok(Command::Change(c, r)) => batch.push((c, r)),
-                            Ok(other) => {
-                                deferred = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+                    let max = self.config.max_batch.max(1);
+                    take_changes(&rx, &mut batch, max, &mut deferred);
+                    if let Some(coalescing) = &self.coalescing {
+                        coalescing.gather(batch.len(), || {
+                            take_changes(&rx, &mut batch, max, &mut deferred);
+                            (deferred.is_none() && batch.len() < max).then_some(batch.len())
+                        });
                     }
                     self.commit(batch);
                 }
+                Command::Coalesce(coalescing) => self.coalescing = Some(coalescing),
                 Command::Reconcile(desired, reply) => {
                     self.desired.replace(&desired);
                     let _ = reply.send(self.nf.reconcile(&self.layout, desired));

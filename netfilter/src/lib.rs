@@ -104,6 +104,7 @@
 #![warn(missing_docs)]
 
 mod batcher;
+mod coalesce;
 mod conntrack;
 mod error;
 mod key;
@@ -117,6 +118,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 pub use batcher::{BatchStats, Batcher, BatcherConfig, RepairEvent, RepairTrigger};
+pub use coalesce::Coalescing;
 pub use error::Error;
 use fwnp_proto::Grant;
 pub use fwnp_proto::message::{PortRange, Prefix, Protocol};

@@ -7,12 +7,14 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Change, Element, Error, Layout, Netfilter, Ownership, Refuse,
-    RepairEvent,
+    Batcher, BatcherConfig, Change, Coalescing, Element, Error, Layout, Netfilter, Ownership,
+    Refuse, RepairEvent,
 };
 use fwnp_testkit::netns::{Netns, TcpEchoServer, require_root};
 use tokio::sync::broadcast;
@@ -775,4 +777,58 @@ fn own_batches_are_not_taken_for_outside_changes() {
         batcher.stats()
     );
     runtime().block_on(batcher.shutdown());
+}
+
+/// While its coalescing says many changes are on their way, a batch waits for them (up to its
+/// size) and they go to the kernel in one transaction; idle, a change goes at once.
+#[test]
+fn a_busy_batcher_waits_for_more_changes_and_an_idle_one_does_not() {
+    if !require_root("a_busy_batcher_waits_for_more_changes_and_an_idle_one_does_not") {
+        return;
+    }
+    let topo = topology();
+    let _server =
+        TcpEchoServer::start_ports(&topo.host().netns, &[8101, 8102, 8103, 8104]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    let busy = Arc::new(AtomicBool::new(true));
+    let seen = busy.clone();
+    batcher.coalesce(Coalescing {
+        busy: Arc::new(move || seen.load(Ordering::Relaxed)),
+        enough: 3,
+        // Far longer than the test takes.
+        wait: Duration::from_secs(60),
+    });
+    runtime().block_on(async {
+        let before = batcher.stats();
+        let mut adds = tokio::task::JoinSet::new();
+        for port in [8101, 8102, 8103] {
+            adds.spawn(batcher.submit(Change::Add(
+                tcp(topo.host().v4, port),
+                Duration::from_secs(30),
+            )));
+            // Apart: without the wait, each would have a transaction of its own.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        while let Some(added) = adds.join_next().await {
+            added.expect("task").expect("add");
+        }
+        let after = batcher.stats();
+        assert_eq!(after.batches - before.batches, 1, "{after:?}");
+        assert_eq!(after.last_batch_size, 3, "{after:?}");
+        assert!(outside_tcp(&topo, topo.host().v4, 8103));
+
+        busy.store(false, Ordering::Relaxed);
+        let alone = batcher.submit(Change::Add(
+            tcp(topo.host().v4, 8104),
+            Duration::from_secs(30),
+        ));
+        // Were it waiting for more, it would be answered only after the 60 s wait.
+        tokio::time::timeout(Duration::from_secs(20), alone)
+            .await
+            .expect("an idle batcher commits at once")
+            .expect("add");
+        assert_eq!(batcher.stats().batches - after.batches, 1);
+        assert!(outside_tcp(&topo, topo.host().v4, 8104));
+    });
 }

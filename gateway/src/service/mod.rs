@@ -192,7 +192,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
-pub use request::{AT_ONCE_IN_FLIGHT, write_op};
+pub use request::{
+    AT_ONCE_IN_FLIGHT, COALESCE_IN_FLIGHT, KERNEL_COALESCING, STORE_COALESCING, write_op,
+};
 pub use revocation::PUBLISH_ATTEMPTS;
 pub(crate) use seams::pause as pause_at;
 pub use seams::{Pause, Seams};
@@ -280,8 +282,19 @@ impl Service {
             Some(member) => member.policy_before_start(&config.policy).await?,
             None => None,
         };
-        let service =
-            Self::start_inner(config, filter, store, leases, cluster_store, policy, seams).await?;
+        let service = Self::start_inner(
+            config,
+            filter,
+            store.clone(),
+            leases,
+            cluster_store,
+            policy,
+            seams,
+        )
+        .await?;
+        store
+            .writer()
+            .coalesce(service.coalescing(STORE_COALESCING));
         if let Some(member) = member {
             let _ = service.cluster.set(member.clone());
             member.join(&service).await?;
@@ -390,6 +403,9 @@ impl Service {
             seams,
             config,
         });
+        if let Some(filter) = &service.filter {
+            filter.coalesce(service.coalescing(KERNEL_COALESCING));
+        }
         service.restore().await?;
         // From the revision of the restore on, every lease of the cluster comes through here.
         if let Some(cluster) = &service.cluster_store {
@@ -437,6 +453,17 @@ impl Service {
             ));
         }
         Ok(service)
+    }
+
+    /// Coalescing (`enough` changes or operations, waiting at most `wait`) while at least
+    /// [`COALESCE_IN_FLIGHT`] requests are in flight.
+    fn coalescing(&self, (enough, wait): (usize, Duration)) -> fwnp_netfilter::Coalescing {
+        let in_flight = self.metrics.requests_in_flight.clone();
+        fwnp_netfilter::Coalescing {
+            busy: Arc::new(move || in_flight.get() >= COALESCE_IN_FLIGHT),
+            enough,
+            wait,
+        }
     }
 
     /// The gateway's epoch.

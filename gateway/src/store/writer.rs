@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use std::net::SocketAddr;
 
+use fwnp_netfilter::Coalescing;
 use fwnp_proto::{Grant, LeaseId};
 use rusqlite::{Connection, Statement, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -123,6 +124,7 @@ pub(crate) struct Job {
 
 pub(crate) enum Msg {
     Write(Job),
+    Coalesce(Coalescing),
     Close,
 }
 
@@ -151,6 +153,7 @@ impl std::fmt::Debug for Msg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Msg::Write(job) => write!(f, "Write({} ops)", job.ops.len()),
+            Msg::Coalesce(c) => write!(f, "Coalesce({c:?})"),
             Msg::Close => f.write_str("Close"),
         }
     }
@@ -292,6 +295,14 @@ impl StoreWriter {
         Ok(())
     }
 
+    /// From now on, a group commit waits for more operations while `coalescing` says many are
+    /// on their way (see [`Coalescing`]); otherwise it takes only what is queued when the
+    /// writer is free.
+    pub fn coalesce(&self, coalescing: Coalescing) {
+        // An error means the thread is gone, and there is nothing left to group.
+        let _ = self.shared.sender.send(Msg::Coalesce(coalescing));
+    }
+
     pub(crate) fn close(&self) {
         // An error means the thread is already gone, which is what closing wants.
         let _ = self.shared.sender.send(Msg::Close);
@@ -344,25 +355,22 @@ fn run(
     if let Err(e) = &writer {
         tracing::error!(error = %e, "store: the writer cannot prepare its statements");
     }
+    let mut coalescing: Option<Coalescing> = None;
     while let Some(first) = receiver.blocking_recv() {
-        let mut batch = Vec::new();
-        let mut ops = 0usize;
-        let mut closing = false;
-        let take = |msg: Msg, batch: &mut Vec<Job>, ops: &mut usize| match msg {
-            Msg::Write(job) => {
-                *ops += job.ops.len();
-                batch.push(job);
-                false
-            }
-            Msg::Close => true,
-        };
-        closing |= take(first, &mut batch, &mut ops);
-        while !closing && ops < max_batch_ops {
-            match receiver.try_recv() {
-                Ok(msg) => closing |= take(msg, &mut batch, &mut ops),
-                Err(_) => break,
-            }
+        let mut group = Group::default();
+        group.take(first, &mut coalescing);
+        group.take_queued(&mut receiver, max_batch_ops, &mut coalescing);
+        if let Some(c) = coalescing.clone().filter(|_| !group.jobs.is_empty()) {
+            c.gather(group.ops, || {
+                group.take_queued(&mut receiver, max_batch_ops, &mut coalescing);
+                (!group.closing && group.ops < max_batch_ops).then_some(group.ops)
+            });
         }
+        let Group {
+            jobs: batch,
+            closing,
+            ..
+        } = group;
         execute(writer.as_mut(), shared, batch);
         if closing {
             // Refuse new work, then finish what was queued before the close.
@@ -375,6 +383,44 @@ fn run(
             }
             execute(writer.as_mut(), shared, rest);
             break;
+        }
+    }
+}
+
+/// The jobs of one group commit, gathered from the writer's queue.
+#[derive(Default)]
+struct Group {
+    jobs: Vec<Job>,
+    ops: usize,
+    /// A close came: the group is committed, then what is still queued, and the writer stops.
+    closing: bool,
+}
+
+impl Group {
+    /// Takes one message: a write joins the group, new settings for coalescing are kept.
+    fn take(&mut self, msg: Msg, coalescing: &mut Option<Coalescing>) {
+        match msg {
+            Msg::Write(job) => {
+                self.ops += job.ops.len();
+                self.jobs.push(job);
+            }
+            Msg::Coalesce(c) => *coalescing = Some(c),
+            Msg::Close => self.closing = true,
+        }
+    }
+
+    /// Takes what is queued, until a close or `max_ops` operations.
+    fn take_queued(
+        &mut self,
+        receiver: &mut mpsc::UnboundedReceiver<Msg>,
+        max_ops: usize,
+        coalescing: &mut Option<Coalescing>,
+    ) {
+        while !self.closing && self.ops < max_ops {
+            match receiver.try_recv() {
+                Ok(msg) => self.take(msg, coalescing),
+                Err(_) => break,
+            }
         }
     }
 }
@@ -1182,6 +1228,52 @@ mod tests {
         let mut conn = Connection::open(dir.path().join("fwnp.sqlite3")).unwrap();
         crate::store::schema::prepare(&mut conn, 1_000).unwrap();
         (dir, conn)
+    }
+
+    /// While busy, a group commit waits for jobs on their way, up to its operations' worth;
+    /// idle, a job is committed alone and at once.
+    #[test]
+    fn a_busy_writer_waits_for_more_jobs_and_an_idle_one_does_not() {
+        let (_dir, conn) = store_connection();
+        let (writer, thread) = spawn(conn, 20_000, 1_000_000, 0).unwrap();
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let seen = busy.clone();
+        writer.coalesce(Coalescing {
+            busy: Arc::new(move || seen.load(Ordering::Relaxed)),
+            // Three grants' operations; far longer than the test takes.
+            enough: 6,
+            wait: std::time::Duration::from_secs(60),
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut commits = tokio::task::JoinSet::new();
+            for n in 1..=3 {
+                let writer = writer.clone();
+                commits.spawn(async move { writer.commit(grant_job(n).ops).await });
+                // Apart: without the wait, each would be committed alone.
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            while let Some(done) = commits.join_next().await {
+                done.unwrap().unwrap();
+            }
+            let stats = writer.stats();
+            assert_eq!((stats.transactions, stats.jobs), (1, 3), "{stats:?}");
+
+            busy.store(false, Ordering::Relaxed);
+            let alone = writer.commit(grant_job(4).ops);
+            // Were it waiting for more, it would be answered only after the 60 s wait.
+            tokio::time::timeout(std::time::Duration::from_secs(20), alone)
+                .await
+                .expect("an idle writer commits at once")
+                .unwrap();
+            let stats = writer.stats();
+            assert_eq!((stats.transactions, stats.jobs), (2, 4), "{stats:?}");
+        });
+        writer.close();
+        thread.join().unwrap();
     }
 
     /// A grant's lease row and audit row share one encoding of the grants and the peer; other
