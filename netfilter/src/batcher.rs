@@ -1,6 +1,7 @@
 //! The batcher: many async callers, one thread that owns the [`Netfilter`] and turns whatever
-//! is queued into one transaction, and a watch that repairs our table when someone else
-//! flushes or deletes it or changes its elements.
+//! is queued into one transaction (after waiting a little for more while its caller says it is
+//! busy: [`Batcher::coalesce`]), and a watch that repairs our table when someone else flushes
+//! or deletes it or changes its elements.
 //!
 //! The watch reads the ruleset's generation, which the kernel moves on by one with every
 //! committed transaction, and compares how far it moved with how many transactions the batcher

@@ -7,9 +7,11 @@
 //! Every write goes through one writer thread ([`StoreWriter`]) that owns the read-write
 //! connection. It takes everything queued since its last transaction and commits it as one
 //! transaction (group commit), so that thousands of grants per second cost a handful of
-//! commits, not one `fsync` each. A caller of [`StoreWriter::commit`] is answered once the
-//! transaction holding its operations has committed; [`StoreWriter::record`] queues audit rows
-//! that need not hold up an answer.
+//! commits, not one `fsync` each. Under load ([`StoreWriter::coalesce`]) it waits a little for
+//! more before committing a small group, since each commit rewrites the tail pages of the
+//! tables and indexes whatever it adds to them. A caller of [`StoreWriter::commit`] is answered
+//! once the transaction holding its operations has committed; [`StoreWriter::record`] queues
+//! audit rows that need not hold up an answer.
 //!
 //! # What is durable when
 //! The database runs in WAL mode. With `synchronous = normal` (the default), a transaction is

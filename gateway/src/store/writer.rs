@@ -1,5 +1,6 @@
 //! The single writer: one thread owns the read-write connection and commits everything queued
-//! since its last transaction as one transaction (group commit).
+//! since its last transaction as one transaction (group commit), after waiting a little for
+//! more while the gateway is busy (see [`Coalescing`]).
 //!
 //! Each job (the operations of one `commit` or `record` call) is applied atomically, and a job
 //! that fails (a duplicate lease id, a renewal of a lease that is no longer live) is undone
