@@ -9,7 +9,10 @@
 //! the quorum is back. A reload whose every publish another gateway's publish beats (a seam
 //! between its read of the policy key and its transaction, where the test publishes the next
 //! version first) is answered 409 Conflict after [`PUBLISH_ATTEMPTS`] tries and changes
-//! nothing; one beaten fewer times publishes the next version after the others'.
+//! nothing; one beaten fewer times publishes the next version after the others'. An older
+//! version from another gateway that the policy's watch found newer than the one in force,
+//! held there (a seam between that check and the step that puts it in force) while the
+//! reload publishes and puts in force a newer one, is not put in force after it.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -946,27 +949,33 @@ impl Rival {
     /// Publishes the next version of the cluster's policy, as a gateway's reload does;
     /// returns it.
     async fn publish(&self) -> u64 {
-        let current = policy_in_etcd(&self.endpoints).await.0;
-        let stored = StoredPolicy {
-            version: current.version + 1,
-            hash: sha256_hex(POLICY.as_bytes()),
-            text: POLICY.to_owned(),
-            site: RIVAL.to_owned(),
-            file: "/etc/fwnp/policy.toml".to_owned(),
-        };
-        let mut client = etcd_client::Client::connect(self.endpoints.clone(), None)
-            .await
-            .expect("etcd client");
-        client
-            .put(
-                "/fwnp-test/policy",
-                serde_json::to_vec(&stored).expect("JSON"),
-                None,
-            )
-            .await
-            .expect("publish the rival's version");
-        stored.version
+        publish_as_rival(&self.endpoints, POLICY).await
     }
+}
+
+/// Publishes `text` as the next version of the cluster's policy, as the rival's reload does;
+/// returns the version.
+async fn publish_as_rival(endpoints: &[String], text: &str) -> u64 {
+    let current = policy_in_etcd(endpoints).await.0;
+    let stored = StoredPolicy {
+        version: current.version + 1,
+        hash: sha256_hex(text.as_bytes()),
+        text: text.to_owned(),
+        site: RIVAL.to_owned(),
+        file: "/etc/fwnp/policy.toml".to_owned(),
+    };
+    let mut client = etcd_client::Client::connect(endpoints, None)
+        .await
+        .expect("etcd client");
+    client
+        .put(
+            "/fwnp-test/policy",
+            serde_json::to_vec(&stored).expect("JSON"),
+            None,
+        )
+        .await
+        .expect("publish the rival's version");
+    stored.version
 }
 
 /// The cluster's published policy, with how many times its key was written.
@@ -1121,6 +1130,263 @@ fn a_reload_beaten_fewer_times_than_its_attempts_publishes_the_next_version() {
             assert!(
                 !lease_in_etcd(cluster, lease).await,
                 "the revoked lease's end is in etcd"
+            );
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+/// A's policy watch, held at its seam ([`Seams::adopting`]): once armed, each version the
+/// watch finds newer than the one in force waits there, after that check, until the test
+/// lets it go on.
+struct HeldWatch {
+    armed: AtomicBool,
+    /// The versions that reached the seam since it was armed.
+    reached: AtomicU32,
+    go: tokio::sync::Semaphore,
+}
+
+impl HeldWatch {
+    fn new() -> Arc<HeldWatch> {
+        Arc::new(HeldWatch {
+            armed: AtomicBool::new(false),
+            reached: AtomicU32::new(0),
+            go: tokio::sync::Semaphore::new(0),
+        })
+    }
+
+    /// A's seams: the watch held before it puts a version in force.
+    fn seams(self: &Arc<Self>) -> Seams {
+        let held = self.clone();
+        let adopting: Pause = Arc::new(move || {
+            let held = held.clone();
+            Box::pin(async move { held.hold().await })
+        });
+        Seams {
+            adopting: Some(adopting),
+            ..Seams::default()
+        }
+    }
+
+    async fn hold(&self) {
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        self.reached.fetch_add(1, Ordering::AcqRel);
+        // Closed at the end of the test: whatever is held then goes on.
+        if let Ok(permit) = self.go.acquire().await {
+            permit.forget();
+        }
+    }
+
+    /// Waits (at most [`STEP`]) until `count` versions have reached the seam.
+    async fn until_reached(&self, count: u32) {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while self.reached.load(Ordering::Acquire) < count {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watch brought {} versions to its seam, not {count}",
+                self.reached.load(Ordering::Acquire)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.reached.load(Ordering::Acquire), count);
+    }
+
+    /// Lets the version held at the seam go on.
+    fn release(&self) {
+        self.go.add_permits(1);
+    }
+}
+
+/// Asserts that A's reload of [`NARROWER`], published as `version`, is the policy in force on
+/// A: its status says so, and an Open of tcp/7002, which [`POLICY`] allows and it does not, is
+/// denied by policy.
+async fn reload_in_force(a: &Gateway, client: &Client, version: u64) {
+    let status = a.get("/v1/status").await;
+    let policy = &status["cluster"]["policy"];
+    assert_eq!(policy["version"], version, "{status:#}");
+    assert_eq!(
+        policy["hash"],
+        sha256_hex(NARROWER.as_bytes()),
+        "{status:#}"
+    );
+    assert_eq!(policy["file_differs"], false, "{status:#}");
+    assert_eq!(
+        status["policy"],
+        a.policy.display().to_string(),
+        "{status:#}"
+    );
+    let refused = denied(client.open(tcp(7002), None).await);
+    assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+}
+
+#[test]
+fn an_older_version_the_watch_checked_is_not_put_in_force_after_a_reload_published_a_newer() {
+    in_cluster(
+        "an_older_version_the_watch_checked_is_not_put_in_force_after_a_reload_published_a_newer",
+        "clheld",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-held-watch");
+            let dir = temp_dir("clheld-a");
+            let watch = HeldWatch::new();
+            let a =
+                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", watch.seams()).await;
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+            client.hello().await;
+            let endpoints = cluster.endpoints();
+
+            // The rival publishes version 2 (the old text); A's watch finds it newer than
+            // version 1 and is held there, after its check.
+            watch.armed.store(true, Ordering::Release);
+            assert_eq!(publish_as_rival(&endpoints, POLICY).await, 2);
+            watch.until_reached(1).await;
+
+            // Meanwhile A's reload publishes its file as version 3 and puts it in force.
+            common::write_policy(&a.policy, NARROWER);
+            let (status, body) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 200, "{body:#}");
+            let (stored, _) = policy_in_etcd(&endpoints).await;
+            assert_eq!((stored.version, stored.site.as_str()), (3, "gw-a"));
+            reload_in_force(&a, &client, 3).await;
+
+            // Version 2 goes on from the seam; then the rival publishes version 4, of A's
+            // text, so that once the watch holds that one it has been through 2 and 3.
+            watch.release();
+            assert_eq!(publish_as_rival(&endpoints, NARROWER).await, 4);
+            watch.until_reached(2).await;
+            reload_in_force(&a, &client, 3).await;
+
+            // Version 4 is newer, and goes in force.
+            watch.release();
+            until(
+                "A holds policy version 4",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 4,
+            )
+            .await;
+            let refused = denied(client.open(tcp(7002), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+            watch.go.close();
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_revokes_nothing() {
+    in_cluster(
+        "a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_revokes_nothing",
+        "clpassed",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-overtaken");
+            let dir = temp_dir("clpassed-a");
+            let endpoints = cluster.endpoints();
+            // At the seam between A's publish and the step that puts it in force, the rival
+            // publishes the next version (the old text) and waits until A's watch has put it
+            // in force.
+            let gateway: Arc<OnceLock<Weak<Service>>> = Arc::new(OnceLock::new());
+            let overtaking = Arc::new(AtomicU32::new(0));
+            let published: Pause = Arc::new({
+                let (endpoints, gateway, overtaking) =
+                    (endpoints.clone(), gateway.clone(), overtaking.clone());
+                move || {
+                    let (endpoints, gateway, overtaking) =
+                        (endpoints.clone(), gateway.clone(), overtaking.clone());
+                    Box::pin(async move {
+                        let version = publish_as_rival(&endpoints, POLICY).await;
+                        overtaking.store(version as u32, Ordering::Release);
+                        let service = gateway
+                            .get()
+                            .and_then(Weak::upgrade)
+                            .expect("A runs while it reloads");
+                        let member = service.cluster().expect("A is a member").clone();
+                        let deadline = tokio::time::Instant::now() + STEP;
+                        while member.status().await.policy.version < version {
+                            assert!(
+                                tokio::time::Instant::now() < deadline,
+                                "A never put the rival's version {version} in force"
+                            );
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    })
+                }
+            });
+            let seams = Seams {
+                published: Some(published),
+                ..Seams::default()
+            };
+            let a = Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", seams).await;
+            let _ = gateway.set(Arc::downgrade(&a.service));
+            until(
+                "A holds policy version 1",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 1,
+            )
+            .await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+            client.hello().await;
+            let lease = granted(client.open(tcp(7002), None).await).lease;
+
+            // A's reload publishes its file as version 2; the rival's version 3 is in force
+            // before A's step, which leaves it there and revokes nothing.
+            common::write_policy(&a.policy, NARROWER);
+            let (status, body) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 200, "{body:#}");
+            assert_eq!(overtaking.load(Ordering::Acquire), 3);
+            let file = a.policy.display().to_string();
+            assert_eq!(body["policy"], file, "{body:#}");
+            assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
+            let (stored, writes) = policy_in_etcd(&endpoints).await;
+            assert_eq!((stored.version, stored.site.as_str()), (3, RIVAL));
+            assert_eq!(writes, 3, "version 1 at the start, A's 2, the rival's 3");
+
+            let status = a.get("/v1/status").await;
+            let policy = &status["cluster"]["policy"];
+            assert_eq!(policy["version"], 3, "{status:#}");
+            assert_eq!(policy["hash"], sha256_hex(POLICY.as_bytes()), "{status:#}");
+            assert_eq!(policy["file_differs"], true, "{status:#}");
+            assert_eq!(status["policy"], stored.origin(), "{status:#}");
+            granted(client.open(tcp(7003), None).await);
+            assert!(
+                lease_in_etcd(cluster, lease).await,
+                "the lease the rival's version allows stays"
+            );
+            let page = until(
+                "the reload's audit record",
+                || a.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                |p| {
+                    p["events"]
+                        .as_array()
+                        .is_some_and(|events| events.iter().any(|e| e["actor"] == "operator"))
+                },
+            )
+            .await;
+            let reason = page["events"]
+                .as_array()
+                .and_then(|events| events.iter().find(|e| e["actor"] == "operator"))
+                .map(|e| e["reason"].clone())
+                .unwrap_or_default();
+            assert_eq!(
+                reason,
+                format!(
+                    "policy {file} published as cluster policy version 2, not put in force: {} \
+                     was in force already; 0 leases revoked",
+                    stored.origin()
+                ),
+                "{page:#}"
             );
             drop(client);
             a.stop().await;

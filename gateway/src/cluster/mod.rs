@@ -100,6 +100,11 @@ pub struct Cluster {
     ///
     /// [`Seams`]: crate::service::Seams
     publishing: Option<crate::service::Pause>,
+    /// Called when the policy's watch has a version newer than the one in force, compiled,
+    /// before it puts it in force ([`Seams`]).
+    ///
+    /// [`Seams`]: crate::service::Seams
+    adopting: Option<crate::service::Pause>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -132,13 +137,16 @@ impl Cluster {
             stopping: std::sync::atomic::AtomicBool::new(false),
             watch_from: std::sync::atomic::AtomicI64::new(0),
             publishing: None,
+            adopting: None,
         })
     }
 
-    /// Holds each publish of a policy at `seam`, between its read of the published policy
-    /// and its transaction.
-    pub(crate) fn with_publishing(mut self, seam: Option<crate::service::Pause>) -> Cluster {
-        self.publishing = seam;
+    /// Holds each publish of a policy at `seams.publishing`, between its read of the
+    /// published policy and its transaction, and each version the watch puts in force at
+    /// `seams.adopting`, between its check and the step that puts it in force.
+    pub(crate) fn with_seams(mut self, seams: &crate::service::Seams) -> Cluster {
+        self.publishing = seams.publishing.clone();
+        self.adopting = seams.adopting.clone();
         self
     }
 

@@ -10,6 +10,12 @@
 //! enforces the cluster's. A gateway that finds no policy in etcd publishes its file as
 //! version 1.
 //!
+//! Whether the watch brings a version or this gateway's reload published it, its check
+//! against the version in force, its recording and its enforcement are one step, so that the
+//! version in force never goes back: an older version the watch checked before a reload put
+//! a newer one in force stays out, and so does a reload's own version once the watch has put
+//! a newer one in force (whose publisher revokes what it no longer allows).
+//!
 //! The revocations a new version causes are committed once, by the gateway whose reload
 //! published it: every gateway's book holds every lease of the cluster, so that one gateway
 //! finds them all. The others put the version in force without revoking; the ends come to
@@ -66,6 +72,10 @@ impl PolicyState {
 
     fn set(&self, version: u64, hash: &str, file_hash: &str) {
         let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        Self::record(&mut state, version, hash, file_hash);
+    }
+
+    fn record(state: &mut ClusterPolicyStatus, version: u64, hash: &str, file_hash: &str) {
         *state = ClusterPolicyStatus {
             version,
             hash: hash.to_owned(),
@@ -73,6 +83,50 @@ impl PolicyState {
             file_differs: hash != file_hash,
         };
     }
+
+    /// Records `version` and puts it in force with `enforce`, as one step, if `admit` accepts
+    /// it beside the version in force; returns whether it did. The watch and this gateway's
+    /// own reload both go through here: a check made apart from the recording and the
+    /// enforcement let an older version that passed it be put in force after a newer one, and
+    /// the status then named the older one too. `enforce` runs under the lock, so it must not
+    /// wait on anything that takes it.
+    fn put_in_force(
+        &self,
+        version: u64,
+        hash: &str,
+        file_hash: &str,
+        admit: fn(new: u64, in_force: u64) -> bool,
+        enforce: impl FnOnce(),
+    ) -> bool {
+        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if !admit(version, state.version) {
+            return false;
+        }
+        Self::record(&mut state, version, hash, file_hash);
+        enforce();
+        true
+    }
+}
+
+/// What a version put in force by the watch must be: newer than the one in force.
+fn newer(new: u64, in_force: u64) -> bool {
+    new > in_force
+}
+
+/// What this gateway's own published version must be to be put in force: not older than the
+/// one in force (the watch may have brought it back first, without its revocations).
+fn not_older(new: u64, in_force: u64) -> bool {
+    new >= in_force
+}
+
+/// A version this gateway published, for its reload to put in force
+/// ([`Cluster::put_published_in_force`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The version.
+    pub version: u64,
+    /// The SHA-256 of its text, hex.
+    pub hash: String,
 }
 
 /// The hash of this gateway's own policy file ("" when it cannot be read).
@@ -102,8 +156,9 @@ impl Cluster {
     }
 
     /// Publishes `text` (read from `file` here) as the cluster's next policy version, unless
-    /// another version came in between; returns the version.
-    pub async fn publish_policy(&self, text: &str, file: &str) -> Result<u64, ClusterError> {
+    /// another version came in between; returns the version, which is not yet in force here
+    /// (see [`Cluster::put_published_in_force`]).
+    pub async fn publish_policy(&self, text: &str, file: &str) -> Result<Published, ClusterError> {
         let (current, mod_revision, _) = self.read_policy().await?;
         let version = current.as_ref().map_or(0, |p| p.version) + 1;
         let hash = sha256_hex(text.as_bytes());
@@ -132,9 +187,22 @@ impl Cluster {
         if !answer.succeeded() {
             return Err(ClusterError::PolicyRace(version));
         }
-        self.policy.set(version, &hash, &hash);
         info!(version, %hash, "policy published to the cluster");
-        Ok(version)
+        Ok(Published { version, hash })
+    }
+
+    /// Records the version this gateway's reload published and puts it in force here with
+    /// `enforce`, as one step with the watch's own; returns false, having done nothing, when
+    /// a newer version from another gateway is in force already (that gateway revokes what
+    /// it no longer allows).
+    pub fn put_published_in_force(&self, published: &Published, enforce: impl FnOnce()) -> bool {
+        self.policy.put_in_force(
+            published.version,
+            &published.hash,
+            &published.hash,
+            not_older,
+            enforce,
+        )
     }
 
     /// Before the service starts: the cluster's published policy, compiled, when it differs
@@ -198,7 +266,12 @@ impl Cluster {
         })?;
         let file = service.config.policy.display().to_string();
         match self.publish_policy(&text, &file).await {
-            Ok(_) => Ok(watch_from),
+            // The file is in force since the start; the watch, which puts in force what
+            // another gateway publishes, starts after this.
+            Ok(published) => {
+                self.put_published_in_force(&published, || {});
+                Ok(watch_from)
+            }
             // Published by another gateway meanwhile: the watch from before brings it.
             Err(ClusterError::PolicyRace(_)) => Ok(watch_from),
             Err(e) => Err(e),
@@ -228,7 +301,28 @@ impl Cluster {
                 return;
             }
         };
-        self.policy.set(stored.version, &stored.hash, file_hash);
+        crate::service::pause_at(&self.adopting).await;
+        let reason = format!(
+            "cluster policy version {} from {} put in force",
+            stored.version, stored.site
+        );
+        // Checked again with the recording and the enforcement, as one step: this gateway's
+        // reload may have put a newer version in force since the check above. Published
+        // through another member (this one's reload puts its own versions in force): that
+        // member revokes.
+        let in_force =
+            self.policy
+                .put_in_force(stored.version, &stored.hash, file_hash, newer, || {
+                    service.adopt_cluster_policy(policy, &stored.site, reason)
+                });
+        if !in_force {
+            info!(
+                version = stored.version,
+                from = %stored.site,
+                "a newer cluster policy came in force meanwhile; this one stays out"
+            );
+            return;
+        }
         if stored.hash != file_hash {
             warn!(
                 file = %service.config.policy.display(),
@@ -239,13 +333,6 @@ impl Cluster {
                 "this gateway's policy file differs from the cluster's policy; the cluster's is in force"
             );
         }
-        let reason = format!(
-            "cluster policy version {} from {} put in force",
-            stored.version, stored.site
-        );
-        // Published through another member (this one's own reload put it in force before
-        // publishing returned, so its version is not newer): that member revokes.
-        service.adopt_cluster_policy(policy, &stored.site, reason);
         info!(version = stored.version, from = %stored.site, "cluster policy in force");
     }
 }

@@ -250,8 +250,9 @@ impl Service {
     }
 
     /// As [`Service::start`], with work held at `seams`: a request after its decision, a
-    /// cluster's publish of a policy before its transaction. For a test that must run two
-    /// things in one order.
+    /// cluster's publish of a policy before its transaction, a reload's published version
+    /// before it is put in force, a version of the cluster's policy before the watch puts it
+    /// in force. For a test that must run two things in one order.
     pub async fn start_with_seams(
         config: GatewayConfig,
         filter: Option<Batcher>,
@@ -271,7 +272,7 @@ impl Service {
                 member = Some(Arc::new(
                     crate::cluster::Cluster::connect(etcd, cluster_store.clone(), quic)
                         .await?
-                        .with_publishing(seams.publishing.clone()),
+                        .with_seams(&seams),
                 ));
                 (Arc::new(cluster_store.clone()), Some(cluster_store))
             }

@@ -281,7 +281,9 @@ impl Service {
     /// the file and runs. In a cluster, a version another gateway published between this
     /// one's read and its write makes it read again and publish the next version, up to
     /// [`PUBLISH_ATTEMPTS`] times; then it answers [`AdminErrorKind::Conflict`] and changes
-    /// nothing.
+    /// nothing. The version it publishes is put in force here unless the watch has already
+    /// put a newer one from another gateway in force: then that one stays, and the reload
+    /// revokes nothing (the newer one's publisher revokes what it no longer allows).
     ///
     /// [`AdminErrorKind::Conflict`]: crate::api::AdminErrorKind::Conflict
     pub async fn reload_policy(&self) -> Result<PolicyReloaded, AdminError> {
@@ -290,38 +292,66 @@ impl Service {
             |e: String| format!("policy not reloaded, the old one stays in force: {e}");
         let (policy, text) = Policy::load_with_text(&self.config.policy)
             .map_err(|e| AdminError::bad_request(not_reloaded(e.to_string())))?;
+        let reason = format!("policy {} loaded", policy.origin());
+        let Some(cluster) = self.cluster() else {
+            return Ok(self.put_policy_in_force(policy, "operator", reason).await);
+        };
         // In a cluster the reload goes to every gateway: published first, so that a policy
         // the cluster did not take is not in force here alone.
-        if let Some(cluster) = self.cluster() {
-            let file = self.config.policy.display().to_string();
-            let mut attempt = 1;
-            loop {
-                match cluster.publish_policy(&text, &file).await {
-                    Ok(_) => break,
-                    Err(ClusterError::PolicyRace(version)) if attempt < PUBLISH_ATTEMPTS => {
-                        info!(
-                            version,
-                            attempt,
-                            "another gateway published a policy meanwhile; publishing the next version"
-                        );
-                        attempt += 1;
-                    }
-                    Err(e @ ClusterError::PolicyRace(_)) => {
-                        return Err(AdminError::conflict(not_reloaded(format!(
-                            "{e} (other gateways' reloads are in progress, {PUBLISH_ATTEMPTS} attempts)"
-                        ))));
-                    }
-                    // etcd without its quorum or out of reach: nothing was published, and the
-                    // same reload may succeed once the cluster answers again.
-                    Err(e @ ClusterError::Etcd(_)) => {
-                        return Err(AdminError::unavailable(not_reloaded(e.to_string())));
-                    }
-                    Err(e) => return Err(AdminError::internal(not_reloaded(e.to_string()))),
+        let file = self.config.policy.display().to_string();
+        let mut attempt = 1;
+        let published = loop {
+            match cluster.publish_policy(&text, &file).await {
+                Ok(published) => break published,
+                Err(ClusterError::PolicyRace(version)) if attempt < PUBLISH_ATTEMPTS => {
+                    info!(
+                        version,
+                        attempt,
+                        "another gateway published a policy meanwhile; publishing the next version"
+                    );
+                    attempt += 1;
                 }
+                Err(e @ ClusterError::PolicyRace(_)) => {
+                    return Err(AdminError::conflict(not_reloaded(format!(
+                        "{e} (other gateways' reloads are in progress, {PUBLISH_ATTEMPTS} attempts)"
+                    ))));
+                }
+                // etcd without its quorum or out of reach: nothing was published, and the
+                // same reload may succeed once the cluster answers again.
+                Err(e @ ClusterError::Etcd(_)) => {
+                    return Err(AdminError::unavailable(not_reloaded(e.to_string())));
+                }
+                Err(e) => return Err(AdminError::internal(not_reloaded(e.to_string()))),
             }
-        }
-        let reason = format!("policy {} loaded", policy.origin());
-        Ok(self.put_policy_in_force(policy, "operator", reason).await)
+        };
+        pause_at(&self.seams.published).await;
+        // Recorded and put in force as one step with the versions the watch brings: apart,
+        // another gateway's older version that the watch had already checked could be put
+        // in force after this one.
+        let origin = policy.origin().to_owned();
+        let mut enforced = None;
+        cluster.put_published_in_force(&published, || enforced = Some(self.enforce(policy)));
+        let Some(policy) = enforced else {
+            let in_force = self.policy();
+            info!(
+                version = published.version,
+                in_force = in_force.origin(),
+                "a newer version of the cluster's policy is in force already; the reloaded one is not put in force here"
+            );
+            let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
+            event.actor = Some("operator".into());
+            event.reason = Some(format!(
+                "policy {origin} published as cluster policy version {}, not put in force: {} was in force already; 0 leases revoked",
+                published.version,
+                in_force.origin()
+            ));
+            self.record(event);
+            return Ok(PolicyReloaded {
+                policy: origin,
+                revoked: Vec::new(),
+            });
+        };
+        Ok(self.revoke_after_reload(policy, "operator", reason).await)
     }
 
     /// Puts `policy` in force: the rate limits, then the revocation of every live lease it no
@@ -333,6 +363,17 @@ impl Service {
         why: String,
     ) -> PolicyReloaded {
         let policy = self.enforce(policy);
+        self.revoke_after_reload(policy, actor, why).await
+    }
+
+    /// What follows a reload's policy into force: the revocation of every live lease it no
+    /// longer allows, and an audit record naming `actor` and `why`.
+    async fn revoke_after_reload(
+        &self,
+        policy: Arc<Policy>,
+        actor: &str,
+        why: String,
+    ) -> PolicyReloaded {
         let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some(actor.into());

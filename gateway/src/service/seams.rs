@@ -1,8 +1,9 @@
 //! Points inside the gateway where a caller holds its work to put it in a chosen order with
-//! something else: a race between a request and a reload, or between two gateways' publishes
-//! of a policy, which timing alone would make happen once in many runs, happens every time.
-//! A gateway started by [`Service::start`](super::Service::start) has none, and pays a branch
-//! on an empty `Option` at each point.
+//! something else: a race between a request and a reload, between two gateways' publishes of
+//! a policy, or between the watch of the cluster's policy and a reload, which timing alone
+//! would make happen once in many runs, happens every time. A gateway started by
+//! [`Service::start`](super::Service::start) has none, and pays a branch on an empty
+//! `Option` at each point.
 
 use std::fmt;
 use std::future::Future;
@@ -45,6 +46,13 @@ pub struct Seams {
     /// next version (at a reload, or at the start when none is published yet), before the
     /// transaction that publishes it unless the key changed meanwhile.
     pub publishing: Option<Pause>,
+    /// In a cluster, called when the watch of the cluster's policy has found a published
+    /// version newer than the one in force and compiled it, before the step that checks it
+    /// again and puts it in force.
+    pub adopting: Option<Pause>,
+    /// In a cluster, called when a reload has published its version, before the step that
+    /// puts it in force here unless the watch has put a newer one in force meanwhile.
+    pub published: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -52,6 +60,8 @@ impl fmt::Debug for Seams {
         f.debug_struct("Seams")
             .field("decided", &self.decided.is_some())
             .field("publishing", &self.publishing.is_some())
+            .field("adopting", &self.adopting.is_some())
+            .field("published", &self.published.is_some())
             .finish()
     }
 }
