@@ -755,6 +755,27 @@ pub struct PolicyReloaded {
     pub policy: String,
     /// The live leases it no longer allows, revoked.
     pub revoked: Vec<RevokedLease>,
+    /// In a cluster, when another gateway's newer version was put in force here before this
+    /// reload's own: the reloaded file was published but is not the policy in force, and
+    /// revoked nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded: Option<Superseded>,
+}
+
+/// A reload's published version that a newer one overtook (see [`PolicyReloaded`]).
+///
+/// ```
+/// let r: fwnp_gateway::api::PolicyReloaded = serde_json::from_str(
+///     r#"{"policy":"p.toml","revoked":[],"superseded":{"version":6,"in_force":"cluster policy version 7 from site-b"}}"#,
+/// ).unwrap();
+/// assert_eq!(r.superseded.unwrap().version, 6);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Superseded {
+    /// The cluster policy version the reload published.
+    pub version: u64,
+    /// The policy in force instead (its origin, as the status names it).
+    pub in_force: String,
 }
 
 /// `POST /v1/policy/reload`.

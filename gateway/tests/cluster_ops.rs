@@ -1351,6 +1351,12 @@ fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_rev
             assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
             let (stored, writes) = policy_in_etcd(&endpoints).await;
             assert_eq!((stored.version, stored.site.as_str()), (3, RIVAL));
+            // The answer says the reloaded file is not the policy in force.
+            assert_eq!(
+                body["superseded"],
+                serde_json::json!({"version": 2, "in_force": stored.origin()}),
+                "{body:#}"
+            );
             assert_eq!(writes, 3, "version 1 at the start, A's 2, the rival's 3");
 
             let status = a.get("/v1/status").await;

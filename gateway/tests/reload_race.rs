@@ -191,6 +191,7 @@ async fn a_reload_sent_while_another_runs_waits_for_it_then_runs() {
         .expect("the first reload is answered")
         .expect("the first reload's task");
     assert_eq!(status, 200, "the first reload completes: {body:#}");
+    assert!(body.get("superseded").is_none(), "{body:#}");
     let revoked: Vec<&str> = body["revoked"]
         .as_array()
         .expect("the leases it revoked")

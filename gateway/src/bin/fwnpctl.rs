@@ -369,11 +369,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             } else {
                 let answer: ReloadAnswer = AdminClient::typed(path, &answer)?;
                 let reloaded = answer.reloaded;
-                println!(
-                    "policy {} loaded; {} live leases revoked",
-                    reloaded.policy,
-                    reloaded.revoked.len()
-                );
+                match &reloaded.superseded {
+                    Some(s) => println!(
+                        "policy {} published as cluster policy version {}, but not in force: \
+                         a newer version is ({}); 0 live leases revoked",
+                        reloaded.policy, s.version, s.in_force
+                    ),
+                    None => println!(
+                        "policy {} loaded; {} live leases revoked",
+                        reloaded.policy,
+                        reloaded.revoked.len()
+                    ),
+                }
                 for r in reloaded.revoked {
                     println!("  revoked {} ({}): {}", r.lease, r.host, r.why);
                 }

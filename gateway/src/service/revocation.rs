@@ -349,6 +349,10 @@ impl Service {
             return Ok(PolicyReloaded {
                 policy: origin,
                 revoked: Vec::new(),
+                superseded: Some(crate::api::Superseded {
+                    version: published.version,
+                    in_force: in_force.origin().to_owned(),
+                }),
             });
         };
         Ok(self.revoke_after_reload(policy, "operator", reason).await)
@@ -383,6 +387,7 @@ impl Service {
         PolicyReloaded {
             policy: policy.origin().to_owned(),
             revoked,
+            superseded: None,
         }
     }
 
