@@ -117,6 +117,10 @@ pub struct StoreOptions {
     pub max_pending_ops: usize,
     /// Read-only connections kept open for reuse.
     pub read_pool: usize,
+    /// The WAL's size in frames (pages) past which the writer makes it start over, and to
+    /// which its file is cut back then (see `WalLimit` in the writer's source for why a
+    /// checkpoint beside the writer does not).
+    pub wal_restart_frames: u32,
 }
 
 impl Default for StoreOptions {
@@ -127,6 +131,8 @@ impl Default for StoreOptions {
             max_batch_ops: 20_000,
             max_pending_ops: 1_000_000,
             read_pool: 4,
+            // 64 MiB of 4 KiB pages.
+            wal_restart_frames: 16_384,
         }
     }
 }
@@ -165,10 +171,11 @@ struct Inner {
 /// How often the checkpoint thread copies the WAL into the database.
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Runs WAL checkpoints on a connection of its own, so that the writer never does: a
+/// Runs WAL checkpoints on a connection of its own, so that the writer rarely does: a
 /// checkpoint syncs the WAL and the database file (several milliseconds each on a disk), and
 /// every grant waiting for the writer's commit would wait for it too. A passive checkpoint
-/// runs beside the writer's transactions without blocking them.
+/// runs beside the writer's transactions without blocking them; under sustained writes it
+/// never lets the WAL start over, and the writer sees to that (`WalLimit`).
 fn spawn_checkpointer(
     path: &Path,
     options: &StoreOptions,
@@ -187,8 +194,7 @@ fn spawn_checkpointer(
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(CHECKPOINT_INTERVAL)
             {
-                // A busy or failed checkpoint is tried again at the next interval; the WAL
-                // only grows meanwhile.
+                // A busy or failed checkpoint is tried again at the next interval.
                 let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
             }
         })
@@ -260,11 +266,17 @@ impl Store {
             conn.pragma_update(None, "wal_autocheckpoint", 0)
                 .map_err(StoreError::sqlite("turn off automatic checkpoints"))?;
         }
+        let wal_limit = writer::WalLimit {
+            path: PathBuf::from(format!("{}-wal", path.display())),
+            bytes: wal_bytes(&options),
+            looked: None,
+        };
         let (writer, thread) = writer::spawn(
             conn,
             options.max_batch_ops,
             options.max_pending_ops,
             last_audit_id,
+            Some(wal_limit),
         )?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -485,10 +497,16 @@ fn configure_writer(conn: &Connection, options: &StoreOptions) -> Result<(), rus
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // 16 MiB of page cache for the writer: indexes stay hot under load.
     conn.pragma_update(None, "cache_size", -16_384)?;
-    // Keep the WAL file from staying huge after a burst.
-    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    // When the WAL starts over, its file is cut back to about the size at which the checkpoint
+    // thread makes it start over (pages of 4 KiB), so that it does not stay huge after a burst.
+    conn.pragma_update(None, "journal_size_limit", wal_bytes(options))?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(())
+}
+
+/// The WAL's size in bytes past which the writer makes it start over (pages of 4 KiB).
+fn wal_bytes(options: &StoreOptions) -> i64 {
+    i64::from(options.wal_restart_frames) * 4096
 }
 
 fn not_a_database(path: &Path, e: rusqlite::Error, op: &'static str) -> StoreError {
