@@ -67,6 +67,27 @@ groups = ["hosts"]
 allow = "tcp/7000-7001"
 "#;
 
+/// Gateway A (site `gw-a`) with its work held at `seams`, once it holds the cluster's first
+/// policy version, and a host connected to it, its Hello answered.
+async fn gateway_a_with_a_host(
+    cluster: &EtcdCluster,
+    pki: &Pki,
+    dir: &Path,
+    seams: Seams,
+) -> (Gateway, Client) {
+    let a = Gateway::start_with_seams(cluster, pki, dir, "gw-a", seams).await;
+    until(
+        "A holds policy version 1",
+        || a.get("/v1/status"),
+        |s| s["cluster"]["policy"]["version"] == 1,
+    )
+    .await;
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
+    client.hello().await;
+    (a, client)
+}
+
 /// A gateway on the cluster with its admin socket, served on 127.0.0.1 of the namespace.
 struct Gateway {
     service: Arc<Service>,
@@ -1004,17 +1025,7 @@ fn a_reload_beaten_at_every_publish_is_answered_409_and_changes_nothing() {
             let pki = Pki::new("cluster-409");
             let dir = temp_dir("cl409-a");
             let rival = Rival::new(cluster);
-            let a =
-                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", rival.seams()).await;
-            until(
-                "A holds policy version 1",
-                || a.get("/v1/status"),
-                |s| s["cluster"]["policy"]["version"] == 1,
-            )
-            .await;
-            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
-            client.hello().await;
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), rival.seams()).await;
 
             common::write_policy(&a.policy, NARROWER);
             rival.arm(&a, u32::MAX);
@@ -1074,17 +1085,7 @@ fn a_reload_beaten_fewer_times_than_its_attempts_publishes_the_next_version() {
             let pki = Pki::new("cluster-beaten");
             let dir = temp_dir("clbeaten-a");
             let rival = Rival::new(cluster);
-            let a =
-                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", rival.seams()).await;
-            until(
-                "A holds policy version 1",
-                || a.get("/v1/status"),
-                |s| s["cluster"]["policy"]["version"] == 1,
-            )
-            .await;
-            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
-            client.hello().await;
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), rival.seams()).await;
             let lease = granted(client.open(tcp(7002), None).await).lease;
 
             common::write_policy(&a.policy, NARROWER);
@@ -1232,17 +1233,7 @@ fn an_older_version_the_watch_checked_is_not_put_in_force_after_a_reload_publish
             let pki = Pki::new("cluster-held-watch");
             let dir = temp_dir("clheld-a");
             let watch = HeldWatch::new();
-            let a =
-                Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", watch.seams()).await;
-            until(
-                "A holds policy version 1",
-                || a.get("/v1/status"),
-                |s| s["cluster"]["policy"]["version"] == 1,
-            )
-            .await;
-            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
-            client.hello().await;
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), watch.seams()).await;
             let endpoints = cluster.endpoints();
 
             // The rival publishes version 2 (the old text); A's watch finds it newer than
@@ -1327,17 +1318,8 @@ fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_rev
                 published: Some(published),
                 ..Seams::default()
             };
-            let a = Gateway::start_with_seams(cluster, &pki, dir.path(), "gw-a", seams).await;
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
             let _ = gateway.set(Arc::downgrade(&a.service));
-            until(
-                "A holds policy version 1",
-                || a.get("/v1/status"),
-                |s| s["cluster"]["policy"]["version"] == 1,
-            )
-            .await;
-            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            let client = Client::connect(a.addr, &pki.host("web-01", &[host], &[], &[])).await;
-            client.hello().await;
             let lease = granted(client.open(tcp(7002), None).await).lease;
 
             // A's reload publishes its file as version 2; the rival's version 3 is in force
