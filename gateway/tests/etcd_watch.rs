@@ -125,26 +125,7 @@ impl Gateway {
 
     /// Whether this gateway's kernel holds an element for the host's TCP `port`.
     fn kernel_has(&self, port: u16) -> bool {
-        let table = self
-            .topology
-            .gateway
-            .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
-            .expect("nft list table");
-        let host = self.topology.host().v4.to_string();
-        let needles = [
-            format!("{host} . tcp . {port}"),
-            format!("{host} . 6 . {port}"),
-        ];
-        table.lines().any(|line| {
-            needles.iter().any(|n| {
-                line.match_indices(n.as_str()).any(|(at, _)| {
-                    !line[at + n.len()..]
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_digit())
-                })
-            })
-        })
+        common::kernel::router_holds(&self.topology, port)
     }
 
     /// Waits until the kernel holds (or no longer holds) `port` and the outside's connection

@@ -147,10 +147,18 @@ fn the_sqlite_store_keeps_the_contract() {
 
 #[test]
 fn the_etcd_store_keeps_the_contract() {
-    if !etcd_cluster::available("the_etcd_store_keeps_the_contract") {
+    on_etcd_store("the_etcd_store_keeps_the_contract", "seam", |store| {
+        contract(store)
+    });
+}
+
+/// Runs `body` on an etcd store (site `gw-a`) over a three-member cluster of its own, named
+/// after `tag`, unless etcd is not installed (then `test` is skipped, as it says).
+fn on_etcd_store(test: &str, tag: &str, body: impl FnOnce(&fwnp_gateway::store::EtcdStore) + Send) {
+    if !etcd_cluster::available(test) {
         return;
     }
-    let cluster = etcd_cluster::EtcdCluster::start("seam").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = etcd_cluster::EtcdCluster::start(tag).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("temp dir");
     let local = Store::open(dir.path()).expect("local store");
     cluster.run(|| {
@@ -160,7 +168,7 @@ fn the_etcd_store_keeps_the_contract() {
             local.writer().clone(),
         ))
         .expect("connected");
-        contract(&store);
+        body(&store);
     });
 }
 
@@ -547,34 +555,27 @@ fn the_memory_store_lists_leases_of_one_expiry_by_id() {
 
 #[test]
 fn the_etcd_store_lists_leases_of_one_expiry_by_id() {
-    if !etcd_cluster::available("the_etcd_store_lists_leases_of_one_expiry_by_id") {
-        return;
-    }
-    let cluster = etcd_cluster::EtcdCluster::start("ties").unwrap_or_else(|e| panic!("{e}"));
-    let dir = tempfile::tempdir().expect("temp dir");
-    let local = Store::open(dir.path()).expect("local store");
-    cluster.run(|| {
-        let config = cluster.config("gw-a", std::time::Duration::from_secs(2));
-        let store = block_on(fwnp_gateway::store::EtcdStore::connect(
-            &config,
-            local.writer().clone(),
-        ))
-        .expect("connected");
-        let order = commit_tied_leases(&store);
-        let leases = |filter: LeaseFilter| ids(&block_on(store.leases(&filter)).expect("leases"));
-        assert_eq!(leases(LeaseFilter::default()), order);
-        assert_eq!(
-            leases(LeaseFilter {
-                limit: Some(2),
-                ..LeaseFilter::default()
-            }),
-            order[..2]
-        );
-        assert_eq!(
-            ids(&block_on(store.restore(NOW)).expect("restored").live),
-            order
-        );
-    });
+    on_etcd_store(
+        "the_etcd_store_lists_leases_of_one_expiry_by_id",
+        "ties",
+        |store| {
+            let order = commit_tied_leases(store);
+            let leases =
+                |filter: LeaseFilter| ids(&block_on(store.leases(&filter)).expect("leases"));
+            assert_eq!(leases(LeaseFilter::default()), order);
+            assert_eq!(
+                leases(LeaseFilter {
+                    limit: Some(2),
+                    ..LeaseFilter::default()
+                }),
+                order[..2]
+            );
+            assert_eq!(
+                ids(&block_on(store.restore(NOW)).expect("restored").live),
+                order
+            );
+        },
+    );
 }
 
 #[test]

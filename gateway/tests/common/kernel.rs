@@ -39,26 +39,7 @@ impl Kernel {
 
     /// Whether the router's table holds an element for the host's TCP `port`.
     pub(crate) fn holds(&self, port: u16) -> bool {
-        let table = self
-            .topology
-            .gateway
-            .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
-            .expect("nft list table");
-        let host = self.topology.host().v4.to_string();
-        let needles = [
-            format!("{host} . tcp . {port}"),
-            format!("{host} . 6 . {port}"),
-        ];
-        table.lines().any(|line| {
-            needles.iter().any(|n| {
-                line.match_indices(n.as_str()).any(|(at, _)| {
-                    !line[at + n.len()..]
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_digit())
-                })
-            })
-        })
+        router_holds(&self.topology, port)
     }
 
     /// Whether a connection from the outside reaches the host's `port` with its first SYN.
@@ -82,4 +63,27 @@ impl Kernel {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// Whether the router's table `fwnp` in `topology` holds an element for its host's TCP `port`.
+pub(crate) fn router_holds(topology: &Topology, port: u16) -> bool {
+    let table = topology
+        .gateway
+        .exec_checked(&["nft", "list", "table", "inet", "fwnp"])
+        .expect("nft list table");
+    let host = topology.host().v4.to_string();
+    let needles = [
+        format!("{host} . tcp . {port}"),
+        format!("{host} . 6 . {port}"),
+    ];
+    table.lines().any(|line| {
+        needles.iter().any(|n| {
+            line.match_indices(n.as_str()).any(|(at, _)| {
+                !line[at + n.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_digit())
+            })
+        })
+    })
 }
