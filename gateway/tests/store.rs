@@ -1919,6 +1919,8 @@ fn the_wal_starts_over_under_writes_that_never_pause() {
     let tmp = temp_dir("wal");
     let mut options = fwnp_gateway::store::StoreOptions::default();
     options.wal_restart_frames = RESTART_FRAMES;
+    // Many rounds of the checkpoint thread while the writers run.
+    options.checkpoint_interval = std::time::Duration::from_millis(10);
     let store = Store::open_with(tmp.path(), options).expect("open");
     let wal = PathBuf::from(format!("{}-wal", store.path().display()));
     let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -1959,8 +1961,9 @@ fn the_wal_starts_over_under_writes_that_never_pause() {
     let database = std::fs::metadata(store.path()).expect("database").len();
     // Every commit rewrote a few pages: without the restarts the WAL held them all, about
     // 390 MB here, near a hundred times the size at which it starts over. With them it holds
-    // that size and what was written before the writer looked again (10-13 MB seen).
-    let bound = 8 * u64::from(RESTART_FRAMES) * 4096;
+    // that size and what was written before the checkpoint thread's next round (8-17 MB seen
+    // with the other tests running); the bound leaves room for a round that comes late.
+    let bound = 16 * u64::from(RESTART_FRAMES) * 4096;
     assert!(
         largest < bound,
         "the WAL reached {largest} bytes (the database holds {database})"

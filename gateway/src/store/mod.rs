@@ -117,10 +117,12 @@ pub struct StoreOptions {
     pub max_pending_ops: usize,
     /// Read-only connections kept open for reuse.
     pub read_pool: usize,
-    /// The WAL's size in frames (pages) past which the writer makes it start over, and to
-    /// which its file is cut back then (see `WalLimit` in the writer's source for why a
-    /// checkpoint beside the writer does not).
+    /// The WAL's size in frames (pages) past which it is made to start over, and to which its
+    /// file is cut back then (see `WalRestartDue` in the writer's source for why a checkpoint
+    /// beside the writer does not).
     pub wal_restart_frames: u32,
+    /// How often the checkpoint thread copies the WAL into the database.
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for StoreOptions {
@@ -133,6 +135,7 @@ impl Default for StoreOptions {
             read_pool: 4,
             // 64 MiB of 4 KiB pages.
             wal_restart_frames: 16_384,
+            checkpoint_interval: Duration::from_millis(250),
         }
     }
 }
@@ -168,17 +171,16 @@ struct Inner {
     checkpointer: Mutex<Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>>,
 }
 
-/// How often the checkpoint thread copies the WAL into the database.
-const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
-
 /// Runs WAL checkpoints on a connection of its own, so that the writer rarely does: a
 /// checkpoint syncs the WAL and the database file (several milliseconds each on a disk), and
 /// every grant waiting for the writer's commit would wait for it too. A passive checkpoint
 /// runs beside the writer's transactions without blocking them; under sustained writes it
-/// never lets the WAL start over, and the writer sees to that (`WalLimit`).
+/// never lets the WAL start over: past the limit, this thread asks the writer for one more
+/// checkpoint through `restart_due` (see `WalRestartDue`).
 fn spawn_checkpointer(
     path: &Path,
     options: &StoreOptions,
+    restart_due: writer::WalRestartDue,
 ) -> Result<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>), StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -187,15 +189,24 @@ fn spawn_checkpointer(
     .map_err(StoreError::sqlite("open checkpoint connection"))?;
     conn.busy_timeout(options.busy_timeout)
         .map_err(StoreError::sqlite("set busy timeout"))?;
+    let (restart_frames, interval) = (
+        i64::from(options.wal_restart_frames),
+        options.checkpoint_interval,
+    );
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let handle = std::thread::Builder::new()
         .name("fwnp-store-checkpoint".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(CHECKPOINT_INTERVAL)
+                stopped.recv_timeout(interval)
             {
                 // A busy or failed checkpoint is tried again at the next interval.
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+                    row.get::<_, i64>(1)
+                });
+                if frames.is_ok_and(|frames| frames > restart_frames) {
+                    restart_due.store(true, std::sync::atomic::Ordering::Release);
+                }
             }
         })
         .map_err(|source| StoreError::Io {
@@ -261,22 +272,18 @@ impl Store {
         let last_audit_id = schema::last_audit_id(&conn)?;
         // With a checkpoint thread, the writer's commits no longer checkpoint; without one
         // (it could not start), they still do, as SQLite does by default.
-        let checkpointer = spawn_checkpointer(&path, &options).ok();
+        let restart_due = writer::WalRestartDue::default();
+        let checkpointer = spawn_checkpointer(&path, &options, restart_due.clone()).ok();
         if checkpointer.is_some() {
             conn.pragma_update(None, "wal_autocheckpoint", 0)
                 .map_err(StoreError::sqlite("turn off automatic checkpoints"))?;
         }
-        let wal_limit = writer::WalLimit {
-            path: PathBuf::from(format!("{}-wal", path.display())),
-            bytes: wal_bytes(&options),
-            looked: None,
-        };
         let (writer, thread) = writer::spawn(
             conn,
             options.max_batch_ops,
             options.max_pending_ops,
             last_audit_id,
-            Some(wal_limit),
+            checkpointer.is_some().then_some(restart_due),
         )?;
         Ok(Store {
             inner: Arc::new(Inner {
