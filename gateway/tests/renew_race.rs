@@ -543,3 +543,42 @@ async fn an_open_extending_a_lease_revoked_before_its_answer_is_not_granted() {
     assert_eq!(seam.service.status().live_leases, 0);
     assert!(client.list().await.leases.is_empty());
 }
+
+/// A store that holds the lease as ended while the book still holds it live: how the etcd store
+/// answers a renewal once another gateway's revocation is committed to the cluster and its
+/// news has not reached this gateway's book. The renewal is answered unknown-lease, as when
+/// the book had heard (not no-resources: the gateway lacked nothing, the lease is gone).
+#[tokio::test]
+async fn a_renewal_the_store_refuses_for_a_lease_it_holds_ended_is_answered_unknown_lease() {
+    let mut seam = Seam::start("renew-race-ended", false, None).await;
+    let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let client =
+        Arc::new(Client::connect(seam.addr, &seam.pki.host("web-01", &[host], &[], &[])).await);
+    client.hello().await;
+    let lease = granted(client.open(tcp(PORT), Some(600)).await).lease;
+    seam.store
+        .writer()
+        .commit(vec![WriteOp::EndLease {
+            id: lease,
+            end: LeaseEnd::Revoked(RevokeReason::Operator),
+            ended_ms: fwnp_gateway::store::now_ms(),
+            by: Some("gw-b".into()),
+            why: Some("revoked through another gateway".into()),
+        }])
+        .await
+        .expect("the lease ends in the store");
+    let renewing = tokio::spawn({
+        let client = client.clone();
+        async move { client.renew(lease, Some(60)).await }
+    });
+    seam.renewal_held(lease).await;
+    seam.go.notify_one();
+    let answer = tokio::time::timeout(STEP, renewing)
+        .await
+        .expect("the Renew is answered")
+        .expect("the Renew's task");
+    let d = denied(answer);
+    assert_eq!(d.code, ResultCode::UnknownLease, "{d:?}");
+    let stored = seam.stored(lease);
+    assert_eq!(stored.state, LeaseState::Revoked, "{stored:?}");
+}

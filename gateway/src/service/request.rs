@@ -527,10 +527,20 @@ impl Service {
 
     /// A pending answer's store commit, timed as the request path's store stage.
     async fn committed(&self, session: &Session, writes: Vec<Write>) -> Result<(), EffectFailure> {
+        let renews = writes.iter().any(|w| matches!(w, Write::Renew { .. }));
         let began = Instant::now();
         let committed = self.commit(Some(session), writes).await;
         self.metrics.stage(Stage::Store, began.elapsed());
-        committed.map_err(|e| EffectFailure::Store(e.to_string()))
+        committed.map_err(|e| match e {
+            // A renewal of a lease the store holds as ended although the book held it live: a
+            // cluster store committed another gateway's revocation (or an operator's, through
+            // this one) before its news reached this book. The lease is gone, not the
+            // resources: a Renew of it is unknown-lease, as when the book had heard.
+            WriteError::Store(crate::store::StoreError::LeaseNotLive { .. }) if renews => {
+                EffectFailure::LeaseEnded
+            }
+            e => EffectFailure::Store(e.to_string()),
+        })
     }
 
     /// Carries out effects whose failures change no answer: a failure is logged, and the
