@@ -313,6 +313,23 @@ impl ProcFs {
         found
     }
 
+    /// The process that sent a datagram from a socket of `inodes`: the one process holding it,
+    /// or, when several do, the one whose descendants all the others are. A fork copies every
+    /// descriptor of its parent into the child, which holds them until its `exec` closes them
+    /// (or for good, if it does not exec): a request sent while the application starts a
+    /// child would otherwise find two holders and no sender. Holders in no such line (a socket
+    /// passed to an unrelated process) name no sender.
+    pub fn sender(&self, inodes: &HashSet<u64>) -> Option<u32> {
+        match self.holders(inodes).as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            several => several.iter().copied().find(|&eldest| {
+                let tree = self.process_tree(eldest);
+                several.iter().all(|holder| tree.contains(holder))
+            }),
+        }
+    }
+
     /// The parent of `pid`, if it still runs.
     pub fn parent(&self, pid: u32) -> Option<u32> {
         let stat = std::fs::read_to_string(self.root.join(pid.to_string()).join("stat")).ok()?;
@@ -528,6 +545,51 @@ fn parse_sctp_eps(text: &str, ports: PortRange) -> Vec<(u16, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process in a `/proc` made for a test: its parent and the socket inodes it holds.
+    fn fake_process(root: &Path, pid: u32, parent: u32, sockets: &[u64]) {
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("fd")).unwrap();
+        std::fs::write(
+            dir.join("stat"),
+            format!(
+                "{pid} (app name) S {parent} {pid} {pid} 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 1 0 100"
+            ),
+        )
+        .unwrap();
+        for (fd, inode) in sockets.iter().enumerate() {
+            std::os::unix::fs::symlink(
+                format!("socket:[{inode}]"),
+                dir.join("fd").join(fd.to_string()),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn a_datagram_from_a_socket_a_fork_copied_has_the_parent_for_sender() {
+        let root = tempfile::tempdir().unwrap();
+        fake_process(root.path(), 1, 0, &[]);
+        // The application, and the child it is starting, which holds its sockets until exec.
+        fake_process(root.path(), 100, 1, &[555, 556]);
+        fake_process(root.path(), 101, 100, &[555, 556]);
+        fake_process(root.path(), 102, 101, &[555]);
+        // Unrelated to the application, and a socket passed to it.
+        fake_process(root.path(), 200, 1, &[777, 556]);
+        fake_process(root.path(), 300, 1, &[777]);
+        let proc = ProcFs::at(root.path());
+        let inodes = |i: &[u64]| i.iter().copied().collect::<HashSet<u64>>();
+        assert_eq!(proc.sender(&inodes(&[555])), Some(100));
+        assert_eq!(proc.sender(&inodes(&[777])), None, "two unrelated holders");
+        assert_eq!(
+            proc.sender(&inodes(&[556])),
+            None,
+            "held outside the line too"
+        );
+        assert_eq!(proc.sender(&inodes(&[888])), None, "nobody holds it");
+        fake_process(root.path(), 400, 1, &[999]);
+        assert_eq!(proc.sender(&inodes(&[999])), Some(400));
+    }
 
     #[test]
     fn parses_proc_tables() {

@@ -382,8 +382,8 @@ impl Seam {
         self.clients.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The process that holds local UDP port `port` (the source of a request), if exactly one
-    /// does.
+    /// The process that sent a request from local UDP port `port`: the one holding the port's
+    /// socket, or the eldest of several that a fork left holding it ([`ProcFs::sender`]).
     pub async fn udp_sender(&self, port: u16) -> Result<u32, Refusal> {
         let procfs = self.procfs.clone();
         tokio::task::spawn_blocking(move || {
@@ -393,10 +393,7 @@ impl Seam {
                 .into_iter()
                 .map(|(_, inode)| inode)
                 .collect();
-            match procfs.holders(&inodes).as_slice() {
-                [one] => Some(*one),
-                _ => None,
-            }
+            procfs.sender(&inodes)
         })
         .await
         .ok()
