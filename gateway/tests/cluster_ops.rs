@@ -951,20 +951,7 @@ impl Rival {
             return;
         }
         let version = self.publish().await;
-        let service = self
-            .gateway
-            .get()
-            .and_then(Weak::upgrade)
-            .expect("A runs while it publishes");
-        let member = service.cluster().expect("A is a member").clone();
-        let deadline = tokio::time::Instant::now() + STEP;
-        while member.status().await.policy.version < version {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "A never put the rival's version {version} in force"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        until_in_force(&self.gateway, version).await;
     }
 
     /// Publishes the next version of the cluster's policy, as a gateway's reload does;
@@ -976,6 +963,24 @@ impl Rival {
 
 /// Publishes `text` as the next version of the cluster's policy, as the rival's reload does;
 /// returns the version.
+/// Waits until gateway A (once started, in `gateway`) has put the cluster's policy `version`
+/// in force.
+async fn until_in_force(gateway: &OnceLock<Weak<Service>>, version: u64) {
+    let service = gateway
+        .get()
+        .and_then(Weak::upgrade)
+        .expect("A runs while the rival publishes");
+    let member = service.cluster().expect("A is a member").clone();
+    let deadline = tokio::time::Instant::now() + STEP;
+    while member.status().await.policy.version < version {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A never put the rival's version {version} in force"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn publish_as_rival(endpoints: &[String], text: &str) -> u64 {
     let current = policy_in_etcd(endpoints).await.0;
     let stored = StoredPolicy {
@@ -1298,19 +1303,7 @@ fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_rev
                     Box::pin(async move {
                         let version = publish_as_rival(&endpoints, POLICY).await;
                         overtaking.store(version as u32, Ordering::Release);
-                        let service = gateway
-                            .get()
-                            .and_then(Weak::upgrade)
-                            .expect("A runs while it reloads");
-                        let member = service.cluster().expect("A is a member").clone();
-                        let deadline = tokio::time::Instant::now() + STEP;
-                        while member.status().await.policy.version < version {
-                            assert!(
-                                tokio::time::Instant::now() < deadline,
-                                "A never put the rival's version {version} in force"
-                            );
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
+                        until_in_force(&gateway, version).await;
                     })
                 }
             });
