@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::kernel::{FILTER, Kernel};
 use common::{
-    Client, Pki, STEP, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
+    Client, HOSTS_POLICY, Pki, STEP, config_text, denied, granted, serve_on_loopback, tcp,
+    temp_dir, write_policy,
 };
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::{Pause, Seams, Service};
@@ -34,27 +35,12 @@ const RACED: u16 = 7001;
 /// The port of a lease both policies allow, open before the race and after it.
 const KEPT: u16 = 7600;
 
-const POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-max_leases = 3
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = "tcp/7000-7999"
-"#;
-
 /// The name of the rule of [`narrower_policy`] that denies [`RACED`].
 const DENYING_RULE: &str = "no-7000s";
 
 /// What the reload puts in force: a rule ahead of the allowing one denies tcp/7000-7099.
 fn narrower_policy() -> String {
-    POLICY.replace(
+    HOSTS_POLICY.replace(
         "[[rule]]\nname = \"hosts-web\"",
         &format!(
             "[[rule]]\nname = \"{DENYING_RULE}\"\ngroups = [\"hosts\"]\ndeny = \"tcp/7000-7099\"\n\n[[rule]]\nname = \"hosts-web\""
@@ -86,7 +72,7 @@ async fn an_open_decided_before_a_reload_is_decided_again_by_the_policy_in_force
     let pki = Pki::new("open-race");
     let dir = temp_dir("open-race");
     let policy_path = dir.path().join("policy.toml");
-    write_policy(&policy_path, POLICY);
+    write_policy(&policy_path, HOSTS_POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", FILTER);
     let config = GatewayConfig::parse(&text, "open-race.toml").expect("valid config");
     let layout = fwnp_gateway::daemon::layout(&config);

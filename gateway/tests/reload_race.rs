@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{
-    Client, Pki, STEP, admin_request, config_text, granted, serve_on_loopback, tcp, temp_dir,
-    write_policy,
+    Client, HOSTS_POLICY, Pki, STEP, admin_request, config_text, granted, serve_on_loopback, tcp,
+    temp_dir, write_policy,
 };
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
@@ -22,22 +22,6 @@ use fwnp_gateway::store::{AuditKind, LeaseStore, MemoryStore, WriteError, WriteF
 use fwnp_proto::LeaseId;
 use fwnp_trust::tls::ServerOptions;
 use tokio::sync::{Notify, mpsc};
-
-/// Allows the host tcp/7000-7999.
-const POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-max_leases = 3
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = "tcp/7000-7999"
-"#;
 
 /// How long a reload that must wait is given to finish anyway, were it not waiting: far more
 /// than a reload of a small policy takes.
@@ -110,7 +94,7 @@ async fn a_reload_sent_while_another_runs_waits_for_it_then_runs() {
     let pki = Pki::new("reload-race");
     let dir = temp_dir("reload-race");
     let policy_path = dir.path().join("policy.toml");
-    write_policy(&policy_path, POLICY);
+    write_policy(&policy_path, HOSTS_POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
     let config = GatewayConfig::parse(&text, "reload-race.toml").expect("valid config");
     let admin = config.admin_socket.clone();
@@ -151,7 +135,7 @@ async fn a_reload_sent_while_another_runs_waits_for_it_then_runs() {
     // The first reload no longer allows 7001, and is held at its revocation's store write.
     write_policy(
         &policy_path,
-        &POLICY.replace("tcp/7000-7999", "tcp/7500-7999"),
+        &HOSTS_POLICY.replace("tcp/7000-7999", "tcp/7500-7999"),
     );
     let first = tokio::spawn({
         let admin = admin.clone();
@@ -166,7 +150,7 @@ async fn a_reload_sent_while_another_runs_waits_for_it_then_runs() {
     // The second, sent meanwhile through fwnpctl, no longer allows 7600 either: it waits.
     write_policy(
         &policy_path,
-        &POLICY.replace("tcp/7000-7999", "tcp/7800-7999"),
+        &HOSTS_POLICY.replace("tcp/7000-7999", "tcp/7800-7999"),
     );
     let mut second = tokio::spawn({
         let admin = admin.clone();

@@ -17,7 +17,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use common::{
-    Client, Pki, config_text, denied, granted, serve_on_loopback, tcp, temp_dir, write_policy,
+    Client, HOSTS_POLICY, Pki, config_text, denied, granted, serve_on_loopback, tcp, temp_dir,
+    write_policy,
 };
 use etcd_cluster::StoreConfig;
 use fwnp_gateway::config::GatewayConfig;
@@ -597,27 +598,12 @@ fn a_store_without_quorum_refuses_writes_typed_and_applies_none() {
     assert_eq!(store.leases().len(), 1);
 }
 
-const POLICY: &str = r#"
-[defaults]
-lifetime = "10m"
-max_leases = 3
-
-[[group]]
-name = "hosts"
-identities = ["fwnp://host/*"]
-
-[[rule]]
-name = "hosts-web"
-groups = ["hosts"]
-allow = "tcp/7000-7999"
-"#;
-
 #[tokio::test]
 async fn a_gateway_on_the_memory_store_grants_and_a_refused_write_grants_nothing() {
     let pki = Pki::new("seam");
     let dir = temp_dir("seam");
     let policy_path = dir.path().join("policy.toml");
-    write_policy(&policy_path, POLICY);
+    write_policy(&policy_path, HOSTS_POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
     let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
     let memory = Arc::new(MemoryStore::new(0xfeed));
@@ -707,7 +693,7 @@ impl LeaseStore for EveryLeaseTwice {
 async fn a_restored_lease_the_book_does_not_load_is_counted_and_audited() {
     let pki = Pki::new("seam-twice");
     let dir = temp_dir("seam-twice");
-    write_policy(&dir.path().join("policy.toml"), POLICY);
+    write_policy(&dir.path().join("policy.toml"), HOSTS_POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
     let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
     let memory = Arc::new(MemoryStore::new(0xfeed));
@@ -810,7 +796,7 @@ impl LeaseStore for InsertsWait {
 async fn a_lease_revoked_on_its_way_to_the_store_is_stored_ended() {
     let pki = Pki::new("seam-race");
     let dir = temp_dir("seam-race");
-    write_policy(&dir.path().join("policy.toml"), POLICY);
+    write_policy(&dir.path().join("policy.toml"), HOSTS_POLICY);
     let text = config_text(&pki, dir.path(), "127.0.0.1:0", "[filter]\nenabled = false");
     let config = GatewayConfig::parse(&text, "seam.toml").expect("valid config");
     let memory = Arc::new(MemoryStore::new(0xfeed));
@@ -1000,8 +986,10 @@ async fn a_lease_the_store_committed_and_the_kernel_refused_is_ended_in_the_stor
         return;
     }
     let memory = Arc::new(MemoryStore::new(0xfeed));
-    let seam =
-        KernelSeam::start("seam-kernel", POLICY, memory.clone(), |_, _| memory.clone()).await;
+    let seam = KernelSeam::start("seam-kernel", HOSTS_POLICY, memory.clone(), |_, _| {
+        memory.clone()
+    })
+    .await;
     let client = seam.host().await;
     let kept = granted(client.open(tcp(7001), None).await).lease;
 
@@ -1168,7 +1156,7 @@ async fn with_many_requests_in_flight_a_new_lease_goes_to_the_kernel_before_the_
     if !require_root(TEST) {
         return;
     }
-    let policy = POLICY.replace("max_leases = 3", "max_leases = 16");
+    let policy = HOSTS_POLICY.replace("max_leases = 3", "max_leases = 16");
     let (seam, memory, mut store) = Reads::start("seam-many", &policy).await;
     let client = Arc::new(seam.host().await);
     let waiting = u16::try_from(AT_ONCE_IN_FLIGHT).expect("a few");
@@ -1215,7 +1203,7 @@ async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
     if !require_root(TEST) {
         return;
     }
-    let (seam, memory, mut store) = Reads::start("seam-once", POLICY).await;
+    let (seam, memory, mut store) = Reads::start("seam-once", HOSTS_POLICY).await;
     let mut kernel = seam
         .netns
         .run(|| Netfilter::open().expect("netlink in the namespace"));

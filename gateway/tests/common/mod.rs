@@ -50,6 +50,23 @@ pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
 pub(crate) use fwnp_testkit::temp_dir;
 pub(crate) use tempfile::TempDir;
 
+/// A small policy: hosts named `fwnp://host/*` may open tcp/7000-7999, for 10 min by default,
+/// at most 3 leases (tests derive narrower ones by replacing the range).
+pub(crate) const HOSTS_POLICY: &str = r#"
+[defaults]
+lifetime = "10m"
+max_leases = 3
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "hosts-web"
+groups = ["hosts"]
+allow = "tcp/7000-7999"
+"#;
+
 /// The policy most tests of the service and of its request core use: hosts named `fwnp://host/*` may open the https application and
 /// tcp/udp 7000-7999 for 1 s to 1 h (default 10 min), at most 3 leases; telnet is denied by a
 /// named rule; load balancers (`fwnp://host/lb-*`) may open tcp/8000-8999 for addresses in
