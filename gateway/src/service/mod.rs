@@ -192,9 +192,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 pub use fwnp_proto::gateway::request::{denied, fit_reason};
-pub use request::{
-    AT_ONCE_IN_FLIGHT, COALESCE_IN_FLIGHT, KERNEL_COALESCING, STORE_COALESCING, write_op,
-};
+pub use request::{AT_ONCE_IN_FLIGHT, write_op};
 pub use revocation::PUBLISH_ATTEMPTS;
 pub(crate) use seams::pause as pause_at;
 pub use seams::{Pause, Seams};
@@ -293,9 +291,10 @@ impl Service {
             seams,
         )
         .await?;
-        store
-            .writer()
-            .coalesce(service.coalescing(STORE_COALESCING));
+        store.writer().coalesce(service.coalescing(
+            service.config.coalescing.store_operations,
+            service.config.coalescing.store_wait,
+        ));
         if let Some(member) = member {
             let _ = service.cluster.set(member.clone());
             member.join(&service).await?;
@@ -405,7 +404,10 @@ impl Service {
             config,
         });
         if let Some(filter) = &service.filter {
-            filter.coalesce(service.coalescing(KERNEL_COALESCING));
+            filter.coalesce(service.coalescing(
+                service.config.coalescing.kernel_changes,
+                service.config.coalescing.kernel_wait,
+            ));
         }
         service.restore().await?;
         // From the revision of the restore on, every lease of the cluster comes through here.
@@ -457,11 +459,12 @@ impl Service {
     }
 
     /// Coalescing (`enough` changes or operations, waiting at most `wait`) while at least
-    /// [`COALESCE_IN_FLIGHT`] requests are in flight.
-    fn coalescing(&self, (enough, wait): (usize, Duration)) -> fwnp_netfilter::Coalescing {
+    /// `[coalescing] in_flight` requests are in flight; never with 0.
+    fn coalescing(&self, enough: usize, wait: Duration) -> fwnp_netfilter::Coalescing {
         let in_flight = self.metrics.requests_in_flight.clone();
+        let config = self.config.coalescing;
         fwnp_netfilter::Coalescing {
-            busy: Arc::new(move || in_flight.get() >= COALESCE_IN_FLIGHT),
+            busy: Arc::new(move || config.busy(in_flight.get())),
             enough,
             wait,
         }

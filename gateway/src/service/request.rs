@@ -14,26 +14,6 @@ use super::*;
 /// time per grant. At 1,000 requests a second there is rarely more than one in flight.
 pub const AT_ONCE_IN_FLIGHT: i64 = 8;
 
-/// Requests in flight from which the kernel batcher and the store writer wait a little for
-/// more work before they commit a small batch (see [`fwnp_netfilter::Coalescing`]). With
-/// hundreds in flight, each thread otherwise commits whatever it finds the moment it is free:
-/// in the closed loop (100 hosts, 8 requests each) 3 to 4 kernel changes a batch and about 38
-/// store operations a transaction, whose fixed costs took about 3 µs of the gateway's CPU per
-/// grant (of 23). At 1,000 requests a second there is rarely more than one in flight, and
-/// nothing waits; from about 32 in flight the gateway is busy enough that a millisecond or two
-/// more is a small part of a request's time.
-pub const COALESCE_IN_FLIGHT: i64 = 32;
-
-/// How the kernel batcher coalesces under load (changes, longest wait): a kernel
-/// transaction's fixed cost (its begin, end and acknowledgement, the wake of the thread) is
-/// about that of a few dozen elements.
-pub const KERNEL_COALESCING: (usize, Duration) = (64, Duration::from_millis(1));
-
-/// How the store writer coalesces under load (operations, longest wait): a group commit's
-/// fixed cost is the commit and the pages it writes to the WAL again (the tails of the leases
-/// and audit tables and of their indexes), however many rows those pages took since the last.
-pub const STORE_COALESCING: (usize, Duration) = (256, Duration::from_millis(2));
-
 /// The store's operation for a write of the request core; `certificate` is the one the host
 /// asked with, kept with the leases it opens or renews. Public so that a harness driving the
 /// request core writes the store as the service does.
