@@ -657,7 +657,7 @@ fn lease_info_into(m: &mut MapWriter<'_>, l: &LeaseInfo) {
 /// negative integers, floats or unassigned simple values, so they are only ever acceptable
 /// inside an ignored value; they keep their values so that two keys of an ignored map compare
 /// as RFC 8949's data model does (Section 6.3 rule 9 holds there too).
-#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Item {
     Uint(u64),
     /// -1 - the argument.
@@ -671,8 +671,15 @@ enum Item {
     Undefined,
     Simple(u8),
     /// The value's bits as an `f64`, whatever the width it was written in: a half, a single
-    /// and a double of one value are one value of the data model.
+    /// and a double of one value are one value of the data model. Every NaN is one value,
+    /// whatever its payload (spec Section 6.3 rule 9).
     Float(u64),
+}
+
+impl Item {
+    fn float(value: f64) -> Item {
+        Item::Float(if value.is_nan() { f64::NAN } else { value }.to_bits())
+    }
 }
 
 struct Parser<'a> {
@@ -789,11 +796,9 @@ impl<'a> Parser<'a> {
                     Err(self.invalid("two-byte simple value below 32"))
                 }
                 24 => Ok(Item::Simple(n as u8)),
-                25 => Ok(Item::Float(
-                    half::f16::from_bits(n as u16).to_f64().to_bits(),
-                )),
-                26 => Ok(Item::Float(f64::from(f32::from_bits(n as u32)).to_bits())),
-                _ => Ok(Item::Float(n)),
+                25 => Ok(Item::float(half::f16::from_bits(n as u16).to_f64())),
+                26 => Ok(Item::float(f64::from(f32::from_bits(n as u32)))),
+                _ => Ok(Item::float(f64::from_bits(n))),
             },
             (7, Arg::Indefinite) => {
                 self.pos = start;
@@ -928,6 +933,23 @@ fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
     Ok(item)
 }
 
+/// `item` as a value of the data model that compares as one: the entries of every map inside
+/// it sorted, since a map's order is not part of its value (spec Section 6.3 rule 9).
+fn as_value(item: &Item) -> Item {
+    match item {
+        Item::Array(items) => Item::Array(items.iter().map(as_value).collect()),
+        Item::Map(entries) => {
+            let mut entries: Vec<(Item, Item)> = entries
+                .iter()
+                .map(|(k, v)| (as_value(k), as_value(v)))
+                .collect();
+            entries.sort_unstable();
+            Item::Map(entries)
+        }
+        other => other.clone(),
+    }
+}
+
 /// Refuses a map, anywhere in `item` (a map or array at depth `depth + 1`), that holds one key
 /// twice. Not part of [`parse_first`]: a request id stays readable in a map with another key
 /// twice (spec Section 6.6). The recursion is as deep as the nesting the parser allowed.
@@ -939,7 +961,14 @@ fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
             // The maps of FWNP/1 hold a few keys: compared in pairs, they need no allocation;
             // a large (ignored) map is sorted instead, to stay linearithmic.
             const PAIRWISE: usize = 16;
-            let twice = if entries.len() <= PAIRWISE {
+            let compound = |(key, _): &(Item, Item)| matches!(key, Item::Array(_) | Item::Map(_));
+            let twice = if entries.iter().any(compound) {
+                // Keys that hold maps compare as values, whatever the order of their entries.
+                let mut keys: Vec<(Item, &Item)> =
+                    entries.iter().map(|(k, _)| (as_value(k), k)).collect();
+                keys.sort_unstable();
+                keys.windows(2).find(|w| w[0].0 == w[1].0).map(|w| w[0].1)
+            } else if entries.len() <= PAIRWISE {
                 entries
                     .iter()
                     .enumerate()
@@ -1787,6 +1816,25 @@ mod tests {
         assert!(decode(&with_keys("01", "f93c00")).is_ok());
         // 0.0 and -0.0 are two values.
         assert!(decode(&with_keys("f90000", "f98000")).is_ok());
+        // Every NaN is one value: a half NaN, a single NaN with a payload, a negative double NaN.
+        assert_eq!(
+            decode(&with_keys("f97e00", "fa7fc00001")).map(|_| ()),
+            dup(2, None)
+        );
+        assert_eq!(
+            decode(&with_keys("fbfff8000000000001", "f97c01")).map(|_| ()),
+            dup(2, None)
+        );
+        // Infinity is a value, not a NaN.
+        assert!(decode(&with_keys("f97c00", "f97e00")).is_ok());
+        // A map is its entries, in any order: {1: 0, 2: 0} and {2: 0, 1: 0} are one key;
+        // {1: 0} and {1: 1} are two, and so are [1, 2] and [2, 1].
+        assert_eq!(
+            decode(&with_keys("a201000200", "a202000100")).map(|_| ()),
+            dup(2, None)
+        );
+        assert!(decode(&with_keys("a10100", "a10101")).is_ok());
+        assert!(decode(&with_keys("820102", "820201")).is_ok());
         // -1 twice, however long its argument; -1 and -2 are two keys.
         assert_eq!(decode(&with_keys("20", "3800")).map(|_| ()), dup(2, None));
         assert!(decode(&with_keys("20", "21")).is_ok());

@@ -41,6 +41,29 @@ fn checkable_schema(schema: &str) -> String {
     schema.replace(entry, "")
 }
 
+/// Whether two items are one value of the data model, as spec Section 6.3 rule 9 compares
+/// keys: floating-point numbers by their bits (so that 0.0 and -0.0 are two values), every NaN
+/// one value, maps whatever the order of their entries.
+fn same_value(a: &CborValue, b: &CborValue) -> bool {
+    let bits = |f: f64| if f.is_nan() { f64::NAN } else { f }.to_bits();
+    match (a, b) {
+        (CborValue::Float(x), CborValue::Float(y)) => bits(*x) == bits(*y),
+        (CborValue::Array(x), CborValue::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(x, y)| same_value(x, y))
+        }
+        // A map is its entries, in any order (its own keys are checked unique on their own).
+        (CborValue::Map(x), CborValue::Map(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|(xk, xv)| {
+                    y.iter()
+                        .any(|(yk, yv)| same_value(xk, yk) && same_value(xv, yv))
+                })
+        }
+        (CborValue::Tag(xt, x), CborValue::Tag(yt, y)) => xt == yt && same_value(x, y),
+        _ => a == b,
+    }
+}
+
 /// Removes, recursively, every map entry with an unsigned key of 64 or more. Refuses a map
 /// with a duplicate key, inside the entries it removes too: it is not a valid CBOR map (RFC
 /// 8949 section 5.6), so no schema matches it (the crate itself would check whichever entry it
@@ -49,7 +72,10 @@ fn strip_extension_entries(value: &mut CborValue) -> Result<(), String> {
     match value {
         CborValue::Map(entries) => {
             for (i, (k, _)) in entries.iter().enumerate() {
-                if entries[..i].iter().any(|(earlier, _)| earlier == k) {
+                if entries[..i]
+                    .iter()
+                    .any(|(earlier, _)| same_value(earlier, k))
+                {
                     return Err(format!("duplicate map key {k:?}"));
                 }
             }

@@ -2018,6 +2018,39 @@ fn vectors() -> Vec<Vector> {
         R::MalformedOption,
         true,
     ));
+    // --- Keys of ignored maps compared as values (Section 6.3 rule 9) ---------------------
+    let list_with_keys = |keys: &str| h(&format!("a3 00 06 01 05 18 40 {keys}"));
+    v.push(decode_err(
+        "duplicate-key-nan",
+        "List whose extension key 64 holds a map with two NaN keys, a half with no payload and a single with payload 1: every NaN is one value, whatever its width, sign and payload, so the map holds one key twice (Section 6.3 rule 9). The diagnostic notation cannot show the payload; the hex does.",
+        list_with_keys("a2 f9 7e00 00 fa 7fc00001 01"),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "duplicate-key-float-widths",
+        "List whose extension key 64 holds a map with the keys 1.0 as a half and 1.0 as a double: a floating-point number is the number it denotes, whatever its width, so the map holds one key twice (Section 6.3 rule 9).",
+        list_with_keys("a2 f9 3c00 00 fb 3ff0000000000000 01"),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(decode_err(
+        "duplicate-key-map-keys",
+        "List whose extension key 64 holds a map whose two keys are the maps {1: 0, 2: 0} and {2: 0, 1: 0}: a map is its entries, whatever their order, so the map holds one key twice (Section 6.3 rule 9).",
+        list_with_keys("a2 a2 0100 0200 00 a2 0200 0100 01"),
+        "duplicate-key",
+        R::MalformedRequest,
+        false,
+    ));
+    v.push(valid_from(
+        "distinct-keys-of-ignored-map",
+        "List whose extension key 64 holds a map with the keys 1, 1.0, 0.0 and -0.0: an integer and a floating-point number are two values, and so are 0.0 and -0.0, so no key is there twice (Section 6.3 rule 9); key 64 is ignored.",
+        list_with_keys("a4 01 00 f9 3c00 01 f9 0000 02 f9 8000 03"),
+        list.clone(),
+        true,
+    ));
     v
 }
 

@@ -425,9 +425,11 @@ impl Diag<'_> {
                 23 => self.out += "undefined",
                 24 if arg < 32 => return Err("two-byte simple value below 32".into()),
                 0..=19 | 24 => self.out += &format!("simple({arg})"),
-                25 => self.out += &float(half_to_f64(arg as u16)),
-                26 => self.out += &float(f64::from(f32::from_bits(arg as u32))),
-                27 => self.out += &float(f64::from_bits(arg)),
+                // With the width's encoding indicator (RFC 8610 appendix G): keys of one
+                // value written in two widths are what some vectors are about.
+                25 => self.out += &(float(half_to_f64(arg as u16)) + "_1"),
+                26 => self.out += &(float(f64::from(f32::from_bits(arg as u32))) + "_2"),
+                27 => self.out += &(float(f64::from_bits(arg)) + "_3"),
                 _ => return Err("break outside an indefinite-length item".into()),
             },
             _ => return Err("indefinite length on an integer or a tag".into()),
