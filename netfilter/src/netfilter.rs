@@ -14,7 +14,7 @@ use crate::layout::{
     write_table,
 };
 use crate::nl::*;
-use crate::reconcile::{Plan, plan};
+use crate::reconcile::{Plan, needs_refresh, plan};
 use crate::sys::NetlinkSocket;
 use crate::{Change, Element, Error, ReconcileReport};
 
@@ -324,8 +324,9 @@ impl Netfilter {
     }
 
     /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
-    /// desired: for a repair, whose report says what differed (a replacement cannot), and
-    /// which runs again and again on a shared table.
+    /// desired, and reports each element that differed (a replacement cannot). The kernel
+    /// lists a set in time quadratic in its size: [`Netfilter::repair`] lists small tables
+    /// only.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), fwnp_netfilter::Error> {
@@ -353,17 +354,7 @@ impl Netfilter {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
-            let plan = plan(&[], desired);
-            self.apply(layout, &plan.add)?;
-            return Ok(ReconcileReport {
-                added_count: plan.add.len(),
-                added: plan.add.into_iter().map(|(o, _)| o).collect(),
-                removed: Vec::new(),
-                refreshed: 0,
-                table_recreated: true,
-                replaced: false,
-                failed: plan.invalid,
-            });
+            return self.recreate(layout, desired);
         }
         let (desired, mut failed) = if may_replace && desired.len() >= Self::REPLACE_AT {
             // The plan owns the openings now; a replacement the kernel refuses gives them back
@@ -404,8 +395,174 @@ impl Netfilter {
         Ok(report)
     }
 
+    /// Recreates our table from the layout with the desired elements.
+    fn recreate(
+        &mut self,
+        layout: &Layout,
+        desired: Vec<(Element, Duration)>,
+    ) -> Result<ReconcileReport, Error> {
+        let plan = plan(&[], desired);
+        self.apply(layout, &plan.add)?;
+        Ok(ReconcileReport {
+            added_count: plan.add.len(),
+            added: plan.add.into_iter().map(|(o, _)| o).collect(),
+            table_recreated: true,
+            failed: plan.invalid,
+            ..ReconcileReport::default()
+        })
+    }
+
+    /// Repairs our table after someone else changed it, as the [`crate::Batcher`] does: the
+    /// outcome of [`Netfilter::reconcile`], in time linear in the number of elements.
+    ///
+    /// Below [`Netfilter::REPLACE_AT`] desired elements this is
+    /// [`Netfilter::reconcile_listing`], whose report says exactly what differed. From there
+    /// on the sets are not listed (the kernel lists a set in time quadratic in its size):
+    /// each desired element is looked up instead, which tells how many were missing
+    /// (`added_count`) and how many had a remaining time far from the desired one
+    /// (`refreshed`), and then
+    /// - a shared table's sets are replaced whole by the desired elements in one transaction
+    ///   (`replaced`), which also removes whatever else anyone put there, uncounted: only a
+    ///   listing could name it. If the kernel refuses that transaction, the missing elements
+    ///   are added and the others refreshed, each with its own error, and
+    ///   `undesired_may_remain` says that elements nobody desires may have stayed;
+    /// - an owned table's elements can only have been changed through this handle, and get
+    ///   the missing and refreshed elements alone.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), fwnp_netfilter::Error> {
+    /// use std::time::Duration;
+    /// use fwnp_netfilter::{Element, GatewayLayout, Layout, Netfilter, PortRange, Protocol};
+    ///
+    /// let mut nf = Netfilter::open()?;
+    /// let layout = Layout::Gateway(GatewayLayout::default());
+    /// let desired: Vec<(Element, Duration)> = (0..50_000u32)
+    ///     .map(|i| {
+    ///         let opening = Element {
+    ///             host: std::net::Ipv4Addr::from(0x0a00_0000 + i / 1000).into(),
+    ///             protocol: Protocol::Tcp,
+    ///             ports: PortRange::single(1000 + (i % 1000) as u16),
+    ///             remote: None,
+    ///         };
+    ///         (opening, Duration::from_secs(600))
+    ///     })
+    ///     .collect();
+    /// let report = nf.repair(&layout, desired)?;
+    /// println!("{} put back, {} refreshed", report.added_count, report.refreshed);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn repair(
+        &mut self,
+        layout: &Layout,
+        desired: impl Into<Vec<(Element, Duration)>>,
+    ) -> Result<ReconcileReport, Error> {
+        let desired = desired.into();
+        if desired.len() < Self::REPLACE_AT {
+            return self.reconcile_with(layout, desired, false);
+        }
+        if !self.table_present(layout)? || !self.claim(layout.table())? {
+            return self.recreate(layout, desired);
+        }
+        let table = layout.table().to_string();
+        let plan = plan(&[], desired);
+        let mut failed = plan.invalid;
+        let mut desired = plan.add;
+        // What the kernel cannot hold is set aside first (as a replacement would), so that the
+        // positions found below are those of the openings a replacement is given.
+        desired.retain(|(opening, timeout)| {
+            match check_timeout(*timeout).and_then(|()| encode(opening)) {
+                Ok(_) => true,
+                Err(e) => {
+                    failed.push((opening.clone(), e));
+                    false
+                }
+            }
+        });
+        // The positions of the desired openings the kernel lacks, and of those it holds for a
+        // time far from the desired one; keys are encoded a chunk at a time, as a million of
+        // them at once would cost a few hundred megabytes.
+        const CHUNK: usize = 4096;
+        let (mut missing, mut changed) = (Vec::new(), Vec::new());
+        for (chunk_at, chunk) in desired.chunks(CHUNK).enumerate() {
+            let keys = chunk
+                .iter()
+                .map(|(opening, _)| encode(opening))
+                .collect::<Result<Vec<ElementKey>, Error>>()?;
+            let found = self.look_up(&table, &keys)?;
+            for (i, (remaining, (_, lifetime))) in found.into_iter().zip(chunk).enumerate() {
+                let at = chunk_at * CHUNK + i;
+                match remaining {
+                    None => missing.push(at),
+                    Some(remaining) if needs_refresh(remaining, *lifetime) => changed.push(at),
+                    Some(_) => {}
+                }
+            }
+        }
+        let mut undesired_may_remain = false;
+        if self.ownership == Ownership::Shared {
+            let held = desired.len();
+            let plan = Plan {
+                add: desired,
+                invalid: failed,
+                ..Plan::default()
+            };
+            match self.replace_elements(layout, plan)? {
+                Ok(report) => {
+                    return Ok(ReconcileReport {
+                        added_count: missing.len(),
+                        refreshed: changed.len(),
+                        ..report
+                    });
+                }
+                Err(refused) => {
+                    // The replacement keeps what it is given in order, having set aside
+                    // nothing more than above.
+                    if refused.add.len() != held {
+                        return Err(Error::UnexpectedReply(
+                            "the refused replacement gave back other openings".into(),
+                        ));
+                    }
+                    desired = refused.add;
+                    failed = refused.invalid;
+                    undesired_may_remain = true;
+                }
+            }
+        }
+        let mut changes = Vec::with_capacity(missing.len() + changed.len());
+        changes.extend(missing.into_iter().map(|at| {
+            let (opening, timeout) = &desired[at];
+            Change::Add(opening.clone(), *timeout)
+        }));
+        changes.extend(changed.into_iter().map(|at| {
+            let (opening, timeout) = &desired[at];
+            Change::Renew(opening.clone(), *timeout)
+        }));
+        drop(desired);
+        let results = self.commit(layout, &changes)?;
+        let mut report = ReconcileReport {
+            failed,
+            undesired_may_remain,
+            ..ReconcileReport::default()
+        };
+        for (change, result) in changes.into_iter().zip(results) {
+            match (change, result) {
+                (Change::Add(o, _), Ok(())) => {
+                    report.added_count += 1;
+                    report.added.push(o);
+                }
+                (Change::Renew(..), Ok(())) => report.refreshed += 1,
+                // Not sent: nothing is removed without a listing that names it.
+                (Change::Remove(o), Ok(())) => report.removed.push(o),
+                (change, Err(e)) => report.failed.push((change.element().clone(), e)),
+            }
+        }
+        Ok(report)
+    }
+
     /// From how many desired elements [`Netfilter::reconcile`] replaces the contents of our
-    /// sets in one transaction instead of listing them and changing the difference.
+    /// sets in one transaction instead of listing them and changing the difference, and
+    /// [`Netfilter::repair`] looks them up one by one instead of listing the sets.
     ///
     /// Listing a set is quadratic in the kernel: a dump answers at most 32 KiB per message
     /// (netlink caps the buffer of every dump message there, whatever the receive buffer),
@@ -620,6 +777,7 @@ impl Netfilter {
             table_recreated: false,
             replaced: true,
             failed,
+            undesired_may_remain: false,
         }))
     }
 

@@ -804,3 +804,59 @@ fn a_repair_lists_the_sets_however_many_elements_and_reports_what_differed() {
     assert_eq!(report.refreshed, 0);
     assert_eq!(nft_set_len(&topo.gateway, "fwnp", "lease4"), desired.len());
 }
+
+/// An owned table's elements change only through its handle, so a repair of many elements
+/// looks the desired ones up and puts right what they lack, without replacing the sets: an
+/// element removed comes back, one whose time was cut short gets its time back, and the rest
+/// are left as they are.
+#[test]
+fn a_repair_of_an_owned_table_looks_the_desired_elements_up() {
+    if !require_root("a_repair_of_an_owned_table_looks_the_desired_elements_up") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8120, 8121]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let host = topo.host().v4;
+    let lifetime = Duration::from_secs(600);
+    let mut desired = vec![(tcp(host, 8120), lifetime), (tcp(host, 8121), lifetime)];
+    desired.extend((0..Netfilter::REPLACE_AT).map(|i| {
+        let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+        (tcp(topo.host().v6, port), lifetime)
+    }));
+    let mut nf = open_and_apply(&topo.gateway, &layout, &desired);
+    let results = topo
+        .gateway
+        .run(|| {
+            nf.commit(
+                &layout,
+                &[
+                    Change::Remove(tcp(host, 8120)),
+                    Change::Renew(tcp(host, 8121), Duration::from_secs(5)),
+                ],
+            )
+        })
+        .expect("commit");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(!outside_tcp(&topo, host, 8120));
+    let report = topo
+        .gateway
+        .run(|| nf.repair(&layout, desired.clone()))
+        .expect("repair");
+    assert!(!report.replaced, "{report:?}");
+    assert!(!report.table_recreated, "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.added, vec![tcp(host, 8120)]);
+    assert_eq!(report.refreshed, 1, "{report:?}");
+    assert!(outside_tcp(&topo, host, 8120));
+    let listed = topo.gateway.run(|| nf.elements(&layout)).expect("elements");
+    assert_eq!(listed.len(), desired.len());
+    let renewed = listed
+        .iter()
+        .find(|(o, _)| *o == tcp(host, 8121))
+        .map(|(_, remaining)| *remaining);
+    assert!(
+        renewed.is_some_and(|r| r > Duration::from_secs(500)),
+        "{renewed:?}"
+    );
+}
