@@ -819,7 +819,15 @@ fn a_repair_of_an_owned_table_looks_the_desired_elements_up() {
     let layout = gateway_layout(Refuse::Reject);
     let host = topo.host().v4;
     let lifetime = Duration::from_secs(600);
-    let mut desired = vec![(tcp(host, 8120), lifetime), (tcp(host, 8121), lifetime)];
+    // Interval elements too (ports ranges, a source prefix), which the kernel holds apart.
+    let kept_range = tcp_range(host, 20_000, 20_100);
+    let taken_range = tcp_from(host, 21_000, prefix_str("203.0.113.0/24"));
+    let mut desired = vec![
+        (tcp(host, 8120), lifetime),
+        (tcp(host, 8121), lifetime),
+        (kept_range, lifetime),
+        (taken_range.clone(), lifetime),
+    ];
     desired.extend((0..Netfilter::REPLACE_AT).map(|i| {
         let port = 10_000 + u16::try_from(i % 50_000).expect("port");
         (tcp(topo.host().v6, port), lifetime)
@@ -832,6 +840,7 @@ fn a_repair_of_an_owned_table_looks_the_desired_elements_up() {
                 &layout,
                 &[
                     Change::Remove(tcp(host, 8120)),
+                    Change::Remove(taken_range.clone()),
                     Change::Renew(tcp(host, 8121), Duration::from_secs(5)),
                 ],
             )
@@ -846,7 +855,7 @@ fn a_repair_of_an_owned_table_looks_the_desired_elements_up() {
     assert!(!report.replaced, "{report:?}");
     assert!(!report.table_recreated, "{report:?}");
     assert!(report.failed.is_empty(), "{report:?}");
-    assert_eq!(report.added, vec![tcp(host, 8120)]);
+    assert_eq!(report.added, vec![tcp(host, 8120), taken_range]);
     assert_eq!(report.refreshed, 1, "{report:?}");
     assert!(outside_tcp(&topo, host, 8120));
     let listed = topo.gateway.run(|| nf.elements(&layout)).expect("elements");

@@ -11,8 +11,8 @@ pub(super) struct FoundElement {
 }
 
 /// How many element queries [`Netfilter::look_up`] sends in one datagram: the kernel queues
-/// each answer as a buffer of a page or more until it is read, and one round's answers must
-/// fit the receive buffer.
+/// each answer as a buffer of a page or more until it is read, and one datagram's answers
+/// must fit the receive buffer.
 const LOOKUPS_PER_ROUND: usize = 512;
 
 /// The remaining time of the element in an answer to a query (NEWSETELEM) if it is exactly
@@ -411,12 +411,9 @@ impl Netfilter {
             for (i, key) in chunk.iter().enumerate() {
                 let seq = bump(&mut self.seq);
                 round.insert(seq, chunk_at * LOOKUPS_PER_ROUND + i);
-                let msg = b.begin_nft(
-                    NFT_MSG_GETSETELEM,
-                    NLM_F_REQUEST | NLM_F_ACK,
-                    seq,
-                    NFPROTO_INET,
-                );
+                // No acknowledgement asked: the element answers a query that finds it, an
+                // error one that does not, and a datagram (a receive) is saved per element.
+                let msg = b.begin_nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST, seq, NFPROTO_INET);
                 b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
                 b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
                 let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -429,10 +426,19 @@ impl Netfilter {
                 b.nest_end(nest);
                 b.end_msg(msg);
             }
+            // The kernel answers the messages of a datagram in order: once the generation
+            // query that ends it is acknowledged, every element query has been answered.
+            let last = bump(&mut self.seq);
+            let msg = b.begin_nft(
+                NFT_MSG_GETGEN,
+                NLM_F_REQUEST | NLM_F_ACK,
+                last,
+                NFPROTO_UNSPEC,
+            );
+            b.end_msg(msg);
             self.socket.send(b.as_bytes())?;
-            // Every query is answered by an acknowledgement, after the element if found.
-            let mut unanswered = chunk.len();
-            while unanswered > 0 {
+            let mut answered = false;
+            while !answered {
                 let n = match self.socket.recv(&mut self.recv_buf, false) {
                     Ok(n) => n,
                     Err(e)
@@ -441,26 +447,32 @@ impl Netfilter {
                             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                         ) =>
                     {
-                        return Err(Error::UnexpectedReply(format!(
-                            "{unanswered} element queries went unanswered"
-                        )));
+                        return Err(Error::UnexpectedReply(
+                            "element queries went unanswered".into(),
+                        ));
                     }
                     Err(e) => return Err(Error::Io(e)),
                 };
                 for m in messages(&self.recv_buf[..n]) {
+                    if m.seq == last {
+                        if let Some(ack) = parse_ack(&m) {
+                            if ack.errno != 0 {
+                                return Err(from_ack(Op::ReadGeneration, &ack, table, None, None));
+                            }
+                            answered = true;
+                        }
+                        continue;
+                    }
                     let Some(&at) = round.get(&m.seq) else {
                         continue;
                     };
                     if let Some(ack) = parse_ack(&m) {
                         match ack.errno {
-                            0 | libc::ENOENT => {}
+                            0 | libc::ENOENT => continue,
                             _ => {
                                 return Err(from_ack(Op::AddElement, &ack, table, None, None));
                             }
                         }
-                        round.remove(&m.seq);
-                        unanswered -= 1;
-                        continue;
                     }
                     if let Some(remaining) = found_exactly(&m, &keys[at]) {
                         out[at] = Some(remaining);
