@@ -332,7 +332,8 @@ struct Worker {
     /// When a batch waits for more (none: never).
     coalescing: Option<Coalescing>,
     /// The ruleset's generation and our committed transactions when the elements were last
-    /// compared (and found or made right), for the element check of large tables.
+    /// compared or replaced (by a repair, a reconcile or an apply), for the element check of
+    /// large tables.
     elements_checked: Option<(u32, u64)>,
 }
 
@@ -495,15 +496,22 @@ impl Worker {
                 Command::Coalesce(coalescing) => self.coalescing = Some(coalescing),
                 Command::Reconcile(desired, reply) => {
                     self.desired.replace(&desired);
-                    let _ = reply.send(self.nf.reconcile(&self.layout, desired));
+                    let reading = self.reading();
+                    let result = self.nf.reconcile(&self.layout, desired);
+                    if result.is_ok() {
+                        self.elements_checked = reading;
+                    }
+                    let _ = reply.send(result);
                 }
                 Command::Kill(opening, reply) => {
                     let _ = reply.send(self.nf.kill_connections(&opening));
                 }
                 Command::Apply(layout, reply) => {
                     let elements = self.remaining();
+                    let reading = self.reading();
                     let result = self.nf.apply(&layout, &elements);
                     if result.is_ok() {
+                        self.elements_checked = reading;
                         if layout.table() != self.layout.table() {
                             // The old table is no longer ours to keep: leave no stale copy.
                             if let Err(e) = self.nf.delete_table(&self.layout) {
@@ -609,6 +617,13 @@ impl Worker {
         self.desired.remaining()
     }
 
+    /// The ruleset's generation and how many transactions of ours the kernel had committed
+    /// then (`None` if the generation could not be read).
+    fn reading(&mut self) -> Option<(u32, u64)> {
+        let generation = self.nf.generation().ok()?;
+        Some((generation, self.nf.committed()))
+    }
+
     /// Checks the table and repairs it. The periodic check compares the structure only (cheap);
     /// a foreign change also compares the elements.
     fn check(&mut self, trigger: RepairTrigger) {
@@ -625,11 +640,7 @@ impl Worker {
         let desired = self.remaining();
         // Read before the repair: its own transactions count as ours at the next reading, and
         // anyone else's meanwhile as someone else's.
-        let reading = self
-            .nf
-            .generation()
-            .ok()
-            .map(|generation| (generation, self.nf.committed()));
+        let reading = self.reading();
         if present
             && trigger == RepairTrigger::ElementCheck
             && desired.len() >= Netfilter::REPLACE_AT

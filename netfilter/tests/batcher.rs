@@ -941,3 +941,55 @@ fn a_large_table_is_repaired_by_lookups_and_one_replacement() {
         batcher.shutdown().await;
     });
 }
+
+/// The element check of a large shared table replaces its sets only when someone else
+/// committed a transaction since the elements were last compared: idle, it leaves them (and
+/// sends no repair event) however often it runs; an element added by hand is still removed
+/// within its interval, without the watch.
+#[test]
+fn the_element_check_of_a_large_table_replaces_it_only_after_someone_else_s_change() {
+    if !require_root(
+        "the_element_check_of_a_large_table_replaces_it_only_after_someone_else_s_change",
+    ) {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start(&topo.host().netns, 8130).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let desired: Vec<(Element, Duration)> = (0..Netfilter::REPLACE_AT)
+        .map(|i| {
+            let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+            (tcp(topo.host().v6, port), Duration::from_secs(600))
+        })
+        .collect();
+    let config = BatcherConfig {
+        watch_events: false,
+        check_interval: Duration::from_millis(200),
+        element_check_interval: Duration::from_millis(400),
+        ..BatcherConfig::default()
+    };
+    let batcher = start(&topo.gateway, &layout, config);
+    let rt = runtime();
+    let report = rt.block_on(batcher.reconcile(desired)).expect("reconcile");
+    assert!(report.replaced, "{report:?}");
+    let mut repairs = batcher.repairs();
+    // Several element checks' worth of idle time.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        matches!(
+            repairs.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ),
+        "an idle large table was repaired"
+    );
+    assert_eq!(batcher.stats().repairs, 0, "{:?}", batcher.stats());
+    let lived = stray_element_lives(&topo, 8130, Duration::from_secs(10));
+    assert!(
+        lived.is_some(),
+        "a stray element outlived the element checks"
+    );
+    let event = repairs.try_recv().expect("the stray element's repair");
+    assert_eq!(event.trigger, RepairTrigger::ElementCheck, "{event:?}");
+    assert!(event.replaced && event.error.is_none(), "{event:?}");
+    rt.block_on(batcher.shutdown());
+}
