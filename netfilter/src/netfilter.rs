@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fwnp_proto::message::{PortRange, Protocol};
 
@@ -98,6 +98,42 @@ pub struct Netfilter {
 
 pub(crate) fn next_seq(seq: &mut u32) -> u32 {
     bump(seq)
+}
+
+/// The openings a refused replacement gives back, and those it set aside with the reason.
+type Refused = (Vec<(Element, Duration)>, Vec<(Element, Error)>);
+
+/// What a desired opening lacks in the kernel, as a repair's lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lack {
+    /// It is held with about the desired time.
+    Nothing,
+    /// It is not held.
+    Element,
+    /// It is held for a time far from the desired one.
+    Time,
+}
+
+/// Takes the time since `since` off the desired openings' lifetimes, and drops those whose
+/// lifetime ran out meanwhile (with what they lack), so that nothing written outlives what is
+/// desired by the time a repair's lookups took; `since` becomes now.
+fn age(desired: &mut Vec<(Element, Duration)>, lacks: &mut Vec<Lack>, since: &mut Instant) {
+    let elapsed = since.elapsed();
+    *since = Instant::now();
+    let mut kept = 0;
+    for at in 0..desired.len() {
+        let Some(left) = desired[at].1.checked_sub(elapsed).filter(|t| !t.is_zero()) else {
+            continue;
+        };
+        desired[at].1 = left;
+        desired.swap(kept, at);
+        if at < lacks.len() {
+            lacks.swap(kept, at);
+        }
+        kept += 1;
+    }
+    desired.truncate(kept);
+    lacks.truncate(kept);
 }
 
 impl Netfilter {
@@ -424,10 +460,15 @@ impl Netfilter {
     /// - a shared table's sets are replaced whole by the desired elements in one transaction
     ///   (`replaced`), which also removes whatever else anyone put there, uncounted: only a
     ///   listing could name it. If the kernel refuses that transaction, the missing elements
-    ///   are added and the others refreshed, each with its own error, and
-    ///   `undesired_may_remain` says that elements nobody desires may have stayed;
+    ///   are added and the others refreshed, each with its own error, and the replacement is
+    ///   tried once more without the elements refused there (one such element aborts a whole
+    ///   replacement); refused again, `undesired_may_remain` says that elements nobody
+    ///   desires may have stayed;
     /// - an owned table's elements can only have been changed through this handle, and get
     ///   the missing and refreshed elements alone.
+    ///
+    /// What is written is given the time left when it is written: the lookups take seconds
+    /// for a million elements, and no opening may outlive what is desired by that long.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), fwnp_netfilter::Error> {
@@ -465,11 +506,12 @@ impl Netfilter {
             return self.recreate(layout, desired);
         }
         let table = layout.table().to_string();
+        let mut since = Instant::now();
         let plan = plan(&[], desired);
         let mut failed = plan.invalid;
         let mut desired = plan.add;
         // What the kernel cannot hold is set aside first (as a replacement would), so that the
-        // positions found below are those of the openings a replacement is given.
+        // replacement keeps every opening it is given, in order, beside what each lacks.
         desired.retain(|(opening, timeout)| {
             match check_timeout(*timeout).and_then(|()| encode(opening)) {
                 Ok(_) => true,
@@ -479,72 +521,69 @@ impl Netfilter {
                 }
             }
         });
-        // The positions of the desired openings the kernel lacks, and of those it holds for a
-        // time far from the desired one; keys are encoded a chunk at a time, as a million of
-        // them at once would cost a few hundred megabytes.
+        // What each desired opening lacks in the kernel; keys are encoded a chunk at a time,
+        // as a million of them at once would cost a few hundred megabytes.
         const CHUNK: usize = 4096;
-        let (mut missing, mut changed) = (Vec::new(), Vec::new());
-        for (chunk_at, chunk) in desired.chunks(CHUNK).enumerate() {
+        let mut lacks = Vec::with_capacity(desired.len());
+        for chunk in desired.chunks(CHUNK) {
             let keys = chunk
                 .iter()
                 .map(|(opening, _)| encode(opening))
                 .collect::<Result<Vec<ElementKey>, Error>>()?;
             let found = self.look_up(&table, &keys)?;
-            for (i, (remaining, (_, lifetime))) in found.into_iter().zip(chunk).enumerate() {
-                let at = chunk_at * CHUNK + i;
-                match remaining {
-                    None => missing.push(at),
-                    Some(remaining) if needs_refresh(remaining, *lifetime) => changed.push(at),
-                    Some(_) => {}
-                }
-            }
+            lacks.extend(
+                found
+                    .into_iter()
+                    .zip(chunk)
+                    .map(|(remaining, (_, lifetime))| match remaining {
+                        None => Lack::Element,
+                        Some(remaining) if needs_refresh(remaining, *lifetime) => Lack::Time,
+                        Some(_) => Lack::Nothing,
+                    }),
+            );
         }
+        let count = |lacks: &[Lack], lack: Lack| lacks.iter().filter(|l| **l == lack).count();
         let mut undesired_may_remain = false;
         if self.ownership == Ownership::Shared {
-            let held = desired.len();
-            let plan = Plan {
-                add: desired,
-                invalid: failed,
-                ..Plan::default()
-            };
-            match self.replace_elements(layout, plan)? {
+            age(&mut desired, &mut lacks, &mut since);
+            let (restored, refreshed) = (count(&lacks, Lack::Element), count(&lacks, Lack::Time));
+            match self.replace(layout, desired, failed)? {
                 Ok(report) => {
                     return Ok(ReconcileReport {
-                        added_count: missing.len(),
-                        refreshed: changed.len(),
+                        added_count: restored,
+                        refreshed,
                         ..report
                     });
                 }
                 Err(refused) => {
-                    // The replacement keeps what it is given in order, having set aside
-                    // nothing more than above.
-                    if refused.add.len() != held {
-                        return Err(Error::UnexpectedReply(
-                            "the refused replacement gave back other openings".into(),
-                        ));
-                    }
-                    desired = refused.add;
-                    failed = refused.invalid;
+                    (desired, failed) = refused;
                     undesired_may_remain = true;
                 }
             }
+            if desired.len() != lacks.len() {
+                return Err(Error::UnexpectedReply(
+                    "the refused replacement gave back other openings".into(),
+                ));
+            }
         }
-        let mut changes = Vec::with_capacity(missing.len() + changed.len());
-        changes.extend(missing.into_iter().map(|at| {
-            let (opening, timeout) = &desired[at];
-            Change::Add(opening.clone(), *timeout)
-        }));
-        changes.extend(changed.into_iter().map(|at| {
-            let (opening, timeout) = &desired[at];
-            Change::Renew(opening.clone(), *timeout)
-        }));
-        drop(desired);
+        age(&mut desired, &mut lacks, &mut since);
+        let changes: Vec<Change> = desired
+            .iter()
+            .zip(&lacks)
+            .filter_map(|((opening, timeout), lack)| match lack {
+                Lack::Element => Some(Change::Add(opening.clone(), *timeout)),
+                Lack::Time => Some(Change::Renew(opening.clone(), *timeout)),
+                Lack::Nothing => None,
+            })
+            .collect();
+        drop(lacks);
         let results = self.commit(layout, &changes)?;
         let mut report = ReconcileReport {
             failed,
             undesired_may_remain,
             ..ReconcileReport::default()
         };
+        let mut refused = HashSet::new();
         for (change, result) in changes.into_iter().zip(results) {
             match (change, result) {
                 (Change::Add(o, _), Ok(())) => {
@@ -554,10 +593,44 @@ impl Netfilter {
                 (Change::Renew(..), Ok(())) => report.refreshed += 1,
                 // Not sent: nothing is removed without a listing that names it.
                 (Change::Remove(o), Ok(())) => report.removed.push(o),
-                (change, Err(e)) => report.failed.push((change.element().clone(), e)),
+                (change, Err(e)) => {
+                    refused.insert(change.element().clone());
+                    report.failed.push((change.element().clone(), e));
+                }
+            }
+        }
+        if undesired_may_remain && !refused.is_empty() {
+            // One element the kernel refuses aborts a whole replacement, and the changes above
+            // named each one: without them, the replacement is tried once more. Refused again
+            // (for the kernel's memory, say), what nobody desires may remain.
+            desired.retain(|(opening, _)| !refused.contains(opening));
+            let mut lacks = vec![Lack::Nothing; desired.len()];
+            age(&mut desired, &mut lacks, &mut since);
+            if self.replace(layout, desired, Vec::new())?.is_ok() {
+                report.replaced = true;
+                report.undesired_may_remain = false;
             }
         }
         Ok(report)
+    }
+
+    /// [`Netfilter::replace_elements`] of `desired`: the report, or the openings given back
+    /// by a refused replacement with those set aside as ones the kernel cannot hold (added to
+    /// `failed`).
+    fn replace(
+        &mut self,
+        layout: &Layout,
+        desired: Vec<(Element, Duration)>,
+        failed: Vec<(Element, Error)>,
+    ) -> Result<Result<ReconcileReport, Refused>, Error> {
+        let plan = Plan {
+            add: desired,
+            invalid: failed,
+            ..Plan::default()
+        };
+        Ok(self
+            .replace_elements(layout, plan)?
+            .map_err(|refused| (refused.add, refused.invalid)))
     }
 
     /// From how many desired elements [`Netfilter::reconcile`] replaces the contents of our
@@ -871,5 +944,40 @@ impl Netfilter {
 
     pub(crate) fn socket_and_buf(&mut self) -> (&NetlinkSocket, &mut Vec<u8>, &mut u32) {
         (&self.socket, &mut self.recv_buf, &mut self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(port: u16) -> Element {
+        Element {
+            host: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            remote: None,
+        }
+    }
+
+    #[test]
+    fn ageing_takes_the_time_off_and_drops_what_ran_out_with_its_lack() {
+        let mut desired = vec![
+            (tcp(1), Duration::from_millis(50)),
+            (tcp(2), Duration::from_secs(60)),
+            (tcp(3), Duration::from_millis(10)),
+            (tcp(4), Duration::from_secs(30)),
+        ];
+        let mut lacks = vec![Lack::Element, Lack::Time, Lack::Element, Lack::Nothing];
+        let mut since = Instant::now() - Duration::from_secs(1);
+        age(&mut desired, &mut lacks, &mut since);
+        assert_eq!(
+            desired.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
+            vec![tcp(2), tcp(4)]
+        );
+        assert_eq!(lacks, vec![Lack::Time, Lack::Nothing]);
+        assert!(desired[0].1 <= Duration::from_secs(59));
+        assert!(desired[1].1 <= Duration::from_secs(29));
+        assert!(since.elapsed() < Duration::from_secs(1));
     }
 }
