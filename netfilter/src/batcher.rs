@@ -99,10 +99,16 @@ pub struct RepairEvent {
     pub table_recreated: bool,
     /// Elements put back.
     pub restored: usize,
-    /// Elements removed (present but not desired).
+    /// Elements removed (present but not desired), as far as they were counted: see
+    /// `replaced`.
     pub removed: usize,
     /// Elements whose timeout was set back to the desired expiry.
     pub refreshed: usize,
+    /// Whether the sets' contents were replaced whole (a large shared table, see
+    /// [`Netfilter::repair`]): elements not desired are gone, but were not listed, so
+    /// `removed` does not count them; `restored` and `refreshed` count what the desired
+    /// elements lacked.
+    pub replaced: bool,
     /// Set if the repair failed; it is tried again at the next check.
     pub error: Option<String>,
 }
@@ -188,6 +194,7 @@ impl Batcher {
             repairs: repairs.clone(),
             watched,
             coalescing: None,
+            elements_checked: None,
         };
         std::thread::Builder::new()
             .name("fwnp-nft-batcher".into())
@@ -324,6 +331,10 @@ struct Worker {
     watched: Option<(u32, u64)>,
     /// When a batch waits for more (none: never).
     coalescing: Option<Coalescing>,
+    /// The ruleset's generation and our committed transactions when the elements were last
+    /// compared or replaced (by a repair, a reconcile or an apply), for the element check of
+    /// large tables.
+    elements_checked: Option<(u32, u64)>,
 }
 
 /// The live openings (canonical) and when they expire, in milliseconds after `started` (the
@@ -485,15 +496,22 @@ impl Worker {
                 Command::Coalesce(coalescing) => self.coalescing = Some(coalescing),
                 Command::Reconcile(desired, reply) => {
                     self.desired.replace(&desired);
-                    let _ = reply.send(self.nf.reconcile(&self.layout, desired));
+                    let reading = self.reading();
+                    let result = self.nf.reconcile(&self.layout, desired);
+                    if result.is_ok() {
+                        self.elements_checked = reading;
+                    }
+                    let _ = reply.send(result);
                 }
                 Command::Kill(opening, reply) => {
                     let _ = reply.send(self.nf.kill_connections(&opening));
                 }
                 Command::Apply(layout, reply) => {
                     let elements = self.remaining();
+                    let reading = self.reading();
                     let result = self.nf.apply(&layout, &elements);
                     if result.is_ok() {
+                        self.elements_checked = reading;
                         if layout.table() != self.layout.table() {
                             // The old table is no longer ours to keep: leave no stale copy.
                             if let Err(e) = self.nf.delete_table(&self.layout) {
@@ -599,6 +617,13 @@ impl Worker {
         self.desired.remaining()
     }
 
+    /// The ruleset's generation and how many transactions of ours the kernel had committed
+    /// then (`None` if the generation could not be read).
+    fn reading(&mut self) -> Option<(u32, u64)> {
+        let generation = self.nf.generation().ok()?;
+        Some((generation, self.nf.committed()))
+    }
+
     /// Checks the table and repairs it. The periodic check compares the structure only (cheap);
     /// a foreign change also compares the elements.
     fn check(&mut self, trigger: RepairTrigger) {
@@ -613,6 +638,21 @@ impl Worker {
             return;
         }
         let desired = self.remaining();
+        // Read before the repair: its own transactions count as ours at the next reading, and
+        // anyone else's meanwhile as someone else's.
+        let reading = self.reading();
+        if present
+            && trigger == RepairTrigger::ElementCheck
+            && desired.len() >= Netfilter::REPLACE_AT
+            && let (Some((last, last_committed)), Some((generation, committed))) =
+                (self.elements_checked, reading)
+            && generations_between(last, generation) <= committed.wrapping_sub(last_committed)
+        {
+            // A large shared table's repair replaces its sets whole, as only a listing could
+            // find what someone else added: not every element check, only when someone else
+            // committed anything since the elements were last compared.
+            return;
+        }
         let mut event = RepairEvent {
             at: SystemTime::now(),
             trigger,
@@ -620,6 +660,7 @@ impl Worker {
             restored: 0,
             removed: 0,
             refreshed: 0,
+            replaced: false,
             error: None,
         };
         if !present {
@@ -628,22 +669,33 @@ impl Worker {
                 Ok(()) => event.restored = desired.len(),
                 Err(e) => event.error = Some(e.to_string()),
             }
-        } else if trigger != RepairTrigger::PeriodicCheck {
-            match self.nf.reconcile_listing(&self.layout, desired) {
+        } else {
+            match self.nf.repair(&self.layout, desired) {
                 Ok(report) => {
                     event.table_recreated = report.table_recreated;
                     event.restored = report.added_count;
                     event.removed = report.removed.len();
                     event.refreshed = report.refreshed;
-                    if event.restored + event.removed + event.refreshed == 0
-                        && !event.table_recreated
-                    {
-                        return;
+                    event.replaced = report.replaced;
+                    if report.undesired_may_remain {
+                        event.error = Some(
+                            "the kernel refused to replace the sets whole: the desired elements \
+                             are back, but elements nobody desires may remain"
+                                .into(),
+                        );
                     }
                 }
                 Err(e) => event.error = Some(e.to_string()),
             }
-        } else {
+        }
+        if event.error.is_none() {
+            self.elements_checked = reading;
+        }
+        if event.restored + event.removed + event.refreshed == 0
+            && !event.table_recreated
+            && !event.replaced
+            && event.error.is_none()
+        {
             return;
         }
         tracing::warn!(

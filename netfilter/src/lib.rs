@@ -84,10 +84,13 @@
 //! [`Netfilter::apply`] replaces the table in one transaction (delete if present, create,
 //! elements) and reads it back. [`Netfilter::reconcile`] with many elements (a gateway
 //! restarting with its leases) flushes and refills the sets in one transaction rather than
-//! listing them, which nf_tables does in time quadratic in the set's size; repairs list them
-//! ([`Netfilter::reconcile_listing`]) to report what differed. [`Netfilter::commit`] sends element changes as one transaction
-//! per batch (split only past the socket's send buffer, several megabytes), each message with
-//! NLM_F_ACK and each acknowledgement matched by sequence number to the caller's change.
+//! listing them, which nf_tables does in time quadratic in the set's size. Repairs
+//! ([`Netfilter::repair`]) list small tables, to report each element that differed, and look
+//! the desired elements of large ones up one by one (a shared table's sets are then replaced
+//! whole, as only a listing could find what someone else added). [`Netfilter::commit`] sends
+//! element changes as one transaction per batch (split only past the socket's send buffer,
+//! several megabytes), each message with NLM_F_ACK and each acknowledgement matched by
+//! sequence number to the caller's change.
 //! nf_tables aborts a whole transaction when one element fails; this crate then gives that
 //! element its own error and sends the others again without it, so one bad element never loses
 //! the others. Renewals refresh the expiry with NFTA_SET_ELEM_EXPIRATION when the kernel honours
@@ -225,8 +228,9 @@ pub struct ReconcileReport {
     /// were replaced (see `replaced`): a start that replaces a million of them needs only
     /// how many, in `added_count`.
     pub added: Vec<Element>,
-    /// How many elements were added: those in `added`, or every desired element that could
-    /// be held when the sets were replaced.
+    /// How many elements were added: those in `added`, or when the sets were replaced, every
+    /// desired element that could be held ([`Netfilter::reconcile`]) or those of them that
+    /// were missing ([`Netfilter::repair`]).
     pub added_count: usize,
     /// Elements removed because they were not desired.
     pub removed: Vec<Element>,
@@ -235,11 +239,15 @@ pub struct ReconcileReport {
     /// Whether the table was missing or damaged and was recreated.
     pub table_recreated: bool,
     /// Whether the sets' contents were replaced whole in one transaction (see
-    /// [`Netfilter::REPLACE_AT`]): then `added_count` counts every desired element, `added`
-    /// and `removed` are empty, as what the kernel held before was not listed.
+    /// [`Netfilter::REPLACE_AT`]): then `added` and `removed` are empty, as what the kernel
+    /// held before was not listed, and whatever it held that was not desired is gone.
     pub replaced: bool,
     /// Elements that could not be brought to the desired state, with the reason.
     pub failed: Vec<(Element, Error)>,
+    /// Whether elements nobody desires may have stayed in the sets: a
+    /// [`Netfilter::repair`] of many elements on a shared table whose one-transaction
+    /// replacement the kernel refused put back and refreshed the desired ones only.
+    pub undesired_may_remain: bool,
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fwnp_proto::message::{PortRange, Protocol};
 
@@ -14,7 +14,7 @@ use crate::layout::{
     write_table,
 };
 use crate::nl::*;
-use crate::reconcile::{Plan, plan};
+use crate::reconcile::{Plan, needs_refresh, plan};
 use crate::sys::NetlinkSocket;
 use crate::{Change, Element, Error, ReconcileReport};
 
@@ -98,6 +98,42 @@ pub struct Netfilter {
 
 pub(crate) fn next_seq(seq: &mut u32) -> u32 {
     bump(seq)
+}
+
+/// The openings a refused replacement gives back, and those it set aside with the reason.
+type Refused = (Vec<(Element, Duration)>, Vec<(Element, Error)>);
+
+/// What a desired opening lacks in the kernel, as a repair's lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lack {
+    /// It is held with about the desired time.
+    Nothing,
+    /// It is not held.
+    Element,
+    /// It is held for a time far from the desired one.
+    Time,
+}
+
+/// Takes the time since `since` off the desired openings' lifetimes, and drops those whose
+/// lifetime ran out meanwhile (with what they lack), so that nothing written outlives what is
+/// desired by the time a repair's lookups took; `since` becomes now.
+fn age(desired: &mut Vec<(Element, Duration)>, lacks: &mut Vec<Lack>, since: &mut Instant) {
+    let elapsed = since.elapsed();
+    *since = Instant::now();
+    let mut kept = 0;
+    for at in 0..desired.len() {
+        let Some(left) = desired[at].1.checked_sub(elapsed).filter(|t| !t.is_zero()) else {
+            continue;
+        };
+        desired[at].1 = left;
+        desired.swap(kept, at);
+        if at < lacks.len() {
+            lacks.swap(kept, at);
+        }
+        kept += 1;
+    }
+    desired.truncate(kept);
+    lacks.truncate(kept);
 }
 
 impl Netfilter {
@@ -324,8 +360,9 @@ impl Netfilter {
     }
 
     /// [`Netfilter::reconcile`] that always lists the sets, however many elements are
-    /// desired: for a repair, whose report says what differed (a replacement cannot), and
-    /// which runs again and again on a shared table.
+    /// desired, and reports each element that differed (a replacement cannot). The kernel
+    /// lists a set in time quadratic in its size: [`Netfilter::repair`] lists small tables
+    /// only.
     ///
     /// ```no_run
     /// # fn main() -> Result<(), fwnp_netfilter::Error> {
@@ -353,17 +390,7 @@ impl Netfilter {
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
-            let plan = plan(&[], desired);
-            self.apply(layout, &plan.add)?;
-            return Ok(ReconcileReport {
-                added_count: plan.add.len(),
-                added: plan.add.into_iter().map(|(o, _)| o).collect(),
-                removed: Vec::new(),
-                refreshed: 0,
-                table_recreated: true,
-                replaced: false,
-                failed: plan.invalid,
-            });
+            return self.recreate(layout, desired);
         }
         let (desired, mut failed) = if may_replace && desired.len() >= Self::REPLACE_AT {
             // The plan owns the openings now; a replacement the kernel refuses gives them back
@@ -404,8 +431,211 @@ impl Netfilter {
         Ok(report)
     }
 
+    /// Recreates our table from the layout with the desired elements.
+    fn recreate(
+        &mut self,
+        layout: &Layout,
+        desired: Vec<(Element, Duration)>,
+    ) -> Result<ReconcileReport, Error> {
+        let plan = plan(&[], desired);
+        self.apply(layout, &plan.add)?;
+        Ok(ReconcileReport {
+            added_count: plan.add.len(),
+            added: plan.add.into_iter().map(|(o, _)| o).collect(),
+            table_recreated: true,
+            failed: plan.invalid,
+            ..ReconcileReport::default()
+        })
+    }
+
+    /// Repairs our table after someone else changed it, as the [`crate::Batcher`] does: the
+    /// outcome of [`Netfilter::reconcile`], in time linear in the number of elements.
+    ///
+    /// Below [`Netfilter::REPLACE_AT`] desired elements this is
+    /// [`Netfilter::reconcile_listing`], whose report says exactly what differed. From there
+    /// on the sets are not listed (the kernel lists a set in time quadratic in its size):
+    /// each desired element is looked up instead, which tells how many were missing
+    /// (`added_count`) and how many had a remaining time far from the desired one
+    /// (`refreshed`), and then
+    /// - a shared table's sets are replaced whole by the desired elements in one transaction
+    ///   (`replaced`), which also removes whatever else anyone put there, uncounted: only a
+    ///   listing could name it. If the kernel refuses that transaction, the missing elements
+    ///   are added and the others refreshed, each with its own error, and the replacement is
+    ///   tried once more without the elements refused there (one such element aborts a whole
+    ///   replacement); refused again, `undesired_may_remain` says that elements nobody
+    ///   desires may have stayed;
+    /// - an owned table's elements can only have been changed through this handle, and get
+    ///   the missing and refreshed elements alone.
+    ///
+    /// What is written is given the time left when it is written: the lookups take seconds
+    /// for a million elements, and no opening may outlive what is desired by that long.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), fwnp_netfilter::Error> {
+    /// use std::time::Duration;
+    /// use fwnp_netfilter::{Element, GatewayLayout, Layout, Netfilter, PortRange, Protocol};
+    ///
+    /// let mut nf = Netfilter::open()?;
+    /// let layout = Layout::Gateway(GatewayLayout::default());
+    /// let desired: Vec<(Element, Duration)> = (0..50_000u32)
+    ///     .map(|i| {
+    ///         let opening = Element {
+    ///             host: std::net::Ipv4Addr::from(0x0a00_0000 + i / 1000).into(),
+    ///             protocol: Protocol::Tcp,
+    ///             ports: PortRange::single(1000 + (i % 1000) as u16),
+    ///             remote: None,
+    ///         };
+    ///         (opening, Duration::from_secs(600))
+    ///     })
+    ///     .collect();
+    /// let report = nf.repair(&layout, desired)?;
+    /// println!("{} put back, {} refreshed", report.added_count, report.refreshed);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn repair(
+        &mut self,
+        layout: &Layout,
+        desired: impl Into<Vec<(Element, Duration)>>,
+    ) -> Result<ReconcileReport, Error> {
+        let desired = desired.into();
+        if desired.len() < Self::REPLACE_AT {
+            return self.reconcile_with(layout, desired, false);
+        }
+        if !self.table_present(layout)? || !self.claim(layout.table())? {
+            return self.recreate(layout, desired);
+        }
+        let table = layout.table().to_string();
+        let mut since = Instant::now();
+        let plan = plan(&[], desired);
+        let mut failed = plan.invalid;
+        let mut desired = plan.add;
+        // What the kernel cannot hold is set aside first (as a replacement would), so that the
+        // replacement keeps every opening it is given, in order, beside what each lacks.
+        desired.retain(|(opening, timeout)| {
+            match check_timeout(*timeout).and_then(|()| encode(opening)) {
+                Ok(_) => true,
+                Err(e) => {
+                    failed.push((opening.clone(), e));
+                    false
+                }
+            }
+        });
+        // What each desired opening lacks in the kernel; keys are encoded a chunk at a time,
+        // as a million of them at once would cost a few hundred megabytes.
+        const CHUNK: usize = 4096;
+        let mut lacks = Vec::with_capacity(desired.len());
+        for chunk in desired.chunks(CHUNK) {
+            let keys = chunk
+                .iter()
+                .map(|(opening, _)| encode(opening))
+                .collect::<Result<Vec<ElementKey>, Error>>()?;
+            let found = self.look_up(&table, &keys)?;
+            lacks.extend(
+                found
+                    .into_iter()
+                    .zip(chunk)
+                    .map(|(remaining, (_, lifetime))| match remaining {
+                        None => Lack::Element,
+                        Some(remaining) if needs_refresh(remaining, *lifetime) => Lack::Time,
+                        Some(_) => Lack::Nothing,
+                    }),
+            );
+        }
+        let count = |lacks: &[Lack], lack: Lack| lacks.iter().filter(|l| **l == lack).count();
+        let mut undesired_may_remain = false;
+        if self.ownership == Ownership::Shared {
+            age(&mut desired, &mut lacks, &mut since);
+            let (restored, refreshed) = (count(&lacks, Lack::Element), count(&lacks, Lack::Time));
+            match self.replace(layout, desired, failed)? {
+                Ok(report) => {
+                    return Ok(ReconcileReport {
+                        added_count: restored,
+                        refreshed,
+                        ..report
+                    });
+                }
+                Err(refused) => {
+                    (desired, failed) = refused;
+                    undesired_may_remain = true;
+                }
+            }
+            if desired.len() != lacks.len() {
+                return Err(Error::UnexpectedReply(
+                    "the refused replacement gave back other openings".into(),
+                ));
+            }
+        }
+        age(&mut desired, &mut lacks, &mut since);
+        let changes: Vec<Change> = desired
+            .iter()
+            .zip(&lacks)
+            .filter_map(|((opening, timeout), lack)| match lack {
+                Lack::Element => Some(Change::Add(opening.clone(), *timeout)),
+                Lack::Time => Some(Change::Renew(opening.clone(), *timeout)),
+                Lack::Nothing => None,
+            })
+            .collect();
+        drop(lacks);
+        let results = self.commit(layout, &changes)?;
+        let mut report = ReconcileReport {
+            failed,
+            undesired_may_remain,
+            ..ReconcileReport::default()
+        };
+        let mut refused = HashSet::new();
+        for (change, result) in changes.into_iter().zip(results) {
+            match (change, result) {
+                (Change::Add(o, _), Ok(())) => {
+                    report.added_count += 1;
+                    report.added.push(o);
+                }
+                (Change::Renew(..), Ok(())) => report.refreshed += 1,
+                // Not sent: nothing is removed without a listing that names it.
+                (Change::Remove(o), Ok(())) => report.removed.push(o),
+                (change, Err(e)) => {
+                    refused.insert(change.element().clone());
+                    report.failed.push((change.element().clone(), e));
+                }
+            }
+        }
+        if undesired_may_remain && !refused.is_empty() {
+            // One element the kernel refuses aborts a whole replacement, and the changes above
+            // named each one: without them, the replacement is tried once more. Refused again
+            // (for the kernel's memory, say), what nobody desires may remain.
+            desired.retain(|(opening, _)| !refused.contains(opening));
+            let mut lacks = vec![Lack::Nothing; desired.len()];
+            age(&mut desired, &mut lacks, &mut since);
+            if self.replace(layout, desired, Vec::new())?.is_ok() {
+                report.replaced = true;
+                report.undesired_may_remain = false;
+            }
+        }
+        Ok(report)
+    }
+
+    /// [`Netfilter::replace_elements`] of `desired`: the report, or the openings given back
+    /// by a refused replacement with those set aside as ones the kernel cannot hold (added to
+    /// `failed`).
+    fn replace(
+        &mut self,
+        layout: &Layout,
+        desired: Vec<(Element, Duration)>,
+        failed: Vec<(Element, Error)>,
+    ) -> Result<Result<ReconcileReport, Refused>, Error> {
+        let plan = Plan {
+            add: desired,
+            invalid: failed,
+            ..Plan::default()
+        };
+        Ok(self
+            .replace_elements(layout, plan)?
+            .map_err(|refused| (refused.add, refused.invalid)))
+    }
+
     /// From how many desired elements [`Netfilter::reconcile`] replaces the contents of our
-    /// sets in one transaction instead of listing them and changing the difference.
+    /// sets in one transaction instead of listing them and changing the difference, and
+    /// [`Netfilter::repair`] looks them up one by one instead of listing the sets.
     ///
     /// Listing a set is quadratic in the kernel: a dump answers at most 32 KiB per message
     /// (netlink caps the buffer of every dump message there, whatever the receive buffer),
@@ -620,6 +850,7 @@ impl Netfilter {
             table_recreated: false,
             replaced: true,
             failed,
+            undesired_may_remain: false,
         }))
     }
 
@@ -713,5 +944,40 @@ impl Netfilter {
 
     pub(crate) fn socket_and_buf(&mut self) -> (&NetlinkSocket, &mut Vec<u8>, &mut u32) {
         (&self.socket, &mut self.recv_buf, &mut self.seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(port: u16) -> Element {
+        Element {
+            host: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            remote: None,
+        }
+    }
+
+    #[test]
+    fn ageing_takes_the_time_off_and_drops_what_ran_out_with_its_lack() {
+        let mut desired = vec![
+            (tcp(1), Duration::from_millis(50)),
+            (tcp(2), Duration::from_secs(60)),
+            (tcp(3), Duration::from_millis(10)),
+            (tcp(4), Duration::from_secs(30)),
+        ];
+        let mut lacks = vec![Lack::Element, Lack::Time, Lack::Element, Lack::Nothing];
+        let mut since = Instant::now() - Duration::from_secs(1);
+        age(&mut desired, &mut lacks, &mut since);
+        assert_eq!(
+            desired.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>(),
+            vec![tcp(2), tcp(4)]
+        );
+        assert_eq!(lacks, vec![Lack::Time, Lack::Nothing]);
+        assert!(desired[0].1 <= Duration::from_secs(59));
+        assert!(desired[1].1 <= Duration::from_secs(29));
+        assert!(since.elapsed() < Duration::from_secs(1));
     }
 }

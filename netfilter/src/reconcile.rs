@@ -37,6 +37,15 @@ pub(crate) fn tolerance(desired: Duration) -> Duration {
 /// element that matches; half a second absorbs the kernel's rounding to jiffies.
 pub(crate) const OVERSHOOT: Duration = Duration::from_millis(500);
 
+/// Whether an element the kernel holds with `remaining` time must be refreshed to the desired
+/// `lifetime`: it would outlive it by more than [`OVERSHOOT`], or fall short of it by more
+/// than [`tolerance`].
+pub(crate) fn needs_refresh(remaining: Duration, lifetime: Duration) -> bool {
+    let too_long = remaining > lifetime.saturating_add(OVERSHOOT);
+    let too_short = lifetime.saturating_sub(remaining) > tolerance(lifetime);
+    too_long || too_short
+}
+
 /// Compares canonical openings. `current` is what the kernel reported (already canonical);
 /// `desired` may repeat an opening (the last lifetime counts, in the order of its first
 /// appearance) or be non-canonical.
@@ -92,9 +101,7 @@ pub(crate) fn plan(current: &[(Element, Duration)], mut desired: Vec<(Element, D
     desired.retain(|(opening, lifetime)| match present.get(opening) {
         None => true,
         Some(remaining) => {
-            let too_long = *remaining > lifetime.saturating_add(OVERSHOOT);
-            let too_short = lifetime.saturating_sub(*remaining) > tolerance(*lifetime);
-            if too_long || too_short {
+            if needs_refresh(*remaining, *lifetime) {
                 out.refresh.push((opening.clone(), *lifetime));
             }
             false

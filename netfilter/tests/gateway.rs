@@ -804,3 +804,147 @@ fn a_repair_lists_the_sets_however_many_elements_and_reports_what_differed() {
     assert_eq!(report.refreshed, 0);
     assert_eq!(nft_set_len(&topo.gateway, "fwnp", "lease4"), desired.len());
 }
+
+/// An owned table's elements change only through its handle, so a repair of many elements
+/// looks the desired ones up and puts right what they lack, without replacing the sets: an
+/// element removed comes back, one whose time was cut short gets its time back, and the rest
+/// are left as they are.
+#[test]
+fn a_repair_of_an_owned_table_looks_the_desired_elements_up() {
+    if !require_root("a_repair_of_an_owned_table_looks_the_desired_elements_up") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8120, 8121]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let host = topo.host().v4;
+    let lifetime = Duration::from_secs(600);
+    // Interval elements too (ports ranges, a source prefix), which the kernel holds apart.
+    let kept_range = tcp_range(host, 20_000, 20_100);
+    let taken_range = tcp_from(host, 21_000, prefix_str("203.0.113.0/24"));
+    let mut desired = vec![
+        (tcp(host, 8120), lifetime),
+        (tcp(host, 8121), lifetime),
+        (kept_range, lifetime),
+        (taken_range.clone(), lifetime),
+    ];
+    desired.extend((0..Netfilter::REPLACE_AT).map(|i| {
+        let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+        (tcp(topo.host().v6, port), lifetime)
+    }));
+    let mut nf = open_and_apply(&topo.gateway, &layout, &desired);
+    let results = topo
+        .gateway
+        .run(|| {
+            nf.commit(
+                &layout,
+                &[
+                    Change::Remove(tcp(host, 8120)),
+                    Change::Remove(taken_range.clone()),
+                    Change::Renew(tcp(host, 8121), Duration::from_secs(5)),
+                ],
+            )
+        })
+        .expect("commit");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(!outside_tcp(&topo, host, 8120));
+    let report = topo
+        .gateway
+        .run(|| nf.repair(&layout, desired.clone()))
+        .expect("repair");
+    assert!(!report.replaced, "{report:?}");
+    assert!(!report.table_recreated, "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(report.added, vec![tcp(host, 8120), taken_range]);
+    assert_eq!(report.refreshed, 1, "{report:?}");
+    assert!(outside_tcp(&topo, host, 8120));
+    let listed = topo.gateway.run(|| nf.elements(&layout)).expect("elements");
+    assert_eq!(listed.len(), desired.len());
+    let renewed = listed
+        .iter()
+        .find(|(o, _)| *o == tcp(host, 8121))
+        .map(|(_, remaining)| *remaining);
+    assert!(
+        renewed.is_some_and(|r| r > Duration::from_secs(500)),
+        "{renewed:?}"
+    );
+}
+
+/// A repair of a large shared table whose replacement the kernel refuses does not list the
+/// sets either: two desired port ranges that overlap abort the whole replacement, the changes
+/// that follow give the second its own error, and the replacement without it removes what
+/// someone else added.
+#[test]
+fn a_refused_replacement_is_tried_again_without_the_elements_the_kernel_refuses() {
+    if !require_root("a_refused_replacement_is_tried_again_without_the_elements_the_kernel_refuses")
+    {
+        return;
+    }
+    let topo = topology();
+    let _server =
+        TcpEchoServer::start_ports(&topo.host().netns, &[8140, 8141, 20_050]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let host = topo.host().v4;
+    let lifetime = Duration::from_secs(600);
+    let range = tcp_range(host, 20_000, 20_100);
+    let overlapping = tcp_range(host, 20_050, 20_150);
+    let mut desired = vec![
+        (tcp(host, 8140), lifetime),
+        (range.clone(), lifetime),
+        (overlapping.clone(), lifetime),
+    ];
+    desired.extend((0..Netfilter::REPLACE_AT).map(|i| {
+        let port = 10_000 + u16::try_from(i % 50_000).expect("port");
+        (tcp(topo.host().v6, port), lifetime)
+    }));
+    let held: Vec<(Element, Duration)> = desired
+        .iter()
+        .filter(|(o, _)| *o != overlapping)
+        .cloned()
+        .collect();
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &held);
+    // Someone else removes a lease and adds an element of their own.
+    topo.gateway
+        .exec_checked(&[
+            "nft",
+            "delete",
+            "element",
+            "inet",
+            "fwnp",
+            "lease4",
+            &format!("{{ {host} . tcp . 8140 }}"),
+        ])
+        .expect("nft delete element");
+    topo.gateway
+        .exec_checked(&[
+            "nft",
+            "add",
+            "element",
+            "inet",
+            "fwnp",
+            "lease4",
+            &format!("{{ {host} . tcp . 8141 timeout 1h }}"),
+        ])
+        .expect("nft add element");
+    assert!(outside_tcp(&topo, host, 8141));
+    let report = topo
+        .gateway
+        .run(|| nf.repair(&layout, desired.clone()))
+        .expect("repair");
+    assert!(report.replaced, "{report:?}");
+    assert!(!report.undesired_may_remain, "{report:?}");
+    assert_eq!(report.added, vec![tcp(host, 8140)]);
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(
+        matches!(&report.failed[0], (o, Error::ElementConflicts(_)) if *o == overlapping),
+        "{report:?}"
+    );
+    assert!(outside_tcp(&topo, host, 8140), "the lease is not back");
+    assert!(outside_tcp(&topo, host, 20_050), "the range is gone");
+    assert!(
+        !outside_tcp(&topo, host, 8141),
+        "the foreign element outlived the repair"
+    );
+    let listed = topo.gateway.run(|| nf.elements(&layout)).expect("elements");
+    assert_eq!(listed.len(), held.len());
+}

@@ -10,6 +10,39 @@ pub(super) struct FoundElement {
     pub(super) remaining: Option<Duration>,
 }
 
+/// How many element queries [`Netfilter::look_up`] sends in one datagram: the kernel queues
+/// each answer as a buffer of a page or more until it is read, and one datagram's answers
+/// must fit the receive buffer.
+const LOOKUPS_PER_ROUND: usize = 512;
+
+/// The remaining time of the element in an answer to a query (NEWSETELEM) if it is exactly
+/// `wanted`: an interval set may answer with an element that merely contains the key.
+fn found_exactly(m: &Message<'_>, wanted: &ElementKey) -> Option<Duration> {
+    if m.msg_type != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+        return None;
+    }
+    let list = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS)?;
+    for (attr_type, elem) in Attrs::new(list) {
+        if attr_type != NFTA_LIST_ELEM {
+            continue;
+        }
+        let (mut key, mut key_end, mut remaining) = (None, None, None);
+        for (t, data) in Attrs::new(elem) {
+            match t {
+                NFTA_SET_ELEM_KEY => key = data_value(data),
+                NFTA_SET_ELEM_KEY_END => key_end = data_value(data),
+                NFTA_SET_ELEM_EXPIRATION => remaining = be_u64(data).map(Duration::from_millis),
+                _ => {}
+            }
+        }
+        if key == Some(wanted.key.as_slice()) && key_end == wanted.key_end.as_deref() {
+            // An element without expiration never expires: reported as the longest time.
+            return Some(remaining.unwrap_or(Duration::MAX));
+        }
+    }
+    None
+}
+
 /// Parses the NEWSETELEM messages of a dump datagram into openings with remaining times.
 pub(super) fn parse_elements(datagram: &[u8], set: SetId, out: &mut Vec<(Element, Duration)>) {
     for m in messages(datagram) {
@@ -358,6 +391,96 @@ impl Netfilter {
             }
         })?;
         Ok(if exists { found } else { None })
+    }
+
+    /// Looks each key up in the kernel, many queries to a datagram, and answers for each the
+    /// remaining time of the element held with exactly that key (and key end), `None` when
+    /// there is none; an element without an expiration counts as the longest time. Linear in
+    /// the number of keys, however large the set: unlike a dump, a query goes to its element
+    /// through the set's index.
+    pub(super) fn look_up(
+        &mut self,
+        table: &str,
+        keys: &[ElementKey],
+    ) -> Result<Vec<Option<Duration>>, Error> {
+        let mut out = vec![None; keys.len()];
+        let mut round: HashMap<u32, usize> = HashMap::with_capacity(LOOKUPS_PER_ROUND);
+        for (chunk_at, chunk) in keys.chunks(LOOKUPS_PER_ROUND).enumerate() {
+            round.clear();
+            let mut b = Builder::new();
+            for (i, key) in chunk.iter().enumerate() {
+                let seq = bump(&mut self.seq);
+                round.insert(seq, chunk_at * LOOKUPS_PER_ROUND + i);
+                // No acknowledgement asked: the element answers a query that finds it, an
+                // error one that does not, and a datagram (a receive) is saved per element.
+                let msg = b.begin_nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST, seq, NFPROTO_INET);
+                b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
+                b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
+                let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
+                let elem = b.nest_start(NFTA_LIST_ELEM);
+                b.put_data_value(NFTA_SET_ELEM_KEY, &key.key);
+                if let Some(end) = &key.key_end {
+                    b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
+                }
+                b.nest_end(elem);
+                b.nest_end(nest);
+                b.end_msg(msg);
+            }
+            // The kernel answers the messages of a datagram in order: once the generation
+            // query that ends it is acknowledged, every element query has been answered.
+            let last = bump(&mut self.seq);
+            let msg = b.begin_nft(
+                NFT_MSG_GETGEN,
+                NLM_F_REQUEST | NLM_F_ACK,
+                last,
+                NFPROTO_UNSPEC,
+            );
+            b.end_msg(msg);
+            self.socket.send(b.as_bytes())?;
+            let mut answered = false;
+            while !answered {
+                let n = match self.socket.recv(&mut self.recv_buf, false) {
+                    Ok(n) => n,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Err(Error::UnexpectedReply(
+                            "element queries went unanswered".into(),
+                        ));
+                    }
+                    Err(e) => return Err(Error::Io(e)),
+                };
+                for m in messages(&self.recv_buf[..n]) {
+                    if m.seq == last {
+                        if let Some(ack) = parse_ack(&m) {
+                            if ack.errno != 0 {
+                                return Err(from_ack(Op::ReadGeneration, &ack, table, None, None));
+                            }
+                            answered = true;
+                        }
+                        continue;
+                    }
+                    let Some(&at) = round.get(&m.seq) else {
+                        continue;
+                    };
+                    if let Some(ack) = parse_ack(&m) {
+                        match ack.errno {
+                            0 | libc::ENOENT => continue,
+                            _ => {
+                                return Err(from_ack(Op::AddElement, &ack, table, None, None));
+                            }
+                        }
+                    }
+                    if let Some(remaining) = found_exactly(&m, &keys[at]) {
+                        out[at] = Some(remaining);
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub(super) fn elements_of(
