@@ -31,10 +31,17 @@ of the idle timeout, timers sized to the Welcome's shortest lifetime, no 0-RTT, 
 waited for an answer. The probes break the client's own rules on purpose (a request before
 Hello, malformed or oversized items, a unidirectional stream) to see the gateway answer them
 as the specification says.
+
+What the client knows of the QUIC connection it reads through aioquic's public interfaces: its
+events and its qlog trace (the transport parameters of both sides). Two things it
+cannot do that way and does on the connection object itself: set its own stream limits (aioquic
+1.x has no setting for them) and open a stream beyond the gateway's limit (aioquic keeps such a
+stream waiting, as it should).
 """
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import json
 import os
@@ -46,6 +53,7 @@ from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 
 import wire_codec as codec
 
@@ -58,6 +66,9 @@ REQUEST_TIMEOUT, VERSION_MISMATCH = 0x6, 0x5
 PORT_RANGES, REMOTE_PREFIXES, APPLICATIONS, NOTICES, THIRD_PARTY = 1, 2, 4, 8, 16
 # Section 3.4: before a Welcome, and the bounds of M/8.
 DEFAULT_IDLE, MIN_IDLE, MAX_IDLE = 30.0, 1.0, 30.0
+# RFC 9000 Section 18.2: what an absent transport parameter means (no idle timeout, no stream).
+TRANSPORT_DEFAULTS = {"max_idle_timeout": 0, "initial_max_streams_bidi": 0,
+                      "initial_max_streams_uni": 0, "disable_active_migration": False}
 
 
 def idle_timeout_for(min_lifetime):
@@ -160,22 +171,68 @@ class _Stream:
         self.exchange, self.future, self.buffer = exchange, future, bytearray()
 
 
+class _Trace(QuicLoggerTrace):
+    """What the client learns of its connection from aioquic's qlog events, its public window on
+    the transport: the transport parameters each side sent. Only these are kept (a trace of
+    every event would grow for as long as the connection lasts)."""
+
+    def __init__(self, *, is_client, odcid):
+        super().__init__(is_client=is_client, odcid=odcid)
+        self.parameters = {}  # "local" or "remote": the transport parameters, as qlog renders them
+
+    def log_event(self, *, category, event, data):
+        if event == "parameters_set":
+            self.parameters[data["owner"]] = data
+
+
+class _Observer(QuicLogger):
+    """A QuicLogger whose one trace is a _Trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.trace = None
+
+    def start_trace(self, is_client, odcid):
+        self.trace = _Trace(is_client=is_client, odcid=odcid)
+        return self.trace
+
+    def end_trace(self, trace):
+        pass  # the trace stays readable after the connection ends
+
+
 class FwnpProtocol(QuicConnectionProtocol):
     """The QUIC connection's events: answers on request streams, notices on the gateway's
     unidirectional streams."""
 
-    def __init__(self, quic, stream_handler=None):
+    def __init__(self, quic, stream_handler=None, observer=None):
         super().__init__(quic, stream_handler)
         # Section 3.4: the gateway never opens a bidirectional stream; a client with NOTICES
-        # allows it at least 8 unidirectional ones. aioquic has no setting for these
-        # transport parameters; they are read when the handshake starts, after this.
+        # allows it at least 8 unidirectional ones. aioquic 1.x has no setting for these two
+        # transport parameters (it always announces 128), so its connection's limits are set
+        # here, before the handshake sends them; the client reads back what it sent from the
+        # qlog trace.
         quic._local_max_streams_bidi.value = 0
         quic._local_max_streams_uni.value = 16
+        self.observer = observer
         self.requests = {}
         self.notices = []
         self.notice_buffers = {}
         self.closed = None
+        self.negotiated = None  # the ALPN protocol the handshake selected
         self.last_sent = asyncio.get_event_loop().time()
+
+    @property
+    def trace(self):
+        return self.observer.trace if self.observer is not None else None
+
+    def _terminated(self, closed):
+        if self.closed is None:
+            self.closed = closed
+        for stream in self.requests.values():
+            if not stream.future.done():
+                stream.exchange.closed = self.closed
+                stream.future.set_result(stream.exchange)
+        self.requests.clear()
 
     def quic_event_received(self, event):
         if isinstance(event, events.StreamDataReceived):
@@ -186,14 +243,11 @@ class FwnpProtocol(QuicConnectionProtocol):
                 stream.exchange.reset = event.error_code
                 stream.future.set_result(stream.exchange)
             self.notice_buffers.pop(event.stream_id, None)
+        elif isinstance(event, events.ProtocolNegotiated):
+            self.negotiated = event.alpn_protocol
         elif isinstance(event, events.ConnectionTerminated):
             # A transport close names the frame that caused it; an application close none.
-            self.closed = (event.error_code, event.reason_phrase, event.frame_type is None)
-            for stream in self.requests.values():
-                if not stream.future.done():
-                    stream.exchange.closed = self.closed
-                    stream.future.set_result(stream.exchange)
-            self.requests.clear()
+            self._terminated((event.error_code, event.reason_phrase, event.frame_type is None))
 
     def _data(self, event):
         sid = event.stream_id
@@ -264,6 +318,16 @@ class FwnpProtocol(QuicConnectionProtocol):
             exchange.timed_out = True
             return exchange
 
+    def open_unidirectional_beyond_limit(self, data):
+        """Sends `data` on a unidirectional stream although the gateway's limit is 0: a breach
+        of QUIC's stream limit on purpose. aioquic keeps such a stream blocked until the peer
+        raises its limit, and has no way to send it regardless but to be told the limit is
+        higher than the gateway said."""
+        self._quic._remote_max_streams_uni = 1
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        self._quic.send_stream_data(sid, data, end_stream=True)
+        self.transmit()
+
     async def keep_alive(self, idle):
         """Section 3.4: a PING whenever nothing was sent for a third of the idle timeout."""
         loop = asyncio.get_event_loop()
@@ -300,6 +364,7 @@ class Session:
         self.protocol = None
         self.welcome = None
         self.idle = DEFAULT_IDLE
+        self.observer = None
         self._context = None
         self._keep_alive = None
         self._next_id = int.from_bytes(os.urandom(4), "big")
@@ -310,17 +375,22 @@ class Session:
         return self._next_id
 
     def configuration(self):
+        self.observer = _Observer()
         config = QuicConfiguration(is_client=True, alpn_protocols=[self.alpn],
                                    idle_timeout=self.idle, server_name=self.server_name,
-                                   verify_mode=ssl.CERT_REQUIRED)
+                                   verify_mode=ssl.CERT_REQUIRED, quic_logger=self.observer)
         config.load_verify_locations(cafile=self.ca)
         if self.cert is not None:
             config.load_cert_chain(self.cert, self.key)
         return config
 
+    def _protocol_factory(self, configuration):
+        return functools.partial(FwnpProtocol, observer=configuration.quic_logger)
+
     async def connect(self):
-        self._context = connect(self.host, self.port, configuration=self.configuration(),
-                                create_protocol=FwnpProtocol,
+        config = self.configuration()
+        self._context = connect(self.host, self.port, configuration=config,
+                                create_protocol=self._protocol_factory(config),
                                 session_ticket_handler=self.tickets.append)
         self.protocol = await self._context.__aenter__()
         self._keep_alive = asyncio.ensure_future(self.protocol.keep_alive(self.idle))
@@ -329,8 +399,10 @@ class Session:
     async def handshake_fate(self, limit=5.0):
         """Connects without waiting for the handshake and reports how the connection ended
         within `limit`, or None if it is still open: for handshakes the gateway must abort."""
-        self._context = connect(self.host, self.port, configuration=self.configuration(),
-                                create_protocol=FwnpProtocol, wait_connected=False)
+        config = self.configuration()
+        self._context = connect(self.host, self.port, configuration=config,
+                                create_protocol=self._protocol_factory(config),
+                                wait_connected=False)
         self.protocol = await self._context.__aenter__()
         self.protocol.transmit()  # without waiting, aioquic sends the Initial at the first send
         await _wait_closed(self.protocol, limit)
@@ -347,6 +419,13 @@ class Session:
             except asyncio.TimeoutError:
                 pass
         self._context = self.protocol = None
+
+    def transport_parameters(self, owner="remote"):
+        """The transport parameters the gateway ("remote") or the client ("local") sent, those
+        absent at their default of RFC 9000 Section 18.2."""
+        trace = self.protocol.trace if self.protocol is not None else None
+        sent = trace.parameters.get(owner, {}) if trace is not None else {}
+        return {**TRANSPORT_DEFAULTS, **{k: v for k, v in sent.items() if v is not None}}
 
     async def hello(self, capabilities=NOTICES, versions=(1,)):
         message = {"type": "hello", "versions": list(versions), "capabilities": capabilities,
@@ -477,13 +556,8 @@ async def drive(args):
     uni = Session(**files)
     await uni.connect()
     await uni.hello()
-    # The gateway's initial_max_streams_uni of 0 forbids it; aioquic is told otherwise so as
-    # to send it all the same.
-    uni.protocol._quic._remote_max_streams_uni = 1
-    sid = uni.protocol._quic.get_next_available_stream_id(is_unidirectional=True)
-    uni.protocol._quic.send_stream_data(sid, codec.encode({"type": "list", "request_id": 1}),
-                                        end_stream=True)
-    uni.protocol.transmit()
+    uni.protocol.open_unidirectional_beyond_limit(
+        codec.encode({"type": "list", "request_id": 1}))
     await _wait_closed(uni.protocol, 3.0)
     say("unidirectional-stream", closed=_closed(uni.protocol))
     await uni.close()
@@ -491,12 +565,14 @@ async def drive(args):
     # The session the rest runs in.
     session = Session(**files)
     hellos = await session.start(capabilities=NOTICES | PORT_RANGES | REMOTE_PREFIXES)
-    quic = session.protocol._quic
+    remote, local = session.transport_parameters(), session.transport_parameters("local")
+    names = ("initial_max_streams_bidi", "initial_max_streams_uni", "max_idle_timeout",
+             "disable_active_migration")
     say("hello", **hellos[-1].report(), hellos=len(hellos), idle_timeout=session.idle,
-        transport={"initial_max_streams_bidi": quic._remote_max_streams_bidi,
-                   "initial_max_streams_uni": quic._remote_max_streams_uni,
-                   "max_idle_timeout": quic._remote_max_idle_timeout,
-                   "alpn": quic.tls.alpn_negotiated},
+        transport=dict({name: remote.get(name) for name in names},
+                       alpn=session.protocol.negotiated,
+                       stateless_reset_token=remote.get("stateless_reset_token") is not None),
+        own_transport={name: local.get(name) for name in names},
         session_tickets=len(session.tickets),
         early_data_offered=any(t.max_early_data_size for t in session.tickets))
     exchange = await session.hello()

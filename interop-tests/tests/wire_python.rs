@@ -19,7 +19,8 @@
 //! address-mismatch, lifetime-out-of-range, malformed-option, unknown-lease, MessageTooLarge for
 //! an item over 16,384 bytes, the request id echoed exactly when it was readable, idempotent
 //! re-open, Renew lifetimes, answers in the deterministic encoding and the transport parameters
-//! of Section 3.4.
+//! of Section 3.4 (disable_active_migration and a stateless reset token among them, and the
+//! client's own).
 //!
 //! Needs a Python with cbor2 and aioquic: `$FWNP_PYTHON`, else the virtual environment
 //! `scripts/test` makes in `target/python-venv` (missing: skipped, failing instead when
@@ -354,6 +355,14 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         transport["initial_max_streams_bidi"], limits["max_streams"],
         "{transport} {limits}"
     );
+    // The client's own parameters (Section 3.4), as it sent them: no bidirectional stream for
+    // the gateway, at least 8 unidirectional ones for its notices.
+    let own = &hello["own_transport"];
+    assert_eq!(own["initial_max_streams_bidi"], 0, "{own}");
+    assert!(own["initial_max_streams_uni"].as_u64() >= Some(8), "{own}");
+    // Section 3.4: the gateway forbids active migration and issues a stateless reset token.
+    assert_eq!(transport["disable_active_migration"], true, "{transport}");
+    assert_eq!(transport["stateless_reset_token"], true, "{transport}");
     // Section 3.3: no early data offered (and here no session ticket at all).
     assert_eq!(hello["early_data_offered"], false, "{hello:#}");
     assert_eq!(hello["session_tickets"], 0, "{hello:#}");
