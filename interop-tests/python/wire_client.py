@@ -28,12 +28,13 @@ The client side of the protocol follows the specification where the gateway's co
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
 deployment CA and the configured address, initial_max_streams_bidi 0, keep-alives at a third
 of the idle timeout, timers sized to the Welcome's shortest lifetime, no 0-RTT, at most 5 s
-waited for an answer. The probes break the client's own rules on purpose (a request before
-Hello, malformed or oversized items, a unidirectional stream) to see the gateway answer them
-as the specification says.
+waited for an answer. The probes break the client's own
+rules on purpose (a request before Hello, malformed or oversized items, a unidirectional
+stream, a migration) to see the gateway answer them as the specification says.
 
 What the client knows of the QUIC connection it reads through aioquic's public interfaces: its
-events and its qlog trace (the transport parameters of both sides). Two things it
+events, its qlog trace (the transport parameters of both sides) and the asyncio datagram
+protocol (a second socket for a migration). Two things it
 cannot do that way and does on the connection object itself: set its own stream limits (aioquic
 1.x has no setting for them) and open a stream beyond the gateway's limit (aioquic keeps such a
 stream waiting, as it should).
@@ -45,6 +46,7 @@ import functools
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import sys
 
@@ -200,6 +202,23 @@ class _Observer(QuicLogger):
         pass  # the trace stays readable after the connection ends
 
 
+class _Path(asyncio.DatagramProtocol):
+    """A second UDP socket of a connection: what it receives goes to the connection, and what it
+    received is counted."""
+
+    def __init__(self, protocol):
+        self.protocol, self.received, self.transport = protocol, 0, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        # The connection sends through this socket from now on.
+        self.protocol.connection_made(transport)
+
+    def datagram_received(self, data, addr):
+        self.received += 1
+        self.protocol.datagram_received(data, addr)
+
+
 class FwnpProtocol(QuicConnectionProtocol):
     """The QUIC connection's events: answers on request streams, notices on the gateway's
     unidirectional streams."""
@@ -218,12 +237,18 @@ class FwnpProtocol(QuicConnectionProtocol):
         self.notices = []
         self.notice_buffers = {}
         self.closed = None
+        self.transports = []    # the UDP sockets the connection sent through, the first its own
         self.negotiated = None  # the ALPN protocol the handshake selected
         self.last_sent = asyncio.get_event_loop().time()
 
     @property
     def trace(self):
         return self.observer.trace if self.observer is not None else None
+
+    def connection_made(self, transport):
+        if transport not in self.transports:
+            self.transports.append(transport)
+        super().connection_made(transport)
 
     def _terminated(self, closed):
         if self.closed is None:
@@ -426,6 +451,21 @@ class Session:
         trace = self.protocol.trace if self.protocol is not None else None
         sent = trace.parameters.get(owner, {}) if trace is not None else {}
         return {**TRANSPORT_DEFAULTS, **{k: v for k, v in sent.items() if v is not None}}
+
+    async def move(self):
+        """Sends from a new UDP socket, of another local port, from now on: the connection
+        migrates although the gateway may have forbidden it (disable_active_migration). Returns
+        the new path; move_back returns to the handshake's."""
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0, 0, 0))
+        path = _Path(self.protocol)
+        await asyncio.get_event_loop().create_datagram_endpoint(lambda: path, sock=sock)
+        return path
+
+    def move_back(self, path):
+        self.protocol.connection_made(self.protocol.transports[0])
+        path.transport.close()
 
     async def hello(self, capabilities=NOTICES, versions=(1,)):
         message = {"type": "hello", "versions": list(versions), "capabilities": capabilities,
@@ -777,10 +817,13 @@ async def drive(args):
     pending = asyncio.ensure_future(session.protocol.exchange(
         codec.encode({"type": "open", "request_id": 7601, "lifetime": 60,
                       "opening": session.opening(args.port + 4)}), wait=13.0, fin=False))
+    # Meanwhile, a connection that migrates (Section 3.4).
+    moved = asyncio.ensure_future(migrate(files))
     await _wait_closed(silent.protocol, 13.0)
     say("no-hello", closed=_closed(silent.protocol))
     await silent.close()
     say("open-without-fin", **(await pending).report())
+    say("migration", **await moved)
 
     # A second connection, without NOTICES, to see that notices go only where asked for.
     quiet = Session(**files)
@@ -896,6 +939,28 @@ async def drive(args):
         say("renew-after-restart", **exchange.report())
     await again.close()
     say("done")
+
+
+async def migrate(files):
+    """Section 3.4: a gateway that sent disable_active_migration is not followed by a client
+    that moves to another local address (here another UDP port) all the same: RFC 9000 Section 9
+    has it drop what arrives on the new path, or validate the path and let the client move, and
+    never answer it with a stateless reset or close the connection. Back on the handshake's path,
+    the connection still works. Returns what was seen."""
+    mover = Session(**files)
+    await mover.connect()
+    hello = await mover.hello()
+    path = await mover.move()
+    moved = await mover.send({"type": "list", "request_id": 7701})
+    await asyncio.sleep(1.0)  # for a late reset or close
+    out = {"disable_active_migration":
+           mover.transport_parameters().get("disable_active_migration"),
+           "welcome": (hello.message or {}).get("type"), "moved": moved.report(),
+           "received_on_new_path": path.received, "closed_while_moved": _closed(mover.protocol)}
+    mover.move_back(path)
+    out["back"] = (await mover.send({"type": "list", "request_id": 7702})).report()
+    await mover.close()
+    return out
 
 
 FORM_CODES = {"malformed-request", "malformed-option", "unsupported-option",

@@ -10,9 +10,11 @@
 //! remote prefix only from inside it, a lease an operator revokes closed before its Revoked
 //! notice arrives (on the connection with NOTICES only), a revoked host certificate's lease
 //! revoked and its connections closed, a gateway stopped sending GoingAway and, started again
-//! on its state, keeping its epoch and the lease; every conformance vector of a request is
-//! answered as the vector says; and the gateway's answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
-//! then VersionMismatch, QUIC's STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS
+//! on its state, keeping its epoch and the lease; a connection that migrates neither reset nor
+//! closed, its packets on the new path dropped, and working again on its first path; every
+//! conformance vector of a request is answered as the vector says; and the gateway's answers
+//! keep the MUSTs a client can see: hello-required before Hello, unsupported-version then
+//! VersionMismatch, QUIC's STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS
 //! alerts for a handshake without a client certificate or without the ALPN, RequestTimeout for
 //! an unfinished request or a missing Hello (and nothing opened meanwhile), malformed-request
 //! for ill-formed items and a second Hello, unsupported-option listing the critical keys,
@@ -490,6 +492,34 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let no_hello = &steps["no-hello"]["closed"];
     assert_eq!(no_hello["code"], REQUEST_TIMEOUT, "{no_hello}");
     assert_eq!(no_hello["application"], true, "{no_hello}");
+
+    // A client that migrates although the gateway forbade it (Section 3.4, RFC 9000 Section
+    // 9): what it sends on the new path is dropped (or the path validated), never answered
+    // with a stateless reset or a close; back on the handshake's path the connection works.
+    let migration = &steps["migration"];
+    assert_eq!(migration["welcome"], "welcome", "{migration:#}");
+    assert_eq!(migration["disable_active_migration"], true, "{migration:#}");
+    assert!(migration["closed_while_moved"].is_null(), "{migration:#}");
+    let moved = &migration["moved"];
+    if moved.get("answer").is_some() {
+        // The gateway validated the new path and let the client move: the answer came there.
+        assert_eq!(moved["answer"]["request_id"], 7701, "{migration:#}");
+        assert!(
+            migration["received_on_new_path"].as_u64() > Some(0),
+            "{migration:#}"
+        );
+    } else {
+        assert_eq!(moved["timed_out"], true, "{migration:#}");
+        assert_eq!(migration["received_on_new_path"], 0, "{migration:#}");
+    }
+    assert_eq!(
+        migration["back"]["answer"]["type"], "leases",
+        "{migration:#}"
+    );
+    assert_eq!(
+        migration["back"]["answer"]["request_id"], 7702,
+        "{migration:#}"
+    );
 
     // Host addresses as an array: one lease, a grant for each; a family alone: its address.
     let named = answer(&steps, "open-host-addresses", "granted");
