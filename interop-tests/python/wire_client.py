@@ -22,19 +22,25 @@ namespace:
         `credential-revoked` (the caller has revoked the first certificate), reports what
         each connection saw, opens tcp/N+9, says `ready-for-shutdown`, reports how the second
         connection ends when the caller stops the gateway, and reads `restarted` before it
-        connects again. The caller probes the ports meanwhile.
+        connects again. It then holds a connection, says `ready-for-crash` and reads `crashed`
+        (the caller has killed the gateway and started it again), reports the stateless reset
+        its next packet drew and its reconnection; and the same after `ready-for-state-loss`
+        and `state-lost` (the gateway started again without its lease state), when it also
+        opens its lease again under the new epoch. The caller probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
 deployment CA and the configured address, initial_max_streams_bidi 0, keep-alives at a third
 of the idle timeout, timers sized to the Welcome's shortest lifetime, no 0-RTT, at most 5 s
-waited for an answer. The probes break the client's own
+waited for an answer, stateless resets recognized by their token and followed by a
+reconnection at once, leases of another epoch opened again. The probes break the client's own
 rules on purpose (a request before Hello, malformed or oversized items, a unidirectional
 stream, a migration) to see the gateway answer them as the specification says.
 
 What the client knows of the QUIC connection it reads through aioquic's public interfaces: its
-events, its qlog trace (the transport parameters of both sides) and the asyncio datagram
-protocol (a second socket for a migration). Two things it
+events, its qlog trace (the transport parameters of both sides, the gateway's connection ids
+and their stateless reset tokens) and the asyncio datagram protocol (a stateless reset, which
+aioquic does not detect, is found among the datagrams the socket receives). Two things it
 cannot do that way and does on the connection object itself: set its own stream limits (aioquic
 1.x has no setting for them) and open a stream beyond the gateway's limit (aioquic keeps such a
 stream waiting, as it should).
@@ -71,6 +77,8 @@ DEFAULT_IDLE, MIN_IDLE, MAX_IDLE = 30.0, 1.0, 30.0
 # RFC 9000 Section 18.2: what an absent transport parameter means (no idle timeout, no stream).
 TRANSPORT_DEFAULTS = {"max_idle_timeout": 0, "initial_max_streams_bidi": 0,
                       "initial_max_streams_uni": 0, "disable_active_migration": False}
+# RFC 9000 Section 10.3: a stateless reset ends in a 16-byte token, and is at least 21 bytes.
+RESET_TOKEN_SIZE, MIN_RESET_SIZE = 16, 21
 
 
 def idle_timeout_for(min_lifetime):
@@ -175,16 +183,53 @@ class _Stream:
 
 class _Trace(QuicLoggerTrace):
     """What the client learns of its connection from aioquic's qlog events, its public window on
-    the transport: the transport parameters each side sent. Only these are kept (a trace of
-    every event would grow for as long as the connection lasts)."""
+    the transport: the transport parameters each side sent, the connection ids the gateway
+    issued with their stateless reset tokens, and the ids the client sent packets to. Only these
+    are kept (a trace of every event would grow for as long as the connection lasts)."""
 
     def __init__(self, *, is_client, odcid):
         super().__init__(is_client=is_client, odcid=odcid)
         self.parameters = {}  # "local" or "remote": the transport parameters, as qlog renders them
+        self._tokens = {}     # the gateway's connection id (hex): its stateless reset token (hex)
+        self.used = set()     # the gateway's connection ids (hex) the client sent packets to
+        self._frames = []     # frame lists of received packets, filled after their event
 
     def log_event(self, *, category, event, data):
+        self._collect()
         if event == "parameters_set":
             self.parameters[data["owner"]] = data
+            token = data.get("stateless_reset_token")
+            if data["owner"] == "remote" and token:
+                # RFC 9000 Section 18.2: the token of the id the gateway chose in its handshake.
+                self._tokens[data["initial_source_connection_id"]] = token
+        elif event == "packet_received" and data.get("frames") is not None:
+            self._frames.append(data["frames"])
+        elif event == "packet_sent":
+            self.used.add(data["header"]["dcid"])
+
+    def _collect(self):
+        for frames in self._frames:
+            for frame in frames:
+                if frame.get("frame_type") == "new_connection_id":
+                    self._tokens[frame["connection_id"]] = frame["reset_token"]
+        self._frames.clear()
+
+    @property
+    def tokens(self):
+        self._collect()
+        return dict(self._tokens)
+
+    def reset_token_of(self, datagram):
+        """The connection id whose token `datagram` ends in, if it is a stateless reset of this
+        connection: RFC 9000 Section 10.3.1 compares the last 16 bytes with the tokens of the
+        connection ids the client used."""
+        if len(datagram) < MIN_RESET_SIZE:
+            return None
+        tail = datagram[-RESET_TOKEN_SIZE:].hex()
+        for cid, token in self.tokens.items():
+            if token == tail and cid in self.used:
+                return cid
+        return None
 
 
 class _Observer(QuicLogger):
@@ -200,6 +245,20 @@ class _Observer(QuicLogger):
 
     def end_trace(self, trace):
         pass  # the trace stays readable after the connection ends
+
+
+class _Muted:
+    """A datagram transport that sends nothing: after a stateless reset the client must not send
+    on the connection again (RFC 9000 Section 10.3.1), while aioquic still closes it."""
+
+    def sendto(self, data, addr=None):
+        pass
+
+    def close(self):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
 
 
 class _Path(asyncio.DatagramProtocol):
@@ -221,7 +280,7 @@ class _Path(asyncio.DatagramProtocol):
 
 class FwnpProtocol(QuicConnectionProtocol):
     """The QUIC connection's events: answers on request streams, notices on the gateway's
-    unidirectional streams."""
+    unidirectional streams, and stateless resets, which aioquic does not detect."""
 
     def __init__(self, quic, stream_handler=None, observer=None):
         super().__init__(quic, stream_handler)
@@ -237,6 +296,7 @@ class FwnpProtocol(QuicConnectionProtocol):
         self.notices = []
         self.notice_buffers = {}
         self.closed = None
+        self.reset = None       # the stateless reset that ended the connection
         self.transports = []    # the UDP sockets the connection sent through, the first its own
         self.negotiated = None  # the ALPN protocol the handshake selected
         self.last_sent = asyncio.get_event_loop().time()
@@ -246,9 +306,28 @@ class FwnpProtocol(QuicConnectionProtocol):
         return self.observer.trace if self.observer is not None else None
 
     def connection_made(self, transport):
-        if transport not in self.transports:
+        if not isinstance(transport, _Muted) and transport not in self.transports:
             self.transports.append(transport)
         super().connection_made(transport)
+
+    def datagram_received(self, data, addr):
+        # RFC 9000 Section 10.3.1: a datagram ending in the token of a connection id the
+        # client used is a stateless reset. aioquic would drop it as a packet it cannot
+        # decrypt, and learn that the connection is gone only at its idle timeout.
+        trace = self.trace
+        cid = trace.reset_token_of(bytes(data)) if trace is not None and self.reset is None \
+            else None
+        if cid is None:
+            super().datagram_received(data, addr)
+            return
+        self.reset = {"connection_id": cid, "token": bytes(data[-RESET_TOKEN_SIZE:]).hex(),
+                      "size": len(data), "first_byte": data[0],
+                      "at": asyncio.get_event_loop().time()}
+        # The connection ends here, in silence: aioquic closes it, sending to no one.
+        self.connection_made(_Muted())
+        self._quic.close(error_code=NO_ERROR, reason_phrase="stateless reset")
+        self.transmit()
+        self._terminated((None, "stateless reset", False))
 
     def _terminated(self, closed):
         if self.closed is None:
@@ -912,10 +991,13 @@ async def drive(args):
     await again.close()
     await session.close()
 
-    # A lease to outlive the gateway's restart.
-    exchange = await second.send({"type": "open", "lifetime": 120,
-                                  "opening": second.opening(args.port + 9)})
+    # A lease to outlive the gateway's restart, kept in the client's book with the Open that
+    # asked for it.
+    book = LeaseBook()
+    asked = {"type": "open", "lifetime": 120, "opening": second.opening(args.port + 9)}
+    exchange = await second.send(asked)
     say("open-before-restart", **exchange.report())
+    book.record(asked, exchange.message)
 
     # The caller stops the gateway: GoingAway, then the connection closed with GoingAway
     # (Section 3.5).
@@ -929,7 +1011,8 @@ async def drive(args):
     # live and renewable.
     if await read_line() != "restarted":
         return
-    again = Session(**dict(files, cert=args.second_cert, key=args.second_key))
+    second_files = dict(files, cert=args.second_cert, key=args.second_key)
+    again = Session(**second_files)
     hellos = await again.start()
     say("hello-after-restart", **hellos[-1].report())
     exchange = await again.send({"type": "list"})
@@ -937,8 +1020,104 @@ async def drive(args):
     for info in (exchange.message or {}).get("leases") or []:
         exchange = await again.send({"type": "renew", "lease": info["lease"]})
         say("renew-after-restart", **exchange.report())
+        book.record(None, exchange.message)
     await again.close()
+
+    # The caller kills the gateway and starts it again on its state: the connection held
+    # meanwhile draws a stateless reset at its next packet (Section 3.4), and the client
+    # reconnects at once (Section 3.5) under the same epoch, its lease kept.
+    say("crash", **await outlive_restart(second_files, book, "ready-for-crash", "crashed"))
+    # The same, the gateway's lease state lost this time: the new epoch of its Welcome makes
+    # the client open its lease again (Section 12).
+    say("state-loss", **await outlive_restart(second_files, book, "ready-for-state-loss",
+                                              "state-lost"))
     say("done")
+
+
+class LeaseBook:
+    """The leases the client holds (Section 12): each one's Open as first asked and the epoch
+    it was last granted under."""
+
+    def __init__(self):
+        self.leases = {}
+
+    def record(self, asked, answer):
+        """Takes a Granted: of the Open `asked`, or of a Renew (`asked` None)."""
+        if answer is None or answer["type"] != "granted":
+            return
+        held = self.leases.get(answer["lease"])
+        asked = asked if asked is not None else held["asked"] if held is not None else None
+        if asked is not None:
+            self.leases[answer["lease"]] = {"asked": asked, "epoch": answer["epoch"]}
+
+    def lost(self, epoch):
+        """The leases granted under another epoch than `epoch`: the gateway has lost them."""
+        return [(lease, held) for lease, held in self.leases.items() if held["epoch"] != epoch]
+
+    async def reopen(self, session, epoch):
+        """Section 12: each lease the gateway lost asked for again with a fresh Open of the
+        opening as originally asked; its old id forgotten once a Granted replaces it."""
+        exchanges = []
+        for lease, held in self.lost(epoch):
+            exchange = await session.send(held["asked"])
+            exchanges.append(exchange.report())
+            if exchange.message is not None and exchange.message["type"] == "granted":
+                del self.leases[lease]
+                self.record(held["asked"], exchange.message)
+        return exchanges
+
+
+async def outlive_restart(files, book, ready, told):
+    """Says `ready` and holds a connection while the caller restarts the gateway (it says
+    `told` when the gateway listens again), then sends List on it: the answer should be a
+    stateless reset whose token is the one the gateway issued with the connection id in use.
+    Reconnects at once, says Hello, re-opens the leases of another epoch (Section 12) and lists.
+    Returns what it saw."""
+    held = Session(**files)
+    # The Welcome's timers are not taken up here (Section 3.4 would have the client connect
+    # again with an idle timeout of M/8): the connection must outlive the gateway's restart for
+    # its next packet to meet the new run, not time out before.
+    await held.connect()
+    await held.hello()
+    epochs = [held.welcome["epoch"]] if held.welcome is not None else []
+    say(ready, connection_ids=sorted(held.protocol.trace.used))
+    if await read_line() != told:
+        await held.close()
+        return {}
+    loop = asyncio.get_event_loop()
+    exchange = await held.send({"type": "list"})
+    trace = held.protocol.trace
+    out = {"reset": held.protocol.reset, "list": exchange.report(),
+           "issued": trace.tokens, "used": sorted(trace.used),
+           "notices": list(held.protocol.notices)}
+    # Section 3.5: after a stateless reset the gateway listens again; the client reconnects
+    # at once, while aioquic winds the old connection down.
+    closing = asyncio.ensure_future(held.close())
+    reset_at = (out["reset"] or {}).get("at")
+    out["reconnected_after"] = loop.time() - reset_at if reset_at is not None else None
+    fresh = Session(**files)
+    hellos = await fresh.start()
+    out["hello"] = hellos[-1].report()
+    if fresh.welcome is not None:
+        epochs.append(fresh.welcome["epoch"])
+        out["reopened"] = await book.reopen(fresh, fresh.welcome["epoch"])
+    exchange = await fresh.send({"type": "list"})
+    out["listed"] = exchange.report()
+    # Notices, EpochChanged among them, that came on either connection; an EpochChanged, like
+    # a Leases, whose epoch is not a lease's makes the client open that lease again.
+    await asyncio.sleep(0.3)
+    out["notices"] += fresh.protocol.notices
+    announced = [n["notice"]["epoch"] for n in fresh.protocol.notices
+                 if n.get("notice", {}).get("type") == "epoch-changed"]
+    if exchange.message is not None and exchange.message["type"] == "leases":
+        announced.append(exchange.message["epoch"])
+    for epoch in announced:
+        out.setdefault("reopened", []).extend(await book.reopen(fresh, epoch))
+    out["epochs"] = epochs
+    out["book"] = sorted(book.leases)
+    await fresh.close()
+    await closing
+    return out
 
 
 async def migrate(files):
@@ -956,7 +1135,8 @@ async def migrate(files):
     out = {"disable_active_migration":
            mover.transport_parameters().get("disable_active_migration"),
            "welcome": (hello.message or {}).get("type"), "moved": moved.report(),
-           "received_on_new_path": path.received, "closed_while_moved": _closed(mover.protocol)}
+           "received_on_new_path": path.received, "closed_while_moved": _closed(mover.protocol),
+           "reset": mover.protocol.reset}
     mover.move_back(path)
     out["back"] = (await mover.send({"type": "list", "request_id": 7702})).report()
     await mover.close()
@@ -1081,7 +1261,7 @@ def main():
         sys.exit(0 if check_vectors(args.dir) else 1)
     ipaddress.ip_address(args.foreign_address)
     ipaddress.ip_network(args.remote_prefix)
-    asyncio.run(asyncio.wait_for(drive(args), 120))
+    asyncio.run(asyncio.wait_for(drive(args), 180))
 
 
 if __name__ == "__main__":
