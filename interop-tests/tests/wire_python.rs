@@ -438,6 +438,9 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     // M = 30 s: the client connected again with an idle timeout of 3.75 s.
     assert_eq!(hello["hellos"], 2, "{hello:#}");
     assert_eq!(hello["idle_timeout"], 3.75, "{hello:#}");
+    assert_eq!(own["max_idle_timeout"], 3750, "{own}");
+    // The gateway's own idle timeout (Section 3.4: 30,000 ms).
+    assert_eq!(transport["max_idle_timeout"], 30000, "{transport}");
     let hello_id = sent_request_id(hello);
     assert_eq!(welcome["request_id"].as_u64(), hello_id, "{hello:#}");
     denied(
