@@ -22,22 +22,37 @@ namespace:
         `credential-revoked` (the caller has revoked the first certificate), reports what
         each connection saw, opens tcp/N+9, says `ready-for-shutdown`, reports how the second
         connection ends when the caller stops the gateway, and reads `restarted` before it
-        connects again. The caller probes the ports meanwhile.
+        connects again. It then holds a connection, says `ready-for-crash` and reads `crashed`
+        (the caller has killed the gateway and started it again), reports the stateless reset
+        its next packet drew and its reconnection; and the same after `ready-for-state-loss`
+        and `state-lost` (the gateway started again without its lease state), when it also
+        opens its lease again under the new epoch. The caller probes the ports meanwhile.
 
 The client side of the protocol follows the specification where the gateway's conformance is
 not what is being probed: ALPN `fwnp/1`, the gateway's certificate checked against the
 deployment CA and the configured address, initial_max_streams_bidi 0, keep-alives at a third
 of the idle timeout, timers sized to the Welcome's shortest lifetime, no 0-RTT, at most 5 s
-waited for an answer. The probes break the client's own rules on purpose (a request before
-Hello, malformed or oversized items, a unidirectional stream) to see the gateway answer them
-as the specification says.
+waited for an answer, stateless resets recognized by their token and followed by a
+reconnection at once, leases of another epoch opened again. The probes break the client's own
+rules on purpose (a request before Hello, malformed or oversized items, a unidirectional
+stream, a migration) to see the gateway answer them as the specification says.
+
+What the client knows of the QUIC connection it reads through aioquic's public interfaces: its
+events, its qlog trace (the transport parameters of both sides, the gateway's connection ids
+and their stateless reset tokens) and the asyncio datagram protocol (a stateless reset, which
+aioquic does not detect, is found among the datagrams the socket receives). Two things it
+cannot do that way and does on the connection object itself: set its own stream limits (aioquic
+1.x has no setting for them) and open a stream beyond the gateway's limit (aioquic keeps such a
+stream waiting, as it should).
 """
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import sys
 
@@ -46,6 +61,7 @@ from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.logger import QuicLogger, QuicLoggerTrace
 
 import wire_codec as codec
 
@@ -58,6 +74,11 @@ REQUEST_TIMEOUT, VERSION_MISMATCH = 0x6, 0x5
 PORT_RANGES, REMOTE_PREFIXES, APPLICATIONS, NOTICES, THIRD_PARTY = 1, 2, 4, 8, 16
 # Section 3.4: before a Welcome, and the bounds of M/8.
 DEFAULT_IDLE, MIN_IDLE, MAX_IDLE = 30.0, 1.0, 30.0
+# RFC 9000 Section 18.2: what an absent transport parameter means (no idle timeout, no stream).
+TRANSPORT_DEFAULTS = {"max_idle_timeout": 0, "initial_max_streams_bidi": 0,
+                      "initial_max_streams_uni": 0, "disable_active_migration": False}
+# RFC 9000 Section 10.3: a stateless reset ends in a 16-byte token, and is at least 21 bytes.
+RESET_TOKEN_SIZE, MIN_RESET_SIZE = 16, 21
 
 
 def idle_timeout_for(min_lifetime):
@@ -160,22 +181,162 @@ class _Stream:
         self.exchange, self.future, self.buffer = exchange, future, bytearray()
 
 
+class _Trace(QuicLoggerTrace):
+    """What the client learns of its connection from aioquic's qlog events, its public window on
+    the transport: the transport parameters each side sent, the connection ids the gateway
+    issued with their stateless reset tokens, and the ids the client sent packets to. Only these
+    are kept (a trace of every event would grow for as long as the connection lasts)."""
+
+    def __init__(self, *, is_client, odcid):
+        super().__init__(is_client=is_client, odcid=odcid)
+        self.parameters = {}  # "local" or "remote": the transport parameters, as qlog renders them
+        self._tokens = {}     # the gateway's connection id (hex): its stateless reset token (hex)
+        self.used = set()     # the gateway's connection ids (hex) the client sent packets to
+        self._frames = []     # frame lists of received packets, filled after their event
+
+    def log_event(self, *, category, event, data):
+        self._collect()
+        if event == "parameters_set":
+            self.parameters[data["owner"]] = data
+            token = data.get("stateless_reset_token")
+            if data["owner"] == "remote" and token:
+                # RFC 9000 Section 18.2: the token of the id the gateway chose in its handshake.
+                self._tokens[data["initial_source_connection_id"]] = token
+        elif event == "packet_received" and data.get("frames") is not None:
+            self._frames.append(data["frames"])
+        elif event == "packet_sent":
+            self.used.add(data["header"]["dcid"])
+
+    def _collect(self):
+        for frames in self._frames:
+            for frame in frames:
+                if frame.get("frame_type") == "new_connection_id":
+                    self._tokens[frame["connection_id"]] = frame["reset_token"]
+        self._frames.clear()
+
+    @property
+    def tokens(self):
+        self._collect()
+        return dict(self._tokens)
+
+    def reset_token_of(self, datagram):
+        """The connection id whose token `datagram` ends in, if it is a stateless reset of this
+        connection: RFC 9000 Section 10.3.1 compares the last 16 bytes with the tokens of the
+        connection ids the client used."""
+        if len(datagram) < MIN_RESET_SIZE:
+            return None
+        tail = datagram[-RESET_TOKEN_SIZE:].hex()
+        for cid, token in self.tokens.items():
+            if token == tail and cid in self.used:
+                return cid
+        return None
+
+
+class _Observer(QuicLogger):
+    """A QuicLogger whose one trace is a _Trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.trace = None
+
+    def start_trace(self, is_client, odcid):
+        self.trace = _Trace(is_client=is_client, odcid=odcid)
+        return self.trace
+
+    def end_trace(self, trace):
+        pass  # the trace stays readable after the connection ends
+
+
+class _Muted:
+    """A datagram transport that sends nothing: after a stateless reset the client must not send
+    on the connection again (RFC 9000 Section 10.3.1), while aioquic still closes it."""
+
+    def sendto(self, data, addr=None):
+        pass
+
+    def close(self):
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+class _Path(asyncio.DatagramProtocol):
+    """A second UDP socket of a connection: what it receives goes to the connection, and what it
+    received is counted."""
+
+    def __init__(self, protocol):
+        self.protocol, self.received, self.transport = protocol, 0, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+        # The connection sends through this socket from now on.
+        self.protocol.connection_made(transport)
+
+    def datagram_received(self, data, addr):
+        self.received += 1
+        self.protocol.datagram_received(data, addr)
+
+
 class FwnpProtocol(QuicConnectionProtocol):
     """The QUIC connection's events: answers on request streams, notices on the gateway's
-    unidirectional streams."""
+    unidirectional streams, and stateless resets, which aioquic does not detect."""
 
-    def __init__(self, quic, stream_handler=None):
+    def __init__(self, quic, stream_handler=None, observer=None):
         super().__init__(quic, stream_handler)
         # Section 3.4: the gateway never opens a bidirectional stream; a client with NOTICES
-        # allows it at least 8 unidirectional ones. aioquic has no setting for these
-        # transport parameters; they are read when the handshake starts, after this.
+        # allows it at least 8 unidirectional ones. aioquic 1.x has no setting for these two
+        # transport parameters (it always announces 128), so its connection's limits are set
+        # here, before the handshake sends them; the client reads back what it sent from the
+        # qlog trace.
         quic._local_max_streams_bidi.value = 0
         quic._local_max_streams_uni.value = 16
+        self.observer = observer
         self.requests = {}
         self.notices = []
         self.notice_buffers = {}
         self.closed = None
+        self.reset = None       # the stateless reset that ended the connection
+        self.transports = []    # the UDP sockets the connection sent through, the first its own
+        self.negotiated = None  # the ALPN protocol the handshake selected
         self.last_sent = asyncio.get_event_loop().time()
+
+    @property
+    def trace(self):
+        return self.observer.trace if self.observer is not None else None
+
+    def connection_made(self, transport):
+        if not isinstance(transport, _Muted) and transport not in self.transports:
+            self.transports.append(transport)
+        super().connection_made(transport)
+
+    def datagram_received(self, data, addr):
+        # RFC 9000 Section 10.3.1: a datagram ending in the token of a connection id the
+        # client used is a stateless reset. aioquic would drop it as a packet it cannot
+        # decrypt, and learn that the connection is gone only at its idle timeout.
+        trace = self.trace
+        cid = trace.reset_token_of(bytes(data)) if trace is not None and self.reset is None \
+            else None
+        if cid is None:
+            super().datagram_received(data, addr)
+            return
+        self.reset = {"connection_id": cid, "token": bytes(data[-RESET_TOKEN_SIZE:]).hex(),
+                      "size": len(data), "first_byte": data[0],
+                      "at": asyncio.get_event_loop().time()}
+        # The connection ends here, in silence: aioquic closes it, sending to no one.
+        self.connection_made(_Muted())
+        self._quic.close(error_code=NO_ERROR, reason_phrase="stateless reset")
+        self.transmit()
+        self._terminated((None, "stateless reset", False))
+
+    def _terminated(self, closed):
+        if self.closed is None:
+            self.closed = closed
+        for stream in self.requests.values():
+            if not stream.future.done():
+                stream.exchange.closed = self.closed
+                stream.future.set_result(stream.exchange)
+        self.requests.clear()
 
     def quic_event_received(self, event):
         if isinstance(event, events.StreamDataReceived):
@@ -186,14 +347,11 @@ class FwnpProtocol(QuicConnectionProtocol):
                 stream.exchange.reset = event.error_code
                 stream.future.set_result(stream.exchange)
             self.notice_buffers.pop(event.stream_id, None)
+        elif isinstance(event, events.ProtocolNegotiated):
+            self.negotiated = event.alpn_protocol
         elif isinstance(event, events.ConnectionTerminated):
             # A transport close names the frame that caused it; an application close none.
-            self.closed = (event.error_code, event.reason_phrase, event.frame_type is None)
-            for stream in self.requests.values():
-                if not stream.future.done():
-                    stream.exchange.closed = self.closed
-                    stream.future.set_result(stream.exchange)
-            self.requests.clear()
+            self._terminated((event.error_code, event.reason_phrase, event.frame_type is None))
 
     def _data(self, event):
         sid = event.stream_id
@@ -264,6 +422,16 @@ class FwnpProtocol(QuicConnectionProtocol):
             exchange.timed_out = True
             return exchange
 
+    def open_unidirectional_beyond_limit(self, data):
+        """Sends `data` on a unidirectional stream although the gateway's limit is 0: a breach
+        of QUIC's stream limit on purpose. aioquic keeps such a stream blocked until the peer
+        raises its limit, and has no way to send it regardless but to be told the limit is
+        higher than the gateway said."""
+        self._quic._remote_max_streams_uni = 1
+        sid = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        self._quic.send_stream_data(sid, data, end_stream=True)
+        self.transmit()
+
     async def keep_alive(self, idle):
         """Section 3.4: a PING whenever nothing was sent for a third of the idle timeout."""
         loop = asyncio.get_event_loop()
@@ -300,6 +468,7 @@ class Session:
         self.protocol = None
         self.welcome = None
         self.idle = DEFAULT_IDLE
+        self.observer = None
         self._context = None
         self._keep_alive = None
         self._next_id = int.from_bytes(os.urandom(4), "big")
@@ -310,17 +479,22 @@ class Session:
         return self._next_id
 
     def configuration(self):
+        self.observer = _Observer()
         config = QuicConfiguration(is_client=True, alpn_protocols=[self.alpn],
                                    idle_timeout=self.idle, server_name=self.server_name,
-                                   verify_mode=ssl.CERT_REQUIRED)
+                                   verify_mode=ssl.CERT_REQUIRED, quic_logger=self.observer)
         config.load_verify_locations(cafile=self.ca)
         if self.cert is not None:
             config.load_cert_chain(self.cert, self.key)
         return config
 
+    def _protocol_factory(self, configuration):
+        return functools.partial(FwnpProtocol, observer=configuration.quic_logger)
+
     async def connect(self):
-        self._context = connect(self.host, self.port, configuration=self.configuration(),
-                                create_protocol=FwnpProtocol,
+        config = self.configuration()
+        self._context = connect(self.host, self.port, configuration=config,
+                                create_protocol=self._protocol_factory(config),
                                 session_ticket_handler=self.tickets.append)
         self.protocol = await self._context.__aenter__()
         self._keep_alive = asyncio.ensure_future(self.protocol.keep_alive(self.idle))
@@ -329,8 +503,10 @@ class Session:
     async def handshake_fate(self, limit=5.0):
         """Connects without waiting for the handshake and reports how the connection ended
         within `limit`, or None if it is still open: for handshakes the gateway must abort."""
-        self._context = connect(self.host, self.port, configuration=self.configuration(),
-                                create_protocol=FwnpProtocol, wait_connected=False)
+        config = self.configuration()
+        self._context = connect(self.host, self.port, configuration=config,
+                                create_protocol=self._protocol_factory(config),
+                                wait_connected=False)
         self.protocol = await self._context.__aenter__()
         self.protocol.transmit()  # without waiting, aioquic sends the Initial at the first send
         await _wait_closed(self.protocol, limit)
@@ -347,6 +523,28 @@ class Session:
             except asyncio.TimeoutError:
                 pass
         self._context = self.protocol = None
+
+    def transport_parameters(self, owner="remote"):
+        """The transport parameters the gateway ("remote") or the client ("local") sent, those
+        absent at their default of RFC 9000 Section 18.2."""
+        trace = self.protocol.trace if self.protocol is not None else None
+        sent = trace.parameters.get(owner, {}) if trace is not None else {}
+        return {**TRANSPORT_DEFAULTS, **{k: v for k, v in sent.items() if v is not None}}
+
+    async def move(self):
+        """Sends from a new UDP socket, of another local port, from now on: the connection
+        migrates although the gateway may have forbidden it (disable_active_migration). Returns
+        the new path; move_back returns to the handshake's."""
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0, 0, 0))
+        path = _Path(self.protocol)
+        await asyncio.get_event_loop().create_datagram_endpoint(lambda: path, sock=sock)
+        return path
+
+    def move_back(self, path):
+        self.protocol.connection_made(self.protocol.transports[0])
+        path.transport.close()
 
     async def hello(self, capabilities=NOTICES, versions=(1,)):
         message = {"type": "hello", "versions": list(versions), "capabilities": capabilities,
@@ -477,13 +675,8 @@ async def drive(args):
     uni = Session(**files)
     await uni.connect()
     await uni.hello()
-    # The gateway's initial_max_streams_uni of 0 forbids it; aioquic is told otherwise so as
-    # to send it all the same.
-    uni.protocol._quic._remote_max_streams_uni = 1
-    sid = uni.protocol._quic.get_next_available_stream_id(is_unidirectional=True)
-    uni.protocol._quic.send_stream_data(sid, codec.encode({"type": "list", "request_id": 1}),
-                                        end_stream=True)
-    uni.protocol.transmit()
+    uni.protocol.open_unidirectional_beyond_limit(
+        codec.encode({"type": "list", "request_id": 1}))
     await _wait_closed(uni.protocol, 3.0)
     say("unidirectional-stream", closed=_closed(uni.protocol))
     await uni.close()
@@ -491,12 +684,14 @@ async def drive(args):
     # The session the rest runs in.
     session = Session(**files)
     hellos = await session.start(capabilities=NOTICES | PORT_RANGES | REMOTE_PREFIXES)
-    quic = session.protocol._quic
+    remote, local = session.transport_parameters(), session.transport_parameters("local")
+    names = ("initial_max_streams_bidi", "initial_max_streams_uni", "max_idle_timeout",
+             "disable_active_migration")
     say("hello", **hellos[-1].report(), hellos=len(hellos), idle_timeout=session.idle,
-        transport={"initial_max_streams_bidi": quic._remote_max_streams_bidi,
-                   "initial_max_streams_uni": quic._remote_max_streams_uni,
-                   "max_idle_timeout": quic._remote_max_idle_timeout,
-                   "alpn": quic.tls.alpn_negotiated},
+        transport=dict({name: remote.get(name) for name in names},
+                       alpn=session.protocol.negotiated,
+                       stateless_reset_token=remote.get("stateless_reset_token") is not None),
+        own_transport={name: local.get(name) for name in names},
         session_tickets=len(session.tickets),
         early_data_offered=any(t.max_early_data_size for t in session.tickets))
     exchange = await session.hello()
@@ -701,10 +896,13 @@ async def drive(args):
     pending = asyncio.ensure_future(session.protocol.exchange(
         codec.encode({"type": "open", "request_id": 7601, "lifetime": 60,
                       "opening": session.opening(args.port + 4)}), wait=13.0, fin=False))
+    # Meanwhile, a connection that migrates (Section 3.4).
+    moved = asyncio.ensure_future(migrate(files))
     await _wait_closed(silent.protocol, 13.0)
     say("no-hello", closed=_closed(silent.protocol))
     await silent.close()
     say("open-without-fin", **(await pending).report())
+    say("migration", **await moved)
 
     # A second connection, without NOTICES, to see that notices go only where asked for.
     quiet = Session(**files)
@@ -793,10 +991,13 @@ async def drive(args):
     await again.close()
     await session.close()
 
-    # A lease to outlive the gateway's restart.
-    exchange = await second.send({"type": "open", "lifetime": 120,
-                                  "opening": second.opening(args.port + 9)})
+    # A lease to outlive the gateway's restart, kept in the client's book with the Open that
+    # asked for it.
+    book = LeaseBook()
+    asked = {"type": "open", "lifetime": 120, "opening": second.opening(args.port + 9)}
+    exchange = await second.send(asked)
     say("open-before-restart", **exchange.report())
+    book.record(asked, exchange.message)
 
     # The caller stops the gateway: GoingAway, then the connection closed with GoingAway
     # (Section 3.5).
@@ -810,7 +1011,8 @@ async def drive(args):
     # live and renewable.
     if await read_line() != "restarted":
         return
-    again = Session(**dict(files, cert=args.second_cert, key=args.second_key))
+    second_files = dict(files, cert=args.second_cert, key=args.second_key)
+    again = Session(**second_files)
     hellos = await again.start()
     say("hello-after-restart", **hellos[-1].report())
     exchange = await again.send({"type": "list"})
@@ -818,8 +1020,127 @@ async def drive(args):
     for info in (exchange.message or {}).get("leases") or []:
         exchange = await again.send({"type": "renew", "lease": info["lease"]})
         say("renew-after-restart", **exchange.report())
+        book.record(None, exchange.message)
     await again.close()
+
+    # The caller kills the gateway and starts it again on its state: the connection held
+    # meanwhile draws a stateless reset at its next packet (Section 3.4), and the client
+    # reconnects at once (Section 3.5) under the same epoch, its lease kept.
+    say("crash", **await outlive_restart(second_files, book, "ready-for-crash", "crashed"))
+    # The same, the gateway's lease state lost this time: the new epoch of its Welcome makes
+    # the client open its lease again (Section 12).
+    say("state-loss", **await outlive_restart(second_files, book, "ready-for-state-loss",
+                                              "state-lost"))
     say("done")
+
+
+class LeaseBook:
+    """The leases the client holds (Section 12): each one's Open as first asked and the epoch
+    it was last granted under."""
+
+    def __init__(self):
+        self.leases = {}
+
+    def record(self, asked, answer):
+        """Takes a Granted: of the Open `asked`, or of a Renew (`asked` None)."""
+        if answer is None or answer["type"] != "granted":
+            return
+        held = self.leases.get(answer["lease"])
+        asked = asked if asked is not None else held["asked"] if held is not None else None
+        if asked is not None:
+            self.leases[answer["lease"]] = {"asked": asked, "epoch": answer["epoch"]}
+
+    def lost(self, epoch):
+        """The leases granted under another epoch than `epoch`: the gateway has lost them."""
+        return [(lease, held) for lease, held in self.leases.items() if held["epoch"] != epoch]
+
+    async def reopen(self, session, epoch):
+        """Section 12: each lease the gateway lost asked for again with a fresh Open of the
+        opening as originally asked; its old id forgotten once a Granted replaces it."""
+        exchanges = []
+        for lease, held in self.lost(epoch):
+            exchange = await session.send(held["asked"])
+            exchanges.append(exchange.report())
+            if exchange.message is not None and exchange.message["type"] == "granted":
+                del self.leases[lease]
+                self.record(held["asked"], exchange.message)
+        return exchanges
+
+
+async def outlive_restart(files, book, ready, told):
+    """Says `ready` and holds a connection while the caller restarts the gateway (it says
+    `told` when the gateway listens again), then sends List on it: the answer should be a
+    stateless reset whose token is the one the gateway issued with the connection id in use.
+    Reconnects at once, says Hello, re-opens the leases of another epoch (Section 12) and lists.
+    Returns what it saw."""
+    held = Session(**files)
+    # The Welcome's timers are not taken up here (Section 3.4 would have the client connect
+    # again with an idle timeout of M/8): the connection must outlive the gateway's restart for
+    # its next packet to meet the new run, not time out before.
+    await held.connect()
+    await held.hello()
+    epochs = [held.welcome["epoch"]] if held.welcome is not None else []
+    say(ready, connection_ids=sorted(held.protocol.trace.used))
+    if await read_line() != told:
+        await held.close()
+        return {}
+    loop = asyncio.get_event_loop()
+    exchange = await held.send({"type": "list"})
+    trace = held.protocol.trace
+    out = {"reset": held.protocol.reset, "list": exchange.report(),
+           "issued": trace.tokens, "used": sorted(trace.used),
+           "notices": list(held.protocol.notices)}
+    # Section 3.5: after a stateless reset the gateway listens again; the client reconnects
+    # at once, while aioquic winds the old connection down.
+    closing = asyncio.ensure_future(held.close())
+    reset_at = (out["reset"] or {}).get("at")
+    out["reconnected_after"] = loop.time() - reset_at if reset_at is not None else None
+    fresh = Session(**files)
+    hellos = await fresh.start()
+    out["hello"] = hellos[-1].report()
+    if fresh.welcome is not None:
+        epochs.append(fresh.welcome["epoch"])
+        out["reopened"] = await book.reopen(fresh, fresh.welcome["epoch"])
+    exchange = await fresh.send({"type": "list"})
+    out["listed"] = exchange.report()
+    # Notices, EpochChanged among them, that came on either connection; an EpochChanged, like
+    # a Leases, whose epoch is not a lease's makes the client open that lease again.
+    await asyncio.sleep(0.3)
+    out["notices"] += fresh.protocol.notices
+    announced = [n["notice"]["epoch"] for n in fresh.protocol.notices
+                 if n.get("notice", {}).get("type") == "epoch-changed"]
+    if exchange.message is not None and exchange.message["type"] == "leases":
+        announced.append(exchange.message["epoch"])
+    for epoch in announced:
+        out.setdefault("reopened", []).extend(await book.reopen(fresh, epoch))
+    out["epochs"] = epochs
+    out["book"] = sorted(book.leases)
+    await fresh.close()
+    await closing
+    return out
+
+
+async def migrate(files):
+    """Section 3.4: a gateway that sent disable_active_migration is not followed by a client
+    that moves to another local address (here another UDP port) all the same: RFC 9000 Section 9
+    has it drop what arrives on the new path, or validate the path and let the client move, and
+    never answer it with a stateless reset or close the connection. Back on the handshake's path,
+    the connection still works. Returns what was seen."""
+    mover = Session(**files)
+    await mover.connect()
+    hello = await mover.hello()
+    path = await mover.move()
+    moved = await mover.send({"type": "list", "request_id": 7701})
+    await asyncio.sleep(1.0)  # for a late reset or close
+    out = {"disable_active_migration":
+           mover.transport_parameters().get("disable_active_migration"),
+           "welcome": (hello.message or {}).get("type"), "moved": moved.report(),
+           "received_on_new_path": path.received, "closed_while_moved": _closed(mover.protocol),
+           "reset": mover.protocol.reset}
+    mover.move_back(path)
+    out["back"] = (await mover.send({"type": "list", "request_id": 7702})).report()
+    await mover.close()
+    return out
 
 
 FORM_CODES = {"malformed-request", "malformed-option", "unsupported-option",
@@ -940,7 +1261,7 @@ def main():
         sys.exit(0 if check_vectors(args.dir) else 1)
     ipaddress.ip_address(args.foreign_address)
     ipaddress.ip_network(args.remote_prefix)
-    asyncio.run(asyncio.wait_for(drive(args), 120))
+    asyncio.run(asyncio.wait_for(drive(args), 180))
 
 
 if __name__ == "__main__":

@@ -10,16 +10,23 @@
 //! remote prefix only from inside it, a lease an operator revokes closed before its Revoked
 //! notice arrives (on the connection with NOTICES only), a revoked host certificate's lease
 //! revoked and its connections closed, a gateway stopped sending GoingAway and, started again
-//! on its state, keeping its epoch and the lease; every conformance vector of a request is
-//! answered as the vector says; and the gateway's answers keep the MUSTs a client can see: hello-required before Hello, unsupported-version
-//! then VersionMismatch, QUIC's STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS
-//! alerts for a handshake without a client certificate or without the ALPN, RequestTimeout for
+//! on its state, keeping its epoch and the lease; a gateway killed and started again answering
+//! a packet of a connection of its previous run with a stateless reset bearing the token it
+//! issued (the client connecting again at once, the epoch and the lease kept), and started
+//! without its lease state announcing a new epoch in its Welcome, whereupon the client opens
+//! its lease again; a connection that migrates neither reset nor closed, its packets on the new
+//! path dropped, and working again on its first path; every conformance vector of a request is
+//! answered as the vector says; and the gateway's answers keep the MUSTs a client can see:
+//! hello-required before Hello, unsupported-version then VersionMismatch, QUIC's
+//! STREAM_LIMIT_ERROR for a client's unidirectional stream, TLS alerts for a handshake without
+//! a client certificate or without the ALPN, RequestTimeout for
 //! an unfinished request or a missing Hello (and nothing opened meanwhile), malformed-request
 //! for ill-formed items and a second Hello, unsupported-option listing the critical keys,
 //! address-mismatch, lifetime-out-of-range, malformed-option, unknown-lease, MessageTooLarge for
 //! an item over 16,384 bytes, the request id echoed exactly when it was readable, idempotent
 //! re-open, Renew lifetimes, answers in the deterministic encoding and the transport parameters
-//! of Section 3.4.
+//! of Section 3.4 (disable_active_migration and a stateless reset token among them, and the
+//! client's own).
 //!
 //! Needs a Python with cbor2 and aioquic: `$FWNP_PYTHON`, else the virtual environment
 //! `scripts/test` makes in `target/python-venv` (missing: skipped, failing instead when
@@ -215,6 +222,69 @@ fn sent_request_id(step: &Value) -> Option<u64> {
     step["request_id"].as_u64()
 }
 
+/// The step's connection, held across a restart of the gateway, ended by a stateless reset
+/// (Section 3.4; RFC 9000 Section 10.3): a datagram of at least 21 bytes that looks like a
+/// short-header packet and ends in the token the gateway issued with the connection id the
+/// client sent its last packet to. The client then connected again at once (Section 3.5), and
+/// no EpochChanged came on either connection (the gateway replaced no state while they were
+/// up). Returns the step.
+fn stateless_reset<'a>(steps: &'a HashMap<String, Value>, step: &str) -> &'a Value {
+    let value = steps
+        .get(step)
+        .unwrap_or_else(|| panic!("no step {step}: {steps:#?}"));
+    let reset = &value["reset"];
+    assert!(
+        reset.is_object(),
+        "{step}: no stateless reset for a packet of the connection the gateway's previous run \
+         held: {value:#}"
+    );
+    let cid = reset["connection_id"].as_str().expect("connection id");
+    assert_eq!(value["issued"][cid], reset["token"], "{step}: {value:#}");
+    assert!(
+        value["used"]
+            .as_array()
+            .is_some_and(|used| used.iter().any(|u| u == cid)),
+        "{step}: {value:#}"
+    );
+    assert!(reset["size"].as_u64() >= Some(21), "{step}: {reset}");
+    // The first two bits 01: a short header with the fixed bit.
+    assert_eq!(
+        reset["first_byte"].as_u64().map(|b| b & 0xc0),
+        Some(0x40),
+        "{step}: {reset}"
+    );
+    // The List on the reset connection unanswered, then answered on the new one.
+    assert!(value["list"].get("answer").is_none(), "{step}: {value:#}");
+    assert_eq!(
+        value["list"]["closed"]["reason"], "stateless reset",
+        "{step}: {value:#}"
+    );
+    // At once: not after the second or so of a reconnection without a reset.
+    assert!(
+        value["reconnected_after"].as_f64().is_some_and(|s| s < 0.5),
+        "{step}: not reconnected at once: {value:#}"
+    );
+    assert_eq!(
+        value["hello"]["answer"]["type"], "welcome",
+        "{step}: {value:#}"
+    );
+    assert_eq!(
+        value["listed"]["answer"]["type"], "leases",
+        "{step}: {value:#}"
+    );
+    let kinds: Vec<&str> = value["notices"]
+        .as_array()
+        .expect("notices")
+        .iter()
+        .filter_map(|n| n["notice"]["type"].as_str())
+        .collect();
+    assert!(
+        !kinds.contains(&"epoch-changed"),
+        "{step}: EpochChanged without a state replaced while connected: {value:#}"
+    );
+    value
+}
+
 fn start_lab() -> Lab {
     let bins = Binaries::build().unwrap_or_else(|err| panic!("the lab's binaries: {err}"));
     let options = LabOptions {
@@ -354,12 +424,23 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
         transport["initial_max_streams_bidi"], limits["max_streams"],
         "{transport} {limits}"
     );
+    // The client's own parameters (Section 3.4), as it sent them: no bidirectional stream for
+    // the gateway, at least 8 unidirectional ones for its notices.
+    let own = &hello["own_transport"];
+    assert_eq!(own["initial_max_streams_bidi"], 0, "{own}");
+    assert!(own["initial_max_streams_uni"].as_u64() >= Some(8), "{own}");
+    // Section 3.4: the gateway forbids active migration and issues a stateless reset token.
+    assert_eq!(transport["disable_active_migration"], true, "{transport}");
+    assert_eq!(transport["stateless_reset_token"], true, "{transport}");
     // Section 3.3: no early data offered (and here no session ticket at all).
     assert_eq!(hello["early_data_offered"], false, "{hello:#}");
     assert_eq!(hello["session_tickets"], 0, "{hello:#}");
     // M = 30 s: the client connected again with an idle timeout of 3.75 s.
     assert_eq!(hello["hellos"], 2, "{hello:#}");
     assert_eq!(hello["idle_timeout"], 3.75, "{hello:#}");
+    assert_eq!(own["max_idle_timeout"], 3750, "{own}");
+    // The gateway's own idle timeout (Section 3.4: 30,000 ms).
+    assert_eq!(transport["max_idle_timeout"], 30000, "{transport}");
     let hello_id = sent_request_id(hello);
     assert_eq!(welcome["request_id"].as_u64(), hello_id, "{hello:#}");
     denied(
@@ -481,6 +562,35 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     let no_hello = &steps["no-hello"]["closed"];
     assert_eq!(no_hello["code"], REQUEST_TIMEOUT, "{no_hello}");
     assert_eq!(no_hello["application"], true, "{no_hello}");
+
+    // A client that migrates although the gateway forbade it (Section 3.4, RFC 9000 Section
+    // 9): what it sends on the new path is dropped (or the path validated), never answered
+    // with a stateless reset or a close; back on the handshake's path the connection works.
+    let migration = &steps["migration"];
+    assert_eq!(migration["welcome"], "welcome", "{migration:#}");
+    assert_eq!(migration["disable_active_migration"], true, "{migration:#}");
+    assert!(migration["reset"].is_null(), "{migration:#}");
+    assert!(migration["closed_while_moved"].is_null(), "{migration:#}");
+    let moved = &migration["moved"];
+    if moved.get("answer").is_some() {
+        // The gateway validated the new path and let the client move: the answer came there.
+        assert_eq!(moved["answer"]["request_id"], 7701, "{migration:#}");
+        assert!(
+            migration["received_on_new_path"].as_u64() > Some(0),
+            "{migration:#}"
+        );
+    } else {
+        assert_eq!(moved["timed_out"], true, "{migration:#}");
+        assert_eq!(migration["received_on_new_path"], 0, "{migration:#}");
+    }
+    assert_eq!(
+        migration["back"]["answer"]["type"], "leases",
+        "{migration:#}"
+    );
+    assert_eq!(
+        migration["back"]["answer"]["request_id"], 7702,
+        "{migration:#}"
+    );
 
     // Host addresses as an array: one lease, a grant for each; a family alone: its address.
     let named = answer(&steps, "open-host-addresses", "granted");
@@ -772,7 +882,7 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     lab.start_gateway()
         .unwrap_or_else(|err| panic!("restarting the gateway: {err}"));
     client.tell("restarted");
-    let steps = client.steps_until("done", &lab);
+    let steps = client.steps_until("ready-for-crash", &lab);
     let welcome_again = answer(&steps, "hello-after-restart", "welcome");
     assert_eq!(welcome_again["epoch"], welcome_epoch, "{welcome_again:#}");
     let listed = answer(&steps, "list-after-restart", "leases");
@@ -795,6 +905,90 @@ fn wire_python_client_holds_a_port_and_the_gateway_keeps_the_specs_musts() {
     assert!(
         lab.wait_reachable(0, false, PORT + 9, true, SETTLE),
         "tcp/{} not reachable after the restart\n{}",
+        PORT + 9,
+        lab.log_tails(20)
+    );
+
+    // A crash (SIGKILL) and a start on the same state: the connection the client held draws a
+    // stateless reset at its next packet (Section 3.4), the epoch and the lease are kept.
+    lab.kill_gateway();
+    lab.start_gateway()
+        .unwrap_or_else(|err| panic!("restarting the gateway: {err}"));
+    client.tell("crashed");
+    let steps = client.steps_until("ready-for-state-loss", &lab);
+    let crash = stateless_reset(&steps, "crash");
+    assert_eq!(
+        crash["epochs"],
+        serde_json::json!([welcome_epoch, welcome_epoch])
+    );
+    assert_eq!(crash["reopened"], serde_json::json!([]), "{crash:#}");
+    assert_eq!(
+        crash["book"],
+        serde_json::json!([restart_lease]),
+        "{crash:#}"
+    );
+    assert_eq!(
+        crash["listed"]["answer"]["leases"][0]["lease"],
+        restart_lease.as_str(),
+        "{crash:#}"
+    );
+
+    // A crash and a start without the lease state: the Welcome's new epoch tells the client
+    // that its lease is lost, and it opens the port again (Section 12).
+    lab.kill_gateway();
+    let state = lab.dir().join("gateway-state");
+    for suffix in ["", "-wal", "-shm"] {
+        let file = state.join(format!("{}{suffix}", fwnp_gateway::store::DATABASE_FILE));
+        match std::fs::remove_file(&file) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                panic!("removing {}: {err}", file.display())
+            }
+            _ => {}
+        }
+    }
+    lab.start_gateway()
+        .unwrap_or_else(|err| panic!("starting the gateway without state: {err}"));
+    client.tell("state-lost");
+    let steps = client.steps_until("done", &lab);
+    let lost = stateless_reset(&steps, "state-loss");
+    let epochs = lost["epochs"].as_array().expect("epochs");
+    assert_eq!(epochs.len(), 2, "{lost:#}");
+    assert_eq!(epochs[0], welcome_epoch, "{lost:#}");
+    assert_ne!(
+        epochs[1], welcome_epoch,
+        "a new epoch for a new state: {lost:#}"
+    );
+    let reopened = lost["reopened"].as_array().expect("reopened");
+    assert_eq!(
+        reopened.len(),
+        1,
+        "one fresh Open for the lease lost: {lost:#}"
+    );
+    let regranted = &reopened[0]["answer"];
+    assert_eq!(regranted["type"], "granted", "{lost:#}");
+    assert_eq!(regranted["epoch"], epochs[1], "{lost:#}");
+    assert_eq!(
+        regranted["lifetime"], 120,
+        "the Open as first asked: {lost:#}"
+    );
+    assert_eq!(
+        regranted["grants"][0]["ports"],
+        serde_json::json!({"first": PORT + 9, "last": PORT + 9}),
+        "{lost:#}"
+    );
+    let new_lease = regranted["lease"].as_str().expect("lease id");
+    assert_ne!(new_lease, restart_lease, "{lost:#}");
+    assert_eq!(lost["book"], serde_json::json!([new_lease]), "{lost:#}");
+    let listed: Vec<&str> = lost["listed"]["answer"]["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .filter_map(|l| l["lease"].as_str())
+        .collect();
+    assert_eq!(listed, [new_lease], "{lost:#}");
+    assert!(
+        lab.wait_reachable(0, false, PORT + 9, true, SETTLE),
+        "tcp/{} not reachable once opened again\n{}",
         PORT + 9,
         lab.log_tails(20)
     );
