@@ -1,4 +1,4 @@
-//! Operating a cluster of two gateways on one real three-member etcd cluster (in a network
+//! Operating a cluster of two gateways on one real etcd cluster (in a network
 //! namespace of its own, the gateways and hosts there too), through their admin sockets as
 //! `fwnpctl` does: `status` lists the members with their revisions and policy versions, and
 //! one as absent once it stops; a policy reload through A reaches B (B's decisions change) and

@@ -1,4 +1,4 @@
-//! Two gateways on one real three-member etcd cluster, each with its own kernel filter in its
+//! Two gateways on one real etcd cluster, each with its own kernel filter in its
 //! own network namespace (a [`Topology`] each: the gateway's router namespace guards a host
 //! namespace at 198.51.100.2, and an outside namespace connects to it through the filter), both
 //! following the cluster's leases: a lease granted through one is enforced by the other's
@@ -648,7 +648,7 @@ fn renewals_racing_the_other_gateways_expiry_end_in_one_answer_on_both_gateways(
         return;
     }
     const LEASES: u16 = 12;
-    let cluster = EtcdCluster::start("wrace").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::single("wrace").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         runtime().block_on(async {
             let pki = Pki::new("etcd-wrace");
@@ -852,7 +852,7 @@ fn a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_k
         return;
     }
     let warnings = Warnings::install();
-    let cluster = EtcdCluster::start("wrel").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::single("wrel").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wrel");
     let (dir_a, dir_b) = (temp_dir("wrel-a"), temp_dir("wrel-b"));
     let web1 = pki.host("web-01", &[host_ip()], &[], &[]);
@@ -1075,7 +1075,7 @@ fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
         return;
     }
     let warnings = Warnings::install();
-    let cluster = EtcdCluster::start("wcrl").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::single("wcrl").unwrap_or_else(|e| panic!("{e}"));
     let pki = Pki::new("etcd-wcrl");
     let (dir_a, dir_b) = (temp_dir("wcrl-a"), temp_dir("wcrl-b"));
     let doomed = pki.host("web-01", &[host_ip()], &[], &[]);
