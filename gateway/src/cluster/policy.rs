@@ -80,6 +80,18 @@ struct InForce {
     publishing: Option<u64>,
 }
 
+/// Who offers a version to [`PolicyState::put_in_force`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offer {
+    /// This gateway's publish, at its step.
+    Publish,
+    /// The watch, with whether the version was published through this gateway's site.
+    Watch {
+        /// Whether it names this gateway's site.
+        own_site: bool,
+    },
+}
+
 /// What became of a version offered to [`PolicyState::put_in_force`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Offered {
@@ -123,24 +135,25 @@ impl PolicyState {
     /// that a version is put in force once on this gateway, and never after a newer one: a
     /// check made apart from the recording and the enforcement let an older version that
     /// passed it be put in force after a newer one, and the status then named the older one
-    /// too. `own` is the step of this gateway's publish of `version`; the watch's offer of
-    /// that version while the publish is under way is left to that step. `enforce` runs under
-    /// the lock, so it must not wait on anything that takes it.
+    /// too. `offer` says who offers it: this gateway's publish of `version` at its step, or
+    /// the watch, which leaves a version of this gateway's site to that step while the
+    /// publish is under way (another site's version of the same number is the one that beat
+    /// the publish). `enforce` runs under the lock, so it must not wait on anything that
+    /// takes it.
     fn put_in_force(
         &self,
         version: u64,
         hash: &str,
         file_hash: &str,
-        own: bool,
+        offer: Offer,
         enforce: impl FnOnce(),
     ) -> Offered {
         let mut state = self.lock();
-        if own {
-            if state.publishing == Some(version) {
-                state.publishing = None;
-            }
-        } else if state.publishing == Some(version) {
-            return Offered::Publishing;
+        let publishing = state.publishing == Some(version);
+        match offer {
+            Offer::Publish if publishing => state.publishing = None,
+            Offer::Watch { own_site: true } if publishing => return Offered::Publishing,
+            _ => {}
         }
         if version <= state.status.version {
             return Offered::NotNewer;
@@ -285,7 +298,7 @@ impl Cluster {
             published.version,
             &published.hash,
             &published.hash,
-            true,
+            Offer::Publish,
             enforce,
         ) == Offered::InForce
     }
@@ -400,11 +413,17 @@ impl Cluster {
         // reload may have put a newer version in force since the check above, or be putting
         // this one, its own, in force.
         let mut enforced = None;
-        let offered =
-            self.policy
-                .put_in_force(stored.version, &stored.hash, file_hash, false, || {
-                    enforced = Some(service.enforce_cluster_policy(policy));
-                });
+        let offered = self.policy.put_in_force(
+            stored.version,
+            &stored.hash,
+            file_hash,
+            Offer::Watch {
+                own_site: stored.site == self.site,
+            },
+            || {
+                enforced = Some(service.enforce_cluster_policy(policy));
+            },
+        );
         let policy = match (offered, enforced) {
             (Offered::InForce, Some(policy)) => policy,
             (Offered::Publishing, _) => {
