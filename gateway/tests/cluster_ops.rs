@@ -16,7 +16,8 @@
 //! own version that the watch brings back before the reload's step (a seam between the two)
 //! is put in force once, by the reload, with one audit record; a reload dropped at that seam
 //! leaves its version to the watches, which put it in force on every gateway and end the
-//! leases it disallows, each audited once.
+//! leases it disallows, each audited once. A version whose revocation is held (a seam before
+//! each lease it judges) while a newer one comes in force revokes nothing after that.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -1444,7 +1445,21 @@ fn a_reload_whose_version_the_watch_brings_back_first_puts_it_in_force_once() {
             )
             .await;
             let file = a.policy.display().to_string();
-            let records = local_records(&a, "policy-reload").await;
+            let records = until(
+                "version 3's record",
+                || a.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                |p| {
+                    p["events"].as_array().is_some_and(|events| {
+                        events.iter().any(|e| {
+                            e["reason"]
+                                .as_str()
+                                .is_some_and(|r| r.starts_with("cluster policy version 3 "))
+                        })
+                    })
+                },
+            )
+            .await;
+            let records = records["events"].as_array().cloned().unwrap_or_default();
             // Version 2 was put in force once, by the reload: the watch recorded version 3
             // only.
             let adopted: Vec<&Value> = records.iter().filter(|e| e["actor"] == "cluster").collect();
@@ -1605,6 +1620,88 @@ fn a_version_whose_reload_was_dropped_before_its_step_still_ends_the_leases_it_d
             drop((to_a, to_b));
             a.stop().await;
             b.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_version_overtaken_while_it_revokes_stops_and_the_newer_one_judges_the_leases_left() {
+    in_cluster(
+        "a_version_overtaken_while_it_revokes_stops_and_the_newer_one_judges_the_leases_left",
+        "clstop",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-stop");
+            let dir = temp_dir("clstop-a");
+            let endpoints = cluster.endpoints();
+            // Once armed, each lease a policy put in force judges waits at the seam before
+            // it is judged.
+            let held = HeldWatch::new();
+            let revoking: Pause = Arc::new({
+                let held = held.clone();
+                move || {
+                    let held = held.clone();
+                    Box::pin(async move { held.hold().await })
+                }
+            });
+            let seams = Seams {
+                revoking: Some(revoking),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let leases = [
+                granted(client.open(tcp(7002), None).await).lease,
+                granted(client.open(tcp(7003), None).await).lease,
+            ];
+
+            // The rival publishes version 2, which allows neither lease: A's watch puts it in
+            // force, and its revocation waits before the first lease.
+            held.armed.store(true, Ordering::Release);
+            assert_eq!(publish_as_rival(&endpoints, NARROWER).await, 2);
+            held.until_reached(1).await;
+            // The rival publishes version 3, which allows both again: the watch puts it in
+            // force meanwhile, and version 2 revokes nothing once it goes on.
+            assert_eq!(publish_as_rival(&endpoints, POLICY).await, 3);
+            until(
+                "A holds policy version 3",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 3,
+            )
+            .await;
+            held.go.close();
+            let records = until(
+                "both versions' records",
+                || a.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                |p| {
+                    p["events"]
+                        .as_array()
+                        .is_some_and(|events| events.len() == 2)
+                },
+            )
+            .await;
+            let mut reasons: Vec<String> = records["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+                .collect();
+            reasons.sort();
+            assert_eq!(
+                reasons,
+                [2, 3].map(|version| format!(
+                    "cluster policy version {version} from {RIVAL} put in force; 0 leases it \
+                     no longer allows revoked here"
+                )),
+                "{records:#}"
+            );
+            for lease in leases {
+                assert!(lease_in_etcd(cluster, lease).await, "{lease} stays live");
+            }
+            let status = a.get("/v1/status").await;
+            assert_eq!(status["live_leases"], 2, "{status:#}");
+            granted(client.open(tcp(7004), None).await);
+            drop(client);
+            a.stop().await;
         },
     );
 }

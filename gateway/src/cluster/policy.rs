@@ -27,8 +27,11 @@
 //! the watch of the leases). Left to the publishing gateway alone, a version could be in
 //! force everywhere while the leases it disallows stayed live, had that gateway died or its
 //! reload been dropped between the publish and its revocations. A gateway revokes under a
-//! version only while it is the one in force there: once a newer one is, that one judges the
-//! leases left.
+//! version only while it is the one in force there: the watch's revocations run apart from
+//! the watch, which puts a newer version in force meanwhile, and that one judges the leases
+//! left. A version published in etcd but not yet brought by this gateway's watch is not
+//! known here: until it is, this gateway decides, and revokes, by the version before, as its
+//! Opens and Renews do.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -264,10 +267,11 @@ impl Cluster {
         } else {
             Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
         };
-        crate::service::pause_at(&self.publishing).await;
         // Marked before the transaction: its own event may reach the watch before its answer
-        // reaches this task.
+        // reaches this task. Another gateway's version of the same number, which beats the
+        // transaction, may reach the watch meanwhile too, and is not left to this publish.
         let mut pending = Pending::mark(self, version);
+        crate::service::pause_at(&self.publishing).await;
         let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
             key,
             serde_json::to_vec(&stored).unwrap_or_default(),
@@ -383,7 +387,12 @@ impl Cluster {
 
     /// Puts a published version in force here (if it is newer than the one in force), and
     /// says plainly when this gateway's own file differs from it.
-    async fn put_in_force(&self, service: &Service, stored: &StoredPolicy, file_hash: &str) {
+    async fn put_in_force(
+        self: &Arc<Self>,
+        service: &Arc<Service>,
+        stored: &StoredPolicy,
+        file_hash: &str,
+    ) {
         if stored.version <= self.policy.status().version {
             return;
         }
@@ -455,11 +464,16 @@ impl Cluster {
         info!(version = stored.version, from = %stored.site, "cluster policy in force");
         // Every member revokes what the version no longer allows, not its publisher alone,
         // whose reload may never get that far: etcd takes each lease's end from the first
-        // member, and refuses it (with no audit record) to the others.
+        // member, and refuses it (with no audit record) to the others. Apart from the watch,
+        // which must be free to put a newer version in force meanwhile: that one judges the
+        // leases left, and this one stops revoking.
         let version = stored.version;
-        service
-            .revoke_for_cluster_policy(&policy, why, &|| self.policy.version() == version)
-            .await;
+        let (cluster, service) = (self.clone(), service.clone());
+        tokio::spawn(async move {
+            service
+                .revoke_for_cluster_policy(&policy, why, &|| cluster.policy.version() == version)
+                .await;
+        });
     }
 }
 

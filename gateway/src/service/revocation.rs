@@ -479,6 +479,7 @@ impl Service {
                 .collect::<Vec<_>>()
         });
         for lease in leases {
+            pause_at(&self.seams.revoking).await;
             if !current() {
                 info!(
                     policy = policy.origin(),
