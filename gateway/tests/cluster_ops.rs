@@ -1,4 +1,4 @@
-//! Operating a cluster of two gateways on one real three-member etcd cluster (in a network
+//! Operating a cluster of two gateways on one real etcd cluster (in a network
 //! namespace of its own, the gateways and hosts there too), through their admin sockets as
 //! `fwnpctl` does: `status` lists the members with their revisions and policy versions, and
 //! one as absent once it stops; a policy reload through A reaches B (B's decisions change) and
@@ -12,7 +12,12 @@
 //! nothing; one beaten fewer times publishes the next version after the others'. An older
 //! version from another gateway that the policy's watch found newer than the one in force,
 //! held there (a seam between that check and the step that puts it in force) while the
-//! reload publishes and puts in force a newer one, is not put in force after it.
+//! reload publishes and puts in force a newer one, is not put in force after it. A reload's
+//! own version that the watch brings back before the reload's step (a seam between the two)
+//! is put in force once, by the reload, with one audit record; a reload dropped at that seam
+//! leaves its version to the watches, which put it in force on every gateway and end the
+//! leases it disallows, each audited once. A version whose revocation is held (a seam before
+//! each lease it judges) while a newer one comes in force revokes nothing after that.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -402,8 +407,8 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             drop(to_c);
             c.stop().await;
 
-            // One revocation record in the cluster's trail, from A, whose reload published
-            // the policy (B took the end in through its watch).
+            // One revocation record in the cluster's trail: A's reload and B's watch both
+            // revoke what version 2 disallows, and etcd takes each end from one of them.
             let page = until(
                 "the revocation in A's audit",
                 || a.get("/v1/audit?kind=revocation&limit=100"),
@@ -412,7 +417,10 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             .await;
             let records = events_of_lease(&page, on_b, "revocation");
             assert_eq!(records.len(), 1, "{page:#}");
-            assert_eq!(records[0]["site"], "gw-a");
+            assert!(
+                records[0]["site"] == "gw-a" || records[0]["site"] == "gw-b",
+                "{page:#}"
+            );
 
             // The operator revokes through B what was granted through A: ended in etcd.
             let (answer, _) = fwnpctl(
@@ -1369,6 +1377,329 @@ fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_rev
                 ),
                 "{page:#}"
             );
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+/// A's local audit records of `kind`.
+async fn local_records(gateway: &Gateway, kind: &str) -> Vec<Value> {
+    let page = gateway
+        .get(&format!("/v1/audit?kind={kind}&scope=local&limit=100"))
+        .await;
+    page["events"].as_array().cloned().unwrap_or_default()
+}
+
+#[test]
+fn a_reload_whose_version_the_watch_brings_back_first_puts_it_in_force_once() {
+    in_cluster(
+        "a_reload_whose_version_the_watch_brings_back_first_puts_it_in_force_once",
+        "clonce",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-once");
+            let dir = temp_dir("clonce-a");
+            let endpoints = cluster.endpoints();
+            let watch = HeldWatch::new();
+            // At the seam between A's publish of version 2 and the step that puts it in
+            // force, the watch brings version 2 back and goes on with it; the rival then
+            // publishes version 3, and once the watch holds that one at its seam, it has
+            // been through version 2's step. Only then does the reload take its step.
+            let published: Pause = Arc::new({
+                let (watch, endpoints) = (watch.clone(), endpoints.clone());
+                move || {
+                    let (watch, endpoints) = (watch.clone(), endpoints.clone());
+                    Box::pin(async move {
+                        watch.until_reached(1).await;
+                        watch.release();
+                        assert_eq!(publish_as_rival(&endpoints, POLICY).await, 3);
+                        watch.until_reached(2).await;
+                    })
+                }
+            });
+            let seams = Seams {
+                published: Some(published),
+                ..watch.seams()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let lease = granted(client.open(tcp(7002), None).await).lease;
+
+            common::write_policy(&a.policy, NARROWER);
+            watch.armed.store(true, Ordering::Release);
+            let (status, body) = a.post("/v1/policy/reload", None).await;
+            assert_eq!(status, 200, "{body:#}");
+            assert_eq!(body["superseded"], Value::Null, "{body:#}");
+            let revoked: Vec<&Value> = body["revoked"].as_array().into_iter().flatten().collect();
+            assert_eq!(revoked.len(), 1, "{body:#}");
+            assert_eq!(revoked[0]["lease"], lease.to_string(), "{body:#}");
+            assert!(!lease_in_etcd(cluster, lease).await, "the end is in etcd");
+            reload_in_force(&a, &client, 2).await;
+
+            // Version 3 goes on; once it is in force, the watch is done with version 2.
+            watch.release();
+            until(
+                "A holds policy version 3",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 3,
+            )
+            .await;
+            let file = a.policy.display().to_string();
+            let records = until(
+                "version 3's record",
+                || a.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                |p| {
+                    p["events"].as_array().is_some_and(|events| {
+                        events.iter().any(|e| {
+                            e["reason"]
+                                .as_str()
+                                .is_some_and(|r| r.starts_with("cluster policy version 3 "))
+                        })
+                    })
+                },
+            )
+            .await;
+            let records = records["events"].as_array().cloned().unwrap_or_default();
+            // Version 2 was put in force once, by the reload: the watch recorded version 3
+            // only.
+            let adopted: Vec<&Value> = records.iter().filter(|e| e["actor"] == "cluster").collect();
+            assert_eq!(adopted.len(), 1, "{records:#?}");
+            assert_eq!(
+                adopted[0]["reason"],
+                format!(
+                    "cluster policy version 3 from {RIVAL} put in force; 0 leases it no longer \
+                     allows revoked here"
+                ),
+                "{records:#?}"
+            );
+            let reloads: Vec<&Value> = records
+                .iter()
+                .filter(|e| e["actor"] == "operator")
+                .collect();
+            assert_eq!(reloads.len(), 1, "{records:#?}");
+            assert_eq!(
+                reloads[0]["reason"],
+                format!(
+                    "policy {file} loaded, published as cluster policy version 2; 1 leases revoked"
+                ),
+                "{records:#?}"
+            );
+            assert_eq!(
+                events_of_lease(
+                    &a.get("/v1/audit?kind=revocation&scope=local&limit=100")
+                        .await,
+                    lease,
+                    "revocation"
+                )
+                .len(),
+                1
+            );
+            watch.go.close();
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_version_whose_reload_was_dropped_before_its_step_still_ends_the_leases_it_disallows() {
+    in_cluster(
+        "a_version_whose_reload_was_dropped_before_its_step_still_ends_the_leases_it_disallows",
+        "cldrop",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-dropped");
+            let (dir_a, dir_b) = (temp_dir("cldrop-a"), temp_dir("cldrop-b"));
+            // A's reload, once it has published, waits at the seam for ever: the test drops
+            // it there, as a dropped admin request does, and its step never runs.
+            let reached = Arc::new(tokio::sync::Notify::new());
+            let published: Pause = Arc::new({
+                let reached = reached.clone();
+                move || {
+                    reached.notify_one();
+                    Box::pin(std::future::pending())
+                }
+            });
+            let seams = Seams {
+                published: Some(published),
+                ..Seams::default()
+            };
+            let (a, to_a) = gateway_a_with_a_host(cluster, &pki, dir_a.path(), seams).await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let to_b = Client::connect(b.addr, &pki.host("web-02", &[host], &[], &[])).await;
+            to_b.hello().await;
+            let on_a = granted(to_a.open(tcp(7002), None).await).lease;
+            let on_b = granted(to_b.open(tcp(7003), None).await).lease;
+            let kept = granted(to_b.open(tcp(7001), None).await).lease;
+            for gateway in [&a, &b] {
+                until(
+                    "every lease in the book",
+                    || gateway.get("/v1/status"),
+                    |s| s["live_leases"] == 3,
+                )
+                .await;
+            }
+
+            common::write_policy(&a.policy, NARROWER);
+            let reload = tokio::spawn({
+                let service = a.service.clone();
+                async move { service.reload_policy().await }
+            });
+            tokio::time::timeout(STEP, reached.notified())
+                .await
+                .expect("the reload published its version");
+            reload.abort();
+            assert!(
+                reload.await.is_err_and(|e| e.is_cancelled()),
+                "the reload was dropped at its seam"
+            );
+            let (stored, _) = policy_in_etcd(&cluster.endpoints()).await;
+            assert_eq!((stored.version, stored.site.as_str()), (2, "gw-a"));
+
+            // Version 2 is in force on both, and what it disallows has ended: in etcd, in
+            // each book, and each host is told by its gateway.
+            for gateway in [&a, &b] {
+                until(
+                    "version 2 in force and its revocations done",
+                    || gateway.get("/v1/status"),
+                    |s| s["cluster"]["policy"]["version"] == 2 && s["live_leases"] == 1,
+                )
+                .await;
+            }
+            for (client, lease) in [(&to_a, on_a), (&to_b, on_b)] {
+                let notice = client.next_notice(STEP).await;
+                assert!(
+                    matches!(
+                        &notice,
+                        Some(fwnp_proto::Message::Revoked(r))
+                            if r.lease == lease
+                                && r.reason == fwnp_proto::RevokeReason::PolicyChanged
+                    ),
+                    "{notice:?}"
+                );
+            }
+            assert!(!lease_in_etcd(cluster, on_a).await, "{on_a} ended in etcd");
+            assert!(!lease_in_etcd(cluster, on_b).await, "{on_b} ended in etcd");
+            assert!(lease_in_etcd(cluster, kept).await, "{kept} still allowed");
+            let refused = denied(to_b.open(tcp(7004), None).await);
+            assert_eq!(refused.code, ResultCode::DeniedByPolicy, "{refused:?}");
+
+            // Each gateway recorded version 2 once, as the watch put it in force; both
+            // tried each end, and etcd took it from one, audited there alone.
+            let mut revocations = Vec::new();
+            for gateway in [&a, &b] {
+                let records = until(
+                    "version 2's record",
+                    || gateway.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                    |p| {
+                        p["events"]
+                            .as_array()
+                            .is_some_and(|events| events.iter().any(|e| e["actor"] == "cluster"))
+                    },
+                )
+                .await;
+                let records = records["events"].as_array().cloned().unwrap_or_default();
+                assert_eq!(records.len(), 1, "{records:#?}");
+                let reason = records[0]["reason"].as_str().unwrap_or_default();
+                assert!(
+                    reason.starts_with("cluster policy version 2 from gw-a put in force; "),
+                    "{records:#?}"
+                );
+                revocations.push(local_records(gateway, "revocation").await);
+            }
+            for lease in [on_a, on_b] {
+                let audited: Vec<&Value> = revocations
+                    .iter()
+                    .flatten()
+                    .filter(|e| e["lease"] == lease.to_string())
+                    .collect();
+                assert_eq!(audited.len(), 1, "{lease}: {revocations:#?}");
+                assert_eq!(audited[0]["actor"], "policy-reload", "{audited:#?}");
+            }
+            drop((to_a, to_b));
+            a.stop().await;
+            b.stop().await;
+        },
+    );
+}
+
+#[test]
+fn a_version_overtaken_while_it_revokes_stops_and_the_newer_one_judges_the_leases_left() {
+    in_cluster(
+        "a_version_overtaken_while_it_revokes_stops_and_the_newer_one_judges_the_leases_left",
+        "clstop",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-stop");
+            let dir = temp_dir("clstop-a");
+            let endpoints = cluster.endpoints();
+            // Once armed, each lease a policy put in force judges waits at the seam before
+            // it is judged.
+            let held = HeldWatch::new();
+            let revoking: Pause = Arc::new({
+                let held = held.clone();
+                move || {
+                    let held = held.clone();
+                    Box::pin(async move { held.hold().await })
+                }
+            });
+            let seams = Seams {
+                revoking: Some(revoking),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let leases = [
+                granted(client.open(tcp(7002), None).await).lease,
+                granted(client.open(tcp(7003), None).await).lease,
+            ];
+
+            // The rival publishes version 2, which allows neither lease: A's watch puts it in
+            // force, and its revocation waits before the first lease.
+            held.armed.store(true, Ordering::Release);
+            assert_eq!(publish_as_rival(&endpoints, NARROWER).await, 2);
+            held.until_reached(1).await;
+            // The rival publishes version 3, which allows both again: the watch puts it in
+            // force meanwhile, and version 2 revokes nothing once it goes on.
+            assert_eq!(publish_as_rival(&endpoints, POLICY).await, 3);
+            until(
+                "A holds policy version 3",
+                || a.get("/v1/status"),
+                |s| s["cluster"]["policy"]["version"] == 3,
+            )
+            .await;
+            held.go.close();
+            let records = until(
+                "both versions' records",
+                || a.get("/v1/audit?kind=policy-reload&scope=local&limit=100"),
+                |p| {
+                    p["events"]
+                        .as_array()
+                        .is_some_and(|events| events.len() == 2)
+                },
+            )
+            .await;
+            let mut reasons: Vec<String> = records["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+                .collect();
+            reasons.sort();
+            assert_eq!(
+                reasons,
+                [2, 3].map(|version| format!(
+                    "cluster policy version {version} from {RIVAL} put in force; 0 leases it \
+                     no longer allows revoked here"
+                )),
+                "{records:#}"
+            );
+            for lease in leases {
+                assert!(lease_in_etcd(cluster, lease).await, "{lease} stays live");
+            }
+            let status = a.get("/v1/status").await;
+            assert_eq!(status["live_leases"], 2, "{status:#}");
+            granted(client.open(tcp(7004), None).await);
             drop(client);
             a.stop().await;
         },

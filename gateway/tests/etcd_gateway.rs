@@ -1,4 +1,4 @@
-//! Gateways started with `[store] backend = "etcd"` on one real three-member etcd cluster (in a
+//! Gateways started with `[store] backend = "etcd"` on one real etcd cluster (in a
 //! network namespace of its own, with the gateways and the host there too), serving real Opens
 //! over QUIC: they welcome hosts with the cluster's one epoch, a grant is in etcd before it is
 //! answered, and the host's max_leases holds across the gateways (a gateway to which the host
@@ -89,7 +89,7 @@ fn gateways_on_etcd_serve_opens_and_hold_max_leases_across_the_cluster() {
     if !available(TEST) {
         return;
     }
-    let cluster = EtcdCluster::start("gwopen").unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::single("gwopen").unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -1,4 +1,4 @@
-//! The etcd lease store against a real three-member etcd cluster (processes started by the
+//! The etcd lease store against a real etcd cluster (processes started by the
 //! test in a network namespace of their own): two gateways' stores on one cluster share the
 //! leases and the epoch, the cluster's rules hold across them (a lease inserted once, owner's
 //! incarnation, a host's lease count, an expiry that a renewal elsewhere overrides), also when
@@ -16,7 +16,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{EtcdCluster, MemberTls, StoreConfig, available, in_cluster};
+use etcd_cluster::{EtcdCluster, EtcdOptions, MemberTls, StoreConfig, available, in_cluster};
 use fwnp_gateway::config::EtcdTls;
 use fwnp_gateway::store::{
     AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,
@@ -702,14 +702,18 @@ fn the_store_speaks_tls_to_etcd_with_a_client_certificate_and_is_refused_without
     .expect("member certificate");
     pki::issue_host(ca.path(), "gw-a", &[], &[], &[], Validity::days(1)).expect("client");
     let file = |name: &str| ca.path().join(name);
-    let cluster = EtcdCluster::start_tls(
+    let cluster = EtcdCluster::start_with(
         "tls",
-        MemberTls {
-            ca: file("ca.pem"),
-            cert: file("member.pem"),
-            key: file("member.key"),
-            client_cert: file("gw-a.pem"),
-            client_key: file("gw-a.key"),
+        EtcdOptions {
+            members: 1,
+            tls: Some(MemberTls {
+                ca: file("ca.pem"),
+                cert: file("member.pem"),
+                key: file("member.key"),
+                client_cert: file("gw-a.pem"),
+                client_key: file("gw-a.key"),
+            }),
+            ..EtcdOptions::default()
         },
     )
     .unwrap_or_else(|e| panic!("{e}"));

@@ -153,13 +153,13 @@ fn the_etcd_store_keeps_the_contract() {
     });
 }
 
-/// Runs `body` on an etcd store (site `gw-a`) over a three-member cluster of its own, named
+/// Runs `body` on an etcd store (site `gw-a`) over a one-member cluster of its own, named
 /// after `tag`, unless etcd is not installed (then `test` is skipped, as it says).
 fn on_etcd_store(test: &str, tag: &str, body: impl FnOnce(&fwnp_gateway::store::EtcdStore) + Send) {
     if !etcd_cluster::available(test) {
         return;
     }
-    let cluster = etcd_cluster::EtcdCluster::start(tag).unwrap_or_else(|e| panic!("{e}"));
+    let cluster = etcd_cluster::EtcdCluster::single(tag).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().expect("temp dir");
     let local = Store::open(dir.path()).expect("local store");
     cluster.run(|| {

@@ -1,7 +1,12 @@
-//! A three-member etcd cluster of real `etcd` processes for the tests, in a network namespace
-//! of its own (each member on 127.0.0.1 there, with its own client and peer ports), with data
+//! An etcd cluster of real `etcd` processes for the tests, in a network namespace of its own
+//! (each member on 127.0.0.1 there, with its own client and peer ports), with data
 //! directories in a temporary directory. Every member is killed when the cluster is dropped,
 //! and the namespace goes with it, even when the test fails.
+//!
+//! Three members by default, for the tests of member failure and quorum; one
+//! ([`EtcdCluster::single`]) for those that need etcd's transactions and watches but lose no
+//! member, which start in about a third of the time and leave the machine's cores to the
+//! test (three members on two cores elect and replicate at every write).
 //!
 //! Code that runs in the cluster's namespace ([`EtcdCluster::run`]) reaches the members on
 //! 127.0.0.1 ([`EtcdCluster::endpoints`]); another namespace, such as a gateway's with a kernel
@@ -29,6 +34,7 @@ const LOG_LINES: usize = 8;
 /// How long a killed member may take to be gone.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
+/// How many members a cluster has unless its options say otherwise.
 const MEMBERS: usize = 3;
 
 /// How many namespaces [`EtcdCluster::connect`] can join to one cluster: each link takes a /30
@@ -96,6 +102,8 @@ pub struct EtcdOptions {
     pub tls: Option<MemberTls>,
     /// How long to wait for a leader ([`LEADER_WAIT`] by default).
     pub leader_wait: Duration,
+    /// How many members (three by default; at least one).
+    pub members: usize,
 }
 
 impl Default for EtcdOptions {
@@ -103,6 +111,7 @@ impl Default for EtcdOptions {
         EtcdOptions {
             tls: None,
             leader_wait: LEADER_WAIT,
+            members: MEMBERS,
         }
     }
 }
@@ -188,6 +197,23 @@ impl EtcdCluster {
         Self::start_with(name, EtcdOptions::default())
     }
 
+    /// Starts one member, and waits until it leads: for a test that loses no member.
+    ///
+    /// ```no_run
+    /// let cluster = fwnp_testkit::etcd::EtcdCluster::single("doc")?;
+    /// assert_eq!(cluster.endpoints().len(), 1);
+    /// # Ok::<(), fwnp_testkit::etcd::EtcdClusterError>(())
+    /// ```
+    pub fn single(name: &str) -> Result<EtcdCluster, EtcdClusterError> {
+        Self::start_with(
+            name,
+            EtcdOptions {
+                members: 1,
+                ..EtcdOptions::default()
+            },
+        )
+    }
+
     /// Starts three members whose client URLs speak TLS only and require a client
     /// certificate, and waits for a leader.
     pub fn start_tls(name: &str, tls: MemberTls) -> Result<EtcdCluster, EtcdClusterError> {
@@ -200,7 +226,7 @@ impl EtcdCluster {
         )
     }
 
-    /// Starts three members as `options` say and waits for a leader. Whatever fails, the
+    /// Starts the members `options` say and waits for a leader. Whatever fails, the
     /// members started are killed and the namespace and data directory removed.
     pub fn start_with(name: &str, options: EtcdOptions) -> Result<EtcdCluster, EtcdClusterError> {
         let setup = |what| move |source| EtcdClusterError::Setup { what, source };
@@ -208,16 +234,17 @@ impl EtcdCluster {
         let dir = tempfile::tempdir().map_err(setup("data directory"))?;
         let token = format!("fwnp-{}-{}", name, std::process::id());
         let mut cluster = EtcdCluster {
-            members: (0..MEMBERS).map(|_| None).collect(),
+            members: (0..options.members.max(1)).map(|_| None).collect(),
             tls: options.tls,
             dir,
             token,
             links: 0,
             ns,
         };
-        for member in 0..MEMBERS {
+        for member in 0..cluster.members.len() {
             cluster.start_member(member)?;
         }
+        let all: Vec<usize> = (0..cluster.members.len()).collect();
         let deadline = Instant::now() + options.leader_wait;
         loop {
             // A member that exited will not come back: said at once, not after the wait.
@@ -236,7 +263,7 @@ impl EtcdCluster {
                     logs: cluster.log_tails(),
                 });
             }
-            if cluster.wait_healthy(&[0, 1, 2], left.min(Duration::from_secs(1))) {
+            if cluster.wait_healthy(&all, left.min(Duration::from_secs(1))) {
                 return Ok(cluster);
             }
         }
@@ -252,7 +279,7 @@ impl EtcdCluster {
 
     /// The last lines of each member's log.
     fn log_tails(&self) -> String {
-        (0..MEMBERS)
+        (0..self.members.len())
             .map(|m| {
                 let path = self.dir.path().join(format!("m{m}.log"));
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -268,7 +295,7 @@ impl EtcdCluster {
         if self.members[member].is_some() {
             return Err(EtcdClusterError::Running { member });
         }
-        let initial: Vec<String> = (0..MEMBERS)
+        let initial: Vec<String> = (0..self.members.len())
             .map(|m| format!("m{m}=http://127.0.0.1:{}", peer_port(m)))
             .collect();
         let data = self.dir.path().join(format!("m{member}"));
@@ -333,7 +360,9 @@ impl EtcdCluster {
 
     /// The client URLs of every member (running or not), as a gateway is configured.
     pub fn endpoints(&self) -> Vec<String> {
-        (0..MEMBERS).map(|m| self.client_url(m)).collect()
+        (0..self.members.len())
+            .map(|m| self.client_url(m))
+            .collect()
     }
 
     fn client_url(&self, member: usize) -> String {
@@ -380,7 +409,7 @@ impl EtcdCluster {
         self.ns.ip(&["link", "set", &ours_if, "up"])?;
         other.ip(&["link", "set", LINK_IF, "up"])?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        Ok((0..MEMBERS)
+        Ok((0..self.members.len())
             .map(|m| format!("{scheme}://{ours}:{}", client_port(m)))
             .collect())
     }

@@ -1,7 +1,7 @@
 //! What FWNP's tests, the lab demo and the load generator share, so that each is written once:
 //! network namespaces and the [`Topology`](netns::Topology) of an outside network, a gateway
 //! and hosts, with echo servers and bounded probes ([`netns`]); a test certificate authority
-//! ([`pki`]); a three-member etcd cluster of real processes, reachable from other namespaces
+//! ([`pki`]); an etcd cluster of real processes (three members, or one), reachable from other namespaces
 //! ([`etcd`]); the workspace's binaries, built and found for tests of another package
 //! ([`binaries`]); and guards for the daemons run as child processes ([`process`]).
 //!

@@ -1,6 +1,7 @@
 //! The etcd cluster of the testkit: its members answer from the cluster's own namespace and,
 //! through the link `connect` makes, from another namespace, until that link goes down; a
-//! cluster that does not come up is an error naming why, with the members' logs, not a panic.
+//! cluster that does not come up is an error naming why, with the members' logs, not a panic;
+//! a one-member cluster leads alone and is reached the same ways.
 
 use std::time::Duration;
 
@@ -60,6 +61,28 @@ fn another_namespace_reaches_the_members_through_its_link() {
     );
     assert!(healthy(&other, &second));
     assert!(cluster.wait_healthy(&[0, 1, 2], Duration::from_secs(5)));
+}
+
+#[test]
+fn a_single_member_cluster_leads_alone_and_is_reached_through_a_link() {
+    if !available("a_single_member_cluster_leads_alone_and_is_reached_through_a_link") {
+        return;
+    }
+    let mut cluster = EtcdCluster::single("tkone").unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cluster.endpoints().len(), 1, "{:?}", cluster.endpoints());
+    assert!(cluster.wait_healthy(&[0], Duration::from_secs(5)));
+    // No second member was started: its ports answer nothing.
+    assert!(!healthy(
+        cluster.netns(),
+        &["http://127.0.0.1:22379".to_owned()]
+    ));
+    let gateway = Netns::new("tkone").expect("namespace");
+    let endpoints = cluster.connect(&gateway).expect("link");
+    assert_eq!(endpoints.len(), 1, "{endpoints:?}");
+    assert!(
+        healthy(&gateway, &endpoints),
+        "the member unreachable over the link"
+    );
 }
 
 #[test]

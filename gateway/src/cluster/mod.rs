@@ -96,6 +96,9 @@ pub struct Cluster {
     stopping: std::sync::atomic::AtomicBool,
     /// The revision from which the policy's watch starts (after the read at the start).
     watch_from: std::sync::atomic::AtomicI64,
+    /// Told when a reload that published a version was dropped before it put the version in
+    /// force: the watch, which left that version to it, reads the policy again.
+    read_policy_again: tokio::sync::Notify,
     /// Called between a publish's read of the policy and its transaction ([`Seams`]).
     ///
     /// [`Seams`]: crate::service::Seams
@@ -136,6 +139,7 @@ impl Cluster {
             policy: policy::PolicyState::default(),
             stopping: std::sync::atomic::AtomicBool::new(false),
             watch_from: std::sync::atomic::AtomicI64::new(0),
+            read_policy_again: tokio::sync::Notify::new(),
             publishing: None,
             adopting: None,
         })

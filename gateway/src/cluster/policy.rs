@@ -14,15 +14,24 @@
 //! against the version in force, its recording and its enforcement are one step, so that the
 //! version in force never goes back: an older version the watch checked before a reload put
 //! a newer one in force stays out, and so does a reload's own version once the watch has put
-//! a newer one in force (whose publisher revokes what it no longer allows).
+//! a newer one in force. And a version is put in force once on each gateway: the watch leaves
+//! a version this gateway is publishing to its reload's step (marked before the publish's
+//! transaction, whose event may come back first), unless that reload is dropped before its
+//! step, when the watch reads the key again and puts the version in force itself.
 //!
-//! The revocations a new version causes are committed once, by the gateway whose reload
-//! published it: every gateway's book holds every lease of the cluster, so that one gateway
-//! finds them all. The others put the version in force without revoking; the ends come to
-//! them through the watch of the leases, which takes each out of their book and kernel and
-//! sends the Revoked notice to the host if it is connected there. Should the publishing
-//! gateway die before it has revoked everything, a lease left is judged by the new version at
-//! its next Renew, through whichever gateway, and ends at its expiry at the latest.
+//! The revocations a new version causes are made by every gateway as it puts the version in
+//! force, the publishing one's reload included: every gateway's book holds every lease of the
+//! cluster, and each lease's end is a compare-and-swap in etcd, which the first gateway to
+//! reach it commits, with its audit record, and refuses to the others (their own book,
+//! kernel and hosts' notices have it already, and the winner's end reaches the rest through
+//! the watch of the leases). Left to the publishing gateway alone, a version could be in
+//! force everywhere while the leases it disallows stayed live, had that gateway died or its
+//! reload been dropped between the publish and its revocations. A gateway revokes under a
+//! version only while it is the one in force there: the watch's revocations run apart from
+//! the watch, which puts a newer version in force meanwhile, and that one judges the leases
+//! left. A version published in etcd but not yet brought by this gateway's watch is not
+//! known here: until it is, this gateway decides, and revokes, by the version before, as its
+//! Opens and Renews do.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -63,16 +72,56 @@ impl StoredPolicy {
 
 /// The version in force on this gateway, and how its own file compares.
 #[derive(Debug, Default)]
-pub(super) struct PolicyState(Mutex<ClusterPolicyStatus>);
+pub(super) struct PolicyState(Mutex<InForce>);
+
+#[derive(Debug, Default)]
+struct InForce {
+    status: ClusterPolicyStatus,
+    /// The version this gateway is publishing, from just before its transaction until the
+    /// step that puts it in force here (or until the publish is given up): the watch leaves
+    /// it to that step.
+    publishing: Option<u64>,
+}
+
+/// Who offers a version to [`PolicyState::put_in_force`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offer {
+    /// This gateway's publish, at its step.
+    Publish,
+    /// The watch, with whether the version was published through this gateway's site.
+    Watch {
+        /// Whether it names this gateway's site.
+        own_site: bool,
+    },
+}
+
+/// What became of a version offered to [`PolicyState::put_in_force`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    /// Recorded and put in force.
+    InForce,
+    /// Not newer than the version in force: left out.
+    NotNewer,
+    /// This gateway's own version while its publish is under way: left to the publish's step.
+    Publishing,
+}
 
 impl PolicyState {
     pub(super) fn status(&self) -> ClusterPolicyStatus {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.lock().status.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, InForce> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The version in force.
+    fn version(&self) -> u64 {
+        self.lock().status.version
     }
 
     fn set(&self, version: u64, hash: &str, file_hash: &str) {
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Self::record(&mut state, version, hash, file_hash);
+        Self::record(&mut self.lock().status, version, hash, file_hash);
     }
 
     fn record(state: &mut ClusterPolicyStatus, version: u64, hash: &str, file_hash: &str) {
@@ -84,49 +133,88 @@ impl PolicyState {
         };
     }
 
-    /// Records `version` and puts it in force with `enforce`, as one step, if `admit` accepts
-    /// it beside the version in force; returns whether it did. The watch and this gateway's
-    /// own reload both go through here: a check made apart from the recording and the
-    /// enforcement let an older version that passed it be put in force after a newer one, and
-    /// the status then named the older one too. `enforce` runs under the lock, so it must not
-    /// wait on anything that takes it.
+    /// Records `version` and puts it in force with `enforce`, as one step, if it is newer than
+    /// the version in force. The watch and this gateway's own publish both go through here, so
+    /// that a version is put in force once on this gateway, and never after a newer one: a
+    /// check made apart from the recording and the enforcement let an older version that
+    /// passed it be put in force after a newer one, and the status then named the older one
+    /// too. `offer` says who offers it: this gateway's publish of `version` at its step, or
+    /// the watch, which leaves a version of this gateway's site to that step while the
+    /// publish is under way (another site's version of the same number is the one that beat
+    /// the publish). `enforce` runs under the lock, so it must not wait on anything that
+    /// takes it.
     fn put_in_force(
         &self,
         version: u64,
         hash: &str,
         file_hash: &str,
-        admit: fn(new: u64, in_force: u64) -> bool,
+        offer: Offer,
         enforce: impl FnOnce(),
-    ) -> bool {
-        let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if !admit(version, state.version) {
-            return false;
+    ) -> Offered {
+        let mut state = self.lock();
+        let publishing = state.publishing == Some(version);
+        match offer {
+            Offer::Publish if publishing => state.publishing = None,
+            Offer::Watch { own_site: true } if publishing => return Offered::Publishing,
+            _ => {}
         }
-        Self::record(&mut state, version, hash, file_hash);
+        if version <= state.status.version {
+            return Offered::NotNewer;
+        }
+        Self::record(&mut state.status, version, hash, file_hash);
         enforce();
-        true
+        Offered::InForce
     }
 }
 
-/// What a version put in force by the watch must be: newer than the one in force.
-fn newer(new: u64, in_force: u64) -> bool {
-    new > in_force
-}
-
-/// What this gateway's own published version must be to be put in force: not older than the
-/// one in force (the watch may have brought it back first, without its revocations).
-fn not_older(new: u64, in_force: u64) -> bool {
-    new >= in_force
-}
-
 /// A version this gateway published, for its reload to put in force
-/// ([`Cluster::put_published_in_force`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
+/// ([`Cluster::put_published_in_force`]). Until then the watch leaves that version to it.
+/// Dropped without that step (the reload cancelled, its request dropped between the publish
+/// and the step), it has the watch read the policy again and put the version in force itself,
+/// with the revocations it causes.
+#[derive(Debug)]
+pub struct Published<'a> {
     /// The version.
     pub version: u64,
     /// The SHA-256 of its text, hex.
     pub hash: String,
+    /// Held for its drop.
+    _pending: Pending<'a>,
+}
+
+/// The mark of a publish under way ([`InForce::publishing`]), taken off when dropped.
+#[derive(Debug)]
+struct Pending<'a> {
+    cluster: &'a Cluster,
+    version: u64,
+    /// Whether the version may have been published, so that the watch must look again.
+    may_be_published: bool,
+}
+
+impl<'a> Pending<'a> {
+    fn mark(cluster: &'a Cluster, version: u64) -> Pending<'a> {
+        cluster.policy.lock().publishing = Some(version);
+        Pending {
+            cluster,
+            version,
+            may_be_published: true,
+        }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut state = self.cluster.policy.lock();
+        if state.publishing != Some(self.version) {
+            // Offered by the publish's own step already.
+            return;
+        }
+        state.publishing = None;
+        drop(state);
+        if self.may_be_published {
+            self.cluster.read_policy_again.notify_one();
+        }
+    }
 }
 
 /// The hash of this gateway's own policy file ("" when it cannot be read).
@@ -158,7 +246,11 @@ impl Cluster {
     /// Publishes `text` (read from `file` here) as the cluster's next policy version, unless
     /// another version came in between; returns the version, which is not yet in force here
     /// (see [`Cluster::put_published_in_force`]).
-    pub async fn publish_policy(&self, text: &str, file: &str) -> Result<Published, ClusterError> {
+    pub async fn publish_policy(
+        &self,
+        text: &str,
+        file: &str,
+    ) -> Result<Published<'_>, ClusterError> {
         let (current, mod_revision, _) = self.read_policy().await?;
         let version = current.as_ref().map_or(0, |p| p.version) + 1;
         let hash = sha256_hex(text.as_bytes());
@@ -175,6 +267,10 @@ impl Cluster {
         } else {
             Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
         };
+        // Marked before the transaction: its own event may reach the watch before its answer
+        // reaches this task. Another gateway's version of the same number, which beats the
+        // transaction, may reach the watch meanwhile too, and is not left to this publish.
+        let mut pending = Pending::mark(self, version);
         crate::service::pause_at(&self.publishing).await;
         let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
             key,
@@ -185,24 +281,35 @@ impl Cluster {
             .within("publish the policy", self.client().txn(txn))
             .await?;
         if !answer.succeeded() {
+            pending.may_be_published = false;
             return Err(ClusterError::PolicyRace(version));
         }
         info!(version, %hash, "policy published to the cluster");
-        Ok(Published { version, hash })
+        Ok(Published {
+            version,
+            hash,
+            _pending: pending,
+        })
     }
 
     /// Records the version this gateway's reload published and puts it in force here with
     /// `enforce`, as one step with the watch's own; returns false, having done nothing, when
-    /// a newer version from another gateway is in force already (that gateway revokes what
-    /// it no longer allows).
-    pub fn put_published_in_force(&self, published: &Published, enforce: impl FnOnce()) -> bool {
+    /// a newer version is in force already (whose enforcement revokes what it no longer
+    /// allows). The watch leaves this version to this step, so it is put in force on this
+    /// gateway once.
+    pub fn put_published_in_force(&self, published: Published<'_>, enforce: impl FnOnce()) -> bool {
         self.policy.put_in_force(
             published.version,
             &published.hash,
             &published.hash,
-            not_older,
+            Offer::Publish,
             enforce,
-        )
+        ) == Offered::InForce
+    }
+
+    /// The version of the cluster's policy in force on this gateway (0 before the first).
+    pub fn policy_version(&self) -> u64 {
+        self.policy.version()
     }
 
     /// Before the service starts: the cluster's published policy, compiled, when it differs
@@ -269,7 +376,7 @@ impl Cluster {
             // The file is in force since the start; the watch, which puts in force what
             // another gateway publishes, starts after this.
             Ok(published) => {
-                self.put_published_in_force(&published, || {});
+                self.put_published_in_force(published, || {});
                 Ok(watch_from)
             }
             // Published by another gateway meanwhile: the watch from before brings it.
@@ -280,7 +387,12 @@ impl Cluster {
 
     /// Puts a published version in force here (if it is newer than the one in force), and
     /// says plainly when this gateway's own file differs from it.
-    async fn put_in_force(&self, service: &Service, stored: &StoredPolicy, file_hash: &str) {
+    async fn put_in_force(
+        self: &Arc<Self>,
+        service: &Arc<Service>,
+        stored: &StoredPolicy,
+        file_hash: &str,
+    ) {
         if stored.version <= self.policy.status().version {
             return;
         }
@@ -302,27 +414,43 @@ impl Cluster {
             }
         };
         crate::service::pause_at(&self.adopting).await;
-        let reason = format!(
+        let why = format!(
             "cluster policy version {} from {} put in force",
             stored.version, stored.site
         );
         // Checked again with the recording and the enforcement, as one step: this gateway's
-        // reload may have put a newer version in force since the check above. Published
-        // through another member (this one's reload puts its own versions in force): that
-        // member revokes.
-        let in_force =
-            self.policy
-                .put_in_force(stored.version, &stored.hash, file_hash, newer, || {
-                    service.adopt_cluster_policy(policy, &stored.site, reason)
-                });
-        if !in_force {
-            info!(
-                version = stored.version,
-                from = %stored.site,
-                "a newer cluster policy came in force meanwhile; this one stays out"
-            );
-            return;
-        }
+        // reload may have put a newer version in force since the check above, or be putting
+        // this one, its own, in force.
+        let mut enforced = None;
+        let offered = self.policy.put_in_force(
+            stored.version,
+            &stored.hash,
+            file_hash,
+            Offer::Watch {
+                own_site: stored.site == self.site,
+            },
+            || {
+                enforced = Some(service.enforce_cluster_policy(policy));
+            },
+        );
+        let policy = match (offered, enforced) {
+            (Offered::InForce, Some(policy)) => policy,
+            (Offered::Publishing, _) => {
+                info!(
+                    version = stored.version,
+                    "this gateway's reload published the version and puts it in force"
+                );
+                return;
+            }
+            _ => {
+                info!(
+                    version = stored.version,
+                    from = %stored.site,
+                    "a newer cluster policy came in force meanwhile; this one stays out"
+                );
+                return;
+            }
+        };
         if stored.hash != file_hash {
             warn!(
                 file = %service.config.policy.display(),
@@ -334,6 +462,18 @@ impl Cluster {
             );
         }
         info!(version = stored.version, from = %stored.site, "cluster policy in force");
+        // Every member revokes what the version no longer allows, not its publisher alone,
+        // whose reload may never get that far: etcd takes each lease's end from the first
+        // member, and refuses it (with no audit record) to the others. Apart from the watch,
+        // which must be free to put a newer version in force meanwhile: that one judges the
+        // leases left, and this one stops revoking.
+        let version = stored.version;
+        let (cluster, service) = (self.clone(), service.clone());
+        tokio::spawn(async move {
+            service
+                .revoke_for_cluster_policy(&policy, why, &|| cluster.policy.version() == version)
+                .await;
+        });
     }
 }
 
@@ -359,7 +499,31 @@ pub(super) async fn follow(cluster: Arc<Cluster>, service: Weak<Service>, mut re
             }
         };
         loop {
-            let message = match stream.message().await {
+            let next = tokio::select! {
+                next = stream.message() => next,
+                // A reload that published a version was dropped before its step, which the
+                // watch had left that version to.
+                () = cluster.read_policy_again.notified() => {
+                    let Some(service) = service.upgrade() else {
+                        return;
+                    };
+                    match cluster.read_policy().await {
+                        Ok((Some(stored), _, _)) => {
+                            let file_hash = own_file_hash(&service);
+                            cluster.put_in_force(&service, &stored, &file_hash).await;
+                        }
+                        Ok((None, _, _)) => {}
+                        Err(e) => {
+                            warn!("cluster policy: {e}");
+                            // Not lost: read again a moment later.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            cluster.read_policy_again.notify_one();
+                        }
+                    }
+                    continue;
+                }
+            };
+            let message = match next {
                 Ok(Some(message)) => message,
                 Ok(None) => break,
                 Err(e) => {

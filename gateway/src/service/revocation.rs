@@ -281,9 +281,11 @@ impl Service {
     /// the file and runs. In a cluster, a version another gateway published between this
     /// one's read and its write makes it read again and publish the next version, up to
     /// [`PUBLISH_ATTEMPTS`] times; then it answers [`AdminErrorKind::Conflict`] and changes
-    /// nothing. The version it publishes is put in force here unless the watch has already
-    /// put a newer one from another gateway in force: then that one stays, and the reload
-    /// revokes nothing (the newer one's publisher revokes what it no longer allows).
+    /// nothing. The version it publishes is put in force here by the reload (the watch, which
+    /// brings it back too, leaves it to the reload), unless the watch has already put a newer
+    /// one from another gateway in force: then that one stays, and the reload revokes nothing
+    /// (the newer one revokes what it no longer allows). Should the reload be dropped between
+    /// its publish and that step, the watch puts the version in force, with its revocations.
     ///
     /// [`AdminErrorKind::Conflict`]: crate::api::AdminErrorKind::Conflict
     pub async fn reload_policy(&self) -> Result<PolicyReloaded, AdminError> {
@@ -329,20 +331,20 @@ impl Service {
         // another gateway's older version that the watch had already checked could be put
         // in force after this one.
         let origin = policy.origin().to_owned();
+        let version = published.version;
         let mut enforced = None;
-        cluster.put_published_in_force(&published, || enforced = Some(self.enforce(policy)));
+        cluster.put_published_in_force(published, || enforced = Some(self.enforce(policy)));
         let Some(policy) = enforced else {
             let in_force = self.policy();
             info!(
-                version = published.version,
+                version,
                 in_force = in_force.origin(),
                 "a newer version of the cluster's policy is in force already; the reloaded one is not put in force here"
             );
             let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
             event.actor = Some("operator".into());
             event.reason = Some(format!(
-                "policy {origin} published as cluster policy version {}, not put in force: {} was in force already; 0 leases revoked",
-                published.version,
+                "policy {origin} published as cluster policy version {version}, not put in force: {} was in force already; 0 leases revoked",
                 in_force.origin()
             ));
             self.record(event);
@@ -350,12 +352,18 @@ impl Service {
                 policy: origin,
                 revoked: Vec::new(),
                 superseded: Some(crate::api::Superseded {
-                    version: published.version,
+                    version,
                     in_force: in_force.origin().to_owned(),
                 }),
             });
         };
-        Ok(self.revoke_after_reload(policy, "operator", reason).await)
+        // A newer version put in force meanwhile judges the leases left: none is revoked
+        // under this one after that.
+        let current = || cluster.policy_version() == version;
+        let reason = format!("{reason}, published as cluster policy version {version}");
+        Ok(self
+            .revoke_after_reload(policy, "operator", reason, &current)
+            .await)
     }
 
     /// Puts `policy` in force: the rate limits, then the revocation of every live lease it no
@@ -367,18 +375,22 @@ impl Service {
         why: String,
     ) -> PolicyReloaded {
         let policy = self.enforce(policy);
-        self.revoke_after_reload(policy, actor, why).await
+        self.revoke_after_reload(policy, actor, why, &|| true).await
     }
 
     /// What follows a reload's policy into force: the revocation of every live lease it no
-    /// longer allows, and an audit record naming `actor` and `why`.
+    /// longer allows, for as long as `current` says it is the policy in force, and an audit
+    /// record naming `actor` and `why`.
     async fn revoke_after_reload(
         &self,
         policy: Arc<Policy>,
         actor: &str,
         why: String,
+        current: &(dyn Fn() -> bool + Sync),
     ) -> PolicyReloaded {
-        let revoked = self.revoke_disallowed(&policy, "policy-reload").await;
+        let revoked = self
+            .revoke_disallowed_while(&policy, "policy-reload", current)
+            .await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some(actor.into());
         event.reason = Some(format!("{why}; {} leases revoked", revoked.len()));
@@ -391,22 +403,41 @@ impl Service {
         }
     }
 
-    /// Puts in force a policy another member of the cluster published, without revoking: the
-    /// gateway whose reload published it commits the revocations it causes, once, and their
-    /// ends reach this gateway's book, kernel and connected hosts through the watch of the
-    /// leases. Were every member to revoke, each lease's end would be tried by every member
-    /// and refused by etcd to all but the first.
-    pub(crate) fn adopt_cluster_policy(&self, policy: Policy, publisher: &str, why: String) {
-        let policy = self.enforce(policy);
+    /// Makes a version of the cluster's policy that the watch brought the one decisions are
+    /// made by; [`Service::revoke_for_cluster_policy`] follows.
+    pub(crate) fn enforce_cluster_policy(&self, policy: Policy) -> Arc<Policy> {
+        self.enforce(policy)
+    }
+
+    /// What follows a version of the cluster's policy that the watch put in force: every live
+    /// lease of the book it no longer allows is revoked, for as long as `current` says it is
+    /// the version in force, and an audit record says so. Every member does this, not only the
+    /// one whose reload published the version, which may die or have its reload dropped before
+    /// it revokes: each lease's end is a compare-and-swap in etcd that the first member to
+    /// reach it commits, with its audit record, and that is refused to the others, whose own
+    /// book, kernel and hosts' notices have it already. A member whose watch has not yet
+    /// brought the version opens and renews by the older one until it does, then revokes what
+    /// it granted meanwhile.
+    pub(crate) async fn revoke_for_cluster_policy(
+        &self,
+        policy: &Policy,
+        why: String,
+        current: &(dyn Fn() -> bool + Sync),
+    ) {
+        let revoked = self
+            .revoke_disallowed_while(policy, "policy-reload", current)
+            .await;
         let mut event = AuditEvent::new(now_ms(), AuditKind::PolicyReload);
         event.actor = Some("cluster".into());
         event.reason = Some(format!(
-            "{why}; the leases it no longer allows are revoked by {publisher}"
+            "{why}; {} leases it no longer allows revoked here",
+            revoked.len()
         ));
         self.record(event);
         info!(
             policy = policy.origin(),
-            publisher, "cluster policy adopted"
+            revoked = revoked.len(),
+            "cluster policy adopted"
         );
     }
 
@@ -421,6 +452,18 @@ impl Service {
     /// Revokes every live lease `policy` no longer allows, naming `by` as the revoker; returns
     /// what it revoked, for the admin API.
     pub(super) async fn revoke_disallowed(&self, policy: &Policy, by: &str) -> Vec<RevokedLease> {
+        self.revoke_disallowed_while(policy, by, &|| true).await
+    }
+
+    /// [`Service::revoke_disallowed`], stopping as soon as `current` says `policy` is no longer
+    /// the one in force: the newer one judges the leases left, and a lease it allows must not
+    /// be revoked by the older one.
+    async fn revoke_disallowed_while(
+        &self,
+        policy: &Policy,
+        by: &str,
+        current: &(dyn Fn() -> bool + Sync),
+    ) -> Vec<RevokedLease> {
         // The leases are judged a few thousand at a time, read again by their ids: a copy of
         // every lease of the book at once cost a gateway that starts with a million of them
         // about 130 MB beside the book, and the allocator keeps what a start used at its peak.
@@ -436,6 +479,15 @@ impl Service {
                 .collect::<Vec<_>>()
         });
         for lease in leases {
+            pause_at(&self.seams.revoking).await;
+            if !current() {
+                info!(
+                    policy = policy.origin(),
+                    revoked = revoked.len(),
+                    "a newer policy came in force; it judges the leases left"
+                );
+                break;
+            }
             // Judge the lease by the addresses its host holds (as Open and Renew do), known
             // from its live connections; a third-party grant's address is not one of them. With
             // the host offline, its grants' addresses stand in, and its next Renew judges it

@@ -53,6 +53,10 @@ pub struct Seams {
     /// In a cluster, called when a reload has published its version, before the step that
     /// puts it in force here unless the watch has put a newer one in force meanwhile.
     pub published: Option<Pause>,
+    /// Called before each live lease a policy put in force judges, to revoke it if the
+    /// policy no longer allows it, and before the check that the policy is still the one in
+    /// force.
+    pub revoking: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -62,6 +66,7 @@ impl fmt::Debug for Seams {
             .field("publishing", &self.publishing.is_some())
             .field("adopting", &self.adopting.is_some())
             .field("published", &self.published.is_some())
+            .field("revoking", &self.revoking.is_some())
             .finish()
     }
 }

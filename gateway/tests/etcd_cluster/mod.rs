@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use fwnp_gateway::config::EtcdConfig;
-pub(crate) use fwnp_testkit::etcd::{EtcdCluster, MemberTls, available};
+pub(crate) use fwnp_testkit::etcd::{EtcdCluster, EtcdOptions, MemberTls, available};
 
 /// A gateway's store configuration on a testkit cluster.
 pub(crate) trait StoreConfig {
@@ -26,9 +26,9 @@ impl StoreConfig for EtcdCluster {
     }
 }
 
-/// Runs `body` on the runtime `runtime` builds, in the namespace of a three-member cluster
-/// started for `test` (its members named after `short`), or skips `test` where etcd cannot
-/// run. The runtime is built inside the namespace, so that its threads' sockets are there.
+/// Runs `body` on the runtime `runtime` builds, in the namespace of a one-member cluster
+/// started for `test` (named after `short`), or skips `test` where etcd cannot run: for a test
+/// that loses no member of etcd (those that do start three themselves). The runtime is built inside the namespace, so that its threads' sockets are there.
 pub(crate) fn in_cluster(
     test: &str,
     short: &str,
@@ -38,7 +38,7 @@ pub(crate) fn in_cluster(
     if !available(test) {
         return;
     }
-    let cluster = EtcdCluster::start(short).unwrap_or_else(|e| panic!("{e}"));
+    let cluster = EtcdCluster::single(short).unwrap_or_else(|e| panic!("{e}"));
     cluster.run(|| runtime().block_on(body(&cluster)));
 }
 
