@@ -1716,7 +1716,8 @@ mod tests {
         // certificate has 7 NULL: never bound since the statement was prepared. The
         // application's 4 columns are bound when it has one, and once more as NULL after.
         assert_eq!(binds, vec![7, 7, 11, 11]);
-        let apps: Vec<(Option<String>, Option<String>, Option<i64>, Option<i64>)> = conn
+        type App = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+        let apps: Vec<App> = conn
             .prepare("SELECT app_name, app_exe, app_uid, app_pid FROM leases ORDER BY id")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
