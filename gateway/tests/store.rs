@@ -179,7 +179,8 @@ fn open_creates_private_file_and_epoch_and_reopen_keeps_it() {
 /// The bundled SQLite is built with the options `.cargo/config.toml` gives it: without memory
 /// statistics (a global mutex around every allocation of the writer), without double-quoted
 /// string literals, shared cache or deprecated interfaces, in multi-thread mode (each
-/// connection is used by one thread at a time, which rusqlite's `Connection` enforces).
+/// connection is used by one thread at a time, which rusqlite's `Connection` enforces), and
+/// with lookaside slots for every value the writer's multi-row INSERTs hold bound.
 #[test]
 fn sqlite_is_built_with_the_recommended_options() {
     let tmp = temp_dir("sqlite-options");
@@ -193,6 +194,7 @@ fn sqlite_is_built_with_the_recommended_options() {
         "OMIT_SHARED_CACHE",
         "USE_ALLOCA",
         "THREADSAFE=2",
+        "DEFAULT_LOOKASIDE=384,1365",
     ] {
         let used: bool = raw
             .query_row("SELECT sqlite_compileoption_used(?1)", [option], |r| {

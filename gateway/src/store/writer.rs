@@ -24,7 +24,8 @@ use rusqlite::{Connection, Statement, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::codec::{
-    app_columns, certificate_columns, encode_grants, encode_hosts, encode_prefixes, to_i64,
+    app_columns, certificate_columns, encode_grants_into, encode_hosts, encode_prefixes,
+    push_socket_addr, to_i64,
 };
 use super::error::StoreError;
 use super::types::{AuditEvent, LeaseEnd, NewLease};
@@ -471,11 +472,94 @@ struct Statements<'c> {
     begin: Statement<'c>,
     commit: Statement<'c>,
     /// `INSERT INTO leases` of [`ROWS`]`[i]` rows at index `i`.
-    insert_leases: Vec<Statement<'c>>,
+    insert_leases: Vec<Insert<'c>>,
     renew_lease: Statement<'c>,
     end_lease: Statement<'c>,
     /// `INSERT INTO audit` of [`ROWS`]`[i]` rows at index `i`.
-    insert_audits: Vec<Statement<'c>>,
+    insert_audits: Vec<Insert<'c>>,
+}
+
+/// A multi-row INSERT, with which of its parameters hold NULL.
+///
+/// A statement keeps its parameters' values from one execution to the next (nothing here
+/// clears them), and a parameter never bound is NULL. Most NULL columns of a row (an event's
+/// application, code or actor; a lease's application) were NULL in the row bound at the same
+/// place before, so binding NULL again is skipped: each bind is a call into SQLite that
+/// releases the old value, about as dear per column as binding a number.
+struct Insert<'c> {
+    stmt: Statement<'c>,
+    /// By parameter index from 0: true when the parameter is known to hold NULL.
+    null: Vec<bool>,
+    /// Parameters bound (NULL or not), for tests.
+    binds: u64,
+}
+
+impl<'c> Insert<'c> {
+    fn new(stmt: Statement<'c>) -> Self {
+        let null = vec![true; stmt.parameter_count()];
+        Insert {
+            stmt,
+            null,
+            binds: 0,
+        }
+    }
+
+    /// Bind `values` as the parameters of row `row` (from 0) of rows of `values.len()`
+    /// parameters each.
+    fn bind_row(&mut self, row: usize, values: &[Param<'_>]) -> Result<(), StoreError> {
+        let first = row * values.len();
+        for (i, value) in values.iter().enumerate() {
+            let index = first + i;
+            let Some(null) = self.null.get_mut(index) else {
+                return Err(StoreError::corrupt(format!(
+                    "parameter {} of a statement of {}",
+                    index + 1,
+                    self.null.len()
+                )));
+            };
+            if *null && matches!(value, Param::Null) {
+                continue;
+            }
+            // Unknown until the bind succeeds: a failed one may have left either value.
+            *null = false;
+            let at = index + 1;
+            let bound = match *value {
+                Param::Null => self.stmt.raw_bind_parameter(at, rusqlite::types::Null),
+                Param::Int(v) => self.stmt.raw_bind_parameter(at, v),
+                Param::Text(v) => self.stmt.raw_bind_parameter(at, v),
+                Param::Blob(v) => self.stmt.raw_bind_parameter(at, v),
+            };
+            bound.map_err(StoreError::sqlite("bind a row"))?;
+            self.binds += 1;
+            if let Some(null) = self.null.get_mut(index) {
+                *null = matches!(value, Param::Null);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value of a row's column, as bound.
+#[derive(Debug, Clone, Copy)]
+enum Param<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Blob(&'a [u8]),
+}
+
+impl<'a> Param<'a> {
+    fn text(value: Option<&'a str>) -> Self {
+        value.map_or(Param::Null, Param::Text)
+    }
+
+    fn int(value: Option<impl Into<i64>>) -> Self {
+        value.map_or(Param::Null, |v| Param::Int(v.into()))
+    }
+
+    fn blob(value: Option<&'a [u8]>) -> Self {
+        value.map_or(Param::Null, Param::Blob)
+    }
 }
 
 /// The row counts of the multi-row INSERT statements, largest first; the last is one row.
@@ -507,6 +591,7 @@ impl<'c> Writer<'c> {
                             &insert_sql(INSERT_LEASE, LEASE_ROW, n),
                             "prepare insert lease",
                         )
+                        .map(Insert::new)
                     })
                     .collect::<Result<_, _>>()?,
                 renew_lease: prepare(RENEW_LEASE, "prepare renew lease")?,
@@ -518,6 +603,7 @@ impl<'c> Writer<'c> {
                             &insert_sql(INSERT_AUDIT, AUDIT_ROW, n),
                             "prepare insert audit",
                         )
+                        .map(Insert::new)
                     })
                     .collect::<Result<_, _>>()?,
             },
@@ -721,12 +807,13 @@ fn run_batch_once(w: &mut Writer<'_>, batch: &[Job], careful: bool) -> BatchRun 
         return fail_all(StoreError::sqlite("begin transaction")(e));
     }
     let mut runs = Runs::default();
+    let mut text = JobText::default();
     for (index, job) in batch.iter().enumerate() {
         let job_first_audit = w.next_audit;
         let result = if careful {
             apply_job(w, &job.ops).map_err(|e| (e, false))
         } else {
-            apply_fast(w, batch, index, &mut runs)
+            apply_fast(w, batch, index, &mut runs, &mut text)
         };
         match result {
             Ok((changed, audit_id)) => {
@@ -795,38 +882,44 @@ fn apply_job(w: &mut Writer<'_>, ops: &[WriteOp]) -> Result<(u64, Option<i64>), 
 
 /// The text of a job's grants and peer, encoded once: a grant's audit event repeats its
 /// lease's grants and peer, and formatting them (JSON, addresses) for both rows was a tenth
-/// of the writer's time per grant.
+/// of the writer's time per grant. One is kept for a whole transaction, whose jobs encode
+/// their text into the same two buffers.
 #[derive(Default)]
 struct JobText<'a> {
-    grants: Option<(&'a [Grant], String)>,
-    peer: Option<(SocketAddr, String)>,
+    grants: Option<&'a [Grant]>,
+    grants_text: String,
+    peer: Option<SocketAddr>,
+    peer_text: String,
 }
 
 impl<'a> JobText<'a> {
     /// Encodes `grants` and `peer` unless they are those of the last call.
     fn encode(&mut self, grants: &'a [Grant], peer: Option<SocketAddr>) {
-        if !grants.is_empty() && !matches!(&self.grants, Some((done, _)) if *done == grants) {
-            self.grants = Some((grants, encode_grants(grants)));
+        if !grants.is_empty() && !matches!(self.grants, Some(done) if done == grants) {
+            encode_grants_into(grants, &mut self.grants_text);
+            self.grants = Some(grants);
         }
         if let Some(peer) = peer
-            && !matches!(&self.peer, Some((done, _)) if *done == peer)
+            && self.peer != Some(peer)
         {
-            self.peer = Some((peer, peer.to_string()));
+            self.peer_text.clear();
+            push_socket_addr(&mut self.peer_text, peer);
+            self.peer = Some(peer);
         }
     }
 
     /// The text of `grants`, once encoded (`None` when there are none).
     fn grants(&self, grants: &[Grant]) -> Option<&str> {
-        match &self.grants {
-            Some((done, text)) if !grants.is_empty() && *done == grants => Some(text),
+        match self.grants {
+            Some(done) if !grants.is_empty() && done == grants => Some(&self.grants_text),
             _ => None,
         }
     }
 
     /// The text of `peer`, once encoded.
     fn peer(&self, peer: Option<SocketAddr>) -> Option<&str> {
-        match (&self.peer, peer) {
-            (Some((done, text)), Some(peer)) if *done == peer => Some(text),
+        match (self.peer, peer) {
+            (Some(done), Some(peer)) if done == peer => Some(&self.peer_text),
             _ => None,
         }
     }
@@ -940,9 +1033,9 @@ fn insert_lease<'a>(
     lease: &'a NewLease,
     text: &mut JobText<'a>,
 ) -> Result<u64, StoreError> {
-    let stmt = &mut w.hot.insert_leases[ONE_ROW];
-    bind_lease(stmt, 0, lease, text)?;
-    match stmt.raw_execute() {
+    let insert = &mut w.hot.insert_leases[ONE_ROW];
+    bind_lease(insert, 0, lease, text)?;
+    match insert.stmt.raw_execute() {
         Ok(n) => Ok(n as u64),
         Err(rusqlite::Error::SqliteFailure(e, _))
             if e.code == rusqlite::ErrorCode::ConstraintViolation =>
@@ -959,32 +1052,19 @@ fn insert_audit<'a>(
     text: &mut JobText<'a>,
 ) -> Result<i64, StoreError> {
     let id = w.next_audit;
-    let stmt = &mut w.hot.insert_audits[ONE_ROW];
-    bind_audit(stmt, 0, id, e, text)?;
-    stmt.raw_execute()
+    let insert = &mut w.hot.insert_audits[ONE_ROW];
+    bind_audit(insert, 0, id, e, text)?;
+    insert
+        .stmt
+        .raw_execute()
         .map_err(StoreError::sqlite("insert audit"))?;
     w.next_audit = id.saturating_add(1);
     Ok(id)
 }
 
-/// Bind `values` as the parameters of row `row` (from 0) of a statement of rows of
-/// `values.len()` parameters each.
-fn bind_row(
-    stmt: &mut Statement<'_>,
-    row: usize,
-    values: &[&dyn rusqlite::ToSql],
-) -> Result<(), StoreError> {
-    let first = row * values.len() + 1;
-    for (i, value) in values.iter().enumerate() {
-        stmt.raw_bind_parameter(first + i, value)
-            .map_err(StoreError::sqlite("bind a row"))?;
-    }
-    Ok(())
-}
-
 /// Bind `lease` as row `row` of an `INSERT INTO leases`.
 fn bind_lease<'a>(
-    stmt: &mut Statement<'_>,
+    insert: &mut Insert<'_>,
     row: usize,
     lease: &'a NewLease,
     text: &mut JobText<'a>,
@@ -995,28 +1075,28 @@ fn bind_lease<'a>(
     let peer = text.peer(lease.peer);
     let (app_name, app_exe, app_uid, app_pid) = app_columns(lease.app.as_ref());
     let (issuer, serial) = certificate_columns(lease.certificate.as_deref());
-    let values: [&dyn rusqlite::ToSql; LEASE_PARAMS] = [
-        &&lease.id.0[..],
-        &lease.identity,
-        &peer,
-        &grants,
-        &app_name,
-        &app_exe,
-        &app_uid,
-        &app_pid,
-        &lease.requested_lifetime,
-        &lease.granted_lifetime,
-        &to_i64(lease.created_ms, "creation time")?,
-        &to_i64(lease.expires_ms, "expiry time")?,
-        &issuer,
-        &serial,
+    let values: [Param<'_>; LEASE_PARAMS] = [
+        Param::Blob(&lease.id.0[..]),
+        Param::Text(&lease.identity),
+        Param::text(peer),
+        Param::Text(grants),
+        Param::text(app_name),
+        Param::text(app_exe),
+        Param::int(app_uid),
+        Param::int(app_pid),
+        Param::int(lease.requested_lifetime),
+        Param::Int(lease.granted_lifetime.into()),
+        Param::Int(to_i64(lease.created_ms, "creation time")?),
+        Param::Int(to_i64(lease.expires_ms, "expiry time")?),
+        Param::blob(issuer),
+        Param::text(serial),
     ];
-    bind_row(stmt, row, &values)
+    insert.bind_row(row, &values)
 }
 
 /// Bind `e`, numbered `id`, as row `row` of an `INSERT INTO audit`.
 fn bind_audit<'a>(
-    stmt: &mut Statement<'_>,
+    insert: &mut Insert<'_>,
     row: usize,
     id: i64,
     e: &'a AuditEvent,
@@ -1027,34 +1107,36 @@ fn bind_audit<'a>(
     text.encode(&e.grants, e.peer);
     let grants = text.grants(&e.grants);
     let peer = text.peer(e.peer);
-    let values: [&dyn rusqlite::ToSql; AUDIT_PARAMS] = [
-        &id,
-        &to_i64(e.time_ms, "event time")?,
-        &e.kind.name(),
-        &e.outcome.map(|o| o.name()),
-        &e.identity,
-        &peer,
-        &e.lease.as_ref().map(|l| &l.0[..]),
-        &request.is_some(),
-        &request.and_then(|r| r.protocol).map(|p| p.number()),
-        &request.and_then(|r| r.ports).map(|p| p.first),
-        &request.and_then(|r| r.ports).map(|p| p.last),
-        &request.and_then(|r| r.app_id.as_deref()),
-        &request.and_then(|r| encode_hosts(&r.hosts)),
-        &request.and_then(|r| encode_prefixes(&r.remotes)),
-        &request.and_then(|r| r.lifetime),
-        &app_name,
-        &app_exe,
-        &app_uid,
-        &app_pid,
-        &grants,
-        &e.granted_lifetime,
-        &e.rule,
-        &e.reason,
-        &e.code.map(|c| c.number() as i64),
-        &e.actor,
+    let hosts = request.and_then(|r| encode_hosts(&r.hosts));
+    let remotes = request.and_then(|r| encode_prefixes(&r.remotes));
+    let values: [Param<'_>; AUDIT_PARAMS] = [
+        Param::Int(id),
+        Param::Int(to_i64(e.time_ms, "event time")?),
+        Param::Text(e.kind.name()),
+        Param::text(e.outcome.map(|o| o.name())),
+        Param::text(e.identity.as_deref()),
+        Param::text(peer),
+        Param::blob(e.lease.as_ref().map(|l| &l.0[..])),
+        Param::Int(request.is_some().into()),
+        Param::int(request.and_then(|r| r.protocol).map(|p| p.number())),
+        Param::int(request.and_then(|r| r.ports).map(|p| p.first)),
+        Param::int(request.and_then(|r| r.ports).map(|p| p.last)),
+        Param::text(request.and_then(|r| r.app_id.as_deref())),
+        Param::text(hosts.as_deref()),
+        Param::text(remotes.as_deref()),
+        Param::int(request.and_then(|r| r.lifetime)),
+        Param::text(app_name),
+        Param::text(app_exe),
+        Param::int(app_uid),
+        Param::int(app_pid),
+        Param::text(grants),
+        Param::int(e.granted_lifetime),
+        Param::text(e.rule.as_deref()),
+        Param::text(e.reason.as_deref()),
+        Param::int(e.code.map(|c| c.number() as i64)),
+        Param::text(e.actor.as_deref()),
     ];
-    bind_row(stmt, row, &values)
+    insert.bind_row(row, &values)
 }
 
 /// How far the multi-row INSERT of one table has come in a run of rows.
@@ -1137,10 +1219,10 @@ impl Runs {
         text: &mut JobText<'a>,
     ) -> Result<(), StoreError> {
         let (size, row) = self.leases.slot();
-        let stmt = &mut w.hot.insert_leases[size];
-        bind_lease(stmt, row, lease, text)?;
+        let insert = &mut w.hot.insert_leases[size];
+        bind_lease(insert, row, lease, text)?;
         if self.leases.bound_one() {
-            executed(stmt, size, "insert leases")?;
+            executed(&mut insert.stmt, size, "insert leases")?;
         }
         Ok(())
     }
@@ -1153,11 +1235,11 @@ impl Runs {
     ) -> Result<i64, StoreError> {
         let id = w.next_audit;
         let (size, row) = self.audits.slot();
-        let stmt = &mut w.hot.insert_audits[size];
-        bind_audit(stmt, row, id, e, text)?;
+        let insert = &mut w.hot.insert_audits[size];
+        bind_audit(insert, row, id, e, text)?;
         w.next_audit = id.saturating_add(1);
         if self.audits.bound_one() {
-            executed(stmt, size, "insert audit events")?;
+            executed(&mut insert.stmt, size, "insert audit events")?;
         }
         Ok(id)
     }
@@ -1178,36 +1260,33 @@ fn executed(stmt: &mut Statement<'_>, size: usize, what: &'static str) -> Result
 /// Apply job `job` of `batch` without a savepoint, its inserts through `runs`. On failure,
 /// whether the transaction must run again carefully: when the job has several operations, or
 /// when the failure was in a run of inserts (whose statements may hold other jobs' rows).
-fn apply_fast(
+fn apply_fast<'a>(
     w: &mut Writer<'_>,
-    batch: &[Job],
+    batch: &'a [Job],
     job: usize,
     runs: &mut Runs,
+    text: &mut JobText<'a>,
 ) -> Result<(u64, Option<i64>), (StoreError, bool)> {
     let ops = batch.get(job).map_or(&[][..], |j| &j.ops[..]);
     let several = ops.len() > 1;
     let mut changed = 0;
     let mut newest = None;
-    let mut text = JobText::default();
     for (i, op) in ops.iter().enumerate() {
         if runs.idle() && matches!(op, WriteOp::InsertLease(_) | WriteOp::Audit(_)) {
             runs.plan(batch, job, i);
         }
         match op {
             WriteOp::InsertLease(lease) => {
-                runs.insert_lease(w, lease, &mut text)
-                    .map_err(|e| (e, true))?;
+                runs.insert_lease(w, lease, text).map_err(|e| (e, true))?;
                 changed += 1;
             }
             WriteOp::Audit(event) => {
-                let id = runs
-                    .insert_audit(w, event, &mut text)
-                    .map_err(|e| (e, true))?;
+                let id = runs.insert_audit(w, event, text).map_err(|e| (e, true))?;
                 changed += 1;
                 newest = Some(id);
             }
             other => {
-                let (n, id) = apply(w, other, &mut text).map_err(|e| (e, several))?;
+                let (n, id) = apply(w, other, text).map_err(|e| (e, several))?;
                 changed += n;
                 newest = id.or(newest);
             }
@@ -1219,6 +1298,7 @@ fn apply_fast(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::codec::encode_grants;
     use crate::store::types::AuditKind;
     use fwnp_proto::{Grant, PortRange, Protocol};
     use rusqlite::StatementStatus;
@@ -1435,10 +1515,10 @@ mod tests {
     /// The statements run by one transaction's inserts, by size: (rows, runs) of every
     /// statement that ran, lease and audit statements apart.
     fn insert_runs(w: &Writer<'_>) -> (Ran, Ran) {
-        let ran = |stmts: &[Statement<'_>]| {
+        let ran = |inserts: &[Insert<'_>]| {
             ROWS.iter()
-                .zip(stmts)
-                .map(|(&n, s)| (n, s.get_status(StatementStatus::Run)))
+                .zip(inserts)
+                .map(|(&n, i)| (n, i.stmt.get_status(StatementStatus::Run)))
                 .filter(|&(_, runs)| runs > 0)
                 .collect()
         };
@@ -1602,5 +1682,55 @@ mod tests {
             )
             .unwrap();
         assert_eq!(counts, (30, 30));
+    }
+
+    /// A NULL column is bound once: a row bound where the statement's parameter already holds
+    /// NULL skips it, and a row with a value there and the next one without it store what each
+    /// row had.
+    #[test]
+    fn a_null_already_bound_is_not_bound_again_and_a_value_is_replaced_by_null() {
+        let (_dir, conn) = store_connection();
+        let mut w = Writer::new(&conn, 0).unwrap();
+        let with_app = |n: u8| {
+            let mut job = grant_job(n);
+            if let WriteOp::InsertLease(lease) = &mut job.ops[0] {
+                lease.app = Some(fwnp_proto::AppInfo {
+                    name: Some("sshd".into()),
+                    executable: Some("/usr/sbin/sshd".into()),
+                    uid: Some(0),
+                    pid: Some(77),
+                });
+            }
+            job
+        };
+        let mut binds = Vec::new();
+        for job in [grant_job(1), grant_job(2), with_app(3), grant_job(4)] {
+            let before = w.hot.insert_leases[ONE_ROW].binds;
+            let BatchRun::Done(results, _, true) = run_batch(&mut w, &[job], false) else {
+                panic!("the batch did not commit");
+            };
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            binds.push(w.hot.insert_leases[ONE_ROW].binds - before);
+        }
+        // Of 14 columns, a grant without an application, a requested lifetime or a
+        // certificate has 7 NULL: never bound since the statement was prepared. The
+        // application's 4 columns are bound when it has one, and once more as NULL after.
+        assert_eq!(binds, vec![7, 7, 11, 11]);
+        type App = (Option<String>, Option<String>, Option<i64>, Option<i64>);
+        let apps: Vec<App> = conn
+            .prepare("SELECT app_name, app_exe, app_uid, app_pid FROM leases ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let none = (None, None, None, None);
+        let sshd = (
+            Some("sshd".to_string()),
+            Some("/usr/sbin/sshd".to_string()),
+            Some(0),
+            Some(77),
+        );
+        assert_eq!(apps, vec![none.clone(), none.clone(), sshd, none]);
     }
 }
