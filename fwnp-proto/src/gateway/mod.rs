@@ -11,13 +11,13 @@
 //! Time is `now_ms`, Unix milliseconds on the gateway's clock, passed in: the gateway persists
 //! expiries, so they are wall-clock values. Lease ids come from the RNG passed in.
 //!
-//! The book is built for a million leases: leases are found by id in a hash index, by host in a
-//! per-host hash index, by (host, grants) for idempotent re-open in a hash index, and by expiry
-//! in an ordered set, so that every operation costs O(log n) (or O(1)) and nothing scans the
-//! whole book. The leases themselves lie side by side in one vector and every index holds only
-//! their 4-byte positions: a hash table keeps up to half its slots empty, and empty slots of
-//! positions cost 5 bytes where empty slots of whole leases cost a lease's size; an entry of the
-//! expiry set is 16 bytes with a position where it was 24 with an id. Call
+//! The book is built for a million leases: leases are found by id in a hash index, by host and
+//! (host, grants) for idempotent re-open in a per-host hash index, and by expiry in an ordered
+//! set, so that every operation costs O(log n) (or O(1)) and nothing scans the whole book. The
+//! leases themselves lie side by side in one vector and the indexes hold their 4-byte positions:
+//! a hash table keeps up to half its slots empty, and empty slots of positions cost 5 bytes
+//! where empty slots of whole leases cost a lease's size; an entry of the expiry set is 16 bytes
+//! with a position where it was 24 with an id. Call
 //! [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so that a lease past
 //! its expiry is never counted, renewed or extended.
 //!
@@ -425,12 +425,12 @@ pub struct LeaseBook {
     /// (expires_ms, position in `leases`): the next lease to expire is the first. Positions
     /// make an entry 16 bytes instead of 24, and a node of the tree fit a smaller size class.
     expiry: BTreeSet<(u64, u32)>,
-    /// Each host's leases, as positions in `leases` hashed by lease id; the key is the one
-    /// shared `Arc` of that host's identity.
-    hosts: HashMap<Arc<str>, HashTable<u32>>,
-    /// Positions in `leases`, hashed by the fingerprint of (host, grants), for idempotent
-    /// re-open; leases of equal fingerprint are separate entries.
-    by_opening: HashTable<u32>,
+    /// Each host's leases, hashed by the fingerprint of (host, grants) for idempotent re-open
+    /// (leases of equal fingerprint are separate entries); the key is the one shared `Arc` of
+    /// that host's identity. One index serves both, and its entries carry their fingerprint, so
+    /// that growing it rehashes without reading a lease: rehashing by a lease's id or grants
+    /// read every lease the index held, each a cache miss in a large book.
+    hosts: HashMap<Arc<str>, HashTable<Held>>,
     /// Keys both hashes, so that a host cannot aim collisions at another's leases.
     hash_keys: RandomState,
 }
@@ -452,7 +452,6 @@ impl LeaseBook {
         LeaseBook {
             leases: Vec::with_capacity(leases),
             by_id: HashTable::with_capacity(leases),
-            by_opening: HashTable::with_capacity(leases),
             ..LeaseBook::default()
         }
     }
@@ -519,7 +518,7 @@ impl LeaseBook {
             .get(host)
             .into_iter()
             .flatten()
-            .filter_map(|&at| self.leases.get(at as usize))
+            .filter_map(|held| self.leases.get(held.at as usize))
             .collect();
         leases.sort_unstable_by_key(|lease| lease.id);
         leases.into_iter()
@@ -576,8 +575,17 @@ impl LeaseBook {
         let grants = canonical_grants(&facts.grants);
         let new_expiry = expiry_after(now_ms, lifetime.secs);
         let fingerprint = self.fingerprint(host, &grants);
+        // The host's index, found once for the re-open, the quota and the shared name.
+        let (same, held, name) = match self.hosts.get_key_value(host) {
+            Some((name, index)) => (
+                self.find_same(index, now_ms, fingerprint, &grants),
+                index.len(),
+                Some(Arc::clone(name)),
+            ),
+            None => (None, 0, None),
+        };
 
-        if let Some(id) = self.find_same(now_ms, fingerprint, host, &grants) {
+        if let Some(id) = same {
             let previous_expires_ms = self.get(&id).map_or(0, |l| l.expires_ms);
             let expires_ms = previous_expires_ms.max(new_expiry);
             self.set_expiry(&id, expires_ms);
@@ -598,7 +606,6 @@ impl LeaseBook {
         }
 
         if let Some(max) = facts.max_leases {
-            let held = self.lease_count(host);
             if held >= usize::try_from(max).unwrap_or(usize::MAX) {
                 return Err(Refusal::QuotaExceeded { held, max });
             }
@@ -609,7 +616,7 @@ impl LeaseBook {
         let id = self.fresh_id(now_ms, rng)?;
         let lease = Lease {
             id,
-            host: self.intern_host(host),
+            host: name.unwrap_or_else(|| Arc::from(host)),
             grants,
             lifetime: lifetime.secs,
             created_ms: now_ms,
@@ -773,22 +780,22 @@ impl LeaseBook {
         self.leases.get_mut(at)
     }
 
-    /// The live lease of `host` with exactly `grants`, if any. A lease past its expiry that
-    /// [`expire_due`](Self::expire_due) has not reaped yet is not extended: its kernel element may
-    /// already be gone, and the expiry must be reported as such.
+    /// The live lease in a host's `index` with exactly `grants`, if any. A lease past its
+    /// expiry that [`expire_due`](Self::expire_due) has not reaped yet is not extended: its
+    /// kernel element may already be gone, and the expiry must be reported as such.
     fn find_same(
         &self,
+        index: &HashTable<Held>,
         now_ms: u64,
         fingerprint: u64,
-        host: &str,
         grants: &[Grant],
     ) -> Option<LeaseId> {
-        self.by_opening
-            .iter_hash(fingerprint)
-            .filter_map(|&at| self.leases.get(at as usize))
-            .find(|lease| {
-                lease.expires_ms > now_ms && &*lease.host == host && lease.grants == grants
-            })
+        let folded = Held::fold(fingerprint);
+        index
+            .iter_hash(Held::hash_of(folded))
+            .filter(|held| held.fingerprint == folded)
+            .filter_map(|held| self.leases.get(held.at as usize))
+            .find(|lease| lease.expires_ms > now_ms && lease.grants == grants)
             .map(|lease| lease.id)
     }
 
@@ -830,15 +837,18 @@ impl LeaseBook {
         self.expiry.insert((lease.expires_ms, at));
         let host = Arc::clone(&lease.host);
         self.leases.push(lease);
+        let held = Held {
+            at,
+            fingerprint: Held::fold(fingerprint),
+        };
+        self.hosts.entry(host).or_default().insert_unique(
+            Held::hash_of(held.fingerprint),
+            held,
+            |held| Held::hash_of(held.fingerprint),
+        );
         let (leases, keys) = (&self.leases, &self.hash_keys);
-        self.hosts
-            .entry(host)
-            .or_default()
-            .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
         self.by_id
             .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
-        self.by_opening
-            .insert_unique(fingerprint, at, |&at| opening_hash(keys, leases, at));
     }
 
     fn set_expiry(&mut self, id: &LeaseId, expires_ms: u64) {
@@ -869,36 +879,29 @@ impl LeaseBook {
         if let Ok(entry) = self.by_id.find_entry(id_hash, |&p| p == at32) {
             entry.remove();
         }
-        if let Ok(entry) = self.by_opening.find_entry(fingerprint, |&p| p == at32) {
-            entry.remove();
-        }
         self.expiry.remove(&(expires_ms, at32));
         let lease = self.leases.swap_remove(at);
-        if let Some(positions) = self.hosts.get_mut(&lease.host) {
-            if let Ok(entry) = positions.find_entry(id_hash, |&p| p == at32) {
+        if let Some(index) = self.hosts.get_mut(&lease.host) {
+            let folded = Held::fold(fingerprint);
+            if let Ok(entry) = index.find_entry(Held::hash_of(folded), |held| held.at == at32) {
                 entry.remove();
             }
-            if positions.is_empty() {
+            if index.is_empty() {
                 self.hosts.remove(&lease.host);
             }
         }
         // The last lease moved into the hole: point its index entries at its new place.
         if let Some(moved) = self.leases.get(at) {
             let from = u32::try_from(self.leases.len()).ok()?;
-            let moved_fingerprint = self.fingerprint(&moved.host, &moved.grants);
+            let moved_fingerprint = Held::fold(self.fingerprint(&moved.host, &moved.grants));
             let moved_hash = self.hash_keys.hash_one(moved.id);
             if let Some(p) = self.by_id.find_mut(moved_hash, |&p| p == from) {
                 *p = at32;
             }
-            if let Some(p) = self.by_opening.find_mut(moved_fingerprint, |&p| p == from) {
-                *p = at32;
-            }
-            if let Some(p) = self
-                .hosts
-                .get_mut(&moved.host)
-                .and_then(|positions| positions.find_mut(moved_hash, |&p| p == from))
-            {
-                *p = at32;
+            if let Some(held) = self.hosts.get_mut(&moved.host).and_then(|index| {
+                index.find_mut(Held::hash_of(moved_fingerprint), |held| held.at == from)
+            }) {
+                held.at = at32;
             }
             if self.expiry.remove(&(moved.expires_ms, from)) {
                 self.expiry.insert((moved.expires_ms, at32));
@@ -919,11 +922,26 @@ fn id_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
         .map_or(0, |lease| keys.hash_one(lease.id))
 }
 
-/// The fingerprint of the lease at `at`, for the (host, grants) index to rehash with.
-fn opening_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
-    leases
-        .get(at as usize)
-        .map_or(0, |lease| fingerprint(keys, &lease.host, &lease.grants))
+/// A lease in its host's index: its position in the book's vector, and the fingerprint of its
+/// (host, grants) folded to 32 bits, which the index hashes by. 8 bytes an entry, where
+/// positions alone took 4 in two indexes (by host, and by (host, grants)).
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    at: u32,
+    fingerprint: u32,
+}
+
+impl Held {
+    /// A fingerprint folded to the 32 bits an entry keeps.
+    fn fold(fingerprint: u64) -> u32 {
+        (fingerprint ^ (fingerprint >> 32)) as u32
+    }
+
+    /// The index's hash of a folded fingerprint: the table picks a slot by the low bits and
+    /// tells entries apart by the top seven, so both halves carry all 32 bits.
+    fn hash_of(folded: u32) -> u64 {
+        (u64::from(folded) << 32) | u64::from(folded)
+    }
 }
 
 /// Grants in canonical form: each grant's remote prefixes sorted and deduplicated, the grants
