@@ -567,12 +567,39 @@ impl LeaseBook {
         facts: &PolicyFacts,
         rng: &mut R,
     ) -> Result<OpenOutcome, Refusal> {
+        self.open_with(now_ms, host, open, facts, facts.grants.clone(), rng)
+    }
+
+    /// As [`open`](Self::open), taking the facts: their grants become the lease's instead of
+    /// being copied, once per Open on the request path.
+    pub(crate) fn open_taking<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        open: &Open,
+        mut facts: PolicyFacts,
+        rng: &mut R,
+    ) -> Result<OpenOutcome, Refusal> {
+        let grants = std::mem::take(&mut facts.grants);
+        self.open_with(now_ms, host, open, &facts, grants, rng)
+    }
+
+    /// An Open granting `grants` (the facts' own, which are not looked at).
+    fn open_with<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        open: &Open,
+        facts: &PolicyFacts,
+        grants: Vec<Grant>,
+        rng: &mut R,
+    ) -> Result<OpenOutcome, Refusal> {
         let lifetime = clamp_lifetime(open.lifetime, facts.lifetime.default, facts.lifetime)?;
-        if facts.grants.is_empty() {
+        if grants.is_empty() {
             return Err(Refusal::NothingGranted);
         }
         let narrowed = facts.grants_narrowed || lifetime.narrowed;
-        let grants = canonical_grants(&facts.grants);
+        let grants = into_canonical(grants);
         let new_expiry = expiry_after(now_ms, lifetime.secs);
         let fingerprint = self.fingerprint(host, &grants);
         // The host's index, found once for the re-open, the quota and the shared name.
@@ -947,18 +974,18 @@ impl Held {
 /// Grants in canonical form: each grant's remote prefixes sorted and deduplicated, the grants
 /// sorted and deduplicated, so that the same opening always compares equal.
 pub fn canonical_grants(grants: &[Grant]) -> Vec<Grant> {
-    let mut out: Vec<Grant> = grants
-        .iter()
-        .map(|grant| {
-            let mut grant = grant.clone();
-            grant.remotes.sort();
-            grant.remotes.dedup();
-            grant
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    into_canonical(grants.to_vec())
+}
+
+/// [`canonical_grants`] in place.
+fn into_canonical(mut grants: Vec<Grant>) -> Vec<Grant> {
+    for grant in &mut grants {
+        grant.remotes.sort();
+        grant.remotes.dedup();
+    }
+    grants.sort();
+    grants.dedup();
+    grants
 }
 
 fn expiry_after(now_ms: u64, secs: u32) -> u64 {

@@ -162,7 +162,7 @@ pub(super) fn audit_event(record: AuditRecord) -> AuditEvent {
             event.identity = Some(lease.host.to_string());
             event.lease = Some(lease.id);
             event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-            event.app = open.app;
+            event.app = open.app.clone();
             event.grants = lease.grants;
             event.granted_lifetime = Some(lease.lifetime);
             event.rule = rule;
