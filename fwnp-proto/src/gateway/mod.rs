@@ -1039,6 +1039,72 @@ mod tests {
         Opening { remotes, ..opening }
     }
 
+    /// The host's index is found by fingerprint and keeps the fingerprint of each entry: it
+    /// stays right while it grows (rehashed from its entries alone) and while removals move
+    /// the book's last lease into the hole they leave.
+    #[test]
+    fn re_opens_find_their_lease_while_the_host_index_grows_and_leases_move() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut book = LeaseBook::new();
+        let host = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let facts = |port: u16| PolicyFacts {
+            grants: vec![Grant {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(port),
+                host,
+                remotes: Vec::new(),
+                app: None,
+            }],
+            grants_narrowed: false,
+            lifetime: POLICY,
+            max_leases: None,
+        };
+        let open = Open {
+            common: Common::default(),
+            opening: opening(None, None),
+            lifetime: Some(600),
+            app: None,
+        };
+        let hosts = ["fwnp://host/a", "fwnp://host/b"];
+        // Thousands of leases a host: its index grows (and rehashes) many times over.
+        const PORTS: u16 = 3000;
+        let mut ids = HashMap::new();
+        for port in 1..=PORTS {
+            for host in hosts {
+                match book.open(1_000, host, &open, &facts(port), &mut rng) {
+                    Ok(OpenOutcome::NewLease(grant)) => {
+                        ids.insert((host, port), grant.lease.id);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(book.lease_count(hosts[0]), usize::from(PORTS));
+        // Every third lease of host a goes: each removal moves the last lease of the book.
+        for port in (1..=PORTS).filter(|port| port % 3 == 0) {
+            let id = ids.remove(&(hosts[0], port)).expect("id");
+            assert!(book.release(2_000, hosts[0], &id).is_ok());
+        }
+        // Each lease left is found again by its host and grants, under its own id; the others
+        // are opened anew.
+        for port in 1..=PORTS {
+            for host in hosts {
+                let outcome = book.open(3_000, host, &open, &facts(port), &mut rng);
+                match (ids.get(&(host, port)), outcome) {
+                    (Some(id), Ok(OpenOutcome::Extended { grant, .. })) => {
+                        assert_eq!(grant.lease.id, *id);
+                    }
+                    (None, Ok(OpenOutcome::NewLease(_))) => {}
+                    (id, outcome) => panic!("{host} port {port} ({id:?}): {outcome:?}"),
+                }
+            }
+        }
+        assert_eq!(book.len(), 2 * usize::from(PORTS));
+        assert_eq!(book.lease_count(hosts[0]), usize::from(PORTS));
+        assert_eq!(book.leases_of(hosts[1]).count(), usize::from(PORTS));
+    }
+
     #[test]
     fn an_applied_lease_joins_every_index_and_an_applied_end_past_is_reaped() {
         let mut book = LeaseBook::new();
