@@ -276,9 +276,9 @@ impl Service {
         // Every request counts against its host's rate, whatever it holds: undecodable bytes
         // and repeated Hellos too, so that no request is free to flood with. A certificate
         // that names no identity is counted by its address, as its connections are.
-        let rate_key = Sessions::key_of(session);
-        if let Some(retry_after) = self.rate_limited(&rate_key) {
-            return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
+        let rate_key = Sessions::key_ref(session);
+        if let Some(retry_after) = self.rate_limited(rate_key) {
+            return self.refuse_rate_limited(session, rate_key, bytes, retry_after);
         }
         // The addresses `allowed_addresses` gives, borrowed rather than copied per request: the
         // certificate's, or else the connection's source.
