@@ -164,12 +164,7 @@ impl request::Decide for AllowAll {
         }
     }
 
-    fn still_allows(
-        &self,
-        _: &str,
-        _: &[IpAddr],
-        _: &[Grant],
-    ) -> Result<(), request::Objection> {
+    fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), request::Objection> {
         Ok(())
     }
 }
@@ -227,7 +222,8 @@ fn a_new_lease_costs_the_request_core_a_bounded_number_of_allocations() {
     let now = 1_800_000_000_000u64;
     let welcomed = ConnectionState { welcomed: true };
     let mut grant = |core: &mut RequestCore, open: &[u8]| {
-        let Step::Pending(mut pending) = core.handle(now, welcomed, &peer, open, &AllowAll, &mut rng)
+        let Step::Pending(mut pending) =
+            core.handle(now, welcomed, &peer, open, &AllowAll, &mut rng)
         else {
             panic!("a new lease waits for its effects");
         };

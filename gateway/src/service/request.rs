@@ -331,12 +331,18 @@ impl Service {
                 // this lock. A request decided by the policy it replaced is decided again here
                 // by the one in force: its lease could otherwise enter the book after the
                 // reload's listing, and live on allowed by a policy no longer in force.
-                let current = self.policy();
-                let prepared = if Arc::ptr_eq(&current, &policy) {
-                    Err(prepared)
-                } else {
-                    policy = current;
-                    prepare(&policy).into_answer()
+                // Compared under the read lock, copied only when it changed: the `Arc`'s count
+                // is one cache line that every worker would write for every request.
+                let current = {
+                    let in_force = self.policy.read().unwrap_or_else(|e| e.into_inner());
+                    (!Arc::ptr_eq(&in_force, &policy)).then(|| Arc::clone(&in_force))
+                };
+                let prepared = match current {
+                    None => Err(prepared),
+                    Some(current) => {
+                        policy = current;
+                        prepare(&policy).into_answer()
+                    }
                 };
                 let mut rng = lock(&self.rng);
                 let step = match prepared {
