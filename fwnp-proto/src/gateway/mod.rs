@@ -632,10 +632,10 @@ impl LeaseBook {
             }
         }
 
-        if let Some(max) = facts.max_leases {
-            if held >= usize::try_from(max).unwrap_or(usize::MAX) {
-                return Err(Refusal::QuotaExceeded { held, max });
-            }
+        if let Some(max) = facts.max_leases
+            && held >= usize::try_from(max).unwrap_or(usize::MAX)
+        {
+            return Err(Refusal::QuotaExceeded { held, max });
         }
         if self.leases.len() >= MAX_LEASES {
             return Err(Refusal::NoFreeLeaseId);
