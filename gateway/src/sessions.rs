@@ -68,6 +68,9 @@ pub struct Session {
     /// Whether a request on this connection was refused as rate-limited since the connection
     /// last took a stream: the transport then pauses before taking the next one.
     pub(crate) rate_limited: AtomicBool,
+    /// What the session is counted under ([`Sessions::key_of`]), made once: every request
+    /// looks its rate up under it.
+    key: String,
     link: Box<dyn HostLink>,
 }
 
@@ -80,7 +83,12 @@ impl Session {
         remote: SocketAddr,
         link: Box<dyn HostLink>,
     ) -> Self {
+        let key = match &peer {
+            Some(peer) => peer.identity.clone(),
+            None => format!("(no identity) {}", remote.ip()),
+        };
         Session {
+            key,
             id,
             peer,
             identity_error,
@@ -165,10 +173,12 @@ impl Sessions {
     /// only long enough to be told so), its address, so that one such host cannot use up the
     /// connections of every other.
     pub(crate) fn key_of(session: &Session) -> String {
-        match &session.peer {
-            Some(peer) => peer.identity.clone(),
-            None => format!("(no identity) {}", session.remote.ip()),
-        }
+        session.key.clone()
+    }
+
+    /// [`Sessions::key_of`], borrowed.
+    pub(crate) fn key_ref(session: &Session) -> &String {
+        &session.key
     }
 
     /// A number for a new session, unique within this process.

@@ -11,13 +11,13 @@
 //! Time is `now_ms`, Unix milliseconds on the gateway's clock, passed in: the gateway persists
 //! expiries, so they are wall-clock values. Lease ids come from the RNG passed in.
 //!
-//! The book is built for a million leases: leases are found by id in a hash index, by host in a
-//! per-host hash index, by (host, grants) for idempotent re-open in a hash index, and by expiry
-//! in an ordered set, so that every operation costs O(log n) (or O(1)) and nothing scans the
-//! whole book. The leases themselves lie side by side in one vector and every index holds only
-//! their 4-byte positions: a hash table keeps up to half its slots empty, and empty slots of
-//! positions cost 5 bytes where empty slots of whole leases cost a lease's size; an entry of the
-//! expiry set is 16 bytes with a position where it was 24 with an id. Call
+//! The book is built for a million leases: leases are found by id in a hash index, by host and
+//! (host, grants) for idempotent re-open in a per-host hash index, and by expiry in an ordered
+//! set, so that every operation costs O(log n) (or O(1)) and nothing scans the whole book. The
+//! leases themselves lie side by side in one vector and the indexes hold their 4-byte positions:
+//! a hash table keeps up to half its slots empty, and empty slots of positions cost 5 bytes
+//! where empty slots of whole leases cost a lease's size; an entry of the expiry set is 16 bytes
+//! with a position where it was 24 with an id. Call
 //! [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so that a lease past
 //! its expiry is never counted, renewed or extended.
 //!
@@ -425,12 +425,12 @@ pub struct LeaseBook {
     /// (expires_ms, position in `leases`): the next lease to expire is the first. Positions
     /// make an entry 16 bytes instead of 24, and a node of the tree fit a smaller size class.
     expiry: BTreeSet<(u64, u32)>,
-    /// Each host's leases, as positions in `leases` hashed by lease id; the key is the one
-    /// shared `Arc` of that host's identity.
-    hosts: HashMap<Arc<str>, HashTable<u32>>,
-    /// Positions in `leases`, hashed by the fingerprint of (host, grants), for idempotent
-    /// re-open; leases of equal fingerprint are separate entries.
-    by_opening: HashTable<u32>,
+    /// Each host's leases, hashed by the fingerprint of (host, grants) for idempotent re-open
+    /// (leases of equal fingerprint are separate entries); the key is the one shared `Arc` of
+    /// that host's identity. One index serves both, and its entries carry their fingerprint, so
+    /// that growing it rehashes without reading a lease: rehashing by a lease's id or grants
+    /// read every lease the index held, each a cache miss in a large book.
+    hosts: HashMap<Arc<str>, HashTable<Held>>,
     /// Keys both hashes, so that a host cannot aim collisions at another's leases.
     hash_keys: RandomState,
 }
@@ -452,7 +452,6 @@ impl LeaseBook {
         LeaseBook {
             leases: Vec::with_capacity(leases),
             by_id: HashTable::with_capacity(leases),
-            by_opening: HashTable::with_capacity(leases),
             ..LeaseBook::default()
         }
     }
@@ -519,7 +518,7 @@ impl LeaseBook {
             .get(host)
             .into_iter()
             .flatten()
-            .filter_map(|&at| self.leases.get(at as usize))
+            .filter_map(|held| self.leases.get(held.at as usize))
             .collect();
         leases.sort_unstable_by_key(|lease| lease.id);
         leases.into_iter()
@@ -568,16 +567,52 @@ impl LeaseBook {
         facts: &PolicyFacts,
         rng: &mut R,
     ) -> Result<OpenOutcome, Refusal> {
+        self.open_with(now_ms, host, open, facts, facts.grants.clone(), rng)
+    }
+
+    /// As [`open`](Self::open), taking the facts: their grants become the lease's instead of
+    /// being copied, once per Open on the request path.
+    pub(crate) fn open_taking<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        open: &Open,
+        mut facts: PolicyFacts,
+        rng: &mut R,
+    ) -> Result<OpenOutcome, Refusal> {
+        let grants = std::mem::take(&mut facts.grants);
+        self.open_with(now_ms, host, open, &facts, grants, rng)
+    }
+
+    /// An Open granting `grants` (the facts' own, which are not looked at).
+    fn open_with<R: Rng + ?Sized>(
+        &mut self,
+        now_ms: u64,
+        host: &str,
+        open: &Open,
+        facts: &PolicyFacts,
+        grants: Vec<Grant>,
+        rng: &mut R,
+    ) -> Result<OpenOutcome, Refusal> {
         let lifetime = clamp_lifetime(open.lifetime, facts.lifetime.default, facts.lifetime)?;
-        if facts.grants.is_empty() {
+        if grants.is_empty() {
             return Err(Refusal::NothingGranted);
         }
         let narrowed = facts.grants_narrowed || lifetime.narrowed;
-        let grants = canonical_grants(&facts.grants);
+        let grants = into_canonical(grants);
         let new_expiry = expiry_after(now_ms, lifetime.secs);
         let fingerprint = self.fingerprint(host, &grants);
+        // The host's index, found once for the re-open, the quota and the shared name.
+        let (same, held, name) = match self.hosts.get_key_value(host) {
+            Some((name, index)) => (
+                self.find_same(index, now_ms, fingerprint, &grants),
+                index.len(),
+                Some(Arc::clone(name)),
+            ),
+            None => (None, 0, None),
+        };
 
-        if let Some(id) = self.find_same(now_ms, fingerprint, host, &grants) {
+        if let Some(id) = same {
             let previous_expires_ms = self.get(&id).map_or(0, |l| l.expires_ms);
             let expires_ms = previous_expires_ms.max(new_expiry);
             self.set_expiry(&id, expires_ms);
@@ -597,11 +632,10 @@ impl LeaseBook {
             }
         }
 
-        if let Some(max) = facts.max_leases {
-            let held = self.lease_count(host);
-            if held >= usize::try_from(max).unwrap_or(usize::MAX) {
-                return Err(Refusal::QuotaExceeded { held, max });
-            }
+        if let Some(max) = facts.max_leases
+            && held >= usize::try_from(max).unwrap_or(usize::MAX)
+        {
+            return Err(Refusal::QuotaExceeded { held, max });
         }
         if self.leases.len() >= MAX_LEASES {
             return Err(Refusal::NoFreeLeaseId);
@@ -609,7 +643,7 @@ impl LeaseBook {
         let id = self.fresh_id(now_ms, rng)?;
         let lease = Lease {
             id,
-            host: self.intern_host(host),
+            host: name.unwrap_or_else(|| Arc::from(host)),
             grants,
             lifetime: lifetime.secs,
             created_ms: now_ms,
@@ -773,22 +807,22 @@ impl LeaseBook {
         self.leases.get_mut(at)
     }
 
-    /// The live lease of `host` with exactly `grants`, if any. A lease past its expiry that
-    /// [`expire_due`](Self::expire_due) has not reaped yet is not extended: its kernel element may
-    /// already be gone, and the expiry must be reported as such.
+    /// The live lease in a host's `index` with exactly `grants`, if any. A lease past its
+    /// expiry that [`expire_due`](Self::expire_due) has not reaped yet is not extended: its
+    /// kernel element may already be gone, and the expiry must be reported as such.
     fn find_same(
         &self,
+        index: &HashTable<Held>,
         now_ms: u64,
         fingerprint: u64,
-        host: &str,
         grants: &[Grant],
     ) -> Option<LeaseId> {
-        self.by_opening
-            .iter_hash(fingerprint)
-            .filter_map(|&at| self.leases.get(at as usize))
-            .find(|lease| {
-                lease.expires_ms > now_ms && &*lease.host == host && lease.grants == grants
-            })
+        let folded = Held::fold(fingerprint);
+        index
+            .iter_hash(Held::hash_of(folded))
+            .filter(|held| held.fingerprint == folded)
+            .filter_map(|held| self.leases.get(held.at as usize))
+            .find(|lease| lease.expires_ms > now_ms && lease.grants == grants)
             .map(|lease| lease.id)
     }
 
@@ -830,15 +864,18 @@ impl LeaseBook {
         self.expiry.insert((lease.expires_ms, at));
         let host = Arc::clone(&lease.host);
         self.leases.push(lease);
+        let held = Held {
+            at,
+            fingerprint: Held::fold(fingerprint),
+        };
+        self.hosts.entry(host).or_default().insert_unique(
+            Held::hash_of(held.fingerprint),
+            held,
+            |held| Held::hash_of(held.fingerprint),
+        );
         let (leases, keys) = (&self.leases, &self.hash_keys);
-        self.hosts
-            .entry(host)
-            .or_default()
-            .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
         self.by_id
             .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
-        self.by_opening
-            .insert_unique(fingerprint, at, |&at| opening_hash(keys, leases, at));
     }
 
     fn set_expiry(&mut self, id: &LeaseId, expires_ms: u64) {
@@ -869,36 +906,29 @@ impl LeaseBook {
         if let Ok(entry) = self.by_id.find_entry(id_hash, |&p| p == at32) {
             entry.remove();
         }
-        if let Ok(entry) = self.by_opening.find_entry(fingerprint, |&p| p == at32) {
-            entry.remove();
-        }
         self.expiry.remove(&(expires_ms, at32));
         let lease = self.leases.swap_remove(at);
-        if let Some(positions) = self.hosts.get_mut(&lease.host) {
-            if let Ok(entry) = positions.find_entry(id_hash, |&p| p == at32) {
+        if let Some(index) = self.hosts.get_mut(&lease.host) {
+            let folded = Held::fold(fingerprint);
+            if let Ok(entry) = index.find_entry(Held::hash_of(folded), |held| held.at == at32) {
                 entry.remove();
             }
-            if positions.is_empty() {
+            if index.is_empty() {
                 self.hosts.remove(&lease.host);
             }
         }
         // The last lease moved into the hole: point its index entries at its new place.
         if let Some(moved) = self.leases.get(at) {
             let from = u32::try_from(self.leases.len()).ok()?;
-            let moved_fingerprint = self.fingerprint(&moved.host, &moved.grants);
+            let moved_fingerprint = Held::fold(self.fingerprint(&moved.host, &moved.grants));
             let moved_hash = self.hash_keys.hash_one(moved.id);
             if let Some(p) = self.by_id.find_mut(moved_hash, |&p| p == from) {
                 *p = at32;
             }
-            if let Some(p) = self.by_opening.find_mut(moved_fingerprint, |&p| p == from) {
-                *p = at32;
-            }
-            if let Some(p) = self
-                .hosts
-                .get_mut(&moved.host)
-                .and_then(|positions| positions.find_mut(moved_hash, |&p| p == from))
-            {
-                *p = at32;
+            if let Some(held) = self.hosts.get_mut(&moved.host).and_then(|index| {
+                index.find_mut(Held::hash_of(moved_fingerprint), |held| held.at == from)
+            }) {
+                held.at = at32;
             }
             if self.expiry.remove(&(moved.expires_ms, from)) {
                 self.expiry.insert((moved.expires_ms, at32));
@@ -919,28 +949,43 @@ fn id_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
         .map_or(0, |lease| keys.hash_one(lease.id))
 }
 
-/// The fingerprint of the lease at `at`, for the (host, grants) index to rehash with.
-fn opening_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
-    leases
-        .get(at as usize)
-        .map_or(0, |lease| fingerprint(keys, &lease.host, &lease.grants))
+/// A lease in its host's index: its position in the book's vector, and the fingerprint of its
+/// (host, grants) folded to 32 bits, which the index hashes by. 8 bytes an entry, where
+/// positions alone took 4 in two indexes (by host, and by (host, grants)).
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    at: u32,
+    fingerprint: u32,
+}
+
+impl Held {
+    /// A fingerprint folded to the 32 bits an entry keeps.
+    fn fold(fingerprint: u64) -> u32 {
+        (fingerprint ^ (fingerprint >> 32)) as u32
+    }
+
+    /// The index's hash of a folded fingerprint: the table picks a slot by the low bits and
+    /// tells entries apart by the top seven, so both halves carry all 32 bits.
+    fn hash_of(folded: u32) -> u64 {
+        (u64::from(folded) << 32) | u64::from(folded)
+    }
 }
 
 /// Grants in canonical form: each grant's remote prefixes sorted and deduplicated, the grants
 /// sorted and deduplicated, so that the same opening always compares equal.
 pub fn canonical_grants(grants: &[Grant]) -> Vec<Grant> {
-    let mut out: Vec<Grant> = grants
-        .iter()
-        .map(|grant| {
-            let mut grant = grant.clone();
-            grant.remotes.sort();
-            grant.remotes.dedup();
-            grant
-        })
-        .collect();
-    out.sort();
-    out.dedup();
-    out
+    into_canonical(grants.to_vec())
+}
+
+/// [`canonical_grants`] in place.
+fn into_canonical(mut grants: Vec<Grant>) -> Vec<Grant> {
+    for grant in &mut grants {
+        grant.remotes.sort();
+        grant.remotes.dedup();
+    }
+    grants.sort();
+    grants.dedup();
+    grants
 }
 
 fn expiry_after(now_ms: u64, secs: u32) -> u64 {
@@ -992,6 +1037,72 @@ mod tests {
             })
             .collect();
         Opening { remotes, ..opening }
+    }
+
+    /// The host's index is found by fingerprint and keeps the fingerprint of each entry: it
+    /// stays right while it grows (rehashed from its entries alone) and while removals move
+    /// the book's last lease into the hole they leave.
+    #[test]
+    fn re_opens_find_their_lease_while_the_host_index_grows_and_leases_move() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut book = LeaseBook::new();
+        let host = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let facts = |port: u16| PolicyFacts {
+            grants: vec![Grant {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(port),
+                host,
+                remotes: Vec::new(),
+                app: None,
+            }],
+            grants_narrowed: false,
+            lifetime: POLICY,
+            max_leases: None,
+        };
+        let open = Open {
+            common: Common::default(),
+            opening: opening(None, None),
+            lifetime: Some(600),
+            app: None,
+        };
+        let hosts = ["fwnp://host/a", "fwnp://host/b"];
+        // Thousands of leases a host: its index grows (and rehashes) many times over.
+        const PORTS: u16 = 3000;
+        let mut ids = HashMap::new();
+        for port in 1..=PORTS {
+            for host in hosts {
+                match book.open(1_000, host, &open, &facts(port), &mut rng) {
+                    Ok(OpenOutcome::NewLease(grant)) => {
+                        ids.insert((host, port), grant.lease.id);
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        assert_eq!(book.lease_count(hosts[0]), usize::from(PORTS));
+        // Every third lease of host a goes: each removal moves the last lease of the book.
+        for port in (1..=PORTS).filter(|port| port % 3 == 0) {
+            let id = ids.remove(&(hosts[0], port)).expect("id");
+            assert!(book.release(2_000, hosts[0], &id).is_ok());
+        }
+        // Each lease left is found again by its host and grants, under its own id; the others
+        // are opened anew.
+        for port in 1..=PORTS {
+            for host in hosts {
+                let outcome = book.open(3_000, host, &open, &facts(port), &mut rng);
+                match (ids.get(&(host, port)), outcome) {
+                    (Some(id), Ok(OpenOutcome::Extended { grant, .. })) => {
+                        assert_eq!(grant.lease.id, *id);
+                    }
+                    (None, Ok(OpenOutcome::NewLease(_))) => {}
+                    (id, outcome) => panic!("{host} port {port} ({id:?}): {outcome:?}"),
+                }
+            }
+        }
+        assert_eq!(book.len(), 2 * usize::from(PORTS));
+        assert_eq!(book.lease_count(hosts[0]), usize::from(PORTS));
+        assert_eq!(book.leases_of(hosts[1]).count(), usize::from(PORTS));
     }
 
     #[test]

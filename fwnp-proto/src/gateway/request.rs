@@ -374,8 +374,9 @@ pub enum Audit {
     Granted {
         /// The lease after the Open.
         lease: super::Lease,
-        /// The Open.
-        open: Box<Open>,
+        /// The Open (shared with the request's own record of it, which needs it should the
+        /// answer turn into a refusal).
+        open: Arc<Open>,
         /// The policy rule that allowed it.
         rule: Option<String>,
         /// Why, in words.
@@ -684,7 +685,7 @@ impl Pending {
     /// The lease this request made or renewed.
     pub fn lease(&self) -> LeaseId {
         match &self.ticket {
-            Ticket::Open { outcome, .. } => outcome.grant().lease.id,
+            Ticket::Open { lease, .. } => *lease,
             Ticket::Renew { renewed, .. } => renewed.grant.lease.id,
             Ticket::Release { lease, .. } => lease.id,
         }
@@ -694,22 +695,28 @@ impl Pending {
 #[derive(Debug)]
 enum Ticket {
     Open {
-        outcome: OpenOutcome,
-        open: Box<Open>,
-        identity: String,
+        /// The lease made or extended.
+        lease: LeaseId,
+        /// Whether the Open made it (a failure then takes it out of the book again).
+        new: bool,
+        /// The answer, should the effects succeed.
+        granted: Granted,
+        open: Arc<Open>,
+        /// The host's identity, the book's shared name for it.
+        identity: Arc<str>,
         peer: SocketAddr,
     },
     Renew {
         renewed: Renewed,
         renew: Renew,
-        identity: String,
+        identity: Arc<str>,
         peer: SocketAddr,
     },
     Release {
         /// The lease as the book held it, put back should its end not be stored.
         lease: Box<super::Lease>,
         release: Release,
-        identity: String,
+        identity: Arc<str>,
         peer: SocketAddr,
         /// Where its answer is remembered for a retry, once it is Released.
         replay: Option<ReplayKey>,
@@ -1119,7 +1126,8 @@ impl RequestCore {
             rule,
             reason,
         } = allowed;
-        let outcome = match self.book.open(now_ms, identity, &open, &facts, rng) {
+        let max_leases = facts.max_leases;
+        let outcome = match self.book.open_taking(now_ms, identity, &open, facts, rng) {
             Ok(outcome) => outcome,
             Err(refusal) => {
                 let request = Message::Open(open);
@@ -1134,33 +1142,41 @@ impl RequestCore {
                 ));
             }
         };
-        let lease = outcome.grant().lease.clone();
+        // The lease the book gave back is the audit record's; the store's row and the kernel
+        // take a copy of what they need, and the answer is made now, so that the request
+        // keeps neither the lease nor its grants while its effects are carried out.
+        let (grant, previous_expires_ms) = match outcome {
+            OpenOutcome::NewLease(grant) => (grant, None),
+            OpenOutcome::Extended {
+                grant,
+                previous_expires_ms,
+            } => (grant, Some(previous_expires_ms)),
+        };
+        let granted = grant.to_granted(open.common.request_id, self.config.epoch);
+        let lease = grant.lease;
         // In order, the kernel is written first unless the lease only grows longer: then the
         // store is, so that a gateway killed in between leaves the kernel's element no longer
         // than the stored lease (shorter at worst, which fails closed and the next start
         // repairs). A new lease's two may also be written at once (`Pending::at_once`).
-        let (write, kernel_first, reason) = match &outcome {
-            OpenOutcome::NewLease(_) => (
+        let (write, kernel_first, reason) = match previous_expires_ms {
+            None => (
                 Write::Insert {
                     lease: lease.clone(),
                     requested_lifetime: open.lifetime.filter(|&l| l != 0),
                     peer: peer.remote,
-                    max_leases: facts.max_leases,
+                    max_leases,
                 },
                 true,
                 reason,
             ),
-            OpenOutcome::Extended {
-                previous_expires_ms,
-                ..
-            } => (
+            Some(previous_expires_ms) => (
                 Write::Renew {
                     id: lease.id,
                     renewed_ms: now_ms,
                     expires_ms: lease.expires_ms,
                     granted_lifetime: lease.lifetime,
                 },
-                lease.expires_ms <= *previous_expires_ms,
+                lease.expires_ms <= previous_expires_ms,
                 format!("{reason} (extends the live lease)"),
             ),
         };
@@ -1169,6 +1185,8 @@ impl RequestCore {
             grants: lease.grants.clone(),
             expires_ms: lease.expires_ms,
         };
+        let (id, identity) = (lease.id, Arc::clone(&lease.host));
+        let open = Arc::new(open);
         // One record for the request, the decision that allowed it and the lease it made,
         // committed with the lease.
         let audit = Write::Audit(AuditRecord {
@@ -1176,7 +1194,7 @@ impl RequestCore {
             peer: Some(peer.remote),
             what: Audit::Granted {
                 lease,
-                open: Box::new(open.clone()),
+                open: Arc::clone(&open),
                 rule,
                 reason,
             },
@@ -1189,14 +1207,16 @@ impl RequestCore {
         };
         // A new lease is in neither the kernel nor the store yet: either may take it first,
         // and a failure of one after the other took it is undone by `finish`.
-        let at_once = matches!(outcome, OpenOutcome::NewLease(_));
+        let new = previous_expires_ms.is_none();
         Step::Pending(Pending {
             effects,
-            at_once,
+            at_once: new,
             ticket: Ticket::Open {
-                outcome,
-                open: Box::new(open),
-                identity: identity.to_owned(),
+                lease: id,
+                new,
+                granted,
+                open,
+                identity,
                 peer: peer.remote,
             },
         })
@@ -1307,9 +1327,9 @@ impl RequestCore {
             effects,
             at_once: false,
             ticket: Ticket::Renew {
+                identity: Arc::clone(&renewed.grant.lease.host),
                 renewed,
                 renew: renew.clone(),
-                identity: identity.to_owned(),
                 peer: peer.remote,
             },
         })
@@ -1330,24 +1350,19 @@ impl RequestCore {
     ) -> Answer {
         match pending.ticket {
             Ticket::Open {
-                outcome: opened,
+                lease: id,
+                new,
+                granted,
                 open,
                 identity,
                 peer,
             } => match outcome {
-                Ok(()) => {
-                    let granted = opened
-                        .grant()
-                        .to_granted(open.common.request_id, self.config.epoch);
-                    Answer::new(Message::Granted(granted), "granted")
-                }
+                Ok(()) => Answer::new(Message::Granted(granted), "granted"),
                 Err(failure) => {
                     let mut effects = Vec::new();
                     // A lease already out of the book was ended by whoever took it out, in the
                     // store too (after its insert, if that was on its way).
-                    if let OpenOutcome::NewLease(grant) = &opened
-                        && let Some(lease) = self.book.revoke(&grant.lease.id)
-                    {
+                    if new && let Some(lease) = self.book.revoke(&id) {
                         effects.push(Effect::Unhold {
                             lease: lease.id,
                             grants: lease.grants.clone(),
@@ -1373,7 +1388,7 @@ impl RequestCore {
                         now_ms,
                         &identity,
                         peer,
-                        &Message::Open(*open),
+                        &Message::Open(Arc::unwrap_or_clone(open)),
                         ResultCode::NoResources,
                         format!("the gateway could not program the opening ({failure})"),
                         None,
@@ -1527,9 +1542,9 @@ impl RequestCore {
             effects,
             at_once: false,
             ticket: Ticket::Release {
+                identity: Arc::clone(&lease.host),
                 lease: Box::new(lease),
                 release,
-                identity: identity.to_owned(),
                 peer: peer.remote,
                 replay: key.map(|key| (key, bytes)),
             },

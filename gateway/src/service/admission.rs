@@ -186,12 +186,14 @@ impl Service {
 
     /// The limiter is keyed by `String`: taking the key as one spares a copy per request.
     pub(super) fn rate_limited(&self, identity: &String) -> Option<u32> {
-        let limiter = self
+        // Checked under the read lock rather than with a copy of the `Arc`: its count is one
+        // cache line that every worker would write for every request.
+        let checked = self
             .limiter
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match limiter.check_key(identity) {
+            .check_key(identity);
+        match checked {
             Ok(()) => None,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(governor::clock::Clock::now(

@@ -142,7 +142,7 @@ pub(super) fn audit_event(record: AuditRecord) -> AuditEvent {
             event.identity = Some(lease.host.to_string());
             event.lease = Some(lease.id);
             event.request = Some(RequestSummary::from_opening(&open.opening, open.lifetime));
-            event.app = open.app;
+            event.app = open.app.clone();
             event.grants = lease.grants;
             event.granted_lifetime = Some(lease.lifetime);
             event.rule = rule;
@@ -256,9 +256,9 @@ impl Service {
         // Every request counts against its host's rate, whatever it holds: undecodable bytes
         // and repeated Hellos too, so that no request is free to flood with. A certificate
         // that names no identity is counted by its address, as its connections are.
-        let rate_key = Sessions::key_of(session);
-        if let Some(retry_after) = self.rate_limited(&rate_key) {
-            return self.refuse_rate_limited(session, &rate_key, bytes, retry_after);
+        let rate_key = Sessions::key_ref(session);
+        if let Some(retry_after) = self.rate_limited(rate_key) {
+            return self.refuse_rate_limited(session, rate_key, bytes, retry_after);
         }
         // The addresses `allowed_addresses` gives, borrowed rather than copied per request: the
         // certificate's, or else the connection's source.
@@ -311,12 +311,18 @@ impl Service {
                 // this lock. A request decided by the policy it replaced is decided again here
                 // by the one in force: its lease could otherwise enter the book after the
                 // reload's listing, and live on allowed by a policy no longer in force.
-                let current = self.policy();
-                let prepared = if Arc::ptr_eq(&current, &policy) {
-                    Err(prepared)
-                } else {
-                    policy = current;
-                    prepare(&policy).into_answer()
+                // Compared under the read lock, copied only when it changed: the `Arc`'s count
+                // is one cache line that every worker would write for every request.
+                let current = {
+                    let in_force = self.policy.read().unwrap_or_else(|e| e.into_inner());
+                    (!Arc::ptr_eq(&in_force, &policy)).then(|| Arc::clone(&in_force))
+                };
+                let prepared = match current {
+                    None => Err(prepared),
+                    Some(current) => {
+                        policy = current;
+                        prepare(&policy).into_answer()
+                    }
                 };
                 let mut rng = lock(&self.rng);
                 let step = match prepared {
