@@ -1617,6 +1617,29 @@ fn a_version_whose_reload_was_dropped_before_its_step_still_ends_the_leases_it_d
                 assert_eq!(audited.len(), 1, "{lease}: {revocations:#?}");
                 assert_eq!(audited[0]["actor"], "policy-reload", "{audited:#?}");
             }
+            // So is each counted: the gateways' counters add up to the cluster's two ends.
+            let revoked = |gateway: &Gateway| {
+                gateway
+                    .service
+                    .metrics
+                    .lease_ends
+                    .with_label_values(&["revoked"])
+                    .get()
+            };
+            // The counter follows the commit that the audit record is part of: a moment later.
+            for _ in 0..50 {
+                if revoked(&a) + revoked(&b) >= 2 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(
+                revoked(&a) + revoked(&b),
+                2,
+                "lease_ends_total{{how=\"revoked\"}}: gw-a {}, gw-b {}",
+                revoked(&a),
+                revoked(&b)
+            );
             drop((to_a, to_b));
             a.stop().await;
             b.stop().await;

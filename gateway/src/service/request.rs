@@ -650,10 +650,22 @@ impl Service {
             )
         };
         let back_in_book = committed.is_err() && kept.iter().any(released);
+        // An end another member of the cluster committed first is counted there, not here:
+        // the counters of all gateways add up to the cluster's ends.
+        let counted_elsewhere = self.cluster_store.is_some()
+            && matches!(
+                committed,
+                Err(WriteError::Store(
+                    crate::store::StoreError::LeaseNotLive { .. }
+                ))
+            );
         for write in kept.iter().filter(|_| !back_in_book) {
             if let Kept::Ended { id, end, by } = write {
                 lock(&self.lease_credentials).forget(id);
                 self.metrics.live_leases.dec();
+                if counted_elsewhere {
+                    continue;
+                }
                 let label = match end {
                     LeaseEnd::Released => "released",
                     LeaseEnd::Expired => "expired",
