@@ -353,23 +353,7 @@ impl Netfilter {
     ) -> Result<Option<FoundElement>, Error> {
         let seq = bump(&mut self.seq);
         let mut b = Builder::new();
-        let msg = b.begin_nft(
-            NFT_MSG_GETSETELEM,
-            NLM_F_REQUEST | NLM_F_ACK,
-            seq,
-            NFPROTO_INET,
-        );
-        b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
-        b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
-        let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
-        let elem = b.nest_start(NFTA_LIST_ELEM);
-        b.put_data_value(NFTA_SET_ELEM_KEY, &key.key);
-        if let Some(end) = &key.key_end {
-            b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
-        }
-        b.nest_end(elem);
-        b.nest_end(nest);
-        b.end_msg(msg);
+        put_element_query(&mut b, NLM_F_REQUEST | NLM_F_ACK, seq, table, key);
         let mut found = None;
         let exists = self.query(&b, seq, Op::AddElement, table, "an element query", |m| {
             let Some(list) = m.nft_attrs().find(NFTA_SET_ELEM_LIST_ELEMENTS) else {
@@ -413,18 +397,7 @@ impl Netfilter {
                 round.insert(seq, chunk_at * LOOKUPS_PER_ROUND + i);
                 // No acknowledgement asked: the element answers a query that finds it, an
                 // error one that does not, and a datagram (a receive) is saved per element.
-                let msg = b.begin_nft(NFT_MSG_GETSETELEM, NLM_F_REQUEST, seq, NFPROTO_INET);
-                b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
-                b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
-                let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
-                let elem = b.nest_start(NFTA_LIST_ELEM);
-                b.put_data_value(NFTA_SET_ELEM_KEY, &key.key);
-                if let Some(end) = &key.key_end {
-                    b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
-                }
-                b.nest_end(elem);
-                b.nest_end(nest);
-                b.end_msg(msg);
+                put_element_query(&mut b, NLM_F_REQUEST, seq, table, key);
             }
             // The kernel answers the messages of a datagram in order: once the generation
             // query that ends it is acknowledged, every element query has been answered.
@@ -503,4 +476,20 @@ impl Netfilter {
         }
         Ok(out)
     }
+}
+
+/// Appends to `b` a query for the element of `key` in `table` (GETSETELEM with `flags`).
+fn put_element_query(b: &mut Builder, flags: u16, seq: u32, table: &str, key: &ElementKey) {
+    let msg = b.begin_nft(NFT_MSG_GETSETELEM, flags, seq, NFPROTO_INET);
+    b.put_str(NFTA_SET_ELEM_LIST_TABLE, table);
+    b.put_str(NFTA_SET_ELEM_LIST_SET, key.set.name());
+    let nest = b.nest_start(NFTA_SET_ELEM_LIST_ELEMENTS);
+    let elem = b.nest_start(NFTA_LIST_ELEM);
+    b.put_data_value(NFTA_SET_ELEM_KEY, &key.key);
+    if let Some(end) = &key.key_end {
+        b.put_data_value(NFTA_SET_ELEM_KEY_END, end);
+    }
+    b.nest_end(elem);
+    b.nest_end(nest);
+    b.end_msg(msg);
 }
