@@ -216,7 +216,8 @@ fn a_grant_costs_a_bounded_number_of_allocations() {
         // codec wrote answers without a tree of values first; 37 before the request core
         // stopped copying the lease and its grants for each of their uses and the host's name
         // and the Open for its own record, and the rate limiter's key was made once per
-        // connection rather than per request.
-        assert!(per <= 32.5, "{per:.1} allocations per grant");
+        // connection rather than per request; 32 before the store writer's text buffers were
+        // made at the size a grant's text takes instead of grown from empty.
+        assert!(per <= 30.5, "{per:.1} allocations per grant");
     });
 }
