@@ -921,13 +921,14 @@ fn a_policy_reload_through_one_gateway_revokes_once_what_it_disallows_on_every_k
                 assert!(lease_in_etcd(&cluster, lease).await, "{lease} still live");
             }
 
-            // One end each, audited once across the gateways: by A where A's reload listed
-            // it, by B's watch otherwise.
+            // One end each, audited once across the gateways, by whichever committed it
+            // first: A's reload lists what left A's book, which may be an end B's watch
+            // committed first, so its list does not say which gateway audited.
             tokio::time::sleep(Duration::from_secs(1)).await;
             for lease in [gone_a, gone_b] {
-                let on_a = usize::from(by_a.contains(&lease.to_string()));
-                assert_eq!(a.audited(lease, Outcome::Revoked), on_a, "{lease} on A");
-                assert_eq!(b.audited(lease, Outcome::Revoked), 1 - on_a, "{lease} on B");
+                let on_a = a.audited(lease, Outcome::Revoked);
+                let on_b = b.audited(lease, Outcome::Revoked);
+                assert_eq!(on_a + on_b, 1, "{lease}: A {on_a}, B {on_b}");
             }
             let not_stored: Vec<String> = warnings
                 .of(THREADS)
