@@ -572,28 +572,8 @@ fn reconcile_repairs_missing_and_extra_elements() {
     let mut nf = open_shared_and_apply(&topo.gateway, &layout, &desired);
     assert!(outside_tcp(&topo, topo.host().v4, 8002));
     // Someone deletes one element and adds another behind our back.
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "delete",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            "{ 198.51.100.2 . tcp . 8002 }",
-        ])
-        .expect("nft delete element");
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "add",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            "{ 198.51.100.2 . tcp . 8003 timeout 1h }",
-        ])
-        .expect("nft add element");
+    foreign_lease4(&topo.gateway, "delete", "198.51.100.2 . tcp . 8002");
+    foreign_lease4(&topo.gateway, "add", "198.51.100.2 . tcp . 8003 timeout 1h");
     assert!(!outside_tcp(&topo, topo.host().v4, 8002));
     assert!(outside_tcp(&topo, topo.host().v4, 8003));
     let report = nf.reconcile(&layout, desired.clone()).expect("reconcile");
@@ -783,17 +763,7 @@ fn a_repair_lists_the_sets_however_many_elements_and_reports_what_differed() {
         })
         .collect();
     let mut nf = open_shared_and_apply(&topo.gateway, &layout, &desired);
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "add",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            "{ 198.51.100.2 . tcp . 9 timeout 1h }",
-        ])
-        .expect("nft add element");
+    foreign_lease4(&topo.gateway, "add", "198.51.100.2 . tcp . 9 timeout 1h");
     let report = topo
         .gateway
         .run(|| nf.reconcile_listing(&layout, desired.clone()))
@@ -904,28 +874,12 @@ fn a_refused_replacement_is_tried_again_without_the_elements_the_kernel_refuses(
         .collect();
     let mut nf = open_shared_and_apply(&topo.gateway, &layout, &held);
     // Someone else removes a lease and adds an element of their own.
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "delete",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            &format!("{{ {host} . tcp . 8140 }}"),
-        ])
-        .expect("nft delete element");
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "add",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            &format!("{{ {host} . tcp . 8141 timeout 1h }}"),
-        ])
-        .expect("nft add element");
+    foreign_lease4(&topo.gateway, "delete", &format!("{host} . tcp . 8140"));
+    foreign_lease4(
+        &topo.gateway,
+        "add",
+        &format!("{host} . tcp . 8141 timeout 1h"),
+    );
     assert!(outside_tcp(&topo, host, 8141));
     let report = topo
         .gateway

@@ -146,6 +146,22 @@ pub fn until(limit: Duration, want: bool, mut probe: impl FnMut() -> bool) -> Op
     wait_until(limit, POLL, || probe() == want).then(|| started.elapsed())
 }
 
+/// Someone else's change to the gateway table's IPv4 lease set: `nft VERB element inet fwnp
+/// lease4 { ELEMENT }`, with `verb` "add" or "delete" and `element` such as
+/// `198.51.100.2 . tcp . 8080 timeout 1h`.
+pub fn foreign_lease4(ns: &Netns, verb: &str, element: &str) {
+    ns.exec_checked(&[
+        "nft",
+        verb,
+        "element",
+        "inet",
+        "fwnp",
+        "lease4",
+        &format!("{{ {element} }}"),
+    ])
+    .unwrap_or_else(|e| panic!("nft {verb} element {element}: {e}"));
+}
+
 /// `nft -j list ruleset` inside `ns`, parsed.
 pub fn nft_json(ns: &Netns) -> serde_json::Value {
     let out = ns
