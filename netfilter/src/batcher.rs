@@ -585,7 +585,18 @@ impl Worker {
             }
         }
         let elapsed = started.elapsed();
-        let mut failed = 0;
+        // Counted before the callers hear: a caller that reads the stats once answered finds
+        // its batch among them.
+        let failed = results.iter().filter(|r| r.is_err()).count() as u64;
+        if let Ok(mut stats) = self.stats.lock() {
+            stats.batches += 1;
+            stats.changes += changes.len() as u64;
+            stats.failed_changes += failed;
+            stats.last_batch_size = changes.len();
+            stats.max_batch_size = stats.max_batch_size.max(changes.len());
+            stats.last_batch_latency = elapsed;
+            stats.total_batch_time += elapsed;
+        }
         for ((change, reply), result) in batch.into_iter().zip(results) {
             match (&change, &result) {
                 (Change::Add(o, t) | Change::Renew(o, t), Ok(())) => {
@@ -596,19 +607,7 @@ impl Worker {
                 }
                 _ => {}
             }
-            if result.is_err() {
-                failed += 1;
-            }
             let _ = reply.send(result);
-        }
-        if let Ok(mut stats) = self.stats.lock() {
-            stats.batches += 1;
-            stats.changes += changes.len() as u64;
-            stats.failed_changes += failed;
-            stats.last_batch_size = changes.len();
-            stats.max_batch_size = stats.max_batch_size.max(changes.len());
-            stats.last_batch_latency = elapsed;
-            stats.total_batch_time += elapsed;
         }
     }
 

@@ -53,11 +53,25 @@ fn elements_in(ns: &Netns, layout: &Layout) -> BTreeSet<Element> {
     })
 }
 
+/// The large-table tests take both cores for seconds; the tests that count how changes share
+/// batches do not run beside them, whose batches then depend on how the threads were scheduled.
+static LARGE_TABLES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// A turn beside other small tests (`shared`) or alone (a large-table test).
+fn turn(shared: bool) -> Box<dyn std::any::Any> {
+    if shared {
+        Box::new(LARGE_TABLES.read().unwrap_or_else(|e| e.into_inner()))
+    } else {
+        Box::new(LARGE_TABLES.write().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 #[test]
 fn callers_learn_their_own_outcome_and_changes_share_batches() {
     if !require_root("callers_learn_their_own_outcome_and_changes_share_batches") {
         return;
     }
+    let _turn = turn(true);
     let topo = topology();
     let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081]).expect("server");
     let layout = gateway_layout(Refuse::Reject);
@@ -251,28 +265,8 @@ fn foreign_element_changes_are_put_right() {
             .add(tcp(topo.host().v4, 8080), Duration::from_secs(60))
             .await
             .expect("add");
-        topo.gateway
-            .exec_checked(&[
-                "nft",
-                "delete",
-                "element",
-                "inet",
-                "fwnp",
-                "lease4",
-                "{ 198.51.100.2 . tcp . 8080 }",
-            ])
-            .expect("nft delete element");
-        topo.gateway
-            .exec_checked(&[
-                "nft",
-                "add",
-                "element",
-                "inet",
-                "fwnp",
-                "lease4",
-                "{ 198.51.100.2 . tcp . 8081 timeout 1h }",
-            ])
-            .expect("nft add element");
+        foreign_lease4(&topo.gateway, "delete", "198.51.100.2 . tcp . 8080");
+        foreign_lease4(&topo.gateway, "add", "198.51.100.2 . tcp . 8081 timeout 1h");
         let event = next_repair(&mut repairs).await.expect("a repair event");
         assert!(!event.table_recreated, "{event:?}");
         // The two nft commands may be seen together or apart.
@@ -592,17 +586,11 @@ fn stray_element_lives(
     port: u16,
     limit: Duration,
 ) -> Option<Duration> {
-    topo.gateway
-        .exec_checked(&[
-            "nft",
-            "add",
-            "element",
-            "inet",
-            "fwnp",
-            "lease4",
-            &format!("{{ 198.51.100.2 . tcp . {port} timeout 1h }}"),
-        ])
-        .expect("nft add element");
+    foreign_lease4(
+        &topo.gateway,
+        "add",
+        &format!("198.51.100.2 . tcp . {port} timeout 1h"),
+    );
     until(limit, false, || outside_tcp(topo, topo.host().v4, port))
 }
 
@@ -787,6 +775,7 @@ fn a_busy_batcher_waits_for_more_changes_and_an_idle_one_does_not() {
     if !require_root("a_busy_batcher_waits_for_more_changes_and_an_idle_one_does_not") {
         return;
     }
+    let _turn = turn(true);
     let topo = topology();
     let _server =
         TcpEchoServer::start_ports(&topo.host().netns, &[8101, 8102, 8103, 8104]).expect("server");
@@ -846,6 +835,7 @@ fn a_large_table_is_repaired_by_lookups_and_one_replacement() {
     if !require_root("a_large_table_is_repaired_by_lookups_and_one_replacement") {
         return;
     }
+    let _turn = turn(false);
     const ELEMENTS: usize = 200_000;
     const KEPT: [u16; 2] = [8110, 8111];
     const TAKEN: [u16; 2] = [8112, 8113];
@@ -953,6 +943,7 @@ fn the_element_check_of_a_large_table_replaces_it_only_after_someone_else_s_chan
     ) {
         return;
     }
+    let _turn = turn(false);
     let topo = topology();
     let _server = TcpEchoServer::start(&topo.host().netns, 8130).expect("server");
     let layout = gateway_layout(Refuse::Reject);
