@@ -14,6 +14,9 @@ fwnp_missing_packages() {
   command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
   # The etcd store: protoc builds its client; the tests start etcd members and ask etcdctl.
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+  # etcd's protos import protobuf's well-known types, which protoc finds in libprotobuf-dev
+  # (only recommended by protobuf-compiler, so not installed with it by --no-install-recommends).
+  [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
   command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
   command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
   # A real DNS server answering SRV queries for the agent's test of `srv = "_fwnp._udp.DOMAIN"`.
