@@ -380,6 +380,10 @@ impl Desired {
     /// Desires exactly `openings`.
     fn replace(&mut self, openings: &[(Element, Duration)]) {
         self.elements.clear();
+        // At once: grown entry by entry, a start's million openings left the map's outgrown
+        // entries and indexes freed behind it (a sixth of what it holds), which the allocator
+        // keeps.
+        self.elements.reserve(openings.len());
         for (opening, timeout) in openings {
             self.set(opening, *timeout);
         }
@@ -771,6 +775,36 @@ mod memory_tests {
         let per = held as f64 / OPENINGS as f64;
         println!("desired state: {per:.1} bytes per opening");
         assert!(per <= 76.0, "{per:.1} bytes per opening");
+    }
+
+    /// A start's reconcile makes a million openings the desired state at once: it allocates
+    /// what it keeps, once. Grown entry by entry, the map allocated 1.16 times what it kept
+    /// (run with `--nocapture` to see the figure), and what it outgrew was freed behind it,
+    /// which the allocator keeps.
+    #[test]
+    fn replacing_the_desired_state_with_a_million_openings_allocates_what_it_keeps() {
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let openings: Vec<(Element, Duration)> = (0..OPENINGS)
+            .map(|i| {
+                let opening = Element {
+                    host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, (i % 100) as u8)),
+                    protocol: Protocol::Tcp,
+                    ports: PortRange::single(1024 + (i / 100) as u16),
+                    remote: None,
+                };
+                (opening, Duration::from_secs(3600))
+            })
+            .collect();
+        let mut desired = Desired::new();
+        let before_live = live();
+        let before = INSTRUMENTED_SYSTEM.stats().bytes_allocated;
+        desired.replace(&openings);
+        let allocated = INSTRUMENTED_SYSTEM.stats().bytes_allocated - before;
+        let held = usize::try_from(live() - before_live).unwrap_or(0);
+        assert_eq!(desired.elements.len(), OPENINGS);
+        let ratio = allocated as f64 / held.max(1) as f64;
+        println!("replace: allocated {ratio:.2} times what it holds");
+        assert!(ratio <= 1.05, "allocated {ratio:.2} times what it holds");
     }
 
     /// Planning a start's reconcile of a million openings allocates little beside the list

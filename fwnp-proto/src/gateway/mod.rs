@@ -456,6 +456,25 @@ impl LeaseBook {
         }
     }
 
+    /// Makes room for `additional` more leases at once, as a restore that knows how many it
+    /// reads does: grown lease by lease, the book frees what it outgrows behind it, and the
+    /// allocator keeps that memory.
+    ///
+    /// ```
+    /// use fwnp_proto::gateway::LeaseBook;
+    ///
+    /// let mut book = LeaseBook::new();
+    /// book.reserve(1_000);
+    /// assert!(book.is_empty());
+    /// ```
+    pub fn reserve(&mut self, additional: usize) {
+        let additional = additional.min(MAX_LEASES.saturating_sub(self.leases.len()));
+        self.leases.reserve_exact(additional);
+        let (leases, keys) = (&self.leases, &self.hash_keys);
+        self.by_id
+            .reserve(additional, |&at| id_hash(keys, leases, at));
+    }
+
     /// The Leases answer to a List from `host`: its live leases, ordered by id.
     pub fn leases_answer(
         &self,

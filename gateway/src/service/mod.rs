@@ -498,6 +498,16 @@ impl Service {
         let mut certificates: std::collections::HashSet<
             Arc<fwnp_trust::identity::CertificateName>,
         > = std::collections::HashSet::new();
+        // Room for the leases the store holds, made at once: grown lease by lease, the book
+        // and the kernel elements' holders were left with room they did not use (27 bytes a
+        // lease of 100,000) and freed what they outgrew behind them. A hint only: the cluster
+        // store's leases are not counted here, and leases expired meanwhile are not restored.
+        let expected = match self.cluster_store {
+            None => usize::try_from(self.queries.live_lease_count().unwrap_or(0)).unwrap_or(0),
+            Some(_) => 0,
+        };
+        lock(&self.core).book_mut().reserve(expected);
+        lock(&self.holders).reserve(expected);
         let mut load = |record: LeaseRecord| {
             {
                 let mut credentials = lock(&self.lease_credentials);
