@@ -115,8 +115,10 @@ pub struct RepairEvent {
 
 enum Command {
     Change(Change, oneshot::Sender<Result<(), Error>>),
+    /// The desired openings, with their timeouts counted from the `Instant`.
     Reconcile(
         Vec<(Element, Duration)>,
+        Instant,
         oneshot::Sender<Result<ReconcileReport, Error>>,
     ),
     Kill(Element, oneshot::Sender<Result<usize, Error>>),
@@ -154,7 +156,7 @@ impl std::fmt::Debug for Command {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Command::Change(c, _) => write!(f, "Change({c:?})"),
-            Command::Reconcile(d, _) => write!(f, "Reconcile({} openings)", d.len()),
+            Command::Reconcile(d, ..) => write!(f, "Reconcile({} openings)", d.len()),
             Command::Kill(o, _) => write!(f, "Kill({o:?})"),
             Command::Apply(l, _) => write!(f, "Apply({})", l.table()),
             Command::Coalesce(c) => write!(f, "Coalesce({c:?})"),
@@ -275,7 +277,8 @@ impl Batcher {
         &self,
         desired: Vec<(Element, Duration)>,
     ) -> Result<ReconcileReport, Error> {
-        self.call(|r| Command::Reconcile(desired, r)).await
+        let asked = Instant::now();
+        self.call(|r| Command::Reconcile(desired, asked, r)).await
     }
 
     /// Ends the live connections of an opening (see [`Netfilter::kill_connections`]).
@@ -377,15 +380,21 @@ impl Desired {
         }
     }
 
-    /// Desires exactly `openings`.
-    fn replace(&mut self, openings: &[(Element, Duration)]) {
+    /// Desires exactly `openings`, their timeouts counted from `asked`.
+    fn replace(&mut self, openings: &[(Element, Duration)], asked: Instant) {
         self.elements.clear();
         // At once: grown entry by entry, a start's million openings left the map's outgrown
         // entries and indexes freed behind it (a sixth of what it holds), which the allocator
         // keeps.
         self.elements.reserve(openings.len());
+        let from = u64::try_from(asked.saturating_duration_since(self.started).as_millis())
+            .unwrap_or(u64::MAX);
         for (opening, timeout) in openings {
-            self.set(opening, *timeout);
+            if let Ok(canonical) = opening.canonical() {
+                let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+                self.elements
+                    .insert(canonical, from.saturating_add(timeout));
+            }
         }
     }
 
@@ -498,8 +507,14 @@ impl Worker {
                     self.commit(batch);
                 }
                 Command::Coalesce(coalescing) => self.coalescing = Some(coalescing),
-                Command::Reconcile(desired, reply) => {
-                    self.desired.replace(&desired);
+                Command::Reconcile(mut desired, asked, reply) => {
+                    self.desired.replace(&desired, asked);
+                    // The timeouts count from the ask: the time the command waited and the
+                    // desired state took to make (seconds for a million) is taken off them.
+                    let spent = asked.elapsed();
+                    for (_, timeout) in &mut desired {
+                        *timeout = timeout.saturating_sub(spent).max(Duration::from_millis(1));
+                    }
                     let reading = self.reading();
                     let result = self.nf.reconcile(&self.layout, desired);
                     if result.is_ok() {
@@ -798,7 +813,7 @@ mod memory_tests {
         let mut desired = Desired::new();
         let before_live = live();
         let before = INSTRUMENTED_SYSTEM.stats().bytes_allocated;
-        desired.replace(&openings);
+        desired.replace(&openings, std::time::Instant::now());
         let allocated = INSTRUMENTED_SYSTEM.stats().bytes_allocated - before;
         let held = usize::try_from(live() - before_live).unwrap_or(0);
         assert_eq!(desired.elements.len(), OPENINGS);

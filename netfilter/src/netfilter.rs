@@ -238,6 +238,7 @@ impl Netfilter {
         layout: &Layout,
         elements: &[(Element, Duration)],
     ) -> Result<(), Error> {
+        let asked = Instant::now();
         crate::layout::validate(layout)?;
         let table = layout.table().to_string();
         let mut keys = Vec::with_capacity(elements.len());
@@ -269,6 +270,7 @@ impl Netfilter {
             attempt += 1;
             let exists = self.table_exists(&table)?;
             let mut txn = self.new_txn();
+            txn.timeouts_from = asked;
             if exists {
                 let mut seq = TxnSequencer {
                     next_seq: &mut self.seq,
@@ -387,6 +389,7 @@ impl Netfilter {
         desired: Vec<(Element, Duration)>,
         may_replace: bool,
     ) -> Result<ReconcileReport, Error> {
+        let asked = Instant::now();
         // A table left by an earlier run is orphaned: it is claimed before anything else, so
         // that from now on nobody else can change it.
         if !self.table_present(layout)? || !self.claim(layout.table())? {
@@ -395,7 +398,7 @@ impl Netfilter {
         let (desired, mut failed) = if may_replace && desired.len() >= Self::REPLACE_AT {
             // The plan owns the openings now; a replacement the kernel refuses gives them back
             // (those it could hold) for the listing below, with those it could not.
-            match self.replace_elements(layout, plan(&[], desired))? {
+            match self.replace_elements(layout, plan(&[], desired), asked)? {
                 Ok(report) => return Ok(report),
                 Err(refused) => (refused.add, refused.invalid),
             }
@@ -623,13 +626,14 @@ impl Netfilter {
         desired: Vec<(Element, Duration)>,
         failed: Vec<(Element, Error)>,
     ) -> Result<Result<ReconcileReport, Refused>, Error> {
+        let asked = Instant::now();
         let plan = Plan {
             add: desired,
             invalid: failed,
             ..Plan::default()
         };
         Ok(self
-            .replace_elements(layout, plan)?
+            .replace_elements(layout, plan, asked)?
             .map_err(|refused| (refused.add, refused.invalid)))
     }
 
@@ -659,10 +663,12 @@ impl Netfilter {
     /// an element it refuses, which aborts the whole batch): nothing changed, and the caller
     /// reconciles by listing instead, which gives each refused element its own error; the
     /// plan gives back the openings to add and those that cannot be held.
+    /// `plan.add`'s timeouts count from `asked`.
     fn replace_elements(
         &mut self,
         layout: &Layout,
         plan: Plan,
+        asked: Instant,
     ) -> Result<Result<ReconcileReport, Plan>, Error> {
         let table = layout.table().to_string();
         let mut failed = plan.invalid;
@@ -688,6 +694,7 @@ impl Netfilter {
         });
         const CHUNK: usize = 4096;
         let mut txn = self.new_txn();
+        txn.timeouts_from = asked;
         for set in ALL_SETS {
             // DELSETELEM without a list of elements flushes the set.
             let seq = bump(&mut self.seq);

@@ -209,6 +209,7 @@ impl Bytes {
         }
     }
 
+    #[cfg(test)]
     fn into_vec(self) -> Vec<u8> {
         match self {
             Bytes::Heap(v) => v,
@@ -297,6 +298,17 @@ impl Builder {
         self.buf.pad_to(padded);
     }
 
+    /// Replaces the big-endian `u64` at `at` (an attribute's value) by what `update` makes of
+    /// it; nothing if there is none.
+    pub(crate) fn update_u64(&mut self, at: usize, update: impl FnOnce(u64) -> u64) {
+        let Some(bytes) = self.buf.as_mut_slice().get_mut(at..at + 8) else {
+            return;
+        };
+        let mut value = [0u8; 8];
+        value.copy_from_slice(bytes);
+        bytes.copy_from_slice(&update(u64::from_be_bytes(value)).to_be_bytes());
+    }
+
     pub(crate) fn put_u32(&mut self, attr_type: u16, value: u32) {
         self.put(attr_type, &value.to_be_bytes());
     }
@@ -359,6 +371,7 @@ impl Builder {
         self.end_msg(start);
     }
 
+    #[cfg(test)]
     pub(crate) fn into_bytes(self) -> Vec<u8> {
         self.buf.into_vec()
     }

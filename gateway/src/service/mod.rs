@@ -546,6 +546,9 @@ impl Service {
         let expired = self.leases.restore_each(now, &mut load).await?;
         drop(certificates);
         let unloaded = self.unloaded_at_restore(&report, now);
+        // The kernel's timeouts count from now, not from the start of the restore: reading a
+        // million leases takes seconds, by which every opening would outlive its lease.
+        let now = now_ms();
         let desired: Vec<(Element, Duration)> = {
             let core = lock(&self.core);
             let book = core.book();

@@ -23,6 +23,11 @@ pub(super) struct Txn {
     pub(super) b: Builder,
     pub(super) begin_seq: u32,
     pub(super) metas: Vec<MsgMeta>,
+    /// What the elements' timeouts count from: they are shortened by the time from then to
+    /// the send (see [`Netfilter::run`]).
+    pub(super) timeouts_from: Instant,
+    /// Where each timeout (and expiration) value written by [`put_element`] lies in `b`.
+    timeouts: Vec<u32>,
 }
 
 pub(super) struct TxnSequencer<'a> {
@@ -98,8 +103,8 @@ pub(super) struct ElementWrite<'a> {
     pub(super) timeout: Option<Duration>,
 }
 
-/// Writes one element of an element message.
-fn put_element(b: &mut Builder, w: &ElementWrite<'_>) {
+/// Writes one element of an element message, noting where its timeout lies in `timeouts`.
+fn put_element(b: &mut Builder, timeouts: &mut Vec<u32>, w: &ElementWrite<'_>) {
     let elem = b.nest_start(NFTA_LIST_ELEM);
     b.put_data_value(NFTA_SET_ELEM_KEY, &w.key.key);
     if let Some(end) = &w.key.key_end {
@@ -108,9 +113,16 @@ fn put_element(b: &mut Builder, w: &ElementWrite<'_>) {
     if w.op != ElementOp::Remove
         && let Some(timeout) = w.timeout
     {
-        b.put_u64(NFTA_SET_ELEM_TIMEOUT, millis(timeout));
+        let mut put = |b: &mut Builder, attr| {
+            // The value follows the attribute's 4-byte header.
+            if let Ok(at) = u32::try_from(b.len() + 4) {
+                timeouts.push(at);
+            }
+            b.put_u64(attr, millis(timeout));
+        };
+        put(b, NFTA_SET_ELEM_TIMEOUT);
         if w.op == ElementOp::Refresh {
-            b.put_u64(NFTA_SET_ELEM_EXPIRATION, millis(timeout));
+            put(b, NFTA_SET_ELEM_EXPIRATION);
         }
     }
     b.nest_end(elem);
@@ -180,6 +192,8 @@ impl Netfilter {
             b,
             begin_seq,
             metas: Vec::new(),
+            timeouts_from: Instant::now(),
+            timeouts: Vec::new(),
         }
     }
 
@@ -187,8 +201,18 @@ impl Netfilter {
     pub(super) fn run(&mut self, mut txn: Txn) -> Result<TxnOutcome, Error> {
         let end_seq = bump(&mut self.seq);
         txn.b.batch_end(end_seq);
-        let bytes = txn.b.into_bytes();
-        self.socket.send(&bytes).map_err(|e| {
+        // The kernel counts an element's timeout from when it takes it: the time spent since
+        // the timeouts were computed (planning and writing a large batch take seconds) is taken
+        // off, so that no element outlives the expiry it was desired for.
+        let elapsed = u64::try_from(txn.timeouts_from.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if elapsed > 0 {
+            for &at in &txn.timeouts {
+                // Never 0, which the kernel takes as "never expires".
+                txn.b
+                    .update_u64(at as usize, |ms| ms.saturating_sub(elapsed).max(1));
+            }
+        }
+        self.socket.send(txn.b.as_bytes()).map_err(|e| {
             if e.raw_os_error() == Some(libc::EMSGSIZE) {
                 Error::MessageTooLong
             } else {
@@ -332,7 +356,7 @@ impl Netfilter {
             }
             let Some((msg, _, _, _)) = open else { break };
             let offset = (txn.b.len() - msg) as u32;
-            put_element(&mut txn.b, w);
+            put_element(&mut txn.b, &mut txn.timeouts, w);
             if let Some(meta) = txn.metas.last_mut() {
                 meta.changes.push(w.change);
                 meta.element_offsets.push(offset);
@@ -717,6 +741,7 @@ mod tests {
             let before = b.len();
             put_element(
                 &mut b,
+                &mut Vec::new(),
                 &ElementWrite {
                     change: 0,
                     key: &key,
