@@ -331,6 +331,7 @@ impl Netfilter {
         let mut rest = &writes[written..];
         while !rest.is_empty() {
             let mut txn = self.new_txn();
+            txn.timeouts_from = asked;
             let n = self.write_elements(&mut txn, &table, rest);
             let outcome = self.run(txn)?;
             if !outcome.ok() {

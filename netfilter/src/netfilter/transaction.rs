@@ -412,6 +412,7 @@ impl Netfilter {
         layout: &Layout,
         changes: &[Change],
     ) -> Result<Vec<Result<(), Error>>, Error> {
+        let asked = Instant::now();
         let table = layout.table().to_string();
         let mut results: Vec<Option<Result<(), Error>>> = vec![None; changes.len()];
         let mut keys: Vec<Option<ElementKey>> = Vec::with_capacity(changes.len());
@@ -498,6 +499,7 @@ impl Netfilter {
             let mut pos = 0;
             while pos < writes.len() {
                 let mut txn = self.new_txn();
+                txn.timeouts_from = asked;
                 let written = self.write_elements_split(&mut txn, &table, &writes[pos..], &singles);
                 if written == 0 {
                     return Err(Error::UnexpectedReply(
