@@ -1144,3 +1144,211 @@ fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
         });
     });
 }
+
+/// How the cluster's shared lease state is lost under the running gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Every key under the deployment's prefix deleted (etcdctl del --prefix).
+    PrefixDeleted,
+    /// etcd stopped and started again on an empty data directory, at the same address.
+    FreshEtcd,
+}
+
+/// How long a gateway may take to find its cluster's state lost, once etcd answers.
+const FIND_LOSS: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_deleted_prefix_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes() {
+    state_lost_under_running_gateways(
+        "a_deleted_prefix_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes",
+        "epdel",
+        Loss::PrefixDeleted,
+    );
+}
+
+#[test]
+fn an_etcd_started_again_empty_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes() {
+    state_lost_under_running_gateways(
+        "an_etcd_started_again_empty_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes",
+        "epnew",
+        Loss::FreshEtcd,
+    );
+}
+
+/// Waits for the EpochChanged notice on `client`, skipping other notices.
+async fn epoch_changed(client: &Client, within: Duration) -> Option<fwnp_proto::Epoch> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_notice(left).await {
+            Some(Message::EpochChanged(changed)) => return Some(changed.epoch),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// The records of this gateway's trail that say its epoch changed.
+fn epoch_changes_audited(gateway: &Gateway) -> Vec<String> {
+    let query = AuditQuery {
+        kinds: vec![AuditKind::Reconcile],
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    gateway
+        .service
+        .store()
+        .audit(&query)
+        .expect("audit query")
+        .events
+        .into_iter()
+        .filter_map(|e| e.event.reason)
+        .filter(|r| r.starts_with("epoch changed"))
+        .collect()
+}
+
+/// Two gateways on one etcd, a host connected to each with NOTICES and a lease whose opening
+/// passes both kernels; the cluster's state is lost (`loss`). Both gateways take one new
+/// epoch, tell the host, close the lost lease's opening in their kernels, welcome with the new
+/// epoch and audit the change once each; the host's Open again is granted under the new epoch
+/// and passes again; a gateway started again on the state keeps its epoch.
+fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
+    if !available(test) {
+        return;
+    }
+    let mut cluster = EtcdCluster::single(short).unwrap_or_else(|e| panic!("{e}"));
+    let pki = Pki::new(&format!("etcd-{short}"));
+    let (dir_a, dir_b) = (
+        temp_dir(&format!("{short}-a")),
+        temp_dir(&format!("{short}-b")),
+    );
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    let (rt, a, b, to_a, to_b, old, first) = cluster.run(|| {
+        let rt = runtime();
+        let (a, b, to_a, to_b, old, first) = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &files).await;
+            let old = to_a.hello().await.epoch;
+            let to_b = Client::connect(b.addr, &files).await;
+            assert_eq!(to_b.hello().await.epoch, old, "one epoch for the cluster");
+            let first = granted(to_a.open(tcp(7001), Some(600)).await);
+            assert_eq!(first.epoch, old);
+            assert!(a.passes(7001), "granted means in A's kernel");
+            assert!(b.wait_open(7001, true, PROPAGATION).await, "and in B's");
+            (a, b, to_a, to_b, old, first.lease)
+        });
+        (rt, a, b, to_a, to_b, old, first)
+    });
+
+    match loss {
+        Loss::PrefixDeleted => {
+            let endpoints = cluster.endpoints().join(",");
+            cluster
+                .netns()
+                .exec_checked(&[
+                    "etcdctl",
+                    "--endpoints",
+                    &endpoints,
+                    "del",
+                    "--prefix",
+                    "/fwnp-test/",
+                ])
+                .expect("etcdctl deletes the prefix");
+        }
+        Loss::FreshEtcd => {
+            cluster.kill(0);
+            std::fs::remove_dir_all(cluster.dir().join("m0")).expect("remove the data directory");
+            cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                cluster.wait_healthy(&[0], Duration::from_secs(30)),
+                "the fresh member leads"
+            );
+        }
+    }
+
+    let new = cluster.run(|| {
+        rt.block_on(async {
+            // Both connections of the host are told, with one new epoch.
+            let told_a = epoch_changed(&to_a, FIND_LOSS).await;
+            let told_b = epoch_changed(&to_b, FIND_LOSS).await;
+            let new = told_a.expect("the host connected to A is sent EpochChanged");
+            assert_ne!(new, old, "a new epoch");
+            assert_eq!(told_b, Some(new), "B tells the same epoch");
+            assert_eq!(a.service.epoch(), new);
+            assert_eq!(b.service.epoch(), new);
+            for (name, gateway) in [("A", &a), ("B", &b)] {
+                let welcome = Client::connect(gateway.addr, &files).await.hello().await;
+                assert_eq!(welcome.epoch, new, "{name} welcomes with the new epoch");
+            }
+
+            // The lost lease's opening is closed in both kernels, and neither book holds it.
+            assert!(a.wait_open(7001, false, PROPAGATION).await, "A closed it");
+            assert!(b.wait_open(7001, false, PROPAGATION).await, "B closed it");
+            for client in [&to_a, &to_b] {
+                let leases = client.list().await;
+                assert_eq!(leases.epoch, new);
+                assert!(leases.leases.is_empty(), "{:?}", leases.leases);
+            }
+            // Lost with the state, not revoked: no Revoked notice.
+            assert!(
+                revoked_notice_within(&to_a, first, Duration::from_millis(500))
+                    .await
+                    .is_none(),
+                "no Revoked notice for a lease lost with the state"
+            );
+
+            // The host opens it again: granted under the new epoch, and both kernels pass it.
+            let again = granted(to_a.open(tcp(7001), Some(600)).await);
+            assert_eq!(again.epoch, new);
+            assert!(a.passes(7001), "open again through A");
+            assert!(b.wait_open(7001, true, PROPAGATION).await, "and through B");
+            assert!(lease_in_etcd(&cluster, again.lease).await);
+
+            for (name, gateway) in [("A", &a), ("B", &b)] {
+                let records = epoch_changes_audited(gateway);
+                assert_eq!(records.len(), 1, "{name}: {records:?}");
+                assert!(
+                    records[0].contains(&format!("from {old:016x} to {new:016x}")),
+                    "{name}: {records:?}"
+                );
+                assert_eq!(gateway.service.metrics.epoch_changes.get(), 1, "{name}");
+            }
+            new
+        })
+    });
+    // A gateway started again on the cluster's state keeps its epoch and its leases.
+    drop((to_a, to_b));
+    a.stop();
+    cluster.run(|| {
+        rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            assert_eq!(a.service.epoch(), new, "a restart keeps the epoch");
+            let to_a = Client::connect(a.addr, &files).await;
+            assert_eq!(to_a.hello().await.epoch, new);
+            assert!(a.passes(7001), "the lease opened again is restored");
+            assert!(epoch_changes_audited(&a).len() == 1, "and no change more");
+            drop(to_a);
+            a.stop();
+        })
+    });
+    b.stop();
+    drop(rt);
+}
+
+/// Waits at most `within` for the Revoked notice of `lease` on `client`.
+async fn revoked_notice_within(
+    client: &Client,
+    lease: LeaseId,
+    within: Duration,
+) -> Option<fwnp_proto::Revoked> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_notice(left).await {
+            Some(Message::Revoked(revoked)) if revoked.lease == lease => return Some(revoked),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
