@@ -1152,6 +1152,9 @@ enum Loss {
     PrefixDeleted,
     /// etcd stopped and started again on an empty data directory, at the same address.
     FreshEtcd,
+    /// etcd stopped and put back from a snapshot taken before the second lease, at the same
+    /// address: its epoch key still holds the old epoch, its revision is behind.
+    RestoredSnapshot,
 }
 
 /// How long a gateway may take to find its cluster's state lost, once etcd answers.
@@ -1175,6 +1178,15 @@ fn an_etcd_started_again_empty_gives_the_cluster_a_new_epoch_that_every_gateway_
     );
 }
 
+#[test]
+fn an_etcd_put_back_from_a_snapshot_gives_the_cluster_a_new_epoch_and_its_older_leases() {
+    state_lost_under_running_gateways(
+        "an_etcd_put_back_from_a_snapshot_gives_the_cluster_a_new_epoch_and_its_older_leases",
+        "epsnap",
+        Loss::RestoredSnapshot,
+    );
+}
+
 /// Waits for the EpochChanged notice on `client`, skipping other notices.
 async fn epoch_changed(client: &Client, within: Duration) -> Option<fwnp_proto::Epoch> {
     let deadline = Instant::now() + within;
@@ -1182,6 +1194,23 @@ async fn epoch_changed(client: &Client, within: Duration) -> Option<fwnp_proto::
         let left = deadline.saturating_duration_since(Instant::now());
         match client.next_notice(left).await {
             Some(Message::EpochChanged(changed)) => return Some(changed.epoch),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Waits at most `within` for the Revoked notice of `lease` on `client`.
+async fn revoked_notice_within(
+    client: &Client,
+    lease: LeaseId,
+    within: Duration,
+) -> Option<fwnp_proto::Revoked> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_notice(left).await {
+            Some(Message::Revoked(revoked)) if revoked.lease == lease => return Some(revoked),
             Some(_) if Instant::now() < deadline => continue,
             _ => return None,
         }
@@ -1207,11 +1236,12 @@ fn epoch_changes_audited(gateway: &Gateway) -> Vec<String> {
         .collect()
 }
 
-/// Two gateways on one etcd, a host connected to each with NOTICES and a lease whose opening
-/// passes both kernels; the cluster's state is lost (`loss`). Both gateways take one new
-/// epoch, tell the host, close the lost lease's opening in their kernels, welcome with the new
-/// epoch and audit the change once each; the host's Open again is granted under the new epoch
-/// and passes again; a gateway started again on the state keeps its epoch.
+/// Two gateways on one etcd, a host connected to each with NOTICES and leases whose openings
+/// pass both kernels; the cluster's state is lost (`loss`). Both gateways take one new epoch,
+/// tell the host, close in their kernels the openings of the leases the state lost (every
+/// lease, or with a snapshot the one granted after it) and keep the others, welcome with the
+/// new epoch and audit the change once each; the host's Opens again are granted under the new
+/// epoch and pass again; a gateway started again on the state keeps its epoch.
 fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
     if !available(test) {
         return;
@@ -1223,9 +1253,10 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
         temp_dir(&format!("{short}-b")),
     );
     let files = pki.host("web-01", &[host_ip()], &[], &[]);
-    let (rt, a, b, to_a, to_b, old, first) = cluster.run(|| {
+    let snapshot = cluster.dir().join("before-second.db");
+    let (rt, a, b, to_a, to_b, old, first, second) = cluster.run(|| {
         let rt = runtime();
-        let (a, b, to_a, to_b, old, first) = rt.block_on(async {
+        let (a, b, to_a, to_b, old, first, second) = rt.block_on(async {
             let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
             let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
             let to_a = Client::connect(a.addr, &files).await;
@@ -1236,9 +1267,20 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
             assert_eq!(first.epoch, old);
             assert!(a.passes(7001), "granted means in A's kernel");
             assert!(b.wait_open(7001, true, PROPAGATION).await, "and in B's");
-            (a, b, to_a, to_b, old, first.lease)
+            tokio::task::block_in_place(|| cluster.snapshot(0, &snapshot))
+                .expect("a snapshot of etcd");
+            // Granted after the snapshot, renewed a few times (the history goes on).
+            let second = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            for _ in 0..5 {
+                assert!(matches!(
+                    to_b.renew(second, Some(600)).await,
+                    Message::Granted(_)
+                ));
+            }
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            (a, b, to_a, to_b, old, first.lease, second)
         });
-        (rt, a, b, to_a, to_b, old, first)
+        (rt, a, b, to_a, to_b, old, first, second)
     });
 
     match loss {
@@ -1260,12 +1302,27 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
             cluster.kill(0);
             std::fs::remove_dir_all(cluster.dir().join("m0")).expect("remove the data directory");
             cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
-            assert!(
-                cluster.wait_healthy(&[0], Duration::from_secs(30)),
-                "the fresh member leads"
-            );
+        }
+        Loss::RestoredSnapshot => {
+            cluster
+                .restore_snapshot(0, &snapshot)
+                .expect("etcd restored from the snapshot");
+            cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
         }
     }
+    assert!(
+        cluster.wait_healthy(&[0], Duration::from_secs(30)),
+        "etcd answers"
+    );
+    // What the state holds now: with the snapshot, the first lease.
+    let kept: Vec<(u16, LeaseId)> = match loss {
+        Loss::RestoredSnapshot => vec![(7001, first)],
+        _ => Vec::new(),
+    };
+    let lost: Vec<u16> = match loss {
+        Loss::RestoredSnapshot => vec![7002],
+        _ => vec![7001, 7002],
+    };
 
     let new = cluster.run(|| {
         rt.block_on(async {
@@ -1282,28 +1339,53 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
                 assert_eq!(welcome.epoch, new, "{name} welcomes with the new epoch");
             }
 
-            // The lost lease's opening is closed in both kernels, and neither book holds it.
-            assert!(a.wait_open(7001, false, PROPAGATION).await, "A closed it");
-            assert!(b.wait_open(7001, false, PROPAGATION).await, "B closed it");
+            // The lost leases' openings are closed in both kernels, and no book holds them;
+            // the state's leases stay.
+            for port in &lost {
+                assert!(
+                    a.wait_open(*port, false, PROPAGATION).await,
+                    "A closed {port}"
+                );
+                assert!(
+                    b.wait_open(*port, false, PROPAGATION).await,
+                    "B closed {port}"
+                );
+            }
+            for (port, _) in &kept {
+                assert!(a.passes(*port) && b.passes(*port), "{port} stays open");
+            }
             for client in [&to_a, &to_b] {
                 let leases = client.list().await;
                 assert_eq!(leases.epoch, new);
-                assert!(leases.leases.is_empty(), "{:?}", leases.leases);
+                let listed: Vec<LeaseId> = leases.leases.iter().map(|l| l.lease).collect();
+                let expected: Vec<LeaseId> = kept.iter().map(|(_, id)| *id).collect();
+                assert_eq!(listed, expected);
             }
             // Lost with the state, not revoked: no Revoked notice.
-            assert!(
-                revoked_notice_within(&to_a, first, Duration::from_millis(500))
-                    .await
-                    .is_none(),
-                "no Revoked notice for a lease lost with the state"
-            );
+            for (client, lease) in [(&to_a, first), (&to_b, second)] {
+                assert!(
+                    revoked_notice_within(client, lease, Duration::from_millis(500))
+                        .await
+                        .is_none(),
+                    "no Revoked notice for a lease lost with the state"
+                );
+            }
 
-            // The host opens it again: granted under the new epoch, and both kernels pass it.
-            let again = granted(to_a.open(tcp(7001), Some(600)).await);
-            assert_eq!(again.epoch, new);
-            assert!(a.passes(7001), "open again through A");
-            assert!(b.wait_open(7001, true, PROPAGATION).await, "and through B");
-            assert!(lease_in_etcd(&cluster, again.lease).await);
+            // The host opens them again: granted under the new epoch (the one the state kept
+            // as it is), and both kernels pass them.
+            for port in [7001, 7002] {
+                let again = granted(to_a.open(tcp(port), Some(600)).await);
+                assert_eq!(again.epoch, new);
+                if let Some((_, id)) = kept.iter().find(|(p, _)| *p == port) {
+                    assert_eq!(again.lease, *id, "the state's lease, extended");
+                }
+                assert!(a.passes(port), "{port} open again through A");
+                assert!(
+                    b.wait_open(port, true, PROPAGATION).await,
+                    "{port} open again through B"
+                );
+                assert!(lease_in_etcd(&cluster, again.lease).await);
+            }
 
             for (name, gateway) in [("A", &a), ("B", &b)] {
                 let records = epoch_changes_audited(gateway);
@@ -1326,29 +1408,15 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
             assert_eq!(a.service.epoch(), new, "a restart keeps the epoch");
             let to_a = Client::connect(a.addr, &files).await;
             assert_eq!(to_a.hello().await.epoch, new);
-            assert!(a.passes(7001), "the lease opened again is restored");
-            assert!(epoch_changes_audited(&a).len() == 1, "and no change more");
+            assert!(
+                a.passes(7001) && a.passes(7002),
+                "the leases opened again are restored"
+            );
+            assert_eq!(epoch_changes_audited(&a).len(), 1, "and no change more");
             drop(to_a);
             a.stop();
         })
     });
     b.stop();
     drop(rt);
-}
-
-/// Waits at most `within` for the Revoked notice of `lease` on `client`.
-async fn revoked_notice_within(
-    client: &Client,
-    lease: LeaseId,
-    within: Duration,
-) -> Option<fwnp_proto::Revoked> {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_notice(left).await {
-            Some(Message::Revoked(revoked)) if revoked.lease == lease => return Some(revoked),
-            Some(_) if Instant::now() < deadline => continue,
-            _ => return None,
-        }
-    }
 }
