@@ -10,7 +10,10 @@
 //! operator's revoke without the quorum is refused and changes no book or kernel; a policy
 //! reload through one gateway closes what it disallows in both kernels, each lease ended and
 //! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
-//! gateways at once.
+//! gateways at once. The cluster's state lost under them (the prefix deleted, etcd started
+//! again empty or put back from a snapshot at the same address): both take one new epoch, tell
+//! the host with EpochChanged, close the openings of the leases the state lost and keep the
+//! others, and the host's Opens again pass; no member or quorum lost changes the epoch.
 //!
 //! The gateways and the host's QUIC connections run in the cluster's namespace (where etcd's
 //! members listen on 127.0.0.1); each gateway's netlink socket is opened in its own router
@@ -186,6 +189,15 @@ impl Gateway {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// Members lost, a quorum lost, a gateway cut off: none of it is the cluster's state lost,
+/// and no gateway took a new epoch for it.
+fn assert_no_epoch_change(gateways: &[&Gateway]) {
+    for gateway in gateways {
+        assert_eq!(gateway.service.metrics.epoch_changes.get(), 0);
+        assert!(epoch_changes_audited(gateway).is_empty());
     }
 }
 
@@ -368,6 +380,7 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             );
             assert!(ra > 0);
             drop((to_a, to_b));
+            assert_no_epoch_change(&[&a, &b]);
             a.stop();
             b.stop();
         },
@@ -557,6 +570,7 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
         })
     });
     drop((to_a, to_b));
+    assert_no_epoch_change(&[&a, &b]);
     a.stop();
     b.stop();
     drop(rt);
@@ -633,6 +647,7 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             }
             assert!(b.wait_open(7004, true, PROPAGATION).await);
             drop((to_a, to_b));
+            assert_no_epoch_change(&[&a, &b]);
             a.stop();
             b.stop();
             drop(link);
@@ -1063,6 +1078,7 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
         })
     });
     drop(to_a);
+    assert_no_epoch_change(&[&a, &b]);
     a.stop();
     b.stop();
     drop(rt);
