@@ -141,8 +141,11 @@ impl Service {
             common: Common::default(),
             epoch,
         });
+        // Each on its own: a host slow to take its stream holds up neither the others nor the
+        // changes of the cluster that follow.
         for session in self.sessions.all() {
-            session.notify(&notice).await;
+            let notice = notice.clone();
+            tokio::spawn(async move { session.notify(&notice).await });
         }
     }
 

@@ -103,6 +103,14 @@
 //! revisions (and the etcd lease of its tombstones, which a fresh etcd does not have), and
 //! watches from the list's revision.
 //!
+//! What etcd does not show cannot be found: a snapshot put back whose revision has already
+//! caught up with the ones a gateway took in before it looked, or one restored with its
+//! revisions bumped past them (`etcdutl snapshot restore --bump-revision`), keeps its epoch key
+//! and its cluster id. Its watches are cancelled as compacted (with `--mark-compacted`), so the
+//! gateways list again and their books and kernels follow the state, but under the old epoch:
+//! hosts learn of a lost lease when its Renew is answered unknown-lease. An operator who puts
+//! a snapshot back deletes `P/epoch` with it to have the hosts told at once.
+//!
 //! # Expiry
 //! Leases carry no etcd lease (TTL): each gateway expires the leases in its book when they run
 //! out, with an end that etcd takes only from the first gateway and only while the stored expiry
@@ -1190,7 +1198,7 @@ async fn take_epoch(
             _ => None,
         });
         let Some(value) = value else {
-            // Deleted between the comparison and the read, or absent for the swap.
+            // Absent: the swap compares a value, which an absent key never matches.
             txn = create.clone();
             continue;
         };
