@@ -31,6 +31,9 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Lease endings, by how they ended.
     pub lease_ends: IntCounterVec,
+    /// Changes of the epoch while the gateway runs: the cluster's shared lease state was
+    /// found lost or replaced.
+    pub epoch_changes: IntCounter,
     /// Where a request waits, by stage: `lock` (for the request core's lease book), `kernel`
     /// (its elements' netlink batch acknowledged) and `store` (its group commit committed).
     /// Under saturation this says which queue the requests stand in.
@@ -145,6 +148,11 @@ impl Metrics {
             &["how"],
         )
         .expect("valid metric");
+        let epoch_changes = IntCounter::new(
+            "epoch_changes_total",
+            "Epoch changes while running: the cluster's lease state lost or replaced",
+        )
+        .expect("valid metric");
         let request_stage = HistogramVec::new(
             HistogramOpts::new(
                 "request_stage_seconds",
@@ -173,6 +181,7 @@ impl Metrics {
             Box::new(kernel_repairs.clone()),
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
+            Box::new(epoch_changes.clone()),
             Box::new(audit_export_dropped.clone()),
             Box::new(restore_unloaded.clone()),
         ] {
@@ -195,6 +204,7 @@ impl Metrics {
             kernel_repairs,
             connections,
             lease_ends,
+            epoch_changes,
             request_stage,
             requests_in_flight,
             audit_export_dropped,

@@ -10,7 +10,10 @@
 //! operator's revoke without the quorum is refused and changes no book or kernel; a policy
 //! reload through one gateway closes what it disallows in both kernels, each lease ended and
 //! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
-//! gateways at once.
+//! gateways at once. The cluster's state lost under them (the prefix deleted, etcd started
+//! again empty or put back from a snapshot at the same address): both take one new epoch, tell
+//! the host with EpochChanged, close the openings of the leases the state lost and keep the
+//! others, and the host's Opens again pass; no member or quorum lost changes the epoch.
 //!
 //! The gateways and the host's QUIC connections run in the cluster's namespace (where etcd's
 //! members listen on 127.0.0.1); each gateway's netlink socket is opened in its own router
@@ -186,6 +189,15 @@ impl Gateway {
         for task in &self.tasks {
             task.abort();
         }
+    }
+}
+
+/// Members lost, a quorum lost, a gateway cut off: none of it is the cluster's state lost,
+/// and no gateway took a new epoch for it.
+fn assert_no_epoch_change(gateways: &[&Gateway]) {
+    for gateway in gateways {
+        assert_eq!(gateway.service.metrics.epoch_changes.get(), 0);
+        assert!(epoch_changes_audited(gateway).is_empty());
     }
 }
 
@@ -368,6 +380,7 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             );
             assert!(ra > 0);
             drop((to_a, to_b));
+            assert_no_epoch_change(&[&a, &b]);
             a.stop();
             b.stop();
         },
@@ -557,6 +570,7 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
         })
     });
     drop((to_a, to_b));
+    assert_no_epoch_change(&[&a, &b]);
     a.stop();
     b.stop();
     drop(rt);
@@ -633,6 +647,7 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             }
             assert!(b.wait_open(7004, true, PROPAGATION).await);
             drop((to_a, to_b));
+            assert_no_epoch_change(&[&a, &b]);
             a.stop();
             b.stop();
             drop(link);
@@ -1063,6 +1078,7 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
         })
     });
     drop(to_a);
+    assert_no_epoch_change(&[&a, &b]);
     a.stop();
     b.stop();
     drop(rt);
@@ -1143,4 +1159,280 @@ fn a_crl_reloaded_on_every_gateway_at_once_revokes_each_lease_of_it_once() {
             b.stop();
         });
     });
+}
+
+/// How the cluster's shared lease state is lost under the running gateways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Every key under the deployment's prefix deleted (etcdctl del --prefix).
+    PrefixDeleted,
+    /// etcd stopped and started again on an empty data directory, at the same address.
+    FreshEtcd,
+    /// etcd stopped and put back from a snapshot taken before the second lease, at the same
+    /// address: its epoch key still holds the old epoch, its revision is behind.
+    RestoredSnapshot,
+}
+
+/// How long a gateway may take to find its cluster's state lost, once etcd answers.
+const FIND_LOSS: Duration = Duration::from_secs(20);
+
+#[test]
+fn a_deleted_prefix_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes() {
+    state_lost_under_running_gateways(
+        "a_deleted_prefix_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes",
+        "epdel",
+        Loss::PrefixDeleted,
+    );
+}
+
+#[test]
+fn an_etcd_started_again_empty_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes() {
+    state_lost_under_running_gateways(
+        "an_etcd_started_again_empty_gives_the_cluster_a_new_epoch_that_every_gateway_and_host_takes",
+        "epnew",
+        Loss::FreshEtcd,
+    );
+}
+
+#[test]
+fn an_etcd_put_back_from_a_snapshot_gives_the_cluster_a_new_epoch_and_its_older_leases() {
+    state_lost_under_running_gateways(
+        "an_etcd_put_back_from_a_snapshot_gives_the_cluster_a_new_epoch_and_its_older_leases",
+        "epsnap",
+        Loss::RestoredSnapshot,
+    );
+}
+
+/// Waits for the EpochChanged notice on `client`, skipping other notices.
+async fn epoch_changed(client: &Client, within: Duration) -> Option<fwnp_proto::Epoch> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_notice(left).await {
+            Some(Message::EpochChanged(changed)) => return Some(changed.epoch),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Waits at most `within` for the Revoked notice of `lease` on `client`.
+async fn revoked_notice_within(
+    client: &Client,
+    lease: LeaseId,
+    within: Duration,
+) -> Option<fwnp_proto::Revoked> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_notice(left).await {
+            Some(Message::Revoked(revoked)) if revoked.lease == lease => return Some(revoked),
+            Some(_) if Instant::now() < deadline => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// The records of this gateway's trail that say its epoch changed.
+fn epoch_changes_audited(gateway: &Gateway) -> Vec<String> {
+    let query = AuditQuery {
+        kinds: vec![AuditKind::Reconcile],
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    gateway
+        .service
+        .store()
+        .audit(&query)
+        .expect("audit query")
+        .events
+        .into_iter()
+        .filter_map(|e| e.event.reason)
+        .filter(|r| r.starts_with("epoch changed"))
+        .collect()
+}
+
+/// Two gateways on one etcd, a host connected to each with NOTICES and leases whose openings
+/// pass both kernels; the cluster's state is lost (`loss`). Both gateways take one new epoch,
+/// tell the host, close in their kernels the openings of the leases the state lost (every
+/// lease, or with a snapshot the one granted after it) and keep the others, welcome with the
+/// new epoch and audit the change once each; the host's Opens again are granted under the new
+/// epoch and pass again; a gateway started again on the state keeps its epoch.
+fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
+    if !available(test) {
+        return;
+    }
+    let mut cluster = EtcdCluster::single(short).unwrap_or_else(|e| panic!("{e}"));
+    let pki = Pki::new(&format!("etcd-{short}"));
+    let (dir_a, dir_b) = (
+        temp_dir(&format!("{short}-a")),
+        temp_dir(&format!("{short}-b")),
+    );
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    let snapshot = cluster.dir().join("before-second.db");
+    let (rt, a, b, to_a, to_b, old, first, second) = cluster.run(|| {
+        let rt = runtime();
+        let (a, b, to_a, to_b, old, first, second) = rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(&cluster, &pki, dir_b.path(), "gw-b").await;
+            let to_a = Client::connect(a.addr, &files).await;
+            let old = to_a.hello().await.epoch;
+            let to_b = Client::connect(b.addr, &files).await;
+            assert_eq!(to_b.hello().await.epoch, old, "one epoch for the cluster");
+            let first = granted(to_a.open(tcp(7001), Some(600)).await);
+            assert_eq!(first.epoch, old);
+            assert!(a.passes(7001), "granted means in A's kernel");
+            assert!(b.wait_open(7001, true, PROPAGATION).await, "and in B's");
+            tokio::task::block_in_place(|| cluster.snapshot(0, &snapshot))
+                .expect("a snapshot of etcd");
+            // Granted after the snapshot, renewed a few times (the history goes on).
+            let second = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            for _ in 0..5 {
+                assert!(matches!(
+                    to_b.renew(second, Some(600)).await,
+                    Message::Granted(_)
+                ));
+            }
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            (a, b, to_a, to_b, old, first.lease, second)
+        });
+        (rt, a, b, to_a, to_b, old, first, second)
+    });
+
+    match loss {
+        Loss::PrefixDeleted => {
+            let endpoints = cluster.endpoints().join(",");
+            cluster
+                .netns()
+                .exec_checked(&[
+                    "etcdctl",
+                    "--endpoints",
+                    &endpoints,
+                    "del",
+                    "--prefix",
+                    "/fwnp-test/",
+                ])
+                .expect("etcdctl deletes the prefix");
+        }
+        Loss::FreshEtcd => {
+            cluster.kill(0);
+            std::fs::remove_dir_all(cluster.dir().join("m0")).expect("remove the data directory");
+            cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+        }
+        Loss::RestoredSnapshot => {
+            cluster
+                .restore_snapshot(0, &snapshot)
+                .expect("etcd restored from the snapshot");
+            cluster.restart(0).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+    assert!(
+        cluster.wait_healthy(&[0], Duration::from_secs(30)),
+        "etcd answers"
+    );
+    // What the state holds now: with the snapshot, the first lease.
+    let kept: Vec<(u16, LeaseId)> = match loss {
+        Loss::RestoredSnapshot => vec![(7001, first)],
+        _ => Vec::new(),
+    };
+    let lost: Vec<u16> = match loss {
+        Loss::RestoredSnapshot => vec![7002],
+        _ => vec![7001, 7002],
+    };
+
+    let new = cluster.run(|| {
+        rt.block_on(async {
+            // Both connections of the host are told, with one new epoch.
+            let told_a = epoch_changed(&to_a, FIND_LOSS).await;
+            let told_b = epoch_changed(&to_b, FIND_LOSS).await;
+            let new = told_a.expect("the host connected to A is sent EpochChanged");
+            assert_ne!(new, old, "a new epoch");
+            assert_eq!(told_b, Some(new), "B tells the same epoch");
+            assert_eq!(a.service.epoch(), new);
+            assert_eq!(b.service.epoch(), new);
+            for (name, gateway) in [("A", &a), ("B", &b)] {
+                let welcome = Client::connect(gateway.addr, &files).await.hello().await;
+                assert_eq!(welcome.epoch, new, "{name} welcomes with the new epoch");
+            }
+
+            // The lost leases' openings are closed in both kernels, and no book holds them;
+            // the state's leases stay.
+            for port in &lost {
+                assert!(
+                    a.wait_open(*port, false, PROPAGATION).await,
+                    "A closed {port}"
+                );
+                assert!(
+                    b.wait_open(*port, false, PROPAGATION).await,
+                    "B closed {port}"
+                );
+            }
+            for (port, _) in &kept {
+                assert!(a.passes(*port) && b.passes(*port), "{port} stays open");
+            }
+            for client in [&to_a, &to_b] {
+                let leases = client.list().await;
+                assert_eq!(leases.epoch, new);
+                let listed: Vec<LeaseId> = leases.leases.iter().map(|l| l.lease).collect();
+                let expected: Vec<LeaseId> = kept.iter().map(|(_, id)| *id).collect();
+                assert_eq!(listed, expected);
+            }
+            // Lost with the state, not revoked: no Revoked notice.
+            for (client, lease) in [(&to_a, first), (&to_b, second)] {
+                assert!(
+                    revoked_notice_within(client, lease, Duration::from_millis(500))
+                        .await
+                        .is_none(),
+                    "no Revoked notice for a lease lost with the state"
+                );
+            }
+
+            // The host opens them again: granted under the new epoch (the one the state kept
+            // as it is), and both kernels pass them.
+            for port in [7001, 7002] {
+                let again = granted(to_a.open(tcp(port), Some(600)).await);
+                assert_eq!(again.epoch, new);
+                if let Some((_, id)) = kept.iter().find(|(p, _)| *p == port) {
+                    assert_eq!(again.lease, *id, "the state's lease, extended");
+                }
+                assert!(a.passes(port), "{port} open again through A");
+                assert!(
+                    b.wait_open(port, true, PROPAGATION).await,
+                    "{port} open again through B"
+                );
+                assert!(lease_in_etcd(&cluster, again.lease).await);
+            }
+
+            for (name, gateway) in [("A", &a), ("B", &b)] {
+                let records = epoch_changes_audited(gateway);
+                assert_eq!(records.len(), 1, "{name}: {records:?}");
+                assert!(
+                    records[0].contains(&format!("from {old:016x} to {new:016x}")),
+                    "{name}: {records:?}"
+                );
+                assert_eq!(gateway.service.metrics.epoch_changes.get(), 1, "{name}");
+            }
+            new
+        })
+    });
+    // A gateway started again on the cluster's state keeps its epoch and its leases.
+    drop((to_a, to_b));
+    a.stop();
+    cluster.run(|| {
+        rt.block_on(async {
+            let a = Gateway::start(&cluster, &pki, dir_a.path(), "gw-a").await;
+            assert_eq!(a.service.epoch(), new, "a restart keeps the epoch");
+            let to_a = Client::connect(a.addr, &files).await;
+            assert_eq!(to_a.hello().await.epoch, new);
+            assert!(
+                a.passes(7001) && a.passes(7002),
+                "the leases opened again are restored"
+            );
+            assert_eq!(epoch_changes_audited(&a).len(), 1, "and no change more");
+            drop(to_a);
+            a.stop();
+        })
+    });
+    b.stop();
+    drop(rt);
 }

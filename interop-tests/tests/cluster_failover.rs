@@ -18,6 +18,11 @@
 //! (its process alone) while the application keeps opening leases, and restarted; every
 //! granted lease stays live in etcd and in both kernels, and none is re-opened or lost.
 //!
+//! And the cluster's state lost under it all (every key of the deployment deleted from etcd):
+//! both gateways take one new epoch and close the lost lease's opening, the agent is told
+//! (EpochChanged) and opens the lease again, which the application hears as re-opened, and
+//! the server reaches the host again through the new lease.
+//!
 //! The deployment is the library's `cluster` module, which `fwnp-lab --cluster` runs too.
 //!
 //! Needs root, nftables and etcd: skipped otherwise, failing instead when
@@ -40,14 +45,35 @@ const KILL_POINTS: usize = 20;
 
 /// The deployment (shared with `fwnp-lab --cluster`), with the binaries built first.
 fn deploy() -> ClusterDeployment {
-    let bins = Binaries::build().unwrap_or_else(|e| panic!("the binaries: {e}"));
-    let names = ClusterNames {
+    deploy_named(ClusterNames {
         label: "cluster-failover".into(),
         etcd: "cfail".into(),
         netns: "cf".into(),
         key_prefix: "/fwnp-failover".into(),
-    };
+    })
+}
+
+/// The deployment under `names` (each test its own, so that they may run at once).
+fn deploy_named(names: ClusterNames) -> ClusterDeployment {
+    let bins = Binaries::build().unwrap_or_else(|e| panic!("the binaries: {e}"));
     ClusterDeployment::start(bins, &names).unwrap_or_else(|e| panic!("the deployment: {e}"))
+}
+
+/// A client of the deployment's agent, once its socket is there.
+async fn agent_client(d: &ClusterDeployment) -> Client {
+    if let Ok(client) = Client::connect_to(d.agent_socket()).await {
+        return client;
+    }
+    let socket = path_str(&d.agent_socket());
+    let up = tokio::task::block_in_place(|| {
+        wait_until(SETTLE, Duration::from_millis(50), || {
+            Path::new(&socket).exists()
+        })
+    });
+    assert!(up, "the agent's socket:\n{}", d.logs());
+    Client::connect_to(d.agent_socket())
+        .await
+        .expect("connect to the agent")
 }
 
 fn path_str(path: &Path) -> String {
@@ -96,22 +122,7 @@ async fn the_active_gateway_dies_and_the_host_fails_over_without_losing_a_lease(
         return;
     }
     let mut d = tokio::task::block_in_place(deploy);
-    let client = Client::connect_to(d.agent_socket()).await;
-    let socket = path_str(&d.agent_socket());
-    let client = match client {
-        Ok(client) => client,
-        Err(_) => {
-            let up = tokio::task::block_in_place(|| {
-                wait_until(SETTLE, Duration::from_millis(50), || {
-                    Path::new(&socket).exists()
-                })
-            });
-            assert!(up, "the agent's socket:\n{}", d.logs());
-            Client::connect_to(d.agent_socket())
-                .await
-                .expect("connect to the agent")
-        }
-    };
+    let client = agent_client(&d).await;
     let first = connected_gateway(&client).await;
     assert_eq!(
         first.as_deref().map(gateway_index),
@@ -263,6 +274,110 @@ async fn the_active_gateway_dies_and_the_host_fails_over_without_losing_a_lease(
         let others = other_events(lease, Duration::from_millis(10)).await;
         assert!(others.is_empty(), "tcp/{port}: {others:?}\n{}", d.logs());
         assert!(lease.is_active(), "tcp/{port} is no longer active");
+    }
+    drop(echo);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_state_lost_gives_a_new_epoch_and_the_agent_opens_its_lease_again() {
+    let test = "the_clusters_state_lost_gives_a_new_epoch_and_the_agent_opens_its_lease_again";
+    if !available(test) {
+        return;
+    }
+    const PREFIX: &str = "/fwnp-epoch";
+    let d = tokio::task::block_in_place(|| {
+        deploy_named(ClusterNames {
+            label: "cluster-epoch".into(),
+            etcd: "cepoch".into(),
+            netns: "ce".into(),
+            key_prefix: PREFIX.into(),
+        })
+    });
+    let client = agent_client(&d).await;
+    assert!(connected_gateway(&client).await.is_some(), "{}", d.logs());
+    let old = client.status().await.expect("status").epoch;
+    assert!(old.is_some());
+
+    let port = 7001;
+    let echo = TcpEchoServer::start_ports(&d.site.host, &[port]).expect("echo server");
+    let mut lease = client
+        .open(Opening::tcp(port))
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}\n{}", d.logs()));
+    let id = lease.id();
+    tokio::task::block_in_place(|| {
+        assert!(d.site.reaches(port), "not through A:\n{}", d.logs());
+        assert!(
+            wait_until(SETTLE, Duration::from_millis(50), || d
+                .site
+                .gateway_has(1, port)),
+            "gateway B never held the opening:\n{}",
+            d.logs()
+        );
+    });
+
+    // The cluster's state is lost: every key of the deployment deleted.
+    let endpoints = d.cluster.endpoints().join(",");
+    d.cluster
+        .netns()
+        .exec_checked(&[
+            "etcdctl",
+            "--endpoints",
+            &endpoints,
+            "del",
+            "--prefix",
+            &format!("{PREFIX}/"),
+        ])
+        .expect("etcdctl deletes the prefix");
+
+    // The agent is told the new epoch and opens the lease again, under a new id.
+    let reopened = tokio::time::timeout(SETTLE * 2, async {
+        loop {
+            match lease.next_event().await {
+                Some(LeaseEvent::Reopened { old, new }) => return Ok((old, new)),
+                Some(LeaseEvent::Renewed { .. } | LeaseEvent::GatewayUnreachable { .. }) => {}
+                Some(other) => return Err(format!("{other:?}")),
+                None => return Err("the event stream ended".into()),
+            }
+        }
+    })
+    .await;
+    let (was, now) = match reopened {
+        Ok(Ok(ids)) => ids,
+        Ok(Err(event)) => panic!("instead of a re-open: {event}\n{}", d.logs()),
+        Err(_) => panic!("not re-opened after the state was lost:\n{}", d.logs()),
+    };
+    assert_eq!(was, id);
+    assert_ne!(now, id, "a new lease in the new state");
+    assert_eq!(lease.id(), now);
+    let new = client.status().await.expect("status").epoch;
+    assert!(new.is_some() && new != old, "{old:?} then {new:?}");
+    tokio::task::block_in_place(|| {
+        assert!(d.etcd_has(&now.to_string()), "etcd holds the new lease");
+        assert!(!d.etcd_has(&id.to_string()), "and not the lost one");
+        for i in 0..2 {
+            assert!(
+                wait_until(SETTLE, Duration::from_millis(50), || d
+                    .site
+                    .gateway_has(i, port)),
+                "gateway {i}'s kernel does not hold the new lease:\n{}",
+                d.logs()
+            );
+        }
+        assert!(
+            d.site.reaches(port),
+            "the new lease lets the server in:\n{}",
+            d.logs()
+        );
+    });
+    for i in 0..2 {
+        let audited = d
+            .fwnpctl(i, &["audit", "--kind", "reconcile", "--json"])
+            .unwrap_or_else(|e| panic!("fwnpctl audit on gateway {i}: {e}"));
+        assert!(
+            audited.contains("epoch changed"),
+            "gateway {i} audited no epoch change:\n{audited}"
+        );
     }
     drop(echo);
 }

@@ -444,6 +444,73 @@ impl EtcdCluster {
         self.start_member(member)
     }
 
+    /// Saves a snapshot of the cluster's keys, as member `member` holds them, to `path`
+    /// (`etcdctl snapshot save`).
+    pub fn snapshot(&self, member: usize, path: &std::path::Path) -> io::Result<()> {
+        let endpoint = self.client_url(member);
+        let path = path.display().to_string();
+        let mut args = vec!["etcdctl", "--endpoints", &endpoint];
+        let tls = self.tls_args();
+        args.extend(tls.iter().map(String::as_str));
+        args.extend(["snapshot", "save", &path]);
+        self.ns.exec_checked(&args).map(drop)
+    }
+
+    /// Replaces the data directory of member `member`, killed first, by one restored from
+    /// `snapshot` (`etcdctl snapshot restore`), as an operator puts an etcd back from a
+    /// backup; [`EtcdCluster::restart`] starts it again on it. For a cluster of one member:
+    /// the others would still hold the history the snapshot goes back from.
+    pub fn restore_snapshot(
+        &mut self,
+        member: usize,
+        snapshot: &std::path::Path,
+    ) -> io::Result<()> {
+        self.kill(member);
+        let data = self.dir.path().join(format!("m{member}"));
+        if data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        let peer = format!("http://127.0.0.1:{}", peer_port(member));
+        let output = Command::new("etcdctl")
+            .args(["snapshot", "restore"])
+            .arg(snapshot)
+            .args(["--name", &format!("m{member}"), "--data-dir"])
+            .arg(&data)
+            .args([
+                "--initial-cluster",
+                &format!("m{member}={peer}"),
+                "--initial-cluster-token",
+                &self.token,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .env("ETCDCTL_API", "3")
+            .output()?;
+        if !output.status.success() {
+            return Err(io::Error::other(format!(
+                "etcdctl snapshot restore: {}",
+                String::from_utf8_lossy(&output.stderr)
+            )));
+        }
+        Ok(())
+    }
+
+    /// etcdctl's TLS flags for this cluster (none without TLS).
+    fn tls_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(tls) = &self.tls {
+            for (flag, path) in [
+                ("--cacert", &tls.ca),
+                ("--cert", &tls.client_cert),
+                ("--key", &tls.client_key),
+            ] {
+                args.push(flag.into());
+                args.push(path.display().to_string());
+            }
+        }
+        args
+    }
+
     /// Waits until `members` all answer a linearizable read (which needs a leader).
     pub fn wait_healthy(&self, members: &[usize], limit: Duration) -> bool {
         let endpoints: Vec<String> = members.iter().map(|&m| self.client_url(m)).collect();
@@ -457,16 +524,7 @@ impl EtcdCluster {
             "--dial-timeout".into(),
             "1s".into(),
         ];
-        if let Some(tls) = &self.tls {
-            for (flag, path) in [
-                ("--cacert", &tls.ca),
-                ("--cert", &tls.client_cert),
-                ("--key", &tls.client_key),
-            ] {
-                args.push(flag.into());
-                args.push(path.display().to_string());
-            }
-        }
+        args.extend(self.tls_args());
         args.extend(["endpoint".into(), "health".into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         lab::wait_until(limit, Duration::from_millis(200), || {

@@ -837,6 +837,14 @@ impl RequestCore {
         self.config.epoch
     }
 
+    /// Takes `epoch` as the gateway's from now on: the driver replaced its lease state (the
+    /// book already holds the new state's leases), so Welcome, Granted and Leases tell hosts
+    /// the new one. A driver that prepares requests outside the core's lock
+    /// ([`RequestCore::prepare`]) prepares them with the new epoch too.
+    pub fn set_epoch(&mut self, epoch: Epoch) {
+        self.config.epoch = epoch;
+    }
+
     /// The live leases.
     pub fn book(&self) -> &LeaseBook {
         &self.book
@@ -1889,6 +1897,34 @@ mod tests {
         match &answer.message {
             Message::Denied(d) => d,
             other => panic!("not denied: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_new_epoch_is_told_in_granted_and_leases_from_then_on() {
+        let mut h = Harness::new();
+        let pending = h.open(7001);
+        let before = h.core.finish(NOW, pending, Ok(()));
+        assert!(matches!(before.message, Message::Granted(ref g) if g.epoch == 7));
+        h.core.set_epoch(9);
+        assert_eq!(h.core.epoch(), 9);
+        let pending = h.open(7002);
+        let after = h.core.finish(NOW, pending, Ok(()));
+        assert!(
+            matches!(after.message, Message::Granted(ref g) if g.epoch == 9),
+            "{:?}",
+            after.message
+        );
+        let common = h.common();
+        match h.step(Message::List(List { common })) {
+            Step::Answer(answer) => {
+                assert!(
+                    matches!(answer.message, Message::Leases(ref l) if l.epoch == 9),
+                    "{:?}",
+                    answer.message
+                );
+            }
+            Step::Pending(_) => panic!("a List is answered at once"),
         }
     }
 

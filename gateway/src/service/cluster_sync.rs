@@ -9,9 +9,17 @@
 //! lease out of the book and its elements out of the kernel, and a revocation sends the host,
 //! if it is connected here, the Revoked notice the revoking gateway sent its own connections.
 //! The gateway that ended a lease audits it; the others only carry it out.
+//!
+//! A cluster state found lost or replaced (`ClusterChange::Replaced`) replaces the book with
+//! the leases the state holds now and reconciles the kernel with it: the openings of leases it
+//! lacks close, without a Revoked notice (their hosts learn it from the epoch), and the
+//! cluster's new epoch is in force from then on, in every Welcome, Granted and Leases. Every
+//! connected host that asked for notices is sent EpochChanged, after the book and kernel took
+//! the new state, so that the Opens it answers with are taken into the new state.
 
 use super::*;
 use crate::store::{ClusterChange, ClusterEnd, LeaseEnding};
+use fwnp_proto::EpochChanged;
 use fwnp_proto::gateway::Applied;
 
 impl Service {
@@ -35,18 +43,21 @@ impl Service {
                 self.apply_stored(&lease, false).await;
             }
             ClusterChange::Ended { id, end, .. } => self.apply_ended(&id, end.as_ref()).await,
+            ClusterChange::Replaced {
+                previous: _,
+                epoch,
+                why,
+                live,
+                revision,
+            } => {
+                self.replace_state(epoch, &why, &live, revision).await;
+            }
             ClusterChange::Listed {
                 live,
                 ended,
                 revision,
             } => {
-                let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
-                let absent: Vec<LeaseId> = lock(&self.core)
-                    .book()
-                    .iter()
-                    .filter(|l| !listed.contains(&l.id))
-                    .map(|l| l.id)
-                    .collect();
+                let absent = self.absent_from(&live);
                 for id in &absent {
                     self.apply_ended(id, ended.get(id)).await;
                 }
@@ -73,6 +84,68 @@ impl Service {
                 ));
                 self.record(event);
             }
+        }
+    }
+
+    /// The leases of the book that `live` lacks.
+    fn absent_from(&self, live: &[LeaseRecord]) -> Vec<LeaseId> {
+        let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
+        lock(&self.core)
+            .book()
+            .iter()
+            .filter(|l| !listed.contains(&l.id))
+            .map(|l| l.id)
+            .collect()
+    }
+
+    /// Takes the cluster's state as it is now that it was found lost or replaced (see the
+    /// module documentation): the book and kernel hold `live`, `epoch` is in force, one audit
+    /// record says so, and the hosts connected with NOTICES are sent EpochChanged.
+    async fn replace_state(&self, epoch: Epoch, why: &str, live: &[LeaseRecord], revision: i64) {
+        let held = self.epoch();
+        let absent = self.absent_from(live);
+        // Lost with the state, not ended: no notice, no record of an end.
+        for id in &absent {
+            self.carry_out_end(id, None, None).await;
+        }
+        let mut changed = 0;
+        for lease in live {
+            if self.apply_stored(lease, false).await {
+                changed += 1;
+            }
+        }
+        lock(&self.core).set_epoch(epoch);
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
+        self.metrics.epoch_changes.inc();
+        warn!(
+            previous = format_args!("{held:016x}"),
+            epoch = format_args!("{epoch:016x}"),
+            revision,
+            live = live.len(),
+            removed = absent.len(),
+            changed,
+            "the cluster's lease state was lost or replaced ({why}): its epoch and leases taken"
+        );
+        let mut event = AuditEvent::new(now_ms(), AuditKind::Reconcile);
+        event.actor = Some("gateway".into());
+        event.reason = Some(format!(
+            "epoch changed from {held:016x} to {epoch:016x}: the cluster's lease state was \
+             lost or replaced ({why}); at revision {revision}: {} live, {} no longer held \
+             removed, {changed} added or changed",
+            live.len(),
+            absent.len()
+        ));
+        self.record(event);
+        let notice = Message::EpochChanged(EpochChanged {
+            common: Common::default(),
+            epoch,
+        });
+        // Each on its own: a host slow to take its stream holds up neither the others nor the
+        // changes of the cluster that follow.
+        for session in self.sessions.all() {
+            let notice = notice.clone();
+            tokio::spawn(async move { session.notify(&notice).await });
         }
     }
 

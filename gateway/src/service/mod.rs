@@ -96,7 +96,8 @@ pub struct Service {
     lists: Tally<String, SocketAddr>,
     /// The request path's decisions and the live leases.
     core: Mutex<RequestCore>,
-    /// What the core was made with, for the part of a request done outside its lock.
+    /// What the core was made with, for the part of a request done outside its lock; its
+    /// epoch is the one at the start: [`Service::core_config`] gives the one in force.
     core_config: CoreConfig,
     expiry_changed: tokio::sync::Notify,
     /// What the admin API reads and the daemon prunes.
@@ -106,7 +107,9 @@ pub struct Service {
     /// The cluster store, with the etcd backend: its watch is applied to the book and kernel.
     cluster_store: Option<crate::store::EtcdStore>,
     filter: Option<Batcher>,
-    epoch: Epoch,
+    /// The epoch in force: the store's at the start; in a cluster, the cluster's new one once
+    /// its state was found lost or replaced (see `cluster_sync`).
+    epoch: std::sync::atomic::AtomicU64,
     rng: Mutex<StdRng>,
     rate_limit_audited: moka::sync::Cache<String, ()>,
     started: Instant,
@@ -385,7 +388,7 @@ impl Service {
             leases,
             cluster_store,
             filter,
-            epoch,
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
             rng: Mutex::new(StdRng::from_os_rng()),
             rate_limit_audited: moka::sync::Cache::builder()
                 .max_capacity(100_000)
@@ -472,7 +475,15 @@ impl Service {
 
     /// The gateway's epoch.
     pub fn epoch(&self) -> Epoch {
-        self.epoch
+        self.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The request core's configuration, with the epoch in force.
+    fn core_config(&self) -> CoreConfig {
+        CoreConfig {
+            epoch: self.epoch(),
+            ..self.core_config
+        }
     }
 
     /// The store's reads, for the daemon's housekeeping and tests.

@@ -283,15 +283,9 @@ impl Service {
         let connection = ConnectionState {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
         };
+        let core_config = self.core_config();
         let prepare = |policy: &Policy| {
-            RequestCore::prepare(
-                &self.core_config,
-                now_ms(),
-                connection,
-                &peer,
-                bytes,
-                policy,
-            )
+            RequestCore::prepare(&core_config, now_ms(), connection, &peer, bytes, policy)
         };
         let mut policy = self.policy();
         // Everything that needs no lease book (decoding, the Hello rules, validation, the

@@ -5,6 +5,8 @@
 //! # Keys (under the configured prefix `P`)
 //! - `P/epoch`: the cluster's epoch, decimal; created once by the first gateway (a transaction
 //!   that puts it only while the key has no create revision) and read by every other one.
+//!   It names the lease state these keys hold: it changes only when that state is lost or
+//!   replaced (see "A state lost or replaced").
 //! - `P/leases/ID` (ID in hex): one live lease, as a compact CBOR map. An ended lease's key is
 //!   deleted; its history is in the audit trail.
 //! - `P/hosts/IDENTITY`: how many live leases the host holds across the cluster, decimal;
@@ -78,6 +80,36 @@
 //! applies each change to its own lease book and kernel filter, so that every gateway enforces
 //! every lease, and a lease granted through one gateway is renewed or released through any.
 //! A lost watch lists the leases again and the gateway reconciles. See [`ClusterChange`].
+//!
+//! # A state lost or replaced
+//! The keys can be lost or replaced under running gateways: the prefix deleted, etcd restored
+//! from an old snapshot, or a fresh etcd started on an empty data directory at the same
+//! address. Every gateway finds out for itself, from what etcd answers:
+//! - the watch sees `P/epoch` deleted, or put with another epoch (another gateway found out
+//!   first and gave the cluster a new one);
+//! - each list (after a lost watch) reads `P/epoch` in its transaction, and once per request
+//!   timeout the watch reads it alone: absent, or another epoch, or an answer from another
+//!   etcd cluster (its header's cluster id), or at a revision below one the gateway already
+//!   took in (revisions never go back in one etcd's history; a read is linearizable, so it
+//!   answers at least every revision committed before it). The read matters for a fresh or
+//!   restored etcd: a watch from a revision it has not reached yet waits silently, and no
+//!   event ever comes.
+//!
+//! The gateway then takes the cluster's epoch: the one `P/epoch` holds when another gateway
+//! already gave it a new one; else a new one, created or swapped in by a transaction that
+//! compares the key (absent, or holding the old epoch), so that of the gateways racing to
+//! replace it one succeeds and the others read its epoch. It lists the leases the state holds
+//! now and hands them over as [`ClusterChange::Replaced`], forgets what it knew of the keys'
+//! revisions (and the etcd lease of its tombstones, which a fresh etcd does not have), and
+//! watches from the list's revision.
+//!
+//! What etcd does not show cannot be found: a snapshot put back whose revision has already
+//! caught up with the ones a gateway took in before it looked, or one restored with its
+//! revisions bumped past them (`etcdutl snapshot restore --bump-revision`), keeps its epoch key
+//! and its cluster id. Its watches are cancelled as compacted (with `--mark-compacted`), so the
+//! gateways list again and their books and kernels follow the state, but under the old epoch:
+//! hosts learn of a lost lease when its Renew is answered unknown-lease. An operator who puts
+//! a snapshot back deletes `P/epoch` with it to have the hosts told at once.
 //!
 //! # Expiry
 //! Leases carry no etcd lease (TTL): each gateway expires the leases in its book when they run
@@ -195,12 +227,28 @@ pub enum EtcdError {
 /// ```
 #[derive(Debug, Clone)]
 pub struct EtcdStore {
-    epoch: Epoch,
+    state: Arc<StateMark>,
     site: Arc<str>,
     jobs: mpsc::UnboundedSender<Msg>,
     counters: Arc<Counters>,
     applied: Arc<AtomicI64>,
     resync: Arc<AtomicBool>,
+}
+
+/// The cluster's lease state as this gateway last found it: its epoch, and the etcd cluster
+/// that answered for it. Shared by the store's handle, its worker and its watch; changed only
+/// by the watch, when it finds the state lost or replaced.
+#[derive(Debug, Default)]
+struct StateMark {
+    epoch: AtomicU64,
+    /// The etcd cluster id of the answers (0 before the first).
+    cluster_id: AtomicU64,
+}
+
+impl StateMark {
+    fn epoch(&self) -> Epoch {
+        self.epoch.load(Ordering::Acquire)
+    }
 }
 
 /// The write transactions' counters, shared by the store's handle and its worker.
@@ -269,6 +317,8 @@ impl EtcdStore {
         let applied_by_worker = applied.clone();
         let resync = Arc::new(AtomicBool::new(false));
         let resync_by_worker = resync.clone();
+        let state = Arc::new(StateMark::default());
+        let state_of_worker = state.clone();
         std::thread::Builder::new()
             .name("fwnp-etcd".into())
             .spawn(move || {
@@ -290,6 +340,7 @@ impl EtcdStore {
                         counter,
                         applied_by_worker,
                         resync_by_worker,
+                        state_of_worker,
                     )
                     .await
                     {
@@ -299,17 +350,17 @@ impl EtcdStore {
                             return;
                         }
                     };
-                    if ready.send(Ok(worker.epoch)).is_ok() {
+                    if ready.send(Ok(())).is_ok() {
                         worker.run(receiver).await;
                     }
                 });
             })
             .map_err(EtcdError::Thread)?;
-        let epoch = started.await.map_err(|_| {
+        started.await.map_err(|_| {
             EtcdError::Thread(std::io::Error::other("the client thread ended at start"))
         })??;
         Ok(EtcdStore {
-            epoch,
+            state,
             site,
             jobs: sender,
             counters,
@@ -437,8 +488,10 @@ impl EtcdStore {
 }
 
 impl LeaseStore for EtcdStore {
+    /// The cluster's epoch as this gateway last found it: it changes while the gateway runs
+    /// when the watch finds the cluster's state lost or replaced ([`ClusterChange::Replaced`]).
     fn epoch(&self) -> Epoch {
-        self.epoch
+        self.state.epoch()
     }
 
     fn restore(&self, now_ms: u64) -> WriteFuture<'_, Restored> {
@@ -820,6 +873,8 @@ struct Known {
     /// Leases inserted by transactions that got no answer, as they wrote them, to be ended
     /// should the cluster have taken them (see `Worker::settle`).
     doubtful: HashMap<LeaseId, StoredLease>,
+    /// The epoch of the state these keys were known in (see `Worker::forget_replaced_state`).
+    epoch: Epoch,
 }
 
 impl Known {
@@ -965,7 +1020,8 @@ struct Worker {
     site: String,
     keys: Keys,
     timeout: Duration,
-    epoch: Epoch,
+    /// See [`StateMark`].
+    state: Arc<StateMark>,
     audit: StoreWriter,
     counters: Arc<Counters>,
     /// The create revision of each lease this gateway has seen (its incarnation).
@@ -1073,6 +1129,90 @@ fn unavailable(op: &str, e: impl std::fmt::Display) -> Refusal {
     Refusal::Unavailable(format!("etcd {op}: {e}"))
 }
 
+/// The epoch `P/epoch` holds, as its bytes; an error for bytes that are not one.
+fn parse_epoch(key: &str, value: &[u8]) -> Result<Epoch, Refusal> {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<u64>().ok())
+        .filter(|&epoch| epoch != 0)
+        .ok_or_else(|| {
+            Refusal::Corrupt(format!(
+                "{key} holds {:?}, not a non-zero decimal epoch",
+                String::from_utf8_lossy(value)
+            ))
+        })
+}
+
+/// How many transactions [`take_epoch`] sends at most: the key may be deleted again between
+/// two of them.
+const EPOCH_ATTEMPTS: usize = 4;
+
+/// The cluster's epoch, with the cluster id of the answer: the one `P/epoch` holds, or, when
+/// it holds none, a new one, put by a transaction that puts it only while the key has no
+/// create revision, so that the first gateway creates it and the others read it. With
+/// `replacing`, the cluster's state was found replaced while the key may still hold that
+/// epoch (etcd restored from a snapshot taken under it): a key that holds it is given a new
+/// one by a transaction that compares it with the old, so that again one gateway replaces it
+/// and the others read what it put.
+async fn take_epoch(
+    kv: &KvClient,
+    keys: &Keys,
+    timeout: Duration,
+    replacing: Option<Epoch>,
+) -> Result<(Epoch, u64), Refusal> {
+    let key = keys.epoch();
+    let candidate = loop {
+        let value: u64 = rand::random();
+        if value != 0 {
+            break value;
+        }
+    };
+    let create = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(key.clone(), candidate.to_string(), None)])
+        .or_else([TxnOp::get(key.clone(), None)]);
+    let swap = replacing.map(|old| {
+        Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                old.to_string(),
+            )])
+            .and_then([TxnOp::put(key.clone(), candidate.to_string(), None)])
+            .or_else([TxnOp::get(key.clone(), None)])
+    });
+    let mut txn = create.clone();
+    for _ in 0..EPOCH_ATTEMPTS {
+        // Sent again after an unclear failure, either finds the epoch it put and reads it.
+        let response = call_kv(kv, timeout, "take the epoch", Request::Read, |mut kv| {
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?;
+        let cluster_id = response.header().map_or(0, |h| h.cluster_id());
+        if response.succeeded() {
+            return Ok((candidate, cluster_id));
+        }
+        let value = response.op_responses().into_iter().find_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
+            _ => None,
+        });
+        let Some(value) = value else {
+            // Absent: the swap compares a value, which an absent key never matches.
+            txn = create.clone();
+            continue;
+        };
+        let epoch = parse_epoch(&key, &value)?;
+        match &swap {
+            Some(swap) if replacing == Some(epoch) => txn = swap.clone(),
+            _ => return Ok((epoch, cluster_id)),
+        }
+    }
+    Err(Refusal::Conflict(format!(
+        "{key} kept changing while the epoch was taken"
+    )))
+}
+
 impl Worker {
     async fn connect(
         config: &EtcdConfig,
@@ -1081,9 +1221,10 @@ impl Worker {
         counters: Arc<Counters>,
         applied: Arc<AtomicI64>,
         resync: Arc<AtomicBool>,
+        state: Arc<StateMark>,
     ) -> Result<Worker, EtcdError> {
         let client = connect_client(config, options).await?;
-        let mut worker = Worker {
+        let worker = Worker {
             kv: client.kv_client(),
             leases: client.lease_client(),
             client,
@@ -1092,7 +1233,7 @@ impl Worker {
                 prefix: config.prefix.clone(),
             },
             timeout: config.timeout,
-            epoch: 0,
+            state,
             audit,
             counters,
             seen: Mutex::new(HashMap::new()),
@@ -1101,52 +1242,38 @@ impl Worker {
             resync,
             tombstones: Mutex::new(None),
         };
-        worker.epoch = worker.cluster_epoch().await.map_err(|r| match r {
-            Refusal::Corrupt(what) => EtcdError::Corrupt(what),
-            other => EtcdError::Unreachable {
-                endpoints: config.endpoints.join(","),
-                reason: other.error().to_string(),
-            },
-        })?;
+        let (epoch, cluster_id) = take_epoch(&worker.kv, &worker.keys, worker.timeout, None)
+            .await
+            .map_err(|r| match r {
+                Refusal::Corrupt(what) => EtcdError::Corrupt(what),
+                other => EtcdError::Unreachable {
+                    endpoints: config.endpoints.join(","),
+                    reason: other.error().to_string(),
+                },
+            })?;
+        worker.state.epoch.store(epoch, Ordering::Release);
+        worker.state.cluster_id.store(cluster_id, Ordering::Release);
+        worker.known().epoch = epoch;
         Ok(worker)
     }
 
-    /// The cluster's epoch: created by the first gateway, read by the others.
-    async fn cluster_epoch(&self) -> Result<Epoch, Refusal> {
-        let key = self.keys.epoch();
-        let candidate = loop {
-            let value: u64 = rand::random();
-            if value != 0 {
-                break value;
+    /// Forgets what this gateway knew of the keys when the cluster's state was replaced since
+    /// it last looked (see "A state lost or replaced"): their revisions and incarnations are
+    /// those of a history that is gone (a revision of the new one may even equal an old
+    /// one), and the etcd lease of the tombstones may not exist in it.
+    fn forget_replaced_state(&self) {
+        let epoch = self.state.epoch();
+        {
+            let mut known = self.known();
+            if known.epoch == epoch {
+                return;
             }
-        };
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), candidate.to_string(), None)])
-            .or_else([TxnOp::get(key.clone(), None)]);
-        // Sent again after an unclear failure, it finds the epoch it created and reads it.
-        let response = self.txn("create the epoch", Request::Read, txn).await?;
-        if response.succeeded() {
-            return Ok(candidate);
+            known.epoch = epoch;
+            known.leases.clear();
+            known.hosts.clear();
         }
-        let value = response
-            .op_responses()
-            .into_iter()
-            .find_map(|r| match r {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                _ => None,
-            })
-            .ok_or_else(|| Refusal::Corrupt(format!("{key} vanished while it was read")))?;
-        std::str::from_utf8(&value)
-            .ok()
-            .and_then(|text| text.parse::<u64>().ok())
-            .filter(|&epoch| epoch != 0)
-            .ok_or_else(|| {
-                Refusal::Corrupt(format!(
-                    "{key} holds {:?}, not a non-zero decimal epoch",
-                    String::from_utf8_lossy(&value)
-                ))
-            })
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        *self.tombstones.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     async fn txn(
@@ -1285,6 +1412,7 @@ impl Worker {
                         timeout: self.timeout,
                         applied: self.applied.clone(),
                         resync: self.resync.clone(),
+                        state: self.state.clone(),
                         changes,
                     }
                     .run(),
@@ -1302,6 +1430,7 @@ impl Worker {
 
     /// Commits `jobs` in as few transactions as their checks allow, answering each.
     async fn commit(&self, jobs: Vec<Job>) {
+        self.forget_replaced_state();
         let mut pending = Vec::new();
         for job in jobs {
             if job.lease_ops() > MAX_JOB_LEASE_OPS {

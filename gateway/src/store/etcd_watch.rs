@@ -18,6 +18,10 @@
 //!   resumes after that revision. A full list rather than a replay from the last revision: an
 //!   end this gateway could not store while the quorum was lost leaves its lease in etcd with
 //!   no event to tell, and the list shows it.
+//! - [`ClusterChange::Replaced`]: the cluster's lease state was lost or replaced (see "A state
+//!   lost or replaced" in the store's documentation): the cluster's epoch now, and every lease
+//!   the state holds now, for the service to take the epoch, replace its book and reconcile
+//!   its kernel with, and tell its hosts.
 //!
 //! The last revision handed over is [`EtcdStore::applied_revision`]. An end the gateway could
 //! not store (the quorum lost) asks for a list too ([`EtcdStore::resync`]), once the cluster
@@ -32,13 +36,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, KvClient, Txn, TxnOp, TxnOpResponse, WatchOptions};
-use fwnp_proto::{LeaseId, RevokeReason};
+use etcd_client::{
+    Client, GetOptions, KvClient, ResponseHeader, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use fwnp_proto::{Epoch, LeaseId, RevokeReason};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Keys, Refusal, Request, StoredLease, call_kv, lease_id_of};
+use super::{Keys, Refusal, Request, StateMark, StoredLease, call_kv, lease_id_of, take_epoch};
 use crate::store::{LeaseEnd, LeaseEnding, LeaseRecord};
 
 /// How long a tombstone stays: long enough for every gateway to see it with the delete it
@@ -77,6 +83,20 @@ pub enum ClusterChange {
         live: Vec<LeaseRecord>,
         /// The tombstones of recent ends, by lease.
         ended: HashMap<LeaseId, ClusterEnd>,
+        /// The revision of the list.
+        revision: i64,
+    },
+    /// The cluster's lease state was lost or replaced: `epoch` names the state now, and
+    /// `live` holds its leases at `revision`.
+    Replaced {
+        /// The epoch this gateway held before.
+        previous: Epoch,
+        /// The cluster's epoch now.
+        epoch: Epoch,
+        /// How the gateway found out.
+        why: String,
+        /// The live leases of the state now.
+        live: Vec<LeaseRecord>,
         /// The revision of the list.
         revision: i64,
     },
@@ -169,6 +189,9 @@ enum Lost {
     Compacted,
     /// An end could not be stored: list again (see [`EtcdStore::resync`]).
     Resync,
+    /// The cluster's lease state was lost or replaced, for this reason: take its epoch and
+    /// list again.
+    Replaced(String),
     /// Anything else.
     Failed(String),
 }
@@ -181,7 +204,18 @@ pub(super) struct Follower {
     pub(super) timeout: Duration,
     pub(super) applied: Arc<AtomicI64>,
     pub(super) resync: Arc<AtomicBool>,
+    pub(super) state: Arc<StateMark>,
     pub(super) changes: mpsc::UnboundedSender<ClusterChange>,
+}
+
+/// What one watch response brought.
+enum Delivered {
+    /// Its changes were handed over.
+    Handed,
+    /// The service no longer listens.
+    Closed,
+    /// It says the cluster's state was replaced (nothing of it was handed over).
+    Replaced(String),
 }
 
 impl Follower {
@@ -189,12 +223,14 @@ impl Follower {
     /// when the service stops listening.
     pub(super) async fn run(self) {
         let mut must_list = false;
+        // Why the cluster's state was found replaced, until a list has handed the new one over.
+        let mut replaced: Option<String> = None;
         loop {
             if self.changes.is_closed() {
                 return;
             }
-            if must_list || self.resync.swap(false, Ordering::AcqRel) {
-                match self.list().await {
+            if must_list || replaced.is_some() || self.resync.swap(false, Ordering::AcqRel) {
+                match self.list(&mut replaced).await {
                     Ok(true) => {}
                     Ok(false) => return,
                     Err(refusal) => {
@@ -216,6 +252,10 @@ impl Follower {
                 }
                 Lost::Resync => {
                     tracing::info!("etcd: listing the leases again for the ends not stored");
+                }
+                Lost::Replaced(why) => {
+                    tracing::warn!("etcd: the cluster's lease state was lost or replaced ({why})");
+                    replaced = Some(why);
                 }
                 Lost::Failed(why) => {
                     tracing::warn!(
@@ -269,8 +309,10 @@ impl Follower {
                             }
                             continue;
                         }
-                        if !self.deliver(response.events()) {
-                            return Lost::Closed;
+                        match self.deliver(response.events()) {
+                            Delivered::Handed => {}
+                            Delivered::Closed => return Lost::Closed,
+                            Delivered::Replaced(why) => return Lost::Replaced(why),
                         }
                     }
                     Ok(None) => return Lost::Failed("the member ended the watch".into()),
@@ -286,6 +328,11 @@ impl Follower {
                     if heard.elapsed() > silence {
                         return Lost::Failed(format!("nothing heard for {silence:?}"));
                     }
+                    // A fresh or restored etcd sends nothing to a watch from a revision it has
+                    // not reached: only a read finds it.
+                    if let Some(why) = self.check_state().await {
+                        return Lost::Replaced(why);
+                    }
                     if let Err(e) = stream.request_progress().await {
                         return Lost::Failed(e.to_string());
                     }
@@ -295,8 +342,21 @@ impl Follower {
     }
 
     /// Hands the events of one watch response to the service, a lease's delete with the
-    /// tombstone put in the same transaction. Returns false when the service stopped listening.
-    fn deliver(&self, events: &[etcd_client::Event]) -> bool {
+    /// tombstone put in the same transaction; none when the response deletes the epoch or puts
+    /// another one (the state they belong to is replaced: the list that follows tells it).
+    fn deliver(&self, events: &[etcd_client::Event]) -> Delivered {
+        let epoch_key = self.keys.epoch();
+        for kv in events.iter().filter_map(|e| e.kv()) {
+            if kv.key() != epoch_key.as_bytes() {
+                continue;
+            }
+            if kv.version() == 0 {
+                return Delivered::Replaced(format!("{epoch_key} was deleted"));
+            }
+            if let Some(why) = self.other_epoch(Some(kv.value())) {
+                return Delivered::Replaced(why);
+            }
+        }
         let leases = self.keys.leases();
         let ended = self.keys.ended_prefix();
         let mut tombstones: HashMap<LeaseId, ClusterEnd> = HashMap::new();
@@ -343,21 +403,92 @@ impl Follower {
                 }
             };
             if self.changes.send(change).is_err() {
-                return false;
+                return Delivered::Closed;
             }
         }
         self.applied.fetch_max(revision, Ordering::AcqRel);
-        true
+        Delivered::Handed
     }
 
-    /// Lists every live lease and tombstone at one revision and hands them over. Returns false
-    /// when the service stopped listening.
-    async fn list(&self) -> Result<bool, Refusal> {
+    /// Why the epoch key's value (`None`: absent) says the cluster's state is not the one this
+    /// gateway holds; `None` while it holds this gateway's epoch.
+    fn other_epoch(&self, value: Option<&[u8]>) -> Option<String> {
+        let key = self.keys.epoch();
+        let Some(value) = value else {
+            return Some(format!("{key} is absent"));
+        };
+        let ours = self.state.epoch();
+        match super::parse_epoch(&key, value) {
+            Ok(epoch) if epoch == ours => None,
+            Ok(epoch) => Some(format!("{key} holds {epoch:016x}, not {ours:016x}")),
+            Err(refusal) => Some(refusal.error().to_string()),
+        }
+    }
+
+    /// Why a read of the epoch key (`value`) answered with `header` says the cluster's state
+    /// was lost or replaced, `seen` being the highest revision this gateway had taken in
+    /// before the read was sent; `None` while nothing says so.
+    fn replaced_because(
+        &self,
+        value: Option<&[u8]>,
+        header: Option<&ResponseHeader>,
+        seen: i64,
+    ) -> Option<String> {
+        if let Some(why) = self.other_epoch(value) {
+            return Some(why);
+        }
+        let header = header?;
+        let known = self.state.cluster_id.load(Ordering::Acquire);
+        if known != 0 && header.cluster_id() != 0 && header.cluster_id() != known {
+            return Some(format!(
+                "etcd answers as cluster {:016x}, not {known:016x}",
+                header.cluster_id()
+            ));
+        }
+        // A linearizable read answers at least every revision committed before it was sent.
+        if header.revision() < seen {
+            return Some(format!(
+                "etcd answers at revision {}, below revision {seen} already taken in",
+                header.revision()
+            ));
+        }
+        None
+    }
+
+    /// Reads the epoch key: why the cluster's state was lost or replaced, if the answer says
+    /// so. Nothing when etcd does not answer (the watch's silence tells that).
+    async fn check_state(&self) -> Option<String> {
+        let seen = self.applied.load(Ordering::Acquire);
+        let key = self.keys.epoch();
+        let response = call_kv(
+            &self.kv,
+            self.timeout,
+            "read the epoch",
+            Request::Read,
+            |mut kv| {
+                let key = key.clone();
+                async move { kv.get(key, None).await }
+            },
+        )
+        .await
+        .ok()?;
+        let value = response.kvs().first().map(|kv| kv.value());
+        self.replaced_because(value, response.header(), seen)
+    }
+
+    /// Lists every live lease and tombstone at one revision, with the epoch key, and hands
+    /// them over: as the state replaced when `replaced` says so or the list finds it so
+    /// (after taking the cluster's epoch; `replaced` is then cleared), else as listed again.
+    /// Returns false when the service stopped listening.
+    async fn list(&self, replaced: &mut Option<String>) -> Result<bool, Refusal> {
         let (leases, ended) = (self.keys.leases(), self.keys.ended_prefix());
+        let epoch_key = self.keys.epoch();
         let txn = Txn::new().and_then([
             TxnOp::get(leases.clone(), Some(GetOptions::new().with_prefix())),
             TxnOp::get(ended.clone(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(epoch_key, None),
         ]);
+        let seen = self.applied.load(Ordering::Acquire);
         let response = call_kv(&self.kv, self.timeout, "list", Request::Read, |mut kv| {
             let txn = txn.clone();
             async move { kv.txn(txn).await }
@@ -368,11 +499,17 @@ impl Follower {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        let (Some(live_kvs), Some(ended_kvs)) = (gets.next(), gets.next()) else {
+        let (Some(live_kvs), Some(ended_kvs), Some(epoch_kvs)) =
+            (gets.next(), gets.next(), gets.next())
+        else {
             return Err(Refusal::Corrupt(
                 "etcd answered a list without its reads".into(),
             ));
         };
+        let epoch_value = epoch_kvs.kvs().first().map(|kv| kv.value());
+        if replaced.is_none() {
+            *replaced = self.replaced_because(epoch_value, response.header(), seen);
+        }
         let mut live = Vec::new();
         for kv in live_kvs.kvs() {
             let Some(id) = kv
@@ -398,14 +535,52 @@ impl Follower {
                 Some((id, Tombstone::decode(kv.value())?))
             })
             .collect();
-        let sent = self
-            .changes
-            .send(ClusterChange::Listed {
+        let change = match replaced.take() {
+            Some(why) => {
+                let previous = self.state.epoch();
+                // A key still holding this gateway's epoch is given a new one; one holding
+                // another epoch is the cluster's already.
+                let still_ours = epoch_value
+                    .and_then(|v| super::parse_epoch(&self.keys.epoch(), v).ok())
+                    .filter(|&e| e == previous);
+                let taken = take_epoch(&self.kv, &self.keys, self.timeout, still_ours).await;
+                let (epoch, cluster_id) = match taken {
+                    Ok(taken) => taken,
+                    Err(refusal) => {
+                        *replaced = Some(why);
+                        return Err(refusal);
+                    }
+                };
+                self.state.epoch.store(epoch, Ordering::Release);
+                let cluster_id = response
+                    .header()
+                    .map(|h| h.cluster_id())
+                    .filter(|&id| id != 0)
+                    .unwrap_or(cluster_id);
+                self.state.cluster_id.store(cluster_id, Ordering::Release);
+                tracing::warn!(
+                    previous = format_args!("{previous:016x}"),
+                    epoch = format_args!("{epoch:016x}"),
+                    revision,
+                    live = live.len(),
+                    "etcd: the cluster's lease state was lost or replaced ({why}); its epoch \
+                     and leases taken"
+                );
+                ClusterChange::Replaced {
+                    previous,
+                    epoch,
+                    why,
+                    live,
+                    revision,
+                }
+            }
+            None => ClusterChange::Listed {
                 live,
                 ended,
                 revision,
-            })
-            .is_ok();
+            },
+        };
+        let sent = self.changes.send(change).is_ok();
         self.applied.store(revision, Ordering::Release);
         Ok(sent)
     }
