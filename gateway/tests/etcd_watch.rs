@@ -1301,17 +1301,8 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
 
     match loss {
         Loss::PrefixDeleted => {
-            let endpoints = cluster.endpoints().join(",");
             cluster
-                .netns()
-                .exec_checked(&[
-                    "etcdctl",
-                    "--endpoints",
-                    &endpoints,
-                    "del",
-                    "--prefix",
-                    "/fwnp-test/",
-                ])
+                .delete_prefix("/fwnp-test/")
                 .expect("etcdctl deletes the prefix");
         }
         Loss::FreshEtcd => {

@@ -317,17 +317,8 @@ async fn the_clusters_state_lost_gives_a_new_epoch_and_the_agent_opens_its_lease
     });
 
     // The cluster's state is lost: every key of the deployment deleted.
-    let endpoints = d.cluster.endpoints().join(",");
     d.cluster
-        .netns()
-        .exec_checked(&[
-            "etcdctl",
-            "--endpoints",
-            &endpoints,
-            "del",
-            "--prefix",
-            &format!("{PREFIX}/"),
-        ])
+        .delete_prefix(&format!("{PREFIX}/"))
         .expect("etcdctl deletes the prefix");
 
     // The agent is told the new epoch and opens the lease again, under a new id.

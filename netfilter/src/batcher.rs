@@ -763,6 +763,23 @@ mod memory_tests {
     /// counts the other's million openings.
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+    /// The openings of the load generator's prefill of a million leases: 100 hosts, one TCP
+    /// port each, any source.
+    fn prefill() -> Vec<(Element, Duration)> {
+        (0..OPENINGS)
+            .map(|i| (opening(i), Duration::from_secs(3600)))
+            .collect()
+    }
+
+    fn opening(i: usize) -> Element {
+        Element {
+            host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, (i % 100) as u8)),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(1024 + (i / 100) as u16),
+            remote: None,
+        }
+    }
+
     /// The desired state of a gateway the load generator's prefill leaves with a million
     /// leases (100 hosts, one TCP port each, any source): an `Instant` per entry made it 82
     /// bytes an opening (run with `--nocapture` to see the figure).
@@ -772,13 +789,7 @@ mod memory_tests {
         let before = live();
         let mut desired = Desired::new();
         for i in 0..OPENINGS {
-            let opening = Element {
-                host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, (i % 100) as u8)),
-                protocol: Protocol::Tcp,
-                ports: PortRange::single(1024 + (i / 100) as u16),
-                remote: None,
-            };
-            desired.set(&opening, Duration::from_secs(3600));
+            desired.set(&opening(i), Duration::from_secs(3600));
         }
         assert_eq!(desired.elements.len(), OPENINGS);
         // The map reserves room for its entries up to its index's capacity (near twice as
@@ -799,17 +810,7 @@ mod memory_tests {
     #[test]
     fn replacing_the_desired_state_with_a_million_openings_allocates_what_it_keeps() {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let openings: Vec<(Element, Duration)> = (0..OPENINGS)
-            .map(|i| {
-                let opening = Element {
-                    host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, (i % 100) as u8)),
-                    protocol: Protocol::Tcp,
-                    ports: PortRange::single(1024 + (i / 100) as u16),
-                    remote: None,
-                };
-                (opening, Duration::from_secs(3600))
-            })
-            .collect();
+        let openings = prefill();
         let mut desired = Desired::new();
         let before_live = live();
         let before = INSTRUMENTED_SYSTEM.stats().bytes_allocated;
@@ -830,17 +831,7 @@ mod memory_tests {
     #[test]
     fn planning_a_million_openings_allocates_at_most_24_bytes_each_beside_them() {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let desired: Vec<(Element, Duration)> = (0..OPENINGS)
-            .map(|i| {
-                let opening = Element {
-                    host: IpAddr::V4(Ipv4Addr::new(198, 18, 0, (i % 100) as u8)),
-                    protocol: Protocol::Tcp,
-                    ports: PortRange::single(1024 + (i / 100) as u16),
-                    remote: None,
-                };
-                (opening, Duration::from_secs(3600))
-            })
-            .collect();
+        let desired = prefill();
         let before = INSTRUMENTED_SYSTEM.stats().bytes_allocated;
         let plan = crate::reconcile::plan(&[], desired);
         let allocated = INSTRUMENTED_SYSTEM.stats().bytes_allocated - before;

@@ -823,6 +823,16 @@ fn a_busy_batcher_waits_for_more_changes_and_an_idle_one_does_not() {
     });
 }
 
+/// `count` elements of hosts elsewhere (10.9.0.0/16, which no test sends to), to make up a
+/// large table's size.
+fn elsewhere(count: usize, lifetime: Duration) -> impl Iterator<Item = (Element, Duration)> {
+    (0..count).map(move |i| {
+        let addr = std::net::Ipv4Addr::new(10, 9, (i / 50_000) as u8, 1 + (i % 200) as u8);
+        let port = 10_000 + u16::try_from(i % 50_000 / 200).expect("port");
+        (tcp(IpAddr::V4(addr), port), lifetime)
+    })
+}
+
 /// A repair of a large shared table is not a listing of its sets (which the kernel does in time
 /// quadratic in their size): the desired elements are looked up one by one and the sets
 /// replaced whole in one transaction. Someone removes some of 200,000 elements, among them
@@ -854,11 +864,7 @@ fn a_large_table_is_repaired_by_lookups_and_one_replacement() {
         .chain(&TAKEN)
         .map(|port| (tcp(host, *port), lifetime))
         .collect();
-    desired.extend((0..ELEMENTS - desired.len()).map(|i| {
-        let addr = std::net::Ipv4Addr::new(10, 9, (i / 50_000) as u8, 1 + (i % 200) as u8);
-        let port = 10_000 + u16::try_from(i % 50_000 / 200).expect("port");
-        (tcp(IpAddr::V4(addr), port), lifetime)
-    }));
+    desired.extend(elsewhere(ELEMENTS - desired.len(), lifetime));
     assert!(desired.len() >= Netfilter::REPLACE_AT);
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
@@ -1004,13 +1010,7 @@ fn a_replacement_s_elements_expire_when_desired_however_long_the_batch_took_to_w
     let topo = topology();
     let layout = gateway_layout(Refuse::Reject);
     let lifetime = Duration::from_secs(600);
-    let desired: Vec<(Element, Duration)> = (0..ELEMENTS)
-        .map(|i| {
-            let addr = std::net::Ipv4Addr::new(10, 9, (i / 50_000) as u8, 1 + (i % 200) as u8);
-            let port = 10_000 + u16::try_from(i % 50_000 / 200).expect("port");
-            (tcp(IpAddr::V4(addr), port), lifetime)
-        })
-        .collect();
+    let desired: Vec<(Element, Duration)> = elsewhere(ELEMENTS, lifetime).collect();
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     runtime().block_on(async {
         let asked = Instant::now();

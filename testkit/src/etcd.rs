@@ -444,6 +444,17 @@ impl EtcdCluster {
         self.start_member(member)
     }
 
+    /// Deletes every key under `prefix` (`etcdctl del --prefix`), as an operator who erases a
+    /// deployment's state does.
+    pub fn delete_prefix(&self, prefix: &str) -> io::Result<()> {
+        let endpoints = self.endpoints().join(",");
+        let mut args = vec!["etcdctl", "--endpoints", &endpoints];
+        let tls = self.tls_args();
+        args.extend(tls.iter().map(String::as_str));
+        args.extend(["del", "--prefix", prefix]);
+        self.ns.exec_checked(&args).map(drop)
+    }
+
     /// Saves a snapshot of the cluster's keys, as member `member` holds them, to `path`
     /// (`etcdctl snapshot save`).
     pub fn snapshot(&self, member: usize, path: &std::path::Path) -> io::Result<()> {
