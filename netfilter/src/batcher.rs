@@ -366,10 +366,15 @@ impl Desired {
 
     /// Desires `opening` for `timeout` from now.
     fn set(&mut self, opening: &Element, timeout: Duration) {
+        self.set_from(self.now_ms(), opening, timeout);
+    }
+
+    /// Desires `opening` for `timeout` from `from_ms` (see [`Desired::now_ms`]).
+    fn set_from(&mut self, from_ms: u64, opening: &Element, timeout: Duration) {
         if let Ok(canonical) = opening.canonical() {
             let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-            let expiry = self.now_ms().saturating_add(timeout);
-            self.elements.insert(canonical, expiry);
+            self.elements
+                .insert(canonical, from_ms.saturating_add(timeout));
         }
     }
 
@@ -390,11 +395,7 @@ impl Desired {
         let from = u64::try_from(asked.saturating_duration_since(self.started).as_millis())
             .unwrap_or(u64::MAX);
         for (opening, timeout) in openings {
-            if let Ok(canonical) = opening.canonical() {
-                let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-                self.elements
-                    .insert(canonical, from.saturating_add(timeout));
-            }
+            self.set_from(from, opening, *timeout);
         }
     }
 

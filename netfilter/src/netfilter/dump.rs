@@ -154,18 +154,7 @@ impl Netfilter {
             let mut out = Vec::new();
             let mut interrupted = false;
             loop {
-                let n = match self.socket.recv(&mut self.recv_buf, false) {
-                    Ok(n) => n,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        return Err(Error::UnexpectedReply("dump did not finish".into()));
-                    }
-                    Err(e) => return Err(Error::Io(e)),
-                };
+                let n = self.recv_answer(|| "dump did not finish".into())?;
                 let datagram = &self.recv_buf[..n];
                 let mut done = false;
                 for m in messages(datagram) {
@@ -412,20 +401,7 @@ impl Netfilter {
             self.socket.send(b.as_bytes())?;
             let mut answered = false;
             while !answered {
-                let n = match self.socket.recv(&mut self.recv_buf, false) {
-                    Ok(n) => n,
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        return Err(Error::UnexpectedReply(
-                            "element queries went unanswered".into(),
-                        ));
-                    }
-                    Err(e) => return Err(Error::Io(e)),
-                };
+                let n = self.recv_answer(|| "element queries went unanswered".into())?;
                 for m in messages(&self.recv_buf[..n]) {
                     if m.seq == last {
                         if let Some(ack) = parse_ack(&m) {

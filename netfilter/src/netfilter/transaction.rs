@@ -197,6 +197,27 @@ impl Netfilter {
         }
     }
 
+    /// Receives the next datagram of an answer into `recv_buf`; its length. A socket that
+    /// waited in vain (its receive timeout) is [`Error::UnexpectedReply`], saying what never
+    /// came (`unanswered`).
+    pub(super) fn recv_answer(
+        &mut self,
+        unanswered: impl FnOnce() -> String,
+    ) -> Result<usize, Error> {
+        match self.socket.recv(&mut self.recv_buf, false) {
+            Ok(n) => Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(Error::UnexpectedReply(unanswered()))
+            }
+            Err(e) => Err(Error::Io(e)),
+        }
+    }
+
     /// Sends a transaction in one datagram and collects one acknowledgement per message.
     pub(super) fn run(&mut self, mut txn: Txn) -> Result<TxnOutcome, Error> {
         let end_seq = bump(&mut self.seq);
@@ -229,20 +250,7 @@ impl Netfilter {
         let mut missing = txn.metas.len();
         let mut batch_error = None;
         while missing > 0 && batch_error.is_none() {
-            let n = match self.socket.recv(&mut self.recv_buf, false) {
-                Ok(n) => n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(Error::UnexpectedReply(format!(
-                        "{missing} acknowledgements never arrived"
-                    )));
-                }
-                Err(e) => return Err(Error::Io(e)),
-            };
+            let n = self.recv_answer(|| format!("{missing} acknowledgements never arrived"))?;
             for msg in messages(&self.recv_buf[..n]) {
                 let Some(ack) = parse_ack(&msg) else { continue };
                 if ack.seq == txn.begin_seq || ack.seq == end_seq {
