@@ -1247,3 +1247,53 @@ async fn a_new_lease_is_held_in_the_kernel_while_its_commit_waits() {
     );
     assert_eq!(kernel_ports(&mut kernel, &seam.layout), vec![7001]);
 }
+
+/// A lease that admits every source by the prefix `0.0.0.0/0` and one that names no source hold
+/// one kernel element: the release of one leaves it to the other. A table flushed by someone
+/// else is repaired from what the live leases hold.
+#[tokio::test]
+async fn leases_that_hold_one_kernel_element_keep_it_until_the_last_ends_and_a_repair_restores_it()
+{
+    const TEST: &str =
+        "leases_that_hold_one_kernel_element_keep_it_until_the_last_ends_and_a_repair_restores_it";
+    if !require_root(TEST) {
+        return;
+    }
+    let memory = Arc::new(MemoryStore::new(0xfeed));
+    let seam = KernelSeam::start("seam-held", HOSTS_POLICY, memory.clone(), |_, _| {
+        memory.clone()
+    })
+    .await;
+    let client = seam.host().await;
+    let mut everyone = tcp(7001);
+    everyone.remotes = vec!["0.0.0.0/0".parse().expect("prefix")];
+    let first = granted(client.open(everyone, None).await).lease;
+    let second = granted(client.open(tcp(7001), None).await).lease;
+    assert_ne!(first, second, "two leases");
+    let released = client.release(second).await;
+    assert!(
+        matches!(released, fwnp_proto::Message::Released(_)),
+        "{released:?}"
+    );
+    let mut kernel = seam
+        .netns
+        .run(|| Netfilter::open().expect("netlink in the namespace"));
+    assert_eq!(kernel_ports(&mut kernel, &seam.layout), vec![7001]);
+
+    seam.netns
+        .exec_checked(&["nft", "flush", "ruleset"])
+        .expect("nft flush ruleset");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let ports = loop {
+        let ports: Option<Vec<u16>> = kernel
+            .elements(&seam.layout)
+            .ok()
+            .map(|elements| elements.iter().map(|(e, _)| e.ports.first).collect());
+        if ports.as_deref() == Some(&[7001]) || tokio::time::Instant::now() >= deadline {
+            break ports;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(ports, Some(vec![7001]), "the live lease's element is back");
+    assert_eq!(seam.service.status().live_leases, 1);
+}

@@ -120,7 +120,7 @@ mod sys;
 use std::net::IpAddr;
 use std::time::Duration;
 
-pub use batcher::{BatchStats, Batcher, BatcherConfig, RepairEvent, RepairTrigger};
+pub use batcher::{BatchStats, Batcher, BatcherConfig, DesiredState, RepairEvent, RepairTrigger};
 pub use coalesce::Coalescing;
 pub use error::Error;
 use fwnp_proto::Grant;

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Change, Coalescing, Element, Error, Layout, Netfilter, Ownership,
-    Refuse, RepairEvent, RepairTrigger,
+    Batcher, BatcherConfig, Change, Coalescing, DesiredState, Element, Error, Layout, Netfilter,
+    Ownership, Refuse, RepairEvent, RepairTrigger,
 };
 use fwnp_testkit::netns::{Netns, TcpEchoServer, require_root};
 use tokio::sync::broadcast;
@@ -319,6 +319,92 @@ fn batcher_reconcile_sets_the_desired_state() {
         assert_eq!(event.restored, 1, "{event:?}");
         assert!(outside_tcp(&topo, topo.host().v4, 8080));
         assert!(!outside_tcp(&topo, topo.host().v4, 8081));
+        batcher.shutdown().await;
+    });
+}
+
+/// A batcher's owner that keeps the openings it wants, with when they expire.
+struct Owner(std::sync::Mutex<Vec<(Element, Instant)>>);
+
+impl Owner {
+    fn want(&self, opening: Element, expires: Instant) {
+        self.0.lock().expect("owner").push((opening, expires));
+    }
+}
+
+impl DesiredState for Owner {
+    fn count(&self) -> usize {
+        self.0.lock().expect("owner").len()
+    }
+
+    fn openings(&self) -> Vec<(Element, Duration)> {
+        let now = Instant::now();
+        let openings = self.0.lock().expect("owner");
+        openings
+            .iter()
+            .filter(|(_, expires)| *expires > now)
+            .map(|(opening, expires)| (opening.clone(), *expires - now))
+            .collect()
+    }
+}
+
+#[test]
+fn a_batcher_whose_owner_keeps_the_desired_state_repairs_the_table_from_the_owner() {
+    if !require_root(
+        "a_batcher_whose_owner_keeps_the_desired_state_repairs_the_table_from_the_owner",
+    ) {
+        return;
+    }
+    let _turn = turn(true);
+    let topo = topology();
+    let _server =
+        TcpEchoServer::start_ports(&topo.host().netns, &[8080, 8081, 8082]).expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
+    let host = topo.host().v4;
+    runtime().block_on(async {
+        let owner = Arc::new(Owner(std::sync::Mutex::new(Vec::new())));
+        owner.want(tcp(host, 8080), Instant::now() + Duration::from_secs(60));
+        batcher.desired_by(owner.clone());
+        let mut repairs = batcher.repairs();
+        // The batcher keeps no copy of what it was asked: 8081, which the owner does not
+        // want, is not brought back by a repair.
+        for port in [8080, 8081] {
+            batcher
+                .renew(tcp(host, port), Duration::from_secs(60))
+                .await
+                .expect("renew");
+        }
+        assert!(outside_tcp(&topo, host, 8080) && outside_tcp(&topo, host, 8081));
+        topo.gateway
+            .exec_checked(&["nft", "flush", "ruleset"])
+            .expect("nft flush ruleset");
+        let event = next_repair(&mut repairs).await.expect("repair");
+        assert!(event.error.is_none(), "{event:?}");
+        assert_eq!(event.restored, 1, "{event:?}");
+        assert_eq!(
+            elements_in(&topo.gateway, &layout),
+            BTreeSet::from([tcp(host, 8080)])
+        );
+        assert!(outside_tcp(&topo, host, 8080));
+        assert!(!outside_tcp(&topo, host, 8081));
+
+        // What the owner wants at the repair is what comes back, and nothing it wanted that
+        // has expired.
+        owner.want(tcp(host, 8081), Instant::now() + Duration::from_secs(60));
+        owner.want(tcp(host, 8082), Instant::now());
+        topo.gateway
+            .exec_checked(&["nft", "flush", "ruleset"])
+            .expect("nft flush ruleset");
+        let event = next_repair(&mut repairs).await.expect("repair");
+        assert!(event.error.is_none(), "{event:?}");
+        assert_eq!(event.restored, 2, "{event:?}");
+        assert_eq!(
+            elements_in(&topo.gateway, &layout),
+            BTreeSet::from([tcp(host, 8080), tcp(host, 8081)])
+        );
+        assert!(outside_tcp(&topo, host, 8081));
+        assert!(!outside_tcp(&topo, host, 8082));
         batcher.shutdown().await;
     });
 }

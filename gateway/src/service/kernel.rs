@@ -1,6 +1,7 @@
 //! The kernel side of leases: the elements of a grant, the leases that hold each element, and
 //! the changes that bring the kernel to them.
 
+use fwnp_netfilter::DesiredState;
 use indexmap::IndexMap;
 use smallvec::SmallVec;
 
@@ -55,9 +56,43 @@ pub(super) enum RefreshError {
     LeaseEnded,
 }
 
-/// The kernel elements of a lease's grants; nearly every lease has one or two, kept inline.
+/// The kernel elements of a lease's grants, in the form the kernel holds them (so that two
+/// grants the kernel holds as one element share its holders); nearly every lease has one or
+/// two, kept inline. An element the kernel cannot hold stays as it is, for the kernel to refuse.
 pub(super) fn elements_of_all(grants: &[Grant]) -> SmallVec<[Element; 2]> {
-    grants.iter().flat_map(Element::of_grant).collect()
+    grants
+        .iter()
+        .flat_map(Element::of_grant)
+        .map(|element| element.canonical().unwrap_or(element))
+        .collect()
+}
+
+/// The elements held at `now_ms`, each with the time left to its latest holder's expiry.
+pub(super) fn held_openings(holders: &Holders, now_ms: u64) -> Vec<(Element, Duration)> {
+    holders
+        .iter()
+        .filter_map(|(element, held)| {
+            let latest = held.iter().map(|(_, expires)| *expires).max()?;
+            (latest > now_ms).then(|| (element.clone(), remaining(latest, now_ms)))
+        })
+        .collect()
+}
+
+/// The kernel batcher's desired state is what the leases hold: read from the holders when the
+/// batcher repairs the table, instead of kept as a second copy of every element in the batcher
+/// (75 bytes an element). Every new element is asked for with `Renew` (see [`hold_change`]),
+/// which the batcher's [`DesiredState`] asks of an owner.
+pub(super) struct HeldElements(pub(super) Arc<Mutex<Holders>>);
+
+impl DesiredState for HeldElements {
+    fn count(&self) -> usize {
+        lock(&self.0).len()
+    }
+
+    fn openings(&self) -> Vec<(Element, Duration)> {
+        let now = now_ms();
+        held_openings(&lock(&self.0), now)
+    }
 }
 
 pub(super) fn remaining(expires_ms: u64, now_ms: u64) -> Duration {
@@ -169,9 +204,67 @@ impl Service {
 
 #[cfg(test)]
 mod tests {
-    use super::{Change, Element, Holders, hold_change};
-    use fwnp_proto::{LeaseId, PortRange, Protocol};
+    use super::{Change, Element, Holders, elements_of_all, held_openings, hold_change};
+    use fwnp_proto::{Grant, LeaseId, PortRange, Protocol};
     use std::time::Duration;
+
+    /// Two grants the kernel holds as one element (a remote prefix of length 0 admits every
+    /// source, as no prefix does) are one element to their holders: the kernel's element stays
+    /// while either lease holds it. Held apart, the first lease to end removed the other's
+    /// opening from the kernel.
+    #[test]
+    fn grants_the_kernel_holds_as_one_element_share_its_holders() {
+        let grant = |remotes: Vec<fwnp_proto::Prefix>| Grant {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(443),
+            host: "10.0.0.1".parse().unwrap(),
+            remotes,
+            app: None,
+        };
+        let anyone = elements_of_all(&[grant(Vec::new())]);
+        let everyone = elements_of_all(&[grant(vec!["0.0.0.0/0".parse().unwrap()])]);
+        assert_eq!(anyone, everyone);
+        let (a, b) = (LeaseId([1; 16]), LeaseId([2; 16]));
+        let mut holders = Holders::new();
+        assert!(hold_change(&mut holders, &anyone[0], a, Some(60_000), 0).is_some());
+        assert_eq!(
+            hold_change(&mut holders, &everyone[0], b, Some(60_000), 0),
+            None
+        );
+        assert_eq!(hold_change(&mut holders, &anyone[0], a, None, 1_000), None);
+        assert_eq!(
+            held_openings(&holders, 1_000),
+            vec![(everyone[0].clone(), Duration::from_millis(59_000))]
+        );
+        assert_eq!(
+            hold_change(&mut holders, &everyone[0], b, None, 1_000),
+            Some(Change::Remove(everyone[0].clone()))
+        );
+    }
+
+    #[test]
+    fn the_held_openings_leave_out_those_whose_holders_have_all_expired() {
+        let element = |port| Element {
+            host: "10.0.0.1".parse().unwrap(),
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(port),
+            remote: None,
+        };
+        let mut holders = Holders::new();
+        hold_change(&mut holders, &element(80), LeaseId([1; 16]), Some(5_000), 0);
+        hold_change(
+            &mut holders,
+            &element(81),
+            LeaseId([2; 16]),
+            Some(10_000),
+            0,
+        );
+        hold_change(&mut holders, &element(81), LeaseId([3; 16]), Some(4_000), 0);
+        assert_eq!(
+            held_openings(&holders, 5_000),
+            vec![(element(81), Duration::from_millis(5_000))]
+        );
+    }
 
     #[test]
     fn an_element_follows_the_latest_expiry_of_its_holders_and_goes_with_the_last() {

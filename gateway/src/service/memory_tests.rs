@@ -34,9 +34,10 @@ fn lease(i: usize) -> (LeaseId, Element) {
 }
 
 /// The kernel elements' holders with a million leases of an element each (run with
-/// `--nocapture` to see the figure).
+/// `--nocapture` to see the figure): 98.9 bytes measured. With smallvec's inline holder beside
+/// its length instead of in a union with the heap's pointer, 106.9.
 #[test]
-fn a_million_elements_cost_their_holders_at_most_110_bytes_each() {
+fn a_million_elements_cost_their_holders_at_most_100_bytes_each() {
     let mut holders = Holders::new();
     let expires = 1_800_000_000_000u64;
     for i in 0..LEASES {
@@ -50,7 +51,7 @@ fn a_million_elements_cost_their_holders_at_most_110_bytes_each() {
     holders.shrink_to_fit();
     let per = freed_by(holders) as f64 / LEASES as f64;
     println!("element holders: {per:.1} bytes per element");
-    assert!(per <= 110.0, "{per:.1} bytes per element");
+    assert!(per <= 100.0, "{per:.1} bytes per element");
 }
 
 /// The certificates of a million leases of 100 hosts, each host under one certificate: one

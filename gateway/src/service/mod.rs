@@ -73,7 +73,7 @@ mod seams;
 mod unloaded;
 
 use credentials::LeaseCredentials;
-use kernel::{Holders, RefreshError, elements_of_all, remaining};
+use kernel::{HeldElements, Holders, RefreshError, elements_of_all, held_openings};
 
 /// The gateway's state and its answers to every request.
 #[derive(Debug)]
@@ -126,7 +126,7 @@ pub struct Service {
     /// The live leases that hold each kernel element, with their expiries (Unix ms). Two
     /// leases may hold the same element (hosts behind one address, a host with third-party
     /// rights): it stays while one of them does, with the latest of their expiries.
-    holders: Mutex<Holders>,
+    holders: Arc<Mutex<Holders>>,
     /// The new leases in the book whose insert is on its way to the store, each with the
     /// writes of a revocation that ended it meanwhile. Those writes wait for the insert: sent
     /// before it, the end would find no stored lease to end and the insert would then store
@@ -398,7 +398,7 @@ impl Service {
             endpoints: Mutex::new(Vec::new()),
             revoked_certificates: Mutex::new(Arc::default()),
             lease_credentials: Mutex::new(LeaseCredentials::default()),
-            holders: Mutex::new(Holders::default()),
+            holders: Arc::default(),
             being_stored: Mutex::new(HashMap::new()),
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),
@@ -407,6 +407,7 @@ impl Service {
             config,
         });
         if let Some(filter) = &service.filter {
+            filter.desired_by(Arc::new(HeldElements(service.holders.clone())));
             filter.coalesce(service.coalescing(
                 service.config.coalescing.kernel_changes,
                 service.config.coalescing.kernel_wait,
@@ -572,17 +573,7 @@ impl Service {
                         .push((lease.id, lease.expires_ms));
                 }
             }
-            holders
-                .iter()
-                .map(|(element, held)| {
-                    let latest = held
-                        .iter()
-                        .map(|(_, expires)| *expires)
-                        .max()
-                        .unwrap_or(now);
-                    (element.clone(), remaining(latest, now))
-                })
-                .collect()
+            held_openings(&holders, now)
         };
         self.metrics
             .live_leases
