@@ -131,22 +131,14 @@ impl Serial {
         } else {
             digits
         };
-        let mut bytes = Vec::with_capacity(padded.len() / 2);
-        for pair in padded.as_bytes().chunks(2) {
-            let text = std::str::from_utf8(pair).ok()?;
-            bytes.push(u8::from_str_radix(text, 16).ok()?);
-        }
+        let bytes = hex::decode(padded).ok()?;
         Some(Self::from_der_bytes(&bytes))
     }
 
     /// The big-endian magnitude bytes (no sign byte).
     pub fn to_bytes(&self) -> Vec<u8> {
-        self.0
-            .as_bytes()
-            .chunks(2)
-            .filter_map(|pair| std::str::from_utf8(pair).ok())
-            .filter_map(|text| u8::from_str_radix(text, 16).ok())
-            .collect()
+        // Made from bytes or checked digits: always an even number of hex digits.
+        hex::decode(&self.0).unwrap_or_default()
     }
 
     /// The normalised hex text.
@@ -426,11 +418,11 @@ fn ip_from_san(bytes: &[u8]) -> Result<IpAddr, IdentityError> {
 }
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+    hex::encode(bytes)
 }
 
 pub(crate) fn hex_upper(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02X}")).collect()
+    hex::encode_upper(bytes)
 }
 
 #[cfg(test)]
