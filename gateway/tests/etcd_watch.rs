@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
 use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers as runtime};
+use fwnp_gateway::cluster::policy::{StoredPolicy, decode};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
@@ -847,6 +848,32 @@ async fn revoked_notice(client: &Client, lease: LeaseId) -> Option<fwnp_proto::R
 }
 
 /// Whether the lease's key is in etcd.
+/// The test's policy with another `max_leases`, to reload.
+fn policy_of_max_leases(max: u32) -> String {
+    POLICY.replace("max_leases = 16", &format!("max_leases = {max}"))
+}
+
+/// The cluster policy's version in force on each gateway.
+fn policy_versions(gateways: &[&Gateway]) -> Vec<u64> {
+    gateways
+        .iter()
+        .map(|g| g.service.cluster().map_or(0, |c| c.policy_version()))
+        .collect()
+}
+
+/// `P/policy` as etcd holds it.
+async fn policy_in_etcd(cluster: &EtcdCluster) -> Option<StoredPolicy> {
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("etcd client");
+    let answer = client
+        .get("/fwnp-test/policy", None)
+        .await
+        .expect("read the policy");
+    let kv = answer.kvs().first()?;
+    Some(decode(kv.value()).expect("a published policy"))
+}
+
 async fn lease_in_etcd(cluster: &EtcdCluster, id: LeaseId) -> bool {
     let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
         .await
@@ -1285,6 +1312,15 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
             assert!(b.wait_open(7001, true, PROPAGATION).await, "and in B's");
             tokio::task::block_in_place(|| cluster.snapshot(0, &snapshot))
                 .expect("a snapshot of etcd");
+            // A reload after the snapshot: the cluster enforces version 2, which the snapshot
+            // does not hold.
+            write_policy(&dir_a.path().join("policy.toml"), &policy_of_max_leases(17));
+            a.service.reload_policy().await.expect("reloaded through A");
+            assert!(
+                eventually(PROPAGATION, || policy_versions(&[&a, &b]) == [2, 2]).await,
+                "version 2 in force on both: {:?}",
+                policy_versions(&[&a, &b])
+            );
             // Granted after the snapshot, renewed a few times (the history goes on).
             let second = granted(to_b.open(tcp(7002), Some(600)).await).lease;
             for _ in 0..5 {
@@ -1393,6 +1429,28 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
                 );
                 assert!(lease_in_etcd(&cluster, again.lease).await);
             }
+
+            // The policy in force is the cluster's again, and versions count on from it.
+            let deadline = Instant::now() + PROPAGATION;
+            let mut stored = policy_in_etcd(&cluster).await;
+            while stored.as_ref().map(|p| p.version) != Some(2) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                stored = policy_in_etcd(&cluster).await;
+            }
+            let stored = stored.expect("a policy in etcd again");
+            assert_eq!(
+                (stored.version, stored.text.as_str()),
+                (2, policy_of_max_leases(17).as_str()),
+                "the version in force put back"
+            );
+            write_policy(&dir_b.path().join("policy.toml"), &policy_of_max_leases(18));
+            let reloaded = b.service.reload_policy().await.expect("reloaded through B");
+            assert!(reloaded.superseded.is_none(), "{reloaded:?}");
+            assert!(
+                eventually(PROPAGATION, || policy_versions(&[&a, &b]) == [3, 3]).await,
+                "version 3 in force on both: {:?}",
+                policy_versions(&[&a, &b])
+            );
 
             for (name, gateway) in [("A", &a), ("B", &b)] {
                 let records = epoch_changes_audited(gateway);

@@ -99,6 +99,9 @@ pub struct Cluster {
     /// Told when a reload that published a version was dropped before it put the version in
     /// force: the watch, which left that version to it, reads the policy again.
     read_policy_again: tokio::sync::Notify,
+    /// Told when the cluster's state was found lost or replaced: the policy's watch starts
+    /// again from etcd's revision now.
+    watch_policy_again: tokio::sync::Notify,
     /// Called between a publish's read of the policy and its transaction ([`Seams`]).
     ///
     /// [`Seams`]: crate::service::Seams
@@ -140,6 +143,7 @@ impl Cluster {
             stopping: std::sync::atomic::AtomicBool::new(false),
             watch_from: std::sync::atomic::AtomicI64::new(0),
             read_policy_again: tokio::sync::Notify::new(),
+            watch_policy_again: tokio::sync::Notify::new(),
             publishing: None,
             adopting: None,
         })

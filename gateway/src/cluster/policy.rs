@@ -32,6 +32,11 @@
 //! left. A version published in etcd but not yet brought by this gateway's watch is not
 //! known here: until it is, this gateway decides, and revokes, by the version before, as its
 //! Opens and Renews do.
+//!
+//! When the cluster's state in etcd is lost or replaced (the cluster takes a new epoch), the
+//! gateways still enforce the version they had. Each puts that version back into etcd unless
+//! etcd holds it or a later one (a snapshot may bring back an earlier one), and watches the key
+//! again from etcd's revision now; versions then count on from the one in force.
 
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -77,6 +82,9 @@ pub(super) struct PolicyState(Mutex<InForce>);
 #[derive(Debug, Default)]
 struct InForce {
     status: ClusterPolicyStatus,
+    /// The version in force as it was published, to be put back into etcd if the cluster's
+    /// state is lost ([`Cluster::policy_state_replaced`]).
+    stored: Option<StoredPolicy>,
     /// The version this gateway is publishing, from just before its transaction until the
     /// step that puts it in force here (or until the publish is given up): the watch leaves
     /// it to that step.
@@ -120,17 +128,18 @@ impl PolicyState {
         self.lock().status.version
     }
 
-    fn set(&self, version: u64, hash: &str, file_hash: &str) {
-        Self::record(&mut self.lock().status, version, hash, file_hash);
+    fn set(&self, stored: &StoredPolicy, file_hash: &str) {
+        Self::record(&mut self.lock(), stored, file_hash);
     }
 
-    fn record(state: &mut ClusterPolicyStatus, version: u64, hash: &str, file_hash: &str) {
-        *state = ClusterPolicyStatus {
-            version,
-            hash: hash.to_owned(),
+    fn record(state: &mut InForce, stored: &StoredPolicy, file_hash: &str) {
+        state.status = ClusterPolicyStatus {
+            version: stored.version,
+            hash: stored.hash.clone(),
             file_hash: file_hash.to_owned(),
-            file_differs: hash != file_hash,
+            file_differs: stored.hash != file_hash,
         };
+        state.stored = Some(stored.clone());
     }
 
     /// Records `version` and puts it in force with `enforce`, as one step, if it is newer than
@@ -145,12 +154,12 @@ impl PolicyState {
     /// takes it.
     fn put_in_force(
         &self,
-        version: u64,
-        hash: &str,
+        stored: &StoredPolicy,
         file_hash: &str,
         offer: Offer,
         enforce: impl FnOnce(),
     ) -> Offered {
+        let version = stored.version;
         let mut state = self.lock();
         let publishing = state.publishing == Some(version);
         match offer {
@@ -161,7 +170,7 @@ impl PolicyState {
         if version <= state.status.version {
             return Offered::NotNewer;
         }
-        Self::record(&mut state.status, version, hash, file_hash);
+        Self::record(&mut state, stored, file_hash);
         enforce();
         Offered::InForce
     }
@@ -178,6 +187,8 @@ pub struct Published<'a> {
     pub version: u64,
     /// The SHA-256 of its text, hex.
     pub hash: String,
+    /// What was published.
+    stored: StoredPolicy,
     /// Held for its drop.
     _pending: Pending<'a>,
 }
@@ -261,26 +272,15 @@ impl Cluster {
             site: self.site.clone(),
             file: file.to_owned(),
         };
-        let key = self.keys.policy();
-        let unchanged = if mod_revision == 0 {
-            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
-        } else {
-            Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
-        };
         // Marked before the transaction: its own event may reach the watch before its answer
         // reaches this task. Another gateway's version of the same number, which beats the
         // transaction, may reach the watch meanwhile too, and is not left to this publish.
         let mut pending = Pending::mark(self, version);
         crate::service::pause_at(&self.publishing).await;
-        let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
-            key,
-            serde_json::to_vec(&stored).unwrap_or_default(),
-            None,
-        )]);
-        let answer = self
-            .within("publish the policy", self.client().txn(txn))
-            .await?;
-        if !answer.succeeded() {
+        if !self
+            .put_policy_unless_changed(&stored, mod_revision)
+            .await?
+        {
             pending.may_be_published = false;
             return Err(ClusterError::PolicyRace(version));
         }
@@ -288,8 +288,81 @@ impl Cluster {
         Ok(Published {
             version,
             hash,
+            stored,
             _pending: pending,
         })
+    }
+
+    /// Puts `stored` as `P/policy` if the key is as it was read: absent (`mod_revision` 0) or
+    /// last changed at `mod_revision`. Returns whether it was put.
+    async fn put_policy_unless_changed(
+        &self,
+        stored: &StoredPolicy,
+        mod_revision: i64,
+    ) -> Result<bool, ClusterError> {
+        let key = self.keys.policy();
+        let unchanged = if mod_revision == 0 {
+            Compare::create_revision(key.clone(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(key.clone(), CompareOp::Equal, mod_revision)
+        };
+        let txn = Txn::new().when([unchanged]).and_then([TxnOp::put(
+            key,
+            serde_json::to_vec(stored).unwrap_or_default(),
+            None,
+        )]);
+        let answer = self
+            .within("publish the policy", self.client().txn(txn))
+            .await?;
+        Ok(answer.succeeded())
+    }
+
+    /// After the cluster's state was found lost or replaced (a new epoch, see
+    /// [`crate::store::ClusterChange::Replaced`]): puts the version in force here back into
+    /// etcd when etcd holds none or an older one (a snapshot's), and has the policy's watch
+    /// start again from etcd's revision now. Versions count on from the one in force, as the
+    /// gateways still enforce it: left absent, the next reload would publish version 1, which
+    /// every gateway that enforces a later one leaves out, and a gateway started meanwhile
+    /// would publish its own file as version 1 and enforce it alone. Every gateway does this;
+    /// the first one's put stands, and one that enforced an older version takes the newer
+    /// from the watch.
+    pub(crate) async fn policy_state_replaced(&self) {
+        self.watch_policy_again.notify_one();
+        for _ in 0..crate::service::PUBLISH_ATTEMPTS {
+            let Some(in_force) = self.policy.lock().stored.clone() else {
+                return;
+            };
+            let attempt = async {
+                let (current, mod_revision, _) = self.read_policy().await?;
+                if current
+                    .as_ref()
+                    .is_some_and(|current| current.version >= in_force.version)
+                {
+                    return Ok(true);
+                }
+                self.put_policy_unless_changed(&in_force, mod_revision)
+                    .await
+            };
+            match attempt.await {
+                Ok(true) => {
+                    info!(
+                        version = in_force.version,
+                        "the cluster's policy is in etcd again at the version in force"
+                    );
+                    return;
+                }
+                // Another gateway put its version meanwhile: compared again.
+                Ok(false) => {}
+                Err(e) => {
+                    warn!("cluster policy: putting the version in force back into etcd: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        warn!(
+            "cluster policy: the version in force could not be put back into etcd; the next \
+             reload publishes it"
+        );
     }
 
     /// Records the version this gateway's reload published and puts it in force here with
@@ -298,13 +371,9 @@ impl Cluster {
     /// allows). The watch leaves this version to this step, so it is put in force on this
     /// gateway once.
     pub fn put_published_in_force(&self, published: Published<'_>, enforce: impl FnOnce()) -> bool {
-        self.policy.put_in_force(
-            published.version,
-            &published.hash,
-            &published.hash,
-            Offer::Publish,
-            enforce,
-        ) == Offered::InForce
+        self.policy
+            .put_in_force(&published.stored, &published.hash, Offer::Publish, enforce)
+            == Offered::InForce
     }
 
     /// The version of the cluster's policy in force on this gateway (0 before the first).
@@ -334,7 +403,7 @@ impl Cluster {
                 why: "the policy's text does not match its hash".into(),
             });
         }
-        self.policy.set(stored.version, &stored.hash, &file_hash);
+        self.policy.set(&stored, &file_hash);
         if stored.hash == file_hash {
             return Ok(None);
         }
@@ -423,8 +492,7 @@ impl Cluster {
         // this one, its own, in force.
         let mut enforced = None;
         let offered = self.policy.put_in_force(
-            stored.version,
-            &stored.hash,
+            stored,
             file_hash,
             Offer::Watch {
                 own_site: stored.site == self.site,
@@ -498,9 +566,16 @@ pub(super) async fn follow(cluster: Arc<Cluster>, service: Weak<Service>, mut re
                 continue;
             }
         };
+        let mut replaced = false;
         loop {
             let next = tokio::select! {
                 next = stream.message() => next,
+                // The cluster's state was lost or replaced: a fresh or restored etcd's revisions
+                // may lie below the one this watch waits for, which it would wait for silently.
+                () = cluster.watch_policy_again.notified() => {
+                    replaced = true;
+                    break;
+                }
                 // A reload that published a version was dropped before its step, which the
                 // watch had left that version to.
                 () = cluster.read_policy_again.notified() => {
@@ -558,15 +633,24 @@ pub(super) async fn follow(cluster: Arc<Cluster>, service: Weak<Service>, mut re
         // Read once more: a version published while the watch was down is not missed.
         tokio::time::sleep(Duration::from_secs(1)).await;
         match cluster.read_policy().await {
-            Ok((Some(stored), _, now)) => {
-                if let Some(service) = service.upgrade() {
+            Ok((stored, _, now)) => {
+                if let (Some(stored), Some(service)) = (stored, service.upgrade()) {
                     let file_hash = own_file_hash(&service);
                     cluster.put_in_force(&service, &stored, &file_hash).await;
                 }
-                revision = revision.max(now + 1);
+                revision = if replaced {
+                    now + 1
+                } else {
+                    revision.max(now + 1)
+                };
             }
-            Ok((None, _, now)) => revision = revision.max(now + 1),
-            Err(e) => warn!("cluster policy: {e}"),
+            Err(e) => {
+                warn!("cluster policy: {e}");
+                if replaced {
+                    // Not lost: read again at the next turn.
+                    cluster.watch_policy_again.notify_one();
+                }
+            }
         }
     }
 }

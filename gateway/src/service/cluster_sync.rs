@@ -137,6 +137,11 @@ impl Service {
             absent.len()
         ));
         self.record(event);
+        // The policy in force goes back into etcd if the state lost it.
+        if let Some(cluster) = self.cluster() {
+            let cluster = cluster.clone();
+            tokio::spawn(async move { cluster.policy_state_replaced().await });
+        }
         let notice = Message::EpochChanged(EpochChanged {
             common: Common::default(),
             epoch,
