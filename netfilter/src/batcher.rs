@@ -5,7 +5,9 @@
 //!
 //! The watch reads the ruleset's generation, which the kernel moves on by one with every
 //! committed transaction, and compares how far it moved with how many transactions the batcher
-//! committed itself: any more were someone else's, and the table is checked and repaired.
+//! committed itself: any more were someone else's, and the table is checked and repaired (an
+//! owned table, which only its owner can change, for its structure only: someone else's
+//! transaction changed another table).
 //! Listening to the nf_tables events instead would tell at once, but as long as anyone listens
 //! the kernel builds and sends one event per element of every transaction, ours included:
 //! about 40 % of the time of a bulk batch. The generation costs one small request per
@@ -315,7 +317,9 @@ impl Batcher {
     }
 
     /// Makes `desired` the whole desired state and brings the kernel to it (see
-    /// [`Netfilter::reconcile`]).
+    /// [`Netfilter::reconcile`]). A batcher whose owner keeps the desired state
+    /// ([`Batcher::desired_by`]) keeps no copy: `desired` is then the owner's state as it is
+    /// now.
     pub async fn reconcile(
         &self,
         desired: Vec<(Element, Duration)>,
@@ -755,7 +759,12 @@ impl Worker {
                 return;
             }
         };
-        if present && trigger == RepairTrigger::PeriodicCheck {
+        // Nobody else can change an owned table: someone else's transaction, which moved the
+        // ruleset's generation, changed another table, and the elements need no comparison
+        // (with a million of them, seconds of this thread at every rule another firewall adds).
+        let structure_only = trigger == RepairTrigger::PeriodicCheck
+            || (trigger == RepairTrigger::ForeignChange && self.nf.ownership() == Ownership::Owned);
+        if present && structure_only {
             return;
         }
         // Read before the repair: its own transactions count as ours at the next reading, and

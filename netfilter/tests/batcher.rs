@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fwnp_netfilter::{
-    Batcher, BatcherConfig, Change, Coalescing, DesiredState, Element, Error, Layout, Netfilter,
-    Ownership, Refuse, RepairEvent, RepairTrigger,
+    Batcher, BatcherConfig, Change, Coalescing, Element, Error, Layout, Netfilter, Ownership,
+    Refuse, RepairEvent, RepairTrigger,
 };
 use fwnp_testkit::netns::{Netns, TcpEchoServer, require_root};
 use tokio::sync::broadcast;
@@ -323,31 +323,6 @@ fn batcher_reconcile_sets_the_desired_state() {
     });
 }
 
-/// A batcher's owner that keeps the openings it wants, with when they expire.
-struct Owner(std::sync::Mutex<Vec<(Element, Instant)>>);
-
-impl Owner {
-    fn want(&self, opening: Element, expires: Instant) {
-        self.0.lock().expect("owner").push((opening, expires));
-    }
-}
-
-impl DesiredState for Owner {
-    fn count(&self) -> usize {
-        self.0.lock().expect("owner").len()
-    }
-
-    fn openings(&self) -> Vec<(Element, Duration)> {
-        let now = Instant::now();
-        let openings = self.0.lock().expect("owner");
-        openings
-            .iter()
-            .filter(|(_, expires)| *expires > now)
-            .map(|(opening, expires)| (opening.clone(), *expires - now))
-            .collect()
-    }
-}
-
 #[test]
 fn a_batcher_whose_owner_keeps_the_desired_state_repairs_the_table_from_the_owner() {
     if !require_root(
@@ -363,7 +338,7 @@ fn a_batcher_whose_owner_keeps_the_desired_state_repairs_the_table_from_the_owne
     let batcher = start(&topo.gateway, &layout, BatcherConfig::default());
     let host = topo.host().v4;
     runtime().block_on(async {
-        let owner = Arc::new(Owner(std::sync::Mutex::new(Vec::new())));
+        let owner = Arc::new(Owner::default());
         owner.want(tcp(host, 8080), Instant::now() + Duration::from_secs(60));
         batcher.desired_by(owner.clone());
         let mut repairs = batcher.repairs();

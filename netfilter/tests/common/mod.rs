@@ -7,8 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use fwnp_netfilter::{
-    AlwaysAllowed, Element, GatewayLayout, HostLayout, HostMode, Layout, Netfilter, Ownership,
-    PortRange, Prefix, Protocol, Refuse,
+    AlwaysAllowed, DesiredState, Element, GatewayLayout, HostLayout, HostMode, Layout, Netfilter,
+    Ownership, PortRange, Prefix, Protocol, Refuse,
 };
 use fwnp_testkit::netns::{
     GATEWAY_OUTSIDE_IF, Netns, Topology, tcp_connects, udp_roundtrip, wait_until,
@@ -220,4 +220,43 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("tokio runtime")
+}
+
+/// A batcher's owner that keeps the openings it wants, with when they expire
+/// ([`fwnp_netfilter::Batcher::desired_by`]), and counts how often the batcher read them.
+#[derive(Default)]
+pub struct Owner {
+    openings: std::sync::Mutex<Vec<(Element, Instant)>>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+impl Owner {
+    pub fn want(&self, opening: Element, expires: Instant) {
+        self.openings
+            .lock()
+            .expect("owner")
+            .push((opening, expires));
+    }
+
+    /// How often the batcher read the openings.
+    pub fn reads(&self) -> usize {
+        self.reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl DesiredState for Owner {
+    fn count(&self) -> usize {
+        self.openings.lock().expect("owner").len()
+    }
+
+    fn openings(&self) -> Vec<(Element, Duration)> {
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let now = Instant::now();
+        let openings = self.openings.lock().expect("owner");
+        openings
+            .iter()
+            .filter(|(_, expires)| *expires > now)
+            .map(|(opening, expires)| (opening.clone(), *expires - now))
+            .collect()
+    }
 }
