@@ -31,8 +31,8 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use common::{Client, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir};
-use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers};
-use fwnp_gateway::cluster::policy::{StoredPolicy, decode};
+use etcd_cluster::{EtcdCluster, available, in_cluster, published_policy, two_workers};
+use fwnp_gateway::cluster::policy::StoredPolicy;
 use fwnp_gateway::cluster::sha256_hex;
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::{PUBLISH_ATTEMPTS, Pause, Seams, Service};
@@ -990,7 +990,10 @@ async fn until_in_force(gateway: &OnceLock<Weak<Service>>, version: u64) {
 }
 
 async fn publish_as_rival(endpoints: &[String], text: &str) -> u64 {
-    let current = policy_in_etcd(endpoints).await.0;
+    let current = published_policy(endpoints)
+        .await
+        .expect("a policy is published")
+        .0;
     let stored = StoredPolicy {
         version: current.version + 1,
         hash: sha256_hex(text.as_bytes()),
@@ -1010,22 +1013,6 @@ async fn publish_as_rival(endpoints: &[String], text: &str) -> u64 {
         .await
         .expect("publish the rival's version");
     stored.version
-}
-
-/// The cluster's published policy, with how many times its key was written.
-async fn policy_in_etcd(endpoints: &[String]) -> (StoredPolicy, i64) {
-    let mut client = etcd_client::Client::connect(endpoints, None)
-        .await
-        .expect("etcd client");
-    let answer = client
-        .get("/fwnp-test/policy", None)
-        .await
-        .expect("read the policy");
-    let kv = answer.kvs().first().expect("a policy is published");
-    (
-        decode(kv.value()).expect("a published policy"),
-        kv.version(),
-    )
 }
 
 #[test]
@@ -1063,7 +1050,9 @@ fn a_reload_beaten_at_every_publish_is_answered_409_and_changes_nothing() {
 
             // The key was written at A's start and by the rival only: the cluster's policy
             // is the rival's last version, of the old text.
-            let (stored, writes) = policy_in_etcd(&cluster.endpoints()).await;
+            let (stored, writes) = published_policy(&cluster.endpoints())
+                .await
+                .expect("a policy is published");
             assert_eq!(writes, 1 + 2 * i64::from(PUBLISH_ATTEMPTS));
             assert_eq!(stored.version, 1 + 2 * attempts);
             assert_eq!(
@@ -1119,7 +1108,9 @@ fn a_reload_beaten_fewer_times_than_its_attempts_publishes_the_next_version() {
 
             // After the rival's versions 2 to 1 + losses, A's file as the next one.
             let version = 2 + u64::from(losses);
-            let (stored, writes) = policy_in_etcd(&cluster.endpoints()).await;
+            let (stored, writes) = published_policy(&cluster.endpoints())
+                .await
+                .expect("a policy is published");
             assert_eq!(stored.version, version);
             assert_eq!(writes, 2 + i64::from(losses));
             assert_eq!(
@@ -1259,7 +1250,9 @@ fn an_older_version_the_watch_checked_is_not_put_in_force_after_a_reload_publish
             common::write_policy(&a.policy, NARROWER);
             let (status, body) = a.post("/v1/policy/reload", None).await;
             assert_eq!(status, 200, "{body:#}");
-            let (stored, _) = policy_in_etcd(&endpoints).await;
+            let (stored, _) = published_policy(&endpoints)
+                .await
+                .expect("a policy is published");
             assert_eq!((stored.version, stored.site.as_str()), (3, "gw-a"));
             reload_in_force(&a, &client, 3).await;
 
@@ -1332,7 +1325,9 @@ fn a_reload_whose_version_a_newer_one_overtook_leaves_the_newer_in_force_and_rev
             let file = a.policy.display().to_string();
             assert_eq!(body["policy"], file, "{body:#}");
             assert_eq!(body["revoked"], serde_json::json!([]), "{body:#}");
-            let (stored, writes) = policy_in_etcd(&endpoints).await;
+            let (stored, writes) = published_policy(&endpoints)
+                .await
+                .expect("a policy is published");
             assert_eq!((stored.version, stored.site.as_str()), (3, RIVAL));
             // The answer says the reloaded file is not the policy in force.
             assert_eq!(
@@ -1554,7 +1549,9 @@ fn a_version_whose_reload_was_dropped_before_its_step_still_ends_the_leases_it_d
                 reload.await.is_err_and(|e| e.is_cancelled()),
                 "the reload was dropped at its seam"
             );
-            let (stored, _) = policy_in_etcd(&cluster.endpoints()).await;
+            let (stored, _) = published_policy(&cluster.endpoints())
+                .await
+                .expect("a policy is published");
             assert_eq!((stored.version, stored.site.as_str()), (2, "gw-a"));
 
             // Version 2 is in force on both, and what it disallows has ended: in etcd, in

@@ -31,8 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
-use etcd_cluster::{EtcdCluster, available, in_cluster, two_workers as runtime};
-use fwnp_gateway::cluster::policy::{StoredPolicy, decode};
+use etcd_cluster::{EtcdCluster, available, in_cluster, published_policy, two_workers as runtime};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
@@ -861,19 +860,6 @@ fn policy_versions(gateways: &[&Gateway]) -> Vec<u64> {
         .collect()
 }
 
-/// `P/policy` as etcd holds it.
-async fn policy_in_etcd(cluster: &EtcdCluster) -> Option<StoredPolicy> {
-    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
-        .await
-        .expect("etcd client");
-    let answer = client
-        .get("/fwnp-test/policy", None)
-        .await
-        .expect("read the policy");
-    let kv = answer.kvs().first()?;
-    Some(decode(kv.value()).expect("a published policy"))
-}
-
 async fn lease_in_etcd(cluster: &EtcdCluster, id: LeaseId) -> bool {
     let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
         .await
@@ -1432,10 +1418,14 @@ fn state_lost_under_running_gateways(test: &str, short: &str, loss: Loss) {
 
             // The policy in force is the cluster's again, and versions count on from it.
             let deadline = Instant::now() + PROPAGATION;
-            let mut stored = policy_in_etcd(&cluster).await;
+            let mut stored = published_policy(&cluster.endpoints())
+                .await
+                .map(|(stored, _)| stored);
             while stored.as_ref().map(|p| p.version) != Some(2) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                stored = policy_in_etcd(&cluster).await;
+                stored = published_policy(&cluster.endpoints())
+                    .await
+                    .map(|(stored, _)| stored);
             }
             let stored = stored.expect("a policy in etcd again");
             assert_eq!(

@@ -50,3 +50,20 @@ pub(crate) fn two_workers() -> tokio::runtime::Runtime {
         .build()
         .expect("runtime")
 }
+
+/// The cluster's published policy under the tests' prefix (`/fwnp-test/policy`), with how many
+/// times its key was written; `None` when none is published.
+pub(crate) async fn published_policy(
+    endpoints: &[String],
+) -> Option<(fwnp_gateway::cluster::policy::StoredPolicy, i64)> {
+    let mut client = etcd_client::Client::connect(endpoints, None)
+        .await
+        .expect("etcd client");
+    let answer = client
+        .get("/fwnp-test/policy", None)
+        .await
+        .expect("read the policy");
+    let kv = answer.kvs().first()?;
+    let stored = fwnp_gateway::cluster::policy::decode(kv.value()).expect("a published policy");
+    Some((stored, kv.version()))
+}
