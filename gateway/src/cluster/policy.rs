@@ -347,7 +347,7 @@ impl Cluster {
                 Ok(true) => {
                     info!(
                         version = in_force.version,
-                        "the cluster's policy is in etcd again at the version in force"
+                        "the cluster's policy in etcd is the version in force here, or a later one"
                     );
                     return;
                 }
@@ -360,8 +360,8 @@ impl Cluster {
             }
         }
         warn!(
-            "cluster policy: the version in force could not be put back into etcd; the next \
-             reload publishes it"
+            "cluster policy: the version in force here could not be put back into etcd; it stays \
+             in force here, and a reload's version is left out until it is later"
         );
     }
 
