@@ -633,7 +633,7 @@ impl Worker {
                     let _ = reply.send(self.nf.kill_connections(&opening));
                 }
                 Command::Apply(layout, reply) => {
-                    let elements = self.remaining();
+                    let elements = self.desired.remaining();
                     let reading = self.reading();
                     let result = self.nf.apply(&layout, &elements);
                     if result.is_ok() {
@@ -737,11 +737,6 @@ impl Worker {
         }
     }
 
-    /// The desired elements with their remaining time; expired ones are forgotten.
-    fn remaining(&mut self) -> Vec<(Element, Duration)> {
-        self.desired.remaining()
-    }
-
     /// The ruleset's generation and how many transactions of ours the kernel had committed
     /// then (`None` if the generation could not be read).
     fn reading(&mut self) -> Option<(u32, u64)> {
@@ -784,7 +779,7 @@ impl Worker {
         }
         // Only now: an owner's desired state is copied under its lock, which its changes wait
         // for, and a large one should not be copied every element check for nothing.
-        let desired = self.remaining();
+        let desired = self.desired.remaining();
         let mut event = RepairEvent {
             at: SystemTime::now(),
             trigger,
