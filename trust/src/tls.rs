@@ -225,7 +225,8 @@ fn server_crypto_provider() -> Arc<CryptoProvider> {
 }
 
 /// The gateway's QUIC server configuration: TLS 1.3, client certificates required and verified
-/// against `ca_roots` and `crls`, ALPN `fwnp/1`, no 0-RTT, no resumption, FWNP transport limits.
+/// against `ca_roots` and `crls`, ALPN `fwnp/1`, no 0-RTT, no resumption, FWNP transport limits,
+/// and hosts asked to acknowledge less often.
 pub fn server_config(
     cert_chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
@@ -269,6 +270,7 @@ pub fn server_config(
             options.max_concurrent_uni_streams_from_client,
         ));
     limit_windows(&mut transport, options.max_concurrent_bidi_streams);
+    transport.ack_frequency_config(Some(fewer_acknowledgements()));
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     config.migration(options.allow_migration);
@@ -307,6 +309,26 @@ fn limit_windows(transport: &mut TransportConfig, streams: u32) {
         .mtu_discovery_config(None);
 }
 
+/// Ack-eliciting packets a peer is asked to take before it must acknowledge them at once.
+const ACK_ELICITING_THRESHOLD: u32 = 10;
+
+/// What each side asks of the other through QUIC's acknowledgement frequency extension
+/// (draft-ietf-quic-ack-frequency), which quinn speaks on both ends: acknowledge only after more
+/// than [`ACK_ELICITING_THRESHOLD`] ack-eliciting packets, or else within the peer's own
+/// `max_ack_delay` (25 ms). By default a QUIC receiver acknowledges every second packet at once.
+/// FWNP's traffic is requests and answers: the gateway answers a request only after its kernel
+/// element and its store commit, a few milliseconds later, so each acknowledgement of requests
+/// went out in a datagram of its own, and so did the host's of answers before its next request.
+/// Delayed, they ride in the answer and in the next request. Under the closed loop of 100 hosts
+/// with 8 requests each in flight, the gateway sent 1.11 datagrams a grant instead of 1.24 and
+/// received 1.11 instead of 1.35, and granted about a fifth more a second (its CPU per grant fell
+/// from 57 to 47 µs). A peer without the extension is asked nothing and acknowledges as usual.
+fn fewer_acknowledgements() -> quinn::AckFrequencyConfig {
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    ack
+}
+
 /// The host agent's QUIC client configuration: TLS 1.3, the gateway verified against `ca_roots`
 /// (and the server name given to `Endpoint::connect`), the host's certificate presented, ALPN
 /// `fwnp/1`, no 0-RTT, no resumption, keep-alive and idle timeout.
@@ -341,8 +363,9 @@ pub fn client_config(
 }
 
 /// The host agent's QUIC transport settings alone: keep-alive, idle timeout, no bidirectional
-/// stream for the gateway, notice streams. The agent sets them per connection (on a clone of
-/// its [`client_config`]) when the timers depend on the lifetimes the gateway grants.
+/// stream for the gateway, notice streams, and the gateway asked to acknowledge less often. The
+/// agent sets them per connection (on a clone of its [`client_config`]) when the timers depend
+/// on the lifetimes the gateway grants.
 ///
 /// ```
 /// use std::time::Duration;
@@ -361,7 +384,8 @@ pub fn client_transport(options: &ClientOptions) -> Result<TransportConfig, TlsE
         .max_idle_timeout(Some(idle_timeout(options.idle_timeout)?))
         .keep_alive_interval(Some(options.keep_alive_interval))
         .max_concurrent_bidi_streams(VarInt::from_u32(0))
-        .max_concurrent_uni_streams(VarInt::from_u32(options.max_concurrent_notice_streams));
+        .max_concurrent_uni_streams(VarInt::from_u32(options.max_concurrent_notice_streams))
+        .ack_frequency_config(Some(fewer_acknowledgements()));
     Ok(transport)
 }
 

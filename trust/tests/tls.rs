@@ -321,6 +321,49 @@ async fn the_gateway_announces_one_message_of_stream_window_and_no_datagrams() {
     client.close(0u32.into(), b"done");
 }
 
+/// Each end asks the other, through QUIC's acknowledgement frequency extension, to acknowledge
+/// less often than every second packet, so that the acknowledgement of a request rides in its
+/// answer rather than in a datagram of its own. Each end also takes the other's request.
+#[tokio::test]
+async fn each_end_asks_the_other_to_acknowledge_less_often() {
+    let ca = TestCa::new("acks");
+    ca.host(
+        "web-01",
+        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
+        &[],
+        &[],
+    );
+    let server = server(&ca.server_files());
+    let attempt = attempt(
+        &server,
+        client_config(&ca.client_files("web-01")),
+        GATEWAY_NAME,
+    )
+    .await;
+    let server = attempt.server.expect("server accepted");
+    let client = attempt.client.expect("client connected");
+    // The frame goes out once the handshake is confirmed; a few exchanges carry it and its
+    // acknowledgement.
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    loop {
+        assert_eq!(echo(&client, &server, b"request").await, b"request");
+        let (client_stats, server_stats) = (client.stats(), server.stats());
+        if client_stats.frame_rx.ack_frequency > 0 && server_stats.frame_rx.ack_frequency > 0 {
+            assert_eq!(client_stats.frame_tx.ack_frequency, 1);
+            assert_eq!(server_stats.frame_tx.ack_frequency, 1);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ACK_FREQUENCY frame taken: host {:?}, gateway {:?}",
+            client_stats.frame_rx,
+            server_stats.frame_rx
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    client.close(0u32.into(), b"done");
+}
+
 /// One request stream's bytes from the host, echoed back by the gateway.
 async fn echo(client: &Connection, server: &Connection, text: &[u8]) -> Vec<u8> {
     let exchange = async {
