@@ -225,8 +225,9 @@ impl Change {
 #[derive(Debug, Default)]
 pub struct ReconcileReport {
     /// Elements added (all desired ones when the table was recreated); empty when the sets
-    /// were replaced (see `replaced`): a start that replaces a million of them needs only
-    /// how many, in `added_count`.
+    /// were replaced (see `replaced`), which a recreated table's are from
+    /// [`Netfilter::REPLACE_AT`] elements on: a start that writes a million of them needs
+    /// only how many, in `added_count`.
     pub added: Vec<Element>,
     /// How many elements were added: those in `added`, or when the sets were replaced, every
     /// desired element that could be held ([`Netfilter::reconcile`]) or those of them that

@@ -612,6 +612,64 @@ fn reconcile_repairs_missing_and_extra_elements() {
     assert!(!outside_tcp(&topo, topo.host().v4, 8003));
 }
 
+/// A deleted table with many desired elements is recreated empty and filled by one
+/// replacement batch: every element is in force (an interval one too, and a repeated one with
+/// its last timeout), counted but not listed, and nothing else passes.
+#[test]
+fn a_table_recreated_with_many_elements_holds_every_one() {
+    if !require_root("a_table_recreated_with_many_elements_holds_every_one") {
+        return;
+    }
+    let topo = topology();
+    let _server = TcpEchoServer::start_ports(&topo.host().netns, &[8001, 8002, 8003, 21_050])
+        .expect("server");
+    let layout = gateway_layout(Refuse::Reject);
+    let host = topo.host().v4;
+    let lifetime = Duration::from_secs(600);
+    let mut desired: Vec<(Element, Duration)> = (0..Netfilter::REPLACE_AT)
+        .map(|i| {
+            let port = 30_000 + u16::try_from(i).expect("port");
+            (tcp(host, port), lifetime)
+        })
+        .collect();
+    desired.push((tcp(host, 8001), Duration::from_secs(5)));
+    desired.push((tcp(host, 8002), lifetime));
+    desired.push((tcp_range(host, 21_000, 21_100), lifetime));
+    // Repeated: the last timeout is the one kept.
+    desired.push((tcp(host, 8001), lifetime));
+    let mut nf = open_shared_and_apply(&topo.gateway, &layout, &[]);
+    topo.gateway
+        .exec_checked(&["nft", "delete", "table", "inet", "fwnp"])
+        .expect("nft delete table");
+    let report = topo
+        .gateway
+        .run(|| nf.reconcile(&layout, desired.clone()))
+        .expect("reconcile");
+    assert!(report.table_recreated, "{report:?}");
+    assert!(report.replaced, "{report:?}");
+    assert!(report.added.is_empty(), "{report:?}");
+    assert_eq!(report.added_count, desired.len() - 1, "{report:?}");
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(
+        nft_set_len(&topo.gateway, "fwnp", "lease4"),
+        Netfilter::REPLACE_AT + 2
+    );
+    let listed = topo.gateway.run(|| nf.elements(&layout)).expect("elements");
+    let remaining = |element: &Element| {
+        listed
+            .iter()
+            .find(|(listed, _)| listed == element)
+            .map(|(_, remaining)| *remaining)
+    };
+    let repeated = remaining(&tcp(host, 8001)).expect("the repeated element is held");
+    assert!(repeated > Duration::from_secs(60), "{repeated:?}");
+    assert!(remaining(&tcp_range(host, 21_000, 21_100)).is_some());
+    for port in [8001, 8002, 21_050] {
+        assert!(outside_tcp(&topo, host, port), "{port} refused");
+    }
+    assert!(!outside_tcp(&topo, host, 8003), "8003 was never desired");
+}
+
 #[test]
 fn kill_connections_cuts_a_live_connection_of_a_removed_opening() {
     if !require_root("kill_connections_cuts_a_live_connection_of_a_removed_opening") {
