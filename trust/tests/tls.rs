@@ -132,6 +132,38 @@ async fn attempt(
     }
 }
 
+/// Host `web-01` (IP SAN 10.1.2.3, under a CA of its own named `label`) connected to a
+/// gateway endpoint: both ends' connections, with the CA and the endpoint they live by.
+struct Connected {
+    _ca: TestCa,
+    _endpoint: Endpoint,
+    server: Connection,
+    client: Connection,
+}
+
+async fn web_01_connected(label: &str) -> Connected {
+    let ca = TestCa::new(label);
+    ca.host(
+        "web-01",
+        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
+        &[],
+        &[],
+    );
+    let endpoint = server(&ca.server_files());
+    let attempt = attempt(
+        &endpoint,
+        client_config(&ca.client_files("web-01")),
+        GATEWAY_NAME,
+    )
+    .await;
+    Connected {
+        server: attempt.server.expect("server accepted"),
+        client: attempt.client.expect("client connected"),
+        _ca: ca,
+        _endpoint: endpoint,
+    }
+}
+
 /// The crypto error code of an alert, as QUIC carries it.
 fn alert_code(alert: AlertDescription) -> TransportErrorCode {
     TransportErrorCode::crypto(u8::from(alert))
@@ -291,22 +323,8 @@ async fn a_good_host_connects_and_the_gateway_reads_its_uri_identity_and_ip_sans
 /// host cannot make the gateway buffer more than its messages).
 #[tokio::test]
 async fn the_gateway_announces_one_message_of_stream_window_and_no_datagrams() {
-    let ca = TestCa::new("windows");
-    ca.host(
-        "web-01",
-        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
-        &[],
-        &[],
-    );
-    let server = server(&ca.server_files());
-    let attempt = attempt(
-        &server,
-        client_config(&ca.client_files("web-01")),
-        GATEWAY_NAME,
-    )
-    .await;
-    let _server = attempt.server.expect("server accepted");
-    let client = attempt.client.expect("client connected");
+    let connected = web_01_connected("windows").await;
+    let client = &connected.client;
     assert_eq!(client.max_datagram_size(), None, "datagrams are announced");
     let (mut send, _receive) = tokio::time::timeout(STEP_TIMEOUT, client.open_bi())
         .await
@@ -326,27 +344,13 @@ async fn the_gateway_announces_one_message_of_stream_window_and_no_datagrams() {
 /// answer rather than in a datagram of its own. Each end also takes the other's request.
 #[tokio::test]
 async fn each_end_asks_the_other_to_acknowledge_less_often() {
-    let ca = TestCa::new("acks");
-    ca.host(
-        "web-01",
-        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
-        &[],
-        &[],
-    );
-    let server = server(&ca.server_files());
-    let attempt = attempt(
-        &server,
-        client_config(&ca.client_files("web-01")),
-        GATEWAY_NAME,
-    )
-    .await;
-    let server = attempt.server.expect("server accepted");
-    let client = attempt.client.expect("client connected");
+    let connected = web_01_connected("acks").await;
+    let (client, server) = (&connected.client, &connected.server);
     // The frame goes out once the handshake is confirmed; a few exchanges carry it and its
     // acknowledgement.
     let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
     loop {
-        assert_eq!(echo(&client, &server, b"request").await, b"request");
+        assert_eq!(echo(client, server, b"request").await, b"request");
         let (client_stats, server_stats) = (client.stats(), server.stats());
         if client_stats.frame_rx.ack_frequency > 0 && server_stats.frame_rx.ack_frequency > 0 {
             assert_eq!(client_stats.frame_tx.ack_frequency, 1);
