@@ -177,6 +177,39 @@ pub struct RequestPathStatus {
     pub store_waits: u64,
     /// Their time, microseconds.
     pub store_wait_us: u64,
+    /// How the lock waits spread (absent from a gateway that does not report it, as are the
+    /// three below).
+    #[serde(default)]
+    pub lock_wait_buckets: TimeBuckets,
+    /// How the kernel waits spread.
+    #[serde(default)]
+    pub kernel_wait_buckets: TimeBuckets,
+    /// How the store waits spread.
+    #[serde(default)]
+    pub store_wait_buckets: TimeBuckets,
+    /// How the grants' latency spread, from a request's arrival to its Granted answer.
+    #[serde(default)]
+    pub grant_latency_buckets: TimeBuckets,
+}
+
+/// How many requests took at most each of a series of times, in [`RequestPathStatus`]: the
+/// cumulative buckets of a histogram, as Prometheus's `le` buckets. The difference of two
+/// readings, bucket by bucket, is the spread in between, from which its quantiles follow to
+/// within a bucket (the bounds double from one bucket to the next).
+///
+/// ```
+/// let b: fwnp_gateway::api::TimeBuckets = serde_json::from_str(
+///     r#"{"le_us":[100,200,400,18446744073709551615],"counts":[5,9,10,10]}"#).unwrap();
+/// // 9 of the 10 took at most 200 µs; the last bound is none at all.
+/// assert_eq!((b.le_us[1], b.counts[1]), (200, 9));
+/// assert_eq!(b.le_us.last(), Some(&u64::MAX));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeBuckets {
+    /// The upper bounds, microseconds, increasing; the last is `u64::MAX`, no bound.
+    pub le_us: Vec<u64>,
+    /// How many requests took at most each bound.
+    pub counts: Vec<u64>,
 }
 
 /// Where the leases are kept, in [`StatusAnswer`], by backend.

@@ -1,9 +1,27 @@
 //! Prometheus metrics of the gateway, served as text on the configured address.
 
+use prometheus::core::Metric;
 use prometheus::{
     Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     Opts, Registry, TextEncoder,
 };
+
+use crate::api::TimeBuckets;
+
+/// A histogram's cumulative buckets in microseconds, its count of every observation as the
+/// last, unbounded one.
+fn buckets(histogram: &Histogram) -> TimeBuckets {
+    let metric = histogram.metric();
+    let proto = metric.get_histogram();
+    let (mut le_us, mut counts): (Vec<u64>, Vec<u64>) = proto
+        .get_bucket()
+        .iter()
+        .map(|b| ((b.upper_bound() * 1e6).round() as u64, b.cumulative_count()))
+        .unzip();
+    le_us.push(u64::MAX);
+    counts.push(proto.get_sample_count());
+    TimeBuckets { le_us, counts }
+}
 
 /// Every metric the gateway exports.
 #[derive(Debug, Clone)]
@@ -226,6 +244,16 @@ impl Metrics {
         )
     }
 
+    /// How the times of `stage` spread, in its histogram's buckets.
+    pub fn stage_buckets(&self, stage: Stage) -> TimeBuckets {
+        buckets(&self.stages[stage as usize])
+    }
+
+    /// How the grants' latency spread, in its histogram's buckets.
+    pub fn grant_latency_buckets(&self) -> TimeBuckets {
+        buckets(&self.grant_latency)
+    }
+
     /// Counts one answered request.
     pub fn request(&self, outcome: &str) {
         if outcome == "granted" {
@@ -298,6 +326,33 @@ mod tests {
             text.contains("fwnp_requests_total{outcome=\"granted\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_buckets_count_each_time_at_every_bound_it_is_within() {
+        let metrics = Metrics::new();
+        metrics.stage(Stage::Store, Duration::from_millis(3));
+        metrics.stage(Stage::Store, Duration::from_millis(1));
+        metrics.grant_latency.observe(0.000_15);
+        let store = metrics.stage_buckets(Stage::Store);
+        assert_eq!(store.le_us.len(), store.counts.len());
+        assert_eq!(&store.le_us[..3], &[25, 50, 100]);
+        assert_eq!(store.le_us.last(), Some(&u64::MAX));
+        let at = |b: &crate::api::TimeBuckets, le_us: u64| {
+            b.le_us
+                .iter()
+                .position(|&le| le == le_us)
+                .map(|i| b.counts[i])
+        };
+        assert_eq!(at(&store, 800), Some(0));
+        assert_eq!(at(&store, 1_600), Some(1));
+        assert_eq!(at(&store, 3_200), Some(2));
+        assert_eq!(store.counts.last(), Some(&2));
+        let lock = metrics.stage_buckets(Stage::Lock);
+        assert!(lock.counts.iter().all(|&n| n == 0), "{lock:?}");
+        let grants = metrics.grant_latency_buckets();
+        assert_eq!(at(&grants, 100), Some(0));
+        assert_eq!(at(&grants, 200), Some(1));
     }
 
     #[test]

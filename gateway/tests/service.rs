@@ -2815,6 +2815,17 @@ async fn the_status_tells_where_requests_waited() {
     assert_eq!(a.kernel_waits - b.kernel_waits, 2);
     assert_eq!(a.store_waits - b.store_waits, 2);
     assert!(a.store_wait_us > b.store_wait_us, "{a:?}");
+    // Their spread: each bucket's count grew by at most the two, the unbounded one by both.
+    for (name, b, a) in [
+        ("kernel", &b.kernel_wait_buckets, &a.kernel_wait_buckets),
+        ("store", &b.store_wait_buckets, &a.store_wait_buckets),
+        ("grant", &b.grant_latency_buckets, &a.grant_latency_buckets),
+    ] {
+        assert_eq!(a.le_us, b.le_us, "{name}");
+        let grown: Vec<u64> = a.counts.iter().zip(&b.counts).map(|(a, b)| a - b).collect();
+        assert!(grown.windows(2).all(|w| w[0] <= w[1]), "{name}: {grown:?}");
+        assert_eq!(grown.last(), Some(&2), "{name}: {grown:?}");
+    }
     assert_eq!(a.in_flight, 0, "nothing is left in flight once answered");
     // The writer counted its two lease jobs (and the refusal's audit row) in line.
     assert!(after.store_writer.jobs >= before.store_writer.jobs + 2);

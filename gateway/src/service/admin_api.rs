@@ -123,6 +123,10 @@ impl Service {
                     kernel_wait_us,
                     store_waits,
                     store_wait_us,
+                    lock_wait_buckets: self.metrics.stage_buckets(Stage::Lock),
+                    kernel_wait_buckets: self.metrics.stage_buckets(Stage::Kernel),
+                    store_wait_buckets: self.metrics.stage_buckets(Stage::Store),
+                    grant_latency_buckets: self.metrics.grant_latency_buckets(),
                 }
             },
             cluster: None,

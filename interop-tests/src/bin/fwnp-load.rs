@@ -1005,6 +1005,16 @@ fn batching(
         delta(&["store_writer", "transactions"]),
         delta(&["store_writer", "ops"]),
     );
+    let stage = |buckets: &str| {
+        let spread = |v: &serde_json::Value| v.get("request_path")?.get(buckets).cloned();
+        let quantile = |q: f64| {
+            spread(before)
+                .zip(spread(after))
+                .and_then(|(b, a)| bucket_quantile_us(&b, &a, q))
+                .map(|us| us / 1e3)
+        };
+        json!({"p50": quantile(0.5), "p99": quantile(0.99)})
+    };
     json!({
         "kernel_batches": batches,
         "kernel_changes_per_batch": per(changes, batches),
@@ -1018,7 +1028,63 @@ fn batching(
         "lock_wait_ms_mean": per(delta(&["request_path", "lock_wait_us"]), delta(&["request_path", "lock_waits"])).map(|us| us / 1e3),
         "kernel_wait_ms_mean": per(delta(&["request_path", "kernel_wait_us"]), delta(&["request_path", "kernel_waits"])).map(|us| us / 1e3),
         "store_wait_ms_mean": per(delta(&["request_path", "store_wait_us"]), delta(&["request_path", "store_waits"])).map(|us| us / 1e3),
+        // And the tail of each wait, from the gateway's own histograms: which stage the slow
+        // requests were slow in, and how much of the generator's latency the gateway's handling
+        // of a grant accounts for.
+        "stage_quantiles_ms": {
+            "lock": stage("lock_wait_buckets"),
+            "kernel": stage("kernel_wait_buckets"),
+            "store": stage("store_wait_buckets"),
+            "grant": stage("grant_latency_buckets"),
+        },
     })
+}
+
+/// The quantile `q`, in microseconds, of the times a gateway histogram counted between two
+/// readings of its cumulative buckets (`le_us` and `counts`, as the status gives them),
+/// interpolated linearly within the bucket it falls in, as Prometheus's `histogram_quantile`
+/// does; in the unbounded last bucket, its lower bound. `None` if nothing was counted in
+/// between or the readings do not match.
+fn bucket_quantile_us(
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+    q: f64,
+) -> Option<f64> {
+    let numbers = |v: &serde_json::Value, key: &str| -> Option<Vec<u64>> {
+        v.get(key)?
+            .as_array()?
+            .iter()
+            .map(serde_json::Value::as_u64)
+            .collect()
+    };
+    let bounds = numbers(after, "le_us")?;
+    if numbers(before, "le_us")? != bounds {
+        return None;
+    }
+    let (b, a) = (numbers(before, "counts")?, numbers(after, "counts")?);
+    if a.len() != bounds.len() || b.len() != bounds.len() {
+        return None;
+    }
+    let counts: Vec<u64> = a
+        .iter()
+        .zip(&b)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .collect();
+    let total = *counts.last()?;
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let i = counts.iter().position(|&c| c as f64 >= rank)?;
+    let (lower, below) = match i {
+        0 => (0.0, 0),
+        _ => (bounds[i - 1] as f64, counts[i - 1]),
+    };
+    if bounds[i] == u64::MAX {
+        return Some(lower);
+    }
+    let within = (counts[i] - below) as f64;
+    Some(lower + (bounds[i] as f64 - lower) * (rank - below as f64) / within)
 }
 
 /// The latency quantiles reported (with the maximum).
@@ -2374,4 +2440,31 @@ fn load_average() -> Option<String> {
 
 fn nix_is_root() -> bool {
     nix::unistd::Uid::effective().is_root()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket_quantile_us;
+    use serde_json::json;
+
+    #[test]
+    fn a_quantile_is_read_from_the_buckets_counted_between_two_readings() {
+        let le_us = json!([100, 200, 400, u64::MAX]);
+        let before = json!({"le_us": le_us, "counts": [10, 10, 10, 10]});
+        // In between: 50 at most 100 µs, 40 more at most 200, 9 at most 400, one beyond.
+        let after = json!({"le_us": le_us, "counts": [60, 100, 109, 110]});
+        assert_eq!(bucket_quantile_us(&before, &after, 0.5), Some(100.0));
+        // The 90th of 100 is the last of the second bucket, the 99th the last of the third; the
+        // 95th is the fifth of the third's nine, five ninths of the way through it.
+        assert_eq!(bucket_quantile_us(&before, &after, 0.9), Some(200.0));
+        assert_eq!(bucket_quantile_us(&before, &after, 0.99), Some(400.0));
+        let p95 = bucket_quantile_us(&before, &after, 0.95).expect("p95");
+        assert!((p95 - (200.0 + 200.0 * 5.0 / 9.0)).abs() < 1e-9, "{p95}");
+        // The last one lies beyond every bound: the last bound is all that is known.
+        assert_eq!(bucket_quantile_us(&before, &after, 1.0), Some(400.0));
+        // Nothing counted in between, or readings of other bounds: no quantile.
+        assert_eq!(bucket_quantile_us(&after, &after, 0.5), None);
+        let other = json!({"le_us": [100, u64::MAX], "counts": [0, 0]});
+        assert_eq!(bucket_quantile_us(&other, &after, 0.5), None);
+    }
 }
