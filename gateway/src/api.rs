@@ -374,7 +374,8 @@ pub struct FilterStatus {
 ///
 /// ```
 /// let w = fwnp_gateway::api::WriterStatus { transactions: 1, jobs: 2, ops: 4, failed_jobs: 0,
-///     largest_batch: 4, pending_ops: 0, busy_us: 9, queue_wait_us: 30 };
+///     largest_batch: 4, pending_ops: 0, busy_us: 9, queue_wait_us: 30, wal_restarts: 1,
+///     wal_restart_us: 2_500, longest_wal_restart_us: 2_500 };
 /// assert_eq!(serde_json::to_value(&w).unwrap()["ops"], 4);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +398,16 @@ pub struct WriterStatus {
     /// microseconds (over `jobs`: the mean wait); absent from a gateway that does not report it.
     #[serde(default)]
     pub queue_wait_us: u64,
+    /// Checkpoints the writer ran between two transactions so that the SQLite WAL starts over;
+    /// every commit waits for each. Absent (0) from a gateway that does not report them.
+    #[serde(default)]
+    pub wal_restarts: u64,
+    /// Their time, summed, microseconds.
+    #[serde(default)]
+    pub wal_restart_us: u64,
+    /// The longest of them since the gateway started, microseconds.
+    #[serde(default)]
+    pub longest_wal_restart_us: u64,
 }
 
 /// One grant of a lease or an audit event.

@@ -1970,4 +1970,12 @@ fn the_wal_starts_over_under_writes_that_never_pause() {
         largest < bound,
         "the WAL reached {largest} bytes (the database holds {database})"
     );
+    // The writer ran those checkpoints itself, between its transactions, and counted each one
+    // and its time, which every commit waited for.
+    let stats = store.writer().stats();
+    assert!(stats.wal_restarts > 0, "{stats:?}");
+    assert!(
+        stats.longest_wal_restart_us > 0 && stats.longest_wal_restart_us <= stats.wal_restart_us,
+        "{stats:?}"
+    );
 }

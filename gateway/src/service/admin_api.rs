@@ -110,6 +110,9 @@ impl Service {
                 pending_ops: writer.pending_ops as u64,
                 busy_us: writer.busy_us,
                 queue_wait_us: writer.queue_wait_us,
+                wal_restarts: writer.wal_restarts,
+                wal_restart_us: writer.wal_restart_us,
+                longest_wal_restart_us: writer.longest_wal_restart_us,
             },
             request_path: {
                 let (lock_waits, lock_wait_us) = self.metrics.stage_totals(Stage::Lock);

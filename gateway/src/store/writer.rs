@@ -110,6 +110,13 @@ pub struct WriterStats {
     /// Time jobs waited in the queue before the transaction holding them began, summed, in
     /// microseconds: over `jobs`, how long a commit stands in line behind the others.
     pub queue_wait_us: u64,
+    /// Checkpoints the writer ran itself so that the WAL starts over (see [`WalRestartDue`]):
+    /// every commit waits for each of them.
+    pub wal_restarts: u64,
+    /// Their time, summed, in microseconds.
+    pub wal_restart_us: u64,
+    /// The longest of them since the store was opened, in microseconds.
+    pub longest_wal_restart_us: u64,
 }
 
 pub(crate) enum Reply {
@@ -141,6 +148,9 @@ struct Counters {
     busy_us: AtomicU64,
     careful_redos: AtomicU64,
     queue_wait_us: AtomicU64,
+    wal_restarts: AtomicU64,
+    wal_restart_us: AtomicU64,
+    longest_wal_restart_us: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -264,6 +274,9 @@ impl StoreWriter {
             busy_us: c.busy_us.load(Ordering::Relaxed),
             careful_redos: c.careful_redos.load(Ordering::Relaxed),
             queue_wait_us: c.queue_wait_us.load(Ordering::Relaxed),
+            wal_restarts: c.wal_restarts.load(Ordering::Relaxed),
+            wal_restart_us: c.wal_restart_us.load(Ordering::Relaxed),
+            longest_wal_restart_us: c.longest_wal_restart_us.load(Ordering::Relaxed),
         }
     }
 
@@ -378,7 +391,7 @@ fn run(
         } = group;
         execute(writer.as_mut(), shared, batch);
         if let Some(due) = &wal_restart {
-            restart_wal_if_due(due, &conn);
+            restart_wal_if_due(due, &conn, &shared.counters);
         }
         if closing {
             // Refuse new work, then finish what was queued before the close.
@@ -413,11 +426,32 @@ pub(crate) type WalRestartDue = Arc<std::sync::atomic::AtomicBool>;
 
 /// Between two transactions: the passive checkpoint the checkpoint thread asked for, if it
 /// did. One that finds a reader in the way is asked for again after the thread's next round.
-fn restart_wal_if_due(due: &WalRestartDue, conn: &Connection) {
+/// Timed and counted, and a long one is logged: commits wait for it, and one slow sync of the
+/// database file there shows as a stall of every request in flight.
+fn restart_wal_if_due(due: &WalRestartDue, conn: &Connection, counters: &Counters) {
     if due.swap(false, Ordering::AcqRel) {
+        let began = std::time::Instant::now();
         let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        let took = began.elapsed();
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        counters.wal_restarts.fetch_add(1, Ordering::Relaxed);
+        counters.wal_restart_us.fetch_add(us, Ordering::Relaxed);
+        counters
+            .longest_wal_restart_us
+            .fetch_max(us, Ordering::Relaxed);
+        if took >= LONG_WAL_RESTART {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                "store: the checkpoint that starts the WAL over held every commit this long \
+                 (copying the WAL's pages into the database file and syncing it)"
+            );
+        }
     }
 }
+
+/// From how long a checkpoint of the writer's own is worth a warning: some forty times what one
+/// took on this project's test machine (2-3 ms, about every 3 s at 1,000 grants a second).
+const LONG_WAL_RESTART: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The jobs of one group commit, gathered from the writer's queue.
 #[derive(Default)]

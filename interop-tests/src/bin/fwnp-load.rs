@@ -1025,6 +1025,11 @@ fn batching(
         // Where requests stood in line: the mean wait of each stage over the run, and of a
         // store job in the writer's queue before its transaction began.
         "store_queue_ms_per_job": per(delta(&["store_writer", "queue_wait_us"]), delta(&["store_writer", "jobs"])).map(|us| us / 1e3),
+        // The checkpoints that start the WAL over, which every commit waits for: how many in
+        // the run, their mean, and the longest since the gateway started.
+        "store_wal_restarts": delta(&["store_writer", "wal_restarts"]),
+        "store_wal_restart_ms_mean": per(delta(&["store_writer", "wal_restart_us"]), delta(&["store_writer", "wal_restarts"])).map(|us| us / 1e3),
+        "store_wal_restart_ms_longest": after.get("store_writer").and_then(|w| w.get("longest_wal_restart_us")).and_then(serde_json::Value::as_u64).map(|us| us as f64 / 1e3),
         "lock_wait_ms_mean": per(delta(&["request_path", "lock_wait_us"]), delta(&["request_path", "lock_waits"])).map(|us| us / 1e3),
         "kernel_wait_ms_mean": per(delta(&["request_path", "kernel_wait_us"]), delta(&["request_path", "kernel_waits"])).map(|us| us / 1e3),
         "store_wait_ms_mean": per(delta(&["request_path", "store_wait_us"]), delta(&["request_path", "store_waits"])).map(|us| us / 1e3),
