@@ -6,7 +6,9 @@
 //! both kernels; an expiry happens once across them, and a renewal through one racing the
 //! other's expiry timer ends the same way on both; a revocation through one reaches the host
 //! connected to the other as the Revoked notice; with the quorum lost the openings stay until
-//! their own timeouts and close then, and with it back every kernel is reconciled; an
+//! their own timeouts and close then, and with it back every kernel is reconciled; a gateway
+//! cut off from etcd, whether its connections end or go silent for good, keeps its openings,
+//! connects anew when the network is back and reconciles its book and kernel; an
 //! operator's revoke without the quorum is refused and changes no book or kernel; a policy
 //! reload through one gateway closes what it disallows in both kernels, each lease ended and
 //! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
@@ -388,16 +390,35 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
 }
 
 /// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
-/// cuts that gateway off (its connections end, new ones are closed at once) and nothing else.
+/// cuts that gateway off and nothing else.
 struct Link {
     endpoints: Vec<String>,
-    cut: tokio::sync::watch::Sender<bool>,
+    cut: tokio::sync::watch::Sender<Cut>,
+    /// The connections a silent cut left open and mute: nothing comes through them again, and
+    /// they end only with the link.
+    muted: Arc<std::sync::Mutex<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// How a [`Link`] cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// Not cut: bytes pass.
+    No,
+    /// Its connections end, and new ones are closed at once: the gateway is told.
+    Closed,
+    /// Nothing passes any more, in either direction, and nothing tells: its connections stay
+    /// open and mute for good, and new ones are accepted and mute too, as behind a network
+    /// that drops every packet (a connection that lived through such a cut stays dead after
+    /// it, as one does whose peer or middlebox forgot it meanwhile). Only connections made
+    /// after the cut pass again.
+    Silent,
 }
 
 impl Link {
     async fn start(members: &[String]) -> Link {
-        let (cut, _) = tokio::sync::watch::channel(false);
+        let (cut, _) = tokio::sync::watch::channel(Cut::No);
+        let muted = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut endpoints = Vec::new();
         let mut tasks = Vec::new();
         for member in members {
@@ -413,19 +434,33 @@ impl Link {
                 listener.local_addr().expect("relay address")
             ));
             let state = cut.subscribe();
+            let muted = muted.clone();
             tasks.push(tokio::spawn(async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
-                    if *state.borrow() {
-                        continue;
+                    let now = *state.borrow();
+                    match now {
+                        Cut::No => {}
+                        Cut::Closed => continue,
+                        Cut::Silent => {
+                            // Accepted, and never answered: held open without a byte read.
+                            if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
+                                muted.lock().unwrap().push((inbound, outbound));
+                            }
+                            continue;
+                        }
                     }
                     let mut state = state.clone();
+                    let muted = muted.clone();
                     tokio::spawn(async move {
                         let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
                             return;
                         };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                            _ = state.wait_for(|cut| *cut) => {}
+                        let cut = tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            cut = state.wait_for(|cut| *cut != Cut::No) => cut.map_or(Cut::Closed, |c| *c),
+                        };
+                        if cut == Cut::Silent {
+                            muted.lock().unwrap().push((inbound, outbound));
                         }
                     });
                 }
@@ -434,21 +469,23 @@ impl Link {
         Link {
             endpoints,
             cut,
+            muted,
             tasks,
         }
     }
 
-    fn set_cut(&self, cut: bool) {
+    fn set_cut(&self, cut: Cut) {
         self.cut.send_replace(cut);
     }
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
-        self.set_cut(true);
+        self.set_cut(Cut::Closed);
         for task in &self.tasks {
             task.abort();
         }
+        self.muted.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 }
 
@@ -599,7 +636,7 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             assert!(a.wait_open(7002, true, PROPAGATION).await);
             let before = a.reconciliations();
 
-            link.set_cut(true);
+            link.set_cut(Cut::Closed);
             // Cut off, A grants nothing and keeps what its kernel holds.
             let refused = denied(to_a.open(tcp(7004), None).await);
             assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
@@ -616,7 +653,7 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
             );
             assert!(!a.passes(7003), "nor learns of new ones");
 
-            link.set_cut(false);
+            link.set_cut(Cut::No);
             assert!(
                 a.wait_open(7002, false, Duration::from_secs(15)).await,
                 "the lease released meanwhile is gone from A's kernel"
@@ -646,6 +683,103 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             assert!(b.wait_open(7004, true, PROPAGATION).await);
+            drop((to_a, to_b));
+            assert_no_epoch_change(&[&a, &b]);
+            a.stop();
+            b.stop();
+            drop(link);
+        },
+    );
+}
+
+/// Cut off by a network that drops everything and tells nothing: no connection of A's ends,
+/// and none that lived through the cut ever answers again. A must find out by itself (its
+/// HTTP/2 keep-alive, its watch's silence), connect anew once the network is back, and list
+/// the cluster again, as after a cut it is told of.
+#[test]
+fn a_gateway_silently_cut_off_from_etcd_connects_anew_and_reconciles_when_the_network_is_back() {
+    in_cluster(
+        "a_gateway_silently_cut_off_from_etcd_connects_anew_and_reconciles_when_the_network_is_back",
+        "wsil",
+        runtime,
+        async |cluster| {
+            let pki = Pki::new("etcd-wsil");
+            let (dir_a, dir_b) = (temp_dir("wsil-a"), temp_dir("wsil-b"));
+            let link = Link::start(&cluster.endpoints()).await;
+            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+            let files = pki.host("web-01", &[host_ip()], &[], &[]);
+            let to_a = Client::connect(a.addr, &files).await;
+            to_a.hello().await;
+            let to_b = Client::connect(b.addr, &files).await;
+            to_b.hello().await;
+            let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
+            let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+            assert!(a.wait_open(7001, true, PROPAGATION).await);
+            assert!(a.wait_open(7002, true, PROPAGATION).await);
+            let before = a.reconciliations();
+
+            link.set_cut(Cut::Silent);
+            // Meanwhile, through B: one lease released, one granted. A's watch hears nothing.
+            let released = to_b.release(gone).await;
+            assert!(matches!(released, Message::Released(_)), "{released:?}");
+            let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
+            assert!(b.wait_open(7002, false, PROPAGATION).await);
+            assert!(b.wait_open(7003, true, PROPAGATION).await);
+            // A's requests to etcd get no answer: it grants nothing, within its timeout.
+            let asked = Instant::now();
+            let refused = denied(to_a.open(tcp(7004), None).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "{:?}",
+                asked.elapsed()
+            );
+            // Long enough for every connection A had to be found dead and tried again (into
+            // the same silence).
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            assert!(
+                a.passes(7001) && a.passes(7002),
+                "a gateway cut off from etcd drops none of its openings"
+            );
+            assert!(!a.passes(7003), "nor learns of new ones");
+
+            link.set_cut(Cut::No);
+            assert!(
+                a.wait_open(7002, false, Duration::from_secs(20)).await,
+                "the lease released meanwhile is gone from A's kernel"
+            );
+            assert!(
+                a.wait_open(7003, true, PROPAGATION).await,
+                "the lease granted meanwhile is in A's kernel"
+            );
+            assert!(a.passes(7001), "the lease that lived on stays");
+            assert!(
+                a.reconciliations() > before,
+                "A's trail records the reconcile"
+            );
+            let mut listed: Vec<LeaseId> =
+                to_a.list().await.leases.iter().map(|l| l.lease).collect();
+            listed.sort();
+            let mut expected = vec![kept, new];
+            expected.sort();
+            assert_eq!(listed, expected, "A's book");
+            // A grants again, and its watch follows the cluster again: what A grants reaches
+            // B, and what B grants reaches A.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match to_a.open(tcp(7004), Some(600)).await {
+                    Message::Granted(_) => break,
+                    other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(b.wait_open(7004, true, PROPAGATION).await);
+            granted(to_b.open(tcp(7005), Some(600)).await);
+            assert!(
+                a.wait_open(7005, true, PROPAGATION).await,
+                "A's watch follows the cluster again"
+            );
             drop((to_a, to_b));
             assert_no_epoch_change(&[&a, &b]);
             a.stop();
