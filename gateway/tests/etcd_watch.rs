@@ -615,80 +615,10 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
 
 #[test]
 fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back() {
-    in_cluster(
+    cut_off_and_back(
         "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back",
         "wpart",
-        runtime,
-        async |cluster| {
-            let pki = Pki::new("etcd-wpart");
-            let (dir_a, dir_b) = (temp_dir("wpart-a"), temp_dir("wpart-b"));
-            let link = Link::start(&cluster.endpoints()).await;
-            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
-            let files = pki.host("web-01", &[host_ip()], &[], &[]);
-            let to_a = Client::connect(a.addr, &files).await;
-            to_a.hello().await;
-            let to_b = Client::connect(b.addr, &files).await;
-            to_b.hello().await;
-            let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
-            let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
-            assert!(a.wait_open(7001, true, PROPAGATION).await);
-            assert!(a.wait_open(7002, true, PROPAGATION).await);
-            let before = a.reconciliations();
-
-            link.set_cut(Cut::Closed);
-            // Cut off, A grants nothing and keeps what its kernel holds.
-            let refused = denied(to_a.open(tcp(7004), None).await);
-            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
-            // Meanwhile, through B: one lease released, one granted.
-            let released = to_b.release(gone).await;
-            assert!(matches!(released, Message::Released(_)), "{released:?}");
-            let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
-            assert!(b.wait_open(7002, false, PROPAGATION).await);
-            assert!(b.wait_open(7003, true, PROPAGATION).await);
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            assert!(
-                a.passes(7001) && a.passes(7002),
-                "a gateway cut off from etcd drops none of its openings"
-            );
-            assert!(!a.passes(7003), "nor learns of new ones");
-
-            link.set_cut(Cut::No);
-            assert!(
-                a.wait_open(7002, false, Duration::from_secs(15)).await,
-                "the lease released meanwhile is gone from A's kernel"
-            );
-            assert!(
-                a.wait_open(7003, true, PROPAGATION).await,
-                "the lease granted meanwhile is in A's kernel"
-            );
-            assert!(a.passes(7001), "the lease that lived on stays");
-            assert!(
-                a.reconciliations() > before,
-                "A's trail records the reconcile"
-            );
-            let mut listed: Vec<LeaseId> =
-                to_a.list().await.leases.iter().map(|l| l.lease).collect();
-            listed.sort();
-            let mut expected = vec![kept, new];
-            expected.sort();
-            assert_eq!(listed, expected, "A's book");
-            // And A grants again.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match to_a.open(tcp(7004), Some(600)).await {
-                    Message::Granted(_) => break,
-                    other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            assert!(b.wait_open(7004, true, PROPAGATION).await);
-            drop((to_a, to_b));
-            assert_no_epoch_change(&[&a, &b]);
-            a.stop();
-            b.stop();
-            drop(link);
-        },
+        Cut::Closed,
     );
 }
 
@@ -698,95 +628,104 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
 /// the cluster again, as after a cut it is told of.
 #[test]
 fn a_gateway_silently_cut_off_from_etcd_connects_anew_and_reconciles_when_the_network_is_back() {
-    in_cluster(
+    cut_off_and_back(
         "a_gateway_silently_cut_off_from_etcd_connects_anew_and_reconciles_when_the_network_is_back",
         "wsil",
-        runtime,
-        async |cluster| {
-            let pki = Pki::new("etcd-wsil");
-            let (dir_a, dir_b) = (temp_dir("wsil-a"), temp_dir("wsil-b"));
-            let link = Link::start(&cluster.endpoints()).await;
-            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
-            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
-            let files = pki.host("web-01", &[host_ip()], &[], &[]);
-            let to_a = Client::connect(a.addr, &files).await;
-            to_a.hello().await;
-            let to_b = Client::connect(b.addr, &files).await;
-            to_b.hello().await;
-            let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
-            let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
-            assert!(a.wait_open(7001, true, PROPAGATION).await);
-            assert!(a.wait_open(7002, true, PROPAGATION).await);
-            let before = a.reconciliations();
-
-            link.set_cut(Cut::Silent);
-            // Meanwhile, through B: one lease released, one granted. A's watch hears nothing.
-            let released = to_b.release(gone).await;
-            assert!(matches!(released, Message::Released(_)), "{released:?}");
-            let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
-            assert!(b.wait_open(7002, false, PROPAGATION).await);
-            assert!(b.wait_open(7003, true, PROPAGATION).await);
-            // A's requests to etcd get no answer: it grants nothing, within its timeout.
-            let asked = Instant::now();
-            let refused = denied(to_a.open(tcp(7004), None).await);
-            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
-            assert!(
-                asked.elapsed() < Duration::from_secs(5),
-                "{:?}",
-                asked.elapsed()
-            );
-            // Long enough for every connection A had to be found dead and tried again (into
-            // the same silence).
-            tokio::time::sleep(Duration::from_secs(4)).await;
-            assert!(
-                a.passes(7001) && a.passes(7002),
-                "a gateway cut off from etcd drops none of its openings"
-            );
-            assert!(!a.passes(7003), "nor learns of new ones");
-
-            link.set_cut(Cut::No);
-            assert!(
-                a.wait_open(7002, false, Duration::from_secs(20)).await,
-                "the lease released meanwhile is gone from A's kernel"
-            );
-            assert!(
-                a.wait_open(7003, true, PROPAGATION).await,
-                "the lease granted meanwhile is in A's kernel"
-            );
-            assert!(a.passes(7001), "the lease that lived on stays");
-            assert!(
-                a.reconciliations() > before,
-                "A's trail records the reconcile"
-            );
-            let mut listed: Vec<LeaseId> =
-                to_a.list().await.leases.iter().map(|l| l.lease).collect();
-            listed.sort();
-            let mut expected = vec![kept, new];
-            expected.sort();
-            assert_eq!(listed, expected, "A's book");
-            // A grants again, and its watch follows the cluster again: what A grants reaches
-            // B, and what B grants reaches A.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                match to_a.open(tcp(7004), Some(600)).await {
-                    Message::Granted(_) => break,
-                    other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            assert!(b.wait_open(7004, true, PROPAGATION).await);
-            granted(to_b.open(tcp(7005), Some(600)).await);
-            assert!(
-                a.wait_open(7005, true, PROPAGATION).await,
-                "A's watch follows the cluster again"
-            );
-            drop((to_a, to_b));
-            assert_no_epoch_change(&[&a, &b]);
-            a.stop();
-            b.stop();
-            drop(link);
-        },
+        Cut::Silent,
     );
+}
+
+/// Gateway A cut off from etcd by `cut` while B goes on: A keeps its openings and grants
+/// nothing; once the network is back, it drops the lease B released meanwhile, enforces the one
+/// B granted, grants again and follows the cluster again.
+fn cut_off_and_back(test: &str, short: &str, cut: Cut) {
+    in_cluster(test, short, runtime, async |cluster| {
+        let pki = Pki::new(&format!("etcd-{short}"));
+        let (dir_a, dir_b) = (
+            temp_dir(&format!("{short}-a")),
+            temp_dir(&format!("{short}-b")),
+        );
+        let link = Link::start(&cluster.endpoints()).await;
+        let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
+        let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+        let files = pki.host("web-01", &[host_ip()], &[], &[]);
+        let to_a = Client::connect(a.addr, &files).await;
+        to_a.hello().await;
+        let to_b = Client::connect(b.addr, &files).await;
+        to_b.hello().await;
+        let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
+        let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
+        assert!(a.wait_open(7001, true, PROPAGATION).await);
+        assert!(a.wait_open(7002, true, PROPAGATION).await);
+        let before = a.reconciliations();
+
+        link.set_cut(cut);
+        // Cut off, A grants nothing, within its timeout however it is cut, and keeps what its
+        // kernel holds.
+        let asked = Instant::now();
+        let refused = denied(to_a.open(tcp(7004), None).await);
+        assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            asked.elapsed()
+        );
+        // Meanwhile, through B: one lease released, one granted.
+        let released = to_b.release(gone).await;
+        assert!(matches!(released, Message::Released(_)), "{released:?}");
+        let new = granted(to_b.open(tcp(7003), Some(600)).await).lease;
+        assert!(b.wait_open(7002, false, PROPAGATION).await);
+        assert!(b.wait_open(7003, true, PROPAGATION).await);
+        // Long enough for every connection of a silent cut to be found dead and tried again
+        // (into the same silence).
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            a.passes(7001) && a.passes(7002),
+            "a gateway cut off from etcd drops none of its openings"
+        );
+        assert!(!a.passes(7003), "nor learns of new ones");
+
+        link.set_cut(Cut::No);
+        assert!(
+            a.wait_open(7002, false, Duration::from_secs(20)).await,
+            "the lease released meanwhile is gone from A's kernel"
+        );
+        assert!(
+            a.wait_open(7003, true, PROPAGATION).await,
+            "the lease granted meanwhile is in A's kernel"
+        );
+        assert!(a.passes(7001), "the lease that lived on stays");
+        assert!(
+            a.reconciliations() > before,
+            "A's trail records the reconcile"
+        );
+        let mut listed: Vec<LeaseId> = to_a.list().await.leases.iter().map(|l| l.lease).collect();
+        listed.sort();
+        let mut expected = vec![kept, new];
+        expected.sort();
+        assert_eq!(listed, expected, "A's book");
+        // A grants again, and its watch follows the cluster again: what A grants reaches B,
+        // and what B grants reaches A.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match to_a.open(tcp(7004), Some(600)).await {
+                Message::Granted(_) => break,
+                other => assert!(Instant::now() < deadline, "A grants nothing: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(b.wait_open(7004, true, PROPAGATION).await);
+        granted(to_b.open(tcp(7005), Some(600)).await);
+        assert!(
+            a.wait_open(7005, true, PROPAGATION).await,
+            "A's watch follows the cluster again"
+        );
+        drop((to_a, to_b));
+        assert_no_epoch_change(&[&a, &b]);
+        a.stop();
+        b.stop();
+        drop(link);
+    });
 }
 
 #[test]
