@@ -110,8 +110,9 @@ pub struct WriterStats {
     /// Time jobs waited in the queue before the transaction holding them began, summed, in
     /// microseconds: over `jobs`, how long a commit stands in line behind the others.
     pub queue_wait_us: u64,
-    /// Checkpoints the writer ran itself so that the WAL starts over (see [`WalRestartDue`]):
-    /// every commit waits for each of them.
+    /// Passive checkpoints the writer ran itself, between two transactions, so that the WAL
+    /// starts over when the checkpoint thread's own could not catch up: every commit waits for
+    /// each of them.
     pub wal_restarts: u64,
     /// Their time, summed, in microseconds.
     pub wal_restart_us: u64,
