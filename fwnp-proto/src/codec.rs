@@ -41,7 +41,6 @@
 //! silently), never allocates more than the input could hold, and accepts every well-formed
 //! item the rules allow, indefinite lengths and non-shortest integers included.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ciborium::Value;
@@ -1018,22 +1017,19 @@ fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
 // From the tree to messages
 
 /// The entries of a map FWNP defines, with its keys checked (unsigned; [`parse`] found them
-/// unique).
+/// unique). Looked up in place: such a map holds a few keys, and every message's decoding reads
+/// several of them, where an index would cost an allocation per map.
 struct Fields<'a> {
     at: Place,
-    entries: BTreeMap<u64, &'a Item>,
+    entries: &'a [(Item, Item)],
 }
 
 impl<'a> Fields<'a> {
     fn new(at: Place, entries: &'a [(Item, Item)]) -> Result<Self, DecodeError> {
-        let mut map = BTreeMap::new();
-        for (key, value) in entries {
-            let Item::Uint(key) = key else {
-                return Err(DecodeError::KeyNotUnsigned { at });
-            };
-            map.insert(*key, value);
+        if entries.iter().any(|(key, _)| !matches!(key, Item::Uint(_))) {
+            return Err(DecodeError::KeyNotUnsigned { at });
         }
-        Ok(Fields { at, entries: map })
+        Ok(Fields { at, entries })
     }
 
     /// The map in `item`, which is the value of `key` in `self`.
@@ -1045,7 +1041,9 @@ impl<'a> Fields<'a> {
     }
 
     fn get(&self, key: u64) -> Option<&'a Item> {
-        self.entries.get(&key).copied()
+        self.entries
+            .iter()
+            .find_map(|(k, value)| (*k == Item::Uint(key)).then_some(value))
     }
 
     fn require(&self, key: u64) -> Result<&'a Item, DecodeError> {
