@@ -41,6 +41,7 @@
 //! silently), never allocates more than the input could hold, and accepts every well-formed
 //! item the rules allow, indefinite lengths and non-shortest integers included.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ciborium::Value;
@@ -657,14 +658,16 @@ fn lease_info_into(m: &mut MapWriter<'_>, l: &LeaseInfo) {
 /// inside an ignored value; they keep their values so that two keys of an ignored map compare
 /// as RFC 8949's data model does (Section 6.3 rule 9 holds there too).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Item {
+enum Item<'a> {
     Uint(u64),
     /// -1 - the argument.
     Negative(u64),
-    Bytes(Vec<u8>),
-    Text(String),
-    Array(Vec<Item>),
-    Map(Vec<(Item, Item)>),
+    /// Borrowed from the input, unless it came in chunks.
+    Bytes(Cow<'a, [u8]>),
+    /// Borrowed from the input, unless it came in chunks.
+    Text(Cow<'a, str>),
+    Array(Vec<Item<'a>>),
+    Map(Vec<(Item<'a>, Item<'a>)>),
     Bool(bool),
     Null,
     Undefined,
@@ -675,8 +678,8 @@ enum Item {
     Float(u64),
 }
 
-impl Item {
-    fn float(value: f64) -> Item {
+impl Item<'_> {
+    fn float(value: f64) -> Self {
         Item::Float(if value.is_nan() { f64::NAN } else { value }.to_bits())
     }
 }
@@ -753,20 +756,20 @@ impl<'a> Parser<'a> {
     }
 
     /// Parses one item whose container is at depth `parent_depth` (0 for the top level).
-    fn item(&mut self, parent_depth: usize) -> Result<Item, DecodeError> {
+    fn item(&mut self, parent_depth: usize) -> Result<Item<'a>, DecodeError> {
         let start = self.pos;
         let (major, info, arg) = self.header()?;
         match (major, arg) {
             (0, Arg::Value(n)) => Ok(Item::Uint(n)),
             (1, Arg::Value(n)) => Ok(Item::Negative(n)),
-            (2, Arg::Value(len)) => Ok(Item::Bytes(self.take(len)?.to_vec())),
+            (2, Arg::Value(len)) => Ok(Item::Bytes(Cow::Borrowed(self.take(len)?))),
             (3, Arg::Value(len)) => {
                 let bytes = self.take(len)?;
                 let text = std::str::from_utf8(bytes).map_err(|_| DecodeError::InvalidCbor {
                     offset: start,
                     reason: "text string is not UTF-8",
                 })?;
-                Ok(Item::Text(text.to_owned()))
+                Ok(Item::Text(Cow::Borrowed(text)))
             }
             (2 | 3, Arg::Indefinite) => self.chunked_string(major, start),
             (4 | 5, _) => {
@@ -811,7 +814,7 @@ impl<'a> Parser<'a> {
     }
 
     /// An indefinite-length byte or text string: definite chunks of the same type, then break.
-    fn chunked_string(&mut self, major: u8, start: usize) -> Result<Item, DecodeError> {
+    fn chunked_string(&mut self, major: u8, start: usize) -> Result<Item<'a>, DecodeError> {
         let mut bytes = Vec::new();
         loop {
             if self.peek() == Some(BREAK) {
@@ -839,10 +842,10 @@ impl<'a> Parser<'a> {
             bytes.extend_from_slice(chunk);
         }
         if major == 2 {
-            Ok(Item::Bytes(bytes))
+            Ok(Item::Bytes(Cow::Owned(bytes)))
         } else {
             String::from_utf8(bytes)
-                .map(Item::Text)
+                .map(|text| Item::Text(Cow::Owned(text)))
                 .map_err(|_| DecodeError::InvalidCbor {
                     offset: start,
                     reason: "text string is not UTF-8",
@@ -850,7 +853,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn array(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
+    fn array(&mut self, arg: Arg, depth: usize) -> Result<Item<'a>, DecodeError> {
         let mut items = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
@@ -874,7 +877,7 @@ impl<'a> Parser<'a> {
         Ok(Item::Array(items))
     }
 
-    fn map(&mut self, arg: Arg, depth: usize) -> Result<Item, DecodeError> {
+    fn map(&mut self, arg: Arg, depth: usize) -> Result<Item<'a>, DecodeError> {
         let mut entries = Vec::with_capacity(presized(&arg));
         match arg {
             Arg::Value(count) => {
@@ -923,7 +926,7 @@ fn be_uint(bytes: &[u8]) -> u64 {
 /// applied: size, well-formedness, trailing bytes, nesting, tags, and unique keys in every map
 /// (spec Section 6.3 rules 1 to 6 and 9), so that they come before any rule about a map of the
 /// protocol, as the order of Section 6.6 has it.
-fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
+fn parse(bytes: &[u8]) -> Result<Item<'_>, DecodeError> {
     let (item, extra) = parse_first(bytes)?;
     if extra > 0 {
         return Err(DecodeError::TrailingBytes { extra });
@@ -934,11 +937,11 @@ fn parse(bytes: &[u8]) -> Result<Item, DecodeError> {
 
 /// `item` as a value of the data model that compares as one: the entries of every map inside
 /// it sorted, since a map's order is not part of its value (spec Section 6.3 rule 9).
-fn as_value(item: &Item) -> Item {
+fn as_value<'a>(item: &Item<'a>) -> Item<'a> {
     match item {
         Item::Array(items) => Item::Array(items.iter().map(as_value).collect()),
         Item::Map(entries) => {
-            let mut entries: Vec<(Item, Item)> = entries
+            let mut entries: Vec<(Item<'a>, Item<'a>)> = entries
                 .iter()
                 .map(|(k, v)| (as_value(k), as_value(v)))
                 .collect();
@@ -952,7 +955,7 @@ fn as_value(item: &Item) -> Item {
 /// Refuses a map, anywhere in `item` (a map or array at depth `depth + 1`), that holds one key
 /// twice. Not part of [`parse_first`]: a request id stays readable in a map with another key
 /// twice (spec Section 6.6). The recursion is as deep as the nesting the parser allowed.
-fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
+fn unique_keys(item: &Item<'_>, depth: usize) -> Result<(), DecodeError> {
     let depth = depth + 1;
     match item {
         Item::Array(items) => items.iter().try_for_each(|i| unique_keys(i, depth)),
@@ -960,10 +963,11 @@ fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
             // The maps of FWNP/1 hold a few keys: compared in pairs, they need no allocation;
             // a large (ignored) map is sorted instead, to stay linearithmic.
             const PAIRWISE: usize = 16;
-            let compound = |(key, _): &(Item, Item)| matches!(key, Item::Array(_) | Item::Map(_));
+            let compound =
+                |(key, _): &(Item<'_>, Item<'_>)| matches!(key, Item::Array(_) | Item::Map(_));
             let twice = if entries.iter().any(compound) {
                 // Keys that hold maps compare as values, whatever the order of their entries.
-                let mut keys: Vec<(Item, &Item)> =
+                let mut keys: Vec<(Item<'_>, &Item<'_>)> =
                     entries.iter().map(|(k, _)| (as_value(k), k)).collect();
                 keys.sort_unstable();
                 keys.windows(2).find(|w| w[0].0 == w[1].0).map(|w| w[0].1)
@@ -974,7 +978,7 @@ fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
                     .find(|(i, (key, _))| entries[..*i].iter().any(|(k, _)| k == key))
                     .map(|(_, (key, _))| key)
             } else {
-                let mut keys: Vec<&Item> = entries.iter().map(|(k, _)| k).collect();
+                let mut keys: Vec<&Item<'_>> = entries.iter().map(|(k, _)| k).collect();
                 keys.sort_unstable();
                 keys.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
             };
@@ -998,7 +1002,7 @@ fn unique_keys(item: &Item, depth: usize) -> Result<(), DecodeError> {
 
 /// Parses the first CBOR item of `bytes`, which may be at most [`MAX_MESSAGE_SIZE`] long, and
 /// says how many bytes follow it.
-fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
+fn parse_first(bytes: &[u8]) -> Result<(Item<'_>, usize), DecodeError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(DecodeError::TooLarge {
             size: bytes.len(),
@@ -1021,11 +1025,11 @@ fn parse_first(bytes: &[u8]) -> Result<(Item, usize), DecodeError> {
 /// several of them, where an index would cost an allocation per map.
 struct Fields<'a> {
     at: Place,
-    entries: &'a [(Item, Item)],
+    entries: &'a [(Item<'a>, Item<'a>)],
 }
 
 impl<'a> Fields<'a> {
-    fn new(at: Place, entries: &'a [(Item, Item)]) -> Result<Self, DecodeError> {
+    fn new(at: Place, entries: &'a [(Item<'a>, Item<'a>)]) -> Result<Self, DecodeError> {
         if entries.iter().any(|(key, _)| !matches!(key, Item::Uint(_))) {
             return Err(DecodeError::KeyNotUnsigned { at });
         }
@@ -1033,20 +1037,20 @@ impl<'a> Fields<'a> {
     }
 
     /// The map in `item`, which is the value of `key` in `self`.
-    fn nested(&self, key: u64, item: &'a Item, at: Place) -> Result<Fields<'a>, DecodeError> {
+    fn nested(&self, key: u64, item: &'a Item<'a>, at: Place) -> Result<Fields<'a>, DecodeError> {
         match item {
             Item::Map(entries) => Fields::new(at, entries),
             _ => Err(self.wrong_type(key, "a map")),
         }
     }
 
-    fn get(&self, key: u64) -> Option<&'a Item> {
+    fn get(&self, key: u64) -> Option<&'a Item<'a>> {
         self.entries
             .iter()
             .find_map(|(k, value)| (*k == Item::Uint(key)).then_some(value))
     }
 
-    fn require(&self, key: u64) -> Result<&'a Item, DecodeError> {
+    fn require(&self, key: u64) -> Result<&'a Item<'a>, DecodeError> {
         self.get(key)
             .ok_or(DecodeError::MissingKey { at: self.at, key })
     }
@@ -1079,24 +1083,29 @@ impl<'a> Fields<'a> {
 
     // Conversions of one item, the value of `key` (or an element of its array).
 
-    fn as_uint(&self, key: u64, item: &Item) -> Result<u64, DecodeError> {
+    fn as_uint(&self, key: u64, item: &Item<'_>) -> Result<u64, DecodeError> {
         match item {
             Item::Uint(n) => Ok(*n),
             _ => Err(self.wrong_type(key, "an unsigned integer")),
         }
     }
 
-    fn as_u32(&self, key: u64, item: &Item) -> Result<u32, DecodeError> {
+    fn as_u32(&self, key: u64, item: &Item<'_>) -> Result<u32, DecodeError> {
         let n = self.as_uint(key, item)?;
         u32::try_from(n).map_err(|_| self.out_of_range(key, n, "at most 2^32-1"))
     }
 
-    fn as_u16(&self, key: u64, item: &Item, expected: &'static str) -> Result<u16, DecodeError> {
+    fn as_u16(
+        &self,
+        key: u64,
+        item: &Item<'_>,
+        expected: &'static str,
+    ) -> Result<u16, DecodeError> {
         let n = self.as_uint(key, item)?;
         u16::try_from(n).map_err(|_| self.out_of_range(key, n, expected))
     }
 
-    fn as_text(&self, key: u64, item: &'a Item) -> Result<&'a str, DecodeError> {
+    fn as_text(&self, key: u64, item: &'a Item<'a>) -> Result<&'a str, DecodeError> {
         match item {
             Item::Text(t) => Ok(t),
             _ => Err(self.wrong_type(key, "a text string")),
@@ -1106,9 +1115,9 @@ impl<'a> Fields<'a> {
     fn as_array(
         &self,
         key: u64,
-        item: &'a Item,
+        item: &'a Item<'a>,
         expected: &'static str,
-    ) -> Result<&'a [Item], DecodeError> {
+    ) -> Result<&'a [Item<'a>], DecodeError> {
         match item {
             Item::Array(items) => Ok(items),
             _ => Err(self.wrong_type(key, expected)),
@@ -1119,30 +1128,30 @@ impl<'a> Fields<'a> {
     fn as_nonempty_array(
         &self,
         key: u64,
-        item: &'a Item,
+        item: &'a Item<'a>,
         expected: &'static str,
-    ) -> Result<&'a [Item], DecodeError> {
+    ) -> Result<&'a [Item<'a>], DecodeError> {
         match self.as_array(key, item, expected)? {
             [] => Err(DecodeError::EmptyList { at: self.at, key }),
             items => Ok(items),
         }
     }
 
-    fn as_lease_id(&self, key: u64, item: &Item) -> Result<LeaseId, DecodeError> {
+    fn as_lease_id(&self, key: u64, item: &Item<'_>) -> Result<LeaseId, DecodeError> {
         match item {
-            Item::Bytes(b) => <[u8; 16]>::try_from(b.as_slice())
+            Item::Bytes(b) => <[u8; 16]>::try_from(b.as_ref())
                 .map(LeaseId)
                 .map_err(|_| self.wrong_length(key, b.len(), "16")),
             _ => Err(self.wrong_type(key, "a byte string (lease id)")),
         }
     }
 
-    fn as_addr(&self, key: u64, item: &Item) -> Result<IpAddr, DecodeError> {
+    fn as_addr(&self, key: u64, item: &Item<'_>) -> Result<IpAddr, DecodeError> {
         match item {
             Item::Bytes(b) => {
-                if let Ok(v4) = <[u8; 4]>::try_from(b.as_slice()) {
+                if let Ok(v4) = <[u8; 4]>::try_from(b.as_ref()) {
                     Ok(IpAddr::V4(Ipv4Addr::from(v4)))
-                } else if let Ok(v6) = <[u8; 16]>::try_from(b.as_slice()) {
+                } else if let Ok(v6) = <[u8; 16]>::try_from(b.as_ref()) {
                     Ok(IpAddr::V6(Ipv6Addr::from(v6)))
                 } else {
                     Err(self.wrong_length(key, b.len(), "4 or 16"))
@@ -1152,7 +1161,7 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn as_prefixes(&self, key: u64, item: &Item) -> Result<Vec<Prefix>, DecodeError> {
+    fn as_prefixes(&self, key: u64, item: &Item<'_>) -> Result<Vec<Prefix>, DecodeError> {
         const EXPECTED: &str = "an array of [address, length] prefixes";
         let items = self.as_nonempty_array(key, item, EXPECTED)?;
         let mut prefixes = Vec::with_capacity(items.len());
@@ -1171,7 +1180,7 @@ impl<'a> Fields<'a> {
         Ok(prefixes)
     }
 
-    fn as_bool(&self, key: u64, item: &Item) -> Result<bool, DecodeError> {
+    fn as_bool(&self, key: u64, item: &Item<'_>) -> Result<bool, DecodeError> {
         match item {
             Item::Bool(b) => Ok(*b),
             _ => Err(self.wrong_type(key, "a boolean")),
@@ -1179,7 +1188,7 @@ impl<'a> Fields<'a> {
     }
 
     /// A `[+ uint]`: `critical`, Denied's unsupported keys.
-    fn as_uint_list(&self, key: u64, item: &Item) -> Result<Vec<u64>, DecodeError> {
+    fn as_uint_list(&self, key: u64, item: &Item<'_>) -> Result<Vec<u64>, DecodeError> {
         self.as_nonempty_array(key, item, "an array of unsigned integers")?
             .iter()
             .map(|k| match k {
@@ -1624,7 +1633,7 @@ pub fn peek_denial(bytes: &[u8]) -> Option<PeekedDenial> {
         request_id: uint(1)?,
         code: uint(3)?,
         reason: match once(4) {
-            Some(Item::Text(t)) if t.len() <= MAX_REASON_LEN => Some(t.clone()),
+            Some(Item::Text(t)) if t.len() <= MAX_REASON_LEN => Some(t.to_string()),
             _ => None,
         },
         retry_after: uint(5).and_then(|n| u32::try_from(n).ok()),
