@@ -208,6 +208,16 @@ fn host_ip() -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))
 }
 
+/// The host web-01 of `pki`, connected to gateway `a` and to gateway `b`, and welcomed by each.
+async fn connected_to_both(pki: &Pki, a: &Gateway, b: &Gateway) -> (Client, Client) {
+    let files = pki.host("web-01", &[host_ip()], &[], &[]);
+    let to_a = Client::connect(a.addr, &files).await;
+    to_a.hello().await;
+    let to_b = Client::connect(b.addr, &files).await;
+    to_b.hello().await;
+    (to_a, to_b)
+}
+
 /// Polls `check` every 100 ms until it holds, at most `limit`.
 async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -233,11 +243,7 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             let (dir_a, dir_b) = (temp_dir("watch-a"), temp_dir("watch-b"));
             let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
             let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
-            let files = pki.host("web-01", &[host_ip()], &[], &[]);
-            let to_a = Client::connect(a.addr, &files).await;
-            to_a.hello().await;
-            let to_b = Client::connect(b.addr, &files).await;
-            to_b.hello().await;
+            let (to_a, to_b) = connected_to_both(&pki, &a, &b).await;
             assert!(!b.passes(7001), "closed before any lease");
 
             // Granted through A: B's kernel lets the outside in too.
@@ -648,11 +654,7 @@ fn cut_off_and_back(test: &str, short: &str, cut: Cut) {
         let link = Link::start(&cluster.endpoints()).await;
         let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
         let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
-        let files = pki.host("web-01", &[host_ip()], &[], &[]);
-        let to_a = Client::connect(a.addr, &files).await;
-        to_a.hello().await;
-        let to_b = Client::connect(b.addr, &files).await;
-        to_b.hello().await;
+        let (to_a, to_b) = connected_to_both(&pki, &a, &b).await;
         let kept = granted(to_b.open(tcp(7001), Some(600)).await).lease;
         let gone = granted(to_b.open(tcp(7002), Some(600)).await).lease;
         assert!(a.wait_open(7001, true, PROPAGATION).await);
