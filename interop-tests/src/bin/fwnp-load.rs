@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use fwnp_gateway::api::TimeBuckets;
 use fwnp_proto::codec::{decode, encode};
 use fwnp_proto::{
     Capabilities, Common, Hello, LeaseId, Message, Open, Opening, PortRange, Protocol, Release,
@@ -1006,7 +1007,9 @@ fn batching(
         delta(&["store_writer", "ops"]),
     );
     let stage = |buckets: &str| {
-        let spread = |v: &serde_json::Value| v.get("request_path")?.get(buckets).cloned();
+        let spread = |v: &serde_json::Value| {
+            serde_json::from_value::<TimeBuckets>(v.get("request_path")?.get(buckets)?.clone()).ok()
+        };
         let quantile = |q: f64| {
             spread(before)
                 .zip(spread(after))
@@ -1046,33 +1049,18 @@ fn batching(
 }
 
 /// The quantile `q`, in microseconds, of the times a gateway histogram counted between two
-/// readings of its cumulative buckets (`le_us` and `counts`, as the status gives them),
-/// interpolated linearly within the bucket it falls in, as Prometheus's `histogram_quantile`
-/// does; in the unbounded last bucket, its lower bound. `None` if nothing was counted in
-/// between or the readings do not match.
-fn bucket_quantile_us(
-    before: &serde_json::Value,
-    after: &serde_json::Value,
-    q: f64,
-) -> Option<f64> {
-    let numbers = |v: &serde_json::Value, key: &str| -> Option<Vec<u64>> {
-        v.get(key)?
-            .as_array()?
-            .iter()
-            .map(serde_json::Value::as_u64)
-            .collect()
-    };
-    let bounds = numbers(after, "le_us")?;
-    if numbers(before, "le_us")? != bounds {
-        return None;
-    }
-    let (b, a) = (numbers(before, "counts")?, numbers(after, "counts")?);
-    if a.len() != bounds.len() || b.len() != bounds.len() {
+/// readings of its cumulative buckets, interpolated linearly within the bucket it falls in, as
+/// Prometheus's `histogram_quantile` does; in the unbounded last bucket, its lower bound. `None`
+/// if nothing was counted in between or the readings do not match.
+fn bucket_quantile_us(before: &TimeBuckets, after: &TimeBuckets, q: f64) -> Option<f64> {
+    let bounds = &after.le_us;
+    let (b, a) = (&before.counts, &after.counts);
+    if before.le_us != *bounds || a.len() != bounds.len() || b.len() != bounds.len() {
         return None;
     }
     let counts: Vec<u64> = a
         .iter()
-        .zip(&b)
+        .zip(b)
         .map(|(a, b)| a.saturating_sub(*b))
         .collect();
     let total = *counts.last()?;
@@ -2449,15 +2437,20 @@ fn nix_is_root() -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::bucket_quantile_us;
-    use serde_json::json;
+    use super::{TimeBuckets, bucket_quantile_us};
 
     #[test]
     fn a_quantile_is_read_from_the_buckets_counted_between_two_readings() {
-        let le_us = json!([100, 200, 400, u64::MAX]);
-        let before = json!({"le_us": le_us, "counts": [10, 10, 10, 10]});
+        let le_us = vec![100, 200, 400, u64::MAX];
+        let before = TimeBuckets {
+            le_us: le_us.clone(),
+            counts: vec![10, 10, 10, 10],
+        };
         // In between: 50 at most 100 µs, 40 more at most 200, 9 at most 400, one beyond.
-        let after = json!({"le_us": le_us, "counts": [60, 100, 109, 110]});
+        let after = TimeBuckets {
+            le_us,
+            counts: vec![60, 100, 109, 110],
+        };
         assert_eq!(bucket_quantile_us(&before, &after, 0.5), Some(100.0));
         // The 90th of 100 is the last of the second bucket, the 99th the last of the third; the
         // 95th is the fifth of the third's nine, five ninths of the way through it.
@@ -2469,7 +2462,10 @@ mod tests {
         assert_eq!(bucket_quantile_us(&before, &after, 1.0), Some(400.0));
         // Nothing counted in between, or readings of other bounds: no quantile.
         assert_eq!(bucket_quantile_us(&after, &after, 0.5), None);
-        let other = json!({"le_us": [100, u64::MAX], "counts": [0, 0]});
+        let other = TimeBuckets {
+            le_us: vec![100, u64::MAX],
+            counts: vec![0, 0],
+        };
         assert_eq!(bucket_quantile_us(&other, &after, 0.5), None);
     }
 }
