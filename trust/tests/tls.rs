@@ -141,7 +141,8 @@ struct Connected {
     client: Connection,
 }
 
-async fn web_01_connected(label: &str) -> Connected {
+/// A CA of its own named `label`, which has issued host `web-01` (IP SAN 10.1.2.3).
+fn ca_with_web_01(label: &str) -> TestCa {
     let ca = TestCa::new(label);
     ca.host(
         "web-01",
@@ -149,6 +150,11 @@ async fn web_01_connected(label: &str) -> Connected {
         &[],
         &[],
     );
+    ca
+}
+
+async fn web_01_connected(label: &str) -> Connected {
+    let ca = ca_with_web_01(label);
     let endpoint = server(&ca.server_files());
     let attempt = attempt(
         &endpoint,
@@ -392,13 +398,7 @@ async fn echo(client: &Connection, server: &Connection, text: &[u8]) -> Vec<u8> 
 /// key updates, where the keys made on demand protect and open the packets.
 #[tokio::test]
 async fn each_tls13_suite_connects_and_carries_streams_across_key_updates() {
-    let ca = TestCa::new("suites");
-    ca.host(
-        "web-01",
-        &[IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))],
-        &[],
-        &[],
-    );
+    let ca = ca_with_web_01("suites");
     let server = server(&ca.server_files());
     let files = ca.client_files("web-01");
     let roots = tls::load_ca_certificates(&files.ca).expect("roots");

@@ -1058,11 +1058,7 @@ fn bucket_quantile_us(before: &TimeBuckets, after: &TimeBuckets, q: f64) -> Opti
     if before.le_us != *bounds || a.len() != bounds.len() || b.len() != bounds.len() {
         return None;
     }
-    let counts: Vec<u64> = a
-        .iter()
-        .zip(b)
-        .map(|(a, b)| a.saturating_sub(*b))
-        .collect();
+    let counts: Vec<u64> = a.iter().zip(b).map(|(a, b)| a.saturating_sub(*b)).collect();
     let total = *counts.last()?;
     if total == 0 {
         return None;
