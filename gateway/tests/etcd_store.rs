@@ -4,8 +4,9 @@
 //! incarnation, a host's lease count, an expiry that a renewal elsewhere overrides), also when
 //! what a gateway knows of the keys grew stale through another and when two race for a host's
 //! last lease slot, concurrent commits are grouped into few transactions, several batches in
-//! flight keep the counts right, and the store keeps taking writes with one member
-//! lost, refuses them promptly without a quorum, and takes them again when it is back.
+//! flight keep the counts right, the store keeps taking writes with one member lost, refuses
+//! them promptly without a quorum, and takes them again when it is back, and a grant etcd took
+//! without the gateway hearing of it is fenced off and ended.
 //!
 //! Needs root (for the namespace) and etcd (Debian's etcd-server and etcd-client); skipped
 //! otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
@@ -16,11 +17,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_cluster::{EtcdCluster, EtcdOptions, MemberTls, StoreConfig, available, in_cluster};
-use fwnp_gateway::config::EtcdTls;
+use etcd_cluster::{
+    Cut, EtcdCluster, EtcdOptions, Link, MemberTls, StoreConfig, available, in_cluster,
+};
+use fwnp_gateway::config::{EtcdConfig, EtcdTls};
 use fwnp_gateway::store::{
-    AuditEvent, AuditKind, AuditQuery, EtcdStore, LeaseEnd, LeaseStore, NewLease, Store,
-    StoreError, WriteError, WriteOp,
+    AuditEvent, AuditKind, AuditQuery, ClusterChange, EtcdStore, LeaseEnd, LeaseStore, NewLease,
+    Store, StoreError, WriteError, WriteOp,
 };
 use fwnp_proto::{Grant, LeaseId, PortRange, Protocol};
 use fwnp_trust::pki::{self, Validity};
@@ -92,9 +95,13 @@ struct Gateway {
 }
 
 async fn gateway(cluster: &EtcdCluster, site: &str, timeout: Duration) -> Gateway {
+    gateway_with(&cluster.config(site, timeout)).await
+}
+
+async fn gateway_with(config: &EtcdConfig) -> Gateway {
     let dir = tempfile::tempdir().expect("temp dir");
     let local = Store::open(dir.path()).expect("local store");
-    let etcd = EtcdStore::connect(&cluster.config(site, timeout), local.writer().clone())
+    let etcd = EtcdStore::connect(config, local.writer().clone())
         .await
         .expect("connected to etcd");
     Gateway {
@@ -102,6 +109,16 @@ async fn gateway(cluster: &EtcdCluster, site: &str, timeout: Duration) -> Gatewa
         etcd,
         _dir: dir,
     }
+}
+
+/// The next change a watch hands over, within 20 s.
+async fn next_change(
+    changes: &mut tokio::sync::mpsc::UnboundedReceiver<ClusterChange>,
+) -> ClusterChange {
+    tokio::time::timeout(Duration::from_secs(20), changes.recv())
+        .await
+        .expect("a change within 20 s")
+        .expect("the watch goes on")
 }
 
 /// Audit events of the gateway's own database that name `id`.
@@ -681,6 +698,100 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
         "every granted lease is there, none other"
     );
     drop(a);
+}
+
+/// A grant etcd took without its answer reaching the gateway was refused to its host: the
+/// gateway ends it once etcd answers again, by itself (nothing else is committed through it
+/// meanwhile), and records no grant of it.
+#[test]
+fn a_grant_etcd_took_unanswered_is_ended_once_it_answers_again_though_nothing_else_is_sent() {
+    in_cluster(
+        "a_grant_etcd_took_unanswered_is_ended_once_it_answers_again_though_nothing_else_is_sent",
+        "deaf",
+        runtime,
+        async |cluster| {
+            let timeout = Duration::from_secs(1);
+            let link = Link::start(&cluster.endpoints()).await;
+            let mut config = cluster.config("gw-a", timeout);
+            config.endpoints = link.endpoints.clone();
+            let a = gateway_with(&config).await;
+            // B reaches etcd directly and watches what it holds.
+            let b = gateway(cluster, "gw-b", timeout).await;
+            b.etcd.restore(NOW).await.expect("restored");
+            let mut changes = b.etcd.watch().expect("watching");
+            let first = lease(1, "fwnp://host/deaf", NOW + 600_000, None);
+            let first_id = first.id;
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(first), grant_event(first_id)])
+                .await
+                .expect("granted while etcd answers");
+
+            link.set_cut(Cut::Deaf);
+            let taken = lease(2, "fwnp://host/deaf", NOW + 600_000, None);
+            let id = taken.id;
+            let refused = a
+                .etcd
+                .commit(vec![WriteOp::InsertLease(taken), grant_event(id)])
+                .await;
+            assert!(
+                matches!(refused, Err(WriteError::Unavailable(_))),
+                "{refused:?}"
+            );
+            // The first lease, then the one etcd took unanswered.
+            let mut stored = Vec::new();
+            while stored.len() < 2 {
+                if let ClusterChange::Stored { lease, .. } = next_change(&mut changes).await {
+                    stored.push(lease.id);
+                }
+            }
+            assert_eq!(stored, [first_id, id], "etcd took the refused grant");
+            // Long enough for the gateway's first attempts to settle it to go unanswered too.
+            tokio::time::sleep(timeout * 3).await;
+
+            link.set_cut(Cut::No);
+            let change = next_change(&mut changes).await;
+            let ClusterChange::Ended { id: ended, end, .. } = change else {
+                panic!("nothing but the end expected: {change:?}");
+            };
+            assert_eq!(ended, id, "the refused grant is ended, and it alone");
+            let ending = end.expect("its tombstone").ending;
+            assert_eq!(ending.end, LeaseEnd::Released);
+            assert_eq!(
+                ending.why.as_deref(),
+                Some("granted by a transaction reported failed")
+            );
+            let live: Vec<LeaseId> = b
+                .etcd
+                .restore(NOW)
+                .await
+                .expect("listed")
+                .live
+                .iter()
+                .map(|l| l.id)
+                .collect();
+            assert_eq!(live, [first_id]);
+            // Before reading the lease, A put the fence its transaction compared absent, so
+            // that it cannot apply any more; it goes by itself, as tombstones do.
+            let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+                .await
+                .expect("connected to etcd");
+            let fences = client
+                .get(
+                    format!("{}/fences/", config.prefix),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await
+                .expect("fences read");
+            assert_eq!(fences.kvs().len(), 1, "one transaction went unanswered");
+            assert_ne!(fences.kvs()[0].lease(), 0, "the fence goes by itself");
+            assert_eq!(audited(&a, first_id).await, 1);
+            assert_eq!(
+                audited(&a, id).await,
+                0,
+                "no grant of the refused one recorded"
+            );
+        },
+    );
 }
 
 #[test]

@@ -33,7 +33,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Client, Pki, config_text, denied, granted, tcp, temp_dir, write_policy};
-use etcd_cluster::{EtcdCluster, available, in_cluster, published_policy, two_workers as runtime};
+use etcd_cluster::{
+    Cut, EtcdCluster, Link, available, in_cluster, published_policy, two_workers as runtime,
+};
 use fwnp_gateway::config::GatewayConfig;
 use fwnp_gateway::service::Service;
 use fwnp_gateway::store::{AuditKind, AuditQuery, Outcome, now_ms};
@@ -393,106 +395,6 @@ fn every_gateway_enforces_renews_releases_expires_and_revokes_the_leases_of_the_
             b.stop();
         },
     );
-}
-
-/// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
-/// cuts that gateway off and nothing else.
-struct Link {
-    endpoints: Vec<String>,
-    cut: tokio::sync::watch::Sender<Cut>,
-    /// The connections a silent cut left open and mute: nothing comes through them again, and
-    /// they end only with the link.
-    muted: Arc<std::sync::Mutex<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-/// How a [`Link`] cuts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    /// Not cut: bytes pass.
-    No,
-    /// Its connections end, and new ones are closed at once: the gateway is told.
-    Closed,
-    /// Nothing passes any more, in either direction, and nothing tells: its connections stay
-    /// open and mute for good, and new ones are accepted and mute too, as behind a network
-    /// that drops every packet (a connection that lived through such a cut stays dead after
-    /// it, as one does whose peer or middlebox forgot it meanwhile). Only connections made
-    /// after the cut pass again.
-    Silent,
-}
-
-impl Link {
-    async fn start(members: &[String]) -> Link {
-        let (cut, _) = tokio::sync::watch::channel(Cut::No);
-        let muted = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let mut endpoints = Vec::new();
-        let mut tasks = Vec::new();
-        for member in members {
-            let target: SocketAddr = member
-                .trim_start_matches("http://")
-                .parse()
-                .expect("a member's address");
-            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .expect("bind a relay");
-            endpoints.push(format!(
-                "http://{}",
-                listener.local_addr().expect("relay address")
-            ));
-            let state = cut.subscribe();
-            let muted = muted.clone();
-            tasks.push(tokio::spawn(async move {
-                while let Ok((mut inbound, _)) = listener.accept().await {
-                    let now = *state.borrow();
-                    match now {
-                        Cut::No => {}
-                        Cut::Closed => continue,
-                        Cut::Silent => {
-                            // Accepted, and never answered: held open without a byte read.
-                            if let Ok(outbound) = tokio::net::TcpStream::connect(target).await {
-                                muted.lock().unwrap().push((inbound, outbound));
-                            }
-                            continue;
-                        }
-                    }
-                    let mut state = state.clone();
-                    let muted = muted.clone();
-                    tokio::spawn(async move {
-                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
-                            return;
-                        };
-                        let cut = tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
-                            cut = state.wait_for(|cut| *cut != Cut::No) => cut.map_or(Cut::Closed, |c| *c),
-                        };
-                        if cut == Cut::Silent {
-                            muted.lock().unwrap().push((inbound, outbound));
-                        }
-                    });
-                }
-            }));
-        }
-        Link {
-            endpoints,
-            cut,
-            muted,
-            tasks,
-        }
-    }
-
-    fn set_cut(&self, cut: Cut) {
-        self.cut.send_replace(cut);
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        self.set_cut(Cut::Closed);
-        for task in &self.tasks {
-            task.abort();
-        }
-        self.muted.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
 }
 
 #[test]

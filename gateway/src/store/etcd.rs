@@ -16,6 +16,10 @@
 //!   which site. A delete carries no value; the tombstone tells the other gateways, which
 //!   follow the keys (see below). It is attached to an etcd lease of [`TOMBSTONE_TTL`], granted
 //!   again every half of it, so tombstones vanish by themselves.
+//! - `P/fences/NAME` (NAME random, in hex): the fence of a transaction that inserted leases and
+//!   got no answer. Every such transaction compares its own fence absent; putting it keeps the
+//!   transaction from applying any later (see "Group commits"). Put with the tombstones' etcd
+//!   lease, so fences vanish too.
 //!
 //! # One transaction per commit
 //! Every commit is one etcd transaction whose comparisons carry what must hold across the
@@ -74,6 +78,14 @@
 //! while the timeout lasts and never applies late. A lease that a transaction reported failed may
 //! have inserted is kept aside, and, should the cluster have taken it after all (its host was
 //! refused it), ended as soon as the cluster answers again, with no audit record of a grant.
+//! A read alone cannot settle it: the transaction may still be on its way to the leader and
+//! apply after the read found nothing. So every transaction that inserts leases also compares
+//! a fence key of its own absent (`P/fences/NAME`), and the gateway settles what is kept aside
+//! with one transaction that puts the fences of the transactions reported failed and reads
+//! their leases: one that applied before it is found and ended, one that comes after it fails
+//! its comparison. A fence lives at least half of [`TOMBSTONE_TTL`], far longer than a proposal
+//! stays in flight. Until the cluster answers, the settling is tried again every [`SETTLE_PAUSE`], with
+//! or without commits to send.
 //!
 //! # Following the cluster
 //! Every gateway watches the keys from the revision of its restore ([`EtcdStore::watch`]) and
@@ -169,6 +181,10 @@ pub const MAX_BATCH_JOBS: usize = 48;
 
 /// The most lease operations one commit may hold (it must fit one transaction).
 pub const MAX_JOB_LEASE_OPS: usize = 48;
+
+/// How long a gateway with leases to settle (see "Group commits") waits before it tries again
+/// while the cluster does not answer.
+pub const SETTLE_PAUSE: Duration = Duration::from_millis(250);
 
 /// How many batches may be in flight to etcd at once (see the module documentation): etcd
 /// takes the transactions of several batches in one round of its log.
@@ -605,6 +621,10 @@ impl Keys {
     fn host(&self, identity: &str) -> String {
         format!("{}/hosts/{identity}", self.prefix)
     }
+    /// A new fence, named at random (see "Group commits").
+    fn new_fence(&self) -> String {
+        format!("{}/fences/{:032x}", self.prefix, rand::random::<u128>())
+    }
 }
 
 /// A lease as its etcd value holds it (short names: the value is written at every grant).
@@ -804,6 +824,16 @@ impl Job {
         }
     }
 
+    /// Answers the job as committed: the leases it inserted are no longer in doubt.
+    fn committed(self, doubtful: &mut HashMap<LeaseId, StoredLease>) {
+        for op in &self.ops {
+            if let WriteOp::InsertLease(new) = op {
+                doubtful.remove(&new.id);
+            }
+        }
+        self.answer(Ok(()));
+    }
+
     fn lease_ops(&self) -> usize {
         self.ops
             .iter()
@@ -873,6 +903,8 @@ struct Known {
     /// Leases inserted by transactions that got no answer, as they wrote them, to be ended
     /// should the cluster have taken them (see `Worker::settle`).
     doubtful: HashMap<LeaseId, StoredLease>,
+    /// The fences of those transactions, to be put before their leases are read.
+    fences: Vec<String>,
     /// The epoch of the state these keys were known in (see `Worker::forget_replaced_state`).
     epoch: Epoch,
 }
@@ -1366,7 +1398,17 @@ impl Worker {
                 if !open {
                     return;
                 }
-                match receiver.recv().await {
+                // Leases still to settle are tried again after a pause, commits or none.
+                let unsettled = !worker.known().doubtful.is_empty();
+                let msg = if unsettled {
+                    match tokio::time::timeout(SETTLE_PAUSE, receiver.recv()).await {
+                        Ok(msg) => msg,
+                        Err(_) => continue,
+                    }
+                } else {
+                    receiver.recv().await
+                };
+                match msg {
                     Some(Msg::Commit { ops, reply }) => queue.push_back(Job { ops, reply }),
                     Some(other) => waiting = Some(other),
                     None => return,
@@ -1451,21 +1493,22 @@ impl Worker {
         // keys as read only while the cluster has just failed to answer.
         let mut fresh = self.known().careful;
         let mut conflicts = 0;
-        // The leases a transaction without an answer inserted, as it wrote them.
-        let mut doubtful: HashMap<LeaseId, StoredLease> = HashMap::new();
+        // What the transactions without an answer may have done. A lease leaves it once its
+        // job is answered as committed: what is left was refused to its host.
+        let mut doubt = Doubt::default();
         let mut doubted = false;
         while !pending.is_empty() {
-            match self.try_commit(pending, fresh, &doubtful).await {
+            match self.try_commit(pending, fresh, &mut doubt.leases).await {
                 Ok(recheck) => pending = recheck,
                 // Read to see whether it applied (a leader lost, say); what was read prevails.
-                Err(Retry::Doubtful(jobs, _, inserted)) if !doubted => {
+                Err(Retry::Doubtful(jobs, _, more)) if !doubted => {
                     doubted = true;
-                    doubtful.extend(inserted);
+                    doubt.extend(more);
                     pending = jobs;
                 }
-                Err(Retry::Doubtful(jobs, refusal, inserted)) => {
-                    doubtful.extend(inserted);
-                    self.doubt(doubtful);
+                Err(Retry::Doubtful(jobs, refusal, more)) => {
+                    doubt.extend(more);
+                    self.doubt(doubt, true);
                     for job in jobs {
                         job.answer(Err(refusal.clone()));
                     }
@@ -1484,7 +1527,7 @@ impl Worker {
                     return;
                 }
                 Err(Retry::Failed(jobs, refusal)) => {
-                    self.doubt(doubtful);
+                    self.doubt(doubt, true);
                     for job in jobs {
                         job.answer(Err(refusal.clone()));
                     }
@@ -1493,31 +1536,54 @@ impl Worker {
             }
             fresh = true;
         }
+        // A job whose transaction got no answer, refused on what was read afterwards.
+        self.doubt(doubt, false);
     }
 
-    /// Keeps the leases that transactions reported failed may have inserted, to be ended if
-    /// they did (see [`Worker::settle`]), and has the next batches read their keys first.
-    fn doubt(&self, leases: HashMap<LeaseId, StoredLease>) {
+    /// Keeps the leases that transactions reported failed may have inserted, with their
+    /// fences, to be ended if they did (see [`Worker::settle`]); when `careful`, has the next
+    /// batches read their keys first.
+    fn doubt(&self, doubt: Doubt, careful: bool) {
         let mut known = self.known();
-        known.careful = true;
-        known.doubtful.extend(leases);
+        known.careful |= careful;
+        if !doubt.leases.is_empty() {
+            known.doubtful.extend(doubt.leases);
+            known.fences.extend(doubt.fences);
+        }
     }
 
     /// Ends each lease a transaction reported failed inserted after all (the cluster took it
-    /// once its quorum was back): its host was refused it. What cannot be read yet is kept.
+    /// once its quorum was back): its host was refused it. The transactions' fences are put
+    /// first, so that what the reads find absent never comes (see "Group commits" in the
+    /// module documentation). What cannot be settled yet is kept for the next attempt.
     async fn settle(&self) {
-        let doubtful: Vec<(LeaseId, StoredLease)> = self.known().doubtful.drain().collect();
+        let (doubtful, fences): (Vec<(LeaseId, StoredLease)>, Vec<String>) = {
+            let mut known = self.known();
+            let doubtful = known.doubtful.drain().collect();
+            (doubtful, std::mem::take(&mut known.fences))
+        };
+        if let Err(refusal) = self.put_fences(&fences).await {
+            tracing::debug!(error = %refusal.error(), "etcd store: the fences of transactions reported failed not put yet");
+            let mut known = self.known();
+            known.doubtful.extend(doubtful);
+            known.fences.extend(fences);
+            return;
+        }
         let keys: Vec<String> = doubtful
             .iter()
             .map(|(id, _)| self.keys.lease(*id))
             .collect();
-        let read = match self.read_keys(&keys).await {
-            Ok(read) => read,
-            Err(_) => {
-                self.known().doubtful.extend(doubtful);
-                return;
+        let mut read = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(MAX_BATCH_JOBS) {
+            match self.read_keys(chunk).await {
+                Ok(more) => read.extend(more),
+                Err(_) => {
+                    // The fences are in place: reading is enough next time.
+                    self.known().doubtful.extend(doubtful);
+                    return;
+                }
             }
-        };
+        }
         let mut answers = Vec::new();
         let mut jobs = Vec::new();
         for ((id, written), kv) in doubtful.into_iter().zip(read) {
@@ -1544,15 +1610,35 @@ impl Worker {
             });
             answers.push((id, written, answer));
         }
-        if jobs.is_empty() {
-            return;
+        while !jobs.is_empty() {
+            let rest = jobs.split_off(jobs.len().min(MAX_BATCH_JOBS));
+            self.commit(std::mem::replace(&mut jobs, rest)).await;
         }
-        self.commit(jobs).await;
         for (id, written, answer) in answers {
             if let Ok(Err(WriteError::Unavailable(_))) | Err(_) = answer.await {
                 self.known().doubtful.insert(id, written);
             }
         }
+    }
+
+    /// Puts `fences` (see "Group commits" in the module documentation), with the tombstones'
+    /// etcd lease so that they vanish by themselves.
+    async fn put_fences(&self, fences: &[String]) -> Result<(), Refusal> {
+        if fences.is_empty() {
+            return Ok(());
+        }
+        let lease = self.tombstone_lease().await?;
+        for chunk in fences.chunks(MAX_BATCH_JOBS) {
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|fence| {
+                    TxnOp::put(fence.clone(), "", Some(PutOptions::new().with_lease(lease)))
+                })
+                .collect();
+            self.txn("put fences", Request::Write, Txn::new().and_then(puts))
+                .await?;
+        }
+        Ok(())
     }
 
     /// One transaction for `jobs`, on the keys as known (reading only those not known) or,
@@ -1561,12 +1647,13 @@ impl Worker {
     /// on what is read; the others are answered once the transaction commits.
     ///
     /// A job that only inserts leases, each found as `doubtful` holds it (written by a
-    /// transaction that got no answer), is answered as committed.
+    /// transaction that got no answer), is answered as committed. The leases of every job
+    /// answered as committed leave `doubtful`.
     async fn try_commit(
         &self,
         jobs: Vec<Job>,
         fresh: bool,
-        doubtful: &HashMap<LeaseId, StoredLease>,
+        doubtful: &mut HashMap<LeaseId, StoredLease>,
     ) -> Result<Vec<Job>, Retry> {
         let mut overlay = match self.read_for(&jobs, fresh).await {
             Ok(overlay) => overlay,
@@ -1577,7 +1664,7 @@ impl Worker {
         for job in jobs {
             if fresh && !doubtful.is_empty() && inserted_already(&overlay, &job, doubtful) {
                 self.record_audit(&job);
-                job.answer(Ok(()));
+                job.committed(doubtful);
                 continue;
             }
             match self.apply(&mut overlay, &job.ops) {
@@ -1675,6 +1762,11 @@ impl Worker {
                 TxnOp::put(key, count.to_string(), None)
             });
         }
+        // Only a transaction that inserts can grant what its host is told it did not get.
+        let fence = (!inserted.is_empty()).then(|| self.keys.new_fence());
+        if let Some(fence) = &fence {
+            compares.push(Compare::create_revision(fence.clone(), CompareOp::Equal, 0));
+        }
         let response = match self
             .txn(
                 "commit",
@@ -1693,14 +1785,17 @@ impl Worker {
                 }
                 // It may have applied: what was known of its keys may be no more.
                 self.known().forget(&overlay);
-                let inserted = overlay
-                    .leases
-                    .iter()
-                    .filter(|(_, (read, _))| read.value.is_none())
-                    .filter_map(|(id, (_, now))| Some((*id, now.clone()?)))
-                    .collect();
+                let doubt = Doubt {
+                    leases: overlay
+                        .leases
+                        .iter()
+                        .filter(|(_, (read, _))| read.value.is_none())
+                        .filter_map(|(id, (_, now))| Some((*id, now.clone()?)))
+                        .collect(),
+                    fences: fence.into_iter().collect(),
+                };
                 included.extend(recheck);
-                return Err(Retry::Doubtful(included, refusal, inserted));
+                return Err(Retry::Doubtful(included, refusal, doubt));
             }
         };
         self.counters.transactions.fetch_add(1, Ordering::Relaxed);
@@ -1734,7 +1829,7 @@ impl Worker {
         }
         for job in included {
             self.record_audit(&job);
-            job.answer(Ok(()));
+            job.committed(doubtful);
         }
         Ok(recheck)
     }
@@ -2141,8 +2236,23 @@ enum Retry {
     /// Every job fails with this.
     Failed(Vec<Job>, Refusal),
     /// The transaction was sent and no answer came: it may have applied, now or later. With
-    /// the leases it inserted, as it wrote them.
-    Doubtful(Vec<Job>, Refusal, Vec<(LeaseId, StoredLease)>),
+    /// the leases it inserted, as it wrote them, and its fence.
+    Doubtful(Vec<Job>, Refusal, Doubt),
+}
+
+/// What a transaction that got no answer may have done: the leases it inserted, as it wrote
+/// them, and the fence that keeps it from applying once put.
+#[derive(Debug, Default)]
+struct Doubt {
+    leases: HashMap<LeaseId, StoredLease>,
+    fences: Vec<String>,
+}
+
+impl Doubt {
+    fn extend(&mut self, other: Doubt) {
+        self.leases.extend(other.leases);
+        self.fences.extend(other.fences);
+    }
 }
 
 fn is_lease_op(op: &WriteOp) -> bool {

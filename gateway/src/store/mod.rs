@@ -66,7 +66,7 @@ pub use backend::{LeaseStore, MemoryStore, StoreQueries, WriteError, WriteFuture
 pub use error::StoreError;
 pub use etcd::{
     ClusterChange, ClusterEnd, EtcdCounts, EtcdError, EtcdStore, MAX_BATCH_JOBS, MAX_JOB_LEASE_OPS,
-    SILENCE_TIMEOUTS, TOMBSTONE_TTL,
+    SETTLE_PAUSE, SILENCE_TIMEOUTS, TOMBSTONE_TTL,
 };
 pub(crate) use etcd::{connect_client, connect_options, decode_lease};
 pub(crate) use query::{page_size, report_from_events};

@@ -3,10 +3,13 @@
 
 #![allow(dead_code, unused_imports)]
 
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fwnp_gateway::config::EtcdConfig;
 pub(crate) use fwnp_testkit::etcd::{EtcdCluster, EtcdOptions, MemberTls, available};
+use tokio::net::{TcpListener, TcpStream, tcp};
 
 /// A gateway's store configuration on a testkit cluster.
 pub(crate) trait StoreConfig {
@@ -66,4 +69,155 @@ pub(crate) async fn published_policy(
     let kv = answer.kvs().first()?;
     let stored = fwnp_gateway::cluster::policy::decode(kv.value()).expect("a published policy");
     Some((stored, kv.version()))
+}
+
+/// TCP relays from 127.0.0.1 to each member, the one way a gateway reaches etcd: cutting them
+/// cuts that gateway off and nothing else.
+pub(crate) struct Link {
+    /// The relays' addresses, one per member, for the gateway's configuration.
+    pub(crate) endpoints: Vec<String>,
+    cut: tokio::sync::watch::Sender<Cut>,
+    /// The connection halves a silent or deaf cut holds open and mute: they end only with the
+    /// link.
+    muted: Muted,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// What cuts hold open and mute: connections or their halves, of any type.
+type Muted = Arc<Mutex<Vec<Box<dyn std::any::Any + Send>>>>;
+
+/// How a [`Link`] cuts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Not cut: bytes pass.
+    No,
+    /// Its connections end, and new ones are closed at once: the gateway is told.
+    Closed,
+    /// Nothing passes any more, in either direction, and nothing tells: its connections stay
+    /// open and mute for good, and new ones are accepted and mute too, as behind a network
+    /// that drops every packet (a connection that lived through such a cut stays dead after
+    /// it, as one does whose peer or middlebox forgot it meanwhile). Only connections made
+    /// after the cut pass again.
+    Silent,
+    /// Requests reach etcd, and no answer comes back: etcd applies what it is sent, and the
+    /// gateway never hears of it. As with a silent cut, the connections stay so for good, and
+    /// only those made after the cut pass again.
+    Deaf,
+}
+
+impl Link {
+    pub(crate) async fn start(members: &[String]) -> Link {
+        let (cut, _) = tokio::sync::watch::channel(Cut::No);
+        let muted: Muted = Arc::new(Mutex::new(Vec::new()));
+        let mut endpoints = Vec::new();
+        let mut tasks = Vec::new();
+        for member in members {
+            let target: SocketAddr = member
+                .trim_start_matches("http://")
+                .parse()
+                .expect("a member's address");
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .await
+                .expect("bind a relay");
+            endpoints.push(format!(
+                "http://{}",
+                listener.local_addr().expect("relay address")
+            ));
+            let state = cut.subscribe();
+            let muted = muted.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    let now = *state.borrow();
+                    if now == Cut::Closed {
+                        continue;
+                    }
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        continue;
+                    };
+                    let (in_read, in_write) = inbound.into_split();
+                    let (out_read, out_write) = outbound.into_split();
+                    match now {
+                        Cut::No | Cut::Closed => {}
+                        Cut::Silent => {
+                            // Accepted, and never answered: held open without a byte read.
+                            muted
+                                .lock()
+                                .unwrap()
+                                .push(Box::new((in_read, in_write, out_read, out_write)));
+                            continue;
+                        }
+                        Cut::Deaf => {
+                            muted.lock().unwrap().push(Box::new((out_read, in_write)));
+                            tokio::spawn(relay(
+                                in_read,
+                                out_write,
+                                true,
+                                state.clone(),
+                                muted.clone(),
+                            ));
+                            continue;
+                        }
+                    }
+                    tokio::spawn(relay(
+                        in_read,
+                        out_write,
+                        true,
+                        state.clone(),
+                        muted.clone(),
+                    ));
+                    tokio::spawn(relay(
+                        out_read,
+                        in_write,
+                        false,
+                        state.clone(),
+                        muted.clone(),
+                    ));
+                }
+            }));
+        }
+        Link {
+            endpoints,
+            cut,
+            muted,
+            tasks,
+        }
+    }
+
+    pub(crate) fn set_cut(&self, cut: Cut) {
+        self.cut.send_replace(cut);
+    }
+}
+
+/// Copies one direction of a relayed connection until either end closes it or the link is cut:
+/// closed, the direction goes (and with the other, the connection); silent, it is held open and
+/// mute. A deaf cut holds the answers (the direction from etcd) and lets the requests pass.
+async fn relay(
+    mut from: tcp::OwnedReadHalf,
+    mut to: tcp::OwnedWriteHalf,
+    towards_etcd: bool,
+    mut state: tokio::sync::watch::Receiver<Cut>,
+    muted: Muted,
+) {
+    let stops = |cut: &Cut| match cut {
+        Cut::No => false,
+        Cut::Deaf => !towards_etcd,
+        Cut::Closed | Cut::Silent => true,
+    };
+    let cut = tokio::select! {
+        _ = tokio::io::copy(&mut from, &mut to) => return,
+        cut = state.wait_for(stops) => cut.map_or(Cut::Closed, |c| *c),
+    };
+    if cut != Cut::Closed {
+        muted.lock().unwrap().push(Box::new((from, to)));
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.set_cut(Cut::Closed);
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.muted.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
 }
