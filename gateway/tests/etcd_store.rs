@@ -5,8 +5,9 @@
 //! what a gateway knows of the keys grew stale through another and when two race for a host's
 //! last lease slot, concurrent commits are grouped into few transactions, several batches in
 //! flight keep the counts right, the store keeps taking writes with one member lost, refuses
-//! them promptly without a quorum, and takes them again when it is back, and a grant etcd took
-//! without the gateway hearing of it is fenced off and ended.
+//! them promptly without a quorum, and takes them again when it is back, a grant etcd took
+//! without the gateway hearing of it is fenced off and ended, and a watch from a compacted
+//! revision lists the leases instead.
 //!
 //! Needs root (for the namespace) and etcd (Debian's etcd-server and etcd-client); skipped
 //! otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
@@ -698,6 +699,102 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
         "every granted lease is there, none other"
     );
     drop(a);
+}
+
+/// A watch that starts from a revision etcd has compacted away can replay nothing: the gateway
+/// lists the leases instead, and misses no change made since its restore.
+#[test]
+fn a_watch_from_a_compacted_revision_lists_the_leases_again() {
+    in_cluster(
+        "a_watch_from_a_compacted_revision_lists_the_leases_again",
+        "compact",
+        runtime,
+        async |cluster| {
+            let timeout = Duration::from_secs(1);
+            let a = gateway(cluster, "gw-a", timeout).await;
+            let b = gateway(cluster, "gw-b", timeout).await;
+            let early = lease(1, "fwnp://host/c", NOW + 600_000, None);
+            let early_id = early.id;
+            b.etcd
+                .commit(vec![WriteOp::InsertLease(early)])
+                .await
+                .expect("granted");
+            a.etcd.restore(NOW).await.expect("restored");
+            let restored_at = a.etcd.applied_revision();
+
+            // After A's restore, through B: one lease granted, the early one released.
+            let late = lease(2, "fwnp://host/c", NOW + 600_000, None);
+            let late_id = late.id;
+            b.etcd
+                .commit(vec![WriteOp::InsertLease(late)])
+                .await
+                .expect("granted");
+            b.etcd
+                .commit(vec![end(
+                    early_id,
+                    LeaseEnd::Released,
+                    NOW,
+                    "fwnp://host/c",
+                )])
+                .await
+                .expect("released");
+            // Then etcd forgets the history A would replay.
+            let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+                .await
+                .expect("connected to etcd");
+            let now = client
+                .get("/", None)
+                .await
+                .expect("read")
+                .header()
+                .expect("a header")
+                .revision();
+            assert!(now > restored_at + 1, "{now} after {restored_at}");
+            client
+                .compact(
+                    now,
+                    Some(etcd_client::CompactionOptions::new().with_physical()),
+                )
+                .await
+                .expect("compacted");
+
+            let mut changes = a.etcd.watch().expect("watching");
+            let change = next_change(&mut changes).await;
+            let ClusterChange::Listed {
+                live,
+                ended,
+                revision,
+            } = change
+            else {
+                panic!("a list expected: {change:?}");
+            };
+            assert_eq!(
+                live.iter().map(|l| l.id).collect::<Vec<_>>(),
+                [late_id],
+                "the lease granted since the restore, not the one released"
+            );
+            assert_eq!(
+                ended.get(&early_id).map(|e| e.ending.end),
+                Some(LeaseEnd::Released),
+                "the release, from its tombstone"
+            );
+            assert!(revision >= now, "listed at {revision}, compacted at {now}");
+            assert_eq!(a.etcd.applied_revision(), revision);
+
+            // And the watch goes on from the list.
+            let later = lease(3, "fwnp://host/c", NOW + 600_000, None);
+            let later_id = later.id;
+            b.etcd
+                .commit(vec![WriteOp::InsertLease(later)])
+                .await
+                .expect("granted");
+            let change = next_change(&mut changes).await;
+            assert!(
+                matches!(&change, ClusterChange::Stored { lease, .. } if lease.id == later_id),
+                "{change:?}"
+            );
+        },
+    );
 }
 
 /// A grant etcd took without its answer reaching the gateway was refused to its host: the
