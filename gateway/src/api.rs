@@ -648,6 +648,11 @@ pub struct AuditPageAnswer {
     /// In a cluster's trail: the members whose events could not be read, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<UnreachableMember>,
+    /// In a cluster's trail: where to follow the cluster's events from (`after`), as every
+    /// member's newest event stood just before the page was read (`SITE:ID,...`). An event
+    /// recorded in between is both on the page and in what follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow_from: Option<String>,
 }
 
 /// A member whose audit events a cluster's trail lacks.
@@ -681,19 +686,30 @@ pub enum AuditAnswer {
     Page(AuditPageAnswer),
 }
 
-/// `GET /v1/audit?after=`: the events after a cursor, waiting up to `wait` for one.
+/// `GET /v1/audit?after=`: the events after a cursor, waiting up to `wait` for one. The
+/// cursor is this gateway's own event id, or, to follow a cluster's trail, every member's
+/// (`SITE:ID,...`, as a page's `follow_from` gives it); a member it does not name (one that
+/// joined since) is followed from its oldest retained event.
 ///
 /// ```
 /// let follow: fwnp_gateway::api::AuditFollowAnswer =
 ///     serde_json::from_str(r#"{"events":[],"next_after":41}"#).unwrap();
 /// assert_eq!(follow.next_after, 41);
+/// assert_eq!(follow.next_cluster_after, None);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditFollowAnswer {
-    /// The events.
+    /// The events: this gateway's own, oldest first; in a cluster's follow, every member's
+    /// (`site`), by time.
     pub events: Vec<AuditEventView>,
-    /// The cursor to follow from next.
+    /// The cursor to follow this gateway's own events from next.
     pub next_after: u64,
+    /// In a cluster's follow: the cursor to follow from next (`SITE:ID,...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cluster_after: Option<String>,
+    /// In a cluster's follow: the members whose events could not be read, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<UnreachableMember>,
 }
 
 /// `POST /v1/leases/{id}/revoke`.

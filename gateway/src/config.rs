@@ -492,6 +492,21 @@ impl Default for RawStore {
     }
 }
 
+/// Whether `name` is a valid site name for a member of a cluster: 1 to 63 letters, digits,
+/// '.', '_' or '-'.
+///
+/// ```
+/// assert!(fwnp_gateway::config::valid_site("gw-a.eu_1"));
+/// assert!(!fwnp_gateway::config::valid_site("gw a"));
+/// ```
+pub fn valid_site(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
 fn default_backend() -> Spanned<String> {
     Spanned::new(0..0, "sqlite".to_owned())
 }
@@ -616,12 +631,7 @@ impl RawStore {
             ));
         };
         let name = site.get_ref();
-        if name.is_empty()
-            || name.len() > 63
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        if !valid_site(name) {
             return Err(at(
                 site.span(),
                 format!("site {name:?}: expected 1 to 63 letters, digits, '.', '_' or '-'"),

@@ -241,6 +241,50 @@ async fn fwnpctl_output(admin: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `fwnpctl ... --follow` running against a gateway's admin socket, its standard output read
+/// line by line; killed when dropped.
+struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    fn start(admin: &Path, args: &[&str]) -> Follower {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+            .arg("--admin")
+            .arg(admin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run fwnpctl");
+        let stdout = child.stdout.take().expect("its output");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// The next line it prints, if one comes within `within`.
+    fn line(&mut self, within: Duration) -> Option<String> {
+        self.lines.recv_timeout(within).ok()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The line of `fwnpctl status` that lists `site` among the members.
 fn member_line<'a>(status: &'a str, site: &str) -> Option<&'a str> {
     status
@@ -359,6 +403,87 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             assert!(
                 !own.iter().any(|e| e["lease"] == on_b.to_string()),
                 "{own:#?}"
+            );
+
+            // Followed through A from where the page stood: a grant through either member
+            // comes, named with its site, and nothing the page already held.
+            let mut after = page["follow_from"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a cluster's page says where to follow from: {page:#}"))
+                .to_owned();
+            assert!(
+                after.contains("gw-a:") && after.contains("gw-b:"),
+                "{after}"
+            );
+            // And by an operator, through A, once its first page is printed.
+            let mut follower = Follower::start(
+                &a.admin,
+                &[
+                    "--json", "audit", "--kind", "grant", "--limit", "1", "--follow",
+                ],
+            );
+            let first = follower.line(Duration::from_secs(20));
+            assert!(first.is_some(), "fwnpctl printed its page");
+            let more_a = granted(to_a.open(tcp(7005), None).await).lease;
+            let more_b = granted(to_b.open(tcp(7006), None).await).lease;
+            let wanted = [("gw-a", more_a.to_string()), ("gw-b", more_b.to_string())];
+            let mut followed: Vec<(String, String)> = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !wanted
+                .iter()
+                .all(|(site, lease)| followed.iter().any(|f| f.0 == *site && f.1 == *lease))
+            {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "both grants followed through A: {followed:?}"
+                );
+                let answer = a
+                    .get(&format!("/v1/audit?kind=grant&after={after}&wait=5s"))
+                    .await;
+                for event in answer["events"].as_array().expect("events") {
+                    followed.push((
+                        event["site"].as_str().unwrap_or_default().to_owned(),
+                        event["lease"].as_str().unwrap_or_default().to_owned(),
+                    ));
+                }
+                after = answer["next_cluster_after"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a cluster's follow goes on: {answer:#}"))
+                    .to_owned();
+            }
+            assert_eq!(followed.len(), 2, "each grant once, no other: {followed:?}");
+            let mut printed: Vec<(String, String)> = Vec::new();
+            while printed.len() < 2 {
+                let line = follower
+                    .line(Duration::from_secs(20))
+                    .unwrap_or_else(|| panic!("fwnpctl follows both grants: {printed:?}"));
+                let event: Value = serde_json::from_str(&line).expect("a JSON line");
+                printed.push((
+                    event["site"].as_str().unwrap_or_default().to_owned(),
+                    event["lease"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+            printed.sort();
+            assert_eq!(
+                printed,
+                wanted.map(|(site, lease)| (site.to_owned(), lease))
+            );
+            drop(follower);
+            // Out of the way of the reload below.
+            for (client, lease) in [(&to_a, more_a), (&to_b, more_b)] {
+                let released = client.release(lease).await;
+                assert!(
+                    matches!(released, fwnp_proto::Message::Released(_)),
+                    "{released:?}"
+                );
+            }
+            // A cursor that is neither an event id nor a cluster's is refused, and says why.
+            let (status, refused) =
+                admin_request(&a.admin, "GET", "/v1/audit?after=gw-a:x", None).await;
+            assert_eq!(status, 400, "{refused:#}");
+            assert!(
+                refused.to_string().contains("not an event id"),
+                "{refused:#}"
             );
 
             // A policy reload through A reaches B: the lease granted through B that the

@@ -1,6 +1,7 @@
 //! `fwnpctl`: the operator's and auditor's command line for FWNP.
 #![forbid(unsafe_code)]
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -81,7 +82,8 @@ enum Command {
     },
     /// The audit trail: every request, decision, renewal, release, expiry and revocation. In a
     /// cluster, every member's events merged by time; members whose events may be missing are
-    /// named on standard error. `--follow` then follows this gateway's own events.
+    /// named on standard error. `--follow` then prints the new events as they come: in a
+    /// cluster every member's, as each publishes them (within a second or so).
     ///
     /// Examples: fwnpctl audit --since 1h --outcome denied
     ///           fwnpctl audit --host 'fwnp://host/web-01' --follow
@@ -455,41 +457,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Failure> {
             }
             let mut events = page.events;
             events.reverse(); // oldest first on screen, like a log
-            // In a cluster's trail the ids are each member's own: the follow goes on from
-            // this gateway's newest event.
-            let own_site = if follow && events.iter().any(|e| e.site.is_some()) {
-                let status: fwnp_gateway::api::StatusAnswer =
-                    AdminClient::typed("/v1/status", &admin.get("/v1/status").await?)?;
-                status.cluster.map(|c| c.site)
-            } else {
-                None
-            };
-            let mut last = events
-                .iter()
-                .filter(|e| own_site.is_none() || e.site == own_site)
-                .map(|e| e.id)
-                .max()
-                .unwrap_or(0);
             print_audit(&events, json_out, true);
             if follow {
-                if last == 0 {
-                    // Nothing matched yet: follow from the newest event of any kind.
-                    let path = "/v1/audit?limit=1&scope=local";
-                    let newest: AuditPageAnswer =
-                        AdminClient::typed(path, &admin.get(path).await?)?;
-                    last = newest.events.first().map_or(0, |e| e.id);
-                }
-                loop {
-                    let mut pairs = base.to_vec();
-                    pairs.push(("after", Some(last.to_string())));
-                    pairs.push(("wait", Some("30s".into())));
-                    pairs.push(("order", Some("oldest".into())));
-                    let path = format!("/v1/audit{}", query(&pairs));
-                    let answer: AuditFollowAnswer =
-                        AdminClient::typed(&path, &admin.get(&path).await?)?;
-                    print_audit(&answer.events, json_out, false);
-                    last = answer.next_after;
-                }
+                follow_audit(&admin, &base, &events, page.follow_from, json_out).await?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -859,6 +829,66 @@ fn print_cluster(cluster: &fwnp_gateway::api::ClusterStatus) {
             when(m.started_ms),
             m.version
         );
+    }
+}
+
+/// Prints the audit events that follow those of the page just printed (`printed`), as they
+/// happen, until interrupted: in a cluster every member's (from the page's `follow_from`),
+/// else this gateway's own.
+async fn follow_audit(
+    admin: &AdminClient,
+    base: &[(&str, Option<String>)],
+    printed: &[AuditEventView],
+    follow_from: Option<String>,
+    json_out: bool,
+) -> Result<(), Failure> {
+    // The newest event printed of each member: an event recorded while the page was read is
+    // both on it and in what follows.
+    let mut shown: HashMap<Option<String>, u64> = HashMap::new();
+    for event in printed {
+        let at = shown.entry(event.site.clone()).or_default();
+        *at = (*at).max(event.id);
+    }
+    let mut after = match follow_from {
+        Some(cursor) => cursor,
+        // From the newest event printed; with none printed, from the newest of any kind.
+        None => match shown.get(&None) {
+            Some(id) => id.to_string(),
+            None => {
+                let path = "/v1/audit?limit=1&scope=local";
+                let newest: AuditPageAnswer = AdminClient::typed(path, &admin.get(path).await?)?;
+                newest.events.first().map_or(0, |e| e.id).to_string()
+            }
+        },
+    };
+    let mut warned: Vec<String> = Vec::new();
+    loop {
+        let mut pairs = base.to_vec();
+        pairs.push(("after", Some(after.clone())));
+        pairs.push(("wait", Some("30s".into())));
+        pairs.push(("order", Some("oldest".into())));
+        let path = format!("/v1/audit{}", query(&pairs));
+        let answer: AuditFollowAnswer = AdminClient::typed(&path, &admin.get(&path).await?)?;
+        // A member's warning once, again only after its events could be read meanwhile.
+        let now: Vec<String> = answer.unreachable.iter().map(|m| m.site.clone()).collect();
+        for member in &answer.unreachable {
+            if !warned.contains(&member.site) {
+                eprintln!(
+                    "fwnpctl: the events of member {} may be missing: {}",
+                    member.site, member.why
+                );
+            }
+        }
+        warned = now;
+        let fresh: Vec<AuditEventView> = answer
+            .events
+            .into_iter()
+            .filter(|e| shown.get(&e.site).is_none_or(|&id| e.id > id))
+            .collect();
+        print_audit(&fresh, json_out, false);
+        after = answer
+            .next_cluster_after
+            .unwrap_or_else(|| answer.next_after.to_string());
     }
 }
 

@@ -10,6 +10,8 @@
 //! names every member whose events it may lack: a member that is not live (what it recorded
 //! after its last publication is missing), or all the others when etcd cannot be read.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -34,38 +36,76 @@ pub const PUBLISH_PAUSE: Duration = Duration::from_millis(500);
 /// The most events read from one other member for a page.
 const READ_PER_MEMBER: i64 = 2_000;
 
+/// Where a follow of the cluster's trail stands: for each member (by site), the id of the last
+/// of its events already handed over. In the admin API, `SITE:ID,SITE:ID`.
+///
+/// ```
+/// use fwnp_gateway::cluster::FollowCursor;
+/// let cursor: FollowCursor = "gw-a:120,gw-b:37".parse().unwrap();
+/// assert_eq!(cursor.after("gw-b"), 37);
+/// assert_eq!(cursor.after("gw-c"), 0);
+/// assert_eq!(cursor.to_string(), "gw-a:120,gw-b:37");
+/// assert!("gw-a:x".parse::<FollowCursor>().is_err());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FollowCursor(BTreeMap<String, u64>);
+
+impl FollowCursor {
+    /// The id of the last event of `site` handed over; 0 for a member the cursor does not name
+    /// (one that joined since it was made), which is followed from its oldest retained event.
+    pub fn after(&self, site: &str) -> u64 {
+        self.0.get(site).copied().unwrap_or(0)
+    }
+
+    /// Moves the cursor of `site` up to `id` (never back).
+    pub fn advance(&mut self, site: &str, id: u64) {
+        let at = self.0.entry(site.to_owned()).or_default();
+        *at = (*at).max(id);
+    }
+}
+
+impl std::str::FromStr for FollowCursor {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut cursor = BTreeMap::new();
+        for entry in text.split(',') {
+            let (site, id) = entry
+                .split_once(':')
+                .ok_or_else(|| format!("{entry:?} is not SITE:ID"))?;
+            if !crate::config::valid_site(site) {
+                return Err(format!("{site:?} is not a site name"));
+            }
+            let id = id
+                .parse()
+                .map_err(|_| format!("{id:?} (of {site}) is not an event id"))?;
+            if cursor.insert(site.to_owned(), id).is_some() {
+                return Err(format!("{site} is named twice"));
+            }
+        }
+        Ok(FollowCursor(cursor))
+    }
+}
+
+impl fmt::Display for FollowCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (n, (site, id)) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{site}:{id}")?;
+        }
+        Ok(())
+    }
+}
+
 impl Cluster {
     /// The id of the newest event this member has published (0: none), at most `newest`, the
     /// newest event of its own database: events published under higher ids came from a
     /// database this member no longer has (its state directory was replaced), and are dropped
     /// so that the new ids do not mix with them.
     async fn published_up_to(&self, newest: u64) -> Result<u64, ClusterError> {
-        let prefix = self.keys.audit_of(&self.site);
-        let answer = self
-            .within(
-                "read the published audit events",
-                self.client().get(
-                    prefix.clone(),
-                    Some(
-                        GetOptions::new()
-                            .with_prefix()
-                            .with_sort(SortTarget::Key, SortOrder::Descend)
-                            .with_limit(1)
-                            .with_keys_only(),
-                    ),
-                ),
-            )
-            .await?;
-        let published = answer
-            .kvs()
-            .first()
-            .and_then(|kv| {
-                std::str::from_utf8(&kv.key()[prefix.len().min(kv.key().len())..])
-                    .ok()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0);
+        let published = self.newest_published(&self.site).await?;
         if published <= newest {
             return Ok(published);
         }
@@ -84,6 +124,122 @@ impl Cluster {
         )
         .await?;
         Ok(newest)
+    }
+
+    /// The id of the newest event `site` has published (0: none).
+    async fn newest_published(&self, site: &str) -> Result<u64, ClusterError> {
+        let prefix = self.keys.audit_of(site);
+        let answer = self
+            .within(
+                "read the published audit events",
+                self.client().get(
+                    prefix.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_sort(SortTarget::Key, SortOrder::Descend)
+                            .with_limit(1)
+                            .with_keys_only(),
+                    ),
+                ),
+            )
+            .await?;
+        Ok(answer
+            .kvs()
+            .first()
+            .and_then(|kv| event_id(&prefix, kv.key()))
+            .unwrap_or(0))
+    }
+
+    /// Where to follow the cluster's trail from now: this member at `own_newest` (its
+    /// database's newest event, which its publication may not have reached), every other
+    /// member at its newest published event.
+    pub async fn follow_cursor(&self, own_newest: u64) -> Result<FollowCursor, ClusterError> {
+        let mut cursor = FollowCursor::default();
+        cursor.advance(&self.site, own_newest);
+        for member in self.members().await? {
+            if member.site != self.site {
+                let newest = self.newest_published(&member.site).await?;
+                cursor.advance(&member.site, newest);
+            }
+        }
+        Ok(cursor)
+    }
+
+    /// The other members' published events after `cursor` that match `query`, at most
+    /// `per_member` read of each, each named with its site; the cursor moves past every event
+    /// read, matching or not. Also the members whose events could not be read (all of them,
+    /// `*`, when etcd cannot be read).
+    pub async fn others_events_after(
+        &self,
+        cursor: &mut FollowCursor,
+        query: &AuditQuery,
+        per_member: i64,
+    ) -> (Vec<AuditEventView>, Vec<UnreachableMember>) {
+        let members = match self.members().await {
+            Ok(members) => members,
+            Err(e) => {
+                let why = format!("the other members' events could not be read: {e}");
+                return (
+                    Vec::new(),
+                    vec![UnreachableMember {
+                        site: "*".into(),
+                        why,
+                    }],
+                );
+            }
+        };
+        let mut events = Vec::new();
+        let mut unreachable = Vec::new();
+        for member in members.iter().filter(|m| m.site != self.site) {
+            let after = cursor.after(&member.site);
+            match self.events_after(&member.site, after, per_member).await {
+                Ok(read) => {
+                    for event in read {
+                        cursor.advance(&member.site, event.id);
+                        if matches(&event, query) {
+                            events.push(event);
+                        }
+                    }
+                }
+                Err(e) => unreachable.push(UnreachableMember {
+                    site: member.site.clone(),
+                    why: format!("its events could not be read: {e}"),
+                }),
+            }
+        }
+        (events, unreachable)
+    }
+
+    /// The published events of `site` after id `after`, oldest first, at most `limit`.
+    async fn events_after(
+        &self,
+        site: &str,
+        after: u64,
+        limit: i64,
+    ) -> Result<Vec<AuditEventView>, ClusterError> {
+        let prefix = self.keys.audit_of(site);
+        // The end of the member's range: its prefix with the final '/' raised to '0'.
+        let end = format!("{}0", &prefix[..prefix.len() - 1]);
+        let answer = self
+            .within(
+                "read a member's audit events",
+                self.client().get(
+                    self.keys.audit_event(site, after.saturating_add(1)),
+                    Some(
+                        GetOptions::new()
+                            .with_range(end)
+                            .with_sort(SortTarget::Key, SortOrder::Ascend)
+                            .with_limit(limit),
+                    ),
+                ),
+            )
+            .await?;
+        answer
+            .kvs()
+            .iter()
+            .map(|kv| decode_event(site, kv.key(), kv.value()))
+            .collect()
     }
 
     /// Publishes `events` in one transaction and drops this member's events beyond the
@@ -209,18 +365,32 @@ impl Cluster {
             .await?;
         let mut events = Vec::new();
         for kv in answer.kvs() {
-            let mut event: AuditEventView =
-                serde_json::from_slice(kv.value()).map_err(|e| ClusterError::Corrupt {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    why: format!("not an audit event: {e}"),
-                })?;
-            event.site = Some(site.to_owned());
+            let event = decode_event(site, kv.key(), kv.value())?;
             if matches(&event, query) {
                 events.push(event);
             }
         }
         Ok(events)
     }
+}
+
+/// The id a published event's key `key` ends in, under `prefix` (`P/audit/SITE/`).
+fn event_id(prefix: &str, key: &[u8]) -> Option<u64> {
+    std::str::from_utf8(key.strip_prefix(prefix.as_bytes())?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// A published event of `site`, named with it.
+fn decode_event(site: &str, key: &[u8], value: &[u8]) -> Result<AuditEventView, ClusterError> {
+    let mut event: AuditEventView =
+        serde_json::from_slice(value).map_err(|e| ClusterError::Corrupt {
+            key: String::from_utf8_lossy(key).into_owned(),
+            why: format!("not an audit event: {e}"),
+        })?;
+    event.site = Some(site.to_owned());
+    Ok(event)
 }
 
 /// Whether a published event passes the filters of an audit query, as the store's own query

@@ -26,6 +26,7 @@ use crate::service::Service;
 use crate::store::{EtcdError, EtcdStore};
 
 pub mod audit;
+pub use audit::FollowCursor;
 pub mod members;
 pub mod policy;
 

@@ -243,14 +243,19 @@ impl Service {
             q.order = Order::OldestFirst;
         }
         if let Some(after) = query.get("after") {
-            let after: u64 = after
-                .parse()
-                .map_err(|_| AdminError::bad_request(format!("after {after:?}")))?;
             let wait = match query.get("wait") {
                 Some(w) => crate::config::parse_duration(w)
                     .map_err(AdminError::bad_request)?
                     .min(Duration::from_secs(60)),
                 None => Duration::ZERO,
+            };
+            let Ok(after) = after.parse::<u64>() else {
+                let cursor = after.parse().map_err(|why| {
+                    AdminError::bad_request(format!(
+                        "after {after:?}: neither an event id nor a cluster's cursor: {why}"
+                    ))
+                })?;
+                return self.follow_cluster_trail(cursor, &q, wait).await;
             };
             let mut watch = self.queries.audit_watch();
             let deadline = tokio::time::Instant::now() + wait;
@@ -264,6 +269,8 @@ impl Service {
                     return Ok(AuditAnswer::Follow(AuditFollowAnswer {
                         events: events.iter().map(|e| e.view()).collect(),
                         next_after: last,
+                        next_cluster_after: None,
+                        unreachable: Vec::new(),
                     }));
                 }
                 if tokio::time::timeout_at(deadline, watch.changed())
@@ -282,18 +289,93 @@ impl Service {
             );
         }
         let merged = q.clone();
+        let cluster = self.cluster().filter(|_| !local_only);
+        // Where a follow goes on from, read before the page so that nothing falls between.
+        let follow_from = match cluster {
+            Some(cluster) => {
+                let own_newest = *self.queries.audit_watch().borrow();
+                cluster
+                    .follow_cursor(own_newest)
+                    .await
+                    .ok()
+                    .map(|cursor| cursor.to_string())
+            }
+            None => None,
+        };
         let page = self.read_store(move |store| store.audit(&q)).await?;
         let mut answer = AuditPageAnswer {
             events: page.events.iter().map(|e| e.view()).collect(),
             next_cursor: page.next_cursor,
             unreachable: Vec::new(),
+            follow_from,
         };
         // In a cluster, the page is the cluster's trail: the other members' published events
         // merged in by time (the cursor pages through this gateway's own).
-        if let Some(cluster) = self.cluster().filter(|_| !local_only) {
+        if let Some(cluster) = cluster {
             cluster.merge_audit(&merged, &mut answer).await;
         }
         Ok(AuditAnswer::Page(answer))
+    }
+
+    /// Follows the cluster's trail from `cursor`: every member's events after its place in
+    /// it, this gateway's own from its database and the others' as they publish them, by
+    /// time; waits up to `wait` for one.
+    async fn follow_cluster_trail(
+        &self,
+        mut cursor: crate::cluster::FollowCursor,
+        query: &AuditQuery,
+        wait: Duration,
+    ) -> Result<AuditAnswer, AdminError> {
+        let cluster = self.cluster().ok_or_else(|| {
+            AdminError::bad_request(
+                "after: a cursor of members (SITE:ID,...) follows a cluster's trail, and this \
+                 gateway is not in a cluster",
+            )
+        })?;
+        let site = cluster.site().to_owned();
+        let limit = query.limit.max(1);
+        let mut watch = self.queries.audit_watch();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (own_query, own_after) = (query.clone(), cursor.after(&site));
+            let own = self
+                .read_store(move |store| store.audit_follow(own_after, &own_query, limit))
+                .await?;
+            let mut events: Vec<crate::api::AuditEventView> = own
+                .iter()
+                .map(|e| {
+                    let mut view = e.view();
+                    view.site = Some(site.clone());
+                    view
+                })
+                .collect();
+            if let Some(last) = events.last() {
+                cursor.advance(&site, last.id);
+            }
+            let per_member = i64::try_from(limit).unwrap_or(i64::MAX);
+            let (others, unreachable) = cluster
+                .others_events_after(&mut cursor, query, per_member)
+                .await;
+            events.extend(others);
+            if !events.is_empty() || tokio::time::Instant::now() >= deadline {
+                events.sort_by(|a, b| (a.time_ms, &a.site, a.id).cmp(&(b.time_ms, &b.site, b.id)));
+                return Ok(AuditAnswer::Follow(AuditFollowAnswer {
+                    events,
+                    next_after: cursor.after(&site),
+                    next_cluster_after: Some(cursor.to_string()),
+                    unreachable,
+                }));
+            }
+            // This gateway's events are announced; the others' are read again as often as
+            // their members publish.
+            let _ = tokio::time::timeout_at(deadline, async {
+                tokio::select! {
+                    _ = watch.changed() => {}
+                    () = tokio::time::sleep(crate::cluster::audit::PUBLISH_PAUSE) => {}
+                }
+            })
+            .await;
+        }
     }
 
     /// The stored audit events after `after`, oldest first, at most `limit`: what the audit
