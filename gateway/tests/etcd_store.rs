@@ -112,6 +112,12 @@ async fn gateway_with(config: &EtcdConfig) -> Gateway {
     }
 }
 
+/// The ids of the cluster's live leases, as the gateway's restore lists them.
+async fn live_ids(gateway: &Gateway) -> Vec<LeaseId> {
+    let restored = gateway.etcd.restore(NOW).await.expect("listed");
+    restored.live.iter().map(|l| l.id).collect()
+}
+
 /// The next change a watch hands over, within 20 s.
 async fn next_change(
     changes: &mut tokio::sync::mpsc::UnboundedReceiver<ClusterChange>,
@@ -325,15 +331,7 @@ fn two_gateways_share_the_leases_and_the_cluster_rules_hold_across_them() {
             );
             let expiries = audited(&a, five.id).await + audited(&b, five.id).await;
             assert_eq!(expiries, 1, "the expiry is audited once in the cluster");
-            let live: Vec<LeaseId> = b
-                .etcd
-                .restore(NOW)
-                .await
-                .expect("B lists")
-                .live
-                .iter()
-                .map(|l| l.id)
-                .collect();
+            let live = live_ids(&b).await;
             assert_eq!(live.len(), 3, "{live:?}");
             assert!(!live.contains(&five.id) && !live.contains(&two.id));
         },
@@ -857,16 +855,7 @@ fn a_grant_etcd_took_unanswered_is_ended_once_it_answers_again_though_nothing_el
                 ending.why.as_deref(),
                 Some("granted by a transaction reported failed")
             );
-            let live: Vec<LeaseId> = b
-                .etcd
-                .restore(NOW)
-                .await
-                .expect("listed")
-                .live
-                .iter()
-                .map(|l| l.id)
-                .collect();
-            assert_eq!(live, [first_id]);
+            assert_eq!(live_ids(&b).await, [first_id]);
             // Before reading the lease, A put the fence its transaction compared absent, so
             // that it cannot apply any more; it goes by itself, as tombstones do.
             let mut client = etcd_client::Client::connect(cluster.endpoints(), None)

@@ -137,7 +137,6 @@ impl Link {
                     let (in_read, in_write) = inbound.into_split();
                     let (out_read, out_write) = outbound.into_split();
                     match now {
-                        Cut::No | Cut::Closed => {}
                         Cut::Silent => {
                             // Accepted, and never answered: held open without a byte read.
                             muted
@@ -146,29 +145,22 @@ impl Link {
                                 .push(Box::new((in_read, in_write, out_read, out_write)));
                             continue;
                         }
-                        Cut::Deaf => {
-                            muted.lock().unwrap().push(Box::new((out_read, in_write)));
+                        // Requests pass (below), answers are held.
+                        Cut::Deaf => muted.lock().unwrap().push(Box::new((out_read, in_write))),
+                        Cut::No | Cut::Closed => {
                             tokio::spawn(relay(
-                                in_read,
-                                out_write,
-                                true,
+                                out_read,
+                                in_write,
+                                false,
                                 state.clone(),
                                 muted.clone(),
                             ));
-                            continue;
                         }
                     }
                     tokio::spawn(relay(
                         in_read,
                         out_write,
                         true,
-                        state.clone(),
-                        muted.clone(),
-                    ));
-                    tokio::spawn(relay(
-                        out_read,
-                        in_write,
-                        false,
                         state.clone(),
                         muted.clone(),
                     ));
