@@ -1524,7 +1524,7 @@ impl Worker {
                             "other gateways kept changing the same leases; not applied".into(),
                         )));
                     }
-                    return;
+                    break;
                 }
                 Err(Retry::Failed(jobs, refusal)) => {
                     self.doubt(doubt, true);
@@ -1536,7 +1536,8 @@ impl Worker {
             }
             fresh = true;
         }
-        // A job whose transaction got no answer, refused on what was read afterwards.
+        // A job whose transaction got no answer, refused afterwards (on what was read, or after
+        // too many conflicts): that transaction may still apply.
         self.doubt(doubt, false);
     }
 
