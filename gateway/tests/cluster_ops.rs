@@ -30,7 +30,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use common::{Client, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir};
+use common::{
+    Client, Follower, Pki, STEP, admin_request, config_text, denied, granted, tcp, temp_dir,
+};
 use etcd_cluster::{EtcdCluster, available, in_cluster, published_policy, two_workers};
 use fwnp_gateway::cluster::policy::StoredPolicy;
 use fwnp_gateway::cluster::sha256_hex;
@@ -239,50 +241,6 @@ async fn fwnpctl_output(admin: &Path, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
-}
-
-/// `fwnpctl ... --follow` running against a gateway's admin socket, its standard output read
-/// line by line; killed when dropped.
-struct Follower {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Follower {
-    fn start(admin: &Path, args: &[&str]) -> Follower {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
-            .arg("--admin")
-            .arg(admin)
-            .args(args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run fwnpctl");
-        let stdout = child.stdout.take().expect("its output");
-        let (send, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if send.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Follower { child, lines }
-    }
-
-    /// The next line it prints, if one comes within `within`.
-    fn line(&mut self, within: Duration) -> Option<String> {
-        self.lines.recv_timeout(within).ok()
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The line of `fwnpctl status` that lists `site` among the members.

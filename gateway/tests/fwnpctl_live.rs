@@ -7,6 +7,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
+use std::time::Duration;
 
 use common::*;
 use fwnp_proto::{PortRange, Prefix, Protocol};
@@ -119,6 +120,39 @@ async fn the_suggested_policy_passes_check_and_allows_what_was_granted() {
             "{host} {open} is not allowed by the suggestion:\n{suggested}\n{out}{stderr}"
         );
     }
+}
+
+/// `fwnpctl audit --follow` prints its page, then each new event once, as it happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_follow_prints_the_page_then_each_new_event_once() {
+    let gw = TestGateway::start("audit-follow", POLICY).await;
+    let (web, _) = gw.welcomed_host("web-01", &[HOST]).await;
+    let before = granted(web.open(tcp(7000), Some(300)).await).lease;
+    let mut follower = Follower::start(
+        &gw.admin_socket,
+        &[
+            "--json", "audit", "--kind", "grant", "--limit", "1", "--follow",
+        ],
+    );
+    let lease_of = |line: Option<String>| {
+        let line = line.expect("a line within 20 s");
+        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        event["lease"].as_str().unwrap_or_default().to_owned()
+    };
+    let page = tokio::task::block_in_place(|| follower.line(Duration::from_secs(20)));
+    assert_eq!(
+        lease_of(page),
+        before.to_string(),
+        "the page: the newest grant"
+    );
+    let next = granted(web.open(app("echo"), Some(300)).await).lease;
+    let last = granted(web.open(app("game"), Some(300)).await).lease;
+    for lease in [next, last] {
+        let line = tokio::task::block_in_place(|| follower.line(Duration::from_secs(20)));
+        assert_eq!(lease_of(line), lease.to_string());
+    }
+    let more = tokio::task::block_in_place(|| follower.line(Duration::from_secs(2)));
+    assert_eq!(more, None, "each event once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -750,3 +750,47 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// `fwnpctl ... --follow` running against a gateway's admin socket, its standard output read
+/// line by line; killed when dropped.
+pub(crate) struct Follower {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Follower {
+    pub(crate) fn start(admin: &Path, args: &[&str]) -> Follower {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fwnpctl"))
+            .arg("--admin")
+            .arg(admin)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run fwnpctl");
+        let stdout = child.stdout.take().expect("its output");
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if send.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Follower { child, lines }
+    }
+
+    /// The next line it prints, if one comes within `within`.
+    pub(crate) fn line(&mut self, within: Duration) -> Option<String> {
+        self.lines.recv_timeout(within).ok()
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
