@@ -1,6 +1,8 @@
 //! The cluster's audit trail: each member records its decisions in its own database, as a
 //! single gateway does, and publishes them to etcd (`P/audit/SITE/ID`) in background batches,
-//! so that `GET /v1/audit` on any member merges every member's events by time.
+//! so that `GET /v1/audit` on any member merges every member's events by time, and a follow
+//! from a cluster's cursor ([`FollowCursor`]) hands over every member's events as they are
+//! published.
 //!
 //! Why through etcd rather than asking each member: members reach each other only through
 //! etcd (their admin sockets are local), and a member that died still has its published events
