@@ -6,8 +6,9 @@
 //! last lease slot, concurrent commits are grouped into few transactions, several batches in
 //! flight keep the counts right, the store keeps taking writes with one member lost, refuses
 //! them promptly without a quorum, and takes them again when it is back, a grant etcd took
-//! without the gateway hearing of it is fenced off and ended, and a watch from a compacted
-//! revision lists the leases instead.
+//! without the gateway hearing of it is ended, one that reaches etcd only after the gateway
+//! settled it is refused by its fence, and a watch from a compacted revision lists the leases
+//! instead.
 //!
 //! Needs root (for the namespace) and etcd (Debian's etcd-server and etcd-client); skipped
 //! otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
@@ -697,6 +698,80 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
         "every granted lease is there, none other"
     );
     drop(a);
+}
+
+/// A grant refused to its host because its transaction got no answer, and still on its way to
+/// etcd once the gateway has settled it (found it absent), never applies: the fence the
+/// gateway put first makes etcd refuse it when it arrives.
+#[test]
+fn a_grant_still_on_its_way_to_etcd_after_it_was_settled_never_applies() {
+    in_cluster(
+        "a_grant_still_on_its_way_to_etcd_after_it_was_settled_never_applies",
+        "held",
+        runtime,
+        async |cluster| {
+            let timeout = Duration::from_secs(1);
+            let link = Link::start(&cluster.endpoints()).await;
+            let mut config = cluster.config("gw-a", timeout);
+            config.endpoints = link.endpoints.clone();
+            let a = gateway_with(&config).await;
+            let b = gateway(cluster, "gw-b", timeout).await;
+            let first = lease(1, "fwnp://host/held", NOW + 600_000, None);
+            let first_id = first.id;
+            a.etcd
+                .commit(vec![WriteOp::InsertLease(first), grant_event(first_id)])
+                .await
+                .expect("granted while etcd answers");
+
+            link.set_cut(Cut::Held);
+            let late = lease(2, "fwnp://host/held", NOW + 600_000, None);
+            let id = late.id;
+            let refused = a
+                .etcd
+                .commit(vec![WriteOp::InsertLease(late), grant_event(id)])
+                .await;
+            assert!(
+                matches!(refused, Err(WriteError::Unavailable(_))),
+                "{refused:?}"
+            );
+            // New connections pass: A settles the grant, finding it absent, behind its fence.
+            link.set_cut(Cut::No);
+            let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+                .await
+                .expect("connected to etcd");
+            let fences = format!("{}/fences/", config.prefix);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let found = client
+                    .get(
+                        fences.clone(),
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_count_only(),
+                        ),
+                    )
+                    .await
+                    .expect("fences read");
+                if found.count() > 0 {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "A put no fence");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Its read of the lease follows the fence at once.
+            tokio::time::sleep(timeout).await;
+            b.etcd.restore(NOW).await.expect("restored");
+            let mut changes = b.etcd.watch().expect("watching");
+
+            // Now the held transaction reaches etcd.
+            link.release_held();
+            let arrived = tokio::time::timeout(Duration::from_secs(3), changes.recv()).await;
+            assert!(arrived.is_err(), "nothing changes: {arrived:?}");
+            assert_eq!(live_ids(&b).await, [first_id]);
+            assert_eq!(audited(&a, id).await, 0, "no grant of it recorded");
+        },
+    );
 }
 
 /// A watch that starts from a revision etcd has compacted away can replay nothing: the gateway

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use fwnp_gateway::config::EtcdConfig;
 pub(crate) use fwnp_testkit::etcd::{EtcdCluster, EtcdOptions, MemberTls, available};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, tcp};
 
 /// A gateway's store configuration on a testkit cluster.
@@ -77,6 +78,8 @@ pub(crate) struct Link {
     /// The relays' addresses, one per member, for the gateway's configuration.
     pub(crate) endpoints: Vec<String>,
     cut: tokio::sync::watch::Sender<Cut>,
+    /// Set once what held connections hold may go on to etcd.
+    released: tokio::sync::watch::Sender<bool>,
     /// The connection halves a silent or deaf cut holds open and mute: they end only with the
     /// link.
     muted: Muted,
@@ -103,11 +106,18 @@ pub(crate) enum Cut {
     /// gateway never hears of it. As with a silent cut, the connections stay so for good, and
     /// only those made after the cut pass again.
     Deaf,
+    /// Requests are held on their way to etcd, not lost: a connection open during the cut
+    /// (or made during it) passes nothing towards etcd until [`Link::release_held`] lets what
+    /// it holds go on, even after the gateway gave the connection up, without the
+    /// cancellations the gateway sent meanwhile. Answers pass. As with a silent cut, only
+    /// connections made after the cut pass at once.
+    Held,
 }
 
 impl Link {
     pub(crate) async fn start(members: &[String]) -> Link {
         let (cut, _) = tokio::sync::watch::channel(Cut::No);
+        let (released, _) = tokio::sync::watch::channel(false);
         let muted: Muted = Arc::new(Mutex::new(Vec::new()));
         let mut endpoints = Vec::new();
         let mut tasks = Vec::new();
@@ -124,6 +134,7 @@ impl Link {
                 listener.local_addr().expect("relay address")
             ));
             let state = cut.subscribe();
+            let release = released.subscribe();
             let muted = muted.clone();
             tasks.push(tokio::spawn(async move {
                 while let Ok((inbound, _)) = listener.accept().await {
@@ -147,12 +158,13 @@ impl Link {
                         }
                         // Requests pass (below), answers are held.
                         Cut::Deaf => muted.lock().unwrap().push(Box::new((out_read, in_write))),
-                        Cut::No | Cut::Closed => {
+                        Cut::No | Cut::Closed | Cut::Held => {
                             tokio::spawn(relay(
                                 out_read,
                                 in_write,
                                 false,
                                 state.clone(),
+                                release.clone(),
                                 muted.clone(),
                             ));
                         }
@@ -162,6 +174,7 @@ impl Link {
                         out_write,
                         true,
                         state.clone(),
+                        release.clone(),
                         muted.clone(),
                     ));
                 }
@@ -170,6 +183,7 @@ impl Link {
         Link {
             endpoints,
             cut,
+            released,
             muted,
             tasks,
         }
@@ -178,30 +192,85 @@ impl Link {
     pub(crate) fn set_cut(&self, cut: Cut) {
         self.cut.send_replace(cut);
     }
+
+    /// Lets what the connections a held cut held go on to etcd.
+    pub(crate) fn release_held(&self) {
+        self.released.send_replace(true);
+    }
 }
 
 /// Copies one direction of a relayed connection until either end closes it or the link is cut:
 /// closed, the direction goes (and with the other, the connection); silent, it is held open and
-/// mute. A deaf cut holds the answers (the direction from etcd) and lets the requests pass.
+/// mute. A deaf cut holds the answers (the direction from etcd) and lets the requests pass; a
+/// held cut holds the requests until `release` says they may go on.
 async fn relay(
     mut from: tcp::OwnedReadHalf,
     mut to: tcp::OwnedWriteHalf,
     towards_etcd: bool,
     mut state: tokio::sync::watch::Receiver<Cut>,
+    mut release: tokio::sync::watch::Receiver<bool>,
     muted: Muted,
 ) {
     let stops = |cut: &Cut| match cut {
         Cut::No => false,
         Cut::Deaf => !towards_etcd,
+        Cut::Held => towards_etcd,
         Cut::Closed | Cut::Silent => true,
     };
     let cut = tokio::select! {
         _ = tokio::io::copy(&mut from, &mut to) => return,
         cut = state.wait_for(stops) => cut.map_or(Cut::Closed, |c| *c),
     };
-    if cut != Cut::Closed {
-        muted.lock().unwrap().push(Box::new((from, to)));
+    match cut {
+        Cut::Closed => {}
+        Cut::Held => {
+            // What comes is kept, even once the gateway has closed its side, until released.
+            let mut held = Vec::new();
+            let mut ended = false;
+            let mut chunk = [0u8; 4096];
+            loop {
+                tokio::select! {
+                    read = from.read(&mut chunk), if !ended => match read {
+                        Ok(0) | Err(_) => ended = true,
+                        Ok(n) => held.extend_from_slice(&chunk[..n]),
+                    },
+                    _ = release.wait_for(|released| *released) => break,
+                }
+            }
+            if to.write_all(&without_cancellations(&held)).await.is_ok() {
+                if ended {
+                    // Kept open: etcd takes in what was held, not an end of the connection.
+                    muted.lock().unwrap().push(Box::new((from, to)));
+                } else {
+                    let _ = tokio::io::copy(&mut from, &mut to).await;
+                }
+            }
+        }
+        _ => muted.lock().unwrap().push(Box::new((from, to))),
     }
+}
+
+/// HTTP/2 frames as a client sent them (the connection's preface already passed), without
+/// the RST_STREAM and GOAWAY frames: what a held cut releases reaches etcd as requests whose
+/// cancellation was lost, so that each one applies as it would have, had it come in time.
+/// A frame cut short at the end is kept as it is.
+fn without_cancellations(bytes: &[u8]) -> Vec<u8> {
+    const RST_STREAM: u8 = 0x3;
+    const GOAWAY: u8 = 0x7;
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while rest.len() >= 9 {
+        let length = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        let Some(frame) = rest.get(..9 + length) else {
+            break;
+        };
+        if !matches!(frame[3], RST_STREAM | GOAWAY) {
+            kept.extend_from_slice(frame);
+        }
+        rest = &rest[frame.len()..];
+    }
+    kept.extend_from_slice(rest);
+    kept
 }
 
 impl Drop for Link {
