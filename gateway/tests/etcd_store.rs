@@ -119,6 +119,55 @@ async fn live_ids(gateway: &Gateway) -> Vec<LeaseId> {
     restored.live.iter().map(|l| l.id).collect()
 }
 
+/// Gateway A, reaching etcd through a [`Link`] with a timeout of one second, after a first
+/// grant while etcd answered; and B, reaching it directly.
+struct Linked {
+    link: Link,
+    config: EtcdConfig,
+    a: Gateway,
+    b: Gateway,
+    first_id: LeaseId,
+}
+
+impl Linked {
+    async fn start(cluster: &EtcdCluster) -> Linked {
+        let link = Link::start(&cluster.endpoints()).await;
+        let mut config = cluster.config("gw-a", Duration::from_secs(1));
+        config.endpoints = link.endpoints.clone();
+        let a = gateway_with(&config).await;
+        let b = gateway(cluster, "gw-b", config.timeout).await;
+        let first = lease(1, "fwnp://host/linked", NOW + 600_000, None);
+        let first_id = first.id;
+        a.etcd
+            .commit(vec![WriteOp::InsertLease(first), grant_event(first_id)])
+            .await
+            .expect("granted while etcd answers");
+        Linked {
+            link,
+            config,
+            a,
+            b,
+            first_id,
+        }
+    }
+}
+
+/// Cuts `link` so and has A grant a second lease: refused as unavailable. Its id.
+async fn link_refuses_a_grant(link: &Link, a: &Gateway, cut: Cut) -> LeaseId {
+    link.set_cut(cut);
+    let refused = lease(2, "fwnp://host/linked", NOW + 600_000, None);
+    let id = refused.id;
+    let answer = a
+        .etcd
+        .commit(vec![WriteOp::InsertLease(refused), grant_event(id)])
+        .await;
+    assert!(
+        matches!(answer, Err(WriteError::Unavailable(_))),
+        "{answer:?}"
+    );
+    id
+}
+
 /// The next change a watch hands over, within 20 s.
 async fn next_change(
     changes: &mut tokio::sync::mpsc::UnboundedReceiver<ClusterChange>,
@@ -710,30 +759,14 @@ fn a_grant_still_on_its_way_to_etcd_after_it_was_settled_never_applies() {
         "held",
         runtime,
         async |cluster| {
-            let timeout = Duration::from_secs(1);
-            let link = Link::start(&cluster.endpoints()).await;
-            let mut config = cluster.config("gw-a", timeout);
-            config.endpoints = link.endpoints.clone();
-            let a = gateway_with(&config).await;
-            let b = gateway(cluster, "gw-b", timeout).await;
-            let first = lease(1, "fwnp://host/held", NOW + 600_000, None);
-            let first_id = first.id;
-            a.etcd
-                .commit(vec![WriteOp::InsertLease(first), grant_event(first_id)])
-                .await
-                .expect("granted while etcd answers");
-
-            link.set_cut(Cut::Held);
-            let late = lease(2, "fwnp://host/held", NOW + 600_000, None);
-            let id = late.id;
-            let refused = a
-                .etcd
-                .commit(vec![WriteOp::InsertLease(late), grant_event(id)])
-                .await;
-            assert!(
-                matches!(refused, Err(WriteError::Unavailable(_))),
-                "{refused:?}"
-            );
+            let Linked {
+                link,
+                config,
+                a,
+                b,
+                first_id,
+            } = Linked::start(cluster).await;
+            let id = link_refuses_a_grant(&link, &a, Cut::Held).await;
             // New connections pass: A settles the grant, finding it absent, behind its fence.
             link.set_cut(Cut::No);
             let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
@@ -760,7 +793,7 @@ fn a_grant_still_on_its_way_to_etcd_after_it_was_settled_never_applies() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             // Its read of the lease follows the fence at once.
-            tokio::time::sleep(timeout).await;
+            tokio::time::sleep(config.timeout).await;
             b.etcd.restore(NOW).await.expect("restored");
             let mut changes = b.etcd.watch().expect("watching");
 
@@ -880,43 +913,23 @@ fn a_grant_etcd_took_unanswered_is_ended_once_it_answers_again_though_nothing_el
         "deaf",
         runtime,
         async |cluster| {
-            let timeout = Duration::from_secs(1);
-            let link = Link::start(&cluster.endpoints()).await;
-            let mut config = cluster.config("gw-a", timeout);
-            config.endpoints = link.endpoints.clone();
-            let a = gateway_with(&config).await;
-            // B reaches etcd directly and watches what it holds.
-            let b = gateway(cluster, "gw-b", timeout).await;
+            let Linked {
+                link,
+                config,
+                a,
+                b,
+                first_id,
+            } = Linked::start(cluster).await;
             b.etcd.restore(NOW).await.expect("restored");
             let mut changes = b.etcd.watch().expect("watching");
-            let first = lease(1, "fwnp://host/deaf", NOW + 600_000, None);
-            let first_id = first.id;
-            a.etcd
-                .commit(vec![WriteOp::InsertLease(first), grant_event(first_id)])
-                .await
-                .expect("granted while etcd answers");
-
-            link.set_cut(Cut::Deaf);
-            let taken = lease(2, "fwnp://host/deaf", NOW + 600_000, None);
-            let id = taken.id;
-            let refused = a
-                .etcd
-                .commit(vec![WriteOp::InsertLease(taken), grant_event(id)])
-                .await;
+            let id = link_refuses_a_grant(&link, &a, Cut::Deaf).await;
+            let change = next_change(&mut changes).await;
             assert!(
-                matches!(refused, Err(WriteError::Unavailable(_))),
-                "{refused:?}"
+                matches!(&change, ClusterChange::Stored { lease, .. } if lease.id == id),
+                "etcd took the refused grant: {change:?}"
             );
-            // The first lease, then the one etcd took unanswered.
-            let mut stored = Vec::new();
-            while stored.len() < 2 {
-                if let ClusterChange::Stored { lease, .. } = next_change(&mut changes).await {
-                    stored.push(lease.id);
-                }
-            }
-            assert_eq!(stored, [first_id, id], "etcd took the refused grant");
             // Long enough for the gateway's first attempts to settle it to go unanswered too.
-            tokio::time::sleep(timeout * 3).await;
+            tokio::time::sleep(config.timeout * 3).await;
 
             link.set_cut(Cut::No);
             let change = next_change(&mut changes).await;
