@@ -8,8 +8,9 @@
 //! connected to the other as the Revoked notice; with the quorum lost the openings stay until
 //! their own timeouts and close then, and with it back every kernel is reconciled; a gateway
 //! cut off from etcd, whether its connections end or go silent for good, keeps its openings,
-//! connects anew when the network is back and reconciles its book and kernel; an
-//! operator's revoke without the quorum is refused and changes no book or kernel; a policy
+//! connects anew when the network is back and reconciles its book and kernel; a release
+//! etcd took without answering is refused to the host, carried out by both gateways and
+//! audited once; an operator's revoke without the quorum is refused and changes no book or kernel; a policy
 //! reload through one gateway closes what it disallows in both kernels, each lease ended and
 //! audited once, with no gateway warning of a refused write; so does a CRL reloaded on both
 //! gateways at once. The cluster's state lost under them (the prefix deleted, etcd started
@@ -527,6 +528,64 @@ fn a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back
         "a_gateway_cut_off_from_etcd_keeps_its_openings_and_reconciles_when_it_is_back",
         "wpart",
         Cut::Closed,
+    );
+}
+
+/// A release whose commit got no answer, though etcd took it: the host is refused, B carries
+/// the end out at once, and once etcd answers A again, A finds its end taken: it drops the
+/// lease from its book and kernel, and records the release, once.
+#[test]
+fn a_release_etcd_took_unanswered_is_carried_out_and_audited_once_etcd_answers_again() {
+    in_cluster(
+        "a_release_etcd_took_unanswered_is_carried_out_and_audited_once_etcd_answers_again",
+        "wdeaf",
+        runtime,
+        async |cluster| {
+            let pki = Pki::new("etcd-wdeaf");
+            let (dir_a, dir_b) = (temp_dir("wdeaf-a"), temp_dir("wdeaf-b"));
+            let link = Link::start(&cluster.endpoints()).await;
+            let a = Gateway::start_on(&link.endpoints, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+            let (to_a, _to_b) = connected_to_both(&pki, &a, &b).await;
+            let lease = granted(to_a.open(tcp(7001), Some(600)).await).lease;
+            assert!(b.wait_open(7001, true, PROPAGATION).await);
+            // An end before the cut, so that A holds the etcd lease its tombstones are put
+            // with: its grant would go unanswered too, and the release would not be sent.
+            let before = granted(to_a.open(tcp(7002), Some(600)).await).lease;
+            let released = to_a.release(before).await;
+            assert!(matches!(released, Message::Released(_)), "{released:?}");
+
+            link.set_cut(Cut::Deaf);
+            let refused = denied(to_a.release(lease).await);
+            assert_eq!(refused.code, ResultCode::NoResources, "{refused:?}");
+            assert!(
+                b.wait_open(7001, false, PROPAGATION).await,
+                "etcd took the release: B carries it out"
+            );
+
+            link.set_cut(Cut::No);
+            assert!(
+                a.wait_open(7001, false, Duration::from_secs(20)).await,
+                "A carries it out once etcd answers"
+            );
+            let released =
+                || a.audited(lease, Outcome::Released) + b.audited(lease, Outcome::Released);
+            assert!(
+                eventually(Duration::from_secs(15), || released() >= 1).await,
+                "the release is recorded"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(
+                a.audited(lease, Outcome::Released),
+                1,
+                "by A, which made it"
+            );
+            assert_eq!(released(), 1, "once");
+            assert!(to_a.list().await.leases.is_empty(), "A's book");
+            drop(to_a);
+            a.stop();
+            b.stop();
+        },
     );
 }
 

@@ -8,7 +8,9 @@
 //! its stored expiry (the kernel element's timeout is its remaining time); an end takes the
 //! lease out of the book and its elements out of the kernel, and a revocation sends the host,
 //! if it is connected here, the Revoked notice the revoking gateway sent its own connections.
-//! The gateway that ended a lease audits it; the others only carry it out.
+//! The gateway that ended a lease audits it; the others only carry it out. An end whose
+//! commit got no answer may have been taken all the same: the gateway keeps its record and
+//! lists the cluster again, and records it if the tombstones show its end taken.
 //!
 //! A cluster state found lost or replaced (`ClusterChange::Replaced`) replaces the book with
 //! the leases the state holds now and reconciles the kernel with it: the openings of leases it
@@ -17,6 +19,7 @@
 //! connected host that asked for notices is sent EpochChanged, after the book and kernel took
 //! the new state, so that the Opens it answers with are taken into the new state.
 
+use super::request::audit_event;
 use super::*;
 use crate::store::{ClusterChange, ClusterEnd, LeaseEnding};
 use fwnp_proto::EpochChanged;
@@ -57,6 +60,7 @@ impl Service {
                 ended,
                 revision,
             } => {
+                self.record_unanswered_ends(&ended);
                 let absent = self.absent_from(&live);
                 for id in &absent {
                     self.apply_ended(id, ended.get(id)).await;
@@ -83,6 +87,23 @@ impl Service {
                     absent.len()
                 ));
                 self.record(event);
+            }
+        }
+    }
+
+    /// Records the ends whose commit got no answer that the cluster's tombstones (`ended`)
+    /// show this gateway's store took after all; forgets the others, which it did not take
+    /// (their next attempt records its own) or which tell no more (a tombstone gone after
+    /// [`crate::store::TOMBSTONE_TTL`]).
+    fn record_unanswered_ends(&self, ended: &HashMap<LeaseId, ClusterEnd>) {
+        let unanswered = std::mem::take(&mut *lock(&self.unanswered_ends));
+        let Some(site) = self.cluster().map(|c| c.site()) else {
+            return;
+        };
+        for (id, record) in unanswered {
+            if ended.get(&id).is_some_and(|end| end.site == site) {
+                info!(lease = %id, "an end whose commit got no answer was taken: recorded now");
+                self.record(audit_event(record));
             }
         }
     }

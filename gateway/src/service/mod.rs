@@ -132,6 +132,11 @@ pub struct Service {
     /// before it, the end would find no stored lease to end and the insert would then store
     /// the revoked lease as live (a restart would bring it back).
     being_stored: Mutex<HashMap<LeaseId, Vec<Write>>>,
+    /// In a cluster: the audit records of lease ends whose commit got no answer, by lease.
+    /// Etcd may have taken such an end all the same, and then no one records it: they are
+    /// kept until the cluster is listed again, which shows whether this gateway's end was
+    /// taken (its record is kept then) or not (the end's next attempt records its own).
+    unanswered_ends: Mutex<HashMap<LeaseId, AuditRecord>>,
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
@@ -400,6 +405,7 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Arc::default(),
             being_stored: Mutex::new(HashMap::new()),
+            unanswered_ends: Mutex::new(HashMap::new()),
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),
             audit_reopen: std::sync::OnceLock::new(),

@@ -627,11 +627,36 @@ impl Service {
         // What the service's own records need once the store has answered is kept aside; the
         // rest of each write moves into its store operation.
         let kept: SmallVec<[Kept; 2]> = writes.iter().filter_map(Kept::of).collect();
+        // In a cluster, the record of an end is kept until the store answers: see
+        // `unanswered_ends`.
+        let end_records: SmallVec<[(LeaseId, AuditRecord); 1]> = if self.cluster_store.is_some() {
+            writes
+                .iter()
+                .filter_map(|write| match write {
+                    Write::Audit(
+                        record @ AuditRecord {
+                            what: Audit::Ended { lease, .. },
+                            ..
+                        },
+                    ) => Some((lease.id, record.clone())),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         let ops = writes
             .into_iter()
             .map(|write| into_write_op(write, certificate.clone()))
             .collect();
         let committed = self.leases.commit(ops).await;
+        if matches!(committed, Err(WriteError::Unavailable(_))) && !end_records.is_empty() {
+            lock(&self.unanswered_ends).extend(end_records);
+            // The list that tells whether etcd took them.
+            if let Some(cluster) = &self.cluster_store {
+                cluster.resync();
+            }
+        }
         // A lease out of the book is gone whatever the store says: the records follow the book.
         // Except a Release the store refused: the request core puts that lease back.
         let released = |k: &Kept| {
