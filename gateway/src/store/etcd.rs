@@ -901,10 +901,9 @@ struct Known {
     /// and never applies late.
     careful: bool,
     /// Leases inserted by transactions that got no answer, as they wrote them, to be ended
-    /// should the cluster have taken them (see `Worker::settle`).
-    doubtful: HashMap<LeaseId, StoredLease>,
-    /// The fences of those transactions, to be put before their leases are read.
-    fences: Vec<String>,
+    /// should the cluster have taken them, and those transactions' fences, to be put before
+    /// the leases are read (see `Worker::settle`).
+    doubt: Doubt,
     /// The epoch of the state these keys were known in (see `Worker::forget_replaced_state`).
     epoch: Epoch,
 }
@@ -1375,7 +1374,7 @@ impl Worker {
                     Err(TryRecvError::Disconnected) => open = false,
                 }
             }
-            if in_flight.is_empty() && !worker.known().doubtful.is_empty() {
+            if in_flight.is_empty() && !worker.known().doubt.leases.is_empty() {
                 worker.settle().await;
             }
             while in_flight.len() < BATCHES_IN_FLIGHT && !alone {
@@ -1399,7 +1398,7 @@ impl Worker {
                     return;
                 }
                 // Leases still to settle are tried again after a pause, commits or none.
-                let unsettled = !worker.known().doubtful.is_empty();
+                let unsettled = !worker.known().doubt.leases.is_empty();
                 let msg = if unsettled {
                     match tokio::time::timeout(SETTLE_PAUSE, receiver.recv()).await {
                         Ok(msg) => msg,
@@ -1548,8 +1547,7 @@ impl Worker {
         let mut known = self.known();
         known.careful |= careful;
         if !doubt.leases.is_empty() {
-            known.doubtful.extend(doubt.leases);
-            known.fences.extend(doubt.fences);
+            known.doubt.extend(doubt);
         }
     }
 
@@ -1558,18 +1556,13 @@ impl Worker {
     /// first, so that what the reads find absent never comes (see "Group commits" in the
     /// module documentation). What cannot be settled yet is kept for the next attempt.
     async fn settle(&self) {
-        let (doubtful, fences): (Vec<(LeaseId, StoredLease)>, Vec<String>) = {
-            let mut known = self.known();
-            let doubtful = known.doubtful.drain().collect();
-            (doubtful, std::mem::take(&mut known.fences))
-        };
-        if let Err(refusal) = self.put_fences(&fences).await {
+        let doubt = std::mem::take(&mut self.known().doubt);
+        if let Err(refusal) = self.put_fences(&doubt.fences).await {
             tracing::debug!(error = %refusal.error(), "etcd store: the fences of transactions reported failed not put yet");
-            let mut known = self.known();
-            known.doubtful.extend(doubtful);
-            known.fences.extend(fences);
+            self.known().doubt.extend(doubt);
             return;
         }
+        let doubtful: Vec<(LeaseId, StoredLease)> = doubt.leases.into_iter().collect();
         let keys: Vec<String> = doubtful
             .iter()
             .map(|(id, _)| self.keys.lease(*id))
@@ -1580,7 +1573,7 @@ impl Worker {
                 Ok(more) => read.extend(more),
                 Err(_) => {
                     // The fences are in place: reading is enough next time.
-                    self.known().doubtful.extend(doubtful);
+                    self.known().doubt.leases.extend(doubtful);
                     return;
                 }
             }
@@ -1617,7 +1610,7 @@ impl Worker {
         }
         for (id, written, answer) in answers {
             if let Ok(Err(WriteError::Unavailable(_))) | Err(_) = answer.await {
-                self.known().doubtful.insert(id, written);
+                self.known().doubt.leases.insert(id, written);
             }
         }
     }
@@ -2513,7 +2506,7 @@ mod tests {
         };
         let lease = StoredLease::new(new);
         let mut known = Known::default();
-        known.doubtful.insert(LeaseId([9; 16]), lease.clone());
+        known.doubt.leases.insert(LeaseId([9; 16]), lease.clone());
         known.careful = true;
         // An insert of lease 1 and the host's counter from 2 to 3, an end of lease 2.
         let mut overlay = Overlay::default();
@@ -2555,7 +2548,7 @@ mod tests {
         known.learn(&overlay, 11, 1);
         assert!(!known.hosts.contains_key("h2"));
         assert!(known.hosts.contains_key("h1"));
-        assert!(known.doubtful.contains_key(&LeaseId([9; 16])));
+        assert!(known.doubt.leases.contains_key(&LeaseId([9; 16])));
         assert!(known.careful);
     }
 
