@@ -8,9 +8,10 @@
 //! cargo test -p fwnp-proto --test vector_generator -- --ignored write_vectors
 //! ```
 //!
-//! It writes the local API's frames (`spec/local-api.md`) into `spec/vectors/local/` too.
-//! `committed_vectors_are_current` and `committed_local_vectors_are_current` fail when the
-//! committed files and this generator disagree.
+//! It writes the local API's frames (`spec/local-api.md`) into `spec/vectors/local/` too, and
+//! the scenarios of a gateway's state (Section 11.3) into `spec/vectors/scenarios/`.
+//! `committed_vectors_are_current`, `committed_local_vectors_are_current` and
+//! `committed_scenarios_are_current` fail when the committed files and this generator disagree.
 //! `tests/vectors.rs` and `tests/cddl.rs` check the committed files themselves.
 
 mod common;
@@ -2189,6 +2190,7 @@ fn write_vectors() {
         std::fs::write(dir.join(name), text).unwrap();
     }
     write_local_vectors();
+    write_scenarios();
 }
 
 #[test]
@@ -2925,6 +2927,270 @@ fn committed_local_vectors_are_current() {
         assert!(
             committed == generated,
             "local/{name} differs from the generator's output; regenerate"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios (`spec/vectors/scenarios/`): the steps of Section 11.3 whose answer depends on what
+// came before (the Hello, the host's live leases, time), as requests in order, each at a time
+// on the gateway's clock, with the answers the spec prescribes, stated here by hand.
+
+/// The host every scenario speaks for, and its one address.
+const SCENARIO_IDENTITY: &str = "fwnp://host/web-01";
+const SCENARIO_ADDRESS: &str = "192.0.2.10";
+/// The policy's lifetime bounds in every scenario: minimum, default, maximum.
+const SCENARIO_LIFETIMES: (u32, u32, u32) = (60, 600, 3600);
+
+struct Scenario {
+    name: &'static str,
+    description: &'static str,
+    /// The policy's quota of live leases for the host.
+    max_leases: u32,
+    /// (gateway clock in ms, request, the answer expected).
+    steps: Vec<(u64, Message, Json)>,
+}
+
+fn scenario_hello(n: u64) -> Message {
+    Message::Hello(Hello {
+        common: rid(n),
+        versions: vec![1],
+        capabilities: Capabilities(0),
+        software: None,
+    })
+}
+
+/// An Open of one TCP port on the host's own address(es), asking `lifetime` seconds.
+fn scenario_open(n: u64, port: u16, lifetime: u32) -> Message {
+    Message::Open(Open {
+        common: rid(n),
+        opening: opening(tcp(port, port)),
+        lifetime: Some(lifetime),
+        app: None,
+    })
+}
+
+fn welcomed(n: u64, max_leases: u32) -> Json {
+    let (min, _, max) = SCENARIO_LIFETIMES;
+    json!({
+        "type": "welcome",
+        "request_id": n,
+        "min_lifetime": min,
+        "max_lifetime": max,
+        "max_leases": max_leases,
+    })
+}
+
+/// Granted: `lease` names the lease within the scenario (the ids themselves are random).
+fn granted_lease(n: u64, lease: &str, lifetime: u32, expires_ms: u64) -> Json {
+    json!({
+        "type": "granted",
+        "request_id": n,
+        "lease": lease,
+        "lifetime": lifetime,
+        "expires_ms": expires_ms,
+    })
+}
+
+fn denied_with(n: u64, code: ResultCode) -> Json {
+    json!({ "type": "denied", "request_id": n, "result_code": code.name() })
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let t0 = NOW_MS;
+    let second = 1000;
+    let mut all = Vec::new();
+
+    all.push(Scenario {
+        name: "open-before-hello",
+        description: "An Open before the connection's Hello is refused hello-required and \
+            creates nothing; after the Welcome the same Open is granted.",
+        max_leases: 16,
+        steps: vec![
+            (
+                t0,
+                scenario_open(1, 443, 600),
+                denied_with(1, R::HelloRequired),
+            ),
+            (t0 + second, scenario_hello(2), welcomed(2, 16)),
+            (
+                t0 + 2 * second,
+                scenario_open(3, 443, 600),
+                granted_lease(3, "A", 600, t0 + 2 * second + 600 * second),
+            ),
+        ],
+    });
+
+    // The lease's expiry after each re-open: the later of the one it had and now plus the
+    // lifetime this Open is granted (clamped to the policy's bounds first).
+    let opened = t0 + second;
+    let first_expiry = opened + 600 * second;
+    let longer = t0 + 201 * second;
+    let longer_expiry = longer + 3600 * second;
+    all.push(Scenario {
+        name: "reopen-extends-the-lease",
+        description: "Opening again exactly what a live lease grants gives that lease back, with \
+            the lifetime this Open is granted and the later of the two expiries; another port \
+            makes a second lease.",
+        max_leases: 16,
+        steps: vec![
+            (t0, scenario_hello(1), welcomed(1, 16)),
+            (
+                opened,
+                scenario_open(2, 443, 600),
+                granted_lease(2, "A", 600, first_expiry),
+            ),
+            // Now plus 60 s is earlier than the lease's expiry, which stays.
+            (
+                t0 + 101 * second,
+                scenario_open(3, 443, 60),
+                granted_lease(3, "A", 60, first_expiry),
+            ),
+            (
+                longer,
+                scenario_open(4, 443, 3600),
+                granted_lease(4, "A", 3600, longer_expiry),
+            ),
+            // 30 s is raised to the policy's minimum, 60 s; the expiry stays.
+            (
+                t0 + 202 * second,
+                scenario_open(5, 443, 30),
+                granted_lease(5, "A", 60, longer_expiry),
+            ),
+            (
+                t0 + 203 * second,
+                scenario_open(6, 444, 600),
+                granted_lease(6, "B", 600, t0 + 203 * second + 600 * second),
+            ),
+        ],
+    });
+
+    let a_expires = t0 + 4 * second + 600 * second;
+    let after = a_expires + second;
+    all.push(Scenario {
+        name: "quota-counts-live-leases",
+        description: "With a quota of two leases, a third distinct Open is refused \
+            quota-exceeded while a re-open of a held lease is still granted; once a lease has \
+            expired it no longer counts, and opening its port again makes a new lease.",
+        max_leases: 2,
+        steps: vec![
+            (t0, scenario_hello(1), welcomed(1, 2)),
+            (
+                t0 + second,
+                scenario_open(2, 443, 600),
+                granted_lease(2, "A", 600, t0 + second + 600 * second),
+            ),
+            (
+                t0 + 2 * second,
+                scenario_open(3, 444, 3600),
+                granted_lease(3, "B", 3600, t0 + 2 * second + 3600 * second),
+            ),
+            (
+                t0 + 3 * second,
+                scenario_open(4, 445, 600),
+                denied_with(4, R::QuotaExceeded),
+            ),
+            (
+                t0 + 4 * second,
+                scenario_open(5, 443, 600),
+                granted_lease(5, "A", 600, a_expires),
+            ),
+            (
+                after,
+                scenario_open(6, 443, 600),
+                granted_lease(6, "C", 600, after + 600 * second),
+            ),
+            (
+                after + second,
+                scenario_open(7, 445, 600),
+                denied_with(7, R::QuotaExceeded),
+            ),
+        ],
+    });
+    all
+}
+
+fn render_scenario(scenario: &Scenario) -> Json {
+    let (min, default, max) = SCENARIO_LIFETIMES;
+    let steps: Vec<Json> = scenario
+        .steps
+        .iter()
+        .map(|(at_ms, request, answer)| {
+            let bytes = encode(request);
+            json!({
+                "at_ms": at_ms,
+                "request_hex": hex::encode(&bytes),
+                "request_diagnostic": common::diagnostic(&bytes).unwrap(),
+                "answer": answer,
+            })
+        })
+        .collect();
+    json!({
+        "name": scenario.name,
+        "description": scenario.description,
+        "host": {
+            "identity": SCENARIO_IDENTITY,
+            "addresses": [SCENARIO_ADDRESS],
+        },
+        "policy": {
+            "lifetime": { "min": min, "default": default, "max": max },
+            "max_leases": scenario.max_leases,
+        },
+        "steps": steps,
+    })
+}
+
+fn scenario_files() -> Vec<(String, String)> {
+    let mut names = std::collections::HashSet::new();
+    scenarios()
+        .iter()
+        .enumerate()
+        .map(|(i, scenario)| {
+            assert!(
+                names.insert(scenario.name),
+                "duplicate scenario name {}",
+                scenario.name
+            );
+            let text = serde_json::to_string_pretty(&render_scenario(scenario)).unwrap() + "\n";
+            (format!("{:03}-{}.json", i + 1, scenario.name), text)
+        })
+        .collect()
+}
+
+fn write_scenarios() {
+    let dir = common::scenarios_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "json") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    for (name, text) in scenario_files() {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+#[test]
+fn committed_scenarios_are_current() {
+    let committed: Vec<(String, String)> = common::load_scenarios()
+        .into_iter()
+        .map(|(name, _)| {
+            let text = std::fs::read_to_string(common::scenarios_dir().join(&name)).unwrap();
+            (name, text)
+        })
+        .collect();
+    let generated = scenario_files();
+    let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
+    let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
+    assert_eq!(
+        committed_names, generated_names,
+        "scenario files differ from the generator's; regenerate"
+    );
+    for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
+        assert!(
+            committed == generated,
+            "scenarios/{name} differs from the generator's output; regenerate"
         );
     }
 }

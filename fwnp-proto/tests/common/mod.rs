@@ -37,6 +37,16 @@ fn load_dir(dir: &std::path::Path) -> Vec<(String, Json)> {
         .collect()
 }
 
+/// The folder of the scenarios: requests in order, each at a time, and the answers they get.
+pub(crate) fn scenarios_dir() -> PathBuf {
+    vectors_dir().join("scenarios")
+}
+
+/// Every committed scenario as (file name, parsed JSON), sorted by file name.
+pub(crate) fn load_scenarios() -> Vec<(String, Json)> {
+    load_dir(&scenarios_dir())
+}
+
 /// The folder of the local API's vectors (frames of `spec/local-api.md`).
 pub(crate) fn local_vectors_dir() -> PathBuf {
     vectors_dir().join("local")
