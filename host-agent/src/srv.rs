@@ -20,6 +20,7 @@ use domain::base::name::{Name, ToName};
 use domain::rdata::{A, Aaaa, Srv};
 use domain::resolv::StubResolver;
 use domain::resolv::stub::conf::{ResolvConf, ServerConf, Transport};
+use futures_util::future::join_all;
 
 use crate::link::{SrvTarget, srv_order};
 
@@ -227,8 +228,11 @@ impl SrvResolver {
             return Err(SrvError::NotOffered);
         }
         let additional = additional_addresses(answer.for_slice())?;
-        let mut located = Vec::with_capacity(ordered.len());
-        for target in ordered {
+        let additional = &additional;
+        // The targets the answer gave no address for are looked up all at once: one after
+        // another, a name whose targets' questions go unanswered would hold the round of
+        // connection attempts for a timeout per target, while the host's leases run out.
+        let located = ordered.into_iter().map(|target| async move {
             let given: Vec<IpAddr> = additional
                 .iter()
                 .filter(|(owner, _)| owner.eq_ignore_ascii_case(&target.target))
@@ -244,9 +248,9 @@ impl SrvResolver {
                     .map(|ip| SocketAddr::new(ip, target.port))
                     .collect()
             });
-            located.push(Located { target, addresses });
-        }
-        Ok(located)
+            Located { target, addresses }
+        });
+        Ok(join_all(located).await)
     }
 
     /// The A and AAAA records of a target the answer gave no address for.

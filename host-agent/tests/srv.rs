@@ -115,6 +115,52 @@ fn a_target_without_an_address_is_named_and_the_others_still_serve() {
     assert_eq!(addresses(&found[1]), ["192.0.2.1:4433".parse().unwrap()]);
 }
 
+/// Targets whose address questions go unanswered are waited for together: a name with six of
+/// them takes about as long as a name with one, not six times as long, and the target that
+/// does answer is still found.
+#[test]
+fn targets_whose_questions_go_unanswered_are_waited_for_together() {
+    let slow: Vec<String> = (1..=6)
+        .map(|i| format!("--srv-host=_six._udp.example.test,gw-{i}.slow.test,4433,{i},0"))
+        .collect();
+    let mut records: Vec<&str> = slow.iter().map(String::as_str).collect();
+    records.extend([
+        "--srv-host=_six._udp.example.test,gw.example.test,4433,9,0",
+        "--host-record=gw.example.test,192.0.2.1",
+        "--srv-host=_one._udp.example.test,gw-1.slow.test,4433,1,0",
+        // Questions about slow.test go to a server that never answers them.
+        "--server=/slow.test/127.0.0.1#5300",
+    ]);
+    let Some((ns, _dns)) = dns_with(
+        "targets_whose_questions_go_unanswered_are_waited_for_together",
+        &records,
+    ) else {
+        return;
+    };
+    let _silent = ns.run(|| UdpSocket::bind((Ipv4Addr::LOCALHOST, 5300)).expect("bind"));
+    let timeout = Duration::from_millis(200);
+    let unanswered =
+        |found: &Located| matches!(found.addresses, Err(SrvError::Timeout(t)) if t == timeout);
+
+    let started = Instant::now();
+    let one = locate_in(&ns, DNS, timeout, "_one._udp.example.test").expect("lookup");
+    let one_took = started.elapsed();
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert!(unanswered(&one[0]), "{one:?}");
+
+    let started = Instant::now();
+    let six = locate_in(&ns, DNS, timeout, "_six._udp.example.test").expect("lookup");
+    let six_took = started.elapsed();
+    assert_eq!(six.len(), 7, "{six:?}");
+    assert!(six[..6].iter().all(unanswered), "{six:?}");
+    assert_eq!(addresses(&six[6]), ["192.0.2.1:4433".parse().unwrap()]);
+    // One after another they would take six times as long.
+    assert!(
+        six_took < one_took * 3,
+        "six unanswered targets took {six_took:?}, one {one_took:?}"
+    );
+}
+
 #[test]
 fn a_name_that_does_not_exist_is_told_from_one_without_srv_records() {
     let Some((ns, _dns)) = dns_with(
