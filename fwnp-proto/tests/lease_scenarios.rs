@@ -4,15 +4,15 @@
 //! when the harness moves it, so each scenario runs in microseconds and repeats exactly for a
 //! given seed.
 
+mod common;
+
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::PortsPolicy;
 use fwnp_proto::codec;
-use fwnp_proto::gateway::request::{
-    ConnectionState, CoreConfig, Decide, Decision, Effect, HostLimits, Objection, Peer,
-    RequestCore, Step,
-};
+use fwnp_proto::gateway::request::{ConnectionState, CoreConfig, Effect, Peer, RequestCore, Step};
 use fwnp_proto::gateway::{LifetimePolicy, OpenOutcome, PolicyFacts};
 use fwnp_proto::lease::{
     FIRST_RETRY_DELAY, LeaseEvent, LeaseMachine, LeaseState, MAX_RETRY_DELAY, REQUEST_TIMEOUT,
@@ -20,8 +20,8 @@ use fwnp_proto::lease::{
 };
 use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
-    Capabilities, Common, Denied, EpochChanged, Grant, Granted, Hello, LeaseId, Message, Open,
-    Opening, PortRange, Protocol, Released, ResultCode, RevokeReason, Target,
+    Capabilities, Common, Denied, EpochChanged, Granted, Hello, LeaseId, Message, Opening,
+    PortRange, Protocol, Released, ResultCode, RevokeReason, Target,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -48,65 +48,12 @@ fn over_the_wire(message: &Message) -> Message {
     codec::decode(&codec::encode(message)).expect("a message this crate built decodes")
 }
 
-/// The few facts a policy would give: every port opening asked is granted on the host's one
-/// address, within these lifetime bounds and this quota.
-struct SimPolicy {
-    policy: LifetimePolicy,
-    max_leases: Option<u32>,
-}
-
-impl Decide for SimPolicy {
-    fn host_limits(&self, _identity: &str, _addresses: &[IpAddr]) -> HostLimits {
-        HostLimits {
-            lifetime: self.policy,
-            max_leases: self.max_leases.unwrap_or(u32::MAX),
-            third_party: false,
-        }
-    }
-
-    fn evaluate(
-        &self,
-        _identity: &str,
-        _addresses: &[IpAddr],
-        hosts: &[IpAddr],
-        open: &Open,
-    ) -> Decision {
-        let Target::Ports { protocol, ports } = open.opening.target.clone() else {
-            return Decision::denied(ResultCode::UnknownApplication, "no catalogue");
-        };
-        Decision::allowed(PolicyFacts {
-            grants: hosts
-                .iter()
-                .map(|&host| Grant {
-                    protocol,
-                    ports,
-                    host,
-                    remotes: open.opening.remotes.clone(),
-                    app: None,
-                })
-                .collect(),
-            grants_narrowed: false,
-            lifetime: self.policy,
-            max_leases: self.max_leases,
-        })
-    }
-
-    fn still_allows(
-        &self,
-        _identity: &str,
-        _addresses: &[IpAddr],
-        _grants: &[Grant],
-    ) -> Result<(), Objection> {
-        Ok(())
-    }
-}
-
 /// The gateway side: the real request core (lease book, Hello rules, replay memory) with a
 /// simulated policy; its kernel and store effects always succeed.
 struct SimGateway {
     core: RequestCore,
     epoch: u64,
-    decide: SimPolicy,
+    decide: PortsPolicy,
     /// The state of the host's current connection.
     connection: ConnectionState,
     /// Answers to give instead of processing the next requests (Denied with a code).
@@ -132,8 +79,8 @@ impl SimGateway {
         let mut gateway = SimGateway {
             core: RequestCore::new(core_config(0xE0)),
             epoch: 0xE0,
-            decide: SimPolicy {
-                policy: LifetimePolicy {
+            decide: PortsPolicy {
+                lifetime: LifetimePolicy {
                     min: 60,
                     max: 3600,
                     default: 600,
@@ -1068,7 +1015,7 @@ fn idempotent_reopen_through_the_link_returns_the_same_lease() {
         .grants
         .clone();
     let now_ms = sim.gateway.now_ms(sim.now);
-    let lifetime = sim.gateway.decide.policy;
+    let lifetime = sim.gateway.decide.lifetime;
     assert!(matches!(
         sim.gateway.core.book_mut().open(
             now_ms,
@@ -1220,7 +1167,7 @@ impl RestartSim {
         let mut rng = StdRng::seed_from_u64(seed);
         let client = LeaseMachine::new(t0, tcp_opening(8080), Some(lifetime), None, &mut rng);
         let mut gateway = SimGateway::new(seed, t0);
-        gateway.decide.policy = LifetimePolicy {
+        gateway.decide.lifetime = LifetimePolicy {
             min: lifetime,
             max: 3600,
             default: lifetime,
@@ -1322,7 +1269,9 @@ impl RestartSim {
                 self.attempt = None;
                 self.connection = Some(SimConnection {
                     run: self.gateway_run(now),
-                    timers: TransportTimers::for_min_lifetime(Some(self.gateway.decide.policy.min)),
+                    timers: TransportTimers::for_min_lifetime(Some(
+                        self.gateway.decide.lifetime.min,
+                    )),
                     last_sent: now,
                     last_heard: now,
                 });

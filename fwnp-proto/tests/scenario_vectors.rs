@@ -8,71 +8,13 @@ mod common;
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use fwnp_proto::gateway::request::{
-    ConnectionState, CoreConfig, Decide, Decision, Effect, HostLimits, Objection, Peer,
-    RequestCore, Step,
-};
-use fwnp_proto::gateway::{LifetimePolicy, PolicyFacts};
-use fwnp_proto::{Grant, LeaseId, Message, Open, ResultCode, Target};
+use fwnp_proto::LeaseId;
+use fwnp_proto::Message;
+use fwnp_proto::gateway::LifetimePolicy;
+use fwnp_proto::gateway::request::{ConnectionState, CoreConfig, Effect, Peer, RequestCore, Step};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::Value as Json;
-
-/// The policy every scenario states: every opening of ports on the host's own addresses is
-/// granted as asked, within these lifetime bounds and this quota; no application is known.
-struct ScenarioPolicy {
-    lifetime: LifetimePolicy,
-    max_leases: u32,
-}
-
-impl Decide for ScenarioPolicy {
-    fn host_limits(&self, _identity: &str, _addresses: &[IpAddr]) -> HostLimits {
-        HostLimits {
-            lifetime: self.lifetime,
-            max_leases: self.max_leases,
-            third_party: false,
-        }
-    }
-
-    fn evaluate(
-        &self,
-        _identity: &str,
-        addresses: &[IpAddr],
-        hosts: &[IpAddr],
-        open: &Open,
-    ) -> Decision {
-        let Target::Ports { protocol, ports } = open.opening.target.clone() else {
-            return Decision::denied(ResultCode::UnknownApplication, "no catalogue");
-        };
-        if hosts.iter().any(|host| !addresses.contains(host)) {
-            return Decision::denied(ResultCode::DeniedByPolicy, "not the host's address");
-        }
-        Decision::allowed(PolicyFacts {
-            grants: hosts
-                .iter()
-                .map(|&host| Grant {
-                    protocol,
-                    ports,
-                    host,
-                    remotes: open.opening.remotes.clone(),
-                    app: None,
-                })
-                .collect(),
-            grants_narrowed: false,
-            lifetime: self.lifetime,
-            max_leases: Some(self.max_leases),
-        })
-    }
-
-    fn still_allows(
-        &self,
-        _identity: &str,
-        _addresses: &[IpAddr],
-        _grants: &[Grant],
-    ) -> Result<(), Objection> {
-        Ok(())
-    }
-}
 
 fn number(json: &Json, what: &str) -> Result<u64, String> {
     json.as_u64().ok_or_else(|| format!("{what}: not a number"))
@@ -154,14 +96,16 @@ fn compare(
 
 fn run(scenario: &Json) -> Result<(), String> {
     let policy = &scenario["policy"];
-    let decide = ScenarioPolicy {
+    let decide = common::PortsPolicy {
         lifetime: LifetimePolicy {
             min: lifetime_bound(policy, "min")?,
             default: lifetime_bound(policy, "default")?,
             max: lifetime_bound(policy, "max")?,
         },
-        max_leases: u32::try_from(number(&policy["max_leases"], "policy.max_leases")?)
-            .map_err(|_| "policy.max_leases: too large")?,
+        max_leases: Some(
+            u32::try_from(number(&policy["max_leases"], "policy.max_leases")?)
+                .map_err(|_| "policy.max_leases: too large")?,
+        ),
     };
     let identity = scenario["host"]["identity"]
         .as_str()

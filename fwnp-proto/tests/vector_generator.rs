@@ -2175,46 +2175,60 @@ fn files() -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-#[ignore = "writes spec/vectors/; run it after changing a vector"]
-fn write_vectors() {
-    let dir = common::vectors_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&dir).unwrap() {
+/// Replaces the `.json` files of `dir` (not of its folders) with `files`.
+fn write_files(dir: &std::path::Path, files: Vec<(String, String)>) {
+    std::fs::create_dir_all(dir).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "json") {
             std::fs::remove_file(path).unwrap();
         }
     }
-    for (name, text) in files() {
+    for (name, text) in files {
         std::fs::write(dir.join(name), text).unwrap();
     }
-    write_local_vectors();
-    write_scenarios();
 }
 
-#[test]
-fn committed_vectors_are_current() {
-    let committed: Vec<(String, String)> = common::load_vectors()
-        .into_iter()
-        .map(|(name, _)| {
-            let text = std::fs::read_to_string(common::vectors_dir().join(&name)).unwrap();
-            (name, text)
+/// Fails unless the `.json` files of `dir` are `generated`, name for name and byte for byte.
+fn assert_current(dir: &std::path::Path, generated: Vec<(String, String)>) {
+    let mut committed: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&path).unwrap())
         })
         .collect();
-    let generated = files();
+    committed.sort();
     let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
     let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
     assert_eq!(
-        committed_names, generated_names,
-        "vector files differ from the generator's; regenerate"
+        committed_names,
+        generated_names,
+        "the files of {} differ from the generator's; regenerate",
+        dir.display()
     );
     for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
         assert!(
             committed == generated,
-            "{name} differs from the generator's output; regenerate"
+            "{} differs from the generator's output; regenerate",
+            dir.join(name).display()
         );
     }
+}
+
+#[test]
+#[ignore = "writes spec/vectors/; run it after changing a vector"]
+fn write_vectors() {
+    write_files(&common::vectors_dir(), files());
+    write_files(&common::local_vectors_dir(), local_files());
+    write_files(&common::scenarios_dir(), scenario_files());
+}
+
+#[test]
+fn committed_vectors_are_current() {
+    assert_current(&common::vectors_dir(), files());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2893,42 +2907,9 @@ fn local_files() -> Vec<(String, String)> {
         .collect()
 }
 
-fn write_local_vectors() {
-    let dir = common::local_vectors_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "json") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
-    for (name, text) in local_files() {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-}
-
 #[test]
 fn committed_local_vectors_are_current() {
-    let committed: Vec<(String, String)> = common::load_local_vectors()
-        .into_iter()
-        .map(|(name, _)| {
-            let text = std::fs::read_to_string(common::local_vectors_dir().join(&name)).unwrap();
-            (name, text)
-        })
-        .collect();
-    let generated = local_files();
-    let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
-    let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(
-        committed_names, generated_names,
-        "local vector files differ from the generator's; regenerate"
-    );
-    for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
-        assert!(
-            committed == generated,
-            "local/{name} differs from the generator's output; regenerate"
-        );
-    }
+    assert_current(&common::local_vectors_dir(), local_files());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3157,40 +3138,7 @@ fn scenario_files() -> Vec<(String, String)> {
         .collect()
 }
 
-fn write_scenarios() {
-    let dir = common::scenarios_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "json") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
-    for (name, text) in scenario_files() {
-        std::fs::write(dir.join(name), text).unwrap();
-    }
-}
-
 #[test]
 fn committed_scenarios_are_current() {
-    let committed: Vec<(String, String)> = common::load_scenarios()
-        .into_iter()
-        .map(|(name, _)| {
-            let text = std::fs::read_to_string(common::scenarios_dir().join(&name)).unwrap();
-            (name, text)
-        })
-        .collect();
-    let generated = scenario_files();
-    let committed_names: Vec<_> = committed.iter().map(|(n, _)| n.clone()).collect();
-    let generated_names: Vec<_> = generated.iter().map(|(n, _)| n.clone()).collect();
-    assert_eq!(
-        committed_names, generated_names,
-        "scenario files differ from the generator's; regenerate"
-    );
-    for ((name, committed), (_, generated)) in committed.iter().zip(&generated) {
-        assert!(
-            committed == generated,
-            "scenarios/{name} differs from the generator's output; regenerate"
-        );
-    }
+    assert_current(&common::scenarios_dir(), scenario_files());
 }

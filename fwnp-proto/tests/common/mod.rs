@@ -487,3 +487,62 @@ fn float(f: f64) -> String {
         format!("{f:?}")
     }
 }
+
+/// The policy of the request core's tests: every opening of ports is granted as asked, on the
+/// host addresses the core resolved, within these lifetime bounds and this quota; no
+/// application is known. The scenarios of `spec/vectors/scenarios/` state this policy.
+pub(crate) struct PortsPolicy {
+    pub(crate) lifetime: fwnp_proto::gateway::LifetimePolicy,
+    pub(crate) max_leases: Option<u32>,
+}
+
+impl fwnp_proto::gateway::request::Decide for PortsPolicy {
+    fn host_limits(
+        &self,
+        _identity: &str,
+        _addresses: &[IpAddr],
+    ) -> fwnp_proto::gateway::request::HostLimits {
+        fwnp_proto::gateway::request::HostLimits {
+            lifetime: self.lifetime,
+            max_leases: self.max_leases.unwrap_or(u32::MAX),
+            third_party: false,
+        }
+    }
+
+    fn evaluate(
+        &self,
+        _identity: &str,
+        _addresses: &[IpAddr],
+        hosts: &[IpAddr],
+        open: &Open,
+    ) -> fwnp_proto::gateway::request::Decision {
+        use fwnp_proto::gateway::request::Decision;
+        let Target::Ports { protocol, ports } = open.opening.target.clone() else {
+            return Decision::denied(ResultCode::UnknownApplication, "no catalogue");
+        };
+        Decision::allowed(fwnp_proto::gateway::PolicyFacts {
+            grants: hosts
+                .iter()
+                .map(|&host| Grant {
+                    protocol,
+                    ports,
+                    host,
+                    remotes: open.opening.remotes.clone(),
+                    app: None,
+                })
+                .collect(),
+            grants_narrowed: false,
+            lifetime: self.lifetime,
+            max_leases: self.max_leases,
+        })
+    }
+
+    fn still_allows(
+        &self,
+        _identity: &str,
+        _addresses: &[IpAddr],
+        _grants: &[Grant],
+    ) -> Result<(), fwnp_proto::gateway::request::Objection> {
+        Ok(())
+    }
+}
