@@ -2889,22 +2889,22 @@ fn render_local(vector: &LocalVector) -> Json {
     out
 }
 
-/// (file name, file contents) of every local API vector, numbered from 1.
-fn local_files() -> Vec<(String, String)> {
+/// (file name, file contents) of each (name, rendering), numbered from 1 in order.
+fn numbered_files(rendered: impl Iterator<Item = (&'static str, Json)>) -> Vec<(String, String)> {
     let mut names = std::collections::HashSet::new();
-    local_vectors()
-        .iter()
+    rendered
         .enumerate()
-        .map(|(i, vector)| {
-            assert!(
-                names.insert(vector.name),
-                "duplicate local vector name {}",
-                vector.name
-            );
-            let text = serde_json::to_string_pretty(&render_local(vector)).unwrap() + "\n";
-            (format!("{:03}-{}.json", i + 1, vector.name), text)
+        .map(|(i, (name, json))| {
+            assert!(names.insert(name), "duplicate name {name}");
+            let text = serde_json::to_string_pretty(&json).unwrap() + "\n";
+            (format!("{:03}-{name}.json", i + 1), text)
         })
         .collect()
+}
+
+/// (file name, file contents) of every local API vector, numbered from 1.
+fn local_files() -> Vec<(String, String)> {
+    numbered_files(local_vectors().iter().map(|v| (v.name, render_local(v))))
 }
 
 #[test]
@@ -3121,21 +3121,9 @@ fn render_scenario(scenario: &Scenario) -> Json {
     })
 }
 
+/// (file name, file contents) of every scenario, numbered from 1.
 fn scenario_files() -> Vec<(String, String)> {
-    let mut names = std::collections::HashSet::new();
-    scenarios()
-        .iter()
-        .enumerate()
-        .map(|(i, scenario)| {
-            assert!(
-                names.insert(scenario.name),
-                "duplicate scenario name {}",
-                scenario.name
-            );
-            let text = serde_json::to_string_pretty(&render_scenario(scenario)).unwrap() + "\n";
-            (format!("{:03}-{}.json", i + 1, scenario.name), text)
-        })
-        .collect()
+    numbered_files(scenarios().iter().map(|s| (s.name, render_scenario(s))))
 }
 
 #[test]
