@@ -137,12 +137,13 @@ impl Default for StoreOptions {
             read_pool: 4,
             // 64 MiB of 4 KiB pages.
             wal_restart_frames: 16_384,
-            // At 1,000 grants a second (`fwnp-load --rate 1000 --netns --baseline`, seven
-            // alternating pairs): p99 0.82-1.17 ms (median 0.95) every 50 ms, against
-            // 1.08-1.47 ms (median 1.16) every 250 ms, and worse still every 1 or 4 s (1.38-1.54
-            // ms; p999 up to 12 ms). Without any checkpoint, 0.69-0.81 ms. The closed loop lost
-            // nothing (0.420-0.444 of the baseline against 0.380-0.401, two pairs). An idle
-            // gateway's checkpoint finds nothing to copy and syncs nothing.
+            // At 1,000 grants a second (`fwnp-load --rate 1000 --netns --baseline`, seven runs
+            // of each, in alternating batches): p99 0.82-1.17 ms (median 0.95) every 50 ms,
+            // against 1.08-1.47 ms (median 1.16) every 250 ms, and worse still every 1 or 4 s
+            // (1.38-1.54 ms; p999 up to 12 ms). Without any checkpoint, 0.69-0.81 ms. The closed
+            // loop lost nothing (0.420-0.444 of the baseline against 0.380-0.401, two pairs).
+            // An idle gateway's checkpoint finds nothing to copy (SQLite syncs only what it
+            // copies).
             checkpoint_interval: Duration::from_millis(50),
         }
     }
