@@ -380,7 +380,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
                     "--json", "audit", "--kind", "grant", "--limit", "1", "--follow",
                 ],
             );
-            let first = follower.line(Duration::from_secs(20));
+            let first = follower.line(Duration::from_secs(20)).await;
             assert!(first.is_some(), "fwnpctl printed its page");
             let more_a = granted(to_a.open(tcp(7005), None).await).lease;
             let more_b = granted(to_b.open(tcp(7006), None).await).lease;
@@ -414,6 +414,7 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
             while printed.len() < 2 {
                 let line = follower
                     .line(Duration::from_secs(20))
+                    .await
                     .unwrap_or_else(|| panic!("fwnpctl follows both grants: {printed:?}"));
                 let event: Value = serde_json::from_str(&line).expect("a JSON line");
                 printed.push((

@@ -744,12 +744,10 @@ fn commits_survive_one_member_lost_stop_promptly_without_quorum_and_resume() {
     // back) may still have applied once the quorum was back, its leader having kept it: the
     // gateway ends it when it next settles what got no answer, which it does when idle.
     let granted = 1 + 20 + 1;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut live = rt.block_on(a.etcd.restore(NOW)).expect("listed").live;
-    while live.len() != granted && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        live = rt.block_on(a.etcd.restore(NOW)).expect("listed").live;
-    }
+    fwnp_testkit::netns::wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        rt.block_on(live_ids(&a)).len() == granted
+    });
+    let live = rt.block_on(live_ids(&a));
     assert_eq!(
         live.len(),
         granted,

@@ -139,7 +139,7 @@ async fn audit_follow_prints_the_page_then_each_new_event_once() {
         let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
         event["lease"].as_str().unwrap_or_default().to_owned()
     };
-    let page = tokio::task::block_in_place(|| follower.line(Duration::from_secs(20)));
+    let page = follower.line(Duration::from_secs(20)).await;
     assert_eq!(
         lease_of(page),
         before.to_string(),
@@ -148,10 +148,10 @@ async fn audit_follow_prints_the_page_then_each_new_event_once() {
     let next = granted(web.open(app("echo"), Some(300)).await).lease;
     let last = granted(web.open(app("game"), Some(300)).await).lease;
     for lease in [next, last] {
-        let line = tokio::task::block_in_place(|| follower.line(Duration::from_secs(20)));
+        let line = follower.line(Duration::from_secs(20)).await;
         assert_eq!(lease_of(line), lease.to_string());
     }
-    let more = tokio::task::block_in_place(|| follower.line(Duration::from_secs(2)));
+    let more = follower.line(Duration::from_secs(2)).await;
     assert_eq!(more, None, "each event once");
 }
 

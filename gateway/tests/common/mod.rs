@@ -755,7 +755,7 @@ fn dechunk(mut body: &str) -> String {
 /// line by line; killed when dropped.
 pub(crate) struct Follower {
     child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 impl Follower {
@@ -769,7 +769,7 @@ impl Follower {
             .spawn()
             .expect("run fwnpctl");
         let stdout = child.stdout.take().expect("its output");
-        let (send, lines) = std::sync::mpsc::channel();
+        let (send, lines) = tokio::sync::mpsc::unbounded_channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
             for line in std::io::BufReader::new(stdout).lines() {
@@ -783,8 +783,11 @@ impl Follower {
     }
 
     /// The next line it prints, if one comes within `within`.
-    pub(crate) fn line(&mut self, within: Duration) -> Option<String> {
-        self.lines.recv_timeout(within).ok()
+    pub(crate) async fn line(&mut self, within: Duration) -> Option<String> {
+        tokio::time::timeout(within, self.lines.recv())
+            .await
+            .ok()
+            .flatten()
     }
 }
 
