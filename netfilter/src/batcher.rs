@@ -13,14 +13,15 @@
 //! about 40 % of the time of a bulk batch. The generation costs one small request per
 //! [`BatcherConfig::watch_interval`], whatever the batches hold.
 
-use indexmap::IndexMap;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{broadcast, oneshot};
 
-use crate::{Change, Coalescing, Element, Error, Layout, Netfilter, Ownership, ReconcileReport};
+use crate::{
+    Change, Coalescing, Element, ElementMap, Error, Layout, Netfilter, Ownership, ReconcileReport,
+};
 
 /// Settings of a [`Batcher`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -403,14 +404,14 @@ struct Worker {
 /// `Instant` makes an entry 56 bytes instead of 64.
 #[derive(Debug)]
 struct Desired {
-    elements: IndexMap<Element, u64>,
+    elements: ElementMap<u64>,
     started: Instant,
 }
 
 impl Desired {
     fn new() -> Self {
         Desired {
-            elements: IndexMap::new(),
+            elements: ElementMap::new(),
             started: Instant::now(),
         }
     }
@@ -437,7 +438,7 @@ impl Desired {
     /// Desires `opening` no more.
     fn remove(&mut self, opening: &Element) {
         if let Ok(canonical) = opening.canonical() {
-            self.elements.swap_remove(&canonical);
+            self.elements.remove(&canonical);
         }
     }
 

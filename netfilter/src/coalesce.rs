@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 /// let coalescing = Coalescing {
 ///     busy: Arc::new(move || seen.load(Ordering::Relaxed) >= 64),
 ///     enough: 128,
-///     wait: Duration::from_micros(500),
+///     // A gateway waits half a millisecond; a second here, so that a busy machine's late
+///     // wake-up does not end the wait before the second arrival.
+///     wait: Duration::from_secs(1),
 /// };
 /// // Not busy: the batch of one is committed at once, nothing more is asked for.
 /// let mut asked = 0;

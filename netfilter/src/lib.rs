@@ -109,6 +109,7 @@
 mod batcher;
 mod coalesce;
 mod conntrack;
+mod element_map;
 mod error;
 mod key;
 mod layout;
@@ -122,6 +123,7 @@ use std::time::Duration;
 
 pub use batcher::{BatchStats, Batcher, BatcherConfig, DesiredState, RepairEvent, RepairTrigger};
 pub use coalesce::Coalescing;
+pub use element_map::ElementMap;
 pub use error::Error;
 use fwnp_proto::Grant;
 pub use fwnp_proto::message::{PortRange, Prefix, Protocol};

@@ -14,10 +14,11 @@
 //! The book is built for a million leases: leases are found by id in a hash index, by host and
 //! (host, grants) for idempotent re-open in a per-host hash index, and by expiry in an ordered
 //! set, so that every operation costs O(log n) (or O(1)) and nothing scans the whole book. The
-//! leases themselves lie side by side in one vector and the indexes hold their 4-byte positions:
-//! a hash table keeps up to half its slots empty, and empty slots of positions cost 5 bytes
-//! where empty slots of whole leases cost a lease's size; an entry of the expiry set is 16 bytes
-//! with a position where it was 24 with an id. Call
+//! leases themselves lie side by side in chunks that never move and the indexes hold their
+//! 4-byte positions: a hash table keeps up to half its slots empty, and empty slots of positions
+//! cost little where empty slots of whole leases cost a lease's size; an entry of the expiry set
+//! is 16 bytes with a position where it was 24 with an id. Nor does the book ever stop to grow
+//! as a whole (see `layout`). Call
 //! [`LeaseBook::expire_due`] before handling requests at a given `now_ms`, so that a lease past
 //! its expiry is never counted, renewed or extended.
 //!
@@ -36,8 +37,11 @@ use rand::Rng;
 
 pub mod request;
 
+mod layout;
 #[cfg(test)]
 mod memory_tests;
+
+use layout::{IdHash, IdIndex, LeaseChunks};
 
 use crate::message::{
     AppInfo, Common, Denied, Epoch, Family, Grant, Granted, Hello, LeaseId, LeaseInfo, Leases,
@@ -418,10 +422,11 @@ pub enum Applied {
 /// The gateway's live leases, indexed by id, host, (host, grants) and expiry.
 #[derive(Debug, Default)]
 pub struct LeaseBook {
-    /// The leases, in no order; a removal moves the last one into the hole, so there is none.
-    leases: Vec<Lease>,
+    /// The leases, in no order, in chunks that never move; a removal moves the last one into
+    /// the hole, so there is none.
+    leases: LeaseChunks,
     /// Positions in `leases`, hashed by lease id.
-    by_id: HashTable<u32>,
+    by_id: IdIndex,
     /// (expires_ms, position in `leases`): the next lease to expire is the first. Positions
     /// make an entry 16 bytes instead of 24, and a node of the tree fit a smaller size class.
     expiry: BTreeSet<(u64, u32)>,
@@ -448,17 +453,15 @@ impl LeaseBook {
     /// An empty book with room for `leases` leases, so that a gateway restoring or expecting
     /// many leases does not rehash its indexes while serving.
     pub fn with_capacity(leases: usize) -> Self {
-        let leases = leases.min(MAX_LEASES);
-        LeaseBook {
-            leases: Vec::with_capacity(leases),
-            by_id: HashTable::with_capacity(leases),
-            ..LeaseBook::default()
-        }
+        let mut book = LeaseBook::default();
+        book.reserve(leases);
+        book
     }
 
-    /// Makes room for `additional` more leases at once, as a restore that knows how many it
-    /// reads does: grown lease by lease, the book frees what it outgrows behind it, and the
-    /// allocator keeps that memory.
+    /// Makes room in the id index for `additional` more leases at once, as a restore that
+    /// knows how many it reads does: grown lease by lease, the index frees what it outgrows
+    /// behind it, and the allocator keeps that memory. (The leases' own chunks are allocated as
+    /// they fill.)
     ///
     /// ```
     /// use fwnp_proto::gateway::LeaseBook;
@@ -469,10 +472,7 @@ impl LeaseBook {
     /// ```
     pub fn reserve(&mut self, additional: usize) {
         let additional = additional.min(MAX_LEASES.saturating_sub(self.leases.len()));
-        self.leases.reserve_exact(additional);
-        let (leases, keys) = (&self.leases, &self.hash_keys);
-        self.by_id
-            .reserve(additional, |&at| id_hash(keys, leases, at));
+        self.by_id.reserve(additional);
     }
 
     /// The Leases answer to a List from `host`: its live leases, ordered by id.
@@ -814,11 +814,13 @@ impl LeaseBook {
     /// Where the lease with this id lies in `leases`.
     fn position(&self, id: &LeaseId) -> Option<usize> {
         let leases = &self.leases;
-        self.by_id
-            .find(self.hash_keys.hash_one(id), |&at| {
-                leases.get(at as usize).is_some_and(|lease| lease.id == *id)
-            })
-            .map(|&at| at as usize)
+        self.by_id.find(self.id_hash(id), |at| {
+            leases.get(at).is_some_and(|lease| lease.id == *id)
+        })
+    }
+
+    fn id_hash(&self, id: &LeaseId) -> IdHash {
+        IdHash::of(self.hash_keys.hash_one(id))
     }
 
     fn get_mut(&mut self, id: &LeaseId) -> Option<&mut Lease> {
@@ -892,9 +894,7 @@ impl LeaseBook {
             held,
             |held| Held::hash_of(held.fingerprint),
         );
-        let (leases, keys) = (&self.leases, &self.hash_keys);
-        self.by_id
-            .insert_unique(keys.hash_one(id), at, |&at| id_hash(keys, leases, at));
+        self.by_id.insert(self.id_hash(&id), at);
     }
 
     fn set_expiry(&mut self, id: &LeaseId, expires_ms: u64) {
@@ -921,12 +921,9 @@ impl LeaseBook {
                 lease.expires_ms,
             )
         };
-        let id_hash = self.hash_keys.hash_one(id);
-        if let Ok(entry) = self.by_id.find_entry(id_hash, |&p| p == at32) {
-            entry.remove();
-        }
+        self.by_id.remove(self.id_hash(id), at32);
         self.expiry.remove(&(expires_ms, at32));
-        let lease = self.leases.swap_remove(at);
+        let lease = self.leases.swap_remove(at)?;
         if let Some(index) = self.hosts.get_mut(&lease.host) {
             let folded = Held::fold(fingerprint);
             if let Ok(entry) = index.find_entry(Held::hash_of(folded), |held| held.at == at32) {
@@ -940,10 +937,7 @@ impl LeaseBook {
         if let Some(moved) = self.leases.get(at) {
             let from = u32::try_from(self.leases.len()).ok()?;
             let moved_fingerprint = Held::fold(self.fingerprint(&moved.host, &moved.grants));
-            let moved_hash = self.hash_keys.hash_one(moved.id);
-            if let Some(p) = self.by_id.find_mut(moved_hash, |&p| p == from) {
-                *p = at32;
-            }
+            self.by_id.moved(self.id_hash(&moved.id), from, at32);
             if let Some(held) = self.hosts.get_mut(&moved.host).and_then(|index| {
                 index.find_mut(Held::hash_of(moved_fingerprint), |held| held.at == from)
             }) {
@@ -959,13 +953,6 @@ impl LeaseBook {
 
 fn fingerprint(keys: &RandomState, host: &str, grants: &[Grant]) -> u64 {
     keys.hash_one((host, grants))
-}
-
-/// The hash of the id of the lease at `at`, for the id index to rehash with.
-fn id_hash(keys: &RandomState, leases: &[Lease], at: u32) -> u64 {
-    leases
-        .get(at as usize)
-        .map_or(0, |lease| keys.hash_one(lease.id))
 }
 
 /// A lease in its host's index: its position in the book's vector, and the fingerprint of its

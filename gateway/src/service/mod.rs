@@ -574,8 +574,7 @@ impl Service {
             for lease in book.iter() {
                 for element in elements_of_all(&lease.grants) {
                     holders
-                        .entry(element)
-                        .or_default()
+                        .get_or_default(&element)
                         .push((lease.id, lease.expires_ms));
                 }
             }
