@@ -78,6 +78,12 @@ fn main() {
     }
     let total = began.elapsed();
     assert_eq!(book.len(), OPENS);
+    let resident = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        });
 
     let over = |limit: Duration| times.iter().filter(|(t, _)| *t > limit).count();
     println!(
@@ -85,6 +91,10 @@ fn main() {
         total.as_secs_f64(),
         total.as_secs_f64() * 1e6 / OPENS as f64
     );
+    if let Some(kib) = resident {
+        // The timings' own record (48 MB) included.
+        println!("resident: {:.1} MiB", kib as f64 / 1024.0);
+    }
     println!(
         "over 100 µs: {}, over 1 ms: {}, over 10 ms: {}",
         over(Duration::from_micros(100)),
