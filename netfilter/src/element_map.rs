@@ -175,11 +175,11 @@ impl<V> ElementMap<V> {
         self.len = 0;
     }
 
-    /// Makes room for `additional` more entries at once, with a margin for an uneven spread
-    /// over the maps (about 1.6 % at a million entries; the margin is an eighth).
+    /// Makes room for `additional` more entries at once, spread evenly over the maps. A map's
+    /// room is a power of two, usually well beyond its share; one that gets more than its room
+    /// grows alone.
     pub fn reserve(&mut self, additional: usize) {
-        let each = additional / SHARDS;
-        let each = each + each / 8 + 4;
+        let each = additional.div_ceil(SHARDS);
         for map in &mut self.shards {
             map.reserve(each);
         }

@@ -139,11 +139,11 @@ impl Default for IdIndex {
 }
 
 impl IdIndex {
-    /// Makes room for `additional` more entries at once, with a margin for an uneven spread
-    /// over the tables (about 0.8 % at a million entries; the margin is an eighth).
+    /// Makes room for `additional` more entries at once, spread evenly over the tables. A
+    /// table's room is a power of two, usually well beyond its share; one that gets more than
+    /// its room grows alone. (A margin for an uneven spread made many tables twice as large.)
     pub(super) fn reserve(&mut self, additional: usize) {
-        let each = additional / ID_SHARDS;
-        let each = each + each / 8 + 16;
+        let each = additional.div_ceil(ID_SHARDS);
         for shard in &mut self.shards {
             shard.reserve(each, |entry| IdHash::table_hash(entry.hash));
         }
