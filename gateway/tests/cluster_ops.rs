@@ -585,6 +585,111 @@ fn two_gateways_share_members_policy_audit_and_revocations() {
     );
 }
 
+/// A gateway whose state directory is replaced (a new machine, a lost disk) comes back with a
+/// database that numbers its events from 1, where its site has published events up to some
+/// id and followers' cursors stand past them. Its events now come after what it published:
+/// a follow through another member from a cursor made before the replacement hands over its
+/// new grants, and its published events stay in the cluster's trail.
+#[test]
+fn a_gateway_with_a_new_database_numbers_its_events_after_what_its_site_published() {
+    in_cluster(
+        "a_gateway_with_a_new_database_numbers_its_events_after_what_its_site_published",
+        "clnewdb",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-newdb");
+            let (dir_a, dir_b) = (temp_dir("clnewdb-a"), temp_dir("clnewdb-b"));
+            let a = Gateway::start(cluster, &pki, dir_a.path(), "gw-a").await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+            let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let web1 = pki.host("web-01", &[host], &[], &[]);
+            let to_a = Client::connect(a.addr, &web1).await;
+            to_a.hello().await;
+            let mut first = Vec::new();
+            for port in 7000..7004 {
+                first.push(granted(to_a.open(tcp(port), None).await).lease.to_string());
+            }
+            // Through B once A has published them; B's page says where to follow from.
+            let grants_of_a = |page: &Value| -> Vec<String> {
+                page["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e["site"] == "gw-a")
+                    .filter_map(|e| e["lease"].as_str().map(str::to_owned))
+                    .collect()
+            };
+            let page = until(
+                "A's grants published",
+                || b.get("/v1/audit?kind=grant&limit=100"),
+                |p| first.iter().all(|lease| grants_of_a(p).contains(lease)),
+            )
+            .await;
+            let cursor = page["follow_from"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a cluster's page says where to follow from: {page:#}"))
+                .to_owned();
+            let published: u64 = cursor
+                .split(',')
+                .find_map(|entry| entry.strip_prefix("gw-a:"))
+                .and_then(|id| id.parse().ok())
+                .unwrap_or_else(|| panic!("the cursor names gw-a: {cursor}"));
+            assert!(published >= 4, "A's grants are behind the cursor: {cursor}");
+            drop(to_a);
+            a.stop().await;
+
+            // A again, on a new state directory: an empty database.
+            let dir_new = temp_dir("clnewdb-a2");
+            let a = Gateway::start(cluster, &pki, dir_new.path(), "gw-a").await;
+            let to_a = Client::connect(a.addr, &web1).await;
+            to_a.hello().await;
+            let later = granted(to_a.open(tcp(7005), None).await).lease.to_string();
+            let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
+            let own: Vec<&Value> = own["events"].as_array().expect("events").iter().collect();
+            assert_eq!(own.len(), 1, "the new database holds one grant: {own:#?}");
+            let id = own[0]["id"].as_u64().expect("an event id");
+            assert!(id > published, "event {id} numbered after {published}");
+
+            // Followed through B from the cursor made before: the new grant comes.
+            let mut after = cursor;
+            let mut followed = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !followed.contains(&later) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "A's new grant followed through B: {followed:?}"
+                );
+                let answer = b
+                    .get(&format!("/v1/audit?kind=grant&after={after}&wait=5s"))
+                    .await;
+                followed.extend(grants_of_a(&answer));
+                after = answer["next_cluster_after"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a cluster's follow goes on: {answer:#}"))
+                    .to_owned();
+            }
+            assert_eq!(
+                followed,
+                std::slice::from_ref(&later),
+                "the new grant, once"
+            );
+            // What the first database published is still the cluster's.
+            let page = b.get("/v1/audit?kind=grant&limit=100").await;
+            let shown = grants_of_a(&page);
+            assert!(
+                first
+                    .iter()
+                    .chain([&later])
+                    .all(|lease| shown.contains(lease)),
+                "{page:#}"
+            );
+            drop(to_a);
+            a.stop().await;
+            b.stop().await;
+        },
+    );
+}
+
 #[test]
 fn a_killed_gateway_is_absent_once_its_registration_runs_out_and_a_stopped_one_at_its_stop() {
     in_cluster(

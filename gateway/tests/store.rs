@@ -1436,6 +1436,38 @@ fn audit_ids_are_not_reused_after_pruning_everything_and_reopening() {
     }
 }
 
+/// Ids used elsewhere (a cluster's record of what an earlier database of this gateway
+/// published) are passed over, from now on and after a reopen; ids already beyond them are not
+/// moved back, and a follower's cursor is told.
+#[test]
+fn audit_ids_continue_after_ids_used_elsewhere_and_never_go_back() {
+    let tmp = temp_dir("ids-continue");
+    let event = |time_ms| WriteOp::audit(AuditEvent::new(time_ms, AuditKind::PolicyReload));
+    {
+        let store = Store::open(tmp.path()).unwrap();
+        let w = store.writer();
+        w.commit_blocking(vec![event(10)]).unwrap();
+        w.commit_blocking(vec![WriteOp::ContinueAuditIdsAfter { id: 40 }])
+            .unwrap();
+        assert_eq!(*store.audit_watch().borrow(), 40);
+        w.commit_blocking(vec![event(20)]).unwrap();
+        // Lower than the ids in use: nothing changes.
+        w.commit_blocking(vec![WriteOp::ContinueAuditIdsAfter { id: 7 }])
+            .unwrap();
+        w.commit_blocking(vec![event(30)]).unwrap();
+        let ids: Vec<u64> = trail(&store).iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![1, 41, 42]);
+        // Raised again, with no event after it: a reopened store numbers past it too.
+        w.commit_blocking(vec![WriteOp::ContinueAuditIdsAfter { id: 100 }])
+            .unwrap();
+    }
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(*store.audit_watch().borrow(), 100);
+    store.writer().commit_blocking(vec![event(40)]).unwrap();
+    let ids: Vec<u64> = trail(&store).iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, vec![1, 41, 42, 101]);
+}
+
 #[test]
 fn audit_ids_of_a_failed_job_are_given_again_without_gaps() {
     let tmp = temp_dir("ids-failed");

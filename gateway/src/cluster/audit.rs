@@ -102,30 +102,36 @@ impl fmt::Display for FollowCursor {
 }
 
 impl Cluster {
-    /// The id of the newest event this member has published (0: none), at most `newest`, the
-    /// newest event of its own database: events published under higher ids came from a
-    /// database this member no longer has (its state directory was replaced), and are dropped
-    /// so that the new ids do not mix with them.
-    async fn published_up_to(&self, newest: u64) -> Result<u64, ClusterError> {
+    /// Makes this member's audit ids go on past the newest event its site has published, in
+    /// `store` (whose highest id used is `last_used`): called at start, before the member
+    /// records anything. A database that is not the one that published them (the state
+    /// directory was replaced, or restored from a copy older than the publication) would
+    /// number its events again from where it stands, under ids that followers' cursors have
+    /// passed and that the site's published events already hold; its events now come after
+    /// them, and the published ones stay, as they were recorded.
+    pub async fn continue_audit_ids(
+        &self,
+        writer: &crate::store::StoreWriter,
+        last_used: u64,
+    ) -> Result<(), crate::service::StartError> {
         let published = self.newest_published(&self.site).await?;
-        if published <= newest {
-            return Ok(published);
+        if published <= last_used {
+            return Ok(());
         }
         warn!(
             site = %self.site,
             published,
-            newest,
-            "cluster audit: events published from an earlier database of this site are dropped"
+            last_used,
+            "cluster audit: this site published events this database does not hold; its \
+             events are numbered from {} on",
+            published + 1
         );
-        let from = self.keys.audit_event(&self.site, newest + 1);
-        let to = self.keys.audit_event(&self.site, published + 1);
-        self.within(
-            "drop another database's audit events",
-            self.client()
-                .delete(from, Some(DeleteOptions::new().with_range(to))),
-        )
-        .await?;
-        Ok(newest)
+        writer
+            .commit(vec![crate::store::WriteOp::ContinueAuditIdsAfter {
+                id: published,
+            }])
+            .await?;
+        Ok(())
     }
 
     /// The id of the newest event `site` has published (0: none).
@@ -464,13 +470,11 @@ pub fn matches(event: &AuditEventView, query: &AuditQuery) -> bool {
 }
 
 /// Publishes this member's audit events to etcd for as long as the service lives, in batches,
-/// from where the last publication stopped.
+/// from where the last publication stopped (its database numbers its events past it: see
+/// [`Cluster::continue_audit_ids`]).
 pub(super) async fn publish(cluster: Arc<Cluster>, service: Weak<Service>) {
-    let Some(newest) = service.upgrade().map(|s| *s.store().audit_watch().borrow()) else {
-        return;
-    };
     let mut after = loop {
-        match cluster.published_up_to(newest).await {
+        match cluster.newest_published(&cluster.site).await {
             Ok(after) => break after,
             Err(e) => {
                 warn!("cluster audit: {e}");

@@ -284,6 +284,12 @@ impl Service {
             }
             _ => (store.clone(), None),
         };
+        if let Some(member) = &member {
+            // Read apart: a borrow of the watch held across the commit would keep the writer
+            // from announcing it.
+            let last_used = *store.audit_watch().borrow();
+            member.continue_audit_ids(store.writer(), last_used).await?;
+        }
         // The cluster's policy, when one is published, is in force from the start.
         let policy = match &member {
             Some(member) => member.policy_before_start(&config.policy).await?,

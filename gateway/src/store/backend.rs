@@ -331,6 +331,7 @@ impl MemoryStore {
         // All or none: applied to a copy of what the operations touch, then put in place.
         let mut leases = state.leases.clone();
         let mut audit = Vec::new();
+        let mut continue_after = 0;
         for op in ops {
             match op {
                 WriteOp::InsertLease(new) => {
@@ -396,9 +397,12 @@ impl MemoryStore {
                         .as_ref()
                         .is_none_or(|ending| ending.ended_ms >= before_ms)
                 }),
+                // Applied before the job's events are numbered (the job is applied whole).
+                WriteOp::ContinueAuditIdsAfter { id } => continue_after = continue_after.max(id),
             }
         }
         state.leases = leases;
+        state.last_audit_id = state.last_audit_id.max(continue_after);
         for event in audit {
             state.last_audit_id += 1;
             let id = state.last_audit_id;

@@ -79,6 +79,14 @@ pub enum WriteOp {
         /// How many rows at most.
         max_rows: u32,
     },
+    /// Number the audit events from now on past `id`, if they are not already: ids that an
+    /// earlier database of this gateway used, which are known elsewhere (its cluster holds the
+    /// events it published). Kept in `meta` like the highest id used, so that a reopened store
+    /// numbers on from it too.
+    ContinueAuditIdsAfter {
+        /// The highest id used elsewhere.
+        id: u64,
+    },
 }
 
 impl WriteOp {
@@ -1040,12 +1048,7 @@ fn apply<'a>(
         } => {
             // The newest ids may go with the rows: the highest one used stays in meta, so
             // that a reopened store numbers on from it (ids are never reused).
-            conn.prepare_cached(
-                "INSERT INTO meta (key, value) VALUES ('audit_last_id', ?1) \
-                 ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-            )
-            .and_then(|mut s| s.execute([w.next_audit.saturating_sub(1)]))
-            .map_err(StoreError::sqlite("keep the last audit id"))?;
+            keep_last_audit_id(conn, w.next_audit.saturating_sub(1))?;
             let mut stmt = conn
                 .prepare_cached(
                     "DELETE FROM audit WHERE id IN \
@@ -1056,6 +1059,16 @@ fn apply<'a>(
                 .execute(params![to_i64(*before_ms, "retention cut-off")?, max_rows])
                 .map_err(StoreError::sqlite("prune audit"))?;
             Ok((n as u64, None))
+        }
+        WriteOp::ContinueAuditIdsAfter { id } => {
+            let id = to_i64(*id, "audit id")?;
+            if id < w.next_audit {
+                return Ok((0, None));
+            }
+            keep_last_audit_id(conn, id)?;
+            w.next_audit = id.saturating_add(1);
+            // The newest id in use, as far as a follower of the trail is concerned.
+            Ok((0, Some(id)))
         }
         WriteOp::DeleteEndedLeasesBefore {
             before_ms,
@@ -1302,6 +1315,18 @@ fn executed(stmt: &mut Statement<'_>, size: usize, what: &'static str) -> Result
         )));
     }
     Ok(())
+}
+
+/// Keeps `id` in `meta` as the highest audit id used, unless a higher one is kept: the store
+/// numbers on from it when it opens, whether or not a row holds it.
+fn keep_last_audit_id(conn: &Connection, id: i64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES ('audit_last_id', ?1) \
+         ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+    )
+    .and_then(|mut s| s.execute([id]))
+    .map(|_| ())
+    .map_err(StoreError::sqlite("keep the last audit id"))
 }
 
 /// Apply job `job` of `batch` without a savepoint, its inserts through `runs`. On failure,
