@@ -103,8 +103,7 @@ impl fmt::Display for FollowCursor {
 
 impl Cluster {
     /// Makes this member's audit ids go on past the newest event its site has published, in
-    /// `store` (whose highest id used is `last_used`): called at start, before the member
-    /// records anything. A database that is not the one that published them (the state
+    /// the store `writer` writes: called at start, before the member records anything. A database that is not the one that published them (the state
     /// directory was replaced, or restored from a copy older than the publication) would
     /// number its events again from where it stands, under ids that followers' cursors have
     /// passed and that the site's published events already hold; its events now come after
@@ -112,8 +111,10 @@ impl Cluster {
     pub async fn continue_audit_ids(
         &self,
         writer: &crate::store::StoreWriter,
-        last_used: u64,
     ) -> Result<(), crate::service::StartError> {
+        // Read apart: a borrow of the watch held across the commit below would keep the writer
+        // from announcing it.
+        let last_used = *writer.audit_watch().borrow();
         let published = self.newest_published(&self.site).await?;
         if published <= last_used {
             return Ok(());

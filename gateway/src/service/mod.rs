@@ -285,10 +285,7 @@ impl Service {
             _ => (store.clone(), None),
         };
         if let Some(member) = &member {
-            // Read apart: a borrow of the watch held across the commit would keep the writer
-            // from announcing it.
-            let last_used = *store.audit_watch().borrow();
-            member.continue_audit_ids(store.writer(), last_used).await?;
+            member.continue_audit_ids(store.writer()).await?;
         }
         // The cluster's policy, when one is published, is in force from the start.
         let policy = match &member {
