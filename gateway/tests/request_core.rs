@@ -907,7 +907,7 @@ impl Decide for Counting<'_> {
         identity: &str,
         addresses: &[IpAddr],
         grants: &[fwnp_proto::Grant],
-    ) -> Result<(), Objection> {
+    ) -> Result<fwnp_proto::gateway::LifetimePolicy, Objection> {
         self.renewals.set(self.renewals.get() + 1);
         Decide::still_allows(self.policy, identity, addresses, grants)
     }
@@ -1002,4 +1002,86 @@ fn the_policy_decides_an_open_once_before_the_book_and_the_book_decides_after() 
         Step::Pending(_)
     ));
     assert_eq!((decide.evaluations.get(), decide.renewals.get()), (3, 1));
+}
+
+/// A renewal is clamped to the bounds of the rule that allowed the lease (spec Section 11.2),
+/// not to the widest of the host's rules: a host that may hold ssh for five minutes and a web
+/// port for a day could otherwise renew its ssh opening for a day.
+#[test]
+fn a_renewal_is_bounded_by_the_rule_that_allowed_the_lease() {
+    let policy = r#"
+[defaults]
+lifetime = "1m"
+max_lifetime = "1h"
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "ssh"
+groups = ["hosts"]
+allow = "tcp/22"
+max_lifetime = "5m"
+
+[[rule]]
+name = "web"
+groups = ["hosts"]
+allow = "tcp/8080"
+max_lifetime = "1d"
+"#;
+    let mut gw = Gateway::new(policy);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let ssh = granted(gw.open(&mut host, tcp(22), Some(86_400)));
+    assert_eq!(ssh.lifetime, 300);
+    let renewed = granted(gw.renew(&mut host, ssh.lease, Some(86_400)));
+    assert_eq!(
+        renewed.lifetime, 300,
+        "the ssh rule's maximum, not the web rule's"
+    );
+    let web = granted(gw.open(&mut host, tcp(8080), Some(86_400)));
+    assert_eq!(web.lifetime, 86_400);
+    assert_eq!(
+        granted(gw.renew(&mut host, web.lease, Some(86_400))).lifetime,
+        86_400
+    );
+}
+
+/// A lease of an application is renewed within the bounds of the rule that allows the
+/// application, even where another rule allows one of its entries with other bounds.
+#[test]
+fn an_application_lease_is_renewed_within_its_own_rule() {
+    let policy = r#"
+[defaults]
+lifetime = "1m"
+max_lifetime = "1h"
+
+[applications]
+https = ["tcp/443", "udp/443"]
+
+[[group]]
+name = "hosts"
+identities = ["fwnp://host/*"]
+
+[[rule]]
+name = "short-tls"
+groups = ["hosts"]
+allow = "tcp/443"
+max_lifetime = "5m"
+
+[[rule]]
+name = "web"
+groups = ["hosts"]
+allow = ["app:https"]
+max_lifetime = "1d"
+"#;
+    let mut gw = Gateway::new(policy);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let https = granted(gw.open(&mut host, app("https"), Some(86_400)));
+    assert_eq!(https.lifetime, 86_400);
+    let renewed = granted(gw.renew(&mut host, https.lease, Some(86_400)));
+    assert_eq!(
+        renewed.lifetime, 86_400,
+        "the application's rule, not the entry's"
+    );
 }

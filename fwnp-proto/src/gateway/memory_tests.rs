@@ -166,8 +166,13 @@ impl request::Decide for AllowAll {
         }
     }
 
-    fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), request::Objection> {
-        Ok(())
+    fn still_allows(
+        &self,
+        _: &str,
+        _: &[IpAddr],
+        _: &[Grant],
+    ) -> Result<LifetimePolicy, request::Objection> {
+        Ok(LIFETIME)
     }
 }
 

@@ -68,8 +68,8 @@
 //!             max_leases: Some(16),
 //!         })
 //!     }
-//!     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
-//!         Ok(())
+//!     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<LifetimePolicy, Objection> {
+//!         Ok(LIFETIME)
 //!     }
 //! }
 //!
@@ -235,7 +235,7 @@ pub struct Objection {
 /// The policy, as the core asks it. The gateway implements it over its compiled policy; tests
 /// implement it over a few facts.
 pub trait Decide {
-    /// The limits announced in Welcome and bounding renewals, for a host holding `addresses`.
+    /// The limits announced in Welcome, for a host holding `addresses`.
     fn host_limits(&self, identity: &str, addresses: &[IpAddr]) -> HostLimits;
 
     /// The decision for `open` on the host addresses `hosts` (already resolved), by a host
@@ -249,13 +249,16 @@ pub trait Decide {
         open: &Open,
     ) -> Decision;
 
-    /// Whether a live lease's grants are still allowed, asked at each renewal.
+    /// Whether a live lease's grants are still allowed, asked at each renewal, and if so the
+    /// lifetime bounds of the rules that allow them, which bound the renewed lifetime (spec
+    /// Section 11.2): the narrowest where its grants are allowed by rules of different bounds,
+    /// so that no grant outlives what its own rule allows.
     fn still_allows(
         &self,
         identity: &str,
         addresses: &[IpAddr],
         grants: &[Grant],
-    ) -> Result<(), Objection>;
+    ) -> Result<LifetimePolicy, Objection>;
 }
 
 /// What the core is configured with.
@@ -641,8 +644,8 @@ impl Pending {
     /// #         Decision::allowed(PolicyFacts { grants, grants_narrowed: false,
     /// #             lifetime: LIFETIME, max_leases: Some(16) })
     /// #     }
-    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
-    /// #         Ok(())
+    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<LifetimePolicy, Objection> {
+    /// #         Ok(LIFETIME)
     /// #     }
     /// # }
     /// let mut core = RequestCore::new(CoreConfig { epoch: 7, max_streams: 8, kill_connections: false });
@@ -891,7 +894,7 @@ impl RequestCore {
     /// # impl Decide for Nothing {
     /// #     fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits { unreachable!() }
     /// #     fn evaluate(&self, _: &str, _: &[IpAddr], _: &[IpAddr], _: &Open) -> Decision { unreachable!() }
-    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> { unreachable!() }
+    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<LifetimePolicy, Objection> { unreachable!() }
     /// # }
     /// let config = CoreConfig { epoch: 7, max_streams: 8, kill_connections: false };
     /// let addresses = ["192.0.2.10".parse().unwrap()];
@@ -1254,37 +1257,41 @@ impl RequestCore {
                 None,
             ));
         };
-        // The current policy bounds the renewed lifetime: a policy that shortened the maximum
+        // The current policy bounds the renewed lifetime, by the rules that allow the lease's
+        // grants (not the widest of the host's rules, which would let a renewal stretch a
+        // short-lived opening to another rule's maximum): a policy that shortened the maximum
         // applies at the next renewal.
-        if let Err(objection) = decide.still_allows(identity, peer.addresses, &grants) {
-            // The policy changed under a live lease: end it now rather than at expiry.
-            let mut answer = refuse(
-                now_ms,
-                identity,
-                peer,
-                &request(),
-                ResultCode::DeniedByPolicy,
-                objection.reason.clone(),
-                objection.rule,
-            );
-            if let Some(revocation) = self.revoke(
-                now_ms,
-                &renew.lease,
-                RevokeReason::PolicyChanged,
-                "gateway",
-                Some(objection.reason),
-            ) {
-                let mut effects = revocation.effects;
-                effects.push(Effect::Notify {
-                    host: revocation.lease.host.clone(),
-                    notice: revocation.notice,
-                });
-                effects.append(&mut answer.effects);
-                answer.effects = effects;
+        let limits = match decide.still_allows(identity, peer.addresses, &grants) {
+            Ok(limits) => limits,
+            Err(objection) => {
+                // The policy changed under a live lease: end it now rather than at expiry.
+                let mut answer = refuse(
+                    now_ms,
+                    identity,
+                    peer,
+                    &request(),
+                    ResultCode::DeniedByPolicy,
+                    objection.reason.clone(),
+                    objection.rule,
+                );
+                if let Some(revocation) = self.revoke(
+                    now_ms,
+                    &renew.lease,
+                    RevokeReason::PolicyChanged,
+                    "gateway",
+                    Some(objection.reason),
+                ) {
+                    let mut effects = revocation.effects;
+                    effects.push(Effect::Notify {
+                        host: revocation.lease.host.clone(),
+                        notice: revocation.notice,
+                    });
+                    effects.append(&mut answer.effects);
+                    answer.effects = effects;
+                }
+                return Step::Answer(answer);
             }
-            return Step::Answer(answer);
-        }
-        let limits = decide.host_limits(identity, peer.addresses).lifetime;
+        };
         let renewed = match self
             .book
             .renew(now_ms, identity, &renew.lease, renew.lifetime, limits)
@@ -1811,8 +1818,13 @@ mod tests {
             })
         }
 
-        fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<(), Objection> {
-            Ok(())
+        fn still_allows(
+            &self,
+            _: &str,
+            _: &[IpAddr],
+            _: &[Grant],
+        ) -> Result<LifetimePolicy, Objection> {
+            Ok(LIFETIME)
         }
     }
 

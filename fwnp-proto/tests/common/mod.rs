@@ -542,7 +542,7 @@ impl fwnp_proto::gateway::request::Decide for PortsPolicy {
         _identity: &str,
         _addresses: &[IpAddr],
         _grants: &[Grant],
-    ) -> Result<(), fwnp_proto::gateway::request::Objection> {
-        Ok(())
+    ) -> Result<fwnp_proto::gateway::LifetimePolicy, fwnp_proto::gateway::request::Objection> {
+        Ok(self.lifetime)
     }
 }

@@ -465,7 +465,8 @@ pub(super) fn still_allows(
     identity: &str,
     addresses: &[IpAddr],
     grants: &[Grant],
-) -> Result<(), NoLongerAllowed> {
+) -> Result<LifetimeBounds, NoLongerAllowed> {
+    let mut bounds: Option<LifetimeBounds> = None;
     for grant in grants {
         let fail = |rule: Option<RuleRef>, reason: String| NoLongerAllowed {
             grant: grant.clone(),
@@ -507,7 +508,20 @@ pub(super) fn still_allows(
         };
         let decision = decide(policy, &request, &mut NoTrace);
         match decision.verdict {
-            Verdict::Allowed(allowance) if !allowance.remotes_narrowed => {}
+            Verdict::Allowed(allowance) if !allowance.remotes_narrowed => {
+                // The bounds of the rule that allows the opening as it was asked: for a grant
+                // of an application, the rule that allows the application, which may not be
+                // the one that allows the entry on its own.
+                let lifetime = grant
+                    .app
+                    .as_deref()
+                    .and_then(|id| application_bounds(policy, identity, addresses, grant, id))
+                    .unwrap_or(allowance.lifetime);
+                bounds = Some(match bounds {
+                    None => lifetime,
+                    Some(so_far) => so_far.narrowest(lifetime),
+                });
+            }
             Verdict::Allowed(allowance) => {
                 let narrowed_to = allowance
                     .grants
@@ -524,7 +538,36 @@ pub(super) fn still_allows(
             Verdict::Denied(_) => return Err(fail(decision.rule, decision.reason)),
         }
     }
-    Ok(())
+    // A lease has at least one grant; for none, the policy's defaults.
+    Ok(bounds.unwrap_or(LifetimeBounds {
+        default_secs: policy.defaults.lifetime_secs,
+        min_secs: policy.defaults.min_lifetime_secs,
+        max_secs: policy.defaults.max_lifetime_secs,
+    }))
+}
+
+/// The lifetime bounds of the rule that allows application `id` on `grant`'s host address and
+/// remotes, if one does.
+fn application_bounds(
+    policy: &Policy,
+    identity: &str,
+    addresses: &[IpAddr],
+    grant: &Grant,
+    id: &str,
+) -> Option<LifetimeBounds> {
+    let target = Target::App(id.to_owned());
+    let request = Request {
+        identity,
+        addresses,
+        host_address: grant.host,
+        target: &target,
+        remotes: &grant.remotes,
+        lifetime: None,
+    };
+    match decide(policy, &request, &mut NoTrace).verdict {
+        Verdict::Allowed(allowance) => Some(allowance.lifetime),
+        Verdict::Denied(_) => None,
+    }
 }
 
 pub(super) fn limits_for(policy: &Policy, identity: &str, addresses: &[IpAddr]) -> HostLimits {

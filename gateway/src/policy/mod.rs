@@ -288,6 +288,19 @@ pub struct LifetimeBounds {
 }
 
 impl LifetimeBounds {
+    /// Bounds that keep within both `self` and `other`: the higher minimum, the lower maximum
+    /// (and the minimum lowered to that maximum should they cross), `self`'s default kept
+    /// within them.
+    pub fn narrowest(self, other: LifetimeBounds) -> LifetimeBounds {
+        let max_secs = self.max_secs.min(other.max_secs);
+        let min_secs = self.min_secs.max(other.min_secs).min(max_secs);
+        LifetimeBounds {
+            default_secs: self.default_secs.clamp(min_secs, max_secs),
+            min_secs,
+            max_secs,
+        }
+    }
+
     /// The lifetime to grant for an asked one: the default for `None` or 0, then clamped to
     /// `min..=max`.
     pub fn clamp(&self, asked: Option<u32>) -> u32 {
@@ -918,15 +931,18 @@ impl Policy {
         }
     }
 
-    /// Whether a live lease (its grants) is still allowed, for re-evaluation after a reload.
-    /// Each grant is judged as a request for exactly that grant; it must be allowed without
-    /// narrowing, and a grant from an application must still be one of its entries.
+    /// Whether a live lease (its grants) is still allowed, for re-evaluation after a reload
+    /// and at each renewal. Each grant is judged as a request for exactly that grant; it must
+    /// be allowed without narrowing, and a grant from an application must still be one of its
+    /// entries. If so, gives the lifetime bounds that a renewal of the lease is clamped to:
+    /// those of the rule that allows its grants, the narrowest where rules of different bounds
+    /// allow them.
     pub fn still_allows(
         &self,
         identity: &str,
         addresses: &[IpAddr],
         grants: &[Grant],
-    ) -> Result<(), NoLongerAllowed> {
+    ) -> Result<LifetimeBounds, NoLongerAllowed> {
         evaluate::still_allows(self, identity, addresses, grants)
     }
 

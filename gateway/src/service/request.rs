@@ -217,11 +217,13 @@ impl Decide for Policy {
         identity: &str,
         addresses: &[IpAddr],
         grants: &[Grant],
-    ) -> Result<(), Objection> {
-        Policy::still_allows(self, identity, addresses, grants).map_err(|e| Objection {
-            reason: e.to_string(),
-            rule: e.rule.map(|r| r.name.to_string()),
-        })
+    ) -> Result<LifetimePolicy, Objection> {
+        Policy::still_allows(self, identity, addresses, grants)
+            .map(lifetime_policy)
+            .map_err(|e| Objection {
+                reason: e.to_string(),
+                rule: e.rule.map(|r| r.name.to_string()),
+            })
     }
 }
 
