@@ -477,48 +477,83 @@ fn a_failing_kernel_or_store_turns_the_grant_into_no_resources_and_gives_the_lea
     }
 }
 
+/// A renewal whose first effect fails was taken by neither the kernel nor the store, and the
+/// book gives it back; one whose second effect fails keeps what the first put in force. Either
+/// is answered no-resources with a retry-after (spec Section 12.1 for a store that refuses).
 #[test]
 fn a_failing_renewal_is_no_resources_and_a_lease_revoked_meanwhile_is_unknown() {
     let mut gw = Gateway::new(POLICY);
     let mut host = gw.welcomed("web-01", &[HOST_A]);
     let lease = granted(gw.open(&mut host, tcp(7001), None)).lease;
-    let renew = |id| {
+    let renew = |id, lifetime| {
         codec::encode(&Message::Renew(fwnp_proto::Renew {
             common: common(Some(id)),
             lease,
-            lifetime: Some(60),
+            lifetime: Some(lifetime),
         }))
     };
     let is_hold: fn(&Effect) -> bool = |e| matches!(e, Effect::Hold { .. });
     let is_commit: fn(&Effect) -> bool = |e| matches!(e, Effect::Commit(_));
-    let d = denied(
-        gw.exchange_failing(
-            &mut host,
-            &renew(20),
-            Some((is_hold, EffectFailure::Kernel("busy".into()))),
+    let expiry = |gw: &mut Gateway, host: &mut Host| gw.list(host).leases[0].expires_ms;
+    let opened = expiry(&mut gw, &mut host);
+    let (shorter, longer) = (opened - 540_000, opened + 3_000_000);
+    let mut failing = |gw: &mut Gateway, host: &mut Host, id, lifetime, failing: Failing| {
+        denied(
+            gw.exchange_failing(host, &renew(id, lifetime), Some(failing))
+                .answer,
         )
-        .answer,
+    };
+
+    // Shortening: the kernel first. It refuses: nothing changed.
+    let d = failing(
+        &mut gw,
+        &mut host,
+        20,
+        60,
+        (is_hold, EffectFailure::Kernel("busy".into())),
     );
     assert_eq!(
         (d.code, d.retry_after, d.lease),
         (ResultCode::NoResources, Some(1), Some(lease))
     );
-    let d = denied(
-        gw.exchange_failing(
-            &mut host,
-            &renew(21),
-            Some((is_commit, EffectFailure::Store("locked".into()))),
-        )
-        .answer,
+    assert_eq!(expiry(&mut gw, &mut host), opened);
+    // Lengthening: the store first. It refuses: nothing changed.
+    let d = failing(
+        &mut gw,
+        &mut host,
+        21,
+        3600,
+        (is_commit, EffectFailure::Store("no quorum".into())),
     );
-    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, None));
-    let d = denied(
-        gw.exchange_failing(
-            &mut host,
-            &renew(22),
-            Some((is_hold, EffectFailure::LeaseEnded)),
-        )
-        .answer,
+    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(5)));
+    assert_eq!(expiry(&mut gw, &mut host), opened);
+    // Lengthening, the store took it and the kernel refused: the book holds the store's.
+    let d = failing(
+        &mut gw,
+        &mut host,
+        22,
+        3600,
+        (is_hold, EffectFailure::Kernel("busy".into())),
+    );
+    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(1)));
+    assert_eq!(expiry(&mut gw, &mut host), longer);
+    // Shortening, the kernel took it and the store refused: the book holds the kernel's.
+    let d = failing(
+        &mut gw,
+        &mut host,
+        23,
+        60,
+        (is_commit, EffectFailure::Store("locked".into())),
+    );
+    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(5)));
+    assert_eq!(expiry(&mut gw, &mut host), shorter);
+
+    let d = failing(
+        &mut gw,
+        &mut host,
+        24,
+        60,
+        (is_hold, EffectFailure::LeaseEnded),
     );
     assert_eq!(d.code, ResultCode::UnknownLease);
 }

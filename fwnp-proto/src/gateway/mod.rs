@@ -388,6 +388,8 @@ pub struct Renewed {
     pub grant: LeaseGrant,
     /// Its expiry before, Unix milliseconds.
     pub previous_expires_ms: u64,
+    /// Its lifetime before, in seconds.
+    pub previous_lifetime: u32,
 }
 
 /// What [`LeaseBook::restore`] did.
@@ -688,7 +690,7 @@ impl LeaseBook {
         check_asked_lifetime(asked)?;
         let lease = self.live_owned(now_ms, host, id)?;
         let lifetime = clamp_lifetime(asked, lease.lifetime, policy)?;
-        let previous_expires_ms = lease.expires_ms;
+        let (previous_expires_ms, previous_lifetime) = (lease.expires_ms, lease.lifetime);
         self.set_expiry(id, expiry_after(now_ms, lifetime.secs));
         let lease = self.get_mut(id).ok_or(Refusal::UnknownLease)?;
         lease.lifetime = lifetime.secs;
@@ -699,7 +701,52 @@ impl LeaseBook {
         Ok(Renewed {
             grant,
             previous_expires_ms,
+            previous_lifetime,
         })
+    }
+
+    /// Takes back a renewal that was not carried out (its first effect failed), so that the
+    /// book holds the lease as the kernel and the store still do. Does nothing when the lease
+    /// has gone or changed since (another renewal of it came after this one), and says whether
+    /// it took the renewal back.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use fwnp_proto::LeaseId;
+    /// use fwnp_proto::gateway::{Lease, LeaseBook, LifetimePolicy};
+    ///
+    /// let mut book = LeaseBook::new();
+    /// let id = LeaseId([1; 16]);
+    /// let host = "fwnp://host/web-01";
+    /// book.apply(Lease {
+    ///     id,
+    ///     host: Arc::from(host),
+    ///     grants: Vec::new(),
+    ///     lifetime: 60,
+    ///     created_ms: 1_000,
+    ///     expires_ms: 61_000,
+    ///     app: None,
+    /// });
+    /// let policy = LifetimePolicy { min: 1, max: 3600, default: 600 };
+    /// let renewed = book.renew(2_000, host, &id, Some(600), policy).unwrap();
+    /// assert_eq!(book.get(&id).unwrap().expires_ms, 602_000);
+    /// assert!(book.undo_renew(&renewed));
+    /// assert_eq!((book.get(&id).unwrap().expires_ms, book.get(&id).unwrap().lifetime), (61_000, 60));
+    /// assert!(!book.undo_renew(&renewed), "the book no longer holds what the renewal made");
+    /// ```
+    pub fn undo_renew(&mut self, renewed: &Renewed) -> bool {
+        let after = &renewed.grant.lease;
+        let unchanged = self.get(&after.id).is_some_and(|lease| {
+            lease.expires_ms == after.expires_ms && lease.lifetime == after.lifetime
+        });
+        if !unchanged {
+            return false;
+        }
+        self.set_expiry(&after.id, renewed.previous_expires_ms);
+        if let Some(lease) = self.get_mut(&after.id) {
+            lease.lifetime = renewed.previous_lifetime;
+        }
+        true
     }
 
     /// Handles a Release from `host` of lease `id`: removes it and returns it. A lease that is

@@ -894,7 +894,7 @@ impl RequestCore {
     /// # impl Decide for Nothing {
     /// #     fn host_limits(&self, _: &str, _: &[IpAddr]) -> HostLimits { unreachable!() }
     /// #     fn evaluate(&self, _: &str, _: &[IpAddr], _: &[IpAddr], _: &Open) -> Decision { unreachable!() }
-    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<LifetimePolicy, Objection> { unreachable!() }
+    /// #     fn still_allows(&self, _: &str, _: &[IpAddr], _: &[Grant]) -> Result<fwnp_proto::gateway::LifetimePolicy, Objection> { unreachable!() }
     /// # }
     /// let config = CoreConfig { epoch: 7, max_streams: 8, kill_connections: false };
     /// let addresses = ["192.0.2.10".parse().unwrap()];
@@ -1442,11 +1442,23 @@ impl RequestCore {
                         None,
                     ),
                     Err(failure) => {
-                        let retry_after = matches!(
+                        // The renewal's first effect failed, so neither the kernel nor the store
+                        // took it: the book gives it back. (When the second failed, the book
+                        // keeps what the first put in force: the longer expiry the store holds,
+                        // or the shorter one the kernel does, so that the opening never
+                        // outlives what the book says.)
+                        let lengthened =
+                            renewed.grant.lease.expires_ms > renewed.previous_expires_ms;
+                        let kernel = matches!(
                             failure,
                             EffectFailure::Kernel(_) | EffectFailure::KernelAfterCommit(_)
-                        )
-                        .then_some(1);
+                        );
+                        if kernel != lengthened {
+                            self.book.undo_renew(&renewed);
+                        }
+                        // A store that refused (a cluster member cut off from its quorum) is
+                        // asked again later than a busy kernel, as a refused Open is.
+                        let retry_after = if kernel { 1 } else { 5 };
                         let mut answer = refuse_at(
                             now_ms,
                             &identity,
@@ -1457,7 +1469,7 @@ impl RequestCore {
                             None,
                         );
                         if let Message::Denied(d) = &mut answer.message {
-                            d.retry_after = retry_after;
+                            d.retry_after = Some(retry_after);
                         }
                         answer
                     }
