@@ -1120,3 +1120,35 @@ max_lifetime = "1d"
         "the application's rule, not the entry's"
     );
 }
+
+/// An address the host does not hold is refused `address-mismatch` before the policy's rules
+/// are read (step 6 of spec 11.3, before step 8): a deny rule for the port, or a refusal on the
+/// host's own address named beside it, would otherwise answer `denied-by-policy`. A host with
+/// third-party rights is judged by the rules.
+#[test]
+fn an_address_the_host_does_not_hold_is_refused_before_the_rules() {
+    let mut gw = Gateway::new(POLICY);
+    let mut web = gw.welcomed("web-01", &[HOST_A]);
+    let named = |port, hosts: Vec<IpAddr>| {
+        let mut opening = tcp(port);
+        opening.host = fwnp_proto::HostAddresses::from_addresses(hosts);
+        opening
+    };
+    // tcp/23 is denied by the rule "no-telnet" for every host.
+    let d = denied(gw.open(&mut web, named(23, vec![HOST_B]), None));
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+    let d = denied(gw.open(&mut web, named(23, vec![HOST_A, HOST_B]), None));
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+    // tcp/9999 is allowed by no rule: its own address is denied-by-policy.
+    let d = denied(gw.open(&mut web, named(9999, vec![HOST_A, HOST_B]), None));
+    assert_eq!(d.code, ResultCode::AddressMismatch, "{d:?}");
+    let d = denied(gw.open(&mut web, named(23, vec![HOST_A]), None));
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+
+    // A balancer holds third-party rights: the rules judge its foreign addresses.
+    let mut lb = gw.welcomed("lb-01", &[HOST_B]);
+    let pool: IpAddr = "203.0.113.5".parse().unwrap();
+    let d = denied(gw.open(&mut lb, named(23, vec![pool]), None));
+    assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
+    granted(gw.open(&mut lb, named(8080, vec![pool]), None));
+}

@@ -1090,9 +1090,18 @@ impl RequestCore {
                 now_ms, identity, peer, &request, code, reason, rule,
             ))))
         };
-        // Resolved as if third-party were allowed; policy then decides whether this host may
-        // open an address it does not hold.
-        let hosts = match resolve_host_addresses(&open.opening, peer.addresses, true) {
+        // An address the host does not hold is refused here (step 6 of spec 11.3, before the
+        // policy's deny rules) unless some rule gives the host third-party rights; then the
+        // policy decides, rule by rule, whether it may open that address. The host's limits
+        // are asked only for such an address, off the common path.
+        let foreign = open
+            .opening
+            .host
+            .addresses()
+            .iter()
+            .any(|a| !peer.addresses.contains(a));
+        let third_party = foreign && decide.host_limits(identity, peer.addresses).third_party;
+        let hosts = match resolve_host_addresses(&open.opening, peer.addresses, third_party) {
             Ok(hosts) => hosts,
             Err(refusal) => return refused(open, refusal.code(), refusal.to_string(), None),
         };
