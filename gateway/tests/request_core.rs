@@ -1152,3 +1152,48 @@ fn an_address_the_host_does_not_hold_is_refused_before_the_rules() {
     assert_eq!(d.code, ResultCode::DeniedByPolicy, "{d:?}");
     granted(gw.open(&mut lb, named(8080, vec![pool]), None));
 }
+
+/// A request of the largest size may list some 5,000 critical keys the gateway does not know;
+/// its Denied `unsupported-option` still fits in an answer (spec Section 5.4): key 7 keeps the
+/// smallest keys, as many as fit, in ascending order. A few such keys are all listed.
+#[test]
+fn an_answer_listing_unsupported_critical_keys_fits_in_an_answer() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let list_critical = |keys: std::ops::Range<u64>| {
+        let critical = keys.map(|k| ciborium::Value::Integer(k.into())).collect();
+        let map = ciborium::Value::Map(vec![
+            (0.into(), 6.into()),
+            (1.into(), 1.into()),
+            (2.into(), ciborium::Value::Array(critical)),
+        ]);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&map, &mut bytes).unwrap();
+        bytes
+    };
+    // Keys of three bytes from 256 on: as many as a request of the largest size holds.
+    let mut last = 256 + 5_000;
+    while list_critical(256..last + 1).len() <= MAX_MESSAGE_SIZE {
+        last += 1;
+    }
+    let request = list_critical(256..last);
+    assert!(request.len() <= MAX_MESSAGE_SIZE && request.len() > MAX_MESSAGE_SIZE - 3);
+    let answer = gw.exchange(&mut host, &request).answer;
+    let encoded = codec::encode(&answer);
+    assert!(encoded.len() <= MAX_MESSAGE_SIZE, "{} bytes", encoded.len());
+    let d = denied(answer);
+    assert_eq!(d.code, ResultCode::UnsupportedOption);
+    assert!(d.unsupported.len() > 4_000, "{} keys", d.unsupported.len());
+    assert!(d.unsupported.len() < (last - 256) as usize);
+    assert_eq!(
+        d.unsupported,
+        (256..256 + d.unsupported.len() as u64).collect::<Vec<_>>()
+    );
+
+    let d = denied(gw.exchange(&mut host, &list_critical(64..70)).answer);
+    assert_eq!(d.unsupported, (64..70).collect::<Vec<_>>());
+    assert!(
+        d.reason
+            .is_some_and(|r| r.contains("[64, 65, 66, 67, 68, 69]"))
+    );
+}
