@@ -497,7 +497,7 @@ fn a_failing_renewal_is_no_resources_and_a_lease_revoked_meanwhile_is_unknown() 
     let expiry = |gw: &mut Gateway, host: &mut Host| gw.list(host).leases[0].expires_ms;
     let opened = expiry(&mut gw, &mut host);
     let (shorter, longer) = (opened - 540_000, opened + 3_000_000);
-    let mut failing = |gw: &mut Gateway, host: &mut Host, id, lifetime, failing: Failing| {
+    let failing = |gw: &mut Gateway, host: &mut Host, id, lifetime, failing: Failing| {
         denied(
             gw.exchange_failing(host, &renew(id, lifetime), Some(failing))
                 .answer,

@@ -62,6 +62,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 
+mod alerts;
 mod keys_on_demand;
 
 /// The QUIC idle timeout of FWNP/1 (both sides).
@@ -247,7 +248,7 @@ pub fn server_config(
     if options.enforce_crl_expiry {
         verifier = verifier.enforce_revocation_expiration();
     }
-    let verifier = verifier.build()?;
+    let verifier = Arc::new(alerts::BadCertificateAlerts(verifier.build()?));
 
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

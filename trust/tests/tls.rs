@@ -865,6 +865,101 @@ async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_c
     assert_eq!(identity.expect("identity").identity, "fwnp://host/plain");
 }
 
+/// A client that presents its certificate without the checks rustls makes of its own (which
+/// refuse one with an unknown critical extension before any handshake), as a client of another
+/// implementation may.
+fn unchecked_client_config(files: &ClientTlsFiles) -> quinn::ClientConfig {
+    #[derive(Debug)]
+    struct Present(Arc<rustls::sign::CertifiedKey>);
+    impl rustls::client::ResolvesClientCert for Present {
+        fn resolve(
+            &self,
+            _: &[&[u8]],
+            _: &[rustls::SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+    let provider = tls::crypto_provider();
+    let chain = tls::load_certificates(&files.cert).expect("certificate");
+    let key = tls::load_private_key(&files.key).expect("key");
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .expect("signing key");
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in tls::load_ca_certificates(&files.ca).expect("ca") {
+        roots.add(ca).expect("root");
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::new(Present(Arc::new(
+            rustls::sign::CertifiedKey::new(chain, key),
+        ))));
+    config.alpn_protocols = vec![fwnp_proto::ALPN.to_vec()];
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(config).expect("QUIC client config"),
+    ))
+}
+
+/// Certificates webpki refuses for causes rustls has no alert of its own for are refused with
+/// `bad_certificate` (spec 3.2, "anything else"), not rustls's `certificate_unknown`: an
+/// extension marked critical that nobody knows, and the CA's own certificate presented as a
+/// host's.
+#[tokio::test]
+async fn certificates_refused_for_other_causes_are_refused_with_bad_certificate() {
+    let ca = TestCa::new("critical");
+    let server = server(&ca.server_files());
+    let ca_pem = std::fs::read_to_string(ca.file("ca.pem")).expect("read ca");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.file("ca.key")).expect("read key"))
+            .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::default();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "fwnp://host/odd".try_into().expect("uri"),
+    )];
+    // A private-use OID, critical, holding an empty SEQUENCE.
+    let mut extension =
+        rcgen::CustomExtension::from_oid_content(&[1, 3, 6, 1, 4, 1, 99999, 1], vec![0x30, 0x00]);
+    extension.set_criticality(true);
+    params.custom_extensions = vec![extension];
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("sign");
+    std::fs::write(ca.file("odd.pem"), certificate.pem()).expect("write cert");
+    std::fs::write(ca.file("odd.key"), key.serialize_pem()).expect("write key");
+    let outcome = attempt(
+        &server,
+        unchecked_client_config(&ca.client_files("odd")),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(
+        outcome,
+        AlertDescription::BadCertificate,
+        "UnhandledCriticalExtension",
+    )
+    .await;
+
+    let the_ca = ClientTlsFiles {
+        cert: ca.file("ca.pem"),
+        key: ca.file("ca.key"),
+        ca: ca.file("ca.pem"),
+    };
+    let outcome = attempt(&server, client_config(&the_ca), GATEWAY_NAME).await;
+    assert_refused(
+        outcome,
+        AlertDescription::BadCertificate,
+        "invalid peer certificate",
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_host_refuses_a_gateway_under_another_name() {
     let ca = TestCa::new("name");
