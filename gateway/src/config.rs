@@ -182,7 +182,7 @@ pub struct LimitsConfig {
     pub max_connections_per_identity: u32,
     /// Concurrent request streams per connection.
     pub max_streams: u32,
-    /// How long a request stream may take to arrive whole.
+    /// How long a request stream may take to arrive whole (at least the protocol's 10 s).
     pub request_timeout: Duration,
     /// Handshakes one source address may start per second, sustained (`refuse`d beyond).
     pub handshakes_per_source_per_second: u32,
@@ -712,6 +712,9 @@ fn default_max_connections() -> u32 {
 fn default_max_streams() -> u32 {
     16
 }
+/// The shortest time a request may be given to arrive whole: the protocol's (spec Section 5.2).
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn default_request_timeout() -> Spanned<String> {
     Spanned::new(0..0, "10s".to_owned())
 }
@@ -827,6 +830,17 @@ impl GatewayConfig {
 
         let request_timeout = parse_duration(raw.limits.request_timeout.get_ref())
             .map_err(|reason| at(raw.limits.request_timeout.span(), reason))?;
+        // Spec 5.2 gives a request 10 s; shorter, a Hello not yet whole would be reset by its
+        // stream's timer before the Hello timer closes the connection, as the spec says it must.
+        if request_timeout < MIN_REQUEST_TIMEOUT {
+            return Err(at(
+                raw.limits.request_timeout.span(),
+                format!(
+                    "request_timeout = {:?}: at least 10s (spec Section 5.2)",
+                    raw.limits.request_timeout.get_ref()
+                ),
+            ));
+        }
         if raw.limits.max_streams == 0 || raw.limits.max_connections_per_identity == 0 {
             return Err(at(0..0, "[limits] values must be at least 1".to_owned()));
         }
@@ -1003,6 +1017,7 @@ protected = ["10.1.0.0/16", "2001:db8:1::/48"]
             ("1h 30m", "unexpected ' '"),
             ("2min", "unknown unit \"min\""),
             ("1.5s", "unexpected '.'"),
+            ("9s", "at least 10s"),
         ] {
             let (line, got) = error_of(&format!(
                 "{GOOD}\n[limits]\nrequest_timeout = \"{value}\"\n"
