@@ -363,6 +363,24 @@ fn a_certificate_naming_no_identity_gets_not_authorized() {
     assert_eq!(d.code, ResultCode::NotAuthorized);
     assert_eq!(d.common.request_id, Some(3));
     assert!(d.reason.is_some_and(|r| r.contains("no URI or DNS SAN")));
+
+    // Every request, even one that does not decode (spec 4.1; 11.3 step 3): who asks comes
+    // before what is asked.
+    let mut undecodable = codec::encode(&open_msg(Some(4), tcp(7001), None));
+    undecodable.push(0xff);
+    for bytes in [undecodable, vec![0xa1, 0x00]] {
+        let Step::Answer(answer) = gw.core.handle(
+            START_MS,
+            ConnectionState::default(),
+            &peer,
+            &bytes,
+            &gw.policy,
+            &mut gw.rng,
+        ) else {
+            panic!("refused at once");
+        };
+        assert_eq!(denied(answer.message).code, ResultCode::NotAuthorized);
+    }
 }
 
 #[test]

@@ -923,15 +923,12 @@ impl RequestCore {
         decide: &dyn Decide,
     ) -> Prepared {
         let answered = |answer: Answer| Prepared(Ready::Answered(Box::new(answer)));
-        let msg = match codec::decode(bytes) {
-            Ok(msg) => msg,
-            Err(e) => return answered(refuse_undecodable(now_ms, peer, bytes, &e)),
-        };
-        let request_id = msg.common().request_id;
+        // Who asks before what is asked (spec 4.1 and 11.3 step 3): a connection whose
+        // certificate names no identity is answered not-authorized, whatever its bytes.
         let Some(identity) = peer.identity else {
             return answered(Answer::new(
                 Message::Denied(denied(
-                    request_id,
+                    codec::peek_request_id(bytes),
                     ResultCode::NotAuthorized,
                     format!(
                         "the certificate names no host identity: {}",
@@ -940,6 +937,10 @@ impl RequestCore {
                 )),
                 ResultCode::NotAuthorized.name(),
             ));
+        };
+        let msg = match codec::decode(bytes) {
+            Ok(msg) => msg,
+            Err(e) => return answered(refuse_undecodable(now_ms, peer, bytes, &e)),
         };
         let refused = |code: ResultCode, reason: String| {
             answered(refuse(now_ms, identity, peer, &msg, code, reason, None))
