@@ -124,6 +124,11 @@ impl Service {
     /// record says so, and the hosts connected with NOTICES are sent EpochChanged.
     async fn replace_state(&self, epoch: Epoch, why: &str, live: &[LeaseRecord], revision: i64) {
         let held = self.epoch();
+        // The epoch first, as spec 12.1 orders it: a Granted, Leases or Welcome sent while the
+        // leases are replaced already tells the state's new epoch, not the one it lost.
+        lock(&self.core).set_epoch(epoch);
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
         let absent = self.absent_from(live);
         // Lost with the state, not ended: no notice, no record of an end.
         for id in &absent {
@@ -135,9 +140,6 @@ impl Service {
                 changed += 1;
             }
         }
-        lock(&self.core).set_epoch(epoch);
-        self.epoch
-            .store(epoch, std::sync::atomic::Ordering::Release);
         self.metrics.epoch_changes.inc();
         warn!(
             previous = format_args!("{held:016x}"),
