@@ -28,6 +28,11 @@ pub const FIRST_EXTENSION_KEY: u64 = 64;
 /// host may serve on, with room for hosts that hold several of each.
 pub const MAX_HOST_ADDRESSES: usize = 16;
 
+/// The most allowed addresses a host's certificate may name (spec Section 4.2): Welcome key 9
+/// lists them all, and an answer must fit in [`MAX_MESSAGE_SIZE`] (256 IPv6 addresses take
+/// some 4.6 KB). A certificate naming more names no usable identity.
+pub const MAX_ALLOWED_ADDRESSES: usize = 256;
+
 /// A lease's identifier: 128 opaque bits chosen by the gateway.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LeaseId(pub [u8; 16]);

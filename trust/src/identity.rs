@@ -54,6 +54,14 @@ pub enum IdentityError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// More distinct IP address SANs than a Welcome may list ([`fwnp_proto::MAX_ALLOWED_ADDRESSES`]).
+    #[error("the peer certificate names {count} IP addresses, more than the {max} a host may hold")]
+    TooManyAddresses {
+        /// The distinct addresses counted, up to one past the most allowed.
+        count: usize,
+        /// The most allowed.
+        max: usize,
+    },
     /// An IP address SAN whose length is neither 4 nor 16 bytes.
     #[error("the peer certificate has an IP address SAN of {0} bytes (expected 4 or 16)")]
     BadIpAddressSan(usize),
@@ -207,6 +215,14 @@ impl PeerIdentity {
                 let address = ip_from_san(bytes)?;
                 if !ip_sans.contains(&address) {
                     ip_sans.push(address);
+                }
+                // Refused before the next one is compared with every one kept: the count
+                // stays small whatever the certificate holds.
+                if ip_sans.len() > fwnp_proto::MAX_ALLOWED_ADDRESSES {
+                    return Err(IdentityError::TooManyAddresses {
+                        count: ip_sans.len(),
+                        max: fwnp_proto::MAX_ALLOWED_ADDRESSES,
+                    });
                 }
             }
         }
@@ -492,6 +508,44 @@ mod tests {
         let both = revoked_certificates(&[crl_listing(&theirs, &serial), crl_listing(&ours, &[1])])
             .expect("crls");
         assert!(!both.lists(&peer.certificate));
+    }
+
+    /// Welcome lists the host's addresses, and must fit in an answer: a certificate naming more
+    /// than 256 distinct addresses names no usable identity (spec 4.2). Repeats count once.
+    #[test]
+    fn a_certificate_naming_more_addresses_than_a_welcome_lists_names_no_identity() {
+        let ca = test_ca("FWNP test CA");
+        let with_addresses = |count: u16, repeat: bool| {
+            let mut params = rcgen::CertificateParams::default();
+            params.subject_alt_names =
+                vec![rcgen::SanType::URI("fwnp://host/many".try_into().unwrap())];
+            for i in 0..count {
+                let address = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i));
+                params
+                    .subject_alt_names
+                    .push(rcgen::SanType::IpAddress(address));
+                if repeat {
+                    params
+                        .subject_alt_names
+                        .push(rcgen::SanType::IpAddress(address));
+                }
+            }
+            let key = rcgen::KeyPair::generate().expect("key");
+            let certificate = params.signed_by(&key, &ca).expect("sign");
+            PeerIdentity::from_certificate(certificate.der())
+        };
+        let most = fwnp_proto::MAX_ALLOWED_ADDRESSES as u16;
+        assert_eq!(
+            with_addresses(most, true).expect("identity").ip_sans.len(),
+            256
+        );
+        assert!(matches!(
+            with_addresses(most + 1, false),
+            Err(IdentityError::TooManyAddresses {
+                count: 257,
+                max: 256
+            })
+        ));
     }
 
     #[test]
