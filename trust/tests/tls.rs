@@ -230,6 +230,7 @@ fn expected_refusal(alert: AlertDescription) -> HandshakeRefusal {
         AlertDescription::CertificateRevoked => HandshakeRefusal::Revoked,
         AlertDescription::UnsupportedCertificate => HandshakeRefusal::WrongKeyUsage,
         AlertDescription::BadCertificate => HandshakeRefusal::BadCertificate,
+        AlertDescription::DecryptError => HandshakeRefusal::BadSignature,
         AlertDescription::NoApplicationProtocol => HandshakeRefusal::NoApplicationProtocol,
         other => panic!("no expectation written for {other:?}"),
     }
@@ -667,6 +668,53 @@ async fn refused_with_an_expired_certificate() {
     .await;
 }
 
+/// Not yet valid is outside the validity period too: `certificate_expired` (spec 3.2).
+#[tokio::test]
+async fn refused_with_a_certificate_not_yet_valid() {
+    let ca = TestCa::new("early");
+    let day = Duration::from_secs(24 * 3600);
+    let now = SystemTime::now();
+    let validity = Validity {
+        not_before: now + day,
+        not_after: now + 3 * day,
+    };
+    pki::issue_host(ca.path(), "early-host", &[], &[], &[], validity).expect("issue");
+    let server = server(&ca.server_files());
+    let outcome = attempt(
+        &server,
+        client_config(&ca.client_files("early-host")),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(
+        outcome,
+        AlertDescription::CertificateExpired,
+        "not valid yet",
+    )
+    .await;
+}
+
+/// A certificate of the deployment's CA whose signature does not verify (one bit of it
+/// flipped): `decrypt_error` (spec 3.2).
+#[tokio::test]
+async fn refused_with_a_certificate_whose_signature_does_not_verify() {
+    let ca = ca_with_web_01("forged");
+    let server = server(&ca.server_files());
+    let files = ca.client_files("web-01");
+    let mut der = tls::load_certificates(&files.cert).expect("certificate")[0].to_vec();
+    // The signature is the certificate's last field: its last byte is the signature's.
+    let last = der.len() - 1;
+    der[last] ^= 0x01;
+    let key = tls::load_private_key(&files.key).expect("key");
+    let outcome = attempt(
+        &server,
+        unchecked_client(vec![der.into()], key, &files.ca),
+        GATEWAY_NAME,
+    )
+    .await;
+    assert_refused(outcome, AlertDescription::DecryptError, "BadSignature").await;
+}
+
 #[tokio::test]
 async fn refused_once_revoked_and_the_crl_reloads_without_restart() {
     let ca = TestCa::new("revoked");
@@ -869,6 +917,17 @@ async fn an_extended_key_usage_without_client_auth_is_refused_with_unsupported_c
 /// refuse one with an unknown critical extension before any handshake), as a client of another
 /// implementation may.
 fn unchecked_client_config(files: &ClientTlsFiles) -> quinn::ClientConfig {
+    let chain = tls::load_certificates(&files.cert).expect("certificate");
+    let key = tls::load_private_key(&files.key).expect("key");
+    unchecked_client(chain, key, &files.ca)
+}
+
+/// [`unchecked_client_config`] for a chain and key in memory.
+fn unchecked_client(
+    chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    ca: &Path,
+) -> quinn::ClientConfig {
     #[derive(Debug)]
     struct Present(Arc<rustls::sign::CertifiedKey>);
     impl rustls::client::ResolvesClientCert for Present {
@@ -884,14 +943,12 @@ fn unchecked_client_config(files: &ClientTlsFiles) -> quinn::ClientConfig {
         }
     }
     let provider = tls::crypto_provider();
-    let chain = tls::load_certificates(&files.cert).expect("certificate");
-    let key = tls::load_private_key(&files.key).expect("key");
     let key = provider
         .key_provider
         .load_private_key(key)
         .expect("signing key");
     let mut roots = rustls::RootCertStore::empty();
-    for ca in tls::load_ca_certificates(&files.ca).expect("ca") {
+    for ca in tls::load_ca_certificates(ca).expect("ca") {
         roots.add(ca).expect("root");
     }
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
