@@ -235,6 +235,10 @@ async fn handle_stream(
     let encoded = fwnp_proto::codec::encode(&answer);
     if send.write_all(&encoded).await.is_ok() {
         let _ = send.finish();
+        // Only now may the host's other requests be served and notices be sent (spec 5.2, 5.3).
+        if matches!(answer, Message::Welcome(_)) && session.welcome_written() {
+            info!(session = session.id, identity = session.identity(), "hello");
+        }
     }
     if close_after {
         // Let the answer leave before the connection closes.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,6 +45,9 @@ pub trait HostLink: Send + Sync + std::fmt::Debug {
     fn close(&self, reason: QuicErrorCode, text: &str);
 }
 
+/// [`Session`]'s `welcome_answered` when no Welcome waits to be written.
+const NO_WELCOME: u8 = u8::MAX;
+
 /// One authenticated connection, as the service sees it.
 #[derive(Debug)]
 pub struct Session {
@@ -57,11 +60,14 @@ pub struct Session {
     pub identity_error: Option<String>,
     /// The source address of the connection.
     pub remote: SocketAddr,
-    /// Whether Hello was answered with Welcome on this connection.
+    /// Whether Hello was answered with Welcome on this connection, and the Welcome written.
     pub welcomed: AtomicBool,
     /// Whether the client's Hello set the NOTICES capability: only then may notices be sent
     /// (spec section 5.3), and never before Welcome.
     pub notices: AtomicBool,
+    /// A Welcome decided but not yet written ([`Session::answered_welcome`]): `NO_WELCOME`, or
+    /// whether its Hello set NOTICES.
+    welcome_answered: AtomicU8,
     /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
     /// connection is about to be closed, and no further request on it is served.
     pub credential_revoked: AtomicBool,
@@ -95,10 +101,32 @@ impl Session {
             remote,
             welcomed: AtomicBool::new(false),
             notices: AtomicBool::new(false),
+            welcome_answered: AtomicU8::new(NO_WELCOME),
             credential_revoked: AtomicBool::new(false),
             rate_limited: AtomicBool::new(false),
             link,
         }
+    }
+
+    /// Records that the connection's Hello is answered with Welcome, its client asking for
+    /// notices or not. Nothing changes until that Welcome is written
+    /// ([`Session::welcome_written`]): a notice or a request served before would come before
+    /// the Welcome (spec 5.2 and 5.3).
+    pub fn answered_welcome(&self, notices: bool) {
+        self.welcome_answered
+            .store(u8::from(notices), Ordering::Release);
+    }
+
+    /// The Welcome answered is written: the connection is welcomed from now on, and takes
+    /// notices if its Hello asked for them. Says whether a Welcome was waiting.
+    pub fn welcome_written(&self) -> bool {
+        let answered = self.welcome_answered.swap(NO_WELCOME, Ordering::AcqRel);
+        if answered == NO_WELCOME {
+            return false;
+        }
+        self.notices.store(answered == 1, Ordering::Release);
+        self.welcomed.store(true, Ordering::Release);
+        true
     }
 
     /// The identity, or a placeholder for audit when the certificate named none.
@@ -205,5 +233,52 @@ impl Sessions {
                 map.remove(&key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A link that counts the notices it is given.
+    #[derive(Debug, Default)]
+    struct Counting(Arc<AtomicUsize>);
+
+    impl HostLink for Counting {
+        fn send_notice(&self, _: Vec<u8>, _: Option<Duration>) -> NoticeFuture<'_> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Box::pin(async { Ok(()) })
+        }
+
+        fn close(&self, _: QuicErrorCode, _: &str) {}
+    }
+
+    /// A Welcome decided is not yet in force: until it is written, the connection is not
+    /// welcomed and takes no notice (spec 5.2 and 5.3), whatever its Hello asked.
+    #[tokio::test]
+    async fn a_welcome_is_in_force_once_it_is_written() {
+        let sent = Arc::new(AtomicUsize::new(0));
+        let session = Session::new(
+            1,
+            None,
+            None,
+            "192.0.2.10:4433".parse().unwrap(),
+            Box::new(Counting(sent.clone())),
+        );
+        let notice = Message::EpochChanged(fwnp_proto::EpochChanged {
+            common: fwnp_proto::Common::default(),
+            epoch: 7,
+        });
+        assert!(!session.welcome_written(), "no Welcome was answered");
+        session.answered_welcome(true);
+        session.notify(&notice).await;
+        assert_eq!(sent.load(Ordering::Relaxed), 0);
+        assert!(!session.welcomed.load(Ordering::Acquire));
+        assert!(session.welcome_written());
+        assert!(session.welcomed.load(Ordering::Acquire));
+        session.notify(&notice).await;
+        assert_eq!(sent.load(Ordering::Relaxed), 1);
+        assert!(!session.welcome_written(), "written once");
     }
 }

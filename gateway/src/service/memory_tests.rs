@@ -170,6 +170,8 @@ fn a_grant_costs_a_bounded_number_of_allocations() {
             service.handle(&session, &hello).await,
             Message::Welcome(_)
         ));
+        // As the transport does once it has written the Welcome.
+        assert!(session.welcome_written());
         let opens: Vec<Vec<u8>> = (0..2 * GRANTS)
             .map(|i| {
                 codec::encode(&Message::Open(Open {

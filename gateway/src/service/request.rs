@@ -531,14 +531,9 @@ impl Service {
         for effect in effects {
             match effect {
                 Effect::Welcomed { notices } => {
+                    // In force once the transport has written the Welcome.
                     if let Some(session) = session {
-                        session
-                            .notices
-                            .store(*notices, std::sync::atomic::Ordering::Release);
-                        session
-                            .welcomed
-                            .store(true, std::sync::atomic::Ordering::Release);
-                        info!(session = session.id, identity = session.identity(), "hello");
+                        session.answered_welcome(*notices);
                     }
                 }
                 Effect::Hold {
