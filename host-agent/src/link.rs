@@ -79,6 +79,11 @@ pub enum ExchangeError {
     /// The answer did not decode.
     #[error("undecodable answer: {0}")]
     Decode(#[from] fwnp_proto::codec::DecodeError),
+    /// The answer decoded, but carries a grant the rules of spec 9.4 refuse (a port 0, a
+    /// reversed range, a prefix with host bits set, an IPv4-mapped address): treated as one
+    /// that did not decode, so that nothing of it reaches the host's filter.
+    #[error("invalid answer: {0}")]
+    Invalid(#[from] fwnp_proto::validate::ValidationError),
 }
 
 /// Sends `request` on a new bidirectional stream and reads the answer.
@@ -100,7 +105,9 @@ pub async fn exchange(
             .read_to_end(MAX_MESSAGE_SIZE)
             .await
             .map_err(|e| ExchangeError::Stream(e.to_string()))?;
-        Ok(fwnp_proto::codec::decode(&answer)?)
+        let answer = fwnp_proto::codec::decode(&answer)?;
+        fwnp_proto::validate::validate_message(&answer)?;
+        Ok(answer)
     };
     tokio::time::timeout(EXCHANGE_TIMEOUT, work)
         .await

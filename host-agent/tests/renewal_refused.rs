@@ -3,6 +3,8 @@
 //! revokes a lease it will not renew. Other gateways may, so the agent is driven here by a
 //! scripted gateway: a real QUIC endpoint with the gateway's TLS configuration and certificates,
 //! which grants Opens and refuses every Renew with not-authorized. No root needed (mirror off).
+//! The same gateway, made to grant a reversed port range first, shows that the agent refuses an
+//! invalid grant (spec 9.4).
 
 mod common;
 
@@ -27,6 +29,9 @@ const RENEW_AFTER_SECS: u32 = 1;
 #[derive(Debug, Default)]
 struct Seen {
     renews: u32,
+    opens: u32,
+    /// Opens still to be granted an invalid grant (a reversed port range).
+    invalid_grants: u32,
     /// Requests that did not decode, or that the script does not expect.
     unexpected: Vec<String>,
     granted: HashMap<LeaseId, (Grant, u64)>,
@@ -79,6 +84,16 @@ fn answer(request: &Message, remote: IpAddr, seen: &Mutex<Seen>) -> Message {
                     lease: None,
                     unsupported: Vec::new(),
                 });
+            };
+            seen.opens += 1;
+            let ports = if seen.invalid_grants > 0 {
+                seen.invalid_grants -= 1;
+                PortRange {
+                    first: ports.first,
+                    last: ports.first - 1,
+                }
+            } else {
+                ports
             };
             let grant = Grant {
                 protocol,
@@ -286,6 +301,72 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
         seen.renews, 1,
         "a renewal refused for good is not asked again"
     );
+    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    drop(listener);
+}
+
+/// A Granted whose grant breaks the rules of spec 9.4 (here a reversed port range) is treated
+/// as an answer that did not decode: the application is not told of it and nothing is
+/// mirrored; the agent asks again, and the valid grant that follows is the one it gets.
+#[test]
+fn an_invalid_grant_is_refused_and_the_open_asked_again() {
+    let pki = Pki::with_gateway_ips("invalid-grant", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    pki.host("web-01", &[], &[], &[]);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seen = Arc::new(Mutex::new(Seen {
+        invalid_grants: 1,
+        ..Seen::default()
+    }));
+    let gateway = {
+        let endpoint = gateway_endpoint(&pki, &runtime);
+        let address = endpoint.local_addr().expect("address");
+        runtime.spawn(scripted_gateway(endpoint, seen.clone()));
+        address
+    };
+    let dir = temp_dir("invalid-grant");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        agent_config(
+            &pki,
+            "web-01",
+            dir.path(),
+            &gateway.to_string(),
+            "off",
+            &my_uid().to_string(),
+            "1s",
+        ),
+    )
+    .expect("write config");
+    let socket = dir.path().join("agent.sock");
+    let mut agent = ProcessGuard(Some(
+        agent_command(&config).spawn().expect("start fwnp-agent"),
+    ));
+    wait_for_socket(&mut agent, &socket);
+    let mut status = LocalClient::connect(&socket);
+    let deadline = Instant::now() + STEP;
+    while !status.status().connected {
+        assert!(Instant::now() < deadline, "the agent did not connect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut client = LocalClient::connect(&socket);
+    let granted = match client.open(Protocol::Tcp, port, None, STEP) {
+        LocalMessage::Wire(Message::Granted(granted)) => granted,
+        other => panic!("Open answered with {other:?}"),
+    };
+    assert_eq!(
+        granted.grants[0].ports,
+        PortRange::single(port),
+        "{granted:?}"
+    );
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(seen.opens, 2, "the invalid grant was taken as no answer");
     assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
     drop(listener);
 }
