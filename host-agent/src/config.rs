@@ -162,6 +162,60 @@ pub struct LocalConfig {
     pub max_watches: usize,
     /// A connection that holds no lease and sends nothing for this long is closed.
     pub idle_timeout: Duration,
+    /// What of the application the agent tells the gateway with each Open, where it is
+    /// audited (spec Section 10: the operator may turn each field off).
+    pub app_info: AppInfoFields,
+}
+
+/// The fields of an Open's application information the agent sends (`app_info` in `[local]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppInfoFields {
+    /// The application's name (its own label, or else its command line).
+    pub name: bool,
+    /// The path of its executable.
+    pub executable: bool,
+    /// The user id it runs as.
+    pub uid: bool,
+    /// Its process id.
+    pub pid: bool,
+}
+
+impl Default for AppInfoFields {
+    fn default() -> Self {
+        AppInfoFields {
+            name: true,
+            executable: true,
+            uid: true,
+            pid: true,
+        }
+    }
+}
+
+impl AppInfoFields {
+    /// The field names `app_info` takes, in the order of the protocol's keys.
+    pub const NAMES: [&'static str; 4] = ["name", "executable", "uid", "pid"];
+
+    /// `app` with the fields turned off left out; `None` when nothing is left to send.
+    ///
+    /// ```
+    /// use fwnp_agent::config::AppInfoFields;
+    /// use fwnp_proto::AppInfo;
+    ///
+    /// let app = AppInfo { name: Some("web".into()), executable: None, uid: Some(1000), pid: Some(42) };
+    /// let only_name = AppInfoFields { name: true, executable: false, uid: false, pid: false };
+    /// assert_eq!(only_name.keep(app.clone()), Some(AppInfo { name: Some("web".into()), ..AppInfo::default() }));
+    /// let nothing = AppInfoFields { name: false, ..only_name };
+    /// assert_eq!(nothing.keep(app), None);
+    /// ```
+    pub fn keep(&self, app: fwnp_proto::AppInfo) -> Option<fwnp_proto::AppInfo> {
+        let kept = fwnp_proto::AppInfo {
+            name: app.name.filter(|_| self.name),
+            executable: app.executable.filter(|_| self.executable),
+            uid: app.uid.filter(|_| self.uid),
+            pid: app.pid.filter(|_| self.pid),
+        };
+        (kept != fwnp_proto::AppInfo::default()).then_some(kept)
+    }
 }
 
 /// Default of `max_connections`: well below the descriptor limit the unit sets.
@@ -273,6 +327,7 @@ struct RawLocal {
     max_watches: Option<Spanned<i64>>,
     #[serde(default = "default_idle_timeout")]
     idle_timeout: Spanned<String>,
+    app_info: Option<Vec<Spanned<String>>>,
 }
 
 impl Default for RawLocal {
@@ -291,6 +346,7 @@ impl Default for RawLocal {
             max_leases_per_connection: None,
             max_watches: None,
             idle_timeout: default_idle_timeout(),
+            app_info: None,
         }
     }
 }
@@ -434,6 +490,36 @@ impl AgentConfig {
                 ),
             ));
         }
+        let app_info = match &raw.local.app_info {
+            None => AppInfoFields::default(),
+            Some(names) => {
+                let mut fields = AppInfoFields {
+                    name: false,
+                    executable: false,
+                    uid: false,
+                    pid: false,
+                };
+                for name in names {
+                    let field = match name.get_ref().as_str() {
+                        "name" => &mut fields.name,
+                        "executable" => &mut fields.executable,
+                        "uid" => &mut fields.uid,
+                        "pid" => &mut fields.pid,
+                        other => {
+                            return Err(at(
+                                name.span(),
+                                format!(
+                                    "app_info: unknown field {other:?} (expected some of {})",
+                                    AppInfoFields::NAMES.join(", ")
+                                ),
+                            ));
+                        }
+                    };
+                    *field = true;
+                }
+                fields
+            }
+        };
         let idle_timeout = bounded(&raw.local.idle_timeout, "idle_timeout", MAX_IDLE_TIMEOUT)?;
         if idle_timeout < MIN_IDLE_TIMEOUT {
             return Err(at(
@@ -589,6 +675,7 @@ impl AgentConfig {
                 max_leases_per_connection,
                 max_watches,
                 idle_timeout,
+                app_info,
             },
             mirror: MirrorConfig {
                 mode,
@@ -827,6 +914,43 @@ ca = "/etc/fwnp/pki/ca.pem"
         assert_eq!(config.mirror.mode, MirrorMode::Enforce);
         assert_eq!(config.mirror.table, "fwnp_host");
         assert!(config.local.allowed_uids.is_empty());
+        assert_eq!(config.local.app_info, AppInfoFields::default());
+    }
+
+    /// Each field of the application information can be turned off (spec Section 10).
+    #[test]
+    fn app_info_lists_the_fields_sent() {
+        let config = AgentConfig::parse(
+            &format!("{GOOD}\n[local]\napp_info = [\"name\", \"uid\"]\n"),
+            "agent.toml",
+        )
+        .expect("valid");
+        let expected = AppInfoFields {
+            name: true,
+            executable: false,
+            uid: true,
+            pid: false,
+        };
+        assert_eq!(config.local.app_info, expected);
+        let none = AgentConfig::parse(&format!("{GOOD}\n[local]\napp_info = []\n"), "agent.toml")
+            .expect("valid");
+        assert_eq!(
+            none.local.app_info.keep(fwnp_proto::AppInfo {
+                name: Some("web".into()),
+                executable: Some("/usr/bin/web".into()),
+                uid: Some(1000),
+                pid: Some(7),
+            }),
+            None
+        );
+        let (line, reason) = error_of(&format!(
+            "{GOOD}\n[local]\napp_info = [\"name\", \"cmdline\"]\n"
+        ));
+        assert_eq!(line, 11);
+        assert!(
+            reason.contains("\"cmdline\"") && reason.contains("executable"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -1613,7 +1613,8 @@ impl AgentMachine {
         if label.is_some() {
             app.name = label;
         }
-        open.app = Some(app);
+        // Only what the operator lets the agent tell (spec Section 10).
+        open.app = self.config.local.app_info.keep(app);
         if !self.config.local.verify_port_owner {
             self.start_open(conn, open, None, now);
             return;
