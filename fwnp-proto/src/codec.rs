@@ -324,8 +324,65 @@ impl DecodeError {
     }
 }
 
+/// Shortens a Denied's list of unsupported critical keys (key 7) and its reason (key 4) so that
+/// the answer, whose encoded size `encoded_len` gives for a list and a reason, fits in
+/// [`MAX_MESSAGE_SIZE`] (spec Section 5.4): a request of that size may list some 5,000
+/// critical keys that are not understood, and the answer lists them again beside its reason.
+/// When they do not fit, the reason only counts them and the list keeps the smallest (it is in
+/// ascending order), as many as fit: at least one, since a key takes at most 9 bytes.
+///
+/// ```
+/// use fwnp_proto::codec::fit_unsupported;
+///
+/// let mut keys: Vec<u64> = (1000..7000).collect();
+/// let mut reason = Some("unsupported critical keys [...]".to_owned());
+/// // An answer of 20 bytes, a byte per reason byte and three per key.
+/// let size = |keys: &[u64], reason: Option<&str>| 20 + reason.map_or(0, str::len) + 3 * keys.len();
+/// fit_unsupported(&mut keys, &mut reason, size);
+/// assert!(size(&keys, reason.as_deref()) <= fwnp_proto::MAX_MESSAGE_SIZE);
+/// assert_eq!(keys[..2], [1000, 1001]);
+/// assert_eq!(reason.as_deref(), Some("6000 unsupported critical keys; the smallest that fit in an answer are listed"));
+/// ```
+pub fn fit_unsupported(
+    unsupported: &mut Vec<u64>,
+    reason: &mut Option<String>,
+    mut encoded_len: impl FnMut(&[u64], Option<&str>) -> usize,
+) {
+    if encoded_len(unsupported, reason.as_deref()) <= MAX_MESSAGE_SIZE {
+        return;
+    }
+    *reason = Some(format!(
+        "{} unsupported critical keys; the smallest that fit in an answer are listed",
+        unsupported.len()
+    ));
+    // Each round drops, from the largest keys, at least as many bytes as the answer is over
+    // (a key's encoding and, once, the array header's shrinking aside): one round or two.
+    for _ in 0..4 {
+        let len = encoded_len(unsupported, reason.as_deref());
+        if len <= MAX_MESSAGE_SIZE {
+            return;
+        }
+        let mut over = len - MAX_MESSAGE_SIZE;
+        while over > 0 && unsupported.len() > 1 {
+            let key = unsupported.pop().unwrap_or_default();
+            over = over.saturating_sub(encoded_uint_len(key));
+        }
+    }
+}
+
+/// The bytes CBOR takes for the unsigned integer `value` (RFC 8949 section 3).
+fn encoded_uint_len(value: u64) -> usize {
+    match value {
+        0..=23 => 1,
+        24..=0xff => 2,
+        0x100..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
 /// A reason text cut to the 512 bytes the schema allows, on a character boundary.
-pub(crate) fn reason_text(text: &str) -> String {
+pub fn reason_text(text: &str) -> String {
     const MAX: usize = MAX_REASON_LEN;
     if text.len() <= MAX {
         return text.to_owned();

@@ -496,13 +496,15 @@ async fn connection(
             Err(e) => match fwnp_proto::codec::peek_request_id(&body) {
                 Some(request_id) => {
                     debug!(conn, request_id, "undecodable request: {e}");
-                    let denied = LocalMessage::Denied(LocalDenied {
+                    let mut denied = LocalDenied {
                         common: Common {
                             request_id: Some(request_id),
                             critical: Vec::new(),
                         },
                         code: DenialCode::Wire(e.result_code()),
-                        reason: Some(e.to_string()),
+                        // The schema's 512 bytes at most, and the whole frame within its
+                        // limit however many critical keys the request listed.
+                        reason: Some(fwnp_proto::codec::reason_text(&e.to_string())),
                         retry_after: None,
                         lease: None,
                         unsupported: match &e {
@@ -514,8 +516,19 @@ async fn connection(
                             }
                             _ => Vec::new(),
                         },
-                    });
-                    out.send(encode_frame(&denied));
+                    };
+                    let mut trial = denied.clone();
+                    fwnp_proto::codec::fit_unsupported(
+                        &mut denied.unsupported,
+                        &mut denied.reason,
+                        |keys, reason| {
+                            trial.unsupported = keys.to_vec();
+                            trial.reason = reason.map(str::to_owned);
+                            fwnp_proto::local::encode_body(&LocalMessage::Denied(trial.clone()))
+                                .len()
+                        },
+                    );
+                    out.send(encode_frame(&LocalMessage::Denied(denied)));
                 }
                 None => {
                     debug!(

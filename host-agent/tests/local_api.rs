@@ -260,6 +260,43 @@ fn malformed_frames_are_answered_or_close_the_connection() {
     assert_eq!(code, DenialCode::Wire(ResultCode::MalformedRequest));
     assert!(!client.status().connected);
 
+    // A request of the largest size listing some 5,000 unknown critical keys: its Denied
+    // still fits in a frame (local API 3), listing the smallest keys, with a reason within
+    // the schema's 512 bytes.
+    let request = |last: u64| {
+        let critical = (256..last)
+            .map(|k| ciborium::Value::Integer(k.into()))
+            .collect();
+        let map = ciborium::Value::Map(vec![
+            (0.into(), 6.into()),
+            (1.into(), 9.into()),
+            (2.into(), ciborium::Value::Array(critical)),
+        ]);
+        let mut body = Vec::new();
+        ciborium::into_writer(&map, &mut body).expect("encode");
+        body
+    };
+    let mut last = 5_256;
+    while request(last + 1).len() <= fwnp_proto::MAX_MESSAGE_SIZE {
+        last += 1;
+    }
+    let body = request(last);
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    client.stream.write_all(&frame).expect("write");
+    let LocalMessage::Denied(denied) = client.answer(9, STEP) else {
+        panic!("not a Denied");
+    };
+    assert_eq!(denied.code, DenialCode::Wire(ResultCode::UnsupportedOption));
+    assert!(
+        denied.unsupported.len() > 4_000,
+        "{}",
+        denied.unsupported.len()
+    );
+    assert_eq!(denied.unsupported[0], 256);
+    assert!(denied.reason.is_some_and(|r| r.len() <= 512));
+    assert!(!client.status().connected, "the connection stays usable");
+
     // An item that is not a map: no request id to answer, so the connection is closed.
     client
         .stream

@@ -1798,44 +1798,16 @@ fn refuse_undecodable(now_ms: u64, peer: &Peer<'_>, bytes: &[u8], e: &DecodeErro
     }
 }
 
-/// Makes a Denied `unsupported-option` fit in [`MAX_MESSAGE_SIZE`] (spec Section 5.4): a
-/// request of that size may list some 5,000 critical keys the gateway does not know, and the
-/// answer lists them again beside its reason. When they do not fit, the reason only counts
-/// them and key 7 keeps the smallest, as many as fit (at least one: a key is at most 9 bytes).
+/// Makes a Denied `unsupported-option` fit in [`MAX_MESSAGE_SIZE`] (spec Section 5.4), as
+/// [`codec::fit_unsupported`] says.
 fn fit_unsupported(message: &mut Message) {
-    let mut len = codec::encode(message).len();
     let Message::Denied(d) = message else { return };
-    if len <= MAX_MESSAGE_SIZE {
-        return;
-    }
-    d.reason = Some(format!(
-        "{} unsupported critical keys; the smallest that fit in an answer are listed",
-        d.unsupported.len()
-    ));
-    // Each round drops, from the largest keys, at least as many bytes as the answer is over
-    // (a key's encoding and, once, the array header's shrinking aside): one round or two.
-    for _ in 0..4 {
-        len = codec::encode(&Message::Denied(d.clone())).len();
-        if len <= MAX_MESSAGE_SIZE {
-            return;
-        }
-        let mut over = len - MAX_MESSAGE_SIZE;
-        while over > 0 && d.unsupported.len() > 1 {
-            let key = d.unsupported.pop().unwrap_or_default();
-            over = over.saturating_sub(encoded_uint_len(key));
-        }
-    }
-}
-
-/// The bytes CBOR takes for the unsigned integer `value` (RFC 8949 section 3).
-fn encoded_uint_len(value: u64) -> usize {
-    match value {
-        0..=23 => 1,
-        24..=0xff => 2,
-        0x100..=0xffff => 3,
-        0x1_0000..=0xffff_ffff => 5,
-        _ => 9,
-    }
+    let mut trial = d.clone();
+    codec::fit_unsupported(&mut d.unsupported, &mut d.reason, |keys, reason| {
+        trial.unsupported = keys.to_vec();
+        trial.reason = reason.map(str::to_owned);
+        codec::encode(&Message::Denied(trial.clone())).len()
+    });
 }
 
 #[cfg(test)]
