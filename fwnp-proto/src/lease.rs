@@ -75,10 +75,11 @@
 //! assert!(matches!(lease.poll_event(), Some(LeaseEvent::Granted { .. })));
 //! assert_eq!(lease.expires_at(), Some(start + Duration::from_secs(600)));
 //!
-//! // Nothing to send until the renewal instant, somewhere in [t + 300 s, t + 375 s].
+//! // Nothing to send until the renewal instant, somewhere in [t + 300 s, t + 375 s], t being
+//! // the instant the Open was sent (spec 11.8).
 //! let renew_at = lease.poll_timeout().unwrap();
-//! assert!(renew_at >= answered + Duration::from_secs(300));
-//! assert!(renew_at <= answered + Duration::from_secs(375));
+//! assert!(renew_at >= start + Duration::from_secs(300));
+//! assert!(renew_at <= start + Duration::from_secs(375));
 //! assert!(lease.poll_transmit(renew_at - Duration::from_millis(1)).is_none());
 //! lease.handle_timeout(renew_at, &mut rng);
 //! assert!(matches!(lease.poll_transmit(renew_at), Some(Message::Renew(_))));
@@ -742,7 +743,7 @@ impl LeaseMachine {
                 let replaces = self.lease.take().map(|l| l.id);
                 self.pending = None;
                 self.attempt = 0;
-                self.send_at = Some(renewal_instant(now, &fresh, rng));
+                self.send_at = Some(renewal_instant(pending.sent_at, &fresh, rng).max(now));
                 self.state = LeaseState::Active;
                 self.lease = Some(fresh.clone());
                 self.events.push_back(LeaseEvent::Granted {
@@ -764,7 +765,7 @@ impl LeaseMachine {
             (RequestKind::Renew, LeaseState::Renewing) if pending.lease == Some(granted.lease) => {
                 self.pending = None;
                 self.attempt = 0;
-                self.send_at = Some(renewal_instant(now, &fresh, rng));
+                self.send_at = Some(renewal_instant(pending.sent_at, &fresh, rng).max(now));
                 self.state = LeaseState::Active;
                 self.lease = Some(fresh.clone());
                 self.events.push_back(LeaseEvent::Renewed { lease: fresh });
@@ -889,15 +890,16 @@ pub fn renewal_window(lifetime: u32, renew_after: u32) -> (Duration, Duration) {
     (start, end)
 }
 
-/// A uniformly random instant of the renewal window of `lease`, granted at `granted_at`.
+/// A uniformly random instant of the renewal window of `lease`, whose granting request was
+/// sent at `sent_at` (spec 11.8's t).
 fn renewal_instant<R: Rng + ?Sized>(
-    granted_at: Instant,
+    sent_at: Instant,
     lease: &GrantedLease,
     rng: &mut R,
 ) -> Instant {
     let (start, end) = renewal_window(lease.lifetime, lease.renew_after);
     let span = u64::try_from((end - start).as_nanos()).unwrap_or(u64::MAX);
-    granted_at + start + Duration::from_nanos(rng.random_range(0..=span))
+    sent_at + start + Duration::from_nanos(rng.random_range(0..=span))
 }
 
 /// The un-jittered delay before retry number `attempt` (0 for the first retry): 1 s doubling,
@@ -924,6 +926,55 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// The renewal window counts from the instant the request was sent, not from its answer
+    /// (spec 11.8): an answer that took half of a short lifetime to come leaves the renewal
+    /// within t + 7L/8, before the local expiry at t + L.
+    #[test]
+    fn the_renewal_counts_from_the_request_sent_not_its_slow_answer() {
+        use crate::message::{HostAddresses, PortRange, Protocol, Target};
+        for seed in 0..50 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let opening = Opening {
+                target: Target::Ports {
+                    protocol: Protocol::Tcp,
+                    ports: PortRange::single(8080),
+                },
+                host: HostAddresses::Default,
+                family: None,
+                remotes: Vec::new(),
+            };
+            let sent = Instant::now();
+            let mut lease = LeaseMachine::new(sent, opening, Some(10), None, &mut rng);
+            let Some(Message::Open(open)) = lease.poll_transmit(sent) else {
+                panic!("the Open is due at once");
+            };
+            let answered = sent + Duration::from_millis(4_900);
+            let granted = Message::Granted(Granted {
+                common: Common {
+                    request_id: open.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: LeaseId([7; 16]),
+                grants: Vec::new(),
+                lifetime: 10,
+                expires_ms: 1_700_000_010_000,
+                renew_after: 5,
+                epoch: 42,
+                narrowed: false,
+            });
+            lease.handle_answer(answered, &granted, &mut rng);
+            assert_eq!(lease.expires_at(), Some(sent + Duration::from_secs(10)));
+            let renew_at = lease.poll_timeout().expect("a renewal is due");
+            assert!(renew_at >= sent + Duration::from_secs(5), "seed {seed}");
+            assert!(
+                renew_at <= sent + Duration::from_millis(6_250),
+                "seed {seed}: renewal {:?} after the send",
+                renew_at - sent
+            );
+            assert!(renew_at >= answered, "never in the past");
+        }
+    }
 
     #[test]
     fn window_is_half_to_five_eighths_with_the_usual_hint() {

@@ -488,14 +488,16 @@ fn renewals_fall_inside_the_window_for_many_seeds() {
         sim.run_for(3000.0);
         assert_eq!(sim.client.state(), LeaseState::Active, "seed {seed}");
         assert!(sim.events_matching(is_expired).is_empty(), "seed {seed}");
-        // Each Granted or Renewed at t is followed by a Renew in [t + H, t + H + L/8].
+        // Each Granted or Renewed is followed by a Renew in [t + H, t + H + L/8], t being the
+        // instant its request was sent (spec 11.8), which its local expiry t + L tells.
         let renews = sim.sent_of(is_renew);
-        let grants: Vec<(Instant, u32, u32)> = sim
+        let grants: Vec<(Instant, Instant, u32, u32)> = sim
             .events
             .iter()
-            .filter_map(|(t, e)| match e {
+            .filter_map(|(at, e)| match e {
                 LeaseEvent::Granted { lease, .. } | LeaseEvent::Renewed { lease } => {
-                    Some((*t, lease.lifetime, lease.renew_after))
+                    let sent = lease.expires_at - Duration::from_secs(u64::from(lease.lifetime));
+                    Some((*at, sent, lease.lifetime, lease.renew_after))
                 }
                 _ => None,
             })
@@ -505,8 +507,9 @@ fn renewals_fall_inside_the_window_for_many_seeds() {
             "seed {seed}: only {} grants in 3000 s",
             grants.len()
         );
-        for (t, lifetime, hint) in grants {
-            let Some(&renew) = renews.iter().find(|&&r| r > t) else {
+        for (at, t, lifetime, hint) in grants {
+            assert!(t < at, "seed {seed}: sent before it was answered");
+            let Some(&renew) = renews.iter().find(|&&r| r > at) else {
                 continue;
             };
             let (start, end) = renewal_window(lifetime, hint);
