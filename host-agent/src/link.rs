@@ -453,9 +453,12 @@ async fn connect(
             retimed = true;
             continue;
         }
+        // Request ids drawn at random, each connection's own (spec 15): fixed ones would repeat
+        // on every connection, and a gateway keeping a window of ids would answer a List made
+        // again within it with the list it gave before.
         let list = Message::List(List {
             common: Common {
-                request_id: Some(2),
+                request_id: Some(rand::random()),
                 critical: Vec::new(),
             },
         });
@@ -497,7 +500,7 @@ async fn connect_once(
         first_handshake(&config, &candidate.server_name, addrs, handshake).await?;
     let hello = Message::Hello(Hello {
         common: Common {
-            request_id: Some(1),
+            request_id: Some(rand::random()),
             critical: Vec::new(),
         },
         versions: vec![VERSION],
