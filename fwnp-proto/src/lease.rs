@@ -92,8 +92,15 @@ use rand::Rng;
 
 use crate::message::{
     AppInfo, Common, Denied, Epoch, Grant, Granted, LeaseId, Message, Open, Opening, Release,
-    Renew, ResultCode, RevokeReason,
+    Renew, ResultCode, RevokeReason, Revoked,
 };
+
+/// How long a Revoked notice for a lease id not yet known is remembered (spec 5.3: at least
+/// 10 s), in case the Granted that names it comes after it.
+pub const EARLY_REVOKED_KEPT: Duration = Duration::from_secs(30);
+
+/// The most such notices one machine remembers: an Open grants one lease.
+const MAX_EARLY_REVOKED: usize = 8;
 
 /// How long an answer is awaited before the request counts as lost.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -310,6 +317,10 @@ pub struct LeaseMachine {
     /// A retry-after the gateway asked for: no retry before it, not even on a new connection.
     not_before: Option<Instant>,
     next_request_id: u64,
+    /// Revoked notices for lease ids this machine did not know, heard while an Open was on its
+    /// way: the Granted that names one may come after its notice (spec 5.3). Bounded, and each
+    /// kept [`EARLY_REVOKED_KEPT`].
+    early_revoked: VecDeque<(Instant, Revoked)>,
     events: VecDeque<LeaseEvent>,
     ignored: u64,
 }
@@ -340,6 +351,7 @@ impl LeaseMachine {
             attempt: 0,
             not_before: None,
             next_request_id: rng.random(),
+            early_revoked: VecDeque::new(),
             events: VecDeque::new(),
             ignored: 0,
         }
@@ -581,6 +593,16 @@ impl LeaseMachine {
                     self.releasing = None;
                     self.pending = None;
                     self.send_at = None;
+                } else if matches!(self.state, LeaseState::Requesting | LeaseState::Reopening) {
+                    // Perhaps the lease the Open on its way is granting: remembered, so that a
+                    // Granted naming it is taken as revoked at once.
+                    self.early_revoked.retain(|(heard, _)| {
+                        now.saturating_duration_since(*heard) < EARLY_REVOKED_KEPT
+                    });
+                    if self.early_revoked.len() == MAX_EARLY_REVOKED {
+                        self.early_revoked.pop_front();
+                    }
+                    self.early_revoked.push_back((now, revoked.clone()));
                 } else {
                     self.ignored += 1;
                 }
@@ -746,10 +768,21 @@ impl LeaseMachine {
                 self.send_at = Some(renewal_instant(pending.sent_at, &fresh, rng).max(now));
                 self.state = LeaseState::Active;
                 self.lease = Some(fresh.clone());
+                let id = fresh.id;
                 self.events.push_back(LeaseEvent::Granted {
                     lease: fresh,
                     replaces,
                 });
+                let revoked_before = self.early_revoked.iter().position(|(heard, r)| {
+                    r.lease == id && now.saturating_duration_since(*heard) < EARLY_REVOKED_KEPT
+                });
+                if let Some(at) = revoked_before {
+                    let revoked = self.early_revoked.remove(at).map(|(_, r)| r);
+                    if let Some(revoked) = revoked {
+                        self.handle_notice(now, &Message::Revoked(revoked));
+                    }
+                }
+                self.early_revoked.clear();
             }
             (RequestKind::Open, LeaseState::Released) if self.release_on_grant => {
                 // Released while this Open was in flight: give the lease straight back.
@@ -926,6 +959,77 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+
+    /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the
+    /// machine remembers it, and takes the Granted as revoked at once; nothing is renewed or
+    /// opened again. A notice for another id changes nothing.
+    #[test]
+    fn a_revoked_notice_that_overtakes_its_granted_revokes_the_lease_it_names() {
+        use crate::message::{HostAddresses, PortRange, Protocol, Target};
+        let mut rng = StdRng::seed_from_u64(9);
+        let opening = Opening {
+            target: Target::Ports {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(8080),
+            },
+            host: HostAddresses::Default,
+            family: None,
+            remotes: Vec::new(),
+        };
+        let revoked = |lease| {
+            Message::Revoked(Revoked {
+                common: Common::default(),
+                lease,
+                reason: RevokeReason::Operator,
+                text: Some("by the operator".into()),
+            })
+        };
+        for (notice_for, revoked_at_once) in [(LeaseId([7; 16]), true), (LeaseId([8; 16]), false)] {
+            let sent = Instant::now();
+            let mut lease = LeaseMachine::new(sent, opening.clone(), Some(600), None, &mut rng);
+            let Some(Message::Open(open)) = lease.poll_transmit(sent) else {
+                panic!("the Open is due at once");
+            };
+            lease.handle_notice(sent + Duration::from_millis(5), &revoked(notice_for));
+            let granted = Message::Granted(Granted {
+                common: Common {
+                    request_id: open.common.request_id,
+                    critical: Vec::new(),
+                },
+                lease: LeaseId([7; 16]),
+                grants: Vec::new(),
+                lifetime: 600,
+                expires_ms: 1_700_000_600_000,
+                renew_after: 300,
+                epoch: 42,
+                narrowed: false,
+            });
+            lease.handle_answer(sent + Duration::from_millis(10), &granted, &mut rng);
+            assert!(matches!(
+                lease.poll_event(),
+                Some(LeaseEvent::Granted { .. })
+            ));
+            if revoked_at_once {
+                assert!(matches!(
+                    lease.poll_event(),
+                    Some(LeaseEvent::Revoked {
+                        lease: LeaseId([7, ..]),
+                        reason: RevokeReason::Operator,
+                        ..
+                    })
+                ));
+                assert_eq!(lease.state(), LeaseState::Revoked(RevokeReason::Operator));
+                assert_eq!(
+                    lease.poll_timeout(),
+                    None,
+                    "nothing renewed or opened again"
+                );
+            } else {
+                assert!(lease.poll_event().is_none());
+                assert_eq!(lease.state(), LeaseState::Active);
+            }
+        }
+    }
 
     /// The renewal window counts from the instant the request was sent, not from its answer
     /// (spec 11.8): an answer that took half of a short lifetime to come leaves the renewal
