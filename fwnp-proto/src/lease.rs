@@ -960,14 +960,10 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
-    /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the
-    /// machine remembers it, and takes the Granted as revoked at once; nothing is renewed or
-    /// opened again. A notice for another id changes nothing.
-    #[test]
-    fn a_revoked_notice_that_overtakes_its_granted_revokes_the_lease_it_names() {
+    /// An opening of tcp/8080 on the host's addresses.
+    fn tcp_8080() -> Opening {
         use crate::message::{HostAddresses, PortRange, Protocol, Target};
-        let mut rng = StdRng::seed_from_u64(9);
-        let opening = Opening {
+        Opening {
             target: Target::Ports {
                 protocol: Protocol::Tcp,
                 ports: PortRange::single(8080),
@@ -975,7 +971,16 @@ mod tests {
             host: HostAddresses::Default,
             family: None,
             remotes: Vec::new(),
-        };
+        }
+    }
+
+    /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the
+    /// machine remembers it, and takes the Granted as revoked at once; nothing is renewed or
+    /// opened again. A notice for another id changes nothing.
+    #[test]
+    fn a_revoked_notice_that_overtakes_its_granted_revokes_the_lease_it_names() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let opening = tcp_8080();
         let revoked = |lease| {
             Message::Revoked(Revoked {
                 common: Common::default(),
@@ -1036,18 +1041,9 @@ mod tests {
     /// within t + 7L/8, before the local expiry at t + L.
     #[test]
     fn the_renewal_counts_from_the_request_sent_not_its_slow_answer() {
-        use crate::message::{HostAddresses, PortRange, Protocol, Target};
         for seed in 0..50 {
             let mut rng = StdRng::seed_from_u64(seed);
-            let opening = Opening {
-                target: Target::Ports {
-                    protocol: Protocol::Tcp,
-                    ports: PortRange::single(8080),
-                },
-                host: HostAddresses::Default,
-                family: None,
-                remotes: Vec::new(),
-            };
+            let opening = tcp_8080();
             let sent = Instant::now();
             let mut lease = LeaseMachine::new(sent, opening, Some(10), None, &mut rng);
             let Some(Message::Open(open)) = lease.poll_transmit(sent) else {

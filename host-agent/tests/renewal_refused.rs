@@ -208,57 +208,79 @@ async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
     }
 }
 
+/// A real `fwnp-agent` connected to the scripted gateway, which answers as `seen` says.
+struct Scripted {
+    /// The scripted gateway's runtime: it serves as long as this lives.
+    _runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+    _agent: ProcessGuard,
+    socket: std::path::PathBuf,
+}
+
+impl Scripted {
+    /// Starts both, and waits until the agent is connected: an Open before that is refused
+    /// (gateway-unreachable).
+    fn start(label: &str, seen: Arc<Mutex<Seen>>) -> Scripted {
+        let pki = Pki::with_gateway_ips(label, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+        pki.host("web-01", &[], &[], &[]);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let gateway = {
+            let endpoint = gateway_endpoint(&pki, &runtime);
+            let address = endpoint.local_addr().expect("address");
+            runtime.spawn(scripted_gateway(endpoint, seen));
+            address
+        };
+        let dir = temp_dir(label);
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            agent_config(
+                &pki,
+                "web-01",
+                dir.path(),
+                &gateway.to_string(),
+                "off",
+                &my_uid().to_string(),
+                "1s",
+            ),
+        )
+        .expect("write config");
+        let socket = dir.path().join("agent.sock");
+        let mut agent = ProcessGuard(Some(
+            agent_command(&config).spawn().expect("start fwnp-agent"),
+        ));
+        wait_for_socket(&mut agent, &socket);
+        let mut status = LocalClient::connect(&socket);
+        let deadline = Instant::now() + STEP;
+        while !status.status().connected {
+            assert!(
+                Instant::now() < deadline,
+                "the agent did not connect to the scripted gateway"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Scripted {
+            _runtime: runtime,
+            _dir: dir,
+            _agent: agent,
+            socket,
+        }
+    }
+}
+
 #[test]
 fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_expiry() {
-    let pki = Pki::with_gateway_ips("renewal-refused", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[], &[], &[]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let gateway = {
-        let endpoint = gateway_endpoint(&pki, &runtime);
-        let address = endpoint.local_addr().expect("address");
-        runtime.spawn(scripted_gateway(endpoint, seen.clone()));
-        address
-    };
-
-    let dir = temp_dir("renewal-refused");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        agent_config(
-            &pki,
-            "web-01",
-            dir.path(),
-            &gateway.to_string(),
-            "off",
-            &my_uid().to_string(),
-            "1s",
-        ),
-    )
-    .expect("write config");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(
-        agent_command(&config).spawn().expect("start fwnp-agent"),
-    ));
-    wait_for_socket(&mut agent, &socket);
-    // An Open before the agent is connected is refused (gateway-unreachable): wait for it.
-    let mut status = LocalClient::connect(&socket);
-    let deadline = Instant::now() + STEP;
-    while !status.status().connected {
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not connect to the scripted gateway"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let scripted = Scripted::start("renewal-refused", seen.clone());
+    let socket = &scripted.socket;
 
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let mut client = LocalClient::connect(&socket);
+    let mut client = LocalClient::connect(socket);
     let granted = match client.open(Protocol::Tcp, port, None, STEP) {
         LocalMessage::Wire(Message::Granted(granted)) => granted,
         other => panic!("Open answered with {other:?}"),
@@ -310,52 +332,15 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
 /// mirrored; the agent asks again, and the valid grant that follows is the one it gets.
 #[test]
 fn an_invalid_grant_is_refused_and_the_open_asked_again() {
-    let pki = Pki::with_gateway_ips("invalid-grant", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[], &[], &[]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
     let seen = Arc::new(Mutex::new(Seen {
         invalid_grants: 1,
         ..Seen::default()
     }));
-    let gateway = {
-        let endpoint = gateway_endpoint(&pki, &runtime);
-        let address = endpoint.local_addr().expect("address");
-        runtime.spawn(scripted_gateway(endpoint, seen.clone()));
-        address
-    };
-    let dir = temp_dir("invalid-grant");
-    let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        agent_config(
-            &pki,
-            "web-01",
-            dir.path(),
-            &gateway.to_string(),
-            "off",
-            &my_uid().to_string(),
-            "1s",
-        ),
-    )
-    .expect("write config");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(
-        agent_command(&config).spawn().expect("start fwnp-agent"),
-    ));
-    wait_for_socket(&mut agent, &socket);
-    let mut status = LocalClient::connect(&socket);
-    let deadline = Instant::now() + STEP;
-    while !status.status().connected {
-        assert!(Instant::now() < deadline, "the agent did not connect");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let scripted = Scripted::start("invalid-grant", seen.clone());
+    let socket = &scripted.socket;
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let mut client = LocalClient::connect(&socket);
+    let mut client = LocalClient::connect(socket);
     let granted = match client.open(Protocol::Tcp, port, None, STEP) {
         LocalMessage::Wire(Message::Granted(granted)) => granted,
         other => panic!("Open answered with {other:?}"),

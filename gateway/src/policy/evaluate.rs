@@ -498,15 +498,7 @@ pub(super) fn still_allows(
             protocol: grant.protocol,
             ports: grant.ports,
         };
-        let request = Request {
-            identity,
-            addresses,
-            host_address: grant.host,
-            target: &target,
-            remotes: &grant.remotes,
-            lifetime: None,
-        };
-        let decision = decide(policy, &request, &mut NoTrace);
+        let decision = decide_on_grant(policy, identity, addresses, grant, &target);
         match decision.verdict {
             Verdict::Allowed(allowance) if !allowance.remotes_narrowed => {
                 // The bounds of the rule that allows the opening as it was asked: for a grant
@@ -556,18 +548,29 @@ fn application_bounds(
     id: &str,
 ) -> Option<LifetimeBounds> {
     let target = Target::App(id.to_owned());
+    match decide_on_grant(policy, identity, addresses, grant, &target).verdict {
+        Verdict::Allowed(allowance) => Some(allowance.lifetime),
+        Verdict::Denied(_) => None,
+    }
+}
+
+/// The decision for `target` asked on `grant`'s host address and remotes, with no lifetime.
+fn decide_on_grant(
+    policy: &Policy,
+    identity: &str,
+    addresses: &[IpAddr],
+    grant: &Grant,
+    target: &Target,
+) -> Decision {
     let request = Request {
         identity,
         addresses,
         host_address: grant.host,
-        target: &target,
+        target,
         remotes: &grant.remotes,
         lifetime: None,
     };
-    match decide(policy, &request, &mut NoTrace).verdict {
-        Verdict::Allowed(allowance) => Some(allowance.lifetime),
-        Verdict::Denied(_) => None,
-    }
+    decide(policy, &request, &mut NoTrace)
 }
 
 pub(super) fn limits_for(policy: &Policy, identity: &str, addresses: &[IpAddr]) -> HostLimits {
