@@ -417,6 +417,47 @@ pub struct Opening {
     pub remotes: Vec<Prefix>,
 }
 
+impl Opening {
+    /// The capability bits (spec Section 14) this opening uses, for a host whose allowed
+    /// addresses are `allowed`: a client may not send it unless the gateway's Welcome set them
+    /// all.
+    ///
+    /// ```
+    /// use fwnp_proto::{Capabilities, HostAddresses, Opening, PortRange, Protocol, Target};
+    ///
+    /// let own: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+    /// let mut opening = Opening {
+    ///     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange { first: 8000, last: 8010 } },
+    ///     host: HostAddresses::One(own),
+    ///     family: None,
+    ///     remotes: Vec::new(),
+    /// };
+    /// assert_eq!(opening.capabilities_used(&[own]), Capabilities::PORT_RANGES);
+    /// opening.host = HostAddresses::One("192.0.2.99".parse().unwrap());
+    /// assert_eq!(
+    ///     opening.capabilities_used(&[own]),
+    ///     Capabilities::PORT_RANGES | Capabilities::THIRD_PARTY
+    /// );
+    /// ```
+    pub fn capabilities_used(&self, allowed: &[IpAddr]) -> u64 {
+        let mut used = 0;
+        match &self.target {
+            Target::Ports { ports, .. } if ports.first != ports.last => {
+                used |= Capabilities::PORT_RANGES;
+            }
+            Target::Ports { .. } => {}
+            Target::App(_) => used |= Capabilities::APPLICATIONS,
+        }
+        if !self.remotes.is_empty() {
+            used |= Capabilities::REMOTE_PREFIXES;
+        }
+        if self.host.addresses().iter().any(|a| !allowed.contains(a)) {
+            used |= Capabilities::THIRD_PARTY;
+        }
+        used
+    }
+}
+
 /// One concrete entry of what the gateway granted (the CDDL `grant`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Grant {

@@ -30,8 +30,8 @@ use fwnp_proto::local::{
     DenialCode, Event, EventKind, LocalCode, LocalDenied, LocalMessage, StatusAnswer, Watching,
 };
 use fwnp_proto::{
-    AppInfo, Common, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Message, Open, PortRange,
-    Protocol, Released, ResultCode, Target, Welcome,
+    AppInfo, Capabilities, Common, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Message,
+    Open, PortRange, Protocol, Released, ResultCode, Target, Welcome,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -376,6 +376,9 @@ pub struct AgentMachine {
     link_up: bool,
     epoch: Option<Epoch>,
     identity: Option<String>,
+    /// What the gateway's last Welcome offered (its capability bits) and the host's allowed
+    /// addresses it listed: an Open using more is refused here (spec Section 14).
+    offered: Option<(Capabilities, Vec<std::net::IpAddr>)>,
     /// The gateway of the current or the last connection.
     gateway: Option<String>,
     synced_once: bool,
@@ -460,6 +463,7 @@ impl AgentMachine {
             link_up: false,
             epoch: None,
             identity: None,
+            offered: None,
             gateway: None,
             synced_once: false,
             earlier_run: Vec::new(),
@@ -744,6 +748,7 @@ impl AgentMachine {
         }
         self.epoch = Some(welcome.epoch);
         self.identity = Some(welcome.identity.clone());
+        self.offered = Some((welcome.capabilities, welcome.addresses.clone()));
         self.link_up = true;
         self.actions.push_back(Action::Record {
             epoch: welcome.epoch,
@@ -1581,6 +1586,29 @@ impl AgentMachine {
             );
             return;
         }
+        // A client may not use what the gateway did not offer (spec Section 14); the gateway
+        // would answer the same, and the application learns it without a round trip.
+        if let Some((offered, addresses)) = &self.offered {
+            let missing = open.opening.capabilities_used(addresses) & !offered.0;
+            if missing != 0 {
+                let code = if missing == Capabilities::THIRD_PARTY {
+                    ResultCode::AddressMismatch
+                } else {
+                    ResultCode::UnsupportedOption
+                };
+                self.deny(
+                    conn,
+                    request_id,
+                    DenialCode::Wire(code),
+                    format!(
+                        "the gateway does not offer {} (capabilities 0x{missing:02x} are not in its Welcome)",
+                        capability_names(missing)
+                    ),
+                    None,
+                );
+                return;
+            }
+        }
         let Some(local) = self.conns.get(&conn) else {
             return;
         };
@@ -1822,4 +1850,20 @@ fn fit_status_reason(mut reason: String) -> String {
         reason.truncate(end);
     }
     reason
+}
+
+/// The names of the capability bits in `bits` (spec Section 14), for a refusal's reason.
+fn capability_names(bits: u64) -> String {
+    [
+        (Capabilities::PORT_RANGES, "port ranges"),
+        (Capabilities::REMOTE_PREFIXES, "remote prefixes"),
+        (Capabilities::APPLICATIONS, "application ids"),
+        (Capabilities::NOTICES, "notices"),
+        (Capabilities::THIRD_PARTY, "third-party requests"),
+    ]
+    .iter()
+    .filter(|(bit, _)| bits & bit != 0)
+    .map(|(_, name)| *name)
+    .collect::<Vec<_>>()
+    .join(", ")
 }

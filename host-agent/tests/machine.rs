@@ -833,6 +833,70 @@ fn an_open_without_a_link_is_refused() {
     assert!(sends(&actions).is_empty());
 }
 
+/// An Open that uses what the gateway's Welcome did not offer (spec 14) is refused by the agent
+/// as the gateway would refuse it, and never sent: a port range to a gateway without
+/// PORT_RANGES is unsupported-option, another's address without THIRD_PARTY address-mismatch.
+#[test]
+fn an_open_using_what_the_gateway_does_not_offer_is_refused_without_being_sent() {
+    let mut sim = Sim::new();
+    let mut offered = welcome(EPOCH);
+    offered.capabilities = Capabilities(Capabilities::NOTICES | Capabilities::REMOTE_PREFIXES);
+    sim.input(Input::LinkUp {
+        gateway: GATEWAY_A.into(),
+        welcome: Box::new(offered),
+        leases: Leases {
+            common: Common::default(),
+            leases: Vec::new(),
+            epoch: EPOCH,
+        },
+    });
+    sim.connect_caller(APP);
+    let ask = |sim: &mut Sim, request_id, opening: Opening| {
+        sim.input(Input::Request {
+            conn: APP,
+            message: LocalMessage::Wire(Message::Open(Open {
+                common: common(request_id),
+                opening,
+                lifetime: None,
+                app: None,
+            })),
+        })
+    };
+    let mut range = opening(8080);
+    range.target = Target::Ports {
+        protocol: Protocol::Tcp,
+        ports: PortRange {
+            first: 8080,
+            last: 8090,
+        },
+    };
+    let actions = ask(&mut sim, 3, range);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::UnsupportedOption));
+            assert!(
+                d.reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("port ranges")),
+                "{d:?}"
+            );
+        }
+        other => panic!("expected unsupported-option, got {other:?}"),
+    }
+    let mut elsewhere = opening(8080);
+    elsewhere.host = HostAddresses::One("192.0.2.99".parse().unwrap());
+    let actions = ask(&mut sim, 4, elsewhere);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(
+        matches!(&denials(&actions)[..], [(APP, d)] if d.code == DenialCode::Wire(ResultCode::AddressMismatch)),
+        "{actions:?}"
+    );
+    // What it offers goes out.
+    let actions = ask(&mut sim, 5, opening(8080));
+    assert!(matches!(single_send(&actions).1, Message::Open(_)));
+}
+
 /// An Open the gateway never answers is refused gateway-unreachable after the Open's wait, and
 /// a lease granted after that is released, never mirrored.
 #[test]
