@@ -161,6 +161,8 @@ impl LeaseState {
 pub enum ReopenCause {
     /// A Renew was answered unknown-lease.
     UnknownLease,
+    /// A List of the gateway (on a new connection, under the same epoch) no longer shows it.
+    NotListed,
     /// The gateway's epoch changed (it lost its lease state).
     EpochChanged {
         /// The epoch the lease was granted under.
@@ -627,6 +629,16 @@ impl LeaseMachine {
                 new: epoch,
             };
             self.begin_reopen(now, cause);
+        }
+    }
+
+    /// The gateway's List no longer shows the lease (spec 11.10, Reopening): a fresh Open of the
+    /// opening is sent at once, retried per spec 11.9, and the lease stays until its expiry
+    /// (then [`LeaseEvent::Expired`]) unless a Granted replaces it first. Only an Active or
+    /// Renewing lease is concerned.
+    pub fn not_listed(&mut self, now: Instant) {
+        if matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+            self.begin_reopen(now, ReopenCause::NotListed);
         }
     }
 

@@ -324,13 +324,9 @@ struct Held {
     ids: Vec<LeaseId>,
     /// Whether the mirror holds elements for this lease (under its key).
     mirrored: bool,
-    /// This machine replaces another whose lease the gateway forgot.
-    reopen_of: Option<LeaseId>,
     /// Release requests of the caller (request id, the lease id it named), answered once the
     /// mirror let go.
     release_requests: Vec<(u64, LeaseId)>,
-    /// The lifetime the caller asked for.
-    lifetime: Option<u32>,
     /// The verified caller and the ports checked again before each renewal and re-open and
     /// periodically; `None` when ports are not verified.
     owner: Option<Owner>,
@@ -803,8 +799,9 @@ impl AgentMachine {
             }
         } else {
             // A reconnection under the same epoch: a lease the gateway no longer lists (it
-            // expired there while the link was down) is opened again at once by a fresh
-            // machine; its mirror goes now.
+            // expired or ended there while the link was down) is opened again at once
+            // (Reopening, spec 11.10): its mirror stays until a new grant replaces it, or
+            // until its expiry, where retries stop.
             let forgotten: Vec<Key> = self
                 .leases
                 .iter()
@@ -817,7 +814,9 @@ impl AgentMachine {
                 .map(|(k, _)| *k)
                 .collect();
             for key in forgotten {
-                self.replace_machine(key, now);
+                if let Some(held) = self.leases.get_mut(&key) {
+                    held.machine.not_listed(now);
+                }
             }
         }
         let keys: Vec<Key> = self.leases.keys().copied().collect();
@@ -829,34 +828,6 @@ impl AgentMachine {
                 held.machine.reconnected(now, &mut self.rng);
             }
             self.drive(key, now);
-        }
-    }
-
-    /// Replaces the machine of `key`, whose lease the gateway forgot, by a fresh one asking for
-    /// the same opening.
-    fn replace_machine(&mut self, key: Key, now: Instant) {
-        let Some(held) = self.leases.get_mut(&key) else {
-            return;
-        };
-        let Some(old) = held.machine.lease_id() else {
-            return;
-        };
-        info!(%old, "the gateway no longer lists this lease; opening it again");
-        let opening = held.machine.opening().clone();
-        let lifetime = held.lifetime;
-        held.machine = LeaseMachine::new(
-            now,
-            opening,
-            lifetime,
-            Some(held.app.clone()),
-            &mut self.rng,
-        );
-        held.reopen_of = Some(old);
-        if std::mem::take(&mut held.mirrored) {
-            self.actions.push_back(Action::MirrorDrop {
-                holder: key,
-                then: None,
-            });
         }
     }
 
@@ -915,7 +886,7 @@ impl AgentMachine {
         // it since).
         let recheck = match &request {
             Some(Message::Renew(_)) => true,
-            Some(Message::Open(_)) => held.reopen_of.is_some() || !held.ids.is_empty(),
+            Some(Message::Open(_)) => !held.ids.is_empty(),
             _ => false,
         };
         let verify_first = held
@@ -948,7 +919,6 @@ impl AgentMachine {
         };
         match event {
             LeaseEvent::Granted { lease, replaces } => {
-                let replaces = replaces.or(held.reopen_of.take());
                 if let Some(owner) = held.owner.as_ref().filter(|o| o.by_grants) {
                     // An application id's ports are known only now: nothing is mirrored or
                     // answered before they are checked as a port request's would be.
@@ -1003,17 +973,7 @@ impl AgentMachine {
                 reason,
                 retry_after,
             } => {
-                if let Some(old) = held.reopen_of.take() {
-                    self.emit(
-                        key,
-                        old,
-                        EventKind::Lost,
-                        None,
-                        reason,
-                        Some(DenialCode::Wire(code)),
-                        None,
-                    );
-                } else if let Some((request_id, _)) = held.open_request.take()
+                if let Some((request_id, _)) = held.open_request.take()
                     && let Some(conn) = held.conn
                 {
                     self.reply(
@@ -1708,7 +1668,6 @@ impl AgentMachine {
             return;
         }
         let app = open.app.clone().unwrap_or_default();
-        let lifetime = open.lifetime;
         let machine = LeaseMachine::new(
             now,
             open.opening,
@@ -1727,9 +1686,7 @@ impl AgentMachine {
                 open_request: Some((request_id, now + OPEN_WAIT)),
                 ids: Vec::new(),
                 mirrored: false,
-                reopen_of: None,
                 release_requests: Vec::new(),
-                lifetime,
                 owner,
                 ended_by_agent: None,
             },

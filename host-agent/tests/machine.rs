@@ -488,8 +488,10 @@ fn reconnect_reopens_a_lease_the_gateway_forgot() {
     });
     sim.advance(Duration::from_secs(10));
 
+    // The gateway's list lacks the lease: it is opened again (spec 11.10, Reopening), and its
+    // mirror stays until the new grant replaces it.
     let actions = sim.link_up(EPOCH, Vec::new());
-    assert_eq!(mirror_drops(&actions), vec![key], "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
     let (to, request) = single_send(&actions);
     assert_eq!(to, key);
     assert!(matches!(request, Message::Open(_)), "{request:?}");
@@ -515,6 +517,37 @@ fn reconnect_reopens_a_lease_the_gateway_forgot() {
         result: Ok(()),
     });
     assert!(actions.is_empty(), "{actions:?}");
+}
+
+/// A lease the gateway's list lacks is opened again, and its retries stop at its expiry (spec
+/// 11.9): a gateway that never grants it again leaves the caller with an expired lease and
+/// nothing mirrored, not with an Open retried for ever.
+#[test]
+fn a_lease_the_gateway_forgot_and_never_grants_again_expires() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    sim.advance(Duration::from_secs(10));
+    let actions = sim.link_up(EPOCH, Vec::new());
+    let (_, request) = single_send(&actions);
+    assert!(matches!(request, Message::Open(_)), "{request:?}");
+    // No answer ever comes: retries go on until the lease's expiry, then it ends.
+    let actions = sim.advance(Duration::from_secs(u64::from(LIFETIME)));
+    assert!(!sends(&actions).is_empty(), "the Open is retried meanwhile");
+    assert_eq!(mirror_drops(&actions), vec![key], "{actions:?}");
+    match &events(&actions)[..] {
+        [.., (APP, e)] => {
+            assert_eq!((e.kind, e.lease), (EventKind::Expired, lease), "{e:?}");
+        }
+        other => panic!("expected expired, got {other:?}"),
+    }
+    let after = sim.advance(Duration::from_secs(600));
+    assert!(sends(&after).is_empty(), "nothing more is sent: {after:?}");
 }
 
 /// The gateway announces a new epoch (it lost its leases): every lease is opened again (spec:
