@@ -372,9 +372,10 @@ pub struct AgentMachine {
     link_up: bool,
     epoch: Option<Epoch>,
     identity: Option<String>,
-    /// What the gateway's last Welcome offered (its capability bits) and the host's allowed
-    /// addresses it listed: an Open using more is refused here (spec Section 14).
-    offered: Option<(Capabilities, Vec<std::net::IpAddr>)>,
+    /// What the gateway's last Welcome offered (its capability bits, the host's allowed
+    /// addresses and the largest request it accepts): an Open using more, or larger, is
+    /// refused here (spec Sections 14 and 5.4).
+    offered: Option<Offered>,
     /// The gateway of the current or the last connection.
     gateway: Option<String>,
     synced_once: bool,
@@ -744,7 +745,11 @@ impl AgentMachine {
         }
         self.epoch = Some(welcome.epoch);
         self.identity = Some(welcome.identity.clone());
-        self.offered = Some((welcome.capabilities, welcome.addresses.clone()));
+        self.offered = Some(Offered {
+            capabilities: welcome.capabilities,
+            addresses: welcome.addresses.clone(),
+            max_request: usize::try_from(welcome.limits.max_message_size).unwrap_or(usize::MAX),
+        });
         self.link_up = true;
         self.actions.push_back(Action::Record {
             epoch: welcome.epoch,
@@ -1548,8 +1553,9 @@ impl AgentMachine {
         }
         // A client may not use what the gateway did not offer (spec Section 14); the gateway
         // would answer the same, and the application learns it without a round trip.
-        if let Some((offered, addresses)) = &self.offered {
-            let missing = open.opening.capabilities_used(addresses) & !offered.0;
+        if let Some(offered) = &self.offered {
+            let missing =
+                open.opening.capabilities_used(&offered.addresses) & !offered.capabilities.0;
             if missing != 0 {
                 let code = if missing == Capabilities::THIRD_PARTY {
                     ResultCode::AddressMismatch
@@ -1603,6 +1609,33 @@ impl AgentMachine {
         }
         // Only what the operator lets the agent tell (spec Section 10).
         open.app = self.config.local.app_info.keep(app);
+        // No request larger than the gateway accepts (spec 5.4): what the agent adds (the
+        // application's information, a request id of its own) may push an Open the
+        // application sent whole over it. Without the information, if that is enough.
+        if let Some(offered) = &self.offered {
+            let size = |open: &Open| {
+                let mut largest = open.clone();
+                largest.common.request_id = Some(u64::MAX);
+                fwnp_proto::codec::encode(&Message::Open(largest)).len()
+            };
+            if size(&open) > offered.max_request {
+                open.app = None;
+            }
+            let bytes = size(&open);
+            if bytes > offered.max_request {
+                let max = offered.max_request;
+                self.deny(
+                    conn,
+                    request_id,
+                    DenialCode::Wire(ResultCode::MalformedRequest),
+                    format!(
+                        "the Open would be {bytes} bytes, more than the {max} the gateway accepts"
+                    ),
+                    None,
+                );
+                return;
+            }
+        }
         if !self.config.local.verify_port_owner {
             self.start_open(conn, open, None, now);
             return;
@@ -1667,14 +1700,15 @@ impl AgentMachine {
             );
             return;
         }
-        let app = open.app.clone().unwrap_or_default();
+        // None goes as no application information at all, not as an empty map.
         let machine = LeaseMachine::new(
             now,
             open.opening,
             open.lifetime,
-            Some(app.clone()),
+            open.app.clone(),
             &mut self.rng,
         );
+        let app = open.app.unwrap_or_default();
         let key = self.next_key;
         self.next_key += 1;
         self.leases.insert(
@@ -1823,4 +1857,13 @@ fn capability_names(bits: u64) -> String {
     .map(|(_, name)| *name)
     .collect::<Vec<_>>()
     .join(", ")
+}
+
+/// What the gateway's Welcome offered this host.
+#[derive(Debug, Clone)]
+struct Offered {
+    capabilities: Capabilities,
+    addresses: Vec<std::net::IpAddr>,
+    /// The largest request it accepts (limits key 1).
+    max_request: usize,
 }

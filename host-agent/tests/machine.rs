@@ -930,6 +930,58 @@ fn an_open_using_what_the_gateway_does_not_offer_is_refused_without_being_sent()
     assert!(matches!(single_send(&actions).1, Message::Open(_)));
 }
 
+/// No request larger than the gateway's Welcome says it accepts (spec 5.4): an Open that the
+/// application information the agent adds would push over the limit goes without it, and one
+/// over the limit even so is refused by the agent.
+#[test]
+fn an_open_is_kept_within_the_size_the_gateway_accepts() {
+    let size = |app: Option<AppInfo>| {
+        fwnp_proto::codec::encode(&Message::Open(Open {
+            common: common(u64::MAX),
+            opening: opening(8080),
+            lifetime: Some(LIFETIME),
+            app,
+        }))
+        .len()
+    };
+    let with_app = size(Some(peer().app));
+    let bare = size(None);
+    assert!(with_app > bare);
+    for (max, sent) in [(with_app, true), (bare, true), (bare - 1, false)] {
+        let mut sim = Sim::new();
+        let mut limited = welcome(EPOCH);
+        limited.limits.max_message_size = max as u32;
+        sim.input(Input::LinkUp {
+            gateway: GATEWAY_A.into(),
+            welcome: Box::new(limited),
+            leases: Leases {
+                common: Common::default(),
+                leases: Vec::new(),
+                epoch: EPOCH,
+            },
+        });
+        sim.connect_caller(APP);
+        let actions = sim.input(Input::Request {
+            conn: APP,
+            message: open_request(3, 8080),
+        });
+        if sent {
+            let (_, request) = single_send(&actions);
+            let Message::Open(open) = &request else {
+                panic!("{request:?}");
+            };
+            assert!(fwnp_proto::codec::encode(&request).len() <= max, "{request:?} in {max}");
+            assert_eq!(open.app.is_some(), max == with_app, "limit {max}");
+        } else {
+            assert!(sends(&actions).is_empty(), "{actions:?}");
+            assert!(
+                matches!(&denials(&actions)[..], [(APP, d)] if d.code == DenialCode::Wire(ResultCode::MalformedRequest)),
+                "{actions:?}"
+            );
+        }
+    }
+}
+
 /// An Open the gateway never answers is refused gateway-unreachable after the Open's wait, and
 /// a lease granted after that is released, never mirrored.
 #[test]
