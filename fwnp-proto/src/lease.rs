@@ -788,11 +788,10 @@ impl LeaseMachine {
                 let revoked_before = self.early_revoked.iter().position(|(heard, r)| {
                     r.lease == id && now.saturating_duration_since(*heard) < EARLY_REVOKED_KEPT
                 });
-                if let Some(at) = revoked_before {
-                    let revoked = self.early_revoked.remove(at).map(|(_, r)| r);
-                    if let Some(revoked) = revoked {
-                        self.handle_notice(now, &Message::Revoked(revoked));
-                    }
+                if let Some((_, revoked)) =
+                    revoked_before.and_then(|at| self.early_revoked.remove(at))
+                {
+                    self.handle_notice(now, &Message::Revoked(revoked));
                 }
                 self.early_revoked.clear();
             }
@@ -986,6 +985,23 @@ mod tests {
         }
     }
 
+    /// The Granted of lease 7 for `lifetime` seconds (its hint half of it) that answers `open`.
+    fn granted_7(open: &Open, lifetime: u32) -> Message {
+        Message::Granted(Granted {
+            common: Common {
+                request_id: open.common.request_id,
+                critical: Vec::new(),
+            },
+            lease: LeaseId([7; 16]),
+            grants: Vec::new(),
+            lifetime,
+            expires_ms: 1_700_000_000_000 + u64::from(lifetime) * 1000,
+            renew_after: lifetime / 2,
+            epoch: 42,
+            narrowed: false,
+        })
+    }
+
     /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the
     /// machine remembers it, and takes the Granted as revoked at once; nothing is renewed or
     /// opened again. A notice for another id changes nothing.
@@ -1008,19 +1024,7 @@ mod tests {
                 panic!("the Open is due at once");
             };
             lease.handle_notice(sent + Duration::from_millis(5), &revoked(notice_for));
-            let granted = Message::Granted(Granted {
-                common: Common {
-                    request_id: open.common.request_id,
-                    critical: Vec::new(),
-                },
-                lease: LeaseId([7; 16]),
-                grants: Vec::new(),
-                lifetime: 600,
-                expires_ms: 1_700_000_600_000,
-                renew_after: 300,
-                epoch: 42,
-                narrowed: false,
-            });
+            let granted = granted_7(&open, 600);
             lease.handle_answer(sent + Duration::from_millis(10), &granted, &mut rng);
             assert!(matches!(
                 lease.poll_event(),
@@ -1062,19 +1066,7 @@ mod tests {
                 panic!("the Open is due at once");
             };
             let answered = sent + Duration::from_millis(4_900);
-            let granted = Message::Granted(Granted {
-                common: Common {
-                    request_id: open.common.request_id,
-                    critical: Vec::new(),
-                },
-                lease: LeaseId([7; 16]),
-                grants: Vec::new(),
-                lifetime: 10,
-                expires_ms: 1_700_000_010_000,
-                renew_after: 5,
-                epoch: 42,
-                narrowed: false,
-            });
+            let granted = granted_7(&open, 10);
             lease.handle_answer(answered, &granted, &mut rng);
             assert_eq!(lease.expires_at(), Some(sent + Duration::from_secs(10)));
             let renew_at = lease.poll_timeout().expect("a renewal is due");

@@ -1618,10 +1618,11 @@ impl AgentMachine {
                 largest.common.request_id = Some(u64::MAX);
                 fwnp_proto::codec::encode(&Message::Open(largest)).len()
             };
-            if size(&open) > offered.max_request {
+            let mut bytes = size(&open);
+            if bytes > offered.max_request && open.app.is_some() {
                 open.app = None;
+                bytes = size(&open);
             }
-            let bytes = size(&open);
             if bytes > offered.max_request {
                 let max = offered.max_request;
                 self.deny(

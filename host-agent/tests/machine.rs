@@ -970,7 +970,10 @@ fn an_open_is_kept_within_the_size_the_gateway_accepts() {
             let Message::Open(open) = &request else {
                 panic!("{request:?}");
             };
-            assert!(fwnp_proto::codec::encode(&request).len() <= max, "{request:?} in {max}");
+            assert!(
+                fwnp_proto::codec::encode(&request).len() <= max,
+                "{request:?} in {max}"
+            );
             assert_eq!(open.app.is_some(), max == with_app, "limit {max}");
         } else {
             assert!(sends(&actions).is_empty(), "{actions:?}");

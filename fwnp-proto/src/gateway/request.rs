@@ -1776,13 +1776,11 @@ fn refuse_at(
 
 fn refuse_undecodable(now_ms: u64, peer: &Peer<'_>, bytes: &[u8], e: &DecodeError) -> Answer {
     let code = e.result_code();
-    let mut message = Message::Denied(denied(codec::peek_request_id(bytes), code, e.to_string()));
-    if let Message::Denied(d) = &mut message {
-        d.unsupported = e.unsupported_keys().to_vec();
-    }
-    fit_unsupported(&mut message);
+    let mut d = denied(codec::peek_request_id(bytes), code, e.to_string());
+    d.unsupported = e.unsupported_keys().to_vec();
+    fit_unsupported(&mut d);
     Answer {
-        message,
+        message: Message::Denied(d),
         effects: vec![Effect::Audit(AuditRecord {
             time_ms: now_ms,
             peer: Some(peer.remote),
@@ -1800,8 +1798,7 @@ fn refuse_undecodable(now_ms: u64, peer: &Peer<'_>, bytes: &[u8], e: &DecodeErro
 
 /// Makes a Denied `unsupported-option` fit in [`MAX_MESSAGE_SIZE`] (spec Section 5.4), as
 /// [`codec::fit_unsupported`] says.
-fn fit_unsupported(message: &mut Message) {
-    let Message::Denied(d) = message else { return };
+fn fit_unsupported(d: &mut Denied) {
     let mut trial = d.clone();
     codec::fit_unsupported(&mut d.unsupported, &mut d.reason, |keys, reason| {
         trial.unsupported = keys.to_vec();

@@ -531,11 +531,16 @@ pub(super) fn still_allows(
         }
     }
     // A lease has at least one grant; for none, the policy's defaults.
-    Ok(bounds.unwrap_or(LifetimeBounds {
+    Ok(bounds.unwrap_or_else(|| default_bounds(policy)))
+}
+
+/// The lifetime bounds of the policy's `[defaults]`.
+fn default_bounds(policy: &Policy) -> LifetimeBounds {
+    LifetimeBounds {
         default_secs: policy.defaults.lifetime_secs,
         min_secs: policy.defaults.min_lifetime_secs,
         max_secs: policy.defaults.max_lifetime_secs,
-    }))
+    }
 }
 
 /// The lifetime bounds of the rule that allows application `id` on `grant`'s host address and
@@ -609,11 +614,7 @@ pub(super) fn limits_for(policy: &Policy, identity: &str, addresses: &[IpAddr]) 
         });
     }
     limits.unwrap_or(HostLimits {
-        lifetime: LifetimeBounds {
-            default_secs: policy.defaults.lifetime_secs,
-            min_secs: policy.defaults.min_lifetime_secs,
-            max_secs: policy.defaults.max_lifetime_secs,
-        },
+        lifetime: default_bounds(policy),
         max_leases: policy.defaults.max_leases,
         third_party: false,
         allow_rules: 0,
