@@ -10,7 +10,9 @@
 //! drives it:
 //!
 //! - [`LeaseMachine::poll_transmit`] gives the next request to send, if one is due; each request
-//!   carries a fresh request id and goes on its own stream;
+//!   goes on its own stream and carries a fresh request id, except the retry of an unanswered
+//!   request, which carries that request's id again (spec 15), and [`LeaseMachine::in_flight`]
+//!   names the attempt, so that a late failure of an earlier attempt is told from its retry's;
 //! - [`LeaseMachine::handle_answer`] takes the answer of that stream (Granted, Denied, Released),
 //!   [`LeaseMachine::handle_notice`] a notice (Revoked, EpochChanged);
 //! - [`LeaseMachine::poll_timeout`] says when to call [`LeaseMachine::handle_timeout`] next;
@@ -26,7 +28,9 @@
 //! transient denial retry after [`FIRST_RETRY_DELAY`], doubling each time, capped at
 //! [`MAX_RETRY_DELAY`] and at the time left before expiry, each delay jittered by
 //! +-[`RETRY_JITTER`], a rate-limited answer's retry-after being the least delay; keep trying
-//! until the lease expires. A retry waiting for its delay goes at once when a new connection
+//! until the lease expires. A first Open refused for now (`rate-limited`, `no-resources`) is not
+//! retried: the refusal is the machine's answer ([`LeaseEvent::Denied`], with its
+//! retry-after), as spec 11.9 retries only the Opens asked on the host's behalf. A retry waiting for its delay goes at once when a new connection
 //! comes up ([`LeaseMachine::reconnected`]): the delay was for a gateway to talk to. When that
 //! connection comes is [`crate::link`]'s business.
 //!
@@ -280,11 +284,19 @@ enum RequestKind {
     Release,
 }
 
+/// One sending of a request. A retry of an unanswered request carries the request id of the
+/// attempt before it (spec 15), so the id does not tell the attempts apart; this does. Its owner
+/// gets it from [`LeaseMachine::in_flight`] when it sends the request, and compares it when the
+/// failure of an exchange reaches it, which may be after a newer attempt went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Attempt(u64);
+
 /// The request sent and not answered yet.
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     kind: RequestKind,
     request_id: u64,
+    attempt: Attempt,
     sent_at: Instant,
     deadline: Instant,
     /// The lease a Renew or Release names.
@@ -319,6 +331,12 @@ pub struct LeaseMachine {
     /// A retry-after the gateway asked for: no retry before it, not even on a new connection.
     not_before: Option<Instant>,
     next_request_id: u64,
+    /// The request that went unanswered last, whose id its retry reuses (spec 15) if it asks
+    /// the same thing: same type and same lease (the rest of a request does not change between
+    /// attempts).
+    unanswered: Option<(RequestKind, Option<LeaseId>, u64)>,
+    /// Attempts sent so far; the next one's [`Attempt`].
+    attempts: u64,
     /// Revoked notices for lease ids this machine did not know, heard while an Open was on its
     /// way: the Granted that names one may come after its notice (spec 5.3). Bounded, and each
     /// kept [`EARLY_REVOKED_KEPT`].
@@ -353,6 +371,8 @@ impl LeaseMachine {
             attempt: 0,
             not_before: None,
             next_request_id: rng.random(),
+            unanswered: None,
+            attempts: 0,
             early_revoked: VecDeque::new(),
             events: VecDeque::new(),
             ignored: 0,
@@ -471,8 +491,16 @@ impl LeaseMachine {
                 return None;
             }
         };
-        let request_id = self.next_request_id;
-        self.next_request_id = self.next_request_id.wrapping_add(1);
+        let request_id = match self.unanswered.take() {
+            Some((k, l, id)) if k == kind && l == lease => id,
+            _ => {
+                let id = self.next_request_id;
+                self.next_request_id = self.next_request_id.wrapping_add(1);
+                id
+            }
+        };
+        let attempt = Attempt(self.attempts);
+        self.attempts = self.attempts.wrapping_add(1);
         let common = Common {
             request_id: Some(request_id),
             critical: Vec::new(),
@@ -500,6 +528,7 @@ impl LeaseMachine {
         self.pending = Some(Pending {
             kind,
             request_id,
+            attempt,
             sent_at: now,
             deadline: now + REQUEST_TIMEOUT,
             lease,
@@ -534,7 +563,7 @@ impl LeaseMachine {
         if let Some(p) = self.pending
             && now >= p.deadline
         {
-            self.request_failed(now, None, rng);
+            self.request_failed(now, Unanswered::Yes, rng);
         }
     }
 
@@ -646,15 +675,16 @@ impl LeaseMachine {
     /// is retried on the backoff schedule.
     pub fn connection_lost<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
         if self.pending.is_some() {
-            self.request_failed(now, None, rng);
+            self.request_failed(now, Unanswered::Yes, rng);
         }
     }
 
-    /// The request id of the request in flight, if any: an owner that learns of the failure of
-    /// an earlier request (its connection died) after [`reconnected`](Self::reconnected)
-    /// resent it must not report that failure against the new one.
-    pub fn in_flight(&self) -> Option<u64> {
-        self.pending.map(|p| p.request_id)
+    /// The attempt in flight, if any: an owner that learns of the failure of an earlier attempt
+    /// (its connection died) after [`reconnected`](Self::reconnected) sent the request again
+    /// must not report that failure against the new attempt, which may carry the same request
+    /// id.
+    pub fn in_flight(&self) -> Option<Attempt> {
+        self.pending.map(|p| p.attempt)
     }
 
     /// A new connection to the gateway is up. A request still in flight went on an earlier
@@ -664,7 +694,7 @@ impl LeaseMachine {
     /// stays where it is.
     pub fn reconnected<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
         if self.pending.is_some() {
-            self.request_failed(now, None, rng);
+            self.request_failed(now, Unanswered::Yes, rng);
         }
         if self.pending.is_none()
             && self.state != LeaseState::Active
@@ -831,12 +861,17 @@ impl LeaseMachine {
             self.ignored += 1;
             return;
         }
+        // A first Open refused for now goes back to its application with the gateway's code
+        // and retry-after (spec 11.9 retries only the Opens asked on the host's behalf): the
+        // application knows whether waiting is worth it, and a retry-after of minutes would
+        // outlast its wait anyway.
+        let first_open = pending.kind == RequestKind::Open && self.state == LeaseState::Requesting;
         // hello-required means the connection was not ready: like a lost answer, retry.
-        if denied.code.is_transient() || denied.code == ResultCode::HelloRequired {
+        if (denied.code.is_transient() && !first_open) || denied.code == ResultCode::HelloRequired {
             let retry_after = denied
                 .retry_after
                 .map(|s| Duration::from_secs(u64::from(s)));
-            self.request_failed(now, retry_after, rng);
+            self.request_failed(now, Unanswered::No { retry_after }, rng);
             return;
         }
         self.pending = None;
@@ -883,14 +918,21 @@ impl LeaseMachine {
 
     /// The request in flight failed (timeout, lost connection, transient denial): schedule the
     /// next attempt, or give up where there is nothing left to try for.
-    fn request_failed<R: Rng + ?Sized>(
-        &mut self,
-        now: Instant,
-        retry_after: Option<Duration>,
-        rng: &mut R,
-    ) {
+    fn request_failed<R: Rng + ?Sized>(&mut self, now: Instant, how: Unanswered, rng: &mut R) {
         let Some(pending) = self.pending.take() else {
             return;
+        };
+        let retry_after = match how {
+            Unanswered::Yes => {
+                self.unanswered = Some((pending.kind, pending.lease, pending.request_id));
+                None
+            }
+            // An answered attempt is not retried under its id: a gateway that keeps recent
+            // answers (spec 15) would give the same refusal again.
+            Unanswered::No { retry_after } => {
+                self.unanswered = None;
+                retry_after
+            }
         };
         let limit = match self.state {
             LeaseState::Requesting => None,
@@ -916,6 +958,14 @@ impl LeaseMachine {
         self.not_before = retry_after.map(|min| now + min);
         self.send_at = Some(now + delay);
     }
+}
+
+/// Whether a failed attempt went unanswered (timeout, reset stream, lost connection) or was
+/// answered with a transient refusal.
+#[derive(Debug, Clone, Copy)]
+enum Unanswered {
+    Yes,
+    No { retry_after: Option<Duration> },
 }
 
 /// The window, as offsets from the Granted, in which a lease of `lifetime` seconds with the
@@ -1078,6 +1128,64 @@ mod tests {
             );
             assert!(renew_at >= answered, "never in the past");
         }
+    }
+
+    /// Spec 15: a request retried after an unanswered attempt (no answer in time, a lost
+    /// connection) carries the id of that attempt; each attempt is told apart by its
+    /// [`Attempt`]. A request retried after an answered, transient refusal is sent under a new
+    /// id, and so is a different request.
+    #[test]
+    fn an_unanswered_request_is_retried_under_its_id_and_an_answered_one_under_a_new_id() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let t0 = Instant::now();
+        let mut lease = LeaseMachine::new(t0, tcp_8080(), Some(60), None, &mut rng);
+        let id = |m: &Message| m.common().request_id.expect("every request carries an id");
+        let send = |lease: &mut LeaseMachine, rng: &mut StdRng, mut now: Instant| {
+            for _ in 0..100 {
+                if let Some(message) = lease.poll_transmit(now) {
+                    return (now, message, lease.in_flight().expect("in flight"));
+                }
+                now = lease.poll_timeout().expect("something is due");
+                lease.handle_timeout(now, rng);
+            }
+            panic!("nothing sent");
+        };
+
+        // The Open times out, then its connection is lost: both retries reuse its id.
+        let (now, first, first_attempt) = send(&mut lease, &mut rng, t0);
+        let (now, second, second_attempt) = send(&mut lease, &mut rng, now);
+        assert!(now >= t0 + REQUEST_TIMEOUT, "retried after the timeout");
+        assert_eq!(id(&second), id(&first));
+        assert_ne!(second_attempt, first_attempt);
+        lease.connection_lost(now, &mut rng);
+        lease.reconnected(now, &mut rng);
+        let (now, third, third_attempt) = send(&mut lease, &mut rng, now);
+        assert_eq!(id(&third), id(&first));
+        assert_ne!(third_attempt, second_attempt);
+
+        // An answer to the third attempt: granted. The Renew is another request.
+        let Message::Open(open) = &third else {
+            panic!("{third:?}")
+        };
+        lease.handle_answer(now, &granted_7(open, 60), &mut rng);
+        assert_eq!(lease.state(), LeaseState::Active);
+        let (now, renew, _) = send(&mut lease, &mut rng, now);
+        assert!(matches!(renew, Message::Renew(_)), "{renew:?}");
+        assert_ne!(id(&renew), id(&first));
+
+        // Refused no-resources: answered, so the retry is under a new id.
+        let busy = Message::Denied(Denied {
+            common: renew.common().clone(),
+            code: ResultCode::NoResources,
+            reason: None,
+            retry_after: Some(1),
+            lease: Some(LeaseId([7; 16])),
+            unsupported: Vec::new(),
+        });
+        lease.handle_answer(now, &busy, &mut rng);
+        let (_, retried, _) = send(&mut lease, &mut rng, now);
+        assert!(matches!(retried, Message::Renew(_)), "{retried:?}");
+        assert_ne!(id(&retried), id(&renew));
     }
 
     #[test]

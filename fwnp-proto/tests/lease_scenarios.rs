@@ -557,16 +557,15 @@ fn lost_answers_are_retried_with_doubling_jittered_capped_delays() {
                 "seed {seed} retry {n}: {gap:?} not in [{low:?}, {high:?}]"
             );
         }
-        // Every attempt is a fresh request with its own id.
+        // Every attempt is the same request, unanswered: it carries the same id (spec 15).
         let mut ids: Vec<u64> = sim
             .sent
             .iter()
             .filter_map(|(_, m)| m.common().request_id)
             .collect();
-        let all = ids.len();
-        ids.sort();
+        assert_eq!(ids.len(), sim.sent.len());
         ids.dedup();
-        assert_eq!(ids.len(), all);
+        assert_eq!(ids.len(), 1, "seed {seed}");
         // The gateway extended one lease each time instead of creating duplicates.
         assert_eq!(sim.gateway.core.book().len(), 1);
         // Once the answers come through, the lease is granted and the backoff starts over.
@@ -869,17 +868,19 @@ fn a_denied_reopen_is_reported_lost() {
 fn rate_limited_retry_after_is_honoured() {
     for seed in 0..20 {
         let mut sim = Sim::new(seed);
+        sim.run_for(1.0);
+        let renew_at = sim.client.renew_at().expect("scheduled");
         sim.gateway
             .scripted_denials
             .push_back((ResultCode::RateLimited, Some(30)));
-        sim.run_for(100.0);
-        let opens = sim.sent_of(is_open);
-        assert_eq!(opens.len(), 2, "seed {seed}");
-        // The Denied arrived 40 ms after the first Open; the retry waits at least 30 s more.
-        let denied_at = opens[0] + Duration::from_millis(40);
-        assert!(secs_between(denied_at, opens[1]) >= 30.0, "seed {seed}");
+        sim.run_until(renew_at + Duration::from_secs(100));
+        let renews = sim.sent_of(is_renew);
+        assert_eq!(renews.len(), 2, "seed {seed}");
+        // The Denied arrived 40 ms after the first Renew; the retry waits at least 30 s more.
+        let denied_at = renews[0] + Duration::from_millis(40);
+        assert!(secs_between(denied_at, renews[1]) >= 30.0, "seed {seed}");
         assert!(
-            secs_between(denied_at, opens[1]) <= 30.0 + 1e-9,
+            secs_between(denied_at, renews[1]) <= 30.0 + 1e-9,
             "seed {seed}"
         );
         assert_eq!(sim.client.state(), LeaseState::Active);
@@ -889,15 +890,17 @@ fn rate_limited_retry_after_is_honoured() {
 #[test]
 fn no_resources_is_retried_on_the_backoff_schedule() {
     let mut sim = Sim::new(12);
+    sim.run_for(1.0);
+    let renew_at = sim.client.renew_at().expect("scheduled");
     for _ in 0..3 {
         sim.gateway
             .scripted_denials
             .push_back((ResultCode::NoResources, None));
     }
-    sim.run_for(100.0);
-    let opens = sim.sent_of(is_open);
-    assert_eq!(opens.len(), 4);
-    for (n, pair) in opens.windows(2).enumerate() {
+    sim.run_until(renew_at + Duration::from_secs(100));
+    let renews = sim.sent_of(is_renew);
+    assert_eq!(renews.len(), 4);
+    for (n, pair) in renews.windows(2).enumerate() {
         let base = FIRST_RETRY_DELAY * 2u32.pow(n as u32);
         let gap = pair[1].duration_since(pair[0]) - Duration::from_millis(40);
         assert!(
@@ -906,6 +909,31 @@ fn no_resources_is_retried_on_the_backoff_schedule() {
         );
     }
     assert_eq!(sim.client.state(), LeaseState::Active);
+}
+
+/// A first Open refused for now (rate-limited, no-resources) is not retried by the machine: the
+/// refusal, with its retry-after, goes back to whoever asked, who decides whether to wait.
+#[test]
+fn a_transient_denial_of_the_first_open_is_told_with_its_retry_after() {
+    for code in [ResultCode::RateLimited, ResultCode::NoResources] {
+        let mut sim = Sim::new(15);
+        sim.gateway.scripted_denials.push_back((code, Some(30)));
+        sim.run_for(100.0);
+        assert_eq!(sim.client.state(), LeaseState::Failed(code));
+        assert_eq!(sim.sent_of(is_open).len(), 1);
+        assert_eq!(
+            sim.events
+                .iter()
+                .map(|(_, e)| e.clone())
+                .collect::<Vec<_>>(),
+            vec![LeaseEvent::Denied {
+                code,
+                reason: Some(code.name().into()),
+                retry_after: Some(30)
+            }]
+        );
+        assert!(sim.client.is_finished());
+    }
 }
 
 #[test]
@@ -1518,7 +1546,15 @@ fn a_renewal_lost_with_its_connection_is_sent_again_on_the_next_one_at_once() {
     let renews = sim.sent_of(is_renew);
     assert_eq!(renews.len(), 2);
     assert_eq!(renews[1], reconnected_at);
+    // Another attempt of the same request, under the same request id (spec 15).
     assert_ne!(sim.client.in_flight(), Some(first));
+    let ids: Vec<_> = sim
+        .sent
+        .iter()
+        .filter(|(_, m)| is_renew(m))
+        .map(|(_, m)| m.common().request_id)
+        .collect();
+    assert_eq!(ids[0], ids[1]);
     sim.run_for(1.0);
     assert_eq!(sim.client.state(), LeaseState::Active);
 }

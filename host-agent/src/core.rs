@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fwnp_proto::local::{LocalMessage, encode_frame};
-use fwnp_proto::{Message, ResultCode};
+use fwnp_proto::{Message, QuicErrorCode, ResultCode};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -20,6 +20,7 @@ use crate::machine::{Action, AfterDrop, AgentMachine, Input};
 use crate::mirror::{Mirror, MirrorError, elements_of};
 use crate::ports::ProcFs;
 use crate::server::Outbox;
+use fwnp_proto::lease::Attempt;
 
 pub use crate::machine::{ConnId, OPEN_WAIT, Peer};
 
@@ -35,9 +36,8 @@ pub enum CoreInput {
     Answer {
         /// The machine.
         key: u64,
-        /// The request's id: a failure reported after the machine sent the request again
-        /// (on a newer connection) is not that new request's.
-        request_id: Option<u64>,
+        /// The attempt, as the machine named it when it asked for the sending.
+        attempt: Attempt,
         /// The answer.
         result: Result<Message, String>,
     },
@@ -182,11 +182,11 @@ impl Core {
             }
             CoreInput::Answer {
                 key,
-                request_id,
+                attempt,
                 result,
             } => Input::Answer {
                 key,
-                request_id,
+                attempt,
                 result,
             },
             CoreInput::LocalConnected { conn, peer, out } => {
@@ -227,6 +227,7 @@ impl Core {
                 Action::Send {
                     key,
                     request,
+                    attempt,
                     verify_first,
                 } => {
                     let Link::Up(connection) = &self.link else {
@@ -234,7 +235,7 @@ impl Core {
                         // its way to it, and the request's failure with it.
                         let _ = self.tx.send(CoreInput::Answer {
                             key,
-                            request_id: request.common().request_id,
+                            attempt,
                             result: Err("no connection to the gateway".to_owned()),
                         });
                         continue;
@@ -242,7 +243,6 @@ impl Core {
                     let connection = connection.clone();
                     let tx = self.tx.clone();
                     let procfs = self.procfs.clone();
-                    let request_id = request.common().request_id;
                     tokio::spawn(async move {
                         if let Some(check) = verify_first
                             && let Err(reason) = procfs
@@ -258,12 +258,15 @@ impl Core {
                             // (killed, or the path is broken): do not wait for the idle
                             // timeout, reconnect now.
                             warn!("no answer from the gateway within {after:?}; reconnecting");
-                            connection.close(0u32.into(), b"request timed out");
+                            connection.close(
+                                quinn::VarInt::from_u32(QuicErrorCode::RequestTimeout.code()),
+                                b"request timed out",
+                            );
                         }
                         let result = result.map_err(|e| e.to_string());
                         let _ = tx.send(CoreInput::Answer {
                             key,
-                            request_id,
+                            attempt,
                             result,
                         });
                     });
@@ -436,13 +439,13 @@ impl Core {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(CoreInput::Answer {
                     key,
-                    request_id,
+                    attempt,
                     result,
                 })) => {
                     self.machine.handle(
                         Input::Answer {
                             key,
-                            request_id,
+                            attempt,
                             result,
                         },
                         Instant::now(),

@@ -24,9 +24,11 @@ use std::time::{Duration, Instant};
 
 use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
-    Capabilities, Common, Hello, Leases, List, MAX_MESSAGE_SIZE, Message, VERSION, Welcome,
+    Capabilities, Common, Hello, Leases, List, MAX_MESSAGE_SIZE, Message, QuicErrorCode, VERSION,
+    Welcome,
 };
 use fwnp_trust::tls::{ClientOptions, client_transport};
+use quinn::{ReadToEndError, VarInt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
@@ -76,6 +78,9 @@ pub enum ExchangeError {
     /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The answer was longer than any answer may be (spec 5.4); its stream was stopped.
+    #[error("answer longer than {MAX_MESSAGE_SIZE} bytes")]
+    TooLarge,
     /// The answer did not decode.
     #[error("undecodable answer: {0}")]
     Decode(#[from] fwnp_proto::codec::DecodeError),
@@ -86,14 +91,19 @@ pub enum ExchangeError {
     Invalid(#[from] fwnp_proto::validate::ValidationError),
 }
 
-/// Sends `request` on a new bidirectional stream and reads the answer.
+/// Sends `request` on a new bidirectional stream and reads the answer, for at most
+/// [`EXCHANGE_TIMEOUT`]. An answer that does not come in time, or that is longer than
+/// [`MAX_MESSAGE_SIZE`], is refused with STOP_SENDING and the code spec 5.2 gives for it
+/// (`RequestTimeout`, `MessageTooLarge`); the request then counts as unanswered.
 pub async fn exchange(
     connection: &quinn::Connection,
     request: &Message,
 ) -> Result<Message, ExchangeError> {
     let bytes = fwnp_proto::codec::encode(request);
-    let work = async {
-        let (mut send, mut recv) = connection
+    let deadline = tokio::time::Instant::now() + EXCHANGE_TIMEOUT;
+    let timeout = || ExchangeError::Timeout(EXCHANGE_TIMEOUT);
+    let sent = async {
+        let (mut send, recv) = connection
             .open_bi()
             .await
             .map_err(|e| ExchangeError::Stream(e.to_string()))?;
@@ -101,17 +111,28 @@ pub async fn exchange(
             .await
             .map_err(|e| ExchangeError::Stream(e.to_string()))?;
         let _ = send.finish();
-        let answer = recv
-            .read_to_end(MAX_MESSAGE_SIZE)
-            .await
-            .map_err(|e| ExchangeError::Stream(e.to_string()))?;
-        let answer = fwnp_proto::codec::decode(&answer)?;
-        fwnp_proto::validate::validate_message(&answer)?;
-        Ok(answer)
+        Ok::<_, ExchangeError>((send, recv))
     };
-    tokio::time::timeout(EXCHANGE_TIMEOUT, work)
+    // The send half stays until the answer is read: dropping it early changes nothing on the
+    // wire (it is finished), but keeps the stream's two halves' lives together.
+    let (_send, mut recv) = tokio::time::timeout_at(deadline, sent)
         .await
-        .map_err(|_| ExchangeError::Timeout(EXCHANGE_TIMEOUT))?
+        .map_err(|_| timeout())??;
+    let answer = match tokio::time::timeout_at(deadline, recv.read_to_end(MAX_MESSAGE_SIZE)).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(ReadToEndError::TooLong)) => {
+            let _ = recv.stop(VarInt::from_u32(QuicErrorCode::MessageTooLarge.code()));
+            return Err(ExchangeError::TooLarge);
+        }
+        Ok(Err(e)) => return Err(ExchangeError::Stream(e.to_string())),
+        Err(_) => {
+            let _ = recv.stop(VarInt::from_u32(QuicErrorCode::RequestTimeout.code()));
+            return Err(timeout());
+        }
+    };
+    let answer = fwnp_proto::codec::decode(&answer)?;
+    fwnp_proto::validate::validate_message(&answer)?;
+    Ok(answer)
 }
 
 /// Why a connection attempt failed.
@@ -640,6 +661,11 @@ async fn follow(
         .await
         {
             Ok(Ok(bytes)) => bytes,
+            Ok(Err(ReadToEndError::TooLong)) => {
+                debug!("discarded a notice longer than {MAX_MESSAGE_SIZE} bytes");
+                let _ = stream.stop(VarInt::from_u32(QuicErrorCode::MessageTooLarge.code()));
+                continue;
+            }
             Ok(Err(e)) => {
                 debug!("notice stream failed: {e}");
                 continue;

@@ -25,7 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fwnp_proto::lease::{GrantedLease, LeaseEvent, LeaseMachine, LeaseState};
+use fwnp_proto::lease::{Attempt, GrantedLease, LeaseEvent, LeaseMachine, LeaseState};
 use fwnp_proto::local::{
     DenialCode, Event, EventKind, LocalCode, LocalDenied, LocalMessage, StatusAnswer, Watching,
 };
@@ -115,9 +115,10 @@ pub enum Input {
     Answer {
         /// The lease.
         key: Key,
-        /// The request's id: a failure reported after the machine sent the request again
-        /// (on a newer connection) is not that new request's.
-        request_id: Option<u64>,
+        /// The attempt, as [`Action::Send`] named it: a failure reported after the machine sent
+        /// the request again (on a newer connection, under the same request id) is not the
+        /// newer attempt's.
+        attempt: Attempt,
         /// The answer, or why none came.
         result: Result<Message, String>,
     },
@@ -213,6 +214,8 @@ pub enum Action {
         key: Key,
         /// The request.
         request: Message,
+        /// Which attempt this is, to give back with its answer.
+        attempt: Attempt,
         /// The check to pass first.
         verify_first: Option<PortCheck>,
     },
@@ -592,7 +595,7 @@ impl AgentMachine {
             Input::LinkDown { reason } => self.on_disconnected(reason),
             Input::Answer {
                 key,
-                request_id,
+                attempt,
                 result,
             } => {
                 if self.stopping && result.is_err() {
@@ -603,7 +606,7 @@ impl AgentMachine {
                 if let Some(held) = self.leases.get_mut(&key) {
                     match result {
                         Ok(answer) => held.machine.handle_answer(now, &answer, &mut self.rng),
-                        Err(e) if held.machine.in_flight() == request_id => {
+                        Err(e) if held.machine.in_flight() == Some(attempt) => {
                             debug!(key, "request failed: {e}");
                             held.machine.connection_lost(now, &mut self.rng);
                         }
@@ -721,10 +724,20 @@ impl AgentMachine {
 
     fn on_connected(&mut self, gateway: String, welcome: Welcome, listed: Leases, now: Instant) {
         self.last_link_error = None;
+        // The List went after the Welcome: if the gateway's state was replaced between the two,
+        // its epoch is the newer one, and the leases it lists are of that state (spec 12).
+        let epoch = listed.epoch;
+        if epoch != welcome.epoch {
+            info!(
+                welcome = format_args!("{:016x}", welcome.epoch),
+                list = format_args!("{epoch:016x}"),
+                "the gateway's epoch changed between its Welcome and its List"
+            );
+        }
         // Another gateway of the same cluster (the same epoch) holds the same leases: a
         // failover, not a loss.
         let failover = self.synced_once
-            && self.epoch == Some(welcome.epoch)
+            && self.epoch == Some(epoch)
             && self.gateway.as_ref().is_some_and(|g| *g != gateway);
         if failover {
             info!(
@@ -735,15 +748,15 @@ impl AgentMachine {
         }
         self.gateway = Some(gateway);
         if let Some(old) = self.epoch
-            && old != welcome.epoch
+            && old != epoch
         {
             warn!(
                 old = format_args!("{old:016x}"),
-                new = format_args!("{:016x}", welcome.epoch),
+                new = format_args!("{:016x}", epoch),
                 "the gateway's epoch changed: it lost its leases; re-requesting what applications hold"
             );
         }
-        self.epoch = Some(welcome.epoch);
+        self.epoch = Some(epoch);
         self.identity = Some(welcome.identity.clone());
         self.offered = Some(Offered {
             capabilities: welcome.capabilities,
@@ -752,7 +765,7 @@ impl AgentMachine {
         });
         self.link_up = true;
         self.actions.push_back(Action::Record {
-            epoch: welcome.epoch,
+            epoch,
             identity: welcome.identity.clone(),
         });
 
@@ -812,9 +825,9 @@ impl AgentMachine {
                 .iter()
                 .filter(|(_, h)| {
                     matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
-                        && h.machine.lease().is_some_and(|l| {
-                            l.epoch == welcome.epoch && !at_gateway.contains(&l.id)
-                        })
+                        && h.machine
+                            .lease()
+                            .is_some_and(|l| l.epoch == epoch && !at_gateway.contains(&l.id))
                 })
                 .map(|(k, _)| *k)
                 .collect();
@@ -827,7 +840,7 @@ impl AgentMachine {
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
             if let Some(held) = self.leases.get_mut(&key) {
-                held.machine.epoch_observed(now, welcome.epoch);
+                held.machine.epoch_observed(now, epoch);
                 // Requests lost with the old connection, and retries waiting for a gateway,
                 // go on this one now.
                 held.machine.reconnected(now, &mut self.rng);
@@ -899,10 +912,13 @@ impl AgentMachine {
             .as_ref()
             .filter(|o| recheck && !o.targets.is_empty())
             .map(Owner::check);
-        if let Some(request) = request {
+        if let Some(request) = request
+            && let Some(attempt) = held.machine.in_flight()
+        {
             self.actions.push_back(Action::Send {
                 key,
                 request,
+                attempt,
                 verify_first,
             });
         }
@@ -1050,6 +1066,9 @@ impl AgentMachine {
                 let requests = std::mem::take(&mut held.release_requests);
                 let conn = held.conn;
                 let known = lease.or(held.ids.last().copied());
+                // The event names the lease by the id its application knows (local API 6.3):
+                // a re-open's lease whose ports failed their check was never told to it.
+                let told = held.ids.last().copied().or(lease);
                 let mirrored = std::mem::take(&mut held.mirrored);
                 let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| (c, requests));
                 // Answered once the host table let go; without elements, right after the event.
@@ -1070,7 +1089,7 @@ impl AgentMachine {
                     .leases
                     .get_mut(&key)
                     .and_then(|h| h.ended_by_agent.take());
-                match (known, ended_by_agent) {
+                match (told, ended_by_agent) {
                     // The application did not let go: its port stopped being its own.
                     (Some(lease), Some(reason)) => self.emit(
                         key,
@@ -1169,11 +1188,11 @@ impl AgentMachine {
                 self.mirror_granted(key, lease, replaces, now);
             }
             Err(reason) => {
-                // The caller knows a re-opened lease by its old id.
+                // The caller knows a re-opened lease by its old id: that one is last, the id
+                // its events name.
                 for id in [Some(lease.id), replaces].into_iter().flatten() {
-                    if !held.ids.contains(&id) {
-                        held.ids.push(id);
-                    }
+                    held.ids.retain(|known| *known != id);
+                    held.ids.push(id);
                 }
                 self.end_unowned(key, reason, now);
             }
@@ -1328,7 +1347,31 @@ impl AgentMachine {
             }
             return;
         };
-        let Some(granted) = current else { return };
+        let Some(granted) = current else {
+            // The lease ended between its Granted and the host table's answer (a Revoked
+            // notice, perhaps one that overtook the Granted): the Open is answered now, not
+            // left to run out its wait as if the gateway had not answered.
+            let state = held.machine.state();
+            if state.is_terminal() {
+                held.open_request = None;
+                if let Some(conn) = held.conn {
+                    let (code, reason) = match state {
+                        LeaseState::Revoked(why) => (
+                            ResultCode::DeniedByPolicy,
+                            format!(
+                                "the gateway revoked the lease before it took effect ({why:?})"
+                            ),
+                        ),
+                        _ => (
+                            ResultCode::NoResources,
+                            "the lease ended before it took effect".to_owned(),
+                        ),
+                    };
+                    self.deny(conn, request_id, DenialCode::Wire(code), reason, None);
+                }
+            }
+            return;
+        };
         held.open_request = None;
         let Some(conn) = held.conn else { return };
         match result {
@@ -1460,7 +1503,9 @@ impl AgentMachine {
                     agent_version: env!("CARGO_PKG_VERSION").to_owned(),
                     gateway: match (&self.gateway, self.link_up) {
                         (Some(gateway), true) => gateway.clone(),
-                        _ => fit_status_reason(self.config.gateway.gateways.describe()),
+                        _ => {
+                            fwnp_proto::codec::reason_text(&self.config.gateway.gateways.describe())
+                        }
                     },
                     connected: self.link_up,
                     epoch: self.epoch,
@@ -1469,11 +1514,11 @@ impl AgentMachine {
                     leases: live as u64,
                     last_error: match self.link_up {
                         true => None,
-                        false => Some(fit_status_reason(
+                        false => Some(
                             self.last_link_error
                                 .clone()
                                 .unwrap_or_else(|| "no connection attempt has ended yet".into()),
-                        )),
+                        ),
                     },
                     api_version: Some(fwnp_proto::local::API_VERSION),
                 };
@@ -1758,8 +1803,9 @@ impl AgentMachine {
     // -----------------------------------------------------------------------------------------
     // Output
 
-    fn reply(&mut self, conn: ConnId, message: LocalMessage) {
+    fn reply(&mut self, conn: ConnId, mut message: LocalMessage) {
         if self.conns.contains_key(&conn) {
+            fit_reasons(&mut message);
             self.actions.push_back(Action::Reply { conn, message });
         }
     }
@@ -1817,10 +1863,23 @@ impl AgentMachine {
             code,
             new_lease,
         };
-        self.actions.push_back(Action::Reply {
-            conn,
-            message: LocalMessage::Event(event),
-        });
+        self.reply(conn, LocalMessage::Event(event));
+    }
+}
+
+/// Cuts the texts a caller is given to the 512 bytes the local API allows them (local API 3,
+/// 6.1, 7.2): reasons are made of what the agent met (gateways' names, QUIC close texts, kernel
+/// errors), whose length nothing bounds.
+fn fit_reasons(message: &mut LocalMessage) {
+    let text = match message {
+        LocalMessage::Denied(denied) => &mut denied.reason,
+        LocalMessage::Wire(Message::Denied(denied)) => &mut denied.reason,
+        LocalMessage::Event(event) => &mut event.reason,
+        LocalMessage::StatusAnswer(status) => &mut status.last_error,
+        _ => return,
+    };
+    if let Some(text) = text {
+        *text = fwnp_proto::codec::reason_text(text);
     }
 }
 
@@ -1829,19 +1888,6 @@ fn common(request_id: u64) -> Common {
         request_id: Some(request_id),
         critical: Vec::new(),
     }
-}
-
-/// A reason cut to the local API's bound for texts (512 bytes), on a character boundary.
-fn fit_status_reason(mut reason: String) -> String {
-    const MAX: usize = 512;
-    if reason.len() > MAX {
-        let mut end = MAX;
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason.truncate(end);
-    }
-    reason
 }
 
 /// The names of the capability bits in `bits` (spec Section 14), for a refusal's reason.

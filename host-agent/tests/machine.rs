@@ -3,6 +3,7 @@
 //! answers and events for callers) is checked. A scripted gateway answers its requests. No
 //! sockets, no sleeping, no kernel: every run is the same.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use fwnp_agent::config::AgentConfig;
 use fwnp_agent::machine::{Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer};
 use fwnp_agent::mirror::MirrorError;
 use fwnp_agent::ports::{CallerProcess, PortNotOwned, ProcFs};
+use fwnp_proto::lease::Attempt;
 use fwnp_proto::local::{DenialCode, EventKind, LocalCode, LocalMessage, Status, Watch};
 use fwnp_proto::{
     AppInfo, Capabilities, Common, Denied, Epoch, EpochChanged, Grant, Granted, HostAddresses,
@@ -70,6 +72,8 @@ struct Sim {
     machine: AgentMachine,
     now: Instant,
     next_lease: u8,
+    /// The latest attempt of each key's requests, from the machine's sends.
+    attempts: HashMap<Key, Attempt>,
 }
 
 impl Sim {
@@ -85,6 +89,7 @@ impl Sim {
             machine: AgentMachine::new(Arc::new(config), rng, now),
             now,
             next_lease: 1,
+            attempts: HashMap::new(),
         }
     }
 
@@ -94,7 +99,31 @@ impl Sim {
     }
 
     fn actions(&mut self) -> Vec<Action> {
-        std::iter::from_fn(|| self.machine.poll_action()).collect()
+        let actions: Vec<Action> = std::iter::from_fn(|| self.machine.poll_action()).collect();
+        for action in &actions {
+            if let Action::Send { key, attempt, .. } = action {
+                self.attempts.insert(*key, *attempt);
+            }
+        }
+        actions
+    }
+
+    /// The latest attempt sent for `key`.
+    fn attempt(&self, key: Key) -> Attempt {
+        *self
+            .attempts
+            .get(&key)
+            .expect("a request was sent for the key")
+    }
+
+    /// Gives the machine `result` as the outcome of the latest attempt sent for `key`.
+    fn answer(&mut self, key: Key, result: Result<Message, String>) -> Vec<Action> {
+        let attempt = self.attempt(key);
+        self.input(Input::Answer {
+            key,
+            attempt,
+            result,
+        })
     }
 
     /// Moves the clock to `now + by`, waking the machine whenever it asked to be woken on the
@@ -189,11 +218,7 @@ impl Sim {
         });
         let (key, request) = single_send(&actions);
         assert!(matches!(request, Message::Open(_)), "{request:?}");
-        let actions = self.input(Input::Answer {
-            key,
-            request_id: request.common().request_id,
-            result: Ok(granted(&request, lease, port, epoch)),
-        });
+        let actions = self.answer(key, Ok(granted(&request, lease, port, epoch)));
         assert_eq!(
             mirror_holds(&actions),
             vec![(key, Some(lease))],
@@ -423,11 +448,7 @@ fn reconnect_resumes_renewals_without_reopening() {
         "{actions:?}"
     );
 
-    let actions = sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, lease, 8080, EPOCH)),
-    });
+    let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
     assert_eq!(mirror_holds(&actions), vec![(key, None)]);
     match &events(&actions)[..] {
         [(APP, e)] => {
@@ -449,6 +470,7 @@ fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
     let key = sim.open_granted(APP, 8080, lease, EPOCH);
     let (_, first, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
     assert!(matches!(first, Message::Renew(_)), "{first:?}");
+    let first_attempt = sim.attempt(key);
 
     sim.input(Input::LinkDown {
         reason: "reset".into(),
@@ -456,20 +478,18 @@ fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
     let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 30)]);
     let (_, second) = single_send(&actions);
     assert!(matches!(second, Message::Renew(_)), "{second:?}");
-    assert_ne!(first.common().request_id, second.common().request_id);
+    // The same request, unanswered, goes again under its id (spec 15), as another attempt.
+    assert_eq!(first.common().request_id, second.common().request_id);
+    assert_ne!(sim.attempt(key), first_attempt);
 
     // The first exchange's failure arrives late: nothing is sent a third time.
     let actions = sim.input(Input::Answer {
         key,
-        request_id: first.common().request_id,
+        attempt: first_attempt,
         result: Err("connection lost".into()),
     });
     assert!(sends(&actions).is_empty(), "{actions:?}");
-    let actions = sim.input(Input::Answer {
-        key,
-        request_id: second.common().request_id,
-        result: Ok(granted(&second, lease, 8080, EPOCH)),
-    });
+    let actions = sim.answer(key, Ok(granted(&second, lease, 8080, EPOCH)));
     assert_eq!(events(&actions)[0].1.kind, EventKind::Renewed);
 }
 
@@ -497,11 +517,7 @@ fn reconnect_reopens_a_lease_the_gateway_forgot() {
     assert!(matches!(request, Message::Open(_)), "{request:?}");
 
     let new = sim.fresh_lease();
-    let actions = sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, new, 8080, EPOCH)),
-    });
+    let actions = sim.answer(key, Ok(granted(&request, new, 8080, EPOCH)));
     assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
     match &events(&actions)[..] {
         [(APP, e)] => {
@@ -517,6 +533,43 @@ fn reconnect_reopens_a_lease_the_gateway_forgot() {
         result: Ok(()),
     });
     assert!(actions.is_empty(), "{actions:?}");
+}
+
+/// The gateway revokes a lease while the host's table is still taking it, before its Open was
+/// answered: the Open is refused at once, not after its wait as if the gateway were silent.
+#[test]
+fn an_open_whose_lease_is_revoked_before_it_took_effect_is_refused_at_once() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
+    sim.input(Input::Notice(Message::Revoked(fwnp_proto::Revoked {
+        common: Common::default(),
+        lease,
+        reason: fwnp_proto::RevokeReason::Operator,
+        text: None,
+    })));
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Ok(()),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::DeniedByPolicy));
+            assert_eq!(d.common.request_id, Some(3));
+        }
+        other => panic!("expected a refusal at once, got {other:?}"),
+    }
+    let actions = sim.advance(fwnp_agent::machine::OPEN_WAIT + IDLE_TICK);
+    assert!(denials(&actions).is_empty(), "answered once: {actions:?}");
 }
 
 /// A lease the gateway's list lacks is opened again, and its retries stop at its expiry (spec
@@ -578,11 +631,7 @@ fn epoch_change_reopens_every_lease() {
 
     for ((key, request), (old, port)) in reopened.into_iter().zip([(first, 8080), (second, 8443)]) {
         let new = sim.fresh_lease();
-        let actions = sim.input(Input::Answer {
-            key,
-            request_id: request.common().request_id,
-            result: Ok(granted(&request, new, port, NEW_EPOCH)),
-        });
+        let actions = sim.answer(key, Ok(granted(&request, new, port, NEW_EPOCH)));
         assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
         match &events(&actions)[..] {
             [(APP, e)] => {
@@ -630,17 +679,44 @@ fn a_new_epoch_in_the_welcome_reopens_the_lease() {
     assert_eq!(to, key);
     assert!(matches!(request, Message::Open(_)), "{request:?}");
     let new = sim.fresh_lease();
-    let actions = sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, new, 8080, NEW_EPOCH)),
-    });
+    let actions = sim.answer(key, Ok(granted(&request, new, 8080, NEW_EPOCH)));
     let reopened: Vec<_> = events(&actions)
         .into_iter()
         .filter(|(_, e)| e.kind == EventKind::Reopened)
         .collect();
     assert_eq!(reopened.len(), 1, "{actions:?}");
     assert_eq!(reopened[0].1.new_lease, Some(new));
+}
+
+/// The gateway's state is replaced between a reconnection's Welcome and its List: the List's
+/// epoch is the newer one, and a lease of the old epoch is opened again (spec 12), although the
+/// Welcome still carried the lease's epoch.
+#[test]
+fn a_new_epoch_in_the_list_reopens_the_lease() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "gateway restarted".into(),
+    });
+    let actions = sim.input(Input::LinkUp {
+        gateway: GATEWAY_A.into(),
+        welcome: Box::new(welcome(EPOCH)),
+        leases: Leases {
+            common: Common::default(),
+            leases: Vec::new(),
+            epoch: NEW_EPOCH,
+        },
+    });
+    let (to, request) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(request, Message::Open(_)), "{request:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let new = sim.fresh_lease();
+    let actions = sim.answer(key, Ok(granted(&request, new, 8080, NEW_EPOCH)));
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
 }
 
 /// The gateway refuses a renewal for good: the caller hears renewal-refused with the code and
@@ -658,10 +734,9 @@ fn a_refused_renewal_ends_the_lease_at_its_expiry() {
     assert!(events(&actions).is_empty(), "{actions:?}");
     assert!(matches!(renew, Message::Renew(_)), "{renew:?}");
     let sent_at = sim.now;
-    let actions = sim.input(Input::Answer {
+    let actions = sim.answer(
         key,
-        request_id: renew.common().request_id,
-        result: Ok(Message::Denied(Denied {
+        Ok(Message::Denied(Denied {
             common: common(renew.common().request_id.unwrap_or(0)),
             code: ResultCode::NotAuthorized,
             reason: Some("this gateway renews nothing".into()),
@@ -669,7 +744,7 @@ fn a_refused_renewal_ends_the_lease_at_its_expiry() {
             lease: Some(lease),
             unsupported: Vec::new(),
         })),
-    });
+    );
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
     let refused = match &events(&actions)[..] {
         [(APP, e)] => e.clone(),
@@ -806,11 +881,7 @@ fn the_earlier_run_waits_for_an_open_in_flight() {
         "{actions:?}"
     );
     // The gateway gives the caller that very lease: it is not released.
-    sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, earlier, 8080, EPOCH)),
-    });
+    sim.answer(key, Ok(granted(&request, earlier, 8080, EPOCH)));
     sim.input(Input::MirrorLanded {
         key,
         lease: earlier,
@@ -1011,6 +1082,63 @@ fn an_unanswered_open_is_refused_after_its_wait() {
     assert!(mirror_holds(&actions).is_empty());
 }
 
+/// The texts a caller is given stay within the local API's 512 bytes, however long what they
+/// are made of: here the list of thirty configured gateways an Open is refused with while none
+/// is connected, and the Status's last error.
+#[test]
+fn texts_given_to_callers_fit_the_local_api() {
+    let names: Vec<String> = (0..30)
+        .map(|n| format!("\"gateway-{n:02}.a-rather-long-site-name.example.org:4433\""))
+        .collect();
+    let config = CONFIG.replace(
+        "address = \"198.51.100.1:4433\"",
+        &format!("addresses = [{}]", names.join(", ")),
+    );
+    let mut sim = Sim::with(&config);
+    sim.input(Input::LinkFailed {
+        reason: "x".repeat(2000),
+    });
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    let reason = match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.code, DenialCode::Local(LocalCode::GatewayUnreachable));
+            d.reason.clone().expect("a reason")
+        }
+        other => panic!("expected gateway-unreachable, got {other:?}"),
+    };
+    assert!(
+        reason.starts_with("no connection to the gateway"),
+        "{reason}"
+    );
+    assert_eq!(reason.len(), 512);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Status(Status { common: common(4) }),
+    });
+    let status = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::Reply {
+                message: LocalMessage::StatusAnswer(s),
+                ..
+            } => Some(s.clone()),
+            _ => None,
+        })
+        .expect("a StatusAnswer");
+    assert_eq!(status.last_error.map(|e| e.len()), Some(512));
+    // What the agent sends, a client's decoder takes.
+    for action in &actions {
+        if let Action::Reply { message, .. } = action {
+            let body = fwnp_proto::local::encode_body(message);
+            fwnp_proto::local::decode_frame_body(&body).expect("a valid frame");
+        }
+    }
+}
+
 /// Two callers hold the same lease (the gateway merged their identical openings): the first
 /// to let go is answered without a Release reaching the gateway; the last one's Release goes
 /// out, and it is answered only once the host table let go.
@@ -1062,14 +1190,13 @@ fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
     let (key, request) = single_send(&actions);
     assert_eq!(key, second);
     assert!(matches!(request, Message::Release(Release { lease: l, .. }) if l == lease));
-    sim.input(Input::Answer {
+    sim.answer(
         key,
-        request_id: request.common().request_id,
-        result: Ok(Message::Released(Released {
+        Ok(Message::Released(Released {
             common: request.common().clone(),
             lease,
         })),
-    });
+    );
     assert!(!sim.machine.holds_leases() || sim.machine.earliest_expiry().is_none());
 }
 
@@ -1107,11 +1234,7 @@ fn shutdown_releases_every_lease() {
     assert!(events(&actions).is_empty(), "{actions:?}");
     for (key, request) in released {
         assert!(matches!(request, Message::Release(_)), "{request:?}");
-        sim.input(Input::Answer {
-            key,
-            request_id: request.common().request_id,
-            result: Err("connection lost".into()),
-        });
+        sim.answer(key, Err("connection lost".into()));
     }
     assert!(!sim.machine.holds_leases());
 }
@@ -1194,11 +1317,7 @@ fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
     });
     let (key, request) = single_send(&actions);
     let lease = sim.fresh_lease();
-    sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, lease, 8080, EPOCH)),
-    });
+    sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
     sim.input(Input::MirrorLanded {
         key,
         lease,
@@ -1232,11 +1351,7 @@ fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
         verify.map(|c| c.targets),
         Some(vec![(Protocol::Tcp, PortRange::single(8080))])
     );
-    sim.input(Input::Answer {
-        key,
-        request_id: renew.common().request_id,
-        result: Ok(granted(&renew, lease, 8080, EPOCH)),
-    });
+    sim.answer(key, Ok(granted(&renew, lease, 8080, EPOCH)));
 
     // Another process took the port: the lease ends.
     let actions = sim.input(Input::OwnerLost {
@@ -1273,11 +1388,7 @@ fn a_lease_the_host_table_refuses_is_released_and_refused() {
     });
     let (key, request) = single_send(&actions);
     let lease = sim.fresh_lease();
-    sim.input(Input::Answer {
-        key,
-        request_id: request.common().request_id,
-        result: Ok(granted(&request, lease, 8080, EPOCH)),
-    });
+    sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
     let actions = sim.input(Input::MirrorLanded {
         key,
         lease,
@@ -1340,11 +1451,7 @@ fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
             g.grants.push(grant(8443));
             g.grants.push(grant(8080));
         }
-        let actions = sim.input(Input::Answer {
-            key,
-            request_id: request.common().request_id,
-            result: Ok(answer),
-        });
+        let actions = sim.answer(key, Ok(answer));
         assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
         assert!(
             !actions.iter().any(|a| matches!(a, Action::Reply { .. })),
@@ -1405,6 +1512,98 @@ fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
     assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease.id));
 }
 
+/// An application id's lease is re-opened (a new epoch), and the new grant's ports are no
+/// longer the caller's: the lease ends with the event lost, naming the id the application
+/// knows, not the new one it was never told of (local API 6.3).
+#[test]
+fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id() {
+    let mut sim = Sim::with(VERIFYING);
+    sim.link_up(EPOCH, Vec::new());
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    sim.input(Input::CallerConnected {
+        conn: APP,
+        peer: Peer {
+            process: Some(me),
+            ..peer()
+        },
+    });
+    sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Watch(Watch {
+            common: common(1),
+            lease: None,
+        }),
+    });
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Wire(Message::Open(Open {
+            common: common(20),
+            opening: Opening {
+                target: Target::App("web".into()),
+                ..opening(0)
+            },
+            lifetime: Some(LIFETIME),
+            app: None,
+        })),
+    });
+    let (key, request) = single_send(&actions);
+    let first = sim.fresh_lease();
+    let actions = sim.answer(key, Ok(granted(&request, first, 8080, EPOCH)));
+    let Some(Action::CheckGrants { lease, check, .. }) = actions.into_iter().next() else {
+        panic!("the grants are checked first");
+    };
+    sim.input(Input::GrantsChecked {
+        key,
+        lease,
+        replaces: None,
+        result: Ok(check.targets),
+    });
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease: first,
+        result: Ok(()),
+    });
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Reply { message: LocalMessage::Wire(Message::Granted(g)), .. } if g.lease == first)),
+        "{actions:?}"
+    );
+
+    // The gateway lost its state: the lease is opened again, and granted under a new id.
+    sim.input(Input::LinkDown {
+        reason: "gateway restarted".into(),
+    });
+    let actions = sim.link_up(NEW_EPOCH, Vec::new());
+    let (_, reopen) = single_send(&actions);
+    let second = sim.fresh_lease();
+    let actions = sim.answer(key, Ok(granted(&reopen, second, 8080, NEW_EPOCH)));
+    let Some(Action::CheckGrants {
+        lease, replaces, ..
+    }) = actions.into_iter().next()
+    else {
+        panic!("the re-open's grants are checked first");
+    };
+    assert_eq!(replaces, Some(first));
+    let actions = sim.input(Input::GrantsChecked {
+        key,
+        lease,
+        replaces,
+        result: Err(PortNotOwned::Nobody {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(8080),
+            waited: Duration::ZERO,
+        }),
+    });
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!(e.kind, EventKind::Lost, "{e:?}");
+            assert_eq!(e.lease, first, "the id the application knows");
+            assert_eq!(e.code, Some(DenialCode::Local(LocalCode::PortNotOwned)));
+        }
+        other => panic!("expected one lost event, got {other:?}"),
+    }
+}
+
 fn status(sim: &mut Sim) -> fwnp_proto::local::StatusAnswer {
     let actions = sim.input(Input::Request {
         conn: APP,
@@ -1463,11 +1662,7 @@ fn failover_to_another_gateway_renews_every_lease_at_once_without_reopening() {
         } else {
             (second, 8081)
         };
-        let answer = sim.input(Input::Answer {
-            key,
-            request_id: request.common().request_id,
-            result: Ok(granted(&request, lease, port, EPOCH)),
-        });
+        let answer = sim.answer(key, Ok(granted(&request, lease, port, EPOCH)));
         assert_eq!(mirror_holds(&answer), vec![(key, None)], "{answer:?}");
         match &events(&answer)[..] {
             [(APP, e)] => assert_eq!((e.kind, e.lease), (EventKind::Renewed, lease)),
@@ -1501,10 +1696,9 @@ fn failover_renewal_answered_unknown_lease_opens_that_lease_again() {
     let (to, renew) = single_send(&actions);
     assert_eq!(to, key);
     assert!(matches!(renew, Message::Renew(_)), "{renew:?}");
-    let actions = sim.input(Input::Answer {
+    let actions = sim.answer(
         key,
-        request_id: renew.common().request_id,
-        result: Ok(Message::Denied(Denied {
+        Ok(Message::Denied(Denied {
             common: common(renew.common().request_id.unwrap_or(0)),
             code: ResultCode::UnknownLease,
             reason: None,
@@ -1512,7 +1706,7 @@ fn failover_renewal_answered_unknown_lease_opens_that_lease_again() {
             lease: Some(lease),
             unsupported: Vec::new(),
         })),
-    });
+    );
     let (to, open) = single_send(&actions);
     assert_eq!(to, key);
     assert!(matches!(open, Message::Open(_)), "{open:?}");

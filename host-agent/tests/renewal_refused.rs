@@ -4,7 +4,9 @@
 //! scripted gateway: a real QUIC endpoint with the gateway's TLS configuration and certificates,
 //! which grants Opens and refuses every Renew with not-authorized. No root needed (mirror off).
 //! The same gateway, made to grant a reversed port range first, shows that the agent refuses an
-//! invalid grant (spec 9.4).
+//! invalid grant (spec 9.4); made to answer an Open with more bytes than an answer may have, it
+//! shows that the agent stops that stream with `MessageTooLarge` and sends the request again
+//! under the same request id (spec 5.2, 15).
 
 mod common;
 
@@ -32,6 +34,12 @@ struct Seen {
     opens: u32,
     /// Opens still to be granted an invalid grant (a reversed port range).
     invalid_grants: u32,
+    /// Opens still to be answered with more than 16,384 bytes.
+    oversized_answers: u32,
+    /// The request id of each Open, in order.
+    open_ids: Vec<Option<u64>>,
+    /// The codes with which the agent stopped the oversized answers' streams.
+    stop_codes: Vec<u64>,
     /// Requests that did not decode, or that the script does not expect.
     unexpected: Vec<String>,
     granted: HashMap<LeaseId, (Grant, u64)>,
@@ -193,6 +201,19 @@ async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
                         return;
                     };
                     let reply = match fwnp_proto::codec::decode(&bytes) {
+                        Ok(request) if oversized(&request, &seen) => {
+                            let too_long = vec![0xa0; fwnp_proto::MAX_MESSAGE_SIZE + 4096];
+                            let code = match send.write_all(&too_long).await {
+                                Err(quinn::WriteError::Stopped(code)) => Some(code),
+                                _ => send.stopped().await.ok().flatten(),
+                            };
+                            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                            match code {
+                                Some(code) => seen.stop_codes.push(code.into_inner()),
+                                None => seen.unexpected.push("an oversized answer was read".into()),
+                            }
+                            return;
+                        }
                         Ok(request) => answer(&request, remote, &seen),
                         Err(e) => {
                             let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -206,6 +227,20 @@ async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
             }
         });
     }
+}
+
+/// Records an Open's request id, and says whether its answer is to be oversized.
+fn oversized(request: &Message, seen: &Mutex<Seen>) -> bool {
+    let Message::Open(open) = request else {
+        return false;
+    };
+    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    seen.open_ids.push(open.common.request_id);
+    if seen.oversized_answers == 0 {
+        return false;
+    }
+    seen.oversized_answers -= 1;
+    true
 }
 
 /// A real `fwnp-agent` connected to the scripted gateway, which answers as `seen` says.
@@ -352,6 +387,53 @@ fn an_invalid_grant_is_refused_and_the_open_asked_again() {
     );
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(seen.opens, 2, "the invalid grant was taken as no answer");
+    assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
+    drop(listener);
+}
+
+/// An answer longer than 16,384 bytes is refused: the agent stops its stream with
+/// `MessageTooLarge` (spec 5.2) and, the request being unanswered, sends it again under the same
+/// request id (spec 15); the application gets the grant of the second attempt.
+#[test]
+fn an_oversized_answer_is_stopped_and_the_request_sent_again_under_its_id() {
+    let seen = Arc::new(Mutex::new(Seen {
+        oversized_answers: 1,
+        ..Seen::default()
+    }));
+    let scripted = Scripted::start("oversized-answer", seen.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut client = LocalClient::connect(&scripted.socket);
+    let granted = match client.open(Protocol::Tcp, port, None, STEP) {
+        LocalMessage::Wire(Message::Granted(granted)) => granted,
+        other => panic!("Open answered with {other:?}"),
+    };
+    assert_eq!(granted.grants[0].ports, PortRange::single(port));
+    // The stop may reach the scripted gateway after the retry's answer: wait for it, bounded.
+    let deadline = Instant::now() + STEP;
+    while seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .stop_codes
+        .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the oversized answer was never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(
+        seen.stop_codes,
+        vec![u64::from(fwnp_proto::QuicErrorCode::MessageTooLarge.code())]
+    );
+    assert_eq!(seen.open_ids.len(), 2, "{:?}", seen.open_ids);
+    assert!(seen.open_ids[0].is_some());
+    assert_eq!(
+        seen.open_ids[0], seen.open_ids[1],
+        "the retry reuses the id"
+    );
     assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
     drop(listener);
 }
