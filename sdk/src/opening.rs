@@ -5,9 +5,11 @@ use std::net::IpAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
+use fwnp_proto::local::{self, LocalMessage};
 use fwnp_proto::validate::{self, MAX_APP_NAME_LEN, ValidationError};
 use fwnp_proto::{
-    AppInfo, Family, HostAddresses, MAX_LIFETIME_SECS, PortRange, Prefix, Protocol, Target,
+    AppInfo, Common, Family, HostAddresses, MAX_LIFETIME_SECS, Message, Open, PortRange, Prefix,
+    Protocol, Target,
 };
 
 /// Why an [`Opening`] cannot be sent: found on this host, before the agent is asked.
@@ -55,6 +57,15 @@ pub enum OpeningError {
         /// Its length in bytes.
         len: usize,
         /// The limit.
+        max: usize,
+    },
+    /// The request asking for the opening would be larger than the agent reads (16,384
+    /// bytes): too many remote prefixes or host addresses for one request. Split the opening.
+    #[error("the request for this opening is {bytes} bytes long; the agent reads at most {max}")]
+    TooLarge {
+        /// The encoded request's length.
+        bytes: usize,
+        /// [`fwnp_proto::local::MAX_FRAME_BODY_LEN`].
         max: usize,
     },
     /// A textual opening (`tcp/8080`) could not be read.
@@ -466,6 +477,25 @@ impl Opening {
                 ..AppInfo::default()
             }),
         };
+        // Measured with the largest request id, so that whatever id the client gives it, the
+        // Open fits in a frame (local API 3): a longer one would cost the connection, and every
+        // lease on it.
+        let open = LocalMessage::Wire(Message::Open(Open {
+            common: Common {
+                request_id: Some(u64::MAX),
+                critical: Vec::new(),
+            },
+            opening: opening.clone(),
+            lifetime,
+            app: app.clone(),
+        }));
+        let bytes = local::encode_body(&open).len();
+        if bytes > local::MAX_FRAME_BODY_LEN {
+            return Err(OpeningError::TooLarge {
+                bytes,
+                max: local::MAX_FRAME_BODY_LEN,
+            });
+        }
         Ok((opening, lifetime, app))
     }
 }
@@ -606,6 +636,25 @@ mod tests {
             Opening::tcp(1).name("x".repeat(257)).check(),
             Err(OpeningError::NameTooLong { len: 257, .. })
         ));
+    }
+
+    /// An opening whose request would not fit in one frame is refused before it is sent: the
+    /// agent would close the connection, and every lease on it would end.
+    #[test]
+    fn an_opening_too_large_for_one_frame_is_refused() {
+        let with_remotes = |n: u32| {
+            (0..n).fold(Opening::tcp(443), |o, i| {
+                o.from(IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            })
+        };
+        assert!(with_remotes(1_500).check().is_ok());
+        let err = with_remotes(2_100).check().unwrap_err();
+        match err {
+            OpeningError::TooLarge { bytes, max } => {
+                assert!(bytes > max && max == 16_384, "{bytes} {max}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

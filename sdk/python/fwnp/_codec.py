@@ -32,9 +32,9 @@ WIRE_ONLY = {
     1: "hello",
     2: "welcome",
     4: "renew",
-    20: "revoked",
-    21: "epoch-changed",
-    22: "going-away",
+    32: "revoked",
+    33: "epoch-changed",
+    34: "going-away",
 }
 NAMES = {
     OPEN: "open",
@@ -843,6 +843,26 @@ def decode_answer(body: bytes) -> Message | None:
             if denial is not None:
                 return denial
         raise
+
+
+def peek_request_id(body: bytes) -> int | None:
+    """The request id (key 1) of a frame body that is a well-formed CBOR map holding it once
+    as an unsigned integer, whatever else is wrong with the message; otherwise None. It tells
+    which request a frame that did not decode answers (spec/local-api.md Section 12.3).
+
+    >>> peek_request_id(bytes.fromhex("a2001845010c"))
+    12
+    >>> peek_request_id(bytes([0xFF])) is None
+    True
+    """
+    try:
+        item = _parse(body)
+    except ProtocolError:
+        return None
+    if not isinstance(item, dict):
+        return None
+    rid = item.get(1)
+    return rid if isinstance(rid, int) and _is_uint(rid) else None
 
 
 def _unknown_denial(item: dict[Any, Any]) -> DeniedMsg | None:

@@ -86,7 +86,11 @@ class _AsyncConnection:
                     raise ProtocolError(
                         "truncated-frame", "the agent closed inside a frame"
                     ) from None
-                msg = _codec.decode_answer(body)
+                try:
+                    msg = _codec.decode_answer(body)
+                except ProtocolError as e:
+                    self._undecodable(body, e)
+                    continue
                 if msg is not None:
                     self._route(msg)
         except FwnpError as e:
@@ -123,6 +127,19 @@ class _AsyncConnection:
         future = self.pending.pop(msg.request_id or 0, None)
         if future is not None and not future.done():
             future.set_result(msg)
+
+    def _undecodable(self, body: bytes, error: ProtocolError) -> None:
+        """As in the blocking client: a frame that did not decode fails the request it names,
+        if one is waiting, and is otherwise ignored; the connection stays."""
+        rid = _codec.peek_request_id(body)
+        if rid is None:
+            return
+        aside = self.aside.pop(rid, None)
+        if aside:
+            self._put_back(aside)
+        future = self.pending.pop(rid, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     def _shut(self, why: FwnpError) -> None:
         if self.closed is None:

@@ -215,7 +215,11 @@ class _Connection:
             while True:
                 header = self._read_exact(_codec.HEADER_LEN)
                 body = self._read_exact(_codec.body_length(header))
-                msg = _codec.decode_answer(body)
+                try:
+                    msg = _codec.decode_answer(body)
+                except ProtocolError as e:
+                    self._undecodable(body, e)
+                    continue
                 if msg is not None:
                     self._route(msg)
         except FwnpError as e:
@@ -251,6 +255,19 @@ class _Connection:
                 self.leases.setdefault(msg.lease, []).append(slot.entry)
         if slot is not None:
             slot.answer = msg
+            slot.done.set()
+
+    def _undecodable(self, body: bytes, error: ProtocolError) -> None:
+        """A whole frame whose message did not decode: it fails the request it names, if one
+        is waiting, and is otherwise ignored. The frames stay in step, so the connection, and
+        the leases on it, are kept (spec/local-api.md Section 12.3)."""
+        rid = _codec.peek_request_id(body)
+        with self.lock:
+            slot = self.pending.pop(rid, None) if rid is not None else None
+            if slot is not None and slot.aside:
+                self._put_back(slot.aside)
+        if slot is not None:
+            slot.error = error
             slot.done.set()
 
     def _shut(self, why: FwnpError) -> None:

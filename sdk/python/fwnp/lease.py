@@ -128,7 +128,7 @@ class LeaseEvent:
         return LeaseEvent(
             EventKind(m.kind),
             LeaseId(m.lease),
-            timedelta(milliseconds=m.expires_in_ms) if m.expires_in_ms is not None else None,
+            _milliseconds(m.expires_in_ms),
             m.reason,
             m.code,
             LeaseId(m.new_lease) if m.new_lease is not None else None,
@@ -307,3 +307,20 @@ class _LeaseBase:
     def __repr__(self) -> str:
         grants = ", ".join(str(g) for g in self.grants)
         return f"<{type(self).__name__} {self.id} {grants}{'' if self.active else ' (ended)'}>"
+
+
+def _milliseconds(ms: int | None) -> timedelta | None:
+    """A time left in milliseconds; one beyond what a timedelta holds (the schema allows any
+    unsigned 64-bit value) is the longest timedelta.
+
+    >>> _milliseconds(1500)
+    datetime.timedelta(seconds=1, microseconds=500000)
+    >>> _milliseconds(2**64 - 1) == timedelta.max
+    True
+    """
+    if ms is None:
+        return None
+    try:
+        return timedelta(milliseconds=ms)
+    except OverflowError:
+        return timedelta.max

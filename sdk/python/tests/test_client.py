@@ -421,6 +421,65 @@ def test_async_a_refusal_with_an_unknown_code_keeps_its_number_and_reason(
     asyncio.run(story())
 
 
+def _frame(item: dict[int, object]) -> bytes:
+    body: bytes = cbor2.dumps(item)
+    return len(body).to_bytes(4, "big") + body
+
+
+def test_frames_of_unknown_types_are_ignored_and_the_connection_kept(agent: FakeAgent) -> None:
+    """spec/local-api.md Section 12.3: a frame of a message type the client does not know, or
+    one it cannot decode, that names no request it waits for is ignored; one that names a
+    request fails that request; neither closes the connection, nor ends the leases on it."""
+    state = {"opens": 0}
+
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            state["opens"] += 1
+            if state["opens"] == 2:
+                # A type of a later version, answering the second Open.
+                return [_frame({0: 69, 1: m.request_id or 0})]
+            return (
+                [_frame({0: 69, 9: 1}), _frame({0: 32, 3: LEASE})]
+                + agent.default(m)
+                # A time left longer than a timedelta holds, which the schema allows.
+                + [_frame({0: 66, 3: LEASE, 4: 1, 5: 2**64 - 1})]
+            )
+        return agent.default(m)
+
+    agent.answer = answer
+    with fwnp.Client(agent.path) as client:
+        lease = client.open(fwnp.tcp(8080))
+        renewed = lease.next_event(timeout=5)
+        assert renewed is not None and renewed.expires_in == timedelta.max
+        with pytest.raises(fwnp.ProtocolError):
+            client.open(fwnp.tcp(8081))
+        assert client.status().connected
+        assert lease.active
+        lease.release()
+
+
+def test_async_frames_of_unknown_types_are_ignored_and_the_connection_kept(
+    agent: FakeAgent,
+) -> None:
+    def answer(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            return [_frame({0: 69, 1: m.request_id or 0})]
+        if isinstance(m, _codec.Status):
+            return [_frame({0: 69, 9: 1}), _frame({0: 33, 3: 7})] + agent.default(m)
+        return agent.default(m)
+
+    agent.answer = answer
+
+    async def story() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            with pytest.raises(fwnp.ProtocolError):
+                await client.open(fwnp.tcp(8080))
+            assert (await client.status()).connected
+            assert (await client.status()).connected
+
+    asyncio.run(story())
+
+
 def released_with_its_event(agent: FakeAgent) -> Answer:
     """As the agent answers a Release: the Released event of the id, then the answer."""
 
