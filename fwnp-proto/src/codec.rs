@@ -1622,15 +1622,27 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
 /// twice names no request (spec Section 6.6): echoing the first or the last would be a guess
 /// that another reader could make the other way.
 pub fn peek_request_id(bytes: &[u8]) -> Option<u64> {
+    peek_uint(bytes, 1)
+}
+
+/// The message type (key 0) of bytes that may not decode, under the same conditions as
+/// [`peek_request_id`]: a reader that cannot decode a message may still know what kind of
+/// message it was (an Event of a later version, which a client ignores).
+pub fn peek_message_type(bytes: &[u8]) -> Option<u64> {
+    peek_uint(bytes, 0)
+}
+
+/// The unsigned integer under `key` of a map that holds `key` exactly once.
+fn peek_uint(bytes: &[u8], key: u64) -> Option<u64> {
     let Ok((Item::Map(entries), _)) = parse_first(bytes) else {
         return None;
     };
     let mut values = entries
         .iter()
-        .filter(|(k, _)| matches!(k, Item::Uint(1)))
+        .filter(|(k, _)| matches!(k, Item::Uint(n) if *n == key))
         .map(|(_, v)| v);
     match (values.next(), values.next()) {
-        (Some(Item::Uint(id)), None) => Some(*id),
+        (Some(Item::Uint(value)), None) => Some(*value),
         _ => None,
     }
 }

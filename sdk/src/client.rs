@@ -186,8 +186,8 @@ enum Command {
     /// Release a lease held by a handle of this client.
     ReleaseHandle {
         shared: Arc<LeaseShared>,
-        /// From Drop: skip it when another handle of the same lease id is alive.
-        only_if_last: bool,
+        /// From Drop: skip it when the lease is over already.
+        only_if_over: bool,
         reply: Option<Reply>,
     },
     /// Release a lease by its id ([`Client::release`]).
@@ -412,7 +412,7 @@ impl Client {
         match self
             .request("release", |reply| Command::ReleaseHandle {
                 shared,
-                only_if_last: false,
+                only_if_over: false,
                 reply: Some(reply),
             })
             .await?
@@ -427,7 +427,7 @@ impl Client {
         // A closed channel means the connection is gone, and the agent released the lease.
         let _ = self.inner.commands.send(Command::ReleaseHandle {
             shared,
-            only_if_last: true,
+            only_if_over: true,
             reply: None,
         });
     }
@@ -474,6 +474,9 @@ enum Pending {
         /// A release of one of our own handles: unknown-lease means it is over anyway.
         own_handle: bool,
         reply: Option<Reply>,
+        /// The other handles of the same lease id, kept from the Released event of the handle
+        /// being released until its answer, then given their events again.
+        aside: Vec<Route>,
     },
     List(Reply),
     Status(Reply),
@@ -568,22 +571,20 @@ impl Connection {
             ),
             Command::ReleaseHandle {
                 shared,
-                only_if_last,
+                only_if_over,
                 reply,
             } => {
                 let lease = shared.id();
                 let was_ended = shared.is_ended();
                 let others = self.remove_handle(lease, shared.handle);
-                if only_if_last && (was_ended || !others.is_empty()) {
-                    // Another handle still holds the lease, or it is already over.
+                if only_if_over && was_ended {
                     self.keep(lease, others);
                     return None;
                 }
                 shared.end(LeaseEvent::Released);
-                // An explicit release ends the lease for every handle of it.
-                for other in &others {
-                    other.end(LeaseEvent::Released);
-                }
+                // Each handle is a lease of its own at the agent, even when the gateway merged
+                // it with another under one id (the local API's Section 9.1): this Release ends
+                // this handle's, and the others stay held.
                 (
                     LocalMessage::Wire(Message::Release(Release {
                         common: common(id),
@@ -593,6 +594,7 @@ impl Connection {
                         lease,
                         own_handle: true,
                         reply,
+                        aside: others,
                     },
                 )
             }
@@ -605,6 +607,7 @@ impl Connection {
                     lease,
                     own_handle: false,
                     reply: Some(reply),
+                    aside: Vec::new(),
                 },
             ),
             Command::List { reply } => (
@@ -648,6 +651,11 @@ impl Connection {
 
     /// A frame that could not be decoded: fail its request, if it names one.
     fn undecodable(&mut self, body: &[u8], error: local::LocalError) {
+        // An Event this library cannot read (a kind of a later version) is ignored, whatever
+        // it carries: it answers no request (the local API's Section 12.3).
+        if fwnp_proto::codec::peek_message_type(body) == Some(local::TYPE_EVENT) {
+            return;
+        }
         let Some(pending) =
             fwnp_proto::codec::peek_request_id(body).and_then(|id| self.pending.remove(&id))
         else {
@@ -674,7 +682,13 @@ impl Connection {
             | Pending::Status(reply) => {
                 let _ = reply.send(Err(error));
             }
-            Pending::Release { reply, .. } => {
+            Pending::Release {
+                lease,
+                reply,
+                aside,
+                ..
+            } => {
+                self.keep(lease, aside);
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(error));
                 }
@@ -719,8 +733,10 @@ impl Connection {
                 lease,
                 own_handle,
                 reply,
+                aside,
             } => {
                 let result = match message {
+                    LocalMessage::Wire(Message::Released(_)) if own_handle => Ok(Answer::Released),
                     LocalMessage::Wire(Message::Released(_)) => {
                         self.released_by_id(lease);
                         Ok(Answer::Released)
@@ -739,6 +755,7 @@ impl Connection {
                     LocalMessage::Denied(d) => Err(Error::from_denied(d)),
                     other => Err(wrong(&other)),
                 };
+                self.keep(lease, aside);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }

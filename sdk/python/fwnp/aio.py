@@ -118,6 +118,16 @@ class _AsyncConnection:
         if aside:
             self._put_back(aside)
         future = self.pending.get(msg.request_id or 0)
+        if isinstance(msg, _codec.Granted) and future is not None and future.cancelled():
+            # The opener stopped waiting (its timeout, or its task was cancelled): the lease it
+            # was granted is released, not held with nobody to use it.
+            self.pending.pop(msg.request_id or 0, None)
+            abandoned = _LeaseState(msg.lease, msg.lifetime)
+            self.leases.setdefault(msg.lease, []).append((abandoned, asyncio.Queue()))
+            released = self.send_release(abandoned)
+            if released is not None:
+                released.add_done_callback(_ignore_outcome)
+            return
         if isinstance(msg, _codec.Granted) and future is not None and not future.done():
             # Registered before the answer is handed over: the opener resumes only at a later
             # turn of the loop, after events that came with the Granted have been routed.
@@ -517,3 +527,9 @@ class AsyncClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _ignore_outcome(future: asyncio.Future[_codec.Message]) -> None:
+    """Takes the outcome of a request nobody awaits, so that asyncio does not report it."""
+    if not future.cancelled():
+        future.exception()

@@ -149,6 +149,8 @@ class _Slot:
         self.entry: _Entry | None = None
         #: For a Release: the other leases of its ids, set aside until the answer.
         self.aside: list[_Entry] = []
+        #: For an Open: its caller stopped waiting, so a lease granted to it is released.
+        self.abandoned = False
 
 
 class _Connection:
@@ -253,6 +255,8 @@ class _Connection:
                 # the Granted at once is lost.
                 slot.entry = (_LeaseState(msg.lease, msg.lifetime), queue.SimpleQueue())
                 self.leases.setdefault(msg.lease, []).append(slot.entry)
+                if slot.abandoned:
+                    self.outbox.put(slot.entry[0])
         if slot is not None:
             slot.answer = msg
             slot.done.set()
@@ -316,6 +320,15 @@ class _Connection:
             raise slot.error
         assert slot.answer is not None
         return slot.answer
+
+    def abandon_open(self, slot: _Slot) -> None:
+        """The caller of an Open stopped waiting for it: a lease granted already, or granted
+        later, is released rather than held until the connection closes with nobody to use it."""
+        with self.lock:
+            slot.abandoned = True
+            entry = slot.entry
+        if entry is not None:
+            self.outbox.put(entry[0])
 
     def send_release(self, state: _LeaseState) -> _Slot | None:
         """Sends the Release of ``state``'s lease; None when it is over already. The other
@@ -529,7 +542,11 @@ class Client:
         """
         opening = apply(opening, lifetime, remotes, addresses, family, name)
         slot = self._conn.send(opening._message)
-        answer = self._conn.wait(slot, "open", self.timeout)
+        try:
+            answer = self._conn.wait(slot, "open", self.timeout)
+        except RequestTimeout:
+            self._conn.abandon_open(slot)
+            raise
         if not isinstance(answer, _codec.Granted):
             raise answer_error(answer, "open")
         # Its own state, even when another lease of this connection has the same id; if it

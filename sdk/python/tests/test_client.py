@@ -480,6 +480,48 @@ def test_async_frames_of_unknown_types_are_ignored_and_the_connection_kept(
     asyncio.run(story())
 
 
+def test_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) -> None:
+    """An Open whose caller stopped waiting: the lease granted later is released, not held
+    until the connection closes with nobody to use it."""
+    held: list[_codec.Open] = []
+
+    def hold_opens(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            held.append(m)
+            return []
+        return agent.default(m)
+
+    agent.answer = hold_opens
+    with fwnp.Client(agent.path, timeout=0.3) as client:
+        with pytest.raises(fwnp.RequestTimeout):
+            client.open(fwnp.tcp(8080))
+        agent.send(agent.default(held[0])[0])
+        release = agent.wait_for(_codec.Release)
+        assert isinstance(release, _codec.Release) and release.lease == LEASE
+
+
+def test_async_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) -> None:
+    held: list[_codec.Open] = []
+
+    def hold_opens(m: _codec.Message) -> list[bytes]:
+        if isinstance(m, _codec.Open):
+            held.append(m)
+            return []
+        return agent.default(m)
+
+    agent.answer = hold_opens
+
+    async def story() -> None:
+        async with fwnp.AsyncClient(agent.path, timeout=0.3) as client:
+            with pytest.raises(fwnp.RequestTimeout):
+                await client.open(fwnp.tcp(8080))
+            agent.send(agent.default(held[0])[0])
+            release = await asyncio.to_thread(agent.wait_for, _codec.Release)
+            assert isinstance(release, _codec.Release) and release.lease == LEASE
+
+    asyncio.run(story())
+
+
 def released_with_its_event(agent: FakeAgent) -> Answer:
     """As the agent answers a Release: the Released event of the id, then the answer."""
 
