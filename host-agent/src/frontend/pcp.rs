@@ -18,7 +18,9 @@ pub const HEADER_LEN: usize = 24;
 pub const MAP_LEN: usize = 36;
 /// THIRD_PARTY: not served (a process asks for itself).
 pub const OPTION_THIRD_PARTY: u8 = 1;
-/// PREFER_FAILURE: always honoured, as the agent never assigns another port.
+/// PREFER_FAILURE: the suggested external port and address, or no mapping. The agent grants
+/// only the internal port on the client's own address, so a request suggesting anything else
+/// is refused with CANNOT_PROVIDE_EXTERNAL.
 pub const OPTION_PREFER_FAILURE: u8 = 2;
 /// FILTER: only these remote peers.
 pub const OPTION_FILTER: u8 = 3;
@@ -51,6 +53,9 @@ pub enum ResultCode {
     UnsupportedProtocol,
     /// 10: the host holds as many leases as the policy allows.
     UserExceededQuota,
+    /// 11: the suggested external port or address is not the one the agent would give, and
+    /// the client prefers no mapping to another (PREFER_FAILURE, or SCTP).
+    CannotProvideExternal,
     /// 12: the client's address is not the one it sends from, or not the host's.
     AddressMismatch,
     /// 13: more FILTER options than the agent takes.
@@ -72,6 +77,7 @@ impl ResultCode {
             ResultCode::NoResources => 8,
             ResultCode::UnsupportedProtocol => 9,
             ResultCode::UserExceededQuota => 10,
+            ResultCode::CannotProvideExternal => 11,
             ResultCode::AddressMismatch => 12,
             ResultCode::ExcessiveRemotePeers => 13,
         }
@@ -98,14 +104,34 @@ pub struct Map {
     pub protocol: u8,
     /// The port the application listens on.
     pub internal_port: u16,
-    /// The external port it would like (ignored: the internal one is what is granted).
+    /// The external port it would like, 0 for no preference (the internal one is what is
+    /// granted; see [`Map::exact_or_nothing`]).
     pub suggested_external_port: u16,
-    /// The external address it would like (ignored).
+    /// The external address it would like, the all-zeros address for no preference (the
+    /// client's own is what is granted).
     pub suggested_external_address: IpAddr,
     /// FILTER options, in order.
     pub filters: Vec<Filter>,
     /// Whether PREFER_FAILURE was sent.
     pub prefer_failure: bool,
+}
+
+impl Map {
+    /// Whether the client wants the suggested external port and address or no mapping at all:
+    /// with PREFER_FAILURE, and for SCTP, where RFC 6887 section 7.4 says it is implied.
+    pub fn exact_or_nothing(&self) -> bool {
+        const SCTP: u8 = 132;
+        self.prefer_failure || self.protocol == SCTP
+    }
+
+    /// Whether what the agent grants, the internal port as external port on `external` (the
+    /// client's own address: FWNP does not translate), is what the client suggested.
+    pub fn can_be_given(&self, external: IpAddr) -> bool {
+        let port = self.suggested_external_port;
+        let address = self.suggested_external_address;
+        (port == 0 || port == self.internal_port)
+            && (address.is_unspecified() || address == external)
+    }
 }
 
 /// The parts of a request the answer needs.
@@ -267,7 +293,22 @@ pub fn decode_request(bytes: &[u8]) -> Result<Request, RequestError> {
                     port,
                 });
             }
-            (Op::Map(map), OPTION_PREFER_FAILURE) => map.prefer_failure = true,
+            // RFC 6887 section 13.2: no data, at most once; section 7.3: MALFORMED_OPTION else.
+            (Op::Map(map), OPTION_PREFER_FAILURE) => {
+                if len != 0 {
+                    return Err(refused(
+                        ResultCode::MalformedOption,
+                        "PREFER_FAILURE has no data",
+                    ));
+                }
+                if map.prefer_failure {
+                    return Err(refused(
+                        ResultCode::MalformedOption,
+                        "PREFER_FAILURE more than once",
+                    ));
+                }
+                map.prefer_failure = true;
+            }
             // Options 128 and above may be ignored; below, they must be understood.
             (_, code) if code >= 128 => {}
             _ => {
@@ -306,9 +347,13 @@ impl RequestError {
             return None;
         };
         let opcode = request.get(1).copied().unwrap_or(0) & 0x7f;
-        // Errors that will not go away by retrying soon are long-lived.
+        // RFC 6887 section 7.4: short lifetime errors may go away soon (30 seconds), long
+        // ones will not (30 minutes). CANNOT_PROVIDE_EXTERNAL's depends on its cause; here it
+        // is that the agent never gives another port or address, which retrying cannot change.
         let lifetime = match code {
-            ResultCode::NetworkFailure | ResultCode::NoResources => 30,
+            ResultCode::NetworkFailure
+            | ResultCode::NoResources
+            | ResultCode::UserExceededQuota => 30,
             _ => 1800,
         };
         let mut out = header(opcode, *code, lifetime, epoch);
@@ -419,9 +464,105 @@ mod tests {
         );
         // An optional option is ignored.
         assert!(decode_request(&map_request(60, &[200, 0, 0, 0])).is_ok());
+        // PREFER_FAILURE has no data and comes at most once (RFC 6887 section 13.2).
+        let prefer_failure = [OPTION_PREFER_FAILURE, 0, 0, 0];
+        let Op::Map(map) = decode_request(&map_request(60, &prefer_failure))
+            .expect("PREFER_FAILURE")
+            .op
+        else {
+            panic!("not MAP")
+        };
+        assert!(map.prefer_failure);
+        assert_eq!(
+            code(&map_request(60, &[prefer_failure, prefer_failure].concat())),
+            Some(ResultCode::MalformedOption),
+            "PREFER_FAILURE twice"
+        );
+        assert_eq!(
+            code(&map_request(
+                60,
+                &[OPTION_PREFER_FAILURE, 0, 0, 4, 0, 0, 0, 0]
+            )),
+            Some(ResultCode::MalformedOption),
+            "PREFER_FAILURE with data"
+        );
         let error = decode_request(&unknown).unwrap_err();
         let answer = error.answer(&unknown, 3).expect("an answer");
         assert_eq!(answer[..4], [2, 0x89, 0, 4]);
         assert_eq!(answer.len(), unknown.len());
+    }
+
+    #[test]
+    fn prefer_failure_asks_for_the_suggested_external_port_and_address_or_nothing() {
+        let host: IpAddr = "198.51.100.2".parse().unwrap();
+        let map = |protocol: u8, port: u16, address: &str, prefer_failure: bool| Map {
+            nonce: [7; 12],
+            protocol,
+            internal_port: 7400,
+            suggested_external_port: port,
+            suggested_external_address: address.parse().unwrap(),
+            filters: Vec::new(),
+            prefer_failure,
+        };
+        // What the agent gives: the internal port on the client's own address; a suggestion
+        // of 0 or the all-zeros address is no preference.
+        for (port, address) in [
+            (0, "0.0.0.0"),
+            (0, "::"),
+            (7400, "0.0.0.0"),
+            (0, "198.51.100.2"),
+            (7400, "198.51.100.2"),
+        ] {
+            assert!(
+                map(6, port, address, true).can_be_given(host),
+                "{port} {address}"
+            );
+        }
+        for (port, address) in [
+            (7401, "0.0.0.0"),
+            (0, "198.51.100.3"),
+            (7400, "2001:db8::2"),
+        ] {
+            assert!(
+                !map(6, port, address, true).can_be_given(host),
+                "{port} {address}"
+            );
+        }
+        // Only PREFER_FAILURE, or SCTP where it is implied (RFC 6887 section 7.4), asks for the
+        // suggestion or nothing.
+        assert!(map(6, 7401, "0.0.0.0", true).exact_or_nothing());
+        assert!(!map(6, 7401, "0.0.0.0", false).exact_or_nothing());
+        assert!(map(132, 7401, "0.0.0.0", false).exact_or_nothing());
+    }
+
+    #[test]
+    fn error_answers_carry_their_lifetimes() {
+        let request = map_request(60, &[OPTION_PREFER_FAILURE, 0, 0, 0]);
+        let lifetime = |code: ResultCode| {
+            let answer = RequestError::Refused {
+                code,
+                reason: "test",
+            }
+            .answer(&request, 3)
+            .expect("an answer");
+            assert_eq!(answer[3], code.number());
+            // The request's MAP part and options, copied (RFC 6887 section 7.2).
+            assert_eq!(answer[HEADER_LEN..], request[HEADER_LEN..]);
+            u32::from_be_bytes([answer[4], answer[5], answer[6], answer[7]])
+        };
+        assert_eq!(ResultCode::CannotProvideExternal.number(), 11);
+        // The agent never gives another port or address: asking again will not help soon.
+        assert_eq!(lifetime(ResultCode::CannotProvideExternal), 1800);
+        // Short lifetime errors (RFC 6887 section 7.4): 30 seconds.
+        for code in [
+            ResultCode::NetworkFailure,
+            ResultCode::NoResources,
+            ResultCode::UserExceededQuota,
+        ] {
+            assert_eq!(lifetime(code), 30, "{code:?}");
+        }
+        for code in [ResultCode::NotAuthorized, ResultCode::MalformedOption] {
+            assert_eq!(lifetime(code), 1800, "{code:?}");
+        }
     }
 }

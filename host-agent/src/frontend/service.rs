@@ -381,6 +381,20 @@ impl Service {
         if map.internal_port == 0 {
             return refuse(pcp::ResultCode::UnsupportedProtocol, "all ports");
         }
+        // RFC 6887 section 13.2: no mapping rather than one other than suggested.
+        if map.exact_or_nothing() && !map.can_be_given(request.client) {
+            info!(
+                pid = requester,
+                port = map.internal_port,
+                suggested_port = map.suggested_external_port,
+                suggested_address = %map.suggested_external_address,
+                "PCP mapping refused: the suggested external port or address cannot be given"
+            );
+            return refuse(
+                pcp::ResultCode::CannotProvideExternal,
+                "the suggested external port or address",
+            );
+        }
         let family = match request.client {
             IpAddr::V4(_) => Family::Ipv4,
             IpAddr::V6(_) => Family::Ipv6,

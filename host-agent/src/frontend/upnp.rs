@@ -1,6 +1,7 @@
 //! A UPnP Internet Gateway Device on the host itself: SSDP discovery from local processes is
-//! answered (the agent joins 239.255.255.250:1900), the device description is served over
-//! HTTP, and WANIPConnection's actions (IGD v1 and v2) become FWNP leases through the seam.
+//! answered (the agent joins 239.255.255.250:1900), the device description and its services'
+//! descriptions (SCPD) are served over HTTP, and WANIPConnection's actions (IGD v1 and v2)
+//! become FWNP leases through the seam.
 //! Who asks is the process at the other end of the HTTP connection.
 //!
 //! HTTP is the front end's own small exchange ([`super::http`]: one request a connection, its
@@ -41,6 +42,9 @@ const SSDP_PORT: u16 = 1900;
 /// The device's UUID (one device per host; it only needs to be stable for a run).
 const UUID: &str = "f3a4c1e2-46b0-4c57-9e1f-0a5e7f0b1d2c";
 const IGD: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:1";
+const WAN_DEVICE: &str = "urn:schemas-upnp-org:device:WANDevice:1";
+const WAN_CONNECTION_DEVICE: &str = "urn:schemas-upnp-org:device:WANConnectionDevice:1";
+const L3F: &str = "urn:schemas-upnp-org:service:Layer3Forwarding:1";
 const WAN_IP: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
 const WAN_COMMON: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
 const WAN_IP6_FW: &str = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
@@ -53,6 +57,29 @@ const MAX_PINHOLE_LEASE: u32 = 86_400;
 const COMMON_PATH: &str = "/ctl/CmnIfCfg";
 /// The prefix of a service type in a SOAPAction header, before the service's name.
 const SERVICE_URN: &str = "urn:schemas-upnp-org:service:";
+/// The devices of the description, the root first: each one's UDN after the root's UUID, its
+/// type and its services' types.
+const DEVICES: [(&str, &str, &[&str]); 3] = [
+    ("", IGD, &[L3F]),
+    ("-1", WAN_DEVICE, &[WAN_COMMON]),
+    ("-2", WAN_CONNECTION_DEVICE, &[WAN_IP, WAN_IP6_FW]),
+];
+/// The service descriptions (SCPD), by the SCPDURL the description gives each. Each declares
+/// the actions its control URL serves, no other: WANIPConnection's has AddAnyPortMapping of
+/// version 2 beside those of version 1. No state variable is evented: the agent sends
+/// no events (its eventSubURLs are not served), so a control point must not wait for any.
+/// Layer3Forwarding has no action the agent serves, hence no actionList (UDA 1.0 section 2.3:
+/// present if and only if the service has actions).
+const SCPDS: [(&str, &str); 4] = [
+    (L3F_SCPD, include_str!("scpd/L3F.xml")),
+    (WAN_COMMON_SCPD, include_str!("scpd/WANCfg.xml")),
+    (WAN_IP_SCPD, include_str!("scpd/WANIPCn.xml")),
+    (WAN_IP6_FW_SCPD, include_str!("scpd/WANIP6FC.xml")),
+];
+const L3F_SCPD: &str = "/L3F.xml";
+const WAN_COMMON_SCPD: &str = "/WANCfg.xml";
+const WAN_IP_SCPD: &str = "/WANIPCn.xml";
+const WAN_IP6_FW_SCPD: &str = "/WANIP6FC.xml";
 
 /// Whether `header` (a SOAPAction header's value, quoted or not) names `action` of `service`
 /// (a service's name, such as `WANIPConnection`), in any version of the service.
@@ -246,11 +273,11 @@ pub fn description(base: &str) -> String {
         r#"<?xml version="1.0"?>
 <root xmlns="urn:schemas-upnp-org:device-1-0"><specVersion><major>1</major><minor>0</minor></specVersion><URLBase>{base}</URLBase>
 <device><deviceType>{IGD}</deviceType><friendlyName>FWNP host agent</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}</UDN>
-<serviceList><service><serviceType>urn:schemas-upnp-org:service:Layer3Forwarding:1</serviceType><serviceId>urn:upnp-org:serviceId:L3Forwarding1</serviceId><controlURL>/ctl/L3F</controlURL><eventSubURL>/evt/L3F</eventSubURL><SCPDURL>/L3F.xml</SCPDURL></service></serviceList>
-<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANDevice:1</deviceType><friendlyName>WAN</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-1</UDN>
-<serviceList><service><serviceType>{WAN_COMMON}</serviceType><serviceId>urn:upnp-org:serviceId:WANCommonIFC1</serviceId><controlURL>{COMMON_PATH}</controlURL><eventSubURL>/evt/CmnIfCfg</eventSubURL><SCPDURL>/WANCfg.xml</SCPDURL></service></serviceList>
-<deviceList><device><deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><friendlyName>WAN connection</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-2</UDN>
-<serviceList><service><serviceType>{WAN_IP}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><controlURL>{CONTROL_PATH}</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>/WANIPCn.xml</SCPDURL></service><service><serviceType>{WAN_IP6_FW}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPv6Firewall1</serviceId><controlURL>{FIREWALL_PATH}</controlURL><eventSubURL>/evt/IP6FCtl</eventSubURL><SCPDURL>/WANIP6FC.xml</SCPDURL></service></serviceList>
+<serviceList><service><serviceType>{L3F}</serviceType><serviceId>urn:upnp-org:serviceId:L3Forwarding1</serviceId><controlURL>/ctl/L3F</controlURL><eventSubURL>/evt/L3F</eventSubURL><SCPDURL>{L3F_SCPD}</SCPDURL></service></serviceList>
+<deviceList><device><deviceType>{WAN_DEVICE}</deviceType><friendlyName>WAN</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-1</UDN>
+<serviceList><service><serviceType>{WAN_COMMON}</serviceType><serviceId>urn:upnp-org:serviceId:WANCommonIFC1</serviceId><controlURL>{COMMON_PATH}</controlURL><eventSubURL>/evt/CmnIfCfg</eventSubURL><SCPDURL>{WAN_COMMON_SCPD}</SCPDURL></service></serviceList>
+<deviceList><device><deviceType>{WAN_CONNECTION_DEVICE}</deviceType><friendlyName>WAN connection</friendlyName><manufacturer>FWNP</manufacturer><modelName>fwnp-agent</modelName><UDN>uuid:{UUID}-2</UDN>
+<serviceList><service><serviceType>{WAN_IP}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPConn1</serviceId><controlURL>{CONTROL_PATH}</controlURL><eventSubURL>/evt/IPConn</eventSubURL><SCPDURL>{WAN_IP_SCPD}</SCPDURL></service><service><serviceType>{WAN_IP6_FW}</serviceType><serviceId>urn:upnp-org:serviceId:WANIPv6Firewall1</serviceId><controlURL>{FIREWALL_PATH}</controlURL><eventSubURL>/evt/IP6FCtl</eventSubURL><SCPDURL>{WAN_IP6_FW_SCPD}</SCPDURL></service></serviceList>
 </device></deviceList></device></deviceList></device></root>
 "#
     )
@@ -366,6 +393,13 @@ impl http::Handler for Device {
         let local = canonical(local);
         let post = request.method == Method::POST;
         let get = request.method == Method::GET;
+        if let Some((_, document)) = SCPDS.iter().find(|(path, _)| *path == request.path) {
+            return if get {
+                local_document(peer, document)
+            } else {
+                Response::empty(StatusCode::METHOD_NOT_ALLOWED)
+            };
+        }
         match request.path.as_str() {
             "/rootDesc.xml" if get => self.root(peer),
             CONTROL_PATH | FIREWALL_PATH if post => self.control(request, peer, local).await,
@@ -387,6 +421,14 @@ impl http::Handler for Device {
         }
         Response::empty(status)
     }
+}
+
+/// A fixed XML document, for local callers only (as the description is).
+fn local_document(peer: SocketAddr, document: &str) -> Response {
+    if !is_local(peer.ip()) {
+        return Response::empty(StatusCode::FORBIDDEN);
+    }
+    xml(StatusCode::OK, document.to_owned())
 }
 
 fn common(request: &Request, peer: SocketAddr) -> Response {
@@ -647,6 +689,11 @@ impl Device {
                 if internal == 0 {
                     return fault(402, "Invalid Args");
                 }
+                // 0 is WANIPConnection's wildcard external port, which AddPortMapping does not
+                // take: a control point that lets the device choose asks AddAnyPortMapping.
+                if action.name == "AddPortMapping" && external == 0 {
+                    return fault(716, "WildCardNotPermittedInExtPort");
+                }
                 if action.name == "AddPortMapping" && external != internal {
                     return fault(724, "SamePortValuesRequired: FWNP does not translate ports");
                 }
@@ -726,13 +773,18 @@ impl Device {
                 ) else {
                     return fault(402, "Invalid Args");
                 };
+                // Port 0 names no mapping (to the seam it would be all of the caller's); Invalid
+                // Args, as miniupnpd answers it.
+                if port == 0 {
+                    return fault(402, "Invalid Args");
+                }
                 let requester = match self.seam.tcp_peer(peer, local).await {
                     Ok(pid) => pid,
                     Err(e) => return fault(606, &format!("Action not authorized: {e}")),
                 };
                 match self
                     .seam
-                    .unmap(Via::Upnp, requester, protocol, port.max(1), None)
+                    .unmap(Via::Upnp, requester, protocol, port, None)
                     .await
                 {
                     Ok(0) => fault(714, "NoSuchEntryInArray"),
@@ -829,11 +881,19 @@ pub fn admitted(addresses: &[IpAddr]) -> Vec<fwnp_netfilter::AlwaysAllowed> {
 }
 
 /// Serves the description and control on `port` (every address; only local callers are
-/// answered) and SSDP discovery, until the core goes away.
+/// answered) and SSDP discovery, until the core goes away. Without SSDP (port 1900 held by a
+/// service that does not share it) the device still serves the control points that are given
+/// its description's URL.
 pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind((std::net::Ipv6Addr::UNSPECIFIED, port)).await?;
-    let ssdp = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, SSDP_PORT)).await?;
-    ssdp.join_multicast_v4(SSDP_GROUP, Ipv4Addr::UNSPECIFIED)?;
+    match ssdp_v4() {
+        Ok(socket) => {
+            tokio::spawn(discovery(socket, port));
+        }
+        Err(e) => warn!(
+            "SSDP over IPv4: {e}; not discoverable, the description is at http://127.0.0.1:{port}/rootDesc.xml"
+        ),
+    }
     match ssdp_v6() {
         Ok(socket) => {
             tokio::spawn(discovery(socket, port));
@@ -845,17 +905,39 @@ pub async fn serve(seam: Arc<Seam>, port: u16) -> std::io::Result<()> {
         port,
         pinholes: tokio::sync::Mutex::new(Pinholes::default()),
     });
-    tokio::spawn(discovery(ssdp, port));
     info!(port, "UPnP IGD front end listening");
     http::serve(listener, http::Limits::with_body(MAX_BODY), device).await;
     Ok(())
 }
 
+/// An SSDP socket of `domain`, bound to port 1900 beside the other SSDP services of the host
+/// (minissdpd, a media server's): with SO_REUSEADDR, which they set too, each binds the port
+/// and each hears the multicast searches. SO_REUSEPORT is not needed for that on Linux, and
+/// would have the kernel spread unicast datagrams to the port among the sockets that set it.
+fn ssdp_socket(domain: socket2::Domain, address: IpAddr) -> std::io::Result<socket2::Socket> {
+    let raw = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    raw.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        raw.set_only_v6(true)?;
+    }
+    raw.bind(&SocketAddr::new(address, SSDP_PORT).into())?;
+    Ok(raw)
+}
+
+/// The IPv4 SSDP socket, joined to 239.255.255.250 on the default interface.
+fn ssdp_v4() -> std::io::Result<UdpSocket> {
+    let raw = ssdp_socket(socket2::Domain::IPV4, IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    raw.join_multicast_v4(&SSDP_GROUP, &Ipv4Addr::UNSPECIFIED)?;
+    raw.set_nonblocking(true)?;
+    UdpSocket::from_std(raw.into())
+}
+
 /// The IPv6 SSDP socket, joined to ff02::c on every interface.
 fn ssdp_v6() -> std::io::Result<UdpSocket> {
-    let raw = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, None)?;
-    raw.set_only_v6(true)?;
-    raw.bind(&SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), SSDP_PORT).into())?;
+    let raw = ssdp_socket(
+        socket2::Domain::IPV6,
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    )?;
     let socket: std::net::UdpSocket = raw.into();
     let mut joined = 0;
     for entry in std::fs::read_dir("/sys/class/net")?.flatten() {
@@ -873,6 +955,69 @@ fn ssdp_v6() -> std::io::Result<UdpSocket> {
     }
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
+}
+
+/// The answers to an M-SEARCH for `target`, each its ST and USN (UDA 1.0 section 1.2.3). For
+/// `ssdp:all`: three for the root device, two for each embedded device, one for each service
+/// type of each device. For `upnp:rootdevice`, a device's UUID, or a device or service type
+/// the description offers in the version asked for or a later one: one per device that has
+/// it, with the ST as asked. None for anything else.
+///
+/// ```
+/// use fwnp_agent::frontend::upnp::search_answers;
+/// let answers = search_answers("urn:schemas-upnp-org:service:WANIPConnection:1");
+/// assert_eq!(answers.len(), 1);
+/// assert!(answers[0].1.ends_with("-2::urn:schemas-upnp-org:service:WANIPConnection:1"));
+/// assert!(search_answers("urn:schemas-upnp-org:service:WANIPConnection:2").is_empty());
+/// ```
+pub fn search_answers(target: &str) -> Vec<(String, String)> {
+    let mut answers = Vec::new();
+    for (index, (suffix, device_type, services)) in DEVICES.iter().enumerate() {
+        let udn = format!("uuid:{UUID}{suffix}");
+        let root = index == 0;
+        if target == "ssdp:all" {
+            if root {
+                answers.push((
+                    "upnp:rootdevice".to_owned(),
+                    format!("{udn}::upnp:rootdevice"),
+                ));
+            }
+            answers.push((udn.clone(), udn.clone()));
+            for kind in std::iter::once(device_type).chain(services.iter()) {
+                answers.push(((*kind).to_owned(), format!("{udn}::{kind}")));
+            }
+        } else if target == "upnp:rootdevice" {
+            if root {
+                answers.push((target.to_owned(), format!("{udn}::{target}")));
+            }
+        } else if target.eq_ignore_ascii_case(&udn) {
+            answers.push((udn.clone(), udn));
+        } else if std::iter::once(device_type)
+            .chain(services.iter())
+            .any(|offered| offers(offered, target))
+        {
+            answers.push((target.to_owned(), format!("{udn}::{target}")));
+        }
+    }
+    answers
+}
+
+/// Whether a device or service of type `offered` is found by a search for `target`: the same
+/// type, in a version from 1 to the one offered (a later version must do all an earlier one
+/// does).
+fn offers(offered: &str, target: &str) -> bool {
+    let (Some((kind, version)), Some((asked_kind, asked))) =
+        (offered.rsplit_once(':'), target.rsplit_once(':'))
+    else {
+        return false;
+    };
+    if kind != asked_kind || asked.is_empty() || !asked.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    match (version.parse::<u32>(), asked.parse::<u32>()) {
+        (Ok(version), Ok(asked)) => (1..=version).contains(&asked),
+        _ => false,
+    }
 }
 
 /// Answers M-SEARCH requests of local processes for the gateway device or its service.
@@ -893,16 +1038,10 @@ async fn discovery(socket: UdpSocket, port: u16) {
         let Some(target) = search_target(&buf[..len]) else {
             continue;
         };
-        let answer_st = match target.as_str() {
-            "ssdp:all" | "upnp:rootdevice" => IGD.to_owned(),
-            t if t.starts_with("urn:schemas-upnp-org:device:InternetGatewayDevice:")
-                || t.starts_with("urn:schemas-upnp-org:service:WANIPConnection:")
-                || t.starts_with("urn:schemas-upnp-org:service:WANIPv6FirewallControl:") =>
-            {
-                t.to_owned()
-            }
-            _ => continue,
-        };
+        let answers = search_answers(&target);
+        if answers.is_empty() {
+            continue;
+        }
         // A link-local source cannot be named in a URL without its zone: then the host's
         // global address towards the default route.
         let host = match from.ip() {
@@ -913,12 +1052,14 @@ async fn discovery(socket: UdpSocket, port: u16) {
             },
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
-        let answer = format!(
-            "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nST: {answer_st}\r\nUSN: uuid:{UUID}::{answer_st}\r\nEXT:\r\nSERVER: Linux UPnP/1.1 fwnp-agent/{}\r\nLOCATION: http://{host}:{port}/rootDesc.xml\r\nContent-Length: 0\r\n\r\n",
-            env!("CARGO_PKG_VERSION"),
-        );
-        debug!(%from, st = %answer_st, "SSDP answer");
-        let _ = socket.send_to(answer.as_bytes(), from).await;
+        for (st, usn) in answers {
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\nCACHE-CONTROL: max-age=120\r\nST: {st}\r\nUSN: {usn}\r\nEXT:\r\nSERVER: Linux UPnP/1.1 fwnp-agent/{}\r\nLOCATION: http://{host}:{port}/rootDesc.xml\r\nContent-Length: 0\r\n\r\n",
+                env!("CARGO_PKG_VERSION"),
+            );
+            debug!(%from, %st, "SSDP answer");
+            let _ = socket.send_to(answer.as_bytes(), from).await;
+        }
     }
 }
 
@@ -1158,6 +1299,490 @@ mod tests {
         let unknown = exchange(address, b"HEAD /nothing HTTP/1.1\r\n\r\n").await;
         assert!(unknown.starts_with("HTTP/1.1 404 "), "{unknown}");
         task.abort();
+    }
+
+    /// An element of an XML document: its local name, attributes, text and children.
+    #[derive(Debug, Default)]
+    struct Element {
+        name: String,
+        attributes: Vec<(String, String)>,
+        text: String,
+        children: Vec<Element>,
+    }
+
+    impl Element {
+        fn child(&self, name: &str) -> Option<&Element> {
+            self.children.iter().find(|c| c.name == name)
+        }
+
+        /// The text of the child `name` (empty when there is none).
+        fn text_of(&self, name: &str) -> &str {
+            self.child(name).map_or("", |c| c.text.as_str())
+        }
+
+        fn children_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Element> {
+            self.children.iter().filter(move |c| c.name == name)
+        }
+
+        /// Every element named `name` below this one, in document order.
+        fn descendants<'a>(&'a self, name: &str, found: &mut Vec<&'a Element>) {
+            for child in &self.children {
+                if child.name == name {
+                    found.push(child);
+                }
+                child.descendants(name, found);
+            }
+        }
+
+        fn attribute(&self, name: &str) -> Option<&str> {
+            self.attributes
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+    }
+
+    /// Reads `text` as an XML document (well-formed, each end tag its start tag's): its root
+    /// element.
+    fn parse_xml(text: &str) -> Result<Element, String> {
+        fn open(start: &quick_xml::events::BytesStart<'_>) -> Result<Element, String> {
+            let mut attributes = Vec::new();
+            for attribute in start.attributes() {
+                let attribute = attribute.map_err(|e| e.to_string())?;
+                attributes.push((
+                    String::from_utf8_lossy(attribute.key.as_ref()).into_owned(),
+                    String::from_utf8_lossy(&attribute.value).into_owned(),
+                ));
+            }
+            Ok(Element {
+                name: String::from_utf8_lossy(start.local_name().as_ref()).into_owned(),
+                attributes,
+                ..Element::default()
+            })
+        }
+        let mut reader = quick_xml::Reader::from_str(text);
+        let mut open_elements = vec![Element::default()];
+        loop {
+            match reader.read_event().map_err(|e| e.to_string())? {
+                Event::Start(start) => open_elements.push(open(&start)?),
+                Event::Empty(start) => {
+                    let element = open(&start)?;
+                    open_elements
+                        .last_mut()
+                        .ok_or("an element after the root")?
+                        .children
+                        .push(element);
+                }
+                Event::Text(t) => {
+                    let text = t.decode().map_err(|e| e.to_string())?;
+                    if let Some(element) = open_elements.last_mut() {
+                        element.text.push_str(text.trim());
+                    }
+                }
+                Event::GeneralRef(r) => {
+                    return Err(format!(
+                        "unexpected entity {:?}",
+                        String::from_utf8_lossy(&r)
+                    ));
+                }
+                Event::End(_) => {
+                    let done = open_elements.pop().ok_or("an end tag without a start")?;
+                    open_elements
+                        .last_mut()
+                        .ok_or("an end tag without a start")?
+                        .children
+                        .push(done);
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        let mut document = match open_elements.pop() {
+            Some(document) if open_elements.is_empty() => document,
+            _ => return Err("an element is not closed".into()),
+        };
+        match document.children.len() {
+            1 => document
+                .children
+                .pop()
+                .ok_or_else(|| "no root element".into()),
+            n => Err(format!("{n} root elements")),
+        }
+    }
+
+    /// The body of an HTTP answer.
+    fn body_of(answer: &str) -> &str {
+        answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+    }
+
+    /// A control request for `action` of `service_type` posted to `path`, with `arguments` and
+    /// the SOAPAction that names it.
+    fn control_request(
+        path: &str,
+        service_type: &str,
+        action: &str,
+        arguments: &[(&str, &str)],
+    ) -> Vec<u8> {
+        let arguments: String = arguments
+            .iter()
+            .map(|(name, value)| format!("<{name}>{value}</{name}>"))
+            .collect();
+        let body = format!(
+            "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body><u:{action} xmlns:u=\"{service_type}\">{arguments}</u:{action}></s:Body></s:Envelope>"
+        );
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: \"{service_type}#{action}\"\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    /// The actions each service's specification defines (WANIPConnection's of versions 1 and
+    /// 2), by the service's name: what a control point may ask of its control URL.
+    const SPECIFIED_ACTIONS: [(&str, &[&str]); 4] = [
+        (
+            "Layer3Forwarding",
+            &["SetDefaultConnectionService", "GetDefaultConnectionService"],
+        ),
+        (
+            "WANCommonInterfaceConfig",
+            &[
+                "SetEnabledForInternet",
+                "GetEnabledForInternet",
+                "GetCommonLinkProperties",
+                "GetWANAccessProvider",
+                "GetMaximumActiveConnections",
+                "GetTotalBytesSent",
+                "GetTotalBytesReceived",
+                "GetTotalPacketsSent",
+                "GetTotalPacketsReceived",
+                "GetActiveConnection",
+            ],
+        ),
+        (
+            "WANIPConnection",
+            &[
+                "SetConnectionType",
+                "GetConnectionTypeInfo",
+                "RequestConnection",
+                "RequestTermination",
+                "ForceTermination",
+                "SetAutoDisconnectTime",
+                "SetIdleDisconnectTime",
+                "SetWarnDisconnectDelay",
+                "GetStatusInfo",
+                "GetAutoDisconnectTime",
+                "GetIdleDisconnectTime",
+                "GetWarnDisconnectDelay",
+                "GetNATRSIPStatus",
+                "GetGenericPortMappingEntry",
+                "GetSpecificPortMappingEntry",
+                "AddPortMapping",
+                "DeletePortMapping",
+                "GetExternalIPAddress",
+                "DeletePortMappingRange",
+                "GetListOfPortMappings",
+                "AddAnyPortMapping",
+            ],
+        ),
+        (
+            "WANIPv6FirewallControl",
+            &[
+                "GetFirewallStatus",
+                "GetOutboundPinholeTimeout",
+                "AddPinhole",
+                "UpdatePinhole",
+                "DeletePinhole",
+                "GetPinholePackets",
+                "CheckPinholeWorking",
+            ],
+        ),
+    ];
+
+    /// The data type each state variable has in its service's specification.
+    const SPECIFIED_TYPES: [(&str, &str); 28] = [
+        ("DefaultConnectionService", "string"),
+        ("WANAccessType", "string"),
+        ("Layer1UpstreamMaxBitRate", "ui4"),
+        ("Layer1DownstreamMaxBitRate", "ui4"),
+        ("PhysicalLinkStatus", "string"),
+        ("ConnectionType", "string"),
+        ("PossibleConnectionTypes", "string"),
+        ("ConnectionStatus", "string"),
+        ("Uptime", "ui4"),
+        ("LastConnectionError", "string"),
+        ("ExternalIPAddress", "string"),
+        ("PortMappingNumberOfEntries", "ui2"),
+        ("PortMappingEnabled", "boolean"),
+        ("PortMappingLeaseDuration", "ui4"),
+        ("RemoteHost", "string"),
+        ("ExternalPort", "ui2"),
+        ("InternalPort", "ui2"),
+        ("PortMappingProtocol", "string"),
+        ("InternalClient", "string"),
+        ("PortMappingDescription", "string"),
+        ("FirewallEnabled", "boolean"),
+        ("InboundPinholeAllowed", "boolean"),
+        ("A_ARG_TYPE_OutboundPinholeTimeout", "ui4"),
+        ("A_ARG_TYPE_IPv6Address", "string"),
+        ("A_ARG_TYPE_Port", "ui2"),
+        ("A_ARG_TYPE_Protocol", "ui2"),
+        ("A_ARG_TYPE_LeaseTime", "ui4"),
+        ("A_ARG_TYPE_UniqueID", "ui2"),
+    ];
+
+    #[tokio::test]
+    async fn each_service_description_is_served_and_declares_what_its_control_url_serves() {
+        let (address, mut core, task) = device().await;
+        let root = exchange(
+            address,
+            b"GET /rootDesc.xml HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        )
+        .await;
+        let description = parse_xml(body_of(&root)).expect("the description is XML");
+        let mut services = Vec::new();
+        description.descendants("service", &mut services);
+        assert_eq!(services.len(), 4, "{root}");
+        for service in services {
+            let service_type = service.text_of("serviceType");
+            let scpd_url = service.text_of("SCPDURL");
+            let control_url = service.text_of("controlURL");
+            let answer = exchange(
+                address,
+                format!("GET {scpd_url} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes(),
+            )
+            .await;
+            assert!(answer.starts_with("HTTP/1.1 200 "), "{scpd_url}: {answer}");
+            assert!(
+                answer.contains("\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n"),
+                "{scpd_url}: {answer}"
+            );
+            let scpd = parse_xml(body_of(&answer))
+                .unwrap_or_else(|e| panic!("{scpd_url} is not XML: {e}"));
+            assert_eq!(scpd.name, "scpd", "{scpd_url}");
+            assert_eq!(
+                scpd.attribute("xmlns"),
+                Some("urn:schemas-upnp-org:service-1-0"),
+                "{scpd_url}"
+            );
+            let version = scpd.child("specVersion").expect("specVersion");
+            assert_eq!(
+                (version.text_of("major"), version.text_of("minor")),
+                ("1", "0"),
+                "{scpd_url}"
+            );
+
+            // The state variables, each of its specified data type.
+            let table = scpd.child("serviceStateTable").expect("serviceStateTable");
+            let mut variables = std::collections::BTreeSet::new();
+            for variable in table.children_named("stateVariable") {
+                let name = variable.text_of("name");
+                let specified = SPECIFIED_TYPES
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .unwrap_or_else(|| panic!("{scpd_url}: {name} is no specified variable"));
+                assert_eq!(
+                    variable.text_of("dataType"),
+                    specified.1,
+                    "{scpd_url}: {name}"
+                );
+                assert!(
+                    matches!(variable.attribute("sendEvents"), Some("yes" | "no")),
+                    "{scpd_url}: {name}"
+                );
+                assert!(variables.insert(name), "{scpd_url}: {name} twice");
+            }
+            assert!(!variables.is_empty(), "{scpd_url}: no state variable");
+
+            // The actions: their arguments in, then out, each related to a variable above.
+            let mut declared = std::collections::BTreeMap::new();
+            for action in scpd
+                .child("actionList")
+                .map(|list| list.children_named("action").collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
+                let name = action.text_of("name");
+                let mut outs = Vec::new();
+                for argument in action
+                    .child("argumentList")
+                    .map(|list| list.children_named("argument").collect::<Vec<_>>())
+                    .unwrap_or_default()
+                {
+                    let argument_name = argument.text_of("name");
+                    match argument.text_of("direction") {
+                        "in" => assert!(
+                            outs.is_empty(),
+                            "{scpd_url}: {name}: in argument {argument_name} after an out one"
+                        ),
+                        "out" => outs.push(argument_name),
+                        other => panic!("{scpd_url}: {name}: direction {other:?}"),
+                    }
+                    let related = argument.text_of("relatedStateVariable");
+                    assert!(
+                        variables.contains(related),
+                        "{scpd_url}: {name}: {argument_name} refers to {related:?}"
+                    );
+                }
+                assert!(
+                    declared.insert(name, outs).is_none(),
+                    "{scpd_url}: {name} twice"
+                );
+            }
+
+            // What the control URL serves is what the document declares: every action of the
+            // specification is asked for, without arguments. Served is an answer or a UPnP
+            // error other than 401 Invalid Action; an answer has the declared out arguments,
+            // in order.
+            let (_, specified) = SPECIFIED_ACTIONS
+                .iter()
+                .find(|(name, _)| service_type.starts_with(&format!("{SERVICE_URN}{name}:")))
+                .unwrap_or_else(|| panic!("{service_type} is no specified service"));
+            let mut asked: std::collections::BTreeSet<&str> = specified.iter().copied().collect();
+            asked.extend(declared.keys().copied());
+            for action in asked {
+                let answer = exchange(
+                    address,
+                    &control_request(control_url, service_type, action, &[]),
+                )
+                .await;
+                let served = answer.starts_with("HTTP/1.1 200 ")
+                    || (answer.starts_with("HTTP/1.1 500 ")
+                        && answer.contains("<errorCode>")
+                        && !answer.contains("<errorCode>401</errorCode>"));
+                assert_eq!(
+                    served,
+                    declared.contains_key(action),
+                    "{control_url} {action}: {answer}"
+                );
+                if answer.starts_with("HTTP/1.1 200 ") {
+                    let envelope = parse_xml(body_of(&answer)).expect("the answer is XML");
+                    let response = envelope
+                        .child("Body")
+                        .and_then(|b| b.child(&format!("{action}Response")))
+                        .unwrap_or_else(|| panic!("{action}: {answer}"));
+                    let given: Vec<&str> =
+                        response.children.iter().map(|c| c.name.as_str()).collect();
+                    assert_eq!(Some(&given), declared.get(action), "{action}: {answer}");
+                }
+            }
+        }
+        assert!(core.try_recv().is_err(), "an action reached the core");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_external_port_wildcard_is_refused_and_deletes_nothing() {
+        let (address, mut core, task) = device().await;
+        let answer = exchange(
+            address,
+            &control_request(
+                CONTROL_PATH,
+                WAN_IP,
+                "AddPortMapping",
+                &[
+                    ("NewRemoteHost", ""),
+                    ("NewExternalPort", "0"),
+                    ("NewProtocol", "TCP"),
+                    ("NewInternalPort", "7500"),
+                    ("NewInternalClient", "127.0.0.1"),
+                    ("NewEnabled", "1"),
+                    ("NewPortMappingDescription", "test"),
+                    ("NewLeaseDuration", "60"),
+                ],
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
+        assert!(answer.contains("<errorCode>716</errorCode>"), "{answer}");
+        assert!(answer.contains("WildCardNotPermittedInExtPort"), "{answer}");
+        // Port 0 names no mapping: Invalid Args, as miniupnpd answers, and nothing released.
+        let answer = exchange(
+            address,
+            &control_request(
+                CONTROL_PATH,
+                WAN_IP,
+                "DeletePortMapping",
+                &[
+                    ("NewRemoteHost", ""),
+                    ("NewExternalPort", "0"),
+                    ("NewProtocol", "TCP"),
+                ],
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
+        assert!(answer.contains("<errorCode>402</errorCode>"), "{answer}");
+        assert!(core.try_recv().is_err(), "the request reached the core");
+        task.abort();
+    }
+
+    #[test]
+    fn answers_searches_only_for_what_the_description_offers() {
+        let root = format!("uuid:{UUID}");
+        let wan = format!("uuid:{UUID}-1");
+        let connection = format!("uuid:{UUID}-2");
+        let one = |st: &str, udn: &str| vec![(st.to_owned(), format!("{udn}::{st}"))];
+        assert_eq!(
+            search_answers("upnp:rootdevice"),
+            one("upnp:rootdevice", &root)
+        );
+        assert_eq!(search_answers(IGD), one(IGD, &root));
+        assert_eq!(search_answers(L3F), one(L3F, &root));
+        assert_eq!(search_answers(WAN_DEVICE), one(WAN_DEVICE, &wan));
+        assert_eq!(search_answers(WAN_COMMON), one(WAN_COMMON, &wan));
+        assert_eq!(
+            search_answers(WAN_CONNECTION_DEVICE),
+            one(WAN_CONNECTION_DEVICE, &connection)
+        );
+        assert_eq!(search_answers(WAN_IP), one(WAN_IP, &connection));
+        assert_eq!(search_answers(WAN_IP6_FW), one(WAN_IP6_FW, &connection));
+        assert_eq!(
+            search_answers(&connection),
+            vec![(connection.clone(), connection.clone())]
+        );
+        // Versions above the one offered, no version, version 0, types not offered: silence.
+        for target in [
+            "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
+            "urn:schemas-upnp-org:service:WANIPConnection:2",
+            "urn:schemas-upnp-org:service:WANIPConnection:",
+            "urn:schemas-upnp-org:service:WANIPConnection:0",
+            "urn:schemas-upnp-org:service:WANIPConnection:+1",
+            "urn:schemas-upnp-org:service:WANIPConnection",
+            "urn:schemas-upnp-org:service:WANPPPConnection:1",
+            "urn:schemas-upnp-org:device:MediaServer:1",
+            "uuid:00000000-0000-0000-0000-000000000000",
+            "",
+        ] {
+            assert_eq!(search_answers(target), Vec::new(), "{target:?}");
+        }
+
+        // ssdp:all: 3 answers for the root device, 2 for each embedded device, 1 for each
+        // service, exactly the devices and services of the description, each service under the
+        // UUID of the device that holds it.
+        let description = parse_xml(&description("http://127.0.0.1:1/")).expect("XML");
+        let mut devices = Vec::new();
+        description.descendants("device", &mut devices);
+        let mut expected = vec![(
+            "upnp:rootdevice".to_owned(),
+            format!("{root}::upnp:rootdevice"),
+        )];
+        for device in &devices {
+            let udn = device.text_of("UDN");
+            expected.push((udn.to_owned(), udn.to_owned()));
+            let device_type = device.text_of("deviceType");
+            expected.push((device_type.to_owned(), format!("{udn}::{device_type}")));
+            for service in device
+                .child("serviceList")
+                .map(|list| list.children_named("service").collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
+                let service_type = service.text_of("serviceType");
+                expected.push((service_type.to_owned(), format!("{udn}::{service_type}")));
+            }
+        }
+        assert_eq!(devices.len(), 3);
+        assert_eq!(search_answers("ssdp:all"), expected);
+        assert_eq!(expected.len(), 3 + 2 * 2 + 4);
     }
 
     #[test]

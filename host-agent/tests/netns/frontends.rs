@@ -678,6 +678,85 @@ fn a_pcp_client_maps_with_a_filter_refreshes_and_deletes() {
     );
 }
 
+/// [`pcp_map`] suggesting the external `port` and `address`, with the raw `options` after it.
+fn pcp_map_suggesting(
+    nonce: [u8; 12],
+    internal: u16,
+    client: std::net::IpAddr,
+    port: u16,
+    address: std::net::IpAddr,
+    options: &[u8],
+) -> Vec<u8> {
+    let mut request = pcp_map(nonce, 6, internal, 60, client, &[]);
+    request[42..44].copy_from_slice(&port.to_be_bytes());
+    request[44..60].copy_from_slice(&match address {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(v6) => v6.octets(),
+    });
+    request.extend_from_slice(options);
+    request
+}
+
+#[test]
+fn a_pcp_client_that_prefers_failure_gets_its_suggestion_or_nothing() {
+    if !lab::require_root("a_pcp_client_that_prefers_failure_gets_its_suggestion_or_nothing") {
+        return;
+    }
+    let lab = frontend_lab("pcp-prefer", &[7410], "[frontends]\npcp = true\n");
+    let host = lab.topology.host().v4;
+    let any: std::net::IpAddr = "0.0.0.0".parse().unwrap();
+    let nonce = [0x4f; 12];
+    let prefer_failure = [2, 0, 0, 0];
+    let ask = |request: &[u8]| {
+        let answer = ask_raw(&lab, request, STEP).expect("an answer");
+        (pcp_result(&answer), answer)
+    };
+
+    // Another external port, or another external address, than FWNP gives (the internal port
+    // on the host's address): CANNOT_PROVIDE_EXTERNAL, a long lifetime error, and no mapping.
+    for (port, address) in [(7411, any), (7410, "198.51.100.200".parse().unwrap())] {
+        let request = pcp_map_suggesting(nonce, 7410, host, port, address, &prefer_failure);
+        let ((code, lifetime, _), answer) = ask(&request);
+        assert_eq!(code, 11, "CANNOT_PROVIDE_EXTERNAL for {port} {address}");
+        assert_eq!(lifetime, 1800);
+        assert_eq!(
+            answer[24..],
+            request[24..],
+            "the request's MAP part and options"
+        );
+        assert!(lab.client().list().leases.is_empty(), "a mapping was made");
+        assert!(!lab.outside_reaches(7410, REFUSED), "open after a refusal");
+    }
+
+    // PREFER_FAILURE twice, or with data: MALFORMED_OPTION.
+    for options in [
+        [prefer_failure, prefer_failure].concat(),
+        vec![2, 0, 0, 4, 0, 0, 0, 0],
+    ] {
+        let request = pcp_map_suggesting(nonce, 7410, host, 7410, any, &options);
+        assert_eq!(ask(&request).0.0, 6, "MALFORMED_OPTION for {options:?}");
+    }
+    assert!(lab.client().list().leases.is_empty());
+
+    // The suggestion FWNP can give, exactly: granted.
+    let request = pcp_map_suggesting(nonce, 7410, host, 7410, host, &prefer_failure);
+    assert_eq!(ask(&request).0, (0, 60, Some(7410)));
+    assert!(
+        lab.outside_reaches(7410, FIRST_SYN),
+        "not open after the mapping"
+    );
+
+    // Without PREFER_FAILURE another suggestion is no obstacle: the internal port is given.
+    let request = pcp_map_suggesting(nonce, 7410, host, 7411, any, &[]);
+    assert_eq!(ask(&request).0, (0, 60, Some(7410)));
+    let ((code, _, _), _) = ask(&pcp_map(nonce, 6, 7410, 0, host, &[]));
+    assert_eq!(code, 0);
+    assert!(
+        !lab.outside_reaches(7410, REFUSED),
+        "still open after the delete"
+    );
+}
+
 /// Posts `body` to the UPnP control URL from the host namespace; the answer's text.
 fn post_soap(lab: &Lab, body: &[u8]) -> String {
     let to = SocketAddr::new(lab.topology.host().v4, 49152);
@@ -790,6 +869,144 @@ fn upnpc_discovers_the_agent_adds_lists_and_deletes_mappings() {
             .outside_reaches(7501, Duration::from_millis(300))),
         "still open after the application exited"
     );
+}
+
+/// Binds port 1900 in the host namespace as another SSDP service of the host would: with
+/// SO_REUSEADDR when `shared` (as minissdpd does), joined to 239.255.255.250.
+fn ssdp_neighbour(lab: &Lab, shared: bool) -> UdpSocket {
+    lab.topology.host().netns.run(|| {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("a socket");
+        socket.set_reuse_address(shared).expect("SO_REUSEADDR");
+        socket
+            .bind(&SocketAddr::from(([0, 0, 0, 0], 1900)).into())
+            .expect("bind port 1900");
+        socket
+            .join_multicast_v4(
+                &std::net::Ipv4Addr::new(239, 255, 255, 250),
+                &std::net::Ipv4Addr::UNSPECIFIED,
+            )
+            .expect("join 239.255.255.250");
+        socket.into()
+    })
+}
+
+/// Multicasts an M-SEARCH for `target` from the host namespace; the answers heard within 1.5 s.
+fn ssdp_search(lab: &Lab, target: &str) -> Vec<String> {
+    lab.topology.host().netns.run(|| {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let search = format!(
+            "M-SEARCH * HTTP/1.1\r\nHOST: 239.255.255.250:1900\r\nMAN: \"ssdp:discover\"\r\nMX: 1\r\nST: {target}\r\n\r\n"
+        );
+        socket
+            .send_to(search.as_bytes(), "239.255.255.250:1900")
+            .expect("send the search");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        let deadline = Instant::now() + Duration::from_millis(1500);
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf) {
+                answers.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        answers
+    })
+}
+
+/// The value of the header `name` of an SSDP answer.
+fn ssdp_header<'a>(answer: &'a str, name: &str) -> Option<&'a str> {
+    answer.lines().find_map(|line| {
+        let (field, value) = line.split_once(':')?;
+        field
+            .trim()
+            .eq_ignore_ascii_case(name)
+            .then_some(value.trim())
+    })
+}
+
+/// The agent's description, fetched from the host namespace.
+fn root_description(lab: &Lab) -> String {
+    let to = SocketAddr::new(lab.topology.host().v4, 49152);
+    lab.topology.host().netns.run(|| {
+        let mut stream = std::net::TcpStream::connect_timeout(&to, STEP).expect("connect");
+        stream.set_read_timeout(Some(STEP)).expect("timeout");
+        write!(
+            stream,
+            "GET /rootDesc.xml HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send");
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer);
+        answer
+    })
+}
+
+#[test]
+fn upnp_shares_the_ssdp_port_and_serves_without_it() {
+    if !lab::require_root("upnp_shares_the_ssdp_port_and_serves_without_it") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let mut lab = frontend_lab("upnp-ssdp", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v4;
+
+    // Another SSDP service holds port 1900 (shared) before the agent starts: both bind it, and
+    // upnpc discovers the agent.
+    lab.agent.terminate(STEP);
+    let neighbour = ssdp_neighbour(&lab, true);
+    lab.start_agent();
+    let mut app = Application::start(&lab, &[7500, 7501], &[]);
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7500 7500 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(lab.outside_reaches(7500, FIRST_SYN), "not open: {output}");
+    neighbour.set_read_timeout(Some(STEP)).expect("timeout");
+    let mut buf = [0u8; 2048];
+    let heard = neighbour
+        .recv(&mut buf)
+        .expect("the neighbour hears the searches too");
+    assert!(buf[..heard].starts_with(b"M-SEARCH"));
+
+    // upnp:rootdevice is answered as upnp:rootdevice, with the root device's UUID.
+    let description = root_description(&lab);
+    let root_udn = description
+        .split("<UDN>")
+        .nth(1)
+        .and_then(|rest| rest.split("</UDN>").next())
+        .unwrap_or_else(|| panic!("no UDN: {description}"))
+        .to_owned();
+    let answers = ssdp_search(&lab, "upnp:rootdevice");
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(ssdp_header(&answers[0], "ST"), Some("upnp:rootdevice"));
+    let usn = format!("{root_udn}::upnp:rootdevice");
+    assert_eq!(ssdp_header(&answers[0], "USN"), Some(usn.as_str()));
+    // ssdp:all: 3 for the root device, 2 for each of its two embedded devices, 1 for each of
+    // the four services. A version the description does not offer: no answer.
+    assert_eq!(ssdp_search(&lab, "ssdp:all").len(), 11);
+    assert!(ssdp_search(&lab, "urn:schemas-upnp-org:service:WANIPConnection:2").is_empty());
+    let (_, output) = app.run("upnpc -i -d 7500 TCP");
+    assert!(!lab.outside_reaches(7500, REFUSED), "still open: {output}");
+
+    // Port 1900 held by a service that does not share it: no discovery, yet the description
+    // and the control are served to a control point given the description's URL.
+    lab.agent.terminate(STEP);
+    drop(neighbour);
+    let _exclusive = ssdp_neighbour(&lab, false);
+    lab.start_agent();
+    let (_, output) = app.run(&format!(
+        "upnpc -u http://{host}:49152/rootDesc.xml -i -a {host} 7501 7501 TCP"
+    ));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(lab.outside_reaches(7501, FIRST_SYN), "not open: {output}");
 }
 
 #[test]
