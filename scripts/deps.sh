@@ -12,6 +12,8 @@ fwnp_missing_packages() {
   command -v cc >/dev/null 2>&1 || missing+=(gcc)
   command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
   command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
+  # The agent links libacl: its socket's ACL lets exactly the configured users and groups in.
+  pkg-config --exists libacl 2>/dev/null || missing+=(libacl1-dev)
   # The etcd store: protoc builds its client; the tests start etcd members and ask etcdctl.
   command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
   # etcd's protos import protobuf's well-known types, which protoc finds in libprotobuf-dev

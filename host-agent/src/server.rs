@@ -54,11 +54,24 @@ pub enum ServerError {
         /// Why it failed.
         source: std::io::Error,
     },
+    /// The socket's ACL could not be set: its filesystem may not support POSIX ACLs.
+    #[error(
+        "giving {path} an ACL for the allowed users and groups: {source} (the socket's \
+         directory must be on a filesystem with POSIX ACLs, such as the tmpfs of /run)"
+    )]
+    Acl {
+        /// The path.
+        path: PathBuf,
+        /// Why it failed.
+        source: posix_acl::ACLError,
+    },
 }
 
-/// Binds the socket: creates its directory, removes a stale socket file, and gives the socket
-/// the mode the allowed users and groups need (the peer-credential check is the gate; the mode
-/// only keeps out who could never pass it).
+/// Binds the socket: creates its directory, removes a stale socket file, and lets exactly the
+/// allowed users and groups connect (local API 2; the peer-credential check stays the gate,
+/// the file's permissions keep out who could never pass it): mode 0600 when nobody else is
+/// allowed, 0660 with the group when one group is, and otherwise 0600 with a POSIX ACL entry
+/// for each allowed user and group.
 ///
 /// The socket is bound in a fresh directory only root can enter, given its owner and mode
 /// there, and then renamed into place: at no moment can anyone connect to it with a wider
@@ -99,24 +112,43 @@ pub fn bind(config: &LocalConfig) -> Result<UnixListener, ServerError> {
     let bound = (|| {
         let listener = UnixListener::bind(&staged).map_err(|e| io("binding", e))?;
         let only_one_group = config.allowed_uids.is_empty() && config.allowed_gids.len() == 1;
-        let mode = if config.allowed_uids.is_empty() && config.allowed_gids.is_empty() {
-            0o600
-        } else if only_one_group
+        let nobody_else = config.allowed_uids.is_empty() && config.allowed_gids.is_empty();
+        let mode = if only_one_group
             && std::os::unix::fs::chown(&staged, None, config.allowed_gids.first().copied()).is_ok()
         {
             0o660
         } else {
-            0o666
+            0o600
         };
         std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
             .map_err(|e| io("setting the mode of", e))?;
+        let access = if nobody_else || mode == 0o660 {
+            format!("mode {mode:o}")
+        } else {
+            let rw = posix_acl::ACL_READ | posix_acl::ACL_WRITE;
+            let mut acl = posix_acl::PosixACL::new(mode);
+            for uid in &config.allowed_uids {
+                acl.set(posix_acl::Qualifier::User(*uid), rw);
+            }
+            for gid in &config.allowed_gids {
+                acl.set(posix_acl::Qualifier::Group(*gid), rw);
+            }
+            acl.write_acl(&staged).map_err(|source| ServerError::Acl {
+                path: path.clone(),
+                source,
+            })?;
+            format!(
+                "mode {mode:o} and the ACL {}",
+                acl.as_text().replace('\n', ",")
+            )
+        };
         std::fs::rename(&staged, path).map_err(|e| io("moving the socket into place at", e))?;
-        Ok((listener, mode))
+        Ok((listener, access))
     })();
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&private);
-    let (listener, mode) = bound?;
-    info!(socket = %path.display(), mode = format_args!("{mode:o}"), "local API listening");
+    let (listener, access) = bound?;
+    info!(socket = %path.display(), %access, "local API listening");
     Ok(listener)
 }
 
