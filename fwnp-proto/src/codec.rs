@@ -151,6 +151,9 @@ pub enum DecodeError {
     /// Key 0 names a message type FWNP/1 does not define.
     #[error("unknown message type {0}")]
     UnknownMessageType(u64),
+    /// Key 0 names a message that is not a request, on a request stream ([`decode_request`]).
+    #[error("a {} message is not a request", .0.name())]
+    NotARequest(MessageType),
     /// A mandatory key is absent.
     #[error("{at} lacks mandatory key {key}")]
     MissingKey {
@@ -285,6 +288,7 @@ impl DecodeError {
             DecodeError::KeyNotUnsigned { .. } => "key-not-unsigned",
             DecodeError::DuplicateKey { .. } => "duplicate-key",
             DecodeError::UnknownMessageType(_) => "unknown-message-type",
+            DecodeError::NotARequest(_) => "not-a-request",
             DecodeError::MissingKey { .. } => "missing-key",
             DecodeError::WrongType { .. } => "wrong-type",
             DecodeError::OutOfRange { .. } => "out-of-range",
@@ -1439,6 +1443,25 @@ fn decode_opening(f: &Fields<'_>) -> Result<Opening, DecodeError> {
 /// See the [module documentation](self) for what decoding refuses and what it leaves to
 /// [`crate::validate`].
 pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
+    decode_in(bytes, false)
+}
+
+/// Decodes one message read from a request stream: as [`decode`], and a known message type
+/// that is not a request is refused where rule 10 of spec 6.3 stands in the order of spec
+/// 6.6, after the item's structure and before `critical` and the message's keys.
+///
+/// ```
+/// use fwnp_proto::codec::{DecodeError, decode, decode_request};
+/// // A Welcome that lists an unknown critical key: on a request stream, first not a request.
+/// let bytes = [0xa3, 0x00, 0x02, 0x01, 0x01, 0x02, 0x81, 0x18, 0x40];
+/// assert!(matches!(decode(&bytes), Err(DecodeError::UnsupportedCritical(_))));
+/// assert!(matches!(decode_request(&bytes), Err(DecodeError::NotARequest(_))));
+/// ```
+pub fn decode_request(bytes: &[u8]) -> Result<Message, DecodeError> {
+    decode_in(bytes, true)
+}
+
+fn decode_in(bytes: &[u8], requests_only: bool) -> Result<Message, DecodeError> {
     let item = parse(bytes)?;
     let Item::Map(entries) = &item else {
         return Err(DecodeError::NotAMap);
@@ -1447,6 +1470,9 @@ pub fn decode(bytes: &[u8]) -> Result<Message, DecodeError> {
     let type_number = envelope.uint(0)?;
     let t = MessageType::from_number(type_number)
         .ok_or(DecodeError::UnknownMessageType(type_number))?;
+    if requests_only && !t.is_request() {
+        return Err(DecodeError::NotARequest(t));
+    }
     let f = Fields {
         at: Place::Message(t),
         entries: envelope.entries,

@@ -165,12 +165,14 @@ fn idempotent_reopen_extends_the_same_lease_without_using_quota() {
     let OpenOutcome::Extended {
         grant,
         previous_expires_ms,
+        previous_lifetime,
     } = outcome
     else {
         panic!("{outcome:?}")
     };
     assert_eq!(grant.lease.id, first);
     assert_eq!(previous_expires_ms, NOW + 600_000);
+    assert_eq!(previous_lifetime, 600);
     assert_eq!(grant.lease.expires_ms, NOW + 600_000, "never shortened");
     // Asking for more moves the expiry out.
     let outcome = book
@@ -322,6 +324,39 @@ fn quota_counts_live_leases_and_frees_on_release() {
         refused.map_err(|r| r.code()),
         Err(ResultCode::QuotaExceeded)
     );
+}
+
+/// A lease past its expiry is not held, even before the expiry timer takes it out of the book:
+/// it does not count against the quota (spec 11.3 step 11).
+#[test]
+fn a_lease_past_its_expiry_does_not_count_against_the_quota() {
+    let mut book = LeaseBook::new();
+    let mut rng = rng();
+    for (port, lifetime) in [(1, Some(POLICY.min)), (2, None), (3, None)] {
+        new_lease(book.open(
+            NOW,
+            HOST_A,
+            &open_tcp(port, lifetime),
+            &facts(ADDR_A, port, Some(3)),
+            &mut rng,
+        ));
+    }
+    let later = NOW + u64::from(POLICY.min) * 1000;
+    new_lease(book.open(
+        later,
+        HOST_A,
+        &open_tcp(4, None),
+        &facts(ADDR_A, 4, Some(3)),
+        &mut rng,
+    ));
+    let refused = book.open(
+        later,
+        HOST_A,
+        &open_tcp(5, None),
+        &facts(ADDR_A, 5, Some(3)),
+        &mut rng,
+    );
+    assert_eq!(refused, Err(Refusal::QuotaExceeded { held: 3, max: 3 }));
 }
 
 #[test]

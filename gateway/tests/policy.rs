@@ -361,6 +361,15 @@ fn bad_prefixes_are_errors() {
         9,
         "bad prefix",
     );
+    // An IPv4-mapped prefix would reach grants in a form hosts must refuse (spec 9.4).
+    assert_error(
+        &format!(
+            "{GROUP}[[rule]]\nname = \"r\"\ngroups = \"web\"\nallow = \"tcp/1\"\nfrom = [\"::ffff:198.51.100.0/120\"]\n"
+        ),
+        8,
+        9,
+        "IPv4-mapped IPv6 prefix; write the IPv4 network 198.51.100.0/24",
+    );
 }
 
 #[test]
@@ -830,6 +839,29 @@ fn third_party_rights() {
         !p.limits_for("fwnp://host/web", &[ip("10.0.0.5")])
             .third_party
     );
+}
+
+/// Spec 4.3 and 11.3 step 6: an address outside the host's third-party rights is
+/// address-mismatch before any deny rule, port or catalogue lookup decides, also for a host
+/// that has such rights for other addresses.
+#[test]
+fn an_address_outside_the_third_party_rights_is_a_mismatch_before_the_rules() {
+    let p = policy(
+        "[[group]]\nname = \"lb\"\nidentities = \"fwnp://host/lb-*\"\n\
+         [[rule]]\nname = \"no-ssh\"\ngroups = \"lb\"\ndeny = \"tcp/22\"\n\
+         [[rule]]\nname = \"pool\"\ngroups = \"lb\"\nallow = \"tcp/*\"\nthird_party = true\n\
+         third_party_addresses = \"10.1.0.0/24\"\n",
+    );
+    let lb = "fwnp://host/lb-1";
+    let d = ask(lb, &["192.0.2.10"], "tcp/22").on("10.9.9.9").to(&p);
+    assert_denied(&d, ResultCode::AddressMismatch, None);
+    let d = ask(lb, &["192.0.2.10"], "app:nosuch").on("10.9.9.9").to(&p);
+    assert_denied(&d, ResultCode::AddressMismatch, None);
+    // Within the rights, the deny rule and the catalogue decide.
+    let d = ask(lb, &["192.0.2.10"], "tcp/22").on("10.1.0.9").to(&p);
+    assert_denied(&d, ResultCode::DeniedByPolicy, Some("no-ssh"));
+    let d = ask(lb, &["192.0.2.10"], "app:nosuch").on("10.1.0.9").to(&p);
+    assert_denied(&d, ResultCode::UnknownApplication, None);
 }
 
 #[test]

@@ -338,6 +338,43 @@ fn requests_before_hello_are_refused_and_a_second_hello_is_malformed() {
     granted(gw.open(&mut host, tcp(7001), None));
 }
 
+/// Rule 10 of spec 6.3: a message that is not a request, on a request stream, is
+/// malformed-request, before its critical keys (unsupported-option), its own keys, and the
+/// connection's state (hello-required) are looked at (spec 6.6, 11.3 step 3).
+#[test]
+fn a_message_that_is_not_a_request_is_malformed_before_anything_else() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.host("web-01", &[HOST_A]);
+    // Before Hello: {0: 33, 1: 9, 3: 5}, an EpochChanged.
+    let d = denied(
+        gw.exchange(&mut host, &[0xa3, 0x00, 0x18, 0x21, 0x01, 0x09, 0x03, 0x05])
+            .answer,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest, "{d:?}");
+    assert_eq!(d.common.request_id, Some(9));
+    assert!(matches!(
+        gw.request(&mut host, &hello_msg(Some(1), &[1], 0)),
+        Message::Welcome(_)
+    ));
+    // {0: 2, 1: 1, 2: [64]}: a Welcome naming an unknown critical key.
+    let d = denied(
+        gw.exchange(
+            &mut host,
+            &[0xa3, 0x00, 0x02, 0x01, 0x01, 0x02, 0x81, 0x18, 0x40],
+        )
+        .answer,
+    );
+    assert_eq!(d.code, ResultCode::MalformedRequest, "{d:?}");
+    assert!(d.unsupported.is_empty(), "{d:?}");
+    // {0: 16, 1: 2, 3: h'00..', 4: [{}]}: a Granted whose grant is empty.
+    let mut granted_bytes = vec![0xa4, 0x00, 0x10, 0x01, 0x02, 0x03, 0x50];
+    granted_bytes.extend_from_slice(&[0; 16]);
+    granted_bytes.extend_from_slice(&[0x04, 0x81, 0xa0]);
+    let d = denied(gw.exchange(&mut host, &granted_bytes).answer);
+    assert_eq!(d.code, ResultCode::MalformedRequest, "{d:?}");
+    assert_eq!(d.common.request_id, Some(2));
+}
+
 #[test]
 fn a_certificate_naming_no_identity_gets_not_authorized() {
     let mut gw = Gateway::new(POLICY);
@@ -555,16 +592,35 @@ fn a_failing_renewal_is_no_resources_and_a_lease_revoked_meanwhile_is_unknown() 
     );
     assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(1)));
     assert_eq!(expiry(&mut gw, &mut host), longer);
-    // Shortening, the kernel took it and the store refused: the book holds the kernel's.
-    let d = failing(
-        &mut gw,
+    // Shortening, the kernel took it and the store refused: the stored lease keeps its
+    // expiry, so the book gives the renewal back and the kernel's element is put back to it
+    // (spec 12.1: the opening closes at its expiry, not earlier).
+    let out = gw.exchange_failing(
         &mut host,
-        23,
-        60,
-        (is_commit, EffectFailure::Store("locked".into())),
+        &renew(23, 60),
+        Some((is_commit, EffectFailure::Store("locked".into()))),
     );
+    let restored: Vec<_> = out
+        .effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Hold {
+                lease: l,
+                expires_ms,
+                ..
+            } if *l == lease => Some(*expires_ms),
+            _ => None,
+        })
+        .collect();
+    let d = denied(out.answer);
     assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(5)));
-    assert_eq!(expiry(&mut gw, &mut host), shorter);
+    // The renewal's own Hold, which the kernel took, then the one that puts it back.
+    assert_eq!(
+        restored,
+        vec![shorter, longer],
+        "the kernel's element is put back"
+    );
+    assert_eq!(expiry(&mut gw, &mut host), longer);
 
     let d = failing(
         &mut gw,
@@ -574,6 +630,72 @@ fn a_failing_renewal_is_no_resources_and_a_lease_revoked_meanwhile_is_unknown() 
         (is_hold, EffectFailure::LeaseEnded),
     );
     assert_eq!(d.code, ResultCode::UnknownLease);
+}
+
+/// An Open matching a live lease extends it: when the extension's first effect fails, the
+/// book gives the lease back as it was (spec 11.2: the lifetime last granted is that of the
+/// last Granted sent), so a later Renew without a lifetime renews for the lifetime granted.
+#[test]
+fn a_failing_extension_by_an_identical_open_leaves_the_lease_as_it_was() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let first = granted(gw.open(&mut host, tcp(7001), Some(600)));
+    let opened = gw.list(&mut host).leases[0].expires_ms;
+    let is_commit: fn(&Effect) -> bool = |e| matches!(e, Effect::Commit(_));
+    let again = codec::encode(&open_msg(Some(30), tcp(7001), Some(3600)));
+    let out = gw.exchange_failing(
+        &mut host,
+        &again,
+        Some((is_commit, EffectFailure::Store("no quorum".into()))),
+    );
+    let d = denied(out.answer);
+    assert_eq!((d.code, d.retry_after), (ResultCode::NoResources, Some(5)));
+    assert_eq!(gw.list(&mut host).leases[0].expires_ms, opened);
+    let renewed = granted(gw.request(
+        &mut host,
+        &Message::Renew(fwnp_proto::Renew {
+            common: common(Some(31)),
+            lease: first.lease,
+            lifetime: None,
+        }),
+    ));
+    assert_eq!((renewed.lease, renewed.lifetime), (first.lease, 600));
+}
+
+/// A cluster store that refuses a new lease over the host's quota as the cluster counts it
+/// (another member granted the last places first): the Open is quota-exceeded, not a
+/// transient no-resources, and the lease is taken out again (spec 12.1, 11.3 step 11).
+#[test]
+fn a_quota_refused_by_the_cluster_store_is_quota_exceeded() {
+    let mut gw = Gateway::new(POLICY);
+    let mut host = gw.welcomed("web-01", &[HOST_A]);
+    let is_commit: fn(&Effect) -> bool = |e| matches!(e, Effect::Commit(_));
+    let out = gw.exchange_failing(
+        &mut host,
+        &codec::encode(&open_msg(Some(40), tcp(7001), None)),
+        Some((
+            is_commit,
+            EffectFailure::QuotaExceeded(
+                "web-01 holds 2 live leases across the cluster, at most 2".into(),
+            ),
+        )),
+    );
+    assert!(
+        out.effects
+            .iter()
+            .any(|e| matches!(e, Effect::Unhold { .. })),
+        "the kernel's element is taken back: {:?}",
+        out.effects
+    );
+    let d = denied(out.answer);
+    assert_eq!((d.code, d.retry_after), (ResultCode::QuotaExceeded, None));
+    assert!(
+        d.reason
+            .as_deref()
+            .is_some_and(|r| r.contains("across the cluster")),
+        "{d:?}"
+    );
+    assert!(gw.core.book().is_empty());
 }
 
 #[test]

@@ -369,6 +369,8 @@ pub enum OpenOutcome {
         grant: LeaseGrant,
         /// Its expiry before, Unix milliseconds.
         previous_expires_ms: u64,
+        /// Its lifetime before, in seconds.
+        previous_lifetime: u32,
     },
 }
 
@@ -634,7 +636,8 @@ impl LeaseBook {
         };
 
         if let Some(id) = same {
-            let previous_expires_ms = self.get(&id).map_or(0, |l| l.expires_ms);
+            let (previous_expires_ms, previous_lifetime) =
+                self.get(&id).map_or((0, 0), |l| (l.expires_ms, l.lifetime));
             let expires_ms = previous_expires_ms.max(new_expiry);
             self.set_expiry(&id, expires_ms);
             if let Some(lease) = self.get_mut(&id) {
@@ -649,14 +652,23 @@ impl LeaseBook {
                 return Ok(OpenOutcome::Extended {
                     grant,
                     previous_expires_ms,
+                    previous_lifetime,
                 });
             }
         }
 
-        if let Some(max) = facts.max_leases
-            && held >= usize::try_from(max).unwrap_or(usize::MAX)
-        {
-            return Err(Refusal::QuotaExceeded { held, max });
+        if let Some(max) = facts.max_leases {
+            let max_held = usize::try_from(max).unwrap_or(usize::MAX);
+            // The quota counts live leases (spec 11.3 step 11): one past its expiry that the
+            // expiry timer has not taken out yet is not held. Counted only at the quota, so
+            // that the common Open does not walk the host's leases.
+            let held = match held >= max_held {
+                true => self.live_count(host, now_ms),
+                false => held,
+            };
+            if held >= max_held {
+                return Err(Refusal::QuotaExceeded { held, max });
+            }
         }
         if self.leases.len() >= MAX_LEASES {
             return Err(Refusal::NoFreeLeaseId);
@@ -878,6 +890,17 @@ impl LeaseBook {
     /// The live lease in a host's `index` with exactly `grants`, if any. A lease past its
     /// expiry that [`expire_due`](Self::expire_due) has not reaped yet is not extended: its
     /// kernel element may already be gone, and the expiry must be reported as such.
+    /// The leases of `host` still live at `now_ms`.
+    fn live_count(&self, host: &str, now_ms: u64) -> usize {
+        self.hosts.get(host).map_or(0, |index| {
+            index
+                .iter()
+                .filter_map(|held| self.leases.get(held.at as usize))
+                .filter(|lease| lease.expires_ms > now_ms)
+                .count()
+        })
+    }
+
     fn find_same(
         &self,
         index: &HashTable<Held>,

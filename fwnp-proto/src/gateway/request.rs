@@ -536,6 +536,11 @@ pub enum EffectFailure {
     /// The lease ended (was revoked) while its elements were being programmed.
     #[error("the lease ended while it was being renewed")]
     LeaseEnded,
+    /// The store refused a new lease over its host's quota as the cluster counts it (spec
+    /// 12.1): the member granted it before it heard of the others' grants. Told to the host as
+    /// quota-exceeded.
+    #[error("{0}")]
+    QuotaExceeded(String),
 }
 
 impl EffectFailure {
@@ -702,6 +707,8 @@ enum Ticket {
         lease: LeaseId,
         /// Whether the Open made it (a failure then takes it out of the book again).
         new: bool,
+        /// The live lease it extended instead, as it was before (a failure gives that back).
+        extension: Option<Renewed>,
         /// The answer, should the effects succeed.
         granted: Granted,
         open: Arc<Open>,
@@ -938,7 +945,7 @@ impl RequestCore {
                 ResultCode::NotAuthorized.name(),
             ));
         };
-        let msg = match codec::decode(bytes) {
+        let msg = match codec::decode_request(bytes) {
             Ok(msg) => msg,
             Err(e) => return answered(refuse_undecodable(now_ms, peer, bytes, &e)),
         };
@@ -1166,13 +1173,23 @@ impl RequestCore {
         // The lease the book gave back is the audit record's; the store's row and the kernel
         // take a copy of what they need, and the answer is made now, so that the request
         // keeps neither the lease nor its grants while its effects are carried out.
-        let (grant, previous_expires_ms) = match outcome {
+        let (grant, previous) = match outcome {
             OpenOutcome::NewLease(grant) => (grant, None),
             OpenOutcome::Extended {
                 grant,
                 previous_expires_ms,
-            } => (grant, Some(previous_expires_ms)),
+                previous_lifetime,
+            } => (grant, Some((previous_expires_ms, previous_lifetime))),
         };
+        let previous_expires_ms = previous.map(|(expires_ms, _)| expires_ms);
+        // An extension is a renewal of the lease the Open matched: one whose effects fail is
+        // taken back from the book as a failed Renew is (spec 11.2: the lifetime last granted
+        // is that of the last Granted sent).
+        let extension = previous.map(|(previous_expires_ms, previous_lifetime)| Renewed {
+            grant: grant.clone(),
+            previous_expires_ms,
+            previous_lifetime,
+        });
         let granted = grant.to_granted(open.common.request_id, self.config.epoch);
         let lease = grant.lease;
         // In order, the kernel is written first unless the lease only grows longer: then the
@@ -1235,6 +1252,7 @@ impl RequestCore {
             ticket: Ticket::Open {
                 lease: id,
                 new,
+                extension,
                 granted,
                 open,
                 identity,
@@ -1360,6 +1378,37 @@ impl RequestCore {
         })
     }
 
+    /// Takes back from the book a renewal (a Renew, or an Open that extended a live lease)
+    /// whose effects failed. The store goes first when the lease grows longer, the kernel
+    /// otherwise. When the first failed, neither took it, and the book gives it back. When the
+    /// kernel took a shorter expiry and the store then refused it (a cluster member cut off
+    /// from its quorum), the stored lease keeps its expiry, and so must the opening (spec 12.1:
+    /// it closes at its expiry, not earlier): the book gives the renewal back and the returned
+    /// Hold puts the kernel's element back. When the store took a longer expiry and the kernel
+    /// refused it, the book keeps the store's.
+    fn undo_failed_renewal(
+        &mut self,
+        renewed: &Renewed,
+        failure: &EffectFailure,
+    ) -> Option<Effect> {
+        let after = &renewed.grant.lease;
+        let lengthened = after.expires_ms > renewed.previous_expires_ms;
+        let kernel = matches!(
+            failure,
+            EffectFailure::Kernel(_) | EffectFailure::KernelAfterCommit(_)
+        );
+        if kernel != lengthened {
+            self.book.undo_renew(renewed);
+            return None;
+        }
+        let shortened_in_kernel = !kernel && after.expires_ms < renewed.previous_expires_ms;
+        (shortened_in_kernel && self.book.undo_renew(renewed)).then(|| Effect::Hold {
+            lease: after.id,
+            grants: after.grants.clone(),
+            expires_ms: renewed.previous_expires_ms,
+        })
+    }
+
     /// The answer to a request whose effects were carried out (`Ok`) or failed (`Err`, the
     /// first failure, or [`EffectFailure::joined`]). A failed Open gives back the lease it made
     /// (the answer's effects then give up its elements, and end it in the store if the store
@@ -1377,6 +1426,7 @@ impl RequestCore {
             Ticket::Open {
                 lease: id,
                 new,
+                extension,
                 granted,
                 open,
                 identity,
@@ -1385,6 +1435,10 @@ impl RequestCore {
                 Ok(()) => Answer::new(Message::Granted(granted), "granted"),
                 Err(failure) => {
                     let mut effects = Vec::new();
+                    // An extension never shortens the lease: nothing of the kernel to put back.
+                    if let Some(extension) = &extension {
+                        self.undo_failed_renewal(extension, &failure);
+                    }
                     // A lease already out of the book was ended by whoever took it out, in the
                     // store too (after its insert, if that was on its way).
                     if new && let Some(lease) = self.book.revoke(&id) {
@@ -1409,17 +1463,27 @@ impl RequestCore {
                             ));
                         }
                     }
+                    let (code, reason, retry_after) = match &failure {
+                        EffectFailure::QuotaExceeded(why) => {
+                            (ResultCode::QuotaExceeded, why.clone(), None)
+                        }
+                        _ => (
+                            ResultCode::NoResources,
+                            format!("the gateway could not program the opening ({failure})"),
+                            Some(5),
+                        ),
+                    };
                     let mut answer = refuse_at(
                         now_ms,
                         &identity,
                         peer,
                         &Message::Open(Arc::unwrap_or_clone(open)),
-                        ResultCode::NoResources,
-                        format!("the gateway could not program the opening ({failure})"),
+                        code,
+                        reason,
                         None,
                     );
                     if let Message::Denied(d) = &mut answer.message {
-                        d.retry_after = Some(5);
+                        d.retry_after = retry_after;
                     }
                     effects.append(&mut answer.effects);
                     answer.effects = effects;
@@ -1452,20 +1516,11 @@ impl RequestCore {
                         None,
                     ),
                     Err(failure) => {
-                        // The renewal's first effect failed, so neither the kernel nor the store
-                        // took it: the book gives it back. (When the second failed, the book
-                        // keeps what the first put in force: the longer expiry the store holds,
-                        // or the shorter one the kernel does, so that the opening never
-                        // outlives what the book says.)
-                        let lengthened =
-                            renewed.grant.lease.expires_ms > renewed.previous_expires_ms;
                         let kernel = matches!(
                             failure,
                             EffectFailure::Kernel(_) | EffectFailure::KernelAfterCommit(_)
                         );
-                        if kernel != lengthened {
-                            self.book.undo_renew(&renewed);
-                        }
+                        let restore = self.undo_failed_renewal(&renewed, &failure);
                         // A store that refused (a cluster member cut off from its quorum) is
                         // asked again later than a busy kernel, as a refused Open is.
                         let retry_after = if kernel { 1 } else { 5 };
@@ -1481,6 +1536,7 @@ impl RequestCore {
                         if let Message::Denied(d) = &mut answer.message {
                             d.retry_after = Some(retry_after);
                         }
+                        answer.effects.extend(restore);
                         answer
                     }
                 }

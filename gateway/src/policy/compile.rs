@@ -2,6 +2,7 @@
 //! and column of what it refuses.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::ops::Range;
 use std::sync::Arc;
@@ -331,7 +332,7 @@ fn parse_prefixes(
     items
         .iter()
         .map(|(text, span)| {
-            parse_prefix(text).map_err(|error| {
+            let prefix = parse_prefix(text).map_err(|error| {
                 source.error(
                     span,
                     PolicyErrorKind::Prefix {
@@ -339,9 +340,31 @@ fn parse_prefixes(
                         error,
                     },
                 )
-            })
+            })?;
+            match mapped_ipv4(&prefix) {
+                Some(ipv4) => Err(source.error(
+                    span,
+                    PolicyErrorKind::MappedPrefix {
+                        text: text.clone(),
+                        ipv4,
+                    },
+                )),
+                None => Ok(prefix),
+            }
         })
         .collect()
+}
+
+/// The IPv4 network an IPv4-mapped IPv6 prefix (within `::ffff:0:0/96`) stands for.
+fn mapped_ipv4(prefix: &Prefix) -> Option<Prefix> {
+    let IpAddr::V6(v6) = prefix.addr else {
+        return None;
+    };
+    let v4 = v6.to_ipv4_mapped()?;
+    Some(Prefix {
+        addr: IpAddr::V4(v4),
+        len: prefix.len.checked_sub(96)?,
+    })
 }
 
 fn compile_applications(

@@ -117,6 +117,26 @@ fn denied(code: ResultCode, rule: Option<&RuleRef>, reason: String) -> Decision 
     }
 }
 
+/// Whether an allow rule of the host's groups gives it third-party rights covering the
+/// request's host address.
+fn third_party_rights_cover(policy: &Policy, request: &Request<'_>) -> bool {
+    let identity = IdentityView::new(request.identity);
+    let mut memo = GroupMemo::new();
+    policy.rules.iter().any(|rule| {
+        rule.spec.action == Action::Allow
+            && rule.spec.third_party
+            && (rule.third_party_nets.is_empty()
+                || rule
+                    .third_party_nets
+                    .iter()
+                    .any(|n| n.contains_addr(request.host_address)))
+            && rule
+                .groups
+                .iter()
+                .any(|&g| memo.is_member(&policy.groups, g, &identity, request.addresses))
+    })
+}
+
 /// What the request asks, in words, for reasons ("tcp/443", "app https").
 fn what_text(request: &Request<'_>) -> String {
     match request.target {
@@ -153,6 +173,19 @@ fn malformed(request: &Request<'_>, entries: &[PortSpan]) -> Option<String> {
 }
 
 pub(super) fn decide<T: Tracer>(policy: &Policy, request: &Request<'_>, trace: &mut T) -> Decision {
+    // An address the host does not hold is address-mismatch before anything else is looked at
+    // (spec 4.3, 11.3 step 6), unless a rule of the host gives it third-party rights there:
+    // deny rules, the catalogue and the ports only decide within those rights.
+    if request.is_third_party() && !third_party_rights_cover(policy, request) {
+        let reason = format!(
+            "the host does not hold {} and no rule gives it third-party rights there",
+            request.host_address
+        );
+        if T::ON {
+            trace.step(None, StepOutcome::Note, reason.clone());
+        }
+        return denied(ResultCode::AddressMismatch, None, reason);
+    }
     let single;
     let (entries, app): (&[PortSpan], Option<&str>) = match request.target {
         Target::Ports { protocol, ports } => {

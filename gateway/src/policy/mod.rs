@@ -608,6 +608,15 @@ pub enum PolicyErrorKind {
         /// Why.
         error: PrefixError,
     },
+    /// An IPv4-mapped IPv6 prefix (`::ffff:0:0/96` and within): FWNP names IPv4 networks in
+    /// their own form, and a grant with a mapped prefix is one a host must refuse (spec 9.4).
+    #[error("bad prefix {text:?}: an IPv4-mapped IPv6 prefix; write the IPv4 network {ipv4}")]
+    MappedPrefix {
+        /// The text written.
+        text: String,
+        /// The same network in IPv4 form.
+        ipv4: Prefix,
+    },
     /// An item that does not parse (unknown protocol, port 0, reversed range...).
     #[error("bad item {text:?}: {error}")]
     Item {

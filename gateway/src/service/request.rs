@@ -521,6 +521,7 @@ impl Service {
             WriteError::Store(crate::store::StoreError::LeaseNotLive { .. }) if renews => {
                 EffectFailure::LeaseEnded
             }
+            e @ WriteError::QuotaExceeded { .. } => EffectFailure::QuotaExceeded(e.to_string()),
             e => EffectFailure::Store(e.to_string()),
         })
     }

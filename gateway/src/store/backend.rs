@@ -33,6 +33,17 @@ pub enum WriteError {
     /// comparison failed); nothing of it was applied.
     #[error("write conflict: {0}")]
     Conflict(String),
+    /// A new lease would take its host over its quota counted across the cluster (spec 12.1):
+    /// another member granted the places this one had not heard of yet; nothing was applied.
+    #[error("{identity} holds {held} live leases across the cluster, at most {max}")]
+    QuotaExceeded {
+        /// The host.
+        identity: String,
+        /// Its live leases in the shared state.
+        held: u32,
+        /// Its quota.
+        max: u32,
+    },
     /// The store takes no writes now (a cluster store cut off from its quorum); nothing of it
     /// was applied.
     #[error("the store takes no writes: {0}")]

@@ -780,6 +780,11 @@ enum Refusal {
     Duplicate(LeaseId),
     NotLive(LeaseId),
     Conflict(String),
+    Quota {
+        identity: String,
+        held: u32,
+        max: u32,
+    },
     Unavailable(String),
     Corrupt(String),
     Invalid(String),
@@ -791,6 +796,15 @@ impl Refusal {
             Refusal::Duplicate(id) => StoreError::DuplicateLease { id }.into(),
             Refusal::NotLive(id) => StoreError::LeaseNotLive { id }.into(),
             Refusal::Conflict(why) => WriteError::Conflict(why),
+            Refusal::Quota {
+                identity,
+                held,
+                max,
+            } => WriteError::QuotaExceeded {
+                identity,
+                held,
+                max,
+            },
             Refusal::Unavailable(why) => WriteError::Unavailable(why),
             Refusal::Corrupt(what) => StoreError::Corrupt { what }.into(),
             Refusal::Invalid(what) => StoreError::InvalidInput { what }.into(),
@@ -2000,10 +2014,11 @@ impl Worker {
                     if let Some(max) = new.max_leases
                         && held >= max
                     {
-                        return Err(Refusal::Conflict(format!(
-                            "{} holds {held} live leases across the cluster, at most {max}",
-                            new.identity
-                        )));
+                        return Err(Refusal::Quota {
+                            identity: new.identity.clone(),
+                            held,
+                            max,
+                        });
                     }
                     hosts.insert(new.identity.clone(), held + 1);
                     leases.insert(new.id, Some(StoredLease::new(new)));
