@@ -945,7 +945,9 @@ fn decode_local(t: u64, body: &[u8]) -> Result<LocalMessage, LocalError> {
                 kind,
                 expires_in_ms: f.opt_uint(5)?,
                 reason: f.opt_reason(6)?,
-                code: f.opt_uint(7)?.map(|n| f.code(7, n)).transpose()?,
+                // A code of a later version (a local code above 1027) leaves the event standing
+                // without it: a lost lease is lost whatever the reason (local API 12.3).
+                code: f.opt_uint(7)?.and_then(DenialCode::from_number),
                 new_lease: f.opt_lease(8)?,
             })
         }

@@ -2844,6 +2844,17 @@ fn local_vectors() -> Vec<LocalVector> {
         "wrong-type",
         Answer::Denied(R::MalformedRequest),
     ));
+    v.push(LocalVector {
+        name: "event-lost-unknown-code",
+        description: "Event lost (4) with code 1030, a local code of a later version: the event stands without its code, and the lease is over (Section 12.3).",
+        frame: framed(&{
+            let mut body = h("a4 00 18 42 03 50");
+            body.extend_from_slice(&LEASE_A.0);
+            body.extend_from_slice(&h("04 04 07 19 04 06"));
+            body
+        }),
+        expect: LocalExpect::Valid(L::Event(event(EventKind::Lost))),
+    });
     v
 }
 

@@ -42,7 +42,8 @@ use crate::mirror::MirrorError;
 use crate::ports::{CallerProcess, PortNotOwned};
 
 /// How long an application's Open waits for the gateway's answer (across retries) before the
-/// agent answers gateway-unreachable and gives up on it.
+/// agent answers gateway-unreachable and gives up on it; for an application id, the grace its
+/// ports have to be bound comes on top.
 pub const OPEN_WAIT: Duration = Duration::from_secs(20);
 
 /// While the gateway is unreachable, due requests wait; the machine still wakes this often for
@@ -1755,6 +1756,12 @@ impl AgentMachine {
             &mut self.rng,
         );
         let app = open.app.unwrap_or_default();
+        // An application id's ports are checked once granted, and the check may wait for the
+        // application to bind: the Open's wait runs that long more.
+        let wait = match owner.as_ref().is_some_and(|o| o.by_grants) {
+            true => OPEN_WAIT + self.config.local.port_owner_grace,
+            false => OPEN_WAIT,
+        };
         let key = self.next_key;
         self.next_key += 1;
         self.leases.insert(
@@ -1763,7 +1770,7 @@ impl AgentMachine {
                 conn: Some(conn),
                 machine,
                 app,
-                open_request: Some((request_id, now + OPEN_WAIT)),
+                open_request: Some((request_id, now + wait)),
                 ids: Vec::new(),
                 mirrored: false,
                 release_requests: Vec::new(),

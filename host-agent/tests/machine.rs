@@ -1604,6 +1604,68 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
     }
 }
 
+/// An application id's ports are checked after the grant, with the grace the application has
+/// to bind them: a grace longer than the Open's usual wait does not turn a granted Open into
+/// gateway-unreachable while the check runs.
+#[test]
+fn an_application_ids_open_waits_out_the_grace_of_its_check() {
+    let mut sim =
+        Sim::with(&VERIFYING.replace("port_owner_grace = \"2s\"", "port_owner_grace = \"30s\""));
+    sim.link_up(EPOCH, Vec::new());
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    sim.input(Input::CallerConnected {
+        conn: APP,
+        peer: Peer {
+            process: Some(me),
+            ..peer()
+        },
+    });
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Wire(Message::Open(Open {
+            common: common(20),
+            opening: Opening {
+                target: Target::App("web".into()),
+                ..opening(0)
+            },
+            lifetime: Some(LIFETIME),
+            app: None,
+        })),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
+    let Some(Action::CheckGrants {
+        lease: checked,
+        check,
+        grace,
+        ..
+    }) = actions.into_iter().next()
+    else {
+        panic!("the grants are checked first");
+    };
+    assert_eq!(grace, Duration::from_secs(30));
+    // The check takes 29 s: longer than the Open's usual wait, within the grace.
+    let actions = sim.advance(Duration::from_secs(29));
+    assert!(denials(&actions).is_empty(), "{actions:?}");
+    sim.input(Input::GrantsChecked {
+        key,
+        lease: checked,
+        replaces: None,
+        result: Ok(check.targets),
+    });
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Ok(()),
+    });
+    assert!(
+        actions.iter().any(|a| matches!(a, Action::Reply { message: LocalMessage::Wire(Message::Granted(g)), .. } if g.lease == lease)),
+        "{actions:?}"
+    );
+}
+
 fn status(sim: &mut Sim) -> fwnp_proto::local::StatusAnswer {
     let actions = sim.input(Input::Request {
         conn: APP,

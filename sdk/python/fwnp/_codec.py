@@ -779,7 +779,8 @@ def decode_body(body: bytes) -> Message:
             kind,
             f.uint(5, optional=True),
             f.text(6, MAX_REASON, optional=True),
-            _code(code, name) if code is not None else None,
+            # A code of a later version leaves the event standing without it (Section 12.3).
+            code if code in WIRE_CODES or code in LOCAL_CODES else None,
             f.lease(8, optional=True),
             critical=critical,
         )
