@@ -318,10 +318,19 @@ pub async fn serve(
             .pid()
             .and_then(|p| u32::try_from(p).ok())
             .filter(|p| *p > 0);
-        let mut peer = peer_of(pid, cred.uid(), cred.gid(), &config, Path::new("/proc"));
-        if peer.authorized {
-            let pidfd = nix::sys::socket::getsockopt(&stream, PeerPidfd).ok();
-            peer.process = pid.and_then(|p| CallerProcess::identify(&procfs, p, pidfd));
+        // The process is pinned (its pidfd and start time) before /proc is read for its groups,
+        // executable and command line, and what was read counts only if it still runs under
+        // its pid after: otherwise they may be another process's, one that took the pid of a
+        // peer that exited (local API 2). Without a pinned process, only the credentials count.
+        let pidfd = nix::sys::socket::getsockopt(&stream, PeerPidfd).ok();
+        let process = pid.and_then(|p| CallerProcess::identify(&procfs, p, pidfd));
+        let pinned = process.as_ref().map(CallerProcess::pid);
+        let proc = Path::new("/proc");
+        let mut peer = peer_of(pinned, cred.uid(), cred.gid(), &config, proc);
+        match process {
+            Some(process) if process.is_alive(&procfs) => peer.process = Some(process),
+            Some(_) => peer = peer_of(None, cred.uid(), cred.gid(), &config, proc),
+            None => {}
         }
         debug!(conn, pid = ?peer.pid, uid = peer.uid, authorized = peer.authorized, "local connection");
         if peer.authorized {
