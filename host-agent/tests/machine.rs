@@ -297,6 +297,32 @@ fn opening(port: u16) -> Opening {
     }
 }
 
+/// The caller `conn`, connected from this test's own process (whose ports can be verified).
+fn connect_this_process(sim: &mut Sim, conn: ConnId) -> Vec<Action> {
+    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
+        .expect("this test's own process");
+    sim.input(Input::CallerConnected {
+        conn,
+        peer: Peer {
+            process: Some(me),
+            ..peer()
+        },
+    })
+}
+
+/// An Open of the application id `web` for [`LIFETIME`].
+fn open_app_request(request_id: u64) -> LocalMessage {
+    LocalMessage::Wire(Message::Open(Open {
+        common: common(request_id),
+        opening: Opening {
+            target: Target::App("web".into()),
+            ..opening(0)
+        },
+        lifetime: Some(LIFETIME),
+        app: None,
+    }))
+}
+
 fn open_request(request_id: u64, port: u16) -> LocalMessage {
     LocalMessage::Wire(Message::Open(Open {
         common: common(request_id),
@@ -1422,27 +1448,11 @@ fn a_lease_the_host_table_refuses_is_released_and_refused() {
 fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
     let mut sim = Sim::with(VERIFYING);
     sim.link_up(EPOCH, Vec::new());
-    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
-        .expect("this test's own process");
-    sim.input(Input::CallerConnected {
-        conn: APP,
-        peer: Peer {
-            process: Some(me),
-            ..peer()
-        },
-    });
+    connect_this_process(&mut sim, APP);
     let ask = |sim: &mut Sim, request_id: u64| {
         let actions = sim.input(Input::Request {
             conn: APP,
-            message: LocalMessage::Wire(Message::Open(Open {
-                common: common(request_id),
-                opening: Opening {
-                    target: Target::App("web".into()),
-                    ..opening(0)
-                },
-                lifetime: Some(LIFETIME),
-                app: None,
-            })),
+            message: open_app_request(request_id),
         });
         let (key, request) = single_send(&actions);
         let lease = sim.fresh_lease();
@@ -1519,15 +1529,7 @@ fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
 fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id() {
     let mut sim = Sim::with(VERIFYING);
     sim.link_up(EPOCH, Vec::new());
-    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
-        .expect("this test's own process");
-    sim.input(Input::CallerConnected {
-        conn: APP,
-        peer: Peer {
-            process: Some(me),
-            ..peer()
-        },
-    });
+    connect_this_process(&mut sim, APP);
     sim.input(Input::Request {
         conn: APP,
         message: LocalMessage::Watch(Watch {
@@ -1537,15 +1539,7 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
     });
     let actions = sim.input(Input::Request {
         conn: APP,
-        message: LocalMessage::Wire(Message::Open(Open {
-            common: common(20),
-            opening: Opening {
-                target: Target::App("web".into()),
-                ..opening(0)
-            },
-            lifetime: Some(LIFETIME),
-            app: None,
-        })),
+        message: open_app_request(20),
     });
     let (key, request) = single_send(&actions);
     let first = sim.fresh_lease();
@@ -1612,26 +1606,10 @@ fn an_application_ids_open_waits_out_the_grace_of_its_check() {
     let mut sim =
         Sim::with(&VERIFYING.replace("port_owner_grace = \"2s\"", "port_owner_grace = \"30s\""));
     sim.link_up(EPOCH, Vec::new());
-    let me = CallerProcess::identify(&ProcFs::default(), std::process::id(), None)
-        .expect("this test's own process");
-    sim.input(Input::CallerConnected {
-        conn: APP,
-        peer: Peer {
-            process: Some(me),
-            ..peer()
-        },
-    });
+    connect_this_process(&mut sim, APP);
     let actions = sim.input(Input::Request {
         conn: APP,
-        message: LocalMessage::Wire(Message::Open(Open {
-            common: common(20),
-            opening: Opening {
-                target: Target::App("web".into()),
-                ..opening(0)
-            },
-            lifetime: Some(LIFETIME),
-            app: None,
-        })),
+        message: open_app_request(20),
     });
     let (key, request) = single_send(&actions);
     let lease = sim.fresh_lease();

@@ -305,6 +305,24 @@ impl Scripted {
             socket,
         }
     }
+
+    /// Binds a port, has an application open it through the agent and checks the grant; the
+    /// port stays bound as long as the returned listener lives.
+    fn open_a_port(&self) -> TcpListener {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let mut client = LocalClient::connect(&self.socket);
+        let granted = match client.open(Protocol::Tcp, port, None, STEP) {
+            LocalMessage::Wire(Message::Granted(granted)) => granted,
+            other => panic!("Open answered with {other:?}"),
+        };
+        assert_eq!(
+            granted.grants[0].ports,
+            PortRange::single(port),
+            "{granted:?}"
+        );
+        listener
+    }
 }
 
 #[test]
@@ -372,19 +390,7 @@ fn an_invalid_grant_is_refused_and_the_open_asked_again() {
         ..Seen::default()
     }));
     let scripted = Scripted::start("invalid-grant", seen.clone());
-    let socket = &scripted.socket;
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    let mut client = LocalClient::connect(socket);
-    let granted = match client.open(Protocol::Tcp, port, None, STEP) {
-        LocalMessage::Wire(Message::Granted(granted)) => granted,
-        other => panic!("Open answered with {other:?}"),
-    };
-    assert_eq!(
-        granted.grants[0].ports,
-        PortRange::single(port),
-        "{granted:?}"
-    );
+    let listener = scripted.open_a_port();
     let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
     assert_eq!(seen.opens, 2, "the invalid grant was taken as no answer");
     assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
@@ -401,14 +407,7 @@ fn an_oversized_answer_is_stopped_and_the_request_sent_again_under_its_id() {
         ..Seen::default()
     }));
     let scripted = Scripted::start("oversized-answer", seen.clone());
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("address").port();
-    let mut client = LocalClient::connect(&scripted.socket);
-    let granted = match client.open(Protocol::Tcp, port, None, STEP) {
-        LocalMessage::Wire(Message::Granted(granted)) => granted,
-        other => panic!("Open answered with {other:?}"),
-    };
-    assert_eq!(granted.grants[0].ports, PortRange::single(port));
+    let listener = scripted.open_a_port();
     // The stop may reach the scripted gateway after the retry's answer: wait for it, bounded.
     let deadline = Instant::now() + STEP;
     while seen

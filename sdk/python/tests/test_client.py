@@ -480,18 +480,24 @@ def test_async_frames_of_unknown_types_are_ignored_and_the_connection_kept(
     asyncio.run(story())
 
 
-def test_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) -> None:
-    """An Open whose caller stopped waiting: the lease granted later is released, not held
-    until the connection closes with nobody to use it."""
+def hold_opens(agent: FakeAgent) -> list[_codec.Open]:
+    """Makes ``agent`` leave every Open unanswered; returns where they are kept."""
     held: list[_codec.Open] = []
 
-    def hold_opens(m: _codec.Message) -> list[bytes]:
+    def answer(m: _codec.Message) -> list[bytes]:
         if isinstance(m, _codec.Open):
             held.append(m)
             return []
         return agent.default(m)
 
-    agent.answer = hold_opens
+    agent.answer = answer
+    return held
+
+
+def test_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) -> None:
+    """An Open whose caller stopped waiting: the lease granted later is released, not held
+    until the connection closes with nobody to use it."""
+    held = hold_opens(agent)
     with fwnp.Client(agent.path, timeout=0.3) as client:
         with pytest.raises(fwnp.RequestTimeout):
             client.open(fwnp.tcp(8080))
@@ -501,15 +507,7 @@ def test_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) 
 
 
 def test_async_a_lease_granted_after_its_open_timed_out_is_released(agent: FakeAgent) -> None:
-    held: list[_codec.Open] = []
-
-    def hold_opens(m: _codec.Message) -> list[bytes]:
-        if isinstance(m, _codec.Open):
-            held.append(m)
-            return []
-        return agent.default(m)
-
-    agent.answer = hold_opens
+    held = hold_opens(agent)
 
     async def story() -> None:
         async with fwnp.AsyncClient(agent.path, timeout=0.3) as client:
