@@ -337,6 +337,9 @@ pub struct LeaseMachine {
     unanswered: Option<(RequestKind, Option<LeaseId>, u64)>,
     /// Attempts sent so far; the next one's [`Attempt`].
     attempts: u64,
+    /// The gateway refused to renew the lease for good: it is held, as the gateway holds it,
+    /// until its expiry, and neither renewed nor opened again meanwhile.
+    renewal_refused: bool,
     /// Revoked notices for lease ids this machine did not know, heard while an Open was on its
     /// way: the Granted that names one may come after its notice (spec 5.3). Bounded, and each
     /// kept [`EARLY_REVOKED_KEPT`].
@@ -373,6 +376,7 @@ impl LeaseMachine {
             next_request_id: rng.random(),
             unanswered: None,
             attempts: 0,
+            renewal_refused: false,
             early_revoked: VecDeque::new(),
             events: VecDeque::new(),
             ignored: 0,
@@ -646,9 +650,10 @@ impl LeaseMachine {
     /// The owner saw the gateway's epoch (in a Welcome, a Granted, a Leases answer or an
     /// EpochChanged notice). If a lease is held under another epoch, the gateway lost it: a
     /// fresh Open of the same opening is sent at once, and the old lease stays mirrored until
-    /// its expiry.
+    /// its expiry. A lease whose renewal the gateway refused is left to its expiry.
     pub fn epoch_observed(&mut self, now: Instant, epoch: Epoch) {
-        if !matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+        if !matches!(self.state, LeaseState::Active | LeaseState::Renewing) || self.renewal_refused
+        {
             return;
         }
         let Some(lease) = &self.lease else { return };
@@ -664,9 +669,10 @@ impl LeaseMachine {
     /// The gateway's List no longer shows the lease (spec 11.10, Reopening): a fresh Open of the
     /// opening is sent at once, retried per spec 11.9, and the lease stays until its expiry
     /// (then [`LeaseEvent::Expired`]) unless a Granted replaces it first. Only an Active or
-    /// Renewing lease is concerned.
+    /// Renewing lease is concerned, and not one whose renewal the gateway refused.
     pub fn not_listed(&mut self, now: Instant) {
-        if matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+        if matches!(self.state, LeaseState::Active | LeaseState::Renewing) && !self.renewal_refused
+        {
             self.begin_reopen(now, ReopenCause::NotListed);
         }
     }
@@ -727,7 +733,7 @@ impl LeaseMachine {
     /// assert_eq!(machine.state(), LeaseState::Requesting);
     /// ```
     pub fn renew_now(&mut self, now: Instant) {
-        if self.state == LeaseState::Active && self.pending.is_none() {
+        if self.state == LeaseState::Active && self.pending.is_none() && !self.renewal_refused {
             let earliest = self.not_before.map_or(now, |floor| floor.max(now));
             self.send_at = Some(self.send_at.map_or(earliest, |at| at.min(earliest)));
         }
@@ -866,8 +872,16 @@ impl LeaseMachine {
         // application knows whether waiting is worth it, and a retry-after of minutes would
         // outlast its wait anyway.
         let first_open = pending.kind == RequestKind::Open && self.state == LeaseState::Requesting;
-        // hello-required means the connection was not ready: like a lost answer, retry.
-        if (denied.code.is_transient() && !first_open) || denied.code == ResultCode::HelloRequired {
+        // hello-required: the connection's state is wrong, not the request. Its owner connects
+        // again (and says Hello); the request goes then, or after a second, and the failure is
+        // not counted (spec 11.9).
+        if denied.code == ResultCode::HelloRequired {
+            self.pending = None;
+            self.unanswered = None;
+            self.send_at = Some(now + FIRST_RETRY_DELAY);
+            return;
+        }
+        if denied.code.is_transient() && !first_open {
             let retry_after = denied
                 .retry_after
                 .map(|s| Duration::from_secs(u64::from(s)));
@@ -901,8 +915,10 @@ impl LeaseMachine {
                 if denied.code == ResultCode::UnknownLease {
                     self.begin_reopen(now, ReopenCause::UnknownLease);
                 } else if let Some(lease) = &self.lease {
-                    // The lease lives on at the gateway until its expiry; it is not renewed.
+                    // The lease lives on at the gateway until its expiry; it is not renewed, nor
+                    // opened again should a list or an epoch miss it.
                     self.state = LeaseState::Active;
+                    self.renewal_refused = true;
                     self.events.push_back(LeaseEvent::RenewRefused {
                         lease: lease.id,
                         code: denied.code,
@@ -1186,6 +1202,75 @@ mod tests {
         let (_, retried, _) = send(&mut lease, &mut rng, now);
         assert!(matches!(retried, Message::Renew(_)), "{retried:?}");
         assert_ne!(id(&retried), id(&renew));
+    }
+
+    /// A renewal refused for good (not unknown-lease): the lease is held until its expiry, as
+    /// the gateway holds it, and nothing brings it back meanwhile: neither a list that misses
+    /// it, nor a new epoch, nor a move to another gateway of the cluster.
+    #[test]
+    fn a_lease_whose_renewal_was_refused_is_neither_renewed_nor_opened_again() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let t0 = Instant::now();
+        let mut lease = LeaseMachine::new(t0, tcp_8080(), Some(60), None, &mut rng);
+        let Some(Message::Open(open)) = lease.poll_transmit(t0) else {
+            panic!("the Open is due at once");
+        };
+        lease.handle_answer(t0, &granted_7(&open, 60), &mut rng);
+        let renew_at = lease.renew_at().expect("a renewal");
+        let renew = lease.poll_transmit(renew_at).expect("the Renew");
+        let refusal = Message::Denied(Denied {
+            common: renew.common().clone(),
+            code: ResultCode::NotAuthorized,
+            reason: None,
+            retry_after: None,
+            lease: Some(LeaseId([7; 16])),
+            unsupported: Vec::new(),
+        });
+        lease.handle_answer(renew_at, &refusal, &mut rng);
+        assert_eq!(lease.state(), LeaseState::Active);
+        lease.not_listed(renew_at);
+        lease.epoch_observed(renew_at, 43);
+        lease.renew_now(renew_at);
+        assert_eq!(lease.state(), LeaseState::Active);
+        assert_eq!(lease.poll_transmit(renew_at), None, "nothing is sent");
+        assert_eq!(
+            lease.poll_timeout(),
+            lease.expires_at(),
+            "only the expiry is due"
+        );
+    }
+
+    /// hello-required says the connection is wrong, not the request: the request goes again
+    /// (after the owner connects again, or a second) and the failure is not counted in the
+    /// backoff (spec 11.9).
+    #[test]
+    fn hello_required_is_retried_without_counting_a_failure() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let t0 = Instant::now();
+        let mut lease = LeaseMachine::new(t0, tcp_8080(), Some(60), None, &mut rng);
+        let open = lease.poll_transmit(t0).expect("the Open");
+        let hello_required = Message::Denied(Denied {
+            common: open.common().clone(),
+            code: ResultCode::HelloRequired,
+            reason: None,
+            retry_after: None,
+            lease: None,
+            unsupported: Vec::new(),
+        });
+        lease.handle_answer(t0, &hello_required, &mut rng);
+        assert_eq!(lease.state(), LeaseState::Requesting);
+        let again = t0 + FIRST_RETRY_DELAY;
+        assert_eq!(lease.poll_timeout(), Some(again));
+        assert!(lease.poll_transmit(again).is_some(), "sent again");
+        // This attempt goes unanswered: its retry is the first of the backoff, about a second.
+        let timed_out = again + REQUEST_TIMEOUT;
+        lease.handle_timeout(timed_out, &mut rng);
+        let retry = lease.poll_timeout().expect("a retry") - timed_out;
+        assert!(
+            retry >= FIRST_RETRY_DELAY.mul_f64(1.0 - RETRY_JITTER)
+                && retry <= FIRST_RETRY_DELAY.mul_f64(1.0 + RETRY_JITTER),
+            "{retry:?}"
+        );
     }
 
     #[test]

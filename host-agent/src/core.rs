@@ -263,6 +263,17 @@ impl Core {
                                 b"request timed out",
                             );
                         }
+                        if let Ok(Message::Denied(d)) = &result
+                            && d.code == ResultCode::HelloRequired
+                        {
+                            // The gateway does not know this connection's Hello: Hello again, on
+                            // a new connection (spec 11.9).
+                            warn!("the gateway answered hello-required; connecting again");
+                            connection.close(
+                                quinn::VarInt::from_u32(QuicErrorCode::NoError.code()),
+                                b"hello-required",
+                            );
+                        }
                         let result = result.map_err(|e| e.to_string());
                         let _ = tx.send(CoreInput::Answer {
                             key,

@@ -44,7 +44,8 @@ pub const EXCHANGE_TIMEOUT: Duration = fwnp_proto::lease::REQUEST_TIMEOUT;
 /// What the link tells the agent's core.
 #[derive(Debug)]
 pub enum GatewayEvent {
-    /// A connection is up: Welcome was received and the gateway listed the host's leases.
+    /// A connection is up: Welcome was received, and the gateway listed the host's leases
+    /// unless it could not.
     Connected {
         /// Which gateway (`HOST:PORT`).
         gateway: String,
@@ -52,8 +53,10 @@ pub enum GatewayEvent {
         connection: quinn::Connection,
         /// The gateway's Welcome.
         welcome: Welcome,
-        /// The gateway's answer to List, taken before any other request.
-        leases: Leases,
+        /// The gateway's answer to List, taken before any other request; `None` when it
+        /// refused (a list too large for one answer, a rate limit) or its answer was unusable:
+        /// then what the host holds is asked for again with Open (spec 5.4).
+        leases: Option<Leases>,
     },
     /// A notice from the gateway (Revoked, EpochChanged, GoingAway).
     Notice(Message),
@@ -366,7 +369,7 @@ pub async fn run(
                     gateway = %candidate.address,
                     identity = %welcome.identity,
                     epoch = format_args!("{:016x}", welcome.epoch),
-                    leases = leases.leases.len(),
+                    leases = ?leases.as_ref().map(|l| l.leases.len()),
                     "connected to the gateway"
                 );
                 let event = GatewayEvent::Connected {
@@ -434,7 +437,7 @@ async fn connect(
     several: bool,
     min_lifetime: &mut Option<u32>,
     handshake: Duration,
-) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Leases), ConnectError> {
+) -> Result<(quinn::Endpoint, quinn::Connection, Welcome, Option<Leases>), ConnectError> {
     let mut addrs = if candidate.resolved.is_empty() {
         tokio::net::lookup_host(&candidate.address)
             .await
@@ -454,7 +457,7 @@ async fn connect(
         let mut timers = TransportTimers::for_min_lifetime(*min_lifetime);
         if several && timers.idle_timeout > FAILOVER_IDLE_TIMEOUT {
             timers = TransportTimers {
-                keep_alive: FAILOVER_IDLE_TIMEOUT / 3,
+                keep_alive: FAILOVER_IDLE_TIMEOUT / fwnp_proto::link::KEEP_ALIVES_PER_IDLE_TIMEOUT,
                 idle_timeout: FAILOVER_IDLE_TIMEOUT,
             };
         }
@@ -483,9 +486,22 @@ async fn connect(
                 critical: Vec::new(),
             },
         });
+        // A gateway that answers but will not list (no-resources for a list over 16,384 bytes,
+        // rate-limited) leaves the connection usable: the host asks again for what it holds
+        // with Open (spec 5.4). A List unanswered, like any request, ends the connection.
         let leases = match exchange(&connection, &list).await {
-            Ok(Message::Leases(l)) => l,
-            Ok(other) => return Err(ConnectError::List(format!("answered {other:?}"))),
+            Ok(Message::Leases(l)) => Some(l),
+            Ok(other) => {
+                warn!(
+                    "the gateway answered List with {}: opening what the host holds again",
+                    other.message_type().name()
+                );
+                None
+            }
+            Err(e @ (ExchangeError::Decode(_) | ExchangeError::Invalid(_))) => {
+                warn!("the gateway's list is unusable ({e}): opening what the host holds again");
+                None
+            }
             Err(e) => return Err(ConnectError::List(e.to_string())),
         };
         return Ok((endpoint, connection, welcome, leases));

@@ -97,8 +97,8 @@ pub enum Input {
         gateway: String,
         /// The gateway's Welcome.
         welcome: Box<Welcome>,
-        /// The leases the gateway holds for this host.
-        leases: Leases,
+        /// The leases the gateway holds for this host, if it listed them.
+        leases: Option<Leases>,
     },
     /// An attempt to connect failed.
     LinkFailed {
@@ -723,11 +723,17 @@ impl AgentMachine {
         }
     }
 
-    fn on_connected(&mut self, gateway: String, welcome: Welcome, listed: Leases, now: Instant) {
+    fn on_connected(
+        &mut self,
+        gateway: String,
+        welcome: Welcome,
+        listed: Option<Leases>,
+        now: Instant,
+    ) {
         self.last_link_error = None;
         // The List went after the Welcome: if the gateway's state was replaced between the two,
         // its epoch is the newer one, and the leases it lists are of that state (spec 12).
-        let epoch = listed.epoch;
+        let epoch = listed.as_ref().map_or(welcome.epoch, |l| l.epoch);
         if epoch != welcome.epoch {
             info!(
                 welcome = format_args!("{:016x}", welcome.epoch),
@@ -770,7 +776,12 @@ impl AgentMachine {
             identity: welcome.identity.clone(),
         });
 
-        let at_gateway: HashSet<LeaseId> = listed.leases.iter().map(|l| l.lease).collect();
+        // Without a list, every lease counts as not listed: it is asked for again with Open,
+        // which the gateway answers with the same lease while it holds it (spec 5.4, 11.3).
+        let at_gateway: HashSet<LeaseId> = listed
+            .iter()
+            .flat_map(|l| l.leases.iter().map(|l| l.lease))
+            .collect();
         if !self.synced_once {
             // The first connection since start: the host table is made to match what the
             // gateway holds for this host. Openings of an earlier run stay for a grace period,
@@ -785,7 +796,7 @@ impl AgentMachine {
                     Some((*key, lease.grants.clone(), lease.expires_at))
                 })
                 .collect();
-            for listed in listed.leases {
+            for listed in listed.into_iter().flat_map(|l| l.leases) {
                 // A lease of an earlier run: held under a number of its own until it ends.
                 let holder = self.next_key;
                 self.next_key += 1;
@@ -853,6 +864,22 @@ impl AgentMachine {
     fn on_notice(&mut self, notice: Message, now: Instant) {
         if let Message::EpochChanged(changed) = &notice {
             self.epoch = Some(changed.epoch);
+        }
+        // A lease of an earlier run is mirrored under a holder of its own until the grace
+        // ends; revoked, its opening is removed now (spec 8.12), whoever else holds it.
+        if let Message::Revoked(revoked) = &notice {
+            let (ended, kept): (Vec<EarlierLease>, Vec<EarlierLease>) =
+                std::mem::take(&mut self.earlier_run)
+                    .into_iter()
+                    .partition(|e| e.lease == revoked.lease);
+            self.earlier_run = kept;
+            for earlier in ended {
+                info!(lease = %earlier.lease, "a lease of an earlier run was revoked");
+                self.actions.push_back(Action::MirrorDrop {
+                    holder: earlier.holder,
+                    then: None,
+                });
+            }
         }
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {

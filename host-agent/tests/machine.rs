@@ -169,15 +169,29 @@ impl Sim {
         self.link_up_at(GATEWAY_A, epoch, listed)
     }
 
+    /// The link comes up to gateway A with `welcome`, which lists nothing under its epoch.
+    fn link_up_welcomed(&mut self, welcome: Welcome) -> Vec<Action> {
+        let epoch = welcome.epoch;
+        self.input(Input::LinkUp {
+            gateway: GATEWAY_A.into(),
+            welcome: Box::new(welcome),
+            leases: Some(Leases {
+                common: Common::default(),
+                leases: Vec::new(),
+                epoch,
+            }),
+        })
+    }
+
     fn link_up_at(&mut self, gateway: &str, epoch: Epoch, listed: Vec<LeaseInfo>) -> Vec<Action> {
         self.input(Input::LinkUp {
             gateway: gateway.into(),
             welcome: Box::new(welcome(epoch)),
-            leases: Leases {
+            leases: Some(Leases {
                 common: Common::default(),
                 leases: listed,
                 epoch,
-            },
+            }),
         })
     }
 
@@ -730,11 +744,11 @@ fn a_new_epoch_in_the_list_reopens_the_lease() {
     let actions = sim.input(Input::LinkUp {
         gateway: GATEWAY_A.into(),
         welcome: Box::new(welcome(EPOCH)),
-        leases: Leases {
+        leases: Some(Leases {
             common: Common::default(),
             leases: Vec::new(),
             epoch: NEW_EPOCH,
-        },
+        }),
     });
     let (to, request) = single_send(&actions);
     assert_eq!(to, key);
@@ -743,6 +757,40 @@ fn a_new_epoch_in_the_list_reopens_the_lease() {
     let new = sim.fresh_lease();
     let actions = sim.answer(key, Ok(granted(&request, new, 8080, NEW_EPOCH)));
     assert_eq!(mirror_holds(&actions), vec![(key, Some(new))]);
+}
+
+/// A gateway that will not list the host's leases on a reconnection (its list would not fit in
+/// an answer, or it rate-limits): the connection stays, and what the host holds is asked for
+/// again with Open (spec 5.4); the mirror keeps the lease meanwhile, and the Open's Granted of
+/// the same lease keeps it going.
+#[test]
+fn without_a_list_what_the_host_holds_is_opened_again() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.input(Input::LinkUp {
+        gateway: GATEWAY_A.into(),
+        welcome: Box::new(welcome(EPOCH)),
+        leases: None,
+    });
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let (to, request) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(request, Message::Open(_)), "{request:?}");
+    let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
+    assert!(
+        !events(&actions).iter().any(|(_, e)| matches!(
+            e.kind,
+            EventKind::Lost | EventKind::Expired | EventKind::Revoked
+        )),
+        "{actions:?}"
+    );
 }
 
 /// The gateway refuses a renewal for good: the caller hears renewal-refused with the code and
@@ -885,6 +933,37 @@ fn leases_of_an_earlier_run_are_kept_for_callers_that_ask_again_and_released_oth
 
 /// The end of an earlier run's grace period waits for an Open in flight (the gateway may be
 /// giving it one of those leases), but only until the Open's own wait is over.
+/// A lease of an earlier run that the gateway revokes during the grace period leaves the host's
+/// table at once (spec 8.12), not when the grace ends; it is not released afterwards.
+#[test]
+fn a_revoked_lease_of_an_earlier_run_leaves_the_host_table_at_once() {
+    let mut sim = Sim::new();
+    let revoked = sim.fresh_lease();
+    let actions = sim.link_up(EPOCH, vec![listed(revoked, 8080, 200)]);
+    let holder = actions
+        .iter()
+        .find_map(|a| match a {
+            Action::MirrorReconcile { holders } => Some(holders[0].0),
+            _ => None,
+        })
+        .expect("the host table reconciled on the first connection");
+    let actions = sim.input(Input::Notice(Message::Revoked(fwnp_proto::Revoked {
+        common: Common::default(),
+        lease: revoked,
+        reason: fwnp_proto::RevokeReason::Operator,
+        text: None,
+    })));
+    assert_eq!(mirror_drops(&actions), vec![holder]);
+    let actions = sim.advance(Duration::from_secs(60));
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        "nothing to release: {actions:?}"
+    );
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+}
+
 #[test]
 fn the_earlier_run_waits_for_an_open_in_flight() {
     let mut sim = Sim::new();
@@ -971,15 +1050,7 @@ fn an_open_using_what_the_gateway_does_not_offer_is_refused_without_being_sent()
     let mut sim = Sim::new();
     let mut offered = welcome(EPOCH);
     offered.capabilities = Capabilities(Capabilities::NOTICES | Capabilities::REMOTE_PREFIXES);
-    sim.input(Input::LinkUp {
-        gateway: GATEWAY_A.into(),
-        welcome: Box::new(offered),
-        leases: Leases {
-            common: Common::default(),
-            leases: Vec::new(),
-            epoch: EPOCH,
-        },
-    });
+    sim.link_up_welcomed(offered);
     sim.connect_caller(APP);
     let ask = |sim: &mut Sim, request_id, opening: Opening| {
         sim.input(Input::Request {
@@ -1048,15 +1119,7 @@ fn an_open_is_kept_within_the_size_the_gateway_accepts() {
         let mut sim = Sim::new();
         let mut limited = welcome(EPOCH);
         limited.limits.max_message_size = max as u32;
-        sim.input(Input::LinkUp {
-            gateway: GATEWAY_A.into(),
-            welcome: Box::new(limited),
-            leases: Leases {
-                common: Common::default(),
-                leases: Vec::new(),
-                epoch: EPOCH,
-            },
-        });
+        sim.link_up_welcomed(limited);
         sim.connect_caller(APP);
         let actions = sim.input(Input::Request {
             conn: APP,
