@@ -138,6 +138,9 @@ pub enum Ending {
     Reset,
     /// The gateway sent GoingAway asking to wait this long.
     GoingAway(Duration),
+    /// The gateway refused the attempt's Hello (rate-limited) with this retry-after: the next
+    /// attempt comes no sooner, and no later than the backoff would have it otherwise.
+    RetryAfter(Duration),
     /// The connection was lost (idle timeout, closed) or the attempt failed.
     Lost,
 }
@@ -190,6 +193,12 @@ impl Reconnect {
             Ending::GoingAway(after) => {
                 let spread = (after / 2).max(Duration::from_secs(1));
                 return now + after + spread.mul_f64(rng.random_range(0.0..=1.0));
+            }
+            Ending::RetryAfter(after) => {
+                let delay = self.backoff;
+                self.backoff = (self.backoff * 2).min(MAX_RECONNECT_DELAY);
+                let jitter = rng.random_range((1.0 - RECONNECT_JITTER)..=(1.0 + RECONNECT_JITTER));
+                return now + after.max(delay.mul_f64(jitter));
             }
             Ending::Lost => {
                 let delay = self.backoff;
@@ -303,5 +312,23 @@ mod tests {
         }
         let next = reconnect.next_attempt(now, Ending::GoingAway(Duration::ZERO), None, &mut rng);
         assert!(next <= now + Duration::from_secs(1));
+    }
+
+    /// A Hello refused rate-limited: the next attempt waits for the gateway's retry-after,
+    /// whatever the leases, and the backoff when that is longer.
+    #[test]
+    fn a_retry_after_is_waited_for_and_the_backoff_still_grows() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let now = Instant::now();
+        let mut reconnect = Reconnect::new();
+        let soon = now + Duration::from_secs(2);
+        let after = Duration::from_secs(30);
+        let next = reconnect.next_attempt(now, Ending::RetryAfter(after), Some(soon), &mut rng);
+        assert_eq!(next, now + after);
+        for _ in 0..8 {
+            reconnect.next_attempt(now, Ending::Lost, None, &mut rng);
+        }
+        let next = reconnect.next_attempt(now, Ending::RetryAfter(after), None, &mut rng);
+        assert!(next >= now + MAX_RECONNECT_DELAY.mul_f64(1.0 - RECONNECT_JITTER));
     }
 }

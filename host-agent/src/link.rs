@@ -159,6 +159,9 @@ enum ConnectError {
     Hello(ExchangeError),
     #[error("Hello answered with {0}")]
     Refused(String),
+    /// Hello refused rate-limited, with the gateway's retry-after.
+    #[error("Hello answered with rate-limited: retry after {0:?}")]
+    RetryAfter(Duration),
     #[error("List: {0}")]
     List(String),
     #[error("transport options: {0}")]
@@ -345,6 +348,9 @@ pub async fn run(
             .unwrap_or(0);
         let mut ending = Ending::Lost;
         let mut failures = Vec::new();
+        // The shortest retry-after of a round whose every gateway asked for one (rate-limited).
+        let mut retry_after: Option<Duration> = None;
+        let mut all_asked_to_wait = true;
         let mut connected = None;
         for candidate in list.iter().cycle().skip(start).take(list.len()) {
             let expiry = *earliest_expiry.borrow();
@@ -356,6 +362,12 @@ pub async fn run(
                 }
                 Err(e) => {
                     warn!(gateway = %candidate.address, "cannot connect to the gateway: {e}");
+                    match e {
+                        ConnectError::RetryAfter(after) => {
+                            retry_after = Some(retry_after.map_or(after, |r| r.min(after)));
+                        }
+                        _ => all_asked_to_wait = false,
+                    }
                     failures.push(format!("{}: {e}", candidate.address));
                 }
             }
@@ -411,6 +423,9 @@ pub async fn run(
                     .is_err()
                 {
                     return;
+                }
+                if let Some(after) = retry_after.filter(|_| all_asked_to_wait) {
+                    ending = Ending::RetryAfter(after);
                 }
             }
         }
@@ -549,6 +564,10 @@ async fn connect_once(
         .map_err(ConnectError::Hello)?
     {
         Message::Welcome(w) => w,
+        Message::Denied(d) if d.code == fwnp_proto::ResultCode::RateLimited => {
+            let after = Duration::from_secs(u64::from(d.retry_after.unwrap_or(0)));
+            return Err(ConnectError::RetryAfter(after));
+        }
         Message::Denied(d) => {
             return Err(ConnectError::Refused(format!(
                 "Denied {}{}",
