@@ -31,7 +31,7 @@ use fwnp_proto::local::{
 };
 use fwnp_proto::{
     AppInfo, Capabilities, Common, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Message,
-    Open, PortRange, Protocol, Released, ResultCode, Target, Welcome,
+    Open, Opening, PortRange, Protocol, Released, ResultCode, Target, Welcome,
 };
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -906,6 +906,25 @@ impl AgentMachine {
             true => held.machine.poll_transmit(now),
             false => None,
         };
+        // An Open sent later than the application asked (a re-open, a retry on a new
+        // connection) is checked against the Welcome in force then (spec 14): refused here, as
+        // the gateway would refuse it, without using what it does not offer.
+        if let Some(Message::Open(open)) = &request
+            && let Some((code, reason)) = self.unoffered(&open.opening)
+        {
+            let refusal = Message::Denied(fwnp_proto::Denied {
+                common: open.common.clone(),
+                code,
+                reason: Some(reason),
+                retry_after: None,
+                lease: None,
+                unsupported: Vec::new(),
+            });
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.machine.handle_answer(now, &refusal, &mut self.rng);
+            }
+            request = None;
+        }
         // The gateway merges identical openings of one host into one lease: when two
         // applications hold it, the one that lets go must not end it for the other.
         if let Some(Message::Release(release)) = &request
@@ -1330,6 +1349,29 @@ impl AgentMachine {
         }
     }
 
+    /// The refusal the gateway would give an Open of `opening` because it uses a feature the
+    /// Welcome in force does not offer (spec 14): unsupported-option, or address-mismatch for a
+    /// third-party address; `None` when it uses none (or no Welcome came yet).
+    fn unoffered(&self, opening: &Opening) -> Option<(ResultCode, String)> {
+        let offered = self.offered.as_ref()?;
+        let missing = opening.capabilities_used(&offered.addresses) & !offered.capabilities.0;
+        if missing == 0 {
+            return None;
+        }
+        let code = if missing == Capabilities::THIRD_PARTY {
+            ResultCode::AddressMismatch
+        } else {
+            ResultCode::UnsupportedOption
+        };
+        Some((
+            code,
+            format!(
+                "the gateway does not offer {} (capabilities 0x{missing:02x} are not in its Welcome)",
+                capability_names(missing)
+            ),
+        ))
+    }
+
     /// Whether a machine other than `key` holds `lease` live.
     fn shared(&self, key: Key, lease: LeaseId) -> bool {
         self.leases.iter().any(|(k, h)| {
@@ -1626,27 +1668,9 @@ impl AgentMachine {
         }
         // A client may not use what the gateway did not offer (spec Section 14); the gateway
         // would answer the same, and the application learns it without a round trip.
-        if let Some(offered) = &self.offered {
-            let missing =
-                open.opening.capabilities_used(&offered.addresses) & !offered.capabilities.0;
-            if missing != 0 {
-                let code = if missing == Capabilities::THIRD_PARTY {
-                    ResultCode::AddressMismatch
-                } else {
-                    ResultCode::UnsupportedOption
-                };
-                self.deny(
-                    conn,
-                    request_id,
-                    DenialCode::Wire(code),
-                    format!(
-                        "the gateway does not offer {} (capabilities 0x{missing:02x} are not in its Welcome)",
-                        capability_names(missing)
-                    ),
-                    None,
-                );
-                return;
-            }
+        if let Some((code, reason)) = self.unoffered(&open.opening) {
+            self.deny(conn, request_id, DenialCode::Wire(code), reason, None);
+            return;
         }
         let Some(local) = self.conns.get(&conn) else {
             return;

@@ -1098,6 +1098,59 @@ fn an_open_using_what_the_gateway_does_not_offer_is_refused_without_being_sent()
     assert!(matches!(single_send(&actions).1, Message::Open(_)));
 }
 
+/// An Open the agent sends on its own (here a re-open after a reconnection whose list misses the
+/// lease) is checked against the Welcome then in force: a port range the gateway no longer
+/// offers is not sent, and the lease is lost (spec 14).
+#[test]
+fn a_reopen_using_what_the_gateway_no_longer_offers_is_not_sent() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let mut range = opening(8080);
+    range.target = Target::Ports {
+        protocol: Protocol::Tcp,
+        ports: PortRange {
+            first: 8080,
+            last: 8090,
+        },
+    };
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: LocalMessage::Wire(Message::Open(Open {
+            common: common(3),
+            opening: range,
+            lifetime: None,
+            app: None,
+        })),
+    });
+    let (key, request) = single_send(&actions);
+    let lease = sim.fresh_lease();
+    sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
+    sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Ok(()),
+    });
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let mut narrower = welcome(EPOCH);
+    narrower.capabilities = Capabilities(Capabilities::NOTICES);
+    let actions = sim.link_up_welcomed(narrower);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!(e.kind, EventKind::Lost, "{e:?}");
+            assert_eq!(
+                e.code,
+                Some(DenialCode::Wire(ResultCode::UnsupportedOption))
+            );
+        }
+        other => panic!("expected the lease lost, got {other:?}"),
+    }
+    assert_eq!(mirror_drops(&actions), vec![key]);
+}
+
 /// No request larger than the gateway's Welcome says it accepts (spec 5.4): an Open that the
 /// application information the agent adds would push over the limit goes without it, and one
 /// over the limit even so is refused by the agent.
