@@ -70,8 +70,12 @@ pub enum Via {
     NatPmp,
     /// PCP.
     Pcp,
-    /// UPnP IGD.
+    /// UPnP IGD: WANIPConnection's port mappings.
     Upnp,
+    /// UPnP IGD: WANIPv6FirewallControl's pinholes. The two services keep their entries apart
+    /// (a pinhole is no port mapping and each service lists, updates and deletes only its
+    /// own), so a mapping and a pinhole of the same port are two openings.
+    UpnpPinhole,
 }
 
 impl Via {
@@ -80,7 +84,7 @@ impl Via {
         match self {
             Via::NatPmp => "NAT-PMP",
             Via::Pcp => "PCP",
-            Via::Upnp => "UPnP IGD",
+            Via::Upnp | Via::UpnpPinhole => "UPnP IGD",
         }
     }
 }
@@ -147,6 +151,9 @@ pub struct Mapped {
     pub lifetime: u32,
     /// The process the lease is held for.
     pub holder: u32,
+    /// The mapping's serial number: it stays through refreshes and the lease's re-opening,
+    /// and a mapping made later (after this one ended or was replaced) never has it.
+    pub serial: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -167,6 +174,21 @@ struct Mapping {
     nonce: Option<[u8; 12]>,
     /// Released unless refreshed by then; `None`: until deleted.
     expires: Option<Instant>,
+    /// See [`Mapped::serial`].
+    serial: u64,
+}
+
+impl Mapping {
+    /// Refreshes the mapping for `asked` seconds (0: until deleted); the lifetime the client
+    /// may count on, never above the one granted.
+    fn refresh(&mut self, asked: u32, now: Instant) -> u32 {
+        let lifetime = match asked {
+            0 => self.lifetime,
+            asked => asked.min(self.lifetime),
+        };
+        self.expires = (asked > 0).then(|| now + Duration::from_secs(u64::from(lifetime)));
+        lifetime
+    }
 }
 
 /// One process's virtual local connection.
@@ -254,6 +276,14 @@ impl Client {
         self.next_request
     }
 
+    /// The key of the mapping `serial` made through `via`, if this client holds it.
+    fn find(&self, via: Via, serial: u64) -> Option<MappingKey> {
+        self.mappings
+            .iter()
+            .find(|(key, mapping)| key.via == via && mapping.serial == serial)
+            .map(|(key, _)| *key)
+    }
+
     /// Releases `lease` and waits until the core says it is gone from both tables.
     async fn release(
         &mut self,
@@ -296,6 +326,8 @@ pub struct Seam {
     local: LocalConfig,
     procfs: ProcFs,
     clients: Mutex<HashMap<u32, Arc<tokio::sync::Mutex<Client>>>>,
+    /// The serial number of the next mapping opened.
+    next_serial: AtomicU64,
 }
 
 impl std::fmt::Debug for Seam {
@@ -315,6 +347,7 @@ impl Seam {
             local,
             procfs: ProcFs::default(),
             clients: Mutex::new(HashMap::new()),
+            next_serial: AtomicU64::new(1),
         })
     }
 
@@ -516,17 +549,13 @@ impl Seam {
                 && mapping.family == request.family
                 && mapping.host == request.host
             {
-                let lifetime = match request.lifetime {
-                    0 => mapping.lifetime,
-                    asked => asked.min(mapping.lifetime),
-                };
-                mapping.expires =
-                    (request.lifetime > 0).then(|| now + Duration::from_secs(u64::from(lifetime)));
+                let lifetime = mapping.refresh(request.lifetime, now);
                 debug!(holder, port = request.port, lifetime, "mapping refreshed");
                 return Ok(Mapped {
                     lease: mapping.lease,
                     lifetime,
                     holder,
+                    serial: mapping.serial,
                 });
             }
             // Other remotes or family: a new opening replaces the old one.
@@ -561,6 +590,7 @@ impl Seam {
         }));
         match client.ask(&self.core, open, id).await? {
             LocalMessage::Wire(Message::Granted(granted)) => {
+                let serial = self.next_serial.fetch_add(1, Ordering::Relaxed);
                 client.mappings.insert(
                     key,
                     Mapping {
@@ -572,12 +602,14 @@ impl Seam {
                         nonce: request.nonce,
                         expires: (request.lifetime > 0)
                             .then(|| now + Duration::from_secs(u64::from(granted.lifetime))),
+                        serial,
                     },
                 );
                 Ok(Mapped {
                     lease: granted.lease,
                     lifetime: granted.lifetime,
                     holder,
+                    serial,
                 })
             }
             LocalMessage::Denied(denied) => Err(Refusal::Denied {
@@ -602,19 +634,8 @@ impl Seam {
         port: u16,
         nonce: Option<[u8; 12]>,
     ) -> Result<usize, Refusal> {
-        let mut lineage = vec![requester];
-        let mut pid = requester;
-        while lineage.len() < MAX_ANCESTORS {
-            match self.procfs.parent(pid) {
-                Some(parent) if parent > 1 => {
-                    lineage.push(parent);
-                    pid = parent;
-                }
-                _ => break,
-            }
-        }
         let mut released = 0;
-        for pid in lineage {
+        for pid in self.lineage(requester) {
             let Some(client) = self.lock().get(&pid).cloned() else {
                 continue;
             };
@@ -638,6 +659,84 @@ impl Seam {
         }
         Ok(released)
     }
+
+    /// Refreshes the mapping `serial` made through `via` for `lifetime` seconds (0: until
+    /// deleted), if the requester or one of its ancestors holds it; `None` when none does
+    /// (it ended, was deleted or replaced, or is another process's): nothing is opened then.
+    pub async fn refresh(
+        &self,
+        via: Via,
+        requester: u32,
+        serial: u64,
+        lifetime: u32,
+    ) -> Option<Mapped> {
+        for holder in self.lineage(requester) {
+            let Some(client) = self.lock().get(&holder).cloned() else {
+                continue;
+            };
+            let mut client = client.lock().await;
+            client.drain();
+            // A process that exited loses its leases at the next sweep: not a refresh.
+            if !client.caller.is_alive(&self.procfs) || client.out.is_closing() {
+                continue;
+            }
+            let Some(key) = client.find(via, serial) else {
+                continue;
+            };
+            let mapping = client.mappings.get_mut(&key)?;
+            let lifetime = mapping.refresh(lifetime, Instant::now());
+            debug!(holder, port = key.port, lifetime, "mapping refreshed");
+            return Some(Mapped {
+                lease: mapping.lease,
+                lifetime,
+                holder,
+                serial,
+            });
+        }
+        None
+    }
+
+    /// Deletes the mapping `serial` made through `via`, if the requester or one of its
+    /// ancestors holds it. Returns whether one was released.
+    pub async fn unmap_serial(
+        &self,
+        via: Via,
+        requester: u32,
+        serial: u64,
+    ) -> Result<bool, Refusal> {
+        for pid in self.lineage(requester) {
+            let Some(client) = self.lock().get(&pid).cloned() else {
+                continue;
+            };
+            let mut client = client.lock().await;
+            client.drain();
+            let Some(key) = client.find(via, serial) else {
+                continue;
+            };
+            if let Some(mapping) = client.mappings.remove(&key) {
+                client.release(&self.core, mapping.lease).await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The requester and its ancestors below init, nearest first: whose mappings it may
+    /// refresh and delete.
+    fn lineage(&self, requester: u32) -> Vec<u32> {
+        let mut lineage = vec![requester];
+        let mut pid = requester;
+        while lineage.len() < MAX_ANCESTORS {
+            match self.procfs.parent(pid) {
+                Some(parent) if parent > 1 => {
+                    lineage.push(parent);
+                    pid = parent;
+                }
+                _ => break,
+            }
+        }
+        lineage
+    }
 }
 
 /// One mapping as a front end lists it.
@@ -649,12 +748,16 @@ pub struct Entry {
     pub protocol: Protocol,
     /// Its port.
     pub port: u16,
+    /// The host address it opens; `None`: every address of its family.
+    pub host: Option<IpAddr>,
     /// Its remote prefixes.
     pub remotes: Vec<Prefix>,
     /// Seconds left before it ends unless refreshed; `None`: until deleted.
     pub remaining: Option<u32>,
     /// The process it is held for.
     pub holder: u32,
+    /// See [`Mapped::serial`].
+    pub serial: u64,
 }
 
 impl Seam {
@@ -678,11 +781,13 @@ impl Seam {
                     via,
                     protocol: key.protocol,
                     port: key.port,
+                    host: mapping.host,
                     remotes: mapping.remotes.clone(),
                     remaining: mapping.expires.map(|e| {
                         u32::try_from(e.saturating_duration_since(now).as_secs()).unwrap_or(0)
                     }),
                     holder,
+                    serial: mapping.serial,
                 });
             }
         }

@@ -16,6 +16,7 @@
 //! is done: a proxy or a cache that reads the header must not see one action while the body
 //! carries out another.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -340,14 +341,40 @@ fn upnp_code(refusal: &Refusal) -> (u16, &'static str) {
 struct Device {
     seam: Arc<Seam>,
     port: u16,
-    /// Pinholes by their UniqueID: the request that made each (refreshed by UpdatePinhole).
+    /// The UniqueIDs of the pinholes.
     pinholes: tokio::sync::Mutex<Pinholes>,
 }
 
+/// Each pinhole's UniqueID and the serial number of its mapping in the seam. The seam alone
+/// knows whether a pinhole still lives (its client refreshed it in time, its process runs, it
+/// was not deleted or replaced): an ID is answered only while its serial is the seam's, so an
+/// ID outliving its pinhole names nothing, and never the next pinhole of the same port.
 #[derive(Default)]
 struct Pinholes {
     next: u16,
-    made: std::collections::HashMap<u16, MapRequest>,
+    made: std::collections::HashMap<u16, u64>,
+}
+
+impl Pinholes {
+    /// The UniqueID of the pinhole `serial`: the one it has if it was added before (an
+    /// AddPinhole the same as a live one refreshes that one), else a new one. The IDs of
+    /// pinholes no longer `live` are forgotten first, so the table holds only the live ones
+    /// and their IDs can be given again. `None`: every ID is taken.
+    fn id_of(&mut self, serial: u64, live: &HashSet<u64>) -> Option<u16> {
+        self.made.retain(|_, s| *s == serial || live.contains(s));
+        if let Some((id, _)) = self.made.iter().find(|(_, s)| **s == serial) {
+            return Some(*id);
+        }
+        for _ in 0..u16::MAX {
+            // 0 is no UniqueID.
+            self.next = self.next.wrapping_add(1).max(1);
+            if let std::collections::hash_map::Entry::Vacant(free) = self.made.entry(self.next) {
+                free.insert(serial);
+                return Some(self.next);
+            }
+        }
+        None
+    }
 }
 
 fn xml(status: StatusCode, body: String) -> Response {
@@ -566,7 +593,7 @@ impl Device {
                     Err(e) => return fault(606, &format!("Action not authorized: {e}")),
                 };
                 let request = MapRequest {
-                    via: Via::Upnp,
+                    via: Via::UpnpPinhole,
                     requester,
                     protocol,
                     port,
@@ -576,12 +603,30 @@ impl Device {
                     remotes,
                     nonce: None,
                 };
-                match self.seam.map(request.clone()).await {
+                match self.seam.map(request).await {
                     Ok(mapped) => {
-                        let mut pinholes = self.pinholes.lock().await;
-                        pinholes.next = pinholes.next.wrapping_add(1).max(1);
-                        let id = pinholes.next;
-                        pinholes.made.insert(id, request);
+                        let live: HashSet<u64> = self
+                            .seam
+                            .entries(Via::UpnpPinhole)
+                            .await
+                            .iter()
+                            .map(|e| e.serial)
+                            .collect();
+                        let id = self.pinholes.lock().await.id_of(mapped.serial, &live);
+                        let Some(id) = id else {
+                            info!(
+                                pid = requester,
+                                port, "UPnP pinhole refused: no UniqueID left"
+                            );
+                            if let Err(e) = self
+                                .seam
+                                .unmap_serial(Via::UpnpPinhole, requester, mapped.serial)
+                                .await
+                            {
+                                warn!(pid = requester, port, "UPnP pinhole not released: {e}");
+                            }
+                            return fault(728, "NoPortMapsAvailable");
+                        };
                         info!(
                             pid = requester,
                             holder = mapped.holder,
@@ -607,27 +652,28 @@ impl Device {
                 if !(1..=MAX_PINHOLE_LEASE).contains(&lease) {
                     return fault(402, "Invalid Args");
                 }
-                let Some(mut request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
                     return fault(704, "NoSuchEntry");
                 };
-                request.requester = match self.seam.tcp_peer(peer, local).await {
+                let requester = match self.seam.tcp_peer(peer, local).await {
                     Ok(pid) => pid,
                     Err(e) => return fault(606, &format!("Action not authorized: {e}")),
                 };
-                request.lifetime = lease;
-                match self.seam.map(request).await {
-                    Ok(_) => ok(&[]),
-                    Err(e) => {
-                        let (code, text) = upnp_code(&e);
-                        fault(code, text)
-                    }
+                // Only a refresh: a pinhole that ended stays ended.
+                match self
+                    .seam
+                    .refresh(Via::UpnpPinhole, requester, serial, lease)
+                    .await
+                {
+                    Some(_) => ok(&[]),
+                    None => fault(704, "NoSuchEntry"),
                 }
             }
             "DeletePinhole" => {
                 let Some(id) = unique_id() else {
                     return fault(402, "Invalid Args");
                 };
-                let Some(request) = self.pinholes.lock().await.made.get(&id).cloned() else {
+                let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
                     return fault(704, "NoSuchEntry");
                 };
                 let requester = match self.seam.tcp_peer(peer, local).await {
@@ -636,12 +682,15 @@ impl Device {
                 };
                 match self
                     .seam
-                    .unmap(Via::Upnp, requester, request.protocol, request.port, None)
+                    .unmap_serial(Via::UpnpPinhole, requester, serial)
                     .await
                 {
-                    Ok(0) => fault(704, "NoSuchEntry"),
-                    Ok(_) => {
-                        self.pinholes.lock().await.made.remove(&id);
+                    Ok(false) => fault(704, "NoSuchEntry"),
+                    Ok(true) => {
+                        let mut pinholes = self.pinholes.lock().await;
+                        if pinholes.made.get(&id) == Some(&serial) {
+                            pinholes.made.remove(&id);
+                        }
                         ok(&[])
                     }
                     Err(e) => {
@@ -675,6 +724,27 @@ impl Device {
             "GetConnectionTypeInfo" => ok(&[
                 ("NewConnectionType", "IP_Routed".into()),
                 ("NewPossibleConnectionTypes", "IP_Routed".into()),
+            ]),
+            // The connection is the host's own, always routed and up: asking for what it is
+            // already changes nothing, anything else is not the agent's to do.
+            "SetConnectionType" => match action.argument("NewConnectionType") {
+                "IP_Routed" => ok(&[]),
+                "Unconfigured" | "IP_Bridged" => fault(
+                    606,
+                    "Action not authorized: the host's connection is not the agent's to change",
+                ),
+                _ => fault(402, "Invalid Args: NewConnectionType"),
+            },
+            "RequestConnection" => ok(&[]),
+            "ForceTermination" => fault(
+                606,
+                "Action not authorized: the agent does not disconnect the host",
+            ),
+            // No RSIP, and no NAT: FWNP opens the host's own addresses and ports (a NAT
+            // gateway such as miniupnpd answers 1 here).
+            "GetNATRSIPStatus" => ok(&[
+                ("NewRSIPAvailable", "0".into()),
+                ("NewNATEnabled", "0".into()),
             ]),
             // FWNP does not translate: the host's address is its external address.
             "GetExternalIPAddress" => ok(&[("NewExternalIPAddress", peer.ip().to_string())]),
@@ -809,7 +879,10 @@ impl Device {
                 {
                     Some(entry) => ok(&[
                         ("NewInternalPort", entry.port.to_string()),
-                        ("NewInternalClient", peer.ip().to_string()),
+                        (
+                            "NewInternalClient",
+                            entry.host.unwrap_or(peer.ip()).to_string(),
+                        ),
                         ("NewEnabled", "1".into()),
                         ("NewPortMappingDescription", format!("pid {}", entry.holder)),
                         ("NewLeaseDuration", entry.remaining.unwrap_or(0).to_string()),
@@ -838,7 +911,10 @@ impl Device {
                             entry.protocol.to_string().to_ascii_uppercase(),
                         ),
                         ("NewInternalPort", entry.port.to_string()),
-                        ("NewInternalClient", peer.ip().to_string()),
+                        (
+                            "NewInternalClient",
+                            entry.host.unwrap_or(peer.ip()).to_string(),
+                        ),
                         ("NewEnabled", "1".into()),
                         ("NewPortMappingDescription", format!("pid {}", entry.holder)),
                         ("NewLeaseDuration", entry.remaining.unwrap_or(0).to_string()),
@@ -1131,12 +1207,18 @@ mod tests {
         )
         .expect("a valid configuration");
         let (core, inputs) = tokio::sync::mpsc::unbounded_channel();
+        let (address, task) = serve_device(Seam::new(core, config.local)).await;
+        (address, inputs, task)
+    }
+
+    /// The device's HTTP on 127.0.0.1 in front of `seam`.
+    async fn serve_device(seam: Arc<Seam>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
         let device = Arc::new(Device {
-            seam: Seam::new(core, config.local),
+            seam,
             port: address.port(),
             pinholes: tokio::sync::Mutex::new(Pinholes::default()),
         });
@@ -1145,7 +1227,439 @@ mod tests {
             http::Limits::with_body(MAX_BODY),
             device,
         ));
-        (address, inputs, task)
+        (address, task)
+    }
+
+    /// What the stand-in core of [`granting_device`] holds.
+    #[derive(Debug, Default)]
+    struct Held {
+        /// The live leases and what each opens.
+        live: Vec<(fwnp_proto::LeaseId, fwnp_proto::Opening)>,
+        /// How many Opens it granted.
+        opened: usize,
+    }
+
+    impl Held {
+        /// The live openings of `port`, by their host addresses and families, IPv4 first.
+        fn openings(
+            &self,
+            port: u16,
+        ) -> Vec<(fwnp_proto::HostAddresses, Option<fwnp_proto::Family>)> {
+            let mut openings: Vec<_> = self
+                .live
+                .iter()
+                .filter(|(_, o)| {
+                    matches!(o.target, fwnp_proto::Target::Ports { ports, .. }
+                        if ports == fwnp_proto::PortRange::single(port))
+                })
+                .map(|(_, o)| (o.host.clone(), o.family))
+                .collect();
+            openings.sort_by_key(|(_, family)| *family != Some(fwnp_proto::Family::Ipv4));
+            openings
+        }
+    }
+
+    /// [`device`] in front of a stand-in core that grants every Open with the lifetime asked and
+    /// answers every Release, as the core answers the seam, with the seam's sweep running (it
+    /// releases what its client did not refresh in time).
+    async fn granting_device() -> (
+        SocketAddr,
+        Arc<std::sync::Mutex<Held>>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        use crate::core::CoreInput;
+        use fwnp_proto::local::{LocalMessage, encode_frame};
+        use fwnp_proto::{Granted, LeaseId, Message, Released};
+
+        // The uid of this test may use the agent, root or not.
+        let uid = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+            .expect("the test's own uid");
+        let config = crate::config::AgentConfig::parse(
+            "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
+             server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
+             ca = \"/ca.pem\"\n",
+            "agent.toml",
+        )
+        .expect("a valid configuration");
+        let mut local = config.local;
+        local.allowed_uids.push(uid);
+        let (core, mut inputs) = tokio::sync::mpsc::unbounded_channel();
+        let seam = Seam::new(core, local);
+        let held = Arc::new(std::sync::Mutex::new(Held::default()));
+        let state = held.clone();
+        let stand_in = tokio::spawn(async move {
+            let mut outboxes = std::collections::HashMap::new();
+            let mut next = 0u8;
+            while let Some(input) = inputs.recv().await {
+                let (conn, message) = match input {
+                    CoreInput::LocalConnected { conn, out, .. } => {
+                        outboxes.insert(conn, out);
+                        continue;
+                    }
+                    CoreInput::LocalRequest { conn, message, .. } => (conn, message),
+                    _ => continue,
+                };
+                let answer = {
+                    let mut held = state.lock().expect("the stand-in's state");
+                    match message {
+                        LocalMessage::Wire(Message::Open(open)) => {
+                            next = next.wrapping_add(1);
+                            let lease = LeaseId([next; 16]);
+                            let fwnp_proto::Target::Ports { protocol, ports } = open.opening.target
+                            else {
+                                continue;
+                            };
+                            let host = match open.opening.host {
+                                fwnp_proto::HostAddresses::One(host) => host,
+                                _ => IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                            };
+                            let grant = fwnp_proto::Grant {
+                                protocol,
+                                ports,
+                                host,
+                                remotes: open.opening.remotes.clone(),
+                                app: None,
+                            };
+                            held.live.push((lease, open.opening));
+                            held.opened += 1;
+                            Message::Granted(Granted {
+                                common: open.common,
+                                lease,
+                                grants: vec![grant],
+                                lifetime: open.lifetime.unwrap_or(60),
+                                expires_ms: 0,
+                                renew_after: 30,
+                                epoch: 1,
+                                narrowed: false,
+                            })
+                        }
+                        LocalMessage::Wire(Message::Release(release)) => {
+                            held.live.retain(|(lease, _)| *lease != release.lease);
+                            Message::Released(Released {
+                                common: release.common,
+                                lease: release.lease,
+                            })
+                        }
+                        _ => continue,
+                    }
+                };
+                if let Some(out) = outboxes.get(&conn) {
+                    out.send(encode_frame(&LocalMessage::Wire(answer)));
+                }
+            }
+        });
+        let sweep = tokio::spawn(seam.clone().sweep());
+        let (address, task) = serve_device(seam).await;
+        (address, held, vec![task, sweep, stand_in])
+    }
+
+    /// Posts `action` of WANIPConnection (`firewall`: of WANIPv6FirewallControl) with
+    /// `arguments`; the answer.
+    async fn ask(
+        address: SocketAddr,
+        firewall: bool,
+        action: &str,
+        arguments: &[(&str, &str)],
+    ) -> String {
+        let (path, service) = if firewall {
+            (FIREWALL_PATH, WAN_IP6_FW)
+        } else {
+            (CONTROL_PATH, WAN_IP)
+        };
+        exchange(address, &control_request(path, service, action, arguments)).await
+    }
+
+    /// AddPortMapping of TCP `port` for 127.0.0.1.
+    async fn add_mapping(address: SocketAddr, port: u16) -> String {
+        let port = port.to_string();
+        ask(
+            address,
+            false,
+            "AddPortMapping",
+            &[
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", &port),
+                ("NewProtocol", "TCP"),
+                ("NewInternalPort", &port),
+                ("NewInternalClient", "127.0.0.1"),
+                ("NewEnabled", "1"),
+                ("NewPortMappingDescription", "test"),
+                ("NewLeaseDuration", "0"),
+            ],
+        )
+        .await
+    }
+
+    /// AddPinhole of `protocol` (IANA number) `port` on ::1 for `lease` seconds; its UniqueID.
+    async fn add_pinhole(address: SocketAddr, protocol: &str, port: u16, lease: u32) -> String {
+        let answer = ask(
+            address,
+            true,
+            "AddPinhole",
+            &[
+                ("RemoteHost", ""),
+                ("RemotePort", "0"),
+                ("InternalClient", "::1"),
+                ("InternalPort", &port.to_string()),
+                ("Protocol", protocol),
+                ("LeaseTime", &lease.to_string()),
+            ],
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        answer
+            .split("<UniqueID>")
+            .nth(1)
+            .and_then(|rest| rest.split("</UniqueID>").next())
+            .unwrap_or_else(|| panic!("no UniqueID: {answer}"))
+            .to_owned()
+    }
+
+    fn error_code(answer: &str) -> Option<&str> {
+        answer
+            .split("<errorCode>")
+            .nth(1)
+            .and_then(|rest| rest.split("</errorCode>").next())
+    }
+
+    #[tokio::test]
+    async fn a_port_mapping_and_a_pinhole_of_one_port_are_each_their_services_own() {
+        use fwnp_proto::{Family, HostAddresses};
+        let (address, held, tasks) = granting_device().await;
+        let ipv4 = (HostAddresses::Default, Some(Family::Ipv4));
+        let pinhole = (
+            HostAddresses::One("::1".parse().expect("an address")),
+            Some(Family::Ipv6),
+        );
+        let openings = |port| held.lock().expect("state").openings(port);
+
+        // A mapping, then a pinhole of the same port: both open, side by side.
+        let answer = add_mapping(address, 7000).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let id = add_pinhole(address, "6", 7000, 60).await;
+        assert_eq!(openings(7000), vec![ipv4.clone(), pinhole.clone()]);
+        // A pinhole of another protocol is no port mapping either.
+        add_pinhole(address, "132", 7001, 60).await;
+
+        // WANIPConnection lists its mapping, only it.
+        let answer = ask(
+            address,
+            false,
+            "GetGenericPortMappingEntry",
+            &[("NewPortMappingIndex", "0")],
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.contains("<NewProtocol>TCP</NewProtocol>"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("<NewExternalPort>7000</NewExternalPort>"),
+            "{answer}"
+        );
+        assert!(
+            answer.contains("<NewInternalClient>127.0.0.1</NewInternalClient>"),
+            "{answer}"
+        );
+        let answer = ask(
+            address,
+            false,
+            "GetGenericPortMappingEntry",
+            &[("NewPortMappingIndex", "1")],
+        )
+        .await;
+        assert_eq!(error_code(&answer), Some("713"), "{answer}");
+        let answer = ask(
+            address,
+            false,
+            "GetSpecificPortMappingEntry",
+            &[
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", "7001"),
+                ("NewProtocol", "TCP"),
+            ],
+        )
+        .await;
+        assert_eq!(error_code(&answer), Some("714"), "{answer}");
+
+        // DeletePortMapping deletes the mapping, not the pinhole; once gone, it finds nothing.
+        let delete = [
+            ("NewRemoteHost", ""),
+            ("NewExternalPort", "7000"),
+            ("NewProtocol", "TCP"),
+        ];
+        let answer = ask(address, false, "DeletePortMapping", &delete).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert_eq!(openings(7000), vec![pinhole.clone()]);
+        let answer = ask(address, false, "DeletePortMapping", &delete).await;
+        assert_eq!(error_code(&answer), Some("714"), "{answer}");
+        assert_eq!(openings(7000), vec![pinhole.clone()]);
+
+        // UpdatePinhole refreshes the pinhole alone; DeletePinhole deletes it, not the mapping.
+        let answer = add_mapping(address, 7000).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let opened = held.lock().expect("state").opened;
+        let update = [("UniqueID", id.as_str()), ("NewLeaseTime", "120")];
+        let answer = ask(address, true, "UpdatePinhole", &update).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert_eq!(
+            held.lock().expect("state").opened,
+            opened,
+            "a refresh opened"
+        );
+        assert_eq!(openings(7000), vec![ipv4.clone(), pinhole.clone()]);
+        let answer = ask(address, true, "DeletePinhole", &[("UniqueID", &id)]).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert_eq!(openings(7000), vec![ipv4.clone()]);
+        let answer = ask(address, false, "GetSpecificPortMappingEntry", &delete).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn update_pinhole_does_not_bring_back_a_pinhole_that_ended() {
+        let (address, held, tasks) = granting_device().await;
+        let update = |id: String| async move {
+            ask(
+                address,
+                true,
+                "UpdatePinhole",
+                &[("UniqueID", &id), ("NewLeaseTime", "60")],
+            )
+            .await
+        };
+
+        // Not refreshed within its lease time: the seam releases it, and its ID names nothing.
+        let expired = add_pinhole(address, "6", 7100, 1).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !held.lock().expect("state").live.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the pinhole outlived its lease time"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let opened = held.lock().expect("state").opened;
+        let answer = update(expired.clone()).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        let answer = ask(address, true, "DeletePinhole", &[("UniqueID", &expired)]).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        let opened_after = |held: &std::sync::Mutex<Held>| {
+            let held = held.lock().expect("state");
+            held.live.is_empty().then_some(held.opened)
+        };
+        assert_eq!(opened_after(&held), Some(opened), "the update opened");
+
+        // Added twice, deleted under the second ID: the first names nothing either.
+        let first = add_pinhole(address, "6", 7101, 60).await;
+        let second = add_pinhole(address, "6", 7101, 60).await;
+        let answer = ask(address, true, "DeletePinhole", &[("UniqueID", &second)]).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let opened = opened_after(&held).expect("no pinhole left");
+        let answer = update(first).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        assert_eq!(opened_after(&held), Some(opened), "the update opened");
+
+        // Replaced (another remote host for the same port): the old ID names nothing, and the
+        // new pinhole stays as it is.
+        let old = add_pinhole(address, "6", 7102, 60).await;
+        let answer = ask(
+            address,
+            true,
+            "AddPinhole",
+            &[
+                ("RemoteHost", "2001:db8::7"),
+                ("RemotePort", "0"),
+                ("InternalClient", "::1"),
+                ("InternalPort", "7102"),
+                ("Protocol", "6"),
+                ("LeaseTime", "60"),
+            ],
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let live = |held: &Held| {
+            held.live
+                .iter()
+                .map(|(lease, o)| (*lease, o.remotes.clone()))
+                .collect::<Vec<_>>()
+        };
+        let before = live(&held.lock().expect("state"));
+        assert_eq!(before.len(), 1);
+        let answer = update(old).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        let state = held.lock().expect("state");
+        assert_eq!(live(&state), before);
+        assert_eq!(state.opened, opened + 2, "the update opened");
+        drop(state);
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
+    async fn the_required_actions_of_wanipconnection_1_are_answered() {
+        let (address, mut core, task) = device().await;
+        let answer = ask(address, false, "GetNATRSIPStatus", &[]).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        assert!(
+            answer.contains("<NewRSIPAvailable>0</NewRSIPAvailable>"),
+            "{answer}"
+        );
+        // FWNP does not translate: the host's address is its external one.
+        assert!(
+            answer.contains("<NewNATEnabled>0</NewNATEnabled>"),
+            "{answer}"
+        );
+        let answer = ask(address, false, "GetConnectionTypeInfo", &[]).await;
+        assert!(
+            answer.contains("<NewConnectionType>IP_Routed</NewConnectionType>"),
+            "{answer}"
+        );
+        // The connection type it has already: nothing to change.
+        let answer = ask(
+            address,
+            false,
+            "SetConnectionType",
+            &[("NewConnectionType", "IP_Routed")],
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let answer = ask(
+            address,
+            false,
+            "SetConnectionType",
+            &[("NewConnectionType", "IP_Bridged")],
+        )
+        .await;
+        assert_eq!(error_code(&answer), Some("606"), "{answer}");
+        let answer = ask(address, false, "RequestConnection", &[]).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let answer = ask(address, false, "ForceTermination", &[]).await;
+        assert_eq!(error_code(&answer), Some("606"), "{answer}");
+        // Each action WANIPConnection:1 requires is served (answered, or refused otherwise than
+        // as an unknown action).
+        for action in [
+            "SetConnectionType",
+            "GetConnectionTypeInfo",
+            "RequestConnection",
+            "ForceTermination",
+            "GetStatusInfo",
+            "GetNATRSIPStatus",
+            "GetSpecificPortMappingEntry",
+            "AddPortMapping",
+            "DeletePortMapping",
+            "GetExternalIPAddress",
+        ] {
+            let answer = ask(address, false, action, &[]).await;
+            assert_ne!(error_code(&answer), Some("401"), "{action}: {answer}");
+        }
+        assert!(core.try_recv().is_err(), "an action reached the core");
+        task.abort();
     }
 
     /// Sends `request` raw and reads the answer until the device closes.
@@ -1500,7 +2014,7 @@ mod tests {
     ];
 
     /// The data type each state variable has in its service's specification.
-    const SPECIFIED_TYPES: [(&str, &str); 28] = [
+    const SPECIFIED_TYPES: [(&str, &str); 30] = [
         ("DefaultConnectionService", "string"),
         ("WANAccessType", "string"),
         ("Layer1UpstreamMaxBitRate", "ui4"),
@@ -1512,6 +2026,8 @@ mod tests {
         ("Uptime", "ui4"),
         ("LastConnectionError", "string"),
         ("ExternalIPAddress", "string"),
+        ("RSIPAvailable", "boolean"),
+        ("NATEnabled", "boolean"),
         ("PortMappingNumberOfEntries", "ui2"),
         ("PortMappingEnabled", "boolean"),
         ("PortMappingLeaseDuration", "ui4"),

@@ -216,6 +216,20 @@ fn helper_application() {
             }
             continue;
         }
+        if *program == "ask-tcp" {
+            // `ask-tcp ADDRESS HEX`: the application itself connects and sends the request, so
+            // that it is the owner of the connection; prints what comes back until the other
+            // end closes, in hex.
+            let answer = match args {
+                [to, request] => helper_ask_tcp(to, request),
+                _ => None,
+            };
+            match answer {
+                Some(answer) => println!("DONE 0 {answer}"),
+                None => println!("DONE 1 no answer"),
+            }
+            continue;
+        }
         let mut child = Command::new(program)
             .args(args)
             .stdout(Stdio::piped())
@@ -257,6 +271,30 @@ fn helper_ask_udp(to: &str, request: &str) -> Option<String> {
     let mut buf = [0u8; 1100];
     let n = socket.recv(&mut buf).ok()?;
     Some(buf[..n].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Sends `request` (hex) on a TCP connection to `to` and reads the answer (hex) until the other
+/// end closes.
+fn helper_ask_tcp(to: &str, request: &str) -> Option<String> {
+    let to: SocketAddr = to.parse().ok()?;
+    let request = from_hex(request)?;
+    let mut stream = std::net::TcpStream::connect_timeout(&to, STEP).ok()?;
+    stream.set_read_timeout(Some(STEP)).ok()?;
+    stream.write_all(&request).ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    Some(to_hex(&answer))
+}
+
+fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// The gateway's address as the host knows it: where its NAT-PMP requests go.
@@ -757,14 +795,21 @@ fn a_pcp_client_that_prefers_failure_gets_its_suggestion_or_nothing() {
     );
 }
 
-/// Posts `body` to the UPnP control URL from the host namespace; the answer's text.
+/// Posts `body` to the UPnP control URL from the host namespace, as an AddPortMapping; the
+/// answer's text.
 fn post_soap(lab: &Lab, body: &[u8]) -> String {
+    post_soap_as(lab, "AddPortMapping", body)
+}
+
+/// Posts `body` to the UPnP control URL from the host namespace, with the SOAPAction of
+/// WANIPConnection's `action`; the answer's text.
+fn post_soap_as(lab: &Lab, action: &str, body: &[u8]) -> String {
     let to = SocketAddr::new(lab.topology.host().v4, 49152);
     lab.topology.host().netns.run(|| {
         let mut stream = std::net::TcpStream::connect_timeout(&to, STEP).expect("connect");
         stream.set_read_timeout(Some(STEP)).expect("timeout");
         let head = format!(
-            "POST /ctl/IPConn HTTP/1.1\r\nHost: {to}\r\nContent-Type: text/xml\r\nSOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping\"\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            "POST /ctl/IPConn HTTP/1.1\r\nHost: {to}\r\nContent-Type: text/xml\r\nSOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#{action}\"\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).expect("send");
@@ -1089,15 +1134,7 @@ fn upnpc_opens_and_closes_an_ipv6_pinhole() {
     assert!(!reaches(REFUSED), "open before the pinhole");
 
     let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7600 6 60"));
-    let id = output
-        .split("Pinhole ID")
-        .nth(1)
-        .and_then(|rest| {
-            rest.split(|c: char| !c.is_ascii_digit())
-                .find(|w| !w.is_empty())
-        })
-        .unwrap_or_else(|| panic!("no pinhole id: {output}"))
-        .to_owned();
+    let id = pinhole_id(&output);
     assert!(reaches(FIRST_SYN), "not open after the pinhole: {output}");
     let leases = lab.client().list();
     assert_eq!(leases.leases[0].grants[0].host, host);
@@ -1107,6 +1144,183 @@ fn upnpc_opens_and_closes_an_ipv6_pinhole() {
     let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
     assert!(!reaches(REFUSED), "still open after the delete: {output}");
     assert!(lab.client().list().leases.is_empty());
+}
+
+/// The UniqueID `upnpc -A` printed for the pinhole it added.
+fn pinhole_id(output: &str) -> String {
+    output
+        .split("Pinhole ID")
+        .nth(1)
+        .and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .find(|w| !w.is_empty())
+        })
+        .unwrap_or_else(|| panic!("no pinhole id: {output}"))
+        .to_owned()
+}
+
+#[test]
+fn upnpc_keeps_a_port_mapping_and_a_pinhole_of_one_port_apart() {
+    if !lab::require_root("upnpc_keeps_a_port_mapping_and_a_pinhole_of_one_port_apart") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp-both", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v4;
+    let host6 = lab.topology.host().v6;
+    let reaches6 = |within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            SocketAddr::new(host6, 7700),
+            None,
+            within,
+        )
+    };
+    let mut app = Application::start(&lab, &[7700], &[]);
+
+    // A port mapping (IPv4), then a pinhole (IPv6) of the same port: both open.
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7700 7700 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(!reaches6(REFUSED), "the mapping opened IPv6: {output}");
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host6} 7700 6 60"));
+    let id = pinhole_id(&output);
+    assert!(reaches6(FIRST_SYN), "not open after the pinhole: {output}");
+    assert!(
+        lab.outside_reaches(7700, FIRST_SYN),
+        "the pinhole closed the mapping: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // The mappings listed are the port mapping alone.
+    let (_, output) = app.run("upnpc -i -l");
+    assert_eq!(output.matches("7700->").count(), 1, "{output}");
+
+    // -d deletes the mapping, not the pinhole.
+    let (_, output) = app.run("upnpc -i -d 7700 TCP");
+    assert!(
+        !lab.outside_reaches(7700, REFUSED),
+        "still open after -d: {output}"
+    );
+    assert!(
+        reaches6(FIRST_SYN),
+        "the pinhole went with the mapping: {output}"
+    );
+
+    // -D deletes the pinhole, not the mapping.
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7700 7700 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
+    assert!(!reaches6(REFUSED), "still open after -D: {output}");
+    assert!(
+        lab.outside_reaches(7700, FIRST_SYN),
+        "the mapping went with the pinhole: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 1);
+}
+
+/// Has `app` post WANIPv6FirewallControl's UpdatePinhole of pinhole `id` to the agent on
+/// `host`: upnpc's -U asks CheckPinholeWorking first, which the agent does not serve, and then
+/// sends no UpdatePinhole. The answer's text.
+fn update_pinhole(app: &mut Application, host: std::net::IpAddr, id: &str) -> String {
+    let to = SocketAddr::new(host, 49152);
+    let service = "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1";
+    let body = format!(
+        r#"<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><u:UpdatePinhole xmlns:u="{service}"><UniqueID>{id}</UniqueID><NewLeaseTime>60</NewLeaseTime></u:UpdatePinhole></s:Body></s:Envelope>"#
+    );
+    let request = format!(
+        "POST /ctl/IP6FCtl HTTP/1.1\r\nHost: {to}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\nSOAPAction: \"{service}#UpdatePinhole\"\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let (status, answer) = app.run(&format!("ask-tcp {to} {}", to_hex(request.as_bytes())));
+    assert_eq!(status, 0, "{answer}");
+    String::from_utf8_lossy(&from_hex(&answer).expect("hex")).into_owned()
+}
+
+#[test]
+fn update_pinhole_does_not_bring_back_a_pinhole_that_ended() {
+    if !lab::require_root("update_pinhole_does_not_bring_back_a_pinhole_that_ended") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp6-ended", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v6;
+    let target = SocketAddr::new(host, 7701);
+    let reaches = |within| lab::tcp_connects(&lab.topology.outside, target, None, within);
+    let mut app = Application::start(&lab, &[7701], &[]);
+
+    // A live pinhole is updated, and stays open.
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7701 6 5"));
+    let id = pinhole_id(&output);
+    assert!(reaches(FIRST_SYN), "not open after the pinhole: {output}");
+    let answer = update_pinhole(&mut app, host, &id);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(reaches(FIRST_SYN), "closed by the update");
+    // Not refreshed within its lease time (the update could not lengthen it), the pinhole
+    // ends; updating it then is NoSuchEntry, and opens nothing.
+    assert!(
+        lab.eventually(STEP, || lab.client().list().leases.is_empty()),
+        "the pinhole outlived its lease time"
+    );
+    let answer = update_pinhole(&mut app, host, &id);
+    assert!(answer.contains("<errorCode>704</errorCode>"), "{answer}");
+    assert!(!reaches(REFUSED), "the update opened the pinhole again");
+    assert!(lab.client().list().leases.is_empty());
+
+    // Added twice and deleted under its second ID: the first ID names nothing either.
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7701 6 60"));
+    let first = pinhole_id(&output);
+    let (_, output) = app.run(&format!("upnpc -6 -i -A :: 0 {host} 7701 6 60"));
+    let second = pinhole_id(&output);
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {second}"));
+    assert!(!reaches(REFUSED), "still open after -D: {output}");
+    let answer = update_pinhole(&mut app, host, &first);
+    assert!(answer.contains("<errorCode>704</errorCode>"), "{answer}");
+    assert!(!reaches(REFUSED), "the update opened the pinhole again");
+    assert!(lab.client().list().leases.is_empty());
+}
+
+#[test]
+fn upnpc_shows_the_connection_and_the_agent_tells_it_does_not_translate() {
+    if !lab::require_root("upnpc_shows_the_connection_and_the_agent_tells_it_does_not_translate") {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp-status", &[], "[frontends]\nupnp = true\n");
+    let host = lab.topology.host().v4;
+    let mut app = Application::start(&lab, &[], &[]);
+
+    // Each action -s asks answers: no "failed" line.
+    let (code, output) = app.run("upnpc -i -s");
+    assert_eq!(code, 0, "{output}");
+    assert!(!output.contains("failed"), "{output}");
+    assert!(output.contains("Connection Type : IP_Routed"), "{output}");
+    assert!(output.contains("Status : Connected"), "{output}");
+    assert!(
+        output.contains(&format!("ExternalIPAddress = {host}")),
+        "{output}"
+    );
+
+    // GetNATRSIPStatus, which WANIPConnection:1 requires: neither RSIP nor NAT.
+    let body = br#"<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/" s:encodingStyle="http://schemas.xmlsoap.org/soap/encoding/"><s:Body><u:GetNATRSIPStatus xmlns:u="urn:schemas-upnp-org:service:WANIPConnection:1"></u:GetNATRSIPStatus></s:Body></s:Envelope>"#;
+    let answer = post_soap_as(&lab, "GetNATRSIPStatus", body);
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    assert!(
+        answer.contains("<NewRSIPAvailable>0</NewRSIPAvailable>"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("<NewNATEnabled>0</NewNATEnabled>"),
+        "{answer}"
+    );
 }
 
 #[test]
