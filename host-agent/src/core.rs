@@ -291,16 +291,16 @@ impl Core {
                     self.earlier_releases.push(tokio::spawn(async move {
                         match exchange(&connection, &request).await {
                             Ok(Message::Released(_)) => {
-                                info!(%lease, "released a lease of an earlier run that no application asked for again");
+                                info!(%lease, "released a lease no application holds");
                             }
                             Ok(Message::Denied(d)) if d.code == ResultCode::UnknownLease => {
-                                debug!(%lease, "a lease of an earlier run had already ended");
+                                debug!(%lease, "a lease no application holds had already ended");
                             }
                             Ok(other) => {
-                                warn!(%lease, ?other, "releasing a lease of an earlier run: unexpected answer; it stays open at the gateway until it expires");
+                                warn!(%lease, ?other, "releasing a lease no application holds: unexpected answer; it stays open at the gateway until it expires");
                             }
                             Err(e) => {
-                                warn!(%lease, "releasing a lease of an earlier run failed ({e}); it stays open at the gateway until it expires");
+                                warn!(%lease, "releasing a lease no application holds failed ({e}); it stays open at the gateway until it expires");
                             }
                         }
                     }));

@@ -220,7 +220,8 @@ pub enum Action {
         /// The check to pass first.
         verify_first: Option<PortCheck>,
     },
-    /// Release a lease of an earlier run at the gateway; its answer only goes to the log.
+    /// Release at the gateway a lease no application holds (one of an earlier run, or one a
+    /// reconnection's list still shows); its answer only goes to the log.
     ReleaseEarlier {
         /// The lease.
         lease: LeaseId,
@@ -848,6 +849,7 @@ impl AgentMachine {
                     held.machine.not_listed(now);
                 }
             }
+            self.release_unheld(listed.as_ref(), epoch);
         }
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
@@ -1346,6 +1348,42 @@ impl AgentMachine {
             });
             self.actions
                 .push_back(Action::ReleaseEarlier { lease, request });
+        }
+    }
+
+    /// Releases the leases a reconnection's list shows that no application holds any more (spec
+    /// 11.7): one whose Release was lost with the old connection, say. Not while an Open is on
+    /// its way or due: the lease it was granted, its answer lost, may be one of them, and its
+    /// retry will be granted that lease again.
+    fn release_unheld(&mut self, listed: Option<&Leases>, epoch: Epoch) {
+        let Some(listed) = listed.filter(|l| l.epoch == epoch) else {
+            return;
+        };
+        let opening = self.leases.values().any(|h| {
+            matches!(
+                h.machine.state(),
+                LeaseState::Requesting | LeaseState::Reopening
+            )
+        });
+        if opening || !self.link_up {
+            return;
+        }
+        let held: HashSet<LeaseId> = self
+            .leases
+            .values()
+            .filter_map(|h| h.machine.lease_id())
+            .chain(self.earlier_run.iter().map(|e| e.lease))
+            .collect();
+        for unheld in listed.leases.iter().filter(|l| !held.contains(&l.lease)) {
+            info!(lease = %unheld.lease, "the gateway lists a lease no application holds; releasing it");
+            let request = Message::Release(fwnp_proto::Release {
+                common: common(rand::Rng::random(&mut self.rng)),
+                lease: unheld.lease,
+            });
+            self.actions.push_back(Action::ReleaseEarlier {
+                lease: unheld.lease,
+                request,
+            });
         }
     }
 

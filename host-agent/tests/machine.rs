@@ -793,6 +793,32 @@ fn without_a_list_what_the_host_holds_is_opened_again() {
     );
 }
 
+/// A reconnection's list shows a lease no application holds (its Release was lost with the old
+/// connection): it is released (spec 11.7). The leases the host holds stay as they are.
+#[test]
+fn a_listed_lease_no_application_holds_is_released_on_a_reconnection() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let kept = sim.fresh_lease();
+    sim.open_granted(APP, 8080, kept, EPOCH);
+    let stray = sim.fresh_lease();
+    sim.input(Input::LinkDown {
+        reason: "reset".into(),
+    });
+    let actions = sim.link_up(EPOCH, vec![listed(kept, 8080, 20), listed(stray, 9090, 20)]);
+    let released: Vec<LeaseId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReleaseEarlier { lease, .. } => Some(*lease),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![stray]);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+}
+
 /// The gateway refuses a renewal for good: the caller hears renewal-refused with the code and
 /// the time left; the lease stays mirrored until its expiry, then ends (event expired, mirror
 /// dropped) and nothing more is sent.
