@@ -30,9 +30,11 @@
 //! +-[`RETRY_JITTER`], a rate-limited answer's retry-after being the least delay; keep trying
 //! until the lease expires. A first Open refused for now (`rate-limited`, `no-resources`) is not
 //! retried: the refusal is the machine's answer ([`LeaseEvent::Denied`], with its
-//! retry-after), as spec 11.9 retries only the Opens asked on the host's behalf. A retry waiting for its delay goes at once when a new connection
-//! comes up ([`LeaseMachine::reconnected`]): the delay was for a gateway to talk to. When that
-//! connection comes is [`crate::link`]'s business.
+//! retry-after), as spec 11.9 retries only the Opens asked on the host's behalf. A
+//! `hello-required` answer is no failure of the request: it goes again a second later (or on
+//! the new connection its owner makes), and the backoff does not grow. A retry waiting for its
+//! delay goes at once when a new connection comes up ([`LeaseMachine::reconnected`]): the delay
+//! was for a gateway to talk to. When that connection comes is [`crate::link`]'s business.
 //!
 //! The local expiry is counted from the moment the request was *sent*, not answered: the
 //! gateway granted the lease after that moment, so the host's mirror never outlives the
