@@ -510,8 +510,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[test]
 fn an_unauthorized_peer_gets_one_answer_and_is_closed() {
-    if my_uid() != 0 {
-        eprintln!("skipped: needs root to ask as another user");
+    if !fwnp_testkit::netns::require_root_for(
+        "an_unauthorized_peer_gets_one_answer_and_is_closed",
+        "running a child as another user",
+    ) {
         return;
     }
     let agent = Agent::start("unauthclose", "4242", "1s");
@@ -571,8 +573,10 @@ fn let_in(socket: &Path, uid: u32) {
 /// it does not name cannot even connect, one it names can and is answered.
 #[test]
 fn the_socket_lets_only_the_allowed_users_connect() {
-    if my_uid() != 0 {
-        eprintln!("skipped: needs root to connect as other users");
+    if !fwnp_testkit::netns::require_root_for(
+        "the_socket_lets_only_the_allowed_users_connect",
+        "running a child as another user",
+    ) {
         return;
     }
     let agent = Agent::start("acl", "4242, 4343", "1s");
@@ -665,8 +669,10 @@ fn connections_are_capped_per_user_and_idle_ones_closed() {
 
 #[test]
 fn a_flood_of_connections_from_another_user_leaves_the_agent_usable() {
-    if my_uid() != 0 {
-        eprintln!("skipped: needs root to connect as another user");
+    if !fwnp_testkit::netns::require_root_for(
+        "a_flood_of_connections_from_another_user_leaves_the_agent_usable",
+        "running a child as another user",
+    ) {
         return;
     }
     // A descriptor limit of 256, soft and hard: the connection caps must keep the agent below it.

@@ -165,6 +165,24 @@ impl Sim {
         panic!("the machine kept waking without sending: {out:?}");
     }
 
+    /// A machine connected under [`EPOCH`], with the caller [`APP`] watching its leases and
+    /// holding tcp/8080, granted and mirrored: the machine, the lease and its key.
+    fn holding_a_lease() -> (Sim, LeaseId, Key) {
+        let mut sim = Sim::new();
+        sim.link_up(EPOCH, Vec::new());
+        sim.connect_caller(APP);
+        let lease = sim.fresh_lease();
+        let key = sim.open_granted(APP, 8080, lease, EPOCH);
+        (sim, lease, key)
+    }
+
+    /// The link to the gateway ends, for `reason`.
+    fn link_down(&mut self, reason: &str) -> Vec<Action> {
+        self.input(Input::LinkDown {
+            reason: reason.into(),
+        })
+    }
+
     fn link_up(&mut self, epoch: Epoch, listed: Vec<LeaseInfo>) -> Vec<Action> {
         self.link_up_at(GATEWAY_A, epoch, listed)
     }
@@ -450,15 +468,9 @@ fn denials(actions: &[Action]) -> Vec<(ConnId, fwnp_proto::local::LocalDenied)> 
 /// the lease still listed, the renewal goes out at once and nothing is opened again.
 #[test]
 fn reconnect_resumes_renewals_without_reopening() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    let (mut sim, lease, key) = Sim::holding_a_lease();
 
-    let actions = sim.input(Input::LinkDown {
-        reason: "idle timeout".into(),
-    });
+    let actions = sim.link_down("idle timeout");
     match &events(&actions)[..] {
         [(APP, e)] => {
             assert_eq!((e.kind, e.lease), (EventKind::GatewayUnreachable, lease));
@@ -503,18 +515,12 @@ fn reconnect_resumes_renewals_without_reopening() {
 /// again (and the late failure of the first one is not counted against the second).
 #[test]
 fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    let (mut sim, lease, key) = Sim::holding_a_lease();
     let (_, first, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
     assert!(matches!(first, Message::Renew(_)), "{first:?}");
     let first_attempt = sim.attempt(key);
 
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 30)]);
     let (_, second) = single_send(&actions);
     assert!(matches!(second, Message::Renew(_)), "{second:?}");
@@ -538,14 +544,8 @@ fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
 /// and the host table holds the new grants under the same holder.
 #[test]
 fn reconnect_reopens_a_lease_the_gateway_forgot() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.link_down("reset");
     sim.advance(Duration::from_secs(10));
 
     // The gateway's list lacks the lease: it is opened again (spec 11.10, Reopening), and its
@@ -617,14 +617,8 @@ fn an_open_whose_lease_is_revoked_before_it_took_effect_is_refused_at_once() {
 /// nothing mirrored, not with an Open retried for ever.
 #[test]
 fn a_lease_the_gateway_forgot_and_never_grants_again_expires() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.link_down("reset");
     sim.advance(Duration::from_secs(10));
     let actions = sim.link_up(EPOCH, Vec::new());
     let (_, request) = single_send(&actions);
@@ -706,14 +700,8 @@ fn epoch_change_reopens_every_lease() {
 /// A reconnection that finds another epoch in the Welcome re-opens as the notice does.
 #[test]
 fn a_new_epoch_in_the_welcome_reopens_the_lease() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "gateway restarted".into(),
-    });
+    let (mut sim, _, key) = Sim::holding_a_lease();
+    sim.link_down("gateway restarted");
     let actions = sim.link_up(NEW_EPOCH, Vec::new());
     let (to, request) = single_send(&actions);
     assert_eq!(to, key);
@@ -733,14 +721,8 @@ fn a_new_epoch_in_the_welcome_reopens_the_lease() {
 /// Welcome still carried the lease's epoch.
 #[test]
 fn a_new_epoch_in_the_list_reopens_the_lease() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "gateway restarted".into(),
-    });
+    let (mut sim, _, key) = Sim::holding_a_lease();
+    sim.link_down("gateway restarted");
     let actions = sim.input(Input::LinkUp {
         gateway: GATEWAY_A.into(),
         welcome: Box::new(welcome(EPOCH)),
@@ -765,14 +747,8 @@ fn a_new_epoch_in_the_list_reopens_the_lease() {
 /// the same lease keeps it going.
 #[test]
 fn without_a_list_what_the_host_holds_is_opened_again() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.link_down("reset");
     let actions = sim.input(Input::LinkUp {
         gateway: GATEWAY_A.into(),
         welcome: Box::new(welcome(EPOCH)),
@@ -803,9 +779,7 @@ fn a_listed_lease_no_application_holds_is_released_on_a_reconnection() {
     let kept = sim.fresh_lease();
     sim.open_granted(APP, 8080, kept, EPOCH);
     let stray = sim.fresh_lease();
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let actions = sim.link_up(EPOCH, vec![listed(kept, 8080, 20), listed(stray, 9090, 20)]);
     let released: Vec<LeaseId> = actions
         .iter()
@@ -824,11 +798,7 @@ fn a_listed_lease_no_application_holds_is_released_on_a_reconnection() {
 /// dropped) and nothing more is sent.
 #[test]
 fn a_refused_renewal_ends_the_lease_at_its_expiry() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let lease = sim.fresh_lease();
-    let key = sim.open_granted(APP, 8080, lease, EPOCH);
+    let (mut sim, lease, key) = Sim::holding_a_lease();
 
     let (_, renew, actions) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
     assert!(events(&actions).is_empty(), "{actions:?}");
@@ -1036,9 +1006,7 @@ fn an_earlier_run_lease_is_left_to_expire_when_the_gateway_is_unreachable() {
     let mut sim = Sim::new();
     let earlier = sim.fresh_lease();
     sim.link_up(EPOCH, vec![listed(earlier, 8080, 600)]);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let actions = sim.advance(Duration::from_secs(31));
     assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
     assert!(
@@ -1157,9 +1125,7 @@ fn a_reopen_using_what_the_gateway_no_longer_offers_is_not_sent() {
         lease,
         result: Ok(()),
     });
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let mut narrower = welcome(EPOCH);
     narrower.capabilities = Capabilities(Capabilities::NOTICES);
     let actions = sim.link_up_welcomed(narrower);
@@ -1236,9 +1202,7 @@ fn an_unanswered_open_is_refused_after_its_wait() {
         message: open_request(3, 8080),
     });
     single_send(&actions);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let actions = sim.advance(fwnp_agent::machine::OPEN_WAIT + IDLE_TICK);
     match &denials(&actions)[..] {
         [(APP, d)] => {
@@ -1706,9 +1670,7 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
     );
 
     // The gateway lost its state: the lease is opened again, and granted under a new id.
-    sim.input(Input::LinkDown {
-        reason: "gateway restarted".into(),
-    });
+    sim.link_down("gateway restarted");
     let actions = sim.link_up(NEW_EPOCH, Vec::new());
     let (_, reopen) = single_send(&actions);
     let second = sim.fresh_lease();
@@ -1816,9 +1778,7 @@ fn failover_to_another_gateway_renews_every_lease_at_once_without_reopening() {
     assert_eq!(status(&mut sim).gateway, GATEWAY_A);
 
     sim.advance(Duration::from_secs(5));
-    let actions = sim.input(Input::LinkDown {
-        reason: "timed out".into(),
-    });
+    let actions = sim.link_down("timed out");
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
     sim.advance(Duration::from_secs(1));
 
@@ -1871,9 +1831,7 @@ fn failover_renewal_answered_unknown_lease_opens_that_lease_again() {
     sim.connect_caller(APP);
     let lease = sim.fresh_lease();
     let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "timed out".into(),
-    });
+    sim.link_down("timed out");
     let actions = sim.link_up_at(GATEWAY_B, EPOCH, Vec::new());
     let (to, renew) = single_send(&actions);
     assert_eq!(to, key);
@@ -1903,9 +1861,7 @@ fn failover_under_another_epoch_reopens_as_before() {
     sim.connect_caller(APP);
     let lease = sim.fresh_lease();
     let key = sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "timed out".into(),
-    });
+    sim.link_down("timed out");
     let actions = sim.link_up_at(GATEWAY_B, NEW_EPOCH, Vec::new());
     let (to, open) = single_send(&actions);
     assert_eq!(to, key);
@@ -1921,9 +1877,7 @@ fn reconnecting_to_the_same_gateway_keeps_the_renewal_schedule() {
     sim.connect_caller(APP);
     let lease = sim.fresh_lease();
     sim.open_granted(APP, 8080, lease, EPOCH);
-    sim.input(Input::LinkDown {
-        reason: "reset".into(),
-    });
+    sim.link_down("reset");
     let actions = sim.link_up_at(GATEWAY_A, EPOCH, vec![listed(lease, 8080, 299)]);
     assert!(sends(&actions).is_empty(), "{actions:?}");
 }

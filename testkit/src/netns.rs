@@ -39,19 +39,25 @@ pub const REQUIRE_NETNS_VAR: &str = "FWNP_REQUIRE_NETNS";
 /// return early; when [`REQUIRE_NETNS_VAR`] is `1` it panics instead, so that CI cannot pass by
 /// skipping.
 pub fn require_root(test: &str) -> bool {
+    require_root_for(test, "network namespaces and nf_tables")
+}
+
+/// As [`require_root`], for a test that needs root for `what` (to run a child as another user,
+/// say) rather than for namespaces.
+pub fn require_root_for(test: &str, what: &str) -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
     }
     let required = std::env::var(REQUIRE_NETNS_VAR).is_ok_and(|value| value == "1");
     if required {
         panic!(
-            "{test}: needs root for network namespaces and nf_tables, and {REQUIRE_NETNS_VAR}=1 \
-             forbids skipping it; run the tests as root"
+            "{test}: needs root for {what}, and {REQUIRE_NETNS_VAR}=1 forbids skipping it; run \
+             the tests as root"
         );
     }
     eprintln!(
-        "{test}: skipped: needs root for network namespaces (set {REQUIRE_NETNS_VAR}=1 to make \
-         this a failure)"
+        "{test}: skipped: needs root for {what} (set {REQUIRE_NETNS_VAR}=1 to make this a \
+         failure)"
     );
     false
 }

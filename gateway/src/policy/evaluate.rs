@@ -124,12 +124,7 @@ fn third_party_rights_cover(policy: &Policy, request: &Request<'_>) -> bool {
     let mut memo = GroupMemo::new();
     policy.rules.iter().any(|rule| {
         rule.spec.action == Action::Allow
-            && rule.spec.third_party
-            && (rule.third_party_nets.is_empty()
-                || rule
-                    .third_party_nets
-                    .iter()
-                    .any(|n| n.contains_addr(request.host_address)))
+            && rule.gives_third_party_rights(request.host_address)
             && rule
                 .groups
                 .iter()
@@ -305,12 +300,7 @@ pub(super) fn decide<T: Tracer>(policy: &Policy, request: &Request<'_>, trace: &
         }
 
         if third_party {
-            let right = rule.spec.third_party
-                && (rule.third_party_nets.is_empty()
-                    || rule
-                        .third_party_nets
-                        .iter()
-                        .any(|n| n.contains_addr(request.host_address)));
+            let right = rule.gives_third_party_rights(request.host_address);
             if !right {
                 if T::ON {
                     let detail = if rule.spec.third_party {

@@ -727,6 +727,19 @@ struct CompiledRule {
     third_party_nets: Vec<Net>,
 }
 
+impl CompiledRule {
+    /// Whether the rule lets its hosts open `address`, which they do not hold: it gives
+    /// third-party rights, for every address or for networks that contain this one.
+    fn gives_third_party_rights(&self, address: IpAddr) -> bool {
+        self.spec.third_party
+            && (self.third_party_nets.is_empty()
+                || self
+                    .third_party_nets
+                    .iter()
+                    .any(|n| n.contains_addr(address)))
+    }
+}
+
 #[derive(Debug)]
 struct Application {
     entries: Vec<PortSpan>,

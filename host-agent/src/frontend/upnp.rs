@@ -2189,41 +2189,35 @@ mod tests {
     #[tokio::test]
     async fn the_external_port_wildcard_is_refused_and_deletes_nothing() {
         let (address, mut core, task) = device().await;
-        let answer = exchange(
+        let answer = ask(
             address,
-            &control_request(
-                CONTROL_PATH,
-                WAN_IP,
-                "AddPortMapping",
-                &[
-                    ("NewRemoteHost", ""),
-                    ("NewExternalPort", "0"),
-                    ("NewProtocol", "TCP"),
-                    ("NewInternalPort", "7500"),
-                    ("NewInternalClient", "127.0.0.1"),
-                    ("NewEnabled", "1"),
-                    ("NewPortMappingDescription", "test"),
-                    ("NewLeaseDuration", "60"),
-                ],
-            ),
+            false,
+            "AddPortMapping",
+            &[
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", "0"),
+                ("NewProtocol", "TCP"),
+                ("NewInternalPort", "7500"),
+                ("NewInternalClient", "127.0.0.1"),
+                ("NewEnabled", "1"),
+                ("NewPortMappingDescription", "test"),
+                ("NewLeaseDuration", "60"),
+            ],
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
         assert!(answer.contains("<errorCode>716</errorCode>"), "{answer}");
         assert!(answer.contains("WildCardNotPermittedInExtPort"), "{answer}");
         // Port 0 names no mapping: Invalid Args, as miniupnpd answers, and nothing released.
-        let answer = exchange(
+        let answer = ask(
             address,
-            &control_request(
-                CONTROL_PATH,
-                WAN_IP,
-                "DeletePortMapping",
-                &[
-                    ("NewRemoteHost", ""),
-                    ("NewExternalPort", "0"),
-                    ("NewProtocol", "TCP"),
-                ],
-            ),
+            false,
+            "DeletePortMapping",
+            &[
+                ("NewRemoteHost", ""),
+                ("NewExternalPort", "0"),
+                ("NewProtocol", "TCP"),
+            ],
         )
         .await;
         assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
