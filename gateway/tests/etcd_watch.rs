@@ -155,7 +155,7 @@ impl Gateway {
     fn reconciliations(&self) -> usize {
         let query = AuditQuery {
             kinds: vec![AuditKind::Reconcile],
-            limit: 100,
+            limit: 10_000,
             ..AuditQuery::default()
         };
         self.service
@@ -513,6 +513,15 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
                 assert_eq!(listed, expected, "{name}'s book");
             }
             assert!(!a.passes(7002) && !b.passes(7002));
+            // Every end stored, each gateway follows the cluster by its watch again, and lists
+            // it no more.
+            let listed = (a.reconciliations(), b.reconciliations());
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(
+                (a.reconciliations(), b.reconciliations()),
+                listed,
+                "the gateways still list the cluster again and again"
+            );
         })
     });
     drop((to_a, to_b));

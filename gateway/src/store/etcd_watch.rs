@@ -229,9 +229,12 @@ impl Follower {
             if self.changes.is_closed() {
                 return;
             }
-            if must_list || replaced.is_some() || self.resync.swap(false, Ordering::AcqRel) {
+            // Taken whether or not a list is due anyway: a list answers it, and a flag left set
+            // would end every watch at its first tick.
+            let resync = self.resync.swap(false, Ordering::AcqRel);
+            if must_list || replaced.is_some() || resync {
                 match self.list(&mut replaced).await {
-                    Ok(true) => {}
+                    Ok(true) => must_list = false,
                     Ok(false) => return,
                     Err(refusal) => {
                         self.resync.store(true, Ordering::Release);
