@@ -9,8 +9,11 @@
 //! lease out of the book and its elements out of the kernel, and a revocation sends the host,
 //! if it is connected here, the Revoked notice the revoking gateway sent its own connections.
 //! The gateway that ended a lease audits it; the others only carry it out. An end whose
-//! commit got no answer may have been taken all the same: the gateway keeps its record and
-//! lists the cluster again, and records it if the tombstones show its end taken.
+//! commit got no answer may have been taken all the same, now or once etcd's quorum is back:
+//! the gateway keeps its record and lists the cluster again, and records it once the end's
+//! tombstone (from the watch or a list) shows that attempt taken, by its site and end time. An
+//! attempt made again after a list commits with its own record, and the earlier ones are
+//! forgotten: a lease is recorded ended once.
 //!
 //! A cluster state found lost or replaced (`ClusterChange::Replaced`) replaces the book with
 //! the leases the state holds now and reconciles the kernel with it: the openings of leases it
@@ -45,7 +48,10 @@ impl Service {
             ClusterChange::Stored { lease, .. } => {
                 self.apply_stored(&lease, false).await;
             }
-            ClusterChange::Ended { id, end, .. } => self.apply_ended(&id, end.as_ref()).await,
+            ClusterChange::Ended { id, end, .. } => {
+                self.settle_unanswered_end(&id, end.as_ref(), false);
+                self.apply_ended(&id, end.as_ref()).await;
+            }
             ClusterChange::Replaced {
                 previous: _,
                 epoch,
@@ -60,7 +66,7 @@ impl Service {
                 ended,
                 revision,
             } => {
-                self.record_unanswered_ends(&ended);
+                self.record_unanswered_ends(&live, &ended);
                 let absent = self.absent_from(&live);
                 for id in &absent {
                     self.apply_ended(id, ended.get(id)).await;
@@ -91,20 +97,38 @@ impl Service {
         }
     }
 
-    /// Records the ends whose commit got no answer that the cluster's tombstones (`ended`)
-    /// show this gateway's store took after all; forgets the others, which it did not take
-    /// (their next attempt records its own) or which tell no more (a tombstone gone after
-    /// [`crate::store::TOMBSTONE_TTL`]).
-    fn record_unanswered_ends(&self, ended: &HashMap<LeaseId, ClusterEnd>) {
-        let unanswered = std::mem::take(&mut *lock(&self.unanswered_ends));
+    /// Settles, on a list of the cluster, the ends whose commit got no answer (see
+    /// [`Service::settle_unanswered_end`]): those of leases `live` still holds may apply yet,
+    /// and are kept.
+    fn record_unanswered_ends(&self, live: &[LeaseRecord], ended: &HashMap<LeaseId, ClusterEnd>) {
+        let ids: Vec<LeaseId> = lock(&self.unanswered_ends).keys().copied().collect();
+        if ids.is_empty() {
+            return;
+        }
+        let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
+        for id in ids {
+            self.settle_unanswered_end(&id, ended.get(&id), listed.contains(&id));
+        }
+    }
+
+    /// Settles the ends of lease `id` whose commit got no answer, now that its end is known
+    /// (`end`, from its tombstone) or that it is still `live`: the attempt of this gateway's
+    /// site that the tombstone names by its end time was taken, and is recorded now; the others
+    /// were not, and are forgotten. A lease still live keeps them, as one ended without a
+    /// tombstone to tell (gone after [`crate::store::TOMBSTONE_TTL`]) forgets them.
+    fn settle_unanswered_end(&self, id: &LeaseId, end: Option<&ClusterEnd>, live: bool) {
+        if live {
+            return;
+        }
+        let Some(attempts) = lock(&self.unanswered_ends).remove(id) else {
+            return;
+        };
         let Some(site) = self.cluster().map(|c| c.site()) else {
             return;
         };
-        for (id, record) in unanswered {
-            if ended.get(&id).is_some_and(|end| end.site == site) {
-                info!(lease = %id, "an end whose commit got no answer was taken: recorded now");
-                self.record(audit_event(record));
-            }
+        if let Some(record) = taken_attempt(attempts, end, site) {
+            info!(lease = %id, "an end whose commit got no answer was taken: recorded now");
+            self.record(audit_event(record));
         }
     }
 
@@ -129,6 +153,8 @@ impl Service {
         lock(&self.core).set_epoch(epoch);
         self.epoch
             .store(epoch, std::sync::atomic::Ordering::Release);
+        // Ends this gateway could not store: those of leases the state lacks tell no more.
+        self.record_unanswered_ends(live, &HashMap::new());
         let absent = self.absent_from(live);
         // Lost with the state, not ended: no notice, no record of an end.
         for id in &absent {
@@ -356,5 +382,79 @@ impl Service {
             Ok(None) => {}
             Err(e) => warn!(lease = %id, "the stored lease could not be read: {e}"),
         }
+    }
+}
+
+/// Which of a lease's unanswered attempts to end it (`attempts`) the cluster took, by its
+/// tombstone (`end`): the one of this gateway's `site` whose end time the tombstone carries.
+fn taken_attempt(
+    attempts: Vec<AuditRecord>,
+    end: Option<&ClusterEnd>,
+    site: &str,
+) -> Option<AuditRecord> {
+    let end = end.filter(|end| end.site == site)?;
+    attempts
+        .into_iter()
+        .find(|record| record.time_ms == end.ending.ended_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fwnp_proto::gateway::Lease;
+
+    fn attempt(id: LeaseId, time_ms: u64) -> AuditRecord {
+        AuditRecord {
+            time_ms,
+            peer: None,
+            what: Audit::Ended {
+                lease: Lease {
+                    id,
+                    host: Arc::from("web-01"),
+                    grants: Vec::new(),
+                    lifetime: 8,
+                    created_ms: 1_000,
+                    expires_ms: 9_000,
+                    app: None,
+                },
+                end: LeaseEnd::Expired,
+                by: Some("gateway".into()),
+                why: None,
+            },
+        }
+    }
+
+    fn tombstone(site: &str, ended_ms: u64) -> ClusterEnd {
+        ClusterEnd {
+            ending: LeaseEnding {
+                end: LeaseEnd::Expired,
+                ended_ms,
+                by: Some("gateway".into()),
+                why: None,
+            },
+            site: site.into(),
+        }
+    }
+
+    #[test]
+    fn the_attempt_a_tombstone_names_by_site_and_time_is_the_one_taken() {
+        let id = LeaseId([7; 16]);
+        let attempts = || vec![attempt(id, 9_000), attempt(id, 12_500)];
+        // The first attempt, sent while the quorum was lost, applied once it was back.
+        let taken = taken_attempt(attempts(), Some(&tombstone("gw-a", 9_000)), "gw-a");
+        assert_eq!(taken.map(|r| r.time_ms), Some(9_000));
+        // A later attempt, made after a list and committed with its own record: the
+        // unanswered ones were not taken, and recording one would record the end twice.
+        assert_eq!(
+            taken_attempt(attempts(), Some(&tombstone("gw-a", 14_000)), "gw-a"),
+            None
+        );
+        // Ended through another gateway, which recorded it.
+        assert_eq!(
+            taken_attempt(attempts(), Some(&tombstone("gw-b", 12_500)), "gw-a"),
+            None
+        );
+        // No tombstone left to tell.
+        assert_eq!(taken_attempt(attempts(), None, "gw-a"), None);
     }
 }

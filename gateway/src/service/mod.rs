@@ -75,6 +75,10 @@ mod unloaded;
 use credentials::LeaseCredentials;
 use kernel::{HeldElements, Holders, RefreshError, elements_of_all, held_openings};
 
+/// How many unanswered attempts to end one lease are kept (see `Service::unanswered_ends`):
+/// each comes after a list of the cluster, so only a cluster in trouble for long makes more.
+const MAX_UNANSWERED_ATTEMPTS: usize = 8;
+
 /// The gateway's state and its answers to every request.
 #[derive(Debug)]
 pub struct Service {
@@ -132,11 +136,14 @@ pub struct Service {
     /// before it, the end would find no stored lease to end and the insert would then store
     /// the revoked lease as live (a restart would bring it back).
     being_stored: Mutex<HashMap<LeaseId, Vec<Write>>>,
-    /// In a cluster: the audit records of lease ends whose commit got no answer, by lease.
-    /// Etcd may have taken such an end all the same, and then no one records it: they are
-    /// kept until the cluster is listed again, which shows whether this gateway's end was
-    /// taken (its record is kept then) or not (the end's next attempt records its own).
-    unanswered_ends: Mutex<HashMap<LeaseId, AuditRecord>>,
+    /// In a cluster: the audit records of lease ends whose commit got no answer, by lease,
+    /// oldest attempt first (at most [`MAX_UNANSWERED_ATTEMPTS`]). Etcd may have taken such
+    /// an end all the same, now or once its quorum is back, and then no one records it. The
+    /// end's tombstone tells which attempt was taken: the one of this gateway's site whose
+    /// end time it carries is recorded, when the watch or a list shows it. They are forgotten
+    /// once an attempt of this gateway commits with its own record, or the lease is found
+    /// ended otherwise.
+    unanswered_ends: Mutex<HashMap<LeaseId, Vec<AuditRecord>>>,
     /// This gateway as a member of its etcd cluster (`[store] backend = "etcd"`), set once at
     /// the start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,

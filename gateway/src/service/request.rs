@@ -648,11 +648,32 @@ impl Service {
             .map(|write| into_write_op(write, certificate.clone()))
             .collect();
         let committed = self.leases.commit(ops).await;
-        if matches!(committed, Err(WriteError::Unavailable(_))) && !end_records.is_empty() {
-            lock(&self.unanswered_ends).extend(end_records);
-            // The list that tells whether etcd took them.
-            if let Some(cluster) = &self.cluster_store {
-                cluster.resync();
+        if !end_records.is_empty() {
+            match &committed {
+                Err(WriteError::Unavailable(_)) => {
+                    let mut unanswered = lock(&self.unanswered_ends);
+                    for (id, record) in end_records {
+                        let attempts = unanswered.entry(id).or_default();
+                        if attempts.len() == MAX_UNANSWERED_ATTEMPTS {
+                            attempts.remove(0);
+                        }
+                        attempts.push(record);
+                    }
+                    drop(unanswered);
+                    // The list that tells whether etcd took them.
+                    if let Some(cluster) = &self.cluster_store {
+                        cluster.resync();
+                    }
+                }
+                // This end deleted the lease's key: no earlier attempt can apply any more, and
+                // this one's record is the end's.
+                Ok(()) => {
+                    let mut unanswered = lock(&self.unanswered_ends);
+                    for (id, _) in &end_records {
+                        unanswered.remove(id);
+                    }
+                }
+                Err(_) => {}
             }
         }
         // A lease out of the book is gone whatever the store says: the records follow the book.
