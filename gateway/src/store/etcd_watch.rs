@@ -234,7 +234,7 @@ impl Follower {
             let resync = self.resync.swap(false, Ordering::AcqRel);
             if must_list || replaced.is_some() || resync {
                 match self.list(&mut replaced).await {
-                    Ok(true) => must_list = false,
+                    Ok(true) => {}
                     Ok(false) => return,
                     Err(refusal) => {
                         self.resync.store(true, Ordering::Release);
