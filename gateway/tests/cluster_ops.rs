@@ -1914,3 +1914,69 @@ fn a_version_overtaken_while_it_revokes_stops_and_the_newer_one_judges_the_lease
         },
     );
 }
+
+/// A list of the cluster read while a grant's insert is on its way to etcd lacks the new
+/// lease. Taken out of A's book by that list, the lease was refused to its host (its kernel
+/// hold found it ended) while etcd kept it, and the watch brought it back into every book: an
+/// opening granted to no one. The grant is answered, and the lease is A's and etcd's.
+#[test]
+fn a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept() {
+    in_cluster(
+        "a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept",
+        "clstoring",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-storing");
+            let dir = temp_dir("clstoring-a");
+            // The new lease waits at the seam, in the book and on its way to the store, until
+            // A has listed the cluster again.
+            let (reached, mut at_seam) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let go = Arc::new(tokio::sync::Semaphore::new(0));
+            let storing: Pause = Arc::new({
+                let go = go.clone();
+                move || {
+                    let (reached, go) = (reached.clone(), go.clone());
+                    Box::pin(async move {
+                        let _ = reached.send(());
+                        if let Ok(permit) = go.acquire().await {
+                            permit.forget();
+                        }
+                    })
+                }
+            });
+            let seams = Seams {
+                storing: Some(storing),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let client = Arc::new(client);
+            let opening = tokio::spawn({
+                let client = client.clone();
+                async move { client.open(tcp(7001), None).await }
+            });
+            tokio::time::timeout(STEP, at_seam.recv())
+                .await
+                .expect("the Open reaches the seam");
+            let listed = local_records(&a, "reconcile").await.len();
+            a.service
+                .cluster_store()
+                .expect("the etcd backend")
+                .resync();
+            until(
+                "A's list of the cluster",
+                || async { Value::from(local_records(&a, "reconcile").await.len()) },
+                |n| n.as_u64().is_some_and(|n| n as usize > listed),
+            )
+            .await;
+            go.add_permits(1);
+            let lease = granted(opening.await.expect("the Open's task")).lease;
+            assert!(lease_in_etcd(cluster, lease).await, "etcd holds the grant");
+            assert!(
+                client.list().await.leases.iter().any(|l| l.lease == lease),
+                "A's book holds the grant"
+            );
+            drop(client);
+            a.stop().await;
+        },
+    );
+}

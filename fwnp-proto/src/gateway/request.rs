@@ -534,7 +534,7 @@ pub enum EffectFailure {
     #[error("store: {0}")]
     Store(String),
     /// The lease ended (was revoked) while its elements were being programmed.
-    #[error("the lease ended while it was being renewed")]
+    #[error("the lease ended while its opening was being programmed")]
     LeaseEnded,
     /// The store refused a new lease over its host's quota as the cluster counts it (spec
     /// 12.1): the member granted it before it heard of the others' grants. Told to the host as

@@ -132,13 +132,18 @@ impl Service {
         }
     }
 
-    /// The leases of the book that `live` lacks.
+    /// The leases of the book that `live` lacks, but for those whose insert is on its way to
+    /// the store: a list read before their commit lacks them, and taking them out of the book
+    /// would have the grant refused while the store keeps it (the watch brings the commit
+    /// next, or the grant's failure takes them out).
     fn absent_from(&self, live: &[LeaseRecord]) -> Vec<LeaseId> {
         let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
-        lock(&self.core)
-            .book()
+        // In the request path's order: the core, then the inserts on their way.
+        let core = lock(&self.core);
+        let being_stored = lock(&self.being_stored);
+        core.book()
             .iter()
-            .filter(|l| !listed.contains(&l.id))
+            .filter(|l| !listed.contains(&l.id) && !being_stored.contains_key(&l.id))
             .map(|l| l.id)
             .collect()
     }

@@ -52,7 +52,7 @@ pub(super) enum RefreshError {
     #[error(transparent)]
     Kernel(#[from] fwnp_netfilter::Error),
     /// The lease was revoked while its elements were being refreshed.
-    #[error("the lease ended while it was being renewed")]
+    #[error("the lease ended while its opening was being programmed")]
     LeaseEnded,
 }
 

@@ -334,6 +334,11 @@ impl Service {
         self.cluster.get()
     }
 
+    /// The cluster's lease store, with the etcd backend.
+    pub fn cluster_store(&self) -> Option<&crate::store::EtcdStore> {
+        self.cluster_store.as_ref()
+    }
+
     /// As [`Service::start`], with the leases written to and restored from `leases` and the
     /// admin API's reads and the pruning of old records done by `queries` instead of the
     /// database in the state directory: the seam where another backend plugs in.

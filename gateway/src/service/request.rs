@@ -342,6 +342,9 @@ impl Service {
             Step::Pending(mut pending) => {
                 let effects = pending.take_effects();
                 let inserted = inserted_lease(&effects);
+                if inserted.is_some() {
+                    pause_at(&self.seams.storing).await;
+                }
                 let renewed = renewed_lease(&effects);
                 let (outcome, stored) = if pending.at_once()
                     && self.metrics.requests_in_flight.get() <= AT_ONCE_IN_FLIGHT

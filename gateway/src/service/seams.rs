@@ -57,6 +57,9 @@ pub struct Seams {
     /// policy no longer allows it, and before the check that the policy is still the one in
     /// force.
     pub revoking: Option<Pause>,
+    /// Called when a new lease is in the book, its insert counted as on its way to the store,
+    /// before its kernel hold and its commit are carried out.
+    pub storing: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -67,6 +70,7 @@ impl fmt::Debug for Seams {
             .field("adopting", &self.adopting.is_some())
             .field("published", &self.published.is_some())
             .field("revoking", &self.revoking.is_some())
+            .field("storing", &self.storing.is_some())
             .finish()
     }
 }
