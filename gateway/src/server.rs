@@ -233,12 +233,15 @@ async fn handle_stream(
         Message::Denied(d) if d.code == ResultCode::UnsupportedVersion
     );
     let encoded = fwnp_proto::codec::encode(&answer);
+    let welcome = matches!(answer, Message::Welcome(_));
     if send.write_all(&encoded).await.is_ok() {
         let _ = send.finish();
         // Only now may the host's other requests be served and notices be sent (spec 5.2, 5.3).
-        if matches!(answer, Message::Welcome(_)) && session.welcome_written() {
+        if welcome && session.welcome_written() {
             info!(session = session.id, identity = session.identity(), "hello");
         }
+    } else if welcome {
+        session.welcome_not_written();
     }
     if close_after {
         // Let the answer leave before the connection closes.

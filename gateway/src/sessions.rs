@@ -68,6 +68,8 @@ pub struct Session {
     /// A Welcome decided but not yet written ([`Session::answered_welcome`]): `NO_WELCOME`, or
     /// whether its Hello set NOTICES.
     welcome_answered: AtomicU8,
+    /// Wakes the requests that wait for a Welcome being written ([`Session::welcome_settled`]).
+    welcome_settled: tokio::sync::Notify,
     /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
     /// connection is about to be closed, and no further request on it is served.
     pub credential_revoked: AtomicBool,
@@ -102,6 +104,7 @@ impl Session {
             welcomed: AtomicBool::new(false),
             notices: AtomicBool::new(false),
             welcome_answered: AtomicU8::new(NO_WELCOME),
+            welcome_settled: tokio::sync::Notify::new(),
             credential_revoked: AtomicBool::new(false),
             rate_limited: AtomicBool::new(false),
             link,
@@ -126,7 +129,30 @@ impl Session {
         }
         self.notices.store(answered == 1, Ordering::Release);
         self.welcomed.store(true, Ordering::Release);
+        self.welcome_settled.notify_waiters();
         true
+    }
+
+    /// The Welcome answered could not be written (its stream was reset, or the connection
+    /// lost): the connection stays without one.
+    pub fn welcome_not_written(&self) {
+        self.welcome_answered.store(NO_WELCOME, Ordering::Release);
+        self.welcome_settled.notify_waiters();
+    }
+
+    /// Waits while a Welcome is answered and not yet written. Once its bytes are on their way
+    /// the client may have it and send its next request, which can be taken before the
+    /// Welcome's own task has marked it written: that request is served once it is (or
+    /// refused hello-required if it never is), not refused for a Welcome the client holds.
+    pub async fn welcome_settled(&self) {
+        let settled = self.welcome_settled.notified();
+        tokio::pin!(settled);
+        // Registered before the check, so that a write between the two still wakes it.
+        settled.as_mut().enable();
+        if self.welcome_answered.load(Ordering::Acquire) == NO_WELCOME {
+            return;
+        }
+        settled.await;
     }
 
     /// The identity, or a placeholder for audit when the certificate named none.

@@ -13,6 +13,7 @@ use fwnp_trust::identity::{CertificateName, Serial};
 
 use super::credentials::LeaseCredentials;
 use super::kernel::{Holders, hold_change};
+use super::request_tests::{hello, load_session, open, unfiltered_service};
 
 fwnp_proto::count_allocations!();
 
@@ -86,22 +87,6 @@ fn a_million_leases_of_100_hosts_cost_their_certificates_nothing_each() {
     assert!(per < 1.0, "{per:.2} bytes per lease");
 }
 
-/// A link that carries nothing: the request path answers through the stream, not the link.
-#[derive(Debug)]
-struct NoLink;
-
-impl crate::sessions::HostLink for NoLink {
-    fn send_notice(
-        &self,
-        _bytes: Vec<u8>,
-        _acknowledged_within: Option<std::time::Duration>,
-    ) -> crate::sessions::NoticeFuture<'_> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn close(&self, _reason: fwnp_proto::QuicErrorCode, _text: &str) {}
-}
-
 /// How many heap allocations (and reallocations) the whole gateway makes for one grant: the
 /// request's decoding, policy, book, store commit (writer thread and SQLite included), audit
 /// record and the answer's encoding, counted over 900 Opens of one host (after 900 more) on a service with its SQLite
@@ -110,86 +95,25 @@ impl crate::sessions::HostLink for NoLink {
 /// to see the figure).
 #[test]
 fn a_grant_costs_a_bounded_number_of_allocations() {
-    use fwnp_proto::{
-        Capabilities, Common, Hello, HostAddresses, Message, Open, Opening, Target, codec,
-    };
-    use fwnp_trust::identity::{Fingerprint, IdentityKind, PeerIdentity};
+    use fwnp_proto::{Message, codec};
 
     // Within the default rate limit's burst (2,000 requests of a host).
     const GRANTS: usize = 900;
     let dir = tempfile::tempdir().expect("temporary directory");
-    let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "[defaults]\nlifetime = \"1h\"\nmax_leases = 100000\n\n[[group]]\nname = \"load\"\n\
-         identities = [\"fwnp://host/load-*\"]\n\n[[rule]]\nname = \"load-any-tcp\"\n\
-         groups = [\"load\"]\nallow = [\"tcp/*\"]\n",
-    )
-    .expect("policy file");
-    let config = crate::config::GatewayConfig::parse(
-        &format!(
-            "listen = [\"127.0.0.1:4433\"]\ncertificate = \"/nonexistent/gw.pem\"\n\
-             key = \"/nonexistent/gw.key\"\nca = \"/nonexistent/ca.pem\"\npolicy = \"{}\"\n\
-             state_dir = \"{}\"\n\n[filter]\nenabled = false\n",
-            policy.display(),
-            dir.path().join("state").display()
-        ),
-        "gateway.toml",
-    )
-    .expect("configuration");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let service = super::Service::start(config, None).await.expect("service");
-        let remote: std::net::SocketAddr = "192.0.2.10:50000".parse().expect("address");
-        let peer = PeerIdentity {
-            identity: "fwnp://host/load-0".into(),
-            kind: IdentityKind::Uri,
-            ip_sans: Vec::new(),
-            certificate: Arc::new(CertificateName {
-                issuer: b"CN=load CA".to_vec(),
-                serial: Serial::parse("01").expect("serial"),
-            }),
-            fingerprint: Fingerprint([7; 32]),
-            not_after: std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
-        };
-        let session = crate::sessions::Session::new(1, Some(peer), None, remote, Box::new(NoLink));
-        let common = |id: u64| Common {
-            request_id: Some(id),
-            critical: Vec::new(),
-        };
-        let hello = codec::encode(&Message::Hello(Hello {
-            common: common(0),
-            versions: vec![1],
-            capabilities: Capabilities(0),
-            software: None,
-        }));
+        let service = unfiltered_service(dir.path()).await;
+        let session = load_session();
         assert!(matches!(
-            service.handle(&session, &hello).await,
+            service.handle(&session, &hello(0)).await,
             Message::Welcome(_)
         ));
         // As the transport does once it has written the Welcome.
         assert!(session.welcome_written());
-        let opens: Vec<Vec<u8>> = (0..2 * GRANTS)
-            .map(|i| {
-                codec::encode(&Message::Open(Open {
-                    common: common(i as u64 + 1),
-                    opening: Opening {
-                        target: Target::Ports {
-                            protocol: Protocol::Tcp,
-                            ports: PortRange::single(1024 + i as u16),
-                        },
-                        host: HostAddresses::Default,
-                        family: None,
-                        remotes: Vec::new(),
-                    },
-                    lifetime: Some(3600),
-                    app: None,
-                }))
-            })
-            .collect();
+        let opens: Vec<Vec<u8>> = (0..2 * GRANTS).map(|i| open(i as u16)).collect();
         // The first half warms up what grows once (the book, the statements, the caches).
         let (warm, measured) = opens.split_at(GRANTS);
         for open in warm {

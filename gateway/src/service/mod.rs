@@ -68,6 +68,8 @@ mod kernel;
 #[cfg(test)]
 mod memory_tests;
 mod request;
+#[cfg(test)]
+mod request_tests;
 mod revocation;
 mod seams;
 mod unloaded;

@@ -282,6 +282,12 @@ impl Service {
             remote: session.remote,
             addresses,
         };
+        if !session.welcomed.load(std::sync::atomic::Ordering::Acquire) {
+            // Bounded all the same: a Welcome's stream that neither writes nor fails holds up
+            // no request for longer than a request may take.
+            let limit = self.config.limits.request_timeout;
+            let _ = tokio::time::timeout(limit, session.welcome_settled()).await;
+        }
         let connection = ConnectionState {
             welcomed: session.welcomed.load(std::sync::atomic::Ordering::Acquire),
         };
