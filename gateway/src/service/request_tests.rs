@@ -131,7 +131,10 @@ fn a_request_taken_before_its_welcome_is_marked_written_is_served() {
             async move { service.handle(&session, &open(1)).await }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!served.is_finished(), "answered before the Welcome was written");
+        assert!(
+            !served.is_finished(),
+            "answered before the Welcome was written"
+        );
         assert!(session.welcome_written());
         let answer = tokio::time::timeout(Duration::from_secs(10), served)
             .await
