@@ -987,15 +987,12 @@ enum Unanswered {
 }
 
 /// The window, as offsets from the Granted, in which a lease of `lifetime` seconds with the
-/// gateway's hint `renew_after` (0: none, then half the lifetime) is renewed:
-/// `[H, H + L/8]`, both ends capped at `7L/8`.
+/// gateway's hint `renew_after` is renewed: `[H, H + L/8]`, both ends capped at `7L/8` (spec
+/// 11.8). A hint of 0 is a hint like any other: the window is the first eighth of the lifetime.
+/// Only a lease learned from Leases has none; spec 11.8 takes half its lifetime then.
 pub fn renewal_window(lifetime: u32, renew_after: u32) -> (Duration, Duration) {
     let lifetime = Duration::from_secs(u64::from(lifetime));
-    let hint = if renew_after == 0 {
-        lifetime / 2
-    } else {
-        Duration::from_secs(u64::from(renew_after))
-    };
+    let hint = Duration::from_secs(u64::from(renew_after));
     let latest = lifetime * 7 / 8;
     let start = hint.min(latest);
     let end = (hint + lifetime / 8).min(latest);
@@ -1068,6 +1065,36 @@ mod tests {
             epoch: 42,
             narrowed: false,
         })
+    }
+
+    /// A renew-after of 0 is a hint like any other (spec 11.8): the lease is renewed within the
+    /// first eighth of its lifetime, not from its half as a lease without a hint would be.
+    #[test]
+    fn a_renew_after_of_zero_renews_within_the_first_eighth() {
+        assert_eq!(
+            renewal_window(80, 0),
+            (Duration::ZERO, Duration::from_secs(10))
+        );
+        let mut rng = StdRng::seed_from_u64(3);
+        let start = Instant::now();
+        for _ in 0..50 {
+            let mut machine = LeaseMachine::new(start, tcp_8080(), Some(80), None, &mut rng);
+            let Some(Message::Open(open)) = machine.poll_transmit(start) else {
+                panic!("the Open is due at once");
+            };
+            let Message::Granted(mut granted) = granted_7(&open, 80) else {
+                unreachable!()
+            };
+            granted.renew_after = 0;
+            let answered = start + Duration::from_millis(10);
+            machine.handle_answer(answered, &Message::Granted(granted), &mut rng);
+            let renew_at = machine.renew_at().expect("a renewal is scheduled");
+            assert!(
+                renew_at >= answered && renew_at <= start + Duration::from_secs(10),
+                "renewal {:?} after the Open",
+                renew_at - start
+            );
+        }
     }
 
     /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the
@@ -1280,14 +1307,6 @@ mod tests {
         let (start, end) = renewal_window(800, 400);
         assert_eq!(start, Duration::from_secs(400));
         assert_eq!(end, Duration::from_secs(500));
-    }
-
-    #[test]
-    fn window_without_hint_uses_half_the_lifetime() {
-        assert_eq!(
-            renewal_window(80, 0),
-            (Duration::from_secs(40), Duration::from_secs(50))
-        );
     }
 
     #[test]
