@@ -173,6 +173,12 @@ impl Core {
                 }
             }
             CoreInput::Gateway(GatewayEvent::Notice(notice)) => Input::Notice(notice),
+            CoreInput::Gateway(GatewayEvent::NoticeDiscarded { reason }) => {
+                Input::NoticeDiscarded { reason }
+            }
+            CoreInput::Gateway(GatewayEvent::NoGatewayLeft { reason }) => {
+                Input::NoGatewayLeft { reason }
+            }
             CoreInput::Gateway(GatewayEvent::ConnectFailed { reason }) => {
                 Input::LinkFailed { reason }
             }
@@ -280,6 +286,24 @@ impl Core {
                             attempt,
                             result,
                         });
+                    });
+                }
+                Action::List { request } => {
+                    let request_id = request.common().request_id.unwrap_or_default();
+                    let Link::Up(connection) = &self.link else {
+                        let _ = self.tx.send(CoreInput::Done(Input::Listed {
+                            request_id,
+                            result: Err("no connection to the gateway".to_owned()),
+                        }));
+                        continue;
+                    };
+                    let connection = connection.clone();
+                    let tx = self.tx.clone();
+                    tokio::spawn(async move {
+                        let result = exchange(&connection, &request)
+                            .await
+                            .map_err(|e| e.to_string());
+                        let _ = tx.send(CoreInput::Done(Input::Listed { request_id, result }));
                     });
                 }
                 Action::ReleaseEarlier { lease, request } => {

@@ -6,9 +6,17 @@
 //! round and ordered as RFC 2782 says) the agent stays with the one that answered; when that
 //! one is lost it goes on at once with the next, each verified against its own name, and only
 //! a round in which none answered waits for the delays below. Its connections then notice a
-//! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. A gateway whose name
-//! has several addresses is reached through the first that answers, the next tried
-//! 250 ms after the one before began (RFC 8305's connection attempt delay).
+//! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. One that sent
+//! GoingAway is left out until the time its reconnect-after gives has passed, while the others
+//! are tried at once. A gateway whose name has several addresses is reached through the first
+//! that answers, the next tried 250 ms after the one before began (RFC 8305's connection attempt
+//! delay).
+//!
+//! A gateway that refuses every version the agent offers (unsupported-version) would refuse the
+//! same Hello again: it is left out until the agent restarts, and when no gateway is left the
+//! link stops and tells the core, which refuses Opens with that reason from then on. A notice
+//! of a known type that does not decode, or one too long to read, is discarded and the core
+//! told, which asks for the list of leases to learn what it missed (spec 5.3).
 //!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
@@ -18,10 +26,12 @@
 //! never more than a sixteenth of the shortest remaining lifetime, and handshakes are given up
 //! after as long. The core publishes that earliest expiry on a watch channel.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fwnp_proto::codec::DecodeError;
 use fwnp_proto::link::{Ending, Reconnect, TransportTimers};
 use fwnp_proto::{
     Capabilities, Common, Hello, Leases, List, MAX_MESSAGE_SIZE, Message, QuicErrorCode, VERSION,
@@ -32,7 +42,7 @@ use quinn::{ReadToEndError, VarInt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::{GatewaySource, SRV_PREFIX};
 use crate::core::CoreInput;
@@ -60,6 +70,12 @@ pub enum GatewayEvent {
     },
     /// A notice from the gateway (Revoked, EpochChanged, GoingAway).
     Notice(Message),
+    /// A notice was discarded (spec 5.3): it was of a known type and did not decode, or it
+    /// was longer than any notice may be.
+    NoticeDiscarded {
+        /// What was wrong with it.
+        reason: String,
+    },
     /// The connection ended.
     Disconnected {
         /// Why, for logs and Status.
@@ -68,6 +84,12 @@ pub enum GatewayEvent {
     /// An attempt to connect failed.
     ConnectFailed {
         /// Why, for Status.
+        reason: String,
+    },
+    /// Every configured gateway refused the versions the agent speaks: the link stopped, and
+    /// tries again only when the agent is restarted (spec 13, unsupported-version).
+    NoGatewayLeft {
+        /// Which gateways refused, and the versions offered.
         reason: String,
     },
 }
@@ -159,6 +181,13 @@ enum ConnectError {
     Hello(ExchangeError),
     #[error("Hello answered with {0}")]
     Refused(String),
+    /// Hello refused unsupported-version: the gateway speaks none of the versions offered.
+    #[error(
+        "Hello answered with unsupported-version: the gateway speaks none of the versions offered {:?}{}",
+        OFFERED_VERSIONS,
+        .0.as_ref().map(|r| format!(" ({r})")).unwrap_or_default()
+    )]
+    UnsupportedVersion(Option<String>),
     /// Hello refused rate-limited, with the gateway's retry-after.
     #[error("Hello answered with rate-limited: retry after {0:?}")]
     RetryAfter(Duration),
@@ -192,6 +221,73 @@ pub const FAILOVER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// next gateway but by the usual delay: gateways that accept and drop hosts at once are not
 /// tried in a tight loop.
 const FAILOVER_MIN_UPTIME: Duration = Duration::from_secs(1);
+
+/// The versions of the protocol the agent offers in its Hello, most preferred first.
+pub const OFFERED_VERSIONS: [u16; 1] = [VERSION];
+
+/// The gateways a round of attempts leaves out.
+#[derive(Debug, Default)]
+struct Exclusions {
+    /// Those that refused every version the agent offers (spec 13, unsupported-version), each
+    /// with its refusal: the same Hello would be refused again, so they are not tried until the
+    /// agent restarts, perhaps upgraded.
+    refused: Vec<(String, String)>,
+    /// Those that went away (GoingAway) while another gateway could take their place, each
+    /// until the instant its reconnect-after gives (spec 8.14).
+    departed: HashMap<String, Instant>,
+}
+
+impl Exclusions {
+    fn refuse(&mut self, address: &str, refusal: String) {
+        if !self.is_refused(address) {
+            self.refused.push((address.to_owned(), refusal));
+        }
+    }
+
+    fn is_refused(&self, address: &str) -> bool {
+        self.refused.iter().any(|(refused, _)| refused == address)
+    }
+
+    fn depart(&mut self, address: &str, until: Instant) {
+        self.departed.insert(address.to_owned(), until);
+    }
+
+    /// Whether the gateway at `address` may be tried at `now`.
+    fn may_try(&self, address: &str, now: Instant) -> bool {
+        !self.is_refused(address) && self.departed.get(address).is_none_or(|until| *until <= now)
+    }
+
+    /// Whether every gateway of `list` refused the versions offered (and `list` has one).
+    fn every_one_refused(&self, list: &[Candidate]) -> bool {
+        !list.is_empty() && list.iter().all(|c| self.is_refused(&c.address))
+    }
+
+    /// The first instant after `now` at which a gateway of `list` that went away may be tried
+    /// again.
+    fn next_return(&self, list: &[Candidate], now: Instant) -> Option<Instant> {
+        list.iter()
+            .filter(|c| !self.is_refused(&c.address))
+            .filter_map(|c| self.departed.get(&c.address).copied())
+            .filter(|until| *until > now)
+            .min()
+    }
+
+    /// Why no gateway is left, for the log, Status and the applications' refusals.
+    fn no_gateway_left(&self) -> String {
+        let refusals: Vec<String> = self
+            .refused
+            .iter()
+            .map(|(address, refusal)| format!("{address}: {refusal}"))
+            .collect();
+        format!(
+            "every configured gateway refused the protocol versions this agent offers {:?} ({}); \
+             it connects to none of them again until it is restarted (upgrade the agent or \
+             the gateways)",
+            OFFERED_VERSIONS,
+            refusals.join("; ")
+        )
+    }
+}
 
 /// One gateway to try: where, and the name its certificate must carry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +426,7 @@ pub async fn run(
     // The gateway to try first in the next round: the one after a lost gateway, the same one
     // after a stateless reset (it listens again), else the first in order.
     let mut prefer: Option<(String, bool)> = None;
+    let mut exclusions = Exclusions::default();
     loop {
         let list = match candidates(&settings.gateways, &mut rng).await {
             Ok(list) => list,
@@ -353,12 +450,25 @@ pub async fn run(
         let mut all_asked_to_wait = true;
         let mut connected = None;
         for candidate in list.iter().cycle().skip(start).take(list.len()) {
+            if !exclusions.may_try(&candidate.address, Instant::now()) {
+                continue;
+            }
             let expiry = *earliest_expiry.borrow();
             let handshake = Reconnect::handshake_timeout(Instant::now(), expiry);
             match connect(&settings, candidate, several, &mut min_lifetime, handshake).await {
                 Ok(up) => {
                     connected = Some((candidate, up));
                     break;
+                }
+                Err(e @ ConnectError::UnsupportedVersion(_)) => {
+                    error!(
+                        gateway = %candidate.address,
+                        versions = ?OFFERED_VERSIONS,
+                        "the gateway refused every protocol version this agent offers; it is not tried again until the agent is restarted (upgrade the agent or the gateway): {e}"
+                    );
+                    all_asked_to_wait = false;
+                    exclusions.refuse(&candidate.address, e.to_string());
+                    failures.push(format!("{}: {e}", candidate.address));
                 }
                 Err(e) => {
                     warn!(gateway = %candidate.address, "cannot connect to the gateway: {e}");
@@ -408,8 +518,37 @@ pub async fn run(
                 let reset = how == Ending::Reset;
                 prefer = Some((candidate.address.clone(), !reset));
                 at_once = list.len() > 1 && !reset && since.elapsed() >= FAILOVER_MIN_UPTIME;
+                if let Ending::GoingAway(_) = how
+                    && list.len() > 1
+                {
+                    // Only the departing gateway waits what it asked for (spec 8.14), as the
+                    // schedule reckons it for a gateway of its own; the others are tried at once,
+                    // or after the usual delays when this connection was too short (spec 3.5).
+                    let until = Reconnect::new().next_attempt(Instant::now(), how, None, &mut rng);
+                    exclusions.depart(&candidate.address, until);
+                    ending = Ending::Lost;
+                }
             }
             None => {
+                if exclusions.every_one_refused(&list) {
+                    let reason = exclusions.no_gateway_left();
+                    error!("{reason}");
+                    let _ = core.send(CoreInput::Gateway(GatewayEvent::NoGatewayLeft { reason }));
+                    return;
+                }
+                if let (true, Some(back)) = (
+                    failures.is_empty(),
+                    exclusions.next_return(&list, Instant::now()),
+                ) {
+                    // Every gateway that could be tried went away and asked for time: the
+                    // first to be back is tried when its time is up.
+                    debug!(delay = ?back.saturating_duration_since(Instant::now()), "waiting for a gateway that went away");
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(back.into()) => {}
+                        _ = core.closed() => return,
+                    }
+                    continue;
+                }
                 let reason = if failures.is_empty() {
                     format!(
                         "no gateway to connect to ({})",
@@ -435,6 +574,10 @@ pub async fn run(
         let now = Instant::now();
         let expiry = *earliest_expiry.borrow();
         let at = schedule.next_attempt(now, ending, expiry, &mut rng);
+        // A gateway that went away may be back before the others are tried again.
+        let at = exclusions
+            .next_return(&list, now)
+            .map_or(at, |back| at.min(back));
         debug!(delay = ?at.saturating_duration_since(now), ?ending, "reconnecting");
         tokio::select! {
             _ = tokio::time::sleep_until(at.into()) => {}
@@ -555,18 +698,31 @@ async fn connect_once(
             request_id: Some(rand::random()),
             critical: Vec::new(),
         },
-        versions: vec![VERSION],
+        versions: OFFERED_VERSIONS.to_vec(),
         capabilities: Capabilities(Capabilities::ALL),
         software: Some(format!("fwnp-agent/{}", env!("CARGO_PKG_VERSION"))),
     });
-    let welcome = match exchange(&connection, &hello)
-        .await
-        .map_err(ConnectError::Hello)?
-    {
+    let answer = exchange(&connection, &hello).await.map_err(|e| {
+        // The gateway closes the connection with VersionMismatch right after its Denied
+        // unsupported-version (spec 5.2): a close that overtook the answer says the same.
+        let mismatch = VarInt::from_u32(QuicErrorCode::VersionMismatch.code());
+        match connection.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(close))
+                if close.error_code == mismatch =>
+            {
+                ConnectError::UnsupportedVersion(None)
+            }
+            _ => ConnectError::Hello(e),
+        }
+    })?;
+    let welcome = match answer {
         Message::Welcome(w) => w,
         Message::Denied(d) if d.code == fwnp_proto::ResultCode::RateLimited => {
             let after = Duration::from_secs(u64::from(d.retry_after.unwrap_or(0)));
             return Err(ConnectError::RetryAfter(after));
+        }
+        Message::Denied(d) if d.code == fwnp_proto::ResultCode::UnsupportedVersion => {
+            return Err(ConnectError::UnsupportedVersion(d.reason));
         }
         Message::Denied(d) => {
             return Err(ConnectError::Refused(format!(
@@ -697,8 +853,11 @@ async fn follow(
         {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(ReadToEndError::TooLong)) => {
-                debug!("discarded a notice longer than {MAX_MESSAGE_SIZE} bytes");
                 let _ = stream.stop(VarInt::from_u32(QuicErrorCode::MessageTooLarge.code()));
+                let reason = format!("a notice longer than {MAX_MESSAGE_SIZE} bytes");
+                if !discarded(core, reason) {
+                    return ("the agent is stopping".into(), Ending::Lost);
+                }
                 continue;
             }
             Ok(Err(e)) => {
@@ -726,11 +885,32 @@ async fn follow(
                     return ("the agent is stopping".into(), Ending::Lost);
                 }
             }
-            // A notice type this agent does not know is ignored, as the protocol says.
-            Ok(other) => debug!("ignored {} on a notice stream", other.message_type().name()),
-            Err(e) => debug!("ignored an undecodable notice: {e}"),
+            // A notice type this agent does not know is ignored, as the protocol says; one it
+            // knows that does not decode, or that is no notice at all, is discarded (spec 5.3).
+            Err(DecodeError::UnknownMessageType(number)) => {
+                debug!("ignored a notice of unknown type {number}");
+            }
+            Ok(other) => {
+                let reason = format!("a {} on a notice stream", other.message_type().name());
+                if !discarded(core, reason) {
+                    return ("the agent is stopping".into(), Ending::Lost);
+                }
+            }
+            Err(e) => {
+                if !discarded(core, format!("an undecodable notice: {e}")) {
+                    return ("the agent is stopping".into(), Ending::Lost);
+                }
+            }
         }
     }
+}
+
+/// Tells the core that a notice was discarded, so that it asks for the list of leases to learn
+/// what it missed (spec 5.3); false when the core is gone.
+fn discarded(core: &mpsc::UnboundedSender<CoreInput>, reason: String) -> bool {
+    warn!("discarded {reason}");
+    core.send(CoreInput::Gateway(GatewayEvent::NoticeDiscarded { reason }))
+        .is_ok()
 }
 
 #[cfg(test)]
@@ -768,6 +948,46 @@ mod tests {
         }
         // 90 % in expectation; far from 50 % either way.
         assert!((820..=970).contains(&heavy_first), "{heavy_first}");
+    }
+
+    fn candidate(address: &str) -> Candidate {
+        Candidate {
+            address: address.into(),
+            server_name: "gw.example.org".into(),
+            resolved: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_departed_gateway_waits_its_time_and_a_refusing_one_a_restart() {
+        let now = Instant::now();
+        let back = now + Duration::from_secs(30);
+        let list = vec![
+            candidate("a.example.org:4433"),
+            candidate("b.example.org:4433"),
+        ];
+        let mut exclusions = Exclusions::default();
+        exclusions.depart("a.example.org:4433", back);
+        assert!(!exclusions.may_try("a.example.org:4433", now));
+        assert!(exclusions.may_try("b.example.org:4433", now));
+        assert_eq!(exclusions.next_return(&list, now), Some(back));
+        assert!(exclusions.may_try("a.example.org:4433", back));
+        assert_eq!(exclusions.next_return(&list, back), None);
+
+        exclusions.refuse("b.example.org:4433", "unsupported-version".into());
+        assert!(!exclusions.may_try("b.example.org:4433", back + Duration::from_secs(3600)));
+        assert!(!exclusions.every_one_refused(&list));
+        exclusions.refuse("a.example.org:4433", "unsupported-version".into());
+        assert!(exclusions.every_one_refused(&list));
+        // A refusing gateway does not come back, whatever its GoingAway asked.
+        assert_eq!(exclusions.next_return(&list, now), None);
+        assert!(!exclusions.every_one_refused(&[]));
+        let why = exclusions.no_gateway_left();
+        assert!(
+            why.contains("a.example.org:4433") && why.contains("b.example.org:4433"),
+            "{why}"
+        );
+        assert!(why.contains(&format!("{OFFERED_VERSIONS:?}")), "{why}");
     }
 
     #[test]

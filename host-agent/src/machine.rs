@@ -53,6 +53,14 @@ pub const IDLE_TICK: Duration = Duration::from_millis(250);
 /// How often the machine looks for idle callers.
 const IDLE_SWEEP: Duration = Duration::from_secs(1);
 
+/// Above this many leases to open again at once after an epoch change, their Opens are spread
+/// out (spec 12: "if it holds many leases"); this many or fewer go at once.
+pub const SPREAD_REOPENS_ABOVE: usize = 8;
+
+/// The longest a spread re-open waits. Never more than an eighth of what is left of its lease
+/// either, so that the wait does not cost the lease its retries before it runs out.
+pub const REOPEN_SPREAD: Duration = Duration::from_secs(3);
+
 /// A caller's number: a local connection, or a client of another front end.
 pub type ConnId = u64;
 
@@ -112,6 +120,26 @@ pub enum Input {
     },
     /// A notice the gateway pushed (EpochChanged, Revoked, GoingAway).
     Notice(Message),
+    /// A notice was discarded: one of a known type that did not decode, or one too long to
+    /// read (spec 5.3). Whatever it said is learnt by asking for the list of leases.
+    NoticeDiscarded {
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The answer (or failure) of the List of [`Action::List`].
+    Listed {
+        /// The List's request id.
+        request_id: u64,
+        /// The answer, or why none came.
+        result: Result<Message, String>,
+    },
+    /// No configured gateway is left to connect to: each refused the protocol versions the
+    /// agent speaks (spec 13, unsupported-version). The link does not try again until the
+    /// agent restarts.
+    NoGatewayLeft {
+        /// Which gateways refused which versions, for Status and the applications' refusals.
+        reason: String,
+    },
     /// The answer (or failure) of a request sent for [`Action::Send`].
     Answer {
         /// The lease.
@@ -219,6 +247,12 @@ pub enum Action {
         attempt: Attempt,
         /// The check to pass first.
         verify_first: Option<PortCheck>,
+    },
+    /// Send `request`, a List, to the gateway on a stream of its own, and give the answer back
+    /// as [`Input::Listed`].
+    List {
+        /// The request.
+        request: Message,
     },
     /// Release at the gateway a lease no application holds (one of an earlier run, or one a
     /// reconnection's list still shows); its answer only goes to the log.
@@ -337,6 +371,17 @@ struct Held {
     owner: Option<Owner>,
     /// Why the agent ended the lease itself, told in the terminal event.
     ended_by_agent: Option<PortNotOwned>,
+    /// A re-open after an epoch change that waits until then, so that many leases are not
+    /// asked for again all at the same instant (spec 12).
+    reopen_at: Option<Instant>,
+}
+
+impl Held {
+    /// Until when the re-open of this lease waits, if it still does at `now`.
+    fn reopen_deferred(&self, now: Instant) -> Option<Instant> {
+        self.reopen_at
+            .filter(|at| *at > now && self.machine.state() == LeaseState::Reopening)
+    }
 }
 
 /// What a lease's ports are verified against.
@@ -400,6 +445,13 @@ pub struct AgentMachine {
     next_idle_sweep: Instant,
     /// Why the link is down, for Status: the last failed attempt or ended connection.
     last_link_error: Option<String>,
+    /// Why no gateway is left to connect to, once every one refused the agent's versions.
+    no_gateway_left: Option<String>,
+    /// The List asked for after a discarded notice and not answered yet: its request id and
+    /// when it was asked for.
+    listing: Option<(u64, Instant)>,
+    /// Another notice was discarded while that List was on its way: list again after it.
+    list_again: bool,
     /// Stopping: every lease was released, and a request that fails ends its lease.
     stopping: bool,
     actions: VecDeque<Action>,
@@ -478,6 +530,9 @@ impl AgentMachine {
             owner_sweep_running: false,
             next_idle_sweep: now,
             last_link_error: None,
+            no_gateway_left: None,
+            listing: None,
+            list_again: false,
             stopping: false,
             actions: VecDeque::new(),
         }
@@ -513,7 +568,12 @@ impl AgentMachine {
     pub fn poll_timeout(&self, now: Instant) -> Instant {
         let mut next = now + Duration::from_secs(3600);
         for held in self.leases.values() {
-            if let Some(t) = held.machine.poll_timeout() {
+            let wake = match held.reopen_deferred(now) {
+                // Its Open is due for the lease machine, which would have it sent now.
+                Some(at) => Some(held.machine.expires_at().map_or(at, |e| e.min(at))),
+                None => held.machine.poll_timeout(),
+            };
+            if let Some(t) = wake {
                 next = next.min(t);
             }
             if let Some((_, deadline)) = held.open_request {
@@ -591,9 +651,15 @@ impl AgentMachine {
                 leases,
             } => self.on_connected(gateway, *welcome, leases, now),
             Input::Notice(notice) => self.on_notice(notice, now),
+            Input::NoticeDiscarded { reason } => {
+                debug!("a notice was discarded ({reason}); asking for the list of leases");
+                self.ask_list(now);
+            }
+            Input::Listed { request_id, result } => self.on_listed(request_id, result, now),
             Input::LinkFailed { reason } => {
                 self.last_link_error = Some(reason);
             }
+            Input::NoGatewayLeft { reason } => self.on_no_gateway_left(reason, now),
             Input::LinkDown { reason } => self.on_disconnected(reason),
             Input::Answer {
                 key,
@@ -702,6 +768,9 @@ impl AgentMachine {
     fn on_disconnected(&mut self, reason: String) {
         self.last_link_error = Some(format!("the connection ended: {reason}"));
         self.link_up = false;
+        // The next connection lists the leases before anything else.
+        self.listing = None;
+        self.list_again = false;
         debug!(%reason, "link down");
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
@@ -732,6 +801,7 @@ impl AgentMachine {
         now: Instant,
     ) {
         self.last_link_error = None;
+        self.no_gateway_left = None;
         // The List went after the Welcome: if the gateway's state was replaced between the two,
         // its epoch is the newer one, and the leases it lists are of that state (spec 12).
         let epoch = listed.as_ref().map_or(welcome.epoch, |l| l.epoch);
@@ -829,32 +899,14 @@ impl AgentMachine {
                 held.machine.renew_now(now);
             }
         } else {
-            // A reconnection under the same epoch: a lease the gateway no longer lists (it
-            // expired or ended there while the link was down) is opened again at once
-            // (Reopening, spec 11.10): its mirror stays until a new grant replaces it, or
-            // until its expiry, where retries stop.
-            let forgotten: Vec<Key> = self
-                .leases
-                .iter()
-                .filter(|(_, h)| {
-                    matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
-                        && h.machine
-                            .lease()
-                            .is_some_and(|l| l.epoch == epoch && !at_gateway.contains(&l.id))
-                })
-                .map(|(k, _)| *k)
-                .collect();
-            for key in forgotten {
-                if let Some(held) = self.leases.get_mut(&key) {
-                    held.machine.not_listed(now);
-                }
-            }
+            // A reconnection under the same epoch: the list went before any other request.
+            self.reopen_unlisted(&at_gateway, epoch, now, now);
             self.release_unheld(listed.as_ref(), epoch);
         }
+        self.observe_epoch(epoch, None, now);
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
             if let Some(held) = self.leases.get_mut(&key) {
-                held.machine.epoch_observed(now, epoch);
                 // Requests lost with the old connection, and retries waiting for a gateway,
                 // go on this one now.
                 held.machine.reconnected(now, &mut self.rng);
@@ -863,9 +915,74 @@ impl AgentMachine {
         }
     }
 
+    /// Opens again at once (Reopening, spec 11.10) each lease of `epoch` that the gateway's list
+    /// does not show (it expired or ended there), of those granted or renewed by `asked_at`,
+    /// when the list was asked for: a later one may be missing from it only because the list was
+    /// made first. The mirror of each stays until a new grant replaces it, or until its expiry,
+    /// where retries stop.
+    fn reopen_unlisted(
+        &mut self,
+        at_gateway: &HashSet<LeaseId>,
+        epoch: Epoch,
+        asked_at: Instant,
+        now: Instant,
+    ) {
+        for held in self.leases.values_mut() {
+            let unlisted = matches!(
+                held.machine.state(),
+                LeaseState::Active | LeaseState::Renewing
+            ) && held.machine.lease().is_some_and(|l| {
+                l.epoch == epoch && l.granted_at <= asked_at && !at_gateway.contains(&l.id)
+            });
+            if unlisted {
+                held.machine.not_listed(now);
+            }
+        }
+    }
+
+    /// Tells every lease machine but `except`'s the gateway's epoch. When more than
+    /// [`SPREAD_REOPENS_ABOVE`] leases are to be opened again because of it, each re-open waits
+    /// a random while, up to [`REOPEN_SPREAD`] or an eighth of what is left of its lease, so that
+    /// their Opens do not reach the gateway all at once (spec 12).
+    fn observe_epoch(&mut self, epoch: Epoch, except: Option<Key>, now: Instant) {
+        let mut reopening = Vec::new();
+        for (key, held) in self.leases.iter_mut() {
+            if Some(*key) == except {
+                continue;
+            }
+            let before = held.machine.state();
+            held.machine.epoch_observed(now, epoch);
+            if before != LeaseState::Reopening && held.machine.state() == LeaseState::Reopening {
+                reopening.push(*key);
+            }
+        }
+        if reopening.len() <= SPREAD_REOPENS_ABOVE {
+            return;
+        }
+        info!(
+            leases = reopening.len(),
+            "spreading the re-opens over up to {REOPEN_SPREAD:?}"
+        );
+        // In key order, so that a seeded machine draws the same wait for the same lease.
+        reopening.sort_unstable();
+        for key in reopening {
+            let Some(held) = self.leases.get_mut(&key) else {
+                continue;
+            };
+            let left = held
+                .machine
+                .expires_at()
+                .map_or(Duration::ZERO, |e| e.saturating_duration_since(now));
+            let longest = REOPEN_SPREAD.min(left / 8);
+            let wait = longest.mul_f64(rand::Rng::random_range(&mut self.rng, 0.0..=1.0));
+            held.reopen_at = Some(now + wait);
+        }
+    }
+
     fn on_notice(&mut self, notice: Message, now: Instant) {
         if let Message::EpochChanged(changed) = &notice {
             self.epoch = Some(changed.epoch);
+            self.observe_epoch(changed.epoch, None, now);
         }
         // A lease of an earlier run is mirrored under a holder of its own until the grace
         // ends; revoked, its opening is removed now (spec 8.12), whoever else holds it.
@@ -892,6 +1009,100 @@ impl AgentMachine {
         }
     }
 
+    /// Asks the gateway for the list of leases, to learn what a discarded notice said (spec
+    /// 5.3): one List at a time, and one more after it when another notice was discarded
+    /// meanwhile. Without a link nothing is asked: the next connection lists first anyway.
+    fn ask_list(&mut self, now: Instant) {
+        if !self.link_up {
+            return;
+        }
+        if self.listing.is_some() {
+            self.list_again = true;
+            return;
+        }
+        let request_id = rand::Rng::random(&mut self.rng);
+        self.listing = Some((request_id, now));
+        self.actions.push_back(Action::List {
+            request: Message::List(fwnp_proto::List {
+                common: common(request_id),
+            }),
+        });
+    }
+
+    /// The gateway's list after a discarded notice, reconciled as after a reconnection (spec
+    /// 11.7): a new epoch re-opens every lease; a lease the list does not show is opened again;
+    /// a lease no application holds is released.
+    fn on_listed(&mut self, request_id: u64, result: Result<Message, String>, now: Instant) {
+        let Some((_, asked_at)) = self.listing.filter(|(asked, _)| *asked == request_id) else {
+            return;
+        };
+        self.listing = None;
+        match result {
+            Ok(Message::Leases(listed)) => {
+                let epoch = listed.epoch;
+                if self.epoch != Some(epoch) {
+                    warn!(
+                        old = ?self.epoch.map(|e| format!("{e:016x}")),
+                        new = format_args!("{epoch:016x}"),
+                        "the gateway's list carries a new epoch: it lost its leases; re-requesting what applications hold"
+                    );
+                    self.epoch = Some(epoch);
+                    self.observe_epoch(epoch, None, now);
+                }
+                let at_gateway: HashSet<LeaseId> = listed.leases.iter().map(|l| l.lease).collect();
+                self.reopen_unlisted(&at_gateway, epoch, asked_at, now);
+                self.release_unheld(Some(&listed), epoch);
+                let keys: Vec<Key> = self.leases.keys().copied().collect();
+                for key in keys {
+                    self.drive(key, now);
+                }
+            }
+            Ok(other) => warn!(
+                "the gateway answered List with {}: what the discarded notice said is not known",
+                other.message_type().name()
+            ),
+            Err(e) => warn!("List failed ({e}): what the discarded notice said is not known"),
+        }
+        if std::mem::take(&mut self.list_again) {
+            self.ask_list(now);
+        }
+    }
+
+    /// Every configured gateway refused the agent's versions: nothing will connect until the
+    /// agent restarts, so the Opens waiting for a gateway are refused now with that reason, as
+    /// later ones will be.
+    fn on_no_gateway_left(&mut self, reason: String, now: Instant) {
+        self.last_link_error = Some(reason.clone());
+        self.no_gateway_left = Some(reason.clone());
+        let waiting: Vec<Key> = self
+            .leases
+            .iter()
+            .filter(|(_, h)| {
+                h.open_request.is_some() && h.machine.state() == LeaseState::Requesting
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in waiting {
+            let Some(held) = self.leases.get_mut(&key) else {
+                continue;
+            };
+            let Some((request_id, _)) = held.open_request.take() else {
+                continue;
+            };
+            held.machine.release(now);
+            if let Some(conn) = held.conn {
+                self.deny(
+                    conn,
+                    request_id,
+                    DenialCode::Wire(ResultCode::UnsupportedVersion),
+                    reason.clone(),
+                    None,
+                );
+            }
+            self.drive(key, now);
+        }
+    }
+
     // -----------------------------------------------------------------------------------------
     // Lease machines
 
@@ -904,7 +1115,11 @@ impl AgentMachine {
         while let Some(event) = held.machine.poll_event() {
             events.push(event);
         }
-        let mut request = match self.link_up {
+        let deferred = held.reopen_deferred(now).is_some();
+        if !deferred {
+            held.reopen_at = None;
+        }
+        let mut request = match self.link_up && !deferred {
             true => held.machine.poll_transmit(now),
             false => None,
         };
@@ -1419,12 +1634,7 @@ impl AgentMachine {
 
     fn epoch_seen(&mut self, epoch: Epoch, from: Key, now: Instant) {
         self.epoch = Some(epoch);
-        let keys: Vec<Key> = self.leases.keys().copied().filter(|k| *k != from).collect();
-        for key in keys {
-            if let Some(held) = self.leases.get_mut(&key) {
-                held.machine.epoch_observed(now, epoch);
-            }
-        }
+        self.observe_epoch(epoch, Some(from), now);
     }
 
     fn forget_mirror(&mut self, key: Key) {
@@ -1823,17 +2033,20 @@ impl AgentMachine {
             return;
         }
         if !self.link_up {
-            let reason = format!(
-                "no connection to the gateway {}",
-                self.config.gateway.gateways.describe()
-            );
-            self.deny(
-                conn,
-                request_id,
-                DenialCode::Local(LocalCode::GatewayUnreachable),
-                reason,
-                None,
-            );
+            let (code, reason) = match &self.no_gateway_left {
+                Some(reason) => (
+                    DenialCode::Wire(ResultCode::UnsupportedVersion),
+                    reason.clone(),
+                ),
+                None => (
+                    DenialCode::Local(LocalCode::GatewayUnreachable),
+                    format!(
+                        "no connection to the gateway {}",
+                        self.config.gateway.gateways.describe()
+                    ),
+                ),
+            };
+            self.deny(conn, request_id, code, reason, None);
             return;
         }
         // None goes as no application information at all, not as an empty map.
@@ -1865,6 +2078,7 @@ impl AgentMachine {
                 release_requests: Vec::new(),
                 owner,
                 ended_by_agent: None,
+                reopen_at: None,
             },
         );
         self.drive(key, now);

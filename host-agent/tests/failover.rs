@@ -9,18 +9,19 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use common::*;
-use fwnp_proto::local::{EventKind, LocalMessage};
-use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Limits,
-    Message, Released, ResultCode, Target, Welcome,
+use common::scripted::{
+    Conduct, LeaseTable, Reply, Terms, agent_config_with_gateways, lock, serve, spawn_gateway,
+    start_agent,
 };
+use common::*;
+use fwnp_proto::codec::DecodeError;
+use fwnp_proto::local::{EventKind, LocalMessage};
+use fwnp_proto::{Epoch, Message};
 
 /// The cluster's one epoch.
 const EPOCH: Epoch = 0x5c21_97ed_0000_00c1;
@@ -28,6 +29,13 @@ const EPOCH: Epoch = 0x5c21_97ed_0000_00c1;
 /// M/8 idle timeout (7.5 s) would be far too slow to fail over in time.
 const LIFETIME_SECS: u32 = 60;
 const RENEW_AFTER_SECS: u32 = 45;
+const TERMS: Terms = Terms {
+    epoch: EPOCH,
+    lifetime: LIFETIME_SECS,
+    renew_after: RENEW_AFTER_SECS,
+    lifetimes: (LIFETIME_SECS, LIFETIME_SECS),
+    lease_fill: 0xc1,
+};
 /// The bound asserted from a gateway's death to the renewal answered by another: the aim is
 /// 3 s (1.5 s of silence, a handshake, a Renew; about 1.9 s here), with a margin for a loaded
 /// machine. Without the failover timers it takes the M/8 idle timeout, 7.5 s and more.
@@ -45,146 +53,39 @@ struct Seen {
 /// The scripted cluster's shared state: the leases, and every request each gateway answered.
 #[derive(Debug, Default)]
 struct Cluster {
-    leases: HashMap<LeaseId, (Grant, u64)>,
+    leases: LeaseTable,
     seen: Vec<Seen>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+/// A gateway of the scripted cluster, named by a letter: it notes each request and answers it
+/// on the shared lease table.
+struct Member {
+    name: char,
+    cluster: Arc<Mutex<Cluster>>,
 }
 
-fn denied(common: Common, code: ResultCode, lease: Option<LeaseId>) -> Message {
-    Message::Denied(Denied {
-        common,
-        code,
-        reason: None,
-        retry_after: None,
-        lease,
-        unsupported: Vec::new(),
-    })
-}
-
-/// Gateway `name`'s answer to one request from `remote`, on the shared lease table.
-fn answer(name: char, request: &Message, remote: IpAddr, cluster: &Mutex<Cluster>) -> Message {
-    let common = Common {
-        request_id: request.common().request_id,
-        critical: Vec::new(),
-    };
-    let mut cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
-    cluster.seen.push(Seen {
-        gateway: name,
-        at: Instant::now(),
-        remote,
-        request: request.clone(),
-    });
-    let granted = |common, lease, grant: Grant, expires_ms| {
-        Message::Granted(Granted {
-            common,
-            lease,
-            grants: vec![grant],
-            lifetime: LIFETIME_SECS,
-            expires_ms,
-            renew_after: RENEW_AFTER_SECS,
-            epoch: EPOCH,
-            narrowed: false,
-        })
-    };
-    match request {
-        Message::Hello(_) => Message::Welcome(Welcome {
-            common,
-            version: 1,
-            capabilities: Capabilities(Capabilities::ALL),
-            limits: Limits {
-                max_message_size: fwnp_proto::MAX_MESSAGE_SIZE as u32,
-                max_streams: 16,
-                min_lifetime: LIFETIME_SECS,
-                max_lifetime: LIFETIME_SECS,
-                max_leases: None,
-            },
-            epoch: EPOCH,
-            time_ms: now_ms(),
-            identity: "fwnp://host/web-01".into(),
-            addresses: vec![remote],
-        }),
-        Message::Open(open) => {
-            let Target::Ports { protocol, ports } = open.opening.target.clone() else {
-                return denied(common, ResultCode::UnknownApplication, None);
-            };
-            let grant = Grant {
-                protocol,
-                ports,
-                host: remote,
-                remotes: Vec::new(),
-                app: None,
-            };
-            let mut id = [0xc1; 16];
-            id[..8].copy_from_slice(&(cluster.leases.len() as u64 + 1).to_be_bytes());
-            let lease = LeaseId(id);
-            let expires_ms = now_ms() + u64::from(LIFETIME_SECS) * 1000;
-            cluster.leases.insert(lease, (grant.clone(), expires_ms));
-            granted(common, lease, grant, expires_ms)
-        }
-        Message::Renew(renew) => match cluster.leases.get_mut(&renew.lease) {
-            Some((grant, expires_ms)) => {
-                *expires_ms = now_ms() + u64::from(LIFETIME_SECS) * 1000;
-                granted(common, renew.lease, grant.clone(), *expires_ms)
-            }
-            None => denied(common, ResultCode::UnknownLease, Some(renew.lease)),
-        },
-        Message::List(_) => Message::Leases(Leases {
-            common,
-            leases: cluster
-                .leases
-                .iter()
-                .map(|(lease, (grant, expires_ms))| LeaseInfo {
-                    lease: *lease,
-                    grants: vec![grant.clone()],
-                    remaining: (expires_ms.saturating_sub(now_ms()) / 1000) as u32,
-                    expires_ms: *expires_ms,
-                    app: None,
-                })
-                .collect(),
-            epoch: EPOCH,
-        }),
-        Message::Release(release) => {
-            cluster.leases.remove(&release.lease);
-            Message::Released(Released {
-                common,
-                lease: release.lease,
-            })
-        }
-        _ => denied(common, ResultCode::MalformedRequest, None),
-    }
-}
-
-/// Serves every connection and stream of `endpoint` as gateway `name`.
-async fn gateway(name: char, endpoint: quinn::Endpoint, cluster: Arc<Mutex<Cluster>>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let cluster = cluster.clone();
-        tokio::spawn(async move {
-            let Ok(connection) = incoming.await else {
-                return;
-            };
-            let remote = connection.remote_address().ip();
-            while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-                let cluster = cluster.clone();
-                tokio::spawn(async move {
-                    let Ok(bytes) = recv.read_to_end(fwnp_proto::MAX_MESSAGE_SIZE).await else {
-                        return;
-                    };
-                    let Ok(request) = fwnp_proto::codec::decode(&bytes) else {
-                        return;
-                    };
-                    let reply = answer(name, &request, remote, &cluster);
-                    let _ = send.write_all(&fwnp_proto::codec::encode(&reply)).await;
-                    let _ = send.finish();
-                });
-            }
+impl Conduct for Member {
+    fn reply(&self, request: Result<Message, DecodeError>, remote: IpAddr) -> Reply {
+        let Ok(request) = request else {
+            return Reply::Nothing;
+        };
+        let mut cluster = lock(&self.cluster);
+        cluster.seen.push(Seen {
+            gateway: self.name,
+            at: Instant::now(),
+            remote,
+            request: request.clone(),
         });
+        Reply::Answer(cluster.leases.answer(&TERMS, &request, remote))
     }
+}
+
+/// Gateway `name` of `cluster`.
+fn member(name: char, cluster: &Arc<Mutex<Cluster>>) -> Arc<Member> {
+    Arc::new(Member {
+        name,
+        cluster: cluster.clone(),
+    })
 }
 
 /// A UDP relay on loopback in front of a gateway, for one client; when `alive` turns false it
@@ -210,7 +111,7 @@ fn relay(upstream: SocketAddr, alive: Arc<AtomicBool>) -> SocketAddr {
         let mut buf = [0u8; 65_536];
         while alive.load(Ordering::SeqCst) {
             if let Ok((n, from)) = front.recv_from(&mut buf) {
-                *client.lock().unwrap_or_else(|e| e.into_inner()) = Some(from);
+                *lock(&client) = Some(from);
                 if alive.load(Ordering::SeqCst) {
                     let _ = back.send(&buf[..n]);
                 }
@@ -221,7 +122,7 @@ fn relay(upstream: SocketAddr, alive: Arc<AtomicBool>) -> SocketAddr {
         let mut buf = [0u8; 65_536];
         while alive2.load(Ordering::SeqCst) {
             if let Ok(n) = back2.recv(&mut buf) {
-                let to = *client2.lock().unwrap_or_else(|e| e.into_inner());
+                let to = *lock(&client2);
                 if let (Some(to), true) = (to, alive2.load(Ordering::SeqCst)) {
                     let _ = front2.send_to(&buf[..n], to);
                 }
@@ -233,50 +134,18 @@ fn relay(upstream: SocketAddr, alive: Arc<AtomicBool>) -> SocketAddr {
 
 #[test]
 fn the_agent_fails_over_to_the_next_gateway_and_renews_its_lease_there_within_seconds() {
-    let pki = Pki::with_gateway_ips("failover", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[], &[], &[]);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let pki = scripted::pki("failover");
+    let runtime = scripted::runtime();
     let cluster = Arc::new(Mutex::new(Cluster::default()));
     let a_alive = Arc::new(AtomicBool::new(true));
-    let a = {
-        let endpoint = gateway_endpoint(&pki, &runtime);
-        let address = endpoint.local_addr().expect("address");
-        runtime.spawn(gateway('A', endpoint, cluster.clone()));
-        relay(address, a_alive.clone())
-    };
-    let b = {
-        let endpoint = gateway_endpoint(&pki, &runtime);
-        let address = endpoint.local_addr().expect("address");
-        runtime.spawn(gateway('B', endpoint, cluster.clone()));
-        address
-    };
+    let a = relay(
+        spawn_gateway(&pki, &runtime, member('A', &cluster)),
+        a_alive.clone(),
+    );
+    let b = spawn_gateway(&pki, &runtime, member('B', &cluster));
 
     let dir = temp_dir("failover");
-    let config = dir.path().join("agent.toml");
-    let text = agent_config(
-        &pki,
-        "web-01",
-        dir.path(),
-        "PLACEHOLDER",
-        "off",
-        &my_uid().to_string(),
-        "1s",
-    )
-    .replace(
-        "address = \"PLACEHOLDER\"",
-        &format!("addresses = [\"{a}\", \"{b}\"]"),
-    );
-    assert!(text.contains("addresses = ["), "{text}");
-    std::fs::write(&config, text).expect("write config");
-    let socket = dir.path().join("agent.sock");
-    let mut agent = ProcessGuard(Some(
-        agent_command(&config).spawn().expect("start fwnp-agent"),
-    ));
-    wait_for_socket(&mut agent, &socket);
+    let (_agent, socket) = start_agent(&pki, &dir, &[a, b]);
     let mut status = LocalClient::connect(&socket);
     let deadline = Instant::now() + STEP;
     loop {
@@ -324,7 +193,7 @@ fn the_agent_fails_over_to_the_next_gateway_and_renews_its_lease_there_within_se
     let now = status.status();
     assert_eq!((now.connected, now.gateway), (true, b.to_string()));
 
-    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = lock(&cluster);
     let opens: Vec<&Seen> = cluster
         .seen
         .iter()
@@ -372,15 +241,11 @@ fn scripted_gateway_in(
     ns: &fwnp_testkit::netns::Netns,
     pki: &Pki,
 ) -> (tokio::runtime::Runtime, Arc<Mutex<Cluster>>, u16) {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = scripted::runtime();
     let cluster = Arc::new(Mutex::new(Cluster::default()));
     let endpoint = ns.run(|| gateway_endpoint(pki, &runtime));
     let port = endpoint.local_addr().expect("address").port();
-    runtime.spawn(gateway('A', endpoint, cluster.clone()));
+    runtime.spawn(serve(endpoint, member('A', &cluster)));
     (runtime, cluster, port)
 }
 
@@ -426,8 +291,7 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
     }
     let ns = fwnp_testkit::netns::Netns::new("srv").expect("namespace");
     let _resolv = NetnsEtc::write(&ns, &[("resolv.conf", "nameserver 127.0.0.1\n".into())]);
-    let pki = Pki::with_gateway_ips("srv", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[], &[], &[]);
+    let pki = scripted::pki("srv");
     let (_runtime, cluster, port) = scripted_gateway_in(&ns, &pki);
 
     let _dnsmasq = start_dnsmasq(
@@ -441,20 +305,8 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
 
     let dir = temp_dir("srv");
     let config = dir.path().join("agent.toml");
-    let text = agent_config(
-        &pki,
-        "web-01",
-        dir.path(),
-        "PLACEHOLDER",
-        "off",
-        &my_uid().to_string(),
-        "1s",
-    )
-    .replace(
-        "address = \"PLACEHOLDER\"",
-        "srv = \"_fwnp._udp.example.test\"",
-    )
-    .replace(&format!("server_name = \"{GATEWAY_NAME}\"\n"), "");
+    let text = agent_config_with_gateways(&pki, dir.path(), "srv = \"_fwnp._udp.example.test\"")
+        .replace(&format!("server_name = \"{GATEWAY_NAME}\"\n"), "");
     assert!(
         text.contains("srv = ") && !text.contains("server_name"),
         "{text}"
@@ -462,7 +314,7 @@ fn an_srv_name_is_looked_up_and_its_targets_tried_in_priority_order() {
     std::fs::write(&config, text).expect("write config");
     let (_agent, connected) = agent_connected_in(&ns, &config, dir.path(), STEP, "the SRV name");
     assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
-    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = lock(&cluster);
     assert!(
         cluster
             .seen
@@ -491,8 +343,7 @@ fn a_name_whose_first_address_is_dead_is_reached_through_the_next() {
             format!("::1 {GATEWAY_NAME}\n127.0.0.1 {GATEWAY_NAME}\n"),
         )],
     );
-    let pki = Pki::with_gateway_ips("addrs", &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-    pki.host("web-01", &[], &[], &[]);
+    let pki = scripted::pki("addrs");
     // The gateway listens on IPv4's loopback only.
     let (_runtime, cluster, port) = scripted_gateway_in(&ns, &pki);
 
@@ -518,7 +369,7 @@ fn a_name_whose_first_address_is_dead_is_reached_through_the_next() {
         "the second address",
     );
     assert_eq!(connected.gateway, format!("{GATEWAY_NAME}:{port}"));
-    let cluster = cluster.lock().unwrap_or_else(|e| e.into_inner());
+    let cluster = lock(&cluster);
     let hello = cluster
         .seen
         .iter()

@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fwnp_agent::config::AgentConfig;
-use fwnp_agent::machine::{Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer};
+use fwnp_agent::machine::{
+    Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer, REOPEN_SPREAD,
+    SPREAD_REOPENS_ABOVE,
+};
 use fwnp_agent::mirror::MirrorError;
 use fwnp_agent::ports::{CallerProcess, PortNotOwned, ProcFs};
 use fwnp_proto::lease::Attempt;
@@ -25,7 +28,6 @@ const EPOCH: Epoch = 0x5c21_97ed_0000_0001;
 const NEW_EPOCH: Epoch = 0x5c21_97ed_0000_0002;
 const HOST: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10));
 const LIFETIME: u32 = 300;
-const RENEW_AFTER: u32 = 150;
 const APP: ConnId = 7;
 /// The gateways of the configurations below.
 const GATEWAY_A: &str = "198.51.100.1:4433";
@@ -244,13 +246,26 @@ impl Sim {
     /// The caller `conn` opens tcp/`port`; the gateway grants it as `lease` under `epoch`; the
     /// mirror takes it. Returns the key it is held under.
     fn open_granted(&mut self, conn: ConnId, port: u16, lease: LeaseId, epoch: Epoch) -> Key {
+        self.open_granted_for(conn, port, lease, epoch, LIFETIME)
+    }
+
+    /// As [`Sim::open_granted`], the gateway granting `lifetime` seconds.
+    fn open_granted_for(
+        &mut self,
+        conn: ConnId,
+        port: u16,
+        lease: LeaseId,
+        epoch: Epoch,
+        lifetime: u32,
+    ) -> Key {
         let actions = self.input(Input::Request {
             conn,
             message: open_request(10 + u64::from(port), port),
         });
         let (key, request) = single_send(&actions);
         assert!(matches!(request, Message::Open(_)), "{request:?}");
-        let actions = self.answer(key, Ok(granted(&request, lease, port, epoch)));
+        let granted = granted_for(&request, lease, port, epoch, lifetime);
+        let actions = self.answer(key, Ok(granted));
         assert_eq!(
             mirror_holds(&actions),
             vec![(key, Some(lease))],
@@ -376,13 +391,24 @@ fn grant(port: u16) -> Grant {
 
 /// The scripted gateway's grant of `request` (an Open or a Renew).
 fn granted(request: &Message, lease: LeaseId, port: u16, epoch: Epoch) -> Message {
+    granted_for(request, lease, port, epoch, LIFETIME)
+}
+
+/// The scripted gateway's grant of `request` for `lifetime` seconds, renewed after half.
+fn granted_for(
+    request: &Message,
+    lease: LeaseId,
+    port: u16,
+    epoch: Epoch,
+    lifetime: u32,
+) -> Message {
     Message::Granted(Granted {
         common: common(request.common().request_id.unwrap_or(0)),
         lease,
         grants: vec![grant(port)],
-        lifetime: LIFETIME,
-        expires_ms: 1_000 + u64::from(LIFETIME) * 1_000,
-        renew_after: RENEW_AFTER,
+        lifetime,
+        expires_ms: 1_000 + u64::from(lifetime) * 1_000,
+        renew_after: lifetime / 2,
         epoch,
         narrowed: false,
     })
@@ -1880,4 +1906,223 @@ fn reconnecting_to_the_same_gateway_keeps_the_renewal_schedule() {
     sim.link_down("reset");
     let actions = sim.link_up_at(GATEWAY_A, EPOCH, vec![listed(lease, 8080, 299)]);
     assert!(sends(&actions).is_empty(), "{actions:?}");
+}
+
+/// The gateway's epoch changes while the host holds many leases: their Opens are spread over a
+/// few seconds instead of reaching the gateway all at once (spec 12), each lease's within an
+/// eighth of what is left of it, and each lease is opened again exactly once.
+#[test]
+fn many_reopens_after_an_epoch_change_are_spread_over_seconds() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    // Half with the usual lifetime, half with 16 s: at most 3 s and 2 s of waiting.
+    let short = 16;
+    let mut longest_wait = HashMap::new();
+    for i in 0..12u16 {
+        let lease = sim.fresh_lease();
+        let (port, lifetime) = match i % 2 {
+            0 => (8000 + i, LIFETIME),
+            _ => (9000 + i, short),
+        };
+        let key = sim.open_granted_for(APP, port, lease, EPOCH, lifetime);
+        let wait = REOPEN_SPREAD.min(Duration::from_secs(u64::from(lifetime)) / 8);
+        longest_wait.insert(key, wait);
+    }
+    assert!(longest_wait.len() > SPREAD_REOPENS_ABOVE);
+
+    let changed = sim.now;
+    let actions = sim.input(Input::Notice(Message::EpochChanged(EpochChanged {
+        common: Common::default(),
+        epoch: NEW_EPOCH,
+    })));
+    let mut reopened: Vec<(Key, Duration)> = sends(&actions)
+        .into_iter()
+        .map(|(key, _)| (key, Duration::ZERO))
+        .collect();
+    assert!(
+        reopened.len() < longest_wait.len() / 2,
+        "{} of {} re-opens went at once",
+        reopened.len(),
+        longest_wait.len()
+    );
+    while reopened.len() < longest_wait.len() {
+        let left = (changed + REOPEN_SPREAD).saturating_duration_since(sim.now);
+        let (key, request, _) = sim.until_send(left);
+        assert!(matches!(request, Message::Open(_)), "{request:?}");
+        reopened.push((key, sim.now - changed));
+    }
+    let mut keys: Vec<Key> = reopened.iter().map(|(key, _)| *key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), longest_wait.len(), "{reopened:?}");
+    for (key, after) in &reopened {
+        assert!(
+            after <= &longest_wait[key],
+            "{key} re-opened {after:?} after the change"
+        );
+    }
+    let first = reopened
+        .iter()
+        .map(|(_, after)| *after)
+        .min()
+        .unwrap_or_default();
+    let last = reopened
+        .iter()
+        .map(|(_, after)| *after)
+        .max()
+        .unwrap_or_default();
+    assert!(last - first >= Duration::from_millis(500), "{reopened:?}");
+}
+
+/// A notice the link discarded (it did not decode) makes the machine ask for the list of
+/// leases (spec 5.3), once at a time, and reconcile it as after a reconnection (spec 11.7): a
+/// lease the list lacks is opened again, but not one granted after the list was asked for; a
+/// notice discarded meanwhile asks again after it, and a listed lease no application holds is
+/// released once no Open is on its way.
+#[test]
+fn a_discarded_notice_asks_for_the_list_and_reconciles_it() {
+    let (mut sim, kept, _) = Sim::holding_a_lease();
+    let forgotten = sim.fresh_lease();
+    let forgotten_key = sim.open_granted(APP, 8081, forgotten, EPOCH);
+    sim.advance(Duration::from_secs(1));
+
+    let actions = sim.input(Input::NoticeDiscarded {
+        reason: "an undecodable notice".into(),
+    });
+    let request_id = single_list(&actions);
+    // Another one while the List is on its way: nothing more now.
+    let actions = sim.input(Input::NoticeDiscarded {
+        reason: "a notice longer than 16384 bytes".into(),
+    });
+    assert!(actions.is_empty(), "{actions:?}");
+
+    // Granted after the List was asked for: the list may not show it yet.
+    sim.advance(Duration::from_millis(100));
+    let later = sim.fresh_lease();
+    sim.open_granted(APP, 8082, later, EPOCH);
+
+    let actions = sim.input(Input::Listed {
+        request_id,
+        result: Ok(Message::Leases(Leases {
+            common: common(request_id),
+            leases: vec![listed(kept, 8080, 290)],
+            epoch: EPOCH,
+        })),
+    });
+    let (to, open) = single_send(&actions);
+    assert_eq!(to, forgotten_key);
+    assert!(matches!(open, Message::Open(_)), "{open:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let request_id = single_list(&actions);
+    let reopened = sim.fresh_lease();
+    sim.answer(forgotten_key, Ok(granted(&open, reopened, 8081, EPOCH)));
+
+    let stray = sim.fresh_lease();
+    let actions = sim.input(Input::Listed {
+        request_id,
+        result: Ok(Message::Leases(Leases {
+            common: common(request_id),
+            leases: vec![
+                listed(kept, 8080, 290),
+                listed(reopened, 8081, 300),
+                listed(later, 8082, 300),
+                listed(stray, 9090, 290),
+            ],
+            epoch: EPOCH,
+        })),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let released: Vec<LeaseId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ReleaseEarlier { lease, .. } => Some(*lease),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(released, vec![stray], "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::List { .. })));
+}
+
+/// The request id of the one List among `actions`.
+fn single_list(actions: &[Action]) -> u64 {
+    let lists: Vec<&Message> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::List { request } => Some(request),
+            _ => None,
+        })
+        .collect();
+    match &lists[..] {
+        [Message::List(list)] => list.common.request_id.expect("a request id"),
+        _ => panic!("expected one List, got {actions:?}"),
+    }
+}
+
+/// A List after a discarded notice that shows another epoch: the gateway lost its leases, and
+/// every lease is opened again (spec 12).
+#[test]
+fn a_list_after_a_discarded_notice_with_a_new_epoch_reopens_the_leases() {
+    let (mut sim, _, key) = Sim::holding_a_lease();
+    let actions = sim.input(Input::NoticeDiscarded {
+        reason: "an undecodable notice".into(),
+    });
+    let request_id = single_list(&actions);
+    let actions = sim.input(Input::Listed {
+        request_id,
+        result: Ok(Message::Leases(Leases {
+            common: common(request_id),
+            leases: Vec::new(),
+            epoch: NEW_EPOCH,
+        })),
+    });
+    let (to, open) = single_send(&actions);
+    assert_eq!(to, key);
+    assert!(matches!(open, Message::Open(_)), "{open:?}");
+    assert_eq!(status(&mut sim).epoch, Some(NEW_EPOCH));
+}
+
+/// Every configured gateway refused the agent's versions (unsupported-version) and the link
+/// stopped: an Open waiting for the link is refused at once with that code and reason, and so
+/// is every Open after it; Status says why the agent is not connected.
+#[test]
+fn when_no_gateway_is_left_opens_are_refused_with_unsupported_version() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(3, 8080),
+    });
+    assert!(matches!(single_send(&actions).1, Message::Open(_)));
+    sim.link_down("the gateway closed the connection");
+
+    let reason = "every configured gateway refused the protocol versions this agent offers [1]";
+    let actions = sim.input(Input::NoGatewayLeft {
+        reason: reason.into(),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.common.request_id, Some(3));
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::UnsupportedVersion));
+            assert_eq!(d.reason.as_deref(), Some(reason));
+        }
+        other => panic!("expected the waiting Open refused, got {other:?} in {actions:?}"),
+    }
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(4, 8081),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => {
+            assert_eq!(d.common.request_id, Some(4));
+            assert_eq!(d.code, DenialCode::Wire(ResultCode::UnsupportedVersion));
+        }
+        other => panic!("expected the Open refused, got {other:?}"),
+    }
+    let now = status(&mut sim);
+    assert!(!now.connected);
+    assert_eq!(now.last_error.as_deref(), Some(reason));
+    let later = sim.advance(fwnp_agent::machine::OPEN_WAIT * 2);
+    assert!(denials(&later).is_empty(), "answered once: {later:?}");
 }

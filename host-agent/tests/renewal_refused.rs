@@ -10,22 +10,27 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, TcpListener};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::scripted::{Conduct, LeaseTable, Reply, Terms, answer_common, denied, lock};
 use common::*;
+use fwnp_proto::codec::DecodeError;
 use fwnp_proto::local::{DenialCode, EventKind, LocalMessage};
-use fwnp_proto::{
-    Capabilities, Common, Denied, Epoch, Grant, Granted, LeaseId, LeaseInfo, Leases, Limits,
-    Message, PortRange, Protocol, Released, ResultCode, Target, Welcome,
-};
+use fwnp_proto::{Grant, Message, PortRange, Protocol, ResultCode, Target};
 
 const REFUSAL: &str = "this gateway renews nothing";
 /// The lifetime the scripted gateway grants, and when it asks for the renewal.
 const LIFETIME_SECS: u32 = 3;
 const RENEW_AFTER_SECS: u32 = 1;
+const TERMS: Terms = Terms {
+    epoch: 0x5c21_97ed_0000_0001,
+    lifetime: LIFETIME_SECS,
+    renew_after: RENEW_AFTER_SECS,
+    lifetimes: (1, 3600),
+    lease_fill: 0x5a,
+};
 
 /// What the scripted gateway has seen.
 #[derive(Debug, Default)]
@@ -42,56 +47,17 @@ struct Seen {
     stop_codes: Vec<u64>,
     /// Requests that did not decode, or that the script does not expect.
     unexpected: Vec<String>,
-    granted: HashMap<LeaseId, (Grant, u64)>,
+    leases: LeaseTable,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-fn answer_common(request: &Message) -> Common {
-    Common {
-        request_id: request.common().request_id,
-        critical: Vec::new(),
-    }
-}
-
-/// The scripted gateway's answer to one request from `remote`.
-fn answer(request: &Message, remote: IpAddr, seen: &Mutex<Seen>) -> Message {
-    let epoch: Epoch = 0x5c21_97ed_0000_0001;
-    let common = answer_common(request);
-    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+/// The scripted gateway's answer to one request from `remote`: Opens granted (to the host
+/// address asked for), every Renew refused for good.
+fn answer(request: &Message, remote: IpAddr, seen: &mut Seen) -> Message {
     match request {
-        Message::Hello(_) => Message::Welcome(Welcome {
-            common,
-            version: 1,
-            capabilities: Capabilities(Capabilities::ALL),
-            limits: Limits {
-                max_message_size: fwnp_proto::MAX_MESSAGE_SIZE as u32,
-                max_streams: 16,
-                min_lifetime: 1,
-                max_lifetime: 3600,
-                max_leases: None,
-            },
-            epoch,
-            time_ms: now_ms(),
-            identity: "fwnp://host/web-01".into(),
-            addresses: vec![remote],
-        }),
         Message::Open(open) => {
             let Target::Ports { protocol, ports } = open.opening.target.clone() else {
                 seen.unexpected.push(format!("{open:?}"));
-                return Message::Denied(Denied {
-                    common,
-                    code: ResultCode::UnknownApplication,
-                    reason: None,
-                    retry_after: None,
-                    lease: None,
-                    unsupported: Vec::new(),
-                });
+                return seen.leases.answer(&TERMS, request, remote);
             };
             seen.opens += 1;
             let ports = if seen.invalid_grants > 0 {
@@ -116,116 +82,47 @@ fn answer(request: &Message, remote: IpAddr, seen: &Mutex<Seen>) -> Message {
                 remotes: Vec::new(),
                 app: None,
             };
-            let lease = lease_id(seen.granted.len());
-            let expires_ms = now_ms() + u64::from(LIFETIME_SECS) * 1000;
-            seen.granted.insert(lease, (grant.clone(), expires_ms));
-            Message::Granted(Granted {
-                common,
-                lease,
-                grants: vec![grant],
-                lifetime: LIFETIME_SECS,
-                expires_ms,
-                renew_after: RENEW_AFTER_SECS,
-                epoch,
-                narrowed: false,
-            })
+            seen.leases.grant(&TERMS, answer_common(request), grant)
         }
         Message::Renew(renew) => {
             seen.renews += 1;
-            Message::Denied(Denied {
-                common,
-                code: ResultCode::NotAuthorized,
-                reason: Some(REFUSAL.into()),
-                retry_after: None,
-                lease: Some(renew.lease),
-                unsupported: Vec::new(),
-            })
+            denied(
+                answer_common(request),
+                ResultCode::NotAuthorized,
+                Some(REFUSAL),
+                Some(renew.lease),
+            )
         }
-        Message::List(_) => Message::Leases(Leases {
-            common,
-            leases: seen
-                .granted
-                .iter()
-                .filter(|(_, (_, expires_ms))| *expires_ms > now_ms())
-                .map(|(lease, (grant, expires_ms))| LeaseInfo {
-                    lease: *lease,
-                    grants: vec![grant.clone()],
-                    remaining: (expires_ms.saturating_sub(now_ms()) / 1000) as u32,
-                    expires_ms: *expires_ms,
-                    app: None,
-                })
-                .collect(),
-            epoch,
-        }),
-        Message::Release(release) => {
-            seen.granted.remove(&release.lease);
-            Message::Released(Released {
-                common,
-                lease: release.lease,
-            })
+        Message::Hello(_) | Message::List(_) | Message::Release(_) => {
+            seen.leases.answer(&TERMS, request, remote)
         }
         other => {
             seen.unexpected.push(format!("{other:?}"));
-            Message::Denied(Denied {
-                common,
-                code: ResultCode::MalformedRequest,
-                reason: Some("the scripted gateway does not answer this".into()),
-                retry_after: None,
-                lease: None,
-                unsupported: Vec::new(),
-            })
+            seen.leases.answer(&TERMS, request, remote)
         }
     }
 }
 
-/// The `n`th lease id the scripted gateway hands out.
-fn lease_id(n: usize) -> LeaseId {
-    let mut id = [0x5a; 16];
-    id[..8].copy_from_slice(&(n as u64 + 1).to_be_bytes());
-    LeaseId(id)
-}
-
-/// Serves every connection and stream of `endpoint` with [`answer`].
-async fn scripted_gateway(endpoint: quinn::Endpoint, seen: Arc<Mutex<Seen>>) {
-    while let Some(incoming) = endpoint.accept().await {
-        let seen = seen.clone();
-        tokio::spawn(async move {
-            let Ok(connection) = incoming.await else {
-                return;
-            };
-            let remote = connection.remote_address().ip();
-            while let Ok((mut send, mut recv)) = connection.accept_bi().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let Ok(bytes) = recv.read_to_end(fwnp_proto::MAX_MESSAGE_SIZE).await else {
-                        return;
-                    };
-                    let reply = match fwnp_proto::codec::decode(&bytes) {
-                        Ok(request) if oversized(&request, &seen) => {
-                            let too_long = vec![0xa0; fwnp_proto::MAX_MESSAGE_SIZE + 4096];
-                            let code = match send.write_all(&too_long).await {
-                                Err(quinn::WriteError::Stopped(code)) => Some(code),
-                                _ => send.stopped().await.ok().flatten(),
-                            };
-                            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-                            match code {
-                                Some(code) => seen.stop_codes.push(code.into_inner()),
-                                None => seen.unexpected.push("an oversized answer was read".into()),
-                            }
-                            return;
-                        }
-                        Ok(request) => answer(&request, remote, &seen),
-                        Err(e) => {
-                            let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
-                            seen.unexpected.push(format!("undecodable request: {e}"));
-                            return;
-                        }
-                    };
-                    let _ = send.write_all(&fwnp_proto::codec::encode(&reply)).await;
-                    let _ = send.finish();
-                });
+impl Conduct for Mutex<Seen> {
+    fn reply(&self, request: Result<Message, DecodeError>, remote: IpAddr) -> Reply {
+        match request {
+            Ok(request) if oversized(&request, self) => Reply::Oversized,
+            Ok(request) => Reply::Answer(answer(&request, remote, &mut lock(self))),
+            Err(e) => {
+                lock(self)
+                    .unexpected
+                    .push(format!("undecodable request: {e}"));
+                Reply::Nothing
             }
-        });
+        }
+    }
+
+    fn oversized_stopped(&self, code: Option<quinn::VarInt>) {
+        let mut seen = lock(self);
+        match code {
+            Some(code) => seen.stop_codes.push(code.into_inner()),
+            None => seen.unexpected.push("an oversized answer was read".into()),
+        }
     }
 }
 
@@ -234,7 +131,7 @@ fn oversized(request: &Message, seen: &Mutex<Seen>) -> bool {
     let Message::Open(open) = request else {
         return false;
     };
-    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let mut seen = lock(seen);
     seen.open_ids.push(open.common.request_id);
     if seen.oversized_answers == 0 {
         return false;
@@ -256,19 +153,9 @@ impl Scripted {
     /// Starts both, and waits until the agent is connected: an Open before that is refused
     /// (gateway-unreachable).
     fn start(label: &str, seen: Arc<Mutex<Seen>>) -> Scripted {
-        let pki = Pki::with_gateway_ips(label, &[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
-        pki.host("web-01", &[], &[], &[]);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let gateway = {
-            let endpoint = gateway_endpoint(&pki, &runtime);
-            let address = endpoint.local_addr().expect("address");
-            runtime.spawn(scripted_gateway(endpoint, seen));
-            address
-        };
+        let pki = scripted::pki(label);
+        let runtime = scripted::runtime();
+        let gateway = scripted::spawn_gateway(&pki, &runtime, seen);
         let dir = temp_dir(label);
         let config = dir.path().join("agent.toml");
         std::fs::write(
@@ -371,7 +258,7 @@ fn a_renewal_refused_for_good_is_told_to_the_application_and_the_lease_ends_at_e
         "ended {:?} after it was granted, before its expiry",
         opened.elapsed()
     );
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = lock(&seen);
     assert_eq!(
         seen.renews, 1,
         "a renewal refused for good is not asked again"
@@ -391,7 +278,7 @@ fn an_invalid_grant_is_refused_and_the_open_asked_again() {
     }));
     let scripted = Scripted::start("invalid-grant", seen.clone());
     let listener = scripted.open_a_port();
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = lock(&seen);
     assert_eq!(seen.opens, 2, "the invalid grant was taken as no answer");
     assert!(seen.unexpected.is_empty(), "{:?}", seen.unexpected);
     drop(listener);
@@ -410,19 +297,14 @@ fn an_oversized_answer_is_stopped_and_the_request_sent_again_under_its_id() {
     let listener = scripted.open_a_port();
     // The stop may reach the scripted gateway after the retry's answer: wait for it, bounded.
     let deadline = Instant::now() + STEP;
-    while seen
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .stop_codes
-        .is_empty()
-    {
+    while lock(&seen).stop_codes.is_empty() {
         assert!(
             Instant::now() < deadline,
             "the oversized answer was never stopped"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = lock(&seen);
     assert_eq!(
         seen.stop_codes,
         vec![u64::from(fwnp_proto::QuicErrorCode::MessageTooLarge.code())]

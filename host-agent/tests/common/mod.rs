@@ -17,6 +17,8 @@ use fwnp_proto::{
     Common, LeaseId, List, Message, Open, Opening, PortRange, Protocol, Release, Target,
 };
 
+pub(crate) mod scripted;
+
 /// The bound of every single step (a start, an answer).
 pub(crate) const STEP: Duration = Duration::from_secs(10);
 pub(crate) use fwnp_testkit::pki::{GATEWAY_NAME, Pki};
