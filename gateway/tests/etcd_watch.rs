@@ -1125,11 +1125,22 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
                 a.audited(lease, Outcome::Revoked) + b.audited(lease, Outcome::Revoked),
                 1
             );
-            // And the Release asked again: released, closed in both kernels.
-            assert!(
-                matches!(to_a.release(held).await, Message::Released(_)),
-                "released with the quorum back"
-            );
+            // And the Release asked again: released, closed in both kernels. A's store may
+            // meet a member still catching up, as B's revoke above may: no-resources is
+            // transient, and the host asks again after its retry-after.
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                match to_a.release(held).await {
+                    Message::Released(_) => break,
+                    Message::Denied(d)
+                        if d.code == ResultCode::NoResources && Instant::now() < deadline =>
+                    {
+                        eprintln!("release refused for now: {d:?}");
+                    }
+                    other => panic!("not released with the quorum back: {other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             assert!(a.wait_open(7002, false, PROPAGATION).await, "A closed it");
             assert!(b.wait_open(7002, false, PROPAGATION).await, "B closed it");
             assert!(!lease_in_etcd(&cluster, held).await);
