@@ -52,6 +52,9 @@ pub struct Metrics {
     /// Changes of the epoch while the gateway runs: the cluster's shared lease state was
     /// found lost or replaced.
     pub epoch_changes: IntCounter,
+    /// Lists of the cluster's leases after a lost watch or an end that could not be stored:
+    /// a count that keeps rising says the gateway follows the cluster by reading all of it.
+    pub cluster_lists: IntCounter,
     /// Where a request waits, by stage: `lock` (for the request core's lease book), `kernel`
     /// (its elements' netlink batch acknowledged) and `store` (its group commit committed).
     /// Under saturation this says which queue the requests stand in.
@@ -171,6 +174,11 @@ impl Metrics {
             "Epoch changes while running: the cluster's lease state lost or replaced",
         )
         .expect("valid metric");
+        let cluster_lists = IntCounter::new(
+            "cluster_lists_total",
+            "Lists of every lease of the cluster, after a lost watch or an end not stored",
+        )
+        .expect("valid metric");
         let request_stage = HistogramVec::new(
             HistogramOpts::new(
                 "request_stage_seconds",
@@ -200,6 +208,7 @@ impl Metrics {
             Box::new(connections.clone()),
             Box::new(lease_ends.clone()),
             Box::new(epoch_changes.clone()),
+            Box::new(cluster_lists.clone()),
             Box::new(audit_export_dropped.clone()),
             Box::new(restore_unloaded.clone()),
         ] {
@@ -223,6 +232,7 @@ impl Metrics {
             connections,
             lease_ends,
             epoch_changes,
+            cluster_lists,
             request_stage,
             requests_in_flight,
             audit_export_dropped,

@@ -66,6 +66,7 @@ impl Service {
                 ended,
                 revision,
             } => {
+                self.metrics.cluster_lists.inc();
                 self.record_unanswered_ends(&live, &ended);
                 let absent = self.absent_from(&live);
                 for id in &absent {
