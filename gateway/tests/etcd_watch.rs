@@ -518,10 +518,18 @@ fn without_quorum_openings_close_at_their_end_and_with_it_back_every_kernel_is_r
             let counted = |g: &Gateway| g.service.metrics.cluster_lists.get();
             let listed = (a.reconciliations(), b.reconciliations());
             let lists = (counted(&a), counted(&b));
-            assert!(lists.0 > 0 && lists.1 > 0, "the lists are counted: {lists:?}");
+            assert!(
+                lists.0 > 0 && lists.1 > 0,
+                "the lists are counted: {lists:?}"
+            );
             tokio::time::sleep(Duration::from_secs(2)).await;
             assert_eq!(
-                (a.reconciliations(), b.reconciliations(), counted(&a), counted(&b)),
+                (
+                    a.reconciliations(),
+                    b.reconciliations(),
+                    counted(&a),
+                    counted(&b)
+                ),
                 (listed.0, listed.1, lists.0, lists.1),
                 "the gateways still list the cluster again and again"
             );
