@@ -1930,22 +1930,9 @@ fn a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept() 
             let dir = temp_dir("clstoring-a");
             // The new lease waits at the seam, in the book and on its way to the store, until
             // A has listed the cluster again.
-            let (reached, mut at_seam) = tokio::sync::mpsc::unbounded_channel::<()>();
-            let go = Arc::new(tokio::sync::Semaphore::new(0));
-            let storing: Pause = Arc::new({
-                let go = go.clone();
-                move || {
-                    let (reached, go) = (reached.clone(), go.clone());
-                    Box::pin(async move {
-                        let _ = reached.send(());
-                        if let Ok(permit) = go.acquire().await {
-                            permit.forget();
-                        }
-                    })
-                }
-            });
+            let mut seam = HeldSeam::new();
             let seams = Seams {
-                storing: Some(storing),
+                storing: Some(seam.pause()),
                 ..Seams::default()
             };
             let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
@@ -1954,21 +1941,9 @@ fn a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept() 
                 let client = client.clone();
                 async move { client.open(tcp(7001), None).await }
             });
-            tokio::time::timeout(STEP, at_seam.recv())
-                .await
-                .expect("the Open reaches the seam");
-            let listed = local_records(&a, "reconcile").await.len();
-            a.service
-                .cluster_store()
-                .expect("the etcd backend")
-                .resync();
-            until(
-                "A's list of the cluster",
-                || async { Value::from(local_records(&a, "reconcile").await.len()) },
-                |n| n.as_u64().is_some_and(|n| n as usize > listed),
-            )
-            .await;
-            go.add_permits(1);
+            seam.reached("the Open").await;
+            list_again(&a).await;
+            seam.release();
             let lease = granted(opening.await.expect("the Open's task")).lease;
             assert!(lease_in_etcd(cluster, lease).await, "etcd holds the grant");
             assert!(
@@ -1979,4 +1954,111 @@ fn a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept() 
             a.stop().await;
         },
     );
+}
+
+/// A list of the cluster read while a Release's end is on its way to etcd still shows the
+/// lease. Put back into A's book by that list, the released lease was live again (listed to
+/// its host, and open in a kernel) until the end came through the watch.
+#[test]
+fn a_lease_being_released_while_the_cluster_is_listed_again_stays_released() {
+    in_cluster(
+        "a_lease_being_released_while_the_cluster_is_listed_again_stays_released",
+        "clending",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-ending");
+            let dir = temp_dir("clending-a");
+            // The end waits at the seam, out of the book and on its way to the store, until A
+            // has listed the cluster again.
+            let mut seam = HeldSeam::new();
+            let seams = Seams {
+                ending: Some(seam.pause()),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let client = Arc::new(client);
+            let lease = granted(client.open(tcp(7001), None).await).lease;
+            let releasing = tokio::spawn({
+                let client = client.clone();
+                async move { client.release(lease).await }
+            });
+            seam.reached("the Release").await;
+            list_again(&a).await;
+            assert!(
+                !client.list().await.leases.iter().any(|l| l.lease == lease),
+                "the list put the released lease back into A's book"
+            );
+            seam.release();
+            let released = releasing.await.expect("the Release's task");
+            assert!(
+                matches!(released, fwnp_proto::Message::Released(_)),
+                "{released:?}"
+            );
+            assert!(!lease_in_etcd(cluster, lease).await, "etcd ended it");
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+/// A seam that holds the work reaching it until the test lets it go on, and tells the test
+/// when it is reached.
+struct HeldSeam {
+    reached: tokio::sync::mpsc::UnboundedSender<()>,
+    at_seam: tokio::sync::mpsc::UnboundedReceiver<()>,
+    go: Arc<tokio::sync::Semaphore>,
+}
+
+impl HeldSeam {
+    fn new() -> HeldSeam {
+        let (reached, at_seam) = tokio::sync::mpsc::unbounded_channel();
+        HeldSeam {
+            reached,
+            at_seam,
+            go: Arc::new(tokio::sync::Semaphore::new(0)),
+        }
+    }
+
+    /// The seam's pause: each work that reaches it waits for one [`HeldSeam::release`].
+    fn pause(&self) -> Pause {
+        let (reached, go) = (self.reached.clone(), self.go.clone());
+        Arc::new(move || {
+            let (reached, go) = (reached.clone(), go.clone());
+            Box::pin(async move {
+                let _ = reached.send(());
+                if let Ok(permit) = go.acquire().await {
+                    permit.forget();
+                }
+            })
+        })
+    }
+
+    /// Waits until `what` reaches the seam.
+    async fn reached(&mut self, what: &str) {
+        tokio::time::timeout(STEP, self.at_seam.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what} never reached the seam"));
+    }
+
+    /// Lets one work held at the seam go on.
+    fn release(&self) {
+        self.go.add_permits(1);
+    }
+}
+
+/// Has `gateway` list the cluster's leases again, as after a lost watch, and waits until it
+/// has applied the list.
+async fn list_again(gateway: &Gateway) {
+    let listed = local_records(gateway, "reconcile").await.len();
+    gateway
+        .service
+        .cluster_store()
+        .expect("the etcd backend")
+        .resync();
+    until(
+        "the gateway's list of the cluster",
+        || async { Value::from(local_records(gateway, "reconcile").await.len()) },
+        |n| n.as_u64().is_some_and(|n| n as usize > listed),
+    )
+    .await;
 }

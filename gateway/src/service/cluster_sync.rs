@@ -49,6 +49,7 @@ impl Service {
                 self.apply_stored(&lease, false).await;
             }
             ClusterChange::Ended { id, end, .. } => {
+                lock(&self.ends_on_their_way).remove(&id);
                 self.settle_unanswered_end(&id, end.as_ref(), false);
                 self.apply_ended(&id, end.as_ref()).await;
             }
@@ -72,8 +73,16 @@ impl Service {
                 for id in &absent {
                     self.apply_ended(id, ended.get(id)).await;
                 }
+                // An end of this gateway's that the list shows undone was committed after the
+                // list was read: the watch brings it next.
+                let ending = {
+                    let mut on_their_way = lock(&self.ends_on_their_way);
+                    let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
+                    on_their_way.retain(|id| listed.contains(id));
+                    on_their_way.clone()
+                };
                 let mut changed = 0;
-                for lease in &live {
+                for lease in live.iter().filter(|l| !ending.contains(&l.id)) {
                     if self.apply_stored(lease, false).await {
                         changed += 1;
                     }
@@ -161,6 +170,8 @@ impl Service {
             .store(epoch, std::sync::atomic::Ordering::Release);
         // Ends this gateway could not store: those of leases the state lacks tell no more.
         self.record_unanswered_ends(live, &HashMap::new());
+        // The state's leases are taken as it holds them, ends made under the old one or not.
+        lock(&self.ends_on_their_way).clear();
         let absent = self.absent_from(live);
         // Lost with the state, not ended: no notice, no record of an end.
         for id in &absent {

@@ -28,7 +28,7 @@
 //! third-party rights) may hold the same element, which then stays while one of them does,
 //! with the latest of their expiries as its timeout.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -138,6 +138,11 @@ pub struct Service {
     /// before it, the end would find no stored lease to end and the insert would then store
     /// the revoked lease as live (a restart would bring it back).
     being_stored: Mutex<HashMap<LeaseId, Vec<Write>>>,
+    /// In a cluster: the leases this gateway is ending, or ended, whose end the watch has not
+    /// brought back yet. A list of the cluster read before such an end was committed still
+    /// shows the lease: putting it back into the book and the kernel would open again, until
+    /// the end comes through the watch, what its host released or the operator revoked.
+    ends_on_their_way: Mutex<HashSet<LeaseId>>,
     /// In a cluster: the audit records of lease ends whose commit got no answer, by lease,
     /// oldest attempt first (at most [`MAX_UNANSWERED_ATTEMPTS`]). Etcd may have taken such
     /// an end all the same, now or once its quorum is back, and then no one records it. The
@@ -422,6 +427,7 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Arc::default(),
             being_stored: Mutex::new(HashMap::new()),
+            ends_on_their_way: Mutex::new(HashSet::new()),
             unanswered_ends: Mutex::new(HashMap::new()),
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),

@@ -656,7 +656,30 @@ impl Service {
             .into_iter()
             .map(|write| into_write_op(write, certificate.clone()))
             .collect();
+        // In a cluster, an end is on its way from now until the watch brings it back: see
+        // `ends_on_their_way`.
+        let ending: SmallVec<[LeaseId; 1]> = if self.cluster_store.is_some() {
+            kept.iter()
+                .filter_map(|k| match k {
+                    Kept::Ended { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
+        if !ending.is_empty() {
+            lock(&self.ends_on_their_way).extend(ending.iter().copied());
+            pause_at(&self.seams.ending).await;
+        }
         let committed = self.leases.commit(ops).await;
+        if committed.is_err() && !ending.is_empty() {
+            // Not taken, or not known to be: a list shows the lease as the store holds it.
+            let mut on_their_way = lock(&self.ends_on_their_way);
+            for id in &ending {
+                on_their_way.remove(id);
+            }
+        }
         if !end_records.is_empty() {
             match &committed {
                 Err(WriteError::Unavailable(_)) => {

@@ -60,6 +60,8 @@ pub struct Seams {
     /// Called when a new lease is in the book, its insert counted as on its way to the store,
     /// before its kernel hold and its commit are carried out.
     pub storing: Option<Pause>,
+    /// In a cluster, called when a lease's end is about to be committed to the store.
+    pub ending: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -71,6 +73,7 @@ impl fmt::Debug for Seams {
             .field("published", &self.published.is_some())
             .field("revoking", &self.revoking.is_some())
             .field("storing", &self.storing.is_some())
+            .field("ending", &self.ending.is_some())
             .finish()
     }
 }
