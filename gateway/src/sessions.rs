@@ -48,6 +48,11 @@ pub trait HostLink: Send + Sync + std::fmt::Debug {
 /// [`Session`]'s `welcome_answered` when no Welcome waits to be written.
 const NO_WELCOME: u8 = u8::MAX;
 
+/// Wakes the requests that wait for a Welcome being written ([`Session::welcome_settled`]),
+/// whichever connection's: they are rare (a request that overtook its own connection's
+/// Welcome), and one per process costs a connection nothing.
+static WELCOMES_SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 /// One authenticated connection, as the service sees it.
 #[derive(Debug)]
 pub struct Session {
@@ -68,8 +73,6 @@ pub struct Session {
     /// A Welcome decided but not yet written ([`Session::answered_welcome`]): `NO_WELCOME`, or
     /// whether its Hello set NOTICES.
     welcome_answered: AtomicU8,
-    /// Wakes the requests that wait for a Welcome being written ([`Session::welcome_settled`]).
-    welcome_settled: tokio::sync::Notify,
     /// Whether a CRL loaded since the handshake revokes this connection's certificate: the
     /// connection is about to be closed, and no further request on it is served.
     pub credential_revoked: AtomicBool,
@@ -104,7 +107,6 @@ impl Session {
             welcomed: AtomicBool::new(false),
             notices: AtomicBool::new(false),
             welcome_answered: AtomicU8::new(NO_WELCOME),
-            welcome_settled: tokio::sync::Notify::new(),
             credential_revoked: AtomicBool::new(false),
             rate_limited: AtomicBool::new(false),
             link,
@@ -129,7 +131,7 @@ impl Session {
         }
         self.notices.store(answered == 1, Ordering::Release);
         self.welcomed.store(true, Ordering::Release);
-        self.welcome_settled.notify_waiters();
+        WELCOMES_SETTLED.notify_waiters();
         true
     }
 
@@ -137,7 +139,7 @@ impl Session {
     /// lost): the connection stays without one.
     pub fn welcome_not_written(&self) {
         self.welcome_answered.store(NO_WELCOME, Ordering::Release);
-        self.welcome_settled.notify_waiters();
+        WELCOMES_SETTLED.notify_waiters();
     }
 
     /// Waits while a Welcome is answered and not yet written. Once its bytes are on their way
@@ -145,14 +147,17 @@ impl Session {
     /// Welcome's own task has marked it written: that request is served once it is (or
     /// refused hello-required if it never is), not refused for a Welcome the client holds.
     pub async fn welcome_settled(&self) {
-        let settled = self.welcome_settled.notified();
-        tokio::pin!(settled);
-        // Registered before the check, so that a write between the two still wakes it.
-        settled.as_mut().enable();
-        if self.welcome_answered.load(Ordering::Acquire) == NO_WELCOME {
-            return;
+        loop {
+            let settled = WELCOMES_SETTLED.notified();
+            tokio::pin!(settled);
+            // Registered before the check, so that a write between the two still wakes it.
+            settled.as_mut().enable();
+            if self.welcome_answered.load(Ordering::Acquire) == NO_WELCOME {
+                return;
+            }
+            // Woken by another connection's Welcome too: look again.
+            settled.await;
         }
-        settled.await;
     }
 
     /// The identity, or a placeholder for audit when the certificate named none.
