@@ -178,6 +178,21 @@ impl Sim {
         (sim, lease, key)
     }
 
+    /// A machine connected under [`EPOCH`], whose caller [`APP`] asked for tcp/8080 (request
+    /// 3): the machine, and the key and Open of the request sent to the gateway.
+    fn asking_for_8080() -> (Sim, Key, Message) {
+        let mut sim = Sim::new();
+        sim.link_up(EPOCH, Vec::new());
+        sim.connect_caller(APP);
+        let actions = sim.input(Input::Request {
+            conn: APP,
+            message: open_request(3, 8080),
+        });
+        let (key, request) = single_send(&actions);
+        assert!(matches!(request, Message::Open(_)), "{request:?}");
+        (sim, key, request)
+    }
+
     /// The link to the gateway ends, for `reason`.
     fn link_down(&mut self, reason: &str) -> Vec<Action> {
         self.input(Input::LinkDown {
@@ -605,14 +620,7 @@ fn reconnect_reopens_a_lease_the_gateway_forgot() {
 /// answered: the Open is refused at once, not after its wait as if the gateway were silent.
 #[test]
 fn an_open_whose_lease_is_revoked_before_it_took_effect_is_refused_at_once() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let actions = sim.input(Input::Request {
-        conn: APP,
-        message: open_request(3, 8080),
-    });
-    let (key, request) = single_send(&actions);
+    let (mut sim, key, request) = Sim::asking_for_8080();
     let lease = sim.fresh_lease();
     let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
     assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
@@ -1220,14 +1228,7 @@ fn an_open_is_kept_within_the_size_the_gateway_accepts() {
 /// a lease granted after that is released, never mirrored.
 #[test]
 fn an_unanswered_open_is_refused_after_its_wait() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let actions = sim.input(Input::Request {
-        conn: APP,
-        message: open_request(3, 8080),
-    });
-    single_send(&actions);
+    let (mut sim, _, _) = Sim::asking_for_8080();
     sim.link_down("reset");
     let actions = sim.advance(fwnp_agent::machine::OPEN_WAIT + IDLE_TICK);
     match &denials(&actions)[..] {
@@ -2087,14 +2088,7 @@ fn a_list_after_a_discarded_notice_with_a_new_epoch_reopens_the_leases() {
 /// is every Open after it; Status says why the agent is not connected.
 #[test]
 fn when_no_gateway_is_left_opens_are_refused_with_unsupported_version() {
-    let mut sim = Sim::new();
-    sim.link_up(EPOCH, Vec::new());
-    sim.connect_caller(APP);
-    let actions = sim.input(Input::Request {
-        conn: APP,
-        message: open_request(3, 8080),
-    });
-    assert!(matches!(single_send(&actions).1, Message::Open(_)));
+    let (mut sim, _, _) = Sim::asking_for_8080();
     sim.link_down("the gateway closed the connection");
 
     let reason = "every configured gateway refused the protocol versions this agent offers [1]";
