@@ -17,7 +17,10 @@
 //! is put in force once, by the reload, with one audit record; a reload dropped at that seam
 //! leaves its version to the watches, which put it in force on every gateway and end the
 //! leases it disallows, each audited once. A version whose revocation is held (a seam before
-//! each lease it judges) while a newer one comes in force revokes nothing after that.
+//! each lease it judges) while a newer one comes in force revokes nothing after that. A lease
+//! whose end is held before its commit (a seam) is not put back into the book by a list of the
+//! cluster or a change the watch brings meanwhile, and one whose renewal is held there keeps
+//! the renewal's expiry through a list.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
@@ -1999,6 +2002,143 @@ fn a_lease_being_released_while_the_cluster_is_listed_again_stays_released() {
             a.stop().await;
         },
     );
+}
+
+/// The watch's side of the same race: a change of the lease the watch brings while its end is
+/// on its way (here the lease's record written again, as another gateway's renewal writes it)
+/// does not put it back into the book either.
+#[test]
+fn a_lease_being_released_while_the_watch_brings_a_change_of_it_stays_released() {
+    in_cluster(
+        "a_lease_being_released_while_the_watch_brings_a_change_of_it_stays_released",
+        "clendwatch",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-end-watch");
+            let dir = temp_dir("clendwatch-a");
+            let mut seam = HeldSeam::new();
+            let seams = Seams {
+                ending: Some(seam.pause()),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let client = Arc::new(client);
+            let lease = granted(client.open(tcp(7001), None).await).lease;
+            let releasing = tokio::spawn({
+                let client = client.clone();
+                async move { client.release(lease).await }
+            });
+            seam.reached("the Release").await;
+            // The copy comes through the watch after the record written again: once A's book
+            // holds the copy, A has taken that change too.
+            let mut copy = lease;
+            copy.0[15] ^= 0xff;
+            store_again_with_a_copy(cluster, lease, copy).await;
+            until(
+                "the copy in A's book",
+                || async {
+                    let listed = client.list().await;
+                    Value::from(listed.leases.iter().any(|l| l.lease == copy))
+                },
+                |held| held.as_bool() == Some(true),
+            )
+            .await;
+            assert!(
+                !client.list().await.leases.iter().any(|l| l.lease == lease),
+                "the watch put the released lease back into A's book"
+            );
+            seam.release();
+            let released = releasing.await.expect("the Release's task");
+            assert!(
+                matches!(released, fwnp_proto::Message::Released(_)),
+                "{released:?}"
+            );
+            assert!(!lease_in_etcd(cluster, lease).await, "etcd ended it");
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+/// A list of the cluster read before a renewal of this gateway's was committed shows the
+/// expiry before it: A's book (and kernel) keep the renewal's, which the watch brings next.
+#[test]
+fn a_lease_being_renewed_while_the_cluster_is_listed_again_keeps_its_new_expiry() {
+    in_cluster(
+        "a_lease_being_renewed_while_the_cluster_is_listed_again_keeps_its_new_expiry",
+        "clrenewing",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-renewing");
+            let dir = temp_dir("clrenewing-a");
+            // The renewal waits at the seam, in the book and on its way to the store, until A
+            // has listed the cluster again.
+            let mut seam = HeldSeam::new();
+            let seams = Seams {
+                renewing: Some(seam.pause()),
+                ..Seams::default()
+            };
+            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+            let client = Arc::new(client);
+            let opened = granted(client.open(tcp(7001), Some(60)).await);
+            assert_eq!(opened.lifetime, 60);
+            let lease = opened.lease;
+            let renewing = tokio::spawn({
+                let client = client.clone();
+                async move { client.renew(lease, Some(600)).await }
+            });
+            seam.reached("the Renew").await;
+            list_again(&a).await;
+            let remaining = remaining_in_list(&client, lease).await;
+            assert!(
+                remaining > 300,
+                "the list put the expiry before the renewal back into A's book: {remaining} s left"
+            );
+            seam.release();
+            let renewed = granted(renewing.await.expect("the Renew's task"));
+            assert_eq!(renewed.lifetime, 600);
+            let remaining = remaining_in_list(&client, lease).await;
+            assert!(remaining > 300, "{remaining} s left after the renewal");
+            drop(client);
+            a.stop().await;
+        },
+    );
+}
+
+/// The seconds lease `id` has left, as its gateway lists it to its host.
+async fn remaining_in_list(client: &Client, id: LeaseId) -> u32 {
+    client
+        .list()
+        .await
+        .leases
+        .iter()
+        .find(|l| l.lease == id)
+        .unwrap_or_else(|| panic!("lease {id} is not listed"))
+        .remaining
+}
+
+/// Writes lease `id`'s record in etcd again, unchanged, then a copy of it as lease `copy`: the
+/// watch of every gateway brings both, in that order.
+async fn store_again_with_a_copy(cluster: &EtcdCluster, id: LeaseId, copy: LeaseId) {
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("etcd client");
+    let key = format!("/fwnp-test/leases/{id}");
+    let answer = client.get(key.clone(), None).await.expect("read the lease");
+    let value = answer
+        .kvs()
+        .first()
+        .expect("the lease in etcd")
+        .value()
+        .to_vec();
+    client
+        .put(key, value.clone(), None)
+        .await
+        .expect("write the lease again");
+    client
+        .put(format!("/fwnp-test/leases/{copy}"), value, None)
+        .await
+        .expect("write its copy");
 }
 
 /// A seam that holds the work reaching it until the test lets it go on, and tells the test

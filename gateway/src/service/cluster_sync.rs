@@ -4,7 +4,10 @@
 //! released through this one and its opening already holds in this kernel.
 //!
 //! A change is applied idempotently: the gateway's own writes come back through the watch, and
-//! a lease already in the book with the stored expiry is left as it is. A stored lease takes
+//! a lease already in the book with the stored expiry is left as it is. An end or a renewal of
+//! this gateway's is in the book before its commit; until the watch brings it back, what the
+//! watch or a list shows of the lease from before it is passed over (see [`OnItsWay`]), and if
+//! its commit then fails the cluster is listed again. A stored lease takes
 //! its stored expiry (the kernel element's timeout is its remaining time); an end takes the
 //! lease out of the book and its elements out of the kernel, and a revocation sends the host,
 //! if it is connected here, the Revoked notice the revoking gateway sent its own connections.
@@ -46,7 +49,9 @@ impl Service {
     async fn apply_change(&self, change: ClusterChange) {
         match change {
             ClusterChange::Stored { lease, .. } => {
-                self.apply_stored(&lease, false).await;
+                if !self.older_than_own_change(&lease) {
+                    self.apply_stored(&lease, false).await;
+                }
             }
             ClusterChange::Ended { id, end, .. } => {
                 lock(&self.ends_on_their_way).remove(&id);
@@ -73,16 +78,15 @@ impl Service {
                 for id in &absent {
                     self.apply_ended(id, ended.get(id)).await;
                 }
-                // An end of this gateway's that the list shows undone was committed after the
-                // list was read: the watch brings it next.
-                let ending = {
-                    let mut on_their_way = lock(&self.ends_on_their_way);
+                // An end of this gateway's that the list shows done is no longer on its way;
+                // one the list shows undone was committed after the list was read, and the
+                // watch brings it next.
+                {
                     let listed: BTreeSet<LeaseId> = live.iter().map(|l| l.id).collect();
-                    on_their_way.retain(|id| listed.contains(id));
-                    on_their_way.clone()
-                };
+                    lock(&self.ends_on_their_way).retain(|id, _| listed.contains(id));
+                }
                 let mut changed = 0;
-                for lease in live.iter().filter(|l| !ending.contains(&l.id)) {
+                for lease in live.iter().filter(|l| !self.older_than_own_change(l)) {
                     if self.apply_stored(lease, false).await {
                         changed += 1;
                     }
@@ -105,6 +109,47 @@ impl Service {
                 self.record(event);
             }
         }
+    }
+
+    /// Whether `record`, as the watch or a list shows it, is older than a change of this
+    /// gateway's to the lease that is on its way to the store (see [`OnItsWay`]): an end, or
+    /// a renewal to a later expiry. The book holds that change already, and the watch brings
+    /// it back; taking `record` in would open again a lease being ended, or close early in
+    /// the kernel one being renewed. It is then passed over, and marked so.
+    fn older_than_own_change(&self, record: &LeaseRecord) -> bool {
+        if let Some(end) = lock(&self.ends_on_their_way).get_mut(&record.id) {
+            end.passed_over = true;
+            return true;
+        }
+        let mut renewals = lock(&self.renewals_on_their_way);
+        match renewals.get_mut(&record.id) {
+            Some(renewal) if record.expires_ms < renewal.expires_ms => {
+                renewal.passed_over = true;
+                true
+            }
+            // The renewal itself, come back, or a later one.
+            Some(_) => {
+                renewals.remove(&record.id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Takes the changes of `ids` out of `on_their_way` once their commit failed: the store
+    /// did not take them, or it is not known whether it did. Says whether a change of the
+    /// cluster was passed over for one of them (the book then misses it).
+    pub(super) fn no_longer_on_their_way<'a>(
+        &self,
+        on_their_way: &Mutex<HashMap<LeaseId, OnItsWay>>,
+        ids: impl Iterator<Item = &'a LeaseId>,
+    ) -> bool {
+        let mut on_their_way = lock(on_their_way);
+        let mut passed_over = false;
+        for id in ids {
+            passed_over |= on_their_way.remove(id).is_some_and(|c| c.passed_over);
+        }
+        passed_over
     }
 
     /// Settles, on a list of the cluster, the ends whose commit got no answer (see
@@ -170,8 +215,9 @@ impl Service {
             .store(epoch, std::sync::atomic::Ordering::Release);
         // Ends this gateway could not store: those of leases the state lacks tell no more.
         self.record_unanswered_ends(live, &HashMap::new());
-        // The state's leases are taken as it holds them, ends made under the old one or not.
+        // The state's leases are taken as it holds them, changes made under the old one or not.
         lock(&self.ends_on_their_way).clear();
+        lock(&self.renewals_on_their_way).clear();
         let absent = self.absent_from(live);
         // Lost with the state, not ended: no notice, no record of an end.
         for id in &absent {
@@ -272,6 +318,7 @@ impl Service {
     /// Carries out an end another gateway made: out of the book and the kernel, and the
     /// Revoked notice to the host's connections here.
     async fn apply_ended(&self, id: &LeaseId, end: Option<&ClusterEnd>) {
+        lock(&self.renewals_on_their_way).remove(id);
         match end {
             Some(ClusterEnd { ending, site }) => {
                 self.carry_out_committed_end(id, ending, site).await;
@@ -404,6 +451,18 @@ impl Service {
 
 /// Which of a lease's unanswered attempts to end it (`attempts`) the cluster took, by its
 /// tombstone (`end`): the one of this gateway's `site` whose end time the tombstone carries.
+/// A change of this gateway's to a lease (an end, or a renewal), from just before its commit
+/// until the watch brings it back, a list shows it taken, or its commit fails.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct OnItsWay {
+    /// For a renewal, the expiry it stores (Unix ms): what the watch or a list shows before it
+    /// is older.
+    pub(super) expires_ms: u64,
+    /// Whether a change of the lease, from the watch or a list, was passed over for this one:
+    /// if this one then fails, the book misses that change.
+    pub(super) passed_over: bool,
+}
+
 fn taken_attempt(
     attempts: Vec<AuditRecord>,
     end: Option<&ClusterEnd>,

@@ -28,7 +28,7 @@
 //! third-party rights) may hold the same element, which then stays while one of them does,
 //! with the latest of their expiries as its timeout.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -74,6 +74,7 @@ mod revocation;
 mod seams;
 mod unloaded;
 
+use cluster_sync::OnItsWay;
 use credentials::LeaseCredentials;
 use kernel::{HeldElements, Holders, RefreshError, elements_of_all, held_openings};
 
@@ -142,7 +143,13 @@ pub struct Service {
     /// brought back yet. A list of the cluster read before such an end was committed still
     /// shows the lease: putting it back into the book and the kernel would open again, until
     /// the end comes through the watch, what its host released or the operator revoked.
-    ends_on_their_way: Mutex<HashSet<LeaseId>>,
+    ends_on_their_way: Mutex<HashMap<LeaseId, OnItsWay>>,
+    /// In a cluster: the leases this gateway is renewing, or renewed, whose renewal the watch
+    /// has not brought back yet, with the expiry it stores. The book holds that expiry from
+    /// before the commit; a list, or a change of the watch, read before the commit still shows
+    /// the expiry before it, and taking that in would close the opening in the kernel early
+    /// until the renewal came through the watch.
+    renewals_on_their_way: Mutex<HashMap<LeaseId, OnItsWay>>,
     /// In a cluster: the audit records of lease ends whose commit got no answer, by lease,
     /// oldest attempt first (at most [`MAX_UNANSWERED_ATTEMPTS`]). Etcd may have taken such
     /// an end all the same, now or once its quorum is back, and then no one records it. The
@@ -427,7 +434,8 @@ impl Service {
             lease_credentials: Mutex::new(LeaseCredentials::default()),
             holders: Arc::default(),
             being_stored: Mutex::new(HashMap::new()),
-            ends_on_their_way: Mutex::new(HashSet::new()),
+            ends_on_their_way: Mutex::new(HashMap::new()),
+            renewals_on_their_way: Mutex::new(HashMap::new()),
             unanswered_ends: Mutex::new(HashMap::new()),
             cluster: std::sync::OnceLock::new(),
             reload_lock: tokio::sync::Mutex::new(()),

@@ -652,6 +652,19 @@ impl Service {
         } else {
             SmallVec::new()
         };
+        // In a cluster, a renewal is on its way from now until the watch brings it back: see
+        // `renewals_on_their_way`.
+        let renewing: SmallVec<[(LeaseId, u64); 1]> = if self.cluster_store.is_some() {
+            writes
+                .iter()
+                .filter_map(|write| match write {
+                    Write::Renew { id, expires_ms, .. } => Some((*id, *expires_ms)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            SmallVec::new()
+        };
         let ops = writes
             .into_iter()
             .map(|write| into_write_op(write, certificate.clone()))
@@ -669,15 +682,36 @@ impl Service {
             SmallVec::new()
         };
         if !ending.is_empty() {
-            lock(&self.ends_on_their_way).extend(ending.iter().copied());
+            {
+                let mut on_their_way = lock(&self.ends_on_their_way);
+                for id in &ending {
+                    on_their_way.insert(*id, OnItsWay::default());
+                }
+            }
             pause_at(&self.seams.ending).await;
         }
+        if !renewing.is_empty() {
+            {
+                let mut on_their_way = lock(&self.renewals_on_their_way);
+                for (id, expires_ms) in &renewing {
+                    let renewal = on_their_way.entry(*id).or_default();
+                    renewal.expires_ms = renewal.expires_ms.max(*expires_ms);
+                }
+            }
+            pause_at(&self.seams.renewing).await;
+        }
         let committed = self.leases.commit(ops).await;
-        if committed.is_err() && !ending.is_empty() {
+        if committed.is_err() {
             // Not taken, or not known to be: a list shows the lease as the store holds it.
-            let mut on_their_way = lock(&self.ends_on_their_way);
-            for id in &ending {
-                on_their_way.remove(id);
+            let ending = ending.iter();
+            let renewing = renewing.iter().map(|(id, _)| id);
+            let ended = self.no_longer_on_their_way(&self.ends_on_their_way, ending);
+            let renewed = self.no_longer_on_their_way(&self.renewals_on_their_way, renewing);
+            // The book misses what was passed over for them: the cluster's state is read again.
+            if (ended || renewed)
+                && let Some(cluster) = &self.cluster_store
+            {
+                cluster.resync();
             }
         }
         if !end_records.is_empty() {

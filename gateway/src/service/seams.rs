@@ -62,6 +62,9 @@ pub struct Seams {
     pub storing: Option<Pause>,
     /// In a cluster, called when a lease's end is about to be committed to the store.
     pub ending: Option<Pause>,
+    /// In a cluster, called when a lease's renewal, in the book already, is about to be
+    /// committed to the store.
+    pub renewing: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -74,6 +77,7 @@ impl fmt::Debug for Seams {
             .field("revoking", &self.revoking.is_some())
             .field("storing", &self.storing.is_some())
             .field("ending", &self.ending.is_some())
+            .field("renewing", &self.renewing.is_some())
             .finish()
     }
 }
