@@ -648,9 +648,10 @@ pub struct AuditPageAnswer {
     /// In a cluster's trail: the members whose events could not be read, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub unreachable: Vec<UnreachableMember>,
-    /// In a cluster's trail: where to follow the cluster's events from (`after`), as every
-    /// member's newest event stood just before the page was read (`SITE:ID,...`). An event
-    /// recorded in between is both on the page and in what follows.
+    /// In a cluster's trail: where to follow the cluster's events from (`after`): for every
+    /// member, the later of its newest event just before the page was read and its newest on
+    /// the page (`SITE:ID,...`). An event recorded in between is on the page or in what
+    /// follows, never in both.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow_from: Option<String>,
 }

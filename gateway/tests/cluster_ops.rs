@@ -647,7 +647,13 @@ fn a_gateway_with_a_new_database_numbers_its_events_after_what_its_site_publishe
             let to_a = Client::connect(a.addr, &web1).await;
             to_a.hello().await;
             let later = granted(to_a.open(tcp(7005), None).await).lease.to_string();
-            let own = a.get("/v1/audit?kind=grant&limit=100&scope=local").await;
+            // Recorded in A's database once etcd took the lease, after the answer.
+            let own = until(
+                "the grant in A's new database",
+                || a.get("/v1/audit?kind=grant&limit=100&scope=local"),
+                |page| page["events"].as_array().is_some_and(|e| !e.is_empty()),
+            )
+            .await;
             let own: Vec<&Value> = own["events"].as_array().expect("events").iter().collect();
             assert_eq!(own.len(), 1, "the new database holds one grant: {own:#?}");
             let id = own[0]["id"].as_u64().expect("an event id");
@@ -2103,6 +2109,92 @@ fn a_lease_being_renewed_while_the_cluster_is_listed_again_keeps_its_new_expiry(
             a.stop().await;
         },
     );
+}
+
+/// An event published between the read of where a follow of the trail goes on from and the
+/// read of the page (held at a seam between the two) is in the page, and a follow from the
+/// page's `follow_from` does not give it again.
+#[test]
+fn an_event_published_while_a_page_is_read_is_followed_once() {
+    in_cluster(
+        "an_event_published_while_a_page_is_read_is_followed_once",
+        "clpaging",
+        two_workers,
+        async |cluster| {
+            let pki = Pki::new("cluster-paging");
+            let (dir_a, dir_b) = (temp_dir("clpaging-a"), temp_dir("clpaging-b"));
+            let mut seam = HeldSeam::new();
+            let seams = Seams {
+                paging: Some(seam.pause()),
+                ..Seams::default()
+            };
+            let a = Gateway::start_with_seams(cluster, &pki, dir_a.path(), "gw-a", seams).await;
+            let b = Gateway::start(cluster, &pki, dir_b.path(), "gw-b").await;
+            let web2 = pki.host("web-02", &[IpAddr::V4(Ipv4Addr::LOCALHOST)], &[], &[]);
+            let to_b = Client::connect(b.addr, &web2).await;
+            to_b.hello().await;
+            let (page, on_b) = tokio::join!(a.get("/v1/audit?kind=grant&limit=100"), async {
+                seam.reached("the page").await;
+                let on_b = granted(to_b.open(tcp(7002), None).await).lease;
+                until_published(cluster, "gw-b", on_b).await;
+                seam.release();
+                on_b
+            });
+            let on_b = on_b.to_string();
+            assert!(
+                page["events"]
+                    .as_array()
+                    .is_some_and(|events| events.iter().any(|e| e["lease"] == on_b)),
+                "the page holds B's grant: {page:#}"
+            );
+            let from = page["follow_from"]
+                .as_str()
+                .unwrap_or_else(|| panic!("a cluster's page says where to follow from: {page:#}"));
+            let followed = a
+                .get(&format!("/v1/audit?kind=grant&after={from}&wait=1s"))
+                .await;
+            assert!(
+                !followed["events"]
+                    .as_array()
+                    .is_some_and(|events| events.iter().any(|e| e["lease"] == on_b)),
+                "B's grant followed again after the page that held it: {followed:#}"
+            );
+            drop(to_b);
+            a.stop().await;
+            b.stop().await;
+        },
+    );
+}
+
+/// Waits until the gateway of `site` has published the audit event of lease `id`'s grant in
+/// etcd, where the other members read it.
+async fn until_published(cluster: &EtcdCluster, site: &str, id: LeaseId) {
+    let mut client = etcd_client::Client::connect(cluster.endpoints(), None)
+        .await
+        .expect("etcd client");
+    let (prefix, lease) = (format!("/fwnp-test/audit/{site}/"), id.to_string());
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let answer = client
+            .get(
+                prefix.clone(),
+                Some(etcd_client::GetOptions::new().with_prefix()),
+            )
+            .await
+            .expect("read the published events");
+        let published = answer.kvs().iter().any(|kv| {
+            let value = String::from_utf8_lossy(kv.value());
+            value.contains(&lease) && value.contains("grant")
+        });
+        if published {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{site} published the grant of {lease}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// The seconds lease `id` has left, as its gateway lists it to its host.

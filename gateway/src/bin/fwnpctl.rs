@@ -842,8 +842,8 @@ async fn follow_audit(
     follow_from: Option<String>,
     json_out: bool,
 ) -> Result<(), Failure> {
-    // The newest event printed of each member: an event recorded while the page was read is
-    // both on it and in what follows.
+    // The newest event printed of each member: nothing that follows repeats one of them,
+    // whatever cursor the gateway gave.
     let mut shown: HashMap<Option<String>, u64> = HashMap::new();
     for event in printed {
         let at = shown.entry(event.site.clone()).or_default();

@@ -291,29 +291,40 @@ impl Service {
         let merged = q.clone();
         let cluster = self.cluster().filter(|_| !local_only);
         // Where a follow goes on from, read before the page so that nothing falls between.
-        let follow_from = match cluster {
+        let mut follow_from = match cluster {
             Some(cluster) => {
                 let own_newest = *self.queries.audit_watch().borrow();
-                cluster
-                    .follow_cursor(own_newest)
-                    .await
-                    .ok()
-                    .map(|cursor| cursor.to_string())
+                cluster.follow_cursor(own_newest).await.ok()
             }
             None => None,
         };
+        if cluster.is_some() {
+            pause_at(&self.seams.paging).await;
+        }
         let page = self.read_store(move |store| store.audit(&q)).await?;
         let mut answer = AuditPageAnswer {
             events: page.events.iter().map(|e| e.view()).collect(),
             next_cursor: page.next_cursor,
             unreachable: Vec::new(),
-            follow_from,
+            follow_from: None,
         };
         // In a cluster, the page is the cluster's trail: the other members' published events
         // merged in by time (the cursor pages through this gateway's own).
         if let Some(cluster) = cluster {
             cluster.merge_audit(&merged, &mut answer).await;
         }
+        // An event recorded or published between the cursor's read and the page's is in the
+        // page: the follow goes on after it, not from before it, or it would be given twice.
+        // A member's events come in the order of their ids, so none of that member's after the
+        // cursor is left out below the newest the page holds.
+        if let Some(cursor) = &mut follow_from {
+            for event in &answer.events {
+                if let Some(site) = &event.site {
+                    cursor.advance(site, event.id);
+                }
+            }
+        }
+        answer.follow_from = follow_from.map(|cursor| cursor.to_string());
         Ok(AuditAnswer::Page(answer))
     }
 

@@ -65,6 +65,9 @@ pub struct Seams {
     /// In a cluster, called when a lease's renewal, in the book already, is about to be
     /// committed to the store.
     pub renewing: Option<Pause>,
+    /// In a cluster, called when a page of the audit trail has read where a follow of it goes
+    /// on from, before it reads the page.
+    pub paging: Option<Pause>,
 }
 
 impl fmt::Debug for Seams {
@@ -78,6 +81,7 @@ impl fmt::Debug for Seams {
             .field("storing", &self.storing.is_some())
             .field("ending", &self.ending.is_some())
             .field("renewing", &self.renewing.is_some())
+            .field("paging", &self.paging.is_some())
             .finish()
     }
 }
