@@ -1143,6 +1143,11 @@ fn without_quorum_a_revoke_or_a_release_is_refused_and_leaves_book_and_kernels_a
             loop {
                 match to_a.release(held).await {
                     Message::Released(_) => break,
+                    // The Release refused without the quorum got no answer from etcd, which
+                    // may have taken it all the same once the quorum came back: the lease is
+                    // ended, and a client takes unknown-lease to a Release as released (spec
+                    // 11.5).
+                    Message::Denied(d) if d.code == ResultCode::UnknownLease => break,
                     Message::Denied(d)
                         if d.code == ResultCode::NoResources && Instant::now() < deadline =>
                     {
