@@ -1970,42 +1970,15 @@ fn a_grant_being_stored_while_the_cluster_is_listed_again_is_granted_and_kept() 
 /// its host, and open in a kernel) until the end came through the watch.
 #[test]
 fn a_lease_being_released_while_the_cluster_is_listed_again_stays_released() {
-    in_cluster(
+    while_a_release_is_held(
         "a_lease_being_released_while_the_cluster_is_listed_again_stays_released",
         "clending",
-        two_workers,
-        async |cluster| {
-            let pki = Pki::new("cluster-ending");
-            let dir = temp_dir("clending-a");
-            // The end waits at the seam, out of the book and on its way to the store, until A
-            // has listed the cluster again.
-            let mut seam = HeldSeam::new();
-            let seams = Seams {
-                ending: Some(seam.pause()),
-                ..Seams::default()
-            };
-            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
-            let client = Arc::new(client);
-            let lease = granted(client.open(tcp(7001), None).await).lease;
-            let releasing = tokio::spawn({
-                let client = client.clone();
-                async move { client.release(lease).await }
-            });
-            seam.reached("the Release").await;
-            list_again(&a).await;
+        async |_cluster, a, client, lease| {
+            list_again(a).await;
             assert!(
                 !client.list().await.leases.iter().any(|l| l.lease == lease),
                 "the list put the released lease back into A's book"
             );
-            seam.release();
-            let released = releasing.await.expect("the Release's task");
-            assert!(
-                matches!(released, fwnp_proto::Message::Released(_)),
-                "{released:?}"
-            );
-            assert!(!lease_in_etcd(cluster, lease).await, "etcd ended it");
-            drop(client);
-            a.stop().await;
         },
     );
 }
@@ -2015,26 +1988,10 @@ fn a_lease_being_released_while_the_cluster_is_listed_again_stays_released() {
 /// does not put it back into the book either.
 #[test]
 fn a_lease_being_released_while_the_watch_brings_a_change_of_it_stays_released() {
-    in_cluster(
+    while_a_release_is_held(
         "a_lease_being_released_while_the_watch_brings_a_change_of_it_stays_released",
         "clendwatch",
-        two_workers,
-        async |cluster| {
-            let pki = Pki::new("cluster-end-watch");
-            let dir = temp_dir("clendwatch-a");
-            let mut seam = HeldSeam::new();
-            let seams = Seams {
-                ending: Some(seam.pause()),
-                ..Seams::default()
-            };
-            let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
-            let client = Arc::new(client);
-            let lease = granted(client.open(tcp(7001), None).await).lease;
-            let releasing = tokio::spawn({
-                let client = client.clone();
-                async move { client.release(lease).await }
-            });
-            seam.reached("the Release").await;
+        async |cluster, _a, client, lease| {
             // The copy comes through the watch after the record written again: once A's book
             // holds the copy, A has taken that change too.
             let mut copy = lease;
@@ -2053,17 +2010,45 @@ fn a_lease_being_released_while_the_watch_brings_a_change_of_it_stays_released()
                 !client.list().await.leases.iter().any(|l| l.lease == lease),
                 "the watch put the released lease back into A's book"
             );
-            seam.release();
-            let released = releasing.await.expect("the Release's task");
-            assert!(
-                matches!(released, fwnp_proto::Message::Released(_)),
-                "{released:?}"
-            );
-            assert!(!lease_in_etcd(cluster, lease).await, "etcd ended it");
-            drop(client);
-            a.stop().await;
         },
     );
+}
+
+/// A host of gateway A releases a lease whose end waits at a seam, out of the book and on its
+/// way to etcd, while `meanwhile` runs; then the end goes on, the host is answered Released and
+/// etcd no longer holds the lease.
+fn while_a_release_is_held(
+    test: &str,
+    short: &str,
+    meanwhile: impl AsyncFnOnce(&EtcdCluster, &Gateway, &Client, LeaseId) + Send,
+) {
+    in_cluster(test, short, two_workers, async |cluster| {
+        let pki = Pki::new(&format!("cluster-{short}"));
+        let dir = temp_dir(&format!("{short}-a"));
+        let mut seam = HeldSeam::new();
+        let seams = Seams {
+            ending: Some(seam.pause()),
+            ..Seams::default()
+        };
+        let (a, client) = gateway_a_with_a_host(cluster, &pki, dir.path(), seams).await;
+        let client = Arc::new(client);
+        let lease = granted(client.open(tcp(7001), None).await).lease;
+        let releasing = tokio::spawn({
+            let client = client.clone();
+            async move { client.release(lease).await }
+        });
+        seam.reached("the Release").await;
+        meanwhile(cluster, &a, &client, lease).await;
+        seam.release();
+        let released = releasing.await.expect("the Release's task");
+        assert!(
+            matches!(released, fwnp_proto::Message::Released(_)),
+            "{released:?}"
+        );
+        assert!(!lease_in_etcd(cluster, lease).await, "etcd ended it");
+        drop(client);
+        a.stop().await;
+    });
 }
 
 /// A list of the cluster read before a renewal of this gateway's was committed shows the
