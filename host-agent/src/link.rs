@@ -7,10 +7,10 @@
 //! one is lost it goes on at once with the next, each verified against its own name, and only
 //! a round in which none answered waits for the delays below. Its connections then notice a
 //! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. One that sent
-//! GoingAway is left out until the time its reconnect-after gives has passed, while the others
-//! are tried at once. A gateway whose name has several addresses is reached through the first
-//! that answers, the next tried 250 ms after the one before began (RFC 8305's connection attempt
-//! delay).
+//! GoingAway is left out until the time its reconnect-after gives has passed (without one, the
+//! delay after a lost connection), while the others are tried at once. A gateway whose name has
+//! several addresses is reached through the first that answers, the next tried 250 ms after the
+//! one before began (RFC 8305's connection attempt delay).
 //!
 //! A gateway that refuses every version the agent offers (unsupported-version) would refuse the
 //! same Hello again: it is left out until the agent restarts, and when no gateway is left the
@@ -503,7 +503,11 @@ pub async fn run(
                 if core.send(CoreInput::Gateway(event)).is_err() {
                     return;
                 }
-                let (reason, how) = follow(&connection, &core).await;
+                let Followed {
+                    reason,
+                    ending: how,
+                    went_away,
+                } = follow(&connection, &core).await;
                 warn!(gateway = %candidate.address, %reason, "connection to the gateway ended");
                 endpoint.close(0u32.into(), b"");
                 if core
@@ -518,13 +522,14 @@ pub async fn run(
                 let reset = how == Ending::Reset;
                 prefer = Some((candidate.address.clone(), !reset));
                 at_once = list.len() > 1 && !reset && since.elapsed() >= FAILOVER_MIN_UPTIME;
-                if let Ending::GoingAway(_) = how
-                    && list.len() > 1
-                {
-                    // Only the departing gateway waits what it asked for (spec 8.14), as the
-                    // schedule reckons it for a gateway of its own; the others are tried at once,
-                    // or after the usual delays when this connection was too short (spec 3.5).
-                    let until = Reconnect::new().next_attempt(Instant::now(), how, None, &mut rng);
+                if went_away && list.len() > 1 {
+                    // Only the departing gateway waits: what it asked for, or without
+                    // reconnect-after the delays of a lost connection (spec 8.14, 3.5), as the
+                    // schedule reckons them for it alone; the others are tried at once, or after
+                    // the usual delays when this connection was too short.
+                    let mut alone = schedule.clone();
+                    let expiry = *earliest_expiry.borrow();
+                    let until = alone.next_attempt(Instant::now(), how, expiry, &mut rng);
                     exclusions.depart(&candidate.address, until);
                     ending = Ending::Lost;
                 }
@@ -825,12 +830,33 @@ async fn first_handshake(
     }
 }
 
-/// Forwards notices until the connection ends; returns why it ended and how, for the
-/// reconnection schedule (a stateless reset; after a GoingAway, the delay it asked for).
+/// How a followed connection ended.
+struct Followed {
+    /// Why, for logs and Status.
+    reason: String,
+    /// How, for the reconnection schedule: a stateless reset; after a GoingAway, the delay it
+    /// asked for; otherwise lost.
+    ending: Ending,
+    /// Whether the gateway said it was going away (GoingAway), with or without a delay.
+    went_away: bool,
+}
+
+impl Followed {
+    fn stopping() -> Self {
+        Followed {
+            reason: "the agent is stopping".into(),
+            ending: Ending::Lost,
+            went_away: false,
+        }
+    }
+}
+
+/// Forwards notices until the connection ends; returns why it ended and how.
 async fn follow(
     connection: &quinn::Connection,
     core: &mpsc::UnboundedSender<CoreInput>,
-) -> (String, Ending) {
+) -> Followed {
+    let mut went_away = false;
     let mut hint = None;
     loop {
         let mut stream = match connection.accept_uni().await {
@@ -841,7 +867,11 @@ async fn follow(
                     (_, Some(after)) => Ending::GoingAway(after),
                     _ => Ending::Lost,
                 };
-                return (e.to_string(), ending);
+                return Followed {
+                    reason: e.to_string(),
+                    ending,
+                    went_away,
+                };
             }
         };
         // A notice is one small item; read it here, bounded in size and time.
@@ -856,7 +886,7 @@ async fn follow(
                 let _ = stream.stop(VarInt::from_u32(QuicErrorCode::MessageTooLarge.code()));
                 let reason = format!("a notice longer than {MAX_MESSAGE_SIZE} bytes");
                 if !discarded(core, reason) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
                 continue;
             }
@@ -873,6 +903,7 @@ async fn follow(
             Ok(notice) if notice.message_type().is_notice() => {
                 if let Message::GoingAway(g) = &notice {
                     info!(reason = ?g.reason, reconnect_after = ?g.reconnect_after, "the gateway is going away");
+                    went_away = true;
                     // Without reconnect-after, the usual delays apply (spec Section 8.14).
                     hint = g
                         .reconnect_after
@@ -882,7 +913,7 @@ async fn follow(
                     .send(CoreInput::Gateway(GatewayEvent::Notice(notice)))
                     .is_err()
                 {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
             // A notice type this agent does not know is ignored, as the protocol says; one it
@@ -893,12 +924,12 @@ async fn follow(
             Ok(other) => {
                 let reason = format!("a {} on a notice stream", other.message_type().name());
                 if !discarded(core, reason) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
             Err(e) => {
                 if !discarded(core, format!("an undecodable notice: {e}")) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
         }
