@@ -16,7 +16,8 @@
 //! same Hello again: it is left out until the agent restarts, and when no gateway is left the
 //! link stops and tells the core, which refuses Opens with that reason from then on. A notice
 //! of a known type that does not decode, or one too long to read, is discarded and the core
-//! told, which asks for the list of leases to learn what it missed (spec 5.3).
+//! told, which asks for the list of leases to learn what it missed (spec 5.3); so is a notice
+//! lost on its way, its stream reset by the gateway or not ended within [`EXCHANGE_TIMEOUT`].
 //!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
@@ -38,7 +39,7 @@ use fwnp_proto::{
     Welcome,
 };
 use fwnp_trust::tls::{ClientOptions, client_transport};
-use quinn::{ReadToEndError, VarInt};
+use quinn::{ReadError, ReadToEndError, VarInt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
@@ -71,7 +72,8 @@ pub enum GatewayEvent {
     /// A notice from the gateway (Revoked, EpochChanged, GoingAway).
     Notice(Message),
     /// A notice was discarded (spec 5.3): it was of a known type and did not decode, or it
-    /// was longer than any notice may be.
+    /// was longer than any notice may be; or it was lost on its way (its stream was reset, or
+    /// did not end in time).
     NoticeDiscarded {
         /// What was wrong with it.
         reason: String,
@@ -890,12 +892,27 @@ async fn follow(
                 }
                 continue;
             }
+            // The connection's end comes next, and the next connection lists the leases first
+            // anyway.
+            Ok(Err(ReadToEndError::Read(ReadError::ConnectionLost(e)))) => {
+                debug!("a notice stream ended with its connection: {e}");
+                continue;
+            }
+            // A notice lost on its way may have been a Revoked or an EpochChanged: the list of
+            // leases tells what it said, as for one discarded (spec 5.3).
             Ok(Err(e)) => {
-                debug!("notice stream failed: {e}");
+                if !discarded(core, format!("a notice lost on its way ({e})")) {
+                    return Followed::stopping();
+                }
                 continue;
             }
             Err(_) => {
-                debug!("notice stream not finished in time");
+                let _ = stream.stop(VarInt::from_u32(QuicErrorCode::RequestTimeout.code()));
+                let reason =
+                    format!("a notice whose stream did not end within {EXCHANGE_TIMEOUT:?}");
+                if !discarded(core, reason) {
+                    return Followed::stopping();
+                }
                 continue;
             }
         };
@@ -936,8 +953,8 @@ async fn follow(
     }
 }
 
-/// Tells the core that a notice was discarded, so that it asks for the list of leases to learn
-/// what it missed (spec 5.3); false when the core is gone.
+/// Tells the core that a notice was discarded or lost, so that it asks for the list of leases
+/// to learn what it missed (spec 5.3); false when the core is gone.
 fn discarded(core: &mpsc::UnboundedSender<CoreInput>, reason: String) -> bool {
     warn!("discarded {reason}");
     core.send(CoreInput::Gateway(GatewayEvent::NoticeDiscarded { reason }))

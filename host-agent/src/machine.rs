@@ -121,7 +121,9 @@ pub enum Input {
     /// A notice the gateway pushed (EpochChanged, Revoked, GoingAway).
     Notice(Message),
     /// A notice was discarded: one of a known type that did not decode, or one too long to
-    /// read (spec 5.3). Whatever it said is learnt by asking for the list of leases.
+    /// read (spec 5.3); or one was lost on its way: its stream was reset by the gateway, or did
+    /// not end in time. Whatever it said (a Revoked, an EpochChanged) is learnt by asking for
+    /// the list of leases.
     NoticeDiscarded {
         /// What was wrong with it.
         reason: String,
@@ -447,10 +449,11 @@ pub struct AgentMachine {
     last_link_error: Option<String>,
     /// Why no gateway is left to connect to, once every one refused the agent's versions.
     no_gateway_left: Option<String>,
-    /// The List asked for after a discarded notice and not answered yet: its request id and
-    /// when it was asked for.
+    /// The List asked for after a discarded or lost notice and not answered yet: its request
+    /// id and when it was asked for.
     listing: Option<(u64, Instant)>,
-    /// Another notice was discarded while that List was on its way: list again after it.
+    /// Another notice was discarded or lost while that List was on its way: list again after
+    /// it.
     list_again: bool,
     /// Stopping: every lease was released, and a request that fails ends its lease.
     stopping: bool,
@@ -652,7 +655,7 @@ impl AgentMachine {
             } => self.on_connected(gateway, *welcome, leases, now),
             Input::Notice(notice) => self.on_notice(notice, now),
             Input::NoticeDiscarded { reason } => {
-                debug!("a notice was discarded ({reason}); asking for the list of leases");
+                debug!("a notice was discarded or lost ({reason}); asking for the list of leases");
                 self.ask_list(now);
             }
             Input::Listed { request_id, result } => self.on_listed(request_id, result, now),
@@ -1035,9 +1038,10 @@ impl AgentMachine {
         }
     }
 
-    /// Asks the gateway for the list of leases, to learn what a discarded notice said (spec
-    /// 5.3): one List at a time, and one more after it when another notice was discarded
-    /// meanwhile. Without a link nothing is asked: the next connection lists first anyway.
+    /// Asks the gateway for the list of leases, to learn what a discarded or lost notice said
+    /// (spec 5.3): one List at a time, and one more after it when others were discarded or lost
+    /// meanwhile, however many. Without a link nothing is asked: the next connection lists
+    /// first anyway.
     fn ask_list(&mut self, now: Instant) {
         if !self.link_up {
             return;
@@ -1055,9 +1059,9 @@ impl AgentMachine {
         });
     }
 
-    /// The gateway's list after a discarded notice, reconciled as after a reconnection (spec
-    /// 11.7): a new epoch re-opens every lease; a lease the list shows is renewed on what it
-    /// says is left; one it does not show is opened again; one no application holds is
+    /// The gateway's list after a discarded or lost notice, reconciled as after a reconnection
+    /// (spec 11.7): a new epoch re-opens every lease; a lease the list shows is renewed on what
+    /// it says is left; one it does not show is opened again; one no application holds is
     /// released.
     fn on_listed(&mut self, request_id: u64, result: Result<Message, String>, now: Instant) {
         let Some((_, asked_at)) = self.listing.filter(|(asked, _)| *asked == request_id) else {

@@ -1,8 +1,8 @@
 //! The real `fwnp-agent` against scripted gateways on loopback (real QUIC endpoints with the
 //! gateway's TLS configuration and certificates) that do what FWNP's own gateway rarely does:
 //! refuse every version the agent offers (spec 13, unsupported-version), go away with or without
-//! asking to be left alone for a while (spec 8.14), or send a notice the agent cannot read
-//! (spec 5.3). No root needed (mirror off).
+//! asking to be left alone for a while (spec 8.14), send a notice the agent cannot read, or lose
+//! one on its way (spec 5.3). No root needed (mirror off).
 
 mod common;
 
@@ -132,6 +132,24 @@ fn send_notice(runtime: &tokio::runtime::Runtime, script: &Shared, bytes: Vec<u8
         let _ = stream.finish();
         let _ = tokio::time::timeout(STEP, stream.stopped()).await;
     });
+}
+
+/// Opens a notice stream on the gateway's latest connection and writes `bytes` on it without
+/// ending it: the stream, for the test to reset or leave open (dropping it ends it).
+fn begin_notice(
+    runtime: &tokio::runtime::Runtime,
+    script: &Shared,
+    bytes: &'static [u8],
+) -> quinn::SendStream {
+    let connection = latest_connection(script);
+    runtime.block_on(async move {
+        let mut stream = connection.open_uni().await.expect("a notice stream");
+        stream
+            .write_all(bytes)
+            .await
+            .expect("the notice's first bytes");
+        stream
+    })
 }
 
 /// Closes the gateway's latest connection with `code`.
@@ -377,6 +395,56 @@ fn a_notice_that_does_not_decode_makes_the_agent_list_its_leases() {
     assert!(
         eventually(STEP, || count(&script, None, is_list) == 3),
         "no List after a notice too long"
+    );
+    assert!(status.status().connected);
+    assert_eq!(
+        count(&script, None, is_hello),
+        1,
+        "the connection was made again"
+    );
+}
+
+/// Notices lost on their way (spec 5.3): a notice stream the gateway resets, and one that does
+/// not end within the agent's bound, may each have carried a Revoked or an EpochChanged; the
+/// agent asks for the list of its leases after each, as after a notice it discarded, and once
+/// only. The connection stays.
+#[test]
+fn a_notice_lost_on_its_way_makes_the_agent_list_its_leases() {
+    let pki = pki("lost-notices");
+    let runtime = runtime();
+    let (a, script) = start_gateway(&pki, &runtime, false);
+    let dir = temp_dir("lost-notices");
+    let (_agent, socket) = start_agent(&pki, &dir, &[a]);
+    let mut status = LocalClient::connect(&socket);
+    wait_connected_to(&mut status, a);
+    assert!(eventually(STEP, || count(&script, None, is_list) == 1));
+
+    // The first bytes of a Revoked ({0: 32, ...}), then the stream is reset.
+    let revoked_start: &[u8] = &[0xa3, 0x00, 0x18, 0x20];
+    let mut reset = begin_notice(&runtime, &script, revoked_start);
+    reset
+        .reset(quinn::VarInt::from_u32(QuicErrorCode::InternalError.code()))
+        .expect("reset the notice stream");
+    assert!(
+        eventually(STEP, || count(&script, None, is_list) == 2),
+        "no List after a notice stream was reset"
+    );
+
+    // The same bytes on a stream that does not end.
+    let unfinished = begin_notice(&runtime, &script, revoked_start);
+    assert!(
+        eventually(fwnp_agent::link::EXCHANGE_TIMEOUT + STEP, || {
+            count(&script, None, is_list) == 3
+        }),
+        "no List after a notice stream that did not end"
+    );
+    drop(unfinished);
+
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&script, None, is_list),
+        3,
+        "listed more than once each"
     );
     assert!(status.status().connected);
     assert_eq!(
