@@ -19,8 +19,8 @@
 //! - [`LeaseMachine::poll_event`] tells what happened, for the application and for the host's
 //!   mirror of the lease (add on Granted, refresh on Renewed, remove on the terminal events);
 //! - [`LeaseMachine::release`], [`LeaseMachine::connection_lost`],
-//!   [`LeaseMachine::reconnected`] and [`LeaseMachine::epoch_observed`] report what the owner
-//!   learned.
+//!   [`LeaseMachine::reconnected`], [`LeaseMachine::epoch_observed`], [`LeaseMachine::listed`]
+//!   and [`LeaseMachine::not_listed`] report what the owner learned.
 //!
 //! The schedule follows the protocol's rules: after a Granted at `t` with lifetime `L` and hint
 //! `H`, renew at a uniformly random instant of `[t + H, t + H + L/8]`, never later than
@@ -679,6 +679,52 @@ impl LeaseMachine {
         }
     }
 
+    /// The gateway's List, received at `now`, shows the lease with `remaining` seconds left and
+    /// the expiry `expires_ms` on its clock (spec 11.7): the lease is kept, and its expiry and
+    /// next renewal are reckoned as spec 11.8 says for a lease learned from Leases, with
+    /// `t = now`, `L = remaining` and no hint (`H = L/2`): it expires at `now + remaining`, and
+    /// an Active lease is renewed at a random instant of `[t + L/2, t + 5L/8]`. A Renew on its
+    /// way or waiting to be retried is left to go (its Granted schedules the next one), and a
+    /// lease whose renewal the gateway refused is still not renewed. Any other state is left as
+    /// it is.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use fwnp_proto::lease::LeaseMachine;
+    /// use fwnp_proto::{Opening, PortRange, Protocol, Target};
+    /// let now = Instant::now();
+    /// let opening = Opening {
+    ///     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+    ///     host: Default::default(),
+    ///     family: None,
+    ///     remotes: vec![],
+    /// };
+    /// let mut machine = LeaseMachine::new(now, opening, None, None, &mut rand::rng());
+    /// machine.listed(now, 60, 1_700_000_060_000, &mut rand::rng()); // no lease yet
+    /// assert_eq!(machine.expires_at(), None);
+    /// ```
+    pub fn listed<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        remaining: u32,
+        expires_ms: u64,
+        rng: &mut R,
+    ) {
+        if !matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+            return;
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return;
+        };
+        let left = Duration::from_secs(u64::from(remaining));
+        lease.expires_at = now + left;
+        lease.expires_ms = expires_ms;
+        if self.state == LeaseState::Active && !self.renewal_refused {
+            let (start, end) = window(left, left / 2);
+            self.send_at = Some(now + start + random_part(end - start, rng));
+        }
+    }
+
     /// The connection carrying the request in flight was lost: the request counts as failed and
     /// is retried on the backoff schedule.
     pub fn connection_lost<R: Rng + ?Sized>(&mut self, now: Instant, rng: &mut R) {
@@ -991,8 +1037,15 @@ enum Unanswered {
 /// 11.8). A hint of 0 is a hint like any other: the window is the first eighth of the lifetime.
 /// Only a lease learned from Leases has none; spec 11.8 takes half its lifetime then.
 pub fn renewal_window(lifetime: u32, renew_after: u32) -> (Duration, Duration) {
-    let lifetime = Duration::from_secs(u64::from(lifetime));
-    let hint = Duration::from_secs(u64::from(renew_after));
+    window(
+        Duration::from_secs(u64::from(lifetime)),
+        Duration::from_secs(u64::from(renew_after)),
+    )
+}
+
+/// [`renewal_window`] for a lifetime and a hint that need not be whole seconds (half of an odd
+/// `remaining` is not).
+fn window(lifetime: Duration, hint: Duration) -> (Duration, Duration) {
     let latest = lifetime * 7 / 8;
     let start = hint.min(latest);
     let end = (hint + lifetime / 8).min(latest);
@@ -1007,8 +1060,13 @@ fn renewal_instant<R: Rng + ?Sized>(
     rng: &mut R,
 ) -> Instant {
     let (start, end) = renewal_window(lease.lifetime, lease.renew_after);
-    let span = u64::try_from((end - start).as_nanos()).unwrap_or(u64::MAX);
-    sent_at + start + Duration::from_nanos(rng.random_range(0..=span))
+    sent_at + start + random_part(end - start, rng)
+}
+
+/// A uniformly random duration of `[0, span]`.
+fn random_part<R: Rng + ?Sized>(span: Duration, rng: &mut R) -> Duration {
+    let span = u64::try_from(span.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(rng.random_range(0..=span))
 }
 
 /// The un-jittered delay before retry number `attempt` (0 for the first retry): 1 s doubling,
@@ -1095,6 +1153,75 @@ mod tests {
                 renew_at - start
             );
         }
+    }
+
+    /// A lease a List shows is kept on the List's terms (spec 11.7, 11.8): it expires at the
+    /// List's receipt plus `remaining`, and is renewed from half of that, without the hint of its
+    /// Granted; a Renew on its way is left to its answer, and a lease whose renewal was refused
+    /// is not renewed because a List showed it.
+    #[test]
+    fn a_listed_lease_is_renewed_on_the_lists_terms() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let start = Instant::now();
+        let granted_at = |rng: &mut StdRng| {
+            let mut machine = LeaseMachine::new(start, tcp_8080(), Some(600), None, rng);
+            let Some(Message::Open(open)) = machine.poll_transmit(start) else {
+                panic!("the Open is due at once");
+            };
+            machine.handle_answer(start, &granted_7(&open, 600), rng);
+            machine
+        };
+        let listed_at = start + Duration::from_secs(100);
+        for _ in 0..50 {
+            let mut machine = granted_at(&mut rng);
+            machine.listed(listed_at, 201, 1_700_000_301_000, &mut rng);
+            let left = Duration::from_secs(201);
+            assert_eq!(machine.expires_at(), Some(listed_at + left));
+            assert_eq!(
+                machine.lease().map(|l| l.expires_ms),
+                Some(1_700_000_301_000)
+            );
+            let renew_at = machine.renew_at().expect("a renewal is scheduled");
+            assert!(
+                renew_at >= listed_at + left / 2 && renew_at <= listed_at + left * 5 / 8,
+                "renewal {:?} after the List",
+                renew_at - listed_at
+            );
+        }
+
+        let mut renewing = granted_at(&mut rng);
+        let renew_at = renewing.renew_at().expect("a renewal");
+        let Some(Message::Renew(_)) = renewing.poll_transmit(renew_at) else {
+            panic!("the Renew is due");
+        };
+        renewing.listed(renew_at, 300, 1_700_000_600_000, &mut rng);
+        assert_eq!(renewing.state(), LeaseState::Renewing);
+        assert!(renewing.in_flight().is_some(), "the Renew is still awaited");
+        assert_eq!(
+            renewing.expires_at(),
+            Some(renew_at + Duration::from_secs(300))
+        );
+
+        let mut refused = granted_at(&mut rng);
+        let renew_at = refused.renew_at().expect("a renewal");
+        let Some(Message::Renew(renew)) = refused.poll_transmit(renew_at) else {
+            panic!("the Renew is due");
+        };
+        let refusal = Message::Denied(Denied {
+            common: renew.common.clone(),
+            code: ResultCode::NotAuthorized,
+            reason: None,
+            retry_after: None,
+            lease: None,
+            unsupported: Vec::new(),
+        });
+        refused.handle_answer(renew_at, &refusal, &mut rng);
+        refused.listed(renew_at, 200, 1_700_000_500_000, &mut rng);
+        assert_eq!(refused.renew_at(), None, "renewed after a refusal");
+        assert_eq!(
+            refused.poll_transmit(renew_at + Duration::from_secs(150)),
+            None
+        );
     }
 
     /// A Revoked notice may come before the Granted that creates its lease (spec 5.3): the

@@ -7,16 +7,17 @@
 //! one is lost it goes on at once with the next, each verified against its own name, and only
 //! a round in which none answered waits for the delays below. Its connections then notice a
 //! dead gateway within [`FAILOVER_IDLE_TIMEOUT`], whatever the lifetimes. One that sent
-//! GoingAway is left out until the time its reconnect-after gives has passed, while the others
-//! are tried at once. A gateway whose name has several addresses is reached through the first
-//! that answers, the next tried 250 ms after the one before began (RFC 8305's connection attempt
-//! delay).
+//! GoingAway is left out until the time its reconnect-after gives has passed (without one, the
+//! delay after a lost connection), while the others are tried at once. A gateway whose name has
+//! several addresses is reached through the first that answers, the next tried 250 ms after the
+//! one before began (RFC 8305's connection attempt delay).
 //!
 //! A gateway that refuses every version the agent offers (unsupported-version) would refuse the
 //! same Hello again: it is left out until the agent restarts, and when no gateway is left the
 //! link stops and tells the core, which refuses Opens with that reason from then on. A notice
 //! of a known type that does not decode, or one too long to read, is discarded and the core
-//! told, which asks for the list of leases to learn what it missed (spec 5.3).
+//! told, which asks for the list of leases to learn what it missed (spec 5.3); so is a notice
+//! lost on its way, its stream reset by the gateway or not ended within [`EXCHANGE_TIMEOUT`].
 //!
 //! The timing is [`fwnp_proto::link`]'s: each connection's keep-alive and idle timeout suit the
 //! shortest lifetime the gateway grants (known from the last Welcome; a connection whose timers
@@ -38,7 +39,7 @@ use fwnp_proto::{
     Welcome,
 };
 use fwnp_trust::tls::{ClientOptions, client_transport};
-use quinn::{ReadToEndError, VarInt};
+use quinn::{ReadError, ReadToEndError, VarInt};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::{mpsc, watch};
@@ -71,7 +72,8 @@ pub enum GatewayEvent {
     /// A notice from the gateway (Revoked, EpochChanged, GoingAway).
     Notice(Message),
     /// A notice was discarded (spec 5.3): it was of a known type and did not decode, or it
-    /// was longer than any notice may be.
+    /// was longer than any notice may be; or it was lost on its way (its stream was reset, or
+    /// did not end in time).
     NoticeDiscarded {
         /// What was wrong with it.
         reason: String,
@@ -503,7 +505,11 @@ pub async fn run(
                 if core.send(CoreInput::Gateway(event)).is_err() {
                     return;
                 }
-                let (reason, how) = follow(&connection, &core).await;
+                let Followed {
+                    reason,
+                    ending: how,
+                    went_away,
+                } = follow(&connection, &core).await;
                 warn!(gateway = %candidate.address, %reason, "connection to the gateway ended");
                 endpoint.close(0u32.into(), b"");
                 if core
@@ -518,13 +524,14 @@ pub async fn run(
                 let reset = how == Ending::Reset;
                 prefer = Some((candidate.address.clone(), !reset));
                 at_once = list.len() > 1 && !reset && since.elapsed() >= FAILOVER_MIN_UPTIME;
-                if let Ending::GoingAway(_) = how
-                    && list.len() > 1
-                {
-                    // Only the departing gateway waits what it asked for (spec 8.14), as the
-                    // schedule reckons it for a gateway of its own; the others are tried at once,
-                    // or after the usual delays when this connection was too short (spec 3.5).
-                    let until = Reconnect::new().next_attempt(Instant::now(), how, None, &mut rng);
+                if went_away && list.len() > 1 {
+                    // Only the departing gateway waits: what it asked for, or without
+                    // reconnect-after the delays of a lost connection (spec 8.14, 3.5), as the
+                    // schedule reckons them for it alone; the others are tried at once, or after
+                    // the usual delays when this connection was too short.
+                    let mut alone = schedule.clone();
+                    let expiry = *earliest_expiry.borrow();
+                    let until = alone.next_attempt(Instant::now(), how, expiry, &mut rng);
                     exclusions.depart(&candidate.address, until);
                     ending = Ending::Lost;
                 }
@@ -825,12 +832,33 @@ async fn first_handshake(
     }
 }
 
-/// Forwards notices until the connection ends; returns why it ended and how, for the
-/// reconnection schedule (a stateless reset; after a GoingAway, the delay it asked for).
+/// How a followed connection ended.
+struct Followed {
+    /// Why, for logs and Status.
+    reason: String,
+    /// How, for the reconnection schedule: a stateless reset; after a GoingAway, the delay it
+    /// asked for; otherwise lost.
+    ending: Ending,
+    /// Whether the gateway said it was going away (GoingAway), with or without a delay.
+    went_away: bool,
+}
+
+impl Followed {
+    fn stopping() -> Self {
+        Followed {
+            reason: "the agent is stopping".into(),
+            ending: Ending::Lost,
+            went_away: false,
+        }
+    }
+}
+
+/// Forwards notices until the connection ends; returns why it ended and how.
 async fn follow(
     connection: &quinn::Connection,
     core: &mpsc::UnboundedSender<CoreInput>,
-) -> (String, Ending) {
+) -> Followed {
+    let mut went_away = false;
     let mut hint = None;
     loop {
         let mut stream = match connection.accept_uni().await {
@@ -841,7 +869,11 @@ async fn follow(
                     (_, Some(after)) => Ending::GoingAway(after),
                     _ => Ending::Lost,
                 };
-                return (e.to_string(), ending);
+                return Followed {
+                    reason: e.to_string(),
+                    ending,
+                    went_away,
+                };
             }
         };
         // A notice is one small item; read it here, bounded in size and time.
@@ -856,16 +888,31 @@ async fn follow(
                 let _ = stream.stop(VarInt::from_u32(QuicErrorCode::MessageTooLarge.code()));
                 let reason = format!("a notice longer than {MAX_MESSAGE_SIZE} bytes");
                 if !discarded(core, reason) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
                 continue;
             }
+            // The connection's end comes next, and the next connection lists the leases first
+            // anyway.
+            Ok(Err(ReadToEndError::Read(ReadError::ConnectionLost(e)))) => {
+                debug!("a notice stream ended with its connection: {e}");
+                continue;
+            }
+            // A notice lost on its way may have been a Revoked or an EpochChanged: the list of
+            // leases tells what it said, as for one discarded (spec 5.3).
             Ok(Err(e)) => {
-                debug!("notice stream failed: {e}");
+                if !discarded(core, format!("a notice lost on its way ({e})")) {
+                    return Followed::stopping();
+                }
                 continue;
             }
             Err(_) => {
-                debug!("notice stream not finished in time");
+                let _ = stream.stop(VarInt::from_u32(QuicErrorCode::RequestTimeout.code()));
+                let reason =
+                    format!("a notice whose stream did not end within {EXCHANGE_TIMEOUT:?}");
+                if !discarded(core, reason) {
+                    return Followed::stopping();
+                }
                 continue;
             }
         };
@@ -873,6 +920,7 @@ async fn follow(
             Ok(notice) if notice.message_type().is_notice() => {
                 if let Message::GoingAway(g) = &notice {
                     info!(reason = ?g.reason, reconnect_after = ?g.reconnect_after, "the gateway is going away");
+                    went_away = true;
                     // Without reconnect-after, the usual delays apply (spec Section 8.14).
                     hint = g
                         .reconnect_after
@@ -882,7 +930,7 @@ async fn follow(
                     .send(CoreInput::Gateway(GatewayEvent::Notice(notice)))
                     .is_err()
                 {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
             // A notice type this agent does not know is ignored, as the protocol says; one it
@@ -893,20 +941,20 @@ async fn follow(
             Ok(other) => {
                 let reason = format!("a {} on a notice stream", other.message_type().name());
                 if !discarded(core, reason) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
             Err(e) => {
                 if !discarded(core, format!("an undecodable notice: {e}")) {
-                    return ("the agent is stopping".into(), Ending::Lost);
+                    return Followed::stopping();
                 }
             }
         }
     }
 }
 
-/// Tells the core that a notice was discarded, so that it asks for the list of leases to learn
-/// what it missed (spec 5.3); false when the core is gone.
+/// Tells the core that a notice was discarded or lost, so that it asks for the list of leases
+/// to learn what it missed (spec 5.3); false when the core is gone.
 fn discarded(core: &mpsc::UnboundedSender<CoreInput>, reason: String) -> bool {
     warn!("discarded {reason}");
     core.send(CoreInput::Gateway(GatewayEvent::NoticeDiscarded { reason }))

@@ -121,7 +121,9 @@ pub enum Input {
     /// A notice the gateway pushed (EpochChanged, Revoked, GoingAway).
     Notice(Message),
     /// A notice was discarded: one of a known type that did not decode, or one too long to
-    /// read (spec 5.3). Whatever it said is learnt by asking for the list of leases.
+    /// read (spec 5.3); or one was lost on its way: its stream was reset by the gateway, or did
+    /// not end in time. Whatever it said (a Revoked, an EpochChanged) is learnt by asking for
+    /// the list of leases.
     NoticeDiscarded {
         /// What was wrong with it.
         reason: String,
@@ -447,10 +449,11 @@ pub struct AgentMachine {
     last_link_error: Option<String>,
     /// Why no gateway is left to connect to, once every one refused the agent's versions.
     no_gateway_left: Option<String>,
-    /// The List asked for after a discarded notice and not answered yet: its request id and
-    /// when it was asked for.
+    /// The List asked for after a discarded or lost notice and not answered yet: its request
+    /// id and when it was asked for.
     listing: Option<(u64, Instant)>,
-    /// Another notice was discarded while that List was on its way: list again after it.
+    /// Another notice was discarded or lost while that List was on its way: list again after
+    /// it.
     list_again: bool,
     /// Stopping: every lease was released, and a request that fails ends its lease.
     stopping: bool,
@@ -652,7 +655,7 @@ impl AgentMachine {
             } => self.on_connected(gateway, *welcome, leases, now),
             Input::Notice(notice) => self.on_notice(notice, now),
             Input::NoticeDiscarded { reason } => {
-                debug!("a notice was discarded ({reason}); asking for the list of leases");
+                debug!("a notice was discarded or lost ({reason}); asking for the list of leases");
                 self.ask_list(now);
             }
             Input::Listed { request_id, result } => self.on_listed(request_id, result, now),
@@ -847,12 +850,6 @@ impl AgentMachine {
             identity: welcome.identity.clone(),
         });
 
-        // Without a list, every lease counts as not listed: it is asked for again with Open,
-        // which the gateway answers with the same lease while it holds it (spec 5.4, 11.3).
-        let at_gateway: HashSet<LeaseId> = listed
-            .iter()
-            .flat_map(|l| l.leases.iter().map(|l| l.lease))
-            .collect();
         if !self.synced_once {
             // The first connection since start: the host table is made to match what the
             // gateway holds for this host. Openings of an earlier run stay for a grace period,
@@ -900,7 +897,10 @@ impl AgentMachine {
             }
         } else {
             // A reconnection under the same epoch: the list went before any other request.
-            self.reopen_unlisted(&at_gateway, epoch, now, now);
+            // Without a list, every lease counts as not listed: it is asked for again with Open,
+            // which the gateway answers with the same lease while it holds it (spec 5.4, 11.3).
+            let shown = listed.as_ref().map_or(&[][..], |l| l.leases.as_slice());
+            self.reconcile_listed(shown, epoch, now, now);
             self.release_unheld(listed.as_ref(), epoch);
         }
         self.observe_epoch(epoch, None, now);
@@ -915,27 +915,56 @@ impl AgentMachine {
         }
     }
 
-    /// Opens again at once (Reopening, spec 11.10) each lease of `epoch` that the gateway's list
-    /// does not show (it expired or ended there), of those granted or renewed by `asked_at`,
-    /// when the list was asked for: a later one may be missing from it only because the list was
-    /// made first. The mirror of each stays until a new grant replaces it, or until its expiry,
-    /// where retries stop.
-    fn reopen_unlisted(
+    /// Reconciles the leases of `epoch` with the gateway's list, `shown`, received at `now`
+    /// (spec 11.7): of those granted or renewed by `asked_at`, when the list was asked for (a
+    /// later one may be missing from it, or shown with what was left before, only because the
+    /// list was made first).
+    ///
+    /// A lease the list shows is kept, its expiry and next renewal reckoned from what the list
+    /// says is left, as for a lease without a hint (spec 11.8); the host table's entry follows
+    /// a changed expiry. A lease the list does not show (it expired or ended there) is opened
+    /// again at once (Reopening, spec 11.10); its mirror stays until a new grant replaces it,
+    /// or until its expiry, where retries stop.
+    fn reconcile_listed(
         &mut self,
-        at_gateway: &HashSet<LeaseId>,
+        shown: &[LeaseInfo],
         epoch: Epoch,
         asked_at: Instant,
         now: Instant,
     ) {
-        for held in self.leases.values_mut() {
-            let unlisted = matches!(
+        let at_gateway: HashMap<LeaseId, &LeaseInfo> =
+            shown.iter().map(|info| (info.lease, info)).collect();
+        for (key, held) in self.leases.iter_mut() {
+            if !matches!(
                 held.machine.state(),
                 LeaseState::Active | LeaseState::Renewing
-            ) && held.machine.lease().is_some_and(|l| {
-                l.epoch == epoch && l.granted_at <= asked_at && !at_gateway.contains(&l.id)
-            });
-            if unlisted {
+            ) {
+                continue;
+            }
+            let Some((id, expiry_before)) = held
+                .machine
+                .lease()
+                .filter(|l| l.epoch == epoch && l.granted_at <= asked_at)
+                .map(|l| (l.id, l.expires_at))
+            else {
+                continue;
+            };
+            let Some(info) = at_gateway.get(&id) else {
                 held.machine.not_listed(now);
+                continue;
+            };
+            held.machine
+                .listed(now, info.remaining, info.expires_ms, &mut self.rng);
+            if let Some(lease) = held.machine.lease()
+                && held.mirrored
+                && lease.expires_at != expiry_before
+            {
+                self.actions.push_back(Action::MirrorHold {
+                    holder: *key,
+                    grants: lease.grants.clone(),
+                    expires_at: lease.expires_at,
+                    confirm: None,
+                });
             }
         }
     }
@@ -1009,9 +1038,10 @@ impl AgentMachine {
         }
     }
 
-    /// Asks the gateway for the list of leases, to learn what a discarded notice said (spec
-    /// 5.3): one List at a time, and one more after it when another notice was discarded
-    /// meanwhile. Without a link nothing is asked: the next connection lists first anyway.
+    /// Asks the gateway for the list of leases, to learn what a discarded or lost notice said
+    /// (spec 5.3): one List at a time, and one more after it when others were discarded or lost
+    /// meanwhile, however many. Without a link nothing is asked: the next connection lists
+    /// first anyway.
     fn ask_list(&mut self, now: Instant) {
         if !self.link_up {
             return;
@@ -1029,9 +1059,10 @@ impl AgentMachine {
         });
     }
 
-    /// The gateway's list after a discarded notice, reconciled as after a reconnection (spec
-    /// 11.7): a new epoch re-opens every lease; a lease the list does not show is opened again;
-    /// a lease no application holds is released.
+    /// The gateway's list after a discarded or lost notice, reconciled as after a reconnection
+    /// (spec 11.7): a new epoch re-opens every lease; a lease the list shows is renewed on what
+    /// it says is left; one it does not show is opened again; one no application holds is
+    /// released.
     fn on_listed(&mut self, request_id: u64, result: Result<Message, String>, now: Instant) {
         let Some((_, asked_at)) = self.listing.filter(|(asked, _)| *asked == request_id) else {
             return;
@@ -1049,8 +1080,7 @@ impl AgentMachine {
                     self.epoch = Some(epoch);
                     self.observe_epoch(epoch, None, now);
                 }
-                let at_gateway: HashSet<LeaseId> = listed.leases.iter().map(|l| l.lease).collect();
-                self.reopen_unlisted(&at_gateway, epoch, asked_at, now);
+                self.reconcile_listed(&listed.leases, epoch, asked_at, now);
                 self.release_unheld(Some(&listed), epoch);
                 let keys: Vec<Key> = self.leases.keys().copied().collect();
                 for key in keys {

@@ -1,8 +1,8 @@
 //! The real `fwnp-agent` against scripted gateways on loopback (real QUIC endpoints with the
 //! gateway's TLS configuration and certificates) that do what FWNP's own gateway rarely does:
-//! refuse every version the agent offers (spec 13, unsupported-version), go away asking to be
-//! left alone for a while (spec 8.14), or send a notice the agent cannot read (spec 5.3). No
-//! root needed (mirror off).
+//! refuse every version the agent offers (spec 13, unsupported-version), go away with or without
+//! asking to be left alone for a while (spec 8.14), send a notice the agent cannot read, or lose
+//! one on its way (spec 5.3). No root needed (mirror off).
 
 mod common;
 
@@ -103,14 +103,28 @@ fn is_list(m: &Message) -> bool {
     matches!(m, Message::List(_))
 }
 
-/// Sends `bytes` as one notice on the gateway's latest connection and waits until the agent
-/// read it (or stopped its stream).
-fn send_notice(runtime: &tokio::runtime::Runtime, script: &Shared, bytes: Vec<u8>) {
-    let connection = lock(script)
+/// When the gateway first saw a request of the kind `what` picks after `after`.
+fn first_after(script: &Shared, after: Instant, what: fn(&Message) -> bool) -> Option<Instant> {
+    lock(script)
+        .seen
+        .iter()
+        .find(|(at, m)| *at > after && what(m))
+        .map(|(at, _)| *at)
+}
+
+/// The gateway's latest connection.
+fn latest_connection(script: &Shared) -> quinn::Connection {
+    lock(script)
         .connections
         .last()
         .cloned()
-        .expect("a connection");
+        .expect("a connection")
+}
+
+/// Sends `bytes` as one notice on the gateway's latest connection and waits until the agent
+/// read it (or stopped its stream).
+fn send_notice(runtime: &tokio::runtime::Runtime, script: &Shared, bytes: Vec<u8>) {
+    let connection = latest_connection(script);
     runtime.block_on(async move {
         let mut stream = connection.open_uni().await.expect("a notice stream");
         // A stream the agent stopped (too long) refuses the rest: that is its answer.
@@ -120,14 +134,27 @@ fn send_notice(runtime: &tokio::runtime::Runtime, script: &Shared, bytes: Vec<u8
     });
 }
 
+/// Opens a notice stream on the gateway's latest connection and writes `bytes` on it without
+/// ending it: the stream, for the test to reset or leave open (dropping it ends it).
+fn begin_notice(
+    runtime: &tokio::runtime::Runtime,
+    script: &Shared,
+    bytes: &'static [u8],
+) -> quinn::SendStream {
+    let connection = latest_connection(script);
+    runtime.block_on(async move {
+        let mut stream = connection.open_uni().await.expect("a notice stream");
+        stream
+            .write_all(bytes)
+            .await
+            .expect("the notice's first bytes");
+        stream
+    })
+}
+
 /// Closes the gateway's latest connection with `code`.
 fn close_latest(script: &Shared, code: QuicErrorCode) {
-    let connection = lock(script)
-        .connections
-        .last()
-        .cloned()
-        .expect("a connection");
-    connection.close(quinn::VarInt::from_u32(code.code()), b"scripted");
+    latest_connection(script).close(quinn::VarInt::from_u32(code.code()), b"scripted");
 }
 
 /// Waits until Status says the agent is connected to `gateway`.
@@ -282,6 +309,48 @@ fn a_gateway_that_went_away_is_not_tried_again_before_its_reconnect_after() {
     wait_connected_to(&mut status, b);
 }
 
+/// Of two gateways, the one in use sends GoingAway without reconnect-after and closes, and the
+/// other cannot take its place (it refuses the agent's versions): the departed gateway is tried
+/// again after the delay of a lost connection (spec 8.14, 3.5: a second, +-20 %), not at once
+/// when the other one failed; then the agent is connected to it again.
+#[test]
+fn a_gateway_that_went_away_without_a_delay_is_tried_again_after_the_usual_one() {
+    let pki = pki("going-away-plain");
+    let runtime = runtime();
+    let (a, departing) = start_gateway(&pki, &runtime, false);
+    let (b, refusing) = start_gateway(&pki, &runtime, true);
+    let dir = temp_dir("going-away-plain");
+    let (_agent, socket) = start_agent(&pki, &dir, &[a, b]);
+    let mut status = LocalClient::connect(&socket);
+    wait_connected_to(&mut status, a);
+    assert_eq!(count(&refusing, None, is_hello), 0);
+
+    std::thread::sleep(UPTIME);
+    let notice = Message::GoingAway(GoingAway {
+        common: Common::default(),
+        reconnect_after: None,
+        reason: Some("restart".into()),
+    });
+    send_notice(&runtime, &departing, fwnp_proto::codec::encode(&notice));
+    close_latest(&departing, QuicErrorCode::GoingAway);
+    let went = Instant::now();
+    assert!(
+        eventually(STEP, || first_after(&departing, went, is_hello).is_some()),
+        "the departed gateway was not tried again"
+    );
+    let back = first_after(&departing, went, is_hello).unwrap_or(went) - went;
+    let other = first_after(&refusing, went, is_hello).map(|at| at - went);
+    assert!(
+        other.is_some_and(|other| other < back),
+        "the other gateway was not tried first: {other:?}, the departed one {back:?} after it went"
+    );
+    assert!(
+        back >= Duration::from_millis(800),
+        "the departed gateway was tried again {back:?} after it went away"
+    );
+    wait_connected_to(&mut status, a);
+}
+
 /// Notices the agent cannot read: one of a type it does not know is ignored (spec 5.3); one of
 /// a known type that does not decode, and one longer than 16,384 bytes, are discarded, and the
 /// agent asks for the list of its leases to learn what it missed. The connection stays.
@@ -326,6 +395,56 @@ fn a_notice_that_does_not_decode_makes_the_agent_list_its_leases() {
     assert!(
         eventually(STEP, || count(&script, None, is_list) == 3),
         "no List after a notice too long"
+    );
+    assert!(status.status().connected);
+    assert_eq!(
+        count(&script, None, is_hello),
+        1,
+        "the connection was made again"
+    );
+}
+
+/// Notices lost on their way (spec 5.3): a notice stream the gateway resets, and one that does
+/// not end within the agent's bound, may each have carried a Revoked or an EpochChanged; the
+/// agent asks for the list of its leases after each, as after a notice it discarded, and once
+/// only. The connection stays.
+#[test]
+fn a_notice_lost_on_its_way_makes_the_agent_list_its_leases() {
+    let pki = pki("lost-notices");
+    let runtime = runtime();
+    let (a, script) = start_gateway(&pki, &runtime, false);
+    let dir = temp_dir("lost-notices");
+    let (_agent, socket) = start_agent(&pki, &dir, &[a]);
+    let mut status = LocalClient::connect(&socket);
+    wait_connected_to(&mut status, a);
+    assert!(eventually(STEP, || count(&script, None, is_list) == 1));
+
+    // The first bytes of a Revoked ({0: 32, ...}), then the stream is reset.
+    let revoked_start: &[u8] = &[0xa3, 0x00, 0x18, 0x20];
+    let mut reset = begin_notice(&runtime, &script, revoked_start);
+    reset
+        .reset(quinn::VarInt::from_u32(QuicErrorCode::InternalError.code()))
+        .expect("reset the notice stream");
+    assert!(
+        eventually(STEP, || count(&script, None, is_list) == 2),
+        "no List after a notice stream was reset"
+    );
+
+    // The same bytes on a stream that does not end.
+    let unfinished = begin_notice(&runtime, &script, revoked_start);
+    assert!(
+        eventually(fwnp_agent::link::EXCHANGE_TIMEOUT + STEP, || {
+            count(&script, None, is_list) == 3
+        }),
+        "no List after a notice stream that did not end"
+    );
+    drop(unfinished);
+
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&script, None, is_list),
+        3,
+        "listed more than once each"
     );
     assert!(status.status().connected);
     assert_eq!(

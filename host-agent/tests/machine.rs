@@ -506,7 +506,8 @@ fn denials(actions: &[Action]) -> Vec<(ConnId, fwnp_proto::local::LocalDenied)> 
 
 /// A lease is held when the link goes down: the caller hears the gateway is unreachable, no
 /// renewal is sent while there is no link, and when the link is back under the same epoch with
-/// the lease still listed, the renewal goes out at once and nothing is opened again.
+/// the lease still listed, nothing is opened again and the renewal goes out on the schedule the
+/// list gives (spec 11.7, 11.8): from half of what it says is left.
 #[test]
 fn reconnect_resumes_renewals_without_reopening() {
     let (mut sim, lease, key) = Sim::holding_a_lease();
@@ -526,19 +527,26 @@ fn reconnect_resumes_renewals_without_reopening() {
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
     assert!(events(&actions).is_empty(), "{actions:?}");
 
+    let listed_at = sim.now;
     let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 60)]);
-    let (to, request) = single_send(&actions);
-    assert_eq!(to, key);
-    let Message::Renew(renew) = &request else {
-        panic!("expected a renewal, got {request:?}");
-    };
-    assert_eq!(renew.lease, lease);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
     assert!(
         actions
             .iter()
             .any(|a| matches!(a, Action::Record { epoch: EPOCH, .. })),
         "{actions:?}"
+    );
+    let (to, request, _) = sim.until_send(Duration::from_secs(60));
+    assert_eq!(to, key);
+    let Message::Renew(renew) = &request else {
+        panic!("expected a renewal, got {request:?}");
+    };
+    assert_eq!(renew.lease, lease);
+    let after = sim.now - listed_at;
+    assert!(
+        after >= Duration::from_secs(30) && after <= Duration::from_millis(37_500),
+        "renewed {after:?} after the list"
     );
 
     let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
@@ -578,6 +586,84 @@ fn a_request_lost_with_the_link_is_sent_again_on_the_next() {
     assert!(sends(&actions).is_empty(), "{actions:?}");
     let actions = sim.answer(key, Ok(granted(&second, lease, 8080, EPOCH)));
     assert_eq!(events(&actions)[0].1.kind, EventKind::Renewed);
+}
+
+/// A reconnection's list shows a lease the host holds with more time left than the host reckoned
+/// from its Granted: the lease is kept on the list's terms (spec 11.7, 11.8), not on its
+/// Granted's.
+#[test]
+fn a_lease_a_reconnection_lists_is_kept_on_what_the_list_says_is_left() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.link_down("idle timeout");
+    // Before the renewal window of the Granted, [150 s, 187.5 s].
+    sim.advance(Duration::from_secs(100));
+    let listed_at = sim.now;
+    let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, 261)]);
+    assert_kept_as_listed(&mut sim, (key, lease), listed_at, 261, &actions);
+}
+
+/// The list asked for after a discarded notice is reconciled the same way: a lease it shows
+/// with more time left than the host reckoned is kept on the list's terms (spec 11.7, 11.8).
+#[test]
+fn a_lease_the_list_after_a_discarded_notice_shows_is_kept_on_its_terms() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.advance(Duration::from_secs(100));
+    let actions = sim.input(Input::NoticeDiscarded {
+        reason: "an undecodable notice".into(),
+    });
+    let request_id = single_list(&actions);
+    sim.advance(Duration::from_millis(40));
+    let listed_at = sim.now;
+    let actions = sim.input(Input::Listed {
+        request_id,
+        result: Ok(Message::Leases(Leases {
+            common: common(request_id),
+            leases: vec![listed(lease, 8080, 261)],
+            epoch: EPOCH,
+        })),
+    });
+    assert_kept_as_listed(&mut sim, (key, lease), listed_at, 261, &actions);
+}
+
+/// Checks that `held` (a key and its lease), shown by a list received at `listed_at` with
+/// `remaining` seconds left, is kept on the list's terms, as spec 11.8 says for a lease learned
+/// from Leases (t the list's receipt, L `remaining`, H = L/2): `actions`, the machine's answer
+/// to the list, open nothing and hold its host-table entry until t + L, and its next Renew goes
+/// at a random instant of [t + L/2, t + L/2 + L/8].
+fn assert_kept_as_listed(
+    sim: &mut Sim,
+    (key, lease): (Key, LeaseId),
+    listed_at: Instant,
+    remaining: u32,
+    actions: &[Action],
+) {
+    assert!(sends(actions).is_empty(), "{actions:?}");
+    let left = Duration::from_secs(u64::from(remaining));
+    let held_until: Vec<Instant> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::MirrorHold {
+                holder,
+                expires_at,
+                confirm: None,
+                ..
+            } if *holder == key => Some(*expires_at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(held_until, vec![listed_at + left], "{actions:?}");
+    let (to, request, on_the_way) = sim.until_send(left);
+    assert_eq!(to, key);
+    assert!(
+        matches!(&request, Message::Renew(renew) if renew.lease == lease),
+        "{request:?}"
+    );
+    assert!(mirror_drops(&on_the_way).is_empty(), "{on_the_way:?}");
+    let after = sim.now - listed_at;
+    assert!(
+        after >= left / 2 && after <= left / 2 + left / 8,
+        "renewed {after:?} after the list"
+    );
 }
 
 /// Back under the same epoch, a lease the gateway no longer lists (it expired there while the
