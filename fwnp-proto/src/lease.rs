@@ -787,6 +787,69 @@ impl LeaseMachine {
         }
     }
 
+    /// The lifetime later Renews and re-opens ask (`None`: the lifetime last granted for a
+    /// Renew, the policy's default for an Open), and the application information a re-open
+    /// tells. The owner changes them when the applications holding the lease change: several
+    /// may hold one lease, the gateway having merged their identical Opens (spec 11.3).
+    ///
+    /// ```
+    /// use std::time::Instant;
+    /// use fwnp_proto::lease::LeaseMachine;
+    /// use fwnp_proto::{Message, Opening, PortRange, Protocol, Target};
+    /// let now = Instant::now();
+    /// let opening = Opening {
+    ///     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+    ///     host: Default::default(),
+    ///     family: None,
+    ///     remotes: vec![],
+    /// };
+    /// let mut machine = LeaseMachine::new(now, opening, Some(60), None, &mut rand::rng());
+    /// machine.set_asked(Some(600), None);
+    /// let Some(Message::Open(open)) = machine.poll_transmit(now) else { unreachable!() };
+    /// assert_eq!(open.lifetime, Some(600));
+    /// ```
+    pub fn set_asked(&mut self, lifetime: Option<u32>, app: Option<AppInfo>) {
+        self.asked_lifetime = lifetime;
+        self.app = app;
+    }
+
+    /// Another Open was granted this machine's lease (the gateway merged it into the lease,
+    /// spec 11.3) as `other`, which that Open's own machine computed: when `other` lasts longer,
+    /// the lease now expires as it says, and an Active lease is renewed on its schedule instead
+    /// (a renewal the gateway refused is asked again then: it has just granted the opening).
+    /// A Renew in flight keeps its answer's say. Returns whether the expiry moved.
+    pub fn extend<R: Rng + ?Sized>(
+        &mut self,
+        now: Instant,
+        other: &GrantedLease,
+        rng: &mut R,
+    ) -> bool {
+        if !matches!(self.state, LeaseState::Active | LeaseState::Renewing) {
+            return false;
+        }
+        let Some(lease) = self.lease.as_mut() else {
+            return false;
+        };
+        if lease.id != other.id || other.expires_at <= lease.expires_at {
+            return false;
+        }
+        lease.expires_at = other.expires_at;
+        lease.expires_ms = lease.expires_ms.max(other.expires_ms);
+        lease.lifetime = other.lifetime;
+        lease.renew_after = other.renew_after;
+        // The gateway has just granted the opening again: a refusal to renew it no longer
+        // stands.
+        self.renewal_refused = false;
+        if self.state == LeaseState::Active {
+            let sent_at = other
+                .expires_at
+                .checked_sub(Duration::from_secs(u64::from(other.lifetime)))
+                .unwrap_or(now);
+            self.send_at = Some(renewal_instant(sent_at, other, rng).max(now));
+        }
+        true
+    }
+
     /// The owner releases the opening. The lease is Released locally at once (the
     /// [`LeaseEvent::Released`] event tells the mirror to remove it); a Release is sent and
     /// retried until the old expiry at most.
@@ -1123,6 +1186,37 @@ mod tests {
             epoch: 42,
             narrowed: false,
         })
+    }
+
+    /// A lease granted for 60 s, then to another Open (merged into it by the gateway) for
+    /// 600 s 10 s later: the lease expires and is renewed as the later grant says; a grant that
+    /// ends sooner, or one of another lease, changes nothing.
+    #[test]
+    fn a_merged_grant_that_lasts_longer_extends_the_lease() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let start = Instant::now();
+        let mut first = LeaseMachine::new(start, tcp_8080(), Some(60), None, &mut rng);
+        let Some(Message::Open(open)) = first.poll_transmit(start) else {
+            panic!("an Open is due");
+        };
+        first.handle_answer(start, &granted_7(&open, 60), &mut rng);
+        let later = start + Duration::from_secs(10);
+        let mut second = LeaseMachine::new(later, tcp_8080(), Some(600), None, &mut rng);
+        let Some(Message::Open(open)) = second.poll_transmit(later) else {
+            panic!("an Open is due");
+        };
+        second.handle_answer(later, &granted_7(&open, 600), &mut rng);
+        let longer = second.lease().cloned().expect("granted");
+
+        assert!(!second.extend(later, first.lease().expect("granted"), &mut rng));
+        let mut other = longer.clone();
+        other.id = LeaseId([8; 16]);
+        assert!(!first.extend(later, &other, &mut rng));
+        assert!(first.extend(later, &longer, &mut rng));
+        assert_eq!(first.expires_at(), Some(later + Duration::from_secs(600)));
+        let renew_at = first.renew_at().expect("a renewal is scheduled");
+        assert!(renew_at >= later + Duration::from_secs(300), "{renew_at:?}");
+        assert!(renew_at <= later + Duration::from_secs(375), "{renew_at:?}");
     }
 
     /// A renew-after of 0 is a hint like any other (spec 11.8): the lease is renewed within the

@@ -250,12 +250,24 @@ impl Core {
                     let tx = self.tx.clone();
                     let procfs = self.procfs.clone();
                     tokio::spawn(async move {
-                        if let Some(check) = verify_first
-                            && let Err(reason) = procfs
+                        // Each holder whose port is not its own any more lets go; the request
+                        // goes for the others, if any is left.
+                        let mut lost = 0;
+                        for (conn, check) in &verify_first {
+                            if let Err(reason) = procfs
                                 .verify_all(&check.caller, &check.targets, Duration::ZERO)
                                 .await
-                        {
-                            let _ = tx.send(CoreInput::Done(Input::OwnerLost { key, reason }));
+                            {
+                                lost += 1;
+                                let conn = *conn;
+                                let _ = tx.send(CoreInput::Done(Input::OwnerLost {
+                                    key,
+                                    conn,
+                                    reason,
+                                }));
+                            }
+                        }
+                        if lost > 0 && lost == verify_first.len() {
                             return;
                         }
                         let result = exchange(&connection, &request).await;
@@ -369,21 +381,25 @@ impl Core {
                     key,
                     lease,
                     replaces,
-                    check,
+                    targets,
+                    callers,
                     grace,
                 } => {
                     let procfs = self.procfs.clone();
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
-                        let result = procfs
-                            .verify_all(&check.caller, &check.targets, grace)
-                            .await
-                            .map(|()| check.targets);
+                        let mut lost = Vec::new();
+                        for (conn, caller) in callers {
+                            if let Err(reason) = procfs.verify_all(&caller, &targets, grace).await {
+                                lost.push((conn, reason));
+                            }
+                        }
                         let _ = tx.send(CoreInput::Done(Input::GrantsChecked {
                             key,
                             lease,
                             replaces,
-                            result,
+                            targets,
+                            lost,
                         }));
                     });
                 }
@@ -391,12 +407,16 @@ impl Core {
                     let procfs = self.procfs.clone();
                     let tx = self.tx.clone();
                     tokio::spawn(async move {
-                        for (key, check) in leases {
+                        for (key, conn, check) in leases {
                             if let Err(reason) = procfs
                                 .verify_all(&check.caller, &check.targets, Duration::ZERO)
                                 .await
                             {
-                                let _ = tx.send(CoreInput::Done(Input::OwnerLost { key, reason }));
+                                let _ = tx.send(CoreInput::Done(Input::OwnerLost {
+                                    key,
+                                    conn,
+                                    reason,
+                                }));
                             }
                         }
                         let _ = tx.send(CoreInput::Done(Input::OwnerSweepDone));

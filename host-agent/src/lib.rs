@@ -4,7 +4,7 @@
 //! the host's own nftables table.
 //!
 //! The protocol's decisions live in `fwnp-proto` (one [`fwnp_proto::lease::LeaseMachine`] per
-//! application lease, the local API's frames in [`fwnp_proto::local`]); the kernel belongs to
+//! lease held for applications, the local API's frames in [`fwnp_proto::local`]); the kernel belongs to
 //! `fwnp-netfilter`. This crate is the glue: [`config`] reads what the operator writes;
 //! [`link`] keeps the connection to the gateway, found through [`srv`] when DNS names it;
 //! [`server`] accepts applications and learns who they are; [`ports`] verifies that the port an

@@ -10,7 +10,7 @@
 //! facts: the caller's process as the kernel pinned it down ([`CallerProcess`]), why a port is
 //! not the caller's ([`PortNotOwned`]), the mirror's failures and the agent's configuration.
 //!
-//! Each lease is a [`LeaseMachine`] held for a caller: the machine sends what a lease machine
+//! Each lease is a [`LeaseMachine`] held for its callers: the machine sends what a lease machine
 //! wants to send, feeds it the answers, notices and epochs it sees, wakes it at its
 //! [`LeaseMachine::poll_timeout`], and turns its events into mirror changes and Event messages.
 //! A caller is anything that asks for openings on behalf of a process (today a connection of the
@@ -20,6 +20,16 @@
 //! requests into [`Input::Request`] (an Open, a Release, a List), turns the [`Action::Reply`]s
 //! for that number back into its own protocol, and ends with [`Input::CallerClosed`], which
 //! releases whatever the client still holds.
+//!
+//! The gateway merges an Open into a live lease of the host that grants exactly what the Open
+//! resolves to (spec 11.3): callers asking for the same opening get the same lease id. The
+//! machine holds such a lease once, for all of them (local API 9.1): one lease machine, one
+//! renewal schedule asking the largest lifetime a current holder opened with, one holder of its
+//! elements in the mirror; each caller's hold ends with its Release or its connection, and the
+//! lease is released at the gateway when the last one lets go. A caller holds a lease once,
+//! however many of its Opens the gateway merged into it: a Release of its id ends that hold
+//! (local API 5.2). A Release at the gateway and an Open the gateway may answer with the same
+//! lease are never on their way together (see `may_be_granted`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -64,7 +74,7 @@ pub const REOPEN_SPREAD: Duration = Duration::from_secs(3);
 /// A caller's number: a local connection, or a client of another front end.
 pub type ConnId = u64;
 
-/// The number of one lease held for a caller (kept across re-opens under new lease ids), or of
+/// The number of one lease held for callers (kept across re-opens under new lease ids), or of
 /// a lease of an earlier run; the mirror holds elements under it.
 pub type Key = u64;
 
@@ -192,14 +202,18 @@ pub enum Input {
         lease: Box<GrantedLease>,
         /// The lease it replaces, after a re-open.
         replaces: Option<LeaseId>,
-        /// The ports checked, or why they are not the caller's.
-        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+        /// The ports checked.
+        targets: Vec<(Protocol, PortRange)>,
+        /// The callers whose ports they are not, and why.
+        lost: Vec<(ConnId, PortNotOwned)>,
     },
     /// A verified lease's port is no longer its caller's (checked before a renewal or re-open,
-    /// or by the periodic check): the lease ends.
+    /// or by the periodic check): the caller's hold ends, and with the last one the lease.
     OwnerLost {
         /// The lease.
         key: Key,
+        /// The caller.
+        conn: ConnId,
         /// Why.
         reason: PortNotOwned,
     },
@@ -237,9 +251,9 @@ pub struct AfterDrop {
 #[derive(Debug)]
 pub enum Action {
     /// Send `request` to the gateway on a stream of its own, and give the answer back as
-    /// [`Input::Answer`]. With `verify_first`, the ports are checked before (at once, without
-    /// grace): if they are no longer the caller's, nothing is sent and [`Input::OwnerLost`]
-    /// comes back instead.
+    /// [`Input::Answer`]. The callers' ports in `verify_first` are checked before (at once,
+    /// without grace): each caller whose ports they no longer are comes back as
+    /// [`Input::OwnerLost`], and when that is every one of them, nothing is sent.
     Send {
         /// The lease.
         key: Key,
@@ -247,8 +261,8 @@ pub enum Action {
         request: Message,
         /// Which attempt this is, to give back with its answer.
         attempt: Attempt,
-        /// The check to pass first.
-        verify_first: Option<PortCheck>,
+        /// The checks to pass first, each for one caller holding the lease.
+        verify_first: Vec<(ConnId, PortCheck)>,
     },
     /// Send `request`, a List, to the gateway on a stream of its own, and give the answer back
     /// as [`Input::Listed`].
@@ -292,8 +306,8 @@ pub enum Action {
         /// How long the caller may take to bind.
         grace: Duration,
     },
-    /// Check the ports of a lease granted for an application id; the result comes back as
-    /// [`Input::GrantsChecked`] with `lease` and `replaces`.
+    /// Check the ports of a lease granted for an application id, for each caller holding it;
+    /// the result comes back as [`Input::GrantsChecked`] with `lease` and `replaces`.
     CheckGrants {
         /// The lease.
         key: Key,
@@ -301,16 +315,18 @@ pub enum Action {
         lease: Box<GrantedLease>,
         /// The lease it replaces.
         replaces: Option<LeaseId>,
-        /// The ports and the process.
-        check: PortCheck,
-        /// How long the caller may take to bind.
+        /// The ports granted.
+        targets: Vec<(Protocol, PortRange)>,
+        /// The processes that must hold them, one per caller.
+        callers: Vec<(ConnId, CallerProcess)>,
+        /// How long the callers may take to bind.
         grace: Duration,
     },
-    /// Check every verified lease's ports (at once, without grace): each failure comes back as
-    /// [`Input::OwnerLost`], the end as [`Input::OwnerSweepDone`].
+    /// Check every verified lease's ports (at once, without grace), for each caller holding it:
+    /// each failure comes back as [`Input::OwnerLost`], the end as [`Input::OwnerSweepDone`].
     SweepOwners {
-        /// The leases.
-        leases: Vec<(Key, PortCheck)>,
+        /// The leases and their callers.
+        leases: Vec<(Key, ConnId, PortCheck)>,
     },
     /// Make `holder` hold these grants' elements in the host table until `expires_at`; with
     /// `confirm`, the outcome comes back as [`Input::MirrorLanded`] for that lease id.
@@ -354,28 +370,26 @@ struct EarlierLease {
     expires_at: Instant,
 }
 
-/// One lease held for a caller.
+/// One lease held for callers: asked for by one caller's Open, then held by every caller
+/// whose Open the gateway merged into it.
 struct Held {
-    conn: Option<ConnId>,
     machine: LeaseMachine,
-    app: AppInfo,
-    /// The caller's Open awaiting its Granted, with its deadline.
-    open_request: Option<(u64, Instant)>,
-    /// Every lease id this lease had (re-opens give new ones); the last is the current one.
-    ids: Vec<LeaseId>,
+    /// Who holds it: the Opens not answered yet, each on its own, and each caller whose Open
+    /// was answered, once.
+    holders: Vec<Holder>,
     /// Whether the mirror holds elements for this lease (under its key).
     mirrored: bool,
-    /// Release requests of the caller (request id, the lease id it named), answered once the
-    /// mirror let go.
-    release_requests: Vec<(u64, LeaseId)>,
-    /// The verified caller and the ports checked again before each renewal and re-open and
-    /// periodically; `None` when ports are not verified.
-    owner: Option<Owner>,
-    /// Why the agent ended the lease itself, told in the terminal event.
-    ended_by_agent: Option<PortNotOwned>,
     /// A re-open after an epoch change that waits until then, so that many leases are not
     /// asked for again all at the same instant (spec 12).
     reopen_at: Option<Instant>,
+    /// The last holder let go then, while an Open was outstanding that the gateway may answer
+    /// with this lease: its Release waits for that answer (see `may_be_granted`).
+    unheld_since: Option<Instant>,
+    /// The grants of the lease being released at the gateway, until the Release is answered:
+    /// an Open the gateway may answer with this lease waits for that.
+    releasing: Option<Vec<Grant>>,
+    /// Its Open waits for the answer to the Release of a lease it may be answered with.
+    waits_for_release: bool,
 }
 
 impl Held {
@@ -384,6 +398,107 @@ impl Held {
         self.reopen_at
             .filter(|at| *at > now && self.machine.state() == LeaseState::Reopening)
     }
+
+    /// Whether its Open (a first one, or a re-open) is on its way, due or waiting for a retry.
+    fn opening(&self) -> bool {
+        matches!(
+            self.machine.state(),
+            LeaseState::Requesting | LeaseState::Reopening
+        )
+    }
+
+    /// The callers that hold it, each once.
+    fn callers(&self) -> Vec<ConnId> {
+        let mut conns: Vec<ConnId> = self
+            .holders
+            .iter()
+            .filter(|h| h.open.is_none())
+            .map(|h| h.conn)
+            .collect();
+        conns.sort_unstable();
+        conns.dedup();
+        conns
+    }
+
+    /// The lifetime and the application information the lease is asked for with, from its
+    /// holders: the largest lifetime one of them opened with (for one that asked none, what its
+    /// Open was granted), and the information of the earliest of them.
+    fn asked(&self) -> (Option<u32>, Option<AppInfo>) {
+        let lifetime = self.holders.iter().filter_map(Holder::lifetime).max();
+        let app = self.holders.first().and_then(|h| h.app.clone());
+        (lifetime, app)
+    }
+
+    /// The ports to check again for each holder whose ports are verified.
+    fn checks(&self) -> Vec<(ConnId, PortCheck)> {
+        self.holders
+            .iter()
+            .filter_map(|h| {
+                let owner = h.owner.as_ref()?;
+                (!owner.targets.is_empty()).then(|| (h.conn, owner.check()))
+            })
+            .collect()
+    }
+}
+
+/// One caller's hold of a lease.
+struct Holder {
+    conn: ConnId,
+    /// The lifetime its Open asked (the largest of its Opens'), `None` when it asked none.
+    asked: Option<u32>,
+    /// The lifetime the gateway granted its Open.
+    granted: Option<u32>,
+    /// What its Open told the gateway about it.
+    app: Option<AppInfo>,
+    /// Its Open, until it is answered.
+    open: Option<PendingOpen>,
+    /// Every lease id the caller knows the lease by (re-opens give new ones); the last is the
+    /// current one, which its events name.
+    ids: Vec<LeaseId>,
+    /// The verified caller and the ports checked again before each renewal and re-open and
+    /// periodically; `None` when ports are not verified.
+    owner: Option<Owner>,
+}
+
+impl Holder {
+    /// The lifetime it holds the lease for: the one it asked, else the one it was granted.
+    fn lifetime(&self) -> Option<u32> {
+        self.asked.or(self.granted)
+    }
+
+    /// The lease was granted as `lease`: the caller knows it by that id from now on, and an
+    /// Open of its not answered yet was granted that.
+    fn learnt(&mut self, lease: &GrantedLease) {
+        if !self.ids.contains(&lease.id) {
+            self.ids.push(lease.id);
+        }
+        if let Some(open) = self.open.as_mut()
+            && open.granted.is_none()
+        {
+            open.granted = Some(lease.clone());
+            self.granted = Some(lease.lifetime);
+        }
+    }
+}
+
+/// An Open of a caller awaiting its answer.
+struct PendingOpen {
+    request_id: u64,
+    /// When the caller is answered gateway-unreachable if nothing came.
+    deadline: Instant,
+    /// The lease as the gateway granted it to this very Open (its answer's lifetime, expiry
+    /// and hint), once granted.
+    granted: Option<GrantedLease>,
+}
+
+/// How a caller lets go of a lease.
+enum LetGo {
+    /// It asked, with this Release (request id, the lease id it named).
+    Release(u64, LeaseId),
+    /// Its connection closed.
+    Closed,
+    /// Its port is no longer its own.
+    Unowned(PortNotOwned),
 }
 
 /// What a lease's ports are verified against.
@@ -439,6 +554,12 @@ pub struct AgentMachine {
     earlier_run_latest: Option<Instant>,
     conns: HashMap<ConnId, Caller>,
     leases: HashMap<Key, Held>,
+    /// The leases no caller holds whose Release waits for Opens (`Held::unheld_since`).
+    release_waits: HashSet<Key>,
+    /// The Opens that wait for a Release (`Held::waits_for_release`).
+    open_waits: HashSet<Key>,
+    /// The leases whose Release is on its way (`Held::releasing`).
+    releasing: HashSet<Key>,
     next_key: Key,
     /// The next periodic check of verified leases' ports, and whether one is running.
     next_owner_sweep: Instant,
@@ -528,6 +649,9 @@ impl AgentMachine {
             earlier_run_latest: None,
             conns: HashMap::new(),
             leases: HashMap::new(),
+            release_waits: HashSet::new(),
+            open_waits: HashSet::new(),
+            releasing: HashSet::new(),
             next_key: 1,
             next_owner_sweep: now,
             owner_sweep_running: false,
@@ -574,13 +698,18 @@ impl AgentMachine {
             let wake = match held.reopen_deferred(now) {
                 // Its Open is due for the lease machine, which would have it sent now.
                 Some(at) => Some(held.machine.expires_at().map_or(at, |e| e.min(at))),
+                // The same, until a Release is answered, which is an input of its own.
+                None if held.waits_for_release => held.machine.expires_at(),
                 None => held.machine.poll_timeout(),
             };
             if let Some(t) = wake {
                 next = next.min(t);
             }
-            if let Some((_, deadline)) = held.open_request {
-                next = next.min(deadline);
+            for open in held.holders.iter().filter_map(|h| h.open.as_ref()) {
+                next = next.min(open.deadline);
+            }
+            if let Some(since) = held.unheld_since {
+                next = next.min(since + OPEN_WAIT);
             }
         }
         if let Some(until) = self.earlier_run_until {
@@ -589,7 +718,8 @@ impl AgentMachine {
         if !self.conns.is_empty() {
             next = next.min(self.next_idle_sweep);
         }
-        if !self.owner_sweep_running && self.leases.values().any(|h| h.owner.is_some()) {
+        let verified = |h: &Held| h.holders.iter().any(|x| x.owner.is_some());
+        if !self.owner_sweep_running && self.leases.values().any(verified) {
             next = next.min(self.next_owner_sweep);
         }
         if !self.link_up {
@@ -608,7 +738,10 @@ impl AgentMachine {
             self.sweep_owners(now);
         }
         if self.earlier_run_until.is_some_and(|until| until <= now) {
-            let open_in_flight = self.leases.values().any(|h| h.open_request.is_some());
+            let open_in_flight = self
+                .leases
+                .values()
+                .any(|h| h.holders.iter().any(|x| x.open.is_some()));
             if open_in_flight && self.earlier_run_latest.is_some_and(|latest| now < latest) {
                 // The gateway may be extending one of these leases for that Open right now:
                 // releasing it would end the lease it is about to grant.
@@ -625,24 +758,33 @@ impl AgentMachine {
             if held.machine.poll_timeout().is_some_and(|t| t <= now) {
                 held.machine.handle_timeout(now, &mut self.rng);
             }
-            if let Some((request_id, deadline)) = held.open_request
-                && now >= deadline
+            let is_late = |h: &Holder| h.open.as_ref().is_some_and(|o| now >= o.deadline);
+            let (late, waiting): (Vec<Holder>, Vec<Holder>) = match held.holders.iter().any(is_late)
             {
-                held.open_request = None;
-                held.machine.release(now);
-                let conn = held.conn;
-                if let Some(conn) = conn {
+                true => std::mem::take(&mut held.holders)
+                    .into_iter()
+                    .partition(is_late),
+                false => (Vec::new(), std::mem::take(&mut held.holders)),
+            };
+            held.holders = waiting;
+            let none_left = held.holders.is_empty();
+            for holder in &late {
+                if let Some(open) = &holder.open {
                     self.deny(
-                        conn,
-                        request_id,
+                        holder.conn,
+                        open.request_id,
                         DenialCode::Local(LocalCode::GatewayUnreachable),
                         "the gateway did not answer the request in time".into(),
                         None,
                     );
                 }
             }
+            if !late.is_empty() && none_left {
+                self.unheld(key, None, now);
+            }
             self.drive(key, now);
         }
+        self.settle(now);
     }
 
     /// Acts on `input`, received at `now`.
@@ -735,15 +877,19 @@ impl AgentMachine {
                 key,
                 lease,
                 replaces,
-                result,
-            } => self.on_grants_checked(key, *lease, replaces, result, now),
-            Input::OwnerLost { key, reason } => self.end_unowned(key, reason, now),
+                targets,
+                lost,
+            } => self.on_grants_checked(key, *lease, replaces, targets, lost, now),
+            Input::OwnerLost { key, conn, reason } => {
+                self.let_go(key, conn, LetGo::Unowned(reason), now)
+            }
             Input::OwnerSweepDone => {
                 self.owner_sweep_running = false;
                 self.next_owner_sweep = now + self.config.local.owner_check_interval;
             }
             Input::MirrorReleased { conn, requests } => self.answer_released(conn, requests),
         }
+        self.settle(now);
     }
 
     /// Stopping: every lease is released (its caller is not told), and the earlier run's
@@ -753,11 +899,13 @@ impl AgentMachine {
         self.stopping = true;
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         info!(leases = keys.len(), "stopping: releasing every lease");
+        self.release_waits.clear();
+        self.open_waits.clear();
+        self.releasing.clear();
         for key in &keys {
             if let Some(held) = self.leases.get_mut(key) {
-                held.conn = None;
-                held.open_request = None;
-                held.release_requests.clear();
+                held.holders.clear();
+                held.unheld_since = None;
                 held.machine.release(now);
             }
             self.drive(*key, now);
@@ -777,15 +925,12 @@ impl AgentMachine {
         debug!(%reason, "link down");
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
-            let live = self.leases.get(&key).and_then(|h| {
-                (!h.machine.state().is_terminal())
-                    .then(|| h.machine.lease_id())
-                    .flatten()
+            let live = self.leases.get(&key).is_some_and(|h| {
+                !h.machine.state().is_terminal() && h.machine.lease_id().is_some()
             });
-            if let Some(lease) = live {
-                self.emit(
+            if live {
+                self.tell(
                     key,
-                    lease,
                     EventKind::GatewayUnreachable,
                     None,
                     Some(format!("connection to the gateway lost: {reason}")),
@@ -1107,27 +1252,25 @@ impl AgentMachine {
         let waiting: Vec<Key> = self
             .leases
             .iter()
-            .filter(|(_, h)| {
-                h.open_request.is_some() && h.machine.state() == LeaseState::Requesting
-            })
+            .filter(|(_, h)| h.machine.state() == LeaseState::Requesting)
             .map(|(k, _)| *k)
             .collect();
         for key in waiting {
             let Some(held) = self.leases.get_mut(&key) else {
                 continue;
             };
-            let Some((request_id, _)) = held.open_request.take() else {
-                continue;
-            };
+            let refused = std::mem::take(&mut held.holders);
             held.machine.release(now);
-            if let Some(conn) = held.conn {
-                self.deny(
-                    conn,
-                    request_id,
-                    DenialCode::Wire(ResultCode::UnsupportedVersion),
-                    reason.clone(),
-                    None,
-                );
+            for holder in refused {
+                if let Some(open) = holder.open {
+                    self.deny(
+                        holder.conn,
+                        open.request_id,
+                        DenialCode::Wire(ResultCode::UnsupportedVersion),
+                        reason.clone(),
+                        None,
+                    );
+                }
             }
             self.drive(key, now);
         }
@@ -1138,8 +1281,20 @@ impl AgentMachine {
 
     /// Sends what the lease machine wants to send, and acts on its events.
     fn drive(&mut self, key: Key, now: Instant) {
+        // An Open the gateway may answer with a lease whose Release is on its way waits for the
+        // Release's answer (see `may_be_granted`); one already sent is not called back.
+        let blocked = self
+            .leases
+            .get(&key)
+            .is_some_and(|h| h.opening() && h.machine.in_flight().is_none())
+            && self.release_blocks(key);
         let Some(held) = self.leases.get_mut(&key) else {
             return;
+        };
+        held.waits_for_release = blocked;
+        match blocked {
+            true => self.open_waits.insert(key),
+            false => self.open_waits.remove(&key),
         };
         let mut events = Vec::new();
         while let Some(event) = held.machine.poll_event() {
@@ -1149,7 +1304,7 @@ impl AgentMachine {
         if !deferred {
             held.reopen_at = None;
         }
-        let mut request = match self.link_up && !deferred {
+        let mut request = match self.link_up && !deferred && !blocked {
             true => held.machine.poll_transmit(now),
             false => None,
         };
@@ -1172,20 +1327,20 @@ impl AgentMachine {
             }
             request = None;
         }
-        // The gateway merges identical openings of one host into one lease: when two
-        // applications hold it, the one that lets go must not end it for the other.
+        // A lease granted to an Open given up meanwhile is given back, unless it is one other
+        // callers hold: the gateway merged that Open into their lease.
         if let Some(Message::Release(release)) = &request
             && self.shared(key, release.lease)
         {
-            debug!(lease = %release.lease, "lease still held by another application; not released at the gateway");
+            debug!(lease = %release.lease, "lease held for other applications; not released at the gateway");
             let answer = Message::Released(Released {
                 common: release.common.clone(),
                 lease: release.lease,
             });
             if let Some(held) = self.leases.get_mut(&key) {
                 held.machine.handle_answer(now, &answer, &mut self.rng);
-                request = None;
             }
+            request = None;
         }
         let Some(held) = self.leases.get_mut(&key) else {
             return;
@@ -1194,18 +1349,23 @@ impl AgentMachine {
             events.push(event);
         }
         // A renewal, or a re-open of a lease the gateway forgot, keeps the opening going: the
-        // port must still be the caller's (its program may have closed it, and another bound
+        // port must still be each holder's (its program may have closed it, and another bound
         // it since).
         let recheck = match &request {
             Some(Message::Renew(_)) => true,
-            Some(Message::Open(_)) => !held.ids.is_empty(),
+            Some(Message::Open(_)) => held.holders.iter().any(|h| !h.ids.is_empty()),
             _ => false,
         };
-        let verify_first = held
-            .owner
-            .as_ref()
-            .filter(|o| recheck && !o.targets.is_empty())
-            .map(Owner::check);
+        let verify_first = match recheck {
+            true => held.checks(),
+            false => Vec::new(),
+        };
+        // The Release of a lease granted after its Open was given up: what it grants is not
+        // known, so every Open waits for it.
+        if matches!(request, Some(Message::Release(_))) && held.releasing.is_none() {
+            held.releasing = Some(Vec::new());
+            self.releasing.insert(key);
+        }
         if let Some(request) = request
             && let Some(attempt) = held.machine.in_flight()
         {
@@ -1221,10 +1381,12 @@ impl AgentMachine {
         }
         if let Some(held) = self.leases.get(&key)
             && held.machine.is_finished()
-            && held.open_request.is_none()
-            && held.release_requests.is_empty()
+            && held.holders.iter().all(|h| h.open.is_none())
         {
             self.leases.remove(&key);
+            self.release_waits.remove(&key);
+            self.open_waits.remove(&key);
+            self.releasing.remove(&key);
         }
     }
 
@@ -1234,7 +1396,15 @@ impl AgentMachine {
         };
         match event {
             LeaseEvent::Granted { lease, replaces } => {
-                if let Some(owner) = held.owner.as_ref().filter(|o| o.by_grants) {
+                let callers: Vec<(ConnId, CallerProcess)> = held
+                    .holders
+                    .iter()
+                    .filter_map(|h| {
+                        let owner = h.owner.as_ref().filter(|o| o.by_grants)?;
+                        Some((h.conn, owner.caller.clone()))
+                    })
+                    .collect();
+                if !callers.is_empty() {
                     // An application id's ports are known only now: nothing is mirrored or
                     // answered before they are checked as a port request's would be.
                     let mut targets: Vec<(Protocol, PortRange)> =
@@ -1243,18 +1413,16 @@ impl AgentMachine {
                     targets.dedup();
                     // The first grant may wait for the application to bind, as a port
                     // request does; a re-open's ports are bound already.
-                    let grace = match held.open_request {
-                        Some(_) => self.config.local.port_owner_grace,
-                        None => Duration::ZERO,
+                    let grace = match held.holders.iter().any(|h| h.open.is_some()) {
+                        true => self.config.local.port_owner_grace,
+                        false => Duration::ZERO,
                     };
                     self.actions.push_back(Action::CheckGrants {
                         key,
                         lease: Box::new(lease),
                         replaces,
-                        check: PortCheck {
-                            caller: owner.caller.clone(),
-                            targets,
-                        },
+                        targets,
+                        callers,
                         grace,
                     });
                     return;
@@ -1270,15 +1438,7 @@ impl AgentMachine {
                 });
                 held.mirrored = true;
                 let expires_in = lease.expires_at.saturating_duration_since(now);
-                self.emit(
-                    key,
-                    lease.id,
-                    EventKind::Renewed,
-                    Some(expires_in),
-                    None,
-                    None,
-                    None,
-                );
+                self.tell(key, EventKind::Renewed, Some(expires_in), None, None, None);
                 if self.epoch != Some(lease.epoch) {
                     self.epoch_seen(lease.epoch, key, now);
                 }
@@ -1288,15 +1448,14 @@ impl AgentMachine {
                 reason,
                 retry_after,
             } => {
-                if let Some((request_id, _)) = held.open_request.take()
-                    && let Some(conn) = held.conn
-                {
+                for holder in std::mem::take(&mut held.holders) {
+                    let Some(open) = holder.open else { continue };
                     self.reply(
-                        conn,
+                        holder.conn,
                         LocalMessage::Denied(LocalDenied {
-                            common: common(request_id),
+                            common: common(open.request_id),
                             code: DenialCode::Wire(code),
-                            reason,
+                            reason: reason.clone(),
                             retry_after,
                             lease: None,
                             unsupported: Vec::new(),
@@ -1314,9 +1473,8 @@ impl AgentMachine {
                     .machine
                     .expires_at()
                     .map(|at| at.saturating_duration_since(now));
-                self.emit(
+                self.tell(
                     key,
-                    lease,
                     EventKind::RenewalRefused,
                     expires_in,
                     reason,
@@ -1327,15 +1485,10 @@ impl AgentMachine {
             LeaseEvent::Reopening { previous, cause } => {
                 info!(%previous, ?cause, "the gateway forgot a lease; opening it again");
             }
-            LeaseEvent::Lost {
-                previous,
-                code,
-                reason,
-            } => {
+            LeaseEvent::Lost { code, reason, .. } => {
                 self.forget_mirror(key);
-                self.emit(
+                self.tell(
                     key,
-                    previous,
                     EventKind::Lost,
                     None,
                     reason,
@@ -1343,66 +1496,18 @@ impl AgentMachine {
                     None,
                 );
             }
-            LeaseEvent::Expired { lease } => {
+            LeaseEvent::Expired { .. } => {
                 self.forget_mirror(key);
-                self.emit(key, lease, EventKind::Expired, None, None, None, None);
+                self.tell(key, EventKind::Expired, None, None, None, None);
             }
-            LeaseEvent::Revoked {
-                lease,
-                reason,
-                text,
-            } => {
+            LeaseEvent::Revoked { reason, text, .. } => {
                 self.forget_mirror(key);
                 let text = text.unwrap_or_else(|| format!("{reason:?}"));
-                self.emit(key, lease, EventKind::Revoked, None, Some(text), None, None);
+                self.tell(key, EventKind::Revoked, None, Some(text), None, None);
             }
-            LeaseEvent::Released { lease } => {
-                let requests = std::mem::take(&mut held.release_requests);
-                let conn = held.conn;
-                let known = lease.or(held.ids.last().copied());
-                // The event names the lease by the id its application knows (local API 6.3):
-                // a re-open's lease whose ports failed their check was never told to it.
-                let told = held.ids.last().copied().or(lease);
-                let mirrored = std::mem::take(&mut held.mirrored);
-                let answer_to = conn.filter(|_| !requests.is_empty()).map(|c| (c, requests));
-                // Answered once the host table let go; without elements, right after the event.
-                let answer_now = match mirrored {
-                    true => {
-                        self.actions.push_back(Action::MirrorDrop {
-                            holder: key,
-                            then: Some(AfterDrop {
-                                lease: known.unwrap_or(LeaseId([0; 16])),
-                                answer: answer_to,
-                            }),
-                        });
-                        None
-                    }
-                    false => answer_to,
-                };
-                let ended_by_agent = self
-                    .leases
-                    .get_mut(&key)
-                    .and_then(|h| h.ended_by_agent.take());
-                match (told, ended_by_agent) {
-                    // The application did not let go: its port stopped being its own.
-                    (Some(lease), Some(reason)) => self.emit(
-                        key,
-                        lease,
-                        EventKind::Lost,
-                        None,
-                        Some(reason.to_string()),
-                        Some(DenialCode::Local(LocalCode::PortNotOwned)),
-                        None,
-                    ),
-                    (Some(lease), None) => {
-                        self.emit(key, lease, EventKind::Released, None, None, None, None)
-                    }
-                    (None, _) => {}
-                }
-                if let Some((conn, requests)) = answer_now {
-                    self.answer_released(conn, requests);
-                }
-            }
+            // Each holder was told when it let go (`let_go`); the elements go now, if they are
+            // still there (a lease released because the host table refused it, or stopping).
+            LeaseEvent::Released { .. } => self.forget_mirror(key),
             other => debug!(?other, "lease event"),
         }
     }
@@ -1419,7 +1524,9 @@ impl AgentMachine {
         }
     }
 
-    /// Mirrors a granted lease; the Granted goes to the caller once the host's table holds it.
+    /// Mirrors a granted lease; each Open it answers is answered once the host's table holds
+    /// it. A lease that another of the machine's leases holds already is the gateway's merge of
+    /// this Open into that lease (spec 11.3): it joins that one.
     fn mirror_granted(
         &mut self,
         key: Key,
@@ -1427,12 +1534,22 @@ impl AgentMachine {
         replaces: Option<LeaseId>,
         now: Instant,
     ) {
+        let merged_into = self
+            .leases
+            .iter()
+            .find(|(k, h)| {
+                **k != key
+                    && matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
+                    && h.machine.lease_id() == Some(lease.id)
+            })
+            .map(|(k, _)| *k);
+        if let Some(into) = merged_into {
+            self.merge(key, into, lease, replaces, now);
+            return;
+        }
         let Some(held) = self.leases.get_mut(&key) else {
             return;
         };
-        if !held.ids.contains(&lease.id) {
-            held.ids.push(lease.id);
-        }
         // Under the same holder, a re-opened lease's elements replace the old ones.
         self.actions.push_back(Action::MirrorHold {
             holder: key,
@@ -1441,11 +1558,11 @@ impl AgentMachine {
             confirm: Some(lease.id),
         });
         held.mirrored = true;
-        if let Some(old) = replaces {
+        if replaces.is_some() {
+            // Named by the id each holder knew it by: the new one is not theirs yet.
             let expires_in = lease.expires_at.saturating_duration_since(now);
-            self.emit(
+            self.tell(
                 key,
-                old,
                 EventKind::Reopened,
                 Some(expires_in),
                 None,
@@ -1453,85 +1570,369 @@ impl AgentMachine {
                 Some(lease.id),
             );
         }
+        if let Some(held) = self.leases.get_mut(&key) {
+            for holder in &mut held.holders {
+                holder.learnt(&lease);
+            }
+        }
         if self.epoch != Some(lease.epoch) {
             self.epoch_seen(lease.epoch, key, now);
         }
     }
 
-    /// The ports of an application id's grant were checked: mirrored, or the lease ends.
+    /// The Open (or re-open) of `from` was granted the lease `into` holds: its holders join
+    /// `into`'s, whose machine renews the lease for all of them from now on, asking the largest
+    /// lifetime one of them opened with; the lease's expiry is the later of the two grants'
+    /// (the gateway's, spec 11.3), and the holders of `into` are told when it moved.
+    fn merge(
+        &mut self,
+        from: Key,
+        into: Key,
+        lease: GrantedLease,
+        replaces: Option<LeaseId>,
+        now: Instant,
+    ) {
+        let Some(mut joining) = self.leases.remove(&from) else {
+            return;
+        };
+        self.open_waits.remove(&from);
+        self.release_waits.remove(&from);
+        info!(lease = %lease.id, "an Open was merged into a lease held already; it is held for both");
+        let Some(held) = self.leases.get_mut(&into) else {
+            return;
+        };
+        let extended = held.machine.extend(now, &lease, &mut self.rng);
+        held.unheld_since = None;
+        self.release_waits.remove(&into);
+        let expires_at = held.machine.expires_at().unwrap_or(lease.expires_at);
+        let expires_in = expires_at.saturating_duration_since(now);
+        let told_before = held.callers();
+        // The re-open of `from` ends as a re-open does, for its own holders.
+        if replaces.is_some() {
+            let told: Vec<(ConnId, Vec<LeaseId>)> = joining
+                .holders
+                .iter()
+                .filter(|h| h.open.is_none())
+                .map(|h| (h.conn, h.ids.clone()))
+                .collect();
+            for (conn, ids) in told {
+                self.emit(
+                    conn,
+                    &ids,
+                    EventKind::Reopened,
+                    Some(expires_in),
+                    None,
+                    None,
+                    Some(lease.id),
+                );
+            }
+        }
+        for holder in &mut joining.holders {
+            holder.learnt(&lease);
+        }
+        let Some(held) = self.leases.get_mut(&into) else {
+            return;
+        };
+        let waiting = joining.holders.iter().any(|h| h.open.is_some());
+        held.holders.append(&mut joining.holders);
+        let (lifetime, app) = held.asked();
+        held.machine.set_asked(lifetime, app);
+        self.actions.push_back(Action::MirrorHold {
+            holder: into,
+            grants: lease.grants.clone(),
+            expires_at,
+            confirm: waiting.then_some(lease.id),
+        });
+        held.mirrored = true;
+        // After the hold under `into`, so that the elements they share never leave the table.
+        if joining.mirrored {
+            self.actions.push_back(Action::MirrorDrop {
+                holder: from,
+                then: None,
+            });
+        }
+        if extended {
+            for conn in told_before {
+                let ids = self.ids_of(into, conn);
+                self.emit(
+                    conn,
+                    &ids,
+                    EventKind::Renewed,
+                    Some(expires_in),
+                    None,
+                    None,
+                    None,
+                );
+            }
+        }
+        if self.epoch != Some(lease.epoch) {
+            self.epoch_seen(lease.epoch, into, now);
+        }
+    }
+
+    /// The ports of an application id's grant were checked: mirrored for the holders whose
+    /// ports they are; the others' holds end, and the lease with the last one.
     fn on_grants_checked(
         &mut self,
         key: Key,
         lease: GrantedLease,
         replaces: Option<LeaseId>,
-        result: Result<Vec<(Protocol, PortRange)>, PortNotOwned>,
+        targets: Vec<(Protocol, PortRange)>,
+        lost: Vec<(ConnId, PortNotOwned)>,
         now: Instant,
     ) {
-        let Some(held) = self.leases.get_mut(&key) else {
+        let Some(held) = self.leases.get(&key) else {
             return;
         };
         // Ended meanwhile (released, revoked, timed out): nothing to mirror.
         if held.machine.lease().is_none_or(|l| l.id != lease.id) {
             return;
         }
-        match result {
-            Ok(targets) => {
-                if let Some(owner) = held.owner.as_mut() {
-                    owner.targets = targets;
+        // Told under the id they knew: the one granted now never was theirs.
+        for (conn, reason) in lost {
+            self.let_go(key, conn, LetGo::Unowned(reason), now);
+        }
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        if held.holders.is_empty() || held.machine.state().is_terminal() {
+            return;
+        }
+        for owner in held.holders.iter_mut().filter_map(|h| h.owner.as_mut()) {
+            owner.targets = targets.clone();
+        }
+        self.mirror_granted(key, lease, replaces, now);
+    }
+
+    /// `conn` lets go of the lease `key`: its hold ends (with a Release, only the part its
+    /// answered Opens made; otherwise its Opens still waiting too), it is told so, and when no
+    /// one else holds the lease, the lease goes (`unheld`). A Release is answered once the
+    /// lease's elements left the host table, or at once when others still hold them.
+    fn let_go(&mut self, key: Key, conn: ConnId, how: LetGo, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        let releasing_only_answered = matches!(how, LetGo::Release(..));
+        let (gone, kept): (Vec<Holder>, Vec<Holder>) = std::mem::take(&mut held.holders)
+            .into_iter()
+            .partition(|h| h.conn == conn && (h.open.is_none() || !releasing_only_answered));
+        held.holders = kept;
+        if gone.is_empty() {
+            return;
+        }
+        let lease = held.machine.lease_id();
+        let none_left = held.holders.is_empty();
+        let known = gone
+            .iter()
+            .find(|h| h.open.is_none())
+            .map(|h| h.ids.clone());
+        let mut answer = None;
+        match how {
+            LetGo::Release(request_id, named) => {
+                info!(conn, ?lease, "released by its application");
+                if let Some(ids) = &known {
+                    self.emit(conn, ids, EventKind::Released, None, None, None, None);
                 }
-                self.mirror_granted(key, lease, replaces, now);
+                answer = Some((conn, vec![(request_id, named)]));
             }
-            Err(reason) => {
-                // The caller knows a re-opened lease by its old id: that one is last, the id
-                // its events name.
-                for id in [Some(lease.id), replaces].into_iter().flatten() {
-                    held.ids.retain(|known| *known != id);
-                    held.ids.push(id);
+            LetGo::Closed => {}
+            LetGo::Unowned(reason) => {
+                warn!(
+                    conn,
+                    ?lease,
+                    "ending an application's hold of a lease: {reason}"
+                );
+                let code = match reason {
+                    PortNotOwned::Unreadable(_) => DenialCode::Wire(ResultCode::NoResources),
+                    _ => DenialCode::Local(LocalCode::PortNotOwned),
+                };
+                for open in gone.iter().filter_map(|h| h.open.as_ref()) {
+                    self.deny(conn, open.request_id, code, reason.to_string(), None);
                 }
-                self.end_unowned(key, reason, now);
+                if let Some(ids) = &known {
+                    self.emit(
+                        conn,
+                        ids,
+                        EventKind::Lost,
+                        None,
+                        Some(reason.to_string()),
+                        Some(code),
+                        None,
+                    );
+                }
+            }
+        }
+        if none_left {
+            self.unheld(key, answer, now);
+        } else {
+            if let Some(held) = self.leases.get_mut(&key) {
+                let (lifetime, app) = held.asked();
+                held.machine.set_asked(lifetime, app);
+            }
+            if let Some((conn, requests)) = answer {
+                self.answer_released(conn, requests);
+            }
+        }
+        self.drive(key, now);
+    }
+
+    /// No caller holds the lease `key` any more: its elements leave the host table (then
+    /// `answer` is given), and it is released at the gateway, unless an Open that the gateway
+    /// may answer with this lease is outstanding (see `may_be_granted`): then the Release
+    /// waits for that Open's answer, at most [`OPEN_WAIT`], and is not sent at all if the
+    /// answer is this lease, whose new holder it is then.
+    fn unheld(&mut self, key: Key, answer: Option<(ConnId, Vec<(u64, LeaseId)>)>, now: Instant) {
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        let lease = held.machine.lease().map(|l| (l.id, l.grants.clone()));
+        let live = matches!(
+            held.machine.state(),
+            LeaseState::Active | LeaseState::Renewing
+        );
+        match std::mem::take(&mut held.mirrored) {
+            true => self.actions.push_back(Action::MirrorDrop {
+                holder: key,
+                then: Some(AfterDrop {
+                    lease: lease.as_ref().map_or(LeaseId([0; 16]), |(id, _)| *id),
+                    answer,
+                }),
+            }),
+            false => {
+                if let Some((conn, requests)) = answer {
+                    self.answer_released(conn, requests);
+                }
+            }
+        }
+        if let Some((id, grants)) = lease
+            && live
+            && !self.stopping
+            && self.open_outstanding(key, id, &grants)
+        {
+            debug!(lease = %id, "no application holds the lease; its Release waits for an Open that may be answered with it");
+            if let Some(held) = self.leases.get_mut(&key) {
+                held.unheld_since = Some(now);
+            }
+            self.release_waits.insert(key);
+            return;
+        }
+        self.release_lease(key, now);
+    }
+
+    /// Releases the lease `key` at the gateway (the machine sends the Release and retries it).
+    fn release_lease(&mut self, key: Key, now: Instant) {
+        self.release_waits.remove(&key);
+        let Some(held) = self.leases.get_mut(&key) else {
+            return;
+        };
+        held.unheld_since = None;
+        held.releasing = held.machine.lease().map(|l| l.grants.clone());
+        if held.releasing.is_some() {
+            self.releasing.insert(key);
+        }
+        held.machine.release(now);
+    }
+
+    /// Ends the waits that are over: the Release of a lease no caller holds, once no Open the
+    /// gateway may answer with it is outstanding (or [`OPEN_WAIT`] passed); an Open waiting for
+    /// a Release, once no such Release is on its way.
+    fn settle(&mut self, now: Instant) {
+        let waiting: Vec<Key> = self.release_waits.iter().copied().collect();
+        for key in waiting {
+            let Some(held) = self.leases.get(&key) else {
+                self.release_waits.remove(&key);
+                continue;
+            };
+            let Some(since) = held.unheld_since.filter(|_| held.holders.is_empty()) else {
+                self.release_waits.remove(&key);
+                if let Some(held) = self.leases.get_mut(&key) {
+                    held.unheld_since = None;
+                }
+                continue;
+            };
+            let live = matches!(
+                held.machine.state(),
+                LeaseState::Active | LeaseState::Renewing
+            );
+            let outstanding = match held.machine.lease() {
+                Some(lease) if live => {
+                    let (id, grants) = (lease.id, lease.grants.clone());
+                    self.open_outstanding(key, id, &grants)
+                }
+                _ => false,
+            };
+            if !outstanding || now >= since + OPEN_WAIT {
+                self.release_lease(key, now);
+                self.drive(key, now);
+            }
+        }
+        let waiting: Vec<Key> = self.open_waits.iter().copied().collect();
+        for key in waiting {
+            if !self.release_blocks(key) {
+                self.drive(key, now);
             }
         }
     }
 
-    /// Ends a lease whose port is not (or no longer) its caller's: released at the gateway at
-    /// once, its mirror removed; a pending Open is answered port-not-owned, a held lease ends
-    /// with the event lost (code port-not-owned).
-    fn end_unowned(&mut self, key: Key, reason: PortNotOwned, now: Instant) {
-        let Some(held) = self.leases.get_mut(&key) else {
-            return;
+    /// Whether an Open the gateway may answer with the lease `id` (granting `grants`) is
+    /// outstanding, other than `key`'s own: one on its way, due or awaiting a retry, or one
+    /// answered with `id` whose ports are still being checked before it joins `key`.
+    fn open_outstanding(&self, key: Key, id: LeaseId, grants: &[Grant]) -> bool {
+        self.leases.iter().any(|(k, h)| {
+            *k != key
+                && ((h.opening() && may_be_granted(h.machine.opening(), grants))
+                    || (!h.machine.state().is_terminal() && h.machine.lease_id() == Some(id)))
+        })
+    }
+
+    /// Whether the Open of `key` must wait: the Release of a lease the gateway may answer it
+    /// with is on its way.
+    fn release_blocks(&self, key: Key) -> bool {
+        let Some(opening) = self.leases.get(&key).map(|h| h.machine.opening()) else {
+            return false;
         };
-        if held.machine.state().is_terminal() {
-            return;
-        }
-        warn!(lease = ?held.machine.lease_id(), pid = ?held.app.pid, "ending a lease: {reason}");
-        let code = match reason {
-            PortNotOwned::Unreadable(_) => DenialCode::Wire(ResultCode::NoResources),
-            _ => DenialCode::Local(LocalCode::PortNotOwned),
-        };
-        if let Some((request_id, _)) = held.open_request.take() {
-            let conn = held.conn;
-            held.machine.release(now);
-            if let Some(conn) = conn {
-                self.deny(conn, request_id, code, reason.to_string(), None);
-            }
-        } else {
-            held.ended_by_agent = Some(reason);
-            held.machine.release(now);
-        }
-        self.drive(key, now);
+        self.releasing.iter().filter(|k| **k != key).any(|k| {
+            self.leases.get(k).is_some_and(|h| {
+                !h.machine.is_finished()
+                    && h.releasing
+                        .as_ref()
+                        .is_some_and(|grants| may_be_granted(opening, grants))
+            })
+        })
+    }
+
+    /// Whether a machine other than `key` holds `lease` live.
+    fn shared(&self, key: Key, lease: LeaseId) -> bool {
+        self.leases.iter().any(|(k, h)| {
+            *k != key && !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
+        })
+    }
+
+    /// The lease ids `conn` knows the lease `key` by.
+    fn ids_of(&self, key: Key, conn: ConnId) -> Vec<LeaseId> {
+        self.leases
+            .get(&key)
+            .and_then(|h| {
+                h.holders
+                    .iter()
+                    .find(|x| x.conn == conn && x.open.is_none())
+            })
+            .map(|h| h.ids.clone())
+            .unwrap_or_default()
     }
 
     /// Asks for the ports of every verified lease to be checked again; a lease whose port is
     /// no longer its caller's ends.
     fn sweep_owners(&mut self, now: Instant) {
         self.next_owner_sweep = now + self.config.local.owner_check_interval;
-        let leases: Vec<(Key, PortCheck)> = self
+        let leases: Vec<(Key, ConnId, PortCheck)> = self
             .leases
             .iter()
             .filter(|(_, h)| matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing))
-            .filter_map(|(k, h)| {
-                let owner = h.owner.as_ref()?;
-                (!owner.targets.is_empty()).then(|| (*k, owner.check()))
+            .flat_map(|(k, h)| {
+                h.checks()
+                    .into_iter()
+                    .map(|(conn, check)| (*k, conn, check))
             })
             .collect();
         if leases.is_empty() {
@@ -1545,7 +1946,11 @@ impl AgentMachine {
     fn close_idle(&mut self, now: Instant) {
         self.next_idle_sweep = now + IDLE_SWEEP;
         let idle = self.config.local.idle_timeout;
-        let busy: HashSet<ConnId> = self.leases.values().filter_map(|h| h.conn).collect();
+        let busy: HashSet<ConnId> = self
+            .leases
+            .values()
+            .flat_map(|h| h.holders.iter().map(|x| x.conn))
+            .collect();
         for (conn, local) in &mut self.conns {
             if !busy.contains(conn)
                 && now.saturating_duration_since(local.last_request) >= idle
@@ -1655,13 +2060,6 @@ impl AgentMachine {
         ))
     }
 
-    /// Whether a machine other than `key` holds `lease` live.
-    fn shared(&self, key: Key, lease: LeaseId) -> bool {
-        self.leases.iter().any(|(k, h)| {
-            *k != key && !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease)
-        })
-    }
-
     fn epoch_seen(&mut self, epoch: Epoch, from: Key, now: Instant) {
         self.epoch = Some(epoch);
         self.observe_epoch(epoch, Some(from), now);
@@ -1689,72 +2087,134 @@ impl AgentMachine {
             return;
         };
         let current = held.machine.lease().filter(|l| l.id == lease).cloned();
-        let Some((request_id, _)) = held.open_request else {
+        // The Opens this hold answers: those granted this lease and not answered yet.
+        let (answering, others): (Vec<Holder>, Vec<Holder>) = std::mem::take(&mut held.holders)
+            .into_iter()
+            .partition(|h| {
+                h.open
+                    .as_ref()
+                    .and_then(|o| o.granted.as_ref())
+                    .is_some_and(|g| g.id == lease)
+            });
+        held.holders = others;
+        if answering.is_empty() {
             if let Err(e) = result {
                 warn!(%lease, "the host table refused a lease: {e}");
             }
             return;
-        };
-        let Some(granted) = current else {
+        }
+        let Some(current) = current else {
             // The lease ended between its Granted and the host table's answer (a Revoked
             // notice, perhaps one that overtook the Granted): the Open is answered now, not
             // left to run out its wait as if the gateway had not answered.
             let state = held.machine.state();
-            if state.is_terminal() {
-                held.open_request = None;
-                if let Some(conn) = held.conn {
-                    let (code, reason) = match state {
-                        LeaseState::Revoked(why) => (
-                            ResultCode::DeniedByPolicy,
-                            format!(
-                                "the gateway revoked the lease before it took effect ({why:?})"
-                            ),
-                        ),
-                        _ => (
-                            ResultCode::NoResources,
-                            "the lease ended before it took effect".to_owned(),
-                        ),
-                    };
-                    self.deny(conn, request_id, DenialCode::Wire(code), reason, None);
+            if !state.is_terminal() {
+                held.holders.extend(answering);
+                return;
+            }
+            let (code, reason) = match state {
+                LeaseState::Revoked(why) => (
+                    ResultCode::DeniedByPolicy,
+                    format!("the gateway revoked the lease before it took effect ({why:?})"),
+                ),
+                _ => (
+                    ResultCode::NoResources,
+                    "the lease ended before it took effect".to_owned(),
+                ),
+            };
+            for holder in answering {
+                if let Some(open) = holder.open {
+                    self.deny(
+                        holder.conn,
+                        open.request_id,
+                        DenialCode::Wire(code),
+                        reason.clone(),
+                        None,
+                    );
                 }
             }
             return;
         };
-        held.open_request = None;
-        let Some(conn) = held.conn else { return };
-        match result {
-            Ok(()) => {
-                info!(
-                    %lease,
-                    app = ?held.app.name,
-                    pid = ?held.app.pid,
-                    grants = ?granted.grants,
-                    lifetime = granted.lifetime,
-                    "granted and mirrored"
-                );
-                let answer = Granted {
-                    common: common(request_id),
-                    lease: granted.id,
-                    grants: granted.grants.clone(),
-                    lifetime: granted.lifetime,
-                    expires_ms: granted.expires_ms,
-                    renew_after: granted.renew_after,
-                    epoch: granted.epoch,
-                    narrowed: granted.narrowed,
-                };
-                self.reply(conn, LocalMessage::Wire(Message::Granted(answer)));
+        if let Err(e) = result {
+            warn!(%lease, "the host table refused a granted lease: {e}");
+            let none_left = held.holders.is_empty();
+            for holder in answering {
+                if let Some(open) = holder.open {
+                    self.deny(
+                        holder.conn,
+                        open.request_id,
+                        DenialCode::Wire(ResultCode::NoResources),
+                        format!("the host's firewall did not take the opening: {e}"),
+                        None,
+                    );
+                }
             }
-            Err(e) => {
-                warn!(%lease, "the host table refused a granted lease; releasing it: {e}");
-                held.machine.release(now);
-                self.deny(
+            if none_left {
+                self.unheld(key, None, now);
+            }
+            self.drive(key, now);
+            return;
+        }
+        for mut holder in answering {
+            let Some(open) = holder.open.take() else {
+                continue;
+            };
+            let granted = open.granted.unwrap_or_else(|| current.clone());
+            info!(
+                %lease,
+                app = ?holder.app.as_ref().and_then(|a| a.name.as_deref()),
+                pid = ?holder.app.as_ref().and_then(|a| a.pid),
+                grants = ?granted.grants,
+                lifetime = granted.lifetime,
+                "granted and mirrored"
+            );
+            let answer = Granted {
+                common: common(open.request_id),
+                lease: granted.id,
+                grants: granted.grants.clone(),
+                lifetime: granted.lifetime,
+                expires_ms: granted.expires_ms,
+                renew_after: granted.renew_after,
+                epoch: granted.epoch,
+                narrowed: granted.narrowed,
+            };
+            let conn = holder.conn;
+            self.reply(conn, LocalMessage::Wire(Message::Granted(answer)));
+            // The gateway gave the lease the later of its expiry and this Open's (spec 11.3):
+            // an application whose Open joined a longer lease learns how long it really lasts.
+            if current.expires_at > granted.expires_at {
+                let expires_in = current.expires_at.saturating_duration_since(now);
+                self.emit(
                     conn,
-                    request_id,
-                    DenialCode::Wire(ResultCode::NoResources),
-                    format!("the host's firewall did not take the opening: {e}"),
+                    &holder.ids,
+                    EventKind::Renewed,
+                    Some(expires_in),
+                    None,
+                    None,
                     None,
                 );
-                self.drive(key, now);
+            }
+            // A caller holds a lease once: an answered Open of the same caller joins its hold.
+            let Some(held) = self.leases.get_mut(&key) else {
+                return;
+            };
+            match held
+                .holders
+                .iter_mut()
+                .find(|h| h.conn == conn && h.open.is_none())
+            {
+                Some(hold) => {
+                    hold.asked = hold.lifetime().max(holder.lifetime());
+                    for id in holder.ids {
+                        if !hold.ids.contains(&id) {
+                            hold.ids.push(id);
+                        }
+                    }
+                    if hold.owner.is_none() {
+                        hold.owner = holder.owner;
+                    }
+                }
+                None => held.holders.push(holder),
             }
         }
     }
@@ -1784,9 +2244,10 @@ impl AgentMachine {
             LocalMessage::Wire(Message::Open(open)) => self.on_open(conn, open, now),
             LocalMessage::Wire(Message::Release(release)) => {
                 let found = self.leases.iter().find(|(_, h)| {
-                    h.conn == Some(conn)
-                        && h.ids.contains(&release.lease)
-                        && !h.machine.state().is_terminal()
+                    !h.machine.state().is_terminal()
+                        && h.holders.iter().any(|x| {
+                            x.conn == conn && x.open.is_none() && x.ids.contains(&release.lease)
+                        })
                 });
                 let Some((&key, _)) = found else {
                     self.deny(
@@ -1798,11 +2259,9 @@ impl AgentMachine {
                     );
                     return;
                 };
-                if let Some(held) = self.leases.get_mut(&key) {
-                    held.release_requests.push((request_id, release.lease));
-                    held.machine.release(now);
-                }
-                self.drive(key, now);
+                // The caller's hold ends, however many of its Opens the gateway merged into
+                // the lease (local API 5.2): it holds the lease once.
+                self.let_go(key, conn, LetGo::Release(request_id, release.lease), now);
             }
             LocalMessage::Wire(Message::List(_)) => self.on_list(conn, request_id, now),
             LocalMessage::Watch(watch) => {
@@ -1844,7 +2303,11 @@ impl AgentMachine {
                 let live = self
                     .leases
                     .values()
-                    .filter(|h| !h.machine.state().is_terminal() && h.machine.lease().is_some())
+                    .filter(|h| {
+                        !h.machine.state().is_terminal()
+                            && h.machine.lease().is_some()
+                            && !h.holders.is_empty()
+                    })
                     .count();
                 let answer = StatusAnswer {
                     common: common(request_id),
@@ -1891,9 +2354,10 @@ impl AgentMachine {
         let leases = self
             .leases
             .values()
-            .filter(|h| !h.machine.state().is_terminal() && h.open_request.is_none())
+            .filter(|h| !h.machine.state().is_terminal())
             .filter_map(|h| {
                 let lease = h.machine.lease()?;
+                let holder = h.holders.iter().find(|x| x.open.is_none())?;
                 Some(LeaseInfo {
                     lease: lease.id,
                     grants: lease.grants.clone(),
@@ -1902,7 +2366,7 @@ impl AgentMachine {
                     )
                     .unwrap_or(u32::MAX),
                     expires_ms: lease.expires_ms,
-                    app: Some(h.app.clone()),
+                    app: Some(holder.app.clone().unwrap_or_default()),
                 })
             })
             .collect();
@@ -1956,7 +2420,9 @@ impl AgentMachine {
         let held = self
             .leases
             .values()
-            .filter(|h| h.conn == Some(conn) && !h.machine.state().is_terminal())
+            .filter(|h| {
+                !h.machine.state().is_terminal() && h.holders.iter().any(|x| x.conn == conn)
+            })
             .count();
         if held >= self.config.local.max_leases_per_connection {
             let reason =
@@ -2087,7 +2553,6 @@ impl AgentMachine {
             open.app.clone(),
             &mut self.rng,
         );
-        let app = open.app.unwrap_or_default();
         // An application id's ports are checked once granted, and the check may wait for the
         // application to bind: the Open's wait runs that long more.
         let wait = match owner.as_ref().is_some_and(|o| o.by_grants) {
@@ -2099,16 +2564,25 @@ impl AgentMachine {
         self.leases.insert(
             key,
             Held {
-                conn: Some(conn),
                 machine,
-                app,
-                open_request: Some((request_id, now + wait)),
-                ids: Vec::new(),
+                holders: vec![Holder {
+                    conn,
+                    asked: open.lifetime,
+                    granted: None,
+                    app: open.app,
+                    open: Some(PendingOpen {
+                        request_id,
+                        deadline: now + wait,
+                        granted: None,
+                    }),
+                    ids: Vec::new(),
+                    owner,
+                }],
                 mirrored: false,
-                release_requests: Vec::new(),
-                owner,
-                ended_by_agent: None,
                 reopen_at: None,
+                unheld_since: None,
+                releasing: None,
+                waits_for_release: false,
             },
         );
         self.drive(key, now);
@@ -2119,7 +2593,7 @@ impl AgentMachine {
         let keys: Vec<Key> = self
             .leases
             .iter()
-            .filter(|(_, h)| h.conn == Some(conn))
+            .filter(|(_, h)| h.holders.iter().any(|x| x.conn == conn))
             .map(|(k, _)| *k)
             .collect();
         if !keys.is_empty() {
@@ -2130,13 +2604,7 @@ impl AgentMachine {
             );
         }
         for key in keys {
-            if let Some(held) = self.leases.get_mut(&key) {
-                held.conn = None;
-                held.open_request = None;
-                held.release_requests.clear();
-                held.machine.release(now);
-            }
-            self.drive(key, now);
+            self.let_go(key, conn, LetGo::Closed, now);
         }
     }
 
@@ -2171,12 +2639,11 @@ impl AgentMachine {
         );
     }
 
-    /// Gives an Event about the lease `lease` of `key` to the watches of its caller.
-    #[allow(clippy::too_many_arguments)]
-    fn emit(
+    /// Gives an Event about the lease `key` to each caller holding it, named by the id that
+    /// caller knows it by.
+    fn tell(
         &mut self,
         key: Key,
-        lease: LeaseId,
         kind: EventKind,
         expires_in: Option<Duration>,
         reason: Option<String>,
@@ -2186,11 +2653,40 @@ impl AgentMachine {
         let Some(held) = self.leases.get(&key) else {
             return;
         };
-        let Some(conn) = held.conn else { return };
+        for conn in held.callers() {
+            let ids = self.ids_of(key, conn);
+            self.emit(
+                conn,
+                &ids,
+                kind,
+                expires_in,
+                reason.clone(),
+                code,
+                new_lease,
+            );
+        }
+    }
+
+    /// Gives an Event to the watches of `conn`, about the lease it knows by `ids` (named by the
+    /// last of them).
+    #[allow(clippy::too_many_arguments)]
+    fn emit(
+        &mut self,
+        conn: ConnId,
+        ids: &[LeaseId],
+        kind: EventKind,
+        expires_in: Option<Duration>,
+        reason: Option<String>,
+        code: Option<DenialCode>,
+        new_lease: Option<LeaseId>,
+    ) {
+        let Some(&lease) = ids.last() else {
+            return;
+        };
         let Some(local) = self.conns.get(&conn) else {
             return;
         };
-        let watched = local.watch_all || held.ids.iter().any(|id| local.watches.contains(id));
+        let watched = local.watch_all || ids.iter().any(|id| local.watches.contains(id));
         if !watched {
             return;
         }
@@ -2205,6 +2701,33 @@ impl AgentMachine {
         };
         self.reply(conn, LocalMessage::Event(event));
     }
+}
+
+/// Whether the gateway may answer an Open of `opening` with a live lease that grants `grants`
+/// (empty: grants not known, which may be anything).
+///
+/// The gateway merges an Open into a live lease of the host whose grants are exactly those the
+/// Open resolves to (spec 11.3). So when an application releases a lease while another's Open
+/// of the same opening is on its way, the gateway may merge the Open into the lease and then
+/// end it with the Release, or the other way round: the application that asked would hold a
+/// lease the gateway ended. The machine therefore never has a Release and such an Open at the
+/// gateway at once: a lease no caller holds any more is released only once no Open that may be
+/// answered with it is outstanding (and when one is answered with it, its caller holds it, and
+/// nothing is released); an Open that may be answered with a lease whose Release is on its way
+/// goes once the Release is answered. Which Opens may be answered with a lease cannot be told
+/// exactly (the policy may narrow an Open, an opening without addresses resolves to the host's),
+/// so this errs on the side of waiting: an Open of the same application id, or of the same
+/// protocol with a port range holding every port of the lease, may be.
+fn may_be_granted(opening: &Opening, grants: &[Grant]) -> bool {
+    grants.iter().all(|grant| match &opening.target {
+        Target::Ports { protocol, ports } => {
+            grant.app.is_none()
+                && grant.protocol == *protocol
+                && ports.first <= grant.ports.first
+                && grant.ports.last <= ports.last
+        }
+        Target::App(id) => grant.app.as_ref() == Some(id),
+    })
 }
 
 /// Cuts the texts a caller is given to the 512 bytes the local API allows them (local API 3,

@@ -6,9 +6,9 @@
 //! removal of the same lease reach the kernel in the order the agent decided them. Elements are
 //! counted by the leases that hold them: two leases granting the same opening share one
 //! element, whose timeout is the latest expiry of its holders, and which
-//! goes only when its last holder goes. Holders are the agent's application leases, not gateway
-//! lease ids: two applications whose identical openings the gateway merged into one lease still
-//! hold their elements separately.
+//! goes only when its last holder goes. Holders are the agent's numbers for the leases it holds
+//! for applications, not gateway lease ids (a re-opened lease keeps its number under a new id);
+//! two applications whose identical openings the gateway merged into one lease share one.
 //!
 //! With mirror mode `off` the task keeps the same books and never touches the kernel.
 
@@ -29,8 +29,8 @@ pub fn elements_of(grants: &[Grant]) -> Vec<Element> {
     grants.iter().flat_map(Element::from_grant).collect()
 }
 
-/// Who holds elements in the mirror: the agent's number for one application lease (which keeps
-/// it across re-opens under new lease ids), or for a lease of an earlier run.
+/// Who holds elements in the mirror: the agent's number for one lease held for applications
+/// (which keeps it across re-opens under new lease ids), or for a lease of an earlier run.
 pub type Holder = u64;
 
 /// A failure of the mirror.

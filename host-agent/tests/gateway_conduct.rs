@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::scripted::{
     Conduct, LeaseTable, Reply, Terms, answer_common, denied, lock, pki, runtime, spawn_gateway,
-    start_agent,
+    start_agent, wait_connected_to,
 };
 use common::*;
 use fwnp_proto::codec::DecodeError;
@@ -155,22 +155,6 @@ fn begin_notice(
 /// Closes the gateway's latest connection with `code`.
 fn close_latest(script: &Shared, code: QuicErrorCode) {
     latest_connection(script).close(quinn::VarInt::from_u32(code.code()), b"scripted");
-}
-
-/// Waits until Status says the agent is connected to `gateway`.
-fn wait_connected_to(status: &mut LocalClient, gateway: SocketAddr) {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let now = status.status();
-        if now.connected && now.gateway == gateway.to_string() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the agent did not connect to {gateway}: {now:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Waits up to `within` for `done`, checking every 50 ms.

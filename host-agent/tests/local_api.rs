@@ -1,19 +1,25 @@
 //! The local API of the real `fwnp-agent` binary over its real Unix socket, without a gateway
 //! (its address answers nothing) and without the kernel (mirror mode off): framing, Status,
 //! List, Watch, Release of an unknown lease, malformed frames, who may use the agent, and port
-//! owner verification (the caller's own port, a port bound by another process, nobody). No root
-//! needed.
+//! owner verification (the caller's own port, a port bound by another process, nobody). With a
+//! scripted gateway that merges identical Opens as FWNP's does: the leases several Opens hold.
+//! No root needed.
 
 mod common;
 
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::scripted::{
+    Conduct, LeaseTable, Reply, Terms, lock, spawn_gateway, start_agent, wait_connected_to,
+};
 use common::*;
+use fwnp_proto::codec::DecodeError;
 use fwnp_proto::local::{DenialCode, LocalCode, LocalMessage, TYPE_WATCH, encode_frame};
-use fwnp_proto::{LeaseId, Message, Protocol, ResultCode};
+use fwnp_proto::{Granted, LeaseId, Message, Protocol, ResultCode};
 
 /// An agent started for one test, with its directory.
 struct Agent {
@@ -841,4 +847,126 @@ fn an_open_naming_several_addresses_is_checked_then_forwarded() {
         "{reason}"
     );
     assert!(reason.contains("named twice"), "{reason}");
+}
+
+const MERGING_TERMS: Terms = Terms {
+    epoch: 0x5c21_97ed_0000_00d4,
+    lifetime: 600,
+    renew_after: 300,
+    lifetimes: (1, 3600),
+    lease_fill: 0xd4,
+};
+
+/// A scripted gateway whose leases merge identical Opens (`LeaseTable`, spec 11.3), that
+/// leaves the next Open unanswered when told to.
+#[derive(Debug, Default)]
+struct Merging {
+    /// Every request, in order.
+    seen: Vec<Message>,
+    leases: LeaseTable,
+    /// Leave the next Open unanswered (its sender's retry is answered).
+    drop_next_open: bool,
+}
+
+impl Conduct for Mutex<Merging> {
+    fn reply(&self, request: Result<Message, DecodeError>, remote: IpAddr) -> Reply {
+        let Ok(request) = request else {
+            return Reply::Nothing;
+        };
+        let mut script = lock(self);
+        script.seen.push(request.clone());
+        if matches!(request, Message::Open(_)) && std::mem::take(&mut script.drop_next_open) {
+            return Reply::Nothing;
+        }
+        Reply::Answer(script.leases.answer(&MERGING_TERMS, &request, remote))
+    }
+}
+
+/// The leases the gateway was asked to release, in order.
+fn released_at_gateway(script: &Mutex<Merging>) -> Vec<LeaseId> {
+    lock(script)
+        .seen
+        .iter()
+        .filter_map(|m| match m {
+            Message::Release(r) => Some(r.lease),
+            _ => None,
+        })
+        .collect()
+}
+
+fn granted(answer: LocalMessage) -> Granted {
+    match answer {
+        LocalMessage::Wire(Message::Granted(g)) => g,
+        other => panic!("expected a Granted, got {other:?}"),
+    }
+}
+
+/// The gateway merges identical Opens into one lease. One connection opening its port twice
+/// holds that lease once: one Release of the id ends its hold and releases the lease at the
+/// gateway, and a second one is refused unknown-local-lease. Then a connection releases the
+/// lease while another one's identical Open is on its way (its first sending unanswered, as
+/// when its answer is lost): the Release does not reach the gateway before the Open is
+/// answered, the answer is the lease, and the second connection holds it until it closes.
+#[test]
+fn a_merged_lease_is_held_once_per_connection_and_not_released_under_an_open() {
+    let pki = common::scripted::pki("merged");
+    let runtime = common::scripted::runtime();
+    let script = Arc::new(Mutex::new(Merging::default()));
+    let gateway = spawn_gateway(&pki, &runtime, script.clone());
+    let dir = temp_dir("merged");
+    let (_agent, socket) = start_agent(&pki, &dir, &[gateway]);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    let mut app = LocalClient::connect(&socket);
+    wait_connected_to(&mut app, gateway);
+
+    let first = granted(app.open(Protocol::Tcp, port, Some(60), STEP));
+    let again = granted(app.open(Protocol::Tcp, port, Some(600), STEP));
+    assert_eq!(again.lease, first.lease, "the gateway merged them");
+    assert!(matches!(
+        app.release(first.lease),
+        LocalMessage::Wire(Message::Released(_))
+    ));
+    let (code, reason) = denial(&app.release(first.lease));
+    assert_eq!(
+        code,
+        DenialCode::Local(LocalCode::UnknownLocalLease),
+        "{reason}"
+    );
+    let wait = Duration::from_millis(50);
+    assert!(
+        fwnp_testkit::netns::wait_until(STEP, wait, || released_at_gateway(&script)
+            == vec![first.lease]),
+        "{:?}",
+        released_at_gateway(&script)
+    );
+
+    let mut holder = LocalClient::connect(&socket);
+    let held = granted(holder.open(Protocol::Tcp, port, Some(60), STEP));
+    assert_ne!(held.lease, first.lease);
+    lock(&script).drop_next_open = true;
+    let mut joining = LocalClient::connect(&socket);
+    let id = joining.next_id();
+    joining.send(&open_msg(id, Protocol::Tcp, port, Some(60)));
+    assert!(fwnp_testkit::netns::wait_until(STEP, wait, || !lock(
+        &script
+    )
+    .drop_next_open));
+    assert!(matches!(
+        holder.release(held.lease),
+        LocalMessage::Wire(Message::Released(_))
+    ));
+    // The agent sends the unanswered Open again.
+    let joined = granted(joining.answer(id, 2 * STEP));
+    assert_eq!(joined.lease, held.lease);
+    assert_eq!(released_at_gateway(&script), vec![first.lease]);
+    assert_eq!(joining.list().leases.len(), 1);
+
+    drop(joining);
+    assert!(
+        fwnp_testkit::netns::wait_until(STEP, wait, || released_at_gateway(&script)
+            == vec![first.lease, held.lease]),
+        "{:?}",
+        released_at_gateway(&script)
+    );
 }

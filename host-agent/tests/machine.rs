@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fwnp_agent::config::AgentConfig;
 use fwnp_agent::machine::{
-    Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, Peer, REOPEN_SPREAD,
+    Action, AfterDrop, AgentMachine, ConnId, IDLE_TICK, Input, Key, OPEN_WAIT, Peer, REOPEN_SPREAD,
     SPREAD_REOPENS_ABOVE,
 };
 use fwnp_agent::mirror::MirrorError;
@@ -193,6 +193,33 @@ impl Sim {
         (sim, key, request)
     }
 
+    /// The caller `conn` opens tcp/8080 asking `lifetime` seconds; the gateway grants that as
+    /// `lease` under [`EPOCH`]; the mirror takes it, under the key it names. Returns that key,
+    /// and what the machine did once the mirror took it.
+    fn open_for_lifetime(
+        &mut self,
+        conn: ConnId,
+        lifetime: u32,
+        lease: LeaseId,
+    ) -> (Key, Vec<Action>) {
+        let actions = self.input(Input::Request {
+            conn,
+            message: open_request_for(100 + conn, 8080, lifetime),
+        });
+        let (key, request) = single_send(&actions);
+        let actions = self.answer(key, Ok(granted_for(&request, lease, 8080, EPOCH, lifetime)));
+        let holder = match &mirror_holds(&actions)[..] {
+            [(holder, Some(held))] if *held == lease => *holder,
+            other => panic!("expected the lease held in the mirror, got {other:?} in {actions:?}"),
+        };
+        let landed = self.input(Input::MirrorLanded {
+            key: holder,
+            lease,
+            result: Ok(()),
+        });
+        (holder, landed)
+    }
+
     /// The link to the gateway ends, for `reason`.
     fn link_down(&mut self, reason: &str) -> Vec<Action> {
         self.input(Input::LinkDown {
@@ -259,7 +286,8 @@ impl Sim {
     }
 
     /// The caller `conn` opens tcp/`port`; the gateway grants it as `lease` under `epoch`; the
-    /// mirror takes it. Returns the key it is held under.
+    /// mirror takes it. Returns the key it is held under (that of the lease it joined, when
+    /// another caller holds `lease` already).
     fn open_granted(&mut self, conn: ConnId, port: u16, lease: LeaseId, epoch: Epoch) -> Key {
         self.open_granted_for(conn, port, lease, epoch, LIFETIME)
     }
@@ -281,11 +309,10 @@ impl Sim {
         assert!(matches!(request, Message::Open(_)), "{request:?}");
         let granted = granted_for(&request, lease, port, epoch, lifetime);
         let actions = self.answer(key, Ok(granted));
-        assert_eq!(
-            mirror_holds(&actions),
-            vec![(key, Some(lease))],
-            "{actions:?}"
-        );
+        let key = match &mirror_holds(&actions)[..] {
+            [(holder, Some(held))] if *held == lease => *holder,
+            other => panic!("expected the lease held in the mirror, got {other:?} in {actions:?}"),
+        };
         let actions = self.input(Input::MirrorLanded {
             key,
             lease,
@@ -386,12 +413,39 @@ fn open_app_request(request_id: u64) -> LocalMessage {
 }
 
 fn open_request(request_id: u64, port: u16) -> LocalMessage {
+    open_request_for(request_id, port, LIFETIME)
+}
+
+/// An Open of tcp/`port` asking `lifetime` seconds.
+fn open_request_for(request_id: u64, port: u16, lifetime: u32) -> LocalMessage {
     LocalMessage::Wire(Message::Open(Open {
         common: common(request_id),
         opening: opening(port),
-        lifetime: Some(LIFETIME),
+        lifetime: Some(lifetime),
         app: None,
     }))
+}
+
+/// A Release of `lease`.
+fn release_request(request_id: u64, lease: LeaseId) -> LocalMessage {
+    LocalMessage::Wire(Message::Release(Release {
+        common: common(request_id),
+        lease,
+    }))
+}
+
+/// The callers answered Released, with the request ids answered.
+fn released_answers(actions: &[Action]) -> Vec<(ConnId, u64)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reply {
+                conn,
+                message: LocalMessage::Wire(Message::Released(r)),
+            } => Some((*conn, r.common.request_id.unwrap_or(0))),
+            _ => None,
+        })
+        .collect()
 }
 
 fn grant(port: u16) -> Grant {
@@ -1385,8 +1439,8 @@ fn texts_given_to_callers_fit_the_local_api() {
 }
 
 /// Two callers hold the same lease (the gateway merged their identical openings): the first
-/// to let go is answered without a Release reaching the gateway; the last one's Release goes
-/// out, and it is answered only once the host table let go.
+/// to let go is answered at once, the elements staying in the host table for the other, and no
+/// Release reaches the gateway; the last one's going drops the elements and releases the lease.
 #[test]
 fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
     let mut sim = Sim::new();
@@ -1395,16 +1449,202 @@ fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
     sim.connect_caller(APP + 1);
     let lease = sim.fresh_lease();
     let first = sim.open_granted(APP, 8080, lease, EPOCH);
-    let second = sim.open_granted(APP + 1, 8080, lease, EPOCH);
+    sim.open_granted(APP + 1, 8080, lease, EPOCH);
 
     let actions = sim.input(Input::Request {
         conn: APP,
-        message: LocalMessage::Wire(Message::Release(Release {
-            common: common(40),
-            lease,
-        })),
+        message: release_request(40, lease),
     });
     assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    assert_eq!(released_answers(&actions), vec![(APP, 40)]);
+    match &events(&actions)[..] {
+        [(APP, e)] => assert_eq!((e.kind, e.lease), (EventKind::Released, lease)),
+        other => panic!("expected released for the first caller only, got {other:?}"),
+    }
+
+    let actions = sim.input(Input::CallerClosed { conn: APP + 1 });
+    assert_eq!(mirror_drops(&actions), vec![first], "{actions:?}");
+    let (key, request) = single_send(&actions);
+    assert_eq!(key, first);
+    assert!(matches!(request, Message::Release(Release { lease: l, .. }) if l == lease));
+    sim.answer(
+        key,
+        Ok(Message::Released(Released {
+            common: request.common().clone(),
+            lease,
+        })),
+    );
+    assert!(!sim.machine.holds_leases());
+}
+
+/// Two callers hold one lease, the first opened it for 600 s, the second 10 s later for 60 s
+/// (the gateway merged its Open into the lease, whose expiry it kept). The lease is renewed on
+/// one schedule, each Renew asking 600 s, and each renewal is told to both; the second caller
+/// learns at once, after its Granted, that the lease lasts 590 s more, not 60. Once the first
+/// lets go, the Renews ask 60 s.
+#[test]
+fn a_merged_lease_is_renewed_once_for_the_longest_lifetime_its_holders_asked() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    sim.connect_caller(APP + 1);
+    let lease = sim.fresh_lease();
+    let (holder, _) = sim.open_for_lifetime(APP, 600, lease);
+    sim.advance(Duration::from_secs(10));
+    let (_, landed) = sim.open_for_lifetime(APP + 1, 60, lease);
+    match &landed[..] {
+        [
+            Action::Reply {
+                conn: granted_to,
+                message: LocalMessage::Wire(Message::Granted(g)),
+            },
+            Action::Reply {
+                conn: told,
+                message: LocalMessage::Event(e),
+            },
+        ] => {
+            assert_eq!((*granted_to, g.lease, g.lifetime), (APP + 1, lease, 60));
+            assert_eq!(
+                (*told, e.kind, e.lease),
+                (APP + 1, EventKind::Renewed, lease)
+            );
+            assert_eq!(e.expires_in_ms, Some(590_000));
+        }
+        other => panic!("expected the Granted, then the lease's real expiry: {other:?}"),
+    }
+
+    let start = sim.now;
+    let mut renewed_at = Vec::new();
+    while sim.now < start + Duration::from_secs(1200) {
+        let (key, request, _) = sim.until_send(Duration::from_secs(600));
+        let Message::Renew(renew) = &request else {
+            panic!("expected a renewal, got {request:?}");
+        };
+        assert_eq!((key, renew.lifetime), (holder, Some(600)), "{request:?}");
+        renewed_at.push(sim.now);
+        let actions = sim.answer(key, Ok(granted_for(&request, lease, 8080, EPOCH, 600)));
+        let told: Vec<_> = events(&actions)
+            .into_iter()
+            .map(|(conn, e)| (conn, e.kind, e.expires_in_ms))
+            .collect();
+        let renewed = Some(600_000);
+        assert_eq!(
+            told,
+            vec![
+                (APP, EventKind::Renewed, renewed),
+                (APP + 1, EventKind::Renewed, renewed)
+            ]
+        );
+    }
+    // One schedule: a renewal per half lifetime (the window of spec 11.8), never two.
+    assert!(renewed_at.len() >= 3, "{renewed_at:?}");
+    for pair in renewed_at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= Duration::from_secs(300),
+            "{renewed_at:?}"
+        );
+    }
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert_eq!(released_answers(&actions), vec![(APP, 40)]);
+    let (key, request, _) = sim.until_send(Duration::from_secs(600));
+    assert!(
+        matches!(
+            request,
+            Message::Renew(Renew {
+                lifetime: Some(60),
+                ..
+            })
+        ),
+        "{request:?}"
+    );
+    assert_eq!(key, holder);
+}
+
+/// The first caller opened the lease for 60 s; the second one's Open, 10 s later, asked 600 s,
+/// and the gateway extended the lease to that. The first caller is told the lease's new
+/// expiry, and the lease is renewed on the schedule of the later grant, asking 600 s.
+#[test]
+fn an_open_merged_into_a_shorter_lease_extends_it_for_every_holder() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    sim.connect_caller(APP + 1);
+    let lease = sim.fresh_lease();
+    let (holder, _) = sim.open_for_lifetime(APP, 60, lease);
+    sim.advance(Duration::from_secs(10));
+    let joined_at = sim.now;
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request_for(30, 8080, 600),
+    });
+    let (key, request) = single_send(&actions);
+    let actions = sim.answer(key, Ok(granted_for(&request, lease, 8080, EPOCH, 600)));
+    match &events(&actions)[..] {
+        [(APP, e)] => {
+            assert_eq!((e.kind, e.lease), (EventKind::Renewed, lease));
+            assert_eq!(e.expires_in_ms, Some(600_000));
+        }
+        other => panic!("expected the first caller told the new expiry, got {other:?}"),
+    }
+    assert_eq!(mirror_holds(&actions), vec![(holder, Some(lease))]);
+    let landed = sim.input(Input::MirrorLanded {
+        key: holder,
+        lease,
+        result: Ok(()),
+    });
+    assert!(
+        events(&landed).is_empty(),
+        "its own grant is the expiry: {landed:?}"
+    );
+
+    let (key, request, _) = sim.until_send(Duration::from_secs(600));
+    assert_eq!(key, holder);
+    assert!(
+        matches!(
+            request,
+            Message::Renew(Renew {
+                lifetime: Some(600),
+                ..
+            })
+        ),
+        "{request:?}"
+    );
+    assert!(
+        sim.now >= joined_at + Duration::from_secs(300),
+        "renewed after {:?}",
+        sim.now - joined_at
+    );
+}
+
+/// One caller opened the same thing twice and holds both grants (the gateway merged them): it
+/// holds the lease once (local API 5.2), so its Release of the id ends that hold, the lease is
+/// released at the gateway, and a second Release of the id finds nothing to end.
+#[test]
+fn a_release_ends_every_open_of_its_caller_merged_into_the_lease() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let lease = sim.fresh_lease();
+    let first = sim.open_granted(APP, 8080, lease, EPOCH);
+    sim.open_granted(APP, 8080, lease, EPOCH);
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    let (key, request) = single_send(&actions);
+    assert_eq!(key, first);
+    assert!(matches!(request, Message::Release(Release { lease: l, .. }) if l == lease));
+    match &events(&actions)[..] {
+        [(APP, e)] => assert_eq!((e.kind, e.lease), (EventKind::Released, lease)),
+        other => panic!("expected one released event, got {other:?}"),
+    }
     let after = actions
         .iter()
         .find_map(|a| match a {
@@ -1414,7 +1654,7 @@ fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
             } if *holder == first => Some(after.clone()),
             _ => None,
         })
-        .expect("the first holder's elements dropped, the answer waiting for it");
+        .expect("the elements dropped, the answer waiting for it");
     assert_eq!(
         after,
         AfterDrop {
@@ -1422,27 +1662,159 @@ fn a_shared_lease_is_released_at_the_gateway_by_its_last_holder() {
             answer: Some((APP, vec![(40, lease)]))
         }
     );
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(41, lease),
+    });
+    match &denials(&actions)[..] {
+        [(APP, d)] => assert_eq!(d.code, DenialCode::Local(LocalCode::UnknownLocalLease)),
+        other => panic!("expected unknown-local-lease, got {other:?}"),
+    }
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+}
+
+/// A caller releases its lease while another caller's Open of the same opening is on its way
+/// to the gateway, which may merge it into that lease. The lease's elements leave the host
+/// table and the first caller is answered, but its Release waits for the Open's answer: that
+/// is the lease, so the second caller holds it, nothing is released, and its elements are back
+/// in the host table before it is answered. Its end, later, releases the lease.
+#[test]
+fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.connect_caller(APP + 1);
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(30, 8080),
+    });
+    let (open_key, open) = single_send(&actions);
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert_eq!(mirror_drops(&actions), vec![key]);
     let actions = sim.input(Input::MirrorReleased {
         conn: APP,
         requests: vec![(40, lease)],
     });
+    assert_eq!(released_answers(&actions), vec![(APP, 40)]);
+
+    let actions = sim.answer(open_key, Ok(granted(&open, lease, 8080, EPOCH)));
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.input(Input::MirrorLanded {
+        key,
+        lease,
+        result: Ok(()),
+    });
     assert!(
-        matches!(&actions[..], [Action::Reply { conn: APP, message: LocalMessage::Wire(Message::Released(r)) }] if r.lease == lease && r.common.request_id == Some(40)),
+        matches!(&actions[..], [Action::Reply { conn, message: LocalMessage::Wire(Message::Granted(g)) }] if *conn == APP + 1 && g.lease == lease),
         "{actions:?}"
     );
 
+    // Still renewed, for the second caller; released when it goes.
+    let (renewing, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert_eq!(renewing, key);
+    assert!(matches!(renew, Message::Renew(Renew { lease: l, .. }) if l == lease));
+    let actions = sim.answer(key, Ok(granted(&renew, lease, 8080, EPOCH)));
+    assert!(
+        events(&actions).iter().all(|(conn, _)| *conn == APP + 1),
+        "{actions:?}"
+    );
     let actions = sim.input(Input::CallerClosed { conn: APP + 1 });
-    let (key, request) = single_send(&actions);
-    assert_eq!(key, second);
-    assert!(matches!(request, Message::Release(Release { lease: l, .. }) if l == lease));
-    sim.answer(
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+}
+
+/// As above, but the gateway answers the Open with another lease: the waiting Release goes
+/// then. A Release that waits for an Open never answered goes after the Open's wait.
+#[test]
+fn a_waiting_release_goes_once_the_open_is_answered_otherwise_or_not_at_all() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.connect_caller(APP + 1);
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(30, 8080),
+    });
+    let (open_key, open) = single_send(&actions);
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let other = sim.fresh_lease();
+    let actions = sim.answer(open_key, Ok(granted(&open, other, 8080, EPOCH)));
+    let (released, release) = single_send(&actions);
+    assert_eq!(released, key);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+
+    // Never answered: the Release waits no longer than an Open does.
+    let (mut sim, lease, _) = Sim::holding_a_lease();
+    sim.connect_caller(APP + 1);
+    sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(30, 8080),
+    });
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let mut released = None;
+    let started = sim.now;
+    while released.is_none() {
+        let (_, request, _) = sim.until_send(OPEN_WAIT + Duration::from_secs(1));
+        if let Message::Release(r) = request {
+            released = Some(r.lease);
+        }
+    }
+    assert_eq!(released, Some(lease));
+    assert!(sim.now <= started + OPEN_WAIT, "{:?}", sim.now - started);
+}
+
+/// A caller releases its lease, and the Release goes to the gateway; another caller then asks
+/// for the same opening. Its Open waits for the Release's answer (without the machine spinning
+/// meanwhile), so that the gateway cannot merge it into the lease it is ending.
+#[test]
+fn an_open_waits_for_the_release_of_a_lease_it_may_be_answered_with() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: release_request(40, lease),
+    });
+    let (_, release) = single_send(&actions);
+    assert!(matches!(release, Message::Release(Release { lease: l, .. }) if l == lease));
+
+    sim.connect_caller(APP + 1);
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(30, 8080),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.advance(Duration::from_secs(2));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(sim.machine.poll_timeout(sim.now) > sim.now);
+    // Another opening does not wait.
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(31, 8443),
+    });
+    assert_eq!(sends(&actions).len(), 1, "{actions:?}");
+
+    let actions = sim.answer(
         key,
         Ok(Message::Released(Released {
-            common: request.common().clone(),
+            common: release.common().clone(),
             lease,
         })),
     );
-    assert!(!sim.machine.holds_leases() || sim.machine.earliest_expiry().is_none());
+    let (_, open) = single_send(&actions);
+    assert!(
+        matches!(&open, Message::Open(o) if o.opening == opening(8080)),
+        "{open:?}"
+    );
 }
 
 /// A caller that holds no lease and sends nothing for the idle timeout is closed, once.
@@ -1579,9 +1951,9 @@ fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
         })
         .expect("a periodic check");
     assert_eq!(swept.len(), 1);
-    assert_eq!(swept[0].0, key);
+    assert_eq!((swept[0].0, swept[0].1), (key, APP));
     assert_eq!(
-        swept[0].1.targets,
+        swept[0].2.targets,
         vec![(Protocol::Tcp, PortRange::single(8080))]
     );
     sim.input(Input::OwnerSweepDone);
@@ -1589,18 +1961,22 @@ fn verified_ports_are_checked_before_opening_renewing_and_periodically() {
     // The renewal is checked before it goes out.
     let (_, renew, actions) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
     let verify = actions.iter().find_map(|a| match a {
-        Action::Send { verify_first, .. } => verify_first.clone(),
+        Action::Send { verify_first, .. } => Some(verify_first.clone()),
         _ => None,
     });
     assert_eq!(
-        verify.map(|c| c.targets),
-        Some(vec![(Protocol::Tcp, PortRange::single(8080))])
+        verify.map(|c| c
+            .into_iter()
+            .map(|(conn, c)| (conn, c.targets))
+            .collect::<Vec<_>>()),
+        Some(vec![(APP, vec![(Protocol::Tcp, PortRange::single(8080))])])
     );
     sim.answer(key, Ok(granted(&renew, lease, 8080, EPOCH)));
 
     // Another process took the port: the lease ends.
     let actions = sim.input(Input::OwnerLost {
         key,
+        conn: APP,
         reason: PortNotOwned::Other {
             protocol: Protocol::Tcp,
             port: 8080,
@@ -1691,43 +2067,51 @@ fn an_application_ids_grants_are_checked_before_they_are_mirrored() {
                 key: k,
                 lease: granted,
                 replaces,
-                check,
+                targets,
+                callers,
                 grace,
             }) => {
                 assert_eq!((k, granted.id, replaces), (key, lease, None));
                 assert_eq!(grace, Duration::from_secs(2));
                 assert_eq!(
-                    check.targets,
+                    targets,
                     vec![
                         (Protocol::Tcp, PortRange::single(8080)),
                         (Protocol::Tcp, PortRange::single(8443))
                     ]
                 );
-                (key, granted, check)
+                assert_eq!(callers.len(), 1);
+                assert_eq!(callers[0].0, APP);
+                (key, granted, targets)
             }
             other => panic!("expected the grants' check, got {other:?}"),
         }
     };
 
-    let (key, lease, check) = ask(&mut sim, 20);
+    let (key, lease, targets) = ask(&mut sim, 20);
     let actions = sim.input(Input::GrantsChecked {
         key,
         lease: lease.clone(),
         replaces: None,
-        result: Ok(check.targets),
+        targets,
+        lost: Vec::new(),
     });
     assert_eq!(mirror_holds(&actions), vec![(key, Some(lease.id))]);
 
-    let (key, lease, _) = ask(&mut sim, 21);
+    let (key, lease, targets) = ask(&mut sim, 21);
     let actions = sim.input(Input::GrantsChecked {
         key,
         lease: lease.clone(),
         replaces: None,
-        result: Err(PortNotOwned::Nobody {
-            protocol: Protocol::Tcp,
-            ports: PortRange::single(8443),
-            waited: Duration::from_secs(2),
-        }),
+        targets,
+        lost: vec![(
+            APP,
+            PortNotOwned::Nobody {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(8443),
+                waited: Duration::from_secs(2),
+            },
+        )],
     });
     assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
     match &denials(&actions)[..] {
@@ -1763,14 +2147,15 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
     let (key, request) = single_send(&actions);
     let first = sim.fresh_lease();
     let actions = sim.answer(key, Ok(granted(&request, first, 8080, EPOCH)));
-    let Some(Action::CheckGrants { lease, check, .. }) = actions.into_iter().next() else {
+    let Some(Action::CheckGrants { lease, targets, .. }) = actions.into_iter().next() else {
         panic!("the grants are checked first");
     };
     sim.input(Input::GrantsChecked {
         key,
         lease,
         replaces: None,
-        result: Ok(check.targets),
+        targets,
+        lost: Vec::new(),
     });
     let actions = sim.input(Input::MirrorLanded {
         key,
@@ -1789,7 +2174,10 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
     let second = sim.fresh_lease();
     let actions = sim.answer(key, Ok(granted(&reopen, second, 8080, NEW_EPOCH)));
     let Some(Action::CheckGrants {
-        lease, replaces, ..
+        lease,
+        replaces,
+        targets,
+        ..
     }) = actions.into_iter().next()
     else {
         panic!("the re-open's grants are checked first");
@@ -1799,11 +2187,15 @@ fn a_reopened_application_lease_that_fails_its_check_is_lost_under_its_known_id(
         key,
         lease,
         replaces,
-        result: Err(PortNotOwned::Nobody {
-            protocol: Protocol::Tcp,
-            ports: PortRange::single(8080),
-            waited: Duration::ZERO,
-        }),
+        targets,
+        lost: vec![(
+            APP,
+            PortNotOwned::Nobody {
+                protocol: Protocol::Tcp,
+                ports: PortRange::single(8080),
+                waited: Duration::ZERO,
+            },
+        )],
     });
     match &events(&actions)[..] {
         [(APP, e)] => {
@@ -1833,7 +2225,7 @@ fn an_application_ids_open_waits_out_the_grace_of_its_check() {
     let actions = sim.answer(key, Ok(granted(&request, lease, 8080, EPOCH)));
     let Some(Action::CheckGrants {
         lease: checked,
-        check,
+        targets,
         grace,
         ..
     }) = actions.into_iter().next()
@@ -1848,7 +2240,8 @@ fn an_application_ids_open_waits_out_the_grace_of_its_check() {
         key,
         lease: checked,
         replaces: None,
-        result: Ok(check.targets),
+        targets,
+        lost: Vec::new(),
     });
     let actions = sim.input(Input::MirrorLanded {
         key,
@@ -2205,4 +2598,30 @@ fn when_no_gateway_is_left_opens_are_refused_with_unsupported_version() {
     assert_eq!(now.last_error.as_deref(), Some(reason));
     let later = sim.advance(fwnp_agent::machine::OPEN_WAIT * 2);
     assert!(denials(&later).is_empty(), "answered once: {later:?}");
+}
+
+/// A caller gives up on its Open (no answer within its wait); the gateway's late answer is the
+/// lease another caller holds (it merged the Open into it). That lease is not released: the
+/// other caller still holds it.
+#[test]
+fn a_late_grant_of_a_lease_others_hold_is_not_released() {
+    let (mut sim, lease, key) = Sim::holding_a_lease();
+    sim.connect_caller(APP + 1);
+    let actions = sim.input(Input::Request {
+        conn: APP + 1,
+        message: open_request(30, 8080),
+    });
+    let (late_key, open) = single_send(&actions);
+    let actions = sim.advance(OPEN_WAIT);
+    assert!(
+        denials(&actions).iter().any(|(conn, d)| *conn == APP + 1
+            && d.code == DenialCode::Local(LocalCode::GatewayUnreachable)),
+        "{actions:?}"
+    );
+    let actions = sim.answer(late_key, Ok(granted(&open, lease, 8080, EPOCH)));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let (renewing, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert_eq!(renewing, key);
+    assert!(matches!(renew, Message::Renew(Renew { lease: l, .. }) if l == lease));
 }

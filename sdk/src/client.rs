@@ -323,15 +323,25 @@ impl Client {
         }
     }
 
-    /// Releases a lease by its id. The agent lets a connection release the leases it opened;
-    /// for a lease another connection holds it answers unknown-local-lease
-    /// ([`Error::Denied`] with `LocalCode::UnknownLocalLease`). A [`Lease`] from this client
-    /// is better released with [`Lease::release`].
+    /// Releases a lease by its id: this connection's hold of it ends. The agent lets a
+    /// connection release the leases it opened; for a lease it does not hold it answers
+    /// unknown-local-lease ([`Error::Denied`] with `LocalCode::UnknownLocalLease`).
+    ///
+    /// A connection holds a lease once. Opening the same opening twice gives the same lease id
+    /// twice (the gateway merges the second Open into the lease), as two [`Lease`] handles:
+    /// releasing the id ends both, each with [`LeaseEvent::Released`]. The opening itself stays
+    /// while another connection (another application) still holds the lease (the local API's
+    /// Sections 5.2 and 9.1). To end one handle only, use [`Lease::release`].
     ///
     /// ```no_run
+    /// use fwnp_sdk::{Client, Opening};
     /// # async fn f() -> Result<(), fwnp_sdk::Error> {
-    /// let id = "00112233445566778899aabbccddeeff".parse().unwrap();
-    /// fwnp_sdk::Client::connect().await?.release(id).await?;
+    /// let client = Client::connect().await?;
+    /// let first = client.open(Opening::tcp(8080)).await?;
+    /// let second = client.open(Opening::tcp(8080)).await?;
+    /// assert_eq!(first.id(), second.id());
+    /// client.release(first.id()).await?;
+    /// assert!(!first.is_active() && !second.is_active());
     /// # Ok(())
     /// # }
     /// ```
@@ -474,9 +484,9 @@ enum Pending {
         /// A release of one of our own handles: unknown-lease means it is over anyway.
         own_handle: bool,
         reply: Option<Reply>,
-        /// The other handles of the same lease id, kept from the Released event of the handle
-        /// being released until its answer, then given their events again.
-        aside: Vec<Route>,
+        /// For a release by id, the handles of the id when it was sent, which it ends (a
+        /// handle granted later holds the lease anew).
+        handles: Vec<u64>,
     },
     List(Reply),
     Status(Reply),
@@ -577,14 +587,21 @@ impl Connection {
                 let lease = shared.id();
                 let was_ended = shared.is_ended();
                 let others = self.remove_handle(lease, shared.handle);
+                let others_hold = !others.is_empty();
+                self.keep(lease, others);
                 if only_if_over && was_ended {
-                    self.keep(lease, others);
                     return None;
                 }
                 shared.end(LeaseEvent::Released);
-                // Each handle is a lease of its own at the agent, even when the gateway merged
-                // it with another under one id (the local API's Section 9.1): this Release ends
-                // this handle's, and the others stay held.
+                // The connection holds a lease once, whatever number of its Opens the gateway
+                // merged into it, and a Release ends that hold (the local API's Section 5.2):
+                // while another handle has the lease, this one ends here alone.
+                if others_hold {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(Answer::Released));
+                    }
+                    return None;
+                }
                 (
                     LocalMessage::Wire(Message::Release(Release {
                         common: common(id),
@@ -594,7 +611,7 @@ impl Connection {
                         lease,
                         own_handle: true,
                         reply,
-                        aside: others,
+                        handles: Vec::new(),
                     },
                 )
             }
@@ -607,7 +624,11 @@ impl Connection {
                     lease,
                     own_handle: false,
                     reply: Some(reply),
-                    aside: Vec::new(),
+                    handles: self
+                        .routes
+                        .get(&lease)
+                        .map(|routes| routes.iter().map(|r| r.shared.handle).collect())
+                        .unwrap_or_default(),
                 },
             ),
             Command::List { reply } => (
@@ -682,13 +703,7 @@ impl Connection {
             | Pending::Status(reply) => {
                 let _ = reply.send(Err(error));
             }
-            Pending::Release {
-                lease,
-                reply,
-                aside,
-                ..
-            } => {
-                self.keep(lease, aside);
+            Pending::Release { reply, .. } => {
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(error));
                 }
@@ -733,12 +748,12 @@ impl Connection {
                 lease,
                 own_handle,
                 reply,
-                aside,
+                handles,
             } => {
                 let result = match message {
                     LocalMessage::Wire(Message::Released(_)) if own_handle => Ok(Answer::Released),
                     LocalMessage::Wire(Message::Released(_)) => {
-                        self.released_by_id(lease);
+                        self.released_by_id(lease, &handles);
                         Ok(Answer::Released)
                     }
                     LocalMessage::Denied(d)
@@ -755,7 +770,6 @@ impl Connection {
                     LocalMessage::Denied(d) => Err(Error::from_denied(d)),
                     other => Err(wrong(&other)),
                 };
-                self.keep(lease, aside);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -832,11 +846,18 @@ impl Connection {
         }
     }
 
-    /// A successful Release: every handle of that lease is over.
-    fn released_by_id(&mut self, lease: LeaseId) {
-        for route in self.routes.remove(&lease).unwrap_or_default() {
+    /// A successful Release by id: the connection's hold of the lease is over, and with it
+    /// every handle of the id it was sent for (its Released event ended them already, for a
+    /// connection that watches).
+    fn released_by_id(&mut self, lease: LeaseId, handles: &[u64]) {
+        let routes = self.routes.remove(&lease).unwrap_or_default();
+        let (ended, kept): (Vec<Route>, Vec<Route>) = routes
+            .into_iter()
+            .partition(|r| handles.contains(&r.shared.handle));
+        for route in ended {
             route.end(LeaseEvent::Released);
         }
+        self.keep(lease, kept);
     }
 
     fn event(&mut self, event: Event) {

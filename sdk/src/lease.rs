@@ -437,9 +437,22 @@ impl Lease {
     /// (revoked, expired), or that the agent no longer knew, is over either way and gives
     /// `Ok(())`.
     ///
+    /// This ends this handle only. When another handle of the same client has the same lease
+    /// (the same opening opened twice: the gateway merged the Opens into one lease), the
+    /// opening stays for that one, and this returns at once without asking the agent: the
+    /// connection holds the lease once, until its last handle goes. Likewise the agent keeps
+    /// the opening while another application holds the same lease. [`crate::Client::release`]
+    /// ends every handle of an id.
+    ///
     /// ```no_run
-    /// # async fn f(lease: fwnp_sdk::Lease) -> Result<(), fwnp_sdk::Error> {
-    /// lease.release().await?;
+    /// use fwnp_sdk::{Client, Opening};
+    /// # async fn f() -> Result<(), fwnp_sdk::Error> {
+    /// let client = Client::connect().await?;
+    /// let first = client.open(Opening::tcp(8080)).await?;
+    /// let second = client.open(Opening::tcp(8080)).await?;
+    /// first.release().await?;
+    /// assert!(second.is_active());
+    /// second.release().await?; // now the agent releases it
     /// # Ok(())
     /// # }
     /// ```

@@ -276,6 +276,11 @@ impl Client {
         self.next_request
     }
 
+    /// Whether one of its mappings has `lease`.
+    fn holds(&self, lease: LeaseId) -> bool {
+        self.mappings.values().any(|m| m.lease == lease)
+    }
+
     /// The key of the mapping `serial` made through `via`, if this client holds it.
     fn find(&self, via: Via, serial: u64) -> Option<MappingKey> {
         self.mappings
@@ -284,12 +289,18 @@ impl Client {
             .map(|(key, _)| *key)
     }
 
-    /// Releases `lease` and waits until the core says it is gone from both tables.
+    /// Releases `lease` and waits until the core says it is gone from both tables, unless
+    /// another mapping of this client has it: the gateway merged their identical openings into
+    /// one lease, which a connection holds once (local API 5.2), so a Release would end it for
+    /// that mapping too.
     async fn release(
         &mut self,
         core: &mpsc::UnboundedSender<CoreInput>,
         lease: LeaseId,
     ) -> Result<(), Refusal> {
+        if self.holds(lease) {
+            return Ok(());
+        }
         let id = self.next_id();
         let message = LocalMessage::Wire(Message::Release(Release {
             common: common(id),
@@ -386,6 +397,9 @@ impl Seam {
                     .collect();
                 for key in expired {
                     if let Some(mapping) = client.mappings.remove(&key) {
+                        if client.holds(mapping.lease) {
+                            continue;
+                        }
                         info!(
                             pid,
                             port = key.port,

@@ -1259,11 +1259,24 @@ mod tests {
         }
     }
 
-    /// [`device`] in front of a stand-in core that grants every Open with the lifetime asked and
-    /// answers every Release, as the core answers the seam, with the seam's sweep running (it
-    /// releases what its client did not refresh in time).
+    /// [`device`] in front of [`granting_seam`].
     async fn granting_device() -> (
         SocketAddr,
+        Arc<std::sync::Mutex<Held>>,
+        Vec<tokio::task::JoinHandle<()>>,
+    ) {
+        let (seam, held, mut tasks) = granting_seam().await;
+        let (address, task) = serve_device(seam).await;
+        tasks.push(task);
+        (address, held, tasks)
+    }
+
+    /// A seam to a stand-in core that grants every Open with the lifetime asked (an opening
+    /// it holds already, with the lease it holds it under, as the gateway merges them) and
+    /// answers every Release, as the core answers the seam, with the seam's sweep running (it
+    /// releases what its client did not refresh in time).
+    async fn granting_seam() -> (
+        Arc<Seam>,
         Arc<std::sync::Mutex<Held>>,
         Vec<tokio::task::JoinHandle<()>>,
     ) {
@@ -1304,8 +1317,15 @@ mod tests {
                     let mut held = state.lock().expect("the stand-in's state");
                     match message {
                         LocalMessage::Wire(Message::Open(open)) => {
-                            next = next.wrapping_add(1);
-                            let lease = LeaseId([next; 16]);
+                            let merged = held
+                                .live
+                                .iter()
+                                .find(|(_, opening)| *opening == open.opening)
+                                .map(|(lease, _)| *lease);
+                            let lease = merged.unwrap_or_else(|| {
+                                next = next.wrapping_add(1);
+                                LeaseId([next; 16])
+                            });
                             let fwnp_proto::Target::Ports { protocol, ports } = open.opening.target
                             else {
                                 continue;
@@ -1321,7 +1341,9 @@ mod tests {
                                 remotes: open.opening.remotes.clone(),
                                 app: None,
                             };
-                            held.live.push((lease, open.opening));
+                            if merged.is_none() {
+                                held.live.push((lease, open.opening));
+                            }
                             held.opened += 1;
                             Message::Granted(Granted {
                                 common: open.common,
@@ -1350,8 +1372,44 @@ mod tests {
             }
         });
         let sweep = tokio::spawn(seam.clone().sweep());
-        let (address, task) = serve_device(seam).await;
-        (address, held, vec![task, sweep, stand_in])
+        (seam, held, vec![sweep, stand_in])
+    }
+
+    /// A process maps one port through NAT-PMP and UPnP alike: the two identical openings are
+    /// one lease (the gateway merged them), which the process's connection holds once. Deleting
+    /// one mapping leaves the lease held for the other; deleting that one releases it.
+    #[tokio::test]
+    async fn two_mappings_of_one_lease_keep_it_until_the_last_goes() {
+        let (seam, held, tasks) = granting_seam().await;
+        let me = std::process::id();
+        let port = 7100;
+        let request = |via| crate::frontend::MapRequest {
+            via,
+            requester: me,
+            protocol: Protocol::Tcp,
+            port,
+            lifetime: 0,
+            host: None,
+            family: Some(fwnp_proto::Family::Ipv4),
+            remotes: Vec::new(),
+            nonce: None,
+        };
+        let natpmp = seam.map(request(Via::NatPmp)).await.expect("mapped");
+        let upnp = seam.map(request(Via::Upnp)).await.expect("mapped");
+        assert_eq!(natpmp.lease, upnp.lease);
+        let live = || held.lock().expect("state").openings(port).len();
+
+        let released = seam.unmap(Via::NatPmp, me, Protocol::Tcp, port, None).await;
+        assert_eq!(released.expect("unmapped"), 1);
+        assert_eq!(live(), 1, "the lease stays for the UPnP mapping");
+        assert!(seam.refresh(Via::Upnp, me, upnp.serial, 0).await.is_some());
+
+        let released = seam.unmap(Via::Upnp, me, Protocol::Tcp, port, None).await;
+        assert_eq!(released.expect("unmapped"), 1);
+        assert_eq!(live(), 0);
+        for task in tasks {
+            task.abort();
+        }
     }
 
     /// Posts `action` of WANIPConnection (`firewall`: of WANIPv6FirewallControl) with

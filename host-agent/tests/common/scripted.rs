@@ -16,8 +16,8 @@ use fwnp_proto::{
 };
 
 use super::{
-    Pki, ProcessGuard, TempDir, agent_command, agent_config, gateway_endpoint, my_uid,
-    wait_for_socket,
+    LocalClient, Pki, ProcessGuard, STEP, TempDir, agent_command, agent_config, gateway_endpoint,
+    my_uid, wait_for_socket,
 };
 
 /// A PKI with a gateway certificate for 127.0.0.1 and the host `web-01`.
@@ -125,15 +125,17 @@ impl Terms {
     }
 }
 
-/// A scripted gateway's leases: each one's grant and expiry (milliseconds since the Unix epoch).
+/// A scripted gateway's leases: each one's grant and expiry (milliseconds since the Unix epoch),
+/// and how many it granted, which numbers the next.
 #[derive(Debug, Default)]
-pub(crate) struct LeaseTable(HashMap<LeaseId, (Grant, u64)>);
+pub(crate) struct LeaseTable(HashMap<LeaseId, (Grant, u64)>, u64);
 
 impl LeaseTable {
     /// Grants `grant` as a new lease: the Granted answer.
     pub(crate) fn grant(&mut self, terms: &Terms, common: Common, grant: Grant) -> Message {
+        self.1 += 1;
         let mut id = [terms.lease_fill; 16];
-        id[..8].copy_from_slice(&(self.0.len() as u64 + 1).to_be_bytes());
+        id[..8].copy_from_slice(&self.1.to_be_bytes());
         let lease = LeaseId(id);
         let expires_ms = terms.expiry();
         self.0.insert(lease, (grant.clone(), expires_ms));
@@ -141,7 +143,8 @@ impl LeaseTable {
     }
 
     /// The plain answer to `request` from `remote`: a Welcome; an Open of ports granted to
-    /// `remote`; a Renew of a known lease granted for another lifetime; the leases that have not
+    /// `remote`, merged into the live lease that grants the same if there is one (spec 11.3);
+    /// a Renew of a known lease granted for another lifetime; the leases that have not
     /// expired; a Release done.
     pub(crate) fn answer(&mut self, terms: &Terms, request: &Message, remote: IpAddr) -> Message {
         let common = answer_common(request);
@@ -159,6 +162,15 @@ impl LeaseTable {
                     remotes: Vec::new(),
                     app: None,
                 };
+                let now = now_ms();
+                let same = self
+                    .0
+                    .iter_mut()
+                    .find(|(_, (granted, expires_ms))| *granted == grant && *expires_ms > now);
+                if let Some((lease, (_, expires_ms))) = same {
+                    *expires_ms = (*expires_ms).max(terms.expiry());
+                    return terms.granted(common, *lease, grant, *expires_ms);
+                }
                 self.grant(terms, common, grant)
             }
             Message::Renew(renew) => match self.0.get_mut(&renew.lease) {
@@ -331,4 +343,20 @@ pub(crate) fn start_agent(
     ));
     wait_for_socket(&mut agent, &socket);
     (agent, socket)
+}
+
+/// Waits until Status says the agent is connected to `gateway`.
+pub(crate) fn wait_connected_to(status: &mut LocalClient, gateway: SocketAddr) {
+    let deadline = std::time::Instant::now() + STEP;
+    loop {
+        let now = status.status();
+        if now.connected && now.gateway == gateway.to_string() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not connect to {gateway}: {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -587,7 +587,10 @@ fwnp_code fwnp_lease_set_callback(const struct fwnp_lease *lease,
 /**
  * Releases the lease and waits until the agent removed it from the host's firewall and the
  * gateway's. Releasing a lease that is already over, or twice, succeeds. The handle stays
- * valid until [`fwnp_lease_free`].
+ * valid until [`fwnp_lease_free`]. When another lease handle of the same client has the same
+ * lease id (the same opening opened twice: the gateway merged the Opens into one lease), this
+ * handle ends alone, at once, and the opening stays for the other: the client's connection
+ * holds the lease until its last handle of it is released.
  *
  * ```c
  * if (fwnp_lease_release(lease) != FWNP_OK) fprintf(stderr, "%s\n", fwnp_last_error());

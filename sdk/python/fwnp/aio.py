@@ -63,9 +63,6 @@ class _AsyncConnection:
         self.leases: dict[bytes, list[_Entry]] = {}
         # The state and event queue of each granted Open, by request id, for its opener.
         self.opened: dict[int, _Entry] = {}
-        # The other leases of a released lease's ids, set aside until its Release is answered,
-        # by request id (see send_release).
-        self.aside: dict[int, list[_Entry]] = {}
         self.closed: FwnpError | None = None
         self.task = self.loop.create_task(self._read())
 
@@ -114,9 +111,6 @@ class _AsyncConnection:
                     self.forget(state)
                 events.put_nowait(event)
             return
-        aside = self.aside.pop(msg.request_id or 0, None)
-        if aside:
-            self._put_back(aside)
         future = self.pending.get(msg.request_id or 0)
         if isinstance(msg, _codec.Granted) and future is not None and future.cancelled():
             # The opener stopped waiting (its timeout, or its task was cancelled): the lease it
@@ -144,9 +138,6 @@ class _AsyncConnection:
         rid = _codec.peek_request_id(body)
         if rid is None:
             return
-        aside = self.aside.pop(rid, None)
-        if aside:
-            self._put_back(aside)
         future = self.pending.pop(rid, None)
         if future is not None and not future.done():
             future.set_exception(error)
@@ -160,9 +151,8 @@ class _AsyncConnection:
             if not future.done():
                 future.set_exception(ConnectionClosed(str(why)))
         self.opened = {}
-        aside, self.aside = [e for held in self.aside.values() for e in held], {}
         seen = set()
-        for state, events in [entry for held in leases.values() for entry in held] + aside:
+        for state, events in [entry for held in leases.values() for entry in held]:
             if id(state) not in seen:
                 seen.add(id(state))
                 state.active = False
@@ -202,31 +192,17 @@ class _AsyncConnection:
             raise RequestTimeout(name, timeout) from None
 
     def send_release(self, state: _LeaseState) -> asyncio.Future[_codec.Message] | None:
-        """Sends the Release of ``state``'s lease; None when it is over already. The other
-        leases of its ids are set aside until the answer: the agent ends the released one with a
-        Released event of that id (spec/local-api.md Section 6.3), which must not end them."""
+        """Sends the Release of ``state``'s lease; None when nothing is to be sent: it is over
+        already, or another lease of the connection has the same id, which keeps it held (the
+        connection holds the lease once, spec/local-api.md Section 5.2)."""
         if self.closed is not None or not state.active:
             state.active = False
             return None
-        state.active = False
-        aside: list[_Entry] = []
-        for lease_id in state.ids:
-            for entry in self.leases.pop(lease_id, ()):
-                if entry[0] is not state and not any(e[0] is entry[0] for e in aside):
-                    aside.append(entry)
-        rid, future = self.send_numbered(lambda rid: _codec.Release(rid, state.id))
-        self.aside[rid] = aside
+        self.forget(state)
+        if self.leases.get(state.id):
+            return None
+        _, future = self.send_numbered(lambda rid: _codec.Release(rid, state.id))
         return future
-
-    def _put_back(self, aside: list[_Entry]) -> None:
-        """Routes events to the leases set aside for a Release again."""
-        for entry in aside:
-            if not entry[0].active:
-                continue
-            for lease_id in entry[0].ids:
-                held = self.leases.setdefault(lease_id, [])
-                if not any(e[0] is entry[0] for e in held):
-                    held.append(entry)
 
     def forget(self, state: _LeaseState) -> None:
         state.active = False
@@ -292,7 +268,8 @@ class AsyncLease(_LeaseBase):
 
     async def release(self) -> None:
         """Releases the lease and waits until the agent has closed the opening. Does nothing
-        when the lease is already over.
+        when the lease is already over. As :meth:`fwnp.Lease.release`, it ends this lease
+        only: another lease of the client with the same id keeps the opening.
 
         >>> await lease.release()  # doctest: +SKIP
         """
@@ -475,7 +452,8 @@ class AsyncClient:
         return AsyncLease(self, answer, *entry)
 
     async def release(self, lease: bytes) -> None:
-        """Releases a lease of this connection by its id.
+        """Releases a lease of this connection by its id, ending every lease of this client
+        that has the id, as :meth:`fwnp.Client.release` does.
 
         >>> await client.release(lease.id)  # doctest: +SKIP
         """

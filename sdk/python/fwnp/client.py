@@ -147,8 +147,6 @@ class _Slot:
         self.error: FwnpError | None = None
         #: For a Granted answer: the new lease's state and event queue, its own.
         self.entry: _Entry | None = None
-        #: For a Release: the other leases of its ids, set aside until the answer.
-        self.aside: list[_Entry] = []
         #: For an Open: its caller stopped waiting, so a lease granted to it is released.
         self.abandoned = False
 
@@ -170,8 +168,9 @@ class _Connection:
         self.lock = threading.Lock()
         self.pending: dict[int, _Slot] = {}
         # Each lease id names the leases held under it: two Opens of the same opening are
-        # granted the same id (the gateway merges them) yet are two leases, each released on
-        # its own (spec/local-api.md Section 9.1); their events reach both.
+        # granted the same id (the gateway merges them), as two leases whose events reach both.
+        # The connection holds the lease once (spec/local-api.md Section 5.2): the last of them
+        # to go releases it.
         self.leases: dict[bytes, list[_Entry]] = {}
         self.closed: FwnpError | None = None
         # Frames to send, and leases to release that nobody holds any more. Only the writer
@@ -190,7 +189,7 @@ class _Connection:
             if item is None:
                 return
             if isinstance(item, _LeaseState):
-                # Nobody waits for the answer; it puts back the leases set aside.
+                # Nobody waits for the answer.
                 frame = self._register_release(item, _Slot())
                 if frame is None:
                     continue
@@ -248,8 +247,6 @@ class _Connection:
                     events.put(event)
                 return
             slot = self.pending.pop(msg.request_id or 0, None)
-            if slot is not None and slot.aside:
-                self._put_back(slot.aside)
             if isinstance(msg, _codec.Granted) and slot is not None:
                 # Registered before the answer is handed over, so that no event that follows
                 # the Granted at once is lost.
@@ -268,8 +265,6 @@ class _Connection:
         rid = _codec.peek_request_id(body)
         with self.lock:
             slot = self.pending.pop(rid, None) if rid is not None else None
-            if slot is not None and slot.aside:
-                self._put_back(slot.aside)
         if slot is not None:
             slot.error = error
             slot.done.set()
@@ -283,9 +278,8 @@ class _Connection:
         for slot in pending.values():
             slot.error = ConnectionClosed(str(why))
             slot.done.set()
-        aside = [entry for slot in pending.values() for entry in slot.aside]
         seen = set()
-        for state, events in [entry for held in leases.values() for entry in held] + aside:
+        for state, events in [entry for held in leases.values() for entry in held]:
             if id(state) in seen:
                 continue
             seen.add(id(state))
@@ -331,9 +325,8 @@ class _Connection:
             self.outbox.put(entry[0])
 
     def send_release(self, state: _LeaseState) -> _Slot | None:
-        """Sends the Release of ``state``'s lease; None when it is over already. The other
-        leases of its ids are set aside until the answer: the agent ends the released one with a
-        Released event of that id (spec/local-api.md Section 6.3), which must not end them."""
+        """Sends the Release of ``state``'s lease; None when nothing is to be sent: it is over
+        already, or another lease of the connection has the same id, which keeps it held."""
         slot = _Slot()
         frame = self._register_release(state, slot)
         if frame is None:
@@ -346,24 +339,14 @@ class _Connection:
             if self.closed is not None or not state.active:
                 state.active = False
                 return None
+            self._unregister(state)
             state.active = False
-            for lease_id in state.ids:
-                for entry in self.leases.pop(lease_id, ()):
-                    if entry[0] is not state and not any(e[0] is entry[0] for e in slot.aside):
-                        slot.aside.append(entry)
+            # The agent would end the connection's hold of the id, for the others too.
+            if self.leases.get(state.id):
+                return None
             rid = next(self.ids)
             self.pending[rid] = slot
             return request_frame(_codec.Release(rid, state.id))
-
-    def _put_back(self, aside: list[_Entry]) -> None:
-        """Routes events to the leases set aside for a Release again (the lock held)."""
-        for entry in aside:
-            if not entry[0].active:
-                continue
-            for lease_id in entry[0].ids:
-                held = self.leases.setdefault(lease_id, [])
-                if not any(e[0] is entry[0] for e in held):
-                    held.append(entry)
 
     def _unregister(self, state: _LeaseState) -> None:
         """Takes ``state`` out of the leases of every id it has had (the lock held)."""
@@ -414,7 +397,16 @@ class Lease(_LeaseBase):
         """Releases the lease and waits until the agent has closed the opening. Does nothing
         when the lease is already over.
 
-        >>> lease.release()  # doctest: +SKIP
+        This ends this lease only. When another lease of the same client has the same id (the
+        same opening opened twice: the gateway merged the Opens), the opening stays for that
+        one and nothing is asked of the agent: the connection holds the lease once, until its
+        last lease of the id goes. :meth:`Client.release` ends all of them.
+
+        >>> first = client.open(tcp(8080))  # doctest: +SKIP
+        >>> second = client.open(tcp(8080))  # doctest: +SKIP
+        >>> first.release()  # doctest: +SKIP
+        >>> second.active  # doctest: +SKIP
+        True
         """
         self._finalizer.detach()
         state = self._state
@@ -555,10 +547,17 @@ class Client:
         return Lease(self, answer, *entry)
 
     def release(self, lease: bytes) -> None:
-        """Releases a lease of this connection by its id. Raises
-        :class:`fwnp.UnknownLocalLease` when the connection does not hold it.
+        """Releases a lease of this connection by its id: the connection's hold of it ends,
+        and with it every lease of this client that has the id (two Opens of the same opening
+        are granted the same id), each ending with a ``RELEASED`` event; the opening stays
+        while another application holds the same lease (spec/local-api.md Sections 5.2 and
+        9.1). Raises :class:`fwnp.UnknownLocalLease` when the connection does not hold it.
 
-        >>> client.release(lease.id)  # doctest: +SKIP
+        >>> first = client.open(tcp(8080))  # doctest: +SKIP
+        >>> second = client.open(tcp(8080))  # doctest: +SKIP
+        >>> client.release(first.id)  # doctest: +SKIP
+        >>> first.active, second.active  # doctest: +SKIP
+        (False, False)
         """
         answer = self._conn.request(
             lambda rid: _codec.Release(rid, bytes(lease)), "release", self.timeout

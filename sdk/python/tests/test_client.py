@@ -531,8 +531,17 @@ def released_with_its_event(agent: FakeAgent) -> Answer:
     return answer
 
 
-def test_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
-    # The default answer grants LEASE to every Open, as the gateway merges identical openings.
+def releases(agent: FakeAgent) -> list[_codec.Message]:
+    return [m for m in agent.received if isinstance(m, _codec.Release)]
+
+
+def test_two_opens_granted_the_same_id_are_one_hold_released_with_the_last(
+    agent: FakeAgent,
+) -> None:
+    """The default answer grants LEASE to every Open, as the gateway merges identical openings:
+    the connection holds that lease once (spec/local-api.md Section 5.2), so releasing the
+    first lease sends nothing the agent would take as the end of both; the last one's release
+    sends the Release."""
     agent.answer = released_with_its_event(agent)
     with fwnp.Client(agent.path) as client:
         first = client.open(fwnp.tcp(8080))
@@ -545,16 +554,35 @@ def test_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
             assert event is not None and event.kind is fwnp.EventKind.RENEWED
         first.release()
         assert not first.active and second.active
-        # The second is still held: a revocation ends it, and its release is still sent.
-        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 2, reason="operator")))
+        client.status()  # what was sent before it has arrived
+        assert releases(agent) == []
+        # The second is still held: a renewal reaches it, and its release is sent.
+        agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 60_000)))
         event = second.next_event(timeout=5)
-        assert event is not None and event.kind is fwnp.EventKind.REVOKED
+        assert event is not None and event.kind is fwnp.EventKind.RENEWED
+        second.release()
         assert not second.active
-    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
-    assert len(releases) == 1, releases
+    assert len(releases(agent)) == 1, releases(agent)
 
 
-def test_async_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) -> None:
+def test_a_release_by_id_ends_every_lease_of_the_id(agent: FakeAgent) -> None:
+    agent.answer = released_with_its_event(agent)
+    with fwnp.Client(agent.path) as client:
+        first = client.open(fwnp.tcp(8080))
+        second = client.open(fwnp.tcp(8080))
+        client.release(LEASE)
+        for lease in (first, second):
+            event = lease.next_event(timeout=5)
+            assert event is not None and event.kind is fwnp.EventKind.RELEASED
+            assert not lease.active
+        second.release()  # over already: nothing more is sent
+        client.status()
+    assert len(releases(agent)) == 1, releases(agent)
+
+
+def test_async_two_opens_granted_the_same_id_are_one_hold_released_with_the_last(
+    agent: FakeAgent,
+) -> None:
     agent.answer = released_with_its_event(agent)
 
     async def main() -> None:
@@ -568,6 +596,8 @@ def test_async_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) ->
                 assert event is not None and event.kind is fwnp.EventKind.RENEWED
             await first.release()
             assert not first.active and second.active
+            await client.status()
+            assert releases(agent) == []
             # Still routed to: a renewal reaches it.
             agent.send(_codec.encode_frame(_codec.EventMsg(None, LEASE, 1, 60_000)))
             event = await second.next_event(timeout=5)
@@ -576,5 +606,23 @@ def test_async_two_opens_granted_the_same_id_are_two_leases(agent: FakeAgent) ->
             assert not second.active
 
     asyncio.run(main())
-    releases = [m for m in agent.received if isinstance(m, _codec.Release)]
-    assert len(releases) == 2, releases
+    assert len(releases(agent)) == 1, releases(agent)
+
+
+def test_async_a_release_by_id_ends_every_lease_of_the_id(agent: FakeAgent) -> None:
+    agent.answer = released_with_its_event(agent)
+
+    async def main() -> None:
+        async with fwnp.AsyncClient(agent.path) as client:
+            first = await client.open(fwnp.tcp(8080))
+            second = await client.open(fwnp.tcp(8080))
+            await client.release(LEASE)
+            for lease in (first, second):
+                event = await lease.next_event(timeout=5)
+                assert event is not None and event.kind is fwnp.EventKind.RELEASED
+                assert not lease.active
+            await second.release()
+            await client.status()
+
+    asyncio.run(main())
+    assert len(releases(agent)) == 1, releases(agent)
