@@ -209,12 +209,24 @@ impl Service {
                 return refuse(natpmp::ResultCode::NotAuthorized);
             }
         };
+        let request = MapRequest {
+            via: Via::NatPmp,
+            requester,
+            protocol: fwnp_protocol,
+            port: internal_port,
+            lifetime,
+            // NAT-PMP speaks of IPv4 only; the address the client sends from, unless it sent to
+            // loopback itself.
+            host: match from.ip() {
+                IpAddr::V4(v4) if !v4.is_loopback() => Some(IpAddr::V4(v4)),
+                _ => None,
+            },
+            family: Some(Family::Ipv4),
+            remotes: Vec::new(),
+            nonce: None,
+        };
         if lifetime == 0 {
-            return match self
-                .seam
-                .unmap(Via::NatPmp, requester, fwnp_protocol, internal_port, None)
-                .await
-            {
+            return match self.seam.unmap(&request).await {
                 Ok(_) => Some(
                     natpmp::encode_mapping(
                         protocol,
@@ -232,25 +244,7 @@ impl Service {
         if internal_port == 0 {
             return refuse(natpmp::ResultCode::NotAuthorized);
         }
-        let mapped = self
-            .seam
-            .map(MapRequest {
-                via: Via::NatPmp,
-                requester,
-                protocol: fwnp_protocol,
-                port: internal_port,
-                lifetime,
-                // NAT-PMP speaks of IPv4 only; the address the client sends from, unless it
-                // sent to loopback itself.
-                host: match from.ip() {
-                    IpAddr::V4(v4) if !v4.is_loopback() => Some(IpAddr::V4(v4)),
-                    _ => None,
-                },
-                family: Some(Family::Ipv4),
-                remotes: Vec::new(),
-                nonce: None,
-            })
-            .await;
+        let mapped = self.seam.map(request).await;
         match mapped {
             Ok(mapped) => {
                 info!(
@@ -359,18 +353,25 @@ impl Service {
                 request.client,
             ))
         };
+        let family = match request.client {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        };
+        // A mapping is named by its internal address, protocol and port (RFC 6887 section
+        // 11.3): a MAP of the same port for the client's other address is another mapping.
+        let mapping = MapRequest {
+            via: Via::Pcp,
+            requester,
+            protocol,
+            port: map.internal_port,
+            lifetime: request.lifetime,
+            host: (!request.client.is_loopback()).then_some(request.client),
+            family: Some(family),
+            remotes,
+            nonce: Some(map.nonce),
+        };
         if request.lifetime == 0 {
-            return match self
-                .seam
-                .unmap(
-                    Via::Pcp,
-                    requester,
-                    protocol,
-                    map.internal_port,
-                    Some(map.nonce),
-                )
-                .await
-            {
+            return match self.seam.unmap(&mapping).await {
                 Ok(_) => answer(pcp::ResultCode::Success, 0),
                 Err(e) => {
                     info!(pid = requester, "PCP delete refused: {e}");
@@ -395,25 +396,7 @@ impl Service {
                 "the suggested external port or address",
             );
         }
-        let family = match request.client {
-            IpAddr::V4(_) => Family::Ipv4,
-            IpAddr::V6(_) => Family::Ipv6,
-        };
-        match self
-            .seam
-            .map(MapRequest {
-                via: Via::Pcp,
-                requester,
-                protocol,
-                port: map.internal_port,
-                lifetime: request.lifetime,
-                host: (!request.client.is_loopback()).then_some(request.client),
-                family: Some(family),
-                remotes,
-                nonce: Some(map.nonce),
-            })
-            .await
-        {
+        match self.seam.map(mapping).await {
             Ok(mapped) => {
                 info!(
                     pid = requester,

@@ -1118,6 +1118,72 @@ fn a_pcp_client_maps_over_ipv6() {
 }
 
 #[test]
+fn a_pcp_client_keeps_an_ipv4_and_an_ipv6_mapping_of_one_port_apart() {
+    if !lab::require_root("a_pcp_client_keeps_an_ipv4_and_an_ipv6_mapping_of_one_port_apart") {
+        return;
+    }
+    let lab = frontend_lab("pcp46", &[7460], "[frontends]\npcp = true\n");
+    let (host, host6) = (lab.topology.host().v4, lab.topology.host().v6);
+    let (gateway, gateway6) = (
+        gateway_of(&lab),
+        SocketAddr::new(lab.topology.gateway_inside_v6, 5351),
+    );
+    let nonce = [0x46; 12];
+    let reaches = |to: std::net::IpAddr, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            SocketAddr::new(to, 7460),
+            None,
+            within,
+        )
+    };
+    let map = |to: SocketAddr, client: std::net::IpAddr, lifetime: u32| {
+        let answer = ask_raw_to(
+            &lab,
+            Some(client),
+            to,
+            &pcp_map(nonce, 6, 7460, lifetime, client, &[]),
+            STEP,
+        )
+        .expect("an answer to MAP");
+        pcp_result(&answer)
+    };
+
+    // The same port for the client's IPv4 and its IPv6 address: two mappings, both open.
+    assert_eq!(map(gateway, host, 60), (0, 60, Some(7460)));
+    assert!(reaches(host, FIRST_SYN), "not open over IPv4");
+    assert_eq!(map(gateway6, host6, 60), (0, 60, Some(7460)));
+    assert!(reaches(host6, FIRST_SYN), "not open over IPv6");
+    assert!(
+        reaches(host, FIRST_SYN),
+        "the IPv6 mapping closed the IPv4 one"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Each is refreshed as itself: no other lease.
+    assert_eq!(map(gateway, host, 60).0, 0);
+    assert_eq!(map(gateway6, host6, 60).0, 0);
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Deleting the IPv6 one leaves the IPv4 one open, and the other way round.
+    assert_eq!(map(gateway6, host6, 0), (0, 0, Some(7460)));
+    assert!(!reaches(host6, REFUSED), "still open over IPv6");
+    assert!(
+        reaches(host, FIRST_SYN),
+        "the IPv6 delete closed the IPv4 mapping"
+    );
+    assert_eq!(map(gateway6, host6, 60).0, 0);
+    assert_eq!(map(gateway, host, 0).0, 0);
+    assert!(!reaches(host, REFUSED), "still open over IPv4");
+    assert!(
+        reaches(host6, FIRST_SYN),
+        "the IPv4 delete closed the IPv6 mapping"
+    );
+    assert_eq!(map(gateway6, host6, 0).0, 0);
+    assert!(lab.client().list().leases.is_empty());
+}
+
+#[test]
 fn upnpc_opens_and_closes_an_ipv6_pinhole() {
     if !lab::require_root("upnpc_opens_and_closes_an_ipv6_pinhole") {
         return;
@@ -1219,6 +1285,97 @@ fn upnpc_keeps_a_port_mapping_and_a_pinhole_of_one_port_apart() {
         "the mapping went with the pinhole: {output}"
     );
     assert_eq!(lab.client().list().leases.len(), 1);
+}
+
+#[test]
+fn upnpc_keeps_mappings_of_one_port_for_other_remote_hosts_and_families_apart() {
+    if !lab::require_root(
+        "upnpc_keeps_mappings_of_one_port_for_other_remote_hosts_and_families_apart",
+    ) {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp-apart", &[], "[frontends]\nupnp = true\n");
+    let (host, host6) = (lab.topology.host().v4, lab.topology.host().v6);
+    let (remote, remote_alt) = (lab.topology.outside_v6, lab.topology.outside_v6_alt);
+    let reaches = |to: std::net::IpAddr, from: Option<std::net::IpAddr>, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            SocketAddr::new(to, 7710),
+            from,
+            within,
+        )
+    };
+    let mut app = Application::start(&lab, &[7710], &[]);
+
+    // Two pinholes of the port, each for one remote host: each opens to its own.
+    let (_, output) = app.run(&format!("upnpc -6 -i -A {remote} 0 {host6} 7710 6 60"));
+    let first = pinhole_id(&output);
+    let (_, output) = app.run(&format!("upnpc -6 -i -A {remote_alt} 0 {host6} 7710 6 60"));
+    let second = pinhole_id(&output);
+    assert_ne!(first, second);
+    assert!(
+        reaches(host6, Some(remote), FIRST_SYN),
+        "the second pinhole closed the first: {output}"
+    );
+    assert!(
+        reaches(host6, Some(remote_alt), FIRST_SYN),
+        "not open to the second remote host: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Deleting one leaves the other.
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {first}"));
+    assert!(
+        !reaches(host6, Some(remote), REFUSED),
+        "still open to the first remote host: {output}"
+    );
+    assert!(
+        reaches(host6, Some(remote_alt), FIRST_SYN),
+        "the delete closed the other pinhole: {output}"
+    );
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {second}"));
+    assert!(
+        !reaches(host6, Some(remote_alt), REFUSED),
+        "still open after both deletes: {output}"
+    );
+    assert!(lab.client().list().leases.is_empty());
+
+    // A port mapping over IPv4 and one over IPv6: both open; -d over IPv6 deletes the IPv6
+    // one only. Over IPv6, upnpc is given the description's URL on the host's address the
+    // certificate holds: it maps for the address it asks from.
+    let over_ipv6 = format!("upnpc -u http://[{host6}]:49152/rootDesc.xml -6 -i");
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7710 7710 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    let (_, output) = app.run(&format!("{over_ipv6} -a {host6} 7710 7710 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(
+        reaches(host6, None, FIRST_SYN),
+        "not open over IPv6: {output}"
+    );
+    assert!(
+        reaches(host, None, FIRST_SYN),
+        "the IPv6 mapping closed the IPv4 one: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+    let (_, output) = app.run(&format!("{over_ipv6} -d 7710 TCP"));
+    assert!(
+        !reaches(host6, None, REFUSED),
+        "still open over IPv6 after -d: {output}"
+    );
+    assert!(
+        reaches(host, None, FIRST_SYN),
+        "-d over IPv6 closed the IPv4 mapping: {output}"
+    );
+    let (_, output) = app.run("upnpc -i -d 7710 TCP");
+    assert!(
+        !reaches(host, None, REFUSED),
+        "still open over IPv4 after -d: {output}"
+    );
+    assert!(lab.client().list().leases.is_empty());
 }
 
 /// Has `app` post WANIPv6FirewallControl's UpdatePinhole of pinhole `id` to the agent on
