@@ -1480,34 +1480,198 @@ fn upnpc_shows_the_connection_and_the_agent_tells_it_does_not_translate() {
     );
 }
 
+/// Listens on port 5350 in `ns`, over IPv4 and IPv6, as NAT-PMP and PCP clients listen for
+/// announcements, until `enough` says so of what was heard (source, datagram) or `within` has
+/// passed; what was heard.
+fn hear_announcements(
+    ns: &Netns,
+    within: Duration,
+    mut enough: impl FnMut(&[(SocketAddr, Vec<u8>)]) -> bool + Send,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    ns.run(|| {
+        let v4 = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
+        let v6 = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("a socket");
+        v6.set_only_v6(true).expect("IPV6_V6ONLY");
+        v6.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 5350)).into())
+            .expect("bind [::]:5350");
+        let v6: UdpSocket = v6.into();
+        for socket in [&v4, &v6] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+        }
+        let mut heard = Vec::new();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 1100];
+        while Instant::now() < deadline && !enough(&heard) {
+            for socket in [&v4, &v6] {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    heard.push((from, buf[..n].to_vec()));
+                }
+            }
+        }
+        heard
+    })
+}
+
+/// The IP packets to UDP port 5350 that reach any interface of `ns` (read before routing, as a
+/// packet capture does: the gateway drops a packet from its own address unseen) until `done`
+/// or `within` has passed.
+fn captured_announcements(
+    ns: &Netns,
+    within: Duration,
+    done: &std::sync::atomic::AtomicBool,
+) -> Vec<Vec<u8>> {
+    ns.run(|| {
+        const ETH_P_ALL: u16 = 0x0003;
+        let socket = socket2::Socket::new(
+            socket2::Domain::PACKET,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::from(i32::from(ETH_P_ALL.to_be()))),
+        )
+        .expect("a packet socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let socket: UdpSocket = socket.into();
+        // The UDP destination port of an IPv4 or IPv6 packet without options or extension
+        // headers.
+        let destination_port = |packet: &[u8]| {
+            let (protocol, header) = match packet.first()? >> 4 {
+                4 => (*packet.get(9)?, usize::from(packet[0] & 0x0f) * 4),
+                6 => (*packet.get(6)?, 40),
+                _ => return None,
+            };
+            let port = packet.get(header + 2..header + 4)?;
+            (protocol == 17).then(|| u16::from_be_bytes([port[0], port[1]]))
+        };
+        let mut captured = Vec::new();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = socket.recv(&mut buf)
+                && destination_port(&buf[..n]) == Some(5350)
+            {
+                captured.push(buf[..n].to_vec());
+            }
+        }
+        captured
+    })
+}
+
 #[test]
-fn natpmp_announces_the_host_address_after_start() {
-    if !lab::require_root("natpmp_announces_the_host_address_after_start") {
+fn natpmp_and_pcp_announce_from_the_gateways_address_and_port() {
+    if !lab::require_root("natpmp_and_pcp_announce_from_the_gateways_address_and_port") {
         return;
     }
-    let lab = natpmp_lab("natpmp-announce");
-    let expected = match lab.topology.host().v4 {
+    let lab = frontend_lab("announce", &[], "[frontends]\nnatpmp = true\npcp = true\n");
+    let (gateway, gateway6) = (
+        gateway_of(&lab),
+        SocketAddr::new(lab.topology.gateway_inside_v6, 5351),
+    );
+    let octets = |address: std::net::IpAddr| match address {
         std::net::IpAddr::V4(v4) => v4.octets(),
         std::net::IpAddr::V6(_) => unreachable!("an IPv4 address"),
     };
-    // The announcements follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one comes within
-    // the next ten seconds.
-    let heard = lab.topology.host().netns.run(|| {
-        let socket = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
-        socket
-            .join_multicast_v4(
-                &"224.0.0.1".parse().expect("group"),
-                &std::net::Ipv4Addr::UNSPECIFIED,
-            )
-            .expect("join 224.0.0.1");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut buf = [0u8; 64];
-        socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    // NAT-PMP's external address (RFC 6886 section 3.2.1) with `address`; PCP's unsolicited
+    // ANNOUNCE (RFC 6887 section 14.1.3): version 2, the answer to opcode 0, success, lifetime
+    // 0, then the epoch and 12 reserved octets.
+    let natpmp_of = |address: std::net::IpAddr| {
+        move |(from, datagram): &(SocketAddr, Vec<u8>)| {
+            *from == gateway
+                && datagram.len() == 12
+                && datagram[..4] == [0, 128, 0, 0]
+                && datagram[8..12] == octets(address)
+        }
+    };
+    let pcp_from = |origin: SocketAddr| {
+        move |(from, datagram): &(SocketAddr, Vec<u8>)| {
+            *from == origin
+                && datagram.len() == 24
+                && datagram[..8] == [2, 0x80, 0, 0, 0, 0, 0, 0]
+                && datagram[12..] == [0; 12]
+        }
+    };
+    let natpmp = natpmp_of(lab.topology.host().v4);
+    let (pcp, pcp6) = (pcp_from(gateway), pcp_from(gateway6));
+
+    // The announcements after start follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one
+    // of each comes within the next ten seconds, each from its gateway's address and port 5351.
+    // They speak for the gateway, which did not send them: nothing reaches the link.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (heard, on_the_link) = std::thread::scope(|scope| {
+        let link = scope.spawn(|| {
+            captured_announcements(&lab.topology.gateway, Duration::from_secs(12), &done)
+        });
+        let heard = hear_announcements(
+            &lab.topology.host().netns,
+            Duration::from_secs(10),
+            |heard| heard.iter().any(natpmp) && heard.iter().any(pcp) && heard.iter().any(pcp6),
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (heard, link.join().expect("the capture"))
     });
-    let heard = heard.expect("no announcement within 10 s");
-    assert_eq!(heard.len(), 12, "{heard:?}");
-    assert_eq!(heard[..4], [0, 128, 0, 0]);
-    assert_eq!(heard[8..12], expected);
+    assert!(
+        heard.iter().any(natpmp),
+        "no NAT-PMP announcement: {heard:?}"
+    );
+    assert!(
+        heard.iter().any(pcp),
+        "no PCP ANNOUNCE over IPv4: {heard:?}"
+    );
+    assert!(
+        heard.iter().any(pcp6),
+        "no PCP ANNOUNCE over IPv6: {heard:?}"
+    );
+    assert!(
+        heard
+            .iter()
+            .all(|(from, _)| *from == gateway || *from == gateway6),
+        "an announcement from elsewhere: {heard:?}"
+    );
+    assert!(on_the_link.is_empty(), "heard on the link: {on_the_link:?}");
+
+    // The host's address towards the gateway changes: NAT-PMP announces the new one.
+    let alt = lab
+        .topology
+        .host()
+        .v4_alt
+        .expect("the host of Topology::new has a second IPv4 address");
+    let route = lab
+        .topology
+        .host()
+        .netns
+        .exec_checked(&["ip", "-4", "-o", "route", "show", "proto", "kernel"])
+        .expect("the host's routes");
+    let subnet: Vec<&str> = route
+        .lines()
+        .find(|line| line.contains(&format!("src {}", lab.topology.host().v4)))
+        .unwrap_or_else(|| panic!("no route of the host's subnet: {route}"))
+        .split_whitespace()
+        .take_while(|word| *word != "proto")
+        .collect();
+    let mut change = vec!["ip", "route", "replace"];
+    change.extend(subnet);
+    let alt_text = alt.to_string();
+    change.extend(["src", alt_text.as_str()]);
+    lab.topology
+        .host()
+        .netns
+        .exec_checked(&change)
+        .expect("change the host's address towards the gateway");
+    let moved = natpmp_of(alt);
+    let heard = hear_announcements(
+        &lab.topology.host().netns,
+        Duration::from_secs(10),
+        |heard| heard.iter().any(moved),
+    );
+    assert!(
+        heard.iter().any(moved),
+        "no announcement of the new address: {heard:?}"
+    );
 }
