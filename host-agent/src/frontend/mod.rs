@@ -735,6 +735,25 @@ impl Seam {
         None
     }
 
+    /// Whether the requester or one of its ancestors holds the live mapping `serial` made
+    /// through `via` (nothing is refreshed).
+    pub async fn holds(&self, via: Via, requester: u32, serial: u64) -> bool {
+        for holder in self.lineage(requester) {
+            let Some(client) = self.lock().get(&holder).cloned() else {
+                continue;
+            };
+            let mut client = client.lock().await;
+            client.drain();
+            if client.caller.is_alive(&self.procfs)
+                && !client.out.is_closing()
+                && client.find(via, serial).is_some()
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Deletes the mapping `serial` made through `via`, if the requester or one of its
     /// ancestors holds it. Returns whether one was released.
     pub async fn unmap_serial(

@@ -712,6 +712,32 @@ impl Device {
                     None => fault(704, "NoSuchEntry"),
                 }
             }
+            // The agent counts no pinhole's packets: neither the host table nor the gateway keeps
+            // a counter per lease. The action is required, so it is answered, for a pinhole of
+            // the caller's, with the failure to act.
+            "GetPinholePackets" => {
+                let Some(id) = unique_id() else {
+                    return fault(402, "Invalid Args");
+                };
+                let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
+                    return fault(704, "NoSuchEntry");
+                };
+                let requester = match self.seam.tcp_peer(peer, local).await {
+                    Ok(pid) => pid,
+                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                };
+                match self.seam.holds(Via::UpnpPinhole, requester, serial).await {
+                    true => fault(
+                        501,
+                        "Action Failed: the agent does not count a pinhole's packets",
+                    ),
+                    false => fault(704, "NoSuchEntry"),
+                }
+            }
+            // Optional, and not implemented (so not in the description): it tells whether
+            // traffic of the pinhole was received, which the agent does not see, and neither
+            // answer (IsWorking, or 709 NoTrafficReceived) could be given truthfully.
+            "CheckPinholeWorking" => fault(401, "Invalid Action"),
             "DeletePinhole" => {
                 let Some(id) = unique_id() else {
                     return fault(402, "Invalid Args");
@@ -1579,6 +1605,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_pinhole_counters_are_answered_with_upnp_errors() {
+        let (address, held, tasks) = granting_device().await;
+        let packets = |id: String| async move {
+            ask(address, true, "GetPinholePackets", &[("UniqueID", &id)]).await
+        };
+        let id = add_pinhole(address, "6", 7200, 60).await;
+
+        // No counter per pinhole: the required GetPinholePackets fails to act on a live
+        // pinhole, and names no other; the optional CheckPinholeWorking is not implemented, as
+        // the description says.
+        let answer = packets(id.clone()).await;
+        assert_eq!(error_code(&answer), Some("501"), "{answer}");
+        let unknown = (id.parse::<u16>().expect("a UniqueID") + 1).to_string();
+        let answer = packets(unknown).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        let answer = packets("not an ID".into()).await;
+        assert_eq!(error_code(&answer), Some("402"), "{answer}");
+        let answer = ask(address, true, "CheckPinholeWorking", &[("UniqueID", &id)]).await;
+        assert_eq!(error_code(&answer), Some("401"), "{answer}");
+        {
+            let held = held.lock().expect("state");
+            assert_eq!((held.opened, held.live.len()), (1, 1), "{held:?}");
+        }
+
+        // A pinhole deleted is no entry.
+        let answer = ask(address, true, "DeletePinhole", &[("UniqueID", &id)]).await;
+        assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+        let answer = packets(id).await;
+        assert_eq!(error_code(&answer), Some("704"), "{answer}");
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    #[tokio::test]
     async fn port_mappings_of_one_port_for_each_family_and_remote_host_are_each_their_own() {
         use fwnp_proto::{Family, HostAddresses};
         let (seam, held, mut tasks) = crate::frontend::stand_in::granting_seam();
@@ -2092,7 +2153,7 @@ mod tests {
     ];
 
     /// The data type each state variable has in its service's specification.
-    const SPECIFIED_TYPES: [(&str, &str); 30] = [
+    const SPECIFIED_TYPES: [(&str, &str); 31] = [
         ("DefaultConnectionService", "string"),
         ("WANAccessType", "string"),
         ("Layer1UpstreamMaxBitRate", "ui4"),
@@ -2123,6 +2184,7 @@ mod tests {
         ("A_ARG_TYPE_Protocol", "ui2"),
         ("A_ARG_TYPE_LeaseTime", "ui4"),
         ("A_ARG_TYPE_UniqueID", "ui2"),
+        ("A_ARG_TYPE_PinholePackets", "ui4"),
     ];
 
     #[tokio::test]

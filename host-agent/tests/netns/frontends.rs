@@ -1207,6 +1207,10 @@ fn upnpc_opens_and_closes_an_ipv6_pinhole() {
 
     let (_, output) = app.run(&format!("upnpc -6 -i -U {id} 120"));
     assert!(reaches(FIRST_SYN), "closed by the update: {output}");
+    // The agent counts no pinhole's packets: UPnP's 501, and the pinhole stays.
+    let (_, output) = app.run(&format!("upnpc -6 -i -K {id}"));
+    assert!(output.contains("failed with code 501"), "{output}");
+    assert!(reaches(FIRST_SYN), "closed by -K: {output}");
     let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
     assert!(!reaches(REFUSED), "still open after the delete: {output}");
     assert!(lab.client().list().leases.is_empty());
@@ -1379,7 +1383,7 @@ fn upnpc_keeps_mappings_of_one_port_for_other_remote_hosts_and_families_apart() 
 }
 
 /// Has `app` post WANIPv6FirewallControl's UpdatePinhole of pinhole `id` to the agent on
-/// `host`: upnpc's -U asks CheckPinholeWorking first, which the agent does not serve, and then
+/// `host`: upnpc's -U asks CheckPinholeWorking first, which the agent does not offer, and then
 /// sends no UpdatePinhole. The answer's text.
 fn update_pinhole(app: &mut Application, host: std::net::IpAddr, id: &str) -> String {
     let to = SocketAddr::new(host, 49152);
