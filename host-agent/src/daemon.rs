@@ -82,14 +82,15 @@ fn raise_descriptor_limit(local: &crate::config::LocalConfig) {
 pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
     config.mirror.redirects =
         crate::frontend::redirects(&config.frontends, std::path::Path::new("/proc"));
-    if config.frontends.natpmp {
-        // The start-up announcements are multicast from the host's own address and looped back
-        // to its listeners on the outgoing interface: the input filter sees them as new.
-        let admitted = crate::frontend::service::admitted_announcements(
-            crate::frontend::service::local_ipv4(),
-        );
-        config.mirror.always_allowed.extend(admitted);
-    }
+    // The NAT-PMP and PCP announcements are sent in the names of the gateways the host's
+    // requests are redirected from.
+    let announcing: Vec<std::net::IpAddr> = config.mirror.redirects.iter().map(|r| r.to).collect();
+    config
+        .mirror
+        .always_allowed
+        .extend(crate::frontend::service::admitted_announcements(
+            &announcing,
+        ));
     if config.frontends.upnp {
         let mut own: Vec<std::net::IpAddr> = crate::frontend::service::local_ipv4()
             .map(std::net::IpAddr::V4)
@@ -165,6 +166,7 @@ pub async fn run(mut config: AgentConfig) -> Result<(), DaemonError> {
             sockets,
             seam,
             config.frontends.clone(),
+            announcing,
         ));
     } else if config.frontends.upnp {
         tokio::spawn(seam.sweep());

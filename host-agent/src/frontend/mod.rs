@@ -26,6 +26,8 @@ pub mod http;
 pub mod natpmp;
 pub mod pcp;
 pub mod service;
+#[cfg(test)]
+mod stand_in;
 pub mod upnp;
 
 use std::collections::{HashMap, HashSet};
@@ -79,6 +81,16 @@ pub enum Via {
 }
 
 impl Via {
+    /// Whether the front end's protocol tells mappings of one port apart by their remote
+    /// hosts. UPnP's entries are named by their RemoteHost with their port and protocol, so a
+    /// pinhole for another remote host is another pinhole. A PCP mapping is named by its
+    /// internal address, protocol and port alone: its FILTERs are its own, and each request
+    /// for it brings the whole set that replaces them (RFC 6887 section 13.3). NAT-PMP has no
+    /// remote hosts.
+    fn remotes_name_mappings(self) -> bool {
+        matches!(self, Via::Upnp | Via::UpnpPinhole)
+    }
+
     /// The protocol's name, as the lease's label shows it.
     pub fn name(self) -> &'static str {
         match self {
@@ -117,7 +129,7 @@ pub enum Refusal {
     NonceMismatch,
 }
 
-/// A mapping to open or refresh.
+/// A mapping to open, refresh or delete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MapRequest {
     /// The front end.
@@ -156,11 +168,48 @@ pub struct Mapped {
     pub serial: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+impl MapRequest {
+    /// The mapping the request names.
+    fn key(&self) -> MappingKey {
+        MappingKey {
+            via: self.via,
+            protocol: self.protocol,
+            port: self.port,
+            host: self.host,
+            family: self.family,
+            remotes: match self.via.remotes_name_mappings() {
+                true => self.remotes.clone(),
+                false => Vec::new(),
+            },
+        }
+    }
+}
+
+/// What tells a process's mappings apart: each is its own opening, renewed, deleted and ended
+/// on its own. An IPv4 and an IPv6 mapping of one port are two, as are two UPnP pinholes of one
+/// port for other remote hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct MappingKey {
     via: Via,
     protocol: Protocol,
     port: u16,
+    /// The host address opened; `None`: every address of `family`.
+    host: Option<IpAddr>,
+    /// The family of the host addresses opened; `None`: both.
+    family: Option<Family>,
+    /// Where [`Via::remotes_name_mappings`]: the remote prefixes; else empty.
+    remotes: Vec<Prefix>,
+}
+
+impl MappingKey {
+    /// Whether a delete of `asked` deletes this mapping: the same one, or, when `asked` names
+    /// port 0, any port of its protocol at the same host address.
+    fn deleted_by(&self, asked: &MappingKey) -> bool {
+        (asked.port == 0 || self.port == asked.port)
+            && (self.via, self.protocol, self.host, self.family)
+                == (asked.via, asked.protocol, asked.host, asked.family)
+            && self.remotes == asked.remotes
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -168,9 +217,8 @@ struct Mapping {
     lease: LeaseId,
     /// The lifetime granted, in seconds.
     lifetime: u32,
+    /// The remote prefixes opened (where they do not name the mapping, the latest asked).
     remotes: Vec<Prefix>,
-    family: Option<Family>,
-    host: Option<IpAddr>,
     nonce: Option<[u8; 12]>,
     /// Released unless refreshed by then; `None`: until deleted.
     expires: Option<Instant>,
@@ -286,7 +334,7 @@ impl Client {
         self.mappings
             .iter()
             .find(|(key, mapping)| key.via == via && mapping.serial == serial)
-            .map(|(key, _)| *key)
+            .map(|(key, _)| key.clone())
     }
 
     /// Releases `lease` and waits until the core says it is gone from both tables, unless
@@ -393,7 +441,7 @@ impl Seam {
                     .mappings
                     .iter()
                     .filter(|(_, m)| m.expires.is_some_and(|e| e <= now))
-                    .map(|(k, _)| *k)
+                    .map(|(k, _)| k.clone())
                     .collect();
                 for key in expired {
                     if let Some(mapping) = client.mappings.remove(&key) {
@@ -549,20 +597,13 @@ impl Seam {
         let client = self.client(holder)?;
         let mut client = client.lock().await;
         client.drain();
-        let key = MappingKey {
-            via: request.via,
-            protocol: request.protocol,
-            port: request.port,
-        };
+        let key = request.key();
         let now = Instant::now();
         if let Some(mapping) = client.mappings.get_mut(&key) {
             if mapping.nonce != request.nonce {
                 return Err(Refusal::NonceMismatch);
             }
-            if mapping.remotes == request.remotes
-                && mapping.family == request.family
-                && mapping.host == request.host
-            {
+            if mapping.remotes == request.remotes {
                 let lifetime = mapping.refresh(request.lifetime, now);
                 debug!(holder, port = request.port, lifetime, "mapping refreshed");
                 return Ok(Mapped {
@@ -572,7 +613,7 @@ impl Seam {
                     serial: mapping.serial,
                 });
             }
-            // Other remotes or family: a new opening replaces the old one.
+            // Other PCP FILTERs for the same mapping: a new opening replaces the old one.
             let old = mapping.lease;
             client.mappings.remove(&key);
             client.release(&self.core, old).await?;
@@ -611,8 +652,6 @@ impl Seam {
                         lease: granted.lease,
                         lifetime: granted.lifetime,
                         remotes: request.remotes,
-                        family: request.family,
-                        host: request.host,
                         nonce: request.nonce,
                         expires: (request.lifetime > 0)
                             .then(|| now + Duration::from_secs(u64::from(granted.lifetime))),
@@ -637,19 +676,15 @@ impl Seam {
         }
     }
 
-    /// Deletes the mapping of `port` (every mapping of `protocol` through `via` when `port` is
-    /// 0) of the requester or of its ancestors; with a `nonce`, only a mapping made with it.
-    /// Returns how many were released.
-    pub async fn unmap(
-        &self,
-        via: Via,
-        requester: u32,
-        protocol: Protocol,
-        port: u16,
-        nonce: Option<[u8; 12]>,
-    ) -> Result<usize, Refusal> {
+    /// Deletes the mapping `request` names (its lifetime aside), or every mapping of its
+    /// protocol through its front end at its host address when its port is 0, of the requester
+    /// or of its ancestors; the request's nonce must be the mapping's. Other mappings of the
+    /// port (of the other family, for other remote hosts) stay. Returns how many were
+    /// released.
+    pub async fn unmap(&self, request: &MapRequest) -> Result<usize, Refusal> {
+        let asked = request.key();
         let mut released = 0;
-        for pid in self.lineage(requester) {
+        for pid in self.lineage(request.requester) {
             let Some(client) = self.lock().get(&pid).cloned() else {
                 continue;
             };
@@ -658,11 +693,15 @@ impl Seam {
             let keys: Vec<MappingKey> = client
                 .mappings
                 .keys()
-                .filter(|k| k.via == via && k.protocol == protocol && (port == 0 || k.port == port))
-                .copied()
+                .filter(|k| k.deleted_by(&asked))
+                .cloned()
                 .collect();
             for key in keys {
-                if client.mappings.get(&key).is_some_and(|m| m.nonce != nonce) {
+                if client
+                    .mappings
+                    .get(&key)
+                    .is_some_and(|m| m.nonce != request.nonce)
+                {
                     return Err(Refusal::NonceMismatch);
                 }
                 if let Some(mapping) = client.mappings.remove(&key) {
@@ -708,6 +747,25 @@ impl Seam {
             });
         }
         None
+    }
+
+    /// Whether the requester or one of its ancestors holds the live mapping `serial` made
+    /// through `via` (nothing is refreshed).
+    pub async fn holds(&self, via: Via, requester: u32, serial: u64) -> bool {
+        for holder in self.lineage(requester) {
+            let Some(client) = self.lock().get(&holder).cloned() else {
+                continue;
+            };
+            let mut client = client.lock().await;
+            client.drain();
+            if client.caller.is_alive(&self.procfs)
+                && !client.out.is_closing()
+                && client.find(via, serial).is_some()
+            {
+                return true;
+            }
+        }
+        false
     }
 
     /// Deletes the mapping `serial` made through `via`, if the requester or one of its
@@ -764,6 +822,8 @@ pub struct Entry {
     pub port: u16,
     /// The host address it opens; `None`: every address of its family.
     pub host: Option<IpAddr>,
+    /// The family of the host addresses it opens; `None`: both.
+    pub family: Option<Family>,
     /// Its remote prefixes.
     pub remotes: Vec<Prefix>,
     /// Seconds left before it ends unless refreshed; `None`: until deleted.
@@ -775,7 +835,8 @@ pub struct Entry {
 }
 
 impl Seam {
-    /// Every mapping made through `via`, in a stable order (holder, protocol, port).
+    /// Every mapping made through `via`, in a stable order (holder, protocol, port, then the
+    /// order they were made in).
     pub async fn entries(&self, via: Via) -> Vec<Entry> {
         let clients: Vec<(u32, Arc<tokio::sync::Mutex<Client>>)> = self
             .lock()
@@ -795,7 +856,8 @@ impl Seam {
                     via,
                     protocol: key.protocol,
                     port: key.port,
-                    host: mapping.host,
+                    host: key.host,
+                    family: key.family,
                     remotes: mapping.remotes.clone(),
                     remaining: mapping.expires.map(|e| {
                         u32::try_from(e.saturating_duration_since(now).as_secs()).unwrap_or(0)
@@ -805,7 +867,7 @@ impl Seam {
                 });
             }
         }
-        out.sort_by_key(|e| (e.holder, e.protocol.number(), e.port));
+        out.sort_by_key(|e| (e.holder, e.protocol.number(), e.port, e.serial));
         out
     }
 
@@ -934,6 +996,83 @@ pub fn redirects(config: &FrontendsConfig, proc: &Path) -> Vec<LocalRedirect> {
 mod tests {
     use super::*;
 
+    /// A PCP MAP of TCP port 7000 from `client` with `nonce`, as the PCP front end asks it.
+    fn pcp_map(client: &str, nonce: u8, lifetime: u32) -> MapRequest {
+        let client: IpAddr = client.parse().expect("an address");
+        MapRequest {
+            via: Via::Pcp,
+            requester: std::process::id(),
+            protocol: Protocol::Tcp,
+            port: 7000,
+            lifetime,
+            host: Some(client),
+            family: Some(match client {
+                IpAddr::V4(_) => Family::Ipv4,
+                IpAddr::V6(_) => Family::Ipv6,
+            }),
+            remotes: Vec::new(),
+            nonce: Some([nonce; 12]),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ipv4_and_an_ipv6_mapping_of_one_port_are_each_their_own() {
+        let (seam, held, tasks) = stand_in::granting_seam();
+        let v4 = "198.51.100.2";
+        let v6 = "2001:db8::2";
+        let hosts = |held: &std::sync::Mutex<stand_in::Held>| {
+            held.lock()
+                .expect("state")
+                .openings(7000)
+                .into_iter()
+                .map(|(host, _)| host)
+                .collect::<Vec<_>>()
+        };
+        let one = |text: &str| HostAddresses::One(text.parse().expect("an address"));
+
+        // Each with its own nonce, each its own lease.
+        let ipv4 = seam
+            .map(pcp_map(v4, 4, 60))
+            .await
+            .expect("the IPv4 mapping");
+        let ipv6 = seam.map(pcp_map(v6, 6, 1)).await.expect("the IPv6 mapping");
+        assert_ne!(ipv4.lease, ipv6.lease);
+        assert_eq!(hosts(&held), vec![one(v4), one(v6)]);
+
+        // Each is refreshed with its own nonce, and only with it.
+        let again = seam.map(pcp_map(v4, 4, 60)).await.expect("a refresh");
+        assert_eq!((again.lease, again.serial), (ipv4.lease, ipv4.serial));
+        assert_eq!(
+            seam.map(pcp_map(v4, 6, 60)).await,
+            Err(Refusal::NonceMismatch)
+        );
+        assert_eq!(held.lock().expect("state").opened, 2, "a refresh opened");
+
+        // The IPv6 one, not refreshed within its lifetime, ends alone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while hosts(&held).len() > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the mapping outlived its lifetime"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(hosts(&held), vec![one(v4)]);
+
+        // Deleting one leaves the other.
+        seam.map(pcp_map(v6, 6, 60))
+            .await
+            .expect("the IPv6 mapping");
+        assert_eq!(seam.unmap(&pcp_map(v6, 6, 0)).await, Ok(1));
+        assert_eq!(hosts(&held), vec![one(v4)]);
+        assert_eq!(seam.unmap(&pcp_map(v6, 6, 0)).await, Ok(0));
+        assert_eq!(seam.unmap(&pcp_map(v4, 4, 0)).await, Ok(1));
+        assert!(hosts(&held).is_empty());
+        for task in tasks {
+            task.abort();
+        }
+    }
+
     #[test]
     fn reads_default_gateways() {
         let route = "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
@@ -978,5 +1117,42 @@ mod tests {
                 local_port: 5351,
             }]
         );
+    }
+
+    /// A process maps one port through NAT-PMP and UPnP alike: the two identical openings are
+    /// one lease (the gateway merged them), which the process's connection holds once. Deleting
+    /// one mapping leaves the lease held for the other; deleting that one releases it.
+    #[tokio::test]
+    async fn two_mappings_of_one_lease_keep_it_until_the_last_goes() {
+        let (seam, held, tasks) = stand_in::granting_seam();
+        let me = std::process::id();
+        let port = 7100;
+        let request = |via| MapRequest {
+            via,
+            requester: me,
+            protocol: Protocol::Tcp,
+            port,
+            lifetime: 0,
+            host: None,
+            family: Some(Family::Ipv4),
+            remotes: Vec::new(),
+            nonce: None,
+        };
+        let natpmp = seam.map(request(Via::NatPmp)).await.expect("mapped");
+        let upnp = seam.map(request(Via::Upnp)).await.expect("mapped");
+        assert_eq!(natpmp.lease, upnp.lease);
+        let live = || held.lock().expect("state").openings(port).len();
+
+        let released = seam.unmap(&request(Via::NatPmp)).await;
+        assert_eq!(released.expect("unmapped"), 1);
+        assert_eq!(live(), 1, "the lease stays for the UPnP mapping");
+        assert!(seam.refresh(Via::Upnp, me, upnp.serial, 0).await.is_some());
+
+        let released = seam.unmap(&request(Via::Upnp)).await;
+        assert_eq!(released.expect("unmapped"), 1);
+        assert_eq!(live(), 0);
+        for task in tasks {
+            task.abort();
+        }
     }
 }

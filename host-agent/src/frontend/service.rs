@@ -2,6 +2,12 @@
 //! to its gateways' port 5351): each datagram is read by the codec of its version (0 NAT-PMP,
 //! 2 PCP) and answered on its own task, so that one slow answer from the gateway holds up no
 //! other client.
+//!
+//! The clients believe they speak to their gateway, so the announcements the server multicasts
+//! to them (NAT-PMP's external address, PCP's unsolicited ANNOUNCE) come from each gateway's
+//! address and port 5351, as a conforming client checks: sent with IP_TRANSPARENT, with a hop
+//! limit of 0 so that only this host's own listeners get them (they speak for a gateway that did
+//! not send them, and must not reach the link).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -14,12 +20,23 @@ use tracing::{debug, info, warn};
 
 use super::natpmp::{self, MapProtocol, Request};
 use super::pcp;
-use super::{MapRequest, Refusal, Seam, Via};
+use super::{MapRequest, Refusal, SERVER_PORT, Seam, Via};
 use crate::config::FrontendsConfig;
 
 /// The largest datagram read: PCP's limit (RFC 6887 section 7); anything longer is cut and
 /// refused as malformed.
 const MAX_DATAGRAM: usize = 1100;
+
+/// Where the announcements go: all hosts (all nodes), the port clients listen on.
+const ALL_HOSTS: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 1);
+const ALL_NODES: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+/// Announcements of one round.
+const ANNOUNCEMENTS: u32 = 10;
+/// The time between a round's first two announcements; each next one doubles it.
+const FIRST_INTERVAL: Duration = Duration::from_millis(250);
+/// How often the host's side towards each gateway is looked at: NAT-PMP's announcement is due
+/// again when the host's address changes.
+const SIDE_CHECK: Duration = Duration::from_secs(2);
 
 /// What the service shares with the tasks answering its datagrams.
 struct Service {
@@ -57,17 +74,23 @@ pub async fn bind(config: &FrontendsConfig) -> std::io::Result<Vec<UdpSocket>> {
     }
 }
 
-/// Serves the sockets until the core goes away.
-pub async fn serve(sockets: Vec<UdpSocket>, seam: Arc<Seam>, config: FrontendsConfig) {
+/// Serves the sockets until the core goes away; announces from each of `gateways` (the
+/// addresses the host table redirects from).
+pub async fn serve(
+    sockets: Vec<UdpSocket>,
+    seam: Arc<Seam>,
+    config: FrontendsConfig,
+    gateways: Vec<IpAddr>,
+) {
     let service = Arc::new(Service {
         seam: seam.clone(),
         config,
         started: Instant::now(),
     });
-    if service.config.natpmp {
-        tokio::spawn(announce(service.clone()));
-    }
-    let mut tasks = Vec::new();
+    let mut tasks: Vec<_> = gateways
+        .into_iter()
+        .map(|gateway| tokio::spawn(announce(service.clone(), gateway)))
+        .collect();
     for socket in sockets {
         info!(address = ?socket.local_addr().ok(), "NAT-PMP/PCP front end listening");
         tasks.push(tokio::spawn(receive(Arc::new(socket), service.clone())));
@@ -102,37 +125,237 @@ async fn receive(socket: Arc<UdpSocket>, service: Arc<Service>) {
     }
 }
 
-/// RFC 6886 section 3.2.1: at start, the external address is multicast to 224.0.0.1:5350 ten
-/// times, the first interval 250 ms and each next one twice as long.
-async fn announce(service: Arc<Service>) {
-    let Ok(socket) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await else {
-        return;
-    };
-    let address = local_ipv4().unwrap_or(Ipv4Addr::UNSPECIFIED);
-    let mut interval = Duration::from_millis(250);
-    for _ in 0..10 {
-        let message =
-            natpmp::encode_external_address(natpmp::ResultCode::Success, service.epoch(), address);
-        let _ = socket
-            .send_to(
-                &message,
-                (Ipv4Addr::new(224, 0, 0, 1), natpmp::ANNOUNCE_PORT),
-            )
-            .await;
-        tokio::time::sleep(interval).await;
-        interval *= 2;
+/// When the announcements of a round are due: ten, the first at once and each next one after
+/// twice the interval before it, from 250 ms (RFC 6886 section 3.2.1; RFC 6887 section 14.1.3
+/// for PCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Round {
+    next: tokio::time::Instant,
+    interval: Duration,
+    left: u32,
+}
+
+impl Round {
+    fn starting(now: tokio::time::Instant) -> Round {
+        Round {
+            next: now,
+            interval: FIRST_INTERVAL,
+            left: ANNOUNCEMENTS,
+        }
+    }
+
+    /// When the next announcement is due; `None` once the round is over.
+    fn due(&self) -> Option<tokio::time::Instant> {
+        (self.left > 0).then_some(self.next)
+    }
+
+    /// One more was sent.
+    fn sent(&mut self) {
+        self.left = self.left.saturating_sub(1);
+        self.next += self.interval;
+        self.interval = self.interval.saturating_mul(2);
     }
 }
 
-/// What the host table must admit for the host's own processes to hear the announcements
-/// multicast from `address` (the host's).
-pub fn admitted_announcements(address: Option<Ipv4Addr>) -> Vec<fwnp_netfilter::AlwaysAllowed> {
-    address
-        .into_iter()
-        .map(|addr| fwnp_netfilter::AlwaysAllowed {
+/// The host's side towards a gateway: what an announcement in its name is sent through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// The host's IPv4 address towards it: NAT-PMP's external address (FWNP does not translate)
+    /// and the interface the announcement is looped back on.
+    V4(Ipv4Addr),
+    /// The index of the interface it is reached through.
+    V6(u32),
+}
+
+impl Side {
+    /// The host's side towards `gateway` now, if it has one (no packet is sent to learn it).
+    fn towards(gateway: IpAddr) -> Option<Side> {
+        let read = |file: &str| std::fs::read_to_string(file).unwrap_or_default();
+        match gateway {
+            IpAddr::V4(_) => match local_address(SocketAddr::new(gateway, SERVER_PORT))? {
+                IpAddr::V4(v4) => Some(Side::V4(v4)),
+                IpAddr::V6(_) => None,
+            },
+            // A link-local next hop has no route of its own to ask: its default route's
+            // interface is the one.
+            IpAddr::V6(v6) if v6.is_unicast_link_local() => interface_of_next_hop(
+                &read("/proc/net/ipv6_route"),
+                &read("/proc/net/if_inet6"),
+                v6,
+            )
+            .map(Side::V6),
+            IpAddr::V6(_) => match local_address(SocketAddr::new(gateway, SERVER_PORT))? {
+                IpAddr::V6(local) => {
+                    interface_of_address(&read("/proc/net/if_inet6"), local).map(Side::V6)
+                }
+                IpAddr::V4(_) => None,
+            },
+        }
+    }
+}
+
+/// The address the host sends to `to` from (no packet is sent to learn it).
+fn local_address(to: SocketAddr) -> Option<IpAddr> {
+    let any = match to {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    let socket = std::net::UdpSocket::bind(SocketAddr::new(any, 0)).ok()?;
+    socket.connect(to).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// The index of the interface holding `address`, from the text of `/proc/net/if_inet6`.
+fn interface_of_address(if_inet6: &str, address: Ipv6Addr) -> Option<u32> {
+    if_inet6.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let held = u128::from_str_radix(fields.first()?, 16).ok()?;
+        (Ipv6Addr::from(held) == address)
+            .then(|| u32::from_str_radix(fields.get(1)?, 16).ok())
+            .flatten()
+    })
+}
+
+/// The index of the interface of a route through `hop`, from the texts of
+/// `/proc/net/ipv6_route` (which names the interface) and `/proc/net/if_inet6` (which numbers
+/// it).
+fn interface_of_next_hop(ipv6_route: &str, if_inet6: &str, hop: Ipv6Addr) -> Option<u32> {
+    let name = ipv6_route.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let next_hop = u128::from_str_radix(fields.get(4)?, 16).ok()?;
+        (Ipv6Addr::from(next_hop) == hop)
+            .then(|| fields.get(9).copied())
+            .flatten()
+    })?;
+    if_inet6.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(5) == Some(&name))
+            .then(|| u32::from_str_radix(fields.get(1)?, 16).ok())
+            .flatten()
+    })
+}
+
+/// A socket that sends as `gateway`'s port 5351 to this host's own listeners on `side`.
+fn announcer(gateway: IpAddr, side: Side) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let unsupported = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let socket = match (gateway, side) {
+        (IpAddr::V4(gateway), Side::V4(host)) => {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(socket2::Protocol::UDP))?;
+            // Binding and sending from an address the host does not hold (CAP_NET_ADMIN).
+            socket.set_ip_transparent_v4(true)?;
+            socket.set_multicast_if_v4(&host)?;
+            socket.set_multicast_ttl_v4(0)?;
+            socket.set_multicast_loop_v4(true)?;
+            socket.bind(&SocketAddr::from((gateway, SERVER_PORT)).into())?;
+            socket
+        }
+        (IpAddr::V6(gateway), Side::V6(interface)) => {
+            let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(socket2::Protocol::UDP))?;
+            socket.set_only_v6(true)?;
+            socket.set_ip_transparent_v6(true)?;
+            socket.set_multicast_if_v6(interface)?;
+            socket.set_multicast_hops_v6(0)?;
+            socket.set_multicast_loop_v6(true)?;
+            let scope = if gateway.is_unicast_link_local() {
+                interface
+            } else {
+                0
+            };
+            let address = std::net::SocketAddrV6::new(gateway, SERVER_PORT, 0, scope);
+            socket.bind(&SocketAddr::V6(address).into())?;
+            socket
+        }
+        _ => return Err(unsupported()),
+    };
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// Announces in `gateway`'s name, until the service stops: at start (RFC 6886 section 3.2.1
+/// for NAT-PMP, RFC 6887 section 14.1.3 for PCP, whose ANNOUNCE also goes to ff02::1 from an
+/// IPv6 gateway), and NAT-PMP's external address again when the host's address towards the
+/// gateway changes. An address lost to the host stops nothing: the round starts again when one
+/// is back.
+async fn announce(service: Arc<Service>, gateway: IpAddr) {
+    let natpmp = service.config.natpmp && gateway.is_ipv4();
+    // PCP's ANNOUNCE tells of a restart: one round.
+    let mut pcp = service.config.pcp;
+    if !natpmp && !pcp {
+        return;
+    }
+    let group = match gateway {
+        IpAddr::V4(_) => SocketAddr::from((ALL_HOSTS, natpmp::ANNOUNCE_PORT)),
+        IpAddr::V6(_) => SocketAddr::from((ALL_NODES, natpmp::ANNOUNCE_PORT)),
+    };
+    let mut side = None;
+    let mut socket = None;
+    let mut round: Option<Round> = None;
+    let mut next_check = tokio::time::Instant::now();
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= next_check {
+            next_check = now + SIDE_CHECK;
+            let found = Side::towards(gateway);
+            if found != side {
+                side = found;
+                // The old socket holds the gateway's port until it is closed.
+                drop(socket.take());
+                socket = match side.map(|side| announcer(gateway, side)) {
+                    Some(Ok(socket)) => Some(socket),
+                    Some(Err(e)) => {
+                        warn!(%gateway, "announcements in the gateway's name cannot be sent: {e}");
+                        return;
+                    }
+                    None => None,
+                };
+                round = (natpmp || pcp).then(|| Round::starting(now));
+                debug!(%gateway, ?side, "the host's side towards the gateway");
+            }
+        }
+        if let (Some(socket), Some(due), Some(side)) = (&socket, round.and_then(|r| r.due()), side)
+            && due <= now
+        {
+            let epoch = service.epoch();
+            let mut messages = Vec::new();
+            if let (true, Side::V4(address)) = (natpmp, side) {
+                let answer =
+                    natpmp::encode_external_address(natpmp::ResultCode::Success, epoch, address);
+                messages.push(answer.to_vec());
+            }
+            if pcp {
+                messages.push(pcp::encode_announce(epoch));
+            }
+            for message in messages {
+                if let Err(e) = socket.send_to(&message, group).await {
+                    debug!(%gateway, "announcement: {e}");
+                }
+            }
+            if let Some(round) = &mut round {
+                round.sent();
+                if round.due().is_none() {
+                    pcp = false;
+                }
+            }
+        }
+        let wake = match round.and_then(|r| r.due()).filter(|_| socket.is_some()) {
+            Some(due) => due.min(next_check),
+            None => next_check,
+        };
+        tokio::time::sleep_until(wake).await;
+    }
+}
+
+/// What the host table must admit for the host's own processes to hear the announcements sent
+/// in `gateways`' names: they are looped back on the outgoing interface, where the input
+/// filter sees them as new.
+pub fn admitted_announcements(gateways: &[IpAddr]) -> Vec<fwnp_netfilter::AlwaysAllowed> {
+    gateways
+        .iter()
+        .map(|gateway| fwnp_netfilter::AlwaysAllowed {
             remote: Prefix {
-                addr: IpAddr::V4(addr),
-                len: 32,
+                addr: *gateway,
+                len: if gateway.is_ipv4() { 32 } else { 128 },
             },
             protocol: Some(Protocol::Udp),
             ports: Some(fwnp_proto::PortRange::single(natpmp::ANNOUNCE_PORT)),
@@ -142,9 +365,7 @@ pub fn admitted_announcements(address: Option<Ipv4Addr>) -> Vec<fwnp_netfilter::
 
 /// The host's IPv4 address towards its default route (no packet is sent to learn it).
 pub(crate) fn local_ipv4() -> Option<Ipv4Addr> {
-    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
-    socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).ok()?;
-    match socket.local_addr().ok()?.ip() {
+    match local_address(SocketAddr::from((Ipv4Addr::new(192, 0, 2, 1), 9)))? {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     }
@@ -209,12 +430,24 @@ impl Service {
                 return refuse(natpmp::ResultCode::NotAuthorized);
             }
         };
+        let request = MapRequest {
+            via: Via::NatPmp,
+            requester,
+            protocol: fwnp_protocol,
+            port: internal_port,
+            lifetime,
+            // NAT-PMP speaks of IPv4 only; the address the client sends from, unless it sent to
+            // loopback itself.
+            host: match from.ip() {
+                IpAddr::V4(v4) if !v4.is_loopback() => Some(IpAddr::V4(v4)),
+                _ => None,
+            },
+            family: Some(Family::Ipv4),
+            remotes: Vec::new(),
+            nonce: None,
+        };
         if lifetime == 0 {
-            return match self
-                .seam
-                .unmap(Via::NatPmp, requester, fwnp_protocol, internal_port, None)
-                .await
-            {
+            return match self.seam.unmap(&request).await {
                 Ok(_) => Some(
                     natpmp::encode_mapping(
                         protocol,
@@ -232,25 +465,7 @@ impl Service {
         if internal_port == 0 {
             return refuse(natpmp::ResultCode::NotAuthorized);
         }
-        let mapped = self
-            .seam
-            .map(MapRequest {
-                via: Via::NatPmp,
-                requester,
-                protocol: fwnp_protocol,
-                port: internal_port,
-                lifetime,
-                // NAT-PMP speaks of IPv4 only; the address the client sends from, unless it
-                // sent to loopback itself.
-                host: match from.ip() {
-                    IpAddr::V4(v4) if !v4.is_loopback() => Some(IpAddr::V4(v4)),
-                    _ => None,
-                },
-                family: Some(Family::Ipv4),
-                remotes: Vec::new(),
-                nonce: None,
-            })
-            .await;
+        let mapped = self.seam.map(request).await;
         match mapped {
             Ok(mapped) => {
                 info!(
@@ -359,18 +574,25 @@ impl Service {
                 request.client,
             ))
         };
+        let family = match request.client {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        };
+        // A mapping is named by its internal address, protocol and port (RFC 6887 section
+        // 11.3): a MAP of the same port for the client's other address is another mapping.
+        let mapping = MapRequest {
+            via: Via::Pcp,
+            requester,
+            protocol,
+            port: map.internal_port,
+            lifetime: request.lifetime,
+            host: (!request.client.is_loopback()).then_some(request.client),
+            family: Some(family),
+            remotes,
+            nonce: Some(map.nonce),
+        };
         if request.lifetime == 0 {
-            return match self
-                .seam
-                .unmap(
-                    Via::Pcp,
-                    requester,
-                    protocol,
-                    map.internal_port,
-                    Some(map.nonce),
-                )
-                .await
-            {
+            return match self.seam.unmap(&mapping).await {
                 Ok(_) => answer(pcp::ResultCode::Success, 0),
                 Err(e) => {
                     info!(pid = requester, "PCP delete refused: {e}");
@@ -395,25 +617,7 @@ impl Service {
                 "the suggested external port or address",
             );
         }
-        let family = match request.client {
-            IpAddr::V4(_) => Family::Ipv4,
-            IpAddr::V6(_) => Family::Ipv6,
-        };
-        match self
-            .seam
-            .map(MapRequest {
-                via: Via::Pcp,
-                requester,
-                protocol,
-                port: map.internal_port,
-                lifetime: request.lifetime,
-                host: (!request.client.is_loopback()).then_some(request.client),
-                family: Some(family),
-                remotes,
-                nonce: Some(map.nonce),
-            })
-            .await
-        {
+        match self.seam.map(mapping).await {
             Ok(mapped) => {
                 info!(
                     pid = requester,
@@ -479,5 +683,50 @@ fn natpmp_code(refusal: &Refusal) -> natpmp::ResultCode {
             DenialCode::Local(LocalCode::PortNotOwned) => N::NotAuthorized,
             _ => N::NotAuthorized,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_round_is_ten_announcements_each_interval_twice_the_one_before() {
+        let start = tokio::time::Instant::now();
+        let mut round = Round::starting(start);
+        let mut sent = Vec::new();
+        while let Some(due) = round.due() {
+            sent.push(due.duration_since(start).as_millis());
+            round.sent();
+            assert!(sent.len() <= 10, "the round does not end");
+        }
+        assert_eq!(
+            sent,
+            vec![0, 250, 750, 1750, 3750, 7750, 15750, 31750, 63750, 127750]
+        );
+    }
+
+    #[test]
+    fn finds_the_interface_towards_a_gateway() {
+        let if_inet6 = "fd000002000000000000000000000002 02 40 00 80     eth0\n\
+            fe80000000000000000000fffe000002 02 40 20 80     eth0\n\
+            00000000000000000000000000000001 01 80 10 80       lo\n\
+            fe80000000000000000000fffe000003 0a 40 20 80    wlan0\n";
+        let ipv6_route = "00000000000000000000000000000000 00 00000000000000000000000000000000 00 fe800000000000000000000000000001 00000400 00000001 00000000 00000003    wlan0\n\
+            fd000002000000000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001     eth0\n";
+        let address = |text: &str| text.parse::<Ipv6Addr>().expect("an address");
+        assert_eq!(
+            interface_of_address(if_inet6, address("fd00:2::2")),
+            Some(2)
+        );
+        assert_eq!(interface_of_address(if_inet6, address("fd00:2::9")), None);
+        assert_eq!(
+            interface_of_next_hop(ipv6_route, if_inet6, address("fe80::1")),
+            Some(10)
+        );
+        assert_eq!(
+            interface_of_next_hop(ipv6_route, if_inet6, address("fe80::2")),
+            None
+        );
     }
 }

@@ -1118,6 +1118,72 @@ fn a_pcp_client_maps_over_ipv6() {
 }
 
 #[test]
+fn a_pcp_client_keeps_an_ipv4_and_an_ipv6_mapping_of_one_port_apart() {
+    if !lab::require_root("a_pcp_client_keeps_an_ipv4_and_an_ipv6_mapping_of_one_port_apart") {
+        return;
+    }
+    let lab = frontend_lab("pcp46", &[7460], "[frontends]\npcp = true\n");
+    let (host, host6) = (lab.topology.host().v4, lab.topology.host().v6);
+    let (gateway, gateway6) = (
+        gateway_of(&lab),
+        SocketAddr::new(lab.topology.gateway_inside_v6, 5351),
+    );
+    let nonce = [0x46; 12];
+    let reaches = |to: std::net::IpAddr, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            SocketAddr::new(to, 7460),
+            None,
+            within,
+        )
+    };
+    let map = |to: SocketAddr, client: std::net::IpAddr, lifetime: u32| {
+        let answer = ask_raw_to(
+            &lab,
+            Some(client),
+            to,
+            &pcp_map(nonce, 6, 7460, lifetime, client, &[]),
+            STEP,
+        )
+        .expect("an answer to MAP");
+        pcp_result(&answer)
+    };
+
+    // The same port for the client's IPv4 and its IPv6 address: two mappings, both open.
+    assert_eq!(map(gateway, host, 60), (0, 60, Some(7460)));
+    assert!(reaches(host, FIRST_SYN), "not open over IPv4");
+    assert_eq!(map(gateway6, host6, 60), (0, 60, Some(7460)));
+    assert!(reaches(host6, FIRST_SYN), "not open over IPv6");
+    assert!(
+        reaches(host, FIRST_SYN),
+        "the IPv6 mapping closed the IPv4 one"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Each is refreshed as itself: no other lease.
+    assert_eq!(map(gateway, host, 60).0, 0);
+    assert_eq!(map(gateway6, host6, 60).0, 0);
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Deleting the IPv6 one leaves the IPv4 one open, and the other way round.
+    assert_eq!(map(gateway6, host6, 0), (0, 0, Some(7460)));
+    assert!(!reaches(host6, REFUSED), "still open over IPv6");
+    assert!(
+        reaches(host, FIRST_SYN),
+        "the IPv6 delete closed the IPv4 mapping"
+    );
+    assert_eq!(map(gateway6, host6, 60).0, 0);
+    assert_eq!(map(gateway, host, 0).0, 0);
+    assert!(!reaches(host, REFUSED), "still open over IPv4");
+    assert!(
+        reaches(host6, FIRST_SYN),
+        "the IPv4 delete closed the IPv6 mapping"
+    );
+    assert_eq!(map(gateway6, host6, 0).0, 0);
+    assert!(lab.client().list().leases.is_empty());
+}
+
+#[test]
 fn upnpc_opens_and_closes_an_ipv6_pinhole() {
     if !lab::require_root("upnpc_opens_and_closes_an_ipv6_pinhole") {
         return;
@@ -1141,6 +1207,10 @@ fn upnpc_opens_and_closes_an_ipv6_pinhole() {
 
     let (_, output) = app.run(&format!("upnpc -6 -i -U {id} 120"));
     assert!(reaches(FIRST_SYN), "closed by the update: {output}");
+    // The agent counts no pinhole's packets: UPnP's 501, and the pinhole stays.
+    let (_, output) = app.run(&format!("upnpc -6 -i -K {id}"));
+    assert!(output.contains("failed with code 501"), "{output}");
+    assert!(reaches(FIRST_SYN), "closed by -K: {output}");
     let (_, output) = app.run(&format!("upnpc -6 -i -D {id}"));
     assert!(!reaches(REFUSED), "still open after the delete: {output}");
     assert!(lab.client().list().leases.is_empty());
@@ -1221,8 +1291,99 @@ fn upnpc_keeps_a_port_mapping_and_a_pinhole_of_one_port_apart() {
     assert_eq!(lab.client().list().leases.len(), 1);
 }
 
+#[test]
+fn upnpc_keeps_mappings_of_one_port_for_other_remote_hosts_and_families_apart() {
+    if !lab::require_root(
+        "upnpc_keeps_mappings_of_one_port_for_other_remote_hosts_and_families_apart",
+    ) {
+        return;
+    }
+    assert!(
+        have("upnpc"),
+        "upnpc is not installed (scripts/deps.sh installs miniupnpc)"
+    );
+    let lab = frontend_lab("upnp-apart", &[], "[frontends]\nupnp = true\n");
+    let (host, host6) = (lab.topology.host().v4, lab.topology.host().v6);
+    let (remote, remote_alt) = (lab.topology.outside_v6, lab.topology.outside_v6_alt);
+    let reaches = |to: std::net::IpAddr, from: Option<std::net::IpAddr>, within| {
+        lab::tcp_connects(
+            &lab.topology.outside,
+            SocketAddr::new(to, 7710),
+            from,
+            within,
+        )
+    };
+    let mut app = Application::start(&lab, &[7710], &[]);
+
+    // Two pinholes of the port, each for one remote host: each opens to its own.
+    let (_, output) = app.run(&format!("upnpc -6 -i -A {remote} 0 {host6} 7710 6 60"));
+    let first = pinhole_id(&output);
+    let (_, output) = app.run(&format!("upnpc -6 -i -A {remote_alt} 0 {host6} 7710 6 60"));
+    let second = pinhole_id(&output);
+    assert_ne!(first, second);
+    assert!(
+        reaches(host6, Some(remote), FIRST_SYN),
+        "the second pinhole closed the first: {output}"
+    );
+    assert!(
+        reaches(host6, Some(remote_alt), FIRST_SYN),
+        "not open to the second remote host: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+
+    // Deleting one leaves the other.
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {first}"));
+    assert!(
+        !reaches(host6, Some(remote), REFUSED),
+        "still open to the first remote host: {output}"
+    );
+    assert!(
+        reaches(host6, Some(remote_alt), FIRST_SYN),
+        "the delete closed the other pinhole: {output}"
+    );
+    let (_, output) = app.run(&format!("upnpc -6 -i -D {second}"));
+    assert!(
+        !reaches(host6, Some(remote_alt), REFUSED),
+        "still open after both deletes: {output}"
+    );
+    assert!(lab.client().list().leases.is_empty());
+
+    // A port mapping over IPv4 and one over IPv6: both open; -d over IPv6 deletes the IPv6
+    // one only. Over IPv6, upnpc is given the description's URL on the host's address the
+    // certificate holds: it maps for the address it asks from.
+    let over_ipv6 = format!("upnpc -u http://[{host6}]:49152/rootDesc.xml -6 -i");
+    let (_, output) = app.run(&format!("upnpc -i -a {host} 7710 7710 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    let (_, output) = app.run(&format!("{over_ipv6} -a {host6} 7710 7710 TCP"));
+    assert!(output.contains("is redirected to internal"), "{output}");
+    assert!(
+        reaches(host6, None, FIRST_SYN),
+        "not open over IPv6: {output}"
+    );
+    assert!(
+        reaches(host, None, FIRST_SYN),
+        "the IPv6 mapping closed the IPv4 one: {output}"
+    );
+    assert_eq!(lab.client().list().leases.len(), 2);
+    let (_, output) = app.run(&format!("{over_ipv6} -d 7710 TCP"));
+    assert!(
+        !reaches(host6, None, REFUSED),
+        "still open over IPv6 after -d: {output}"
+    );
+    assert!(
+        reaches(host, None, FIRST_SYN),
+        "-d over IPv6 closed the IPv4 mapping: {output}"
+    );
+    let (_, output) = app.run("upnpc -i -d 7710 TCP");
+    assert!(
+        !reaches(host, None, REFUSED),
+        "still open over IPv4 after -d: {output}"
+    );
+    assert!(lab.client().list().leases.is_empty());
+}
+
 /// Has `app` post WANIPv6FirewallControl's UpdatePinhole of pinhole `id` to the agent on
-/// `host`: upnpc's -U asks CheckPinholeWorking first, which the agent does not serve, and then
+/// `host`: upnpc's -U asks CheckPinholeWorking first, which the agent does not offer, and then
 /// sends no UpdatePinhole. The answer's text.
 fn update_pinhole(app: &mut Application, host: std::net::IpAddr, id: &str) -> String {
     let to = SocketAddr::new(host, 49152);
@@ -1323,34 +1484,198 @@ fn upnpc_shows_the_connection_and_the_agent_tells_it_does_not_translate() {
     );
 }
 
+/// Listens on port 5350 in `ns`, over IPv4 and IPv6, as NAT-PMP and PCP clients listen for
+/// announcements, until `enough` says so of what was heard (source, datagram) or `within` has
+/// passed; what was heard.
+fn hear_announcements(
+    ns: &Netns,
+    within: Duration,
+    mut enough: impl FnMut(&[(SocketAddr, Vec<u8>)]) -> bool + Send,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    ns.run(|| {
+        let v4 = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
+        let v6 = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .expect("a socket");
+        v6.set_only_v6(true).expect("IPV6_V6ONLY");
+        v6.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 5350)).into())
+            .expect("bind [::]:5350");
+        let v6: UdpSocket = v6.into();
+        for socket in [&v4, &v6] {
+            socket
+                .set_read_timeout(Some(Duration::from_millis(50)))
+                .expect("timeout");
+        }
+        let mut heard = Vec::new();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 1100];
+        while Instant::now() < deadline && !enough(&heard) {
+            for socket in [&v4, &v6] {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    heard.push((from, buf[..n].to_vec()));
+                }
+            }
+        }
+        heard
+    })
+}
+
+/// The IP packets to UDP port 5350 that reach any interface of `ns` (read before routing, as a
+/// packet capture does: the gateway drops a packet from its own address unseen) until `done`
+/// or `within` has passed.
+fn captured_announcements(
+    ns: &Netns,
+    within: Duration,
+    done: &std::sync::atomic::AtomicBool,
+) -> Vec<Vec<u8>> {
+    ns.run(|| {
+        const ETH_P_ALL: u16 = 0x0003;
+        let socket = socket2::Socket::new(
+            socket2::Domain::PACKET,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::from(i32::from(ETH_P_ALL.to_be()))),
+        )
+        .expect("a packet socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let socket: UdpSocket = socket.into();
+        // The UDP destination port of an IPv4 or IPv6 packet without options or extension
+        // headers.
+        let destination_port = |packet: &[u8]| {
+            let (protocol, header) = match packet.first()? >> 4 {
+                4 => (*packet.get(9)?, usize::from(packet[0] & 0x0f) * 4),
+                6 => (*packet.get(6)?, 40),
+                _ => return None,
+            };
+            let port = packet.get(header + 2..header + 4)?;
+            (protocol == 17).then(|| u16::from_be_bytes([port[0], port[1]]))
+        };
+        let mut captured = Vec::new();
+        let deadline = Instant::now() + within;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && !done.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(n) = socket.recv(&mut buf)
+                && destination_port(&buf[..n]) == Some(5350)
+            {
+                captured.push(buf[..n].to_vec());
+            }
+        }
+        captured
+    })
+}
+
 #[test]
-fn natpmp_announces_the_host_address_after_start() {
-    if !lab::require_root("natpmp_announces_the_host_address_after_start") {
+fn natpmp_and_pcp_announce_from_the_gateways_address_and_port() {
+    if !lab::require_root("natpmp_and_pcp_announce_from_the_gateways_address_and_port") {
         return;
     }
-    let lab = natpmp_lab("natpmp-announce");
-    let expected = match lab.topology.host().v4 {
+    let lab = frontend_lab("announce", &[], "[frontends]\nnatpmp = true\npcp = true\n");
+    let (gateway, gateway6) = (
+        gateway_of(&lab),
+        SocketAddr::new(lab.topology.gateway_inside_v6, 5351),
+    );
+    let octets = |address: std::net::IpAddr| match address {
         std::net::IpAddr::V4(v4) => v4.octets(),
         std::net::IpAddr::V6(_) => unreachable!("an IPv4 address"),
     };
-    // The announcements follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one comes within
-    // the next ten seconds.
-    let heard = lab.topology.host().netns.run(|| {
-        let socket = UdpSocket::bind("0.0.0.0:5350").expect("bind 5350");
-        socket
-            .join_multicast_v4(
-                &"224.0.0.1".parse().expect("group"),
-                &std::net::Ipv4Addr::UNSPECIFIED,
-            )
-            .expect("join 224.0.0.1");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        let mut buf = [0u8; 64];
-        socket.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    // NAT-PMP's external address (RFC 6886 section 3.2.1) with `address`; PCP's unsolicited
+    // ANNOUNCE (RFC 6887 section 14.1.3): version 2, the answer to opcode 0, success, lifetime
+    // 0, then the epoch and 12 reserved octets.
+    let natpmp_of = |address: std::net::IpAddr| {
+        move |(from, datagram): &(SocketAddr, Vec<u8>)| {
+            *from == gateway
+                && datagram.len() == 12
+                && datagram[..4] == [0, 128, 0, 0]
+                && datagram[8..12] == octets(address)
+        }
+    };
+    let pcp_from = |origin: SocketAddr| {
+        move |(from, datagram): &(SocketAddr, Vec<u8>)| {
+            *from == origin
+                && datagram.len() == 24
+                && datagram[..8] == [2, 0x80, 0, 0, 0, 0, 0, 0]
+                && datagram[12..] == [0; 12]
+        }
+    };
+    let natpmp = natpmp_of(lab.topology.host().v4);
+    let (pcp, pcp6) = (pcp_from(gateway), pcp_from(gateway6));
+
+    // The announcements after start follow each other at 250 ms, 500 ms, 1 s, 2 s, 4 s...: one
+    // of each comes within the next ten seconds, each from its gateway's address and port 5351.
+    // They speak for the gateway, which did not send them: nothing reaches the link.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (heard, on_the_link) = std::thread::scope(|scope| {
+        let link = scope.spawn(|| {
+            captured_announcements(&lab.topology.gateway, Duration::from_secs(12), &done)
+        });
+        let heard = hear_announcements(
+            &lab.topology.host().netns,
+            Duration::from_secs(10),
+            |heard| heard.iter().any(natpmp) && heard.iter().any(pcp) && heard.iter().any(pcp6),
+        );
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (heard, link.join().expect("the capture"))
     });
-    let heard = heard.expect("no announcement within 10 s");
-    assert_eq!(heard.len(), 12, "{heard:?}");
-    assert_eq!(heard[..4], [0, 128, 0, 0]);
-    assert_eq!(heard[8..12], expected);
+    assert!(
+        heard.iter().any(natpmp),
+        "no NAT-PMP announcement: {heard:?}"
+    );
+    assert!(
+        heard.iter().any(pcp),
+        "no PCP ANNOUNCE over IPv4: {heard:?}"
+    );
+    assert!(
+        heard.iter().any(pcp6),
+        "no PCP ANNOUNCE over IPv6: {heard:?}"
+    );
+    assert!(
+        heard
+            .iter()
+            .all(|(from, _)| *from == gateway || *from == gateway6),
+        "an announcement from elsewhere: {heard:?}"
+    );
+    assert!(on_the_link.is_empty(), "heard on the link: {on_the_link:?}");
+
+    // The host's address towards the gateway changes: NAT-PMP announces the new one.
+    let alt = lab
+        .topology
+        .host()
+        .v4_alt
+        .expect("the host of Topology::new has a second IPv4 address");
+    let route = lab
+        .topology
+        .host()
+        .netns
+        .exec_checked(&["ip", "-4", "-o", "route", "show", "proto", "kernel"])
+        .expect("the host's routes");
+    let subnet: Vec<&str> = route
+        .lines()
+        .find(|line| line.contains(&format!("src {}", lab.topology.host().v4)))
+        .unwrap_or_else(|| panic!("no route of the host's subnet: {route}"))
+        .split_whitespace()
+        .take_while(|word| *word != "proto")
+        .collect();
+    let mut change = vec!["ip", "route", "replace"];
+    change.extend(subnet);
+    let alt_text = alt.to_string();
+    change.extend(["src", alt_text.as_str()]);
+    lab.topology
+        .host()
+        .netns
+        .exec_checked(&change)
+        .expect("change the host's address towards the gateway");
+    let moved = natpmp_of(alt);
+    let heard = hear_announcements(
+        &lab.topology.host().netns,
+        Duration::from_secs(10),
+        |heard| heard.iter().any(moved),
+    );
+    assert!(
+        heard.iter().any(moved),
+        "no announcement of the new address: {heard:?}"
+    );
 }
