@@ -20,7 +20,10 @@
 //!
 //! A mapping lives while its client refreshes it: the front end releases it when the lifetime
 //! it told the client has passed without a refresh (the core renews it at the gateway
-//! meanwhile).
+//! meanwhile). Each virtual connection watches its leases (local API 6.1), so a mapping also
+//! ends with its lease when the core reports it revoked, expired or lost, and the next refresh
+//! asks again rather than vouching for an opening the gateway closed; a lease the core
+//! re-opened goes on under its new id.
 
 pub mod http;
 pub mod natpmp;
@@ -39,7 +42,7 @@ use std::time::{Duration, Instant};
 
 use fwnp_netfilter::LocalRedirect;
 use fwnp_proto::local::{
-    DenialCode, EventKind, FRAME_HEADER_LEN, LocalCode, LocalMessage, decode_frame_body,
+    DenialCode, EventKind, FRAME_HEADER_LEN, LocalCode, LocalMessage, Watch, decode_frame_body,
 };
 use fwnp_proto::{
     AppInfo, Common, Family, HostAddresses, LeaseId, Message, Open, Opening, PortRange, Prefix,
@@ -296,8 +299,17 @@ impl Client {
         }
     }
 
-    /// A lease that ended (revoked, lost, expired) is no longer a mapping; a re-opened one
-    /// goes on under its new id.
+    /// A lease that ended (revoked, expired, lost, released: local API 6.3) is no longer a
+    /// mapping; a re-opened one goes on under its new id, which later events name. Events for
+    /// a lease no mapping has (one the seam released itself) change nothing.
+    ///
+    /// Once its mapping is gone, the client's next request for it is answered as the server
+    /// that lost a mapping answers it. NAT-PMP and PCP refresh a mapping with the request that
+    /// made it, and a server that lost it makes it again (RFC 6886 section 3.7, RFC 6887
+    /// sections 11.2.1 and 11.3): the refresh sends a fresh Open, which the gateway's policy
+    /// grants or refuses anew. UPnP's AddPortMapping likewise makes an entry that does not
+    /// exist, while UpdatePinhole of a pinhole that is gone is 704 NoSuchEntry
+    /// (WANIPv6FirewallControl:1), after which the control point adds it again.
     fn take_event(&mut self, message: &LocalMessage) {
         let LocalMessage::Event(event) = message else {
             return;
@@ -313,7 +325,16 @@ impl Client {
                 }
             }
             EventKind::Revoked | EventKind::Expired | EventKind::Lost | EventKind::Released => {
+                let before = self.mappings.len();
                 self.mappings.retain(|_, m| m.lease != event.lease);
+                if self.mappings.len() < before {
+                    info!(
+                        conn = self.conn,
+                        lease = %event.lease,
+                        kind = ?event.kind,
+                        "a mapping's lease ended at the agent; the mapping is gone"
+                    );
+                }
             }
             _ => {}
         }
@@ -576,13 +597,34 @@ impl Seam {
                 out: out.clone(),
             })
             .map_err(|_| Refusal::CoreGone)?;
+        // The connection watches all its leases, as an application does (local API 6.1), so
+        // that a lease the agent ends takes its mapping with it and a re-opened one keeps its
+        // mapping under the new id ([`Client::take_event`]). The core takes its inputs in
+        // order, so the watch is in place before the connection's first Open; its Watching
+        // answer is passed over with the events.
+        let permits = Arc::new(Semaphore::new(PENDING_PER_CLIENT));
+        let permit = permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::CoreGone)?;
+        let watch_id = 1;
+        self.core
+            .send(CoreInput::LocalRequest {
+                conn,
+                message: LocalMessage::Watch(Watch {
+                    common: common(watch_id),
+                    lease: None,
+                }),
+                permit,
+            })
+            .map_err(|_| Refusal::CoreGone)?;
         let client = Arc::new(tokio::sync::Mutex::new(Client {
             conn,
             caller,
             out,
             frames,
-            permits: Arc::new(Semaphore::new(PENDING_PER_CLIENT)),
-            next_request: 0,
+            permits,
+            next_request: watch_id,
             mappings: HashMap::new(),
         }));
         clients.insert(pid, client.clone());
@@ -1068,6 +1110,102 @@ mod tests {
         assert_eq!(seam.unmap(&pcp_map(v6, 6, 0)).await, Ok(0));
         assert_eq!(seam.unmap(&pcp_map(v4, 4, 0)).await, Ok(1));
         assert!(hosts(&held).is_empty());
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    /// A NAT-PMP mapping of TCP `port` for `lifetime` seconds (0: delete), as the NAT-PMP
+    /// front end asks it for this process.
+    fn natpmp_map(port: u16, lifetime: u32) -> MapRequest {
+        MapRequest {
+            via: Via::NatPmp,
+            requester: std::process::id(),
+            protocol: Protocol::Tcp,
+            port,
+            lifetime,
+            host: None,
+            family: Some(Family::Ipv4),
+            remotes: Vec::new(),
+            nonce: None,
+        }
+    }
+
+    /// The gateway revokes a mapping's lease: the mapping ends with it. The client's refresh
+    /// then asks the core for a fresh Open rather than being told that the closed opening is
+    /// mapped, and a UPnP pinhole's refresh finds no pinhole.
+    #[tokio::test]
+    async fn a_mapping_whose_lease_was_revoked_is_opened_afresh_by_its_refresh() {
+        let (seam, held, tasks) = stand_in::granting_seam();
+        let port = 7200;
+        let opened = || held.lock().expect("state").opened;
+        let live = || held.lock().expect("state").openings(port).len();
+
+        let first = seam.map(natpmp_map(port, 60)).await.expect("mapped");
+        held.lock().expect("state").revoke(first.lease);
+        assert_eq!(live(), 0);
+        assert!(seam.entries(Via::NatPmp).await.is_empty());
+
+        let again = seam.map(natpmp_map(port, 60)).await.expect("mapped again");
+        assert_eq!(
+            opened(),
+            2,
+            "the refresh was answered from the revoked mapping"
+        );
+        assert_eq!(live(), 1);
+        assert_ne!(again.lease, first.lease);
+        assert_ne!(again.serial, first.serial);
+
+        let me = std::process::id();
+        let pinhole = MapRequest {
+            via: Via::UpnpPinhole,
+            port: port + 1,
+            host: Some("2001:db8::2".parse().expect("an address")),
+            family: Some(Family::Ipv6),
+            ..natpmp_map(port + 1, 60)
+        };
+        let made = seam.map(pinhole).await.expect("a pinhole");
+        assert!(
+            seam.refresh(Via::UpnpPinhole, me, made.serial, 60)
+                .await
+                .is_some()
+        );
+        held.lock().expect("state").revoke(made.lease);
+        assert_eq!(
+            seam.refresh(Via::UpnpPinhole, me, made.serial, 60).await,
+            None,
+            "a revoked pinhole was refreshed"
+        );
+        for task in tasks {
+            task.abort();
+        }
+    }
+
+    /// The agent re-opens a mapping's lease under a new id: the mapping goes on with the new
+    /// id, which later events name, so a revocation of it still ends the mapping.
+    #[tokio::test]
+    async fn a_reopened_lease_keeps_its_mapping_under_the_new_id() {
+        let (seam, held, tasks) = stand_in::granting_seam();
+        let port = 7300;
+        let opened = || held.lock().expect("state").opened;
+
+        let first = seam.map(natpmp_map(port, 60)).await.expect("mapped");
+        let new = held.lock().expect("state").reopen(first.lease);
+        let again = seam.map(natpmp_map(port, 60)).await.expect("refreshed");
+        assert_eq!((again.lease, again.serial), (new, first.serial));
+        assert_eq!(opened(), 1, "a refresh opened");
+
+        held.lock().expect("state").revoke(new);
+        let third = seam.map(natpmp_map(port, 60)).await.expect("mapped again");
+        assert_eq!(
+            opened(),
+            2,
+            "the refresh was answered from the revoked mapping"
+        );
+        assert_ne!(third.lease, new);
+
+        assert_eq!(seam.unmap(&natpmp_map(port, 0)).await, Ok(1));
+        assert!(held.lock().expect("state").openings(port).is_empty());
         for task in tasks {
             task.abort();
         }

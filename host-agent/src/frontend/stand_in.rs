@@ -1,20 +1,24 @@
 //! A stand-in for the core behind a [`Seam`], for the front ends' tests: it grants every Open
 //! with the lifetime asked (an opening it holds already under the lease it holds it with, as
-//! the gateway merges them) and answers every Release, as the core answers the seam, and keeps
-//! what it holds for the test to look at.
+//! the gateway merges them), answers every Release and Watch, as the core answers the seam, and
+//! keeps what it holds for the test to look at. A test ends or re-opens a lease through
+//! [`Held::revoke`] and [`Held::reopen`], which tell the connections that hold and watch it,
+//! as the core's Events do (local API 6.3).
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 
-use fwnp_proto::local::{LocalMessage, encode_frame};
+use fwnp_proto::local::{Event, EventKind, LocalMessage, Watching, encode_frame};
 use fwnp_proto::{
-    Family, Grant, Granted, HostAddresses, LeaseId, Message, Opening, PortRange, Prefix, Released,
-    Target,
+    Common, Family, Grant, Granted, HostAddresses, LeaseId, Message, Opening, PortRange, Prefix,
+    Released, Target,
 };
 use tokio::task::JoinHandle;
 
 use super::Seam;
-use crate::core::CoreInput;
+use crate::core::{ConnId, CoreInput};
+use crate::server::Outbox;
 
 /// What the stand-in core holds.
 #[derive(Debug, Default)]
@@ -23,6 +27,12 @@ pub(crate) struct Held {
     pub(crate) live: Vec<(LeaseId, Opening)>,
     /// How many Opens it granted.
     pub(crate) opened: usize,
+    /// The connections that were granted each live lease.
+    holders: HashMap<LeaseId, HashSet<ConnId>>,
+    /// The connections that watch their leases, and where their frames go.
+    watching: HashMap<ConnId, Outbox>,
+    /// The last lease id handed out.
+    last_id: u8,
 }
 
 impl Held {
@@ -41,6 +51,67 @@ impl Held {
         let mut remotes: Vec<_> = self.of_port(port).map(|(_, o)| o.remotes.clone()).collect();
         remotes.sort();
         remotes
+    }
+
+    /// Ends `lease` as the gateway's revocation does: it is no longer live, and each
+    /// connection that holds it and watches hears a revoked Event.
+    pub(crate) fn revoke(&mut self, lease: LeaseId) {
+        self.live.retain(|(id, _)| *id != lease);
+        self.tell(
+            lease,
+            Event {
+                common: Common::default(),
+                lease,
+                kind: EventKind::Revoked,
+                expires_in_ms: None,
+                reason: Some("revoked by the stand-in".to_owned()),
+                code: None,
+                new_lease: None,
+            },
+        );
+        self.holders.remove(&lease);
+    }
+
+    /// Re-opens `lease` under a new id, as the agent does when the gateway lost it: each
+    /// connection that holds it and watches hears a reopened Event. Returns the new id.
+    pub(crate) fn reopen(&mut self, lease: LeaseId) -> LeaseId {
+        let new = self.fresh_id();
+        for (id, _) in &mut self.live {
+            if *id == lease {
+                *id = new;
+            }
+        }
+        self.tell(
+            lease,
+            Event {
+                common: Common::default(),
+                lease,
+                kind: EventKind::Reopened,
+                expires_in_ms: Some(60_000),
+                reason: None,
+                code: None,
+                new_lease: Some(new),
+            },
+        );
+        if let Some(holders) = self.holders.remove(&lease) {
+            self.holders.insert(new, holders);
+        }
+        new
+    }
+
+    /// Sends `event` to the connections that hold `lease` and watch.
+    fn tell(&self, lease: LeaseId, event: Event) {
+        let frame = encode_frame(&LocalMessage::Event(event));
+        for conn in self.holders.get(&lease).into_iter().flatten() {
+            if let Some(out) = self.watching.get(conn) {
+                out.send(frame.clone());
+            }
+        }
+    }
+
+    fn fresh_id(&mut self) -> LeaseId {
+        self.last_id = self.last_id.wrapping_add(1);
+        LeaseId([self.last_id; 16])
     }
 
     fn of_port(&self, port: u16) -> impl Iterator<Item = &(LeaseId, Opening)> {
@@ -71,8 +142,7 @@ pub(crate) fn granting_seam() -> (Arc<Seam>, Arc<Mutex<Held>>, Vec<JoinHandle<()
     let held = Arc::new(Mutex::new(Held::default()));
     let state = held.clone();
     let stand_in = tokio::spawn(async move {
-        let mut outboxes = std::collections::HashMap::new();
-        let mut next = 0u8;
+        let mut outboxes = HashMap::new();
         while let Some(input) = inputs.recv().await {
             let (conn, message) = match input {
                 CoreInput::LocalConnected { conn, out, .. } => {
@@ -93,10 +163,7 @@ pub(crate) fn granting_seam() -> (Arc<Seam>, Arc<Mutex<Held>>, Vec<JoinHandle<()
                             .iter()
                             .find(|(_, opening)| *opening == open.opening)
                             .map(|(lease, _)| *lease);
-                        let lease = merged.unwrap_or_else(|| {
-                            next = next.wrapping_add(1);
-                            LeaseId([next; 16])
-                        });
+                        let lease = merged.unwrap_or_else(|| held.fresh_id());
                         let Target::Ports { protocol, ports } = open.opening.target else {
                             continue;
                         };
@@ -115,6 +182,7 @@ pub(crate) fn granting_seam() -> (Arc<Seam>, Arc<Mutex<Held>>, Vec<JoinHandle<()
                             held.live.push((lease, open.opening));
                         }
                         held.opened += 1;
+                        held.holders.entry(lease).or_default().insert(conn);
                         Message::Granted(Granted {
                             common: open.common,
                             lease,
@@ -128,10 +196,20 @@ pub(crate) fn granting_seam() -> (Arc<Seam>, Arc<Mutex<Held>>, Vec<JoinHandle<()
                     }
                     LocalMessage::Wire(Message::Release(release)) => {
                         held.live.retain(|(lease, _)| *lease != release.lease);
+                        held.holders.remove(&release.lease);
                         Message::Released(Released {
                             common: release.common,
                             lease: release.lease,
                         })
+                    }
+                    LocalMessage::Watch(watch) => {
+                        if let Some(out) = outboxes.get(&conn) {
+                            held.watching.insert(conn, Outbox::clone(out));
+                            out.send(encode_frame(&LocalMessage::Watching(Watching {
+                                common: watch.common,
+                            })));
+                        }
+                        continue;
                     }
                     _ => continue,
                 }

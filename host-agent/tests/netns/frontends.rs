@@ -410,6 +410,43 @@ fn natpmpc_maps_refreshes_and_deletes_tcp_and_udp_ports() {
     };
     assert_eq!(ids(&after), ids(&leases));
 
+    // The operator revokes the TCP lease: the port closes, and natpmpc's next refresh is not
+    // told the closed port is mapped but opens it again, under a new lease.
+    let is_tcp_7100 = |l: &fwnp_proto::LeaseInfo| {
+        l.grants
+            .iter()
+            .any(|g| g.protocol == Protocol::Tcp && g.ports.first == 7100)
+    };
+    let revoked = after
+        .leases
+        .iter()
+        .find(|l| is_tcp_7100(l))
+        .expect("the TCP lease")
+        .lease;
+    lab.revoke(&revoked.to_string());
+    assert!(
+        lab.eventually(STEP, || !lab.host_has(7100)),
+        "the host's mirror outlived the revocation"
+    );
+    assert!(
+        !lab.outside_reaches(7100, REFUSED),
+        "TCP still open after the revocation"
+    );
+    let (code, output) = app.run("natpmpc -a 7100 7100 tcp 60");
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        lab.outside_reaches(7100, FIRST_SYN),
+        "the refresh after the revocation did not open TCP again"
+    );
+    let reopened = lab.client().list();
+    assert_eq!(reopened.leases.len(), 2, "{reopened:?}");
+    let renewed = reopened
+        .leases
+        .iter()
+        .find(|l| is_tcp_7100(l))
+        .expect("a TCP lease again");
+    assert_ne!(renewed.lease, revoked);
+
     // Lifetime 0 deletes: closed again, the other mapping stays.
     let (code, output) = app.run("natpmpc -a 7100 7100 tcp 0");
     assert_eq!(code, 0, "{output}");
