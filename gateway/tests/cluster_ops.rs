@@ -20,7 +20,9 @@
 //! each lease it judges) while a newer one comes in force revokes nothing after that. A lease
 //! whose end is held before its commit (a seam) is not put back into the book by a list of the
 //! cluster or a change the watch brings meanwhile, and one whose renewal is held there keeps
-//! the renewal's expiry through a list.
+//! the renewal's expiry through a list. An event published while a page of the trail is read
+//! (a seam between the read of the follow cursor and the page's) is on the page and is not
+//! followed again.
 //!
 //! Needs root and etcd; skipped otherwise, a failure under `FWNP_REQUIRE_NETNS=1`.
 
