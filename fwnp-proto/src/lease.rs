@@ -385,6 +385,57 @@ impl LeaseMachine {
         }
     }
 
+    /// A machine for a lease that no Open of its own obtained but that the gateway lists for the
+    /// host (spec 11.7): one of an earlier run of the client, or one its owner let go of whose
+    /// Release was lost. It is Active, holding `lease`, whose expiry and next renewal are
+    /// reckoned as [`listed`](Self::listed) does, from what is left of it at `now`; `opening` is
+    /// what a re-open would ask for.
+    ///
+    /// ```
+    /// use std::time::{Duration, Instant};
+    /// use fwnp_proto::lease::{GrantedLease, LeaseMachine, LeaseState};
+    /// use fwnp_proto::{LeaseId, Message, Opening, PortRange, Protocol, Target};
+    /// let now = Instant::now();
+    /// let opening = Opening {
+    ///     target: Target::Ports { protocol: Protocol::Tcp, ports: PortRange::single(8080) },
+    ///     host: Default::default(),
+    ///     family: None,
+    ///     remotes: vec![],
+    /// };
+    /// let lease = GrantedLease {
+    ///     id: LeaseId([7; 16]),
+    ///     grants: vec![],
+    ///     lifetime: 60,
+    ///     renew_after: 30,
+    ///     expires_at: now + Duration::from_secs(60),
+    ///     expires_ms: 1_700_000_060_000,
+    ///     epoch: 1,
+    ///     narrowed: false,
+    ///     granted_at: now,
+    /// };
+    /// let mut machine = LeaseMachine::adopt(now, opening, lease, &mut rand::rng());
+    /// assert_eq!(machine.state(), LeaseState::Active);
+    /// machine.release(now);
+    /// let release = machine.poll_transmit(now);
+    /// assert!(matches!(release, Some(Message::Release(r)) if r.lease == LeaseId([7; 16])));
+    /// ```
+    pub fn adopt<R: Rng + ?Sized>(
+        now: Instant,
+        opening: Opening,
+        lease: GrantedLease,
+        rng: &mut R,
+    ) -> Self {
+        let left = lease.expires_at.saturating_duration_since(now);
+        let remaining = u32::try_from(left.as_secs()).unwrap_or(u32::MAX);
+        let expires_ms = lease.expires_ms;
+        let mut machine = LeaseMachine::new(now, opening, None, None, rng);
+        machine.state = LeaseState::Active;
+        machine.send_at = None;
+        machine.lease = Some(lease);
+        machine.listed(now, remaining, expires_ms, rng);
+        machine
+    }
+
     /// The opening this machine asks for.
     pub fn opening(&self) -> &Opening {
         &self.opening
@@ -414,6 +465,11 @@ impl LeaseMachine {
     /// The local expiry of the held lease, if any.
     pub fn expires_at(&self) -> Option<Instant> {
         self.lease.as_ref().map(|l| l.expires_at)
+    }
+
+    /// The lease whose Release is still to deliver or awaits its answer, if any.
+    pub fn releasing(&self) -> Option<LeaseId> {
+        self.releasing.map(|r| r.lease)
     }
 
     /// When the next Renew is scheduled, while the lease is Active and renewable.

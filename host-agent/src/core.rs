@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 use fwnp_proto::local::{LocalMessage, encode_frame};
 use fwnp_proto::{Message, QuicErrorCode, ResultCode};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::warn;
 
 use crate::config::AgentConfig;
 use crate::link::{ExchangeError, GatewayEvent, exchange};
@@ -86,8 +85,6 @@ pub struct Core {
     tx: mpsc::UnboundedSender<CoreInput>,
     link: Link,
     outboxes: std::collections::HashMap<ConnId, Outbox>,
-    /// Releases of an earlier run's leases under way (awaited when stopping).
-    earlier_releases: Vec<JoinHandle<()>>,
     /// The earliest local expiry of the leases held, for the link's reconnection schedule.
     earliest_expiry: watch::Sender<Option<Instant>>,
 }
@@ -115,7 +112,6 @@ impl Core {
             tx,
             link: Link::Down,
             outboxes: std::collections::HashMap::new(),
-            earlier_releases: Vec::new(),
             earliest_expiry: watch::Sender::new(None),
         }
     }
@@ -318,29 +314,6 @@ impl Core {
                         let _ = tx.send(CoreInput::Done(Input::Listed { request_id, result }));
                     });
                 }
-                Action::ReleaseEarlier { lease, request } => {
-                    let Link::Up(connection) = &self.link else {
-                        continue;
-                    };
-                    let connection = connection.clone();
-                    self.earlier_releases.retain(|r| !r.is_finished());
-                    self.earlier_releases.push(tokio::spawn(async move {
-                        match exchange(&connection, &request).await {
-                            Ok(Message::Released(_)) => {
-                                info!(%lease, "released a lease no application holds");
-                            }
-                            Ok(Message::Denied(d)) if d.code == ResultCode::UnknownLease => {
-                                debug!(%lease, "a lease no application holds had already ended");
-                            }
-                            Ok(other) => {
-                                warn!(%lease, ?other, "releasing a lease no application holds: unexpected answer; it stays open at the gateway until it expires");
-                            }
-                            Err(e) => {
-                                warn!(%lease, "releasing a lease no application holds failed ({e}); it stays open at the gateway until it expires");
-                            }
-                        }
-                    }));
-                }
                 Action::Reply { conn, message } => {
                     if let Some(out) = self.outboxes.get(&conn) {
                         // A client that does not read is closed by its outbox; its leases go
@@ -510,9 +483,6 @@ impl Core {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => break,
             }
-        }
-        for release in std::mem::take(&mut self.earlier_releases) {
-            let _ = tokio::time::timeout_at(deadline, release).await;
         }
         self.mirror.shutdown().await;
     }

@@ -29,7 +29,10 @@
 //! lease is released at the gateway when the last one lets go. A caller holds a lease once,
 //! however many of its Opens the gateway merged into it: a Release of its id ends that hold
 //! (local API 5.2). A Release at the gateway and an Open the gateway may answer with the same
-//! lease are never on their way together (see `may_be_granted`).
+//! lease are never on their way together (see `may_be_granted`), whoever the Release is for:
+//! a lease no caller holds any more, one granted to an Open whose callers all let go, one of an
+//! earlier run and one the gateway lists that nobody holds are all let go the same way
+//! (`unheld`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -270,14 +273,6 @@ pub enum Action {
         /// The request.
         request: Message,
     },
-    /// Release at the gateway a lease no application holds (one of an earlier run, or one a
-    /// reconnection's list still shows); its answer only goes to the log.
-    ReleaseEarlier {
-        /// The lease.
-        lease: LeaseId,
-        /// The Release request.
-        request: Message,
-    },
     /// Give a caller this message (an answer to one of its requests, or an Event).
     Reply {
         /// The caller.
@@ -364,10 +359,10 @@ pub enum Action {
 /// A lease of an earlier run of the agent that the gateway still listed when this run first
 /// connected. Its application lost its connection when that run ended.
 struct EarlierLease {
-    /// The mirror's holder number for its elements.
+    /// The mirror's holder number for its elements, and the lease's key once it is released.
     holder: Key,
-    lease: LeaseId,
-    expires_at: Instant,
+    /// The lease as listed then.
+    lease: GrantedLease,
 }
 
 /// One lease held for callers: asked for by one caller's Open, then held by every caller
@@ -547,11 +542,9 @@ pub struct AgentMachine {
     gateway: Option<String>,
     synced_once: bool,
     /// Leases of an earlier run, until `earlier_run_until`: then those no caller asked for
-    /// again are released. The end waits for Opens in flight (their answer may be one of these
-    /// leases), but not past `earlier_run_latest`.
+    /// again are released, as a lease no caller holds any more is (`unheld`).
     earlier_run: Vec<EarlierLease>,
     earlier_run_until: Option<Instant>,
-    earlier_run_latest: Option<Instant>,
     conns: HashMap<ConnId, Caller>,
     leases: HashMap<Key, Held>,
     /// The leases no caller holds whose Release waits for Opens (`Held::unheld_since`).
@@ -646,7 +639,6 @@ impl AgentMachine {
             synced_once: false,
             earlier_run: Vec::new(),
             earlier_run_until: None,
-            earlier_run_latest: None,
             conns: HashMap::new(),
             leases: HashMap::new(),
             release_waits: HashSet::new(),
@@ -738,17 +730,7 @@ impl AgentMachine {
             self.sweep_owners(now);
         }
         if self.earlier_run_until.is_some_and(|until| until <= now) {
-            let open_in_flight = self
-                .leases
-                .values()
-                .any(|h| h.holders.iter().any(|x| x.open.is_some()));
-            if open_in_flight && self.earlier_run_latest.is_some_and(|latest| now < latest) {
-                // The gateway may be extending one of these leases for that Open right now:
-                // releasing it would end the lease it is about to grant.
-                self.earlier_run_until = Some(now + IDLE_TICK);
-            } else {
-                self.end_earlier_run(now);
-            }
+            self.end_earlier_run(now);
         }
         let keys: Vec<Key> = self.leases.keys().copied().collect();
         for key in keys {
@@ -1013,13 +995,9 @@ impl AgentMachine {
                 // A lease of an earlier run: held under a number of its own until it ends.
                 let holder = self.next_key;
                 self.next_key += 1;
-                let expires_at = now + Duration::from_secs(u64::from(listed.remaining));
-                holders.push((holder, listed.grants, expires_at));
-                self.earlier_run.push(EarlierLease {
-                    holder,
-                    lease: listed.lease,
-                    expires_at,
-                });
+                let lease = listed_lease(&listed, epoch, now);
+                holders.push((holder, lease.grants.clone(), lease.expires_at));
+                self.earlier_run.push(EarlierLease { holder, lease });
             }
             if !self.earlier_run.is_empty() {
                 info!(
@@ -1027,9 +1005,7 @@ impl AgentMachine {
                     grace = ?self.config.local.earlier_run_grace,
                     "the gateway holds leases of an earlier run; those no application asks for again will be released"
                 );
-                let until = now + self.config.local.earlier_run_grace;
-                self.earlier_run_until = Some(until);
-                self.earlier_run_latest = Some(until + OPEN_WAIT);
+                self.earlier_run_until = Some(now + self.config.local.earlier_run_grace);
             }
             self.actions.push_back(Action::MirrorReconcile { holders });
         } else if failover {
@@ -1046,7 +1022,7 @@ impl AgentMachine {
             // which the gateway answers with the same lease while it holds it (spec 5.4, 11.3).
             let shown = listed.as_ref().map_or(&[][..], |l| l.leases.as_slice());
             self.reconcile_listed(shown, epoch, now, now);
-            self.release_unheld(listed.as_ref(), epoch);
+            self.release_unheld(listed.as_ref(), epoch, now);
         }
         self.observe_epoch(epoch, None, now);
         let keys: Vec<Key> = self.leases.keys().copied().collect();
@@ -1164,10 +1140,10 @@ impl AgentMachine {
             let (ended, kept): (Vec<EarlierLease>, Vec<EarlierLease>) =
                 std::mem::take(&mut self.earlier_run)
                     .into_iter()
-                    .partition(|e| e.lease == revoked.lease);
+                    .partition(|e| e.lease.id == revoked.lease);
             self.earlier_run = kept;
             for earlier in ended {
-                info!(lease = %earlier.lease, "a lease of an earlier run was revoked");
+                info!(lease = %earlier.lease.id, "a lease of an earlier run was revoked");
                 self.actions.push_back(Action::MirrorDrop {
                     holder: earlier.holder,
                     then: None,
@@ -1226,7 +1202,7 @@ impl AgentMachine {
                     self.observe_epoch(epoch, None, now);
                 }
                 self.reconcile_listed(&listed.leases, epoch, asked_at, now);
-                self.release_unheld(Some(&listed), epoch);
+                self.release_unheld(Some(&listed), epoch, now);
                 let keys: Vec<Key> = self.leases.keys().copied().collect();
                 for key in keys {
                     self.drive(key, now);
@@ -1281,6 +1257,14 @@ impl AgentMachine {
 
     /// Sends what the lease machine wants to send, and acts on its events.
     fn drive(&mut self, key: Key, now: Instant) {
+        // A lease no caller holds is not opened again, nor an Open of nobody's retried: it is
+        // released instead (its Open in flight, if any, is awaited, see `unheld`).
+        let abandoned = self.leases.get(&key).is_some_and(|h| {
+            h.holders.is_empty() && h.opening() && h.machine.in_flight().is_none()
+        });
+        if abandoned {
+            self.release_lease(key, now);
+        }
         // An Open the gateway may answer with a lease whose Release is on its way waits for the
         // Release's answer (see `may_be_granted`); one already sent is not called back.
         let blocked = self
@@ -1526,7 +1510,9 @@ impl AgentMachine {
 
     /// Mirrors a granted lease; each Open it answers is answered once the host's table holds
     /// it. A lease that another of the machine's leases holds already is the gateway's merge of
-    /// this Open into that lease (spec 11.3): it joins that one.
+    /// this Open into that lease (spec 11.3): it joins that one, or takes it over when no
+    /// caller holds that one any more (its Release waits for this answer, see `unheld`). A
+    /// lease granted to an Open whose callers all gave up is let go as the last holder's is.
     fn mirror_granted(
         &mut self,
         key: Key,
@@ -1542,14 +1528,30 @@ impl AgentMachine {
                     && matches!(h.machine.state(), LeaseState::Active | LeaseState::Renewing)
                     && h.machine.lease_id() == Some(lease.id)
             })
-            .map(|(k, _)| *k);
-        if let Some(into) = merged_into {
-            self.merge(key, into, lease, replaces, now);
-            return;
+            .map(|(k, h)| (*k, h.holders.is_empty()));
+        match merged_into {
+            Some((into, false)) => {
+                self.merge(key, into, lease, replaces, now);
+                return;
+            }
+            Some((into, true)) => {
+                // Nothing of it is in the host table any more, and nothing was sent for it
+                // since its last holder let go but perhaps a Renew, whose answer is not needed.
+                debug!(lease = %lease.id, "a lease no application held any more was granted again; it is not released");
+                self.leases.remove(&into);
+                self.release_waits.remove(&into);
+                self.open_waits.remove(&into);
+                self.releasing.remove(&into);
+            }
+            None => {}
         }
         let Some(held) = self.leases.get_mut(&key) else {
             return;
         };
+        if held.holders.is_empty() {
+            self.unheld(key, None, now);
+            return;
+        }
         // Under the same holder, a re-opened lease's elements replace the old ones.
         self.actions.push_back(Action::MirrorHold {
             holder: key,
@@ -1780,7 +1782,8 @@ impl AgentMachine {
     /// `answer` is given), and it is released at the gateway, unless an Open that the gateway
     /// may answer with this lease is outstanding (see `may_be_granted`): then the Release
     /// waits for that Open's answer, at most [`OPEN_WAIT`], and is not sent at all if the
-    /// answer is this lease, whose new holder it is then.
+    /// answer is this lease, whose new holder it is then. A lease whose own Open is on its way
+    /// (every caller gave it up) waits for that answer: what it grants is let go then.
     fn unheld(&mut self, key: Key, answer: Option<(ConnId, Vec<(u64, LeaseId)>)>, now: Instant) {
         let Some(held) = self.leases.get_mut(&key) else {
             return;
@@ -1804,9 +1807,24 @@ impl AgentMachine {
                 }
             }
         }
+        if self.stopping {
+            self.release_lease(key, now);
+            return;
+        }
+        let Some(held) = self.leases.get(&key) else {
+            return;
+        };
+        if held.opening() && held.machine.in_flight().is_some() {
+            // Its answer is awaited: the lease it grants, if any, is this lease then, and is let
+            // go as this one would be now (`mirror_granted`).
+            debug!(
+                key,
+                "no application holds the lease; its Open on its way is awaited"
+            );
+            return;
+        }
         if let Some((id, grants)) = lease
             && live
-            && !self.stopping
             && self.open_outstanding(key, id, &grants)
         {
             debug!(lease = %id, "no application holds the lease; its Release waits for an Open that may be answered with it");
@@ -1964,77 +1982,90 @@ impl AgentMachine {
     }
 
     /// Ends the grace period of the earlier run's leases: each is let go in the host table, and
-    /// released at the gateway unless a caller asked for the same opening again and the
-    /// gateway gave it this very lease.
+    /// released at the gateway as a lease no caller holds any more is (`unheld`), unless a
+    /// caller asked for the same opening again and the gateway gave it this very lease.
     fn end_earlier_run(&mut self, now: Instant) {
         self.earlier_run_until = None;
-        self.earlier_run_latest = None;
         for earlier in std::mem::take(&mut self.earlier_run) {
-            let lease = earlier.lease;
+            let lease = earlier.lease.id;
             // A caller's machine holds it now: the mirror keeps the elements under that
             // machine's number, and the lease is that caller's.
             let taken = self
                 .leases
                 .values()
                 .any(|h| !h.machine.state().is_terminal() && h.machine.lease_id() == Some(lease));
-            self.actions.push_back(Action::MirrorDrop {
-                holder: earlier.holder,
-                then: None,
-            });
-            if taken {
-                debug!(%lease, "a lease of an earlier run was asked for again; it stays");
-                continue;
+            let release = match () {
+                _ if taken => {
+                    debug!(%lease, "a lease of an earlier run was asked for again; it stays");
+                    false
+                }
+                _ if earlier.lease.expires_at <= now => false,
+                _ if !self.link_up => {
+                    warn!(%lease, "cannot release a lease of an earlier run: the gateway is unreachable; it stays open there until it expires");
+                    false
+                }
+                _ => true,
+            };
+            match release {
+                // Its elements leave the host table there.
+                true => {
+                    self.adopt_unheld(earlier.holder, earlier.lease, true, now);
+                    self.drive(earlier.holder, now);
+                }
+                false => self.actions.push_back(Action::MirrorDrop {
+                    holder: earlier.holder,
+                    then: None,
+                }),
             }
-            if earlier.expires_at <= now {
-                continue;
-            }
-            if !self.link_up {
-                warn!(%lease, "cannot release a lease of an earlier run: the gateway is unreachable; it stays open there until it expires");
-                continue;
-            }
-            let request = Message::Release(fwnp_proto::Release {
-                common: common(rand::Rng::random(&mut self.rng)),
-                lease,
-            });
-            self.actions
-                .push_back(Action::ReleaseEarlier { lease, request });
         }
     }
 
-    /// Releases the leases a reconnection's list shows that no application holds any more (spec
-    /// 11.7): one whose Release was lost with the old connection, say. Not while an Open is on
-    /// its way or due: the lease it was granted, its answer lost, may be one of them, and its
-    /// retry will be granted that lease again.
-    fn release_unheld(&mut self, listed: Option<&Leases>, epoch: Epoch) {
+    /// Releases the leases the gateway's list shows that no application holds any more (spec
+    /// 11.7): one whose Release was lost with the old connection, say. Each goes as a lease no
+    /// caller holds any more does (`unheld`): an Open on its way may have been granted it, its
+    /// answer lost, and its retry may be answered with it again.
+    fn release_unheld(&mut self, listed: Option<&Leases>, epoch: Epoch, now: Instant) {
         let Some(listed) = listed.filter(|l| l.epoch == epoch) else {
             return;
         };
-        let opening = self.leases.values().any(|h| {
-            matches!(
-                h.machine.state(),
-                LeaseState::Requesting | LeaseState::Reopening
-            )
-        });
-        if opening || !self.link_up {
+        if !self.link_up {
             return;
         }
         let held: HashSet<LeaseId> = self
             .leases
             .values()
-            .filter_map(|h| h.machine.lease_id())
-            .chain(self.earlier_run.iter().map(|e| e.lease))
+            .filter_map(|h| h.machine.lease_id().or(h.machine.releasing()))
+            .chain(self.earlier_run.iter().map(|e| e.lease.id))
             .collect();
         for unheld in listed.leases.iter().filter(|l| !held.contains(&l.lease)) {
             info!(lease = %unheld.lease, "the gateway lists a lease no application holds; releasing it");
-            let request = Message::Release(fwnp_proto::Release {
-                common: common(rand::Rng::random(&mut self.rng)),
-                lease: unheld.lease,
-            });
-            self.actions.push_back(Action::ReleaseEarlier {
-                lease: unheld.lease,
-                request,
-            });
+            let key = self.next_key;
+            self.next_key += 1;
+            self.adopt_unheld(key, listed_lease(unheld, epoch, now), false, now);
         }
+    }
+
+    /// Takes a lease the gateway holds for the host but no caller does (one of an earlier run,
+    /// or one its list shows) as the lease `key`, its elements in the host table under that key
+    /// when `mirrored`, and lets it go as one whose last holder let go (`unheld`): its Release
+    /// is ordered against the Opens that may be answered with it (see `may_be_granted`) as
+    /// every Release is. The caller drives it.
+    fn adopt_unheld(&mut self, key: Key, lease: GrantedLease, mirrored: bool, now: Instant) {
+        let opening = opening_of(&lease.grants);
+        let machine = LeaseMachine::adopt(now, opening, lease, &mut self.rng);
+        self.leases.insert(
+            key,
+            Held {
+                machine,
+                holders: Vec::new(),
+                mirrored,
+                reopen_at: None,
+                unheld_since: None,
+                releasing: None,
+                waits_for_release: false,
+            },
+        );
+        self.unheld(key, None, now);
     }
 
     /// The refusal the gateway would give an Open of `opening` because it uses a feature the
@@ -2711,10 +2742,11 @@ impl AgentMachine {
 /// of the same opening is on its way, the gateway may merge the Open into the lease and then
 /// end it with the Release, or the other way round: the application that asked would hold a
 /// lease the gateway ended. The machine therefore never has a Release and such an Open at the
-/// gateway at once: a lease no caller holds any more is released only once no Open that may be
-/// answered with it is outstanding (and when one is answered with it, its caller holds it, and
-/// nothing is released); an Open that may be answered with a lease whose Release is on its way
-/// goes once the Release is answered. Which Opens may be answered with a lease cannot be told
+/// gateway at once (but when stopping): a lease no caller holds (any more, or ever: one of an
+/// earlier run, one a list shows, one granted to an Open given up) is released only once no
+/// Open that may be answered with it is outstanding (and when one is answered with it, its
+/// caller holds it, and nothing is released); an Open that may be answered with a lease whose
+/// Release is on its way goes once the Release is answered. Which Opens may be answered with a lease cannot be told
 /// exactly (the policy may narrow an Open, an opening without addresses resolves to the host's),
 /// so this errs on the side of waiting: an Open of the same application id, or of the same
 /// protocol with a port range holding every port of the lease, may be.
@@ -2728,6 +2760,45 @@ fn may_be_granted(opening: &Opening, grants: &[Grant]) -> bool {
         }
         Target::App(id) => grant.app.as_ref() == Some(id),
     })
+}
+
+/// A lease the gateway's list shows, as held from `now`: what is left of it is its lifetime.
+fn listed_lease(info: &LeaseInfo, epoch: Epoch, now: Instant) -> GrantedLease {
+    GrantedLease {
+        id: info.lease,
+        grants: info.grants.clone(),
+        lifetime: info.remaining,
+        renew_after: info.remaining / 2,
+        expires_at: now + Duration::from_secs(u64::from(info.remaining)),
+        expires_ms: info.expires_ms,
+        epoch,
+        narrowed: false,
+        granted_at: now,
+    }
+}
+
+/// An opening that would be answered with a lease granting `grants`, for the machine of a
+/// lease no Open of this run obtained. It is never sent: a lease no caller holds is not opened
+/// again (`drive` releases it instead), and an Open answered with it takes it over with its own
+/// opening (`mirror_granted`).
+fn opening_of(grants: &[Grant]) -> Opening {
+    let target = match grants.first() {
+        Some(Grant { app: Some(id), .. }) => Target::App(id.clone()),
+        Some(grant) => Target::Ports {
+            protocol: grant.protocol,
+            ports: grant.ports,
+        },
+        None => Target::Ports {
+            protocol: Protocol::Tcp,
+            ports: PortRange::single(0),
+        },
+    };
+    Opening {
+        target,
+        host: Default::default(),
+        family: None,
+        remotes: Vec::new(),
+    }
 }
 
 /// Cuts the texts a caller is given to the 512 bytes the local API allows them (local API 3,

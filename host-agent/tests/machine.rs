@@ -503,6 +503,17 @@ fn sends(actions: &[Action]) -> Vec<(Key, Message)> {
         .collect()
 }
 
+/// The leases `actions` release at the gateway.
+fn releases(actions: &[Action]) -> Vec<LeaseId> {
+    sends(actions)
+        .into_iter()
+        .filter_map(|(_, request)| match request {
+            Message::Release(release) => Some(release.lease),
+            _ => None,
+        })
+        .collect()
+}
+
 fn single_send(actions: &[Action]) -> (Key, Message) {
     match &sends(actions)[..] {
         [one] => one.clone(),
@@ -955,16 +966,98 @@ fn a_listed_lease_no_application_holds_is_released_on_a_reconnection() {
     let stray = sim.fresh_lease();
     sim.link_down("reset");
     let actions = sim.link_up(EPOCH, vec![listed(kept, 8080, 20), listed(stray, 9090, 20)]);
-    let released: Vec<LeaseId> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ReleaseEarlier { lease, .. } => Some(*lease),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(released, vec![stray]);
-    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert_eq!(releases(&actions), vec![stray]);
+    assert_eq!(sends(&actions).len(), 1, "{actions:?}");
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+}
+
+/// The Release of a lease a reconnection's list shows and no application holds is on its way
+/// when a caller asks for the same opening: its Open waits for the Release's answer (local API
+/// 9.1), and goes once it came.
+#[test]
+fn an_open_waits_for_the_release_of_a_listed_lease_no_application_holds() {
+    let mut sim = Sim::new();
+    sim.link_up(EPOCH, Vec::new());
+    sim.connect_caller(APP);
+    let stray = sim.fresh_lease();
+    sim.link_down("reset");
+    let actions = sim.link_up(EPOCH, vec![listed(stray, 8080, 200)]);
+    let (released, release) = single_send(&actions);
+    assert!(
+        matches!(&release, Message::Release(r) if r.lease == stray),
+        "{release:?}"
+    );
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(5, 8080),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.advance(Duration::from_secs(2));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.answer(
+        released,
+        Ok(Message::Released(Released {
+            common: release.common().clone(),
+            lease: stray,
+        })),
+    );
+    let (_, open) = single_send(&actions);
+    assert!(
+        matches!(&open, Message::Open(o) if o.opening == opening(8080)),
+        "{open:?}"
+    );
+}
+
+/// A reconnection's list shows a lease no application holds while a caller's Open of the same
+/// opening is on its way (its Granted, perhaps of that lease, lost with the connection): the
+/// lease's Release waits for the Open's answer. Answered with that lease, the caller holds it
+/// and nothing is released; answered with another, the Release goes then.
+#[test]
+fn a_listed_lease_no_application_holds_waits_for_an_open_that_may_be_answered_with_it() {
+    for answered_with_it in [true, false] {
+        let (mut sim, key, _) = Sim::asking_for_8080();
+        let stray = sim.fresh_lease();
+        sim.link_down("reset");
+        let actions = sim.link_up(EPOCH, vec![listed(stray, 8080, 200)]);
+        let (to, open) = single_send(&actions);
+        assert_eq!(to, key);
+        assert!(matches!(open, Message::Open(_)), "{open:?}");
+
+        let lease = match answered_with_it {
+            true => stray,
+            false => sim.fresh_lease(),
+        };
+        let actions = sim.answer(key, Ok(granted(&open, lease, 8080, EPOCH)));
+        assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
+        if answered_with_it {
+            assert!(sends(&actions).is_empty(), "{actions:?}");
+        } else {
+            assert_eq!(releases(&actions), vec![stray], "{actions:?}");
+            let (released, release) = single_send(&actions);
+            sim.answer(
+                released,
+                Ok(Message::Released(Released {
+                    common: release.common().clone(),
+                    lease: stray,
+                })),
+            );
+        }
+        let actions = sim.input(Input::MirrorLanded {
+            key,
+            lease,
+            result: Ok(()),
+        });
+        assert!(
+            matches!(&actions[..], [Action::Reply { conn: APP, message: LocalMessage::Wire(Message::Granted(g)) }] if g.lease == lease),
+            "{actions:?}"
+        );
+        let actions = sim.advance(OPEN_WAIT * 2);
+        assert!(releases(&actions).is_empty(), "{actions:?}");
+        let (to, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+        assert_eq!(to, key);
+        assert!(matches!(renew, Message::Renew(Renew { lease: l, .. }) if l == lease));
+    }
 }
 
 /// The gateway refuses a renewal for good: the caller hears renewal-refused with the code and
@@ -1069,40 +1162,26 @@ fn leases_of_an_earlier_run_are_kept_for_callers_that_ask_again_and_released_oth
     // Before the end of the grace period nothing is released.
     let actions = sim.advance(Duration::from_secs(20));
     assert!(sends(&actions).is_empty(), "{actions:?}");
-    assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
-        "{actions:?}"
-    );
 
-    let actions = sim.advance(Duration::from_secs(10));
-    let released: Vec<LeaseId> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ReleaseEarlier { lease, request } => {
-                assert!(
-                    matches!(request, Message::Release(Release { lease: l, .. }) if l == lease),
-                    "{request:?}"
-                );
-                Some(*lease)
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(released, vec![orphan]);
+    let (released, release, actions) = sim.until_send(Duration::from_secs(10));
+    assert_eq!(releases(&actions), vec![orphan]);
     let mut dropped = mirror_drops(&actions);
     dropped.sort_unstable();
     assert_eq!(dropped, earlier_holders);
     assert!(!dropped.contains(&key));
+    sim.answer(
+        released,
+        Ok(Message::Released(Released {
+            common: release.common().clone(),
+            lease: orphan,
+        })),
+    );
     // The reclaimed lease is the caller's: it is renewed as its own.
     let (to, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
     assert_eq!(to, key);
     assert!(matches!(renew, Message::Renew(Renew { lease, .. }) if lease == kept));
 }
 
-/// The end of an earlier run's grace period waits for an Open in flight (the gateway may be
-/// giving it one of those leases), but only until the Open's own wait is over.
 /// A lease of an earlier run that the gateway revokes during the grace period leaves the host's
 /// table at once (spec 8.12), not when the grace ends; it is not released afterwards.
 #[test]
@@ -1126,14 +1205,15 @@ fn a_revoked_lease_of_an_earlier_run_leaves_the_host_table_at_once() {
     assert_eq!(mirror_drops(&actions), vec![holder]);
     let actions = sim.advance(Duration::from_secs(60));
     assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
+        sends(&actions).is_empty(),
         "nothing to release: {actions:?}"
     );
     assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
 }
 
+/// The end of an earlier run's grace period lets its lease go in the host table, but its
+/// Release waits for an Open in flight that the gateway may be answering with it: answered with
+/// it, the lease is the caller's, renewed as its own and never released.
 #[test]
 fn the_earlier_run_waits_for_an_open_in_flight() {
     let mut sim = Sim::new();
@@ -1147,30 +1227,63 @@ fn the_earlier_run_waits_for_an_open_in_flight() {
     });
     let (key, request) = single_send(&actions);
 
-    // The grace period is over, but the Open is unanswered: the earlier lease stays.
+    // The grace period is over, but the Open is unanswered: the earlier lease leaves the host
+    // table, and its Release waits.
     let actions = sim.advance(Duration::from_secs(2));
-    assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
-        "{actions:?}"
-    );
-    // The gateway gives the caller that very lease: it is not released.
-    sim.answer(key, Ok(granted(&request, earlier, 8080, EPOCH)));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
+    assert!(!mirror_drops(&actions).contains(&key));
+    // The gateway gives the caller that very lease: it is the caller's, and not released.
+    let actions = sim.answer(key, Ok(granted(&request, earlier, 8080, EPOCH)));
+    assert_eq!(mirror_holds(&actions), vec![(key, Some(earlier))]);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
     sim.input(Input::MirrorLanded {
         key,
         lease: earlier,
         result: Ok(()),
     });
-    let actions = sim.advance(IDLE_TICK * 2);
+    let actions = sim.advance(OPEN_WAIT * 2);
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    assert!(mirror_drops(&actions).is_empty(), "{actions:?}");
+    let (to, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+    assert_eq!(to, key);
+    assert!(matches!(renew, Message::Renew(Renew { lease, .. }) if lease == earlier));
+}
+
+/// The Release of an earlier run's lease is on its way when a caller asks for the same
+/// opening: its Open waits for the Release's answer, so that the gateway cannot merge it into
+/// the lease it is ending (local API 9.1), and goes once it came.
+#[test]
+fn an_open_waits_for_the_release_of_an_earlier_run_lease() {
+    let mut sim = Sim::new();
+    let earlier = sim.fresh_lease();
+    sim.link_up(EPOCH, vec![listed(earlier, 8080, 600)]);
+    sim.connect_caller(APP);
+    let (released, release, _) = sim.until_send(Duration::from_secs(31));
     assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
-        "{actions:?}"
+        matches!(&release, Message::Release(r) if r.lease == earlier),
+        "{release:?}"
     );
-    assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
-    assert!(!mirror_drops(&actions).contains(&key));
+
+    let actions = sim.input(Input::Request {
+        conn: APP,
+        message: open_request(5, 8080),
+    });
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.advance(Duration::from_secs(2));
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+    let actions = sim.answer(
+        released,
+        Ok(Message::Released(Released {
+            common: release.common().clone(),
+            lease: earlier,
+        })),
+    );
+    let (_, open) = single_send(&actions);
+    assert!(
+        matches!(&open, Message::Open(o) if o.opening == opening(8080)),
+        "{open:?}"
+    );
 }
 
 /// With the link down at the end of the grace period, an earlier run's lease cannot be
@@ -1183,12 +1296,7 @@ fn an_earlier_run_lease_is_left_to_expire_when_the_gateway_is_unreachable() {
     sim.link_down("reset");
     let actions = sim.advance(Duration::from_secs(31));
     assert_eq!(mirror_drops(&actions).len(), 1, "{actions:?}");
-    assert!(
-        !actions
-            .iter()
-            .any(|a| matches!(a, Action::ReleaseEarlier { .. })),
-        "{actions:?}"
-    );
+    assert!(sends(&actions).is_empty(), "{actions:?}");
 }
 
 /// An Open without a link is refused at once, gateway-unreachable.
@@ -1677,8 +1785,9 @@ fn a_release_ends_every_open_of_its_caller_merged_into_the_lease() {
 /// A caller releases its lease while another caller's Open of the same opening is on its way
 /// to the gateway, which may merge it into that lease. The lease's elements leave the host
 /// table and the first caller is answered, but its Release waits for the Open's answer: that
-/// is the lease, so the second caller holds it, nothing is released, and its elements are back
-/// in the host table before it is answered. Its end, later, releases the lease.
+/// is the lease, so the second caller holds it (under its Open's own key), nothing is released,
+/// and its elements are back in the host table before it is answered. Its end, later, releases
+/// the lease.
 #[test]
 fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
     let (mut sim, lease, key) = Sim::holding_a_lease();
@@ -1702,10 +1811,10 @@ fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
     assert_eq!(released_answers(&actions), vec![(APP, 40)]);
 
     let actions = sim.answer(open_key, Ok(granted(&open, lease, 8080, EPOCH)));
-    assert_eq!(mirror_holds(&actions), vec![(key, Some(lease))]);
+    assert_eq!(mirror_holds(&actions), vec![(open_key, Some(lease))]);
     assert!(sends(&actions).is_empty(), "{actions:?}");
     let actions = sim.input(Input::MirrorLanded {
-        key,
+        key: open_key,
         lease,
         result: Ok(()),
     });
@@ -1716,9 +1825,9 @@ fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
 
     // Still renewed, for the second caller; released when it goes.
     let (renewing, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
-    assert_eq!(renewing, key);
+    assert_eq!(renewing, open_key);
     assert!(matches!(renew, Message::Renew(Renew { lease: l, .. }) if l == lease));
-    let actions = sim.answer(key, Ok(granted(&renew, lease, 8080, EPOCH)));
+    let actions = sim.answer(open_key, Ok(granted(&renew, lease, 8080, EPOCH)));
     assert!(
         events(&actions).iter().all(|(conn, _)| *conn == APP + 1),
         "{actions:?}"
@@ -1815,6 +1924,60 @@ fn an_open_waits_for_the_release_of_a_lease_it_may_be_answered_with() {
         matches!(&open, Message::Open(o) if o.opening == opening(8080)),
         "{open:?}"
     );
+}
+
+/// A caller goes away while its Open is on its way, and another caller's Open of the same
+/// opening is on its way too. The lease the first Open is granted is given back, but only once
+/// the second Open is answered: answered with that lease, the second caller holds it and
+/// nothing is released; answered with another, the Release goes then.
+#[test]
+fn a_lease_granted_to_an_open_given_up_waits_for_an_open_that_may_be_answered_with_it() {
+    for answered_with_it in [true, false] {
+        let (mut sim, gone_key, gone_open) = Sim::asking_for_8080();
+        sim.connect_caller(APP + 1);
+        let actions = sim.input(Input::Request {
+            conn: APP + 1,
+            message: open_request(30, 8080),
+        });
+        let (key, open) = single_send(&actions);
+        let actions = sim.input(Input::CallerClosed { conn: APP });
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+
+        let lease = sim.fresh_lease();
+        let actions = sim.answer(gone_key, Ok(granted(&gone_open, lease, 8080, EPOCH)));
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+        assert!(mirror_holds(&actions).is_empty(), "{actions:?}");
+
+        let answer = match answered_with_it {
+            true => lease,
+            false => sim.fresh_lease(),
+        };
+        let actions = sim.answer(key, Ok(granted(&open, answer, 8080, EPOCH)));
+        assert_eq!(mirror_holds(&actions), vec![(key, Some(answer))]);
+        if answered_with_it {
+            assert!(sends(&actions).is_empty(), "{actions:?}");
+        } else {
+            assert_eq!(releases(&actions), vec![lease], "{actions:?}");
+            let (released, release) = single_send(&actions);
+            sim.answer(
+                released,
+                Ok(Message::Released(Released {
+                    common: release.common().clone(),
+                    lease,
+                })),
+            );
+        }
+        sim.input(Input::MirrorLanded {
+            key,
+            lease: answer,
+            result: Ok(()),
+        });
+        let actions = sim.advance(OPEN_WAIT * 2);
+        assert!(releases(&actions).is_empty(), "{actions:?}");
+        let (to, renew, _) = sim.until_send(Duration::from_secs(u64::from(LIFETIME)));
+        assert_eq!(to, key);
+        assert!(matches!(renew, Message::Renew(Renew { lease: l, .. }) if l == answer));
+    }
 }
 
 /// A caller that holds no lease and sends nothing for the idle timeout is closed, once.
@@ -2512,15 +2675,8 @@ fn a_discarded_notice_asks_for_the_list_and_reconciles_it() {
             epoch: EPOCH,
         })),
     });
-    assert!(sends(&actions).is_empty(), "{actions:?}");
-    let released: Vec<LeaseId> = actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::ReleaseEarlier { lease, .. } => Some(*lease),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(released, vec![stray], "{actions:?}");
+    assert_eq!(releases(&actions), vec![stray], "{actions:?}");
+    assert_eq!(sends(&actions).len(), 1, "{actions:?}");
     assert!(!actions.iter().any(|a| matches!(a, Action::List { .. })));
 }
 
