@@ -150,6 +150,42 @@ impl Sim {
 
     /// Moves the clock as [`Sim::advance`] does, but stops at the first request to the
     /// gateway (at most `limit` later), which is returned with everything asked for meanwhile.
+    /// A second caller (`APP + 1`) connects and asks for tcp/8080: its Open, sent to the
+    /// gateway at once.
+    fn second_caller_asks_for_8080(&mut self) -> (Key, Message) {
+        self.connect_caller(APP + 1);
+        let actions = self.input(Input::Request {
+            conn: APP + 1,
+            message: open_request(30, 8080),
+        });
+        single_send(&actions)
+    }
+
+    /// The caller's Open of tcp/8080, made while the Release of `lease` (request `released`,
+    /// message `release`) is on its way: held back, two seconds on still, until that Release is
+    /// answered Released; then sent.
+    fn open_of_8080_after_the_release(&mut self, released: Key, release: &Message, lease: LeaseId) {
+        let actions = self.input(Input::Request {
+            conn: APP,
+            message: open_request(5, 8080),
+        });
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+        let actions = self.advance(Duration::from_secs(2));
+        assert!(sends(&actions).is_empty(), "{actions:?}");
+        let actions = self.answer(
+            released,
+            Ok(Message::Released(Released {
+                common: release.common().clone(),
+                lease,
+            })),
+        );
+        let (_, open) = single_send(&actions);
+        assert!(
+            matches!(&open, Message::Open(o) if o.opening == opening(8080)),
+            "{open:?}"
+        );
+    }
+
     fn until_send(&mut self, limit: Duration) -> (Key, Message, Vec<Action>) {
         let end = self.now + limit;
         let mut out = Vec::new();
@@ -988,25 +1024,7 @@ fn an_open_waits_for_the_release_of_a_listed_lease_no_application_holds() {
         "{release:?}"
     );
 
-    let actions = sim.input(Input::Request {
-        conn: APP,
-        message: open_request(5, 8080),
-    });
-    assert!(sends(&actions).is_empty(), "{actions:?}");
-    let actions = sim.advance(Duration::from_secs(2));
-    assert!(sends(&actions).is_empty(), "{actions:?}");
-    let actions = sim.answer(
-        released,
-        Ok(Message::Released(Released {
-            common: release.common().clone(),
-            lease: stray,
-        })),
-    );
-    let (_, open) = single_send(&actions);
-    assert!(
-        matches!(&open, Message::Open(o) if o.opening == opening(8080)),
-        "{open:?}"
-    );
+    sim.open_of_8080_after_the_release(released, &release, stray);
 }
 
 /// A reconnection's list shows a lease no application holds while a caller's Open of the same
@@ -1265,25 +1283,7 @@ fn an_open_waits_for_the_release_of_an_earlier_run_lease() {
         "{release:?}"
     );
 
-    let actions = sim.input(Input::Request {
-        conn: APP,
-        message: open_request(5, 8080),
-    });
-    assert!(sends(&actions).is_empty(), "{actions:?}");
-    let actions = sim.advance(Duration::from_secs(2));
-    assert!(sends(&actions).is_empty(), "{actions:?}");
-    let actions = sim.answer(
-        released,
-        Ok(Message::Released(Released {
-            common: release.common().clone(),
-            lease: earlier,
-        })),
-    );
-    let (_, open) = single_send(&actions);
-    assert!(
-        matches!(&open, Message::Open(o) if o.opening == opening(8080)),
-        "{open:?}"
-    );
+    sim.open_of_8080_after_the_release(released, &release, earlier);
 }
 
 /// With the link down at the end of the grace period, an earlier run's lease cannot be
@@ -1791,12 +1791,7 @@ fn a_release_ends_every_open_of_its_caller_merged_into_the_lease() {
 #[test]
 fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
     let (mut sim, lease, key) = Sim::holding_a_lease();
-    sim.connect_caller(APP + 1);
-    let actions = sim.input(Input::Request {
-        conn: APP + 1,
-        message: open_request(30, 8080),
-    });
-    let (open_key, open) = single_send(&actions);
+    let (open_key, open) = sim.second_caller_asks_for_8080();
 
     let actions = sim.input(Input::Request {
         conn: APP,
@@ -1842,12 +1837,7 @@ fn a_release_waits_for_an_open_that_may_be_answered_with_its_lease() {
 #[test]
 fn a_waiting_release_goes_once_the_open_is_answered_otherwise_or_not_at_all() {
     let (mut sim, lease, key) = Sim::holding_a_lease();
-    sim.connect_caller(APP + 1);
-    let actions = sim.input(Input::Request {
-        conn: APP + 1,
-        message: open_request(30, 8080),
-    });
-    let (open_key, open) = single_send(&actions);
+    let (open_key, open) = sim.second_caller_asks_for_8080();
     let actions = sim.input(Input::Request {
         conn: APP,
         message: release_request(40, lease),
@@ -2762,12 +2752,7 @@ fn when_no_gateway_is_left_opens_are_refused_with_unsupported_version() {
 #[test]
 fn a_late_grant_of_a_lease_others_hold_is_not_released() {
     let (mut sim, lease, key) = Sim::holding_a_lease();
-    sim.connect_caller(APP + 1);
-    let actions = sim.input(Input::Request {
-        conn: APP + 1,
-        message: open_request(30, 8080),
-    });
-    let (late_key, open) = single_send(&actions);
+    let (late_key, open) = sim.second_caller_asks_for_8080();
     let actions = sim.advance(OPEN_WAIT);
     assert!(
         denials(&actions).iter().any(|(conn, d)| *conn == APP + 1

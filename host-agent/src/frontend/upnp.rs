@@ -576,6 +576,27 @@ impl Device {
 }
 
 impl Device {
+    /// The pinhole an action names by its UniqueID, with the serial of its mapping and the
+    /// process asking; the fault to answer when the ID is malformed (402) or names no pinhole
+    /// (704), or the caller cannot be told (606).
+    async fn named_pinhole(
+        &self,
+        action: &Action,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(u16, u64, u32), Response> {
+        let Ok(id) = action.argument("UniqueID").parse::<u16>() else {
+            return Err(fault(402, "Invalid Args"));
+        };
+        let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
+            return Err(fault(704, "NoSuchEntry"));
+        };
+        match self.seam.tcp_peer(peer, local).await {
+            Ok(requester) => Ok((id, serial, requester)),
+            Err(e) => Err(fault(606, &format!("Action not authorized: {e}"))),
+        }
+    }
+
     /// WANIPv6FirewallControl: pinholes are FWNP leases on the caller's IPv6 address.
     async fn firewall(&self, action: Action, peer: SocketAddr, local: SocketAddr) -> Response {
         let ok = |arguments: &[(&str, String)]| {
@@ -716,15 +737,9 @@ impl Device {
             // a counter per lease. The action is required, so it is answered, for a pinhole of
             // the caller's, with the failure to act.
             "GetPinholePackets" => {
-                let Some(id) = unique_id() else {
-                    return fault(402, "Invalid Args");
-                };
-                let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
-                    return fault(704, "NoSuchEntry");
-                };
-                let requester = match self.seam.tcp_peer(peer, local).await {
-                    Ok(pid) => pid,
-                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                let (_, serial, requester) = match self.named_pinhole(&action, peer, local).await {
+                    Ok(named) => named,
+                    Err(refused) => return refused,
                 };
                 match self.seam.holds(Via::UpnpPinhole, requester, serial).await {
                     true => fault(
@@ -739,15 +754,9 @@ impl Device {
             // answer (IsWorking, or 709 NoTrafficReceived) could be given truthfully.
             "CheckPinholeWorking" => fault(401, "Invalid Action"),
             "DeletePinhole" => {
-                let Some(id) = unique_id() else {
-                    return fault(402, "Invalid Args");
-                };
-                let Some(serial) = self.pinholes.lock().await.made.get(&id).copied() else {
-                    return fault(704, "NoSuchEntry");
-                };
-                let requester = match self.seam.tcp_peer(peer, local).await {
-                    Ok(pid) => pid,
-                    Err(e) => return fault(606, &format!("Action not authorized: {e}")),
+                let (id, serial, requester) = match self.named_pinhole(&action, peer, local).await {
+                    Ok(named) => named,
+                    Err(refused) => return refused,
                 };
                 match self
                     .seam
