@@ -2737,19 +2737,19 @@ impl AgentMachine {
 /// Whether the gateway may answer an Open of `opening` with a live lease that grants `grants`
 /// (empty: grants not known, which may be anything).
 ///
-/// The gateway merges an Open into a live lease of the host whose grants are exactly those the
-/// Open resolves to (spec 11.3). So when an application releases a lease while another's Open
-/// of the same opening is on its way, the gateway may merge the Open into the lease and then
-/// end it with the Release, or the other way round: the application that asked would hold a
-/// lease the gateway ended. The machine therefore never has a Release and such an Open at the
-/// gateway at once (but when stopping): a lease no caller holds (any more, or ever: one of an
-/// earlier run, one a list shows, one granted to an Open given up) is released only once no
-/// Open that may be answered with it is outstanding (and when one is answered with it, its
-/// caller holds it, and nothing is released); an Open that may be answered with a lease whose
-/// Release is on its way goes once the Release is answered. Which Opens may be answered with a lease cannot be told
-/// exactly (the policy may narrow an Open, an opening without addresses resolves to the host's),
-/// so this errs on the side of waiting: an Open of the same application id, or of the same
-/// protocol with a port range holding every port of the lease, may be.
+/// The gateway merges an Open into a live lease of the host whose grants are exactly those the Open
+/// resolves to (spec 11.3). So when an application releases a lease while another's Open of the
+/// same opening is on its way, the gateway may merge the Open into the lease and then end it with
+/// the Release, or the other way round: the application that asked would hold a lease the gateway
+/// ended. The machine therefore never has a Release and such an Open at the gateway at once (but
+/// when stopping): a lease no caller holds (any more, or ever: one of an earlier run, one a list
+/// shows, one granted to an Open given up) is released only once no Open that may be answered with
+/// it is outstanding (and when one is answered with it, its caller holds it, and nothing is
+/// released); an Open that may be answered with a lease whose Release is on its way goes once the
+/// Release is answered. Which Opens may be answered with a lease cannot be told exactly (the policy
+/// may narrow an Open, an opening without addresses resolves to the host's), so this errs on the
+/// side of waiting: an Open of the same application id, or of the same protocol with a port range
+/// holding every port of the lease, may be.
 fn may_be_granted(opening: &Opening, grants: &[Grant]) -> bool {
     grants.iter().all(|grant| match &opening.target {
         Target::Ports { protocol, ports } => {
