@@ -1043,7 +1043,8 @@ impl AgentMachine {
     ///
     /// A lease the list shows is kept, its expiry and next renewal reckoned from what the list
     /// says is left, as for a lease without a hint (spec 11.8); the host table's entry follows
-    /// a changed expiry. A lease the list does not show (it expired or ended there) is opened
+    /// a changed expiry, and the applications holding it hear of one moved by two seconds or
+    /// more (Event renewed). A lease the list does not show (it expired or ended there) is opened
     /// again at once (Reopening, spec 11.10); its mirror stays until a new grant replaces it,
     /// or until its expiry, where retries stop.
     fn reconcile_listed(
@@ -1055,6 +1056,7 @@ impl AgentMachine {
     ) {
         let at_gateway: HashMap<LeaseId, &LeaseInfo> =
             shown.iter().map(|info| (info.lease, info)).collect();
+        let mut moved = Vec::new();
         for (key, held) in self.leases.iter_mut() {
             if !matches!(
                 held.machine.state(),
@@ -1076,10 +1078,10 @@ impl AgentMachine {
             };
             held.machine
                 .listed(now, info.remaining, info.expires_ms, &mut self.rng);
-            if let Some(lease) = held.machine.lease()
-                && held.mirrored
-                && lease.expires_at != expiry_before
-            {
+            let Some(lease) = held.machine.lease() else {
+                continue;
+            };
+            if held.mirrored && lease.expires_at != expiry_before {
                 self.actions.push_back(Action::MirrorHold {
                     holder: *key,
                     grants: lease.grants.clone(),
@@ -1087,6 +1089,19 @@ impl AgentMachine {
                     confirm: None,
                 });
             }
+            // `remaining` is rounded down to whole seconds, and the host reckons from when it
+            // sent its request: a move of less than two seconds is that, not news for the
+            // applications.
+            let moved_by = lease
+                .expires_at
+                .saturating_duration_since(expiry_before)
+                .max(expiry_before.saturating_duration_since(lease.expires_at));
+            if moved_by >= Duration::from_secs(2) {
+                moved.push((*key, lease.expires_at.saturating_duration_since(now)));
+            }
+        }
+        for (key, expires_in) in moved {
+            self.tell(key, EventKind::Renewed, Some(expires_in), None, None, None);
         }
     }
 

@@ -726,11 +726,26 @@ fn a_lease_the_list_after_a_discarded_notice_shows_is_kept_on_its_terms() {
     assert_kept_as_listed(&mut sim, (key, lease), listed_at, 261, &actions);
 }
 
+/// A list that shows a lease with the time the host reckoned it has left, but for the list's
+/// rounding down to whole seconds and a little more, is no news: the caller is told nothing.
+#[test]
+fn a_lease_listed_with_the_time_the_host_reckoned_is_no_news() {
+    let (mut sim, lease, _) = Sim::holding_a_lease();
+    sim.link_down("idle timeout");
+    sim.advance(Duration::from_millis(100_400));
+    // 1.6 s less than the host reckoned.
+    let left = LIFETIME - 102;
+    let actions = sim.link_up(EPOCH, vec![listed(lease, 8080, left)]);
+    assert!(events(&actions).is_empty(), "{actions:?}");
+    assert!(sends(&actions).is_empty(), "{actions:?}");
+}
+
 /// Checks that `held` (a key and its lease), shown by a list received at `listed_at` with
 /// `remaining` seconds left, is kept on the list's terms, as spec 11.8 says for a lease learned
 /// from Leases (t the list's receipt, L `remaining`, H = L/2): `actions`, the machine's answer
-/// to the list, open nothing and hold its host-table entry until t + L, and its next Renew goes
-/// at a random instant of [t + L/2, t + L/2 + L/8].
+/// to the list, open nothing, tell the caller the moved expiry (Event renewed) and hold its
+/// host-table entry until t + L, and its next Renew goes at a random instant of
+/// [t + L/2, t + L/2 + L/8].
 fn assert_kept_as_listed(
     sim: &mut Sim,
     (key, lease): (Key, LeaseId),
@@ -740,6 +755,17 @@ fn assert_kept_as_listed(
 ) {
     assert!(sends(actions).is_empty(), "{actions:?}");
     let left = Duration::from_secs(u64::from(remaining));
+    // The caller hears of the moved expiry.
+    let renewed: Vec<Option<u64>> = events(actions)
+        .into_iter()
+        .filter(|(conn, e)| *conn == APP && e.lease == lease && e.kind == EventKind::Renewed)
+        .map(|(_, e)| e.expires_in_ms)
+        .collect();
+    assert_eq!(
+        renewed,
+        vec![Some(u64::from(remaining) * 1000)],
+        "{actions:?}"
+    );
     let held_until: Vec<Instant> = actions
         .iter()
         .filter_map(|a| match a {
