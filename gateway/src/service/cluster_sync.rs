@@ -136,22 +136,6 @@ impl Service {
         }
     }
 
-    /// Takes the changes of `ids` out of `on_their_way` once their commit failed: the store
-    /// did not take them, or it is not known whether it did. Says whether a change of the
-    /// cluster was passed over for one of them (the book then misses it).
-    pub(super) fn no_longer_on_their_way<'a>(
-        &self,
-        on_their_way: &Mutex<HashMap<LeaseId, OnItsWay>>,
-        ids: impl Iterator<Item = &'a LeaseId>,
-    ) -> bool {
-        let mut on_their_way = lock(on_their_way);
-        let mut passed_over = false;
-        for id in ids {
-            passed_over |= on_their_way.remove(id).is_some_and(|c| c.passed_over);
-        }
-        passed_over
-    }
-
     /// Settles, on a list of the cluster, the ends whose commit got no answer (see
     /// [`Service::settle_unanswered_end`]): those of leases `live` still holds may apply yet,
     /// and are kept.
@@ -449,8 +433,21 @@ impl Service {
     }
 }
 
-/// Which of a lease's unanswered attempts to end it (`attempts`) the cluster took, by its
-/// tombstone (`end`): the one of this gateway's `site` whose end time the tombstone carries.
+/// Takes the changes of `ids` out of `on_their_way` once their commit failed: the store
+/// did not take them, or it is not known whether it did. Says whether a change of the
+/// cluster was passed over for one of them (the book then misses it).
+pub(super) fn no_longer_on_their_way<'a>(
+    on_their_way: &Mutex<HashMap<LeaseId, OnItsWay>>,
+    ids: impl Iterator<Item = &'a LeaseId>,
+) -> bool {
+    let mut on_their_way = lock(on_their_way);
+    let mut passed_over = false;
+    for id in ids {
+        passed_over |= on_their_way.remove(id).is_some_and(|c| c.passed_over);
+    }
+    passed_over
+}
+
 /// A change of this gateway's to a lease (an end, or a renewal), from just before its commit
 /// until the watch brings it back, a list shows it taken, or its commit fails.
 #[derive(Debug, Default, Clone, Copy)]
@@ -463,6 +460,8 @@ pub(super) struct OnItsWay {
     pub(super) passed_over: bool,
 }
 
+/// Which of a lease's unanswered attempts to end it (`attempts`) the cluster took, by its
+/// tombstone (`end`): the one of this gateway's `site` whose end time the tombstone carries.
 fn taken_attempt(
     attempts: Vec<AuditRecord>,
     end: Option<&ClusterEnd>,

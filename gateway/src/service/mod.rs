@@ -74,7 +74,7 @@ mod revocation;
 mod seams;
 mod unloaded;
 
-use cluster_sync::OnItsWay;
+use cluster_sync::{OnItsWay, no_longer_on_their_way};
 use credentials::LeaseCredentials;
 use kernel::{HeldElements, Holders, RefreshError, elements_of_all, held_openings};
 

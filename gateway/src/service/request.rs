@@ -705,8 +705,8 @@ impl Service {
             // Not taken, or not known to be: a list shows the lease as the store holds it.
             let ending = ending.iter();
             let renewing = renewing.iter().map(|(id, _)| id);
-            let ended = self.no_longer_on_their_way(&self.ends_on_their_way, ending);
-            let renewed = self.no_longer_on_their_way(&self.renewals_on_their_way, renewing);
+            let ended = no_longer_on_their_way(&self.ends_on_their_way, ending);
+            let renewed = no_longer_on_their_way(&self.renewals_on_their_way, renewing);
             // The book misses what was passed over for them: the cluster's state is read again.
             if (ended || renewed)
                 && let Some(cluster) = &self.cluster_store

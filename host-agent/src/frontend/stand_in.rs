@@ -121,6 +121,18 @@ impl Held {
     }
 }
 
+/// The local API's settings of a minimal agent configuration, the defaults.
+pub(crate) fn local_config() -> crate::config::LocalConfig {
+    crate::config::AgentConfig::parse(
+        "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
+         server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
+         ca = \"/ca.pem\"\n",
+        "agent.toml",
+    )
+    .expect("a valid configuration")
+    .local
+}
+
 /// A seam in front of the stand-in core, with the seam's sweep running (it releases what its
 /// clients did not refresh in time); the uid of the test may use the agent, root or not. The
 /// tasks end when aborted.
@@ -128,14 +140,7 @@ pub(crate) fn granting_seam() -> (Arc<Seam>, Arc<Mutex<Held>>, Vec<JoinHandle<()
     let uid = std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .expect("the test's own uid");
-    let config = crate::config::AgentConfig::parse(
-        "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
-         server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
-         ca = \"/ca.pem\"\n",
-        "agent.toml",
-    )
-    .expect("a valid configuration");
-    let mut local = config.local;
+    let mut local = local_config();
     local.allowed_uids.push(uid);
     let (core, mut inputs) = tokio::sync::mpsc::unbounded_channel();
     let seam = Seam::new(core, local);

@@ -1267,15 +1267,9 @@ mod tests {
         tokio::sync::mpsc::UnboundedReceiver<crate::core::CoreInput>,
         tokio::task::JoinHandle<()>,
     ) {
-        let config = crate::config::AgentConfig::parse(
-            "state_dir = \"/var/lib/fwnp-agent\"\n[gateway]\naddress = \"gw.example.org:4433\"\n\
-             server_name = \"gw.example.org\"\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\n\
-             ca = \"/ca.pem\"\n",
-            "agent.toml",
-        )
-        .expect("a valid configuration");
+        let local = crate::frontend::stand_in::local_config();
         let (core, inputs) = tokio::sync::mpsc::unbounded_channel();
-        let (address, task) = serve_device(Seam::new(core, config.local)).await;
+        let (address, task) = serve_device(Seam::new(core, local)).await;
         (address, inputs, task)
     }
 
